@@ -1,0 +1,135 @@
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::CommonArgs;
+use crate::engine::{
+    self, demo,
+    loader::{self, ModelSource},
+    pipelines::sd::{GenerateParams, StableDiffusion},
+    GeneratedImage,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// A diffusers folder or a Hugging Face repo id; the embedded demo model when omitted.
+    #[arg(long, env = "CANDELA_MODEL")]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Random seed; a random one is drawn (and printed) when omitted.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// euler, euler_a or ddim.
+    #[arg(long, default_value = "euler_a")]
+    pub sampler: String,
+    /// default, karras or exponential.
+    #[arg(long, default_value = "default")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    #[arg(long, default_value_t = 0)]
+    pub clip_skip: usize,
+    #[arg(long, default_value = "out.png")]
+    pub out: PathBuf,
+    /// Also write the final latents (before VAE decode) as safetensors tensor `latents`.
+    #[arg(long)]
+    pub latents_out: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+pub fn resolve_model(common: &CommonArgs, model: Option<&str>, dtype: candle_core::DType) -> anyhow::Result<loader::ModelDir> {
+    let source = match model {
+        Some(spec) => ModelSource::parse(spec)?,
+        None => ModelSource::Local(demo::install(&common.data_dir.join("models"))?),
+    };
+    Ok(loader::resolve(&source, dtype, &common.hub_options())?)
+}
+
+/// `out.png` for one image; `out-0.png`, `out-1.png`, … for several.
+pub fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let ext = out.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.{ext}"))).collect()
+}
+
+pub fn save_image(img: &GeneratedImage, path: &Path) -> anyhow::Result<()> {
+    let buffer = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone()).context("image buffer size")?;
+    buffer.save(path).with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
+    let device = engine::parse_device(&args.device)?;
+    let dtype = engine::parse_dtype(&args.dtype)?;
+    let params = GenerateParams {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        seed: args.seed.unwrap_or_else(rand_seed),
+        sampler: args.sampler.parse()?,
+        schedule: args.schedule.parse()?,
+        n: args.n,
+        clip_skip: args.clip_skip,
+    };
+    let dir = resolve_model(common, args.model.as_deref(), dtype)?;
+    let load_start = std::time::Instant::now();
+    let pipeline = StableDiffusion::load(&dir, &device, dtype)?;
+    tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");
+    pipeline.validate(&params)?;
+
+    let bar = ProgressBar::new(params.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} steps {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let generated = pipeline.generate(&params, &mut |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+        bar.set_message(format!("{:.2} steps/s", p.steps_per_second()));
+        true
+    })?;
+    bar.finish();
+
+    for (img, path) in generated.images.iter().zip(output_paths(&args.out, params.n)) {
+        save_image(img, &path)?;
+        println!("{}", path.display());
+    }
+    if let Some(path) = &args.latents_out {
+        generated
+            .latents
+            .to_dtype(candle_core::DType::F32)?
+            .save_safetensors("latents", path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("seed: {}", params.seed);
+    Ok(())
+}
+
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    // Keep seeds within 2^53 so they survive JSON clients that use doubles.
+    h.finish() & ((1u64 << 53) - 1)
+}

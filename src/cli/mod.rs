@@ -1,0 +1,76 @@
+//! Command-line entry points. Settings come from flags with environment fallbacks, read here
+//! once and passed down; the engine never reads the environment itself.
+
+mod bench;
+mod generate;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::engine::loader::HubOptions;
+
+#[derive(Parser, Debug)]
+#[command(name = "candela", version, about = "OpenAI-compatible image generation on your own GPU or CPU")]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Where candela keeps its database, images, secrets and the demo model.
+    #[arg(long, env = "CANDELA_DATA_DIR", default_value = "./data", global = true)]
+    pub data_dir: PathBuf,
+    /// Hugging Face home (the hub cache is `$HF_HOME/hub`, shared with the Python tools).
+    #[arg(long, env = "HF_HOME", global = true)]
+    pub hf_home: Option<PathBuf>,
+    /// Never touch the network; use only models already in the hub cache.
+    #[arg(long, env = "HF_HUB_OFFLINE", value_parser = parse_flag, default_value = "false", global = true)]
+    pub offline: bool,
+    /// Token for gated/private repos.
+    #[arg(long, env = "HF_TOKEN", global = true, hide_env_values = true)]
+    pub hf_token: Option<String>,
+}
+
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        other => Err(format!("expected a boolean, got `{other}`")),
+    }
+}
+
+impl CommonArgs {
+    pub fn hub_options(&self) -> HubOptions {
+        HubOptions {
+            cache_dir: self.hf_home.as_ref().map(|h| h.join("hub")),
+            offline: self.offline,
+            token: self.hf_token.clone(),
+            progress: true,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate images from a prompt.
+    Generate(generate::GenerateArgs),
+    /// Time the UNet and a whole generation (random weights, real-size configs) and print a table.
+    Bench(bench::BenchArgs),
+}
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CANDELA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(&cli.common, args),
+        Command::Bench(args) => bench::run(&cli.common, args),
+    }
+}

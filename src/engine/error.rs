@@ -1,0 +1,38 @@
+//! The engine's one error type. The HTTP layer maps these to status codes in one place; the CLI
+//! prints them. Every variant names what the user must fix (file, tensor, parameter).
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model not found: {0}")]
+    ModelNotFound(String),
+    #[error("model file missing: {path}")]
+    MissingFile { path: PathBuf },
+    #[error("bad config {path}: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+    #[error("bad weights in {path}: tensor `{tensor}`: {reason}")]
+    Weights { path: PathBuf, tensor: String, reason: String },
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("download of {file} from {repo} failed: {reason}")]
+    Download { repo: String, file: String, reason: String },
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("invalid parameter `{param}`: {message}")]
+    InvalidParameter { param: &'static str, message: String },
+    #[error("generation cancelled")]
+    Cancelled,
+    #[error("compute error: {0}")]
+    Compute(#[from] candle_core::Error),
+    #[error("i/o error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+impl EngineError {
+    pub fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidParameter { param, message: message.into() }
+    }
+}

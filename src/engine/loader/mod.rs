@@ -1,0 +1,164 @@
+//! Finding a model's files: a local diffusers folder, or a Hugging Face repo id resolved through
+//! hf-hub's cache (same layout and `HF_HOME` as the Python tools, so downloads are shared).
+
+mod hub;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use serde::de::DeserializeOwned;
+
+pub use hub::HubOptions;
+
+use crate::engine::error::{EngineError, Result};
+
+/// Where a model comes from, as the user named it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Local(PathBuf),
+    Hub { repo: String, revision: String },
+}
+
+impl ModelSource {
+    /// A path that exists is local; `owner/name[@revision]` is a hub repo; anything else is an error.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.exists() {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        let (repo, revision) = match spec.split_once('@') {
+            Some((r, rev)) => (r, rev.to_string()),
+            None => (spec, "main".to_string()),
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        let valid = parts.len() == 2
+            && parts.iter().all(|p| {
+                !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            });
+        if valid && !spec.starts_with('.') && !spec.starts_with('/') {
+            Ok(Self::Hub { repo: repo.to_string(), revision })
+        } else {
+            Err(EngineError::ModelNotFound(format!(
+                "`{spec}` is neither an existing folder nor a Hugging Face repo id (owner/name)"
+            )))
+        }
+    }
+}
+
+/// The components of a diffusers pipeline folder, each one a subfolder.
+pub const SD_COMPONENT_FILES: &[&str] = &[
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json",
+    "unet/config.json",
+    "vae/config.json",
+];
+
+/// Weight files, without extension; each may also exist as a `.fp16` variant.
+pub const SD_WEIGHT_FILES: &[&str] = &[
+    "text_encoder/model",
+    "unet/diffusion_pytorch_model",
+    "vae/diffusion_pytorch_model",
+];
+
+/// A model folder on local disk with every file in place.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub root: PathBuf,
+    /// Prefer `*.fp16.safetensors` when present (half the download and memory).
+    pub prefer_fp16_variant: bool,
+}
+
+impl ModelDir {
+    pub fn file(&self, relative: &str) -> PathBuf {
+        self.root.join(relative)
+    }
+
+    pub fn required(&self, relative: &str) -> Result<PathBuf> {
+        let path = self.file(relative);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(EngineError::MissingFile { path })
+        }
+    }
+
+    /// The safetensors file of a component: `stem.fp16.safetensors` or `stem.safetensors`.
+    pub fn weights(&self, stem: &str) -> Result<PathBuf> {
+        let plain = self.file(&format!("{stem}.safetensors"));
+        let fp16 = self.file(&format!("{stem}.fp16.safetensors"));
+        let (first, second) = if self.prefer_fp16_variant { (fp16, plain.clone()) } else { (plain.clone(), fp16) };
+        if first.is_file() {
+            Ok(first)
+        } else if second.is_file() {
+            Ok(second)
+        } else {
+            Err(EngineError::MissingFile { path: plain })
+        }
+    }
+
+    pub fn read_json<T: DeserializeOwned>(&self, relative: &str) -> Result<T> {
+        read_json(&self.required(relative)?)
+    }
+}
+
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| EngineError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text)
+        .map_err(|e| EngineError::BadConfig { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// Resolve a source to a local folder, downloading what is missing from the hub.
+pub fn resolve(source: &ModelSource, dtype: DType, hub: &HubOptions) -> Result<ModelDir> {
+    let prefer_fp16_variant = matches!(dtype, DType::F16 | DType::BF16);
+    match source {
+        ModelSource::Local(root) => {
+            if !root.is_dir() {
+                return Err(EngineError::ModelNotFound(format!("{} is not a folder", root.display())));
+            }
+            Ok(ModelDir { root: root.clone(), prefer_fp16_variant })
+        }
+        ModelSource::Hub { repo, revision } => {
+            let root = hub::fetch_pipeline(hub, repo, revision, prefer_fp16_variant)?;
+            Ok(ModelDir { root, prefer_fp16_variant })
+        }
+    }
+}
+
+/// A model name for display and job records: the folder name or the repo id.
+pub fn display_name(source: &ModelSource) -> String {
+    match source {
+        ModelSource::Local(p) => p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| p.display().to_string()),
+        ModelSource::Hub { repo, .. } => repo.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sources() {
+        assert_eq!(
+            ModelSource::parse("runwayml/stable-diffusion-v1-5").unwrap(),
+            ModelSource::Hub { repo: "runwayml/stable-diffusion-v1-5".into(), revision: "main".into() }
+        );
+        assert_eq!(
+            ModelSource::parse("stabilityai/sd-turbo@abc123").unwrap(),
+            ModelSource::Hub { repo: "stabilityai/sd-turbo".into(), revision: "abc123".into() }
+        );
+        assert!(matches!(ModelSource::parse("."), Ok(ModelSource::Local(_))));
+        assert!(ModelSource::parse("./missing/folder").is_err());
+        assert!(ModelSource::parse("not a repo").is_err());
+        assert!(ModelSource::parse("a/b/c").is_err());
+    }
+}

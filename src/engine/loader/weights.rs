@@ -1,0 +1,76 @@
+//! Memory-mapped safetensors behind candle's `VarBuilder`, with errors that name the file and
+//! tensor (candle's own backend names neither the file nor, on a dtype problem, the tensor).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor};
+use candle_nn::{var_builder::SimpleBackend, Init, VarBuilder};
+
+use crate::engine::error::{EngineError, Result};
+
+pub struct SafetensorsFile {
+    path: PathBuf,
+    tensors: MmapedSafetensors,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(EngineError::MissingFile { path: path.to_path_buf() });
+        }
+        // SAFETY: the file is mapped read-only; like every safetensors loader we rely on nobody
+        // truncating a model file while it is loaded.
+        let tensors = unsafe { MmapedSafetensors::new(path) }.map_err(|e| EngineError::Weights {
+            path: path.to_path_buf(),
+            tensor: "<header>".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self { path: path.to_path_buf(), tensors })
+    }
+
+    pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.tensors.tensors().into_iter().map(|(name, _)| name).collect()
+    }
+
+    fn error(&self, tensor: &str, reason: impl Into<String>) -> candle_core::Error {
+        candle_core::Error::Msg(
+            EngineError::Weights {
+                path: self.path.clone(),
+                tensor: tensor.to_string(),
+                reason: reason.into(),
+            }
+            .to_string(),
+        )
+    }
+}
+
+impl SimpleBackend for SafetensorsFile {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, dev)?;
+        if tensor.shape() != &s {
+            return Err(self.error(
+                name,
+                format!("shape mismatch: the file has {:?}, the config implies {:?}", tensor.dims(), s.dims()),
+            ));
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if !self.tensors.get(name).is_ok() {
+            return Err(self.error(name, "missing from the file"));
+        }
+        self.tensors
+            .load(name, dev)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| self.error(name, e.to_string()))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.get(name).is_ok()
+    }
+}

@@ -1,0 +1,138 @@
+//! Building blocks shared by the UNet and the VAE (diffusers' `resnet.py`, `upsampling.py`,
+//! `downsampling.py`), plus small config helpers.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+/// A config value that diffusers accepts either as one number for every block or as a per-block list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock<T: Clone> {
+    One(T),
+    Each(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    pub fn expand(&self, blocks: usize) -> Option<Vec<T>> {
+        match self {
+            Self::One(v) => Some(vec![v.clone(); blocks]),
+            Self::Each(v) if v.len() == blocks => Some(v.clone()),
+            Self::Each(_) => None,
+        }
+    }
+}
+
+pub fn conv(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, stride: usize, padding: usize) -> candle_core::Result<Conv2d> {
+    conv2d(cin, cout, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)
+}
+
+/// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"`.
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+pub struct ResnetConfig {
+    pub groups: usize,
+    pub eps: f64,
+    pub temb_channels: Option<usize>,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(vb: VarBuilder, cin: usize, cout: usize, c: &ResnetConfig) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm1: group_norm(c.groups, cin, c.eps, vb.pp("norm1"))?,
+            conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj: match c.temb_channels {
+                Some(t) => Some(linear(t, cout, vb.pp("time_emb_proj"))?),
+                None => None,
+            },
+            norm2: group_norm(c.groups, cout, c.eps, vb.pp("norm2"))?,
+            conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            conv_shortcut: if cin != cout { Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None },
+            output_scale_factor: c.output_scale_factor,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// Strided 3×3 conv (`downsamplers.0.conv`); padding 0 pads right/bottom by one first, as diffusers does.
+pub struct Downsample2D {
+    conv: Conv2d,
+    pad_first: bool,
+}
+
+impl Downsample2D {
+    pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> candle_core::Result<Self> {
+        Ok(Self { conv: conv(vb.pp("conv"), channels, channels, 3, 2, padding)?, pad_first: padding == 0 })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self.pad_first {
+            let xs = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            self.conv.forward(&xs)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// Nearest-neighbour resize to (h, w) with torch's index rule `floor(dst * in / out)`, so odd
+/// latent sizes come back to exactly the skip connection's size.
+pub fn resize_nearest(xs: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+    let (_, _, ih, iw) = xs.dims4()?;
+    let index = |input: usize, output: usize| -> Vec<u32> {
+        if output == 2 * input {
+            return (0..output as u32).map(|i| i >> 1).collect();
+        }
+        let scale = input as f32 / output as f32;
+        (0..output).map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as u32).collect()
+    };
+    let dev = xs.device();
+    let rows = Tensor::new(index(ih, h), dev)?;
+    let cols = Tensor::new(index(iw, w), dev)?;
+    xs.index_select(&rows, 2)?.index_select(&cols, 3)
+}
+
+/// Nearest ×2 (or to an explicit size) then a 3×3 conv (`upsamplers.0.conv`).
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(vb: VarBuilder, channels: usize) -> candle_core::Result<Self> {
+        Ok(Self { conv: conv(vb.pp("conv"), channels, channels, 3, 1, 1)? })
+    }
+
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        let up = if (th, tw) == (2 * h, 2 * w) { xs.upsample_nearest2d(th, tw)? } else { resize_nearest(xs, th, tw)? };
+        self.conv.forward(&up)
+    }
+}

@@ -1,0 +1,7 @@
+//! Network definitions. Each reads its sizes from the component's `config.json`.
+
+pub mod attention;
+pub mod blocks;
+pub mod clip;
+pub mod unet;
+pub mod vae;

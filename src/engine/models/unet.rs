@@ -1,0 +1,560 @@
+//! diffusers' `UNet2DConditionModel` for SD 1.x/2.x, every size taken from `unet/config.json`.
+
+use std::path::Path;
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{group_norm, layer_norm, linear, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::attention::Attention;
+use super::blocks::{conv, Downsample2D, PerBlock, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::engine::error::{EngineError, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default = "mid_block_default")]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "two")]
+    pub layers_per_block: PerBlock<usize>,
+    #[serde(default = "eight")]
+    pub attention_head_dim: PerBlock<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    pub cross_attention_dim: PerBlock<usize>,
+    #[serde(default = "one")]
+    pub transformer_layers_per_block: PerBlock<usize>,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "eps")]
+    pub norm_eps: f64,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "one_usize")]
+    pub downsample_padding: usize,
+    #[serde(default = "one_f64")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    pub only_cross_attention: PerBlockBool,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    #[serde(default = "default_shift")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default = "positional")]
+    pub time_embedding_type: String,
+    #[serde(default = "three")]
+    pub conv_in_kernel: usize,
+    #[serde(default = "three")]
+    pub conv_out_kernel: usize,
+    #[serde(default = "one_f64")]
+    pub resnet_out_scale_factor: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlockBool {
+    One(bool),
+    Each(Vec<bool>),
+}
+
+impl Default for PerBlockBool {
+    fn default() -> Self {
+        Self::One(false)
+    }
+}
+
+fn four() -> usize {
+    4
+}
+fn two() -> PerBlock<usize> {
+    PerBlock::One(2)
+}
+fn one() -> PerBlock<usize> {
+    PerBlock::One(1)
+}
+fn eight() -> PerBlock<usize> {
+    PerBlock::One(8)
+}
+fn one_usize() -> usize {
+    1
+}
+fn three() -> usize {
+    3
+}
+fn thirty_two() -> usize {
+    32
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn default_shift() -> String {
+    "default".into()
+}
+fn positional() -> String {
+    "positional".into()
+}
+fn mid_block_default() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+
+impl UNetConfig {
+    /// Reject what this UNet does not implement, naming the config key.
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |reason: String| Err(EngineError::BadConfig { path: path.to_path_buf(), reason });
+        let unsupported = |reason: String| Err(EngineError::Unsupported(format!("{}: {reason}", path.display())));
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return bad(format!(
+                "block_out_channels ({n}), down_block_types ({}) and up_block_types ({}) must have the same non-zero length",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            ));
+        }
+        for ch in &self.block_out_channels {
+            if self.norm_num_groups == 0 || ch % self.norm_num_groups != 0 {
+                return bad(format!("block_out_channels {ch} is not divisible by norm_num_groups {}", self.norm_num_groups));
+            }
+        }
+        for t in &self.down_block_types {
+            if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
+                return unsupported(format!("down_block_types entry `{t}`"));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
+                return unsupported(format!("up_block_types entry `{t}`"));
+            }
+        }
+        match self.mid_block_type.as_deref() {
+            Some("UNetMidBlock2DCrossAttn") => {}
+            other => return unsupported(format!("mid_block_type {other:?}")),
+        }
+        if self.class_embed_type.is_some() {
+            return unsupported("class_embed_type (upscaler/unCLIP UNets)".into());
+        }
+        if self.addition_embed_type.is_some() {
+            return unsupported("addition_embed_type (SDXL-style UNets load through the SDXL pipeline)".into());
+        }
+        if self.time_cond_proj_dim.is_some() {
+            return unsupported("time_cond_proj_dim (LCM guidance embedding)".into());
+        }
+        if self.dual_cross_attention || matches!(self.only_cross_attention, PerBlockBool::One(true)) {
+            return unsupported("dual_cross_attention / only_cross_attention".into());
+        }
+        if let PerBlockBool::Each(v) = &self.only_cross_attention {
+            if v.iter().any(|b| *b) {
+                return unsupported("only_cross_attention".into());
+            }
+        }
+        if self.resnet_time_scale_shift != "default" || self.time_embedding_type != "positional" || self.act_fn != "silu" {
+            return unsupported(format!(
+                "resnet_time_scale_shift `{}` / time_embedding_type `{}` / act_fn `{}`",
+                self.resnet_time_scale_shift, self.time_embedding_type, self.act_fn
+            ));
+        }
+        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+            return bad("conv_in_kernel/conv_out_kernel must be odd".into());
+        }
+        Ok(())
+    }
+}
+
+/// Per-block numbers resolved from the config (diffusers' quirk: `attention_head_dim` is really
+/// the number of heads when `num_attention_heads` is unset).
+struct Resolved {
+    heads: Vec<usize>,
+    layers: Vec<usize>,
+    transformer_layers: Vec<usize>,
+    cross_dims: Vec<usize>,
+}
+
+fn resolve(c: &UNetConfig, path: &Path) -> Result<Resolved> {
+    let n = c.block_out_channels.len();
+    let bad = |key: &str| EngineError::BadConfig {
+        path: path.to_path_buf(),
+        reason: format!("`{key}` must be a number or a list with one entry per block ({n})"),
+    };
+    let heads = c.num_attention_heads.as_ref().unwrap_or(&c.attention_head_dim);
+    let r = Resolved {
+        heads: heads.expand(n).ok_or_else(|| bad("attention_head_dim"))?,
+        layers: c.layers_per_block.expand(n).ok_or_else(|| bad("layers_per_block"))?,
+        transformer_layers: c
+            .transformer_layers_per_block
+            .expand(n)
+            .ok_or_else(|| bad("transformer_layers_per_block"))?,
+        cross_dims: c.cross_attention_dim.expand(n).ok_or_else(|| bad("cross_attention_dim"))?,
+    };
+    for (ch, h) in c.block_out_channels.iter().zip(&r.heads) {
+        if *h == 0 || ch % h != 0 {
+            return Err(EngineError::BadConfig {
+                path: path.to_path_buf(),
+                reason: format!("{ch} channels cannot be split into {h} attention heads"),
+            });
+        }
+    }
+    Ok(r)
+}
+
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        // GEGLU: the projection's first half is the value, the second half its (exact-gelu) gate.
+        let h = self.proj.forward(xs)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let value = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?;
+        self.out.forward(&(value * gate.gelu_erf()?)?)
+    }
+}
+
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, heads: usize, context_dim: usize, upcast: bool) -> candle_core::Result<Self> {
+        let head_dim = dim / heads;
+        let inner_ff = dim * 4;
+        Ok(Self {
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, false, upcast)?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim, false, upcast)?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward {
+                proj: linear(dim, inner_ff * 2, vb.pp("ff.net.0.proj"))?,
+                out: linear(inner_ff, dim, vb.pp("ff.net.2"))?,
+            },
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel` on continuous (image) input.
+struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2D {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        context_dim: usize,
+        c: &UNetConfig,
+    ) -> candle_core::Result<Self> {
+        let (proj_in, proj_out) = if c.use_linear_projection {
+            (
+                Projection::Linear(linear(channels, channels, vb.pp("proj_in"))?),
+                Projection::Linear(linear(channels, channels, vb.pp("proj_out"))?),
+            )
+        } else {
+            (
+                Projection::Conv(conv(vb.pp("proj_in"), channels, channels, 1, 1, 0)?),
+                Projection::Conv(conv(vb.pp("proj_out"), channels, channels, 1, 1, 0)?),
+            )
+        };
+        let blocks = (0..layers)
+            .map(|i| {
+                BasicTransformerBlock::new(vb.pp(format!("transformer_blocks.{i}")), channels, heads, context_dim, c.upcast_attention)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { norm: group_norm(c.norm_num_groups, channels, 1e-6, vb.pp("norm"))?, proj_in, blocks, proj_out })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, ch, h, w) = xs.dims4()?;
+        let residual = xs;
+        let normed = self.norm.forward(xs)?;
+        let to_tokens = |t: Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch));
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(c) => to_tokens(c.forward(&normed)?)?,
+            Projection::Linear(l) => l.forward(&to_tokens(normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let to_image = |t: Tensor| t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous();
+        let out = match &self.proj_out {
+            Projection::Conv(c) => c.forward(&to_image(tokens)?)?,
+            Projection::Linear(l) => to_image(l.forward(&tokens)?)?,
+        };
+        out + residual
+    }
+}
+
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    downsample: Option<Downsample2D>,
+}
+
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    upsample: Option<Upsample2D>,
+}
+
+struct MidBlock {
+    resnet_in: ResnetBlock2D,
+    attention: Transformer2D,
+    resnet_out: ResnetBlock2D,
+}
+
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    pub config: UNetConfig,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: VarBuilder, config: UNetConfig, config_path: &Path) -> Result<Self> {
+        config.check(config_path)?;
+        let r = resolve(&config, config_path)?;
+        let c = &config;
+        let n = c.block_out_channels.len();
+        let ch0 = c.block_out_channels[0];
+        let temb = ch0 * 4;
+        let resnet = |temb: Option<usize>, scale: f64| ResnetConfig {
+            groups: c.norm_num_groups,
+            eps: c.norm_eps,
+            temb_channels: temb,
+            output_scale_factor: scale,
+        };
+        let block_resnet = resnet(Some(temb), c.resnet_out_scale_factor);
+
+        let conv_in = conv(vb.pp("conv_in"), c.in_channels, ch0, c.conv_in_kernel, 1, c.conv_in_kernel / 2)?;
+        let time_linear_1 = linear(ch0, temb, vb.pp("time_embedding.linear_1"))?;
+        let time_linear_2 = linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
+
+        let mut down = Vec::with_capacity(n);
+        let mut out_ch = ch0;
+        for i in 0..n {
+            let in_ch = out_ch;
+            out_ch = c.block_out_channels[i];
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let cross = c.down_block_types[i] == "CrossAttnDownBlock2D";
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..r.layers[i] {
+                let cin = if j == 0 { in_ch } else { out_ch };
+                resnets.push(ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), cin, out_ch, &block_resnet)?);
+                if cross {
+                    attentions.push(Transformer2D::new(
+                        vb.pp(format!("attentions.{j}")),
+                        out_ch,
+                        r.heads[i],
+                        r.transformer_layers[i],
+                        r.cross_dims[i],
+                        c,
+                    )?);
+                }
+            }
+            let downsample = if i + 1 < n {
+                Some(Downsample2D::new(vb.pp("downsamplers.0"), out_ch, c.downsample_padding)?)
+            } else {
+                None
+            };
+            down.push(DownBlock { resnets, attentions, downsample });
+        }
+
+        let last = c.block_out_channels[n - 1];
+        let mid_vb = vb.pp("mid_block");
+        let mid_resnet = resnet(Some(temb), c.mid_block_scale_factor);
+        let mid = MidBlock {
+            resnet_in: ResnetBlock2D::new(mid_vb.pp("resnets.0"), last, last, &mid_resnet)?,
+            attention: Transformer2D::new(
+                mid_vb.pp("attentions.0"),
+                last,
+                r.heads[n - 1],
+                r.transformer_layers[n - 1],
+                r.cross_dims[n - 1],
+                c,
+            )?,
+            resnet_out: ResnetBlock2D::new(mid_vb.pp("resnets.1"), last, last, &mid_resnet)?,
+        };
+
+        let rev_ch: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let mut up = Vec::with_capacity(n);
+        let mut out_ch = rev_ch[0];
+        for i in 0..n {
+            let prev_out = out_ch;
+            out_ch = rev_ch[i];
+            let in_ch = rev_ch[(i + 1).min(n - 1)];
+            let bi = n - 1 - i; // the matching down block, for per-block settings
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let cross = c.up_block_types[i] == "CrossAttnUpBlock2D";
+            let count = r.layers[bi] + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..count {
+                let skip = if j == count - 1 { in_ch } else { out_ch };
+                let cin = if j == 0 { prev_out } else { out_ch };
+                resnets.push(ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), cin + skip, out_ch, &block_resnet)?);
+                if cross {
+                    attentions.push(Transformer2D::new(
+                        vb.pp(format!("attentions.{j}")),
+                        out_ch,
+                        r.heads[bi],
+                        r.transformer_layers[bi],
+                        r.cross_dims[bi],
+                        c,
+                    )?);
+                }
+            }
+            let upsample = if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers.0"), out_ch)?) } else { None };
+            up.push(UpBlock { resnets, attentions, upsample });
+        }
+
+        Ok(Self {
+            conv_in,
+            time_linear_1,
+            time_linear_2,
+            down,
+            mid,
+            up,
+            conv_norm_out: group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv(vb.pp("conv_out"), ch0, c.out_channels, c.conv_out_kernel, 1, c.conv_out_kernel / 2)?,
+            config,
+        })
+    }
+
+    /// Sinusoidal timestep features, computed in f32 in diffusers' order of operations.
+    fn timestep_features(&self, timesteps: &[f32], dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        let dim = self.config.block_out_channels[0];
+        let half = dim / 2;
+        let shift = self.config.freq_shift as f32;
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| ((-(10000f64.ln()) as f32 * i as f32) / (half as f32 - shift)).exp())
+            .collect();
+        let mut data = Vec::with_capacity(timesteps.len() * dim);
+        for &t in timesteps {
+            let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
+            let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
+            if self.config.flip_sin_to_cos {
+                data.extend(cos);
+                data.extend(sin);
+            } else {
+                data.extend(sin);
+                data.extend(cos);
+            }
+            if dim % 2 == 1 {
+                data.push(0.0);
+            }
+        }
+        Tensor::from_vec(data, (timesteps.len(), dim), device)?.to_dtype(dtype)
+    }
+
+    /// `sample`: (B, C, H, W) latents; `timestep`: one value for the whole batch;
+    /// `context`: (B, tokens, cross_attention_dim) text embeddings.
+    pub fn forward(&self, sample: &Tensor, timestep: f32, context: &Tensor) -> candle_core::Result<Tensor> {
+        let b = sample.dim(0)?;
+        let mut xs = if self.config.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
+        let t = self.timestep_features(&vec![timestep; b], sample.dtype(), sample.device())?;
+        let emb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?;
+
+        xs = self.conv_in.forward(&xs)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            for (k, resnet) in block.resnets.iter().enumerate() {
+                xs = resnet.forward(&xs, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(k) {
+                    xs = attn.forward(&xs, context)?;
+                }
+                skips.push(xs.clone());
+            }
+            if let Some(d) = &block.downsample {
+                xs = d.forward(&xs)?;
+                skips.push(xs.clone());
+            }
+        }
+
+        xs = self.mid.resnet_in.forward(&xs, Some(&emb))?;
+        xs = self.mid.attention.forward(&xs, context)?;
+        xs = self.mid.resnet_out.forward(&xs, Some(&emb))?;
+
+        for block in &self.up {
+            for (k, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip connections exhausted".into()))?;
+                xs = Tensor::cat(&[&xs, &skip], 1)?;
+                xs = resnet.forward(&xs, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(k) {
+                    xs = attn.forward(&xs, context)?;
+                }
+            }
+            if let Some(u) = &block.upsample {
+                // Upsample to the next skip's size so odd latent sizes line up (diffusers' upsample_size).
+                let size = match skips.last() {
+                    Some(s) => {
+                        let (_, _, h, w) = s.dims4()?;
+                        Some((h, w))
+                    }
+                    None => None,
+                };
+                xs = u.forward(&xs, size)?;
+            }
+        }
+        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        self.conv_out.forward(&xs)
+    }
+}

@@ -1,0 +1,203 @@
+//! diffusers' `AutoencoderKL` decoder (latents -> RGB in [-1, 1]), from `vae/config.json`.
+
+use std::path::Path;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::blocks::{conv, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::engine::error::{EngineError, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "sd_scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+    #[serde(default)]
+    pub force_upcast: bool,
+}
+
+fn three() -> usize {
+    3
+}
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn sd_scaling() -> f64 {
+    0.18215
+}
+fn yes() -> bool {
+    true
+}
+
+impl VaeConfig {
+    /// Pixels per latent along each side (8 for every SD VAE).
+    pub fn scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+}
+
+/// Single-head self-attention over pixels with its own group norm (the VAE mid block).
+struct VaeAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+}
+
+impl VaeAttention {
+    fn new(vb: VarBuilder, ch: usize, groups: usize) -> candle_core::Result<Self> {
+        // Old checkpoints name the projections query/key/value/proj_attn; diffusers renames on load.
+        let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
+        let name = |new: &'static str, old: &'static str| if legacy { old } else { new };
+        Ok(Self {
+            group_norm: group_norm(groups, ch, 1e-6, vb.pp("group_norm"))?,
+            to_q: linear(ch, ch, vb.pp(name("to_q", "query")))?,
+            to_k: linear(ch, ch, vb.pp(name("to_k", "key")))?,
+            to_v: linear(ch, ch, vb.pp(name("to_v", "value")))?,
+            to_out: linear(ch, ch, vb.pp(name("to_out.0", "proj_attn")))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let q = self.to_q.forward(&tokens)?.unsqueeze(1)?;
+        let k = self.to_k.forward(&tokens)?.unsqueeze(1)?;
+        let v = self.to_v.forward(&tokens)?.unsqueeze(1)?;
+        let out = super::attention::scaled_dot_product(&q, &k, &v, None, true)?.squeeze(1)?;
+        let out = self.to_out.forward(&out)?;
+        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        out + xs
+    }
+}
+
+struct UpDecoderBlock {
+    resnets: Vec<ResnetBlock2D>,
+    upsample: Option<Upsample2D>,
+}
+
+pub struct VaeDecoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnet_in: ResnetBlock2D,
+    mid_attention: Option<VaeAttention>,
+    mid_resnet_out: ResnetBlock2D,
+    up: Vec<UpDecoderBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    pub config: VaeConfig,
+}
+
+impl VaeDecoder {
+    pub fn new(vb: VarBuilder, config: VaeConfig, config_path: &Path) -> Result<Self> {
+        let c = &config;
+        let n = c.block_out_channels.len();
+        if n == 0 || c.block_out_channels.iter().any(|ch| c.norm_num_groups == 0 || ch % c.norm_num_groups != 0) {
+            return Err(EngineError::BadConfig {
+                path: config_path.to_path_buf(),
+                reason: format!(
+                    "block_out_channels {:?} must be non-empty and divisible by norm_num_groups {}",
+                    c.block_out_channels, c.norm_num_groups
+                ),
+            });
+        }
+        if let Some(t) = c.up_block_types.iter().find(|t| t.as_str() != "UpDecoderBlock2D") {
+            return Err(EngineError::Unsupported(format!("{}: up_block_types entry `{t}`", config_path.display())));
+        }
+        let rc = ResnetConfig { groups: c.norm_num_groups, eps: 1e-6, temb_channels: None, output_scale_factor: 1.0 };
+        let post_quant_conv = if c.use_post_quant_conv {
+            Some(conv(vb.pp("post_quant_conv"), c.latent_channels, c.latent_channels, 1, 1, 0)?)
+        } else {
+            None
+        };
+        let vb = vb.pp("decoder");
+        let top = c.block_out_channels[n - 1];
+        let conv_in = conv(vb.pp("conv_in"), c.latent_channels, top, 3, 1, 1)?;
+        let mid = vb.pp("mid_block");
+        let mid_resnet_in = ResnetBlock2D::new(mid.pp("resnets.0"), top, top, &rc)?;
+        let mid_attention = if c.mid_block_add_attention {
+            Some(VaeAttention::new(mid.pp("attentions.0"), top, c.norm_num_groups)?)
+        } else {
+            None
+        };
+        let mid_resnet_out = ResnetBlock2D::new(mid.pp("resnets.1"), top, top, &rc)?;
+        let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let mut out_ch = rev[0];
+        let mut up = Vec::with_capacity(n);
+        for i in 0..n {
+            let prev = out_ch;
+            out_ch = rev[i];
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let resnets = (0..c.layers_per_block + 1)
+                .map(|j| ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), if j == 0 { prev } else { out_ch }, out_ch, &rc))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let upsample = if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers.0"), out_ch)?) } else { None };
+            up.push(UpDecoderBlock { resnets, upsample });
+        }
+        let ch0 = c.block_out_channels[0];
+        Ok(Self {
+            post_quant_conv,
+            conv_in,
+            mid_resnet_in,
+            mid_attention,
+            mid_resnet_out,
+            up,
+            conv_norm_out: group_norm(c.norm_num_groups, ch0, 1e-6, vb.pp("conv_norm_out"))?,
+            conv_out: conv(vb.pp("conv_out"), ch0, c.out_channels, 3, 1, 1)?,
+            config,
+        })
+    }
+
+    /// `vae.decode(z).sample`: z is already divided by the scaling factor.
+    pub fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let mut xs = match &self.post_quant_conv {
+            Some(c) => c.forward(z)?,
+            None => z.clone(),
+        };
+        xs = self.conv_in.forward(&xs)?;
+        xs = self.mid_resnet_in.forward(&xs, None)?;
+        if let Some(a) = &self.mid_attention {
+            xs = a.forward(&xs)?;
+        }
+        xs = self.mid_resnet_out.forward(&xs, None)?;
+        for block in &self.up {
+            for r in &block.resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            if let Some(u) = &block.upsample {
+                xs = u.forward(&xs, None)?;
+            }
+        }
+        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        self.conv_out.forward(&xs)
+    }
+}

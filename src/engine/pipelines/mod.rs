@@ -1,0 +1,3 @@
+//! Text-to-image pipelines, one per model family.
+
+pub mod sd;

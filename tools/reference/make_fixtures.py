@@ -1,0 +1,444 @@
+#!/usr/bin/env python3
+"""Build the tiny diffusers-layout models and record diffusers' outputs as test fixtures.
+
+The oracle is diffusers/transformers/torch at the versions pinned in requirements.txt, run on CPU
+in float32. Everything is seeded, so re-running produces byte-identical files.
+
+Usage:  .venv/bin/python make_fixtures.py [--out ../../tests/fixtures]
+
+Outputs (all small):
+  models/sd1-tiny/      SD1.x-shaped pipeline (epsilon, quick_gelu CLIP, PNDM config, pad=EOS)
+  models/sd2-tiny/      SD2.x-shaped pipeline (v-prediction, gelu CLIP, DDIM config, pad="!",
+                        linear projections, per-block head counts, upcast attention)
+  tokenizer_cases.json  prompts -> input ids for both tokenizers
+  randn.safetensors     torch.randn draws for several seeds/shapes (+ randn_cases.json)
+  schedulers.json       timesteps/sigmas for every sampler/spacing/step count we support
+  stages/<model>.safetensors  text embeddings, one UNet forward, one VAE decode
+  runs/<name>.safetensors + runs/<name>-<i>.png + runs.json   whole pipeline runs
+"""
+import argparse
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import diffusers
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+torch.set_num_threads(2)
+torch.use_deterministic_algorithms(True)
+
+N_MERGES = 2000
+
+
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_tokenizer(folder: Path, pad_token: str):
+    """A CLIP BPE vocabulary built exactly as OpenAI's, truncated to the first N_MERGES merges."""
+    import open_clip
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = merges[1 : N_MERGES + 1]
+    vocab = bytes_to_unicode()
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": pad_token,
+                "unk_token": "<|endoftext|>",
+            },
+            indent=2,
+        )
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_prefix_space": False,
+                "bos_token": "<|startoftext|>",
+                "do_lower_case": True,
+                "eos_token": "<|endoftext|>",
+                "errors": "replace",
+                "model_max_length": 77,
+                "pad_token": pad_token,
+                "tokenizer_class": "CLIPTokenizer",
+                "unk_token": "<|endoftext|>",
+            },
+            indent=2,
+        )
+    )
+    return len(vocab)
+
+
+def jitter_1d_params(module: torch.nn.Module, gen: torch.Generator):
+    """Default init leaves norms at 1/0 and many biases at 0; move them so loading mistakes show."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+SD1_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+    clip_sample=False,
+)
+
+SD2_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+    clip_sample=False,
+    prediction_type="v_prediction",
+)
+
+
+def build_model(root: Path, kind: str, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    sd2 = kind == "sd2"
+    pad = "!" if sd2 else "<|endoftext|>"
+    vocab_size = write_tiny_tokenizer(root / "tokenizer", pad)
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=32,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=1,
+        layer_norm_eps=1e-5,
+    )
+    text_encoder = CLIPTextModel(text_config).eval()
+    jitter_1d_params(text_encoder, gen)
+
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1 if sd2 else 2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 4) if sd2 else 4,
+        norm_num_groups=8,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+    ).eval()
+    jitter_1d_params(unet, gen)
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    ).eval()
+    jitter_1d_params(vae, gen)
+
+    sched_cls = DDIMScheduler if sd2 else PNDMScheduler
+    sched_config = SD2_SCHEDULER if sd2 else SD1_SCHEDULER
+    scheduler = sched_cls.from_config(sched_config)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root, safe_serialization=True)
+    # save_pretrained re-writes the tokenizer with a tokenizer.json; keep the layout of the real
+    # repos (vocab.json + merges.txt + configs) so that is what our loader is tested on.
+    for extra in ["tokenizer.json", "added_tokens.json", "chat_template.jinja"]:
+        p = root / "tokenizer" / extra
+        if p.exists():
+            p.unlink()
+    write_tiny_tokenizer(root / "tokenizer", pad)
+    # Like the real repos, the scheduler config carries keys its own class ignores (clip_sample on
+    # PNDM) that matter when a user swaps in another sampler with from_config.
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    saved = json.loads(sched_file.read_text())
+    saved.update(sched_config)
+    sched_file.write_text(json.dumps(saved, indent=2, sort_keys=True))
+    # transformers 5 saves CLIPTextModel without the `text_model.` prefix that every real SD repo
+    # has (saved by transformers 4); write the real repos' key names.
+    te_file = root / "text_encoder" / "model.safetensors"
+    state = load_file(te_file)
+    if not any(k.startswith("text_model.") for k in state):
+        state = {"text_model." + k: v for k, v in state.items()}
+        save_file(state, te_file, metadata={"format": "pt"})
+    return StableDiffusionPipeline.from_pretrained(root, safety_checker=None, requires_safety_checker=False)
+
+
+TRICKY_PROMPTS = [
+    "",
+    "a photograph of an astronaut riding a horse",
+    "A PHOTO   of a\tcat,\nin the   Rain!!!",
+    "it's the dog's toy; they'll've gone... don't",
+    "café naïve résumé — “quotes” & ‘apostrophes’",
+    "東京の夜景 and 🚀🔥 emoji 👩‍👩‍👧",
+    "numbers 1234567 and 3.14159, mixed42words",
+    "<|startoftext|> embedded specials <|endoftext|> here",
+    "hyphen-ated snake_case CamelCase (parens) [brackets] {braces}",
+    " leading and trailing spaces   ",
+    " ".join(["word"] * 100),
+    "masterpiece, best quality, " * 20,
+    "Ünïcödé NFC: e\u0301 vs \u00e9, ﬁ ligature, ＦＵＬＬＷＩＤＴＨ",
+]
+
+
+def tokenizer_cases(pipes):
+    out = {}
+    for name, pipe in pipes.items():
+        tok = pipe.tokenizer
+        cases = []
+        for p in TRICKY_PROMPTS:
+            ids = tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+            cases.append({"prompt": p, "ids": ids})
+        out[name] = cases
+    return out
+
+
+def randn_cases(out_dir: Path):
+    cases = []
+    tensors = {}
+    for i, (seed, shape) in enumerate(
+        [
+            (0, [1, 4, 8, 8]),
+            (42, [2, 4, 12, 8]),
+            (1234567890123, [1, 4, 5, 9]),
+            (7, [3]),
+            (7, [15]),
+            (7, [16]),
+            (7, [17]),
+            (2**63 - 1, [1, 4, 64, 64]),
+        ]
+    ):
+        g = torch.Generator("cpu").manual_seed(seed)
+        a = torch.randn(shape, generator=g, dtype=torch.float32)
+        b = torch.randn(shape, generator=g, dtype=torch.float32)  # a second draw from the same stream
+        tensors[f"case{i}_first"] = a.contiguous()
+        tensors[f"case{i}_second"] = b.contiguous()
+        cases.append({"name": f"case{i}", "seed": seed, "shape": shape})
+    save_file(tensors, out_dir / "randn.safetensors")
+    (out_dir / "randn_cases.json").write_text(json.dumps(cases, indent=1))
+
+
+def scheduler_fixtures(out_dir: Path):
+    out = []
+    for cfg_name, cfg in [("sd1", SD1_SCHEDULER), ("sd2", SD2_SCHEDULER)]:
+        for spacing in ["leading", "trailing", "linspace"]:
+            for steps in [1, 3, 10, 25, 50]:
+                c = dict(cfg, timestep_spacing=spacing)
+                for sampler, cls, extra in [
+                    ("euler", EulerDiscreteScheduler, {}),
+                    ("euler_karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+                    ("euler_exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True}),
+                    ("euler_a", EulerAncestralDiscreteScheduler, {}),
+                    ("ddim", DDIMScheduler, {}),
+                ]:
+                    if steps == 1 and sampler in ("euler_karras", "euler_exponential"):
+                        continue
+                    s = cls.from_config(dict(c, **extra))
+                    s.set_timesteps(steps)
+                    rec = {
+                        "config": cfg_name,
+                        "timestep_spacing": spacing,
+                        "steps": steps,
+                        "sampler": sampler,
+                        "timesteps": [float(t) for t in s.timesteps],
+                        "init_noise_sigma": float(s.init_noise_sigma),
+                    }
+                    if hasattr(s, "sigmas"):
+                        rec["sigmas"] = [float(x) for x in s.sigmas]
+                    out.append(rec)
+    (out_dir / "schedulers.json").write_text(json.dumps(out))
+
+
+def stage_fixtures(name: str, pipe, out_dir: Path):
+    g = torch.Generator().manual_seed(11)
+    tok = pipe.tokenizer
+    prompts = ["a red fox in the snow", ""]
+    ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        emb = pipe.text_encoder(ids)[0]
+        hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
+        text_model = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)
+        clip_skip1 = text_model.final_layer_norm(hidden[-2])
+        sample = torch.randn((2, 4, 9, 6), generator=g)
+        t = torch.tensor([681.0, 681.0])
+        unet_out = pipe.unet(sample, t, encoder_hidden_states=emb).sample
+        latents = torch.randn((1, 4, 7, 5), generator=g)
+        decoded = pipe.vae.decode(latents).sample
+    save_file(
+        {
+            "input_ids": ids.to(torch.int64).contiguous(),
+            "text_embeddings": emb.contiguous(),
+            "text_embeddings_clip_skip1": clip_skip1.contiguous(),
+            "unet_sample": sample.contiguous(),
+            "unet_timestep": t.contiguous(),
+            "unet_out": unet_out.contiguous(),
+            "vae_latents": latents.contiguous(),
+            "vae_decoded": decoded.contiguous(),
+        },
+        out_dir / f"{name}.safetensors",
+    )
+
+
+RUNS = [
+    # name, model, sampler, seed, width, height, steps, guidance, n, negative prompt
+    ("sd1_euler_cfg", "sd1", "euler", 42, 64, 64, 5, 7.5, 1, "blurry, low quality"),
+    ("sd1_euler_a_nonsquare_n2", "sd1", "euler_a", 1234, 96, 64, 6, 5.0, 2, None),
+    ("sd1_ddim_odd_nocfg", "sd1", "ddim", 7, 72, 40, 4, 1.0, 1, None),
+    ("sd1_euler_karras", "sd1", "euler_karras", 2024, 64, 80, 8, 6.0, 1, None),
+    ("sd2_euler_a_vpred", "sd2", "euler_a", 3, 64, 64, 5, 7.5, 1, "ugly"),
+    ("sd2_ddim_vpred_n2", "sd2", "ddim", 99, 80, 48, 6, 3.0, 2, None),
+    ("sd2_euler_vpred", "sd2", "euler", 5, 56, 64, 7, 9.0, 1, None),
+]
+
+SAMPLERS = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+}
+
+
+def run_fixtures(pipes, out_dir: Path):
+    from PIL import Image
+
+    records = []
+    for name, model, sampler, seed, w, h, steps, guidance, n, neg in RUNS:
+        pipe = pipes[model]
+        cls, extra = SAMPLERS[sampler]
+        pipe.scheduler = cls.from_config(dict(pipe.scheduler.config, **extra))
+        prompt = "a lighthouse on a cliff at dusk, oil painting"
+        g = torch.Generator("cpu").manual_seed(seed)
+        with torch.no_grad():
+            latents = pipe(
+                prompt,
+                negative_prompt=neg,
+                width=w,
+                height=h,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                num_images_per_prompt=n,
+                generator=g,
+                output_type="latent",
+            ).images
+            # Decode exactly as the pipeline does for output_type="pil".
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            pil = pipe.image_processor.postprocess(image, output_type="pil")
+        save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+        for i, im in enumerate(pil):
+            assert im.size == (w, h)
+            im.save(out_dir / f"{name}-{i}.png")
+        records.append(
+            dict(
+                name=name,
+                model=model,
+                sampler=sampler.split("_karras")[0],
+                schedule="karras" if "karras" in sampler else "default",
+                seed=seed,
+                width=w,
+                height=h,
+                steps=steps,
+                guidance=guidance,
+                n=n,
+                prompt=prompt,
+                negative_prompt=neg,
+            )
+        )
+    (out_dir / "runs.json").write_text(json.dumps(records, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    here = Path(__file__).resolve().parent
+    ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "models").mkdir(parents=True)
+    (out / "stages").mkdir()
+    (out / "runs").mkdir()
+
+    pipes = {
+        "sd1": build_model(out / "models" / "sd1-tiny", "sd1", seed=1),
+        "sd2": build_model(out / "models" / "sd2-tiny", "sd2", seed=2),
+    }
+    (out / "tokenizer_cases.json").write_text(json.dumps(tokenizer_cases(pipes), ensure_ascii=False, indent=1))
+    randn_cases(out)
+    scheduler_fixtures(out)
+    for name, pipe in pipes.items():
+        stage_fixtures(name, pipe, out / "stages")
+    run_fixtures(pipes, out / "runs")
+    (out / "VERSIONS.json").write_text(
+        json.dumps(
+            {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+            indent=1,
+        )
+    )
+    print("fixtures written to", out)
+
+
+if __name__ == "__main__":
+    main()
