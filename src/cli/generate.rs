@@ -23,7 +23,7 @@ pub struct GenerateArgs {
     /// Random seed; a random one is drawn (and printed) when omitted.
     #[arg(long)]
     pub seed: Option<u64>,
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// euler, euler_a or ddim.
     #[arg(long, default_value = "euler_a")]
@@ -33,10 +33,11 @@ pub struct GenerateArgs {
     pub schedule: String,
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    #[arg(long, default_value_t = 512)]
-    pub height: usize,
+    /// Image width; the model's native size when omitted (512 for SD1.5, 768 for SD2.1).
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
     #[arg(long, default_value_t = 1)]
     pub n: usize,
     #[arg(long, default_value_t = 0)]
@@ -78,11 +79,15 @@ pub fn save_image(img: &GeneratedImage, path: &Path) -> anyhow::Result<()> {
 pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     let device = engine::parse_device(&args.device)?;
     let dtype = engine::parse_dtype(&args.dtype)?;
+    let dir = resolve_model(common, args.model.as_deref(), dtype)?;
+    let load_start = std::time::Instant::now();
+    let pipeline = StableDiffusion::load(&dir, &device, dtype)?;
+    tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");
     let params = GenerateParams {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        width: args.width,
-        height: args.height,
+        width: args.width.unwrap_or_else(|| pipeline.default_size()),
+        height: args.height.unwrap_or_else(|| pipeline.default_size()),
         steps: args.steps,
         guidance_scale: args.guidance,
         seed: args.seed.unwrap_or_else(rand_seed),
@@ -91,10 +96,6 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         n: args.n,
         clip_skip: args.clip_skip,
     };
-    let dir = resolve_model(common, args.model.as_deref(), dtype)?;
-    let load_start = std::time::Instant::now();
-    let pipeline = StableDiffusion::load(&dir, &device, dtype)?;
-    tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");
     pipeline.validate(&params)?;
 
     let bar = ProgressBar::new(params.steps as u64);

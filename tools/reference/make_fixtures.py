@@ -161,13 +161,20 @@ def build_model(root: Path, kind: str, seed: int):
     jitter_1d_params(text_encoder, gen)
 
     unet = UNet2DConditionModel(
-        sample_size=8,
+        # pipelines default to sample_size * 8 pixels: 256x256 for the demo model.
+        sample_size=16 if sd2 else 32,
         in_channels=4,
         out_channels=4,
         block_out_channels=(16, 32, 32),
         layers_per_block=1 if sd2 else 2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        # SD2-tiny has attention at full latent resolution like the real models; SD1-tiny (also the
+        # embedded demo model) starts with a plain block so the demo runs in seconds on a CPU.
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+        if sd2
+        else ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+        if sd2
+        else ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=(2, 4, 4) if sd2 else 4,
         norm_num_groups=8,

@@ -16,6 +16,9 @@ pub struct UNetConfig {
     pub in_channels: usize,
     #[serde(default = "four")]
     pub out_channels: usize,
+    /// Latent side the model was trained at (64 for SD1.5 -> 512 px).
+    #[serde(default)]
+    pub sample_size: Option<usize>,
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
     pub up_block_types: Vec<String>,

@@ -65,6 +65,23 @@ pub const MAX_SIDE: usize = 4096;
 
 impl StableDiffusion {
     pub fn load(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
+        Self::build(dir, device, dtype, None)
+    }
+
+    /// The architecture of `dir`'s configs with random weights, for benchmarks: speed does not
+    /// depend on the weights' values, and no download is needed.
+    pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
+        let varmap = candle_nn::VarMap::new();
+        Self::build(dir, device, dtype, Some(&varmap))
+    }
+
+    fn build(dir: &ModelDir, device: &Device, dtype: DType, random: Option<&candle_nn::VarMap>) -> Result<Self> {
+        let weights = |component: &str, stem: &str| -> Result<candle_nn::VarBuilder<'static>> {
+            match random {
+                Some(varmap) => Ok(candle_nn::VarBuilder::from_varmap(varmap, dtype, device).pp(component)),
+                None => Ok(SafetensorsFile::open(&dir.weights(stem)?)?.into_var_builder(dtype, device)),
+            }
+        };
         let index: ModelIndex = dir.read_json("model_index.json")?;
         if !SD_PIPELINES.contains(&index.class_name.as_str()) {
             return Err(EngineError::Unsupported(format!(
@@ -78,17 +95,17 @@ impl StableDiffusion {
         let tokenizer = ClipTokenizer::load(dir, "tokenizer")?;
 
         let te_config = dir.read_json("text_encoder/config.json")?;
-        let te_vb = SafetensorsFile::open(&dir.weights("text_encoder/model")?)?.into_var_builder(dtype, device);
+        let te_vb = weights("text_encoder", "text_encoder/model")?;
         let text_encoder = ClipTextModel::new(te_vb, te_config)?;
 
         let unet_config_path = dir.required("unet/config.json")?;
         let unet_config = crate::engine::loader::read_json(&unet_config_path)?;
-        let unet_vb = SafetensorsFile::open(&dir.weights("unet/diffusion_pytorch_model")?)?.into_var_builder(dtype, device);
+        let unet_vb = weights("unet", "unet/diffusion_pytorch_model")?;
         let unet = UNet2DConditionModel::new(unet_vb, unet_config, &unet_config_path)?;
 
         let vae_config_path = dir.required("vae/config.json")?;
         let vae_config = crate::engine::loader::read_json(&vae_config_path)?;
-        let vae_vb = SafetensorsFile::open(&dir.weights("vae/diffusion_pytorch_model")?)?.into_var_builder(dtype, device);
+        let vae_vb = weights("vae", "vae/diffusion_pytorch_model")?;
         let vae = VaeDecoder::new(vae_vb, vae_config, &vae_config_path)?;
 
         let text_dim = text_encoder.config.hidden_size;
@@ -124,9 +141,9 @@ impl StableDiffusion {
         &self.scheduler
     }
 
-    /// The size the model was trained at (`unet.sample_size` × VAE scale).
+    /// The image side the model was trained at (`unet.sample_size` × VAE scale), diffusers' default size.
     pub fn default_size(&self) -> usize {
-        512
+        self.unet.config.sample_size.unwrap_or(64) * self.vae_scale()
     }
 
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
