@@ -1,0 +1,149 @@
+//! Broken model folders give errors that name the file (and tensor), never a panic.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candela::engine::{loader::ModelDir, pipelines::sd::StableDiffusion, EngineError};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn broken_copy(edit: impl FnOnce(&Path)) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("model");
+    copy_dir(&common::fixtures().join("models/sd1-tiny"), &root);
+    edit(&root);
+    (tmp, root)
+}
+
+fn load_error(root: &Path) -> (EngineError, String) {
+    let dir = ModelDir { root: root.to_path_buf(), prefer_fp16_variant: false };
+    match StableDiffusion::load(&dir, &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("loading {} should fail", root.display()),
+        Err(e) => {
+            let msg = e.to_string();
+            (e, msg)
+        }
+    }
+}
+
+#[test]
+fn missing_weight_file_is_named() {
+    let (_t, root) = broken_copy(|r| std::fs::remove_file(r.join("unet/diffusion_pytorch_model.safetensors")).unwrap());
+    let (e, msg) = load_error(&root);
+    assert!(matches!(e, EngineError::MissingFile { .. }), "{msg}");
+    assert!(msg.contains("unet/diffusion_pytorch_model.safetensors"), "{msg}");
+}
+
+#[test]
+fn missing_tokenizer_file_is_named() {
+    let (_t, root) = broken_copy(|r| std::fs::remove_file(r.join("tokenizer/merges.txt")).unwrap());
+    let (_, msg) = load_error(&root);
+    assert!(msg.contains("tokenizer/merges.txt"), "{msg}");
+}
+
+#[test]
+fn malformed_config_is_named() {
+    let (_t, root) = broken_copy(|r| std::fs::write(r.join("unet/config.json"), "{ not json").unwrap());
+    let (e, msg) = load_error(&root);
+    assert!(matches!(e, EngineError::BadConfig { .. }), "{msg}");
+    assert!(msg.contains("unet/config.json"), "{msg}");
+}
+
+#[test]
+fn inconsistent_config_is_rejected_with_reason() {
+    let (_t, root) = broken_copy(|r| {
+        let path = r.join("unet/config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["block_out_channels"] = serde_json::json!([16, 32]);
+        std::fs::write(&path, v.to_string()).unwrap();
+    });
+    let (_, msg) = load_error(&root);
+    assert!(msg.contains("unet/config.json") && msg.contains("block_out_channels"), "{msg}");
+}
+
+#[test]
+fn shape_mismatch_names_file_and_tensor() {
+    let (_t, root) = broken_copy(|r| {
+        let path = r.join("unet/config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["block_out_channels"] = serde_json::json!([16, 32, 40]);
+        std::fs::write(&path, v.to_string()).unwrap();
+    });
+    let (e, msg) = load_error(&root);
+    assert!(matches!(e, EngineError::Compute(_)) || matches!(e, EngineError::Weights { .. }), "{msg}");
+    assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
+    assert!(msg.contains("shape mismatch") && msg.contains("down_blocks.2"), "{msg}");
+}
+
+#[test]
+fn missing_tensor_names_file_and_tensor() {
+    let (_t, root) = broken_copy(|r| {
+        let path = r.join("vae/diffusion_pytorch_model.safetensors");
+        let mut tensors: HashMap<String, candle_core::Tensor> = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        tensors.remove("decoder.conv_out.weight").unwrap();
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+    });
+    let (_, msg) = load_error(&root);
+    assert!(msg.contains("vae/diffusion_pytorch_model.safetensors") && msg.contains("decoder.conv_out.weight"), "{msg}");
+    assert!(msg.contains("missing"), "{msg}");
+}
+
+#[test]
+fn truncated_weight_file_is_named() {
+    let (_t, root) = broken_copy(|r| {
+        let path = r.join("text_encoder/model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    });
+    let (_, msg) = load_error(&root);
+    assert!(msg.contains("text_encoder/model.safetensors"), "{msg}");
+}
+
+#[test]
+fn other_pipeline_families_are_refused_clearly() {
+    let (_t, root) = broken_copy(|r| {
+        std::fs::write(r.join("model_index.json"), r#"{"_class_name": "StableDiffusionXLPipeline"}"#).unwrap()
+    });
+    let (e, msg) = load_error(&root);
+    assert!(matches!(e, EngineError::Unsupported(_)), "{msg}");
+    assert!(msg.contains("StableDiffusionXLPipeline"), "{msg}");
+}
+
+#[test]
+fn unsupported_scheduler_settings_are_refused() {
+    let (_t, root) = broken_copy(|r| {
+        let path = r.join("scheduler/scheduler_config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["thresholding"] = serde_json::json!(true);
+        std::fs::write(&path, v.to_string()).unwrap();
+    });
+    let (_, msg) = load_error(&root);
+    assert!(msg.contains("thresholding"), "{msg}");
+}
+
+#[test]
+fn fp16_variant_is_preferred_for_half_precision() {
+    let (_t, root) = broken_copy(|r| {
+        let plain = r.join("unet/diffusion_pytorch_model.safetensors");
+        std::fs::rename(&plain, r.join("unet/diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    });
+    let dir = ModelDir { root: root.clone(), prefer_fp16_variant: true };
+    assert!(dir.weights("unet/diffusion_pytorch_model").unwrap().ends_with("diffusion_pytorch_model.fp16.safetensors"));
+    // f32 still loads when only the fp16 variant exists.
+    let dir = ModelDir { root, prefer_fp16_variant: false };
+    StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
+}
