@@ -3,6 +3,8 @@
 
 mod bench;
 mod generate;
+mod serve;
+mod token;
 
 use std::path::PathBuf;
 
@@ -60,17 +62,31 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Time the UNet and a whole generation (random weights, real-size configs) and print a table.
     Bench(bench::BenchArgs),
+    /// Run the OpenAI-compatible HTTP server.
+    Serve(serve::ServeArgs),
+    /// Manage bearer tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Print the OpenAPI document (as committed in openapi/openapi.json).
+    Openapi,
 }
 
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CANDELA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(&cli.common, args),
         Command::Bench(args) => bench::run(&cli.common, args),
+        Command::Serve(args) => serve::run(&cli.common, args),
+        Command::Token(cmd) => token::run(&cli.common, cmd),
+        Command::Openapi => {
+            print!("{}", crate::api::openapi_json());
+            Ok(())
+        }
     }
 }

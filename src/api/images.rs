@@ -1,0 +1,372 @@
+//! `POST /v1/images/generations`: OpenAI's Images API plus candela's extensions.
+//!
+//! Field decisions (documented in the OpenAPI schema too):
+//! - honoured: `prompt`, `model`, `n`, `size`, `response_format`, `output_format`,
+//!   `output_compression` (JPEG quality; WebP is always lossless), `user` (recorded on the job);
+//! - accepted and recorded, no effect on the picture: `quality`, `style`, `moderation`,
+//!   `background` = `auto`/`opaque`;
+//! - rejected: `background` = `transparent` (diffusion models here produce opaque RGB).
+
+use std::io::Cursor;
+
+use actix_web::{post, web, HttpRequest, HttpResponse};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{parse_json, read_body, request_id, ApiError, AppState, Caller};
+use crate::auth::SCOPE_GENERATE;
+use crate::db::{now_ms, JobImage, NewJob};
+use crate::engine::{
+    pipelines::sd::GenerateParams,
+    schedulers::{SamplerKind, SigmaSchedule},
+    GeneratedImage,
+};
+use crate::jobs::{GenerateJob, ModelInfo};
+
+const MAX_PROMPT_CHARS: usize = 32_000;
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageGenerationRequest {
+    /// What to draw.
+    pub prompt: String,
+    /// Model id from `GET /v1/models`; the server's default model when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Number of images, 1 to 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    /// `"WIDTHxHEIGHT"` (multiples of 8) or `"auto"` (the model's native size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    /// `b64_json` (default) or `url` (a signed, expiring link served by this server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<String>,
+    /// `png` (default), `jpeg` or `webp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_format: Option<String>,
+    /// 0-100: JPEG quality (default 100). WebP output is lossless and ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_compression: Option<u8>,
+    /// Accepted and recorded (`auto`, `standard`, `hd`, `low`, `medium`, `high`); no effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<String>,
+    /// `auto` or `opaque`; `transparent` is rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background: Option<String>,
+    /// Accepted and recorded (`vivid`, `natural`); no effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style: Option<String>,
+    /// Accepted and recorded (`auto`, `low`); no effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moderation: Option<String>,
+    /// An end-user id, recorded on the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Extension: `euler`, `euler_a` (default) or `ddim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<String>,
+    /// Extension: `default`, `karras` or `exponential` sigma spacing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Extension: denoising steps, 1 to 150 (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    /// Extension: seed; the same seed gives the same image as diffusers on CPU noise. Random when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Extension: what to steer away from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    /// Extension: classifier-free guidance scale, 0 to 30 (default 7.5; ≤ 1 disables guidance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale: Option<f64>,
+    /// Extension: width in pixels (overrides `size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    /// Extension: height in pixels (overrides `size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    /// Extension: skip this many final CLIP layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_skip: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImageData {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64_json: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revised_prompt: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImagesResponse {
+    /// Unix seconds.
+    pub created: i64,
+    pub data: Vec<ImageData>,
+    pub output_format: String,
+    pub size: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quality: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub background: Option<String>,
+    /// candela extension: the job that recorded this request.
+    pub job_id: String,
+    /// candela extension: the seed used.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ImageFormat {
+    Png,
+    Jpeg,
+    Webp,
+}
+
+impl ImageFormat {
+    fn ext(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpeg",
+            Self::Webp => "webp",
+        }
+    }
+}
+
+/// A request checked against the model; everything the engine and encoder need.
+struct Validated {
+    params: GenerateParams,
+    format: ImageFormat,
+    as_url: bool,
+    jpeg_quality: u8,
+}
+
+fn one_of(param: &str, value: &Option<String>, allowed: &[&str]) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !allowed.contains(&v.as_str()) => {
+            Err(ApiError::invalid(param, format!("`{param}` must be one of {}, got `{v}`", allowed.join(", "))))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn parse_size(size: &str) -> Option<(usize, usize)> {
+    let (w, h) = size.split_once('x')?;
+    Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
+}
+
+fn validate(req: &ImageGenerationRequest, model: &ModelInfo, limits: &super::Limits) -> Result<Validated, ApiError> {
+    if req.prompt.trim().is_empty() {
+        return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+    }
+    if req.prompt.chars().count() > MAX_PROMPT_CHARS {
+        return Err(ApiError::invalid("prompt", format!("`prompt` is longer than {MAX_PROMPT_CHARS} characters")));
+    }
+    if req.negative_prompt.as_ref().is_some_and(|p| p.chars().count() > MAX_PROMPT_CHARS) {
+        return Err(ApiError::invalid("negative_prompt", format!("`negative_prompt` is longer than {MAX_PROMPT_CHARS} characters")));
+    }
+    let n = req.n.unwrap_or(1) as usize;
+    if n == 0 || n > limits.max_n {
+        return Err(ApiError::invalid("n", format!("`n` must be between 1 and {}, got {n}", limits.max_n)));
+    }
+    let (mut width, mut height) = match req.size.as_deref() {
+        None | Some("auto") => (model.default_width, model.default_height),
+        Some(s) => parse_size(s)
+            .ok_or_else(|| ApiError::invalid("size", format!("`size` must be \"WIDTHxHEIGHT\" or \"auto\", got `{s}`")))?,
+    };
+    if let Some(w) = req.width {
+        width = w as usize;
+    }
+    if let Some(h) = req.height {
+        height = h as usize;
+    }
+    let m = model.size_multiple;
+    let size_param = if req.width.is_some() || req.height.is_some() { if req.width.is_some() { "width" } else { "height" } } else { "size" };
+    for side in [width, height] {
+        if side < m || side % m != 0 || side > limits.max_side {
+            return Err(ApiError::invalid(
+                size_param,
+                format!("{width}x{height}: each side must be a multiple of {m} between {m} and {}", limits.max_side),
+            ));
+        }
+    }
+    let steps = req.steps.unwrap_or(20) as usize;
+    if steps == 0 || steps > limits.max_steps {
+        return Err(ApiError::invalid("steps", format!("`steps` must be between 1 and {}, got {steps}", limits.max_steps)));
+    }
+    let guidance = req.guidance_scale.unwrap_or(7.5);
+    if !guidance.is_finite() || !(0.0..=30.0).contains(&guidance) {
+        return Err(ApiError::invalid("guidance_scale", "`guidance_scale` must be between 0 and 30"));
+    }
+    let sampler: SamplerKind = req.sampler.as_deref().unwrap_or("euler_a").parse().map_err(|_| {
+        ApiError::invalid("sampler", format!("unknown sampler `{}`; available: {}", req.sampler.as_deref().unwrap_or(""), model.samplers.join(", ")))
+    })?;
+    let schedule: SigmaSchedule = req.schedule.as_deref().unwrap_or("default").parse().map_err(|_| {
+        ApiError::invalid("schedule", format!("unknown schedule `{}`; available: {}", req.schedule.as_deref().unwrap_or(""), model.schedules.join(", ")))
+    })?;
+    if sampler == SamplerKind::Ddim && schedule != SigmaSchedule::Default {
+        return Err(ApiError::invalid("schedule", "ddim uses the model's own timesteps; use schedule `default`"));
+    }
+    let clip_skip = req.clip_skip.unwrap_or(0) as usize;
+    if clip_skip > 10 {
+        return Err(ApiError::invalid("clip_skip", "`clip_skip` must be between 0 and 10"));
+    }
+    one_of("response_format", &req.response_format, &["b64_json", "url"])?;
+    one_of("output_format", &req.output_format, &["png", "jpeg", "webp"])?;
+    one_of("quality", &req.quality, &["auto", "standard", "hd", "low", "medium", "high"])?;
+    one_of("style", &req.style, &["vivid", "natural"])?;
+    one_of("moderation", &req.moderation, &["auto", "low"])?;
+    one_of("background", &req.background, &["auto", "opaque", "transparent"])?;
+    if req.background.as_deref() == Some("transparent") {
+        return Err(ApiError::invalid("background", "transparent backgrounds are not supported; use `auto` or `opaque`"));
+    }
+    if req.output_compression.is_some_and(|c| c > 100) {
+        return Err(ApiError::invalid("output_compression", "`output_compression` must be between 0 and 100"));
+    }
+    let format = match req.output_format.as_deref() {
+        Some("jpeg") => ImageFormat::Jpeg,
+        Some("webp") => ImageFormat::Webp,
+        _ => ImageFormat::Png,
+    };
+    let seed = req.seed.unwrap_or_else(|| rand::random::<u64>() & ((1u64 << 53) - 1));
+    Ok(Validated {
+        params: GenerateParams {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            width,
+            height,
+            steps,
+            guidance_scale: guidance,
+            seed,
+            sampler,
+            schedule,
+            n,
+            clip_skip,
+        },
+        format,
+        as_url: req.response_format.as_deref() == Some("url"),
+        jpeg_quality: req.output_compression.unwrap_or(100).max(1),
+    })
+}
+
+fn encode(img: &GeneratedImage, format: ImageFormat, jpeg_quality: u8) -> Result<Vec<u8>, ApiError> {
+    let buffer = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
+        .ok_or_else(|| ApiError::internal("image buffer has the wrong size"))?;
+    let mut out = Cursor::new(Vec::new());
+    let result = match format {
+        ImageFormat::Png => buffer.write_to(&mut out, image::ImageFormat::Png),
+        ImageFormat::Webp => buffer.write_to(&mut out, image::ImageFormat::WebP),
+        ImageFormat::Jpeg => {
+            let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, jpeg_quality);
+            buffer.write_with_encoder(encoder)
+        }
+    };
+    result.map_err(|e| ApiError::internal(format!("image encoding failed: {e}")))?;
+    Ok(out.into_inner())
+}
+
+/// Create images from a prompt (OpenAI Images API). Every call is recorded as a job.
+#[utoipa::path(post, path = "/v1/images/generations", tag = "images", security(("bearer" = [])),
+    request_body = ImageGenerationRequest,
+    responses(
+        (status = 200, body = ImagesResponse, headers(("x-candela-seed" = u64), ("x-candela-job-id" = String))),
+        (status = 400, body = super::error::ErrorResponse, description = "invalid field; `param` names it"),
+        (status = 401, body = super::error::ErrorResponse), (status = 403, body = super::error::ErrorResponse),
+        (status = 404, body = super::error::ErrorResponse, description = "unknown model"),
+        (status = 413, body = super::error::ErrorResponse), (status = 429, body = super::error::ErrorResponse),
+        (status = 500, body = super::error::ErrorResponse), (status = 503, body = super::error::ErrorResponse)))]
+#[post("/v1/images/generations")]
+pub async fn generate(
+    state: web::Data<AppState>,
+    caller: Caller,
+    http: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(SCOPE_GENERATE)?;
+    let body = read_body(payload, state.limits.max_body_bytes).await?;
+    let req: ImageGenerationRequest = parse_json(&body)?;
+
+    // From here on the request is a job: every outcome is recorded on its row.
+    let job_id = format!("job_{}", uuid::Uuid::new_v4().simple());
+    let model_name = req
+        .model
+        .clone()
+        .or_else(|| state.engine.default_model().map(|m| m.id.clone()))
+        .unwrap_or_default();
+    let params_json = serde_json::to_value(&req).unwrap_or(serde_json::Value::Null);
+    state
+        .db
+        .insert_job(NewJob {
+            id: &job_id,
+            user: &caller.0.user,
+            model: &model_name,
+            prompt: &req.prompt,
+            params: &params_json,
+            request_id: request_id(&http).as_deref(),
+        })
+        .await?;
+
+    match run(&state, &req, &model_name, &job_id).await {
+        Ok(resp) => Ok(resp),
+        Err(e) => {
+            if let Err(db) = state.db.mark_failed(&job_id, e.code(), &e.body.message).await {
+                tracing::error!(job = %job_id, error = %db, "could not record the failure");
+            }
+            tracing::warn!(job = %job_id, code = e.code(), error = %e.body.message, "job failed");
+            Err(e)
+        }
+    }
+}
+
+async fn run(state: &AppState, req: &ImageGenerationRequest, model_name: &str, job_id: &str) -> Result<HttpResponse, ApiError> {
+    let model = state.engine.model(model_name).ok_or_else(|| {
+        let available: Vec<&str> = state.engine.models().iter().map(|m| m.id.as_str()).collect();
+        ApiError::not_found("model_not_found", format!("model `{model_name}` does not exist; available: {}", available.join(", ")))
+            .with_param("model")
+    })?;
+    let v = validate(req, model, &state.limits)?;
+    state.db.mark_running(job_id, v.params.seed).await?;
+    let (width, height, seed) = (v.params.width, v.params.height, v.params.seed);
+    let started = std::time::Instant::now();
+    let out = state.engine.generate(GenerateJob { model: model_name.to_string(), params: v.params }).await?;
+    tracing::info!(job = %job_id, model = %model_name, seconds = format!("{:.2}", out.seconds), total_s = format!("{:.2}", started.elapsed().as_secs_f64()), "generated");
+
+    let mut data = Vec::with_capacity(out.images.len());
+    let mut records = Vec::with_capacity(out.images.len());
+    let expires = (now_ms() / 1000) as u64 + state.limits.url_ttl_secs;
+    for (i, img) in out.images.iter().enumerate() {
+        let bytes = encode(img, v.format, v.jpeg_quality)?;
+        let key = state.store.put(&bytes, v.format.ext())?;
+        records.push(JobImage {
+            index: i as i64,
+            image_key: key.clone(),
+            format: v.format.ext().to_string(),
+            width: img.width as i64,
+            height: img.height as i64,
+            bytes: bytes.len() as i64,
+        });
+        data.push(if v.as_url {
+            ImageData { b64_json: None, url: Some(format!("{}{}", state.public_url, state.links.path(&key, expires))), revised_prompt: None }
+        } else {
+            ImageData { b64_json: Some(base64::engine::general_purpose::STANDARD.encode(&bytes)), url: None, revised_prompt: None }
+        });
+    }
+    state.db.mark_succeeded(job_id, &records).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("x-candela-seed", seed.to_string()))
+        .insert_header(("x-candela-job-id", job_id.to_string()))
+        .json(ImagesResponse {
+            created: now_ms() / 1000,
+            data,
+            output_format: v.format.ext().to_string(),
+            size: format!("{width}x{height}"),
+            quality: req.quality.clone(),
+            background: req.background.clone(),
+            job_id: job_id.to_string(),
+            seed,
+        }))
+}

@@ -1,0 +1,141 @@
+//! `candela serve`: flags, with environment fallbacks, over an optional TOML config file.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use super::CommonArgs;
+use crate::api::Limits;
+use crate::auth::AuthSettings;
+use crate::engine::{self, demo, loader::ModelSource};
+use crate::jobs::ModelSpec;
+use crate::server::{self, ServerConfig};
+
+#[derive(clap::Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (flags and environment win over it).
+    #[arg(long, env = "CANDELA_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "CANDELA_HOST")]
+    pub host: Option<String>,
+    /// 0 picks a free port (printed at start-up).
+    #[arg(long, env = "CANDELA_PORT")]
+    pub port: Option<u16>,
+    /// Models to serve (folder or repo id), repeatable; the first is the default. The embedded demo model when none.
+    #[arg(long = "model", env = "CANDELA_MODEL", value_delimiter = ',')]
+    pub models: Vec<String>,
+    #[arg(long, env = "CANDELA_DEVICE")]
+    pub device: Option<String>,
+    #[arg(long, env = "CANDELA_DTYPE")]
+    pub dtype: Option<String>,
+    /// HS256 secret file (default: <data-dir>/jwt_secret, created on first start).
+    #[arg(long, env = "CANDELA_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key to verify RS256/EdDSA tokens instead of HS256.
+    #[arg(long, env = "CANDELA_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// RS256 or EdDSA (with --jwt-public-key).
+    #[arg(long, env = "CANDELA_JWT_ALGORITHM")]
+    pub jwt_algorithm: Option<String>,
+    #[arg(long, env = "CANDELA_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    #[arg(long, env = "CANDELA_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Base URL for image links when behind a proxy (default: the listening address).
+    #[arg(long, env = "CANDELA_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    #[arg(long, env = "CANDELA_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    #[arg(long, env = "CANDELA_MAX_SIDE")]
+    pub max_side: Option<usize>,
+    #[arg(long, env = "CANDELA_URL_TTL_SECS")]
+    pub url_ttl_secs: Option<u64>,
+    #[arg(long, env = "CANDELA_QUEUE_CAPACITY")]
+    pub queue_capacity: Option<usize>,
+    #[arg(long, env = "CANDELA_HTTP_WORKERS")]
+    pub http_workers: Option<usize>,
+}
+
+/// The same settings as a config file (snake_case keys).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    models: Option<Vec<String>>,
+    device: Option<String>,
+    dtype: Option<String>,
+    jwt_secret_file: Option<PathBuf>,
+    jwt_public_key: Option<PathBuf>,
+    jwt_algorithm: Option<String>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
+    public_url: Option<String>,
+    max_body_bytes: Option<usize>,
+    max_side: Option<usize>,
+    url_ttl_secs: Option<u64>,
+    queue_capacity: Option<usize>,
+    http_workers: Option<usize>,
+}
+
+pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
+    let file: FileConfig = match &args.config {
+        Some(path) => toml::from_str(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
+            .with_context(|| format!("parsing {}", path.display()))?,
+        None => FileConfig::default(),
+    };
+    let device = engine::parse_device(args.device.as_deref().or(file.device.as_deref()).unwrap_or("cpu"))?;
+    let dtype = engine::parse_dtype(args.dtype.as_deref().or(file.dtype.as_deref()).unwrap_or("f32"))?;
+    let model_specs = if args.models.is_empty() { file.models.clone().unwrap_or_default() } else { args.models.clone() };
+    let models = if model_specs.is_empty() {
+        vec![ModelSpec { source: ModelSource::Local(demo::install(&common.data_dir.join("models"))?) }]
+    } else {
+        model_specs.iter().map(|s| Ok(ModelSpec { source: ModelSource::parse(s)? })).collect::<anyhow::Result<_>>()?
+    };
+    let auth = AuthSettings {
+        secret_file: args.jwt_secret_file.or(file.jwt_secret_file),
+        public_key: args.jwt_public_key.or(file.jwt_public_key),
+        algorithm: args.jwt_algorithm.or(file.jwt_algorithm),
+        issuer: args.jwt_issuer.or(file.jwt_issuer),
+        audience: args.jwt_audience.or(file.jwt_audience),
+    };
+    let defaults = Limits::default();
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(defaults.max_body_bytes),
+        max_side: args.max_side.or(file.max_side).unwrap_or(defaults.max_side),
+        url_ttl_secs: args.url_ttl_secs.or(file.url_ttl_secs).unwrap_or(defaults.url_ttl_secs),
+        ..defaults
+    };
+    let config = ServerConfig {
+        host: args.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into()),
+        port: args.port.or(file.port).unwrap_or(8080),
+        data_dir: common.data_dir.clone(),
+        models,
+        device,
+        dtype,
+        hub: common.hub_options(),
+        auth: auth.clone(),
+        public_url: args.public_url.or(file.public_url),
+        limits,
+        queue_capacity: args.queue_capacity.or(file.queue_capacity).unwrap_or(64),
+        workers: args.http_workers.or(file.http_workers).unwrap_or(2),
+    };
+    let data_dir = config.data_dir.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let running = server::start(config).await?;
+        // These lines are the server's contract with people and tests: keep their shape.
+        println!("candela listening on {}", running.url);
+        println!("Swagger UI: {}/docs/", running.url);
+        println!("Dashboard: {}/", running.url);
+        if let Some(token) = server::startup_token(&data_dir, &auth) {
+            println!("token (user `local`, 30 days): {token}");
+            println!("try: curl -s {}/v1/images/generations -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -d '{{\"prompt\":\"a lighthouse\"}}'", running.url);
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        running.server.await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,284 @@
+//! The job table in SQLite (sqlx). Schema lives in `migrations/`, applied at start-up. Every
+//! state change is one statement, so a crash leaves each row in a consistent state.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use utoipa::ToSchema;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone)]
+pub struct Db {
+    pool: SqlitePool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "cancelled" => Self::Cancelled,
+            _ => Self::Failed,
+        }
+    }
+}
+
+/// One stored image of a job.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobImage {
+    pub index: i64,
+    pub image_key: String,
+    pub format: String,
+    pub width: i64,
+    pub height: i64,
+    pub bytes: i64,
+}
+
+/// A job row as the API returns it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Job {
+    pub id: String,
+    pub object: &'static str,
+    pub user: String,
+    pub model: String,
+    pub prompt: String,
+    /// The request parameters as received.
+    #[schema(value_type = Object)]
+    pub params: serde_json::Value,
+    pub seed: Option<i64>,
+    pub status: JobStatus,
+    pub error_code: Option<String>,
+    pub error: Option<String>,
+    pub request_id: Option<String>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub duration_ms: Option<i64>,
+    pub images: Vec<JobImage>,
+}
+
+pub struct NewJob<'a> {
+    pub id: &'a str,
+    pub user: &'a str,
+    pub model: &'a str,
+    pub prompt: &'a str,
+    pub params: &'a serde_json::Value,
+    pub request_id: Option<&'a str>,
+}
+
+impl Db {
+    pub async fn open(path: &Path) -> Result<Self, sqlx::Error> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Jobs left queued/running by a crash or kill: mark them failed, nothing else changes.
+    pub async fn fail_interrupted(&self) -> Result<u64, sqlx::Error> {
+        let now = now_ms();
+        let r = sqlx::query(
+            "UPDATE jobs SET status = 'failed', error_code = 'interrupted', \
+             error = 'the server stopped before this job finished', finished_at = ? \
+             WHERE status IN ('queued', 'running')",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn insert_job(&self, job: NewJob<'_>) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO jobs (id, user_id, model, prompt, params, status, request_id, created_at) \
+             VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+        )
+        .bind(job.id)
+        .bind(job.user)
+        .bind(job.model)
+        .bind(job.prompt)
+        .bind(job.params.to_string())
+        .bind(job.request_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn mark_running(&self, id: &str, seed: u64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE jobs SET status = 'running', seed = ?, started_at = ? WHERE id = ? AND status = 'queued'")
+            .bind(seed as i64)
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn mark_failed(&self, id: &str, code: &str, message: &str) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE jobs SET status = 'failed', error_code = ?, error = ?, finished_at = ?, \
+             duration_ms = ? - COALESCE(started_at, created_at) WHERE id = ?",
+        )
+        .bind(code)
+        .bind(message)
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Record the images and the success in one transaction.
+    pub async fn mark_succeeded(&self, id: &str, images: &[JobImage]) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        for img in images {
+            sqlx::query(
+                "INSERT INTO job_images (job_id, idx, image_key, format, width, height, bytes) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(img.index)
+            .bind(&img.image_key)
+            .bind(&img.format)
+            .bind(img.width)
+            .bind(img.height)
+            .bind(img.bytes)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE jobs SET status = 'succeeded', finished_at = ?, duration_ms = ? - COALESCE(started_at, created_at) WHERE id = ?",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    /// A job visible to `user` (`None` = admin, sees all).
+    pub async fn get_job(&self, id: &str, user: Option<&str>) -> Result<Option<Job>, sqlx::Error> {
+        let row = sqlx::query("SELECT * FROM jobs WHERE id = ? AND (? IS NULL OR user_id = ?)")
+            .bind(id)
+            .bind(user)
+            .bind(user)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => {
+                let mut job = job_from_row(&row);
+                job.images = self.images_of(&job.id).await?;
+                Ok(Some(job))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Newest first; `before` (unix ms) pages backwards.
+    pub async fn list_jobs(&self, user: Option<&str>, limit: i64, before: Option<i64>) -> Result<Vec<Job>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE (? IS NULL OR user_id = ?) AND (? IS NULL OR created_at < ?) \
+             ORDER BY created_at DESC, id DESC LIMIT ?",
+        )
+        .bind(user)
+        .bind(user)
+        .bind(before)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut job = job_from_row(&row);
+            job.images = self.images_of(&job.id).await?;
+            jobs.push(job);
+        }
+        Ok(jobs)
+    }
+
+    async fn images_of(&self, job_id: &str) -> Result<Vec<JobImage>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM job_images WHERE job_id = ? ORDER BY idx")
+            .bind(job_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| JobImage {
+                index: r.get("idx"),
+                image_key: r.get("image_key"),
+                format: r.get("format"),
+                width: r.get("width"),
+                height: r.get("height"),
+                bytes: r.get("bytes"),
+            })
+            .collect())
+    }
+
+    pub async fn count_by_status(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(|r| (r.get("status"), r.get("n"))).collect())
+    }
+}
+
+fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Job {
+    let params: String = row.get("params");
+    let status: String = row.get("status");
+    Job {
+        id: row.get("id"),
+        object: "job",
+        user: row.get("user_id"),
+        model: row.get("model"),
+        prompt: row.get("prompt"),
+        params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
+        seed: row.get("seed"),
+        status: JobStatus::parse(&status),
+        error_code: row.get("error_code"),
+        error: row.get("error"),
+        request_id: row.get("request_id"),
+        created_at: row.get("created_at"),
+        started_at: row.get("started_at"),
+        finished_at: row.get("finished_at"),
+        duration_ms: row.get("duration_ms"),
+        images: Vec::new(),
+    }
+}
