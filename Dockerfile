@@ -5,6 +5,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
+COPY migrations ./migrations
+COPY web ./web
 COPY tests/fixtures/models/sd1-tiny ./tests/fixtures/models/sd1-tiny
 RUN cargo build --release --locked && strip target/release/candela
 
@@ -14,4 +16,5 @@ COPY --from=build /src/target/release/candela /usr/local/bin/candela
 ENV CANDELA_DATA_DIR=/data HF_HOME=/data/hf
 VOLUME /data
 ENTRYPOINT ["candela"]
-CMD ["generate", "--prompt", "a lighthouse at dusk", "--out", "/data/out.png"]
+EXPOSE 8080
+CMD ["serve", "--host", "0.0.0.0", "--port", "8080"]

@@ -131,6 +131,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
         println!("Dashboard: {}/", running.url);
         if let Some(token) = server::startup_token(&data_dir, &auth) {
             println!("token (user `local`, 30 days): {token}");
+            println!("dashboard with this token: {}/#token={token}", running.url);
             println!("try: curl -s {}/v1/images/generations -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -d '{{\"prompt\":\"a lighthouse\"}}'", running.url);
         }
         use std::io::Write;

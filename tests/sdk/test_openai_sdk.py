@@ -212,3 +212,18 @@ def test_swagger_ui_renders_in_headless_chromium(server, tmp_path):
 def test_dashboard_page_is_served(server):
     status, body, headers = http(server, "GET", "/")
     assert status == 200 and b"/v1/jobs" in body
+
+
+def test_dashboard_lists_jobs_in_headless_chromium(server, client, tmp_path):
+    client.images.generate(prompt="a dashboard check", **SMALL)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is required (scripts/test.sh installs it)"
+    token = client.api_key
+    out = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path}", "--virtual-time-budget=15000", "--dump-dom", f"{server.url}/#token={token}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    dom = out.stdout
+    assert "a dashboard check" in dom and "status-succeeded" in dom, out.stderr[-2000:]
