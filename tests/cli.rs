@@ -79,6 +79,7 @@ fn bad_arguments_fail_with_a_message_naming_the_parameter() {
         (vec!["--steps", "0"], "steps"),
         (vec!["--model", "/nonexistent/model/folder"], "neither an existing folder"),
         (vec!["--dtype", "f8"], "dtype"),
+        (vec!["--dtype", "bf16"], "bf16 is not supported on CPU"),
     ] {
         let out = candela(tmp.path()).args(["generate", "--prompt", "x"]).args(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?} should fail");

@@ -74,3 +74,23 @@ impl SimpleBackend for SafetensorsFile {
         self.tensors.get(name).is_ok()
     }
 }
+
+/// Random weights (each layer's own init) as plain tensors, for benchmarks. Unlike candle's
+/// `VarMap`, nothing here is a trainable `Var`, so inference records no autograd graph (a
+/// `VarMap`-built model keeps every activation of a whole run alive through the graph).
+pub struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(&self, s: Shape, _name: &str, init: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let var = init.var(s, DType::F32, dev)?;
+        var.as_detached_tensor().to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!("random weights need a shape for `{name}`")))
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
+}

@@ -6,7 +6,10 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::loader::{weights::SafetensorsFile, ModelDir};
+use crate::engine::loader::{
+    weights::{RandomWeights, SafetensorsFile},
+    ModelDir,
+};
 use crate::engine::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::VaeDecoder};
 use crate::engine::rng::TorchGenerator;
 use crate::engine::schedulers::{self, PredictionType, SamplerKind, SchedulerConfig, SigmaSchedule};
@@ -65,21 +68,25 @@ pub const MAX_SIDE: usize = 4096;
 
 impl StableDiffusion {
     pub fn load(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(dir, device, dtype, None)
+        Self::build(dir, device, dtype, false)
     }
 
     /// The architecture of `dir`'s configs with random weights, for benchmarks: speed does not
     /// depend on the weights' values, and no download is needed.
     pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        let varmap = candle_nn::VarMap::new();
-        Self::build(dir, device, dtype, Some(&varmap))
+        Self::build(dir, device, dtype, true)
     }
 
-    fn build(dir: &ModelDir, device: &Device, dtype: DType, random: Option<&candle_nn::VarMap>) -> Result<Self> {
-        let weights = |component: &str, stem: &str| -> Result<candle_nn::VarBuilder<'static>> {
-            match random {
-                Some(varmap) => Ok(candle_nn::VarBuilder::from_varmap(varmap, dtype, device).pp(component)),
-                None => Ok(SafetensorsFile::open(&dir.weights(stem)?)?.into_var_builder(dtype, device)),
+    fn build(dir: &ModelDir, device: &Device, dtype: DType, random: bool) -> Result<Self> {
+        if device.is_cpu() && dtype == DType::BF16 {
+            // candle's CPU backend has no bf16 matmul; fail before loading gigabytes.
+            return Err(EngineError::invalid("dtype", "bf16 is not supported on CPU; use f32 or f16"));
+        }
+        let weights = |_component: &str, stem: &str| -> Result<candle_nn::VarBuilder<'static>> {
+            if random {
+                Ok(candle_nn::VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone()))
+            } else {
+                Ok(SafetensorsFile::open(&dir.weights(stem)?)?.into_var_builder(dtype, device))
             }
         };
         let index: ModelIndex = dir.read_json("model_index.json")?;
