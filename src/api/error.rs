@@ -111,6 +111,9 @@ impl From<EngineError> for ApiError {
         let msg = e.to_string();
         match e {
             EngineError::InvalidParameter { param, message } => Self::invalid(param, message),
+            EngineError::Incompatible { param, message } => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", "unsupported_combination", message).with_param(param)
+            }
             EngineError::ModelNotFound(_) => Self::not_found("model_not_found", msg).with_param("model"),
             EngineError::Cancelled => Self::new(StatusCode::CONFLICT, "invalid_request_error", "cancelled", msg),
             EngineError::Unsupported(_) => {

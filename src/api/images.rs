@@ -202,15 +202,21 @@ fn validate(req: &ImageGenerationRequest, model: &ModelInfo, limits: &super::Lim
     if !guidance.is_finite() || !(0.0..=30.0).contains(&guidance) {
         return Err(ApiError::invalid("guidance_scale", "`guidance_scale` must be between 0 and 30"));
     }
-    let sampler: SamplerKind = req.sampler.as_deref().unwrap_or("euler_a").parse().map_err(|_| {
-        ApiError::invalid("sampler", format!("unknown sampler `{}`; available: {}", req.sampler.as_deref().unwrap_or(""), model.samplers.join(", ")))
-    })?;
-    let schedule: SigmaSchedule = req.schedule.as_deref().unwrap_or("default").parse().map_err(|_| {
-        ApiError::invalid("schedule", format!("unknown schedule `{}`; available: {}", req.schedule.as_deref().unwrap_or(""), model.schedules.join(", ")))
-    })?;
-    if sampler == SamplerKind::Ddim && schedule != SigmaSchedule::Default {
-        return Err(ApiError::invalid("schedule", "ddim uses the model's own timesteps; use schedule `default`"));
-    }
+    let (sampler, named_schedule) = SamplerKind::parse_with_schedule(req.sampler.as_deref().unwrap_or("euler_a"))
+        .map_err(|e| ApiError::from(e).with_param("sampler"))?;
+    let schedule = match (req.schedule.as_deref(), named_schedule) {
+        (Some(s), named) => {
+            let s: SigmaSchedule = s.parse().map_err(|_| {
+                ApiError::invalid("schedule", format!("unknown schedule `{s}`; available: {}", model.schedules.join(", ")))
+            })?;
+            if named.is_some_and(|n| n != s) {
+                return Err(ApiError::invalid("schedule", "`schedule` contradicts the schedule in the sampler name"));
+            }
+            s
+        }
+        (None, named) => named.unwrap_or_default(),
+    };
+    sampler.check_schedule(schedule)?;
     let clip_skip = req.clip_skip.unwrap_or(0) as usize;
     if clip_skip > 10 {
         return Err(ApiError::invalid("clip_skip", "`clip_skip` must be between 0 and 10"));

@@ -25,7 +25,7 @@ pub struct GenerateArgs {
     pub seed: Option<u64>,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    /// euler, euler_a or ddim.
+    /// euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_sde (A1111 names such as "DPM++ 2M Karras" work too).
     #[arg(long, default_value = "euler_a")]
     pub sampler: String,
     /// default, karras or exponential.
@@ -91,8 +91,11 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         steps: args.steps,
         guidance_scale: args.guidance,
         seed: args.seed.unwrap_or_else(rand_seed),
-        sampler: args.sampler.parse()?,
-        schedule: args.schedule.parse()?,
+        sampler: crate::engine::schedulers::SamplerKind::parse_with_schedule(&args.sampler)?.0,
+        schedule: match crate::engine::schedulers::SamplerKind::parse_with_schedule(&args.sampler)?.1 {
+            Some(named) if args.schedule == "default" => named,
+            _ => args.schedule.parse()?,
+        },
         n: args.n,
         clip_skip: args.clip_skip,
     };

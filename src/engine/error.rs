@@ -21,6 +21,9 @@ pub enum EngineError {
     Unsupported(String),
     #[error("invalid parameter `{param}`: {message}")]
     InvalidParameter { param: &'static str, message: String },
+    /// Valid values that cannot be combined (e.g. a schedule a sampler does not support).
+    #[error("unsupported combination for `{param}`: {message}")]
+    Incompatible { param: &'static str, message: String },
     #[error("generation cancelled")]
     Cancelled,
     #[error("compute error: {0}")]

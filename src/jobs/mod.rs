@@ -28,6 +28,8 @@ pub struct ModelInfo {
     /// Width and height must be multiples of this.
     pub size_multiple: usize,
     pub samplers: Vec<String>,
+    /// Every accepted sampler spelling, A1111/ComfyUI names included ("DPM++ 2M Karras").
+    pub sampler_aliases: Vec<String>,
     pub schedules: Vec<String>,
     pub prediction_type: String,
 }
@@ -155,6 +157,7 @@ fn model_info(name: &str, p: &StableDiffusion) -> ModelInfo {
         default_height: p.default_size(),
         size_multiple: p.vae_scale(),
         samplers: SamplerKind::ALL.iter().map(|k| k.name().to_string()).collect(),
+        sampler_aliases: SamplerKind::accepted_names(),
         schedules: vec!["default".into(), "karras".into(), "exponential".into()],
         prediction_type: serde_json::to_value(prediction)
             .ok()

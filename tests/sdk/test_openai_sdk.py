@@ -74,6 +74,12 @@ def test_extensions_via_extra_body_and_seed_reproducibility(client):
     assert base64.b64decode(other.data[0].b64_json) != base64.b64decode(first.data[0].b64_json)
 
 
+def test_a1111_sampler_names_are_accepted(client):
+    r = client.images.with_raw_response.generate(prompt="a cat", size="64x64", extra_body={"steps": 3, "seed": 9, "sampler": "DPM++ 2M Karras"})
+    same = client.images.generate(prompt="a cat", size="64x64", extra_body={"steps": 3, "seed": 9, "sampler": "dpmpp_2m", "schedule": "karras"})
+    assert r.parse().data[0].b64_json == same.data[0].b64_json
+
+
 def test_n2_and_non_square(client):
     r = client.images.generate(prompt="two boats", n=2, size="96x64", extra_body={"steps": 2})
     assert len(r.data) == 2
@@ -153,6 +159,8 @@ def test_users_see_only_their_own_jobs_and_images(server, client):
         ({"prompt": "x", "steps": 0}, 400, "steps"),
         ({"prompt": "x", "steps": 1000}, 400, "steps"),
         ({"prompt": "x", "sampler": "heun9"}, 400, "sampler"),
+        ({"prompt": "x", "sampler": "euler_a", "schedule": "karras"}, 422, "schedule"),
+        ({"prompt": "x", "sampler": "DPM++ 2M Karras", "schedule": "exponential"}, 400, "schedule"),
         ({"prompt": "x", "guidance_scale": -1}, 400, "guidance_scale"),
         ({"prompt": "x", "background": "transparent"}, 400, "background"),
         ({"prompt": "x", "response_format": "gif"}, 400, "response_format"),

@@ -30,6 +30,7 @@ import transformers
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
@@ -358,6 +359,8 @@ RUNS = [
     ("sd2_euler_a_vpred", "sd2", "euler_a", 3, 64, 64, 5, 7.5, 1, "ugly"),
     ("sd2_ddim_vpred_n2", "sd2", "ddim", 99, 80, 48, 6, 3.0, 2, None),
     ("sd2_euler_vpred", "sd2", "euler", 5, 56, 64, 7, 9.0, 1, None),
+    ("sd1_dpmpp_2m_karras", "sd1", "dpmpp_2m_karras", 77, 64, 64, 8, 7.0, 1, "lowres"),
+    ("sd2_dpmpp_2m_sde_n2", "sd2", "dpmpp_2m_sde", 31337, 64, 48, 6, 6.0, 2, None),
 ]
 
 SAMPLERS = {
@@ -365,6 +368,12 @@ SAMPLERS = {
     "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "ddim": (DDIMScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
 }
 
 

@@ -48,6 +48,12 @@ pub struct SchedulerConfig {
     pub sigma_min: Option<f64>,
     pub sigma_max: Option<f64>,
     pub timestep_type: Option<String>,
+    // DPM-Solver family.
+    pub solver_order: Option<usize>,
+    pub solver_type: Option<String>,
+    pub lower_order_final: Option<bool>,
+    pub lambda_min_clipped: Option<f64>,
+    pub algorithm_type: Option<String>,
 }
 
 impl SchedulerConfig {

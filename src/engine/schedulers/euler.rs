@@ -18,7 +18,7 @@ pub struct EulerSampler {
 }
 
 /// `np.interp(x, arange(len(fp)), fp)` for x inside [0, len-1].
-fn interp_index(x: f64, fp: &[f32]) -> f64 {
+pub(super) fn interp_index(x: f64, fp: &[f32]) -> f64 {
     let last = fp.len() - 1;
     if x <= 0.0 {
         return fp[0] as f64;
@@ -32,7 +32,7 @@ fn interp_index(x: f64, fp: &[f32]) -> f64 {
 }
 
 /// diffusers' `_sigma_to_t`: invert the training sigmas by linear interpolation in log space.
-fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     let n = log_sigmas.len();
     // cumsum(dists >= 0).argmax(): the last index where log_sigma >= log_sigmas[i] (0 if none).
@@ -58,8 +58,8 @@ impl EulerSampler {
             .collect();
         let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp_index(t, &train_sigmas)).collect();
 
-        // The ancestral sampler in diffusers has no Karras/exponential option in its config;
-        // the request's schedule applies to both here (A1111 behaviour), the config's only to Euler.
+        // The ancestral sampler in diffusers has no Karras/exponential option, so neither the
+        // config's flags nor (see `SamplerKind::check_schedule`) a requested schedule apply to it.
         let schedule = match schedule {
             SigmaSchedule::Default if !ancestral && config.use_karras_sigmas == Some(true) => SigmaSchedule::Karras,
             SigmaSchedule::Default if !ancestral && config.use_exponential_sigmas == Some(true) => SigmaSchedule::Exponential,

@@ -3,6 +3,7 @@
 
 pub mod config;
 mod ddim;
+mod dpmpp;
 mod euler;
 
 use std::str::FromStr;
@@ -25,16 +26,98 @@ pub enum SamplerKind {
     EulerA,
     /// `DDIMScheduler` (eta = 0)
     Ddim,
+    /// `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)`
+    DpmPp2m,
+    /// `DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)`
+    DpmPp2mSde,
 }
 
 impl SamplerKind {
-    pub const ALL: &'static [SamplerKind] = &[SamplerKind::Euler, SamplerKind::EulerA, SamplerKind::Ddim];
+    pub const ALL: &'static [SamplerKind] =
+        &[SamplerKind::Euler, SamplerKind::EulerA, SamplerKind::Ddim, SamplerKind::DpmPp2m, SamplerKind::DpmPp2mSde];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Euler => "euler",
             Self::EulerA => "euler_a",
             Self::Ddim => "ddim",
+            Self::DpmPp2m => "dpmpp_2m",
+            Self::DpmPp2mSde => "dpmpp_2m_sde",
+        }
+    }
+
+    /// Names people type in A1111 / ComfyUI / diffusers, mapped to ours (after normalisation:
+    /// lower-case, `+` -> `p`, spaces and dashes -> `_`).
+    const ALIASES: &'static [(&'static str, SamplerKind)] = &[
+        ("euler_a", SamplerKind::EulerA),
+        ("euler_ancestral", SamplerKind::EulerA),
+        ("k_euler_a", SamplerKind::EulerA),
+        ("k_euler_ancestral", SamplerKind::EulerA),
+        ("k_euler", SamplerKind::Euler),
+        ("eulerdiscretescheduler", SamplerKind::Euler),
+        ("eulerancestraldiscretescheduler", SamplerKind::EulerA),
+        ("ddimscheduler", SamplerKind::Ddim),
+        ("dpmpp_2m", SamplerKind::DpmPp2m),
+        ("k_dpmpp_2m", SamplerKind::DpmPp2m),
+        ("dpmsolvermultistepscheduler", SamplerKind::DpmPp2m),
+        ("dpmpp_2m_sde", SamplerKind::DpmPp2mSde),
+        ("dpmpp_2m_sde_gpu", SamplerKind::DpmPp2mSde),
+        ("k_dpmpp_2m_sde", SamplerKind::DpmPp2mSde),
+    ];
+
+    /// Every accepted spelling (for `/v1/models` and the docs).
+    pub fn accepted_names() -> Vec<String> {
+        let mut names: Vec<String> = Self::ALL.iter().map(|k| k.name().to_string()).collect();
+        names.extend(["Euler", "Euler a", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "dpmpp_2m_sde_gpu", "k_euler_a"].map(String::from));
+        names
+    }
+
+    /// Parse a sampler name, possibly with a schedule suffix ("DPM++ 2M Karras").
+    pub fn parse_with_schedule(s: &str) -> Result<(Self, Option<SigmaSchedule>)> {
+        let mut norm: String = s
+            .trim()
+            .to_lowercase()
+            .replace('+', "p")
+            .chars()
+            .map(|c| if c == ' ' || c == '-' { '_' } else { c })
+            .collect();
+        let mut schedule = None;
+        for (suffix, sched) in [("_karras", SigmaSchedule::Karras), ("_exponential", SigmaSchedule::Exponential)] {
+            if let Some(stripped) = norm.strip_suffix(suffix) {
+                norm = stripped.to_string();
+                schedule = Some(sched);
+            }
+        }
+        let kind = Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == norm)
+            .or_else(|| Self::ALIASES.iter().find(|(a, _)| *a == norm).map(|(_, k)| *k))
+            .ok_or_else(|| {
+                EngineError::invalid("sampler", format!("unknown sampler `{s}`; available: {}", Self::accepted_names().join(", ")))
+            })?;
+        Ok((kind, schedule))
+    }
+
+    /// The schedules diffusers offers for this sampler.
+    pub fn schedules(self) -> &'static [SigmaSchedule] {
+        match self {
+            Self::Euler | Self::DpmPp2m | Self::DpmPp2mSde => {
+                &[SigmaSchedule::Default, SigmaSchedule::Karras, SigmaSchedule::Exponential]
+            }
+            Self::EulerA | Self::Ddim => &[SigmaSchedule::Default],
+        }
+    }
+
+    /// A clear error for a combination diffusers does not offer (never a silent fallback).
+    pub fn check_schedule(self, schedule: SigmaSchedule) -> Result<()> {
+        if self.schedules().contains(&schedule) {
+            Ok(())
+        } else {
+            Err(EngineError::Incompatible {
+                param: "schedule",
+                message: format!("sampler `{}` supports only the schedules: {}", self.name(), self.schedules().iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")),
+            })
         }
     }
 }
@@ -42,10 +125,7 @@ impl SamplerKind {
 impl FromStr for SamplerKind {
     type Err = EngineError;
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL.iter().copied().find(|k| k.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
-            EngineError::invalid("sampler", format!("unknown sampler `{s}`; available: {}", names.join(", ")))
-        })
+        Self::parse_with_schedule(s).map(|(k, _)| k)
     }
 }
 
@@ -57,6 +137,16 @@ pub enum SigmaSchedule {
     Default,
     Karras,
     Exponential,
+}
+
+impl SigmaSchedule {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::Karras => "karras",
+            Self::Exponential => "exponential",
+        }
+    }
 }
 
 impl FromStr for SigmaSchedule {
@@ -93,15 +183,13 @@ pub fn build(config: &SchedulerConfig, kind: SamplerKind, schedule: SigmaSchedul
     if steps == 0 || steps > train {
         return Err(EngineError::invalid("steps", format!("steps must be between 1 and {train}")));
     }
+    kind.check_schedule(schedule)?;
     Ok(match kind {
         SamplerKind::Euler => Box::new(euler::EulerSampler::new(config, schedule, steps, false)?),
         SamplerKind::EulerA => Box::new(euler::EulerSampler::new(config, schedule, steps, true)?),
-        SamplerKind::Ddim => {
-            if schedule != SigmaSchedule::Default {
-                return Err(EngineError::invalid("schedule", "ddim uses the model's own timestep schedule; use schedule=default"));
-            }
-            Box::new(ddim::DdimSampler::new(config, steps))
-        }
+        SamplerKind::Ddim => Box::new(ddim::DdimSampler::new(config, steps)),
+        SamplerKind::DpmPp2m => Box::new(dpmpp::DpmppSampler::new(config, schedule, steps, false)?),
+        SamplerKind::DpmPp2mSde => Box::new(dpmpp::DpmppSampler::new(config, schedule, steps, true)?),
     })
 }
 
