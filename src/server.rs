@@ -39,22 +39,54 @@ pub struct Running {
 pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    let db = Db::open(&config.data_dir.join("candela.db")).await.context("opening the job database")?;
+    let db = Db::open(&config.data_dir.join("candela.db"))
+        .await
+        .context("opening the job database")?;
     let interrupted = db.fail_interrupted().await?;
     if interrupted > 0 {
-        tracing::warn!(jobs = interrupted, "marked jobs left unfinished by the previous run as failed (interrupted)");
+        tracing::warn!(
+            jobs = interrupted,
+            "marked jobs left unfinished by the previous run as failed (interrupted)"
+        );
     }
     let verifier = Verifier::new(&config.auth, &config.data_dir)?;
     let links = LinkSigner::new(storage::load_or_create_link_secret(&config.data_dir)?);
     let store = Arc::new(FsStore::new(config.data_dir.join("images")));
-    let engine = EngineHandle::start(config.models, config.device, config.dtype, config.hub, config.queue_capacity).await?;
+    let engine = EngineHandle::start(
+        config.models,
+        config.device,
+        config.dtype,
+        config.hub,
+        config.queue_capacity,
+    )
+    .await?;
 
     let listener = TcpListener::bind((config.host.as_str(), config.port))
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
-    let url = format!("http://{}:{}", if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() }, addr.port());
-    let public_url = config.public_url.unwrap_or_else(|| url.clone()).trim_end_matches('/').to_string();
-    let state = web::Data::new(AppState { engine, db, store, links, verifier, public_url, limits: config.limits });
+    let url = format!(
+        "http://{}:{}",
+        if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        },
+        addr.port()
+    );
+    let public_url = config
+        .public_url
+        .unwrap_or_else(|| url.clone())
+        .trim_end_matches('/')
+        .to_string();
+    let state = web::Data::new(AppState {
+        engine,
+        db,
+        store,
+        links,
+        verifier,
+        public_url,
+        limits: config.limits,
+    });
 
     let server = HttpServer::new(move || {
         App::new()
@@ -93,12 +125,18 @@ pub fn startup_token(data_dir: &std::path::Path, settings: &AuthSettings) -> Opt
     if settings.public_key.is_some() {
         return None;
     }
-    let path = settings.secret_file.clone().unwrap_or_else(|| auth::default_secret_path(data_dir));
+    let path = settings
+        .secret_file
+        .clone()
+        .unwrap_or_else(|| auth::default_secret_path(data_dir));
     let secret = auth::load_or_create_secret(&path).ok()?;
     auth::create_token(
         &auth::SigningKey::hs256(&secret),
         "local",
-        &[auth::SCOPE_GENERATE.to_string(), auth::SCOPE_JOBS_READ.to_string()],
+        &[
+            auth::SCOPE_GENERATE.to_string(),
+            auth::SCOPE_JOBS_READ.to_string(),
+        ],
         30 * 86400,
         settings.issuer.as_deref(),
         settings.audience.as_deref(),

@@ -6,7 +6,10 @@ use std::process::Command;
 
 fn candela(data_dir: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_candela"));
-    c.arg("--data-dir").arg(data_dir).env_remove("CANDELA_MODEL").env("HF_HUB_OFFLINE", "1");
+    c.arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("CANDELA_MODEL")
+        .env("HF_HUB_OFFLINE", "1");
     c
 }
 
@@ -16,14 +19,32 @@ fn generate_on_demo_model_writes_requested_size_images_and_latents() {
     let out = tmp.path().join("img.png");
     let latents = tmp.path().join("latents.safetensors");
     let status = candela(tmp.path())
-        .args(["generate", "--prompt", "a lighthouse", "--width", "96", "--height", "64", "--n", "2", "--steps", "3", "--seed", "5"])
+        .args([
+            "generate",
+            "--prompt",
+            "a lighthouse",
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--n",
+            "2",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+        ])
         .arg("--out")
         .arg(&out)
         .arg("--latents-out")
         .arg(&latents)
         .output()
         .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     for i in 0..2 {
         let img = image::open(tmp.path().join(format!("img-{i}.png"))).unwrap();
         assert_eq!((img.width(), img.height()), (96, 64));
@@ -32,15 +53,27 @@ fn generate_on_demo_model_writes_requested_size_images_and_latents() {
     assert_eq!(t["latents"].dims(), &[2, 4, 8, 12]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("seed: 5"));
     // The demo model was installed into the data dir.
-    assert!(tmp.path().join("models/candela-demo-sd1/unet/config.json").is_file());
+    assert!(tmp
+        .path()
+        .join("models/candela-demo-sd1/unet/config.json")
+        .is_file());
 }
 
 #[test]
 fn generate_default_size_is_the_models_native_size() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("one.png");
-    let status = candela(tmp.path()).args(["generate", "--prompt", "x", "--steps", "2"]).arg("--out").arg(&out).output().unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let status = candela(tmp.path())
+        .args(["generate", "--prompt", "x", "--steps", "2"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let img = image::open(&out).unwrap();
     assert_eq!((img.width(), img.height()), (256, 256));
 }
@@ -52,8 +85,27 @@ fn cli_run_reproduces_diffusers_latents_for_a_seed() {
     let latents = tmp.path().join("l.safetensors");
     let model = common::fixtures().join("models/sd2-tiny");
     let status = candela(tmp.path())
-        .args(["generate", "--prompt", "a lighthouse on a cliff at dusk, oil painting", "--negative-prompt", "ugly"])
-        .args(["--sampler", "euler_a", "--seed", "3", "--width", "64", "--height", "64", "--steps", "5", "--guidance", "7.5"])
+        .args([
+            "generate",
+            "--prompt",
+            "a lighthouse on a cliff at dusk, oil painting",
+            "--negative-prompt",
+            "ugly",
+        ])
+        .args([
+            "--sampler",
+            "euler_a",
+            "--seed",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "5",
+            "--guidance",
+            "7.5",
+        ])
         .arg("--model")
         .arg(&model)
         .arg("--out")
@@ -62,8 +114,13 @@ fn cli_run_reproduces_diffusers_latents_for_a_seed() {
         .arg(&latents)
         .output()
         .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    let ours = &candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap()["latents"];
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let ours =
+        &candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap()["latents"];
     let theirs = &common::load_tensors("runs/sd2_euler_a_vpred.safetensors")["latents"];
     let d = common::max_abs_diff(ours, theirs);
     assert!(d <= 1e-3, "CLI latents differ from diffusers by {d}");
@@ -77,11 +134,18 @@ fn bad_arguments_fail_with_a_message_naming_the_parameter() {
         (vec!["--sampler", "heun9"], "unknown sampler"),
         (vec!["--schedule", "cosine"], "schedule"),
         (vec!["--steps", "0"], "steps"),
-        (vec!["--model", "/nonexistent/model/folder"], "neither an existing folder"),
+        (
+            vec!["--model", "/nonexistent/model/folder"],
+            "neither an existing folder",
+        ),
         (vec!["--dtype", "f8"], "dtype"),
         (vec!["--dtype", "bf16"], "bf16 is not supported on CPU"),
     ] {
-        let out = candela(tmp.path()).args(["generate", "--prompt", "x"]).args(&args).output().unwrap();
+        let out = candela(tmp.path())
+            .args(["generate", "--prompt", "x"])
+            .args(&args)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{args:?} should fail");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");

@@ -5,8 +5,8 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
 use candela::engine::{loader::ModelDir, pipelines::sd::StableDiffusion, EngineError};
+use candle_core::{DType, Device};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -29,8 +29,18 @@ fn broken_copy(edit: impl FnOnce(&Path)) -> (tempfile::TempDir, PathBuf) {
     (tmp, root)
 }
 
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
 fn load_error(root: &Path) -> (EngineError, String) {
-    let dir = ModelDir { root: root.to_path_buf(), prefer_fp16_variant: false };
+    let dir = ModelDir {
+        root: root.to_path_buf(),
+        prefer_fp16_variant: false,
+    };
     match StableDiffusion::load(&dir, &Device::Cpu, DType::F32) {
         Ok(_) => panic!("loading {} should fail", root.display()),
         Err(e) => {
@@ -42,10 +52,15 @@ fn load_error(root: &Path) -> (EngineError, String) {
 
 #[test]
 fn missing_weight_file_is_named() {
-    let (_t, root) = broken_copy(|r| std::fs::remove_file(r.join("unet/diffusion_pytorch_model.safetensors")).unwrap());
+    let (_t, root) = broken_copy(|r| {
+        std::fs::remove_file(r.join("unet/diffusion_pytorch_model.safetensors")).unwrap()
+    });
     let (e, msg) = load_error(&root);
     assert!(matches!(e, EngineError::MissingFile { .. }), "{msg}");
-    assert!(msg.contains("unet/diffusion_pytorch_model.safetensors"), "{msg}");
+    assert!(
+        msg.contains("unet/diffusion_pytorch_model.safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -57,7 +72,8 @@ fn missing_tokenizer_file_is_named() {
 
 #[test]
 fn malformed_config_is_named() {
-    let (_t, root) = broken_copy(|r| std::fs::write(r.join("unet/config.json"), "{ not json").unwrap());
+    let (_t, root) =
+        broken_copy(|r| std::fs::write(r.join("unet/config.json"), "{ not json").unwrap());
     let (e, msg) = load_error(&root);
     assert!(matches!(e, EngineError::BadConfig { .. }), "{msg}");
     assert!(msg.contains("unet/config.json"), "{msg}");
@@ -66,39 +82,51 @@ fn malformed_config_is_named() {
 #[test]
 fn inconsistent_config_is_rejected_with_reason() {
     let (_t, root) = broken_copy(|r| {
-        let path = r.join("unet/config.json");
-        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        v["block_out_channels"] = serde_json::json!([16, 32]);
-        std::fs::write(&path, v.to_string()).unwrap();
+        edit_json(&r.join("unet/config.json"), |v| {
+            v["block_out_channels"] = serde_json::json!([16, 32])
+        });
     });
     let (_, msg) = load_error(&root);
-    assert!(msg.contains("unet/config.json") && msg.contains("block_out_channels"), "{msg}");
+    assert!(
+        msg.contains("unet/config.json") && msg.contains("block_out_channels"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn shape_mismatch_names_file_and_tensor() {
     let (_t, root) = broken_copy(|r| {
-        let path = r.join("unet/config.json");
-        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        v["block_out_channels"] = serde_json::json!([16, 32, 40]);
-        std::fs::write(&path, v.to_string()).unwrap();
+        edit_json(&r.join("unet/config.json"), |v| {
+            v["block_out_channels"] = serde_json::json!([16, 32, 40])
+        });
     });
     let (e, msg) = load_error(&root);
-    assert!(matches!(e, EngineError::Compute(_)) || matches!(e, EngineError::Weights { .. }), "{msg}");
+    assert!(
+        matches!(e, EngineError::Compute(_)) || matches!(e, EngineError::Weights { .. }),
+        "{msg}"
+    );
     assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
-    assert!(msg.contains("shape mismatch") && msg.contains("down_blocks.2"), "{msg}");
+    assert!(
+        msg.contains("shape mismatch") && msg.contains("down_blocks.2"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn missing_tensor_names_file_and_tensor() {
     let (_t, root) = broken_copy(|r| {
         let path = r.join("vae/diffusion_pytorch_model.safetensors");
-        let mut tensors: HashMap<String, candle_core::Tensor> = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let mut tensors: HashMap<String, candle_core::Tensor> =
+            candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
         tensors.remove("decoder.conv_out.weight").unwrap();
         candle_core::safetensors::save(&tensors, &path).unwrap();
     });
     let (_, msg) = load_error(&root);
-    assert!(msg.contains("vae/diffusion_pytorch_model.safetensors") && msg.contains("decoder.conv_out.weight"), "{msg}");
+    assert!(
+        msg.contains("vae/diffusion_pytorch_model.safetensors")
+            && msg.contains("decoder.conv_out.weight"),
+        "{msg}"
+    );
     assert!(msg.contains("missing"), "{msg}");
 }
 
@@ -116,7 +144,11 @@ fn truncated_weight_file_is_named() {
 #[test]
 fn other_pipeline_families_are_refused_clearly() {
     let (_t, root) = broken_copy(|r| {
-        std::fs::write(r.join("model_index.json"), r#"{"_class_name": "StableDiffusionXLPipeline"}"#).unwrap()
+        std::fs::write(
+            r.join("model_index.json"),
+            r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
+        )
+        .unwrap()
     });
     let (e, msg) = load_error(&root);
     assert!(matches!(e, EngineError::Unsupported(_)), "{msg}");
@@ -126,10 +158,9 @@ fn other_pipeline_families_are_refused_clearly() {
 #[test]
 fn unsupported_scheduler_settings_are_refused() {
     let (_t, root) = broken_copy(|r| {
-        let path = r.join("scheduler/scheduler_config.json");
-        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        v["thresholding"] = serde_json::json!(true);
-        std::fs::write(&path, v.to_string()).unwrap();
+        edit_json(&r.join("scheduler/scheduler_config.json"), |v| {
+            v["thresholding"] = serde_json::json!(true)
+        });
     });
     let (_, msg) = load_error(&root);
     assert!(msg.contains("thresholding"), "{msg}");
@@ -139,11 +170,24 @@ fn unsupported_scheduler_settings_are_refused() {
 fn fp16_variant_is_preferred_for_half_precision() {
     let (_t, root) = broken_copy(|r| {
         let plain = r.join("unet/diffusion_pytorch_model.safetensors");
-        std::fs::rename(&plain, r.join("unet/diffusion_pytorch_model.fp16.safetensors")).unwrap();
+        std::fs::rename(
+            &plain,
+            r.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+        )
+        .unwrap();
     });
-    let dir = ModelDir { root: root.clone(), prefer_fp16_variant: true };
-    assert!(dir.weights("unet/diffusion_pytorch_model").unwrap().ends_with("diffusion_pytorch_model.fp16.safetensors"));
+    let dir = ModelDir {
+        root: root.clone(),
+        prefer_fp16_variant: true,
+    };
+    assert!(dir
+        .weights("unet/diffusion_pytorch_model")
+        .unwrap()
+        .ends_with("diffusion_pytorch_model.fp16.safetensors"));
     // f32 still loads when only the fp16 variant exists.
-    let dir = ModelDir { root, prefer_fp16_variant: false };
+    let dir = ModelDir {
+        root,
+        prefer_fp16_variant: false,
+    };
     StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
 }

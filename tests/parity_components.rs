@@ -2,7 +2,6 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
 use candela::engine::{
     loader::{ModelDir, ModelSource},
     pipelines::sd::StableDiffusion,
@@ -10,11 +9,15 @@ use candela::engine::{
     schedulers::{self, SamplerKind, SchedulerConfig, SigmaSchedule},
     tokenizer::ClipTokenizer,
 };
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use serde::Deserialize;
 
 fn model_dir(name: &str) -> ModelDir {
-    ModelDir { root: fixtures().join("models").join(name), prefer_fp16_variant: false }
+    ModelDir {
+        root: fixtures().join("models").join(name),
+        prefer_fp16_variant: false,
+    }
 }
 
 #[derive(Deserialize)]
@@ -26,19 +29,35 @@ struct RandnCase {
 
 #[test]
 fn randn_matches_torch_bit_for_bit_on_both_paths() {
-    let cases: Vec<RandnCase> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("randn_cases.json")).unwrap()).unwrap();
+    let cases: Vec<RandnCase> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("randn_cases.json")).unwrap(),
+    )
+    .unwrap();
     let expected = load_tensors("randn.safetensors");
     for case in cases {
         let mut g = TorchGenerator::new(case.seed);
         let numel: usize = case.shape.iter().product();
         for draw in ["first", "second"] {
             let ours = g.randn(numel);
-            let theirs = expected[&format!("{}_{draw}", case.name)].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let theirs = expected[&format!("{}_{draw}", case.name)]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             // The vectorised (AVX2) path of torch may differ from scalar libm in the last bit.
-            let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            let worst = ours
+                .iter()
+                .zip(&theirs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
             eprintln!("randn {} {draw}: max diff {worst}", case.name);
-            assert!(worst <= 2e-6, "{} {draw} draw (seed {}, shape {:?}): max diff {worst}", case.name, case.seed, case.shape);
+            assert!(
+                worst <= 2e-6,
+                "{} {draw} draw (seed {}, shape {:?}): max diff {worst}",
+                case.name,
+                case.seed,
+                case.shape
+            );
         }
     }
 }
@@ -51,8 +70,10 @@ struct TokenCase {
 
 #[test]
 fn tokenizer_ids_identical_to_transformers() {
-    let all: std::collections::HashMap<String, Vec<TokenCase>> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer_cases.json")).unwrap()).unwrap();
+    let all: std::collections::HashMap<String, Vec<TokenCase>> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tokenizer_cases.json")).unwrap(),
+    )
+    .unwrap();
     for (model, folder) in [("sd1", "sd1-tiny"), ("sd2", "sd2-tiny")] {
         let tok = ClipTokenizer::load(&model_dir(folder), "tokenizer").unwrap();
         for case in &all[model] {
@@ -76,12 +97,21 @@ struct SchedulerCase {
 #[test]
 fn scheduler_timesteps_and_sigmas_match_diffusers() {
     let cases: Vec<SchedulerCase> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("schedulers.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("schedulers.json")).unwrap())
+            .unwrap();
     assert!(cases.len() > 100);
     for case in cases {
-        let folder = if case.config == "sd1" { "sd1-tiny" } else { "sd2-tiny" };
-        let mut config: SchedulerConfig = model_dir(folder).read_json("scheduler/scheduler_config.json").unwrap();
-        config.timestep_spacing = serde_json::from_value(serde_json::Value::String(case.timestep_spacing.clone())).unwrap();
+        let folder = if case.config == "sd1" {
+            "sd1-tiny"
+        } else {
+            "sd2-tiny"
+        };
+        let mut config: SchedulerConfig = model_dir(folder)
+            .read_json("scheduler/scheduler_config.json")
+            .unwrap();
+        config.timestep_spacing =
+            serde_json::from_value(serde_json::Value::String(case.timestep_spacing.clone()))
+                .unwrap();
         let (kind, schedule) = match case.sampler.as_str() {
             "euler" => (SamplerKind::Euler, SigmaSchedule::Default),
             "euler_karras" => (SamplerKind::Euler, SigmaSchedule::Karras),
@@ -90,20 +120,34 @@ fn scheduler_timesteps_and_sigmas_match_diffusers() {
             "ddim" => (SamplerKind::Ddim, SigmaSchedule::Default),
             other => panic!("unknown sampler {other}"),
         };
-        let label = format!("{} {} {} steps={}", case.config, case.sampler, case.timestep_spacing, case.steps);
+        let label = format!(
+            "{} {} {} steps={}",
+            case.config, case.sampler, case.timestep_spacing, case.steps
+        );
         let sampler = schedulers::build(&config, kind, schedule, case.steps).unwrap();
         let ts = sampler.timesteps();
         assert_eq!(ts.len(), case.timesteps.len(), "{label}: timestep count");
         for (a, b) in ts.iter().zip(&case.timesteps) {
-            assert!((*a as f64 - b).abs() <= 1e-3 * b.abs().max(1.0), "{label}: timesteps {ts:?} vs {:?}", case.timesteps);
+            assert!(
+                (*a as f64 - b).abs() <= 1e-3 * b.abs().max(1.0),
+                "{label}: timesteps {ts:?} vs {:?}",
+                case.timesteps
+            );
         }
         let init = sampler.init_noise_sigma() as f64;
-        assert!((init - case.init_noise_sigma).abs() <= 1e-5 * case.init_noise_sigma.max(1.0), "{label}: init sigma {init} vs {}", case.init_noise_sigma);
+        assert!(
+            (init - case.init_noise_sigma).abs() <= 1e-5 * case.init_noise_sigma.max(1.0),
+            "{label}: init sigma {init} vs {}",
+            case.init_noise_sigma
+        );
         if let Some(expected) = &case.sigmas {
             let sigmas = sampler.sigmas().expect("sigma sampler");
             assert_eq!(sigmas.len(), expected.len(), "{label}: sigma count");
             for (a, b) in sigmas.iter().zip(expected) {
-                assert!((*a as f64 - b).abs() <= 1e-5 * b.max(1.0), "{label}: sigmas {sigmas:?} vs {expected:?}");
+                assert!(
+                    (*a as f64 - b).abs() <= 1e-5 * b.max(1.0),
+                    "{label}: sigmas {sigmas:?} vs {expected:?}"
+                );
             }
         }
     }
@@ -120,30 +164,56 @@ fn text_encoder_unet_and_vae_match_diffusers() {
         let t = load_tensors(&format!("stages/{stage}.safetensors"));
 
         let prompts = ["a red fox in the snow", ""];
-        let emb: Vec<Tensor> = prompts.iter().map(|pr| p.encode_prompt(pr, 0).unwrap()).collect();
+        let emb: Vec<Tensor> = prompts
+            .iter()
+            .map(|pr| p.encode_prompt(pr, 0).unwrap())
+            .collect();
         let emb = Tensor::cat(&emb, 0).unwrap();
         let d = max_abs_diff(&emb, &t["text_embeddings"]);
         eprintln!("{stage} text embeddings: max diff {d}");
         assert!(d <= 1e-4, "{stage} text embeddings differ by {d}");
-        let skip: Vec<Tensor> = prompts.iter().map(|pr| p.encode_prompt(pr, 1).unwrap()).collect();
-        let d = max_abs_diff(&Tensor::cat(&skip, 0).unwrap(), &t["text_embeddings_clip_skip1"]);
+        let skip: Vec<Tensor> = prompts
+            .iter()
+            .map(|pr| p.encode_prompt(pr, 1).unwrap())
+            .collect();
+        let d = max_abs_diff(
+            &Tensor::cat(&skip, 0).unwrap(),
+            &t["text_embeddings_clip_skip1"],
+        );
         assert!(d <= 1e-4, "{stage} clip_skip=1 embeddings differ by {d}");
 
         let timestep = t["unet_timestep"].to_vec1::<f32>().unwrap()[0];
-        let out = p.unet_forward(&t["unet_sample"], timestep, &t["text_embeddings"]).unwrap();
+        let out = p
+            .unet_forward(&t["unet_sample"], timestep, &t["text_embeddings"])
+            .unwrap();
         let d = max_abs_diff(&out, &t["unet_out"]);
-        eprintln!("{stage} unet: max diff {d} (max abs {})", max_abs(&t["unet_out"]));
-        assert!(d <= 1e-4 * max_abs(&t["unet_out"]).max(1.0), "{stage} UNet output differs by {d}");
+        eprintln!(
+            "{stage} unet: max diff {d} (max abs {})",
+            max_abs(&t["unet_out"])
+        );
+        assert!(
+            d <= 1e-4 * max_abs(&t["unet_out"]).max(1.0),
+            "{stage} UNet output differs by {d}"
+        );
 
         let decoded = p.vae_decode(&t["vae_latents"]).unwrap();
         let d = max_abs_diff(&decoded, &t["vae_decoded"]);
-        eprintln!("{stage} vae: max diff {d} (max abs {})", max_abs(&t["vae_decoded"]));
-        assert!(d <= 1e-4 * max_abs(&t["vae_decoded"]).max(1.0), "{stage} VAE decode differs by {d}");
+        eprintln!(
+            "{stage} vae: max diff {d} (max abs {})",
+            max_abs(&t["vae_decoded"])
+        );
+        assert!(
+            d <= 1e-4 * max_abs(&t["vae_decoded"]).max(1.0),
+            "{stage} VAE decode differs by {d}"
+        );
     }
 }
 
 #[test]
 fn model_sources_resolve_local_folders() {
     let path = fixtures().join("models/sd1-tiny");
-    assert_eq!(ModelSource::parse(path.to_str().unwrap()).unwrap(), ModelSource::Local(path));
+    assert_eq!(
+        ModelSource::parse(path.to_str().unwrap()).unwrap(),
+        ModelSource::Local(path)
+    );
 }

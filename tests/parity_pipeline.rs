@@ -2,12 +2,12 @@
 
 mod common;
 
-use candle_core::{DType, Device};
 use candela::engine::{
     loader::ModelDir,
     pipelines::sd::{GenerateParams, StableDiffusion},
     schedulers::SigmaSchedule,
 };
+use candle_core::{DType, Device};
 use common::*;
 use serde::Deserialize;
 
@@ -30,13 +30,17 @@ struct Run {
 #[test]
 fn full_runs_match_diffusers_latents_and_pngs() {
     let runs: Vec<Run> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("runs/runs.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("runs/runs.json")).unwrap())
+            .unwrap();
     assert!(runs.len() >= 6);
     let mut pipelines = std::collections::HashMap::new();
     for run in runs {
         let folder = format!("{}-tiny", run.model);
         let p = pipelines.entry(folder.clone()).or_insert_with(|| {
-            let dir = ModelDir { root: fixtures().join("models").join(&folder), prefer_fp16_variant: false };
+            let dir = ModelDir {
+                root: fixtures().join("models").join(&folder),
+                prefer_fp16_variant: false,
+            };
             StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap()
         });
         let params = GenerateParams {
@@ -62,28 +66,56 @@ fn full_runs_match_diffusers_latents_and_pngs() {
                 true
             })
             .unwrap();
-        assert_eq!(steps_seen, run.steps, "{}: progress reported every step", run.name);
+        assert_eq!(
+            steps_seen, run.steps,
+            "{}: progress reported every step",
+            run.name
+        );
 
         let expected = &load_tensors(&format!("runs/{}.safetensors", run.name))["latents"];
         let d = max_abs_diff(&out.latents, expected);
         eprintln!("{}: latents max diff {d}", run.name);
-        assert!(d <= 1e-3, "{}: final latents differ from diffusers by {d}", run.name);
+        assert!(
+            d <= 1e-3,
+            "{}: final latents differ from diffusers by {d}",
+            run.name
+        );
 
         assert_eq!(out.images.len(), run.n);
         for (i, img) in out.images.iter().enumerate() {
-            let png = image::open(fixtures().join(format!("runs/{}-{i}.png", run.name))).unwrap().to_rgb8();
-            assert_eq!((img.width, img.height), (run.width as u32, run.height as u32), "{}: size", run.name);
+            let png = image::open(fixtures().join(format!("runs/{}-{i}.png", run.name)))
+                .unwrap()
+                .to_rgb8();
+            assert_eq!(
+                (img.width, img.height),
+                (run.width as u32, run.height as u32),
+                "{}: size",
+                run.name
+            );
             assert_eq!(png.dimensions(), (img.width, img.height));
-            let worst = png.as_raw().iter().zip(&img.rgb).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+            let worst = png
+                .as_raw()
+                .iter()
+                .zip(&img.rgb)
+                .map(|(a, b)| (*a as i32 - *b as i32).abs())
+                .max()
+                .unwrap();
             eprintln!("{}-{i}: worst pixel channel diff {worst}/255", run.name);
-            assert!(worst <= 2, "{}-{i}: pixels differ from diffusers by {worst}/255", run.name);
+            assert!(
+                worst <= 2,
+                "{}-{i}: pixels differ from diffusers by {worst}/255",
+                run.name
+            );
         }
     }
 }
 
 #[test]
 fn cancelling_from_progress_stops_the_run() {
-    let dir = ModelDir { root: fixtures().join("models/sd1-tiny"), prefer_fp16_variant: false };
+    let dir = ModelDir {
+        root: fixtures().join("models/sd1-tiny"),
+        prefer_fp16_variant: false,
+    };
     let p = StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let params = GenerateParams {
         prompt: "x".into(),

@@ -31,10 +31,20 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, code: &str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
-            body: ErrorBody { message: message.into(), kind, param: None, code: Some(code.to_string()) },
+            body: ErrorBody {
+                message: message.into(),
+                kind,
+                param: None,
+                code: Some(code.to_string()),
+            },
             retry_after: None,
         }
     }
@@ -46,15 +56,31 @@ impl ApiError {
 
     /// 400 for a request field that is wrong.
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_value", message).with_param(param)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_value",
+            message,
+        )
+        .with_param(param)
     }
 
     pub fn not_found(code: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", code, message)
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            code,
+            message,
+        )
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            message,
+        )
     }
 
     /// The stable code, for the job record.
@@ -97,10 +123,30 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         let msg = e.to_string();
         match e {
-            AuthError::Missing => Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "missing_api_key", msg),
-            AuthError::Expired => Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "token_expired", msg),
-            AuthError::Invalid(_) => Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", msg),
-            AuthError::MissingScope(_) => Self::new(StatusCode::FORBIDDEN, "permission_error", "insufficient_scope", msg),
+            AuthError::Missing => Self::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "missing_api_key",
+                msg,
+            ),
+            AuthError::Expired => Self::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "token_expired",
+                msg,
+            ),
+            AuthError::Invalid(_) => Self::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+                msg,
+            ),
+            AuthError::MissingScope(_) => Self::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "insufficient_scope",
+                msg,
+            ),
             AuthError::Setup(_) => Self::internal(msg),
         }
     }
@@ -111,15 +157,34 @@ impl From<EngineError> for ApiError {
         let msg = e.to_string();
         match e {
             EngineError::InvalidParameter { param, message } => Self::invalid(param, message),
-            EngineError::Incompatible { param, message } => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", "unsupported_combination", message).with_param(param)
+            EngineError::Incompatible { param, message } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "unsupported_combination",
+                message,
+            )
+            .with_param(param),
+            EngineError::ModelNotFound(_) => {
+                Self::not_found("model_not_found", msg).with_param("model")
             }
-            EngineError::ModelNotFound(_) => Self::not_found("model_not_found", msg).with_param("model"),
-            EngineError::Cancelled => Self::new(StatusCode::CONFLICT, "invalid_request_error", "cancelled", msg),
-            EngineError::Unsupported(_) => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", "unsupported", msg)
-            }
-            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "generation_failed", msg),
+            EngineError::Cancelled => Self::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "cancelled",
+                msg,
+            ),
+            EngineError::Unsupported(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "unsupported",
+                msg,
+            ),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "generation_failed",
+                msg,
+            ),
         }
     }
 }
@@ -128,13 +193,21 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::QueueFull => {
-                let mut err = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "queue_full", e.to_string());
+                let mut err = Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "queue_full",
+                    e.to_string(),
+                );
                 err.retry_after = Some(5);
                 err
             }
-            SubmitError::EngineGone => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "engine_unavailable", e.to_string())
-            }
+            SubmitError::EngineGone => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "engine_unavailable",
+                e.to_string(),
+            ),
             SubmitError::Engine(e) => e.into(),
         }
     }
@@ -143,7 +216,12 @@ impl From<SubmitError> for ApiError {
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         tracing::error!(error = %e, "database error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "database_error", "database error")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "database_error",
+            "database error",
+        )
     }
 }
 

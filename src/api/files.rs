@@ -16,17 +16,36 @@ pub struct LinkQuery {
     params(("key" = String, Path), LinkQuery),
     responses((status = 200, description = "image bytes"), (status = 403, body = super::error::ErrorResponse)))]
 #[get("/v1/files/images/{key}")]
-pub async fn image(state: web::Data<AppState>, path: web::Path<String>, q: web::Query<LinkQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn image(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    q: web::Query<LinkQuery>,
+) -> Result<HttpResponse, ApiError> {
     let key = path.into_inner();
     let now = (now_ms() / 1000) as u64;
     if !state.links.verify(&key, q.expires, &q.sig, now) {
-        let code = if q.expires < now { "link_expired" } else { "invalid_signature" };
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_error", code, "this image link is invalid or has expired"));
+        let code = if q.expires < now {
+            "link_expired"
+        } else {
+            "invalid_signature"
+        };
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            code,
+            "this image link is invalid or has expired",
+        ));
     }
-    let bytes = state.store.get(&key)?.ok_or_else(|| ApiError::not_found("image_not_found", "the image is no longer stored"))?;
+    let bytes = state
+        .store
+        .get(&key)?
+        .ok_or_else(|| ApiError::not_found("image_not_found", "the image is no longer stored"))?;
     let ext = key.rsplit('.').next().unwrap_or("png");
     Ok(HttpResponse::Ok()
         .content_type(format!("image/{ext}"))
-        .insert_header(("Cache-Control", format!("private, max-age={}", q.expires.saturating_sub(now))))
+        .insert_header((
+            "Cache-Control",
+            format!("private, max-age={}", q.expires.saturating_sub(now)),
+        ))
         .body(bytes))
 }

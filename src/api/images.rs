@@ -147,9 +147,10 @@ struct Validated {
 
 fn one_of(param: &str, value: &Option<String>, allowed: &[&str]) -> Result<(), ApiError> {
     match value {
-        Some(v) if !allowed.contains(&v.as_str()) => {
-            Err(ApiError::invalid(param, format!("`{param}` must be one of {}, got `{v}`", allowed.join(", "))))
-        }
+        Some(v) if !allowed.contains(&v.as_str()) => Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be one of {}, got `{v}`", allowed.join(", ")),
+        )),
         _ => Ok(()),
     }
 }
@@ -159,24 +160,45 @@ fn parse_size(size: &str) -> Option<(usize, usize)> {
     Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
 }
 
-fn validate(req: &ImageGenerationRequest, model: &ModelInfo, limits: &super::Limits) -> Result<Validated, ApiError> {
+fn validate(
+    req: &ImageGenerationRequest,
+    model: &ModelInfo,
+    limits: &super::Limits,
+) -> Result<Validated, ApiError> {
     if req.prompt.trim().is_empty() {
         return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
     }
     if req.prompt.chars().count() > MAX_PROMPT_CHARS {
-        return Err(ApiError::invalid("prompt", format!("`prompt` is longer than {MAX_PROMPT_CHARS} characters")));
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("`prompt` is longer than {MAX_PROMPT_CHARS} characters"),
+        ));
     }
-    if req.negative_prompt.as_ref().is_some_and(|p| p.chars().count() > MAX_PROMPT_CHARS) {
-        return Err(ApiError::invalid("negative_prompt", format!("`negative_prompt` is longer than {MAX_PROMPT_CHARS} characters")));
+    if req
+        .negative_prompt
+        .as_ref()
+        .is_some_and(|p| p.chars().count() > MAX_PROMPT_CHARS)
+    {
+        return Err(ApiError::invalid(
+            "negative_prompt",
+            format!("`negative_prompt` is longer than {MAX_PROMPT_CHARS} characters"),
+        ));
     }
     let n = req.n.unwrap_or(1) as usize;
     if n == 0 || n > limits.max_n {
-        return Err(ApiError::invalid("n", format!("`n` must be between 1 and {}, got {n}", limits.max_n)));
+        return Err(ApiError::invalid(
+            "n",
+            format!("`n` must be between 1 and {}, got {n}", limits.max_n),
+        ));
     }
     let (mut width, mut height) = match req.size.as_deref() {
         None | Some("auto") => (model.default_width, model.default_height),
-        Some(s) => parse_size(s)
-            .ok_or_else(|| ApiError::invalid("size", format!("`size` must be \"WIDTHxHEIGHT\" or \"auto\", got `{s}`")))?,
+        Some(s) => parse_size(s).ok_or_else(|| {
+            ApiError::invalid(
+                "size",
+                format!("`size` must be \"WIDTHxHEIGHT\" or \"auto\", got `{s}`"),
+            )
+        })?,
     };
     if let Some(w) = req.width {
         width = w as usize;
@@ -185,32 +207,62 @@ fn validate(req: &ImageGenerationRequest, model: &ModelInfo, limits: &super::Lim
         height = h as usize;
     }
     let m = model.size_multiple;
-    let size_param = if req.width.is_some() || req.height.is_some() { if req.width.is_some() { "width" } else { "height" } } else { "size" };
+    let size_param = if req.width.is_some() || req.height.is_some() {
+        if req.width.is_some() {
+            "width"
+        } else {
+            "height"
+        }
+    } else {
+        "size"
+    };
     for side in [width, height] {
         if side < m || side % m != 0 || side > limits.max_side {
             return Err(ApiError::invalid(
                 size_param,
-                format!("{width}x{height}: each side must be a multiple of {m} between {m} and {}", limits.max_side),
+                format!(
+                    "{width}x{height}: each side must be a multiple of {m} between {m} and {}",
+                    limits.max_side
+                ),
             ));
         }
     }
     let steps = req.steps.unwrap_or(20) as usize;
     if steps == 0 || steps > limits.max_steps {
-        return Err(ApiError::invalid("steps", format!("`steps` must be between 1 and {}, got {steps}", limits.max_steps)));
+        return Err(ApiError::invalid(
+            "steps",
+            format!(
+                "`steps` must be between 1 and {}, got {steps}",
+                limits.max_steps
+            ),
+        ));
     }
     let guidance = req.guidance_scale.unwrap_or(7.5);
     if !guidance.is_finite() || !(0.0..=30.0).contains(&guidance) {
-        return Err(ApiError::invalid("guidance_scale", "`guidance_scale` must be between 0 and 30"));
+        return Err(ApiError::invalid(
+            "guidance_scale",
+            "`guidance_scale` must be between 0 and 30",
+        ));
     }
-    let (sampler, named_schedule) = SamplerKind::parse_with_schedule(req.sampler.as_deref().unwrap_or("euler_a"))
-        .map_err(|e| ApiError::from(e).with_param("sampler"))?;
+    let (sampler, named_schedule) =
+        SamplerKind::parse_with_schedule(req.sampler.as_deref().unwrap_or("euler_a"))
+            .map_err(|e| ApiError::from(e).with_param("sampler"))?;
     let schedule = match (req.schedule.as_deref(), named_schedule) {
         (Some(s), named) => {
             let s: SigmaSchedule = s.parse().map_err(|_| {
-                ApiError::invalid("schedule", format!("unknown schedule `{s}`; available: {}", model.schedules.join(", ")))
+                ApiError::invalid(
+                    "schedule",
+                    format!(
+                        "unknown schedule `{s}`; available: {}",
+                        model.schedules.join(", ")
+                    ),
+                )
             })?;
             if named.is_some_and(|n| n != s) {
-                return Err(ApiError::invalid("schedule", "`schedule` contradicts the schedule in the sampler name"));
+                return Err(ApiError::invalid(
+                    "schedule",
+                    "`schedule` contradicts the schedule in the sampler name",
+                ));
             }
             s
         }
@@ -219,26 +271,53 @@ fn validate(req: &ImageGenerationRequest, model: &ModelInfo, limits: &super::Lim
     sampler.check_schedule(schedule)?;
     let clip_skip = req.clip_skip.unwrap_or(0) as usize;
     if clip_skip > 10 {
-        return Err(ApiError::invalid("clip_skip", "`clip_skip` must be between 0 and 10"));
+        return Err(ApiError::invalid(
+            "clip_skip",
+            "`clip_skip` must be between 0 and 10",
+        ));
     }
-    one_of("response_format", &req.response_format, &["b64_json", "url"])?;
-    one_of("output_format", &req.output_format, &["png", "jpeg", "webp"])?;
-    one_of("quality", &req.quality, &["auto", "standard", "hd", "low", "medium", "high"])?;
+    one_of(
+        "response_format",
+        &req.response_format,
+        &["b64_json", "url"],
+    )?;
+    one_of(
+        "output_format",
+        &req.output_format,
+        &["png", "jpeg", "webp"],
+    )?;
+    one_of(
+        "quality",
+        &req.quality,
+        &["auto", "standard", "hd", "low", "medium", "high"],
+    )?;
     one_of("style", &req.style, &["vivid", "natural"])?;
     one_of("moderation", &req.moderation, &["auto", "low"])?;
-    one_of("background", &req.background, &["auto", "opaque", "transparent"])?;
+    one_of(
+        "background",
+        &req.background,
+        &["auto", "opaque", "transparent"],
+    )?;
     if req.background.as_deref() == Some("transparent") {
-        return Err(ApiError::invalid("background", "transparent backgrounds are not supported; use `auto` or `opaque`"));
+        return Err(ApiError::invalid(
+            "background",
+            "transparent backgrounds are not supported; use `auto` or `opaque`",
+        ));
     }
     if req.output_compression.is_some_and(|c| c > 100) {
-        return Err(ApiError::invalid("output_compression", "`output_compression` must be between 0 and 100"));
+        return Err(ApiError::invalid(
+            "output_compression",
+            "`output_compression` must be between 0 and 100",
+        ));
     }
     let format = match req.output_format.as_deref() {
         Some("jpeg") => ImageFormat::Jpeg,
         Some("webp") => ImageFormat::Webp,
         _ => ImageFormat::Png,
     };
-    let seed = req.seed.unwrap_or_else(|| rand::random::<u64>() & ((1u64 << 53) - 1));
+    let seed = req
+        .seed
+        .unwrap_or_else(|| rand::random::<u64>() & ((1u64 << 53) - 1));
     Ok(Validated {
         params: GenerateParams {
             prompt: req.prompt.clone(),
@@ -259,7 +338,11 @@ fn validate(req: &ImageGenerationRequest, model: &ModelInfo, limits: &super::Lim
     })
 }
 
-fn encode(img: &GeneratedImage, format: ImageFormat, jpeg_quality: u8) -> Result<Vec<u8>, ApiError> {
+fn encode(
+    img: &GeneratedImage,
+    format: ImageFormat,
+    jpeg_quality: u8,
+) -> Result<Vec<u8>, ApiError> {
     let buffer = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
         .ok_or_else(|| ApiError::internal("image buffer has the wrong size"))?;
     let mut out = Cursor::new(Vec::new());
@@ -267,7 +350,8 @@ fn encode(img: &GeneratedImage, format: ImageFormat, jpeg_quality: u8) -> Result
         ImageFormat::Png => buffer.write_to(&mut out, image::ImageFormat::Png),
         ImageFormat::Webp => buffer.write_to(&mut out, image::ImageFormat::WebP),
         ImageFormat::Jpeg => {
-            let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, jpeg_quality);
+            let encoder =
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, jpeg_quality);
             buffer.write_with_encoder(encoder)
         }
     };
@@ -319,7 +403,11 @@ pub async fn generate(
     match run(&state, &req, &model_name, &job_id).await {
         Ok(resp) => Ok(resp),
         Err(e) => {
-            if let Err(db) = state.db.mark_failed(&job_id, e.code(), &e.body.message).await {
+            if let Err(db) = state
+                .db
+                .mark_failed(&job_id, e.code(), &e.body.message)
+                .await
+            {
                 tracing::error!(job = %job_id, error = %db, "could not record the failure");
             }
             tracing::warn!(job = %job_id, code = e.code(), error = %e.body.message, "job failed");
@@ -328,17 +416,39 @@ pub async fn generate(
     }
 }
 
-async fn run(state: &AppState, req: &ImageGenerationRequest, model_name: &str, job_id: &str) -> Result<HttpResponse, ApiError> {
+async fn run(
+    state: &AppState,
+    req: &ImageGenerationRequest,
+    model_name: &str,
+    job_id: &str,
+) -> Result<HttpResponse, ApiError> {
     let model = state.engine.model(model_name).ok_or_else(|| {
-        let available: Vec<&str> = state.engine.models().iter().map(|m| m.id.as_str()).collect();
-        ApiError::not_found("model_not_found", format!("model `{model_name}` does not exist; available: {}", available.join(", ")))
-            .with_param("model")
+        let available: Vec<&str> = state
+            .engine
+            .models()
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect();
+        ApiError::not_found(
+            "model_not_found",
+            format!(
+                "model `{model_name}` does not exist; available: {}",
+                available.join(", ")
+            ),
+        )
+        .with_param("model")
     })?;
     let v = validate(req, model, &state.limits)?;
     state.db.mark_running(job_id, v.params.seed).await?;
     let (width, height, seed) = (v.params.width, v.params.height, v.params.seed);
     let started = std::time::Instant::now();
-    let out = state.engine.generate(GenerateJob { model: model_name.to_string(), params: v.params }).await?;
+    let out = state
+        .engine
+        .generate(GenerateJob {
+            model: model_name.to_string(),
+            params: v.params,
+        })
+        .await?;
     tracing::info!(job = %job_id, model = %model_name, seconds = format!("{:.2}", out.seconds), total_s = format!("{:.2}", started.elapsed().as_secs_f64()), "generated");
 
     let mut data = Vec::with_capacity(out.images.len());
@@ -356,9 +466,21 @@ async fn run(state: &AppState, req: &ImageGenerationRequest, model_name: &str, j
             bytes: bytes.len() as i64,
         });
         data.push(if v.as_url {
-            ImageData { b64_json: None, url: Some(format!("{}{}", state.public_url, state.links.path(&key, expires))), revised_prompt: None }
+            ImageData {
+                b64_json: None,
+                url: Some(format!(
+                    "{}{}",
+                    state.public_url,
+                    state.links.path(&key, expires)
+                )),
+                revised_prompt: None,
+            }
         } else {
-            ImageData { b64_json: Some(base64::engine::general_purpose::STANDARD.encode(&bytes)), url: None, revised_prompt: None }
+            ImageData {
+                b64_json: Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
+                url: None,
+                revised_prompt: None,
+            }
         });
     }
     state.db.mark_succeeded(job_id, &records).await?;

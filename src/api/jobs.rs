@@ -25,16 +25,30 @@ pub struct JobList {
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs", security(("bearer" = [])), params(ListQuery),
     responses((status = 200, body = JobList), (status = 401, body = super::error::ErrorResponse), (status = 403, body = super::error::ErrorResponse)))]
 #[get("/v1/jobs")]
-pub async fn list(state: web::Data<AppState>, caller: Caller, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn list(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
     caller.require(SCOPE_JOBS_READ)?;
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::invalid("limit", "`limit` must be between 1 and 100"));
+        return Err(ApiError::invalid(
+            "limit",
+            "`limit` must be between 1 and 100",
+        ));
     }
-    let mut data = state.db.list_jobs(caller.0.visible_user(), limit + 1, q.before).await?;
+    let mut data = state
+        .db
+        .list_jobs(caller.0.visible_user(), limit + 1, q.before)
+        .await?;
     let has_more = data.len() as i64 > limit;
     data.truncate(limit as usize);
-    Ok(HttpResponse::Ok().json(JobList { object: "list", data, has_more }))
+    Ok(HttpResponse::Ok().json(JobList {
+        object: "list",
+        data,
+        has_more,
+    }))
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -46,10 +60,18 @@ fn not_found(id: &str) -> ApiError {
     params(("job_id" = String, Path)),
     responses((status = 200, body = Job), (status = 404, body = super::error::ErrorResponse)))]
 #[get("/v1/jobs/{job_id}")]
-pub async fn get(state: web::Data<AppState>, caller: Caller, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn get(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     caller.require(SCOPE_JOBS_READ)?;
     let id = path.into_inner();
-    let job = state.db.get_job(&id, caller.0.visible_user()).await?.ok_or_else(|| not_found(&id))?;
+    let job = state
+        .db
+        .get_job(&id, caller.0.visible_user())
+        .await?
+        .ok_or_else(|| not_found(&id))?;
     Ok(HttpResponse::Ok().json(job))
 }
 
@@ -58,15 +80,28 @@ pub async fn get(state: web::Data<AppState>, caller: Caller, path: web::Path<Str
     params(("job_id" = String, Path), ("index" = i64, Path)),
     responses((status = 200, description = "image bytes", content_type = "image/png"), (status = 404, body = super::error::ErrorResponse)))]
 #[get("/v1/jobs/{job_id}/images/{index}")]
-pub async fn image(state: web::Data<AppState>, caller: Caller, path: web::Path<(String, i64)>) -> Result<HttpResponse, ApiError> {
+pub async fn image(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<(String, i64)>,
+) -> Result<HttpResponse, ApiError> {
     caller.require(SCOPE_JOBS_READ)?;
     let (id, index) = path.into_inner();
-    let job = state.db.get_job(&id, caller.0.visible_user()).await?.ok_or_else(|| not_found(&id))?;
+    let job = state
+        .db
+        .get_job(&id, caller.0.visible_user())
+        .await?
+        .ok_or_else(|| not_found(&id))?;
     let img = job
         .images
         .iter()
         .find(|i| i.index == index)
-        .ok_or_else(|| ApiError::not_found("image_not_found", format!("job `{id}` has no image {index}")))?;
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "image_not_found",
+                format!("job `{id}` has no image {index}"),
+            )
+        })?;
     let bytes = state
         .store
         .get(&img.image_key)?

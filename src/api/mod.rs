@@ -36,7 +36,13 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20, max_n: 10, max_side: 2048, max_steps: 150, url_ttl_secs: 3600 }
+        Self {
+            max_body_bytes: 1 << 20,
+            max_n: 10,
+            max_side: 2048,
+            max_steps: 150,
+            url_ttl_secs: 3600,
+        }
     }
 }
 
@@ -81,7 +87,11 @@ fn authenticate(req: &HttpRequest) -> Result<Principal, ApiError> {
     let state = req
         .app_data::<web::Data<AppState>>()
         .ok_or_else(|| ApiError::internal("application state missing"))?;
-    let header = req.headers().get("Authorization").and_then(|h| h.to_str().ok()).ok_or(AuthError::Missing)?;
+    let header = req
+        .headers()
+        .get("Authorization")
+        .and_then(|h| h.to_str().ok())
+        .ok_or(AuthError::Missing)?;
     let token = header
         .strip_prefix("Bearer ")
         .or_else(|| header.strip_prefix("bearer "))
@@ -99,7 +109,9 @@ pub fn request_id(req: &HttpRequest) -> Option<String> {
 pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid("body", format!("could not read the request body: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            ApiError::invalid("body", format!("could not read the request body: {e}"))
+        })?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::new(
                 actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
@@ -130,9 +142,18 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
         } else {
             path
         };
-        let code = if inner.is_syntax() || inner.is_eof() { "invalid_json" } else { "invalid_value" };
-        ApiError::new(actix_web::http::StatusCode::BAD_REQUEST, "invalid_request_error", code, format!("invalid request: {message}"))
-            .with_param(param)
+        let code = if inner.is_syntax() || inner.is_eof() {
+            "invalid_json"
+        } else {
+            "invalid_value"
+        };
+        ApiError::new(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            format!("invalid request: {message}"),
+        )
+        .with_param(param)
     })
 }
 

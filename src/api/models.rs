@@ -22,7 +22,13 @@ pub struct ModelList {
 }
 
 fn to_model(info: &ModelInfo) -> Model {
-    Model { id: info.id.clone(), object: "model", created: 0, owned_by: "candela", capabilities: info.clone() }
+    Model {
+        id: info.id.clone(),
+        object: "model",
+        created: 0,
+        owned_by: "candela",
+        capabilities: info.clone(),
+    }
 }
 
 /// The loaded models (OpenAI's list shape, with capabilities).
@@ -30,18 +36,25 @@ fn to_model(info: &ModelInfo) -> Model {
     responses((status = 200, body = ModelList), (status = 401, body = super::error::ErrorResponse)))]
 #[get("/v1/models")]
 pub async fn list(state: web::Data<AppState>, _caller: Caller) -> HttpResponse {
-    HttpResponse::Ok().json(ModelList { object: "list", data: state.engine.models().iter().map(to_model).collect() })
+    HttpResponse::Ok().json(ModelList {
+        object: "list",
+        data: state.engine.models().iter().map(to_model).collect(),
+    })
 }
 
 #[utoipa::path(get, path = "/v1/models/{model}", tag = "models", security(("bearer" = [])),
     params(("model" = String, Path, description = "model id")),
     responses((status = 200, body = Model), (status = 404, body = super::error::ErrorResponse)))]
 #[get("/v1/models/{model}")]
-pub async fn get(state: web::Data<AppState>, _caller: Caller, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn get(
+    state: web::Data<AppState>,
+    _caller: Caller,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    let info = state
-        .engine
-        .model(&id)
-        .ok_or_else(|| ApiError::not_found("model_not_found", format!("model `{id}` does not exist")).with_param("model"))?;
+    let info = state.engine.model(&id).ok_or_else(|| {
+        ApiError::not_found("model_not_found", format!("model `{id}` does not exist"))
+            .with_param("model")
+    })?;
     Ok(HttpResponse::Ok().json(to_model(info)))
 }

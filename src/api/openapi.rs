@@ -28,7 +28,12 @@ impl Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
         );
     }
 }
@@ -44,5 +49,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     cfg.service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", doc))
-        .route("/docs", web::get().to(|| async { actix_web::HttpResponse::Found().insert_header(("Location", "/docs/")).finish() }));
+        .route(
+            "/docs",
+            web::get().to(|| async {
+                actix_web::HttpResponse::Found()
+                    .insert_header(("Location", "/docs/"))
+                    .finish()
+            }),
+        );
 }

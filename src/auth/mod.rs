@@ -56,7 +56,9 @@ impl Principal {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("missing bearer token: send `Authorization: Bearer <token>` (the OpenAI SDK's api_key)")]
+    #[error(
+        "missing bearer token: send `Authorization: Bearer <token>` (the OpenAI SDK's api_key)"
+    )]
     Missing,
     #[error("the token has expired")]
     Expired,
@@ -95,16 +97,21 @@ pub fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, AuthError> {
     if let Ok(text) = std::fs::read_to_string(path) {
         let text = text.trim();
         if text.len() < 32 {
-            return Err(AuthError::Setup(format!("{} holds fewer than 32 characters", path.display())));
+            return Err(AuthError::Setup(format!(
+                "{} holds fewer than 32 characters",
+                path.display()
+            )));
         }
         return Ok(text.as_bytes().to_vec());
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| AuthError::Setup(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AuthError::Setup(format!("{}: {e}", dir.display())))?;
     }
     let bytes: [u8; 32] = rand::random();
     let secret = hex::encode(bytes);
-    write_private(path, secret.as_bytes()).map_err(|e| AuthError::Setup(format!("{}: {e}", path.display())))?;
+    write_private(path, secret.as_bytes())
+        .map_err(|e| AuthError::Setup(format!("{}: {e}", path.display())))?;
     tracing::info!(path = %path.display(), "created a new JWT signing secret");
     Ok(secret.into_bytes())
 }
@@ -127,7 +134,9 @@ fn algorithm(name: Option<&str>, default: Algorithm) -> Result<Algorithm, AuthEr
         Some("HS256") => Ok(Algorithm::HS256),
         Some("RS256") => Ok(Algorithm::RS256),
         Some("EdDSA") => Ok(Algorithm::EdDSA),
-        Some(other) => Err(AuthError::Setup(format!("unsupported JWT algorithm `{other}` (HS256, RS256, EdDSA)"))),
+        Some(other) => Err(AuthError::Setup(format!(
+            "unsupported JWT algorithm `{other}` (HS256, RS256, EdDSA)"
+        ))),
     }
 }
 
@@ -135,19 +144,30 @@ impl Verifier {
     pub fn new(settings: &AuthSettings, data_dir: &Path) -> Result<Self, AuthError> {
         let (decoding, alg) = match &settings.public_key {
             Some(pem_path) => {
-                let pem = std::fs::read(pem_path).map_err(|e| AuthError::Setup(format!("{}: {e}", pem_path.display())))?;
+                let pem = std::fs::read(pem_path)
+                    .map_err(|e| AuthError::Setup(format!("{}: {e}", pem_path.display())))?;
                 let alg = algorithm(settings.algorithm.as_deref(), Algorithm::RS256)?;
                 let key = match alg {
                     Algorithm::RS256 => DecodingKey::from_rsa_pem(&pem),
                     Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
-                    _ => return Err(AuthError::Setup("a public key needs algorithm RS256 or EdDSA".into())),
+                    _ => {
+                        return Err(AuthError::Setup(
+                            "a public key needs algorithm RS256 or EdDSA".into(),
+                        ))
+                    }
                 }
                 .map_err(|e| AuthError::Setup(format!("{}: {e}", pem_path.display())))?;
                 (key, alg)
             }
             None => {
-                let path = settings.secret_file.clone().unwrap_or_else(|| default_secret_path(data_dir));
-                (DecodingKey::from_secret(&load_or_create_secret(&path)?), Algorithm::HS256)
+                let path = settings
+                    .secret_file
+                    .clone()
+                    .unwrap_or_else(|| default_secret_path(data_dir));
+                (
+                    DecodingKey::from_secret(&load_or_create_secret(&path)?),
+                    Algorithm::HS256,
+                )
             }
         };
         let mut validation = Validation::new(alg);
@@ -161,21 +181,38 @@ impl Verifier {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Ok(Self { decoding, validation })
+        Ok(Self {
+            decoding,
+            validation,
+        })
     }
 
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
-        let data = decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-            jsonwebtoken::errors::ErrorKind::InvalidSignature => AuthError::Invalid("signature does not verify".into()),
-            jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(c) => AuthError::Invalid(format!("missing `{c}` claim")),
-            _ => AuthError::Invalid(e.to_string()),
-        })?;
+        let data =
+            decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                        AuthError::Invalid("signature does not verify".into())
+                    }
+                    jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(c) => {
+                        AuthError::Invalid(format!("missing `{c}` claim"))
+                    }
+                    _ => AuthError::Invalid(e.to_string()),
+                }
+            })?;
         let claims = data.claims;
         if claims.sub.is_empty() {
             return Err(AuthError::Invalid("empty `sub` claim".into()));
         }
-        Ok(Principal { user: claims.sub, scopes: claims.scope.split_whitespace().map(str::to_string).collect() })
+        Ok(Principal {
+            user: claims.sub,
+            scopes: claims
+                .scope
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+        })
     }
 }
 
@@ -194,7 +231,10 @@ pub fn create_token(
         .unwrap_or(0);
     for s in scopes {
         if !ALL_SCOPES.contains(&s.as_str()) {
-            return Err(AuthError::Setup(format!("unknown scope `{s}`; known: {}", ALL_SCOPES.join(", "))));
+            return Err(AuthError::Setup(format!(
+                "unknown scope `{s}`; known: {}",
+                ALL_SCOPES.join(", ")
+            )));
         }
     }
     let claims = Claims {
@@ -205,7 +245,8 @@ pub fn create_token(
         aud: audience.map(str::to_string),
         scope: scopes.join(" "),
     };
-    encode(&Header::new(key.algorithm), &claims, &key.key).map_err(|e| AuthError::Setup(e.to_string()))
+    encode(&Header::new(key.algorithm), &claims, &key.key)
+        .map_err(|e| AuthError::Setup(e.to_string()))
 }
 
 pub struct SigningKey {
@@ -215,19 +256,30 @@ pub struct SigningKey {
 
 impl SigningKey {
     pub fn hs256(secret: &[u8]) -> Self {
-        Self { algorithm: Algorithm::HS256, key: EncodingKey::from_secret(secret) }
+        Self {
+            algorithm: Algorithm::HS256,
+            key: EncodingKey::from_secret(secret),
+        }
     }
 
     pub fn from_private_pem(path: &Path, algorithm_name: Option<&str>) -> Result<Self, AuthError> {
-        let pem = std::fs::read(path).map_err(|e| AuthError::Setup(format!("{}: {e}", path.display())))?;
+        let pem = std::fs::read(path)
+            .map_err(|e| AuthError::Setup(format!("{}: {e}", path.display())))?;
         let alg = algorithm(algorithm_name, Algorithm::RS256)?;
         let key = match alg {
             Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
             Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
-            _ => return Err(AuthError::Setup("a private key needs algorithm RS256 or EdDSA".into())),
+            _ => {
+                return Err(AuthError::Setup(
+                    "a private key needs algorithm RS256 or EdDSA".into(),
+                ))
+            }
         }
         .map_err(|e| AuthError::Setup(format!("{}: {e}", path.display())))?;
-        Ok(Self { algorithm: alg, key })
+        Ok(Self {
+            algorithm: alg,
+            key,
+        })
     }
 }
 
@@ -242,7 +294,8 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
         "d" => 86400,
         _ => return Err(format!("bad duration unit in `{s}` (use s, m, h or d)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("duration `{s}` too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("duration `{s}` too large"))
 }
 
 #[cfg(test)]
@@ -254,12 +307,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let verifier = Verifier::new(&AuthSettings::default(), dir.path()).unwrap();
         let secret = load_or_create_secret(&default_secret_path(dir.path())).unwrap();
-        let token = create_token(&SigningKey::hs256(&secret), "alice", &["images:generate".into()], 60, None, None).unwrap();
+        let token = create_token(
+            &SigningKey::hs256(&secret),
+            "alice",
+            &["images:generate".into()],
+            60,
+            None,
+            None,
+        )
+        .unwrap();
         let p = verifier.verify(&token).unwrap();
         assert_eq!(p.user, "alice");
         assert!(p.has(SCOPE_GENERATE) && !p.has(SCOPE_JOBS_READ) && !p.is_admin());
-        let forged = create_token(&SigningKey::hs256(b"another-secret-another-secret-xx"), "alice", &[], 60, None, None).unwrap();
-        assert!(matches!(verifier.verify(&forged), Err(AuthError::Invalid(_))));
+        let forged = create_token(
+            &SigningKey::hs256(b"another-secret-another-secret-xx"),
+            "alice",
+            &[],
+            60,
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            verifier.verify(&forged),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]

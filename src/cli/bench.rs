@@ -73,19 +73,32 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
             (StableDiffusion::load(&dir, &device, dtype)?, spec.clone())
         }
         None => {
-            let dir = ModelDir { root: args.configs.clone(), prefer_fp16_variant: false };
+            let dir = ModelDir {
+                root: args.configs.clone(),
+                prefer_fp16_variant: false,
+            };
             (
-                StableDiffusion::with_random_weights(&dir, &device, dtype)
-                    .with_context(|| format!("building {} with random weights", args.configs.display()))?,
+                StableDiffusion::with_random_weights(&dir, &device, dtype).with_context(|| {
+                    format!("building {} with random weights", args.configs.display())
+                })?,
                 format!("{} (random weights)", args.configs.display()),
             )
         }
     };
-    eprintln!("built {label} in {:.1}s", load_start.elapsed().as_secs_f64());
+    eprintln!(
+        "built {label} in {:.1}s",
+        load_start.elapsed().as_secs_f64()
+    );
 
     let scale = pipeline.vae_scale();
     let (h, w) = (args.height / scale, args.width / scale);
-    let context = Tensor::cat(&[pipeline.encode_prompt("", 0)?, pipeline.encode_prompt("a photo of a cat", 0)?], 0)?;
+    let context = Tensor::cat(
+        &[
+            pipeline.encode_prompt("", 0)?,
+            pipeline.encode_prompt("a photo of a cat", 0)?,
+        ],
+        0,
+    )?;
     let sample = Tensor::randn(0f32, 1f32, (2, 4, h, w), &device)?.to_dtype(dtype)?;
     let sync = || device.synchronize();
 
@@ -98,7 +111,11 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         if i > 0 {
             unet_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         }
-        eprintln!("unet forward {i}: {:.0} ms{}", t.elapsed().as_secs_f64() * 1000.0, if i == 0 { " (warm-up)" } else { "" });
+        eprintln!(
+            "unet forward {i}: {:.0} ms{}",
+            t.elapsed().as_secs_f64() * 1000.0,
+            if i == 0 { " (warm-up)" } else { "" }
+        );
     }
     let t = Instant::now();
     pipeline.vae_decode(&sample.narrow(0, 0, 1)?)?;
@@ -120,7 +137,12 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     };
     let t = Instant::now();
     pipeline.generate(&params, &mut |p| {
-        eprintln!("step {}/{}: {:.2} steps/s", p.step, p.total, p.steps_per_second());
+        eprintln!(
+            "step {}/{}: {:.2} steps/s",
+            p.step,
+            p.total,
+            p.steps_per_second()
+        );
         true
     })?;
     let end_to_end = t.elapsed().as_secs_f64();
@@ -138,7 +160,9 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&ours)?)?;
     }
     let reference: Option<BenchFigures> = match &args.reference {
-        Some(p) => Some(serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?),
+        Some(p) => Some(serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )?),
         None => None,
     };
     print_table(&ours, reference.as_ref());
@@ -146,16 +170,34 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn print_table(ours: &BenchFigures, reference: Option<&BenchFigures>) {
-    println!("{} at {}x{}, {} steps, CFG batch 2", ours.label, ours.width, ours.height, ours.steps);
+    println!(
+        "{} at {}x{}, {} steps, CFG batch 2",
+        ours.label, ours.width, ours.height, ours.steps
+    );
     if let Some(r) = reference {
-        println!("reference: {} at {}x{}, {} steps", r.label, r.width, r.height, r.steps);
+        println!(
+            "reference: {} at {}x{}, {} steps",
+            r.label, r.width, r.height, r.steps
+        );
     }
     println!("| metric | candela | diffusers | candela / diffusers |");
     println!("|---|---|---|---|");
     let rows = [
-        ("UNet step (ms)", ours.unet_step_ms, reference.map(|r| r.unet_step_ms)),
-        ("VAE decode (ms)", ours.vae_decode_ms, reference.map(|r| r.vae_decode_ms)),
-        ("end-to-end (s)", ours.end_to_end_s, reference.map(|r| r.end_to_end_s)),
+        (
+            "UNet step (ms)",
+            ours.unet_step_ms,
+            reference.map(|r| r.unet_step_ms),
+        ),
+        (
+            "VAE decode (ms)",
+            ours.vae_decode_ms,
+            reference.map(|r| r.vae_decode_ms),
+        ),
+        (
+            "end-to-end (s)",
+            ours.end_to_end_s,
+            reference.map(|r| r.end_to_end_s),
+        ),
     ];
     for (name, v, r) in rows {
         match r {

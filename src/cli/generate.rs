@@ -53,7 +53,11 @@ pub struct GenerateArgs {
     pub dtype: String,
 }
 
-pub fn resolve_model(common: &CommonArgs, model: Option<&str>, dtype: candle_core::DType) -> anyhow::Result<loader::ModelDir> {
+pub fn resolve_model(
+    common: &CommonArgs,
+    model: Option<&str>,
+    dtype: candle_core::DType,
+) -> anyhow::Result<loader::ModelDir> {
     let source = match model {
         Some(spec) => ModelSource::parse(spec)?,
         None => ModelSource::Local(demo::install(&common.data_dir.join("models"))?),
@@ -66,14 +70,25 @@ pub fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     if n == 1 {
         return vec![out.to_path_buf()];
     }
-    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let ext = out.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
-    (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.{ext}"))).collect()
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let ext = out
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
+    (0..n)
+        .map(|i| out.with_file_name(format!("{stem}-{i}.{ext}")))
+        .collect()
 }
 
 pub fn save_image(img: &GeneratedImage, path: &Path) -> anyhow::Result<()> {
-    let buffer = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone()).context("image buffer size")?;
-    buffer.save(path).with_context(|| format!("writing {}", path.display()))
+    let buffer = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
+        .context("image buffer size")?;
+    buffer
+        .save(path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
@@ -92,7 +107,9 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         guidance_scale: args.guidance,
         seed: args.seed.unwrap_or_else(rand_seed),
         sampler: crate::engine::schedulers::SamplerKind::parse_with_schedule(&args.sampler)?.0,
-        schedule: match crate::engine::schedulers::SamplerKind::parse_with_schedule(&args.sampler)?.1 {
+        schedule: match crate::engine::schedulers::SamplerKind::parse_with_schedule(&args.sampler)?
+            .1
+        {
             Some(named) if args.schedule == "default" => named,
             _ => args.schedule.parse()?,
         },
@@ -115,7 +132,11 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     })?;
     bar.finish();
 
-    for (img, path) in generated.images.iter().zip(output_paths(&args.out, params.n)) {
+    for (img, path) in generated
+        .images
+        .iter()
+        .zip(output_paths(&args.out, params.n))
+    {
         save_image(img, &path)?;
         println!("{}", path.display());
     }
@@ -133,7 +154,12 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
 fn rand_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     // Keep seeds within 2^53 so they survive JSON clients that use doubles.
     h.finish() & ((1u64 << 53) - 1)
 }

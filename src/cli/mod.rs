@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use crate::engine::loader::HubOptions;
 
 #[derive(Parser, Debug)]
-#[command(name = "candela", version, about = "OpenAI-compatible image generation on your own GPU or CPU")]
+#[command(
+    name = "candela",
+    version,
+    about = "OpenAI-compatible image generation on your own GPU or CPU"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -24,7 +28,12 @@ pub struct Cli {
 #[derive(clap::Args, Debug, Clone)]
 pub struct CommonArgs {
     /// Where candela keeps its database, images, secrets and the demo model.
-    #[arg(long, env = "CANDELA_DATA_DIR", default_value = "./data", global = true)]
+    #[arg(
+        long,
+        env = "CANDELA_DATA_DIR",
+        default_value = "./data",
+        global = true
+    )]
     pub data_dir: PathBuf,
     /// Hugging Face home (the hub cache is `$HF_HOME/hub`, shared with the Python tools).
     #[arg(long, env = "HF_HOME", global = true)]
@@ -75,7 +84,11 @@ pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CANDELA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

@@ -81,17 +81,43 @@ struct FileConfig {
 
 pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
     let file: FileConfig = match &args.config {
-        Some(path) => toml::from_str(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
-            .with_context(|| format!("parsing {}", path.display()))?,
+        Some(path) => toml::from_str(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", path.display()))?,
         None => FileConfig::default(),
     };
-    let device = engine::parse_device(args.device.as_deref().or(file.device.as_deref()).unwrap_or("cpu"))?;
-    let dtype = engine::parse_dtype(args.dtype.as_deref().or(file.dtype.as_deref()).unwrap_or("f32"))?;
-    let model_specs = if args.models.is_empty() { file.models.clone().unwrap_or_default() } else { args.models.clone() };
-    let models = if model_specs.is_empty() {
-        vec![ModelSpec { source: ModelSource::Local(demo::install(&common.data_dir.join("models"))?) }]
+    let device = engine::parse_device(
+        args.device
+            .as_deref()
+            .or(file.device.as_deref())
+            .unwrap_or("cpu"),
+    )?;
+    let dtype = engine::parse_dtype(
+        args.dtype
+            .as_deref()
+            .or(file.dtype.as_deref())
+            .unwrap_or("f32"),
+    )?;
+    let model_specs = if args.models.is_empty() {
+        file.models.clone().unwrap_or_default()
     } else {
-        model_specs.iter().map(|s| Ok(ModelSpec { source: ModelSource::parse(s)? })).collect::<anyhow::Result<_>>()?
+        args.models.clone()
+    };
+    let models = if model_specs.is_empty() {
+        vec![ModelSpec {
+            source: ModelSource::Local(demo::install(&common.data_dir.join("models"))?),
+        }]
+    } else {
+        model_specs
+            .iter()
+            .map(|s| {
+                Ok(ModelSpec {
+                    source: ModelSource::parse(s)?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?
     };
     let auth = AuthSettings {
         secret_file: args.jwt_secret_file.or(file.jwt_secret_file),
@@ -102,13 +128,22 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
     };
     let defaults = Limits::default();
     let limits = Limits {
-        max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(defaults.max_body_bytes),
+        max_body_bytes: args
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(defaults.max_body_bytes),
         max_side: args.max_side.or(file.max_side).unwrap_or(defaults.max_side),
-        url_ttl_secs: args.url_ttl_secs.or(file.url_ttl_secs).unwrap_or(defaults.url_ttl_secs),
+        url_ttl_secs: args
+            .url_ttl_secs
+            .or(file.url_ttl_secs)
+            .unwrap_or(defaults.url_ttl_secs),
         ..defaults
     };
     let config = ServerConfig {
-        host: args.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into()),
+        host: args
+            .host
+            .or(file.host)
+            .unwrap_or_else(|| "127.0.0.1".into()),
         port: args.port.or(file.port).unwrap_or(8080),
         data_dir: common.data_dir.clone(),
         models,
@@ -122,7 +157,9 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
         workers: args.http_workers.or(file.http_workers).unwrap_or(2),
     };
     let data_dir = config.data_dir.clone();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let running = server::start(config).await?;
         // These lines are the server's contract with people and tests: keep their shape.

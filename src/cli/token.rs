@@ -40,7 +40,10 @@ pub fn run(common: &CommonArgs, cmd: TokenCommand) -> anyhow::Result<()> {
     let key = match &args.private_key {
         Some(pem) => SigningKey::from_private_pem(pem, args.algorithm.as_deref())?,
         None => {
-            let path = args.jwt_secret_file.clone().unwrap_or_else(|| auth::default_secret_path(&common.data_dir));
+            let path = args
+                .jwt_secret_file
+                .clone()
+                .unwrap_or_else(|| auth::default_secret_path(&common.data_dir));
             SigningKey::hs256(&auth::load_or_create_secret(&path)?)
         }
     };
@@ -51,7 +54,14 @@ pub fn run(common: &CommonArgs, cmd: TokenCommand) -> anyhow::Result<()> {
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
-    let token = auth::create_token(&key, &args.sub, &scopes, args.ttl, args.issuer.as_deref(), args.audience.as_deref())?;
+    let token = auth::create_token(
+        &key,
+        &args.sub,
+        &scopes,
+        args.ttl,
+        args.issuer.as_deref(),
+        args.audience.as_deref(),
+    )?;
     println!("{token}");
     Ok(())
 }

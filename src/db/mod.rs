@@ -105,7 +105,10 @@ impl Db {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(std::time::Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Self { pool })
     }
@@ -151,7 +154,12 @@ impl Db {
         Ok(())
     }
 
-    pub async fn mark_failed(&self, id: &str, code: &str, message: &str) -> Result<(), sqlx::Error> {
+    pub async fn mark_failed(
+        &self,
+        id: &str,
+        code: &str,
+        message: &str,
+    ) -> Result<(), sqlx::Error> {
         let now = now_ms();
         sqlx::query(
             "UPDATE jobs SET status = 'failed', error_code = ?, error = ?, finished_at = ?, \
@@ -215,7 +223,12 @@ impl Db {
     }
 
     /// Newest first; `before` (unix ms) pages backwards.
-    pub async fn list_jobs(&self, user: Option<&str>, limit: i64, before: Option<i64>) -> Result<Vec<Job>, sqlx::Error> {
+    pub async fn list_jobs(
+        &self,
+        user: Option<&str>,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<Job>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT * FROM jobs WHERE (? IS NULL OR user_id = ?) AND (? IS NULL OR created_at < ?) \
              ORDER BY created_at DESC, id DESC LIMIT ?",
@@ -255,7 +268,9 @@ impl Db {
     }
 
     pub async fn count_by_status(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(|r| (r.get("status"), r.get("n"))).collect())
     }
 }

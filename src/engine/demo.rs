@@ -40,7 +40,10 @@ pub fn install(parent: &Path) -> Result<PathBuf> {
         if current == Some(bytes.len() as u64) {
             continue;
         }
-        let io = |source| EngineError::Io { path: path.clone(), source };
+        let io = |source| EngineError::Io {
+            path: path.clone(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }

@@ -12,30 +12,50 @@ pub enum EngineError {
     #[error("bad config {path}: {reason}")]
     BadConfig { path: PathBuf, reason: String },
     #[error("bad weights in {path}: tensor `{tensor}`: {reason}")]
-    Weights { path: PathBuf, tensor: String, reason: String },
+    Weights {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("download of {file} from {repo} failed: {reason}")]
-    Download { repo: String, file: String, reason: String },
+    Download {
+        repo: String,
+        file: String,
+        reason: String,
+    },
     #[error("unsupported model: {0}")]
     Unsupported(String),
     #[error("invalid parameter `{param}`: {message}")]
-    InvalidParameter { param: &'static str, message: String },
+    InvalidParameter {
+        param: &'static str,
+        message: String,
+    },
     /// Valid values that cannot be combined (e.g. a schedule a sampler does not support).
     #[error("unsupported combination for `{param}`: {message}")]
-    Incompatible { param: &'static str, message: String },
+    Incompatible {
+        param: &'static str,
+        message: String,
+    },
     #[error("generation cancelled")]
     Cancelled,
     #[error("compute error: {0}")]
     Compute(#[from] candle_core::Error),
     #[error("i/o error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
 impl EngineError {
     pub fn invalid(param: &'static str, message: impl Into<String>) -> Self {
-        Self::InvalidParameter { param, message: message.into() }
+        Self::InvalidParameter {
+            param,
+            message: message.into(),
+        }
     }
 }

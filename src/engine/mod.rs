@@ -49,7 +49,9 @@ pub fn latents_to_images(decoded: &Tensor) -> Result<Vec<GeneratedImage>> {
     let x = ((x * 0.5)? + 0.5)?.clamp(0f32, 1f32)?;
     let (b, c, h, w) = x.dims4()?;
     if c != 3 {
-        return Err(EngineError::Unsupported(format!("decoder produced {c} channels, expected 3")));
+        return Err(EngineError::Unsupported(format!(
+            "decoder produced {c} channels, expected 3"
+        )));
     }
     let hwc = x.permute((0, 2, 3, 1))?.contiguous()?;
     let values = hwc.flatten_all()?.to_vec1::<f32>()?;
@@ -58,7 +60,10 @@ pub fn latents_to_images(decoded: &Tensor) -> Result<Vec<GeneratedImage>> {
         .map(|i| GeneratedImage {
             width: w as u32,
             height: h as u32,
-            rgb: values[i * per..(i + 1) * per].iter().map(|v| (v * 255.0).round_ties_even() as u8).collect(),
+            rgb: values[i * per..(i + 1) * per]
+                .iter()
+                .map(|v| (v * 255.0).round_ties_even() as u8)
+                .collect(),
         })
         .collect())
 }
@@ -70,11 +75,20 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "metal" => Device::new_metal(0).map_err(|e| bad(format!("metal unavailable: {e}"))),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = s.strip_prefix("cuda:").map(usize::from_str).transpose().map_err(|_| bad(format!("bad device `{s}`")))?;
-            Device::new_cuda(ordinal.unwrap_or(0))
-                .map_err(|e| bad(format!("{s} unavailable (was candela built with --features cuda?): {e}")))
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map(usize::from_str)
+                .transpose()
+                .map_err(|_| bad(format!("bad device `{s}`")))?;
+            Device::new_cuda(ordinal.unwrap_or(0)).map_err(|e| {
+                bad(format!(
+                    "{s} unavailable (was candela built with --features cuda?): {e}"
+                ))
+            })
         }
-        s => Err(bad(format!("unknown device `{s}`; use cpu, cuda, cuda:N or metal"))),
+        s => Err(bad(format!(
+            "unknown device `{s}`; use cpu, cuda, cuda:N or metal"
+        ))),
     }
 }
 
@@ -83,6 +97,9 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
         "f32" | "fp32" | "float32" => Ok(DType::F32),
         "f16" | "fp16" | "float16" => Ok(DType::F16),
         "bf16" | "bfloat16" => Ok(DType::BF16),
-        s => Err(EngineError::invalid("dtype", format!("unknown dtype `{s}`; use f32, f16 or bf16"))),
+        s => Err(EngineError::invalid(
+            "dtype",
+            format!("unknown dtype `{s}`; use f32, f16 or bf16"),
+        )),
     }
 }

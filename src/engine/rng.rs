@@ -21,7 +21,9 @@ pub struct TorchGenerator {
 
 impl std::fmt::Debug for TorchGenerator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TorchGenerator").field("index", &self.index).finish()
+        f.debug_struct("TorchGenerator")
+            .field("index", &self.index)
+            .finish()
     }
 }
 
@@ -35,7 +37,11 @@ impl TorchGenerator {
                 .wrapping_mul(prev ^ (prev >> 30))
                 .wrapping_add(j as u32);
         }
-        Self { state, index: N, next_double_normal: None }
+        Self {
+            state,
+            index: N,
+            next_double_normal: None,
+        }
     }
 
     fn twist(&mut self) {

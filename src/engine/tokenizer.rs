@@ -7,7 +7,9 @@ use std::path::Path;
 use serde::Deserialize;
 use tokenizers::{
     models::bpe::BPE,
-    normalizers::{unicode::NFC, utils::Lowercase, NormalizerWrapper, Replace, Sequence as NormalizerSequence},
+    normalizers::{
+        unicode::NFC, utils::Lowercase, NormalizerWrapper, Replace, Sequence as NormalizerSequence,
+    },
     pre_tokenizers::{
         byte_level::ByteLevel,
         sequence::Sequence as PreTokenizerSequence,
@@ -20,7 +22,8 @@ use tokenizers::{
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::ModelDir;
 
-const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 pub struct ClipTokenizer {
     inner: Tokenizer,
@@ -62,7 +65,8 @@ impl ClipTokenizer {
         let vocab = dir.required(&format!("{folder}/vocab.json"))?;
         let merges = dir.required(&format!("{folder}/merges.txt"))?;
         // special_tokens_map.json wins over tokenizer_config.json, as in transformers.
-        let mut config: TokenizerConfig = match dir.file(&format!("{folder}/tokenizer_config.json")) {
+        let mut config: TokenizerConfig = match dir.file(&format!("{folder}/tokenizer_config.json"))
+        {
             p if p.is_file() => crate::engine::loader::read_json(&p)?,
             _ => TokenizerConfig::default(),
         };
@@ -75,7 +79,9 @@ impl ClipTokenizer {
             config.unk_token = special.unk_token.or(config.unk_token);
         }
         let text = |t: &Option<TokenSpec>, default: &str| {
-            t.as_ref().map(|t| t.content().to_string()).unwrap_or_else(|| default.to_string())
+            t.as_ref()
+                .map(|t| t.content().to_string())
+                .unwrap_or_else(|| default.to_string())
         };
         let bos = text(&config.bos_token, "<|startoftext|>");
         let eos = text(&config.eos_token, "<|endoftext|>");
@@ -98,7 +104,10 @@ impl ClipTokenizer {
         unk: &str,
         max_length: usize,
     ) -> Result<Self> {
-        let err = |reason: String| EngineError::Tokenizer { path: vocab.to_path_buf(), reason };
+        let err = |reason: String| EngineError::Tokenizer {
+            path: vocab.to_path_buf(),
+            reason,
+        };
         let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".to_string())
@@ -107,15 +116,22 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| err(format!("cannot build BPE from vocab.json/merges.txt: {e}")))?;
         let mut inner = Tokenizer::new(bpe);
-        let whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(|e| err(e.to_string()))?;
+        let whitespace = Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(|e| err(e.to_string()))?;
         inner.with_normalizer(Some(NormalizerSequence::new(vec![
             NormalizerWrapper::NFC(NFC),
             NormalizerWrapper::Replace(whitespace),
             NormalizerWrapper::Lowercase(Lowercase),
         ])));
-        let split = Split::new(SplitPattern::Regex(CLIP_SPLIT.into()), SplitDelimiterBehavior::Removed, true)
-            .map_err(|e| err(e.to_string()))?;
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_SPLIT.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| err(e.to_string()))?;
         inner.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             PreTokenizerWrapper::Split(split),
             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
@@ -127,9 +143,19 @@ impl ClipTokenizer {
             .map(|t| AddedToken::from(t.to_string(), true))
             .collect();
         inner.add_special_tokens(&specials);
-        let id = |t: &str| inner.token_to_id(t).ok_or_else(|| err(format!("token `{t}` is not in the vocabulary")));
+        let id = |t: &str| {
+            inner
+                .token_to_id(t)
+                .ok_or_else(|| err(format!("token `{t}` is not in the vocabulary")))
+        };
         let (bos_id, eos_id, pad_id) = (id(bos)?, id(eos)?, id(pad)?);
-        Ok(Self { inner, bos_id, eos_id, pad_id, max_length })
+        Ok(Self {
+            inner,
+            bos_id,
+            eos_id,
+            pad_id,
+            max_length,
+        })
     }
 
     pub fn max_length(&self) -> usize {
@@ -138,10 +164,13 @@ impl ClipTokenizer {
 
     /// `tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids`
     pub fn encode_padded(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, false).map_err(|e| EngineError::Tokenizer {
-            path: "tokenizer".into(),
-            reason: e.to_string(),
-        })?;
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::Tokenizer {
+                path: "tokenizer".into(),
+                reason: e.to_string(),
+            })?;
         let content = encoding.get_ids();
         let keep = content.len().min(self.max_length - 2);
         let mut ids = Vec::with_capacity(self.max_length);

@@ -46,7 +46,10 @@ pub struct GenerateOutput {
 }
 
 enum Command {
-    Generate { job: GenerateJob, reply: oneshot::Sender<Result<GenerateOutput, EngineError>> },
+    Generate {
+        job: GenerateJob,
+        reply: oneshot::Sender<Result<GenerateOutput, EngineError>>,
+    },
 }
 
 /// Clonable handle to the engine worker.
@@ -105,11 +108,16 @@ impl EngineHandle {
                     }
                 }
             })
-            .map_err(|e| EngineError::Unsupported(format!("cannot start the engine thread: {e}")))?;
-        let models = ready_rx
-            .await
-            .map_err(|_| EngineError::Unsupported("the engine thread stopped while loading".into()))??;
-        Ok(Self { tx, models: Arc::new(models) })
+            .map_err(|e| {
+                EngineError::Unsupported(format!("cannot start the engine thread: {e}"))
+            })?;
+        let models = ready_rx.await.map_err(|_| {
+            EngineError::Unsupported("the engine thread stopped while loading".into())
+        })??;
+        Ok(Self {
+            tx,
+            models: Arc::new(models),
+        })
     }
 
     pub fn models(&self) -> &[ModelInfo] {
@@ -127,11 +135,15 @@ impl EngineHandle {
     /// Run one generation; errors if the engine is gone or the queue is full.
     pub async fn generate(&self, job: GenerateJob) -> Result<GenerateOutput, SubmitError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send(Command::Generate { job, reply }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => SubmitError::EngineGone,
-        })?;
-        rx.await.map_err(|_| SubmitError::EngineGone)?.map_err(SubmitError::Engine)
+        self.tx
+            .try_send(Command::Generate { job, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => SubmitError::EngineGone,
+            })?;
+        rx.await
+            .map_err(|_| SubmitError::EngineGone)?
+            .map_err(SubmitError::Engine)
     }
 }
 
@@ -156,7 +168,10 @@ fn model_info(name: &str, p: &StableDiffusion) -> ModelInfo {
         default_width: p.default_size(),
         default_height: p.default_size(),
         size_multiple: p.vae_scale(),
-        samplers: SamplerKind::ALL.iter().map(|k| k.name().to_string()).collect(),
+        samplers: SamplerKind::ALL
+            .iter()
+            .map(|k| k.name().to_string())
+            .collect(),
         sampler_aliases: SamplerKind::accepted_names(),
         schedules: vec!["default".into(), "karras".into(), "exponential".into()],
         prediction_type: serde_json::to_value(prediction)
@@ -166,7 +181,10 @@ fn model_info(name: &str, p: &StableDiffusion) -> ModelInfo {
     }
 }
 
-fn run_job(pipelines: &HashMap<String, StableDiffusion>, job: GenerateJob) -> Result<GenerateOutput, EngineError> {
+fn run_job(
+    pipelines: &HashMap<String, StableDiffusion>,
+    job: GenerateJob,
+) -> Result<GenerateOutput, EngineError> {
     let pipeline = pipelines
         .get(&job.model)
         .ok_or_else(|| EngineError::ModelNotFound(job.model.clone()))?;
@@ -179,5 +197,9 @@ fn run_job(pipelines: &HashMap<String, StableDiffusion>, job: GenerateJob) -> Re
         }
         true
     })?;
-    Ok(GenerateOutput { images: out.images, seed: job.params.seed, seconds: started.elapsed().as_secs_f64() })
+    Ok(GenerateOutput {
+        images: out.images,
+        seed: job.params.seed,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }

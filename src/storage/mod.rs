@@ -9,7 +9,10 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("image store i/o on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid image key")]
     BadKey,
 }
@@ -32,7 +35,9 @@ impl FsStore {
     fn path_of(&self, key: &str) -> Result<PathBuf, StoreError> {
         let (hash, ext) = key.split_once('.').ok_or(StoreError::BadKey)?;
         let valid = hash.len() == 64
-            && hash.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            && hash
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
             && matches!(ext, "png" | "jpeg" | "webp");
         if !valid {
             return Err(StoreError::BadKey);
@@ -48,7 +53,10 @@ impl Store for FsStore {
         if path.is_file() {
             return Ok(key);
         }
-        let io = |source| StoreError::Io { path: path.clone(), source };
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
         std::fs::create_dir_all(path.parent().unwrap_or(&self.root)).map_err(io)?;
         let tmp = path.with_extension(format!("{ext}.partial-{}", uuid::Uuid::new_v4()));
         std::fs::write(&tmp, bytes).map_err(io)?;
@@ -78,7 +86,8 @@ impl LinkSigner {
     }
 
     fn mac(&self, key: &str, expires: u64) -> Hmac<Sha256> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
         mac.update(b"candela-image-link\0");
         mac.update(key.as_bytes());
         mac.update(b"\0");
@@ -93,7 +102,9 @@ impl LinkSigner {
 
     /// Constant-time signature check plus expiry.
     pub fn verify(&self, key: &str, expires: u64, sig: &str, now: u64) -> bool {
-        let Ok(sig) = hex::decode(sig) else { return false };
+        let Ok(sig) = hex::decode(sig) else {
+            return false;
+        };
         expires >= now && self.mac(key, expires).verify_slice(&sig).is_ok()
     }
 }
@@ -136,6 +147,9 @@ mod tests {
         assert!(s.verify(&key, 1000, sig, 999));
         assert!(!s.verify(&key, 1000, sig, 1001), "expired");
         assert!(!s.verify(&key, 2000, sig, 999), "expiry changed");
-        assert!(!s.verify(&format!("{}.png", "b".repeat(64)), 1000, sig, 999), "other key");
+        assert!(
+            !s.verify(&format!("{}.png", "b".repeat(64)), 1000, sig, 999),
+            "other key"
+        );
     }
 }

@@ -28,22 +28,32 @@ impl HubOptions {
 }
 
 /// Fetch the files of a diffusers pipeline; returns the snapshot folder, which has the repo's layout.
-pub fn fetch_pipeline(opts: &HubOptions, repo_id: &str, revision: &str, prefer_fp16: bool) -> Result<PathBuf> {
+pub fn fetch_pipeline(
+    opts: &HubOptions,
+    repo_id: &str,
+    revision: &str,
+    prefer_fp16: bool,
+) -> Result<PathBuf> {
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
     let fetch = |file: &str| -> Result<PathBuf> {
         let path = if opts.offline {
-            opts.cache().repo(repo.clone()).get(file).ok_or_else(|| EngineError::Download {
-                repo: repo_id.to_string(),
-                file: file.to_string(),
-                reason: "not in the local cache and offline mode is on".into(),
-            })?
+            opts.cache()
+                .repo(repo.clone())
+                .get(file)
+                .ok_or_else(|| EngineError::Download {
+                    repo: repo_id.to_string(),
+                    file: file.to_string(),
+                    reason: "not in the local cache and offline mode is on".into(),
+                })?
         } else {
             let api = ApiBuilder::from_cache(opts.cache())
                 .with_progress(opts.progress)
                 .with_token(opts.token.clone())
                 .build()
                 .map_err(|e| download_error(repo_id, file, e))?;
-            api.repo(repo.clone()).get(file).map_err(|e| download_error(repo_id, file, e))?
+            api.repo(repo.clone())
+                .get(file)
+                .map_err(|e| download_error(repo_id, file, e))?
         };
         Ok(path)
     };
@@ -53,7 +63,11 @@ pub fn fetch_pipeline(opts: &HubOptions, repo_id: &str, revision: &str, prefer_f
     for stem in SD_WEIGHT_FILES {
         let plain = format!("{stem}.safetensors");
         let fp16 = format!("{stem}.fp16.safetensors");
-        let order = if prefer_fp16 { [&fp16, &plain] } else { [&plain, &fp16] };
+        let order = if prefer_fp16 {
+            [&fp16, &plain]
+        } else {
+            [&plain, &fp16]
+        };
         let first = fetch(order[0]);
         if first.is_err() {
             fetch(order[1])?;
@@ -68,5 +82,9 @@ pub fn fetch_pipeline(opts: &HubOptions, repo_id: &str, revision: &str, prefer_f
 }
 
 fn download_error(repo: &str, file: &str, e: impl std::fmt::Display) -> EngineError {
-    EngineError::Download { repo: repo.to_string(), file: file.to_string(), reason: e.to_string() }
+    EngineError::Download {
+        repo: repo.to_string(),
+        file: file.to_string(),
+        reason: e.to_string(),
+    }
 }

@@ -34,10 +34,15 @@ impl ModelSource {
         let parts: Vec<&str> = repo.split('/').collect();
         let valid = parts.len() == 2
             && parts.iter().all(|p| {
-                !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             });
         if valid && !spec.starts_with('.') && !spec.starts_with('/') {
-            Ok(Self::Hub { repo: repo.to_string(), revision })
+            Ok(Self::Hub {
+                repo: repo.to_string(),
+                revision,
+            })
         } else {
             Err(EngineError::ModelNotFound(format!(
                 "`{spec}` is neither an existing folder nor a Hugging Face repo id (owner/name)"
@@ -92,7 +97,11 @@ impl ModelDir {
     pub fn weights(&self, stem: &str) -> Result<PathBuf> {
         let plain = self.file(&format!("{stem}.safetensors"));
         let fp16 = self.file(&format!("{stem}.fp16.safetensors"));
-        let (first, second) = if self.prefer_fp16_variant { (fp16, plain.clone()) } else { (plain.clone(), fp16) };
+        let (first, second) = if self.prefer_fp16_variant {
+            (fp16, plain.clone())
+        } else {
+            (plain.clone(), fp16)
+        };
         if first.is_file() {
             Ok(first)
         } else if second.is_file() {
@@ -108,10 +117,14 @@ impl ModelDir {
 }
 
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| EngineError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text)
-        .map_err(|e| EngineError::BadConfig { path: path.to_path_buf(), reason: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::BadConfig {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// Resolve a source to a local folder, downloading what is missing from the hub.
@@ -120,13 +133,22 @@ pub fn resolve(source: &ModelSource, dtype: DType, hub: &HubOptions) -> Result<M
     match source {
         ModelSource::Local(root) => {
             if !root.is_dir() {
-                return Err(EngineError::ModelNotFound(format!("{} is not a folder", root.display())));
+                return Err(EngineError::ModelNotFound(format!(
+                    "{} is not a folder",
+                    root.display()
+                )));
             }
-            Ok(ModelDir { root: root.clone(), prefer_fp16_variant })
+            Ok(ModelDir {
+                root: root.clone(),
+                prefer_fp16_variant,
+            })
         }
         ModelSource::Hub { repo, revision } => {
             let root = hub::fetch_pipeline(hub, repo, revision, prefer_fp16_variant)?;
-            Ok(ModelDir { root, prefer_fp16_variant })
+            Ok(ModelDir {
+                root,
+                prefer_fp16_variant,
+            })
         }
     }
 }
@@ -150,11 +172,17 @@ mod tests {
     fn parses_sources() {
         assert_eq!(
             ModelSource::parse("runwayml/stable-diffusion-v1-5").unwrap(),
-            ModelSource::Hub { repo: "runwayml/stable-diffusion-v1-5".into(), revision: "main".into() }
+            ModelSource::Hub {
+                repo: "runwayml/stable-diffusion-v1-5".into(),
+                revision: "main".into()
+            }
         );
         assert_eq!(
             ModelSource::parse("stabilityai/sd-turbo@abc123").unwrap(),
-            ModelSource::Hub { repo: "stabilityai/sd-turbo".into(), revision: "abc123".into() }
+            ModelSource::Hub {
+                repo: "stabilityai/sd-turbo".into(),
+                revision: "abc123".into()
+            }
         );
         assert!(matches!(ModelSource::parse("."), Ok(ModelSource::Local(_))));
         assert!(ModelSource::parse("./missing/folder").is_err());

@@ -16,16 +16,22 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
         if !path.is_file() {
-            return Err(EngineError::MissingFile { path: path.to_path_buf() });
+            return Err(EngineError::MissingFile {
+                path: path.to_path_buf(),
+            });
         }
         // SAFETY: the file is mapped read-only; like every safetensors loader we rely on nobody
         // truncating a model file while it is loaded.
-        let tensors = unsafe { MmapedSafetensors::new(path) }.map_err(|e| EngineError::Weights {
+        let tensors =
+            unsafe { MmapedSafetensors::new(path) }.map_err(|e| EngineError::Weights {
+                path: path.to_path_buf(),
+                tensor: "<header>".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
             path: path.to_path_buf(),
-            tensor: "<header>".into(),
-            reason: e.to_string(),
-        })?;
-        Ok(Self { path: path.to_path_buf(), tensors })
+            tensors,
+        })
     }
 
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
@@ -33,7 +39,11 @@ impl SafetensorsFile {
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.tensors.tensors().into_iter().map(|(name, _)| name).collect()
+        self.tensors
+            .tensors()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
     }
 
     fn error(&self, tensor: &str, reason: impl Into<String>) -> candle_core::Error {
@@ -49,12 +59,23 @@ impl SafetensorsFile {
 }
 
 impl SimpleBackend for SafetensorsFile {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let tensor = self.get_unchecked(name, dtype, dev)?;
         if tensor.shape() != &s {
             return Err(self.error(
                 name,
-                format!("shape mismatch: the file has {:?}, the config implies {:?}", tensor.dims(), s.dims()),
+                format!(
+                    "shape mismatch: the file has {:?}, the config implies {:?}",
+                    tensor.dims(),
+                    s.dims()
+                ),
             ));
         }
         Ok(tensor)
@@ -81,13 +102,27 @@ impl SimpleBackend for SafetensorsFile {
 pub struct RandomWeights;
 
 impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, _name: &str, init: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        _name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let var = init.var(s, DType::F32, dev)?;
         var.as_detached_tensor().to_dtype(dtype)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
-        Err(candle_core::Error::Msg(format!("random weights need a shape for `{name}`")))
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "random weights need a shape for `{name}`"
+        )))
     }
 
     fn contains_tensor(&self, _name: &str) -> bool {

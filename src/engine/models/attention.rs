@@ -79,7 +79,9 @@ impl Attention {
         let head_dim = inner / self.heads;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
             let m = t.dim(1)?;
-            t.reshape((b, m, self.heads, head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, m, self.heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let out = scaled_dot_product(&split(q)?, &split(k)?, &split(v)?, None, self.upcast)?;
         let out = out.transpose(1, 2)?.reshape((b, n, inner))?;

@@ -23,8 +23,25 @@ impl<T: Clone> PerBlock<T> {
     }
 }
 
-pub fn conv(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, stride: usize, padding: usize) -> candle_core::Result<Conv2d> {
-    conv2d(cin, cout, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)
+pub fn conv(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Conv2d> {
+    conv2d(
+        cin,
+        cout,
+        kernel,
+        Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        },
+        vb,
+    )
 }
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"`.
@@ -46,7 +63,12 @@ pub struct ResnetConfig {
 }
 
 impl ResnetBlock2D {
-    pub fn new(vb: VarBuilder, cin: usize, cout: usize, c: &ResnetConfig) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        c: &ResnetConfig,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             norm1: group_norm(c.groups, cin, c.eps, vb.pp("norm1"))?,
             conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
@@ -56,7 +78,11 @@ impl ResnetBlock2D {
             },
             norm2: group_norm(c.groups, cout, c.eps, vb.pp("norm2"))?,
             conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
-            conv_shortcut: if cin != cout { Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None },
+            conv_shortcut: if cin != cout {
+                Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
+            } else {
+                None
+            },
             output_scale_factor: c.output_scale_factor,
         })
     }
@@ -89,7 +115,10 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> candle_core::Result<Self> {
-        Ok(Self { conv: conv(vb.pp("conv"), channels, channels, 3, 2, padding)?, pad_first: padding == 0 })
+        Ok(Self {
+            conv: conv(vb.pp("conv"), channels, channels, 3, 2, padding)?,
+            pad_first: padding == 0,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
@@ -111,7 +140,9 @@ pub fn resize_nearest(xs: &Tensor, h: usize, w: usize) -> candle_core::Result<Te
             return (0..output as u32).map(|i| i >> 1).collect();
         }
         let scale = input as f32 / output as f32;
-        (0..output).map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as u32).collect()
+        (0..output)
+            .map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as u32)
+            .collect()
     };
     let dev = xs.device();
     let rows = Tensor::new(index(ih, h), dev)?;
@@ -126,13 +157,23 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(vb: VarBuilder, channels: usize) -> candle_core::Result<Self> {
-        Ok(Self { conv: conv(vb.pp("conv"), channels, channels, 3, 1, 1)? })
+        Ok(Self {
+            conv: conv(vb.pp("conv"), channels, channels, 3, 1, 1)?,
+        })
     }
 
-    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        size: Option<(usize, usize)>,
+    ) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        let up = if (th, tw) == (2 * h, 2 * w) { xs.upsample_nearest2d(th, tw)? } else { resize_nearest(xs, th, tw)? };
+        let up = if (th, tw) == (2 * h, 2 * w) {
+            xs.upsample_nearest2d(th, tw)?
+        } else {
+            resize_nearest(xs, th, tw)?
+        };
         self.conv.forward(&up)
     }
 }

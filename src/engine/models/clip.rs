@@ -84,12 +84,20 @@ impl ClipAttention {
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
         let (b, n, d) = xs.dims3()?;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, n, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split(self.q_proj.forward(xs)?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let out = crate::engine::models::attention::scaled_dot_product(&q, &k, &v, Some(causal_mask), false)?;
+        let out = crate::engine::models::attention::scaled_dot_product(
+            &q,
+            &k,
+            &v,
+            Some(causal_mask),
+            false,
+        )?;
         let out = out.transpose(1, 2)?.reshape((b, n, d))?;
         self.out_proj.forward(&out)
     }
@@ -106,9 +114,15 @@ struct ClipLayer {
 
 impl ClipLayer {
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask)?;
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(xs)?, mask)?;
         let xs = (xs + h)?;
-        let h = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?)?;
+        let h = self.fc2.forward(
+            &self
+                .act
+                .forward(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?,
+        )?;
         xs + h
     }
 }
@@ -125,8 +139,9 @@ impl ClipTextModel {
     /// `vb` points at the file root; both `text_model.*` (transformers 4, all real SD repos) and
     /// bare (transformers 5) key names load.
     pub fn new(vb: VarBuilder, config: ClipTextConfig) -> Result<Self> {
-        let act = Activation::parse(&config.hidden_act)
-            .ok_or_else(|| EngineError::Unsupported(format!("CLIP hidden_act `{}`", config.hidden_act)))?;
+        let act = Activation::parse(&config.hidden_act).ok_or_else(|| {
+            EngineError::Unsupported(format!("CLIP hidden_act `{}`", config.hidden_act))
+        })?;
         if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
             return Err(EngineError::Unsupported(format!(
                 "CLIP hidden_size {} is not divisible by num_attention_heads {}",
@@ -141,7 +156,11 @@ impl ClipTextModel {
         let c = &config;
         let emb = vb.pp("embeddings");
         let token_embedding = embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?;
-        let position_embedding = embedding(c.max_position_embeddings, c.hidden_size, emb.pp("position_embedding"))?;
+        let position_embedding = embedding(
+            c.max_position_embeddings,
+            c.hidden_size,
+            emb.pp("position_embedding"),
+        )?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let vb = vb.pp(format!("encoder.layers.{i}"));
@@ -155,8 +174,15 @@ impl ClipTextModel {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let final_layer_norm = layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
-        Ok(Self { token_embedding, position_embedding, layers, final_layer_norm, config })
+        let final_layer_norm =
+            layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            config,
+        })
     }
 
     fn causal_mask(n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {

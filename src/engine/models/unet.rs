@@ -134,8 +134,18 @@ fn mid_block_default() -> Option<String> {
 impl UNetConfig {
     /// Reject what this UNet does not implement, naming the config key.
     fn check(&self, path: &Path) -> Result<()> {
-        let bad = |reason: String| Err(EngineError::BadConfig { path: path.to_path_buf(), reason });
-        let unsupported = |reason: String| Err(EngineError::Unsupported(format!("{}: {reason}", path.display())));
+        let bad = |reason: String| {
+            Err(EngineError::BadConfig {
+                path: path.to_path_buf(),
+                reason,
+            })
+        };
+        let unsupported = |reason: String| {
+            Err(EngineError::Unsupported(format!(
+                "{}: {reason}",
+                path.display()
+            )))
+        };
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return bad(format!(
@@ -146,7 +156,10 @@ impl UNetConfig {
         }
         for ch in &self.block_out_channels {
             if self.norm_num_groups == 0 || ch % self.norm_num_groups != 0 {
-                return bad(format!("block_out_channels {ch} is not divisible by norm_num_groups {}", self.norm_num_groups));
+                return bad(format!(
+                    "block_out_channels {ch} is not divisible by norm_num_groups {}",
+                    self.norm_num_groups
+                ));
             }
         }
         for t in &self.down_block_types {
@@ -167,12 +180,15 @@ impl UNetConfig {
             return unsupported("class_embed_type (upscaler/unCLIP UNets)".into());
         }
         if self.addition_embed_type.is_some() {
-            return unsupported("addition_embed_type (SDXL-style UNets load through the SDXL pipeline)".into());
+            return unsupported(
+                "addition_embed_type (SDXL-style UNets load through the SDXL pipeline)".into(),
+            );
         }
         if self.time_cond_proj_dim.is_some() {
             return unsupported("time_cond_proj_dim (LCM guidance embedding)".into());
         }
-        if self.dual_cross_attention || matches!(self.only_cross_attention, PerBlockBool::One(true)) {
+        if self.dual_cross_attention || matches!(self.only_cross_attention, PerBlockBool::One(true))
+        {
             return unsupported("dual_cross_attention / only_cross_attention".into());
         }
         if let PerBlockBool::Each(v) = &self.only_cross_attention {
@@ -180,7 +196,10 @@ impl UNetConfig {
                 return unsupported("only_cross_attention".into());
             }
         }
-        if self.resnet_time_scale_shift != "default" || self.time_embedding_type != "positional" || self.act_fn != "silu" {
+        if self.resnet_time_scale_shift != "default"
+            || self.time_embedding_type != "positional"
+            || self.act_fn != "silu"
+        {
             return unsupported(format!(
                 "resnet_time_scale_shift `{}` / time_embedding_type `{}` / act_fn `{}`",
                 self.resnet_time_scale_shift, self.time_embedding_type, self.act_fn
@@ -208,15 +227,24 @@ fn resolve(c: &UNetConfig, path: &Path) -> Result<Resolved> {
         path: path.to_path_buf(),
         reason: format!("`{key}` must be a number or a list with one entry per block ({n})"),
     };
-    let heads = c.num_attention_heads.as_ref().unwrap_or(&c.attention_head_dim);
+    let heads = c
+        .num_attention_heads
+        .as_ref()
+        .unwrap_or(&c.attention_head_dim);
     let r = Resolved {
         heads: heads.expand(n).ok_or_else(|| bad("attention_head_dim"))?,
-        layers: c.layers_per_block.expand(n).ok_or_else(|| bad("layers_per_block"))?,
+        layers: c
+            .layers_per_block
+            .expand(n)
+            .ok_or_else(|| bad("layers_per_block"))?,
         transformer_layers: c
             .transformer_layers_per_block
             .expand(n)
             .ok_or_else(|| bad("transformer_layers_per_block"))?,
-        cross_dims: c.cross_attention_dim.expand(n).ok_or_else(|| bad("cross_attention_dim"))?,
+        cross_dims: c
+            .cross_attention_dim
+            .expand(n)
+            .ok_or_else(|| bad("cross_attention_dim"))?,
     };
     for (ch, h) in c.block_out_channels.iter().zip(&r.heads) {
         if *h == 0 || ch % h != 0 {
@@ -255,14 +283,28 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, context_dim: usize, upcast: bool) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        context_dim: usize,
+        upcast: bool,
+    ) -> candle_core::Result<Self> {
         let head_dim = dim / heads;
         let inner_ff = dim * 4;
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, false, upcast)?,
             norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim, false, upcast)?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                context_dim,
+                heads,
+                head_dim,
+                false,
+                upcast,
+            )?,
             norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward {
                 proj: linear(dim, inner_ff * 2, vb.pp("ff.net.0.proj"))?,
@@ -273,7 +315,10 @@ impl BasicTransformerBlock {
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }
@@ -313,10 +358,21 @@ impl Transformer2D {
         };
         let blocks = (0..layers)
             .map(|i| {
-                BasicTransformerBlock::new(vb.pp(format!("transformer_blocks.{i}")), channels, heads, context_dim, c.upcast_attention)
+                BasicTransformerBlock::new(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    channels,
+                    heads,
+                    context_dim,
+                    c.upcast_attention,
+                )
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self { norm: group_norm(c.norm_num_groups, channels, 1e-6, vb.pp("norm"))?, proj_in, blocks, proj_out })
+        Ok(Self {
+            norm: group_norm(c.norm_num_groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in,
+            blocks,
+            proj_out,
+        })
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
@@ -331,7 +387,11 @@ impl Transformer2D {
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        let to_image = |t: Tensor| t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous();
+        let to_image = |t: Tensor| {
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
+        };
         let out = match &self.proj_out {
             Projection::Conv(c) => c.forward(&to_image(tokens)?)?,
             Projection::Linear(l) => to_image(l.forward(&tokens)?)?,
@@ -386,7 +446,14 @@ impl UNet2DConditionModel {
         };
         let block_resnet = resnet(Some(temb), c.resnet_out_scale_factor);
 
-        let conv_in = conv(vb.pp("conv_in"), c.in_channels, ch0, c.conv_in_kernel, 1, c.conv_in_kernel / 2)?;
+        let conv_in = conv(
+            vb.pp("conv_in"),
+            c.in_channels,
+            ch0,
+            c.conv_in_kernel,
+            1,
+            c.conv_in_kernel / 2,
+        )?;
         let time_linear_1 = linear(ch0, temb, vb.pp("time_embedding.linear_1"))?;
         let time_linear_2 = linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
 
@@ -401,7 +468,12 @@ impl UNet2DConditionModel {
             let mut attentions = Vec::new();
             for j in 0..r.layers[i] {
                 let cin = if j == 0 { in_ch } else { out_ch };
-                resnets.push(ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), cin, out_ch, &block_resnet)?);
+                resnets.push(ResnetBlock2D::new(
+                    vb.pp(format!("resnets.{j}")),
+                    cin,
+                    out_ch,
+                    &block_resnet,
+                )?);
                 if cross {
                     attentions.push(Transformer2D::new(
                         vb.pp(format!("attentions.{j}")),
@@ -414,11 +486,19 @@ impl UNet2DConditionModel {
                 }
             }
             let downsample = if i + 1 < n {
-                Some(Downsample2D::new(vb.pp("downsamplers.0"), out_ch, c.downsample_padding)?)
+                Some(Downsample2D::new(
+                    vb.pp("downsamplers.0"),
+                    out_ch,
+                    c.downsample_padding,
+                )?)
             } else {
                 None
             };
-            down.push(DownBlock { resnets, attentions, downsample });
+            down.push(DownBlock {
+                resnets,
+                attentions,
+                downsample,
+            });
         }
 
         let last = c.block_out_channels[n - 1];
@@ -453,7 +533,12 @@ impl UNet2DConditionModel {
             for j in 0..count {
                 let skip = if j == count - 1 { in_ch } else { out_ch };
                 let cin = if j == 0 { prev_out } else { out_ch };
-                resnets.push(ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), cin + skip, out_ch, &block_resnet)?);
+                resnets.push(ResnetBlock2D::new(
+                    vb.pp(format!("resnets.{j}")),
+                    cin + skip,
+                    out_ch,
+                    &block_resnet,
+                )?);
                 if cross {
                     attentions.push(Transformer2D::new(
                         vb.pp(format!("attentions.{j}")),
@@ -465,8 +550,16 @@ impl UNet2DConditionModel {
                     )?);
                 }
             }
-            let upsample = if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers.0"), out_ch)?) } else { None };
-            up.push(UpBlock { resnets, attentions, upsample });
+            let upsample = if i + 1 < n {
+                Some(Upsample2D::new(vb.pp("upsamplers.0"), out_ch)?)
+            } else {
+                None
+            };
+            up.push(UpBlock {
+                resnets,
+                attentions,
+                upsample,
+            });
         }
 
         Ok(Self {
@@ -477,13 +570,25 @@ impl UNet2DConditionModel {
             mid,
             up,
             conv_norm_out: group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
-            conv_out: conv(vb.pp("conv_out"), ch0, c.out_channels, c.conv_out_kernel, 1, c.conv_out_kernel / 2)?,
+            conv_out: conv(
+                vb.pp("conv_out"),
+                ch0,
+                c.out_channels,
+                c.conv_out_kernel,
+                1,
+                c.conv_out_kernel / 2,
+            )?,
             config,
         })
     }
 
     /// Sinusoidal timestep features, computed in f32 in diffusers' order of operations.
-    fn timestep_features(&self, timesteps: &[f32], dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+    fn timestep_features(
+        &self,
+        timesteps: &[f32],
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
         let dim = self.config.block_out_channels[0];
         let half = dim / 2;
         let shift = self.config.freq_shift as f32;
@@ -510,11 +615,22 @@ impl UNet2DConditionModel {
 
     /// `sample`: (B, C, H, W) latents; `timestep`: one value for the whole batch;
     /// `context`: (B, tokens, cross_attention_dim) text embeddings.
-    pub fn forward(&self, sample: &Tensor, timestep: f32, context: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f32,
+        context: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let b = sample.dim(0)?;
-        let mut xs = if self.config.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
+        let mut xs = if self.config.center_input_sample {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
         let t = self.timestep_features(&vec![timestep; b], sample.dtype(), sample.device())?;
-        let emb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?;
+        let emb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&t)?.silu()?)?;
 
         xs = self.conv_in.forward(&xs)?;
         let mut skips = vec![xs.clone()];
@@ -538,7 +654,9 @@ impl UNet2DConditionModel {
 
         for block in &self.up {
             for (k, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip connections exhausted".into()))?;
+                let skip = skips.pop().ok_or_else(|| {
+                    candle_core::Error::Msg("UNet skip connections exhausted".into())
+                })?;
                 xs = Tensor::cat(&[&xs, &skip], 1)?;
                 xs = resnet.forward(&xs, Some(&emb))?;
                 if let Some(attn) = block.attentions.get(k) {

@@ -89,7 +89,12 @@ impl VaeAttention {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let tokens = self
+            .group_norm
+            .forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = self.to_q.forward(&tokens)?.unsqueeze(1)?;
         let k = self.to_k.forward(&tokens)?.unsqueeze(1)?;
         let v = self.to_v.forward(&tokens)?.unsqueeze(1)?;
@@ -121,7 +126,11 @@ impl VaeDecoder {
     pub fn new(vb: VarBuilder, config: VaeConfig, config_path: &Path) -> Result<Self> {
         let c = &config;
         let n = c.block_out_channels.len();
-        if n == 0 || c.block_out_channels.iter().any(|ch| c.norm_num_groups == 0 || ch % c.norm_num_groups != 0) {
+        if n == 0
+            || c.block_out_channels
+                .iter()
+                .any(|ch| c.norm_num_groups == 0 || ch % c.norm_num_groups != 0)
+        {
             return Err(EngineError::BadConfig {
                 path: config_path.to_path_buf(),
                 reason: format!(
@@ -130,12 +139,31 @@ impl VaeDecoder {
                 ),
             });
         }
-        if let Some(t) = c.up_block_types.iter().find(|t| t.as_str() != "UpDecoderBlock2D") {
-            return Err(EngineError::Unsupported(format!("{}: up_block_types entry `{t}`", config_path.display())));
+        if let Some(t) = c
+            .up_block_types
+            .iter()
+            .find(|t| t.as_str() != "UpDecoderBlock2D")
+        {
+            return Err(EngineError::Unsupported(format!(
+                "{}: up_block_types entry `{t}`",
+                config_path.display()
+            )));
         }
-        let rc = ResnetConfig { groups: c.norm_num_groups, eps: 1e-6, temb_channels: None, output_scale_factor: 1.0 };
+        let rc = ResnetConfig {
+            groups: c.norm_num_groups,
+            eps: 1e-6,
+            temb_channels: None,
+            output_scale_factor: 1.0,
+        };
         let post_quant_conv = if c.use_post_quant_conv {
-            Some(conv(vb.pp("post_quant_conv"), c.latent_channels, c.latent_channels, 1, 1, 0)?)
+            Some(conv(
+                vb.pp("post_quant_conv"),
+                c.latent_channels,
+                c.latent_channels,
+                1,
+                1,
+                0,
+            )?)
         } else {
             None
         };
@@ -145,7 +173,11 @@ impl VaeDecoder {
         let mid = vb.pp("mid_block");
         let mid_resnet_in = ResnetBlock2D::new(mid.pp("resnets.0"), top, top, &rc)?;
         let mid_attention = if c.mid_block_add_attention {
-            Some(VaeAttention::new(mid.pp("attentions.0"), top, c.norm_num_groups)?)
+            Some(VaeAttention::new(
+                mid.pp("attentions.0"),
+                top,
+                c.norm_num_groups,
+            )?)
         } else {
             None
         };
@@ -158,9 +190,20 @@ impl VaeDecoder {
             out_ch = rev[i];
             let vb = vb.pp(format!("up_blocks.{i}"));
             let resnets = (0..c.layers_per_block + 1)
-                .map(|j| ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), if j == 0 { prev } else { out_ch }, out_ch, &rc))
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        vb.pp(format!("resnets.{j}")),
+                        if j == 0 { prev } else { out_ch },
+                        out_ch,
+                        &rc,
+                    )
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let upsample = if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers.0"), out_ch)?) } else { None };
+            let upsample = if i + 1 < n {
+                Some(Upsample2D::new(vb.pp("upsamplers.0"), out_ch)?)
+            } else {
+                None
+            };
             up.push(UpDecoderBlock { resnets, upsample });
         }
         let ch0 = c.block_out_channels[0];

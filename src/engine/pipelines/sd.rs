@@ -12,7 +12,9 @@ use crate::engine::loader::{
 };
 use crate::engine::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::VaeDecoder};
 use crate::engine::rng::TorchGenerator;
-use crate::engine::schedulers::{self, PredictionType, SamplerKind, SchedulerConfig, SigmaSchedule};
+use crate::engine::schedulers::{
+    self, PredictionType, SamplerKind, SchedulerConfig, SigmaSchedule,
+};
 use crate::engine::tokenizer::ClipTokenizer;
 use crate::engine::{latents_to_images, GeneratedImage, Progress};
 
@@ -80,11 +82,18 @@ impl StableDiffusion {
     fn build(dir: &ModelDir, device: &Device, dtype: DType, random: bool) -> Result<Self> {
         if device.is_cpu() && dtype == DType::BF16 {
             // candle's CPU backend has no bf16 matmul; fail before loading gigabytes.
-            return Err(EngineError::invalid("dtype", "bf16 is not supported on CPU; use f32 or f16"));
+            return Err(EngineError::invalid(
+                "dtype",
+                "bf16 is not supported on CPU; use f32 or f16",
+            ));
         }
         let weights = |_component: &str, stem: &str| -> Result<candle_nn::VarBuilder<'static>> {
             if random {
-                Ok(candle_nn::VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone()))
+                Ok(candle_nn::VarBuilder::from_backend(
+                    Box::new(RandomWeights),
+                    dtype,
+                    device.clone(),
+                ))
             } else {
                 Ok(SafetensorsFile::open(&dir.weights(stem)?)?.into_var_builder(dtype, device))
             }
@@ -116,7 +125,12 @@ impl StableDiffusion {
         let vae = VaeDecoder::new(vae_vb, vae_config, &vae_config_path)?;
 
         let text_dim = text_encoder.config.hidden_size;
-        let cross = unet.config.cross_attention_dim.expand(1).map(|v| v[0]).unwrap_or(text_dim);
+        let cross = unet
+            .config
+            .cross_attention_dim
+            .expand(1)
+            .map(|v| v[0])
+            .unwrap_or(text_dim);
         if cross != text_dim {
             return Err(EngineError::BadConfig {
                 path: unet_config_path,
@@ -132,7 +146,15 @@ impl StableDiffusion {
                 ),
             });
         }
-        Ok(Self { tokenizer, text_encoder, unet, vae, scheduler, device: device.clone(), dtype })
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     /// Pixels per latent (8 for every SD VAE).
@@ -159,22 +181,33 @@ impl StableDiffusion {
             if v == 0 || v % scale != 0 || v > MAX_SIDE {
                 return Err(EngineError::invalid(
                     param,
-                    format!("{param} must be a positive multiple of {scale} up to {MAX_SIDE}, got {v}"),
+                    format!(
+                        "{param} must be a positive multiple of {scale} up to {MAX_SIDE}, got {v}"
+                    ),
                 ));
             }
         }
         let train = self.scheduler.num_train_timesteps();
         if p.steps == 0 || p.steps > train.min(1000) {
-            return Err(EngineError::invalid("steps", format!("steps must be between 1 and {}", train.min(1000))));
+            return Err(EngineError::invalid(
+                "steps",
+                format!("steps must be between 1 and {}", train.min(1000)),
+            ));
         }
         if p.n == 0 || p.n > 16 {
             return Err(EngineError::invalid("n", "n must be between 1 and 16"));
         }
         if !p.guidance_scale.is_finite() || !(0.0..=100.0).contains(&p.guidance_scale) {
-            return Err(EngineError::invalid("guidance_scale", "guidance_scale must be between 0 and 100"));
+            return Err(EngineError::invalid(
+                "guidance_scale",
+                "guidance_scale must be between 0 and 100",
+            ));
         }
         if p.clip_skip >= self.text_encoder.config.num_hidden_layers {
-            return Err(EngineError::invalid("clip_skip", "clip_skip must be smaller than the number of CLIP layers"));
+            return Err(EngineError::invalid(
+                "clip_skip",
+                "clip_skip must be smaller than the number of CLIP layers",
+            ));
         }
         Ok(())
     }
@@ -183,7 +216,11 @@ impl StableDiffusion {
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
         let cut = self.tokenizer.truncated_count(prompt);
         if cut > 0 {
-            tracing::warn!(tokens = cut, "prompt longer than CLIP's {} tokens; the end was cut", self.tokenizer.max_length());
+            tracing::warn!(
+                tokens = cut,
+                "prompt longer than CLIP's {} tokens; the end was cut",
+                self.tokenizer.max_length()
+            );
         }
         let ids = self.tokenizer.encode_padded(prompt)?;
         let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
@@ -199,15 +236,23 @@ impl StableDiffusion {
     }
 
     /// Run the whole pipeline. `progress` is called after every step; returning false cancels.
-    pub fn generate(&self, p: &GenerateParams, progress: &mut dyn FnMut(Progress) -> bool) -> Result<Generated> {
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Generated> {
         self.validate(p)?;
         let started = Instant::now();
         let cfg = p.guidance_scale > 1.0;
         let n = p.n;
-        let positive = self.encode_prompt(&p.prompt, p.clip_skip)?.repeat((n, 1, 1))?;
+        let positive = self
+            .encode_prompt(&p.prompt, p.clip_skip)?
+            .repeat((n, 1, 1))?;
         let context = if cfg {
             // diffusers encodes the negative prompt without clip_skip.
-            let negative = self.encode_prompt(p.negative_prompt.as_deref().unwrap_or(""), 0)?.repeat((n, 1, 1))?;
+            let negative = self
+                .encode_prompt(p.negative_prompt.as_deref().unwrap_or(""), 0)?
+                .repeat((n, 1, 1))?;
             Tensor::cat(&[&negative, &positive], 0)?
         } else {
             positive
@@ -225,7 +270,11 @@ impl StableDiffusion {
         let timesteps = sampler.timesteps().to_vec();
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
-            let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
             let input = sampler.scale_model_input(&input, i)?;
             let out = self.unet.forward(&input, t, &context)?;
             let guided = if cfg {
@@ -237,7 +286,11 @@ impl StableDiffusion {
             };
             latents = sampler.step(&guided, i, &latents, &mut rng)?;
             let elapsed = started.elapsed().as_secs_f64();
-            if !progress(Progress { step: i + 1, total, elapsed_s: elapsed }) {
+            if !progress(Progress {
+                step: i + 1,
+                total,
+                elapsed_s: elapsed,
+            }) {
                 return Err(EngineError::Cancelled);
             }
         }

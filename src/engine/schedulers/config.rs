@@ -71,25 +71,39 @@ impl SchedulerConfig {
 
     /// Reject settings no sampler here implements, so a model never silently samples wrong.
     pub fn check(&self) -> Result<()> {
-        let unsupported = |what: String| Err(EngineError::Unsupported(format!("scheduler_config.json: {what}")));
+        let unsupported = |what: String| {
+            Err(EngineError::Unsupported(format!(
+                "scheduler_config.json: {what}"
+            )))
+        };
         if self.thresholding == Some(true) {
             return unsupported("thresholding".into());
         }
         if self.rescale_betas_zero_snr == Some(true) {
             return unsupported("rescale_betas_zero_snr".into());
         }
-        if let Some(t) = self.interpolation_type.as_deref().filter(|t| *t != "linear") {
+        if let Some(t) = self
+            .interpolation_type
+            .as_deref()
+            .filter(|t| *t != "linear")
+        {
             return unsupported(format!("interpolation_type `{t}`"));
         }
         if let Some(t) = self.timestep_type.as_deref().filter(|t| *t != "discrete") {
             return unsupported(format!("timestep_type `{t}`"));
         }
-        if let Some(t) = self.final_sigmas_type.as_deref().filter(|t| *t != "zero" && *t != "sigma_min") {
+        if let Some(t) = self
+            .final_sigmas_type
+            .as_deref()
+            .filter(|t| *t != "zero" && *t != "sigma_min")
+        {
             return unsupported(format!("final_sigmas_type `{t}`"));
         }
         match self.beta_schedule.as_deref() {
             None | Some("linear") | Some("scaled_linear") | Some("squaredcos_cap_v2") => {}
-            Some(other) if self.trained_betas.is_none() => return unsupported(format!("beta_schedule `{other}`")),
+            Some(other) if self.trained_betas.is_none() => {
+                return unsupported(format!("beta_schedule `{other}`"))
+            }
             Some(_) => {}
         }
         if self.num_train_timesteps() < 2 {
@@ -116,7 +130,11 @@ impl SchedulerConfig {
                     .map(|b| b * b)
                     .collect(),
                 "squaredcos_cap_v2" => {
-                    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+                    let alpha_bar = |t: f64| {
+                        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                            .cos()
+                            .powi(2)
+                    };
                     (0..n)
                         .map(|i| {
                             let t1 = i as f64 / n as f64;
@@ -148,7 +166,13 @@ pub fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let half = steps / 2;
     (0..steps)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (steps - i - 1) as f32
+            }
+        })
         .collect()
 }
 
@@ -165,7 +189,12 @@ pub fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 
 /// The inference timesteps of diffusers' `timestep_spacing` rules, in f64 before any rounding
 /// that the caller applies (DDIM rounds linspace values to integers, Euler keeps them).
-pub fn spaced_timesteps(spacing: TimestepSpacing, train_steps: usize, steps: usize, steps_offset: usize) -> Vec<f64> {
+pub fn spaced_timesteps(
+    spacing: TimestepSpacing,
+    train_steps: usize,
+    steps: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
     match spacing {
         TimestepSpacing::Linspace => {
             let mut v = np_linspace(0.0, (train_steps - 1) as f64, steps);
@@ -174,13 +203,36 @@ pub fn spaced_timesteps(spacing: TimestepSpacing, train_steps: usize, steps: usi
         }
         TimestepSpacing::Leading => {
             let ratio = train_steps / steps;
-            (0..steps).rev().map(|i| (i * ratio + steps_offset) as f64).collect()
+            (0..steps)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
         }
         TimestepSpacing::Trailing => {
             // np.arange(train_steps, 0, -ratio).round() - 1, with numpy's length rule.
             let ratio = train_steps as f64 / steps as f64;
             let len = ((0.0 - train_steps as f64) / -ratio).ceil() as usize;
-            (0..len).map(|i| (train_steps as f64 - i as f64 * ratio).round_ties_even() - 1.0).collect()
+            (0..len)
+                .map(|i| (train_steps as f64 - i as f64 * ratio).round_ties_even() - 1.0)
+                .collect()
         }
     }
+}
+
+/// Karras et al. (2022) noise levels, rho = 7, from `sigma_max` down to `sigma_min`.
+pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
+    np_linspace(0.0, 1.0, steps)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
+}
+
+/// Noise levels evenly spaced in log space, from `sigma_max` down to `sigma_min`.
+pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    np_linspace(sigma_max.ln(), sigma_min.ln(), steps)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
 }

@@ -20,12 +20,17 @@ impl DdimSampler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Self {
         let train = config.num_train_timesteps();
         let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Leading);
-        let int_timesteps: Vec<usize> = spaced_timesteps(spacing, train, steps, config.steps_offset())
-            .into_iter()
-            .map(|t| t.round_ties_even().max(0.0) as usize)
-            .collect();
+        let int_timesteps: Vec<usize> =
+            spaced_timesteps(spacing, train, steps, config.steps_offset())
+                .into_iter()
+                .map(|t| t.round_ties_even().max(0.0) as usize)
+                .collect();
         let alphas_cumprod = config.alphas_cumprod();
-        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) { 1.0 } else { alphas_cumprod[0] };
+        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
         let clip_range = if config.clip_sample.unwrap_or(true) {
             Some(config.clip_sample_range.unwrap_or(1.0) as f32)
         } else {
@@ -56,7 +61,13 @@ impl Sampler for DdimSampler {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _rng: &mut TorchGenerator) -> candle_core::Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step: usize,
+        sample: &Tensor,
+        _rng: &mut TorchGenerator,
+    ) -> candle_core::Result<Tensor> {
         let t = self.int_timesteps[step];
         let alpha_t = self.alphas_cumprod[t.min(self.alphas_cumprod.len() - 1)];
         let alpha_prev = match t.checked_sub(self.step_ratio) {
@@ -66,8 +77,14 @@ impl Sampler for DdimSampler {
         let beta_t = 1.0 - alpha_t;
         let (sqrt_a, sqrt_b) = (alpha_t.sqrt() as f64, beta_t.sqrt() as f64);
         let (mut x0, eps) = match self.prediction {
-            PredictionType::Epsilon => (((sample - (model_output * sqrt_b)?)? / sqrt_a)?, model_output.clone()),
-            PredictionType::Sample => (model_output.clone(), ((sample - (model_output * sqrt_a)?)? / sqrt_b)?),
+            PredictionType::Epsilon => (
+                ((sample - (model_output * sqrt_b)?)? / sqrt_a)?,
+                model_output.clone(),
+            ),
+            PredictionType::Sample => (
+                model_output.clone(),
+                ((sample - (model_output * sqrt_a)?)? / sqrt_b)?,
+            ),
             PredictionType::VPrediction => (
                 ((sample * sqrt_a)? - (model_output * sqrt_b)?)?,
                 ((model_output * sqrt_a)? + (sample * sqrt_b)?)?,

@@ -36,7 +36,10 @@ pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     let n = log_sigmas.len();
     // cumsum(dists >= 0).argmax(): the last index where log_sigma >= log_sigmas[i] (0 if none).
-    let low = log_sigmas.iter().rposition(|&l| log_sigma - l as f64 >= 0.0).unwrap_or(0);
+    let low = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l as f64 >= 0.0)
+        .unwrap_or(0);
     let low = low.min(n - 2);
     let high = low + 1;
     let (lo, hi) = (log_sigmas[low] as f64, log_sigmas[high] as f64);
@@ -45,24 +48,40 @@ pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 }
 
 impl EulerSampler {
-    pub fn new(config: &SchedulerConfig, schedule: SigmaSchedule, steps: usize, ancestral: bool) -> Result<Self> {
+    pub fn new(
+        config: &SchedulerConfig,
+        schedule: SigmaSchedule,
+        steps: usize,
+        ancestral: bool,
+    ) -> Result<Self> {
         let train = config.num_train_timesteps();
         let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
         let alphas_cumprod = config.alphas_cumprod();
-        let train_sigmas: Vec<f32> = alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
+        let train_sigmas: Vec<f32> = alphas_cumprod
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt())
+            .collect();
         let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
 
-        let mut timesteps: Vec<f64> = spaced_timesteps(spacing, train, steps, config.steps_offset())
-            .into_iter()
-            .map(|t| t as f32 as f64)
+        let mut timesteps: Vec<f64> =
+            spaced_timesteps(spacing, train, steps, config.steps_offset())
+                .into_iter()
+                .map(|t| t as f32 as f64)
+                .collect();
+        let mut sigmas: Vec<f64> = timesteps
+            .iter()
+            .map(|&t| interp_index(t, &train_sigmas))
             .collect();
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp_index(t, &train_sigmas)).collect();
 
         // The ancestral sampler in diffusers has no Karras/exponential option, so neither the
         // config's flags nor (see `SamplerKind::check_schedule`) a requested schedule apply to it.
         let schedule = match schedule {
-            SigmaSchedule::Default if !ancestral && config.use_karras_sigmas == Some(true) => SigmaSchedule::Karras,
-            SigmaSchedule::Default if !ancestral && config.use_exponential_sigmas == Some(true) => SigmaSchedule::Exponential,
+            SigmaSchedule::Default if !ancestral && config.use_karras_sigmas == Some(true) => {
+                SigmaSchedule::Karras
+            }
+            SigmaSchedule::Default if !ancestral && config.use_exponential_sigmas == Some(true) => {
+                SigmaSchedule::Exponential
+            }
             s => s,
         };
         if schedule != SigmaSchedule::Default {
@@ -70,22 +89,13 @@ impl EulerSampler {
             let sigma_min = config.sigma_min.unwrap_or(sigmas[last]);
             let sigma_max = config.sigma_max.unwrap_or(sigmas[0]);
             sigmas = match schedule {
-                SigmaSchedule::Karras => {
-                    let rho = 7.0;
-                    let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-                    super::config::np_linspace(0.0, 1.0, steps)
-                        .into_iter()
-                        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-                        .collect()
-                }
-                _ => super::config::np_linspace(sigma_max.ln(), sigma_min.ln(), steps)
-                    .into_iter()
-                    .map(f64::exp)
-                    .collect(),
+                SigmaSchedule::Karras => super::config::karras_sigmas(sigma_min, sigma_max, steps),
+                _ => super::config::exponential_sigmas(sigma_min, sigma_max, steps),
             };
             timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
         }
-        let final_sigma = if !ancestral && config.final_sigmas_type.as_deref() == Some("sigma_min") {
+        let final_sigma = if !ancestral && config.final_sigmas_type.as_deref() == Some("sigma_min")
+        {
             train_sigmas[0] as f64
         } else {
             0.0
@@ -99,13 +109,18 @@ impl EulerSampler {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
             TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
         };
-        Ok(Self { timesteps, sigmas, init_noise_sigma, prediction: config.prediction_type(), ancestral })
+        Ok(Self {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+            prediction: config.prediction_type(),
+            ancestral,
+        })
     }
 
     fn sigma_index(&self, step: usize) -> usize {
         step.min(self.sigmas.len() - 2)
     }
-
 }
 
 impl Sampler for EulerSampler {
@@ -126,7 +141,13 @@ impl Sampler for EulerSampler {
         sample / ((sigma * sigma + 1.0).sqrt() as f64)
     }
 
-    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, rng: &mut TorchGenerator) -> candle_core::Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step: usize,
+        sample: &Tensor,
+        rng: &mut TorchGenerator,
+    ) -> candle_core::Result<Tensor> {
         let i = self.sigma_index(step);
         let sigma = self.sigmas[i];
         let x0 = match self.prediction {
@@ -163,7 +184,10 @@ mod tests {
             let t = sigma_to_t((log_sigmas[i] as f64).exp(), &log_sigmas);
             assert!((t - i as f64).abs() < 1e-6, "{i} -> {t}");
         }
-        let mid = sigma_to_t(((log_sigmas[3] as f64 + log_sigmas[4] as f64) / 2.0).exp(), &log_sigmas);
+        let mid = sigma_to_t(
+            ((log_sigmas[3] as f64 + log_sigmas[4] as f64) / 2.0).exp(),
+            &log_sigmas,
+        );
         assert!((mid - 3.5).abs() < 1e-6);
     }
 }

@@ -33,8 +33,13 @@ pub enum SamplerKind {
 }
 
 impl SamplerKind {
-    pub const ALL: &'static [SamplerKind] =
-        &[SamplerKind::Euler, SamplerKind::EulerA, SamplerKind::Ddim, SamplerKind::DpmPp2m, SamplerKind::DpmPp2mSde];
+    pub const ALL: &'static [SamplerKind] = &[
+        SamplerKind::Euler,
+        SamplerKind::EulerA,
+        SamplerKind::Ddim,
+        SamplerKind::DpmPp2m,
+        SamplerKind::DpmPp2mSde,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -68,7 +73,20 @@ impl SamplerKind {
     /// Every accepted spelling (for `/v1/models` and the docs).
     pub fn accepted_names() -> Vec<String> {
         let mut names: Vec<String> = Self::ALL.iter().map(|k| k.name().to_string()).collect();
-        names.extend(["Euler", "Euler a", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "dpmpp_2m_sde_gpu", "k_euler_a"].map(String::from));
+        names.extend(
+            [
+                "Euler",
+                "Euler a",
+                "DDIM",
+                "DPM++ 2M",
+                "DPM++ 2M Karras",
+                "DPM++ 2M SDE",
+                "DPM++ 2M SDE Karras",
+                "dpmpp_2m_sde_gpu",
+                "k_euler_a",
+            ]
+            .map(String::from),
+        );
         names
     }
 
@@ -82,7 +100,10 @@ impl SamplerKind {
             .map(|c| if c == ' ' || c == '-' { '_' } else { c })
             .collect();
         let mut schedule = None;
-        for (suffix, sched) in [("_karras", SigmaSchedule::Karras), ("_exponential", SigmaSchedule::Exponential)] {
+        for (suffix, sched) in [
+            ("_karras", SigmaSchedule::Karras),
+            ("_exponential", SigmaSchedule::Exponential),
+        ] {
             if let Some(stripped) = norm.strip_suffix(suffix) {
                 norm = stripped.to_string();
                 schedule = Some(sched);
@@ -92,9 +113,20 @@ impl SamplerKind {
             .iter()
             .copied()
             .find(|k| k.name() == norm)
-            .or_else(|| Self::ALIASES.iter().find(|(a, _)| *a == norm).map(|(_, k)| *k))
+            .or_else(|| {
+                Self::ALIASES
+                    .iter()
+                    .find(|(a, _)| *a == norm)
+                    .map(|(_, k)| *k)
+            })
             .ok_or_else(|| {
-                EngineError::invalid("sampler", format!("unknown sampler `{s}`; available: {}", Self::accepted_names().join(", ")))
+                EngineError::invalid(
+                    "sampler",
+                    format!(
+                        "unknown sampler `{s}`; available: {}",
+                        Self::accepted_names().join(", ")
+                    ),
+                )
             })?;
         Ok((kind, schedule))
     }
@@ -102,9 +134,11 @@ impl SamplerKind {
     /// The schedules diffusers offers for this sampler.
     pub fn schedules(self) -> &'static [SigmaSchedule] {
         match self {
-            Self::Euler | Self::DpmPp2m | Self::DpmPp2mSde => {
-                &[SigmaSchedule::Default, SigmaSchedule::Karras, SigmaSchedule::Exponential]
-            }
+            Self::Euler | Self::DpmPp2m | Self::DpmPp2mSde => &[
+                SigmaSchedule::Default,
+                SigmaSchedule::Karras,
+                SigmaSchedule::Exponential,
+            ],
             Self::EulerA | Self::Ddim => &[SigmaSchedule::Default],
         }
     }
@@ -116,7 +150,15 @@ impl SamplerKind {
         } else {
             Err(EngineError::Incompatible {
                 param: "schedule",
-                message: format!("sampler `{}` supports only the schedules: {}", self.name(), self.schedules().iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")),
+                message: format!(
+                    "sampler `{}` supports only the schedules: {}",
+                    self.name(),
+                    self.schedules()
+                        .iter()
+                        .map(|s| s.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             })
         }
     }
@@ -156,7 +198,10 @@ impl FromStr for SigmaSchedule {
             "default" => Ok(Self::Default),
             "karras" => Ok(Self::Karras),
             "exponential" => Ok(Self::Exponential),
-            _ => Err(EngineError::invalid("schedule", format!("unknown schedule `{s}`; available: default, karras, exponential"))),
+            _ => Err(EngineError::invalid(
+                "schedule",
+                format!("unknown schedule `{s}`; available: default, karras, exponential"),
+            )),
         }
     }
 }
@@ -174,14 +219,28 @@ pub trait Sampler: Send {
     fn init_noise_sigma(&self) -> f32;
     fn scale_model_input(&self, sample: &Tensor, step: usize) -> candle_core::Result<Tensor>;
     /// Advance one step; ancestral samplers draw their noise from `rng` exactly as diffusers does.
-    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, rng: &mut TorchGenerator) -> candle_core::Result<Tensor>;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step: usize,
+        sample: &Tensor,
+        rng: &mut TorchGenerator,
+    ) -> candle_core::Result<Tensor>;
 }
 
-pub fn build(config: &SchedulerConfig, kind: SamplerKind, schedule: SigmaSchedule, steps: usize) -> Result<Box<dyn Sampler>> {
+pub fn build(
+    config: &SchedulerConfig,
+    kind: SamplerKind,
+    schedule: SigmaSchedule,
+    steps: usize,
+) -> Result<Box<dyn Sampler>> {
     config.check()?;
     let train = config.num_train_timesteps();
     if steps == 0 || steps > train {
-        return Err(EngineError::invalid("steps", format!("steps must be between 1 and {train}")));
+        return Err(EngineError::invalid(
+            "steps",
+            format!("steps must be between 1 and {train}"),
+        ));
     }
     kind.check_schedule(schedule)?;
     Ok(match kind {
@@ -189,7 +248,9 @@ pub fn build(config: &SchedulerConfig, kind: SamplerKind, schedule: SigmaSchedul
         SamplerKind::EulerA => Box::new(euler::EulerSampler::new(config, schedule, steps, true)?),
         SamplerKind::Ddim => Box::new(ddim::DdimSampler::new(config, steps)),
         SamplerKind::DpmPp2m => Box::new(dpmpp::DpmppSampler::new(config, schedule, steps, false)?),
-        SamplerKind::DpmPp2mSde => Box::new(dpmpp::DpmppSampler::new(config, schedule, steps, true)?),
+        SamplerKind::DpmPp2mSde => {
+            Box::new(dpmpp::DpmppSampler::new(config, schedule, steps, true)?)
+        }
     })
 }
 
