@@ -59,16 +59,24 @@ fn full_runs_match_diffusers_latents_and_pngs() {
             n: run.n,
             clip_skip: 0,
         };
-        let mut steps_seen = 0;
+        let (mut steps_seen, mut total) = (0, 0);
         let out = p
             .generate(&params, &mut |pr| {
-                steps_seen = pr.step;
+                steps_seen += 1;
+                assert_eq!(pr.step, steps_seen);
+                total = pr.total;
                 true
             })
             .unwrap();
+        // One report per model evaluation (PNDM evaluates steps + 1 times, like diffusers).
         assert_eq!(
-            steps_seen, run.steps,
+            steps_seen, total,
             "{}: progress reported every step",
+            run.name
+        );
+        assert!(
+            total == run.steps || (run.sampler == "pndm" && total == run.steps + 1),
+            "{}: {total} evaluations",
             run.name
         );
 

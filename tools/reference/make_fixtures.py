@@ -361,6 +361,7 @@ RUNS = [
     ("sd2_euler_vpred", "sd2", "euler", 5, 56, 64, 7, 9.0, 1, None),
     ("sd1_dpmpp_2m_karras", "sd1", "dpmpp_2m_karras", 77, 64, 64, 8, 7.0, 1, "lowres"),
     ("sd2_dpmpp_2m_sde_n2", "sd2", "dpmpp_2m_sde", 31337, 64, 48, 6, 6.0, 2, None),
+    ("sd1_pndm_default", "sd1", "pndm", 2718, 64, 64, 6, 7.5, 1, None),
 ]
 
 SAMPLERS = {
@@ -374,6 +375,7 @@ SAMPLERS = {
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "pndm": (PNDMScheduler, {}),
 }
 
 

@@ -10,12 +10,13 @@ samplers comes from `torch.Generator("cpu").manual_seed(seed)`, as in the pipeli
 Usage: .venv/bin/python make_sampler_traces.py [--out ../../tests/fixtures/samplers]
 """
 import argparse
+import inspect
 import json
 import shutil
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
+from diffusers import PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
 from safetensors.torch import save_file
 
 from make_fixtures import SD1_SCHEDULER, SD2_SCHEDULER
@@ -29,6 +30,7 @@ SAMPLERS = {
     "ddim": (DDIMScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "pndm": (PNDMScheduler, {}),
 }
 SCHEDULES = {
     "default": {},
@@ -41,6 +43,7 @@ SUPPORTED_SCHEDULES = {
     "ddim": ["default"],
     "dpmpp_2m": ["default", "karras", "exponential"],
     "dpmpp_2m_sde": ["default", "karras", "exponential"],
+    "pndm": ["default"],
 }
 
 
@@ -77,7 +80,8 @@ def main():
                         for t in s.timesteps:
                             inp = s.scale_model_input(x, t)
                             eps = fake_model(inp, t)
-                            x = s.step(eps, t, x, generator=g).prev_sample
+                            extra = {"generator": g} if "generator" in inspect.signature(s.step).parameters else {}
+                            x = s.step(eps, t, x, **extra).prev_sample
                             inputs.append(inp)
                             outputs.append(eps)
                             samples.append(x.clone())

@@ -54,6 +54,8 @@ pub struct SchedulerConfig {
     pub lower_order_final: Option<bool>,
     pub lambda_min_clipped: Option<f64>,
     pub algorithm_type: Option<String>,
+    // PNDM.
+    pub skip_prk_steps: Option<bool>,
 }
 
 impl SchedulerConfig {

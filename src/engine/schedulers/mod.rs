@@ -5,6 +5,7 @@ pub mod config;
 mod ddim;
 mod dpmpp;
 mod euler;
+mod pndm;
 
 use std::str::FromStr;
 
@@ -30,6 +31,8 @@ pub enum SamplerKind {
     DpmPp2m,
     /// `DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)`
     DpmPp2mSde,
+    /// `PNDMScheduler` (PLMS; the SD 1.x default)
+    Pndm,
 }
 
 impl SamplerKind {
@@ -39,6 +42,7 @@ impl SamplerKind {
         SamplerKind::Ddim,
         SamplerKind::DpmPp2m,
         SamplerKind::DpmPp2mSde,
+        SamplerKind::Pndm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +52,7 @@ impl SamplerKind {
             Self::Ddim => "ddim",
             Self::DpmPp2m => "dpmpp_2m",
             Self::DpmPp2mSde => "dpmpp_2m_sde",
+            Self::Pndm => "pndm",
         }
     }
 
@@ -68,6 +73,8 @@ impl SamplerKind {
         ("dpmpp_2m_sde", SamplerKind::DpmPp2mSde),
         ("dpmpp_2m_sde_gpu", SamplerKind::DpmPp2mSde),
         ("k_dpmpp_2m_sde", SamplerKind::DpmPp2mSde),
+        ("plms", SamplerKind::Pndm),
+        ("pndmscheduler", SamplerKind::Pndm),
     ];
 
     /// Every accepted spelling (for `/v1/models` and the docs).
@@ -84,6 +91,7 @@ impl SamplerKind {
                 "DPM++ 2M SDE Karras",
                 "dpmpp_2m_sde_gpu",
                 "k_euler_a",
+                "PLMS",
             ]
             .map(String::from),
         );
@@ -139,7 +147,7 @@ impl SamplerKind {
                 SigmaSchedule::Karras,
                 SigmaSchedule::Exponential,
             ],
-            Self::EulerA | Self::Ddim => &[SigmaSchedule::Default],
+            Self::EulerA | Self::Ddim | Self::Pndm => &[SigmaSchedule::Default],
         }
     }
 
@@ -251,6 +259,7 @@ pub fn build(
         SamplerKind::DpmPp2mSde => {
             Box::new(dpmpp::DpmppSampler::new(config, schedule, steps, true)?)
         }
+        SamplerKind::Pndm => Box::new(pndm::PndmSampler::new(config, steps)?),
     })
 }
 
