@@ -68,14 +68,19 @@ fn full_runs_match_diffusers_latents_and_pngs() {
                 true
             })
             .unwrap();
-        // One report per model evaluation (PNDM evaluates steps + 1 times, like diffusers).
+        // One report per model evaluation (PNDM evaluates steps + 1 times, Heun 2 * steps - 1, as in diffusers).
         assert_eq!(
             steps_seen, total,
             "{}: progress reported every step",
             run.name
         );
         assert!(
-            total == run.steps || (run.sampler == "pndm" && total == run.steps + 1),
+            total
+                == match run.sampler.as_str() {
+                    "pndm" => run.steps + 1,
+                    "heun" => 2 * run.steps - 1,
+                    _ => run.steps,
+                },
             "{}: {total} evaluations",
             run.name
         );

@@ -33,6 +33,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -362,6 +363,7 @@ RUNS = [
     ("sd1_dpmpp_2m_karras", "sd1", "dpmpp_2m_karras", 77, 64, 64, 8, 7.0, 1, "lowres"),
     ("sd2_dpmpp_2m_sde_n2", "sd2", "dpmpp_2m_sde", 31337, 64, 48, 6, 6.0, 2, None),
     ("sd1_pndm_default", "sd1", "pndm", 2718, 64, 64, 6, 7.5, 1, None),
+    ("sd2_heun_vpred", "sd2", "heun", 1618, 48, 64, 5, 6.5, 1, "dull"),
 ]
 
 SAMPLERS = {
@@ -376,6 +378,7 @@ SAMPLERS = {
     ),
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "pndm": (PNDMScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
 }
 
 

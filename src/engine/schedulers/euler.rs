@@ -47,6 +47,78 @@ pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     (1.0 - w) * low as f64 + w * high as f64
 }
 
+/// Timesteps and sigmas (final sigma appended) of the Euler family — shared by Euler, Euler a
+/// and Heun, which build them identically in diffusers.
+pub(super) struct DiscreteSchedule {
+    pub timesteps: Vec<f32>,
+    pub sigmas: Vec<f32>,
+    pub init_noise_sigma: f32,
+}
+
+/// `ancestral`: Euler a ignores the config's Karras/exponential flags and `final_sigmas_type`.
+pub(super) fn discrete_schedule(
+    config: &SchedulerConfig,
+    schedule: SigmaSchedule,
+    steps: usize,
+    ancestral: bool,
+) -> DiscreteSchedule {
+    let train = config.num_train_timesteps();
+    let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
+    let alphas_cumprod = config.alphas_cumprod();
+    let train_sigmas: Vec<f32> = alphas_cumprod
+        .iter()
+        .map(|&a| ((1.0 - a) / a).sqrt())
+        .collect();
+    let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
+
+    let mut timesteps: Vec<f64> = spaced_timesteps(spacing, train, steps, config.steps_offset())
+        .into_iter()
+        .map(|t| t as f32 as f64)
+        .collect();
+    let mut sigmas: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| interp_index(t, &train_sigmas))
+        .collect();
+
+    let schedule = match schedule {
+        SigmaSchedule::Default if !ancestral && config.use_karras_sigmas == Some(true) => {
+            SigmaSchedule::Karras
+        }
+        SigmaSchedule::Default if !ancestral && config.use_exponential_sigmas == Some(true) => {
+            SigmaSchedule::Exponential
+        }
+        s => s,
+    };
+    if schedule != SigmaSchedule::Default {
+        let last = sigmas.len() - 1;
+        let sigma_min = config.sigma_min.unwrap_or(sigmas[last]);
+        let sigma_max = config.sigma_max.unwrap_or(sigmas[0]);
+        sigmas = match schedule {
+            SigmaSchedule::Karras => super::config::karras_sigmas(sigma_min, sigma_max, steps),
+            _ => super::config::exponential_sigmas(sigma_min, sigma_max, steps),
+        };
+        timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
+    }
+    let final_sigma = if !ancestral && config.final_sigmas_type.as_deref() == Some("sigma_min") {
+        train_sigmas[0] as f64
+    } else {
+        0.0
+    };
+    sigmas.push(final_sigma);
+    let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
+    let timesteps: Vec<f32> = timesteps.into_iter().map(|t| t as f32).collect();
+    let max_sigma = sigmas.iter().copied().fold(f32::MIN, f32::max);
+    let init_noise_sigma = match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+        TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+    };
+    DiscreteSchedule {
+        timesteps,
+        sigmas,
+        init_noise_sigma,
+    }
+}
+
 impl EulerSampler {
     pub fn new(
         config: &SchedulerConfig,
@@ -54,61 +126,11 @@ impl EulerSampler {
         steps: usize,
         ancestral: bool,
     ) -> Result<Self> {
-        let train = config.num_train_timesteps();
-        let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
-        let alphas_cumprod = config.alphas_cumprod();
-        let train_sigmas: Vec<f32> = alphas_cumprod
-            .iter()
-            .map(|&a| ((1.0 - a) / a).sqrt())
-            .collect();
-        let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
-
-        let mut timesteps: Vec<f64> =
-            spaced_timesteps(spacing, train, steps, config.steps_offset())
-                .into_iter()
-                .map(|t| t as f32 as f64)
-                .collect();
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| interp_index(t, &train_sigmas))
-            .collect();
-
-        // The ancestral sampler in diffusers has no Karras/exponential option, so neither the
-        // config's flags nor (see `SamplerKind::check_schedule`) a requested schedule apply to it.
-        let schedule = match schedule {
-            SigmaSchedule::Default if !ancestral && config.use_karras_sigmas == Some(true) => {
-                SigmaSchedule::Karras
-            }
-            SigmaSchedule::Default if !ancestral && config.use_exponential_sigmas == Some(true) => {
-                SigmaSchedule::Exponential
-            }
-            s => s,
-        };
-        if schedule != SigmaSchedule::Default {
-            let last = sigmas.len() - 1;
-            let sigma_min = config.sigma_min.unwrap_or(sigmas[last]);
-            let sigma_max = config.sigma_max.unwrap_or(sigmas[0]);
-            sigmas = match schedule {
-                SigmaSchedule::Karras => super::config::karras_sigmas(sigma_min, sigma_max, steps),
-                _ => super::config::exponential_sigmas(sigma_min, sigma_max, steps),
-            };
-            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
-        }
-        let final_sigma = if !ancestral && config.final_sigmas_type.as_deref() == Some("sigma_min")
-        {
-            train_sigmas[0] as f64
-        } else {
-            0.0
-        };
-        sigmas.push(final_sigma);
-        let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
-        let timesteps: Vec<f32> = timesteps.into_iter().map(|t| t as f32).collect();
-
-        let max_sigma = sigmas.iter().copied().fold(f32::MIN, f32::max);
-        let init_noise_sigma = match spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
-        };
+        let DiscreteSchedule {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+        } = discrete_schedule(config, schedule, steps, ancestral);
         Ok(Self {
             timesteps,
             sigmas,

@@ -5,6 +5,7 @@ pub mod config;
 mod ddim;
 mod dpmpp;
 mod euler;
+mod heun;
 mod pndm;
 
 use std::str::FromStr;
@@ -33,6 +34,8 @@ pub enum SamplerKind {
     DpmPp2mSde,
     /// `PNDMScheduler` (PLMS; the SD 1.x default)
     Pndm,
+    /// `HeunDiscreteScheduler`
+    Heun,
 }
 
 impl SamplerKind {
@@ -43,6 +46,7 @@ impl SamplerKind {
         SamplerKind::DpmPp2m,
         SamplerKind::DpmPp2mSde,
         SamplerKind::Pndm,
+        SamplerKind::Heun,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +57,7 @@ impl SamplerKind {
             Self::DpmPp2m => "dpmpp_2m",
             Self::DpmPp2mSde => "dpmpp_2m_sde",
             Self::Pndm => "pndm",
+            Self::Heun => "heun",
         }
     }
 
@@ -74,6 +79,8 @@ impl SamplerKind {
         ("dpmpp_2m_sde_gpu", SamplerKind::DpmPp2mSde),
         ("k_dpmpp_2m_sde", SamplerKind::DpmPp2mSde),
         ("plms", SamplerKind::Pndm),
+        ("k_heun", SamplerKind::Heun),
+        ("heundiscretescheduler", SamplerKind::Heun),
         ("pndmscheduler", SamplerKind::Pndm),
     ];
 
@@ -92,6 +99,8 @@ impl SamplerKind {
                 "dpmpp_2m_sde_gpu",
                 "k_euler_a",
                 "PLMS",
+                "Heun",
+                "Heun Karras",
             ]
             .map(String::from),
         );
@@ -142,7 +151,7 @@ impl SamplerKind {
     /// The schedules diffusers offers for this sampler.
     pub fn schedules(self) -> &'static [SigmaSchedule] {
         match self {
-            Self::Euler | Self::DpmPp2m | Self::DpmPp2mSde => &[
+            Self::Euler | Self::DpmPp2m | Self::DpmPp2mSde | Self::Heun => &[
                 SigmaSchedule::Default,
                 SigmaSchedule::Karras,
                 SigmaSchedule::Exponential,
@@ -260,6 +269,7 @@ pub fn build(
             Box::new(dpmpp::DpmppSampler::new(config, schedule, steps, true)?)
         }
         SamplerKind::Pndm => Box::new(pndm::PndmSampler::new(config, steps)?),
+        SamplerKind::Heun => Box::new(heun::HeunSampler::new(config, schedule, steps)),
     })
 }
 

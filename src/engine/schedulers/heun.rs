@@ -1,0 +1,125 @@
+//! Heun's second-order method over discrete sigmas, as diffusers' `HeunDiscreteScheduler`:
+//! `2 * steps - 1` model evaluations (every sigma after the first is visited twice).
+
+use candle_core::Tensor;
+
+use super::config::{PredictionType, SchedulerConfig};
+use super::euler::{discrete_schedule, DiscreteSchedule};
+use super::{Sampler, SigmaSchedule};
+use crate::engine::rng::TorchGenerator;
+
+pub struct HeunSampler {
+    timesteps: Vec<f32>,
+    /// [s0, s1, s1, s2, s2, …, s_{n-1}, s_{n-1}, 0]
+    sigmas: Vec<f32>,
+    init_noise_sigma: f32,
+    prediction: PredictionType,
+    clip_range: Option<f32>,
+    /// The first-order half-step: derivative, dt and the sample it started from.
+    pending: Option<(Tensor, f32, Tensor)>,
+}
+
+impl HeunSampler {
+    pub fn new(config: &SchedulerConfig, schedule: SigmaSchedule, steps: usize) -> Self {
+        let DiscreteSchedule {
+            timesteps, sigmas, ..
+        } = discrete_schedule(config, schedule, steps, false);
+        // Heun always ends at sigma 0 (it has no final_sigmas_type).
+        let n = sigmas.len();
+        let mut doubled = vec![sigmas[0]];
+        for s in &sigmas[1..n - 1] {
+            doubled.extend([*s, *s]);
+        }
+        doubled.push(0.0);
+        let mut ts = vec![timesteps[0]];
+        for t in &timesteps[1..] {
+            ts.extend([*t, *t]);
+        }
+        let max_sigma = doubled.iter().copied().fold(f32::MIN, f32::max);
+        let init_noise_sigma = match config
+            .timestep_spacing
+            .unwrap_or(super::TimestepSpacing::Linspace)
+        {
+            super::TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+            _ => max_sigma,
+        };
+        Self {
+            timesteps: ts,
+            sigmas: doubled,
+            init_noise_sigma,
+            prediction: config.prediction_type(),
+            clip_range: if config.clip_sample.unwrap_or(false) {
+                Some(config.clip_sample_range.unwrap_or(1.0) as f32)
+            } else {
+                None
+            },
+            pending: None,
+        }
+    }
+
+    fn x0(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        sigma: f32,
+    ) -> candle_core::Result<Tensor> {
+        let x0 = match self.prediction {
+            PredictionType::Epsilon => (sample - (model_output * sigma as f64)?)?,
+            PredictionType::VPrediction => {
+                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+                ((model_output * c_out as f64)? + (sample / (sigma * sigma + 1.0) as f64)?)?
+            }
+            PredictionType::Sample => model_output.clone(),
+        };
+        match self.clip_range {
+            Some(r) => x0.clamp(-r, r),
+            None => Ok(x0),
+        }
+    }
+}
+
+impl Sampler for HeunSampler {
+    fn timesteps(&self) -> &[f32] {
+        &self.timesteps
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        self.init_noise_sigma
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, i: usize) -> candle_core::Result<Tensor> {
+        let sigma = self.sigmas[i];
+        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        _rng: &mut TorchGenerator,
+    ) -> candle_core::Result<Tensor> {
+        match self.pending.take() {
+            None => {
+                let (sigma, sigma_next) = (self.sigmas[i], self.sigmas[i + 1]);
+                let x0 = self.x0(model_output, sample, sigma)?;
+                let derivative = ((sample - x0)? / sigma as f64)?;
+                let dt = sigma_next - sigma;
+                let out = (sample + (&derivative * dt as f64)?)?;
+                self.pending = Some((derivative, dt, sample.clone()));
+                Ok(out)
+            }
+            Some((prev_derivative, dt, start)) => {
+                let sigma_next = self.sigmas[i];
+                let x0 = self.x0(model_output, sample, sigma_next)?;
+                let derivative = ((sample - x0)? / sigma_next as f64)?;
+                let derivative = ((prev_derivative + derivative)? / 2.0)?;
+                start + (derivative * dt as f64)?
+            }
+        }
+    }
+}
