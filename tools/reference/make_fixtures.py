@@ -30,6 +30,7 @@ import transformers
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -364,6 +365,7 @@ RUNS = [
     ("sd2_dpmpp_2m_sde_n2", "sd2", "dpmpp_2m_sde", 31337, 64, 48, 6, 6.0, 2, None),
     ("sd1_pndm_default", "sd1", "pndm", 2718, 64, 64, 6, 7.5, 1, None),
     ("sd2_heun_vpred", "sd2", "heun", 1618, 48, 64, 5, 6.5, 1, "dull"),
+    ("sd1_ddpm_n2", "sd1", "ddpm", 4242, 64, 64, 6, 7.5, 2, None),
 ]
 
 SAMPLERS = {
@@ -379,6 +381,7 @@ SAMPLERS = {
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "pndm": (PNDMScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
 }
 
 

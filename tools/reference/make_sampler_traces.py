@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
+from diffusers import DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
 from safetensors.torch import save_file
 
 from make_fixtures import SD1_SCHEDULER, SD2_SCHEDULER
@@ -32,6 +32,7 @@ SAMPLERS = {
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "pndm": (PNDMScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
 }
 SCHEDULES = {
     "default": {},
@@ -46,6 +47,7 @@ SUPPORTED_SCHEDULES = {
     "dpmpp_2m_sde": ["default", "karras", "exponential"],
     "pndm": ["default"],
     "heun": ["default", "karras", "exponential"],
+    "ddpm": ["default"],
 }
 
 

@@ -56,6 +56,8 @@ pub struct SchedulerConfig {
     pub algorithm_type: Option<String>,
     // PNDM.
     pub skip_prk_steps: Option<bool>,
+    // DDPM.
+    pub variance_type: Option<String>,
 }
 
 impl SchedulerConfig {

@@ -16,15 +16,24 @@ pub struct DdimSampler {
     clip_range: Option<f32>,
 }
 
+/// Spaced integer timesteps as DDIM/DDPM compute them (missing `timestep_spacing` = "leading").
+pub(super) fn integer_timesteps(config: &SchedulerConfig, steps: usize) -> Vec<usize> {
+    let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Leading);
+    spaced_timesteps(
+        spacing,
+        config.num_train_timesteps(),
+        steps,
+        config.steps_offset(),
+    )
+    .into_iter()
+    .map(|t| t.round_ties_even().max(0.0) as usize)
+    .collect()
+}
+
 impl DdimSampler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Self {
         let train = config.num_train_timesteps();
-        let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Leading);
-        let int_timesteps: Vec<usize> =
-            spaced_timesteps(spacing, train, steps, config.steps_offset())
-                .into_iter()
-                .map(|t| t.round_ties_even().max(0.0) as usize)
-                .collect();
+        let int_timesteps = integer_timesteps(config, steps);
         let alphas_cumprod = config.alphas_cumprod();
         let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
             1.0

@@ -3,6 +3,7 @@
 
 pub mod config;
 mod ddim;
+mod ddpm;
 mod dpmpp;
 mod euler;
 mod heun;
@@ -36,6 +37,8 @@ pub enum SamplerKind {
     Pndm,
     /// `HeunDiscreteScheduler`
     Heun,
+    /// `DDPMScheduler`
+    Ddpm,
 }
 
 impl SamplerKind {
@@ -47,6 +50,7 @@ impl SamplerKind {
         SamplerKind::DpmPp2mSde,
         SamplerKind::Pndm,
         SamplerKind::Heun,
+        SamplerKind::Ddpm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +62,7 @@ impl SamplerKind {
             Self::DpmPp2mSde => "dpmpp_2m_sde",
             Self::Pndm => "pndm",
             Self::Heun => "heun",
+            Self::Ddpm => "ddpm",
         }
     }
 
@@ -81,6 +86,7 @@ impl SamplerKind {
         ("plms", SamplerKind::Pndm),
         ("k_heun", SamplerKind::Heun),
         ("heundiscretescheduler", SamplerKind::Heun),
+        ("ddpmscheduler", SamplerKind::Ddpm),
         ("pndmscheduler", SamplerKind::Pndm),
     ];
 
@@ -156,7 +162,7 @@ impl SamplerKind {
                 SigmaSchedule::Karras,
                 SigmaSchedule::Exponential,
             ],
-            Self::EulerA | Self::Ddim | Self::Pndm => &[SigmaSchedule::Default],
+            Self::EulerA | Self::Ddim | Self::Pndm | Self::Ddpm => &[SigmaSchedule::Default],
         }
     }
 
@@ -270,6 +276,7 @@ pub fn build(
         }
         SamplerKind::Pndm => Box::new(pndm::PndmSampler::new(config, steps)?),
         SamplerKind::Heun => Box::new(heun::HeunSampler::new(config, schedule, steps)),
+        SamplerKind::Ddpm => Box::new(ddpm::DdpmSampler::new(config, steps)?),
     })
 }
 

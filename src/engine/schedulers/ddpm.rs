@@ -1,0 +1,111 @@
+//! Ancestral DDPM sampling over spaced timesteps, as diffusers' `DDPMScheduler` (variance types
+//! `fixed_small`, `fixed_small_log`, `fixed_large`; noise from the job's stream while t > 0).
+
+use candle_core::Tensor;
+
+use super::config::{PredictionType, SchedulerConfig};
+use super::{randn_like, Sampler};
+use crate::engine::error::{EngineError, Result};
+use crate::engine::rng::TorchGenerator;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Variance {
+    FixedSmall,
+    FixedSmallLog,
+    FixedLarge,
+}
+
+pub struct DdpmSampler {
+    timesteps: Vec<f32>,
+    int_timesteps: Vec<usize>,
+    alphas_cumprod: Vec<f32>,
+    prediction: PredictionType,
+    clip_range: Option<f32>,
+    variance: Variance,
+}
+
+impl DdpmSampler {
+    pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        let variance = match config.variance_type.as_deref() {
+            None | Some("fixed_small") => Variance::FixedSmall,
+            Some("fixed_small_log") => Variance::FixedSmallLog,
+            Some("fixed_large") => Variance::FixedLarge,
+            Some(other) => {
+                return Err(EngineError::Unsupported(format!(
+                    "DDPM variance_type `{other}`"
+                )))
+            }
+        };
+        let int_timesteps = super::ddim::integer_timesteps(config, steps);
+        Ok(Self {
+            timesteps: int_timesteps.iter().map(|&t| t as f32).collect(),
+            int_timesteps,
+            alphas_cumprod: config.alphas_cumprod(),
+            prediction: config.prediction_type(),
+            clip_range: if config.clip_sample.unwrap_or(true) {
+                Some(config.clip_sample_range.unwrap_or(1.0) as f32)
+            } else {
+                None
+            },
+            variance,
+        })
+    }
+}
+
+impl Sampler for DdpmSampler {
+    fn timesteps(&self) -> &[f32] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        rng: &mut TorchGenerator,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.int_timesteps[i];
+        let a_t = self.alphas_cumprod[t];
+        let a_prev = self
+            .int_timesteps
+            .get(i + 1)
+            .map_or(1.0, |&p| self.alphas_cumprod[p]);
+        let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
+        let cur_alpha = a_t / a_prev;
+        let cur_beta = 1.0 - cur_alpha;
+        let mut x0 = match self.prediction {
+            PredictionType::Epsilon => {
+                ((sample - (model_output * b_t.sqrt() as f64)?)? / a_t.sqrt() as f64)?
+            }
+            PredictionType::Sample => model_output.clone(),
+            PredictionType::VPrediction => {
+                ((sample * a_t.sqrt() as f64)? - (model_output * b_t.sqrt() as f64)?)?
+            }
+        };
+        if let Some(r) = self.clip_range {
+            x0 = x0.clamp(-r, r)?;
+        }
+        let x0_coeff = a_prev.sqrt() * cur_beta / b_t;
+        let sample_coeff = cur_alpha.sqrt() * b_prev / b_t;
+        let prev = ((x0 * x0_coeff as f64)? + (sample * sample_coeff as f64)?)?;
+        if t == 0 {
+            return Ok(prev);
+        }
+        let noise = randn_like(model_output, rng)?;
+        let small = ((b_prev / b_t) * cur_beta).max(1e-20);
+        let scale = match self.variance {
+            Variance::FixedSmall => small.sqrt(),
+            Variance::FixedSmallLog => (0.5 * small.ln()).exp(),
+            Variance::FixedLarge => cur_beta.sqrt(),
+        };
+        prev + (noise * scale as f64)?
+    }
+}
