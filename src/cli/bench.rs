@@ -307,7 +307,7 @@ pub fn sampler_study(config: &SchedulerConfig) -> anyhow::Result<()> {
             println!("{row}");
         }
     }
-    println!("Stochastic samplers (euler_a, dpmpp_2m_sde, ddpm) land on other samples of the same distribution,");
+    println!("Stochastic samplers (euler_a, dpmpp_2m_sde, ddpm, lcm) land on other samples of the same distribution,");
     println!("so their distance does not shrink; it is shown for completeness.");
     Ok(())
 }

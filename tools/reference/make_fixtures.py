@@ -35,6 +35,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -366,6 +367,7 @@ RUNS = [
     ("sd1_pndm_default", "sd1", "pndm", 2718, 64, 64, 6, 7.5, 1, None),
     ("sd2_heun_vpred", "sd2", "heun", 1618, 48, 64, 5, 6.5, 1, "dull"),
     ("sd1_ddpm_n2", "sd1", "ddpm", 4242, 64, 64, 6, 7.5, 2, None),
+    ("sd1_lcm_4steps", "sd1", "lcm", 99, 64, 64, 4, 1.0, 1, None),
 ]
 
 SAMPLERS = {
@@ -382,6 +384,7 @@ SAMPLERS = {
     "pndm": (PNDMScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
+    "lcm": (LCMScheduler, {}),
 }
 
 

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
+from diffusers import LCMScheduler, DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
 from safetensors.torch import save_file
 
 from make_fixtures import SD1_SCHEDULER, SD2_SCHEDULER
@@ -33,6 +33,7 @@ SAMPLERS = {
     "pndm": (PNDMScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
+    "lcm": (LCMScheduler, {}),
 }
 SCHEDULES = {
     "default": {},
@@ -48,6 +49,7 @@ SUPPORTED_SCHEDULES = {
     "pndm": ["default"],
     "heun": ["default", "karras", "exponential"],
     "ddpm": ["default"],
+    "lcm": ["default"],
 }
 
 

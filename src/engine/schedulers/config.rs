@@ -58,6 +58,9 @@ pub struct SchedulerConfig {
     pub skip_prk_steps: Option<bool>,
     // DDPM.
     pub variance_type: Option<String>,
+    // LCM.
+    pub original_inference_steps: Option<usize>,
+    pub timestep_scaling: Option<f64>,
 }
 
 impl SchedulerConfig {

@@ -7,6 +7,7 @@ mod ddpm;
 mod dpmpp;
 mod euler;
 mod heun;
+mod lcm;
 mod pndm;
 
 use std::str::FromStr;
@@ -39,6 +40,8 @@ pub enum SamplerKind {
     Heun,
     /// `DDPMScheduler`
     Ddpm,
+    /// `LCMScheduler` (for LCM-distilled models and LCM-LoRA)
+    Lcm,
 }
 
 impl SamplerKind {
@@ -51,6 +54,7 @@ impl SamplerKind {
         SamplerKind::Pndm,
         SamplerKind::Heun,
         SamplerKind::Ddpm,
+        SamplerKind::Lcm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +67,7 @@ impl SamplerKind {
             Self::Pndm => "pndm",
             Self::Heun => "heun",
             Self::Ddpm => "ddpm",
+            Self::Lcm => "lcm",
         }
     }
 
@@ -87,6 +92,7 @@ impl SamplerKind {
         ("k_heun", SamplerKind::Heun),
         ("heundiscretescheduler", SamplerKind::Heun),
         ("ddpmscheduler", SamplerKind::Ddpm),
+        ("lcmscheduler", SamplerKind::Lcm),
         ("pndmscheduler", SamplerKind::Pndm),
     ];
 
@@ -162,7 +168,9 @@ impl SamplerKind {
                 SigmaSchedule::Karras,
                 SigmaSchedule::Exponential,
             ],
-            Self::EulerA | Self::Ddim | Self::Pndm | Self::Ddpm => &[SigmaSchedule::Default],
+            Self::EulerA | Self::Ddim | Self::Pndm | Self::Ddpm | Self::Lcm => {
+                &[SigmaSchedule::Default]
+            }
         }
     }
 
@@ -277,6 +285,7 @@ pub fn build(
         SamplerKind::Pndm => Box::new(pndm::PndmSampler::new(config, steps)?),
         SamplerKind::Heun => Box::new(heun::HeunSampler::new(config, schedule, steps)),
         SamplerKind::Ddpm => Box::new(ddpm::DdpmSampler::new(config, steps)?),
+        SamplerKind::Lcm => Box::new(lcm::LcmSampler::new(config, steps)?),
     })
 }
 

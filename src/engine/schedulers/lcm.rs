@@ -1,0 +1,122 @@
+//! Latent Consistency Model sampling, as diffusers' `LCMScheduler`: each step predicts the clean
+//! sample with the consistency boundary condition, then re-noises to the next timestep (noise
+//! from the job's stream), except after the last step.
+
+use candle_core::Tensor;
+
+use super::config::{PredictionType, SchedulerConfig};
+use super::{randn_like, Sampler};
+use crate::engine::error::{EngineError, Result};
+use crate::engine::rng::TorchGenerator;
+
+pub struct LcmSampler {
+    timesteps: Vec<f32>,
+    int_timesteps: Vec<usize>,
+    alphas_cumprod: Vec<f32>,
+    final_alpha_cumprod: f32,
+    prediction: PredictionType,
+    clip_range: Option<f32>,
+    timestep_scaling: f32,
+}
+
+impl LcmSampler {
+    pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        let train = config.num_train_timesteps();
+        let original = config.original_inference_steps.unwrap_or(50);
+        if original == 0 || original > train {
+            return Err(EngineError::Unsupported(format!(
+                "LCM original_inference_steps {original}"
+            )));
+        }
+        if steps > original {
+            return Err(EngineError::invalid(
+                "steps",
+                format!(
+                    "the LCM sampler allows at most {original} steps (original_inference_steps)"
+                ),
+            ));
+        }
+        let k = train / original;
+        // The distillation schedule, newest first, then `steps` evenly spaced indices into it.
+        let origin: Vec<usize> = (1..=original).rev().map(|i| i * k - 1).collect();
+        let int_timesteps: Vec<usize> = (0..steps)
+            .map(|i| {
+                ((i as f64 * original as f64 / steps as f64).floor() as usize).min(original - 1)
+            })
+            .map(|idx| origin[idx])
+            .collect();
+        let alphas_cumprod = config.alphas_cumprod();
+        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
+        Ok(Self {
+            timesteps: int_timesteps.iter().map(|&t| t as f32).collect(),
+            int_timesteps,
+            alphas_cumprod,
+            final_alpha_cumprod,
+            prediction: config.prediction_type(),
+            clip_range: if config.clip_sample.unwrap_or(false) {
+                Some(config.clip_sample_range.unwrap_or(1.0) as f32)
+            } else {
+                None
+            },
+            timestep_scaling: config.timestep_scaling.unwrap_or(10.0) as f32,
+        })
+    }
+}
+
+impl Sampler for LcmSampler {
+    fn timesteps(&self) -> &[f32] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        rng: &mut TorchGenerator,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.int_timesteps[i];
+        let last = i + 1 == self.int_timesteps.len();
+        let prev_t = if last { t } else { self.int_timesteps[i + 1] };
+        let a_t = self.alphas_cumprod[t];
+        let a_prev = self
+            .alphas_cumprod
+            .get(prev_t)
+            .copied()
+            .unwrap_or(self.final_alpha_cumprod);
+        let b_t = 1.0 - a_t;
+        let scaled = t as f32 * self.timestep_scaling;
+        let c_skip = 0.25 / (scaled * scaled + 0.25);
+        let c_out = scaled / (scaled * scaled + 0.25).sqrt();
+        let mut x0 = match self.prediction {
+            PredictionType::Epsilon => {
+                ((sample - (model_output * b_t.sqrt() as f64)?)? / a_t.sqrt() as f64)?
+            }
+            PredictionType::Sample => model_output.clone(),
+            PredictionType::VPrediction => {
+                ((sample * a_t.sqrt() as f64)? - (model_output * b_t.sqrt() as f64)?)?
+            }
+        };
+        if let Some(r) = self.clip_range {
+            x0 = x0.clamp(-r, r)?;
+        }
+        let denoised = ((x0 * c_out as f64)? + (sample * c_skip as f64)?)?;
+        if last {
+            return Ok(denoised);
+        }
+        let noise = randn_like(model_output, rng)?;
+        (denoised * a_prev.sqrt() as f64)? + (noise * (1.0 - a_prev).sqrt() as f64)?
+    }
+}
