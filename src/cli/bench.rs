@@ -287,7 +287,7 @@ pub fn sampler_study(config: &SchedulerConfig) -> anyhow::Result<()> {
             .to_scalar::<f64>()?
             .sqrt())
     };
-    println!("RMS distance from a 1000-step Euler solve of the same seed (exact mixture denoiser; data RMS ~1.04)");
+    println!("RMS distance from a 1000-step Euler solve of the same seed (exact mixture denoiser; data RMS ~1.04)\n");
     println!(
         "| sampler | schedule | evaluations at 8 steps | 4 steps | 8 steps | 20 steps | 50 steps |"
     );
@@ -307,6 +307,7 @@ pub fn sampler_study(config: &SchedulerConfig) -> anyhow::Result<()> {
             println!("{row}");
         }
     }
+    println!();
     println!("Stochastic samplers (euler_a, dpmpp_2m_sde, ddpm, lcm) land on other samples of the same distribution,");
     println!("so their distance does not shrink; it is shown for completeness.");
     Ok(())

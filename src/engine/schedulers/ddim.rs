@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use super::config::{spaced_timesteps, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::Sampler;
+use super::{clip_range, Sampler};
 use crate::engine::rng::TorchGenerator;
 
 pub struct DdimSampler {
@@ -40,11 +40,7 @@ impl DdimSampler {
         } else {
             alphas_cumprod[0]
         };
-        let clip_range = if config.clip_sample.unwrap_or(true) {
-            Some(config.clip_sample_range.unwrap_or(1.0) as f32)
-        } else {
-            None
-        };
+        let clip_range = clip_range(config, true);
         Self {
             timesteps: int_timesteps.iter().map(|&t| t as f32).collect(),
             int_timesteps,
@@ -60,14 +56,6 @@ impl DdimSampler {
 impl Sampler for DdimSampler {
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> candle_core::Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(

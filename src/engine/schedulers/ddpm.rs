@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::config::{PredictionType, SchedulerConfig};
-use super::{randn_like, Sampler};
+use super::{clip_range, predict_x0_vp, randn_like, Sampler};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::rng::TorchGenerator;
 
@@ -42,11 +42,7 @@ impl DdpmSampler {
             int_timesteps,
             alphas_cumprod: config.alphas_cumprod(),
             prediction: config.prediction_type(),
-            clip_range: if config.clip_sample.unwrap_or(true) {
-                Some(config.clip_sample_range.unwrap_or(1.0) as f32)
-            } else {
-                None
-            },
+            clip_range: clip_range(config, true),
             variance,
         })
     }
@@ -55,14 +51,6 @@ impl DdpmSampler {
 impl Sampler for DdpmSampler {
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> candle_core::Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(
@@ -81,15 +69,7 @@ impl Sampler for DdpmSampler {
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
         let cur_alpha = a_t / a_prev;
         let cur_beta = 1.0 - cur_alpha;
-        let mut x0 = match self.prediction {
-            PredictionType::Epsilon => {
-                ((sample - (model_output * b_t.sqrt() as f64)?)? / a_t.sqrt() as f64)?
-            }
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => {
-                ((sample * a_t.sqrt() as f64)? - (model_output * b_t.sqrt() as f64)?)?
-            }
-        };
+        let mut x0 = predict_x0_vp(self.prediction, model_output, sample, a_t)?;
         if let Some(r) = self.clip_range {
             x0 = x0.clamp(-r, r)?;
         }

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::config::{spaced_timesteps, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::{randn_like, Sampler, SigmaSchedule};
+use super::{predict_x0_ve, randn_like, Sampler, SigmaSchedule};
 use crate::engine::error::Result;
 use crate::engine::rng::TorchGenerator;
 
@@ -172,15 +172,7 @@ impl Sampler for EulerSampler {
     ) -> candle_core::Result<Tensor> {
         let i = self.sigma_index(step);
         let sigma = self.sigmas[i];
-        let x0 = match self.prediction {
-            PredictionType::Epsilon => (sample - (model_output * sigma as f64)?)?,
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => {
-                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-                let c_skip = 1.0 / (sigma * sigma + 1.0);
-                ((model_output * c_out as f64)? + (sample * c_skip as f64)?)?
-            }
-        };
+        let x0 = predict_x0_ve(self.prediction, model_output, sample, sigma)?;
         let derivative = ((sample - x0)? / sigma as f64)?;
         if !self.ancestral {
             let dt = self.sigmas[i + 1] - sigma;

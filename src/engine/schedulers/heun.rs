@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use super::config::{PredictionType, SchedulerConfig};
 use super::euler::{discrete_schedule, DiscreteSchedule};
-use super::{Sampler, SigmaSchedule};
+use super::{clip_range, predict_x0_ve, Sampler, SigmaSchedule};
 use crate::engine::rng::TorchGenerator;
 
 pub struct HeunSampler {
@@ -48,11 +48,7 @@ impl HeunSampler {
             sigmas: doubled,
             init_noise_sigma,
             prediction: config.prediction_type(),
-            clip_range: if config.clip_sample.unwrap_or(false) {
-                Some(config.clip_sample_range.unwrap_or(1.0) as f32)
-            } else {
-                None
-            },
+            clip_range: clip_range(config, false),
             pending: None,
         }
     }
@@ -63,14 +59,7 @@ impl HeunSampler {
         sample: &Tensor,
         sigma: f32,
     ) -> candle_core::Result<Tensor> {
-        let x0 = match self.prediction {
-            PredictionType::Epsilon => (sample - (model_output * sigma as f64)?)?,
-            PredictionType::VPrediction => {
-                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-                ((model_output * c_out as f64)? + (sample / (sigma * sigma + 1.0) as f64)?)?
-            }
-            PredictionType::Sample => model_output.clone(),
-        };
+        let x0 = predict_x0_ve(self.prediction, model_output, sample, sigma)?;
         match self.clip_range {
             Some(r) => x0.clamp(-r, r),
             None => Ok(x0),

@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::config::{PredictionType, SchedulerConfig};
-use super::{randn_like, Sampler};
+use super::{clip_range, predict_x0_vp, randn_like, Sampler};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::rng::TorchGenerator;
 
@@ -57,11 +57,7 @@ impl LcmSampler {
             alphas_cumprod,
             final_alpha_cumprod,
             prediction: config.prediction_type(),
-            clip_range: if config.clip_sample.unwrap_or(false) {
-                Some(config.clip_sample_range.unwrap_or(1.0) as f32)
-            } else {
-                None
-            },
+            clip_range: clip_range(config, false),
             timestep_scaling: config.timestep_scaling.unwrap_or(10.0) as f32,
         })
     }
@@ -70,14 +66,6 @@ impl LcmSampler {
 impl Sampler for LcmSampler {
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> candle_core::Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(
@@ -96,19 +84,10 @@ impl Sampler for LcmSampler {
             .get(prev_t)
             .copied()
             .unwrap_or(self.final_alpha_cumprod);
-        let b_t = 1.0 - a_t;
         let scaled = t as f32 * self.timestep_scaling;
         let c_skip = 0.25 / (scaled * scaled + 0.25);
         let c_out = scaled / (scaled * scaled + 0.25).sqrt();
-        let mut x0 = match self.prediction {
-            PredictionType::Epsilon => {
-                ((sample - (model_output * b_t.sqrt() as f64)?)? / a_t.sqrt() as f64)?
-            }
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => {
-                ((sample * a_t.sqrt() as f64)? - (model_output * b_t.sqrt() as f64)?)?
-            }
-        };
+        let mut x0 = predict_x0_vp(self.prediction, model_output, sample, a_t)?;
         if let Some(r) = self.clip_range {
             x0 = x0.clamp(-r, r)?;
         }

@@ -246,9 +246,14 @@ pub trait Sampler: Send {
     fn sigmas(&self) -> Option<&[f32]> {
         None
     }
-    /// Multiplier for the initial unit-variance noise.
-    fn init_noise_sigma(&self) -> f32;
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> candle_core::Result<Tensor>;
+    /// Multiplier for the initial unit-variance noise (1 for samplers in the variance-preserving form).
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
+    /// The model's input at `step` (identity for samplers in the variance-preserving form).
+    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// Advance one step; ancestral samplers draw their noise from `rng` exactly as diffusers does.
     fn step(
         &mut self,
@@ -293,4 +298,47 @@ pub fn build(
 pub fn randn_like(like: &Tensor, rng: &mut TorchGenerator) -> candle_core::Result<Tensor> {
     let values = rng.randn(like.elem_count());
     Tensor::from_vec(values, like.shape(), like.device())?.to_dtype(like.dtype())
+}
+
+/// The clean-sample prediction x0 from a model output, in the variance-preserving form
+/// (`alpha_prod` = ᾱ_t), as DDIM, DDPM and LCM compute it.
+pub(crate) fn predict_x0_vp(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_prod: f32,
+) -> candle_core::Result<Tensor> {
+    let (sqrt_a, sqrt_b) = (alpha_prod.sqrt() as f64, (1.0 - alpha_prod).sqrt() as f64);
+    match prediction {
+        PredictionType::Epsilon => (sample - (model_output * sqrt_b)?)? / sqrt_a,
+        PredictionType::Sample => Ok(model_output.clone()),
+        PredictionType::VPrediction => (sample * sqrt_a)? - (model_output * sqrt_b)?,
+    }
+}
+
+/// The clean-sample prediction from a model output, in the sigma (variance-exploding) form the
+/// Euler family uses.
+pub(crate) fn predict_x0_ve(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> candle_core::Result<Tensor> {
+    match prediction {
+        PredictionType::Epsilon => sample - (model_output * sigma as f64)?,
+        PredictionType::Sample => Ok(model_output.clone()),
+        PredictionType::VPrediction => {
+            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+            let c_skip = 1.0 / (sigma * sigma + 1.0);
+            (model_output * c_out as f64)? + (sample * c_skip as f64)?
+        }
+    }
+}
+
+/// `clip_sample` / `clip_sample_range` with the sampler's own default for a missing key.
+pub(crate) fn clip_range(config: &SchedulerConfig, default_on: bool) -> Option<f32> {
+    config
+        .clip_sample
+        .unwrap_or(default_on)
+        .then(|| config.clip_sample_range.unwrap_or(1.0) as f32)
 }
