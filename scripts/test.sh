@@ -29,4 +29,5 @@ if ! command -v chromium >/dev/null 2>&1; then
     $SUDO apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
-CANDELA_BIN="$PWD/target/debug/candela" "$venv/bin/python" -m pytest tests/sdk -q -p no:cacheprovider
+target_dir="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
+CANDELA_BIN="$target_dir/debug/candela" "$venv/bin/python" -m pytest tests/sdk -q -p no:cacheprovider
