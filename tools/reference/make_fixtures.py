@@ -35,6 +35,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LCMScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -368,6 +369,7 @@ RUNS = [
     ("sd2_heun_vpred", "sd2", "heun", 1618, 48, 64, 5, 6.5, 1, "dull"),
     ("sd1_ddpm_n2", "sd1", "ddpm", 4242, 64, 64, 6, 7.5, 2, None),
     ("sd1_lcm_4steps", "sd1", "lcm", 99, 64, 64, 4, 1.0, 1, None),
+    ("sd2_dpm_2_vpred", "sd2", "dpm_2", 808, 64, 56, 5, 7.0, 1, None),
 ]
 
 SAMPLERS = {
@@ -385,6 +387,7 @@ SAMPLERS = {
     "heun": (HeunDiscreteScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
     "lcm": (LCMScheduler, {}),
+    "dpm_2": (KDPM2DiscreteScheduler, {}),
 }
 
 

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import LCMScheduler, DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
+from diffusers import KDPM2DiscreteScheduler, LCMScheduler, DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
 from safetensors.torch import save_file
 
 from make_fixtures import SD1_SCHEDULER, SD2_SCHEDULER
@@ -34,6 +34,7 @@ SAMPLERS = {
     "heun": (HeunDiscreteScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
     "lcm": (LCMScheduler, {}),
+    "dpm_2": (KDPM2DiscreteScheduler, {}),
 }
 SCHEDULES = {
     "default": {},
@@ -50,6 +51,7 @@ SUPPORTED_SCHEDULES = {
     "heun": ["default", "karras", "exponential"],
     "ddpm": ["default"],
     "lcm": ["default"],
+    "dpm_2": ["default", "karras", "exponential"],
 }
 
 

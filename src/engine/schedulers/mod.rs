@@ -7,6 +7,7 @@ mod ddpm;
 mod dpmpp;
 mod euler;
 mod heun;
+mod kdpm2;
 mod lcm;
 mod pndm;
 
@@ -42,6 +43,8 @@ pub enum SamplerKind {
     Ddpm,
     /// `LCMScheduler` (for LCM-distilled models and LCM-LoRA)
     Lcm,
+    /// `KDPM2DiscreteScheduler`
+    Dpm2,
 }
 
 impl SamplerKind {
@@ -55,6 +58,7 @@ impl SamplerKind {
         SamplerKind::Heun,
         SamplerKind::Ddpm,
         SamplerKind::Lcm,
+        SamplerKind::Dpm2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +72,7 @@ impl SamplerKind {
             Self::Heun => "heun",
             Self::Ddpm => "ddpm",
             Self::Lcm => "lcm",
+            Self::Dpm2 => "dpm_2",
         }
     }
 
@@ -93,6 +98,9 @@ impl SamplerKind {
         ("heundiscretescheduler", SamplerKind::Heun),
         ("ddpmscheduler", SamplerKind::Ddpm),
         ("lcmscheduler", SamplerKind::Lcm),
+        ("dpm2", SamplerKind::Dpm2),
+        ("k_dpm_2", SamplerKind::Dpm2),
+        ("kdpm2discretescheduler", SamplerKind::Dpm2),
         ("pndmscheduler", SamplerKind::Pndm),
     ];
 
@@ -113,6 +121,8 @@ impl SamplerKind {
                 "PLMS",
                 "Heun",
                 "Heun Karras",
+                "DPM2",
+                "DPM2 Karras",
             ]
             .map(String::from),
         );
@@ -163,7 +173,7 @@ impl SamplerKind {
     /// The schedules diffusers offers for this sampler.
     pub fn schedules(self) -> &'static [SigmaSchedule] {
         match self {
-            Self::Euler | Self::DpmPp2m | Self::DpmPp2mSde | Self::Heun => &[
+            Self::Euler | Self::DpmPp2m | Self::DpmPp2mSde | Self::Heun | Self::Dpm2 => &[
                 SigmaSchedule::Default,
                 SigmaSchedule::Karras,
                 SigmaSchedule::Exponential,
@@ -291,6 +301,7 @@ pub fn build(
         SamplerKind::Heun => Box::new(heun::HeunSampler::new(config, schedule, steps)),
         SamplerKind::Ddpm => Box::new(ddpm::DdpmSampler::new(config, steps)?),
         SamplerKind::Lcm => Box::new(lcm::LcmSampler::new(config, steps)?),
+        SamplerKind::Dpm2 => Box::new(kdpm2::Kdpm2Sampler::new(config, schedule, steps)?),
     })
 }
 
