@@ -78,7 +78,7 @@ fn full_runs_match_diffusers_latents_and_pngs() {
             total
                 == match run.sampler.as_str() {
                     "pndm" => run.steps + 1,
-                    "heun" | "dpm_2" => 2 * run.steps - 1,
+                    "heun" | "dpm_2" | "dpm_2_a" => 2 * run.steps - 1,
                     _ => run.steps,
                 },
             "{}: {total} evaluations",

@@ -308,7 +308,7 @@ pub fn sampler_study(config: &SchedulerConfig) -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("Stochastic samplers (euler_a, dpmpp_2m_sde, ddpm, lcm) land on other samples of the same distribution,");
+    println!("Stochastic samplers (euler_a, dpm_2_a, dpmpp_2m_sde, ddpm, lcm) land on other samples of the same distribution,");
     println!("so their distance does not shrink; it is shown for completeness.");
     Ok(())
 }

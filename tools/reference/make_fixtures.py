@@ -35,6 +35,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LCMScheduler,
     PNDMScheduler,
@@ -370,6 +371,7 @@ RUNS = [
     ("sd1_ddpm_n2", "sd1", "ddpm", 4242, 64, 64, 6, 7.5, 2, None),
     ("sd1_lcm_4steps", "sd1", "lcm", 99, 64, 64, 4, 1.0, 1, None),
     ("sd2_dpm_2_vpred", "sd2", "dpm_2", 808, 64, 56, 5, 7.0, 1, None),
+    ("sd1_dpm_2_a", "sd1", "dpm_2_a", 909, 64, 64, 5, 7.0, 1, None),
 ]
 
 SAMPLERS = {
@@ -388,6 +390,7 @@ SAMPLERS = {
     "ddpm": (DDPMScheduler, {}),
     "lcm": (LCMScheduler, {}),
     "dpm_2": (KDPM2DiscreteScheduler, {}),
+    "dpm_2_a": (KDPM2AncestralDiscreteScheduler, {}),
 }
 
 
@@ -395,10 +398,13 @@ def run_fixtures(pipes, out_dir: Path):
     from PIL import Image
 
     records = []
+    # Each run builds its sampler from the model's own scheduler config, as a user does; never
+    # from the previous run's sampler (its options, e.g. use_karras_sigmas, would leak).
+    model_configs = {name: dict(pipe.scheduler.config) for name, pipe in pipes.items()}
     for name, model, sampler, seed, w, h, steps, guidance, n, neg in RUNS:
         pipe = pipes[model]
         cls, extra = SAMPLERS[sampler]
-        pipe.scheduler = cls.from_config(dict(pipe.scheduler.config, **extra))
+        pipe.scheduler = cls.from_config(dict(model_configs[model], **extra))
         prompt = "a lighthouse on a cliff at dusk, oil painting"
         g = torch.Generator("cpu").manual_seed(seed)
         with torch.no_grad():

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import KDPM2DiscreteScheduler, LCMScheduler, DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
+from diffusers import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
 from safetensors.torch import save_file
 
 from make_fixtures import SD1_SCHEDULER, SD2_SCHEDULER
@@ -35,6 +35,7 @@ SAMPLERS = {
     "ddpm": (DDPMScheduler, {}),
     "lcm": (LCMScheduler, {}),
     "dpm_2": (KDPM2DiscreteScheduler, {}),
+    "dpm_2_a": (KDPM2AncestralDiscreteScheduler, {}),
 }
 SCHEDULES = {
     "default": {},
@@ -52,6 +53,7 @@ SUPPORTED_SCHEDULES = {
     "ddpm": ["default"],
     "lcm": ["default"],
     "dpm_2": ["default", "karras", "exponential"],
+    "dpm_2_a": ["default", "karras", "exponential"],
 }
 
 
@@ -75,7 +77,7 @@ def main():
         for sampler, (cls, options) in SAMPLERS.items():
             for schedule in SUPPORTED_SCHEDULES[sampler]:
                 for spacing in ["leading", "trailing", "linspace"]:
-                    for steps in [1, 4, 9, 20]:
+                    for steps in [1, 4, 5, 9, 20]:
                         if steps == 1 and schedule != "default":
                             continue
                         config = dict(cfg, timestep_spacing=spacing, **options, **SCHEDULES[schedule])

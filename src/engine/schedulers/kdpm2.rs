@@ -143,3 +143,139 @@ impl Sampler for Kdpm2Sampler {
         }
     }
 }
+
+/// The ancestral variant, as diffusers' `KDPM2AncestralDiscreteScheduler`: the second half-step
+/// lands on `sigma_down` and adds fresh noise of size `sigma_up` from the job's stream.
+pub struct Kdpm2AncestralSampler {
+    timesteps: Vec<f32>,
+    sigmas: Vec<f32>,
+    sigmas_interpol: Vec<f32>,
+    sigmas_up: Vec<f32>,
+    sigmas_down: Vec<f32>,
+    init_noise_sigma: f32,
+    prediction: PredictionType,
+    pending: Option<Tensor>,
+}
+
+impl Kdpm2AncestralSampler {
+    pub fn new(config: &SchedulerConfig, schedule: SigmaSchedule, steps: usize) -> Result<Self> {
+        let prediction = config.prediction_type();
+        if prediction == PredictionType::Sample {
+            return Err(EngineError::Unsupported(
+                "dpm_2_a with prediction_type `sample` (diffusers rejects it too)".into(),
+            ));
+        }
+        let DiscreteSchedule {
+            mut timesteps,
+            sigmas,
+            ..
+        } = discrete_schedule(config, schedule, steps, false);
+        let karras = schedule == SigmaSchedule::Karras
+            || (schedule == SigmaSchedule::Default && config.use_karras_sigmas == Some(true));
+        if karras {
+            timesteps.iter_mut().for_each(|t| *t = t.round_ties_even());
+        }
+        let log_sigmas: Vec<f32> = config
+            .alphas_cumprod()
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt().ln())
+            .collect();
+        let n1 = sigmas.len();
+        let next: Vec<f32> = (0..n1)
+            .map(|i| if i + 1 < n1 { sigmas[i + 1] } else { 0.0 })
+            .collect();
+        let up: Vec<f32> = (0..n1)
+            .map(|i| {
+                (next[i] * next[i] * (sigmas[i] * sigmas[i] - next[i] * next[i])
+                    / (sigmas[i] * sigmas[i]))
+                    .sqrt()
+            })
+            .collect();
+        let mut down: Vec<f32> = (0..n1)
+            .map(|i| (next[i] * next[i] - up[i] * up[i]).sqrt())
+            .collect();
+        down[n1 - 1] = 0.0;
+        let mut interpol: Vec<f32> = (0..n1)
+            .map(|i| lerp_half(sigmas[i].ln(), down[i].ln()).exp())
+            .collect();
+        interpol[n1 - 2..].iter_mut().for_each(|s| *s = 0.0);
+        let interpol_t: Vec<f32> = interpol
+            .iter()
+            .map(|&s| sigma_to_t(s as f64, &log_sigmas) as f32)
+            .collect();
+        let mut all_t = vec![timesteps[0]];
+        for i in 1..timesteps.len() {
+            all_t.extend([interpol_t[i - 1], timesteps[i]]);
+        }
+        let sigmas_cat = interleave(&sigmas);
+        let max_sigma = sigmas_cat.iter().copied().fold(f32::MIN, f32::max);
+        let init_noise_sigma = match config
+            .timestep_spacing
+            .unwrap_or(super::TimestepSpacing::Linspace)
+        {
+            super::TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+            _ => max_sigma,
+        };
+        Ok(Self {
+            timesteps: all_t,
+            sigmas: sigmas_cat,
+            sigmas_interpol: interleave(&interpol),
+            sigmas_up: interleave(&up),
+            sigmas_down: interleave(&down),
+            init_noise_sigma,
+            prediction,
+            pending: None,
+        })
+    }
+}
+
+impl Sampler for Kdpm2AncestralSampler {
+    fn timesteps(&self) -> &[f32] {
+        &self.timesteps
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        self.init_noise_sigma
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, i: usize) -> candle_core::Result<Tensor> {
+        let sigma = if self.pending.is_none() {
+            self.sigmas[i]
+        } else {
+            self.sigmas_interpol[i - 1]
+        };
+        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        rng: &mut TorchGenerator,
+    ) -> candle_core::Result<Tensor> {
+        match self.pending.take() {
+            None => {
+                let (sigma, sigma_interpol) = (self.sigmas[i], self.sigmas_interpol[i]);
+                let x0 = predict_x0_ve(self.prediction, model_output, sample, sigma)?;
+                let derivative = ((sample - x0)? / sigma as f64)?;
+                let out = (sample + (derivative * (sigma_interpol - sigma) as f64)?)?;
+                self.pending = Some(sample.clone());
+                Ok(out)
+            }
+            Some(start) => {
+                let (sigma, sigma_interpol) = (self.sigmas[i - 1], self.sigmas_interpol[i - 1]);
+                let (sigma_up, sigma_down) = (self.sigmas_up[i - 1], self.sigmas_down[i - 1]);
+                let x0 = predict_x0_ve(self.prediction, model_output, sample, sigma_interpol)?;
+                let derivative = ((sample - x0)? / sigma_interpol as f64)?;
+                let out = (start + (derivative * (sigma_down - sigma) as f64)?)?;
+                let noise = super::randn_like(model_output, rng)?;
+                out + (noise * sigma_up as f64)?
+            }
+        }
+    }
+}

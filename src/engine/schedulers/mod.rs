@@ -45,6 +45,8 @@ pub enum SamplerKind {
     Lcm,
     /// `KDPM2DiscreteScheduler`
     Dpm2,
+    /// `KDPM2AncestralDiscreteScheduler`
+    Dpm2A,
 }
 
 impl SamplerKind {
@@ -59,6 +61,7 @@ impl SamplerKind {
         SamplerKind::Ddpm,
         SamplerKind::Lcm,
         SamplerKind::Dpm2,
+        SamplerKind::Dpm2A,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +76,7 @@ impl SamplerKind {
             Self::Ddpm => "ddpm",
             Self::Lcm => "lcm",
             Self::Dpm2 => "dpm_2",
+            Self::Dpm2A => "dpm_2_a",
         }
     }
 
@@ -101,6 +105,9 @@ impl SamplerKind {
         ("dpm2", SamplerKind::Dpm2),
         ("k_dpm_2", SamplerKind::Dpm2),
         ("kdpm2discretescheduler", SamplerKind::Dpm2),
+        ("dpm2_a", SamplerKind::Dpm2A),
+        ("k_dpm_2_a", SamplerKind::Dpm2A),
+        ("kdpm2ancestraldiscretescheduler", SamplerKind::Dpm2A),
         ("pndmscheduler", SamplerKind::Pndm),
     ];
 
@@ -123,6 +130,8 @@ impl SamplerKind {
                 "Heun Karras",
                 "DPM2",
                 "DPM2 Karras",
+                "DPM2 a",
+                "DPM2 a Karras",
             ]
             .map(String::from),
         );
@@ -173,7 +182,12 @@ impl SamplerKind {
     /// The schedules diffusers offers for this sampler.
     pub fn schedules(self) -> &'static [SigmaSchedule] {
         match self {
-            Self::Euler | Self::DpmPp2m | Self::DpmPp2mSde | Self::Heun | Self::Dpm2 => &[
+            Self::Euler
+            | Self::DpmPp2m
+            | Self::DpmPp2mSde
+            | Self::Heun
+            | Self::Dpm2
+            | Self::Dpm2A => &[
                 SigmaSchedule::Default,
                 SigmaSchedule::Karras,
                 SigmaSchedule::Exponential,
@@ -302,6 +316,7 @@ pub fn build(
         SamplerKind::Ddpm => Box::new(ddpm::DdpmSampler::new(config, steps)?),
         SamplerKind::Lcm => Box::new(lcm::LcmSampler::new(config, steps)?),
         SamplerKind::Dpm2 => Box::new(kdpm2::Kdpm2Sampler::new(config, schedule, steps)?),
+        SamplerKind::Dpm2A => Box::new(kdpm2::Kdpm2AncestralSampler::new(config, schedule, steps)?),
     })
 }
 
