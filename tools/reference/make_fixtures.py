@@ -451,8 +451,10 @@ def main():
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
     args = ap.parse_args()
     out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
+    # Only this script's outputs; samplers/ belongs to make_sampler_traces.py.
+    for sub in ["models", "stages", "runs"]:
+        if (out / sub).exists():
+            shutil.rmtree(out / sub)
     (out / "models").mkdir(parents=True)
     (out / "stages").mkdir()
     (out / "runs").mkdir()
