@@ -38,6 +38,9 @@ pub enum EngineError {
         param: &'static str,
         message: String,
     },
+    /// A bug surfaced while generating (a caught panic); the job fails, the engine keeps running.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("generation cancelled")]
     Cancelled,
     #[error("compute error: {0}")]

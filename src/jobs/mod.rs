@@ -102,7 +102,25 @@ impl EngineHandle {
                 while let Some(cmd) = rx.blocking_recv() {
                     match cmd {
                         Command::Generate { job, reply } => {
-                            let result = run_job(&pipelines, job);
+                            // A panic inside candle must fail this job, not kill the worker for all.
+                            let result =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    run_job(&pipelines, job)
+                                }))
+                                .unwrap_or_else(|panic| {
+                                    let what = panic
+                                        .downcast_ref::<String>()
+                                        .map(String::as_str)
+                                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                                        .unwrap_or("unknown panic");
+                                    tracing::error!(
+                                        panic = what,
+                                        "generation panicked; the engine keeps running"
+                                    );
+                                    Err(EngineError::Unsupported(format!(
+                                        "internal error during generation: {what}"
+                                    )))
+                                });
                             let _ = reply.send(result);
                         }
                     }
