@@ -38,6 +38,7 @@ from diffusers import (
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LCMScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -372,6 +373,7 @@ RUNS = [
     ("sd1_lcm_4steps", "sd1", "lcm", 99, 64, 64, 4, 1.0, 1, None),
     ("sd2_dpm_2_vpred", "sd2", "dpm_2", 808, 64, 56, 5, 7.0, 1, None),
     ("sd1_dpm_2_a", "sd1", "dpm_2_a", 909, 64, 64, 5, 7.0, 1, None),
+    ("sd2_lms_vpred", "sd2", "lms", 1111, 64, 64, 7, 7.5, 1, None),
 ]
 
 SAMPLERS = {
@@ -391,6 +393,7 @@ SAMPLERS = {
     "lcm": (LCMScheduler, {}),
     "dpm_2": (KDPM2DiscreteScheduler, {}),
     "dpm_2_a": (KDPM2AncestralDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
 }
 
 

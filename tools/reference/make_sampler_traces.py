@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
+from diffusers import LMSDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
 from safetensors.torch import save_file
 
 from make_fixtures import SD1_SCHEDULER, SD2_SCHEDULER
@@ -36,6 +36,7 @@ SAMPLERS = {
     "lcm": (LCMScheduler, {}),
     "dpm_2": (KDPM2DiscreteScheduler, {}),
     "dpm_2_a": (KDPM2AncestralDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
 }
 SCHEDULES = {
     "default": {},
@@ -54,6 +55,7 @@ SUPPORTED_SCHEDULES = {
     "lcm": ["default"],
     "dpm_2": ["default", "karras", "exponential"],
     "dpm_2_a": ["default", "karras", "exponential"],
+    "lms": ["default", "karras", "exponential"],
 }
 
 

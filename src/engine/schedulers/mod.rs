@@ -9,6 +9,7 @@ mod euler;
 mod heun;
 mod kdpm2;
 mod lcm;
+mod lms;
 mod pndm;
 
 use std::str::FromStr;
@@ -47,6 +48,8 @@ pub enum SamplerKind {
     Dpm2,
     /// `KDPM2AncestralDiscreteScheduler`
     Dpm2A,
+    /// `LMSDiscreteScheduler`
+    Lms,
 }
 
 impl SamplerKind {
@@ -62,6 +65,7 @@ impl SamplerKind {
         SamplerKind::Lcm,
         SamplerKind::Dpm2,
         SamplerKind::Dpm2A,
+        SamplerKind::Lms,
     ];
 
     pub fn name(self) -> &'static str {
@@ -77,6 +81,7 @@ impl SamplerKind {
             Self::Lcm => "lcm",
             Self::Dpm2 => "dpm_2",
             Self::Dpm2A => "dpm_2_a",
+            Self::Lms => "lms",
         }
     }
 
@@ -108,6 +113,8 @@ impl SamplerKind {
         ("dpm2_a", SamplerKind::Dpm2A),
         ("k_dpm_2_a", SamplerKind::Dpm2A),
         ("kdpm2ancestraldiscretescheduler", SamplerKind::Dpm2A),
+        ("k_lms", SamplerKind::Lms),
+        ("lmsdiscretescheduler", SamplerKind::Lms),
         ("pndmscheduler", SamplerKind::Pndm),
     ];
 
@@ -132,6 +139,8 @@ impl SamplerKind {
                 "DPM2 Karras",
                 "DPM2 a",
                 "DPM2 a Karras",
+                "LMS",
+                "LMS Karras",
             ]
             .map(String::from),
         );
@@ -187,7 +196,8 @@ impl SamplerKind {
             | Self::DpmPp2mSde
             | Self::Heun
             | Self::Dpm2
-            | Self::Dpm2A => &[
+            | Self::Dpm2A
+            | Self::Lms => &[
                 SigmaSchedule::Default,
                 SigmaSchedule::Karras,
                 SigmaSchedule::Exponential,
@@ -317,6 +327,7 @@ pub fn build(
         SamplerKind::Lcm => Box::new(lcm::LcmSampler::new(config, steps)?),
         SamplerKind::Dpm2 => Box::new(kdpm2::Kdpm2Sampler::new(config, schedule, steps)?),
         SamplerKind::Dpm2A => Box::new(kdpm2::Kdpm2AncestralSampler::new(config, schedule, steps)?),
+        SamplerKind::Lms => Box::new(lms::LmsSampler::new(config, schedule, steps)),
     })
 }
 
