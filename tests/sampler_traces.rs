@@ -40,16 +40,21 @@ fn every_sampler_matches_diffusers_step_for_step() {
     let mut checked = 0;
     let mut worst = 0f32;
     for tr in &index.traces {
-        let folder = if tr.config == "sd1" {
-            "sd1-tiny"
+        let mut config: SchedulerConfig = if tr.config == "sd3" {
+            let text = std::fs::read_to_string(fx.join("sd3_scheduler_config.json")).unwrap();
+            serde_json::from_str(&text).unwrap()
         } else {
-            "sd2-tiny"
+            let folder = if tr.config == "sd1" {
+                "sd1-tiny"
+            } else {
+                "sd2-tiny"
+            };
+            let dir = ModelDir {
+                root: common::fixtures().join("models").join(folder),
+                prefer_fp16_variant: false,
+            };
+            dir.read_json("scheduler/scheduler_config.json").unwrap()
         };
-        let dir = ModelDir {
-            root: common::fixtures().join("models").join(folder),
-            prefer_fp16_variant: false,
-        };
-        let mut config: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json").unwrap();
         config.timestep_spacing =
             serde_json::from_value(serde_json::Value::String(tr.timestep_spacing.clone())).unwrap();
         let kind: SamplerKind = tr.sampler.parse().unwrap();

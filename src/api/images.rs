@@ -268,6 +268,18 @@ fn validate(
         }
         (None, named) => named.unwrap_or_default(),
     };
+    if !model.samplers.iter().any(|s| s == sampler.name()) {
+        return Err(crate::engine::EngineError::Incompatible {
+            param: "sampler",
+            message: format!(
+                "model `{}` does not support sampler `{}`; available: {}",
+                model.id,
+                sampler.name(),
+                model.samplers.join(", ")
+            ),
+        }
+        .into());
+    }
     sampler.check_schedule(schedule)?;
     let clip_skip = req.clip_skip.unwrap_or(0) as usize;
     if clip_skip > 10 {

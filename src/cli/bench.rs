@@ -292,7 +292,7 @@ pub fn sampler_study(config: &SchedulerConfig) -> anyhow::Result<()> {
         "| sampler | schedule | evaluations at 8 steps | 4 steps | 8 steps | 20 steps | 50 steps |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for &kind in SamplerKind::ALL {
+    for &kind in SamplerKind::ALL.iter().filter(|k| !k.is_flow()) {
         for &schedule in kind.schedules() {
             if schedule == SigmaSchedule::Exponential {
                 continue;

@@ -160,6 +160,7 @@ def test_users_see_only_their_own_jobs_and_images(server, client):
         ({"prompt": "x", "steps": 1000}, 400, "steps"),
         ({"prompt": "x", "sampler": "heun9"}, 400, "sampler"),
         ({"prompt": "x", "sampler": "euler_a", "schedule": "karras"}, 422, "schedule"),
+        ({"prompt": "x", "sampler": "flow_euler"}, 422, "sampler"),
         ({"prompt": "x", "sampler": "DPM++ 2M Karras", "schedule": "exponential"}, 400, "schedule"),
         ({"prompt": "x", "guidance_scale": -1}, 400, "guidance_scale"),
         ({"prompt": "x", "background": "transparent"}, 400, "background"),

@@ -16,10 +16,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import LMSDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, LMSDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler
 from safetensors.torch import save_file
 
 from make_fixtures import SD1_SCHEDULER, SD2_SCHEDULER
+
+# SD 3.x's scheduler config (flow matching, static shift); saved next to the traces for the test.
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+FLOW_SAMPLERS = {"flow_euler": (FlowMatchEulerDiscreteScheduler, {})}
 
 SHAPE = (1, 4, 4, 4)
 SEED = 1234
@@ -113,6 +117,28 @@ def main():
                                 "init_noise_sigma": float(s.init_noise_sigma),
                             }
                         )
+    (out / "sd3_scheduler_config.json").write_text(json.dumps(SD3_SCHEDULER, indent=2))
+    for sampler, (cls, options) in FLOW_SAMPLERS.items():
+        for steps in [1, 4, 5, 9, 20, 28]:
+            s = cls.from_config(dict(SD3_SCHEDULER, **options))
+            s.set_timesteps(steps)
+            name = f"sd3-{sampler}-default-linspace-{steps}"
+            g = torch.Generator("cpu").manual_seed(SEED)
+            x = torch.randn(SHAPE, generator=g)
+            inputs, outputs, samples = [], [], [x.clone()]
+            for t in s.timesteps:
+                inputs.append(x.clone())  # flow samplers feed the sample to the model unscaled
+                eps = fake_model(x, t)
+                x = s.step(eps, t, x, generator=g).prev_sample
+                outputs.append(eps)
+                samples.append(x.clone())
+            tensors[f"{name}/inputs"] = torch.stack(inputs).contiguous()
+            tensors[f"{name}/model_outputs"] = torch.stack(outputs).contiguous()
+            tensors[f"{name}/samples"] = torch.stack(samples).contiguous()
+            index.append({"name": name, "config": "sd3", "sampler": sampler, "schedule": "default",
+                          "timestep_spacing": "linspace", "steps": steps,
+                          "timesteps": [float(t) for t in s.timesteps], "sigmas": [float(v) for v in s.sigmas],
+                          "init_noise_sigma": 1.0})
     save_file(tensors, out / "traces.safetensors")
     (out / "traces.json").write_text(json.dumps({"seed": SEED, "shape": SHAPE, "traces": index}))
     print(f"{len(index)} traces written to {out}")

@@ -203,6 +203,15 @@ impl StableDiffusion {
                 "guidance_scale must be between 0 and 100",
             ));
         }
+        if p.sampler.is_flow() {
+            return Err(EngineError::Incompatible {
+                param: "sampler",
+                message: format!(
+                    "`{}` is for flow-matching models (SD3, FLUX), not Stable Diffusion 1.x/2.x",
+                    p.sampler.name()
+                ),
+            });
+        }
         if p.clip_skip >= self.text_encoder.config.num_hidden_layers {
             return Err(EngineError::invalid(
                 "clip_skip",

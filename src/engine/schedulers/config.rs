@@ -61,6 +61,12 @@ pub struct SchedulerConfig {
     // LCM.
     pub original_inference_steps: Option<usize>,
     pub timestep_scaling: Option<f64>,
+    // Flow matching (SD3, FLUX).
+    pub shift: Option<f64>,
+    pub use_dynamic_shifting: Option<bool>,
+    pub invert_sigmas: Option<bool>,
+    pub shift_terminal: Option<f64>,
+    pub stochastic_sampling: Option<bool>,
 }
 
 impl SchedulerConfig {

@@ -6,6 +6,7 @@ mod ddim;
 mod ddpm;
 mod dpmpp;
 mod euler;
+mod flow;
 mod heun;
 mod kdpm2;
 mod lcm;
@@ -50,6 +51,8 @@ pub enum SamplerKind {
     Dpm2A,
     /// `LMSDiscreteScheduler`
     Lms,
+    /// `FlowMatchEulerDiscreteScheduler` (rectified-flow models: SD3, FLUX)
+    FlowEuler,
 }
 
 impl SamplerKind {
@@ -66,6 +69,7 @@ impl SamplerKind {
         SamplerKind::Dpm2,
         SamplerKind::Dpm2A,
         SamplerKind::Lms,
+        SamplerKind::FlowEuler,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,6 +86,7 @@ impl SamplerKind {
             Self::Dpm2 => "dpm_2",
             Self::Dpm2A => "dpm_2_a",
             Self::Lms => "lms",
+            Self::FlowEuler => "flow_euler",
         }
     }
 
@@ -115,6 +120,7 @@ impl SamplerKind {
         ("kdpm2ancestraldiscretescheduler", SamplerKind::Dpm2A),
         ("k_lms", SamplerKind::Lms),
         ("lmsdiscretescheduler", SamplerKind::Lms),
+        ("flowmatcheulerdiscretescheduler", SamplerKind::FlowEuler),
         ("pndmscheduler", SamplerKind::Pndm),
     ];
 
@@ -188,6 +194,11 @@ impl SamplerKind {
         Ok((kind, schedule))
     }
 
+    /// Samplers for rectified-flow models (SD3, FLUX) rather than diffusion (SD 1.x/2.x, SDXL).
+    pub fn is_flow(self) -> bool {
+        self == Self::FlowEuler
+    }
+
     /// The schedules diffusers offers for this sampler.
     pub fn schedules(self) -> &'static [SigmaSchedule] {
         match self {
@@ -202,7 +213,7 @@ impl SamplerKind {
                 SigmaSchedule::Karras,
                 SigmaSchedule::Exponential,
             ],
-            Self::EulerA | Self::Ddim | Self::Pndm | Self::Ddpm | Self::Lcm => {
+            Self::EulerA | Self::Ddim | Self::Pndm | Self::Ddpm | Self::Lcm | Self::FlowEuler => {
                 &[SigmaSchedule::Default]
             }
         }
@@ -328,6 +339,7 @@ pub fn build(
         SamplerKind::Dpm2 => Box::new(kdpm2::Kdpm2Sampler::new(config, schedule, steps)?),
         SamplerKind::Dpm2A => Box::new(kdpm2::Kdpm2AncestralSampler::new(config, schedule, steps)?),
         SamplerKind::Lms => Box::new(lms::LmsSampler::new(config, schedule, steps)),
+        SamplerKind::FlowEuler => Box::new(flow::FlowEulerSampler::new(config, steps)?),
     })
 }
 
