@@ -107,16 +107,27 @@ pub(super) fn discrete_schedule(
     sigmas.push(final_sigma);
     let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
     let timesteps: Vec<f32> = timesteps.into_iter().map(|t| t as f32).collect();
-    let max_sigma = sigmas.iter().copied().fold(f32::MIN, f32::max);
-    let init_noise_sigma = match spacing {
-        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-        TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
-    };
+    let init_noise_sigma = init_noise_sigma_for(config, &sigmas);
     DiscreteSchedule {
         timesteps,
         sigmas,
         init_noise_sigma,
     }
+}
+
+/// The initial noise scale of the sigma-space samplers: the largest sigma, or sqrt(σ² + 1) with
+/// "leading" spacing (diffusers' rule).
+pub(super) fn init_noise_sigma_for(config: &SchedulerConfig, sigmas: &[f32]) -> f32 {
+    let max_sigma = sigmas.iter().copied().fold(f32::MIN, f32::max);
+    match config.timestep_spacing.unwrap_or(TimestepSpacing::Linspace) {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+        TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+    }
+}
+
+/// The model input of the sigma-space samplers: `x / sqrt(σ² + 1)`.
+pub(super) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+    sample / ((sigma * sigma + 1.0).sqrt() as f64)
 }
 
 impl EulerSampler {
@@ -159,8 +170,7 @@ impl Sampler for EulerSampler {
     }
 
     fn scale_model_input(&self, sample: &Tensor, step: usize) -> candle_core::Result<Tensor> {
-        let sigma = self.sigmas[self.sigma_index(step)];
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        scale_by_sigma(sample, self.sigmas[self.sigma_index(step)])
     }
 
     fn step(

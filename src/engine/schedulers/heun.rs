@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::config::{PredictionType, SchedulerConfig};
-use super::euler::{discrete_schedule, DiscreteSchedule};
+use super::euler::{discrete_schedule, init_noise_sigma_for, scale_by_sigma, DiscreteSchedule};
 use super::{clip_range, predict_x0_ve, Sampler, SigmaSchedule};
 use crate::engine::rng::TorchGenerator;
 
@@ -35,14 +35,7 @@ impl HeunSampler {
         for t in &timesteps[1..] {
             ts.extend([*t, *t]);
         }
-        let max_sigma = doubled.iter().copied().fold(f32::MIN, f32::max);
-        let init_noise_sigma = match config
-            .timestep_spacing
-            .unwrap_or(super::TimestepSpacing::Linspace)
-        {
-            super::TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
-            _ => max_sigma,
-        };
+        let init_noise_sigma = init_noise_sigma_for(config, &doubled);
         Self {
             timesteps: ts,
             sigmas: doubled,
@@ -81,8 +74,7 @@ impl Sampler for HeunSampler {
     }
 
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> candle_core::Result<Tensor> {
-        let sigma = self.sigmas[i];
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        scale_by_sigma(sample, self.sigmas[i])
     }
 
     fn step(

@@ -5,7 +5,9 @@
 use candle_core::Tensor;
 
 use super::config::{PredictionType, SchedulerConfig};
-use super::euler::{discrete_schedule, sigma_to_t, DiscreteSchedule};
+use super::euler::{
+    discrete_schedule, init_noise_sigma_for, scale_by_sigma, sigma_to_t, DiscreteSchedule,
+};
 use super::{predict_x0_ve, Sampler, SigmaSchedule};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::rng::TorchGenerator;
@@ -36,29 +38,42 @@ fn interleave(v: &[f32]) -> Vec<f32> {
     out
 }
 
+/// What both DPM2 variants start from: the Euler-family schedule (Karras timesteps rounded, as
+/// diffusers does here), the training log-sigmas, and the prediction type.
+fn prepare(
+    config: &SchedulerConfig,
+    schedule: SigmaSchedule,
+    steps: usize,
+    name: &str,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, PredictionType)> {
+    let prediction = config.prediction_type();
+    if prediction == PredictionType::Sample {
+        return Err(EngineError::Unsupported(format!(
+            "{name} with prediction_type `sample` (diffusers rejects it too)"
+        )));
+    }
+    let DiscreteSchedule {
+        mut timesteps,
+        sigmas,
+        ..
+    } = discrete_schedule(config, schedule, steps, false);
+    let karras = schedule == SigmaSchedule::Karras
+        || (schedule == SigmaSchedule::Default && config.use_karras_sigmas == Some(true));
+    if karras {
+        timesteps.iter_mut().for_each(|t| *t = t.round_ties_even());
+    }
+    let log_sigmas: Vec<f32> = config
+        .alphas_cumprod()
+        .iter()
+        .map(|&a| ((1.0 - a) / a).sqrt().ln())
+        .collect();
+    Ok((timesteps, sigmas, log_sigmas, prediction))
+}
+
 impl Kdpm2Sampler {
     pub fn new(config: &SchedulerConfig, schedule: SigmaSchedule, steps: usize) -> Result<Self> {
-        let prediction = config.prediction_type();
-        if prediction == PredictionType::Sample {
-            return Err(EngineError::Unsupported(
-                "dpm_2 with prediction_type `sample` (diffusers rejects it too)".into(),
-            ));
-        }
-        let DiscreteSchedule {
-            mut timesteps,
-            sigmas,
-            ..
-        } = discrete_schedule(config, schedule, steps, false);
-        let karras = schedule == SigmaSchedule::Karras
-            || (schedule == SigmaSchedule::Default && config.use_karras_sigmas == Some(true));
-        if karras {
-            timesteps.iter_mut().for_each(|t| *t = t.round_ties_even());
-        }
-        let log_sigmas: Vec<f32> = config
-            .alphas_cumprod()
-            .iter()
-            .map(|&a| ((1.0 - a) / a).sqrt().ln())
-            .collect();
+        let (timesteps, sigmas, log_sigmas, prediction) =
+            prepare(config, schedule, steps, "dpm_2")?;
         // sigmas has n + 1 entries (final 0). Midpoint i lies between sigma i and sigma i - 1.
         let n1 = sigmas.len();
         let interpol: Vec<f32> = (0..n1)
@@ -76,14 +91,7 @@ impl Kdpm2Sampler {
             all_t.extend([interpol_t[i], timesteps[i]]);
         }
         let sigmas_cat = interleave(&sigmas);
-        let max_sigma = sigmas_cat.iter().copied().fold(f32::MIN, f32::max);
-        let init_noise_sigma = match config
-            .timestep_spacing
-            .unwrap_or(super::TimestepSpacing::Linspace)
-        {
-            super::TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
-            _ => max_sigma,
-        };
+        let init_noise_sigma = init_noise_sigma_for(config, &sigmas_cat);
         Ok(Self {
             timesteps: all_t,
             sigmas: sigmas_cat,
@@ -114,7 +122,7 @@ impl Sampler for Kdpm2Sampler {
         } else {
             self.sigmas_interpol[i]
         };
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        scale_by_sigma(sample, sigma)
     }
 
     fn step(
@@ -159,27 +167,8 @@ pub struct Kdpm2AncestralSampler {
 
 impl Kdpm2AncestralSampler {
     pub fn new(config: &SchedulerConfig, schedule: SigmaSchedule, steps: usize) -> Result<Self> {
-        let prediction = config.prediction_type();
-        if prediction == PredictionType::Sample {
-            return Err(EngineError::Unsupported(
-                "dpm_2_a with prediction_type `sample` (diffusers rejects it too)".into(),
-            ));
-        }
-        let DiscreteSchedule {
-            mut timesteps,
-            sigmas,
-            ..
-        } = discrete_schedule(config, schedule, steps, false);
-        let karras = schedule == SigmaSchedule::Karras
-            || (schedule == SigmaSchedule::Default && config.use_karras_sigmas == Some(true));
-        if karras {
-            timesteps.iter_mut().for_each(|t| *t = t.round_ties_even());
-        }
-        let log_sigmas: Vec<f32> = config
-            .alphas_cumprod()
-            .iter()
-            .map(|&a| ((1.0 - a) / a).sqrt().ln())
-            .collect();
+        let (timesteps, sigmas, log_sigmas, prediction) =
+            prepare(config, schedule, steps, "dpm_2_a")?;
         let n1 = sigmas.len();
         let next: Vec<f32> = (0..n1)
             .map(|i| if i + 1 < n1 { sigmas[i + 1] } else { 0.0 })
@@ -208,14 +197,7 @@ impl Kdpm2AncestralSampler {
             all_t.extend([interpol_t[i - 1], timesteps[i]]);
         }
         let sigmas_cat = interleave(&sigmas);
-        let max_sigma = sigmas_cat.iter().copied().fold(f32::MIN, f32::max);
-        let init_noise_sigma = match config
-            .timestep_spacing
-            .unwrap_or(super::TimestepSpacing::Linspace)
-        {
-            super::TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
-            _ => max_sigma,
-        };
+        let init_noise_sigma = init_noise_sigma_for(config, &sigmas_cat);
         Ok(Self {
             timesteps: all_t,
             sigmas: sigmas_cat,
@@ -248,7 +230,7 @@ impl Sampler for Kdpm2AncestralSampler {
         } else {
             self.sigmas_interpol[i - 1]
         };
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        scale_by_sigma(sample, sigma)
     }
 
     fn step(

@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 use super::config::{PredictionType, SchedulerConfig};
-use super::euler::{discrete_schedule, DiscreteSchedule};
+use super::euler::{discrete_schedule, scale_by_sigma, DiscreteSchedule};
 use super::{predict_x0_ve, Sampler, SigmaSchedule};
 use crate::engine::rng::TorchGenerator;
 
@@ -88,8 +88,7 @@ impl Sampler for LmsSampler {
     }
 
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> candle_core::Result<Tensor> {
-        let sigma = self.sigmas[i];
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        scale_by_sigma(sample, self.sigmas[i])
     }
 
     fn step(
