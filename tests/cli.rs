@@ -13,6 +13,14 @@ fn candela(data_dir: &std::path::Path) -> Command {
     c
 }
 
+fn assert_succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn generate_on_demo_model_writes_requested_size_images_and_latents() {
     let tmp = tempfile::tempdir().unwrap();
@@ -40,11 +48,7 @@ fn generate_on_demo_model_writes_requested_size_images_and_latents() {
         .arg(&latents)
         .output()
         .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    assert_succeeded(&status);
     for i in 0..2 {
         let img = image::open(tmp.path().join(format!("img-{i}.png"))).unwrap();
         assert_eq!((img.width(), img.height()), (96, 64));
@@ -69,11 +73,7 @@ fn generate_default_size_is_the_models_native_size() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    assert_succeeded(&status);
     let img = image::open(&out).unwrap();
     assert_eq!((img.width(), img.height()), (256, 256));
 }
@@ -114,11 +114,7 @@ fn cli_run_reproduces_diffusers_latents_for_a_seed() {
         .arg(&latents)
         .output()
         .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    assert_succeeded(&status);
     let ours =
         &candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap()["latents"];
     let theirs = &common::load_tensors("runs/sd2_euler_a_vpred.safetensors")["latents"];

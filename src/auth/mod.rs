@@ -302,11 +302,13 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
 mod tests {
     use super::*;
 
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
     #[test]
-    fn tokens_round_trip_and_scopes_apply() {
-        let dir = tempfile::tempdir().unwrap();
-        let verifier = Verifier::new(&AuthSettings::default(), dir.path()).unwrap();
-        let secret = load_or_create_secret(&default_secret_path(dir.path())).unwrap();
+    fn tokens_round_trip_and_scopes_apply() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let verifier = Verifier::new(&AuthSettings::default(), dir.path())?;
+        let secret = load_or_create_secret(&default_secret_path(dir.path()))?;
         let token = create_token(
             &SigningKey::hs256(&secret),
             "alice",
@@ -314,9 +316,8 @@ mod tests {
             60,
             None,
             None,
-        )
-        .unwrap();
-        let p = verifier.verify(&token).unwrap();
+        )?;
+        let p = verifier.verify(&token)?;
         assert_eq!(p.user, "alice");
         assert!(p.has(SCOPE_GENERATE) && !p.has(SCOPE_JOBS_READ) && !p.is_admin());
         let forged = create_token(
@@ -326,12 +327,12 @@ mod tests {
             60,
             None,
             None,
-        )
-        .unwrap();
+        )?;
         assert!(matches!(
             verifier.verify(&forged),
             Err(AuthError::Invalid(_))
         ));
+        Ok(())
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub fn save_image(img: &GeneratedImage, path: &Path) -> anyhow::Result<()> {
 pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     let device = engine::parse_device(&args.device)?;
     let dtype = engine::parse_dtype(&args.dtype)?;
+    // Check cheap arguments before loading (or downloading) a model.
+    let (sampler, named_schedule) =
+        crate::engine::schedulers::SamplerKind::parse_with_schedule(&args.sampler)?;
     let dir = resolve_model(common, args.model.as_deref(), dtype)?;
     let load_start = std::time::Instant::now();
     let pipeline = StableDiffusion::load(&dir, &device, dtype)?;
@@ -106,17 +109,14 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         steps: args.steps,
         guidance_scale: args.guidance,
         seed: args.seed.unwrap_or_else(rand_seed),
-        sampler: crate::engine::schedulers::SamplerKind::parse_with_schedule(&args.sampler)?.0,
-        schedule: match crate::engine::schedulers::SamplerKind::parse_with_schedule(&args.sampler)?
-            .1
-        {
+        sampler,
+        schedule: match named_schedule {
             Some(named) if args.schedule == "default" => named,
             _ => args.schedule.parse()?,
         },
         n: args.n,
         clip_skip: args.clip_skip,
     };
-    pipeline.validate(&params)?;
 
     let bar = ProgressBar::new(params.steps as u64);
     bar.set_style(

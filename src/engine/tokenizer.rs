@@ -164,6 +164,11 @@ impl ClipTokenizer {
 
     /// `tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids`
     pub fn encode_padded(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_counting_cut(text).map(|(ids, _)| ids)
+    }
+
+    /// The padded ids and how many prompt tokens truncation cut (diffusers warns about those).
+    pub fn encode_counting_cut(&self, text: &str) -> Result<(Vec<u32>, usize)> {
         let encoding = self
             .inner
             .encode(text, false)
@@ -178,18 +183,6 @@ impl ClipTokenizer {
         ids.extend_from_slice(&content[..keep]);
         ids.push(self.eos_id);
         ids.resize(self.max_length, self.pad_id);
-        Ok(ids)
-    }
-
-    /// How many prompt tokens were cut by truncation (for a warning, as diffusers logs one).
-    pub fn truncated_count(&self, text: &str) -> usize {
-        self.inner
-            .encode(text, false)
-            .map(|e| e.get_ids().len().saturating_sub(self.max_length - 2))
-            .unwrap_or(0)
-    }
-
-    pub fn eos_id(&self) -> u32 {
-        self.eos_id
+        Ok((ids, content.len() - keep))
     }
 }

@@ -223,7 +223,7 @@ impl StableDiffusion {
 
     /// CLIP embeddings of one prompt, (1, 77, D).
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
-        let cut = self.tokenizer.truncated_count(prompt);
+        let (ids, cut) = self.tokenizer.encode_counting_cut(prompt)?;
         if cut > 0 {
             tracing::warn!(
                 tokens = cut,
@@ -231,7 +231,6 @@ impl StableDiffusion {
                 self.tokenizer.max_length()
             );
         }
-        let ids = self.tokenizer.encode_padded(prompt)?;
         let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         Ok(self.text_encoder.forward(&ids, clip_skip)?)
     }

@@ -337,7 +337,7 @@ pub fn build(
         SamplerKind::Ddpm => Box::new(ddpm::DdpmSampler::new(config, steps)?),
         SamplerKind::Lcm => Box::new(lcm::LcmSampler::new(config, steps)?),
         SamplerKind::Dpm2 => Box::new(kdpm2::Kdpm2Sampler::new(config, schedule, steps)?),
-        SamplerKind::Dpm2A => Box::new(kdpm2::Kdpm2AncestralSampler::new(config, schedule, steps)?),
+        SamplerKind::Dpm2A => Box::new(kdpm2::Kdpm2Sampler::ancestral(config, schedule, steps)?),
         SamplerKind::Lms => Box::new(lms::LmsSampler::new(config, schedule, steps)),
         SamplerKind::FlowEuler => Box::new(flow::FlowEulerSampler::new(config, steps)?),
     })
