@@ -212,14 +212,9 @@ impl Db {
             .bind(user)
             .fetch_optional(&self.pool)
             .await?;
-        match row {
-            Some(row) => {
-                let mut job = job_from_row(&row);
-                job.images = self.images_of(&job.id).await?;
-                Ok(Some(job))
-            }
-            None => Ok(None),
-        }
+        let mut jobs: Vec<Job> = row.iter().map(job_from_row).collect();
+        self.attach_images(&mut jobs).await?;
+        Ok(jobs.pop())
     }
 
     /// Newest first; `before` (unix ms) pages backwards.
@@ -240,38 +235,40 @@ impl Db {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        for row in rows {
-            let mut job = job_from_row(&row);
-            job.images = self.images_of(&job.id).await?;
-            jobs.push(job);
-        }
+        let mut jobs: Vec<Job> = rows.iter().map(job_from_row).collect();
+        self.attach_images(&mut jobs).await?;
         Ok(jobs)
     }
 
-    async fn images_of(&self, job_id: &str) -> Result<Vec<JobImage>, sqlx::Error> {
-        let rows = sqlx::query("SELECT * FROM job_images WHERE job_id = ? ORDER BY idx")
-            .bind(job_id)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| JobImage {
+    /// Fill in every job's images with one query (not one per job).
+    async fn attach_images(&self, jobs: &mut [Job]) -> Result<(), sqlx::Error> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let ids = serde_json::Value::from(jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>())
+            .to_string();
+        let rows = sqlx::query(
+            "SELECT * FROM job_images WHERE job_id IN (SELECT value FROM json_each(?)) ORDER BY job_id, idx",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut by_job: std::collections::HashMap<String, Vec<JobImage>> =
+            std::collections::HashMap::new();
+        for r in &rows {
+            by_job.entry(r.get("job_id")).or_default().push(JobImage {
                 index: r.get("idx"),
                 image_key: r.get("image_key"),
                 format: r.get("format"),
                 width: r.get("width"),
                 height: r.get("height"),
                 bytes: r.get("bytes"),
-            })
-            .collect())
-    }
-
-    pub async fn count_by_status(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(|r| (r.get("status"), r.get("n"))).collect())
+            });
+        }
+        for job in jobs {
+            job.images = by_job.remove(&job.id).unwrap_or_default();
+        }
+        Ok(())
     }
 }
 
