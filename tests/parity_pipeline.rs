@@ -25,6 +25,7 @@ struct Run {
     n: usize,
     prompt: String,
     negative_prompt: Option<String>,
+    solver_order: Option<usize>,
 }
 
 #[test]
@@ -52,11 +53,9 @@ fn full_runs_match_diffusers_latents_and_pngs() {
             guidance_scale: run.guidance,
             seed: run.seed,
             sampler: run.sampler.parse().unwrap(),
-            schedule: match run.schedule.as_str() {
-                "karras" => SigmaSchedule::Karras,
-                _ => SigmaSchedule::Default,
-            },
+            schedule: run.schedule.parse::<SigmaSchedule>().unwrap(),
             n: run.n,
+            solver_order: run.solver_order,
             clip_skip: 0,
         };
         let (mut steps_seen, mut total) = (0, 0);
@@ -141,6 +140,7 @@ fn cancelling_from_progress_stops_the_run() {
         sampler: "euler".parse().unwrap(),
         schedule: SigmaSchedule::Default,
         n: 1,
+        solver_order: None,
         clip_skip: 0,
     };
     let mut calls = 0;

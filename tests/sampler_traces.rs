@@ -4,9 +4,8 @@
 mod common;
 
 use candela::engine::{
-    loader::ModelDir,
     rng::TorchGenerator,
-    schedulers::{self, SamplerKind, SchedulerConfig, SigmaSchedule},
+    schedulers::{self, SamplerKind, SamplerOptions, SchedulerConfig, SigmaSchedule},
 };
 use candle_core::{IndexOp, Tensor};
 use serde::Deserialize;
@@ -29,6 +28,17 @@ struct Trace {
     timesteps: Vec<f64>,
     sigmas: Option<Vec<f64>>,
     init_noise_sigma: f64,
+    /// Model-config keys set on top of the base config.
+    overrides: serde_json::Map<String, serde_json::Value>,
+    /// Per-job options, as a request would set them.
+    options: TraceOptions,
+}
+
+#[derive(Deserialize, Default)]
+struct TraceOptions {
+    solver_order: Option<usize>,
+    image_seq_len: Option<usize>,
+    flow_sigmas: Option<Vec<f32>>,
 }
 
 #[test]
@@ -40,26 +50,29 @@ fn every_sampler_matches_diffusers_step_for_step() {
     let mut checked = 0;
     let mut worst = 0f32;
     for tr in &index.traces {
-        let mut config: SchedulerConfig = if tr.config == "sd3" {
-            let text = std::fs::read_to_string(fx.join("sd3_scheduler_config.json")).unwrap();
-            serde_json::from_str(&text).unwrap()
-        } else {
-            let folder = if tr.config == "sd1" {
-                "sd1-tiny"
-            } else {
-                "sd2-tiny"
-            };
-            let dir = ModelDir {
-                root: common::fixtures().join("models").join(folder),
-                prefer_fp16_variant: false,
-            };
-            dir.read_json("scheduler/scheduler_config.json").unwrap()
+        let config_path = match tr.config.as_str() {
+            "sd3" => fx.join("sd3_scheduler_config.json"),
+            "flux" => fx.join("flux_scheduler_config.json"),
+            "sd1" => common::fixtures().join("models/sd1-tiny/scheduler/scheduler_config.json"),
+            _ => common::fixtures().join("models/sd2-tiny/scheduler/scheduler_config.json"),
         };
-        config.timestep_spacing =
-            serde_json::from_value(serde_json::Value::String(tr.timestep_spacing.clone())).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(config_path).unwrap()).unwrap();
+        let fields = config.as_object_mut().unwrap();
+        fields.insert(
+            "timestep_spacing".into(),
+            serde_json::Value::String(tr.timestep_spacing.clone()),
+        );
+        fields.extend(tr.overrides.clone());
+        let config: SchedulerConfig = serde_json::from_value(config).unwrap();
         let kind: SamplerKind = tr.sampler.parse().unwrap();
         let schedule: SigmaSchedule = tr.schedule.parse().unwrap();
-        let mut sampler = schedulers::build(&config, kind, schedule, tr.steps)
+        let options = SamplerOptions {
+            solver_order: tr.options.solver_order,
+            image_seq_len: tr.options.image_seq_len,
+            flow_sigmas: tr.options.flow_sigmas.clone(),
+        };
+        let mut sampler = schedulers::build_with(&config, kind, schedule, tr.steps, &options)
             .unwrap_or_else(|e| panic!("{}: {e}", tr.name));
 
         let ts = sampler.timesteps().to_vec();
@@ -130,9 +143,20 @@ fn every_sampler_matches_diffusers_step_for_step() {
                 .step(&outputs.i(i).unwrap(), i, &x, &mut rng)
                 .unwrap();
             let d = common::max_abs_diff(&x, &samples.i(i + 1).unwrap());
-            worst = worst.max(d);
+            // Zero-terminal-SNR schedules start at sigma 4096 = sqrt(2^24 - 1), which torch's
+            // vectorised sqrt rounds up and a correctly rounded sqrt rounds down (1 ulp). The
+            // first step then cancels a sample of ~1e4 down to ~1, so that ulp comes back as
+            // about one ulp of the *input*: bound such steps by 2 ulp of |x_i| instead.
+            let sigma_i = sampler.sigmas().map_or(0.0, |s| s[i.min(s.len() - 1)]);
+            let cancellation_floor = if sigma_i >= 1000.0 {
+                2.0 * f32::EPSILON * common::max_abs(&samples.i(i).unwrap())
+            } else {
+                worst = worst.max(d);
+                0.0
+            };
             assert!(
-                d <= 1e-5 * common::max_abs(&samples.i(i + 1).unwrap()).max(1.0),
+                d <= (1e-5 * common::max_abs(&samples.i(i + 1).unwrap()).max(1.0))
+                    .max(cancellation_floor),
                 "{}: step {i} differs by {d}",
                 tr.name
             );
@@ -140,7 +164,7 @@ fn every_sampler_matches_diffusers_step_for_step() {
         }
         checked += 1;
     }
-    eprintln!("{checked} traces, worst step difference {worst}");
+    eprintln!("{checked} traces, worst step difference {worst} (steps from sigma < 1000)");
     assert!(checked >= 100, "only {checked} traces");
 }
 
@@ -170,6 +194,23 @@ fn a1111_names_map_to_samplers_and_schedules() {
         );
     }
     assert!(SamplerKind::parse_with_schedule("heun9").is_err());
+    // Everything advertised in /v1/models and the OpenAPI schema parses.
+    for name in SamplerKind::accepted_names() {
+        let (kind, schedule) = SamplerKind::parse_with_schedule(&name)
+            .unwrap_or_else(|e| panic!("advertised `{name}` does not parse: {e}"));
+        if let Some(schedule) = schedule {
+            kind.check_schedule(schedule)
+                .unwrap_or_else(|e| panic!("advertised `{name}`: {e}"));
+        }
+    }
+    assert_eq!(
+        SamplerKind::parse_with_schedule("Euler SGM Uniform").unwrap(),
+        (SamplerKind::Euler, Some(SigmaSchedule::SgmUniform))
+    );
+    assert_eq!(
+        SamplerKind::parse_with_schedule("UniPC").unwrap(),
+        (SamplerKind::UniPc, None)
+    );
     let err = SamplerKind::EulerA
         .check_schedule(SigmaSchedule::Karras)
         .unwrap_err();

@@ -19,7 +19,7 @@ use crate::auth::SCOPE_GENERATE;
 use crate::db::{now_ms, JobImage, NewJob};
 use crate::engine::{
     pipelines::sd::GenerateParams,
-    schedulers::{SamplerKind, SigmaSchedule},
+    schedulers::{SamplerKind, SamplerOptions, SigmaSchedule},
     GeneratedImage,
 };
 use crate::jobs::{GenerateJob, ModelInfo};
@@ -64,12 +64,17 @@ pub struct ImageGenerationRequest {
     /// An end-user id, recorded on the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    /// Extension: `euler`, `euler_a` (default) or `ddim`.
+    /// Extension: the sampler (default `euler_a`): any name in the model's `samplers` or
+    /// `sampler_aliases` from `GET /v1/models`, e.g. `dpmpp_2m`, `unipc`, `"DPM++ 2M Karras"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler: Option<String>,
-    /// Extension: `default`, `karras` or `exponential` sigma spacing.
+    /// Extension: noise-level spacing: `default` (the model's), `karras`, `exponential`, `beta`
+    /// or `sgm_uniform`, where the sampler offers it (else 422).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
+    /// Extension: order of the multistep samplers (`dpmpp_2m`, `dpmpp_2m_sde`, `unipc`), 1 to 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solver_order: Option<u32>,
     /// Extension: denoising steps, 1 to 150 (default 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<u32>,
@@ -281,6 +286,14 @@ fn validate(
         .into());
     }
     sampler.check_schedule(schedule)?;
+    let solver_order = req.solver_order.map(|o| o as usize);
+    if let Some(order) = solver_order {
+        SamplerOptions {
+            solver_order: Some(order),
+            ..Default::default()
+        }
+        .check(sampler)?;
+    }
     let clip_skip = req.clip_skip.unwrap_or(0) as usize;
     if clip_skip > 10 {
         return Err(ApiError::invalid(
@@ -341,6 +354,7 @@ fn validate(
             seed,
             sampler,
             schedule,
+            solver_order,
             n,
             clip_skip,
         },

@@ -16,7 +16,7 @@ use utoipa_swagger_ui::SwaggerUi;
         super::files::image,
         super::health::health,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &SamplerNames),
     tags((name = "images"), (name = "models"), (name = "jobs"), (name = "service"))
 )]
 pub struct ApiDoc;
@@ -35,6 +35,46 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// Lists every accepted sampler spelling and schedule in the request schema, from the same
+/// tables the parser uses (so the spec cannot drift from the code).
+struct SamplerNames;
+
+impl Modify for SamplerNames {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use crate::engine::schedulers::{SamplerKind, SigmaSchedule};
+        use utoipa::openapi::{schema::Schema, RefOr};
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        let Some(RefOr::T(Schema::Object(request))) =
+            components.schemas.get_mut("ImageGenerationRequest")
+        else {
+            return;
+        };
+        if let Some(RefOr::T(Schema::Object(sampler))) = request.properties.get_mut("sampler") {
+            let names = SamplerKind::accepted_names();
+            sampler.description = Some(format!(
+                "{} Accepted (case-insensitive; `+` may be `p`, spaces `_`; a trailing ` Karras`, ` Exponential`, ` Beta` or ` SGM Uniform` also sets `schedule`): {}.",
+                sampler.description.clone().unwrap_or_default(),
+                names.join(", ")
+            ));
+            sampler.examples = vec![
+                serde_json::json!("dpmpp_2m"),
+                serde_json::json!("DPM++ 2M Karras"),
+            ];
+        }
+        if let Some(RefOr::T(Schema::Object(schedule))) = request.properties.get_mut("schedule") {
+            schedule.enum_values = Some(
+                SigmaSchedule::ALL
+                    .iter()
+                    .map(|s| serde_json::json!(s.name()))
+                    .chain(std::iter::once(serde_json::Value::Null))
+                    .collect(),
+            );
+        }
     }
 }
 

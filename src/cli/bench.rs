@@ -145,6 +145,7 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         sampler: "euler".parse()?,
         schedule: SigmaSchedule::Default,
         n: 1,
+        solver_order: None,
         clip_skip: 0,
     };
     let t = Instant::now();

@@ -25,12 +25,16 @@ pub struct GenerateArgs {
     pub seed: Option<u64>,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    /// euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_sde (A1111 names such as "DPM++ 2M Karras" work too).
+    /// euler, euler_a, heun, lms, ddim, ddpm, pndm, dpm_2, dpm_2_a, dpmpp_2m, dpmpp_2m_sde, unipc, lcm
+    /// (A1111/ComfyUI names such as "DPM++ 2M Karras" or "UniPC" work too).
     #[arg(long, default_value = "euler_a")]
     pub sampler: String,
-    /// default, karras or exponential.
+    /// default, karras, exponential, beta or sgm_uniform (where the sampler offers it).
     #[arg(long, default_value = "default")]
     pub schedule: String,
+    /// Order of the multistep samplers (dpmpp_2m, dpmpp_2m_sde, unipc): 1, 2 or 3.
+    #[arg(long)]
+    pub solver_order: Option<usize>,
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
     /// Image width; the model's native size when omitted (512 for SD1.5, 768 for SD2.1).
@@ -115,6 +119,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
             _ => args.schedule.parse()?,
         },
         n: args.n,
+        solver_order: args.solver_order,
         clip_skip: args.clip_skip,
     };
 

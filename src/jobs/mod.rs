@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use crate::engine::{
     loader::{self, HubOptions, ModelSource},
     pipelines::sd::{GenerateParams, StableDiffusion},
-    schedulers::{PredictionType, SamplerKind},
+    schedulers::{PredictionType, SamplerKind, SigmaSchedule},
     EngineError, GeneratedImage,
 };
 
@@ -191,7 +191,10 @@ fn model_info(name: &str, p: &StableDiffusion) -> ModelInfo {
             .map(|k| k.name().to_string())
             .collect(),
         sampler_aliases: SamplerKind::accepted_names(),
-        schedules: vec!["default".into(), "karras".into(), "exponential".into()],
+        schedules: SigmaSchedule::ALL
+            .iter()
+            .map(|s| s.name().to_string())
+            .collect(),
         prediction_type: serde_json::to_value(prediction)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))

@@ -42,6 +42,7 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -374,27 +375,45 @@ RUNS = [
     ("sd2_dpm_2_vpred", "sd2", "dpm_2", 808, 64, 56, 5, 7.0, 1, None),
     ("sd1_dpm_2_a", "sd1", "dpm_2_a", 909, 64, 64, 5, 7.0, 1, None),
     ("sd2_lms_vpred", "sd2", "lms", 1111, 64, 64, 7, 7.5, 1, None),
+    ("sd1_unipc", "sd1", "unipc", 1357, 64, 64, 6, 7.5, 1, "grainy"),
+    ("sd2_unipc_3_karras_vpred", "sd2", "unipc_3_karras", 2468, 64, 48, 8, 6.0, 1, None),
+    ("sd1_dpmpp_3m_beta_n2", "sd1", "dpmpp_3m_beta", 555, 48, 64, 7, 7.0, 2, None),
+    ("sd1_euler_sgm_uniform", "sd1", "euler_sgm_uniform", 8080, 64, 64, 5, 7.5, 1, None),
 ]
 
+# our sampler name -> (diffusers class, from_config options, our schedule, our solver_order)
 SAMPLERS = {
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": (EulerDiscreteScheduler, {}, "default", None),
+    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}, "karras", None),
+    "euler_sgm_uniform": (EulerDiscreteScheduler, {"timestep_spacing": "trailing"}, "sgm_uniform", None),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}, "default", None),
+    "ddim": (DDIMScheduler, {}, "default", None),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, "default", None),
     "dpmpp_2m_karras": (
         DPMSolverMultistepScheduler,
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "karras",
+        None,
     ),
-    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "pndm": (PNDMScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-    "lcm": (LCMScheduler, {}),
-    "dpm_2": (KDPM2DiscreteScheduler, {}),
-    "dpm_2_a": (KDPM2AncestralDiscreteScheduler, {}),
-    "lms": (LMSDiscreteScheduler, {}),
+    "dpmpp_3m_beta": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 3, "use_beta_sigmas": True},
+        "beta",
+        3,
+    ),
+    "dpmpp_2m_sde": (
+        DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, "default", None),
+    "pndm": (PNDMScheduler, {}, "default", None),
+    "heun": (HeunDiscreteScheduler, {}, "default", None),
+    "ddpm": (DDPMScheduler, {}, "default", None),
+    "lcm": (LCMScheduler, {}, "default", None),
+    "dpm_2": (KDPM2DiscreteScheduler, {}, "default", None),
+    "dpm_2_a": (KDPM2AncestralDiscreteScheduler, {}, "default", None),
+    "lms": (LMSDiscreteScheduler, {}, "default", None),
+    "unipc": (UniPCMultistepScheduler, {}, "default", None),
+    "unipc_3_karras": (UniPCMultistepScheduler, {"solver_order": 3, "use_karras_sigmas": True}, "karras", 3),
 }
+OUR_SAMPLER = {"dpmpp_3m_beta": "dpmpp_2m", "unipc_3_karras": "unipc"}
 
 
 def run_fixtures(pipes, out_dir: Path):
@@ -406,7 +425,7 @@ def run_fixtures(pipes, out_dir: Path):
     model_configs = {name: dict(pipe.scheduler.config) for name, pipe in pipes.items()}
     for name, model, sampler, seed, w, h, steps, guidance, n, neg in RUNS:
         pipe = pipes[model]
-        cls, extra = SAMPLERS[sampler]
+        cls, extra, schedule, solver_order = SAMPLERS[sampler]
         pipe.scheduler = cls.from_config(dict(model_configs[model], **extra))
         prompt = "a lighthouse on a cliff at dusk, oil painting"
         g = torch.Generator("cpu").manual_seed(seed)
@@ -433,8 +452,9 @@ def run_fixtures(pipes, out_dir: Path):
             dict(
                 name=name,
                 model=model,
-                sampler=sampler.split("_karras")[0],
-                schedule="karras" if "karras" in sampler else "default",
+                sampler=OUR_SAMPLER.get(sampler, sampler.removesuffix("_karras").removesuffix("_sgm_uniform")),
+                schedule=schedule,
+                solver_order=solver_order,
                 seed=seed,
                 width=w,
                 height=h,
@@ -452,8 +472,18 @@ def main():
     ap = argparse.ArgumentParser()
     here = Path(__file__).resolve().parent
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
+    ap.add_argument("--runs-only", action="store_true",
+                    help="regenerate only runs/ from the committed tiny models (keeps models and stages)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.runs_only:
+        shutil.rmtree(out / "runs", ignore_errors=True)
+        (out / "runs").mkdir()
+        pipes = {m: StableDiffusionPipeline.from_pretrained(out / "models" / f"{m}-tiny", safety_checker=None)
+                 for m in ["sd1", "sd2"]}
+        run_fixtures(pipes, out / "runs")
+        print("runs written to", out / "runs")
+        return
     # Only this script's outputs; samplers/ belongs to make_sampler_traces.py.
     for sub in ["models", "stages", "runs"]:
         if (out / sub).exists():

@@ -13,7 +13,7 @@ use crate::engine::loader::{
 use crate::engine::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::VaeDecoder};
 use crate::engine::rng::TorchGenerator;
 use crate::engine::schedulers::{
-    self, PredictionType, SamplerKind, SchedulerConfig, SigmaSchedule,
+    self, PredictionType, SamplerKind, SamplerOptions, SchedulerConfig, SigmaSchedule,
 };
 use crate::engine::tokenizer::ClipTokenizer;
 use crate::engine::{latents_to_images, GeneratedImage, Progress};
@@ -30,6 +30,8 @@ pub struct GenerateParams {
     pub seed: u64,
     pub sampler: SamplerKind,
     pub schedule: SigmaSchedule,
+    /// The multistep samplers' order (1–3); the sampler's default when `None`.
+    pub solver_order: Option<usize>,
     pub n: usize,
     /// Skip this many final CLIP layers (A1111 "clip skip" minus one; diffusers' `clip_skip`).
     pub clip_skip: usize,
@@ -266,7 +268,12 @@ impl StableDiffusion {
             positive
         };
 
-        let mut sampler = schedulers::build(&self.scheduler, p.sampler, p.schedule, p.steps)?;
+        let options = SamplerOptions {
+            solver_order: p.solver_order,
+            ..Default::default()
+        };
+        let mut sampler =
+            schedulers::build_with(&self.scheduler, p.sampler, p.schedule, p.steps, &options)?;
         let mut rng = TorchGenerator::new(p.seed);
         let scale = self.vae_scale();
         let channels = self.unet.config.in_channels;

@@ -40,9 +40,12 @@ pub struct SchedulerConfig {
     pub clip_sample: Option<bool>,
     pub clip_sample_range: Option<f64>,
     pub thresholding: Option<bool>,
+    pub dynamic_thresholding_ratio: Option<f64>,
+    pub sample_max_value: Option<f64>,
     pub rescale_betas_zero_snr: Option<bool>,
     pub use_karras_sigmas: Option<bool>,
     pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
     pub interpolation_type: Option<String>,
     pub final_sigmas_type: Option<String>,
     pub sigma_min: Option<f64>,
@@ -54,6 +57,11 @@ pub struct SchedulerConfig {
     pub lower_order_final: Option<bool>,
     pub lambda_min_clipped: Option<f64>,
     pub algorithm_type: Option<String>,
+    pub euler_at_final: Option<bool>,
+    pub use_lu_lambdas: Option<bool>,
+    // UniPC.
+    pub predict_x0: Option<bool>,
+    pub disable_corrector: Option<Vec<usize>>,
     // PNDM.
     pub skip_prk_steps: Option<bool>,
     // DDPM.
@@ -64,6 +72,11 @@ pub struct SchedulerConfig {
     // Flow matching (SD3, FLUX).
     pub shift: Option<f64>,
     pub use_dynamic_shifting: Option<bool>,
+    pub base_shift: Option<f64>,
+    pub max_shift: Option<f64>,
+    pub base_image_seq_len: Option<usize>,
+    pub max_image_seq_len: Option<usize>,
+    pub time_shift_type: Option<String>,
     pub invert_sigmas: Option<bool>,
     pub shift_terminal: Option<f64>,
     pub stochastic_sampling: Option<bool>,
@@ -89,11 +102,20 @@ impl SchedulerConfig {
                 "scheduler_config.json: {what}"
             )))
         };
-        if self.thresholding == Some(true) {
-            return unsupported("thresholding".into());
+        if self.use_lu_lambdas == Some(true) {
+            return unsupported("use_lu_lambdas".into());
         }
-        if self.rescale_betas_zero_snr == Some(true) {
-            return unsupported("rescale_betas_zero_snr".into());
+        let schedule_flags = [
+            self.use_karras_sigmas,
+            self.use_exponential_sigmas,
+            self.use_beta_sigmas,
+        ];
+        if schedule_flags.iter().filter(|f| **f == Some(true)).count() > 1 {
+            return Err(EngineError::BadConfig {
+                path: "scheduler/scheduler_config.json".into(),
+                reason: "only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set"
+                    .into(),
+            });
         }
         if let Some(t) = self
             .interpolation_type
@@ -129,8 +151,31 @@ impl SchedulerConfig {
     }
 
     /// `alphas_cumprod` exactly as diffusers computes it: f32 betas (torch.linspace rules),
-    /// cumulative product accumulated in f64 and stored as f32 (torch's CPU cumprod).
+    /// cumulative product accumulated in f64 and stored as f32 (torch's CPU cumprod), betas
+    /// rescaled to zero terminal SNR when the config asks for it.
     pub fn alphas_cumprod(&self) -> Vec<f32> {
+        let betas = self.betas();
+        if self.rescale_betas_zero_snr == Some(true) {
+            cumprod(&rescale_zero_terminal_snr(&betas))
+        } else {
+            cumprod(&betas)
+        }
+    }
+
+    /// `alphas_cumprod` for the samplers that work with sigmas = sqrt((1 - ᾱ) / ᾱ): with zero
+    /// terminal SNR the last ᾱ is 0, so diffusers sets it to 2^-24 (the smallest f16 subnormal)
+    /// to keep the first sigma finite.
+    pub fn alphas_cumprod_sigma_safe(&self) -> Vec<f32> {
+        let mut a = self.alphas_cumprod();
+        if self.rescale_betas_zero_snr == Some(true) {
+            if let Some(last) = a.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
+        a
+    }
+
+    fn betas(&self) -> Vec<f32> {
         let n = self.num_train_timesteps();
         let start = self.beta_start.unwrap_or(0.0001);
         let end = self.beta_end.unwrap_or(0.02);
@@ -159,15 +204,43 @@ impl SchedulerConfig {
                 _ => torch_linspace_f32(start as f32, end as f32, n),
             }
         };
-        let mut acc = 1.0f64;
         betas
-            .iter()
-            .map(|b| {
-                acc *= (1.0f32 - b) as f64;
-                acc as f32
-            })
-            .collect()
     }
+}
+
+/// torch's CPU `cumprod(1 - betas)`: accumulated in f64, stored as f32.
+fn cumprod(betas: &[f32]) -> Vec<f32> {
+    let mut acc = 1.0f64;
+    betas
+        .iter()
+        .map(|b| {
+            acc *= (1.0f32 - b) as f64;
+            acc as f32
+        })
+        .collect()
+}
+
+/// diffusers' `rescale_zero_terminal_snr` (Lin et al. 2023, Algorithm 1) in torch's f32 steps:
+/// shift sqrt(ᾱ) so the last is 0, scale so the first is unchanged, and turn back into betas.
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let sqrt_bar: Vec<f32> = cumprod(betas).iter().map(|a| a.sqrt()).collect();
+    let (Some(&first), Some(&last)) = (sqrt_bar.first(), sqrt_bar.last()) else {
+        return betas.to_vec();
+    };
+    let scale = first / (first - last);
+    let bar: Vec<f32> = sqrt_bar
+        .iter()
+        .map(|s| {
+            let v = (s - last) * scale;
+            v * v
+        })
+        .collect();
+    (0..bar.len())
+        .map(|i| {
+            let alpha = if i == 0 { bar[0] } else { bar[i] / bar[i - 1] };
+            1.0 - alpha
+        })
+        .collect()
 }
 
 /// `torch.linspace(start, end, steps, dtype=float32)` on CPU: f32 arithmetic, filled from both
@@ -247,5 +320,17 @@ pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f
     np_linspace(sigma_max.ln(), sigma_min.ln(), steps)
         .into_iter()
         .map(f64::exp)
+        .collect()
+}
+
+/// Noise levels placed at the quantiles of a Beta(0.6, 0.6) distribution ("Beta Sampling is All
+/// You Need", Lee et al. 2024): dense at both ends, sparse in the middle.
+pub fn beta_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    np_linspace(0.0, 1.0, steps)
+        .into_iter()
+        .map(|r| {
+            let ppf = statrs::function::beta::inv_beta_reg(0.6, 0.6, (1.0 - r).clamp(0.0, 1.0));
+            sigma_min + ppf * (sigma_max - sigma_min)
+        })
         .collect()
 }

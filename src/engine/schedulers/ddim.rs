@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use super::config::{spaced_timesteps, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::{clip_range, Sampler};
+use super::{Sampler, X0Limit};
 use crate::engine::rng::TorchGenerator;
 
 pub struct DdimSampler {
@@ -13,7 +13,7 @@ pub struct DdimSampler {
     final_alpha_cumprod: f32,
     step_ratio: usize,
     prediction: PredictionType,
-    clip_range: Option<f32>,
+    x0_limit: X0Limit,
 }
 
 /// Spaced integer timesteps as DDIM/DDPM compute them (missing `timestep_spacing` = "leading").
@@ -40,7 +40,7 @@ impl DdimSampler {
         } else {
             alphas_cumprod[0]
         };
-        let clip_range = clip_range(config, true);
+        let x0_limit = X0Limit::from_config(config, Some(true));
         Self {
             timesteps: int_timesteps.iter().map(|&t| t as f32).collect(),
             int_timesteps,
@@ -48,7 +48,7 @@ impl DdimSampler {
             final_alpha_cumprod,
             step_ratio: train / steps,
             prediction: config.prediction_type(),
-            clip_range,
+            x0_limit,
         }
     }
 }
@@ -87,9 +87,7 @@ impl Sampler for DdimSampler {
                 ((model_output * sqrt_a)? + (sample * sqrt_b)?)?,
             ),
         };
-        if let Some(r) = self.clip_range {
-            x0 = x0.clamp(-r, r)?;
-        }
+        x0 = self.x0_limit.apply(x0)?;
         let direction = (eps * ((1.0 - alpha_prev).sqrt() as f64))?;
         (x0 * (alpha_prev.sqrt() as f64))? + direction
     }

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::config::{PredictionType, SchedulerConfig};
-use super::{clip_range, predict_x0_vp, randn_like, Sampler};
+use super::{predict_x0_vp, randn_like, Sampler, X0Limit};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::rng::TorchGenerator;
 
@@ -20,7 +20,7 @@ pub struct DdpmSampler {
     int_timesteps: Vec<usize>,
     alphas_cumprod: Vec<f32>,
     prediction: PredictionType,
-    clip_range: Option<f32>,
+    x0_limit: X0Limit,
     variance: Variance,
 }
 
@@ -42,7 +42,7 @@ impl DdpmSampler {
             int_timesteps,
             alphas_cumprod: config.alphas_cumprod(),
             prediction: config.prediction_type(),
-            clip_range: clip_range(config, true),
+            x0_limit: X0Limit::from_config(config, Some(true)),
             variance,
         })
     }
@@ -70,9 +70,7 @@ impl Sampler for DdpmSampler {
         let cur_alpha = a_t / a_prev;
         let cur_beta = 1.0 - cur_alpha;
         let mut x0 = predict_x0_vp(self.prediction, model_output, sample, a_t)?;
-        if let Some(r) = self.clip_range {
-            x0 = x0.clamp(-r, r)?;
-        }
+        x0 = self.x0_limit.apply(x0)?;
         let x0_coeff = a_prev.sqrt() * cur_beta / b_t;
         let sample_coeff = cur_alpha.sqrt() * b_prev / b_t;
         let prev = ((x0 * x0_coeff as f64)? + (sample * sample_coeff as f64)?)?;

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::config::{spaced_timesteps, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::{predict_x0_ve, randn_like, Sampler, SigmaSchedule};
+use super::{div_scalar, predict_x0_ve, randn_like, Sampler, SigmaSchedule};
 use crate::engine::error::Result;
 use crate::engine::rng::TorchGenerator;
 
@@ -64,7 +64,7 @@ pub(super) fn discrete_schedule(
 ) -> DiscreteSchedule {
     let train = config.num_train_timesteps();
     let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
-    let alphas_cumprod = config.alphas_cumprod();
+    let alphas_cumprod = config.alphas_cumprod_sigma_safe();
     let train_sigmas: Vec<f32> = alphas_cumprod
         .iter()
         .map(|&a| ((1.0 - a) / a).sqrt())
@@ -80,24 +80,17 @@ pub(super) fn discrete_schedule(
         .map(|&t| interp_index(t, &train_sigmas))
         .collect();
 
-    let schedule = match schedule {
-        SigmaSchedule::Default if !ancestral && config.use_karras_sigmas == Some(true) => {
-            SigmaSchedule::Karras
-        }
-        SigmaSchedule::Default if !ancestral && config.use_exponential_sigmas == Some(true) => {
-            SigmaSchedule::Exponential
-        }
-        s => s,
+    let schedule = if ancestral {
+        schedule
+    } else {
+        schedule.resolve(config)
     };
-    if schedule != SigmaSchedule::Default {
-        let last = sigmas.len() - 1;
-        let sigma_min = config.sigma_min.unwrap_or(sigmas[last]);
-        let sigma_max = config.sigma_max.unwrap_or(sigmas[0]);
-        sigmas = match schedule {
-            SigmaSchedule::Karras => super::config::karras_sigmas(sigma_min, sigma_max, steps),
-            _ => super::config::exponential_sigmas(sigma_min, sigma_max, steps),
-        };
-        timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
+    let last = sigmas.len() - 1;
+    let sigma_min = config.sigma_min.unwrap_or(sigmas[last]);
+    let sigma_max = config.sigma_max.unwrap_or(sigmas[0]);
+    if let Some(s) = schedule.sigmas_between(sigma_min, sigma_max, steps) {
+        timesteps = s.iter().map(|&x| sigma_to_t(x, &log_sigmas)).collect();
+        sigmas = s;
     }
     let final_sigma = if !ancestral && config.final_sigmas_type.as_deref() == Some("sigma_min") {
         train_sigmas[0] as f64
@@ -183,7 +176,7 @@ impl Sampler for EulerSampler {
         let i = self.sigma_index(step);
         let sigma = self.sigmas[i];
         let x0 = predict_x0_ve(self.prediction, model_output, sample, sigma)?;
-        let derivative = ((sample - x0)? / sigma as f64)?;
+        let derivative = div_scalar(&(sample - x0)?, sigma)?;
         if !self.ancestral {
             let dt = self.sigmas[i + 1] - sigma;
             return sample + (derivative * dt as f64)?;

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use super::config::{PredictionType, SchedulerConfig};
 use super::euler::{discrete_schedule, init_noise_sigma_for, scale_by_sigma, DiscreteSchedule};
-use super::{clip_range, predict_x0_ve, Sampler, SigmaSchedule};
+use super::{predict_x0_ve, Sampler, SigmaSchedule, X0Limit};
 use crate::engine::rng::TorchGenerator;
 
 pub struct HeunSampler {
@@ -14,7 +14,7 @@ pub struct HeunSampler {
     sigmas: Vec<f32>,
     init_noise_sigma: f32,
     prediction: PredictionType,
-    clip_range: Option<f32>,
+    x0_limit: X0Limit,
     /// The first-order half-step: derivative, dt and the sample it started from.
     pending: Option<(Tensor, f32, Tensor)>,
 }
@@ -41,7 +41,7 @@ impl HeunSampler {
             sigmas: doubled,
             init_noise_sigma,
             prediction: config.prediction_type(),
-            clip_range: clip_range(config, false),
+            x0_limit: X0Limit::from_config(config, Some(false)),
             pending: None,
         }
     }
@@ -53,10 +53,7 @@ impl HeunSampler {
         sigma: f32,
     ) -> candle_core::Result<Tensor> {
         let x0 = predict_x0_ve(self.prediction, model_output, sample, sigma)?;
-        match self.clip_range {
-            Some(r) => x0.clamp(-r, r),
-            None => Ok(x0),
-        }
+        self.x0_limit.apply(x0)
     }
 }
 

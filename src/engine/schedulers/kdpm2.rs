@@ -47,9 +47,7 @@ fn prepare(
         sigmas,
         ..
     } = discrete_schedule(config, schedule, steps, false);
-    let karras = schedule == SigmaSchedule::Karras
-        || (schedule == SigmaSchedule::Default && config.use_karras_sigmas == Some(true));
-    if karras {
+    if schedule.resolve(config) == SigmaSchedule::Karras {
         timesteps.iter_mut().for_each(|t| *t = t.round_ties_even());
     }
     let log_sigmas: Vec<f32> = config

@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::config::{PredictionType, SchedulerConfig};
-use super::{clip_range, predict_x0_vp, randn_like, Sampler};
+use super::{predict_x0_vp, randn_like, Sampler, X0Limit};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::rng::TorchGenerator;
 
@@ -15,7 +15,7 @@ pub struct LcmSampler {
     alphas_cumprod: Vec<f32>,
     final_alpha_cumprod: f32,
     prediction: PredictionType,
-    clip_range: Option<f32>,
+    x0_limit: X0Limit,
     timestep_scaling: f32,
 }
 
@@ -57,7 +57,7 @@ impl LcmSampler {
             alphas_cumprod,
             final_alpha_cumprod,
             prediction: config.prediction_type(),
-            clip_range: clip_range(config, false),
+            x0_limit: X0Limit::from_config(config, Some(false)),
             timestep_scaling: config.timestep_scaling.unwrap_or(10.0) as f32,
         })
     }
@@ -88,9 +88,7 @@ impl Sampler for LcmSampler {
         let c_skip = 0.25 / (scaled * scaled + 0.25);
         let c_out = scaled / (scaled * scaled + 0.25).sqrt();
         let mut x0 = predict_x0_vp(self.prediction, model_output, sample, a_t)?;
-        if let Some(r) = self.clip_range {
-            x0 = x0.clamp(-r, r)?;
-        }
+        x0 = self.x0_limit.apply(x0)?;
         let denoised = ((x0 * c_out as f64)? + (sample * c_skip as f64)?)?;
         if last {
             return Ok(denoised);

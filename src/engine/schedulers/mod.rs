@@ -12,6 +12,7 @@ mod kdpm2;
 mod lcm;
 mod lms;
 mod pndm;
+mod unipc;
 
 use std::str::FromStr;
 
@@ -51,6 +52,8 @@ pub enum SamplerKind {
     Dpm2A,
     /// `LMSDiscreteScheduler`
     Lms,
+    /// `UniPCMultistepScheduler` (bh2, order from the config, default 2)
+    UniPc,
     /// `FlowMatchEulerDiscreteScheduler` (rectified-flow models: SD3, FLUX)
     FlowEuler,
 }
@@ -69,6 +72,7 @@ impl SamplerKind {
         SamplerKind::Dpm2,
         SamplerKind::Dpm2A,
         SamplerKind::Lms,
+        SamplerKind::UniPc,
         SamplerKind::FlowEuler,
     ];
 
@@ -86,6 +90,7 @@ impl SamplerKind {
             Self::Dpm2 => "dpm_2",
             Self::Dpm2A => "dpm_2_a",
             Self::Lms => "lms",
+            Self::UniPc => "unipc",
             Self::FlowEuler => "flow_euler",
         }
     }
@@ -122,6 +127,9 @@ impl SamplerKind {
         ("lmsdiscretescheduler", SamplerKind::Lms),
         ("flowmatcheulerdiscretescheduler", SamplerKind::FlowEuler),
         ("pndmscheduler", SamplerKind::Pndm),
+        ("uni_pc", SamplerKind::UniPc),
+        ("uni_pc_bh2", SamplerKind::UniPc),
+        ("unipcmultistepscheduler", SamplerKind::UniPc),
     ];
 
     /// Every accepted spelling (for `/v1/models` and the docs).
@@ -147,9 +155,18 @@ impl SamplerKind {
                 "DPM2 a Karras",
                 "LMS",
                 "LMS Karras",
+                "UniPC",
+                "uni_pc_bh2",
+                "Euler SGM Uniform",
+                "DPM++ 2M Beta",
             ]
             .map(String::from),
         );
+        for (alias, _) in Self::ALIASES {
+            if !names.iter().any(|n| n == alias) {
+                names.push(alias.to_string());
+            }
+        }
         names
     }
 
@@ -166,6 +183,8 @@ impl SamplerKind {
         for (suffix, sched) in [
             ("_karras", SigmaSchedule::Karras),
             ("_exponential", SigmaSchedule::Exponential),
+            ("_beta", SigmaSchedule::Beta),
+            ("_sgm_uniform", SigmaSchedule::SgmUniform),
         ] {
             if let Some(stripped) = norm.strip_suffix(suffix) {
                 norm = stripped.to_string();
@@ -208,15 +227,70 @@ impl SamplerKind {
             | Self::Heun
             | Self::Dpm2
             | Self::Dpm2A
-            | Self::Lms => &[
+            | Self::Lms
+            | Self::UniPc => SigmaSchedule::ALL,
+            Self::EulerA | Self::Ddim | Self::Pndm | Self::Ddpm => {
+                &[SigmaSchedule::Default, SigmaSchedule::SgmUniform]
+            }
+            // LCM picks its timesteps from its distillation schedule, ignoring the spacing.
+            Self::FlowEuler => &[
                 SigmaSchedule::Default,
                 SigmaSchedule::Karras,
                 SigmaSchedule::Exponential,
+                SigmaSchedule::Beta,
             ],
-            Self::EulerA | Self::Ddim | Self::Pndm | Self::Ddpm | Self::Lcm | Self::FlowEuler => {
-                &[SigmaSchedule::Default]
-            }
+            Self::Lcm => &[SigmaSchedule::Default],
         }
+    }
+
+    /// Samplers whose diffusers class applies dynamic thresholding (`thresholding: true`).
+    fn honours_thresholding(self) -> bool {
+        matches!(
+            self,
+            Self::Ddim | Self::Ddpm | Self::Lcm | Self::DpmPp2m | Self::DpmPp2mSde | Self::UniPc
+        )
+    }
+
+    /// Samplers whose diffusers class applies `rescale_betas_zero_snr`.
+    fn honours_zero_snr(self) -> bool {
+        matches!(
+            self,
+            Self::Ddim
+                | Self::Ddpm
+                | Self::Lcm
+                | Self::Euler
+                | Self::EulerA
+                | Self::DpmPp2m
+                | Self::DpmPp2mSde
+                | Self::UniPc
+        )
+    }
+
+    /// A model config feature this sampler would silently ignore (diffusers' `from_config` drops
+    /// keys a class does not know) is refused instead: the images would be wrong.
+    fn check_config(self, config: &SchedulerConfig) -> Result<()> {
+        let refuse = |feature: &str, ok: fn(SamplerKind) -> bool| {
+            let usable: Vec<&str> = Self::ALL
+                .iter()
+                .filter(|k| ok(**k))
+                .map(|k| k.name())
+                .collect();
+            Err(EngineError::Incompatible {
+                param: "sampler",
+                message: format!(
+                    "this model's scheduler config sets `{feature}`, which sampler `{}` does not implement; use one of: {}",
+                    self.name(),
+                    usable.join(", ")
+                ),
+            })
+        };
+        if config.thresholding == Some(true) && !self.honours_thresholding() {
+            return refuse("thresholding", Self::honours_thresholding);
+        }
+        if config.rescale_betas_zero_snr == Some(true) && !self.honours_zero_snr() {
+            return refuse("rescale_betas_zero_snr", Self::honours_zero_snr);
+        }
+        Ok(())
     }
 
     /// A clear error for a combination diffusers does not offer (never a silent fallback).
@@ -247,7 +321,9 @@ impl FromStr for SamplerKind {
     }
 }
 
-/// How sigmas are spaced over the steps: the model config's own rule, or Karras / exponential.
+/// How noise levels are spaced over the steps: the model config's own rule, Karras, exponential,
+/// beta, or SGM-uniform (the default sigmas at "trailing" timestep spacing, as ComfyUI's
+/// `sgm_uniform` and diffusers' docs map it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SigmaSchedule {
@@ -255,14 +331,53 @@ pub enum SigmaSchedule {
     Default,
     Karras,
     Exponential,
+    Beta,
+    SgmUniform,
 }
 
 impl SigmaSchedule {
+    pub const ALL: &'static [SigmaSchedule] = &[
+        SigmaSchedule::Default,
+        SigmaSchedule::Karras,
+        SigmaSchedule::Exponential,
+        SigmaSchedule::Beta,
+        SigmaSchedule::SgmUniform,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Default => "default",
             Self::Karras => "karras",
             Self::Exponential => "exponential",
+            Self::Beta => "beta",
+            Self::SgmUniform => "sgm_uniform",
+        }
+    }
+
+    /// `Default` means whatever the model's config asks for (`use_karras_sigmas`, ...), as
+    /// diffusers' `from_config` would build it.
+    pub(crate) fn resolve(self, config: &SchedulerConfig) -> SigmaSchedule {
+        match self {
+            Self::Default if config.use_karras_sigmas == Some(true) => Self::Karras,
+            Self::Default if config.use_exponential_sigmas == Some(true) => Self::Exponential,
+            Self::Default if config.use_beta_sigmas == Some(true) => Self::Beta,
+            s => s,
+        }
+    }
+
+    /// The noise levels of the Karras / exponential / beta rules between the given ends, from
+    /// high to low (`None` for the schedules that come from timesteps instead).
+    pub(crate) fn sigmas_between(
+        self,
+        sigma_min: f64,
+        sigma_max: f64,
+        steps: usize,
+    ) -> Option<Vec<f64>> {
+        match self {
+            Self::Karras => Some(config::karras_sigmas(sigma_min, sigma_max, steps)),
+            Self::Exponential => Some(config::exponential_sigmas(sigma_min, sigma_max, steps)),
+            Self::Beta => Some(config::beta_sigmas(sigma_min, sigma_max, steps)),
+            Self::Default | Self::SgmUniform => None,
         }
     }
 }
@@ -270,15 +385,24 @@ impl SigmaSchedule {
 impl FromStr for SigmaSchedule {
     type Err = EngineError;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "default" => Ok(Self::Default),
-            "karras" => Ok(Self::Karras),
-            "exponential" => Ok(Self::Exponential),
-            _ => Err(EngineError::invalid(
-                "schedule",
-                format!("unknown schedule `{s}`; available: default, karras, exponential"),
-            )),
-        }
+        let norm = s.trim().to_lowercase().replace([' ', '-'], "_");
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == norm)
+            .ok_or_else(|| {
+                EngineError::invalid(
+                    "schedule",
+                    format!(
+                        "unknown schedule `{s}`; available: {}",
+                        Self::ALL
+                            .iter()
+                            .map(|k| k.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })
     }
 }
 
@@ -309,12 +433,62 @@ pub trait Sampler: Send {
     ) -> candle_core::Result<Tensor>;
 }
 
+/// What a job asks of its sampler beyond the name, schedule and step count.
+#[derive(Debug, Clone, Default)]
+pub struct SamplerOptions {
+    /// The multistep solvers' order (DPM++, UniPC), 1 to 3; each sampler's own default if unset.
+    pub solver_order: Option<usize>,
+    /// The image's latent token count, for flow models with resolution-dependent shift.
+    pub image_seq_len: Option<usize>,
+    /// Explicit flow sigmas before shifting (FLUX's pipeline passes linspace(1, 1/n, n)).
+    pub flow_sigmas: Option<Vec<f32>>,
+}
+
+impl SamplerOptions {
+    /// Options that make no sense for `kind` are an error, not silently dropped.
+    pub fn check(&self, kind: SamplerKind) -> Result<()> {
+        if let Some(order) = self.solver_order {
+            if !(1..=3).contains(&order) {
+                return Err(EngineError::invalid(
+                    "solver_order",
+                    "solver_order must be 1, 2 or 3",
+                ));
+            }
+            if !matches!(
+                kind,
+                SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde | SamplerKind::UniPc
+            ) {
+                return Err(EngineError::Incompatible {
+                    param: "solver_order",
+                    message: format!(
+                        "solver_order applies to the multistep samplers (dpmpp_2m, dpmpp_2m_sde, unipc), not `{}`",
+                        kind.name()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sampler for one job, with default options.
 pub fn build(
     config: &SchedulerConfig,
     kind: SamplerKind,
     schedule: SigmaSchedule,
     steps: usize,
 ) -> Result<Box<dyn Sampler>> {
+    build_with(config, kind, schedule, steps, &SamplerOptions::default())
+}
+
+pub fn build_with(
+    config: &SchedulerConfig,
+    kind: SamplerKind,
+    schedule: SigmaSchedule,
+    steps: usize,
+    options: &SamplerOptions,
+) -> Result<Box<dyn Sampler>> {
+    options.check(kind)?;
     config.check()?;
     let train = config.num_train_timesteps();
     if steps == 0 || steps > train {
@@ -324,14 +498,38 @@ pub fn build(
         ));
     }
     kind.check_schedule(schedule)?;
+    kind.check_config(config)?;
+    let trailing;
+    let (config, schedule) = if schedule == SigmaSchedule::SgmUniform {
+        trailing = SchedulerConfig {
+            timestep_spacing: Some(TimestepSpacing::Trailing),
+            use_karras_sigmas: None,
+            use_exponential_sigmas: None,
+            use_beta_sigmas: None,
+            ..config.clone()
+        };
+        (&trailing, SigmaSchedule::Default)
+    } else {
+        (config, schedule)
+    };
     Ok(match kind {
         SamplerKind::Euler => Box::new(euler::EulerSampler::new(config, schedule, steps, false)?),
         SamplerKind::EulerA => Box::new(euler::EulerSampler::new(config, schedule, steps, true)?),
         SamplerKind::Ddim => Box::new(ddim::DdimSampler::new(config, steps)),
-        SamplerKind::DpmPp2m => Box::new(dpmpp::DpmppSampler::new(config, schedule, steps, false)?),
-        SamplerKind::DpmPp2mSde => {
-            Box::new(dpmpp::DpmppSampler::new(config, schedule, steps, true)?)
-        }
+        SamplerKind::DpmPp2m => Box::new(dpmpp::DpmppSampler::new(
+            config,
+            schedule,
+            steps,
+            false,
+            options.solver_order.unwrap_or(2),
+        )?),
+        SamplerKind::DpmPp2mSde => Box::new(dpmpp::DpmppSampler::new(
+            config,
+            schedule,
+            steps,
+            true,
+            options.solver_order.unwrap_or(2),
+        )?),
         SamplerKind::Pndm => Box::new(pndm::PndmSampler::new(config, steps)?),
         SamplerKind::Heun => Box::new(heun::HeunSampler::new(config, schedule, steps)),
         SamplerKind::Ddpm => Box::new(ddpm::DdpmSampler::new(config, steps)?),
@@ -339,7 +537,15 @@ pub fn build(
         SamplerKind::Dpm2 => Box::new(kdpm2::Kdpm2Sampler::new(config, schedule, steps)?),
         SamplerKind::Dpm2A => Box::new(kdpm2::Kdpm2Sampler::ancestral(config, schedule, steps)?),
         SamplerKind::Lms => Box::new(lms::LmsSampler::new(config, schedule, steps)),
-        SamplerKind::FlowEuler => Box::new(flow::FlowEulerSampler::new(config, steps)?),
+        SamplerKind::UniPc => Box::new(unipc::UniPcSampler::new(
+            config,
+            schedule,
+            steps,
+            options.solver_order.or(config.solver_order).unwrap_or(2),
+        )?),
+        SamplerKind::FlowEuler => Box::new(flow::FlowEulerSampler::new(
+            config, schedule, steps, options,
+        )?),
     })
 }
 
@@ -378,16 +584,83 @@ pub(crate) fn predict_x0_ve(
         PredictionType::Sample => Ok(model_output.clone()),
         PredictionType::VPrediction => {
             let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-            let c_skip = 1.0 / (sigma * sigma + 1.0);
-            (model_output * c_out as f64)? + (sample * c_skip as f64)?
+            (model_output * c_out as f64)? + div_scalar(sample, sigma * sigma + 1.0)?
         }
     }
 }
 
-/// `clip_sample` / `clip_sample_range` with the sampler's own default for a missing key.
-pub(crate) fn clip_range(config: &SchedulerConfig, default_on: bool) -> Option<f32> {
-    config
-        .clip_sample
-        .unwrap_or(default_on)
-        .then(|| config.clip_sample_range.unwrap_or(1.0) as f32)
+/// `t / v` as a true division. candle's `Tensor / f64` multiplies by the reciprocal, which
+/// differs by an ulp; where a step divides a large sample by a large sigma (zero-terminal-SNR
+/// schedules start at sigma 4096) that ulp is amplified back by the step size.
+pub(crate) fn div_scalar(t: &Tensor, v: f32) -> candle_core::Result<Tensor> {
+    t.broadcast_div(&Tensor::new(v, t.device())?.to_dtype(t.dtype())?)
+}
+
+/// What a sampler does to its x0 prediction before using it: nothing, clip to a range
+/// (`clip_sample`), or dynamic thresholding (Imagen's; `thresholding`, which wins over clipping
+/// as in diffusers).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum X0Limit {
+    None,
+    Clip(f32),
+    Threshold { ratio: f32, max: f32 },
+}
+
+impl X0Limit {
+    /// `clip_default`: the sampler's default for a missing `clip_sample` (`None` for samplers
+    /// without that option).
+    pub fn from_config(config: &SchedulerConfig, clip_default: Option<bool>) -> Self {
+        if config.thresholding == Some(true) {
+            return Self::Threshold {
+                ratio: config.dynamic_thresholding_ratio.unwrap_or(0.995) as f32,
+                max: config.sample_max_value.unwrap_or(1.0) as f32,
+            };
+        }
+        match clip_default {
+            Some(default_on) if config.clip_sample.unwrap_or(default_on) => {
+                Self::Clip(config.clip_sample_range.unwrap_or(1.0) as f32)
+            }
+            _ => Self::None,
+        }
+    }
+
+    pub fn apply(&self, x0: Tensor) -> candle_core::Result<Tensor> {
+        match *self {
+            Self::None => Ok(x0),
+            Self::Clip(r) => x0.clamp(-r, r),
+            Self::Threshold { ratio, max } => dynamic_threshold(&x0, ratio, max),
+        }
+    }
+}
+
+/// Per batch item: s = the `ratio` quantile of |x0| (torch.quantile's linear interpolation),
+/// clamped to [1, max]; then x0 is clamped to [-s, s] and divided by s.
+fn dynamic_threshold(x0: &Tensor, ratio: f32, max: f32) -> candle_core::Result<Tensor> {
+    let dtype = x0.dtype();
+    let batch = x0.dim(0)?;
+    let flat = x0.to_dtype(candle_core::DType::F32)?.reshape((batch, ()))?;
+    let mut rows = Vec::with_capacity(batch);
+    for b in 0..batch {
+        let row = flat.get(b)?;
+        let mut abs: Vec<f32> = row.abs()?.to_vec1()?;
+        abs.sort_by(f32::total_cmp);
+        let rank = ratio * (abs.len() - 1) as f32;
+        let lo = rank.floor();
+        let w = rank - lo;
+        let (a, z) = (
+            abs[lo as usize],
+            abs[(rank.ceil() as usize).min(abs.len() - 1)],
+        );
+        // torch.lerp's two-sided formula.
+        let q = if w < 0.5 {
+            a + w * (z - a)
+        } else {
+            z - (z - a) * (1.0 - w)
+        };
+        let s = q.clamp(1.0, max.max(1.0));
+        rows.push((row.clamp(-s, s)? / s as f64)?);
+    }
+    Tensor::stack(&rows, 0)?
+        .reshape(x0.shape())?
+        .to_dtype(dtype)
 }
