@@ -5,7 +5,11 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candela::engine::{loader::ModelDir, pipelines::sd::StableDiffusion, EngineError};
+use candela::engine::{
+    loader::ModelDir,
+    pipelines::sd::{GenerateParams, StableDiffusion},
+    EngineError,
+};
 use candle_core::{DType, Device};
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -159,11 +163,58 @@ fn other_pipeline_families_are_refused_clearly() {
 fn unsupported_scheduler_settings_are_refused() {
     let (_t, root) = broken_copy(|r| {
         edit_json(&r.join("scheduler/scheduler_config.json"), |v| {
-            v["thresholding"] = serde_json::json!(true)
+            v["use_lu_lambdas"] = serde_json::json!(true)
         });
     });
     let (_, msg) = load_error(&root);
-    assert!(msg.contains("thresholding"), "{msg}");
+    assert!(msg.contains("use_lu_lambdas"), "{msg}");
+}
+
+/// A config feature only some samplers implement (diffusers' other classes silently drop the
+/// key) loads, works with those samplers, and is a clear 422-class error with the others.
+#[test]
+fn thresholding_config_works_with_samplers_that_implement_it_only() {
+    let (_t, root) = broken_copy(|r| {
+        edit_json(&r.join("scheduler/scheduler_config.json"), |v| {
+            v["thresholding"] = serde_json::json!(true);
+            v["sample_max_value"] = serde_json::json!(1.5);
+        });
+    });
+    let dir = ModelDir {
+        root,
+        prefer_fp16_variant: false,
+    };
+    let pipeline = StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let params = |sampler: &str| GenerateParams {
+        prompt: "a cat".into(),
+        negative_prompt: None,
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance_scale: 1.0,
+        seed: 1,
+        sampler: sampler.parse().unwrap(),
+        schedule: Default::default(),
+        solver_order: None,
+        n: 1,
+        clip_skip: 0,
+    };
+    pipeline.generate(&params("ddim"), &mut |_| true).unwrap();
+    let err = pipeline
+        .generate(&params("euler"), &mut |_| true)
+        .err()
+        .expect("euler ignores thresholding and must be refused");
+    assert!(
+        matches!(
+            err,
+            EngineError::Incompatible {
+                param: "sampler",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("thresholding"), "{err}");
 }
 
 #[test]

@@ -263,23 +263,29 @@ pub fn sampler_study(config: &SchedulerConfig) -> anyhow::Result<()> {
             .collect();
         Ok(Tensor::from_vec(eps, x_vp.shape(), x_vp.device())?)
     };
-    let run =
-        |kind: SamplerKind, schedule: SigmaSchedule, steps: usize| -> anyhow::Result<Tensor> {
-            let mut sampler = schedulers::build(&config, kind, schedule, steps)?;
-            let mut rng = TorchGenerator::new(7);
-            let shape = (1, 4, 16, 16);
-            let mut x =
-                (Tensor::from_vec(rng.randn(4 * 16 * 16), shape, &candle_core::Device::Cpu)?
-                    * sampler.init_noise_sigma() as f64)?;
-            let timesteps = sampler.timesteps().to_vec();
-            for (i, &t) in timesteps.iter().enumerate() {
-                let input = sampler.scale_model_input(&x, i)?;
-                let eps = model(&input, t)?;
-                x = sampler.step(&eps, i, &x, &mut rng)?;
-            }
-            Ok(x)
+    let run = |kind: SamplerKind,
+               schedule: SigmaSchedule,
+               order: Option<usize>,
+               steps: usize|
+     -> anyhow::Result<Tensor> {
+        let options = schedulers::SamplerOptions {
+            solver_order: order,
+            ..Default::default()
         };
-    let reference = run(SamplerKind::Euler, SigmaSchedule::Default, 1000)?;
+        let mut sampler = schedulers::build_with(&config, kind, schedule, steps, &options)?;
+        let mut rng = TorchGenerator::new(7);
+        let shape = (1, 4, 16, 16);
+        let mut x = (Tensor::from_vec(rng.randn(4 * 16 * 16), shape, &candle_core::Device::Cpu)?
+            * sampler.init_noise_sigma() as f64)?;
+        let timesteps = sampler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = sampler.scale_model_input(&x, i)?;
+            let eps = model(&input, t)?;
+            x = sampler.step(&eps, i, &x, &mut rng)?;
+        }
+        Ok(x)
+    };
+    let reference = run(SamplerKind::Euler, SigmaSchedule::Default, None, 1000)?;
     let rms = |a: &Tensor| -> anyhow::Result<f64> {
         Ok((a - &reference)?
             .sqr()?
@@ -294,18 +300,36 @@ pub fn sampler_study(config: &SchedulerConfig) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|");
     for &kind in SamplerKind::ALL.iter().filter(|k| !k.is_flow()) {
-        for &schedule in kind.schedules() {
-            if schedule == SigmaSchedule::Exponential {
-                continue;
+        let orders: &[Option<usize>] = match kind {
+            SamplerKind::DpmPp2m | SamplerKind::UniPc => &[None, Some(3)],
+            _ => &[None],
+        };
+        for &order in orders {
+            for &schedule in kind.schedules() {
+                // The study already uses trailing spacing (= sgm_uniform); exponential sits
+                // between default and Karras.
+                if matches!(
+                    schedule,
+                    SigmaSchedule::Exponential | SigmaSchedule::SgmUniform
+                ) {
+                    continue;
+                }
+                let evals = schedulers::build(&config, kind, schedule, 8)?
+                    .timesteps()
+                    .len();
+                let name = match order {
+                    Some(o) => format!("{} (solver_order {o})", kind.name()),
+                    None => kind.name().to_string(),
+                };
+                let mut row = format!("| {name} | {} | {evals} |", schedule.name());
+                for steps in [4, 8, 20, 50] {
+                    row.push_str(&format!(
+                        " {:.4} |",
+                        rms(&run(kind, schedule, order, steps)?)?
+                    ));
+                }
+                println!("{row}");
             }
-            let evals = schedulers::build(&config, kind, schedule, 8)?
-                .timesteps()
-                .len();
-            let mut row = format!("| {} | {} | {evals} |", kind.name(), schedule.name());
-            for steps in [4, 8, 20, 50] {
-                row.push_str(&format!(" {:.4} |", rms(&run(kind, schedule, steps)?)?));
-            }
-            println!("{row}");
         }
     }
     println!();
