@@ -4,7 +4,7 @@
 mod common;
 
 use candela::engine::{
-    rng::TorchGenerator,
+    rng::BatchNoise,
     schedulers::{self, SamplerKind, SamplerOptions, SchedulerConfig, SigmaSchedule},
 };
 use candle_core::{IndexOp, Tensor};
@@ -112,10 +112,10 @@ fn every_sampler_matches_diffusers_step_for_step() {
         let outputs = &tensors[&format!("{}/model_outputs", tr.name)];
         let samples = &tensors[&format!("{}/samples", tr.name)];
         // The run's noise stream: the initial latents are the first draw, as in the pipeline.
-        let mut rng = TorchGenerator::new(index.seed);
+        let mut rng = BatchNoise::single(index.seed, index.shape[0]);
         let numel: usize = index.shape.iter().product();
         let first = Tensor::from_vec(
-            rng.randn(numel),
+            rng.randn(numel).unwrap(),
             index.shape.as_slice(),
             &candle_core::Device::Cpu,
         )

@@ -226,7 +226,7 @@ fn print_table(ours: &BenchFigures, reference: Option<&BenchFigures>) {
 /// seed with `trailing` spacing (all start at t = 999); the table gives the RMS distance of its
 /// result from a 1000-step Euler solve. Deterministic samplers should shrink towards 0.
 pub fn sampler_study(config: &SchedulerConfig) -> anyhow::Result<()> {
-    use crate::engine::rng::TorchGenerator;
+    use crate::engine::rng::BatchNoise;
     use crate::engine::schedulers::{self, SamplerKind, TimestepSpacing};
     let mut config = config.clone();
     config.timestep_spacing = Some(TimestepSpacing::Trailing);
@@ -273,10 +273,13 @@ pub fn sampler_study(config: &SchedulerConfig) -> anyhow::Result<()> {
             ..Default::default()
         };
         let mut sampler = schedulers::build_with(&config, kind, schedule, steps, &options)?;
-        let mut rng = TorchGenerator::new(7);
+        let mut rng = BatchNoise::single(7, 1);
         let shape = (1, 4, 16, 16);
-        let mut x = (Tensor::from_vec(rng.randn(4 * 16 * 16), shape, &candle_core::Device::Cpu)?
-            * sampler.init_noise_sigma() as f64)?;
+        let mut x = (Tensor::from_vec(
+            rng.randn(4 * 16 * 16).map_err(anyhow::Error::msg)?,
+            shape,
+            &candle_core::Device::Cpu,
+        )? * sampler.init_noise_sigma() as f64)?;
         let timesteps = sampler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             let input = sampler.scale_model_input(&x, i)?;

@@ -144,3 +144,52 @@ mod tests {
         assert_eq!(last, 4_123_659_995);
     }
 }
+
+/// The noise of a batch that serves several requests at once: each request keeps its own
+/// generator, and its rows of every noise tensor come from it, in the order a run of that request
+/// alone would draw them. A batch of one is exactly that request's run.
+#[derive(Debug, Clone)]
+pub struct BatchNoise {
+    /// (generator, rows of the batch it owns), in batch order.
+    streams: Vec<(TorchGenerator, usize)>,
+}
+
+impl BatchNoise {
+    /// One request's stream (every row).
+    pub fn single(seed: u64, rows: usize) -> Self {
+        Self {
+            streams: vec![(TorchGenerator::new(seed), rows)],
+        }
+    }
+
+    /// One stream per request: `(seed, rows)` in batch order.
+    pub fn per_request(requests: &[(u64, usize)]) -> Self {
+        Self {
+            streams: requests
+                .iter()
+                .map(|&(seed, rows)| (TorchGenerator::new(seed), rows))
+                .collect(),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.streams.iter().map(|(_, r)| r).sum()
+    }
+
+    /// Normal noise for a tensor whose first dimension is the batch (`numel` values in all):
+    /// each request's rows from its own generator.
+    pub fn randn(&mut self, numel: usize) -> Result<Vec<f32>, String> {
+        let rows = self.rows();
+        if rows == 0 || numel % rows != 0 {
+            return Err(format!(
+                "noise for {numel} values cannot be split over a batch of {rows} rows"
+            ));
+        }
+        let per_row = numel / rows;
+        let mut out = Vec::with_capacity(numel);
+        for (generator, r) in &mut self.streams {
+            out.extend(generator.randn(*r * per_row));
+        }
+        Ok(out)
+    }
+}

@@ -11,7 +11,7 @@ use crate::engine::loader::{
     ModelDir,
 };
 use crate::engine::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::VaeDecoder};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 use crate::engine::schedulers::{
     self, PredictionType, SamplerKind, SamplerOptions, SchedulerConfig, SigmaSchedule,
 };
@@ -35,6 +35,33 @@ pub struct GenerateParams {
     pub n: usize,
     /// Skip this many final CLIP layers (A1111 "clip skip" minus one; diffusers' `clip_skip`).
     pub clip_skip: usize,
+}
+
+/// What requests must share to be denoised together in one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchKey {
+    width: usize,
+    height: usize,
+    steps: usize,
+    sampler: SamplerKind,
+    schedule: SigmaSchedule,
+    solver_order: Option<usize>,
+    /// Exact guidance (bits), so a batch applies one scale as each request alone would.
+    guidance_bits: u64,
+}
+
+impl GenerateParams {
+    pub fn batch_key(&self) -> BatchKey {
+        BatchKey {
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            sampler: self.sampler,
+            schedule: self.schedule,
+            solver_order: self.solver_order,
+            guidance_bits: self.guidance_scale.to_bits(),
+        }
+    }
 }
 
 pub struct Generated {
@@ -251,35 +278,74 @@ impl StableDiffusion {
         p: &GenerateParams,
         progress: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Generated> {
-        self.validate(p)?;
-        let started = Instant::now();
-        let cfg = p.guidance_scale > 1.0;
-        let n = p.n;
-        let positive = self
-            .encode_prompt(&p.prompt, p.clip_skip)?
-            .repeat((n, 1, 1))?;
-        let context = if cfg {
-            // diffusers encodes the negative prompt without clip_skip.
-            let negative = self
-                .encode_prompt(p.negative_prompt.as_deref().unwrap_or(""), 0)?
-                .repeat((n, 1, 1))?;
-            Tensor::cat(&[&negative, &positive], 0)?
-        } else {
-            positive
+        self.generate_batch(std::slice::from_ref(p), progress)?
+            .pop()
+            .ok_or_else(|| EngineError::Internal("a batch of one produced no result".into()))
+    }
+
+    /// Denoise several requests in one batch (one UNet call per step for all of them). They must
+    /// share a [`BatchKey`]; each keeps its own prompt, negative prompt, `n`, seed and
+    /// `clip_skip`, and its noise comes from its own generator, so every result equals the
+    /// request's run on its own.
+    pub fn generate_batch(
+        &self,
+        requests: &[GenerateParams],
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<Generated>> {
+        let Some(first) = requests.first() else {
+            return Ok(Vec::new());
         };
+        let key = first.batch_key();
+        for p in requests {
+            self.validate(p)?;
+            if p.batch_key() != key {
+                return Err(EngineError::Internal(
+                    "requests with different sizes, samplers, steps or guidance cannot share a batch"
+                        .into(),
+                ));
+            }
+        }
+        let started = Instant::now();
+        let cfg = first.guidance_scale > 1.0;
+        let rows: usize = requests.iter().map(|p| p.n).sum();
+        let mut positives = Vec::with_capacity(requests.len());
+        let mut negatives = Vec::with_capacity(requests.len());
+        for p in requests {
+            positives.push(
+                self.encode_prompt(&p.prompt, p.clip_skip)?
+                    .repeat((p.n, 1, 1))?,
+            );
+            if cfg {
+                // diffusers encodes the negative prompt without clip_skip.
+                negatives.push(
+                    self.encode_prompt(p.negative_prompt.as_deref().unwrap_or(""), 0)?
+                        .repeat((p.n, 1, 1))?,
+                );
+            }
+        }
+        let context = Tensor::cat(&[negatives, positives].concat(), 0)?;
 
         let options = SamplerOptions {
-            solver_order: p.solver_order,
+            solver_order: first.solver_order,
             ..Default::default()
         };
-        let mut sampler =
-            schedulers::build_with(&self.scheduler, p.sampler, p.schedule, p.steps, &options)?;
-        let mut rng = TorchGenerator::new(p.seed);
+        let mut sampler = schedulers::build_with(
+            &self.scheduler,
+            first.sampler,
+            first.schedule,
+            first.steps,
+            &options,
+        )?;
+        let seeds: Vec<(u64, usize)> = requests.iter().map(|p| (p.seed, p.n)).collect();
+        let mut noise = BatchNoise::per_request(&seeds);
         let scale = self.vae_scale();
         let channels = self.unet.config.in_channels;
-        let shape = (n, channels, p.height / scale, p.width / scale);
-        let noise = rng.randn(n * channels * (p.height / scale) * (p.width / scale));
-        let mut latents = (Tensor::from_vec(noise, shape, &self.device)?.to_dtype(self.dtype)?
+        let shape = (rows, channels, first.height / scale, first.width / scale);
+        let initial = noise
+            .randn(shape.0 * shape.1 * shape.2 * shape.3)
+            .map_err(EngineError::Internal)?;
+        let mut latents = (Tensor::from_vec(initial, shape, &self.device)?
+            .to_dtype(self.dtype)?
             * sampler.init_noise_sigma() as f64)?;
 
         let timesteps = sampler.timesteps().to_vec();
@@ -293,13 +359,13 @@ impl StableDiffusion {
             let input = sampler.scale_model_input(&input, i)?;
             let out = self.unet.forward(&input, t, &context)?;
             let guided = if cfg {
-                let uncond = out.narrow(0, 0, n)?;
-                let text = out.narrow(0, n, n)?;
-                (&uncond + ((text - &uncond)? * p.guidance_scale)?)?
+                let uncond = out.narrow(0, 0, rows)?;
+                let text = out.narrow(0, rows, rows)?;
+                (&uncond + ((text - &uncond)? * first.guidance_scale)?)?
             } else {
                 out
             };
-            latents = sampler.step(&guided, i, &latents, &mut rng)?;
+            latents = sampler.step(&guided, i, &latents, &mut noise)?;
             let elapsed = started.elapsed().as_secs_f64();
             if !progress(Progress {
                 step: i + 1,
@@ -310,8 +376,15 @@ impl StableDiffusion {
             }
         }
 
-        let images = self.decode_to_images(&latents)?;
-        Ok(Generated { latents, images })
+        let mut results = Vec::with_capacity(requests.len());
+        let mut row = 0;
+        for p in requests {
+            let latents = latents.narrow(0, row, p.n)?;
+            row += p.n;
+            let images = self.decode_to_images(&latents)?;
+            results.push(Generated { latents, images });
+        }
+        Ok(results)
     }
 
     /// `vae.decode(latents / scaling_factor)` then diffusers' postprocess to 8-bit RGB.

@@ -4,7 +4,7 @@ use candle_core::Tensor;
 
 use super::config::{spaced_timesteps, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::{Sampler, X0Limit};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 pub struct DdimSampler {
     timesteps: Vec<f32>,
@@ -63,7 +63,7 @@ impl Sampler for DdimSampler {
         model_output: &Tensor,
         step: usize,
         sample: &Tensor,
-        _rng: &mut TorchGenerator,
+        _rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let t = self.int_timesteps[step];
         let alpha_t = self.alphas_cumprod[t.min(self.alphas_cumprod.len() - 1)];

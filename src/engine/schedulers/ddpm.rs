@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use super::config::{PredictionType, SchedulerConfig};
 use super::{predict_x0_vp, randn_like, Sampler, X0Limit};
 use crate::engine::error::{EngineError, Result};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Variance {
@@ -58,7 +58,7 @@ impl Sampler for DdpmSampler {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
-        rng: &mut TorchGenerator,
+        rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let t = self.int_timesteps[i];
         let a_t = self.alphas_cumprod[t];

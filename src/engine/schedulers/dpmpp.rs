@@ -9,7 +9,7 @@ use super::config::{np_linspace, PredictionType, SchedulerConfig, TimestepSpacin
 use super::euler::{interp_index, sigma_to_t};
 use super::{randn_like, Sampler, SigmaSchedule, X0Limit};
 use crate::engine::error::{EngineError, Result};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 /// Which of the two multistep classes' schedule rules to follow where they differ.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -218,7 +218,7 @@ impl Sampler for DpmppSampler {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
-        rng: &mut TorchGenerator,
+        rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let n = self.timesteps.len();
         let short_run = self.lower_order_final && n < 15;

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use super::config::{spaced_timesteps, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::{div_scalar, predict_x0_ve, randn_like, Sampler, SigmaSchedule};
 use crate::engine::error::Result;
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 pub struct EulerSampler {
     timesteps: Vec<f32>,
@@ -171,7 +171,7 @@ impl Sampler for EulerSampler {
         model_output: &Tensor,
         step: usize,
         sample: &Tensor,
-        rng: &mut TorchGenerator,
+        rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let i = self.sigma_index(step);
         let sigma = self.sigmas[i];

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use super::config::{np_linspace, SchedulerConfig};
 use super::{Sampler, SamplerOptions, SigmaSchedule};
 use crate::engine::error::{EngineError, Result};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 pub struct FlowEulerSampler {
     timesteps: Vec<f32>,
@@ -127,7 +127,7 @@ impl Sampler for FlowEulerSampler {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
-        _rng: &mut TorchGenerator,
+        _rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let dt = self.sigmas[i + 1] - self.sigmas[i];
         sample + (model_output * dt as f64)?

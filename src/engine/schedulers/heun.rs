@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use super::config::{PredictionType, SchedulerConfig};
 use super::euler::{discrete_schedule, init_noise_sigma_for, scale_by_sigma, DiscreteSchedule};
 use super::{predict_x0_ve, Sampler, SigmaSchedule, X0Limit};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 pub struct HeunSampler {
     timesteps: Vec<f32>,
@@ -79,7 +79,7 @@ impl Sampler for HeunSampler {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
-        _rng: &mut TorchGenerator,
+        _rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         match self.pending.take() {
             None => {

@@ -12,7 +12,7 @@ use super::euler::{
 };
 use super::{predict_x0_ve, randn_like, Sampler, SigmaSchedule};
 use crate::engine::error::{EngineError, Result};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 /// torch.lerp(a, b, 0.5) in f32 (the `end - diff * (1 - w)` branch torch takes for w >= 0.5).
 fn lerp_half(a: f32, b: f32) -> f32 {
@@ -188,7 +188,7 @@ impl Sampler for Kdpm2Sampler {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
-        rng: &mut TorchGenerator,
+        rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         match self.pending.take() {
             None => {

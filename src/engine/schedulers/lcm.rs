@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use super::config::{PredictionType, SchedulerConfig};
 use super::{predict_x0_vp, randn_like, Sampler, X0Limit};
 use crate::engine::error::{EngineError, Result};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 pub struct LcmSampler {
     timesteps: Vec<f32>,
@@ -73,7 +73,7 @@ impl Sampler for LcmSampler {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
-        rng: &mut TorchGenerator,
+        rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let t = self.int_timesteps[i];
         let last = i + 1 == self.int_timesteps.len();

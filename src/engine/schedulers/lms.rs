@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use super::config::{PredictionType, SchedulerConfig};
 use super::euler::{discrete_schedule, scale_by_sigma, DiscreteSchedule};
 use super::{predict_x0_ve, Sampler, SigmaSchedule};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 const ORDER: usize = 4;
 
@@ -96,7 +96,7 @@ impl Sampler for LmsSampler {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
-        _rng: &mut TorchGenerator,
+        _rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let sigma = self.sigmas[i];
         let x0 = predict_x0_ve(self.prediction, model_output, sample, sigma)?;

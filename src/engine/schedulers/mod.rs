@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use config::{PredictionType, SchedulerConfig, TimestepSpacing};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 /// The sampler a request names (A1111-style names; diffusers class in the comment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -429,7 +429,7 @@ pub trait Sampler: Send {
         model_output: &Tensor,
         step: usize,
         sample: &Tensor,
-        rng: &mut TorchGenerator,
+        rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor>;
 }
 
@@ -549,9 +549,12 @@ pub fn build_with(
     })
 }
 
-/// Noise of `like`'s shape from the job's generator (torch.randn order), in `like`'s dtype/device.
-pub fn randn_like(like: &Tensor, rng: &mut TorchGenerator) -> candle_core::Result<Tensor> {
-    let values = rng.randn(like.elem_count());
+/// Noise of `like`'s shape from the batch's generators (torch.randn order per request), in
+/// `like`'s dtype/device.
+pub fn randn_like(like: &Tensor, rng: &mut BatchNoise) -> candle_core::Result<Tensor> {
+    let values = rng
+        .randn(like.elem_count())
+        .map_err(candle_core::Error::Msg)?;
     Tensor::from_vec(values, like.shape(), like.device())?.to_dtype(like.dtype())
 }
 

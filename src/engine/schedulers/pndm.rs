@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use super::config::{spaced_timesteps, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::Sampler;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 pub struct PndmSampler {
     timesteps: Vec<f32>,
@@ -103,7 +103,7 @@ impl Sampler for PndmSampler {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
-        _rng: &mut TorchGenerator,
+        _rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let mut t = self.int_timesteps[i];
         let mut prev_t = t.checked_sub(self.step_ratio);

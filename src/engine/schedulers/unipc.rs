@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use super::dpmpp::{alpha_sigma, data_prediction, lambda_of, multistep_schedule, MultistepRules};
 use super::{PredictionType, Sampler, SchedulerConfig, SigmaSchedule, X0Limit};
 use crate::engine::error::{EngineError, Result};
-use crate::engine::rng::TorchGenerator;
+use crate::engine::rng::BatchNoise;
 
 pub struct UniPcSampler {
     timesteps: Vec<f32>,
@@ -275,7 +275,7 @@ impl Sampler for UniPcSampler {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
-        _rng: &mut TorchGenerator,
+        _rng: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let converted = self.convert(model_output, sample, i)?;
         let sample = match &self.last_sample {
