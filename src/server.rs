@@ -3,6 +3,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::{dev::Service, web, App, HttpMessage, HttpServer};
 use anyhow::Context;
@@ -12,7 +13,7 @@ use crate::api::{self, AppState, Limits, RequestId};
 use crate::auth::{self, AuthSettings, Verifier};
 use crate::db::Db;
 use crate::engine::loader::HubOptions;
-use crate::jobs::{EngineHandle, ModelSpec};
+use crate::jobs::{EngineConfig, EngineHandle, MemoryBudget, ModelSpec};
 use crate::storage::{self, FsStore, LinkSigner};
 
 pub struct ServerConfig {
@@ -28,11 +29,41 @@ pub struct ServerConfig {
     pub limits: Limits,
     pub queue_capacity: usize,
     pub workers: usize,
+    pub max_batch_jobs: usize,
+    pub max_batch_rows: usize,
+    pub memory_budget: MemoryBudget,
+    pub job_timeout: Option<Duration>,
+    pub on_restart: RestartPolicy,
+    /// How long a stopping server lets running jobs finish.
+    pub shutdown_grace: Duration,
+}
+
+/// What to do at start-up with jobs a crash or kill left queued or running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// Mark them failed with `interrupted`.
+    Fail,
+    /// Run them again (same request, same seed if one was given).
+    Requeue,
 }
 
 pub struct Running {
     pub server: actix_web::dev::Server,
     pub url: String,
+    pub engine: EngineHandle,
+    pub shutdown_grace: Duration,
+}
+
+impl Running {
+    /// Serve until SIGINT/SIGTERM, then stop gracefully: no new requests, queued jobs fail
+    /// with `shutting_down`, running ones get the grace period, and every outcome is recorded.
+    pub async fn serve(self) -> anyhow::Result<()> {
+        self.server.await?;
+        tracing::info!("stopping: failing queued jobs, letting running ones finish");
+        self.engine.shutdown(self.shutdown_grace).await;
+        Ok(())
+    }
 }
 
 /// Build everything and bind; returns the server future and the URL it answers on.
@@ -42,22 +73,34 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
     let db = Db::open(&config.data_dir.join("candela.db"))
         .await
         .context("opening the job database")?;
-    let interrupted = db.fail_interrupted().await?;
-    if interrupted > 0 {
-        tracing::warn!(
-            jobs = interrupted,
-            "marked jobs left unfinished by the previous run as failed (interrupted)"
-        );
-    }
+    let unfinished = match config.on_restart {
+        RestartPolicy::Fail => {
+            let interrupted = db.fail_interrupted().await?;
+            if interrupted > 0 {
+                tracing::warn!(
+                    jobs = interrupted,
+                    "marked jobs left unfinished by the previous run as failed (interrupted)"
+                );
+            }
+            Vec::new()
+        }
+        RestartPolicy::Requeue => db.requeue_interrupted().await?,
+    };
     let verifier = Verifier::new(&config.auth, &config.data_dir)?;
     let links = LinkSigner::new(storage::load_or_create_link_secret(&config.data_dir)?);
     let store = Arc::new(FsStore::new(config.data_dir.join("images")));
     let engine = EngineHandle::start(
         config.models,
-        config.device,
-        config.dtype,
-        config.hub,
-        config.queue_capacity,
+        EngineConfig {
+            device: config.device,
+            dtype: config.dtype,
+            hub: config.hub,
+            queue_capacity: config.queue_capacity,
+            max_batch_jobs: config.max_batch_jobs,
+            max_batch_rows: config.max_batch_rows,
+            memory_budget: config.memory_budget,
+            job_timeout: config.job_timeout,
+        },
     )
     .await?;
 
@@ -79,7 +122,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
         .trim_end_matches('/')
         .to_string();
     let state = web::Data::new(AppState {
-        engine,
+        engine: engine.clone(),
         db,
         store,
         links,
@@ -87,6 +130,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
         public_url,
         limits: config.limits,
     });
+    requeue(&state, unfinished).await;
 
     let server = HttpServer::new(move || {
         App::new()
@@ -115,9 +159,45 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
             .configure(api::configure)
     })
     .workers(config.workers.max(1))
+    .shutdown_timeout(config.shutdown_grace.as_secs().max(1))
     .listen(listener)?
     .run();
-    Ok(Running { server, url })
+    Ok(Running {
+        server,
+        url,
+        engine,
+        shutdown_grace: config.shutdown_grace,
+    })
+}
+
+/// Put jobs a previous run left unfinished back in the queue, oldest first; one that no longer
+/// validates (model gone, limits changed) is failed with the reason.
+async fn requeue(state: &web::Data<AppState>, jobs: Vec<crate::db::Unfinished>) {
+    for job in jobs {
+        let parsed: Result<api::images::ImageGenerationRequest, _> =
+            serde_json::from_value(job.params.clone());
+        let submitted = match parsed {
+            Ok(req) => {
+                api::images::submit(state, &req, &job.model, &job.id, &job.user, job.priority)
+                    .map(|_| ())
+            }
+            Err(e) => Err(api::ApiError::invalid(
+                "body",
+                format!("the stored request no longer parses: {e}"),
+            )),
+        };
+        match submitted {
+            Ok(()) => {
+                tracing::info!(job = %job.id, "re-queued a job left unfinished by the previous run")
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e.body.message, "could not re-queue");
+                if let Err(db) = state.db.mark_failed(&job.id, "interrupted", &format!("the server stopped before this job finished, and re-queueing failed: {}", e.body.message)).await {
+                    tracing::error!(job = %job.id, error = %db, "could not record the failure");
+                }
+            }
+        }
+    }
 }
 
 /// A token for the person who just started the server (printed once at start-up).

@@ -179,6 +179,21 @@ impl From<EngineError> for ApiError {
                 "unsupported",
                 msg,
             ),
+            EngineError::Timeout { .. } => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "server_error", "timeout", msg)
+            }
+            EngineError::OutOfMemory(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "out_of_memory",
+                msg,
+            ),
+            EngineError::ShuttingDown => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "shutting_down",
+                msg,
+            ),
             _ => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -208,6 +223,13 @@ impl From<SubmitError> for ApiError {
                 "engine_unavailable",
                 e.to_string(),
             ),
+            SubmitError::TooLarge { param, message } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "exceeds_memory_budget",
+                message,
+            )
+            .with_param(param),
             SubmitError::Engine(e) => e.into(),
         }
     }

@@ -22,7 +22,7 @@ use crate::engine::{
     schedulers::{SamplerKind, SamplerOptions, SigmaSchedule},
     GeneratedImage,
 };
-use crate::jobs::{GenerateJob, ModelInfo};
+use crate::jobs::{JobEvent, JobRequest, ModelInfo, Ticket};
 
 const MAX_PROMPT_CHARS: usize = 32_000;
 
@@ -96,6 +96,10 @@ pub struct ImageGenerationRequest {
     /// Extension: skip this many final CLIP layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_skip: Option<u32>,
+    /// Extension: answer `202` with the queued job at once instead of waiting for the images
+    /// (same as the header `Prefer: respond-async`).
+    #[serde(rename = "async", default, skip_serializing_if = "Option::is_none")]
+    pub run_async: Option<bool>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -143,6 +147,7 @@ impl ImageFormat {
 }
 
 /// A request checked against the model; everything the engine and encoder need.
+#[derive(Clone)]
 struct Validated {
     params: GenerateParams,
     format: ImageFormat,
@@ -385,16 +390,24 @@ fn encode(
     Ok(out.into_inner())
 }
 
-/// Create images from a prompt (OpenAI Images API). Every call is recorded as a job.
+/// Create images from a prompt (OpenAI Images API). Every call is recorded as a job. By default
+/// the call waits for the images; with `"async": true` (or `Prefer: respond-async`) it answers
+/// `202` with the queued job at once, to follow at `/v1/jobs/{id}` or `/v1/jobs/{id}/events`.
 #[utoipa::path(post, path = "/v1/images/generations", tag = "images", security(("bearer" = [])),
     request_body = ImageGenerationRequest,
+    params(("Prefer" = Option<String>, Header, description = "`respond-async` answers 202 with the queued job")),
     responses(
         (status = 200, body = ImagesResponse, headers(("x-candela-seed" = u64), ("x-candela-job-id" = String))),
+        (status = 202, body = super::jobs::JobView, description = "queued (async mode)"),
         (status = 400, body = super::error::ErrorResponse, description = "invalid field; `param` names it"),
         (status = 401, body = super::error::ErrorResponse), (status = 403, body = super::error::ErrorResponse),
         (status = 404, body = super::error::ErrorResponse, description = "unknown model"),
-        (status = 413, body = super::error::ErrorResponse), (status = 429, body = super::error::ErrorResponse),
-        (status = 500, body = super::error::ErrorResponse), (status = 503, body = super::error::ErrorResponse)))]
+        (status = 409, body = super::error::ErrorResponse, description = "cancelled while waiting"),
+        (status = 413, body = super::error::ErrorResponse),
+        (status = 422, body = super::error::ErrorResponse, description = "unsupported combination, or larger than the device's memory budget"),
+        (status = 429, body = super::error::ErrorResponse, description = "queue full; see Retry-After"),
+        (status = 500, body = super::error::ErrorResponse), (status = 503, body = super::error::ErrorResponse),
+        (status = 504, body = super::error::ErrorResponse, description = "the job exceeded its time limit")))]
 #[post("/v1/images/generations")]
 pub async fn generate(
     state: web::Data<AppState>,
@@ -405,6 +418,12 @@ pub async fn generate(
     caller.require(SCOPE_GENERATE)?;
     let body = read_body(payload, state.limits.max_body_bytes).await?;
     let req: ImageGenerationRequest = parse_json(&body)?;
+    let run_async = req.run_async.unwrap_or(false)
+        || http
+            .headers()
+            .get("Prefer")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("respond-async"));
 
     // From here on the request is a job: every outcome is recorded on its row.
     let job_id = format!("job_{}", uuid::Uuid::new_v4().simple());
@@ -414,6 +433,7 @@ pub async fn generate(
         .or_else(|| state.engine.default_model().map(|m| m.id.clone()))
         .unwrap_or_default();
     let params_json = serde_json::to_value(&req).unwrap_or(serde_json::Value::Null);
+    let priority = caller.0.is_admin();
     state
         .db
         .insert_job(NewJob {
@@ -423,31 +443,68 @@ pub async fn generate(
             prompt: &req.prompt,
             params: &params_json,
             request_id: request_id(&http).as_deref(),
+            priority,
         })
         .await?;
 
-    match run(&state, &req, &model_name, &job_id).await {
-        Ok(resp) => Ok(resp),
+    let runner = match submit(&state, &req, &model_name, &job_id, &caller.0.user, priority) {
+        Ok(runner) => runner,
         Err(e) => {
-            if let Err(db) = state
-                .db
-                .mark_failed(&job_id, e.code(), &e.body.message)
-                .await
-            {
-                tracing::error!(job = %job_id, error = %db, "could not record the failure");
-            }
-            tracing::warn!(job = %job_id, code = e.code(), error = %e.body.message, "job failed");
-            Err(e)
+            record_failure(&state, &job_id, &e).await;
+            return Err(e);
         }
+    };
+    if run_async {
+        let job = state
+            .db
+            .get_job(&job_id, None)
+            .await?
+            .ok_or_else(|| ApiError::internal("the job row vanished"))?;
+        return Ok(HttpResponse::Accepted()
+            .insert_header(("Location", format!("/v1/jobs/{job_id}")))
+            .insert_header(("x-candela-job-id", job_id.clone()))
+            .json(super::jobs::JobView::new(
+                job,
+                state.engine.progress(&job_id),
+            )));
     }
+    let done = runner
+        .await
+        .map_err(|e| ApiError::internal(format!("the job runner stopped: {e}")))??;
+    respond(&state, &req, &job_id, done)
 }
 
-async fn run(
-    state: &AppState,
+async fn record_failure(state: &AppState, job_id: &str, e: &ApiError) {
+    if let Err(db) = state
+        .db
+        .mark_failed(job_id, e.code(), &e.body.message)
+        .await
+    {
+        tracing::error!(job = %job_id, error = %db, "could not record the failure");
+    }
+    tracing::warn!(job = %job_id, code = e.code(), error = %e.body.message, "job failed");
+}
+
+/// What a finished job hands back to a waiting request.
+pub struct Completed {
+    images: Vec<(Vec<u8>, String)>,
+    format: ImageFormat,
+    as_url: bool,
+    width: usize,
+    height: usize,
+    seed: u64,
+}
+
+/// Validate and queue; the returned task records the outcome on the job row whether or not
+/// anyone waits for it (the client may disconnect, or have asked for async mode).
+pub fn submit(
+    state: &web::Data<AppState>,
     req: &ImageGenerationRequest,
     model_name: &str,
     job_id: &str,
-) -> Result<HttpResponse, ApiError> {
+    user: &str,
+    priority: bool,
+) -> Result<tokio::task::JoinHandle<Result<Completed, ApiError>>, ApiError> {
     let model = state.engine.model(model_name).ok_or_else(|| {
         let available: Vec<&str> = state
             .engine
@@ -465,62 +522,140 @@ async fn run(
         .with_param("model")
     })?;
     let v = validate(req, model, &state.limits)?;
-    state.db.mark_running(job_id, v.params.seed).await?;
-    let (width, height, seed) = (v.params.width, v.params.height, v.params.seed);
-    let started = std::time::Instant::now();
-    let out = state
-        .engine
-        .generate(GenerateJob {
-            model: model_name.to_string(),
-            params: v.params,
-        })
-        .await?;
-    tracing::info!(job = %job_id, model = %model_name, seconds = format!("{:.2}", out.seconds), total_s = format!("{:.2}", started.elapsed().as_secs_f64()), "generated");
+    let ticket = state.engine.submit(JobRequest {
+        id: job_id.to_string(),
+        user: user.to_string(),
+        priority,
+        model: model_name.to_string(),
+        params: v.params.clone(),
+    })?;
+    let state = state.clone();
+    let job_id = job_id.to_string();
+    Ok(tokio::spawn(async move {
+        let result = complete(&state, &job_id, ticket, v).await;
+        match &result {
+            Ok(_) => state.engine.finish(&job_id, "succeeded", None, None),
+            Err(e) => {
+                let status = if e.code() == "cancelled" {
+                    "cancelled"
+                } else {
+                    "failed"
+                };
+                state
+                    .engine
+                    .finish(&job_id, status, Some(e.code()), Some(&e.body.message));
+            }
+        }
+        result
+    }))
+}
 
-    let mut data = Vec::with_capacity(out.images.len());
+/// Follow a queued job to its end and record the outcome (images stored, row updated).
+async fn complete(
+    state: &AppState,
+    job_id: &str,
+    mut ticket: Ticket,
+    v: Validated,
+) -> Result<Completed, ApiError> {
+    let seed = v.params.seed;
+    let outcome = loop {
+        tokio::select! {
+            event = ticket.events.recv() => {
+                if let Ok(JobEvent::Started { batch_size }) = event {
+                    state.db.mark_running(job_id, seed, batch_size).await?;
+                }
+            }
+            outcome = &mut ticket.outcome => break outcome,
+        }
+    };
+    let outcome = outcome.map_err(|_| ApiError::from(crate::jobs::SubmitError::EngineGone));
+    let out = match outcome.and_then(|o| o.map_err(ApiError::from)) {
+        Ok(out) => out,
+        Err(e) => {
+            if e.code() == "cancelled" {
+                state.db.mark_cancelled(job_id).await?;
+                tracing::info!(job = %job_id, "job cancelled");
+            } else {
+                record_failure(state, job_id, &e).await;
+            }
+            return Err(e);
+        }
+    };
+    tracing::info!(job = %job_id, seconds = format!("{:.2}", out.seconds), batch = out.batch_size, "generated");
+    let mut images = Vec::with_capacity(out.images.len());
     let mut records = Vec::with_capacity(out.images.len());
-    let expires = (now_ms() / 1000) as u64 + state.limits.url_ttl_secs;
-    for (i, img) in out.images.iter().enumerate() {
-        let bytes = encode(img, v.format, v.jpeg_quality)?;
-        let key = state.store.put(&bytes, v.format.ext())?;
-        records.push(JobImage {
-            index: i as i64,
-            image_key: key.clone(),
-            format: v.format.ext().to_string(),
-            width: img.width as i64,
-            height: img.height as i64,
-            bytes: bytes.len() as i64,
-        });
-        data.push(if v.as_url {
-            ImageData {
-                b64_json: None,
-                url: Some(format!(
-                    "{}{}",
-                    state.public_url,
-                    state.links.path(&key, expires)
-                )),
-                revised_prompt: None,
-            }
-        } else {
-            ImageData {
-                b64_json: Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
-                url: None,
-                revised_prompt: None,
-            }
-        });
+    let stored: Result<(), ApiError> = (|| {
+        for (i, img) in out.images.iter().enumerate() {
+            let bytes = encode(img, v.format, v.jpeg_quality)?;
+            let key = state.store.put(&bytes, v.format.ext())?;
+            records.push(JobImage {
+                index: i as i64,
+                image_key: key.clone(),
+                format: v.format.ext().to_string(),
+                width: img.width as i64,
+                height: img.height as i64,
+                bytes: bytes.len() as i64,
+            });
+            images.push((bytes, key));
+        }
+        Ok(())
+    })();
+    if let Err(e) = stored {
+        record_failure(state, job_id, &e).await;
+        return Err(e);
     }
     state.db.mark_succeeded(job_id, &records).await?;
+    Ok(Completed {
+        images,
+        format: v.format,
+        as_url: v.as_url,
+        width: v.params.width,
+        height: v.params.height,
+        seed,
+    })
+}
+
+fn respond(
+    state: &AppState,
+    req: &ImageGenerationRequest,
+    job_id: &str,
+    done: Completed,
+) -> Result<HttpResponse, ApiError> {
+    let expires = (now_ms() / 1000) as u64 + state.limits.url_ttl_secs;
+    let data = done
+        .images
+        .iter()
+        .map(|(bytes, key)| {
+            if done.as_url {
+                ImageData {
+                    b64_json: None,
+                    url: Some(format!(
+                        "{}{}",
+                        state.public_url,
+                        state.links.path(key, expires)
+                    )),
+                    revised_prompt: None,
+                }
+            } else {
+                ImageData {
+                    b64_json: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                    url: None,
+                    revised_prompt: None,
+                }
+            }
+        })
+        .collect();
     Ok(HttpResponse::Ok()
-        .insert_header(("x-candela-seed", seed.to_string()))
+        .insert_header(("x-candela-seed", done.seed.to_string()))
         .insert_header(("x-candela-job-id", job_id.to_string()))
         .json(ImagesResponse {
             created: now_ms() / 1000,
             data,
-            output_format: v.format.ext().to_string(),
-            size: format!("{width}x{height}"),
+            output_format: done.format.ext().to_string(),
+            size: format!("{}x{}", done.width, done.height),
             quality: req.quality.clone(),
             background: req.background.clone(),
             job_id: job_id.to_string(),
-            seed,
+            seed: done.seed,
         }))
 }

@@ -4,7 +4,7 @@
 pub mod error;
 mod files;
 mod health;
-mod images;
+pub mod images;
 mod jobs;
 mod models;
 mod openapi;
@@ -163,6 +163,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(models::get)
         .service(jobs::list)
         .service(jobs::get)
+        .service(jobs::cancel)
+        .service(jobs::events)
+        .service(jobs::pause)
+        .service(jobs::resume)
+        .service(jobs::metrics)
         .service(jobs::image)
         .service(files::image)
         .service(health::health)

@@ -13,6 +13,9 @@ pub struct Model {
     pub owned_by: &'static str,
     /// candela's extension: what the model can do.
     pub capabilities: ModelInfo,
+    /// candela's extension: whether its weights are resident on the device now (models that do
+    /// not fit the memory budget together load on demand, evicting the least recently used).
+    pub loaded: bool,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -21,13 +24,14 @@ pub struct ModelList {
     pub data: Vec<Model>,
 }
 
-fn to_model(info: &ModelInfo) -> Model {
+fn to_model(info: &ModelInfo, loaded: &[String]) -> Model {
     Model {
         id: info.id.clone(),
         object: "model",
         created: 0,
         owned_by: "candela",
         capabilities: info.clone(),
+        loaded: loaded.contains(&info.id),
     }
 }
 
@@ -38,7 +42,15 @@ fn to_model(info: &ModelInfo) -> Model {
 pub async fn list(state: web::Data<AppState>, _caller: Caller) -> HttpResponse {
     HttpResponse::Ok().json(ModelList {
         object: "list",
-        data: state.engine.models().iter().map(to_model).collect(),
+        data: {
+            let loaded = state.engine.loaded_models();
+            state
+                .engine
+                .models()
+                .into_iter()
+                .map(|m| to_model(m, &loaded))
+                .collect()
+        },
     })
 }
 
@@ -56,5 +68,5 @@ pub async fn get(
         ApiError::not_found("model_not_found", format!("model `{id}` does not exist"))
             .with_param("model")
     })?;
-    Ok(HttpResponse::Ok().json(to_model(info)))
+    Ok(HttpResponse::Ok().json(to_model(info, &state.engine.loaded_models())))
 }

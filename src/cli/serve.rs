@@ -9,7 +9,7 @@ use super::CommonArgs;
 use crate::api::Limits;
 use crate::auth::AuthSettings;
 use crate::engine::{self, demo, loader::ModelSource};
-use crate::jobs::ModelSpec;
+use crate::jobs::{MemoryBudget, ModelSpec};
 use crate::server::{self, ServerConfig};
 
 #[derive(clap::Args, Debug, Default)]
@@ -55,6 +55,24 @@ pub struct ServeArgs {
     pub queue_capacity: Option<usize>,
     #[arg(long, env = "CANDELA_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
+    /// Most compatible jobs (same model, size, sampler, steps, guidance) denoised together (1 = no batching; default 4).
+    #[arg(long, env = "CANDELA_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// Most image rows in one batch (default 8).
+    #[arg(long, env = "CANDELA_MAX_BATCH_ROWS")]
+    pub max_batch_rows: Option<usize>,
+    /// Device memory budget: a fraction of the device's memory (0.9) or a size (12GiB, 500MB, bytes). Default 0.9.
+    #[arg(long, env = "CANDELA_MEMORY_BUDGET")]
+    pub memory_budget: Option<String>,
+    /// Fail jobs still queued or running after this many seconds (default: no limit).
+    #[arg(long, env = "CANDELA_JOB_TIMEOUT_SECS")]
+    pub job_timeout_secs: Option<u64>,
+    /// Jobs a crash left queued/running: `fail` them (interrupted) or `requeue` them. Default fail.
+    #[arg(long, env = "CANDELA_ON_RESTART", value_enum)]
+    pub on_restart: Option<server::RestartPolicy>,
+    /// Seconds a stopping server lets running jobs finish (default 30).
+    #[arg(long, env = "CANDELA_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
 }
 
 /// The same settings as a config file (snake_case keys).
@@ -77,6 +95,12 @@ struct FileConfig {
     url_ttl_secs: Option<u64>,
     queue_capacity: Option<usize>,
     http_workers: Option<usize>,
+    max_batch: Option<usize>,
+    max_batch_rows: Option<usize>,
+    memory_budget: Option<String>,
+    job_timeout_secs: Option<u64>,
+    on_restart: Option<server::RestartPolicy>,
+    shutdown_grace_secs: Option<u64>,
 }
 
 pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
@@ -155,6 +179,32 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
         limits,
         queue_capacity: args.queue_capacity.or(file.queue_capacity).unwrap_or(64),
         workers: args.http_workers.or(file.http_workers).unwrap_or(2),
+        max_batch_jobs: args.max_batch.or(file.max_batch).unwrap_or(4).max(1),
+        max_batch_rows: args
+            .max_batch_rows
+            .or(file.max_batch_rows)
+            .unwrap_or(8)
+            .max(1),
+        memory_budget: args
+            .memory_budget
+            .or(file.memory_budget)
+            .as_deref()
+            .unwrap_or("0.9")
+            .parse::<MemoryBudget>()
+            .map_err(anyhow::Error::msg)?,
+        job_timeout: args
+            .job_timeout_secs
+            .or(file.job_timeout_secs)
+            .map(std::time::Duration::from_secs),
+        on_restart: args
+            .on_restart
+            .or(file.on_restart)
+            .unwrap_or(server::RestartPolicy::Fail),
+        shutdown_grace: std::time::Duration::from_secs(
+            args.shutdown_grace_secs
+                .or(file.shutdown_grace_secs)
+                .unwrap_or(30),
+        ),
     };
     let data_dir = config.data_dir.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -173,7 +223,6 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
         }
         use std::io::Write;
         std::io::stdout().flush()?;
-        running.server.await?;
-        Ok(())
+        running.serve().await
     })
 }

@@ -85,6 +85,8 @@ pub struct Job {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub duration_ms: Option<i64>,
+    /// How many jobs shared its denoising run (1 = ran alone).
+    pub batch_size: Option<i64>,
     pub images: Vec<JobImage>,
 }
 
@@ -95,6 +97,16 @@ pub struct NewJob<'a> {
     pub prompt: &'a str,
     pub params: &'a serde_json::Value,
     pub request_id: Option<&'a str>,
+    pub priority: bool,
+}
+
+/// A job left unfinished by a previous run, to re-queue.
+pub struct Unfinished {
+    pub id: String,
+    pub user: String,
+    pub model: String,
+    pub params: serde_json::Value,
+    pub priority: bool,
 }
 
 impl Db {
@@ -129,8 +141,8 @@ impl Db {
 
     pub async fn insert_job(&self, job: NewJob<'_>) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO jobs (id, user_id, model, prompt, params, status, request_id, created_at) \
-             VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+            "INSERT INTO jobs (id, user_id, model, prompt, params, status, request_id, created_at, priority) \
+             VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
         )
         .bind(job.id)
         .bind(job.user)
@@ -139,15 +151,22 @@ impl Db {
         .bind(job.params.to_string())
         .bind(job.request_id)
         .bind(now_ms())
+        .bind(job.priority as i64)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    pub async fn mark_running(&self, id: &str, seed: u64) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE jobs SET status = 'running', seed = ?, started_at = ? WHERE id = ? AND status = 'queued'")
+    pub async fn mark_running(
+        &self,
+        id: &str,
+        seed: u64,
+        batch_size: usize,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE jobs SET status = 'running', seed = ?, started_at = ?, batch_size = ? WHERE id = ? AND status = 'queued'")
             .bind(seed as i64)
             .bind(now_ms())
+            .bind(batch_size as i64)
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -173,6 +192,54 @@ impl Db {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    pub async fn mark_cancelled(&self, id: &str) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', error_code = 'cancelled', error = 'cancelled by request', \
+             finished_at = ?, duration_ms = ? - COALESCE(started_at, created_at) \
+             WHERE id = ? AND status IN ('queued', 'running')",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Jobs left queued/running by a crash or kill, oldest first, set back to `queued` so the
+    /// scheduler can run them again (the `requeue` restart policy).
+    pub async fn requeue_interrupted(&self) -> Result<Vec<Unfinished>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, user_id, model, params, priority FROM jobs \
+             WHERE status IN ('queued', 'running') ORDER BY created_at, id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET status = 'queued', started_at = NULL, batch_size = NULL \
+             WHERE status = 'running'",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let params: String = r.get("params");
+                let priority: i64 = r.get("priority");
+                Unfinished {
+                    id: r.get("id"),
+                    user: r.get("user_id"),
+                    model: r.get("model"),
+                    params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
+                    priority: priority != 0,
+                }
+            })
+            .collect())
     }
 
     /// Record the images and the success in one transaction.
@@ -291,6 +358,7 @@ fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Job {
         started_at: row.get("started_at"),
         finished_at: row.get("finished_at"),
         duration_ms: row.get("duration_ms"),
+        batch_size: row.get("batch_size"),
         images: Vec::new(),
     }
 }

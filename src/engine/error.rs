@@ -43,6 +43,13 @@ pub enum EngineError {
     Internal(String),
     #[error("generation cancelled")]
     Cancelled,
+    #[error("the job exceeded its time limit of {seconds} s")]
+    Timeout { seconds: u64 },
+    /// The device ran out of memory (after unloading other models and retrying smaller).
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
     #[error("compute error: {0}")]
     Compute(#[from] candle_core::Error),
     #[error("i/o error on {path}: {source}")]
@@ -55,6 +62,19 @@ pub enum EngineError {
 pub type Result<T> = std::result::Result<T, EngineError>;
 
 impl EngineError {
+    /// Whether this is the device running out of memory (candle reports CUDA/Metal OOM as a
+    /// backend message).
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            Self::OutOfMemory(_) => true,
+            Self::Compute(e) => {
+                let text = e.to_string().to_lowercase();
+                text.contains("out of memory") || text.contains("cuda_error_out_of_memory")
+            }
+            _ => false,
+        }
+    }
+
     pub fn invalid(param: &'static str, message: impl Into<String>) -> Self {
         Self::InvalidParameter {
             param,

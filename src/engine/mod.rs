@@ -4,6 +4,7 @@
 pub mod demo;
 pub mod error;
 pub mod loader;
+pub mod memory;
 pub mod models;
 pub mod pipelines;
 pub mod rng;

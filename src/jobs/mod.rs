@@ -1,21 +1,33 @@
-//! The bridge between the HTTP layer and the engine. Pipelines live on one worker thread that
-//! owns the device; the HTTP layer holds a clonable [`EngineHandle`] and sends it commands.
-//! (Queueing policy, batching and VRAM budgets grow here; see the scheduler issue.)
+//! The in-process scheduler between the HTTP layer and the pipelines. The HTTP layer holds a
+//! clonable [`EngineHandle`]; pipelines live on a worker thread that owns the device. Jobs wait
+//! in a bounded, per-user fair queue ([`queue`]); the worker takes the next job plus compatible
+//! ones as one batch, loads its model within the device's memory budget ([`budget`]), reports
+//! progress per step and honours cancellation and deadlines between steps.
+
+pub mod budget;
+pub mod metrics;
+pub mod queue;
+mod worker;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, oneshot};
 use utoipa::ToSchema;
 
 use crate::engine::{
-    loader::{self, HubOptions, ModelSource},
-    pipelines::sd::{GenerateParams, StableDiffusion},
-    schedulers::{PredictionType, SamplerKind, SigmaSchedule},
+    loader::{self, HubOptions, ModelDir, ModelSource},
+    memory::SdFootprint,
+    pipelines::sd::{BatchKey, GenerateParams},
+    schedulers::{PredictionType, SamplerKind, SchedulerConfig, SigmaSchedule},
     EngineError, GeneratedImage,
 };
+use budget::Residency;
+use metrics::Metrics;
+use queue::FairQueue;
 
 /// What the API can know about a model without touching candle.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -32,9 +44,106 @@ pub struct ModelInfo {
     pub sampler_aliases: Vec<String>,
     pub schedules: Vec<String>,
     pub prediction_type: String,
+    /// Resident weights at the serving dtype (bytes), from the safetensors headers.
+    pub weights_bytes: u64,
 }
 
-pub struct GenerateJob {
+pub struct ModelSpec {
+    pub source: ModelSource,
+}
+
+/// How the engine runs: device, memory budget, queue and batching limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub device: Device,
+    pub dtype: DType,
+    pub hub: HubOptions,
+    pub queue_capacity: usize,
+    /// Most jobs / image rows denoised together in one batch (1 disables batching).
+    pub max_batch_jobs: usize,
+    pub max_batch_rows: usize,
+    pub memory_budget: MemoryBudget,
+    /// A job still queued or running after this long fails with `timeout`.
+    pub job_timeout: Option<Duration>,
+}
+
+/// A device memory budget: bytes, or a fraction of the device's total memory.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum MemoryBudget {
+    Bytes(u64),
+    Fraction(f64),
+}
+
+impl std::str::FromStr for MemoryBudget {
+    type Err = String;
+    /// `0.8` (fraction of total), `12GiB`, `800MB`, `123456` (bytes).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let bad = || format!("memory budget `{s}`: use a fraction like 0.8 or a size like 12GiB");
+        if let Ok(v) = t.parse::<f64>() {
+            if t.contains('.') {
+                return if v > 0.0 && v <= 1.0 {
+                    Ok(Self::Fraction(v))
+                } else {
+                    Err(bad())
+                };
+            }
+        }
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(mult).map(Self::Bytes).ok_or_else(bad)
+    }
+}
+
+impl MemoryBudget {
+    /// Bytes on `device`: a fraction is of the device's total memory (CUDA: the card's; CPU: the
+    /// machine's RAM).
+    pub fn resolve(self, device: &Device) -> Result<u64, EngineError> {
+        match self {
+            Self::Bytes(b) => Ok(b),
+            Self::Fraction(f) => Ok((device_total_memory(device)? as f64 * f) as u64),
+        }
+    }
+}
+
+/// Total memory of the device the budget is a fraction of.
+pub fn device_total_memory(device: &Device) -> Result<u64, EngineError> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        let (_free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .map_err(|e| EngineError::Internal(format!("reading CUDA memory: {e:?}")))?;
+        return Ok(total as u64);
+    }
+    let _ = device;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| EngineError::Io {
+        path: "/proc/meminfo".into(),
+        source: e,
+    })?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| EngineError::Internal("cannot read MemTotal from /proc/meminfo".into()))
+}
+
+/// One request for the engine.
+pub struct JobRequest {
+    pub id: String,
+    pub user: String,
+    /// Admin jobs run before everyone else's.
+    pub priority: bool,
     pub model: String,
     pub params: GenerateParams,
 }
@@ -43,126 +152,52 @@ pub struct GenerateOutput {
     pub images: Vec<GeneratedImage>,
     pub seed: u64,
     pub seconds: f64,
+    /// How many jobs shared the denoising run.
+    pub batch_size: usize,
 }
 
-enum Command {
-    Generate {
-        job: GenerateJob,
-        reply: oneshot::Sender<Result<GenerateOutput, EngineError>>,
+pub type Outcome = Result<GenerateOutput, EngineError>;
+
+/// A submitted job: its progress events and, at the end, its outcome.
+pub struct Ticket {
+    pub id: String,
+    pub events: broadcast::Receiver<JobEvent>,
+    pub outcome: oneshot::Receiver<Outcome>,
+}
+
+/// Progress of a job, as streamed on `GET /v1/jobs/{id}/events`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JobEvent {
+    /// Waiting; `position` 0 runs next.
+    Queued { position: usize },
+    /// Its denoising run began, shared with `batch_size - 1` other jobs.
+    Started { batch_size: usize },
+    Step {
+        step: usize,
+        total: usize,
+        step_seconds: f64,
+        eta_seconds: f64,
+    },
+    /// Terminal: `succeeded`, `failed` or `cancelled`.
+    Finished {
+        status: String,
+        error_code: Option<String>,
+        error: Option<String>,
     },
 }
 
-/// Clonable handle to the engine worker.
-#[derive(Clone)]
-pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
-    models: Arc<Vec<ModelInfo>>,
-}
-
-pub struct ModelSpec {
-    pub source: ModelSource,
-}
-
-impl EngineHandle {
-    /// Resolve (download if needed) and load every model on a dedicated thread; returns once all
-    /// are loaded, so the server only starts listening when it can serve.
-    pub async fn start(
-        specs: Vec<ModelSpec>,
-        device: Device,
-        dtype: DType,
-        hub: HubOptions,
-        queue_capacity: usize,
-    ) -> Result<Self, EngineError> {
-        let (tx, mut rx) = mpsc::channel::<Command>(queue_capacity.max(1));
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<Vec<ModelInfo>, EngineError>>();
-        std::thread::Builder::new()
-            .name("candela-engine".into())
-            .spawn(move || {
-                let mut pipelines: HashMap<String, StableDiffusion> = HashMap::new();
-                let mut infos = Vec::new();
-                for spec in specs {
-                    let name = loader::display_name(&spec.source);
-                    let loaded = loader::resolve(&spec.source, dtype, &hub)
-                        .and_then(|dir| StableDiffusion::load(&dir, &device, dtype));
-                    match loaded {
-                        Ok(p) => {
-                            tracing::info!(model = %name, "model loaded");
-                            infos.push(model_info(&name, &p));
-                            pipelines.insert(name, p);
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    }
-                }
-                if ready_tx.send(Ok(infos)).is_err() {
-                    return;
-                }
-                while let Some(cmd) = rx.blocking_recv() {
-                    match cmd {
-                        Command::Generate { job, reply } => {
-                            // A panic inside candle must fail this job, not kill the worker for all.
-                            let result =
-                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                    run_job(&pipelines, job)
-                                }))
-                                .unwrap_or_else(|panic| {
-                                    let what = panic
-                                        .downcast_ref::<String>()
-                                        .map(String::as_str)
-                                        .or_else(|| panic.downcast_ref::<&str>().copied())
-                                        .unwrap_or("unknown panic");
-                                    tracing::error!(
-                                        panic = what,
-                                        "generation panicked; the engine keeps running"
-                                    );
-                                    Err(EngineError::Unsupported(format!(
-                                        "internal error during generation: {what}"
-                                    )))
-                                });
-                            let _ = reply.send(result);
-                        }
-                    }
-                }
-            })
-            .map_err(|e| {
-                EngineError::Unsupported(format!("cannot start the engine thread: {e}"))
-            })?;
-        let models = ready_rx.await.map_err(|_| {
-            EngineError::Unsupported("the engine thread stopped while loading".into())
-        })??;
-        Ok(Self {
-            tx,
-            models: Arc::new(models),
-        })
-    }
-
-    pub fn models(&self) -> &[ModelInfo] {
-        &self.models
-    }
-
-    pub fn model(&self, id: &str) -> Option<&ModelInfo> {
-        self.models.iter().find(|m| m.id == id)
-    }
-
-    pub fn default_model(&self) -> Option<&ModelInfo> {
-        self.models.first()
-    }
-
-    /// Run one generation; errors if the engine is gone or the queue is full.
-    pub async fn generate(&self, job: GenerateJob) -> Result<GenerateOutput, SubmitError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .try_send(Command::Generate { job, reply })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => SubmitError::EngineGone,
-            })?;
-        rx.await
-            .map_err(|_| SubmitError::EngineGone)?
-            .map_err(SubmitError::Engine)
-    }
+/// A live job's state (queued or running).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobProgress {
+    /// `queued` or `running`.
+    pub state: String,
+    pub queue_position: Option<usize>,
+    pub step: usize,
+    pub total: usize,
+    pub step_seconds: Option<f64>,
+    pub eta_seconds: Option<f64>,
+    pub batch_size: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,23 +206,395 @@ pub enum SubmitError {
     QueueFull,
     #[error("the engine is not running")]
     EngineGone,
+    #[error("{message}")]
+    TooLarge {
+        param: &'static str,
+        message: String,
+    },
     #[error(transparent)]
     Engine(EngineError),
 }
 
-fn model_info(name: &str, p: &StableDiffusion) -> ModelInfo {
-    let prediction = p.prediction_type();
-    ModelInfo {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was waiting and will not run.
+    Dequeued,
+    /// It is running and stops at the next step.
+    Stopping,
+    /// The engine does not hold it (finished, or never submitted).
+    NotLive,
+}
+
+/// What queued jobs are grouped by: same model and the same batch key.
+#[derive(Debug, Clone, PartialEq)]
+struct QueueKey {
+    model: String,
+    batch: BatchKey,
+}
+
+struct Pending {
+    params: GenerateParams,
+    reply: oneshot::Sender<Outcome>,
+}
+
+struct Live {
+    progress: JobProgress,
+    events: broadcast::Sender<JobEvent>,
+    cancel: bool,
+    deadline: Option<Instant>,
+}
+
+struct State {
+    queue: FairQueue<Pending, QueueKey>,
+    live: HashMap<String, Live>,
+    residency: Residency,
+    paused: bool,
+    stopping: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    metrics: Metrics,
+    config: EngineConfig,
+    device_label: String,
+}
+
+impl Shared {
+    /// The state lock; a worker panic while holding it leaves data that is still consistent
+    /// (every update is a single assignment), so a poisoned lock is taken over.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A registered model: where it lives and what it needs.
+#[derive(Clone)]
+struct Catalogued {
+    info: ModelInfo,
+    dir: ModelDir,
+    footprint: SdFootprint,
+}
+
+/// Clonable handle to the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+    models: Arc<Vec<Catalogued>>,
+}
+
+impl EngineHandle {
+    /// Resolve (download if needed) every model, read what each needs, and preload those that
+    /// fit the budget (in order) on the worker thread; returns once that is done, so the server
+    /// only listens when it can serve. Models that do not fit together load on demand.
+    pub async fn start(specs: Vec<ModelSpec>, config: EngineConfig) -> Result<Self, EngineError> {
+        let budget = config.memory_budget.resolve(&config.device)?;
+        let device_label = device_label(&config.device);
+        let mut catalog = Vec::new();
+        for spec in specs {
+            let name = loader::display_name(&spec.source);
+            let dir = {
+                let (source, dtype, hub) = (spec.source.clone(), config.dtype, config.hub.clone());
+                tokio::task::spawn_blocking(move || loader::resolve(&source, dtype, &hub))
+                    .await
+                    .map_err(|e| EngineError::Internal(format!("model resolution: {e}")))??
+            };
+            let footprint = SdFootprint::read(&dir, config.dtype)?;
+            let info = describe(&name, &dir, footprint.weights_bytes())?;
+            catalog.push(Catalogued {
+                info,
+                dir,
+                footprint,
+            });
+        }
+        let metrics = Metrics::default();
+        metrics
+            .memory_budget_bytes
+            .get_or_create(&metrics::labels(&[("device", &device_label)]))
+            .set(budget);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                queue: FairQueue::new(config.queue_capacity),
+                live: HashMap::new(),
+                residency: Residency::new(budget),
+                paused: false,
+                stopping: false,
+            }),
+            wake: Condvar::new(),
+            metrics,
+            config,
+            device_label,
+        });
+        let models = Arc::new(catalog);
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), EngineError>>();
+        worker::spawn(shared.clone(), models.clone(), ready_tx)?;
+        ready_rx.await.map_err(|_| {
+            EngineError::Internal("the engine thread stopped while loading".into())
+        })??;
+        Ok(Self { shared, models })
+    }
+
+    pub fn models(&self) -> Vec<&ModelInfo> {
+        self.models.iter().map(|m| &m.info).collect()
+    }
+
+    pub fn model(&self, id: &str) -> Option<&ModelInfo> {
+        self.models
+            .iter()
+            .find(|m| m.info.id == id)
+            .map(|m| &m.info)
+    }
+
+    pub fn default_model(&self) -> Option<&ModelInfo> {
+        self.models.first().map(|m| &m.info)
+    }
+
+    /// Models resident on the device now, least recently used first.
+    pub fn loaded_models(&self) -> Vec<String> {
+        self.shared.lock().residency.models()
+    }
+
+    /// Queue a job. Refused at once when it can never fit the device, when the queue is full
+    /// (retry later) or when the engine is shutting down.
+    pub fn submit(&self, req: JobRequest) -> Result<Ticket, SubmitError> {
+        let model = self
+            .models
+            .iter()
+            .find(|m| m.info.id == req.model)
+            .ok_or_else(|| SubmitError::Engine(EngineError::ModelNotFound(req.model.clone())))?;
+        let p = &req.params;
+        let activation =
+            model
+                .footprint
+                .activation_bytes(p.n, p.width, p.height, p.guidance_scale > 1.0);
+        let mut state = self.shared.lock();
+        if state.stopping {
+            return Err(SubmitError::Engine(EngineError::ShuttingDown));
+        }
+        if let Err(e) = state
+            .residency
+            .admit(model.footprint.weights_bytes(), activation)
+        {
+            return Err(SubmitError::TooLarge {
+                param: if p.n > 1 { "n" } else { "size" },
+                message: format!(
+                    "a {}x{} image{} with model `{}` {e}; ask for a smaller size or fewer images",
+                    p.width,
+                    p.height,
+                    if p.n > 1 { "s" } else { "" },
+                    req.model
+                ),
+            });
+        }
+        let (events, events_rx) = broadcast::channel(256);
+        let (reply, outcome) = oneshot::channel();
+        let entry = queue::Entry {
+            id: req.id.clone(),
+            user: req.user,
+            priority: req.priority,
+            batch_key: QueueKey {
+                model: req.model,
+                batch: p.batch_key(),
+            },
+            rows: p.n,
+            item: Pending {
+                params: req.params,
+                reply,
+            },
+        };
+        if state.queue.push(entry).is_err() {
+            return Err(SubmitError::QueueFull);
+        }
+        let deadline = self.shared.config.job_timeout.map(|t| Instant::now() + t);
+        state.live.insert(
+            req.id.clone(),
+            Live {
+                progress: JobProgress {
+                    state: "queued".into(),
+                    queue_position: None,
+                    step: 0,
+                    total: 0,
+                    step_seconds: None,
+                    eta_seconds: None,
+                    batch_size: None,
+                },
+                events,
+                cancel: false,
+                deadline,
+            },
+        );
+        announce_positions(&mut state);
+        self.shared
+            .metrics
+            .queue_depth
+            .set(state.queue.len() as i64);
+        drop(state);
+        self.shared.wake.notify_all();
+        Ok(Ticket {
+            id: req.id,
+            events: events_rx,
+            outcome,
+        })
+    }
+
+    /// Cancel a queued job (it never runs) or stop a running one at its next step.
+    pub fn cancel(&self, id: &str) -> CancelOutcome {
+        let mut state = self.shared.lock();
+        if let Some(entry) = state.queue.remove(id) {
+            let _ = entry.item.reply.send(Err(EngineError::Cancelled));
+            announce_positions(&mut state);
+            self.shared
+                .metrics
+                .queue_depth
+                .set(state.queue.len() as i64);
+            return CancelOutcome::Dequeued;
+        }
+        match state.live.get_mut(id) {
+            Some(live) => {
+                live.cancel = true;
+                CancelOutcome::Stopping
+            }
+            None => CancelOutcome::NotLive,
+        }
+    }
+
+    /// The live state and event stream of a queued or running job.
+    pub fn watch(&self, id: &str) -> Option<(JobProgress, broadcast::Receiver<JobEvent>)> {
+        let state = self.shared.lock();
+        state
+            .live
+            .get(id)
+            .map(|l| (l.progress.clone(), l.events.subscribe()))
+    }
+
+    pub fn progress(&self, id: &str) -> Option<JobProgress> {
+        self.shared.lock().live.get(id).map(|l| l.progress.clone())
+    }
+
+    /// The job's outcome has been recorded: tell its watchers and forget it.
+    pub fn finish(&self, id: &str, status: &str, error_code: Option<&str>, error: Option<&str>) {
+        let mut state = self.shared.lock();
+        if let Some(live) = state.live.remove(id) {
+            let _ = live.events.send(JobEvent::Finished {
+                status: status.to_string(),
+                error_code: error_code.map(str::to_string),
+                error: error.map(str::to_string),
+            });
+        }
+        self.shared
+            .metrics
+            .jobs_finished
+            .get_or_create(&metrics::labels(&[("status", status)]))
+            .inc();
+    }
+
+    /// Hold queued jobs (running ones finish); for maintenance and for tests that need a
+    /// deterministic queue.
+    pub fn pause(&self) {
+        self.shared.lock().paused = true;
+    }
+
+    pub fn resume(&self) {
+        self.shared.lock().paused = false;
+        self.shared.wake.notify_all();
+    }
+
+    pub fn queue_ids(&self) -> Vec<String> {
+        self.shared.lock().queue.ids()
+    }
+
+    /// Stop taking jobs: queued ones fail with `shutting_down`; running ones get `grace` to
+    /// finish, then are stopped at their next step.
+    pub async fn shutdown(&self, grace: Duration) {
+        {
+            let mut state = self.shared.lock();
+            state.stopping = true;
+            let queued = state.queue.drain_where(|_| true);
+            for entry in queued {
+                let _ = entry.item.reply.send(Err(EngineError::ShuttingDown));
+            }
+            self.shared.metrics.queue_depth.set(0);
+        }
+        self.shared.wake.notify_all();
+        let deadline = Instant::now() + grace;
+        loop {
+            // Live entries leave once their outcome is recorded.
+            if self.shared.lock().live.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let mut state = self.shared.lock();
+                for live in state.live.values_mut() {
+                    live.cancel = true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if Instant::now() >= deadline + Duration::from_secs(30) {
+                tracing::error!("running jobs did not stop after shutdown; giving up waiting");
+                return;
+            }
+        }
+    }
+
+    pub fn metrics_text(&self) -> String {
+        {
+            let state = self.shared.lock();
+            self.shared
+                .metrics
+                .memory_used_bytes
+                .get_or_create(&metrics::labels(&[("device", &self.shared.device_label)]))
+                .set(state.residency.used());
+        }
+        self.shared.metrics.render()
+    }
+}
+
+/// Tell every queued job its place after the queue changed.
+fn announce_positions(state: &mut State) {
+    let ids = state.queue.ids();
+    for (position, id) in ids.iter().enumerate() {
+        if let Some(live) = state.live.get_mut(id) {
+            if live.progress.queue_position != Some(position) {
+                live.progress.queue_position = Some(position);
+                let _ = live.events.send(JobEvent::Queued { position });
+            }
+        }
+    }
+}
+
+fn device_label(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => format!("cuda:{:?}", device.location()),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// A model's capabilities from its configs (no weights loaded).
+fn describe(name: &str, dir: &ModelDir, weights_bytes: u64) -> Result<ModelInfo, EngineError> {
+    let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
+    scheduler.check()?;
+    let unet: serde_json::Value = dir.read_json("unet/config.json")?;
+    let vae: serde_json::Value = dir.read_json("vae/config.json")?;
+    let vae_levels = vae["block_out_channels"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(4);
+    let scale = 1usize << vae_levels.saturating_sub(1);
+    let sample = unet["sample_size"].as_u64().unwrap_or(64) as usize;
+    let prediction = scheduler.prediction_type();
+    Ok(ModelInfo {
         id: name.to_string(),
         family: match prediction {
             PredictionType::VPrediction => "sd2".into(),
             _ => "sd1".into(),
         },
-        default_width: p.default_size(),
-        default_height: p.default_size(),
-        size_multiple: p.vae_scale(),
+        default_width: sample * scale,
+        default_height: sample * scale,
+        size_multiple: scale,
         samplers: SamplerKind::ALL
             .iter()
+            .filter(|k| !k.is_flow())
             .map(|k| k.name().to_string())
             .collect(),
         sampler_aliases: SamplerKind::accepted_names(),
@@ -199,28 +606,6 @@ fn model_info(name: &str, p: &StableDiffusion) -> ModelInfo {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default(),
-    }
-}
-
-fn run_job(
-    pipelines: &HashMap<String, StableDiffusion>,
-    job: GenerateJob,
-) -> Result<GenerateOutput, EngineError> {
-    let pipeline = pipelines
-        .get(&job.model)
-        .ok_or_else(|| EngineError::ModelNotFound(job.model.clone()))?;
-    let started = std::time::Instant::now();
-    let mut last_log = std::time::Instant::now();
-    let out = pipeline.generate(&job.params, &mut |p| {
-        if p.step == p.total || last_log.elapsed().as_secs_f64() >= 2.0 {
-            tracing::info!(model = %job.model, step = p.step, total = p.total, steps_per_s = format!("{:.2}", p.steps_per_second()), "denoising");
-            last_log = std::time::Instant::now();
-        }
-        true
-    })?;
-    Ok(GenerateOutput {
-        images: out.images,
-        seed: job.params.seed,
-        seconds: started.elapsed().as_secs_f64(),
+        weights_bytes,
     })
 }

@@ -129,3 +129,23 @@ impl SimpleBackend for RandomWeights {
         false
     }
 }
+
+impl SafetensorsFile {
+    /// Bytes the tensors take once loaded as `dtype` (floating tensors are converted; others keep
+    /// their own width). Read from the header only.
+    pub fn loaded_bytes(&self, dtype: DType) -> u64 {
+        self.tensors
+            .tensors()
+            .into_iter()
+            .map(|(_, view)| {
+                let numel: usize = view.shape().iter().product();
+                let width = match DType::try_from(view.dtype()) {
+                    Ok(d) if d.is_float() => dtype.size_in_bytes(),
+                    Ok(d) => d.size_in_bytes(),
+                    Err(_) => dtype.size_in_bytes(),
+                };
+                (numel * width) as u64
+            })
+            .sum()
+    }
+}

@@ -50,6 +50,17 @@ pub struct BatchKey {
     guidance_bits: u64,
 }
 
+impl BatchKey {
+    /// (width, height, classifier-free guidance on) — what working memory depends on.
+    pub fn geometry(&self) -> (usize, usize, bool) {
+        (
+            self.width,
+            self.height,
+            f64::from_bits(self.guidance_bits) > 1.0,
+        )
+    }
+}
+
 impl GenerateParams {
     pub fn batch_key(&self) -> BatchKey {
         BatchKey {
