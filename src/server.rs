@@ -129,6 +129,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
         verifier,
         public_url,
         limits: config.limits,
+        runtime: tokio::runtime::Handle::current(),
     });
     requeue(&state, unfinished).await;
 

@@ -529,9 +529,10 @@ pub fn submit(
         model: model_name.to_string(),
         params: v.params.clone(),
     })?;
+    let runtime = state.runtime.clone();
     let state = state.clone();
     let job_id = job_id.to_string();
-    Ok(tokio::spawn(async move {
+    Ok(runtime.spawn(async move {
         let result = complete(&state, &job_id, ticket, v).await;
         match &result {
             Ok(_) => state.engine.finish(&job_id, "succeeded", None, None),

@@ -55,6 +55,10 @@ pub struct AppState {
     /// Base for absolute image URLs, e.g. `http://127.0.0.1:8080`.
     pub public_url: String,
     pub limits: Limits,
+    /// The server's main runtime. Job runners are spawned here, not on the HTTP worker that
+    /// took the request: those stop with the HTTP server, and a job must still be recorded
+    /// while a stopping server drains.
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// The id of the current request (from `X-Request-Id` or generated), set by the middleware.

@@ -46,6 +46,9 @@ pub struct ModelInfo {
     pub prediction_type: String,
     /// Resident weights at the serving dtype (bytes), from the safetensors headers.
     pub weights_bytes: u64,
+    /// Estimated working memory of one default-size image with guidance (bytes); see
+    /// `engine::memory` for the model behind the estimate.
+    pub default_working_bytes: u64,
 }
 
 pub struct ModelSpec {
@@ -241,6 +244,8 @@ struct Live {
     progress: JobProgress,
     events: broadcast::Sender<JobEvent>,
     cancel: bool,
+    /// Stopped because the server is shutting down (reported as such, not as cancelled).
+    shutdown: bool,
     deadline: Option<Instant>,
 }
 
@@ -300,7 +305,9 @@ impl EngineHandle {
                     .map_err(|e| EngineError::Internal(format!("model resolution: {e}")))??
             };
             let footprint = SdFootprint::read(&dir, config.dtype)?;
-            let info = describe(&name, &dir, footprint.weights_bytes())?;
+            let mut info = describe(&name, &dir, footprint.weights_bytes())?;
+            info.default_working_bytes =
+                footprint.activation_bytes(1, info.default_width, info.default_height, true);
             catalog.push(Catalogued {
                 info,
                 dir,
@@ -420,6 +427,7 @@ impl EngineHandle {
                 },
                 events,
                 cancel: false,
+                shutdown: false,
                 deadline,
             },
         );
@@ -526,6 +534,7 @@ impl EngineHandle {
                 let mut state = self.shared.lock();
                 for live in state.live.values_mut() {
                     live.cancel = true;
+                    live.shutdown = true;
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -607,5 +616,6 @@ fn describe(name: &str, dir: &ModelDir, weights_bytes: u64) -> Result<ModelInfo,
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default(),
         weights_bytes,
+        default_working_bytes: 0,
     })
 }

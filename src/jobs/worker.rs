@@ -261,10 +261,13 @@ impl Worker {
         for (i, (id, reply)) in ids.iter().zip(replies).enumerate() {
             let live = state.live.get(id);
             let cancelled = live.is_some_and(|l| l.cancel);
+            let shutdown = live.is_some_and(|l| l.shutdown);
             let expired = live
                 .and_then(|l| l.deadline)
                 .is_some_and(|d| d <= Instant::now());
-            let outcome = if cancelled {
+            let outcome = if shutdown {
+                Err(EngineError::ShuttingDown)
+            } else if cancelled {
                 Err(EngineError::Cancelled)
             } else if expired {
                 Err(self.timeout_error())

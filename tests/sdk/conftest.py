@@ -18,12 +18,13 @@ BIN = os.environ.get("CANDELA_BIN", str(ROOT / "target" / "debug" / "candela"))
 
 
 class Server:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, extra_args=()):
         self.data_dir = data_dir
         env = dict(os.environ, CANDELA_LOG="info", HF_HUB_OFFLINE="1")
         env.pop("CANDELA_MODEL", None)
         self.proc = subprocess.Popen(
-            [BIN, "--data-dir", str(data_dir), "serve", "--host", "127.0.0.1", "--port", "0", "--max-side", "1024"],
+            [BIN, "--data-dir", str(data_dir), "serve", "--host", "127.0.0.1", "--port", "0", "--max-side", "1024",
+             *extra_args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -1,0 +1,346 @@
+"""The job scheduler against a real `candela serve` (each test starts its own server, with the
+settings it needs, on an ephemeral loopback port): async mode, server-sent progress events,
+cancellation, fairness between users, batching, the memory budget, a full queue, job time
+limits, crash recovery after kill -9, and graceful shutdown."""
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import ROOT, Server
+
+TINY = ROOT / "tests" / "fixtures" / "models" / "sd1-tiny"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture
+def start(tmp_path):
+    servers = []
+
+    def _start(*args, data_dir=None):
+        s = Server(data_dir or tmp_path / f"data{len(servers)}", extra_args=[str(a) for a in args])
+        servers.append(s)
+        return s
+
+    yield _start
+    for s in servers:
+        s.stop()
+
+
+def http(server, user="alice", scope="images:generate jobs:read"):
+    return httpx.Client(
+        base_url=server.url,
+        headers={"Authorization": f"Bearer {server.token(user, scope=scope)}"},
+        timeout=120,
+    )
+
+
+def submit(c, **body):
+    body.setdefault("prompt", "a lighthouse")
+    body.setdefault("size", "64x64")
+    body.setdefault("steps", 4)
+    r = c.post("/v1/images/generations", json=dict(body, **{"async": True}))
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] in ("queued", "running") and job["id"].startswith("job_")
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    return job["id"]
+
+
+def wait(c, job_id, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id} did not finish: {job}")
+
+
+def events(c, job_id):
+    """Every SSE event of a job until its `finished` event, as (name, data) pairs."""
+    out = []
+    with c.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                out.append((name, json.loads(line[len("data: "):])))
+                if name == "finished":
+                    break
+    return out
+
+
+def metric(server, name, **labels):
+    text = httpx.get(server.url + "/metrics").text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        m = re.match(r"^([a-z_]+)(\{[^}]*\})? (\S+)$", line)
+        if m and m.group(1) == name and (m.group(2) or "").strip("{}") == want:
+            return float(m.group(3))
+    return 0.0
+
+
+def pixels(b64):
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB").tobytes()
+
+
+def test_async_job_streams_progress_in_order(start):
+    s = start()
+    c = http(s)
+    job_id = submit(c, steps=6)
+    evs = events(c, job_id)
+    names = [n for n, _ in evs]
+    assert names[-1] == "finished" and evs[-1][1]["status"] == "succeeded", evs
+    steps = [d["step"] for n, d in evs if n == "step"]
+    # Subscribing may miss the first steps of a fast job, never reorder or skip later ones.
+    assert steps == list(range(steps[0], 7)) if steps else "started" in names, evs
+    assert all(d["total"] == 6 and d["eta_seconds"] >= 0 for n, d in evs if n == "step")
+    if "started" in names:
+        assert names.index("started") < names.index("finished")
+    job = c.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["batch_size"] == 1 and len(job["images"]) == 1
+    assert "progress" not in job
+    # A finished job's stream is just its final event.
+    assert events(c, job_id) == [("finished", {"event": "finished", "status": "succeeded", "error_code": None, "error": None})]
+
+
+def test_full_event_stream_of_a_queued_job(start):
+    s = start()
+    admin, c = http(s, "root", "admin"), http(s)
+    assert admin.post("/v1/admin/queue/pause").status_code == 200
+    job_id = submit(c, steps=5)
+    job = c.get(f"/v1/jobs/{job_id}").json()
+    assert job["progress"]["state"] == "queued" and job["progress"]["queue_position"] == 0
+    import threading
+
+    got = []
+    t = threading.Thread(target=lambda: got.extend(events(c, job_id)))
+    t.start()
+    time.sleep(0.3)
+    admin.post("/v1/admin/queue/resume")
+    t.join(60)
+    names = [n for n, _ in got]
+    assert names[0] == "queued" and got[0][1]["position"] == 0
+    assert names[1] == "started" and got[1][1]["batch_size"] == 1
+    assert [d["step"] for n, d in got if n == "step"] == [1, 2, 3, 4, 5]
+    assert names[-1] == "finished" and got[-1][1]["status"] == "succeeded"
+
+
+def test_cancel_queued_and_running_jobs(start):
+    s = start()
+    admin, c, other = http(s, "root", "admin"), http(s), http(s, "mallory")
+    admin.post("/v1/admin/queue/pause")
+    queued = submit(c)
+    # Someone else's job is invisible, so not cancellable.
+    assert other.delete(f"/v1/jobs/{queued}").status_code == 404
+    r = c.delete(f"/v1/jobs/{queued}")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    assert c.delete(f"/v1/jobs/{queued}").status_code == 409
+    admin.post("/v1/admin/queue/resume")
+
+    running = submit(c, size="256x256", steps=150)
+    deadline = time.time() + 60
+    while c.get(f"/v1/jobs/{running}").json().get("progress", {}).get("step", 0) < 1:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    r = c.delete(f"/v1/jobs/{running}")
+    assert r.status_code == 200
+    job = wait(c, running, timeout=30)
+    assert job["status"] == "cancelled" and job["error_code"] == "cancelled" and not job["images"]
+    # The engine is free again.
+    assert wait(c, submit(c))["status"] == "succeeded"
+
+
+def test_users_take_turns(start):
+    s = start("--max-batch", 1)
+    admin, alice, bob = http(s, "root", "admin"), http(s, "alice"), http(s, "bob")
+    admin.post("/v1/admin/queue/pause")
+    alices = [submit(alice, seed=i) for i in range(4)]
+    bobs = submit(bob)
+    assert bob.get(f"/v1/jobs/{bobs}").json()["progress"]["queue_position"] == 1
+    admin.post("/v1/admin/queue/resume")
+    jobs = [wait(alice, j) for j in alices] + [wait(bob, bobs)]
+    order = [j["id"] for j in sorted(jobs, key=lambda j: j["started_at"])]
+    assert order.index(bobs) == 1, order
+    assert all(j["batch_size"] == 1 for j in jobs)
+
+
+def test_compatible_jobs_are_batched_and_equal_single_runs(start):
+    s = start("--max-batch", 4)
+    admin, c = http(s, "root", "admin"), http(s)
+    batches0, jobs0 = metric(s, "candela_batches_total"), metric(s, "candela_batched_jobs_total")
+    admin.post("/v1/admin/queue/pause")
+    reqs = [
+        dict(prompt="a red barn", seed=1, sampler="euler_a"),
+        dict(prompt="a blue lake", seed=2, sampler="euler_a", negative_prompt="fog"),
+        dict(prompt="a red barn", seed=3, sampler="euler_a", n=2),
+    ]
+    batched = [submit(c, **r) for r in reqs]
+    odd = submit(c, prompt="other size", seed=4, size="64x48", sampler="euler_a")
+    admin.post("/v1/admin/queue/resume")
+    done = [wait(c, j) for j in batched]
+    assert [j["batch_size"] for j in done] == [3, 3, 3]
+    assert wait(c, odd)["batch_size"] == 1
+    assert metric(s, "candela_batches_total") - batches0 == 2
+    assert metric(s, "candela_batched_jobs_total") - jobs0 == 4
+    # Each batched job's images equal the same request run alone (queue empty: no batching).
+    for req, job in zip(reqs, done):
+        alone = c.post("/v1/images/generations", json=dict(req, size="64x64", steps=4)).json()
+        assert len(alone["data"]) == len(job["images"])
+        for i, img in enumerate(alone["data"]):
+            batched_png = c.get(f"/v1/jobs/{job['id']}/images/{i}").content
+            a = pixels(img["b64_json"])
+            b = pixels(base64.b64encode(batched_png))
+            assert len(a) == len(b)
+            worst = max(abs(x - y) for x, y in zip(a, b))
+            assert worst <= 1, f"{req}: batched image differs by {worst}/255"
+
+
+def model_copies(tmp_path, names):
+    paths = []
+    for n in names:
+        dst = tmp_path / "models" / n
+        shutil.copytree(TINY, dst)
+        paths.append(str(dst))
+    return ",".join(paths)
+
+
+def test_memory_budget_evicts_least_recently_used_and_refuses_too_large_jobs(start, tmp_path):
+    models = model_copies(tmp_path, ["alpha", "beta", "gamma"])
+    probe = start("--model", models)
+    info = {m["id"]: m for m in http(probe).get("/v1/models").json()["data"]}
+    probe.stop()
+    weights = info["alpha"]["capabilities"]["weights_bytes"]
+    working = info["alpha"]["capabilities"]["default_working_bytes"]
+    assert weights > 100_000 and working > 0
+    # Room for two models and one default-size job, not three models.
+    s = start("--model", models, "--memory-budget", 2 * weights + working + weights // 2)
+    c = http(s)
+    loaded = lambda: {m["id"] for m in c.get("/v1/models").json()["data"] if m["loaded"]}
+    assert loaded() == {"alpha", "beta"}  # preloaded in order while they fit
+    size = f"{info['alpha']['capabilities']['default_width']}x{info['alpha']['capabilities']['default_height']}"
+    gen = lambda m: c.post("/v1/images/generations", json=dict(prompt="x", model=m, size=size, steps=2))
+    assert gen("alpha").status_code == 200  # alpha is now the most recently used
+    assert gen("gamma").status_code == 200  # needs room: beta (least recently used) goes
+    assert loaded() == {"alpha", "gamma"}
+    assert metric(s, "candela_model_evictions_total", model="beta") == 1
+    assert metric(s, "candela_model_evictions_total", model="alpha") == 0
+    assert gen("beta").status_code == 200  # now alpha is the least recently used
+    assert loaded() == {"gamma", "beta"}
+    assert metric(s, "candela_model_loads_total", model="beta") == 2
+    used = metric(s, "candela_memory_used_bytes", device="cpu")
+    assert used == 2 * weights and metric(s, "candela_memory_budget_bytes", device="cpu") >= used
+    # A job that can never fit is refused at submission, and recorded.
+    r = c.post("/v1/images/generations", json=dict(prompt="x", model="alpha", size="1024x1024", steps=2))
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "exceeds_memory_budget" and err["param"] == "size"
+    job = c.get("/v1/jobs?limit=1").json()["data"][0]
+    assert job["status"] == "failed" and job["error_code"] == "exceeds_memory_budget"
+
+
+def test_full_queue_answers_429_with_retry_after(start):
+    s = start("--queue-capacity", 1)
+    admin, c = http(s, "root", "admin"), http(s)
+    admin.post("/v1/admin/queue/pause")
+    first = submit(c)
+    r = c.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "async": True})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    assert r.json()["error"]["code"] == "queue_full"
+    admin.post("/v1/admin/queue/resume")
+    assert wait(c, first)["status"] == "succeeded"
+    failed = [j for j in c.get("/v1/jobs").json()["data"] if j["error_code"] == "queue_full"]
+    assert len(failed) == 1 and failed[0]["status"] == "failed"
+
+
+def test_job_time_limit(start):
+    s = start("--job-timeout-secs", 1)
+    c = http(s)
+    r = c.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "steps": 150})
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "timeout"
+    job = c.get("/v1/jobs?limit=1").json()["data"][0]
+    assert job["status"] == "failed" and job["error_code"] == "timeout"
+
+
+def rows(data_dir):
+    con = sqlite3.connect(data_dir / "candela.db")
+    try:
+        return {r[0]: r for r in con.execute("SELECT * FROM jobs ORDER BY id")}
+    finally:
+        con.close()
+
+
+def wait_running(c, job_id):
+    deadline = time.time() + 60
+    while c.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def test_kill_9_mid_job_then_restart_fails_or_requeues_only_that_job(start, tmp_path):
+    data = tmp_path / "crash"
+    s = start(data_dir=data)
+    c = http(s)
+    done = [wait(c, submit(c, seed=i)) for i in range(2)]
+    assert all(j["status"] == "succeeded" for j in done)
+    victim = submit(c, size="256x256", steps=150, seed=7)
+    wait_running(c, victim)
+    before = rows(data)
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.proc.wait()
+
+    # Restart with the default policy: the job is failed as interrupted; no other row changed.
+    s = start(data_dir=data)
+    after = rows(data)
+    assert set(after) == set(before)
+    for job_id, row in before.items():
+        if job_id != victim:
+            assert after[job_id] == row
+    c = http(s)
+    job = c.get(f"/v1/jobs/{victim}").json()
+    assert job["status"] == "failed" and job["error_code"] == "interrupted"
+
+    # Same again with --on-restart requeue: the killed job runs again to success.
+    victim2 = submit(c, size="128x128", steps=40, seed=8)
+    wait_running(c, victim2)
+    before = rows(data)
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.proc.wait()
+    s = start("--on-restart", "requeue", data_dir=data)
+    c = http(s)
+    job = wait(c, victim2)
+    assert job["status"] == "succeeded" and job["seed"] == 8 and len(job["images"]) == 1
+    after = rows(data)
+    for job_id, row in before.items():
+        if job_id != victim2:
+            assert after[job_id] == row
+
+
+def test_graceful_shutdown_leaves_nothing_running(start, tmp_path):
+    data = tmp_path / "stop"
+    s = start("--shutdown-grace-secs", 1, "--max-batch", 1, data_dir=data)
+    c = http(s)
+    running = submit(c, size="256x256", steps=150)
+    queued = submit(c, seed=5)
+    wait_running(c, running)
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=60) == 0
+    statuses = {r[0]: (r[6], r[7]) for r in rows(data).values()}
+    assert statuses[queued] == ("failed", "shutting_down"), statuses
+    assert statuses[running] in {("failed", "shutting_down"), ("succeeded", None)}, statuses
+    assert not [j for j, (st, _) in statuses.items() if st in ("queued", "running")]
