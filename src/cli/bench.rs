@@ -49,6 +49,16 @@ pub struct BenchArgs {
     /// exact analytic denoiser, using the noise schedule of --configs.
     #[arg(long)]
     pub sampler_study: bool,
+    /// Instead: start a real server on loopback and drive it with concurrent clients (scheduler
+    /// overhead per job, throughput with and without batching).
+    #[arg(long)]
+    pub server_load: bool,
+    /// Concurrent clients of --server-load.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Requests per --server-load pass.
+    #[arg(long, default_value_t = 48)]
+    pub requests: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -71,6 +81,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     let device = engine::parse_device(&args.device)?;
     let dtype = engine::parse_dtype(&args.dtype)?;
+    if args.server_load {
+        return super::load_bench::run(
+            common,
+            super::load_bench::LoadSettings {
+                clients: args.clients.max(1),
+                requests: args.requests.max(1),
+                size: 64,
+                steps: args.steps,
+            },
+        );
+    }
     if args.sampler_study {
         let dir = ModelDir {
             root: args.configs.clone(),

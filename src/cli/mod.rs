@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod load_bench;
 mod serve;
 mod token;
 
