@@ -79,6 +79,20 @@ fn not_found(id: &str) -> ApiError {
     ApiError::not_found("job_not_found", format!("no job `{id}`")).with_param("job_id")
 }
 
+/// The job if the caller may see it (its owner, or an admin); anyone else gets a 404.
+async fn visible_job(state: &AppState, caller: &Caller, id: &str) -> Result<Job, ApiError> {
+    state
+        .db
+        .get_job(id, caller.0.visible_user())
+        .await?
+        .ok_or_else(|| not_found(id))
+}
+
+fn view(state: &AppState, job: Job) -> HttpResponse {
+    let progress = state.engine.progress(&job.id);
+    HttpResponse::Ok().json(JobView::new(job, progress))
+}
+
 /// One job. Another user's job is reported as not found.
 #[utoipa::path(get, path = "/v1/jobs/{job_id}", tag = "jobs", security(("bearer" = [])),
     params(("job_id" = String, Path)),
@@ -91,13 +105,8 @@ pub async fn get(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(SCOPE_JOBS_READ)?;
     let id = path.into_inner();
-    let job = state
-        .db
-        .get_job(&id, caller.0.visible_user())
-        .await?
-        .ok_or_else(|| not_found(&id))?;
-    let progress = state.engine.progress(&id);
-    Ok(HttpResponse::Ok().json(JobView::new(job, progress)))
+    let job = visible_job(&state, &caller, &id).await?;
+    Ok(view(&state, job))
 }
 
 /// Cancel a job: a queued one never runs; a running one stops at its next step. Owner or admin.
@@ -114,11 +123,7 @@ pub async fn cancel(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(SCOPE_GENERATE)?;
     let id = path.into_inner();
-    let job = state
-        .db
-        .get_job(&id, caller.0.visible_user())
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let job = visible_job(&state, &caller, &id).await?;
     if matches!(
         job.status,
         JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
@@ -142,13 +147,8 @@ pub async fn cancel(
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
-    let job = state
-        .db
-        .get_job(&id, caller.0.visible_user())
-        .await?
-        .ok_or_else(|| not_found(&id))?;
-    let progress = state.engine.progress(&id);
-    Ok(HttpResponse::Ok().json(JobView::new(job, progress)))
+    let job = visible_job(&state, &caller, &id).await?;
+    Ok(view(&state, job))
 }
 
 /// Server-sent events of one job: `queued` (position), `started`, `step` (i of N, step time,
@@ -165,11 +165,7 @@ pub async fn events(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(SCOPE_JOBS_READ)?;
     let id = path.into_inner();
-    let job = state
-        .db
-        .get_job(&id, caller.0.visible_user())
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let job = visible_job(&state, &caller, &id).await?;
     let sse = |e: &JobEvent| -> web::Bytes {
         let (name, data) = match serde_json::to_value(e) {
             Ok(v) => (
@@ -290,11 +286,7 @@ pub async fn image(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(SCOPE_JOBS_READ)?;
     let (id, index) = path.into_inner();
-    let job = state
-        .db
-        .get_job(&id, caller.0.visible_user())
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let job = visible_job(&state, &caller, &id).await?;
     let img = job
         .images
         .iter()

@@ -179,28 +179,35 @@ impl Db {
         code: &str,
         message: &str,
     ) -> Result<(), sqlx::Error> {
-        let now = now_ms();
-        sqlx::query(
-            "UPDATE jobs SET status = 'failed', error_code = ?, error = ?, finished_at = ?, \
-             duration_ms = ? - COALESCE(started_at, created_at) WHERE id = ?",
-        )
-        .bind(code)
-        .bind(message)
-        .bind(now)
-        .bind(now)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.finish(id, "failed", code, message).await
     }
 
+    /// Only a job that has not finished can become cancelled.
     pub async fn mark_cancelled(&self, id: &str) -> Result<(), sqlx::Error> {
+        self.finish(id, "cancelled", "cancelled", "cancelled by request")
+            .await
+    }
+
+    async fn finish(
+        &self,
+        id: &str,
+        status: &str,
+        code: &str,
+        message: &str,
+    ) -> Result<(), sqlx::Error> {
         let now = now_ms();
-        sqlx::query(
-            "UPDATE jobs SET status = 'cancelled', error_code = 'cancelled', error = 'cancelled by request', \
-             finished_at = ?, duration_ms = ? - COALESCE(started_at, created_at) \
-             WHERE id = ? AND status IN ('queued', 'running')",
-        )
+        let unfinished_only = if status == "cancelled" {
+            " AND status IN ('queued', 'running')"
+        } else {
+            ""
+        };
+        sqlx::query(&format!(
+            "UPDATE jobs SET status = ?, error_code = ?, error = ?, finished_at = ?, \
+             duration_ms = ? - COALESCE(started_at, created_at) WHERE id = ?{unfinished_only}"
+        ))
+        .bind(status)
+        .bind(code)
+        .bind(message)
         .bind(now)
         .bind(now)
         .bind(id)
