@@ -209,6 +209,63 @@ fn text_encoder_unet_and_vae_match_diffusers() {
     }
 }
 
+/// SDXL's components: both encoders' penultimate states (and with clip_skip), the pooled
+/// projection, and the UNet with text_time added conditioning.
+#[test]
+fn sdxl_encoders_and_unet_match_diffusers() {
+    let p = load_pipeline("sdxl-tiny");
+    let t = load_tensors("stages/sdxl.safetensors");
+    let prompts = ["a red fox in the snow", ""];
+    let embeds: Vec<_> = prompts.iter().map(|pr| p.embed(pr, 0).unwrap()).collect();
+    let context = Tensor::cat(&embeds.iter().map(|e| &e.context).collect::<Vec<_>>(), 0).unwrap();
+    let d = max_abs_diff(&context, &t["unet_context"]);
+    eprintln!("sdxl context (both encoders' penultimate states): max diff {d}");
+    assert!(d <= 1e-4, "SDXL context differs by {d}");
+    let pooled = Tensor::cat(
+        &embeds
+            .iter()
+            .map(|e| e.pooled.clone().unwrap())
+            .collect::<Vec<_>>(),
+        0,
+    )
+    .unwrap();
+    let d = max_abs_diff(&pooled, &t["pooled_2"]);
+    eprintln!("sdxl pooled projection: max diff {d}");
+    assert!(d <= 1e-4, "SDXL pooled embedding differs by {d}");
+    // clip_skip = 1 reads one layer earlier in both encoders.
+    let width_1 = t["hidden_penultimate"].dim(2).unwrap();
+    let skip: Vec<Tensor> = prompts
+        .iter()
+        .map(|pr| {
+            let c = p.embed(pr, 1).unwrap().context;
+            let n = c.dim(2).unwrap();
+            c.narrow(2, width_1, n - width_1).unwrap()
+        })
+        .collect();
+    let d = max_abs_diff(&Tensor::cat(&skip, 0).unwrap(), &t["hidden_skip1_2"]);
+    assert!(d <= 1e-4, "SDXL clip_skip=1 states differ by {d}");
+
+    let timestep = t["unet_timestep"].to_vec1::<f32>().unwrap()[0];
+    let out = p
+        .unet_forward_added(
+            &t["unet_sample"],
+            timestep,
+            &t["unet_context"],
+            &t["pooled_2"],
+            &t["unet_time_ids"],
+        )
+        .unwrap();
+    let d = max_abs_diff(&out, &t["unet_out"]);
+    eprintln!(
+        "sdxl unet (text_time): max diff {d} (max abs {})",
+        max_abs(&t["unet_out"])
+    );
+    assert!(
+        d <= 1e-4 * max_abs(&t["unet_out"]).max(1.0),
+        "SDXL UNet output differs by {d}"
+    );
+}
+
 #[test]
 fn model_sources_resolve_local_folders() {
     let path = fixtures().join("models/sd1-tiny");

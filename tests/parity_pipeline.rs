@@ -26,13 +26,21 @@ struct Run {
     prompt: String,
     negative_prompt: Option<String>,
     solver_order: Option<usize>,
+    #[serde(default)]
+    clip_skip: usize,
 }
 
 #[test]
 fn full_runs_match_diffusers_latents_and_pngs() {
-    let runs: Vec<Run> =
+    let mut runs: Vec<Run> =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("runs/runs.json")).unwrap())
             .unwrap();
+    let sdxl: Vec<Run> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("runs/sdxl_runs.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(sdxl.len() >= 5);
+    runs.extend(sdxl);
     assert!(runs.len() >= 6);
     let mut pipelines = std::collections::HashMap::new();
     for run in runs {
@@ -56,7 +64,7 @@ fn full_runs_match_diffusers_latents_and_pngs() {
             schedule: run.schedule.parse::<SigmaSchedule>().unwrap(),
             n: run.n,
             solver_order: run.solver_order,
-            clip_skip: 0,
+            clip_skip: run.clip_skip,
         };
         let (mut steps_seen, mut total) = (0, 0);
         let out = p

@@ -35,9 +35,14 @@ impl SdFootprint {
         let mut components = Vec::new();
         for (folder, stem) in [
             ("text_encoder", "text_encoder/model"),
+            ("text_encoder_2", "text_encoder_2/model"),
             ("unet", "unet/diffusion_pytorch_model"),
             ("vae", "vae/diffusion_pytorch_model"),
         ] {
+            // SDXL's second encoder is the only optional component.
+            if folder == "text_encoder_2" && !dir.file("text_encoder_2/config.json").is_file() {
+                continue;
+            }
             let file = SafetensorsFile::open(&dir.weights(stem)?)?;
             components.push((folder.to_string(), file.loaded_bytes(dtype)));
         }

@@ -33,7 +33,7 @@ use queue::FairQueue;
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelInfo {
     pub id: String,
-    /// `sd1` / `sd2` (epsilon vs v-prediction SD 1.x/2.x-shaped).
+    /// `sd1` / `sd2` (epsilon vs v-prediction SD 1.x/2.x-shaped) / `sdxl`.
     pub family: String,
     pub default_width: usize,
     pub default_height: usize,
@@ -592,10 +592,15 @@ fn describe(name: &str, dir: &ModelDir, weights_bytes: u64) -> Result<ModelInfo,
     let scale = 1usize << vae_levels.saturating_sub(1);
     let sample = unet["sample_size"].as_u64().unwrap_or(64) as usize;
     let prediction = scheduler.prediction_type();
+    let index: serde_json::Value = dir.read_json("model_index.json")?;
+    let is_xl = index["_class_name"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("StableDiffusionXL"));
     Ok(ModelInfo {
         id: name.to_string(),
-        family: match prediction {
-            PredictionType::VPrediction => "sd2".into(),
+        family: match (is_xl, prediction) {
+            (true, _) => "sdxl".into(),
+            (false, PredictionType::VPrediction) => "sd2".into(),
             _ => "sd1".into(),
         },
         default_width: sample * scale,

@@ -344,3 +344,22 @@ def test_graceful_shutdown_leaves_nothing_running(start, tmp_path):
     assert statuses[queued] == ("failed", "shutting_down"), statuses
     assert statuses[running] in {("failed", "shutting_down"), ("succeeded", None)}, statuses
     assert not [j for j, (st, _) in statuses.items() if st in ("queued", "running")]
+
+
+def test_sdxl_model_is_served_next_to_sd1(start, tmp_path):
+    from openai import OpenAI
+
+    sdxl = tmp_path / "models" / "sdxl-tiny"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "models" / "sdxl-tiny", sdxl)
+    s = start("--model", f"{TINY},{sdxl}")
+    client = OpenAI(base_url=s.url + "/v1", api_key=s.token("alice"), max_retries=0, timeout=120)
+    families = {m.id: m.model_extra["capabilities"]["family"] for m in client.models.list().data}
+    assert families == {"sd1-tiny": "sd1", "sdxl-tiny": "sdxl"}
+    r = client.images.generate(model="sdxl-tiny", prompt="a castle", size="64x48",
+                               extra_body={"steps": 3, "seed": 9, "negative_prompt": "fog"})
+    img = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+    assert img.size == (64, 48)
+    # No negative prompt: SDXL's zero unconditional embedding (force_zeros_for_empty_prompt).
+    r2 = client.images.generate(model="sdxl-tiny", prompt="a castle", size="64x48",
+                                extra_body={"steps": 3, "seed": 9})
+    assert r2.data[0].b64_json != r.data[0].b64_json

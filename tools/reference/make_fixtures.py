@@ -242,6 +242,186 @@ def build_model(root: Path, kind: str, seed: int):
     return StableDiffusionPipeline.from_pretrained(root, safety_checker=None, requires_safety_checker=False)
 
 
+SDXL_SCHEDULER = dict(
+    _class_name="EulerDiscreteScheduler",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+    prediction_type="epsilon",
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    clip_sample=False,
+    trained_betas=None,
+)
+
+
+def build_sdxl(root: Path, seed: int):
+    """SDXL's component set at toy size: CLIP-L-like and OpenCLIP-G-like (projection, gelu, `!`
+    padding) encoders whose penultimate hidden states are concatenated, a UNet with text_time
+    added conditioning and several transformer layers per block, the SDXL VAE scaling factor."""
+    from transformers import CLIPTextModelWithProjection
+    from diffusers import StableDiffusionXLPipeline
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vocab_size = write_tiny_tokenizer(root / "tokenizer", "<|endoftext|>")
+    write_tiny_tokenizer(root / "tokenizer_2", "!")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2")
+    common = dict(vocab_size=vocab_size, intermediate_size=64, num_attention_heads=4, max_position_embeddings=77,
+                  bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=1, layer_norm_eps=1e-5)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=3, hidden_act="quick_gelu",
+                                                projection_dim=32, **common)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, num_hidden_layers=4, hidden_act="gelu",
+                                                                projection_dim=40, **common)).eval()
+    jitter_1d_params(text_encoder, gen)
+    jitter_1d_params(text_encoder_2, gen)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=(2, 4, 4),
+        cross_attention_dim=32 + 48,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + 40,
+    ).eval()
+    jitter_1d_params(unet, gen)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    ).eval()
+    jitter_1d_params(vae, gen)
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(root, safe_serialization=True)
+    for folder, pad in [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")]:
+        for extra in ["tokenizer.json", "added_tokens.json", "chat_template.jinja"]:
+            p = root / folder / extra
+            if p.exists():
+                p.unlink()
+        write_tiny_tokenizer(root / folder, pad)
+    for folder in ["text_encoder", "text_encoder_2"]:
+        te_file = root / folder / "model.safetensors"
+        state = load_file(te_file)
+        if not any(k.startswith("text_model.") for k in state):
+            state = {("text_model." + k if not k.startswith("text_projection") else k): v for k, v in state.items()}
+            save_file(state, te_file, metadata={"format": "pt"})
+    return StableDiffusionXLPipeline.from_pretrained(root, add_watermarker=False)
+
+
+def sdxl_stage_fixtures(pipe, out_dir: Path):
+    """Each SDXL component on its own: both encoders' penultimate states, the pooled projection,
+    and a UNet forward with added (text_time) conditioning."""
+    g = torch.Generator().manual_seed(12)
+    prompts = ["a red fox in the snow", ""]
+    ids1 = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids2 = pipe.tokenizer_2(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out1 = pipe.text_encoder(ids1, output_hidden_states=True)
+        out2 = pipe.text_encoder_2(ids2, output_hidden_states=True)
+        context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        pooled = out2.text_embeds
+        sample = torch.randn((2, 4, 9, 6), generator=g)
+        t = torch.tensor([681.0, 681.0])
+        time_ids = torch.tensor([[72.0, 48.0, 0.0, 0.0, 72.0, 48.0], [1024.0, 768.0, 16.0, 8.0, 512.0, 512.0]])
+        unet_out = pipe.unet(sample, t, encoder_hidden_states=context,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    save_file(
+        {
+            "input_ids": ids1.to(torch.int64).contiguous(),
+            "input_ids_2": ids2.to(torch.int64).contiguous(),
+            "hidden_penultimate": out1.hidden_states[-2].contiguous(),
+            "hidden_penultimate_2": out2.hidden_states[-2].contiguous(),
+            "hidden_skip1_2": out2.hidden_states[-3].contiguous(),
+            "pooled_2": pooled.contiguous(),
+            "unet_sample": sample.contiguous(),
+            "unet_timestep": t.contiguous(),
+            "unet_context": context.contiguous(),
+            "unet_time_ids": time_ids.contiguous(),
+            "unet_out": unet_out.contiguous(),
+        },
+        out_dir / "sdxl.safetensors",
+    )
+
+
+SDXL_RUNS = [
+    # name, sampler, seed, width, height, steps, guidance, n, negative prompt, clip_skip
+    ("sdxl_euler_cfg_negative", "euler", 42, 64, 64, 5, 5.0, 1, "blurry", None),
+    ("sdxl_euler_a_zero_negative_n2", "euler_a", 7, 64, 48, 4, 7.0, 2, None, None),
+    ("sdxl_dpmpp_2m_karras_odd", "dpmpp_2m_karras", 99, 72, 40, 6, 6.0, 1, None, None),
+    ("sdxl_turbo_1step", "euler_a_trailing", 5, 64, 64, 1, 0.0, 1, None, None),
+    ("sdxl_euler_clip_skip", "euler", 11, 48, 64, 4, 4.0, 1, "dull", 1),
+]
+
+
+def sdxl_run_fixtures(pipe, out_dir: Path):
+    from PIL import Image  # noqa: F401
+
+    records = []
+    base = dict(pipe.scheduler.config)
+    options = {
+        "euler": (EulerDiscreteScheduler, {}, "default"),
+        "euler_a": (EulerAncestralDiscreteScheduler, {}, "default"),
+        "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                          "use_karras_sigmas": True}, "karras"),
+        # SDXL-Turbo's documented settings: Euler a, trailing timesteps, 1 step, no guidance.
+        "euler_a_trailing": (EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"}, "sgm_uniform"),
+    }
+    ours = {"euler_a_trailing": "euler_a", "dpmpp_2m_karras": "dpmpp_2m"}
+    for name, sampler, seed, w, h, steps, guidance, n, neg, clip_skip in SDXL_RUNS:
+        cls, extra, schedule = options[sampler]
+        pipe.scheduler = cls.from_config(dict(base, **extra))
+        prompt = "a lighthouse on a cliff at dusk, oil painting"
+        g = torch.Generator("cpu").manual_seed(seed)
+        with torch.no_grad():
+            latents = pipe(prompt, negative_prompt=neg, width=w, height=h, num_inference_steps=steps,
+                           guidance_scale=guidance, num_images_per_prompt=n, generator=g, clip_skip=clip_skip,
+                           output_type="latent").images
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            pil = pipe.image_processor.postprocess(image, output_type="pil")
+        save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+        for i, im in enumerate(pil):
+            im.save(out_dir / f"{name}-{i}.png")
+        records.append(dict(name=name, model="sdxl", sampler=ours.get(sampler, sampler), schedule=schedule,
+                            seed=seed, width=w, height=h, steps=steps, guidance=guidance, n=n, prompt=prompt,
+                            negative_prompt=neg, solver_order=None, clip_skip=clip_skip or 0))
+    (out_dir / "sdxl_runs.json").write_text(json.dumps(records, indent=1))
+
+
 TRICKY_PROMPTS = [
     "",
     "a photograph of an astronaut riding a horse",
@@ -472,10 +652,20 @@ def main():
     ap = argparse.ArgumentParser()
     here = Path(__file__).resolve().parent
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
+    ap.add_argument("--sdxl", action="store_true",
+                    help="(re)build only the tiny SDXL model with its stage and run fixtures")
     ap.add_argument("--runs-only", action="store_true",
                     help="regenerate only runs/ from the committed tiny models (keeps models and stages)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.sdxl:
+        for sub in ["models/sdxl-tiny"]:
+            shutil.rmtree(out / sub, ignore_errors=True)
+        pipe = build_sdxl(out / "models" / "sdxl-tiny", seed=3)
+        sdxl_stage_fixtures(pipe, out / "stages")
+        sdxl_run_fixtures(pipe, out / "runs")
+        print("SDXL fixtures written to", out)
+        return
     if args.runs_only:
         shutil.rmtree(out / "runs", ignore_errors=True)
         (out / "runs").mkdir()

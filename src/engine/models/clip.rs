@@ -21,6 +21,10 @@ pub struct ClipTextConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub projection_dim: Option<usize>,
+    /// Where the pooled output is read: the first position holding this id (transformers'
+    /// legacy value 2 means "the largest id", which is the end-of-text token in CLIP's vocab).
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
 }
 
 fn default_positions() -> usize {
@@ -132,13 +136,16 @@ pub struct ClipTextModel {
     position_embedding: Embedding,
     layers: Vec<ClipLayer>,
     final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s pooled-output projection (SDXL's second encoder).
+    text_projection: Option<Linear>,
     pub config: ClipTextConfig,
 }
 
 impl ClipTextModel {
     /// `vb` points at the file root; both `text_model.*` (transformers 4, all real SD repos) and
     /// bare (transformers 5) key names load.
-    pub fn new(vb: VarBuilder, config: ClipTextConfig) -> Result<Self> {
+    pub fn new(vb_root: VarBuilder, config: ClipTextConfig) -> Result<Self> {
+        let vb = vb_root.clone();
         let act = Activation::parse(&config.hidden_act).ok_or_else(|| {
             EngineError::Unsupported(format!("CLIP hidden_act `{}`", config.hidden_act))
         })?;
@@ -176,11 +183,22 @@ impl ClipTextModel {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_layer_norm =
             layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        let text_projection = if vb_root.contains_tensor("text_projection.weight") {
+            let dim = c.projection_dim.unwrap_or(c.hidden_size);
+            Some(candle_nn::linear_no_bias(
+                c.hidden_size,
+                dim,
+                vb_root.pp("text_projection"),
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             token_embedding,
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             config,
         })
     }
@@ -192,9 +210,9 @@ impl ClipTextModel {
         Tensor::from_vec(mask, (n, n), device)?.to_dtype(dtype)
     }
 
-    /// Hidden states after the final layer norm, skipping the last `clip_skip` layers
-    /// (diffusers' `clip_skip`: `hidden_states[-(clip_skip + 1)]` then `final_layer_norm`).
-    pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> candle_core::Result<Tensor> {
+    /// transformers' `hidden_states` (embeddings first, then each layer's output), for the
+    /// first `layers` layers.
+    fn hidden_states(&self, input_ids: &Tensor, layers: usize) -> candle_core::Result<Vec<Tensor>> {
         let (_, n) = input_ids.dims2()?;
         let positions = Tensor::arange(0u32, n as u32, input_ids.device())?.unsqueeze(0)?;
         let mut xs = self
@@ -202,10 +220,54 @@ impl ClipTextModel {
             .forward(input_ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = Self::causal_mask(n, xs.dtype(), xs.device())?;
-        let used = self.layers.len().saturating_sub(clip_skip);
-        for layer in &self.layers[..used] {
+        let mut states = vec![xs.clone()];
+        for layer in &self.layers[..layers.min(self.layers.len())] {
             xs = layer.forward(&xs, &mask)?;
+            states.push(xs.clone());
         }
-        self.final_layer_norm.forward(&xs)
+        Ok(states)
+    }
+
+    /// Hidden states after the final layer norm, skipping the last `clip_skip` layers
+    /// (diffusers' `clip_skip`: `hidden_states[-(clip_skip + 1)]` then `final_layer_norm`).
+    pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> candle_core::Result<Tensor> {
+        let used = self.layers.len().saturating_sub(clip_skip);
+        let states = self.hidden_states(input_ids, used)?;
+        let last = states
+            .last()
+            .ok_or_else(|| candle_core::Error::Msg("CLIP produced no hidden state".into()))?;
+        self.final_layer_norm.forward(last)
+    }
+
+    /// SDXL's use of an encoder: the raw (un-normalised) `hidden_states[-(clip_skip + 2)]`, and
+    /// the pooled output — the final-layer-normed state at the end-of-text token, through
+    /// `text_projection` when the model has one.
+    pub fn forward_penultimate(
+        &self,
+        input_ids: &Tensor,
+        clip_skip: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let states = self.hidden_states(input_ids, self.layers.len())?;
+        let pick = states
+            .len()
+            .checked_sub(clip_skip + 2)
+            .ok_or_else(|| candle_core::Error::Msg("clip_skip exceeds the CLIP layers".into()))?;
+        let hidden = states[pick].clone();
+        let last = self.final_layer_norm.forward(&states[states.len() - 1])?;
+        let ids: Vec<Vec<u32>> = input_ids.to_dtype(DType::U32)?.to_vec2()?;
+        let mut rows = Vec::with_capacity(ids.len());
+        for (b, row) in ids.iter().enumerate() {
+            let eos = match self.config.eos_token_id {
+                Some(id) if id != 2 => id,
+                _ => row.iter().copied().max().unwrap_or(0),
+            };
+            let pos = row.iter().position(|&t| t == eos).unwrap_or(row.len() - 1);
+            rows.push(last.get(b)?.get(pos)?);
+        }
+        let mut pooled = Tensor::stack(&rows, 0)?;
+        if let Some(p) = &self.text_projection {
+            pooled = p.forward(&pooled)?;
+        }
+        Ok((hidden, pooled))
     }
 }

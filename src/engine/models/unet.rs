@@ -57,6 +57,12 @@ pub struct UNetConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// SDXL's micro-conditioning: each of the six time ids becomes a sinusoidal feature of this size.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input size of `add_embedding` (pooled text embedding + 6 × addition_time_embed_dim).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default)]
@@ -179,10 +185,16 @@ impl UNetConfig {
         if self.class_embed_type.is_some() {
             return unsupported("class_embed_type (upscaler/unCLIP UNets)".into());
         }
-        if self.addition_embed_type.is_some() {
-            return unsupported(
-                "addition_embed_type (SDXL-style UNets load through the SDXL pipeline)".into(),
-            );
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                if self.addition_time_embed_dim.is_none()
+                    || self.projection_class_embeddings_input_dim.is_none()
+                {
+                    return bad("addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
+                }
+            }
+            Some(other) => return unsupported(format!("addition_embed_type `{other}`")),
         }
         if self.time_cond_proj_dim.is_some() {
             return unsupported("time_cond_proj_dim (LCM guidance embedding)".into());
@@ -422,6 +434,8 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// SDXL's `add_embedding` (text_time): pooled text + time-id features → time embedding.
+    add_embedding: Option<(Linear, Linear)>,
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
@@ -456,6 +470,13 @@ impl UNet2DConditionModel {
         )?;
         let time_linear_1 = linear(ch0, temb, vb.pp("time_embedding.linear_1"))?;
         let time_linear_2 = linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
+        let add_embedding = match c.projection_class_embeddings_input_dim {
+            Some(input) if c.addition_embed_type.as_deref() == Some("text_time") => Some((
+                linear(input, temb, vb.pp("add_embedding.linear_1"))?,
+                linear(temb, temb, vb.pp("add_embedding.linear_2"))?,
+            )),
+            _ => None,
+        };
 
         let mut down = Vec::with_capacity(n);
         let mut out_ch = ch0;
@@ -566,6 +587,7 @@ impl UNet2DConditionModel {
             conv_in,
             time_linear_1,
             time_linear_2,
+            add_embedding,
             down,
             mid,
             up,
@@ -582,14 +604,15 @@ impl UNet2DConditionModel {
         })
     }
 
-    /// Sinusoidal timestep features, computed in f32 in diffusers' order of operations.
+    /// Sinusoidal timestep features of size `dim`, computed in f32 in diffusers' order of
+    /// operations.
     fn timestep_features(
         &self,
         timesteps: &[f32],
+        dim: usize,
         dtype: DType,
         device: &candle_core::Device,
     ) -> candle_core::Result<Tensor> {
-        let dim = self.config.block_out_channels[0];
         let half = dim / 2;
         let shift = self.config.freq_shift as f32;
         let freqs: Vec<f32> = (0..half)
@@ -621,16 +644,49 @@ impl UNet2DConditionModel {
         timestep: f32,
         context: &Tensor,
     ) -> candle_core::Result<Tensor> {
+        self.forward_with(sample, timestep, context, None)
+    }
+
+    /// As [`Self::forward`], with SDXL's added conditioning: `(text_embeds (B, P), time_ids (B, 6))`.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: f32,
+        context: &Tensor,
+        added: Option<(&Tensor, &Tensor)>,
+    ) -> candle_core::Result<Tensor> {
         let b = sample.dim(0)?;
         let mut xs = if self.config.center_input_sample {
             ((sample * 2.0)? - 1.0)?
         } else {
             sample.clone()
         };
-        let t = self.timestep_features(&vec![timestep; b], sample.dtype(), sample.device())?;
-        let emb = self
+        let t = self.timestep_features(
+            &vec![timestep; b],
+            self.config.block_out_channels[0],
+            sample.dtype(),
+            sample.device(),
+        )?;
+        let mut emb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&t)?.silu()?)?;
+        match (&self.add_embedding, added) {
+            (Some((l1, l2)), Some((text_embeds, time_ids))) => {
+                let dim = self.config.addition_time_embed_dim.unwrap_or(256);
+                let ids: Vec<f32> = time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let time_embeds = self
+                    .timestep_features(&ids, dim, sample.dtype(), sample.device())?
+                    .reshape((b, ()))?;
+                let add = Tensor::cat(&[&text_embeds.to_dtype(sample.dtype())?, &time_embeds], 1)?;
+                emb = (emb + l2.forward(&l1.forward(&add)?.silu()?)?)?;
+            }
+            (Some(_), None) => {
+                return Err(candle_core::Error::Msg(
+                    "this UNet needs SDXL's added conditioning (text_embeds, time_ids)".into(),
+                ))
+            }
+            (None, _) => {}
+        }
 
         xs = self.conv_in.forward(&xs)?;
         let mut skips = vec![xs.clone()];

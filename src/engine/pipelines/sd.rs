@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use crate::engine::error::{EngineError, Result};
@@ -85,6 +85,9 @@ pub struct Generated {
 struct ModelIndex {
     #[serde(rename = "_class_name")]
     class_name: String,
+    /// SDXL: an empty negative prompt means zero embeddings, not the encoding of "".
+    #[serde(default)]
+    force_zeros_for_empty_prompt: Option<bool>,
 }
 
 /// Pipeline classes whose folders have the SD 1.x/2.x component set.
@@ -95,9 +98,34 @@ const SD_PIPELINES: &[&str] = &[
     "AltDiffusionPipeline",
 ];
 
+/// Pipeline classes with SDXL's component set (two text encoders, text_time conditioning).
+const SDXL_PIPELINES: &[&str] = &[
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+];
+
+/// SDXL's second text encoder (OpenCLIP-G with projection) and its settings.
+struct XlParts {
+    tokenizer_2: ClipTokenizer,
+    text_encoder_2: ClipTextModel,
+    force_zeros_for_empty_prompt: bool,
+}
+
+/// One prompt's conditioning: the cross-attention context (1, 77, D) and, for SDXL, the pooled
+/// embedding (1, P).
+pub struct PromptEmbeds {
+    pub context: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+/// The UNet latent-diffusion pipelines: Stable Diffusion 1.x/2.x and SDXL (diffusers'
+/// `StableDiffusionPipeline` / `StableDiffusionXLPipeline`), which differ only in how prompts are
+/// encoded and in SDXL's added (pooled text + size) conditioning.
 pub struct StableDiffusion {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
+    xl: Option<XlParts>,
     unet: UNet2DConditionModel,
     vae: VaeDecoder,
     scheduler: SchedulerConfig,
@@ -127,7 +155,7 @@ impl StableDiffusion {
                 "bf16 is not supported on CPU; use f32 or f16",
             ));
         }
-        let weights = |_component: &str, stem: &str| -> Result<candle_nn::VarBuilder<'static>> {
+        let weights_as = |stem: &str, dtype: DType| -> Result<candle_nn::VarBuilder<'static>> {
             if random {
                 Ok(candle_nn::VarBuilder::from_backend(
                     Box::new(RandomWeights),
@@ -138,10 +166,12 @@ impl StableDiffusion {
                 Ok(SafetensorsFile::open(&dir.weights(stem)?)?.into_var_builder(dtype, device))
             }
         };
+        let weights = |_component: &str, stem: &str| weights_as(stem, dtype);
         let index: ModelIndex = dir.read_json("model_index.json")?;
-        if !SD_PIPELINES.contains(&index.class_name.as_str()) {
+        let is_xl = SDXL_PIPELINES.contains(&index.class_name.as_str());
+        if !is_xl && !SD_PIPELINES.contains(&index.class_name.as_str()) {
             return Err(EngineError::Unsupported(format!(
-                "{}: pipeline `{}` is not a Stable Diffusion 1.x/2.x pipeline",
+                "{}: pipeline `{}` is not a Stable Diffusion 1.x/2.x/XL pipeline",
                 dir.file("model_index.json").display(),
                 index.class_name
             )));
@@ -161,10 +191,42 @@ impl StableDiffusion {
 
         let vae_config_path = dir.required("vae/config.json")?;
         let vae_config = crate::engine::loader::read_json(&vae_config_path)?;
-        let vae_vb = weights("vae", "vae/diffusion_pytorch_model")?;
+        // SDXL's VAE overflows in f16 (`force_upcast`): diffusers decodes it in f32, and so do we.
+        let vae_config: crate::engine::models::vae::VaeConfig = vae_config;
+        let vae_dtype = if vae_config.force_upcast && dtype == DType::F16 {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae_vb = weights_as("vae/diffusion_pytorch_model", vae_dtype)?;
         let vae = VaeDecoder::new(vae_vb, vae_config, &vae_config_path)?;
 
-        let text_dim = text_encoder.config.hidden_size;
+        let xl = if is_xl {
+            let tokenizer_2 = ClipTokenizer::load(dir, "tokenizer_2")?;
+            let config = dir.read_json("text_encoder_2/config.json")?;
+            let text_encoder_2 =
+                ClipTextModel::new(weights("text_encoder_2", "text_encoder_2/model")?, config)?;
+            Some(XlParts {
+                tokenizer_2,
+                text_encoder_2,
+                force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+            })
+        } else {
+            None
+        };
+        if is_xl != unet.config.addition_embed_type.is_some() {
+            return Err(EngineError::BadConfig {
+                path: unet_config_path,
+                reason: format!(
+                    "pipeline `{}` does not match this UNet (addition_embed_type {:?})",
+                    index.class_name, unet.config.addition_embed_type
+                ),
+            });
+        }
+        // SDXL concatenates both encoders' states.
+        let text_dim = text_encoder.config.hidden_size
+            + xl.as_ref()
+                .map_or(0, |x| x.text_encoder_2.config.hidden_size);
         let cross = unet
             .config
             .cross_attention_dim
@@ -189,6 +251,7 @@ impl StableDiffusion {
         Ok(Self {
             tokenizer,
             text_encoder,
+            xl,
             unet,
             vae,
             scheduler,
@@ -252,7 +315,12 @@ impl StableDiffusion {
                 ),
             });
         }
-        if p.clip_skip >= self.text_encoder.config.num_hidden_layers {
+        let layers = self.text_encoder.config.num_hidden_layers.min(
+            self.xl
+                .as_ref()
+                .map_or(usize::MAX, |x| x.text_encoder_2.config.num_hidden_layers),
+        );
+        if p.clip_skip >= layers {
             return Err(EngineError::invalid(
                 "clip_skip",
                 "clip_skip must be smaller than the number of CLIP layers",
@@ -261,22 +329,83 @@ impl StableDiffusion {
         Ok(())
     }
 
-    /// CLIP embeddings of one prompt, (1, 77, D).
-    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
-        let (ids, cut) = self.tokenizer.encode_counting_cut(prompt)?;
+    fn token_ids(tokenizer: &ClipTokenizer, prompt: &str, device: &Device) -> Result<Tensor> {
+        let (ids, cut) = tokenizer.encode_counting_cut(prompt)?;
         if cut > 0 {
             tracing::warn!(
                 tokens = cut,
                 "prompt longer than CLIP's {} tokens; the end was cut",
-                self.tokenizer.max_length()
+                tokenizer.max_length()
             );
         }
-        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        Ok(self.text_encoder.forward(&ids, clip_skip)?)
+        Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
+    }
+
+    /// The cross-attention context of one prompt, (1, 77, D).
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
+        Ok(self.embed(prompt, clip_skip)?.context)
+    }
+
+    /// One prompt's conditioning. SD: the final-layer-normed states (`clip_skip` layers from the
+    /// end). SDXL: both encoders' raw `hidden_states[-(clip_skip + 2)]` concatenated, plus the
+    /// second encoder's pooled projection.
+    pub fn embed(&self, prompt: &str, clip_skip: usize) -> Result<PromptEmbeds> {
+        let ids = Self::token_ids(&self.tokenizer, prompt, &self.device)?;
+        match &self.xl {
+            None => Ok(PromptEmbeds {
+                context: self.text_encoder.forward(&ids, clip_skip)?,
+                pooled: None,
+            }),
+            Some(xl) => {
+                let (h1, _) = self.text_encoder.forward_penultimate(&ids, clip_skip)?;
+                let ids_2 = Self::token_ids(&xl.tokenizer_2, prompt, &self.device)?;
+                let (h2, pooled) = xl.text_encoder_2.forward_penultimate(&ids_2, clip_skip)?;
+                Ok(PromptEmbeds {
+                    context: Tensor::cat(&[&h1, &h2], D::Minus1)?,
+                    pooled: Some(pooled),
+                })
+            }
+        }
+    }
+
+    /// The unconditional side of guidance. diffusers encodes the negative prompt without
+    /// `clip_skip`; SDXL with `force_zeros_for_empty_prompt` uses zeros when none is given.
+    fn embed_negative(
+        &self,
+        negative: Option<&str>,
+        positive: &PromptEmbeds,
+    ) -> Result<PromptEmbeds> {
+        if let (Some(xl), None) = (&self.xl, negative) {
+            if xl.force_zeros_for_empty_prompt {
+                return Ok(PromptEmbeds {
+                    context: positive.context.zeros_like()?,
+                    pooled: positive
+                        .pooled
+                        .as_ref()
+                        .map(|p| p.zeros_like())
+                        .transpose()?,
+                });
+            }
+        }
+        self.embed(negative.unwrap_or(""), 0)
     }
 
     pub fn unet_forward(&self, sample: &Tensor, timestep: f32, context: &Tensor) -> Result<Tensor> {
         Ok(self.unet.forward(sample, timestep, context)?)
+    }
+
+    /// The UNet with SDXL's added conditioning `(text_embeds, time_ids)`.
+    pub fn unet_forward_added(
+        &self,
+        sample: &Tensor,
+        timestep: f32,
+        context: &Tensor,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(self
+            .unet
+            .forward_with(sample, timestep, context, Some((text_embeds, time_ids)))?)
     }
 
     pub fn vae_decode(&self, z: &Tensor) -> Result<Tensor> {
@@ -319,22 +448,41 @@ impl StableDiffusion {
         let started = Instant::now();
         let cfg = first.guidance_scale > 1.0;
         let rows: usize = requests.iter().map(|p| p.n).sum();
+        // Rows: [every request's negatives..., every request's positives...] with CFG.
+        let (mut contexts, mut pooled, mut time_ids) = (Vec::new(), Vec::new(), Vec::new());
         let mut positives = Vec::with_capacity(requests.len());
         let mut negatives = Vec::with_capacity(requests.len());
         for p in requests {
-            positives.push(
-                self.encode_prompt(&p.prompt, p.clip_skip)?
-                    .repeat((p.n, 1, 1))?,
-            );
+            let positive = self.embed(&p.prompt, p.clip_skip)?;
             if cfg {
-                // diffusers encodes the negative prompt without clip_skip.
-                negatives.push(
-                    self.encode_prompt(p.negative_prompt.as_deref().unwrap_or(""), 0)?
-                        .repeat((p.n, 1, 1))?,
-                );
+                negatives.push(self.embed_negative(p.negative_prompt.as_deref(), &positive)?);
+            }
+            positives.push(positive);
+        }
+        for (p, e) in requests
+            .iter()
+            .cycle()
+            .zip(negatives.iter().chain(&positives))
+        {
+            contexts.push(e.context.repeat((p.n, 1, 1))?);
+            if let Some(pool) = &e.pooled {
+                pooled.push(pool.repeat((p.n, 1))?);
+                // SDXL micro-conditioning at diffusers' defaults: original size = target size =
+                // the output size, no crop: (h, w, top, left, h, w).
+                let (h, w) = (p.height as f32, p.width as f32);
+                let ids = Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &self.device)?;
+                time_ids.push(ids.repeat((p.n, 1))?);
             }
         }
-        let context = Tensor::cat(&[negatives, positives].concat(), 0)?;
+        let context = Tensor::cat(&contexts, 0)?;
+        let added = if pooled.is_empty() {
+            None
+        } else {
+            Some((
+                Tensor::cat(&pooled, 0)?.to_dtype(self.dtype)?,
+                Tensor::cat(&time_ids, 0)?,
+            ))
+        };
 
         let options = SamplerOptions {
             solver_order: first.solver_order,
@@ -368,7 +516,12 @@ impl StableDiffusion {
                 latents.clone()
             };
             let input = sampler.scale_model_input(&input, i)?;
-            let out = self.unet.forward(&input, t, &context)?;
+            let out = self.unet.forward_with(
+                &input,
+                t,
+                &context,
+                added.as_ref().map(|(pooled, ids)| (pooled, ids)),
+            )?;
             let guided = if cfg {
                 let uncond = out.narrow(0, 0, rows)?;
                 let text = out.narrow(0, rows, rows)?;
@@ -400,7 +553,12 @@ impl StableDiffusion {
 
     /// `vae.decode(latents / scaling_factor)` then diffusers' postprocess to 8-bit RGB.
     pub fn decode_to_images(&self, latents: &Tensor) -> Result<Vec<GeneratedImage>> {
-        let mut z = (latents / self.vae.config.scaling_factor)?;
+        let vae_dtype = if self.vae.config.force_upcast && self.dtype == DType::F16 {
+            DType::F32
+        } else {
+            self.dtype
+        };
+        let mut z = (latents.to_dtype(vae_dtype)? / self.vae.config.scaling_factor)?;
         if let Some(shift) = self.vae.config.shift_factor {
             z = (z + shift)?;
         }
