@@ -198,6 +198,7 @@ fn thresholding_config_works_with_samplers_that_implement_it_only() {
         solver_order: None,
         n: 1,
         clip_skip: 0,
+        init: None,
     };
     pipeline.generate(&params("ddim"), &mut |_| true).unwrap();
     let err = pipeline

@@ -4,7 +4,7 @@ mod common;
 
 use candela::engine::{
     loader::ModelDir,
-    pipelines::sd::{GenerateParams, StableDiffusion},
+    pipelines::sd::{GenerateParams, InitImage, StableDiffusion},
     schedulers::SigmaSchedule,
 };
 use candle_core::{DType, Device};
@@ -28,6 +28,11 @@ struct Run {
     solver_order: Option<usize>,
     #[serde(default)]
     clip_skip: usize,
+    /// Image-to-image runs: the starting picture (a PNG next to the run) and the strength.
+    #[serde(default)]
+    init_image: Option<String>,
+    #[serde(default)]
+    strength: Option<f64>,
 }
 
 #[test]
@@ -41,6 +46,12 @@ fn full_runs_match_diffusers_latents_and_pngs() {
     .unwrap();
     assert!(sdxl.len() >= 5);
     runs.extend(sdxl);
+    let img2img: Vec<Run> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("runs/img2img_runs.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(img2img.len() >= 6);
+    runs.extend(img2img);
     assert!(runs.len() >= 6);
     let mut pipelines = std::collections::HashMap::new();
     for run in runs {
@@ -65,6 +76,19 @@ fn full_runs_match_diffusers_latents_and_pngs() {
             n: run.n,
             solver_order: run.solver_order,
             clip_skip: run.clip_skip,
+            init: run.init_image.as_ref().map(|file| {
+                let img = image::open(fixtures().join("runs").join(file))
+                    .unwrap()
+                    .to_rgb8();
+                assert_eq!(
+                    (img.width() as usize, img.height() as usize),
+                    (run.width, run.height)
+                );
+                InitImage {
+                    rgb: std::sync::Arc::new(img.into_raw()),
+                    strength: run.strength.unwrap(),
+                }
+            }),
         };
         let (mut steps_seen, mut total) = (0, 0);
         let out = p
@@ -81,12 +105,17 @@ fn full_runs_match_diffusers_latents_and_pngs() {
             "{}: progress reported every step",
             run.name
         );
+        // Image-to-image runs only the last `strength × steps` steps.
+        let kept = match run.strength {
+            Some(strength) => (run.steps as f64 * strength) as usize,
+            None => run.steps,
+        };
         assert!(
             total
                 == match run.sampler.as_str() {
-                    "pndm" => run.steps + 1,
-                    "heun" | "dpm_2" | "dpm_2_a" => 2 * run.steps - 1,
-                    _ => run.steps,
+                    "pndm" => kept + 1,
+                    "heun" | "dpm_2" | "dpm_2_a" => 2 * kept - 1,
+                    _ => kept,
                 },
             "{}: {total} evaluations",
             run.name
@@ -150,6 +179,7 @@ fn cancelling_from_progress_stops_the_run() {
         n: 1,
         solver_order: None,
         clip_skip: 0,
+        init: None,
     };
     let mut calls = 0;
     let err = p
@@ -186,6 +216,7 @@ fn batched_requests_equal_their_single_runs() {
             solver_order: None,
             n,
             clip_skip: 0,
+            init: None,
         };
         let requests = [
             request("a red barn", None, 11, 1),

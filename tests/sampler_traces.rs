@@ -222,3 +222,87 @@ fn a1111_names_map_to_samplers_and_schedules() {
         }
     ));
 }
+
+#[derive(Deserialize)]
+struct Img2ImgTrace {
+    name: String,
+    config: String,
+    sampler: String,
+    timestep_spacing: String,
+    steps: usize,
+    begin: usize,
+    order: usize,
+}
+
+#[derive(Deserialize)]
+struct Img2ImgTraces {
+    seed: u64,
+    shape: Vec<usize>,
+    traces: Vec<Img2ImgTrace>,
+}
+
+/// Image-to-image starts: the first evaluation (`t_start × order`), `add_noise` there, and every
+/// step from there, against diffusers (pipelines call `set_begin_index` and slice the timesteps).
+#[test]
+fn img2img_starts_match_diffusers() {
+    let fx = common::fixtures().join("samplers");
+    let index: Img2ImgTraces =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("img2img.json")).unwrap()).unwrap();
+    let tensors = common::load_tensors("samplers/img2img.safetensors");
+    let mut checked = 0;
+    for tr in &index.traces {
+        let folder = if tr.config == "sd1" {
+            "sd1-tiny"
+        } else {
+            "sd2-tiny"
+        };
+        let path =
+            common::fixtures().join(format!("models/{folder}/scheduler/scheduler_config.json"));
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        config["timestep_spacing"] = tr.timestep_spacing.clone().into();
+        let config: SchedulerConfig = serde_json::from_value(config).unwrap();
+        let kind: SamplerKind = tr.sampler.parse().unwrap();
+        let mut sampler =
+            schedulers::build(&config, kind, SigmaSchedule::Default, tr.steps).unwrap();
+        assert_eq!(sampler.order(), tr.order, "{}: order", tr.name);
+        let t = |k: &str| tensors[&format!("{}/{k}", tr.name)].clone();
+        let samples = t("samples");
+        let noisy = sampler.add_noise(&t("x0"), &t("noise"), tr.begin).unwrap();
+        let d = common::max_abs_diff(&noisy, &samples.i(0).unwrap());
+        assert!(
+            d <= 1e-5 * common::max_abs(&noisy).max(1.0),
+            "{}: add_noise differs by {d}",
+            tr.name
+        );
+
+        // The pipeline's generator drew x0 and the noise before the steps.
+        let mut rng = BatchNoise::single(index.seed, index.shape[0]);
+        let numel: usize = index.shape.iter().product();
+        rng.randn(2 * numel).unwrap();
+        let (inputs, outputs) = (t("inputs"), t("model_outputs"));
+        let mut x = samples.i(0).unwrap();
+        for (k, i) in (tr.begin..sampler.timesteps().len()).enumerate() {
+            let inp = sampler.scale_model_input(&x, i).unwrap();
+            let d = common::max_abs_diff(&inp, &inputs.i(k).unwrap());
+            assert!(
+                d <= 1e-5,
+                "{}: scaled input at step {i} differs by {d}",
+                tr.name
+            );
+            x = sampler
+                .step(&outputs.i(k).unwrap(), i, &x, &mut rng)
+                .unwrap();
+            let want = samples.i(k + 1).unwrap();
+            let d = common::max_abs_diff(&x, &want);
+            assert!(
+                d <= 1e-5 * common::max_abs(&want).max(1.0),
+                "{}: step {i} differs by {d}",
+                tr.name
+            );
+            x = want;
+        }
+        checked += 1;
+    }
+    assert!(checked >= 100, "only {checked} traces");
+}

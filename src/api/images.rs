@@ -362,6 +362,7 @@ fn validate(
             solver_order,
             n,
             clip_skip,
+            init: None,
         },
         format,
         as_url: req.response_format.as_deref() == Some("url"),

@@ -7,7 +7,7 @@ use super::CommonArgs;
 use crate::engine::{
     self, demo,
     loader::{self, ModelSource},
-    pipelines::sd::{GenerateParams, StableDiffusion},
+    pipelines::sd::{GenerateParams, InitImage, StableDiffusion},
     GeneratedImage,
 };
 
@@ -46,6 +46,13 @@ pub struct GenerateArgs {
     pub n: usize,
     #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
+    /// Image-to-image: start from this picture (PNG/JPEG/WebP). The output takes its size
+    /// (rounded down to a multiple of 8) unless --width/--height say otherwise.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// How much image-to-image changes the picture: 0 < strength ≤ 1 (default 0.8, diffusers').
+    #[arg(long)]
+    pub strength: Option<f64>,
     #[arg(long, default_value = "out.png")]
     pub out: PathBuf,
     /// Also write the final latents (before VAE decode) as safetensors tensor `latents`.
@@ -70,6 +77,33 @@ pub fn resolve_model(
 }
 
 /// `out.png` for one image; `out-0.png`, `out-1.png`, … for several.
+/// The starting picture at the requested size, or its own size rounded down to a multiple of
+/// `multiple` (Lanczos resampling when it changes, like diffusers' image processor — though not
+/// bit-identical to PIL's).
+pub fn load_init_image(
+    path: &Path,
+    width: Option<usize>,
+    height: Option<usize>,
+    multiple: usize,
+) -> anyhow::Result<image::RgbImage> {
+    let img = image::open(path)?.to_rgb8();
+    let round = |v: usize| v - v % multiple.max(1);
+    let w = width.unwrap_or_else(|| round(img.width() as usize));
+    let h = height.unwrap_or_else(|| round(img.height() as usize));
+    if w == 0 || h == 0 {
+        anyhow::bail!("the picture is smaller than {multiple} pixels");
+    }
+    if (w, h) == (img.width() as usize, img.height() as usize) {
+        return Ok(img);
+    }
+    Ok(image::imageops::resize(
+        &img,
+        w as u32,
+        h as u32,
+        image::imageops::FilterType::Lanczos3,
+    ))
+}
+
 pub fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     if n == 1 {
         return vec![out.to_path_buf()];
@@ -105,11 +139,34 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     let load_start = std::time::Instant::now();
     let pipeline = StableDiffusion::load(&dir, &device, dtype)?;
     tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");
+    let init = match &args.init_image {
+        Some(path) => Some(
+            load_init_image(path, args.width, args.height, pipeline.vae_scale())
+                .with_context(|| format!("--init-image {}", path.display()))?,
+        ),
+        None => {
+            if args.strength.is_some() {
+                anyhow::bail!("--strength needs --init-image");
+            }
+            None
+        }
+    };
+    let strength = args.strength.unwrap_or(0.8);
+    if init.is_some() && !(strength > 0.0 && strength <= 1.0) {
+        anyhow::bail!("--strength must be in (0, 1], got {strength}");
+    }
+    let (width, height) = match &init {
+        Some(img) => (img.width() as usize, img.height() as usize),
+        None => (
+            args.width.unwrap_or_else(|| pipeline.default_size()),
+            args.height.unwrap_or_else(|| pipeline.default_size()),
+        ),
+    };
     let params = GenerateParams {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        width: args.width.unwrap_or_else(|| pipeline.default_size()),
-        height: args.height.unwrap_or_else(|| pipeline.default_size()),
+        width,
+        height,
         steps: args.steps,
         guidance_scale: args.guidance,
         seed: args.seed.unwrap_or_else(rand_seed),
@@ -121,6 +178,10 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         n: args.n,
         solver_order: args.solver_order,
         clip_skip: args.clip_skip,
+        init: init.map(|img| InitImage {
+            rgb: std::sync::Arc::new(img.into_raw()),
+            strength,
+        }),
     };
 
     let bar = ProgressBar::new(params.steps as u64);

@@ -193,3 +193,10 @@ impl BatchNoise {
         Ok(out)
     }
 }
+
+impl BatchNoise {
+    /// The generator of the `k`-th request in the batch.
+    pub fn stream(&mut self, k: usize) -> Option<&mut TorchGenerator> {
+        self.streams.get_mut(k).map(|(g, _)| g)
+    }
+}

@@ -422,6 +422,71 @@ def sdxl_run_fixtures(pipe, out_dir: Path):
     (out_dir / "sdxl_runs.json").write_text(json.dumps(records, indent=1))
 
 
+IMG2IMG_RUNS = [
+    # name, model, sampler, seed, init image (w, h), steps, strength, guidance, n, negative prompt
+    ("sd1_img2img_euler_a", "sd1", "euler_a", 21, (64, 64), 10, 0.6, 7.5, 1, None),
+    ("sd1_img2img_ddim_n2", "sd1", "ddim", 22, (72, 40), 8, 0.75, 5.0, 2, "blur"),
+    ("sd1_img2img_heun", "sd1", "heun", 23, (64, 48), 6, 0.5, 6.0, 1, None),
+    ("sd2_img2img_dpmpp_2m_vpred", "sd2", "dpmpp_2m", 24, (64, 64), 12, 0.3, 7.0, 1, None),
+    ("sdxl_img2img_euler", "sdxl", "euler", 25, (64, 64), 8, 0.6, 5.0, 1, "fog"),
+    ("sdxl_img2img_unipc_n2", "sdxl", "unipc", 26, (48, 64), 10, 0.45, 6.0, 2, None),
+]
+
+
+def init_image(w: int, h: int):
+    """A deterministic test picture: colour gradients with a few shapes."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 255 * x / max(w - 1, 1)
+    g = 255 * y / max(h - 1, 1)
+    b = 128 + 127 * np.sin(x / 5.0) * np.cos(y / 7.0)
+    img = np.stack([r, g, b], -1)
+    img[(x - w / 2) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 4) ** 2] = [250, 240, 20]
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def img2img_run_fixtures(out_dir: Path):
+    """Image-to-image through diffusers' own img2img pipelines built from the committed models."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    classes = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+               "ddim": DDIMScheduler, "heun": HeunDiscreteScheduler,
+               "dpmpp_2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+    extras = {"dpmpp_2m": {"algorithm_type": "dpmsolver++", "solver_order": 2}}
+    pipes = {}
+    records = []
+    for name, model, sampler, seed, (w, h), steps, strength, guidance, n, neg in IMG2IMG_RUNS:
+        if model not in pipes:
+            root = out_dir.parent / "models" / f"{model}-tiny"
+            pipes[model] = (StableDiffusionXLImg2ImgPipeline.from_pretrained(root, add_watermarker=False)
+                            if model == "sdxl" else
+                            StableDiffusionImg2ImgPipeline.from_pretrained(root, safety_checker=None,
+                                                                           requires_safety_checker=False))
+        pipe = pipes[model]
+        base = dict(pipe.scheduler.config)
+        pipe.scheduler = classes[sampler].from_config(dict(base, **extras.get(sampler, {})))
+        image = init_image(w, h)
+        image_file = f"{name}-init.png"
+        image.save(out_dir / image_file)
+        prompt = "a lighthouse on a cliff at dusk, oil painting"
+        g = torch.Generator("cpu").manual_seed(seed)
+        with torch.no_grad():
+            latents = pipe(prompt, image=image, strength=strength, negative_prompt=neg, num_inference_steps=steps,
+                           guidance_scale=guidance, num_images_per_prompt=n, generator=g,
+                           output_type="latent").images
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            pil = pipe.image_processor.postprocess(decoded, output_type="pil")
+        save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+        for i, im in enumerate(pil):
+            assert im.size == (w, h)
+            im.save(out_dir / f"{name}-{i}.png")
+        records.append(dict(name=name, model=model, sampler=sampler, schedule="default", seed=seed, width=w,
+                            height=h, steps=steps, guidance=guidance, n=n, prompt=prompt, negative_prompt=neg,
+                            solver_order=None, clip_skip=0, init_image=image_file, strength=strength))
+    (out_dir / "img2img_runs.json").write_text(json.dumps(records, indent=1))
+
+
 TRICKY_PROMPTS = [
     "",
     "a photograph of an astronaut riding a horse",
@@ -652,12 +717,18 @@ def main():
     ap = argparse.ArgumentParser()
     here = Path(__file__).resolve().parent
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
+    ap.add_argument("--img2img", action="store_true",
+                    help="(re)write only the image-to-image runs, from the committed tiny models")
     ap.add_argument("--sdxl", action="store_true",
                     help="(re)build only the tiny SDXL model with its stage and run fixtures")
     ap.add_argument("--runs-only", action="store_true",
                     help="regenerate only runs/ from the committed tiny models (keeps models and stages)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.img2img:
+        img2img_run_fixtures(out / "runs")
+        print("image-to-image runs written to", out / "runs")
+        return
     if args.sdxl:
         for sub in ["models/sdxl-tiny"]:
             shutil.rmtree(out / sub, ignore_errors=True)

@@ -209,9 +209,52 @@ def main():
                       options={"image_seq_len": seq_len, "flow_sigmas": sig},
                       set_kwargs={"sigmas": sig, "mu": mu}, flow=True, sampler=sampler, schedule="default",
                       timestep_spacing="linspace", overrides={})
+    img2img(out)
     save_file(tensors, out / "traces.safetensors")
     (out / "traces.json").write_text(json.dumps({"seed": SEED, "shape": SHAPE, "traces": index}))
     print(f"{len(index)} traces written to {out}")
+
+
+def img2img(out: Path):
+    """Image-to-image starts: diffusers' pipelines take timesteps[t_start * order:], call
+    set_begin_index, and noise the clean latents with add_noise at the first of them."""
+    index, tensors = [], {}
+    for cfg_name, cfg in [("sd1", SD1_SCHEDULER), ("sd2", SD2_SCHEDULER)]:
+        for sampler, (cls, options) in SAMPLERS.items():
+            for spacing in ["leading", "linspace"]:
+                for steps, strength in [(9, 0.6), (20, 0.3), (10, 1.0)]:
+                    s = cls.from_config(dict(cfg, timestep_spacing=spacing, **options))
+                    s.set_timesteps(steps)
+                    init_timestep = min(int(steps * strength), steps)
+                    t_start = max(steps - init_timestep, 0)
+                    begin = t_start * s.order
+                    ts = s.timesteps[begin:]
+                    if hasattr(s, "set_begin_index"):
+                        s.set_begin_index(begin)
+                    g = torch.Generator("cpu").manual_seed(SEED)
+                    x0 = torch.randn(SHAPE, generator=g)
+                    noise = torch.randn(SHAPE, generator=g)
+                    x = s.add_noise(x0, noise, ts[:1])
+                    name = f"{cfg_name}-{sampler}-{spacing}-{steps}-{strength}"
+                    inputs, outputs, samples = [], [], [x.clone()]
+                    for t in ts:
+                        inp = s.scale_model_input(x, t)
+                        eps = fake_model(inp, t)
+                        extra = {"generator": g} if "generator" in inspect.signature(s.step).parameters else {}
+                        x = s.step(eps, t, x, **extra).prev_sample
+                        inputs.append(inp)
+                        outputs.append(eps)
+                        samples.append(x.clone())
+                    tensors[f"{name}/x0"] = x0.contiguous()
+                    tensors[f"{name}/noise"] = noise.contiguous()
+                    tensors[f"{name}/inputs"] = torch.stack(inputs).contiguous()
+                    tensors[f"{name}/model_outputs"] = torch.stack(outputs).contiguous()
+                    tensors[f"{name}/samples"] = torch.stack(samples).contiguous()
+                    index.append(dict(name=name, config=cfg_name, sampler=sampler, timestep_spacing=spacing,
+                                      steps=steps, strength=strength, begin=begin, order=s.order))
+    save_file(tensors, out / "img2img.safetensors")
+    (out / "img2img.json").write_text(json.dumps({"seed": SEED, "shape": SHAPE, "traces": index}))
+    print(f"{len(index)} image-to-image traces")
 
 
 if __name__ == "__main__":

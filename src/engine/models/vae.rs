@@ -6,7 +6,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::blocks::{conv, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::blocks::{conv, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::engine::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -110,12 +110,167 @@ struct UpDecoderBlock {
     upsample: Option<Upsample2D>,
 }
 
+/// resnet → (single-head attention) → resnet at the lowest resolution, shared by encoder and
+/// decoder.
+struct VaeMidBlock {
+    resnet_in: ResnetBlock2D,
+    attention: Option<VaeAttention>,
+    resnet_out: ResnetBlock2D,
+}
+
+impl VaeMidBlock {
+    fn new(
+        vb: VarBuilder,
+        ch: usize,
+        c: &VaeConfig,
+        rc: &ResnetConfig,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            resnet_in: ResnetBlock2D::new(vb.pp("resnets.0"), ch, ch, rc)?,
+            attention: if c.mid_block_add_attention {
+                Some(VaeAttention::new(
+                    vb.pp("attentions.0"),
+                    ch,
+                    c.norm_num_groups,
+                )?)
+            } else {
+                None
+            },
+            resnet_out: ResnetBlock2D::new(vb.pp("resnets.1"), ch, ch, rc)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let mut xs = self.resnet_in.forward(xs, None)?;
+        if let Some(a) = &self.attention {
+            xs = a.forward(&xs)?;
+        }
+        self.resnet_out.forward(&xs, None)
+    }
+}
+
+/// Checks shared by encoder and decoder configs.
+fn check_channels(c: &VaeConfig, config_path: &Path) -> Result<ResnetConfig> {
+    let n = c.block_out_channels.len();
+    if n == 0
+        || c.block_out_channels
+            .iter()
+            .any(|ch| c.norm_num_groups == 0 || ch % c.norm_num_groups != 0)
+    {
+        return Err(EngineError::BadConfig {
+            path: config_path.to_path_buf(),
+            reason: format!(
+                "block_out_channels {:?} must be non-empty and divisible by norm_num_groups {}",
+                c.block_out_channels, c.norm_num_groups
+            ),
+        });
+    }
+    Ok(ResnetConfig {
+        groups: c.norm_num_groups,
+        eps: 1e-6,
+        temb_channels: None,
+        output_scale_factor: 1.0,
+    })
+}
+
+struct DownEncoderBlock {
+    resnets: Vec<ResnetBlock2D>,
+    downsample: Option<Downsample2D>,
+}
+
+/// The VAE encoder (`vae.encode(x).latent_dist`), for image-to-image and inpainting.
+pub struct VaeEncoder {
+    conv_in: Conv2d,
+    down: Vec<DownEncoderBlock>,
+    mid: VaeMidBlock,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+    pub config: VaeConfig,
+}
+
+impl VaeEncoder {
+    pub fn new(vb: VarBuilder, config: VaeConfig, config_path: &Path) -> Result<Self> {
+        let c = &config;
+        let rc = check_channels(c, config_path)?;
+        let n = c.block_out_channels.len();
+        let quant_conv = if c.use_quant_conv {
+            let ch = 2 * c.latent_channels;
+            Some(conv(vb.pp("quant_conv"), ch, ch, 1, 1, 0)?)
+        } else {
+            None
+        };
+        let vb = vb.pp("encoder");
+        let ch0 = c.block_out_channels[0];
+        let conv_in = conv(vb.pp("conv_in"), c.in_channels, ch0, 3, 1, 1)?;
+        let mut down = Vec::with_capacity(n);
+        let mut out_ch = ch0;
+        for i in 0..n {
+            let in_ch = out_ch;
+            out_ch = c.block_out_channels[i];
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let resnets = (0..c.layers_per_block)
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        vb.pp(format!("resnets.{j}")),
+                        if j == 0 { in_ch } else { out_ch },
+                        out_ch,
+                        &rc,
+                    )
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let downsample = if i + 1 < n {
+                Some(Downsample2D::new(vb.pp("downsamplers.0"), out_ch, 0)?)
+            } else {
+                None
+            };
+            down.push(DownEncoderBlock {
+                resnets,
+                downsample,
+            });
+        }
+        let top = c.block_out_channels[n - 1];
+        Ok(Self {
+            conv_in,
+            down,
+            mid: VaeMidBlock::new(vb.pp("mid_block"), top, c, &rc)?,
+            conv_norm_out: group_norm(c.norm_num_groups, top, 1e-6, vb.pp("conv_norm_out"))?,
+            conv_out: conv(vb.pp("conv_out"), top, 2 * c.latent_channels, 3, 1, 1)?,
+            quant_conv,
+            config,
+        })
+    }
+
+    /// The latent distribution's (mean, std) for images in [-1, 1], (B, 3, H, W).
+    pub fn encode(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut xs = self.conv_in.forward(xs)?;
+        for block in &self.down {
+            for r in &block.resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            if let Some(d) = &block.downsample {
+                xs = d.forward(&xs)?;
+            }
+        }
+        xs = self.mid.forward(&xs)?;
+        xs = self
+            .conv_out
+            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)?;
+        if let Some(q) = &self.quant_conv {
+            xs = q.forward(&xs)?;
+        }
+        let latent = self.config.latent_channels;
+        let mean = xs.narrow(1, 0, latent)?;
+        let logvar = xs.narrow(1, latent, latent)?.clamp(-30f32, 20f32)?;
+        let std = (logvar * 0.5)?.exp()?;
+        Ok((mean, std))
+    }
+}
+
 pub struct VaeDecoder {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_resnet_in: ResnetBlock2D,
-    mid_attention: Option<VaeAttention>,
-    mid_resnet_out: ResnetBlock2D,
+    mid: VaeMidBlock,
     up: Vec<UpDecoderBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -125,20 +280,8 @@ pub struct VaeDecoder {
 impl VaeDecoder {
     pub fn new(vb: VarBuilder, config: VaeConfig, config_path: &Path) -> Result<Self> {
         let c = &config;
+        let rc = check_channels(c, config_path)?;
         let n = c.block_out_channels.len();
-        if n == 0
-            || c.block_out_channels
-                .iter()
-                .any(|ch| c.norm_num_groups == 0 || ch % c.norm_num_groups != 0)
-        {
-            return Err(EngineError::BadConfig {
-                path: config_path.to_path_buf(),
-                reason: format!(
-                    "block_out_channels {:?} must be non-empty and divisible by norm_num_groups {}",
-                    c.block_out_channels, c.norm_num_groups
-                ),
-            });
-        }
         if let Some(t) = c
             .up_block_types
             .iter()
@@ -149,12 +292,6 @@ impl VaeDecoder {
                 config_path.display()
             )));
         }
-        let rc = ResnetConfig {
-            groups: c.norm_num_groups,
-            eps: 1e-6,
-            temb_channels: None,
-            output_scale_factor: 1.0,
-        };
         let post_quant_conv = if c.use_post_quant_conv {
             Some(conv(
                 vb.pp("post_quant_conv"),
@@ -170,18 +307,7 @@ impl VaeDecoder {
         let vb = vb.pp("decoder");
         let top = c.block_out_channels[n - 1];
         let conv_in = conv(vb.pp("conv_in"), c.latent_channels, top, 3, 1, 1)?;
-        let mid = vb.pp("mid_block");
-        let mid_resnet_in = ResnetBlock2D::new(mid.pp("resnets.0"), top, top, &rc)?;
-        let mid_attention = if c.mid_block_add_attention {
-            Some(VaeAttention::new(
-                mid.pp("attentions.0"),
-                top,
-                c.norm_num_groups,
-            )?)
-        } else {
-            None
-        };
-        let mid_resnet_out = ResnetBlock2D::new(mid.pp("resnets.1"), top, top, &rc)?;
+        let mid = VaeMidBlock::new(vb.pp("mid_block"), top, c, &rc)?;
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let mut out_ch = rev[0];
         let mut up = Vec::with_capacity(n);
@@ -210,9 +336,7 @@ impl VaeDecoder {
         Ok(Self {
             post_quant_conv,
             conv_in,
-            mid_resnet_in,
-            mid_attention,
-            mid_resnet_out,
+            mid,
             up,
             conv_norm_out: group_norm(c.norm_num_groups, ch0, 1e-6, vb.pp("conv_norm_out"))?,
             conv_out: conv(vb.pp("conv_out"), ch0, c.out_channels, 3, 1, 1)?,
@@ -227,11 +351,7 @@ impl VaeDecoder {
             None => z.clone(),
         };
         xs = self.conv_in.forward(&xs)?;
-        xs = self.mid_resnet_in.forward(&xs, None)?;
-        if let Some(a) = &self.mid_attention {
-            xs = a.forward(&xs)?;
-        }
-        xs = self.mid_resnet_out.forward(&xs, None)?;
+        xs = self.mid.forward(&xs)?;
         for block in &self.up {
             for r in &block.resnets {
                 xs = r.forward(&xs, None)?;

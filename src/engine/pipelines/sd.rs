@@ -10,7 +10,11 @@ use crate::engine::loader::{
     weights::{RandomWeights, SafetensorsFile},
     ModelDir,
 };
-use crate::engine::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::VaeDecoder};
+use crate::engine::models::{
+    clip::ClipTextModel,
+    unet::UNet2DConditionModel,
+    vae::{VaeDecoder, VaeEncoder},
+};
 use crate::engine::rng::BatchNoise;
 use crate::engine::schedulers::{
     self, PredictionType, SamplerKind, SamplerOptions, SchedulerConfig, SigmaSchedule,
@@ -35,6 +39,18 @@ pub struct GenerateParams {
     pub n: usize,
     /// Skip this many final CLIP layers (A1111 "clip skip" minus one; diffusers' `clip_skip`).
     pub clip_skip: usize,
+    /// Image-to-image: start from this picture instead of pure noise.
+    pub init: Option<InitImage>,
+}
+
+/// The starting picture of an image-to-image run, already `width`×`height`.
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// Row-major 8-bit RGB, `width * height * 3` bytes.
+    pub rgb: std::sync::Arc<Vec<u8>>,
+    /// How much to change it, (0, 1]: the run starts `strength × steps` steps before the end
+    /// (1 = from pure noise, ignoring the picture's content but keeping its size).
+    pub strength: f64,
 }
 
 /// What requests must share to be denoised together in one batch.
@@ -48,6 +64,8 @@ pub struct BatchKey {
     solver_order: Option<usize>,
     /// Exact guidance (bits), so a batch applies one scale as each request alone would.
     guidance_bits: u64,
+    /// Image-to-image strength (bits): it decides where the run starts.
+    strength_bits: Option<u64>,
 }
 
 impl BatchKey {
@@ -71,6 +89,7 @@ impl GenerateParams {
             schedule: self.schedule,
             solver_order: self.solver_order,
             guidance_bits: self.guidance_scale.to_bits(),
+            strength_bits: self.init.as_ref().map(|i| i.strength.to_bits()),
         }
     }
 }
@@ -126,6 +145,7 @@ pub struct StableDiffusion {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
     xl: Option<XlParts>,
+    vae_encoder: VaeEncoder,
     unet: UNet2DConditionModel,
     vae: VaeDecoder,
     scheduler: SchedulerConfig,
@@ -199,6 +219,7 @@ impl StableDiffusion {
             dtype
         };
         let vae_vb = weights_as("vae/diffusion_pytorch_model", vae_dtype)?;
+        let vae_encoder = VaeEncoder::new(vae_vb.clone(), vae_config.clone(), &vae_config_path)?;
         let vae = VaeDecoder::new(vae_vb, vae_config, &vae_config_path)?;
 
         let xl = if is_xl {
@@ -252,6 +273,7 @@ impl StableDiffusion {
             tokenizer,
             text_encoder,
             xl,
+            vae_encoder,
             unet,
             vae,
             scheduler,
@@ -497,19 +519,36 @@ impl StableDiffusion {
         )?;
         let seeds: Vec<(u64, usize)> = requests.iter().map(|p| (p.seed, p.n)).collect();
         let mut noise = BatchNoise::per_request(&seeds);
-        let scale = self.vae_scale();
-        let channels = self.unet.config.in_channels;
-        let shape = (rows, channels, first.height / scale, first.width / scale);
-        let initial = noise
-            .randn(shape.0 * shape.1 * shape.2 * shape.3)
-            .map_err(EngineError::Internal)?;
-        let mut latents = (Tensor::from_vec(initial, shape, &self.device)?
-            .to_dtype(self.dtype)?
-            * sampler.init_noise_sigma() as f64)?;
-
         let timesteps = sampler.timesteps().to_vec();
-        let total = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
+        // Image-to-image starts `strength × steps` steps before the end (diffusers' get_timesteps).
+        let begin = match &first.init {
+            Some(init) => {
+                let kept = ((first.steps as f64 * init.strength) as usize).min(first.steps);
+                (first.steps - kept) * sampler.order()
+            }
+            None => 0,
+        };
+        if begin >= timesteps.len() {
+            return Err(EngineError::invalid(
+                "strength",
+                format!(
+                    "strength {} with {} steps leaves no step to run; raise strength or steps",
+                    first.init.as_ref().map_or(0.0, |i| i.strength),
+                    first.steps
+                ),
+            ));
+        }
+        let mut starts = Vec::with_capacity(requests.len());
+        for (k, p) in requests.iter().enumerate() {
+            let generator = noise
+                .stream(k)
+                .ok_or_else(|| EngineError::Internal("missing noise stream".into()))?;
+            starts.push(self.initial_latents(p, generator, sampler.as_ref(), begin)?);
+        }
+        let mut latents = Tensor::cat(&starts, 0)?;
+
+        let total = timesteps.len() - begin;
+        for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let input = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
@@ -532,7 +571,7 @@ impl StableDiffusion {
             latents = sampler.step(&guided, i, &latents, &mut noise)?;
             let elapsed = started.elapsed().as_secs_f64();
             if !progress(Progress {
-                step: i + 1,
+                step: i + 1 - begin,
                 total,
                 elapsed_s: elapsed,
             }) {
@@ -551,14 +590,83 @@ impl StableDiffusion {
         Ok(results)
     }
 
-    /// `vae.decode(latents / scaling_factor)` then diffusers' postprocess to 8-bit RGB.
-    pub fn decode_to_images(&self, latents: &Tensor) -> Result<Vec<GeneratedImage>> {
-        let vae_dtype = if self.vae.config.force_upcast && self.dtype == DType::F16 {
+    /// One request's starting latents (n, C, h, w), drawn from its generator in diffusers' order:
+    /// text-to-image: `randn × init_noise_sigma`; image-to-image: the VAE's latent sample of the
+    /// picture (one draw), scaled, repeated n times, then noised to evaluation `begin` (a second
+    /// draw).
+    fn initial_latents(
+        &self,
+        p: &GenerateParams,
+        generator: &mut crate::engine::rng::TorchGenerator,
+        sampler: &dyn schedulers::Sampler,
+        begin: usize,
+    ) -> Result<Tensor> {
+        let scale = self.vae_scale();
+        let shape = (
+            p.n,
+            self.unet.config.in_channels,
+            p.height / scale,
+            p.width / scale,
+        );
+        let numel = shape.0 * shape.1 * shape.2 * shape.3;
+        let Some(init) = &p.init else {
+            let values = generator.randn(numel);
+            return Ok(
+                (Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?
+                    * sampler.init_noise_sigma() as f64)?,
+            );
+        };
+        let (mean, std) = self.encode_image(&init.rgb, p.width, p.height)?;
+        let sample = Tensor::from_vec(
+            generator.randn(mean.elem_count()),
+            mean.shape(),
+            &self.device,
+        )?
+        .to_dtype(mean.dtype())?;
+        let clean = ((mean + (std * sample)?)? * self.vae.config.scaling_factor)?
+            .to_dtype(self.dtype)?
+            .repeat((p.n, 1, 1, 1))?;
+        let noise =
+            Tensor::from_vec(generator.randn(numel), shape, &self.device)?.to_dtype(self.dtype)?;
+        Ok(sampler.add_noise(&clean, &noise, begin)?)
+    }
+
+    /// The VAE encoder's latent distribution (mean, std) of an 8-bit RGB picture, normalised to
+    /// [-1, 1] as diffusers' image processor does.
+    pub fn encode_image(
+        &self,
+        rgb: &[u8],
+        width: usize,
+        height: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        if rgb.len() != width * height * 3 {
+            return Err(EngineError::invalid(
+                "image",
+                format!("expected {width}x{height} RGB pixels"),
+            ));
+        }
+        let values: Vec<f32> = rgb
+            .iter()
+            .map(|&v| 2.0 * (v as f32 / 255.0) - 1.0)
+            .collect();
+        let image = Tensor::from_vec(values, (1, height, width, 3), &self.device)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .to_dtype(self.vae_dtype())?;
+        Ok(self.vae_encoder.encode(&image)?)
+    }
+
+    fn vae_dtype(&self) -> DType {
+        if self.vae.config.force_upcast && self.dtype == DType::F16 {
             DType::F32
         } else {
             self.dtype
-        };
-        let mut z = (latents.to_dtype(vae_dtype)? / self.vae.config.scaling_factor)?;
+        }
+    }
+
+    /// `vae.decode(latents / scaling_factor)` then diffusers' postprocess to 8-bit RGB.
+    pub fn decode_to_images(&self, latents: &Tensor) -> Result<Vec<GeneratedImage>> {
+        let mut z = (latents.to_dtype(self.vae_dtype())? / self.vae.config.scaling_factor)?;
         if let Some(shift) = self.vae.config.shift_factor {
             z = (z + shift)?;
         }

@@ -114,6 +114,12 @@ impl FlowEulerSampler {
 }
 
 impl Sampler for FlowEulerSampler {
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, index: usize) -> candle_core::Result<Tensor> {
+        // Flow matching interpolates: (1 − σ)·x0 + σ·noise (diffusers' `scale_noise`).
+        let sigma = self.sigmas[index.min(self.sigmas.len() - 1)];
+        (x0 * (1.0 - sigma) as f64)? + (noise * sigma as f64)?
+    }
+
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
     }

@@ -423,6 +423,14 @@ pub trait Sampler: Send {
     fn scale_model_input(&self, sample: &Tensor, _step: usize) -> candle_core::Result<Tensor> {
         Ok(sample.clone())
     }
+    /// Evaluations per step (2 for Heun and DPM2, whose timestep lists interleave two); an
+    /// image-to-image run starting `k` steps in begins at evaluation `k × order`.
+    fn order(&self) -> usize {
+        1
+    }
+    /// Noise clean latents `x0` to the level of evaluation `index`, as diffusers' `add_noise`
+    /// (image-to-image's starting point).
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, index: usize) -> candle_core::Result<Tensor>;
     /// Advance one step; ancestral samplers draw their noise from `rng` exactly as diffusers does.
     fn step(
         &mut self,
@@ -590,6 +598,20 @@ pub(crate) fn predict_x0_ve(
             (model_output * c_out as f64)? + div_scalar(sample, sigma * sigma + 1.0)?
         }
     }
+}
+
+/// `x0 + σ·noise`: the sigma-space samplers' (variance-exploding) noising.
+pub(crate) fn add_noise_ve(x0: &Tensor, noise: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+    x0 + (noise * sigma as f64)?
+}
+
+/// `sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·noise`: the variance-preserving samplers' noising.
+pub(crate) fn add_noise_vp(
+    x0: &Tensor,
+    noise: &Tensor,
+    alpha_prod: f32,
+) -> candle_core::Result<Tensor> {
+    (x0 * alpha_prod.sqrt() as f64)? + (noise * (1.0 - alpha_prod).sqrt() as f64)?
 }
 
 /// `t / v` as a true division. candle's `Tensor / f64` multiplies by the reciprocal, which

@@ -262,6 +262,11 @@ fn solve(matrix: &[Vec<f64>], rhs: &[f32]) -> Vec<f32> {
 }
 
 impl Sampler for UniPcSampler {
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, index: usize) -> candle_core::Result<Tensor> {
+        let (alpha, sigma) = alpha_sigma(self.sigmas[index.min(self.sigmas.len() - 1)]);
+        (x0 * alpha as f64)? + (noise * sigma as f64)?
+    }
+
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
     }
