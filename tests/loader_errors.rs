@@ -150,13 +150,24 @@ fn other_pipeline_families_are_refused_clearly() {
     let (_t, root) = broken_copy(|r| {
         std::fs::write(
             r.join("model_index.json"),
-            r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
+            r#"{"_class_name": "FluxPipeline"}"#,
         )
         .unwrap()
     });
     let (e, msg) = load_error(&root);
     assert!(matches!(e, EngineError::Unsupported(_)), "{msg}");
-    assert!(msg.contains("StableDiffusionXLPipeline"), "{msg}");
+    assert!(msg.contains("FluxPipeline"), "{msg}");
+    // An SD 1.x folder labelled SDXL names the first SDXL file it lacks.
+    let (_t, root) = broken_copy(|r| {
+        std::fs::write(
+            r.join("model_index.json"),
+            r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
+        )
+        .unwrap()
+    });
+    let (e, msg) = load_error(&root);
+    assert!(matches!(e, EngineError::MissingFile { .. }), "{msg}");
+    assert!(msg.contains("tokenizer_2"), "{msg}");
 }
 
 #[test]
