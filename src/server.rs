@@ -176,12 +176,21 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
 async fn requeue(state: &web::Data<AppState>, jobs: Vec<crate::db::Unfinished>) {
     for job in jobs {
         let parsed: Result<api::images::ImageGenerationRequest, _> =
-            serde_json::from_value(job.params.clone());
+            serde_json::from_value(api::edits::request_part(&job.params));
         let submitted = match parsed {
-            Ok(req) => {
-                api::images::submit(state, &req, &job.model, &job.id, &job.user, job.priority)
-                    .map(|_| ())
-            }
+            Ok(req) => match api::edits::stored_picture(state, &job.params) {
+                Ok(init) => api::images::submit(
+                    state,
+                    &req,
+                    init.as_ref(),
+                    &job.model,
+                    &job.id,
+                    &job.user,
+                    job.priority,
+                )
+                .map(|_| ()),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(api::ApiError::invalid(
                 "body",
                 format!("the stored request no longer parses: {e}"),

@@ -18,7 +18,7 @@ use super::{parse_json, read_body, request_id, ApiError, AppState, Caller};
 use crate::auth::SCOPE_GENERATE;
 use crate::db::{now_ms, JobImage, NewJob};
 use crate::engine::{
-    pipelines::sd::GenerateParams,
+    pipelines::sd::{GenerateParams, InitImage},
     schedulers::{SamplerKind, SamplerOptions, SigmaSchedule},
     GeneratedImage,
 };
@@ -96,6 +96,10 @@ pub struct ImageGenerationRequest {
     /// Extension: skip this many final CLIP layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_skip: Option<u32>,
+    /// Extension (edits and variations): how much to change the uploaded picture, 0 < strength
+    /// ≤ 1 (default 0.8 for edits, 0.6 for variations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
     /// Extension: answer `202` with the queued job at once instead of waiting for the images
     /// (same as the header `Prefer: respond-async`).
     #[serde(rename = "async", default, skip_serializing_if = "Option::is_none")]
@@ -174,8 +178,25 @@ fn validate(
     req: &ImageGenerationRequest,
     model: &ModelInfo,
     limits: &super::Limits,
+    init: Option<&InitPicture>,
 ) -> Result<Validated, ApiError> {
-    if req.prompt.trim().is_empty() {
+    match (init, req.strength) {
+        (None, Some(_)) => {
+            return Err(ApiError::invalid(
+                "strength",
+                "`strength` applies to /v1/images/edits and /v1/images/variations",
+            ))
+        }
+        (Some(_), Some(s)) if !(s > 0.0 && s <= 1.0) => {
+            return Err(ApiError::invalid(
+                "strength",
+                format!("`strength` must be in (0, 1], got {s}"),
+            ))
+        }
+        _ => {}
+    }
+    // A variation has no prompt; everything else needs one.
+    if init.is_none_or(|i| !i.prompt_optional) && req.prompt.trim().is_empty() {
         return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
     }
     if req.prompt.chars().count() > MAX_PROMPT_CHARS {
@@ -348,6 +369,18 @@ fn validate(
     let seed = req
         .seed
         .unwrap_or_else(|| rand::random::<u64>() & ((1u64 << 53) - 1));
+    let init = match init {
+        Some(pic) => {
+            if (pic.width as usize, pic.height as usize) != (width, height) {
+                return Err(ApiError::internal("the uploaded picture was not resized"));
+            }
+            Some(InitImage {
+                rgb: pic.rgb.clone(),
+                strength: req.strength.unwrap_or(pic.default_strength),
+            })
+        }
+        None => None,
+    };
     Ok(Validated {
         params: GenerateParams {
             prompt: req.prompt.clone(),
@@ -362,7 +395,7 @@ fn validate(
             solver_order,
             n,
             clip_skip,
-            init: None,
+            init,
         },
         format,
         as_url: req.response_format.as_deref() == Some("url"),
@@ -419,6 +452,18 @@ pub async fn generate(
     caller.require(SCOPE_GENERATE)?;
     let body = read_body(payload, state.limits.max_body_bytes).await?;
     let req: ImageGenerationRequest = parse_json(&body)?;
+    run_request(&state, &caller, &http, req, None).await
+}
+
+/// Record a parsed request as a job, queue it, and answer: with the images, or at once with the
+/// queued job in async mode. Shared by generations, edits and variations.
+pub async fn run_request(
+    state: &web::Data<AppState>,
+    caller: &Caller,
+    http: &HttpRequest,
+    req: ImageGenerationRequest,
+    init: Option<InitPicture>,
+) -> Result<HttpResponse, ApiError> {
     let run_async = req.run_async.unwrap_or(false)
         || http
             .headers()
@@ -433,7 +478,10 @@ pub async fn generate(
         .clone()
         .or_else(|| state.engine.default_model().map(|m| m.id.clone()))
         .unwrap_or_default();
-    let params_json = serde_json::to_value(&req).unwrap_or(serde_json::Value::Null);
+    let mut params_json = serde_json::to_value(&req).unwrap_or(serde_json::Value::Null);
+    if let (Some(pic), Some(fields)) = (&init, params_json.as_object_mut()) {
+        fields.insert(super::edits::INIT_IMAGE_FIELD.into(), pic.record());
+    }
     let priority = caller.0.is_admin();
     state
         .db
@@ -443,15 +491,23 @@ pub async fn generate(
             model: &model_name,
             prompt: &req.prompt,
             params: &params_json,
-            request_id: request_id(&http).as_deref(),
+            request_id: request_id(http).as_deref(),
             priority,
         })
         .await?;
 
-    let runner = match submit(&state, &req, &model_name, &job_id, &caller.0.user, priority) {
+    let runner = match submit(
+        state,
+        &req,
+        init.as_ref(),
+        &model_name,
+        &job_id,
+        &caller.0.user,
+        priority,
+    ) {
         Ok(runner) => runner,
         Err(e) => {
-            record_failure(&state, &job_id, &e).await;
+            record_failure(state, &job_id, &e).await;
             return Err(e);
         }
     };
@@ -472,7 +528,7 @@ pub async fn generate(
     let done = runner
         .await
         .map_err(|e| ApiError::internal(format!("the job runner stopped: {e}")))??;
-    respond(&state, &req, &job_id, done)
+    respond(state, &req, &job_id, done)
 }
 
 async fn record_failure(state: &AppState, job_id: &str, e: &ApiError) {
@@ -484,6 +540,18 @@ async fn record_failure(state: &AppState, job_id: &str, e: &ApiError) {
         tracing::error!(job = %job_id, error = %db, "could not record the failure");
     }
     tracing::warn!(job = %job_id, code = e.code(), error = %e.body.message, "job failed");
+}
+
+/// An uploaded starting picture (edits, variations), already at the output size.
+#[derive(Clone)]
+pub struct InitPicture {
+    pub rgb: std::sync::Arc<Vec<u8>>,
+    pub width: u32,
+    pub height: u32,
+    /// Where the job row says it is kept (so a re-queued job finds it again).
+    pub store_key: String,
+    pub default_strength: f64,
+    pub prompt_optional: bool,
 }
 
 /// What a finished job hands back to a waiting request.
@@ -501,6 +569,7 @@ pub struct Completed {
 pub fn submit(
     state: &web::Data<AppState>,
     req: &ImageGenerationRequest,
+    init: Option<&InitPicture>,
     model_name: &str,
     job_id: &str,
     user: &str,
@@ -522,7 +591,7 @@ pub fn submit(
         )
         .with_param("model")
     })?;
-    let v = validate(req, model, &state.limits)?;
+    let v = validate(req, model, &state.limits, init)?;
     let ticket = state.engine.submit(JobRequest {
         id: job_id.to_string(),
         user: user.to_string(),

@@ -1,6 +1,7 @@
 //! HTTP layer (actix-web). It never touches candle: it validates requests, records jobs and talks
 //! to the engine through the clonable [`EngineHandle`].
 
+pub mod edits;
 pub mod error;
 mod files;
 mod health;
@@ -28,6 +29,8 @@ use crate::storage::{LinkSigner, Store};
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    /// Multipart uploads (edits, variations).
+    pub max_upload_bytes: usize,
     pub max_n: usize,
     pub max_side: usize,
     pub max_steps: usize,
@@ -38,6 +41,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: 1 << 20,
+            max_upload_bytes: 25 << 20,
             max_n: 10,
             max_side: 2048,
             max_steps: 150,
@@ -163,6 +167,8 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(images::generate)
+        .service(edits::edits)
+        .service(edits::variations)
         .service(models::list)
         .service(models::get)
         .service(jobs::list)

@@ -8,6 +8,8 @@ use utoipa_swagger_ui::SwaggerUi;
     info(title = "candela", description = "OpenAI-compatible image generation. Authenticate with `Authorization: Bearer <JWT>` (the OpenAI SDK's api_key)."),
     paths(
         super::images::generate,
+        super::edits::edits,
+        super::edits::variations,
         super::models::list,
         super::models::get,
         super::jobs::list,

@@ -363,3 +363,60 @@ def test_sdxl_model_is_served_next_to_sd1(start, tmp_path):
     r2 = client.images.generate(model="sdxl-tiny", prompt="a castle", size="64x48",
                                 extra_body={"steps": 3, "seed": 9})
     assert r2.data[0].b64_json != r.data[0].b64_json
+
+
+def png_bytes(w, h, color=(200, 40, 90)):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks create_variation deprecated
+def test_edits_and_variations_through_the_openai_sdk(start, tmp_path):
+    from openai import BadRequestError, OpenAI, UnprocessableEntityError
+
+    s = start()
+    client = OpenAI(base_url=s.url + "/v1", api_key=s.token("alice"), max_retries=0, timeout=120)
+    pic = png_bytes(72, 40)
+    r = client.images.edit(image=("in.png", pic, "image/png"), prompt="a red barn",
+                           extra_body={"steps": 4, "seed": 3, "strength": 0.5})
+    out = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+    assert out.size == (72, 40)  # the picture's own size
+    # The same edit again is the same picture (seeded); another strength is another picture.
+    again = client.images.edit(image=("in.png", pic, "image/png"), prompt="a red barn",
+                               extra_body={"steps": 4, "seed": 3, "strength": 0.5})
+    assert again.data[0].b64_json == r.data[0].b64_json
+    other = client.images.edit(image=("in.png", pic, "image/png"), prompt="a red barn",
+                               extra_body={"steps": 4, "seed": 3, "strength": 1.0})
+    assert other.data[0].b64_json != r.data[0].b64_json
+    # An explicit size resizes the upload; n images come back.
+    r = client.images.edit(image=("in.png", png_bytes(100, 100), "image/png"), prompt="x", size="64x64", n=2,
+                           extra_body={"steps": 3})
+    assert len(r.data) == 2 and Image.open(io.BytesIO(base64.b64decode(r.data[1].b64_json))).size == (64, 64)
+    v = client.images.create_variation(image=("in.png", pic, "image/png"), n=1, extra_body={"steps": 3, "seed": 1})
+    assert Image.open(io.BytesIO(base64.b64decode(v.data[0].b64_json))).size == (72, 40)
+    # Jobs record the picture they started from.
+    job = http(s).get("/v1/jobs?limit=1").json()["data"][0]
+    assert job["params"]["init_image"]["kind"] == "variation" and job["params"]["init_image"]["width"] == 72
+
+    # Bad uploads are 4xx naming the field.
+    with pytest.raises(BadRequestError) as e:
+        client.images.edit(image=("in.png", b"not a picture", "image/png"), prompt="x")
+    assert e.value.body["param"] == "image"
+    with pytest.raises(UnprocessableEntityError) as e:
+        client.images.edit(image=("in.png", pic, "image/png"), mask=("m.png", pic, "image/png"), prompt="x")
+    assert e.value.body["param"] == "mask"
+    with pytest.raises(BadRequestError) as e:
+        client.images.edit(image=("in.png", pic, "image/png"), prompt="x", extra_body={"strength": 1.5})
+    assert e.value.body["param"] == "strength"
+    # A decompression bomb: a tiny PNG that claims 100000 x 100000 pixels.
+    bomb = io.BytesIO()
+    Image.new("L", (1, 1)).save(bomb, format="PNG")
+    data = bytearray(bomb.getvalue())
+    import struct, zlib
+    ihdr = struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    with pytest.raises(BadRequestError) as e:
+        client.images.edit(image=("bomb.png", bytes(data), "image/png"), prompt="x")
+    assert e.value.body["param"] == "image"
