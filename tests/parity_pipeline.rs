@@ -33,6 +33,9 @@ struct Run {
     init_image: Option<String>,
     #[serde(default)]
     strength: Option<f64>,
+    /// Inpainting runs: the mask (white = repaint).
+    #[serde(default)]
+    mask_image: Option<String>,
 }
 
 #[test]
@@ -52,6 +55,12 @@ fn full_runs_match_diffusers_latents_and_pngs() {
     .unwrap();
     assert!(img2img.len() >= 6);
     runs.extend(img2img);
+    let inpaint: Vec<Run> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("runs/inpaint_runs.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(inpaint.len() >= 4);
+    runs.extend(inpaint);
     assert!(runs.len() >= 6);
     let mut pipelines = std::collections::HashMap::new();
     for run in runs {
@@ -87,6 +96,12 @@ fn full_runs_match_diffusers_latents_and_pngs() {
                 InitImage {
                     rgb: std::sync::Arc::new(img.into_raw()),
                     strength: run.strength.unwrap(),
+                    mask: run.mask_image.as_ref().map(|m| {
+                        let mask = image::open(fixtures().join("runs").join(m))
+                            .unwrap()
+                            .to_luma8();
+                        std::sync::Arc::new(mask.into_raw())
+                    }),
                 }
             }),
         };

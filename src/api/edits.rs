@@ -49,6 +49,7 @@ impl InitPicture {
     pub fn record(&self) -> Value {
         serde_json::json!({
             "key": self.store_key,
+            "mask_key": self.mask_key,
             "width": self.width,
             "height": self.height,
             "kind": if self.prompt_optional { "variation" } else { "edit" },
@@ -85,19 +86,35 @@ pub fn stored_picture(state: &AppState, params: &Value) -> Result<Option<InitPic
     } else {
         Kind::Edit
     };
+    let mask_key = record["mask_key"].as_str().map(str::to_string);
+    let mask = match &mask_key {
+        Some(k) => {
+            let bytes = state
+                .store
+                .get(k)?
+                .ok_or_else(|| ApiError::internal("the job's mask is no longer stored"))?;
+            let m = image::load_from_memory(&bytes)
+                .map_err(|e| ApiError::internal(format!("the job's stored mask: {e}")))?
+                .to_luma8();
+            Some(Arc::new(m.into_raw()))
+        }
+        None => None,
+    };
     Ok(Some(InitPicture {
         width: img.width(),
         height: img.height(),
         rgb: Arc::new(img.into_raw()),
+        default_strength: if mask.is_some() { 1.0 } else { kind.default_strength() },
+        mask,
+        mask_key,
         store_key: key.to_string(),
-        default_strength: kind.default_strength(),
         prompt_optional: kind == Kind::Variation,
     }))
 }
 
 /// Edit a picture with a prompt (image-to-image; `strength` extension, default 0.8).
 #[utoipa::path(post, path = "/v1/images/edits", tag = "images", security(("bearer" = [])),
-    request_body(content_type = "multipart/form-data", description = "OpenAI's edit form: `image` (or `image[]`; the first is used), `prompt`, optional `mask` (not supported yet: 422), `n`, `size`, `response_format`, `model`, plus the JSON extensions as text fields (`strength`, `steps`, `seed`, `sampler`, `negative_prompt`, `guidance_scale`, …)"),
+    request_body(content_type = "multipart/form-data", description = "OpenAI's edit form: `image` (or `image[]`; the first is used), `prompt`, optional `mask` (same size; fully transparent pixels = the area to repaint: inpainting, default strength 1.0), `n`, `size`, `response_format`, `model`, plus the JSON extensions as text fields (`strength`, `steps`, `seed`, `sampler`, `negative_prompt`, `guidance_scale`, …)"),
     responses((status = 200, body = super::images::ImagesResponse), (status = 202, body = super::jobs::JobView),
         (status = 400, body = super::error::ErrorResponse, description = "bad form field or undecodable picture; `param` names it"),
         (status = 413, body = super::error::ErrorResponse), (status = 422, body = super::error::ErrorResponse)))]
@@ -129,7 +146,7 @@ pub async fn variations(
 struct Form {
     fields: Map<String, Value>,
     image: Option<Vec<u8>>,
-    mask: bool,
+    mask: Option<Vec<u8>>,
 }
 
 /// Text fields typed as the JSON request expects them; the image kept as bytes.
@@ -148,7 +165,7 @@ async fn read_form(mut form: Multipart, limit: usize) -> Result<Form, ApiError> 
     let mut out = Form {
         fields: Map::new(),
         image: None,
-        mask: false,
+        mask: None,
     };
     let mut total = 0usize;
     while let Some(field) = form.next().await {
@@ -177,7 +194,7 @@ async fn read_form(mut form: Multipart, limit: usize) -> Result<Form, ApiError> 
                     out.image = Some(bytes);
                 }
             }
-            "mask" => out.mask = true,
+            "mask" => out.mask = Some(bytes),
             _ => {
                 let text = String::from_utf8(bytes)
                     .map_err(|_| ApiError::invalid(&name, format!("`{name}` must be text")))?;
@@ -228,18 +245,36 @@ async fn handle(
         .image
         .take()
         .ok_or_else(|| ApiError::invalid("image", "the form needs an `image` file"))?;
-    if form.mask {
-        return Err(ApiError::new(
-            actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request_error",
-            "unsupported",
-            "masks (inpainting) are not supported yet; send the edit without `mask` to change the whole picture",
-        )
-        .with_param("mask"));
+    if form.mask.is_some() && kind == Kind::Variation {
+        return Err(ApiError::invalid("mask", "variations take no mask"));
     }
+    let form_has_mask = form.mask.is_some();
     let body = serde_json::to_vec(&Value::Object(form.fields)).unwrap_or_default();
     let mut req: ImageGenerationRequest = parse_json(&body)?;
-    let picture = decode(&bytes)?;
+    let picture = decode(&bytes, "image")?;
+    // OpenAI's mask: a picture of the same size whose fully transparent pixels mark the area to
+    // edit. diffusers' (and our pipeline's): white = repaint.
+    let mask = match form.mask.take() {
+        Some(bytes) => {
+            let rgba = decode_rgba(&bytes)?;
+            if rgba.dimensions() != picture.dimensions() {
+                return Err(ApiError::invalid(
+                    "mask",
+                    format!(
+                        "the mask is {}x{} but the image is {}x{}",
+                        rgba.width(),
+                        rgba.height(),
+                        picture.width(),
+                        picture.height()
+                    ),
+                ));
+            }
+            Some(image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+                image::Luma([if rgba.get_pixel(x, y)[3] == 0 { 255 } else { 0 }])
+            }))
+        }
+        None => None,
+    };
 
     // Output size: as asked, else the picture's, within the size limit, rounded to a multiple of 8.
     let multiple = req
@@ -284,12 +319,30 @@ async fn handle(
         .write_to(&mut png, image::ImageFormat::Png)
         .map_err(|e| ApiError::internal(format!("encoding the upload: {e}")))?;
     let store_key = state.store.put(png.get_ref(), "png")?;
+    let mask = match mask {
+        Some(m) => {
+            // Nearest keeps the mask's edge sharp; the pipeline binarises at 0.5 anyway.
+            let m = if m.dimensions() == (w, h) {
+                m
+            } else {
+                image::imageops::resize(&m, w, h, image::imageops::FilterType::Nearest)
+            };
+            let mut png = Cursor::new(Vec::new());
+            m.write_to(&mut png, image::ImageFormat::Png)
+                .map_err(|e| ApiError::internal(format!("encoding the mask: {e}")))?;
+            Some((state.store.put(png.get_ref(), "png")?, Arc::new(m.into_raw())))
+        }
+        None => None,
+    };
     let init = InitPicture {
         width: w,
         height: h,
         rgb: Arc::new(resized.into_raw()),
+        mask: mask.as_ref().map(|(_, m)| m.clone()),
+        mask_key: mask.map(|(k, _)| k),
         store_key,
-        default_strength: kind.default_strength(),
+        // Inpainting defaults to repainting the masked area from scratch, as diffusers does.
+        default_strength: if form_has_mask { 1.0 } else { kind.default_strength() },
         prompt_optional: kind == Kind::Variation,
     };
     tracing::debug!(
@@ -303,8 +356,16 @@ async fn handle(
 
 /// Decode an uploaded picture with limits on its dimensions and on decoder allocations, so a
 /// small file claiming a huge size is refused instead of exhausting memory.
-fn decode(bytes: &[u8]) -> Result<image::RgbImage, ApiError> {
-    let bad = |why: String| ApiError::invalid("image", why);
+fn decode(bytes: &[u8], field: &str) -> Result<image::RgbImage, ApiError> {
+    Ok(decode_limited(bytes, field)?.to_rgb8())
+}
+
+fn decode_rgba(bytes: &[u8]) -> Result<image::RgbaImage, ApiError> {
+    Ok(decode_limited(bytes, "mask")?.to_rgba8())
+}
+
+fn decode_limited(bytes: &[u8], field: &str) -> Result<image::DynamicImage, ApiError> {
+    let bad = |why: String| ApiError::invalid(field, why);
     let mut reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read the picture: {e}")))?;
@@ -316,8 +377,7 @@ fn decode(bytes: &[u8]) -> Result<image::RgbImage, ApiError> {
     limits.max_image_height = Some(MAX_UPLOAD_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
-    let img = reader
+    reader
         .decode()
-        .map_err(|e| bad(format!("cannot decode the picture: {e}")))?;
-    Ok(img.to_rgb8())
+        .map_err(|e| bad(format!("cannot decode the picture: {e}")))
 }

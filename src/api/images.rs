@@ -376,6 +376,7 @@ fn validate(
             }
             Some(InitImage {
                 rgb: pic.rgb.clone(),
+                mask: pic.mask.clone(),
                 strength: req.strength.unwrap_or(pic.default_strength),
             })
         }
@@ -546,6 +547,9 @@ async fn record_failure(state: &AppState, job_id: &str, e: &ApiError) {
 #[derive(Clone)]
 pub struct InitPicture {
     pub rgb: std::sync::Arc<Vec<u8>>,
+    /// Inpainting mask at the same size (≥ 128 = repaint), from an edit's `mask`.
+    pub mask: Option<std::sync::Arc<Vec<u8>>>,
+    pub mask_key: Option<String>,
     pub width: u32,
     pub height: u32,
     /// Where the job row says it is kept (so a re-queued job finds it again).

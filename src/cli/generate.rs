@@ -50,9 +50,13 @@ pub struct GenerateArgs {
     /// (rounded down to a multiple of 8) unless --width/--height say otherwise.
     #[arg(long)]
     pub init_image: Option<PathBuf>,
-    /// How much image-to-image changes the picture: 0 < strength ≤ 1 (default 0.8, diffusers').
+    /// How much image-to-image changes the picture: 0 < strength ≤ 1 (default 0.8, diffusers';
+    /// 1.0 with --mask, as diffusers' inpainting).
     #[arg(long)]
     pub strength: Option<f64>,
+    /// Inpainting: a mask picture at the init image's size; white = repaint, black = keep.
+    #[arg(long, requires = "init_image")]
+    pub mask: Option<PathBuf>,
     #[arg(long, default_value = "out.png")]
     pub out: PathBuf,
     /// Also write the final latents (before VAE decode) as safetensors tensor `latents`.
@@ -151,10 +155,31 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let strength = args.strength.unwrap_or(0.8);
+    let strength = args
+        .strength
+        .unwrap_or(if args.mask.is_some() { 1.0 } else { 0.8 });
     if init.is_some() && !(strength > 0.0 && strength <= 1.0) {
         anyhow::bail!("--strength must be in (0, 1], got {strength}");
     }
+    let mask = match (&args.mask, &init) {
+        (Some(path), Some(img)) => {
+            let m = image::open(path)
+                .with_context(|| format!("--mask {}", path.display()))?
+                .to_luma8();
+            let m = if m.dimensions() == img.dimensions() {
+                m
+            } else {
+                image::imageops::resize(
+                    &m,
+                    img.width(),
+                    img.height(),
+                    image::imageops::FilterType::Lanczos3,
+                )
+            };
+            Some(std::sync::Arc::new(m.into_raw()))
+        }
+        _ => None,
+    };
     let (width, height) = match &init {
         Some(img) => (img.width() as usize, img.height() as usize),
         None => (
@@ -180,6 +205,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         clip_skip: args.clip_skip,
         init: init.map(|img| InitImage {
             rgb: std::sync::Arc::new(img.into_raw()),
+            mask,
             strength,
         }),
     };

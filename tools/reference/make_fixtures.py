@@ -487,6 +487,81 @@ def img2img_run_fixtures(out_dir: Path):
     (out_dir / "img2img_runs.json").write_text(json.dumps(records, indent=1))
 
 
+INPAINT_RUNS = [
+    # name, model, sampler, seed, size, steps, strength, guidance, n
+    ("sd1_inpaint_blend_euler_a", "sd1", "euler_a", 31, (64, 64), 6, 1.0, 7.5, 1),
+    ("sd1_inpaint_blend_ddim_n2", "sd1", "ddim", 32, (72, 40), 8, 0.75, 5.0, 2),
+    ("sd1_inpaint_9ch_euler", "sd1-inpaint", "euler", 33, (64, 48), 6, 1.0, 7.0, 1),
+    ("sd1_inpaint_9ch_dpmpp_2m", "sd1-inpaint", "dpmpp_2m", 34, (64, 64), 10, 0.6, 6.0, 1),
+]
+
+
+def mask_image(w: int, h: int):
+    """White (repaint) rectangle in the middle, black (keep) around it, with a soft edge so the
+    binarisation threshold matters."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    inside = (np.abs(x - w / 2) < w / 4) & (np.abs(y - h / 2) < h / 3)
+    m = np.where(inside, 255.0, 0.0)
+    m = np.where(np.abs(np.abs(x - w / 2) - w / 4) < 1.5, 127.0 + (x % 3), m)
+    return Image.fromarray(m.astype(np.uint8), mode="L")
+
+
+def build_inpaint_model(root: Path, seed: int):
+    """SD 1.x inpainting checkpoints' layout: the same components, a UNet with 9 input channels
+    (latents + mask + masked-image latents)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(root.parent / "sd1-tiny", safety_checker=None,
+                                                   requires_safety_checker=False)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    config = dict(base.unet.config)
+    config["in_channels"] = 9
+    unet = UNet2DConditionModel.from_config(config).eval()
+    jitter_1d_params(unet, gen)
+    pipe = StableDiffusionInpaintPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                          unet=unet, scheduler=base.scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root, safe_serialization=True)
+    shutil.rmtree(root / "tokenizer")
+    shutil.copytree(root.parent / "sd1-tiny" / "tokenizer", root / "tokenizer")
+    shutil.copy(root.parent / "sd1-tiny" / "text_encoder" / "model.safetensors", root / "text_encoder" / "model.safetensors")
+    shutil.copy(root.parent / "sd1-tiny" / "scheduler" / "scheduler_config.json", root / "scheduler" / "scheduler_config.json")
+
+
+def inpaint_run_fixtures(out_dir: Path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    classes = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+               "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
+    records = []
+    for name, model, sampler, seed, (w, h), steps, strength, guidance, n in INPAINT_RUNS:
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(out_dir.parent / "models" / f"{model}-tiny",
+                                                              safety_checker=None, requires_safety_checker=False)
+        pipe.scheduler = classes[sampler].from_config(dict(pipe.scheduler.config))
+        image, mask = init_image(w, h), mask_image(w, h)
+        image.save(out_dir / f"{name}-init.png")
+        mask.save(out_dir / f"{name}-mask.png")
+        prompt = "a lighthouse on a cliff at dusk, oil painting"
+        g = torch.Generator("cpu").manual_seed(seed)
+        with torch.no_grad():
+            latents = pipe(prompt, image=image, mask_image=mask, strength=strength, height=h, width=w,
+                           num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
+                           generator=g, output_type="latent").images
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            pil = pipe.image_processor.postprocess(decoded, output_type="pil")
+        save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+        for i, im in enumerate(pil):
+            im.save(out_dir / f"{name}-{i}.png")
+        records.append(dict(name=name, model=model, sampler=sampler, schedule="default", seed=seed, width=w,
+                            height=h, steps=steps, guidance=guidance, n=n, prompt=prompt, negative_prompt=None,
+                            solver_order=None, clip_skip=0, init_image=f"{name}-init.png",
+                            mask_image=f"{name}-mask.png", strength=strength))
+    (out_dir / "inpaint_runs.json").write_text(json.dumps(records, indent=1))
+
+
 TRICKY_PROMPTS = [
     "",
     "a photograph of an astronaut riding a horse",
@@ -717,6 +792,8 @@ def main():
     ap = argparse.ArgumentParser()
     here = Path(__file__).resolve().parent
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
+    ap.add_argument("--inpaint", action="store_true",
+                    help="(re)build the tiny 9-channel inpainting model and write the inpainting runs")
     ap.add_argument("--img2img", action="store_true",
                     help="(re)write only the image-to-image runs, from the committed tiny models")
     ap.add_argument("--sdxl", action="store_true",
@@ -725,6 +802,12 @@ def main():
                     help="regenerate only runs/ from the committed tiny models (keeps models and stages)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.inpaint:
+        shutil.rmtree(out / "models" / "sd1-inpaint-tiny", ignore_errors=True)
+        build_inpaint_model(out / "models" / "sd1-inpaint-tiny", seed=4)
+        inpaint_run_fixtures(out / "runs")
+        print("inpainting fixtures written to", out)
+        return
     if args.img2img:
         img2img_run_fixtures(out / "runs")
         print("image-to-image runs written to", out / "runs")

@@ -51,6 +51,8 @@ pub struct InitImage {
     /// How much to change it, (0, 1]: the run starts `strength × steps` steps before the end
     /// (1 = from pure noise, ignoring the picture's content but keeping its size).
     pub strength: f64,
+    /// Inpainting: `width * height` 8-bit values, ≥ 128 (white) = repaint, < 128 = keep.
+    pub mask: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 /// What requests must share to be denoised together in one batch.
@@ -66,6 +68,7 @@ pub struct BatchKey {
     guidance_bits: u64,
     /// Image-to-image strength (bits): it decides where the run starts.
     strength_bits: Option<u64>,
+    inpaint: bool,
 }
 
 impl BatchKey {
@@ -90,7 +93,48 @@ impl GenerateParams {
             solver_order: self.solver_order,
             guidance_bits: self.guidance_scale.to_bits(),
             strength_bits: self.init.as_ref().map(|i| i.strength.to_bits()),
+            inpaint: self.init.as_ref().is_some_and(|i| i.mask.is_some()),
         }
+    }
+}
+
+/// One request's start: its latents and, for inpainting, what the loop needs.
+struct Start {
+    latents: Tensor,
+    inpaint: Option<InpaintRows>,
+}
+
+/// Inpainting state per batch row: the picture's clean latents (blending only), the starting
+/// noise, the latent-size mask (1 = repaint) and the masked picture's latents.
+struct InpaintRows {
+    clean: Option<Tensor>,
+    noise: Tensor,
+    mask: Tensor,
+    masked: Tensor,
+}
+
+impl InpaintRows {
+    /// The batch's rows, request after request (every request of a batch inpaints or none does).
+    fn concat(starts: &[Start]) -> Result<Option<Self>> {
+        let rows: Vec<&InpaintRows> = starts.iter().filter_map(|s| s.inpaint.as_ref()).collect();
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let cat = |f: fn(&InpaintRows) -> &Tensor| -> Result<Tensor> {
+            Ok(Tensor::cat(&rows.iter().map(|r| f(r)).collect::<Vec<_>>(), 0)?)
+        };
+        let clean = if rows.iter().all(|r| r.clean.is_some()) {
+            let parts: Vec<&Tensor> = rows.iter().filter_map(|r| r.clean.as_ref()).collect();
+            Some(Tensor::cat(&parts, 0)?)
+        } else {
+            None
+        };
+        Ok(Some(Self {
+            clean,
+            noise: cat(|r| &r.noise)?,
+            mask: cat(|r| &r.mask)?,
+            masked: cat(|r| &r.masked)?,
+        }))
     }
 }
 
@@ -260,7 +304,11 @@ impl StableDiffusion {
                 reason: format!("cross_attention_dim {cross} does not match the text encoder's hidden_size {text_dim}"),
             });
         }
-        if vae.config.latent_channels != unet.config.in_channels {
+        // Inpainting UNets take latents + mask + masked-image latents.
+        let inpainting_channels = 2 * vae.config.latent_channels + 1;
+        if vae.config.latent_channels != unet.config.in_channels
+            && unet.config.in_channels != inpainting_channels
+        {
             return Err(EngineError::BadConfig {
                 path: vae_config_path,
                 reason: format!(
@@ -327,6 +375,20 @@ impl StableDiffusion {
                 "guidance_scale",
                 "guidance_scale must be between 0 and 100",
             ));
+        }
+        if self.is_inpainting_unet() && p.init.as_ref().is_none_or(|i| i.mask.is_none()) {
+            return Err(EngineError::Incompatible {
+                param: "mask",
+                message: "this is an inpainting model: it needs a picture and a mask".into(),
+            });
+        }
+        if let Some(mask) = p.init.as_ref().and_then(|i| i.mask.as_ref()) {
+            if mask.len() != p.width * p.height {
+                return Err(EngineError::invalid(
+                    "mask",
+                    format!("expected a {}x{} mask", p.width, p.height),
+                ));
+            }
         }
         if p.sampler.is_flow() {
             return Err(EngineError::Incompatible {
@@ -545,7 +607,16 @@ impl StableDiffusion {
                 .ok_or_else(|| EngineError::Internal("missing noise stream".into()))?;
             starts.push(self.initial_latents(p, generator, sampler.as_ref(), begin)?);
         }
-        let mut latents = Tensor::cat(&starts, 0)?;
+        let mut latents = Tensor::cat(&starts.iter().map(|s| &s.latents).collect::<Vec<_>>(), 0)?;
+        let inpaint = InpaintRows::concat(&starts)?;
+        // The 9-channel UNet's extra input, doubled for guidance like the latents.
+        let extra_input = match (&inpaint, self.is_inpainting_unet()) {
+            (Some(rows), true) => {
+                let one = Tensor::cat(&[&rows.mask, &rows.masked], 1)?;
+                Some(if cfg { Tensor::cat(&[&one, &one], 0)? } else { one })
+            }
+            _ => None,
+        };
 
         let total = timesteps.len() - begin;
         for (i, &t) in timesteps.iter().enumerate().skip(begin) {
@@ -554,7 +625,10 @@ impl StableDiffusion {
             } else {
                 latents.clone()
             };
-            let input = sampler.scale_model_input(&input, i)?;
+            let mut input = sampler.scale_model_input(&input, i)?;
+            if let Some(extra) = &extra_input {
+                input = Tensor::cat(&[&input, extra], 1)?;
+            }
             let out = self.unet.forward_with(
                 &input,
                 t,
@@ -569,6 +643,23 @@ impl StableDiffusion {
                 out
             };
             latents = sampler.step(&guided, i, &latents, &mut noise)?;
+            if let Some(InpaintRows {
+                clean: Some(clean),
+                noise: start_noise,
+                mask,
+                ..
+            }) = &inpaint
+            {
+                // Blending inpainting (4-channel UNets): outside the mask, put back the picture
+                // noised to the next step's level.
+                let proper = if i + 1 < timesteps.len() {
+                    sampler.add_noise(clean, start_noise, i + 1)?
+                } else {
+                    clean.clone()
+                };
+                latents = (mask.affine(-1.0, 1.0)?.broadcast_mul(&proper)?
+                    + mask.broadcast_mul(&latents)?)?;
+            }
             let elapsed = started.elapsed().as_secs_f64();
             if !progress(Progress {
                 step: i + 1 - begin,
@@ -590,70 +681,115 @@ impl StableDiffusion {
         Ok(results)
     }
 
-    /// One request's starting latents (n, C, h, w), drawn from its generator in diffusers' order:
-    /// text-to-image: `randn × init_noise_sigma`; image-to-image: the VAE's latent sample of the
-    /// picture (one draw), scaled, repeated n times, then noised to evaluation `begin` (a second
-    /// draw).
+    /// Whether the UNet is an inpainting one (latents + mask + masked-image latents in).
+    pub fn is_inpainting_unet(&self) -> bool {
+        self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+    }
+
+    /// A latent sample of the VAE's distribution for `image` (one draw), times the scaling factor.
+    fn sample_latents(
+        &self,
+        image: &Tensor,
+        generator: &mut crate::engine::rng::TorchGenerator,
+    ) -> Result<Tensor> {
+        let (mean, std) = self.vae_encoder.encode(image)?;
+        let draw = generator.randn(mean.elem_count());
+        let sample = Tensor::from_vec(draw, mean.shape(), &self.device)?.to_dtype(mean.dtype())?;
+        Ok(((mean + (std * sample)?)? * self.vae.config.scaling_factor)?.to_dtype(self.dtype)?)
+    }
+
+    /// One request's starting latents (n, C, h, w) and, for inpainting, what the loop needs,
+    /// drawn from its generator in diffusers' order. Text-to-image: `randn × init_noise_sigma`.
+    /// Image-to-image: the picture's latent sample (one draw), repeated n times, noised to
+    /// evaluation `begin` (a second draw). Inpainting (diffusers' inpaint pipeline): the picture's
+    /// sample when blending (4-channel UNet) or strength < 1, the noise, then the masked
+    /// picture's sample; strength 1 starts from pure noise.
     fn initial_latents(
         &self,
         p: &GenerateParams,
         generator: &mut crate::engine::rng::TorchGenerator,
         sampler: &dyn schedulers::Sampler,
         begin: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<Start> {
         let scale = self.vae_scale();
-        let shape = (
-            p.n,
-            self.unet.config.in_channels,
-            p.height / scale,
-            p.width / scale,
-        );
+        let (h, w) = (p.height / scale, p.width / scale);
+        let shape = (p.n, self.vae.config.latent_channels, h, w);
         let numel = shape.0 * shape.1 * shape.2 * shape.3;
-        let Some(init) = &p.init else {
-            let values = generator.randn(numel);
-            return Ok(
-                (Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?
-                    * sampler.init_noise_sigma() as f64)?,
-            );
+        let randn = |generator: &mut crate::engine::rng::TorchGenerator| -> Result<Tensor> {
+            Ok(Tensor::from_vec(generator.randn(numel), shape, &self.device)?.to_dtype(self.dtype)?)
         };
-        let (mean, std) = self.encode_image(&init.rgb, p.width, p.height)?;
-        let sample = Tensor::from_vec(
-            generator.randn(mean.elem_count()),
-            mean.shape(),
-            &self.device,
-        )?
-        .to_dtype(mean.dtype())?;
-        let clean = ((mean + (std * sample)?)? * self.vae.config.scaling_factor)?
+        let Some(init) = &p.init else {
+            return Ok(Start {
+                latents: (randn(generator)? * sampler.init_noise_sigma() as f64)?,
+                inpaint: None,
+            });
+        };
+        let image = self.image_tensor(&init.rgb, p.width, p.height)?;
+        let Some(mask) = &init.mask else {
+            let clean = self.sample_latents(&image, generator)?.repeat((p.n, 1, 1, 1))?;
+            let noise = randn(generator)?;
+            return Ok(Start {
+                latents: sampler.add_noise(&clean, &noise, begin)?,
+                inpaint: None,
+            });
+        };
+        let blend = !self.is_inpainting_unet();
+        let full_strength = init.strength == 1.0;
+        let clean = if blend || !full_strength {
+            Some(self.sample_latents(&image, generator)?.repeat((p.n, 1, 1, 1))?)
+        } else {
+            None
+        };
+        let noise = randn(generator)?;
+        let latents = match (&clean, full_strength) {
+            (Some(clean), false) => sampler.add_noise(clean, &noise, begin)?,
+            _ => (&noise * sampler.init_noise_sigma() as f64)?,
+        };
+        // The mask binarised at 0.5 (diffusers' mask processor), and the picture with the area
+        // to repaint blacked out (zero in [-1, 1] space).
+        let binary: Vec<f32> = mask
+            .iter()
+            .map(|&v| if (v as f32 / 255.0) < 0.5 { 0.0 } else { 1.0 })
+            .collect();
+        let full = Tensor::from_vec(binary, (1, 1, p.height, p.width), &self.device)?;
+        let keep = full.affine(-1.0, 1.0)?;
+        let masked_image = image.broadcast_mul(&keep.to_dtype(image.dtype())?)?;
+        let masked = self
+            .sample_latents(&masked_image, generator)?
+            .repeat((p.n, 1, 1, 1))?;
+        let small = crate::engine::models::blocks::resize_nearest(&full, h, w)?
             .to_dtype(self.dtype)?
             .repeat((p.n, 1, 1, 1))?;
-        let noise =
-            Tensor::from_vec(generator.randn(numel), shape, &self.device)?.to_dtype(self.dtype)?;
-        Ok(sampler.add_noise(&clean, &noise, begin)?)
+        Ok(Start {
+            latents,
+            inpaint: Some(InpaintRows {
+                clean: if blend { clean } else { None },
+                noise,
+                mask: small,
+                masked,
+            }),
+        })
     }
 
-    /// The VAE encoder's latent distribution (mean, std) of an 8-bit RGB picture, normalised to
-    /// [-1, 1] as diffusers' image processor does.
-    pub fn encode_image(
-        &self,
-        rgb: &[u8],
-        width: usize,
-        height: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    /// An 8-bit RGB picture as the VAE takes it: (1, 3, H, W) in [-1, 1], as diffusers' image
+    /// processor normalises it.
+    fn image_tensor(&self, rgb: &[u8], width: usize, height: usize) -> Result<Tensor> {
         if rgb.len() != width * height * 3 {
             return Err(EngineError::invalid(
                 "image",
                 format!("expected {width}x{height} RGB pixels"),
             ));
         }
-        let values: Vec<f32> = rgb
-            .iter()
-            .map(|&v| 2.0 * (v as f32 / 255.0) - 1.0)
-            .collect();
-        let image = Tensor::from_vec(values, (1, height, width, 3), &self.device)?
+        let values: Vec<f32> = rgb.iter().map(|&v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
+        Ok(Tensor::from_vec(values, (1, height, width, 3), &self.device)?
             .permute((0, 3, 1, 2))?
             .contiguous()?
-            .to_dtype(self.vae_dtype())?;
-        Ok(self.vae_encoder.encode(&image)?)
+            .to_dtype(self.vae_dtype())?)
+    }
+
+    /// The VAE encoder's latent distribution (mean, std) of an 8-bit RGB picture.
+    pub fn encode_image(&self, rgb: &[u8], width: usize, height: usize) -> Result<(Tensor, Tensor)> {
+        Ok(self.vae_encoder.encode(&self.image_tensor(rgb, width, height)?)?)
     }
 
     fn vae_dtype(&self) -> DType {
