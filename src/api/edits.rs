@@ -104,7 +104,11 @@ pub fn stored_picture(state: &AppState, params: &Value) -> Result<Option<InitPic
         width: img.width(),
         height: img.height(),
         rgb: Arc::new(img.into_raw()),
-        default_strength: if mask.is_some() { 1.0 } else { kind.default_strength() },
+        default_strength: if mask.is_some() {
+            1.0
+        } else {
+            kind.default_strength()
+        },
         mask,
         mask_key,
         store_key: key.to_string(),
@@ -269,9 +273,11 @@ async fn handle(
                     ),
                 ));
             }
-            Some(image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
-                image::Luma([if rgba.get_pixel(x, y)[3] == 0 { 255 } else { 0 }])
-            }))
+            Some(image::GrayImage::from_fn(
+                rgba.width(),
+                rgba.height(),
+                |x, y| image::Luma([if rgba.get_pixel(x, y)[3] == 0 { 255 } else { 0 }]),
+            ))
         }
         None => None,
     };
@@ -330,7 +336,10 @@ async fn handle(
             let mut png = Cursor::new(Vec::new());
             m.write_to(&mut png, image::ImageFormat::Png)
                 .map_err(|e| ApiError::internal(format!("encoding the mask: {e}")))?;
-            Some((state.store.put(png.get_ref(), "png")?, Arc::new(m.into_raw())))
+            Some((
+                state.store.put(png.get_ref(), "png")?,
+                Arc::new(m.into_raw()),
+            ))
         }
         None => None,
     };
@@ -342,7 +351,11 @@ async fn handle(
         mask_key: mask.map(|(k, _)| k),
         store_key,
         // Inpainting defaults to repainting the masked area from scratch, as diffusers does.
-        default_strength: if form_has_mask { 1.0 } else { kind.default_strength() },
+        default_strength: if form_has_mask {
+            1.0
+        } else {
+            kind.default_strength()
+        },
         prompt_optional: kind == Kind::Variation,
     };
     tracing::debug!(

@@ -373,7 +373,7 @@ def png_bytes(w, h, color=(200, 40, 90)):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks create_variation deprecated
 def test_edits_and_variations_through_the_openai_sdk(start, tmp_path):
-    from openai import BadRequestError, OpenAI, UnprocessableEntityError
+    from openai import BadRequestError, OpenAI
 
     s = start()
     client = OpenAI(base_url=s.url + "/v1", api_key=s.token("alice"), max_retries=0, timeout=120)
@@ -403,8 +403,28 @@ def test_edits_and_variations_through_the_openai_sdk(start, tmp_path):
     with pytest.raises(BadRequestError) as e:
         client.images.edit(image=("in.png", b"not a picture", "image/png"), prompt="x")
     assert e.value.body["param"] == "image"
-    with pytest.raises(UnprocessableEntityError) as e:
-        client.images.edit(image=("in.png", pic, "image/png"), mask=("m.png", pic, "image/png"), prompt="x")
+    # OpenAI masks: fully transparent pixels are the area to repaint. With nothing transparent,
+    # the prompt cannot change anything; with a transparent hole, it does.
+    def rgba_mask(hole):
+        m = Image.new("RGBA", (72, 40), (0, 0, 0, 255))
+        if hole:
+            m.paste((0, 0, 0, 0), (16, 8, 56, 32))
+        buf = io.BytesIO()
+        m.save(buf, format="PNG")
+        return ("mask.png", buf.getvalue(), "image/png")
+
+    def inpaint(prompt, hole):
+        r = client.images.edit(image=("in.png", pic, "image/png"), mask=rgba_mask(hole), prompt=prompt,
+                               extra_body={"steps": 4, "seed": 5})
+        return r.data[0].b64_json
+
+    assert inpaint("a red barn", hole=False) == inpaint("a blue lake", hole=False)
+    assert inpaint("a red barn", hole=True) != inpaint("a blue lake", hole=True)
+    job = http(s).get("/v1/jobs?limit=1").json()["data"][0]
+    assert job["params"]["init_image"]["mask_key"]
+    with pytest.raises(BadRequestError) as e:
+        client.images.edit(image=("in.png", pic, "image/png"), mask=("m.png", png_bytes(10, 10), "image/png"),
+                           prompt="x")
     assert e.value.body["param"] == "mask"
     with pytest.raises(BadRequestError) as e:
         client.images.edit(image=("in.png", pic, "image/png"), prompt="x", extra_body={"strength": 1.5})

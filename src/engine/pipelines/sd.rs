@@ -121,7 +121,10 @@ impl InpaintRows {
             return Ok(None);
         }
         let cat = |f: fn(&InpaintRows) -> &Tensor| -> Result<Tensor> {
-            Ok(Tensor::cat(&rows.iter().map(|r| f(r)).collect::<Vec<_>>(), 0)?)
+            Ok(Tensor::cat(
+                &rows.iter().map(|r| f(r)).collect::<Vec<_>>(),
+                0,
+            )?)
         };
         let clean = if rows.iter().all(|r| r.clean.is_some()) {
             let parts: Vec<&Tensor> = rows.iter().filter_map(|r| r.clean.as_ref()).collect();
@@ -613,7 +616,11 @@ impl StableDiffusion {
         let extra_input = match (&inpaint, self.is_inpainting_unet()) {
             (Some(rows), true) => {
                 let one = Tensor::cat(&[&rows.mask, &rows.masked], 1)?;
-                Some(if cfg { Tensor::cat(&[&one, &one], 0)? } else { one })
+                Some(if cfg {
+                    Tensor::cat(&[&one, &one], 0)?
+                } else {
+                    one
+                })
             }
             _ => None,
         };
@@ -716,7 +723,10 @@ impl StableDiffusion {
         let shape = (p.n, self.vae.config.latent_channels, h, w);
         let numel = shape.0 * shape.1 * shape.2 * shape.3;
         let randn = |generator: &mut crate::engine::rng::TorchGenerator| -> Result<Tensor> {
-            Ok(Tensor::from_vec(generator.randn(numel), shape, &self.device)?.to_dtype(self.dtype)?)
+            Ok(
+                Tensor::from_vec(generator.randn(numel), shape, &self.device)?
+                    .to_dtype(self.dtype)?,
+            )
         };
         let Some(init) = &p.init else {
             return Ok(Start {
@@ -726,7 +736,9 @@ impl StableDiffusion {
         };
         let image = self.image_tensor(&init.rgb, p.width, p.height)?;
         let Some(mask) = &init.mask else {
-            let clean = self.sample_latents(&image, generator)?.repeat((p.n, 1, 1, 1))?;
+            let clean = self
+                .sample_latents(&image, generator)?
+                .repeat((p.n, 1, 1, 1))?;
             let noise = randn(generator)?;
             return Ok(Start {
                 latents: sampler.add_noise(&clean, &noise, begin)?,
@@ -736,7 +748,10 @@ impl StableDiffusion {
         let blend = !self.is_inpainting_unet();
         let full_strength = init.strength == 1.0;
         let clean = if blend || !full_strength {
-            Some(self.sample_latents(&image, generator)?.repeat((p.n, 1, 1, 1))?)
+            Some(
+                self.sample_latents(&image, generator)?
+                    .repeat((p.n, 1, 1, 1))?,
+            )
         } else {
             None
         };
@@ -780,16 +795,28 @@ impl StableDiffusion {
                 format!("expected {width}x{height} RGB pixels"),
             ));
         }
-        let values: Vec<f32> = rgb.iter().map(|&v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
-        Ok(Tensor::from_vec(values, (1, height, width, 3), &self.device)?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?
-            .to_dtype(self.vae_dtype())?)
+        let values: Vec<f32> = rgb
+            .iter()
+            .map(|&v| 2.0 * (v as f32 / 255.0) - 1.0)
+            .collect();
+        Ok(
+            Tensor::from_vec(values, (1, height, width, 3), &self.device)?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?
+                .to_dtype(self.vae_dtype())?,
+        )
     }
 
     /// The VAE encoder's latent distribution (mean, std) of an 8-bit RGB picture.
-    pub fn encode_image(&self, rgb: &[u8], width: usize, height: usize) -> Result<(Tensor, Tensor)> {
-        Ok(self.vae_encoder.encode(&self.image_tensor(rgb, width, height)?)?)
+    pub fn encode_image(
+        &self,
+        rgb: &[u8],
+        width: usize,
+        height: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        Ok(self
+            .vae_encoder
+            .encode(&self.image_tensor(rgb, width, height)?)?)
     }
 
     fn vae_dtype(&self) -> DType {
