@@ -493,6 +493,9 @@ INPAINT_RUNS = [
     ("sd1_inpaint_blend_ddim_n2", "sd1", "ddim", 32, (72, 40), 8, 0.75, 5.0, 2),
     ("sd1_inpaint_9ch_euler", "sd1-inpaint", "euler", 33, (64, 48), 6, 1.0, 7.0, 1),
     ("sd1_inpaint_9ch_dpmpp_2m", "sd1-inpaint", "dpmpp_2m", 34, (64, 64), 10, 0.6, 6.0, 1),
+    # SDXL's inpaint pipeline (default strength 0.9999) with the base (4-channel) UNet: blending.
+    ("sdxl_inpaint_blend_euler", "sdxl", "euler", 35, (64, 64), 6, 0.9999, 5.0, 1),
+    ("sdxl_inpaint_blend_euler_a_full_n2", "sdxl", "euler_a", 36, (64, 48), 5, 1.0, 6.0, 2),
 ]
 
 
@@ -532,14 +535,16 @@ def build_inpaint_model(root: Path, seed: int):
 
 
 def inpaint_run_fixtures(out_dir: Path):
-    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     classes = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
                "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
     records = []
     for name, model, sampler, seed, (w, h), steps, strength, guidance, n in INPAINT_RUNS:
-        pipe = StableDiffusionInpaintPipeline.from_pretrained(out_dir.parent / "models" / f"{model}-tiny",
-                                                              safety_checker=None, requires_safety_checker=False)
+        root = out_dir.parent / "models" / f"{model}-tiny"
+        pipe = (StableDiffusionXLInpaintPipeline.from_pretrained(root, add_watermarker=False) if model == "sdxl"
+                else StableDiffusionInpaintPipeline.from_pretrained(root, safety_checker=None,
+                                                                    requires_safety_checker=False))
         pipe.scheduler = classes[sampler].from_config(dict(pipe.scheduler.config))
         image, mask = init_image(w, h), mask_image(w, h)
         image.save(out_dir / f"{name}-init.png")
@@ -803,8 +808,8 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     if args.inpaint:
-        shutil.rmtree(out / "models" / "sd1-inpaint-tiny", ignore_errors=True)
-        build_inpaint_model(out / "models" / "sd1-inpaint-tiny", seed=4)
+        if not (out / "models" / "sd1-inpaint-tiny").exists():
+            build_inpaint_model(out / "models" / "sd1-inpaint-tiny", seed=4)
         inpaint_run_fixtures(out / "runs")
         print("inpainting fixtures written to", out)
         return
