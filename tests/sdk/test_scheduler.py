@@ -349,12 +349,30 @@ def test_graceful_shutdown_leaves_nothing_running(start, tmp_path):
 def test_sdxl_model_is_served_next_to_sd1(start, tmp_path):
     from openai import OpenAI
 
+    from openai import UnprocessableEntityError
+
     sdxl = tmp_path / "models" / "sdxl-tiny"
     shutil.copytree(ROOT / "tests" / "fixtures" / "models" / "sdxl-tiny", sdxl)
-    s = start("--model", f"{TINY},{sdxl}")
+    inpainting = ROOT / "tests" / "fixtures" / "models" / "sd1-inpaint-tiny"
+    s = start("--model", f"{TINY},{sdxl},{inpainting}")
     client = OpenAI(base_url=s.url + "/v1", api_key=s.token("alice"), max_retries=0, timeout=120)
     families = {m.id: m.model_extra["capabilities"]["family"] for m in client.models.list().data}
-    assert families == {"sd1-tiny": "sd1", "sdxl-tiny": "sdxl"}
+    assert families == {"sd1-tiny": "sd1", "sdxl-tiny": "sdxl", "sd1-inpaint-tiny": "sd1"}
+    # Edits with an OpenAI mask on SDXL (blending) and on an SD 1.x inpainting (9-channel) model.
+    pic = png_bytes(64, 48)
+    mask = Image.new("RGBA", (64, 48), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 8, 48, 40))
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    for model in ["sdxl-tiny", "sd1-inpaint-tiny"]:
+        r = client.images.edit(model=model, image=("in.png", pic, "image/png"),
+                               mask=("mask.png", buf.getvalue(), "image/png"), prompt="a castle",
+                               extra_body={"steps": 3, "seed": 2})
+        assert Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).size == (64, 48)
+    # An inpainting model cannot draw from nothing.
+    with pytest.raises(UnprocessableEntityError) as e:
+        client.images.generate(model="sd1-inpaint-tiny", prompt="x", size="64x64", extra_body={"steps": 2})
+    assert e.value.body["param"] == "mask"
     r = client.images.generate(model="sdxl-tiny", prompt="a castle", size="64x48",
                                extra_body={"steps": 3, "seed": 9, "negative_prompt": "fog"})
     img = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
