@@ -61,6 +61,12 @@ fn full_runs_match_diffusers_latents_and_pngs() {
     .unwrap();
     assert!(inpaint.len() >= 4);
     runs.extend(inpaint);
+    let refiner: Vec<Run> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("runs/refiner_runs.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(refiner.len() >= 2);
+    runs.extend(refiner);
     assert!(runs.len() >= 6);
     let mut pipelines = std::collections::HashMap::new();
     for run in runs {

@@ -39,8 +39,10 @@ impl SdFootprint {
             ("unet", "unet/diffusion_pytorch_model"),
             ("vae", "vae/diffusion_pytorch_model"),
         ] {
-            // SDXL's second encoder is the only optional component.
-            if folder == "text_encoder_2" && !dir.file("text_encoder_2/config.json").is_file() {
+            // Text encoders are optional: SD has no second one, the SDXL refiner no first one.
+            if folder.starts_with("text_encoder")
+                && !dir.file(&format!("{folder}/config.json")).is_file()
+            {
                 continue;
             }
             let file = SafetensorsFile::open(&dir.weights(stem)?)?;

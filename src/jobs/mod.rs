@@ -33,7 +33,8 @@ use queue::FairQueue;
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelInfo {
     pub id: String,
-    /// `sd1` / `sd2` (epsilon vs v-prediction SD 1.x/2.x-shaped) / `sdxl`.
+    /// `sd1` / `sd2` (epsilon vs v-prediction SD 1.x/2.x-shaped) / `sdxl` / `sdxl_refiner`
+    /// (refines pictures only).
     pub family: String,
     pub default_width: usize,
     pub default_height: usize,
@@ -599,6 +600,7 @@ fn describe(name: &str, dir: &ModelDir, weights_bytes: u64) -> Result<ModelInfo,
     Ok(ModelInfo {
         id: name.to_string(),
         family: match (is_xl, prediction) {
+            (true, _) if index["requires_aesthetics_score"] == true => "sdxl_refiner".into(),
             (true, _) => "sdxl".into(),
             (false, PredictionType::VPrediction) => "sd2".into(),
             _ => "sd1".into(),

@@ -343,6 +343,76 @@ def build_sdxl(root: Path, seed: int):
     return StableDiffusionXLPipeline.from_pretrained(root, add_watermarker=False)
 
 
+def build_sdxl_refiner(root: Path, seed: int):
+    """The SDXL refiner's layout: no first text encoder, OpenCLIP-G only, aesthetic-score
+    micro-conditioning (5 time ids), an img2img pipeline."""
+    from transformers import CLIPTextModelWithProjection
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    base = root.parent / "sdxl-tiny"
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(base / "tokenizer_2")
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2").eval()
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), cross_attention_dim=48,
+        norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=5 * time_dim + 40,
+    ).eval()
+    jitter_1d_params(unet, gen)
+    vae = AutoencoderKL.from_pretrained(base / "vae")
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    pipe = StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+                                            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+                                            add_watermarker=False)
+    pipe.save_pretrained(root, safe_serialization=True)
+    for extra in ["tokenizer.json", "added_tokens.json", "chat_template.jinja"]:
+        p = root / "tokenizer_2" / extra
+        if p.exists():
+            p.unlink()
+    write_tiny_tokenizer(root / "tokenizer_2", "!")
+    shutil.copy(base / "text_encoder_2" / "model.safetensors", root / "text_encoder_2" / "model.safetensors")
+    return StableDiffusionXLImg2ImgPipeline.from_pretrained(root, add_watermarker=False)
+
+
+REFINER_RUNS = [
+    ("sdxl_refiner_euler", "euler", 41, (64, 64), 10, 0.3, 5.0, 1, None),
+    ("sdxl_refiner_dpmpp_2m_n2", "dpmpp_2m", 42, (48, 64), 8, 0.5, 6.0, 2, "blurry"),
+]
+
+
+def refiner_run_fixtures(pipe, out_dir: Path):
+    classes = {"euler": (EulerDiscreteScheduler, {}),
+               "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2})}
+    base = dict(pipe.scheduler.config)
+    records = []
+    for name, sampler, seed, (w, h), steps, strength, guidance, n, neg in REFINER_RUNS:
+        cls, extra = classes[sampler]
+        pipe.scheduler = cls.from_config(dict(base, **extra))
+        image = init_image(w, h)
+        image.save(out_dir / f"{name}-init.png")
+        prompt = "a lighthouse on a cliff at dusk, oil painting"
+        g = torch.Generator("cpu").manual_seed(seed)
+        with torch.no_grad():
+            latents = pipe(prompt, image=image, strength=strength, negative_prompt=neg, num_inference_steps=steps,
+                           guidance_scale=guidance, num_images_per_prompt=n, generator=g,
+                           output_type="latent").images
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            pil = pipe.image_processor.postprocess(decoded, output_type="pil")
+        save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+        for i, im in enumerate(pil):
+            im.save(out_dir / f"{name}-{i}.png")
+        records.append(dict(name=name, model="sdxl-refiner", sampler=sampler, schedule="default", seed=seed, width=w,
+                            height=h, steps=steps, guidance=guidance, n=n, prompt=prompt, negative_prompt=neg,
+                            solver_order=None, clip_skip=0, init_image=f"{name}-init.png", strength=strength))
+    (out_dir / "refiner_runs.json").write_text(json.dumps(records, indent=1))
+
+
 def sdxl_stage_fixtures(pipe, out_dir: Path):
     """Each SDXL component on its own: both encoders' penultimate states, the pooled projection,
     and a UNet forward with added (text_time) conditioning."""
@@ -797,6 +867,8 @@ def main():
     ap = argparse.ArgumentParser()
     here = Path(__file__).resolve().parent
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
+    ap.add_argument("--refiner", action="store_true",
+                    help="(re)build the tiny SDXL refiner and write its image-to-image runs")
     ap.add_argument("--inpaint", action="store_true",
                     help="(re)build the tiny 9-channel inpainting model and write the inpainting runs")
     ap.add_argument("--img2img", action="store_true",
@@ -807,6 +879,12 @@ def main():
                     help="regenerate only runs/ from the committed tiny models (keeps models and stages)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.refiner:
+        shutil.rmtree(out / "models" / "sdxl-refiner-tiny", ignore_errors=True)
+        pipe = build_sdxl_refiner(out / "models" / "sdxl-refiner-tiny", seed=5)
+        refiner_run_fixtures(pipe, out / "runs")
+        print("SDXL refiner fixtures written to", out)
+        return
     if args.inpaint:
         if not (out / "models" / "sd1-inpaint-tiny").exists():
             build_inpaint_model(out / "models" / "sd1-inpaint-tiny", seed=4)

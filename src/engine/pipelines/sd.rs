@@ -154,6 +154,13 @@ struct ModelIndex {
     /// SDXL: an empty negative prompt means zero embeddings, not the encoding of "".
     #[serde(default)]
     force_zeros_for_empty_prompt: Option<bool>,
+    /// SDXL refiner: conditioned on an aesthetic score instead of the target size.
+    #[serde(default)]
+    requires_aesthetics_score: Option<bool>,
+    /// `[library, class]`, or `[null, null]` where the pipeline has no first text encoder (the
+    /// SDXL refiner).
+    #[serde(default)]
+    text_encoder: Option<serde_json::Value>,
 }
 
 /// Pipeline classes whose folders have the SD 1.x/2.x component set.
@@ -176,6 +183,9 @@ struct XlParts {
     tokenizer_2: ClipTokenizer,
     text_encoder_2: ClipTextModel,
     force_zeros_for_empty_prompt: bool,
+    /// The refiner's (positive, negative) aesthetic scores (diffusers' defaults 6.0 and 2.5),
+    /// which replace the target size in the micro-conditioning.
+    aesthetic_scores: Option<(f32, f32)>,
 }
 
 /// One prompt's conditioning: the cross-attention context (1, 77, D) and, for SDXL, the pooled
@@ -189,8 +199,8 @@ pub struct PromptEmbeds {
 /// `StableDiffusionPipeline` / `StableDiffusionXLPipeline`), which differ only in how prompts are
 /// encoded and in SDXL's added (pooled text + size) conditioning.
 pub struct StableDiffusion {
-    tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
+    /// The (first) CLIP text encoder; absent only in the SDXL refiner.
+    text: Option<(ClipTokenizer, ClipTextModel)>,
     xl: Option<XlParts>,
     vae_encoder: VaeEncoder,
     unet: UNet2DConditionModel,
@@ -245,11 +255,19 @@ impl StableDiffusion {
         }
         let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
         scheduler.check()?;
-        let tokenizer = ClipTokenizer::load(dir, "tokenizer")?;
-
-        let te_config = dir.read_json("text_encoder/config.json")?;
-        let te_vb = weights("text_encoder", "text_encoder/model")?;
-        let text_encoder = ClipTextModel::new(te_vb, te_config)?;
+        let has_first_encoder = !is_xl
+            || index
+                .text_encoder
+                .as_ref()
+                .is_none_or(|v| v.as_array().is_none_or(|a| a.iter().all(|x| !x.is_null())));
+        let text = if has_first_encoder {
+            let tokenizer = ClipTokenizer::load(dir, "tokenizer")?;
+            let te_config = dir.read_json("text_encoder/config.json")?;
+            let te_vb = weights("text_encoder", "text_encoder/model")?;
+            Some((tokenizer, ClipTextModel::new(te_vb, te_config)?))
+        } else {
+            None
+        };
 
         let unet_config_path = dir.required("unet/config.json")?;
         let unet_config = crate::engine::loader::read_json(&unet_config_path)?;
@@ -278,6 +296,10 @@ impl StableDiffusion {
                 tokenizer_2,
                 text_encoder_2,
                 force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+                aesthetic_scores: index
+                    .requires_aesthetics_score
+                    .unwrap_or(false)
+                    .then_some((6.0, 2.5)),
             })
         } else {
             None
@@ -292,7 +314,7 @@ impl StableDiffusion {
             });
         }
         // SDXL concatenates both encoders' states.
-        let text_dim = text_encoder.config.hidden_size
+        let text_dim = text.as_ref().map_or(0, |(_, te)| te.config.hidden_size)
             + xl.as_ref()
                 .map_or(0, |x| x.text_encoder_2.config.hidden_size);
         let cross = unet
@@ -321,8 +343,7 @@ impl StableDiffusion {
             });
         }
         Ok(Self {
-            tokenizer,
-            text_encoder,
+            text,
             xl,
             vae_encoder,
             unet,
@@ -379,6 +400,18 @@ impl StableDiffusion {
                 "guidance_scale must be between 0 and 100",
             ));
         }
+        if self
+            .xl
+            .as_ref()
+            .is_some_and(|x| x.aesthetic_scores.is_some())
+            && p.init.is_none()
+        {
+            return Err(EngineError::Incompatible {
+                param: "image",
+                message: "the SDXL refiner refines a picture: send one (edits, --init-image)"
+                    .into(),
+            });
+        }
         if self.is_inpainting_unet() && p.init.as_ref().is_none_or(|i| i.mask.is_none()) {
             return Err(EngineError::Incompatible {
                 param: "mask",
@@ -402,11 +435,15 @@ impl StableDiffusion {
                 ),
             });
         }
-        let layers = self.text_encoder.config.num_hidden_layers.min(
-            self.xl
-                .as_ref()
-                .map_or(usize::MAX, |x| x.text_encoder_2.config.num_hidden_layers),
-        );
+        let layers = self
+            .text
+            .as_ref()
+            .map_or(usize::MAX, |(_, te)| te.config.num_hidden_layers)
+            .min(
+                self.xl
+                    .as_ref()
+                    .map_or(usize::MAX, |x| x.text_encoder_2.config.num_hidden_layers),
+            );
         if p.clip_skip >= layers {
             return Err(EngineError::invalid(
                 "clip_skip",
@@ -437,18 +474,28 @@ impl StableDiffusion {
     /// end). SDXL: both encoders' raw `hidden_states[-(clip_skip + 2)]` concatenated, plus the
     /// second encoder's pooled projection.
     pub fn embed(&self, prompt: &str, clip_skip: usize) -> Result<PromptEmbeds> {
-        let ids = Self::token_ids(&self.tokenizer, prompt, &self.device)?;
-        match &self.xl {
-            None => Ok(PromptEmbeds {
-                context: self.text_encoder.forward(&ids, clip_skip)?,
-                pooled: None,
-            }),
-            Some(xl) => {
-                let (h1, _) = self.text_encoder.forward_penultimate(&ids, clip_skip)?;
+        match (&self.xl, &self.text) {
+            (None, Some((tokenizer, encoder))) => {
+                let ids = Self::token_ids(tokenizer, prompt, &self.device)?;
+                Ok(PromptEmbeds {
+                    context: encoder.forward(&ids, clip_skip)?,
+                    pooled: None,
+                })
+            }
+            (None, None) => Err(EngineError::Internal(
+                "a Stable Diffusion pipeline without its text encoder".into(),
+            )),
+            (Some(xl), first) => {
+                let mut states = Vec::with_capacity(2);
+                if let Some((tokenizer, encoder)) = first {
+                    let ids = Self::token_ids(tokenizer, prompt, &self.device)?;
+                    states.push(encoder.forward_penultimate(&ids, clip_skip)?.0);
+                }
                 let ids_2 = Self::token_ids(&xl.tokenizer_2, prompt, &self.device)?;
                 let (h2, pooled) = xl.text_encoder_2.forward_penultimate(&ids_2, clip_skip)?;
+                states.push(h2);
                 Ok(PromptEmbeds {
-                    context: Tensor::cat(&[&h1, &h2], D::Minus1)?,
+                    context: Tensor::cat(&states, D::Minus1)?,
                     pooled: Some(pooled),
                 })
             }
@@ -546,18 +593,28 @@ impl StableDiffusion {
             }
             positives.push(positive);
         }
-        for (p, e) in requests
+        for (row, (p, e)) in requests
             .iter()
             .cycle()
             .zip(negatives.iter().chain(&positives))
+            .enumerate()
         {
+            let negative_row = row < negatives.len();
             contexts.push(e.context.repeat((p.n, 1, 1))?);
             if let Some(pool) = &e.pooled {
                 pooled.push(pool.repeat((p.n, 1))?);
                 // SDXL micro-conditioning at diffusers' defaults: original size = target size =
                 // the output size, no crop: (h, w, top, left, h, w).
                 let (h, w) = (p.height as f32, p.width as f32);
-                let ids = Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &self.device)?;
+                let aesthetic = self.xl.as_ref().and_then(|x| x.aesthetic_scores);
+                let ids = match aesthetic {
+                    // The refiner: (h, w, top, left, aesthetic score), lower for the negative side.
+                    Some((pos, neg)) => {
+                        let score = if negative_row { neg } else { pos };
+                        Tensor::new(&[[h, w, 0.0, 0.0, score]], &self.device)?
+                    }
+                    None => Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &self.device)?,
+                };
                 time_ids.push(ids.repeat((p.n, 1))?);
             }
         }
