@@ -209,6 +209,7 @@ fn thresholding_config_works_with_samplers_that_implement_it_only() {
         solver_order: None,
         n: 1,
         clip_skip: 0,
+        stage: None,
         init: None,
     };
     pipeline.generate(&params("ddim"), &mut |_| true).unwrap();

@@ -91,6 +91,7 @@ fn full_runs_match_diffusers_latents_and_pngs() {
             n: run.n,
             solver_order: run.solver_order,
             clip_skip: run.clip_skip,
+            stage: None,
             init: run.init_image.as_ref().map(|file| {
                 let img = image::open(fixtures().join("runs").join(file))
                     .unwrap()
@@ -200,6 +201,7 @@ fn cancelling_from_progress_stops_the_run() {
         n: 1,
         solver_order: None,
         clip_skip: 0,
+        stage: None,
         init: None,
     };
     let mut calls = 0;
@@ -237,6 +239,7 @@ fn batched_requests_equal_their_single_runs() {
             solver_order: None,
             n,
             clip_skip: 0,
+            stage: None,
             init: None,
         };
         let requests = [
@@ -275,5 +278,63 @@ fn batched_requests_equal_their_single_runs() {
                 assert!(px <= 1, "{sampler}: batched image differs by {px}/255");
             }
         }
+    }
+}
+
+#[derive(Deserialize)]
+struct TwoStageRun {
+    name: String,
+    sampler: String,
+    seed: u64,
+    width: usize,
+    height: usize,
+    steps: usize,
+    switch: f64,
+    guidance: f64,
+    n: usize,
+    prompt: String,
+}
+
+/// SDXL base + refiner handing over at `switch`, against diffusers' two pipelines.
+#[test]
+fn sdxl_base_then_refiner_matches_diffusers() {
+    let runs: Vec<TwoStageRun> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("runs/two_stage_runs.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(runs.len() >= 2);
+    let load = |folder: &str| {
+        let dir = ModelDir {
+            root: fixtures().join("models").join(folder),
+            prefer_fp16_variant: false,
+        };
+        StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap()
+    };
+    let (base, refiner) = (load("sdxl-tiny"), load("sdxl-refiner-tiny"));
+    for run in runs {
+        let params = GenerateParams {
+            prompt: run.prompt.clone(),
+            negative_prompt: None,
+            width: run.width,
+            height: run.height,
+            steps: run.steps,
+            guidance_scale: run.guidance,
+            seed: run.seed,
+            sampler: run.sampler.parse().unwrap(),
+            schedule: SigmaSchedule::Default,
+            solver_order: None,
+            n: run.n,
+            clip_skip: 0,
+            stage: None,
+            init: None,
+        };
+        let out = base
+            .generate_with_refiner(&refiner, &params, run.switch, &mut |_| true)
+            .unwrap();
+        let expected = load_tensors(&format!("runs/{}.safetensors", run.name));
+        let d = max_abs_diff(&out.latents, &expected["latents"]);
+        eprintln!("{}: latents max diff {d}", run.name);
+        assert!(d <= 1e-3, "{}: final latents differ by {d}", run.name);
+        assert_eq!(out.images.len(), run.n);
     }
 }

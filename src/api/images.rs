@@ -397,6 +397,7 @@ fn validate(
             n,
             clip_skip,
             init,
+            stage: None,
         },
         format,
         as_url: req.response_format.as_deref() == Some("url"),

@@ -413,6 +413,42 @@ def refiner_run_fixtures(pipe, out_dir: Path):
     (out_dir / "refiner_runs.json").write_text(json.dumps(records, indent=1))
 
 
+TWO_STAGE_RUNS = [
+    # name, sampler, seed, (w, h), steps, switch, guidance, n
+    ("sdxl_base_refiner_euler", "euler", 51, (64, 64), 10, 0.8, 5.0, 1),
+    ("sdxl_base_refiner_euler_a_n2", "euler_a", 52, (64, 48), 8, 0.6, 6.0, 2),
+]
+
+
+def two_stage_run_fixtures(out_dir: Path):
+    """diffusers' "ensemble of experts": the base denoises until `denoising_end`, the refiner
+    takes its latents from `denoising_start` (each stage with a generator seeded alike)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    models = out_dir.parent / "models"
+    base = StableDiffusionXLPipeline.from_pretrained(models / "sdxl-tiny", add_watermarker=False)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(models / "sdxl-refiner-tiny", add_watermarker=False)
+    classes = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler}
+    base_cfg, refiner_cfg = dict(base.scheduler.config), dict(refiner.scheduler.config)
+    records = []
+    for name, sampler, seed, (w, h), steps, switch, guidance, n in TWO_STAGE_RUNS:
+        base.scheduler = classes[sampler].from_config(base_cfg)
+        refiner.scheduler = classes[sampler].from_config(refiner_cfg)
+        prompt = "a lighthouse on a cliff at dusk, oil painting"
+        with torch.no_grad():
+            latents = base(prompt, width=w, height=h, num_inference_steps=steps, denoising_end=switch,
+                           guidance_scale=guidance, num_images_per_prompt=n,
+                           generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+            final = refiner(prompt, image=latents, num_inference_steps=steps, denoising_start=switch,
+                            guidance_scale=guidance, num_images_per_prompt=n,
+                            generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+        save_file({"latents": final.contiguous(), "base_latents": latents.contiguous()},
+                  out_dir / f"{name}.safetensors")
+        records.append(dict(name=name, sampler=sampler, seed=seed, width=w, height=h, steps=steps, switch=switch,
+                            guidance=guidance, n=n, prompt=prompt))
+    (out_dir / "two_stage_runs.json").write_text(json.dumps(records, indent=1))
+
+
 def sdxl_stage_fixtures(pipe, out_dir: Path):
     """Each SDXL component on its own: both encoders' penultimate states, the pooled projection,
     and a UNet forward with added (text_time) conditioning."""
@@ -883,6 +919,7 @@ def main():
         shutil.rmtree(out / "models" / "sdxl-refiner-tiny", ignore_errors=True)
         pipe = build_sdxl_refiner(out / "models" / "sdxl-refiner-tiny", seed=5)
         refiner_run_fixtures(pipe, out / "runs")
+        two_stage_run_fixtures(out / "runs")
         print("SDXL refiner fixtures written to", out)
         return
     if args.inpaint:

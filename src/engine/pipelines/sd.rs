@@ -41,6 +41,24 @@ pub struct GenerateParams {
     pub clip_skip: usize,
     /// Image-to-image: start from this picture instead of pure noise.
     pub init: Option<InitImage>,
+    /// Two-stage SDXL (base + refiner, "ensemble of experts"): where the stages hand over, as a
+    /// fraction of the noise schedule (diffusers' `denoising_end` / `denoising_start`).
+    pub stage: Option<Stage>,
+}
+
+/// One side of a two-stage run.
+#[derive(Debug, Clone)]
+pub enum Stage {
+    /// Denoise only until the `switch` fraction of the schedule and return the latents (not
+    /// decoded).
+    Base { switch: f64 },
+    /// Continue the base's latents (n, C, h, w) from the `switch` fraction to the end.
+    Refiner { switch: f64, latents: Tensor },
+}
+
+/// diffusers' `discrete_timestep_cutoff`: the training timestep at a fraction of the schedule.
+fn timestep_cutoff(train_steps: usize, fraction: f64) -> f64 {
+    (train_steps as f64 - fraction * train_steps as f64).round_ties_even()
 }
 
 /// The starting picture of an image-to-image run, already `width`×`height`.
@@ -68,6 +86,8 @@ pub struct BatchKey {
     guidance_bits: u64,
     /// Image-to-image strength (bits): it decides where the run starts.
     strength_bits: Option<u64>,
+    /// Two-stage runs: which stage and where it switches (bits).
+    stage: Option<(bool, u64)>,
     inpaint: bool,
 }
 
@@ -94,6 +114,10 @@ impl GenerateParams {
             guidance_bits: self.guidance_scale.to_bits(),
             strength_bits: self.init.as_ref().map(|i| i.strength.to_bits()),
             inpaint: self.init.as_ref().is_some_and(|i| i.mask.is_some()),
+            stage: self.stage.as_ref().map(|s| match s {
+                Stage::Base { switch } => (false, switch.to_bits()),
+                Stage::Refiner { switch, .. } => (true, switch.to_bits()),
+            }),
         }
     }
 }
@@ -405,6 +429,7 @@ impl StableDiffusion {
             .as_ref()
             .is_some_and(|x| x.aesthetic_scores.is_some())
             && p.init.is_none()
+            && !matches!(p.stage, Some(Stage::Refiner { .. }))
         {
             return Err(EngineError::Incompatible {
                 param: "image",
@@ -557,6 +582,44 @@ impl StableDiffusion {
             .ok_or_else(|| EngineError::Internal("a batch of one produced no result".into()))
     }
 
+    /// SDXL base + refiner ("ensemble of experts"): this (base) model denoises until `switch`
+    /// (a fraction of the schedule), `refiner` continues its latents to the end and decodes.
+    /// Each stage draws from a generator seeded with the request's seed, as when diffusers' two
+    /// pipelines are each given `torch.Generator().manual_seed(seed)`.
+    pub fn generate_with_refiner(
+        &self,
+        refiner: &StableDiffusion,
+        p: &GenerateParams,
+        switch: f64,
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Generated> {
+        if !(switch > 0.0 && switch < 1.0) {
+            return Err(EngineError::invalid(
+                "refiner_switch",
+                format!("refiner_switch must be between 0 and 1, got {switch}"),
+            ));
+        }
+        if p.init.is_some() {
+            return Err(EngineError::Incompatible {
+                param: "refiner",
+                message: "the two-stage refiner runs after text-to-image only".into(),
+            });
+        }
+        let base_params = GenerateParams {
+            stage: Some(Stage::Base { switch }),
+            ..p.clone()
+        };
+        let base = self.generate(&base_params, progress)?;
+        let refine_params = GenerateParams {
+            stage: Some(Stage::Refiner {
+                switch,
+                latents: base.latents,
+            }),
+            ..p.clone()
+        };
+        refiner.generate(&refine_params, progress)
+    }
+
     /// Denoise several requests in one batch (one UNet call per step for all of them). They must
     /// share a [`BatchKey`]; each keeps its own prompt, negative prompt, `n`, seed and
     /// `clip_skip`, and its noise comes from its own generator, so every result equals the
@@ -642,13 +705,30 @@ impl StableDiffusion {
         let seeds: Vec<(u64, usize)> = requests.iter().map(|p| (p.seed, p.n)).collect();
         let mut noise = BatchNoise::per_request(&seeds);
         let timesteps = sampler.timesteps().to_vec();
-        // Image-to-image starts `strength × steps` steps before the end (diffusers' get_timesteps).
-        let begin = match &first.init {
-            Some(init) => {
+        let train = self.scheduler.num_train_timesteps();
+        // Image-to-image starts `strength × steps` steps before the end (diffusers' get_timesteps);
+        // a refiner stage where the base stopped; a base stage stops at its switch.
+        let begin = match (&first.stage, &first.init) {
+            (Some(Stage::Refiner { switch, .. }), _) => {
+                let cutoff = timestep_cutoff(train, *switch);
+                let mut remaining = timesteps.iter().filter(|&&t| (t as f64) < cutoff).count();
+                if sampler.order() == 2 && remaining % 2 == 0 {
+                    remaining += 1;
+                }
+                timesteps.len().saturating_sub(remaining)
+            }
+            (_, Some(init)) => {
                 let kept = ((first.steps as f64 * init.strength) as usize).min(first.steps);
                 (first.steps - kept) * sampler.order()
             }
-            None => 0,
+            _ => 0,
+        };
+        let end = match &first.stage {
+            Some(Stage::Base { switch }) => {
+                let cutoff = timestep_cutoff(train, *switch);
+                timesteps.iter().filter(|&&t| t as f64 >= cutoff).count()
+            }
+            _ => timesteps.len(),
         };
         if begin >= timesteps.len() {
             return Err(EngineError::invalid(
@@ -665,7 +745,14 @@ impl StableDiffusion {
             let generator = noise
                 .stream(k)
                 .ok_or_else(|| EngineError::Internal("missing noise stream".into()))?;
-            starts.push(self.initial_latents(p, generator, sampler.as_ref(), begin)?);
+            starts.push(match &p.stage {
+                // The refiner continues the base's latents as they are (no noise added).
+                Some(Stage::Refiner { latents, .. }) => Start {
+                    latents: latents.to_dtype(self.dtype)?,
+                    inpaint: None,
+                },
+                _ => self.initial_latents(p, generator, sampler.as_ref(), begin)?,
+            });
         }
         let mut latents = Tensor::cat(&starts.iter().map(|s| &s.latents).collect::<Vec<_>>(), 0)?;
         let inpaint = InpaintRows::concat(&starts)?;
@@ -682,8 +769,8 @@ impl StableDiffusion {
             _ => None,
         };
 
-        let total = timesteps.len() - begin;
-        for (i, &t) in timesteps.iter().enumerate().skip(begin) {
+        let total = end.saturating_sub(begin);
+        for (i, &t) in timesteps.iter().enumerate().take(end).skip(begin) {
             let input = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
@@ -739,7 +826,12 @@ impl StableDiffusion {
         for p in requests {
             let latents = latents.narrow(0, row, p.n)?;
             row += p.n;
-            let images = self.decode_to_images(&latents)?;
+            // A base stage hands its latents to the refiner undecoded.
+            let images = if matches!(p.stage, Some(Stage::Base { .. })) {
+                Vec::new()
+            } else {
+                self.decode_to_images(&latents)?
+            };
             results.push(Generated { latents, images });
         }
         Ok(results)
