@@ -54,6 +54,12 @@ pub struct GenerateArgs {
     /// 1.0 with --mask, as diffusers' inpainting).
     #[arg(long)]
     pub strength: Option<f64>,
+    /// SDXL two-stage: hand over to this refiner model (folder or repo id) at --refiner-switch.
+    #[arg(long)]
+    pub refiner: Option<String>,
+    /// Fraction of the noise schedule the base denoises before the refiner takes over.
+    #[arg(long, default_value_t = 0.8)]
+    pub refiner_switch: f64,
     /// Inpainting: a mask picture at the init image's size; white = repaint, black = keep.
     #[arg(long, requires = "init_image")]
     pub mask: Option<PathBuf>,
@@ -217,12 +223,20 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let generated = pipeline.generate(&params, &mut |p| {
+    let mut report = |p: crate::engine::Progress| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
         bar.set_message(format!("{:.2} steps/s", p.steps_per_second()));
         true
-    })?;
+    };
+    let generated = match &args.refiner {
+        Some(spec) => {
+            let refiner_dir = resolve_model(common, Some(spec), dtype)?;
+            let refiner = StableDiffusion::load(&refiner_dir, &device, dtype)?;
+            pipeline.generate_with_refiner(&refiner, &params, args.refiner_switch, &mut report)?
+        }
+        None => pipeline.generate(&params, &mut report)?,
+    };
     bar.finish();
 
     for (img, path) in generated
