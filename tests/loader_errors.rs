@@ -209,6 +209,7 @@ fn thresholding_config_works_with_samplers_that_implement_it_only() {
         solver_order: None,
         n: 1,
         clip_skip: 0,
+        refiner: None,
         stage: None,
         init: None,
     };

@@ -91,6 +91,7 @@ fn full_runs_match_diffusers_latents_and_pngs() {
             n: run.n,
             solver_order: run.solver_order,
             clip_skip: run.clip_skip,
+            refiner: None,
             stage: None,
             init: run.init_image.as_ref().map(|file| {
                 let img = image::open(fixtures().join("runs").join(file))
@@ -201,6 +202,7 @@ fn cancelling_from_progress_stops_the_run() {
         n: 1,
         solver_order: None,
         clip_skip: 0,
+        refiner: None,
         stage: None,
         init: None,
     };
@@ -239,6 +241,7 @@ fn batched_requests_equal_their_single_runs() {
             solver_order: None,
             n,
             clip_skip: 0,
+            refiner: None,
             stage: None,
             init: None,
         };
@@ -325,6 +328,7 @@ fn sdxl_base_then_refiner_matches_diffusers() {
             solver_order: None,
             n: run.n,
             clip_skip: 0,
+            refiner: None,
             stage: None,
             init: None,
         };

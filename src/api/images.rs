@@ -18,7 +18,7 @@ use super::{parse_json, read_body, request_id, ApiError, AppState, Caller};
 use crate::auth::SCOPE_GENERATE;
 use crate::db::{now_ms, JobImage, NewJob};
 use crate::engine::{
-    pipelines::sd::{GenerateParams, InitImage},
+    pipelines::sd::{GenerateParams, InitImage, RefinerSpec},
     schedulers::{SamplerKind, SamplerOptions, SigmaSchedule},
     GeneratedImage,
 };
@@ -96,6 +96,13 @@ pub struct ImageGenerationRequest {
     /// Extension: skip this many final CLIP layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_skip: Option<u32>,
+    /// Extension (SDXL): a refiner model id (family `sdxl_refiner`) that takes over for the end
+    /// of the schedule ("ensemble of experts").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refiner: Option<String>,
+    /// Extension: the fraction of the schedule the base denoises before the refiner (default 0.8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refiner_switch: Option<f64>,
     /// Extension (edits and variations): how much to change the uploaded picture, 0 < strength
     /// ≤ 1 (default 0.8 for edits, 0.6 for variations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -366,6 +373,35 @@ fn validate(
         Some("webp") => ImageFormat::Webp,
         _ => ImageFormat::Png,
     };
+    let refiner = match (&req.refiner, req.refiner_switch) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(ApiError::invalid(
+                "refiner_switch",
+                "`refiner_switch` needs `refiner`",
+            ))
+        }
+        (Some(id), switch) => {
+            let switch = switch.unwrap_or(0.8);
+            if !(switch > 0.0 && switch < 1.0) {
+                return Err(ApiError::invalid(
+                    "refiner_switch",
+                    format!("`refiner_switch` must be between 0 and 1, got {switch}"),
+                ));
+            }
+            if model.family != "sdxl" || init.is_some() {
+                return Err(crate::engine::EngineError::Incompatible {
+                    param: "refiner",
+                    message: "a refiner follows SDXL base text-to-image".into(),
+                }
+                .into());
+            }
+            Some(RefinerSpec {
+                model: id.clone(),
+                switch,
+            })
+        }
+    };
     let seed = req
         .seed
         .unwrap_or_else(|| rand::random::<u64>() & ((1u64 << 53) - 1));
@@ -397,6 +433,7 @@ fn validate(
             n,
             clip_skip,
             init,
+            refiner,
             stage: None,
         },
         format,
@@ -597,6 +634,24 @@ pub fn submit(
         .with_param("model")
     })?;
     let v = validate(req, model, &state.limits, init)?;
+    if let Some(r) = &v.params.refiner {
+        match state.engine.model(&r.model) {
+            Some(m) if m.family == "sdxl_refiner" => {}
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "refiner",
+                    format!("model `{}` is not an SDXL refiner", r.model),
+                ))
+            }
+            None => {
+                return Err(ApiError::not_found(
+                    "model_not_found",
+                    format!("refiner model `{}` does not exist", r.model),
+                )
+                .with_param("refiner"))
+            }
+        }
+    }
     let ticket = state.engine.submit(JobRequest {
         id: job_id.to_string(),
         user: user.to_string(),

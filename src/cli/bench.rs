@@ -168,6 +168,7 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         n: 1,
         solver_order: None,
         clip_skip: 0,
+        refiner: None,
         stage: None,
         init: None,
     };

@@ -209,6 +209,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         n: args.n,
         solver_order: args.solver_order,
         clip_skip: args.clip_skip,
+        refiner: None,
         stage: None,
         init: init.map(|img| InitImage {
             rgb: std::sync::Arc::new(img.into_raw()),

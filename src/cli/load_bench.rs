@@ -157,6 +157,7 @@ pub fn run(common: &CommonArgs, settings: LoadSettings) -> anyhow::Result<()> {
             solver_order: None,
             n: 1,
             clip_skip: 0,
+            refiner: None,
             stage: None,
             init: None,
         };

@@ -375,13 +375,23 @@ impl EngineHandle {
             model
                 .footprint
                 .activation_bytes(p.n, p.width, p.height, p.guidance_scale > 1.0);
+        // A two-stage job keeps its refiner resident next to the base.
+        let refiner_bytes = match &p.refiner {
+            Some(r) => self
+                .models
+                .iter()
+                .find(|m| m.info.id == r.model)
+                .map(|m| m.footprint.weights_bytes())
+                .ok_or_else(|| SubmitError::Engine(EngineError::ModelNotFound(r.model.clone())))?,
+            None => 0,
+        };
         let mut state = self.shared.lock();
         if state.stopping {
             return Err(SubmitError::Engine(EngineError::ShuttingDown));
         }
         if let Err(e) = state
             .residency
-            .admit(model.footprint.weights_bytes(), activation)
+            .admit(model.footprint.weights_bytes() + refiner_bytes, activation)
         {
             return Err(SubmitError::TooLarge {
                 param: if p.n > 1 { "n" } else { "size" },

@@ -308,6 +308,15 @@ impl Worker {
     ) -> Result<Vec<Finished>, EngineError> {
         self.make_resident(model_id, params)?;
         self.shared.lock().residency.set_busy(model_id, true);
+        // A two-stage job needs its refiner resident too (the busy base is never evicted for it).
+        let refiner = params.first().and_then(|p| p.refiner.clone());
+        if let Some(r) = &refiner {
+            if let Err(e) = self.make_resident(&r.model, params) {
+                self.shared.lock().residency.set_busy(model_id, false);
+                return Err(e);
+            }
+            self.shared.lock().residency.set_busy(&r.model, true);
+        }
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.denoise(model_id, ids, params)
         }))
@@ -328,6 +337,10 @@ impl Worker {
         let mut state = self.shared.lock();
         state.residency.set_busy(model_id, false);
         state.residency.touch(model_id);
+        if let Some(r) = &refiner {
+            state.residency.set_busy(&r.model, false);
+            state.residency.touch(&r.model);
+        }
         result
     }
 
@@ -378,7 +391,7 @@ impl Worker {
         let mut last_step = Instant::now();
         let mut last_log = Instant::now();
         let shared = &self.shared;
-        let outputs = pipeline.generate_batch(params, &mut |p: Progress| {
+        let mut on_step = |p: Progress| {
             let step_seconds = last_step.elapsed().as_secs_f64();
             last_step = Instant::now();
             shared.metrics.step_seconds.observe(step_seconds);
@@ -419,7 +432,21 @@ impl Worker {
             }
             // Stop only when no job in the batch still wants its images.
             any_wanted
-        });
+        };
+        let outputs = match params.first().and_then(|p| p.refiner.as_ref()) {
+            // Two-stage jobs run one by one (base, then refiner), batches of one by their key.
+            Some(r) => {
+                let refiner = self
+                    .loaded
+                    .get(&r.model)
+                    .ok_or_else(|| EngineError::ModelNotFound(r.model.clone()))?;
+                params
+                    .iter()
+                    .map(|p| pipeline.generate_with_refiner(refiner, p, r.switch, &mut on_step))
+                    .collect::<Result<Vec<_>, _>>()
+            }
+            None => pipeline.generate_batch(params, &mut on_step),
+        };
         let seconds = started.elapsed().as_secs_f64();
         let outputs = match outputs {
             Err(EngineError::Cancelled) => {

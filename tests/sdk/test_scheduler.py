@@ -458,3 +458,26 @@ def test_edits_and_variations_through_the_openai_sdk(start, tmp_path):
     with pytest.raises(BadRequestError) as e:
         client.images.edit(image=("bomb.png", bytes(data), "image/png"), prompt="x")
     assert e.value.body["param"] == "image"
+
+
+def test_sdxl_base_with_refiner_over_the_api(start, tmp_path):
+    from openai import BadRequestError, OpenAI, UnprocessableEntityError
+
+    models = ROOT / "tests" / "fixtures" / "models"
+    s = start("--model", f"{models / 'sdxl-tiny'},{models / 'sdxl-refiner-tiny'}")
+    client = OpenAI(base_url=s.url + "/v1", api_key=s.token("alice"), max_retries=0, timeout=120)
+    families = {m.id: m.model_extra["capabilities"]["family"] for m in client.models.list().data}
+    assert families["sdxl-refiner-tiny"] == "sdxl_refiner"
+    body = {"steps": 6, "seed": 4}
+    plain = client.images.generate(model="sdxl-tiny", prompt="a castle", size="64x64", extra_body=body)
+    refined = client.images.generate(model="sdxl-tiny", prompt="a castle", size="64x64",
+                                     extra_body=dict(body, refiner="sdxl-refiner-tiny", refiner_switch=0.7))
+    assert refined.data[0].b64_json != plain.data[0].b64_json
+    assert Image.open(io.BytesIO(base64.b64decode(refined.data[0].b64_json))).size == (64, 64)
+    with pytest.raises(BadRequestError) as e:
+        client.images.generate(model="sdxl-tiny", prompt="x", extra_body={"refiner": "sdxl-tiny"})
+    assert e.value.body["param"] == "refiner"
+    # The refiner alone refines pictures; it cannot draw from nothing.
+    with pytest.raises(UnprocessableEntityError) as e:
+        client.images.generate(model="sdxl-refiner-tiny", prompt="x", size="64x64", extra_body={"steps": 2})
+    assert e.value.body["param"] == "image"

@@ -44,6 +44,14 @@ pub struct GenerateParams {
     /// Two-stage SDXL (base + refiner, "ensemble of experts"): where the stages hand over, as a
     /// fraction of the noise schedule (diffusers' `denoising_end` / `denoising_start`).
     pub stage: Option<Stage>,
+    /// The refiner model a served job hands over to (the scheduler loads both).
+    pub refiner: Option<RefinerSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefinerSpec {
+    pub model: String,
+    pub switch: f64,
 }
 
 /// One side of a two-stage run.
@@ -88,6 +96,7 @@ pub struct BatchKey {
     strength_bits: Option<u64>,
     /// Two-stage runs: which stage and where it switches (bits).
     stage: Option<(bool, u64)>,
+    refiner: Option<(String, u64)>,
     inpaint: bool,
 }
 
@@ -114,6 +123,10 @@ impl GenerateParams {
             guidance_bits: self.guidance_scale.to_bits(),
             strength_bits: self.init.as_ref().map(|i| i.strength.to_bits()),
             inpaint: self.init.as_ref().is_some_and(|i| i.mask.is_some()),
+            refiner: self
+                .refiner
+                .as_ref()
+                .map(|r| (r.model.clone(), r.switch.to_bits())),
             stage: self.stage.as_ref().map(|s| match s {
                 Stage::Base { switch } => (false, switch.to_bits()),
                 Stage::Refiner { switch, .. } => (true, switch.to_bits()),
