@@ -40,33 +40,22 @@ struct Run {
 
 #[test]
 fn full_runs_match_diffusers_latents_and_pngs() {
-    let mut runs: Vec<Run> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("runs/runs.json")).unwrap())
-            .unwrap();
-    let sdxl: Vec<Run> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("runs/sdxl_runs.json")).unwrap(),
-    )
-    .unwrap();
-    assert!(sdxl.len() >= 5);
-    runs.extend(sdxl);
-    let img2img: Vec<Run> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("runs/img2img_runs.json")).unwrap(),
-    )
-    .unwrap();
-    assert!(img2img.len() >= 6);
-    runs.extend(img2img);
-    let inpaint: Vec<Run> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("runs/inpaint_runs.json")).unwrap(),
-    )
-    .unwrap();
-    assert!(inpaint.len() >= 4);
-    runs.extend(inpaint);
-    let refiner: Vec<Run> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("runs/refiner_runs.json")).unwrap(),
-    )
-    .unwrap();
-    assert!(refiner.len() >= 2);
-    runs.extend(refiner);
+    // (file, at least this many runs): each family of runs its generator script wrote.
+    let mut runs: Vec<Run> = Vec::new();
+    for (file, at_least) in [
+        ("runs.json", 16),
+        ("sdxl_runs.json", 5),
+        ("img2img_runs.json", 6),
+        ("inpaint_runs.json", 4),
+        ("refiner_runs.json", 2),
+    ] {
+        let some: Vec<Run> = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join("runs").join(file)).unwrap(),
+        )
+        .unwrap();
+        assert!(some.len() >= at_least, "{file}");
+        runs.extend(some);
+    }
     assert!(runs.len() >= 6);
     let mut pipelines = std::collections::HashMap::new();
     for run in runs {

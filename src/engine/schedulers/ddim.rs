@@ -55,12 +55,7 @@ impl DdimSampler {
 
 impl Sampler for DdimSampler {
     fn add_noise(&self, x0: &Tensor, noise: &Tensor, index: usize) -> candle_core::Result<Tensor> {
-        let t = self.int_timesteps[index.min(self.int_timesteps.len() - 1)];
-        super::add_noise_vp(
-            x0,
-            noise,
-            self.alphas_cumprod[t.min(self.alphas_cumprod.len() - 1)],
-        )
+        super::add_noise_at(x0, noise, &self.int_timesteps, &self.alphas_cumprod, index)
     }
 
     fn timesteps(&self) -> &[f32] {

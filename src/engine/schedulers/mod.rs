@@ -614,6 +614,18 @@ pub(crate) fn add_noise_vp(
     (x0 * alpha_prod.sqrt() as f64)? + (noise * (1.0 - alpha_prod).sqrt() as f64)?
 }
 
+/// [`add_noise_vp`] at the integer timestep of evaluation `index` (DDIM, DDPM, PNDM, LCM).
+pub(crate) fn add_noise_at(
+    x0: &Tensor,
+    noise: &Tensor,
+    int_timesteps: &[usize],
+    alphas_cumprod: &[f32],
+    index: usize,
+) -> candle_core::Result<Tensor> {
+    let t = int_timesteps[index.min(int_timesteps.len() - 1)];
+    add_noise_vp(x0, noise, alphas_cumprod[t.min(alphas_cumprod.len() - 1)])
+}
+
 /// `t / v` as a true division. candle's `Tensor / f64` multiplies by the reciprocal, which
 /// differs by an ulp; where a step divides a large sample by a large sigma (zero-terminal-SNR
 /// schedules start at sigma 4096) that ulp is amplified back by the step size.
