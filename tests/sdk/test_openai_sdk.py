@@ -236,3 +236,35 @@ def test_dashboard_lists_jobs_in_headless_chromium(server, client, tmp_path):
     )
     dom = out.stdout
     assert "a dashboard check" in dom and "status-succeeded" in dom, out.stderr[-2000:]
+
+
+def test_dashboard_shows_queue_position_and_cancels(server, client, tmp_path):
+    """A queued job shows its place in the queue and a cancel button (which sends the DELETE
+    exercised below; --dump-dom cannot click)."""
+    admin_token = server.token("root", scope="admin")
+    alice = client.api_key
+
+    def call(method, path, token, body=None):
+        import urllib.request
+
+        req = urllib.request.Request(server.url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read() or b"null")
+
+    call("POST", "/v1/admin/queue/pause", admin_token)
+    try:
+        job = call("POST", "/v1/images/generations", alice, {"prompt": "waiting in line", "size": "64x64", "async": True})
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        out = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path}", "--virtual-time-budget=15000", "--dump-dom", f"{server.url}/#token={alice}"],
+            capture_output=True, text=True, timeout=120,
+        )
+        dom = out.stdout
+        assert "waiting in line" in dom and "in queue)" in dom and 'class="cancel"' in dom, out.stderr[-2000:]
+        cancelled = call("DELETE", f"/v1/jobs/{job['id']}", alice)
+        assert cancelled["status"] == "cancelled"
+    finally:
+        call("POST", "/v1/admin/queue/resume", admin_token)
