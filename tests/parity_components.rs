@@ -274,3 +274,38 @@ fn model_sources_resolve_local_folders() {
         ModelSource::Local(path)
     );
 }
+
+/// T5 (the SD3/FLUX text encoder): tokenizer ids (with `</s>`, truncation keeping it, padding)
+/// and the encoder's last hidden state, against transformers.
+#[test]
+fn t5_tokenizer_and_encoder_match_transformers() {
+    use candela::engine::{models::t5::T5Encoder, tokenizer::T5Tokenizer};
+    let dir = model_dir("t5-tiny");
+    let tokenizer = T5Tokenizer::load(&dir, "tokenizer").unwrap();
+    let config: serde_json::Value = dir.read_json("text_encoder/config.json").unwrap();
+    let file = candela::engine::loader::weights::SafetensorsFile::open(
+        &dir.file("text_encoder/model.safetensors"),
+    )
+    .unwrap();
+    let encoder = T5Encoder::new(file.into_var_builder(DType::F32, &Device::Cpu), config).unwrap();
+    let prompts: Vec<String> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("stages/t5_prompts.json")).unwrap(),
+    )
+    .unwrap();
+    let t = load_tensors("stages/t5.safetensors");
+    for max_len in [16usize, 77] {
+        let expected_ids: Vec<Vec<i64>> = t[&format!("input_ids_{max_len}")].to_vec2().unwrap();
+        let mut rows = Vec::new();
+        for (prompt, want) in prompts.iter().zip(&expected_ids) {
+            let ids = tokenizer.encode_padded(prompt, max_len).unwrap();
+            let ids_i64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+            assert_eq!(&ids_i64, want, "ids of {prompt:?} at {max_len}");
+            rows.push(Tensor::new(ids, &Device::Cpu).unwrap());
+        }
+        let ids = Tensor::stack(&rows, 0).unwrap();
+        let hidden = encoder.forward(&ids).unwrap();
+        let d = max_abs_diff(&hidden, &t[&format!("hidden_{max_len}")]);
+        eprintln!("t5 hidden ({max_len} tokens): max diff {d}");
+        assert!(d <= 1e-4, "T5 hidden states differ by {d}");
+    }
+}

@@ -186,3 +186,83 @@ impl ClipTokenizer {
         Ok((ids, content.len() - keep))
     }
 }
+
+/// T5's tokenizer (SD3's `tokenizer_3`, FLUX's `tokenizer_2`) from the repo's `tokenizer.json`,
+/// run as transformers 5's `T5Tokenizer` runs it: it keeps the file's Unigram vocabulary and
+/// sentencepiece `Precompiled` normaliser but *replaces* the rest of the pipeline with
+/// WhitespaceSplit + Metaspace("▁", always) and `$A </s>` (older files also carry a
+/// `Replace(" {2,}")` normaliser and a bare Metaspace, which would split runs of spaces
+/// differently). Truncation keeps `</s>`; padding with `<pad>` to a fixed length.
+pub struct T5Tokenizer {
+    inner: Tokenizer,
+    pad_id: u32,
+}
+
+impl T5Tokenizer {
+    pub fn load(dir: &ModelDir, folder: &str) -> Result<Self> {
+        let path = dir.required(&format!("{folder}/tokenizer.json"))?;
+        let bad = |reason: String| EngineError::Tokenizer {
+            path: path.clone(),
+            reason,
+        };
+        let mut json: serde_json::Value = crate::engine::loader::read_json(&path)?;
+        fn find_precompiled(v: &serde_json::Value) -> Option<serde_json::Value> {
+            if v["type"] == "Precompiled" {
+                return Some(v.clone());
+            }
+            v["normalizers"]
+                .as_array()?
+                .iter()
+                .find_map(find_precompiled)
+        }
+        let normalizer = find_precompiled(&json["normalizer"]).unwrap_or(serde_json::Value::Null);
+        let eos_id = json["model"]["vocab"]
+            .as_array()
+            .and_then(|v| v.iter().position(|p| p[0] == "</s>"))
+            .unwrap_or(1);
+        json["normalizer"] = normalizer;
+        json["pre_tokenizer"] = serde_json::json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "WhitespaceSplit"},
+                {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true}
+            ]
+        });
+        json["post_processor"] = serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "special_tokens": {"</s>": {"id": "</s>", "ids": [eos_id], "tokens": ["</s>"]}}
+        });
+        let inner: Tokenizer = json
+            .to_string()
+            .parse()
+            .map_err(|e: tokenizers::Error| bad(e.to_string()))?;
+        let pad_id = inner.token_to_id("<pad>").unwrap_or(0);
+        Ok(Self { inner, pad_id })
+    }
+
+    /// Token ids of exactly `max_length` positions.
+    pub fn encode_padded(&self, text: &str, max_length: usize) -> Result<Vec<u32>> {
+        let mut tokenizer = self.inner.clone();
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length,
+                ..Default::default()
+            }))
+            .map_err(|e| EngineError::Tokenizer {
+                path: "tokenizer.json".into(),
+                reason: e.to_string(),
+            })?;
+        let encoding = tokenizer
+            .encode(text, true)
+            .map_err(|e| EngineError::Tokenizer {
+                path: "tokenizer.json".into(),
+                reason: e.to_string(),
+            })?;
+        let mut ids = encoding.get_ids().to_vec();
+        ids.resize(max_length, self.pad_id);
+        Ok(ids)
+    }
+}

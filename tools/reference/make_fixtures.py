@@ -673,6 +673,58 @@ def inpaint_run_fixtures(out_dir: Path):
     (out_dir / "inpaint_runs.json").write_text(json.dumps(records, indent=1))
 
 
+def build_t5(root: Path, seed: int):
+    """A tiny T5 v1.1-style encoder (gated-GELU, relative position buckets) in the layout of SD3's
+    and FLUX's `text_encoder_3` / `text_encoder_2` + `tokenizer_3` / `tokenizer_2` folders: a
+    transformers config + safetensors, and a fast tokenizer (tokenizer.json, Unigram + Metaspace
+    as T5's sentencepiece model is converted)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    words = ("a the of and in on at to with photo painting red blue green cat dog fox snow lighthouse cliff dusk "
+             "oil castle night city street tree river mountain sky light dark old new small big").split()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -2.0 - i * 0.01) for i, w in enumerate(words)]
+    pieces += [(c, -8.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
+    pieces += [("\u2581" + c, -9.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    pieces += [("\u2581", -10.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(r"\s+", " "), normalizers.Strip()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    fast = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
+    fast.save_pretrained(root / "tokenizer")
+    config = T5Config(vocab_size=len(pieces), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
+                      is_encoder_decoder=True, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+                      decoder_start_token_id=0)
+    model = T5EncoderModel(config).eval()
+    jitter_1d_params(model, gen)
+    model.save_pretrained(root / "text_encoder", safe_serialization=True)
+    return T5TokenizerFast.from_pretrained(root / "tokenizer"), T5EncoderModel.from_pretrained(root / "text_encoder").eval()
+
+
+def t5_stage_fixtures(tokenizer, model, out_dir: Path):
+    prompts = ["a red fox in the snow", "", "A Lighthouse   on a CLIFF at dusk, oil painting!",
+               "zebra quokka xylophone", " ".join(["the old castle"] * 40)]
+    out = {}
+    for max_len in [16, 77]:
+        ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
+                        add_special_tokens=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            hidden = model(ids)[0]
+        out[f"input_ids_{max_len}"] = ids.to(torch.int64).contiguous()
+        out[f"hidden_{max_len}"] = hidden.contiguous()
+    save_file(out, out_dir / "t5.safetensors")
+    (out_dir / "t5_prompts.json").write_text(json.dumps(prompts))
+
+
 TRICKY_PROMPTS = [
     "",
     "a photograph of an astronaut riding a horse",
@@ -903,6 +955,7 @@ def main():
     ap = argparse.ArgumentParser()
     here = Path(__file__).resolve().parent
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
+    ap.add_argument("--t5", action="store_true", help="(re)build the tiny T5 encoder and its stage fixtures")
     ap.add_argument("--refiner", action="store_true",
                     help="(re)build the tiny SDXL refiner and write its image-to-image runs")
     ap.add_argument("--inpaint", action="store_true",
@@ -915,6 +968,12 @@ def main():
                     help="regenerate only runs/ from the committed tiny models (keeps models and stages)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.t5:
+        shutil.rmtree(out / "models" / "t5-tiny", ignore_errors=True)
+        tokenizer, model = build_t5(out / "models" / "t5-tiny", seed=6)
+        t5_stage_fixtures(tokenizer, model, out / "stages")
+        print("T5 fixtures written to", out)
+        return
     if args.refiner:
         shutil.rmtree(out / "models" / "sdxl-refiner-tiny", ignore_errors=True)
         pipe = build_sdxl_refiner(out / "models" / "sdxl-refiner-tiny", seed=5)

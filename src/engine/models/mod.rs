@@ -3,5 +3,6 @@
 pub mod attention;
 pub mod blocks;
 pub mod clip;
+pub mod t5;
 pub mod unet;
 pub mod vae;
