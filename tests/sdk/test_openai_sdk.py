@@ -205,17 +205,22 @@ def test_health_openapi_and_docs(server):
 
 
 def test_swagger_ui_renders_in_headless_chromium(server, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "chromium is required (scripts/test.sh installs it)"
-    out = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path}", "--virtual-time-budget=15000", "--dump-dom", server.url + "/docs/"],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = rendered_dom(server.url + "/docs/", tmp_path)
     dom = out.stdout
     # Rendered by Swagger UI's JavaScript from /openapi.json: the operations appear in the DOM.
     assert "opblock" in dom and "/v1/images/generations" in dom, out.stderr[-2000:]
+
+
+def rendered_dom(url, profile_dir):
+    """The page's DOM after headless Chromium has run its scripts."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is required (scripts/test.sh installs it)"
+    return subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile_dir}", "--virtual-time-budget=15000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    )
 
 
 def test_dashboard_page_is_served(server):
@@ -225,15 +230,7 @@ def test_dashboard_page_is_served(server):
 
 def test_dashboard_lists_jobs_in_headless_chromium(server, client, tmp_path):
     client.images.generate(prompt="a dashboard check", **SMALL)
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "chromium is required (scripts/test.sh installs it)"
-    token = client.api_key
-    out = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path}", "--virtual-time-budget=15000", "--dump-dom", f"{server.url}/#token={token}"],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = rendered_dom(f"{server.url}/#token={client.api_key}", tmp_path)
     dom = out.stdout
     assert "a dashboard check" in dom and "status-succeeded" in dom, out.stderr[-2000:]
 
@@ -255,13 +252,7 @@ def test_dashboard_shows_queue_position_and_cancels(server, client, tmp_path):
     call("POST", "/v1/admin/queue/pause", admin_token)
     try:
         job = call("POST", "/v1/images/generations", alice, {"prompt": "waiting in line", "size": "64x64", "async": True})
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        out = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path}", "--virtual-time-budget=15000", "--dump-dom", f"{server.url}/#token={alice}"],
-            capture_output=True, text=True, timeout=120,
-        )
+        out = rendered_dom(f"{server.url}/#token={alice}", tmp_path)
         dom = out.stdout
         assert "waiting in line" in dom and "in queue)" in dom and 'class="cancel"' in dom, out.stderr[-2000:]
         cancelled = call("DELETE", f"/v1/jobs/{job['id']}", alice)
