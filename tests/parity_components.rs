@@ -309,3 +309,37 @@ fn t5_tokenizer_and_encoder_match_transformers() {
         assert!(d <= 1e-4, "T5 hidden states differ by {d}");
     }
 }
+
+/// The SD3/FLUX-style autoencoder (16 latent channels, no quant convs): encoder distribution and
+/// decoder against diffusers (SD's 4-channel encoder is covered by the image-to-image runs).
+#[test]
+fn vae_encoder_and_16_channel_decoder_match_diffusers() {
+    use candela::engine::loader::weights::SafetensorsFile;
+    use candela::engine::models::vae::{VaeConfig, VaeDecoder, VaeEncoder};
+    let dir = model_dir("vae16-tiny");
+    let config_path = dir.file("vae/config.json");
+    let config: VaeConfig = dir.read_json("vae/config.json").unwrap();
+    assert_eq!(config.latent_channels, 16);
+    let vb = || {
+        SafetensorsFile::open(&dir.file("vae/diffusion_pytorch_model.safetensors"))
+            .unwrap()
+            .into_var_builder(DType::F32, &Device::Cpu)
+    };
+    let encoder = VaeEncoder::new(vb(), config.clone(), &config_path).unwrap();
+    let decoder = VaeDecoder::new(vb(), config, &config_path).unwrap();
+    let t = load_tensors("stages/vae16.safetensors");
+    let (mean, std) = encoder.encode(&t["image"]).unwrap();
+    let d = max_abs_diff(&mean, &t["mean"]).max(max_abs_diff(&std, &t["std"]));
+    eprintln!("16-channel VAE encode: max diff {d}");
+    assert!(
+        d <= 1e-4 * max_abs(&t["mean"]).max(1.0),
+        "encoder differs by {d}"
+    );
+    let decoded = decoder.decode(&t["latents"]).unwrap();
+    let d = max_abs_diff(&decoded, &t["decoded"]);
+    eprintln!("16-channel VAE decode: max diff {d}");
+    assert!(
+        d <= 1e-4 * max_abs(&t["decoded"]).max(1.0),
+        "decoder differs by {d}"
+    );
+}

@@ -710,6 +710,27 @@ def build_t5(root: Path, seed: int):
     return T5TokenizerFast.from_pretrained(root / "tokenizer"), T5EncoderModel.from_pretrained(root / "text_encoder").eval()
 
 
+def build_vae16(root: Path, out_dir: Path, seed: int):
+    """SD3/FLUX-style autoencoder: 16 latent channels, no quant convs, a shift factor."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32),
+                        layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False, mid_block_add_attention=True).eval()
+    jitter_1d_params(vae, gen)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    g = torch.Generator().manual_seed(13)
+    image = torch.rand((1, 3, 40, 56), generator=g) * 2 - 1
+    latents = torch.randn((1, 16, 6, 9), generator=g)
+    with torch.no_grad():
+        dist = vae.encode(image).latent_dist
+        decoded = vae.decode(latents).sample
+    save_file({"image": image.contiguous(), "mean": dist.mean.contiguous(), "std": dist.std.contiguous(),
+               "latents": latents.contiguous(), "decoded": decoded.contiguous()}, out_dir / "vae16.safetensors")
+
+
 def t5_stage_fixtures(tokenizer, model, out_dir: Path):
     prompts = ["a red fox in the snow", "", "A Lighthouse   on a CLIFF at dusk, oil painting!",
                "zebra quokka xylophone", " ".join(["the old castle"] * 40)]
@@ -955,6 +976,7 @@ def main():
     ap = argparse.ArgumentParser()
     here = Path(__file__).resolve().parent
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
+    ap.add_argument("--vae16", action="store_true", help="(re)build the tiny 16-channel (SD3/FLUX) VAE")
     ap.add_argument("--t5", action="store_true", help="(re)build the tiny T5 encoder and its stage fixtures")
     ap.add_argument("--refiner", action="store_true",
                     help="(re)build the tiny SDXL refiner and write its image-to-image runs")
@@ -968,6 +990,11 @@ def main():
                     help="regenerate only runs/ from the committed tiny models (keeps models and stages)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.vae16:
+        shutil.rmtree(out / "models" / "vae16-tiny", ignore_errors=True)
+        build_vae16(out / "models" / "vae16-tiny", out / "stages", seed=7)
+        print("16-channel VAE fixtures written to", out)
+        return
     if args.t5:
         shutil.rmtree(out / "models" / "t5-tiny", ignore_errors=True)
         tokenizer, model = build_t5(out / "models" / "t5-tiny", seed=6)
