@@ -297,9 +297,7 @@ async fn handle(
     }
     let asked = match req.size.as_deref() {
         Some("auto") | None => None,
-        Some(s) => s
-            .split_once('x')
-            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))),
+        Some(s) => super::images::parse_size(s).map(|(a, b)| (a as u32, b as u32)),
     };
     let (w, h) = match (req.width, req.height, asked) {
         (Some(a), Some(b), _) => (a, b),

@@ -176,7 +176,8 @@ fn one_of(param: &str, value: &Option<String>, allowed: &[&str]) -> Result<(), A
     }
 }
 
-fn parse_size(size: &str) -> Option<(usize, usize)> {
+/// `"WIDTHxHEIGHT"`.
+pub(super) fn parse_size(size: &str) -> Option<(usize, usize)> {
     let (w, h) = size.split_once('x')?;
     Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
 }

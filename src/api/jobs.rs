@@ -179,11 +179,6 @@ pub async fn events(
         };
         web::Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
     };
-    let finished_event = |job: &Job| JobEvent::Finished {
-        status: job.status.as_str().to_string(),
-        error_code: job.error_code.clone(),
-        error: job.error.clone(),
-    };
     let response = |body| {
         HttpResponse::Ok()
             .content_type("text/event-stream")
@@ -225,18 +220,22 @@ pub async fn events(
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                     // The job left the engine between our look and our subscription.
                     let job = db.get_job(&id, None).await.ok().flatten()?;
-                    let e = JobEvent::Finished {
-                        status: job.status.as_str().to_string(),
-                        error_code: job.error_code.clone(),
-                        error: job.error.clone(),
-                    };
-                    return Some((Ok(sse(&e)), None));
+                    return Some((Ok(sse(&finished_event(&job))), None));
                 }
             }
         }
     });
     use futures_util::StreamExt;
     Ok(response(Box::pin(first.chain(rest)) as EventStream))
+}
+
+/// The terminal event of a job already recorded as finished.
+fn finished_event(job: &Job) -> JobEvent {
+    JobEvent::Finished {
+        status: job.status.as_str().to_string(),
+        error_code: job.error_code.clone(),
+        error: job.error.clone(),
+    }
 }
 
 type EventStream =

@@ -17,6 +17,7 @@ use candle_core::DType;
 
 use crate::engine::error::Result;
 use crate::engine::loader::{weights::SafetensorsFile, ModelDir};
+use crate::engine::models::{unet::UNetConfig, vae::VaeConfig};
 
 /// What one Stable Diffusion model needs on a device.
 #[derive(Debug, Clone)]
@@ -48,28 +49,19 @@ impl SdFootprint {
             let file = SafetensorsFile::open(&dir.weights(stem)?)?;
             components.push((folder.to_string(), file.loaded_bytes(dtype)));
         }
-        let unet: serde_json::Value = dir.read_json("unet/config.json")?;
-        let vae: serde_json::Value = dir.read_json("vae/config.json")?;
-        let first = |v: &serde_json::Value| -> Option<usize> {
-            v.as_u64()
-                .or_else(|| v.as_array()?.first()?.as_u64())
-                .map(|x| x as usize)
-        };
-        let channels = first(&unet["block_out_channels"]).unwrap_or(320);
+        let unet: UNetConfig = dir.read_json("unet/config.json")?;
+        let vae: VaeConfig = dir.read_json("vae/config.json")?;
+        let channels = unet.block_out_channels.first().copied().unwrap_or(320);
         // diffusers' quirk: `attention_head_dim` is the head count unless `num_attention_heads` is set.
-        let heads = first(&unet["num_attention_heads"])
-            .or_else(|| first(&unet["attention_head_dim"]))
+        let heads = unet
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&unet.attention_head_dim)
+            .expand(unet.block_out_channels.len())
+            .and_then(|h| h.first().copied())
             .unwrap_or(8);
-        let vae_blocks = vae["block_out_channels"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let vae_channels = vae_blocks
-            .iter()
-            .filter_map(|v| v.as_u64())
-            .max()
-            .unwrap_or(512) as usize;
-        let latent_scale = 1 << vae_blocks.len().saturating_sub(1);
+        let vae_channels = vae.block_out_channels.iter().copied().max().unwrap_or(512);
+        let latent_scale = vae.scale_factor();
         Ok(Self {
             components,
             heads,
@@ -78,6 +70,11 @@ impl SdFootprint {
             latent_scale,
             dtype_bytes: dtype.size_in_bytes(),
         })
+    }
+
+    /// Pixels per latent along each side.
+    pub fn latent_scale(&self) -> usize {
+        self.latent_scale
     }
 
     pub fn weights_bytes(&self) -> u64 {

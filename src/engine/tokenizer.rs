@@ -190,12 +190,13 @@ impl ClipTokenizer {
 /// T5's tokenizer (SD3's `tokenizer_3`, FLUX's `tokenizer_2`) from the repo's `tokenizer.json`,
 /// run as transformers 5's `T5Tokenizer` runs it: it keeps the file's Unigram vocabulary and
 /// sentencepiece `Precompiled` normaliser but *replaces* the rest of the pipeline with
-/// WhitespaceSplit + Metaspace("▁", always) and `$A </s>` (older files also carry a
+/// WhitespaceSplit + Metaspace("▁", always), then appends `</s>` (older files also carry a
 /// `Replace(" {2,}")` normaliser and a bare Metaspace, which would split runs of spaces
 /// differently). Truncation keeps `</s>`; padding with `<pad>` to a fixed length.
 pub struct T5Tokenizer {
     inner: Tokenizer,
     pad_id: u32,
+    eos_id: u32,
 }
 
 impl T5Tokenizer {
@@ -228,40 +229,31 @@ impl T5Tokenizer {
                 {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true}
             ]
         });
-        json["post_processor"] = serde_json::json!({
-            "type": "TemplateProcessing",
-            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
-                     {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-            "special_tokens": {"</s>": {"id": "</s>", "ids": [eos_id], "tokens": ["</s>"]}}
-        });
         let inner: Tokenizer = json
             .to_string()
             .parse()
             .map_err(|e: tokenizers::Error| bad(e.to_string()))?;
         let pad_id = inner.token_to_id("<pad>").unwrap_or(0);
-        Ok(Self { inner, pad_id })
+        Ok(Self {
+            inner,
+            pad_id,
+            eos_id: eos_id as u32,
+        })
     }
 
-    /// Token ids of exactly `max_length` positions.
+    /// Token ids of exactly `max_length` positions: the text's tokens cut to leave room for
+    /// `</s>` (what truncation does with the `$A </s>` template), `</s>`, then `<pad>`s.
     pub fn encode_padded(&self, text: &str, max_length: usize) -> Result<Vec<u32>> {
-        let mut tokenizer = self.inner.clone();
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length,
-                ..Default::default()
-            }))
-            .map_err(|e| EngineError::Tokenizer {
-                path: "tokenizer.json".into(),
-                reason: e.to_string(),
-            })?;
-        let encoding = tokenizer
-            .encode(text, true)
+        let encoding = self
+            .inner
+            .encode(text, false)
             .map_err(|e| EngineError::Tokenizer {
                 path: "tokenizer.json".into(),
                 reason: e.to_string(),
             })?;
         let mut ids = encoding.get_ids().to_vec();
+        ids.truncate(max_length.saturating_sub(1));
+        ids.push(self.eos_id);
         ids.resize(max_length, self.pad_id);
         Ok(ids)
     }

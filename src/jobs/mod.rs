@@ -306,9 +306,7 @@ impl EngineHandle {
                     .map_err(|e| EngineError::Internal(format!("model resolution: {e}")))??
             };
             let footprint = SdFootprint::read(&dir, config.dtype)?;
-            let mut info = describe(&name, &dir, footprint.weights_bytes())?;
-            info.default_working_bytes =
-                footprint.activation_bytes(1, info.default_width, info.default_height, true);
+            let info = describe(&name, &dir, &footprint)?;
             catalog.push(Catalogued {
                 info,
                 dir,
@@ -591,17 +589,13 @@ fn device_label(device: &Device) -> String {
 }
 
 /// A model's capabilities from its configs (no weights loaded).
-fn describe(name: &str, dir: &ModelDir, weights_bytes: u64) -> Result<ModelInfo, EngineError> {
+fn describe(name: &str, dir: &ModelDir, footprint: &SdFootprint) -> Result<ModelInfo, EngineError> {
     let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
     scheduler.check()?;
     let unet: serde_json::Value = dir.read_json("unet/config.json")?;
-    let vae: serde_json::Value = dir.read_json("vae/config.json")?;
-    let vae_levels = vae["block_out_channels"]
-        .as_array()
-        .map(Vec::len)
-        .unwrap_or(4);
-    let scale = 1usize << vae_levels.saturating_sub(1);
+    let scale = footprint.latent_scale();
     let sample = unet["sample_size"].as_u64().unwrap_or(64) as usize;
+    let default_size = sample * scale;
     let prediction = scheduler.prediction_type();
     let index: serde_json::Value = dir.read_json("model_index.json")?;
     let is_xl = index["_class_name"]
@@ -615,8 +609,8 @@ fn describe(name: &str, dir: &ModelDir, weights_bytes: u64) -> Result<ModelInfo,
             (false, PredictionType::VPrediction) => "sd2".into(),
             _ => "sd1".into(),
         },
-        default_width: sample * scale,
-        default_height: sample * scale,
+        default_width: default_size,
+        default_height: default_size,
         size_multiple: scale,
         samplers: SamplerKind::ALL
             .iter()
@@ -632,7 +626,7 @@ fn describe(name: &str, dir: &ModelDir, weights_bytes: u64) -> Result<ModelInfo,
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default(),
-        weights_bytes,
-        default_working_bytes: 0,
+        weights_bytes: footprint.weights_bytes(),
+        default_working_bytes: footprint.activation_bytes(1, default_size, default_size, true),
     })
 }

@@ -248,11 +248,10 @@ impl Worker {
                             }
                         })
                     })
+                    // Run every job before reporting, as the batch would have.
                     .collect::<Vec<_>>()
                     .into_iter()
-                    .map(|r| r.map(Some))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(|v| v.into_iter().flatten().collect());
+                    .collect();
             }
         }
 

@@ -647,13 +647,15 @@ impl UNet2DConditionModel {
         self.forward_with(sample, timestep, context, None)
     }
 
-    /// As [`Self::forward`], with SDXL's added conditioning: `(text_embeds (B, P), time_ids (B, 6))`.
+    /// As [`Self::forward`], with SDXL's added conditioning: `text_embeds` (B, P) and the time
+    /// ids, row-major (B × 5 or 6), kept on the host: they are fixed for the run, and reading
+    /// them back from the device every step would be a sync per step.
     pub fn forward_with(
         &self,
         sample: &Tensor,
         timestep: f32,
         context: &Tensor,
-        added: Option<(&Tensor, &Tensor)>,
+        added: Option<(&Tensor, &[f32])>,
     ) -> candle_core::Result<Tensor> {
         let b = sample.dim(0)?;
         let mut xs = if self.config.center_input_sample {
@@ -673,9 +675,8 @@ impl UNet2DConditionModel {
         match (&self.add_embedding, added) {
             (Some((l1, l2)), Some((text_embeds, time_ids))) => {
                 let dim = self.config.addition_time_embed_dim.unwrap_or(256);
-                let ids: Vec<f32> = time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 let time_embeds = self
-                    .timestep_features(&ids, dim, sample.dtype(), sample.device())?
+                    .timestep_features(time_ids, dim, sample.dtype(), sample.device())?
                     .reshape((b, ()))?;
                 let add = Tensor::cat(&[&text_embeds.to_dtype(sample.dtype())?, &time_embeds], 1)?;
                 emb = (emb + l2.forward(&l1.forward(&add)?.silu()?)?)?;

@@ -575,9 +575,10 @@ impl StableDiffusion {
         text_embeds: &Tensor,
         time_ids: &Tensor,
     ) -> Result<Tensor> {
+        let time_ids: Vec<f32> = time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         Ok(self
             .unet
-            .forward_with(sample, timestep, context, Some((text_embeds, time_ids)))?)
+            .forward_with(sample, timestep, context, Some((text_embeds, &time_ids)))?)
     }
 
     pub fn vae_decode(&self, z: &Tensor) -> Result<Tensor> {
@@ -683,25 +684,23 @@ impl StableDiffusion {
                 // the output size, no crop: (h, w, top, left, h, w).
                 let (h, w) = (p.height as f32, p.width as f32);
                 let aesthetic = self.xl.as_ref().and_then(|x| x.aesthetic_scores);
-                let ids = match aesthetic {
+                let ids: Vec<f32> = match aesthetic {
                     // The refiner: (h, w, top, left, aesthetic score), lower for the negative side.
                     Some((pos, neg)) => {
-                        let score = if negative_row { neg } else { pos };
-                        Tensor::new(&[[h, w, 0.0, 0.0, score]], &self.device)?
+                        vec![h, w, 0.0, 0.0, if negative_row { neg } else { pos }]
                     }
-                    None => Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &self.device)?,
+                    None => vec![h, w, 0.0, 0.0, h, w],
                 };
-                time_ids.push(ids.repeat((p.n, 1))?);
+                for _ in 0..p.n {
+                    time_ids.extend_from_slice(&ids);
+                }
             }
         }
         let context = Tensor::cat(&contexts, 0)?;
         let added = if pooled.is_empty() {
             None
         } else {
-            Some((
-                Tensor::cat(&pooled, 0)?.to_dtype(self.dtype)?,
-                Tensor::cat(&time_ids, 0)?,
-            ))
+            Some((Tensor::cat(&pooled, 0)?.to_dtype(self.dtype)?, time_ids))
         };
 
         let options = SamplerOptions {
@@ -797,7 +796,7 @@ impl StableDiffusion {
                 &input,
                 t,
                 &context,
-                added.as_ref().map(|(pooled, ids)| (pooled, ids)),
+                added.as_ref().map(|(pooled, ids)| (pooled, ids.as_slice())),
             )?;
             let guided = if cfg {
                 let uncond = out.narrow(0, 0, rows)?;

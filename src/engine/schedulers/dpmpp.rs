@@ -126,6 +126,17 @@ pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     (alpha, sigma * alpha)
 }
 
+/// The multistep solvers' noising: `α·x0 + σ_vp·noise` at the VE sigma of evaluation `index`.
+pub(super) fn add_noise_multistep(
+    x0: &Tensor,
+    noise: &Tensor,
+    sigmas: &[f32],
+    index: usize,
+) -> candle_core::Result<Tensor> {
+    let (alpha, sigma) = alpha_sigma(sigmas[index.min(sigmas.len() - 1)]);
+    (x0 * alpha as f64)? + (noise * sigma as f64)?
+}
+
 /// `lambda = log(alpha_t) - log(sigma_t)`, the half log-SNR the solvers step in.
 pub(super) fn lambda_of(sigma: f32) -> f32 {
     let (alpha, sigma) = alpha_sigma(sigma);
@@ -206,8 +217,7 @@ impl DpmppSampler {
 
 impl Sampler for DpmppSampler {
     fn add_noise(&self, x0: &Tensor, noise: &Tensor, index: usize) -> candle_core::Result<Tensor> {
-        let (alpha, sigma) = alpha_sigma(self.sigmas[index.min(self.sigmas.len() - 1)]);
-        (x0 * alpha as f64)? + (noise * sigma as f64)?
+        add_noise_multistep(x0, noise, &self.sigmas, index)
     }
 
     fn timesteps(&self) -> &[f32] {

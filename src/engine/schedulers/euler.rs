@@ -150,10 +150,6 @@ impl EulerSampler {
 }
 
 impl Sampler for EulerSampler {
-    fn add_noise(&self, x0: &Tensor, noise: &Tensor, index: usize) -> candle_core::Result<Tensor> {
-        super::add_noise_ve(x0, noise, self.sigmas[index.min(self.sigmas.len() - 1)])
-    }
-
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
     }

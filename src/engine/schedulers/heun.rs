@@ -58,10 +58,6 @@ impl HeunSampler {
 }
 
 impl Sampler for HeunSampler {
-    fn add_noise(&self, x0: &Tensor, noise: &Tensor, index: usize) -> candle_core::Result<Tensor> {
-        super::add_noise_ve(x0, noise, self.sigmas[index.min(self.sigmas.len() - 1)])
-    }
-
     fn order(&self) -> usize {
         2
     }

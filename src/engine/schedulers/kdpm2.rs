@@ -162,10 +162,6 @@ fn interleave_timesteps(timesteps: &[f32], midpoint_t: impl Fn(usize) -> f32) ->
 }
 
 impl Sampler for Kdpm2Sampler {
-    fn add_noise(&self, x0: &Tensor, noise: &Tensor, index: usize) -> candle_core::Result<Tensor> {
-        super::add_noise_ve(x0, noise, self.sigmas[index.min(self.sigmas.len() - 1)])
-    }
-
     fn order(&self) -> usize {
         2
     }

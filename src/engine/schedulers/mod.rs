@@ -429,8 +429,14 @@ pub trait Sampler: Send {
         1
     }
     /// Noise clean latents `x0` to the level of evaluation `index`, as diffusers' `add_noise`
-    /// (image-to-image's starting point).
-    fn add_noise(&self, x0: &Tensor, noise: &Tensor, index: usize) -> candle_core::Result<Tensor>;
+    /// (image-to-image's starting point). The default is the sigma-space samplers'
+    /// `x0 + σ·noise`; variance-preserving and flow samplers override it.
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, index: usize) -> candle_core::Result<Tensor> {
+        let sigmas = self.sigmas().ok_or_else(|| {
+            candle_core::Error::Msg("this sampler must define how it adds noise".into())
+        })?;
+        add_noise_ve(x0, noise, sigmas[index.min(sigmas.len() - 1)])
+    }
     /// Advance one step; ancestral samplers draw their noise from `rng` exactly as diffusers does.
     fn step(
         &mut self,

@@ -5,7 +5,10 @@
 
 use candle_core::Tensor;
 
-use super::dpmpp::{alpha_sigma, data_prediction, lambda_of, multistep_schedule, MultistepRules};
+use super::dpmpp::{
+    add_noise_multistep, alpha_sigma, data_prediction, lambda_of, multistep_schedule,
+    MultistepRules,
+};
 use super::{PredictionType, Sampler, SchedulerConfig, SigmaSchedule, X0Limit};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::rng::BatchNoise;
@@ -263,8 +266,7 @@ fn solve(matrix: &[Vec<f64>], rhs: &[f32]) -> Vec<f32> {
 
 impl Sampler for UniPcSampler {
     fn add_noise(&self, x0: &Tensor, noise: &Tensor, index: usize) -> candle_core::Result<Tensor> {
-        let (alpha, sigma) = alpha_sigma(self.sigmas[index.min(self.sigmas.len() - 1)]);
-        (x0 * alpha as f64)? + (noise * sigma as f64)?
+        add_noise_multistep(x0, noise, &self.sigmas, index)
     }
 
     fn timesteps(&self) -> &[f32] {
