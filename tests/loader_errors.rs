@@ -197,6 +197,7 @@ fn thresholding_config_works_with_samplers_that_implement_it_only() {
     };
     let pipeline = StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let params = |sampler: &str| GenerateParams {
+        transformer: Default::default(),
         prompt: "a cat".into(),
         negative_prompt: None,
         width: 64,

@@ -68,6 +68,7 @@ fn full_runs_match_diffusers_latents_and_pngs() {
             StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap()
         });
         let params = GenerateParams {
+            transformer: Default::default(),
             prompt: run.prompt.clone(),
             negative_prompt: run.negative_prompt.clone(),
             width: run.width,
@@ -179,6 +180,7 @@ fn cancelling_from_progress_stops_the_run() {
     };
     let p = StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let params = GenerateParams {
+        transformer: Default::default(),
         prompt: "x".into(),
         negative_prompt: None,
         width: 64,
@@ -218,6 +220,7 @@ fn batched_requests_equal_their_single_runs() {
     let p = StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
     for sampler in ["euler_a", "dpmpp_2m_sde", "unipc"] {
         let request = |prompt: &str, negative: Option<&str>, seed: u64, n: usize| GenerateParams {
+            transformer: Default::default(),
             prompt: prompt.into(),
             negative_prompt: negative.map(str::to_string),
             width: 64,
@@ -305,6 +308,7 @@ fn sdxl_base_then_refiner_matches_diffusers() {
     let (base, refiner) = (load("sdxl-tiny"), load("sdxl-refiner-tiny"));
     for run in runs {
         let params = GenerateParams {
+            transformer: Default::default(),
             prompt: run.prompt.clone(),
             negative_prompt: None,
             width: run.width,

@@ -421,6 +421,7 @@ fn validate(
     };
     Ok(Validated {
         params: GenerateParams {
+            transformer: Default::default(),
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone(),
             width,

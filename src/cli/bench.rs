@@ -156,6 +156,7 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     let vae_ms = t.elapsed().as_secs_f64() * 1000.0;
 
     let params = GenerateParams {
+        transformer: Default::default(),
         prompt: "a photo of a cat".into(),
         negative_prompt: None,
         width: args.width,

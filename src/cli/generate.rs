@@ -194,6 +194,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         ),
     };
     let params = GenerateParams {
+        transformer: Default::default(),
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         width,

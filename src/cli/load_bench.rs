@@ -145,6 +145,7 @@ pub fn run(common: &CommonArgs, settings: LoadSettings) -> anyhow::Result<()> {
     let mut direct = Vec::new();
     for seed in 0..9u64 {
         let p = GenerateParams {
+            transformer: Default::default(),
             prompt: format!("a lighthouse, variation {seed}"),
             negative_prompt: None,
             width: settings.size,

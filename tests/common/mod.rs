@@ -49,3 +49,48 @@ pub fn max_abs(a: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Compare generated images with the PNGs diffusers saved as `runs/<name>-<i>.png`; returns the
+/// worst channel difference (0–255).
+pub fn worst_png_diff(name: &str, images: &[candela::engine::GeneratedImage]) -> i32 {
+    let mut worst = 0;
+    for (i, img) in images.iter().enumerate() {
+        let png = image::open(fixtures().join(format!("runs/{name}-{i}.png")))
+            .unwrap_or_else(|e| panic!("{name}-{i}.png: {e}"))
+            .to_rgb8();
+        assert_eq!(
+            png.dimensions(),
+            (img.width, img.height),
+            "{name}-{i}: size"
+        );
+        let diff = png
+            .as_raw()
+            .iter()
+            .zip(&img.rgb)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap_or(0);
+        worst = worst.max(diff);
+    }
+    worst
+}
+
+/// A copy of a fixture model in a temporary folder, for tests that change a config.
+pub fn model_copy(model: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures().join("models").join(model), tmp.path());
+    tmp
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

@@ -673,7 +673,8 @@ def inpaint_run_fixtures(out_dir: Path):
     (out_dir / "inpaint_runs.json").write_text(json.dumps(records, indent=1))
 
 
-def build_t5(root: Path, seed: int):
+def build_t5(root: Path, seed: int, d_model: int = 32, tokenizer_folder: str = "tokenizer",
+             encoder_folder: str = "text_encoder"):
     """A tiny T5 v1.1-style encoder (gated-GELU, relative position buckets) in the layout of SD3's
     and FLUX's `text_encoder_3` / `text_encoder_2` + `tokenizer_3` / `tokenizer_2` folders: a
     transformers config + safetensors, and a fast tokenizer (tokenizer.json, Unigram + Metaspace
@@ -698,16 +699,17 @@ def build_t5(root: Path, seed: int):
                                                        special_tokens=[("</s>", 1)])
     fast = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
                            extra_ids=0, model_max_length=512)
-    fast.save_pretrained(root / "tokenizer")
-    config = T5Config(vocab_size=len(pieces), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+    fast.save_pretrained(root / tokenizer_folder)
+    config = T5Config(vocab_size=len(pieces), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
                       num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
                       feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
                       is_encoder_decoder=True, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
                       decoder_start_token_id=0)
     model = T5EncoderModel(config).eval()
     jitter_1d_params(model, gen)
-    model.save_pretrained(root / "text_encoder", safe_serialization=True)
-    return T5TokenizerFast.from_pretrained(root / "tokenizer"), T5EncoderModel.from_pretrained(root / "text_encoder").eval()
+    model.save_pretrained(root / encoder_folder, safe_serialization=True)
+    return (T5TokenizerFast.from_pretrained(root / tokenizer_folder),
+            T5EncoderModel.from_pretrained(root / encoder_folder).eval())
 
 
 def build_vae16(root: Path, out_dir: Path, seed: int):

@@ -23,6 +23,39 @@ impl<T: Clone> PerBlock<T> {
     }
 }
 
+/// diffusers' `get_timestep_embedding`: sinusoidal features of size `dim` for each timestep,
+/// computed in f32 in diffusers' order of operations (frequencies `exp(-ln(10000)·i / (half −
+/// shift))`, `[sin, cos]` or `[cos, sin]` when flipped, a zero column for odd sizes).
+pub fn timestep_features(
+    timesteps: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f32,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((-(10000f64.ln()) as f32 * i as f32) / (half as f32 - freq_shift)).exp())
+        .collect();
+    let mut data = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
+        let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
+        if flip_sin_to_cos {
+            data.extend(cos);
+            data.extend(sin);
+        } else {
+            data.extend(sin);
+            data.extend(cos);
+        }
+        if dim % 2 == 1 {
+            data.push(0.0);
+        }
+    }
+    Tensor::from_vec(data, (timesteps.len(), dim), device)?.to_dtype(dtype)
+}
+
 pub fn conv(
     vb: VarBuilder,
     cin: usize,

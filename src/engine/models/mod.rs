@@ -3,6 +3,8 @@
 pub mod attention;
 pub mod blocks;
 pub mod clip;
+pub mod dit;
+pub mod mmdit;
 pub mod t5;
 pub mod unet;
 pub mod vae;

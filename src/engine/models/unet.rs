@@ -2,12 +2,14 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{Module, Tensor, D};
 use candle_nn::{group_norm, layer_norm, linear, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::Attention;
-use super::blocks::{conv, Downsample2D, PerBlock, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::blocks::{
+    conv, timestep_features, Downsample2D, PerBlock, ResnetBlock2D, ResnetConfig, Upsample2D,
+};
 use crate::engine::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -604,38 +606,6 @@ impl UNet2DConditionModel {
         })
     }
 
-    /// Sinusoidal timestep features of size `dim`, computed in f32 in diffusers' order of
-    /// operations.
-    fn timestep_features(
-        &self,
-        timesteps: &[f32],
-        dim: usize,
-        dtype: DType,
-        device: &candle_core::Device,
-    ) -> candle_core::Result<Tensor> {
-        let half = dim / 2;
-        let shift = self.config.freq_shift as f32;
-        let freqs: Vec<f32> = (0..half)
-            .map(|i| ((-(10000f64.ln()) as f32 * i as f32) / (half as f32 - shift)).exp())
-            .collect();
-        let mut data = Vec::with_capacity(timesteps.len() * dim);
-        for &t in timesteps {
-            let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
-            let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
-            if self.config.flip_sin_to_cos {
-                data.extend(cos);
-                data.extend(sin);
-            } else {
-                data.extend(sin);
-                data.extend(cos);
-            }
-            if dim % 2 == 1 {
-                data.push(0.0);
-            }
-        }
-        Tensor::from_vec(data, (timesteps.len(), dim), device)?.to_dtype(dtype)
-    }
-
     /// `sample`: (B, C, H, W) latents; `timestep`: one value for the whole batch;
     /// `context`: (B, tokens, cross_attention_dim) text embeddings.
     pub fn forward(
@@ -663,21 +633,24 @@ impl UNet2DConditionModel {
         } else {
             sample.clone()
         };
-        let t = self.timestep_features(
-            &vec![timestep; b],
-            self.config.block_out_channels[0],
-            sample.dtype(),
-            sample.device(),
-        )?;
+        let sinusoid = |t: &[f32], dim: usize| {
+            timestep_features(
+                t,
+                dim,
+                self.config.flip_sin_to_cos,
+                self.config.freq_shift as f32,
+                sample.dtype(),
+                sample.device(),
+            )
+        };
+        let t = sinusoid(&vec![timestep; b], self.config.block_out_channels[0])?;
         let mut emb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&t)?.silu()?)?;
         match (&self.add_embedding, added) {
             (Some((l1, l2)), Some((text_embeds, time_ids))) => {
                 let dim = self.config.addition_time_embed_dim.unwrap_or(256);
-                let time_embeds = self
-                    .timestep_features(time_ids, dim, sample.dtype(), sample.device())?
-                    .reshape((b, ()))?;
+                let time_embeds = sinusoid(time_ids, dim)?.reshape((b, ()))?;
                 let add = Tensor::cat(&[&text_embeds.to_dtype(sample.dtype())?, &time_embeds], 1)?;
                 emb = (emb + l2.forward(&l1.forward(&add)?.silu()?)?)?;
             }

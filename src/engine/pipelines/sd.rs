@@ -10,129 +10,19 @@ use crate::engine::loader::{
     weights::{RandomWeights, SafetensorsFile},
     ModelDir,
 };
-use crate::engine::models::{
-    clip::ClipTextModel,
-    unet::UNet2DConditionModel,
-    vae::{VaeDecoder, VaeEncoder},
-};
+use crate::engine::models::{clip::ClipTextModel, unet::UNet2DConditionModel};
 use crate::engine::rng::BatchNoise;
-use crate::engine::schedulers::{
-    self, PredictionType, SamplerKind, SamplerOptions, SchedulerConfig, SigmaSchedule,
-};
+use crate::engine::schedulers::{self, PredictionType, SamplerOptions, SchedulerConfig};
 use crate::engine::tokenizer::ClipTokenizer;
-use crate::engine::{latents_to_images, GeneratedImage, Progress};
+use crate::engine::{GeneratedImage, Progress};
 
-/// What one generation asks for. Validated by [`StableDiffusion::validate`].
-#[derive(Debug, Clone)]
-pub struct GenerateParams {
-    pub prompt: String,
-    pub negative_prompt: Option<String>,
-    pub width: usize,
-    pub height: usize,
-    pub steps: usize,
-    pub guidance_scale: f64,
-    pub seed: u64,
-    pub sampler: SamplerKind,
-    pub schedule: SigmaSchedule,
-    /// The multistep samplers' order (1–3); the sampler's default when `None`.
-    pub solver_order: Option<usize>,
-    pub n: usize,
-    /// Skip this many final CLIP layers (A1111 "clip skip" minus one; diffusers' `clip_skip`).
-    pub clip_skip: usize,
-    /// Image-to-image: start from this picture instead of pure noise.
-    pub init: Option<InitImage>,
-    /// Two-stage SDXL (base + refiner, "ensemble of experts"): where the stages hand over, as a
-    /// fraction of the noise schedule (diffusers' `denoising_end` / `denoising_start`).
-    pub stage: Option<Stage>,
-    /// The refiner model a served job hands over to (the scheduler loads both).
-    pub refiner: Option<RefinerSpec>,
-}
+use super::autoencoder::Autoencoder;
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct RefinerSpec {
-    pub model: String,
-    pub switch: f64,
-}
-
-/// One side of a two-stage run.
-#[derive(Debug, Clone)]
-pub enum Stage {
-    /// Denoise only until the `switch` fraction of the schedule and return the latents (not
-    /// decoded).
-    Base { switch: f64 },
-    /// Continue the base's latents (n, C, h, w) from the `switch` fraction to the end.
-    Refiner { switch: f64, latents: Tensor },
-}
+pub use super::params::{BatchKey, GenerateParams, InitImage, RefinerSpec, Stage};
 
 /// diffusers' `discrete_timestep_cutoff`: the training timestep at a fraction of the schedule.
 fn timestep_cutoff(train_steps: usize, fraction: f64) -> f64 {
     (train_steps as f64 - fraction * train_steps as f64).round_ties_even()
-}
-
-/// The starting picture of an image-to-image run, already `width`×`height`.
-#[derive(Debug, Clone)]
-pub struct InitImage {
-    /// Row-major 8-bit RGB, `width * height * 3` bytes.
-    pub rgb: std::sync::Arc<Vec<u8>>,
-    /// How much to change it, (0, 1]: the run starts `strength × steps` steps before the end
-    /// (1 = from pure noise, ignoring the picture's content but keeping its size).
-    pub strength: f64,
-    /// Inpainting: `width * height` 8-bit values, ≥ 128 (white) = repaint, < 128 = keep.
-    pub mask: Option<std::sync::Arc<Vec<u8>>>,
-}
-
-/// What requests must share to be denoised together in one batch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BatchKey {
-    width: usize,
-    height: usize,
-    steps: usize,
-    sampler: SamplerKind,
-    schedule: SigmaSchedule,
-    solver_order: Option<usize>,
-    /// Exact guidance (bits), so a batch applies one scale as each request alone would.
-    guidance_bits: u64,
-    /// Image-to-image strength (bits): it decides where the run starts.
-    strength_bits: Option<u64>,
-    /// Two-stage runs: which stage and where it switches (bits).
-    stage: Option<(bool, u64)>,
-    refiner: Option<(String, u64)>,
-    inpaint: bool,
-}
-
-impl BatchKey {
-    /// (width, height, classifier-free guidance on) — what working memory depends on.
-    pub fn geometry(&self) -> (usize, usize, bool) {
-        (
-            self.width,
-            self.height,
-            f64::from_bits(self.guidance_bits) > 1.0,
-        )
-    }
-}
-
-impl GenerateParams {
-    pub fn batch_key(&self) -> BatchKey {
-        BatchKey {
-            width: self.width,
-            height: self.height,
-            steps: self.steps,
-            sampler: self.sampler,
-            schedule: self.schedule,
-            solver_order: self.solver_order,
-            guidance_bits: self.guidance_scale.to_bits(),
-            strength_bits: self.init.as_ref().map(|i| i.strength.to_bits()),
-            inpaint: self.init.as_ref().is_some_and(|i| i.mask.is_some()),
-            refiner: self
-                .refiner
-                .as_ref()
-                .map(|r| (r.model.clone(), r.switch.to_bits())),
-            stage: self.stage.as_ref().map(|s| match s {
-                Stage::Base { switch } => (false, switch.to_bits()),
-                Stage::Refiner { switch, .. } => (true, switch.to_bits()),
-            }),
-        }
-    }
 }
 
 /// One request's start: its latents and, for inpainting, what the loop needs.
@@ -239,9 +129,8 @@ pub struct StableDiffusion {
     /// The (first) CLIP text encoder; absent only in the SDXL refiner.
     text: Option<(ClipTokenizer, ClipTextModel)>,
     xl: Option<XlParts>,
-    vae_encoder: VaeEncoder,
     unet: UNet2DConditionModel,
-    vae: VaeDecoder,
+    vae: Autoencoder,
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
@@ -262,13 +151,7 @@ impl StableDiffusion {
     }
 
     fn build(dir: &ModelDir, device: &Device, dtype: DType, random: bool) -> Result<Self> {
-        if device.is_cpu() && dtype == DType::BF16 {
-            // candle's CPU backend has no bf16 matmul; fail before loading gigabytes.
-            return Err(EngineError::invalid(
-                "dtype",
-                "bf16 is not supported on CPU; use f32 or f16",
-            ));
-        }
+        super::check_dtype(device, dtype)?;
         let weights_as = |stem: &str, dtype: DType| -> Result<candle_nn::VarBuilder<'static>> {
             if random {
                 Ok(candle_nn::VarBuilder::from_backend(
@@ -311,18 +194,7 @@ impl StableDiffusion {
         let unet_vb = weights("unet", "unet/diffusion_pytorch_model")?;
         let unet = UNet2DConditionModel::new(unet_vb, unet_config, &unet_config_path)?;
 
-        let vae_config_path = dir.required("vae/config.json")?;
-        let vae_config = crate::engine::loader::read_json(&vae_config_path)?;
-        // SDXL's VAE overflows in f16 (`force_upcast`): diffusers decodes it in f32, and so do we.
-        let vae_config: crate::engine::models::vae::VaeConfig = vae_config;
-        let vae_dtype = if vae_config.force_upcast && dtype == DType::F16 {
-            DType::F32
-        } else {
-            dtype
-        };
-        let vae_vb = weights_as("vae/diffusion_pytorch_model", vae_dtype)?;
-        let vae_encoder = VaeEncoder::new(vae_vb.clone(), vae_config.clone(), &vae_config_path)?;
-        let vae = VaeDecoder::new(vae_vb, vae_config, &vae_config_path)?;
+        let vae = Autoencoder::load(dir, dtype, device, &weights_as)?;
 
         let xl = if is_xl {
             let tokenizer_2 = ClipTokenizer::load(dir, "tokenizer_2")?;
@@ -367,22 +239,22 @@ impl StableDiffusion {
             });
         }
         // Inpainting UNets take latents + mask + masked-image latents.
-        let inpainting_channels = 2 * vae.config.latent_channels + 1;
-        if vae.config.latent_channels != unet.config.in_channels
+        let inpainting_channels = 2 * vae.latent_channels() + 1;
+        if vae.latent_channels() != unet.config.in_channels
             && unet.config.in_channels != inpainting_channels
         {
             return Err(EngineError::BadConfig {
-                path: vae_config_path,
+                path: dir.file("vae/config.json"),
                 reason: format!(
                     "latent_channels {} does not match the UNet's in_channels {}",
-                    vae.config.latent_channels, unet.config.in_channels
+                    vae.latent_channels(),
+                    unet.config.in_channels
                 ),
             });
         }
         Ok(Self {
             text,
             xl,
-            vae_encoder,
             unet,
             vae,
             scheduler,
@@ -393,7 +265,7 @@ impl StableDiffusion {
 
     /// Pixels per latent (8 for every SD VAE).
     pub fn vae_scale(&self) -> usize {
-        self.vae.config.scale_factor()
+        self.vae.scale()
     }
 
     pub fn prediction_type(&self) -> PredictionType {
@@ -421,22 +293,7 @@ impl StableDiffusion {
                 ));
             }
         }
-        let train = self.scheduler.num_train_timesteps();
-        if p.steps == 0 || p.steps > train.min(1000) {
-            return Err(EngineError::invalid(
-                "steps",
-                format!("steps must be between 1 and {}", train.min(1000)),
-            ));
-        }
-        if p.n == 0 || p.n > 16 {
-            return Err(EngineError::invalid("n", "n must be between 1 and 16"));
-        }
-        if !p.guidance_scale.is_finite() || !(0.0..=100.0).contains(&p.guidance_scale) {
-            return Err(EngineError::invalid(
-                "guidance_scale",
-                "guidance_scale must be between 0 and 100",
-            ));
-        }
+        super::check_common(p, self.scheduler.num_train_timesteps())?;
         if self
             .xl
             .as_ref()
@@ -582,7 +439,7 @@ impl StableDiffusion {
     }
 
     pub fn vae_decode(&self, z: &Tensor) -> Result<Tensor> {
-        Ok(self.vae.decode(z)?)
+        self.vae.decode(z)
     }
 
     /// Run the whole pipeline. `progress` is called after every step; returning false cancels.
@@ -842,7 +699,7 @@ impl StableDiffusion {
             let images = if matches!(p.stage, Some(Stage::Base { .. })) {
                 Vec::new()
             } else {
-                self.decode_to_images(&latents)?
+                self.vae.decode_to_images(&latents)?
             };
             results.push(Generated { latents, images });
         }
@@ -851,19 +708,7 @@ impl StableDiffusion {
 
     /// Whether the UNet is an inpainting one (latents + mask + masked-image latents in).
     pub fn is_inpainting_unet(&self) -> bool {
-        self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
-    }
-
-    /// A latent sample of the VAE's distribution for `image` (one draw), times the scaling factor.
-    fn sample_latents(
-        &self,
-        image: &Tensor,
-        generator: &mut crate::engine::rng::TorchGenerator,
-    ) -> Result<Tensor> {
-        let (mean, std) = self.vae_encoder.encode(image)?;
-        let draw = generator.randn(mean.elem_count());
-        let sample = Tensor::from_vec(draw, mean.shape(), &self.device)?.to_dtype(mean.dtype())?;
-        Ok(((mean + (std * sample)?)? * self.vae.config.scaling_factor)?.to_dtype(self.dtype)?)
+        self.unet.config.in_channels == 2 * self.vae.latent_channels() + 1
     }
 
     /// One request's starting latents (n, C, h, w) and, for inpainting, what the loop needs,
@@ -881,7 +726,7 @@ impl StableDiffusion {
     ) -> Result<Start> {
         let scale = self.vae_scale();
         let (h, w) = (p.height / scale, p.width / scale);
-        let shape = (p.n, self.vae.config.latent_channels, h, w);
+        let shape = (p.n, self.vae.latent_channels(), h, w);
         let numel = shape.0 * shape.1 * shape.2 * shape.3;
         let randn = |generator: &mut crate::engine::rng::TorchGenerator| -> Result<Tensor> {
             Ok(
@@ -895,9 +740,10 @@ impl StableDiffusion {
                 inpaint: None,
             });
         };
-        let image = self.image_tensor(&init.rgb, p.width, p.height)?;
+        let image = self.vae.image_tensor(&init.rgb, p.width, p.height)?;
         let Some(mask) = &init.mask else {
             let clean = self
+                .vae
                 .sample_latents(&image, generator)?
                 .repeat((p.n, 1, 1, 1))?;
             let noise = randn(generator)?;
@@ -910,7 +756,8 @@ impl StableDiffusion {
         let full_strength = init.strength == 1.0;
         let clean = if blend || !full_strength {
             Some(
-                self.sample_latents(&image, generator)?
+                self.vae
+                    .sample_latents(&image, generator)?
                     .repeat((p.n, 1, 1, 1))?,
             )
         } else {
@@ -931,6 +778,7 @@ impl StableDiffusion {
         let keep = full.affine(-1.0, 1.0)?;
         let masked_image = image.broadcast_mul(&keep.to_dtype(image.dtype())?)?;
         let masked = self
+            .vae
             .sample_latents(&masked_image, generator)?
             .repeat((p.n, 1, 1, 1))?;
         let small = crate::engine::models::blocks::resize_nearest(&full, h, w)?
@@ -947,27 +795,6 @@ impl StableDiffusion {
         })
     }
 
-    /// An 8-bit RGB picture as the VAE takes it: (1, 3, H, W) in [-1, 1], as diffusers' image
-    /// processor normalises it.
-    fn image_tensor(&self, rgb: &[u8], width: usize, height: usize) -> Result<Tensor> {
-        if rgb.len() != width * height * 3 {
-            return Err(EngineError::invalid(
-                "image",
-                format!("expected {width}x{height} RGB pixels"),
-            ));
-        }
-        let values: Vec<f32> = rgb
-            .iter()
-            .map(|&v| 2.0 * (v as f32 / 255.0) - 1.0)
-            .collect();
-        Ok(
-            Tensor::from_vec(values, (1, height, width, 3), &self.device)?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?
-                .to_dtype(self.vae_dtype())?,
-        )
-    }
-
     /// The VAE encoder's latent distribution (mean, std) of an 8-bit RGB picture.
     pub fn encode_image(
         &self,
@@ -975,30 +802,11 @@ impl StableDiffusion {
         width: usize,
         height: usize,
     ) -> Result<(Tensor, Tensor)> {
-        Ok(self
-            .vae_encoder
-            .encode(&self.image_tensor(rgb, width, height)?)?)
-    }
-
-    fn vae_dtype(&self) -> DType {
-        if self.vae.config.force_upcast && self.dtype == DType::F16 {
-            DType::F32
-        } else {
-            self.dtype
-        }
+        self.vae.encode_rgb(rgb, width, height)
     }
 
     /// `vae.decode(latents / scaling_factor)` then diffusers' postprocess to 8-bit RGB.
     pub fn decode_to_images(&self, latents: &Tensor) -> Result<Vec<GeneratedImage>> {
-        let mut z = (latents.to_dtype(self.vae_dtype())? / self.vae.config.scaling_factor)?;
-        if let Some(shift) = self.vae.config.shift_factor {
-            z = (z + shift)?;
-        }
-        let mut images = Vec::new();
-        for i in 0..z.dim(0)? {
-            let decoded = self.vae.decode(&z.narrow(0, i, 1)?)?;
-            images.extend(latents_to_images(&decoded)?);
-        }
-        Ok(images)
+        self.vae.decode_to_images(latents)
     }
 }

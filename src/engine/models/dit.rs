@@ -1,0 +1,312 @@
+//! Pieces the diffusion transformers (SD3's MMDiT, FLUX) share, in diffusers' naming:
+//! adaptive layer norms driven by the timestep embedding, the tanh-GELU feed-forward, and joint
+//! attention over image and text tokens.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
+
+use super::attention::scaled_dot_product;
+
+/// LayerNorm without learned parameters (`elementwise_affine=False`), as every DiT norm that the
+/// timestep modulates.
+pub struct PlainLayerNorm {
+    ones: Tensor,
+    zeros: Tensor,
+    eps: f32,
+}
+
+impl PlainLayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: &VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            ones: Tensor::ones(dim, vb.dtype(), vb.device())?,
+            zeros: Tensor::zeros(dim, vb.dtype(), vb.device())?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(&xs.contiguous()?, &self.ones, &self.zeros, self.eps)
+    }
+}
+
+/// `x * (1 + scale) + shift` with per-sample (B, D) modulation over (B, N, D) tokens.
+pub fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    xs.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// `x + gate * y` with a per-sample (B, D) gate.
+pub fn gated_add(xs: &Tensor, gate: &Tensor, ys: &Tensor) -> candle_core::Result<Tensor> {
+    xs + ys.broadcast_mul(&gate.unsqueeze(1)?)?
+}
+
+/// `linear(silu(emb))` split into `chunks` equal parts: the shifts, scales and gates of
+/// diffusers' `AdaLayerNormZero` (6), `SD35AdaLayerNormZeroX` (9), `AdaLayerNormContinuous`
+/// (2: scale, shift) and FLUX's single-block norm (3).
+pub struct Modulation {
+    linear: Linear,
+    chunks: usize,
+}
+
+impl Modulation {
+    pub fn new(vb: VarBuilder, dim: usize, chunks: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            linear: linear(dim, chunks * dim, vb)?,
+            chunks,
+        })
+    }
+
+    pub fn forward(&self, emb: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        self.linear.forward(&emb.silu()?)?.chunk(self.chunks, 1)
+    }
+}
+
+/// `linear_2(silu(linear_1(x)))`: diffusers' `TimestepEmbedding` and
+/// `PixArtAlphaTextProjection(act_fn="silu")`.
+pub struct SiluMlp {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl SiluMlp {
+    pub fn new(vb: VarBuilder, input: usize, dim: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            linear_1: linear(input, dim, vb.pp("linear_1"))?,
+            linear_2: linear(dim, dim, vb.pp("linear_2"))?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
+    }
+}
+
+/// diffusers' `FeedForward(activation_fn="gelu-approximate")`: `net.2(gelu_tanh(net.0.proj(x)))`.
+pub struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(vb: VarBuilder, dim: usize, hidden: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            proj: linear(dim, hidden, vb.pp("net.0.proj"))?,
+            out: linear(hidden, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.out.forward(&self.proj.forward(xs)?.gelu()?)
+    }
+}
+
+/// Query/key normalisation per head (`qk_norm="rms_norm"`), eps 1e-6.
+fn qk_norms(
+    vb: &VarBuilder,
+    names: [&str; 2],
+    head_dim: usize,
+) -> candle_core::Result<[RmsNorm; 2]> {
+    let norm = |name: &str| -> candle_core::Result<RmsNorm> {
+        Ok(RmsNorm::new(
+            vb.get(head_dim, &format!("{name}.weight"))?,
+            1e-6,
+        ))
+    };
+    Ok([norm(names[0])?, norm(names[1])?])
+}
+
+/// One stream's projections: q, k, v (with optional per-head RMS norms on q and k).
+struct Projections {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    norms: Option<[RmsNorm; 2]>,
+}
+
+impl Projections {
+    fn new(
+        vb: &VarBuilder,
+        names: [&str; 3],
+        norm_names: [&str; 2],
+        dim: usize,
+        inner: usize,
+        head_dim: usize,
+        qk_norm: bool,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            q: linear(dim, inner, vb.pp(names[0]))?,
+            k: linear(dim, inner, vb.pp(names[1]))?,
+            v: linear(dim, inner, vb.pp(names[2]))?,
+            norms: if qk_norm {
+                Some(qk_norms(vb, norm_names, head_dim)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// (B, heads, N, head_dim) queries, keys and values.
+    fn forward(&self, xs: &Tensor, heads: usize) -> candle_core::Result<[Tensor; 3]> {
+        let (b, n, _) = xs.dims3()?;
+        let split = |t: Tensor| t.reshape((b, n, heads, ()));
+        let mut q = split(self.q.forward(xs)?)?;
+        let mut k = split(self.k.forward(xs)?)?;
+        let v = split(self.v.forward(xs)?)?;
+        if let Some([nq, nk]) = &self.norms {
+            q = nq.forward(&q)?;
+            k = nk.forward(&k)?;
+        }
+        let heads_first = |t: Tensor| t.transpose(1, 2)?.contiguous();
+        Ok([heads_first(q)?, heads_first(k)?, heads_first(v)?])
+    }
+}
+
+/// diffusers' `Attention` with the joint processors (SD3's `JointAttnProcessor2_0`, FLUX's
+/// `FluxAttnProcessor`): image tokens and, optionally, text tokens each get their own
+/// projections, attend together over the concatenated sequence, and are split again.
+pub struct JointAttention {
+    image: Projections,
+    context: Option<Projections>,
+    to_out: Option<Linear>,
+    to_add_out: Option<Linear>,
+    heads: usize,
+}
+
+/// Where the text tokens go in the joint sequence: SD3 appends them, FLUX puts them first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextOrder {
+    After,
+    Before,
+}
+
+pub struct JointAttentionConfig {
+    pub dim: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub qk_norm: bool,
+    /// Text-token projections (`add_{q,k,v}_proj`).
+    pub with_context: bool,
+    /// The text tokens' output projection (`to_add_out`); absent in the last MMDiT block.
+    pub context_out: bool,
+    /// The image tokens' output projection (`to_out.0`); FLUX's single blocks have none.
+    pub image_out: bool,
+}
+
+impl JointAttention {
+    pub fn new(vb: VarBuilder, c: &JointAttentionConfig) -> candle_core::Result<Self> {
+        let inner = c.heads * c.head_dim;
+        let image = Projections::new(
+            &vb,
+            ["to_q", "to_k", "to_v"],
+            ["norm_q", "norm_k"],
+            c.dim,
+            inner,
+            c.head_dim,
+            c.qk_norm,
+        )?;
+        let context = if c.with_context {
+            Some(Projections::new(
+                &vb,
+                ["add_q_proj", "add_k_proj", "add_v_proj"],
+                ["norm_added_q", "norm_added_k"],
+                c.dim,
+                inner,
+                c.head_dim,
+                c.qk_norm,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            image,
+            context,
+            to_out: if c.image_out {
+                Some(linear(inner, c.dim, vb.pp("to_out.0"))?)
+            } else {
+                None
+            },
+            to_add_out: if c.with_context && c.context_out {
+                Some(linear(inner, c.dim, vb.pp("to_add_out"))?)
+            } else {
+                None
+            },
+            heads: c.heads,
+        })
+    }
+
+    /// Attention over `xs` (B, N, D) and, when given, `context` (B, L, D) placed `order`. `rope`
+    /// rotates queries and keys of the whole joint sequence (FLUX). Returns the image tokens'
+    /// output and the text tokens' output.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        order: ContextOrder,
+        rope: Option<&Rope>,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let (b, n, _) = xs.dims3()?;
+        let [mut q, mut k, mut v] = self.image.forward(xs, self.heads)?;
+        let mut text_tokens = 0;
+        if let (Some(ctx), Some(proj)) = (context, &self.context) {
+            text_tokens = ctx.dim(1)?;
+            let [cq, ck, cv] = proj.forward(ctx, self.heads)?;
+            let join = |img: &Tensor, txt: &Tensor| match order {
+                ContextOrder::After => Tensor::cat(&[img, txt], 2),
+                ContextOrder::Before => Tensor::cat(&[txt, img], 2),
+            };
+            q = join(&q, &cq)?;
+            k = join(&k, &ck)?;
+            v = join(&v, &cv)?;
+        }
+        if let Some(rope) = rope {
+            q = rope.apply(&q)?;
+            k = rope.apply(&k)?;
+        }
+        let out = scaled_dot_product(&q, &k, &v, None, false)?;
+        let total = out.dim(2)?;
+        let out = out.transpose(1, 2)?.reshape((b, total, ()))?;
+        let (image_at, text_at) = match order {
+            ContextOrder::After => (0, n),
+            ContextOrder::Before => (text_tokens, 0),
+        };
+        let image = out.narrow(1, image_at, n)?;
+        let image = match &self.to_out {
+            Some(proj) => proj.forward(&image)?,
+            None => image,
+        };
+        let text = match (&self.to_add_out, text_tokens) {
+            (_, 0) => None,
+            (Some(proj), _) => Some(proj.forward(&out.narrow(1, text_at, text_tokens)?)?),
+            (None, _) => None,
+        };
+        Ok((image, text))
+    }
+}
+
+/// Rotary position embedding as FLUX applies it (diffusers' `apply_rotary_emb` with
+/// `use_real_unbind_dim=-1`): consecutive pairs of each head's channels rotate by per-token angles.
+pub struct Rope {
+    /// (1, 1, tokens, head_dim / 2) cosines and sines.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(cos: Tensor, sin: Tensor) -> Self {
+        Self { cos, sin }
+    }
+
+    pub fn apply(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = xs.dtype();
+        let (b, h, n, d) = xs.dims4()?;
+        // diffusers rotates in f32 and casts back.
+        let pairs = xs.to_dtype(DType::F32)?.reshape((b, h, n, d / 2, 2))?;
+        let re = pairs.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
+        let im = pairs.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
+        let out_re = (re.broadcast_mul(&self.cos)? - im.broadcast_mul(&self.sin)?)?;
+        let out_im = (im.broadcast_mul(&self.cos)? + re.broadcast_mul(&self.sin)?)?;
+        Tensor::stack(&[out_re, out_im], D::Minus1)?
+            .reshape((b, h, n, d))?
+            .to_dtype(dtype)
+    }
+}

@@ -1,0 +1,122 @@
+//! The VAE as every pipeline uses it: pictures in (image-to-image), latents out, with the
+//! config's `scaling_factor` and `shift_factor` applied as diffusers does.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::loader::ModelDir;
+use crate::engine::models::vae::{VaeConfig, VaeDecoder, VaeEncoder};
+use crate::engine::rng::TorchGenerator;
+use crate::engine::{latents_to_images, GeneratedImage};
+
+pub struct Autoencoder {
+    encoder: VaeEncoder,
+    decoder: VaeDecoder,
+    /// The VAE's own dtype: f32 when the config asks for `force_upcast` and the model runs f16
+    /// (SDXL's VAE overflows in f16; diffusers decodes it in f32, and so do we).
+    dtype: DType,
+    /// The denoiser's dtype, which latents are handed back in.
+    latent_dtype: DType,
+    device: Device,
+}
+
+impl Autoencoder {
+    /// Load `vae/` with `weights(stem, dtype)` (a file or random weights).
+    pub fn load(
+        dir: &ModelDir,
+        dtype: DType,
+        device: &Device,
+        weights: &dyn Fn(&str, DType) -> Result<VarBuilder<'static>>,
+    ) -> Result<Self> {
+        let config_path = dir.required("vae/config.json")?;
+        let config: VaeConfig = crate::engine::loader::read_json(&config_path)?;
+        let vae_dtype = if config.force_upcast && dtype == DType::F16 {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vb = weights("vae/diffusion_pytorch_model", vae_dtype)?;
+        Ok(Self {
+            encoder: VaeEncoder::new(vb.clone(), config.clone(), &config_path)?,
+            decoder: VaeDecoder::new(vb, config, &config_path)?,
+            dtype: vae_dtype,
+            latent_dtype: dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.decoder.config
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.decoder.config.latent_channels
+    }
+
+    /// Pixels per latent along each side (8 for every SD/SD3/FLUX VAE).
+    pub fn scale(&self) -> usize {
+        self.decoder.config.scale_factor()
+    }
+
+    /// An 8-bit RGB picture as the VAE takes it: (1, 3, H, W) in [-1, 1], as diffusers' image
+    /// processor normalises it.
+    pub fn image_tensor(&self, rgb: &[u8], width: usize, height: usize) -> Result<Tensor> {
+        if rgb.len() != width * height * 3 {
+            return Err(EngineError::invalid(
+                "image",
+                format!("expected {width}x{height} RGB pixels"),
+            ));
+        }
+        let values: Vec<f32> = rgb
+            .iter()
+            .map(|&v| 2.0 * (v as f32 / 255.0) - 1.0)
+            .collect();
+        Ok(
+            Tensor::from_vec(values, (1, height, width, 3), &self.device)?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?
+                .to_dtype(self.dtype)?,
+        )
+    }
+
+    /// The encoder's latent distribution (mean, std) of an 8-bit RGB picture.
+    pub fn encode_rgb(&self, rgb: &[u8], width: usize, height: usize) -> Result<(Tensor, Tensor)> {
+        Ok(self
+            .encoder
+            .encode(&self.image_tensor(rgb, width, height)?)?)
+    }
+
+    /// One draw from the latent distribution of `image` (a tensor from [`Self::image_tensor`]),
+    /// as the denoiser sees latents: `(sample − shift) × scale`.
+    pub fn sample_latents(&self, image: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
+        let (mean, std) = self.encoder.encode(image)?;
+        let draw = generator.randn(mean.elem_count());
+        let noise = Tensor::from_vec(draw, mean.shape(), &self.device)?.to_dtype(mean.dtype())?;
+        let mut sample = (mean + (std * noise)?)?;
+        if let Some(shift) = self.config().shift_factor {
+            sample = (sample - shift)?;
+        }
+        Ok((sample * self.config().scaling_factor)?.to_dtype(self.latent_dtype)?)
+    }
+
+    /// The raw decoder on already-unscaled latents.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        Ok(self.decoder.decode(z)?)
+    }
+
+    /// `vae.decode(latents / scale + shift)`, one image at a time, then diffusers' postprocess
+    /// to 8-bit RGB.
+    pub fn decode_to_images(&self, latents: &Tensor) -> Result<Vec<GeneratedImage>> {
+        let mut z = (latents.to_dtype(self.dtype)? / self.config().scaling_factor)?;
+        if let Some(shift) = self.config().shift_factor {
+            z = (z + shift)?;
+        }
+        let mut images = Vec::new();
+        for i in 0..z.dim(0)? {
+            let decoded = self.decoder.decode(&z.narrow(0, i, 1)?)?;
+            images.extend(latents_to_images(&decoded)?);
+        }
+        Ok(images)
+    }
+}

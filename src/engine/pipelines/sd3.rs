@@ -1,0 +1,568 @@
+//! Stable Diffusion 3 / 3.5 (Medium, Large, Large Turbo), step for step as diffusers'
+//! `StableDiffusion3Pipeline` and `StableDiffusion3Img2ImgPipeline`: three text encoders
+//! (CLIP-L and OpenCLIP-G penultimate states side by side, zero-padded to T5's width, then T5's
+//! states after them; the two pooled projections concatenated), the MMDiT, flow-matching Euler,
+//! classifier-free guidance and SD3.5's Skip Layer Guidance.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::Deserialize;
+
+use super::autoencoder::Autoencoder;
+use super::params::{GenerateParams, SkipLayerGuidance};
+use super::sd::Generated;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::loader::{
+    weights::{RandomWeights, SafetensorsFile},
+    ModelDir,
+};
+use crate::engine::models::{
+    clip::ClipTextModel,
+    mmdit::{Sd3Transformer, Sd3TransformerConfig},
+    t5::T5Encoder,
+};
+use crate::engine::rng::BatchNoise;
+use crate::engine::schedulers::{self, SamplerOptions, SchedulerConfig};
+use crate::engine::tokenizer::{ClipTokenizer, T5Tokenizer};
+use crate::engine::Progress;
+
+/// diffusers' default `max_sequence_length` for SD3.
+pub const DEFAULT_T5_TOKENS: usize = 256;
+/// The most T5 tokens accepted (T5's own limit in these repos).
+pub const MAX_T5_TOKENS: usize = 512;
+
+/// How to load an SD3 model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sd3LoadOptions {
+    /// Leave T5-XXL out (9 GB in f16): its part of the prompt becomes zeros, as diffusers does
+    /// with `text_encoder_3=None`.
+    pub without_t5: bool,
+}
+
+#[derive(Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: String,
+    #[serde(default)]
+    text_encoder_3: Option<serde_json::Value>,
+}
+
+/// Pipeline classes with SD3's component set.
+pub const SD3_PIPELINES: &[&str] = &[
+    "StableDiffusion3Pipeline",
+    "StableDiffusion3Img2ImgPipeline",
+    "StableDiffusion3InpaintPipeline",
+];
+
+/// One prompt's conditioning: the joint text states (1, 77 + T5 tokens, D) and the pooled
+/// projections (1, P).
+pub struct Sd3Embeds {
+    pub context: Tensor,
+    pub pooled: Tensor,
+}
+
+pub struct StableDiffusion3 {
+    clip_l: (ClipTokenizer, ClipTextModel),
+    clip_g: (ClipTokenizer, ClipTextModel),
+    t5: Option<(T5Tokenizer, T5Encoder)>,
+    transformer: Sd3Transformer,
+    vae: Autoencoder,
+    scheduler: SchedulerConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl StableDiffusion3 {
+    pub fn load(
+        dir: &ModelDir,
+        device: &Device,
+        dtype: DType,
+        options: Sd3LoadOptions,
+    ) -> Result<Self> {
+        Self::build(dir, device, dtype, options, false)
+    }
+
+    /// The architecture of `dir`'s configs with random weights, for benchmarks.
+    pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
+        Self::build(dir, device, dtype, Sd3LoadOptions::default(), true)
+    }
+
+    fn build(
+        dir: &ModelDir,
+        device: &Device,
+        dtype: DType,
+        options: Sd3LoadOptions,
+        random: bool,
+    ) -> Result<Self> {
+        super::check_dtype(device, dtype)?;
+        let weights = |stem: &str, dtype: DType| -> Result<candle_nn::VarBuilder<'static>> {
+            if random {
+                Ok(candle_nn::VarBuilder::from_backend(
+                    Box::new(RandomWeights),
+                    dtype,
+                    device.clone(),
+                ))
+            } else {
+                Ok(SafetensorsFile::open(&dir.weights(stem)?)?.into_var_builder(dtype, device))
+            }
+        };
+        let index: ModelIndex = dir.read_json("model_index.json")?;
+        if !SD3_PIPELINES.contains(&index.class_name.as_str()) {
+            return Err(EngineError::Unsupported(format!(
+                "{}: pipeline `{}` is not a Stable Diffusion 3 pipeline",
+                dir.file("model_index.json").display(),
+                index.class_name
+            )));
+        }
+        let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
+        scheduler.check()?;
+        let clip = |n: &str| -> Result<(ClipTokenizer, ClipTextModel)> {
+            let tokenizer = ClipTokenizer::load(dir, &format!("tokenizer{n}"))?;
+            let config = dir.read_json(&format!("text_encoder{n}/config.json"))?;
+            let model =
+                ClipTextModel::new(weights(&format!("text_encoder{n}/model"), dtype)?, config)?;
+            Ok((tokenizer, model))
+        };
+        let clip_l = clip("")?;
+        let clip_g = clip("_2")?;
+        let t5_in_folder = index
+            .text_encoder_3
+            .as_ref()
+            .is_none_or(|v| v.as_array().is_none_or(|a| a.iter().all(|x| !x.is_null())));
+        let t5 = if t5_in_folder && !options.without_t5 {
+            let tokenizer = T5Tokenizer::load(dir, "tokenizer_3")?;
+            let config = dir.read_json("text_encoder_3/config.json")?;
+            Some((
+                tokenizer,
+                T5Encoder::new(weights("text_encoder_3/model", dtype)?, config)?,
+            ))
+        } else {
+            None
+        };
+        let config_path = dir.required("transformer/config.json")?;
+        let config: Sd3TransformerConfig = crate::engine::loader::read_json(&config_path)?;
+        let transformer = Sd3Transformer::new(
+            weights("transformer/diffusion_pytorch_model", dtype)?,
+            config,
+            &config_path,
+        )?;
+        let vae = Autoencoder::load(dir, dtype, device, &weights)?;
+
+        let c = &transformer.config;
+        let bad = |reason: String| EngineError::BadConfig {
+            path: config_path.clone(),
+            reason,
+        };
+        let clip_width = clip_l.1.config.hidden_size + clip_g.1.config.hidden_size;
+        if clip_width > c.joint_attention_dim {
+            return Err(bad(format!(
+                "joint_attention_dim {} is narrower than the CLIP states ({clip_width})",
+                c.joint_attention_dim
+            )));
+        }
+        if let Some((_, t5)) = &t5 {
+            if t5.config.d_model != c.joint_attention_dim {
+                return Err(bad(format!(
+                    "joint_attention_dim {} does not match T5's d_model {}",
+                    c.joint_attention_dim, t5.config.d_model
+                )));
+            }
+        }
+        let pooled = |m: &ClipTextModel| m.config.projection_dim.unwrap_or(m.config.hidden_size);
+        if pooled(&clip_l.1) + pooled(&clip_g.1) != c.pooled_projection_dim {
+            return Err(bad(format!(
+                "pooled_projection_dim {} does not match the CLIP projections ({} + {})",
+                c.pooled_projection_dim,
+                pooled(&clip_l.1),
+                pooled(&clip_g.1)
+            )));
+        }
+        if vae.latent_channels() != c.in_channels {
+            return Err(bad(format!(
+                "in_channels {} does not match the VAE's latent_channels {}",
+                c.in_channels,
+                vae.latent_channels()
+            )));
+        }
+        Ok(Self {
+            clip_l,
+            clip_g,
+            t5,
+            transformer,
+            vae,
+            scheduler,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler
+    }
+
+    pub fn has_t5(&self) -> bool {
+        self.t5.is_some()
+    }
+
+    /// Pixels per latent (8).
+    pub fn vae_scale(&self) -> usize {
+        self.vae.scale()
+    }
+
+    /// Width and height must be multiples of this: VAE scale × patch size (16).
+    pub fn size_multiple(&self) -> usize {
+        self.vae.scale() * self.transformer.config.patch_size
+    }
+
+    /// diffusers' default size: `transformer.sample_size` × VAE scale (1024 for SD3.x).
+    pub fn default_size(&self) -> usize {
+        self.transformer.config.sample_size * self.vae.scale()
+    }
+
+    /// The largest side the position table covers (pixels).
+    pub fn max_side(&self) -> usize {
+        self.transformer.config.max_latent_side() * self.vae.scale()
+    }
+
+    pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        let multiple = self.size_multiple();
+        let max = self.max_side();
+        for (param, v) in [("width", p.width), ("height", p.height)] {
+            if v == 0 || v % multiple != 0 || v > max {
+                return Err(EngineError::invalid(
+                    param,
+                    format!("{param} must be a positive multiple of {multiple} up to {max} for this model, got {v}"),
+                ));
+            }
+        }
+        super::check_common(p, self.scheduler.num_train_timesteps())?;
+        if !p.sampler.is_flow() {
+            return Err(EngineError::Incompatible {
+                param: "sampler",
+                message: format!(
+                    "SD3 is a flow-matching model: use `flow_euler`, not `{}`",
+                    p.sampler.name()
+                ),
+            });
+        }
+        if p.stage.is_some() || p.refiner.is_some() {
+            return Err(EngineError::Incompatible {
+                param: "refiner",
+                message: "a refiner stage is an SDXL feature".into(),
+            });
+        }
+        if p.init.as_ref().is_some_and(|i| i.mask.is_some()) {
+            return Err(EngineError::Incompatible {
+                param: "mask",
+                message: "inpainting is not supported for SD3 models yet; send no mask".into(),
+            });
+        }
+        let layers = self
+            .clip_l
+            .1
+            .config
+            .num_hidden_layers
+            .min(self.clip_g.1.config.num_hidden_layers);
+        if p.clip_skip >= layers {
+            return Err(EngineError::invalid(
+                "clip_skip",
+                "clip_skip must be smaller than the number of CLIP layers",
+            ));
+        }
+        if let Some(n) = p.transformer.max_sequence_length {
+            if n == 0 || n > MAX_T5_TOKENS {
+                return Err(EngineError::invalid(
+                    "max_sequence_length",
+                    format!("max_sequence_length must be between 1 and {MAX_T5_TOKENS}"),
+                ));
+            }
+        }
+        if let Some(slg) = &p.transformer.skip_layer_guidance {
+            let blocks = self.transformer.config.num_layers;
+            if let Some(l) = slg.layers.iter().find(|&&l| l >= blocks) {
+                return Err(EngineError::invalid(
+                    "skip_layer_guidance",
+                    format!(
+                        "layer {l} does not exist: this transformer has {blocks} blocks (0–{})",
+                        blocks - 1
+                    ),
+                ));
+            }
+            if slg.layers.is_empty()
+                || !slg.scale.is_finite()
+                || !(0.0..=1.0).contains(&slg.start)
+                || !(0.0..=1.0).contains(&slg.stop)
+            {
+                return Err(EngineError::invalid(
+                    "skip_layer_guidance",
+                    "skip_layer_guidance needs layers, a finite scale and start/stop between 0 and 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn clip_embed(
+        &self,
+        (tokenizer, model): &(ClipTokenizer, ClipTextModel),
+        prompt: &str,
+        clip_skip: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (ids, cut) = tokenizer.encode_counting_cut(prompt)?;
+        if cut > 0 {
+            tracing::warn!(
+                tokens = cut,
+                "prompt longer than CLIP's 77 tokens; the end was cut"
+            );
+        }
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        Ok(model.forward_penultimate(&ids, clip_skip)?)
+    }
+
+    /// One prompt's joint conditioning (diffusers' `encode_prompt` for one prompt).
+    pub fn embed(&self, prompt: &str, clip_skip: usize, t5_tokens: usize) -> Result<Sd3Embeds> {
+        let (l, pooled_l) = self.clip_embed(&self.clip_l, prompt, clip_skip)?;
+        let (g, pooled_g) = self.clip_embed(&self.clip_g, prompt, clip_skip)?;
+        let width = self.transformer.config.joint_attention_dim;
+        let clip = Tensor::cat(&[&l, &g], D::Minus1)?;
+        let clip = clip.pad_with_zeros(D::Minus1, 0, width - clip.dim(D::Minus1)?)?;
+        let t5 = match &self.t5 {
+            Some((tokenizer, encoder)) => {
+                let ids = tokenizer.encode_padded(prompt, t5_tokens)?;
+                let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+                encoder.forward(&ids)?.to_dtype(clip.dtype())?
+            }
+            None => Tensor::zeros((1, t5_tokens, width), clip.dtype(), &self.device)?,
+        };
+        Ok(Sd3Embeds {
+            context: Tensor::cat(&[&clip, &t5], 1)?,
+            pooled: Tensor::cat(&[&pooled_l, &pooled_g], D::Minus1)?,
+        })
+    }
+
+    /// The transformer on its own (component checks and benchmarks).
+    pub fn transformer_forward(
+        &self,
+        latents: &Tensor,
+        timestep: f32,
+        context: &Tensor,
+        pooled: &Tensor,
+        skip_layers: &[usize],
+    ) -> Result<Tensor> {
+        Ok(self
+            .transformer
+            .forward(latents, timestep, context, pooled, skip_layers)?)
+    }
+
+    pub fn vae(&self) -> &Autoencoder {
+        &self.vae
+    }
+
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Generated> {
+        self.generate_batch(std::slice::from_ref(p), progress)?
+            .pop()
+            .ok_or_else(|| EngineError::Internal("a batch of one produced no result".into()))
+    }
+
+    /// Denoise requests sharing a [`super::params::BatchKey`] together, each with its own
+    /// prompts, `n` and seed.
+    pub fn generate_batch(
+        &self,
+        requests: &[GenerateParams],
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<Generated>> {
+        let Some(first) = requests.first() else {
+            return Ok(Vec::new());
+        };
+        let key = first.batch_key();
+        for p in requests {
+            self.validate(p)?;
+            if p.batch_key() != key {
+                return Err(EngineError::Internal(
+                    "requests with different settings cannot share a batch".into(),
+                ));
+            }
+        }
+        let started = Instant::now();
+        let cfg = first.guidance_scale > 1.0;
+        let rows: usize = requests.iter().map(|p| p.n).sum();
+        let t5_tokens = first
+            .transformer
+            .max_sequence_length
+            .unwrap_or(DEFAULT_T5_TOKENS);
+        // Rows: [every request's negatives..., every request's positives...] with CFG.
+        let mut positives = Vec::with_capacity(requests.len());
+        let mut negatives = Vec::with_capacity(requests.len());
+        for p in requests {
+            positives.push(self.embed(&p.prompt, p.clip_skip, t5_tokens)?);
+            if cfg {
+                // diffusers encodes the negative prompt ("" when none) without clip_skip.
+                negatives.push(self.embed(
+                    p.negative_prompt.as_deref().unwrap_or(""),
+                    0,
+                    t5_tokens,
+                )?);
+            }
+        }
+        let stack = |embeds: &[Sd3Embeds]| -> Result<(Tensor, Tensor)> {
+            let mut contexts = Vec::new();
+            let mut pooled = Vec::new();
+            for (p, e) in requests.iter().zip(embeds) {
+                contexts.push(e.context.repeat((p.n, 1, 1))?);
+                pooled.push(e.pooled.repeat((p.n, 1))?);
+            }
+            Ok((Tensor::cat(&contexts, 0)?, Tensor::cat(&pooled, 0)?))
+        };
+        let (positive_context, positive_pooled) = stack(&positives)?;
+        let (context, pooled) = if cfg {
+            let (nc, np) = stack(&negatives)?;
+            (
+                Tensor::cat(&[&nc, &positive_context], 0)?,
+                Tensor::cat(&[&np, &positive_pooled], 0)?,
+            )
+        } else {
+            (positive_context.clone(), positive_pooled.clone())
+        };
+
+        let scale = self.vae.scale();
+        let (h, w) = (first.height / scale, first.width / scale);
+        let patch = self.transformer.config.patch_size;
+        let options = SamplerOptions {
+            solver_order: first.solver_order,
+            image_seq_len: Some((h / patch) * (w / patch)),
+            ..Default::default()
+        };
+        let mut sampler = schedulers::build_with(
+            &self.scheduler,
+            first.sampler,
+            first.schedule,
+            first.steps,
+            &options,
+        )?;
+        let timesteps = sampler.timesteps().to_vec();
+        // Image-to-image (diffusers' SD3 get_timesteps): skip int(steps − steps × strength).
+        let begin = match &first.init {
+            Some(init) => {
+                let steps = first.steps as f64;
+                (steps - (steps * init.strength).min(steps)).max(0.0) as usize
+            }
+            None => 0,
+        };
+        if begin >= timesteps.len() {
+            return Err(EngineError::invalid(
+                "strength",
+                format!(
+                    "strength {} with {} steps leaves no step to run; raise strength or steps",
+                    first.init.as_ref().map_or(0.0, |i| i.strength),
+                    first.steps
+                ),
+            ));
+        }
+        let seeds: Vec<(u64, usize)> = requests.iter().map(|p| (p.seed, p.n)).collect();
+        let mut noise = BatchNoise::per_request(&seeds);
+        let mut starts = Vec::with_capacity(requests.len());
+        for (k, p) in requests.iter().enumerate() {
+            let generator = noise
+                .stream(k)
+                .ok_or_else(|| EngineError::Internal("missing noise stream".into()))?;
+            let shape = (p.n, self.vae.latent_channels(), h, w);
+            let numel = shape.0 * shape.1 * shape.2 * shape.3;
+            let start = match &p.init {
+                None => Tensor::from_vec(generator.randn(numel), shape, &self.device)?
+                    .to_dtype(self.dtype)?,
+                Some(init) => {
+                    // The picture's latent sample (one draw), then the noise (a second draw).
+                    let image = self.vae.image_tensor(&init.rgb, p.width, p.height)?;
+                    let clean = self
+                        .vae
+                        .sample_latents(&image, generator)?
+                        .repeat((p.n, 1, 1, 1))?;
+                    let draw = Tensor::from_vec(generator.randn(numel), shape, &self.device)?
+                        .to_dtype(self.dtype)?;
+                    sampler.add_noise(&clean, &draw, begin)?
+                }
+            };
+            starts.push(start);
+        }
+        let mut latents = Tensor::cat(&starts, 0)?;
+
+        let slg = first
+            .transformer
+            .skip_layer_guidance
+            .as_ref()
+            .filter(|_| cfg);
+        let total = timesteps.len() - begin;
+        for (i, &t) in timesteps.iter().enumerate().skip(begin) {
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let out = self
+                .transformer
+                .forward(&input, t, &context, &pooled, &[])?;
+            let mut guided = if cfg {
+                let uncond = out.narrow(0, 0, rows)?;
+                let text = out.narrow(0, rows, rows)?;
+                let guided = (&uncond + ((&text - &uncond)? * first.guidance_scale)?)?;
+                match slg {
+                    Some(g) if g.active_at(i, first.steps) => self.skip_layer_term(
+                        g,
+                        &latents,
+                        t,
+                        &positive_context,
+                        &positive_pooled,
+                        &text,
+                        guided,
+                    )?,
+                    _ => guided,
+                }
+            } else {
+                out
+            };
+            guided = guided.to_dtype(latents.dtype())?;
+            latents = sampler.step(&guided, i, &latents, &mut noise)?;
+            if !progress(Progress {
+                step: i + 1 - begin,
+                total,
+                elapsed_s: started.elapsed().as_secs_f64(),
+            }) {
+                return Err(EngineError::Cancelled);
+            }
+        }
+
+        let mut results = Vec::with_capacity(requests.len());
+        let mut row = 0;
+        for p in requests {
+            let latents = latents.narrow(0, row, p.n)?;
+            row += p.n;
+            let images = self.vae.decode_to_images(&latents)?;
+            results.push(Generated { latents, images });
+        }
+        Ok(results)
+    }
+
+    /// Skip Layer Guidance: `guided + (text − skipped) × scale`, where `skipped` is the
+    /// positive prompt's prediction with `g.layers` left out.
+    #[allow(clippy::too_many_arguments)]
+    fn skip_layer_term(
+        &self,
+        g: &SkipLayerGuidance,
+        latents: &Tensor,
+        t: f32,
+        context: &Tensor,
+        pooled: &Tensor,
+        text: &Tensor,
+        guided: Tensor,
+    ) -> Result<Tensor> {
+        let skipped = self
+            .transformer
+            .forward(latents, t, context, pooled, &g.layers)?;
+        Ok((guided + ((text - skipped)? * g.scale)?)?)
+    }
+}

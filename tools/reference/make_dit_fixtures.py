@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Tiny diffusion-transformer pipelines (SD3 / SD3.5, FLUX.1) and diffusers' outputs for them.
+
+Same rules as make_fixtures.py (whose helpers this reuses): diffusers/transformers/torch at the
+pinned versions, CPU, float32, seeded, byte-identical on re-runs.
+
+Usage:  .venv/bin/python make_dit_fixtures.py [--sd3] [--flux] [--out ../../tests/fixtures]
+
+Outputs:
+  models/sd3-tiny/     SD3-medium-shaped: MMDiT, CLIP-L + CLIP-G (projections) + T5, 16-ch VAE
+  models/sd35m-tiny/   SD3.5-medium-shaped: MMDiT-X (dual attention layers), qk RMS-norm
+  stages/sd3.safetensors, stages/sd35m.safetensors   prompt encoding, transformer forwards, VAE
+  runs/sd3_runs.json + runs/<name>.safetensors + PNGs  whole pipeline runs
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from make_fixtures import build_t5, init_image, jitter_1d_params, write_tiny_tokenizer
+
+torch.set_num_threads(2)
+torch.use_deterministic_algorithms(True)
+
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+
+
+def tiny_clip_pair(root: Path, gen: torch.Generator):
+    """CLIP-L-like and OpenCLIP-G-like encoders, both with projections (SD3 uses both pooled
+    projections), in `text_encoder`/`text_encoder_2` + tokenizers padded as the real ones."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab_size = write_tiny_tokenizer(root / "tokenizer", "<|endoftext|>")
+    write_tiny_tokenizer(root / "tokenizer_2", "!")
+    common = dict(vocab_size=vocab_size, intermediate_size=64, num_attention_heads=4, max_position_embeddings=77,
+                  bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=1, layer_norm_eps=1e-5)
+    te1 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, num_hidden_layers=3, hidden_act="quick_gelu",
+                                                     projection_dim=24, **common)).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, num_hidden_layers=4, hidden_act="gelu",
+                                                     projection_dim=40, **common)).eval()
+    jitter_1d_params(te1, gen)
+    jitter_1d_params(te2, gen)
+    return (CLIPTokenizer.from_pretrained(root / "tokenizer"), te1,
+            CLIPTokenizer.from_pretrained(root / "tokenizer_2"), te2)
+
+
+def restore_clip_layout(root: Path):
+    """save_pretrained rewrites the tokenizers (adds tokenizer.json) and, in transformers 5, drops
+    the `text_model.` prefix; put both back in the layout the hub repos have."""
+    for folder, pad in [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")]:
+        for extra in ["tokenizer.json", "added_tokens.json", "chat_template.jinja"]:
+            p = root / folder / extra
+            if p.exists():
+                p.unlink()
+        write_tiny_tokenizer(root / folder, pad)
+    for folder in ["text_encoder", "text_encoder_2"]:
+        te_file = root / folder / "model.safetensors"
+        state = load_file(te_file)
+        if not any(k.startswith("text_model.") for k in state):
+            state = {("text_model." + k if not k.startswith("text_projection") else k): v for k, v in state.items()}
+            save_file(state, te_file, metadata={"format": "pt"})
+
+
+def tiny_vae16(gen: torch.Generator):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32),
+                        layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False, mid_block_add_attention=True).eval()
+    jitter_1d_params(vae, gen)
+    return vae
+
+
+# --- SD3 / SD3.5 ---------------------------------------------------------------------------
+
+SD3_VARIANTS = {
+    # name: transformer options (SD3-medium: plain MMDiT; SD3.5-medium: MMDiT-X + qk RMS-norm)
+    "sd3": dict(qk_norm=None, dual_attention_layers=()),
+    "sd35m": dict(qk_norm="rms_norm", dual_attention_layers=(0, 1, 2)),
+}
+
+
+def build_sd3(root: Path, variant: str, seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    tokenizer, te1, tokenizer_2, te2 = tiny_clip_pair(root, gen)
+    # T5 wider than the two CLIPs' concatenated states (32 + 48), which diffusers pads up to it.
+    tokenizer_3, te3 = build_t5(root, seed + 100, d_model=96, tokenizer_folder="tokenizer_3",
+                                encoder_folder="text_encoder_3")
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=24 + 40, out_channels=16,
+        # Larger than the default size's 16×16 patches, so every size crops the table.
+        pos_embed_max_size=24, **SD3_VARIANTS[variant]).eval()
+    jitter_1d_params(transformer, gen)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=tiny_vae16(gen),
+                                    text_encoder=te1, tokenizer=tokenizer, text_encoder_2=te2,
+                                    tokenizer_2=tokenizer_2, text_encoder_3=te3, tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(root, safe_serialization=True)
+    restore_clip_layout(root)
+    return StableDiffusion3Pipeline.from_pretrained(root)
+
+
+def sd3_stage_fixtures(name: str, pipe, out_dir: Path):
+    """Each component on its own: the assembled prompt embeddings (three encoders), transformer
+    forwards (plain and with skipped layers) at a non-square size, a VAE decode."""
+    g = torch.Generator().manual_seed(21)
+    with torch.no_grad():
+        pe, npe, pooled, npooled = pipe.encode_prompt(
+            prompt="a red fox in the snow", prompt_2=None, prompt_3=None, negative_prompt="blurry",
+            do_classifier_free_guidance=True, max_sequence_length=32)
+        pe_skip, _, pooled_skip, _ = pipe.encode_prompt(
+            prompt="a red fox in the snow", prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+            max_sequence_length=32, clip_skip=1)
+        sample = torch.randn((2, 16, 12, 8), generator=g)
+        t = torch.tensor([750.0, 750.0])
+        context = torch.cat([npe, pe])
+        pool = torch.cat([npooled, pooled])
+        out = pipe.transformer(sample, encoder_hidden_states=context, pooled_projections=pool, timestep=t).sample
+        out_skip = pipe.transformer(sample, encoder_hidden_states=context, pooled_projections=pool, timestep=t,
+                                    skip_layers=[1, 2]).sample
+        latents = torch.randn((1, 16, 6, 9), generator=g)
+        decoded = pipe.vae.decode(latents).sample
+    save_file({"prompt_embeds": pe.contiguous(), "negative_prompt_embeds": npe.contiguous(),
+               "pooled": pooled.contiguous(), "negative_pooled": npooled.contiguous(),
+               "prompt_embeds_clip_skip1": pe_skip.contiguous(), "pooled_clip_skip1": pooled_skip.contiguous(),
+               "sample": sample.contiguous(), "timestep": t.contiguous(), "out": out.contiguous(),
+               "out_skip_1_2": out_skip.contiguous(), "vae_latents": latents.contiguous(),
+               "vae_decoded": decoded.contiguous()}, out_dir / f"{name}.safetensors")
+
+
+SD3_RUNS = [
+    # name, model, seed, (w, h), steps, guidance, n, negative prompt, extra
+    ("sd3_cfg_negative", "sd3", 42, (64, 64), 6, 5.0, 1, "blurry", {}),
+    ("sd3_nonsquare_n2", "sd3", 7, (48, 80), 5, 4.0, 2, None, {}),
+    ("sd3_without_t5", "sd3", 11, (64, 64), 4, 5.0, 1, None, {"t5": False}),
+    ("sd3_t5_seq_16", "sd3", 12, (80, 48), 4, 3.5, 1, "dull", {"max_sequence_length": 16}),
+    ("sd35m_slg", "sd35m", 13, (64, 64), 8, 5.0, 1, None,
+     {"skip_guidance_layers": [1, 2], "skip_layer_guidance_scale": 2.8, "skip_layer_guidance_start": 0.01,
+      "skip_layer_guidance_stop": 0.5}),
+    ("sd35m_nonsquare_slg_n2", "sd35m", 14, (80, 64), 6, 4.5, 2, "fog",
+     {"skip_guidance_layers": [2], "skip_layer_guidance_scale": 2.0, "skip_layer_guidance_start": 0.1,
+      "skip_layer_guidance_stop": 0.7}),
+    ("sd35m_turbo_style", "sd35m", 15, (64, 64), 4, 0.0, 1, None, {}),
+    ("sd35m_dynamic_shift", "sd35m", 16, (64, 48), 5, 5.0, 1, None, {"dynamic_shift": True}),
+]
+
+SD3_IMG2IMG_RUNS = [
+    # name, model, seed, (w, h), steps, strength, guidance, n
+    ("sd3_img2img", "sd3", 31, (64, 64), 8, 0.6, 5.0, 1),
+    ("sd35m_img2img_n2", "sd35m", 32, (64, 48), 6, 0.8, 4.0, 2),
+]
+
+
+def sd3_run_fixtures(models: Path, out_dir: Path):
+    from diffusers import (FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPipeline,
+                           StableDiffusion3Pipeline)
+
+    records = []
+    for name, model, seed, (w, h), steps, guidance, n, neg, extra in SD3_RUNS:
+        extra = dict(extra)
+        kwargs = {}
+        if extra.pop("t5", True) is False:
+            kwargs = dict(text_encoder_3=None, tokenizer_3=None)
+        pipe = StableDiffusion3Pipeline.from_pretrained(models / f"{model}-tiny", **kwargs)
+        if extra.pop("dynamic_shift", False):
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+                dict(pipe.scheduler.config, use_dynamic_shifting=True, base_image_seq_len=16,
+                     max_image_seq_len=256, base_shift=0.5, max_shift=1.15))
+        with torch.no_grad():
+            latents = pipe(PROMPT, negative_prompt=neg, width=w, height=h, num_inference_steps=steps,
+                           guidance_scale=guidance, num_images_per_prompt=n,
+                           generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+                           **extra).images
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor,
+                                      return_dict=False)[0]
+            pil = pipe.image_processor.postprocess(decoded, output_type="pil")
+        save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+        for i, im in enumerate(pil):
+            im.save(out_dir / f"{name}-{i}.png")
+        records.append(dict(name=name, model=model, seed=seed, width=w, height=h, steps=steps, guidance=guidance,
+                            n=n, prompt=PROMPT, negative_prompt=neg, t5="text_encoder_3" not in kwargs,
+                            **{k: v for k, v in extra.items()},
+                            scheduler_overrides=(dict(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                      max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+                                                 if name.endswith("dynamic_shift") else None)))
+    for name, model, seed, (w, h), steps, strength, guidance, n in SD3_IMG2IMG_RUNS:
+        pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(models / f"{model}-tiny")
+        image = init_image(w, h)
+        image.save(out_dir / f"{name}-init.png")
+        with torch.no_grad():
+            # width/height: SD3's img2img resizes to the model's default size otherwise.
+            latents = pipe(PROMPT, image=image, strength=strength, num_inference_steps=steps, width=w, height=h,
+                           guidance_scale=guidance, num_images_per_prompt=n,
+                           generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor,
+                                      return_dict=False)[0]
+            pil = pipe.image_processor.postprocess(decoded, output_type="pil")
+        save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+        for i, im in enumerate(pil):
+            im.save(out_dir / f"{name}-{i}.png")
+        records.append(dict(name=name, model=model, seed=seed, width=w, height=h, steps=steps, guidance=guidance,
+                            n=n, prompt=PROMPT, negative_prompt=None, t5=True, strength=strength,
+                            init_image=f"{name}-init.png", scheduler_overrides=None))
+    (out_dir / "sd3_runs.json").write_text(json.dumps(records, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    here = Path(__file__).resolve().parent
+    ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
+    ap.add_argument("--sd3", action="store_true", help="(re)build the tiny SD3 / SD3.5-medium pipelines")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.sd3:
+        for variant, seed in [("sd3", 61), ("sd35m", 62)]:
+            root = out / "models" / f"{variant}-tiny"
+            shutil.rmtree(root, ignore_errors=True)
+            pipe = build_sd3(root, variant, seed)
+            sd3_stage_fixtures(variant, pipe, out / "stages")
+        sd3_run_fixtures(out / "models", out / "runs")
+        print("SD3 fixtures written to", out)
+
+
+if __name__ == "__main__":
+    main()
