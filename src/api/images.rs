@@ -18,7 +18,9 @@ use super::{parse_json, read_body, request_id, ApiError, AppState, Caller};
 use crate::auth::SCOPE_GENERATE;
 use crate::db::{now_ms, JobImage, NewJob};
 use crate::engine::{
-    pipelines::sd::{GenerateParams, InitImage, RefinerSpec},
+    pipelines::params::{
+        GenerateParams, InitImage, RefinerSpec, SkipLayerGuidance, TransformerOptions,
+    },
     schedulers::{SamplerKind, SamplerOptions, SigmaSchedule},
     GeneratedImage,
 };
@@ -64,7 +66,8 @@ pub struct ImageGenerationRequest {
     /// An end-user id, recorded on the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    /// Extension: the sampler (default `euler_a`): any name in the model's `samplers` or
+    /// Extension: the sampler (default: the model's `default_sampler`, `euler_a` for SD 1.x/2.x/XL,
+    /// `flow_euler` for SD3): any name in the model's `samplers` or
     /// `sampler_aliases` from `GET /v1/models`, e.g. `dpmpp_2m`, `unipc`, `"DPM++ 2M Karras"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler: Option<String>,
@@ -75,7 +78,7 @@ pub struct ImageGenerationRequest {
     /// Extension: order of the multistep samplers (`dpmpp_2m`, `dpmpp_2m_sde`, `unipc`), 1 to 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub solver_order: Option<u32>,
-    /// Extension: denoising steps, 1 to 150 (default 20).
+    /// Extension: denoising steps, 1 to 150 (default: the model's `default_steps`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<u32>,
     /// Extension: seed; the same seed gives the same image as diffusers on CPU noise. Random when omitted.
@@ -84,7 +87,8 @@ pub struct ImageGenerationRequest {
     /// Extension: what to steer away from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt: Option<String>,
-    /// Extension: classifier-free guidance scale, 0 to 30 (default 7.5; ≤ 1 disables guidance).
+    /// Extension: classifier-free guidance scale, 0 to 30 (default: the model's
+    /// `default_guidance_scale`; ≤ 1 disables guidance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_scale: Option<f64>,
     /// Extension: width in pixels (overrides `size`).
@@ -111,6 +115,29 @@ pub struct ImageGenerationRequest {
     /// (same as the header `Prefer: respond-async`).
     #[serde(rename = "async", default, skip_serializing_if = "Option::is_none")]
     pub run_async: Option<bool>,
+    /// Extension (SD3): T5 prompt tokens, 1 to 512 (default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sequence_length: Option<u32>,
+    /// Extension (SD3.5): Skip Layer Guidance. Fields left out take Stability's recommendation
+    /// for SD3.5 Medium (layers 7, 8, 9; scale 2.8; start 0.01; stop 0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_layer_guidance: Option<SkipLayerGuidanceRequest>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SkipLayerGuidanceRequest {
+    /// Transformer blocks to leave out of the guidance pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    /// Fraction of the steps where it starts (exclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<f64>,
+    /// Fraction of the steps where it stops (exclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<f64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -266,7 +293,7 @@ fn validate(
             ));
         }
     }
-    let steps = req.steps.unwrap_or(20) as usize;
+    let steps = req.steps.map_or(model.default_steps, |s| s as usize);
     if steps == 0 || steps > limits.max_steps {
         return Err(ApiError::invalid(
             "steps",
@@ -276,7 +303,7 @@ fn validate(
             ),
         ));
     }
-    let guidance = req.guidance_scale.unwrap_or(7.5);
+    let guidance = req.guidance_scale.unwrap_or(model.default_guidance_scale);
     if !guidance.is_finite() || !(0.0..=30.0).contains(&guidance) {
         return Err(ApiError::invalid(
             "guidance_scale",
@@ -284,7 +311,7 @@ fn validate(
         ));
     }
     let (sampler, named_schedule) =
-        SamplerKind::parse_with_schedule(req.sampler.as_deref().unwrap_or("euler_a"))
+        SamplerKind::parse_with_schedule(req.sampler.as_deref().unwrap_or(&model.default_sampler))
             .map_err(|e| ApiError::from(e).with_param("sampler"))?;
     let schedule = match (req.schedule.as_deref(), named_schedule) {
         (Some(s), named) => {
@@ -419,9 +446,10 @@ fn validate(
         }
         None => None,
     };
+    let transformer = transformer_options(req, model)?;
     Ok(Validated {
         params: GenerateParams {
-            transformer: Default::default(),
+            transformer,
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone(),
             width,
@@ -441,6 +469,47 @@ fn validate(
         format,
         as_url: req.response_format.as_deref() == Some("url"),
         jpeg_quality: req.output_compression.unwrap_or(100).max(1),
+    })
+}
+
+/// The diffusion-transformer extensions, refused for models that do not read them.
+fn transformer_options(
+    req: &ImageGenerationRequest,
+    model: &ModelInfo,
+) -> Result<TransformerOptions, ApiError> {
+    let is_sd3 = model.family == "sd3";
+    if !is_sd3 && req.max_sequence_length.is_some() {
+        return Err(crate::engine::EngineError::Incompatible {
+            param: "max_sequence_length",
+            message: format!("model `{}` has no T5 text encoder", model.id),
+        }
+        .into());
+    }
+    let skip_layer_guidance = match &req.skip_layer_guidance {
+        None => None,
+        Some(_) if !is_sd3 => {
+            return Err(crate::engine::EngineError::Incompatible {
+                param: "skip_layer_guidance",
+                message: format!("Skip Layer Guidance is for SD3 models, not `{}`", model.id),
+            }
+            .into())
+        }
+        Some(r) => {
+            let base = SkipLayerGuidance::sd35_medium();
+            Some(SkipLayerGuidance {
+                layers: r
+                    .layers
+                    .as_ref()
+                    .map_or(base.layers, |l| l.iter().map(|&x| x as usize).collect()),
+                scale: r.scale.unwrap_or(base.scale),
+                start: r.start.unwrap_or(base.start),
+                stop: r.stop.unwrap_or(base.stop),
+            })
+        }
+    };
+    Ok(TransformerOptions {
+        max_sequence_length: req.max_sequence_length.map(|n| n as usize),
+        skip_layer_guidance,
     })
 }
 

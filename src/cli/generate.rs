@@ -7,7 +7,10 @@ use super::CommonArgs;
 use crate::engine::{
     self, demo,
     loader::{self, ModelSource},
-    pipelines::sd::{GenerateParams, InitImage, StableDiffusion},
+    pipelines::{
+        params::{GenerateParams, InitImage, SkipLayerGuidance, TransformerOptions},
+        read_card, LoadOptions, Pipeline,
+    },
     GeneratedImage,
 };
 
@@ -23,20 +26,32 @@ pub struct GenerateArgs {
     /// Random seed; a random one is drawn (and printed) when omitted.
     #[arg(long)]
     pub seed: Option<u64>,
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
+    /// Denoising steps (default: the model's, e.g. 20 for SD 1.x/2.x/XL, 28 for SD3.5 Large).
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// euler, euler_a, heun, lms, ddim, ddpm, pndm, dpm_2, dpm_2_a, dpmpp_2m, dpmpp_2m_sde, unipc, lcm
-    /// (A1111/ComfyUI names such as "DPM++ 2M Karras" or "UniPC" work too).
-    #[arg(long, default_value = "euler_a")]
-    pub sampler: String,
+    /// for SD 1.x/2.x/XL, flow_euler for SD3 (A1111/ComfyUI names such as "DPM++ 2M Karras" or
+    /// "UniPC" work too). Default: euler_a, or flow_euler for SD3.
+    #[arg(long)]
+    pub sampler: Option<String>,
     /// default, karras, exponential, beta or sgm_uniform (where the sampler offers it).
     #[arg(long, default_value = "default")]
     pub schedule: String,
     /// Order of the multistep samplers (dpmpp_2m, dpmpp_2m_sde, unipc): 1, 2 or 3.
     #[arg(long)]
     pub solver_order: Option<usize>,
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
+    /// Classifier-free guidance (default: the model's, 7.5 for SD 1.x/2.x/XL).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// SD3: T5 prompt tokens (default 256).
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
+    /// SD3.5: Skip Layer Guidance with Stability's settings for SD3.5 Medium (layers 7, 8, 9).
+    #[arg(long)]
+    pub skip_layer_guidance: bool,
+    /// SD3: load without the T5 text encoder (saves ~9 GB; zeros in its place, as diffusers).
+    #[arg(long)]
+    pub without_t5: bool,
     /// Image width; the model's native size when omitted (512 for SD1.5, 768 for SD2.1).
     #[arg(long)]
     pub width: Option<usize>,
@@ -143,15 +158,25 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     let device = engine::parse_device(&args.device)?;
     let dtype = engine::parse_dtype(&args.dtype)?;
     // Check cheap arguments before loading (or downloading) a model.
-    let (sampler, named_schedule) =
-        crate::engine::schedulers::SamplerKind::parse_with_schedule(&args.sampler)?;
+    if let Some(name) = &args.sampler {
+        crate::engine::schedulers::SamplerKind::parse_with_schedule(name)?;
+    }
     let dir = resolve_model(common, args.model.as_deref(), dtype)?;
+    let card = read_card(&dir, args.model.as_deref().unwrap_or_default())?;
+    let (sampler, named_schedule) = crate::engine::schedulers::SamplerKind::parse_with_schedule(
+        args.sampler
+            .as_deref()
+            .unwrap_or(card.default_sampler.name()),
+    )?;
     let load_start = std::time::Instant::now();
-    let pipeline = StableDiffusion::load(&dir, &device, dtype)?;
+    let options = LoadOptions {
+        without_t5: args.without_t5,
+    };
+    let pipeline = Pipeline::load(&dir, &device, dtype, options)?;
     tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");
     let init = match &args.init_image {
         Some(path) => Some(
-            load_init_image(path, args.width, args.height, pipeline.vae_scale())
+            load_init_image(path, args.width, args.height, card.size_multiple)
                 .with_context(|| format!("--init-image {}", path.display()))?,
         ),
         None => {
@@ -194,13 +219,18 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         ),
     };
     let params = GenerateParams {
-        transformer: Default::default(),
+        transformer: TransformerOptions {
+            max_sequence_length: args.max_sequence_length,
+            skip_layer_guidance: args
+                .skip_layer_guidance
+                .then(SkipLayerGuidance::sd35_medium),
+        },
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         width,
         height,
-        steps: args.steps,
-        guidance_scale: args.guidance,
+        steps: args.steps.unwrap_or(card.default_steps),
+        guidance_scale: args.guidance.unwrap_or(card.default_guidance),
         seed: args.seed.unwrap_or_else(rand_seed),
         sampler,
         schedule: match named_schedule {
@@ -234,7 +264,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     let generated = match &args.refiner {
         Some(spec) => {
             let refiner_dir = resolve_model(common, Some(spec), dtype)?;
-            let refiner = StableDiffusion::load(&refiner_dir, &device, dtype)?;
+            let refiner = Pipeline::load(&refiner_dir, &device, dtype, options)?;
             pipeline.generate_with_refiner(&refiner, &params, args.refiner_switch, &mut report)?
         }
         None => pipeline.generate(&params, &mut report)?,

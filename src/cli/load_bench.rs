@@ -192,6 +192,7 @@ pub fn run(common: &CommonArgs, settings: LoadSettings) -> anyhow::Result<()> {
             data_dir: data_dir.clone(),
             models: vec![ModelSpec {
                 source: ModelSource::Local(model_root.clone()),
+                options: Default::default(),
             }],
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,

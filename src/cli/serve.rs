@@ -8,6 +8,7 @@ use serde::Deserialize;
 use super::CommonArgs;
 use crate::api::Limits;
 use crate::auth::AuthSettings;
+use crate::engine::pipelines::LoadOptions;
 use crate::engine::{self, demo, loader::ModelSource};
 use crate::jobs::{MemoryBudget, ModelSpec};
 use crate::server::{self, ServerConfig};
@@ -25,6 +26,10 @@ pub struct ServeArgs {
     /// Models to serve (folder or repo id), repeatable; the first is the default. The embedded demo model when none.
     #[arg(long = "model", env = "CANDELA_MODEL", value_delimiter = ',')]
     pub models: Vec<String>,
+    /// SD3 models: leave the T5-XXL text encoder out (saves ~9 GB in f16; prompts lose T5's
+    /// part, zeros as in diffusers with `text_encoder_3=None`).
+    #[arg(long, env = "CANDELA_WITHOUT_T5")]
+    pub without_t5: bool,
     #[arg(long, env = "CANDELA_DEVICE")]
     pub device: Option<String>,
     #[arg(long, env = "CANDELA_DTYPE")]
@@ -129,9 +134,13 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
     } else {
         args.models.clone()
     };
+    let load_options = LoadOptions {
+        without_t5: args.without_t5,
+    };
     let models = if model_specs.is_empty() {
         vec![ModelSpec {
             source: ModelSource::Local(demo::install(&common.data_dir.join("models"))?),
+            options: load_options,
         }]
     } else {
         model_specs
@@ -139,6 +148,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
             .map(|s| {
                 Ok(ModelSpec {
                     source: ModelSource::parse(s)?,
+                    options: load_options,
                 })
             })
             .collect::<anyhow::Result<_>>()?

@@ -8,6 +8,12 @@
 //! * feature maps kept for the skip connections and the ResNet temporaries, counted as
 //!   24 tensors of the first block's size: `24 · r · T · C₀ · s`.
 //!
+//! SD3 / diffusion transformers, with `T` = image tokens (H/16)·(W/16) + text tokens (77 CLIP +
+//! the T5 length, 256 by default) and `D` the transformer width: joint attention materialises
+//! `2 · r · heads · T² · s` (SD3.5 Large, 1024², CFG, f16: 6.0 GB — the reason fused attention
+//! matters on GPUs), plus `16 · r · T · D · s` for the block's live tensors (q, k, v, the 4·D MLP
+//! hidden state, residuals).
+//!
 //! VAE decoding (one image at a time) needs `4 · C_max · H · W · s` for the full-resolution
 //! feature maps plus `2 · T² · s` for the single-head mid-block attention. The job needs the
 //! larger of the two phases. These coefficients are an upper-bound model, to be calibrated
@@ -17,57 +23,98 @@ use candle_core::DType;
 
 use crate::engine::error::Result;
 use crate::engine::loader::{weights::SafetensorsFile, ModelDir};
-use crate::engine::models::{unet::UNetConfig, vae::VaeConfig};
+use crate::engine::models::{mmdit::Sd3TransformerConfig, unet::UNetConfig, vae::VaeConfig};
+use crate::engine::pipelines::LoadOptions;
 
-/// What one Stable Diffusion model needs on a device.
+/// The denoiser's shape, as far as working memory goes.
 #[derive(Debug, Clone)]
-pub struct SdFootprint {
+enum Denoiser {
+    Unet {
+        heads: usize,
+        channels: usize,
+    },
+    Transformer {
+        heads: usize,
+        width: usize,
+        patch: usize,
+        text_tokens: usize,
+    },
+}
+
+/// What one model needs on a device.
+#[derive(Debug, Clone)]
+pub struct Footprint {
     /// (component folder, resident bytes at the load dtype)
     pub components: Vec<(String, u64)>,
-    heads: usize,
-    channels: usize,
+    denoiser: Denoiser,
     vae_channels: usize,
     latent_scale: usize,
     dtype_bytes: usize,
 }
 
-impl SdFootprint {
-    pub fn read(dir: &ModelDir, dtype: DType) -> Result<Self> {
+impl Footprint {
+    pub fn read(dir: &ModelDir, dtype: DType, options: LoadOptions) -> Result<Self> {
         let mut components = Vec::new();
+        let is_transformer = dir.file("transformer/config.json").is_file();
+        let denoiser_folder = if is_transformer {
+            "transformer"
+        } else {
+            "unet"
+        };
         for (folder, stem) in [
             ("text_encoder", "text_encoder/model"),
             ("text_encoder_2", "text_encoder_2/model"),
-            ("unet", "unet/diffusion_pytorch_model"),
+            ("text_encoder_3", "text_encoder_3/model"),
+            (denoiser_folder, ""),
             ("vae", "vae/diffusion_pytorch_model"),
         ] {
-            // Text encoders are optional: SD has no second one, the SDXL refiner no first one.
-            if folder.starts_with("text_encoder")
-                && !dir.file(&format!("{folder}/config.json")).is_file()
-            {
-                continue;
+            // Text encoders are optional: SD has no second one, the SDXL refiner no first one,
+            // SD3 may run without T5.
+            if folder.starts_with("text_encoder") {
+                if !dir.file(&format!("{folder}/config.json")).is_file()
+                    || (folder == "text_encoder_3" && options.without_t5)
+                {
+                    continue;
+                }
             }
-            let file = SafetensorsFile::open(&dir.weights(stem)?)?;
+            let stem = if stem.is_empty() {
+                format!("{folder}/diffusion_pytorch_model")
+            } else {
+                stem.to_string()
+            };
+            let file = SafetensorsFile::open(&dir.weights(&stem)?)?;
             components.push((folder.to_string(), file.loaded_bytes(dtype)));
         }
-        let unet: UNetConfig = dir.read_json("unet/config.json")?;
+        let denoiser = if is_transformer {
+            let c: Sd3TransformerConfig = dir.read_json("transformer/config.json")?;
+            Denoiser::Transformer {
+                heads: c.num_attention_heads,
+                width: c.inner_dim(),
+                patch: c.patch_size,
+                text_tokens: 77 + crate::engine::pipelines::sd3::DEFAULT_T5_TOKENS,
+            }
+        } else {
+            let unet: UNetConfig = dir.read_json("unet/config.json")?;
+            // diffusers' quirk: `attention_head_dim` is the head count unless
+            // `num_attention_heads` is set.
+            let heads = unet
+                .num_attention_heads
+                .as_ref()
+                .unwrap_or(&unet.attention_head_dim)
+                .expand(unet.block_out_channels.len())
+                .and_then(|h| h.first().copied())
+                .unwrap_or(8);
+            Denoiser::Unet {
+                heads,
+                channels: unet.block_out_channels.first().copied().unwrap_or(320),
+            }
+        };
         let vae: VaeConfig = dir.read_json("vae/config.json")?;
-        let channels = unet.block_out_channels.first().copied().unwrap_or(320);
-        // diffusers' quirk: `attention_head_dim` is the head count unless `num_attention_heads` is set.
-        let heads = unet
-            .num_attention_heads
-            .as_ref()
-            .unwrap_or(&unet.attention_head_dim)
-            .expand(unet.block_out_channels.len())
-            .and_then(|h| h.first().copied())
-            .unwrap_or(8);
-        let vae_channels = vae.block_out_channels.iter().copied().max().unwrap_or(512);
-        let latent_scale = vae.scale_factor();
         Ok(Self {
             components,
-            heads,
-            channels,
-            vae_channels,
-            latent_scale,
+            denoiser,
+            vae_channels: vae.block_out_channels.iter().copied().max().unwrap_or(512),
+            latent_scale: vae.scale_factor(),
             dtype_bytes: dtype.size_in_bytes(),
         })
     }
@@ -84,13 +131,26 @@ impl SdFootprint {
     /// Working memory of one denoising run of `rows` images at `width`×`height`.
     pub fn activation_bytes(&self, rows: usize, width: usize, height: usize, cfg: bool) -> u64 {
         let s = self.dtype_bytes as u64;
-        let tokens =
-            ((width / self.latent_scale.max(1)) * (height / self.latent_scale.max(1))) as u64;
+        let scale = self.latent_scale.max(1);
+        let latent_tokens = ((width / scale) * (height / scale)) as u64;
         let r = (rows * if cfg { 2 } else { 1 }) as u64;
-        let unet = 2 * r * self.heads as u64 * tokens * tokens * s
-            + 24 * r * tokens * self.channels as u64 * s;
-        let vae =
-            4 * self.vae_channels as u64 * (width * height) as u64 * s + 2 * tokens * tokens * s;
-        unet.max(vae)
+        let denoise = match self.denoiser {
+            Denoiser::Unet { heads, channels } => {
+                2 * r * heads as u64 * latent_tokens * latent_tokens * s
+                    + 24 * r * latent_tokens * channels as u64 * s
+            }
+            Denoiser::Transformer {
+                heads,
+                width,
+                patch,
+                text_tokens,
+            } => {
+                let t = latent_tokens / (patch * patch).max(1) as u64 + text_tokens as u64;
+                2 * r * heads as u64 * t * t * s + 16 * r * t * width as u64 * s
+            }
+        };
+        let vae = 4 * self.vae_channels as u64 * (width * height) as u64 * s
+            + 2 * latent_tokens * latent_tokens * s;
+        denoise.max(vae)
     }
 }

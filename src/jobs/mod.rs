@@ -20,9 +20,12 @@ use utoipa::ToSchema;
 
 use crate::engine::{
     loader::{self, HubOptions, ModelDir, ModelSource},
-    memory::SdFootprint,
-    pipelines::sd::{BatchKey, GenerateParams},
-    schedulers::{PredictionType, SamplerKind, SchedulerConfig, SigmaSchedule},
+    memory::Footprint,
+    pipelines::{
+        params::{BatchKey, GenerateParams},
+        read_card, LoadOptions,
+    },
+    schedulers::{SamplerKind, SchedulerConfig, SigmaSchedule},
     EngineError, GeneratedImage,
 };
 use budget::Residency;
@@ -34,8 +37,15 @@ use queue::FairQueue;
 pub struct ModelInfo {
     pub id: String,
     /// `sd1` / `sd2` (epsilon vs v-prediction SD 1.x/2.x-shaped) / `sdxl` / `sdxl_refiner`
-    /// (refines pictures only).
+    /// (refines pictures only) / `sd3` (SD3 and SD3.5).
     pub family: String,
+    /// A finer name where the family has several: `sd3-medium`, `sd3.5-medium`, `sd3.5-large`,
+    /// `sd3.5-large-turbo` (told from Large by "turbo" in the model's name).
+    pub variant: String,
+    /// What a request that names none gets.
+    pub default_sampler: String,
+    pub default_steps: usize,
+    pub default_guidance_scale: f64,
     pub default_width: usize,
     pub default_height: usize,
     /// Width and height must be multiples of this.
@@ -54,6 +64,7 @@ pub struct ModelInfo {
 
 pub struct ModelSpec {
     pub source: ModelSource,
+    pub options: LoadOptions,
 }
 
 /// How the engine runs: device, memory budget, queue and batching limits.
@@ -279,7 +290,8 @@ impl Shared {
 struct Catalogued {
     info: ModelInfo,
     dir: ModelDir,
-    footprint: SdFootprint,
+    footprint: Footprint,
+    options: LoadOptions,
 }
 
 /// Clonable handle to the engine.
@@ -305,12 +317,13 @@ impl EngineHandle {
                     .await
                     .map_err(|e| EngineError::Internal(format!("model resolution: {e}")))??
             };
-            let footprint = SdFootprint::read(&dir, config.dtype)?;
+            let footprint = Footprint::read(&dir, config.dtype, spec.options)?;
             let info = describe(&name, &dir, &footprint)?;
             catalog.push(Catalogued {
                 info,
                 dir,
                 footprint,
+                options: spec.options,
             });
         }
         let metrics = Metrics::default();
@@ -589,32 +602,25 @@ fn device_label(device: &Device) -> String {
 }
 
 /// A model's capabilities from its configs (no weights loaded).
-fn describe(name: &str, dir: &ModelDir, footprint: &SdFootprint) -> Result<ModelInfo, EngineError> {
+fn describe(name: &str, dir: &ModelDir, footprint: &Footprint) -> Result<ModelInfo, EngineError> {
     let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
     scheduler.check()?;
-    let unet: serde_json::Value = dir.read_json("unet/config.json")?;
-    let scale = footprint.latent_scale();
-    let sample = unet["sample_size"].as_u64().unwrap_or(64) as usize;
-    let default_size = sample * scale;
-    let prediction = scheduler.prediction_type();
-    let index: serde_json::Value = dir.read_json("model_index.json")?;
-    let is_xl = index["_class_name"]
-        .as_str()
-        .is_some_and(|c| c.starts_with("StableDiffusionXL"));
+    let card = read_card(dir, name)?;
+    let default_size = card.default_size;
+    let flow = card.family.is_flow();
     Ok(ModelInfo {
         id: name.to_string(),
-        family: match (is_xl, prediction) {
-            (true, _) if index["requires_aesthetics_score"] == true => "sdxl_refiner".into(),
-            (true, _) => "sdxl".into(),
-            (false, PredictionType::VPrediction) => "sd2".into(),
-            _ => "sd1".into(),
-        },
+        family: card.family.name().into(),
+        variant: card.variant.clone(),
+        default_sampler: card.default_sampler.name().into(),
+        default_steps: card.default_steps,
+        default_guidance_scale: card.default_guidance,
         default_width: default_size,
         default_height: default_size,
-        size_multiple: scale,
+        size_multiple: card.size_multiple,
         samplers: SamplerKind::ALL
             .iter()
-            .filter(|k| !k.is_flow())
+            .filter(|k| k.is_flow() == flow)
             .map(|k| k.name().to_string())
             .collect(),
         sampler_aliases: SamplerKind::accepted_names(),
@@ -622,10 +628,14 @@ fn describe(name: &str, dir: &ModelDir, footprint: &SdFootprint) -> Result<Model
             .iter()
             .map(|s| s.name().to_string())
             .collect(),
-        prediction_type: serde_json::to_value(prediction)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
+        prediction_type: if flow {
+            "flow".into()
+        } else {
+            serde_json::to_value(scheduler.prediction_type())
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        },
         weights_bytes: footprint.weights_bytes(),
         default_working_bytes: footprint.activation_bytes(1, default_size, default_size, true),
     })

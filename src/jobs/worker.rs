@@ -11,7 +11,7 @@ use super::{
     announce_positions, metrics, Catalogued, GenerateOutput, JobEvent, Outcome, Pending, QueueKey,
     Shared,
 };
-use crate::engine::pipelines::sd::{GenerateParams, StableDiffusion};
+use crate::engine::pipelines::{params::GenerateParams, Pipeline};
 use crate::engine::{EngineError, Progress};
 
 type Batch = Vec<super::queue::Entry<Pending, QueueKey>>;
@@ -19,7 +19,7 @@ type Batch = Vec<super::queue::Entry<Pending, QueueKey>>;
 struct Worker {
     shared: Arc<Shared>,
     catalog: Arc<Vec<Catalogued>>,
-    loaded: HashMap<String, StableDiffusion>,
+    loaded: HashMap<String, Pipeline>,
 }
 
 pub(super) fn spawn(
@@ -82,7 +82,7 @@ impl Worker {
     fn load(&mut self, model: &Catalogued) -> Result<(), EngineError> {
         let started = Instant::now();
         let config = &self.shared.config;
-        let pipeline = StableDiffusion::load(&model.dir, &config.device, config.dtype)?;
+        let pipeline = Pipeline::load(&model.dir, &config.device, config.dtype, model.options)?;
         self.loaded.insert(model.info.id.clone(), pipeline);
         self.shared
             .lock()

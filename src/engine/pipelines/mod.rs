@@ -41,3 +41,246 @@ pub(crate) fn check_common(p: &GenerateParams, train_steps: usize) -> Result<()>
     }
     Ok(())
 }
+
+use crate::engine::loader::ModelDir;
+use crate::engine::schedulers::SamplerKind;
+use crate::engine::{GeneratedImage, Progress};
+use params::SkipLayerGuidance;
+use sd::{Generated, StableDiffusion};
+use sd3::{Sd3LoadOptions, StableDiffusion3};
+
+/// Which pipeline a model folder needs, from `model_index.json` (and, for the SD families, the
+/// scheduler's prediction type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Sd1,
+    Sd2,
+    Sdxl,
+    SdxlRefiner,
+    Sd3,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sd1 => "sd1",
+            Self::Sd2 => "sd2",
+            Self::Sdxl => "sdxl",
+            Self::SdxlRefiner => "sdxl_refiner",
+            Self::Sd3 => "sd3",
+        }
+    }
+
+    /// Flow-matching models (SD3, FLUX) take flow samplers only.
+    pub fn is_flow(self) -> bool {
+        matches!(self, Self::Sd3)
+    }
+}
+
+/// What a model is and how it is used by default, read from its configs (no weights).
+#[derive(Debug, Clone)]
+pub struct ModelCard {
+    pub family: Family,
+    /// A finer name where the family has several (`sd3-medium`, `sd3.5-medium`, `sd3.5-large`,
+    /// `sd3.5-large-turbo`).
+    pub variant: String,
+    pub default_size: usize,
+    pub size_multiple: usize,
+    pub default_sampler: SamplerKind,
+    pub default_steps: usize,
+    pub default_guidance: f64,
+    /// The Skip Layer Guidance the model's makers recommend (on request only).
+    pub recommended_skip_layer_guidance: Option<SkipLayerGuidance>,
+}
+
+#[derive(serde::Deserialize)]
+struct IndexHead {
+    #[serde(rename = "_class_name")]
+    class_name: String,
+    #[serde(default)]
+    requires_aesthetics_score: Option<bool>,
+}
+
+/// Read what `dir` holds. `name` (the folder or repo id) tells SD3.5 Large Turbo from Large,
+/// which share every config.
+pub fn read_card(dir: &ModelDir, name: &str) -> Result<ModelCard> {
+    let index: IndexHead = dir.read_json("model_index.json")?;
+    let class = index.class_name.as_str();
+    if sd3::SD3_PIPELINES.contains(&class) {
+        let config: crate::engine::models::mmdit::Sd3TransformerConfig =
+            dir.read_json("transformer/config.json")?;
+        let vae: crate::engine::models::vae::VaeConfig = dir.read_json("vae/config.json")?;
+        let scale = vae.scale_factor();
+        let turbo = name.to_ascii_lowercase().contains("turbo");
+        // Stability's recommended settings per variant (model cards).
+        let (variant, steps, guidance, slg) = if !config.dual_attention_layers.is_empty() {
+            (
+                "sd3.5-medium",
+                40,
+                4.5,
+                Some(SkipLayerGuidance::sd35_medium()),
+            )
+        } else if config.qk_norm.is_some() && turbo {
+            ("sd3.5-large-turbo", 4, 0.0, None)
+        } else if config.qk_norm.is_some() {
+            ("sd3.5-large", 28, 3.5, None)
+        } else {
+            ("sd3-medium", 28, 7.0, None)
+        };
+        return Ok(ModelCard {
+            family: Family::Sd3,
+            variant: variant.into(),
+            default_size: config.sample_size * scale,
+            size_multiple: scale * config.patch_size,
+            default_sampler: SamplerKind::FlowEuler,
+            default_steps: steps,
+            default_guidance: guidance,
+            recommended_skip_layer_guidance: slg,
+        });
+    }
+    let scheduler: crate::engine::schedulers::SchedulerConfig =
+        dir.read_json("scheduler/scheduler_config.json")?;
+    let unet: serde_json::Value = dir.read_json("unet/config.json")?;
+    let vae: crate::engine::models::vae::VaeConfig = dir.read_json("vae/config.json")?;
+    let scale = vae.scale_factor();
+    let family = if class.starts_with("StableDiffusionXL") {
+        if index.requires_aesthetics_score == Some(true) {
+            Family::SdxlRefiner
+        } else {
+            Family::Sdxl
+        }
+    } else if scheduler.prediction_type() == crate::engine::schedulers::PredictionType::VPrediction
+    {
+        Family::Sd2
+    } else {
+        Family::Sd1
+    };
+    Ok(ModelCard {
+        family,
+        variant: family.name().into(),
+        default_size: unet["sample_size"].as_u64().unwrap_or(64) as usize * scale,
+        size_multiple: scale,
+        default_sampler: SamplerKind::EulerA,
+        default_steps: 20,
+        default_guidance: 7.5,
+        recommended_skip_layer_guidance: None,
+    })
+}
+
+/// How to load a model (options that apply to some families only).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// SD3: leave T5-XXL out (see [`Sd3LoadOptions::without_t5`]).
+    pub without_t5: bool,
+}
+
+/// A loaded model of any family. Each variant is `Send + Sync`, so the scheduler's worker can own
+/// it and move it between threads.
+pub enum Pipeline {
+    Sd(StableDiffusion),
+    Sd3(StableDiffusion3),
+}
+
+impl Pipeline {
+    pub fn load(
+        dir: &ModelDir,
+        device: &Device,
+        dtype: DType,
+        options: LoadOptions,
+    ) -> Result<Self> {
+        Self::build(dir, device, dtype, options, false)
+    }
+
+    /// The architecture with random weights (benchmarks).
+    pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
+        Self::build(dir, device, dtype, LoadOptions::default(), true)
+    }
+
+    fn build(
+        dir: &ModelDir,
+        device: &Device,
+        dtype: DType,
+        options: LoadOptions,
+        random: bool,
+    ) -> Result<Self> {
+        let card = read_card(dir, "")?;
+        Ok(match (card.family, random) {
+            (Family::Sd3, false) => Self::Sd3(StableDiffusion3::load(
+                dir,
+                device,
+                dtype,
+                Sd3LoadOptions {
+                    without_t5: options.without_t5,
+                },
+            )?),
+            (Family::Sd3, true) => {
+                Self::Sd3(StableDiffusion3::with_random_weights(dir, device, dtype)?)
+            }
+            (_, false) => Self::Sd(StableDiffusion::load(dir, device, dtype)?),
+            (_, true) => Self::Sd(StableDiffusion::with_random_weights(dir, device, dtype)?),
+        })
+    }
+
+    pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        match self {
+            Self::Sd(m) => m.validate(p),
+            Self::Sd3(m) => m.validate(p),
+        }
+    }
+
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Generated> {
+        match self {
+            Self::Sd(m) => m.generate(p, progress),
+            Self::Sd3(m) => m.generate(p, progress),
+        }
+    }
+
+    pub fn generate_batch(
+        &self,
+        requests: &[GenerateParams],
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<Generated>> {
+        match self {
+            Self::Sd(m) => m.generate_batch(requests, progress),
+            Self::Sd3(m) => m.generate_batch(requests, progress),
+        }
+    }
+
+    /// SDXL base + refiner; both must be Stable Diffusion (UNet) pipelines.
+    pub fn generate_with_refiner(
+        &self,
+        refiner: &Pipeline,
+        p: &GenerateParams,
+        switch: f64,
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Generated> {
+        match (self, refiner) {
+            (Self::Sd(base), Self::Sd(refiner)) => {
+                base.generate_with_refiner(refiner, p, switch, progress)
+            }
+            _ => Err(EngineError::Incompatible {
+                param: "refiner",
+                message: "a refiner follows an SDXL base model".into(),
+            }),
+        }
+    }
+
+    pub fn decode_to_images(&self, latents: &candle_core::Tensor) -> Result<Vec<GeneratedImage>> {
+        match self {
+            Self::Sd(m) => m.decode_to_images(latents),
+            Self::Sd3(m) => m.vae().decode_to_images(latents),
+        }
+    }
+
+    /// The image side the model was trained at.
+    pub fn default_size(&self) -> usize {
+        match self {
+            Self::Sd(m) => m.default_size(),
+            Self::Sd3(m) => m.default_size(),
+        }
+    }
+}
