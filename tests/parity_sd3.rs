@@ -186,6 +186,7 @@ fn sd3_runs_match_diffusers() {
             stage: None,
             refiner: None,
             transformer: TransformerOptions {
+                true_cfg_scale: None,
                 max_sequence_length: run.max_sequence_length,
                 skip_layer_guidance: run.skip_guidance_layers.as_ref().map(|layers| {
                     SkipLayerGuidance {

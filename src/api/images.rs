@@ -508,6 +508,7 @@ fn transformer_options(
         }
     };
     Ok(TransformerOptions {
+        true_cfg_scale: None,
         max_sequence_length: req.max_sequence_length.map(|n| n as usize),
         skip_layer_guidance,
     })

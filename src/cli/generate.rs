@@ -220,6 +220,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     };
     let params = GenerateParams {
         transformer: TransformerOptions {
+            true_cfg_scale: None,
             max_sequence_length: args.max_sequence_length,
             skip_layer_guidance: args
                 .skip_layer_guidance

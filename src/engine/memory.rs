@@ -23,7 +23,9 @@ use candle_core::DType;
 
 use crate::engine::error::Result;
 use crate::engine::loader::{weights::SafetensorsFile, ModelDir};
-use crate::engine::models::{mmdit::Sd3TransformerConfig, unet::UNetConfig, vae::VaeConfig};
+use crate::engine::models::{
+    flux::FluxTransformerConfig, mmdit::Sd3TransformerConfig, unet::UNetConfig, vae::VaeConfig,
+};
 use crate::engine::pipelines::LoadOptions;
 
 /// The denoiser's shape, as far as working memory goes.
@@ -82,10 +84,24 @@ impl Footprint {
             } else {
                 stem.to_string()
             };
-            let file = SafetensorsFile::open(&dir.weights(&stem)?)?;
+            let file = SafetensorsFile::open_component(dir, &stem)?;
             components.push((folder.to_string(), file.loaded_bytes(dtype)));
         }
-        let denoiser = if is_transformer {
+        let class: serde_json::Value = if is_transformer {
+            dir.read_json("transformer/config.json")?
+        } else {
+            serde_json::Value::Null
+        };
+        let denoiser = if class["_class_name"] == "FluxTransformer2DModel" {
+            let c: FluxTransformerConfig = dir.read_json("transformer/config.json")?;
+            Denoiser::Transformer {
+                heads: c.num_attention_heads,
+                width: c.inner_dim(),
+                // 2×2 latent packing: one token per four latents.
+                patch: 2,
+                text_tokens: crate::engine::pipelines::flux::default_t5_tokens(c.guidance_embeds),
+            }
+        } else if is_transformer {
             let c: Sd3TransformerConfig = dir.read_json("transformer/config.json")?;
             Denoiser::Transformer {
                 heads: c.num_attention_heads,

@@ -213,11 +213,125 @@ def sd3_run_fixtures(models: Path, out_dir: Path):
     (out_dir / "sd3_runs.json").write_text(json.dumps(records, indent=1))
 
 
+# --- FLUX.1 ----------------------------------------------------------------------------------
+
+FLUX_VARIANTS = {
+    # dev: guidance-distilled (guidance embedding), resolution-dependent shift; schnell: neither.
+    "flux-dev": dict(guidance_embeds=True, scheduler=dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                          max_shift=1.15, base_image_seq_len=16,
+                                                          max_image_seq_len=256)),
+    "flux-schnell": dict(guidance_embeds=False, scheduler=dict(shift=1.0, use_dynamic_shifting=False)),
+}
+
+
+def build_flux(root: Path, variant: str, seed: int):
+    """FLUX's component set at toy size: CLIP-L-like encoder (pooled output only), T5, the Flux
+    transformer (double + single blocks, rope axes summing to the head size) saved in shards
+    with an index as the real repo, the 16-channel VAE with FLUX's scale and shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vocab_size = write_tiny_tokenizer(root / "tokenizer", "<|endoftext|>")
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", projection_dim=32, bos_token_id=vocab_size - 2,
+                                        eos_token_id=vocab_size - 1, pad_token_id=1, layer_norm_eps=1e-5)).eval()
+    jitter_1d_params(clip, gen)
+    tokenizer_2, t5 = build_t5(root, seed + 100, d_model=48, tokenizer_folder="tokenizer_2",
+                               encoder_folder="text_encoder_2")
+    options = FLUX_VARIANTS[variant]
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                         pooled_projection_dim=32, guidance_embeds=options["guidance_embeds"],
+                                         axes_dims_rope=(4, 6, 6)).eval()
+    jitter_1d_params(transformer, gen)
+    vae = tiny_vae16(gen)
+    vae.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **options["scheduler"])
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip,
+                        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"), text_encoder_2=t5,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(root, safe_serialization=True)
+    # The real repos shard the transformer and T5: re-save both in several files with an index.
+    for folder, model, stem, shard in [("transformer", transformer, "diffusion_pytorch_model", "150KB"),
+                                       ("text_encoder_2", t5, "model", "30KB")]:
+        (root / folder / f"{stem}.safetensors").unlink()
+        model.save_pretrained(root / folder, safe_serialization=True, max_shard_size=shard)
+        assert (root / folder / f"{stem}.safetensors.index.json").exists(), folder
+    for extra in ["tokenizer.json", "added_tokens.json", "chat_template.jinja"]:
+        p = root / "tokenizer" / extra
+        if p.exists():
+            p.unlink()
+    write_tiny_tokenizer(root / "tokenizer", "<|endoftext|>")
+    te_file = root / "text_encoder" / "model.safetensors"
+    state = load_file(te_file)
+    if not any(k.startswith("text_model.") for k in state):
+        save_file({"text_model." + k: v for k, v in state.items()}, te_file, metadata={"format": "pt"})
+    return FluxPipeline.from_pretrained(root)
+
+
+def flux_stage_fixtures(name: str, pipe, out_dir: Path):
+    g = torch.Generator().manual_seed(22)
+    with torch.no_grad():
+        pe, pooled, _ = pipe.encode_prompt("a red fox in the snow", prompt_2=None, max_sequence_length=24)
+        h, w = 6, 4  # latent grid: 48x32 pixels
+        latents = torch.randn((2, 16, h, w), generator=g)
+        packed = pipe._pack_latents(latents, 2, 16, h, w)
+        ids = pipe._prepare_latent_image_ids(2, h // 2, w // 2, "cpu", torch.float32)
+        text_ids = torch.zeros(pe.shape[1], 3)
+        t = torch.tensor([0.75, 0.75])
+        guidance = torch.tensor([3.5, 3.5]) if pipe.transformer.config.guidance_embeds else None
+        out = pipe.transformer(packed, encoder_hidden_states=pe.repeat(2, 1, 1), pooled_projections=pooled.repeat(2, 1),
+                               timestep=t, img_ids=ids, txt_ids=text_ids, guidance=guidance).sample
+        vae_latents = torch.randn((1, 16, 6, 9), generator=g)
+        decoded = pipe.vae.decode(vae_latents).sample
+    save_file({"prompt_embeds": pe.contiguous(), "pooled": pooled.contiguous(), "latents": latents.contiguous(),
+               "packed": packed.contiguous(), "out": out.contiguous(), "vae_latents": vae_latents.contiguous(),
+               "vae_decoded": decoded.contiguous()}, out_dir / f"{name}.safetensors")
+
+
+FLUX_RUNS = [
+    # name, model, seed, (w, h), steps, guidance, n, negative prompt, extra
+    ("flux_dev_guidance", "flux-dev", 41, (64, 64), 6, 3.5, 1, None, {"max_sequence_length": 32}),
+    ("flux_dev_nonsquare_n2", "flux-dev", 42, (48, 80), 5, 4.0, 2, None, {"max_sequence_length": 32}),
+    ("flux_dev_default_t5_length", "flux-dev", 43, (64, 32), 3, 3.5, 1, None, {}),
+    ("flux_dev_true_cfg", "flux-dev", 44, (64, 48), 4, 3.5, 1, "blurry",
+     {"true_cfg_scale": 4.0, "max_sequence_length": 32}),
+    ("flux_schnell_4steps", "flux-schnell", 45, (64, 64), 4, 0.0, 1, None, {"max_sequence_length": 32}),
+    ("flux_schnell_nonsquare", "flux-schnell", 46, (80, 48), 2, 0.0, 1, None, {"max_sequence_length": 16}),
+]
+
+
+def flux_run_fixtures(models: Path, out_dir: Path):
+    from diffusers import FluxPipeline
+
+    records = []
+    for name, model, seed, (w, h), steps, guidance, n, neg, extra in FLUX_RUNS:
+        pipe = FluxPipeline.from_pretrained(models / f"{model}-tiny")
+        with torch.no_grad():
+            packed = pipe(PROMPT, negative_prompt=neg, width=w, height=h, num_inference_steps=steps,
+                          guidance_scale=guidance, num_images_per_prompt=n,
+                          generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", **extra).images
+            latents = pipe._unpack_latents(packed, h, w, pipe.vae_scale_factor)
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor,
+                                      return_dict=False)[0]
+            pil = pipe.image_processor.postprocess(decoded, output_type="pil")
+        save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+        for i, im in enumerate(pil):
+            im.save(out_dir / f"{name}-{i}.png")
+        records.append(dict(name=name, model=model, seed=seed, width=w, height=h, steps=steps, guidance=guidance,
+                            n=n, prompt=PROMPT, negative_prompt=neg, **extra))
+    (out_dir / "flux_runs.json").write_text(json.dumps(records, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     here = Path(__file__).resolve().parent
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
     ap.add_argument("--sd3", action="store_true", help="(re)build the tiny SD3 / SD3.5-medium pipelines")
+    ap.add_argument("--flux", action="store_true", help="(re)build the tiny FLUX.1 dev / schnell pipelines")
     args = ap.parse_args()
     out = Path(args.out)
     if args.sd3:
@@ -228,6 +342,14 @@ def main():
             sd3_stage_fixtures(variant, pipe, out / "stages")
         sd3_run_fixtures(out / "models", out / "runs")
         print("SD3 fixtures written to", out)
+    if args.flux:
+        for variant, seed in [("flux-dev", 71), ("flux-schnell", 72)]:
+            root = out / "models" / f"{variant}-tiny"
+            shutil.rmtree(root, ignore_errors=True)
+            pipe = build_flux(root, variant, seed)
+            flux_stage_fixtures(variant, pipe, out / "stages")
+        flux_run_fixtures(out / "models", out / "runs")
+        print("FLUX fixtures written to", out)
 
 
 if __name__ == "__main__":

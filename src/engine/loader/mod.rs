@@ -111,9 +111,53 @@ impl ModelDir {
         }
     }
 
+    /// Every safetensors file of a component: one file, or the shards its
+    /// `stem.safetensors.index.json` lists (large transformers and T5-XXL ship sharded).
+    pub fn weight_files(&self, stem: &str) -> Result<Vec<PathBuf>> {
+        match self.weights(stem) {
+            Ok(one) => Ok(vec![one]),
+            Err(missing) => {
+                let indexes = [
+                    format!("{stem}.safetensors.index.fp16.json"),
+                    format!("{stem}.safetensors.index.json"),
+                ];
+                let order: Vec<&String> = if self.prefer_fp16_variant {
+                    indexes.iter().collect()
+                } else {
+                    indexes.iter().rev().collect()
+                };
+                let Some(index) = order
+                    .into_iter()
+                    .map(|i| self.file(i))
+                    .find(|p| p.is_file())
+                else {
+                    return Err(missing);
+                };
+                let parsed: ShardIndex = read_json(&index)?;
+                let folder = index.parent().map(Path::to_path_buf).unwrap_or_default();
+                let mut shards: Vec<String> = parsed.weight_map.into_values().collect();
+                shards.sort();
+                shards.dedup();
+                let files: Vec<PathBuf> = shards.iter().map(|s| folder.join(s)).collect();
+                if let Some(absent) = files.iter().find(|f| !f.is_file()) {
+                    return Err(EngineError::MissingFile {
+                        path: absent.clone(),
+                    });
+                }
+                Ok(files)
+            }
+        }
+    }
+
     pub fn read_json<T: DeserializeOwned>(&self, relative: &str) -> Result<T> {
         read_json(&self.required(relative)?)
     }
+}
+
+/// `*.safetensors.index.json`: which shard holds each tensor.
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: std::collections::BTreeMap<String, String>,
 }
 
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {

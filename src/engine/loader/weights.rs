@@ -34,6 +34,38 @@ impl SafetensorsFile {
         })
     }
 
+    /// One component's files (a single file or shards) as one set of tensors.
+    pub fn open_all(paths: &[PathBuf]) -> Result<Self> {
+        match paths {
+            [one] => Self::open(one),
+            [] => Err(EngineError::Internal("no weight files given".into())),
+            many => {
+                if let Some(absent) = many.iter().find(|p| !p.is_file()) {
+                    return Err(EngineError::MissingFile {
+                        path: absent.clone(),
+                    });
+                }
+                // SAFETY: as in `open`.
+                let tensors = unsafe { MmapedSafetensors::multi(many) }.map_err(|e| {
+                    EngineError::Weights {
+                        path: many[0].clone(),
+                        tensor: "<header>".into(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                Ok(Self {
+                    path: many[0].parent().map(Path::to_path_buf).unwrap_or_default(),
+                    tensors,
+                })
+            }
+        }
+    }
+
+    /// A component of a model folder by its weight stem (`unet/diffusion_pytorch_model`).
+    pub fn open_component(dir: &crate::engine::loader::ModelDir, stem: &str) -> Result<Self> {
+        Self::open_all(&dir.weight_files(stem)?)
+    }
+
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }

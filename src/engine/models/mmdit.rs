@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::blocks::timestep_features;
 use super::dit::{
     gated_add, modulate, ContextOrder, FeedForward, JointAttention, JointAttentionConfig,
-    Modulation, PlainLayerNorm, SiluMlp,
+    Modulation, PlainLayerNorm, Rope, SiluMlp,
 };
 use crate::engine::error::{EngineError, Result};
 
@@ -75,7 +75,9 @@ enum ContextNorm {
     Continuous(Modulation),
 }
 
-struct JointBlock {
+/// The joint (two-stream) transformer block: SD3's `JointTransformerBlock` and FLUX's
+/// `FluxTransformerBlock` (which puts the text first and rotates positions).
+pub(crate) struct JointBlock {
     norm1: Modulation,
     norm1_context: ContextNorm,
     attn: JointAttention,
@@ -86,19 +88,25 @@ struct JointBlock {
     norm: PlainLayerNorm,
 }
 
+/// A joint block's shape.
+pub(crate) struct JointBlockConfig {
+    pub dim: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub qk_norm: bool,
+    /// The last MMDiT block: its text stream output is dropped.
+    pub context_pre_only: bool,
+    /// MMDiT-X: a second, image-only attention.
+    pub dual: bool,
+}
+
 impl JointBlock {
-    fn new(
-        vb: VarBuilder,
-        c: &Sd3TransformerConfig,
-        context_pre_only: bool,
-        dual: bool,
-    ) -> candle_core::Result<Self> {
-        let dim = c.inner_dim();
-        let qk_norm = c.qk_norm.is_some();
+    pub(crate) fn new(vb: VarBuilder, c: &JointBlockConfig) -> candle_core::Result<Self> {
+        let (dim, qk_norm, context_pre_only, dual) = (c.dim, c.qk_norm, c.context_pre_only, c.dual);
         let attention = |with_context: bool| JointAttentionConfig {
             dim,
-            heads: c.num_attention_heads,
-            head_dim: c.attention_head_dim,
+            heads: c.heads,
+            head_dim: c.head_dim,
             qk_norm,
             with_context,
             context_out: !context_pre_only,
@@ -129,11 +137,13 @@ impl JointBlock {
 
     /// Returns the new (image tokens, text tokens); the text tokens are `None` after the last
     /// block.
-    fn forward(
+    pub(crate) fn forward(
         &self,
         xs: &Tensor,
         context: &Tensor,
         temb: &Tensor,
+        order: ContextOrder,
+        rope: Option<&Rope>,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let m = self.norm1.forward(temb)?;
         let normed = self.norm.forward(xs)?;
@@ -151,11 +161,11 @@ impl JointBlock {
         };
         let (attn_out, context_attn_out) =
             self.attn
-                .forward(&attn_in, Some(&context_in), ContextOrder::After, None)?;
+                .forward(&attn_in, Some(&context_in), order, rope)?;
         let mut xs = gated_add(xs, &m[2], &attn_out)?;
         if let Some(attn2) = &self.attn2 {
             let attn2_in = modulate(&normed, &m[6], &m[7])?;
-            let (out2, _) = attn2.forward(&attn2_in, None, ContextOrder::After, None)?;
+            let (out2, _) = attn2.forward(&attn2_in, None, order, None)?;
             xs = gated_add(&xs, &m[8], &out2)?;
         }
         let ff_in = modulate(&self.norm.forward(&xs)?, &m[3], &m[4])?;
@@ -239,9 +249,14 @@ impl Sd3Transformer {
             .map(|i| {
                 JointBlock::new(
                     vb.pp(format!("transformer_blocks.{i}")),
-                    c,
-                    i + 1 == c.num_layers,
-                    c.dual_attention_layers.contains(&i),
+                    &JointBlockConfig {
+                        dim,
+                        heads: c.num_attention_heads,
+                        head_dim: c.attention_head_dim,
+                        qk_norm: c.qk_norm.is_some(),
+                        context_pre_only: i + 1 == c.num_layers,
+                        dual: c.dual_attention_layers.contains(&i),
+                    },
                 )
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -315,7 +330,7 @@ impl Sd3Transformer {
             let Some(ctx) = &context else {
                 candle_core::bail!("MMDiT block {i} has no text tokens (a block after the last)");
             };
-            let (next, next_context) = block.forward(&xs, ctx, &temb)?;
+            let (next, next_context) = block.forward(&xs, ctx, &temb, ContextOrder::After, None)?;
             xs = next;
             context = next_context;
         }

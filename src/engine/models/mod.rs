@@ -4,6 +4,7 @@ pub mod attention;
 pub mod blocks;
 pub mod clip;
 pub mod dit;
+pub mod flux;
 pub mod mmdit;
 pub mod t5;
 pub mod unet;

@@ -1,6 +1,7 @@
 //! Text-to-image pipelines, one per model family, and the checks they share.
 
 pub mod autoencoder;
+pub mod flux;
 pub mod params;
 pub mod sd;
 pub mod sd3;
@@ -58,6 +59,7 @@ pub enum Family {
     Sdxl,
     SdxlRefiner,
     Sd3,
+    Flux,
 }
 
 impl Family {
@@ -68,12 +70,13 @@ impl Family {
             Self::Sdxl => "sdxl",
             Self::SdxlRefiner => "sdxl_refiner",
             Self::Sd3 => "sd3",
+            Self::Flux => "flux",
         }
     }
 
     /// Flow-matching models (SD3, FLUX) take flow samplers only.
     pub fn is_flow(self) -> bool {
-        matches!(self, Self::Sd3)
+        matches!(self, Self::Sd3 | Self::Flux)
     }
 }
 
@@ -138,6 +141,28 @@ pub fn read_card(dir: &ModelDir, name: &str) -> Result<ModelCard> {
             recommended_skip_layer_guidance: slg,
         });
     }
+    if flux::FLUX_PIPELINES.contains(&class) {
+        let config: crate::engine::models::flux::FluxTransformerConfig =
+            dir.read_json("transformer/config.json")?;
+        let vae: crate::engine::models::vae::VaeConfig = dir.read_json("vae/config.json")?;
+        // Black Forest Labs' recommended settings: dev 28–50 steps at guidance 3.5; schnell 1–4
+        // steps without guidance.
+        let (variant, steps, guidance) = if config.guidance_embeds {
+            ("flux-dev", 28, 3.5)
+        } else {
+            ("flux-schnell", 4, 0.0)
+        };
+        return Ok(ModelCard {
+            family: Family::Flux,
+            variant: variant.into(),
+            default_size: 1024,
+            size_multiple: vae.scale_factor() * 2,
+            default_sampler: SamplerKind::FlowEuler,
+            default_steps: steps,
+            default_guidance: guidance,
+            recommended_skip_layer_guidance: None,
+        });
+    }
     let scheduler: crate::engine::schedulers::SchedulerConfig =
         dir.read_json("scheduler/scheduler_config.json")?;
     let unet: serde_json::Value = dir.read_json("unet/config.json")?;
@@ -179,6 +204,7 @@ pub struct LoadOptions {
 pub enum Pipeline {
     Sd(StableDiffusion),
     Sd3(StableDiffusion3),
+    Flux(flux::Flux),
 }
 
 impl Pipeline {
@@ -216,6 +242,10 @@ impl Pipeline {
             (Family::Sd3, true) => {
                 Self::Sd3(StableDiffusion3::with_random_weights(dir, device, dtype)?)
             }
+            (Family::Flux, false) => Self::Flux(flux::Flux::load(dir, device, dtype)?),
+            (Family::Flux, true) => {
+                Self::Flux(flux::Flux::with_random_weights(dir, device, dtype)?)
+            }
             (_, false) => Self::Sd(StableDiffusion::load(dir, device, dtype)?),
             (_, true) => Self::Sd(StableDiffusion::with_random_weights(dir, device, dtype)?),
         })
@@ -225,6 +255,7 @@ impl Pipeline {
         match self {
             Self::Sd(m) => m.validate(p),
             Self::Sd3(m) => m.validate(p),
+            Self::Flux(m) => m.validate(p),
         }
     }
 
@@ -236,6 +267,7 @@ impl Pipeline {
         match self {
             Self::Sd(m) => m.generate(p, progress),
             Self::Sd3(m) => m.generate(p, progress),
+            Self::Flux(m) => m.generate(p, progress),
         }
     }
 
@@ -247,6 +279,7 @@ impl Pipeline {
         match self {
             Self::Sd(m) => m.generate_batch(requests, progress),
             Self::Sd3(m) => m.generate_batch(requests, progress),
+            Self::Flux(m) => m.generate_batch(requests, progress),
         }
     }
 
@@ -273,6 +306,7 @@ impl Pipeline {
         match self {
             Self::Sd(m) => m.decode_to_images(latents),
             Self::Sd3(m) => m.vae().decode_to_images(latents),
+            Self::Flux(m) => m.vae().decode_to_images(latents),
         }
     }
 
@@ -281,6 +315,7 @@ impl Pipeline {
         match self {
             Self::Sd(m) => m.default_size(),
             Self::Sd3(m) => m.default_size(),
+            Self::Flux(m) => m.default_size(),
         }
     }
 }

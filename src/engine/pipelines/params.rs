@@ -39,6 +39,10 @@ pub struct TransformerOptions {
     pub max_sequence_length: Option<usize>,
     /// SD3.5 Skip Layer Guidance.
     pub skip_layer_guidance: Option<SkipLayerGuidance>,
+    /// FLUX: true classifier-free guidance with the negative prompt (diffusers'
+    /// `true_cfg_scale`; on above 1 when a negative prompt is given). FLUX's `guidance_scale` is
+    /// the distilled guidance the dev model takes as an input.
+    pub true_cfg_scale: Option<f64>,
 }
 
 /// diffusers' `skip_guidance_layers` and friends: between `start` and `stop` (fractions of the
@@ -117,6 +121,7 @@ pub struct BatchKey {
     max_sequence_length: Option<usize>,
     /// Skip Layer Guidance: layers and (scale, start, stop) bits.
     skip_layer_guidance: Option<(Vec<usize>, [u64; 3])>,
+    true_cfg_bits: Option<u64>,
 }
 
 impl BatchKey {
@@ -143,6 +148,7 @@ impl GenerateParams {
             strength_bits: self.init.as_ref().map(|i| i.strength.to_bits()),
             inpaint: self.init.as_ref().is_some_and(|i| i.mask.is_some()),
             max_sequence_length: self.transformer.max_sequence_length,
+            true_cfg_bits: self.transformer.true_cfg_scale.map(f64::to_bits),
             skip_layer_guidance: self.transformer.skip_layer_guidance.as_ref().map(|g| {
                 (
                     g.layers.clone(),

@@ -160,7 +160,7 @@ impl StableDiffusion {
                     device.clone(),
                 ))
             } else {
-                Ok(SafetensorsFile::open(&dir.weights(stem)?)?.into_var_builder(dtype, device))
+                Ok(SafetensorsFile::open_component(dir, stem)?.into_var_builder(dtype, device))
             }
         };
         let weights = |_component: &str, stem: &str| weights_as(stem, dtype);

@@ -104,7 +104,7 @@ impl StableDiffusion3 {
                     device.clone(),
                 ))
             } else {
-                Ok(SafetensorsFile::open(&dir.weights(stem)?)?.into_var_builder(dtype, device))
+                Ok(SafetensorsFile::open_component(dir, stem)?.into_var_builder(dtype, device))
             }
         };
         let index: ModelIndex = dir.read_json("model_index.json")?;

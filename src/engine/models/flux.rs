@@ -1,0 +1,255 @@
+//! FLUX.1's transformer as diffusers' `FluxTransformer2DModel` (its weight names and config):
+//! packed 2×2 latent patches, timestep (+ distilled guidance for dev) + pooled CLIP conditioning,
+//! double-stream blocks (text first, rotary positions over (t, h, w) ids), then single-stream
+//! blocks over the joint sequence with a parallel MLP.
+
+use candle_core::{Device, Module, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::blocks::timestep_features;
+use super::dit::{
+    gated_add, modulate, ContextOrder, JointAttention, JointAttentionConfig, Modulation,
+    PlainLayerNorm, Rope, SiluMlp,
+};
+use super::mmdit::{JointBlock, JointBlockConfig};
+use crate::engine::error::{EngineError, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FluxTransformerConfig {
+    #[serde(default = "one")]
+    pub patch_size: usize,
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    pub num_layers: usize,
+    pub num_single_layers: usize,
+    pub attention_head_dim: usize,
+    pub num_attention_heads: usize,
+    pub joint_attention_dim: usize,
+    pub pooled_projection_dim: usize,
+    /// FLUX.1-dev: the guidance scale is an input (guidance distillation); schnell has none.
+    #[serde(default)]
+    pub guidance_embeds: bool,
+    #[serde(default = "default_axes")]
+    pub axes_dims_rope: Vec<usize>,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_in_channels() -> usize {
+    64
+}
+fn default_axes() -> Vec<usize> {
+    vec![16, 56, 56]
+}
+
+impl FluxTransformerConfig {
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+}
+
+const EPS: f64 = 1e-6;
+const ROPE_THETA: f64 = 10000.0;
+
+/// diffusers' `FluxSingleTransformerBlock`.
+struct SingleBlock {
+    norm: Modulation,
+    attn: JointAttention,
+    proj_mlp: Linear,
+    proj_out: Linear,
+    layer_norm: PlainLayerNorm,
+}
+
+impl SingleBlock {
+    fn new(vb: VarBuilder, c: &FluxTransformerConfig) -> candle_core::Result<Self> {
+        let dim = c.inner_dim();
+        let mlp = 4 * dim;
+        Ok(Self {
+            norm: Modulation::new(vb.pp("norm.linear"), dim, 3)?,
+            attn: JointAttention::new(
+                vb.pp("attn"),
+                &JointAttentionConfig {
+                    dim,
+                    heads: c.num_attention_heads,
+                    head_dim: c.attention_head_dim,
+                    qk_norm: true,
+                    with_context: false,
+                    context_out: false,
+                    image_out: false,
+                },
+            )?,
+            proj_mlp: linear(dim, mlp, vb.pp("proj_mlp"))?,
+            proj_out: linear(dim + mlp, dim, vb.pp("proj_out"))?,
+            layer_norm: PlainLayerNorm::new(dim, EPS, &vb)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, temb: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
+        let m = self.norm.forward(temb)?;
+        let normed = modulate(&self.layer_norm.forward(xs)?, &m[0], &m[1])?;
+        let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
+        let (attn, _) = self
+            .attn
+            .forward(&normed, None, ContextOrder::Before, Some(rope))?;
+        let out = self
+            .proj_out
+            .forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
+        gated_add(xs, &m[2], &out)
+    }
+}
+
+pub struct FluxTransformer {
+    x_embedder: Linear,
+    context_embedder: Linear,
+    timestep_embedder: SiluMlp,
+    guidance_embedder: Option<SiluMlp>,
+    text_embedder: SiluMlp,
+    double_blocks: Vec<JointBlock>,
+    single_blocks: Vec<SingleBlock>,
+    norm_out: Modulation,
+    layer_norm: PlainLayerNorm,
+    proj_out: Linear,
+    pub config: FluxTransformerConfig,
+}
+
+impl FluxTransformer {
+    pub fn new(
+        vb: VarBuilder,
+        config: FluxTransformerConfig,
+        config_path: &std::path::Path,
+    ) -> Result<Self> {
+        let c = &config;
+        let dim = c.inner_dim();
+        if c.axes_dims_rope.iter().sum::<usize>() != c.attention_head_dim
+            || c.axes_dims_rope.iter().any(|d| d % 2 == 1)
+        {
+            return Err(EngineError::BadConfig {
+                path: config_path.to_path_buf(),
+                reason: format!(
+                    "axes_dims_rope {:?} must be even and sum to attention_head_dim {}",
+                    c.axes_dims_rope, c.attention_head_dim
+                ),
+            });
+        }
+        let te = vb.pp("time_text_embed");
+        let double_blocks = (0..c.num_layers)
+            .map(|i| {
+                JointBlock::new(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    &JointBlockConfig {
+                        dim,
+                        heads: c.num_attention_heads,
+                        head_dim: c.attention_head_dim,
+                        qk_norm: true,
+                        context_pre_only: false,
+                        dual: false,
+                    },
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let single_blocks = (0..c.num_single_layers)
+            .map(|i| SingleBlock::new(vb.pp(format!("single_transformer_blocks.{i}")), c))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            x_embedder: linear(c.in_channels, dim, vb.pp("x_embedder"))?,
+            context_embedder: linear(c.joint_attention_dim, dim, vb.pp("context_embedder"))?,
+            timestep_embedder: SiluMlp::new(te.pp("timestep_embedder"), 256, dim)?,
+            guidance_embedder: if c.guidance_embeds {
+                Some(SiluMlp::new(te.pp("guidance_embedder"), 256, dim)?)
+            } else {
+                None
+            },
+            text_embedder: SiluMlp::new(te.pp("text_embedder"), c.pooled_projection_dim, dim)?,
+            double_blocks,
+            single_blocks,
+            norm_out: Modulation::new(vb.pp("norm_out.linear"), dim, 2)?,
+            layer_norm: PlainLayerNorm::new(dim, EPS, &vb)?,
+            proj_out: linear(
+                dim,
+                c.patch_size * c.patch_size * c.out_channels(),
+                vb.pp("proj_out"),
+            )?,
+            config,
+        })
+    }
+
+    /// Rotary angles for `ids` (tokens × axes positions), computed in f64 as diffusers does.
+    pub fn rope(&self, ids: &[[f32; 3]], device: &Device) -> candle_core::Result<Rope> {
+        let half = self.config.attention_head_dim / 2;
+        let mut cos = Vec::with_capacity(ids.len() * half);
+        let mut sin = Vec::with_capacity(ids.len() * half);
+        for id in ids {
+            for (axis, &d) in self.config.axes_dims_rope.iter().enumerate() {
+                let pos = id.get(axis).copied().unwrap_or(0.0) as f64;
+                for j in 0..d / 2 {
+                    let freq = 1.0 / ROPE_THETA.powf((2 * j) as f64 / d as f64);
+                    let angle = pos * freq;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        let shape = (1, 1, ids.len(), half);
+        Ok(Rope::new(
+            Tensor::from_vec(cos, shape, device)?,
+            Tensor::from_vec(sin, shape, device)?,
+        ))
+    }
+
+    /// The velocity for packed latents `xs` (B, tokens, in_channels) at `timestep` (σ·1000),
+    /// with text states `context` (B, L, joint_attention_dim), pooled CLIP `pooled` (B, P), the
+    /// distilled `guidance` scale (dev) and the positions `rope` of [text..., image...] tokens.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        timestep: f32,
+        guidance: Option<f32>,
+        context: &Tensor,
+        pooled: &Tensor,
+        rope: &Rope,
+    ) -> candle_core::Result<Tensor> {
+        let b = xs.dim(0)?;
+        let dtype = xs.dtype();
+        let device = xs.device();
+        let mut xs = self.x_embedder.forward(xs)?;
+        // The pipeline hands σ (t / 1000) over and the model scales it back, in f32.
+        let t = (timestep / 1000.0) * 1000.0;
+        let features = |v: f32| timestep_features(&vec![v; b], 256, true, 0.0, dtype, device);
+        let mut temb = self.timestep_embedder.forward(&features(t)?)?;
+        match (&self.guidance_embedder, guidance) {
+            (Some(embedder), Some(g)) => {
+                temb = (temb + embedder.forward(&features(g * 1000.0)?)?)?;
+            }
+            (Some(_), None) => candle_core::bail!("this FLUX model needs a guidance value"),
+            (None, _) => {}
+        }
+        let temb = (temb + self.text_embedder.forward(&pooled.to_dtype(dtype)?)?)?;
+        let mut context = self.context_embedder.forward(&context.to_dtype(dtype)?)?;
+        for block in &self.double_blocks {
+            let (next, next_context) =
+                block.forward(&xs, &context, &temb, ContextOrder::Before, Some(rope))?;
+            xs = next;
+            context = next_context.ok_or_else(|| {
+                candle_core::Error::Msg("a FLUX double block lost its text stream".into())
+            })?;
+        }
+        let text_tokens = context.dim(1)?;
+        let mut joint = Tensor::cat(&[&context, &xs], 1)?;
+        for block in &self.single_blocks {
+            joint = block.forward(&joint, &temb, rope)?;
+        }
+        let image_tokens = joint.dim(1)? - text_tokens;
+        let xs = joint.narrow(1, text_tokens, image_tokens)?;
+        let m = self.norm_out.forward(&temb)?;
+        let xs = modulate(&self.layer_norm.forward(&xs)?, &m[1], &m[0])?;
+        self.proj_out.forward(&xs)
+    }
+}

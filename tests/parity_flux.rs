@@ -1,0 +1,149 @@
+//! FLUX.1 dev / schnell against diffusers: prompt encoding, packing, one transformer forward, the
+//! VAE, then whole runs (latents ≤ 1e-3, PNGs within 2/255), all from sharded weights.
+
+mod common;
+
+use candela::engine::{
+    loader::ModelDir,
+    pipelines::{
+        flux::Flux,
+        params::{GenerateParams, TransformerOptions},
+    },
+    schedulers::{SamplerKind, SigmaSchedule},
+};
+use candle_core::{DType, Device};
+use common::*;
+use serde::Deserialize;
+
+fn load(model: &str) -> Flux {
+    let dir = ModelDir {
+        root: fixtures().join("models").join(format!("{model}-tiny")),
+        prefer_fp16_variant: false,
+    };
+    Flux::load(&dir, &Device::Cpu, DType::F32).unwrap()
+}
+
+#[test]
+fn flux_components_match_diffusers() {
+    for model in ["flux-dev", "flux-schnell"] {
+        // The fixtures ship the transformer and T5 in shards, as the hub repos do.
+        let transformer = fixtures()
+            .join("models")
+            .join(format!("{model}-tiny/transformer"));
+        assert!(transformer
+            .join("diffusion_pytorch_model.safetensors.index.json")
+            .is_file());
+        let p = load(model);
+        let t = load_tensors(&format!("stages/{model}.safetensors"));
+        let check = |what: &str, ours: &candle_core::Tensor, key: &str, limit: f32| {
+            let d = max_abs_diff(ours, &t[key]);
+            eprintln!(
+                "{model} {what}: max diff {d} (max abs {})",
+                max_abs(&t[key])
+            );
+            assert!(d <= limit, "{model} {what}: differs from diffusers by {d}");
+        };
+        let e = p.embed("a red fox in the snow", 24).unwrap();
+        check("T5 prompt embeds", &e.context, "prompt_embeds", 1e-5);
+        check("CLIP pooled", &e.pooled, "pooled", 1e-5);
+        let packed = Flux::pack(&t["latents"]).unwrap();
+        check("packing", &packed, "packed", 0.0);
+        let unpacked = Flux::unpack(&packed, 6, 4).unwrap();
+        assert_eq!(max_abs_diff(&unpacked, &t["latents"]), 0.0);
+        let guidance = p.has_guidance_embeds().then_some(3.5);
+        let out = p
+            .transformer_forward(
+                &packed,
+                750.0,
+                guidance,
+                &t["prompt_embeds"].repeat((2, 1, 1)).unwrap(),
+                &t["pooled"].repeat((2, 1)).unwrap(),
+                6,
+                4,
+            )
+            .unwrap();
+        check("transformer", &out, "out", 1e-4);
+        let decoded = p.vae().decode(&t["vae_latents"]).unwrap();
+        check("vae decode", &decoded, "vae_decoded", 1e-4);
+    }
+}
+
+#[derive(Deserialize)]
+struct Run {
+    name: String,
+    model: String,
+    seed: u64,
+    width: usize,
+    height: usize,
+    steps: usize,
+    guidance: f64,
+    n: usize,
+    prompt: String,
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    max_sequence_length: Option<usize>,
+    #[serde(default)]
+    true_cfg_scale: Option<f64>,
+}
+
+#[test]
+fn flux_runs_match_diffusers() {
+    let runs: Vec<Run> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("runs/flux_runs.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(runs.len() >= 6);
+    let mut pipelines = std::collections::HashMap::new();
+    for run in runs {
+        let p = pipelines
+            .entry(run.model.clone())
+            .or_insert_with(|| load(&run.model));
+        // diffusers' default T5 length is 512 for both; ours is 256 for schnell, so runs that
+        // rely on the default are dev runs.
+        assert!(run.max_sequence_length.is_some() || p.has_guidance_embeds());
+        let params = GenerateParams {
+            prompt: run.prompt.clone(),
+            negative_prompt: run.negative_prompt.clone(),
+            width: run.width,
+            height: run.height,
+            steps: run.steps,
+            guidance_scale: run.guidance,
+            seed: run.seed,
+            sampler: SamplerKind::FlowEuler,
+            schedule: SigmaSchedule::Default,
+            solver_order: None,
+            n: run.n,
+            clip_skip: 0,
+            init: None,
+            stage: None,
+            refiner: None,
+            transformer: TransformerOptions {
+                max_sequence_length: run.max_sequence_length,
+                skip_layer_guidance: None,
+                true_cfg_scale: run.true_cfg_scale,
+            },
+        };
+        let mut reports = 0;
+        let out = p
+            .generate(&params, &mut |_| {
+                reports += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(reports, run.steps, "{}: progress per step", run.name);
+        let expected = &load_tensors(&format!("runs/{}.safetensors", run.name))["latents"];
+        let d = max_abs_diff(&out.latents, expected);
+        let worst = worst_png_diff(&run.name, &out.images);
+        eprintln!(
+            "{}: latents max diff {d}, worst pixel {worst}/255",
+            run.name
+        );
+        assert!(
+            d <= 1e-3,
+            "{}: latents differ from diffusers by {d}",
+            run.name
+        );
+        assert_eq!(out.images.len(), run.n);
+        assert!(worst <= 2, "{}: pixels differ by {worst}/255", run.name);
+    }
+}
