@@ -115,7 +115,12 @@ pub struct ImageGenerationRequest {
     /// (same as the header `Prefer: respond-async`).
     #[serde(rename = "async", default, skip_serializing_if = "Option::is_none")]
     pub run_async: Option<bool>,
-    /// Extension (SD3): T5 prompt tokens, 1 to 512 (default 256).
+    /// Extension (FLUX): true classifier-free guidance with `negative_prompt` above 1 (two model
+    /// runs per step). FLUX-dev's `guidance_scale` is the distilled guidance the model takes as
+    /// an input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub true_cfg_scale: Option<f64>,
+    /// Extension (SD3, FLUX): T5 prompt tokens, 1 to 512 (default 256; 512 for FLUX-dev).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sequence_length: Option<u32>,
     /// Extension (SD3.5): Skip Layer Guidance. Fields left out take Stability's recommendation
@@ -478,7 +483,18 @@ fn transformer_options(
     model: &ModelInfo,
 ) -> Result<TransformerOptions, ApiError> {
     let is_sd3 = model.family == "sd3";
-    if !is_sd3 && req.max_sequence_length.is_some() {
+    let is_flux = model.family == "flux";
+    if !is_flux && req.true_cfg_scale.is_some() {
+        return Err(crate::engine::EngineError::Incompatible {
+            param: "true_cfg_scale",
+            message: format!(
+                "`true_cfg_scale` is for FLUX models; `{}` takes guidance_scale",
+                model.id
+            ),
+        }
+        .into());
+    }
+    if !(is_sd3 || is_flux) && req.max_sequence_length.is_some() {
         return Err(crate::engine::EngineError::Incompatible {
             param: "max_sequence_length",
             message: format!("model `{}` has no T5 text encoder", model.id),
@@ -508,7 +524,7 @@ fn transformer_options(
         }
     };
     Ok(TransformerOptions {
-        true_cfg_scale: None,
+        true_cfg_scale: req.true_cfg_scale,
         max_sequence_length: req.max_sequence_length.map(|n| n as usize),
         skip_layer_guidance,
     })

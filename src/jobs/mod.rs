@@ -37,10 +37,11 @@ use queue::FairQueue;
 pub struct ModelInfo {
     pub id: String,
     /// `sd1` / `sd2` (epsilon vs v-prediction SD 1.x/2.x-shaped) / `sdxl` / `sdxl_refiner`
-    /// (refines pictures only) / `sd3` (SD3 and SD3.5).
+    /// (refines pictures only) / `sd3` (SD3 and SD3.5) / `flux` (FLUX.1).
     pub family: String,
     /// A finer name where the family has several: `sd3-medium`, `sd3.5-medium`, `sd3.5-large`,
-    /// `sd3.5-large-turbo` (told from Large by "turbo" in the model's name).
+    /// `sd3.5-large-turbo` (told from Large by "turbo" in the model's name), `flux-dev`,
+    /// `flux-schnell`.
     pub variant: String,
     /// What a request that names none gets.
     pub default_sampler: String,

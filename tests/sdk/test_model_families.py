@@ -97,3 +97,41 @@ def test_sd3_refuses_what_it_does_not_take(sd3_server):
         client.images.generate(model="sd35m-tiny", prompt="x", size="64x64",
                                extra_body={"skip_layer_guidance": {"layers": [9]}, "steps": 2})
     assert e.value.body["param"] == "skip_layer_guidance"
+
+
+@pytest.fixture(scope="module")
+def flux_server(tmp_path_factory):
+    models = ",".join(str(MODELS / m) for m in ["flux-dev-tiny", "flux-schnell-tiny"])
+    s = Server(tmp_path_factory.mktemp("flux"), extra_args=["--model", models])
+    yield s
+    s.stop()
+
+
+def test_flux_dev_and_schnell_match_diffusers(flux_server):
+    client = client_for(flux_server)
+    caps = {m.id: m.model_extra["capabilities"] for m in client.models.list().data}
+    assert (caps["flux-dev-tiny"]["variant"], caps["flux-dev-tiny"]["default_steps"]) == ("flux-dev", 28)
+    assert (caps["flux-schnell-tiny"]["variant"], caps["flux-schnell-tiny"]["default_guidance_scale"]) == (
+        "flux-schnell", 0.0)
+    # True CFG with a negative prompt on dev (fixture `flux_dev_true_cfg`).
+    r = client.images.generate(model="flux-dev-tiny", prompt=PROMPT, size="64x48",
+                               extra_body={"seed": 44, "steps": 4, "guidance_scale": 3.5, "negative_prompt": "blurry",
+                                           "true_cfg_scale": 4.0, "max_sequence_length": 32})
+    assert worst_diff(picture(r.data[0].b64_json), Image.open(RUNS / "flux_dev_true_cfg-0.png").convert("RGB")) <= 2
+    # schnell with its defaults except the T5 length (fixture `flux_schnell_4steps`).
+    r = client.images.generate(model="flux-schnell-tiny", prompt=PROMPT, size="64x64",
+                               extra_body={"seed": 45, "max_sequence_length": 32})
+    assert worst_diff(picture(r.data[0].b64_json), Image.open(RUNS / "flux_schnell_4steps-0.png").convert("RGB")) <= 2
+
+
+def test_flux_refuses_what_it_does_not_take(flux_server):
+    from openai import UnprocessableEntityError
+
+    client = client_for(flux_server)
+    with pytest.raises(UnprocessableEntityError) as e:
+        client.images.generate(model="flux-dev-tiny", prompt="x", size="64x64", extra_body={"sampler": "dpmpp_2m"})
+    assert e.value.body["param"] == "sampler"
+    with pytest.raises(UnprocessableEntityError) as e:
+        client.images.generate(model="flux-dev-tiny", prompt="x", size="64x64",
+                               extra_body={"skip_layer_guidance": {}, "steps": 2})
+    assert e.value.body["param"] == "skip_layer_guidance"
