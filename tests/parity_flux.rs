@@ -20,7 +20,7 @@ fn load(model: &str) -> Flux {
         root: fixtures().join("models").join(format!("{model}-tiny")),
         prefer_fp16_variant: false,
     };
-    Flux::load(&dir, &Device::Cpu, DType::F32).unwrap()
+    Flux::load(&dir, &Device::Cpu, DType::F32, None).unwrap()
 }
 
 #[test]
@@ -146,4 +146,42 @@ fn flux_runs_match_diffusers() {
         assert_eq!(out.images.len(), run.n);
         assert!(worst <= 2, "{}: pixels differ by {worst}/255", run.name);
     }
+}
+
+#[test]
+fn flux_from_black_forest_labs_single_file_equals_diffusers_layout() {
+    // The tiny dev transformer written in BFL's naming (fused qkv, fused linear1, swapped final
+    // modulation), verified by diffusers' own single-file converter when it was written.
+    let bfl = fixtures().join("models/flux1-dev-tiny-bfl.safetensors");
+    let dir = ModelDir {
+        root: fixtures().join("models/flux-dev-tiny"),
+        prefer_fp16_variant: false,
+    };
+    let from_file = Flux::load(&dir, &Device::Cpu, DType::F32, Some(bfl.as_path())).unwrap();
+    let from_folder = load("flux-dev");
+    let params = GenerateParams {
+        prompt: "a lighthouse".into(),
+        negative_prompt: None,
+        width: 48,
+        height: 64,
+        steps: 3,
+        guidance_scale: 3.5,
+        seed: 9,
+        sampler: SamplerKind::FlowEuler,
+        schedule: SigmaSchedule::Default,
+        solver_order: None,
+        n: 1,
+        clip_skip: 0,
+        init: None,
+        stage: None,
+        refiner: None,
+        transformer: TransformerOptions {
+            max_sequence_length: Some(16),
+            ..Default::default()
+        },
+    };
+    let a = from_file.generate(&params, &mut |_| true).unwrap();
+    let b = from_folder.generate(&params, &mut |_| true).unwrap();
+    assert_eq!(max_abs_diff(&a.latents, &b.latents), 0.0);
+    assert_eq!(a.images, b.images);
 }

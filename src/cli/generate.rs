@@ -49,6 +49,10 @@ pub struct GenerateArgs {
     /// SD3.5: Skip Layer Guidance with Stability's settings for SD3.5 Medium (layers 7, 8, 9).
     #[arg(long)]
     pub skip_layer_guidance: bool,
+    /// FLUX: the transformer from this single file (diffusers or Black Forest Labs naming, e.g.
+    /// flux1-dev.safetensors or a fine-tune); the rest comes from --model.
+    #[arg(long)]
+    pub transformer: Option<PathBuf>,
     /// SD3: load without the T5 text encoder (saves ~9 GB; zeros in its place, as diffusers).
     #[arg(long)]
     pub without_t5: bool,
@@ -171,8 +175,9 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     let load_start = std::time::Instant::now();
     let options = LoadOptions {
         without_t5: args.without_t5,
+        transformer_file: args.transformer.clone(),
     };
-    let pipeline = Pipeline::load(&dir, &device, dtype, options)?;
+    let pipeline = Pipeline::load(&dir, &device, dtype, &options)?;
     tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");
     let init = match &args.init_image {
         Some(path) => Some(
@@ -265,7 +270,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     let generated = match &args.refiner {
         Some(spec) => {
             let refiner_dir = resolve_model(common, Some(spec), dtype)?;
-            let refiner = Pipeline::load(&refiner_dir, &device, dtype, options)?;
+            let refiner = Pipeline::load(&refiner_dir, &device, dtype, &LoadOptions::default())?;
             pipeline.generate_with_refiner(&refiner, &params, args.refiner_switch, &mut report)?
         }
         None => pipeline.generate(&params, &mut report)?,

@@ -136,11 +136,12 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
     };
     let load_options = LoadOptions {
         without_t5: args.without_t5,
+        transformer_file: None,
     };
     let models = if model_specs.is_empty() {
         vec![ModelSpec {
             source: ModelSource::Local(demo::install(&common.data_dir.join("models"))?),
-            options: load_options,
+            options: load_options.clone(),
         }]
     } else {
         model_specs
@@ -148,7 +149,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
             .map(|s| {
                 Ok(ModelSpec {
                     source: ModelSource::parse(s)?,
-                    options: load_options,
+                    options: load_options.clone(),
                 })
             })
             .collect::<anyhow::Result<_>>()?

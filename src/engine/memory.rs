@@ -55,7 +55,7 @@ pub struct Footprint {
 }
 
 impl Footprint {
-    pub fn read(dir: &ModelDir, dtype: DType, options: LoadOptions) -> Result<Self> {
+    pub fn read(dir: &ModelDir, dtype: DType, options: &LoadOptions) -> Result<Self> {
         let mut components = Vec::new();
         let is_transformer = dir.file("transformer/config.json").is_file();
         let denoiser_folder = if is_transformer {
@@ -84,7 +84,10 @@ impl Footprint {
             } else {
                 stem.to_string()
             };
-            let file = SafetensorsFile::open_component(dir, &stem)?;
+            let file = match (&options.transformer_file, folder == denoiser_folder) {
+                (Some(path), true) => SafetensorsFile::open(path)?,
+                _ => SafetensorsFile::open_component(dir, &stem)?,
+            };
             components.push((folder.to_string(), file.loaded_bytes(dtype)));
         }
         let class: serde_json::Value = if is_transformer {

@@ -318,13 +318,13 @@ impl EngineHandle {
                     .await
                     .map_err(|e| EngineError::Internal(format!("model resolution: {e}")))??
             };
-            let footprint = Footprint::read(&dir, config.dtype, spec.options)?;
+            let footprint = Footprint::read(&dir, config.dtype, &spec.options)?;
             let info = describe(&name, &dir, &footprint)?;
             catalog.push(Catalogued {
                 info,
                 dir,
                 footprint,
-                options: spec.options,
+                options: spec.options.clone(),
             });
         }
         let metrics = Metrics::default();

@@ -82,7 +82,7 @@ impl Worker {
     fn load(&mut self, model: &Catalogued) -> Result<(), EngineError> {
         let started = Instant::now();
         let config = &self.shared.config;
-        let pipeline = Pipeline::load(&model.dir, &config.device, config.dtype, model.options)?;
+        let pipeline = Pipeline::load(&model.dir, &config.device, config.dtype, &model.options)?;
         self.loaded.insert(model.info.id.clone(), pipeline);
         self.shared
             .lock()

@@ -292,6 +292,76 @@ def flux_stage_fixtures(name: str, pipe, out_dir: Path):
                "vae_decoded": decoded.contiguous()}, out_dir / f"{name}.safetensors")
 
 
+def write_bfl_single_file(model_root: Path, out_file: Path):
+    """The tiny dev transformer in Black Forest Labs' single-file naming (fused qkv, fused
+    single-block linear1, final modulation in (shift, scale) order), as `flux1-dev.safetensors`
+    is; checked by converting it back with diffusers' own single-file converter."""
+    from diffusers import FluxTransformer2DModel
+    import inspect
+
+    from diffusers.loaders import single_file_utils
+
+    model = FluxTransformer2DModel.from_pretrained(model_root / "transformer")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {}
+    D = model.inner_dim
+    moves = {"x_embedder": "img_in", "context_embedder": "txt_in",
+             "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+             "proj_out": "final_layer.linear"}
+    for ours, theirs in moves.items():
+        for p in ["weight", "bias"]:
+            if f"{ours}.{p}" in sd:
+                out[f"{theirs}.{p}"] = sd.pop(f"{ours}.{p}")
+    for p in ["weight", "bias"]:
+        scale, shift = sd.pop(f"norm_out.linear.{p}").chunk(2, dim=0)
+        out[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat([shift, scale])
+    for i in range(model.config.num_layers):
+        b = f"transformer_blocks.{i}."
+        o = f"double_blocks.{i}."
+        for p in ["weight", "bias"]:
+            out[o + f"img_mod.lin.{p}"] = sd.pop(b + f"norm1.linear.{p}")
+            out[o + f"txt_mod.lin.{p}"] = sd.pop(b + f"norm1_context.linear.{p}")
+            out[o + f"img_attn.qkv.{p}"] = torch.cat([sd.pop(b + f"attn.to_{x}.{p}") for x in "qkv"])
+            out[o + f"txt_attn.qkv.{p}"] = torch.cat([sd.pop(b + f"attn.add_{x}_proj.{p}") for x in "qkv"])
+            out[o + f"img_attn.proj.{p}"] = sd.pop(b + f"attn.to_out.0.{p}")
+            out[o + f"txt_attn.proj.{p}"] = sd.pop(b + f"attn.to_add_out.{p}")
+            out[o + f"img_mlp.0.{p}"] = sd.pop(b + f"ff.net.0.proj.{p}")
+            out[o + f"img_mlp.2.{p}"] = sd.pop(b + f"ff.net.2.{p}")
+            out[o + f"txt_mlp.0.{p}"] = sd.pop(b + f"ff_context.net.0.proj.{p}")
+            out[o + f"txt_mlp.2.{p}"] = sd.pop(b + f"ff_context.net.2.{p}")
+        out[o + "img_attn.norm.query_norm.scale"] = sd.pop(b + "attn.norm_q.weight")
+        out[o + "img_attn.norm.key_norm.scale"] = sd.pop(b + "attn.norm_k.weight")
+        out[o + "txt_attn.norm.query_norm.scale"] = sd.pop(b + "attn.norm_added_q.weight")
+        out[o + "txt_attn.norm.key_norm.scale"] = sd.pop(b + "attn.norm_added_k.weight")
+    for i in range(model.config.num_single_layers):
+        b = f"single_transformer_blocks.{i}."
+        o = f"single_blocks.{i}."
+        for p in ["weight", "bias"]:
+            out[o + f"modulation.lin.{p}"] = sd.pop(b + f"norm.linear.{p}")
+            out[o + f"linear1.{p}"] = torch.cat([sd.pop(b + f"attn.to_{x}.{p}") for x in "qkv"]
+                                                + [sd.pop(b + f"proj_mlp.{p}")])
+            out[o + f"linear2.{p}"] = sd.pop(b + f"proj_out.{p}")
+        out[o + "norm.query_norm.scale"] = sd.pop(b + "attn.norm_q.weight")
+        out[o + "norm.key_norm.scale"] = sd.pop(b + "attn.norm_k.weight")
+    assert not sd, sorted(sd)
+    # diffusers' converter hard-codes FLUX's width (3072); run its code with the tiny width.
+    source = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
+    source = source.replace("inner_dim = 3072", f"inner_dim = {D}")
+    namespace = dict(vars(single_file_utils))
+    exec(source, namespace)
+    back = namespace["convert_flux_transformer_checkpoint_to_diffusers"]({k: v.clone() for k, v in out.items()})
+    reference = model.state_dict()
+    assert sorted(back) == sorted(reference)
+    assert all(torch.equal(back[k], reference[k]) for k in back), "BFL round trip"
+    # ComfyUI-style files prefix every name; the real flux1-dev.safetensors does not.
+    save_file({k: v.contiguous() for k, v in out.items()}, out_file)
+
+
 FLUX_RUNS = [
     # name, model, seed, (w, h), steps, guidance, n, negative prompt, extra
     ("flux_dev_guidance", "flux-dev", 41, (64, 64), 6, 3.5, 1, None, {"max_sequence_length": 32}),
@@ -349,6 +419,7 @@ def main():
             pipe = build_flux(root, variant, seed)
             flux_stage_fixtures(variant, pipe, out / "stages")
         flux_run_fixtures(out / "models", out / "runs")
+        write_bfl_single_file(out / "models" / "flux-dev-tiny", out / "models" / "flux1-dev-tiny-bfl.safetensors")
         print("FLUX fixtures written to", out)
 
 

@@ -14,6 +14,7 @@ use super::params::GenerateParams;
 use super::sd::Generated;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::{
+    bfl::BflFluxWeights,
     weights::{RandomWeights, SafetensorsFile},
     ModelDir,
 };
@@ -63,15 +64,28 @@ pub struct Flux {
 }
 
 impl Flux {
-    pub fn load(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(dir, device, dtype, false)
+    /// Load `dir`; `transformer_file` replaces the folder's transformer weights with one file in
+    /// diffusers' or Black Forest Labs' naming.
+    pub fn load(
+        dir: &ModelDir,
+        device: &Device,
+        dtype: DType,
+        transformer_file: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        Self::build(dir, device, dtype, transformer_file, false)
     }
 
     pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(dir, device, dtype, true)
+        Self::build(dir, device, dtype, None, true)
     }
 
-    fn build(dir: &ModelDir, device: &Device, dtype: DType, random: bool) -> Result<Self> {
+    fn build(
+        dir: &ModelDir,
+        device: &Device,
+        dtype: DType,
+        transformer_file: Option<&std::path::Path>,
+        random: bool,
+    ) -> Result<Self> {
         super::check_dtype(device, dtype)?;
         let weights = |stem: &str, dtype: DType| -> Result<candle_nn::VarBuilder<'static>> {
             if random {
@@ -110,11 +124,23 @@ impl Flux {
         );
         let config_path = dir.required("transformer/config.json")?;
         let config: FluxTransformerConfig = crate::engine::loader::read_json(&config_path)?;
-        let transformer = FluxTransformer::new(
-            weights("transformer/diffusion_pytorch_model", dtype)?,
-            config,
-            &config_path,
-        )?;
+        let transformer_vb = if random {
+            weights("transformer/diffusion_pytorch_model", dtype)?
+        } else {
+            let file = match transformer_file {
+                Some(path) => SafetensorsFile::open(path)?,
+                None => {
+                    SafetensorsFile::open_component(dir, "transformer/diffusion_pytorch_model")?
+                }
+            };
+            match BflFluxWeights::detect(file) {
+                Ok(bfl) => {
+                    candle_nn::VarBuilder::from_backend(Box::new(bfl), dtype, device.clone())
+                }
+                Err(file) => file.into_var_builder(dtype, device),
+            }
+        };
+        let transformer = FluxTransformer::new(transformer_vb, config, &config_path)?;
         let vae = Autoencoder::load(dir, dtype, device, &weights)?;
         let c = &transformer.config;
         let bad = |reason: String| EngineError::BadConfig {

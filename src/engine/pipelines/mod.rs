@@ -193,10 +193,13 @@ pub fn read_card(dir: &ModelDir, name: &str) -> Result<ModelCard> {
 }
 
 /// How to load a model (options that apply to some families only).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// SD3: leave T5-XXL out (see [`Sd3LoadOptions::without_t5`]).
     pub without_t5: bool,
+    /// FLUX: the transformer from this single file (diffusers or Black Forest Labs naming, e.g.
+    /// `flux1-dev.safetensors` or a fine-tune) instead of the folder's `transformer/` weights.
+    pub transformer_file: Option<std::path::PathBuf>,
 }
 
 /// A loaded model of any family. Each variant is `Send + Sync`, so the scheduler's worker can own
@@ -212,21 +215,21 @@ impl Pipeline {
         dir: &ModelDir,
         device: &Device,
         dtype: DType,
-        options: LoadOptions,
+        options: &LoadOptions,
     ) -> Result<Self> {
         Self::build(dir, device, dtype, options, false)
     }
 
     /// The architecture with random weights (benchmarks).
     pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(dir, device, dtype, LoadOptions::default(), true)
+        Self::build(dir, device, dtype, &LoadOptions::default(), true)
     }
 
     fn build(
         dir: &ModelDir,
         device: &Device,
         dtype: DType,
-        options: LoadOptions,
+        options: &LoadOptions,
         random: bool,
     ) -> Result<Self> {
         let card = read_card(dir, "")?;
@@ -242,7 +245,12 @@ impl Pipeline {
             (Family::Sd3, true) => {
                 Self::Sd3(StableDiffusion3::with_random_weights(dir, device, dtype)?)
             }
-            (Family::Flux, false) => Self::Flux(flux::Flux::load(dir, device, dtype)?),
+            (Family::Flux, false) => Self::Flux(flux::Flux::load(
+                dir,
+                device,
+                dtype,
+                options.transformer_file.as_deref(),
+            )?),
             (Family::Flux, true) => {
                 Self::Flux(flux::Flux::with_random_weights(dir, device, dtype)?)
             }
