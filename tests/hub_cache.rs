@@ -104,3 +104,67 @@ fn offline_unknown_repo_is_a_clear_error() {
     .unwrap_err();
     assert!(err.to_string().contains("nobody/nothing"), "{err}");
 }
+
+/// A fake hub cache holding one of the fixture models under `models--acme--<name>`.
+fn fake_cache_of(model: &str, name: &str) -> (tempfile::TempDir, HubOptions) {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join(format!("models--acme--{name}"));
+    copy_dir(
+        &common::fixtures().join("models").join(model),
+        &repo.join("snapshots/c0ffee"),
+    );
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "c0ffee").unwrap();
+    let opts = HubOptions {
+        cache_dir: Some(cache.path().to_path_buf()),
+        offline: true,
+        token: None,
+        progress: false,
+    };
+    (cache, opts)
+}
+
+#[test]
+fn offline_resolution_follows_model_index_components_and_shards() {
+    use candela::engine::pipelines::{LoadOptions, Pipeline};
+    // SD3: three text encoders and tokenizers, a transformer; FLUX: sharded transformer and T5.
+    for (model, name) in [("sd3-tiny", "tiny-sd3"), ("flux-dev-tiny", "tiny-flux")] {
+        let (_cache, opts) = fake_cache_of(model, name);
+        let source = ModelSource::parse(&format!("acme/{name}")).unwrap();
+        let dir = loader::resolve(&source, DType::F32, &opts).unwrap();
+        Pipeline::load(&dir, &Device::Cpu, DType::F32, &LoadOptions::default()).unwrap();
+    }
+    // A missing shard is named.
+    let (cache, opts) = fake_cache_of("flux-dev-tiny", "tiny-flux");
+    let shard = cache.path().join(
+        "models--acme--tiny-flux/snapshots/c0ffee/text_encoder_2/model-00003-of-00006.safetensors",
+    );
+    std::fs::remove_file(shard).unwrap();
+    let err = loader::resolve(
+        &ModelSource::parse("acme/tiny-flux").unwrap(),
+        DType::F32,
+        &opts,
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("text_encoder_2/model-00003-of-00006.safetensors"),
+        "{msg}"
+    );
+    // A missing component config is named too (T5 of SD3).
+    let (cache, opts) = fake_cache_of("sd3-tiny", "tiny-sd3");
+    std::fs::remove_file(
+        cache
+            .path()
+            .join("models--acme--tiny-sd3/snapshots/c0ffee/text_encoder_3/config.json"),
+    )
+    .unwrap();
+    let msg = loader::resolve(
+        &ModelSource::parse("acme/tiny-sd3").unwrap(),
+        DType::F32,
+        &opts,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("text_encoder_3/config.json"), "{msg}");
+}

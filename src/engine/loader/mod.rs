@@ -52,26 +52,6 @@ impl ModelSource {
     }
 }
 
-/// The components of a diffusers pipeline folder, each one a subfolder.
-pub const SD_COMPONENT_FILES: &[&str] = &[
-    "model_index.json",
-    "scheduler/scheduler_config.json",
-    "text_encoder/config.json",
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
-    "unet/config.json",
-    "vae/config.json",
-];
-
-/// Weight files, without extension; each may also exist as a `.fp16` variant.
-pub const SD_WEIGHT_FILES: &[&str] = &[
-    "text_encoder/model",
-    "unet/diffusion_pytorch_model",
-    "vae/diffusion_pytorch_model",
-];
-
 /// A model folder on local disk with every file in place.
 #[derive(Debug, Clone)]
 pub struct ModelDir {
@@ -157,8 +137,8 @@ impl ModelDir {
 
 /// `*.safetensors.index.json`: which shard holds each tensor.
 #[derive(serde::Deserialize)]
-struct ShardIndex {
-    weight_map: std::collections::BTreeMap<String, String>,
+pub(crate) struct ShardIndex {
+    pub(crate) weight_map: std::collections::BTreeMap<String, String>,
 }
 
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
