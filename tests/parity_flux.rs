@@ -8,6 +8,7 @@ use candela::engine::{
     pipelines::{
         flux::Flux,
         params::{GenerateParams, TransformerOptions},
+        LoadOptions,
     },
     schedulers::{SamplerKind, SigmaSchedule},
 };
@@ -20,7 +21,7 @@ fn load(model: &str) -> Flux {
         root: fixtures().join("models").join(format!("{model}-tiny")),
         prefer_fp16_variant: false,
     };
-    Flux::load(&dir, &Device::Cpu, DType::F32, None).unwrap()
+    Flux::load(&dir, &Device::Cpu, DType::F32, &LoadOptions::default()).unwrap()
 }
 
 #[test]
@@ -157,7 +158,11 @@ fn flux_from_black_forest_labs_single_file_equals_diffusers_layout() {
         root: fixtures().join("models/flux-dev-tiny"),
         prefer_fp16_variant: false,
     };
-    let from_file = Flux::load(&dir, &Device::Cpu, DType::F32, Some(bfl.as_path())).unwrap();
+    let options = LoadOptions {
+        transformer_file: Some(bfl),
+        ..Default::default()
+    };
+    let from_file = Flux::load(&dir, &Device::Cpu, DType::F32, &options).unwrap();
     let from_folder = load("flux-dev");
     let params = GenerateParams {
         prompt: "a lighthouse".into(),
@@ -184,4 +189,62 @@ fn flux_from_black_forest_labs_single_file_equals_diffusers_layout() {
     let b = from_folder.generate(&params, &mut |_| true).unwrap();
     assert_eq!(max_abs_diff(&a.latents, &b.latents), 0.0);
     assert_eq!(a.images, b.images);
+}
+
+/// PSNR (dB) between two 8-bit pictures.
+fn psnr(a: &candela::engine::GeneratedImage, b: &candela::engine::GeneratedImage) -> f64 {
+    let mse: f64 = a
+        .rgb
+        .iter()
+        .zip(&b.rgb)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum::<f64>()
+        / a.rgb.len() as f64;
+    10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10()
+}
+
+#[test]
+fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
+    use candela::engine::models::dit::WeightFormat;
+    let dir = ModelDir {
+        root: fixtures().join("models/flux-dev-tiny"),
+        prefer_fp16_variant: false,
+    };
+    let params = GenerateParams {
+        prompt: "a lighthouse on a cliff at dusk, oil painting".into(),
+        negative_prompt: None,
+        width: 64,
+        height: 64,
+        steps: 6,
+        guidance_scale: 3.5,
+        seed: 41,
+        sampler: SamplerKind::FlowEuler,
+        schedule: SigmaSchedule::Default,
+        solver_order: None,
+        n: 1,
+        clip_skip: 0,
+        init: None,
+        stage: None,
+        refiner: None,
+        transformer: TransformerOptions {
+            max_sequence_length: Some(32),
+            ..Default::default()
+        },
+    };
+    let full = load("flux-dev").generate(&params, &mut |_| true).unwrap();
+    for (format, min_psnr) in [("q8_0", 40.0), ("q4_0", 25.0)] {
+        let options = LoadOptions {
+            transformer_format: format.parse::<WeightFormat>().unwrap(),
+            ..Default::default()
+        };
+        let q = Flux::load(&dir, &Device::Cpu, DType::F32, &options).unwrap();
+        let out = q.generate(&params, &mut |_| true).unwrap();
+        let d = max_abs_diff(&out.latents, &full.latents);
+        let p = psnr(&out.images[0], &full.images[0]);
+        eprintln!("{format}: latents max diff {d} vs f32, image PSNR {p:.1} dB");
+        // Quantization changed something (the blocks really are quantized) ...
+        assert!(d > 0.0, "{format}: identical to f32");
+        // ... and stays close to the full-precision picture.
+        assert!(p >= min_psnr, "{format}: PSNR {p:.1} dB below {min_psnr}");
+    }
 }

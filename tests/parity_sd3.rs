@@ -10,7 +10,8 @@ use candela::engine::{
     loader::ModelDir,
     pipelines::{
         params::{GenerateParams, InitImage, SkipLayerGuidance, TransformerOptions},
-        sd3::{Sd3LoadOptions, StableDiffusion3},
+        sd3::StableDiffusion3,
+        LoadOptions,
     },
     schedulers::{SamplerKind, SigmaSchedule},
 };
@@ -31,7 +32,10 @@ fn load(model: &str, without_t5: bool) -> StableDiffusion3 {
         &dir,
         &Device::Cpu,
         DType::F32,
-        Sd3LoadOptions { without_t5 },
+        &LoadOptions {
+            without_t5,
+            ..Default::default()
+        },
     )
     .unwrap()
 }
@@ -153,7 +157,7 @@ fn sd3_runs_match_diffusers() {
                     &model_dir(copy.path().to_path_buf()),
                     &Device::Cpu,
                     DType::F32,
-                    Sd3LoadOptions::default(),
+                    &LoadOptions::default(),
                 )
                 .unwrap()
             }

@@ -53,6 +53,10 @@ pub struct GenerateArgs {
     /// flux1-dev.safetensors or a fine-tune); the rest comes from --model.
     #[arg(long)]
     pub transformer: Option<PathBuf>,
+    /// SD3 / FLUX: quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …) to
+    /// fit smaller cards; see the README for the measured quality cost.
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// SD3: load without the T5 text encoder (saves ~9 GB; zeros in its place, as diffusers).
     #[arg(long)]
     pub without_t5: bool,
@@ -176,6 +180,13 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         without_t5: args.without_t5,
         transformer_file: args.transformer.clone(),
+        transformer_format: args
+            .quantize
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| anyhow::anyhow!("--quantize: {e}"))?
+            .unwrap_or_default(),
     };
     let pipeline = Pipeline::load(&dir, &device, dtype, &options)?;
     tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");

@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// part, zeros as in diffusers with `text_encoder_3=None`).
     #[arg(long, env = "CANDELA_WITHOUT_T5")]
     pub without_t5: bool,
+    /// SD3 / FLUX: quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …);
+    /// FLUX-dev in q8_0 needs ~12.7 GB instead of 23.8 GB in bf16.
+    #[arg(long, env = "CANDELA_QUANTIZE")]
+    pub quantize: Option<String>,
     #[arg(long, env = "CANDELA_DEVICE")]
     pub device: Option<String>,
     #[arg(long, env = "CANDELA_DTYPE")]
@@ -137,6 +141,13 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
     let load_options = LoadOptions {
         without_t5: args.without_t5,
         transformer_file: None,
+        transformer_format: args
+            .quantize
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| anyhow::anyhow!("--quantize: {e}"))?
+            .unwrap_or_default(),
     };
     let models = if model_specs.is_empty() {
         vec![ModelSpec {

@@ -88,7 +88,15 @@ impl Footprint {
                 (Some(path), true) => SafetensorsFile::open(path)?,
                 _ => SafetensorsFile::open_component(dir, &stem)?,
             };
-            components.push((folder.to_string(), file.loaded_bytes(dtype)));
+            let mut bytes = file.loaded_bytes(dtype);
+            if folder == denoiser_folder {
+                // Quantized blocks: the format's bits per weight instead of the dtype's (the
+                // small dense embedders are within the rounding of this estimate).
+                if let Some(bits) = options.transformer_format.bits_per_weight() {
+                    bytes = (bytes as f64 * bits / (8.0 * dtype.size_in_bytes() as f64)) as u64;
+                }
+            }
+            components.push((folder.to_string(), bytes));
         }
         let class: serde_json::Value = if is_transformer {
             dir.read_json("transformer/config.json")?

@@ -2,10 +2,104 @@
 //! adaptive layer norms driven by the timestep embedding, the tanh-GELU feed-forward, and joint
 //! attention over image and text tokens.
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
 
 use super::attention::scaled_dot_product;
+
+/// How the transformer blocks' dense layers hold their weights: as loaded, or quantized on load
+/// to a GGML block format (Q8_0, Q4_K, …) to fit FLUX or SD3.5 Large on smaller cards. The
+/// embedders and the output projection stay dense, as in the community GGUF conversions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    #[default]
+    Dense,
+    Quantized(GgmlDType),
+}
+
+impl WeightFormat {
+    /// Bits per weight of the blocks' layers (`None` for dense: the load dtype's width).
+    pub fn bits_per_weight(self) -> Option<f64> {
+        match self {
+            Self::Dense => None,
+            Self::Quantized(t) => Some(t.type_size() as f64 * 8.0 / t.block_size() as f64),
+        }
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+
+    /// `dense`, or a GGML block format: `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q4k`, `q5k`,
+    /// `q6k`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = match s.to_ascii_lowercase().replace('_', "").as_str() {
+            "dense" | "none" => return Ok(Self::Dense),
+            "q80" => GgmlDType::Q8_0,
+            "q40" => GgmlDType::Q4_0,
+            "q41" => GgmlDType::Q4_1,
+            "q50" => GgmlDType::Q5_0,
+            "q51" => GgmlDType::Q5_1,
+            "q4k" => GgmlDType::Q4K,
+            "q5k" => GgmlDType::Q5K,
+            "q6k" => GgmlDType::Q6K,
+            _ => {
+                return Err(format!(
+                    "unknown weight format `{s}`; use dense, q8_0, q6k, q5k, q4k, q5_0, q5_1, q4_0 or q4_1"
+                ))
+            }
+        };
+        Ok(Self::Quantized(t))
+    }
+}
+
+/// A dense layer whose weight may be quantized ([`WeightFormat`]). Layers whose input width is
+/// not a multiple of the format's block stay dense.
+pub enum BlockLinear {
+    Dense(Linear),
+    Quantized { weight: QMatMul, bias: Tensor },
+}
+
+impl BlockLinear {
+    pub fn new(
+        input: usize,
+        output: usize,
+        vb: VarBuilder,
+        format: WeightFormat,
+    ) -> candle_core::Result<Self> {
+        let dense = linear(input, output, vb)?;
+        match format {
+            WeightFormat::Quantized(t) if input % t.block_size() == 0 => {
+                let bias = match dense.bias() {
+                    Some(b) => b.to_dtype(DType::F32)?,
+                    None => Tensor::zeros(output, DType::F32, dense.weight().device())?,
+                };
+                let weight = QMatMul::from_qtensor(QTensor::quantize(dense.weight(), t)?)?;
+                Ok(Self::Quantized { weight, bias })
+            }
+            _ => Ok(Self::Dense(dense)),
+        }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Self::Quantized { .. })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward(xs),
+            Self::Quantized { weight, bias } => {
+                // The quantized matmul takes f32 activations.
+                let dtype = xs.dtype();
+                weight
+                    .forward(&xs.to_dtype(DType::F32)?)?
+                    .broadcast_add(bias)?
+                    .to_dtype(dtype)
+            }
+        }
+    }
+}
 
 /// LayerNorm without learned parameters (`elementwise_affine=False`), as every DiT norm that the
 /// timestep modulates.
@@ -44,14 +138,19 @@ pub fn gated_add(xs: &Tensor, gate: &Tensor, ys: &Tensor) -> candle_core::Result
 /// diffusers' `AdaLayerNormZero` (6), `SD35AdaLayerNormZeroX` (9), `AdaLayerNormContinuous`
 /// (2: scale, shift) and FLUX's single-block norm (3).
 pub struct Modulation {
-    linear: Linear,
+    linear: BlockLinear,
     chunks: usize,
 }
 
 impl Modulation {
-    pub fn new(vb: VarBuilder, dim: usize, chunks: usize) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        chunks: usize,
+        format: WeightFormat,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
-            linear: linear(dim, chunks * dim, vb)?,
+            linear: BlockLinear::new(dim, chunks * dim, vb, format)?,
             chunks,
         })
     }
@@ -83,15 +182,20 @@ impl SiluMlp {
 
 /// diffusers' `FeedForward(activation_fn="gelu-approximate")`: `net.2(gelu_tanh(net.0.proj(x)))`.
 pub struct FeedForward {
-    proj: Linear,
-    out: Linear,
+    proj: BlockLinear,
+    out: BlockLinear,
 }
 
 impl FeedForward {
-    pub fn new(vb: VarBuilder, dim: usize, hidden: usize) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        hidden: usize,
+        format: WeightFormat,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
-            proj: linear(dim, hidden, vb.pp("net.0.proj"))?,
-            out: linear(hidden, dim, vb.pp("net.2"))?,
+            proj: BlockLinear::new(dim, hidden, vb.pp("net.0.proj"), format)?,
+            out: BlockLinear::new(hidden, dim, vb.pp("net.2"), format)?,
         })
     }
 
@@ -117,9 +221,9 @@ fn qk_norms(
 
 /// One stream's projections: q, k, v (with optional per-head RMS norms on q and k).
 struct Projections {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    q: BlockLinear,
+    k: BlockLinear,
+    v: BlockLinear,
     norms: Option<[RmsNorm; 2]>,
 }
 
@@ -132,11 +236,12 @@ impl Projections {
         inner: usize,
         head_dim: usize,
         qk_norm: bool,
+        format: WeightFormat,
     ) -> candle_core::Result<Self> {
         Ok(Self {
-            q: linear(dim, inner, vb.pp(names[0]))?,
-            k: linear(dim, inner, vb.pp(names[1]))?,
-            v: linear(dim, inner, vb.pp(names[2]))?,
+            q: BlockLinear::new(dim, inner, vb.pp(names[0]), format)?,
+            k: BlockLinear::new(dim, inner, vb.pp(names[1]), format)?,
+            v: BlockLinear::new(dim, inner, vb.pp(names[2]), format)?,
             norms: if qk_norm {
                 Some(qk_norms(vb, norm_names, head_dim)?)
             } else {
@@ -167,8 +272,8 @@ impl Projections {
 pub struct JointAttention {
     image: Projections,
     context: Option<Projections>,
-    to_out: Option<Linear>,
-    to_add_out: Option<Linear>,
+    to_out: Option<BlockLinear>,
+    to_add_out: Option<BlockLinear>,
     heads: usize,
 }
 
@@ -190,6 +295,7 @@ pub struct JointAttentionConfig {
     pub context_out: bool,
     /// The image tokens' output projection (`to_out.0`); FLUX's single blocks have none.
     pub image_out: bool,
+    pub format: WeightFormat,
 }
 
 impl JointAttention {
@@ -203,6 +309,7 @@ impl JointAttention {
             inner,
             c.head_dim,
             c.qk_norm,
+            c.format,
         )?;
         let context = if c.with_context {
             Some(Projections::new(
@@ -213,6 +320,7 @@ impl JointAttention {
                 inner,
                 c.head_dim,
                 c.qk_norm,
+                c.format,
             )?)
         } else {
             None
@@ -221,12 +329,17 @@ impl JointAttention {
             image,
             context,
             to_out: if c.image_out {
-                Some(linear(inner, c.dim, vb.pp("to_out.0"))?)
+                Some(BlockLinear::new(inner, c.dim, vb.pp("to_out.0"), c.format)?)
             } else {
                 None
             },
             to_add_out: if c.with_context && c.context_out {
-                Some(linear(inner, c.dim, vb.pp("to_add_out"))?)
+                Some(BlockLinear::new(
+                    inner,
+                    c.dim,
+                    vb.pp("to_add_out"),
+                    c.format,
+                )?)
             } else {
                 None
             },

@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use super::blocks::timestep_features;
 use super::dit::{
-    gated_add, modulate, ContextOrder, JointAttention, JointAttentionConfig, Modulation,
-    PlainLayerNorm, Rope, SiluMlp,
+    gated_add, modulate, BlockLinear, ContextOrder, JointAttention, JointAttentionConfig,
+    Modulation, PlainLayerNorm, Rope, SiluMlp, WeightFormat,
 };
 use super::mmdit::{JointBlock, JointBlockConfig};
 use crate::engine::error::{EngineError, Result};
@@ -63,17 +63,21 @@ const ROPE_THETA: f64 = 10000.0;
 struct SingleBlock {
     norm: Modulation,
     attn: JointAttention,
-    proj_mlp: Linear,
-    proj_out: Linear,
+    proj_mlp: BlockLinear,
+    proj_out: BlockLinear,
     layer_norm: PlainLayerNorm,
 }
 
 impl SingleBlock {
-    fn new(vb: VarBuilder, c: &FluxTransformerConfig) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        c: &FluxTransformerConfig,
+        format: WeightFormat,
+    ) -> candle_core::Result<Self> {
         let dim = c.inner_dim();
         let mlp = 4 * dim;
         Ok(Self {
-            norm: Modulation::new(vb.pp("norm.linear"), dim, 3)?,
+            norm: Modulation::new(vb.pp("norm.linear"), dim, 3, format)?,
             attn: JointAttention::new(
                 vb.pp("attn"),
                 &JointAttentionConfig {
@@ -84,10 +88,11 @@ impl SingleBlock {
                     with_context: false,
                     context_out: false,
                     image_out: false,
+                    format,
                 },
             )?,
-            proj_mlp: linear(dim, mlp, vb.pp("proj_mlp"))?,
-            proj_out: linear(dim + mlp, dim, vb.pp("proj_out"))?,
+            proj_mlp: BlockLinear::new(dim, mlp, vb.pp("proj_mlp"), format)?,
+            proj_out: BlockLinear::new(dim + mlp, dim, vb.pp("proj_out"), format)?,
             layer_norm: PlainLayerNorm::new(dim, EPS, &vb)?,
         })
     }
@@ -125,6 +130,7 @@ impl FluxTransformer {
         vb: VarBuilder,
         config: FluxTransformerConfig,
         config_path: &std::path::Path,
+        format: WeightFormat,
     ) -> Result<Self> {
         let c = &config;
         let dim = c.inner_dim();
@@ -151,12 +157,13 @@ impl FluxTransformer {
                         qk_norm: true,
                         context_pre_only: false,
                         dual: false,
+                        format,
                     },
                 )
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let single_blocks = (0..c.num_single_layers)
-            .map(|i| SingleBlock::new(vb.pp(format!("single_transformer_blocks.{i}")), c))
+            .map(|i| SingleBlock::new(vb.pp(format!("single_transformer_blocks.{i}")), c, format))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             x_embedder: linear(c.in_channels, dim, vb.pp("x_embedder"))?,
@@ -170,7 +177,7 @@ impl FluxTransformer {
             text_embedder: SiluMlp::new(te.pp("text_embedder"), c.pooled_projection_dim, dim)?,
             double_blocks,
             single_blocks,
-            norm_out: Modulation::new(vb.pp("norm_out.linear"), dim, 2)?,
+            norm_out: Modulation::new(vb.pp("norm_out.linear"), dim, 2, WeightFormat::Dense)?,
             layer_norm: PlainLayerNorm::new(dim, EPS, &vb)?,
             proj_out: linear(
                 dim,

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::blocks::timestep_features;
 use super::dit::{
     gated_add, modulate, ContextOrder, FeedForward, JointAttention, JointAttentionConfig,
-    Modulation, PlainLayerNorm, Rope, SiluMlp,
+    Modulation, PlainLayerNorm, Rope, SiluMlp, WeightFormat,
 };
 use crate::engine::error::{EngineError, Result};
 
@@ -98,6 +98,7 @@ pub(crate) struct JointBlockConfig {
     pub context_pre_only: bool,
     /// MMDiT-X: a second, image-only attention.
     pub dual: bool,
+    pub format: WeightFormat,
 }
 
 impl JointBlock {
@@ -111,13 +112,29 @@ impl JointBlock {
             with_context,
             context_out: !context_pre_only,
             image_out: true,
+            format: c.format,
         };
         Ok(Self {
-            norm1: Modulation::new(vb.pp("norm1.linear"), dim, if dual { 9 } else { 6 })?,
+            norm1: Modulation::new(
+                vb.pp("norm1.linear"),
+                dim,
+                if dual { 9 } else { 6 },
+                c.format,
+            )?,
             norm1_context: if context_pre_only {
-                ContextNorm::Continuous(Modulation::new(vb.pp("norm1_context.linear"), dim, 2)?)
+                ContextNorm::Continuous(Modulation::new(
+                    vb.pp("norm1_context.linear"),
+                    dim,
+                    2,
+                    c.format,
+                )?)
             } else {
-                ContextNorm::Zero(Modulation::new(vb.pp("norm1_context.linear"), dim, 6)?)
+                ContextNorm::Zero(Modulation::new(
+                    vb.pp("norm1_context.linear"),
+                    dim,
+                    6,
+                    c.format,
+                )?)
             },
             attn: JointAttention::new(vb.pp("attn"), &attention(true))?,
             attn2: if dual {
@@ -125,11 +142,16 @@ impl JointBlock {
             } else {
                 None
             },
-            ff: FeedForward::new(vb.pp("ff"), dim, 4 * dim)?,
+            ff: FeedForward::new(vb.pp("ff"), dim, 4 * dim, c.format)?,
             ff_context: if context_pre_only {
                 None
             } else {
-                Some(FeedForward::new(vb.pp("ff_context"), dim, 4 * dim)?)
+                Some(FeedForward::new(
+                    vb.pp("ff_context"),
+                    dim,
+                    4 * dim,
+                    c.format,
+                )?)
             },
             norm: PlainLayerNorm::new(dim, EPS, &vb)?,
         })
@@ -198,7 +220,12 @@ pub struct Sd3Transformer {
 }
 
 impl Sd3Transformer {
-    pub fn new(vb: VarBuilder, config: Sd3TransformerConfig, config_path: &Path) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        config: Sd3TransformerConfig,
+        config_path: &Path,
+        format: WeightFormat,
+    ) -> Result<Self> {
         let bad = |reason: String| EngineError::BadConfig {
             path: config_path.to_path_buf(),
             reason,
@@ -256,6 +283,7 @@ impl Sd3Transformer {
                         qk_norm: c.qk_norm.is_some(),
                         context_pre_only: i + 1 == c.num_layers,
                         dual: c.dual_attention_layers.contains(&i),
+                        format,
                     },
                 )
             })
@@ -275,7 +303,7 @@ impl Sd3Transformer {
                 vb.pp("context_embedder"),
             )?,
             blocks,
-            norm_out: Modulation::new(vb.pp("norm_out.linear"), dim, 2)?,
+            norm_out: Modulation::new(vb.pp("norm_out.linear"), dim, 2, WeightFormat::Dense)?,
             norm: PlainLayerNorm::new(dim, EPS, &vb)?,
             proj_out: linear(dim, p * p * config.out_channels(), vb.pp("proj_out"))?,
             config,

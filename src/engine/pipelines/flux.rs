@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::autoencoder::Autoencoder;
 use super::params::GenerateParams;
 use super::sd::Generated;
+use super::LoadOptions;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::{
     bfl::BflFluxWeights,
@@ -64,26 +65,26 @@ pub struct Flux {
 }
 
 impl Flux {
-    /// Load `dir`; `transformer_file` replaces the folder's transformer weights with one file in
-    /// diffusers' or Black Forest Labs' naming.
+    /// Load `dir`; `options.transformer_file` replaces the folder's transformer weights with one
+    /// file in diffusers' or Black Forest Labs' naming.
     pub fn load(
         dir: &ModelDir,
         device: &Device,
         dtype: DType,
-        transformer_file: Option<&std::path::Path>,
+        options: &LoadOptions,
     ) -> Result<Self> {
-        Self::build(dir, device, dtype, transformer_file, false)
+        Self::build(dir, device, dtype, options, false)
     }
 
     pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(dir, device, dtype, None, true)
+        Self::build(dir, device, dtype, &LoadOptions::default(), true)
     }
 
     fn build(
         dir: &ModelDir,
         device: &Device,
         dtype: DType,
-        transformer_file: Option<&std::path::Path>,
+        options: &LoadOptions,
         random: bool,
     ) -> Result<Self> {
         super::check_dtype(device, dtype)?;
@@ -127,7 +128,7 @@ impl Flux {
         let transformer_vb = if random {
             weights("transformer/diffusion_pytorch_model", dtype)?
         } else {
-            let file = match transformer_file {
+            let file = match &options.transformer_file {
                 Some(path) => SafetensorsFile::open(path)?,
                 None => {
                     SafetensorsFile::open_component(dir, "transformer/diffusion_pytorch_model")?
@@ -140,7 +141,12 @@ impl Flux {
                 Err(file) => file.into_var_builder(dtype, device),
             }
         };
-        let transformer = FluxTransformer::new(transformer_vb, config, &config_path)?;
+        let transformer = FluxTransformer::new(
+            transformer_vb,
+            config,
+            &config_path,
+            options.transformer_format,
+        )?;
         let vae = Autoencoder::load(dir, dtype, device, &weights)?;
         let c = &transformer.config;
         let bad = |reason: String| EngineError::BadConfig {

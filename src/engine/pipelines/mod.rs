@@ -48,7 +48,7 @@ use crate::engine::schedulers::SamplerKind;
 use crate::engine::{GeneratedImage, Progress};
 use params::SkipLayerGuidance;
 use sd::{Generated, StableDiffusion};
-use sd3::{Sd3LoadOptions, StableDiffusion3};
+use sd3::StableDiffusion3;
 
 /// Which pipeline a model folder needs, from `model_index.json` (and, for the SD families, the
 /// scheduler's prediction type).
@@ -195,8 +195,11 @@ pub fn read_card(dir: &ModelDir, name: &str) -> Result<ModelCard> {
 /// How to load a model (options that apply to some families only).
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    /// SD3: leave T5-XXL out (see [`Sd3LoadOptions::without_t5`]).
+    /// SD3: leave T5-XXL out (9 GB in f16): its part of the prompt becomes zeros, as diffusers
+    /// does with `text_encoder_3=None`.
     pub without_t5: bool,
+    /// SD3 / FLUX: the transformer blocks' weights as loaded or quantized on load.
+    pub transformer_format: crate::engine::models::dit::WeightFormat,
     /// FLUX: the transformer from this single file (diffusers or Black Forest Labs naming, e.g.
     /// `flux1-dev.safetensors` or a fine-tune) instead of the folder's `transformer/` weights.
     pub transformer_file: Option<std::path::PathBuf>,
@@ -234,23 +237,11 @@ impl Pipeline {
     ) -> Result<Self> {
         let card = read_card(dir, "")?;
         Ok(match (card.family, random) {
-            (Family::Sd3, false) => Self::Sd3(StableDiffusion3::load(
-                dir,
-                device,
-                dtype,
-                Sd3LoadOptions {
-                    without_t5: options.without_t5,
-                },
-            )?),
+            (Family::Sd3, false) => Self::Sd3(StableDiffusion3::load(dir, device, dtype, options)?),
             (Family::Sd3, true) => {
                 Self::Sd3(StableDiffusion3::with_random_weights(dir, device, dtype)?)
             }
-            (Family::Flux, false) => Self::Flux(flux::Flux::load(
-                dir,
-                device,
-                dtype,
-                options.transformer_file.as_deref(),
-            )?),
+            (Family::Flux, false) => Self::Flux(flux::Flux::load(dir, device, dtype, options)?),
             (Family::Flux, true) => {
                 Self::Flux(flux::Flux::with_random_weights(dir, device, dtype)?)
             }

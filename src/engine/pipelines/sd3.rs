@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::autoencoder::Autoencoder;
 use super::params::{GenerateParams, SkipLayerGuidance};
 use super::sd::Generated;
+use super::LoadOptions;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::{
     weights::{RandomWeights, SafetensorsFile},
@@ -31,14 +32,6 @@ use crate::engine::Progress;
 pub const DEFAULT_T5_TOKENS: usize = 256;
 /// The most T5 tokens accepted (T5's own limit in these repos).
 pub const MAX_T5_TOKENS: usize = 512;
-
-/// How to load an SD3 model.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Sd3LoadOptions {
-    /// Leave T5-XXL out (9 GB in f16): its part of the prompt becomes zeros, as diffusers does
-    /// with `text_encoder_3=None`.
-    pub without_t5: bool,
-}
 
 #[derive(Deserialize)]
 struct ModelIndex {
@@ -78,21 +71,21 @@ impl StableDiffusion3 {
         dir: &ModelDir,
         device: &Device,
         dtype: DType,
-        options: Sd3LoadOptions,
+        options: &LoadOptions,
     ) -> Result<Self> {
         Self::build(dir, device, dtype, options, false)
     }
 
     /// The architecture of `dir`'s configs with random weights, for benchmarks.
     pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(dir, device, dtype, Sd3LoadOptions::default(), true)
+        Self::build(dir, device, dtype, &LoadOptions::default(), true)
     }
 
     fn build(
         dir: &ModelDir,
         device: &Device,
         dtype: DType,
-        options: Sd3LoadOptions,
+        options: &LoadOptions,
         random: bool,
     ) -> Result<Self> {
         super::check_dtype(device, dtype)?;
@@ -146,6 +139,7 @@ impl StableDiffusion3 {
             weights("transformer/diffusion_pytorch_model", dtype)?,
             config,
             &config_path,
+            options.transformer_format,
         )?;
         let vae = Autoencoder::load(dir, dtype, device, &weights)?;
 
