@@ -57,6 +57,10 @@ pub struct GenerateArgs {
     /// fit smaller cards; see the README for the measured quality cost.
     #[arg(long)]
     pub quantize: Option<String>,
+    /// SD3 / FLUX: run the text encoders on the CPU (f32) so the device holds only the
+    /// transformer and the VAE.
+    #[arg(long)]
+    pub text_encoders_on_cpu: bool,
     /// SD3: load without the T5 text encoder (saves ~9 GB; zeros in its place, as diffusers).
     #[arg(long)]
     pub without_t5: bool,
@@ -180,6 +184,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         without_t5: args.without_t5,
         transformer_file: args.transformer.clone(),
+        text_encoders_on_cpu: args.text_encoders_on_cpu,
         transformer_format: args
             .quantize
             .as_deref()

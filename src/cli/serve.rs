@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// part, zeros as in diffusers with `text_encoder_3=None`).
     #[arg(long, env = "CANDELA_WITHOUT_T5")]
     pub without_t5: bool,
+    /// SD3 / FLUX: keep the text encoders in system memory and run them on the CPU (f32): the
+    /// memory budget then counts only the transformer and the VAE (FLUX-dev: −9.5 GB).
+    #[arg(long, env = "CANDELA_TEXT_ENCODERS_ON_CPU")]
+    pub text_encoders_on_cpu: bool,
     /// SD3 / FLUX: quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …);
     /// FLUX-dev in q8_0 needs ~12.7 GB instead of 23.8 GB in bf16.
     #[arg(long, env = "CANDELA_QUANTIZE")]
@@ -141,6 +145,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
     let load_options = LoadOptions {
         without_t5: args.without_t5,
         transformer_file: None,
+        text_encoders_on_cpu: args.text_encoders_on_cpu,
         transformer_format: args
             .quantize
             .as_deref()

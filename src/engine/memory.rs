@@ -72,9 +72,11 @@ impl Footprint {
         ] {
             // Text encoders are optional: SD has no second one, the SDXL refiner no first one,
             // SD3 may run without T5.
+            // Text encoders kept on the CPU take no device memory.
             if folder.starts_with("text_encoder") {
                 if !dir.file(&format!("{folder}/config.json")).is_file()
                     || (folder == "text_encoder_3" && options.without_t5)
+                    || (options.text_encoders_on_cpu && is_transformer)
                 {
                     continue;
                 }
@@ -179,5 +181,64 @@ impl Footprint {
         let vae = 4 * self.vae_channels as u64 * (width * height) as u64 * s
             + 2 * latent_tokens * latent_tokens * s;
         denoise.max(vae)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flux_dir() -> ModelDir {
+        ModelDir {
+            root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models/flux-dev-tiny"),
+            prefer_fp16_variant: false,
+        }
+    }
+
+    #[test]
+    fn options_change_the_device_footprint() {
+        let dir = flux_dir();
+        let full = Footprint::read(&dir, DType::F32, &LoadOptions::default()).unwrap();
+        let folders: Vec<&str> = full.components.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            folders,
+            ["text_encoder", "text_encoder_2", "transformer", "vae"]
+        );
+        let bytes = |f: &Footprint, folder: &str| {
+            f.components
+                .iter()
+                .find(|(name, _)| name == folder)
+                .map(|(_, b)| *b)
+        };
+        // Text encoders on the CPU leave the device.
+        let cpu_text = Footprint::read(
+            &dir,
+            DType::F32,
+            &LoadOptions {
+                text_encoders_on_cpu: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(bytes(&cpu_text, "text_encoder_2"), None);
+        assert_eq!(bytes(&cpu_text, "transformer"), bytes(&full, "transformer"));
+        // Q8_0 keeps 8.5 of every 32 bits.
+        let q8 = Footprint::read(
+            &dir,
+            DType::F32,
+            &LoadOptions {
+                transformer_format: "q8_0".parse().unwrap(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ratio =
+            bytes(&q8, "transformer").unwrap() as f64 / bytes(&full, "transformer").unwrap() as f64;
+        assert!((ratio - 8.5 / 32.0).abs() < 1e-3, "{ratio}");
+        // A transformer's working memory grows with the square of the token count.
+        let small = full.activation_bytes(1, 512, 512, false);
+        let large = full.activation_bytes(1, 1024, 1024, false);
+        assert!(large > 2 * small);
     }
 }

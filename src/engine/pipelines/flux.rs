@@ -61,6 +61,8 @@ pub struct Flux {
     vae: Autoencoder,
     scheduler: SchedulerConfig,
     device: Device,
+    /// Where the text encoders run (the CPU with `text_encoders_on_cpu`).
+    text_device: Device,
     dtype: DType,
 }
 
@@ -88,17 +90,21 @@ impl Flux {
         random: bool,
     ) -> Result<Self> {
         super::check_dtype(device, dtype)?;
-        let weights = |stem: &str, dtype: DType| -> Result<candle_nn::VarBuilder<'static>> {
-            if random {
-                Ok(candle_nn::VarBuilder::from_backend(
-                    Box::new(RandomWeights),
-                    dtype,
-                    device.clone(),
-                ))
-            } else {
-                Ok(SafetensorsFile::open_component(dir, stem)?.into_var_builder(dtype, device))
-            }
-        };
+        let weights_on =
+            |stem: &str, dtype: DType, device: &Device| -> Result<candle_nn::VarBuilder<'static>> {
+                if random {
+                    Ok(candle_nn::VarBuilder::from_backend(
+                        Box::new(RandomWeights),
+                        dtype,
+                        device.clone(),
+                    ))
+                } else {
+                    Ok(SafetensorsFile::open_component(dir, stem)?.into_var_builder(dtype, device))
+                }
+            };
+        let weights = |stem: &str, dtype: DType| weights_on(stem, dtype, device);
+        let (text_device, text_dtype) = super::text_encoder_placement(device, dtype, options);
+        let text_weights = |stem: &str| weights_on(stem, text_dtype, &text_device);
         let index: ModelIndex = dir.read_json("model_index.json")?;
         if !FLUX_PIPELINES.contains(&index.class_name.as_str()) {
             return Err(EngineError::Unsupported(format!(
@@ -112,14 +118,14 @@ impl Flux {
         let clip = (
             ClipTokenizer::load(dir, "tokenizer")?,
             ClipTextModel::new(
-                weights("text_encoder/model", dtype)?,
+                text_weights("text_encoder/model")?,
                 dir.read_json("text_encoder/config.json")?,
             )?,
         );
         let t5 = (
             T5Tokenizer::load(dir, "tokenizer_2")?,
             T5Encoder::new(
-                weights("text_encoder_2/model", dtype)?,
+                text_weights("text_encoder_2/model")?,
                 dir.read_json("text_encoder_2/config.json")?,
             )?,
         );
@@ -179,6 +185,7 @@ impl Flux {
             vae,
             scheduler,
             device: device.clone(),
+            text_device,
             dtype,
         })
     }
@@ -272,14 +279,19 @@ impl Flux {
                 "prompt longer than CLIP's 77 tokens; CLIP saw the start"
             );
         }
-        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let ids = Tensor::new(ids, &self.text_device)?.unsqueeze(0)?;
         let (_, pooled) = clip.forward_penultimate(&ids, 0)?;
         let (tokenizer, t5) = &self.t5;
-        let ids =
-            Tensor::new(tokenizer.encode_padded(prompt, t5_tokens)?, &self.device)?.unsqueeze(0)?;
+        let ids = Tensor::new(
+            tokenizer.encode_padded(prompt, t5_tokens)?,
+            &self.text_device,
+        )?
+        .unsqueeze(0)?;
+        let to_model =
+            |t: Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
         Ok(FluxEmbeds {
-            context: t5.forward(&ids)?,
-            pooled,
+            context: to_model(t5.forward(&ids)?)?,
+            pooled: to_model(pooled)?,
         })
     }
 

@@ -11,6 +11,20 @@ use candle_core::{DType, Device};
 use crate::engine::error::{EngineError, Result};
 use params::GenerateParams;
 
+/// Where (and in which dtype) the text encoders of SD3 / FLUX run.
+pub(crate) fn text_encoder_placement(
+    device: &Device,
+    dtype: DType,
+    options: &LoadOptions,
+) -> (Device, DType) {
+    if options.text_encoders_on_cpu && !device.is_cpu() {
+        // f32: candle's CPU backend has no bf16 matmul, and T5 overflows in f16.
+        (Device::Cpu, DType::F32)
+    } else {
+        (device.clone(), dtype)
+    }
+}
+
 /// candle's CPU backend has no bf16 matmul; fail before loading gigabytes.
 pub(crate) fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
     if device.is_cpu() && dtype == DType::BF16 {
@@ -200,6 +214,10 @@ pub struct LoadOptions {
     pub without_t5: bool,
     /// SD3 / FLUX: the transformer blocks' weights as loaded or quantized on load.
     pub transformer_format: crate::engine::models::dit::WeightFormat,
+    /// SD3 / FLUX: keep the text encoders (T5-XXL: 9.5 GB in bf16) in system memory and run
+    /// them on the CPU in f32, so device memory holds only the transformer and the VAE; each
+    /// prompt's states are then copied to the device. Costs prompt-encoding time, not quality.
+    pub text_encoders_on_cpu: bool,
     /// FLUX: the transformer from this single file (diffusers or Black Forest Labs naming, e.g.
     /// `flux1-dev.safetensors` or a fine-tune) instead of the folder's `transformer/` weights.
     pub transformer_file: Option<std::path::PathBuf>,

@@ -63,6 +63,8 @@ pub struct StableDiffusion3 {
     vae: Autoencoder,
     scheduler: SchedulerConfig,
     device: Device,
+    /// Where the text encoders run (the CPU with `text_encoders_on_cpu`).
+    text_device: Device,
     dtype: DType,
 }
 
@@ -89,17 +91,21 @@ impl StableDiffusion3 {
         random: bool,
     ) -> Result<Self> {
         super::check_dtype(device, dtype)?;
-        let weights = |stem: &str, dtype: DType| -> Result<candle_nn::VarBuilder<'static>> {
-            if random {
-                Ok(candle_nn::VarBuilder::from_backend(
-                    Box::new(RandomWeights),
-                    dtype,
-                    device.clone(),
-                ))
-            } else {
-                Ok(SafetensorsFile::open_component(dir, stem)?.into_var_builder(dtype, device))
-            }
-        };
+        let weights_on =
+            |stem: &str, dtype: DType, device: &Device| -> Result<candle_nn::VarBuilder<'static>> {
+                if random {
+                    Ok(candle_nn::VarBuilder::from_backend(
+                        Box::new(RandomWeights),
+                        dtype,
+                        device.clone(),
+                    ))
+                } else {
+                    Ok(SafetensorsFile::open_component(dir, stem)?.into_var_builder(dtype, device))
+                }
+            };
+        let weights = |stem: &str, dtype: DType| weights_on(stem, dtype, device);
+        let (text_device, text_dtype) = super::text_encoder_placement(device, dtype, options);
+        let text_weights = |stem: &str| weights_on(stem, text_dtype, &text_device);
         let index: ModelIndex = dir.read_json("model_index.json")?;
         if !SD3_PIPELINES.contains(&index.class_name.as_str()) {
             return Err(EngineError::Unsupported(format!(
@@ -114,7 +120,7 @@ impl StableDiffusion3 {
             let tokenizer = ClipTokenizer::load(dir, &format!("tokenizer{n}"))?;
             let config = dir.read_json(&format!("text_encoder{n}/config.json"))?;
             let model =
-                ClipTextModel::new(weights(&format!("text_encoder{n}/model"), dtype)?, config)?;
+                ClipTextModel::new(text_weights(&format!("text_encoder{n}/model"))?, config)?;
             Ok((tokenizer, model))
         };
         let clip_l = clip("")?;
@@ -128,7 +134,7 @@ impl StableDiffusion3 {
             let config = dir.read_json("text_encoder_3/config.json")?;
             Some((
                 tokenizer,
-                T5Encoder::new(weights("text_encoder_3/model", dtype)?, config)?,
+                T5Encoder::new(text_weights("text_encoder_3/model")?, config)?,
             ))
         } else {
             None
@@ -187,6 +193,7 @@ impl StableDiffusion3 {
             vae,
             scheduler,
             device: device.clone(),
+            text_device,
             dtype,
         })
     }
@@ -310,8 +317,11 @@ impl StableDiffusion3 {
                 "prompt longer than CLIP's 77 tokens; the end was cut"
             );
         }
-        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        Ok(model.forward_penultimate(&ids, clip_skip)?)
+        let ids = Tensor::new(ids, &self.text_device)?.unsqueeze(0)?;
+        let (hidden, pooled) = model.forward_penultimate(&ids, clip_skip)?;
+        let to_model =
+            |t: Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
+        Ok((to_model(hidden)?, to_model(pooled)?))
     }
 
     /// One prompt's joint conditioning (diffusers' `encode_prompt` for one prompt).
@@ -324,8 +334,11 @@ impl StableDiffusion3 {
         let t5 = match &self.t5 {
             Some((tokenizer, encoder)) => {
                 let ids = tokenizer.encode_padded(prompt, t5_tokens)?;
-                let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-                encoder.forward(&ids)?.to_dtype(clip.dtype())?
+                let ids = Tensor::new(ids, &self.text_device)?.unsqueeze(0)?;
+                encoder
+                    .forward(&ids)?
+                    .to_device(&self.device)?
+                    .to_dtype(clip.dtype())?
             }
             None => Tensor::zeros((1, t5_tokens, width), clip.dtype(), &self.device)?,
         };
