@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use candela::engine::{
     loader::{self, HubOptions, ModelSource},
     pipelines::sd::StableDiffusion,
@@ -12,23 +10,10 @@ use candela::engine::{
 };
 use candle_core::{DType, Device};
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 fn fake_cache(commit: &str) -> tempfile::TempDir {
     let cache = tempfile::tempdir().unwrap();
     let repo = cache.path().join("models--acme--tiny-sd");
-    copy_dir(
+    common::copy_dir(
         &common::fixtures().join("models/sd1-tiny"),
         &repo.join("snapshots").join(commit),
     );
@@ -109,7 +94,7 @@ fn offline_unknown_repo_is_a_clear_error() {
 fn fake_cache_of(model: &str, name: &str) -> (tempfile::TempDir, HubOptions) {
     let cache = tempfile::tempdir().unwrap();
     let repo = cache.path().join(format!("models--acme--{name}"));
-    copy_dir(
+    common::copy_dir(
         &common::fixtures().join("models").join(model),
         &repo.join("snapshots/c0ffee"),
     );

@@ -12,23 +12,10 @@ use candela::engine::{
 };
 use candle_core::{DType, Device};
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 fn broken_copy(edit: impl FnOnce(&Path)) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("model");
-    copy_dir(&common::fixtures().join("models/sd1-tiny"), &root);
+    common::copy_dir(&common::fixtures().join("models/sd1-tiny"), &root);
     edit(&root);
     (tmp, root)
 }

@@ -10,7 +10,7 @@ use candela::engine::{
         params::{GenerateParams, TransformerOptions},
         LoadOptions,
     },
-    schedulers::{SamplerKind, SigmaSchedule},
+    schedulers::SamplerKind,
 };
 use candle_core::{DType, Device};
 use common::*;
@@ -110,19 +110,13 @@ fn flux_runs_match_diffusers() {
             steps: run.steps,
             guidance_scale: run.guidance,
             seed: run.seed,
-            sampler: SamplerKind::FlowEuler,
-            schedule: SigmaSchedule::Default,
-            solver_order: None,
             n: run.n,
-            clip_skip: 0,
-            init: None,
-            stage: None,
-            refiner: None,
             transformer: TransformerOptions {
                 max_sequence_length: run.max_sequence_length,
                 skip_layer_guidance: None,
                 true_cfg_scale: run.true_cfg_scale,
             },
+            ..base_params(SamplerKind::FlowEuler)
         };
         let mut reports = 0;
         let out = p
@@ -172,18 +166,12 @@ fn flux_from_black_forest_labs_single_file_equals_diffusers_layout() {
         steps: 3,
         guidance_scale: 3.5,
         seed: 9,
-        sampler: SamplerKind::FlowEuler,
-        schedule: SigmaSchedule::Default,
-        solver_order: None,
         n: 1,
-        clip_skip: 0,
-        init: None,
-        stage: None,
-        refiner: None,
         transformer: TransformerOptions {
             max_sequence_length: Some(16),
             ..Default::default()
         },
+        ..base_params(SamplerKind::FlowEuler)
     };
     let a = from_file.generate(&params, &mut |_| true).unwrap();
     let b = from_folder.generate(&params, &mut |_| true).unwrap();
@@ -218,18 +206,12 @@ fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
         steps: 6,
         guidance_scale: 3.5,
         seed: 41,
-        sampler: SamplerKind::FlowEuler,
-        schedule: SigmaSchedule::Default,
-        solver_order: None,
         n: 1,
-        clip_skip: 0,
-        init: None,
-        stage: None,
-        refiner: None,
         transformer: TransformerOptions {
             max_sequence_length: Some(32),
             ..Default::default()
         },
+        ..base_params(SamplerKind::FlowEuler)
     };
     let full = load("flux-dev").generate(&params, &mut |_| true).unwrap();
     for (format, min_psnr) in [("q8_0", 40.0), ("q4_0", 25.0)] {
@@ -266,18 +248,12 @@ fn batched_requests_equal_their_single_runs_for_sd3_and_flux() {
             steps: 3,
             guidance_scale: 4.0,
             seed,
-            sampler: SamplerKind::FlowEuler,
-            schedule: SigmaSchedule::Default,
-            solver_order: None,
             n,
-            clip_skip: 0,
-            init: None,
-            stage: None,
-            refiner: None,
             transformer: TransformerOptions {
                 max_sequence_length: Some(24),
                 ..Default::default()
             },
+            ..base_params(SamplerKind::FlowEuler)
         };
         let requests = [
             request("a red fox", Some("blurry"), 1, 2),

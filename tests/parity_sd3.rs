@@ -13,7 +13,7 @@ use candela::engine::{
         sd3::StableDiffusion3,
         LoadOptions,
     },
-    schedulers::{SamplerKind, SigmaSchedule},
+    schedulers::SamplerKind,
 };
 use candle_core::{DType, Device};
 use common::*;
@@ -172,11 +172,7 @@ fn sd3_runs_match_diffusers() {
             steps: run.steps,
             guidance_scale: run.guidance,
             seed: run.seed,
-            sampler: SamplerKind::FlowEuler,
-            schedule: SigmaSchedule::Default,
-            solver_order: None,
             n: run.n,
-            clip_skip: 0,
             init: run.init_image.as_ref().map(|file| {
                 let img = image::open(fixtures().join("runs").join(file))
                     .unwrap()
@@ -187,8 +183,6 @@ fn sd3_runs_match_diffusers() {
                     mask: None,
                 }
             }),
-            stage: None,
-            refiner: None,
             transformer: TransformerOptions {
                 true_cfg_scale: None,
                 max_sequence_length: run.max_sequence_length,
@@ -201,6 +195,7 @@ fn sd3_runs_match_diffusers() {
                     }
                 }),
             },
+            ..base_params(SamplerKind::FlowEuler)
         };
         let mut reports = 0;
         let out = pipeline

@@ -185,13 +185,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         without_t5: args.without_t5,
         transformer_file: args.transformer.clone(),
         text_encoders_on_cpu: args.text_encoders_on_cpu,
-        transformer_format: args
-            .quantize
-            .as_deref()
-            .map(str::parse)
-            .transpose()
-            .map_err(|e: String| anyhow::anyhow!("--quantize: {e}"))?
-            .unwrap_or_default(),
+        transformer_format: super::weight_format(args.quantize.as_deref())?,
     };
     let pipeline = Pipeline::load(&dir, &device, dtype, &options)?;
     tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");

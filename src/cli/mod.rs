@@ -81,6 +81,14 @@ pub enum Command {
     Openapi,
 }
 
+/// `--quantize`: dense when absent.
+fn weight_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::dit::WeightFormat> {
+    arg.map(str::parse)
+        .transpose()
+        .map_err(|e: String| anyhow::anyhow!("--quantize: {e}"))
+        .map(Option::unwrap_or_default)
+}
+
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CANDELA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

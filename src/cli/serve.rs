@@ -146,13 +146,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
         without_t5: args.without_t5,
         transformer_file: None,
         text_encoders_on_cpu: args.text_encoders_on_cpu,
-        transformer_format: args
-            .quantize
-            .as_deref()
-            .map(str::parse)
-            .transpose()
-            .map_err(|e: String| anyhow::anyhow!("--quantize: {e}"))?
-            .unwrap_or_default(),
+        transformer_format: super::weight_format(args.quantize.as_deref())?,
     };
     let models = if model_specs.is_empty() {
         vec![ModelSpec {

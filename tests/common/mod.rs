@@ -82,7 +82,7 @@ pub fn model_copy(model: &str) -> tempfile::TempDir {
     tmp
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
@@ -92,5 +92,30 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         } else {
             std::fs::copy(entry.path(), target).unwrap();
         }
+    }
+}
+
+/// A 64×64, 4-step, guidance 7.5, seed 0, one-image request with `sampler`; tests override what
+/// they need with struct update syntax.
+pub fn base_params(
+    sampler: candela::engine::schedulers::SamplerKind,
+) -> candela::engine::pipelines::params::GenerateParams {
+    candela::engine::pipelines::params::GenerateParams {
+        prompt: "a lighthouse".into(),
+        negative_prompt: None,
+        width: 64,
+        height: 64,
+        steps: 4,
+        guidance_scale: 7.5,
+        seed: 0,
+        sampler,
+        schedule: candela::engine::schedulers::SigmaSchedule::Default,
+        solver_order: None,
+        n: 1,
+        clip_skip: 0,
+        init: None,
+        stage: None,
+        refiner: None,
+        transformer: Default::default(),
     }
 }

@@ -7,18 +7,13 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use serde::Deserialize;
 
 use super::autoencoder::Autoencoder;
 use super::params::GenerateParams;
 use super::sd::Generated;
 use super::LoadOptions;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::loader::{
-    bfl::BflFluxWeights,
-    weights::{RandomWeights, SafetensorsFile},
-    ModelDir,
-};
+use crate::engine::loader::{bfl::BflFluxWeights, weights::SafetensorsFile, ModelDir};
 use crate::engine::models::{
     clip::ClipTextModel,
     flux::{FluxTransformer, FluxTransformerConfig},
@@ -40,12 +35,6 @@ pub fn default_t5_tokens(guidance_embeds: bool) -> usize {
     } else {
         256
     }
-}
-
-#[derive(Deserialize)]
-struct ModelIndex {
-    #[serde(rename = "_class_name")]
-    class_name: String,
 }
 
 /// One prompt's conditioning: T5 states (1, L, D) and CLIP's pooled output (1, P).
@@ -90,31 +79,12 @@ impl Flux {
         random: bool,
     ) -> Result<Self> {
         super::check_dtype(device, dtype)?;
-        let weights_on =
-            |stem: &str, dtype: DType, device: &Device| -> Result<candle_nn::VarBuilder<'static>> {
-                if random {
-                    Ok(candle_nn::VarBuilder::from_backend(
-                        Box::new(RandomWeights),
-                        dtype,
-                        device.clone(),
-                    ))
-                } else {
-                    Ok(SafetensorsFile::open_component(dir, stem)?.into_var_builder(dtype, device))
-                }
-            };
-        let weights = |stem: &str, dtype: DType| weights_on(stem, dtype, device);
+        let source = super::WeightSource { dir, random };
+        let weights = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let (text_device, text_dtype) = super::text_encoder_placement(device, dtype, options);
-        let text_weights = |stem: &str| weights_on(stem, text_dtype, &text_device);
-        let index: ModelIndex = dir.read_json("model_index.json")?;
-        if !FLUX_PIPELINES.contains(&index.class_name.as_str()) {
-            return Err(EngineError::Unsupported(format!(
-                "{}: pipeline `{}` is not a FLUX pipeline",
-                dir.file("model_index.json").display(),
-                index.class_name
-            )));
-        }
-        let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
-        scheduler.check()?;
+        let text_weights = |stem: &str| source.get(stem, text_dtype, &text_device);
+        super::pipeline_class(dir, FLUX_PIPELINES, "FLUX")?;
+        let scheduler = super::read_scheduler(dir)?;
         let clip = (
             ClipTokenizer::load(dir, "tokenizer")?,
             ClipTextModel::new(
@@ -361,18 +331,9 @@ impl Flux {
         requests: &[GenerateParams],
         progress: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<Generated>> {
-        let Some(first) = requests.first() else {
+        let Some(first) = super::check_batch(requests, |p| self.validate(p))? else {
             return Ok(Vec::new());
         };
-        let key = first.batch_key();
-        for p in requests {
-            self.validate(p)?;
-            if p.batch_key() != key {
-                return Err(EngineError::Internal(
-                    "requests with different settings cannot share a batch".into(),
-                ));
-            }
-        }
         let started = Instant::now();
         let t5_tokens = first
             .transformer
@@ -482,17 +443,8 @@ impl Flux {
         }
 
         let latents = Self::unpack(&latents, h, w)?;
-        let mut results = Vec::with_capacity(requests.len());
-        let mut row = 0;
-        for p in requests {
-            let mine = latents.narrow(0, row, p.n)?;
-            row += p.n;
-            let images = self.vae.decode_to_images(&mine)?;
-            results.push(Generated {
-                latents: mine,
-                images,
-            });
-        }
-        Ok(results)
+        super::split_rows(requests, &latents, |_, rows| {
+            self.vae.decode_to_images(rows)
+        })
     }
 }

@@ -11,6 +11,97 @@ use candle_core::{DType, Device};
 use crate::engine::error::{EngineError, Result};
 use params::GenerateParams;
 
+/// Where a pipeline's components get their weights: the folder's files (single or sharded), or
+/// random values for benchmarks (speed does not depend on the values; nothing is downloaded).
+pub(crate) struct WeightSource<'a> {
+    pub dir: &'a ModelDir,
+    pub random: bool,
+}
+
+impl WeightSource<'_> {
+    pub(crate) fn get(
+        &self,
+        stem: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<candle_nn::VarBuilder<'static>> {
+        if self.random {
+            Ok(candle_nn::VarBuilder::from_backend(
+                Box::new(crate::engine::loader::weights::RandomWeights),
+                dtype,
+                device.clone(),
+            ))
+        } else {
+            Ok(
+                crate::engine::loader::weights::SafetensorsFile::open_component(self.dir, stem)?
+                    .into_var_builder(dtype, device),
+            )
+        }
+    }
+}
+
+/// The folder's `model_index.json` class, refused unless it is one of `classes`.
+pub(crate) fn pipeline_class(dir: &ModelDir, classes: &[&str], what: &str) -> Result<String> {
+    let index: IndexHead = dir.read_json("model_index.json")?;
+    if !classes.contains(&index.class_name.as_str()) {
+        return Err(EngineError::Unsupported(format!(
+            "{}: pipeline `{}` is not a {what} pipeline",
+            dir.file("model_index.json").display(),
+            index.class_name
+        )));
+    }
+    Ok(index.class_name)
+}
+
+/// The scheduler config, checked for what the samplers support.
+pub(crate) fn read_scheduler(dir: &ModelDir) -> Result<crate::engine::schedulers::SchedulerConfig> {
+    let scheduler: crate::engine::schedulers::SchedulerConfig =
+        dir.read_json("scheduler/scheduler_config.json")?;
+    scheduler.check()?;
+    Ok(scheduler)
+}
+
+/// Validate a batch: every request on its own, and all sharing the first one's [`params::BatchKey`].
+pub(crate) fn check_batch<'a>(
+    requests: &'a [GenerateParams],
+    validate: impl Fn(&GenerateParams) -> Result<()>,
+) -> Result<Option<&'a GenerateParams>> {
+    let Some(first) = requests.first() else {
+        return Ok(None);
+    };
+    let key = first.batch_key();
+    for p in requests {
+        validate(p)?;
+        if p.batch_key() != key {
+            return Err(EngineError::Internal(
+                "requests with different sizes, samplers, steps or guidance cannot share a batch"
+                    .into(),
+            ));
+        }
+    }
+    Ok(Some(first))
+}
+
+/// Split a batch's final latents back into each request's `n` rows and decode them.
+pub(crate) fn split_rows(
+    requests: &[GenerateParams],
+    latents: &candle_core::Tensor,
+    decode: impl Fn(&GenerateParams, &candle_core::Tensor) -> Result<Vec<GeneratedImage>>,
+) -> Result<Vec<Generated>> {
+    let mut results = Vec::with_capacity(requests.len());
+    let mut row = 0;
+    for p in requests {
+        let mine = latents.narrow(0, row, p.n)?;
+        row += p.n;
+        let images = decode(p, &mine)?;
+        results.push(Generated {
+            latents: mine,
+            images,
+        });
+    }
+    Ok(results)
+}
+
 /// Where (and in which dtype) the text encoders of SD3 / FLUX run.
 pub(crate) fn text_encoder_placement(
     device: &Device,

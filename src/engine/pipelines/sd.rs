@@ -6,10 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::loader::{
-    weights::{RandomWeights, SafetensorsFile},
-    ModelDir,
-};
+use crate::engine::loader::ModelDir;
 use crate::engine::models::{clip::ClipTextModel, unet::UNet2DConditionModel};
 use crate::engine::rng::BatchNoise;
 use crate::engine::schedulers::{self, PredictionType, SamplerOptions, SchedulerConfig};
@@ -152,17 +149,8 @@ impl StableDiffusion {
 
     fn build(dir: &ModelDir, device: &Device, dtype: DType, random: bool) -> Result<Self> {
         super::check_dtype(device, dtype)?;
-        let weights_as = |stem: &str, dtype: DType| -> Result<candle_nn::VarBuilder<'static>> {
-            if random {
-                Ok(candle_nn::VarBuilder::from_backend(
-                    Box::new(RandomWeights),
-                    dtype,
-                    device.clone(),
-                ))
-            } else {
-                Ok(SafetensorsFile::open_component(dir, stem)?.into_var_builder(dtype, device))
-            }
-        };
+        let source = super::WeightSource { dir, random };
+        let weights_as = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let weights = |_component: &str, stem: &str| weights_as(stem, dtype);
         let index: ModelIndex = dir.read_json("model_index.json")?;
         let is_xl = SDXL_PIPELINES.contains(&index.class_name.as_str());
@@ -173,8 +161,7 @@ impl StableDiffusion {
                 index.class_name
             )));
         }
-        let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
-        scheduler.check()?;
+        let scheduler = super::read_scheduler(dir)?;
         let has_first_encoder = !is_xl
             || index
                 .text_encoder
@@ -500,19 +487,9 @@ impl StableDiffusion {
         requests: &[GenerateParams],
         progress: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<Generated>> {
-        let Some(first) = requests.first() else {
+        let Some(first) = super::check_batch(requests, |p| self.validate(p))? else {
             return Ok(Vec::new());
         };
-        let key = first.batch_key();
-        for p in requests {
-            self.validate(p)?;
-            if p.batch_key() != key {
-                return Err(EngineError::Internal(
-                    "requests with different sizes, samplers, steps or guidance cannot share a batch"
-                        .into(),
-                ));
-            }
-        }
         let started = Instant::now();
         let cfg = first.guidance_scale > 1.0;
         let rows: usize = requests.iter().map(|p| p.n).sum();
@@ -690,20 +667,14 @@ impl StableDiffusion {
             }
         }
 
-        let mut results = Vec::with_capacity(requests.len());
-        let mut row = 0;
-        for p in requests {
-            let latents = latents.narrow(0, row, p.n)?;
-            row += p.n;
-            // A base stage hands its latents to the refiner undecoded.
-            let images = if matches!(p.stage, Some(Stage::Base { .. })) {
-                Vec::new()
+        // A base stage hands its latents to the refiner undecoded.
+        super::split_rows(requests, &latents, |p, rows| {
+            if matches!(p.stage, Some(Stage::Base { .. })) {
+                Ok(Vec::new())
             } else {
-                self.vae.decode_to_images(&latents)?
-            };
-            results.push(Generated { latents, images });
-        }
-        Ok(results)
+                self.vae.decode_to_images(rows)
+            }
+        })
     }
 
     /// Whether the UNet is an inpainting one (latents + mask + masked-image latents in).

@@ -14,10 +14,7 @@ use super::params::{GenerateParams, SkipLayerGuidance};
 use super::sd::Generated;
 use super::LoadOptions;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::loader::{
-    weights::{RandomWeights, SafetensorsFile},
-    ModelDir,
-};
+use crate::engine::loader::ModelDir;
 use crate::engine::models::{
     clip::ClipTextModel,
     mmdit::{Sd3Transformer, Sd3TransformerConfig},
@@ -35,8 +32,6 @@ pub const MAX_T5_TOKENS: usize = 512;
 
 #[derive(Deserialize)]
 struct ModelIndex {
-    #[serde(rename = "_class_name")]
-    class_name: String,
     #[serde(default)]
     text_encoder_3: Option<serde_json::Value>,
 }
@@ -91,31 +86,13 @@ impl StableDiffusion3 {
         random: bool,
     ) -> Result<Self> {
         super::check_dtype(device, dtype)?;
-        let weights_on =
-            |stem: &str, dtype: DType, device: &Device| -> Result<candle_nn::VarBuilder<'static>> {
-                if random {
-                    Ok(candle_nn::VarBuilder::from_backend(
-                        Box::new(RandomWeights),
-                        dtype,
-                        device.clone(),
-                    ))
-                } else {
-                    Ok(SafetensorsFile::open_component(dir, stem)?.into_var_builder(dtype, device))
-                }
-            };
-        let weights = |stem: &str, dtype: DType| weights_on(stem, dtype, device);
+        let source = super::WeightSource { dir, random };
+        let weights = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let (text_device, text_dtype) = super::text_encoder_placement(device, dtype, options);
-        let text_weights = |stem: &str| weights_on(stem, text_dtype, &text_device);
+        let text_weights = |stem: &str| source.get(stem, text_dtype, &text_device);
+        super::pipeline_class(dir, SD3_PIPELINES, "Stable Diffusion 3")?;
         let index: ModelIndex = dir.read_json("model_index.json")?;
-        if !SD3_PIPELINES.contains(&index.class_name.as_str()) {
-            return Err(EngineError::Unsupported(format!(
-                "{}: pipeline `{}` is not a Stable Diffusion 3 pipeline",
-                dir.file("model_index.json").display(),
-                index.class_name
-            )));
-        }
-        let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
-        scheduler.check()?;
+        let scheduler = super::read_scheduler(dir)?;
         let clip = |n: &str| -> Result<(ClipTokenizer, ClipTextModel)> {
             let tokenizer = ClipTokenizer::load(dir, &format!("tokenizer{n}"))?;
             let config = dir.read_json(&format!("text_encoder{n}/config.json"))?;
@@ -383,18 +360,9 @@ impl StableDiffusion3 {
         requests: &[GenerateParams],
         progress: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<Generated>> {
-        let Some(first) = requests.first() else {
+        let Some(first) = super::check_batch(requests, |p| self.validate(p))? else {
             return Ok(Vec::new());
         };
-        let key = first.batch_key();
-        for p in requests {
-            self.validate(p)?;
-            if p.batch_key() != key {
-                return Err(EngineError::Internal(
-                    "requests with different settings cannot share a batch".into(),
-                ));
-            }
-        }
         let started = Instant::now();
         let cfg = first.guidance_scale > 1.0;
         let rows: usize = requests.iter().map(|p| p.n).sum();
@@ -543,15 +511,9 @@ impl StableDiffusion3 {
             }
         }
 
-        let mut results = Vec::with_capacity(requests.len());
-        let mut row = 0;
-        for p in requests {
-            let latents = latents.narrow(0, row, p.n)?;
-            row += p.n;
-            let images = self.vae.decode_to_images(&latents)?;
-            results.push(Generated { latents, images });
-        }
-        Ok(results)
+        super::split_rows(requests, &latents, |_, rows| {
+            self.vae.decode_to_images(rows)
+        })
     }
 
     /// Skip Layer Guidance: `guided + (text − skipped) × scale`, where `skipped` is the
