@@ -16,6 +16,9 @@ pub fn scaled_dot_product(
     let dtype = q.dtype();
     let head_dim = q.dim(candle_core::D::Minus1)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
+    if mask.is_none() && super::cpu_attention::applies(q) {
+        return super::cpu_attention::attention(q, k, v, scale as f32);
+    }
     let (q, k) = if upcast && dtype != DType::F32 {
         (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
     } else {

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod blocks;
 pub mod clip;
+pub mod cpu_attention;
 pub mod dit;
 pub mod flux;
 pub mod mmdit;
