@@ -2,7 +2,7 @@
 //! `downsampling.py`), plus small config helpers.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 /// A config value that diffusers accepts either as one number for every block or as a per-block list.
@@ -56,6 +56,23 @@ pub fn timestep_features(
     Tensor::from_vec(data, (timesteps.len(), dim), device)?.to_dtype(dtype)
 }
 
+/// candle's `Conv2d`, with 3×3 / stride-1 / padding-1 convolutions on the CPU taken by
+/// [`super::cpu_conv`] (no im2col copy).
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+    same_3x3: bool,
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self.same_3x3 && super::cpu_conv::applies(xs) {
+            super::cpu_conv::conv3x3(xs, self.inner.weight(), self.inner.bias())
+        } else {
+            self.inner.forward(xs)
+        }
+    }
+}
+
 pub fn conv(
     vb: VarBuilder,
     cin: usize,
@@ -64,17 +81,20 @@ pub fn conv(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Conv2d> {
-    conv2d(
-        cin,
-        cout,
-        kernel,
-        Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
-        },
-        vb,
-    )
+    Ok(Conv2d {
+        inner: conv2d(
+            cin,
+            cout,
+            kernel,
+            Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            },
+            vb,
+        )?,
+        same_3x3: kernel == 3 && stride == 1 && padding == 1,
+    })
 }
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"`.

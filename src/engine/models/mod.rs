@@ -4,6 +4,7 @@ pub mod attention;
 pub mod blocks;
 pub mod clip;
 pub mod cpu_attention;
+pub mod cpu_conv;
 pub mod dit;
 pub mod flux;
 pub mod mmdit;

