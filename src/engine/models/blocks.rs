@@ -2,7 +2,7 @@
 //! `downsampling.py`), plus small config helpers.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, linear, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
 /// A config value that diffusers accepts either as one number for every block or as a per-block list.
@@ -54,6 +54,65 @@ pub fn timestep_features(
         }
     }
     Tensor::from_vec(data, (timesteps.len(), dim), device)?.to_dtype(dtype)
+}
+
+/// GroupNorm with learned per-channel scale and shift; on the CPU in f32 one fused pass
+/// ([`super::cpu_norm`]), which can also apply the SiLU that follows it in ResNet blocks.
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    groups: usize,
+    eps: f64,
+}
+
+pub fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> candle_core::Result<GroupNorm> {
+    let weight = vb.get(channels, "weight")?;
+    let bias = vb.get(channels, "bias")?;
+    Ok(GroupNorm {
+        weight: weight.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+        bias: bias.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+        inner: candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)?,
+        groups,
+        eps,
+    })
+}
+
+impl GroupNorm {
+    fn run(&self, xs: &Tensor, with_silu: bool) -> candle_core::Result<Tensor> {
+        if super::cpu_conv::applies(xs) {
+            return super::cpu_norm::group_norm(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                with_silu,
+            );
+        }
+        let ys = self.inner.forward(xs)?;
+        if with_silu {
+            ys.silu()
+        } else {
+            Ok(ys)
+        }
+    }
+
+    /// `silu(group_norm(xs))`.
+    pub fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(xs, true)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(xs, false)
+    }
 }
 
 /// candle's `Conv2d`, with 3×3 / stride-1 / padding-1 convolutions on the CPU taken by
@@ -141,12 +200,12 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),

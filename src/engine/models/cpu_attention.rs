@@ -12,7 +12,7 @@ const BLOCK: usize = 64;
 /// `e^x` for `x ≤ 0` (softmax arguments after subtracting the row maximum): Cephes' polynomial
 /// on `[-ln2/2, ln2/2]` times `2^n`, relative error ~1e-7, written so that it vectorises.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     let x = x.max(-87.3);
     // Round to nearest with the 1.5·2²³ trick (vectorises, unlike `round`).
     const MAGIC: f32 = 12_582_912.0;

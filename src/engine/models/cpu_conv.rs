@@ -2,10 +2,27 @@
 //! as nine shifted matrix products on the `gemm` crate, without candle's im2col copy: the input
 //! is zero-padded once and each tap multiplies the weights by the padded planes read at an
 //! offset, accumulating into an output two columns wider than the image (the extra columns are
-//! dropped). 1.4–2× faster than candle's CPU conv on SD shapes; exact up to summation order.
+//! dropped). 1.6–2.7× faster than candle's CPU conv on SD shapes; exact up to summation order.
 
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
+
+/// Output columns per parallel task.
+const TILE: usize = 256;
+
+/// The output buffer shared by the column-tile tasks, which write disjoint columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used for disjoint writes (see `conv3x3`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
 
 /// Whether [`conv3x3`] handles this input: f32 on the CPU.
 pub fn applies(xs: &Tensor) -> bool {
@@ -50,8 +67,6 @@ pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_co
     let plane = ph * pw;
     let n = h * pw;
     let mut out = vec![0f32; b * co * h * w];
-    // Output channels per parallel task: enough tasks for every thread, ≥ 8 rows per product.
-    let chunk = co.div_ceil(rayon::current_num_threads()).max(8);
     for (bi, out_b) in out.chunks_mut(co * h * w).enumerate() {
         // The padded input, with a tail so that the last taps' shifted reads stay inside.
         let mut padded = vec![0f32; ci * plane + 2 * pw + 2];
@@ -62,41 +77,43 @@ pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_co
             }
         }
         let mut wide = vec![0f32; co * n];
-        wide.par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(task, rows_out)| {
-                let rows = rows_out.len() / n;
-                let o0 = task * chunk;
-                for t in 0..9 {
-                    let shift = (t / 3) * pw + t % 3;
-                    // SAFETY: taps holds rows × ci weights from (t·co + o0)·ci on; the shifted
-                    // padded read spans ci planes of n ≤ plane − shift + tail values; rows_out is
-                    // rows × n.
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            n,
-                            ci,
-                            rows_out.as_mut_ptr(),
-                            1,
-                            n as isize,
-                            t > 0,
-                            taps[(t * co + o0) * ci..].as_ptr(),
-                            1,
-                            ci as isize,
-                            padded[shift..].as_ptr(),
-                            1,
-                            plane as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+        // Parallel over column tiles of the (Co × n) output: each task owns every output
+        // channel of its columns, so the accumulator tile stays in cache across the nine taps.
+        let wide_ptr = SharedOut(wide.as_mut_ptr());
+        (0..n.div_ceil(TILE)).into_par_iter().for_each(|tile| {
+            let c0 = tile * TILE;
+            let cols = TILE.min(n - c0);
+            let dst = wide_ptr.at(c0);
+            for t in 0..9 {
+                let shift = (t / 3) * pw + t % 3;
+                // SAFETY: tasks write disjoint column ranges [c0, c0 + cols) of every row of
+                // `wide` (Co × n, row stride n); taps holds Co × Ci weights from t·Co·Ci on; the
+                // shifted read of `padded` spans Ci planes within its padded tail.
+                unsafe {
+                    gemm::gemm(
+                        co,
+                        cols,
+                        ci,
+                        dst,
+                        1,
+                        n as isize,
+                        t > 0,
+                        taps[t * co * ci..].as_ptr(),
+                        1,
+                        ci as isize,
+                        padded[shift + c0..].as_ptr(),
+                        1,
+                        plane as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
                 }
-            });
+            }
+        });
         for o in 0..co {
             let add = bias.as_ref().map_or(0.0, |b| b[o]);
             for y in 0..h {

@@ -5,6 +5,7 @@ pub mod blocks;
 pub mod clip;
 pub mod cpu_attention;
 pub mod cpu_conv;
+pub mod cpu_norm;
 pub mod dit;
 pub mod flux;
 pub mod mmdit;

@@ -3,13 +3,13 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{group_norm, layer_norm, linear, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::Attention;
 use super::blocks::{
-    conv, timestep_features, Conv2d, Downsample2D, PerBlock, ResnetBlock2D, ResnetConfig,
-    Upsample2D,
+    conv, group_norm, timestep_features, Conv2d, Downsample2D, GroupNorm, PerBlock, ResnetBlock2D,
+    ResnetConfig, Upsample2D,
 };
 use crate::engine::error::{EngineError, Result};
 
@@ -706,7 +706,7 @@ impl UNet2DConditionModel {
                 xs = u.forward(&xs, size)?;
             }
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

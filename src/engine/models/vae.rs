@@ -3,10 +3,12 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::blocks::{conv, Conv2d, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::blocks::{
+    conv, group_norm, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, ResnetConfig, Upsample2D,
+};
 use crate::engine::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,7 +257,7 @@ impl VaeEncoder {
         xs = self.mid.forward(&xs)?;
         xs = self
             .conv_out
-            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)?;
+            .forward(&self.conv_norm_out.forward_silu(&xs)?)?;
         if let Some(q) = &self.quant_conv {
             xs = q.forward(&xs)?;
         }
@@ -360,7 +362,7 @@ impl VaeDecoder {
                 xs = u.forward(&xs, None)?;
             }
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
