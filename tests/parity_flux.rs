@@ -85,6 +85,11 @@ struct Run {
     max_sequence_length: Option<usize>,
     #[serde(default)]
     true_cfg_scale: Option<f64>,
+    /// Image-to-image runs: the starting picture (a PNG next to the run) and the strength.
+    #[serde(default)]
+    init_image: Option<String>,
+    #[serde(default)]
+    strength: Option<f64>,
 }
 
 #[test]
@@ -93,7 +98,7 @@ fn flux_runs_match_diffusers() {
         &std::fs::read_to_string(fixtures().join("runs/flux_runs.json")).unwrap(),
     )
     .unwrap();
-    assert!(runs.len() >= 6);
+    assert!(runs.len() >= 8);
     let mut pipelines = std::collections::HashMap::new();
     for run in runs {
         let p = pipelines
@@ -116,6 +121,16 @@ fn flux_runs_match_diffusers() {
                 skip_layer_guidance: None,
                 true_cfg_scale: run.true_cfg_scale,
             },
+            init: run.init_image.as_ref().map(|file| {
+                let img = image::open(fixtures().join("runs").join(file))
+                    .unwrap()
+                    .to_rgb8();
+                candela::engine::pipelines::params::InitImage {
+                    rgb: std::sync::Arc::new(img.into_raw()),
+                    strength: run.strength.unwrap(),
+                    mask: None,
+                }
+            }),
             ..base_params(SamplerKind::FlowEuler)
         };
         let mut reports = 0;
@@ -125,7 +140,12 @@ fn flux_runs_match_diffusers() {
                 true
             })
             .unwrap();
-        assert_eq!(reports, run.steps, "{}: progress per step", run.name);
+        // Image-to-image skips int(steps − steps × strength) steps, as diffusers.
+        let expected_steps = match run.strength {
+            Some(s) => run.steps - (run.steps as f64 - run.steps as f64 * s) as usize,
+            None => run.steps,
+        };
+        assert_eq!(reports, expected_steps, "{}: progress per step", run.name);
         let expected = &load_tensors(&format!("runs/{}.safetensors", run.name))["latents"];
         let d = max_abs_diff(&out.latents, expected);
         let worst = worst_png_diff(&run.name, &out.images);

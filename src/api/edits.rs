@@ -164,8 +164,11 @@ async fn read_form(mut form: Multipart, limit: usize) -> Result<Form, ApiError> 
         "width",
         "height",
         "output_compression",
+        "max_sequence_length",
     ];
-    const FLOATS: &[&str] = &["guidance_scale", "strength"];
+    const FLOATS: &[&str] = &["guidance_scale", "strength", "true_cfg_scale"];
+    // Object-valued extensions arrive as JSON text in their form field.
+    const OBJECTS: &[&str] = &["skip_layer_guidance"];
     let mut out = Form {
         fields: Map::new(),
         image: None,
@@ -211,6 +214,8 @@ async fn read_form(mut form: Multipart, limit: usize) -> Result<Form, ApiError> 
                     )
                 } else if FLOATS.contains(&name.as_str()) {
                     Value::from(text.trim().parse::<f64>().map_err(|_| bad("a number"))?)
+                } else if OBJECTS.contains(&name.as_str()) {
+                    serde_json::from_str(&text).map_err(|_| bad("a JSON object"))?
                 } else if name == "async" {
                     Value::from(
                         text.trim()

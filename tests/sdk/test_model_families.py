@@ -154,3 +154,25 @@ def test_sd3_edit_is_diffusers_image_to_image(sd3_server):
         client.images.edit(model="sd3-tiny", image=("in.png", pic, "image/png"),
                            mask=("m.png", buf.getvalue(), "image/png"), prompt="x", extra_body={"steps": 2})
     assert e.value.body["param"] == "mask"
+
+
+def test_flux_edit_is_diffusers_image_to_image(flux_server):
+    """/v1/images/edits on FLUX-dev = FluxImg2ImgPipeline (fixture `flux_dev_img2img`)."""
+    client = client_for(flux_server)
+    pic = (RUNS / "flux_dev_img2img-init.png").read_bytes()
+    r = client.images.edit(model="flux-dev-tiny", image=("in.png", pic, "image/png"), prompt=PROMPT,
+                           extra_body={"steps": 6, "seed": 47, "strength": 0.6, "guidance_scale": 3.5,
+                                       "max_sequence_length": 32})
+    expected = Image.open(RUNS / "flux_dev_img2img-0.png").convert("RGB")
+    assert worst_diff(picture(r.data[0].b64_json), expected) <= 2
+
+
+def test_sd35_edit_takes_skip_layer_guidance_as_a_form_field(sd3_server):
+    client = client_for(sd3_server)
+    pic = (RUNS / "sd35m_img2img_n2-init.png").read_bytes()
+    body = {"steps": 4, "seed": 5, "strength": 0.8}
+    plain = client.images.edit(model="sd35m-tiny", image=("in.png", pic, "image/png"), prompt=PROMPT,
+                               extra_body=body)
+    guided = client.images.edit(model="sd35m-tiny", image=("in.png", pic, "image/png"), prompt=PROMPT,
+                                extra_body=dict(body, skip_layer_guidance='{"layers": [1], "start": 0.0, "stop": 1.0}'))
+    assert plain.data[0].b64_json != guided.data[0].b64_json

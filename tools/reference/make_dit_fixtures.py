@@ -374,8 +374,15 @@ FLUX_RUNS = [
 ]
 
 
+FLUX_IMG2IMG_RUNS = [
+    # name, model, seed, (w, h), steps, strength, guidance, n
+    ("flux_dev_img2img", "flux-dev", 47, (64, 64), 6, 0.6, 3.5, 1),
+    ("flux_schnell_img2img_n2", "flux-schnell", 48, (64, 48), 4, 0.8, 0.0, 2),
+]
+
+
 def flux_run_fixtures(models: Path, out_dir: Path):
-    from diffusers import FluxPipeline
+    from diffusers import FluxImg2ImgPipeline, FluxPipeline
 
     records = []
     for name, model, seed, (w, h), steps, guidance, n, neg, extra in FLUX_RUNS:
@@ -393,6 +400,24 @@ def flux_run_fixtures(models: Path, out_dir: Path):
             im.save(out_dir / f"{name}-{i}.png")
         records.append(dict(name=name, model=model, seed=seed, width=w, height=h, steps=steps, guidance=guidance,
                             n=n, prompt=PROMPT, negative_prompt=neg, **extra))
+    for name, model, seed, (w, h), steps, strength, guidance, n in FLUX_IMG2IMG_RUNS:
+        pipe = FluxImg2ImgPipeline.from_pretrained(models / f"{model}-tiny")
+        image = init_image(w, h)
+        image.save(out_dir / f"{name}-init.png")
+        with torch.no_grad():
+            packed = pipe(PROMPT, image=image, strength=strength, width=w, height=h, num_inference_steps=steps,
+                          guidance_scale=guidance, num_images_per_prompt=n, max_sequence_length=32,
+                          generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+            latents = pipe._unpack_latents(packed, h, w, pipe.vae_scale_factor)
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor,
+                                      return_dict=False)[0]
+            pil = pipe.image_processor.postprocess(decoded, output_type="pil")
+        save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+        for i, im in enumerate(pil):
+            im.save(out_dir / f"{name}-{i}.png")
+        records.append(dict(name=name, model=model, seed=seed, width=w, height=h, steps=steps, guidance=guidance,
+                            n=n, prompt=PROMPT, negative_prompt=None, max_sequence_length=32, strength=strength,
+                            init_image=f"{name}-init.png"))
     (out_dir / "flux_runs.json").write_text(json.dumps(records, indent=1))
 
 

@@ -207,10 +207,10 @@ impl Flux {
                 message: "a refiner stage is an SDXL feature".into(),
             });
         }
-        if p.init.is_some() {
+        if p.init.as_ref().is_some_and(|i| i.mask.is_some()) {
             return Err(EngineError::Incompatible {
-                param: "image",
-                message: "image-to-image is not supported for FLUX yet".into(),
+                param: "mask",
+                message: "inpainting is not supported for FLUX yet; send no mask".into(),
             });
         }
         if p.transformer.skip_layer_guidance.is_some() {
@@ -391,6 +391,8 @@ impl Flux {
             first.steps,
             &options,
         )?;
+        let timesteps = sampler.timesteps().to_vec();
+        let begin = super::image_to_image_begin(first, timesteps.len())?;
         let seeds: Vec<(u64, usize)> = requests.iter().map(|p| (p.seed, p.n)).collect();
         let mut noise = BatchNoise::per_request(&seeds);
         let channels = self.vae.latent_channels();
@@ -400,10 +402,25 @@ impl Flux {
                 .stream(k)
                 .ok_or_else(|| EngineError::Internal("missing noise stream".into()))?;
             let shape = (p.n, channels, h, w);
-            let draw = generator.randn(p.n * channels * h * w);
-            starts.push(Self::pack(
-                &Tensor::from_vec(draw, shape, &self.device)?.to_dtype(self.dtype)?,
-            )?);
+            let start = match &p.init {
+                None => {
+                    let draw = generator.randn(p.n * channels * h * w);
+                    Tensor::from_vec(draw, shape, &self.device)?.to_dtype(self.dtype)?
+                }
+                // diffusers' FluxImg2ImgPipeline: the picture's latent sample (one draw), then
+                // the noise (a second draw), mixed at the first kept step; packed after.
+                Some(init) => {
+                    let image = self.vae.image_tensor(&init.rgb, p.width, p.height)?;
+                    let clean = self
+                        .vae
+                        .sample_latents(&image, generator)?
+                        .repeat((p.n, 1, 1, 1))?;
+                    let draw = generator.randn(p.n * channels * h * w);
+                    let draw = Tensor::from_vec(draw, shape, &self.device)?.to_dtype(self.dtype)?;
+                    sampler.add_noise(&clean, &draw, begin)?
+                }
+            };
+            starts.push(Self::pack(&start)?);
         }
         let mut latents = Tensor::cat(&starts, 0)?;
         let rope = self
@@ -413,9 +430,8 @@ impl Flux {
             .has_guidance_embeds()
             .then_some(first.guidance_scale as f32);
 
-        let timesteps = sampler.timesteps().to_vec();
-        let total = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
+        let total = timesteps.len() - begin;
+        for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let input = if true_cfg.is_some() {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
@@ -434,7 +450,7 @@ impl Flux {
             };
             latents = sampler.step(&velocity, i, &latents, &mut noise)?;
             if !progress(Progress {
-                step: i + 1,
+                step: i + 1 - begin,
                 total,
                 elapsed_s: started.elapsed().as_secs_f64(),
             }) {

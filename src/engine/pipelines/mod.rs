@@ -82,6 +82,29 @@ pub(crate) fn check_batch<'a>(
     Ok(Some(first))
 }
 
+/// Where a flow-matching image-to-image run starts (diffusers' SD3 / FLUX `get_timesteps`): it
+/// skips `int(steps − steps × strength)` steps; text-to-image starts at 0.
+pub(crate) fn image_to_image_begin(first: &GenerateParams, timesteps: usize) -> Result<usize> {
+    let begin = match &first.init {
+        Some(init) => {
+            let steps = first.steps as f64;
+            (steps - (steps * init.strength).min(steps)).max(0.0) as usize
+        }
+        None => 0,
+    };
+    if begin >= timesteps {
+        return Err(EngineError::invalid(
+            "strength",
+            format!(
+                "strength {} with {} steps leaves no step to run; raise strength or steps",
+                first.init.as_ref().map_or(0.0, |i| i.strength),
+                first.steps
+            ),
+        ));
+    }
+    Ok(begin)
+}
+
 /// Split a batch's final latents back into each request's `n` rows and decode them.
 pub(crate) fn split_rows(
     requests: &[GenerateParams],

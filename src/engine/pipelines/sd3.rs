@@ -420,24 +420,7 @@ impl StableDiffusion3 {
             &options,
         )?;
         let timesteps = sampler.timesteps().to_vec();
-        // Image-to-image (diffusers' SD3 get_timesteps): skip int(steps − steps × strength).
-        let begin = match &first.init {
-            Some(init) => {
-                let steps = first.steps as f64;
-                (steps - (steps * init.strength).min(steps)).max(0.0) as usize
-            }
-            None => 0,
-        };
-        if begin >= timesteps.len() {
-            return Err(EngineError::invalid(
-                "strength",
-                format!(
-                    "strength {} with {} steps leaves no step to run; raise strength or steps",
-                    first.init.as_ref().map_or(0.0, |i| i.strength),
-                    first.steps
-                ),
-            ));
-        }
+        let begin = super::image_to_image_begin(first, timesteps.len())?;
         let seeds: Vec<(u64, usize)> = requests.iter().map(|p| (p.seed, p.n)).collect();
         let mut noise = BatchNoise::per_request(&seeds);
         let mut starts = Vec::with_capacity(requests.len());
