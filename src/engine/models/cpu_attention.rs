@@ -152,9 +152,9 @@ fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Re
     Ok(f(&data[start..start + layout.shape().elem_count()]))
 }
 
-/// Whether [`attention`] handles these tensors: f32 on the CPU.
+/// Whether [`attention`] handles these tensors: non-empty f32 on the CPU.
 pub fn applies(q: &Tensor) -> bool {
-    matches!(q.device(), Device::Cpu) && q.dtype() == DType::F32
+    matches!(q.device(), Device::Cpu) && q.dtype() == DType::F32 && q.elem_count() > 0
 }
 
 /// softmax(q kᵀ · scale) v over (batch, heads, tokens, head_dim) f32 CPU tensors.
@@ -169,6 +169,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
             k.dims(),
             v.dims()
         );
+    }
+    if m == 0 || dv == 0 {
+        candle_core::bail!("attention over no keys or values");
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let mut out = vec![0f32; b * h * n * dv];

@@ -24,9 +24,9 @@ impl SharedOut {
     }
 }
 
-/// Whether [`conv3x3`] handles this input: f32 on the CPU.
+/// Whether [`conv3x3`] (and the fused GroupNorm) handle this input: non-empty f32 on the CPU.
 pub fn applies(xs: &Tensor) -> bool {
-    matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32
+    matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 && xs.elem_count() > 0
 }
 
 fn cpu_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {

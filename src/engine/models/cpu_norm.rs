@@ -93,7 +93,12 @@ pub fn group_norm(
 ) -> candle_core::Result<Tensor> {
     let dims = xs.dims().to_vec();
     let (b, c) = (dims[0], dims[1]);
-    if c % groups != 0 || weight.len() != c || bias.len() != c {
+    if groups == 0
+        || c % groups != 0
+        || weight.len() != c
+        || bias.len() != c
+        || xs.elem_count() == 0
+    {
         candle_core::bail!("group norm: {c} channels, {groups} groups");
     }
     let spatial = xs.elem_count() / (b * c).max(1);
