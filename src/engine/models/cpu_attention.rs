@@ -141,8 +141,8 @@ fn attend_head(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape: [usize; 
         });
 }
 
-/// The contiguous f32 data of a CPU tensor, without copying.
-fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+/// The f32 data of a contiguous CPU tensor, without copying.
+pub(crate) fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("cpu attention on a non-CPU tensor");
@@ -150,6 +150,11 @@ fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Re
     let data = cpu.as_slice::<f32>()?;
     let start = layout.start_offset();
     Ok(f(&data[start..start + layout.shape().elem_count()]))
+}
+
+/// A CPU f32 tensor's values (made contiguous first).
+pub(crate) fn cpu_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    with_cpu_slice(&t.contiguous()?, <[f32]>::to_vec)
 }
 
 /// Whether [`attention`] handles these tensors: non-empty f32 on the CPU.

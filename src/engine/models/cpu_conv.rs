@@ -4,7 +4,9 @@
 //! offset, accumulating into an output two columns wider than the image (the extra columns are
 //! dropped). 1.6–2.7× faster than candle's CPU conv on SD shapes; exact up to summation order.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::cpu_attention::cpu_vec;
 use rayon::prelude::*;
 
 /// Output columns per parallel task.
@@ -27,17 +29,6 @@ impl SharedOut {
 /// Whether [`conv3x3`] (and the fused GroupNorm) handle this input: non-empty f32 on the CPU.
 pub fn applies(xs: &Tensor) -> bool {
     matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 && xs.elem_count() > 0
-}
-
-fn cpu_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("cpu conv on a non-CPU tensor");
-    };
-    let data = cpu.as_slice::<f32>()?;
-    let start = layout.start_offset();
-    Ok(data[start..start + layout.shape().elem_count()].to_vec())
 }
 
 /// `xs` (B, Ci, H, W) ⊛ `weight` (Co, Ci, 3, 3) + `bias` (Co), padding 1, stride 1.
