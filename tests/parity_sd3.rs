@@ -225,3 +225,34 @@ fn sd3_runs_match_diffusers() {
         assert!(worst <= 2, "{}: pixels differ by {worst}/255", run.name);
     }
 }
+
+#[test]
+fn sd35_from_stability_single_file_equals_diffusers_layout() {
+    // The tiny SD3.5-medium transformer in Stability's naming (`model.diffusion_model.` prefix,
+    // fused qkv, MMDiT-X attn2, swapped final / last-context modulation), verified by diffusers'
+    // own single-file converter when it was written.
+    let file = fixtures().join("models/sd3.5-medium-tiny-sai.safetensors");
+    let dir = model_dir(fixtures().join("models/sd35m-tiny"));
+    let options = LoadOptions {
+        transformer_file: Some(file),
+        ..Default::default()
+    };
+    let from_file = StableDiffusion3::load(&dir, &Device::Cpu, DType::F32, &options).unwrap();
+    let from_folder = load("sd35m", false);
+    let params = GenerateParams {
+        steps: 3,
+        guidance_scale: 4.5,
+        seed: 3,
+        width: 48,
+        height: 64,
+        transformer: TransformerOptions {
+            max_sequence_length: Some(16),
+            ..Default::default()
+        },
+        ..base_params(SamplerKind::FlowEuler)
+    };
+    let a = from_file.generate(&params, &mut |_| true).unwrap();
+    let b = from_folder.generate(&params, &mut |_| true).unwrap();
+    assert_eq!(max_abs_diff(&a.latents, &b.latents), 0.0);
+    assert_eq!(a.images, b.images);
+}

@@ -49,8 +49,9 @@ pub struct GenerateArgs {
     /// SD3.5: Skip Layer Guidance with Stability's settings for SD3.5 Medium (layers 7, 8, 9).
     #[arg(long)]
     pub skip_layer_guidance: bool,
-    /// FLUX: the transformer from this single file (diffusers or Black Forest Labs naming, e.g.
-    /// flux1-dev.safetensors or a fine-tune); the rest comes from --model.
+    /// SD3 / FLUX: the transformer from this single file (diffusers', Stability's or Black Forest
+    /// Labs' naming: sd3.5_large.safetensors, flux1-dev.safetensors, fine-tunes); the rest comes
+    /// from --model.
     #[arg(long)]
     pub transformer: Option<PathBuf>,
     /// SD3 / FLUX: quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …) to

@@ -137,6 +137,69 @@ def sd3_stage_fixtures(name: str, pipe, out_dir: Path):
                "vae_decoded": decoded.contiguous()}, out_dir / f"{name}.safetensors")
 
 
+def write_sai_single_file(model_root: Path, out_file: Path):
+    """The tiny SD3.5-medium transformer in Stability's single-file naming (`joint_blocks.N.
+    x_block` / `context_block`, fused qkv, (shift, scale) final and last-context modulations,
+    `model.diffusion_model.` prefix as in `sd3.5_medium.safetensors`); checked by converting it
+    back with diffusers' own single-file converter."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    model = SD3Transformer2DModel.from_pretrained(model_root / "transformer")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {}
+
+    def swap(t):
+        scale, shift = t.chunk(2, dim=0)
+        return torch.cat([shift, scale])
+
+    out["pos_embed"] = sd.pop("pos_embed.pos_embed")
+    moves = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
+             "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+             "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+             "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+             "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear"}
+    for ours, theirs in moves.items():
+        for p in ["weight", "bias"]:
+            out[f"{theirs}.{p}"] = sd.pop(f"{ours}.{p}")
+    for p in ["weight", "bias"]:
+        out[f"final_layer.adaLN_modulation.1.{p}"] = swap(sd.pop(f"norm_out.linear.{p}"))
+    last = model.config.num_layers - 1
+    for i in range(model.config.num_layers):
+        b, x, c = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+        for p in ["weight", "bias"]:
+            out[x + f"attn.qkv.{p}"] = torch.cat([sd.pop(b + f"attn.to_{q}.{p}") for q in "qkv"])
+            out[c + f"attn.qkv.{p}"] = torch.cat([sd.pop(b + f"attn.add_{q}_proj.{p}") for q in "qkv"])
+            out[x + f"attn.proj.{p}"] = sd.pop(b + f"attn.to_out.0.{p}")
+            out[x + f"mlp.fc1.{p}"] = sd.pop(b + f"ff.net.0.proj.{p}")
+            out[x + f"mlp.fc2.{p}"] = sd.pop(b + f"ff.net.2.{p}")
+            out[x + f"adaLN_modulation.1.{p}"] = sd.pop(b + f"norm1.linear.{p}")
+            context_mod = sd.pop(b + f"norm1_context.linear.{p}")
+            out[c + f"adaLN_modulation.1.{p}"] = swap(context_mod) if i == last else context_mod
+            if i != last:
+                out[c + f"attn.proj.{p}"] = sd.pop(b + f"attn.to_add_out.{p}")
+                out[c + f"mlp.fc1.{p}"] = sd.pop(b + f"ff_context.net.0.proj.{p}")
+                out[c + f"mlp.fc2.{p}"] = sd.pop(b + f"ff_context.net.2.{p}")
+            if i in model.config.dual_attention_layers:
+                out[x + f"attn2.qkv.{p}"] = torch.cat([sd.pop(b + f"attn2.to_{q}.{p}") for q in "qkv"])
+                out[x + f"attn2.proj.{p}"] = sd.pop(b + f"attn2.to_out.0.{p}")
+        if model.config.qk_norm:
+            out[x + "attn.ln_q.weight"] = sd.pop(b + "attn.norm_q.weight")
+            out[x + "attn.ln_k.weight"] = sd.pop(b + "attn.norm_k.weight")
+            out[c + "attn.ln_q.weight"] = sd.pop(b + "attn.norm_added_q.weight")
+            out[c + "attn.ln_k.weight"] = sd.pop(b + "attn.norm_added_k.weight")
+            if i in model.config.dual_attention_layers:
+                out[x + "attn2.ln_q.weight"] = sd.pop(b + "attn2.norm_q.weight")
+                out[x + "attn2.ln_k.weight"] = sd.pop(b + "attn2.norm_k.weight")
+    assert not sd, sorted(sd)
+    out = {"model.diffusion_model." + k: v.contiguous() for k, v in out.items()}
+    back = convert_sd3_transformer_checkpoint_to_diffusers({k: v.clone() for k, v in out.items()})
+    reference = model.state_dict()
+    assert sorted(back) == sorted(reference), set(back) ^ set(reference)
+    assert all(torch.equal(back[k], reference[k]) for k in back), "SAI round trip"
+    save_file(out, out_file)
+
+
 SD3_RUNS = [
     # name, model, seed, (w, h), steps, guidance, n, negative prompt, extra
     ("sd3_cfg_negative", "sd3", 42, (64, 64), 6, 5.0, 1, "blurry", {}),
@@ -436,6 +499,7 @@ def main():
             pipe = build_sd3(root, variant, seed)
             sd3_stage_fixtures(variant, pipe, out / "stages")
         sd3_run_fixtures(out / "models", out / "runs")
+        write_sai_single_file(out / "models" / "sd35m-tiny", out / "models" / "sd3.5-medium-tiny-sai.safetensors")
         print("SD3 fixtures written to", out)
     if args.flux:
         for variant, seed in [("flux-dev", 71), ("flux-schnell", 72)]:

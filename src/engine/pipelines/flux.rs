@@ -13,7 +13,7 @@ use super::params::GenerateParams;
 use super::sd::Generated;
 use super::LoadOptions;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::loader::{bfl::BflFluxWeights, weights::SafetensorsFile, ModelDir};
+use crate::engine::loader::{single_file::Naming, ModelDir};
 use crate::engine::models::{
     clip::ClipTextModel,
     flux::{FluxTransformer, FluxTransformerConfig},
@@ -101,22 +101,7 @@ impl Flux {
         );
         let config_path = dir.required("transformer/config.json")?;
         let config: FluxTransformerConfig = crate::engine::loader::read_json(&config_path)?;
-        let transformer_vb = if random {
-            weights("transformer/diffusion_pytorch_model", dtype)?
-        } else {
-            let file = match &options.transformer_file {
-                Some(path) => SafetensorsFile::open(path)?,
-                None => {
-                    SafetensorsFile::open_component(dir, "transformer/diffusion_pytorch_model")?
-                }
-            };
-            match BflFluxWeights::detect(file) {
-                Ok(bfl) => {
-                    candle_nn::VarBuilder::from_backend(Box::new(bfl), dtype, device.clone())
-                }
-                Err(file) => file.into_var_builder(dtype, device),
-            }
-        };
+        let transformer_vb = source.transformer(options, Naming::Bfl, dtype, device)?;
         let transformer = FluxTransformer::new(
             transformer_vb,
             config,

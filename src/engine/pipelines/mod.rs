@@ -40,6 +40,29 @@ impl WeightSource<'_> {
     }
 }
 
+impl WeightSource<'_> {
+    /// The transformer's weights: `options.transformer_file` when given, else the folder's
+    /// `transformer/` files; either may use the model makers' single-file `naming`.
+    pub(crate) fn transformer(
+        &self,
+        options: &LoadOptions,
+        naming: crate::engine::loader::single_file::Naming,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<candle_nn::VarBuilder<'static>> {
+        use crate::engine::loader::{single_file::SingleFileWeights, weights::SafetensorsFile};
+        const STEM: &str = "transformer/diffusion_pytorch_model";
+        if self.random {
+            return self.get(STEM, dtype, device);
+        }
+        let file = match &options.transformer_file {
+            Some(path) => SafetensorsFile::open(path)?,
+            None => SafetensorsFile::open_component(self.dir, STEM)?,
+        };
+        Ok(SingleFileWeights::var_builder(file, naming, dtype, device))
+    }
+}
+
 /// The folder's `model_index.json` class, refused unless it is one of `classes`.
 pub(crate) fn pipeline_class(dir: &ModelDir, classes: &[&str], what: &str) -> Result<String> {
     let index: IndexHead = dir.read_json("model_index.json")?;
@@ -332,8 +355,9 @@ pub struct LoadOptions {
     /// them on the CPU in f32, so device memory holds only the transformer and the VAE; each
     /// prompt's states are then copied to the device. Costs prompt-encoding time, not quality.
     pub text_encoders_on_cpu: bool,
-    /// FLUX: the transformer from this single file (diffusers or Black Forest Labs naming, e.g.
-    /// `flux1-dev.safetensors` or a fine-tune) instead of the folder's `transformer/` weights.
+    /// SD3 / FLUX: the transformer from this single file (diffusers' naming, Stability's
+    /// `model.diffusion_model.*` as in `sd3.5_large.safetensors`, or Black Forest Labs' as in
+    /// `flux1-dev.safetensors` and fine-tunes) instead of the folder's `transformer/` weights.
     pub transformer_file: Option<std::path::PathBuf>,
 }
 

@@ -119,7 +119,12 @@ impl StableDiffusion3 {
         let config_path = dir.required("transformer/config.json")?;
         let config: Sd3TransformerConfig = crate::engine::loader::read_json(&config_path)?;
         let transformer = Sd3Transformer::new(
-            weights("transformer/diffusion_pytorch_model", dtype)?,
+            source.transformer(
+                options,
+                crate::engine::loader::single_file::Naming::Sai,
+                dtype,
+                device,
+            )?,
             config,
             &config_path,
             options.transformer_format,
