@@ -152,11 +152,6 @@ pub(crate) fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> cand
     Ok(f(&data[start..start + layout.shape().elem_count()]))
 }
 
-/// A CPU f32 tensor's values (made contiguous first).
-pub(crate) fn cpu_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    with_cpu_slice(&t.contiguous()?, <[f32]>::to_vec)
-}
-
 /// Whether [`attention`] handles these tensors: non-empty f32 on the CPU.
 pub fn applies(q: &Tensor) -> bool {
     matches!(q.device(), Device::Cpu) && q.dtype() == DType::F32 && q.elem_count() > 0

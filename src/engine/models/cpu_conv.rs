@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::cpu_attention::cpu_vec;
+use super::cpu_attention::with_cpu_slice;
 use rayon::prelude::*;
 
 /// Output columns per parallel task.
@@ -42,22 +42,28 @@ pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_co
             xs.dims()
         );
     }
-    let x = cpu_vec(xs)?;
-    let wv = cpu_vec(weight)?;
-    let bias = bias.map(cpu_vec).transpose()?;
-    // Weights per tap: (9, Co, Ci).
-    let mut taps = vec![0f32; 9 * co * ci];
-    for o in 0..co {
-        for i in 0..ci {
-            for t in 0..9 {
-                taps[(t * co + o) * ci + i] = wv[(o * ci + i) * 9 + t];
-            }
-        }
-    }
+    let bias = match bias {
+        Some(b) => b.to_dtype(DType::F32)?.to_vec1()?,
+        None => vec![0.0; co],
+    };
+    // Read in place: the weight's own (Co, Ci, 3, 3) layout serves every tap through strides,
+    // and the input is only read.
+    let out = with_cpu_slice(&xs.contiguous()?, |x| {
+        with_cpu_slice(&weight.contiguous()?, |wv| {
+            let mut out = vec![0f32; b * co * h * w];
+            convolve(x, wv, &bias, &mut out, [ci, co, h, w]);
+            out
+        })
+    })??;
+    Tensor::from_vec(out, (b, co, h, w), &Device::Cpu)
+}
+
+/// `out` (B, Co, H, W) = `x` (B, Ci, H, W) ⊛ `weight` (Co, Ci, 3, 3) + `bias`.
+fn convolve(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], shape: [usize; 4]) {
+    let [ci, co, h, w] = shape;
     let (ph, pw) = (h + 2, w + 2);
     let plane = ph * pw;
     let n = h * pw;
-    let mut out = vec![0f32; b * co * h * w];
     for (bi, out_b) in out.chunks_mut(co * h * w).enumerate() {
         // The padded input, with a tail so that the last taps' shifted reads stay inside.
         let mut padded = vec![0f32; ci * plane + 2 * pw + 2];
@@ -78,7 +84,7 @@ pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_co
             for t in 0..9 {
                 let shift = (t / 3) * pw + t % 3;
                 // SAFETY: tasks write disjoint column ranges [c0, c0 + cols) of every row of
-                // `wide` (Co × n, row stride n); taps holds Co × Ci weights from t·Co·Ci on; the
+                // `wide` (Co × n, row stride n); tap t of weight (o, i) is at (o·Ci + i)·9 + t; the
                 // shifted read of `padded` spans Ci planes within its padded tail.
                 unsafe {
                     gemm::gemm(
@@ -89,9 +95,9 @@ pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_co
                         1,
                         n as isize,
                         t > 0,
-                        taps[t * co * ci..].as_ptr(),
-                        1,
-                        ci as isize,
+                        weight[t..].as_ptr(),
+                        9,
+                        (ci * 9) as isize,
                         padded[shift + c0..].as_ptr(),
                         1,
                         plane as isize,
@@ -106,7 +112,7 @@ pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_co
             }
         });
         for o in 0..co {
-            let add = bias.as_ref().map_or(0.0, |b| b[o]);
+            let add = bias[o];
             for y in 0..h {
                 let dst = &mut out_b[(o * h + y) * w..][..w];
                 dst.copy_from_slice(&wide[o * n + y * pw..][..w]);
@@ -116,7 +122,6 @@ pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_co
             }
         }
     }
-    Tensor::from_vec(out, (b, co, h, w), &Device::Cpu)
 }
 
 #[cfg(test)]

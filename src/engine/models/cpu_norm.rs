@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_attention::{cpu_vec, exp_nonpositive};
+use super::cpu_attention::{exp_nonpositive, with_cpu_slice};
 
 /// `y · sigmoid(y)` with the vectorisable exponential.
 #[inline(always)]
@@ -92,26 +92,29 @@ pub fn group_norm(
     }
     let spatial = xs.elem_count() / (b * c).max(1);
     let per_group = c / groups;
-    let x = cpu_vec(xs)?;
-    let mut out = vec![0f32; x.len()];
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-    out.par_chunks_mut(per_group * spatial)
-        .zip(x.par_chunks(per_group * spatial))
-        .enumerate()
-        .for_each(|(i, (o, xg))| {
-            let g = i % groups;
-            let (w, bi) = (
-                &weight[g * per_group..][..per_group],
-                &bias[g * per_group..][..per_group],
-            );
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU has the features the function is compiled for.
-                return unsafe { normalise_group_avx2(xg, o, w, bi, spatial, eps, with_silu) };
-            }
-            normalise_group(xg, o, w, bi, spatial, eps, with_silu)
-        });
+    // The input is only read: normalise straight from candle's buffer.
+    let out = with_cpu_slice(&xs.contiguous()?, |x| {
+        let mut out = vec![0f32; x.len()];
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        out.par_chunks_mut(per_group * spatial)
+            .zip(x.par_chunks(per_group * spatial))
+            .enumerate()
+            .for_each(|(i, (o, xg))| {
+                let g = i % groups;
+                let (w, bi) = (
+                    &weight[g * per_group..][..per_group],
+                    &bias[g * per_group..][..per_group],
+                );
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU has the features the function is compiled for.
+                    return unsafe { normalise_group_avx2(xg, o, w, bi, spatial, eps, with_silu) };
+                }
+                normalise_group(xg, o, w, bi, spatial, eps, with_silu)
+            });
+        out
+    })?;
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
