@@ -144,31 +144,21 @@ fn full_runs_match_diffusers_latents_and_pngs() {
         );
 
         assert_eq!(out.images.len(), run.n);
-        for (i, img) in out.images.iter().enumerate() {
-            let png = image::open(fixtures().join(format!("runs/{}-{i}.png", run.name)))
-                .unwrap()
-                .to_rgb8();
+        for img in &out.images {
             assert_eq!(
                 (img.width, img.height),
                 (run.width as u32, run.height as u32),
                 "{}: size",
                 run.name
             );
-            assert_eq!(png.dimensions(), (img.width, img.height));
-            let worst = png
-                .as_raw()
-                .iter()
-                .zip(&img.rgb)
-                .map(|(a, b)| (*a as i32 - *b as i32).abs())
-                .max()
-                .unwrap();
-            eprintln!("{}-{i}: worst pixel channel diff {worst}/255", run.name);
-            assert!(
-                worst <= 2,
-                "{}-{i}: pixels differ from diffusers by {worst}/255",
-                run.name
-            );
         }
+        let worst = worst_png_diff(&run.name, &out.images);
+        eprintln!("{}: worst pixel channel diff {worst}/255", run.name);
+        assert!(
+            worst <= 2,
+            "{}: pixels differ from diffusers by {worst}/255",
+            run.name
+        );
     }
 }
 

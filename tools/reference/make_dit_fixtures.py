@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from make_fixtures import build_t5, init_image, jitter_1d_params, write_tiny_tokenizer
+from make_fixtures import build_t5, init_image, jitter_1d_params, restore_clip_layout, write_tiny_tokenizer
 
 torch.set_num_threads(2)
 torch.use_deterministic_algorithms(True)
@@ -45,23 +45,6 @@ def tiny_clip_pair(root: Path, gen: torch.Generator):
     jitter_1d_params(te2, gen)
     return (CLIPTokenizer.from_pretrained(root / "tokenizer"), te1,
             CLIPTokenizer.from_pretrained(root / "tokenizer_2"), te2)
-
-
-def restore_clip_layout(root: Path):
-    """save_pretrained rewrites the tokenizers (adds tokenizer.json) and, in transformers 5, drops
-    the `text_model.` prefix; put both back in the layout the hub repos have."""
-    for folder, pad in [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")]:
-        for extra in ["tokenizer.json", "added_tokens.json", "chat_template.jinja"]:
-            p = root / folder / extra
-            if p.exists():
-                p.unlink()
-        write_tiny_tokenizer(root / folder, pad)
-    for folder in ["text_encoder", "text_encoder_2"]:
-        te_file = root / folder / "model.safetensors"
-        state = load_file(te_file)
-        if not any(k.startswith("text_model.") for k in state):
-            state = {("text_model." + k if not k.startswith("text_projection") else k): v for k, v in state.items()}
-            save_file(state, te_file, metadata={"format": "pt"})
 
 
 def tiny_vae16(gen: torch.Generator):
@@ -105,7 +88,8 @@ def build_sd3(root: Path, variant: str, seed: int):
                                     text_encoder=te1, tokenizer=tokenizer, text_encoder_2=te2,
                                     tokenizer_2=tokenizer_2, text_encoder_3=te3, tokenizer_3=tokenizer_3)
     pipe.save_pretrained(root, safe_serialization=True)
-    restore_clip_layout(root)
+    restore_clip_layout(root, [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")],
+                        ["text_encoder", "text_encoder_2"])
     return StableDiffusion3Pipeline.from_pretrained(root)
 
 
@@ -323,15 +307,7 @@ def build_flux(root: Path, variant: str, seed: int):
         (root / folder / f"{stem}.safetensors").unlink()
         model.save_pretrained(root / folder, safe_serialization=True, max_shard_size=shard)
         assert (root / folder / f"{stem}.safetensors.index.json").exists(), folder
-    for extra in ["tokenizer.json", "added_tokens.json", "chat_template.jinja"]:
-        p = root / "tokenizer" / extra
-        if p.exists():
-            p.unlink()
-    write_tiny_tokenizer(root / "tokenizer", "<|endoftext|>")
-    te_file = root / "text_encoder" / "model.safetensors"
-    state = load_file(te_file)
-    if not any(k.startswith("text_model.") for k in state):
-        save_file({"text_model." + k: v for k, v in state.items()}, te_file, metadata={"format": "pt"})
+    restore_clip_layout(root, [("tokenizer", "<|endoftext|>")], ["text_encoder"])
     return FluxPipeline.from_pretrained(root)
 
 

@@ -261,6 +261,24 @@ SDXL_SCHEDULER = dict(
 )
 
 
+def restore_clip_layout(root: Path, tokenizers, encoders):
+    """save_pretrained rewrites the CLIP tokenizers (adds tokenizer.json) and, in transformers 5,
+    drops the `text_model.` prefix; put both back in the layout the hub repos have.
+    `tokenizers`: (folder, pad token) pairs; `encoders`: text encoder folders."""
+    for folder, pad in tokenizers:
+        for extra in ["tokenizer.json", "added_tokens.json", "chat_template.jinja"]:
+            p = root / folder / extra
+            if p.exists():
+                p.unlink()
+        write_tiny_tokenizer(root / folder, pad)
+    for folder in encoders:
+        te_file = root / folder / "model.safetensors"
+        state = load_file(te_file)
+        if not any(k.startswith("text_model.") for k in state):
+            state = {("text_model." + k if not k.startswith("text_projection") else k): v for k, v in state.items()}
+            save_file(state, te_file, metadata={"format": "pt"})
+
+
 def build_sdxl(root: Path, seed: int):
     """SDXL's component set at toy size: CLIP-L-like and OpenCLIP-G-like (projection, gelu, `!`
     padding) encoders whose penultimate hidden states are concatenated, a UNet with text_time
@@ -328,18 +346,8 @@ def build_sdxl(root: Path, seed: int):
         add_watermarker=False,
     )
     pipe.save_pretrained(root, safe_serialization=True)
-    for folder, pad in [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")]:
-        for extra in ["tokenizer.json", "added_tokens.json", "chat_template.jinja"]:
-            p = root / folder / extra
-            if p.exists():
-                p.unlink()
-        write_tiny_tokenizer(root / folder, pad)
-    for folder in ["text_encoder", "text_encoder_2"]:
-        te_file = root / folder / "model.safetensors"
-        state = load_file(te_file)
-        if not any(k.startswith("text_model.") for k in state):
-            state = {("text_model." + k if not k.startswith("text_projection") else k): v for k, v in state.items()}
-            save_file(state, te_file, metadata={"format": "pt"})
+    restore_clip_layout(root, [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")],
+                        ["text_encoder", "text_encoder_2"])
     return StableDiffusionXLPipeline.from_pretrained(root, add_watermarker=False)
 
 

@@ -22,8 +22,6 @@ enum Take {
         parts: &'static [usize],
     },
     SwapHalves,
-    /// Swap the halves when the modulation is two chunks (its weight has two widths of rows).
-    SwapHalvesIfTwo,
 }
 
 const QKV: &[usize] = &[1, 1, 1];
@@ -35,28 +33,29 @@ const QKV_MLP: &[usize] = &[1, 1, 1, 4];
 pub enum Naming {
     /// Black Forest Labs' FLUX.
     Bfl,
-    /// Stability's SD3 / SD3.5 MMDiT.
-    Sai,
+    /// Stability's SD3 / SD3.5 MMDiT with this many joint blocks (the config's `num_layers`:
+    /// the last block's context modulation is stored differently).
+    Sai { blocks: usize },
 }
 
 impl Naming {
     fn probe(self) -> &'static str {
         match self {
             Self::Bfl => "double_blocks.0.img_attn.qkv.weight",
-            Self::Sai => "joint_blocks.0.x_block.attn.qkv.weight",
+            Self::Sai { .. } => "joint_blocks.0.x_block.attn.qkv.weight",
         }
     }
 
     fn source(self, name: &str) -> Option<(String, Take)> {
         match self {
             Self::Bfl => bfl_source(name),
-            Self::Sai => sai_source(name),
+            Self::Sai { blocks } => sai_source(name, blocks),
         }
     }
 }
 
 /// The SAI tensor and cut for a diffusers `SD3Transformer2DModel` name.
-fn sai_source(name: &str) -> Option<(String, Take)> {
+fn sai_source(name: &str, blocks: usize) -> Option<(String, Take)> {
     if name == "pos_embed.pos_embed" {
         return Some(("pos_embed".into(), Take::All));
     }
@@ -89,12 +88,15 @@ fn sai_source(name: &str) -> Option<(String, Take)> {
     );
     match inner {
         "norm1.linear" => plain(&format!("{x}.adaLN_modulation.1")),
-        // The last block's context norm is `AdaLayerNormContinuous` ((scale, shift) in diffusers,
-        // (shift, scale) in the file); which block is last shows in the weight: two widths of
-        // rows instead of six.
+        // The last block's context norm is `AdaLayerNormContinuous`: (scale, shift) in
+        // diffusers, (shift, scale) in the file.
         "norm1_context.linear" => Some((
             format!("{c}.adaLN_modulation.1.{param}"),
-            Take::SwapHalvesIfTwo,
+            if i.parse::<usize>().ok()? + 1 == blocks {
+                Take::SwapHalves
+            } else {
+                Take::All
+            },
         )),
         "attn.to_q" => part(&format!("{x}.attn.qkv"), 0),
         "attn.to_k" => part(&format!("{x}.attn.qkv"), 1),
@@ -237,24 +239,6 @@ impl SingleFileWeights {
         }
     }
 
-    /// Whether the modulation `name` (weight or bias) is two chunks: its weight's rows.
-    fn two_chunks(&self, name: &str) -> candle_core::Result<bool> {
-        let weight_name = match name.strip_suffix(".bias") {
-            Some(stem) => format!("{stem}.weight"),
-            None => name.to_string(),
-        };
-        let Some((file_name, _)) = self.naming.source(&weight_name) else {
-            return Ok(false);
-        };
-        let w = self.file.get_unchecked(
-            &format!("{}{file_name}", self.prefix),
-            DType::F32,
-            &Device::Cpu,
-        )?;
-        let (rows, width) = w.dims2()?;
-        Ok(rows == 2 * width)
-    }
-
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let Some((bfl, take)) = self.naming.source(name) else {
             candle_core::bail!(
@@ -274,8 +258,6 @@ impl SingleFileWeights {
                 t.narrow(0, start, parts[index] * unit)
             }
             Take::SwapHalves => swap_halves(&t),
-            Take::SwapHalvesIfTwo if self.two_chunks(name)? => swap_halves(&t),
-            Take::SwapHalvesIfTwo => Ok(t),
         }
     }
 }
@@ -355,7 +337,7 @@ mod tests {
         );
         assert_eq!(bfl_source("pos_embed.proj.weight"), None);
         assert_eq!(
-            sai_source("transformer_blocks.2.attn2.to_v.bias"),
+            sai_source("transformer_blocks.2.attn2.to_v.bias", 4),
             Some((
                 "joint_blocks.2.x_block.attn2.qkv.bias".into(),
                 Take::Part {

@@ -67,11 +67,9 @@ impl Flux {
         Self::build(dir, device, dtype, options, false)
     }
 
-    pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(dir, device, dtype, &LoadOptions::default(), true)
-    }
-
-    fn build(
+    /// `random`: the architecture with random weights (benchmarks: speed does not depend on
+    /// the values).
+    pub(crate) fn build(
         dir: &ModelDir,
         device: &Device,
         dtype: DType,
@@ -227,14 +225,7 @@ impl Flux {
     /// state) and T5's last hidden states over `t5_tokens` tokens.
     pub fn embed(&self, prompt: &str, t5_tokens: usize) -> Result<FluxEmbeds> {
         let (tokenizer, clip) = &self.clip;
-        let (ids, cut) = tokenizer.encode_counting_cut(prompt)?;
-        if cut > 0 {
-            tracing::warn!(
-                tokens = cut,
-                "prompt longer than CLIP's 77 tokens; CLIP saw the start"
-            );
-        }
-        let ids = Tensor::new(ids, &self.text_device)?.unsqueeze(0)?;
+        let ids = super::clip_token_ids(tokenizer, prompt, &self.text_device)?;
         let (_, pooled) = clip.forward_penultimate(&ids, 0)?;
         let (tokenizer, t5) = &self.t5;
         let ids = Tensor::new(

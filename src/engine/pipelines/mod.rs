@@ -105,6 +105,23 @@ pub(crate) fn check_batch<'a>(
     Ok(Some(first))
 }
 
+/// One prompt's CLIP token ids as a (1, 77) tensor on `device`, warning when the end was cut.
+pub(crate) fn clip_token_ids(
+    tokenizer: &crate::engine::tokenizer::ClipTokenizer,
+    prompt: &str,
+    device: &Device,
+) -> Result<candle_core::Tensor> {
+    let (ids, cut) = tokenizer.encode_counting_cut(prompt)?;
+    if cut > 0 {
+        tracing::warn!(
+            tokens = cut,
+            "prompt longer than CLIP's {} tokens; the end was cut",
+            tokenizer.max_length()
+        );
+    }
+    Ok(candle_core::Tensor::new(ids, device)?.unsqueeze(0)?)
+}
+
 /// Where a flow-matching image-to-image run starts (diffusers' SD3 / FLUX `get_timesteps`): it
 /// skips `int(steps − steps × strength)` steps; text-to-image starts at 0.
 pub(crate) fn image_to_image_begin(first: &GenerateParams, timesteps: usize) -> Result<usize> {
@@ -393,13 +410,11 @@ impl Pipeline {
     ) -> Result<Self> {
         let card = read_card(dir, "")?;
         Ok(match (card.family, random) {
-            (Family::Sd3, false) => Self::Sd3(StableDiffusion3::load(dir, device, dtype, options)?),
-            (Family::Sd3, true) => {
-                Self::Sd3(StableDiffusion3::with_random_weights(dir, device, dtype)?)
-            }
-            (Family::Flux, false) => Self::Flux(flux::Flux::load(dir, device, dtype, options)?),
-            (Family::Flux, true) => {
-                Self::Flux(flux::Flux::with_random_weights(dir, device, dtype)?)
+            (Family::Sd3, _) => Self::Sd3(StableDiffusion3::build(
+                dir, device, dtype, options, random,
+            )?),
+            (Family::Flux, _) => {
+                Self::Flux(flux::Flux::build(dir, device, dtype, options, random)?)
             }
             (_, false) => Self::Sd(StableDiffusion::load(dir, device, dtype)?),
             (_, true) => Self::Sd(StableDiffusion::with_random_weights(dir, device, dtype)?),

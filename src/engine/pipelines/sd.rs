@@ -335,18 +335,6 @@ impl StableDiffusion {
         Ok(())
     }
 
-    fn token_ids(tokenizer: &ClipTokenizer, prompt: &str, device: &Device) -> Result<Tensor> {
-        let (ids, cut) = tokenizer.encode_counting_cut(prompt)?;
-        if cut > 0 {
-            tracing::warn!(
-                tokens = cut,
-                "prompt longer than CLIP's {} tokens; the end was cut",
-                tokenizer.max_length()
-            );
-        }
-        Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
-    }
-
     /// The cross-attention context of one prompt, (1, 77, D).
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
         Ok(self.embed(prompt, clip_skip)?.context)
@@ -358,7 +346,7 @@ impl StableDiffusion {
     pub fn embed(&self, prompt: &str, clip_skip: usize) -> Result<PromptEmbeds> {
         match (&self.xl, &self.text) {
             (None, Some((tokenizer, encoder))) => {
-                let ids = Self::token_ids(tokenizer, prompt, &self.device)?;
+                let ids = super::clip_token_ids(tokenizer, prompt, &self.device)?;
                 Ok(PromptEmbeds {
                     context: encoder.forward(&ids, clip_skip)?,
                     pooled: None,
@@ -370,10 +358,10 @@ impl StableDiffusion {
             (Some(xl), first) => {
                 let mut states = Vec::with_capacity(2);
                 if let Some((tokenizer, encoder)) = first {
-                    let ids = Self::token_ids(tokenizer, prompt, &self.device)?;
+                    let ids = super::clip_token_ids(tokenizer, prompt, &self.device)?;
                     states.push(encoder.forward_penultimate(&ids, clip_skip)?.0);
                 }
-                let ids_2 = Self::token_ids(&xl.tokenizer_2, prompt, &self.device)?;
+                let ids_2 = super::clip_token_ids(&xl.tokenizer_2, prompt, &self.device)?;
                 let (h2, pooled) = xl.text_encoder_2.forward_penultimate(&ids_2, clip_skip)?;
                 states.push(h2);
                 Ok(PromptEmbeds {

@@ -73,12 +73,9 @@ impl StableDiffusion3 {
         Self::build(dir, device, dtype, options, false)
     }
 
-    /// The architecture of `dir`'s configs with random weights, for benchmarks.
-    pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(dir, device, dtype, &LoadOptions::default(), true)
-    }
-
-    fn build(
+    /// `random`: the architecture with random weights (benchmarks: speed does not depend on
+    /// the values).
+    pub(crate) fn build(
         dir: &ModelDir,
         device: &Device,
         dtype: DType,
@@ -118,13 +115,11 @@ impl StableDiffusion3 {
         };
         let config_path = dir.required("transformer/config.json")?;
         let config: Sd3TransformerConfig = crate::engine::loader::read_json(&config_path)?;
+        let naming = crate::engine::loader::single_file::Naming::Sai {
+            blocks: config.num_layers,
+        };
         let transformer = Sd3Transformer::new(
-            source.transformer(
-                options,
-                crate::engine::loader::single_file::Naming::Sai,
-                dtype,
-                device,
-            )?,
+            source.transformer(options, naming, dtype, device)?,
             config,
             &config_path,
             options.transformer_format,
@@ -292,14 +287,7 @@ impl StableDiffusion3 {
         prompt: &str,
         clip_skip: usize,
     ) -> Result<(Tensor, Tensor)> {
-        let (ids, cut) = tokenizer.encode_counting_cut(prompt)?;
-        if cut > 0 {
-            tracing::warn!(
-                tokens = cut,
-                "prompt longer than CLIP's 77 tokens; the end was cut"
-            );
-        }
-        let ids = Tensor::new(ids, &self.text_device)?.unsqueeze(0)?;
+        let ids = super::clip_token_ids(tokenizer, prompt, &self.text_device)?;
         let (hidden, pooled) = model.forward_penultimate(&ids, clip_skip)?;
         let to_model =
             |t: Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
