@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// exact analytic denoiser, using the noise schedule of --configs.
     #[arg(long)]
     pub sampler_study: bool,
+    /// Instead: time the CPU kernels (convolutions, attention, GroupNorm) against candle's ops
+    /// at SD 1.5 and VAE shapes.
+    #[arg(long)]
+    pub kernels: bool,
     /// Instead: start a real server on loopback and drive it with concurrent clients (scheduler
     /// overhead per job, throughput with and without batching).
     #[arg(long)]
@@ -91,6 +95,9 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
                 steps: args.steps,
             },
         );
+    }
+    if args.kernels {
+        return super::kernel_bench::run(args.repeats);
     }
     if args.sampler_study {
         let dir = ModelDir {

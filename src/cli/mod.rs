@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod kernel_bench;
 mod load_bench;
 mod serve;
 mod token;

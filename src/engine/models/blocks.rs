@@ -116,19 +116,36 @@ impl Module for GroupNorm {
 }
 
 /// candle's `Conv2d`, with 3×3 / stride-1 / padding-1 convolutions on the CPU taken by
-/// [`super::cpu_conv`] (no im2col copy).
+/// [`super::cpu_winograd`] where it pays and [`super::cpu_conv`] (no im2col copy) elsewhere.
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
     same_3x3: bool,
+    /// The weight in Winograd's domain, made on first use (16/9 of the weight's size).
+    winograd: std::sync::OnceLock<super::cpu_winograd::WinogradWeight>,
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if self.same_3x3 && super::cpu_conv::applies(xs) {
-            super::cpu_conv::conv3x3(xs, self.inner.weight(), self.inner.bias())
-        } else {
-            self.inner.forward(xs)
+        use super::cpu_winograd::{self, WinogradWeight};
+        if !(self.same_3x3 && super::cpu_conv::applies(xs)) {
+            return self.inner.forward(xs);
         }
+        let (_, ci, h, w) = xs.dims4()?;
+        if !cpu_winograd::worthwhile(ci, h, w) {
+            return super::cpu_conv::conv3x3(xs, self.inner.weight(), self.inner.bias());
+        }
+        let weight = match self.winograd.get() {
+            Some(weight) => weight,
+            None => {
+                let _ = self
+                    .winograd
+                    .set(WinogradWeight::from_tensor(self.inner.weight())?);
+                self.winograd
+                    .get()
+                    .ok_or_else(|| candle_core::Error::Msg("winograd weight not kept".into()))?
+            }
+        };
+        cpu_winograd::conv3x3(xs, weight, self.inner.bias())
     }
 }
 
@@ -153,6 +170,7 @@ pub fn conv(
             vb,
         )?,
         same_3x3: kernel == 3 && stride == 1 && padding == 1,
+        winograd: Default::default(),
     })
 }
 

@@ -6,6 +6,7 @@ pub mod clip;
 pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_norm;
+pub mod cpu_winograd;
 pub mod dit;
 pub mod flux;
 pub mod mmdit;

@@ -1,0 +1,110 @@
+//! `candela bench --kernels`: the CPU kernels at SD 1.5 / VAE shapes against candle's own ops,
+//! one table (median of a few runs after a warm-up). Tells where a kernel pays and where the
+//! thresholds that pick it should sit.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use crate::engine::models::{cpu_attention, cpu_conv, cpu_norm, cpu_winograd};
+
+fn time_ms(repeats: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
+}
+
+pub fn run(repeats: usize) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    println!("| op | shape | candle ms | candela ms | candela (alt) ms |");
+    println!("|---|---|---|---|---|");
+    // 3×3 convolutions: (batch, in, out, size). UNet at 512² (batch 2), VAE decoder at 512².
+    for (b, ci, co, s) in [
+        (2, 320, 320, 64),
+        (2, 960, 320, 64),
+        (2, 640, 640, 32),
+        (2, 1280, 1280, 16),
+        (2, 1280, 1280, 8),
+        (1, 512, 512, 64),
+        (1, 512, 512, 128),
+        (1, 256, 256, 256),
+        (1, 128, 128, 512),
+        (2, 4, 320, 64),
+    ] {
+        let x = Tensor::randn(0f32, 1., (b, ci, s, s), &dev)?;
+        let k = Tensor::randn(0f32, 0.05, (co, ci, 3, 3), &dev)?;
+        let bias = Tensor::randn(0f32, 1., co, &dev)?;
+        let candle = time_ms(repeats, || {
+            x.conv2d(&k, 1, 1, 1, 1)?
+                .broadcast_add(&bias.reshape((1, co, 1, 1))?)?;
+            Ok(())
+        })?;
+        let direct = time_ms(repeats, || {
+            cpu_conv::conv3x3(&x, &k, Some(&bias))?;
+            Ok(())
+        })?;
+        let wino = cpu_winograd::WinogradWeight::from_tensor(&k)?;
+        let winograd = time_ms(repeats, || {
+            cpu_winograd::conv3x3(&x, &wino, Some(&bias))?;
+            Ok(())
+        })?;
+        let picked = if cpu_winograd::worthwhile(ci, s, s) {
+            " (winograd picked)"
+        } else {
+            ""
+        };
+        println!(
+            "| conv 3×3 direct / winograd{picked} | {b}×{ci}→{co} @{s}² | {candle:.1} | {direct:.1} | {winograd:.1} |"
+        );
+    }
+    // Attention: (batch·heads, tokens, keys, head dim).
+    for (bh, n, m, d) in [
+        (16, 4096, 4096, 40),
+        (16, 4096, 77, 40),
+        (16, 1024, 1024, 80),
+    ] {
+        let q = Tensor::randn(0f32, 1., (1, bh, n, d), &dev)?;
+        let k = Tensor::randn(0f32, 1., (1, bh, m, d), &dev)?;
+        let v = Tensor::randn(0f32, 1., (1, bh, m, d), &dev)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let candle = time_ms(repeats, || {
+            let s = (q.matmul(&k.t()?)? * scale)?;
+            candle_nn::ops::softmax_last_dim(&s)?.matmul(&v)?;
+            Ok(())
+        })?;
+        let ours = time_ms(repeats, || {
+            cpu_attention::attention(&q, &k, &v, scale as f32)?;
+            Ok(())
+        })?;
+        println!("| attention | {bh} heads × {n}×{m} × {d} | {candle:.1} | {ours:.1} | - |");
+    }
+    // GroupNorm + SiLU.
+    for (b, c, s) in [(2, 320, 64), (1, 512, 128)] {
+        let x = Tensor::randn(0f32, 1., (b, c, s, s), &dev)?;
+        let w = vec![1f32; c];
+        let bias = vec![0f32; c];
+        let gn = candle_nn::GroupNorm::new(
+            Tensor::new(w.as_slice(), &dev)?,
+            Tensor::new(bias.as_slice(), &dev)?,
+            c,
+            32,
+            1e-5,
+        )?;
+        let candle = time_ms(repeats, || {
+            candle_core::Module::forward(&gn, &x)?.silu()?;
+            Ok(())
+        })?;
+        let ours = time_ms(repeats, || {
+            cpu_norm::group_norm(&x, &w, &bias, 32, 1e-5, true)?;
+            Ok(())
+        })?;
+        println!("| GroupNorm+SiLU | {b}×{c} @{s}² | {candle:.1} | {ours:.1} | - |");
+    }
+    Ok(())
+}
