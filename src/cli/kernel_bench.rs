@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use crate::engine::models::{cpu_attention, cpu_conv, cpu_norm, cpu_winograd};
+use crate::engine::models::{cpu_activation, cpu_attention, cpu_conv, cpu_norm, cpu_winograd};
 
 fn time_ms(repeats: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> anyhow::Result<f64> {
     f()?;
@@ -83,6 +83,20 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
             Ok(())
         })?;
         println!("| attention | {bh} heads × {n}×{m} × {d} | {candle:.1} | {ours:.1} | - |");
+    }
+    // GEGLU: (batch, tokens, 2 × width).
+    for (b, n, f) in [(2, 4096, 1280), (2, 1024, 2560)] {
+        let h = Tensor::randn(0f32, 1., (b, n, 2 * f), &dev)?;
+        let candle = time_ms(repeats, || {
+            let value = h.narrow(2, 0, f)?;
+            (value * h.narrow(2, f, f)?.gelu_erf()?)?;
+            Ok(())
+        })?;
+        let ours = time_ms(repeats, || {
+            cpu_activation::geglu(&h)?;
+            Ok(())
+        })?;
+        println!("| GEGLU (erf) | {b}×{n}×2·{f} | {candle:.1} | {ours:.1} | - |");
     }
     // GroupNorm + SiLU.
     for (b, c, s) in [(2, 320, 64), (1, 512, 128)] {

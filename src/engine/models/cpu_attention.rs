@@ -6,8 +6,8 @@
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Queries per block: 64 rows of scores (64 × tokens × 4 bytes) stay in cache.
-const BLOCK: usize = 64;
+/// Queries per block: 128 rows of scores (2 MiB at 4096 tokens) stay in the outer caches.
+const BLOCK: usize = 128;
 
 /// `e^x` for `x ≤ 0` (softmax arguments after subtracting the row maximum): Cephes' polynomial
 /// on `[-ln2/2, ln2/2]` times `2^n`, relative error ~1e-7, written so that it vectorises.
@@ -16,7 +16,8 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     let x = x.max(-87.3);
     // Round to nearest with the 1.5·2²³ trick (vectorises, unlike `round`).
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = shifted - MAGIC;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -25,7 +26,10 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let p = p * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // n as an integer straight from the shifted float's bits (its last mantissa bits), which
+    // stays in vector registers where a float-to-int cast would not.
+    let n_int = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
+    p * f32::from_bits(n_int.wrapping_add(127) << 23)
 }
 
 /// Each row of `scores` (rows of `width`) becomes `exp(x − max)`; its sum goes to `sums`. Sums
@@ -44,17 +48,21 @@ fn softmax_rows_impl(scores: &mut [f32], width: usize, sums: &mut [f32]) {
         for &x in chunks.remainder() {
             max = max.max(x);
         }
-        for x in row.iter_mut() {
-            *x = exp_nonpositive(*x - max);
-        }
+        // exp and its sum in one pass.
         let mut acc = [0f32; 16];
-        let mut chunks = row.chunks_exact(16);
+        let mut chunks = row.chunks_exact_mut(16);
         for c in &mut chunks {
             for i in 0..16 {
+                c[i] = exp_nonpositive(c[i] - max);
                 acc[i] += c[i];
             }
         }
-        *sum_out = acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+        let mut tail = 0.0;
+        for x in chunks.into_remainder() {
+            *x = exp_nonpositive(*x - max);
+            tail += *x;
+        }
+        *sum_out = acc.iter().sum::<f32>() + tail;
     }
 }
 
@@ -79,66 +87,70 @@ fn attend_head(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape: [usize; 
     debug_assert_eq!(q.len(), n * d);
     out.par_chunks_mut(BLOCK * dv)
         .enumerate()
-        .for_each(|(block, out_block)| {
-            let rows = out_block.len() / dv;
-            let q_block = &q[block * BLOCK * d..];
-            let mut scores = vec![0f32; rows * m];
-            let mut sums = vec![0f32; rows];
-            // SAFETY: every pointer/stride pair below stays inside its slice: scores is rows × m
-            // (row-major), q_block holds ≥ rows × d values, k is m × d (read transposed), v is
-            // m × dv and out_block rows × dv.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    m,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    m as isize,
-                    false,
-                    q_block.as_ptr(),
-                    1,
-                    d as isize,
-                    k.as_ptr(),
-                    d as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            softmax_rows(&mut scores, m, &mut sums);
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    dv,
-                    m,
-                    out_block.as_mut_ptr(),
-                    1,
-                    dv as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    m as isize,
-                    v.as_ptr(),
-                    1,
-                    dv as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for (row, sum) in out_block.chunks_mut(dv).zip(&sums) {
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
-            }
-        });
+        // Score buffers reused across a thread's blocks (no page faults per block).
+        .for_each_init(
+            || (vec![0f32; BLOCK * m], vec![0f32; BLOCK]),
+            |(scores, sums), (block, out_block)| {
+                let rows = out_block.len() / dv;
+                let q_block = &q[block * BLOCK * d..];
+                let scores = &mut scores[..rows * m];
+                let sums = &mut sums[..rows];
+                // SAFETY: every pointer/stride pair below stays inside its slice: scores is rows × m
+                // (row-major), q_block holds ≥ rows × d values, k is m × d (read transposed), v is
+                // m × dv and out_block rows × dv.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        m,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        m as isize,
+                        false,
+                        q_block.as_ptr(),
+                        1,
+                        d as isize,
+                        k.as_ptr(),
+                        d as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                softmax_rows(scores, m, sums);
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        dv,
+                        m,
+                        out_block.as_mut_ptr(),
+                        1,
+                        dv as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        m as isize,
+                        v.as_ptr(),
+                        1,
+                        dv as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for (row, sum) in out_block.chunks_mut(dv).zip(sums.iter()) {
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
+            },
+        );
 }
 
 /// The f32 data of a contiguous CPU tensor, without copying.

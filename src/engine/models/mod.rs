@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod blocks;
 pub mod clip;
+pub mod cpu_activation;
 pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_norm;

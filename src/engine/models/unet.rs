@@ -281,6 +281,9 @@ impl FeedForward {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         // GEGLU: the projection's first half is the value, the second half its (exact-gelu) gate.
         let h = self.proj.forward(xs)?;
+        if super::cpu_conv::applies(&h) {
+            return self.out.forward(&super::cpu_activation::geglu(&h)?);
+        }
         let half = h.dim(D::Minus1)? / 2;
         let value = h.narrow(D::Minus1, 0, half)?;
         let gate = h.narrow(D::Minus1, half, half)?;
