@@ -1,45 +1,59 @@
-//! `candela bench`: UNet step time, VAE decode time and end-to-end time, printed as a table next
-//! to diffusers' figures for the same configs (from `tools/reference/bench_diffusers.py`).
+//! `candela bench`: prompt encoding, denoiser step, VAE decode and end-to-end times plus weights
+//! and peak memory, for any family, printed as a table next to diffusers' figures for the same
+//! configs and shapes (from `tools/bench/bench_diffusers.py`, run on the same machine).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Tensor};
+
 use serde::{Deserialize, Serialize};
 
 use super::CommonArgs;
 use crate::engine::{
     self,
     loader::ModelDir,
-    pipelines::sd::{GenerateParams, StableDiffusion},
+    memory::PeakMeter,
+    pipelines::{
+        read_card,
+        sd::GenerateParams,
+        timing::{BenchShape, BENCH_PROMPT},
+        Family, LoadOptions, Pipeline,
+    },
     schedulers::SchedulerConfig,
     schedulers::SigmaSchedule,
 };
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// A folder of diffusers configs to build with random weights (the real SD1.5 architecture by default).
+    /// A folder of diffusers configs to build with random weights: any family (`benches/` has
+    /// the real SD 1.5, SDXL, SD3.5 Large and FLUX.1-dev architectures).
     #[arg(long, default_value = "benches/sd15")]
     pub configs: PathBuf,
     /// Benchmark a real model (folder or repo id) with its weights instead of random ones.
     #[arg(long)]
     pub model: Option<String>,
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    #[arg(long, default_value_t = 512)]
-    pub height: usize,
+    /// Image side in pixels (the model's default size when unset).
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Rows of the timed denoiser forward: 2 (guidance) for models that use classifier-free
+    /// guidance by default, 1 for guidance-distilled ones (FLUX, Turbo).
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Denoising steps of the end-to-end run.
     #[arg(long, default_value_t = 4)]
     pub steps: usize,
-    /// Timed UNet forwards (after one warm-up); the median is reported.
+    /// Timed denoiser forwards (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// diffusers' figures (JSON from tools/reference/bench_diffusers.py) to print alongside.
+    /// diffusers' figures (JSON from tools/bench/bench_diffusers.py) to print alongside.
     #[arg(long)]
     pub reference: Option<PathBuf>,
     /// Write our figures as JSON here too.
@@ -49,8 +63,8 @@ pub struct BenchArgs {
     /// exact analytic denoiser, using the noise schedule of --configs.
     #[arg(long)]
     pub sampler_study: bool,
-    /// Instead: time the CPU kernels (convolutions, attention, GroupNorm) against candle's ops
-    /// at SD 1.5 and VAE shapes.
+    /// Instead: time the CPU kernels (convolutions, attention, GroupNorm, GEGLU) against
+    /// candle's ops at SD 1.5 and VAE shapes.
     #[arg(long)]
     pub kernels: bool,
     /// Instead: start a real server on loopback and drive it with concurrent clients (scheduler
@@ -65,22 +79,38 @@ pub struct BenchArgs {
     pub requests: usize,
 }
 
+/// One side's figures; diffusers' script writes the same fields.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct BenchFigures {
-    pub unet_step_ms: f64,
-    pub vae_decode_ms: f64,
-    pub end_to_end_s: f64,
-    pub steps: usize,
+    #[serde(default)]
+    pub label: String,
+    #[serde(default)]
+    pub variant: String,
     pub width: usize,
     pub height: usize,
     #[serde(default)]
-    pub label: String,
+    pub batch: usize,
+    pub steps: usize,
+    #[serde(default)]
+    pub text_encode_ms: Option<f64>,
+    #[serde(alias = "unet_step_ms")]
+    pub denoiser_step_ms: f64,
+    pub vae_decode_ms: f64,
+    pub end_to_end_s: f64,
+    /// Memory held once the model is built (weights), GiB.
+    #[serde(default)]
+    pub weights_gib: Option<f64>,
+    /// Peak memory during the end-to-end run, weights included, GiB.
+    #[serde(default)]
+    pub peak_gib: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     let device = engine::parse_device(&args.device)?;
@@ -99,79 +129,75 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     if args.kernels {
         return super::kernel_bench::run(args.repeats);
     }
-    if args.sampler_study {
-        let dir = ModelDir {
-            root: args.configs.clone(),
-            prefer_fp16_variant: false,
-        };
-        return sampler_study(&dir.read_json("scheduler/scheduler_config.json")?);
-    }
-    let load_start = Instant::now();
-    let (pipeline, label) = match &args.model {
-        Some(spec) => {
-            let dir = super::generate::resolve_model(common, Some(spec), dtype)?;
-            (StableDiffusion::load(&dir, &device, dtype)?, spec.clone())
-        }
-        None => {
-            let dir = ModelDir {
-                root: args.configs.clone(),
-                prefer_fp16_variant: false,
-            };
-            (
-                StableDiffusion::with_random_weights(&dir, &device, dtype).with_context(|| {
-                    format!("building {} with random weights", args.configs.display())
-                })?,
-                format!("{} (random weights)", args.configs.display()),
-            )
-        }
+    let configs = ModelDir {
+        root: args.configs.clone(),
+        prefer_fp16_variant: false,
     };
-    eprintln!(
-        "built {label} in {:.1}s",
-        load_start.elapsed().as_secs_f64()
+    if args.sampler_study {
+        return sampler_study(&configs.read_json("scheduler/scheduler_config.json")?);
+    }
+    let (dir, label) = match &args.model {
+        Some(spec) => (
+            super::generate::resolve_model(common, Some(spec), dtype)?,
+            spec.clone(),
+        ),
+        None => (
+            configs,
+            format!("{} (random weights)", args.configs.display()),
+        ),
+    };
+    let card = read_card(&dir, &label)?;
+    let width = args.width.unwrap_or(card.default_size);
+    let height = args.height.unwrap_or(card.default_size);
+    let batch = args.batch.unwrap_or(
+        if card.family != Family::Flux && card.default_guidance > 1.0 {
+            2
+        } else {
+            1
+        },
     );
 
-    let scale = pipeline.vae_scale();
-    let (h, w) = (args.height / scale, args.width / scale);
-    let context = Tensor::cat(
-        &[
-            pipeline.encode_prompt("", 0)?,
-            pipeline.encode_prompt("a photo of a cat", 0)?,
-        ],
-        0,
-    )?;
-    let sample = Tensor::randn(0f32, 1f32, (2, 4, h, w), &device)?.to_dtype(dtype)?;
-    let sync = || device.synchronize();
-
-    let mut unet_ms = Vec::new();
-    for i in 0..=args.repeats.max(1) {
-        let t = Instant::now();
-        let out = pipeline.unet_forward(&sample, 500.0, &context)?;
-        out.to_dtype(DType::F32)?;
-        sync()?;
-        if i > 0 {
-            unet_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-        eprintln!(
-            "unet forward {i}: {:.0} ms{}",
-            t.elapsed().as_secs_f64() * 1000.0,
-            if i == 0 { " (warm-up)" } else { "" }
-        );
-    }
-    let t = Instant::now();
-    pipeline.vae_decode(&sample.narrow(0, 0, 1)?)?;
+    let sync = || -> engine::error::Result<()> { Ok(device.synchronize()?) };
+    let meter = PeakMeter::start(&device);
+    let load_start = Instant::now();
+    let pipeline = if args.model.is_some() {
+        Pipeline::load(&dir, &device, dtype, &LoadOptions::default())?
+    } else {
+        Pipeline::with_random_weights(&dir, &device, dtype)
+            .with_context(|| format!("building {} with random weights", args.configs.display()))?
+    };
     sync()?;
-    let vae_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let weights = meter.finish();
+    eprintln!(
+        "built {label} ({}) in {:.1}s{}",
+        card.variant,
+        load_start.elapsed().as_secs_f64(),
+        weights
+            .map(|b| format!(", {:.2} GiB", b as f64 / GIB))
+            .unwrap_or_default()
+    );
+
+    let parts = pipeline.time_parts(
+        BenchShape {
+            width,
+            height,
+            batch,
+            repeats: args.repeats,
+        },
+        &sync,
+        &mut |line| eprintln!("{line}"),
+    )?;
 
     let params = GenerateParams {
         transformer: Default::default(),
-        prompt: "a photo of a cat".into(),
+        prompt: BENCH_PROMPT.into(),
         negative_prompt: None,
-        width: args.width,
-        height: args.height,
+        width,
+        height,
         steps: args.steps,
-        guidance_scale: 7.5,
+        guidance_scale: card.default_guidance,
         seed: 0,
-        sampler: "euler".parse()?,
+        sampler: card.default_sampler,
         schedule: SigmaSchedule::Default,
         n: 1,
         solver_order: None,
@@ -180,6 +206,7 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         stage: None,
         init: None,
     };
+    let meter = PeakMeter::start(&device);
     let t = Instant::now();
     pipeline.generate(&params, &mut |p| {
         eprintln!(
@@ -190,16 +217,26 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         );
         true
     })?;
+    sync()?;
     let end_to_end = t.elapsed().as_secs_f64();
+    let working = meter.finish();
 
     let ours = BenchFigures {
-        unet_step_ms: median(unet_ms),
-        vae_decode_ms: vae_ms,
-        end_to_end_s: end_to_end,
-        steps: args.steps,
-        width: args.width,
-        height: args.height,
         label: format!("candela {} {} {}", args.device, args.dtype, label),
+        variant: card.variant.clone(),
+        width,
+        height,
+        batch,
+        steps: args.steps,
+        text_encode_ms: Some(parts.text_encode_ms),
+        denoiser_step_ms: median(parts.denoiser_ms),
+        vae_decode_ms: parts.vae_decode_ms,
+        end_to_end_s: end_to_end,
+        weights_gib: weights.map(|b| b as f64 / GIB),
+        peak_gib: match (weights, working) {
+            (Some(w), Some(p)) => Some((w + p) as f64 / GIB),
+            _ => None,
+        },
     };
     if let Some(path) = &args.json_out {
         std::fs::write(path, serde_json::to_string_pretty(&ours)?)?;
@@ -216,39 +253,56 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
 
 fn print_table(ours: &BenchFigures, reference: Option<&BenchFigures>) {
     println!(
-        "{} at {}x{}, {} steps, CFG batch 2",
-        ours.label, ours.width, ours.height, ours.steps
+        "{} [{}] at {}x{}, denoiser batch {}, {} steps end to end",
+        ours.label, ours.variant, ours.width, ours.height, ours.batch, ours.steps
     );
     if let Some(r) = reference {
         println!(
-            "reference: {} at {}x{}, {} steps",
-            r.label, r.width, r.height, r.steps
+            "reference: {} at {}x{}, batch {}, {} steps",
+            r.label, r.width, r.height, r.batch, r.steps
         );
     }
     println!("| metric | candela | diffusers | candela / diffusers |");
     println!("|---|---|---|---|");
     let rows = [
         (
-            "UNet step (ms)",
-            ours.unet_step_ms,
-            reference.map(|r| r.unet_step_ms),
+            "text encoding (ms)",
+            ours.text_encode_ms,
+            reference.and_then(|r| r.text_encode_ms),
+        ),
+        (
+            "denoiser step (ms)",
+            Some(ours.denoiser_step_ms),
+            reference.map(|r| r.denoiser_step_ms),
         ),
         (
             "VAE decode (ms)",
-            ours.vae_decode_ms,
+            Some(ours.vae_decode_ms),
             reference.map(|r| r.vae_decode_ms),
         ),
         (
             "end-to-end (s)",
-            ours.end_to_end_s,
+            Some(ours.end_to_end_s),
             reference.map(|r| r.end_to_end_s),
         ),
+        (
+            "weights (GiB)",
+            ours.weights_gib,
+            reference.and_then(|r| r.weights_gib),
+        ),
+        (
+            "peak memory (GiB)",
+            ours.peak_gib,
+            reference.and_then(|r| r.peak_gib),
+        ),
     ];
+    let show = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
     for (name, v, r) in rows {
-        match r {
-            Some(r) => println!("| {name} | {v:.1} | {r:.1} | {:.2}x |", v / r),
-            None => println!("| {name} | {v:.1} | - | - |"),
-        }
+        let ratio = match (v, r) {
+            (Some(v), Some(r)) if r > 0.0 => format!("{:.2}x", v / r),
+            _ => "-".into(),
+        };
+        println!("| {name} | {} | {} | {ratio} |", show(v), show(r));
     }
 }
 

@@ -242,3 +242,79 @@ mod tests {
         assert!(large > 2 * small);
     }
 }
+
+/// Peak memory while a stretch of work runs. CUDA: the device's used memory as the driver
+/// reports it (allocator pools included), sampled every millisecond by a thread, minus what was
+/// in use when the meter started — so start it before the model is built to count the weights.
+/// CPU: the kernel's own high-water mark of this process's resident set (reset at start), minus
+/// the resident set at start.
+pub struct PeakMeter {
+    baseline: u64,
+    sampler: Option<(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<u64>,
+    )>,
+}
+
+impl PeakMeter {
+    pub fn start(device: &candle_core::Device) -> Self {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(cuda) = device {
+            use std::sync::atomic::{AtomicBool, Ordering};
+            let context = cuda.cuda_stream().context().clone();
+            let used = move || -> u64 {
+                context
+                    .mem_get_info()
+                    .map(|(free, total)| (total - free) as u64)
+                    .unwrap_or(0)
+            };
+            let baseline = used();
+            let stop = std::sync::Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let handle = std::thread::spawn(move || {
+                let mut peak = used();
+                while !flag.load(Ordering::Relaxed) {
+                    peak = peak.max(used());
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                peak.max(used())
+            });
+            return Self {
+                baseline,
+                sampler: Some((stop, handle)),
+            };
+        }
+        let _ = device;
+        // Writing 5 to clear_refs resets VmHWM to the current resident set.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        Self {
+            baseline: process_status_kib("VmRSS:").unwrap_or(0) * 1024,
+            sampler: None,
+        }
+    }
+
+    /// Peak bytes above the starting point (None where the platform does not tell).
+    pub fn finish(self) -> Option<u64> {
+        let peak = match self.sampler {
+            Some((stop, handle)) => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                handle.join().ok()?
+            }
+            None => process_status_kib("VmHWM:")? * 1024,
+        };
+        Some(peak.saturating_sub(self.baseline))
+    }
+}
+
+/// A `kB` field of `/proc/self/status` (Linux).
+fn process_status_kib(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}

@@ -25,6 +25,9 @@ pub struct ClipTextConfig {
     /// legacy value 2 means "the largest id", which is the end-of-text token in CLIP's vocab).
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// transformers' class names; `CLIPTextModelWithProjection` has a `text_projection`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
 }
 
 fn default_positions() -> usize {
@@ -183,7 +186,12 @@ impl ClipTextModel {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_layer_norm =
             layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
-        let text_projection = if vb_root.contains_tensor("text_projection.weight") {
+        // The weights tell for a real model; the config for one built with random weights.
+        let with_projection = vb_root.contains_tensor("text_projection.weight")
+            || c.architectures
+                .iter()
+                .any(|a| a == "CLIPTextModelWithProjection");
+        let text_projection = if with_projection {
             let dim = c.projection_dim.unwrap_or(c.hidden_size);
             Some(candle_nn::linear_no_bias(
                 c.hidden_size,

@@ -5,6 +5,7 @@ pub mod flux;
 pub mod params;
 pub mod sd;
 pub mod sd3;
+pub mod timing;
 
 use candle_core::{DType, Device};
 

@@ -413,6 +413,19 @@ impl StableDiffusion {
             .forward_with(sample, timestep, context, Some((text_embeds, &time_ids)))?)
     }
 
+    /// SDXL's micro-conditioning of a positive row at diffusers' defaults (benchmarks).
+    pub fn positive_time_ids(&self, width: usize, height: usize) -> Vec<f32> {
+        let (h, w) = (height as f32, width as f32);
+        match self.xl.as_ref().and_then(|x| x.aesthetic_scores) {
+            Some((positive, _)) => vec![h, w, 0.0, 0.0, positive],
+            None => vec![h, w, 0.0, 0.0, h, w],
+        }
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.vae.latent_channels()
+    }
+
     pub fn vae_decode(&self, z: &Tensor) -> Result<Tensor> {
         self.vae.decode(z)
     }

@@ -1,0 +1,176 @@
+//! The parts of a generation timed on their own (`candela bench`): prompt encoding, one denoiser
+//! forward at the batch a guided step runs, and one VAE decode — for every family, with the
+//! same inputs diffusers' side of the benchmark (`tools/bench/bench_diffusers.py`) builds.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+use super::{flux, sd3, Pipeline};
+use crate::engine::error::Result;
+
+/// The prompt every benchmark encodes.
+pub const BENCH_PROMPT: &str = "a photo of a cat sitting on a windowsill, soft morning light";
+
+/// One benchmark shape.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchShape {
+    pub width: usize,
+    pub height: usize,
+    /// Rows of the denoiser's batch: 2 for classifier-free guidance, 1 for guidance-distilled
+    /// models (FLUX, Turbo).
+    pub batch: usize,
+    /// Timed denoiser forwards after one warm-up.
+    pub repeats: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PartTimings {
+    pub text_encode_ms: f64,
+    /// Each timed denoiser forward (warm-up excluded).
+    pub denoiser_ms: Vec<f64>,
+    pub vae_decode_ms: f64,
+}
+
+/// Time `f`, waiting for the device to finish (`sync`) before the clock stops.
+fn timed<T>(sync: &dyn Fn() -> Result<()>, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let start = Instant::now();
+    let out = f()?;
+    sync()?;
+    Ok((out, start.elapsed().as_secs_f64() * 1000.0))
+}
+
+/// The warm-up and `repeats` timed runs of one denoiser forward.
+fn time_forwards(
+    repeats: usize,
+    sync: &dyn Fn() -> Result<()>,
+    forward: impl Fn() -> Result<Tensor>,
+    log: &mut dyn FnMut(String),
+) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(repeats);
+    for i in 0..=repeats.max(1) {
+        let (_, ms) = timed(sync, &forward)?;
+        log(format!(
+            "denoiser forward {i}: {ms:.1} ms{}",
+            if i == 0 { " (warm-up)" } else { "" }
+        ));
+        if i > 0 {
+            times.push(ms);
+        }
+    }
+    Ok(times)
+}
+
+impl Pipeline {
+    /// Time prompt encoding, `shape.repeats` denoiser forwards and a VAE decode. `sync` waits
+    /// for the device; `log` receives a line per forward.
+    pub fn time_parts(
+        &self,
+        shape: BenchShape,
+        sync: &dyn Fn() -> Result<()>,
+        log: &mut dyn FnMut(String),
+    ) -> Result<PartTimings> {
+        let batch = shape.batch.max(1);
+        match self {
+            Self::Sd(m) => {
+                let (embeds, text_encode_ms) = timed(sync, || m.embed(BENCH_PROMPT, 0))?;
+                let scale = m.vae_scale();
+                let (h, w) = (shape.height / scale, shape.width / scale);
+                let sample = random(&[batch, m.latent_channels(), h, w], &embeds.context)?;
+                let context = embeds.context.repeat((batch, 1, 1))?;
+                let denoiser_ms = match &embeds.pooled {
+                    None => time_forwards(
+                        shape.repeats,
+                        sync,
+                        || m.unet_forward(&sample, 500.0, &context),
+                        log,
+                    )?,
+                    Some(pooled) => {
+                        let pooled = pooled.repeat((batch, 1))?;
+                        let ids = m.positive_time_ids(shape.width, shape.height);
+                        let per_row = ids.len();
+                        let time_ids = Tensor::new(ids.repeat(batch), context.device())?
+                            .reshape((batch, per_row))?;
+                        time_forwards(
+                            shape.repeats,
+                            sync,
+                            || m.unet_forward_added(&sample, 500.0, &context, &pooled, &time_ids),
+                            log,
+                        )?
+                    }
+                };
+                let (_, vae_decode_ms) = timed(sync, || m.vae_decode(&sample.narrow(0, 0, 1)?))?;
+                Ok(PartTimings {
+                    text_encode_ms,
+                    denoiser_ms,
+                    vae_decode_ms,
+                })
+            }
+            Self::Sd3(m) => {
+                let (embeds, text_encode_ms) =
+                    timed(sync, || m.embed(BENCH_PROMPT, 0, sd3::DEFAULT_T5_TOKENS))?;
+                let scale = m.vae_scale();
+                let (h, w) = (shape.height / scale, shape.width / scale);
+                let sample = random(&[batch, m.vae().latent_channels(), h, w], &embeds.context)?;
+                let context = embeds.context.repeat((batch, 1, 1))?;
+                let pooled = embeds.pooled.repeat((batch, 1))?;
+                let denoiser_ms = time_forwards(
+                    shape.repeats,
+                    sync,
+                    || m.transformer_forward(&sample, 500.0, &context, &pooled, &[]),
+                    log,
+                )?;
+                let (_, vae_decode_ms) = timed(sync, || m.vae().decode(&sample.narrow(0, 0, 1)?))?;
+                Ok(PartTimings {
+                    text_encode_ms,
+                    denoiser_ms,
+                    vae_decode_ms,
+                })
+            }
+            Self::Flux(m) => {
+                let guidance = m.has_guidance_embeds();
+                let (embeds, text_encode_ms) = timed(sync, || {
+                    m.embed(BENCH_PROMPT, flux::default_t5_tokens(guidance))
+                })?;
+                let scale = m.vae().scale();
+                let (h, w) = (shape.height / scale, shape.width / scale);
+                let latents = random(&[batch, m.vae().latent_channels(), h, w], &embeds.context)?;
+                let packed = flux::Flux::pack(&latents)?;
+                let context = embeds.context.repeat((batch, 1, 1))?;
+                let pooled = embeds.pooled.repeat((batch, 1))?;
+                let denoiser_ms = time_forwards(
+                    shape.repeats,
+                    sync,
+                    || {
+                        m.transformer_forward(
+                            &packed,
+                            500.0,
+                            guidance.then_some(3.5),
+                            &context,
+                            &pooled,
+                            h,
+                            w,
+                        )
+                    },
+                    log,
+                )?;
+                let (_, vae_decode_ms) = timed(sync, || m.vae().decode(&latents.narrow(0, 0, 1)?))?;
+                Ok(PartTimings {
+                    text_encode_ms,
+                    denoiser_ms,
+                    vae_decode_ms,
+                })
+            }
+        }
+    }
+}
+
+/// Standard-normal values of `like`'s dtype and device.
+fn random(dims: &[usize], like: &Tensor) -> Result<Tensor> {
+    Ok(
+        Tensor::randn(0f32, 1f32, dims, like.device())?.to_dtype(match like.dtype() {
+            DType::F32 | DType::F16 | DType::BF16 => like.dtype(),
+            _ => DType::F32,
+        })?,
+    )
+}

@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""diffusers' side of `candela bench`: the same configs (benches/<model>, random weights), the same
+inputs and the same measurements, written as the JSON `candela bench --reference` reads.
+
+  python bench_diffusers.py --configs benches/sd15 [--device cuda --dtype f16] [--width 512 --height 512]
+                            [--steps 4] [--repeats 10] [--compile] --out diffusers.json
+
+Measured: one prompt's encoding, the denoiser forward at the batch a guided step runs (2 with
+classifier-free guidance, 1 for FLUX), one VAE decode, an end-to-end run of --steps, the memory the
+weights take and the peak during the end-to-end run (CUDA: torch's reserved pool, which is what the
+driver sees; CPU: resident set). Works with torch's CPU build (all cores) and on CUDA.
+"""
+import argparse
+import importlib
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "a photo of a cat sitting on a windowsill, soft morning light"  # = timing.rs BENCH_PROMPT
+# The guidance each family runs at by default in candela (what decides CFG's batch of 2).
+GUIDANCE = {"StableDiffusionPipeline": 7.5, "StableDiffusionXLPipeline": 5.0,
+            "StableDiffusion3Pipeline": 3.5, "FluxPipeline": 3.5}
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build(root: Path, device, dtype):
+    """The pipeline of model_index.json with every model built from its config, random weights."""
+    import diffusers
+    import transformers
+    index = json.loads((root / "model_index.json").read_text())
+    components = {}
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no f32 copy of a 12B model
+    try:
+        with torch.device(device):
+            for name, spec in index.items():
+                if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+                    continue
+                library, cls_name = spec
+                folder = root / name
+                if name.startswith("tokenizer"):
+                    components[name] = transformers.AutoTokenizer.from_pretrained(folder)
+                elif name == "scheduler":
+                    cls = getattr(diffusers, cls_name)
+                    components[name] = cls.from_config(json.loads((folder / "scheduler_config.json").read_text()))
+                elif library == "transformers":
+                    config = transformers.AutoConfig.from_pretrained(folder)
+                    components[name] = getattr(transformers, cls_name)(config).eval()
+                else:
+                    cls = getattr(diffusers, cls_name)
+                    components[name] = cls.from_config(json.loads((folder / "config.json").read_text())).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    for name in ("safety_checker", "feature_extractor", "image_encoder"):
+        if name in index:
+            components[name] = None
+    cls = getattr(diffusers, index["_class_name"])
+    kwargs = {"requires_safety_checker": False} if index["_class_name"] == "StableDiffusionPipeline" else {}
+    pipe = cls(**components, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, index["_class_name"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default=str(Path(__file__).resolve().parents[2] / "benches" / "sd15"))
+    ap.add_argument("--width", type=int)
+    ap.add_argument("--height", type=int)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
+    ap.add_argument("--compile", action="store_true", help="torch.compile the denoiser (max-autotune-no-cudagraphs)")
+    ap.add_argument("--out", default="diffusers.json")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def used():
+        if cuda:
+            return torch.cuda.memory_allocated()
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+    before = used()
+    pipe, kind = build(Path(args.configs), device, dtype)
+    sync()
+    if cuda:
+        weights = used() - before
+    else:  # the resident set also grows with torch's own start-up: count the tensors
+        weights = sum(t.numel() * t.element_size() for m in pipe.components.values()
+                      if isinstance(m, torch.nn.Module) for t in (*m.parameters(), *m.buffers()))
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    if args.compile:
+        denoiser = torch.compile(denoiser, mode="max-autotune-no-cudagraphs")
+    vae = pipe.vae
+    # FLUX's transformer has no sample_size; its pipeline's default is 128 latents (1024 px).
+    size = denoiser.config.get("sample_size", 128) * pipe.vae_scale_factor
+    width, height = args.width or size, args.height or size
+    guidance = GUIDANCE[kind]
+    batch = 1 if kind == "FluxPipeline" else (2 if guidance > 1 else 1)
+    scale = pipe.vae_scale_factor
+    h, w = height // scale, width // scale
+
+    def timed(f):
+        sync()
+        t = time.perf_counter()
+        out = f()
+        sync()
+        return out, (time.perf_counter() - t) * 1000
+
+    with torch.no_grad():
+        # One prompt's encoding, without the negative side (as candela times it).
+        if kind == "StableDiffusionPipeline":
+            (ctx, _), text_ms = timed(lambda: pipe.encode_prompt(PROMPT, device, 1, False))
+            forward = lambda x: denoiser(x, 500.0, encoder_hidden_states=ctx.repeat(batch, 1, 1))
+        elif kind == "StableDiffusionXLPipeline":
+            (ctx, _, pooled, _), text_ms = timed(lambda: pipe.encode_prompt(PROMPT, device=device, do_classifier_free_guidance=False))
+            ids = torch.tensor([[height, width, 0, 0, height, width]] * batch, device=device, dtype=dtype)
+            cond = {"text_embeds": pooled.repeat(batch, 1), "time_ids": ids}
+            forward = lambda x: denoiser(x, 500.0, encoder_hidden_states=ctx.repeat(batch, 1, 1), added_cond_kwargs=cond)
+        elif kind == "StableDiffusion3Pipeline":
+            (ctx, _, pooled, _), text_ms = timed(lambda: pipe.encode_prompt(PROMPT, PROMPT, PROMPT, device=device,
+                                                                              do_classifier_free_guidance=False,
+                                                                              max_sequence_length=256))
+            t = torch.full((batch,), 500.0, device=device)
+            forward = lambda x: denoiser(hidden_states=x, timestep=t, encoder_hidden_states=ctx.repeat(batch, 1, 1),
+                                         pooled_projections=pooled.repeat(batch, 1))
+        elif kind == "FluxPipeline":
+            tokens = 512 if denoiser.config.guidance_embeds else 256
+            (ctx, pooled, text_ids), text_ms = timed(lambda: pipe.encode_prompt(PROMPT, PROMPT, device=device,
+                                                                                  max_sequence_length=tokens))
+            img_ids = pipe._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype)
+            t = torch.full((batch,), 0.5, device=device, dtype=dtype)
+            g = torch.full((batch,), 3.5, device=device, dtype=torch.float32) if denoiser.config.guidance_embeds else None
+            forward = lambda x: denoiser(hidden_states=pipe._pack_latents(x, batch, x.shape[1], h, w), timestep=t,
+                                         guidance=g, pooled_projections=pooled.repeat(batch, 1),
+                                         encoder_hidden_states=ctx.repeat(batch, 1, 1), txt_ids=text_ids, img_ids=img_ids)
+        else:
+            raise SystemExit(f"no benchmark for {kind}")
+        sample = torch.randn(batch, vae.config.latent_channels, h, w, device=device, dtype=dtype)
+        times = []
+        for i in range(args.repeats + 1):
+            _, ms = timed(lambda: forward(sample))
+            print(f"denoiser forward {i}: {ms:.1f} ms{' (warm-up)' if i == 0 else ''}", flush=True)
+            if i > 0:
+                times.append(ms)
+        _, vae_ms = timed(lambda: vae.decode(sample[:1]))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rss_before = used()
+        _, e2e_ms = timed(lambda: pipe(PROMPT, width=width, height=height, num_inference_steps=args.steps,
+                                       guidance_scale=guidance))
+    if cuda:
+        peak = torch.cuda.max_memory_reserved()
+    else:
+        # The run's growth of the resident set over the weights (ru_maxrss, KiB, cannot be reset:
+        # an earlier, higher peak hides the run's).
+        peak = weights + max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before)
+    import diffusers
+    threads = f" threads={torch.get_num_threads()}" if not cuda else f" {torch.cuda.get_device_name()}"
+    figures = {
+        "label": f"diffusers {diffusers.__version__} torch {torch.__version__} {args.device} {args.dtype}{threads}"
+                 + (" compiled" if args.compile else ""),
+        "variant": kind,
+        "width": width, "height": height, "batch": batch, "steps": args.steps,
+        "text_encode_ms": text_ms,
+        "denoiser_step_ms": statistics.median(times),
+        "vae_decode_ms": vae_ms,
+        "end_to_end_s": e2e_ms / 1000,
+        "weights_gib": weights / 2**30,
+        "peak_gib": peak / 2**30,
+    }
+    Path(args.out).write_text(json.dumps(figures, indent=1))
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
