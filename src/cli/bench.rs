@@ -67,6 +67,13 @@ pub struct BenchArgs {
     /// candle's ops at SD 1.5 and VAE shapes.
     #[arg(long)]
     pub kernels: bool,
+    /// Instead: generate with the tiny test models of every family on the CPU (f32) and on
+    /// --device/--dtype, and report how far apart the results are.
+    #[arg(long)]
+    pub device_parity: bool,
+    /// Where --device-parity finds the tiny models.
+    #[arg(long, default_value = "tests/fixtures/models")]
+    pub fixtures: PathBuf,
     /// Instead: start a real server on loopback and drive it with concurrent clients (scheduler
     /// overhead per job, throughput with and without batching).
     #[arg(long)]
@@ -113,8 +120,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 const GIB: f64 = (1u64 << 30) as f64;
 
 pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
-    let device = engine::parse_device(&args.device)?;
-    let dtype = engine::parse_dtype(&args.dtype)?;
     if args.server_load {
         return super::load_bench::run(
             common,
@@ -124,6 +129,24 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
                 size: 64,
                 steps: args.steps,
             },
+        );
+    }
+    run_engine(common, args)
+}
+
+/// Every benchmark but the server's (the `candela-bench` binary has no server in it).
+pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
+    if args.server_load {
+        anyhow::bail!("--server-load needs the server: run `candela bench --server-load`");
+    }
+    let device = engine::parse_device(&args.device)?;
+    let dtype = engine::parse_dtype(&args.dtype)?;
+    if args.device_parity {
+        return super::device_parity::run(
+            &args.fixtures,
+            &device,
+            dtype,
+            &format!("{} {}", args.device, args.dtype),
         );
     }
     if args.kernels {

@@ -1,7 +1,8 @@
 //! Command-line entry points. Settings come from flags with environment fallbacks, read here
 //! once and passed down; the engine never reads the environment itself.
 
-mod bench;
+pub mod bench;
+mod device_parity;
 mod generate;
 mod kernel_bench;
 mod load_bench;
@@ -88,6 +89,25 @@ fn weight_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::dit
         .transpose()
         .map_err(|e: String| anyhow::anyhow!("--quantize: {e}"))
         .map(Option::unwrap_or_default)
+}
+
+/// `candela-bench`: `candela bench` without the server, so that the binary carried to a GPU
+/// machine is not weighed down by the HTTP stack, the database and the Swagger UI's assets.
+#[derive(Parser, Debug)]
+#[command(
+    name = "candela-bench",
+    version,
+    about = "candela's benchmarks (the `candela bench` flags), without the server"
+)]
+pub struct BenchOnly {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub bench: bench::BenchArgs,
+}
+
+pub fn run_bench_only(cli: BenchOnly) -> anyhow::Result<()> {
+    bench::run_engine(&cli.common, cli.bench)
 }
 
 pub fn init_logging() {

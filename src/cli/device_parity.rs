@@ -1,0 +1,101 @@
+//! `candela bench --device-parity --device cuda`: the tiny test models of every family generated on
+//! the CPU (f32, the path the diffusers parity tests check) and on the given device and dtype,
+//! with the same seed — how far the device's kernels move the result. Exits with an error when an
+//! f32 run differs by more than the parity tests allow, or a half-precision image falls under
+//! 30 dB PSNR.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+
+use crate::engine::{
+    loader::ModelDir,
+    pipelines::{read_card, sd::GenerateParams, LoadOptions, Pipeline},
+    schedulers::SigmaSchedule,
+    GeneratedImage,
+};
+
+/// The parity tests' limit on latents against diffusers (f32).
+const F32_LIMIT: f32 = 1e-3;
+const HALF_MIN_PSNR: f64 = 30.0;
+
+fn psnr(a: &GeneratedImage, b: &GeneratedImage) -> f64 {
+    let mse = a
+        .rgb
+        .iter()
+        .zip(&b.rgb)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / a.rgb.len().max(1) as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64.powi(2) / mse).log10()
+    }
+}
+
+pub fn run(fixtures: &Path, device: &Device, dtype: DType, label: &str) -> anyhow::Result<()> {
+    let mut failures = Vec::new();
+    println!("| model | device dtype | max abs Δ latents | image PSNR (dB) | verdict |");
+    println!("|---|---|---|---|---|");
+    for name in [
+        "sd1-tiny",
+        "sdxl-tiny",
+        "sd3-tiny",
+        "sd35m-tiny",
+        "flux-dev-tiny",
+    ] {
+        let dir = ModelDir {
+            root: fixtures.join(name),
+            prefer_fp16_variant: false,
+        };
+        let card = read_card(&dir, name)?;
+        let params = GenerateParams {
+            transformer: Default::default(),
+            prompt: "a red cube on a blue table".into(),
+            negative_prompt: None,
+            width: 64,
+            height: 64,
+            steps: 4,
+            guidance_scale: card.default_guidance,
+            seed: 7,
+            sampler: card.default_sampler,
+            schedule: SigmaSchedule::Default,
+            n: 1,
+            solver_order: None,
+            clip_skip: 0,
+            refiner: None,
+            stage: None,
+            init: None,
+        };
+        let run_on = |device: &Device, dtype: DType| -> anyhow::Result<_> {
+            let pipeline = Pipeline::load(&dir, device, dtype, &LoadOptions::default())?;
+            Ok(pipeline.generate(&params, &mut |_| true)?)
+        };
+        let reference = run_on(&Device::Cpu, DType::F32)?;
+        let ours = run_on(device, dtype)?;
+        let delta = (reference.latents.to_dtype(DType::F32)?
+            - ours.latents.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+        let image_psnr = psnr(&reference.images[0], &ours.images[0]);
+        let ok = if dtype == DType::F32 {
+            delta <= F32_LIMIT
+        } else {
+            image_psnr >= HALF_MIN_PSNR
+        };
+        if !ok {
+            failures.push(name);
+        }
+        println!(
+            "| {name} | {label} | {delta:.2e} | {image_psnr:.1} | {} |",
+            if ok { "ok" } else { "FAIL" }
+        );
+    }
+    if !failures.is_empty() {
+        anyhow::bail!("{} differ beyond the limits: {failures:?}", failures.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""The side-by-side table of a GPU run: candela.jsonl and diffusers.jsonl (from run.sh) as one
+markdown table, model by model, with candela / diffusers ratios.
+
+Usage: python3 compare.py CANDELA_DIR DIFFUSERS_DIR   (the folders holding the two .jsonl files)
+"""
+import json
+import sys
+from pathlib import Path
+
+FIELDS = [("text_encode_ms", "text encoding ms"), ("denoiser_step_ms", "denoiser step ms"),
+          ("vae_decode_ms", "VAE decode ms"), ("end_to_end_s", "end-to-end s"),
+          ("weights_gib", "weights GiB"), ("peak_gib", "peak GiB")]
+
+
+def load(folder, name):
+    path = Path(folder) / name
+    if not path.exists():
+        return {}
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {row["model"]: row for row in rows}
+
+
+def show(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def main():
+    ours = load(sys.argv[1], "candela.jsonl")
+    theirs = load(sys.argv[2], "diffusers.jsonl")
+    print("| model | shape | metric | candela | diffusers | candela / diffusers |")
+    print("|---|---|---|---|---|---|")
+    for model in list(ours) + [m for m in theirs if m not in ours]:
+        o, t = ours.get(model, {}), theirs.get(model, {})
+        row = o or t
+        shape = f"{row['width']}x{row['height']} batch {row['batch']}"
+        for key, name in FIELDS:
+            a, b = o.get(key), t.get(key)
+            ratio = f"{a / b:.2f}x" if a is not None and b else "-"
+            print(f"| {model} | {shape} | {name} | {show(a)} | {show(b)} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

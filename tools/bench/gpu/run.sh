@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine, in two calls on the same warm machine (the carried files cannot
+# travel together):
+#   run(command="bash tools/bench/gpu/run.sh candela",   carry=[".gpu/bin"],    timeout_s=420)
+#   run(command="bash tools/bench/gpu/run.sh diffusers", carry=[".gpu/wheels"], timeout_s=420)
+# then here: python3 tools/bench/gpu/compare.py <files_at of call 1> <files_at of call 2>
+# Each writes <side>.jsonl (one JSON object per model, the fields of `candela bench --json-out`)
+# and <side>.log under $OUT. Same models, shapes and dtypes on both sides:
+#   SD 1.5 f16 512² batch 2 · SDXL f16 1024² batch 2 · SD3.5 Large f16 1024² batch 2 ·
+#   FLUX.1-dev bf16 1024² batch 1 (512 T5 tokens); random weights from benches/<model>.
+set -uo pipefail
+side=${1:?candela or diffusers}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+STEPS=${STEPS:-4}
+REPEATS=${REPEATS:-10}
+MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
+# For a dry run on a CPU machine: DEVICE=cpu BIN=target/release/candela-bench
+# BENCHES=tests/fixtures/models MODELS="sd1-tiny:f32" bash tools/bench/gpu/run.sh candela
+# (and PYTHON=tools/reference/.venv/bin/python for the diffusers side).
+DEVICE=${DEVICE:-cuda}
+BENCHES=${BENCHES:-benches}
+PYTHON=${PYTHON:-python3}
+LD_LIBRARY_PATH=$(find /opt /usr/local/nvidia -name 'lib*.so*' 2>/dev/null |
+    grep -E 'libcublas|libcudnn|libcurand|libcudart|libnvrtc|libcuda\.so' | grep -v compat |
+    xargs -n1 dirname | sort -u | tr '\n' ':')${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH
+log="$OUT/$side.log"
+results="$OUT/$side.jsonl"
+: > "$results"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"; } | tee "$log"
+
+case "$side" in
+candela)
+    bin=${BIN:-/tmp/candela-bench}
+    if [ -z "${BIN:-}" ]; then xz -dc .gpu/bin/candela-bench.xz > "$bin" && chmod +x "$bin" || exit 1; fi
+    # Correctness first: the tiny models of every family on the GPU against the CPU path.
+    for dtype in f32 f16; do
+        timeout 120 "$bin" --device-parity --device "$DEVICE" --dtype "$dtype" 2>&1 | tee -a "$log"
+    done
+    for spec in $MODELS; do
+        model=${spec%%:*} dtype=${spec##*:}
+        echo "== candela $model $dtype" | tee -a "$log"
+        timeout 150 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
+            --steps "$STEPS" --repeats "$REPEATS" --json-out "/tmp/$model.json" >> "$log" 2>&1 \
+            && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "/tmp/$model.json" "$model-$dtype" >> "$results" \
+            || echo "candela $model failed (exit $?)" | tee -a "$log"
+    done
+    ;;
+diffusers)
+    site=/tmp/site
+    "$PYTHON" -m pip install -q --no-index --no-deps --target "$site" .gpu/wheels/*.whl >> "$log" 2>&1
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+    "$PYTHON" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$log"
+    for spec in $MODELS; do
+        model=${spec%%:*} dtype=${spec##*:}
+        echo "== diffusers $model $dtype" | tee -a "$log"
+        timeout 150 "$PYTHON" tools/bench/bench_diffusers.py --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
+            --steps "$STEPS" --repeats "$REPEATS" --out "/tmp/$model.json" >> "$log" 2>&1 \
+            && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "/tmp/$model.json" "$model-$dtype" >> "$results" \
+            || echo "diffusers $model failed (exit $?)" | tee -a "$log"
+    done
+    ;;
+*)
+    echo "usage: run.sh candela|diffusers" >&2
+    exit 2
+    ;;
+esac
+tail -n 40 "$log"
+cat "$results"
