@@ -182,6 +182,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
 
     let sync = || -> engine::error::Result<()> { Ok(device.synchronize()?) };
     let meter = PeakMeter::start(&device);
+    let baseline = meter.baseline();
     let load_start = Instant::now();
     let pipeline = if args.model.is_some() {
         Pipeline::load(&dir, &device, dtype, &LoadOptions::default())?
@@ -229,7 +230,9 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         stage: None,
         init: None,
     };
-    let meter = PeakMeter::start(&device);
+    // Counted from before the build: weights, kernels' caches (CPU Winograd weights) and the
+    // run's working memory.
+    let meter = PeakMeter::start_from(&device, Some(baseline));
     let t = Instant::now();
     pipeline.generate(&params, &mut |p| {
         eprintln!(
@@ -242,7 +245,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     })?;
     sync()?;
     let end_to_end = t.elapsed().as_secs_f64();
-    let working = meter.finish();
+    let peak = meter.finish();
 
     let ours = BenchFigures {
         label: format!("candela {} {} {}", args.device, args.dtype, label),
@@ -256,10 +259,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         vae_decode_ms: parts.vae_decode_ms,
         end_to_end_s: end_to_end,
         weights_gib: weights.map(|b| b as f64 / GIB),
-        peak_gib: match (weights, working) {
-            (Some(w), Some(p)) => Some((w + p) as f64 / GIB),
-            _ => None,
-        },
+        peak_gib: peak.map(|b| b as f64 / GIB),
     };
     if let Some(path) = &args.json_out {
         std::fs::write(path, serde_json::to_string_pretty(&ours)?)?;

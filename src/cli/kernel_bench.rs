@@ -54,7 +54,7 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
             cpu_winograd::conv3x3(&x, &wino, Some(&bias))?;
             Ok(())
         })?;
-        let picked = if cpu_winograd::worthwhile(ci, s, s) {
+        let picked = if cpu_winograd::worthwhile(ci) {
             " (winograd picked)"
         } else {
             ""

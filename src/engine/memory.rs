@@ -55,7 +55,14 @@ pub struct Footprint {
 }
 
 impl Footprint {
-    pub fn read(dir: &ModelDir, dtype: DType, options: &LoadOptions) -> Result<Self> {
+    /// `device` matters for the CPU, whose f32 convolutions keep Winograd copies of the UNet's
+    /// and VAE's 3×3 weights (16/9 of their size) once they have run.
+    pub fn read(
+        dir: &ModelDir,
+        device: &candle_core::Device,
+        dtype: DType,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let mut components = Vec::new();
         let is_transformer = dir.file("transformer/config.json").is_file();
         let denoiser_folder = if is_transformer {
@@ -99,6 +106,9 @@ impl Footprint {
                 }
             }
             components.push((folder.to_string(), bytes));
+            if device.is_cpu() && dtype == DType::F32 && (folder == "unet" || folder == "vae") {
+                components.push((format!("{folder} (Winograd weights)"), file.winograd_bytes()));
+            }
         }
         let class: serde_json::Value = if is_transformer {
             dir.read_json("transformer/config.json")?
@@ -187,6 +197,7 @@ impl Footprint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn flux_dir() -> ModelDir {
         ModelDir {
@@ -199,11 +210,17 @@ mod tests {
     #[test]
     fn options_change_the_device_footprint() {
         let dir = flux_dir();
-        let full = Footprint::read(&dir, DType::F32, &LoadOptions::default()).unwrap();
+        let full = Footprint::read(&dir, &Device::Cpu, DType::F32, &LoadOptions::default()).unwrap();
         let folders: Vec<&str> = full.components.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(
             folders,
-            ["text_encoder", "text_encoder_2", "transformer", "vae"]
+            [
+                "text_encoder",
+                "text_encoder_2",
+                "transformer",
+                "vae",
+                "vae (Winograd weights)"
+            ]
         );
         let bytes = |f: &Footprint, folder: &str| {
             f.components
@@ -214,6 +231,7 @@ mod tests {
         // Text encoders on the CPU leave the device.
         let cpu_text = Footprint::read(
             &dir,
+            &Device::Cpu,
             DType::F32,
             &LoadOptions {
                 text_encoders_on_cpu: true,
@@ -226,6 +244,7 @@ mod tests {
         // Q8_0 keeps 8.5 of every 32 bits.
         let q8 = Footprint::read(
             &dir,
+            &Device::Cpu,
             DType::F32,
             &LoadOptions {
                 transformer_format: "q8_0".parse().unwrap(),
@@ -240,6 +259,34 @@ mod tests {
         let small = full.activation_bytes(1, 512, 512, false);
         let large = full.activation_bytes(1, 1024, 1024, false);
         assert!(large > 2 * small);
+    }
+
+    #[test]
+    fn cpu_f32_counts_the_winograd_weights() {
+        let dir = ModelDir {
+            root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models/sd1-tiny"),
+            prefer_fp16_variant: false,
+        };
+        let options = LoadOptions::default();
+        let f32_cpu = Footprint::read(&dir, &Device::Cpu, DType::F32, &options).unwrap();
+        let f16_cpu = Footprint::read(&dir, &Device::Cpu, DType::F16, &options).unwrap();
+        let cache = |f: &Footprint| -> u64 {
+            f.components
+                .iter()
+                .filter(|(name, _)| name.ends_with("(Winograd weights)"))
+                .map(|(_, b)| b)
+                .sum()
+        };
+        // Every 3×3 weight with ≥ 32 input channels, 16 values per 9.
+        let unet = crate::engine::loader::weights::SafetensorsFile::open_component(
+            &dir,
+            "unet/diffusion_pytorch_model",
+        )
+        .unwrap();
+        assert!(unet.winograd_bytes() > 0);
+        assert!(cache(&f32_cpu) > unet.winograd_bytes());
+        assert_eq!(cache(&f16_cpu), 0);
     }
 }
 
@@ -258,6 +305,16 @@ pub struct PeakMeter {
 
 impl PeakMeter {
     pub fn start(device: &candle_core::Device) -> Self {
+        Self::start_from(device, None)
+    }
+
+    /// Memory in use when the meter started (what [`Self::finish`] subtracts).
+    pub fn baseline(&self) -> u64 {
+        self.baseline
+    }
+
+    /// A meter whose figures count from `baseline` (an earlier meter's) rather than from now.
+    pub fn start_from(device: &candle_core::Device, baseline: Option<u64>) -> Self {
         #[cfg(feature = "cuda")]
         if let candle_core::Device::Cuda(cuda) = device {
             use std::sync::atomic::{AtomicBool, Ordering};
@@ -268,7 +325,7 @@ impl PeakMeter {
                     .map(|(free, total)| (total - free) as u64)
                     .unwrap_or(0)
             };
-            let baseline = used();
+            let baseline = baseline.unwrap_or_else(&used);
             let stop = std::sync::Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
             let handle = std::thread::spawn(move || {
@@ -288,7 +345,8 @@ impl PeakMeter {
         // Writing 5 to clear_refs resets VmHWM to the current resident set.
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         Self {
-            baseline: process_status_kib("VmRSS:").unwrap_or(0) * 1024,
+            baseline: baseline
+                .unwrap_or_else(|| process_status_kib("VmRSS:").unwrap_or(0) * 1024),
             sampler: None,
         }
     }

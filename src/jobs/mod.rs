@@ -318,7 +318,7 @@ impl EngineHandle {
                     .await
                     .map_err(|e| EngineError::Internal(format!("model resolution: {e}")))??
             };
-            let footprint = Footprint::read(&dir, config.dtype, &spec.options)?;
+            let footprint = Footprint::read(&dir, &config.device, config.dtype, &spec.options)?;
             let info = describe(&name, &dir, &footprint)?;
             catalog.push(Catalogued {
                 info,

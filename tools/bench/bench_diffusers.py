@@ -6,7 +6,7 @@ inputs and the same measurements, written as the JSON `candela bench --reference
                             [--steps 4] [--repeats 10] [--compile] --out diffusers.json
 
 Measured: one prompt's encoding, the denoiser forward at the batch a guided step runs (2 with
-classifier-free guidance, 1 for FLUX), one VAE decode, an end-to-end run of --steps, the memory the
+classifier-free guidance, 1 for FLUX), one VAE decode (after a warm-up), an end-to-end run of --steps, the memory the
 weights take and the peak during the end-to-end run (CUDA: torch's reserved pool, which is what the
 driver sees; CPU: resident set). Works with torch's CPU build (all cores) and on CUDA.
 """
@@ -56,10 +56,12 @@ def build(root: Path, device, dtype):
                     components[name] = cls.from_config(json.loads((folder / "config.json").read_text())).eval()
     finally:
         torch.set_default_dtype(previous)
-    for name in ("safety_checker", "feature_extractor", "image_encoder"):
-        if name in index:
-            components[name] = None
     cls = getattr(diffusers, index["_class_name"])
+    import inspect
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        # Optional parts (safety checker, feature extractor, image encoder) stay out.
+        if name != "self" and name not in components and param.default is inspect.Parameter.empty:
+            components[name] = None
     kwargs = {"requires_safety_checker": False} if index["_class_name"] == "StableDiffusionPipeline" else {}
     pipe = cls(**components, **kwargs)
     pipe.set_progress_bar_config(disable=True)
@@ -153,6 +155,7 @@ def main():
             print(f"denoiser forward {i}: {ms:.1f} ms{' (warm-up)' if i == 0 else ''}", flush=True)
             if i > 0:
                 times.append(ms)
+        vae.decode(sample[:1])  # warm-up, as for the denoiser
         _, vae_ms = timed(lambda: vae.decode(sample[:1]))
         if cuda:
             torch.cuda.reset_peak_memory_stats()

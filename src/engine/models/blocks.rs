@@ -115,37 +115,35 @@ impl Module for GroupNorm {
     }
 }
 
-/// candle's `Conv2d`, with 3×3 / stride-1 / padding-1 convolutions on the CPU taken by
-/// [`super::cpu_winograd`] where it pays and [`super::cpu_conv`] (no im2col copy) elsewhere.
-pub struct Conv2d {
-    inner: candle_nn::Conv2d,
-    same_3x3: bool,
-    /// The weight in Winograd's domain, made on first use (16/9 of the weight's size).
-    winograd: std::sync::OnceLock<super::cpu_winograd::WinogradWeight>,
+/// A 2-D convolution. On the CPU in f32, a 3×3 / stride-1 / padding-1 convolution with enough
+/// input channels keeps its weight only in Winograd's domain ([`super::cpu_winograd`], transformed
+/// once at load, so the model does not hold both copies); narrower ones run on
+/// [`super::cpu_conv`] (no im2col copy); everything else, and every other device, is candle's.
+pub enum Conv2d {
+    Candle {
+        inner: candle_nn::Conv2d,
+        same_3x3: bool,
+    },
+    Winograd {
+        weight: super::cpu_winograd::WinogradWeight,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        use super::cpu_winograd::{self, WinogradWeight};
-        if !(self.same_3x3 && super::cpu_conv::applies(xs)) {
-            return self.inner.forward(xs);
-        }
-        let (_, ci, h, w) = xs.dims4()?;
-        if !cpu_winograd::worthwhile(ci, h, w) {
-            return super::cpu_conv::conv3x3(xs, self.inner.weight(), self.inner.bias());
-        }
-        let weight = match self.winograd.get() {
-            Some(weight) => weight,
-            None => {
-                let _ = self
-                    .winograd
-                    .set(WinogradWeight::from_tensor(self.inner.weight())?);
-                self.winograd
-                    .get()
-                    .ok_or_else(|| candle_core::Error::Msg("winograd weight not kept".into()))?
+        match self {
+            Self::Winograd { weight, bias } => {
+                super::cpu_winograd::conv3x3(xs, weight, bias.as_ref())
             }
-        };
-        cpu_winograd::conv3x3(xs, weight, self.inner.bias())
+            Self::Candle { inner, same_3x3 } => {
+                if *same_3x3 && super::cpu_conv::applies(xs) {
+                    super::cpu_conv::conv3x3(xs, inner.weight(), inner.bias())
+                } else {
+                    inner.forward(xs)
+                }
+            }
+        }
     }
 }
 
@@ -157,21 +155,26 @@ pub fn conv(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Conv2d> {
-    Ok(Conv2d {
-        inner: conv2d(
-            cin,
-            cout,
-            kernel,
-            Conv2dConfig {
-                padding,
-                stride,
-                ..Default::default()
-            },
-            vb,
-        )?,
-        same_3x3: kernel == 3 && stride == 1 && padding == 1,
-        winograd: Default::default(),
-    })
+    let same_3x3 = kernel == 3 && stride == 1 && padding == 1;
+    let cpu_f32 = vb.device().is_cpu() && vb.dtype() == candle_core::DType::F32;
+    let inner = conv2d(
+        cin,
+        cout,
+        kernel,
+        Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        },
+        vb,
+    )?;
+    if same_3x3 && cpu_f32 && super::cpu_winograd::worthwhile(cin) {
+        return Ok(Conv2d::Winograd {
+            weight: super::cpu_winograd::WinogradWeight::from_tensor(inner.weight())?,
+            bias: inner.bias().cloned(),
+        });
+    }
+    Ok(Conv2d::Candle { inner, same_3x3 })
 }
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"`.

@@ -73,14 +73,13 @@ impl WinogradWeight {
     }
 }
 
-/// Whether the transform pays at this size: below ~8×8 pixels the transforms' memory traffic
-/// and the short matrix products eat the saving, and with few input channels the products are
-/// too thin (measured with `candela bench --kernels`).
-pub fn worthwhile(ci: usize, h: usize, w: usize) -> bool {
-    ci >= MIN_CHANNELS && h * w >= MIN_PIXELS
+/// Whether a layer with `ci` input channels takes Winograd's path: with fewer, the 16 products
+/// are too thin to beat the direct convolution (`candela bench --kernels`). Image size does not
+/// enter: it wins from 8×8 up on SD's layers, and the layer keeps no other copy of its weight.
+pub fn worthwhile(ci: usize) -> bool {
+    ci >= MIN_CHANNELS
 }
-const MIN_CHANNELS: usize = 32;
-const MIN_PIXELS: usize = 8 * 8;
+pub const MIN_CHANNELS: usize = 32;
 
 /// `xs` (B, Ci, H, W) f32 on the CPU ⊛ `weight` + `bias`, padding 1, stride 1.
 pub fn conv3x3(

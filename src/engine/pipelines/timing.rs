@@ -99,7 +99,9 @@ impl Pipeline {
                         )?
                     }
                 };
-                let (_, vae_decode_ms) = timed(sync, || m.vae_decode(&sample.narrow(0, 0, 1)?))?;
+                let z = sample.narrow(0, 0, 1)?;
+                m.vae_decode(&z)?; // warm-up, as for the denoiser
+                let (_, vae_decode_ms) = timed(sync, || m.vae_decode(&z))?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
@@ -120,7 +122,9 @@ impl Pipeline {
                     || m.transformer_forward(&sample, 500.0, &context, &pooled, &[]),
                     log,
                 )?;
-                let (_, vae_decode_ms) = timed(sync, || m.vae().decode(&sample.narrow(0, 0, 1)?))?;
+                let z = sample.narrow(0, 0, 1)?;
+                m.vae().decode(&z)?; // warm-up
+                let (_, vae_decode_ms) = timed(sync, || m.vae().decode(&z))?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
@@ -154,7 +158,9 @@ impl Pipeline {
                     },
                     log,
                 )?;
-                let (_, vae_decode_ms) = timed(sync, || m.vae().decode(&latents.narrow(0, 0, 1)?))?;
+                let z = latents.narrow(0, 0, 1)?;
+                m.vae().decode(&z)?; // warm-up
+                let (_, vae_decode_ms) = timed(sync, || m.vae().decode(&z))?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
