@@ -80,13 +80,12 @@ impl Footprint {
             // Text encoders are optional: SD has no second one, the SDXL refiner no first one,
             // SD3 may run without T5.
             // Text encoders kept on the CPU take no device memory.
-            if folder.starts_with("text_encoder") {
-                if !dir.file(&format!("{folder}/config.json")).is_file()
+            if folder.starts_with("text_encoder")
+                && (!dir.file(&format!("{folder}/config.json")).is_file()
                     || (folder == "text_encoder_3" && options.without_t5)
-                    || (options.text_encoders_on_cpu && is_transformer)
-                {
-                    continue;
-                }
+                    || (options.text_encoders_on_cpu && is_transformer))
+            {
+                continue;
             }
             let stem = if stem.is_empty() {
                 format!("{folder}/diffusion_pytorch_model")
@@ -107,7 +106,10 @@ impl Footprint {
             }
             components.push((folder.to_string(), bytes));
             if device.is_cpu() && dtype == DType::F32 && (folder == "unet" || folder == "vae") {
-                components.push((format!("{folder} (Winograd weights)"), file.winograd_bytes()));
+                components.push((
+                    format!("{folder} (Winograd weights)"),
+                    file.winograd_bytes(),
+                ));
             }
         }
         let class: serde_json::Value = if is_transformer {
@@ -194,6 +196,92 @@ impl Footprint {
     }
 }
 
+/// Peak memory while a stretch of work runs. CUDA: the device's used memory as the driver
+/// reports it (allocator pools included), sampled every millisecond by a thread, minus what was
+/// in use when the meter started — so start it before the model is built to count the weights.
+/// CPU: the kernel's own high-water mark of this process's resident set (reset at start), minus
+/// the resident set at start.
+pub struct PeakMeter {
+    baseline: u64,
+    sampler: Option<(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<u64>,
+    )>,
+}
+
+impl PeakMeter {
+    pub fn start(device: &candle_core::Device) -> Self {
+        Self::start_from(device, None)
+    }
+
+    /// Memory in use when the meter started (what [`Self::finish`] subtracts).
+    pub fn baseline(&self) -> u64 {
+        self.baseline
+    }
+
+    /// A meter whose figures count from `baseline` (an earlier meter's) rather than from now.
+    pub fn start_from(device: &candle_core::Device, baseline: Option<u64>) -> Self {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(cuda) = device {
+            use std::sync::atomic::{AtomicBool, Ordering};
+            let context = cuda.cuda_stream().context().clone();
+            let used = move || -> u64 {
+                context
+                    .mem_get_info()
+                    .map(|(free, total)| (total - free) as u64)
+                    .unwrap_or(0)
+            };
+            let baseline = baseline.unwrap_or_else(&used);
+            let stop = std::sync::Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let handle = std::thread::spawn(move || {
+                let mut peak = used();
+                while !flag.load(Ordering::Relaxed) {
+                    peak = peak.max(used());
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                peak.max(used())
+            });
+            return Self {
+                baseline,
+                sampler: Some((stop, handle)),
+            };
+        }
+        let _ = device;
+        // Writing 5 to clear_refs resets VmHWM to the current resident set.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        Self {
+            baseline: baseline.unwrap_or_else(|| process_status_kib("VmRSS:").unwrap_or(0) * 1024),
+            sampler: None,
+        }
+    }
+
+    /// Peak bytes above the starting point (None where the platform does not tell).
+    pub fn finish(self) -> Option<u64> {
+        let peak = match self.sampler {
+            Some((stop, handle)) => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                handle.join().ok()?
+            }
+            None => process_status_kib("VmHWM:")? * 1024,
+        };
+        Some(peak.saturating_sub(self.baseline))
+    }
+}
+
+/// A `kB` field of `/proc/self/status` (Linux).
+fn process_status_kib(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,7 +298,8 @@ mod tests {
     #[test]
     fn options_change_the_device_footprint() {
         let dir = flux_dir();
-        let full = Footprint::read(&dir, &Device::Cpu, DType::F32, &LoadOptions::default()).unwrap();
+        let full =
+            Footprint::read(&dir, &Device::Cpu, DType::F32, &LoadOptions::default()).unwrap();
         let folders: Vec<&str> = full.components.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(
             folders,
@@ -288,91 +377,4 @@ mod tests {
         assert!(cache(&f32_cpu) > unet.winograd_bytes());
         assert_eq!(cache(&f16_cpu), 0);
     }
-}
-
-/// Peak memory while a stretch of work runs. CUDA: the device's used memory as the driver
-/// reports it (allocator pools included), sampled every millisecond by a thread, minus what was
-/// in use when the meter started — so start it before the model is built to count the weights.
-/// CPU: the kernel's own high-water mark of this process's resident set (reset at start), minus
-/// the resident set at start.
-pub struct PeakMeter {
-    baseline: u64,
-    sampler: Option<(
-        std::sync::Arc<std::sync::atomic::AtomicBool>,
-        std::thread::JoinHandle<u64>,
-    )>,
-}
-
-impl PeakMeter {
-    pub fn start(device: &candle_core::Device) -> Self {
-        Self::start_from(device, None)
-    }
-
-    /// Memory in use when the meter started (what [`Self::finish`] subtracts).
-    pub fn baseline(&self) -> u64 {
-        self.baseline
-    }
-
-    /// A meter whose figures count from `baseline` (an earlier meter's) rather than from now.
-    pub fn start_from(device: &candle_core::Device, baseline: Option<u64>) -> Self {
-        #[cfg(feature = "cuda")]
-        if let candle_core::Device::Cuda(cuda) = device {
-            use std::sync::atomic::{AtomicBool, Ordering};
-            let context = cuda.cuda_stream().context().clone();
-            let used = move || -> u64 {
-                context
-                    .mem_get_info()
-                    .map(|(free, total)| (total - free) as u64)
-                    .unwrap_or(0)
-            };
-            let baseline = baseline.unwrap_or_else(&used);
-            let stop = std::sync::Arc::new(AtomicBool::new(false));
-            let flag = stop.clone();
-            let handle = std::thread::spawn(move || {
-                let mut peak = used();
-                while !flag.load(Ordering::Relaxed) {
-                    peak = peak.max(used());
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                peak.max(used())
-            });
-            return Self {
-                baseline,
-                sampler: Some((stop, handle)),
-            };
-        }
-        let _ = device;
-        // Writing 5 to clear_refs resets VmHWM to the current resident set.
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
-        Self {
-            baseline: baseline
-                .unwrap_or_else(|| process_status_kib("VmRSS:").unwrap_or(0) * 1024),
-            sampler: None,
-        }
-    }
-
-    /// Peak bytes above the starting point (None where the platform does not tell).
-    pub fn finish(self) -> Option<u64> {
-        let peak = match self.sampler {
-            Some((stop, handle)) => {
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                handle.join().ok()?
-            }
-            None => process_status_kib("VmHWM:")? * 1024,
-        };
-        Some(peak.saturating_sub(self.baseline))
-    }
-}
-
-/// A `kB` field of `/proc/self/status` (Linux).
-fn process_status_kib(field: &str) -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
 }

@@ -107,7 +107,7 @@ impl TorchGenerator {
             normal_fill_16(&mut data[i..i + 16]);
             i += 16;
         }
-        if numel % 16 != 0 {
+        if !numel.is_multiple_of(16) {
             let tail = &mut data[numel - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
@@ -180,7 +180,7 @@ impl BatchNoise {
     /// each request's rows from its own generator.
     pub fn randn(&mut self, numel: usize) -> Result<Vec<f32>, String> {
         let rows = self.rows();
-        if rows == 0 || numel % rows != 0 {
+        if rows == 0 || !numel.is_multiple_of(rows) {
             return Err(format!(
                 "noise for {numel} values cannot be split over a batch of {rows} rows"
             ));

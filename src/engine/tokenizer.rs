@@ -89,7 +89,7 @@ impl ClipTokenizer {
         let pad = text(&config.pad_token, &eos);
         // transformers stores 1e30 for "no limit"; CLIP models have 77 positions.
         let max_length = match config.model_max_length {
-            Some(n) if n >= 2.0 && n <= 4096.0 => n as usize,
+            Some(n) if (2.0..=4096.0).contains(&n) => n as usize,
             _ => 77,
         };
         Self::from_files(&vocab, &merges, &bos, &eos, &pad, &unk, max_length)

@@ -3,8 +3,9 @@
 //! * FLUX in Black Forest Labs' naming (`flux1-dev.safetensors`, most fine-tunes): fused q/k/v
 //!   and single-block `linear1` (q, k, v, MLP) are cut into separate projections;
 //! * SD3 / SD3.5 in Stability's naming (`sd3.5_large.safetensors`' `model.diffusion_model.*`):
-//!   `joint_blocks.N.{x_block, context_block}` with fused q/k/v;
-//! and (shift, scale) modulations (the final norm; SD3's last context norm) are swapped into
+//!   `joint_blocks.N.{x_block, context_block}` with fused q/k/v.
+//!
+//! In both, (shift, scale) modulations (the final norm; SD3's last context norm) are swapped into
 //! diffusers' (scale, shift) order. ComfyUI's `model.diffusion_model.` prefix is accepted.
 
 use candle_core::{DType, Device, Shape, Tensor};

@@ -114,7 +114,7 @@ impl SimpleBackend for SafetensorsFile {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        if !self.tensors.get(name).is_ok() {
+        if self.tensors.get(name).is_err() {
             return Err(self.error(name, "missing from the file"));
         }
         self.tensors

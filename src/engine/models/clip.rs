@@ -152,7 +152,11 @@ impl ClipTextModel {
         let act = Activation::parse(&config.hidden_act).ok_or_else(|| {
             EngineError::Unsupported(format!("CLIP hidden_act `{}`", config.hidden_act))
         })?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             return Err(EngineError::Unsupported(format!(
                 "CLIP hidden_size {} is not divisible by num_attention_heads {}",
                 config.hidden_size, config.num_attention_heads

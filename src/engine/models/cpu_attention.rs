@@ -24,7 +24,7 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 5e-1;
     let p = p * r * r + r + 1.0;
     // n as an integer straight from the shifted float's bits (its last mantissa bits), which
     // stays in vector registers where a float-to-int cast would not.

@@ -70,7 +70,7 @@ impl BlockLinear {
     ) -> candle_core::Result<Self> {
         let dense = linear(input, output, vb)?;
         match format {
-            WeightFormat::Quantized(t) if input % t.block_size() == 0 => {
+            WeightFormat::Quantized(t) if input.is_multiple_of(t.block_size()) => {
                 let bias = match dense.bias() {
                     Some(b) => b.to_dtype(DType::F32)?,
                     None => Tensor::zeros(output, DType::F32, dense.weight().device())?,

@@ -190,12 +190,11 @@ impl UNetConfig {
         }
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some("text_time") => {
-                if self.addition_time_embed_dim.is_none()
-                    || self.projection_class_embeddings_input_dim.is_none()
-                {
-                    return bad("addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
-                }
+            Some("text_time")
+                if (self.addition_time_embed_dim.is_none()
+                    || self.projection_class_embeddings_input_dim.is_none()) =>
+            {
+                return bad("addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
             }
             Some(other) => return unsupported(format!("addition_embed_type `{other}`")),
         }
@@ -220,7 +219,7 @@ impl UNetConfig {
                 self.resnet_time_scale_shift, self.time_embedding_type, self.act_fn
             ));
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return bad("conv_in_kernel/conv_out_kernel must be odd".into());
         }
         Ok(())

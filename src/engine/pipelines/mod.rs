@@ -86,10 +86,10 @@ pub(crate) fn read_scheduler(dir: &ModelDir) -> Result<crate::engine::schedulers
 }
 
 /// Validate a batch: every request on its own, and all sharing the first one's [`params::BatchKey`].
-pub(crate) fn check_batch<'a>(
-    requests: &'a [GenerateParams],
+pub(crate) fn check_batch(
+    requests: &[GenerateParams],
     validate: impl Fn(&GenerateParams) -> Result<()>,
-) -> Result<Option<&'a GenerateParams>> {
+) -> Result<Option<&GenerateParams>> {
     let Some(first) = requests.first() else {
         return Ok(None);
     };
