@@ -196,6 +196,7 @@ impl UNetConfig {
             {
                 return bad("addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
             }
+            Some("text_time") => {}
             Some(other) => return unsupported(format!("addition_embed_type `{other}`")),
         }
         if self.time_cond_proj_dim.is_some() {
