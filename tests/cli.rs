@@ -148,3 +148,117 @@ fn bad_arguments_fail_with_a_message_naming_the_parameter() {
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     }
 }
+
+/// `candela-bench` times every family's parts and writes the figures `compare.py` and
+/// `--reference` read; a reference table prints ratios.
+#[test]
+fn bench_times_each_family_and_compares_with_a_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    for (model, batch) in [("sd1-tiny", 2), ("sd3-tiny", 2), ("flux-dev-tiny", 1)] {
+        let json = tmp.path().join(format!("{model}.json"));
+        let out = Command::new(env!("CARGO_BIN_EXE_candela-bench"))
+            .arg("--data-dir")
+            .arg(tmp.path())
+            .arg("--configs")
+            .arg(fixtures.join(model))
+            .args([
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--steps",
+                "1",
+                "--repeats",
+                "1",
+            ])
+            .arg("--json-out")
+            .arg(&json)
+            .output()
+            .unwrap();
+        assert_succeeded(&out);
+        let figures: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(figures["batch"], batch, "{model}");
+        assert_eq!(
+            (figures["width"].as_u64(), figures["height"].as_u64()),
+            (Some(64), Some(64))
+        );
+        for key in [
+            "text_encode_ms",
+            "denoiser_step_ms",
+            "vae_decode_ms",
+            "end_to_end_s",
+            "peak_gib",
+        ] {
+            assert!(
+                figures[key].as_f64().unwrap() > 0.0,
+                "{model} {key}: {figures}"
+            );
+        }
+    }
+    // A reference far slower than us reads 0.00x in the ratio column.
+    let ours: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("sd1-tiny.json")).unwrap())
+            .unwrap();
+    let mut reference = ours.clone();
+    reference["denoiser_step_ms"] = (ours["denoiser_step_ms"].as_f64().unwrap() * 1e6).into();
+    let reference_path = tmp.path().join("reference.json");
+    std::fs::write(&reference_path, reference.to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_candela"))
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .args(["bench", "--configs"])
+        .arg(fixtures.join("sd1-tiny"))
+        .args([
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+        ])
+        .arg("--reference")
+        .arg(&reference_path)
+        .output()
+        .unwrap();
+    assert_succeeded(&out);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("| denoiser step"))
+        .unwrap_or_else(|| panic!("{table}"));
+    // Our time over a reference a million times slower.
+    assert!(row.ends_with("| 0.00x |"), "{row}");
+}
+
+#[test]
+fn device_parity_runs_every_family() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_candela-bench"))
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .args(["--device-parity", "--device", "cpu", "--dtype", "f32"])
+        .arg("--fixtures")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models"))
+        .output()
+        .unwrap();
+    assert_succeeded(&out);
+    let table = String::from_utf8_lossy(&out.stdout);
+    for model in [
+        "sd1-tiny",
+        "sdxl-tiny",
+        "sd3-tiny",
+        "sd35m-tiny",
+        "flux-dev-tiny",
+    ] {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(&format!("| {model} |")) && l.ends_with("| ok |")),
+            "{model}: {table}"
+        );
+    }
+}

@@ -213,22 +213,8 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     )?;
 
     let params = GenerateParams {
-        transformer: Default::default(),
-        prompt: BENCH_PROMPT.into(),
-        negative_prompt: None,
-        width,
-        height,
         steps: args.steps,
-        guidance_scale: card.default_guidance,
-        seed: 0,
-        sampler: card.default_sampler,
-        schedule: SigmaSchedule::Default,
-        n: 1,
-        solver_order: None,
-        clip_skip: 0,
-        refiner: None,
-        stage: None,
-        init: None,
+        ..GenerateParams::with_defaults(&card, BENCH_PROMPT, width, height)
     };
     // Counted from before the build: weights, kernels' caches (CPU Winograd weights) and the
     // run's working memory.

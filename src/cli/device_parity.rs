@@ -11,7 +11,6 @@ use candle_core::{DType, Device};
 use crate::engine::{
     loader::ModelDir,
     pipelines::{read_card, sd::GenerateParams, LoadOptions, Pipeline},
-    schedulers::SigmaSchedule,
     GeneratedImage,
 };
 
@@ -51,22 +50,9 @@ pub fn run(fixtures: &Path, device: &Device, dtype: DType, label: &str) -> anyho
         };
         let card = read_card(&dir, name)?;
         let params = GenerateParams {
-            transformer: Default::default(),
-            prompt: "a red cube on a blue table".into(),
-            negative_prompt: None,
-            width: 64,
-            height: 64,
             steps: 4,
-            guidance_scale: card.default_guidance,
             seed: 7,
-            sampler: card.default_sampler,
-            schedule: SigmaSchedule::Default,
-            n: 1,
-            solver_order: None,
-            clip_skip: 0,
-            refiner: None,
-            stage: None,
-            init: None,
+            ..GenerateParams::with_defaults(&card, "a red cube on a blue table", 64, 64)
         };
         let run_on = |device: &Device, dtype: DType| -> anyhow::Result<_> {
             let pipeline = Pipeline::load(&dir, device, dtype, &LoadOptions::default())?;

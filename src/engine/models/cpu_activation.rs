@@ -82,16 +82,7 @@ mod tests {
         let value = h.narrow(2, 0, 37).unwrap();
         let gate = h.narrow(2, 37, 37).unwrap();
         let expected = (value * gate.gelu_erf().unwrap()).unwrap();
-        let diff = (ours - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = super::super::max_abs_diff(&ours, &expected);
         assert!(diff < 1e-5, "{diff}");
         let xs: Vec<f32> = (-600..=600).map(|i| i as f32 * 0.01).collect();
         let exact: Vec<f32> = Tensor::new(xs.as_slice(), &dev)

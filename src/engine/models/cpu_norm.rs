@@ -141,16 +141,7 @@ mod tests {
             } else {
                 reference.clone()
             };
-            let diff = (ours - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = super::super::max_abs_diff(&ours, &expected);
             assert!(diff < 2e-6, "silu {with_silu}: {diff}");
         }
         let _ = DType::F32;

@@ -456,16 +456,7 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
                 .unwrap();
-            let diff = (ours - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = super::super::max_abs_diff(&ours, &expected);
             assert!(diff < 1e-5, "{b}x{ci}->{co} {h}x{w}: {diff}");
         }
     }

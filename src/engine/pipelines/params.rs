@@ -136,6 +136,33 @@ impl BatchKey {
 }
 
 impl GenerateParams {
+    /// Text to image at the model's own defaults (steps, guidance, sampler): seed 0, one image.
+    pub fn with_defaults(
+        card: &super::ModelCard,
+        prompt: &str,
+        width: usize,
+        height: usize,
+    ) -> Self {
+        Self {
+            transformer: Default::default(),
+            prompt: prompt.into(),
+            negative_prompt: None,
+            width,
+            height,
+            steps: card.default_steps,
+            guidance_scale: card.default_guidance,
+            seed: 0,
+            sampler: card.default_sampler,
+            schedule: crate::engine::schedulers::SigmaSchedule::Default,
+            n: 1,
+            solver_order: None,
+            clip_skip: 0,
+            refiner: None,
+            stage: None,
+            init: None,
+        }
+    }
+
     pub fn batch_key(&self) -> BatchKey {
         BatchKey {
             width: self.width,

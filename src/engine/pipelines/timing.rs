@@ -61,6 +61,17 @@ fn time_forwards(
     Ok(times)
 }
 
+/// One image's decode (the first row of `latents`), after a warm-up decode as for the denoiser.
+fn time_decode(
+    sync: &dyn Fn() -> Result<()>,
+    latents: &Tensor,
+    decode: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<f64> {
+    let z = latents.narrow(0, 0, 1)?;
+    decode(&z)?;
+    Ok(timed(sync, || decode(&z))?.1)
+}
+
 impl Pipeline {
     /// Time prompt encoding, `shape.repeats` denoiser forwards and a VAE decode. `sync` waits
     /// for the device; `log` receives a line per forward.
@@ -99,9 +110,7 @@ impl Pipeline {
                         )?
                     }
                 };
-                let z = sample.narrow(0, 0, 1)?;
-                m.vae_decode(&z)?; // warm-up, as for the denoiser
-                let (_, vae_decode_ms) = timed(sync, || m.vae_decode(&z))?;
+                let vae_decode_ms = time_decode(sync, &sample, |z| m.vae_decode(z))?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
@@ -122,9 +131,7 @@ impl Pipeline {
                     || m.transformer_forward(&sample, 500.0, &context, &pooled, &[]),
                     log,
                 )?;
-                let z = sample.narrow(0, 0, 1)?;
-                m.vae().decode(&z)?; // warm-up
-                let (_, vae_decode_ms) = timed(sync, || m.vae().decode(&z))?;
+                let vae_decode_ms = time_decode(sync, &sample, |z| m.vae().decode(z))?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
@@ -158,9 +165,7 @@ impl Pipeline {
                     },
                     log,
                 )?;
-                let z = latents.narrow(0, 0, 1)?;
-                m.vae().decode(&z)?; // warm-up
-                let (_, vae_decode_ms) = timed(sync, || m.vae().decode(&z))?;
+                let vae_decode_ms = time_decode(sync, &latents, |z| m.vae().decode(z))?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
