@@ -155,11 +155,19 @@ fn bad_arguments_fail_with_a_message_naming_the_parameter() {
 fn bench_times_each_family_and_compares_with_a_reference() {
     let tmp = tempfile::tempdir().unwrap();
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
-    for (model, batch) in [("sd1-tiny", 2), ("sd3-tiny", 2), ("flux-dev-tiny", 1)] {
-        let json = tmp.path().join(format!("{model}.json"));
+    // Half precision too: the f16 SD VAE must take the latents it is given.
+    for (model, batch, dtype) in [
+        ("sd1-tiny", 2, "f32"),
+        ("sd3-tiny", 2, "f32"),
+        ("flux-dev-tiny", 1, "f32"),
+        ("sdxl-tiny", 2, "f16"),
+        ("sd3-tiny", 2, "f16"),
+    ] {
+        let json = tmp.path().join(format!("{model}-{dtype}.json"));
         let out = Command::new(env!("CARGO_BIN_EXE_candela-bench"))
             .arg("--data-dir")
             .arg(tmp.path())
+            .args(["--dtype", dtype])
             .arg("--configs")
             .arg(fixtures.join(model))
             .args([
@@ -198,9 +206,10 @@ fn bench_times_each_family_and_compares_with_a_reference() {
         }
     }
     // A reference far slower than us reads 0.00x in the ratio column.
-    let ours: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("sd1-tiny.json")).unwrap())
-            .unwrap();
+    let ours: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("sd1-tiny-f32.json")).unwrap(),
+    )
+    .unwrap();
     let mut reference = ours.clone();
     reference["denoiser_step_ms"] = (ours["denoiser_step_ms"].as_f64().unwrap() * 1e6).into();
     let reference_path = tmp.path().join("reference.json");

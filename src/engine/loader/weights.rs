@@ -163,8 +163,6 @@ impl SimpleBackend for RandomWeights {
 }
 
 impl SafetensorsFile {
-    /// Bytes the tensors take once loaded as `dtype` (floating tensors are converted; others keep
-    /// their own width). Read from the header only.
     /// Bytes of the CPU's Winograd copies of this file's 3×3 convolution weights (16 values per
     /// 9, f32) for the layers wide enough to use it (`cpu_winograd::worthwhile`).
     pub fn winograd_bytes(&self) -> u64 {
@@ -180,6 +178,8 @@ impl SafetensorsFile {
             .sum()
     }
 
+    /// Bytes the tensors take once loaded as `dtype` (floating tensors are converted; others keep
+    /// their own width). Read from the header only.
     pub fn loaded_bytes(&self, dtype: DType) -> u64 {
         self.tensors
             .tensors()

@@ -22,16 +22,20 @@ pub struct Autoencoder {
 }
 
 impl Autoencoder {
-    /// Load `vae/` with `weights(stem, dtype)` (a file or random weights).
+    /// Load `vae/` with `weights(stem, dtype)` (a file or random weights). `honor_force_upcast`:
+    /// run the VAE in f32 under an f16 model when its config says `force_upcast`, as diffusers'
+    /// SDXL pipelines do (SDXL's VAE overflows in f16); its SD 1.x/2.x, SD3 and FLUX pipelines
+    /// decode in the model's dtype whatever the flag says.
     pub fn load(
         dir: &ModelDir,
         dtype: DType,
         device: &Device,
         weights: &dyn Fn(&str, DType) -> Result<VarBuilder<'static>>,
+        honor_force_upcast: bool,
     ) -> Result<Self> {
         let config_path = dir.required("vae/config.json")?;
         let config: VaeConfig = crate::engine::loader::read_json(&config_path)?;
-        let vae_dtype = if config.force_upcast && dtype == DType::F16 {
+        let vae_dtype = if honor_force_upcast && config.force_upcast && dtype == DType::F16 {
             DType::F32
         } else {
             dtype
@@ -100,9 +104,9 @@ impl Autoencoder {
         Ok((sample * self.config().scaling_factor)?.to_dtype(self.latent_dtype)?)
     }
 
-    /// The raw decoder on already-unscaled latents.
+    /// The raw decoder on already-unscaled latents (of any float dtype).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        Ok(self.decoder.decode(z)?)
+        Ok(self.decoder.decode(&z.to_dtype(self.dtype)?)?)
     }
 
     /// `vae.decode(latents / scale + shift)`, one image at a time, then diffusers' postprocess

@@ -106,7 +106,7 @@ impl Flux {
             &config_path,
             options.transformer_format,
         )?;
-        let vae = Autoencoder::load(dir, dtype, device, &weights)?;
+        let vae = Autoencoder::load(dir, dtype, device, &weights, false)?;
         let c = &transformer.config;
         let bad = |reason: String| EngineError::BadConfig {
             path: config_path.clone(),

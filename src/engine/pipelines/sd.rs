@@ -181,7 +181,7 @@ impl StableDiffusion {
         let unet_vb = weights("unet", "unet/diffusion_pytorch_model")?;
         let unet = UNet2DConditionModel::new(unet_vb, unet_config, &unet_config_path)?;
 
-        let vae = Autoencoder::load(dir, dtype, device, &weights_as)?;
+        let vae = Autoencoder::load(dir, dtype, device, &weights_as, is_xl)?;
 
         let xl = if is_xl {
             let tokenizer_2 = ClipTokenizer::load(dir, "tokenizer_2")?;

@@ -124,7 +124,7 @@ impl StableDiffusion3 {
             &config_path,
             options.transformer_format,
         )?;
-        let vae = Autoencoder::load(dir, dtype, device, &weights)?;
+        let vae = Autoencoder::load(dir, dtype, device, &weights, false)?;
 
         let c = &transformer.config;
         let bad = |reason: String| EngineError::BadConfig {
