@@ -28,6 +28,21 @@ use crate::engine::models::{
 };
 use crate::engine::pipelines::LoadOptions;
 
+/// Whether the pipeline keeps this model's VAE in f32 under f16 (SDXL with `force_upcast`).
+fn vae_upcast(dir: &ModelDir) -> Result<bool> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        #[serde(rename = "_class_name")]
+        class_name: String,
+    }
+    let index: Index = dir.read_json("model_index.json")?;
+    if !crate::engine::pipelines::sd::SDXL_PIPELINES.contains(&index.class_name.as_str()) {
+        return Ok(false);
+    }
+    let vae: VaeConfig = dir.read_json("vae/config.json")?;
+    Ok(vae.force_upcast)
+}
+
 /// The denoiser's shape, as far as working memory goes.
 #[derive(Debug, Clone)]
 enum Denoiser {
@@ -96,7 +111,13 @@ impl Footprint {
                 (Some(path), true) => SafetensorsFile::open(path)?,
                 _ => SafetensorsFile::open_component(dir, &stem)?,
             };
-            let mut bytes = file.loaded_bytes(dtype);
+            // SDXL's pipelines run a force_upcast VAE in f32 under f16 (autoencoder.rs).
+            let component_dtype = if folder == "vae" && dtype == DType::F16 && vae_upcast(dir)? {
+                DType::F32
+            } else {
+                dtype
+            };
+            let mut bytes = file.loaded_bytes(component_dtype);
             if folder == denoiser_folder {
                 // Quantized blocks: the format's bits per weight instead of the dtype's (the
                 // small dense embedders are within the rounding of this estimate).
@@ -348,6 +369,33 @@ mod tests {
         let small = full.activation_bytes(1, 512, 512, false);
         let large = full.activation_bytes(1, 1024, 1024, false);
         assert!(large > 2 * small);
+    }
+
+    #[test]
+    fn sdxl_counts_its_upcast_vae_in_f32() {
+        let fixture = |name: &str| ModelDir {
+            root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models")
+                .join(name),
+            prefer_fp16_variant: false,
+        };
+        let vae_bytes = |name: &str, dtype: DType| {
+            Footprint::read(&fixture(name), &Device::Cpu, dtype, &LoadOptions::default())
+                .unwrap()
+                .components
+                .into_iter()
+                .find(|(folder, _)| folder == "vae")
+                .map(|(_, b)| b)
+                .unwrap()
+        };
+        assert_eq!(
+            vae_bytes("sdxl-tiny", DType::F16),
+            vae_bytes("sdxl-tiny", DType::F32)
+        );
+        assert_eq!(
+            2 * vae_bytes("sd1-tiny", DType::F16),
+            vae_bytes("sd1-tiny", DType::F32)
+        );
     }
 
     #[test]

@@ -96,7 +96,7 @@ const SD_PIPELINES: &[&str] = &[
 ];
 
 /// Pipeline classes with SDXL's component set (two text encoders, text_time conditioning).
-const SDXL_PIPELINES: &[&str] = &[
+pub(crate) const SDXL_PIPELINES: &[&str] = &[
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
