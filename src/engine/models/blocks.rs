@@ -59,7 +59,9 @@ pub fn timestep_features(
 /// GroupNorm with learned per-channel scale and shift; on the CPU in f32 one fused pass
 /// ([`super::cpu_norm`]), which can also apply the SiLU that follows it in ResNet blocks.
 pub struct GroupNorm {
-    inner: candle_nn::GroupNorm,
+    /// Scale and shift as tensors (the device path) and as host values (the CPU kernel).
+    scale: Tensor,
+    shift: Tensor,
     weight: Vec<f32>,
     bias: Vec<f32>,
     groups: usize,
@@ -77,7 +79,8 @@ pub fn group_norm(
     Ok(GroupNorm {
         weight: weight.to_dtype(candle_core::DType::F32)?.to_vec1()?,
         bias: bias.to_dtype(candle_core::DType::F32)?.to_vec1()?,
-        inner: candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)?,
+        scale: weight,
+        shift: bias,
         groups,
         eps,
     })
@@ -95,17 +98,59 @@ impl GroupNorm {
                 with_silu,
             );
         }
-        let ys = self.inner.forward(xs)?;
-        if with_silu {
-            ys.silu()
-        } else {
-            Ok(ys)
-        }
+        group_norm_fused(
+            xs,
+            &self.scale,
+            &self.shift,
+            self.groups,
+            self.eps,
+            with_silu,
+        )
     }
 
     /// `silu(group_norm(xs))`.
     pub fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         self.run(xs, true)
+    }
+}
+
+/// GroupNorm off the CPU-f32 path (GPUs, half precision) as candle's fused `layer_norm` over each
+/// group's values — one kernel with f32 statistics — then the per-channel scale and shift:
+/// four passes over the tensor where `candle_nn::GroupNorm` makes fourteen (f32 copies, separate
+/// mean, centring, square, variance, division and casts).
+fn group_norm_fused(
+    xs: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    groups: usize,
+    eps: f64,
+    with_silu: bool,
+) -> candle_core::Result<Tensor> {
+    let dims = xs.dims();
+    if dims.len() < 3 || groups == 0 || dims[1] % groups != 0 {
+        candle_core::bail!("group norm of {dims:?} in {groups} groups");
+    }
+    let (b, c) = (dims[0], dims[1]);
+    let per_group = xs.elem_count() / (b * groups);
+    let (dtype, device) = (xs.dtype(), xs.device());
+    let unit = Tensor::ones(per_group, dtype, device)?;
+    let zero = Tensor::zeros(per_group, dtype, device)?;
+    let normed = candle_nn::ops::layer_norm(
+        &xs.contiguous()?.reshape((b, groups, per_group))?,
+        &unit,
+        &zero,
+        eps as f32,
+    )?
+    .reshape(dims)?;
+    let mut channel = vec![1; dims.len()];
+    channel[1] = c;
+    let ys = normed
+        .broadcast_mul(&scale.reshape(channel.as_slice())?)?
+        .broadcast_add(&shift.reshape(channel.as_slice())?)?;
+    if with_silu {
+        ys.silu()
+    } else {
+        Ok(ys)
     }
 }
 
@@ -308,5 +353,44 @@ impl Upsample2D {
             resize_nearest(xs, th, tw)?
         };
         self.conv.forward(&up)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn fused_group_norm_matches_candles() {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 2., (2, 8, 5, 7), &dev).unwrap() + 0.5).unwrap();
+        let w = Tensor::randn(0f32, 1., 8, &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., 8, &dev).unwrap();
+        for (dtype, limit) in [(DType::F32, 2e-5), (DType::F16, 2e-2)] {
+            let (x, w, b) = (
+                x.to_dtype(dtype).unwrap(),
+                w.to_dtype(dtype).unwrap(),
+                b.to_dtype(dtype).unwrap(),
+            );
+            let reference = candle_nn::GroupNorm::new(w.clone(), b.clone(), 8, 4, 1e-5)
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            for with_silu in [false, true] {
+                let ours = group_norm_fused(&x, &w, &b, 4, 1e-5, with_silu).unwrap();
+                assert_eq!(ours.dtype(), dtype);
+                let expected = if with_silu {
+                    reference.silu().unwrap()
+                } else {
+                    reference.clone()
+                };
+                let diff = super::super::max_abs_diff(
+                    &ours.to_dtype(DType::F32).unwrap(),
+                    &expected.to_dtype(DType::F32).unwrap(),
+                );
+                assert!(diff < limit, "{dtype:?} silu {with_silu}: {diff}");
+            }
+        }
     }
 }
