@@ -41,7 +41,7 @@ candela)
     for spec in $MODELS; do
         model=${spec%%:*} dtype=${spec##*:}
         echo "== candela $model $dtype" | tee -a "$log"
-        timeout 150 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
+        timeout 120 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
             --steps "$STEPS" --repeats "$REPEATS" --json-out "/tmp/$model.json" >> "$log" 2>&1 \
             && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "/tmp/$model.json" "$model-$dtype" >> "$results" \
             || echo "candela $model failed (exit $?)" | tee -a "$log"
@@ -55,7 +55,7 @@ diffusers)
     for spec in $MODELS; do
         model=${spec%%:*} dtype=${spec##*:}
         echo "== diffusers $model $dtype" | tee -a "$log"
-        timeout 150 "$PYTHON" tools/bench/bench_diffusers.py --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
+        timeout 120 "$PYTHON" tools/bench/bench_diffusers.py --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
             --steps "$STEPS" --repeats "$REPEATS" --out "/tmp/$model.json" >> "$log" 2>&1 \
             && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "/tmp/$model.json" "$model-$dtype" >> "$results" \
             || echo "diffusers $model failed (exit $?)" | tee -a "$log"
