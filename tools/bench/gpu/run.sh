@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine, in two calls on the same warm machine (the carried files cannot
 # travel together):
-#   run(command="bash tools/bench/gpu/run.sh candela",   carry=[".gpu/bin"],    timeout_s=420)
-#   run(command="bash tools/bench/gpu/run.sh diffusers", carry=[".gpu/wheels"], timeout_s=420)
+#   run(command="bash tools/bench/gpu/run.sh candela",   carry=[".gpu/bin"],    timeout_s=500)
+#   run(command="bash tools/bench/gpu/run.sh diffusers", carry=[".gpu/wheels"], timeout_s=500)
 # then here: python3 tools/bench/gpu/compare.py <files_at of call 1> <files_at of call 2>
+# Budget: ~2 min to start the machine, each call at most 2×60 + 4×90 s (most models take far
+# less); the 15 device minutes of a session hold both calls if the second follows at once.
 # Each writes <side>.jsonl (one JSON object per model, the fields of `candela bench --json-out`)
 # and <side>.log under $OUT. Same models, shapes and dtypes on both sides:
 #   SD 1.5 f16 512² batch 2 · SDXL f16 1024² batch 2 · SD3.5 Large f16 1024² batch 2 ·
@@ -36,12 +38,12 @@ candela)
     if [ -z "${BIN:-}" ]; then xz -dc .gpu/bin/candela-bench.xz > "$bin" && chmod +x "$bin" || exit 1; fi
     # Correctness first: the tiny models of every family on the GPU against the CPU path.
     for dtype in f32 f16; do
-        timeout 120 "$bin" --device-parity --device "$DEVICE" --dtype "$dtype" 2>&1 | tee -a "$log"
+        timeout 60 "$bin" --device-parity --device "$DEVICE" --dtype "$dtype" 2>&1 | tee -a "$log"
     done
     for spec in $MODELS; do
         model=${spec%%:*} dtype=${spec##*:}
         echo "== candela $model $dtype" | tee -a "$log"
-        timeout 120 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
+        timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
             --steps "$STEPS" --repeats "$REPEATS" --json-out "/tmp/$model.json" >> "$log" 2>&1 \
             && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "/tmp/$model.json" "$model-$dtype" >> "$results" \
             || echo "candela $model failed (exit $?)" | tee -a "$log"
@@ -55,7 +57,7 @@ diffusers)
     for spec in $MODELS; do
         model=${spec%%:*} dtype=${spec##*:}
         echo "== diffusers $model $dtype" | tee -a "$log"
-        timeout 120 "$PYTHON" tools/bench/bench_diffusers.py --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
+        timeout 90 "$PYTHON" tools/bench/bench_diffusers.py --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
             --steps "$STEPS" --repeats "$REPEATS" --out "/tmp/$model.json" >> "$log" 2>&1 \
             && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "/tmp/$model.json" "$model-$dtype" >> "$results" \
             || echo "diffusers $model failed (exit $?)" | tee -a "$log"
