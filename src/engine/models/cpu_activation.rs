@@ -30,20 +30,7 @@ fn geglu_rows_impl(h: &[f32], out: &mut [f32], width: usize) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn geglu_rows_avx2(h: &[f32], out: &mut [f32], width: usize) {
-    geglu_rows_impl(h, out, width)
-}
-
-fn geglu_rows(h: &[f32], out: &mut [f32], width: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { geglu_rows_avx2(h, out, width) };
-    }
-    geglu_rows_impl(h, out, width)
-}
+avx2_dispatch!(fn geglu_rows(h: &[f32], out: &mut [f32], width: usize) = geglu_rows_impl);
 
 /// `h` (…, 2F) f32 on the CPU → `h[..., :F] · gelu_erf(h[..., F:])` (…, F).
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {

@@ -66,20 +66,7 @@ fn softmax_rows_impl(scores: &mut [f32], width: usize, sums: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_rows_avx2(scores: &mut [f32], width: usize, sums: &mut [f32]) {
-    softmax_rows_impl(scores, width, sums)
-}
-
-fn softmax_rows(scores: &mut [f32], width: usize, sums: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { softmax_rows_avx2(scores, width, sums) };
-    }
-    softmax_rows_impl(scores, width, sums)
-}
+avx2_dispatch!(fn softmax_rows(scores: &mut [f32], width: usize, sums: &mut [f32]) = softmax_rows_impl);
 
 /// One head: `out` (n × dv) = softmax(q (n × d) · k (m × d)ᵀ · scale) · v (m × dv).
 fn attend_head(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape: [usize; 4], scale: f32) {

@@ -56,9 +56,7 @@ fn normalise_group(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn normalise_group_avx2(
+avx2_dispatch!(fn normalise_group_fast(
     x: &[f32],
     out: &mut [f32],
     weight: &[f32],
@@ -66,9 +64,7 @@ unsafe fn normalise_group_avx2(
     spatial: usize,
     eps: f64,
     with_silu: bool,
-) {
-    normalise_group(x, out, weight, bias, spatial, eps, with_silu)
-}
+) = normalise_group);
 
 /// GroupNorm over (B, C, …) f32 CPU tensors with per-channel `weight` and `bias`, then SiLU when
 /// `with_silu`.
@@ -95,8 +91,6 @@ pub fn group_norm(
     // The input is only read: normalise straight from candle's buffer.
     let out = with_cpu_slice(&xs.contiguous()?, |x| {
         let mut out = vec![0f32; x.len()];
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
         out.par_chunks_mut(per_group * spatial)
             .zip(x.par_chunks(per_group * spatial))
             .enumerate()
@@ -106,12 +100,7 @@ pub fn group_norm(
                     &weight[g * per_group..][..per_group],
                     &bias[g * per_group..][..per_group],
                 );
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: the CPU has the features the function is compiled for.
-                    return unsafe { normalise_group_avx2(xg, o, w, bi, spatial, eps, with_silu) };
-                }
-                normalise_group(xg, o, w, bi, spatial, eps, with_silu)
+                normalise_group_fast(xg, o, w, bi, spatial, eps, with_silu)
             });
         out
     })?;

@@ -378,50 +378,12 @@ unsafe fn transform_output_impl(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn transform_input_avx2(padded: &[f32], v: &mut [f32], first: usize, n: usize, g: Geometry) {
-    transform_input_impl(padded, v, first, n, g)
-}
+avx2_dispatch!(fn transform_input(padded: &[f32], v: &mut [f32], first: usize, n: usize, g: Geometry) = transform_input_impl);
 
-fn transform_input(padded: &[f32], v: &mut [f32], first: usize, n: usize, g: Geometry) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { transform_input_avx2(padded, v, first, n, g) };
-    }
-    transform_input_impl(padded, v, first, n, g)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn transform_output_avx2(
-    m: &[f32],
-    bias: &[f32],
-    out: SharedOut,
-    first: usize,
-    n: usize,
-    g: Geometry,
-) {
-    unsafe { transform_output_impl(m, bias, out, first, n, g) }
-}
-
-/// SAFETY: as [`transform_output_impl`].
-unsafe fn transform_output(
-    m: &[f32],
-    bias: &[f32],
-    out: SharedOut,
-    first: usize,
-    n: usize,
-    g: Geometry,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features; the caller keeps the output contract.
-        return unsafe { transform_output_avx2(m, bias, out, first, n, g) };
-    }
-    unsafe { transform_output_impl(m, bias, out, first, n, g) }
-}
+avx2_dispatch!(
+    /// SAFETY: as [`transform_output_impl`].
+    unsafe fn transform_output(m: &[f32], bias: &[f32], out: SharedOut, first: usize, n: usize, g: Geometry) = transform_output_impl
+);
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,47 @@
 //! Network definitions. Each reads its sizes from the component's `config.json`.
 
+/// `fn $name(args) = $imp`: calls `$imp` compiled with AVX2 and FMA when the CPU has them (its
+/// `#[inline(always)]` loops then vectorise 8 wide; a plain build targets SSE2), else as is.
+/// The `unsafe fn` form passes the callee's contract on to its callers.
+macro_rules! avx2_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $imp:ident) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $imp($($arg),*)
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $imp($($arg),*)
+        }
+    };
+    ($(#[$m:meta])* $vis:vis unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $imp:ident) => {
+        $(#[$m])*
+        $vis unsafe fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    // SAFETY: the caller keeps `$imp`'s contract.
+                    unsafe { $imp($($arg),*) }
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features; the caller keeps the contract.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            // SAFETY: the caller keeps `$imp`'s contract.
+            unsafe { $imp($($arg),*) }
+        }
+    };
+}
+
 pub mod attention;
 pub mod blocks;
 pub mod clip;
