@@ -86,50 +86,42 @@ fn attend_head(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape: [usize; 
                 // (row-major), q_block holds ≥ rows × d values, k is m × d (read transposed), v is
                 // m × dv and out_block rows × dv.
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        m,
-                        d,
+                    gemm_f32(
+                        [rows, m, d],
                         scores.as_mut_ptr(),
-                        1,
                         m as isize,
                         false,
-                        q_block.as_ptr(),
-                        1,
-                        d as isize,
-                        k.as_ptr(),
-                        d as isize,
-                        1,
-                        0.0,
+                        Strided {
+                            ptr: q_block.as_ptr(),
+                            row: d as isize,
+                            col: 1,
+                        },
+                        Strided {
+                            ptr: k.as_ptr(),
+                            row: 1,
+                            col: d as isize,
+                        },
                         scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
                 softmax_rows(scores, m, sums);
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        dv,
-                        m,
+                    gemm_f32(
+                        [rows, dv, m],
                         out_block.as_mut_ptr(),
-                        1,
                         dv as isize,
                         false,
-                        scores.as_ptr(),
-                        1,
-                        m as isize,
-                        v.as_ptr(),
-                        1,
-                        dv as isize,
-                        0.0,
+                        Strided {
+                            ptr: scores.as_ptr(),
+                            row: m as isize,
+                            col: 1,
+                        },
+                        Strided {
+                            ptr: v.as_ptr(),
+                            row: dv as isize,
+                            col: 1,
+                        },
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
                 for (row, sum) in out_block.chunks_mut(dv).zip(sums.iter()) {
@@ -138,6 +130,54 @@ fn attend_head(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape: [usize; 
                 }
             },
         );
+}
+
+/// A strided f32 matrix operand: element (r, c) is at `ptr + r·row + c·col`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided {
+    pub ptr: *const f32,
+    pub row: isize,
+    pub col: isize,
+}
+
+/// `dst` (m × n, rows `dst_row` apart, columns adjacent) = [`dst` +] `scale` · `lhs` (m × k) ·
+/// `rhs` (k × n), on the calling thread (callers parallelise over blocks themselves).
+///
+/// SAFETY: every operand's strided extent, and `dst`'s, must lie inside its buffer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_f32(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    dst_row: isize,
+    accumulate: bool,
+    lhs: Strided,
+    rhs: Strided,
+    scale: f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_row,
+            accumulate,
+            lhs.ptr,
+            lhs.col,
+            lhs.row,
+            rhs.ptr,
+            rhs.col,
+            rhs.row,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// The f32 data of a contiguous CPU tensor, without copying.

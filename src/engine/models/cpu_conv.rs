@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::cpu_attention::with_cpu_slice;
+use super::cpu_attention::{gemm_f32, with_cpu_slice, Strided};
 use rayon::prelude::*;
 
 /// Output columns per parallel task.
@@ -87,26 +87,22 @@ fn convolve(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], shape: [us
                 // `wide` (Co × n, row stride n); tap t of weight (o, i) is at (o·Ci + i)·9 + t; the
                 // shifted read of `padded` spans Ci planes within its padded tail.
                 unsafe {
-                    gemm::gemm(
-                        co,
-                        cols,
-                        ci,
+                    gemm_f32(
+                        [co, cols, ci],
                         dst,
-                        1,
                         n as isize,
                         t > 0,
-                        weight[t..].as_ptr(),
-                        9,
-                        (ci * 9) as isize,
-                        padded[shift + c0..].as_ptr(),
-                        1,
-                        plane as isize,
+                        Strided {
+                            ptr: weight[t..].as_ptr(),
+                            row: (ci * 9) as isize,
+                            col: 9,
+                        },
+                        Strided {
+                            ptr: padded[shift + c0..].as_ptr(),
+                            row: plane as isize,
+                            col: 1,
+                        },
                         1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             }

@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_attention::with_cpu_slice;
+use super::cpu_attention::{gemm_f32, with_cpu_slice, Strided};
 
 /// Tiles per parallel task: the transformed input and output of a chunk (16·(Ci + Co)·TILES
 /// floats) stay within a core's cache for SD's channel counts.
@@ -199,26 +199,22 @@ pub fn convolve(
                 // SAFETY: U[k] is Co × Ci row-major, V[k] Ci × per_task and M[k] Co × per_task
                 // row-major, of which the first n columns are used.
                 unsafe {
-                    gemm::gemm(
-                        co,
-                        n,
-                        ci,
+                    gemm_f32(
+                        [co, n, ci],
                         m[k * co * per_task..].as_mut_ptr(),
-                        1,
                         per_task as isize,
                         false,
-                        weight.data[k * co * ci..].as_ptr(),
-                        1,
-                        ci as isize,
-                        v[k * ci * per_task..].as_ptr(),
-                        1,
-                        per_task as isize,
-                        0.0,
+                        Strided {
+                            ptr: weight.data[k * co * ci..].as_ptr(),
+                            row: ci as isize,
+                            col: 1,
+                        },
+                        Strided {
+                            ptr: v[k * ci * per_task..].as_ptr(),
+                            row: per_task as isize,
+                            col: 1,
+                        },
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             }
