@@ -63,6 +63,13 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
             "| conv 3×3 direct / winograd{picked} | {b}×{ci}→{co} @{s}² | {candle:.1} | {direct:.1} | {winograd:.1} |"
         );
     }
+    // The load-time weight transform of the widest UNet layer.
+    let k = Tensor::randn(0f32, 0.05, (1280, 2560, 3, 3), &dev)?;
+    let transform = time_ms(repeats, || {
+        cpu_winograd::WinogradWeight::from_tensor(&k)?;
+        Ok(())
+    })?;
+    println!("| Winograd weight transform (load) | 1280×2560×3×3 | - | {transform:.1} | - |");
     // Attention: (batch·heads, tokens, keys, head dim).
     for (bh, n, m, d) in [
         (16, 4096, 4096, 40),
