@@ -105,6 +105,17 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
         })?;
         println!("| GEGLU (erf) | {b}×{n}×2·{f} | {candle:.1} | {ours:.1} | - |");
     }
+    // The tanh GELU of FLUX's MLPs: (tokens, 4 × 3072) at 1024².
+    let x = Tensor::randn(0f32, 1., (1, 4608, 12288), &dev)?;
+    let candle = time_ms(repeats, || {
+        x.gelu()?;
+        Ok(())
+    })?;
+    let ours = time_ms(repeats, || {
+        cpu_activation::gelu_tanh(&x)?;
+        Ok(())
+    })?;
+    println!("| GELU (tanh) | 1×4608×12288 | {candle:.1} | {ours:.1} | - |");
     // GroupNorm + SiLU.
     for (b, c, s) in [(2, 320, 64), (1, 512, 128)] {
         let x = Tensor::randn(0f32, 1., (b, c, s, s), &dev)?;

@@ -200,7 +200,8 @@ impl FeedForward {
     }
 
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.out.forward(&self.proj.forward(xs)?.gelu()?)
+        self.out
+            .forward(&super::cpu_activation::gelu_tanh(&self.proj.forward(xs)?)?)
     }
 }
 

@@ -100,7 +100,7 @@ impl SingleBlock {
     fn forward(&self, xs: &Tensor, temb: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
         let m = self.norm.forward(temb)?;
         let normed = modulate(&self.layer_norm.forward(xs)?, &m[0], &m[1])?;
-        let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
+        let mlp = super::cpu_activation::gelu_tanh(&self.proj_mlp.forward(&normed)?)?;
         let (attn, _) = self
             .attn
             .forward(&normed, None, ContextOrder::Before, Some(rope))?;
