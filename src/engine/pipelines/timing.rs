@@ -40,6 +40,13 @@ fn timed<T>(sync: &dyn Fn() -> Result<()>, f: impl FnOnce() -> Result<T>) -> Res
     Ok((out, start.elapsed().as_secs_f64() * 1000.0))
 }
 
+/// `f` timed after one untimed warm-up call (first-use costs — page faults, lazy buffers, on a GPU
+/// module loads and handle creation — stay out of the figure, on both sides of the comparison).
+fn timed_warm<T>(sync: &dyn Fn() -> Result<()>, f: impl Fn() -> Result<T>) -> Result<(T, f64)> {
+    f()?;
+    timed(sync, f)
+}
+
 /// The warm-up and `repeats` timed runs of one denoiser forward.
 fn time_forwards(
     repeats: usize,
@@ -68,8 +75,7 @@ fn time_decode(
     decode: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<f64> {
     let z = latents.narrow(0, 0, 1)?;
-    decode(&z)?;
-    Ok(timed(sync, || decode(&z))?.1)
+    Ok(timed_warm(sync, || decode(&z))?.1)
 }
 
 impl Pipeline {
@@ -84,7 +90,7 @@ impl Pipeline {
         let batch = shape.batch.max(1);
         match self {
             Self::Sd(m) => {
-                let (embeds, text_encode_ms) = timed(sync, || m.embed(BENCH_PROMPT, 0))?;
+                let (embeds, text_encode_ms) = timed_warm(sync, || m.embed(BENCH_PROMPT, 0))?;
                 let scale = m.vae_scale();
                 let (h, w) = (shape.height / scale, shape.width / scale);
                 let sample = random(&[batch, m.latent_channels(), h, w], &embeds.context)?;
@@ -119,7 +125,7 @@ impl Pipeline {
             }
             Self::Sd3(m) => {
                 let (embeds, text_encode_ms) =
-                    timed(sync, || m.embed(BENCH_PROMPT, 0, sd3::DEFAULT_T5_TOKENS))?;
+                    timed_warm(sync, || m.embed(BENCH_PROMPT, 0, sd3::DEFAULT_T5_TOKENS))?;
                 let scale = m.vae_scale();
                 let (h, w) = (shape.height / scale, shape.width / scale);
                 let sample = random(&[batch, m.vae().latent_channels(), h, w], &embeds.context)?;
@@ -140,7 +146,7 @@ impl Pipeline {
             }
             Self::Flux(m) => {
                 let guidance = m.has_guidance_embeds();
-                let (embeds, text_encode_ms) = timed(sync, || {
+                let (embeds, text_encode_ms) = timed_warm(sync, || {
                     m.embed(BENCH_PROMPT, flux::default_t5_tokens(guidance))
                 })?;
                 let scale = m.vae().scale();
