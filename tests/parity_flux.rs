@@ -199,18 +199,6 @@ fn flux_from_black_forest_labs_single_file_equals_diffusers_layout() {
     assert_eq!(a.images, b.images);
 }
 
-/// PSNR (dB) between two 8-bit pictures.
-fn psnr(a: &candela::engine::GeneratedImage, b: &candela::engine::GeneratedImage) -> f64 {
-    let mse: f64 = a
-        .rgb
-        .iter()
-        .zip(&b.rgb)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum::<f64>()
-        / a.rgb.len() as f64;
-    10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10()
-}
-
 #[test]
 fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
     use candela::engine::models::dit::WeightFormat;
@@ -242,7 +230,7 @@ fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
         let q = Flux::load(&dir, &Device::Cpu, DType::F32, &options).unwrap();
         let out = q.generate(&params, &mut |_| true).unwrap();
         let d = max_abs_diff(&out.latents, &full.latents);
-        let p = psnr(&out.images[0], &full.images[0]);
+        let p = out.images[0].psnr(&full.images[0]);
         eprintln!("{format}: latents max diff {d} vs f32, image PSNR {p:.1} dB");
         // Quantization changed something (the blocks really are quantized) ...
         assert!(d > 0.0, "{format}: identical to f32");

@@ -11,27 +11,11 @@ use candle_core::{DType, Device};
 use crate::engine::{
     loader::ModelDir,
     pipelines::{read_card, sd::GenerateParams, LoadOptions, Pipeline},
-    GeneratedImage,
 };
 
 /// The parity tests' limit on latents against diffusers (f32).
 const F32_LIMIT: f32 = 1e-3;
 const HALF_MIN_PSNR: f64 = 30.0;
-
-fn psnr(a: &GeneratedImage, b: &GeneratedImage) -> f64 {
-    let mse = a
-        .rgb
-        .iter()
-        .zip(&b.rgb)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum::<f64>()
-        / a.rgb.len().max(1) as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64.powi(2) / mse).log10()
-    }
-}
 
 pub fn run(fixtures: &Path, device: &Device, dtype: DType, label: &str) -> anyhow::Result<()> {
     let mut failures = Vec::new();
@@ -66,7 +50,7 @@ pub fn run(fixtures: &Path, device: &Device, dtype: DType, label: &str) -> anyho
         .flatten_all()?
         .max(0)?
         .to_scalar::<f32>()?;
-        let image_psnr = psnr(&reference.images[0], &ours.images[0]);
+        let image_psnr = reference.images[0].psnr(&ours.images[0]);
         let ok = if dtype == DType::F32 {
             delta <= F32_LIMIT
         } else {

@@ -43,6 +43,25 @@ pub struct GeneratedImage {
     pub rgb: Vec<u8>,
 }
 
+impl GeneratedImage {
+    /// Peak signal-to-noise ratio (dB) against another picture of the same size; infinite when
+    /// they are identical.
+    pub fn psnr(&self, other: &GeneratedImage) -> f64 {
+        let mse = self
+            .rgb
+            .iter()
+            .zip(&other.rgb)
+            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+            .sum::<f64>()
+            / self.rgb.len().max(1) as f64;
+        if mse == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (255.0f64.powi(2) / mse).log10()
+        }
+    }
+}
+
 /// Decoder output (B, 3, H, W) in [-1, 1] -> 8-bit RGB, as diffusers' `VaeImageProcessor.postprocess`:
 /// `(x * 0.5 + 0.5).clamp(0, 1)`, then `(x * 255).round()` (round half to even, like numpy).
 pub fn latents_to_images(decoded: &Tensor) -> Result<Vec<GeneratedImage>> {

@@ -277,15 +277,7 @@ impl SimpleBackend for SingleFileWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.load(name, dtype, dev)?;
-        if t.shape() != &s {
-            candle_core::bail!(
-                "`{name}` from the FLUX single file has shape {:?}, the config implies {:?}",
-                t.dims(),
-                s.dims()
-            );
-        }
-        Ok(t)
+        self.file.expect_shape(name, self.load(name, dtype, dev)?, &s)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -78,6 +78,27 @@ impl SafetensorsFile {
             .collect()
     }
 
+    /// `tensor` (read as `name`) if it has the shape the config implies, else an error naming
+    /// the file and the tensor.
+    pub(crate) fn expect_shape(
+        &self,
+        name: &str,
+        tensor: Tensor,
+        expected: &Shape,
+    ) -> candle_core::Result<Tensor> {
+        if tensor.shape() != expected {
+            return Err(self.error(
+                name,
+                format!(
+                    "shape mismatch: the file has {:?}, the config implies {:?}",
+                    tensor.dims(),
+                    expected.dims()
+                ),
+            ));
+        }
+        Ok(tensor)
+    }
+
     fn error(&self, tensor: &str, reason: impl Into<String>) -> candle_core::Error {
         candle_core::Error::Msg(
             EngineError::Weights {
@@ -99,18 +120,7 @@ impl SimpleBackend for SafetensorsFile {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self.get_unchecked(name, dtype, dev)?;
-        if tensor.shape() != &s {
-            return Err(self.error(
-                name,
-                format!(
-                    "shape mismatch: the file has {:?}, the config implies {:?}",
-                    tensor.dims(),
-                    s.dims()
-                ),
-            ));
-        }
-        Ok(tensor)
+        self.expect_shape(name, self.get_unchecked(name, dtype, dev)?, &s)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
