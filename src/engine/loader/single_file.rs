@@ -277,7 +277,8 @@ impl SimpleBackend for SingleFileWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.file.expect_shape(name, self.load(name, dtype, dev)?, &s)
+        self.file
+            .expect_shape(name, self.load(name, dtype, dev)?, &s)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -104,6 +104,34 @@ impl Autoencoder {
         Ok((sample * self.config().scaling_factor)?.to_dtype(self.latent_dtype)?)
     }
 
+    /// Where one request of a flow-matching pipeline (diffusers' SD3 / FLUX) starts, (n, C, h, w)
+    /// latents: noise for text to image; for image to image the picture's latent sample (one draw
+    /// from `generator`), then the noise (a second draw), mixed at step `begin`.
+    pub fn flow_start(
+        &self,
+        p: &crate::engine::pipelines::params::GenerateParams,
+        (h, w): (usize, usize),
+        generator: &mut TorchGenerator,
+        sampler: &dyn crate::engine::schedulers::Sampler,
+        begin: usize,
+    ) -> Result<Tensor> {
+        let shape = (p.n, self.latent_channels(), h, w);
+        let noise = |generator: &mut TorchGenerator| -> Result<Tensor> {
+            let draw = generator.randn(shape.0 * shape.1 * h * w);
+            Ok(Tensor::from_vec(draw, shape, &self.device)?.to_dtype(self.latent_dtype)?)
+        };
+        match &p.init {
+            None => noise(generator),
+            Some(init) => {
+                let image = self.image_tensor(&init.rgb, p.width, p.height)?;
+                let clean = self
+                    .sample_latents(&image, generator)?
+                    .repeat((p.n, 1, 1, 1))?;
+                Ok(sampler.add_noise(&clean, &noise(generator)?, begin)?)
+            }
+        }
+    }
+
     /// The raw decoder on already-unscaled latents (of any float dtype).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         Ok(self.decoder.decode(&z.to_dtype(self.dtype)?)?)

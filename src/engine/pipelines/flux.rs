@@ -371,31 +371,15 @@ impl Flux {
         let begin = super::image_to_image_begin(first, timesteps.len())?;
         let seeds: Vec<(u64, usize)> = requests.iter().map(|p| (p.seed, p.n)).collect();
         let mut noise = BatchNoise::per_request(&seeds);
-        let channels = self.vae.latent_channels();
         let mut starts = Vec::with_capacity(requests.len());
         for (k, p) in requests.iter().enumerate() {
             let generator = noise
                 .stream(k)
                 .ok_or_else(|| EngineError::Internal("missing noise stream".into()))?;
-            let shape = (p.n, channels, h, w);
-            let start = match &p.init {
-                None => {
-                    let draw = generator.randn(p.n * channels * h * w);
-                    Tensor::from_vec(draw, shape, &self.device)?.to_dtype(self.dtype)?
-                }
-                // diffusers' FluxImg2ImgPipeline: the picture's latent sample (one draw), then
-                // the noise (a second draw), mixed at the first kept step; packed after.
-                Some(init) => {
-                    let image = self.vae.image_tensor(&init.rgb, p.width, p.height)?;
-                    let clean = self
-                        .vae
-                        .sample_latents(&image, generator)?
-                        .repeat((p.n, 1, 1, 1))?;
-                    let draw = generator.randn(p.n * channels * h * w);
-                    let draw = Tensor::from_vec(draw, shape, &self.device)?.to_dtype(self.dtype)?;
-                    sampler.add_noise(&clean, &draw, begin)?
-                }
-            };
+            // diffusers' FluxImg2ImgPipeline packs the start after mixing.
+            let start = self
+                .vae
+                .flow_start(p, (h, w), generator, sampler.as_ref(), begin)?;
             starts.push(Self::pack(&start)?);
         }
         let mut latents = Tensor::cat(&starts, 0)?;

@@ -134,16 +134,21 @@ pub(crate) fn image_to_image_begin(first: &GenerateParams, timesteps: usize) -> 
         None => 0,
     };
     if begin >= timesteps {
-        return Err(EngineError::invalid(
-            "strength",
-            format!(
-                "strength {} with {} steps leaves no step to run; raise strength or steps",
-                first.init.as_ref().map_or(0.0, |i| i.strength),
-                first.steps
-            ),
-        ));
+        return Err(no_step_left(first));
     }
     Ok(begin)
+}
+
+/// An image-to-image request whose strength skips every step.
+pub(crate) fn no_step_left(first: &GenerateParams) -> EngineError {
+    EngineError::invalid(
+        "strength",
+        format!(
+            "strength {} with {} steps leaves no step to run; raise strength or steps",
+            first.init.as_ref().map_or(0.0, |i| i.strength),
+            first.steps
+        ),
+    )
 }
 
 /// Split a batch's final latents back into each request's `n` rows and decode them.

@@ -578,14 +578,7 @@ impl StableDiffusion {
             _ => timesteps.len(),
         };
         if begin >= timesteps.len() {
-            return Err(EngineError::invalid(
-                "strength",
-                format!(
-                    "strength {} with {} steps leaves no step to run; raise strength or steps",
-                    first.init.as_ref().map_or(0.0, |i| i.strength),
-                    first.steps
-                ),
-            ));
+            return Err(super::no_step_left(first));
         }
         let mut starts = Vec::with_capacity(requests.len());
         for (k, p) in requests.iter().enumerate() {

@@ -421,23 +421,9 @@ impl StableDiffusion3 {
             let generator = noise
                 .stream(k)
                 .ok_or_else(|| EngineError::Internal("missing noise stream".into()))?;
-            let shape = (p.n, self.vae.latent_channels(), h, w);
-            let numel = shape.0 * shape.1 * shape.2 * shape.3;
-            let start = match &p.init {
-                None => Tensor::from_vec(generator.randn(numel), shape, &self.device)?
-                    .to_dtype(self.dtype)?,
-                Some(init) => {
-                    // The picture's latent sample (one draw), then the noise (a second draw).
-                    let image = self.vae.image_tensor(&init.rgb, p.width, p.height)?;
-                    let clean = self
-                        .vae
-                        .sample_latents(&image, generator)?
-                        .repeat((p.n, 1, 1, 1))?;
-                    let draw = Tensor::from_vec(generator.randn(numel), shape, &self.device)?
-                        .to_dtype(self.dtype)?;
-                    sampler.add_noise(&clean, &draw, begin)?
-                }
-            };
+            let start = self
+                .vae
+                .flow_start(p, (h, w), generator, sampler.as_ref(), begin)?;
             starts.push(start);
         }
         let mut latents = Tensor::cat(&starts, 0)?;
