@@ -16,7 +16,7 @@ pub fn scaled_dot_product(
     let dtype = q.dtype();
     let head_dim = q.dim(candle_core::D::Minus1)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
-    if mask.is_none() && super::cpu_attention::applies(q) {
+    if mask.is_none() && super::cpu_util::is_cpu_f32(q) {
         return super::cpu_attention::attention(q, k, v, scale as f32);
     }
     let (q, k) = if upcast && dtype != DType::F32 {

@@ -88,7 +88,7 @@ pub fn group_norm(
 
 impl GroupNorm {
     fn run(&self, xs: &Tensor, with_silu: bool) -> candle_core::Result<Tensor> {
-        if super::cpu_conv::applies(xs) {
+        if super::cpu_util::is_cpu_f32(xs) {
             return super::cpu_norm::group_norm(
                 xs,
                 &self.weight,
@@ -182,7 +182,7 @@ impl Module for Conv2d {
                 super::cpu_winograd::conv3x3(xs, weight, bias.as_ref())
             }
             Self::Candle { inner, same_3x3 } => {
-                if *same_3x3 && super::cpu_conv::applies(xs) {
+                if *same_3x3 && super::cpu_util::is_cpu_f32(xs) {
                     super::cpu_conv::conv3x3(xs, inner.weight(), inner.bias())
                 } else {
                     inner.forward(xs)

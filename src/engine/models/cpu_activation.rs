@@ -6,7 +6,7 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_attention::{exp_nonpositive, with_cpu_slice};
+use super::cpu_util::{exp_nonpositive, is_cpu_f32, with_cpu_slice};
 
 /// erf by Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7, the approximation PyTorch's
 /// vectorised CPU `erf` uses), written so that it vectorises.
@@ -43,7 +43,7 @@ avx2_dispatch!(fn gelu_tanh_slice(x: &[f32], out: &mut [f32]) = gelu_tanh_impl);
 
 /// candle's `gelu` (the tanh approximation) — vectorised for f32 on the CPU.
 pub fn gelu_tanh(xs: &Tensor) -> candle_core::Result<Tensor> {
-    if !super::cpu_conv::applies(xs) {
+    if !is_cpu_f32(xs) {
         return xs.gelu();
     }
     let out = with_cpu_slice(&xs.contiguous()?, |x| {

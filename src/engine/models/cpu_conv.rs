@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::cpu_attention::{gemm_f32, with_cpu_slice, Strided};
+use super::cpu_util::{gemm_f32, with_cpu_slice, Strided};
 use rayon::prelude::*;
 
 /// Output columns per parallel task.
@@ -24,11 +24,6 @@ impl SharedOut {
         // SAFETY: callers pass offsets inside the buffer.
         unsafe { self.0.add(offset) }
     }
-}
-
-/// Whether [`conv3x3`] (and the fused GroupNorm) handle this input: non-empty f32 on the CPU.
-pub fn applies(xs: &Tensor) -> bool {
-    matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 && xs.elem_count() > 0
 }
 
 /// `xs` (B, Ci, H, W) ⊛ `weight` (Co, Ci, 3, 3) + `bias` (Co), padding 1, stride 1.

@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_attention::{exp_nonpositive, with_cpu_slice};
+use super::cpu_util::{exp_nonpositive, with_cpu_slice};
 
 /// `y · sigmoid(y)` with the vectorisable exponential.
 #[inline(always)]

@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_attention::{gemm_f32, with_cpu_slice, Strided};
+use super::cpu_util::{gemm_f32, with_cpu_slice, Strided};
 
 /// Tiles per parallel task: the transformed input and output of a chunk (16·(Ci + Co)·TILES
 /// floats) stay within a core's cache for SD's channel counts.

@@ -281,7 +281,7 @@ impl FeedForward {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         // GEGLU: the projection's first half is the value, the second half its (exact-gelu) gate.
         let h = self.proj.forward(xs)?;
-        if super::cpu_conv::applies(&h) {
+        if super::cpu_util::is_cpu_f32(&h) {
             return self.out.forward(&super::cpu_activation::geglu(&h)?);
         }
         let half = h.dim(D::Minus1)? / 2;
