@@ -13,6 +13,13 @@ fn candela(data_dir: &std::path::Path) -> Command {
     c
 }
 
+/// The server-less benchmark binary, with the same isolation.
+fn candela_bench(data_dir: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_candela-bench"));
+    c.arg("--data-dir").arg(data_dir).env("HF_HUB_OFFLINE", "1");
+    c
+}
+
 fn assert_succeeded(out: &std::process::Output) {
     assert!(
         out.status.success(),
@@ -164,9 +171,7 @@ fn bench_times_each_family_and_compares_with_a_reference() {
         ("sd3-tiny", 2, "f16"),
     ] {
         let json = tmp.path().join(format!("{model}-{dtype}.json"));
-        let out = Command::new(env!("CARGO_BIN_EXE_candela-bench"))
-            .arg("--data-dir")
-            .arg(tmp.path())
+        let out = candela_bench(tmp.path())
             .args(["--dtype", dtype])
             .arg("--configs")
             .arg(fixtures.join(model))
@@ -214,9 +219,7 @@ fn bench_times_each_family_and_compares_with_a_reference() {
     reference["denoiser_step_ms"] = (ours["denoiser_step_ms"].as_f64().unwrap() * 1e6).into();
     let reference_path = tmp.path().join("reference.json");
     std::fs::write(&reference_path, reference.to_string()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_candela"))
-        .arg("--data-dir")
-        .arg(tmp.path())
+    let out = candela(tmp.path())
         .args(["bench", "--configs"])
         .arg(fixtures.join("sd1-tiny"))
         .args([
@@ -246,9 +249,7 @@ fn bench_times_each_family_and_compares_with_a_reference() {
 #[test]
 fn device_parity_runs_every_family() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_candela-bench"))
-        .arg("--data-dir")
-        .arg(tmp.path())
+    let out = candela_bench(tmp.path())
         .args(["--device-parity", "--device", "cpu", "--dtype", "f32"])
         .arg("--fixtures")
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models"))
