@@ -59,12 +59,18 @@ pub struct BenchArgs {
     /// Write our figures as JSON here too.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// Also time the denoiser and the VAE decode module by module (the device waits at every
+    /// module boundary): the table diffusers' side prints with `--profile` too.
+    #[arg(long)]
+    pub profile: bool,
     /// Instead of timing: measure each sampler's accuracy against a 1000-step solve with an
     /// exact analytic denoiser, using the noise schedule of --configs.
     #[arg(long)]
     pub sampler_study: bool,
     /// Instead: time the CPU kernels (convolutions, attention, GroupNorm, GEGLU) against
-    /// candle's ops at SD 1.5 and VAE shapes.
+    /// candle's ops at SD 1.5 and VAE shapes; on a GPU, the ops of every family's step at its
+    /// shapes (each cuDNN algorithm for the convolutions), as JSON lines to --json-out for
+    /// tools/bench/gpu/kernels_torch.py.
     #[arg(long)]
     pub kernels: bool,
     /// Instead: generate with the tiny test models of every family on the CPU (f32) and on
@@ -110,6 +116,11 @@ pub struct BenchFigures {
     /// Peak memory during the end-to-end run, weights included, GiB.
     #[serde(default)]
     pub peak_gib: Option<f64>,
+    /// `--profile`: one denoiser forward and one VAE decode by module.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denoiser_profile: Vec<ProfileEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vae_profile: Vec<ProfileEntry>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -118,6 +129,27 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// Denoiser forwards `--profile` runs (their per-module times are averaged).
+const PROFILED_FORWARDS: usize = 3;
+
+/// One module kind in a `--profile` table: calls per pass and their inclusive time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfileEntry {
+    pub label: String,
+    pub calls: usize,
+    pub ms: f64,
+}
+
+fn profile_entries(rows: &[engine::profile::ProfileRow]) -> Vec<ProfileEntry> {
+    rows.iter()
+        .map(|r| ProfileEntry {
+            label: r.label.to_string(),
+            calls: r.calls,
+            ms: r.total_ms,
+        })
+        .collect()
+}
 
 pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     if args.server_load {
@@ -150,7 +182,15 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     if args.kernels {
-        return super::kernel_bench::run(args.repeats);
+        if device.is_cpu() && dtype == candle_core::DType::F32 {
+            return super::kernel_bench::run(args.repeats);
+        }
+        return super::device_kernel_bench::run(
+            &device,
+            dtype,
+            args.repeats,
+            args.json_out.as_deref(),
+        );
     }
     let configs = ModelDir {
         root: args.configs.clone(),
@@ -207,6 +247,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
             height,
             batch,
             repeats: args.repeats,
+            profiled_forwards: if args.profile { PROFILED_FORWARDS } else { 0 },
         },
         &sync,
         &mut |line| eprintln!("{line}"),
@@ -246,6 +287,8 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         end_to_end_s: end_to_end,
         weights_gib: weights.map(|b| b as f64 / GIB),
         peak_gib: peak.map(|b| b as f64 / GIB),
+        denoiser_profile: profile_entries(&parts.profiles.denoiser),
+        vae_profile: profile_entries(&parts.profiles.vae_decode),
     };
     if let Some(path) = &args.json_out {
         std::fs::write(path, serde_json::to_string_pretty(&ours)?)?;
@@ -257,7 +300,53 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         None => None,
     };
     print_table(&ours, reference.as_ref());
+    for (name, ours, theirs) in [
+        (
+            "denoiser forward",
+            &ours.denoiser_profile,
+            reference.as_ref().map(|r| &r.denoiser_profile),
+        ),
+        (
+            "VAE decode",
+            &ours.vae_profile,
+            reference.as_ref().map(|r| &r.vae_profile),
+        ),
+    ] {
+        print_profile(name, ours, theirs);
+    }
     Ok(())
+}
+
+/// Per-module times side by side, rows in our order then the reference's own.
+fn print_profile(name: &str, ours: &[ProfileEntry], theirs: Option<&Vec<ProfileEntry>>) {
+    if ours.is_empty() {
+        return;
+    }
+    println!("\n{name} by module (inclusive ms per pass, device synchronised at each module)");
+    println!("| module | calls | candela ms | diffusers calls | diffusers ms | ratio |");
+    println!("|---|---|---|---|---|---|");
+    let theirs = theirs.map(Vec::as_slice).unwrap_or_default();
+    let find = |label: &str| theirs.iter().find(|t| t.label == label);
+    for row in ours {
+        let (calls, ms, ratio) = match find(&row.label) {
+            Some(t) => (
+                t.calls.to_string(),
+                format!("{:.2}", t.ms),
+                format!("{:.2}x", row.ms / t.ms.max(1e-9)),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "| {} | {} | {:.2} | {calls} | {ms} | {ratio} |",
+            row.label, row.calls, row.ms
+        );
+    }
+    for t in theirs
+        .iter()
+        .filter(|t| !ours.iter().any(|o| o.label == t.label))
+    {
+        println!("| {} | - | - | {} | {:.2} | - |", t.label, t.calls, t.ms);
+    }
 }
 
 fn print_table(ours: &BenchFigures, reference: Option<&BenchFigures>) {

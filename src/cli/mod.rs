@@ -2,6 +2,7 @@
 //! once and passed down; the engine never reads the environment itself.
 
 pub mod bench;
+mod device_kernel_bench;
 mod device_parity;
 mod generate;
 mod kernel_bench;

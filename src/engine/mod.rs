@@ -7,6 +7,7 @@ pub mod loader;
 pub mod memory;
 pub mod models;
 pub mod pipelines;
+pub mod profile;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;

@@ -68,6 +68,62 @@ def build(root: Path, device, dtype):
     return pipe, index["_class_name"]
 
 
+# `candela bench --profile` labels: diffusers' module classes by the name of our equivalent.
+PROFILED = {"Conv2d": "Conv2d", "GroupNorm": "GroupNorm", "Linear": "Linear",
+            "ResnetBlock2D": "ResnetBlock2D", "Downsample2D": "Downsample2D", "Upsample2D": "Upsample2D",
+            "Attention": "Attention", "FluxAttention": "Attention", "FeedForward": "FeedForward",
+            "BasicTransformerBlock": "BasicTransformerBlock", "Transformer2DModel": "Transformer2DModel",
+            "JointTransformerBlock": "JointTransformerBlock", "FluxTransformerBlock": "JointTransformerBlock",
+            "FluxSingleTransformerBlock": "FluxSingleTransformerBlock"}
+
+
+def profile(models, run, sync, passes=1, whole="forward"):
+    """Inclusive time per module kind, the device synchronised before and after every profiled
+    module (as `candela bench --profile`), averaged over `passes` runs of `run`."""
+    totals, calls, starts = {}, {}, {}
+
+    def record(label, seconds):
+        totals[label] = totals.get(label, 0.0) + seconds
+        calls[label] = calls.get(label, 0) + 1
+
+    def pre(module, _args):
+        sync()
+        starts[id(module)] = time.perf_counter()
+
+    def post(module, _args, _out):
+        sync()
+        record(PROFILED[type(module).__name__], time.perf_counter() - starts.pop(id(module)))
+
+    handles = [m.register_forward_pre_hook(pre) for model in models for m in model.modules()
+               if type(m).__name__ in PROFILED]
+    handles += [m.register_forward_hook(post) for model in models for m in model.modules()
+                if type(m).__name__ in PROFILED]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def timed_sdpa(*a, **k):
+        sync()
+        t = time.perf_counter()
+        out = sdpa(*a, **k)
+        sync()
+        record("sdpa", time.perf_counter() - t)
+        return out
+
+    torch.nn.functional.scaled_dot_product_attention = timed_sdpa
+    try:
+        for _ in range(passes):
+            sync()
+            t = time.perf_counter()
+            run()
+            sync()
+            record(whole, time.perf_counter() - t)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        for h in handles:
+            h.remove()
+    rows = [{"label": k, "calls": calls[k] // passes, "ms": totals[k] * 1000 / passes} for k in totals]
+    return sorted(rows, key=lambda r: (r["label"] != whole, -r["ms"]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=str(Path(__file__).resolve().parents[2] / "benches" / "sd15"))
@@ -78,6 +134,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
     ap.add_argument("--compile", action="store_true", help="torch.compile the denoiser (max-autotune-no-cudagraphs)")
+    ap.add_argument("--profile", action="store_true", help="also time the denoiser and VAE decode by module")
     ap.add_argument("--out", default="diffusers.json")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -160,6 +217,10 @@ def main():
             if i > 0:
                 times.append(ms)
         _, vae_ms = warm_timed(lambda: vae.decode(sample[:1]))
+        profiles = {}
+        if args.profile:  # as candela: 3 forwards and one decode (PROFILED_FORWARDS in bench.rs)
+            profiles["denoiser_profile"] = profile([denoiser], lambda: forward(sample), sync, passes=3)
+            profiles["vae_profile"] = profile([vae], lambda: vae.decode(sample[:1]), sync, whole="decode")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rss_before = used()
@@ -184,6 +245,7 @@ def main():
         "end_to_end_s": e2e_ms / 1000,
         "weights_gib": weights / 2**30,
         "peak_gib": peak / 2**30,
+        **profiles,
     }
     Path(args.out).write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures, indent=1))

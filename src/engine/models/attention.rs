@@ -13,23 +13,27 @@ pub fn scaled_dot_product(
     mask: Option<&Tensor>,
     upcast: bool,
 ) -> candle_core::Result<Tensor> {
-    let dtype = q.dtype();
-    let head_dim = q.dim(candle_core::D::Minus1)?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    if mask.is_none() && super::cpu_util::is_cpu_f32(q) {
-        return super::cpu_attention::attention(q, k, v, scale as f32);
-    }
-    let (q, k) = if upcast && dtype != DType::F32 {
-        (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-    } else {
-        (q.clone(), k.clone())
-    };
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    probs.matmul(v)
+    crate::engine::profile::scope("sdpa", q, || {
+        let dtype = q.dtype();
+        let head_dim = q.dim(candle_core::D::Minus1)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        if mask.is_none() && super::cpu_util::is_cpu_f32(q) {
+            return super::cpu_attention::attention(q, k, v, scale as f32);
+        }
+        let (q, k) = if upcast && dtype != DType::F32 {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q.clone(), k.clone())
+        };
+        // Scaling the queries is a pass over (tokens × head_dim); scaling the scores would be one
+        // over (tokens × keys), the largest tensor here.
+        let mut scores = (q * scale)?.matmul(&k.t()?)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        probs.matmul(v)
+    })
 }
 
 /// diffusers' `Attention` with the default processor: separate q/k/v projections, optional
@@ -73,21 +77,23 @@ impl Attention {
 
     /// `xs`: (batch, tokens, query_dim); `context`: (batch, context_tokens, context_dim) or None for self-attention.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let context = context.unwrap_or(xs);
-        let (b, n, _) = xs.dims3()?;
-        let q = self.to_q.forward(xs)?;
-        let k = self.to_k.forward(context)?;
-        let v = self.to_v.forward(context)?;
-        let inner = q.dim(2)?;
-        let head_dim = inner / self.heads;
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            let m = t.dim(1)?;
-            t.reshape((b, m, self.heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let out = scaled_dot_product(&split(q)?, &split(k)?, &split(v)?, None, self.upcast)?;
-        let out = out.transpose(1, 2)?.reshape((b, n, inner))?;
-        self.to_out.forward(&out)
+        crate::engine::profile::scope("Attention", xs, || {
+            let context = context.unwrap_or(xs);
+            let (b, n, _) = xs.dims3()?;
+            let q = self.to_q.forward(xs)?;
+            let k = self.to_k.forward(context)?;
+            let v = self.to_v.forward(context)?;
+            let inner = q.dim(2)?;
+            let head_dim = inner / self.heads;
+            let split = |t: Tensor| -> candle_core::Result<Tensor> {
+                let m = t.dim(1)?;
+                t.reshape((b, m, self.heads, head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let out = scaled_dot_product(&split(q)?, &split(k)?, &split(v)?, None, self.upcast)?;
+            let out = out.transpose(1, 2)?.reshape((b, n, inner))?;
+            self.to_out.forward(&out)
+        })
     }
 }

@@ -88,24 +88,26 @@ pub fn group_norm(
 
 impl GroupNorm {
     fn run(&self, xs: &Tensor, with_silu: bool) -> candle_core::Result<Tensor> {
-        if super::cpu_util::is_cpu_f32(xs) {
-            return super::cpu_norm::group_norm(
+        crate::engine::profile::scope("GroupNorm", xs, || {
+            if super::cpu_util::is_cpu_f32(xs) {
+                return super::cpu_norm::group_norm(
+                    xs,
+                    &self.weight,
+                    &self.bias,
+                    self.groups,
+                    self.eps,
+                    with_silu,
+                );
+            }
+            group_norm_fused(
                 xs,
-                &self.weight,
-                &self.bias,
+                &self.scale,
+                &self.shift,
                 self.groups,
                 self.eps,
                 with_silu,
-            );
-        }
-        group_norm_fused(
-            xs,
-            &self.scale,
-            &self.shift,
-            self.groups,
-            self.eps,
-            with_silu,
-        )
+            )
+        })
     }
 
     /// `silu(group_norm(xs))`.
@@ -118,7 +120,7 @@ impl GroupNorm {
 /// group's values — one kernel with f32 statistics — then the per-channel scale and shift:
 /// four passes over the tensor where `candle_nn::GroupNorm` makes fourteen (f32 copies, separate
 /// mean, centring, square, variance, division and casts).
-fn group_norm_fused(
+pub(crate) fn group_norm_fused(
     xs: &Tensor,
     scale: &Tensor,
     shift: &Tensor,
@@ -177,7 +179,7 @@ pub enum Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
+        crate::engine::profile::scope("Conv2d", xs, || match self {
             Self::Winograd { weight, bias } => {
                 super::cpu_winograd::conv3x3(xs, weight, bias.as_ref())
             }
@@ -188,7 +190,7 @@ impl Module for Conv2d {
                     inner.forward(xs)
                 }
             }
-        }
+        })
     }
 }
 
@@ -266,22 +268,24 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
-        }
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
-        let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(xs)?,
-            None => xs.clone(),
-        };
-        let out = (shortcut + h)?;
-        if self.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            out / self.output_scale_factor
-        }
+        crate::engine::profile::scope("ResnetBlock2D", xs, || {
+            let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+            if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+                let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+                h = h.broadcast_add(&t)?;
+            }
+            let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+            let shortcut = match &self.conv_shortcut {
+                Some(c) => c.forward(xs)?,
+                None => xs.clone(),
+            };
+            let out = (shortcut + h)?;
+            if self.output_scale_factor == 1.0 {
+                Ok(out)
+            } else {
+                out / self.output_scale_factor
+            }
+        })
     }
 }
 
@@ -300,12 +304,14 @@ impl Downsample2D {
     }
 
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if self.pad_first {
-            let xs = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-            self.conv.forward(&xs)
-        } else {
-            self.conv.forward(xs)
-        }
+        crate::engine::profile::scope("Downsample2D", xs, || {
+            if self.pad_first {
+                let xs = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+                self.conv.forward(&xs)
+            } else {
+                self.conv.forward(xs)
+            }
+        })
     }
 }
 
@@ -345,14 +351,16 @@ impl Upsample2D {
         xs: &Tensor,
         size: Option<(usize, usize)>,
     ) -> candle_core::Result<Tensor> {
-        let (_, _, h, w) = xs.dims4()?;
-        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        let up = if (th, tw) == (2 * h, 2 * w) {
-            xs.upsample_nearest2d(th, tw)?
-        } else {
-            resize_nearest(xs, th, tw)?
-        };
-        self.conv.forward(&up)
+        crate::engine::profile::scope("Upsample2D", xs, || {
+            let (_, _, h, w) = xs.dims4()?;
+            let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+            let up = if (th, tw) == (2 * h, 2 * w) {
+                xs.upsample_nearest2d(th, tw)?
+            } else {
+                resize_nearest(xs, th, tw)?
+            };
+            self.conv.forward(&up)
+        })
     }
 }
 

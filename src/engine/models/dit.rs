@@ -87,17 +87,19 @@ impl BlockLinear {
     }
 
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Dense(l) => l.forward(xs),
-            Self::Quantized { weight, bias } => {
-                // The quantized matmul takes f32 activations.
-                let dtype = xs.dtype();
-                weight
-                    .forward(&xs.to_dtype(DType::F32)?)?
-                    .broadcast_add(bias)?
-                    .to_dtype(dtype)
+        crate::engine::profile::scope("Linear", xs, || {
+            match self {
+                Self::Dense(l) => l.forward(xs),
+                Self::Quantized { weight, bias } => {
+                    // The quantized matmul takes f32 activations.
+                    let dtype = xs.dtype();
+                    weight
+                        .forward(&xs.to_dtype(DType::F32)?)?
+                        .broadcast_add(bias)?
+                        .to_dtype(dtype)
+                }
             }
-        }
+        })
     }
 }
 
@@ -200,8 +202,10 @@ impl FeedForward {
     }
 
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.out
-            .forward(&super::cpu_activation::gelu_tanh(&self.proj.forward(xs)?)?)
+        crate::engine::profile::scope("FeedForward", xs, || {
+            self.out
+                .forward(&super::cpu_activation::gelu_tanh(&self.proj.forward(xs)?)?)
+        })
     }
 }
 
@@ -358,42 +362,44 @@ impl JointAttention {
         order: ContextOrder,
         rope: Option<&Rope>,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let (b, n, _) = xs.dims3()?;
-        let [mut q, mut k, mut v] = self.image.forward(xs, self.heads)?;
-        let mut text_tokens = 0;
-        if let (Some(ctx), Some(proj)) = (context, &self.context) {
-            text_tokens = ctx.dim(1)?;
-            let [cq, ck, cv] = proj.forward(ctx, self.heads)?;
-            let join = |img: &Tensor, txt: &Tensor| match order {
-                ContextOrder::After => Tensor::cat(&[img, txt], 2),
-                ContextOrder::Before => Tensor::cat(&[txt, img], 2),
+        crate::engine::profile::scope("Attention", xs, || {
+            let (b, n, _) = xs.dims3()?;
+            let [mut q, mut k, mut v] = self.image.forward(xs, self.heads)?;
+            let mut text_tokens = 0;
+            if let (Some(ctx), Some(proj)) = (context, &self.context) {
+                text_tokens = ctx.dim(1)?;
+                let [cq, ck, cv] = proj.forward(ctx, self.heads)?;
+                let join = |img: &Tensor, txt: &Tensor| match order {
+                    ContextOrder::After => Tensor::cat(&[img, txt], 2),
+                    ContextOrder::Before => Tensor::cat(&[txt, img], 2),
+                };
+                q = join(&q, &cq)?;
+                k = join(&k, &ck)?;
+                v = join(&v, &cv)?;
+            }
+            if let Some(rope) = rope {
+                q = rope.apply(&q)?;
+                k = rope.apply(&k)?;
+            }
+            let out = scaled_dot_product(&q, &k, &v, None, false)?;
+            let total = out.dim(2)?;
+            let out = out.transpose(1, 2)?.reshape((b, total, ()))?;
+            let (image_at, text_at) = match order {
+                ContextOrder::After => (0, n),
+                ContextOrder::Before => (text_tokens, 0),
             };
-            q = join(&q, &cq)?;
-            k = join(&k, &ck)?;
-            v = join(&v, &cv)?;
-        }
-        if let Some(rope) = rope {
-            q = rope.apply(&q)?;
-            k = rope.apply(&k)?;
-        }
-        let out = scaled_dot_product(&q, &k, &v, None, false)?;
-        let total = out.dim(2)?;
-        let out = out.transpose(1, 2)?.reshape((b, total, ()))?;
-        let (image_at, text_at) = match order {
-            ContextOrder::After => (0, n),
-            ContextOrder::Before => (text_tokens, 0),
-        };
-        let image = out.narrow(1, image_at, n)?;
-        let image = match &self.to_out {
-            Some(proj) => proj.forward(&image)?,
-            None => image,
-        };
-        let text = match (&self.to_add_out, text_tokens) {
-            (_, 0) => None,
-            (Some(proj), _) => Some(proj.forward(&out.narrow(1, text_at, text_tokens)?)?),
-            (None, _) => None,
-        };
-        Ok((image, text))
+            let image = out.narrow(1, image_at, n)?;
+            let image = match &self.to_out {
+                Some(proj) => proj.forward(&image)?,
+                None => image,
+            };
+            let text = match (&self.to_add_out, text_tokens) {
+                (_, 0) => None,
+                (Some(proj), _) => Some(proj.forward(&out.narrow(1, text_at, text_tokens)?)?),
+                (None, _) => None,
+            };
+            Ok((image, text))
+        })
     }
 }
 

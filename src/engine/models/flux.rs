@@ -98,16 +98,18 @@ impl SingleBlock {
     }
 
     fn forward(&self, xs: &Tensor, temb: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
-        let m = self.norm.forward(temb)?;
-        let normed = modulate(&self.layer_norm.forward(xs)?, &m[0], &m[1])?;
-        let mlp = super::cpu_activation::gelu_tanh(&self.proj_mlp.forward(&normed)?)?;
-        let (attn, _) = self
-            .attn
-            .forward(&normed, None, ContextOrder::Before, Some(rope))?;
-        let out = self
-            .proj_out
-            .forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
-        gated_add(xs, &m[2], &out)
+        crate::engine::profile::scope("FluxSingleTransformerBlock", xs, || {
+            let m = self.norm.forward(temb)?;
+            let normed = modulate(&self.layer_norm.forward(xs)?, &m[0], &m[1])?;
+            let mlp = super::cpu_activation::gelu_tanh(&self.proj_mlp.forward(&normed)?)?;
+            let (attn, _) = self
+                .attn
+                .forward(&normed, None, ContextOrder::Before, Some(rope))?;
+            let out = self
+                .proj_out
+                .forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
+            gated_add(xs, &m[2], &out)
+        })
     }
 }
 

@@ -167,41 +167,43 @@ impl JointBlock {
         order: ContextOrder,
         rope: Option<&Rope>,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let m = self.norm1.forward(temb)?;
-        let normed = self.norm.forward(xs)?;
-        let attn_in = modulate(&normed, &m[0], &m[1])?;
-        let normed_context = self.norm.forward(context)?;
-        let (context_in, context_mods) = match &self.norm1_context {
-            ContextNorm::Zero(norm) => {
-                let c = norm.forward(temb)?;
-                (modulate(&normed_context, &c[0], &c[1])?, Some(c))
+        crate::engine::profile::scope("JointTransformerBlock", xs, || {
+            let m = self.norm1.forward(temb)?;
+            let normed = self.norm.forward(xs)?;
+            let attn_in = modulate(&normed, &m[0], &m[1])?;
+            let normed_context = self.norm.forward(context)?;
+            let (context_in, context_mods) = match &self.norm1_context {
+                ContextNorm::Zero(norm) => {
+                    let c = norm.forward(temb)?;
+                    (modulate(&normed_context, &c[0], &c[1])?, Some(c))
+                }
+                ContextNorm::Continuous(norm) => {
+                    let c = norm.forward(temb)?;
+                    (modulate(&normed_context, &c[1], &c[0])?, None)
+                }
+            };
+            let (attn_out, context_attn_out) =
+                self.attn
+                    .forward(&attn_in, Some(&context_in), order, rope)?;
+            let mut xs = gated_add(xs, &m[2], &attn_out)?;
+            if let Some(attn2) = &self.attn2 {
+                let attn2_in = modulate(&normed, &m[6], &m[7])?;
+                let (out2, _) = attn2.forward(&attn2_in, None, order, None)?;
+                xs = gated_add(&xs, &m[8], &out2)?;
             }
-            ContextNorm::Continuous(norm) => {
-                let c = norm.forward(temb)?;
-                (modulate(&normed_context, &c[1], &c[0])?, None)
-            }
-        };
-        let (attn_out, context_attn_out) =
-            self.attn
-                .forward(&attn_in, Some(&context_in), order, rope)?;
-        let mut xs = gated_add(xs, &m[2], &attn_out)?;
-        if let Some(attn2) = &self.attn2 {
-            let attn2_in = modulate(&normed, &m[6], &m[7])?;
-            let (out2, _) = attn2.forward(&attn2_in, None, order, None)?;
-            xs = gated_add(&xs, &m[8], &out2)?;
-        }
-        let ff_in = modulate(&self.norm.forward(&xs)?, &m[3], &m[4])?;
-        xs = gated_add(&xs, &m[5], &self.ff.forward(&ff_in)?)?;
+            let ff_in = modulate(&self.norm.forward(&xs)?, &m[3], &m[4])?;
+            xs = gated_add(&xs, &m[5], &self.ff.forward(&ff_in)?)?;
 
-        let context = match (context_mods, context_attn_out, &self.ff_context) {
-            (Some(c), Some(attn), Some(ff)) => {
-                let context = gated_add(context, &c[2], &attn)?;
-                let ff_in = modulate(&self.norm.forward(&context)?, &c[3], &c[4])?;
-                Some(gated_add(&context, &c[5], &ff.forward(&ff_in)?)?)
-            }
-            _ => None,
-        };
-        Ok((xs, context))
+            let context = match (context_mods, context_attn_out, &self.ff_context) {
+                (Some(c), Some(attn), Some(ff)) => {
+                    let context = gated_add(context, &c[2], &attn)?;
+                    let ff_in = modulate(&self.norm.forward(&context)?, &c[3], &c[4])?;
+                    Some(gated_add(&context, &c[5], &ff.forward(&ff_in)?)?)
+                }
+                _ => None,
+            };
+            Ok((xs, context))
+        })
     }
 }
 

@@ -279,15 +279,17 @@ struct FeedForward {
 
 impl FeedForward {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        // GEGLU: the projection's first half is the value, the second half its (exact-gelu) gate.
-        let h = self.proj.forward(xs)?;
-        if super::cpu_util::is_cpu_f32(&h) {
-            return self.out.forward(&super::cpu_activation::geglu(&h)?);
-        }
-        let half = h.dim(D::Minus1)? / 2;
-        let value = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?;
-        self.out.forward(&(value * gate.gelu_erf()?)?)
+        crate::engine::profile::scope("FeedForward", xs, || {
+            // GEGLU: the projection's first half is the value, the second half its (exact-gelu) gate.
+            let h = self.proj.forward(xs)?;
+            if super::cpu_util::is_cpu_f32(&h) {
+                return self.out.forward(&super::cpu_activation::geglu(&h)?);
+            }
+            let half = h.dim(D::Minus1)? / 2;
+            let value = h.narrow(D::Minus1, 0, half)?;
+            let gate = h.narrow(D::Minus1, half, half)?;
+            self.out.forward(&(value * gate.gelu_erf()?)?)
+        })
     }
 }
 
@@ -332,12 +334,14 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
-            + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        crate::engine::profile::scope("BasicTransformerBlock", xs, || {
+            let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+            let xs = (self
+                .attn2
+                .forward(&self.norm2.forward(&xs)?, Some(context))?
+                + xs)?;
+            self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        })
     }
 }
 
@@ -394,27 +398,29 @@ impl Transformer2D {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, ch, h, w) = xs.dims4()?;
-        let residual = xs;
-        let normed = self.norm.forward(xs)?;
-        let to_tokens = |t: Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch));
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(c) => to_tokens(c.forward(&normed)?)?,
-            Projection::Linear(l) => l.forward(&to_tokens(normed)?)?,
-        };
-        for block in &self.blocks {
-            tokens = block.forward(&tokens, context)?;
-        }
-        let to_image = |t: Tensor| {
-            t.reshape((b, h, w, ch))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()
-        };
-        let out = match &self.proj_out {
-            Projection::Conv(c) => c.forward(&to_image(tokens)?)?,
-            Projection::Linear(l) => to_image(l.forward(&tokens)?)?,
-        };
-        out + residual
+        crate::engine::profile::scope("Transformer2DModel", xs, || {
+            let (b, ch, h, w) = xs.dims4()?;
+            let residual = xs;
+            let normed = self.norm.forward(xs)?;
+            let to_tokens = |t: Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch));
+            let mut tokens = match &self.proj_in {
+                Projection::Conv(c) => to_tokens(c.forward(&normed)?)?,
+                Projection::Linear(l) => l.forward(&to_tokens(normed)?)?,
+            };
+            for block in &self.blocks {
+                tokens = block.forward(&tokens, context)?;
+            }
+            let to_image = |t: Tensor| {
+                t.reshape((b, h, w, ch))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()
+            };
+            let out = match &self.proj_out {
+                Projection::Conv(c) => c.forward(&to_image(tokens)?)?,
+                Projection::Linear(l) => to_image(l.forward(&tokens)?)?,
+            };
+            out + residual
+        })
     }
 }
 

@@ -90,20 +90,22 @@ impl VaeAttention {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, c, h, w) = xs.dims4()?;
-        let tokens = self
-            .group_norm
-            .forward(xs)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = self.to_q.forward(&tokens)?.unsqueeze(1)?;
-        let k = self.to_k.forward(&tokens)?.unsqueeze(1)?;
-        let v = self.to_v.forward(&tokens)?.unsqueeze(1)?;
-        let out = super::attention::scaled_dot_product(&q, &k, &v, None, true)?.squeeze(1)?;
-        let out = self.to_out.forward(&out)?;
-        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
-        out + xs
+        crate::engine::profile::scope("Attention", xs, || {
+            let (b, c, h, w) = xs.dims4()?;
+            let tokens = self
+                .group_norm
+                .forward(xs)?
+                .reshape((b, c, h * w))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = self.to_q.forward(&tokens)?.unsqueeze(1)?;
+            let k = self.to_k.forward(&tokens)?.unsqueeze(1)?;
+            let v = self.to_v.forward(&tokens)?.unsqueeze(1)?;
+            let out = super::attention::scaled_dot_product(&q, &k, &v, None, true)?.squeeze(1)?;
+            let out = self.to_out.forward(&out)?;
+            let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+            out + xs
+        })
     }
 }
 

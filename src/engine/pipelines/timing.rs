@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 
 use super::{flux, sd3, Pipeline};
 use crate::engine::error::Result;
+use crate::engine::profile::{self, ProfileRow};
 
 /// The prompt every benchmark encodes.
 pub const BENCH_PROMPT: &str = "a photo of a cat sitting on a windowsill, soft morning light";
@@ -22,6 +23,18 @@ pub struct BenchShape {
     pub batch: usize,
     /// Timed denoiser forwards after one warm-up.
     pub repeats: usize,
+    /// Also profile this many denoiser forwards and one decode module by module
+    /// ([`crate::engine::profile`]; the device waits at every module boundary, so these runs
+    /// are not the timed ones).
+    pub profiled_forwards: usize,
+}
+
+/// Per-module times of one denoiser forward (averaged over the profiled forwards) and of one
+/// VAE decode.
+#[derive(Debug, Clone, Default)]
+pub struct PartProfiles {
+    pub denoiser: Vec<ProfileRow>,
+    pub vae_decode: Vec<ProfileRow>,
 }
 
 #[derive(Debug, Clone)]
@@ -30,6 +43,7 @@ pub struct PartTimings {
     /// Each timed denoiser forward (warm-up excluded).
     pub denoiser_ms: Vec<f64>,
     pub vae_decode_ms: f64,
+    pub profiles: PartProfiles,
 }
 
 /// Time `f`, waiting for the device to finish (`sync`) before the clock stops.
@@ -47,13 +61,14 @@ fn timed_warm<T>(sync: &dyn Fn() -> Result<()>, f: impl Fn() -> Result<T>) -> Re
     timed(sync, f)
 }
 
-/// The warm-up and `repeats` timed runs of one denoiser forward.
+/// The warm-up and `shape.repeats` timed runs of one denoiser forward, then the profiled ones.
 fn time_forwards(
-    repeats: usize,
+    shape: &BenchShape,
     sync: &dyn Fn() -> Result<()>,
     forward: impl Fn() -> Result<Tensor>,
     log: &mut dyn FnMut(String),
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<f64>, Vec<ProfileRow>)> {
+    let repeats = shape.repeats;
     let mut times = Vec::with_capacity(repeats);
     for i in 0..=repeats.max(1) {
         let (_, ms) = timed(sync, &forward)?;
@@ -65,17 +80,50 @@ fn time_forwards(
             times.push(ms);
         }
     }
-    Ok(times)
+    let runs = shape.profiled_forwards;
+    if runs == 0 {
+        return Ok((times, Vec::new()));
+    }
+    let (total, mut rows) = profile::record(|| -> Result<f64> {
+        let mut total = 0.0;
+        for _ in 0..runs {
+            total += timed(sync, &forward)?.1;
+        }
+        Ok(total)
+    });
+    rows.insert(0, whole_pass("forward", runs, total?));
+    for row in &mut rows {
+        row.calls /= runs;
+        row.total_ms /= runs as f64;
+    }
+    Ok((times, rows))
 }
 
-/// One image's decode (the first row of `latents`), after a warm-up decode as for the denoiser.
+/// One image's decode (the first row of `latents`), after a warm-up decode as for the denoiser;
+/// then, when profiling, one more decode module by module.
 fn time_decode(
+    shape: &BenchShape,
     sync: &dyn Fn() -> Result<()>,
     latents: &Tensor,
     decode: impl Fn(&Tensor) -> Result<Tensor>,
-) -> Result<f64> {
+) -> Result<(f64, Vec<ProfileRow>)> {
     let z = latents.narrow(0, 0, 1)?;
-    Ok(timed_warm(sync, || decode(&z))?.1)
+    let ms = timed_warm(sync, || decode(&z))?.1;
+    if shape.profiled_forwards == 0 {
+        return Ok((ms, Vec::new()));
+    }
+    let (total, mut rows) = profile::record(|| timed(sync, || decode(&z)));
+    rows.insert(0, whole_pass("decode", 1, total?.1));
+    Ok((ms, rows))
+}
+
+/// The row of a whole profiled pass, which the module rows divide.
+fn whole_pass(label: &'static str, calls: usize, total_ms: f64) -> ProfileRow {
+    ProfileRow {
+        label,
+        calls,
+        total_ms,
+    }
 }
 
 impl Pipeline {
@@ -95,9 +143,9 @@ impl Pipeline {
                 let (h, w) = (shape.height / scale, shape.width / scale);
                 let sample = random(&[batch, m.latent_channels(), h, w], &embeds.context)?;
                 let context = embeds.context.repeat((batch, 1, 1))?;
-                let denoiser_ms = match &embeds.pooled {
+                let (denoiser_ms, denoiser_profile) = match &embeds.pooled {
                     None => time_forwards(
-                        shape.repeats,
+                        &shape,
                         sync,
                         || m.unet_forward(&sample, 500.0, &context),
                         log,
@@ -109,18 +157,23 @@ impl Pipeline {
                         let time_ids = Tensor::new(ids.repeat(batch), context.device())?
                             .reshape((batch, per_row))?;
                         time_forwards(
-                            shape.repeats,
+                            &shape,
                             sync,
                             || m.unet_forward_added(&sample, 500.0, &context, &pooled, &time_ids),
                             log,
                         )?
                     }
                 };
-                let vae_decode_ms = time_decode(sync, &sample, |z| m.vae_decode(z))?;
+                let (vae_decode_ms, vae_profile) =
+                    time_decode(&shape, sync, &sample, |z| m.vae_decode(z))?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
                     vae_decode_ms,
+                    profiles: PartProfiles {
+                        denoiser: denoiser_profile,
+                        vae_decode: vae_profile,
+                    },
                 })
             }
             Self::Sd3(m) => {
@@ -131,17 +184,22 @@ impl Pipeline {
                 let sample = random(&[batch, m.vae().latent_channels(), h, w], &embeds.context)?;
                 let context = embeds.context.repeat((batch, 1, 1))?;
                 let pooled = embeds.pooled.repeat((batch, 1))?;
-                let denoiser_ms = time_forwards(
-                    shape.repeats,
+                let (denoiser_ms, denoiser_profile) = time_forwards(
+                    &shape,
                     sync,
                     || m.transformer_forward(&sample, 500.0, &context, &pooled, &[]),
                     log,
                 )?;
-                let vae_decode_ms = time_decode(sync, &sample, |z| m.vae().decode(z))?;
+                let (vae_decode_ms, vae_profile) =
+                    time_decode(&shape, sync, &sample, |z| m.vae().decode(z))?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
                     vae_decode_ms,
+                    profiles: PartProfiles {
+                        denoiser: denoiser_profile,
+                        vae_decode: vae_profile,
+                    },
                 })
             }
             Self::Flux(m) => {
@@ -155,8 +213,8 @@ impl Pipeline {
                 let packed = flux::Flux::pack(&latents)?;
                 let context = embeds.context.repeat((batch, 1, 1))?;
                 let pooled = embeds.pooled.repeat((batch, 1))?;
-                let denoiser_ms = time_forwards(
-                    shape.repeats,
+                let (denoiser_ms, denoiser_profile) = time_forwards(
+                    &shape,
                     sync,
                     || {
                         m.transformer_forward(
@@ -171,11 +229,16 @@ impl Pipeline {
                     },
                     log,
                 )?;
-                let vae_decode_ms = time_decode(sync, &latents, |z| m.vae().decode(z))?;
+                let (vae_decode_ms, vae_profile) =
+                    time_decode(&shape, sync, &latents, |z| m.vae().decode(z))?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
                     vae_decode_ms,
+                    profiles: PartProfiles {
+                        denoiser: denoiser_profile,
+                        vae_decode: vae_profile,
+                    },
                 })
             }
         }

@@ -38,6 +38,23 @@ def main():
             a, b = o.get(key), t.get(key)
             ratio = f"{a / b:.2f}x" if a is not None and b else "-"
             print(f"| {model} | {shape} | {name} | {show(a)} | {show(b)} | {ratio} |")
+    # --profile: per-module inclusive times (device synchronised at each module), both sides.
+    for model in ours:
+        for key, part in [("denoiser_profile", "denoiser forward"), ("vae_profile", "VAE decode")]:
+            mine = ours[model].get(key) or []
+            other = {r["label"]: r for r in theirs.get(model, {}).get(key) or []}
+            if not mine and not other:
+                continue
+            print(f"\n{model}: {part} by module (ms per pass)")
+            print("| module | calls | candela | diffusers calls | diffusers | ratio |")
+            print("|---|---|---|---|---|---|")
+            for r in mine:
+                t = other.pop(r["label"], None)
+                ratio = f"{r['ms'] / t['ms']:.2f}x" if t and t["ms"] else "-"
+                print(f"| {r['label']} | {r['calls']} | {r['ms']:.2f} | {t['calls'] if t else '-'} | "
+                      f"{show(t['ms'] if t else None)} | {ratio} |")
+            for t in other.values():
+                print(f"| {t['label']} | - | - | {t['calls']} | {t['ms']:.2f} | - |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ side=${1:?candela or diffusers}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 STEPS=${STEPS:-4}
-REPEATS=${REPEATS:-10}
+REPEATS=${REPEATS:-5}
+# Op-level tables (--kernels) in these dtypes (KERNEL_DTYPES= to leave them out).
+KERNEL_DTYPES=${KERNEL_DTYPES-"f16 bf16"}
+# Per-module times after the timed runs (both sides; PROFILE= to leave them out).
+PROFILE=${PROFILE---profile}
 MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
 # For a dry run on a CPU machine: DEVICE=cpu BIN=target/release/candela-bench
 # BENCHES=tests/fixtures/models MODELS="sd1-tiny:f32" bash tools/bench/gpu/run.sh candela
@@ -40,11 +44,19 @@ candela)
     for dtype in f32 f16; do
         timeout 60 "$bin" --device-parity --device "$DEVICE" --dtype "$dtype" 2>&1 | tee -a "$log"
     done
+    # The step's ops at every family's shapes, candela then PyTorch on the same figures' shapes.
+    for dtype in $KERNEL_DTYPES; do
+        echo "== kernels $dtype" | tee -a "$log"
+        timeout 120 "$bin" --kernels --device "$DEVICE" --dtype "$dtype" --repeats 5 \
+            --json-out "$OUT/kernels-$dtype.jsonl" >> "$log" 2>&1 || echo "kernels $dtype failed (exit $?)" | tee -a "$log"
+        timeout 120 "$PYTHON" tools/bench/gpu/kernels_torch.py "$OUT/kernels-$dtype.jsonl" --device "$DEVICE" \
+            --dtype "$dtype" --out "$OUT/kernels-torch-$dtype.jsonl" 2>&1 | tee -a "$log"
+    done
     for spec in $MODELS; do
         model=${spec%%:*} dtype=${spec##*:}
         echo "== candela $model $dtype" | tee -a "$log"
         timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
-            --steps "$STEPS" --repeats "$REPEATS" --json-out "/tmp/$model.json" >> "$log" 2>&1 \
+            --steps "$STEPS" --repeats "$REPEATS" $PROFILE --json-out "/tmp/$model.json" >> "$log" 2>&1 \
             && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "/tmp/$model.json" "$model-$dtype" >> "$results" \
             || echo "candela $model failed (exit $?)" | tee -a "$log"
     done
@@ -58,7 +70,7 @@ diffusers)
         model=${spec%%:*} dtype=${spec##*:}
         echo "== diffusers $model $dtype" | tee -a "$log"
         timeout 90 "$PYTHON" tools/bench/bench_diffusers.py --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
-            --steps "$STEPS" --repeats "$REPEATS" --out "/tmp/$model.json" >> "$log" 2>&1 \
+            --steps "$STEPS" --repeats "$REPEATS" $PROFILE --out "/tmp/$model.json" >> "$log" 2>&1 \
             && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "/tmp/$model.json" "$model-$dtype" >> "$results" \
             || echo "diffusers $model failed (exit $?)" | tee -a "$log"
     done

@@ -1,0 +1,215 @@
+//! `candela bench --kernels --device cuda --dtype f16`: the ops a denoiser step is made of, at the
+//! shapes of SD 1.5 / SDXL / SD3.5 / FLUX and their VAEs, timed on the device as the models run
+//! them (every cuDNN forward algorithm for the convolutions too). One JSON line per figure goes to
+//! `--json-out`; `tools/bench/gpu/kernels_torch.py` times the same ops and shapes in PyTorch from
+//! that file and prints both side by side, so a slow op shows before any model does.
+
+use std::io::Write;
+use std::time::Instant;
+
+use candle_core::conv::CudnnFwdAlgo;
+use candle_core::{DType, Device, Tensor, D};
+use serde::Serialize;
+
+use crate::engine::models::{attention, blocks};
+
+#[derive(Serialize)]
+struct Figure<'a> {
+    op: &'a str,
+    shape: Vec<usize>,
+    variant: String,
+    ms: Option<f64>,
+    /// Why no time: the variant failed (a cuDNN algorithm that does not support the shape).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Median of `repeats` runs after a warm-up, the device synchronised around each.
+fn time_ms(
+    device: &Device,
+    repeats: usize,
+    mut f: impl FnMut() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
+}
+
+const ALGOS: [(&str, Option<CudnnFwdAlgo>); 8] = [
+    ("heuristic", None),
+    ("implicit_gemm", Some(CudnnFwdAlgo::ImplicitGemm)),
+    (
+        "implicit_precomp_gemm",
+        Some(CudnnFwdAlgo::ImplicitPrecompGemm),
+    ),
+    ("gemm", Some(CudnnFwdAlgo::Gemm)),
+    ("fft", Some(CudnnFwdAlgo::Fft)),
+    ("fft_tiling", Some(CudnnFwdAlgo::FftTiling)),
+    ("winograd", Some(CudnnFwdAlgo::Winograd)),
+    ("winograd_nonfused", Some(CudnnFwdAlgo::WinogradNonFused)),
+];
+
+pub fn run(
+    device: &Device,
+    dtype: DType,
+    repeats: usize,
+    json_out: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    // Written line by line: a run cut short by its time limit keeps what it measured.
+    let mut file = json_out.map(std::fs::File::create).transpose()?;
+    let mut record =
+        |op: &'static str, shape: &[usize], variant: &str, result: candle_core::Result<f64>| {
+            let (ms, error) = match result {
+                Ok(ms) => (Some(ms), None),
+                Err(e) => (
+                    None,
+                    Some(e.to_string().lines().next().unwrap_or("").to_string()),
+                ),
+            };
+            println!(
+                "| {op} | {shape:?} | {variant} | {} |",
+                ms.map(|m| format!("{m:.3}"))
+                    .unwrap_or_else(|| format!("failed: {}", error.as_deref().unwrap_or("")))
+            );
+            let figure = Figure {
+                op,
+                shape: shape.to_vec(),
+                variant: variant.to_string(),
+                ms,
+                error,
+            };
+            if let Some(file) = file.as_mut() {
+                let written = serde_json::to_string(&figure)
+                    .map_err(std::io::Error::from)
+                    .and_then(|line| writeln!(file, "{line}"));
+                if let Err(e) = written {
+                    eprintln!("writing the kernel figures: {e}");
+                }
+            }
+        };
+    let randn = |dims: &[usize], std: f64| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, std as f32, dims, device)?.to_dtype(dtype)
+    };
+    println!("| op | shape | variant | ms |");
+    println!("|---|---|---|---|");
+
+    // 3×3 convolutions (batch, in, out, side): SD 1.5 UNet at 512² and SDXL's at 1024² (batch 2,
+    // guidance), the VAE decoders at 512² and 1024².
+    for shape in [
+        [2, 320, 320, 64],
+        [2, 640, 640, 32],
+        [2, 1280, 1280, 16],
+        [2, 2560, 1280, 8],
+        [2, 320, 320, 128],
+        [2, 640, 640, 64],
+        [2, 1280, 1280, 32],
+        [1, 512, 512, 128],
+        [1, 256, 256, 512],
+        [1, 128, 128, 1024],
+    ] {
+        let [b, ci, co, s] = shape;
+        let x = randn(&[b, ci, s, s], 1.0)?;
+        let k = randn(&[co, ci, 3, 3], 0.02)?;
+        for (name, algo) in ALGOS {
+            let t = time_ms(device, repeats, || x.conv2d_with_algo(&k, 1, 1, 1, 1, algo));
+            record("conv3x3", &shape, name, t);
+        }
+    }
+    // Attention (batch, heads, queries, keys, head dim) as `attention::scaled_dot_product` runs
+    // it: SD 1.5 self / cross at 64², SDXL self at 64², SD3.5 Large joint (4096 + 333 tokens),
+    // FLUX joint (4096 + 512 tokens), the VAE's single head at 128² (upcast, as in the decoder).
+    for (shape, upcast) in [
+        ([2, 8, 4096, 4096, 40], false),
+        ([2, 8, 4096, 77, 40], false),
+        ([2, 10, 4096, 4096, 64], false),
+        ([2, 38, 4429, 4429, 64], false),
+        ([1, 24, 4608, 4608, 128], false),
+        ([1, 1, 16384, 16384, 512], true),
+    ] {
+        let [b, h, n, m, d] = shape;
+        let q = randn(&[b, h, n, d], 1.0)?;
+        let k = randn(&[b, h, m, d], 1.0)?;
+        let v = randn(&[b, h, m, d], 1.0)?;
+        let t = time_ms(device, repeats, || {
+            attention::scaled_dot_product(&q, &k, &v, None, upcast)
+        });
+        record(
+            "sdpa",
+            &shape,
+            if upcast { "ours (upcast)" } else { "ours" },
+            t,
+        );
+    }
+    // GroupNorm (32 groups) + SiLU as the ResNet blocks run it.
+    for shape in [
+        [2, 320, 64, 64],
+        [2, 1280, 16, 16],
+        [1, 512, 128, 128],
+        [1, 128, 1024, 1024],
+    ] {
+        let [_, c, _, _] = shape;
+        let x = randn(&shape, 1.0)?;
+        let (w, b) = (randn(&[c], 1.0)?, randn(&[c], 1.0)?);
+        let t = time_ms(device, repeats, || {
+            blocks::group_norm_fused(&x, &w, &b, 32, 1e-5, true)
+        });
+        record("group_norm_silu", &shape, "ours", t);
+    }
+    // LayerNorm over tokens (tokens, width) and the activations of the feed-forwards.
+    for shape in [[8192, 320], [4608, 3072], [8858, 2432]] {
+        let x = randn(&shape, 1.0)?;
+        let (w, b) = (randn(&[shape[1]], 1.0)?, randn(&[shape[1]], 1.0)?);
+        let t = time_ms(device, repeats, || {
+            candle_nn::ops::layer_norm(&x, &w, &b, 1e-5)
+        });
+        record("layer_norm", &shape, "candle", t);
+    }
+    for shape in [[8192, 2560], [4608, 12288]] {
+        let x = randn(&shape, 1.0)?;
+        let t = time_ms(device, repeats, || x.gelu_erf());
+        record("gelu_erf", &shape, "candle", t);
+        let t = time_ms(device, repeats, || x.gelu());
+        record("gelu_tanh", &shape, "candle", t);
+        let (a, b) = (
+            x.narrow(D::Minus1, 0, shape[1] / 2)?,
+            x.narrow(D::Minus1, shape[1] / 2, shape[1] / 2)?,
+        );
+        let t = time_ms(device, repeats, || a.clone() * b.gelu_erf()?);
+        record("geglu", &shape, "candle (narrow, gelu, mul)", t);
+    }
+    // Linear layers (tokens, in, out) as `candle_nn::Linear` runs them on (1, tokens, in) input.
+    for shape in [
+        [8192, 320, 320],
+        [8192, 320, 2560],
+        [4608, 3072, 3072],
+        [4608, 3072, 12288],
+        [8858, 2432, 2432],
+    ] {
+        let [n, i, o] = shape;
+        let x = randn(&[1, n, i], 1.0)?;
+        let w = randn(&[o, i], 0.02)?;
+        let bias = randn(&[o], 0.02)?;
+        let linear = candle_nn::Linear::new(w, Some(bias));
+        let t = time_ms(device, repeats, || {
+            candle_core::Module::forward(&linear, &x)
+        });
+        record("linear", &shape, "candle_nn::Linear", t);
+    }
+    // Memory bandwidth: one add over 256 Mi elements, and a strided (transposed) copy.
+    let x = randn(&[16384, 16384], 1.0)?;
+    let t = time_ms(device, repeats, || x.clone() + &x);
+    record("add", &[16384, 16384], "candle", t);
+    let t = time_ms(device, repeats, || x.t()?.contiguous());
+    record("transpose_copy", &[16384, 16384], "candle", t);
+    let t = time_ms(device, repeats, || x.to_dtype(DType::F32));
+    record("cast_to_f32", &[16384, 16384], "candle", t);
+    Ok(())
+}
