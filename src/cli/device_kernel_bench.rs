@@ -118,17 +118,28 @@ pub fn run(
         let [b, ci, co, s] = shape;
         let x = randn(&[b, ci, s, s], 1.0)?;
         let k = randn(&[co, ci, 3, 3], 0.02)?;
+        let bias = randn(&[co], 1.0)?;
+        let conv = blocks::Conv2d::from_parts(k.clone(), Some(bias.clone()), 1, 1);
+        let t = time_ms(device, repeats, || candle_core::Module::forward(&conv, &x));
+        record("conv3x3", &shape, "ours (with bias)", t);
         for (name, algo) in ALGOS {
-            let t = time_ms(device, repeats, || x.conv2d_with_algo(&k, 1, 1, 1, 1, algo));
-            record("conv3x3", &shape, name, t);
+            let t = time_ms(device, repeats, || {
+                x.conv2d_with_algo(&k, 1, 1, 1, 1, algo)?
+                    .broadcast_add(&bias.reshape((1, co, 1, 1))?)
+            });
+            record("conv3x3", &shape, &format!("candle {name} + bias"), t);
         }
     }
     // Attention (batch, heads, queries, keys, head dim) as `attention::scaled_dot_product` runs
-    // it: SD 1.5 self / cross at 64², SDXL self at 64², SD3.5 Large joint (4096 + 333 tokens),
-    // FLUX joint (4096 + 512 tokens), the VAE's single head at 128² (upcast, as in the decoder).
+    // it (fused where the head size allows) and unfused, with the fused result's error against an
+    // f32 computation: SD 1.5's three head sizes at 64², 32², 16² and its 77-token cross
+    // attention, SDXL at 64², SD3.5 Large's joint 4096 + 333 tokens, FLUX's 4096 + 512, the VAE's
+    // single 512-wide head at 128² (upcast, as in the decoder).
     for (shape, upcast) in [
         ([2, 8, 4096, 4096, 40], false),
         ([2, 8, 4096, 77, 40], false),
+        ([2, 8, 1024, 1024, 80], false),
+        ([2, 8, 256, 256, 160], false),
         ([2, 10, 4096, 4096, 64], false),
         ([2, 38, 4429, 4429, 64], false),
         ([1, 24, 4608, 4608, 128], false),
@@ -141,12 +152,25 @@ pub fn run(
         let t = time_ms(device, repeats, || {
             attention::scaled_dot_product(&q, &k, &v, None, upcast)
         });
-        record(
-            "sdpa",
-            &shape,
-            if upcast { "ours (upcast)" } else { "ours" },
-            t,
-        );
+        record("sdpa", &shape, "ours", t);
+        let t = time_ms(device, repeats, || {
+            attention::unfused(&q, &k, &v, None, upcast)
+        });
+        record("sdpa", &shape, "unfused", t);
+        // ‖ours − f32‖ / ‖f32‖: f16 operands land near 1e-3.
+        let error = (|| -> candle_core::Result<f64> {
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let ours = f32(&attention::scaled_dot_product(&q, &k, &v, None, upcast)?)?;
+            let exact = attention::unfused(&f32(&q)?, &f32(&k)?, &f32(&v)?, None, false)?;
+            let norm = |t: &Tensor| -> candle_core::Result<f64> {
+                Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
+            };
+            Ok(norm(&(ours - &exact)?)? / norm(&exact)?)
+        })();
+        match error {
+            Ok(e) => println!("| sdpa | {shape:?} | relative error of ours vs f32 | {e:.2e} |"),
+            Err(e) => println!("| sdpa | {shape:?} | relative error | failed: {e} |"),
+        }
     }
     // GroupNorm (32 groups) + SiLU as the ResNet blocks run it.
     for shape in [
@@ -211,5 +235,35 @@ pub fn run(
     record("transpose_copy", &[16384, 16384], "candle", t);
     let t = time_ms(device, repeats, || x.to_dtype(DType::F32));
     record("cast_to_f32", &[16384, 16384], "candle", t);
+    // Launch overhead: many tiny adds, µs per op (host-bound), with candle's per-tensor event
+    // tracking (cudarc's multi-stream safety) and, last since it cannot be turned back on,
+    // without it for the tensors made afterwards.
+    let per_op_us = |device: &Device| -> candle_core::Result<f64> {
+        let a = Tensor::ones(256, dtype, device)?;
+        let ms = time_ms(device, repeats, || {
+            let mut x = a.clone();
+            for _ in 0..1000 {
+                x = (x + &a)?;
+            }
+            Ok(x)
+        })?;
+        Ok(ms)
+    };
+    record(
+        "tiny_add_x1000",
+        &[256],
+        "event tracking",
+        per_op_us(device),
+    );
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        unsafe { dev.disable_event_tracking() };
+        record(
+            "tiny_add_x1000",
+            &[256],
+            "no event tracking",
+            per_op_us(device),
+        );
+    }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! The inference engine: model loading, networks, samplers and pipelines, on candle.
 //! Nothing here reads the environment or knows about HTTP; callers pass every setting in.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod demo;
 pub mod error;
 pub mod loader;
@@ -101,11 +103,14 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                 .map(usize::from_str)
                 .transpose()
                 .map_err(|_| bad(format!("bad device `{s}`")))?;
-            Device::new_cuda(ordinal.unwrap_or(0)).map_err(|e| {
+            let device = Device::new_cuda(ordinal.unwrap_or(0)).map_err(|e| {
                 bad(format!(
                     "{s} unavailable (was candela built with --features cuda?): {e}"
                 ))
-            })
+            })?;
+            #[cfg(feature = "cuda")]
+            cuda::configure(&device)?;
+            Ok(device)
         }
         s => Err(bad(format!(
             "unknown device `{s}`; use cpu, cuda, cuda:N or metal"

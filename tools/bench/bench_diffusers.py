@@ -46,8 +46,10 @@ def build(root: Path, device, dtype):
                 if name.startswith("tokenizer"):
                     components[name] = transformers.AutoTokenizer.from_pretrained(folder)
                 elif name == "scheduler":
+                    # Schedulers keep their tables on the CPU (EulerDiscrete turns them into numpy).
                     cls = getattr(diffusers, cls_name)
-                    components[name] = cls.from_config(json.loads((folder / "scheduler_config.json").read_text()))
+                    with torch.device("cpu"):
+                        components[name] = cls.from_config(json.loads((folder / "scheduler_config.json").read_text()))
                 elif library == "transformers":
                     config = transformers.AutoConfig.from_pretrained(folder)
                     components[name] = getattr(transformers, cls_name)(config).eval()

@@ -14,26 +14,44 @@ pub fn scaled_dot_product(
     upcast: bool,
 ) -> candle_core::Result<Tensor> {
     crate::engine::profile::scope("sdpa", q, || {
-        let dtype = q.dtype();
         let head_dim = q.dim(candle_core::D::Minus1)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         if mask.is_none() && super::cpu_util::is_cpu_f32(q) {
             return super::cpu_attention::attention(q, k, v, scale as f32);
         }
-        let (q, k) = if upcast && dtype != DType::F32 {
-            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-        } else {
-            (q.clone(), k.clone())
-        };
-        // Scaling the queries is a pass over (tokens × head_dim); scaling the scores would be one
-        // over (tokens × keys), the largest tensor here.
-        let mut scores = (q * scale)?.matmul(&k.t()?)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        // Fused on CUDA in half precision (f32 accumulation and softmax, so `upcast` holds too).
+        #[cfg(feature = "cuda")]
+        if mask.is_none() && crate::engine::cuda::attention::supports(q, k, v) {
+            return crate::engine::cuda::attention::attention(q, k, v, scale as f32);
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        probs.matmul(v)
+        unfused(q, k, v, mask, upcast)
     })
+}
+
+/// The attention of [`scaled_dot_product`] as plain tensor ops (scores materialised): every
+/// device, masks, any head size.
+pub fn unfused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    upcast: bool,
+) -> candle_core::Result<Tensor> {
+    let dtype = q.dtype();
+    let scale = 1.0 / (q.dim(candle_core::D::Minus1)? as f64).sqrt();
+    let (q, k) = if upcast && dtype != DType::F32 {
+        (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+    } else {
+        (q.clone(), k.clone())
+    };
+    // Scaling the queries is a pass over (tokens × head_dim); scaling the scores would be one
+    // over (tokens × keys), the largest tensor here.
+    let mut scores = (q * scale)?.matmul(&k.t()?)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    probs.matmul(v)
 }
 
 /// diffusers' `Attention` with the default processor: separate q/k/v projections, optional

@@ -185,12 +185,40 @@ impl Module for Conv2d {
             }
             Self::Candle { inner, same_3x3 } => {
                 if *same_3x3 && super::cpu_util::is_cpu_f32(xs) {
-                    super::cpu_conv::conv3x3(xs, inner.weight(), inner.bias())
-                } else {
-                    inner.forward(xs)
+                    return super::cpu_conv::conv3x3(xs, inner.weight(), inner.bias());
                 }
+                #[cfg(feature = "cudnn")]
+                if let (true, Some(bias)) = (xs.device().is_cuda(), inner.bias()) {
+                    let c = inner.config();
+                    if c.dilation == 1 && c.groups == 1 {
+                        return crate::engine::cuda::conv::conv2d(
+                            xs,
+                            inner.weight(),
+                            bias,
+                            c.padding,
+                            c.stride,
+                        );
+                    }
+                }
+                inner.forward(xs)
             }
         })
+    }
+}
+
+impl Conv2d {
+    /// A convolution from its tensors (benchmarks; models load through [`conv`]).
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>, padding: usize, stride: usize) -> Self {
+        let (_, _, kh, kw) = weight.dims4().unwrap_or_default();
+        let config = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        Self::Candle {
+            same_3x3: (kh, kw, padding, stride) == (3, 3, 1, 1),
+            inner: candle_nn::Conv2d::new(weight, bias, config),
+        }
     }
 }
 

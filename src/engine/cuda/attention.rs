@@ -1,0 +1,168 @@
+//! Fused attention on CUDA (`attention.cu`): softmax(q kᵀ · scale) v without materialising the
+//! scores. The unfused path wrote, re-read and rewrote a (heads × tokens × tokens) matrix per
+//! layer — 3 GB per SD3.5-Large attention at 1024² — with candle's one-warp-per-row softmax: 27 ms
+//! against PyTorch's fused 0.96 ms on an H200.
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+
+use super::cuda_error;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+/// Queries per block (4 warps × 16 rows), as `BLOCK_M` in the kernel.
+const BLOCK_M: usize = 64;
+
+/// The padded head size the kernel is built for, if any: the real size must be a multiple of 8.
+fn padded_head_dim(d: usize) -> Option<usize> {
+    if d % 8 != 0 {
+        return None;
+    }
+    [48, 64, 80, 128, 160]
+        .into_iter()
+        .find(|&p| d <= p && p - d < 16)
+}
+
+/// Whether [`attention`] takes these (batch, heads, tokens, head_dim) tensors.
+pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    cfg!(candela_flash_attention)
+        && q.device().is_cuda()
+        && matches!(q.dtype(), DType::F16 | DType::BF16)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && q.rank() == 4
+        && k.dims() == v.dims()
+        && q.dims()[..2] == k.dims()[..2]
+        && q.dims()[3] == k.dims()[3]
+        && padded_head_dim(q.dims()[3]).is_some()
+}
+
+/// softmax(q kᵀ · scale) v over (batch, heads, tokens, head_dim) f16/bf16 CUDA tensors (check
+/// [`supports`] first).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &FlashAttention { scale },
+    )
+}
+
+struct FlashAttention {
+    scale: f32,
+}
+
+impl FlashAttention {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        kernel: &str,
+        q: CudaView<T>,
+        k: CudaView<T>,
+        v: CudaView<T>,
+        (bh, n, m, d): (usize, usize, usize, usize),
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let func = dev.get_or_load_custom_func(kernel, "candela_attention", PTX)?;
+        let stream = dev.cuda_stream();
+        let mut out = unsafe { stream.alloc::<T>(bh * n * d) }.map_err(cuda_error)?;
+        let (n32, m32, d32) = (n as i32, m as i32, d as i32);
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let config = LaunchConfig {
+            grid_dim: (n.div_ceil(BLOCK_M) as u32, bh as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = func.builder();
+        builder
+            .arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&mut out)
+            .arg(&n32)
+            .arg(&m32)
+            .arg(&d32)
+            .arg(&scale_log2);
+        unsafe { builder.launch(config) }.map_err(cuda_error)?;
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused attention kernel runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        q_layout: &Layout,
+        k: &CudaStorage,
+        k_layout: &Layout,
+        v: &CudaStorage,
+        v_layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, h, n, d) = q_layout.shape().dims4()?;
+        let (_, _, m, _) = k_layout.shape().dims4()?;
+        let Some(padded) = padded_head_dim(d) else {
+            candle_core::bail!("fused attention for head size {d}");
+        };
+        // 16-byte loads: every tensor must start on a 16-byte boundary (its rows then do too,
+        // d being a multiple of 8 halves).
+        for layout in [q_layout, k_layout, v_layout] {
+            if !layout.is_contiguous() || layout.start_offset() % 8 != 0 {
+                candle_core::bail!("fused attention of non-contiguous or unaligned tensors");
+            }
+        }
+        let dev = &q.device;
+        let dims = (b * h, n, m, d);
+        let (qo, ko, vo) = (
+            q_layout.start_offset(),
+            k_layout.start_offset(),
+            v_layout.start_offset(),
+        );
+        let slice = match (&q.slice, &k.slice, &v.slice) {
+            (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
+                let kernel = format!("flash_attention_f16_{padded}");
+                CudaStorageSlice::F16(self.launch(
+                    dev,
+                    &kernel,
+                    q.slice(qo..),
+                    k.slice(ko..),
+                    v.slice(vo..),
+                    dims,
+                )?)
+            }
+            (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
+                let kernel = format!("flash_attention_bf16_{padded}");
+                CudaStorageSlice::BF16(self.launch(
+                    dev,
+                    &kernel,
+                    q.slice(qo..),
+                    k.slice(ko..),
+                    v.slice(vo..),
+                    dims,
+                )?)
+            }
+            _ => candle_core::bail!("fused attention needs f16 or bf16 tensors of one dtype"),
+        };
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            Shape::from((b, h, n, d)),
+        ))
+    }
+}

@@ -1,0 +1,47 @@
+//! CUDA pieces candle lacks or runs slowly (built with the `cuda` feature). Measured on an H200
+//! against PyTorch 2.11 in docs/performance.md, where each of these is explained.
+
+pub mod attention;
+#[cfg(feature = "cudnn")]
+pub mod conv;
+
+use candle_core::cuda_backend::cudarc::driver::sys;
+use candle_core::Device;
+
+/// Wraps a CUDA library error as candle's.
+pub(crate) fn cuda_error<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Error {
+    candle_core::Error::Cuda(Box::new(e))
+}
+
+/// Per-device settings made once when a CUDA device is opened.
+///
+/// Memory: candle allocates through the driver's stream-ordered pool (`cuMemAllocAsync`), whose
+/// default release threshold is 0 — at every synchronisation the pool hands its free memory back
+/// to the driver, and the next allocations map it again. A denoising loop synchronises every step
+/// (progress, cancellation), so each step re-mapped its whole working set: a 512 MiB buffer took
+/// 2.6 ms to add to itself against PyTorch's 0.28 ms (its caching allocator keeps memory). Keeping
+/// freed memory in the pool is what PyTorch does; the memory stays reserved for this process, as
+/// PyTorch's does, and the VRAM budget counts peaks, not averages.
+pub fn configure(device: &Device) -> candle_core::Result<()> {
+    let Device::Cuda(dev) = device else {
+        return Ok(());
+    };
+    let stream = dev.cuda_stream();
+    let context = stream.context();
+    context.bind_to_thread().map_err(cuda_error)?;
+    unsafe {
+        let mut pool = std::mem::MaybeUninit::uninit();
+        sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), context.cu_device())
+            .result()
+            .map_err(cuda_error)?;
+        let mut threshold = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool.assume_init(),
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(cuda_error)?;
+    }
+    Ok(())
+}
