@@ -7,35 +7,40 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/engine/cuda/attention.cu");
+    println!("cargo:rerun-if-changed=src/engine/cuda/elementwise.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rustc-check-cfg=cfg(candela_flash_attention)");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let ptx = out.join("attention.ptx");
     let cap: u32 = std::env::var("CUDA_COMPUTE_CAP")
         .ok()
         .and_then(|c| c.trim().replace('.', "").parse().ok())
         .unwrap_or(80);
-    // The kernels use mma.m16n8k16 with f16 and bf16 operands: Ampere (8.0) and newer.
+    // Element-wise kernels: every architecture candle supports.
+    compile(&out, "elementwise", cap);
+    // The attention kernel uses mma.m16n8k16 with f16 and bf16 operands: Ampere (8.0) and newer.
     if cap < 80 {
         println!("cargo:warning=CUDA_COMPUTE_CAP {cap} < 80: fused attention left out");
-        std::fs::write(&ptx, "").expect("writing an empty PTX");
+        std::fs::write(out.join("attention.ptx"), "").expect("writing an empty PTX");
         return;
     }
     println!("cargo:rustc-cfg=candela_flash_attention");
+    compile(&out, "attention", cap);
+}
+
+/// src/engine/cuda/NAME.cu → OUT_DIR/NAME.ptx
+fn compile(out: &std::path::Path, name: &str, cap: u32) {
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
+    let source = format!("src/engine/cuda/{name}.cu");
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
         .arg(format!("-arch=compute_{cap}"))
-        .arg("src/engine/cuda/attention.cu")
+        .arg(&source)
         .arg("-o")
-        .arg(&ptx)
+        .arg(out.join(format!("{name}.ptx")))
         .status()
         .unwrap_or_else(|e| panic!("running {nvcc} (needed by the cuda feature): {e}"));
-    assert!(
-        status.success(),
-        "nvcc failed on src/engine/cuda/attention.cu"
-    );
+    assert!(status.success(), "nvcc failed on {source}");
 }

@@ -11,7 +11,7 @@ use candle_core::conv::CudnnFwdAlgo;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Serialize;
 
-use crate::engine::models::{attention, blocks};
+use crate::engine::models::{attention, blocks, cpu_activation};
 
 #[derive(Serialize)]
 struct Figure<'a> {
@@ -172,6 +172,21 @@ pub fn run(
             Err(e) => println!("| sdpa | {shape:?} | relative error | failed: {e} |"),
         }
     }
+    // The fused kernels ("ours", what the models run) against candle's ops, each with its
+    // relative error against candle's result.
+    let check = |op: &str, shape: &[usize], ours: &Tensor, theirs: &Tensor| {
+        let error = (|| -> candle_core::Result<f64> {
+            let (a, b) = (ours.to_dtype(DType::F32)?, theirs.to_dtype(DType::F32)?);
+            let norm = |t: &Tensor| -> candle_core::Result<f64> {
+                Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
+            };
+            Ok(norm(&(a - &b)?)? / norm(&b)?)
+        })();
+        match error {
+            Ok(e) => println!("| {op} | {shape:?} | relative error of ours vs candle | {e:.2e} |"),
+            Err(e) => println!("| {op} | {shape:?} | relative error | failed: {e} |"),
+        }
+    };
     // GroupNorm (32 groups) + SiLU as the ResNet blocks run it.
     for shape in [
         [2, 320, 64, 64],
@@ -180,12 +195,21 @@ pub fn run(
         [1, 128, 1024, 1024],
     ] {
         let [_, c, _, _] = shape;
-        let x = randn(&shape, 1.0)?;
+        let x = (randn(&shape, 1.0)? + 0.5)?;
         let (w, b) = (randn(&[c], 1.0)?, randn(&[c], 1.0)?);
+        let norm = blocks::GroupNorm::from_parts(w.clone(), b.clone(), 32, 1e-5)?;
+        let t = time_ms(device, repeats, || norm.forward_silu(&x));
+        record("group_norm_silu", &shape, "ours", t);
         let t = time_ms(device, repeats, || {
             blocks::group_norm_fused(&x, &w, &b, 32, 1e-5, true)
         });
-        record("group_norm_silu", &shape, "ours", t);
+        record("group_norm_silu", &shape, "candle layer_norm per group", t);
+        check(
+            "group_norm_silu",
+            &shape,
+            &norm.forward_silu(&x)?,
+            &blocks::group_norm_fused(&x, &w, &b, 32, 1e-5, true)?,
+        );
     }
     // LayerNorm over tokens (tokens, width) and the activations of the feed-forwards.
     for shape in [[8192, 320], [4608, 3072], [8858, 2432]] {
@@ -200,16 +224,30 @@ pub fn run(
         let x = randn(&shape, 1.0)?;
         let t = time_ms(device, repeats, || x.gelu_erf());
         record("gelu_erf", &shape, "candle", t);
+        let t = time_ms(device, repeats, || cpu_activation::gelu_tanh(&x));
+        record("gelu_tanh", &shape, "ours", t);
         let t = time_ms(device, repeats, || x.gelu());
         record("gelu_tanh", &shape, "candle", t);
-        let (a, b) = (
-            x.narrow(D::Minus1, 0, shape[1] / 2)?,
-            x.narrow(D::Minus1, shape[1] / 2, shape[1] / 2)?,
+        check(
+            "gelu_tanh",
+            &shape,
+            &cpu_activation::gelu_tanh(&x)?,
+            &x.gelu()?,
         );
-        let t = time_ms(device, repeats, || a.clone() * b.gelu_erf()?);
+        let half = shape[1] / 2;
+        let candle_geglu =
+            || x.narrow(D::Minus1, 0, half)? * x.narrow(D::Minus1, half, half)?.gelu_erf()?;
+        #[cfg(feature = "cuda")]
+        {
+            use crate::engine::cuda::elementwise;
+            let t = time_ms(device, repeats, || elementwise::geglu(&x));
+            record("geglu", &shape, "ours", t);
+            check("geglu", &shape, &elementwise::geglu(&x)?, &candle_geglu()?);
+        }
+        let t = time_ms(device, repeats, candle_geglu);
         record("geglu", &shape, "candle (narrow, gelu, mul)", t);
     }
-    // Linear layers (tokens, in, out) as `candle_nn::Linear` runs them on (1, tokens, in) input.
+    // Linear layers (tokens, in, out) on (1, tokens, in) input.
     for shape in [
         [8192, 320, 320],
         [8192, 320, 2560],
@@ -221,11 +259,20 @@ pub fn run(
         let x = randn(&[1, n, i], 1.0)?;
         let w = randn(&[o, i], 0.02)?;
         let bias = randn(&[o], 0.02)?;
-        let linear = candle_nn::Linear::new(w, Some(bias));
+        let ours = blocks::Linear::new(w.clone(), Some(bias.clone()));
+        let t = time_ms(device, repeats, || candle_core::Module::forward(&ours, &x));
+        record("linear", &shape, "ours", t);
+        let theirs = candle_nn::Linear::new(w, Some(bias));
         let t = time_ms(device, repeats, || {
-            candle_core::Module::forward(&linear, &x)
+            candle_core::Module::forward(&theirs, &x)
         });
         record("linear", &shape, "candle_nn::Linear", t);
+        check(
+            "linear",
+            &shape,
+            &candle_core::Module::forward(&ours, &x)?,
+            &candle_core::Module::forward(&theirs, &x)?,
+        );
     }
     // Memory bandwidth: one add over 256 Mi elements, and a strided (transposed) copy.
     let x = randn(&[16384, 16384], 1.0)?;

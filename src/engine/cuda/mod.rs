@@ -4,6 +4,7 @@
 pub mod attention;
 #[cfg(feature = "cudnn")]
 pub mod conv;
+pub mod elementwise;
 
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::Device;

@@ -1,7 +1,9 @@
 //! Attention shared by the CLIP encoder, the UNet's transformer blocks and the VAE mid block.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::blocks::{linear, linear_no_bias, Linear};
 
 /// softmax(q kᵀ / sqrt(d) + mask) v over (batch, heads, tokens, head_dim) tensors.
 /// `upcast` computes scores and softmax in f32 (diffusers' `upcast_attention`/`upcast_softmax`),

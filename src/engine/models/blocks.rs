@@ -2,7 +2,7 @@
 //! `downsampling.py`), plus small config helpers.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, linear, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{conv2d, Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
 /// A config value that diffusers accepts either as one number for every block or as a per-block list.
@@ -56,6 +56,66 @@ pub fn timestep_features(
     Tensor::from_vec(data, (timesteps.len(), dim), device)?.to_dtype(dtype)
 }
 
+/// A Linear layer with candle's weights and layout. On CUDA with a bias: one 2-D matmul over the
+/// flattened rows and the bias added by a fused kernel, where candle's runs a batched matmul and
+/// a broadcasting add whose per-element index arithmetic made the add cost as much as the matmul
+/// (H200: 2560-wide outputs of 8192 rows, 0.41 ms against PyTorch's 0.06).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            inner: candle_nn::Linear::new(weight, bias),
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(bias) = self.inner.bias() {
+            use crate::engine::cuda::elementwise;
+            if elementwise::supports(xs) && xs.dtype() == bias.dtype() {
+                let (out, inner) = self.inner.weight().dims2()?;
+                let mut dims = xs.dims().to_vec();
+                let rows = xs.elem_count() / inner.max(1);
+                let ys = xs
+                    .contiguous()?
+                    .reshape((rows, inner))?
+                    .matmul(&self.inner.weight().t()?)?;
+                if let Some(last) = dims.last_mut() {
+                    *last = out;
+                }
+                return elementwise::bias_add(&ys, bias)?.reshape(dims);
+            }
+        }
+        self.inner.forward(xs)
+    }
+}
+
+pub fn linear(input: usize, output: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    Ok(Linear {
+        inner: candle_nn::linear(input, output, vb)?,
+    })
+}
+
+pub fn linear_no_bias(input: usize, output: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    Ok(Linear {
+        inner: candle_nn::linear_no_bias(input, output, vb)?,
+    })
+}
+
 /// GroupNorm with learned per-channel scale and shift; on the CPU in f32 one fused pass
 /// ([`super::cpu_norm`]), which can also apply the SiLU that follows it in ResNet blocks.
 pub struct GroupNorm {
@@ -74,19 +134,32 @@ pub fn group_norm(
     eps: f64,
     vb: VarBuilder,
 ) -> candle_core::Result<GroupNorm> {
-    let weight = vb.get(channels, "weight")?;
-    let bias = vb.get(channels, "bias")?;
-    Ok(GroupNorm {
-        weight: weight.to_dtype(candle_core::DType::F32)?.to_vec1()?,
-        bias: bias.to_dtype(candle_core::DType::F32)?.to_vec1()?,
-        scale: weight,
-        shift: bias,
+    GroupNorm::from_parts(
+        vb.get(channels, "weight")?,
+        vb.get(channels, "bias")?,
         groups,
         eps,
-    })
+    )
 }
 
 impl GroupNorm {
+    /// A GroupNorm from its learned scale and shift.
+    pub fn from_parts(
+        scale: Tensor,
+        shift: Tensor,
+        groups: usize,
+        eps: f64,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: scale.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+            bias: shift.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+            scale,
+            shift,
+            groups,
+            eps,
+        })
+    }
+
     fn run(&self, xs: &Tensor, with_silu: bool) -> candle_core::Result<Tensor> {
         crate::engine::profile::scope("GroupNorm", xs, || {
             if super::cpu_util::is_cpu_f32(xs) {
@@ -94,6 +167,17 @@ impl GroupNorm {
                     xs,
                     &self.weight,
                     &self.bias,
+                    self.groups,
+                    self.eps,
+                    with_silu,
+                );
+            }
+            #[cfg(feature = "cuda")]
+            if crate::engine::cuda::elementwise::supports(xs) && self.scale.dtype() == xs.dtype() {
+                return crate::engine::cuda::elementwise::group_norm(
+                    xs,
+                    &self.scale,
+                    &self.shift,
                     self.groups,
                     self.eps,
                     with_silu,

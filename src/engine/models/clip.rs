@@ -1,7 +1,9 @@
 //! CLIP text encoder (transformers' `CLIPTextModel`), built from `text_encoder/config.json`.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
+
+use super::blocks::{linear, Linear};
 use serde::Deserialize;
 
 use crate::engine::error::{EngineError, Result};
@@ -197,7 +199,7 @@ impl ClipTextModel {
                 .any(|a| a == "CLIPTextModelWithProjection");
         let text_projection = if with_projection {
             let dim = c.projection_dim.unwrap_or(c.hidden_size);
-            Some(candle_nn::linear_no_bias(
+            Some(super::blocks::linear_no_bias(
                 c.hidden_size,
                 dim,
                 vb_root.pp("text_projection"),

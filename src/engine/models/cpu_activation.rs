@@ -41,8 +41,13 @@ fn gelu_tanh_impl(x: &[f32], out: &mut [f32]) {
 
 avx2_dispatch!(fn gelu_tanh_slice(x: &[f32], out: &mut [f32]) = gelu_tanh_impl);
 
-/// candle's `gelu` (the tanh approximation) — vectorised for f32 on the CPU.
+/// candle's `gelu` (the tanh approximation) — vectorised for f32 on the CPU, one fused pass on
+/// CUDA.
 pub fn gelu_tanh(xs: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::engine::cuda::elementwise::supports(xs) {
+        return crate::engine::cuda::elementwise::gelu_tanh(xs);
+    }
     if !is_cpu_f32(xs) {
         return xs.gelu();
     }

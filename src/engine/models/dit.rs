@@ -4,7 +4,9 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
+
+use super::blocks::{linear, Linear};
 
 use super::attention::scaled_dot_product;
 

@@ -4,7 +4,9 @@
 //! blocks over the joint sequence with a parallel MLP.
 
 use candle_core::{Device, Module, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::blocks::{linear, Linear};
 use serde::Deserialize;
 
 use super::blocks::timestep_features;

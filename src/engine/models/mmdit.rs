@@ -6,7 +6,9 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+
+use super::blocks::{linear, Linear};
 use serde::Deserialize;
 
 use super::blocks::timestep_features;

@@ -3,7 +3,9 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+
+use super::blocks::{linear, Linear};
 use serde::Deserialize;
 
 use super::attention::Attention;
@@ -284,6 +286,12 @@ impl FeedForward {
             let h = self.proj.forward(xs)?;
             if super::cpu_util::is_cpu_f32(&h) {
                 return self.out.forward(&super::cpu_activation::geglu(&h)?);
+            }
+            #[cfg(feature = "cuda")]
+            if crate::engine::cuda::elementwise::supports(&h) {
+                return self
+                    .out
+                    .forward(&crate::engine::cuda::elementwise::geglu(&h)?);
             }
             let half = h.dim(D::Minus1)? / 2;
             let value = h.narrow(D::Minus1, 0, half)?;

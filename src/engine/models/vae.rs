@@ -3,7 +3,9 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::blocks::{linear, Linear};
 use serde::Deserialize;
 
 use super::blocks::{

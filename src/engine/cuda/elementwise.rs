@@ -1,0 +1,341 @@
+//! The fused memory-bound ops of `elementwise.cu` as candle ops: a Linear's bias, GEGLU, the tanh
+//! GELU and GroupNorm(+SiLU), for f32/f16/bf16 CUDA tensors.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+
+use super::cuda_error;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
+const MODULE: &str = "candela_elementwise";
+const THREADS: u32 = 256;
+
+/// Whether these kernels take `t` (a CUDA tensor of a float type they are built for).
+pub fn supports(t: &Tensor) -> bool {
+    t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// `y + bias` over the last dimension (a Linear's bias after its matmul).
+pub fn bias_add(y: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    y.contiguous()?
+        .apply_op2_no_bwd(&bias.contiguous()?, &BiasAdd)
+}
+
+/// `h[.., :f] · gelu_erf(h[.., f:])` for `h` of last dimension 2f (diffusers' GEGLU).
+pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
+    h.contiguous()?.apply_op1_no_bwd(&Geglu)
+}
+
+/// GELU with the tanh approximation.
+pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&GeluTanh)
+}
+
+/// GroupNorm of (B, C, …) with per-channel `scale` and `shift`, then SiLU if `with_silu`.
+pub fn group_norm(
+    xs: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    groups: usize,
+    eps: f64,
+    with_silu: bool,
+) -> candle_core::Result<Tensor> {
+    xs.contiguous()?.apply_op3_no_bwd(
+        &scale.contiguous()?,
+        &shift.contiguous()?,
+        &GroupNorm {
+            groups,
+            eps: eps as f32,
+            with_silu,
+        },
+    )
+}
+
+fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => candle_core::bail!("no fused CUDA kernel for {other:?}"),
+    })
+}
+
+/// Grid-stride launch over `items` work items.
+fn config(items: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            items.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32,
+            1,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A tensor's data as a typed slice at its offset, checked contiguous, with whether it starts
+/// on a 16-byte boundary.
+fn input<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>,
+    bool,
+)> {
+    if !l.is_contiguous() {
+        candle_core::bail!("fused CUDA kernel on a non-contiguous tensor");
+    }
+    let offset = l.start_offset();
+    let aligned = (offset * std::mem::size_of::<T>()) % 16 == 0;
+    Ok((s.as_cuda_slice::<T>()?.slice(offset..), aligned))
+}
+
+fn output<T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    len: usize,
+) -> candle_core::Result<CudaSlice<T>> {
+    unsafe { dev.cuda_stream().alloc::<T>(len) }.map_err(cuda_error)
+}
+
+/// Elements per 16-byte pack.
+fn pack<T>() -> usize {
+    16 / std::mem::size_of::<T>()
+}
+
+/// Run `$body` with `$t` bound to the Rust type of `$dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => candle_core::bail!("no fused CUDA kernel for {other:?}"),
+        }
+    };
+}
+
+fn no_cpu<T>(name: &str) -> candle_core::Result<T> {
+    candle_core::bail!("{name} runs on CUDA devices only")
+}
+
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &CudaStorage,
+        yl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let cols = yl.shape().dims().last().copied().unwrap_or(1);
+        if bl.shape().elem_count() != cols {
+            candle_core::bail!("bias of {:?} for rows of {cols}", bl.shape());
+        }
+        let n = yl.shape().elem_count();
+        let dev = &y.device;
+        let dtype = y.dtype();
+        let func =
+            dev.get_or_load_custom_func(&format!("bias_add_{}", suffix(dtype)?), MODULE, PTX)?;
+        let storage = by_dtype!(dtype, T => {
+            let (yv, ya) = input::<T>(y, yl)?;
+            let (bv, ba) = input::<T>(b, bl)?;
+            let mut out = output::<T>(dev, n)?;
+            let vec = (ya && ba && cols % pack::<T>() == 0) as i32;
+            let (rows, cols) = (n / cols.max(1), cols);
+            let mut builder = func.builder();
+            builder.arg(&yv).arg(&bv).arg(&mut out).arg(&rows).arg(&cols).arg(&vec);
+            let items = if vec == 1 { n / pack::<T>() } else { n };
+            unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((storage, yl.shape().clone()))
+    }
+}
+
+struct Geglu;
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(&self, h: &CudaStorage, hl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let width = hl.shape().dims().last().copied().unwrap_or(0);
+        if width % 2 != 0 {
+            candle_core::bail!("GEGLU of an odd width {width}");
+        }
+        let f = width / 2;
+        let rows = hl.shape().elem_count() / width.max(1);
+        let dev = &h.device;
+        let dtype = h.dtype();
+        let func =
+            dev.get_or_load_custom_func(&format!("geglu_{}", suffix(dtype)?), MODULE, PTX)?;
+        let storage = by_dtype!(dtype, T => {
+            let (hv, ha) = input::<T>(h, hl)?;
+            let mut out = output::<T>(dev, rows * f)?;
+            let vec = (ha && f % pack::<T>() == 0) as i32;
+            let mut builder = func.builder();
+            builder.arg(&hv).arg(&mut out).arg(&rows).arg(&f).arg(&vec);
+            let items = if vec == 1 { rows * f / pack::<T>() } else { rows * f };
+            unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        let mut dims = hl.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = f;
+        }
+        Ok((storage, Shape::from(dims)))
+    }
+}
+
+struct GeluTanh;
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let n = xl.shape().elem_count();
+        let dev = &x.device;
+        let dtype = x.dtype();
+        let func =
+            dev.get_or_load_custom_func(&format!("gelu_tanh_{}", suffix(dtype)?), MODULE, PTX)?;
+        let storage = by_dtype!(dtype, T => {
+            let (xv, xa) = input::<T>(x, xl)?;
+            let mut out = output::<T>(dev, n)?;
+            let vec = (xa && n % pack::<T>() == 0) as i32;
+            let mut builder = func.builder();
+            builder.arg(&xv).arg(&mut out).arg(&n).arg(&vec);
+            let items = if vec == 1 { n / pack::<T>() } else { n };
+            unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((storage, xl.shape().clone()))
+    }
+}
+
+struct GroupNorm {
+    groups: usize,
+    eps: f32,
+    with_silu: bool,
+}
+
+impl CustomOp3 for GroupNorm {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        scale: &CudaStorage,
+        sl: &Layout,
+        shift: &CudaStorage,
+        hl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = xl.shape().dims();
+        if dims.len() < 2 || self.groups == 0 || dims[1] % self.groups != 0 {
+            candle_core::bail!("group norm of {dims:?} in {} groups", self.groups);
+        }
+        let (b, c) = (dims[0], dims[1]);
+        let n = xl.shape().elem_count();
+        let hw = n / (b * c).max(1);
+        let per_group = c / self.groups;
+        let group_size = per_group * hw;
+        if sl.shape().elem_count() != c || hl.shape().elem_count() != c {
+            candle_core::bail!("group norm scale/shift for {c} channels");
+        }
+        let dev = &x.device;
+        let dtype = x.dtype();
+        let name = suffix(dtype)?;
+        let stats_fn =
+            dev.get_or_load_custom_func(&format!("group_norm_stats_{name}"), MODULE, PTX)?;
+        let apply_fn =
+            dev.get_or_load_custom_func(&format!("group_norm_apply_{name}"), MODULE, PTX)?;
+        let storage = by_dtype!(dtype, T => {
+            let (xv, xa) = input::<T>(x, xl)?;
+            let (sv, _) = input::<T>(scale, sl)?;
+            let (hv, _) = input::<T>(shift, hl)?;
+            let mut stats = output::<f32>(dev, 2 * b * self.groups)?;
+            let vec_stats = (xa && group_size % pack::<T>() == 0) as i32;
+            let mut builder = stats_fn.builder();
+            builder.arg(&xv).arg(&mut stats).arg(&group_size).arg(&self.eps).arg(&vec_stats);
+            let launch = LaunchConfig {
+                grid_dim: ((b * self.groups) as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { builder.launch(launch) }.map_err(cuda_error)?;
+            let mut out = output::<T>(dev, n)?;
+            let vec = (xa && hw % pack::<T>() == 0) as i32;
+            let silu = self.with_silu as i32;
+            let mut builder = apply_fn.builder();
+            builder
+                .arg(&xv)
+                .arg(&stats)
+                .arg(&sv)
+                .arg(&hv)
+                .arg(&mut out)
+                .arg(&n)
+                .arg(&c)
+                .arg(&hw)
+                .arg(&per_group)
+                .arg(&silu)
+                .arg(&vec);
+            let items = if vec == 1 { n / pack::<T>() } else { n };
+            unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((storage, xl.shape().clone()))
+    }
+}
