@@ -183,12 +183,20 @@ __device__ void flash_attention(const T *__restrict__ q, const T *__restrict__ k
                 Ops<T>::pack(s[2 * st + 1][0], s[2 * st + 1][1]),
                 Ops<T>::pack(s[2 * st + 1][2], s[2 * st + 1][3]),
             };
-            const T *vr = vs + (st * 16 + 2 * t) * STRIDE + g;
+            // B fragments of v for two n8 tiles at once: ldmatrix.x4.trans over the 8×8 blocks
+            // (keys 0-7 | 8-15) × (columns of tile j | j+1); lane l gives the address of row l % 8
+            // of block l / 8.
+            const int block = lane >> 3;
+            const T *vrow = vs + (st * 16 + (block & 1) * 8 + (lane & 7)) * STRIDE + (block >> 1) * 8;
 #pragma unroll
-            for (int j = 0; j < DP / 8; ++j) {
-                const T *vc = vr + j * 8;
-                uint32_t b[2] = {pair2(vc[0], vc[STRIDE]), pair2(vc[8 * STRIDE], vc[9 * STRIDE])};
+            for (int j = 0; j < DP / 8; j += 2) {
+                uint32_t b[4];
+                uint32_t address = (uint32_t)__cvta_generic_to_shared(vrow + j * 8);
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                             : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                             : "r"(address));
                 Ops<T>::mma(acc[j], pa, b);
+                Ops<T>::mma(acc[j + 1], pa, b + 2);
             }
         }
     }

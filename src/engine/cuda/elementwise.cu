@@ -174,6 +174,67 @@ __device__ void group_norm_apply(const T *x, const float *stats, const T *scale,
     }
 }
 
+// Rotary embedding on (BH, N, D) with (N, D/2) f32 cosines and sines, pairs (2i, 2i+1) rotated
+// in f32 as diffusers does: (a, b) → (a·cos − b·sin, b·cos + a·sin).
+template <typename T>
+__device__ void rope(const T *x, const float *cos, const float *sin, T *y, size_t pairs, size_t n,
+                     size_t half) {
+    GRID_STRIDE(p, pairs) {
+        size_t i = p % half, row = (p / half) % n;
+        float c = cos[row * half + i], s = sin[row * half + i];
+        float a = to_f(x[2 * p]), b = to_f(x[2 * p + 1]);
+        y[2 * p] = from_f<T>(a * c - b * s);
+        y[2 * p + 1] = from_f<T>(b * c + a * s);
+    }
+}
+
+// The DiT's adaptive-norm arithmetic over (B, N, D) tokens with per-sample (B, D) vectors:
+// modulate: y = x · (1 + scale) + shift;   gated add: y = x + gate · h.
+template <typename T>
+__device__ void modulate(const T *x, const T *shift, const T *scale, T *y, size_t count, size_t per_batch,
+                         size_t d, int vec) {
+    constexpr int N = Pack<T>::N;
+    if (vec) {
+        GRID_STRIDE(p, count / N) {
+            size_t e = p * N, c = e % d, b = e / per_batch;
+            Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
+            Pack<T> sh = *reinterpret_cast<const Pack<T> *>(shift + b * d + c);
+            Pack<T> sc = *reinterpret_cast<const Pack<T> *>(scale + b * d + c);
+#pragma unroll
+            for (int j = 0; j < N; ++j)
+                a.v[j] = from_f<T>(to_f(a.v[j]) * (1.0f + to_f(sc.v[j])) + to_f(sh.v[j]));
+            reinterpret_cast<Pack<T> *>(y)[p] = a;
+        }
+    } else {
+        GRID_STRIDE(i, count) {
+            size_t c = i % d, b = i / per_batch;
+            y[i] = from_f<T>(to_f(x[i]) * (1.0f + to_f(scale[b * d + c])) + to_f(shift[b * d + c]));
+        }
+    }
+}
+
+template <typename T>
+__device__ void gated_add(const T *x, const T *gate, const T *h, T *y, size_t count, size_t per_batch,
+                          size_t d, int vec) {
+    constexpr int N = Pack<T>::N;
+    if (vec) {
+        GRID_STRIDE(p, count / N) {
+            size_t e = p * N, c = e % d, b = e / per_batch;
+            Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
+            Pack<T> u = reinterpret_cast<const Pack<T> *>(h)[p];
+            Pack<T> g = *reinterpret_cast<const Pack<T> *>(gate + b * d + c);
+#pragma unroll
+            for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) + to_f(g.v[j]) * to_f(u.v[j]));
+            reinterpret_cast<Pack<T> *>(y)[p] = a;
+        }
+    } else {
+        GRID_STRIDE(i, count) {
+            size_t c = i % d, b = i / per_batch;
+            y[i] = from_f<T>(to_f(x[i]) + to_f(gate[b * d + c]) * to_f(h[i]));
+        }
+    }
+}
+
 #define KERNELS(SUFFIX, T)                                                                          \
     extern "C" __global__ void bias_add_##SUFFIX(const T *y, const T *b, T *out, size_t rows,      \
                                                  size_t cols, int vec) {                           \
@@ -193,6 +254,18 @@ __device__ void group_norm_apply(const T *x, const float *stats, const T *scale,
                                                          const T *shift, T *y, size_t n, size_t channels, \
                                                          size_t hw, size_t per_group, int with_silu, int vec) { \
         group_norm_apply<T>(x, stats, scale, shift, y, n, channels, hw, per_group, with_silu, vec); \
+    }                                                                                              \
+    extern "C" __global__ void rope_##SUFFIX(const T *x, const float *cos, const float *sin, T *y,  \
+                                             size_t pairs, size_t n, size_t half) {                \
+        rope<T>(x, cos, sin, y, pairs, n, half);                                                   \
+    }                                                                                              \
+    extern "C" __global__ void modulate_##SUFFIX(const T *x, const T *shift, const T *scale, T *y,  \
+                                                 size_t count, size_t per_batch, size_t d, int vec) { \
+        modulate<T>(x, shift, scale, y, count, per_batch, d, vec);                                 \
+    }                                                                                              \
+    extern "C" __global__ void gated_add_##SUFFIX(const T *x, const T *gate, const T *h, T *y,      \
+                                                  size_t count, size_t per_batch, size_t d, int vec) { \
+        gated_add<T>(x, gate, h, y, count, per_batch, d, vec);                                     \
     }
 
 KERNELS(f32, float)

@@ -1,5 +1,5 @@
 //! The fused memory-bound ops of `elementwise.cu` as candle ops: a Linear's bias, GEGLU, the tanh
-//! GELU and GroupNorm(+SiLU), for f32/f16/bf16 CUDA tensors.
+//! GELU, GroupNorm(+SiLU) and the rotary embedding, for f32/f16/bf16 CUDA tensors.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -52,6 +52,30 @@ pub fn group_norm(
             eps: eps as f32,
             with_silu,
         },
+    )
+}
+
+/// Rotary embedding of (B, H, N, D) `xs` with (N, D/2) f32 `cos` and `sin` (FLUX's RoPE).
+pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    xs.contiguous()?
+        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &Rope)
+}
+
+/// `xs · (1 + scale) + shift` over (B, N, D) `xs` with (B, D) `shift` and `scale`.
+pub fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    xs.contiguous()?.apply_op3_no_bwd(
+        &shift.contiguous()?,
+        &scale.contiguous()?,
+        &PerSample(PerSampleOp::Modulate),
+    )
+}
+
+/// `xs + gate · ys` over (B, N, D) `xs` and `ys` with a (B, D) `gate`.
+pub fn gated_add(xs: &Tensor, gate: &Tensor, ys: &Tensor) -> candle_core::Result<Tensor> {
+    xs.contiguous()?.apply_op3_no_bwd(
+        &gate.contiguous()?,
+        &ys.contiguous()?,
+        &PerSample(PerSampleOp::GatedAdd),
     )
 }
 
@@ -333,6 +357,135 @@ impl CustomOp3 for GroupNorm {
                 .arg(&silu)
                 .arg(&vec);
             let items = if vec == 1 { n / pack::<T>() } else { n };
+            unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((storage, xl.shape().clone()))
+    }
+}
+
+struct Rope;
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        cos: &CudaStorage,
+        cl: &Layout,
+        sin: &CudaStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (_, _, n, d) = xl.shape().dims4()?;
+        let half = d / 2;
+        if d % 2 != 0 || cl.shape().elem_count() != n * half || sl.shape().elem_count() != n * half
+        {
+            candle_core::bail!("rope of {:?} with {:?} tables", xl.shape(), cl.shape());
+        }
+        let count = xl.shape().elem_count();
+        let pairs = count / 2;
+        let dev = &x.device;
+        let dtype = x.dtype();
+        let func = dev.get_or_load_custom_func(&format!("rope_{}", suffix(dtype)?), MODULE, PTX)?;
+        let storage = by_dtype!(dtype, T => {
+            let (xv, _) = input::<T>(x, xl)?;
+            let (cv, _) = input::<f32>(cos, cl)?;
+            let (sv, _) = input::<f32>(sin, sl)?;
+            let mut out = output::<T>(dev, count)?;
+            let mut builder = func.builder();
+            builder.arg(&xv).arg(&cv).arg(&sv).arg(&mut out).arg(&pairs).arg(&n).arg(&half);
+            unsafe { builder.launch(config(pairs)) }.map_err(cuda_error)?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((storage, xl.shape().clone()))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum PerSampleOp {
+    Modulate,
+    GatedAdd,
+}
+
+/// The DiT's per-sample modulation ops: the first operand (B, N, D) and the per-sample (B, D)
+/// vectors; for `GatedAdd` the third operand is (B, N, D) too.
+struct PerSample(PerSampleOp);
+
+impl CustomOp3 for PerSample {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            PerSampleOp::Modulate => "modulate",
+            PerSampleOp::GatedAdd => "gated-add",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (batch, tokens, d) = xl.shape().dims3()?;
+        let vector = batch * d;
+        let (b_len, kernel) = match self.0 {
+            PerSampleOp::Modulate => (vector, "modulate"),
+            PerSampleOp::GatedAdd => (xl.shape().elem_count(), "gated_add"),
+        };
+        if al.shape().elem_count() != vector || bl.shape().elem_count() != b_len {
+            candle_core::bail!(
+                "{} of {:?} with {:?} and {:?}",
+                self.name(),
+                xl.shape(),
+                al.shape(),
+                bl.shape()
+            );
+        }
+        let count = xl.shape().elem_count();
+        let per_batch = tokens * d;
+        let dev = &x.device;
+        let dtype = x.dtype();
+        let func =
+            dev.get_or_load_custom_func(&format!("{kernel}_{}", suffix(dtype)?), MODULE, PTX)?;
+        let storage = by_dtype!(dtype, T => {
+            let (xv, xa) = input::<T>(x, xl)?;
+            let (av, aa) = input::<T>(a, al)?;
+            let (bv, ba) = input::<T>(b, bl)?;
+            let mut out = output::<T>(dev, count)?;
+            let vec = (xa && aa && ba && d % pack::<T>() == 0) as i32;
+            let mut builder = func.builder();
+            builder.arg(&xv).arg(&av).arg(&bv).arg(&mut out).arg(&count).arg(&per_batch).arg(&d).arg(&vec);
+            let items = if vec == 1 { count / pack::<T>() } else { count };
             unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
