@@ -22,6 +22,22 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cuda_error;
 
+thread_local! {
+    /// Whether f32 convolutions may use TF32 tensor cores on this thread (see [`allow_tf32`]).
+    static TF32: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with f32 convolutions allowed to use TF32 (10-bit mantissa products, f32 sums) when
+/// `allow`: PyTorch's default for cuDNN convolutions, used for the VAE that runs in f32 under a
+/// half-precision model (SDXL's `force_upcast`), whose output is 8-bit pixels. Everything else in
+/// f32 stays exact f32.
+pub fn allow_tf32<T>(allow: bool, f: impl FnOnce() -> T) -> T {
+    let before = TF32.with(|t| t.replace(allow));
+    let out = f();
+    TF32.with(|t| t.set(before));
+    out
+}
+
 /// `conv2d(xs, weight) + bias` (NCHW, square padding and stride, no dilation or groups) through
 /// a cached cuDNN plan. The CUDA path of [`crate::engine::models::blocks::Conv2d`].
 pub fn conv2d(
@@ -51,6 +67,7 @@ struct PlanKey {
     weight: [usize; 4],
     padding: usize,
     stride: usize,
+    tf32: bool,
 }
 
 /// The descriptors and algorithm of one convolution shape.
@@ -164,8 +181,8 @@ fn make_plan(
             sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
         )
         .map_err(cuda_error)?;
-        // Tensor cores for half types; plain FMA (no TF32) for f32.
-        let math = if key.dtype == DType::F32 {
+        // Tensor cores for half types (and TF32 where allowed); plain FMA for f32.
+        let math = if key.dtype == DType::F32 && !key.tf32 {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
         } else {
             sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
@@ -344,6 +361,7 @@ impl CustomOp3 for CudnnConv2d {
             weight,
             padding: self.padding,
             stride: self.stride.max(1),
+            tf32: dtype == DType::F32 && TF32.with(|t| t.get()),
         };
         let (xo, wo, bo) = (
             x_layout.start_offset(),
