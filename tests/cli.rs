@@ -272,3 +272,53 @@ fn device_parity_runs_every_family() {
         );
     }
 }
+
+#[test]
+fn bench_profile_splits_a_forward_by_module() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    for (model, modules) in [
+        (
+            "sd1-tiny",
+            &["ResnetBlock2D", "Conv2d", "GroupNorm", "Attention", "sdpa"][..],
+        ),
+        (
+            "flux-dev-tiny",
+            &[
+                "JointTransformerBlock",
+                "FluxSingleTransformerBlock",
+                "Linear",
+            ][..],
+        ),
+    ] {
+        let json = tmp.path().join(format!("{model}.json"));
+        let out = candela_bench(tmp.path())
+            .arg("--configs")
+            .arg(fixtures.join(model))
+            .args(["--width", "64", "--height", "64", "--steps", "1"])
+            .args(["--repeats", "1", "--profile", "--json-out"])
+            .arg(&json)
+            .output()
+            .unwrap();
+        assert_succeeded(&out);
+        let figures: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let rows = figures["denoiser_profile"].as_array().unwrap();
+        // The whole pass first, once per forward; every module inside it, each no longer than it.
+        assert_eq!(rows[0]["label"], "forward", "{model}: {rows:?}");
+        assert_eq!(rows[0]["calls"], 1);
+        let whole = rows[0]["ms"].as_f64().unwrap();
+        for module in modules {
+            let row = rows
+                .iter()
+                .find(|r| r["label"] == *module)
+                .unwrap_or_else(|| panic!("{model}: no {module} in {rows:?}"));
+            assert!(row["calls"].as_u64().unwrap() >= 1);
+            let ms = row["ms"].as_f64().unwrap();
+            assert!(ms > 0.0 && ms <= whole, "{model} {module}: {ms} of {whole}");
+        }
+        assert_eq!(figures["vae_profile"][0]["label"], "decode", "{model}");
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(table.contains("denoiser forward by module"), "{table}");
+    }
+}
