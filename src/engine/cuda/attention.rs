@@ -5,7 +5,7 @@
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cuda_error;
 
@@ -92,17 +92,7 @@ impl CustomOp3 for FlashAttention {
         "flash-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused attention kernel runs on CUDA devices only")
-    }
+    super::cpu_fwd_unsupported!(3);
 
     fn cuda_fwd(
         &self,

@@ -18,7 +18,7 @@ use std::ffi::c_void;
 use candle_core::cuda_backend::cudarc::cudnn::{result as dnn, sys};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cuda_error;
 
@@ -307,17 +307,7 @@ impl CustomOp3 for CudnnConv2d {
         "cudnn-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the cuDNN convolution runs on CUDA devices only")
-    }
+    super::cpu_fwd_unsupported!(3);
 
     fn cuda_fwd(
         &self,

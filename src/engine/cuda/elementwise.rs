@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cuda_error;
 
@@ -151,10 +151,6 @@ macro_rules! by_dtype {
     };
 }
 
-fn no_cpu<T>(name: &str) -> candle_core::Result<T> {
-    candle_core::bail!("{name} runs on CUDA devices only")
-}
-
 struct BiasAdd;
 
 impl CustomOp2 for BiasAdd {
@@ -162,15 +158,7 @@ impl CustomOp2 for BiasAdd {
         "bias-add"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    super::cpu_fwd_unsupported!(2);
 
     fn cuda_fwd(
         &self,
@@ -211,9 +199,7 @@ impl CustomOp1 for Geglu {
         "geglu"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    super::cpu_fwd_unsupported!(1);
 
     fn cuda_fwd(&self, h: &CudaStorage, hl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let width = hl.shape().dims().last().copied().unwrap_or(0);
@@ -251,9 +237,7 @@ impl CustomOp1 for GeluTanh {
         "gelu-tanh"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    super::cpu_fwd_unsupported!(1);
 
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let n = xl.shape().elem_count();
@@ -286,17 +270,7 @@ impl CustomOp3 for GroupNorm {
         "group-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    super::cpu_fwd_unsupported!(3);
 
     fn cuda_fwd(
         &self,
@@ -371,17 +345,7 @@ impl CustomOp3 for Rope {
         "rope"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    super::cpu_fwd_unsupported!(3);
 
     fn cuda_fwd(
         &self,
@@ -435,17 +399,7 @@ impl CustomOp3 for PerSample {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    super::cpu_fwd_unsupported!(3);
 
     fn cuda_fwd(
         &self,

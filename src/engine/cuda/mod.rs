@@ -9,6 +9,24 @@ pub mod elementwise;
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::Device;
 
+/// The `cpu_fwd` of a CUDA-only custom op taking 1, 2 or 3 tensors: an error naming the op (the
+/// models call these ops only for CUDA tensors; the CPU has its own kernels).
+macro_rules! cpu_fwd_unsupported {
+    (@fn ($($arg:ident),*)) => {
+        fn cpu_fwd(
+            &self,
+            $($arg: &candle_core::CpuStorage, _: &candle_core::Layout),*
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $(let _ = $arg;)*
+            candle_core::bail!("{} runs on CUDA devices only", self.name())
+        }
+    };
+    (1) => { $crate::engine::cuda::cpu_fwd_unsupported!(@fn (a)); };
+    (2) => { $crate::engine::cuda::cpu_fwd_unsupported!(@fn (a, b)); };
+    (3) => { $crate::engine::cuda::cpu_fwd_unsupported!(@fn (a, b, c)); };
+}
+pub(crate) use cpu_fwd_unsupported;
+
 /// Wraps a CUDA library error as candle's.
 pub(crate) fn cuda_error<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Error {
     candle_core::Error::Cuda(Box::new(e))

@@ -173,17 +173,16 @@ impl GroupNorm {
                 );
             }
             #[cfg(feature = "cuda")]
-            if crate::engine::cuda::elementwise::supports(xs) && self.scale.dtype() == xs.dtype() {
-                return crate::engine::cuda::elementwise::group_norm(
-                    xs,
-                    &self.scale,
-                    &self.shift,
-                    self.groups,
-                    self.eps,
-                    with_silu,
-                );
-            }
-            group_norm_fused(
+            let fused = if crate::engine::cuda::elementwise::supports(xs)
+                && self.scale.dtype() == xs.dtype()
+            {
+                crate::engine::cuda::elementwise::group_norm
+            } else {
+                group_norm_fused
+            };
+            #[cfg(not(feature = "cuda"))]
+            let fused = group_norm_fused;
+            fused(
                 xs,
                 &self.scale,
                 &self.shift,
