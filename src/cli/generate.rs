@@ -65,6 +65,10 @@ pub struct GenerateArgs {
     /// SD3: load without the T5 text encoder (saves ~9 GB; zeros in its place, as diffusers).
     #[arg(long)]
     pub without_t5: bool,
+    /// Decode images larger than the VAE's tile (its `sample_size`) in blended tiles, as
+    /// diffusers' `vae.enable_tiling()`: VAE memory of one tile at any size.
+    #[arg(long)]
+    pub vae_tiling: bool,
     /// Image width; the model's native size when omitted (512 for SD1.5, 768 for SD2.1).
     #[arg(long)]
     pub width: Option<usize>,
@@ -187,6 +191,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         transformer_file: args.transformer.clone(),
         text_encoders_on_cpu: args.text_encoders_on_cpu,
         transformer_format: super::weight_format(args.quantize.as_deref())?,
+        vae_tiling: args.vae_tiling,
     };
     let pipeline = Pipeline::load(&dir, &device, dtype, &options)?;
     tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");

@@ -34,6 +34,11 @@ pub struct ServeArgs {
     /// memory budget then counts only the transformer and the VAE (FLUX-dev: −9.5 GB).
     #[arg(long, env = "CANDELA_TEXT_ENCODERS_ON_CPU")]
     pub text_encoders_on_cpu: bool,
+    /// Decode images larger than the VAE's tile (its `sample_size`) in blended tiles, as
+    /// diffusers' `vae.enable_tiling()`: the VAE's memory stays that of one tile (SDXL at 2048²
+    /// on a 24 GB card); the budget counts it so.
+    #[arg(long, env = "CANDELA_VAE_TILING")]
+    pub vae_tiling: bool,
     /// SD3 / FLUX: quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …);
     /// FLUX-dev in q8_0 needs ~12.7 GB instead of 23.8 GB in bf16.
     #[arg(long, env = "CANDELA_QUANTIZE")]
@@ -147,6 +152,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
         transformer_file: None,
         text_encoders_on_cpu: args.text_encoders_on_cpu,
         transformer_format: super::weight_format(args.quantize.as_deref())?,
+        vae_tiling: args.vae_tiling,
     };
     let models = if model_specs.is_empty() {
         vec![ModelSpec {

@@ -67,6 +67,8 @@ pub struct Footprint {
     vae_channels: usize,
     latent_scale: usize,
     dtype_bytes: usize,
+    /// The VAE decodes in tiles of this many pixels a side (`LoadOptions::vae_tiling`).
+    vae_tile: Option<usize>,
 }
 
 impl Footprint {
@@ -178,6 +180,11 @@ impl Footprint {
             vae_channels: vae.block_out_channels.iter().copied().max().unwrap_or(512),
             latent_scale: vae.scale_factor(),
             dtype_bytes: dtype.size_in_bytes(),
+            vae_tile: if options.vae_tiling {
+                vae.tile_pixels()
+            } else {
+                None
+            },
         })
     }
 
@@ -211,9 +218,23 @@ impl Footprint {
                 2 * r * heads as u64 * t * t * s + 16 * r * t * width as u64 * s
             }
         };
-        let vae = 4 * self.vae_channels as u64 * (width * height) as u64 * s
-            + 2 * latent_tokens * latent_tokens * s;
-        denoise.max(vae)
+        denoise.max(self.vae_decode_bytes(width, height))
+    }
+
+    /// Working memory of one image's VAE decode at `width`×`height`.
+    pub fn vae_decode_bytes(&self, width: usize, height: usize) -> u64 {
+        let s = self.dtype_bytes as u64;
+        let scale = self.latent_scale.max(1);
+        // Tiled: one tile's activations, plus every decoded tile kept for blending (3 channels,
+        // overlapping by a quarter: under 2× the image).
+        let (vw, vh, kept) = match self.vae_tile {
+            Some(t) if width > t || height > t => {
+                (width.min(t), height.min(t), 6 * (width * height) as u64 * s)
+            }
+            _ => (width, height, 0),
+        };
+        let vae_tokens = ((vw / scale) * (vh / scale)) as u64;
+        4 * self.vae_channels as u64 * (vw * vh) as u64 * s + 2 * vae_tokens * vae_tokens * s + kept
     }
 }
 
@@ -424,5 +445,33 @@ mod tests {
         assert!(unet.winograd_bytes() > 0);
         assert!(cache(&f32_cpu) > unet.winograd_bytes());
         assert_eq!(cache(&f16_cpu), 0);
+    }
+
+    #[test]
+    fn tiled_vae_decode_is_counted_at_one_tile() {
+        let dir = ModelDir {
+            root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models/sd1-tiny"),
+            prefer_fp16_variant: false,
+        };
+        let read = |vae_tiling| {
+            let options = LoadOptions {
+                vae_tiling,
+                ..Default::default()
+            };
+            Footprint::read(&dir, &Device::Cpu, DType::F16, &options).unwrap()
+        };
+        let (whole, tiled) = (read(false), read(true));
+        // The tiny VAE's tiles are 64 pixels: at 64² nothing changes; at 1024² the tiled
+        // decode needs a small fraction.
+        assert_eq!(
+            whole.vae_decode_bytes(64, 64),
+            tiled.vae_decode_bytes(64, 64)
+        );
+        let (w, t) = (
+            whole.vae_decode_bytes(1024, 1024),
+            tiled.vae_decode_bytes(1024, 1024),
+        );
+        assert!(t * 10 < w, "tiled {t} vs whole {w}");
     }
 }

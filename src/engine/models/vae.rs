@@ -40,6 +40,17 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
     #[serde(default)]
     pub force_upcast: bool,
+    /// The image size the VAE was trained at: the tile size of tiled decoding.
+    #[serde(default)]
+    pub sample_size: Option<SampleSize>,
+}
+
+/// `sample_size` as diffusers writes it: one side, or (height, width).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SampleSize {
+    Square(usize),
+    Sides(Vec<usize>),
 }
 
 fn three() -> usize {
@@ -66,6 +77,40 @@ impl VaeConfig {
     pub fn scale_factor(&self) -> usize {
         1 << self.block_out_channels.len().saturating_sub(1)
     }
+
+    /// The side of a decoding tile in pixels (diffusers' `tile_sample_min_size`: the first of
+    /// `sample_size`), if the config gives one.
+    pub fn tile_pixels(&self) -> Option<usize> {
+        match self.sample_size.as_ref()? {
+            SampleSize::Square(s) => Some(*s),
+            SampleSize::Sides(s) => s.first().copied(),
+        }
+        .filter(|&s| s >= self.scale_factor())
+    }
+}
+
+/// diffusers' tile overlap (`tile_overlap_factor`).
+const TILE_OVERLAP: f64 = 0.25;
+
+/// `b` with its first `extent` rows (`dim` 2) or columns (`dim` 3) blended from `a`'s last ones:
+/// row y becomes `a[-extent + y] · (1 − y/extent) + b[y] · (y/extent)` (diffusers' `blend_v` /
+/// `blend_h`, weights rounded to the tensor's dtype as torch does with Python scalars).
+fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> candle_core::Result<Tensor> {
+    let extent = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if extent == 0 {
+        return Ok(b.clone());
+    }
+    let (dtype, device) = (b.dtype(), b.device());
+    let mut shape = [1usize; 4];
+    shape[dim] = extent;
+    let weights = |f: &dyn Fn(f64) -> f64| -> candle_core::Result<Tensor> {
+        let values: Vec<f64> = (0..extent).map(|y| f(y as f64 / extent as f64)).collect();
+        Tensor::from_vec(values, shape.to_vec(), device)?.to_dtype(dtype)
+    };
+    let from_a = a.narrow(dim, a.dim(dim)? - extent, extent)?;
+    let head = (from_a.broadcast_mul(&weights(&|w| 1.0 - w)?)?
+        + b.narrow(dim, 0, extent)?.broadcast_mul(&weights(&|w| w)?)?)?;
+    Tensor::cat(&[&head, &b.narrow(dim, extent, b.dim(dim)? - extent)?], dim)
 }
 
 /// Single-head self-attention over pixels with its own group norm (the VAE mid block).
@@ -368,5 +413,65 @@ impl VaeDecoder {
         }
         let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
+    }
+
+    /// diffusers' `tiled_decode` (`AutoencoderKL.enable_tiling()`): latents larger than one tile
+    /// are decoded in tiles of `sample_size` pixels every 3/4 tile, each tile's top and left
+    /// quarter blended with its neighbours' decoded overlap, the blended tiles cropped to 3/4 and
+    /// joined. Memory is that of one tile whatever the image size; the result differs from a whole
+    /// decode at the seams, exactly as diffusers' does. Smaller latents decode whole.
+    pub fn decode_tiled(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(tile) = self.config.tile_pixels() else {
+            return self.decode(z);
+        };
+        let tile_latents = tile / self.config.scale_factor();
+        let (_, _, h, w) = z.dims4()?;
+        if h <= tile_latents && w <= tile_latents {
+            return self.decode(z);
+        }
+        let stride = ((tile_latents as f64 * (1.0 - TILE_OVERLAP)) as usize).max(1);
+        let extent = (tile as f64 * TILE_OVERLAP) as usize;
+        let keep = tile - extent;
+        let mut rows: Vec<Vec<Tensor>> = Vec::new();
+        for i in (0..h).step_by(stride) {
+            let mut row = Vec::new();
+            for j in (0..w).step_by(stride) {
+                let part = z.narrow(2, i, tile_latents.min(h - i))?.narrow(
+                    3,
+                    j,
+                    tile_latents.min(w - j),
+                )?;
+                row.push(self.decode(&part)?);
+            }
+            rows.push(row);
+        }
+        // In diffusers' order, each tile blended with its already blended upper and left
+        // neighbours (its blends work in place on the tiles).
+        for i in 0..rows.len() {
+            for j in 0..rows[i].len() {
+                let mut t = rows[i][j].clone();
+                if i > 0 {
+                    t = blend(&rows[i - 1][j], &t, extent, 2)?;
+                }
+                if j > 0 {
+                    t = blend(&rows[i][j - 1], &t, extent, 3)?;
+                }
+                rows[i][j] = t;
+            }
+        }
+        let joined = rows
+            .iter()
+            .map(|row| {
+                let cropped = row
+                    .iter()
+                    .map(|t| {
+                        t.narrow(2, 0, keep.min(t.dim(2)?))?
+                            .narrow(3, 0, keep.min(t.dim(3)?))
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&cropped, 3)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&joined, 2)
     }
 }

@@ -19,6 +19,8 @@ pub struct Autoencoder {
     /// The denoiser's dtype, which latents are handed back in.
     latent_dtype: DType,
     device: Device,
+    /// Decode in tiles ([`VaeDecoder::decode_tiled`]).
+    tiling: bool,
 }
 
 impl Autoencoder {
@@ -47,7 +49,22 @@ impl Autoencoder {
             dtype: vae_dtype,
             latent_dtype: dtype,
             device: device.clone(),
+            tiling: false,
         })
+    }
+
+    /// Decode latents larger than one tile in tiles (diffusers' `enable_tiling()`).
+    pub fn set_tiling(&mut self, on: bool) {
+        self.tiling = on;
+    }
+
+    /// One decoder pass, whole or tiled.
+    fn run_decoder(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        if self.tiling {
+            self.decoder.decode_tiled(z)
+        } else {
+            self.decoder.decode(z)
+        }
     }
 
     pub fn config(&self) -> &VaeConfig {
@@ -134,7 +151,7 @@ impl Autoencoder {
 
     /// The raw decoder on already-unscaled latents (of any float dtype).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        self.upcast_scope(|| Ok(self.decoder.decode(&z.to_dtype(self.dtype)?)?))
+        self.upcast_scope(|| Ok(self.run_decoder(&z.to_dtype(self.dtype)?)?))
     }
 
     /// Run `f` with TF32 convolutions allowed when this VAE is upcast to f32 under a half model
@@ -159,7 +176,7 @@ impl Autoencoder {
         }
         let mut images = Vec::new();
         for i in 0..z.dim(0)? {
-            let decoded = self.upcast_scope(|| self.decoder.decode(&z.narrow(0, i, 1)?))?;
+            let decoded = self.upcast_scope(|| self.run_decoder(&z.narrow(0, i, 1)?))?;
             images.extend(latents_to_images(&decoded)?);
         }
         Ok(images)

@@ -47,7 +47,7 @@ pub struct Flux {
     clip: (ClipTokenizer, ClipTextModel),
     t5: (T5Tokenizer, T5Encoder),
     transformer: FluxTransformer,
-    vae: Autoencoder,
+    pub(super) vae: Autoencoder,
     scheduler: SchedulerConfig,
     device: Device,
     /// Where the text encoders run (the CPU with `text_encoders_on_cpu`).

@@ -382,6 +382,10 @@ pub struct LoadOptions {
     /// `model.diffusion_model.*` as in `sd3.5_large.safetensors`, or Black Forest Labs' as in
     /// `flux1-dev.safetensors` and fine-tunes) instead of the folder's `transformer/` weights.
     pub transformer_file: Option<std::path::PathBuf>,
+    /// Decode (and encode) images larger than the VAE's tile in tiles, as diffusers'
+    /// `vae.enable_tiling()`: the VAE's memory stays that of one tile (SDXL at 2048² on a 24 GB
+    /// card); seams are blended, the pixels differ slightly from a whole decode.
+    pub vae_tiling: bool,
 }
 
 /// A loaded model of any family. Each variant is `Send + Sync`, so the scheduler's worker can own
@@ -415,7 +419,7 @@ impl Pipeline {
         random: bool,
     ) -> Result<Self> {
         let card = read_card(dir, "")?;
-        Ok(match (card.family, random) {
+        let mut pipeline = match (card.family, random) {
             (Family::Sd3, _) => Self::Sd3(StableDiffusion3::build(
                 dir, device, dtype, options, random,
             )?),
@@ -424,7 +428,17 @@ impl Pipeline {
             }
             (_, false) => Self::Sd(StableDiffusion::load(dir, device, dtype)?),
             (_, true) => Self::Sd(StableDiffusion::with_random_weights(dir, device, dtype)?),
-        })
+        };
+        pipeline.vae_mut().set_tiling(options.vae_tiling);
+        Ok(pipeline)
+    }
+
+    fn vae_mut(&mut self) -> &mut autoencoder::Autoencoder {
+        match self {
+            Self::Sd(m) => &mut m.vae,
+            Self::Sd3(m) => &mut m.vae,
+            Self::Flux(m) => &mut m.vae,
+        }
     }
 
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {

@@ -127,7 +127,7 @@ pub struct StableDiffusion {
     text: Option<(ClipTokenizer, ClipTextModel)>,
     xl: Option<XlParts>,
     unet: UNet2DConditionModel,
-    vae: Autoencoder,
+    pub(super) vae: Autoencoder,
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,

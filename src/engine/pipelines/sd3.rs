@@ -55,7 +55,7 @@ pub struct StableDiffusion3 {
     clip_g: (ClipTokenizer, ClipTextModel),
     t5: Option<(T5Tokenizer, T5Encoder)>,
     transformer: Sd3Transformer,
-    vae: Autoencoder,
+    pub(super) vae: Autoencoder,
     scheduler: SchedulerConfig,
     device: Device,
     /// Where the text encoders run (the CPU with `text_encoders_on_cpu`).
