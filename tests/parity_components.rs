@@ -384,3 +384,32 @@ fn tiled_vae_decode_matches_diffusers() {
         0.0
     );
 }
+
+/// diffusers' tiled VAE encode (`enable_tiling()`, `_tiled_encode`): a 112 × 80 image in 64-pixel
+/// tiles every 48, moments blended over 2 latents, then the distribution.
+#[test]
+fn tiled_vae_encode_matches_diffusers() {
+    use candela::engine::loader::weights::SafetensorsFile;
+    use candela::engine::models::vae::{VaeConfig, VaeEncoder};
+    let dir = model_dir("sd1-tiny");
+    let config_path = dir.file("vae/config.json");
+    let config: VaeConfig = dir.read_json("vae/config.json").unwrap();
+    let vb = SafetensorsFile::open(&dir.file("vae/diffusion_pytorch_model.safetensors"))
+        .unwrap()
+        .into_var_builder(DType::F32, &Device::Cpu);
+    let encoder = VaeEncoder::new(vb, config, &config_path).unwrap();
+    let t = load_tensors("stages/vae_tiled.safetensors");
+    let (mean, std) = encoder.encode_tiled(&t["image"]).unwrap();
+    assert_eq!(mean.dims(), t["mean"].dims());
+    let d = max_abs_diff(&mean, &t["mean"]).max(max_abs_diff(&std, &t["std"]));
+    eprintln!("tiled VAE encode: max diff {d}");
+    assert!(
+        d <= 1e-4 * max_abs(&t["mean"]).max(1.0),
+        "tiled encode differs by {d}"
+    );
+    let (whole, _) = encoder.encode(&t["image"]).unwrap();
+    assert!(
+        max_abs_diff(&whole, &t["mean"]) > 1e-3,
+        "the tiles made no difference"
+    );
+}

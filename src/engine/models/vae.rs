@@ -294,6 +294,28 @@ impl VaeEncoder {
 
     /// The latent distribution's (mean, std) for images in [-1, 1], (B, 3, H, W).
     pub fn encode(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        self.distribution(&self.moments(xs)?)
+    }
+
+    /// diffusers' tiled encode (`_tiled_encode` under `enable_tiling()`): images larger than one
+    /// tile are encoded in tiles of `sample_size` pixels every 3/4 tile and the moments blended
+    /// as in [`VaeDecoder::decode_tiled`]; smaller ones whole.
+    pub fn encode_tiled(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (_, _, h, w) = xs.dims4()?;
+        let Some(tile) = self.config.tile_pixels().filter(|&t| h > t || w > t) else {
+            return self.encode(xs);
+        };
+        let tile_latents = tile / self.config.scale_factor();
+        let extent = (tile_latents as f64 * TILE_OVERLAP) as usize;
+        let stride = (tile as f64 * (1.0 - TILE_OVERLAP)) as usize;
+        let moments = run_tiled(xs, tile, stride, extent, tile_latents - extent, |t| {
+            self.moments(t)
+        })?;
+        self.distribution(&moments)
+    }
+
+    /// The encoder's output: mean and log-variance channels (after `quant_conv`).
+    fn moments(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let mut xs = self.conv_in.forward(xs)?;
         for block in &self.down {
             for r in &block.resnets {
@@ -310,6 +332,11 @@ impl VaeEncoder {
         if let Some(q) = &self.quant_conv {
             xs = q.forward(&xs)?;
         }
+        Ok(xs)
+    }
+
+    /// diffusers' `DiagonalGaussianDistribution`: (mean, std) of the moments.
+    fn distribution(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let latent = self.config.latent_channels;
         let mean = xs.narrow(1, 0, latent)?;
         let logvar = xs.narrow(1, latent, latent)?.clamp(-30f32, 20f32)?;
@@ -429,49 +456,62 @@ impl VaeDecoder {
         if h <= tile_latents && w <= tile_latents {
             return self.decode(z);
         }
-        let stride = ((tile_latents as f64 * (1.0 - TILE_OVERLAP)) as usize).max(1);
+        let stride = (tile_latents as f64 * (1.0 - TILE_OVERLAP)) as usize;
         let extent = (tile as f64 * TILE_OVERLAP) as usize;
-        let keep = tile - extent;
-        let mut rows: Vec<Vec<Tensor>> = Vec::new();
-        for i in (0..h).step_by(stride) {
-            let mut row = Vec::new();
-            for j in (0..w).step_by(stride) {
-                let part = z.narrow(2, i, tile_latents.min(h - i))?.narrow(
-                    3,
-                    j,
-                    tile_latents.min(w - j),
-                )?;
-                row.push(self.decode(&part)?);
-            }
-            rows.push(row);
-        }
-        // In diffusers' order, each tile blended with its already blended upper and left
-        // neighbours (its blends work in place on the tiles).
-        for i in 0..rows.len() {
-            for j in 0..rows[i].len() {
-                let mut t = rows[i][j].clone();
-                if i > 0 {
-                    t = blend(&rows[i - 1][j], &t, extent, 2)?;
-                }
-                if j > 0 {
-                    t = blend(&rows[i][j - 1], &t, extent, 3)?;
-                }
-                rows[i][j] = t;
-            }
-        }
-        let joined = rows
-            .iter()
-            .map(|row| {
-                let cropped = row
-                    .iter()
-                    .map(|t| {
-                        t.narrow(2, 0, keep.min(t.dim(2)?))?
-                            .narrow(3, 0, keep.min(t.dim(3)?))
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::cat(&cropped, 3)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&joined, 2)
+        run_tiled(z, tile_latents, stride, extent, tile - extent, |t| {
+            self.decode(t)
+        })
     }
+}
+
+/// diffusers' tiling (`tiled_decode` / `_tiled_encode`): `xs` cut into `tile`-sided tiles every
+/// `stride` (the last ones shorter), each mapped by `f`; each output blended over `extent` with
+/// its upper then left neighbour, as already blended (diffusers blends in place, in row order),
+/// cropped to `keep` and joined.
+fn run_tiled(
+    xs: &Tensor,
+    tile: usize,
+    stride: usize,
+    extent: usize,
+    keep: usize,
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = xs.dims4()?;
+    let mut rows: Vec<Vec<Tensor>> = Vec::new();
+    for i in (0..h).step_by(stride.max(1)) {
+        let mut row = Vec::new();
+        for j in (0..w).step_by(stride.max(1)) {
+            let part = xs
+                .narrow(2, i, tile.min(h - i))?
+                .narrow(3, j, tile.min(w - j))?;
+            row.push(f(&part)?);
+        }
+        rows.push(row);
+    }
+    for i in 0..rows.len() {
+        for j in 0..rows[i].len() {
+            let mut t = rows[i][j].clone();
+            if i > 0 {
+                t = blend(&rows[i - 1][j], &t, extent, 2)?;
+            }
+            if j > 0 {
+                t = blend(&rows[i][j - 1], &t, extent, 3)?;
+            }
+            rows[i][j] = t;
+        }
+    }
+    let joined = rows
+        .iter()
+        .map(|row| {
+            let cropped = row
+                .iter()
+                .map(|t| {
+                    t.narrow(2, 0, keep.min(t.dim(2)?))?
+                        .narrow(3, 0, keep.min(t.dim(3)?))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&cropped, 3)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&joined, 2)
 }

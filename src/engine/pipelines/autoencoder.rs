@@ -19,7 +19,7 @@ pub struct Autoencoder {
     /// The denoiser's dtype, which latents are handed back in.
     latent_dtype: DType,
     device: Device,
-    /// Decode in tiles ([`VaeDecoder::decode_tiled`]).
+    /// Decode and encode in tiles ([`VaeDecoder::decode_tiled`], `VaeEncoder::encode_tiled`).
     tiling: bool,
 }
 
@@ -53,9 +53,19 @@ impl Autoencoder {
         })
     }
 
-    /// Decode latents larger than one tile in tiles (diffusers' `enable_tiling()`).
+    /// Decode latents and encode images larger than one tile in tiles (diffusers'
+    /// `enable_tiling()`).
     pub fn set_tiling(&mut self, on: bool) {
         self.tiling = on;
+    }
+
+    /// The encoder's (mean, std), whole or tiled.
+    fn run_encoder(&self, image: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        if self.tiling {
+            self.encoder.encode_tiled(image)
+        } else {
+            self.encoder.encode(image)
+        }
     }
 
     /// One decoder pass, whole or tiled.
@@ -103,15 +113,14 @@ impl Autoencoder {
 
     /// The encoder's latent distribution (mean, std) of an 8-bit RGB picture.
     pub fn encode_rgb(&self, rgb: &[u8], width: usize, height: usize) -> Result<(Tensor, Tensor)> {
-        Ok(self
-            .encoder
-            .encode(&self.image_tensor(rgb, width, height)?)?)
+        let image = self.image_tensor(rgb, width, height)?;
+        Ok(self.upcast_scope(|| self.run_encoder(&image))?)
     }
 
     /// One draw from the latent distribution of `image` (a tensor from [`Self::image_tensor`]),
     /// as the denoiser sees latents: `(sample − shift) × scale`.
     pub fn sample_latents(&self, image: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
-        let (mean, std) = self.upcast_scope(|| self.encoder.encode(image))?;
+        let (mean, std) = self.upcast_scope(|| self.run_encoder(image))?;
         let draw = generator.randn(mean.elem_count());
         let noise = Tensor::from_vec(draw, mean.shape(), &self.device)?.to_dtype(mean.dtype())?;
         let mut sample = (mean + (std * noise)?)?;
