@@ -15,7 +15,7 @@ const BLOCK_M: usize = 64;
 
 /// The padded head size the kernel is built for, if any: the real size must be a multiple of 8.
 fn padded_head_dim(d: usize) -> Option<usize> {
-    if d % 8 != 0 {
+    if !d.is_multiple_of(8) {
         return None;
     }
     [48, 64, 80, 128, 160]

@@ -114,7 +114,7 @@ fn input<'a, T: CudaDType>(
         candle_core::bail!("fused CUDA kernel on a non-contiguous tensor");
     }
     let offset = l.start_offset();
-    let aligned = (offset * std::mem::size_of::<T>()) % 16 == 0;
+    let aligned = (offset * std::mem::size_of::<T>()).is_multiple_of(16);
     Ok((s.as_cuda_slice::<T>()?.slice(offset..), aligned))
 }
 
@@ -180,7 +180,7 @@ impl CustomOp2 for BiasAdd {
             let (yv, ya) = input::<T>(y, yl)?;
             let (bv, ba) = input::<T>(b, bl)?;
             let mut out = output::<T>(dev, n)?;
-            let vec = (ya && ba && cols % pack::<T>() == 0) as i32;
+            let vec = (ya && ba && cols.is_multiple_of(pack::<T>())) as i32;
             let (rows, cols) = (n / cols.max(1), cols);
             let mut builder = func.builder();
             builder.arg(&yv).arg(&bv).arg(&mut out).arg(&rows).arg(&cols).arg(&vec);
@@ -215,7 +215,7 @@ impl CustomOp1 for Geglu {
         let storage = by_dtype!(dtype, T => {
             let (hv, ha) = input::<T>(h, hl)?;
             let mut out = output::<T>(dev, rows * f)?;
-            let vec = (ha && f % pack::<T>() == 0) as i32;
+            let vec = (ha && f.is_multiple_of(pack::<T>())) as i32;
             let mut builder = func.builder();
             builder.arg(&hv).arg(&mut out).arg(&rows).arg(&f).arg(&vec);
             let items = if vec == 1 { rows * f / pack::<T>() } else { rows * f };
@@ -248,7 +248,7 @@ impl CustomOp1 for GeluTanh {
         let storage = by_dtype!(dtype, T => {
             let (xv, xa) = input::<T>(x, xl)?;
             let mut out = output::<T>(dev, n)?;
-            let vec = (xa && n % pack::<T>() == 0) as i32;
+            let vec = (xa && n.is_multiple_of(pack::<T>())) as i32;
             let mut builder = func.builder();
             builder.arg(&xv).arg(&mut out).arg(&n).arg(&vec);
             let items = if vec == 1 { n / pack::<T>() } else { n };
@@ -282,7 +282,7 @@ impl CustomOp3 for GroupNorm {
         hl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dims = xl.shape().dims();
-        if dims.len() < 2 || self.groups == 0 || dims[1] % self.groups != 0 {
+        if dims.len() < 2 || self.groups == 0 || !dims[1].is_multiple_of(self.groups) {
             candle_core::bail!("group norm of {dims:?} in {} groups", self.groups);
         }
         let (b, c) = (dims[0], dims[1]);
@@ -305,7 +305,7 @@ impl CustomOp3 for GroupNorm {
             let (sv, _) = input::<T>(scale, sl)?;
             let (hv, _) = input::<T>(shift, hl)?;
             let mut stats = output::<f32>(dev, 2 * b * self.groups)?;
-            let vec_stats = (xa && group_size % pack::<T>() == 0) as i32;
+            let vec_stats = (xa && group_size.is_multiple_of(pack::<T>())) as i32;
             let mut builder = stats_fn.builder();
             builder.arg(&xv).arg(&mut stats).arg(&group_size).arg(&self.eps).arg(&vec_stats);
             let launch = LaunchConfig {
@@ -315,7 +315,7 @@ impl CustomOp3 for GroupNorm {
             };
             unsafe { builder.launch(launch) }.map_err(cuda_error)?;
             let mut out = output::<T>(dev, n)?;
-            let vec = (xa && hw % pack::<T>() == 0) as i32;
+            let vec = (xa && hw.is_multiple_of(pack::<T>())) as i32;
             let silu = self.with_silu as i32;
             let mut builder = apply_fn.builder();
             builder
@@ -436,7 +436,7 @@ impl CustomOp3 for PerSample {
             let (av, aa) = input::<T>(a, al)?;
             let (bv, ba) = input::<T>(b, bl)?;
             let mut out = output::<T>(dev, count)?;
-            let vec = (xa && aa && ba && d % pack::<T>() == 0) as i32;
+            let vec = (xa && aa && ba && d.is_multiple_of(pack::<T>())) as i32;
             let mut builder = func.builder();
             builder.arg(&xv).arg(&av).arg(&bv).arg(&mut out).arg(&count).arg(&per_batch).arg(&d).arg(&vec);
             let items = if vec == 1 { count / pack::<T>() } else { count };

@@ -212,7 +212,7 @@ pub(crate) fn group_norm_fused(
     with_silu: bool,
 ) -> candle_core::Result<Tensor> {
     let dims = xs.dims();
-    if dims.len() < 3 || groups == 0 || dims[1] % groups != 0 {
+    if dims.len() < 3 || groups == 0 || !dims[1].is_multiple_of(groups) {
         candle_core::bail!("group norm of {dims:?} in {groups} groups");
     }
     let (b, c) = (dims[0], dims[1]);
