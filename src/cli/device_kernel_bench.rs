@@ -130,6 +130,21 @@ pub fn run(
             record("conv3x3", &shape, &format!("candle {name} + bias"), t);
         }
     }
+    // The fused kernels ("ours", what the models run) against candle's ops, each with its
+    // relative error against candle's result.
+    let check = |op: &str, shape: &[usize], ours: &Tensor, theirs: &Tensor| {
+        let error = (|| -> candle_core::Result<f64> {
+            let (a, b) = (ours.to_dtype(DType::F32)?, theirs.to_dtype(DType::F32)?);
+            let norm = |t: &Tensor| -> candle_core::Result<f64> {
+                Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
+            };
+            Ok(norm(&(a - &b)?)? / norm(&b)?)
+        })();
+        match error {
+            Ok(e) => println!("| {op} | {shape:?} | relative error of ours vs candle | {e:.2e} |"),
+            Err(e) => println!("| {op} | {shape:?} | relative error | failed: {e} |"),
+        }
+    };
     // Attention (batch, heads, queries, keys, head dim) as `attention::scaled_dot_product` runs
     // it (fused where the head size allows) and unfused, with the fused result's error against an
     // f32 computation: SD 1.5's three head sizes at 64², 32², 16² and its 77-token cross
@@ -157,6 +172,24 @@ pub fn run(
             attention::unfused(&q, &k, &v, None, upcast)
         });
         record("sdpa", &shape, "unfused", t);
+        // The candidate kernel (next k/v tile loaded during compute), with its own error.
+        #[cfg(feature = "cuda")]
+        if crate::engine::cuda::attention::supports(&q, &k, &v) {
+            use crate::engine::cuda::attention::attention_pipelined;
+            let scale = 1.0 / (d as f32).sqrt();
+            let t = time_ms(device, repeats, || attention_pipelined(&q, &k, &v, scale));
+            record("sdpa", &shape, "pipelined (candidate)", t);
+            let exact = (|| {
+                let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+                attention::unfused(&f32(&q)?, &f32(&k)?, &f32(&v)?, None, false)
+            })()?;
+            check(
+                "sdpa pipelined vs f32",
+                &shape,
+                &attention_pipelined(&q, &k, &v, scale)?,
+                &exact,
+            );
+        }
         // ‖ours − f32‖ / ‖f32‖: f16 operands land near 1e-3.
         let error = (|| -> candle_core::Result<f64> {
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
@@ -172,21 +205,6 @@ pub fn run(
             Err(e) => println!("| sdpa | {shape:?} | relative error | failed: {e} |"),
         }
     }
-    // The fused kernels ("ours", what the models run) against candle's ops, each with its
-    // relative error against candle's result.
-    let check = |op: &str, shape: &[usize], ours: &Tensor, theirs: &Tensor| {
-        let error = (|| -> candle_core::Result<f64> {
-            let (a, b) = (ours.to_dtype(DType::F32)?, theirs.to_dtype(DType::F32)?);
-            let norm = |t: &Tensor| -> candle_core::Result<f64> {
-                Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
-            };
-            Ok(norm(&(a - &b)?)? / norm(&b)?)
-        })();
-        match error {
-            Ok(e) => println!("| {op} | {shape:?} | relative error of ours vs candle | {e:.2e} |"),
-            Err(e) => println!("| {op} | {shape:?} | relative error | failed: {e} |"),
-        }
-    };
     // GroupNorm (32 groups) + SiLU as the ResNet blocks run it.
     for shape in [
         [2, 320, 64, 64],

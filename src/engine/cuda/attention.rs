@@ -10,8 +10,9 @@ use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
 use super::cuda_error;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-/// Queries per block (4 warps × 16 rows), as `BLOCK_M` in the kernel.
+/// Queries per block (4 warps × 16 rows) and keys per tile, as `BLOCK_M` / `BLOCK_N` in the kernel.
 const BLOCK_M: usize = 64;
+const BLOCK_N: usize = 64;
 
 /// The padded head size the kernel is built for, if any: the real size must be a multiple of 8.
 fn padded_head_dim(d: usize) -> Option<usize> {
@@ -43,15 +44,47 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
     q.contiguous()?.apply_op3_no_bwd(
         &k.contiguous()?,
         &v.contiguous()?,
-        &FlashAttention { scale },
+        &FlashAttention {
+            scale,
+            pipelined: false,
+        },
+    )
+}
+
+/// [`attention`] by the candidate kernel that loads the next k/v tile while computing the current
+/// one (`flash_attention_pipelined` in attention.cu). Measured by `candela bench --kernels` on a
+/// GPU (time and error against f32) before the models use it.
+pub fn attention_pipelined(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &FlashAttention {
+            scale,
+            pipelined: true,
+        },
     )
 }
 
 struct FlashAttention {
     scale: f32,
+    pipelined: bool,
 }
 
 impl FlashAttention {
+    /// The kernel name's infix.
+    fn variant(&self) -> &'static str {
+        if self.pipelined {
+            "pipelined_"
+        } else {
+            ""
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn launch<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
         &self,
@@ -63,6 +96,22 @@ impl FlashAttention {
         (bh, n, m, d): (usize, usize, usize, usize),
     ) -> candle_core::Result<CudaSlice<T>> {
         let func = dev.get_or_load_custom_func(kernel, "candela_attention", PTX)?;
+        // The pipelined kernel's two stages of k and v live in dynamic shared memory, past the
+        // 48 KiB a launch gets without asking for head sizes from 96.
+        let shared_mem_bytes = if self.pipelined {
+            let padded = padded_head_dim(d).unwrap_or(d);
+            (4 * BLOCK_N * (padded + 8) * std::mem::size_of::<T>()) as u32
+        } else {
+            0
+        };
+        if shared_mem_bytes > 48 * 1024 {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute as Attribute;
+            func.set_attribute(
+                Attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_mem_bytes as i32,
+            )
+            .map_err(cuda_error)?;
+        }
         let stream = dev.cuda_stream();
         let mut out = unsafe { stream.alloc::<T>(bh * n * d) }.map_err(cuda_error)?;
         let (n32, m32, d32) = (n as i32, m as i32, d as i32);
@@ -70,7 +119,7 @@ impl FlashAttention {
         let config = LaunchConfig {
             grid_dim: (n.div_ceil(BLOCK_M) as u32, bh as u32, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes,
         };
         let mut builder = func.builder();
         builder
@@ -124,7 +173,7 @@ impl CustomOp3 for FlashAttention {
         );
         let slice = match (&q.slice, &k.slice, &v.slice) {
             (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
-                let kernel = format!("flash_attention_f16_{padded}");
+                let kernel = format!("flash_attention_{}f16_{padded}", self.variant());
                 CudaStorageSlice::F16(self.launch(
                     dev,
                     &kernel,
@@ -135,7 +184,7 @@ impl CustomOp3 for FlashAttention {
                 )?)
             }
             (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                let kernel = format!("flash_attention_bf16_{padded}");
+                let kernel = format!("flash_attention_{}bf16_{padded}", self.variant());
                 CudaStorageSlice::BF16(self.launch(
                     dev,
                     &kernel,
