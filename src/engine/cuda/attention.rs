@@ -36,6 +36,13 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && q.dims()[..2] == k.dims()[..2]
         && q.dims()[3] == k.dims()[3]
         && padded_head_dim(q.dims()[3]).is_some()
+        && [q, k, v].iter().all(|t| starts_aligned(t))
+}
+
+/// Whether `t`'s data reaches the kernel on a 16-byte boundary: a non-contiguous tensor is copied
+/// (to offset 0); a contiguous view must start at a multiple of 8 half-precision elements.
+fn starts_aligned(t: &Tensor) -> bool {
+    !t.is_contiguous() || t.layout().start_offset().is_multiple_of(8)
 }
 
 /// softmax(q kᵀ · scale) v over (batch, heads, tokens, head_dim) f16/bf16 CUDA tensors (check
