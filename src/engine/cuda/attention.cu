@@ -326,22 +326,6 @@ __device__ void flash_attention_pipelined(const T *__restrict__ q, const T *__re
         flash_attention_pipelined<T, DP>(q, k, v, o, n, m, d, scale_log2);                     \
     }
 
-FLASH_PIPELINED(flash_attention_pipelined_f16_16, __half, 16)
-FLASH_PIPELINED(flash_attention_pipelined_f16_32, __half, 32)
-FLASH_PIPELINED(flash_attention_pipelined_f16_48, __half, 48)
-FLASH_PIPELINED(flash_attention_pipelined_f16_64, __half, 64)
-FLASH_PIPELINED(flash_attention_pipelined_f16_80, __half, 80)
-FLASH_PIPELINED(flash_attention_pipelined_f16_96, __half, 96)
-FLASH_PIPELINED(flash_attention_pipelined_f16_128, __half, 128)
-FLASH_PIPELINED(flash_attention_pipelined_f16_160, __half, 160)
-FLASH_PIPELINED(flash_attention_pipelined_bf16_16, __nv_bfloat16, 16)
-FLASH_PIPELINED(flash_attention_pipelined_bf16_32, __nv_bfloat16, 32)
-FLASH_PIPELINED(flash_attention_pipelined_bf16_48, __nv_bfloat16, 48)
-FLASH_PIPELINED(flash_attention_pipelined_bf16_64, __nv_bfloat16, 64)
-FLASH_PIPELINED(flash_attention_pipelined_bf16_80, __nv_bfloat16, 80)
-FLASH_PIPELINED(flash_attention_pipelined_bf16_96, __nv_bfloat16, 96)
-FLASH_PIPELINED(flash_attention_pipelined_bf16_128, __nv_bfloat16, 128)
-FLASH_PIPELINED(flash_attention_pipelined_bf16_160, __nv_bfloat16, 160)
 
 #define FLASH(NAME, T, DP)                                                                     \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                   \
@@ -349,19 +333,19 @@ FLASH_PIPELINED(flash_attention_pipelined_bf16_160, __nv_bfloat16, 160)
         flash_attention<T, DP>(q, k, v, o, n, m, d, scale_log2);                               \
     }
 
-FLASH(flash_attention_f16_16, __half, 16)
-FLASH(flash_attention_f16_32, __half, 32)
-FLASH(flash_attention_f16_48, __half, 48)
-FLASH(flash_attention_f16_64, __half, 64)
-FLASH(flash_attention_f16_80, __half, 80)
-FLASH(flash_attention_f16_96, __half, 96)
-FLASH(flash_attention_f16_128, __half, 128)
-FLASH(flash_attention_f16_160, __half, 160)
-FLASH(flash_attention_bf16_16, __nv_bfloat16, 16)
-FLASH(flash_attention_bf16_32, __nv_bfloat16, 32)
-FLASH(flash_attention_bf16_48, __nv_bfloat16, 48)
-FLASH(flash_attention_bf16_64, __nv_bfloat16, 64)
-FLASH(flash_attention_bf16_80, __nv_bfloat16, 80)
-FLASH(flash_attention_bf16_96, __nv_bfloat16, 96)
-FLASH(flash_attention_bf16_128, __nv_bfloat16, 128)
-FLASH(flash_attention_bf16_160, __nv_bfloat16, 160)
+// Every head size (padded to 16) for f16 and bf16: flash_attention_{f16,bf16}_DP and
+// flash_attention_pipelined_{f16,bf16}_DP.
+#define EACH_HEAD_SIZE(MAKE, PREFIX, SUFFIX, T) \
+    MAKE(PREFIX##SUFFIX##_16, T, 16)             \
+    MAKE(PREFIX##SUFFIX##_32, T, 32)             \
+    MAKE(PREFIX##SUFFIX##_48, T, 48)             \
+    MAKE(PREFIX##SUFFIX##_64, T, 64)             \
+    MAKE(PREFIX##SUFFIX##_80, T, 80)             \
+    MAKE(PREFIX##SUFFIX##_96, T, 96)             \
+    MAKE(PREFIX##SUFFIX##_128, T, 128)           \
+    MAKE(PREFIX##SUFFIX##_160, T, 160)
+
+EACH_HEAD_SIZE(FLASH, flash_attention_, f16, __half)
+EACH_HEAD_SIZE(FLASH, flash_attention_, bf16, __nv_bfloat16)
+EACH_HEAD_SIZE(FLASH_PIPELINED, flash_attention_pipelined_, f16, __half)
+EACH_HEAD_SIZE(FLASH_PIPELINED, flash_attention_pipelined_, bf16, __nv_bfloat16)
