@@ -355,3 +355,30 @@ fn vae_tiling_decodes_large_images_in_blended_tiles() {
         "tiled decode far from the whole one: mean |Δ| {mean}"
     );
 }
+
+#[test]
+fn low_memory_generates_the_same_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, low_memory: bool| {
+        let out = tmp.path().join(format!("{name}.png"));
+        let mut c = candela(tmp.path());
+        c.args(["generate", "--prompt", "a lighthouse", "--width", "64"])
+            .args(["--height", "64", "--steps", "2", "--seed", "9", "--out"])
+            .arg(&out);
+        if low_memory {
+            c.arg("--low-memory");
+        }
+        assert_succeeded(&c.output().unwrap());
+        image::open(&out).unwrap().to_rgb8()
+    };
+    let (fast, plain) = (run("winograd", false), run("plain", true));
+    // Winograd's and the direct kernel's sums differ in rounding only.
+    let worst = fast
+        .as_raw()
+        .iter()
+        .zip(plain.as_raw())
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "low-memory image differs by {worst}/255");
+}

@@ -59,6 +59,12 @@ pub struct BenchArgs {
     /// Write our figures as JSON here too.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// Load as `serve --low-memory` (CPU f32: plain 3×3 convolution weights, no Winograd form).
+    #[arg(long)]
+    pub low_memory: bool,
+    /// Load as `serve --vae-tiling`.
+    #[arg(long)]
+    pub vae_tiling: bool,
     /// Also time the denoiser and the VAE decode module by module (the device waits at every
     /// module boundary): the table diffusers' side prints with `--profile` too.
     #[arg(long)]
@@ -224,10 +230,15 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     let meter = PeakMeter::start(&device);
     let baseline = meter.baseline();
     let load_start = Instant::now();
+    let options = LoadOptions {
+        low_memory: args.low_memory,
+        vae_tiling: args.vae_tiling,
+        ..Default::default()
+    };
     let pipeline = if args.model.is_some() {
-        Pipeline::load(&dir, &device, dtype, &LoadOptions::default())?
+        Pipeline::load(&dir, &device, dtype, &options)?
     } else {
-        Pipeline::with_random_weights(&dir, &device, dtype)
+        Pipeline::with_random_weights(&dir, &device, dtype, &options)
             .with_context(|| format!("building {} with random weights", args.configs.display()))?
     };
     sync()?;

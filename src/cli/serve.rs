@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// on a 24 GB card); the budget counts it so.
     #[arg(long, env = "CANDELA_VAE_TILING")]
     pub vae_tiling: bool,
+    /// CPU, f32: keep 3×3 convolution weights as loaded instead of in Winograd's form (16/9 the
+    /// size): less memory (SD 1.5: about 1.9 GiB), slower convolutions.
+    #[arg(long, env = "CANDELA_LOW_MEMORY")]
+    pub low_memory: bool,
     /// SD3 / FLUX: quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …);
     /// FLUX-dev in q8_0 needs ~12.7 GB instead of 23.8 GB in bf16.
     #[arg(long, env = "CANDELA_QUANTIZE")]
@@ -153,6 +157,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
         text_encoders_on_cpu: args.text_encoders_on_cpu,
         transformer_format: super::weight_format(args.quantize.as_deref())?,
         vae_tiling: args.vae_tiling,
+        low_memory: args.low_memory,
     };
     let models = if model_specs.is_empty() {
         vec![ModelSpec {

@@ -128,7 +128,11 @@ impl Footprint {
                 }
             }
             components.push((folder.to_string(), bytes));
-            if device.is_cpu() && dtype == DType::F32 && (folder == "unet" || folder == "vae") {
+            if device.is_cpu()
+                && dtype == DType::F32
+                && !options.low_memory
+                && (folder == "unet" || folder == "vae")
+            {
                 components.push((
                     format!("{folder} (Winograd weights)"),
                     file.winograd_bytes(),
@@ -445,6 +449,17 @@ mod tests {
         assert!(unet.winograd_bytes() > 0);
         assert!(cache(&f32_cpu) > unet.winograd_bytes());
         assert_eq!(cache(&f16_cpu), 0);
+        // --low-memory keeps the plain weights only.
+        let low = LoadOptions {
+            low_memory: true,
+            ..Default::default()
+        };
+        let plain = Footprint::read(&dir, &Device::Cpu, DType::F32, &low).unwrap();
+        assert_eq!(cache(&plain), 0);
+        assert_eq!(
+            plain.weights_bytes() + cache(&f32_cpu),
+            f32_cpu.weights_bytes()
+        );
     }
 
     #[test]

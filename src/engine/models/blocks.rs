@@ -305,6 +305,21 @@ impl Conv2d {
     }
 }
 
+thread_local! {
+    /// Set while a model is built by [`with_plain_convolutions`].
+    static PLAIN_CONVOLUTIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Build a model inside `f` keeping every CPU f32 3×3 convolution weight as it is (run by the
+/// direct kernel) instead of in Winograd's domain, whose 16 values per 9 are the extra memory of
+/// the faster kernel (SD 1.5: +1.9 GiB). `LoadOptions::low_memory`.
+pub fn with_plain_convolutions<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let before = PLAIN_CONVOLUTIONS.with(|p| p.replace(on));
+    let out = f();
+    PLAIN_CONVOLUTIONS.with(|p| p.set(before));
+    out
+}
+
 pub fn conv(
     vb: VarBuilder,
     cin: usize,
@@ -326,7 +341,8 @@ pub fn conv(
         },
         vb,
     )?;
-    if same_3x3 && cpu_f32 && super::cpu_winograd::worthwhile(cin) {
+    let plain = PLAIN_CONVOLUTIONS.with(|p| p.get());
+    if same_3x3 && cpu_f32 && super::cpu_winograd::worthwhile(cin) && !plain {
         return Ok(Conv2d::Winograd {
             weight: super::cpu_winograd::WinogradWeight::from_tensor(inner.weight())?,
             bias: inner.bias().cloned(),

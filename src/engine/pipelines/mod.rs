@@ -386,6 +386,9 @@ pub struct LoadOptions {
     /// `vae.enable_tiling()`: the VAE's memory stays that of one tile (SDXL at 2048² on a 24 GB
     /// card); seams are blended, the pixels differ slightly from a whole decode.
     pub vae_tiling: bool,
+    /// CPU, f32: keep the UNet's and VAE's 3×3 convolution weights as loaded (direct kernel)
+    /// rather than in Winograd's larger form: less memory, slower convolutions.
+    pub low_memory: bool,
 }
 
 /// A loaded model of any family. Each variant is `Send + Sync`, so the scheduler's worker can own
@@ -407,8 +410,13 @@ impl Pipeline {
     }
 
     /// The architecture with random weights (benchmarks).
-    pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(dir, device, dtype, &LoadOptions::default(), true)
+    pub fn with_random_weights(
+        dir: &ModelDir,
+        device: &Device,
+        dtype: DType,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        Self::build(dir, device, dtype, options, true)
     }
 
     fn build(
@@ -419,16 +427,20 @@ impl Pipeline {
         random: bool,
     ) -> Result<Self> {
         let card = read_card(dir, "")?;
-        let mut pipeline = match (card.family, random) {
-            (Family::Sd3, _) => Self::Sd3(StableDiffusion3::build(
-                dir, device, dtype, options, random,
-            )?),
-            (Family::Flux, _) => {
-                Self::Flux(flux::Flux::build(dir, device, dtype, options, random)?)
-            }
-            (_, false) => Self::Sd(StableDiffusion::load(dir, device, dtype)?),
-            (_, true) => Self::Sd(StableDiffusion::with_random_weights(dir, device, dtype)?),
+        let build = || -> Result<Self> {
+            Ok(match (card.family, random) {
+                (Family::Sd3, _) => Self::Sd3(StableDiffusion3::build(
+                    dir, device, dtype, options, random,
+                )?),
+                (Family::Flux, _) => {
+                    Self::Flux(flux::Flux::build(dir, device, dtype, options, random)?)
+                }
+                (_, false) => Self::Sd(StableDiffusion::load(dir, device, dtype)?),
+                (_, true) => Self::Sd(StableDiffusion::with_random_weights(dir, device, dtype)?),
+            })
         };
+        let mut pipeline =
+            crate::engine::models::blocks::with_plain_convolutions(options.low_memory, build)?;
         pipeline.vae_mut().set_tiling(options.vae_tiling);
         Ok(pipeline)
     }
