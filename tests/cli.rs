@@ -326,19 +326,8 @@ fn bench_profile_splits_a_forward_by_module() {
 #[test]
 fn vae_tiling_decodes_large_images_in_blended_tiles() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = |name: &str, tiling: bool| {
-        let out = tmp.path().join(format!("{name}.png"));
-        let mut c = candela(tmp.path());
-        c.args(["generate", "--prompt", "a lighthouse", "--width", "192"])
-            .args(["--height", "128", "--steps", "2", "--seed", "3", "--out"])
-            .arg(&out);
-        if tiling {
-            c.arg("--vae-tiling");
-        }
-        assert_succeeded(&c.output().unwrap());
-        image::open(&out).unwrap().to_rgb8()
-    };
-    let (whole, tiled) = (run("whole", false), run("tiled", true));
+    let run = |flags: &[&str]| demo_image(tmp.path(), (192, 128), 3, flags);
+    let (whole, tiled) = (run(&[]), run(&["--vae-tiling"]));
     assert_eq!(tiled.dimensions(), (192, 128));
     // Same latents, decoded in tiles: close to the whole decode, not identical (the seams).
     let diffs: Vec<i32> = whole
@@ -359,19 +348,8 @@ fn vae_tiling_decodes_large_images_in_blended_tiles() {
 #[test]
 fn low_memory_generates_the_same_image() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = |name: &str, low_memory: bool| {
-        let out = tmp.path().join(format!("{name}.png"));
-        let mut c = candela(tmp.path());
-        c.args(["generate", "--prompt", "a lighthouse", "--width", "64"])
-            .args(["--height", "64", "--steps", "2", "--seed", "9", "--out"])
-            .arg(&out);
-        if low_memory {
-            c.arg("--low-memory");
-        }
-        assert_succeeded(&c.output().unwrap());
-        image::open(&out).unwrap().to_rgb8()
-    };
-    let (fast, plain) = (run("winograd", false), run("plain", true));
+    let run = |flags: &[&str]| demo_image(tmp.path(), (64, 64), 9, flags);
+    let (fast, plain) = (run(&[]), run(&["--low-memory"]));
     // Winograd's and the direct kernel's sums differ in rounding only.
     let worst = fast
         .as_raw()
@@ -381,4 +359,30 @@ fn low_memory_generates_the_same_image() {
         .max()
         .unwrap();
     assert!(worst <= 1, "low-memory image differs by {worst}/255");
+}
+
+/// One image of the demo model, 2 steps, with extra `flags`.
+fn demo_image(
+    data_dir: &std::path::Path,
+    (width, height): (u32, u32),
+    seed: u64,
+    flags: &[&str],
+) -> image::RgbImage {
+    let out = data_dir.join(format!("demo-{}.png", flags.join("")));
+    let output = candela(data_dir)
+        .args(["generate", "--prompt", "a lighthouse", "--steps", "2"])
+        .args([
+            "--width",
+            &width.to_string(),
+            "--height",
+            &height.to_string(),
+        ])
+        .args(["--seed", &seed.to_string()])
+        .args(flags)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_succeeded(&output);
+    image::open(&out).unwrap().to_rgb8()
 }
