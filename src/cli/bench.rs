@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// Write our figures as JSON here too.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// Also replay the denoiser forward as one CUDA graph and time it (an experiment: turns off
+    /// cudarc's event tracking for this process, which graph capture cannot record).
+    #[arg(long)]
+    pub cuda_graph: bool,
     /// Load as `serve --low-memory` (CPU f32: plain 3×3 convolution weights, no Winograd form).
     #[arg(long)]
     pub low_memory: bool,
@@ -122,6 +126,12 @@ pub struct BenchFigures {
     /// Peak memory during the end-to-end run, weights included, GiB.
     #[serde(default)]
     pub peak_gib: Option<f64>,
+    /// `--cuda-graph`: the denoiser forward replayed as one CUDA graph (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denoiser_step_graph_ms: Option<f64>,
+    /// `--cuda-graph`: why the capture failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_graph_error: Option<String>,
     /// `--profile`: one denoiser forward and one VAE decode by module.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub denoiser_profile: Vec<ProfileEntry>,
@@ -179,6 +189,12 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     }
     let device = engine::parse_device(&args.device)?;
     let dtype = engine::parse_dtype(&args.dtype)?;
+    // Graph capture cannot record cudarc's cross-stream events; this process runs on one thread
+    // and one stream, so it can do without them (tensors made from now on).
+    #[cfg(feature = "cuda")]
+    if let (true, candle_core::Device::Cuda(dev)) = (args.cuda_graph, &device) {
+        unsafe { dev.disable_event_tracking() };
+    }
     if args.device_parity {
         return super::device_parity::run(
             &args.fixtures,
@@ -259,6 +275,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
             batch,
             repeats: args.repeats,
             profiled_forwards: if args.profile { PROFILED_FORWARDS } else { 0 },
+            cuda_graph: args.cuda_graph,
         },
         &sync,
         &mut |line| eprintln!("{line}"),
@@ -298,6 +315,8 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         end_to_end_s: end_to_end,
         weights_gib: weights.map(|b| b as f64 / GIB),
         peak_gib: peak.map(|b| b as f64 / GIB),
+        denoiser_step_graph_ms: parts.graph_forward_ms.clone().and_then(|r| r.ok()),
+        cuda_graph_error: parts.graph_forward_ms.clone().and_then(|r| r.err()),
         denoiser_profile: profile_entries(&parts.profiles.denoiser),
         vae_profile: profile_entries(&parts.profiles.vae_decode),
     };
@@ -311,6 +330,9 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         None => None,
     };
     print_table(&ours, reference.as_ref());
+    if let Some(error) = &ours.cuda_graph_error {
+        println!("CUDA graph: {error}");
+    }
     for (name, ours, theirs) in [
         (
             "denoiser forward",
@@ -406,7 +428,10 @@ fn print_table(ours: &BenchFigures, reference: Option<&BenchFigures>) {
         ),
     ];
     let show = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-    for (name, v, r) in rows {
+    let graph = ours
+        .denoiser_step_graph_ms
+        .map(|ms| ("denoiser step, one CUDA graph (ms)", Some(ms), None));
+    for (name, v, r) in rows.into_iter().chain(graph) {
         let ratio = match (v, r) {
             (Some(v), Some(r)) if r > 0.0 => format!("{:.2}x", v / r),
             _ => "-".into(),

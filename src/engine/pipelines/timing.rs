@@ -27,6 +27,8 @@ pub struct BenchShape {
     /// ([`crate::engine::profile`]; the device waits at every module boundary, so these runs
     /// are not the timed ones).
     pub profiled_forwards: usize,
+    /// Also time the denoiser forward replayed as one CUDA graph ([`crate::engine::cuda::time_graph_replays`]).
+    pub cuda_graph: bool,
 }
 
 /// Per-module times of one denoiser forward (averaged over the profiled forwards) and of one
@@ -44,6 +46,8 @@ pub struct PartTimings {
     pub denoiser_ms: Vec<f64>,
     pub vae_decode_ms: f64,
     pub profiles: PartProfiles,
+    /// The graph-replayed forward's median, or why it could not be captured.
+    pub graph_forward_ms: Option<std::result::Result<f64, String>>,
 }
 
 /// Time `f`, waiting for the device to finish (`sync`) before the clock stops.
@@ -61,13 +65,18 @@ fn timed_warm<T>(sync: &dyn Fn() -> Result<()>, f: impl Fn() -> Result<T>) -> Re
     timed(sync, f)
 }
 
-/// The warm-up and `shape.repeats` timed runs of one denoiser forward, then the profiled ones.
+/// The warm-up and `shape.repeats` timed runs of one denoiser forward, then the profiled ones,
+/// then (when asked) the forward as a CUDA graph.
 fn time_forwards(
     shape: &BenchShape,
     sync: &dyn Fn() -> Result<()>,
     forward: impl Fn() -> Result<Tensor>,
     log: &mut dyn FnMut(String),
-) -> Result<(Vec<f64>, Vec<ProfileRow>)> {
+) -> Result<(
+    Vec<f64>,
+    Vec<ProfileRow>,
+    Option<std::result::Result<f64, String>>,
+)> {
     let repeats = shape.repeats;
     let mut times = Vec::with_capacity(repeats);
     for i in 0..=repeats.max(1) {
@@ -81,8 +90,11 @@ fn time_forwards(
         }
     }
     let runs = shape.profiled_forwards;
+    let graph = shape
+        .cuda_graph
+        .then(|| graph_forward(shape, &forward, log));
     if runs == 0 {
-        return Ok((times, Vec::new()));
+        return Ok((times, Vec::new(), graph));
     }
     let (total, mut rows) = profile::record(|| -> Result<f64> {
         let mut total = 0.0;
@@ -96,7 +108,32 @@ fn time_forwards(
         row.calls /= runs;
         row.total_ms /= runs as f64;
     }
-    Ok((times, rows))
+    Ok((times, rows, graph))
+}
+
+/// The forward replayed as one CUDA graph: its median time, or why capture failed.
+fn graph_forward(
+    shape: &BenchShape,
+    forward: &dyn Fn() -> Result<Tensor>,
+    log: &mut dyn FnMut(String),
+) -> std::result::Result<f64, String> {
+    #[cfg(feature = "cuda")]
+    let result = forward().map_err(|e| e.to_string()).and_then(|probe| {
+        crate::engine::cuda::time_graph_replays(probe.device(), shape.repeats, || {
+            forward().map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })
+        .map_err(|e| e.to_string())
+    });
+    #[cfg(not(feature = "cuda"))]
+    let result: std::result::Result<f64, String> = {
+        let _ = (shape, forward);
+        Err("built without CUDA".to_string())
+    };
+    match &result {
+        Ok(ms) => log(format!("denoiser forward as a CUDA graph: {ms:.1} ms")),
+        Err(e) => log(format!("denoiser forward as a CUDA graph: failed: {e}")),
+    }
+    result
 }
 
 /// One image's decode (the first row of `latents`), after a warm-up decode as for the denoiser;
@@ -143,7 +180,7 @@ impl Pipeline {
                 let (h, w) = (shape.height / scale, shape.width / scale);
                 let sample = random(&[batch, m.latent_channels(), h, w], &embeds.context)?;
                 let context = embeds.context.repeat((batch, 1, 1))?;
-                let (denoiser_ms, denoiser_profile) = match &embeds.pooled {
+                let (denoiser_ms, denoiser_profile, graph_forward_ms) = match &embeds.pooled {
                     None => time_forwards(
                         &shape,
                         sync,
@@ -174,6 +211,7 @@ impl Pipeline {
                         denoiser: denoiser_profile,
                         vae_decode: vae_profile,
                     },
+                    graph_forward_ms,
                 })
             }
             Self::Sd3(m) => {
@@ -184,7 +222,7 @@ impl Pipeline {
                 let sample = random(&[batch, m.vae().latent_channels(), h, w], &embeds.context)?;
                 let context = embeds.context.repeat((batch, 1, 1))?;
                 let pooled = embeds.pooled.repeat((batch, 1))?;
-                let (denoiser_ms, denoiser_profile) = time_forwards(
+                let (denoiser_ms, denoiser_profile, graph_forward_ms) = time_forwards(
                     &shape,
                     sync,
                     || m.transformer_forward(&sample, 500.0, &context, &pooled, &[]),
@@ -200,6 +238,7 @@ impl Pipeline {
                         denoiser: denoiser_profile,
                         vae_decode: vae_profile,
                     },
+                    graph_forward_ms,
                 })
             }
             Self::Flux(m) => {
@@ -213,7 +252,7 @@ impl Pipeline {
                 let packed = flux::Flux::pack(&latents)?;
                 let context = embeds.context.repeat((batch, 1, 1))?;
                 let pooled = embeds.pooled.repeat((batch, 1))?;
-                let (denoiser_ms, denoiser_profile) = time_forwards(
+                let (denoiser_ms, denoiser_profile, graph_forward_ms) = time_forwards(
                     &shape,
                     sync,
                     || {
@@ -239,6 +278,7 @@ impl Pipeline {
                         denoiser: denoiser_profile,
                         vae_decode: vae_profile,
                     },
+                    graph_forward_ms,
                 })
             }
         }

@@ -21,6 +21,8 @@ KERNEL_DTYPES=${KERNEL_DTYPES-"f16 bf16"}
 # Per-module times after the timed runs (both sides; PROFILE= to leave them out).
 PROFILE=${PROFILE---profile}
 MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
+# The CUDA-graph experiment (candela side only; GRAPH_MODELS= to leave it out).
+GRAPH_MODELS=${GRAPH_MODELS-"sd15 sdxl"}
 # For a dry run on a CPU machine: DEVICE=cpu BIN=target/release/candela-bench
 # BENCHES=tests/fixtures/models MODELS="sd1-tiny:f32" bash tools/bench/gpu/run.sh candela
 # (and PYTHON=tools/reference/.venv/bin/python for the diffusers side).
@@ -59,6 +61,14 @@ candela)
             --steps "$STEPS" --repeats "$REPEATS" $PROFILE --json-out "/tmp/$model.json" >> "$log" 2>&1 \
             && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "/tmp/$model.json" "$model-$dtype" >> "$results" \
             || echo "candela $model failed (exit $?)" | tee -a "$log"
+    done
+    # Experiment: the denoiser forward replayed as one CUDA graph (launch overhead gone).
+    for model in $GRAPH_MODELS; do
+        echo "== candela $model f16, CUDA graph" | tee -a "$log"
+        timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype f16 --steps 1 \
+            --repeats "$REPEATS" --cuda-graph --json-out "/tmp/graph-$model.json" >> "$log" 2>&1 \
+            && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({'model': sys.argv[2], 'denoiser_step_ms': d['denoiser_step_ms'], 'graph_ms': d.get('denoiser_step_graph_ms'), 'error': d.get('cuda_graph_error')}))" "/tmp/graph-$model.json" "$model" | tee -a "$OUT/graphs.jsonl" \
+            || echo "candela $model graph run failed (exit $?)" | tee -a "$log"
     done
     ;;
 diffusers)
