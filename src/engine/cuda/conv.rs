@@ -8,8 +8,8 @@
 //! Here, per (device, dtype, shapes, padding, stride) and thread: descriptors made once, the
 //! algorithm chosen once by timing them (`cudnnFindConvolutionForwardAlgorithm`, as PyTorch with
 //! `cudnn.benchmark`), f32 accumulation with tensor cores for f16/bf16 (PyTorch's choice), and
-//! no TF32 for f32 — f32 stays f32, as on the CPU (the CPU-vs-GPU parity check holds at 1e-3).
-//! The bias is added in place by cuDNN.
+//! no TF32 for f32 — f32 stays f32, as on the CPU (the CPU-vs-GPU parity check holds at 1e-3) —
+//! except inside [`allow_tf32`] (the upcast VAE). The bias is added in place by cuDNN.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
