@@ -70,7 +70,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub vae_tiling: bool,
     /// CPU, f32: keep 3×3 convolution weights as loaded instead of in Winograd's form (16/9 the
-    /// size): less memory (SD 1.5 at 512²: 5.1 instead of 6.8 GiB peak), 1.6× slower UNet steps.
+    /// size): less memory (SD 1.5 at 512²: 5.1 instead of 6.8 GiB peak), 1.5× slower UNet steps.
     #[arg(long)]
     pub low_memory: bool,
     /// Image width; the model's native size when omitted (512 for SD1.5, 768 for SD2.1).

@@ -40,7 +40,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CANDELA_VAE_TILING")]
     pub vae_tiling: bool,
     /// CPU, f32: keep 3×3 convolution weights as loaded instead of in Winograd's form (16/9 the
-    /// size): less memory (SD 1.5 at 512²: 5.1 instead of 6.8 GiB peak), 1.6× slower UNet steps.
+    /// size): less memory (SD 1.5 at 512²: 5.1 instead of 6.8 GiB peak), 1.5× slower UNet steps.
     #[arg(long, env = "CANDELA_LOW_MEMORY")]
     pub low_memory: bool,
     /// SD3 / FLUX: quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …);
