@@ -4,10 +4,13 @@
 #   run(command="bash tools/bench/gpu/run.sh candela",   carry=[".gpu/bin"],    timeout_s=500)
 #   run(command="bash tools/bench/gpu/run.sh diffusers", carry=[".gpu/wheels"], timeout_s=500)
 # then here: python3 tools/bench/gpu/compare.py <files_at of call 1> <files_at of call 2>
-# Budget: ~2 min to start the machine, each call at most 2×60 + 4×90 s (most models take far
-# less); the 15 device minutes of a session hold both calls if the second follows at once.
-# Each writes <side>.jsonl (one JSON object per model, the fields of `candela bench --json-out`)
-# and <side>.log under $OUT. Same models, shapes and dtypes on both sides:
+# Measured on an H200 (session 5): a machine start ~35 s, the candela call ~90 s (device parity
+# f32/f16, the kernel tables in f16 and bf16 against PyTorch, four models with --profile, the
+# CUDA-graph experiment), the diffusers call ~80-100 s; the second call must follow at once (the
+# machine idles out after 30 s).
+# Under $OUT: candela.jsonl / diffusers.jsonl (one JSON object per model, the fields of
+# `candela bench --json-out`, profiles included), <side>.log, kernels-<dtype>.jsonl and
+# kernels-torch-<dtype>.jsonl, graphs.jsonl. Same models, shapes and dtypes on both sides:
 #   SD 1.5 f16 512² batch 2 · SDXL f16 1024² batch 2 · SD3.5 Large f16 1024² batch 2 ·
 #   FLUX.1-dev bf16 1024² batch 1 (512 T5 tokens); random weights from benches/<model>.
 set -uo pipefail
