@@ -139,11 +139,6 @@ pub struct BenchFigures {
     pub vae_profile: Vec<ProfileEntry>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// Denoiser forwards `--profile` runs (their per-module times are averaged).
@@ -310,7 +305,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         batch,
         steps: args.steps,
         text_encode_ms: Some(parts.text_encode_ms),
-        denoiser_step_ms: median(parts.denoiser_ms),
+        denoiser_step_ms: engine::pipelines::timing::median(parts.denoiser_ms),
         vae_decode_ms: parts.vae_decode_ms,
         end_to_end_s: end_to_end,
         weights_gib: weights.map(|b| b as f64 / GIB),

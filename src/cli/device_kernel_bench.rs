@@ -5,7 +5,6 @@
 //! that file and prints both side by side, so a slow op shows before any model does.
 
 use std::io::Write;
-use std::time::Instant;
 
 use candle_core::conv::CudnnFwdAlgo;
 use candle_core::{DType, Device, Tensor, D};
@@ -30,17 +29,7 @@ fn time_ms(
     repeats: usize,
     mut f: impl FnMut() -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<f64> {
-    f()?;
-    device.synchronize()?;
-    let mut times = Vec::with_capacity(repeats);
-    for _ in 0..repeats.max(1) {
-        let t = Instant::now();
-        f()?;
-        device.synchronize()?;
-        times.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
+    crate::engine::pipelines::timing::median_ms(repeats, || device.synchronize(), || f().map(drop))
 }
 
 const ALGOS: [(&str, Option<CudnnFwdAlgo>); 8] = [

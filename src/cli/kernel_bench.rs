@@ -2,22 +2,16 @@
 //! one table (median of a few runs after a warm-up). Tells where a kernel pays and where the
 //! thresholds that pick it should sit.
 
-use std::time::Instant;
-
 use candle_core::{Device, Tensor};
 
 use crate::engine::models::{cpu_activation, cpu_attention, cpu_conv, cpu_norm, cpu_winograd};
 
-fn time_ms(repeats: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> anyhow::Result<f64> {
-    f()?;
-    let mut times = Vec::with_capacity(repeats);
-    for _ in 0..repeats.max(1) {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
+fn time_ms(repeats: usize, f: impl FnMut() -> candle_core::Result<()>) -> anyhow::Result<f64> {
+    Ok(crate::engine::pipelines::timing::median_ms(
+        repeats,
+        || Ok(()),
+        f,
+    )?)
 }
 
 pub fn run(repeats: usize) -> anyhow::Result<()> {

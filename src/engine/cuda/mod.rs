@@ -65,16 +65,16 @@ pub fn configure(device: &Device) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// One replay-able CUDA graph of whatever `f` launches on `device`'s stream, then the median time
-/// of `repeats` replays in milliseconds — what a denoiser step would cost with launch overhead
-/// gone (`candela bench --cuda-graph`). `f` runs once outside the capture first, so that
-/// first-use work (cuDNN plans, module loads, candle's cached kernel parameters) is done. Needs
-/// candle's parameter cache and no event tracking (cudarc's cross-stream events cannot be
-/// captured): the benchmark turns both on for its process. An error says why capture failed.
-pub fn time_graph_replays<T>(
+/// One replay-able CUDA graph of whatever `f` launches on `device`, then the median time of
+/// `repeats` replays in milliseconds — what a denoiser step would cost with launch overhead gone
+/// (`candela bench --cuda-graph`). `f` runs once outside the capture first, with candle's cache of
+/// kernel parameters on, so that first-use work (cuDNN plans, module loads, those parameters) is
+/// done. cudarc's cross-stream events cannot be captured: the benchmark turns event tracking off
+/// for its process. An error says why capture failed.
+pub fn time_graph_replays(
     device: &Device,
     repeats: usize,
-    f: impl Fn() -> candle_core::Result<T>,
+    f: impl Fn() -> candle_core::Result<candle_core::Tensor>,
 ) -> candle_core::Result<f64> {
     use candle_core::cuda_backend::cudarc::driver::sys::{
         CUgraphInstantiate_flags, CUstreamCaptureMode,
@@ -97,14 +97,10 @@ pub fn time_graph_replays<T>(
         .map_err(cuda_error)?
         .ok_or_else(|| candle_core::Error::Msg("the capture recorded nothing".into()))?;
     graph.upload().map_err(cuda_error)?;
-    let mut times = Vec::with_capacity(repeats.max(1));
-    for _ in 0..repeats.max(1) + 1 {
-        let start = std::time::Instant::now();
-        graph.launch().map_err(cuda_error)?;
-        device.synchronize()?;
-        times.push(start.elapsed().as_secs_f64() * 1000.0);
-    }
-    times.remove(0); // the first replay, as a warm-up
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
+    // The first (untimed) replay is the warm-up.
+    crate::engine::pipelines::timing::median_ms(
+        repeats,
+        || device.synchronize(),
+        || graph.launch().map_err(cuda_error),
+    )
 }

@@ -50,6 +50,31 @@ pub struct PartTimings {
     pub graph_forward_ms: Option<std::result::Result<f64, String>>,
 }
 
+/// The median of `values` (the upper middle one of an even count); `values` must not be empty.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// The median of `repeats` (at least one) timed calls of `f` after one untimed warm-up call, in
+/// milliseconds; `sync` waits for the device before each clock stops.
+pub fn median_ms<E>(
+    repeats: usize,
+    sync: impl Fn() -> std::result::Result<(), E>,
+    mut f: impl FnMut() -> std::result::Result<(), E>,
+) -> std::result::Result<f64, E> {
+    f()?;
+    sync()?;
+    let mut times = Vec::with_capacity(repeats.max(1));
+    for _ in 0..repeats.max(1) {
+        let start = Instant::now();
+        f()?;
+        sync()?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(median(times))
+}
+
 /// Time `f`, waiting for the device to finish (`sync`) before the clock stops.
 fn timed<T>(sync: &dyn Fn() -> Result<()>, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
     let start = Instant::now();
@@ -79,8 +104,10 @@ fn time_forwards(
 )> {
     let repeats = shape.repeats;
     let mut times = Vec::with_capacity(repeats);
+    let mut device = candle_core::Device::Cpu;
     for i in 0..=repeats.max(1) {
-        let (_, ms) = timed(sync, &forward)?;
+        let (out, ms) = timed(sync, &forward)?;
+        device = out.device().clone();
         log(format!(
             "denoiser forward {i}: {ms:.1} ms{}",
             if i == 0 { " (warm-up)" } else { "" }
@@ -92,7 +119,7 @@ fn time_forwards(
     let runs = shape.profiled_forwards;
     let graph = shape
         .cuda_graph
-        .then(|| graph_forward(shape, &forward, log));
+        .then(|| graph_forward(&device, repeats, &forward, log));
     if runs == 0 {
         return Ok((times, Vec::new(), graph));
     }
@@ -111,22 +138,21 @@ fn time_forwards(
     Ok((times, rows, graph))
 }
 
-/// The forward replayed as one CUDA graph: its median time, or why capture failed.
+/// The forward replayed as one CUDA graph on `device`: its median time, or why capture failed.
 fn graph_forward(
-    shape: &BenchShape,
+    device: &candle_core::Device,
+    repeats: usize,
     forward: &dyn Fn() -> Result<Tensor>,
     log: &mut dyn FnMut(String),
 ) -> std::result::Result<f64, String> {
     #[cfg(feature = "cuda")]
-    let result = forward().map_err(|e| e.to_string()).and_then(|probe| {
-        crate::engine::cuda::time_graph_replays(probe.device(), shape.repeats, || {
-            forward().map_err(|e| candle_core::Error::Msg(e.to_string()))
-        })
-        .map_err(|e| e.to_string())
-    });
+    let result = crate::engine::cuda::time_graph_replays(device, repeats, || {
+        forward().map_err(|e| candle_core::Error::Msg(e.to_string()))
+    })
+    .map_err(|e| e.to_string());
     #[cfg(not(feature = "cuda"))]
     let result: std::result::Result<f64, String> = {
-        let _ = (shape, forward);
+        let _ = (device, repeats, forward);
         Err("built without CUDA".to_string())
     };
     match &result {
