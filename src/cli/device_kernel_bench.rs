@@ -121,7 +121,7 @@ pub fn run(
     }
     // The fused kernels ("ours", what the models run) against candle's ops, each with its
     // relative error against candle's result.
-    let check = |op: &str, shape: &[usize], ours: &Tensor, theirs: &Tensor| {
+    let check = |op: &str, shape: &[usize], ours: &Tensor, theirs: &Tensor, against: &str| {
         let error = (|| -> candle_core::Result<f64> {
             let (a, b) = (ours.to_dtype(DType::F32)?, theirs.to_dtype(DType::F32)?);
             let norm = |t: &Tensor| -> candle_core::Result<f64> {
@@ -130,7 +130,9 @@ pub fn run(
             Ok(norm(&(a - &b)?)? / norm(&b)?)
         })();
         match error {
-            Ok(e) => println!("| {op} | {shape:?} | relative error of ours vs candle | {e:.2e} |"),
+            Ok(e) => {
+                println!("| {op} | {shape:?} | relative error of ours vs {against} | {e:.2e} |")
+            }
             Err(e) => println!("| {op} | {shape:?} | relative error | failed: {e} |"),
         }
     };
@@ -161,6 +163,10 @@ pub fn run(
             attention::unfused(&q, &k, &v, None, upcast)
         });
         record("sdpa", &shape, "unfused", t);
+        let exact = {
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            attention::unfused(&f32(&q)?, &f32(&k)?, &f32(&v)?, None, false)?
+        };
         // The candidate kernel (next k/v tile loaded during compute), with its own error.
         #[cfg(feature = "cuda")]
         if crate::engine::cuda::attention::supports(&q, &k, &v) {
@@ -168,31 +174,17 @@ pub fn run(
             let scale = 1.0 / (d as f32).sqrt();
             let t = time_ms(device, repeats, || attention_pipelined(&q, &k, &v, scale));
             record("sdpa", &shape, "pipelined (candidate)", t);
-            let exact = (|| {
-                let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-                attention::unfused(&f32(&q)?, &f32(&k)?, &f32(&v)?, None, false)
-            })()?;
             check(
-                "sdpa pipelined vs f32",
+                "sdpa pipelined",
                 &shape,
                 &attention_pipelined(&q, &k, &v, scale)?,
                 &exact,
+                "f32",
             );
         }
         // ‖ours − f32‖ / ‖f32‖: f16 operands land near 1e-3.
-        let error = (|| -> candle_core::Result<f64> {
-            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-            let ours = f32(&attention::scaled_dot_product(&q, &k, &v, None, upcast)?)?;
-            let exact = attention::unfused(&f32(&q)?, &f32(&k)?, &f32(&v)?, None, false)?;
-            let norm = |t: &Tensor| -> candle_core::Result<f64> {
-                Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
-            };
-            Ok(norm(&(ours - &exact)?)? / norm(&exact)?)
-        })();
-        match error {
-            Ok(e) => println!("| sdpa | {shape:?} | relative error of ours vs f32 | {e:.2e} |"),
-            Err(e) => println!("| sdpa | {shape:?} | relative error | failed: {e} |"),
-        }
+        let ours = attention::scaled_dot_product(&q, &k, &v, None, upcast)?;
+        check("sdpa", &shape, &ours, &exact, "f32");
     }
     // GroupNorm (32 groups) + SiLU as the ResNet blocks run it.
     for shape in [
@@ -216,6 +208,7 @@ pub fn run(
             &shape,
             &norm.forward_silu(&x)?,
             &blocks::group_norm_fused(&x, &w, &b, 32, 1e-5, true)?,
+            "candle",
         );
     }
     // LayerNorm over tokens (tokens, width) and the activations of the feed-forwards.
@@ -240,6 +233,7 @@ pub fn run(
             &shape,
             &cpu_activation::gelu_tanh(&x)?,
             &x.gelu()?,
+            "candle",
         );
         let half = shape[1] / 2;
         let candle_geglu =
@@ -249,7 +243,13 @@ pub fn run(
             use crate::engine::cuda::elementwise;
             let t = time_ms(device, repeats, || elementwise::geglu(&x));
             record("geglu", &shape, "ours", t);
-            check("geglu", &shape, &elementwise::geglu(&x)?, &candle_geglu()?);
+            check(
+                "geglu",
+                &shape,
+                &elementwise::geglu(&x)?,
+                &candle_geglu()?,
+                "candle",
+            );
         }
         let t = time_ms(device, repeats, candle_geglu);
         record("geglu", &shape, "candle (narrow, gelu, mul)", t);
@@ -279,6 +279,7 @@ pub fn run(
             &shape,
             &candle_core::Module::forward(&ours, &x)?,
             &candle_core::Module::forward(&theirs, &x)?,
+            "candle",
         );
     }
     // Memory bandwidth: one add over 256 Mi elements, and a strided (transposed) copy.
