@@ -14,6 +14,18 @@ fn candela(data_dir: &std::path::Path) -> Command {
 }
 
 /// The server-less benchmark binary, with the same isolation.
+/// A benchmark small enough for the tests: 64², one step, one timed forward.
+const SMALL_BENCH: [&str; 8] = [
+    "--width",
+    "64",
+    "--height",
+    "64",
+    "--steps",
+    "1",
+    "--repeats",
+    "1",
+];
+
 fn candela_bench(data_dir: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_candela-bench"));
     c.arg("--data-dir").arg(data_dir).env("HF_HUB_OFFLINE", "1");
@@ -175,16 +187,7 @@ fn bench_times_each_family_and_compares_with_a_reference() {
             .args(["--dtype", dtype])
             .arg("--configs")
             .arg(fixtures.join(model))
-            .args([
-                "--width",
-                "64",
-                "--height",
-                "64",
-                "--steps",
-                "1",
-                "--repeats",
-                "1",
-            ])
+            .args(SMALL_BENCH)
             .arg("--json-out")
             .arg(&json)
             .output()
@@ -222,16 +225,7 @@ fn bench_times_each_family_and_compares_with_a_reference() {
     let out = candela(tmp.path())
         .args(["bench", "--configs"])
         .arg(fixtures.join("sd1-tiny"))
-        .args([
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "1",
-            "--repeats",
-            "1",
-        ])
+        .args(SMALL_BENCH)
         .arg("--reference")
         .arg(&reference_path)
         .output()
@@ -295,8 +289,8 @@ fn bench_profile_splits_a_forward_by_module() {
         let out = candela_bench(tmp.path())
             .arg("--configs")
             .arg(fixtures.join(model))
-            .args(["--width", "64", "--height", "64", "--steps", "1"])
-            .args(["--repeats", "1", "--profile", "--cuda-graph", "--json-out"])
+            .args(SMALL_BENCH)
+            .args(["--profile", "--cuda-graph", "--json-out"])
             .arg(&json)
             .output()
             .unwrap();
