@@ -249,11 +249,14 @@ impl CudnnConv2d {
         STATE.with(|state| {
             let mut state = state.borrow_mut();
             let handle = handle(&mut state, dev)?;
-            if !state.plans.contains_key(&key) {
-                let plan = make_plan(handle, &key, output)?;
-                state.plans.insert(key.clone(), plan);
-            }
-            let plan = &state.plans[&key];
+            // One lookup per call; the plan is made on a shape's first use.
+            let plan = match state.plans.entry(key) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let plan = make_plan(handle, e.key(), output)?;
+                    e.insert(plan)
+                }
+            };
             let mut y =
                 unsafe { stream.alloc::<T>(output.iter().product()) }.map_err(cuda_error)?;
             let mut workspace =

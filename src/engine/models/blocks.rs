@@ -119,7 +119,7 @@ pub fn linear_no_bias(input: usize, output: usize, vb: VarBuilder) -> candle_cor
 /// GroupNorm with learned per-channel scale and shift; on the CPU in f32 one fused pass
 /// ([`super::cpu_norm`]), which can also apply the SiLU that follows it in ResNet blocks.
 pub struct GroupNorm {
-    /// Scale and shift as tensors (the device path) and as host values (the CPU kernel).
+    /// Scale and shift as tensors (the device path) and, on the CPU, as host values (its kernel).
     scale: Tensor,
     shift: Tensor,
     weight: Vec<f32>,
@@ -150,9 +150,18 @@ impl GroupNorm {
         groups: usize,
         eps: f64,
     ) -> candle_core::Result<Self> {
+        // Host copies for the CPU kernel only: on a GPU they would cost a device-to-host copy
+        // per layer at load for values never read.
+        let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+            if t.device().is_cpu() {
+                t.to_dtype(candle_core::DType::F32)?.to_vec1()
+            } else {
+                Ok(Vec::new())
+            }
+        };
         Ok(Self {
-            weight: scale.to_dtype(candle_core::DType::F32)?.to_vec1()?,
-            bias: shift.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+            weight: host(&scale)?,
+            bias: host(&shift)?,
             scale,
             shift,
             groups,
