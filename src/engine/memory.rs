@@ -15,7 +15,8 @@
 //! hidden state, residuals).
 //!
 //! VAE decoding (one image at a time) needs `4 · C_max · H · W · s` for the full-resolution
-//! feature maps plus `2 · T² · s` for the single-head mid-block attention. The job needs the
+//! feature maps plus `2 · T² · s` for the single-head mid-block attention (computed in slices
+//! of queries past `attention::MAX_SCORE_BYTES`: at most three slices' worth). The job needs the
 //! larger of the two phases. These coefficients are an upper-bound model, to be calibrated
 //! against measured peak device memory on a GPU (`candela bench` reports both).
 
@@ -238,7 +239,10 @@ impl Footprint {
             _ => (width, height, 0),
         };
         let vae_tokens = ((vw / scale) * (vh / scale)) as u64;
-        4 * self.vae_channels as u64 * (vw * vh) as u64 * s + 2 * vae_tokens * vae_tokens * s + kept
+        // The mid block's scores and softmax, sliced past MAX_SCORE_BYTES (f32 at most).
+        let attention = (2 * vae_tokens * vae_tokens * s)
+            .min(3 * crate::engine::models::attention::MAX_SCORE_BYTES as u64);
+        4 * self.vae_channels as u64 * (vw * vh) as u64 * s + attention + kept
     }
 }
 

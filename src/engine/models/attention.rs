@@ -30,9 +30,60 @@ pub fn scaled_dot_product(
     })
 }
 
-/// The attention of [`scaled_dot_product`] as plain tensor ops (scores materialised): every
-/// device, masks, any head size.
+/// Largest score matrix [`unfused`] materialises at once. Past it the queries go in slices
+/// (diffusers' attention slicing, chosen by size): the VAE's single 512-wide head at 2048² would
+/// otherwise need a 16 GiB matrix, and f32 models on CUDA one per head of every layer.
+pub const MAX_SCORE_BYTES: usize = 256 << 20;
+
+/// The attention of [`scaled_dot_product`] as plain tensor ops (scores materialised, a slice of
+/// queries at a time past [`MAX_SCORE_BYTES`]): every device, masks, any head size.
 pub fn unfused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    upcast: bool,
+) -> candle_core::Result<Tensor> {
+    unfused_in_slices(q, k, v, mask, upcast, MAX_SCORE_BYTES)
+}
+
+/// [`unfused`] with the score matrix of each slice of queries under `max_score_bytes`. Each
+/// query's row of scores is computed and normalised alone, so slicing changes no result.
+pub fn unfused_in_slices(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    upcast: bool,
+    max_score_bytes: usize,
+) -> candle_core::Result<Tensor> {
+    let query_dim = q.rank().saturating_sub(2);
+    let queries = q.dim(query_dim)?;
+    let keys = k.dim(k.rank().saturating_sub(2))?;
+    let score_dtype = if upcast { DType::F32 } else { q.dtype() };
+    let rows_of_scores = q.elem_count() / q.dim(candle_core::D::Minus1)?.max(1);
+    let bytes_per_query = (rows_of_scores / queries.max(1)) * keys * score_dtype.size_in_bytes();
+    let per_slice = (max_score_bytes / bytes_per_query.max(1)).max(1);
+    if queries <= per_slice {
+        return unfused_whole(q, k, v, mask, upcast);
+    }
+    let mut slices = Vec::with_capacity(queries.div_ceil(per_slice));
+    for start in (0..queries).step_by(per_slice) {
+        let len = per_slice.min(queries - start);
+        // A mask with a row per query is sliced with the queries; a broadcast one is kept.
+        let mask = match mask {
+            Some(m) if m.rank() >= 2 && m.dim(m.rank() - 2)? == queries => {
+                Some(m.narrow(m.rank() - 2, start, len)?)
+            }
+            other => other.cloned(),
+        };
+        let q = q.narrow(query_dim, start, len)?;
+        slices.push(unfused_whole(&q, k, v, mask.as_ref(), upcast)?);
+    }
+    Tensor::cat(&slices, query_dim)
+}
+
+fn unfused_whole(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -115,5 +166,63 @@ impl Attention {
             let out = out.transpose(1, 2)?.reshape((b, n, inner))?;
             self.to_out.forward(&out)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Slices of queries (a remainder slice included) give the whole computation's result, with
+    /// a per-query mask sliced along and a broadcast one kept, in f32 and in upcast f16.
+    #[test]
+    fn sliced_attention_matches_the_whole() {
+        let dev = Device::Cpu;
+        let (b, h, n, m, d) = (2, 3, 50, 37, 8);
+        let q = Tensor::randn(0f32, 1.0, (b, h, n, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, h, m, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, h, m, d), &dev).unwrap();
+        let per_query_mask = (Tensor::randn(0f32, 1.0, (n, m), &dev).unwrap() * 3.0).unwrap();
+        let broadcast_mask = Tensor::randn(0f32, 1.0, (1, 1, 1, m), &dev).unwrap();
+        // 7 queries' scores per slice: 8 slices, the last of 1.
+        let slice_bytes = 7 * b * h * m * 4;
+        for mask in [None, Some(&per_query_mask), Some(&broadcast_mask)] {
+            // Relative to the largest output: f32 to its rounding; f16 to one unit in the last
+            // place (the half-precision p·v product rounds differently for a different number
+            // of rows, the matmul blocking its sums another way).
+            for (dtype, upcast, relative) in [(DType::F32, false, 1e-6), (DType::F16, true, 1e-3)] {
+                let [q, k, v] = [&q, &k, &v].map(|t| t.to_dtype(dtype).unwrap());
+                let whole = unfused_whole(&q, &k, &v, mask, upcast).unwrap();
+                let sliced = unfused_in_slices(&q, &k, &v, mask, upcast, slice_bytes).unwrap();
+                assert_eq!(sliced.dims(), whole.dims());
+                let largest = max_difference(&whole, &whole.zeros_like().unwrap());
+                let tolerance = relative * largest;
+                let diff = max_difference(&sliced, &whole);
+                assert!(
+                    diff <= tolerance,
+                    "{dtype:?} mask {:?}: {diff}",
+                    mask.map(|m| m.dims().to_vec())
+                );
+            }
+        }
+        // A wrong mask slice would show: the masked rows differ from the unmasked result.
+        let unmasked = unfused_whole(&q, &k, &v, None, false).unwrap();
+        let masked =
+            unfused_in_slices(&q, &k, &v, Some(&per_query_mask), false, slice_bytes).unwrap();
+        assert!(max_difference(&masked, &unmasked) > 1e-2);
     }
 }
