@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// Load as `serve --vae-tiling`.
     #[arg(long)]
     pub vae_tiling: bool,
+    /// The fused CUDA attention kernel the models run: `tiled` (the measured one), or a
+    /// candidate (`pipelined`, `wide`) to time whole models with it.
+    #[arg(long, default_value = "tiled")]
+    pub attention_kernel: String,
     /// Also time the denoiser and the VAE decode module by module (the device waits at every
     /// module boundary): the table diffusers' side prints with `--profile` too.
     #[arg(long)]
@@ -177,6 +181,25 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     run_engine(common, args)
 }
 
+/// `--attention-kernel`: the fused attention kernel the models run in this process.
+fn select_attention_kernel(name: &str) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        use engine::cuda::attention::{set_model_kernel, Kernel};
+        let kernel = Kernel::parse(name).ok_or_else(|| {
+            let names: Vec<_> = Kernel::ALL.iter().map(|k| k.name()).collect();
+            anyhow::anyhow!("--attention-kernel {name}: one of {}", names.join(", "))
+        })?;
+        set_model_kernel(kernel);
+        Ok(())
+    }
+    #[cfg(not(feature = "cuda"))]
+    match name {
+        "tiled" => Ok(()),
+        other => anyhow::bail!("--attention-kernel {other} needs a build with the cuda feature"),
+    }
+}
+
 /// Every benchmark but the server's (the `candela-bench` binary has no server in it).
 pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     if args.server_load {
@@ -184,6 +207,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     }
     let device = engine::parse_device(&args.device)?;
     let dtype = engine::parse_dtype(&args.dtype)?;
+    select_attention_kernel(&args.attention_kernel)?;
     // Graph capture cannot record cudarc's cross-stream events; this process runs on one thread
     // and one stream, so it can do without them (tensors made from now on).
     #[cfg(feature = "cuda")]

@@ -167,20 +167,20 @@ pub fn run(
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
             attention::unfused(&f32(&q)?, &f32(&k)?, &f32(&v)?, None, false)?
         };
-        // The candidate kernel (next k/v tile loaded during compute), with its own error.
+        // Every fused kernel by name (the candidates beside the models' one), each with its error.
         #[cfg(feature = "cuda")]
         if crate::engine::cuda::attention::supports(&q, &k, &v) {
-            use crate::engine::cuda::attention::attention_pipelined;
+            use crate::engine::cuda::attention::{attention_by, Kernel};
             let scale = 1.0 / (d as f32).sqrt();
-            let t = time_ms(device, repeats, || attention_pipelined(&q, &k, &v, scale));
-            record("sdpa", &shape, "pipelined (candidate)", t);
-            check(
-                "sdpa pipelined",
-                &shape,
-                &attention_pipelined(&q, &k, &v, scale)?,
-                &exact,
-                "f32",
-            );
+            for kernel in Kernel::ALL {
+                let variant = format!("kernel {}", kernel.name());
+                let t = time_ms(device, repeats, || attention_by(kernel, &q, &k, &v, scale));
+                record("sdpa", &shape, &variant, t);
+                match attention_by(kernel, &q, &k, &v, scale) {
+                    Ok(out) => check("sdpa", &shape, &out, &exact, &format!("f32 ({variant})")),
+                    Err(e) => println!("| sdpa | {shape:?} | {variant} | failed: {e} |"),
+                }
+            }
         }
         // ‖ours − f32‖ / ‖f32‖: f16 operands land near 1e-3.
         let ours = attention::scaled_dot_product(&q, &k, &v, None, upcast)?;

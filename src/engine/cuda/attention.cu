@@ -57,6 +57,29 @@ __device__ __forceinline__ uint32_t pair2(T lo, T hi) {
     return (uint32_t)l | ((uint32_t)h << 16);
 }
 
+// 16 bytes global → shared without passing through registers; `bytes` < 16 zero-fills the rest
+// (0 for the rows past the last key).
+__device__ __forceinline__ void copy16_async(void *shared, const void *global, int bytes) {
+    uint32_t address = (uint32_t)__cvta_generic_to_shared(shared);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
+}
+
+// Four 8×8 blocks of 16-bit values from shared memory (lane l gives the address of row l % 8 of
+// block l / 8); each lane receives row l / 4, columns 2(l % 4) and 2(l % 4) + 1 of every block —
+// or with `.trans` the transposed blocks.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *shared) {
+    uint32_t address = (uint32_t)__cvta_generic_to_shared(shared);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *shared) {
+    uint32_t address = (uint32_t)__cvta_generic_to_shared(shared);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
 // Zero the padding columns [d, DP + 8) of `rows` shared rows of k and v once: the tile loads
 // never write them.
 template <typename T, int DP>
@@ -89,6 +112,57 @@ __device__ __forceinline__ void load_queries(uint32_t (&qa)[DP / 16][4], const T
     }
 }
 
+// The online-softmax step for one tile of scores (this warp's 16 rows × N keys, base 2): masks
+// keys past m, raises the running row maximum, rescales the running sum and the output
+// accumulators, and leaves exp2(score − maximum) in `s` (the p of p·v). Rows g (elements 0, 1)
+// and g+8 (elements 2, 3).
+template <int DP, int N>
+__device__ __forceinline__ void softmax_update(float (&s)[N / 8][4], float (&acc)[DP / 8][4],
+                                               float (&row_max)[2], float (&row_sum)[2], int key0,
+                                               int m, float scale_log2, int t) {
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int key = key0 + j * 8 + 2 * t + (e & 1);
+            s[j][e] = key < m ? s[j][e] * scale_log2 : -INFINITY;
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
+        }
+    }
+    float rescale[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
+        float new_max = fmaxf(row_max[r], tile_max[r]);
+        rescale[r] = exp2f(row_max[r] - new_max);  // 0 on the first tile (-inf - finite)
+        row_max[r] = new_max;
+    }
+    float tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            s[j][e] = exp2f(s[j][e] - row_max[e >> 1]);
+            tile_sum[e >> 1] += s[j][e];
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], 1);
+        tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], 2);
+        row_sum[r] = row_sum[r] * rescale[r] + tile_sum[r];
+    }
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j) {
+        acc[j][0] *= rescale[0];
+        acc[j][1] *= rescale[0];
+        acc[j][2] *= rescale[1];
+        acc[j][3] *= rescale[1];
+    }
+}
+
 // One 64-key tile (k and v rows in shared memory, row stride DP + 8) into this warp's running
 // maximum, sum and output accumulators.
 template <typename T, int DP>
@@ -110,48 +184,7 @@ __device__ __forceinline__ void attend_tile(const T *ks, const T *vs, const uint
             Ops<T>::mma(s[j], qa[st], b);
         }
     }
-    // Online softmax in base 2; rows g (elements 0, 1) and g+8 (elements 2, 3).
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < BLOCK_N / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            int key = key0 + j * 8 + 2 * t + (e & 1);
-            s[j][e] = key < m ? s[j][e] * scale_log2 : -INFINITY;
-            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
-        }
-    }
-    float rescale[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
-        float new_max = fmaxf(row_max[r], tile_max[r]);
-        rescale[r] = exp2f(row_max[r] - new_max);  // 0 on the first tile (-inf - finite)
-        row_max[r] = new_max;
-    }
-    float tile_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int j = 0; j < BLOCK_N / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            s[j][e] = exp2f(s[j][e] - row_max[e >> 1]);
-            tile_sum[e >> 1] += s[j][e];
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], 1);
-        tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], 2);
-        row_sum[r] = row_sum[r] * rescale[r] + tile_sum[r];
-    }
-#pragma unroll
-    for (int j = 0; j < DP / 8; ++j) {
-        acc[j][0] *= rescale[0];
-        acc[j][1] *= rescale[0];
-        acc[j][2] *= rescale[1];
-        acc[j][3] *= rescale[1];
-    }
+    softmax_update<DP, BLOCK_N>(s, acc, row_max, row_sum, key0, m, scale_log2, t);
     // acc += p · v, one 16-key step at a time.
 #pragma unroll
     for (int st = 0; st < BLOCK_N / 16; ++st) {
@@ -169,10 +202,7 @@ __device__ __forceinline__ void attend_tile(const T *ks, const T *vs, const uint
 #pragma unroll
         for (int j = 0; j < DP / 8; j += 2) {
             uint32_t b[4];
-            uint32_t address = (uint32_t)__cvta_generic_to_shared(vrow + j * 8);
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                         : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                         : "r"(address));
+            ldmatrix_x4_trans(b, vrow + j * 8);
             Ops<T>::mma(acc[j], pa, b);
             Ops<T>::mma(acc[j + 1], pa, b + 2);
         }
@@ -247,13 +277,6 @@ __device__ void flash_attention(const T *__restrict__ q, const T *__restrict__ k
     store_output<T, DP>(o, acc, row_sum, row0, n, d, g, t);
 }
 
-// 16 bytes global → shared without passing through registers; `bytes` < 16 zero-fills the rest
-// (0 for the rows past the last key).
-__device__ __forceinline__ void copy16_async(void *shared, const void *global, int bytes) {
-    uint32_t address = (uint32_t)__cvta_generic_to_shared(shared);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
-}
-
 // The same attention with the next k/v tile loaded (cp.async, two shared-memory stages) while the
 // current one is computed; in `flash_attention` every tile's loads wait for the previous tile's
 // compute and the other way round. Dynamic shared memory: 4 · 64 · (DP + 8) elements.
@@ -320,6 +343,148 @@ __device__ void flash_attention_pipelined(const T *__restrict__ q, const T *__re
     store_output<T, DP>(o, acc, row_sum, row0, n, d, g, t);
 }
 
+// The FlashAttention-2 arrangement, candidate for the models: 128 queries per block, each warp
+// owning 32 rows (two m16 tiles), so every k and v fragment read from shared memory feeds two
+// mma instead of one; q staged in shared memory and read with ldmatrix per 16-column step (two
+// m16 tiles of q fragments would not fit in registers beside the accumulators); k read with
+// ldmatrix too. Loads overlap compute as in FlashAttention-2: the next tile's k is copied
+// (cp.async) while p·v runs, the current tile's v while the scores and softmax run.
+// Dynamic shared memory: (WIDE_M + 2 N) rows of DP + 8 elements; N = 64 keys per tile, 32 from
+// head size 160 (registers).
+#define WIDE_M 128
+
+template <typename T, int STRIDE>
+__device__ __forceinline__ void copy_rows_async(T *shared, const T *global, int row0, int rows,
+                                                int total, int d) {
+    const int chunks = d / 8;
+    for (int i = threadIdx.x; i < rows * chunks; i += blockDim.x) {
+        int r = i / chunks, c = (i % chunks) * 8;
+        bool inside = row0 + r < total;
+        size_t from = (size_t)(inside ? row0 + r : 0) * d + c;  // a valid address either way
+        copy16_async(shared + r * STRIDE + c, global + from, inside ? 16 : 0);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <typename T, int DP, int N>
+__device__ void flash_attention_wide(const T *__restrict__ q, const T *__restrict__ k,
+                                     const T *__restrict__ v, T *__restrict__ o, int n, int m,
+                                     int d, float scale_log2) {
+    constexpr int STRIDE = DP + 8;
+    constexpr int MT = 2;  // m16 tiles per warp
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    T *qs = reinterpret_cast<T *>(shared_bytes);  // WIDE_M rows, then N of k, then N of v
+    T *ks = qs + WIDE_M * STRIDE;
+    T *vs = ks + N * STRIDE;
+
+    const int bh = blockIdx.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * WIDE_M;
+    q += (size_t)bh * n * d;
+    k += (size_t)bh * m * d;
+    v += (size_t)bh * m * d;
+    o += (size_t)bh * n * d;
+
+    // Padding columns of q, k and v (contiguous rows) are zero; the copies never write them.
+    for (int i = threadIdx.x; i < (WIDE_M + 2 * N) * (STRIDE - d); i += blockDim.x) {
+        int r = i / (STRIDE - d), c = d + i % (STRIDE - d);
+        qs[r * STRIDE + c] = T(0.0f);
+    }
+    copy_rows_async<T, STRIDE>(qs, q, q0, WIDE_M, n, d);  // group: q
+    copy_rows_async<T, STRIDE>(ks, k, 0, N, m, d);        // group: k of tile 0
+    copy_rows_async<T, STRIDE>(vs, v, 0, N, m, d);        // group: v of tile 0
+
+    float acc[MT][DP / 8][4];
+    float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < DP / 8; ++j)
+            acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.0f;
+        row_max[mt][0] = row_max[mt][1] = -INFINITY;
+        row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+    }
+    // ldmatrix addresses of this lane. q (A operand, row-major): rows lane % 16, column half
+    // lane / 16. k (B operand, its rows are the keys): keys (lane / 16) · 8 + lane % 8, column
+    // half (lane / 8) % 2 — registers 0, 1 for key tile j and 2, 3 for tile j + 1. v (B operand
+    // through .trans): keys (lane / 8) % 2 · 8 + lane % 8, column block lane / 16.
+    const T *q_lane = qs + (warp * 16 * MT + (lane & 15)) * STRIDE + (lane >> 4) * 8;
+    const T *k_lane = ks + ((lane >> 4) * 8 + (lane & 7)) * STRIDE + ((lane >> 3) & 1) * 8;
+    const T *v_lane = vs + (((lane >> 3) & 1) * 8 + (lane & 7)) * STRIDE + (lane >> 4) * 8;
+
+    const int tiles = (m + N - 1) / N;
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int key0 = tile * N;
+        asm volatile("cp.async.wait_group 1;\n" ::);  // q and this tile's k (v may be in flight)
+        __syncthreads();
+        float s[MT][N / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < N / 8; ++j)
+                s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
+#pragma unroll
+        for (int st = 0; st < DP / 16; ++st) {
+            uint32_t qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldmatrix_x4(qa[mt], q_lane + mt * 16 * STRIDE + st * 16);
+#pragma unroll
+            for (int j = 0; j < N / 8; j += 2) {
+                uint32_t kb[4];
+                ldmatrix_x4(kb, k_lane + j * 8 * STRIDE + st * 16);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Ops<T>::mma(s[mt][j], qa[mt], kb);
+                    Ops<T>::mma(s[mt][j + 1], qa[mt], kb + 2);
+                }
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            softmax_update<DP, N>(s[mt], acc[mt], row_max[mt], row_sum[mt], key0, m, scale_log2, t);
+
+        asm volatile("cp.async.wait_group 0;\n" ::);  // this tile's v
+        __syncthreads();  // ... visible to all, and every warp is done with this tile's k
+        if (tile + 1 < tiles)
+            copy_rows_async<T, STRIDE>(ks, k, key0 + N, N, m, d);
+#pragma unroll
+        for (int st = 0; st < N / 16; ++st) {
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                pa[mt][0] = Ops<T>::pack(s[mt][2 * st][0], s[mt][2 * st][1]);
+                pa[mt][1] = Ops<T>::pack(s[mt][2 * st][2], s[mt][2 * st][3]);
+                pa[mt][2] = Ops<T>::pack(s[mt][2 * st + 1][0], s[mt][2 * st + 1][1]);
+                pa[mt][3] = Ops<T>::pack(s[mt][2 * st + 1][2], s[mt][2 * st + 1][3]);
+            }
+#pragma unroll
+            for (int j = 0; j < DP / 8; j += 2) {
+                uint32_t vb[4];
+                ldmatrix_x4_trans(vb, v_lane + st * 16 * STRIDE + j * 8);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Ops<T>::mma(acc[mt][j], pa[mt], vb);
+                    Ops<T>::mma(acc[mt][j + 1], pa[mt], vb + 2);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this tile's v
+        if (tile + 1 < tiles)
+            copy_rows_async<T, STRIDE>(vs, v, key0 + N, N, m, d);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        store_output<T, DP>(o, acc[mt], row_sum[mt], q0 + warp * 16 * MT + mt * 16, n, d, g, t);
+}
+
+#define FLASH_WIDE(NAME, T, DP)                                                                \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                   \
+        NAME(const T *q, const T *k, const T *v, T *o, int n, int m, int d, float scale_log2) { \
+        flash_attention_wide<T, DP, (DP <= 128 ? 64 : 32)>(q, k, v, o, n, m, d, scale_log2);   \
+    }
+
 #define FLASH_PIPELINED(NAME, T, DP)                                                           \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                   \
         NAME(const T *q, const T *k, const T *v, T *o, int n, int m, int d, float scale_log2) { \
@@ -333,8 +498,8 @@ __device__ void flash_attention_pipelined(const T *__restrict__ q, const T *__re
         flash_attention<T, DP>(q, k, v, o, n, m, d, scale_log2);                               \
     }
 
-// Every head size (padded to 16) for f16 and bf16: flash_attention_{f16,bf16}_DP and
-// flash_attention_pipelined_{f16,bf16}_DP.
+// Every head size (padded to 16) for f16 and bf16: flash_attention_{f16,bf16}_DP,
+// flash_attention_pipelined_{f16,bf16}_DP and flash_attention_wide_{f16,bf16}_DP.
 #define EACH_HEAD_SIZE(MAKE, PREFIX, SUFFIX, T) \
     MAKE(PREFIX##SUFFIX##_16, T, 16)             \
     MAKE(PREFIX##SUFFIX##_32, T, 32)             \
@@ -349,3 +514,5 @@ EACH_HEAD_SIZE(FLASH, flash_attention_, f16, __half)
 EACH_HEAD_SIZE(FLASH, flash_attention_, bf16, __nv_bfloat16)
 EACH_HEAD_SIZE(FLASH_PIPELINED, flash_attention_pipelined_, f16, __half)
 EACH_HEAD_SIZE(FLASH_PIPELINED, flash_attention_pipelined_, bf16, __nv_bfloat16)
+EACH_HEAD_SIZE(FLASH_WIDE, flash_attention_wide_, f16, __half)
+EACH_HEAD_SIZE(FLASH_WIDE, flash_attention_wide_, bf16, __nv_bfloat16)

@@ -12,9 +12,6 @@ use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
 use super::cuda_error;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-/// Queries per block (4 warps × 16 rows) and keys per tile, as `BLOCK_M` / `BLOCK_N` in the kernel.
-const BLOCK_M: usize = 64;
-const BLOCK_N: usize = 64;
 
 /// The padded head size the kernel is built for, if any: the real size must be a multiple of 8.
 fn padded_head_dim(d: usize) -> Option<usize> {
@@ -47,23 +44,93 @@ fn starts_aligned(t: &Tensor) -> bool {
     !t.is_contiguous() || t.layout().start_offset().is_multiple_of(8)
 }
 
-/// softmax(q kᵀ · scale) v over (batch, heads, tokens, head_dim) f16/bf16 CUDA tensors (check
-/// [`supports`] first).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
-    q.contiguous()?.apply_op3_no_bwd(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        &FlashAttention {
-            scale,
-            pipelined: false,
-        },
-    )
+/// The fused attention kernels of attention.cu. `Tiled` is the one measured on a GPU and run by
+/// the models; the others are candidates, timed and checked against f32 by `candela bench
+/// --kernels` (and run by the models with `candela bench --attention-kernel`) before one replaces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kernel {
+    /// 64 queries per block (16 per warp), 64-key tiles, k/v loads then compute.
+    Tiled = 0,
+    /// `Tiled` with the next k/v tile copied (cp.async, two stages) during the current one.
+    Pipelined = 1,
+    /// FlashAttention-2's arrangement: 128 queries per block (32 per warp, each k/v fragment
+    /// feeding two mma), q in shared memory, k and v loads overlapping the other half's compute.
+    Wide = 2,
 }
 
-/// [`attention`] by the candidate kernel that loads the next k/v tile while computing the current
-/// one (`flash_attention_pipelined` in attention.cu). Measured by `candela bench --kernels` on a
-/// GPU (time and error against f32) before the models use it.
-pub fn attention_pipelined(
+impl Kernel {
+    pub const ALL: [Kernel; 3] = [Kernel::Tiled, Kernel::Pipelined, Kernel::Wide];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Tiled => "tiled",
+            Kernel::Pipelined => "pipelined",
+            Kernel::Wide => "wide",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Kernel> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The kernel name's infix in attention.cu.
+    fn infix(self) -> &'static str {
+        match self {
+            Kernel::Tiled => "",
+            Kernel::Pipelined => "pipelined_",
+            Kernel::Wide => "wide_",
+        }
+    }
+
+    /// Queries per block.
+    fn queries_per_block(self) -> usize {
+        match self {
+            Kernel::Tiled | Kernel::Pipelined => 64,
+            Kernel::Wide => 128,
+        }
+    }
+
+    /// Dynamic shared memory of one block, in elements of the operand type (0: static only).
+    fn shared_elements(self, padded: usize) -> usize {
+        let row = padded + 8;
+        match self {
+            Kernel::Tiled => 0,
+            Kernel::Pipelined => 4 * TILED_KEYS * row,
+            // q's rows, then one tile of k and one of v (32 keys from head size 160: registers).
+            Kernel::Wide => (128 + 2 * if padded <= 128 { 64 } else { 32 }) * row,
+        }
+    }
+}
+
+/// Keys per tile of the tiled and pipelined kernels (`BLOCK_N`).
+const TILED_KEYS: usize = 64;
+
+/// The kernel the models run (process-wide: a benchmark's choice, not a per-request one).
+static MODEL_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Makes [`attention`] run `kernel` from now on, in this process.
+pub fn set_model_kernel(kernel: Kernel) {
+    MODEL_KERNEL.store(kernel as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn model_kernel() -> Kernel {
+    let stored = MODEL_KERNEL.load(std::sync::atomic::Ordering::Relaxed);
+    Kernel::ALL
+        .into_iter()
+        .find(|k| *k as u8 == stored)
+        .unwrap_or(Kernel::Tiled)
+}
+
+/// softmax(q kᵀ · scale) v over (batch, heads, tokens, head_dim) f16/bf16 CUDA tensors (check
+/// [`supports`] first), by the models' kernel.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    attention_by(model_kernel(), q, k, v, scale)
+}
+
+/// [`attention`] by a given kernel.
+pub fn attention_by(
+    kernel: Kernel,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -72,28 +139,16 @@ pub fn attention_pipelined(
     q.contiguous()?.apply_op3_no_bwd(
         &k.contiguous()?,
         &v.contiguous()?,
-        &FlashAttention {
-            scale,
-            pipelined: true,
-        },
+        &FlashAttention { scale, kernel },
     )
 }
 
 struct FlashAttention {
     scale: f32,
-    pipelined: bool,
+    kernel: Kernel,
 }
 
 impl FlashAttention {
-    /// The kernel name's infix.
-    fn variant(&self) -> &'static str {
-        if self.pipelined {
-            "pipelined_"
-        } else {
-            ""
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn launch<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
         &self,
@@ -105,14 +160,10 @@ impl FlashAttention {
         (bh, n, m, d): (usize, usize, usize, usize),
     ) -> candle_core::Result<CudaSlice<T>> {
         let func = dev.get_or_load_custom_func(kernel, "candela_attention", PTX)?;
-        // The pipelined kernel's two stages of k and v live in dynamic shared memory, past the
-        // 48 KiB a launch gets without asking for head sizes from 96.
-        let shared_mem_bytes = if self.pipelined {
-            let padded = padded_head_dim(d).unwrap_or(d);
-            (4 * BLOCK_N * (padded + 8) * std::mem::size_of::<T>()) as u32
-        } else {
-            0
-        };
+        let padded = padded_head_dim(d).unwrap_or(d);
+        let shared_mem_bytes =
+            (self.kernel.shared_elements(padded) * std::mem::size_of::<T>()) as u32;
+        // Past the 48 KiB a launch gets without asking.
         if shared_mem_bytes > 48 * 1024 {
             use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute as Attribute;
             func.set_attribute(
@@ -126,7 +177,11 @@ impl FlashAttention {
         let (n32, m32, d32) = (n as i32, m as i32, d as i32);
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
         let config = LaunchConfig {
-            grid_dim: (n.div_ceil(BLOCK_M) as u32, bh as u32, 1),
+            grid_dim: (
+                n.div_ceil(self.kernel.queries_per_block()) as u32,
+                bh as u32,
+                1,
+            ),
             block_dim: (128, 1, 1),
             shared_mem_bytes,
         };
@@ -187,7 +242,7 @@ impl CustomOp3 for FlashAttention {
             ) -> candle_core::Result<CudaView<'a, T>> {
                 Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
             }
-            let kernel = format!("flash_attention_{}{dtype}_{padded}", op.variant());
+            let kernel = format!("flash_attention_{}{dtype}_{padded}", op.kernel.infix());
             let out = op.launch(
                 &q.0.device,
                 &kernel,

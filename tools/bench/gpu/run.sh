@@ -24,6 +24,9 @@ KERNEL_DTYPES=${KERNEL_DTYPES-"f16 bf16"}
 # Per-module times after the timed runs (both sides; PROFILE= to leave them out).
 PROFILE=${PROFILE---profile}
 MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
+# Candidate fused attention kernels, each run in the whole models too (candela side only;
+# ATTENTION_CANDIDATES= to leave them out): denoiser step only, labelled "<model> (attention K)".
+ATTENTION_CANDIDATES=${ATTENTION_CANDIDATES-"wide"}
 # The CUDA-graph experiment (candela side only; GRAPH_MODELS= to leave it out).
 GRAPH_MODELS=${GRAPH_MODELS-"sd15 sdxl"}
 # For a dry run on a CPU machine: DEVICE=cpu BIN=target/release/candela-bench
@@ -36,6 +39,10 @@ LD_LIBRARY_PATH=$(find /opt /usr/local/nvidia -name 'lib*.so*' 2>/dev/null |
     grep -E 'libcublas|libcudnn|libcurand|libcudart|libnvrtc|libcuda\.so' | grep -v compat |
     xargs -n1 dirname | sort -u | tr '\n' ':')${LD_LIBRARY_PATH:-}
 export LD_LIBRARY_PATH
+# Appends the JSON object of one run (file $1) to $results as model $2.
+append_result() {
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "$1" "$2" >> "$results"
+}
 log="$OUT/$side.log"
 results="$OUT/$side.jsonl"
 : > "$results"
@@ -62,8 +69,19 @@ candela)
         echo "== candela $model $dtype" | tee -a "$log"
         timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
             --steps "$STEPS" --repeats "$REPEATS" $PROFILE --json-out "/tmp/$model.json" >> "$log" 2>&1 \
-            && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "/tmp/$model.json" "$model-$dtype" >> "$results" \
+            && append_result "/tmp/$model.json" "$model-$dtype" \
             || echo "candela $model failed (exit $?)" | tee -a "$log"
+    done
+    for kernel in $ATTENTION_CANDIDATES; do
+        for spec in $MODELS; do
+            model=${spec%%:*} dtype=${spec##*:}
+            echo "== candela $model $dtype, attention kernel $kernel" | tee -a "$log"
+            timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
+                --steps 1 --repeats "$REPEATS" --attention-kernel "$kernel" \
+                --json-out "/tmp/$model-$kernel.json" >> "$log" 2>&1 \
+                && append_result "/tmp/$model-$kernel.json" "$model-$dtype (attention $kernel)" \
+                || echo "candela $model with attention $kernel failed (exit $?)" | tee -a "$log"
+        done
     done
     # Experiment: the denoiser forward replayed as one CUDA graph (launch overhead gone).
     for model in $GRAPH_MODELS; do
@@ -84,7 +102,7 @@ diffusers)
         echo "== diffusers $model $dtype" | tee -a "$log"
         timeout 90 "$PYTHON" tools/bench/bench_diffusers.py --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
             --steps "$STEPS" --repeats "$REPEATS" $PROFILE --out "/tmp/$model.json" >> "$log" 2>&1 \
-            && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "/tmp/$model.json" "$model-$dtype" >> "$results" \
+            && append_result "/tmp/$model.json" "$model-$dtype" \
             || echo "diffusers $model failed (exit $?)" | tee -a "$log"
     done
     ;;
