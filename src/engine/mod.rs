@@ -3,6 +3,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod cuda_geometry;
 pub mod demo;
 pub mod error;
 pub mod loader;

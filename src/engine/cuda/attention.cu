@@ -11,8 +11,14 @@
 // mma.m16n8k16 (f32 accumulators), updates the running row maximum and sum, rescales its output
 // accumulators and adds p·v, p taken straight from the score registers (the accumulator layout of
 // two n8 tiles is the A-operand layout of one k16 step).
+//
+// The device-only primitives (tensor-core mma, ldmatrix, cp.async and the half types) sit in
+// `#ifndef CANDELA_EMULATE` sections: tests/cuda_emulator/ compiles this file as host C++ with
+// emulated ones, so CI runs these kernels on the CPU against an exact attention.
+#ifndef CANDELA_EMULATE
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 #define BLOCK_M 64
@@ -20,6 +26,7 @@
 #define WARPS 4
 
 template <typename T> struct Ops;
+#ifndef CANDELA_EMULATE
 template <> struct Ops<__half> {
     static __device__ __forceinline__ uint32_t pack(float a, float b) {
         __half2 h = __floats2half2_rn(a, b);
@@ -45,6 +52,8 @@ template <> struct Ops<__nv_bfloat16> {
     }
 };
 
+#endif  // CANDELA_EMULATE
+
 // Two adjacent 16-bit values as one 32-bit register (the low half first, as mma reads them).
 template <typename T>
 __device__ __forceinline__ uint32_t pair(const T *p) {
@@ -57,6 +66,7 @@ __device__ __forceinline__ uint32_t pair2(T lo, T hi) {
     return (uint32_t)l | ((uint32_t)h << 16);
 }
 
+#ifndef CANDELA_EMULATE
 // 16 bytes global → shared without passing through registers; `bytes` < 16 zero-fills the rest
 // (0 for the rows past the last key).
 __device__ __forceinline__ void copy16_async(void *shared, const void *global, int bytes) {
@@ -79,6 +89,19 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(address));
 }
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// The block's dynamic shared memory.
+#define DYNAMIC_SHARED(NAME) extern __shared__ __align__(16) unsigned char NAME[]
+
+#endif  // CANDELA_EMULATE
 
 // Zero the padding columns [d, DP + 8) of `rows` shared rows of k and v once: the tile loads
 // never write them.
@@ -286,7 +309,7 @@ __device__ void flash_attention_pipelined(const T *__restrict__ q, const T *__re
                                           int d, float scale_log2) {
     constexpr int STRIDE = DP + 8;
     constexpr int TILE = BLOCK_N * STRIDE;
-    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    DYNAMIC_SHARED(shared_bytes);
     T *ks = reinterpret_cast<T *>(shared_bytes);  // stages 0 and 1 of k, then of v
     T *vs = ks + 2 * TILE;
 
@@ -323,7 +346,7 @@ __device__ void flash_attention_pipelined(const T *__restrict__ q, const T *__re
             copy16_async(kd + r * STRIDE + c, k + from, inside ? 16 : 0);
             copy16_async(vd + r * STRIDE + c, v + from, inside ? 16 : 0);
         }
-        asm volatile("cp.async.commit_group;\n" ::);
+        cp_async_commit();
     };
     prefetch(0);
     for (int tile = 0; tile < tiles; ++tile) {
@@ -331,9 +354,9 @@ __device__ void flash_attention_pipelined(const T *__restrict__ q, const T *__re
             // The stage it fills was last read by tile − 1, which every warp has finished
             // (the barrier at the end of the previous iteration).
             prefetch(tile + 1);
-            asm volatile("cp.async.wait_group 1;\n" ::);
+            cp_async_wait<1>();
         } else {
-            asm volatile("cp.async.wait_group 0;\n" ::);
+            cp_async_wait<0>();
         }
         __syncthreads();  // this tile's copies (every thread's) are visible
         attend_tile<T, DP>(ks + (tile & 1) * TILE, vs + (tile & 1) * TILE, qa, acc, row_max, row_sum,
@@ -363,7 +386,7 @@ __device__ __forceinline__ void copy_rows_async(T *shared, const T *global, int 
         size_t from = (size_t)(inside ? row0 + r : 0) * d + c;  // a valid address either way
         copy16_async(shared + r * STRIDE + c, global + from, inside ? 16 : 0);
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    cp_async_commit();
 }
 
 template <typename T, int DP, int N>
@@ -372,7 +395,7 @@ __device__ void flash_attention_wide(const T *__restrict__ q, const T *__restric
                                      int d, float scale_log2) {
     constexpr int STRIDE = DP + 8;
     constexpr int MT = 2;  // m16 tiles per warp
-    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    DYNAMIC_SHARED(shared_bytes);
     T *qs = reinterpret_cast<T *>(shared_bytes);  // WIDE_M rows, then N of k, then N of v
     T *ks = qs + WIDE_M * STRIDE;
     T *vs = ks + N * STRIDE;
@@ -416,7 +439,7 @@ __device__ void flash_attention_wide(const T *__restrict__ q, const T *__restric
     const int tiles = (m + N - 1) / N;
     for (int tile = 0; tile < tiles; ++tile) {
         const int key0 = tile * N;
-        asm volatile("cp.async.wait_group 1;\n" ::);  // q and this tile's k (v may be in flight)
+        cp_async_wait<1>();  // q and this tile's k (v may be in flight)
         __syncthreads();
         float s[MT][N / 8][4];
 #pragma unroll
@@ -445,7 +468,7 @@ __device__ void flash_attention_wide(const T *__restrict__ q, const T *__restric
         for (int mt = 0; mt < MT; ++mt)
             softmax_update<DP, N>(s[mt], acc[mt], row_max[mt], row_sum[mt], key0, m, scale_log2, t);
 
-        asm volatile("cp.async.wait_group 0;\n" ::);  // this tile's v
+        cp_async_wait<0>();  // this tile's v
         __syncthreads();  // ... visible to all, and every warp is done with this tile's k
         if (tile + 1 < tiles)
             copy_rows_async<T, STRIDE>(ks, k, key0 + N, N, m, d);

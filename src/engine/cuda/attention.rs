@@ -10,18 +10,10 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cuda_error;
+pub use crate::engine::cuda_geometry::AttentionKernel as Kernel;
+use crate::engine::cuda_geometry::{padded_head_dim, ATTENTION_THREADS};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-
-/// The padded head size the kernel is built for, if any: the real size must be a multiple of 8.
-fn padded_head_dim(d: usize) -> Option<usize> {
-    if !d.is_multiple_of(8) {
-        return None;
-    }
-    [48, 64, 80, 128, 160]
-        .into_iter()
-        .find(|&p| d <= p && p - d < 16)
-}
 
 /// Whether [`attention`] takes these (batch, heads, tokens, head_dim) tensors.
 pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
@@ -43,68 +35,6 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 fn starts_aligned(t: &Tensor) -> bool {
     !t.is_contiguous() || t.layout().start_offset().is_multiple_of(8)
 }
-
-/// The fused attention kernels of attention.cu. `Tiled` is the one measured on a GPU and run by
-/// the models; the others are candidates, timed and checked against f32 by `candela bench
-/// --kernels` (and run by the models with `candela bench --attention-kernel`) before one replaces it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Kernel {
-    /// 64 queries per block (16 per warp), 64-key tiles, k/v loads then compute.
-    Tiled = 0,
-    /// `Tiled` with the next k/v tile copied (cp.async, two stages) during the current one.
-    Pipelined = 1,
-    /// FlashAttention-2's arrangement: 128 queries per block (32 per warp, each k/v fragment
-    /// feeding two mma), q in shared memory, k and v loads overlapping the other half's compute.
-    Wide = 2,
-}
-
-impl Kernel {
-    pub const ALL: [Kernel; 3] = [Kernel::Tiled, Kernel::Pipelined, Kernel::Wide];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernel::Tiled => "tiled",
-            Kernel::Pipelined => "pipelined",
-            Kernel::Wide => "wide",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Kernel> {
-        Self::ALL.into_iter().find(|k| k.name() == name)
-    }
-
-    /// The kernel name's infix in attention.cu.
-    fn infix(self) -> &'static str {
-        match self {
-            Kernel::Tiled => "",
-            Kernel::Pipelined => "pipelined_",
-            Kernel::Wide => "wide_",
-        }
-    }
-
-    /// Queries per block.
-    fn queries_per_block(self) -> usize {
-        match self {
-            Kernel::Tiled | Kernel::Pipelined => 64,
-            Kernel::Wide => 128,
-        }
-    }
-
-    /// Dynamic shared memory of one block, in elements of the operand type (0: static only).
-    fn shared_elements(self, padded: usize) -> usize {
-        let row = padded + 8;
-        match self {
-            Kernel::Tiled => 0,
-            Kernel::Pipelined => 4 * TILED_KEYS * row,
-            // q's rows, then one tile of k and one of v (32 keys from head size 160: registers).
-            Kernel::Wide => (128 + 2 * if padded <= 128 { 64 } else { 32 }) * row,
-        }
-    }
-}
-
-/// Keys per tile of the tiled and pipelined kernels (`BLOCK_N`).
-const TILED_KEYS: usize = 64;
 
 /// The kernel the models run (process-wide: a benchmark's choice, not a per-request one).
 static MODEL_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -161,8 +91,7 @@ impl FlashAttention {
     ) -> candle_core::Result<CudaSlice<T>> {
         let func = dev.get_or_load_custom_func(kernel, "candela_attention", PTX)?;
         let padded = padded_head_dim(d).unwrap_or(d);
-        let shared_mem_bytes =
-            (self.kernel.shared_elements(padded) * std::mem::size_of::<T>()) as u32;
+        let shared_mem_bytes = self.kernel.shared_bytes(padded, std::mem::size_of::<T>()) as u32;
         // Past the 48 KiB a launch gets without asking.
         if shared_mem_bytes > 48 * 1024 {
             use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute as Attribute;
@@ -182,7 +111,7 @@ impl FlashAttention {
                 bh as u32,
                 1,
             ),
-            block_dim: (128, 1, 1),
+            block_dim: (ATTENTION_THREADS as u32, 1, 1),
             shared_mem_bytes,
         };
         let mut builder = func.builder();

@@ -1,0 +1,119 @@
+//! Our CUDA attention kernels (src/engine/cuda/attention.cu), run on the CPU: g++ compiles the
+//! kernels' own source with the CUDA primitives emulated (tests/cuda_emulator/emulate.h: every
+//! CUDA thread a host thread, mma/ldmatrix/shuffles lane by lane from the PTX fragment layouts),
+//! under AddressSanitizer and UBSan, and each kernel runs at awkward shapes with the launch
+//! geometry the engine uses (engine::cuda_geometry). Checked against an exact f64 attention of
+//! the same rounded inputs. A GPU is lent rarely; this catches indexing, masking, padding and
+//! out-of-bounds bugs of a new kernel before one is.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candela::engine::cuda_geometry::{padded_head_dim, AttentionKernel, ATTENTION_THREADS};
+
+fn compile_harness(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let binary = dir.join("attention");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let output = Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-g0",
+            "-fno-strict-aliasing",
+            "-Wno-unknown-pragmas",
+        ])
+        .args([
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+            "-pthread",
+        ])
+        .arg("-DCANDELA_EMULATE")
+        .arg(root.join("tests/cuda_emulator/attention.cpp"))
+        .arg("-o")
+        .arg(&binary)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cxx} (a C++20 compiler is needed): {e}"));
+    assert!(
+        output.status.success(),
+        "compiling the emulated kernels failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    binary
+}
+
+/// (relative L2 error, max abs error) of one kernel at one shape.
+fn run(
+    binary: &Path,
+    kernel: AttentionKernel,
+    dtype: &str,
+    (bh, n, m, d): (usize, usize, usize, usize),
+) -> (f64, f64) {
+    let padded = padded_head_dim(d).expect("a supported head size");
+    let element_bytes = 2;
+    let args = [
+        kernel.name().to_string(),
+        dtype.to_string(),
+        padded.to_string(),
+        bh.to_string(),
+        n.to_string(),
+        m.to_string(),
+        d.to_string(),
+        n.div_ceil(kernel.queries_per_block()).to_string(),
+        ATTENTION_THREADS.to_string(),
+        kernel.shared_bytes(padded, element_bytes).to_string(),
+        "7".to_string(),
+    ];
+    let output = Command::new(binary).args(&args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let figures: Vec<f64> = stdout
+        .split_whitespace()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    (figures[0], figures[1])
+}
+
+#[test]
+fn attention_kernels_match_exact_attention() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = compile_harness(dir.path());
+    // (batch · heads, queries, keys, head size): partial query blocks and key tiles, every
+    // padding of the head size (40 → 48, 72 → 80), head size 160 (the wide kernel's 32-key
+    // tiles), more keys than one tile, fewer keys than one tile.
+    let shapes = [
+        (2, 130, 100, 64),
+        (1, 70, 150, 40),
+        (1, 129, 65, 72),
+        (1, 64, 64, 128),
+        (1, 140, 70, 160),
+        (1, 30, 20, 64),
+    ];
+    // Relative L2 limits of two unit roundoffs of the operand type (f16 2⁻¹¹, bf16 2⁻⁸): the
+    // probabilities and the output are rounded to it once each. A wrong fragment, mask or
+    // padding gives errors of order one.
+    let mut failures = Vec::new();
+    for (dtype, limit) in [("f16", 2.0 * 2f64.powi(-11)), ("bf16", 2.0 * 2f64.powi(-8))] {
+        for kernel in AttentionKernel::ALL {
+            for shape in shapes {
+                let (relative, max_abs) = run(&binary, kernel, dtype, shape);
+                println!(
+                    "{} {dtype} {shape:?}: relative L2 {relative:.2e}, max |Δ| {max_abs:.2e}",
+                    kernel.name()
+                );
+                // NaN (a row never written) fails too.
+                if relative.is_nan() || relative > limit || max_abs.is_nan() {
+                    failures.push(format!(
+                        "{} {dtype} {shape:?}: {relative:.2e} > {limit:.2e}",
+                        kernel.name()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
