@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// candidate (`pipelined`, `wide`) to time whole models with it.
     #[arg(long, default_value = "tiled")]
     pub attention_kernel: String,
+    /// The cuDNN API of the half-precision convolutions: `legacy` (the measured one) or the
+    /// `graph` candidate, to time whole models with it.
+    #[arg(long, default_value = "legacy")]
+    pub conv_engine: String,
     /// Also time the denoiser and the VAE decode module by module (the device waits at every
     /// module boundary): the table diffusers' side prints with `--profile` too.
     #[arg(long)]
@@ -200,6 +204,25 @@ fn select_attention_kernel(name: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `--conv-engine`: the cuDNN API of the models' half-precision convolutions in this process.
+fn select_conv_engine(name: &str) -> anyhow::Result<()> {
+    #[cfg(feature = "cudnn")]
+    {
+        use engine::cuda::conv_graph::{set_engine, ConvEngine};
+        let conv = ConvEngine::parse(name).ok_or_else(|| {
+            let names: Vec<_> = ConvEngine::ALL.iter().map(|e| e.name()).collect();
+            anyhow::anyhow!("--conv-engine {name}: one of {}", names.join(", "))
+        })?;
+        set_engine(conv);
+        Ok(())
+    }
+    #[cfg(not(feature = "cudnn"))]
+    match name {
+        "legacy" => Ok(()),
+        other => anyhow::bail!("--conv-engine {other} needs a build with the cudnn feature"),
+    }
+}
+
 /// Every benchmark but the server's (the `candela-bench` binary has no server in it).
 pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     if args.server_load {
@@ -208,6 +231,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     let device = engine::parse_device(&args.device)?;
     let dtype = engine::parse_dtype(&args.dtype)?;
     select_attention_kernel(&args.attention_kernel)?;
+    select_conv_engine(&args.conv_engine)?;
     // Graph capture cannot record cudarc's cross-stream events; this process runs on one thread
     // and one stream, so it can do without them (tensors made from now on).
     #[cfg(feature = "cuda")]

@@ -90,6 +90,23 @@ pub fn run(
     println!("| op | shape | variant | ms |");
     println!("|---|---|---|---|");
 
+    // The fused kernels ("ours", what the models run) against candle's ops, each with its
+    // relative error against candle's result.
+    let check = |op: &str, shape: &[usize], ours: &Tensor, theirs: &Tensor, against: &str| {
+        let error = (|| -> candle_core::Result<f64> {
+            let (a, b) = (ours.to_dtype(DType::F32)?, theirs.to_dtype(DType::F32)?);
+            let norm = |t: &Tensor| -> candle_core::Result<f64> {
+                Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
+            };
+            Ok(norm(&(a - &b)?)? / norm(&b)?)
+        })();
+        match error {
+            Ok(e) => {
+                println!("| {op} | {shape:?} | relative error of ours vs {against} | {e:.2e} |")
+            }
+            Err(e) => println!("| {op} | {shape:?} | relative error | failed: {e} |"),
+        }
+    };
     // 3×3 convolutions (batch, in, out, side): SD 1.5 UNet at 512² and SDXL's at 1024² (batch 2,
     // guidance), the VAE decoders at 512² and 1024².
     for shape in [
@@ -118,24 +135,27 @@ pub fn run(
             });
             record("conv3x3", &shape, &format!("candle {name} + bias"), t);
         }
-    }
-    // The fused kernels ("ours", what the models run) against candle's ops, each with its
-    // relative error against candle's result.
-    let check = |op: &str, shape: &[usize], ours: &Tensor, theirs: &Tensor, against: &str| {
-        let error = (|| -> candle_core::Result<f64> {
-            let (a, b) = (ours.to_dtype(DType::F32)?, theirs.to_dtype(DType::F32)?);
-            let norm = |t: &Tensor| -> candle_core::Result<f64> {
-                Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
-            };
-            Ok(norm(&(a - &b)?)? / norm(&b)?)
-        })();
-        match error {
-            Ok(e) => {
-                println!("| {op} | {shape:?} | relative error of ours vs {against} | {e:.2e} |")
+        // The graph-API candidate, with its output against the legacy API's.
+        #[cfg(feature = "cudnn")]
+        {
+            use crate::engine::cuda::{conv::conv2d_by, conv_graph::ConvEngine};
+            let by = |engine| conv2d_by(engine, &x, &k, &bias, 1, 1);
+            let t = time_ms(device, repeats, || by(ConvEngine::Graph));
+            record("conv3x3", &shape, "ours, graph API (with bias)", t);
+            match (by(ConvEngine::Graph), by(ConvEngine::Legacy)) {
+                (Ok(graph), Ok(legacy)) => check(
+                    "conv3x3",
+                    &shape,
+                    &graph,
+                    &legacy,
+                    "the legacy API (graph API)",
+                ),
+                (Err(e), _) | (_, Err(e)) => {
+                    println!("| conv3x3 | {shape:?} | graph API | failed: {e} |")
+                }
             }
-            Err(e) => println!("| {op} | {shape:?} | relative error | failed: {e} |"),
         }
-    };
+    }
     // Attention (batch, heads, queries, keys, head dim) as `attention::scaled_dot_product` runs
     // it (fused where the head size allows) and unfused, with the fused result's error against an
     // f32 computation: SD 1.5's three head sizes at 64², 32², 16² and its 77-token cross

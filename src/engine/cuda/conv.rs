@@ -20,6 +20,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, 
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
 use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
 
+use super::conv_graph::{self, ConvEngine, ConvShape, GraphPlan, Pointers};
 use super::cuda_error;
 
 thread_local! {
@@ -39,7 +40,9 @@ pub fn allow_tf32<T>(allow: bool, f: impl FnOnce() -> T) -> T {
 }
 
 /// `conv2d(xs, weight) + bias` (NCHW, square padding and stride, no dilation or groups) through
-/// a cached cuDNN plan. The CUDA path of [`crate::engine::models::blocks::Conv2d`].
+/// a cached cuDNN plan. The CUDA path of [`crate::engine::models::blocks::Conv2d`]. Half
+/// precision goes through [`conv_graph::engine`]'s API; a shape the graph API cannot run falls
+/// back to the legacy one.
 pub fn conv2d(
     xs: &Tensor,
     weight: &Tensor,
@@ -47,16 +50,41 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    xs.contiguous()?.apply_op3_no_bwd(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        &CudnnConv2d { padding, stride },
-    )
+    let op = CudnnConv2d {
+        padding,
+        stride,
+        engine: conv_graph::engine(),
+        strict: false,
+    };
+    xs.contiguous()?
+        .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+}
+
+/// [`conv2d`] through the given API, failing where it cannot run the shape (for the bench).
+pub fn conv2d_by(
+    engine: ConvEngine,
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let op = CudnnConv2d {
+        padding,
+        stride,
+        engine,
+        strict: true,
+    };
+    xs.contiguous()?
+        .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
 }
 
 struct CudnnConv2d {
     padding: usize,
     stride: usize,
+    engine: ConvEngine,
+    /// Fail instead of falling back to the legacy API.
+    strict: bool,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -93,11 +121,29 @@ impl Drop for Plan {
     }
 }
 
+/// A legacy-API tensor descriptor, destroyed on drop.
+struct TensorDescriptor(sys::cudnnTensorDescriptor_t);
+
+impl Drop for TensorDescriptor {
+    fn drop(&mut self) {
+        let _ = unsafe { dnn::destroy_tensor_descriptor(self.0) };
+    }
+}
+
+/// A graph-API plan with the descriptors of its bias addition.
+struct GraphEntry {
+    plan: GraphPlan,
+    y: TensorDescriptor,
+    bias: TensorDescriptor,
+}
+
 #[derive(Default)]
 struct ThreadState {
     /// One cuDNN handle per device, on the stream candle launches on from this thread.
     handles: HashMap<DeviceId, sys::cudnnHandle_t>,
     plans: HashMap<PlanKey, Plan>,
+    /// Graph-API plans, or why the graph API could not run the shape.
+    graph_plans: HashMap<PlanKey, Result<GraphEntry, String>>,
 }
 
 thread_local! {
@@ -249,51 +295,77 @@ impl CudnnConv2d {
         STATE.with(|state| {
             let mut state = state.borrow_mut();
             let handle = handle(&mut state, dev)?;
-            // One lookup per call; the plan is made on a shape's first use.
-            let plan = match state.plans.entry(key) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let plan = make_plan(handle, e.key(), output)?;
-                    e.insert(plan)
-                }
-            };
             let mut y =
                 unsafe { stream.alloc::<T>(output.iter().product()) }.map_err(cuda_error)?;
-            let mut workspace =
-                unsafe { stream.alloc::<u8>(plan.workspace.max(1)) }.map_err(cuda_error)?;
             {
                 let (xp, _x) = x.device_ptr(&stream);
                 let (wp, _w) = w.device_ptr(&stream);
                 let (bp, _b) = b.device_ptr(&stream);
                 let (yp, _y) = y.device_ptr_mut(&stream);
-                let (sp, _s) = workspace.device_ptr_mut(&stream);
+                let pointers = Pointers {
+                    x: xp,
+                    w: wp,
+                    y: yp,
+                };
                 // Scaling factors are f32 for f16, bf16 and f32 data.
                 let (one, zero) = (1f32, 0f32);
                 let one = (&one as *const f32).cast::<c_void>();
+                let by_graph = self.engine == ConvEngine::Graph && key.dtype != DType::F32;
+                let graph = if by_graph {
+                    self.graph_entry(&mut state, handle, &stream, &key, output, pointers)?
+                } else {
+                    None
+                };
+                let (y_desc, bias_desc) = match graph {
+                    Some(entry) => {
+                        let mut scratch =
+                            unsafe { stream.alloc::<u8>(entry.plan.workspace.max(1)) }
+                                .map_err(cuda_error)?;
+                        let (sp, _s) = scratch.device_ptr_mut(&stream);
+                        entry.plan.execute(handle, pointers, sp)?;
+                        (entry.y.0, entry.bias.0)
+                    }
+                    None => {
+                        // One lookup per call; the plan is made on a shape's first use.
+                        let plan = match state.plans.entry(key) {
+                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                let plan = make_plan(handle, e.key(), output)?;
+                                e.insert(plan)
+                            }
+                        };
+                        let mut workspace = unsafe { stream.alloc::<u8>(plan.workspace.max(1)) }
+                            .map_err(cuda_error)?;
+                        let (sp, _s) = workspace.device_ptr_mut(&stream);
+                        unsafe {
+                            dnn::convolution_forward(
+                                handle,
+                                one,
+                                plan.x,
+                                xp as *const c_void,
+                                plan.w,
+                                wp as *const c_void,
+                                plan.conv,
+                                plan.algo,
+                                sp as *mut c_void,
+                                plan.workspace,
+                                (&zero as *const f32).cast(),
+                                plan.y,
+                                yp as *mut c_void,
+                            )
+                            .map_err(cuda_error)?;
+                        }
+                        (plan.y, plan.bias)
+                    }
+                };
                 unsafe {
-                    dnn::convolution_forward(
-                        handle,
-                        one,
-                        plan.x,
-                        xp as *const c_void,
-                        plan.w,
-                        wp as *const c_void,
-                        plan.conv,
-                        plan.algo,
-                        sp as *mut c_void,
-                        plan.workspace,
-                        (&zero as *const f32).cast(),
-                        plan.y,
-                        yp as *mut c_void,
-                    )
-                    .map_err(cuda_error)?;
                     sys::cudnnAddTensor(
                         handle,
                         one,
-                        plan.bias,
+                        bias_desc,
                         bp as *const c_void,
                         one,
-                        plan.y,
+                        y_desc,
                         yp as *mut c_void,
                     )
                     .result()
@@ -302,6 +374,64 @@ impl CudnnConv2d {
             }
             Ok(y)
         })
+    }
+
+    /// The graph-API plan of `key` (built and timed on first use), or None where the graph API
+    /// cannot run it — then the legacy API runs it, unless `strict`.
+    fn graph_entry<'a>(
+        &self,
+        state: &'a mut ThreadState,
+        handle: sys::cudnnHandle_t,
+        stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+        key: &PlanKey,
+        output: [usize; 4],
+        pointers: Pointers,
+    ) -> candle_core::Result<Option<&'a GraphEntry>> {
+        let unusable = |why: String| -> candle_core::Result<Option<&'a GraphEntry>> {
+            if self.strict {
+                Err(candle_core::Error::Msg(why))
+            } else {
+                Ok(None)
+            }
+        };
+        if !pointers.aligned() {
+            return unusable("graph-API convolution of tensors not 16-byte aligned".into());
+        }
+        if !state.graph_plans.contains_key(key) {
+            let shape = ConvShape {
+                dtype: key.dtype,
+                input: key.input,
+                weight: key.weight,
+                output,
+                padding: key.padding,
+                stride: key.stride,
+            };
+            let entry = (|| -> candle_core::Result<GraphEntry> {
+                let dtype = data_type(key.dtype)?;
+                Ok(GraphEntry {
+                    y: TensorDescriptor(tensor_desc(dtype, output)?),
+                    bias: TensorDescriptor(tensor_desc(dtype, [1, key.weight[0], 1, 1])?),
+                    plan: conv_graph::build(handle, stream, &shape, pointers)?,
+                })
+            })();
+            match &entry {
+                Ok(e) => {
+                    tracing::debug!(?shape, chosen = %e.plan.chosen, "graph-API convolution plan")
+                }
+                Err(e) => tracing::warn!(
+                    ?shape,
+                    "graph-API convolution unavailable, legacy API instead: {e}"
+                ),
+            }
+            state
+                .graph_plans
+                .insert(key.clone(), entry.map_err(|e| e.to_string()));
+        }
+        match state.graph_plans.get(key) {
+            Some(Ok(entry)) => Ok(Some(entry)),
+            Some(Err(why)) => unusable(why.clone()),
+            None => Ok(None),
+        }
     }
 }
 

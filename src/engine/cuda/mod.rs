@@ -4,6 +4,8 @@
 pub mod attention;
 #[cfg(feature = "cudnn")]
 pub mod conv;
+#[cfg(feature = "cudnn")]
+pub mod conv_graph;
 pub mod elementwise;
 
 use candle_core::cuda_backend::cudarc::driver::sys;

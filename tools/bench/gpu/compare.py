@@ -31,12 +31,13 @@ def main():
     print("| model | shape | metric | candela | diffusers | candela / diffusers |")
     print("|---|---|---|---|---|---|")
     for model in list(ours) + [m for m in theirs if m not in ours]:
-        # "<model> (attention K)": a candidate kernel's run, against diffusers' same model.
+        # "<model> (--flag=value)": a candidate's run, against diffusers' same model.
         o, t = ours.get(model, {}), theirs.get(model.split(" (")[0], {})
         row = o or t
         shape = f"{row['width']}x{row['height']} batch {row['batch']}"
-        # A candidate's run times one step: only its denoiser step compares.
-        fields = FIELDS if " (" not in model else [f for f in FIELDS if f[0] == "denoiser_step_ms"]
+        # A candidate's run has one step: its denoiser step and VAE decode compare.
+        fields = FIELDS if " (" not in model else [
+            f for f in FIELDS if f[0] in ("denoiser_step_ms", "vae_decode_ms")]
         for key, name in fields:
             a, b = o.get(key), t.get(key)
             ratio = f"{a / b:.2f}x" if a is not None and b else "-"

@@ -24,9 +24,9 @@ KERNEL_DTYPES=${KERNEL_DTYPES-"f16 bf16"}
 # Per-module times after the timed runs (both sides; PROFILE= to leave them out).
 PROFILE=${PROFILE---profile}
 MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
-# Candidate fused attention kernels, each run in the whole models too (candela side only;
-# ATTENTION_CANDIDATES= to leave them out): denoiser step only, labelled "<model> (attention K)".
-ATTENTION_CANDIDATES=${ATTENTION_CANDIDATES-"wide"}
+# Candidates not yet the default, each run in the whole models too (candela side only;
+# CANDIDATES= to leave them out): one bench flag each, one step, labelled "<model> (<flag>)".
+CANDIDATES=${CANDIDATES-"--attention-kernel=wide --conv-engine=graph"}
 # The CUDA-graph experiment (candela side only; GRAPH_MODELS= to leave it out).
 GRAPH_MODELS=${GRAPH_MODELS-"sd15 sdxl"}
 # For a dry run on a CPU machine: DEVICE=cpu BIN=target/release/candela-bench
@@ -72,15 +72,14 @@ candela)
             && append_result "/tmp/$model.json" "$model-$dtype" \
             || echo "candela $model failed (exit $?)" | tee -a "$log"
     done
-    for kernel in $ATTENTION_CANDIDATES; do
+    for flag in $CANDIDATES; do
         for spec in $MODELS; do
             model=${spec%%:*} dtype=${spec##*:}
-            echo "== candela $model $dtype, attention kernel $kernel" | tee -a "$log"
+            echo "== candela $model $dtype, $flag" | tee -a "$log"
             timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
-                --steps 1 --repeats "$REPEATS" --attention-kernel "$kernel" \
-                --json-out "/tmp/$model-$kernel.json" >> "$log" 2>&1 \
-                && append_result "/tmp/$model-$kernel.json" "$model-$dtype (attention $kernel)" \
-                || echo "candela $model with attention $kernel failed (exit $?)" | tee -a "$log"
+                --steps 1 --repeats "$REPEATS" "$flag" --json-out /tmp/candidate.json >> "$log" 2>&1 \
+                && append_result /tmp/candidate.json "$model-$dtype (${flag#--})" \
+                || echo "candela $model with $flag failed (exit $?)" | tee -a "$log"
         done
     done
     # Experiment: the denoiser forward replayed as one CUDA graph (launch overhead gone).
