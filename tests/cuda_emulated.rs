@@ -1,5 +1,5 @@
-//! Our CUDA attention kernels (src/engine/cuda/attention.cu), run on the CPU: g++ compiles the
-//! kernels' own source with the CUDA primitives emulated (tests/cuda_emulator/emulate.h: every
+//! Our CUDA kernels (src/engine/cuda/attention.cu, elementwise.cu), run on the CPU: g++ compiles
+//! the kernels' own source with the CUDA primitives emulated (tests/cuda_emulator/emulate.h: every
 //! CUDA thread a host thread, mma/ldmatrix/shuffles lane by lane from the PTX fragment layouts),
 //! under AddressSanitizer and UBSan, and each kernel runs at awkward shapes with the launch
 //! geometry the engine uses (engine::cuda_geometry). Checked against an exact f64 attention of
@@ -11,9 +11,10 @@ use std::process::Command;
 
 use candela::engine::cuda_geometry::{padded_head_dim, AttentionKernel, ATTENTION_THREADS};
 
-fn compile_harness(dir: &Path) -> PathBuf {
+/// Compiles tests/cuda_emulator/NAME.cpp (which includes the kernels' source) into `dir`.
+fn compile_harness(dir: &Path, name: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let binary = dir.join("attention");
+    let binary = dir.join(name);
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let output = Command::new(&cxx)
         .args([
@@ -29,7 +30,7 @@ fn compile_harness(dir: &Path) -> PathBuf {
             "-pthread",
         ])
         .arg("-DCANDELA_EMULATE")
-        .arg(root.join("tests/cuda_emulator/attention.cpp"))
+        .arg(root.join(format!("tests/cuda_emulator/{name}.cpp")))
         .arg("-o")
         .arg(&binary)
         .output()
@@ -64,7 +65,12 @@ fn run(
         kernel.shared_bytes(padded, element_bytes).to_string(),
         "7".to_string(),
     ];
-    let output = Command::new(binary).args(&args).output().unwrap();
+    errors(binary, &args)
+}
+
+/// Runs a harness; its output is "relative_l2 max_abs".
+fn errors(binary: &Path, args: &[String]) -> (f64, f64) {
+    let output = Command::new(binary).args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -78,10 +84,25 @@ fn run(
     (figures[0], figures[1])
 }
 
+/// Relative L2 limits: two unit roundoffs of the output type (f16 2⁻¹¹, bf16 2⁻⁸) — the kernels
+/// compute in f32 and round once; f32 outputs to 1e-6 (f32 sums of a few thousand values).
+fn limits() -> [(&'static str, f64); 3] {
+    [
+        ("f32", 1e-6),
+        ("f16", 2.0 * 2f64.powi(-11)),
+        ("bf16", 2.0 * 2f64.powi(-8)),
+    ]
+}
+
+fn failed(relative: f64, max_abs: f64, limit: f64) -> bool {
+    // NaN (a value never written) fails too.
+    relative.is_nan() || relative > limit || max_abs.is_nan()
+}
+
 #[test]
 fn attention_kernels_match_exact_attention() {
     let dir = tempfile::tempdir().unwrap();
-    let binary = compile_harness(dir.path());
+    let binary = compile_harness(dir.path(), "attention");
     // (batch · heads, queries, keys, head size): partial query blocks and key tiles, every
     // padding of the head size (40 → 48, 72 → 80), head size 160 (the wide kernel's 32-key
     // tiles), more keys than one tile, fewer keys than one tile.
@@ -97,7 +118,7 @@ fn attention_kernels_match_exact_attention() {
     // probabilities and the output are rounded to it once each. A wrong fragment, mask or
     // padding gives errors of order one.
     let mut failures = Vec::new();
-    for (dtype, limit) in [("f16", 2.0 * 2f64.powi(-11)), ("bf16", 2.0 * 2f64.powi(-8))] {
+    for (dtype, limit) in limits().into_iter().skip(1) {
         for kernel in AttentionKernel::ALL {
             for shape in shapes {
                 let (relative, max_abs) = run(&binary, kernel, dtype, shape);
@@ -105,13 +126,46 @@ fn attention_kernels_match_exact_attention() {
                     "{} {dtype} {shape:?}: relative L2 {relative:.2e}, max |Δ| {max_abs:.2e}",
                     kernel.name()
                 );
-                // NaN (a row never written) fails too.
-                if relative.is_nan() || relative > limit || max_abs.is_nan() {
+                if failed(relative, max_abs, limit) {
                     failures.push(format!(
                         "{} {dtype} {shape:?}: {relative:.2e} > {limit:.2e}",
                         kernel.name()
                     ));
                 }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The DiT's fused LayerNorm + modulation and the GroupNorm(+SiLU) kernels against f64, with
+/// 16-byte packs and without, rows shorter and longer than a block's threads, several samples.
+#[test]
+fn norm_kernels_match_exact_norms() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = compile_harness(dir.path(), "elementwise");
+    // (op, rows or blocks, values per row or group, samples, 16-byte packs)
+    let cases = [
+        ("layer_norm_modulate", 6, 200, 2, 1),
+        ("layer_norm_modulate", 4, 3000, 2, 1),
+        ("layer_norm_modulate", 3, 203, 3, 0),
+        ("group_norm", 6, 512, 1, 1),
+        ("group_norm", 4, 148, 1, 0),
+    ];
+    let mut failures = Vec::new();
+    for (dtype, limit) in limits() {
+        for (op, rows, d, samples, vec) in cases {
+            let args = [op, dtype]
+                .map(String::from)
+                .into_iter()
+                .chain([rows, d, samples, vec, 5].map(|n: usize| n.to_string()))
+                .collect::<Vec<_>>();
+            let (relative, max_abs) = errors(&binary, &args);
+            println!("{op} {dtype} rows {rows} × {d}, vec {vec}: relative L2 {relative:.2e}, max |Δ| {max_abs:.2e}");
+            if failed(relative, max_abs, limit) {
+                failures.push(format!(
+                    "{op} {dtype} {rows}×{d} vec {vec}: {relative:.2e} > {limit:.2e}"
+                ));
             }
         }
     }

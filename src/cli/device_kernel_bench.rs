@@ -240,6 +240,44 @@ pub fn run(
         });
         record("layer_norm", &shape, "candle", t);
     }
+    // A DiT's LayerNorm (no parameters) and modulation (batch, tokens, width): candle's layer norm
+    // then our modulate kernel, against the fused kernel the DiTs run.
+    #[cfg(feature = "cuda")]
+    for shape in [[1, 4608, 3072], [2, 4429, 2432]] {
+        use crate::engine::cuda::elementwise::{layer_norm_modulate, modulate};
+        let [b, _, width] = shape;
+        let x = randn(&shape, 1.0)?;
+        let (shift, scale) = (randn(&[b, width], 1.0)?, randn(&[b, width], 0.5)?);
+        let (ones, zeros) = (
+            Tensor::ones(width, dtype, device)?,
+            Tensor::zeros(width, dtype, device)?,
+        );
+        let two_passes = || {
+            modulate(
+                &candle_nn::ops::layer_norm(&x, &ones, &zeros, 1e-6)?,
+                &shift,
+                &scale,
+            )
+        };
+        let t = time_ms(device, repeats, two_passes);
+        record(
+            "layer_norm_modulate",
+            &shape,
+            "candle layer_norm + ours modulate",
+            t,
+        );
+        let t = time_ms(device, repeats, || {
+            layer_norm_modulate(&x, &shift, &scale, 1e-6)
+        });
+        record("layer_norm_modulate", &shape, "ours", t);
+        check(
+            "layer_norm_modulate",
+            &shape,
+            &layer_norm_modulate(&x, &shift, &scale, 1e-6)?,
+            &two_passes()?,
+            "candle layer_norm + modulate",
+        );
+    }
     for shape in [[8192, 2560], [4608, 12288]] {
         let x = randn(&shape, 1.0)?;
         let t = time_ms(device, repeats, || x.gelu_erf());

@@ -56,7 +56,15 @@ struct __nv_bfloat16 {
 };
 
 inline thread_local Dim3 threadIdx;
-inline Dim3 blockIdx, blockDim;
+inline Dim3 blockIdx, blockDim, gridDim;
+
+// Conversions and fast math of cuda_fp16.h / cuda_bf16.h / the device math library.
+inline float __half2float(__half x) { return (float)x; }
+inline __half __float2half_rn(float x) { return (__half)x; }
+inline float __bfloat162float(__nv_bfloat16 x) { return (float)x; }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) { return __nv_bfloat16(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 namespace emu {
 struct Warp {
@@ -181,6 +189,7 @@ template <typename Kernel, typename... Args>
 void launch(Kernel kernel, unsigned grid_x, unsigned grid_y, unsigned threads, size_t dynamic_bytes,
             Args... args) {
     blockDim = {threads, 1, 1};
+    gridDim = {grid_x, grid_y, 1};
     for (unsigned y = 0; y < grid_y; ++y) {
         for (unsigned x = 0; x < grid_x; ++x) {
             blockIdx = {x, y, 0};

@@ -6,8 +6,13 @@
 // Every kernel computes in f32 and takes T ∈ {float, __half, __nv_bfloat16}. `vec` (decided by the
 // caller: sizes multiple of the pack and 16-byte aligned pointers) selects 16-byte packs of
 // 16 / sizeof(T) elements; otherwise one element at a time.
+//
+// tests/cuda_emulator/ compiles this file as host C++ (CANDELA_EMULATE) to run the kernels on the
+// CPU in CI.
+#ifndef CANDELA_EMULATE
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -107,21 +112,19 @@ __device__ __forceinline__ void push(Moments &m, float x) {
     m.m2 += d * (x - m.mean);
 }
 
-// One block per (batch, group): the group's values are contiguous in NCHW. stats[2g] = mean,
-// stats[2g + 1] = 1 / sqrt(var + eps) (biased variance, as PyTorch).
+// The moments of `len` contiguous values, merged over the block (every thread gets them).
 template <typename T>
-__device__ void group_norm_stats(const T *x, float *stats, size_t group_size, float eps, int vec) {
+__device__ __forceinline__ Moments block_moments(const T *x, size_t len, int vec) {
     constexpr int N = Pack<T>::N;
-    const T *g = x + (size_t)blockIdx.x * group_size;
     Moments m = {0.0f, 0.0f, 0.0f};
     if (vec) {
-        for (size_t p = threadIdx.x; p < group_size / N; p += blockDim.x) {
-            Pack<T> a = reinterpret_cast<const Pack<T> *>(g)[p];
+        for (size_t p = threadIdx.x; p < len / N; p += blockDim.x) {
+            Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
 #pragma unroll
             for (int j = 0; j < N; ++j) push(m, to_f(a.v[j]));
         }
     } else {
-        for (size_t i = threadIdx.x; i < group_size; i += blockDim.x) push(m, to_f(g[i]));
+        for (size_t i = threadIdx.x; i < len; i += blockDim.x) push(m, to_f(x[i]));
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
@@ -130,14 +133,58 @@ __device__ void group_norm_stats(const T *x, float *stats, size_t group_size, fl
         m = merge(m, o);
     }
     __shared__ Moments warps[32];
+    __shared__ Moments total;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (lane == 0) warps[warp] = m;
     __syncthreads();
     if (threadIdx.x == 0) {
-        Moments total = warps[0];
-        for (int w = 1; w < (int)(blockDim.x / 32); ++w) total = merge(total, warps[w]);
+        Moments t = warps[0];
+        for (int w = 1; w < (int)(blockDim.x / 32); ++w) t = merge(t, warps[w]);
+        total = t;
+    }
+    __syncthreads();
+    return total;
+}
+
+// One block per (batch, group): the group's values are contiguous in NCHW. stats[2g] = mean,
+// stats[2g + 1] = 1 / sqrt(var + eps) (biased variance, as PyTorch).
+template <typename T>
+__device__ void group_norm_stats(const T *x, float *stats, size_t group_size, float eps, int vec) {
+    Moments total = block_moments(x + (size_t)blockIdx.x * group_size, group_size, vec);
+    if (threadIdx.x == 0) {
         stats[2 * blockIdx.x] = total.mean;
         stats[2 * blockIdx.x + 1] = rsqrtf(total.m2 / total.n + eps);
+    }
+}
+
+// A DiT's LayerNorm (no learned parameters, biased variance) and its modulation by per-sample
+// (B, d) shift and scale in one kernel: y = (x − mean) · rstd · (1 + scale[b]) + shift[b], b =
+// row / rows_per_batch. One block per row of d: the statistics, then one normalising pass (the
+// row is read twice, the second time from cache). candle's layer_norm then the modulation read
+// and wrote every token twice, with a rounding to T between.
+template <typename T>
+__device__ void layer_norm_modulate(const T *x, const T *shift, const T *scale, T *y, size_t d,
+                                    size_t rows_per_batch, float eps, int vec) {
+    constexpr int N = Pack<T>::N;
+    const size_t row = blockIdx.x, b = row / rows_per_batch;
+    const T *xr = x + row * d;
+    T *yr = y + row * d;
+    const T *sh = shift + b * d, *sc = scale + b * d;
+    Moments total = block_moments(xr, d, vec);
+    const float mean = total.mean, rstd = rsqrtf(total.m2 / total.n + eps);
+    if (vec) {
+        for (size_t p = threadIdx.x; p < d / N; p += blockDim.x) {
+            Pack<T> a = reinterpret_cast<const Pack<T> *>(xr)[p];
+            Pack<T> s = reinterpret_cast<const Pack<T> *>(sc)[p];
+            Pack<T> h = reinterpret_cast<const Pack<T> *>(sh)[p];
+#pragma unroll
+            for (int j = 0; j < N; ++j)
+                a.v[j] = from_f<T>((to_f(a.v[j]) - mean) * rstd * (1.0f + to_f(s.v[j])) + to_f(h.v[j]));
+            reinterpret_cast<Pack<T> *>(yr)[p] = a;
+        }
+    } else {
+        for (size_t i = threadIdx.x; i < d; i += blockDim.x)
+            yr[i] = from_f<T>((to_f(xr[i]) - mean) * rstd * (1.0f + to_f(sc[i])) + to_f(sh[i]));
     }
 }
 
@@ -266,6 +313,11 @@ __device__ void gated_add(const T *x, const T *gate, const T *h, T *y, size_t co
     extern "C" __global__ void gated_add_##SUFFIX(const T *x, const T *gate, const T *h, T *y,      \
                                                   size_t count, size_t per_batch, size_t d, int vec) { \
         gated_add<T>(x, gate, h, y, count, per_batch, d, vec);                                     \
+    }                                                                                              \
+    extern "C" __global__ void layer_norm_modulate_##SUFFIX(const T *x, const T *shift, const T *scale, \
+                                                            T *y, size_t d, size_t rows_per_batch, \
+                                                            float eps, int vec) {                  \
+        layer_norm_modulate<T>(x, shift, scale, y, d, rows_per_batch, eps, vec);                   \
     }
 
 KERNELS(f32, float)

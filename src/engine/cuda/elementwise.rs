@@ -79,6 +79,22 @@ pub fn gated_add(xs: &Tensor, gate: &Tensor, ys: &Tensor) -> candle_core::Result
     )
 }
 
+/// LayerNorm over the last dimension without learned parameters (biased variance, `eps`), then
+/// `· (1 + scale) + shift` with per-sample (B, D) vectors, over (B, N, D) `xs`: one kernel, one
+/// rounding.
+pub fn layer_norm_modulate(
+    xs: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    xs.contiguous()?.apply_op3_no_bwd(
+        &shift.contiguous()?,
+        &scale.contiguous()?,
+        &LayerNormModulate { eps },
+    )
+}
+
 fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "f32",
@@ -441,6 +457,64 @@ impl CustomOp3 for PerSample {
             builder.arg(&xv).arg(&av).arg(&bv).arg(&mut out).arg(&count).arg(&per_batch).arg(&d).arg(&vec);
             let items = if vec == 1 { count / pack::<T>() } else { count };
             unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((storage, xl.shape().clone()))
+    }
+}
+
+struct LayerNormModulate {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormModulate {
+    fn name(&self) -> &'static str {
+        "layer-norm-modulate"
+    }
+
+    super::cpu_fwd_unsupported!(3);
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        shift: &CudaStorage,
+        sl: &Layout,
+        scale: &CudaStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (batch, tokens, d) = xl.shape().dims3()?;
+        if sl.shape().elem_count() != batch * d || cl.shape().elem_count() != batch * d {
+            candle_core::bail!(
+                "layer norm of {:?} modulated by {:?} and {:?}",
+                xl.shape(),
+                sl.shape(),
+                cl.shape()
+            );
+        }
+        let rows = batch * tokens;
+        let dev = &x.device;
+        let dtype = x.dtype();
+        let func = dev.get_or_load_custom_func(
+            &format!("layer_norm_modulate_{}", suffix(dtype)?),
+            MODULE,
+            PTX,
+        )?;
+        let storage = by_dtype!(dtype, T => {
+            let (xv, xa) = input::<T>(x, xl)?;
+            let (sv, sa) = input::<T>(shift, sl)?;
+            let (cv, ca) = input::<T>(scale, cl)?;
+            let mut out = output::<T>(dev, rows * d)?;
+            let vec = (xa && sa && ca && d.is_multiple_of(pack::<T>())) as i32;
+            let mut builder = func.builder();
+            builder.arg(&xv).arg(&sv).arg(&cv).arg(&mut out).arg(&d).arg(&tokens).arg(&self.eps).arg(&vec);
+            // One block per row.
+            let launch = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { builder.launch(launch) }.map_err(cuda_error)?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((storage, xl.shape().clone()))

@@ -125,6 +125,23 @@ impl PlainLayerNorm {
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::layer_norm(&xs.contiguous()?, &self.ones, &self.zeros, self.eps)
     }
+
+    /// `modulate(self.forward(xs), shift, scale)`: on CUDA one fused kernel (one pass over the
+    /// tokens and one rounding instead of two of each).
+    pub fn forward_modulated(
+        &self,
+        xs: &Tensor,
+        shift: &Tensor,
+        scale: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if fused_per_sample(xs, &[shift, scale]) {
+            return crate::engine::cuda::elementwise::layer_norm_modulate(
+                xs, shift, scale, self.eps,
+            );
+        }
+        modulate(&self.forward(xs)?, shift, scale)
+    }
 }
 
 /// Whether the fused CUDA kernels take these (B, N, D) tokens and operands: one kernel where

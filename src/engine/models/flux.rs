@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use super::blocks::timestep_features;
 use super::dit::{
-    gated_add, modulate, BlockLinear, ContextOrder, JointAttention, JointAttentionConfig,
-    Modulation, PlainLayerNorm, Rope, SiluMlp, WeightFormat,
+    gated_add, BlockLinear, ContextOrder, JointAttention, JointAttentionConfig, Modulation,
+    PlainLayerNorm, Rope, SiluMlp, WeightFormat,
 };
 use super::mmdit::{JointBlock, JointBlockConfig};
 use crate::engine::error::{EngineError, Result};
@@ -102,7 +102,7 @@ impl SingleBlock {
     fn forward(&self, xs: &Tensor, temb: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
         crate::engine::profile::scope("FluxSingleTransformerBlock", xs, || {
             let m = self.norm.forward(temb)?;
-            let normed = modulate(&self.layer_norm.forward(xs)?, &m[0], &m[1])?;
+            let normed = self.layer_norm.forward_modulated(xs, &m[0], &m[1])?;
             let mlp = super::cpu_activation::gelu_tanh(&self.proj_mlp.forward(&normed)?)?;
             let (attn, _) = self
                 .attn
@@ -260,7 +260,7 @@ impl FluxTransformer {
         let image_tokens = joint.dim(1)? - text_tokens;
         let xs = joint.narrow(1, text_tokens, image_tokens)?;
         let m = self.norm_out.forward(&temb)?;
-        let xs = modulate(&self.layer_norm.forward(&xs)?, &m[1], &m[0])?;
+        let xs = self.layer_norm.forward_modulated(&xs, &m[1], &m[0])?;
         self.proj_out.forward(&xs)
     }
 }

@@ -13,8 +13,8 @@ use serde::Deserialize;
 
 use super::blocks::timestep_features;
 use super::dit::{
-    gated_add, modulate, ContextOrder, FeedForward, JointAttention, JointAttentionConfig,
-    Modulation, PlainLayerNorm, Rope, SiluMlp, WeightFormat,
+    gated_add, ContextOrder, FeedForward, JointAttention, JointAttentionConfig, Modulation,
+    PlainLayerNorm, Rope, SiluMlp, WeightFormat,
 };
 use crate::engine::error::{EngineError, Result};
 
@@ -171,17 +171,16 @@ impl JointBlock {
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         crate::engine::profile::scope("JointTransformerBlock", xs, || {
             let m = self.norm1.forward(temb)?;
-            let normed = self.norm.forward(xs)?;
-            let attn_in = modulate(&normed, &m[0], &m[1])?;
-            let normed_context = self.norm.forward(context)?;
+            let block_input = xs;
+            let attn_in = self.norm.forward_modulated(xs, &m[0], &m[1])?;
             let (context_in, context_mods) = match &self.norm1_context {
                 ContextNorm::Zero(norm) => {
                     let c = norm.forward(temb)?;
-                    (modulate(&normed_context, &c[0], &c[1])?, Some(c))
+                    (self.norm.forward_modulated(context, &c[0], &c[1])?, Some(c))
                 }
                 ContextNorm::Continuous(norm) => {
                     let c = norm.forward(temb)?;
-                    (modulate(&normed_context, &c[1], &c[0])?, None)
+                    (self.norm.forward_modulated(context, &c[1], &c[0])?, None)
                 }
             };
             let (attn_out, context_attn_out) =
@@ -189,17 +188,18 @@ impl JointBlock {
                     .forward(&attn_in, Some(&context_in), order, rope)?;
             let mut xs = gated_add(xs, &m[2], &attn_out)?;
             if let Some(attn2) = &self.attn2 {
-                let attn2_in = modulate(&normed, &m[6], &m[7])?;
+                // SD3.5's second attention reads the block's input, normalised anew.
+                let attn2_in = self.norm.forward_modulated(block_input, &m[6], &m[7])?;
                 let (out2, _) = attn2.forward(&attn2_in, None, order, None)?;
                 xs = gated_add(&xs, &m[8], &out2)?;
             }
-            let ff_in = modulate(&self.norm.forward(&xs)?, &m[3], &m[4])?;
+            let ff_in = self.norm.forward_modulated(&xs, &m[3], &m[4])?;
             xs = gated_add(&xs, &m[5], &self.ff.forward(&ff_in)?)?;
 
             let context = match (context_mods, context_attn_out, &self.ff_context) {
                 (Some(c), Some(attn), Some(ff)) => {
                     let context = gated_add(context, &c[2], &attn)?;
-                    let ff_in = modulate(&self.norm.forward(&context)?, &c[3], &c[4])?;
+                    let ff_in = self.norm.forward_modulated(&context, &c[3], &c[4])?;
                     Some(gated_add(&context, &c[5], &ff.forward(&ff_in)?)?)
                 }
                 _ => None,
@@ -367,7 +367,7 @@ impl Sd3Transformer {
             context = next_context;
         }
         let m = self.norm_out.forward(&temb)?;
-        let xs = modulate(&self.norm.forward(&xs)?, &m[1], &m[0])?;
+        let xs = self.norm.forward_modulated(&xs, &m[1], &m[0])?;
         let xs = self.proj_out.forward(&xs)?;
         let c = self.config.out_channels();
         xs.reshape((b, h, w, p, p, c))?

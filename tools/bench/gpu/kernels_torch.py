@@ -49,6 +49,10 @@ def torch_op(op, shape, device, dtype):
         x = randn(*shape)
         w, bias = randn(shape[1]), randn(shape[1])
         return lambda: F.layer_norm(x, (shape[1],), w, bias, 1e-5)
+    if op == "layer_norm_modulate":  # diffusers' AdaLayerNormZero: norm, then x * (1 + scale) + shift
+        b, n, width = shape
+        x, shift, scale = randn(b, n, width), randn(b, width), randn(b, width, std=0.5)
+        return lambda: F.layer_norm(x, (width,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
     if op in ("gelu_erf", "gelu_tanh"):
         x = randn(*shape)
         approximate = "none" if op == "gelu_erf" else "tanh"
