@@ -59,8 +59,7 @@ fn flux_components_match_diffusers() {
                 guidance,
                 &t["prompt_embeds"].repeat((2, 1, 1)).unwrap(),
                 &t["pooled"].repeat((2, 1)).unwrap(),
-                6,
-                4,
+                (6, 4),
             )
             .unwrap();
         check("transformer", &out, "out", 1e-4);

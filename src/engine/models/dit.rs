@@ -269,21 +269,19 @@ struct Projections {
 }
 
 impl Projections {
+    /// The q, k, v projections `names` (and their norms `norm_names` when `c.qk_norm`).
     fn new(
         vb: &VarBuilder,
         names: [&str; 3],
         norm_names: [&str; 2],
-        dim: usize,
-        inner: usize,
-        head_dim: usize,
-        qk_norm: bool,
-        format: WeightFormat,
+        c: &JointAttentionConfig,
     ) -> candle_core::Result<Self> {
+        let (dim, inner, head_dim, format) = (c.dim, c.heads * c.head_dim, c.head_dim, c.format);
         Ok(Self {
             q: BlockLinear::new(dim, inner, vb.pp(names[0]), format)?,
             k: BlockLinear::new(dim, inner, vb.pp(names[1]), format)?,
             v: BlockLinear::new(dim, inner, vb.pp(names[2]), format)?,
-            norms: if qk_norm {
+            norms: if c.qk_norm {
                 Some(qk_norms(vb, norm_names, head_dim)?)
             } else {
                 None
@@ -342,26 +340,13 @@ pub struct JointAttentionConfig {
 impl JointAttention {
     pub fn new(vb: VarBuilder, c: &JointAttentionConfig) -> candle_core::Result<Self> {
         let inner = c.heads * c.head_dim;
-        let image = Projections::new(
-            &vb,
-            ["to_q", "to_k", "to_v"],
-            ["norm_q", "norm_k"],
-            c.dim,
-            inner,
-            c.head_dim,
-            c.qk_norm,
-            c.format,
-        )?;
+        let image = Projections::new(&vb, ["to_q", "to_k", "to_v"], ["norm_q", "norm_k"], c)?;
         let context = if c.with_context {
             Some(Projections::new(
                 &vb,
                 ["add_q_proj", "add_k_proj", "add_v_proj"],
                 ["norm_added_q", "norm_added_k"],
-                c.dim,
-                inner,
-                c.head_dim,
-                c.qk_norm,
-                c.format,
+                c,
             )?)
         } else {
             None

@@ -389,9 +389,9 @@ impl VaeDecoder {
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let mut out_ch = rev[0];
         let mut up = Vec::with_capacity(n);
-        for i in 0..n {
+        for (i, &channels) in rev.iter().enumerate() {
             let prev = out_ch;
-            out_ch = rev[i];
+            out_ch = channels;
             let vb = vb.pp(format!("up_blocks.{i}"));
             let resnets = (0..c.layers_per_block + 1)
                 .map(|j| {

@@ -272,7 +272,8 @@ impl Flux {
             .reshape((b, c, h, w))?)
     }
 
-    /// The transformer on packed latents (component checks and benchmarks).
+    /// The transformer on packed latents of an `(h, w)` latent image (component checks and
+    /// benchmarks).
     pub fn transformer_forward(
         &self,
         packed: &Tensor,
@@ -280,8 +281,7 @@ impl Flux {
         guidance: Option<f32>,
         context: &Tensor,
         pooled: &Tensor,
-        h: usize,
-        w: usize,
+        (h, w): (usize, usize),
     ) -> Result<Tensor> {
         let rope = self.transformer.rope(
             &Self::position_ids(context.dim(1)?, h / 2, w / 2),

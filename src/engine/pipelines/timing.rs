@@ -90,6 +90,13 @@ fn timed_warm<T>(sync: &dyn Fn() -> Result<()>, f: impl Fn() -> Result<T>) -> Re
     timed(sync, f)
 }
 
+/// Each timed forward (ms), the profile, and the CUDA-graph replay time or why there is none.
+type ForwardTimes = (
+    Vec<f64>,
+    Vec<ProfileRow>,
+    Option<std::result::Result<f64, String>>,
+);
+
 /// The warm-up and `shape.repeats` timed runs of one denoiser forward, then the profiled ones,
 /// then (when asked) the forward as a CUDA graph.
 fn time_forwards(
@@ -97,11 +104,7 @@ fn time_forwards(
     sync: &dyn Fn() -> Result<()>,
     forward: impl Fn() -> Result<Tensor>,
     log: &mut dyn FnMut(String),
-) -> Result<(
-    Vec<f64>,
-    Vec<ProfileRow>,
-    Option<std::result::Result<f64, String>>,
-)> {
+) -> Result<ForwardTimes> {
     let repeats = shape.repeats;
     let mut times = Vec::with_capacity(repeats);
     let mut device = candle_core::Device::Cpu;
@@ -288,8 +291,7 @@ impl Pipeline {
                             guidance.then_some(3.5),
                             &context,
                             &pooled,
-                            h,
-                            w,
+                            (h, w),
                         )
                     },
                     log,

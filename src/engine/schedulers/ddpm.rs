@@ -8,11 +8,12 @@ use super::{predict_x0_vp, randn_like, Sampler, X0Limit};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::rng::BatchNoise;
 
+/// diffusers' `variance_type`: fixed_small, fixed_small_log, fixed_large.
 #[derive(Clone, Copy, PartialEq)]
 enum Variance {
-    FixedSmall,
-    FixedSmallLog,
-    FixedLarge,
+    Small,
+    SmallLog,
+    Large,
 }
 
 pub struct DdpmSampler {
@@ -27,9 +28,9 @@ pub struct DdpmSampler {
 impl DdpmSampler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
         let variance = match config.variance_type.as_deref() {
-            None | Some("fixed_small") => Variance::FixedSmall,
-            Some("fixed_small_log") => Variance::FixedSmallLog,
-            Some("fixed_large") => Variance::FixedLarge,
+            None | Some("fixed_small") => Variance::Small,
+            Some("fixed_small_log") => Variance::SmallLog,
+            Some("fixed_large") => Variance::Large,
             Some(other) => {
                 return Err(EngineError::Unsupported(format!(
                     "DDPM variance_type `{other}`"
@@ -84,9 +85,9 @@ impl Sampler for DdpmSampler {
         let noise = randn_like(model_output, rng)?;
         let small = ((b_prev / b_t) * cur_beta).max(1e-20);
         let scale = match self.variance {
-            Variance::FixedSmall => small.sqrt(),
-            Variance::FixedSmallLog => (0.5 * small.ln()).exp(),
-            Variance::FixedLarge => cur_beta.sqrt(),
+            Variance::Small => small.sqrt(),
+            Variance::SmallLog => (0.5 * small.ln()).exp(),
+            Variance::Large => cur_beta.sqrt(),
         };
         prev + (noise * scale as f64)?
     }

@@ -28,6 +28,9 @@ fn interleave(v: &[f32]) -> Vec<f32> {
     out
 }
 
+/// (timesteps, sigmas, log-sigmas of training, prediction type): see [`prepare`].
+type Prepared = (Vec<f32>, Vec<f32>, Vec<f32>, PredictionType);
+
 /// What both DPM2 variants start from: the Euler-family schedule (Karras timesteps rounded, as
 /// diffusers does here), the training log-sigmas, and the prediction type.
 fn prepare(
@@ -35,7 +38,7 @@ fn prepare(
     schedule: SigmaSchedule,
     steps: usize,
     name: &str,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, PredictionType)> {
+) -> Result<Prepared> {
     let prediction = config.prediction_type();
     if prediction == PredictionType::Sample {
         return Err(EngineError::Unsupported(format!(
@@ -155,8 +158,8 @@ fn to_timesteps(sigmas: &[f32], log_sigmas: &[f32]) -> Vec<f32> {
 /// [t0, mid(1), t1, mid(2), t2, …]: the first evaluation, then midpoint and sigma of each step.
 fn interleave_timesteps(timesteps: &[f32], midpoint_t: impl Fn(usize) -> f32) -> Vec<f32> {
     let mut all = vec![timesteps[0]];
-    for i in 1..timesteps.len() {
-        all.extend([midpoint_t(i), timesteps[i]]);
+    for (i, &t) in timesteps.iter().enumerate().skip(1) {
+        all.extend([midpoint_t(i), t]);
     }
     all
 }

@@ -251,8 +251,9 @@ fn solve(matrix: &[Vec<f64>], rhs: &[f32]) -> Vec<f32> {
         x.swap(col, pivot);
         for row in col + 1..n {
             let f = a[row][col] / a[col][col];
-            for k in col..n {
-                a[row][k] -= f * a[col][k];
+            let (above, below) = a.split_at_mut(row);
+            for (target, &source) in below[0][col..].iter_mut().zip(&above[col][col..]) {
+                *target -= f * source;
             }
             x[row] -= f * x[col];
         }
