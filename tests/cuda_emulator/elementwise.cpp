@@ -37,6 +37,18 @@ double f(T x) {
     return (double)(float)x;
 }
 
+// Mean and biased variance of n values, in f64.
+template <typename T>
+std::pair<double, double> moments(const T *x, size_t n) {
+    double mean = 0, var = 0;
+    for (size_t i = 0; i < n; ++i)
+        mean += f(x[i]);
+    mean /= n;
+    for (size_t i = 0; i < n; ++i)
+        var += (f(x[i]) - mean) * (f(x[i]) - mean);
+    return {mean, var / n};
+}
+
 template <typename T>
 void layer_norm_modulate_case(size_t rows, size_t d, size_t batches, int vec, unsigned seed,
                               void (*kernel)(const T *, const T *, const T *, T *, size_t, size_t, float, int)) {
@@ -53,13 +65,7 @@ void layer_norm_modulate_case(size_t rows, size_t d, size_t batches, int vec, un
            (const T *)scale.data, y.data, d, per_batch, eps, vec);
     Error e;
     for (size_t r = 0; r < rows; ++r) {
-        double mean = 0, var = 0;
-        for (size_t c = 0; c < d; ++c)
-            mean += f(x[r * d + c]);
-        mean /= d;
-        for (size_t c = 0; c < d; ++c)
-            var += (f(x[r * d + c]) - mean) * (f(x[r * d + c]) - mean);
-        var /= d;
+        const auto [mean, var] = moments(x.data + r * d, d);
         const size_t b = r / per_batch;
         for (size_t c = 0; c < d; ++c) {
             double norm = (f(x[r * d + c]) - mean) / std::sqrt(var + eps);
@@ -91,13 +97,7 @@ void group_norm_case(size_t blocks, size_t group_size, int vec, unsigned seed,
            (const T *)scale.data, (const T *)shift.data, y.data, n, channels, hw, per_group, 1, vec);
     Error e;
     for (size_t g = 0; g < blocks; ++g) {
-        double mean = 0, var = 0;
-        for (size_t i = 0; i < group_size; ++i)
-            mean += f(x[g * group_size + i]);
-        mean /= group_size;
-        for (size_t i = 0; i < group_size; ++i)
-            var += (f(x[g * group_size + i]) - mean) * (f(x[g * group_size + i]) - mean);
-        var /= group_size;
+        const auto [mean, var] = moments(x.data + g * group_size, group_size);
         for (size_t i = 0; i < group_size; ++i) {
             size_t e_index = g * group_size + i;
             size_t c = (e_index / hw) % channels;

@@ -50,14 +50,8 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    let op = CudnnConv2d {
-        padding,
-        stride,
-        engine: conv_graph::engine(),
-        strict: false,
-    };
-    xs.contiguous()?
-        .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+    let engine = conv_graph::engine();
+    CudnnConv2d::new(padding, stride, engine, false).apply(xs, weight, bias)
 }
 
 /// [`conv2d`] through the given API, failing where it cannot run the shape (for the bench).
@@ -69,14 +63,7 @@ pub fn conv2d_by(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    let op = CudnnConv2d {
-        padding,
-        stride,
-        engine,
-        strict: true,
-    };
-    xs.contiguous()?
-        .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+    CudnnConv2d::new(padding, stride, engine, true).apply(xs, weight, bias)
 }
 
 struct CudnnConv2d {
@@ -85,6 +72,22 @@ struct CudnnConv2d {
     engine: ConvEngine,
     /// Fail instead of falling back to the legacy API.
     strict: bool,
+}
+
+impl CudnnConv2d {
+    fn new(padding: usize, stride: usize, engine: ConvEngine, strict: bool) -> Self {
+        Self {
+            padding,
+            stride,
+            engine,
+            strict,
+        }
+    }
+
+    fn apply(&self, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+        xs.contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, self)
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]

@@ -175,16 +175,8 @@ mod tests {
     use candle_core::Device;
 
     fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        crate::engine::models::max_abs_diff(&f32(a), &f32(b))
     }
 
     /// Slices of queries (a remainder slice included) give the whole computation's result, with
