@@ -31,13 +31,18 @@ def main():
     print("| model | shape | metric | candela | diffusers | candela / diffusers |")
     print("|---|---|---|---|---|---|")
     for model in list(ours) + [m for m in theirs if m not in ours]:
-        # "<model> (--flag=value)": a candidate's run, against diffusers' same model.
-        o, t = ours.get(model, {}), theirs.get(model.split(" (")[0], {})
+        # Rows with a suffix: "(N steps)" runs on both sides compare whole; a candidate's
+        # "(flag=value)" run (one step) compares its per-step figures with diffusers' same model;
+        # a large image "(2048², …)" has no diffusers counterpart.
+        o = ours.get(model, {})
+        t = theirs.get(model)
+        fields = FIELDS
+        if t is None and "=" in model:
+            t = theirs.get(model.split(" (")[0], {})
+            fields = [f for f in FIELDS if f[0] in ("denoiser_step_ms", "vae_decode_ms")]
+        t = t or {}
         row = o or t
         shape = f"{row['width']}x{row['height']} batch {row['batch']}"
-        # A candidate's run has one step: its denoiser step and VAE decode compare.
-        fields = FIELDS if " (" not in model else [
-            f for f in FIELDS if f[0] in ("denoiser_step_ms", "vae_decode_ms")]
         for key, name in fields:
             a, b = o.get(key), t.get(key)
             ratio = f"{a / b:.2f}x" if a is not None and b else "-"

@@ -27,6 +27,12 @@ MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
 # Candidates not yet the default, each run in the whole models too (candela side only;
 # CANDIDATES= to leave them out): one bench flag each, one step, labelled "<model> (<flag>)".
 CANDIDATES=${CANDIDATES-"--attention-kernel=wide --conv-engine=graph"}
+# End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
+# labelled "<model> (N steps)".
+E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
+# Large images (candela side only; LARGE= to leave out): model:dtype:side, with --vae-tiling,
+# one step, for the peak memory (#9: SDXL at 2048² within a 24 GB card).
+LARGE=${LARGE-"sdxl:f16:2048"}
 # The CUDA-graph experiment (candela side only; GRAPH_MODELS= to leave it out).
 GRAPH_MODELS=${GRAPH_MODELS-"sd15 sdxl"}
 # For a dry run on a CPU machine: DEVICE=cpu BIN=target/release/candela-bench
@@ -82,6 +88,23 @@ candela)
                 || echo "candela $model with $flag failed (exit $?)" | tee -a "$log"
         done
     done
+    for spec in $E2E; do
+        IFS=: read -r model dtype steps <<< "$spec"
+        echo "== candela $model $dtype, $steps steps" | tee -a "$log"
+        timeout 120 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
+            --steps "$steps" --repeats 1 --json-out /tmp/e2e.json >> "$log" 2>&1 \
+            && append_result /tmp/e2e.json "$model-$dtype ($steps steps)" \
+            || echo "candela $model $steps steps failed (exit $?)" | tee -a "$log"
+    done
+    for spec in $LARGE; do
+        IFS=: read -r model dtype side <<< "$spec"
+        echo "== candela $model $dtype ${side}², VAE tiling" | tee -a "$log"
+        timeout 120 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
+            --width "$side" --height "$side" --vae-tiling --steps 1 --repeats 1 \
+            --json-out /tmp/large.json >> "$log" 2>&1 \
+            && append_result /tmp/large.json "$model-$dtype (${side}², VAE tiling)" \
+            || echo "candela $model ${side}² failed (exit $?)" | tee -a "$log"
+    done
     # Experiment: the denoiser forward replayed as one CUDA graph (launch overhead gone).
     for model in $GRAPH_MODELS; do
         echo "== candela $model f16, CUDA graph" | tee -a "$log"
@@ -103,6 +126,14 @@ diffusers)
             --steps "$STEPS" --repeats "$REPEATS" $PROFILE --out "/tmp/$model.json" >> "$log" 2>&1 \
             && append_result "/tmp/$model.json" "$model-$dtype" \
             || echo "diffusers $model failed (exit $?)" | tee -a "$log"
+    done
+    for spec in $E2E; do
+        IFS=: read -r model dtype steps <<< "$spec"
+        echo "== diffusers $model $dtype, $steps steps" | tee -a "$log"
+        timeout 120 "$PYTHON" tools/bench/bench_diffusers.py --configs "$BENCHES/$model" --device "$DEVICE" \
+            --dtype "$dtype" --steps "$steps" --repeats 1 --out /tmp/e2e.json >> "$log" 2>&1 \
+            && append_result /tmp/e2e.json "$model-$dtype ($steps steps)" \
+            || echo "diffusers $model $steps steps failed (exit $?)" | tee -a "$log"
     done
     ;;
 *)
