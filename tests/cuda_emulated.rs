@@ -138,10 +138,11 @@ fn attention_kernels_match_exact_attention() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
-/// The DiT's fused LayerNorm + modulation and the GroupNorm(+SiLU) kernels against f64, with
+/// Every kernel of elementwise.cu against f64: the DiT's fused LayerNorm + modulation, the
+/// GroupNorm(+SiLU) pair, modulate, gated add, bias add, GEGLU and the rotary embedding; with
 /// 16-byte packs and without, rows shorter and longer than a block's threads, several samples.
 #[test]
-fn norm_kernels_match_exact_norms() {
+fn elementwise_kernels_match_exact_results() {
     let dir = tempfile::tempdir().unwrap();
     let binary = compile_harness(dir.path(), "elementwise");
     // (op, rows or blocks, values per row or group, samples, 16-byte packs)
@@ -151,6 +152,15 @@ fn norm_kernels_match_exact_norms() {
         ("layer_norm_modulate", 3, 203, 3, 0),
         ("group_norm", 6, 512, 1, 1),
         ("group_norm", 4, 148, 1, 0),
+        ("modulate", 6, 40, 2, 1),
+        ("modulate", 5, 36, 1, 0),
+        ("gated_add", 6, 40, 2, 1),
+        ("gated_add", 5, 36, 1, 0),
+        ("bias_add", 70, 40, 1, 1),
+        ("bias_add", 5, 36, 1, 0),
+        ("geglu", 70, 40, 1, 1),
+        ("geglu", 5, 36, 1, 0),
+        ("rope", 6, 40, 3, 0),
     ];
     let mut failures = Vec::new();
     for (dtype, limit) in limits() {

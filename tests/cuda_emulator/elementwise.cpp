@@ -1,10 +1,15 @@
 // Runs kernels of src/engine/cuda/elementwise.cu under the CPU emulation and prints their error
 // against f64 references computed from the same rounded inputs:
-//   elementwise OP DTYPE ROWS D BATCHES VEC SEED      (OP: layer_norm_modulate | group_norm)
-// prints "relative_l2 max_abs". layer_norm_modulate: ROWS rows of D in BATCHES samples (shift and
-// scale per sample), one block of 256 threads per row as the engine launches it. group_norm:
-// ROWS = batch · groups blocks over D = values per group (channels per group · HW, with 4
-// channels per group), then the apply kernel, with SiLU.
+//   elementwise OP DTYPE ROWS D BATCHES VEC SEED
+// prints "relative_l2 max_abs". OP:
+//   layer_norm_modulate  ROWS rows of D in BATCHES samples (shift and scale per sample), one
+//                        block of 256 threads per row as the engine launches it;
+//   group_norm           ROWS = batch · groups blocks over D = values per group (4 channels per
+//                        group · HW), then the apply kernel, with SiLU;
+//   modulate, gated_add  ROWS tokens of D in BATCHES samples (per-sample vectors);
+//   bias_add             ROWS × D plus a bias of D;  geglu  ROWS × 2D → ROWS × D;
+//   rope                 ROWS = heads · tokens rows of D (BATCHES = tokens), f32 cos/sin tables.
+// The grid-stride kernels get the engine's grid: ⌈items / 256⌉ blocks.
 #include "emulate.h"
 
 #include "../../src/engine/cuda/elementwise.cu"
@@ -108,6 +113,74 @@ void group_norm_case(size_t blocks, size_t group_size, int vec, unsigned seed,
     e.print();
 }
 
+// A grid-stride kernel's launch as the engine makes it (`config` in elementwise.rs).
+unsigned grid_for(size_t items) {
+    return (unsigned)std::max<size_t>(1, std::min<size_t>((items + THREADS - 1) / THREADS, 1 << 16));
+}
+
+// The per-token kernels against f64: modulate, gated_add, bias_add, geglu, rope.
+template <typename T>
+void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int vec, unsigned seed) {
+    constexpr size_t P = Pack<T>::N;
+    std::mt19937 rng(seed);
+    const size_t count = rows * d, per_batch = (rows / batches) * d;
+    const size_t in_width = op == "geglu" ? 2 * d : d;
+    Buffer<T> x(rows * in_width), a(op == "gated_add" ? count : batches * d), b(batches * d), y(count);
+    Buffer<float> cos(batches * d / 2), sin(batches * d / 2);
+    fill(x, rng, 0.0f, 1.0f);
+    fill(a, rng, 0.0f, 1.0f);
+    fill(b, rng, 0.0f, 0.5f);
+    std::uniform_real_distribution<float> angle(-3.14159f, 3.14159f);
+    for (size_t i = 0; i < cos.count; ++i) {
+        float t = angle(rng);
+        cos[i] = std::cos(t);
+        sin[i] = std::sin(t);
+    }
+    for (size_t i = 0; i < y.count; ++i)
+        y[i] = T(NAN);
+    const size_t items = vec ? count / P : count;
+    Error e;
+    if (op == "modulate" || op == "gated_add") {
+        // modulate: (x, shift = a, scale = b); gated add: (x, gate = b, h = a).
+        if (op == "modulate")
+            launch(modulate<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, (const T *)a.data,
+                   (const T *)b.data, y.data, count, per_batch, d, vec);
+        else
+            launch(gated_add<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, (const T *)b.data,
+                   (const T *)a.data, y.data, count, per_batch, d, vec);
+        for (size_t i = 0; i < count; ++i) {
+            size_t c = i % d, s = i / per_batch;
+            double exact = op == "modulate" ? f(x[i]) * (1.0 + f(b[s * d + c])) + f(a[s * d + c])
+                                            : f(x[i]) + f(b[s * d + c]) * f(a[i]);
+            e.add(f(y[i]), exact);
+        }
+    } else if (op == "bias_add") {
+        launch(bias_add<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, (const T *)b.data, y.data,
+               rows, d, vec);
+        for (size_t i = 0; i < count; ++i)
+            e.add(f(y[i]), f(x[i]) + f(b[i % d]));
+    } else if (op == "geglu") {
+        launch(geglu<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, y.data, rows, d, vec);
+        for (size_t r = 0; r < rows; ++r)
+            for (size_t c = 0; c < d; ++c) {
+                double g = f(x[r * 2 * d + d + c]);
+                e.add(f(y[r * d + c]), f(x[r * 2 * d + c]) * 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0))));
+            }
+    } else if (op == "rope") {
+        const size_t tokens = batches, half = d / 2, pairs = count / 2;
+        launch(rope<T>, grid_for(pairs), 1, THREADS, 0, (const T *)x.data, (const float *)cos.data,
+               (const float *)sin.data, y.data, pairs, tokens, half);
+        for (size_t p = 0; p < pairs; ++p) {
+            size_t i = p % half, row = (p / half) % tokens;
+            double c = cos[row * half + i], s = sin[row * half + i];
+            double u = f(x[2 * p]), v = f(x[2 * p + 1]);
+            e.add(f(y[2 * p]), u * c - v * s);
+            e.add(f(y[2 * p + 1]), v * c + u * s);
+        }
+    }
+    e.print();
+}
+
 template <typename T>
 int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, unsigned seed,
         void (*ln)(const T *, const T *, const T *, T *, size_t, size_t, float, int),
@@ -117,6 +190,8 @@ int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, u
         layer_norm_modulate_case<T>(rows, d, batches, vec, seed, ln);
     else if (op == "group_norm")
         group_norm_case<T>(rows, d, vec, seed, gs, ga);
+    else if (op == "modulate" || op == "gated_add" || op == "bias_add" || op == "geglu" || op == "rope")
+        map_case<T>(op, rows, d, batches, vec, seed);
     else
         return 2;
     return 0;
