@@ -48,7 +48,8 @@ fn run(
     binary: &Path,
     kernel: AttentionKernel,
     dtype: &str,
-    (bh, n, m, d): (usize, usize, usize, usize),
+    (batch, heads, n, m, d): (usize, usize, usize, usize, usize),
+    layout: &str,
 ) -> (f64, f64) {
     let padded = padded_head_dim(d).expect("a supported head size");
     let element_bytes = 2;
@@ -56,10 +57,12 @@ fn run(
         kernel.name().to_string(),
         dtype.to_string(),
         padded.to_string(),
-        bh.to_string(),
+        batch.to_string(),
+        heads.to_string(),
         n.to_string(),
         m.to_string(),
         d.to_string(),
+        layout.to_string(),
         n.div_ceil(kernel.queries_per_block()).to_string(),
         ATTENTION_THREADS.to_string(),
         kernel.shared_bytes(padded, element_bytes).to_string(),
@@ -103,16 +106,17 @@ fn failed(relative: f64, max_abs: f64, limit: f64) -> bool {
 fn attention_kernels_match_exact_attention() {
     let dir = tempfile::tempdir().unwrap();
     let binary = compile_harness(dir.path(), "attention");
-    // (batch · heads, queries, keys, head size): partial query blocks and key tiles, every
-    // padding of the head size (40 → 48, 72 → 80), head size 160 (the wide kernel's 32-key
-    // tiles), more keys than one tile, fewer keys than one tile.
+    // (batch, heads, queries, keys, head size) and the operands' layout: partial query blocks
+    // and key tiles, every padding of the head size (40 → 48, 72 → 80), head size 160 (the wide
+    // kernel's 32-key tiles), more keys than one tile, fewer keys than one tile; q, k and v
+    // heads-first copies or token-major projections read in place (the output is token-major).
     let shapes = [
-        (2, 130, 100, 64),
-        (1, 70, 150, 40),
-        (1, 129, 65, 72),
-        (1, 64, 64, 128),
-        (1, 140, 70, 160),
-        (1, 30, 20, 64),
+        ((2, 1, 130, 100, 64), "heads_first"),
+        ((1, 2, 70, 150, 40), "tokens_first"),
+        ((2, 2, 129, 65, 72), "tokens_first"),
+        ((1, 1, 64, 64, 128), "heads_first"),
+        ((1, 1, 140, 70, 160), "tokens_first"),
+        ((1, 3, 30, 20, 64), "heads_first"),
     ];
     // Relative L2 limits of two unit roundoffs of the operand type (f16 2⁻¹¹, bf16 2⁻⁸): the
     // probabilities and the output are rounded to it once each. A wrong fragment, mask or
@@ -120,8 +124,8 @@ fn attention_kernels_match_exact_attention() {
     let mut failures = Vec::new();
     for (dtype, limit) in limits().into_iter().skip(1) {
         for kernel in AttentionKernel::ALL {
-            for shape in shapes {
-                let (relative, max_abs) = run(&binary, kernel, dtype, shape);
+            for (shape, layout) in shapes {
+                let (relative, max_abs) = run(&binary, kernel, dtype, shape, layout);
                 println!(
                     "{} {dtype} {shape:?}: relative L2 {relative:.2e}, max |Δ| {max_abs:.2e}",
                     kernel.name()

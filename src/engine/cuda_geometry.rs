@@ -78,3 +78,104 @@ impl AttentionKernel {
         elements * element_bytes
     }
 }
+
+/// Where an attention operand's rows are (`Strides` in attention.cu): the element offset of
+/// (batch, head, row) is batch·`batch` + head·`head` + row·`row`, its head_dim values contiguous.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strides {
+    pub batch: i64,
+    pub head: i64,
+    pub row: i64,
+}
+
+/// The operands of one attention launch (`Layouts` in attention.cu; blockIdx.y = batch · heads +
+/// head).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Layouts {
+    pub heads: i32,
+    pub q: Strides,
+    pub k: Strides,
+    pub v: Strides,
+    pub o: Strides,
+}
+
+impl Strides {
+    /// The strides of a (batch, heads, tokens, head_dim) view the kernels can read in place:
+    /// rows of contiguous values on 16-byte boundaries (start and strides multiples of 8
+    /// half-precision elements) — a heads-first copy, or the token-major output of a projection
+    /// seen heads-first. None: copy it first.
+    pub fn of_view(layout: &candle_core::Layout) -> Option<Strides> {
+        let stride = layout.stride();
+        if layout.dims().len() != 4 || stride[3] != 1 {
+            return None;
+        }
+        let aligned = |v: usize| v.is_multiple_of(8);
+        (aligned(layout.start_offset()) && stride[..3].iter().all(|&s| aligned(s))).then(|| {
+            Strides {
+                batch: stride[0] as i64,
+                head: stride[1] as i64,
+                row: stride[2] as i64,
+            }
+        })
+    }
+
+    /// The kernels' output: token-major (batch, tokens, heads, head_dim), so that merging the
+    /// heads back into a width is free.
+    pub fn token_major(tokens: usize, heads: usize, head_dim: usize) -> Strides {
+        Strides {
+            batch: (tokens * heads * head_dim) as i64,
+            head: head_dim as i64,
+            row: (heads * head_dim) as i64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn views_read_in_place_and_views_copied() {
+        let dev = Device::Cpu;
+        let (b, n, h, d) = (2, 5, 3, 16);
+        // A projection's (b, n, h·d) output seen as (b, h, n, d): read in place.
+        let tokens = Tensor::zeros((b, n, h * d), DType::F16, &dev).unwrap();
+        let heads_first = tokens
+            .reshape((b, n, h, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        assert_eq!(
+            Strides::of_view(heads_first.layout()),
+            Some(Strides::token_major(n, h, d))
+        );
+        // A contiguous heads-first tensor.
+        let copy = heads_first.contiguous().unwrap();
+        let row = d as i64;
+        assert_eq!(
+            Strides::of_view(copy.layout()),
+            Some(Strides {
+                batch: (h * n * d) as i64,
+                head: (n * d) as i64,
+                row,
+            })
+        );
+        // Rows that do not start on 16-byte boundaries, or are not contiguous: copied first.
+        let odd = Tensor::zeros((b, h, n, d + 4), DType::F16, &dev).unwrap();
+        assert_eq!(
+            Strides::of_view(odd.narrow(3, 0, d).unwrap().layout()),
+            None
+        );
+        assert_eq!(
+            Strides::of_view(copy.transpose(2, 3).unwrap().layout()),
+            None
+        );
+        assert_eq!(
+            Strides::of_view(copy.narrow(3, 4, 8).unwrap().layout()),
+            None
+        );
+    }
+}

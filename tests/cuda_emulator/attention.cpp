@@ -1,8 +1,10 @@
 // Runs one fused attention kernel of src/engine/cuda/attention.cu under the CPU emulation and
 // prints its error against an exact (f64) attention of the same rounded inputs:
-//   attention KERNEL DTYPE PADDED BH N M D GRID_X THREADS SHARED_BYTES SEED
+//   attention KERNEL DTYPE PADDED B H N M D LAYOUT GRID_X THREADS SHARED_BYTES SEED
 // prints "relative_l2 max_abs". KERNEL: tiled | pipelined | wide (the names of
 // engine::cuda_geometry::AttentionKernel, which also gives GRID_X, THREADS and SHARED_BYTES).
+// LAYOUT of q, k and v: heads_first (B, H, tokens, D) or tokens_first (B, tokens, H, D), read in
+// place through strides; the output is token-major (B, N, H, D), as the engine expects.
 #include "emulate.h"
 
 #include "../../src/engine/cuda/attention.cu"
@@ -12,7 +14,7 @@
 #include <string>
 
 template <typename T>
-using Kernel = void (*)(const T *, const T *, const T *, T *, int, int, int, float);
+using Kernel = void (*)(const T *, const T *, const T *, T *, int, int, int, Layouts, float);
 
 template <typename T>
 struct Entry {
@@ -31,9 +33,18 @@ static const Entry<__half> F16[] = {ROWS("tiled", , f16), ROWS("pipelined", pipe
 static const Entry<__nv_bfloat16> BF16[] = {ROWS("tiled", , bf16), ROWS("pipelined", pipelined_, bf16),
                                             ROWS("wide", wide_, bf16)};
 
+// Strides of a (B, H, tokens, D) operand stored in `layout`.
+Strides strides_of(const std::string &layout, int heads, int tokens, int d) {
+    if (layout == "tokens_first")
+        return {(long long)tokens * heads * d, d, (long long)heads * d};
+    return {(long long)heads * tokens * d, (long long)tokens * d, d};
+}
+
 template <typename T, size_t N>
-int run(const Entry<T> (&table)[N], const std::string &name, int padded, int bh, int n, int m, int d,
-        unsigned grid_x, unsigned threads, size_t shared_bytes, unsigned seed) {
+int run(const Entry<T> (&table)[N], const std::string &name, int padded, int batch, int heads, int n,
+        int m, int d, const std::string &layout, unsigned grid_x, unsigned threads, size_t shared_bytes,
+        unsigned seed) {
+    const int bh = batch * heads;
     Kernel<T> kernel = nullptr;
     for (const auto &e : table)
         if (name == e.name && padded == e.padded)
@@ -52,17 +63,24 @@ int run(const Entry<T> (&table)[N], const std::string &name, int padded, int bh,
         o[i] = T(NAN);  // a row the kernel never writes shows as NaN
     const float scale = 1.0f / std::sqrt((float)d);
     const float scale_log2 = scale * 1.4426950408889634f;
+    const Strides qs = strides_of(layout, heads, n, d), ks = strides_of(layout, heads, m, d);
+    const Layouts L = {heads, qs, ks, ks, strides_of("tokens_first", heads, n, d)};
     launch(kernel, grid_x, (unsigned)bh, threads, shared_bytes, (const T *)q.data, (const T *)k.data,
-           (const T *)v.data, o.data, n, m, d, scale_log2);
+           (const T *)v.data, o.data, n, m, d, L, scale_log2);
+    // Element offset of (batch · heads + head, row) in an operand.
+    auto at = [heads](const Strides &s, int bh, int row) {
+        return (size_t)((bh / heads) * s.batch + (bh % heads) * s.head + row * s.row);
+    };
 
     double diff2 = 0, ref2 = 0, max_abs = 0;
     std::vector<double> p(m);
+    const Strides os = L.o;
     for (int h = 0; h < bh; ++h) {
         for (int i = 0; i < n; ++i) {
-            const T *qi = q.data + ((size_t)h * n + i) * d;
+            const T *qi = q.data + at(qs, h, i);
             double top = -INFINITY, sum = 0;
             for (int j = 0; j < m; ++j) {
-                const T *kj = k.data + ((size_t)h * m + j) * d;
+                const T *kj = k.data + at(ks, h, j);
                 double s = 0;
                 for (int c = 0; c < d; ++c)
                     s += (double)(float)qi[c] * (double)(float)kj[c];
@@ -74,9 +92,9 @@ int run(const Entry<T> (&table)[N], const std::string &name, int padded, int bh,
             for (int c = 0; c < d; ++c) {
                 double exact = 0;
                 for (int j = 0; j < m; ++j)
-                    exact += p[j] * (double)(float)v.data[((size_t)h * m + j) * d + c];
+                    exact += p[j] * (double)(float)v.data[at(ks, h, j) + c];
                 exact /= sum;
-                double got = (double)(float)o.data[((size_t)h * n + i) * d + c];
+                double got = (double)(float)o.data[at(os, h, i) + c];
                 diff2 += (got - exact) * (got - exact);
                 ref2 += exact * exact;
                 max_abs = std::max(max_abs, std::fabs(got - exact));
@@ -90,20 +108,21 @@ int run(const Entry<T> (&table)[N], const std::string &name, int padded, int bh,
 }
 
 int main(int argc, char **argv) {
-    if (argc != 12) {
-        std::fprintf(stderr, "usage: %s KERNEL DTYPE PADDED BH N M D GRID_X THREADS SHARED_BYTES SEED\n", argv[0]);
+    if (argc != 14) {
+        std::fprintf(stderr, "usage: %s KERNEL DTYPE PADDED B H N M D LAYOUT GRID_X THREADS SHARED_BYTES SEED\n",
+                     argv[0]);
         return 2;
     }
-    const std::string name = argv[1], dtype = argv[2];
-    const int padded = std::atoi(argv[3]), bh = std::atoi(argv[4]), n = std::atoi(argv[5]),
-              m = std::atoi(argv[6]), d = std::atoi(argv[7]);
-    const unsigned grid_x = std::atoi(argv[8]), threads = std::atoi(argv[9]);
-    const size_t shared = std::atol(argv[10]);
-    const unsigned seed = std::atoi(argv[11]);
+    const std::string name = argv[1], dtype = argv[2], layout = argv[9];
+    const int padded = std::atoi(argv[3]), batch = std::atoi(argv[4]), heads = std::atoi(argv[5]),
+              n = std::atoi(argv[6]), m = std::atoi(argv[7]), d = std::atoi(argv[8]);
+    const unsigned grid_x = std::atoi(argv[10]), threads = std::atoi(argv[11]);
+    const size_t shared = std::atol(argv[12]);
+    const unsigned seed = std::atoi(argv[13]);
     if (dtype == "f16")
-        return run(F16, name, padded, bh, n, m, d, grid_x, threads, shared, seed);
+        return run(F16, name, padded, batch, heads, n, m, d, layout, grid_x, threads, shared, seed);
     if (dtype == "bf16")
-        return run(BF16, name, padded, bh, n, m, d, grid_x, threads, shared, seed);
+        return run(BF16, name, padded, batch, heads, n, m, d, layout, grid_x, threads, shared, seed);
     std::fprintf(stderr, "dtype f16 or bf16\n");
     return 2;
 }

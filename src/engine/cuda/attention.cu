@@ -2,9 +2,11 @@
 // the score matrix never leaves the chip (FlashAttention-2's online softmax; the algorithm from
 // Dao 2023, written here for the head sizes the image models use).
 //
-// Layout: q (BH, N, D), k and v (BH, M, D), o (BH, N, D), contiguous, D = the real head size
-// (a multiple of 8, ≤ DP). DP = D rounded up to 16 (the tensor-core k step); the padding columns
-// are zero in shared memory and never written out.
+// Layout: q (B, H, N, D), k and v (B, H, M, D) as any strided views whose rows are D contiguous
+// values on 16-byte boundaries (`Layouts`: heads-first copies or the token-major output of a
+// projection, read in place); o written token-major, (B, N, H, D), so that merging the heads is
+// free. D = the real head size (a multiple of 8, ≤ DP). DP = D rounded up to 16 (the tensor-core
+// k step); the padding columns are zero in shared memory and never written out.
 //
 // One block = 4 warps = 64 queries; each warp owns 16 query rows for the whole key loop. Per 64-key
 // tile: the block stages k and v in shared memory, each warp computes its 16×64 scores with
@@ -103,6 +105,22 @@ __device__ __forceinline__ void cp_async_wait() {
 
 #endif  // CANDELA_EMULATE
 
+// Element offset of (batch b, head h, row i) in an operand: b·batch + h·head + i·row.
+struct Strides {
+    long long batch, head, row;
+};
+struct Layouts {
+    int heads;  // blockIdx.y = batch · heads + head
+    Strides q, k, v, o;
+};
+
+// `p` moved to this block's (batch, head).
+template <typename P>
+__device__ __forceinline__ P *head_of(P *p, const Strides &s, int heads) {
+    const int batch = blockIdx.y / heads, head = blockIdx.y % heads;
+    return p + batch * s.batch + head * s.head;
+}
+
 // Zero the padding columns [d, DP + 8) of `rows` shared rows of k and v once: the tile loads
 // never write them.
 template <typename T, int DP>
@@ -118,7 +136,7 @@ __device__ __forceinline__ void zero_padding(T *ks, T *vs, int rows, int d) {
 // This warp's 16 query rows (from row0) as A fragments, one per 16-column step.
 template <typename T, int DP>
 __device__ __forceinline__ void load_queries(uint32_t (&qa)[DP / 16][4], const T *q, int row0, int n,
-                                             int d, int g, int t) {
+                                             int d, long long q_row, int g, int t) {
     const T zero = T(0.0f);
 #pragma unroll
     for (int s = 0; s < DP / 16; ++s) {
@@ -128,7 +146,7 @@ __device__ __forceinline__ void load_queries(uint32_t (&qa)[DP / 16][4], const T
 #pragma unroll
             for (int r = 0; r < 2; ++r) {  // rows g and g+8
                 int row = row0 + g + 8 * r;
-                qa[s][half * 2 + r] = (row < n && col < d) ? pair(q + (size_t)row * d + col)
+                qa[s][half * 2 + r] = (row < n && col < d) ? pair(q + row * q_row + col)
                                                            : pair2(zero, zero);
             }
         }
@@ -235,7 +253,7 @@ __device__ __forceinline__ void attend_tile(const T *ks, const T *vs, const uint
 // Normalise and write rows g and g+8, columns 2t and 2t+1 of each n8 tile.
 template <typename T, int DP>
 __device__ __forceinline__ void store_output(T *o, const float (&acc)[DP / 8][4], const float (&row_sum)[2],
-                                             int row0, int n, int d, int g, int t) {
+                                             int row0, int n, int d, long long o_row, int g, int t) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         int row = row0 + g + 8 * r;
@@ -246,7 +264,7 @@ __device__ __forceinline__ void store_output(T *o, const float (&acc)[DP / 8][4]
         for (int j = 0; j < DP / 8; ++j) {
             int col = j * 8 + 2 * t;
             if (col < d) {
-                *reinterpret_cast<uint32_t *>(o + (size_t)row * d + col) =
+                *reinterpret_cast<uint32_t *>(o + row * o_row + col) =
                     Ops<T>::pack(acc[j][2 * r] * inv, acc[j][2 * r + 1] * inv);
             }
         }
@@ -256,23 +274,22 @@ __device__ __forceinline__ void store_output(T *o, const float (&acc)[DP / 8][4]
 template <typename T, int DP>
 __device__ void flash_attention(const T *__restrict__ q, const T *__restrict__ k,
                                 const T *__restrict__ v, T *__restrict__ o, int n, int m, int d,
-                                float scale_log2) {
+                                Layouts L, float scale_log2) {
     constexpr int STRIDE = DP + 8;  // shared row stride (halves): spreads rows over the banks
     __shared__ __align__(16) T ks[BLOCK_N * STRIDE];
     __shared__ __align__(16) T vs[BLOCK_N * STRIDE];
 
-    const int bh = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
     const int row0 = blockIdx.x * BLOCK_M + warp * 16;
-    q += (size_t)bh * n * d;
-    k += (size_t)bh * m * d;
-    v += (size_t)bh * m * d;
-    o += (size_t)bh * n * d;
+    q = head_of(q, L.q, L.heads);
+    k = head_of(k, L.k, L.heads);
+    v = head_of(v, L.v, L.heads);
+    o = head_of(o, L.o, L.heads);
 
     zero_padding<T, DP>(ks, vs, BLOCK_N, d);
     uint32_t qa[DP / 16][4];
-    load_queries<T, DP>(qa, q, row0, n, d, g, t);
+    load_queries<T, DP>(qa, q, row0, n, d, L.q.row, g, t);
 
     float acc[DP / 8][4];
 #pragma unroll
@@ -288,8 +305,8 @@ __device__ void flash_attention(const T *__restrict__ q, const T *__restrict__ k
             int r = i / chunks, c = (i % chunks) * 8;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
             if (key0 + r < m) {
-                kv = *reinterpret_cast<const uint4 *>(k + (size_t)(key0 + r) * d + c);
-                vv = *reinterpret_cast<const uint4 *>(v + (size_t)(key0 + r) * d + c);
+                kv = *reinterpret_cast<const uint4 *>(k + (key0 + r) * L.k.row + c);
+                vv = *reinterpret_cast<const uint4 *>(v + (key0 + r) * L.v.row + c);
             }
             *reinterpret_cast<uint4 *>(ks + r * STRIDE + c) = kv;
             *reinterpret_cast<uint4 *>(vs + r * STRIDE + c) = vv;
@@ -297,7 +314,7 @@ __device__ void flash_attention(const T *__restrict__ q, const T *__restrict__ k
         __syncthreads();
         attend_tile<T, DP>(ks, vs, qa, acc, row_max, row_sum, key0, m, scale_log2, lane);
     }
-    store_output<T, DP>(o, acc, row_sum, row0, n, d, g, t);
+    store_output<T, DP>(o, acc, row_sum, row0, n, d, L.o.row, g, t);
 }
 
 // The same attention with the next k/v tile loaded (cp.async, two shared-memory stages) while the
@@ -306,25 +323,24 @@ __device__ void flash_attention(const T *__restrict__ q, const T *__restrict__ k
 template <typename T, int DP>
 __device__ void flash_attention_pipelined(const T *__restrict__ q, const T *__restrict__ k,
                                           const T *__restrict__ v, T *__restrict__ o, int n, int m,
-                                          int d, float scale_log2) {
+                                          int d, Layouts L, float scale_log2) {
     constexpr int STRIDE = DP + 8;
     constexpr int TILE = BLOCK_N * STRIDE;
     DYNAMIC_SHARED(shared_bytes);
     T *ks = reinterpret_cast<T *>(shared_bytes);  // stages 0 and 1 of k, then of v
     T *vs = ks + 2 * TILE;
 
-    const int bh = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * BLOCK_M + warp * 16;
-    q += (size_t)bh * n * d;
-    k += (size_t)bh * m * d;
-    v += (size_t)bh * m * d;
-    o += (size_t)bh * n * d;
+    q = head_of(q, L.q, L.heads);
+    k = head_of(k, L.k, L.heads);
+    v = head_of(v, L.v, L.heads);
+    o = head_of(o, L.o, L.heads);
 
     zero_padding<T, DP>(ks, vs, 2 * BLOCK_N, d);  // both stages
     uint32_t qa[DP / 16][4];
-    load_queries<T, DP>(qa, q, row0, n, d, g, t);
+    load_queries<T, DP>(qa, q, row0, n, d, L.q.row, g, t);
 
     float acc[DP / 8][4];
 #pragma unroll
@@ -342,9 +358,9 @@ __device__ void flash_attention_pipelined(const T *__restrict__ q, const T *__re
         for (int i = threadIdx.x; i < BLOCK_N * chunks; i += blockDim.x) {
             int r = i / chunks, c = (i % chunks) * 8;
             bool inside = key0 + r < m;
-            size_t from = (size_t)(inside ? key0 + r : 0) * d + c;  // a valid address either way
-            copy16_async(kd + r * STRIDE + c, k + from, inside ? 16 : 0);
-            copy16_async(vd + r * STRIDE + c, v + from, inside ? 16 : 0);
+            long long key = inside ? key0 + r : 0;  // a valid address either way
+            copy16_async(kd + r * STRIDE + c, k + key * L.k.row + c, inside ? 16 : 0);
+            copy16_async(vd + r * STRIDE + c, v + key * L.v.row + c, inside ? 16 : 0);
         }
         cp_async_commit();
     };
@@ -363,7 +379,7 @@ __device__ void flash_attention_pipelined(const T *__restrict__ q, const T *__re
                            tile * BLOCK_N, m, scale_log2, lane);
         __syncthreads();  // this stage is free for tile + 2
     }
-    store_output<T, DP>(o, acc, row_sum, row0, n, d, g, t);
+    store_output<T, DP>(o, acc, row_sum, row0, n, d, L.o.row, g, t);
 }
 
 // The FlashAttention-2 arrangement, candidate for the models: 128 queries per block, each warp
@@ -378,12 +394,12 @@ __device__ void flash_attention_pipelined(const T *__restrict__ q, const T *__re
 
 template <typename T, int STRIDE>
 __device__ __forceinline__ void copy_rows_async(T *shared, const T *global, int row0, int rows,
-                                                int total, int d) {
+                                                int total, int d, long long row_stride) {
     const int chunks = d / 8;
     for (int i = threadIdx.x; i < rows * chunks; i += blockDim.x) {
         int r = i / chunks, c = (i % chunks) * 8;
         bool inside = row0 + r < total;
-        size_t from = (size_t)(inside ? row0 + r : 0) * d + c;  // a valid address either way
+        long long from = (inside ? row0 + r : 0) * row_stride + c;  // a valid address either way
         copy16_async(shared + r * STRIDE + c, global + from, inside ? 16 : 0);
     }
     cp_async_commit();
@@ -392,7 +408,7 @@ __device__ __forceinline__ void copy_rows_async(T *shared, const T *global, int 
 template <typename T, int DP, int N>
 __device__ void flash_attention_wide(const T *__restrict__ q, const T *__restrict__ k,
                                      const T *__restrict__ v, T *__restrict__ o, int n, int m,
-                                     int d, float scale_log2) {
+                                     int d, Layouts L, float scale_log2) {
     constexpr int STRIDE = DP + 8;
     constexpr int MT = 2;  // m16 tiles per warp
     DYNAMIC_SHARED(shared_bytes);
@@ -400,23 +416,22 @@ __device__ void flash_attention_wide(const T *__restrict__ q, const T *__restric
     T *ks = qs + WIDE_M * STRIDE;
     T *vs = ks + N * STRIDE;
 
-    const int bh = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
     const int q0 = blockIdx.x * WIDE_M;
-    q += (size_t)bh * n * d;
-    k += (size_t)bh * m * d;
-    v += (size_t)bh * m * d;
-    o += (size_t)bh * n * d;
+    q = head_of(q, L.q, L.heads);
+    k = head_of(k, L.k, L.heads);
+    v = head_of(v, L.v, L.heads);
+    o = head_of(o, L.o, L.heads);
 
     // Padding columns of q, k and v (contiguous rows) are zero; the copies never write them.
     for (int i = threadIdx.x; i < (WIDE_M + 2 * N) * (STRIDE - d); i += blockDim.x) {
         int r = i / (STRIDE - d), c = d + i % (STRIDE - d);
         qs[r * STRIDE + c] = T(0.0f);
     }
-    copy_rows_async<T, STRIDE>(qs, q, q0, WIDE_M, n, d);  // group: q
-    copy_rows_async<T, STRIDE>(ks, k, 0, N, m, d);        // group: k of tile 0
-    copy_rows_async<T, STRIDE>(vs, v, 0, N, m, d);        // group: v of tile 0
+    copy_rows_async<T, STRIDE>(qs, q, q0, WIDE_M, n, d, L.q.row);  // group: q
+    copy_rows_async<T, STRIDE>(ks, k, 0, N, m, d, L.k.row);        // group: k of tile 0
+    copy_rows_async<T, STRIDE>(vs, v, 0, N, m, d, L.v.row);        // group: v of tile 0
 
     float acc[MT][DP / 8][4];
     float row_max[MT][2], row_sum[MT][2];
@@ -471,7 +486,7 @@ __device__ void flash_attention_wide(const T *__restrict__ q, const T *__restric
         cp_async_wait<0>();  // this tile's v
         __syncthreads();  // ... visible to all, and every warp is done with this tile's k
         if (tile + 1 < tiles)
-            copy_rows_async<T, STRIDE>(ks, k, key0 + N, N, m, d);
+            copy_rows_async<T, STRIDE>(ks, k, key0 + N, N, m, d, L.k.row);
 #pragma unroll
         for (int st = 0; st < N / 16; ++st) {
             uint32_t pa[MT][4];
@@ -495,30 +510,33 @@ __device__ void flash_attention_wide(const T *__restrict__ q, const T *__restric
         }
         __syncthreads();  // every warp is done with this tile's v
         if (tile + 1 < tiles)
-            copy_rows_async<T, STRIDE>(vs, v, key0 + N, N, m, d);
+            copy_rows_async<T, STRIDE>(vs, v, key0 + N, N, m, d, L.v.row);
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-        store_output<T, DP>(o, acc[mt], row_sum[mt], q0 + warp * 16 * MT + mt * 16, n, d, g, t);
+        store_output<T, DP>(o, acc[mt], row_sum[mt], q0 + warp * 16 * MT + mt * 16, n, d, L.o.row, g, t);
 }
 
 #define FLASH_WIDE(NAME, T, DP)                                                                \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                   \
-        NAME(const T *q, const T *k, const T *v, T *o, int n, int m, int d, float scale_log2) { \
-        flash_attention_wide<T, DP, (DP <= 128 ? 64 : 32)>(q, k, v, o, n, m, d, scale_log2);   \
+        NAME(const T *q, const T *k, const T *v, T *o, int n, int m, int d, Layouts L,           \
+             float scale_log2) {                                                               \
+        flash_attention_wide<T, DP, (DP <= 128 ? 64 : 32)>(q, k, v, o, n, m, d, L, scale_log2); \
     }
 
 #define FLASH_PIPELINED(NAME, T, DP)                                                           \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                   \
-        NAME(const T *q, const T *k, const T *v, T *o, int n, int m, int d, float scale_log2) { \
-        flash_attention_pipelined<T, DP>(q, k, v, o, n, m, d, scale_log2);                     \
+        NAME(const T *q, const T *k, const T *v, T *o, int n, int m, int d, Layouts L,           \
+             float scale_log2) {                                                               \
+        flash_attention_pipelined<T, DP>(q, k, v, o, n, m, d, L, scale_log2);                  \
     }
 
 
 #define FLASH(NAME, T, DP)                                                                     \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                   \
-        NAME(const T *q, const T *k, const T *v, T *o, int n, int m, int d, float scale_log2) { \
-        flash_attention<T, DP>(q, k, v, o, n, m, d, scale_log2);                               \
+        NAME(const T *q, const T *k, const T *v, T *o, int n, int m, int d, Layouts L,           \
+             float scale_log2) {                                                               \
+        flash_attention<T, DP>(q, k, v, o, n, m, d, L, scale_log2);                            \
     }
 
 // Every head size (padded to 16) for f16 and bf16: flash_attention_{f16,bf16}_DP,

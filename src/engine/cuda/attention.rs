@@ -11,7 +11,10 @@ use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cuda_error;
 pub use crate::engine::cuda_geometry::AttentionKernel as Kernel;
-use crate::engine::cuda_geometry::{padded_head_dim, ATTENTION_THREADS};
+use crate::engine::cuda_geometry::{padded_head_dim, Layouts, Strides, ATTENTION_THREADS};
+
+/// Passed by value to the kernels: `#[repr(C)]` plain data, the layout of attention.cu's struct.
+unsafe impl DeviceRepr for Layouts {}
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
@@ -30,8 +33,9 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && [q, k, v].iter().all(|t| starts_aligned(t))
 }
 
-/// Whether `t`'s data reaches the kernel on a 16-byte boundary: a non-contiguous tensor is copied
-/// (to offset 0); a contiguous view must start at a multiple of 8 half-precision elements.
+/// Whether `t`'s rows can reach the kernel on 16-byte boundaries: a view it cannot read in place
+/// is copied (to offset 0), but a contiguous one would not move — it must start at a multiple of
+/// 8 half-precision elements.
 fn starts_aligned(t: &Tensor) -> bool {
     !t.is_contiguous() || t.layout().start_offset().is_multiple_of(8)
 }
@@ -53,7 +57,9 @@ fn model_kernel() -> Kernel {
 }
 
 /// softmax(q kᵀ · scale) v over (batch, heads, tokens, head_dim) f16/bf16 CUDA tensors (check
-/// [`supports`] first), by the models' kernel.
+/// [`supports`] first), by the models' kernel. Views whose rows are aligned (a projection's
+/// output seen heads-first) are read in place; the result is a heads-first view of token-major
+/// data, so `transpose(1, 2)` and merging the heads cost nothing.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
     attention_by(model_kernel(), q, k, v, scale)
 }
@@ -66,11 +72,14 @@ pub fn attention_by(
     v: &Tensor,
     scale: f32,
 ) -> candle_core::Result<Tensor> {
-    q.contiguous()?.apply_op3_no_bwd(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        &FlashAttention { scale, kernel },
-    )
+    // A view the kernels cannot read in place is copied (a fresh copy always can be).
+    let ready = |t: &Tensor| match Strides::of_view(t.layout()) {
+        Some(_) => Ok(t.clone()),
+        None => t.contiguous(),
+    };
+    ready(q)?
+        .apply_op3_no_bwd(&ready(k)?, &ready(v)?, &FlashAttention { scale, kernel })?
+        .transpose(1, 2)
 }
 
 struct FlashAttention {
@@ -88,6 +97,7 @@ impl FlashAttention {
         k: CudaView<T>,
         v: CudaView<T>,
         (bh, n, m, d): (usize, usize, usize, usize),
+        layouts: Layouts,
     ) -> candle_core::Result<CudaSlice<T>> {
         let func = dev.get_or_load_custom_func(kernel, "candela_attention", PTX)?;
         let padded = padded_head_dim(d).unwrap_or(d);
@@ -123,6 +133,7 @@ impl FlashAttention {
             .arg(&n32)
             .arg(&m32)
             .arg(&d32)
+            .arg(&layouts)
             .arg(&scale_log2);
         unsafe { builder.launch(config) }.map_err(cuda_error)?;
         Ok(out)
@@ -150,13 +161,19 @@ impl CustomOp3 for FlashAttention {
         let Some(padded) = padded_head_dim(d) else {
             candle_core::bail!("fused attention for head size {d}");
         };
-        // 16-byte loads: every tensor must start on a 16-byte boundary (its rows then do too,
-        // d being a multiple of 8 halves).
-        for layout in [q_layout, k_layout, v_layout] {
-            if !layout.is_contiguous() || layout.start_offset() % 8 != 0 {
-                candle_core::bail!("fused attention of non-contiguous or unaligned tensors");
-            }
-        }
+        // 16-byte loads: every row must start on a 16-byte boundary.
+        let strides = |layout: &Layout| {
+            Strides::of_view(layout).ok_or_else(|| {
+                candle_core::Error::Msg("fused attention of rows not 16-byte aligned".into())
+            })
+        };
+        let layouts = Layouts {
+            heads: h as i32,
+            q: strides(q_layout)?,
+            k: strides(k_layout)?,
+            v: strides(v_layout)?,
+            o: Strides::token_major(n, h, d),
+        };
         let dims = (b * h, n, m, d);
         // The same kernel for f16 and bf16, named by the element type.
         fn run<T: CudaDType + DeviceRepr>(
@@ -165,6 +182,7 @@ impl CustomOp3 for FlashAttention {
             padded: usize,
             [q, k, v]: [(&CudaStorage, &Layout); 3],
             dims: (usize, usize, usize, usize),
+            layouts: Layouts,
         ) -> candle_core::Result<CudaStorage> {
             fn view<'a, T: CudaDType>(
                 (s, l): (&'a CudaStorage, &Layout),
@@ -179,6 +197,7 @@ impl CustomOp3 for FlashAttention {
                 view::<T>(k)?,
                 view::<T>(v)?,
                 dims,
+                layouts,
             )?;
             Ok(CudaStorage::wrap_cuda_slice(out, q.0.device.clone()))
         }
@@ -187,10 +206,11 @@ impl CustomOp3 for FlashAttention {
             candle_core::bail!("fused attention needs q, k and v of one dtype");
         }
         let storage = match q.dtype() {
-            DType::F16 => run::<half::f16>(self, "f16", padded, operands, dims)?,
-            DType::BF16 => run::<half::bf16>(self, "bf16", padded, operands, dims)?,
+            DType::F16 => run::<half::f16>(self, "f16", padded, operands, dims, layouts)?,
+            DType::BF16 => run::<half::bf16>(self, "bf16", padded, operands, dims, layouts)?,
             other => candle_core::bail!("fused attention of {other:?} tensors"),
         };
-        Ok((storage, Shape::from((b, h, n, d))))
+        // Token-major: the caller sees it heads-first through a transposition.
+        Ok((storage, Shape::from((b, n, h, d))))
     }
 }

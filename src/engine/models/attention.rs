@@ -18,15 +18,18 @@ pub fn scaled_dot_product(
     crate::engine::profile::scope("sdpa", q, || {
         let head_dim = q.dim(candle_core::D::Minus1)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        if mask.is_none() && super::cpu_util::is_cpu_f32(q) {
-            return super::cpu_attention::attention(q, k, v, scale as f32);
-        }
-        // Fused on CUDA in half precision (f32 accumulation and softmax, so `upcast` holds too).
+        // Fused on CUDA in half precision (f32 accumulation and softmax, so `upcast` holds too),
+        // reading strided views in place.
         #[cfg(feature = "cuda")]
         if mask.is_none() && crate::engine::cuda::attention::supports(q, k, v) {
             return crate::engine::cuda::attention::attention(q, k, v, scale as f32);
         }
-        unfused(q, k, v, mask, upcast)
+        let [q, k, v] = [q, k, v].map(|t| t.contiguous());
+        let (q, k, v) = (q?, k?, v?);
+        if mask.is_none() && super::cpu_util::is_cpu_f32(&q) {
+            return super::cpu_attention::attention(&q, &k, &v, scale as f32);
+        }
+        unfused(&q, &k, &v, mask, upcast)
     })
 }
 
@@ -156,11 +159,11 @@ impl Attention {
             let v = self.to_v.forward(context)?;
             let inner = q.dim(2)?;
             let head_dim = inner / self.heads;
+            // Heads-first views of the projections (the fused CUDA kernel reads them in place;
+            // the other paths copy them).
             let split = |t: Tensor| -> candle_core::Result<Tensor> {
                 let m = t.dim(1)?;
-                t.reshape((b, m, self.heads, head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()
+                t.reshape((b, m, self.heads, head_dim))?.transpose(1, 2)
             };
             let out = scaled_dot_product(&split(q)?, &split(k)?, &split(v)?, None, self.upcast)?;
             let out = out.transpose(1, 2)?.reshape((b, n, inner))?;
