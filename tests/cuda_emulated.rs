@@ -164,7 +164,9 @@ fn elementwise_kernels_match_exact_results() {
         ("bias_add", 5, 36, 1, 0),
         ("geglu", 70, 40, 1, 1),
         ("geglu", 5, 36, 1, 0),
-        ("rope", 6, 40, 3, 0),
+        // rope: the last field is the heads between a token and its values (token-major: 2).
+        ("rope", 6, 40, 3, 1),
+        ("rope", 12, 40, 3, 2),
     ];
     let mut failures = Vec::new();
     for (dtype, limit) in limits() {

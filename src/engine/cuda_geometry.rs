@@ -132,6 +132,15 @@ impl Strides {
     }
 }
 
+/// Whether a (batch, heads, tokens, head_dim) layout is the heads-first view of contiguous
+/// token-major (batch, tokens, heads, head_dim) data (the fused RoPE keeps such views).
+pub fn token_major_view(layout: &candle_core::Layout) -> bool {
+    match layout.shape().dims4() {
+        Ok((_, h, n, d)) => layout.stride() == [n * h * d, d, h * d, 1],
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +172,8 @@ mod tests {
                 row,
             })
         );
+        assert!(token_major_view(heads_first.layout()));
+        assert!(!token_major_view(copy.layout()));
         // Rows that do not start on 16-byte boundaries, or are not contiguous: copied first.
         let odd = Tensor::zeros((b, h, n, d + 4), DType::F16, &dev).unwrap();
         assert_eq!(

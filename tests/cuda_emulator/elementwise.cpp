@@ -8,7 +8,8 @@
 //                        group · HW), then the apply kernel, with SiLU;
 //   modulate, gated_add  ROWS tokens of D in BATCHES samples (per-sample vectors);
 //   bias_add             ROWS × D plus a bias of D;  geglu  ROWS × 2D → ROWS × D;
-//   rope                 ROWS = heads · tokens rows of D (BATCHES = tokens), f32 cos/sin tables.
+//   rope                 ROWS rows of D over BATCHES = tokens, f32 cos/sin tables; VEC = heads
+//                        between a token and its values (1: heads-first, H: token-major).
 // The grid-stride kernels get the engine's grid: ⌈items / 256⌉ blocks.
 #include "emulate.h"
 
@@ -167,11 +168,11 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
                 e.add(f(y[r * d + c]), f(x[r * 2 * d + c]) * 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0))));
             }
     } else if (op == "rope") {
-        const size_t tokens = batches, half = d / 2, pairs = count / 2;
+        const size_t tokens = batches, half = d / 2, pairs = count / 2, heads_inner = vec;
         launch(rope<T>, grid_for(pairs), 1, THREADS, 0, (const T *)x.data, (const float *)cos.data,
-               (const float *)sin.data, y.data, pairs, tokens, half);
+               (const float *)sin.data, y.data, pairs, tokens, half, heads_inner);
         for (size_t p = 0; p < pairs; ++p) {
-            size_t i = p % half, row = (p / half) % tokens;
+            size_t i = p % half, row = (p / half / heads_inner) % tokens;
             double c = cos[row * half + i], s = sin[row * half + i];
             double u = f(x[2 * p]), v = f(x[2 * p + 1]);
             e.add(f(y[2 * p]), u * c - v * s);

@@ -221,13 +221,15 @@ __device__ void group_norm_apply(const T *x, const float *stats, const T *scale,
     }
 }
 
-// Rotary embedding on (BH, N, D) with (N, D/2) f32 cosines and sines, pairs (2i, 2i+1) rotated
-// in f32 as diffusers does: (a, b) → (a·cos − b·sin, b·cos + a·sin).
+// Rotary embedding with (N, D/2) f32 cosines and sines, pairs (2i, 2i+1) rotated in f32 as
+// diffusers does: (a, b) → (a·cos − b·sin, b·cos + a·sin). x and y: (B, H, N, D) heads-first
+// (heads_inner = 1) or (B, N, H, D) token-major (heads_inner = H); the token of a pair is
+// (p / (D/2) / heads_inner) mod N either way.
 template <typename T>
 __device__ void rope(const T *x, const float *cos, const float *sin, T *y, size_t pairs, size_t n,
-                     size_t half) {
+                     size_t half, size_t heads_inner) {
     GRID_STRIDE(p, pairs) {
-        size_t i = p % half, row = (p / half) % n;
+        size_t i = p % half, row = (p / half / heads_inner) % n;
         float c = cos[row * half + i], s = sin[row * half + i];
         float a = to_f(x[2 * p]), b = to_f(x[2 * p + 1]);
         y[2 * p] = from_f<T>(a * c - b * s);
@@ -303,8 +305,8 @@ __device__ void gated_add(const T *x, const T *gate, const T *h, T *y, size_t co
         group_norm_apply<T>(x, stats, scale, shift, y, n, channels, hw, per_group, with_silu, vec); \
     }                                                                                              \
     extern "C" __global__ void rope_##SUFFIX(const T *x, const float *cos, const float *sin, T *y,  \
-                                             size_t pairs, size_t n, size_t half) {                \
-        rope<T>(x, cos, sin, y, pairs, n, half);                                                   \
+                                             size_t pairs, size_t n, size_t half, size_t heads_inner) { \
+        rope<T>(x, cos, sin, y, pairs, n, half, heads_inner);                                      \
     }                                                                                              \
     extern "C" __global__ void modulate_##SUFFIX(const T *x, const T *shift, const T *scale, T *y,  \
                                                  size_t count, size_t per_batch, size_t d, int vec) { \

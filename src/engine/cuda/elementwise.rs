@@ -9,6 +9,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cuda_error;
+use crate::engine::cuda_geometry::token_major_view;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 const MODULE: &str = "candela_elementwise";
@@ -56,9 +57,22 @@ pub fn group_norm(
 }
 
 /// Rotary embedding of (B, H, N, D) `xs` with (N, D/2) f32 `cos` and `sin` (FLUX's RoPE).
+///
+/// `xs` heads-first (batch, heads, tokens, head_dim); a heads-first view of token-major data (a
+/// projection's output) is rotated in place order and returned as such a view, without copies.
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    xs.contiguous()?
-        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &Rope)
+    let token_major = !xs.is_contiguous() && token_major_view(xs.layout());
+    let xs = if token_major || xs.is_contiguous() {
+        xs.clone()
+    } else {
+        xs.contiguous()?
+    };
+    let out = xs.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &Rope)?;
+    if token_major {
+        out.transpose(1, 2)
+    } else {
+        Ok(out)
+    }
 }
 
 /// `xs · (1 + scale) + shift` over (B, N, D) `xs` with (B, D) `shift` and `scale`.
@@ -372,8 +386,11 @@ impl CustomOp3 for Rope {
         sin: &CudaStorage,
         sl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (_, _, n, d) = xl.shape().dims4()?;
+        let (b, h, n, d) = xl.shape().dims4()?;
         let half = d / 2;
+        // Heads-first data, or a heads-first view of token-major data (rotated, and returned,
+        // in its own order).
+        let token_major = !xl.is_contiguous() && token_major_view(xl);
         if d % 2 != 0 || cl.shape().elem_count() != n * half || sl.shape().elem_count() != n * half
         {
             candle_core::bail!("rope of {:?} with {:?} tables", xl.shape(), cl.shape());
@@ -383,17 +400,27 @@ impl CustomOp3 for Rope {
         let dev = &x.device;
         let dtype = x.dtype();
         let func = dev.get_or_load_custom_func(&format!("rope_{}", suffix(dtype)?), MODULE, PTX)?;
+        let heads_inner = if token_major { h } else { 1 };
         let storage = by_dtype!(dtype, T => {
-            let (xv, _) = input::<T>(x, xl)?;
+            let xv = if token_major {
+                x.as_cuda_slice::<T>()?.slice(xl.start_offset()..)
+            } else {
+                input::<T>(x, xl)?.0
+            };
             let (cv, _) = input::<f32>(cos, cl)?;
             let (sv, _) = input::<f32>(sin, sl)?;
             let mut out = output::<T>(dev, count)?;
             let mut builder = func.builder();
-            builder.arg(&xv).arg(&cv).arg(&sv).arg(&mut out).arg(&pairs).arg(&n).arg(&half);
+            builder.arg(&xv).arg(&cv).arg(&sv).arg(&mut out).arg(&pairs).arg(&n).arg(&half).arg(&heads_inner);
             unsafe { builder.launch(config(pairs)) }.map_err(cuda_error)?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
-        Ok((storage, xl.shape().clone()))
+        let shape = if token_major {
+            Shape::from((b, n, h, d))
+        } else {
+            xl.shape().clone()
+        };
+        Ok((storage, shape))
     }
 }
 

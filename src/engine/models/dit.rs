@@ -289,7 +289,8 @@ impl Projections {
         })
     }
 
-    /// (B, heads, N, head_dim) queries, keys and values.
+    /// Token-major (B, N, heads, head_dim) queries, keys and values: the projections' own
+    /// order (attention reads them through heads-first views, on CUDA without copying).
     fn forward(&self, xs: &Tensor, heads: usize) -> candle_core::Result<[Tensor; 3]> {
         let (b, n, _) = xs.dims3()?;
         let split = |t: Tensor| t.reshape((b, n, heads, ()));
@@ -300,8 +301,7 @@ impl Projections {
             q = nq.forward(&q)?;
             k = nk.forward(&k)?;
         }
-        let heads_first = |t: Tensor| t.transpose(1, 2)?.contiguous();
-        Ok([heads_first(q)?, heads_first(k)?, heads_first(v)?])
+        Ok([q, k, v])
     }
 }
 
@@ -391,13 +391,16 @@ impl JointAttention {
                 text_tokens = ctx.dim(1)?;
                 let [cq, ck, cv] = proj.forward(ctx, self.heads)?;
                 let join = |img: &Tensor, txt: &Tensor| match order {
-                    ContextOrder::After => Tensor::cat(&[img, txt], 2),
-                    ContextOrder::Before => Tensor::cat(&[txt, img], 2),
+                    ContextOrder::After => Tensor::cat(&[img, txt], 1),
+                    ContextOrder::Before => Tensor::cat(&[txt, img], 1),
                 };
                 q = join(&q, &cq)?;
                 k = join(&k, &ck)?;
                 v = join(&v, &cv)?;
             }
+            // Heads-first views of the token-major joint sequence.
+            let [q, k, v] = [q, k, v].map(|t| t.transpose(1, 2));
+            let (mut q, mut k, v) = (q?, k?, v?);
             if let Some(rope) = rope {
                 q = rope.apply(&q)?;
                 k = rope.apply(&k)?;
