@@ -228,10 +228,11 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     if args.server_load {
         anyhow::bail!("--server-load needs the server: run `candela bench --server-load`");
     }
-    let device = engine::parse_device(&args.device)?;
-    let dtype = engine::parse_dtype(&args.dtype)?;
+    // Before the device opens: its self-check tests the kernels the models will run.
     select_attention_kernel(&args.attention_kernel)?;
     select_conv_engine(&args.conv_engine)?;
+    let device = engine::parse_device(&args.device)?;
+    let dtype = engine::parse_dtype(&args.dtype)?;
     // Graph capture cannot record cudarc's cross-stream events; this process runs on one thread
     // and one stream, so it can do without them (tensors made from now on).
     #[cfg(feature = "cuda")]

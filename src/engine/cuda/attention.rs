@@ -31,6 +31,7 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && q.dims()[3] == k.dims()[3]
         && padded_head_dim(q.dims()[3]).is_some()
         && [q, k, v].iter().all(|t| starts_aligned(t))
+        && super::self_check::passed(super::self_check::Fused::Attention)
 }
 
 /// Whether `t`'s rows can reach the kernel on 16-byte boundaries: a view it cannot read in place

@@ -61,7 +61,9 @@ pub fn group_norm(
 /// `xs` heads-first (batch, heads, tokens, head_dim); a heads-first view of token-major data (a
 /// projection's output) is rotated in place order and returned as such a view, without copies.
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let token_major = !xs.is_contiguous() && token_major_view(xs.layout());
+    let token_major = !xs.is_contiguous()
+        && token_major_view(xs.layout())
+        && super::self_check::passed(super::self_check::Fused::TokenMajorRope);
     let xs = if token_major || xs.is_contiguous() {
         xs.clone()
     } else {

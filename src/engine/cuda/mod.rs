@@ -7,6 +7,7 @@ pub mod conv;
 #[cfg(feature = "cudnn")]
 pub mod conv_graph;
 pub mod elementwise;
+pub mod self_check;
 
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::Device;
@@ -64,6 +65,9 @@ pub fn configure(device: &Device) -> candle_core::Result<()> {
         .result()
         .map_err(cuda_error)?;
     }
+    // Once per process: the fused kernels against candle's ops on this card.
+    static CHECKED: std::sync::Once = std::sync::Once::new();
+    CHECKED.call_once(|| self_check::run(device));
     Ok(())
 }
 

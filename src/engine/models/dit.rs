@@ -115,9 +115,18 @@ pub struct PlainLayerNorm {
 
 impl PlainLayerNorm {
     pub fn new(dim: usize, eps: f64, vb: &VarBuilder) -> candle_core::Result<Self> {
+        Self::on(dim, eps, vb.dtype(), vb.device())
+    }
+
+    pub fn on(
+        dim: usize,
+        eps: f64,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
-            ones: Tensor::ones(dim, vb.dtype(), vb.device())?,
-            zeros: Tensor::zeros(dim, vb.dtype(), vb.device())?,
+            ones: Tensor::ones(dim, dtype, device)?,
+            zeros: Tensor::zeros(dim, dtype, device)?,
             eps: eps as f32,
         })
     }
@@ -135,11 +144,26 @@ impl PlainLayerNorm {
         scale: &Tensor,
     ) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if fused_per_sample(xs, &[shift, scale]) {
+        if fused_per_sample(xs, &[shift, scale])
+            && crate::engine::cuda::self_check::passed(
+                crate::engine::cuda::self_check::Fused::LayerNormModulate,
+            )
+        {
             return crate::engine::cuda::elementwise::layer_norm_modulate(
                 xs, shift, scale, self.eps,
             );
         }
+        self.forward_then_modulate(xs, shift, scale)
+    }
+
+    /// The two steps of [`Self::forward_modulated`] apart (candle's layer norm, then the
+    /// modulation): the reference the fused kernel is checked against on a GPU.
+    pub fn forward_then_modulate(
+        &self,
+        xs: &Tensor,
+        shift: &Tensor,
+        scale: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         modulate(&self.forward(xs)?, shift, scale)
     }
 }
@@ -447,6 +471,11 @@ impl Rope {
         if crate::engine::cuda::elementwise::supports(xs) && self.cos.dtype() == DType::F32 {
             return crate::engine::cuda::elementwise::rope(xs, &self.cos, &self.sin);
         }
+        self.apply_unfused(xs)
+    }
+
+    /// [`Self::apply`] as tensor ops on any device (the reference of the fused kernel).
+    pub fn apply_unfused(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = xs.dtype();
         let (b, h, n, d) = xs.dims4()?;
         // diffusers rotates in f32 and casts back.

@@ -1,0 +1,131 @@
+//! The fused kernels checked on the device at hand, once per process when a CUDA device is opened
+//! ([`super::configure`]): each on a small input against the same computation in candle's f32
+//! ops. CI checks the kernels' source under a CPU emulation (tests/cuda_emulated.rs) and a GPU
+//! run checks whole models (`bench --device-parity`), but neither covers every card, driver and
+//! launch path a user has; a kernel that disagrees here is switched off for the process, with
+//! an error in the log, and the models take the unfused path instead of making wrong images.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+
+/// The fused paths this checks.
+#[derive(Clone, Copy, Debug)]
+pub enum Fused {
+    /// The attention kernel the models run, on strided (token-major) operands.
+    Attention = 0,
+    /// The DiTs' LayerNorm + modulation.
+    LayerNormModulate = 1,
+    /// RoPE on heads-first views of token-major data.
+    TokenMajorRope = 2,
+}
+
+static SWITCHED_OFF: [AtomicBool; 3] = [const { AtomicBool::new(false) }; 3];
+
+/// Whether `op` may run (not switched off by a failed check).
+pub fn passed(op: Fused) -> bool {
+    !SWITCHED_OFF[op as usize].load(Ordering::Relaxed)
+}
+
+/// Relative L2 error above which a kernel is wrong rather than rounded differently: the kernels
+/// measured 3e-4 (f16) on an H200; an indexing error is of order one.
+const LIMIT: f64 = 1e-2;
+
+/// One check: the fused op's relative error against candle's ops on the device.
+type Check = fn(&Device) -> candle_core::Result<f64>;
+
+/// Runs every check on `device` and switches off what fails.
+pub fn run(device: &Device) {
+    let checks: [(Fused, Check); 3] = [
+        (Fused::Attention, attention),
+        (Fused::LayerNormModulate, layer_norm_modulate),
+        (Fused::TokenMajorRope, token_major_rope),
+    ];
+    for (op, check) in checks {
+        match check(device) {
+            Ok(error) if error <= LIMIT => {
+                tracing::debug!(?op, error, "fused CUDA kernel checked against candle's ops")
+            }
+            outcome => {
+                let why = match outcome {
+                    Ok(error) => format!("disagrees with candle's ops by {error:.2e}"),
+                    Err(e) => format!("failed: {e}"),
+                };
+                tracing::error!(?op, "fused CUDA kernel {why} on this device; switched off");
+                SWITCHED_OFF[op as usize].store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ in f32.
+fn relative_error(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let norm = |t: &Tensor| -> candle_core::Result<f64> {
+        Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+    };
+    Ok((norm(&(a - &b)?)? / norm(&b)?.max(f64::MIN_POSITIVE)).sqrt())
+}
+
+/// Values spread over [-1, 1], the same on every run.
+fn values(dims: &[usize], seed: f32, device: &Device) -> candle_core::Result<Tensor> {
+    let count: usize = dims.iter().product();
+    let v: Vec<f32> = (0..count)
+        .map(|i| (i as f32 * 0.7548 + seed).sin())
+        .collect();
+    Tensor::from_vec(v, dims, device)
+}
+
+/// Token-major (batch, tokens, heads, 64) f16 operands seen heads-first, as the models pass them.
+fn attention(device: &Device) -> candle_core::Result<f64> {
+    let (heads, d) = (2, 64);
+    let operand = |tokens: usize, seed: f32| -> candle_core::Result<Tensor> {
+        values(&[1, tokens, heads, d], seed, device)?
+            .to_dtype(DType::F16)?
+            .transpose(1, 2)
+    };
+    let (q, k, v) = (operand(70, 0.1)?, operand(90, 0.2)?, operand(90, 0.3)?);
+    if !super::attention::supports(&q, &k, &v) {
+        return Ok(0.0);
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let fused = super::attention::attention(&q, &k, &v, scale)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let exact =
+        crate::engine::models::attention::unfused(&f32(&q)?, &f32(&k)?, &f32(&v)?, None, false)?;
+    relative_error(&fused, &exact)
+}
+
+fn layer_norm_modulate(device: &Device) -> candle_core::Result<f64> {
+    use crate::engine::models::dit::PlainLayerNorm;
+    let (b, n, width, eps) = (2, 33, 256, 1e-6);
+    let x = (values(&[b, n, width], 0.4, device)? * 2.0)?;
+    let shift = values(&[b, width], 0.5, device)?;
+    let scale = (values(&[b, width], 0.6, device)? * 0.5)?;
+    let half = |t: &Tensor| t.to_dtype(DType::F16);
+    let fused = PlainLayerNorm::on(width, eps, DType::F16, device)?.forward_modulated(
+        &half(&x)?,
+        &half(&shift)?,
+        &half(&scale)?,
+    )?;
+    let f32 = |t: &Tensor| half(t)?.to_dtype(DType::F32);
+    let exact = PlainLayerNorm::on(width, eps, DType::F32, device)?.forward_then_modulate(
+        &f32(&x)?,
+        &f32(&shift)?,
+        &f32(&scale)?,
+    )?;
+    relative_error(&fused, &exact)
+}
+
+/// (1, tokens, heads, d) f16 data seen heads-first, rotated by the fused kernel in its own order.
+fn token_major_rope(device: &Device) -> candle_core::Result<f64> {
+    use crate::engine::models::dit::Rope;
+    let (tokens, heads, d) = (20, 2, 64);
+    let x = values(&[1, tokens, heads, d], 0.7, device)?.to_dtype(DType::F16)?;
+    let view = x.transpose(1, 2)?;
+    let angles = (values(&[tokens, d / 2], 0.8, device)? * 3.0)?;
+    let rope = Rope::new(angles.cos()?, angles.sin()?);
+    let fused = super::elementwise::rope(&view, &angles.cos()?, &angles.sin()?)?;
+    let exact = rope.apply_unfused(&view.to_dtype(DType::F32)?)?;
+    relative_error(&fused, &exact)
+}
