@@ -142,4 +142,6 @@ diffusers)
     ;;
 esac
 tail -n 40 "$log"
+# Kernels the device self-check switched off, and shapes the graph-API convolution fell back on.
+grep -h "switched off\|graph-API convolution unavailable" "$log" | sort | uniq -c | head -20
 cat "$results"
