@@ -32,6 +32,28 @@ fn candela_bench(data_dir: &std::path::Path) -> Command {
     c
 }
 
+/// A small benchmark of the model in `configs` with `extra` flags, its figures written to `json`:
+/// the process's output and the figures.
+fn bench_figures(
+    data_dir: &std::path::Path,
+    configs: &std::path::Path,
+    extra: &[&str],
+    json: &std::path::Path,
+) -> (std::process::Output, serde_json::Value) {
+    let out = candela_bench(data_dir)
+        .arg("--configs")
+        .arg(configs)
+        .args(SMALL_BENCH)
+        .args(extra)
+        .arg("--json-out")
+        .arg(json)
+        .output()
+        .unwrap();
+    assert_succeeded(&out);
+    let figures = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (out, figures)
+}
+
 fn assert_succeeded(out: &std::process::Output) {
     assert!(
         out.status.success(),
@@ -183,18 +205,12 @@ fn bench_times_each_family_and_compares_with_a_reference() {
         ("sd3-tiny", 2, "f16"),
     ] {
         let json = tmp.path().join(format!("{model}-{dtype}.json"));
-        let out = candela_bench(tmp.path())
-            .args(["--dtype", dtype])
-            .arg("--configs")
-            .arg(fixtures.join(model))
-            .args(SMALL_BENCH)
-            .arg("--json-out")
-            .arg(&json)
-            .output()
-            .unwrap();
-        assert_succeeded(&out);
-        let figures: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let (_, figures) = bench_figures(
+            tmp.path(),
+            &fixtures.join(model),
+            &["--dtype", dtype],
+            &json,
+        );
         assert_eq!(figures["batch"], batch, "{model}");
         assert_eq!(
             (figures["width"].as_u64(), figures["height"].as_u64()),
@@ -286,17 +302,8 @@ fn bench_profile_splits_a_forward_by_module() {
         ),
     ] {
         let json = tmp.path().join(format!("{model}.json"));
-        let out = candela_bench(tmp.path())
-            .arg("--configs")
-            .arg(fixtures.join(model))
-            .args(SMALL_BENCH)
-            .args(["--profile", "--cuda-graph", "--json-out"])
-            .arg(&json)
-            .output()
-            .unwrap();
-        assert_succeeded(&out);
-        let figures: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let extra = ["--profile", "--cuda-graph"];
+        let (out, figures) = bench_figures(tmp.path(), &fixtures.join(model), &extra, &json);
         let rows = figures["denoiser_profile"].as_array().unwrap();
         // The whole pass first, once per forward; every module inside it, each no longer than it.
         assert_eq!(rows[0]["label"], "forward", "{model}: {rows:?}");

@@ -185,16 +185,35 @@ pub fn run(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     run_engine(common, args)
 }
 
+/// The one of `choices` that `name_of` calls `name`, or an error listing them.
+#[cfg(feature = "cuda")]
+fn choice<T: Copy>(
+    flag: &str,
+    name: &str,
+    choices: &[T],
+    name_of: fn(T) -> &'static str,
+) -> anyhow::Result<T> {
+    choices
+        .iter()
+        .copied()
+        .find(|c| name_of(*c) == name)
+        .ok_or_else(|| {
+            let names: Vec<_> = choices.iter().map(|c| name_of(*c)).collect();
+            anyhow::anyhow!("{flag} {name}: one of {}", names.join(", "))
+        })
+}
+
 /// `--attention-kernel`: the fused attention kernel the models run in this process.
 fn select_attention_kernel(name: &str) -> anyhow::Result<()> {
     #[cfg(feature = "cuda")]
     {
         use engine::cuda::attention::{set_model_kernel, Kernel};
-        let kernel = Kernel::parse(name).ok_or_else(|| {
-            let names: Vec<_> = Kernel::ALL.iter().map(|k| k.name()).collect();
-            anyhow::anyhow!("--attention-kernel {name}: one of {}", names.join(", "))
-        })?;
-        set_model_kernel(kernel);
+        set_model_kernel(choice(
+            "--attention-kernel",
+            name,
+            &Kernel::ALL,
+            Kernel::name,
+        )?);
         Ok(())
     }
     #[cfg(not(feature = "cuda"))]
@@ -209,11 +228,12 @@ fn select_conv_engine(name: &str) -> anyhow::Result<()> {
     #[cfg(feature = "cudnn")]
     {
         use engine::cuda::conv_graph::{set_engine, ConvEngine};
-        let conv = ConvEngine::parse(name).ok_or_else(|| {
-            let names: Vec<_> = ConvEngine::ALL.iter().map(|e| e.name()).collect();
-            anyhow::anyhow!("--conv-engine {name}: one of {}", names.join(", "))
-        })?;
-        set_engine(conv);
+        set_engine(choice(
+            "--conv-engine",
+            name,
+            &ConvEngine::ALL,
+            ConvEngine::name,
+        )?);
         Ok(())
     }
     #[cfg(not(feature = "cudnn"))]

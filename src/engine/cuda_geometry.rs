@@ -44,10 +44,6 @@ impl AttentionKernel {
         }
     }
 
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == name)
-    }
-
     /// The kernel name's infix in attention.cu: `flash_attention_{infix}{f16|bf16}_{padded}`.
     pub fn infix(self) -> &'static str {
         match self {

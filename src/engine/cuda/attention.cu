@@ -29,30 +29,22 @@
 
 template <typename T> struct Ops;
 #ifndef CANDELA_EMULATE
-template <> struct Ops<__half> {
-    static __device__ __forceinline__ uint32_t pack(float a, float b) {
-        __half2 h = __floats2half2_rn(a, b);
-        return *reinterpret_cast<uint32_t *>(&h);
-    }
-    static __device__ __forceinline__ void mma(float *c, const uint32_t *a, const uint32_t *b) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-};
-template <> struct Ops<__nv_bfloat16> {
-    static __device__ __forceinline__ uint32_t pack(float a, float b) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-        return *reinterpret_cast<uint32_t *>(&h);
-    }
-    static __device__ __forceinline__ void mma(float *c, const uint32_t *a, const uint32_t *b) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-};
+// Per operand type: two floats packed into the 32-bit register mma reads, and the mma itself.
+#define OPS(T, T2, PACK, PTX_TYPE)                                                                 \
+    template <> struct Ops<T> {                                                                    \
+        static __device__ __forceinline__ uint32_t pack(float a, float b) {                        \
+            T2 h = PACK(a, b);                                                                     \
+            return *reinterpret_cast<uint32_t *>(&h);                                              \
+        }                                                                                          \
+        static __device__ __forceinline__ void mma(float *c, const uint32_t *a, const uint32_t *b) { \
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE ".f32 "    \
+                         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                 \
+                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                          \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));       \
+        }                                                                                          \
+    };
+OPS(__half, __half2, __floats2half2_rn, "f16")
+OPS(__nv_bfloat16, __nv_bfloat162, __floats2bfloat162_rn, "bf16")
 
 #endif  // CANDELA_EMULATE
 
@@ -119,6 +111,26 @@ template <typename P>
 __device__ __forceinline__ P *head_of(P *p, const Strides &s, int heads) {
     const int batch = blockIdx.y / heads, head = blockIdx.y % heads;
     return p + batch * s.batch + head * s.head;
+}
+
+// All four operands moved to this block's (batch, head).
+template <typename T>
+__device__ __forceinline__ void to_head(const T *__restrict__ &q, const T *__restrict__ &k,
+                                        const T *__restrict__ &v, T *__restrict__ &o, const Layouts &L) {
+    q = head_of(q, L.q, L.heads);
+    k = head_of(k, L.k, L.heads);
+    v = head_of(v, L.v, L.heads);
+    o = head_of(o, L.o, L.heads);
+}
+
+// A warp's 16 rows before the first key: no output, no sum, maximum −∞.
+template <int DP>
+__device__ __forceinline__ void start_rows(float (&acc)[DP / 8][4], float (&row_max)[2], float (&row_sum)[2]) {
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j)
+        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    row_max[0] = row_max[1] = -INFINITY;
+    row_sum[0] = row_sum[1] = 0.0f;
 }
 
 // Zero the padding columns [d, DP + 8) of `rows` shared rows of k and v once: the tile loads
@@ -282,21 +294,14 @@ __device__ void flash_attention(const T *__restrict__ q, const T *__restrict__ k
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
     const int row0 = blockIdx.x * BLOCK_M + warp * 16;
-    q = head_of(q, L.q, L.heads);
-    k = head_of(k, L.k, L.heads);
-    v = head_of(v, L.v, L.heads);
-    o = head_of(o, L.o, L.heads);
+    to_head(q, k, v, o, L);
 
     zero_padding<T, DP>(ks, vs, BLOCK_N, d);
     uint32_t qa[DP / 16][4];
     load_queries<T, DP>(qa, q, row0, n, d, L.q.row, g, t);
 
-    float acc[DP / 8][4];
-#pragma unroll
-    for (int j = 0; j < DP / 8; ++j)
-        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    float row_max[2] = {-INFINITY, -INFINITY};
-    float row_sum[2] = {0.0f, 0.0f};
+    float acc[DP / 8][4], row_max[2], row_sum[2];
+    start_rows<DP>(acc, row_max, row_sum);
 
     const int chunks = d / 8;  // 16-byte pieces per row
     for (int key0 = 0; key0 < m; key0 += BLOCK_N) {
@@ -333,21 +338,14 @@ __device__ void flash_attention_pipelined(const T *__restrict__ q, const T *__re
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * BLOCK_M + warp * 16;
-    q = head_of(q, L.q, L.heads);
-    k = head_of(k, L.k, L.heads);
-    v = head_of(v, L.v, L.heads);
-    o = head_of(o, L.o, L.heads);
+    to_head(q, k, v, o, L);
 
     zero_padding<T, DP>(ks, vs, 2 * BLOCK_N, d);  // both stages
     uint32_t qa[DP / 16][4];
     load_queries<T, DP>(qa, q, row0, n, d, L.q.row, g, t);
 
-    float acc[DP / 8][4];
-#pragma unroll
-    for (int j = 0; j < DP / 8; ++j)
-        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    float row_max[2] = {-INFINITY, -INFINITY};
-    float row_sum[2] = {0.0f, 0.0f};
+    float acc[DP / 8][4], row_max[2], row_sum[2];
+    start_rows<DP>(acc, row_max, row_sum);
 
     const int chunks = d / 8;
     const int tiles = (m + BLOCK_N - 1) / BLOCK_N;
@@ -419,10 +417,7 @@ __device__ void flash_attention_wide(const T *__restrict__ q, const T *__restric
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
     const int q0 = blockIdx.x * WIDE_M;
-    q = head_of(q, L.q, L.heads);
-    k = head_of(k, L.k, L.heads);
-    v = head_of(v, L.v, L.heads);
-    o = head_of(o, L.o, L.heads);
+    to_head(q, k, v, o, L);
 
     // Padding columns of q, k and v (contiguous rows) are zero; the copies never write them.
     for (int i = threadIdx.x; i < (WIDE_M + 2 * N) * (STRIDE - d); i += blockDim.x) {
@@ -436,13 +431,8 @@ __device__ void flash_attention_wide(const T *__restrict__ q, const T *__restric
     float acc[MT][DP / 8][4];
     float row_max[MT][2], row_sum[MT][2];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int j = 0; j < DP / 8; ++j)
-            acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.0f;
-        row_max[mt][0] = row_max[mt][1] = -INFINITY;
-        row_sum[mt][0] = row_sum[mt][1] = 0.0f;
-    }
+    for (int mt = 0; mt < MT; ++mt)
+        start_rows<DP>(acc[mt], row_max[mt], row_sum[mt]);
     // ldmatrix addresses of this lane. q (A operand, row-major): rows lane % 16, column half
     // lane / 16. k (B operand, its rows are the keys): keys (lane / 16) · 8 + lane % 8, column
     // half (lane / 8) % 2 — registers 0, 1 for key tile j and 2, 3 for tile j + 1. v (B operand

@@ -15,9 +15,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::{result as dnn, sys};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
 use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::conv_graph::{self, ConvEngine, ConvShape, GraphPlan, Pointers};
@@ -33,10 +34,7 @@ thread_local! {
 /// half-precision model (SDXL's `force_upcast`), whose output is 8-bit pixels. Everything else in
 /// f32 stays exact f32.
 pub fn allow_tf32<T>(allow: bool, f: impl FnOnce() -> T) -> T {
-    let before = TF32.with(|t| t.replace(allow));
-    let out = f();
-    TF32.with(|t| t.set(before));
-    out
+    crate::engine::with_thread_flag(&TF32, allow, f)
 }
 
 /// `conv2d(xs, weight) + bias` (NCHW, square padding and stride, no dilation or groups) through
@@ -454,9 +452,6 @@ impl CustomOp3 for CudnnConv2d {
         b: &CudaStorage,
         b_layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        if !(x_layout.is_contiguous() && w_layout.is_contiguous() && b_layout.is_contiguous()) {
-            candle_core::bail!("cuDNN convolution of non-contiguous tensors");
-        }
         let input = dims4(x_layout)?;
         let weight = dims4(w_layout)?;
         if input[1] != weight[1] || b_layout.shape().elem_count() != weight[0] {
@@ -489,52 +484,21 @@ impl CustomOp3 for CudnnConv2d {
             stride: self.stride.max(1),
             tf32: dtype == DType::F32 && TF32.with(|t| t.get()),
         };
-        let (xo, wo, bo) = (
-            x_layout.start_offset(),
-            w_layout.start_offset(),
-            b_layout.start_offset(),
-        );
-        let slice = match (&x.slice, &w.slice, &b.slice) {
-            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(w), CudaStorageSlice::F16(b)) => {
-                CudaStorageSlice::F16(self.launch(
-                    dev,
-                    key(DType::F16),
-                    output,
-                    x.slice(xo..),
-                    w.slice(wo..),
-                    b.slice(bo..),
-                )?)
-            }
-            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w), CudaStorageSlice::BF16(b)) => {
-                CudaStorageSlice::BF16(self.launch(
-                    dev,
-                    key(DType::BF16),
-                    output,
-                    x.slice(xo..),
-                    w.slice(wo..),
-                    b.slice(bo..),
-                )?)
-            }
-            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(w), CudaStorageSlice::F32(b)) => {
-                CudaStorageSlice::F32(self.launch(
-                    dev,
-                    key(DType::F32),
-                    output,
-                    x.slice(xo..),
-                    w.slice(wo..),
-                    b.slice(bo..),
-                )?)
-            }
-            _ => {
-                candle_core::bail!("cuDNN convolution needs f16, bf16 or f32 tensors of one dtype")
-            }
-        };
-        Ok((
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
-            Shape::from(output.to_vec()),
-        ))
+        let dtype = x.dtype();
+        if w.dtype() != dtype || b.dtype() != dtype {
+            candle_core::bail!("cuDNN convolution needs tensors of one dtype");
+        }
+        let storage = super::by_dtype!(dtype, T => {
+            let y = self.launch(
+                dev,
+                key(dtype),
+                output,
+                super::input::<T>(x, x_layout)?.0,
+                super::input::<T>(w, w_layout)?.0,
+                super::input::<T>(b, b_layout)?.0,
+            )?;
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        });
+        Ok((storage, Shape::from(output.to_vec())))
     }
 }

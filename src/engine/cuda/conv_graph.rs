@@ -44,10 +44,6 @@ impl ConvEngine {
             ConvEngine::Graph => "graph",
         }
     }
-
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|e| e.name() == name)
-    }
 }
 
 static ENGINE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);

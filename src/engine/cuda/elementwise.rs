@@ -5,10 +5,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
-use super::cuda_error;
+use super::{by_dtype, cuda_error, input};
 use crate::engine::cuda_geometry::token_major_view;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
@@ -133,23 +133,6 @@ fn config(items: usize) -> LaunchConfig {
     }
 }
 
-/// A tensor's data as a typed slice at its offset, checked contiguous, with whether it starts
-/// on a 16-byte boundary.
-fn input<'a, T: CudaDType>(
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> candle_core::Result<(
-    candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>,
-    bool,
-)> {
-    if !l.is_contiguous() {
-        candle_core::bail!("fused CUDA kernel on a non-contiguous tensor");
-    }
-    let offset = l.start_offset();
-    let aligned = (offset * std::mem::size_of::<T>()).is_multiple_of(16);
-    Ok((s.as_cuda_slice::<T>()?.slice(offset..), aligned))
-}
-
 fn output<T: DeviceRepr + ValidAsZeroBits>(
     dev: &CudaDevice,
     len: usize,
@@ -160,27 +143,6 @@ fn output<T: DeviceRepr + ValidAsZeroBits>(
 /// Elements per 16-byte pack.
 fn pack<T>() -> usize {
     16 / std::mem::size_of::<T>()
-}
-
-/// Run `$body` with `$t` bound to the Rust type of `$dtype`.
-macro_rules! by_dtype {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            other => candle_core::bail!("no fused CUDA kernel for {other:?}"),
-        }
-    };
 }
 
 struct BiasAdd;

@@ -9,8 +9,9 @@ pub mod conv_graph;
 pub mod elementwise;
 pub mod self_check;
 
-use candle_core::cuda_backend::cudarc::driver::sys;
-use candle_core::Device;
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaView};
+use candle_core::cuda_backend::{CudaDType, CudaStorage};
+use candle_core::{Device, Layout};
 
 /// The `cpu_fwd` of a CUDA-only custom op taking 1, 2 or 3 tensors: an error naming the op (the
 /// models call these ops only for CUDA tensors; the CPU has its own kernels).
@@ -29,6 +30,42 @@ macro_rules! cpu_fwd_unsupported {
     (3) => { $crate::engine::cuda::cpu_fwd_unsupported!(@fn (a, b, c)); };
 }
 pub(crate) use cpu_fwd_unsupported;
+
+/// Run `$body` with `$t` bound to the Rust type of `$dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => candle_core::bail!("no fused CUDA kernel for {other:?}"),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
+/// A tensor's data as a typed slice at its offset, checked contiguous, with whether it starts
+/// on a 16-byte boundary.
+pub(crate) fn input<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<(CudaView<'a, T>, bool)> {
+    if !l.is_contiguous() {
+        candle_core::bail!("fused CUDA kernel on a non-contiguous tensor");
+    }
+    let offset = l.start_offset();
+    let aligned = (offset * std::mem::size_of::<T>()).is_multiple_of(16);
+    Ok((s.as_cuda_slice::<T>()?.slice(offset..), aligned))
+}
 
 /// Wraps a CUDA library error as candle's.
 pub(crate) fn cuda_error<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Error {

@@ -124,8 +124,9 @@ fn token_major_rope(device: &Device) -> candle_core::Result<f64> {
     let x = values(&[1, tokens, heads, d], 0.7, device)?.to_dtype(DType::F16)?;
     let view = x.transpose(1, 2)?;
     let angles = (values(&[tokens, d / 2], 0.8, device)? * 3.0)?;
-    let rope = Rope::new(angles.cos()?, angles.sin()?);
-    let fused = super::elementwise::rope(&view, &angles.cos()?, &angles.sin()?)?;
+    let (cos, sin) = (angles.cos()?, angles.sin()?);
+    let fused = super::elementwise::rope(&view, &cos, &sin)?;
+    let rope = Rope::new(cos, sin);
     let exact = rope.apply_unfused(&view.to_dtype(DType::F32)?)?;
     relative_error(&fused, &exact)
 }

@@ -333,10 +333,7 @@ thread_local! {
 /// direct kernel) instead of in Winograd's domain, whose 16 values per 9 are the extra memory of
 /// the faster kernel (SD 1.5: +1.9 GiB). `LoadOptions::low_memory`.
 pub fn with_plain_convolutions<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    let before = PLAIN_CONVOLUTIONS.with(|p| p.replace(on));
-    let out = f();
-    PLAIN_CONVOLUTIONS.with(|p| p.set(before));
-    out
+    crate::engine::with_thread_flag(&PLAIN_CONVOLUTIONS, on, f)
 }
 
 pub fn conv(
