@@ -190,9 +190,9 @@ pub fn run(
         // Every fused kernel by name (the candidates beside the models' one), each with its error.
         #[cfg(feature = "cuda")]
         if crate::engine::cuda::attention::supports(&q, &k, &v) {
-            use crate::engine::cuda::attention::{attention_by, Kernel};
+            use crate::engine::cuda::attention::{attention_by, available, Kernel};
             let scale = 1.0 / (d as f32).sqrt();
-            for kernel in Kernel::ALL {
+            for kernel in Kernel::ALL.into_iter().filter(|k| available(*k, d, device)) {
                 let variant = format!("kernel {}", kernel.name());
                 let t = time_ms(device, repeats, || attention_by(kernel, &q, &k, &v, scale));
                 record("sdpa", &shape, &variant, t);

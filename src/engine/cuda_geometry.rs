@@ -31,16 +31,38 @@ pub enum AttentionKernel {
     /// FlashAttention-2's arrangement: 128 queries per block (32 per warp, each k/v fragment
     /// feeding two mma), q in shared memory, k and v loads overlapping the other half's compute.
     Wide = 2,
+    /// Hopper's warpgroup instructions (wgmma) for both products, k and v in 128-byte-swizzled
+    /// shared memory, two stages (attention_hopper.cu): compute capability 9.0, head sizes 64
+    /// and 128.
+    Hopper = 3,
 }
 
 impl AttentionKernel {
-    pub const ALL: [AttentionKernel; 3] = [Self::Tiled, Self::Pipelined, Self::Wide];
+    pub const ALL: [AttentionKernel; 4] = [Self::Tiled, Self::Pipelined, Self::Wide, Self::Hopper];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Tiled => "tiled",
             Self::Pipelined => "pipelined",
             Self::Wide => "wide",
+            Self::Hopper => "hopper",
+        }
+    }
+
+    /// Whether the kernel is built for this (real) head size.
+    pub fn handles(self, head_dim: usize) -> bool {
+        match self {
+            Self::Hopper => matches!(head_dim, 64 | 128),
+            _ => padded_head_dim(head_dim).is_some(),
+        }
+    }
+
+    /// Whether the kernel runs on a device of this compute capability (major, minor). The
+    /// Hopper kernel is compute_90a code: architecture-specific, it loads on 9.0 only.
+    pub fn runs_on(self, (major, minor): (i32, i32)) -> bool {
+        match self {
+            Self::Hopper => (major, minor) == (9, 0),
+            _ => major >= 8,
         }
     }
 
@@ -50,13 +72,14 @@ impl AttentionKernel {
             Self::Tiled => "",
             Self::Pipelined => "pipelined_",
             Self::Wide => "wide_",
+            Self::Hopper => "hopper_",
         }
     }
 
     /// Queries per block: the grid is (⌈queries / this⌉, batch · heads).
     pub fn queries_per_block(self) -> usize {
         match self {
-            Self::Tiled | Self::Pipelined => 64,
+            Self::Tiled | Self::Pipelined | Self::Hopper => 64,
             Self::Wide => 128,
         }
     }
@@ -70,6 +93,9 @@ impl AttentionKernel {
             Self::Pipelined => 4 * TILED_KEYS * row,
             // q's rows, then one tile of k and one of v (32 keys from head size 160: registers).
             Self::Wide => (128 + 2 * if padded <= 128 { 64 } else { 32 }) * row,
+            // Two stages of k and v tiles of 16 KiB each, plus 1 KiB to put them on 1024-byte
+            // boundaries (the swizzle pattern's period).
+            Self::Hopper => return 2 * 2 * 16 * 1024 + 1024,
         };
         elements * element_bytes
     }

@@ -73,8 +73,15 @@ struct Warp {
     const void *addresses[32];
     float floats[32];
 };
+// A warpgroup (4 warps) exchanging wgmma operands.
+struct Group {
+    std::barrier<> sync{128};
+    uint32_t a[128][4];
+    uint64_t descriptor[128];
+};
 inline thread_local unsigned lane, warp;
 inline Warp *warps;
+inline Group *groups;
 inline std::barrier<> *block;
 inline unsigned char *dynamic_shared;
 
@@ -132,7 +139,83 @@ inline void ldmatrix(uint32_t (&r)[4], const void *shared, bool trans) {
     }
     w.sync.arrive_and_wait();
 }
+// Where dynamic shared memory starts in the emulated shared window: deliberately not on a
+// 1024-byte boundary (a real block's may not be either), so kernels that align their tiles for
+// the swizzle pattern do so here too.
+constexpr uint32_t SHARED_WINDOW_START = 0x190;
+
+// The 16-bit element (k, n) of a wgmma B operand (16 × N) in shared memory, per the PTX ISA's
+// canonical layouts ("Canonical Layouts", T = 8 elements per 16 bytes) and descriptor format:
+//   K-major, 128-byte swizzle: ((8,m),(T,2k)):((8T,SBO),(1,T)) — n % 8 at 128 bytes, n / 8 at SBO,
+//     k contiguous;
+//   N-major, 128-byte swizzle: ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)) — n % 64 contiguous, n / 64 at
+//     LBO, k % 8 at 128 bytes, k / 8 at SBO;
+// then Swizzle<3,4,3> on the byte address: bits 4-6 ^= bits 7-9. Only what our kernels use (the
+// 128-byte swizzle, base offset 0) is emulated; anything else stops the test.
+inline const uint16_t *operand_b(uint64_t desc, bool n_major, int k, int n) {
+    const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4;
+    const uint32_t leading = (uint32_t)((desc >> 16) & 0x3FFF) << 4;
+    const uint32_t stride = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
+    assert((desc >> 62) == 1 && "only the 128-byte swizzle is emulated");
+    assert(((desc >> 49) & 7) == 0 && "only base offset 0 is emulated");
+    uint32_t address = n_major ? start + (n % 64) * 2 + (n / 64) * leading + (k % 8) * 128 + (k / 8) * stride
+                               : start + (n % 8) * 128 + (n / 8) * stride + k * 2;
+    address ^= ((address >> 7) & 7) << 4;
+    assert(address >= SHARED_WINDOW_START && "wgmma operand before the block's shared memory");
+    return reinterpret_cast<const uint16_t *>(dynamic_shared + (address - SHARED_WINDOW_START));
+}
+
+// wgmma.mma_async.m64nNk16 with A in registers, f32 accumulators (`accumulate` 0: d = a·b). The
+// warpgroup's thread i (warp w = i / 32, lane (g, t) = (lane / 4, lane % 4)) holds
+// A: registers 0-3 = rows 16w + g | 16w + g + 8 × k 2t..2t+1 | 2t+8.. (mma.m16n8k16's A per warp);
+// D: value v = row 16w + g + 8((v / 2) % 2), column 8(v / 4) + 2t + v % 2
+// (cute's ALayout_64x16 and CLayout_64xN). Done at once: the asynchrony is not emulated.
+template <typename T>
+void wgmma(float *d, int n, const uint32_t *a, uint64_t desc, bool n_major, int accumulate) {
+    Group &G = groups[warp / 4];
+    const unsigned id = warp % 4 * 32 + lane;
+    for (int i = 0; i < 4; ++i)
+        G.a[id][i] = a[i];
+    G.descriptor[id] = desc;
+    G.sync.arrive_and_wait();
+    assert(G.descriptor[id] == G.descriptor[0] && "the descriptor differs across the warpgroup");
+    auto A = [&](int r, int k) {
+        const int holder = (r / 16) * 32 + (r % 8) * 4 + (k % 8) / 2;
+        return element<T>(G.a[holder][(r % 16 >= 8) + 2 * (k >= 8)], k % 2);
+    };
+    auto B = [&](int k, int col) {
+        uint16_t bits = *operand_b(desc, n_major, k, col);
+        return element<T>(bits, 0);
+    };
+    const int w = id / 32, g = lane / 4, t = lane % 4;
+    for (int v = 0; v < n / 2; ++v) {
+        const int row = 16 * w + g + 8 * ((v >> 1) & 1), col = 8 * (v >> 2) + 2 * t + (v & 1);
+        float sum = 0.0f;
+        for (int k = 0; k < 16; ++k)
+            sum += A(row, k) * B(k, col);
+        d[v] = accumulate ? d[v] + sum : sum;
+    }
+    G.sync.arrive_and_wait();
+}
 }  // namespace emu
+
+inline uint32_t shared_address(const void *p) {
+    return emu::SHARED_WINDOW_START + (uint32_t)((const unsigned char *)p - emu::dynamic_shared);
+}
+inline void fence_async_shared() {}
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+template <int N>
+void wgmma_wait() {}
+inline void pin(float &) {}
+
+template <typename T>
+struct Wgmma {
+    template <int N, int TRANS_B>
+    static void mma(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b, int accumulate) {
+        emu::wgmma<T>(&d[0][0], N, a, b, TRANS_B, accumulate);
+    }
+};
 
 inline void __syncthreads() { emu::block->arrive_and_wait(); }
 
@@ -197,6 +280,8 @@ void launch(Kernel kernel, unsigned grid_x, unsigned grid_y, unsigned threads, s
             emu::dynamic_shared = shared.data;
             std::unique_ptr<emu::Warp[]> warps(new emu::Warp[threads / 32]);
             emu::warps = warps.get();
+            std::unique_ptr<emu::Group[]> groups(new emu::Group[(threads + 127) / 128]);
+            emu::groups = groups.get();
             std::barrier<> block(threads);
             emu::block = &block;
             std::vector<std::thread> pool;

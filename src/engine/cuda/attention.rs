@@ -17,6 +17,26 @@ use crate::engine::cuda_geometry::{padded_head_dim, Layouts, Strides, ATTENTION_
 unsafe impl DeviceRepr for Layouts {}
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+/// The Hopper kernel, compute_90a code (empty when the build targets an older architecture).
+const PTX_HOPPER: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_hopper.ptx"));
+
+/// Whether `kernel` is built for this head size and runs on `device`.
+pub fn available(kernel: Kernel, head_dim: usize, device: &candle_core::Device) -> bool {
+    let candle_core::Device::Cuda(dev) = device else {
+        return false;
+    };
+    let built = match kernel {
+        Kernel::Hopper => !PTX_HOPPER.is_empty(),
+        _ => !PTX.is_empty(),
+    };
+    built
+        && kernel.handles(head_dim)
+        && dev
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .is_ok_and(|cc| kernel.runs_on(cc))
+}
 
 /// Whether [`attention`] takes these (batch, heads, tokens, head_dim) tensors.
 pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
@@ -49,7 +69,8 @@ pub fn set_model_kernel(kernel: Kernel) {
     MODEL_KERNEL.store(kernel as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn model_kernel() -> Kernel {
+/// The kernel [`attention`] runs where it applies.
+pub fn model_kernel() -> Kernel {
     let stored = MODEL_KERNEL.load(std::sync::atomic::Ordering::Relaxed);
     Kernel::ALL
         .into_iter()
@@ -62,7 +83,15 @@ fn model_kernel() -> Kernel {
 /// output seen heads-first) are read in place; the result is a heads-first view of token-major
 /// data, so `transpose(1, 2)` and merging the heads cost nothing.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
-    attention_by(model_kernel(), q, k, v, scale)
+    // The chosen kernel where it applies (the Hopper one: head sizes 64 and 128 on a 9.0
+    // device), the tiled one elsewhere.
+    let chosen = model_kernel();
+    let kernel = if chosen == Kernel::Tiled || available(chosen, q.dims()[3], q.device()) {
+        chosen
+    } else {
+        Kernel::Tiled
+    };
+    run(kernel, q, k, v, scale)
 }
 
 /// [`attention`] by a given kernel.
@@ -73,6 +102,17 @@ pub fn attention_by(
     v: &Tensor,
     scale: f32,
 ) -> candle_core::Result<Tensor> {
+    if !available(kernel, q.dims()[3], q.device()) {
+        candle_core::bail!(
+            "the {} attention kernel does not run head size {} on this device",
+            kernel.name(),
+            q.dims()[3]
+        );
+    }
+    run(kernel, q, k, v, scale)
+}
+
+fn run(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
     // A view the kernels cannot read in place is copied (a fresh copy always can be).
     let ready = |t: &Tensor| match Strides::of_view(t.layout()) {
         Some(_) => Ok(t.clone()),
@@ -100,7 +140,11 @@ impl FlashAttention {
         (bh, n, m, d): (usize, usize, usize, usize),
         layouts: Layouts,
     ) -> candle_core::Result<CudaSlice<T>> {
-        let func = dev.get_or_load_custom_func(kernel, "candela_attention", PTX)?;
+        let (module, ptx) = match self.kernel {
+            Kernel::Hopper => ("candela_attention_hopper", PTX_HOPPER),
+            _ => ("candela_attention", PTX),
+        };
+        let func = dev.get_or_load_custom_func(kernel, module, ptx)?;
         let padded = padded_head_dim(d).unwrap_or(d);
         let shared_mem_bytes = self.kernel.shared_bytes(padded, std::mem::size_of::<T>()) as u32;
         // Past the 48 KiB a launch gets without asking.

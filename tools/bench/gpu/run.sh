@@ -26,7 +26,7 @@ PROFILE=${PROFILE---profile}
 MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
 # Candidates not yet the default, each run in the whole models too (candela side only;
 # CANDIDATES= to leave them out): one bench flag each, one step, labelled "<model> (<flag>)".
-CANDIDATES=${CANDIDATES-"--attention-kernel=wide --conv-engine=graph"}
+CANDIDATES=${CANDIDATES-"--attention-kernel=hopper --attention-kernel=wide --conv-engine=graph"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
@@ -142,6 +142,6 @@ diffusers)
     ;;
 esac
 tail -n 40 "$log"
-# Kernels the device self-check switched off, and shapes the graph-API convolution fell back on.
-grep -h "switched off\|graph-API convolution unavailable" "$log" | sort | uniq -c | head -20
+# Kernels the device self-check switched off or replaced, and shapes the graph-API convolution fell back on.
+grep -h "switched off\|runs instead\|graph-API convolution unavailable" "$log" | sort | uniq -c | head -20
 cat "$results"
