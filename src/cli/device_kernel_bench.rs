@@ -156,56 +156,6 @@ pub fn run(
             }
         }
     }
-    // Attention (batch, heads, queries, keys, head dim) as `attention::scaled_dot_product` runs
-    // it (fused where the head size allows) and unfused, with the fused result's error against an
-    // f32 computation: SD 1.5's three head sizes at 64², 32², 16² and its 77-token cross
-    // attention, SDXL at 64², SD3.5 Large's joint 4096 + 333 tokens, FLUX's 4096 + 512, the VAE's
-    // single 512-wide head at 128² (upcast, as in the decoder).
-    for (shape, upcast) in [
-        ([2, 8, 4096, 4096, 40], false),
-        ([2, 8, 4096, 77, 40], false),
-        ([2, 8, 1024, 1024, 80], false),
-        ([2, 8, 256, 256, 160], false),
-        ([2, 10, 4096, 4096, 64], false),
-        ([2, 38, 4429, 4429, 64], false),
-        ([1, 24, 4608, 4608, 128], false),
-        ([1, 1, 16384, 16384, 512], true),
-    ] {
-        let [b, h, n, m, d] = shape;
-        let q = randn(&[b, h, n, d], 1.0)?;
-        let k = randn(&[b, h, m, d], 1.0)?;
-        let v = randn(&[b, h, m, d], 1.0)?;
-        let t = time_ms(device, repeats, || {
-            attention::scaled_dot_product(&q, &k, &v, None, upcast)
-        });
-        record("sdpa", &shape, "ours", t);
-        let t = time_ms(device, repeats, || {
-            attention::unfused(&q, &k, &v, None, upcast)
-        });
-        record("sdpa", &shape, "unfused", t);
-        let exact = {
-            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-            attention::unfused(&f32(&q)?, &f32(&k)?, &f32(&v)?, None, false)?
-        };
-        // Every fused kernel by name (the candidates beside the models' one), each with its error.
-        #[cfg(feature = "cuda")]
-        if crate::engine::cuda::attention::supports(&q, &k, &v) {
-            use crate::engine::cuda::attention::{attention_by, available, Kernel};
-            let scale = 1.0 / (d as f32).sqrt();
-            for kernel in Kernel::ALL.into_iter().filter(|k| available(*k, d, device)) {
-                let variant = format!("kernel {}", kernel.name());
-                let t = time_ms(device, repeats, || attention_by(kernel, &q, &k, &v, scale));
-                record("sdpa", &shape, &variant, t);
-                match attention_by(kernel, &q, &k, &v, scale) {
-                    Ok(out) => check("sdpa", &shape, &out, &exact, &format!("f32 ({variant})")),
-                    Err(e) => println!("| sdpa | {shape:?} | {variant} | failed: {e} |"),
-                }
-            }
-        }
-        // ‖ours − f32‖ / ‖f32‖: f16 operands land near 1e-3.
-        let ours = attention::scaled_dot_product(&q, &k, &v, None, upcast)?;
-        check("sdpa", &shape, &ours, &exact, "f32");
-    }
     // GroupNorm (32 groups) + SiLU as the ResNet blocks run it.
     for shape in [
         [2, 320, 64, 64],
@@ -339,6 +289,57 @@ pub fn run(
             &candle_core::Module::forward(&theirs, &x)?,
             "candle",
         );
+    }
+    // (Late in the table: a candidate kernel that faults takes the CUDA context down with it.)
+    // Attention (batch, heads, queries, keys, head dim) as `attention::scaled_dot_product` runs
+    // it (fused where the head size allows) and unfused, with the fused result's error against an
+    // f32 computation: SD 1.5's three head sizes at 64², 32², 16² and its 77-token cross
+    // attention, SDXL at 64², SD3.5 Large's joint 4096 + 333 tokens, FLUX's 4096 + 512, the VAE's
+    // single 512-wide head at 128² (upcast, as in the decoder).
+    for (shape, upcast) in [
+        ([2, 8, 4096, 4096, 40], false),
+        ([2, 8, 4096, 77, 40], false),
+        ([2, 8, 1024, 1024, 80], false),
+        ([2, 8, 256, 256, 160], false),
+        ([2, 10, 4096, 4096, 64], false),
+        ([2, 38, 4429, 4429, 64], false),
+        ([1, 24, 4608, 4608, 128], false),
+        ([1, 1, 16384, 16384, 512], true),
+    ] {
+        let [b, h, n, m, d] = shape;
+        let q = randn(&[b, h, n, d], 1.0)?;
+        let k = randn(&[b, h, m, d], 1.0)?;
+        let v = randn(&[b, h, m, d], 1.0)?;
+        let t = time_ms(device, repeats, || {
+            attention::scaled_dot_product(&q, &k, &v, None, upcast)
+        });
+        record("sdpa", &shape, "ours", t);
+        let t = time_ms(device, repeats, || {
+            attention::unfused(&q, &k, &v, None, upcast)
+        });
+        record("sdpa", &shape, "unfused", t);
+        let exact = {
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            attention::unfused(&f32(&q)?, &f32(&k)?, &f32(&v)?, None, false)?
+        };
+        // Every fused kernel by name (the candidates beside the models' one), each with its error.
+        #[cfg(feature = "cuda")]
+        if crate::engine::cuda::attention::supports(&q, &k, &v) {
+            use crate::engine::cuda::attention::{attention_by, available, Kernel};
+            let scale = 1.0 / (d as f32).sqrt();
+            for kernel in Kernel::ALL.into_iter().filter(|k| available(*k, d, device)) {
+                let variant = format!("kernel {}", kernel.name());
+                let t = time_ms(device, repeats, || attention_by(kernel, &q, &k, &v, scale));
+                record("sdpa", &shape, &variant, t);
+                match attention_by(kernel, &q, &k, &v, scale) {
+                    Ok(out) => check("sdpa", &shape, &out, &exact, &format!("f32 ({variant})")),
+                    Err(e) => println!("| sdpa | {shape:?} | {variant} | failed: {e} |"),
+                }
+            }
+        }
+        // ‖ours − f32‖ / ‖f32‖: f16 operands land near 1e-3.
+        let ours = attention::scaled_dot_product(&q, &k, &v, None, upcast)?;
+        check("sdpa", &shape, &ours, &exact, "f32");
     }
     // Memory bandwidth: one add over 256 Mi elements, and a strided (transposed) copy.
     let x = randn(&[16384, 16384], 1.0)?;

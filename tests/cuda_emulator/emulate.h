@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -165,19 +166,39 @@ inline const uint16_t *operand_b(uint64_t desc, bool n_major, int k, int n) {
     return reinterpret_cast<const uint16_t *>(dynamic_shared + (address - SHARED_WINDOW_START));
 }
 
+// One issued wgmma.mma_async: where its operands and accumulator are, read when it completes.
+struct Pending {
+    float *d;
+    int n;
+    const uint32_t *a;
+    uint64_t desc;
+    bool n_major;
+    int accumulate;
+    void (*complete)(const Pending &);
+};
+// This thread's wgmma issued since the last commit, and its committed groups, oldest first.
+inline thread_local std::vector<Pending> issued;
+inline thread_local std::deque<std::vector<Pending>> committed;
+
 // wgmma.mma_async.m64nNk16 with A in registers, f32 accumulators (`accumulate` 0: d = a·b). The
 // warpgroup's thread i (warp w = i / 32, lane (g, t) = (lane / 4, lane % 4)) holds
 // A: registers 0-3 = rows 16w + g | 16w + g + 8 × k 2t..2t+1 | 2t+8.. (mma.m16n8k16's A per warp);
 // D: value v = row 16w + g + 8((v / 2) % 2), column 8(v / 4) + 2t + v % 2
-// (cute's ALayout_64x16 and CLayout_64xN). Done at once: the asynchrony is not emulated.
+// (cute's ALayout_64x16 and CLayout_64xN). Computed as late as the hardware may: at the
+// wait_group that retires it, from the A registers and shared memory as they are then — a
+// kernel that touches either (or the accumulator) before waiting gets a wrong result here.
 template <typename T>
-void wgmma(float *d, int n, const uint32_t *a, uint64_t desc, bool n_major, int accumulate) {
+void wgmma_complete(const Pending &p) {
     Group &G = groups[warp / 4];
     const unsigned id = warp % 4 * 32 + lane;
     for (int i = 0; i < 4; ++i)
-        G.a[id][i] = a[i];
-    G.descriptor[id] = desc;
+        G.a[id][i] = p.a[i];
+    G.descriptor[id] = p.desc;
     G.sync.arrive_and_wait();
+    float *d = p.d;
+    const int n = p.n, accumulate = p.accumulate;
+    const uint64_t desc = p.desc;
+    const bool n_major = p.n_major;
     assert(G.descriptor[id] == G.descriptor[0] && "the descriptor differs across the warpgroup");
     auto A = [&](int r, int k) {
         const int holder = (r / 16) * 32 + (r % 8) * 4 + (k % 8) / 2;
@@ -197,6 +218,24 @@ void wgmma(float *d, int n, const uint32_t *a, uint64_t desc, bool n_major, int 
     }
     G.sync.arrive_and_wait();
 }
+
+template <typename T>
+void wgmma(float *d, int n, const uint32_t *a, uint64_t desc, bool n_major, int accumulate) {
+    issued.push_back({d, n, a, desc, n_major, accumulate, &wgmma_complete<T>});
+}
+inline void wgmma_commit() {
+    committed.push_back(std::move(issued));
+    issued.clear();
+}
+// wgmma.wait_group N: retires all but the N most recent committed groups (warpgroup-wide, as
+// the instruction is .sync.aligned).
+inline void wgmma_wait(int n) {
+    while ((int)committed.size() > n) {
+        for (const Pending &p : committed.front())
+            p.complete(p);
+        committed.pop_front();
+    }
+}
 }  // namespace emu
 
 inline uint32_t shared_address(const void *p) {
@@ -204,9 +243,11 @@ inline uint32_t shared_address(const void *p) {
 }
 inline void fence_async_shared() {}
 inline void wgmma_fence() {}
-inline void wgmma_commit() {}
+inline void wgmma_commit() { emu::wgmma_commit(); }
 template <int N>
-void wgmma_wait() {}
+void wgmma_wait() {
+    emu::wgmma_wait(N);
+}
 inline void pin(float &) {}
 
 template <typename T>
@@ -291,6 +332,8 @@ void launch(Kernel kernel, unsigned grid_x, unsigned grid_y, unsigned threads, s
                     emu::lane = i % 32;
                     emu::warp = i / 32;
                     kernel(args...);
+                    assert(emu::issued.empty() && emu::committed.empty() &&
+                           "a wgmma never waited for");
                 });
             }
             for (auto &t : pool)
