@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candela::engine::cuda_geometry::{padded_head_dim, AttentionKernel, ATTENTION_THREADS};
+use candela::engine::cuda_geometry::{padded_head_dim, AttentionKernel};
 
 /// Compiles tests/cuda_emulator/NAME.cpp (which includes the kernels' source) into `dir`.
 fn compile_harness(dir: &Path, name: &str) -> PathBuf {
@@ -65,7 +65,7 @@ fn run(
         d.to_string(),
         layout.to_string(),
         n.div_ceil(kernel.queries_per_block()).to_string(),
-        ATTENTION_THREADS.to_string(),
+        kernel.threads().to_string(),
         kernel.shared_bytes(padded, element_bytes).to_string(),
         "7".to_string(),
     ];

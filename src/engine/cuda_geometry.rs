@@ -2,9 +2,6 @@
 //! feature: the launches (engine/cuda/attention.rs) and the CPU emulation of the kernels in CI
 //! (tests/cuda_emulated.rs) use the same numbers.
 
-/// Threads per block of every attention kernel (4 warps).
-pub const ATTENTION_THREADS: usize = 128;
-
 /// Keys per tile of the tiled and pipelined kernels (`BLOCK_N`).
 const TILED_KEYS: usize = 64;
 
@@ -33,12 +30,21 @@ pub enum AttentionKernel {
     Wide = 2,
     /// Hopper's warpgroup instructions (wgmma) for both products, k and v in 128-byte-swizzled
     /// shared memory, two stages (attention_hopper.cu): compute capability 9.0, head sizes 64
-    /// and 128.
+    /// and 128. One warpgroup, 64 queries per block; several blocks per SM.
     Hopper = 3,
+    /// `Hopper` with two warpgroups (128 queries) per block sharing the k/v tiles: half the
+    /// k/v traffic from L2, one block per SM (registers).
+    Hopper128 = 4,
 }
 
 impl AttentionKernel {
-    pub const ALL: [AttentionKernel; 4] = [Self::Tiled, Self::Pipelined, Self::Wide, Self::Hopper];
+    pub const ALL: [AttentionKernel; 5] = [
+        Self::Tiled,
+        Self::Pipelined,
+        Self::Wide,
+        Self::Hopper,
+        Self::Hopper128,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,13 +52,22 @@ impl AttentionKernel {
             Self::Pipelined => "pipelined",
             Self::Wide => "wide",
             Self::Hopper => "hopper",
+            Self::Hopper128 => "hopper-128",
+        }
+    }
+
+    /// Threads per block: 4 warps, 8 for `Hopper128`.
+    pub fn threads(self) -> usize {
+        match self {
+            Self::Hopper128 => 256,
+            _ => 128,
         }
     }
 
     /// Whether the kernel is built for this (real) head size.
     pub fn handles(self, head_dim: usize) -> bool {
         match self {
-            Self::Hopper => matches!(head_dim, 64 | 128),
+            Self::Hopper | Self::Hopper128 => matches!(head_dim, 64 | 128),
             _ => padded_head_dim(head_dim).is_some(),
         }
     }
@@ -61,7 +76,7 @@ impl AttentionKernel {
     /// Hopper kernel is compute_90a code: architecture-specific, it loads on 9.0 only.
     pub fn runs_on(self, (major, minor): (i32, i32)) -> bool {
         match self {
-            Self::Hopper => (major, minor) == (9, 0),
+            Self::Hopper | Self::Hopper128 => (major, minor) == (9, 0),
             _ => major >= 8,
         }
     }
@@ -73,6 +88,7 @@ impl AttentionKernel {
             Self::Pipelined => "pipelined_",
             Self::Wide => "wide_",
             Self::Hopper => "hopper_",
+            Self::Hopper128 => "hopper128_",
         }
     }
 
@@ -80,7 +96,7 @@ impl AttentionKernel {
     pub fn queries_per_block(self) -> usize {
         match self {
             Self::Tiled | Self::Pipelined | Self::Hopper => 64,
-            Self::Wide => 128,
+            Self::Wide | Self::Hopper128 => 128,
         }
     }
 
@@ -95,7 +111,7 @@ impl AttentionKernel {
             Self::Wide => (128 + 2 * if padded <= 128 { 64 } else { 32 }) * row,
             // Two stages of k and v tiles of 16 KiB each, plus 1 KiB to put them on 1024-byte
             // boundaries (the swizzle pattern's period).
-            Self::Hopper => return 2 * 2 * 16 * 1024 + 1024,
+            Self::Hopper | Self::Hopper128 => return 2 * 2 * 16 * 1024 + 1024,
         };
         elements * element_bytes
     }

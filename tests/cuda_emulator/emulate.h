@@ -24,7 +24,7 @@
 #define __device__
 #define __global__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
 #define DYNAMIC_SHARED(NAME) unsigned char *NAME = emu::dynamic_shared

@@ -11,7 +11,7 @@ use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cuda_error;
 pub use crate::engine::cuda_geometry::AttentionKernel as Kernel;
-use crate::engine::cuda_geometry::{padded_head_dim, Layouts, Strides, ATTENTION_THREADS};
+use crate::engine::cuda_geometry::{padded_head_dim, Layouts, Strides};
 
 /// Passed by value to the kernels: `#[repr(C)]` plain data, the layout of attention.cu's struct.
 unsafe impl DeviceRepr for Layouts {}
@@ -26,7 +26,7 @@ pub fn available(kernel: Kernel, head_dim: usize, device: &candle_core::Device) 
         return false;
     };
     let built = match kernel {
-        Kernel::Hopper => !PTX_HOPPER.is_empty(),
+        Kernel::Hopper | Kernel::Hopper128 => !PTX_HOPPER.is_empty(),
         _ => !PTX.is_empty(),
     };
     built
@@ -112,7 +112,13 @@ pub fn attention_by(
     run(kernel, q, k, v, scale)
 }
 
-fn run(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+fn run(
+    kernel: Kernel,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
     // A view the kernels cannot read in place is copied (a fresh copy always can be).
     let ready = |t: &Tensor| match Strides::of_view(t.layout()) {
         Some(_) => Ok(t.clone()),
@@ -141,7 +147,7 @@ impl FlashAttention {
         layouts: Layouts,
     ) -> candle_core::Result<CudaSlice<T>> {
         let (module, ptx) = match self.kernel {
-            Kernel::Hopper => ("candela_attention_hopper", PTX_HOPPER),
+            Kernel::Hopper | Kernel::Hopper128 => ("candela_attention_hopper", PTX_HOPPER),
             _ => ("candela_attention", PTX),
         };
         let func = dev.get_or_load_custom_func(kernel, module, ptx)?;
@@ -166,7 +172,7 @@ impl FlashAttention {
                 bh as u32,
                 1,
             ),
-            block_dim: (ATTENTION_THREADS as u32, 1, 1),
+            block_dim: (self.kernel.threads() as u32, 1, 1),
             shared_mem_bytes,
         };
         let mut builder = func.builder();

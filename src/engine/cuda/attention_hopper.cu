@@ -4,8 +4,8 @@
 // warpgroup tensor-core instructions (wgmma.mma_async) that Hopper runs at about twice the rate of
 // mma.sync. Built for compute_90a only (build.rs); the engine picks it for head sizes 64 and 128.
 //
-// One block = one warpgroup (4 warps, 128 threads) = 64 queries; warp w owns query rows 16w..16w+15
-// for the whole key loop, its q fragments in registers (wgmma's register A operand has the
+// One warpgroup (4 warps, 128 threads) = 64 queries; a block has GROUPS of them (1 or 2) sharing
+// the k/v tiles. Warp w owns query rows 16w..16w+15 of the block for the whole key loop, its q fragments in registers (wgmma's register A operand has the
 // per-warp layout of mma.m16n8k16's A). Per tile of KEYS keys (64 for head size 128, 128 for 64:
 // 16 KiB of k and 16 KiB of v):
 //   s = q kᵀ    wgmma m64nKEYSk16, A = q from registers, B = k from shared memory (K-major),
@@ -17,16 +17,16 @@
 // rows × 128 bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8), every block on a
 // 1024-byte boundary (the swizzle pattern's period: descriptor base offset 0).
 //
-// Several blocks share an SM (64 KiB of shared memory each): while one warpgroup runs its softmax
-// the tensor cores serve another's products.
+// Warpgroups share an SM (64 KiB of shared memory per block: three one-warpgroup blocks, or one
+// two-warpgroup block by registers): while one runs its softmax the tensor cores serve another's
+// products. Two per block halve the k/v traffic from L2 per query.
 //
 // Device-only primitives sit in `#ifndef CANDELA_EMULATE`: tests/cuda_emulator/emulate.h computes
 // wgmma lane by lane from the PTX ISA's fragment and canonical shared-memory layouts, so CI runs
 // this kernel on the CPU too.
 #include "attention_common.cuh"
 
-#define HOPPER_QUERIES 64
-#define HOPPER_THREADS 128  // one warpgroup
+#define HOPPER_QUERIES 64  // per warpgroup
 
 #ifndef CANDELA_EMULATE
 // The async proxy (wgmma's shared-memory reads) sees what the generic proxy (cp.async) wrote.
@@ -120,7 +120,7 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t start, uint32_t leading,
            (uint64_t)((stride & 0x3FFFF) >> 4) << 32 | 1ull << 62;
 }
 
-template <typename T, int D>
+template <typename T, int D, int GROUPS>
 __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restrict__ k,
                                        const T *__restrict__ v, T *__restrict__ o, int n, int m,
                                        int d, Layouts L, float scale_log2) {
@@ -138,7 +138,7 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
-    const int row0 = blockIdx.x * HOPPER_QUERIES + warp * 16;
+    const int row0 = blockIdx.x * HOPPER_QUERIES * GROUPS + warp * 16;
     to_head(q, k, v, o, L);
 
     uint32_t qa[D / 16][4];
@@ -215,15 +215,20 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
     store_output<T, D>(o, acc, row_sum, row0, n, d, L.o.row, g, t);
 }
 
-#define FLASH_HOPPER(NAME, T, D)                                                               \
-    extern "C" __global__ void __launch_bounds__(HOPPER_THREADS)                                \
+#define FLASH_HOPPER(NAME, T, D, GROUPS)                                                       \
+    extern "C" __global__ void __launch_bounds__(128 * GROUPS, GROUPS == 1 ? 3 : 1)            \
         NAME(const T *q, const T *k, const T *v, T *o, int n, int m, int d, Layouts L,           \
              float scale_log2) {                                                               \
-        flash_attention_hopper<T, D>(q, k, v, o, n, m, d, L, scale_log2);                      \
+        flash_attention_hopper<T, D, GROUPS>(q, k, v, o, n, m, d, L, scale_log2);              \
     }
 
-// flash_attention_hopper_{f16,bf16}_{64,128}
-FLASH_HOPPER(flash_attention_hopper_f16_64, __half, 64)
-FLASH_HOPPER(flash_attention_hopper_f16_128, __half, 128)
-FLASH_HOPPER(flash_attention_hopper_bf16_64, __nv_bfloat16, 64)
-FLASH_HOPPER(flash_attention_hopper_bf16_128, __nv_bfloat16, 128)
+// flash_attention_hopper_{f16,bf16}_{64,128} (one warpgroup per block) and
+// flash_attention_hopper128_{f16,bf16}_{64,128} (two).
+FLASH_HOPPER(flash_attention_hopper_f16_64, __half, 64, 1)
+FLASH_HOPPER(flash_attention_hopper_f16_128, __half, 128, 1)
+FLASH_HOPPER(flash_attention_hopper_bf16_64, __nv_bfloat16, 64, 1)
+FLASH_HOPPER(flash_attention_hopper_bf16_128, __nv_bfloat16, 128, 1)
+FLASH_HOPPER(flash_attention_hopper128_f16_64, __half, 64, 2)
+FLASH_HOPPER(flash_attention_hopper128_f16_128, __half, 128, 2)
+FLASH_HOPPER(flash_attention_hopper128_bf16_64, __nv_bfloat16, 64, 2)
+FLASH_HOPPER(flash_attention_hopper128_bf16_128, __nv_bfloat16, 128, 2)

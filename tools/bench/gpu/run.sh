@@ -25,8 +25,11 @@ KERNEL_DTYPES=${KERNEL_DTYPES-"f16 bf16"}
 PROFILE=${PROFILE---profile}
 MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
 # Candidates not yet the default, each run in the whole models too (candela side only;
-# CANDIDATES= to leave them out): one bench flag each, one step, labelled "<model> (<flag>)".
-CANDIDATES=${CANDIDATES-"--attention-kernel=hopper --attention-kernel=wide --conv-engine=graph"}
+# CANDIDATES= to leave them out): one bench flag each, optionally @model,model (only those),
+# one step, labelled "<model> (<flag>)". The Hopper kernels take head sizes 64 and 128 only
+# (SD 1.5's are 40, 80 and 160).
+DIT_AND_SDXL=sdxl,sd35-large,flux-dev
+CANDIDATES=${CANDIDATES-"--attention-kernel=hopper@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --attention-kernel=wide --conv-engine=graph"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
@@ -78,9 +81,13 @@ candela)
             && append_result "/tmp/$model.json" "$model-$dtype" \
             || echo "candela $model failed (exit $?)" | tee -a "$log"
     done
-    for flag in $CANDIDATES; do
+    for candidate in $CANDIDATES; do
+        flag=${candidate%%@*}
+        only=""
+        [[ $candidate == *@* ]] && only=",${candidate#*@},"
         for spec in $MODELS; do
             model=${spec%%:*} dtype=${spec##*:}
+            [ -n "$only" ] && [[ $only != *",$model,"* ]] && continue
             echo "== candela $model $dtype, $flag" | tee -a "$log"
             timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
                 --steps 1 --repeats "$REPEATS" "$flag" --json-out /tmp/candidate.json >> "$log" 2>&1 \
