@@ -32,8 +32,9 @@ pub enum AttentionKernel {
     /// shared memory, two stages (attention_hopper.cu): compute capability 9.0, head sizes 64
     /// and 128. One warpgroup, 64 queries per block; several blocks per SM.
     Hopper = 3,
-    /// `Hopper` with two warpgroups (128 queries) per block sharing the k/v tiles: half the
-    /// k/v traffic from L2, one block per SM (registers).
+    /// `Hopper` with two warpgroups (128 queries) per block sharing the k/v tiles (half the
+    /// k/v traffic from L2; one block per SM, registers) and FlashAttention-3's intra-warpgroup
+    /// pipelining: each tile's softmax runs while the previous tile's p·v is in flight.
     Hopper128 = 4,
 }
 
@@ -109,9 +110,10 @@ impl AttentionKernel {
             Self::Pipelined => 4 * TILED_KEYS * row,
             // q's rows, then one tile of k and one of v (32 keys from head size 160: registers).
             Self::Wide => (128 + 2 * if padded <= 128 { 64 } else { 32 }) * row,
-            // Two stages of k and v tiles of 16 KiB each, plus 1 KiB to put them on 1024-byte
-            // boundaries (the swizzle pattern's period).
-            Self::Hopper | Self::Hopper128 => return 2 * 2 * 16 * 1024 + 1024,
+            // Stages of k and v tiles of 16 KiB each (two; three when the softmax overlaps
+            // p·v), plus 1 KiB to put them on 1024-byte boundaries (the swizzle's period).
+            Self::Hopper => return 2 * 2 * 16 * 1024 + 1024,
+            Self::Hopper128 => return 3 * 2 * 16 * 1024 + 1024,
         };
         elements * element_bytes
     }

@@ -137,12 +137,13 @@ __device__ __forceinline__ void load_queries(uint32_t (&qa)[DP / 16][4], const T
 }
 
 // The online-softmax step for one tile of scores (this warp's 16 rows × N keys, base 2): masks
-// keys past m, raises the running row maximum, rescales the running sum and the output
-// accumulators, and leaves exp2(score − maximum) in `s` (the p of p·v). Rows g (elements 0, 1)
-// and g+8 (elements 2, 3).
-template <int DP, int N>
-__device__ __forceinline__ void softmax_update(float (&s)[N / 8][4], float (&acc)[DP / 8][4],
-                                               float (&row_max)[2], float (&row_sum)[2], int key0,
+// keys past m, raises the running row maximum, rescales the running sum, and leaves
+// exp2(score − maximum) in `s` (the p of p·v) and in `rescale` the factor of each row's output
+// accumulators (applied by `rescale_output`, at once or once they are no longer in flight). Rows
+// g (elements 0, 1) and g+8 (elements 2, 3).
+template <int N>
+__device__ __forceinline__ void softmax_scores(float (&s)[N / 8][4], float (&row_max)[2],
+                                               float (&row_sum)[2], float (&rescale)[2], int key0,
                                                int m, float scale_log2, int t) {
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -154,7 +155,6 @@ __device__ __forceinline__ void softmax_update(float (&s)[N / 8][4], float (&acc
             tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
         }
     }
-    float rescale[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
@@ -178,6 +178,10 @@ __device__ __forceinline__ void softmax_update(float (&s)[N / 8][4], float (&acc
         tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], 2);
         row_sum[r] = row_sum[r] * rescale[r] + tile_sum[r];
     }
+}
+
+template <int DP>
+__device__ __forceinline__ void rescale_output(float (&acc)[DP / 8][4], const float (&rescale)[2]) {
 #pragma unroll
     for (int j = 0; j < DP / 8; ++j) {
         acc[j][0] *= rescale[0];
@@ -185,6 +189,16 @@ __device__ __forceinline__ void softmax_update(float (&s)[N / 8][4], float (&acc
         acc[j][2] *= rescale[1];
         acc[j][3] *= rescale[1];
     }
+}
+
+// Both: the step for kernels whose output accumulators are not in flight.
+template <int DP, int N>
+__device__ __forceinline__ void softmax_update(float (&s)[N / 8][4], float (&acc)[DP / 8][4],
+                                               float (&row_max)[2], float (&row_sum)[2], int key0,
+                                               int m, float scale_log2, int t) {
+    float rescale[2];
+    softmax_scores<N>(s, row_max, row_sum, rescale, key0, m, scale_log2, t);
+    rescale_output<DP>(acc, rescale);
 }
 
 // Normalise and write rows g and g+8, columns 2t and 2t+1 of each n8 tile.

@@ -5,21 +5,28 @@
 // mma.sync. Built for compute_90a only (build.rs); the engine picks it for head sizes 64 and 128.
 //
 // One warpgroup (4 warps, 128 threads) = 64 queries; a block has GROUPS of them (1 or 2) sharing
-// the k/v tiles. Warp w owns query rows 16w..16w+15 of the block for the whole key loop, its q fragments in registers (wgmma's register A operand has the
-// per-warp layout of mma.m16n8k16's A). Per tile of KEYS keys (64 for head size 128, 128 for 64:
-// 16 KiB of k and 16 KiB of v):
+// the k/v tiles. Warp w owns query rows 16w..16w+15 of the block for the whole key loop, its q
+// fragments in registers (wgmma's register A operand has the per-warp layout of mma.m16n8k16's A).
+// Per tile of KEYS keys (64 for head size 128, 128 for 64: 16 KiB of k and 16 KiB of v):
 //   s = q kᵀ    wgmma m64nKEYSk16, A = q from registers, B = k from shared memory (K-major),
 //   online softmax on s in registers (attention_common.cuh, as the other kernels),
 //   o += p v    wgmma m64nDk16, A = p from registers (the accumulator layout of s is the A layout),
 //               B = v from shared memory read N-major (the instruction transposes it).
-// k and v tiles are copied with cp.async into two stages (the next tile lands while this one is
+// k and v tiles are copied with cp.async into stages (the next tile lands while this one is
 // computed) in the 128-byte-swizzled layout wgmma reads: a tile is D/64 column blocks of KEYS
 // rows × 128 bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8), every block on a
 // 1024-byte boundary (the swizzle pattern's period: descriptor base offset 0).
 //
-// Warpgroups share an SM (64 KiB of shared memory per block: three one-warpgroup blocks, or one
-// two-warpgroup block by registers): while one runs its softmax the tensor cores serve another's
-// products. Two per block halve the k/v traffic from L2 per query.
+// Two arrangements, both candidates until a GPU has timed them:
+//   hopper      one warpgroup per block, each product waited for; two stages (65 KiB), 2-3 blocks
+//               per SM (170 registers at head size 128, 168 at 64): while one block runs its
+//               softmax the tensor cores serve another's products.
+//   hopper128   two warpgroups per block (half the k/v traffic from L2 per query), one block per
+//               SM (182 / 196 registers), and FlashAttention-3's intra-warpgroup pipelining: the
+//               softmax of tile j runs while p·v of tile j − 1 is in flight; three stages (97 KiB).
+// ptxas reports "wgmma ... serialized due to insufficient register resources" (C7512) when
+// registers are short (tried: three blocks per SM at head size 128): check `-Xptxas -v` for it
+// after any change.
 //
 // Device-only primitives sit in `#ifndef CANDELA_EMULATE`: tests/cuda_emulator/emulate.h computes
 // wgmma lane by lane from the PTX ISA's fragment and canonical shared-memory layouts, so CI runs
@@ -120,14 +127,63 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t start, uint32_t leading,
            (uint64_t)((stride & 0x3FFFF) >> 4) << 32 | 1ull << 62;
 }
 
-template <typename T, int D, int GROUPS>
+// Keys per tile: 16 KiB of k and 16 of v.
+template <int D>
+struct HopperTile {
+    static constexpr int KEYS = 8192 / D;
+};
+
+// Issues s = q kᵀ for one tile (k at shared address `k_tile`): one k16 step per 16 columns of
+// the head, 32 bytes further into the 128-byte rows, the next 64-column block after four.
+template <typename T, int D>
+__device__ __forceinline__ void issue_scores(float (&s)[HopperTile<D>::KEYS / 8][4],
+                                             const uint32_t (&qa)[D / 16][4], uint32_t k_tile) {
+    constexpr int KEYS = HopperTile<D>::KEYS;
+#pragma unroll
+    for (int st = 0; st < D / 16; ++st) {
+        const uint64_t b = descriptor(k_tile + (st / 4) * KEYS * 128 + (st % 4) * 32, 16, 1024);
+        Wgmma<T>::template mma<KEYS, 0>(s, qa[st], b, st > 0);
+    }
+}
+
+// Issues acc += p v for one tile (v at shared address `v_tile`): one k16 step per 16 keys (two
+// groups of 8 rows of 128 bytes); the head's 64-column blocks are the leading-dimension steps.
+template <typename T, int D>
+__device__ __forceinline__ void issue_values(float (&acc)[D / 8][4],
+                                             const uint32_t (&pa)[HopperTile<D>::KEYS / 16][4],
+                                             uint32_t v_tile) {
+    constexpr int KEYS = HopperTile<D>::KEYS;
+#pragma unroll
+    for (int st = 0; st < KEYS / 16; ++st)
+        Wgmma<T>::template mma<D, 1>(acc, pa[st], descriptor(v_tile + st * 2048, KEYS * 128, 1024), 1);
+}
+
+// The probabilities as A fragments of p·v: the accumulator layout of two n8 column groups is the
+// A layout of one k16 step.
+template <typename T, int KEYS>
+__device__ __forceinline__ void pack_probabilities(uint32_t (&pa)[KEYS / 16][4], const float (&s)[KEYS / 8][4]) {
+#pragma unroll
+    for (int st = 0; st < KEYS / 16; ++st) {
+        pa[st][0] = Ops<T>::pack(s[2 * st][0], s[2 * st][1]);
+        pa[st][1] = Ops<T>::pack(s[2 * st][2], s[2 * st][3]);
+        pa[st][2] = Ops<T>::pack(s[2 * st + 1][0], s[2 * st + 1][1]);
+        pa[st][3] = Ops<T>::pack(s[2 * st + 1][2], s[2 * st + 1][3]);
+    }
+}
+
+// GROUPS warpgroups per block. OVERLAP: FlashAttention-3's intra-warpgroup pipelining — the
+// scores of tile j and p·v of tile j − 1 are issued together, the softmax of tile j runs while
+// p·v is in flight, and the output is rescaled once it lands; three stages of tiles then (v of
+// j − 1, k and v of j, and j + 1 arriving). Otherwise each product is waited for in turn, two
+// stages.
+template <typename T, int D, int GROUPS, bool OVERLAP>
 __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restrict__ k,
                                        const T *__restrict__ v, T *__restrict__ o, int n, int m,
                                        int d, Layouts L, float scale_log2) {
-    constexpr int KEYS = 8192 / D;               // keys per tile: 16 KiB of k, 16 of v
-    constexpr int BLOCK_BYTES = KEYS * 128;      // one 64-column block of a tile
+    constexpr int KEYS = HopperTile<D>::KEYS;
     constexpr int TILE_BYTES = KEYS * D * 2;
-    constexpr int CHUNKS = D / 8;                // 16-byte pieces per row
+    constexpr int CHUNKS = D / 8;  // 16-byte pieces per row
+    constexpr int STAGES = OVERLAP ? 3 : 2;
     DYNAMIC_SHARED(shared_bytes);
     // Tiles on 1024-byte boundaries (the launch adds 1 KiB for this): stage s holds k at
     // 2 s TILE_BYTES and v right after it.
@@ -135,6 +191,8 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
     const uint32_t pad = (1024 - (raw & 1023)) & 1023;
     unsigned char *tiles = shared_bytes + pad;
     const uint32_t tiles_address = raw + pad;
+    auto k_tile = [&](int tile) { return tiles_address + (tile % STAGES) * 2 * TILE_BYTES; };
+    auto v_tile = [&](int tile) { return k_tile(tile) + TILE_BYTES; };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
@@ -147,88 +205,107 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
     start_rows<D>(acc, row_max, row_sum);
 
     const int tiles_count = (m + KEYS - 1) / KEYS;
+    // Copies a tile into its stage (chunk c of row r at chunk c ^ r % 8 of the row's 128 bytes).
     auto prefetch = [&](int tile) {
-        unsigned char *ks = tiles + (tile & 1) * 2 * TILE_BYTES;
+        unsigned char *ks = tiles + (tile % STAGES) * 2 * TILE_BYTES;
         unsigned char *vs = ks + TILE_BYTES;
         const int key0 = tile * KEYS;
         for (int i = threadIdx.x; i < KEYS * CHUNKS; i += blockDim.x) {
             const int r = i / CHUNKS, c = i % CHUNKS;
             const bool inside = key0 + r < m;
             const long long key = inside ? key0 + r : 0;  // a valid address either way
-            const int at = (c / 8) * BLOCK_BYTES + r * 128 + ((c % 8) ^ (r % 8)) * 16;
+            const int at = (c / 8) * KEYS * 128 + r * 128 + ((c % 8) ^ (r % 8)) * 16;
             copy16_async(ks + at, k + key * L.k.row + c * 8, inside ? 16 : 0);
             copy16_async(vs + at, v + key * L.v.row + c * 8, inside ? 16 : 0);
         }
         cp_async_commit();
     };
-    prefetch(0);
-    for (int tile = 0; tile < tiles_count; ++tile) {
+    // Waits for `tile`'s copies, after starting the next tile's (into a stage every warp is done
+    // with: the barrier ending the previous iteration).
+    auto arrive = [&](int tile) {
         if (tile + 1 < tiles_count) {
-            // The stage it fills was last read by tile − 1, finished by every warp (the barrier
-            // at the end of the previous iteration; wgmma_wait before it).
             prefetch(tile + 1);
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         fence_async_shared();
-        __syncthreads();  // this tile's copies (every thread's) are visible to wgmma
-        const uint32_t k_address = tiles_address + (tile & 1) * 2 * TILE_BYTES;
-        const uint32_t v_address = k_address + TILE_BYTES;
+        __syncthreads();  // the tile's copies (every thread's) are visible to wgmma
+    };
 
-        // s = q kᵀ: one k16 step per 16 columns of the head (32 bytes into a 128-byte row).
-        float s[KEYS / 8][4];
-        wgmma_fence();
-#pragma unroll
-        for (int st = 0; st < D / 16; ++st) {
-            const uint64_t b = descriptor(k_address + (st / 4) * BLOCK_BYTES + (st % 4) * 32, 16, 1024);
-            Wgmma<T>::template mma<KEYS, 0>(s, qa[st], b, st > 0);
+    float s[KEYS / 8][4];
+    uint32_t pa[KEYS / 16][4];
+    prefetch(0);
+    if constexpr (!OVERLAP) {
+        for (int tile = 0; tile < tiles_count; ++tile) {
+            arrive(tile);
+            wgmma_fence();
+            issue_scores<T, D>(s, qa, k_tile(tile));
+            wgmma_commit();
+            wgmma_wait<0>();
+            pin_all(s);
+            softmax_update<D, KEYS>(s, acc, row_max, row_sum, tile * KEYS, m, scale_log2, t);
+            pack_probabilities<T, KEYS>(pa, s);
+            pin_all(acc);
+            wgmma_fence();
+            issue_values<T, D>(acc, pa, v_tile(tile));
+            wgmma_commit();
+            wgmma_wait<0>();
+            pin_all(acc);
+            __syncthreads();  // every warp is done with this stage
         }
+    } else {
+        arrive(0);
+        wgmma_fence();
+        issue_scores<T, D>(s, qa, k_tile(0));
         wgmma_commit();
         wgmma_wait<0>();
         pin_all(s);
-
-        softmax_update<D, KEYS>(s, acc, row_max, row_sum, tile * KEYS, m, scale_log2, t);
-
-        // o += p v: one k16 step per 16 keys (two groups of 8 rows of 128 bytes); the head's
-        // 64-column blocks are the leading-dimension steps.
-        uint32_t pa[KEYS / 16][4];
-#pragma unroll
-        for (int st = 0; st < KEYS / 16; ++st) {
-            pa[st][0] = Ops<T>::pack(s[2 * st][0], s[2 * st][1]);
-            pa[st][1] = Ops<T>::pack(s[2 * st][2], s[2 * st][3]);
-            pa[st][2] = Ops<T>::pack(s[2 * st + 1][0], s[2 * st + 1][1]);
-            pa[st][3] = Ops<T>::pack(s[2 * st + 1][2], s[2 * st + 1][3]);
+        softmax_update<D, KEYS>(s, acc, row_max, row_sum, 0, m, scale_log2, t);
+        pack_probabilities<T, KEYS>(pa, s);
+        for (int tile = 1; tile < tiles_count; ++tile) {
+            // The stage tile + 1 fills held tile − 2, whose v the previous iteration finished.
+            arrive(tile);
+            pin_all(acc);
+            wgmma_fence();
+            issue_scores<T, D>(s, qa, k_tile(tile));
+            wgmma_commit();
+            issue_values<T, D>(acc, pa, v_tile(tile - 1));
+            wgmma_commit();
+            wgmma_wait<1>();  // the scores; p·v of tile − 1 still in flight
+            pin_all(s);
+            float rescale[2];
+            softmax_scores<KEYS>(s, row_max, row_sum, rescale, tile * KEYS, m, scale_log2, t);
+            wgmma_wait<0>();
+            pin_all(acc);
+            rescale_output<D>(acc, rescale);
+            pack_probabilities<T, KEYS>(pa, s);
+            __syncthreads();  // every warp is done with tile − 1's stage
         }
         pin_all(acc);
         wgmma_fence();
-#pragma unroll
-        for (int st = 0; st < KEYS / 16; ++st) {
-            const uint64_t b = descriptor(v_address + st * 2048, BLOCK_BYTES, 1024);
-            Wgmma<T>::template mma<D, 1>(acc, pa[st], b, 1);
-        }
+        issue_values<T, D>(acc, pa, v_tile(tiles_count - 1));
         wgmma_commit();
         wgmma_wait<0>();
         pin_all(acc);
-        __syncthreads();  // every warp is done with this stage
     }
     store_output<T, D>(o, acc, row_sum, row0, n, d, L.o.row, g, t);
 }
 
-#define FLASH_HOPPER(NAME, T, D, GROUPS)                                                       \
-    extern "C" __global__ void __launch_bounds__(128 * GROUPS, GROUPS == 1 ? 3 : 1)            \
+#define FLASH_HOPPER(NAME, T, D, GROUPS, OVERLAP)                                              \
+    extern "C" __global__ void __launch_bounds__(128 * GROUPS, GROUPS == 1 && D == 64 ? 3 : 1)   \
         NAME(const T *q, const T *k, const T *v, T *o, int n, int m, int d, Layouts L,           \
              float scale_log2) {                                                               \
-        flash_attention_hopper<T, D, GROUPS>(q, k, v, o, n, m, d, L, scale_log2);              \
+        flash_attention_hopper<T, D, GROUPS, OVERLAP>(q, k, v, o, n, m, d, L, scale_log2);     \
     }
 
-// flash_attention_hopper_{f16,bf16}_{64,128} (one warpgroup per block) and
-// flash_attention_hopper128_{f16,bf16}_{64,128} (two).
-FLASH_HOPPER(flash_attention_hopper_f16_64, __half, 64, 1)
-FLASH_HOPPER(flash_attention_hopper_f16_128, __half, 128, 1)
-FLASH_HOPPER(flash_attention_hopper_bf16_64, __nv_bfloat16, 64, 1)
-FLASH_HOPPER(flash_attention_hopper_bf16_128, __nv_bfloat16, 128, 1)
-FLASH_HOPPER(flash_attention_hopper128_f16_64, __half, 64, 2)
-FLASH_HOPPER(flash_attention_hopper128_f16_128, __half, 128, 2)
-FLASH_HOPPER(flash_attention_hopper128_bf16_64, __nv_bfloat16, 64, 2)
-FLASH_HOPPER(flash_attention_hopper128_bf16_128, __nv_bfloat16, 128, 2)
+// flash_attention_hopper_{f16,bf16}_{64,128}: one warpgroup per block, each product waited for;
+// flash_attention_hopper128_{f16,bf16}_{64,128}: two warpgroups, softmax overlapping p·v.
+FLASH_HOPPER(flash_attention_hopper_f16_64, __half, 64, 1, false)
+FLASH_HOPPER(flash_attention_hopper_f16_128, __half, 128, 1, false)
+FLASH_HOPPER(flash_attention_hopper_bf16_64, __nv_bfloat16, 64, 1, false)
+FLASH_HOPPER(flash_attention_hopper_bf16_128, __nv_bfloat16, 128, 1, false)
+FLASH_HOPPER(flash_attention_hopper128_f16_64, __half, 64, 2, true)
+FLASH_HOPPER(flash_attention_hopper128_f16_128, __half, 128, 2, true)
+FLASH_HOPPER(flash_attention_hopper128_bf16_64, __nv_bfloat16, 64, 2, true)
+FLASH_HOPPER(flash_attention_hopper128_bf16_128, __nv_bfloat16, 128, 2, true)
