@@ -249,6 +249,7 @@ void wgmma_wait() {
     emu::wgmma_wait(N);
 }
 inline void pin(float &) {}
+inline void pin(uint32_t &) {}
 
 template <typename T>
 struct Wgmma {

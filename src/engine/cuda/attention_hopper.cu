@@ -51,6 +51,7 @@ __device__ __forceinline__ void wgmma_wait() {
 // Keeps the compiler from moving accesses of an asynchronous wgmma's accumulator across the
 // points where it is issued and waited for.
 __device__ __forceinline__ void pin(float &x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void pin(uint32_t &x) { asm volatile("" : "+r"(x)::"memory"); }
 
 __device__ __forceinline__ uint32_t shared_address(const void *p) {
     return (uint32_t)__cvta_generic_to_shared(p);
@@ -110,8 +111,9 @@ WGMMA_OPS(__half, "f16")
 WGMMA_OPS(__nv_bfloat16, "bf16")
 #endif  // CANDELA_EMULATE
 
-template <int N>
-__device__ __forceinline__ void pin_all(float (&d)[N][4]) {
+// Pins a fragment array: accumulators in flight, or A operands (p) a wgmma in flight reads.
+template <typename R, int N>
+__device__ __forceinline__ void pin_all(R (&d)[N][4]) {
 #pragma unroll
     for (int j = 0; j < N; ++j)
 #pragma unroll
@@ -252,6 +254,7 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
             wgmma_commit();
             wgmma_wait<0>();
             pin_all(acc);
+            pin_all(pa);
             __syncthreads();  // every warp is done with this stage
         }
     } else {
@@ -278,6 +281,7 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
             softmax_scores<KEYS>(s, row_max, row_sum, rescale, tile * KEYS, m, scale_log2, t);
             wgmma_wait<0>();
             pin_all(acc);
+            pin_all(pa);  // read by p·v until now
             rescale_output<D>(acc, rescale);
             pack_probabilities<T, KEYS>(pa, s);
             __syncthreads();  // every warp is done with tile − 1's stage
@@ -288,6 +292,7 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
         wgmma_commit();
         wgmma_wait<0>();
         pin_all(acc);
+        pin_all(pa);
     }
     store_output<T, D>(o, acc, row_sum, row0, n, d, L.o.row, g, t);
 }
