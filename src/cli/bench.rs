@@ -70,7 +70,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub vae_tiling: bool,
     /// The fused CUDA attention kernel the models run: `tiled` (the measured one), or a
-    /// candidate (`pipelined`, `wide`) to time whole models with it.
+    /// candidate (`pipelined`, `wide`, and on H100/H200 `hopper`, `hopper-128`) to time whole
+    /// models with it.
     #[arg(long, default_value = "tiled")]
     pub attention_kernel: String,
     /// The cuDNN API of the half-precision convolutions: `legacy` (the measured one) or the
