@@ -65,6 +65,7 @@ inline __half __float2half_rn(float x) { return (__half)x; }
 inline float __bfloat162float(__nv_bfloat16 x) { return (float)x; }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) { return __nv_bfloat16(x); }
 inline float __expf(float x) { return std::exp(x); }
+inline float exp2_approx(float x) { return std::exp2(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 namespace emu {

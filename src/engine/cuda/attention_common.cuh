@@ -75,6 +75,14 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// 2^x in one MUFU.EX2 (exp2f adds a range fix-up of three instructions for subnormal results;
+// probabilities below 2^-126 of the row's maximum flush to 0 instead).
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // The block's dynamic shared memory.
 #define DYNAMIC_SHARED(NAME) extern __shared__ __align__(16) unsigned char NAME[]
 
@@ -141,17 +149,26 @@ __device__ __forceinline__ void load_queries(uint32_t (&qa)[DP / 16][4], const T
 // exp2(score − maximum) in `s` (the p of p·v) and in `rescale` the factor of each row's output
 // accumulators (applied by `rescale_output`, at once or once they are no longer in flight). Rows
 // g (elements 0, 1) and g+8 (elements 2, 3).
-template <int N>
+// FOLDED (FlashAttention-2's form, fewer instructions per score): the running maximum of the raw
+// scores (row_max is then raw), the scale folded into one FFMA per score, 2^x by one MUFU.EX2,
+// and the key mask only on a tile that reaches past m.
+template <int N, bool FOLDED = false>
 __device__ __forceinline__ void softmax_scores(float (&s)[N / 8][4], float (&row_max)[2],
                                                float (&row_sum)[2], float (&rescale)[2], int key0,
                                                int m, float scale_log2, int t) {
     float tile_max[2] = {-INFINITY, -INFINITY};
+    const bool partial = key0 + N > m;
 #pragma unroll
     for (int j = 0; j < N / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             int key = key0 + j * 8 + 2 * t + (e & 1);
-            s[j][e] = key < m ? s[j][e] * scale_log2 : -INFINITY;
+            if constexpr (FOLDED) {
+                if (partial && key >= m)
+                    s[j][e] = -INFINITY;
+            } else {
+                s[j][e] = key < m ? s[j][e] * scale_log2 : -INFINITY;
+            }
             tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
         }
     }
@@ -160,15 +177,19 @@ __device__ __forceinline__ void softmax_scores(float (&s)[N / 8][4], float (&row
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
         float new_max = fmaxf(row_max[r], tile_max[r]);
-        rescale[r] = exp2f(row_max[r] - new_max);  // 0 on the first tile (-inf - finite)
+        // 0 on the first tile (-inf - finite)
+        rescale[r] = FOLDED ? exp2f((row_max[r] - new_max) * scale_log2) : exp2f(row_max[r] - new_max);
         row_max[r] = new_max;
     }
+    const float offset[2] = {FOLDED ? row_max[0] * scale_log2 : row_max[0],
+                             FOLDED ? row_max[1] * scale_log2 : row_max[1]};
     float tile_sum[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < N / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            s[j][e] = exp2f(s[j][e] - row_max[e >> 1]);
+            s[j][e] = FOLDED ? exp2_approx(fmaf(s[j][e], scale_log2, -offset[e >> 1]))
+                             : exp2f(s[j][e] - offset[e >> 1]);
             tile_sum[e >> 1] += s[j][e];
         }
     }
@@ -192,12 +213,12 @@ __device__ __forceinline__ void rescale_output(float (&acc)[DP / 8][4], const fl
 }
 
 // Both: the step for kernels whose output accumulators are not in flight.
-template <int DP, int N>
+template <int DP, int N, bool FOLDED = false>
 __device__ __forceinline__ void softmax_update(float (&s)[N / 8][4], float (&acc)[DP / 8][4],
                                                float (&row_max)[2], float (&row_sum)[2], int key0,
                                                int m, float scale_log2, int t) {
     float rescale[2];
-    softmax_scores<N>(s, row_max, row_sum, rescale, key0, m, scale_log2, t);
+    softmax_scores<N, FOLDED>(s, row_max, row_sum, rescale, key0, m, scale_log2, t);
     rescale_output<DP>(acc, rescale);
 }
 

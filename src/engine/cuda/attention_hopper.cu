@@ -246,7 +246,7 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
             wgmma_commit();
             wgmma_wait<0>();
             pin_all(s);
-            softmax_update<D, KEYS>(s, acc, row_max, row_sum, tile * KEYS, m, scale_log2, t);
+            softmax_update<D, KEYS, true>(s, acc, row_max, row_sum, tile * KEYS, m, scale_log2, t);
             pack_probabilities<T, KEYS>(pa, s);
             pin_all(acc);
             wgmma_fence();
@@ -264,7 +264,7 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
         wgmma_commit();
         wgmma_wait<0>();
         pin_all(s);
-        softmax_update<D, KEYS>(s, acc, row_max, row_sum, 0, m, scale_log2, t);
+        softmax_update<D, KEYS, true>(s, acc, row_max, row_sum, 0, m, scale_log2, t);
         pack_probabilities<T, KEYS>(pa, s);
         for (int tile = 1; tile < tiles_count; ++tile) {
             // The stage tile + 1 fills held tile − 2, whose v the previous iteration finished.
@@ -278,7 +278,7 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
             wgmma_wait<1>();  // the scores; p·v of tile − 1 still in flight
             pin_all(s);
             float rescale[2];
-            softmax_scores<KEYS>(s, row_max, row_sum, rescale, tile * KEYS, m, scale_log2, t);
+            softmax_scores<KEYS, true>(s, row_max, row_sum, rescale, tile * KEYS, m, scale_log2, t);
             wgmma_wait<0>();
             pin_all(acc);
             pin_all(pa);  // read by p·v until now
