@@ -22,7 +22,7 @@
 //               per SM (170 registers at head size 128, 168 at 64): while one block runs its
 //               softmax the tensor cores serve another's products.
 //   hopper128   two warpgroups per block (half the k/v traffic from L2 per query), one block per
-//               SM (182 / 196 registers), and FlashAttention-3's intra-warpgroup pipelining: the
+//               SM (170 registers), and FlashAttention-3's intra-warpgroup pipelining: the
 //               softmax of tile j runs while p·v of tile j − 1 is in flight; three stages (97 KiB).
 // ptxas reports "wgmma ... serialized due to insufficient register resources" (C7512) when
 // registers are short (tried: three blocks per SM at head size 128): check `-Xptxas -v` for it
