@@ -294,14 +294,18 @@ pub fn run(
     // Attention (batch, heads, queries, keys, head dim) as `attention::scaled_dot_product` runs
     // it (fused where the head size allows) and unfused, with the fused result's error against an
     // f32 computation: SD 1.5's three head sizes at 64², 32², 16² and its 77-token cross
-    // attention, SDXL at 64², SD3.5 Large's joint 4096 + 333 tokens, FLUX's 4096 + 512, the VAE's
-    // single 512-wide head at 128² (upcast, as in the decoder).
+    // attention, SDXL's self and cross attention at 64² and 32², SD3.5 Large's joint 4096 + 333
+    // tokens, FLUX's 4096 + 512, the VAE's single 512-wide head at 128² (upcast, as in the
+    // decoder).
     for (shape, upcast) in [
         ([2, 8, 4096, 4096, 40], false),
         ([2, 8, 4096, 77, 40], false),
         ([2, 8, 1024, 1024, 80], false),
         ([2, 8, 256, 256, 160], false),
         ([2, 10, 4096, 4096, 64], false),
+        ([2, 10, 4096, 77, 64], false),
+        ([2, 20, 1024, 1024, 64], false),
+        ([2, 20, 1024, 77, 64], false),
         ([2, 38, 4429, 4429, 64], false),
         ([1, 24, 4608, 4608, 128], false),
         ([1, 1, 16384, 16384, 512], true),

@@ -47,6 +47,7 @@ def main():
             a, b = o.get(key), t.get(key)
             ratio = f"{a / b:.2f}x" if a is not None and b else "-"
             print(f"| {model} | {shape} | {name} | {show(a)} | {show(b)} | {ratio} |")
+    candidates(ours, theirs)
     # --profile: per-module inclusive times (device synchronised at each module), both sides.
     for model in ours:
         for key, part in [("denoiser_profile", "denoiser forward"), ("vae_profile", "VAE decode")]:
@@ -64,6 +65,29 @@ def main():
                       f"{show(t['ms'] if t else None)} | {ratio} |")
             for t in other.values():
                 print(f"| {t['label']} | - | - | {t['calls']} | {t['ms']:.2f} | - |")
+
+
+def candidates(ours, theirs):
+    """Each candidate flag's run ("<model> (flag=value)") against the default run of the same
+    model: which one to make the default."""
+    rows = []
+    for model, row in ours.items():
+        if " (" not in model or "=" not in model:
+            continue
+        base_name, flag = model.split(" (", 1)
+        base = ours.get(base_name, {})
+        diffusers = theirs.get(base_name, {})
+        for key, name in [("denoiser_step_ms", "denoiser step ms"), ("vae_decode_ms", "VAE decode ms")]:
+            a, b, t = row.get(key), base.get(key), diffusers.get(key)
+            if a is None or b is None:
+                continue
+            rows.append(f"| {flag.rstrip(')')} | {base_name} | {name} | {b:.2f} | {a:.2f} | {a / b:.2f}x | "
+                        + (f"{a / t:.2f}x |" if t else "- |"))
+    if rows:
+        print("\nCandidates against the default (same binary, same card)")
+        print("| candidate | model | metric | default | candidate | candidate / default | candidate / diffusers |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":
