@@ -85,6 +85,47 @@ def torch_op(op, shape, device, dtype):
     return None
 
 
+def sdpa_backends(op, shape, device, dtype, sync, repeats):
+    """For attention: each of PyTorch's SDPA backends forced in turn (what its default picks
+    among), ms or None where the backend refuses the shape."""
+    if op != "sdpa" or device.type != "cuda":
+        return {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    f = torch_op(op, shape, device, dtype)
+    out = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+        try:
+            with torch.no_grad(), sdpa_kernel(backend):
+                out[name.lower()] = time_ms(f, sync, repeats)
+        except RuntimeError:
+            out[name.lower()] = None
+    torch.cuda.empty_cache()
+    return out
+
+
+def attention_rates(results):
+    """Attention in TFLOP/s (4·b·h·n·m·d per call): every candela kernel and every torch backend."""
+    rows = [r for r in results if r["op"] == "sdpa"]
+    if not rows:
+        return
+    names = sorted({k for r in rows for k in r["candela"]})
+    backends = sorted({k for r in rows for k in r["torch_backends"]})
+    print("\nAttention, TFLOP/s")
+    header = ["shape"] + names + ["torch"] + [f"torch {b}" for b in backends]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        b, h, n, m, d = r["shape"]
+        flops = 4 * b * h * n * m * d
+        rate = lambda ms: "-" if not ms else f"{flops / (ms * 1e-3) / 1e12:.3g}"
+        cells = [rate(r["candela"].get(k)) for k in names] + [rate(r["torch_ms"])]
+        cells += [rate(r["torch_backends"].get(k)) for k in backends]
+        print(f"| {r['shape']} | " + " | ".join(cells) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("candela")
@@ -119,6 +160,7 @@ def main():
                 print(f"torch {op} {shape}: {e}".splitlines()[0])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        backends = sdpa_backends(op, list(shape), device, dtype, sync, args.repeats)
         timed = [r for r in rows if r.get("ms") is not None]
         best = min(timed, key=lambda r: r["ms"]) if timed else None
         first = rows[0]  # the variant the models run (heuristic for the convolutions)
@@ -127,7 +169,8 @@ def main():
         print(f"| {op} | {list(shape)} | {fmt(best and best['ms'])} ({best['variant'] if best else '-'}) | "
               f"{fmt(first.get('ms'))} | {fmt(theirs)} | {fmt(bench)} | {ratio} |")
         results.append({"op": op, "shape": list(shape), "torch_ms": theirs, "torch_benchmark_ms": bench,
-                        "candela": {r["variant"]: r.get("ms") for r in rows}})
+                        "torch_backends": backends, "candela": {r["variant"]: r.get("ms") for r in rows}})
+    attention_rates(results)
     if args.out:
         with open(args.out, "w") as out:
             for r in results:
