@@ -229,4 +229,37 @@ mod tests {
             None
         );
     }
+
+    /// Every kernel launches within what a block may use on the cards it runs on: shared memory
+    /// (Ampere A100 163 KiB, Hopper 227 KiB per block) and 1024 threads; the Hopper kernels'
+    /// stages hold 16 KiB tiles of k and v plus the 1 KiB that aligns them.
+    #[test]
+    fn launches_fit_the_cards() {
+        for kernel in AttentionKernel::ALL {
+            let limit = if kernel.runs_on((8, 0)) { 163 } else { 227 } * 1024;
+            for d in (8..=160).step_by(8).filter(|&d| kernel.handles(d)) {
+                let padded = padded_head_dim(d).unwrap();
+                let bytes = kernel.shared_bytes(padded, 2);
+                assert!(
+                    bytes <= limit,
+                    "{} at head size {d}: {bytes} B",
+                    kernel.name()
+                );
+                assert!(kernel.threads() <= 1024 && kernel.threads().is_multiple_of(128));
+            }
+        }
+        assert!(!AttentionKernel::Hopper.handles(80) && AttentionKernel::Hopper.handles(128));
+        assert!(
+            !AttentionKernel::Hopper128.runs_on((8, 9))
+                && !AttentionKernel::Hopper.runs_on((10, 0))
+        );
+        let stages = |k: AttentionKernel| (k.shared_bytes(64, 2) - 1024) / (2 * 16 * 1024);
+        assert_eq!(
+            (
+                stages(AttentionKernel::Hopper),
+                stages(AttentionKernel::Hopper128)
+            ),
+            (2, 3)
+        );
+    }
 }
