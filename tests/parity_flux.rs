@@ -221,7 +221,9 @@ fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
         ..base_params(SamplerKind::FlowEuler)
     };
     let full = load("flux-dev").generate(&params, &mut |_| true).unwrap();
-    for (format, min_psnr) in [("q8_0", 40.0), ("q4_0", 25.0)] {
+    // fp8 (e4m3: every weight within 2⁻⁴ of itself) sits between q8_0 (8 bits of a block's
+    // maximum) and q4_0 (4 bits of it).
+    for (format, min_psnr) in [("q8_0", 40.0), ("fp8", 40.0), ("q4_0", 25.0)] {
         let options = LoadOptions {
             transformer_format: format.parse::<WeightFormat>().unwrap(),
             ..Default::default()

@@ -66,6 +66,9 @@ pub struct BenchArgs {
     /// Load as `serve --low-memory` (CPU f32: plain 3×3 convolution weights, no Winograd form).
     #[arg(long)]
     pub low_memory: bool,
+    /// Load as `serve --quantize FMT` (SD3 / FLUX transformer blocks: fp8, q8_0, q4k, …).
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// Load as `serve --vae-tiling`.
     #[arg(long)]
     pub vae_tiling: bool,
@@ -314,6 +317,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         low_memory: args.low_memory,
         vae_tiling: args.vae_tiling,
+        transformer_format: super::weight_format(args.quantize.as_deref())?,
         ..Default::default()
     };
     let pipeline = if args.model.is_some() {

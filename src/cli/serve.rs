@@ -43,8 +43,8 @@ pub struct ServeArgs {
     /// size): less memory (SD 1.5 at 512²: 5.1 instead of 6.8 GiB peak), 1.5× slower UNet steps.
     #[arg(long, env = "CANDELA_LOW_MEMORY")]
     pub low_memory: bool,
-    /// SD3 / FLUX: quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …);
-    /// FLUX-dev in q8_0 needs ~12.7 GB instead of 23.8 GB in bf16.
+    /// SD3 / FLUX: quantize the transformer blocks on load (fp8, q8_0, q6k, q5k, q4k, q4_0, …);
+    /// FLUX-dev in q8_0 or fp8 needs ~12.7 / 12 GB instead of 23.8 GB in bf16.
     #[arg(long, env = "CANDELA_QUANTIZE")]
     pub quantize: Option<String>,
     #[arg(long, env = "CANDELA_DEVICE")]

@@ -10,14 +10,19 @@ use super::blocks::{linear, Linear};
 
 use super::attention::scaled_dot_product;
 
-/// How the transformer blocks' dense layers hold their weights: as loaded, or quantized on load
-/// to a GGML block format (Q8_0, Q4_K, …) to fit FLUX or SD3.5 Large on smaller cards. The
-/// embedders and the output projection stay dense, as in the community GGUF conversions.
+/// How the transformer blocks' dense layers hold their weights: as loaded, quantized on load to
+/// a GGML block format (Q8_0, Q4_K, …), or as FP8 — to fit FLUX or SD3.5 Large on smaller cards.
+/// The embedders and the output projection stay dense, as in the community GGUF and FP8
+/// conversions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightFormat {
     #[default]
     Dense,
     Quantized(GgmlDType),
+    /// FP8 e4m3 codes with one power-of-two scale per output channel: half of bf16's memory, the
+    /// format of the community "fp8_e4m3fn" checkpoints (their values load exactly). Each
+    /// forward widens a layer's codes to the activations' dtype for the product.
+    Fp8,
 }
 
 impl WeightFormat {
@@ -26,6 +31,7 @@ impl WeightFormat {
         match self {
             Self::Dense => None,
             Self::Quantized(t) => Some(t.type_size() as f64 * 8.0 / t.block_size() as f64),
+            Self::Fp8 => Some(8.0),
         }
     }
 }
@@ -33,11 +39,12 @@ impl WeightFormat {
 impl std::str::FromStr for WeightFormat {
     type Err = String;
 
-    /// `dense`, or a GGML block format: `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q4k`, `q5k`,
-    /// `q6k`.
+    /// `dense`, `fp8`, or a GGML block format: `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q4k`,
+    /// `q5k`, `q6k`.
     fn from_str(s: &str) -> Result<Self, String> {
         let t = match s.to_ascii_lowercase().replace('_', "").as_str() {
             "dense" | "none" => return Ok(Self::Dense),
+            "fp8" | "fp8e4m3" | "fp8e4m3fn" | "f8e4m3" => return Ok(Self::Fp8),
             "q80" => GgmlDType::Q8_0,
             "q40" => GgmlDType::Q4_0,
             "q41" => GgmlDType::Q4_1,
@@ -48,7 +55,7 @@ impl std::str::FromStr for WeightFormat {
             "q6k" => GgmlDType::Q6K,
             _ => {
                 return Err(format!(
-                    "unknown weight format `{s}`; use dense, q8_0, q6k, q5k, q4k, q5_0, q5_1, q4_0 or q4_1"
+                    "unknown weight format `{s}`; use dense, fp8, q8_0, q6k, q5k, q4k, q5_0, q5_1, q4_0 or q4_1"
                 ))
             }
         };
@@ -60,7 +67,49 @@ impl std::str::FromStr for WeightFormat {
 /// not a multiple of the format's block stay dense.
 pub enum BlockLinear {
     Dense(Linear),
-    Quantized { weight: QMatMul, bias: Tensor },
+    Quantized {
+        weight: QMatMul,
+        bias: Tensor,
+    },
+    /// y = (x · codesᵀ) · scale + bias: `codes` (out, in) in F8E4M3, `scale` (out) powers of two
+    /// in the model's dtype (exact there, and |w / scale| ≤ 448, e4m3's largest value).
+    Fp8 {
+        codes: Tensor,
+        scale: Tensor,
+        bias: Option<Tensor>,
+    },
+}
+
+/// Largest finite e4m3 value.
+const E4M3_MAX: f32 = 448.0;
+
+/// e4m3 codes and per-row power-of-two scales of a (out, in) weight: scale = 2^⌈log₂(max|row| /
+/// 448)⌉, so the largest value of a row lands in [224, 448] and every value keeps e4m3's 3-bit
+/// relative precision (half an ulp: 2⁻⁴) down to its subnormals. Powers of two multiply exactly in
+/// any float format; the exponent stays within f16's range (2⁻²⁴ … 2¹⁵).
+pub fn quantize_fp8(weight: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let w = weight.to_dtype(DType::F32)?;
+    let row_max: Vec<f32> = w.abs()?.max(1)?.to_vec1()?;
+    let scales: Vec<f32> = row_max
+        .iter()
+        .map(|&m| {
+            let exponent = (m / E4M3_MAX).log2().ceil();
+            // An all-zero row (log2(0) = -inf) takes the smallest scale.
+            2f32.powi(
+                if exponent.is_finite() {
+                    exponent as i32
+                } else {
+                    -24
+                }
+                .clamp(-24, 15),
+            )
+        })
+        .collect();
+    let scale = Tensor::from_vec(scales, row_max.len(), weight.device())?;
+    let codes = w
+        .broadcast_div(&scale.unsqueeze(1)?)?
+        .to_dtype(DType::F8E4M3)?;
+    Ok((codes, scale.to_dtype(weight.dtype())?))
 }
 
 impl BlockLinear {
@@ -72,6 +121,14 @@ impl BlockLinear {
     ) -> candle_core::Result<Self> {
         let dense = linear(input, output, vb)?;
         match format {
+            WeightFormat::Fp8 => {
+                let (codes, scale) = quantize_fp8(dense.weight())?;
+                Ok(Self::Fp8 {
+                    codes,
+                    scale,
+                    bias: dense.bias().cloned(),
+                })
+            }
             WeightFormat::Quantized(t) if input.is_multiple_of(t.block_size()) => {
                 let bias = match dense.bias() {
                     Some(b) => b.to_dtype(DType::F32)?,
@@ -85,7 +142,7 @@ impl BlockLinear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self, Self::Quantized { .. })
+        matches!(self, Self::Quantized { .. } | Self::Fp8 { .. })
     }
 
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
@@ -99,6 +156,16 @@ impl BlockLinear {
                         .forward(&xs.to_dtype(DType::F32)?)?
                         .broadcast_add(bias)?
                         .to_dtype(dtype)
+                }
+                Self::Fp8 { codes, scale, bias } => {
+                    let weight = codes.to_dtype(xs.dtype())?;
+                    let ys = Linear::new(weight, None)
+                        .forward(xs)?
+                        .broadcast_mul(scale)?;
+                    match bias {
+                        Some(bias) => ys.broadcast_add(bias),
+                        None => Ok(ys),
+                    }
                 }
             }
         })
@@ -487,5 +554,92 @@ impl Rope {
         Tensor::stack(&[out_re, out_im], D::Minus1)?
             .reshape((b, h, n, d))?
             .to_dtype(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// e4m3 keeps 3 bits of mantissa: each weight within half an ulp, 2⁻⁴ of itself (or of the
+    /// row's smallest normal, 2⁻⁶ · scale, below it), so |y − y_fp8| ≤ 2⁻⁴ Σ|x||w| + 2⁻¹⁰·scale Σ|x|
+    /// row by row. A wrong scale, transposition or rounding breaks that by orders of magnitude.
+    #[test]
+    fn fp8_layer_stays_within_e4m3_rounding_of_the_dense_layer() {
+        let dev = Device::Cpu;
+        let (rows, input, output) = (5, 96, 40);
+        // Rows of very different magnitudes (the scale is per row), and one all zero.
+        let magnitudes: Vec<f32> = (0..output)
+            .map(|o| {
+                if o == 3 {
+                    0.0
+                } else {
+                    10f32.powi(o as i32 % 7 - 3)
+                }
+            })
+            .collect();
+        let w = (Tensor::randn(0f32, 1.0, (output, input), &dev)
+            .unwrap()
+            .broadcast_mul(
+                &Tensor::new(magnitudes.as_slice(), &dev)
+                    .unwrap()
+                    .unsqueeze(1)
+                    .unwrap(),
+            ))
+        .unwrap();
+        let bias = Tensor::randn(0f32, 1.0, output, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, rows, input), &dev).unwrap();
+        let dense = Linear::new(w.clone(), Some(bias.clone()));
+        let (codes, scale) = quantize_fp8(&w).unwrap();
+        assert_eq!(codes.dtype(), DType::F8E4M3);
+        let scales: Vec<f32> = scale.to_vec1().unwrap();
+        for (s, m) in scales.iter().zip(&magnitudes) {
+            assert_eq!(s.log2().fract(), 0.0, "scale {s} not a power of two");
+            assert!(
+                *m == 0.0 || *s < m * 4.0,
+                "scale {s} too coarse for rows of ~{m}"
+            );
+        }
+        let fp8 = BlockLinear::Fp8 {
+            codes,
+            scale,
+            bias: Some(bias),
+        };
+        let exact = dense.forward(&x).unwrap();
+        let got = fp8.forward(&x).unwrap();
+        let error = (got - &exact).unwrap().abs().unwrap();
+        let bound = (x
+            .abs()
+            .unwrap()
+            .broadcast_matmul(&w.abs().unwrap().t().unwrap())
+            .unwrap()
+            / 16.0
+            + x.abs()
+                .unwrap()
+                .sum_keepdim(2)
+                .unwrap()
+                .broadcast_mul(&(Tensor::new(scales.as_slice(), &dev).unwrap() / 1024.0).unwrap())
+                .unwrap())
+        .unwrap();
+        let over: f32 = (error - bound)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(over <= 1e-5, "fp8 error exceeds e4m3 rounding by {over}");
+        // And it is not the dense layer in disguise.
+        let rounded: f32 = (fp8.forward(&x).unwrap() - exact)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(rounded > 0.0);
+        assert_eq!("fp8".parse::<WeightFormat>(), Ok(WeightFormat::Fp8));
+        assert_eq!(WeightFormat::Fp8.bits_per_weight(), Some(8.0));
     }
 }
