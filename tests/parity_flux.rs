@@ -240,6 +240,74 @@ fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
     }
 }
 
+/// A community "fp8_e4m3fn" checkpoint (block weights cast to e4m3, no scales) loads into the
+/// FP8 format without a second rounding: per-row power-of-two scales re-express e4m3 values
+/// exactly, and a power of two commutes with every product and sum — so the FP8 model of that
+/// file generates bit for bit what its dense (widened) model does.
+#[test]
+fn fp8_checkpoint_loads_exactly_into_the_fp8_format() {
+    use candela::engine::models::dit::WeightFormat;
+    use candle_core::Tensor;
+    let bfl = fixtures().join("models/flux1-dev-tiny-bfl.safetensors");
+    let tensors = candle_core::safetensors::load(&bfl, &Device::Cpu).unwrap();
+    let mut cast = 0;
+    let fp8: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let block = name.starts_with("double_blocks.") || name.starts_with("single_blocks.");
+            if block && t.rank() == 2 && name.ends_with(".weight") {
+                cast += 1;
+                (name, t.to_dtype(DType::F8E4M3).unwrap())
+            } else {
+                (name, t)
+            }
+        })
+        .collect();
+    assert!(cast > 0, "no block weights in the fixture");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("flux1-dev-tiny-fp8.safetensors");
+    candle_core::safetensors::save(&fp8, &file).unwrap();
+    let dir = ModelDir {
+        root: fixtures().join("models/flux-dev-tiny"),
+        prefer_fp16_variant: false,
+    };
+    let load_with = |file: &std::path::Path, format: &str| {
+        let options = LoadOptions {
+            transformer_file: Some(file.to_path_buf()),
+            transformer_format: format.parse::<WeightFormat>().unwrap(),
+            ..Default::default()
+        };
+        Flux::load(&dir, &Device::Cpu, DType::F32, &options).unwrap()
+    };
+    let params = GenerateParams {
+        prompt: "a lighthouse".into(),
+        negative_prompt: None,
+        width: 48,
+        height: 32,
+        steps: 3,
+        guidance_scale: 3.5,
+        seed: 5,
+        n: 1,
+        transformer: TransformerOptions {
+            max_sequence_length: Some(16),
+            ..Default::default()
+        },
+        ..base_params(SamplerKind::FlowEuler)
+    };
+    let dense = load_with(&file, "dense")
+        .generate(&params, &mut |_| true)
+        .unwrap();
+    let fp8 = load_with(&file, "fp8")
+        .generate(&params, &mut |_| true)
+        .unwrap();
+    assert_eq!(max_abs_diff(&dense.latents, &fp8.latents), 0.0);
+    // The file really holds other values than the f32 original.
+    let original = load_with(&bfl, "dense")
+        .generate(&params, &mut |_| true)
+        .unwrap();
+    assert!(max_abs_diff(&original.latents, &dense.latents) > 0.0);
+}
+
 #[test]
 fn batched_requests_equal_their_single_runs_for_sd3_and_flux() {
     use candela::engine::pipelines::Pipeline;
