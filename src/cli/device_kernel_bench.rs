@@ -275,9 +275,10 @@ pub fn run(
         let w = randn(&[o, i], 0.02)?;
         let bias = randn(&[o], 0.02)?;
         let ours = blocks::Linear::new(w.clone(), Some(bias.clone()));
+        let fp8 = crate::engine::models::dit::BlockLinear::new_fp8(w.clone(), Some(&bias))?;
         let t = time_ms(device, repeats, || candle_core::Module::forward(&ours, &x));
         record("linear", &shape, "ours", t);
-        let theirs = candle_nn::Linear::new(w, Some(bias));
+        let theirs = candle_nn::Linear::new(w, Some(bias.clone()));
         let t = time_ms(device, repeats, || {
             candle_core::Module::forward(&theirs, &x)
         });
@@ -289,6 +290,39 @@ pub fn run(
             &candle_core::Module::forward(&theirs, &x)?,
             "candle",
         );
+        // FP8 weights (`--quantize fp8`): widened per forward (every card), and on the FP8
+        // tensor cores (cuBLASLt, compute capability ≥ 8.9), each against the dense layer.
+        let t = time_ms(device, repeats, || fp8.forward(&x));
+        record("linear", &shape, "fp8 weights (as the models run them)", t);
+        let exact = candle_core::Module::forward(&ours, &x)?;
+        check(
+            "linear",
+            &shape,
+            &fp8.forward(&x)?,
+            &exact,
+            "dense (fp8 weights)",
+        );
+        #[cfg(feature = "cuda")]
+        if let Some((codes, scale)) = fp8.fp8_parts() {
+            let widened = || {
+                let w = blocks::Linear::new(codes.to_dtype(dtype)?, None);
+                candle_core::Module::forward(&w, &x)?
+                    .broadcast_mul(scale)?
+                    .broadcast_add(&bias)
+            };
+            let t = time_ms(device, repeats, widened);
+            record("linear", &shape, "fp8 weights widened to bf16/f16", t);
+            if crate::engine::cuda::fp8::supports(&x, codes) {
+                let tensor_cores =
+                    || crate::engine::cuda::fp8::linear(&x, codes, scale, Some(&bias));
+                let t = time_ms(device, repeats, tensor_cores);
+                record("linear", &shape, "fp8 tensor cores (cuBLASLt)", t);
+                match tensor_cores() {
+                    Ok(out) => check("linear", &shape, &out, &exact, "dense (fp8 tensor cores)"),
+                    Err(e) => println!("| linear | {shape:?} | fp8 tensor cores | failed: {e} |"),
+                }
+            }
+        }
     }
     // (Late in the table: a candidate kernel that faults takes the CUDA context down with it.)
     // Attention (batch, heads, queries, keys, head dim) as `attention::scaled_dot_product` runs

@@ -9,7 +9,12 @@
 //   modulate, gated_add  ROWS tokens of D in BATCHES samples (per-sample vectors);
 //   bias_add             ROWS × D plus a bias of D;  geglu  ROWS × 2D → ROWS × D;
 //   rope                 ROWS rows of D over BATCHES = tokens, f32 cos/sin tables; VEC = heads
-//                        between a token and its values (1: heads-first, H: token-major).
+//                        between a token and its values (1: heads-first, H: token-major);
+//   fp8_quantize         ROWS × D activations → absmax → e4m3 codes (f16/bf16): the scale must
+//                        be absmax / 448 and every code the nearest-even e4m3 value of x / scale
+//                        (found by search over all 256 codes): prints "0 0", else the share of
+//                        wrong codes; then the relative L2 error of codes · scale against x;
+//   fp8_rescale          ROWS × D · a per-column scale + a bias.
 // The grid-stride kernels get the engine's grid: ⌈items / 256⌉ blocks.
 #include "emulate.h"
 
@@ -182,6 +187,74 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
     e.print();
 }
 
+// The value of an e4m3 code, decoded from its bits (the reference the kernel's codes are held
+// to: independent of the conversion the kernel or the emulation uses).
+double e4m3_value(unsigned code) {
+    const int exponent = (code >> 3) & 15, mantissa = code & 7;
+    double v = exponent == 0 ? std::ldexp(mantissa / 8.0, -6) : std::ldexp(1.0 + mantissa / 8.0, exponent - 7);
+    return (code & 0x80) ? -v : v;
+}
+
+// The nearest finite e4m3 code of x with x's sign (ties to the even code), saturating at ±448.
+unsigned nearest_e4m3(float x) {
+    const unsigned sign = std::signbit(x) ? 0x80 : 0;
+    unsigned best = sign;
+    double best_d = INFINITY;
+    for (unsigned m = 0; m < 0x7f; ++m) {  // 0x7f: NaN
+        double d = std::fabs(e4m3_value(sign | m) - (double)x);
+        if (d < best_d || (d == best_d && (m & 1) == 0)) {
+            best = sign | m;
+            best_d = d;
+        }
+    }
+    return best;
+}
+
+template <typename T>
+void fp8_case(const std::string &op, size_t rows, size_t d, int vec, unsigned seed,
+              void (*absmax)(const T *, size_t, unsigned *, int),
+              void (*quantize)(const T *, size_t, const unsigned *, unsigned char *, float *, int),
+              void (*rescale)(T *, const T *, size_t, size_t, int)) {
+    std::mt19937 rng(seed);
+    const size_t n = rows * d;
+    Buffer<T> x(n), sb(2 * d), y(n);
+    fill(x, rng, 0.0f, 3.0f);
+    x[n / 2] = T(0.0f);  // an exact zero
+    auto grid = [](size_t items) { return (unsigned)std::min<size_t>((items + THREADS - 1) / THREADS, 65536); };
+    if (op == "fp8_quantize") {
+        Buffer<unsigned> amax(1);
+        Buffer<unsigned char> codes(n);
+        Buffer<float> scale(1);
+        amax[0] = 0;
+        const size_t items = vec ? n / 8 : n;
+        launch(absmax, grid(items), 1, THREADS, 0, (const T *)x.data, n, amax.data, vec);
+        launch(quantize, grid(items), 1, THREADS, 0, (const T *)x.data, n, (const unsigned *)amax.data,
+               codes.data, scale.data, vec);
+        double top = 0;
+        for (size_t i = 0; i < n; ++i)
+            top = std::max(top, std::fabs(f(x[i])));
+        if (scale[0] != (float)top / 448.0f) {
+            std::printf("1 1\n");  // the scale is not absmax / 448
+            return;
+        }
+        size_t wrong = 0;
+        for (size_t i = 0; i < n; ++i)
+            wrong += codes[i] != nearest_e4m3((float)f(x[i]) / scale[0]);
+        // Every code exact ("0 0"), or the share of wrong ones.
+        std::printf("%.3e %.3e\n", (double)wrong / n, wrong ? 1.0 : 0.0);
+    } else {
+        fill(sb, rng, 0.0f, 1.0f);
+        for (size_t i = 0; i < n; ++i)
+            y[i] = x[i];
+        const size_t items = vec ? n / Pack<T>::N : n;
+        launch(rescale, grid(items), 1, THREADS, 0, y.data, (const T *)sb.data, rows, d, vec);
+        Error e;
+        for (size_t i = 0; i < n; ++i)
+            e.add(f(y[i]), f(x[i]) * f(sb[i % d]) + f(sb[d + i % d]));
+        e.print();
+    }
+}
+
 template <typename T>
 int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, unsigned seed,
         void (*ln)(const T *, const T *, const T *, T *, size_t, size_t, float, int),
@@ -193,6 +266,12 @@ int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, u
         group_norm_case<T>(rows, d, vec, seed, gs, ga);
     else if (op == "modulate" || op == "gated_add" || op == "bias_add" || op == "geglu" || op == "rope")
         map_case<T>(op, rows, d, batches, vec, seed);
+    else if (op == "fp8_quantize" || op == "fp8_rescale") {
+        if constexpr (sizeof(T) == 2)  // the FP8 kernels take 16-bit activations
+            fp8_case<T>(op, rows, d, vec, seed, fp8_absmax<T>, fp8_quantize<T>, fp8_rescale<T>);
+        else
+            return 2;
+    }
     else
         return 2;
     return 0;

@@ -10,6 +10,7 @@
 // a kernel reading past it or past its global buffers.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cassert>
 #include <cmath>
@@ -66,6 +67,49 @@ inline float __bfloat162float(__nv_bfloat16 x) { return (float)x; }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) { return __nv_bfloat16(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float exp2_approx(float x) { return std::exp2(x); }
+inline unsigned __float_as_uint(float x) {
+    unsigned u;
+    std::memcpy(&u, &x, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned u) {
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+inline unsigned atomicMax(unsigned *p, unsigned v) {
+    std::atomic_ref<unsigned> a(*p);
+    unsigned old = a.load();
+    while (old < v && !a.compare_exchange_weak(old, v)) {
+    }
+    return old;
+}
+struct uint2 {
+    uint32_t x, y;
+};
+inline uint2 make_uint2(uint32_t x, uint32_t y) { return {x, y}; }
+
+// float → e4m3 (OCP "fn": bias 7, 3 mantissa bits, no infinities, 0x7f NaN, ±448 largest),
+// rounded to nearest even, saturating at ±448 (cuda_fp8.h's __NV_SATFINITE).
+inline unsigned char e4m3(float x) {
+    if (std::isnan(x))
+        return 0x7f;
+    const unsigned char sign = std::signbit(x) ? 0x80 : 0;
+    const float a = std::fabs(x);
+    if (a >= 448.0f)
+        return sign | 0x7e;
+    int e;
+    std::frexp(a, &e);                    // a = f · 2^e, f ∈ [0.5, 1): a's exponent is e − 1
+    const int exponent = std::max(e - 1, -6);  // below 2^-6: subnormals, spaced 2^-9
+    const float step = std::ldexp(1.0f, exponent - 3);
+    const float q = std::nearbyint(a / step) * step;  // the default rounding: to nearest even
+    if (q < std::ldexp(1.0f, -6))
+        return sign | (unsigned char)(q / std::ldexp(1.0f, -9));
+    int qe;
+    const float qf = std::frexp(q, &qe);  // q = qf · 2^qe
+    const int mantissa = (int)std::lround((qf * 2.0f - 1.0f) * 8.0f);
+    return sign | (unsigned char)(((qe - 1 + 7) << 3) | mantissa);
+}
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 namespace emu {

@@ -12,6 +12,12 @@
 #ifndef CANDELA_EMULATE
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+// e4m3 (OCP "fn": no infinities, ±448 at most), rounded to nearest even, saturating.
+__device__ __forceinline__ unsigned char e4m3(float x) {
+    return (unsigned char)__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
+}
 #endif
 #include <stdint.h>
 
@@ -284,6 +290,86 @@ __device__ void gated_add(const T *x, const T *gate, const T *h, T *y, size_t co
     }
 }
 
+// FP8 products (engine/cuda/fp8.rs). The activations' absolute maximum (non-negative floats order
+// as their bit patterns, so an unsigned atomicMax takes it; `amax_bits` starts at 0).
+template <typename T>
+__device__ void fp8_absmax(const T *x, size_t n, unsigned *amax_bits, int vec) {
+    constexpr int N = Pack<T>::N;
+    float m = 0.0f;
+    if (vec) {
+        GRID_STRIDE(p, n / N) {
+            Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
+#pragma unroll
+            for (int j = 0; j < N; ++j) m = fmaxf(m, fabsf(to_f(a.v[j])));
+        }
+    } else {
+        GRID_STRIDE(i, n) { m = fmaxf(m, fabsf(to_f(x[i]))); }
+    }
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    if ((threadIdx.x & 31) == 0) atomicMax(amax_bits, __float_as_uint(m));
+}
+
+// The activations as e4m3 codes at scale absmax / 448 (1 for an all-zero tensor): codes[i] =
+// e4m3(x[i] / scale); block 0 also writes the scale (the GEMM's B scale, read on the device).
+template <typename T>
+__device__ void fp8_quantize(const T *x, size_t n, const unsigned *amax_bits, unsigned char *codes,
+                             float *scale_out, int vec) {
+    constexpr int N = Pack<T>::N;
+    const float amax = __uint_as_float(*amax_bits);
+    const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
+    if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
+    if (vec) {
+        static_assert(N == 8, "16-bit activations: eight codes per pack");
+        GRID_STRIDE(p, n / N) {
+            Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
+            uint32_t lo = 0, hi = 0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                lo |= (uint32_t)e4m3(to_f(a.v[j]) / scale) << (8 * j);
+                hi |= (uint32_t)e4m3(to_f(a.v[j + 4]) / scale) << (8 * j);
+            }
+            reinterpret_cast<uint2 *>(codes)[p] = make_uint2(lo, hi);
+        }
+    } else {
+        GRID_STRIDE(i, n) { codes[i] = e4m3(to_f(x[i]) / scale); }
+    }
+}
+
+// y[r, c] = y[r, c] · sb[c] + sb[cols + c]: the weight's per-channel scale, then the bias.
+template <typename T>
+__device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec) {
+    constexpr int N = Pack<T>::N;
+    if (vec) {
+        GRID_STRIDE(p, rows * cols / N) {
+            size_t c = (p * N) % cols;
+            Pack<T> a = reinterpret_cast<Pack<T> *>(y)[p];
+            Pack<T> s = *reinterpret_cast<const Pack<T> *>(sb + c);
+            Pack<T> b = *reinterpret_cast<const Pack<T> *>(sb + cols + c);
+#pragma unroll
+            for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) * to_f(s.v[j]) + to_f(b.v[j]));
+            reinterpret_cast<Pack<T> *>(y)[p] = a;
+        }
+    } else {
+        GRID_STRIDE(i, rows * cols) {
+            size_t c = i % cols;
+            y[i] = from_f<T>(to_f(y[i]) * to_f(sb[c]) + to_f(sb[cols + c]));
+        }
+    }
+}
+
+#define FP8_KERNELS(SUFFIX, T)                                                                     \
+    extern "C" __global__ void fp8_absmax_##SUFFIX(const T *x, size_t n, unsigned *amax, int vec) { \
+        fp8_absmax<T>(x, n, amax, vec);                                                            \
+    }                                                                                              \
+    extern "C" __global__ void fp8_quantize_##SUFFIX(const T *x, size_t n, const unsigned *amax,    \
+                                                     unsigned char *codes, float *scale, int vec) { \
+        fp8_quantize<T>(x, n, amax, codes, scale, vec);                                            \
+    }                                                                                              \
+    extern "C" __global__ void fp8_rescale_##SUFFIX(T *y, const T *sb, size_t rows, size_t cols,   \
+                                                    int vec) {                                     \
+        fp8_rescale<T>(y, sb, rows, cols, vec);                                                    \
+    }
+
 #define KERNELS(SUFFIX, T)                                                                          \
     extern "C" __global__ void bias_add_##SUFFIX(const T *y, const T *b, T *out, size_t rows,      \
                                                  size_t cols, int vec) {                           \
@@ -325,3 +411,5 @@ __device__ void gated_add(const T *x, const T *gate, const T *h, T *y, size_t co
 KERNELS(f32, float)
 KERNELS(f16, __half)
 KERNELS(bf16, __nv_bfloat16)
+FP8_KERNELS(f16, __half)
+FP8_KERNELS(bf16, __nv_bfloat16)

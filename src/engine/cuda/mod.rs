@@ -7,6 +7,7 @@ pub mod conv;
 #[cfg(feature = "cudnn")]
 pub mod conv_graph;
 pub mod elementwise;
+pub mod fp8;
 pub mod self_check;
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaView};

@@ -18,9 +18,11 @@ pub enum Fused {
     LayerNormModulate = 1,
     /// RoPE on heads-first views of token-major data.
     TokenMajorRope = 2,
+    /// FP8 weights' products on FP8 tensor cores (cuBLASLt), against widening the weights.
+    Fp8Linear = 3,
 }
 
-static SWITCHED_OFF: [AtomicBool; 3] = [const { AtomicBool::new(false) }; 3];
+static SWITCHED_OFF: [AtomicBool; 4] = [const { AtomicBool::new(false) }; 4];
 
 /// Whether `op` may run (not switched off by a failed check).
 pub fn passed(op: Fused) -> bool {
@@ -30,20 +32,24 @@ pub fn passed(op: Fused) -> bool {
 /// Relative L2 error above which a kernel is wrong rather than rounded differently: the kernels
 /// measured 3e-4 (f16) on an H200; an indexing error is of order one.
 const LIMIT: f64 = 1e-2;
+/// The same for the FP8 products, whose activations round to e4m3 (2⁻⁴ relative per value:
+/// ~3e-2 on the output).
+const FP8_LIMIT: f64 = 1e-1;
 
 /// One check: the fused op's relative error against candle's ops on the device.
 type Check = fn(&Device) -> candle_core::Result<f64>;
 
 /// Runs every check on `device` and switches off what fails.
 pub fn run(device: &Device) {
-    let checks: [(Fused, Check); 3] = [
-        (Fused::Attention, attention),
-        (Fused::LayerNormModulate, layer_norm_modulate),
-        (Fused::TokenMajorRope, token_major_rope),
+    let checks: [(Fused, Check, f64); 4] = [
+        (Fused::Attention, attention, LIMIT),
+        (Fused::LayerNormModulate, layer_norm_modulate, LIMIT),
+        (Fused::TokenMajorRope, token_major_rope, LIMIT),
+        (Fused::Fp8Linear, fp8_linear, FP8_LIMIT),
     ];
-    for (op, check) in checks {
+    for (op, check, limit) in checks {
         match check(device) {
-            Ok(error) if error <= LIMIT => {
+            Ok(error) if error <= limit => {
                 tracing::debug!(?op, error, "fused CUDA kernel checked against candle's ops")
             }
             outcome => {
@@ -153,5 +159,36 @@ fn token_major_rope(device: &Device) -> candle_core::Result<f64> {
     let fused = super::elementwise::rope(&view, &cos, &sin)?;
     let rope = Rope::new(cos, sin);
     let exact = rope.apply_unfused(&view.to_dtype(DType::F32)?)?;
+    relative_error(&fused, &exact)
+}
+
+/// An FP8 layer's product on the FP8 tensor cores against widening its weight (where the card
+/// has them: compute capability ≥ 8.9).
+fn fp8_linear(device: &Device) -> candle_core::Result<f64> {
+    use crate::engine::models::dit::quantize_fp8;
+    let Device::Cuda(dev) = device else {
+        return Ok(0.0);
+    };
+    if !dev
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .is_ok_and(|cc| cc >= (8, 9))
+    {
+        return Ok(0.0);
+    }
+    let (rows, inner, out) = (40, 256, 96);
+    let weight = (values(&[out, inner], 0.9, device)? * 0.05)?;
+    let (codes, scale) = quantize_fp8(&weight.to_dtype(DType::BF16)?)?;
+    let bias = values(&[out], 1.0, device)?.to_dtype(DType::BF16)?;
+    let x = values(&[1, rows, inner], 1.1, device)?.to_dtype(DType::BF16)?;
+    let fused = super::fp8::linear(&x, &codes, &scale, Some(&bias))?;
+    let widened = codes
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&scale.to_dtype(DType::F32)?.unsqueeze(1)?)?;
+    let exact = x
+        .to_dtype(DType::F32)?
+        .broadcast_matmul(&widened.t()?)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?;
     relative_error(&fused, &exact)
 }

@@ -121,14 +121,7 @@ impl BlockLinear {
     ) -> candle_core::Result<Self> {
         let dense = linear(input, output, vb)?;
         match format {
-            WeightFormat::Fp8 => {
-                let (codes, scale) = quantize_fp8(dense.weight())?;
-                Ok(Self::Fp8 {
-                    codes,
-                    scale,
-                    bias: dense.bias().cloned(),
-                })
-            }
+            WeightFormat::Fp8 => Self::new_fp8(dense.weight().clone(), dense.bias()),
             WeightFormat::Quantized(t) if input.is_multiple_of(t.block_size()) => {
                 let bias = match dense.bias() {
                     Some(b) => b.to_dtype(DType::F32)?,
@@ -138,6 +131,24 @@ impl BlockLinear {
                 Ok(Self::Quantized { weight, bias })
             }
             _ => Ok(Self::Dense(dense)),
+        }
+    }
+
+    /// An FP8 layer from a dense weight (out, in) and bias.
+    pub fn new_fp8(weight: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
+        let (codes, scale) = quantize_fp8(&weight)?;
+        Ok(Self::Fp8 {
+            codes,
+            scale,
+            bias: bias.cloned(),
+        })
+    }
+
+    /// The e4m3 codes and per-channel scale of an FP8 layer.
+    pub fn fp8_parts(&self) -> Option<(&Tensor, &Tensor)> {
+        match self {
+            Self::Fp8 { codes, scale, .. } => Some((codes, scale)),
+            _ => None,
         }
     }
 
@@ -158,6 +169,17 @@ impl BlockLinear {
                         .to_dtype(dtype)
                 }
                 Self::Fp8 { codes, scale, bias } => {
+                    // On FP8 tensor cores when the card has them; widened otherwise.
+                    #[cfg(feature = "cuda")]
+                    {
+                        use crate::engine::cuda::fp8;
+                        if fp8::supports(xs, codes) {
+                            match fp8::linear(xs, codes, scale, bias.as_ref()) {
+                                Ok(ys) => return Ok(ys),
+                                Err(e) => fp8::switch_off(&e),
+                            }
+                        }
+                    }
                     let weight = codes.to_dtype(xs.dtype())?;
                     let ys = Linear::new(weight, None)
                         .forward(xs)?

@@ -1,0 +1,391 @@
+//! FP8 products for the DiT blocks' FP8 weights (`WeightFormat::Fp8`) on cards with FP8 tensor
+//! cores (compute capability 8.9 and 9.0: Ada, Hopper): y = x · (codes · scale)ᵀ + bias with
+//!
+//! 1. the activations quantized per tensor (`elementwise.cu`: absmax → scale = absmax / 448 →
+//!    e4m3 codes, all on the device, no host synchronisation);
+//! 2. one cuBLASLt FP8 GEMM (e4m3 × e4m3, f32 accumulation, the activations' scale as B's
+//!    scale, f16/bf16 output) — "TN", both operands contiguous along the inner dimension, which
+//!    is how a Linear's weight (out, in) and activations (rows, in) lie;
+//! 3. the weight's per-channel power-of-two scale and the bias in one pass.
+//!
+//! Widening the weight to bf16 each forward (the portable path, `BlockLinear`) moves three bytes
+//! per weight and runs a bf16 GEMM; this moves one and runs at FP8 rate (twice bf16's on Hopper).
+//! The activations' rounding to e4m3 is the price (2⁻⁴ relative per value, as the weights').
+//! Any error switches FP8 products off for the process (logged once) and the weights are widened
+//! instead; the device self-check compares this path with the widened one when a device opens.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
+
+use super::{cuda_error, input};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
+const MODULE: &str = "candela_elementwise";
+const THREADS: u32 = 256;
+/// cuBLASLt's workspace (NVIDIA's recommendation for Hopper).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+static SWITCHED_OFF: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`linear`] takes this product: FP8 weights, 16-bit activations on a card with FP8
+/// tensor cores, sizes cuBLASLt's FP8 kernels take (multiples of 16), not switched off.
+pub fn supports(xs: &Tensor, codes: &Tensor) -> bool {
+    let candle_core::Device::Cuda(dev) = xs.device() else {
+        return false;
+    };
+    !SWITCHED_OFF.load(Ordering::Relaxed)
+        && matches!(xs.dtype(), DType::F16 | DType::BF16)
+        && codes.dtype() == DType::F8E4M3
+        && codes
+            .dims2()
+            .is_ok_and(|(out, inner)| out % 16 == 0 && inner % 16 == 0)
+        && dev
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .is_ok_and(|cc| cc >= (8, 9))
+        && super::self_check::passed(super::self_check::Fused::Fp8Linear)
+}
+
+/// After `e`: FP8 weights are widened for their products from now on, in this process.
+pub fn switch_off(e: &candle_core::Error) {
+    if !SWITCHED_OFF.swap(true, Ordering::Relaxed) {
+        tracing::warn!(error = %e, "FP8 products unavailable; FP8 weights are widened instead");
+    }
+}
+
+/// x · (codes · scale)ᵀ + bias for x (…, in) f16/bf16, `codes` (out, in) e4m3, `scale` (out) and
+/// `bias` (out) in x's dtype: (…, out). Check [`supports`] first.
+pub fn linear(
+    xs: &Tensor,
+    codes: &Tensor,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (out, inner) = codes.dims2()?;
+    let dtype = xs.dtype();
+    let bias = match bias {
+        Some(b) => b.to_dtype(dtype)?,
+        None => Tensor::zeros(out, dtype, xs.device())?,
+    };
+    // The weight's scale and the bias side by side: one more operand for the op.
+    let scale_bias = Tensor::cat(&[&scale.to_dtype(dtype)?, &bias], 0)?;
+    let rows = xs.elem_count() / inner.max(1);
+    let ys = xs.contiguous()?.reshape((rows, inner))?.apply_op3_no_bwd(
+        codes,
+        &scale_bias,
+        &Fp8Linear,
+    )?;
+    let mut dims = xs.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    ys.reshape(dims)
+}
+
+struct Fp8Linear;
+
+impl CustomOp3 for Fp8Linear {
+    fn name(&self) -> &'static str {
+        "fp8-linear"
+    }
+
+    super::cpu_fwd_unsupported!(3);
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        sb: &CudaStorage,
+        sbl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, inner) = xl.shape().dims2()?;
+        let (out, k) = wl.shape().dims2()?;
+        if k != inner || sbl.shape().elem_count() != 2 * out || !wl.is_contiguous() {
+            candle_core::bail!("fp8 linear of {:?} by {:?}", xl.shape(), wl.shape());
+        }
+        let CudaStorageSlice::F8E4M3(codes) = &w.slice else {
+            candle_core::bail!("fp8 linear needs e4m3 weights, got {:?}", w.dtype());
+        };
+        let codes = codes.slice(wl.start_offset()..);
+        let sizes = Sizes { rows, inner, out };
+        let storage = match x.dtype() {
+            DType::F16 => run::<half::f16>(x, xl, &codes, sb, sbl, sizes, "f16")?,
+            DType::BF16 => run::<half::bf16>(x, xl, &codes, sb, sbl, sizes, "bf16")?,
+            other => candle_core::bail!("fp8 linear of {other:?} activations"),
+        };
+        Ok((storage, Shape::from((rows, out))))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Sizes {
+    rows: usize,
+    inner: usize,
+    out: usize,
+}
+
+/// Grid-stride launch over `items` work items.
+fn config(items: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            items.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32,
+            1,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The element type cuBLASLt names for T.
+trait OutputType {
+    const CUDA: sys::cudaDataType;
+}
+impl OutputType for half::f16 {
+    const CUDA: sys::cudaDataType = sys::cudaDataType::CUDA_R_16F;
+}
+impl OutputType for half::bf16 {
+    const CUDA: sys::cudaDataType = sys::cudaDataType::CUDA_R_16BF;
+}
+
+fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits + OutputType>(
+    x: &CudaStorage,
+    xl: &Layout,
+    codes: &CudaView<'_, impl DeviceRepr>,
+    sb: &CudaStorage,
+    sbl: &Layout,
+    Sizes { rows, inner, out }: Sizes,
+    suffix: &str,
+) -> candle_core::Result<CudaStorage> {
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let (xv, x_aligned) = input::<T>(x, xl)?;
+    let (sbv, sb_aligned) = input::<T>(sb, sbl)?;
+    let load = |name: &str| dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, PTX);
+    let n = rows * inner;
+    // 16-byte packs of eight activations (inner is a multiple of 16).
+    let vec = x_aligned as i32;
+    let items = if vec == 1 { n / 8 } else { n };
+    let mut absmax = stream.alloc_zeros::<u32>(1).map_err(cuda_error)?;
+    let mut quantized = unsafe { stream.alloc::<u8>(n) }.map_err(cuda_error)?;
+    let mut x_scale = unsafe { stream.alloc::<f32>(1) }.map_err(cuda_error)?;
+    {
+        let func = load("fp8_absmax")?;
+        let mut builder = func.builder();
+        builder.arg(&xv).arg(&n).arg(&mut absmax).arg(&vec);
+        unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+    }
+    {
+        let func = load("fp8_quantize")?;
+        let mut builder = func.builder();
+        builder
+            .arg(&xv)
+            .arg(&n)
+            .arg(&absmax)
+            .arg(&mut quantized)
+            .arg(&mut x_scale)
+            .arg(&vec);
+        unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+    }
+    let mut ys = unsafe { stream.alloc::<T>(rows * out) }.map_err(cuda_error)?;
+    gemm::<T>(
+        dev,
+        codes,
+        &quantized,
+        &x_scale,
+        &mut ys,
+        (out, rows, inner),
+    )?;
+    {
+        let func = load("fp8_rescale")?;
+        let vec = (sb_aligned && out % 8 == 0) as i32;
+        let items = if vec == 1 { rows * out / 8 } else { rows * out };
+        let mut builder = func.builder();
+        builder
+            .arg(&mut ys)
+            .arg(&sbv)
+            .arg(&rows)
+            .arg(&out)
+            .arg(&vec);
+        unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(ys, dev.clone()))
+}
+
+/// A cuBLASLt handle and its workspace, one per device, kept for the process.
+struct Handle {
+    ordinal: usize,
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+}
+// The handle is used under the mutex only.
+unsafe impl Send for Handle {}
+
+static HANDLES: Mutex<Vec<Handle>> = Mutex::new(Vec::new());
+
+/// Destroys cuBLASLt descriptors when a call ends, however it ends.
+struct Descriptors {
+    desc: sys::cublasLtMatmulDesc_t,
+    layouts: Vec<sys::cublasLtMatrixLayout_t>,
+    preference: sys::cublasLtMatmulPreference_t,
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        unsafe {
+            for layout in &self.layouts {
+                let _ = lt::destroy_matrix_layout(*layout);
+            }
+            if !self.preference.is_null() {
+                let _ = lt::destroy_matmul_pref(self.preference);
+            }
+            if !self.desc.is_null() {
+                let _ = lt::destroy_matmul_desc(self.desc);
+            }
+        }
+    }
+}
+
+/// D (n columns of m, column-major: row-major (n, m)) = A(k × m)ᵀ · B(k × n) · b_scale, A and B
+/// e4m3 column-major with leading dimension k ("TN"), f32 accumulation.
+fn gemm<T: DeviceRepr + OutputType>(
+    dev: &CudaDevice,
+    a: &CudaView<'_, impl DeviceRepr>,
+    b: &CudaSlice<u8>,
+    b_scale: &CudaSlice<f32>,
+    d: &mut CudaSlice<T>,
+    (m, n, k): (usize, usize, usize),
+) -> candle_core::Result<()> {
+    let stream = dev.cuda_stream();
+    let ordinal = stream.context().ordinal();
+    let mut handles = HANDLES
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("the cuBLASLt handles' lock was poisoned".into()))?;
+    if !handles.iter().any(|h| h.ordinal == ordinal) {
+        stream.context().bind_to_thread().map_err(cuda_error)?;
+        let handle = lt::create_handle().map_err(cuda_error)?;
+        let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.map_err(cuda_error)?;
+        handles.push(Handle {
+            ordinal,
+            handle,
+            workspace,
+        });
+    }
+    let Some(h) = handles.iter().find(|h| h.ordinal == ordinal) else {
+        candle_core::bail!("no cuBLASLt handle for device {ordinal}");
+    };
+    let lt_error = |e: lt::CublasError| cuda_error(e);
+    let mut descriptors = Descriptors {
+        desc: std::ptr::null_mut(),
+        layouts: Vec::new(),
+        preference: std::ptr::null_mut(),
+    };
+    descriptors.desc = lt::create_matmul_desc(
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        sys::cudaDataType::CUDA_R_32F,
+    )
+    .map_err(lt_error)?;
+    let (b_scale_ptr, _b_scale_record) = b_scale.device_ptr(&stream);
+    let b_scale_address = b_scale_ptr as u64;
+    unsafe {
+        let set = |attribute, value: *const std::ffi::c_void, size| {
+            lt::set_matmul_desc_attribute(descriptors.desc, attribute, value, size)
+        };
+        // cublasOperation_t (a C enum): 1 = CUBLAS_OP_T, 0 = CUBLAS_OP_N.
+        let (transpose, keep) = (1i32, 0i32);
+        set(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+            (&transpose as *const i32).cast(),
+            std::mem::size_of::<i32>(),
+        )
+        .map_err(lt_error)?;
+        set(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+            (&keep as *const i32).cast(),
+            std::mem::size_of::<i32>(),
+        )
+        .map_err(lt_error)?;
+        // The scale attributes hold a device pointer.
+        set(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+            (&b_scale_address as *const u64).cast(),
+            std::mem::size_of::<u64>(),
+        )
+        .map_err(lt_error)?;
+    }
+    let layout = |dtype, rows: usize, cols: usize, ld: usize| {
+        lt::create_matrix_layout(dtype, rows as u64, cols as u64, ld as i64)
+    };
+    let e4m3 = sys::cudaDataType::CUDA_R_8F_E4M3;
+    descriptors
+        .layouts
+        .push(layout(e4m3, k, m, k).map_err(lt_error)?);
+    descriptors
+        .layouts
+        .push(layout(e4m3, k, n, k).map_err(lt_error)?);
+    descriptors
+        .layouts
+        .push(layout(T::CUDA, m, n, m).map_err(lt_error)?);
+    let [a_layout, b_layout, d_layout] = [0, 1, 2].map(|i| descriptors.layouts[i]);
+    descriptors.preference = lt::create_matmul_pref().map_err(lt_error)?;
+    let workspace_size = WORKSPACE_BYTES as u64;
+    unsafe {
+        lt::set_matmul_pref_attribute(
+            descriptors.preference,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&workspace_size as *const u64).cast(),
+            std::mem::size_of::<u64>(),
+        )
+        .map_err(lt_error)?;
+    }
+    let heuristic = unsafe {
+        lt::get_matmul_algo_heuristic(
+            h.handle,
+            descriptors.desc,
+            a_layout,
+            b_layout,
+            d_layout,
+            d_layout,
+            descriptors.preference,
+        )
+    }
+    .map_err(lt_error)?;
+    let (alpha, beta) = (1f32, 0f32);
+    let (a_ptr, _a_record) = a.device_ptr(&stream);
+    let (b_ptr, _b_record) = b.device_ptr(&stream);
+    let (d_ptr, _d_record) = d.device_ptr_mut(&stream);
+    let (w_ptr, _w_record) = h.workspace.device_ptr(&stream);
+    unsafe {
+        lt::matmul(
+            h.handle,
+            descriptors.desc,
+            (&alpha as *const f32).cast(),
+            (&beta as *const f32).cast(),
+            a_ptr as *const _,
+            a_layout,
+            b_ptr as *const _,
+            b_layout,
+            d_ptr as *const _,
+            d_layout,
+            d_ptr as *mut _,
+            d_layout,
+            &heuristic.algo,
+            w_ptr as *mut _,
+            WORKSPACE_BYTES,
+            stream.cu_stream() as *mut _,
+        )
+    }
+    .map_err(lt_error)
+}
