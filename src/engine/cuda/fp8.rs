@@ -297,8 +297,8 @@ fn gemm<T: DeviceRepr + OutputType>(
         sys::cudaDataType::CUDA_R_32F,
     )
     .map_err(lt_error)?;
-    let (b_scale_ptr, _b_scale_record) = b_scale.device_ptr(&stream);
-    let b_scale_address = b_scale_ptr as u64;
+    // The scale attribute holds the device address (CUdeviceptr: a u64).
+    let (b_scale_address, _b_scale_record) = b_scale.device_ptr(&stream);
     unsafe {
         let set = |attribute, value: *const std::ffi::c_void, size| {
             lt::set_matmul_desc_attribute(descriptors.desc, attribute, value, size)
