@@ -71,14 +71,31 @@ pub fn linear(
     scale: &Tensor,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    let (out, inner) = codes.dims2()?;
-    let dtype = xs.dtype();
+    linear_with(xs, codes, &scale_bias(scale, bias, xs.dtype())?)
+}
+
+/// The weight's per-channel scale and the bias side by side (2 · out, in `dtype`): one operand
+/// of the product (a layer keeps it).
+pub fn scale_bias(
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
     let bias = match bias {
         Some(b) => b.to_dtype(dtype)?,
-        None => Tensor::zeros(out, dtype, xs.device())?,
+        None => scale.zeros_like()?.to_dtype(dtype)?,
     };
-    // The weight's scale and the bias side by side: one more operand for the op.
-    let scale_bias = Tensor::cat(&[&scale.to_dtype(dtype)?, &bias], 0)?;
+    Tensor::cat(&[&scale.to_dtype(dtype)?, &bias], 0)
+}
+
+/// [`linear`] with the layer's [`scale_bias`].
+pub fn linear_with(
+    xs: &Tensor,
+    codes: &Tensor,
+    scale_bias: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (out, inner) = codes.dims2()?;
+    let scale_bias = scale_bias.to_dtype(xs.dtype())?;
     let rows = xs.elem_count() / inner.max(1);
     let ys = xs.contiguous()?.reshape((rows, inner))?.apply_op3_no_bwd(
         codes,

@@ -77,6 +77,9 @@ pub enum BlockLinear {
         codes: Tensor,
         scale: Tensor,
         bias: Option<Tensor>,
+        /// CUDA: scale and bias side by side, the FP8 product's operand (made once).
+        #[cfg(feature = "cuda")]
+        scale_bias: Option<Tensor>,
     },
 }
 
@@ -137,10 +140,22 @@ impl BlockLinear {
     /// An FP8 layer from a dense weight (out, in) and bias.
     pub fn new_fp8(weight: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
         let (codes, scale) = quantize_fp8(&weight)?;
+        #[cfg(feature = "cuda")]
+        let scale_bias = if weight.device().is_cuda() {
+            Some(crate::engine::cuda::fp8::scale_bias(
+                &scale,
+                bias,
+                weight.dtype(),
+            )?)
+        } else {
+            None
+        };
         Ok(Self::Fp8 {
             codes,
             scale,
             bias: bias.cloned(),
+            #[cfg(feature = "cuda")]
+            scale_bias,
         })
     }
 
@@ -168,13 +183,19 @@ impl BlockLinear {
                         .broadcast_add(bias)?
                         .to_dtype(dtype)
                 }
-                Self::Fp8 { codes, scale, bias } => {
+                Self::Fp8 {
+                    codes,
+                    scale,
+                    bias,
+                    #[cfg(feature = "cuda")]
+                    scale_bias,
+                } => {
                     // On FP8 tensor cores when the card has them; widened otherwise.
                     #[cfg(feature = "cuda")]
-                    {
+                    if let Some(scale_bias) = scale_bias {
                         use crate::engine::cuda::fp8;
                         if fp8::supports(xs, codes) {
-                            match fp8::linear(xs, codes, scale, bias.as_ref()) {
+                            match fp8::linear_with(xs, codes, scale_bias) {
                                 Ok(ys) => return Ok(ys),
                                 Err(e) => fp8::switch_off(&e),
                             }
@@ -613,7 +634,8 @@ mod tests {
         let bias = Tensor::randn(0f32, 1.0, output, &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, rows, input), &dev).unwrap();
         let dense = Linear::new(w.clone(), Some(bias.clone()));
-        let (codes, scale) = quantize_fp8(&w).unwrap();
+        let fp8 = BlockLinear::new_fp8(w.clone(), Some(&bias)).unwrap();
+        let (codes, scale) = fp8.fp8_parts().unwrap();
         assert_eq!(codes.dtype(), DType::F8E4M3);
         let scales: Vec<f32> = scale.to_vec1().unwrap();
         for (s, m) in scales.iter().zip(&magnitudes) {
@@ -623,11 +645,6 @@ mod tests {
                 "scale {s} too coarse for rows of ~{m}"
             );
         }
-        let fp8 = BlockLinear::Fp8 {
-            codes,
-            scale,
-            bias: Some(bias),
-        };
         let exact = dense.forward(&x).unwrap();
         let got = fp8.forward(&x).unwrap();
         let error = (got - &exact).unwrap().abs().unwrap();
