@@ -11,8 +11,8 @@ use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor}
 use super::{by_dtype, cuda_error, input};
 use crate::engine::cuda_geometry::token_major_view;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
-const MODULE: &str = "candela_elementwise";
+pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
+pub(crate) const MODULE: &str = "candela_elementwise";
 const THREADS: u32 = 256;
 
 /// Whether these kernels take `t` (a CUDA tensor of a float type they are built for).
@@ -121,7 +121,7 @@ fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
 }
 
 /// Grid-stride launch over `items` work items.
-fn config(items: usize) -> LaunchConfig {
+pub(crate) fn config(items: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
             items.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32,

@@ -20,17 +20,14 @@ use std::sync::Mutex;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
 
+use super::elementwise::{config, MODULE, PTX};
 use super::{cuda_error, input};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
-const MODULE: &str = "candela_elementwise";
-const THREADS: u32 = 256;
 /// cuBLASLt's workspace (NVIDIA's recommendation for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -151,19 +148,6 @@ struct Sizes {
     rows: usize,
     inner: usize,
     out: usize,
-}
-
-/// Grid-stride launch over `items` work items.
-fn config(items: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (
-            items.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32,
-            1,
-            1,
-        ),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 /// The element type cuBLASLt names for T.
