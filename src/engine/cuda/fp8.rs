@@ -50,7 +50,7 @@ pub fn supports(xs: &Tensor, codes: &Tensor) -> bool {
             .context()
             .compute_capability()
             .is_ok_and(|cc| cc >= (8, 9))
-        && super::self_check::passed(super::self_check::Fused::Fp8Linear)
+        && super::self_check::fp8_products_pass(xs.device())
 }
 
 /// After `e`: FP8 weights are widened for their products from now on, in this process.

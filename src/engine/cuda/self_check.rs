@@ -4,6 +4,8 @@
 //! run checks whole models (`bench --device-parity`), but neither covers every card, driver and
 //! launch path a user has; a kernel that disagrees here is switched off for the process, with
 //! an error in the log, and the models take the unfused path instead of making wrong images.
+//! The FP8 products are checked when first wanted instead (their cuBLASLt workspace is memory a
+//! process without FP8 weights should not spend).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -41,25 +43,38 @@ type Check = fn(&Device) -> candle_core::Result<f64>;
 
 /// Runs every check on `device` and switches off what fails.
 pub fn run(device: &Device) {
-    let checks: [(Fused, Check, f64); 4] = [
-        (Fused::Attention, attention, LIMIT),
-        (Fused::LayerNormModulate, layer_norm_modulate, LIMIT),
-        (Fused::TokenMajorRope, token_major_rope, LIMIT),
-        (Fused::Fp8Linear, fp8_linear, FP8_LIMIT),
+    let checks: [(Fused, Check); 3] = [
+        (Fused::Attention, attention),
+        (Fused::LayerNormModulate, layer_norm_modulate),
+        (Fused::TokenMajorRope, token_major_rope),
     ];
-    for (op, check, limit) in checks {
-        match check(device) {
-            Ok(error) if error <= limit => {
-                tracing::debug!(?op, error, "fused CUDA kernel checked against candle's ops")
-            }
-            outcome => {
-                let why = match outcome {
-                    Ok(error) => format!("disagrees with candle's ops by {error:.2e}"),
-                    Err(e) => format!("failed: {e}"),
-                };
-                tracing::error!(?op, "fused CUDA kernel {why} on this device; switched off");
-                SWITCHED_OFF[op as usize].store(true, Ordering::Relaxed);
-            }
+    for (op, check) in checks {
+        judge(op, check(device), LIMIT);
+    }
+}
+
+/// The FP8 products' check, once per process when they are first wanted (it creates cuBLASLt's
+/// handle and workspace, which a process without FP8 weights should not pay for).
+pub fn fp8_products_pass(device: &Device) -> bool {
+    static PASSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PASSED.get_or_init(|| judge(Fused::Fp8Linear, fp8_linear(device), FP8_LIMIT))
+}
+
+/// Logs a check's outcome and switches `op` off if it failed; whether it passed.
+fn judge(op: Fused, outcome: candle_core::Result<f64>, limit: f64) -> bool {
+    match outcome {
+        Ok(error) if error <= limit => {
+            tracing::debug!(?op, error, "fused CUDA kernel checked against candle's ops");
+            true
+        }
+        outcome => {
+            let why = match outcome {
+                Ok(error) => format!("disagrees with candle's ops by {error:.2e}"),
+                Err(e) => format!("failed: {e}"),
+            };
+            tracing::error!(?op, "fused CUDA kernel {why} on this device; switched off");
+            SWITCHED_OFF[op as usize].store(true, Ordering::Relaxed);
+            false
         }
     }
 }
