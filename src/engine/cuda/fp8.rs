@@ -176,8 +176,8 @@ fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits + OutputType>(
     let (sbv, sb_aligned) = input::<T>(sb, sbl)?;
     let load = |name: &str| dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, PTX);
     let n = rows * inner;
-    // 16-byte packs of eight activations (inner is a multiple of 16).
-    let vec = x_aligned as i32;
+    // 16-byte packs of eight activations.
+    let vec = (x_aligned && inner % 8 == 0) as i32;
     let items = if vec == 1 { n / 8 } else { n };
     let mut absmax = stream.alloc_zeros::<u32>(1).map_err(cuda_error)?;
     let mut quantized = unsafe { stream.alloc::<u8>(n) }.map_err(cuda_error)?;
