@@ -34,12 +34,16 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 static SWITCHED_OFF: AtomicBool = AtomicBool::new(false);
 
 /// Whether [`linear`] takes this product: FP8 weights, 16-bit activations on a card with FP8
-/// tensor cores, sizes cuBLASLt's FP8 kernels take (multiples of 16), not switched off.
+/// tensor cores, sizes cuBLASLt's FP8 kernels take (multiples of 16), a matrix of activations
+/// (a handful of rows — the DiTs' modulation layers run on one per sample — is a matrix-vector
+/// product, for which widening the weight is the safer path), not switched off.
 pub fn supports(xs: &Tensor, codes: &Tensor) -> bool {
     let candle_core::Device::Cuda(dev) = xs.device() else {
         return false;
     };
+    let rows = xs.elem_count() / xs.dims().last().copied().unwrap_or(1).max(1);
     !SWITCHED_OFF.load(Ordering::Relaxed)
+        && rows >= 16
         && matches!(xs.dtype(), DType::F16 | DType::BF16)
         && codes.dtype() == DType::F8E4M3
         && codes
