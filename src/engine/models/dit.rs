@@ -63,6 +63,35 @@ impl std::str::FromStr for WeightFormat {
     }
 }
 
+/// The FP8 product as FP8 tensor cores compute it (engine/cuda/fp8.rs), in f32 tensor ops on any
+/// device: x rounded to e4m3 at one scale for the whole tensor (absmax / 448), times the e4m3
+/// codes, then the activation scale, the weight's per-channel scale and the bias. The reference
+/// the device self-check holds the CUDA path to (the same rounding of x, so only the order of the
+/// sums and the output's rounding differ).
+pub fn fp8_product_reference(
+    xs: &Tensor,
+    codes: &Tensor,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let x = xs.to_dtype(DType::F32)?;
+    let absmax = x.abs()?.max_all()?.to_scalar::<f32>()?;
+    let x_scale = if absmax > 0.0 { absmax / E4M3_MAX } else { 1.0 };
+    // A true division, as the CUDA kernel's (a product by the reciprocal rounds differently).
+    let x_codes = x
+        .broadcast_div(&Tensor::new(x_scale, xs.device())?)?
+        .to_dtype(DType::F8E4M3)?
+        .to_dtype(DType::F32)?;
+    let ys = x_codes
+        .broadcast_matmul(&codes.to_dtype(DType::F32)?.t()?)?
+        .affine(x_scale as f64, 0.0)?
+        .broadcast_mul(&scale.to_dtype(DType::F32)?)?;
+    match bias {
+        Some(b) => ys.broadcast_add(&b.to_dtype(DType::F32)?),
+        None => Ok(ys),
+    }
+}
+
 /// A dense layer whose weight may be quantized ([`WeightFormat`]). Layers whose input width is
 /// not a multiple of the format's block stay dense.
 pub enum BlockLinear {
@@ -661,7 +690,7 @@ mod tests {
                 .broadcast_mul(&(Tensor::new(scales.as_slice(), &dev).unwrap() / 1024.0).unwrap())
                 .unwrap())
         .unwrap();
-        let over: f32 = (error - bound)
+        let over: f32 = (error - &bound)
             .unwrap()
             .max_all()
             .unwrap()
@@ -669,7 +698,7 @@ mod tests {
             .unwrap();
         assert!(over <= 1e-5, "fp8 error exceeds e4m3 rounding by {over}");
         // And it is not the dense layer in disguise.
-        let rounded: f32 = (fp8.forward(&x).unwrap() - exact)
+        let rounded: f32 = (fp8.forward(&x).unwrap() - &exact)
             .unwrap()
             .abs()
             .unwrap()
@@ -678,6 +707,34 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert!(rounded > 0.0);
+        // The FP8-product reference (activations rounded to e4m3 too) stays within both
+        // operands' rounding: 2⁻⁴ of |x|, 2⁻⁴ of |w| (and the subnormal terms, doubled).
+        let (codes, scale) = fp8.fp8_parts().unwrap();
+        let product = fp8_product_reference(&x, codes, scale, Some(&bias)).unwrap();
+        let error = (product - &exact).unwrap().abs().unwrap();
+        let x_step = x
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / 448.0
+            / 1024.0;
+        let both = ((bound.clone() * (2.0 + 1.0 / 16.0)).unwrap()
+            + (w.abs().unwrap().sum_keepdim(1).unwrap().t().unwrap()
+                * (x_step * (1.0 + 1.0 / 16.0)) as f64)
+                .unwrap()
+                .broadcast_add(&Tensor::zeros((1, rows, output), DType::F32, &dev).unwrap())
+                .unwrap())
+        .unwrap();
+        let over: f32 = (error - both)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(over <= 1e-5, "fp8 product exceeds e4m3 rounding by {over}");
         assert_eq!("fp8".parse::<WeightFormat>(), Ok(WeightFormat::Fp8));
         assert_eq!(WeightFormat::Fp8.bits_per_weight(), Some(8.0));
     }
