@@ -1,7 +1,7 @@
 //! Building blocks shared by the UNet and the VAE (diffusers' `resnet.py`, `upsampling.py`,
 //! `downsampling.py`), plus small config helpers.
 
-use candle_core::{Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{conv2d, Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
@@ -67,6 +67,15 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        // On the CPU the gemm crate multiplies by a contiguous (in, out) matrix 1.3–2.8× faster
+        // than by the (out, in) weight read transposed (measured: a 77-token prompt's 3072→768
+        // layer 33 → 93 GFLOP/s, SD 1.5's 1280→320 at 64² 98 → 172): the weight is stored in
+        // that layout and seen as (out, in), so the product reads it contiguous. CUDA's GEMMs
+        // take either layout at the same speed.
+        let weight = match weight.device() {
+            Device::Cpu if weight.rank() == 2 => transposed_storage(&weight).unwrap_or(weight),
+            _ => weight,
+        };
         Self {
             inner: candle_nn::Linear::new(weight, bias),
         }
@@ -79,6 +88,11 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.inner.bias()
     }
+}
+
+/// `w` (out, in) as a view of contiguous (in, out) data.
+fn transposed_storage(w: &Tensor) -> candle_core::Result<Tensor> {
+    w.t()?.contiguous()?.t()
 }
 
 impl Module for Linear {
@@ -105,15 +119,13 @@ impl Module for Linear {
 }
 
 pub fn linear(input: usize, output: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    Ok(Linear {
-        inner: candle_nn::linear(input, output, vb)?,
-    })
+    let layer = candle_nn::linear(input, output, vb)?;
+    Ok(Linear::new(layer.weight().clone(), layer.bias().cloned()))
 }
 
 pub fn linear_no_bias(input: usize, output: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    Ok(Linear {
-        inner: candle_nn::linear_no_bias(input, output, vb)?,
-    })
+    let layer = candle_nn::linear_no_bias(input, output, vb)?;
+    Ok(Linear::new(layer.weight().clone(), None))
 }
 
 /// GroupNorm with learned per-channel scale and shift; on the CPU in f32 one fused pass
