@@ -93,7 +93,7 @@ impl Flux {
         let t5 = (
             T5Tokenizer::load(dir, "tokenizer_2")?,
             T5Encoder::new(
-                text_weights("text_encoder_2/model")?,
+                source.t5("text_encoder_2/model", text_dtype, &text_device)?,
                 dir.read_json("text_encoder_2/config.json")?,
             )?,
         );

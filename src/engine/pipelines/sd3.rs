@@ -108,7 +108,10 @@ impl StableDiffusion3 {
             let config = dir.read_json("text_encoder_3/config.json")?;
             Some((
                 tokenizer,
-                T5Encoder::new(text_weights("text_encoder_3/model")?, config)?,
+                T5Encoder::new(
+                    source.t5("text_encoder_3/model", text_dtype, &text_device)?,
+                    config,
+                )?,
             ))
         } else {
             None
