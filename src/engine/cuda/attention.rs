@@ -22,20 +22,13 @@ const PTX_HOPPER: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_hoppe
 
 /// Whether `kernel` is built for this head size and runs on `device`.
 pub fn available(kernel: Kernel, head_dim: usize, device: &candle_core::Device) -> bool {
-    let candle_core::Device::Cuda(dev) = device else {
-        return false;
-    };
     let built = match kernel {
         Kernel::Hopper | Kernel::Hopper128 => !PTX_HOPPER.is_empty(),
         _ => !PTX.is_empty(),
     };
     built
         && kernel.handles(head_dim)
-        && dev
-            .cuda_stream()
-            .context()
-            .compute_capability()
-            .is_ok_and(|cc| kernel.runs_on(cc))
+        && super::compute_capability(device).is_some_and(|cc| kernel.runs_on(cc))
 }
 
 /// Whether [`attention`] takes these (batch, heads, tokens, head_dim) tensors.

@@ -38,9 +38,6 @@ static SWITCHED_OFF: AtomicBool = AtomicBool::new(false);
 /// (a handful of rows — the DiTs' modulation layers run on one per sample — is a matrix-vector
 /// product, for which widening the weight is the safer path), not switched off.
 pub fn supports(xs: &Tensor, codes: &Tensor) -> bool {
-    let candle_core::Device::Cuda(dev) = xs.device() else {
-        return false;
-    };
     let rows = xs.elem_count() / xs.dims().last().copied().unwrap_or(1).max(1);
     !SWITCHED_OFF.load(Ordering::Relaxed)
         && rows >= 16
@@ -49,12 +46,13 @@ pub fn supports(xs: &Tensor, codes: &Tensor) -> bool {
         && codes
             .dims2()
             .is_ok_and(|(out, inner)| out % 16 == 0 && inner % 16 == 0)
-        && dev
-            .cuda_stream()
-            .context()
-            .compute_capability()
-            .is_ok_and(|cc| cc >= (8, 9))
+        && has_fp8_tensor_cores(xs.device())
         && super::self_check::fp8_products_pass(xs.device())
+}
+
+/// Compute capability 8.9 (Ada) and newer.
+pub fn has_fp8_tensor_cores(device: &candle_core::Device) -> bool {
+    super::compute_capability(device).is_some_and(|cc| cc >= (8, 9))
 }
 
 /// After `e`: FP8 weights are widened for their products from now on, in this process.

@@ -68,6 +68,26 @@ pub(crate) fn input<'a, T: CudaDType>(
     Ok((s.as_cuda_slice::<T>()?.slice(offset..), aligned))
 }
 
+/// The compute capability (major, minor) of a CUDA device, asked of the driver once per device:
+/// the fused paths choose by it on every call (attention per layer, FP8 per Linear).
+pub fn compute_capability(device: &Device) -> Option<(i32, i32)> {
+    use std::sync::Mutex;
+    static KNOWN: Mutex<Vec<(usize, (i32, i32))>> = Mutex::new(Vec::new());
+    let Device::Cuda(dev) = device else {
+        return None;
+    };
+    let stream = dev.cuda_stream();
+    let context = stream.context();
+    let ordinal = context.ordinal();
+    let mut known = KNOWN.lock().ok()?;
+    if let Some((_, cc)) = known.iter().find(|(o, _)| *o == ordinal) {
+        return Some(*cc);
+    }
+    let cc = context.compute_capability().ok()?;
+    known.push((ordinal, cc));
+    Some(cc)
+}
+
 /// Wraps a CUDA library error as candle's.
 pub(crate) fn cuda_error<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Error {
     candle_core::Error::Cuda(Box::new(e))

@@ -179,15 +179,7 @@ fn token_major_rope(device: &Device) -> candle_core::Result<f64> {
 /// them (compute capability ≥ 8.9).
 fn fp8_linear(device: &Device) -> candle_core::Result<f64> {
     use crate::engine::models::dit::{fp8_product_reference, quantize_fp8};
-    let Device::Cuda(dev) = device else {
-        return Ok(0.0);
-    };
-    if !dev
-        .cuda_stream()
-        .context()
-        .compute_capability()
-        .is_ok_and(|cc| cc >= (8, 9))
-    {
+    if !super::fp8::has_fp8_tensor_cores(device) {
         return Ok(0.0);
     }
     let (rows, inner, out) = (40, 256, 96);
