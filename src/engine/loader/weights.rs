@@ -138,47 +138,6 @@ impl SimpleBackend for SafetensorsFile {
     }
 }
 
-/// A backend whose 2-D `*.weight` tensors on the CPU come out as views of contiguous (in, out)
-/// data — the layout the gemm crate multiplies by 1.3–2.8× faster (`blocks::Linear` keeps its
-/// own weights that way) — for models whose Linear layers are not ours (candle-transformers' T5).
-/// Weights read by row (embeddings, named by `by_row`) stay as they are.
-pub struct CpuGemmLayout<B> {
-    pub inner: B,
-    pub by_row: &'static [&'static str],
-}
-
-impl<B> CpuGemmLayout<B> {
-    fn arrange(&self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
-        let by_row = self.by_row.iter().any(|k| name.contains(k));
-        if t.device().is_cpu() && t.rank() == 2 && name.ends_with(".weight") && !by_row {
-            t.t()?.contiguous()?.t()
-        } else {
-            Ok(t)
-        }
-    }
-}
-
-impl<B: SimpleBackend> SimpleBackend for CpuGemmLayout<B> {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.arrange(name, self.inner.get(s, name, h, dtype, dev)?)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.arrange(name, self.inner.get_unchecked(name, dtype, dev)?)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.contains_tensor(name)
-    }
-}
-
 /// Random weights (each layer's own init) as plain tensors, for benchmarks. Unlike candle's
 /// `VarMap`, nothing here is a trainable `Var`, so inference records no autograd graph (a
 /// `VarMap`-built model keeps every activation of a whole run alive through the graph).

@@ -5,11 +5,12 @@
 
 use std::sync::Mutex;
 
-use candle_core::Tensor;
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::{var_builder::SimpleBackend, Init, VarBuilder};
 use candle_transformers::models::t5;
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::loader::weights::SafetensorsFile;
 
 pub struct T5Encoder {
     model: Mutex<t5::T5EncoderModel>,
@@ -47,5 +48,49 @@ impl T5Encoder {
             .lock()
             .map_err(|_| EngineError::Internal("the T5 encoder lock was poisoned".into()))?;
         Ok(model.forward(input_ids)?)
+    }
+}
+
+/// The encoder's weights from `file`. candle-transformers' layers are not ours, so on the CPU
+/// the Linear weights come out of the file already in the layout the CPU's products read
+/// fastest (`cpu_util::gemm_layout`, as `blocks::Linear` keeps its own); the embeddings, read
+/// by row, stay as they are.
+pub fn var_builder(file: SafetensorsFile, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(CpuGemmLayout(file)), dtype, device.clone())
+}
+
+struct CpuGemmLayout(SafetensorsFile);
+
+impl CpuGemmLayout {
+    fn arrange(name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        let by_row = ["shared", "embed_tokens", "relative_attention_bias"]
+            .iter()
+            .any(|k| name.contains(k));
+        if t.device().is_cpu() && t.rank() == 2 && name.ends_with(".weight") && !by_row {
+            super::cpu_util::gemm_layout(&t)
+        } else {
+            Ok(t)
+        }
+    }
+}
+
+impl SimpleBackend for CpuGemmLayout {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Self::arrange(name, self.0.get(s, name, h, dtype, dev)?)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        Self::arrange(name, self.0.get_unchecked(name, dtype, dev)?)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
     }
 }

@@ -42,27 +42,20 @@ impl WeightSource<'_> {
 }
 
 impl WeightSource<'_> {
-    /// A T5 encoder's weights (candle-transformers' layers), its Linear weights on the CPU in the
-    /// layout the CPU's matrix products read fastest (`CpuGemmLayout`).
+    /// A T5 encoder's weights (`t5::var_builder`: candle-transformers' layers, their Linear
+    /// weights on the CPU in the layout the CPU's products read fastest).
     pub(crate) fn t5(
         &self,
         stem: &str,
         dtype: DType,
         device: &Device,
     ) -> Result<candle_nn::VarBuilder<'static>> {
-        use crate::engine::loader::weights::{CpuGemmLayout, SafetensorsFile};
+        use crate::engine::loader::weights::SafetensorsFile;
         if self.random {
             return self.get(stem, dtype, device);
         }
-        let backend = CpuGemmLayout {
-            inner: SafetensorsFile::open_component(self.dir, stem)?,
-            by_row: &["shared", "embed_tokens", "relative_attention_bias"],
-        };
-        Ok(candle_nn::VarBuilder::from_backend(
-            Box::new(backend),
-            dtype,
-            device.clone(),
-        ))
+        let file = SafetensorsFile::open_component(self.dir, stem)?;
+        Ok(crate::engine::models::t5::var_builder(file, dtype, device))
     }
 
     /// The transformer's weights: `options.transformer_file` when given, else the folder's
