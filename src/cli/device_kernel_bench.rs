@@ -304,13 +304,7 @@ pub fn run(
         );
         #[cfg(feature = "cuda")]
         if let Some((codes, scale)) = fp8.fp8_parts() {
-            let widened = || {
-                let w = blocks::Linear::new(codes.to_dtype(dtype)?, None);
-                candle_core::Module::forward(&w, &x)?
-                    .broadcast_mul(scale)?
-                    .broadcast_add(&bias)
-            };
-            let t = time_ms(device, repeats, widened);
+            let t = time_ms(device, repeats, || fp8.forward_widened(&x));
             record("linear", &shape, "fp8 weights widened to bf16/f16", t);
             if crate::engine::cuda::fp8::supports(&x, codes) {
                 let tensor_cores =

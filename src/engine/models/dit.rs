@@ -196,6 +196,25 @@ impl BlockLinear {
         }
     }
 
+    /// An FP8 layer's product with its weight widened to the activations' dtype (every device;
+    /// the other formats' own forward).
+    pub fn forward_widened(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let Self::Fp8 {
+            codes, scale, bias, ..
+        } = self
+        else {
+            return self.forward(xs);
+        };
+        let weight = codes.to_dtype(xs.dtype())?;
+        let ys = Linear::new(weight, None)
+            .forward(xs)?
+            .broadcast_mul(scale)?;
+        match bias {
+            Some(bias) => ys.broadcast_add(bias),
+            None => Ok(ys),
+        }
+    }
+
     pub fn is_quantized(&self) -> bool {
         matches!(self, Self::Quantized { .. } | Self::Fp8 { .. })
     }
@@ -212,16 +231,15 @@ impl BlockLinear {
                         .broadcast_add(bias)?
                         .to_dtype(dtype)
                 }
-                Self::Fp8 {
-                    codes,
-                    scale,
-                    bias,
-                    #[cfg(feature = "cuda")]
-                    scale_bias,
-                } => {
+                Self::Fp8 { .. } => {
                     // On FP8 tensor cores when the card has them; widened otherwise.
                     #[cfg(feature = "cuda")]
-                    if let Some(scale_bias) = scale_bias {
+                    if let Self::Fp8 {
+                        codes,
+                        scale_bias: Some(scale_bias),
+                        ..
+                    } = self
+                    {
                         use crate::engine::cuda::fp8;
                         if fp8::supports(xs, codes) {
                             match fp8::linear_with(xs, codes, scale_bias) {
@@ -230,14 +248,7 @@ impl BlockLinear {
                             }
                         }
                     }
-                    let weight = codes.to_dtype(xs.dtype())?;
-                    let ys = Linear::new(weight, None)
-                        .forward(xs)?
-                        .broadcast_mul(scale)?;
-                    match bias {
-                        Some(bias) => ys.broadcast_add(bias),
-                        None => Ok(ys),
-                    }
+                    self.forward_widened(xs)
                 }
             }
         })
