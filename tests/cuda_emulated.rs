@@ -148,7 +148,9 @@ fn attention_kernels_match_exact_attention() {
 }
 
 /// Every kernel of elementwise.cu against f64: the DiT's fused LayerNorm + modulation, the
-/// GroupNorm(+SiLU) pair, modulate, gated add, bias add, GEGLU, the rotary embedding and the FP8
+/// GroupNorm(+SiLU) pair, modulate, gated add (with a Linear's bias folded in and without), bias
+/// add, GEGLU, the tanh GELU (with and without a bias), the per-head q/k norm with the bias and
+/// the rotary embedding folded in, the rotary embedding and the FP8
 /// activation quantization (code for code against a search over all e4m3 values); with
 /// 16-byte packs and without, rows shorter and longer than a block's threads, several samples.
 #[test]
@@ -166,6 +168,18 @@ fn elementwise_kernels_match_exact_results() {
         ("modulate", 5, 36, 1, 0),
         ("gated_add", 6, 40, 2, 1),
         ("gated_add", 5, 36, 1, 0),
+        ("gated_add_bias", 6, 40, 2, 1),
+        ("gated_add_bias", 5, 36, 1, 0),
+        ("gelu_tanh", 70, 40, 1, 1),
+        ("gelu_tanh", 5, 36, 1, 0),
+        ("gelu_tanh_bias", 70, 40, 1, 1),
+        ("gelu_tanh_bias", 5, 36, 1, 0),
+        // qk_norm: rows = 2 samples · tokens · heads (the "samples" field), head size; the last
+        // field: with FLUX's rotary embedding (1) or without (SD3.5: 0). Head sizes 64 and 128,
+        // and 80 (pairs that leave some lanes idle in the last round).
+        ("qk_norm", 2 * 7 * 3, 128, 3, 1),
+        ("qk_norm", 2 * 5 * 2, 64, 2, 0),
+        ("qk_norm", 2 * 9 * 4, 80, 4, 1),
         ("bias_add", 70, 40, 1, 1),
         ("bias_add", 5, 36, 1, 0),
         ("geglu", 70, 40, 1, 1),

@@ -6,8 +6,13 @@
 //                        block of 256 threads per row as the engine launches it;
 //   group_norm           ROWS = batch · groups blocks over D = values per group (4 channels per
 //                        group · HW), then the apply kernel, with SiLU;
-//   modulate, gated_add  ROWS tokens of D in BATCHES samples (per-sample vectors);
+//   modulate, gated_add  ROWS tokens of D in BATCHES samples (per-sample vectors); gated_add_bias
+//                        adds a bias of D to the gated term;
 //   bias_add             ROWS × D plus a bias of D;  geglu  ROWS × 2D → ROWS × D;
+//   gelu_tanh            ROWS × D;  gelu_tanh_bias  of ROWS × D plus a bias of D;
+//   qk_norm              ROWS = 2 samples · tokens · BATCHES heads rows of D (token-major), the
+//                        bias folded in, RMSNorm, then (VEC = 1) the rotary embedding from a
+//                        table of 5 more tokens than the stream's, the stream at token 3;
 //   rope                 ROWS rows of D over BATCHES = tokens, f32 cos/sin tables; VEC = heads
 //                        between a token and its values (1: heads-first, H: token-major);
 //   fp8_quantize         ROWS × D activations → absmax → e4m3 codes (f16/bf16): the scale must
@@ -131,11 +136,13 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
     std::mt19937 rng(seed);
     const size_t count = rows * d, per_batch = (rows / batches) * d;
     const size_t in_width = op == "geglu" ? 2 * d : d;
-    Buffer<T> x(rows * in_width), a(op == "gated_add" ? count : batches * d), b(batches * d), y(count);
+    const bool gated = op == "gated_add" || op == "gated_add_bias";
+    Buffer<T> x(rows * in_width), a(gated ? count : batches * d), b(batches * d), y(count), bias(d);
     Buffer<float> cos(batches * d / 2), sin(batches * d / 2);
     fill(x, rng, 0.0f, 1.0f);
     fill(a, rng, 0.0f, 1.0f);
     fill(b, rng, 0.0f, 0.5f);
+    fill(bias, rng, 0.0f, 1.0f);
     std::uniform_real_distribution<float> angle(-3.14159f, 3.14159f);
     for (size_t i = 0; i < cos.count; ++i) {
         float t = angle(rng);
@@ -146,19 +153,28 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
         y[i] = T(NAN);
     const size_t items = vec ? count / P : count;
     Error e;
-    if (op == "modulate" || op == "gated_add") {
-        // modulate: (x, shift = a, scale = b); gated add: (x, gate = b, h = a).
+    if (op == "modulate" || gated) {
+        // modulate: (x, shift = a, scale = b); gated add: (x, gate = b, h = a, bias or none).
+        const T *added = op == "gated_add_bias" ? (const T *)bias.data : nullptr;
         if (op == "modulate")
             launch(modulate<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, (const T *)a.data,
                    (const T *)b.data, y.data, count, per_batch, d, vec);
         else
             launch(gated_add<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, (const T *)b.data,
-                   (const T *)a.data, y.data, count, per_batch, d, vec);
+                   (const T *)a.data, added, y.data, count, per_batch, d, vec);
         for (size_t i = 0; i < count; ++i) {
             size_t c = i % d, s = i / per_batch;
-            double exact = op == "modulate" ? f(x[i]) * (1.0 + f(b[s * d + c])) + f(a[s * d + c])
-                                            : f(x[i]) + f(b[s * d + c]) * f(a[i]);
+            double exact = op == "modulate"
+                               ? f(x[i]) * (1.0 + f(b[s * d + c])) + f(a[s * d + c])
+                               : f(x[i]) + f(b[s * d + c]) * (f(a[i]) + (added ? f(bias[c]) : 0.0));
             e.add(f(y[i]), exact);
+        }
+    } else if (op == "gelu_tanh" || op == "gelu_tanh_bias") {
+        const T *added = op == "gelu_tanh_bias" ? (const T *)bias.data : nullptr;
+        launch(gelu_tanh_map<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, added, y.data, count, d, vec);
+        for (size_t i = 0; i < count; ++i) {
+            double v = f(x[i]) + (added ? f(bias[i % d]) : 0.0);
+            e.add(f(y[i]), 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v))));
         }
     } else if (op == "bias_add") {
         launch(bias_add<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, (const T *)b.data, y.data,
@@ -182,6 +198,58 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
             double u = f(x[2 * p]), v = f(x[2 * p + 1]);
             e.add(f(y[2 * p]), u * c - v * s);
             e.add(f(y[2 * p + 1]), v * c + u * s);
+        }
+    }
+    e.print();
+}
+
+// The per-head q/k norm (+ rotary embedding) against f64, launched as the engine does: 256
+// threads, a warp per row.
+template <typename T>
+void qk_norm_case(size_t rows, size_t d, size_t heads, int with_rope, unsigned seed) {
+    const size_t batch = 2, tokens = rows / heads / batch, offset = 3, half = d / 2;
+    const size_t table_tokens = tokens + 5;
+    std::mt19937 rng(seed);
+    Buffer<T> x(rows * d), params(heads * d + d), y(rows * d);
+    Buffer<float> table(2 * table_tokens * half);
+    fill(x, rng, 0.3f, 2.0f);
+    fill(params, rng, 0.0f, 1.0f);
+    for (size_t i = 0; i < d; ++i)  // norm weights near 1, as trained ones are
+        params[heads * d + i] = T(1.0f + 0.3f * (float)params[heads * d + i]);
+    std::uniform_real_distribution<float> angle(-3.14159f, 3.14159f);
+    for (size_t i = 0; i < table_tokens * half; ++i) {
+        float t = angle(rng);
+        table[2 * i] = std::cos(t);
+        table[2 * i + 1] = std::sin(t);
+    }
+    for (size_t i = 0; i < y.count; ++i)
+        y[i] = T(NAN);
+    const float eps = 1e-6f;
+    const unsigned grid = (unsigned)std::min<size_t>((rows + 7) / 8, 1 << 16);
+    launch(qk_norm<T>, grid, 1, THREADS, 0, (const T *)x.data, (const T *)params.data,
+           with_rope ? (const float *)table.data : nullptr, y.data, rows, d, heads, tokens, offset, eps);
+    Error e;
+    std::vector<double> v(d);
+    for (size_t r = 0; r < rows; ++r) {
+        double squares = 0;
+        for (size_t c = 0; c < d; ++c) {
+            v[c] = f(x[r * d + c]) + f(params[(r % heads) * d + c]);
+            squares += v[c] * v[c];
+        }
+        const double rstd = 1.0 / std::sqrt(squares / d + eps);
+        for (size_t c = 0; c < d; ++c)
+            v[c] *= rstd * f(params[heads * d + c]);
+        const size_t token = (r / heads) % tokens + offset;
+        for (size_t i = 0; i < half; ++i) {
+            double u = v[2 * i], w = v[2 * i + 1];
+            if (with_rope) {
+                const double c = table[2 * (token * half + i)], s = table[2 * (token * half + i) + 1];
+                e.add(f(y[r * d + 2 * i]), u * c - w * s);
+                e.add(f(y[r * d + 2 * i + 1]), w * c + u * s);
+            } else {
+                e.add(f(y[r * d + 2 * i]), u);
+                e.add(f(y[r * d + 2 * i + 1]), w);
+            }
         }
     }
     e.print();
@@ -264,8 +332,11 @@ int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, u
         layer_norm_modulate_case<T>(rows, d, batches, vec, seed, ln);
     else if (op == "group_norm")
         group_norm_case<T>(rows, d, vec, seed, gs, ga);
-    else if (op == "modulate" || op == "gated_add" || op == "bias_add" || op == "geglu" || op == "rope")
+    else if (op == "modulate" || op == "gated_add" || op == "gated_add_bias" || op == "bias_add" ||
+             op == "geglu" || op == "rope" || op == "gelu_tanh" || op == "gelu_tanh_bias")
         map_case<T>(op, rows, d, batches, vec, seed);
+    else if (op == "qk_norm")
+        qk_norm_case<T>(rows, d, batches, vec, seed);
     else if (op == "fp8_quantize" || op == "fp8_rescale") {
         if constexpr (sizeof(T) == 2)  // the FP8 kernels take 16-bit activations
             fp8_case<T>(op, rows, d, vec, seed, fp8_absmax<T>, fp8_quantize<T>, fp8_rescale<T>);

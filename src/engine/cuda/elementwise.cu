@@ -84,19 +84,26 @@ __device__ void geglu(const T *h, T *out, size_t rows, size_t f, int vec) {
     }
 }
 
-// y = gelu_tanh(x)
+// y = gelu_tanh(x + bias[c]) over rows of `cols`: a Linear's bias added on the way (one pass over
+// the MLP's widest tensor less); `bias` null: y = gelu_tanh(x).
 template <typename T>
-__device__ void gelu_tanh_map(const T *x, T *y, size_t n, int vec) {
+__device__ void gelu_tanh_map(const T *x, const T *bias, T *y, size_t n, size_t cols, int vec) {
     constexpr int N = Pack<T>::N;
     if (vec) {
         GRID_STRIDE(p, n / N) {
             Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
+            if (bias) {
+                Pack<T> b = *reinterpret_cast<const Pack<T> *>(bias + (p * N) % cols);
 #pragma unroll
-            for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(gelu_tanh(to_f(a.v[j])));
+                for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(gelu_tanh(to_f(a.v[j]) + to_f(b.v[j])));
+            } else {
+#pragma unroll
+                for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(gelu_tanh(to_f(a.v[j])));
+            }
             reinterpret_cast<Pack<T> *>(y)[p] = a;
         }
     } else {
-        GRID_STRIDE(i, n) { y[i] = from_f<T>(gelu_tanh(to_f(x[i]))); }
+        GRID_STRIDE(i, n) { y[i] = from_f<T>(gelu_tanh(to_f(x[i]) + (bias ? to_f(bias[i % cols]) : 0.0f))); }
     }
 }
 
@@ -244,7 +251,8 @@ __device__ void rope(const T *x, const float *cos, const float *sin, T *y, size_
 }
 
 // The DiT's adaptive-norm arithmetic over (B, N, D) tokens with per-sample (B, D) vectors:
-// modulate: y = x · (1 + scale) + shift;   gated add: y = x + gate · h.
+// modulate: y = x · (1 + scale) + shift;   gated add: y = x + gate · (h + bias), where h is a
+// Linear's product whose bias (D, or null) is added here rather than in a pass of its own.
 template <typename T>
 __device__ void modulate(const T *x, const T *shift, const T *scale, T *y, size_t count, size_t per_batch,
                          size_t d, int vec) {
@@ -269,8 +277,8 @@ __device__ void modulate(const T *x, const T *shift, const T *scale, T *y, size_
 }
 
 template <typename T>
-__device__ void gated_add(const T *x, const T *gate, const T *h, T *y, size_t count, size_t per_batch,
-                          size_t d, int vec) {
+__device__ void gated_add(const T *x, const T *gate, const T *h, const T *bias, T *y, size_t count,
+                          size_t per_batch, size_t d, int vec) {
     constexpr int N = Pack<T>::N;
     if (vec) {
         GRID_STRIDE(p, count / N) {
@@ -278,14 +286,69 @@ __device__ void gated_add(const T *x, const T *gate, const T *h, T *y, size_t co
             Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
             Pack<T> u = reinterpret_cast<const Pack<T> *>(h)[p];
             Pack<T> g = *reinterpret_cast<const Pack<T> *>(gate + b * d + c);
+            if (bias) {
+                Pack<T> o = *reinterpret_cast<const Pack<T> *>(bias + c);
 #pragma unroll
-            for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) + to_f(g.v[j]) * to_f(u.v[j]));
+                for (int j = 0; j < N; ++j)
+                    a.v[j] = from_f<T>(to_f(a.v[j]) + to_f(g.v[j]) * (to_f(u.v[j]) + to_f(o.v[j])));
+            } else {
+#pragma unroll
+                for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) + to_f(g.v[j]) * to_f(u.v[j]));
+            }
             reinterpret_cast<Pack<T> *>(y)[p] = a;
         }
     } else {
         GRID_STRIDE(i, count) {
             size_t c = i % d, b = i / per_batch;
-            y[i] = from_f<T>(to_f(x[i]) + to_f(gate[b * d + c]) * to_f(h[i]));
+            y[i] = from_f<T>(to_f(x[i]) + to_f(gate[b * d + c]) * (to_f(h[i]) + (bias ? to_f(bias[c]) : 0.0f)));
+        }
+    }
+}
+
+// The DiTs' per-head RMSNorm of queries or keys (diffusers' `norm_q`/`norm_k`, eps as given) with
+// the projection's bias folded in, then FLUX's rotary embedding: one pass where the bias, the
+// norm and the rotation each took one. x, y: token-major projections, rows = B·N·heads of d;
+// params = [bias (heads·d) | norm weight (d)]; table: (tokens of the joint sequence, d/2) (cos,
+// sin) pairs in f32, or null (no rotation); this stream's token t sits at t + offset of it.
+//   v = x + bias;  v · rsqrt(mean(v²) + eps) · weight;  pairs (2i, 2i+1) rotated as in `rope`.
+// One warp per row, each lane holding the pairs i ≡ lane (mod 32) in registers: d ≤ 256.
+template <typename T>
+__device__ void qk_norm(const T *x, const T *params, const float *table, T *y, size_t rows, size_t d,
+                        size_t heads, size_t tokens, size_t offset, float eps) {
+    constexpr int MAX_PAIRS = 4;
+    const size_t half = d / 2, warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    const T *weight = params + heads * d;
+    for (size_t row = (size_t)blockIdx.x * warps + threadIdx.x / 32; row < rows; row += (size_t)gridDim.x * warps) {
+        const T *xr = x + row * d, *bias = params + (row % heads) * d;
+        float a[MAX_PAIRS], b[MAX_PAIRS], squares = 0.0f;
+#pragma unroll
+        for (int k = 0; k < MAX_PAIRS; ++k) {
+            const size_t i = lane + 32 * k;
+            a[k] = b[k] = 0.0f;
+            if (i < half) {
+                a[k] = to_f(xr[2 * i]) + to_f(bias[2 * i]);
+                b[k] = to_f(xr[2 * i + 1]) + to_f(bias[2 * i + 1]);
+                squares += a[k] * a[k] + b[k] * b[k];
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, o);
+        const float rstd = rsqrtf(squares / (float)d + eps);
+        const size_t token = (row / heads) % tokens + offset;
+        T *yr = y + row * d;
+#pragma unroll
+        for (int k = 0; k < MAX_PAIRS; ++k) {
+            const size_t i = lane + 32 * k;
+            if (i >= half) continue;
+            float u = a[k] * rstd * to_f(weight[2 * i]), v = b[k] * rstd * to_f(weight[2 * i + 1]);
+            if (table) {
+                const float c = table[2 * (token * half + i)], s = table[2 * (token * half + i) + 1];
+                const float ru = u * c - v * s, rv = v * c + u * s;
+                u = ru;
+                v = rv;
+            }
+            yr[2 * i] = from_f<T>(u);
+            yr[2 * i + 1] = from_f<T>(v);
         }
     }
 }
@@ -378,8 +441,9 @@ __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec
     extern "C" __global__ void geglu_##SUFFIX(const T *h, T *out, size_t rows, size_t f, int vec) { \
         geglu<T>(h, out, rows, f, vec);                                                            \
     }                                                                                              \
-    extern "C" __global__ void gelu_tanh_##SUFFIX(const T *x, T *y, size_t n, int vec) {           \
-        gelu_tanh_map<T>(x, y, n, vec);                                                            \
+    extern "C" __global__ void gelu_tanh_##SUFFIX(const T *x, const T *bias, T *y, size_t n,        \
+                                                  size_t cols, int vec) {                          \
+        gelu_tanh_map<T>(x, bias, y, n, cols, vec);                                                \
     }                                                                                              \
     extern "C" __global__ void group_norm_stats_##SUFFIX(const T *x, float *stats, size_t group_size, \
                                                          float eps, int vec) {                     \
@@ -398,9 +462,15 @@ __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec
                                                  size_t count, size_t per_batch, size_t d, int vec) { \
         modulate<T>(x, shift, scale, y, count, per_batch, d, vec);                                 \
     }                                                                                              \
-    extern "C" __global__ void gated_add_##SUFFIX(const T *x, const T *gate, const T *h, T *y,      \
-                                                  size_t count, size_t per_batch, size_t d, int vec) { \
-        gated_add<T>(x, gate, h, y, count, per_batch, d, vec);                                     \
+    extern "C" __global__ void gated_add_##SUFFIX(const T *x, const T *gate, const T *h, const T *bias, \
+                                                  T *y, size_t count, size_t per_batch, size_t d,  \
+                                                  int vec) {                                       \
+        gated_add<T>(x, gate, h, bias, y, count, per_batch, d, vec);                               \
+    }                                                                                              \
+    extern "C" __global__ void qk_norm_##SUFFIX(const T *x, const T *params, const float *table, T *y, \
+                                                size_t rows, size_t d, size_t heads, size_t tokens, \
+                                                size_t offset, float eps) {                        \
+        qk_norm<T>(x, params, table, y, rows, d, heads, tokens, offset, eps);                      \
     }                                                                                              \
     extern "C" __global__ void layer_norm_modulate_##SUFFIX(const T *x, const T *shift, const T *scale, \
                                                             T *y, size_t d, size_t rows_per_batch, \

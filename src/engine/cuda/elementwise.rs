@@ -1,12 +1,15 @@
 //! The fused memory-bound ops of `elementwise.cu` as candle ops: a Linear's bias, GEGLU, the tanh
-//! GELU, GroupNorm(+SiLU) and the rotary embedding, for f32/f16/bf16 CUDA tensors.
+//! GELU, GroupNorm(+SiLU), the rotary embedding, the DiTs' modulation, gated residual and per-head
+//! q/k norm, for f32/f16/bf16 CUDA tensors. Where a Linear's product goes straight into one of
+//! the last (GELU, gated add, q/k norm), its bias is added there rather than by a pass of its own.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
-use candle_core::cuda_backend::{CudaDevice, CudaStorage};
-use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::cuda_backend::cudarc::driver::CudaView;
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
 use super::{by_dtype, cuda_error, input};
 use crate::engine::cuda_geometry::token_major_view;
@@ -31,9 +34,11 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
     h.contiguous()?.apply_op1_no_bwd(&Geglu)
 }
 
-/// GELU with the tanh approximation.
-pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&GeluTanh)
+/// GELU with the tanh approximation, of `x + bias` (over the last dimension) when given.
+pub fn gelu_tanh(x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&GeluTanh {
+        bias: bias.map(Tensor::contiguous).transpose()?,
+    })
 }
 
 /// GroupNorm of (B, C, …) with per-channel `scale` and `shift`, then SiLU if `with_silu`.
@@ -82,17 +87,55 @@ pub fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Res
     xs.contiguous()?.apply_op3_no_bwd(
         &shift.contiguous()?,
         &scale.contiguous()?,
-        &PerSample(PerSampleOp::Modulate),
+        &PerSample {
+            op: PerSampleOp::Modulate,
+            bias: None,
+        },
     )
 }
 
-/// `xs + gate · ys` over (B, N, D) `xs` and `ys` with a (B, D) `gate`.
-pub fn gated_add(xs: &Tensor, gate: &Tensor, ys: &Tensor) -> candle_core::Result<Tensor> {
+/// `xs + gate · (ys + bias)` over (B, N, D) `xs` and `ys` with a (B, D) `gate` and a (D) `bias`
+/// (or none).
+pub fn gated_add(
+    xs: &Tensor,
+    gate: &Tensor,
+    ys: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     xs.contiguous()?.apply_op3_no_bwd(
         &gate.contiguous()?,
         &ys.contiguous()?,
-        &PerSample(PerSampleOp::GatedAdd),
+        &PerSample {
+            op: PerSampleOp::GatedAdd,
+            bias: bias.map(Tensor::contiguous).transpose()?,
+        },
     )
+}
+
+/// Per-head RMSNorm (weight, `eps`) of token-major (B, N, H, D) queries or keys plus their
+/// projection's bias, then, with `table`, the rotary embedding: `params` = [bias (H·D) | weight
+/// (D)]; `table` (tokens, D/2, 2) f32 (cos, sin) for the joint sequence, in which this stream's
+/// tokens start at `offset`. D even, at most 256.
+pub fn qk_norm(
+    xs: &Tensor,
+    params: &Tensor,
+    table: Option<&Tensor>,
+    offset: usize,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    xs.contiguous()?.apply_op2_no_bwd(
+        &params.contiguous()?,
+        &QkNorm {
+            table: table.map(Tensor::contiguous).transpose()?,
+            offset,
+            eps,
+        },
+    )
+}
+
+/// Head sizes [`qk_norm`] takes (a warp's registers hold a row).
+pub fn qk_norm_supports(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(2) && (2..=256).contains(&head_dim)
 }
 
 /// LayerNorm over the last dimension without learned parameters (biased variance, `eps`), then
@@ -139,6 +182,49 @@ fn output<T: DeviceRepr + ValidAsZeroBits>(
 ) -> candle_core::Result<CudaSlice<T>> {
     unsafe { dev.cuda_stream().alloc::<T>(len) }.map_err(cuda_error)
 }
+
+/// A further operand of a custom op, beyond the three tensors candle passes (a Linear's bias, a
+/// rotary table): its CUDA storage and layout, read-locked while `f` runs.
+fn with_operand<R>(
+    t: &Tensor,
+    f: impl FnOnce(&CudaStorage, &Layout) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(s) => f(s, layout),
+        _ => candle_core::bail!("an operand on {:?} for a CUDA kernel", t.device().location()),
+    }
+}
+
+/// [`with_operand`] for an optional one.
+fn with_optional_operand<R>(
+    t: Option<&Tensor>,
+    f: impl FnOnce(Option<(&CudaStorage, &Layout)>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match t {
+        Some(t) => with_operand(t, |s, l| f(Some((s, l)))),
+        None => f(None),
+    }
+}
+
+/// An optional operand's data, checked to hold `elements` values, with whether it starts on a
+/// 16-byte boundary (none: aligned). The kernels take a null pointer for none ([`NULL`]).
+fn optional_input<'a, T: CudaDType>(
+    operand: Option<(&'a CudaStorage, &Layout)>,
+    elements: usize,
+) -> candle_core::Result<(Option<CudaView<'a, T>>, bool)> {
+    let Some((s, l)) = operand else {
+        return Ok((None, true));
+    };
+    if l.shape().elem_count() != elements {
+        candle_core::bail!("an operand of {:?} where {elements} values were wanted", l.shape());
+    }
+    let (view, aligned) = input::<T>(s, l)?;
+    Ok((Some(view), aligned))
+}
+
+/// The null device pointer an absent optional operand is passed as.
+const NULL: u64 = 0;
 
 /// Elements per 16-byte pack.
 fn pack<T>() -> usize {
@@ -224,7 +310,10 @@ impl CustomOp1 for Geglu {
     }
 }
 
-struct GeluTanh;
+struct GeluTanh {
+    /// Added to each row before the GELU (a Linear's bias).
+    bias: Option<Tensor>,
+}
 
 impl CustomOp1 for GeluTanh {
     fn name(&self) -> &'static str {
@@ -235,20 +324,32 @@ impl CustomOp1 for GeluTanh {
 
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let n = xl.shape().elem_count();
+        let cols = xl.shape().dims().last().copied().unwrap_or(1).max(1);
         let dev = &x.device;
         let dtype = x.dtype();
         let func =
             dev.get_or_load_custom_func(&format!("gelu_tanh_{}", suffix(dtype)?), MODULE, PTX)?;
-        let storage = by_dtype!(dtype, T => {
-            let (xv, xa) = input::<T>(x, xl)?;
-            let mut out = output::<T>(dev, n)?;
-            let vec = (xa && n.is_multiple_of(pack::<T>())) as i32;
-            let mut builder = func.builder();
-            builder.arg(&xv).arg(&mut out).arg(&n).arg(&vec);
-            let items = if vec == 1 { n / pack::<T>() } else { n };
-            unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        });
+        let storage = with_optional_operand(self.bias.as_ref(), |bias| {
+            Ok(by_dtype!(dtype, T => {
+                let (xv, xa) = input::<T>(x, xl)?;
+                let (bv, ba) = optional_input::<T>(bias, cols)?;
+                let mut out = output::<T>(dev, n)?;
+                // With a bias, a pack must not straddle two rows.
+                let packs_fit = n.is_multiple_of(pack::<T>())
+                    && (bv.is_none() || cols.is_multiple_of(pack::<T>()));
+                let vec = (xa && ba && packs_fit) as i32;
+                let mut builder = func.builder();
+                builder.arg(&xv);
+                match &bv {
+                    Some(bv) => builder.arg(bv),
+                    None => builder.arg(&NULL),
+                };
+                builder.arg(&mut out).arg(&n).arg(&cols).arg(&vec);
+                let items = if vec == 1 { n / pack::<T>() } else { n };
+                unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }))
+        })?;
         Ok((storage, xl.shape().clone()))
     }
 }
@@ -395,12 +496,15 @@ enum PerSampleOp {
 }
 
 /// The DiT's per-sample modulation ops: the first operand (B, N, D) and the per-sample (B, D)
-/// vectors; for `GatedAdd` the third operand is (B, N, D) too.
-struct PerSample(PerSampleOp);
+/// vectors; for `GatedAdd` the third operand is (B, N, D) too, and `bias` (D) is added to it.
+struct PerSample {
+    op: PerSampleOp,
+    bias: Option<Tensor>,
+}
 
 impl CustomOp3 for PerSample {
     fn name(&self) -> &'static str {
-        match self.0 {
+        match self.op {
             PerSampleOp::Modulate => "modulate",
             PerSampleOp::GatedAdd => "gated-add",
         }
@@ -419,7 +523,7 @@ impl CustomOp3 for PerSample {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let (batch, tokens, d) = xl.shape().dims3()?;
         let vector = batch * d;
-        let (b_len, kernel) = match self.0 {
+        let (b_len, kernel) = match self.op {
             PerSampleOp::Modulate => (vector, "modulate"),
             PerSampleOp::GatedAdd => (xl.shape().elem_count(), "gated_add"),
         };
@@ -438,18 +542,28 @@ impl CustomOp3 for PerSample {
         let dtype = x.dtype();
         let func =
             dev.get_or_load_custom_func(&format!("{kernel}_{}", suffix(dtype)?), MODULE, PTX)?;
-        let storage = by_dtype!(dtype, T => {
-            let (xv, xa) = input::<T>(x, xl)?;
-            let (av, aa) = input::<T>(a, al)?;
-            let (bv, ba) = input::<T>(b, bl)?;
-            let mut out = output::<T>(dev, count)?;
-            let vec = (xa && aa && ba && d.is_multiple_of(pack::<T>())) as i32;
-            let mut builder = func.builder();
-            builder.arg(&xv).arg(&av).arg(&bv).arg(&mut out).arg(&count).arg(&per_batch).arg(&d).arg(&vec);
-            let items = if vec == 1 { count / pack::<T>() } else { count };
-            unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        });
+        let storage = with_optional_operand(self.bias.as_ref(), |bias| {
+            Ok(by_dtype!(dtype, T => {
+                let (xv, xa) = input::<T>(x, xl)?;
+                let (av, aa) = input::<T>(a, al)?;
+                let (bv, ba) = input::<T>(b, bl)?;
+                let (biasv, biasa) = optional_input::<T>(bias, d)?;
+                let mut out = output::<T>(dev, count)?;
+                let vec = (xa && aa && ba && biasa && d.is_multiple_of(pack::<T>())) as i32;
+                let mut builder = func.builder();
+                builder.arg(&xv).arg(&av).arg(&bv);
+                if let PerSampleOp::GatedAdd = self.op {
+                    match &biasv {
+                        Some(v) => builder.arg(v),
+                        None => builder.arg(&NULL),
+                    };
+                }
+                builder.arg(&mut out).arg(&count).arg(&per_batch).arg(&d).arg(&vec);
+                let items = if vec == 1 { count / pack::<T>() } else { count };
+                unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }))
+        })?;
         Ok((storage, xl.shape().clone()))
     }
 }
@@ -508,6 +622,82 @@ impl CustomOp3 for LayerNormModulate {
             unsafe { builder.launch(launch) }.map_err(cuda_error)?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
+        Ok((storage, xl.shape().clone()))
+    }
+}
+
+struct QkNorm {
+    /// (tokens, D/2, 2) f32 rotary (cos, sin) pairs, or none.
+    table: Option<Tensor>,
+    offset: usize,
+    eps: f32,
+}
+
+impl CustomOp2 for QkNorm {
+    fn name(&self) -> &'static str {
+        "qk-norm"
+    }
+
+    super::cpu_fwd_unsupported!(2);
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        params: &CudaStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (batch, tokens, heads, d) = xl.shape().dims4()?;
+        if !qk_norm_supports(d) || pl.shape().elem_count() != (heads + 1) * d {
+            candle_core::bail!("q/k norm of {:?} with parameters {:?}", xl.shape(), pl.shape());
+        }
+        let rows = batch * tokens * heads;
+        let dev = &x.device;
+        let dtype = x.dtype();
+        let func =
+            dev.get_or_load_custom_func(&format!("qk_norm_{}", suffix(dtype)?), MODULE, PTX)?;
+        let storage = with_optional_operand(self.table.as_ref(), |table| {
+            if let Some((_, tl)) = table {
+                let table_tokens = tl.shape().elem_count() / d.max(1);
+                if tl.shape().elem_count() % d != 0 || table_tokens < self.offset + tokens {
+                    candle_core::bail!(
+                        "rotary table {:?} for {tokens} tokens at {}",
+                        tl.shape(),
+                        self.offset
+                    );
+                }
+            }
+            let table_len = table.map_or(0, |(_, tl)| tl.shape().elem_count());
+            let (tv, _) = optional_input::<f32>(table, table_len)?;
+            Ok(by_dtype!(dtype, T => {
+                let (xv, _) = input::<T>(x, xl)?;
+                let (pv, _) = input::<T>(params, pl)?;
+                let mut out = output::<T>(dev, rows * d)?;
+                let mut builder = func.builder();
+                builder.arg(&xv).arg(&pv);
+                match &tv {
+                    Some(tv) => builder.arg(tv),
+                    None => builder.arg(&NULL),
+                };
+                builder
+                    .arg(&mut out)
+                    .arg(&rows)
+                    .arg(&d)
+                    .arg(&heads)
+                    .arg(&tokens)
+                    .arg(&self.offset)
+                    .arg(&self.eps);
+                // A warp per row, rows / 8 blocks of 256 threads (grid-stride beyond).
+                let warps = THREADS as usize / 32;
+                let launch = LaunchConfig {
+                    grid_dim: (rows.div_ceil(warps).clamp(1, 1 << 16) as u32, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                unsafe { builder.launch(launch) }.map_err(cuda_error)?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }))
+        })?;
         Ok((storage, xl.shape().clone()))
     }
 }

@@ -22,9 +22,13 @@ pub enum Fused {
     TokenMajorRope = 2,
     /// FP8 weights' products on FP8 tensor cores (cuBLASLt), against widening the weights.
     Fp8Linear = 3,
+    /// A Linear's bias added by the kernel consuming its product (tanh GELU, gated residual).
+    DeferredBias = 4,
+    /// The DiTs' q/k projections' bias, per-head RMSNorm and RoPE in one kernel.
+    QkNorm = 5,
 }
 
-static SWITCHED_OFF: [AtomicBool; 4] = [const { AtomicBool::new(false) }; 4];
+static SWITCHED_OFF: [AtomicBool; 6] = [const { AtomicBool::new(false) }; 6];
 
 /// Whether `op` may run (not switched off by a failed check).
 pub fn passed(op: Fused) -> bool {
@@ -40,10 +44,12 @@ type Check = fn(&Device) -> candle_core::Result<f64>;
 
 /// Runs every check on `device` and switches off what fails.
 pub fn run(device: &Device) {
-    let checks: [(Fused, Check); 3] = [
+    let checks: [(Fused, Check); 5] = [
         (Fused::Attention, attention),
         (Fused::LayerNormModulate, layer_norm_modulate),
         (Fused::TokenMajorRope, token_major_rope),
+        (Fused::DeferredBias, deferred_bias),
+        (Fused::QkNorm, qk_norm),
     ];
     for (op, check) in checks {
         judge(op, check(device), LIMIT);
@@ -169,9 +175,57 @@ fn token_major_rope(device: &Device) -> candle_core::Result<f64> {
     let angles = (values(&[tokens, d / 2], 0.8, device)? * 3.0)?;
     let (cos, sin) = (angles.cos()?, angles.sin()?);
     let fused = super::elementwise::rope(&view, &cos, &sin)?;
-    let rope = Rope::new(cos, sin);
+    let rope = Rope::new(cos, sin)?;
     let exact = rope.apply_unfused(&view.to_dtype(DType::F32)?)?;
     relative_error(&fused, &exact)
+}
+
+/// The tanh GELU and the gated residual adding a Linear's bias to its f16 product, against
+/// adding it first in f32 ops.
+fn deferred_bias(device: &Device) -> candle_core::Result<f64> {
+    let (b, n, width) = (2, 33, 256);
+    let half = |t: &Tensor| t.to_dtype(DType::F16);
+    let f32 = |t: &Tensor| half(t)?.to_dtype(DType::F32);
+    let h = (values(&[b, n, width], 1.2, device)? * 2.0)?;
+    let bias = values(&[width], 1.3, device)?;
+    let x = values(&[b, n, width], 1.4, device)?;
+    let gate = values(&[b, width], 1.5, device)?;
+    let biased = f32(&h)?.broadcast_add(&f32(&bias)?)?;
+    let gelu = super::elementwise::gelu_tanh(&half(&h)?, Some(&half(&bias)?))?;
+    let gelu_error = relative_error(&gelu, &biased.gelu()?)?;
+    let added =
+        super::elementwise::gated_add(&half(&x)?, &half(&gate)?, &half(&h)?, Some(&half(&bias)?))?;
+    let exact = (f32(&x)? + biased.broadcast_mul(&f32(&gate)?.unsqueeze(1)?)?)?;
+    Ok(gelu_error.max(relative_error(&added, &exact)?))
+}
+
+/// The fused q/k kernel on (2, 20, 3, 128) f16 projections, with a rotary table (FLUX: the
+/// stream's tokens 4 into it) and without (SD3.5), against bias, candle's RMSNorm and the
+/// unfused rotation in f32.
+fn qk_norm(device: &Device) -> candle_core::Result<f64> {
+    use crate::engine::models::dit::Rope;
+    use candle_core::Module;
+    let (batch, tokens, heads, d, offset, eps) = (2, 20, 3, 128, 4, 1e-6);
+    let x = (values(&[batch, tokens, heads, d], 1.6, device)? * 2.0)?.to_dtype(DType::F16)?;
+    let bias = values(&[heads * d], 1.7, device)?;
+    let weight = ((values(&[d], 1.8, device)? * 0.3)? + 1.0)?;
+    let params = Tensor::cat(&[&bias, &weight], 0)?.to_dtype(DType::F16)?;
+    let angles = (values(&[1, 1, offset + tokens + 3, d / 2], 1.9, device)? * 3.0)?;
+    let table = Rope::new(angles.cos()?, angles.sin()?)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F16)?.to_dtype(DType::F32);
+    let normed = candle_nn::RmsNorm::new(f32(&weight)?, eps).forward(
+        &x.to_dtype(DType::F32)?
+            .broadcast_add(&f32(&bias)?.reshape((heads, d))?)?,
+    )?;
+    let plain = super::elementwise::qk_norm(&x, &params, None, 0, eps as f32)?;
+    let plain_error = relative_error(&plain, &normed)?;
+    let stream = Rope::new(
+        angles.cos()?.narrow(2, offset, tokens)?,
+        angles.sin()?.narrow(2, offset, tokens)?,
+    )?;
+    let rotated = super::elementwise::qk_norm(&x, &params, table.table(), offset, eps as f32)?;
+    let exact = stream.apply_unfused(&normed.transpose(1, 2)?)?;
+    Ok(plain_error.max(relative_error(&rotated.transpose(1, 2)?, &exact)?))
 }
 
 /// An FP8 layer's product on the FP8 tensor cores against the same product in f32 tensor ops

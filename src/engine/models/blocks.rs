@@ -86,25 +86,99 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.inner.bias()
     }
+
+    /// The product without the bias ([`Self::bias`]); on CUDA one 2-D matmul over the flattened
+    /// rows.
+    pub fn forward_unbiased(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if crate::engine::cuda::elementwise::supports(xs) {
+            let (out, inner) = self.inner.weight().dims2()?;
+            let mut dims = xs.dims().to_vec();
+            let rows = xs.elem_count() / inner.max(1);
+            let ys = xs
+                .contiguous()?
+                .reshape((rows, inner))?
+                .matmul(&self.inner.weight().t()?)?;
+            if let Some(last) = dims.last_mut() {
+                *last = out;
+            }
+            return ys.reshape(dims);
+        }
+        candle_nn::Linear::new(self.inner.weight().clone(), None).forward(xs)
+    }
+
+    /// The product with its bias left to the fused kernel that consumes it where one runs
+    /// ([`Biased`]); added here otherwise.
+    pub fn forward_deferring_bias(&self, xs: &Tensor) -> candle_core::Result<Biased> {
+        match self.inner.bias() {
+            Some(bias) if defers_bias(xs, bias) => Ok(Biased {
+                product: self.forward_unbiased(xs)?,
+                bias: Some(bias.clone()),
+            }),
+            _ => Ok(Biased::done(self.forward(xs)?)),
+        }
+    }
+}
+
+/// Whether a Linear's bias may be left to the kernel consuming its product: CUDA tensors the
+/// fused kernels take, while their check on this device has not switched them off.
+fn defers_bias(xs: &Tensor, bias: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::engine::cuda::{elementwise, self_check};
+        elementwise::supports(xs)
+            && xs.dtype() == bias.dtype()
+            && self_check::passed(self_check::Fused::DeferredBias)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (xs, bias);
+        false
+    }
+}
+
+/// A Linear's product and the bias still to be added to it (over the last dimension). On CUDA
+/// the kernel that consumes the product (the tanh GELU, the DiTs' gated residual, their q/k
+/// norm) adds it on the way: one pass over the output less than a bias pass of its own.
+pub struct Biased {
+    pub product: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Biased {
+    /// An output with nothing left to add.
+    pub fn done(output: Tensor) -> Self {
+        Self {
+            product: output,
+            bias: None,
+        }
+    }
+
+    /// The output, its bias added.
+    pub fn resolve(self) -> candle_core::Result<Tensor> {
+        let Some(bias) = self.bias else {
+            return Ok(self.product);
+        };
+        #[cfg(feature = "cuda")]
+        if crate::engine::cuda::elementwise::supports(&self.product)
+            && self.product.dtype() == bias.dtype()
+        {
+            return crate::engine::cuda::elementwise::bias_add(&self.product, &bias);
+        }
+        self.product.broadcast_add(&bias)
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(bias) = self.inner.bias() {
-            use crate::engine::cuda::elementwise;
-            if elementwise::supports(xs) && xs.dtype() == bias.dtype() {
-                let (out, inner) = self.inner.weight().dims2()?;
-                let mut dims = xs.dims().to_vec();
-                let rows = xs.elem_count() / inner.max(1);
-                let ys = xs
-                    .contiguous()?
-                    .reshape((rows, inner))?
-                    .matmul(&self.inner.weight().t()?)?;
-                if let Some(last) = dims.last_mut() {
-                    *last = out;
+            if crate::engine::cuda::elementwise::supports(xs) && xs.dtype() == bias.dtype() {
+                return Biased {
+                    product: self.forward_unbiased(xs)?,
+                    bias: Some(bias.clone()),
                 }
-                return elementwise::bias_add(&ys, bias)?.reshape(dims);
+                .resolve();
             }
         }
         self.inner.forward(xs)

@@ -46,7 +46,7 @@ avx2_dispatch!(fn gelu_tanh_slice(x: &[f32], out: &mut [f32]) = gelu_tanh_impl);
 pub fn gelu_tanh(xs: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if crate::engine::cuda::elementwise::supports(xs) {
-        return crate::engine::cuda::elementwise::gelu_tanh(xs);
+        return crate::engine::cuda::elementwise::gelu_tanh(xs, None);
     }
     if !is_cpu_f32(xs) {
         return xs.gelu();

@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
-use super::blocks::{linear, Linear};
+use super::blocks::{linear, Biased, Linear};
 
 use super::attention::scaled_dot_product;
 
@@ -219,6 +219,34 @@ impl BlockLinear {
         matches!(self, Self::Quantized { .. } | Self::Fp8 { .. })
     }
 
+    /// The product, its bias left to the fused kernel consuming it where one runs ([`Biased`]):
+    /// dense layers on CUDA (the other formats add theirs inside their own product).
+    pub fn forward_deferring_bias(&self, xs: &Tensor) -> candle_core::Result<Biased> {
+        match self {
+            Self::Dense(l) => {
+                crate::engine::profile::scope("Linear", xs, || l.forward_deferring_bias(xs))
+            }
+            _ => Ok(Biased::done(self.forward(xs)?)),
+        }
+    }
+
+    /// The product without the bias [`Self::unapplied_bias`] returns: dense layers leave theirs
+    /// out, the other formats add theirs (and return none).
+    pub fn forward_unbiased(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(l) => crate::engine::profile::scope("Linear", xs, || l.forward_unbiased(xs)),
+            _ => self.forward(xs),
+        }
+    }
+
+    /// The bias [`Self::forward_unbiased`] leaves out.
+    pub fn unapplied_bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Dense(l) => l.bias(),
+            _ => None,
+        }
+    }
+
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         crate::engine::profile::scope("Linear", xs, || {
             match self {
@@ -337,13 +365,33 @@ pub fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Res
         .broadcast_add(&shift.unsqueeze(1)?)
 }
 
-/// `x + gate * y` with a per-sample (B, D) gate.
-pub fn gated_add(xs: &Tensor, gate: &Tensor, ys: &Tensor) -> candle_core::Result<Tensor> {
+/// `x + gate * y` with a per-sample (B, D) gate; `y`'s bias, if still to add, added on the way.
+pub fn gated_add(xs: &Tensor, gate: &Tensor, ys: Biased) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused_per_sample(xs, &[gate, ys]) && xs.dims() == ys.dims() {
-        return crate::engine::cuda::elementwise::gated_add(xs, gate, ys);
+    if fused_per_sample(xs, &[gate, &ys.product])
+        && xs.dims() == ys.product.dims()
+        && ys.bias.as_ref().is_none_or(|b| b.dtype() == xs.dtype())
+    {
+        return crate::engine::cuda::elementwise::gated_add(
+            xs,
+            gate,
+            &ys.product,
+            ys.bias.as_ref(),
+        );
     }
-    xs + ys.broadcast_mul(&gate.unsqueeze(1)?)?
+    xs + ys.resolve()?.broadcast_mul(&gate.unsqueeze(1)?)?
+}
+
+/// The tanh GELU of a Linear's output, its bias (if still to add) added on the way.
+pub fn gelu_tanh(h: Biased) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(bias) = &h.bias {
+        use crate::engine::cuda::elementwise;
+        if elementwise::supports(&h.product) && bias.dtype() == h.product.dtype() {
+            return elementwise::gelu_tanh(&h.product, Some(bias));
+        }
+    }
+    super::cpu_activation::gelu_tanh(&h.resolve()?)
 }
 
 /// `linear(silu(emb))` split into `chunks` equal parts: the shifts, scales and gates of
@@ -411,25 +459,27 @@ impl FeedForward {
         })
     }
 
-    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// The output, its last bias left to the gated residual that takes it ([`gated_add`]).
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Biased> {
         crate::engine::profile::scope("FeedForward", xs, || {
-            self.out
-                .forward(&super::cpu_activation::gelu_tanh(&self.proj.forward(xs)?)?)
+            let hidden = gelu_tanh(self.proj.forward_deferring_bias(xs)?)?;
+            self.out.forward_deferring_bias(&hidden)
         })
     }
 }
 
-/// Query/key normalisation per head (`qk_norm="rms_norm"`), eps 1e-6.
+/// The epsilon of the DiTs' query/key norms.
+const QK_NORM_EPS: f64 = 1e-6;
+
+/// Query/key normalisation per head (`qk_norm="rms_norm"`): the norms and their weights.
 fn qk_norms(
     vb: &VarBuilder,
     names: [&str; 2],
     head_dim: usize,
-) -> candle_core::Result<[RmsNorm; 2]> {
-    let norm = |name: &str| -> candle_core::Result<RmsNorm> {
-        Ok(RmsNorm::new(
-            vb.get(head_dim, &format!("{name}.weight"))?,
-            1e-6,
-        ))
+) -> candle_core::Result<[(RmsNorm, Tensor); 2]> {
+    let norm = |name: &str| -> candle_core::Result<(RmsNorm, Tensor)> {
+        let weight = vb.get(head_dim, &format!("{name}.weight"))?;
+        Ok((RmsNorm::new(weight.clone(), QK_NORM_EPS), weight))
     };
     Ok([norm(names[0])?, norm(names[1])?])
 }
@@ -440,6 +490,18 @@ struct Projections {
     k: BlockLinear,
     v: BlockLinear,
     norms: Option<[RmsNorm; 2]>,
+    /// CUDA: q's and k's [bias | norm weight], the parameters of the fused bias + norm (+ RoPE)
+    /// kernel (made once; a quantized layer adds its own bias, and zeros stand in).
+    fused_norm_params: Option<[Tensor; 2]>,
+}
+
+/// Where one stream's fused q/k norm finds its rotary angles: FLUX's (cos, sin) table for the
+/// joint sequence and the stream's first token in it (no table: SD3.5, norm only).
+#[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct FusedQk<'a> {
+    table: Option<&'a Tensor>,
+    offset: usize,
 }
 
 impl Projections {
@@ -451,31 +513,102 @@ impl Projections {
         c: &JointAttentionConfig,
     ) -> candle_core::Result<Self> {
         let (dim, inner, head_dim, format) = (c.dim, c.heads * c.head_dim, c.head_dim, c.format);
+        let q = BlockLinear::new(dim, inner, vb.pp(names[0]), format)?;
+        let k = BlockLinear::new(dim, inner, vb.pp(names[1]), format)?;
+        let norms = if c.qk_norm {
+            Some(qk_norms(vb, norm_names, head_dim)?)
+        } else {
+            None
+        };
+        let fused_norm_params = match &norms {
+            Some([(_, wq), (_, wk)]) if fused_qk_norm_possible(vb.device(), head_dim) => {
+                let params = |layer: &BlockLinear, weight: &Tensor| match layer.unapplied_bias() {
+                    Some(bias) => Tensor::cat(&[bias, weight], 0),
+                    None => Tensor::cat(&[&Tensor::zeros(inner, vb.dtype(), vb.device())?, weight], 0),
+                };
+                Some([params(&q, wq)?, params(&k, wk)?])
+            }
+            _ => None,
+        };
         Ok(Self {
-            q: BlockLinear::new(dim, inner, vb.pp(names[0]), format)?,
-            k: BlockLinear::new(dim, inner, vb.pp(names[1]), format)?,
+            q,
+            k,
             v: BlockLinear::new(dim, inner, vb.pp(names[2]), format)?,
-            norms: if c.qk_norm {
-                Some(qk_norms(vb, norm_names, head_dim)?)
-            } else {
-                None
-            },
+            norms: norms.map(|[(nq, _), (nk, _)]| [nq, nk]),
+            fused_norm_params,
         })
     }
 
     /// Token-major (B, N, heads, head_dim) queries, keys and values: the projections' own
-    /// order (attention reads them through heads-first views, on CUDA without copying).
-    fn forward(&self, xs: &Tensor, heads: usize) -> candle_core::Result<[Tensor; 3]> {
+    /// order (attention reads them through heads-first views, on CUDA without copying). With
+    /// `fused`, q and k come out of one kernel each that adds the bias, normalises and (given a
+    /// table) rotates them.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        heads: usize,
+        fused: Option<FusedQk>,
+    ) -> candle_core::Result<[Tensor; 3]> {
         let (b, n, _) = xs.dims3()?;
         let split = |t: Tensor| t.reshape((b, n, heads, ()));
+        let v = split(self.v.forward(xs)?)?;
+        #[cfg(feature = "cuda")]
+        if let (Some(fused), Some([pq, pk])) = (fused, &self.fused_norm_params) {
+            use crate::engine::cuda::elementwise::qk_norm;
+            let eps = QK_NORM_EPS as f32;
+            let q = split(self.q.forward_unbiased(xs)?)?;
+            let k = split(self.k.forward_unbiased(xs)?)?;
+            return Ok([
+                qk_norm(&q, pq, fused.table, fused.offset, eps)?,
+                qk_norm(&k, pk, fused.table, fused.offset, eps)?,
+                v,
+            ]);
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = fused;
         let mut q = split(self.q.forward(xs)?)?;
         let mut k = split(self.k.forward(xs)?)?;
-        let v = split(self.v.forward(xs)?)?;
         if let Some([nq, nk]) = &self.norms {
             q = nq.forward(&q)?;
             k = nk.forward(&k)?;
         }
         Ok([q, k, v])
+    }
+
+    /// Whether [`Self::forward`] can take the fused q/k kernel for `xs`.
+    fn fuses_qk_norm(&self, xs: &Tensor) -> bool {
+        self.fused_norm_params
+            .as_ref()
+            .is_some_and(|[pq, _]| pq.dtype() == xs.dtype() && pq.device().same_device(xs.device()))
+    }
+}
+
+/// Whether a device and head size can run the fused q/k norm kernel (made at load for CUDA
+/// models).
+fn fused_qk_norm_possible(device: &candle_core::Device, head_dim: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        device.is_cuda() && crate::engine::cuda::elementwise::qk_norm_supports(head_dim)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (device, head_dim);
+        false
+    }
+}
+
+/// Whether the fused q/k kernel runs now: CUDA tensors it takes, while its check on this device
+/// has not switched it off.
+fn fused_qk_norm_enabled(xs: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::engine::cuda::{elementwise, self_check};
+        elementwise::supports(xs) && self_check::passed(self_check::Fused::QkNorm)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = xs;
+        false
     }
 }
 
@@ -549,21 +682,45 @@ impl JointAttention {
 
     /// Attention over `xs` (B, N, D) and, when given, `context` (B, L, D) placed `order`. `rope`
     /// rotates queries and keys of the whole joint sequence (FLUX). Returns the image tokens'
-    /// output and the text tokens' output.
+    /// output and the text tokens' output, their output projections' biases left to the gated
+    /// residuals that take them ([`gated_add`]).
     pub fn forward(
         &self,
         xs: &Tensor,
         context: Option<&Tensor>,
         order: ContextOrder,
         rope: Option<&Rope>,
-    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    ) -> candle_core::Result<(Biased, Option<Biased>)> {
         crate::engine::profile::scope("Attention", xs, || {
             let (b, n, _) = xs.dims3()?;
-            let [mut q, mut k, mut v] = self.image.forward(xs, self.heads)?;
-            let mut text_tokens = 0;
-            if let (Some(ctx), Some(proj)) = (context, &self.context) {
-                text_tokens = ctx.dim(1)?;
-                let [cq, ck, cv] = proj.forward(ctx, self.heads)?;
+            let joint = match (context, &self.context) {
+                (Some(ctx), Some(proj)) => Some((ctx, proj)),
+                _ => None,
+            };
+            let text_tokens = match joint {
+                Some((ctx, _)) => ctx.dim(1)?,
+                None => 0,
+            };
+            let (image_at, text_at) = match order {
+                ContextOrder::After => (0, n),
+                ContextOrder::Before => (text_tokens, 0),
+            };
+            // One kernel per q and k for bias, norm and rotation where every stream can take it
+            // (FLUX, SD3.5 on CUDA); otherwise those steps one by one, the rotation after joining.
+            let table = rope.map(Rope::table);
+            let fused = fused_qk_norm_enabled(xs)
+                && self.image.fuses_qk_norm(xs)
+                && joint.is_none_or(|(_, proj)| proj.fuses_qk_norm(xs))
+                && table.is_none_or(|t| t.is_some());
+            let fused_at = |offset| {
+                fused.then_some(FusedQk {
+                    table: table.flatten(),
+                    offset,
+                })
+            };
+            let [mut q, mut k, mut v] = self.image.forward(xs, self.heads, fused_at(image_at))?;
+            if let Some((ctx, proj)) = joint {
+                let [cq, ck, cv] = proj.forward(ctx, self.heads, fused_at(text_at))?;
                 let join = |img: &Tensor, txt: &Tensor| match order {
                     ContextOrder::After => Tensor::cat(&[img, txt], 1),
                     ContextOrder::Before => Tensor::cat(&[txt, img], 1),
@@ -575,25 +732,23 @@ impl JointAttention {
             // Heads-first views of the token-major joint sequence.
             let [q, k, v] = [q, k, v].map(|t| t.transpose(1, 2));
             let (mut q, mut k, v) = (q?, k?, v?);
-            if let Some(rope) = rope {
+            if let (Some(rope), false) = (rope, fused) {
                 q = rope.apply(&q)?;
                 k = rope.apply(&k)?;
             }
             let out = scaled_dot_product(&q, &k, &v, None, false)?;
             let total = out.dim(2)?;
             let out = out.transpose(1, 2)?.reshape((b, total, ()))?;
-            let (image_at, text_at) = match order {
-                ContextOrder::After => (0, n),
-                ContextOrder::Before => (text_tokens, 0),
-            };
             let image = out.narrow(1, image_at, n)?;
             let image = match &self.to_out {
-                Some(proj) => proj.forward(&image)?,
-                None => image,
+                Some(proj) => proj.forward_deferring_bias(&image)?,
+                None => Biased::done(image),
             };
             let text = match (&self.to_add_out, text_tokens) {
                 (_, 0) => None,
-                (Some(proj), _) => Some(proj.forward(&out.narrow(1, text_at, text_tokens)?)?),
+                (Some(proj), _) => {
+                    Some(proj.forward_deferring_bias(&out.narrow(1, text_at, text_tokens)?)?)
+                }
                 (None, _) => None,
             };
             Ok((image, text))
@@ -607,11 +762,23 @@ pub struct Rope {
     /// (1, 1, tokens, head_dim / 2) cosines and sines.
     cos: Tensor,
     sin: Tensor,
+    /// CUDA: (1, 1, tokens, head_dim / 2, 2) (cos, sin) pairs, the fused q/k kernel's table.
+    table: Option<Tensor>,
 }
 
 impl Rope {
-    pub fn new(cos: Tensor, sin: Tensor) -> Self {
-        Self { cos, sin }
+    pub fn new(cos: Tensor, sin: Tensor) -> candle_core::Result<Self> {
+        let table = if cos.device().is_cuda() {
+            Some(Tensor::stack(&[&cos, &sin], D::Minus1)?)
+        } else {
+            None
+        };
+        Ok(Self { cos, sin, table })
+    }
+
+    /// The (cos, sin) pairs the fused q/k kernel reads (CUDA).
+    pub fn table(&self) -> Option<&Tensor> {
+        self.table.as_ref()
     }
 
     pub fn apply(&self, xs: &Tensor) -> candle_core::Result<Tensor> {

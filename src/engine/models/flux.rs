@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::blocks::timestep_features;
 use super::dit::{
-    gated_add, BlockLinear, ContextOrder, JointAttention, JointAttentionConfig, Modulation,
+    gated_add, gelu_tanh, BlockLinear, ContextOrder, JointAttention, JointAttentionConfig, Modulation,
     PlainLayerNorm, Rope, SiluMlp, WeightFormat,
 };
 use super::mmdit::{JointBlock, JointBlockConfig};
@@ -103,14 +103,14 @@ impl SingleBlock {
         crate::engine::profile::scope("FluxSingleTransformerBlock", xs, || {
             let m = self.norm.forward(temb)?;
             let normed = self.layer_norm.forward_modulated(xs, &m[0], &m[1])?;
-            let mlp = super::cpu_activation::gelu_tanh(&self.proj_mlp.forward(&normed)?)?;
+            let mlp = gelu_tanh(self.proj_mlp.forward_deferring_bias(&normed)?)?;
             let (attn, _) = self
                 .attn
                 .forward(&normed, None, ContextOrder::Before, Some(rope))?;
             let out = self
                 .proj_out
-                .forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
-            gated_add(xs, &m[2], &out)
+                .forward_deferring_bias(&Tensor::cat(&[&attn.resolve()?, &mlp], D::Minus1)?)?;
+            gated_add(xs, &m[2], out)
         })
     }
 }
@@ -209,10 +209,10 @@ impl FluxTransformer {
             }
         }
         let shape = (1, 1, ids.len(), half);
-        Ok(Rope::new(
+        Rope::new(
             Tensor::from_vec(cos, shape, device)?,
             Tensor::from_vec(sin, shape, device)?,
-        ))
+        )
     }
 
     /// The velocity for packed latents `xs` (B, tokens, in_channels) at `timestep` (σ·1000),

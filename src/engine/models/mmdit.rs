@@ -186,21 +186,21 @@ impl JointBlock {
             let (attn_out, context_attn_out) =
                 self.attn
                     .forward(&attn_in, Some(&context_in), order, rope)?;
-            let mut xs = gated_add(xs, &m[2], &attn_out)?;
+            let mut xs = gated_add(xs, &m[2], attn_out)?;
             if let Some(attn2) = &self.attn2 {
                 // SD3.5's second attention reads the block's input, normalised anew.
                 let attn2_in = self.norm.forward_modulated(block_input, &m[6], &m[7])?;
                 let (out2, _) = attn2.forward(&attn2_in, None, order, None)?;
-                xs = gated_add(&xs, &m[8], &out2)?;
+                xs = gated_add(&xs, &m[8], out2)?;
             }
             let ff_in = self.norm.forward_modulated(&xs, &m[3], &m[4])?;
-            xs = gated_add(&xs, &m[5], &self.ff.forward(&ff_in)?)?;
+            xs = gated_add(&xs, &m[5], self.ff.forward(&ff_in)?)?;
 
             let context = match (context_mods, context_attn_out, &self.ff_context) {
                 (Some(c), Some(attn), Some(ff)) => {
-                    let context = gated_add(context, &c[2], &attn)?;
+                    let context = gated_add(context, &c[2], attn)?;
                     let ff_in = self.norm.forward_modulated(&context, &c[3], &c[4])?;
-                    Some(gated_add(&context, &c[5], &ff.forward(&ff_in)?)?)
+                    Some(gated_add(&context, &c[5], ff.forward(&ff_in)?)?)
                 }
                 _ => None,
             };
