@@ -228,6 +228,103 @@ pub fn run(
             "candle layer_norm + modulate",
         );
     }
+    // A Linear's bias left to the kernel consuming its product (what the DiTs run on CUDA),
+    // against a bias pass of its own before it: FLUX's MLP (tanh GELU) and gated residual, and its
+    // q/k bias + per-head RMSNorm + RoPE (candle's rms_norm and our rope kernel, unfused).
+    #[cfg(feature = "cuda")]
+    {
+        use crate::engine::cuda::elementwise::{bias_add, gated_add, gelu_tanh, qk_norm, rope};
+        let shape = [4608, 12288];
+        let (h, bias) = (randn(&shape, 1.0)?, randn(&[shape[1]], 1.0)?);
+        let apart = || gelu_tanh(&bias_add(&h, &bias)?, None);
+        record(
+            "bias_gelu_tanh",
+            &shape,
+            "bias pass + ours gelu",
+            time_ms(device, repeats, apart),
+        );
+        let fused = || gelu_tanh(&h, Some(&bias));
+        record(
+            "bias_gelu_tanh",
+            &shape,
+            "ours",
+            time_ms(device, repeats, fused),
+        );
+        check(
+            "bias_gelu_tanh",
+            &shape,
+            &fused()?,
+            &apart()?,
+            "bias pass + gelu",
+        );
+
+        let shape = [1, 4608, 3072];
+        let (x, h, gate) = (
+            randn(&shape, 1.0)?,
+            randn(&shape, 1.0)?,
+            randn(&[1, 3072], 1.0)?,
+        );
+        let bias = randn(&[3072], 1.0)?;
+        let apart = || gated_add(&x, &gate, &bias_add(&h, &bias)?, None);
+        record(
+            "gated_add_bias",
+            &shape,
+            "bias pass + ours gated add",
+            time_ms(device, repeats, apart),
+        );
+        let fused = || gated_add(&x, &gate, &h, Some(&bias));
+        record(
+            "gated_add_bias",
+            &shape,
+            "ours",
+            time_ms(device, repeats, fused),
+        );
+        check(
+            "gated_add_bias",
+            &shape,
+            &fused()?,
+            &apart()?,
+            "bias pass + gated add",
+        );
+
+        let shape = [1, 4608, 24, 128];
+        let [_, tokens, heads, d] = shape;
+        let q = randn(&shape, 1.0)?;
+        let bias = randn(&[heads * d], 1.0)?;
+        let weight = (randn(&[d], 0.1)? + 1.0)?;
+        let params = Tensor::cat(&[&bias, &weight], 0)?;
+        let angles = Tensor::randn(0f32, 3.0, (1, 1, tokens, d / 2), device)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let table = Tensor::stack(&[&cos, &sin], D::Minus1)?;
+        let norm = candle_nn::RmsNorm::new(weight.clone(), 1e-6);
+        let apart = || {
+            let normed = candle_core::Module::forward(
+                &norm,
+                &bias_add(&q.reshape((tokens, heads * d))?, &bias)?.reshape(&shape[..])?,
+            )?;
+            rope(&normed.transpose(1, 2)?, &cos, &sin)?.transpose(1, 2)
+        };
+        record(
+            "qk_norm_rope",
+            &shape,
+            "bias pass + candle rms_norm + ours rope",
+            time_ms(device, repeats, apart),
+        );
+        let fused = || qk_norm(&q, &params, Some(&table), 0, 1e-6);
+        record(
+            "qk_norm_rope",
+            &shape,
+            "ours",
+            time_ms(device, repeats, fused),
+        );
+        check(
+            "qk_norm_rope",
+            &shape,
+            &fused()?,
+            &apart()?,
+            "bias + rms_norm + rope",
+        );
+    }
     for shape in [[8192, 2560], [4608, 12288]] {
         let x = randn(&shape, 1.0)?;
         let t = time_ms(device, repeats, || x.gelu_erf());

@@ -4,10 +4,10 @@
 //! the last (GELU, gated add, q/k norm), its bias is added there rather than by a pass of its own.
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::CudaView;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
-use candle_core::cuda_backend::cudarc::driver::CudaView;
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
@@ -192,7 +192,10 @@ fn with_operand<R>(
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         Storage::Cuda(s) => f(s, layout),
-        _ => candle_core::bail!("an operand on {:?} for a CUDA kernel", t.device().location()),
+        _ => candle_core::bail!(
+            "an operand on {:?} for a CUDA kernel",
+            t.device().location()
+        ),
     }
 }
 
@@ -217,7 +220,10 @@ fn optional_input<'a, T: CudaDType>(
         return Ok((None, true));
     };
     if l.shape().elem_count() != elements {
-        candle_core::bail!("an operand of {:?} where {elements} values were wanted", l.shape());
+        candle_core::bail!(
+            "an operand of {:?} where {elements} values were wanted",
+            l.shape()
+        );
     }
     let (view, aligned) = input::<T>(s, l)?;
     Ok((Some(view), aligned))
@@ -649,7 +655,11 @@ impl CustomOp2 for QkNorm {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let (batch, tokens, heads, d) = xl.shape().dims4()?;
         if !qk_norm_supports(d) || pl.shape().elem_count() != (heads + 1) * d {
-            candle_core::bail!("q/k norm of {:?} with parameters {:?}", xl.shape(), pl.shape());
+            candle_core::bail!(
+                "q/k norm of {:?} with parameters {:?}",
+                xl.shape(),
+                pl.shape()
+            );
         }
         let rows = batch * tokens * heads;
         let dev = &x.device;

@@ -234,7 +234,9 @@ impl BlockLinear {
     /// out, the other formats add theirs (and return none).
     pub fn forward_unbiased(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Dense(l) => crate::engine::profile::scope("Linear", xs, || l.forward_unbiased(xs)),
+            Self::Dense(l) => {
+                crate::engine::profile::scope("Linear", xs, || l.forward_unbiased(xs))
+            }
             _ => self.forward(xs),
         }
     }
@@ -524,7 +526,10 @@ impl Projections {
             Some([(_, wq), (_, wk)]) if fused_qk_norm_possible(vb.device(), head_dim) => {
                 let params = |layer: &BlockLinear, weight: &Tensor| match layer.unapplied_bias() {
                     Some(bias) => Tensor::cat(&[bias, weight], 0),
-                    None => Tensor::cat(&[&Tensor::zeros(inner, vb.dtype(), vb.device())?, weight], 0),
+                    None => Tensor::cat(
+                        &[&Tensor::zeros(inner, vb.dtype(), vb.device())?, weight],
+                        0,
+                    ),
                 };
                 Some([params(&q, wq)?, params(&k, wk)?])
             }

@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use super::blocks::timestep_features;
 use super::dit::{
-    gated_add, gelu_tanh, BlockLinear, ContextOrder, JointAttention, JointAttentionConfig, Modulation,
-    PlainLayerNorm, Rope, SiluMlp, WeightFormat,
+    gated_add, gelu_tanh, BlockLinear, ContextOrder, JointAttention, JointAttentionConfig,
+    Modulation, PlainLayerNorm, Rope, SiluMlp, WeightFormat,
 };
 use super::mmdit::{JointBlock, JointBlockConfig};
 use crate::engine::error::{EngineError, Result};
