@@ -149,7 +149,7 @@ fn attention_kernels_match_exact_attention() {
 
 /// Every kernel of elementwise.cu against f64: the DiT's fused LayerNorm + modulation, the
 /// GroupNorm(+SiLU) pair, modulate, gated add (with a Linear's bias folded in and without), bias
-/// add, GEGLU, the tanh GELU (with and without a bias), the per-head q/k norm with the bias and
+/// add (with a residual, and a residual alone), GEGLU and the tanh GELU (with and without a bias), the per-head q/k norm with the bias and
 /// the rotary embedding folded in, the rotary embedding and the FP8
 /// activation quantization (code for code against a search over all e4m3 values); with
 /// 16-byte packs and without, rows shorter and longer than a block's threads, several samples.
@@ -184,6 +184,12 @@ fn elementwise_kernels_match_exact_results() {
         ("bias_add", 5, 36, 1, 0),
         ("geglu", 70, 40, 1, 1),
         ("geglu", 5, 36, 1, 0),
+        ("bias_add_residual", 70, 40, 1, 1),
+        ("bias_add_residual", 5, 36, 1, 0),
+        ("residual_add", 70, 40, 1, 1),
+        ("residual_add", 5, 36, 1, 0),
+        ("geglu_bias", 70, 40, 1, 1),
+        ("geglu_bias", 5, 36, 1, 0),
         // rope: the last field is the heads between a token and its values (token-major: 2).
         ("rope", 6, 40, 3, 1),
         ("rope", 12, 40, 3, 2),

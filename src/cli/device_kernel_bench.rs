@@ -233,7 +233,9 @@ pub fn run(
     // q/k bias + per-head RMSNorm + RoPE (candle's rms_norm and our rope kernel, unfused).
     #[cfg(feature = "cuda")]
     {
-        use crate::engine::cuda::elementwise::{bias_add, gated_add, gelu_tanh, qk_norm, rope};
+        use crate::engine::cuda::elementwise::{
+            self, bias_add, gated_add, gelu_tanh, qk_norm, rope,
+        };
         let shape = [4608, 12288];
         let (h, bias) = (randn(&shape, 1.0)?, randn(&[shape[1]], 1.0)?);
         let apart = || gelu_tanh(&bias_add(&h, &bias)?, None);
@@ -285,6 +287,56 @@ pub fn run(
             &fused()?,
             &apart()?,
             "bias pass + gated add",
+        );
+
+        // The UNet's transformer blocks (SDXL, 32² level, CFG batch): GEGLU with the
+        // projection's bias, and the residual add with the output projection's.
+        let shape = [2048, 10240];
+        let (h, bias) = (randn(&shape, 1.0)?, randn(&[shape[1]], 1.0)?);
+        let apart = || elementwise::geglu(&bias_add(&h, &bias)?, None);
+        record(
+            "geglu_bias",
+            &shape,
+            "bias pass + ours geglu",
+            time_ms(device, repeats, apart),
+        );
+        let fused = || elementwise::geglu(&h, Some(&bias));
+        record(
+            "geglu_bias",
+            &shape,
+            "ours",
+            time_ms(device, repeats, fused),
+        );
+        check(
+            "geglu_bias",
+            &shape,
+            &fused()?,
+            &apart()?,
+            "bias pass + geglu",
+        );
+        let shape = [2, 1024, 1280];
+        let (y, residual) = (randn(&shape, 1.0)?, randn(&shape, 1.0)?);
+        let bias = randn(&[shape[2]], 1.0)?;
+        let apart = || bias_add(&y, &bias)? + &residual;
+        record(
+            "bias_residual_add",
+            &shape,
+            "bias pass + candle add",
+            time_ms(device, repeats, apart),
+        );
+        let fused = || elementwise::add_to_product(&y, Some(&bias), Some(&residual));
+        record(
+            "bias_residual_add",
+            &shape,
+            "ours",
+            time_ms(device, repeats, fused),
+        );
+        check(
+            "bias_residual_add",
+            &shape,
+            &fused()?,
+            &apart()?,
+            "bias pass + add",
         );
 
         let shape = [1, 4608, 24, 128];
@@ -346,12 +398,12 @@ pub fn run(
         #[cfg(feature = "cuda")]
         {
             use crate::engine::cuda::elementwise;
-            let t = time_ms(device, repeats, || elementwise::geglu(&x));
+            let t = time_ms(device, repeats, || elementwise::geglu(&x, None));
             record("geglu", &shape, "ours", t);
             check(
                 "geglu",
                 &shape,
-                &elementwise::geglu(&x)?,
+                &elementwise::geglu(&x, None)?,
                 &candle_geglu()?,
                 "candle",
             );

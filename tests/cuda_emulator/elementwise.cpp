@@ -8,7 +8,9 @@
 //                        group · HW), then the apply kernel, with SiLU;
 //   modulate, gated_add  ROWS tokens of D in BATCHES samples (per-sample vectors); gated_add_bias
 //                        adds a bias of D to the gated term;
-//   bias_add             ROWS × D plus a bias of D;  geglu  ROWS × 2D → ROWS × D;
+//   bias_add             ROWS × D plus a bias of D;  bias_add_residual  also plus a residual
+//                        (ROWS × D);  residual_add  ROWS × D plus a residual, no bias;
+//   geglu                ROWS × 2D → ROWS × D;  geglu_bias  with a bias of 2D;
 //   gelu_tanh            ROWS × D;  gelu_tanh_bias  of ROWS × D plus a bias of D;
 //   qk_norm              ROWS = 2 samples · tokens · BATCHES heads rows of D (token-major), the
 //                        bias folded in, RMSNorm, then (VEC = 1) the rotary embedding from a
@@ -135,9 +137,11 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
     constexpr size_t P = Pack<T>::N;
     std::mt19937 rng(seed);
     const size_t count = rows * d, per_batch = (rows / batches) * d;
-    const size_t in_width = op == "geglu" ? 2 * d : d;
     const bool gated = op == "gated_add" || op == "gated_add_bias";
-    Buffer<T> x(rows * in_width), a(gated ? count : batches * d), b(batches * d), y(count), bias(d);
+    const bool geglu_op = op == "geglu" || op == "geglu_bias";
+    const size_t in_width = geglu_op ? 2 * d : d;
+    Buffer<T> x(rows * in_width), a(gated || op == "bias_add_residual" || op == "residual_add" ? count : batches * d),
+        b(batches * d), y(count), bias(geglu_op ? 2 * d : d);
     Buffer<float> cos(batches * d / 2), sin(batches * d / 2);
     fill(x, rng, 0.0f, 1.0f);
     fill(a, rng, 0.0f, 1.0f);
@@ -176,17 +180,21 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
             double v = f(x[i]) + (added ? f(bias[i % d]) : 0.0);
             e.add(f(y[i]), 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v))));
         }
-    } else if (op == "bias_add") {
-        launch(bias_add<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, (const T *)b.data, y.data,
+    } else if (op == "bias_add" || op == "bias_add_residual" || op == "residual_add") {
+        const T *added = op == "residual_add" ? nullptr : (const T *)b.data;
+        const T *residual = op == "bias_add" ? nullptr : (const T *)a.data;
+        launch(bias_add<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, added, residual, y.data,
                rows, d, vec);
         for (size_t i = 0; i < count; ++i)
-            e.add(f(y[i]), f(x[i]) + f(b[i % d]));
-    } else if (op == "geglu") {
-        launch(geglu<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, y.data, rows, d, vec);
+            e.add(f(y[i]), f(x[i]) + (added ? f(b[i % d]) : 0.0) + (residual ? f(a[i]) : 0.0));
+    } else if (geglu_op) {
+        const T *added = op == "geglu_bias" ? (const T *)bias.data : nullptr;
+        launch(geglu<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, added, y.data, rows, d, vec);
         for (size_t r = 0; r < rows; ++r)
             for (size_t c = 0; c < d; ++c) {
-                double g = f(x[r * 2 * d + d + c]);
-                e.add(f(y[r * d + c]), f(x[r * 2 * d + c]) * 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0))));
+                double v = f(x[r * 2 * d + c]) + (added ? f(bias[c]) : 0.0);
+                double g = f(x[r * 2 * d + d + c]) + (added ? f(bias[d + c]) : 0.0);
+                e.add(f(y[r * d + c]), v * 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0))));
             }
     } else if (op == "rope") {
         const size_t tokens = batches, half = d / 2, pairs = count / 2, heads_inner = vec;
@@ -333,7 +341,8 @@ int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, u
     else if (op == "group_norm")
         group_norm_case<T>(rows, d, vec, seed, gs, ga);
     else if (op == "modulate" || op == "gated_add" || op == "gated_add_bias" || op == "bias_add" ||
-             op == "geglu" || op == "rope" || op == "gelu_tanh" || op == "gelu_tanh_bias")
+             op == "bias_add_residual" || op == "residual_add" || op == "geglu" || op == "geglu_bias" ||
+             op == "rope" || op == "gelu_tanh" || op == "gelu_tanh_bias")
         map_case<T>(op, rows, d, batches, vec, seed);
     else if (op == "qk_norm")
         qk_norm_case<T>(rows, d, batches, vec, seed);

@@ -45,41 +45,82 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x));
 #define GRID_STRIDE(i, n) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)blockDim.x * gridDim.x)
 
-// out[r, c] = y[r, c] + bias[c]   (y: rows × cols)
+// out[r, c] = y[r, c] + bias[c] + residual[r, c]   (y: rows × cols; bias or residual may be
+// null): a Linear's bias, and the residual its output joins (the UNet's transformer blocks), in
+// one pass and one rounding.
 template <typename T>
-__device__ void bias_add(const T *y, const T *bias, T *out, size_t rows, size_t cols, int vec) {
+__device__ void bias_add(const T *y, const T *bias, const T *residual, T *out, size_t rows, size_t cols,
+                         int vec) {
     constexpr int N = Pack<T>::N;
     if (vec) {
         GRID_STRIDE(p, rows * cols / N) {
             size_t c = (p * N) % cols;
             Pack<T> a = reinterpret_cast<const Pack<T> *>(y)[p];
-            Pack<T> b = *reinterpret_cast<const Pack<T> *>(bias + c);
+            float v[N];
 #pragma unroll
-            for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) + to_f(b.v[j]));
+            for (int j = 0; j < N; ++j) v[j] = to_f(a.v[j]);
+            if (bias) {
+                Pack<T> b = *reinterpret_cast<const Pack<T> *>(bias + c);
+#pragma unroll
+                for (int j = 0; j < N; ++j) v[j] += to_f(b.v[j]);
+            }
+            if (residual) {
+                Pack<T> r = reinterpret_cast<const Pack<T> *>(residual)[p];
+#pragma unroll
+                for (int j = 0; j < N; ++j) v[j] += to_f(r.v[j]);
+            }
+#pragma unroll
+            for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(v[j]);
             reinterpret_cast<Pack<T> *>(out)[p] = a;
         }
     } else {
-        GRID_STRIDE(i, rows * cols) { out[i] = from_f<T>(to_f(y[i]) + to_f(bias[i % cols])); }
+        GRID_STRIDE(i, rows * cols) {
+            float v = to_f(y[i]);
+            if (bias) v += to_f(bias[i % cols]);
+            if (residual) v += to_f(residual[i]);
+            out[i] = from_f<T>(v);
+        }
     }
 }
 
-// out[r, c] = h[r, c] · gelu_erf(h[r, f + c])   (h: rows × 2f, out: rows × f)
+// out[r, c] = (h[r, c] + bias[c]) · gelu_erf(h[r, f + c] + bias[f + c])   (h: rows × 2f, out:
+// rows × f; the projection's bias, of 2f, may be null)
 template <typename T>
-__device__ void geglu(const T *h, T *out, size_t rows, size_t f, int vec) {
+__device__ void geglu(const T *h, const T *bias, T *out, size_t rows, size_t f, int vec) {
     constexpr int N = Pack<T>::N;
     if (vec) {
         GRID_STRIDE(p, rows * f / N) {
             size_t e = p * N, r = e / f, c = e % f;
             Pack<T> a = *reinterpret_cast<const Pack<T> *>(h + r * 2 * f + c);
             Pack<T> g = *reinterpret_cast<const Pack<T> *>(h + r * 2 * f + f + c);
+            float va[N], vg[N];
 #pragma unroll
-            for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) * gelu_erf(to_f(g.v[j])));
+            for (int j = 0; j < N; ++j) {
+                va[j] = to_f(a.v[j]);
+                vg[j] = to_f(g.v[j]);
+            }
+            if (bias) {
+                Pack<T> ba = *reinterpret_cast<const Pack<T> *>(bias + c);
+                Pack<T> bg = *reinterpret_cast<const Pack<T> *>(bias + f + c);
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                    va[j] += to_f(ba.v[j]);
+                    vg[j] += to_f(bg.v[j]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(va[j] * gelu_erf(vg[j]));
             reinterpret_cast<Pack<T> *>(out)[p] = a;
         }
     } else {
         GRID_STRIDE(i, rows * f) {
             size_t r = i / f, c = i % f;
-            out[i] = from_f<T>(to_f(h[r * 2 * f + c]) * gelu_erf(to_f(h[r * 2 * f + f + c])));
+            float a = to_f(h[r * 2 * f + c]), g = to_f(h[r * 2 * f + f + c]);
+            if (bias) {
+                a += to_f(bias[c]);
+                g += to_f(bias[f + c]);
+            }
+            out[i] = from_f<T>(a * gelu_erf(g));
         }
     }
 }
@@ -434,12 +475,13 @@ __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec
     }
 
 #define KERNELS(SUFFIX, T)                                                                          \
-    extern "C" __global__ void bias_add_##SUFFIX(const T *y, const T *b, T *out, size_t rows,      \
-                                                 size_t cols, int vec) {                           \
-        bias_add<T>(y, b, out, rows, cols, vec);                                                   \
+    extern "C" __global__ void bias_add_##SUFFIX(const T *y, const T *b, const T *residual, T *out, \
+                                                 size_t rows, size_t cols, int vec) {              \
+        bias_add<T>(y, b, residual, out, rows, cols, vec);                                         \
     }                                                                                              \
-    extern "C" __global__ void geglu_##SUFFIX(const T *h, T *out, size_t rows, size_t f, int vec) { \
-        geglu<T>(h, out, rows, f, vec);                                                            \
+    extern "C" __global__ void geglu_##SUFFIX(const T *h, const T *bias, T *out, size_t rows, size_t f, \
+                                              int vec) {                                           \
+        geglu<T>(h, bias, out, rows, f, vec);                                                      \
     }                                                                                              \
     extern "C" __global__ void gelu_tanh_##SUFFIX(const T *x, const T *bias, T *y, size_t n,        \
                                                   size_t cols, int vec) {                          \

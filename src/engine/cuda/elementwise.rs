@@ -25,13 +25,33 @@ pub fn supports(t: &Tensor) -> bool {
 
 /// `y + bias` over the last dimension (a Linear's bias after its matmul).
 pub fn bias_add(y: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    y.contiguous()?
-        .apply_op2_no_bwd(&bias.contiguous()?, &BiasAdd)
+    add_to_product(y, Some(bias), None)
 }
 
-/// `h[.., :f] · gelu_erf(h[.., f:])` for `h` of last dimension 2f (diffusers' GEGLU).
-pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
-    h.contiguous()?.apply_op1_no_bwd(&Geglu)
+/// `y + bias + residual`: a Linear's product `y`, its bias over the last dimension (or none) and
+/// the residual (y's shape, or none) it joins, in one pass.
+pub fn add_to_product(
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if let Some(r) = residual {
+        if r.dims() != y.dims() {
+            candle_core::bail!("a residual of {:?} for {:?}", r.dims(), y.dims());
+        }
+    }
+    y.contiguous()?.apply_op1_no_bwd(&BiasAdd {
+        bias: bias.map(Tensor::contiguous).transpose()?,
+        residual: residual.map(Tensor::contiguous).transpose()?,
+    })
+}
+
+/// `(h + bias)[.., :f] · gelu_erf((h + bias)[.., f:])` for `h` of last dimension 2f (diffusers'
+/// GEGLU; the projection's bias of 2f, or none).
+pub fn geglu(h: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    h.contiguous()?.apply_op1_no_bwd(&Geglu {
+        bias: bias.map(Tensor::contiguous).transpose()?,
+    })
 }
 
 /// GELU with the tanh approximation, of `x + bias` (over the last dimension) when given.
@@ -237,48 +257,57 @@ fn pack<T>() -> usize {
     16 / std::mem::size_of::<T>()
 }
 
-struct BiasAdd;
+struct BiasAdd {
+    bias: Option<Tensor>,
+    residual: Option<Tensor>,
+}
 
-impl CustomOp2 for BiasAdd {
+impl CustomOp1 for BiasAdd {
     fn name(&self) -> &'static str {
         "bias-add"
     }
 
-    super::cpu_fwd_unsupported!(2);
+    super::cpu_fwd_unsupported!(1);
 
-    fn cuda_fwd(
-        &self,
-        y: &CudaStorage,
-        yl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let cols = yl.shape().dims().last().copied().unwrap_or(1);
-        if bl.shape().elem_count() != cols {
-            candle_core::bail!("bias of {:?} for rows of {cols}", bl.shape());
-        }
+    fn cuda_fwd(&self, y: &CudaStorage, yl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let cols = yl.shape().dims().last().copied().unwrap_or(1).max(1);
         let n = yl.shape().elem_count();
         let dev = &y.device;
         let dtype = y.dtype();
         let func =
             dev.get_or_load_custom_func(&format!("bias_add_{}", suffix(dtype)?), MODULE, PTX)?;
-        let storage = by_dtype!(dtype, T => {
-            let (yv, ya) = input::<T>(y, yl)?;
-            let (bv, ba) = input::<T>(b, bl)?;
-            let mut out = output::<T>(dev, n)?;
-            let vec = (ya && ba && cols.is_multiple_of(pack::<T>())) as i32;
-            let (rows, cols) = (n / cols.max(1), cols);
-            let mut builder = func.builder();
-            builder.arg(&yv).arg(&bv).arg(&mut out).arg(&rows).arg(&cols).arg(&vec);
-            let items = if vec == 1 { n / pack::<T>() } else { n };
-            unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        });
+        let storage = with_optional_operand(self.bias.as_ref(), |bias| {
+            with_optional_operand(self.residual.as_ref(), |residual| {
+                Ok(by_dtype!(dtype, T => {
+                    let (yv, ya) = input::<T>(y, yl)?;
+                    let (bv, ba) = optional_input::<T>(bias, cols)?;
+                    let (rv, ra) = optional_input::<T>(residual, n)?;
+                    let mut out = output::<T>(dev, n)?;
+                    let vec = (ya && ba && ra && cols.is_multiple_of(pack::<T>())) as i32;
+                    let rows = n / cols;
+                    let mut builder = func.builder();
+                    builder.arg(&yv);
+                    for operand in [&bv, &rv] {
+                        match operand {
+                            Some(v) => builder.arg(v),
+                            None => builder.arg(&NULL),
+                        };
+                    }
+                    builder.arg(&mut out).arg(&rows).arg(&cols).arg(&vec);
+                    let items = if vec == 1 { n / pack::<T>() } else { n };
+                    unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+                    CudaStorage::wrap_cuda_slice(out, dev.clone())
+                }))
+            })
+        })?;
         Ok((storage, yl.shape().clone()))
     }
 }
 
-struct Geglu;
+struct Geglu {
+    /// The projection's bias (2f), added to both halves first.
+    bias: Option<Tensor>,
+}
 
 impl CustomOp1 for Geglu {
     fn name(&self) -> &'static str {
@@ -298,16 +327,24 @@ impl CustomOp1 for Geglu {
         let dtype = h.dtype();
         let func =
             dev.get_or_load_custom_func(&format!("geglu_{}", suffix(dtype)?), MODULE, PTX)?;
-        let storage = by_dtype!(dtype, T => {
-            let (hv, ha) = input::<T>(h, hl)?;
-            let mut out = output::<T>(dev, rows * f)?;
-            let vec = (ha && f.is_multiple_of(pack::<T>())) as i32;
-            let mut builder = func.builder();
-            builder.arg(&hv).arg(&mut out).arg(&rows).arg(&f).arg(&vec);
-            let items = if vec == 1 { rows * f / pack::<T>() } else { rows * f };
-            unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        });
+        let storage = with_optional_operand(self.bias.as_ref(), |bias| {
+            Ok(by_dtype!(dtype, T => {
+                let (hv, ha) = input::<T>(h, hl)?;
+                let (bv, ba) = optional_input::<T>(bias, width)?;
+                let mut out = output::<T>(dev, rows * f)?;
+                let vec = (ha && ba && f.is_multiple_of(pack::<T>())) as i32;
+                let mut builder = func.builder();
+                builder.arg(&hv);
+                match &bv {
+                    Some(v) => builder.arg(v),
+                    None => builder.arg(&NULL),
+                };
+                builder.arg(&mut out).arg(&rows).arg(&f).arg(&vec);
+                let items = if vec == 1 { rows * f / pack::<T>() } else { rows * f };
+                unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }))
+        })?;
         let mut dims = hl.shape().dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = f;

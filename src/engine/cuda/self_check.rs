@@ -180,8 +180,8 @@ fn token_major_rope(device: &Device) -> candle_core::Result<f64> {
     relative_error(&fused, &exact)
 }
 
-/// The tanh GELU and the gated residual adding a Linear's bias to its f16 product, against
-/// adding it first in f32 ops.
+/// The tanh GELU, GEGLU, the gated residual and the residual add taking a Linear's bias with its
+/// f16 product, against adding it first in f32 ops.
 fn deferred_bias(device: &Device) -> candle_core::Result<f64> {
     let (b, n, width) = (2, 33, 256);
     let half = |t: &Tensor| t.to_dtype(DType::F16);
@@ -196,7 +196,21 @@ fn deferred_bias(device: &Device) -> candle_core::Result<f64> {
     let added =
         super::elementwise::gated_add(&half(&x)?, &half(&gate)?, &half(&h)?, Some(&half(&bias)?))?;
     let exact = (f32(&x)? + biased.broadcast_mul(&f32(&gate)?.unsqueeze(1)?)?)?;
-    Ok(gelu_error.max(relative_error(&added, &exact)?))
+    let gated_error = relative_error(&added, &exact)?;
+    let joined =
+        super::elementwise::add_to_product(&half(&h)?, Some(&half(&bias)?), Some(&half(&x)?))?;
+    let residual_error = relative_error(&joined, &(&biased + f32(&x)?)?)?;
+    // GEGLU over (2, 33, 2·128) with the projection's bias.
+    let geglu = super::elementwise::geglu(&half(&h)?, Some(&half(&bias)?))?;
+    let (value, gate) = (
+        biased.narrow(2, 0, width / 2)?,
+        biased.narrow(2, width / 2, width / 2)?,
+    );
+    let geglu_error = relative_error(&geglu, &(value * gate.gelu_erf()?)?)?;
+    Ok(gelu_error
+        .max(gated_error)
+        .max(residual_error)
+        .max(geglu_error))
 }
 
 /// The fused q/k kernel on (2, 20, 3, 128) f16 projections, with a rotary table (FLUX: the

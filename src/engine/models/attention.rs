@@ -3,7 +3,7 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::blocks::{linear, linear_no_bias, Linear};
+use super::blocks::{linear, linear_no_bias, Biased, Linear};
 
 /// softmax(q kᵀ / sqrt(d) + mask) v over (batch, heads, tokens, head_dim) tensors.
 /// `upcast` computes scores and softmax in f32 (diffusers' `upcast_attention`/`upcast_softmax`),
@@ -151,6 +151,16 @@ impl Attention {
 
     /// `xs`: (batch, tokens, query_dim); `context`: (batch, context_tokens, context_dim) or None for self-attention.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        self.forward_deferring_bias(xs, context)?.resolve()
+    }
+
+    /// [`Self::forward`] with the output projection's bias left to the kernel adding the
+    /// residual ([`Biased::add_to`]).
+    pub fn forward_deferring_bias(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+    ) -> candle_core::Result<Biased> {
         crate::engine::profile::scope("Attention", xs, || {
             let context = context.unwrap_or(xs);
             let (b, n, _) = xs.dims3()?;
@@ -167,7 +177,7 @@ impl Attention {
             };
             let out = scaled_dot_product(&split(q)?, &split(k)?, &split(v)?, None, self.upcast)?;
             let out = out.transpose(1, 2)?.reshape((b, n, inner))?;
-            self.to_out.forward(&out)
+            self.to_out.forward_deferring_bias(&out)
         })
     }
 }

@@ -167,6 +167,28 @@ impl Biased {
         }
         self.product.broadcast_add(&bias)
     }
+
+    /// `residual` plus the output: on CUDA one pass that adds the bias too.
+    pub fn add_to(self, residual: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            use crate::engine::cuda::{elementwise, self_check};
+            let dtype = self.product.dtype();
+            if elementwise::supports(&self.product)
+                && residual.dtype() == dtype
+                && residual.dims() == self.product.dims()
+                && self.bias.as_ref().is_none_or(|b| b.dtype() == dtype)
+                && self_check::passed(self_check::Fused::DeferredBias)
+            {
+                return elementwise::add_to_product(
+                    &self.product,
+                    self.bias.as_ref(),
+                    Some(residual),
+                );
+            }
+        }
+        self.resolve()? + residual
+    }
 }
 
 impl Module for Linear {

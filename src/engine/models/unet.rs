@@ -5,7 +5,7 @@ use std::path::Path;
 use candle_core::{Module, Tensor, D};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use super::blocks::{linear, Linear};
+use super::blocks::{linear, Biased, Linear};
 use serde::Deserialize;
 
 use super::attention::Attention;
@@ -280,23 +280,27 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// The output, its last bias left to the residual add that takes it ([`Biased::add_to`]).
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Biased> {
         crate::engine::profile::scope("FeedForward", xs, || {
-            // GEGLU: the projection's first half is the value, the second half its (exact-gelu) gate.
-            let h = self.proj.forward(xs)?;
-            if super::cpu_util::is_cpu_f32(&h) {
-                return self.out.forward(&super::cpu_activation::geglu(&h)?);
-            }
+            // GEGLU: the projection's first half is the value, the second half its (exact-gelu)
+            // gate; on CUDA the projection's bias is added on the way.
+            let h = self.proj.forward_deferring_bias(xs)?;
             #[cfg(feature = "cuda")]
-            if crate::engine::cuda::elementwise::supports(&h) {
-                return self
-                    .out
-                    .forward(&crate::engine::cuda::elementwise::geglu(&h)?);
+            if crate::engine::cuda::elementwise::supports(&h.product) {
+                let gated = crate::engine::cuda::elementwise::geglu(&h.product, h.bias.as_ref())?;
+                return self.out.forward_deferring_bias(&gated);
             }
-            let half = h.dim(D::Minus1)? / 2;
-            let value = h.narrow(D::Minus1, 0, half)?;
-            let gate = h.narrow(D::Minus1, half, half)?;
-            self.out.forward(&(value * gate.gelu_erf()?)?)
+            let h = h.resolve()?;
+            let gated = if super::cpu_util::is_cpu_f32(&h) {
+                super::cpu_activation::geglu(&h)?
+            } else {
+                let half = h.dim(D::Minus1)? / 2;
+                let value = h.narrow(D::Minus1, 0, half)?;
+                let gate = h.narrow(D::Minus1, half, half)?;
+                (value * gate.gelu_erf()?)?
+            };
+            self.out.forward_deferring_bias(&gated)
         })
     }
 }
@@ -343,12 +347,16 @@ impl BasicTransformerBlock {
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         crate::engine::profile::scope("BasicTransformerBlock", xs, || {
-            let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-            let xs = (self
+            // Each residual joins its Linear's output in the pass that adds the bias (CUDA).
+            let xs = self
+                .attn1
+                .forward_deferring_bias(&self.norm1.forward(xs)?, None)?
+                .add_to(xs)?;
+            let xs = self
                 .attn2
-                .forward(&self.norm2.forward(&xs)?, Some(context))?
-                + xs)?;
-            self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+                .forward_deferring_bias(&self.norm2.forward(&xs)?, Some(context))?
+                .add_to(&xs)?;
+            self.ff.forward(&self.norm3.forward(&xs)?)?.add_to(&xs)
         })
     }
 }
