@@ -435,7 +435,7 @@ impl Transformer2D {
                 Projection::Conv(c) => c.forward(&to_image(tokens)?)?,
                 Projection::Linear(l) => to_image(l.forward(&tokens)?)?,
             };
-            out + residual
+            Biased::done(out).add_to(residual)
         })
     }
 }
