@@ -149,7 +149,7 @@ fn attention_kernels_match_exact_attention() {
 
 /// Every kernel of elementwise.cu against f64: the DiT's fused LayerNorm + modulation, the
 /// GroupNorm(+SiLU) pair, modulate, gated add (with a Linear's bias folded in and without), bias
-/// add (with a residual, and a residual alone), GEGLU and the tanh GELU (with and without a bias), the per-head q/k norm with the bias and
+/// add (with a residual, and a residual alone), the per-channel add (time embeddings), GEGLU and the tanh GELU (with and without a bias), the per-head q/k norm with the bias and
 /// the rotary embedding folded in, the rotary embedding and the FP8
 /// activation quantization (code for code against a search over all e4m3 values); with
 /// 16-byte packs and without, rows shorter and longer than a block's threads, several samples.
@@ -190,6 +190,9 @@ fn elementwise_kernels_match_exact_results() {
         ("residual_add", 5, 36, 1, 0),
         ("geglu_bias", 70, 40, 1, 1),
         ("geglu_bias", 5, 36, 1, 0),
+        // channel_add: rows = samples · channels of `d` values each.
+        ("channel_add", 12, 64, 1, 1),
+        ("channel_add", 6, 35, 1, 0),
         // rope: the last field is the heads between a token and its values (token-major: 2).
         ("rope", 6, 40, 3, 1),
         ("rope", 12, 40, 3, 2),

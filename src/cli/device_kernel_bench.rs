@@ -339,6 +339,25 @@ pub fn run(
             "bias pass + add",
         );
 
+        // The ResNet blocks' time embedding over SDXL's first level (CFG batch).
+        let shape = [2, 320, 128, 128];
+        let (x, t) = (randn(&shape, 1.0)?, randn(&[2, 320], 1.0)?);
+        let candle = || x.broadcast_add(&t.reshape((2, 320, 1, 1))?);
+        record(
+            "channel_add",
+            &shape,
+            "candle broadcast_add",
+            time_ms(device, repeats, candle),
+        );
+        let ours = || elementwise::channel_add(&x, &t);
+        record(
+            "channel_add",
+            &shape,
+            "ours",
+            time_ms(device, repeats, ours),
+        );
+        check("channel_add", &shape, &ours()?, &candle()?, "candle");
+
         let shape = [1, 4608, 24, 128];
         let [_, tokens, heads, d] = shape;
         let q = randn(&shape, 1.0)?;

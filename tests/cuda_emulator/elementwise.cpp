@@ -11,6 +11,7 @@
 //   bias_add             ROWS × D plus a bias of D;  bias_add_residual  also plus a residual
 //                        (ROWS × D);  residual_add  ROWS × D plus a residual, no bias;
 //   geglu                ROWS × 2D → ROWS × D;  geglu_bias  with a bias of 2D;
+//   channel_add          ROWS = samples · channels rows of D values plus one value per row;
 //   gelu_tanh            ROWS × D;  gelu_tanh_bias  of ROWS × D plus a bias of D;
 //   qk_norm              ROWS = 2 samples · tokens · BATCHES heads rows of D (token-major), the
 //                        bias folded in, RMSNorm, then (VEC = 1) the rotary embedding from a
@@ -187,6 +188,13 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
                rows, d, vec);
         for (size_t i = 0; i < count; ++i)
             e.add(f(y[i]), f(x[i]) + (added ? f(b[i % d]) : 0.0) + (residual ? f(a[i]) : 0.0));
+    } else if (op == "channel_add") {
+        Buffer<T> t(rows);
+        fill(t, rng, 0.0f, 1.0f);
+        launch(channel_add<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, (const T *)t.data, y.data,
+               count, d, vec);
+        for (size_t i = 0; i < count; ++i)
+            e.add(f(y[i]), f(x[i]) + f(t[i / d]));
     } else if (geglu_op) {
         const T *added = op == "geglu_bias" ? (const T *)bias.data : nullptr;
         launch(geglu<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, added, y.data, rows, d, vec);
@@ -342,6 +350,7 @@ int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, u
         group_norm_case<T>(rows, d, vec, seed, gs, ga);
     else if (op == "modulate" || op == "gated_add" || op == "gated_add_bias" || op == "bias_add" ||
              op == "bias_add_residual" || op == "residual_add" || op == "geglu" || op == "geglu_bias" ||
+             op == "channel_add" ||
              op == "rope" || op == "gelu_tanh" || op == "gelu_tanh_bias")
         map_case<T>(op, rows, d, batches, vec, seed);
     else if (op == "qk_norm")

@@ -83,6 +83,24 @@ __device__ void bias_add(const T *y, const T *bias, const T *residual, T *out, s
     }
 }
 
+// out[i] = x[i] + t[i / hw]: a value per (sample, channel) over (B, C, hw) data (a ResNet
+// block's time embedding, added to its first convolution's output).
+template <typename T>
+__device__ void channel_add(const T *x, const T *t, T *out, size_t n, size_t hw, int vec) {
+    constexpr int N = Pack<T>::N;
+    if (vec) {
+        GRID_STRIDE(p, n / N) {
+            Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
+            const float add = to_f(t[p * N / hw]);
+#pragma unroll
+            for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) + add);
+            reinterpret_cast<Pack<T> *>(out)[p] = a;
+        }
+    } else {
+        GRID_STRIDE(i, n) { out[i] = from_f<T>(to_f(x[i]) + to_f(t[i / hw])); }
+    }
+}
+
 // out[r, c] = (h[r, c] + bias[c]) · gelu_erf(h[r, f + c] + bias[f + c])   (h: rows × 2f, out:
 // rows × f; the projection's bias, of 2f, may be null)
 template <typename T>
@@ -478,6 +496,10 @@ __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec
     extern "C" __global__ void bias_add_##SUFFIX(const T *y, const T *b, const T *residual, T *out, \
                                                  size_t rows, size_t cols, int vec) {              \
         bias_add<T>(y, b, residual, out, rows, cols, vec);                                         \
+    }                                                                                              \
+    extern "C" __global__ void channel_add_##SUFFIX(const T *x, const T *t, T *out, size_t n, size_t hw, \
+                                                    int vec) {                                     \
+        channel_add<T>(x, t, out, n, hw, vec);                                                     \
     }                                                                                              \
     extern "C" __global__ void geglu_##SUFFIX(const T *h, const T *bias, T *out, size_t rows, size_t f, \
                                               int vec) {                                           \

@@ -46,6 +46,17 @@ pub fn add_to_product(
     })
 }
 
+/// `x + t` for (B, C, H, W) `x` and one value per sample and channel `t` (B·C values: a ResNet
+/// block's projected time embedding), without candle's per-element broadcast indexing.
+pub fn channel_add(x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, _, _) = x.dims4()?;
+    if t.elem_count() != b * c {
+        candle_core::bail!("per-channel values {:?} for {:?}", t.dims(), x.dims());
+    }
+    x.contiguous()?
+        .apply_op2_no_bwd(&t.contiguous()?, &ChannelAdd)
+}
+
 /// `(h + bias)[.., :f] · gelu_erf((h + bias)[.., f:])` for `h` of last dimension 2f (diffusers'
 /// GEGLU; the projection's bias of 2f, or none).
 pub fn geglu(h: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
@@ -301,6 +312,47 @@ impl CustomOp1 for BiasAdd {
             })
         })?;
         Ok((storage, yl.shape().clone()))
+    }
+}
+
+struct ChannelAdd;
+
+impl CustomOp2 for ChannelAdd {
+    fn name(&self) -> &'static str {
+        "channel-add"
+    }
+
+    super::cpu_fwd_unsupported!(2);
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        t: &CudaStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, c, h, w) = xl.shape().dims4()?;
+        if tl.shape().elem_count() != b * c {
+            candle_core::bail!("per-channel values {:?} for {:?}", tl.shape(), xl.shape());
+        }
+        let (n, hw) = (b * c * h * w, h * w);
+        let dev = &x.device;
+        let dtype = x.dtype();
+        let func =
+            dev.get_or_load_custom_func(&format!("channel_add_{}", suffix(dtype)?), MODULE, PTX)?;
+        let storage = by_dtype!(dtype, T => {
+            let (xv, xa) = input::<T>(x, xl)?;
+            let (tv, _) = input::<T>(t, tl)?;
+            let mut out = output::<T>(dev, n)?;
+            // A pack must not straddle two channels.
+            let vec = (xa && hw.is_multiple_of(pack::<T>())) as i32;
+            let mut builder = func.builder();
+            builder.arg(&xv).arg(&tv).arg(&mut out).arg(&n).arg(&hw).arg(&vec);
+            let items = if vec == 1 { n / pack::<T>() } else { n };
+            unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((storage, xl.shape().clone()))
     }
 }
 

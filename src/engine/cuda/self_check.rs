@@ -22,7 +22,8 @@ pub enum Fused {
     TokenMajorRope = 2,
     /// FP8 weights' products on FP8 tensor cores (cuBLASLt), against widening the weights.
     Fp8Linear = 3,
-    /// A Linear's bias added by the kernel consuming its product (tanh GELU, gated residual).
+    /// A Linear's bias added by the kernel consuming its product (tanh GELU, GEGLU, gated
+    /// residual, residual add), and our residual and per-channel adds in place of candle's.
     DeferredBias = 4,
     /// The DiTs' q/k projections' bias, per-head RMSNorm and RoPE in one kernel.
     QkNorm = 5,
@@ -207,10 +208,17 @@ fn deferred_bias(device: &Device) -> candle_core::Result<f64> {
         biased.narrow(2, width / 2, width / 2)?,
     );
     let geglu_error = relative_error(&geglu, &(value * gate.gelu_erf()?)?)?;
+    // The ResNet blocks' time embedding, one value per sample and channel over (2, 33, 16, 16).
+    let image = values(&[b, n, 16, 16], 2.0, device)?;
+    let per_channel = values(&[b, n], 2.1, device)?;
+    let summed = super::elementwise::channel_add(&half(&image)?, &half(&per_channel)?)?;
+    let exact = f32(&image)?.broadcast_add(&f32(&per_channel)?.unsqueeze(2)?.unsqueeze(3)?)?;
+    let channel_error = relative_error(&summed, &exact)?;
     Ok(gelu_error
         .max(gated_error)
         .max(residual_error)
-        .max(geglu_error))
+        .max(geglu_error)
+        .max(channel_error))
 }
 
 /// The fused q/k kernel on (2, 20, 3, 128) f16 projections, with a rotary table (FLUX: the

@@ -137,6 +137,22 @@ fn defers_bias(xs: &Tensor, bias: &Tensor) -> bool {
     }
 }
 
+/// `xs` (B, C, H, W) plus `t` (B, C): one value per sample and channel. On CUDA our kernel
+/// (candle broadcasts through per-element index arithmetic).
+pub fn add_per_channel(xs: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::engine::cuda::{elementwise, self_check};
+        if elementwise::supports(xs)
+            && t.dtype() == xs.dtype()
+            && self_check::passed(self_check::Fused::DeferredBias)
+        {
+            return elementwise::channel_add(xs, t);
+        }
+    }
+    xs.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)
+}
+
 /// A Linear's product and the bias still to be added to it (over the last dimension). On CUDA
 /// the kernel that consumes the product (the tanh GELU, the DiTs' gated residual, their q/k
 /// norm) adds it on the way: one pass over the output less than a bias pass of its own.
@@ -516,8 +532,7 @@ impl ResnetBlock2D {
         crate::engine::profile::scope("ResnetBlock2D", xs, || {
             let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
             if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-                let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-                h = h.broadcast_add(&t)?;
+                h = add_per_channel(&h, &proj.forward(&temb.silu()?)?)?;
             }
             let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
             let shortcut = match &self.conv_shortcut {
