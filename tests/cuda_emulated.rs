@@ -148,7 +148,8 @@ fn attention_kernels_match_exact_attention() {
 }
 
 /// Every kernel of elementwise.cu against f64: the DiT's fused LayerNorm + modulation, the
-/// GroupNorm(+SiLU) pair, modulate, gated add (with a Linear's bias folded in and without), bias
+/// GroupNorm(+SiLU) pair, modulate, gated add (with a Linear's bias folded in, with a second
+/// product too, and without), bias
 /// add (with a residual, and a residual alone), the per-channel add (time embeddings), GEGLU and the tanh GELU (with and without a bias), the per-head q/k norm with the bias and
 /// the rotary embedding folded in, the rotary embedding and the FP8
 /// activation quantization (code for code against a search over all e4m3 values); with
@@ -170,6 +171,8 @@ fn elementwise_kernels_match_exact_results() {
         ("gated_add", 5, 36, 1, 0),
         ("gated_add_bias", 6, 40, 2, 1),
         ("gated_add_bias", 5, 36, 1, 0),
+        ("gated_add_sum", 6, 40, 2, 1),
+        ("gated_add_sum", 5, 36, 1, 0),
         ("gelu_tanh", 70, 40, 1, 1),
         ("gelu_tanh", 5, 36, 1, 0),
         ("gelu_tanh_bias", 70, 40, 1, 1),

@@ -267,14 +267,14 @@ pub fn run(
             randn(&[1, 3072], 1.0)?,
         );
         let bias = randn(&[3072], 1.0)?;
-        let apart = || gated_add(&x, &gate, &bias_add(&h, &bias)?, None);
+        let apart = || gated_add(&x, &gate, &bias_add(&h, &bias)?, None, None);
         record(
             "gated_add_bias",
             &shape,
             "bias pass + ours gated add",
             time_ms(device, repeats, apart),
         );
-        let fused = || gated_add(&x, &gate, &h, Some(&bias));
+        let fused = || gated_add(&x, &gate, &h, None, Some(&bias));
         record(
             "gated_add_bias",
             &shape,

@@ -7,7 +7,8 @@
 //   group_norm           ROWS = batch · groups blocks over D = values per group (4 channels per
 //                        group · HW), then the apply kernel, with SiLU;
 //   modulate, gated_add  ROWS tokens of D in BATCHES samples (per-sample vectors); gated_add_bias
-//                        adds a bias of D to the gated term;
+//                        adds a bias of D to the gated term, gated_add_sum also a second
+//                        product (ROWS × D);
 //   bias_add             ROWS × D plus a bias of D;  bias_add_residual  also plus a residual
 //                        (ROWS × D);  residual_add  ROWS × D plus a residual, no bias;
 //   geglu                ROWS × 2D → ROWS × D;  geglu_bias  with a bias of 2D;
@@ -138,16 +139,17 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
     constexpr size_t P = Pack<T>::N;
     std::mt19937 rng(seed);
     const size_t count = rows * d, per_batch = (rows / batches) * d;
-    const bool gated = op == "gated_add" || op == "gated_add_bias";
+    const bool gated = op == "gated_add" || op == "gated_add_bias" || op == "gated_add_sum";
     const bool geglu_op = op == "geglu" || op == "geglu_bias";
     const size_t in_width = geglu_op ? 2 * d : d;
     Buffer<T> x(rows * in_width), a(gated || op == "bias_add_residual" || op == "residual_add" ? count : batches * d),
-        b(batches * d), y(count), bias(geglu_op ? 2 * d : d);
+        b(batches * d), y(count), bias(geglu_op ? 2 * d : d), second(count);
     Buffer<float> cos(batches * d / 2), sin(batches * d / 2);
     fill(x, rng, 0.0f, 1.0f);
     fill(a, rng, 0.0f, 1.0f);
     fill(b, rng, 0.0f, 0.5f);
     fill(bias, rng, 0.0f, 1.0f);
+    fill(second, rng, 0.0f, 1.0f);
     std::uniform_real_distribution<float> angle(-3.14159f, 3.14159f);
     for (size_t i = 0; i < cos.count; ++i) {
         float t = angle(rng);
@@ -160,18 +162,20 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
     Error e;
     if (op == "modulate" || gated) {
         // modulate: (x, shift = a, scale = b); gated add: (x, gate = b, h = a, bias or none).
-        const T *added = op == "gated_add_bias" ? (const T *)bias.data : nullptr;
+        const T *added = op == "gated_add" ? nullptr : (const T *)bias.data;
+        const T *h2 = op == "gated_add_sum" ? (const T *)second.data : nullptr;
         if (op == "modulate")
             launch(modulate<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, (const T *)a.data,
                    (const T *)b.data, y.data, count, per_batch, d, vec);
         else
             launch(gated_add<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, (const T *)b.data,
-                   (const T *)a.data, added, y.data, count, per_batch, d, vec);
+                   (const T *)a.data, h2, added, y.data, count, per_batch, d, vec);
         for (size_t i = 0; i < count; ++i) {
             size_t c = i % d, s = i / per_batch;
             double exact = op == "modulate"
                                ? f(x[i]) * (1.0 + f(b[s * d + c])) + f(a[s * d + c])
-                               : f(x[i]) + f(b[s * d + c]) * (f(a[i]) + (added ? f(bias[c]) : 0.0));
+                               : f(x[i]) + f(b[s * d + c]) * (f(a[i]) + (h2 ? f(second[i]) : 0.0) +
+                                                              (added ? f(bias[c]) : 0.0));
             e.add(f(y[i]), exact);
         }
     } else if (op == "gelu_tanh" || op == "gelu_tanh_bias") {
@@ -348,7 +352,8 @@ int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, u
         layer_norm_modulate_case<T>(rows, d, batches, vec, seed, ln);
     else if (op == "group_norm")
         group_norm_case<T>(rows, d, vec, seed, gs, ga);
-    else if (op == "modulate" || op == "gated_add" || op == "gated_add_bias" || op == "bias_add" ||
+    else if (op == "modulate" || op == "gated_add" || op == "gated_add_bias" || op == "gated_add_sum" ||
+             op == "bias_add" ||
              op == "bias_add_residual" || op == "residual_add" || op == "geglu" || op == "geglu_bias" ||
              op == "channel_add" ||
              op == "rope" || op == "gelu_tanh" || op == "gelu_tanh_bias")

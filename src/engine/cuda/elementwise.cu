@@ -310,8 +310,10 @@ __device__ void rope(const T *x, const float *cos, const float *sin, T *y, size_
 }
 
 // The DiT's adaptive-norm arithmetic over (B, N, D) tokens with per-sample (B, D) vectors:
-// modulate: y = x · (1 + scale) + shift;   gated add: y = x + gate · (h + bias), where h is a
-// Linear's product whose bias (D, or null) is added here rather than in a pass of its own.
+// modulate: y = x · (1 + scale) + shift;   gated add: y = x + gate · (h + h2 + bias), where h is
+// a Linear's product whose bias (D, or null) is added here rather than in a pass of its own, and
+// h2 (or null) the product of the layer's other input columns (FLUX's single blocks multiply
+// attention and MLP outputs apart instead of joining them first).
 template <typename T>
 __device__ void modulate(const T *x, const T *shift, const T *scale, T *y, size_t count, size_t per_batch,
                          size_t d, int vec) {
@@ -336,8 +338,8 @@ __device__ void modulate(const T *x, const T *shift, const T *scale, T *y, size_
 }
 
 template <typename T>
-__device__ void gated_add(const T *x, const T *gate, const T *h, const T *bias, T *y, size_t count,
-                          size_t per_batch, size_t d, int vec) {
+__device__ void gated_add(const T *x, const T *gate, const T *h, const T *h2, const T *bias, T *y,
+                          size_t count, size_t per_batch, size_t d, int vec) {
     constexpr int N = Pack<T>::N;
     if (vec) {
         GRID_STRIDE(p, count / N) {
@@ -345,21 +347,28 @@ __device__ void gated_add(const T *x, const T *gate, const T *h, const T *bias, 
             Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
             Pack<T> u = reinterpret_cast<const Pack<T> *>(h)[p];
             Pack<T> g = *reinterpret_cast<const Pack<T> *>(gate + b * d + c);
+            float v[N];
+#pragma unroll
+            for (int j = 0; j < N; ++j) v[j] = to_f(u.v[j]);
+            if (h2) {
+                Pack<T> w = reinterpret_cast<const Pack<T> *>(h2)[p];
+#pragma unroll
+                for (int j = 0; j < N; ++j) v[j] += to_f(w.v[j]);
+            }
             if (bias) {
                 Pack<T> o = *reinterpret_cast<const Pack<T> *>(bias + c);
 #pragma unroll
-                for (int j = 0; j < N; ++j)
-                    a.v[j] = from_f<T>(to_f(a.v[j]) + to_f(g.v[j]) * (to_f(u.v[j]) + to_f(o.v[j])));
-            } else {
-#pragma unroll
-                for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) + to_f(g.v[j]) * to_f(u.v[j]));
+                for (int j = 0; j < N; ++j) v[j] += to_f(o.v[j]);
             }
+#pragma unroll
+            for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) + to_f(g.v[j]) * v[j]);
             reinterpret_cast<Pack<T> *>(y)[p] = a;
         }
     } else {
         GRID_STRIDE(i, count) {
             size_t c = i % d, b = i / per_batch;
-            y[i] = from_f<T>(to_f(x[i]) + to_f(gate[b * d + c]) * (to_f(h[i]) + (bias ? to_f(bias[c]) : 0.0f)));
+            float v = to_f(h[i]) + (h2 ? to_f(h2[i]) : 0.0f) + (bias ? to_f(bias[c]) : 0.0f);
+            y[i] = from_f<T>(to_f(x[i]) + to_f(gate[b * d + c]) * v);
         }
     }
 }
@@ -526,10 +535,10 @@ __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec
                                                  size_t count, size_t per_batch, size_t d, int vec) { \
         modulate<T>(x, shift, scale, y, count, per_batch, d, vec);                                 \
     }                                                                                              \
-    extern "C" __global__ void gated_add_##SUFFIX(const T *x, const T *gate, const T *h, const T *bias, \
-                                                  T *y, size_t count, size_t per_batch, size_t d,  \
-                                                  int vec) {                                       \
-        gated_add<T>(x, gate, h, bias, y, count, per_batch, d, vec);                               \
+    extern "C" __global__ void gated_add_##SUFFIX(const T *x, const T *gate, const T *h, const T *h2,  \
+                                                  const T *bias, T *y, size_t count, size_t per_batch, \
+                                                  size_t d, int vec) {                             \
+        gated_add<T>(x, gate, h, h2, bias, y, count, per_batch, d, vec);                           \
     }                                                                                              \
     extern "C" __global__ void qk_norm_##SUFFIX(const T *x, const T *params, const float *table, T *y, \
                                                 size_t rows, size_t d, size_t heads, size_t tokens, \

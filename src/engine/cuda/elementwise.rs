@@ -120,24 +120,32 @@ pub fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Res
         &scale.contiguous()?,
         &PerSample {
             op: PerSampleOp::Modulate,
+            second: None,
             bias: None,
         },
     )
 }
 
-/// `xs + gate · (ys + bias)` over (B, N, D) `xs` and `ys` with a (B, D) `gate` and a (D) `bias`
-/// (or none).
+/// `xs + gate · (ys + second + bias)` over (B, N, D) `xs`, `ys` and `second` (or none) with a
+/// (B, D) `gate` and a (D) `bias` (or none).
 pub fn gated_add(
     xs: &Tensor,
     gate: &Tensor,
     ys: &Tensor,
+    second: Option<&Tensor>,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    if let Some(s) = second {
+        if s.dims() != ys.dims() {
+            candle_core::bail!("a second product of {:?} for {:?}", s.dims(), ys.dims());
+        }
+    }
     xs.contiguous()?.apply_op3_no_bwd(
         &gate.contiguous()?,
         &ys.contiguous()?,
         &PerSample {
             op: PerSampleOp::GatedAdd,
+            second: second.map(Tensor::contiguous).transpose()?,
             bias: bias.map(Tensor::contiguous).transpose()?,
         },
     )
@@ -594,6 +602,8 @@ enum PerSampleOp {
 /// vectors; for `GatedAdd` the third operand is (B, N, D) too, and `bias` (D) is added to it.
 struct PerSample {
     op: PerSampleOp,
+    /// `GatedAdd`: a second (B, N, D) product added to the third operand.
+    second: Option<Tensor>,
     bias: Option<Tensor>,
 }
 
@@ -637,27 +647,33 @@ impl CustomOp3 for PerSample {
         let dtype = x.dtype();
         let func =
             dev.get_or_load_custom_func(&format!("{kernel}_{}", suffix(dtype)?), MODULE, PTX)?;
-        let storage = with_optional_operand(self.bias.as_ref(), |bias| {
-            Ok(by_dtype!(dtype, T => {
-                let (xv, xa) = input::<T>(x, xl)?;
-                let (av, aa) = input::<T>(a, al)?;
-                let (bv, ba) = input::<T>(b, bl)?;
-                let (biasv, biasa) = optional_input::<T>(bias, d)?;
-                let mut out = output::<T>(dev, count)?;
-                let vec = (xa && aa && ba && biasa && d.is_multiple_of(pack::<T>())) as i32;
-                let mut builder = func.builder();
-                builder.arg(&xv).arg(&av).arg(&bv);
-                if let PerSampleOp::GatedAdd = self.op {
-                    match &biasv {
-                        Some(v) => builder.arg(v),
-                        None => builder.arg(&NULL),
-                    };
-                }
-                builder.arg(&mut out).arg(&count).arg(&per_batch).arg(&d).arg(&vec);
-                let items = if vec == 1 { count / pack::<T>() } else { count };
-                unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }))
+        let storage = with_optional_operand(self.second.as_ref(), |second| {
+            with_optional_operand(self.bias.as_ref(), |bias| {
+                Ok(by_dtype!(dtype, T => {
+                    let (xv, xa) = input::<T>(x, xl)?;
+                    let (av, aa) = input::<T>(a, al)?;
+                    let (bv, ba) = input::<T>(b, bl)?;
+                    let (secondv, seconda) = optional_input::<T>(second, count)?;
+                    let (biasv, biasa) = optional_input::<T>(bias, d)?;
+                    let mut out = output::<T>(dev, count)?;
+                    let aligned = xa && aa && ba && seconda && biasa;
+                    let vec = (aligned && d.is_multiple_of(pack::<T>())) as i32;
+                    let mut builder = func.builder();
+                    builder.arg(&xv).arg(&av).arg(&bv);
+                    if let PerSampleOp::GatedAdd = self.op {
+                        for operand in [&secondv, &biasv] {
+                            match operand {
+                                Some(v) => builder.arg(v),
+                                None => builder.arg(&NULL),
+                            };
+                        }
+                    }
+                    builder.arg(&mut out).arg(&count).arg(&per_batch).arg(&d).arg(&vec);
+                    let items = if vec == 1 { count / pack::<T>() } else { count };
+                    unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+                    CudaStorage::wrap_cuda_slice(out, dev.clone())
+                }))
+            })
         })?;
         Ok((storage, xl.shape().clone()))
     }

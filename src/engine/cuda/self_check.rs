@@ -194,10 +194,26 @@ fn deferred_bias(device: &Device) -> candle_core::Result<f64> {
     let biased = f32(&h)?.broadcast_add(&f32(&bias)?)?;
     let gelu = super::elementwise::gelu_tanh(&half(&h)?, Some(&half(&bias)?))?;
     let gelu_error = relative_error(&gelu, &biased.gelu()?)?;
-    let added =
-        super::elementwise::gated_add(&half(&x)?, &half(&gate)?, &half(&h)?, Some(&half(&bias)?))?;
+    let added = super::elementwise::gated_add(
+        &half(&x)?,
+        &half(&gate)?,
+        &half(&h)?,
+        None,
+        Some(&half(&bias)?),
+    )?;
     let exact = (f32(&x)? + biased.broadcast_mul(&f32(&gate)?.unsqueeze(1)?)?)?;
-    let gated_error = relative_error(&added, &exact)?;
+    // With a second product (FLUX's single blocks multiply in two parts).
+    let second = values(&[b, n, width], 2.2, device)?;
+    let summed = super::elementwise::gated_add(
+        &half(&x)?,
+        &half(&gate)?,
+        &half(&h)?,
+        Some(&half(&second)?),
+        Some(&half(&bias)?),
+    )?;
+    let exact_sum =
+        (f32(&x)? + (&biased + f32(&second)?)?.broadcast_mul(&f32(&gate)?.unsqueeze(1)?)?)?;
+    let gated_error = relative_error(&added, &exact)?.max(relative_error(&summed, &exact_sum)?);
     let joined =
         super::elementwise::add_to_product(&half(&h)?, Some(&half(&bias)?), Some(&half(&x)?))?;
     let residual_error = relative_error(&joined, &(&biased + f32(&x)?)?)?;

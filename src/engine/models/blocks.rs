@@ -114,6 +114,7 @@ impl Linear {
             Some(bias) if defers_bias(xs, bias) => Ok(Biased {
                 product: self.forward_unbiased(xs)?,
                 bias: Some(bias.clone()),
+                addend: None,
             }),
             _ => Ok(Biased::done(self.forward(xs)?)),
         }
@@ -153,12 +154,14 @@ pub fn add_per_channel(xs: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
     xs.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)
 }
 
-/// A Linear's product and the bias still to be added to it (over the last dimension). On CUDA
+/// A Linear's product and what is still to be added to it: its bias (over the last dimension)
+/// and, for a layer multiplied in two parts by input columns, the other part's product. On CUDA
 /// the kernel that consumes the product (the tanh GELU, the DiTs' gated residual, their q/k
-/// norm) adds it on the way: one pass over the output less than a bias pass of its own.
+/// norm) adds them on the way: one pass over the output less than a pass of their own.
 pub struct Biased {
     pub product: Tensor,
     pub bias: Option<Tensor>,
+    pub addend: Option<Tensor>,
 }
 
 impl Biased {
@@ -167,26 +170,69 @@ impl Biased {
         Self {
             product: output,
             bias: None,
+            addend: None,
         }
     }
 
-    /// The output, its bias added.
-    pub fn resolve(self) -> candle_core::Result<Tensor> {
-        let Some(bias) = self.bias else {
-            return Ok(self.product);
+    /// `self` plus the product of the layer's other input columns (`other`, with its bias).
+    pub fn plus(self, other: Biased) -> candle_core::Result<Self> {
+        let (addend, bias) = match (self.addend, self.bias, other.bias) {
+            (None, None, bias) | (None, bias, None) => (other.product, bias),
+            (addend, bias, other_bias) => {
+                let partial = Biased {
+                    product: self.product,
+                    bias,
+                    addend,
+                };
+                return Ok(Biased {
+                    product: partial.resolve()?,
+                    bias: other_bias,
+                    addend: Some(other.product),
+                });
+            }
         };
-        #[cfg(feature = "cuda")]
-        if crate::engine::cuda::elementwise::supports(&self.product)
-            && self.product.dtype() == bias.dtype()
-        {
-            return crate::engine::cuda::elementwise::bias_add(&self.product, &bias);
+        Ok(Biased {
+            product: self.product,
+            bias,
+            addend: Some(addend),
+        })
+    }
+
+    /// The output, its bias and addend added.
+    pub fn resolve(self) -> candle_core::Result<Tensor> {
+        if self.bias.is_none() && self.addend.is_none() {
+            return Ok(self.product);
         }
-        self.product.broadcast_add(&bias)
+        #[cfg(feature = "cuda")]
+        {
+            let dtype = self.product.dtype();
+            if crate::engine::cuda::elementwise::supports(&self.product)
+                && self.bias.as_ref().is_none_or(|b| b.dtype() == dtype)
+                && self.addend.as_ref().is_none_or(|a| a.dtype() == dtype)
+            {
+                return crate::engine::cuda::elementwise::add_to_product(
+                    &self.product,
+                    self.bias.as_ref(),
+                    self.addend.as_ref(),
+                );
+            }
+        }
+        let mut out = self.product;
+        if let Some(addend) = self.addend {
+            out = (out + addend)?;
+        }
+        match self.bias {
+            Some(bias) => out.broadcast_add(&bias),
+            None => Ok(out),
+        }
     }
 
     /// `residual` plus the output: on CUDA one pass of our kernel that adds the bias too (also
     /// the residual adds with nothing left to add: candle's add ran 4–6× PyTorch's on an H200).
     pub fn add_to(self, residual: &Tensor) -> candle_core::Result<Tensor> {
+        if self.addend.is_some() {
+            return Biased::done(self.resolve()?).add_to(residual);
+        }
         #[cfg(feature = "cuda")]
         {
             use crate::engine::cuda::{elementwise, self_check};
@@ -216,6 +262,7 @@ impl Module for Linear {
                 return Biased {
                     product: self.forward_unbiased(xs)?,
                     bias: Some(bias.clone()),
+                    addend: None,
                 }
                 .resolve();
             }

@@ -151,7 +151,13 @@ impl BlockLinear {
         vb: VarBuilder,
         format: WeightFormat,
     ) -> candle_core::Result<Self> {
-        let dense = linear(input, output, vb)?;
+        Self::from_dense(linear(input, output, vb)?, format)
+    }
+
+    /// A dense layer held in `format`.
+    pub fn from_dense(dense: Linear, format: WeightFormat) -> candle_core::Result<Self> {
+        let input = dense.weight().dim(1)?;
+        let output = dense.weight().dim(0)?;
         match format {
             WeightFormat::Fp8 => Self::new_fp8(dense.weight().clone(), dense.bias()),
             WeightFormat::Quantized(t) if input.is_multiple_of(t.block_size()) => {
@@ -367,17 +373,20 @@ pub fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Res
         .broadcast_add(&shift.unsqueeze(1)?)
 }
 
-/// `x + gate * y` with a per-sample (B, D) gate; `y`'s bias, if still to add, added on the way.
+/// `x + gate * y` with a per-sample (B, D) gate; what is still to add to `y` (its bias, the
+/// other part's product) added on the way.
 pub fn gated_add(xs: &Tensor, gate: &Tensor, ys: Biased) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused_per_sample(xs, &[gate, &ys.product])
         && xs.dims() == ys.product.dims()
         && ys.bias.as_ref().is_none_or(|b| b.dtype() == xs.dtype())
+        && ys.addend.as_ref().is_none_or(|a| a.dtype() == xs.dtype())
     {
         return crate::engine::cuda::elementwise::gated_add(
             xs,
             gate,
             &ys.product,
+            ys.addend.as_ref(),
             ys.bias.as_ref(),
         );
     }
@@ -387,7 +396,7 @@ pub fn gated_add(xs: &Tensor, gate: &Tensor, ys: Biased) -> candle_core::Result<
 /// The tanh GELU of a Linear's output, its bias (if still to add) added on the way.
 pub fn gelu_tanh(h: Biased) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some(bias) = &h.bias {
+    if let (Some(bias), None) = (&h.bias, &h.addend) {
         use crate::engine::cuda::elementwise;
         if elementwise::supports(&h.product) && bias.dtype() == h.product.dtype() {
             return elementwise::gelu_tanh(&h.product, Some(bias));

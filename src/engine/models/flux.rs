@@ -3,10 +3,10 @@
 //! double-stream blocks (text first, rotary positions over (t, h, w) ids), then single-stream
 //! blocks over the joint sequence with a parallel MLP.
 
-use candle_core::{Device, Module, Tensor, D};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::blocks::{linear, Linear};
+use super::blocks::{linear, Biased, Linear};
 use serde::Deserialize;
 
 use super::blocks::timestep_features;
@@ -66,8 +66,43 @@ struct SingleBlock {
     norm: Modulation,
     attn: JointAttention,
     proj_mlp: BlockLinear,
-    proj_out: BlockLinear,
+    proj_out: SingleOutput,
     layer_norm: PlainLayerNorm,
+}
+
+/// A single block's output projection over its [attention | MLP] features, kept as its two
+/// column blocks and multiplied apart, the products summed where the gated residual takes them:
+/// the block never joins its (tokens × 3072) and (tokens × 12288) outputs, a copy of both every
+/// block. The split is at a multiple of every quantization block, so each format holds the same
+/// values as over the whole layer.
+struct SingleOutput {
+    attn: BlockLinear,
+    mlp: BlockLinear,
+}
+
+impl SingleOutput {
+    fn new(
+        dim: usize,
+        mlp: usize,
+        vb: VarBuilder,
+        format: WeightFormat,
+    ) -> candle_core::Result<Self> {
+        let weight = vb.get((dim, dim + mlp), "weight")?;
+        let part = |from, count, bias| -> candle_core::Result<BlockLinear> {
+            let columns = weight.narrow(1, from, count)?.contiguous()?;
+            BlockLinear::from_dense(Linear::new(columns, bias), format)
+        };
+        Ok(Self {
+            attn: part(0, dim, None)?,
+            mlp: part(dim, mlp, Some(vb.get(dim, "bias")?))?,
+        })
+    }
+
+    /// The projection of [attn | mlp], its bias (and the second part's product) left to the
+    /// gated residual.
+    fn forward(&self, attn: &Tensor, mlp: &Tensor) -> candle_core::Result<Biased> {
+        Biased::done(self.attn.forward_unbiased(attn)?).plus(self.mlp.forward_deferring_bias(mlp)?)
+    }
 }
 
 impl SingleBlock {
@@ -94,7 +129,7 @@ impl SingleBlock {
                 },
             )?,
             proj_mlp: BlockLinear::new(dim, mlp, vb.pp("proj_mlp"), format)?,
-            proj_out: BlockLinear::new(dim + mlp, dim, vb.pp("proj_out"), format)?,
+            proj_out: SingleOutput::new(dim, mlp, vb.pp("proj_out"), format)?,
             layer_norm: PlainLayerNorm::new(dim, EPS, &vb)?,
         })
     }
@@ -107,9 +142,7 @@ impl SingleBlock {
             let (attn, _) = self
                 .attn
                 .forward(&normed, None, ContextOrder::Before, Some(rope))?;
-            let out = self
-                .proj_out
-                .forward_deferring_bias(&Tensor::cat(&[&attn.resolve()?, &mlp], D::Minus1)?)?;
+            let out = self.proj_out.forward(&attn.resolve()?, &mlp)?;
             gated_add(xs, &m[2], out)
         })
     }
