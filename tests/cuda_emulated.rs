@@ -151,7 +151,8 @@ fn attention_kernels_match_exact_attention() {
 /// GroupNorm(+SiLU) pair, modulate, gated add (with a Linear's bias folded in, with a second
 /// product too, and without), bias
 /// add (with a residual, and a residual alone), the per-channel add (time embeddings), GEGLU and the tanh GELU (with and without a bias), the per-head q/k norm with the bias and
-/// the rotary embedding folded in, the rotary embedding and the FP8
+/// the rotary embedding folded in (each stream written at its place in the joint sequence), a
+/// bias added while placing a stream there, the rotary embedding and the FP8
 /// activation quantization (code for code against a search over all e4m3 values); with
 /// 16-byte packs and without, rows shorter and longer than a block's threads, several samples.
 #[test]
@@ -183,6 +184,9 @@ fn elementwise_kernels_match_exact_results() {
         ("qk_norm", 2 * 7 * 3, 128, 3, 1),
         ("qk_norm", 2 * 5 * 2, 64, 2, 0),
         ("qk_norm", 2 * 9 * 4, 80, 4, 1),
+        // bias_join: 2 samples' rows placed at token 3 of a longer joint sequence.
+        ("bias_join", 2 * 7, 48, 1, 1),
+        ("bias_join", 2 * 5, 36, 1, 0),
         ("bias_add", 70, 40, 1, 1),
         ("bias_add", 5, 36, 1, 0),
         ("geglu", 70, 40, 1, 1),

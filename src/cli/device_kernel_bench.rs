@@ -358,6 +358,53 @@ pub fn run(
         );
         check("channel_add", &shape, &ours()?, &candle()?, "candle");
 
+        // SD3.5 Large's values (CFG batch): each stream's bias, then the join, against both in
+        // one pass per stream.
+        let shape = [2, 4429, 2432];
+        let (image, text) = (randn(&[2, 4096, 2432], 1.0)?, randn(&[2, 333, 2432], 1.0)?);
+        let (image_bias, text_bias) = (randn(&[2432], 1.0)?, randn(&[2432], 1.0)?);
+        let apart = || {
+            Tensor::cat(
+                &[
+                    &bias_add(&image, &image_bias)?,
+                    &bias_add(&text, &text_bias)?,
+                ],
+                1,
+            )
+        };
+        record(
+            "join_values",
+            &shape,
+            "bias passes + candle cat",
+            time_ms(device, repeats, apart),
+        );
+        let streams = [
+            elementwise::Stream {
+                x: &image,
+                with: Some(&image_bias),
+                offset: 0,
+            },
+            elementwise::Stream {
+                x: &text,
+                with: Some(&text_bias),
+                offset: 4096,
+            },
+        ];
+        let fused = || elementwise::join_values(&streams, 4429);
+        record(
+            "join_values",
+            &shape,
+            "ours",
+            time_ms(device, repeats, fused),
+        );
+        check(
+            "join_values",
+            &shape,
+            &fused()?,
+            &apart()?,
+            "bias passes + cat",
+        );
+
         let shape = [1, 4608, 24, 128];
         let [_, tokens, heads, d] = shape;
         let q = randn(&shape, 1.0)?;
@@ -381,7 +428,12 @@ pub fn run(
             "bias pass + candle rms_norm + ours rope",
             time_ms(device, repeats, apart),
         );
-        let fused = || qk_norm(&q, &params, Some(&table), 0, 1e-6);
+        let stream = [elementwise::Stream {
+            x: &q,
+            with: Some(&params),
+            offset: 0,
+        }];
+        let fused = || qk_norm(&stream, Some(&table), tokens, 1e-6);
         record(
             "qk_norm_rope",
             &shape,

@@ -13,6 +13,8 @@
 //                        (ROWS × D);  residual_add  ROWS × D plus a residual, no bias;
 //   geglu                ROWS × 2D → ROWS × D;  geglu_bias  with a bias of 2D;
 //   channel_add          ROWS = samples · channels rows of D values plus one value per row;
+//   bias_join            ROWS = 2 samples · tokens rows of D plus a bias, placed at token 3 of a
+//                        joint sequence of 5 more tokens (the rows around must stay untouched);
 //   gelu_tanh            ROWS × D;  gelu_tanh_bias  of ROWS × D plus a bias of D;
 //   qk_norm              ROWS = 2 samples · tokens · BATCHES heads rows of D (token-major), the
 //                        bias folded in, RMSNorm, then (VEC = 1) the rotary embedding from a
@@ -189,7 +191,7 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
         const T *added = op == "residual_add" ? nullptr : (const T *)b.data;
         const T *residual = op == "bias_add" ? nullptr : (const T *)a.data;
         launch(bias_add<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, added, residual, y.data,
-               rows, d, vec);
+               rows, d, rows, rows, (size_t)0, vec);
         for (size_t i = 0; i < count; ++i)
             e.add(f(y[i]), f(x[i]) + (added ? f(b[i % d]) : 0.0) + (residual ? f(a[i]) : 0.0));
     } else if (op == "channel_add") {
@@ -223,14 +225,42 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
     e.print();
 }
 
+// A stream's rows plus a bias, placed in a joint sequence (the DiTs' values).
+template <typename T>
+void bias_join_case(size_t rows, size_t d, int vec, unsigned seed) {
+    const size_t batch = 2, tokens = rows / batch, out_tokens = tokens + 5, offset = 3;
+    std::mt19937 rng(seed);
+    Buffer<T> x(rows * d), bias(d), y(batch * out_tokens * d);
+    fill(x, rng, 0.0f, 1.0f);
+    fill(bias, rng, 0.0f, 1.0f);
+    for (size_t i = 0; i < y.count; ++i)
+        y[i] = T(NAN);
+    const size_t items = vec ? rows * d / Pack<T>::N : rows * d;
+    launch(bias_add<T>, grid_for(items), 1, THREADS, 0, (const T *)x.data, (const T *)bias.data,
+           (const T *)nullptr, y.data, rows, d, tokens, out_tokens, offset, vec);
+    Error e;
+    for (size_t b = 0; b < batch; ++b)
+        for (size_t t = 0; t < out_tokens; ++t)
+            for (size_t c = 0; c < d; ++c) {
+                const double got = f(y[(b * out_tokens + t) * d + c]);
+                if (t < offset || t >= offset + tokens) {
+                    if (!std::isnan(got))  // written outside the stream's place
+                        e.add(1.0, 0.0);
+                    continue;
+                }
+                e.add(got, f(x[(b * tokens + t - offset) * d + c]) + f(bias[c]));
+            }
+    e.print();
+}
+
 // The per-head q/k norm (+ rotary embedding) against f64, launched as the engine does: 256
 // threads, a warp per row.
 template <typename T>
 void qk_norm_case(size_t rows, size_t d, size_t heads, int with_rope, unsigned seed) {
     const size_t batch = 2, tokens = rows / heads / batch, offset = 3, half = d / 2;
-    const size_t table_tokens = tokens + 5;
+    const size_t table_tokens = tokens + 5, out_tokens = table_tokens;
     std::mt19937 rng(seed);
-    Buffer<T> x(rows * d), params(heads * d + d), y(rows * d);
+    Buffer<T> x(rows * d), params(heads * d + d), y(batch * out_tokens * heads * d);
     Buffer<float> table(2 * table_tokens * half);
     fill(x, rng, 0.3f, 2.0f);
     fill(params, rng, 0.0f, 1.0f);
@@ -247,7 +277,8 @@ void qk_norm_case(size_t rows, size_t d, size_t heads, int with_rope, unsigned s
     const float eps = 1e-6f;
     const unsigned grid = (unsigned)std::min<size_t>((rows + 7) / 8, 1 << 16);
     launch(qk_norm<T>, grid, 1, THREADS, 0, (const T *)x.data, (const T *)params.data,
-           with_rope ? (const float *)table.data : nullptr, y.data, rows, d, heads, tokens, offset, eps);
+           with_rope ? (const float *)table.data : nullptr, y.data, rows, d, heads, tokens, out_tokens, offset,
+           eps);
     Error e;
     std::vector<double> v(d);
     for (size_t r = 0; r < rows; ++r) {
@@ -260,18 +291,26 @@ void qk_norm_case(size_t rows, size_t d, size_t heads, int with_rope, unsigned s
         for (size_t c = 0; c < d; ++c)
             v[c] *= rstd * f(params[heads * d + c]);
         const size_t token = (r / heads) % tokens + offset;
+        const T *yr = y.data + ((r / heads / tokens * out_tokens + token) * heads + r % heads) * d;
         for (size_t i = 0; i < half; ++i) {
             double u = v[2 * i], w = v[2 * i + 1];
             if (with_rope) {
                 const double c = table[2 * (token * half + i)], s = table[2 * (token * half + i) + 1];
-                e.add(f(y[r * d + 2 * i]), u * c - w * s);
-                e.add(f(y[r * d + 2 * i + 1]), w * c + u * s);
+                e.add(f(yr[2 * i]), u * c - w * s);
+                e.add(f(yr[2 * i + 1]), w * c + u * s);
             } else {
-                e.add(f(y[r * d + 2 * i]), u);
-                e.add(f(y[r * d + 2 * i + 1]), w);
+                e.add(f(yr[2 * i]), u);
+                e.add(f(yr[2 * i + 1]), w);
             }
         }
     }
+    // The joint sequence's other tokens (the other stream's place) stay untouched.
+    for (size_t b = 0; b < batch; ++b)
+        for (size_t t = 0; t < out_tokens; ++t)
+            if (t < offset || t >= offset + tokens)
+                for (size_t i = 0; i < heads * d; ++i)
+                    if (!std::isnan(f(y[(b * out_tokens + t) * heads * d + i])))
+                        e.add(1.0, 0.0);
     e.print();
 }
 
@@ -360,6 +399,8 @@ int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, u
         map_case<T>(op, rows, d, batches, vec, seed);
     else if (op == "qk_norm")
         qk_norm_case<T>(rows, d, batches, vec, seed);
+    else if (op == "bias_join")
+        bias_join_case<T>(rows, d, vec, seed);
     else if (op == "fp8_quantize" || op == "fp8_rescale") {
         if constexpr (sizeof(T) == 2)  // the FP8 kernels take 16-bit activations
             fp8_case<T>(op, rows, d, vec, seed, fp8_absmax<T>, fp8_quantize<T>, fp8_rescale<T>);

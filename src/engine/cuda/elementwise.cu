@@ -45,16 +45,23 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x));
 #define GRID_STRIDE(i, n) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)blockDim.x * gridDim.x)
 
-// out[r, c] = y[r, c] + bias[c] + residual[r, c]   (y: rows × cols; bias or residual may be
+// out[r', c] = y[r, c] + bias[c] + residual[r, c]   (y: rows × cols; bias or residual may be
 // null): a Linear's bias, and the residual its output joins (the UNet's transformer blocks), in
-// one pass and one rounding.
+// one pass and one rounding. Row r (sample r / tokens, token r % tokens) lands at row r' = sample ·
+// out_tokens + offset + token of `out`: a stream placed in a joint sequence (the DiTs' values);
+// out_tokens = tokens = rows and offset 0 keep it in place.
+__device__ __forceinline__ size_t placed_row(size_t r, size_t tokens, size_t out_tokens, size_t offset) {
+    return r / tokens * out_tokens + offset + r % tokens;
+}
+
 template <typename T>
 __device__ void bias_add(const T *y, const T *bias, const T *residual, T *out, size_t rows, size_t cols,
-                         int vec) {
+                         size_t tokens, size_t out_tokens, size_t offset, int vec) {
     constexpr int N = Pack<T>::N;
     if (vec) {
         GRID_STRIDE(p, rows * cols / N) {
-            size_t c = (p * N) % cols;
+            size_t c = (p * N) % cols, r = p * N / cols;
+            size_t q = (placed_row(r, tokens, out_tokens, offset) * cols + c) / N;
             Pack<T> a = reinterpret_cast<const Pack<T> *>(y)[p];
             float v[N];
 #pragma unroll
@@ -71,14 +78,14 @@ __device__ void bias_add(const T *y, const T *bias, const T *residual, T *out, s
             }
 #pragma unroll
             for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(v[j]);
-            reinterpret_cast<Pack<T> *>(out)[p] = a;
+            reinterpret_cast<Pack<T> *>(out)[q] = a;
         }
     } else {
         GRID_STRIDE(i, rows * cols) {
             float v = to_f(y[i]);
             if (bias) v += to_f(bias[i % cols]);
             if (residual) v += to_f(residual[i]);
-            out[i] = from_f<T>(v);
+            out[placed_row(i / cols, tokens, out_tokens, offset) * cols + i % cols] = from_f<T>(v);
         }
     }
 }
@@ -375,14 +382,16 @@ __device__ void gated_add(const T *x, const T *gate, const T *h, const T *h2, co
 
 // The DiTs' per-head RMSNorm of queries or keys (diffusers' `norm_q`/`norm_k`, eps as given) with
 // the projection's bias folded in, then FLUX's rotary embedding: one pass where the bias, the
-// norm and the rotation each took one. x, y: token-major projections, rows = B·N·heads of d;
-// params = [bias (heads·d) | norm weight (d)]; table: (tokens of the joint sequence, d/2) (cos,
-// sin) pairs in f32, or null (no rotation); this stream's token t sits at t + offset of it.
+// norm, the rotation and joining the text and image streams each took one. x: a stream's
+// token-major projection, rows = B·tokens·heads of d; y: the joint sequence (B, out_tokens,
+// heads, d), in which this stream's token t sits at t + offset (its row there, and its rotary
+// angles); params = [bias (heads·d) | norm weight (d)]; table: (joint tokens, d/2) (cos, sin)
+// pairs in f32, or null (no rotation).
 //   v = x + bias;  v · rsqrt(mean(v²) + eps) · weight;  pairs (2i, 2i+1) rotated as in `rope`.
 // One warp per row, each lane holding the pairs i ≡ lane (mod 32) in registers: d ≤ 256.
 template <typename T>
 __device__ void qk_norm(const T *x, const T *params, const float *table, T *y, size_t rows, size_t d,
-                        size_t heads, size_t tokens, size_t offset, float eps) {
+                        size_t heads, size_t tokens, size_t out_tokens, size_t offset, float eps) {
     constexpr int MAX_PAIRS = 4;
     const size_t half = d / 2, warps = blockDim.x / 32, lane = threadIdx.x % 32;
     const T *weight = params + heads * d;
@@ -403,7 +412,7 @@ __device__ void qk_norm(const T *x, const T *params, const float *table, T *y, s
         for (int o = 16; o > 0; o /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, o);
         const float rstd = rsqrtf(squares / (float)d + eps);
         const size_t token = (row / heads) % tokens + offset;
-        T *yr = y + row * d;
+        T *yr = y + ((row / heads / tokens * out_tokens + token) * heads + row % heads) * d;
 #pragma unroll
         for (int k = 0; k < MAX_PAIRS; ++k) {
             const size_t i = lane + 32 * k;
@@ -503,8 +512,9 @@ __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec
 
 #define KERNELS(SUFFIX, T)                                                                          \
     extern "C" __global__ void bias_add_##SUFFIX(const T *y, const T *b, const T *residual, T *out, \
-                                                 size_t rows, size_t cols, int vec) {              \
-        bias_add<T>(y, b, residual, out, rows, cols, vec);                                         \
+                                                 size_t rows, size_t cols, size_t tokens,          \
+                                                 size_t out_tokens, size_t offset, int vec) {      \
+        bias_add<T>(y, b, residual, out, rows, cols, tokens, out_tokens, offset, vec);             \
     }                                                                                              \
     extern "C" __global__ void channel_add_##SUFFIX(const T *x, const T *t, T *out, size_t n, size_t hw, \
                                                     int vec) {                                     \
@@ -542,8 +552,8 @@ __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec
     }                                                                                              \
     extern "C" __global__ void qk_norm_##SUFFIX(const T *x, const T *params, const float *table, T *y, \
                                                 size_t rows, size_t d, size_t heads, size_t tokens, \
-                                                size_t offset, float eps) {                        \
-        qk_norm<T>(x, params, table, y, rows, d, heads, tokens, offset, eps);                      \
+                                                size_t out_tokens, size_t offset, float eps) {     \
+        qk_norm<T>(x, params, table, y, rows, d, heads, tokens, out_tokens, offset, eps);          \
     }                                                                                              \
     extern "C" __global__ void layer_norm_modulate_##SUFFIX(const T *x, const T *shift, const T *scale, \
                                                             T *y, size_t d, size_t rows_per_batch, \

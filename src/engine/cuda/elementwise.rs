@@ -9,7 +9,9 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
-use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{
+    CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor,
+};
 
 use super::{by_dtype, cuda_error, input};
 use crate::engine::cuda_geometry::token_major_view;
@@ -151,25 +153,79 @@ pub fn gated_add(
     )
 }
 
-/// Per-head RMSNorm (weight, `eps`) of token-major (B, N, H, D) queries or keys plus their
-/// projection's bias, then, with `table`, the rotary embedding: `params` = [bias (H·D) | weight
-/// (D)]; `table` (tokens, D/2, 2) f32 (cos, sin) for the joint sequence, in which this stream's
-/// tokens start at `offset`. D even, at most 256.
+/// One stream of a joint token sequence (FLUX's and SD3's text and image tokens): its (B, N, …)
+/// data, what the join adds to it (see [`join_values`], [`qk_norm`]) and where its first token
+/// goes.
+pub struct Stream<'a> {
+    pub x: &'a Tensor,
+    pub with: Option<&'a Tensor>,
+    pub offset: usize,
+}
+
+/// The streams' (B, Nᵢ, C) value projections plus their biases (`with`, or none), each written at
+/// its place in one (B, total, C) joint sequence: the bias pass and the join in one.
+pub fn join_values(streams: &[Stream], total: usize) -> candle_core::Result<Tensor> {
+    joint(streams, total, JointKind::Values)
+}
+
+/// Per-head RMSNorm (weight, `eps`) of token-major (B, Nᵢ, H, D) queries or keys plus their
+/// projection's bias, then, with `table`, the rotary embedding, each stream written at its place
+/// in one (B, total, H, D) joint sequence. Each stream's `with` = [bias (H·D) | weight (D)];
+/// `table` (total, D/2, 2) f32 (cos, sin) pairs. D even, at most 256.
 pub fn qk_norm(
-    xs: &Tensor,
-    params: &Tensor,
+    streams: &[Stream],
     table: Option<&Tensor>,
-    offset: usize,
+    total: usize,
     eps: f32,
 ) -> candle_core::Result<Tensor> {
-    xs.contiguous()?.apply_op2_no_bwd(
-        &params.contiguous()?,
-        &QkNorm {
+    joint(
+        streams,
+        total,
+        JointKind::QkNorm {
             table: table.map(Tensor::contiguous).transpose()?,
-            offset,
             eps,
         },
     )
+}
+
+fn joint(streams: &[Stream], total: usize, kind: JointKind) -> candle_core::Result<Tensor> {
+    let Some(first) = streams.first() else {
+        candle_core::bail!("a joint sequence of no streams");
+    };
+    // Every token of the joint sequence written once: the streams tile it.
+    let mut places: Vec<(usize, usize)> = streams
+        .iter()
+        .map(|s| Ok((s.offset, s.x.dim(1)?)))
+        .collect::<candle_core::Result<_>>()?;
+    places.sort_unstable();
+    let tiled = places
+        .iter()
+        .try_fold(0, |end, &(offset, n)| (offset == end).then_some(end + n));
+    if tiled != Some(total) {
+        candle_core::bail!("streams at {places:?} do not tile a sequence of {total} tokens");
+    }
+    let streams = streams
+        .iter()
+        .map(|s| {
+            if s.x.dims()[2..] != first.x.dims()[2..] || s.x.dim(0)? != first.x.dim(0)? {
+                candle_core::bail!(
+                    "streams {:?} and {:?} do not join",
+                    s.x.dims(),
+                    first.x.dims()
+                );
+            }
+            Ok(OwnedStream {
+                x: s.x.contiguous()?,
+                with: s.with.map(Tensor::contiguous).transpose()?,
+                offset: s.offset,
+            })
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    streams[0].x.clone().apply_op1_no_bwd(&Joint {
+        streams,
+        total,
+        kind,
+    })
 }
 
 /// Head sizes [`qk_norm`] takes (a warp's registers hold a row).
@@ -312,7 +368,16 @@ impl CustomOp1 for BiasAdd {
                             None => builder.arg(&NULL),
                         };
                     }
-                    builder.arg(&mut out).arg(&rows).arg(&cols).arg(&vec);
+                    // In place: no stream placement (tokens = out_tokens = rows, offset 0).
+                    let offset = 0usize;
+                    builder
+                        .arg(&mut out)
+                        .arg(&rows)
+                        .arg(&cols)
+                        .arg(&rows)
+                        .arg(&rows)
+                        .arg(&offset)
+                        .arg(&vec);
                     let items = if vec == 1 { n / pack::<T>() } else { n };
                     unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
                     CudaStorage::wrap_cuda_slice(out, dev.clone())
@@ -737,82 +802,159 @@ impl CustomOp3 for LayerNormModulate {
     }
 }
 
-struct QkNorm {
-    /// (tokens, D/2, 2) f32 rotary (cos, sin) pairs, or none.
-    table: Option<Tensor>,
-    offset: usize,
-    eps: f32,
+/// A locked operand's CUDA storage.
+fn locked_cuda<'g, 'a: 'g>(
+    (storage, layout): &'g (StorageRef<'a>, &'a Layout),
+) -> candle_core::Result<(&'g CudaStorage, &'g Layout)> {
+    match &**storage {
+        Storage::Cuda(s) => Ok((s, *layout)),
+        _ => candle_core::bail!("an operand off the CUDA device"),
+    }
 }
 
-impl CustomOp2 for QkNorm {
+enum JointKind {
+    /// Each stream's bias added ([`join_values`]).
+    Values,
+    /// Bias, per-head RMSNorm and rotary embedding ([`qk_norm`]).
+    QkNorm { table: Option<Tensor>, eps: f32 },
+}
+
+struct OwnedStream {
+    x: Tensor,
+    with: Option<Tensor>,
+    offset: usize,
+}
+
+/// A kernel per stream into one output. Candle passes a custom op at most three tensors: the
+/// op is applied to the first stream and reads the others through their storage.
+struct Joint {
+    streams: Vec<OwnedStream>,
+    total: usize,
+    kind: JointKind,
+}
+
+impl CustomOp1 for Joint {
     fn name(&self) -> &'static str {
-        "qk-norm"
+        match self.kind {
+            JointKind::Values => "join-values",
+            JointKind::QkNorm { .. } => "qk-norm",
+        }
     }
 
-    super::cpu_fwd_unsupported!(2);
+    super::cpu_fwd_unsupported!(1);
 
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        params: &CudaStorage,
-        pl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (batch, tokens, heads, d) = xl.shape().dims4()?;
-        if !qk_norm_supports(d) || pl.shape().elem_count() != (heads + 1) * d {
-            candle_core::bail!(
-                "q/k norm of {:?} with parameters {:?}",
-                xl.shape(),
-                pl.shape()
-            );
-        }
-        let rows = batch * tokens * heads;
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = xl.shape().dims();
+        let (batch, width) = (dims[0], dims[2..].iter().product::<usize>());
+        let mut out_dims = dims.to_vec();
+        out_dims[1] = self.total;
+        let (kernel, head_dim) = match &self.kind {
+            JointKind::Values => ("bias_add", 0),
+            JointKind::QkNorm { .. } => {
+                let [_, _, _, d] = dims else {
+                    candle_core::bail!("q/k norm of {dims:?}: (B, N, H, D) wanted");
+                };
+                if !qk_norm_supports(*d) {
+                    candle_core::bail!("q/k norm at head size {d}");
+                }
+                ("qk_norm", *d)
+            }
+        };
         let dev = &x.device;
         let dtype = x.dtype();
         let func =
-            dev.get_or_load_custom_func(&format!("qk_norm_{}", suffix(dtype)?), MODULE, PTX)?;
-        let storage = with_optional_operand(self.table.as_ref(), |table| {
-            if let Some((_, tl)) = table {
-                let table_tokens = tl.shape().elem_count() / d.max(1);
-                if tl.shape().elem_count() % d != 0 || table_tokens < self.offset + tokens {
-                    candle_core::bail!(
-                        "rotary table {:?} for {tokens} tokens at {}",
-                        tl.shape(),
-                        self.offset
-                    );
+            dev.get_or_load_custom_func(&format!("{kernel}_{}", suffix(dtype)?), MODULE, PTX)?;
+        // The first stream's data is this op's argument (already locked by candle).
+        let locked: Vec<_> = self
+            .streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let data = (i > 0).then(|| s.x.storage_and_layout());
+                (data, s.with.as_ref().map(Tensor::storage_and_layout))
+            })
+            .collect();
+        let table = match &self.kind {
+            JointKind::QkNorm { table: Some(t), .. } => Some(t.storage_and_layout()),
+            _ => None,
+        };
+        let storage = by_dtype!(dtype, T => {
+            let mut out = output::<T>(dev, batch * self.total * width)?;
+            let table = table.as_ref().map(locked_cuda).transpose()?;
+            let (tv, _) = match (&self.kind, table) {
+                (JointKind::QkNorm { .. }, Some((ts, tl))) => {
+                    if tl.shape().elem_count() < self.total * head_dim {
+                        candle_core::bail!("rotary table {:?} for {} tokens", tl.shape(), self.total);
+                    }
+                    optional_input::<f32>(Some((ts, tl)), tl.shape().elem_count())?
+                }
+                _ => (None, true),
+            };
+            for (stream, (x_locked, with_locked)) in self.streams.iter().zip(&locked) {
+                let (xs, xl) = match x_locked {
+                    Some(data) => locked_cuda(data)?,
+                    None => (x, xl),
+                };
+                let with = with_locked.as_ref().map(locked_cuda).transpose()?;
+                let tokens = xl.shape().dims()[1];
+                let rows = batch * tokens;
+                let (xv, xa) = input::<T>(xs, xl)?;
+                let mut builder = func.builder();
+                builder.arg(&xv);
+                match &self.kind {
+                    JointKind::Values => {
+                        let (bv, ba) = optional_input::<T>(with, width)?;
+                        let vec = (xa && ba && width.is_multiple_of(pack::<T>())) as i32;
+                        match &bv {
+                            Some(v) => builder.arg(v),
+                            None => builder.arg(&NULL),
+                        };
+                        builder
+                            .arg(&NULL)
+                            .arg(&mut out)
+                            .arg(&rows)
+                            .arg(&width)
+                            .arg(&tokens)
+                            .arg(&self.total)
+                            .arg(&stream.offset)
+                            .arg(&vec);
+                        let items = if vec == 1 { rows * width / pack::<T>() } else { rows * width };
+                        unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+                    }
+                    JointKind::QkNorm { eps, .. } => {
+                        let heads = width / head_dim;
+                        let (pv, _) = optional_input::<T>(with, (heads + 1) * head_dim)?;
+                        let Some(pv) = pv else {
+                            candle_core::bail!("q/k norm without its parameters");
+                        };
+                        builder.arg(&pv);
+                        match &tv {
+                            Some(v) => builder.arg(v),
+                            None => builder.arg(&NULL),
+                        };
+                        let rows = rows * heads;
+                        builder
+                            .arg(&mut out)
+                            .arg(&rows)
+                            .arg(&head_dim)
+                            .arg(&heads)
+                            .arg(&tokens)
+                            .arg(&self.total)
+                            .arg(&stream.offset)
+                            .arg(eps);
+                        // A warp per row, rows / 8 blocks of 256 threads (grid-stride beyond).
+                        let warps = THREADS as usize / 32;
+                        let launch = LaunchConfig {
+                            grid_dim: (rows.div_ceil(warps).clamp(1, 1 << 16) as u32, 1, 1),
+                            block_dim: (THREADS, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        unsafe { builder.launch(launch) }.map_err(cuda_error)?;
+                    }
                 }
             }
-            let table_len = table.map_or(0, |(_, tl)| tl.shape().elem_count());
-            let (tv, _) = optional_input::<f32>(table, table_len)?;
-            Ok(by_dtype!(dtype, T => {
-                let (xv, _) = input::<T>(x, xl)?;
-                let (pv, _) = input::<T>(params, pl)?;
-                let mut out = output::<T>(dev, rows * d)?;
-                let mut builder = func.builder();
-                builder.arg(&xv).arg(&pv);
-                match &tv {
-                    Some(tv) => builder.arg(tv),
-                    None => builder.arg(&NULL),
-                };
-                builder
-                    .arg(&mut out)
-                    .arg(&rows)
-                    .arg(&d)
-                    .arg(&heads)
-                    .arg(&tokens)
-                    .arg(&self.offset)
-                    .arg(&self.eps);
-                // A warp per row, rows / 8 blocks of 256 threads (grid-stride beyond).
-                let warps = THREADS as usize / 32;
-                let launch = LaunchConfig {
-                    grid_dim: (rows.div_ceil(warps).clamp(1, 1 << 16) as u32, 1, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                unsafe { builder.launch(launch) }.map_err(cuda_error)?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }))
-        })?;
-        Ok((storage, xl.shape().clone()))
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((storage, Shape::from(out_dims)))
     }
 }

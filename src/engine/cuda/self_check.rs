@@ -25,7 +25,8 @@ pub enum Fused {
     /// A Linear's bias added by the kernel consuming its product (tanh GELU, GEGLU, gated
     /// residual, residual add), and our residual and per-channel adds in place of candle's.
     DeferredBias = 4,
-    /// The DiTs' q/k projections' bias, per-head RMSNorm and RoPE in one kernel.
+    /// The DiTs' q/k projections' bias, per-head RMSNorm and RoPE in one kernel that also joins
+    /// the text and image streams; the values' biases added while joining them.
     QkNorm = 5,
 }
 
@@ -237,33 +238,71 @@ fn deferred_bias(device: &Device) -> candle_core::Result<f64> {
         .max(channel_error))
 }
 
-/// The fused q/k kernel on (2, 20, 3, 128) f16 projections, with a rotary table (FLUX: the
-/// stream's tokens 4 into it) and without (SD3.5), against bias, candle's RMSNorm and the
-/// unfused rotation in f32.
+/// The fused q/k kernel on two f16 streams (2 samples, 5 text and 20 image tokens, 3 heads of
+/// 128) joined text first, with FLUX's rotary table and without (SD3.5), against bias, candle's
+/// RMSNorm, joining and the unfused rotation in f32; and the values' bias + join.
 fn qk_norm(device: &Device) -> candle_core::Result<f64> {
+    use super::elementwise::{join_values, Stream};
     use crate::engine::models::dit::Rope;
     use candle_core::Module;
-    let (batch, tokens, heads, d, offset, eps) = (2, 20, 3, 128, 4, 1e-6);
-    let x = (values(&[batch, tokens, heads, d], 1.6, device)? * 2.0)?.to_dtype(DType::F16)?;
-    let bias = values(&[heads * d], 1.7, device)?;
-    let weight = ((values(&[d], 1.8, device)? * 0.3)? + 1.0)?;
-    let params = Tensor::cat(&[&bias, &weight], 0)?.to_dtype(DType::F16)?;
-    let angles = (values(&[1, 1, offset + tokens + 3, d / 2], 1.9, device)? * 3.0)?;
-    let table = Rope::new(angles.cos()?, angles.sin()?)?;
-    let f32 = |t: &Tensor| t.to_dtype(DType::F16)?.to_dtype(DType::F32);
-    let normed = candle_nn::RmsNorm::new(f32(&weight)?, eps).forward(
-        &x.to_dtype(DType::F32)?
-            .broadcast_add(&f32(&bias)?.reshape((heads, d))?)?,
+    let (batch, heads, d, eps) = (2, 3, 128, 1e-6);
+    let stream = |tokens: usize, seed: f32| -> candle_core::Result<[Tensor; 3]> {
+        let x = (values(&[batch, tokens, heads, d], seed, device)? * 2.0)?;
+        let bias = values(&[heads * d], seed + 0.1, device)?;
+        let weight = ((values(&[d], seed + 0.2, device)? * 0.3)? + 1.0)?;
+        let params = Tensor::cat(&[&bias, &weight], 0)?.to_dtype(DType::F16)?;
+        Ok([x.to_dtype(DType::F16)?, params, bias.to_dtype(DType::F16)?])
+    };
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let (text, image) = (stream(5, 1.6)?, stream(20, 1.7)?);
+    let total = 25;
+    // Reference: each stream biased and normalised, then joined text first.
+    let normed = |[x, params, _]: &[Tensor; 3]| -> candle_core::Result<Tensor> {
+        let bias = f32(&params.narrow(0, 0, heads * d)?)?.reshape((heads, d))?;
+        let weight = f32(&params.narrow(0, heads * d, d)?)?;
+        candle_nn::RmsNorm::new(weight, eps).forward(&f32(x)?.broadcast_add(&bias)?)
+    };
+    let joined = Tensor::cat(&[normed(&text)?, normed(&image)?], 1)?;
+    let streams = |with: fn(&[Tensor; 3]) -> &Tensor| {
+        [(&text, 0), (&image, 5)].map(|(s, offset)| Stream {
+            x: &s[0],
+            with: Some(with(s)),
+            offset,
+        })
+    };
+    let plain = super::elementwise::qk_norm(&streams(|s| &s[1]), None, total, eps as f32)?;
+    let plain_error = relative_error(&plain, &joined)?;
+    let angles = (values(&[1, 1, total, d / 2], 1.9, device)? * 3.0)?;
+    let rope = Rope::new(angles.cos()?, angles.sin()?)?;
+    let rotated =
+        super::elementwise::qk_norm(&streams(|s| &s[1]), rope.table(), total, eps as f32)?;
+    let exact = rope.apply_unfused(&joined.transpose(1, 2)?)?;
+    let rotated_error = relative_error(&rotated.transpose(1, 2)?, &exact)?;
+    // The values: each stream's bias added while joining.
+    let flat = |s: &[Tensor; 3]| s[0].reshape((batch, (), heads * d));
+    let (text_v, image_v) = (flat(&text)?, flat(&image)?);
+    let values_joined = join_values(
+        &[
+            Stream {
+                x: &text_v,
+                with: Some(&text[2]),
+                offset: 0,
+            },
+            Stream {
+                x: &image_v,
+                with: Some(&image[2]),
+                offset: 5,
+            },
+        ],
+        total,
     )?;
-    let plain = super::elementwise::qk_norm(&x, &params, None, 0, eps as f32)?;
-    let plain_error = relative_error(&plain, &normed)?;
-    let stream = Rope::new(
-        angles.cos()?.narrow(2, offset, tokens)?,
-        angles.sin()?.narrow(2, offset, tokens)?,
+    let biased = |v: &Tensor, b: &Tensor| f32(v)?.broadcast_add(&f32(b)?);
+    let exact_values = Tensor::cat(
+        &[biased(&text_v, &text[2])?, biased(&image_v, &image[2])?],
+        1,
     )?;
-    let rotated = super::elementwise::qk_norm(&x, &params, table.table(), offset, eps as f32)?;
-    let exact = stream.apply_unfused(&normed.transpose(1, 2)?)?;
-    Ok(plain_error.max(relative_error(&rotated.transpose(1, 2)?, &exact)?))
+    let values_error = relative_error(&values_joined, &exact_values)?;
+    Ok(plain_error.max(rotated_error).max(values_error))
 }
 
 /// An FP8 layer's product on the FP8 tensor cores against the same product in f32 tensor ops

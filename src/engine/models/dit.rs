@@ -506,13 +506,15 @@ struct Projections {
     fused_norm_params: Option<[Tensor; 2]>,
 }
 
-/// Where one stream's fused q/k norm finds its rotary angles: FLUX's (cos, sin) table for the
-/// joint sequence and the stream's first token in it (no table: SD3.5, norm only).
-#[derive(Clone, Copy)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct FusedQk<'a> {
-    table: Option<&'a Tensor>,
-    offset: usize,
+/// One stream's projections for the fused path: q, k, v (B, N, heads, head_dim) without their
+/// biases, q's and k's [bias | norm weight], v's bias.
+#[cfg(feature = "cuda")]
+struct Unbiased<'a> {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    norm_params: &'a [Tensor; 2],
+    v_bias: Option<&'a Tensor>,
 }
 
 impl Projections {
@@ -554,32 +556,11 @@ impl Projections {
     }
 
     /// Token-major (B, N, heads, head_dim) queries, keys and values: the projections' own
-    /// order (attention reads them through heads-first views, on CUDA without copying). With
-    /// `fused`, q and k come out of one kernel each that adds the bias, normalises and (given a
-    /// table) rotates them.
-    fn forward(
-        &self,
-        xs: &Tensor,
-        heads: usize,
-        fused: Option<FusedQk>,
-    ) -> candle_core::Result<[Tensor; 3]> {
+    /// order (attention reads them through heads-first views, on CUDA without copying).
+    fn forward(&self, xs: &Tensor, heads: usize) -> candle_core::Result<[Tensor; 3]> {
         let (b, n, _) = xs.dims3()?;
         let split = |t: Tensor| t.reshape((b, n, heads, ()));
         let v = split(self.v.forward(xs)?)?;
-        #[cfg(feature = "cuda")]
-        if let (Some(fused), Some([pq, pk])) = (fused, &self.fused_norm_params) {
-            use crate::engine::cuda::elementwise::qk_norm;
-            let eps = QK_NORM_EPS as f32;
-            let q = split(self.q.forward_unbiased(xs)?)?;
-            let k = split(self.k.forward_unbiased(xs)?)?;
-            return Ok([
-                qk_norm(&q, pq, fused.table, fused.offset, eps)?,
-                qk_norm(&k, pk, fused.table, fused.offset, eps)?,
-                v,
-            ]);
-        }
-        #[cfg(not(feature = "cuda"))]
-        let _ = fused;
         let mut q = split(self.q.forward(xs)?)?;
         let mut k = split(self.k.forward(xs)?)?;
         if let Some([nq, nk]) = &self.norms {
@@ -589,7 +570,24 @@ impl Projections {
         Ok([q, k, v])
     }
 
-    /// Whether [`Self::forward`] can take the fused q/k kernel for `xs`.
+    /// The fused path's inputs ([`Self::fuses_qk_norm`]).
+    #[cfg(feature = "cuda")]
+    fn unbiased(&self, xs: &Tensor, heads: usize) -> candle_core::Result<Unbiased<'_>> {
+        let Some(norm_params) = &self.fused_norm_params else {
+            candle_core::bail!("the fused q/k path without its parameters");
+        };
+        let (b, n, _) = xs.dims3()?;
+        let split = |t: Tensor| t.reshape((b, n, heads, ()));
+        Ok(Unbiased {
+            q: split(self.q.forward_unbiased(xs)?)?,
+            k: split(self.k.forward_unbiased(xs)?)?,
+            v: split(self.v.forward_unbiased(xs)?)?,
+            norm_params,
+            v_bias: self.v.unapplied_bias(),
+        })
+    }
+
+    /// Whether the fused q/k kernel takes this stream for `xs`.
     fn fuses_qk_norm(&self, xs: &Tensor) -> bool {
         self.fused_norm_params
             .as_ref()
@@ -719,32 +717,21 @@ impl JointAttention {
                 ContextOrder::After => (0, n),
                 ContextOrder::Before => (text_tokens, 0),
             };
-            // One kernel per q and k for bias, norm and rotation where every stream can take it
-            // (FLUX, SD3.5 on CUDA); otherwise those steps one by one, the rotation after joining.
+            // Where every stream can take it (FLUX, SD3.5 on CUDA): q and k each out of one kernel
+            // that adds the bias, normalises, rotates and writes both streams into the joint
+            // sequence, v's biases added while joining; otherwise those steps one by one, the
+            // rotation after joining.
             let table = rope.map(Rope::table);
             let fused = fused_qk_norm_enabled(xs)
                 && self.image.fuses_qk_norm(xs)
                 && joint.is_none_or(|(_, proj)| proj.fuses_qk_norm(xs))
                 && table.is_none_or(|t| t.is_some());
-            let fused_at = |offset| {
-                fused.then_some(FusedQk {
-                    table: table.flatten(),
-                    offset,
-                })
+            let qkv = if fused {
+                self.fused_qkv(xs, joint, (image_at, text_at), table.flatten())?
+            } else {
+                self.separate_qkv(xs, joint, order)?
             };
-            let [mut q, mut k, mut v] = self.image.forward(xs, self.heads, fused_at(image_at))?;
-            if let Some((ctx, proj)) = joint {
-                let [cq, ck, cv] = proj.forward(ctx, self.heads, fused_at(text_at))?;
-                let join = |img: &Tensor, txt: &Tensor| match order {
-                    ContextOrder::After => Tensor::cat(&[img, txt], 1),
-                    ContextOrder::Before => Tensor::cat(&[txt, img], 1),
-                };
-                q = join(&q, &cq)?;
-                k = join(&k, &ck)?;
-                v = join(&v, &cv)?;
-            }
-            // Heads-first views of the token-major joint sequence.
-            let [q, k, v] = [q, k, v].map(|t| t.transpose(1, 2));
+            let [q, k, v] = qkv.map(|t| t.transpose(1, 2));
             let (mut q, mut k, v) = (q?, k?, v?);
             if let (Some(rope), false) = (rope, fused) {
                 q = rope.apply(&q)?;
@@ -767,6 +754,80 @@ impl JointAttention {
             };
             Ok((image, text))
         })
+    }
+
+    /// Token-major q, k, v of the joint sequence from the fused kernels, every stream written
+    /// at its place (`at`: the image's and the text's first tokens).
+    #[cfg(feature = "cuda")]
+    fn fused_qkv(
+        &self,
+        xs: &Tensor,
+        joint: Option<(&Tensor, &Projections)>,
+        (image_at, text_at): (usize, usize),
+        table: Option<&Tensor>,
+    ) -> candle_core::Result<[Tensor; 3]> {
+        use crate::engine::cuda::elementwise::{join_values, qk_norm, Stream};
+        let mut parts = vec![(self.image.unbiased(xs, self.heads)?, image_at)];
+        let mut total = xs.dim(1)?;
+        if let Some((ctx, proj)) = joint {
+            parts.push((proj.unbiased(ctx, self.heads)?, text_at));
+            total += ctx.dim(1)?;
+        }
+        let eps = QK_NORM_EPS as f32;
+        // 0: queries, 1: keys.
+        let normed = |which: usize| {
+            let streams: Vec<Stream> = parts
+                .iter()
+                .map(|(part, offset)| Stream {
+                    x: if which == 0 { &part.q } else { &part.k },
+                    with: Some(&part.norm_params[which]),
+                    offset: *offset,
+                })
+                .collect();
+            qk_norm(&streams, table, total, eps)
+        };
+        let (q, k) = (normed(0)?, normed(1)?);
+        let values: Vec<Stream> = parts
+            .iter()
+            .map(|(part, offset)| Stream {
+                x: &part.v,
+                with: part.v_bias,
+                offset: *offset,
+            })
+            .collect();
+        Ok([q, k, join_values(&values, total)?])
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn fused_qkv(
+        &self,
+        _: &Tensor,
+        _: Option<(&Tensor, &Projections)>,
+        _: (usize, usize),
+        _: Option<&Tensor>,
+    ) -> candle_core::Result<[Tensor; 3]> {
+        candle_core::bail!("the fused q/k path runs on CUDA only")
+    }
+
+    /// Token-major q, k, v of each stream (projection, bias, norm), joined in `order`.
+    fn separate_qkv(
+        &self,
+        xs: &Tensor,
+        joint: Option<(&Tensor, &Projections)>,
+        order: ContextOrder,
+    ) -> candle_core::Result<[Tensor; 3]> {
+        let [mut q, mut k, mut v] = self.image.forward(xs, self.heads)?;
+        if let Some((ctx, proj)) = joint {
+            let [cq, ck, cv] = proj.forward(ctx, self.heads)?;
+            let join = |img: &Tensor, txt: &Tensor| match order {
+                ContextOrder::After => Tensor::cat(&[img, txt], 1),
+                ContextOrder::Before => Tensor::cat(&[txt, img], 1),
+            };
+            q = join(&q, &cq)?;
+            k = join(&k, &ck)?;
+            v = join(&v, &cv)?;
+        }
+        Ok([q, k, v])
     }
 }
 
