@@ -4,10 +4,10 @@
 //! the last (GELU, gated add, q/k norm), its bias is added there rather than by a pass of its own.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::CudaView;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchArgs};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{
     CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor,
@@ -327,6 +327,14 @@ fn optional_input<'a, T: CudaDType>(
 /// The null device pointer an absent optional operand is passed as.
 const NULL: u64 = 0;
 
+/// Pushes an optional operand's data, or the null pointer the kernels test for.
+fn push_optional<'a, T>(builder: &mut LaunchArgs<'a>, operand: &'a Option<CudaView<'_, T>>) {
+    match operand {
+        Some(view) => builder.arg(view),
+        None => builder.arg(&NULL),
+    };
+}
+
 /// Elements per 16-byte pack.
 fn pack<T>() -> usize {
     16 / std::mem::size_of::<T>()
@@ -363,10 +371,7 @@ impl CustomOp1 for BiasAdd {
                     let mut builder = func.builder();
                     builder.arg(&yv);
                     for operand in [&bv, &rv] {
-                        match operand {
-                            Some(v) => builder.arg(v),
-                            None => builder.arg(&NULL),
-                        };
+                        push_optional(&mut builder, operand);
                     }
                     // In place: no stream placement (tokens = out_tokens = rows, offset 0).
                     let offset = 0usize;
@@ -460,10 +465,7 @@ impl CustomOp1 for Geglu {
                 let vec = (ha && ba && f.is_multiple_of(pack::<T>())) as i32;
                 let mut builder = func.builder();
                 builder.arg(&hv);
-                match &bv {
-                    Some(v) => builder.arg(v),
-                    None => builder.arg(&NULL),
-                };
+                push_optional(&mut builder, &bv);
                 builder.arg(&mut out).arg(&rows).arg(&f).arg(&vec);
                 let items = if vec == 1 { rows * f / pack::<T>() } else { rows * f };
                 unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
@@ -508,10 +510,7 @@ impl CustomOp1 for GeluTanh {
                 let vec = (xa && ba && packs_fit) as i32;
                 let mut builder = func.builder();
                 builder.arg(&xv);
-                match &bv {
-                    Some(bv) => builder.arg(bv),
-                    None => builder.arg(&NULL),
-                };
+                push_optional(&mut builder, &bv);
                 builder.arg(&mut out).arg(&n).arg(&cols).arg(&vec);
                 let items = if vec == 1 { n / pack::<T>() } else { n };
                 unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
@@ -727,10 +726,7 @@ impl CustomOp3 for PerSample {
                     builder.arg(&xv).arg(&av).arg(&bv);
                     if let PerSampleOp::GatedAdd = self.op {
                         for operand in [&secondv, &biasv] {
-                            match operand {
-                                Some(v) => builder.arg(v),
-                                None => builder.arg(&NULL),
-                            };
+                            push_optional(&mut builder, operand);
                         }
                     }
                     builder.arg(&mut out).arg(&count).arg(&per_batch).arg(&d).arg(&vec);
@@ -905,10 +901,7 @@ impl CustomOp1 for Joint {
                     JointKind::Values => {
                         let (bv, ba) = optional_input::<T>(with, width)?;
                         let vec = (xa && ba && width.is_multiple_of(pack::<T>())) as i32;
-                        match &bv {
-                            Some(v) => builder.arg(v),
-                            None => builder.arg(&NULL),
-                        };
+                        push_optional(&mut builder, &bv);
                         builder
                             .arg(&NULL)
                             .arg(&mut out)
@@ -928,10 +921,7 @@ impl CustomOp1 for Joint {
                             candle_core::bail!("q/k norm without its parameters");
                         };
                         builder.arg(&pv);
-                        match &tv {
-                            Some(v) => builder.arg(v),
-                            None => builder.arg(&NULL),
-                        };
+                        push_optional(&mut builder, &tv);
                         let rows = rows * heads;
                         builder
                             .arg(&mut out)
