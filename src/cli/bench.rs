@@ -81,6 +81,11 @@ pub struct BenchArgs {
     /// `graph` candidate, to time whole models with it.
     #[arg(long, default_value = "legacy")]
     pub conv_engine: String,
+    /// Fused CUDA paths to switch off for this run, comma-separated (`deferred-bias`, `qk-norm`,
+    /// `layer-norm-modulate`, `token-major-rope`, `fp8-linear`, `attention`): a whole model timed
+    /// without them, against the default run — what each one buys.
+    #[arg(long, value_delimiter = ',')]
+    pub switch_off: Vec<String>,
     /// Also time the denoiser and the VAE decode module by module (the device waits at every
     /// module boundary): the table diffusers' side prints with `--profile` too.
     #[arg(long)]
@@ -247,6 +252,20 @@ fn select_conv_engine(name: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `--switch-off`: fused CUDA paths this process runs without.
+fn switch_off(names: &[String]) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    for name in names {
+        use engine::cuda::self_check::{switch_off, Fused};
+        switch_off(choice("--switch-off", name, &Fused::ALL, Fused::name)?);
+    }
+    #[cfg(not(feature = "cuda"))]
+    if let Some(name) = names.first() {
+        anyhow::bail!("--switch-off {name} needs a build with the cuda feature");
+    }
+    Ok(())
+}
+
 /// Every benchmark but the server's (the `candela-bench` binary has no server in it).
 pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     if args.server_load {
@@ -255,6 +274,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     // Before the device opens: its self-check tests the kernels the models will run.
     select_attention_kernel(&args.attention_kernel)?;
     select_conv_engine(&args.conv_engine)?;
+    switch_off(&args.switch_off)?;
     let device = engine::parse_device(&args.device)?;
     let dtype = engine::parse_dtype(&args.dtype)?;
     // Graph capture cannot record cudarc's cross-stream events; this process runs on one thread

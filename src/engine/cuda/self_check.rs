@@ -30,11 +30,39 @@ pub enum Fused {
     QkNorm = 5,
 }
 
+impl Fused {
+    pub const ALL: [Fused; 6] = [
+        Fused::Attention,
+        Fused::LayerNormModulate,
+        Fused::TokenMajorRope,
+        Fused::Fp8Linear,
+        Fused::DeferredBias,
+        Fused::QkNorm,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fused::Attention => "attention",
+            Fused::LayerNormModulate => "layer-norm-modulate",
+            Fused::TokenMajorRope => "token-major-rope",
+            Fused::Fp8Linear => "fp8-linear",
+            Fused::DeferredBias => "deferred-bias",
+            Fused::QkNorm => "qk-norm",
+        }
+    }
+}
+
 static SWITCHED_OFF: [AtomicBool; 6] = [const { AtomicBool::new(false) }; 6];
 
 /// Whether `op` may run (not switched off by a failed check).
 pub fn passed(op: Fused) -> bool {
     !SWITCHED_OFF[op as usize].load(Ordering::Relaxed)
+}
+
+/// Switches `op` off for the process (`candela bench --switch-off`: a whole model timed without
+/// it, against the default run).
+pub fn switch_off(op: Fused) {
+    SWITCHED_OFF[op as usize].store(true, Ordering::Relaxed);
 }
 
 /// Relative L2 error above which a kernel is wrong rather than rounded differently: the kernels
@@ -62,7 +90,9 @@ pub fn run(device: &Device) {
 /// handle and workspace, which a process without FP8 weights should not pay for).
 pub fn fp8_products_pass(device: &Device) -> bool {
     static PASSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PASSED.get_or_init(|| judge(Fused::Fp8Linear, fp8_linear(device), LIMIT))
+    // Switched off (`--switch-off fp8-linear`): not even checked.
+    passed(Fused::Fp8Linear)
+        && *PASSED.get_or_init(|| judge(Fused::Fp8Linear, fp8_linear(device), LIMIT))
 }
 
 /// Logs a check's outcome and switches `op` off if it failed; whether it passed.
