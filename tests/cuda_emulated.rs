@@ -150,7 +150,8 @@ fn attention_kernels_match_exact_attention() {
 /// Every kernel of elementwise.cu against f64: the DiT's fused LayerNorm + modulation, the
 /// GroupNorm(+SiLU) pair, modulate, gated add (with a Linear's bias folded in, with a second
 /// product too, and without), bias
-/// add (with a residual, and a residual alone), the per-channel add (time embeddings), GEGLU and the tanh GELU (with and without a bias), the per-head q/k norm with the bias and
+/// add (with a residual, and a residual alone), the per-channel add (time embeddings), nearest ×2
+/// upsampling, GEGLU and the tanh GELU (with and without a bias), the per-head q/k norm with the bias and
 /// the rotary embedding folded in (each stream written at its place in the joint sequence), a
 /// bias added while placing a stream there, the rotary embedding and the FP8
 /// activation quantization (code for code against a search over all e4m3 values); with
@@ -200,6 +201,9 @@ fn elementwise_kernels_match_exact_results() {
         // channel_add: rows = samples · channels of `d` values each.
         ("channel_add", 12, 64, 1, 1),
         ("channel_add", 6, 35, 1, 0),
+        // upsample: rows = planes · height, the "samples" field = height, then width.
+        ("upsample", 6 * 4, 8, 4, 1),
+        ("upsample", 3 * 5, 7, 5, 0),
         // rope: the last field is the heads between a token and its values (token-major: 2).
         ("rope", 6, 40, 3, 1),
         ("rope", 12, 40, 3, 2),

@@ -82,8 +82,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "legacy")]
     pub conv_engine: String,
     /// Fused CUDA paths to switch off for this run, comma-separated (`deferred-bias`, `qk-norm`,
-    /// `layer-norm-modulate`, `token-major-rope`, `fp8-linear`, `attention`): a whole model timed
-    /// without them, against the default run — what each one buys.
+    /// `upsample`, `layer-norm-modulate`, `token-major-rope`, `fp8-linear`, `attention`): a whole
+    /// model timed without them, against the default run — what each one buys.
     #[arg(long, value_delimiter = ',')]
     pub switch_off: Vec<String>,
     /// Also time the denoiser and the VAE decode module by module (the device waits at every

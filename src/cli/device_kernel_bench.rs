@@ -339,6 +339,25 @@ pub fn run(
             "bias pass + add",
         );
 
+        // SDXL's last UNet upsampling (CFG batch): candle's two index_selects against ours.
+        let shape = [2, 640, 64, 64];
+        let x = randn(&shape, 1.0)?;
+        let candle = || blocks::resize_nearest_by_index(&x, 128, 128);
+        record(
+            "upsample_nearest2x",
+            &shape,
+            "candle index_select ×2",
+            time_ms(device, repeats, candle),
+        );
+        let ours = || elementwise::upsample_nearest2x(&x);
+        record(
+            "upsample_nearest2x",
+            &shape,
+            "ours",
+            time_ms(device, repeats, ours),
+        );
+        check("upsample_nearest2x", &shape, &ours()?, &candle()?, "candle");
+
         // The ResNet blocks' time embedding over SDXL's first level (CFG batch).
         let shape = [2, 320, 128, 128];
         let (x, t) = (randn(&shape, 1.0)?, randn(&[2, 320], 1.0)?);

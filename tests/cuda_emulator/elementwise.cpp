@@ -13,6 +13,7 @@
 //                        (ROWS × D);  residual_add  ROWS × D plus a residual, no bias;
 //   geglu                ROWS × 2D → ROWS × D;  geglu_bias  with a bias of 2D;
 //   channel_add          ROWS = samples · channels rows of D values plus one value per row;
+//   upsample             ROWS planes of BATCHES × D (rows × columns) → 2·BATCHES × 2·D, nearest;
 //   bias_join            ROWS = 2 samples · tokens rows of D plus a bias, placed at token 3 of a
 //                        joint sequence of 5 more tokens (the rows around must stay untouched);
 //   gelu_tanh            ROWS × D;  gelu_tanh_bias  of ROWS × D plus a bias of D;
@@ -194,6 +195,17 @@ void map_case(const std::string &op, size_t rows, size_t d, size_t batches, int 
                rows, d, rows, rows, (size_t)0, vec);
         for (size_t i = 0; i < count; ++i)
             e.add(f(y[i]), f(x[i]) + (added ? f(b[i % d]) : 0.0) + (residual ? f(a[i]) : 0.0));
+    } else if (op == "upsample") {
+        // x holds rows × d; seen as `rows / batches` planes of batches × d.
+        const size_t h = batches, planes = rows / h, out_n = planes * 4 * h * d;
+        Buffer<T> up(out_n);
+        const size_t up_items = vec ? out_n / Pack<T>::N : out_n;
+        launch(upsample_nearest2x<T>, grid_for(up_items), 1, THREADS, 0, (const T *)x.data, up.data, planes, h,
+               d, vec);
+        for (size_t i = 0; i < out_n; ++i) {
+            const size_t plane = i / (4 * h * d), r = i / (2 * d) % (2 * h), c = i % (2 * d);
+            e.add(f(up[i]), f(x[(plane * h + r / 2) * d + c / 2]));
+        }
     } else if (op == "channel_add") {
         Buffer<T> t(rows);
         fill(t, rng, 0.0f, 1.0f);
@@ -394,7 +406,7 @@ int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, u
     else if (op == "modulate" || op == "gated_add" || op == "gated_add_bias" || op == "gated_add_sum" ||
              op == "bias_add" ||
              op == "bias_add_residual" || op == "residual_add" || op == "geglu" || op == "geglu_bias" ||
-             op == "channel_add" ||
+             op == "channel_add" || op == "upsample" ||
              op == "rope" || op == "gelu_tanh" || op == "gelu_tanh_bias")
         map_case<T>(op, rows, d, batches, vec, seed);
     else if (op == "qk_norm")

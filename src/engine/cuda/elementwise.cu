@@ -90,6 +90,29 @@ __device__ void bias_add(const T *y, const T *bias, const T *residual, T *out, s
     }
 }
 
+// Nearest-neighbour ×2 upsampling of (planes, h, w) data to (planes, 2h, 2w), one pass (the
+// Upsample2D blocks of UNets and VAE decoders; candle's index_select twice made an intermediate).
+template <typename T>
+__device__ void upsample_nearest2x(const T *x, T *out, size_t planes, size_t h, size_t w, int vec) {
+    constexpr int N = Pack<T>::N;
+    const size_t ow = 2 * w, n = planes * 2 * h * ow;
+    if (vec) {
+        GRID_STRIDE(p, n / N) {
+            const size_t e = p * N, row = e / ow, col = e % ow;
+            const T *in = x + (row / (2 * h) * h + row % (2 * h) / 2) * w + col / 2;
+            Pack<T> a;
+#pragma unroll
+            for (int j = 0; j < N; ++j) a.v[j] = in[j / 2];
+            reinterpret_cast<Pack<T> *>(out)[p] = a;
+        }
+    } else {
+        GRID_STRIDE(i, n) {
+            const size_t row = i / ow, col = i % ow;
+            out[i] = x[(row / (2 * h) * h + row % (2 * h) / 2) * w + col / 2];
+        }
+    }
+}
+
 // out[i] = x[i] + t[i / hw]: a value per (sample, channel) over (B, C, hw) data (a ResNet
 // block's time embedding, added to its first convolution's output).
 template <typename T>
@@ -515,6 +538,10 @@ __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec
                                                  size_t rows, size_t cols, size_t tokens,          \
                                                  size_t out_tokens, size_t offset, int vec) {      \
         bias_add<T>(y, b, residual, out, rows, cols, tokens, out_tokens, offset, vec);             \
+    }                                                                                              \
+    extern "C" __global__ void upsample_nearest2x_##SUFFIX(const T *x, T *out, size_t planes, size_t h, \
+                                                           size_t w, int vec) {                    \
+        upsample_nearest2x<T>(x, out, planes, h, w, vec);                                          \
     }                                                                                              \
     extern "C" __global__ void channel_add_##SUFFIX(const T *x, const T *t, T *out, size_t n, size_t hw, \
                                                     int vec) {                                     \

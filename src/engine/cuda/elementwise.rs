@@ -48,6 +48,11 @@ pub fn add_to_product(
     })
 }
 
+/// Nearest-neighbour ×2 upsampling of (B, C, H, W) `x` to (B, C, 2H, 2W), one pass.
+pub fn upsample_nearest2x(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&UpsampleNearest2x)
+}
+
 /// `x + t` for (B, C, H, W) `x` and one value per sample and channel `t` (B·C values: a ResNet
 /// block's projected time embedding), without candle's per-element broadcast indexing.
 pub fn channel_add(x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
@@ -390,6 +395,40 @@ impl CustomOp1 for BiasAdd {
             })
         })?;
         Ok((storage, yl.shape().clone()))
+    }
+}
+
+struct UpsampleNearest2x;
+
+impl CustomOp1 for UpsampleNearest2x {
+    fn name(&self) -> &'static str {
+        "upsample-nearest-2x"
+    }
+
+    super::cpu_fwd_unsupported!(1);
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, c, h, w) = xl.shape().dims4()?;
+        let (planes, n) = (b * c, b * c * 4 * h * w);
+        let dev = &x.device;
+        let dtype = x.dtype();
+        let func = dev.get_or_load_custom_func(
+            &format!("upsample_nearest2x_{}", suffix(dtype)?),
+            MODULE,
+            PTX,
+        )?;
+        let storage = by_dtype!(dtype, T => {
+            let (xv, _) = input::<T>(x, xl)?;
+            let mut out = output::<T>(dev, n)?;
+            // Output packs within a row (the input is read element by element).
+            let vec = (2 * w).is_multiple_of(pack::<T>()) as i32;
+            let mut builder = func.builder();
+            builder.arg(&xv).arg(&mut out).arg(&planes).arg(&h).arg(&w).arg(&vec);
+            let items = if vec == 1 { n / pack::<T>() } else { n };
+            unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((storage, Shape::from((b, c, 2 * h, 2 * w))))
     }
 }
 

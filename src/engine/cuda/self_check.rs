@@ -28,16 +28,19 @@ pub enum Fused {
     /// The DiTs' q/k projections' bias, per-head RMSNorm and RoPE in one kernel that also joins
     /// the text and image streams; the values' biases added while joining them.
     QkNorm = 5,
+    /// Nearest ×2 upsampling in one pass.
+    Upsample = 6,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 6] = [
+    pub const ALL: [Fused; 7] = [
         Fused::Attention,
         Fused::LayerNormModulate,
         Fused::TokenMajorRope,
         Fused::Fp8Linear,
         Fused::DeferredBias,
         Fused::QkNorm,
+        Fused::Upsample,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,11 +51,12 @@ impl Fused {
             Fused::Fp8Linear => "fp8-linear",
             Fused::DeferredBias => "deferred-bias",
             Fused::QkNorm => "qk-norm",
+            Fused::Upsample => "upsample",
         }
     }
 }
 
-static SWITCHED_OFF: [AtomicBool; 6] = [const { AtomicBool::new(false) }; 6];
+static SWITCHED_OFF: [AtomicBool; 7] = [const { AtomicBool::new(false) }; 7];
 
 /// Whether `op` may run (not switched off by a failed check).
 pub fn passed(op: Fused) -> bool {
@@ -74,12 +78,13 @@ type Check = fn(&Device) -> candle_core::Result<f64>;
 
 /// Runs every check on `device` and switches off what fails.
 pub fn run(device: &Device) {
-    let checks: [(Fused, Check); 5] = [
+    let checks: [(Fused, Check); 6] = [
         (Fused::Attention, attention),
         (Fused::LayerNormModulate, layer_norm_modulate),
         (Fused::TokenMajorRope, token_major_rope),
         (Fused::DeferredBias, deferred_bias),
         (Fused::QkNorm, qk_norm),
+        (Fused::Upsample, upsample),
     ];
     for (op, check) in checks {
         judge(op, check(device), LIMIT);
@@ -333,6 +338,16 @@ fn qk_norm(device: &Device) -> candle_core::Result<f64> {
     )?;
     let values_error = relative_error(&values_joined, &exact_values)?;
     Ok(plain_error.max(rotated_error).max(values_error))
+}
+
+/// Nearest ×2 upsampling against candle's index_select (a copy: exact).
+fn upsample(device: &Device) -> candle_core::Result<f64> {
+    use crate::engine::models::blocks::resize_nearest_by_index;
+    let x = values(&[2, 3, 5, 8], 2.3, device)?.to_dtype(DType::F16)?;
+    relative_error(
+        &super::elementwise::upsample_nearest2x(&x)?,
+        &resize_nearest_by_index(&x, 10, 16)?,
+    )
 }
 
 /// An FP8 layer's product on the FP8 tensor cores against the same product in f32 tensor ops

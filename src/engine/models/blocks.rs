@@ -626,6 +626,22 @@ impl Downsample2D {
 /// Nearest-neighbour resize to (h, w) with torch's index rule `floor(dst * in / out)`, so odd
 /// latent sizes come back to exactly the skip connection's size.
 pub fn resize_nearest(xs: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::engine::cuda::{elementwise, self_check};
+        let (_, _, ih, iw) = xs.dims4()?;
+        if (h, w) == (2 * ih, 2 * iw)
+            && elementwise::supports(xs)
+            && self_check::passed(self_check::Fused::Upsample)
+        {
+            return elementwise::upsample_nearest2x(xs);
+        }
+    }
+    resize_nearest_by_index(xs, h, w)
+}
+
+/// [`resize_nearest`] as two index selects (any device, any size; the CUDA kernel's reference).
+pub fn resize_nearest_by_index(xs: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
     let (_, _, ih, iw) = xs.dims4()?;
     let index = |input: usize, output: usize| -> Vec<u32> {
         if output == 2 * input {

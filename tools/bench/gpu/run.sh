@@ -30,10 +30,11 @@ MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
 # one step, labelled "<model> (<flag>)". The Hopper kernels take head sizes 64 and 128 only
 # (SD 1.5's are 40, 80 and 160).
 DIT_AND_SDXL=sdxl,sd35-large,flux-dev
-# --switch-off=deferred-bias,qk-norm: the default run without session 8's fusions (biases folded
-# into their consumers, the q/k kernel and the copy-free joins): what they bought, same machine.
+# --switch-off=deferred-bias,qk-norm,upsample: the default run without session 8's fusions
+# (biases folded into their consumers, our residual/per-channel adds, the q/k kernel and the
+# copy-free joins, the one-pass upsampling): what they bought, same machine.
 # --quantize=fp8: FP8 weight storage (memory, and the cost of widening each layer per forward).
-CANDIDATES=${CANDIDATES-"--attention-kernel=hopper@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm --quantize=fp8@sd35-large,flux-dev --conv-engine=graph --attention-kernel=wide"}
+CANDIDATES=${CANDIDATES-"--attention-kernel=hopper@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample --quantize=fp8@sd35-large,flux-dev --conv-engine=graph --attention-kernel=wide"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
