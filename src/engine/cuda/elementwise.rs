@@ -197,6 +197,9 @@ fn joint(streams: &[Stream], total: usize, kind: JointKind) -> candle_core::Resu
     let Some(first) = streams.first() else {
         candle_core::bail!("a joint sequence of no streams");
     };
+    if let Some(s) = streams.iter().find(|s| s.x.rank() < 3) {
+        candle_core::bail!("a stream of {:?}: (B, N, …) wanted", s.x.dims());
+    }
     // Every token of the joint sequence written once: the streams tile it.
     let mut places: Vec<(usize, usize)> = streams
         .iter()
