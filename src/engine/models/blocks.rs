@@ -693,6 +693,48 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    /// A Linear's output with its bias still to add, summed with another part's (FLUX's split
+    /// projection), resolves to the sum of both full outputs whichever of them carries a bias;
+    /// added to a residual too.
+    #[test]
+    fn deferred_biases_and_parts_add_up() {
+        let dev = Device::Cpu;
+        let t = |seed: f32, dims: &[usize]| {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+            Tensor::from_vec(v, dims, &dev).unwrap()
+        };
+        let (p1, p2, residual) = (t(0.1, &[2, 3, 4]), t(0.2, &[2, 3, 4]), t(0.5, &[2, 3, 4]));
+        let (b1, b2) = (t(0.3, &[4]), t(0.4, &[4]));
+        let part = |p: &Tensor, b: &Option<Tensor>| Biased {
+            product: p.clone(),
+            bias: b.clone(),
+            addend: None,
+        };
+        for (bias1, bias2) in [
+            (None, None),
+            (Some(b1.clone()), None),
+            (None, Some(b2.clone())),
+            (Some(b1.clone()), Some(b2.clone())),
+        ] {
+            let full = |p: &Tensor, b: &Option<Tensor>| match b {
+                Some(b) => p.broadcast_add(b).unwrap(),
+                None => p.clone(),
+            };
+            let expected = (full(&p1, &bias1) + full(&p2, &bias2)).unwrap();
+            let sum = part(&p1, &bias1).plus(part(&p2, &bias2)).unwrap();
+            let got = sum.resolve().unwrap();
+            assert!(super::super::max_abs_diff(&got, &expected) < 1e-6);
+            let joined = part(&p1, &bias1)
+                .plus(part(&p2, &bias2))
+                .unwrap()
+                .add_to(&residual)
+                .unwrap();
+            let expected = (expected + &residual).unwrap();
+            assert!(super::super::max_abs_diff(&joined, &expected) < 1e-6);
+        }
+    }
+
     #[test]
     fn fused_group_norm_matches_candles() {
         let dev = Device::Cpu;
