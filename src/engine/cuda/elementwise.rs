@@ -286,31 +286,15 @@ fn output<T: DeviceRepr + ValidAsZeroBits>(
     unsafe { dev.cuda_stream().alloc::<T>(len) }.map_err(cuda_error)
 }
 
-/// A further operand of a custom op, beyond the three tensors candle passes (a Linear's bias, a
-/// rotary table): its CUDA storage and layout, read-locked while `f` runs.
-fn with_operand<R>(
-    t: &Tensor,
-    f: impl FnOnce(&CudaStorage, &Layout) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cuda(s) => f(s, layout),
-        _ => candle_core::bail!(
-            "an operand on {:?} for a CUDA kernel",
-            t.device().location()
-        ),
-    }
-}
-
-/// [`with_operand`] for an optional one.
+/// An optional further operand of a custom op, beyond the three tensors candle passes (a
+/// Linear's bias, a second product, a residual): its CUDA storage and layout, read-locked while
+/// `f` runs.
 fn with_optional_operand<R>(
     t: Option<&Tensor>,
     f: impl FnOnce(Option<(&CudaStorage, &Layout)>) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    match t {
-        Some(t) => with_operand(t, |s, l| f(Some((s, l)))),
-        None => f(None),
-    }
+    let locked = t.map(Tensor::storage_and_layout);
+    f(locked.as_ref().map(locked_cuda).transpose()?)
 }
 
 /// An optional operand's data, checked to hold `elements` values, with whether it starts on a
