@@ -63,6 +63,11 @@ pub fn passed(op: Fused) -> bool {
     !SWITCHED_OFF[op as usize].load(Ordering::Relaxed)
 }
 
+/// Whether `op` runs on `t`: a CUDA tensor of a dtype our kernels take, `op` not switched off.
+pub fn runs_on(op: Fused, t: &Tensor) -> bool {
+    super::elementwise::supports(t) && passed(op)
+}
+
 /// Switches `op` off for the process (`candela bench --switch-off`: a whole model timed without
 /// it, against the default run).
 pub fn switch_off(op: Fused) {

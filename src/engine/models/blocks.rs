@@ -126,10 +126,8 @@ impl Linear {
 fn defers_bias(xs: &Tensor, bias: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
     {
-        use crate::engine::cuda::{elementwise, self_check};
-        elementwise::supports(xs)
-            && xs.dtype() == bias.dtype()
-            && self_check::passed(self_check::Fused::DeferredBias)
+        use crate::engine::cuda::self_check::{runs_on, Fused};
+        xs.dtype() == bias.dtype() && runs_on(Fused::DeferredBias, xs)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -143,12 +141,9 @@ fn defers_bias(xs: &Tensor, bias: &Tensor) -> bool {
 pub fn add_per_channel(xs: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        use crate::engine::cuda::{elementwise, self_check};
-        if elementwise::supports(xs)
-            && t.dtype() == xs.dtype()
-            && self_check::passed(self_check::Fused::DeferredBias)
-        {
-            return elementwise::channel_add(xs, t);
+        use crate::engine::cuda::self_check::{runs_on, Fused};
+        if t.dtype() == xs.dtype() && runs_on(Fused::DeferredBias, xs) {
+            return crate::engine::cuda::elementwise::channel_add(xs, t);
         }
     }
     xs.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)
@@ -174,28 +169,20 @@ impl Biased {
         }
     }
 
-    /// `self` plus the product of the layer's other input columns (`other`, with its bias).
+    /// `self` plus the product of the layer's other input columns (`other`, with its bias). One
+    /// bias and one addend are carried; what does not fit is added first.
     pub fn plus(self, other: Biased) -> candle_core::Result<Self> {
-        let (addend, bias) = match (self.addend, self.bias, other.bias) {
-            (None, None, bias) | (None, bias, None) => (other.product, bias),
-            (addend, bias, other_bias) => {
-                let partial = Biased {
-                    product: self.product,
-                    bias,
-                    addend,
-                };
-                return Ok(Biased {
-                    product: partial.resolve()?,
-                    bias: other_bias,
-                    addend: Some(other.product),
-                });
-            }
+        let other = match other.addend {
+            Some(_) => Biased::done(other.resolve()?),
+            None => other,
         };
-        Ok(Biased {
-            product: self.product,
-            bias,
-            addend: Some(addend),
-        })
+        let mut sum = match (&self.addend, &self.bias, &other.bias) {
+            (None, None, _) | (None, _, None) => self,
+            _ => Biased::done(self.resolve()?),
+        };
+        sum.bias = sum.bias.or(other.bias);
+        sum.addend = Some(other.product);
+        Ok(sum)
     }
 
     /// The output, its bias and addend added.
@@ -235,15 +222,14 @@ impl Biased {
         }
         #[cfg(feature = "cuda")]
         {
-            use crate::engine::cuda::{elementwise, self_check};
+            use crate::engine::cuda::self_check::{runs_on, Fused};
             let dtype = self.product.dtype();
-            if elementwise::supports(&self.product)
-                && residual.dtype() == dtype
+            if residual.dtype() == dtype
                 && residual.dims() == self.product.dims()
                 && self.bias.as_ref().is_none_or(|b| b.dtype() == dtype)
-                && self_check::passed(self_check::Fused::DeferredBias)
+                && runs_on(Fused::DeferredBias, &self.product)
             {
-                return elementwise::add_to_product(
+                return crate::engine::cuda::elementwise::add_to_product(
                     &self.product,
                     self.bias.as_ref(),
                     Some(residual),
@@ -628,13 +614,10 @@ impl Downsample2D {
 pub fn resize_nearest(xs: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        use crate::engine::cuda::{elementwise, self_check};
+        use crate::engine::cuda::self_check::{runs_on, Fused};
         let (_, _, ih, iw) = xs.dims4()?;
-        if (h, w) == (2 * ih, 2 * iw)
-            && elementwise::supports(xs)
-            && self_check::passed(self_check::Fused::Upsample)
-        {
-            return elementwise::upsample_nearest2x(xs);
+        if (h, w) == (2 * ih, 2 * iw) && runs_on(Fused::Upsample, xs) {
+            return crate::engine::cuda::elementwise::upsample_nearest2x(xs);
         }
     }
     resize_nearest_by_index(xs, h, w)

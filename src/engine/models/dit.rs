@@ -573,9 +573,9 @@ impl Projections {
     fn forward(&self, xs: &Tensor, heads: usize) -> candle_core::Result<[Tensor; 3]> {
         let (b, n, _) = xs.dims3()?;
         let split = |t: Tensor| t.reshape((b, n, heads, ()));
-        let v = split(self.v.forward(xs)?)?;
         let mut q = split(self.q.forward(xs)?)?;
         let mut k = split(self.k.forward(xs)?)?;
+        let v = split(self.v.forward(xs)?)?;
         if let Some([nq, nk]) = &self.norms {
             q = nq.forward(&q)?;
             k = nk.forward(&k)?;
@@ -627,8 +627,8 @@ fn fused_qk_norm_possible(device: &candle_core::Device, head_dim: usize) -> bool
 fn fused_qk_norm_enabled(xs: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
     {
-        use crate::engine::cuda::{elementwise, self_check};
-        elementwise::supports(xs) && self_check::passed(self_check::Fused::QkNorm)
+        use crate::engine::cuda::self_check::{runs_on, Fused};
+        runs_on(Fused::QkNorm, xs)
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -39,9 +39,7 @@ impl WeightSource<'_> {
             )
         }
     }
-}
 
-impl WeightSource<'_> {
     /// A T5 encoder's weights (`t5::var_builder`: candle-transformers' layers, their Linear
     /// weights on the CPU in the layout the CPU's products read fastest).
     pub(crate) fn t5(
