@@ -16,6 +16,25 @@ use candle_core::{DType, Device};
 use common::*;
 use serde::Deserialize;
 
+/// A short FLUX-dev generation with the tiny model: 3 steps, 16 text tokens.
+fn short_dev_run(width: usize, height: usize, seed: u64) -> GenerateParams {
+    GenerateParams {
+        prompt: "a lighthouse".into(),
+        negative_prompt: None,
+        width,
+        height,
+        steps: 3,
+        guidance_scale: 3.5,
+        seed,
+        n: 1,
+        transformer: TransformerOptions {
+            max_sequence_length: Some(16),
+            ..Default::default()
+        },
+        ..base_params(SamplerKind::FlowEuler)
+    }
+}
+
 fn load(model: &str) -> Flux {
     let dir = ModelDir {
         root: fixtures().join("models").join(format!("{model}-tiny")),
@@ -52,14 +71,16 @@ fn flux_components_match_diffusers() {
         let unpacked = Flux::unpack(&packed, 6, 4).unwrap();
         assert_eq!(max_abs_diff(&unpacked, &t["latents"]), 0.0);
         let guidance = p.has_guidance_embeds().then_some(3.5);
+        let context = t["prompt_embeds"].repeat((2, 1, 1)).unwrap();
+        let rope = p.rope_for(context.dim(1).unwrap(), (6, 4)).unwrap();
         let out = p
             .transformer_forward(
                 &packed,
                 750.0,
                 guidance,
-                &t["prompt_embeds"].repeat((2, 1, 1)).unwrap(),
+                &context,
                 &t["pooled"].repeat((2, 1)).unwrap(),
-                (6, 4),
+                &rope,
             )
             .unwrap();
         check("transformer", &out, "out", 1e-4);
@@ -177,21 +198,7 @@ fn flux_from_black_forest_labs_single_file_equals_diffusers_layout() {
     };
     let from_file = Flux::load(&dir, &Device::Cpu, DType::F32, &options).unwrap();
     let from_folder = load("flux-dev");
-    let params = GenerateParams {
-        prompt: "a lighthouse".into(),
-        negative_prompt: None,
-        width: 48,
-        height: 64,
-        steps: 3,
-        guidance_scale: 3.5,
-        seed: 9,
-        n: 1,
-        transformer: TransformerOptions {
-            max_sequence_length: Some(16),
-            ..Default::default()
-        },
-        ..base_params(SamplerKind::FlowEuler)
-    };
+    let params = short_dev_run(48, 64, 9);
     let a = from_file.generate(&params, &mut |_| true).unwrap();
     let b = from_folder.generate(&params, &mut |_| true).unwrap();
     assert_eq!(max_abs_diff(&a.latents, &b.latents), 0.0);
@@ -279,21 +286,7 @@ fn fp8_checkpoint_loads_exactly_into_the_fp8_format() {
         };
         Flux::load(&dir, &Device::Cpu, DType::F32, &options).unwrap()
     };
-    let params = GenerateParams {
-        prompt: "a lighthouse".into(),
-        negative_prompt: None,
-        width: 48,
-        height: 32,
-        steps: 3,
-        guidance_scale: 3.5,
-        seed: 5,
-        n: 1,
-        transformer: TransformerOptions {
-            max_sequence_length: Some(16),
-            ..Default::default()
-        },
-        ..base_params(SamplerKind::FlowEuler)
-    };
+    let params = short_dev_run(48, 32, 5);
     let dense = load_with(&file, "dense")
         .generate(&params, &mut |_| true)
         .unwrap();

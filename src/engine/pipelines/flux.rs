@@ -16,6 +16,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::{single_file::Naming, ModelDir};
 use crate::engine::models::{
     clip::ClipTextModel,
+    dit::Rope,
     flux::{FluxTransformer, FluxTransformerConfig},
     t5::T5Encoder,
 };
@@ -272,8 +273,16 @@ impl Flux {
             .reshape((b, c, h, w))?)
     }
 
-    /// The transformer on packed latents of an `(h, w)` latent image (component checks and
-    /// benchmarks).
+    /// The rotary positions of `text_tokens` text tokens and an `(h, w)` latent image: made
+    /// once per generation (and per benchmark), not per step.
+    pub fn rope_for(&self, text_tokens: usize, (h, w): (usize, usize)) -> Result<Rope> {
+        Ok(self
+            .transformer
+            .rope(&Self::position_ids(text_tokens, h / 2, w / 2), &self.device)?)
+    }
+
+    /// The transformer on packed latents with positions `rope` ([`Self::rope_for`]; component
+    /// checks and benchmarks).
     pub fn transformer_forward(
         &self,
         packed: &Tensor,
@@ -281,15 +290,11 @@ impl Flux {
         guidance: Option<f32>,
         context: &Tensor,
         pooled: &Tensor,
-        (h, w): (usize, usize),
+        rope: &Rope,
     ) -> Result<Tensor> {
-        let rope = self.transformer.rope(
-            &Self::position_ids(context.dim(1)?, h / 2, w / 2),
-            &self.device,
-        )?;
         Ok(self
             .transformer
-            .forward(packed, timestep, guidance, context, pooled, &rope)?)
+            .forward(packed, timestep, guidance, context, pooled, rope)?)
     }
 
     pub fn generate(
@@ -383,9 +388,7 @@ impl Flux {
             starts.push(Self::pack(&start)?);
         }
         let mut latents = Tensor::cat(&starts, 0)?;
-        let rope = self
-            .transformer
-            .rope(&Self::position_ids(t5_tokens, h / 2, w / 2), &self.device)?;
+        let rope = self.rope_for(t5_tokens, (h, w))?;
         let guidance = self
             .has_guidance_embeds()
             .then_some(first.guidance_scale as f32);

