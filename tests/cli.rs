@@ -327,6 +327,71 @@ fn bench_profile_splits_a_forward_by_module() {
     }
 }
 
+/// The GPU benchmark's kernel tables (tools/cuda/kernel_trace.c preloaded, then
+/// tools/bench/kernel_table.py): candela marks a window around each timed part — every timed
+/// denoiser forward and no warm-up, one decode, one prompt encoding — and the table counts what
+/// ran inside each. A stand-in tracer of the same interface takes CUPTI's place on the CPU.
+#[test]
+fn kernel_trace_windows_cover_each_timed_part() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tracer = tmp.path().join("libfaketracer.so");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let built = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&tracer)
+        .arg(root.join("tests/kernel_trace/fake_tracer.c"))
+        .output()
+        .unwrap_or_else(|e| panic!("running {cc} (a C compiler is needed): {e}"));
+    assert_succeeded(&built);
+    let trace = tmp.path().join("trace.tsv");
+    let out = candela_bench(tmp.path())
+        .arg("--configs")
+        .arg(root.join("tests/fixtures/models/sd1-tiny"))
+        .args([
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--repeats",
+            "3",
+        ])
+        .env("LD_PRELOAD", &tracer)
+        .env("KERNEL_TRACE_OUT", &trace)
+        .output()
+        .unwrap();
+    assert_succeeded(&out);
+    let table_path = tmp.path().join("table.json");
+    let out = Command::new("python3")
+        .arg(root.join("tools/bench/kernel_table.py"))
+        .arg(&trace)
+        .arg("--out")
+        .arg(&table_path)
+        .output()
+        .unwrap();
+    assert_succeeded(&out);
+    let table: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&table_path).unwrap()).unwrap();
+    let windows = table["windows"].as_object().unwrap();
+    for (part, count) in [("denoiser", 3), ("vae decode", 1), ("text encoding", 1)] {
+        let window = &windows[part];
+        assert_eq!(window["count"], count, "{part}: {table}");
+        // Each window holds its own kernel once: 2 µs of work in a longer wall.
+        let kernels = window["kernels"].as_array().unwrap();
+        assert_eq!(kernels.len(), 1, "{part}: {kernels:?}");
+        assert_eq!(kernels[0]["name"], format!("work in {part}"));
+        assert_eq!(kernels[0]["calls"], 1.0);
+        assert!(
+            (window["busy_ms"].as_f64().unwrap() - 0.002).abs() < 1e-9,
+            "{window}"
+        );
+        assert!(window["wall_ms"].as_f64().unwrap() > 0.002, "{window}");
+    }
+    assert_eq!(windows.len(), 3, "{table}");
+}
+
 #[test]
 fn vae_tiling_decodes_large_images_in_blended_tiles() {
     let tmp = tempfile::tempdir().unwrap();

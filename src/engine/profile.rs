@@ -9,6 +9,8 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::ffi::CStr;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -73,6 +75,43 @@ pub fn record<T>(f: impl FnOnce() -> T) -> (T, Vec<ProfileRow>) {
         .collect();
     rows.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
     (out, rows)
+}
+
+/// Run `f` as one window of a kernel tracer preloaded into this process (tools/cuda/kernel_trace.c,
+/// which the GPU benchmark script preloads with CUPTI): the tracer records every kernel and marks
+/// where each timed part began and ended, so its table holds exactly what one denoiser forward
+/// (or decode, or prompt encoding) ran. `f` must leave the device idle when it returns (the timed
+/// parts wait for it). Without a tracer this is one symbol lookup per process.
+pub fn kernel_trace_window<T>(label: &CStr, f: impl FnOnce() -> T) -> T {
+    let Some(mark) = kernel_tracer() else {
+        return f();
+    };
+    // SAFETY: the tracer's `void candela_trace_window(const char *label, int begin)`, called with
+    // a NUL-terminated string that outlives the call.
+    unsafe { mark(label.as_ptr(), 1) };
+    let out = f();
+    unsafe { mark(label.as_ptr(), 0) };
+    out
+}
+
+type TraceWindow = unsafe extern "C" fn(*const std::ffi::c_char, std::ffi::c_int);
+
+fn kernel_tracer() -> Option<TraceWindow> {
+    static TRACER: OnceLock<Option<TraceWindow>> = OnceLock::new();
+    *TRACER.get_or_init(|| {
+        #[cfg(unix)]
+        {
+            // SAFETY: a lookup by a NUL-terminated name; a symbol of this name is the tracer's
+            // function of the signature above.
+            let symbol =
+                unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"candela_trace_window".as_ptr()) };
+            (!symbol.is_null()).then(|| unsafe {
+                std::mem::transmute::<*mut std::ffi::c_void, TraceWindow>(symbol)
+            })
+        }
+        #[cfg(not(unix))]
+        None
+    })
 }
 
 #[cfg(test)]

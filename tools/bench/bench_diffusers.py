@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+import kernel_table  # next to this file
+
 PROMPT = "a photo of a cat sitting on a windowsill, soft morning light"  # = timing.rs BENCH_PROMPT
 # The guidance each family runs at by default in candela (what decides CFG's batch of 2).
 GUIDANCE = {"StableDiffusionPipeline": 7.5, "StableDiffusionXLPipeline": 5.0,
@@ -126,6 +128,25 @@ def profile(models, run, sync, passes=1, whole="forward"):
     return sorted(rows, key=lambda r: (r["label"] != whole, -r["ms"]))
 
 
+def kernel_windows(part, run, sync, runs):
+    """Each of `runs` calls of `run` under torch.profiler: (part, wall ms, [(kernel, start, end) ns])."""
+    from torch.profiler import ProfilerActivity
+    windows = []
+    for _ in range(runs):
+        sync()
+        # On a CPU the table has walls only (no device kernels): a dry run of the script.
+        activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
+        with torch.profiler.profile(activities=[activity]) as prof:
+            start = time.perf_counter()
+            run()
+            sync()
+            wall_ms = (time.perf_counter() - start) * 1000
+        kernels = [(e.name, int(e.time_range.start * 1000), int(e.time_range.end * 1000)) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        windows.append((part, wall_ms, kernels))
+    return windows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=str(Path(__file__).resolve().parents[2] / "benches" / "sd15"))
@@ -137,6 +158,9 @@ def main():
     ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
     ap.add_argument("--compile", action="store_true", help="torch.compile the denoiser (max-autotune-no-cudagraphs)")
     ap.add_argument("--profile", action="store_true", help="also time the denoiser and VAE decode by module")
+    ap.add_argument("--kernel-trace", metavar="TABLE",
+                    help="also write the kernels of each denoiser forward and a VAE decode (torch.profiler) "
+                         "as kernel_table.py's JSON, to set beside candela's (tools/cuda/kernel_trace.c)")
     ap.add_argument("--out", default="diffusers.json")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -223,6 +247,14 @@ def main():
         if args.profile:  # as candela: 3 forwards and one decode (PROFILED_FORWARDS in bench.rs)
             profiles["denoiser_profile"] = profile([denoiser], lambda: forward(sample), sync, passes=3)
             profiles["vae_profile"] = profile([vae], lambda: vae.decode(sample[:1]), sync, whole="decode")
+        if args.kernel_trace:
+            try:
+                windows = kernel_windows("denoiser", lambda: forward(sample), sync, args.repeats)
+                windows += kernel_windows("vae decode", lambda: vae.decode(sample[:1]), sync, 1)
+                table = {"label": f"diffusers {args.dtype}", "windows": kernel_table.summarize(windows)}
+                Path(args.kernel_trace).write_text(json.dumps(table, indent=1))
+            except Exception as e:  # a diagnostic: the timed figures above still count
+                print(f"kernel trace failed: {e!r}", flush=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rss_before = used()

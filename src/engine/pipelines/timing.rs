@@ -2,6 +2,7 @@
 //! forward at the batch a guided step runs, and one VAE decode — for every family, with the
 //! same inputs diffusers' side of the benchmark (`tools/bench/bench_diffusers.py`) builds.
 
+use std::ffi::CStr;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -85,9 +86,14 @@ fn timed<T>(sync: &dyn Fn() -> Result<()>, f: impl FnOnce() -> Result<T>) -> Res
 
 /// `f` timed after one untimed warm-up call (first-use costs — page faults, lazy buffers, on a GPU
 /// module loads and handle creation — stay out of the figure, on both sides of the comparison).
-fn timed_warm<T>(sync: &dyn Fn() -> Result<()>, f: impl Fn() -> Result<T>) -> Result<(T, f64)> {
+fn timed_warm<T>(
+    label: &CStr,
+    sync: &dyn Fn() -> Result<()>,
+    f: impl Fn() -> Result<T>,
+) -> Result<(T, f64)> {
     f()?;
-    timed(sync, f)
+    sync()?;
+    profile::kernel_trace_window(label, || timed(sync, f))
 }
 
 /// Each timed forward (ms), the profile, and the CUDA-graph replay time or why there is none.
@@ -109,7 +115,11 @@ fn time_forwards(
     let mut times = Vec::with_capacity(repeats);
     let mut device = candle_core::Device::Cpu;
     for i in 0..=repeats.max(1) {
-        let (out, ms) = timed(sync, &forward)?;
+        let (out, ms) = if i == 0 {
+            timed(sync, &forward)?
+        } else {
+            profile::kernel_trace_window(c"denoiser", || timed(sync, &forward))?
+        };
         device = out.device().clone();
         log(format!(
             "denoiser forward {i}: {ms:.1} ms{}",
@@ -174,7 +184,7 @@ fn time_decode(
     decode: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<(f64, Vec<ProfileRow>)> {
     let z = latents.narrow(0, 0, 1)?;
-    let ms = timed_warm(sync, || decode(&z))?.1;
+    let ms = timed_warm(c"vae decode", sync, || decode(&z))?.1;
     if shape.profiled_forwards == 0 {
         return Ok((ms, Vec::new()));
     }
@@ -204,7 +214,8 @@ impl Pipeline {
         let batch = shape.batch.max(1);
         match self {
             Self::Sd(m) => {
-                let (embeds, text_encode_ms) = timed_warm(sync, || m.embed(BENCH_PROMPT, 0))?;
+                let (embeds, text_encode_ms) =
+                    timed_warm(c"text encoding", sync, || m.embed(BENCH_PROMPT, 0))?;
                 let scale = m.vae_scale();
                 let (h, w) = (shape.height / scale, shape.width / scale);
                 let sample = random(&[batch, m.latent_channels(), h, w], &embeds.context)?;
@@ -244,8 +255,9 @@ impl Pipeline {
                 })
             }
             Self::Sd3(m) => {
-                let (embeds, text_encode_ms) =
-                    timed_warm(sync, || m.embed(BENCH_PROMPT, 0, sd3::DEFAULT_T5_TOKENS))?;
+                let (embeds, text_encode_ms) = timed_warm(c"text encoding", sync, || {
+                    m.embed(BENCH_PROMPT, 0, sd3::DEFAULT_T5_TOKENS)
+                })?;
                 let scale = m.vae_scale();
                 let (h, w) = (shape.height / scale, shape.width / scale);
                 let sample = random(&[batch, m.vae().latent_channels(), h, w], &embeds.context)?;
@@ -272,7 +284,7 @@ impl Pipeline {
             }
             Self::Flux(m) => {
                 let guidance = m.has_guidance_embeds();
-                let (embeds, text_encode_ms) = timed_warm(sync, || {
+                let (embeds, text_encode_ms) = timed_warm(c"text encoding", sync, || {
                     m.embed(BENCH_PROMPT, flux::default_t5_tokens(guidance))
                 })?;
                 let scale = m.vae().scale();

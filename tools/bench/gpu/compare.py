@@ -48,6 +48,7 @@ def main():
             ratio = f"{a / b:.2f}x" if a is not None and b else "-"
             print(f"| {model} | {shape} | {name} | {show(a)} | {show(b)} | {ratio} |")
     candidates(ours, theirs)
+    kernel_tables(sys.argv[1], sys.argv[2])
     # --profile: per-module inclusive times (device synchronised at each module), both sides.
     for model in ours:
         for key, part in [("denoiser_profile", "denoiser forward"), ("vae_profile", "VAE decode")]:
@@ -65,6 +66,46 @@ def main():
                       f"{show(t['ms'] if t else None)} | {ratio} |")
             for t in other.values():
                 print(f"| {t['label']} | - | - | {t['calls']} | {t['ms']:.2f} | - |")
+
+
+def kernel_tables(our_dir, their_dir, top=12):
+    """The kernel tables of run.sh (kernel-table-<model>.json on each side): per timed part, the
+    device's busy and idle time, the time by kind of kernel, and each side's heaviest kernels."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernel_table import category
+    for path in sorted(Path(our_dir).glob("kernel-table-*.json")):
+        model = path.stem.removeprefix("kernel-table-")
+        ours = json.loads(path.read_text())["windows"]
+        other = Path(their_dir) / path.name
+        theirs = json.loads(other.read_text())["windows"] if other.exists() else {}
+        for part, mine in ours.items():
+            them = theirs.get(part, {})
+            print(f"\n{model}: {part}, kernel by kernel (ms per pass; device traced, so walls run long)")
+            print("| | candela | diffusers | ratio |")
+            print("|---|---|---|---|")
+            by_kind = [("wall", mine["wall_ms"], them.get("wall_ms")),
+                       ("device busy", mine["busy_ms"], them.get("busy_ms")),
+                       ("device idle", mine["wall_ms"] - mine["busy_ms"],
+                        them["wall_ms"] - them["busy_ms"] if them else None),
+                       ("kernels launched", sum(k["calls"] for k in mine["kernels"]),
+                        sum(k["calls"] for k in them["kernels"]) if them else None)]
+            kinds = {}
+            for side, table in ((0, mine), (1, them)):
+                for k in table.get("kernels", []):
+                    kinds.setdefault(category(k["name"]), [0.0, 0.0])[side] += k["ms"]
+            by_kind += [(kind, a, b if them else None) for kind, (a, b) in sorted(kinds.items(), key=lambda kv: -kv[1][0])]
+            for name, a, b in by_kind:
+                ratio = f"{a / b:.2f}x" if b else "-"
+                print(f"| {name} | {a:.2f} | {show(b)} | {ratio} |")
+            for side, table in (("candela", mine), ("diffusers", them)):
+                if not table.get("kernels"):
+                    continue
+                print(f"\n{side}, heaviest kernels of {model} {part}")
+                print("| kernel | kind | calls | ms |")
+                print("|---|---|---|---|")
+                for k in table["kernels"][:top]:
+                    name = k["name"] if len(k["name"]) <= 100 else k["name"][:97] + "..."
+                    print(f"| `{name}` | {category(k['name'])} | {k['calls']:.0f} | {k['ms']:.3f} |")
 
 
 def candidates(ours, theirs):

@@ -41,6 +41,10 @@ E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
 # Large images (candela side only; LARGE= to leave out): model:dtype:side, with --vae-tiling,
 # one step, for the peak memory (#9: SDXL at 2048² within a 24 GB card).
 LARGE=${LARGE-"sdxl:f16:2048"}
+# Kernel tables (TRACE_MODELS= to leave them out): what each timed part runs, kernel by kernel —
+# candela under the CUPTI tracer (tools/cuda/kernel_trace.c, in a run of its own), diffusers under
+# torch.profiler (after its timed forwards) — as $OUT/kernel-table-<model>-<dtype>.json per side.
+TRACE_MODELS=${TRACE_MODELS-"sdxl:f16 sd35-large:f16 flux-dev:bf16"}
 # The CUDA-graph experiment (candela side only; GRAPH_MODELS= to leave it out).
 GRAPH_MODELS=${GRAPH_MODELS-"sd15 sdxl"}
 # For a dry run on a CPU machine: DEVICE=cpu BIN=target/release/candela-bench
@@ -110,6 +114,17 @@ candela)
                 || echo "candela $model with $flag failed (exit $?)" | tee -a "$log"
         done
     done
+    for spec in $TRACE_MODELS; do
+        model=${spec%%:*} dtype=${spec##*:}
+        echo "== candela $model $dtype, kernel trace" | tee -a "$log"
+        rm -f /tmp/trace.tsv
+        timeout 90 env LD_PRELOAD="${TRACER:-$PWD/.gpu/bin/libkerneltrace.so}" KERNEL_TRACE_OUT=/tmp/trace.tsv \
+            "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" --steps 1 --repeats 3 >> "$log" 2>&1 \
+            || echo "candela $model kernel trace failed (exit $?)" | tee -a "$log"
+        # Whatever windows were written, even by a run cut short.
+        [ -s /tmp/trace.tsv ] && python3 tools/bench/kernel_table.py /tmp/trace.tsv --label "candela $model-$dtype" \
+            --out "$OUT/kernel-table-$model-$dtype.json" 2>&1 | tee -a "$log"
+    done
     for spec in $LARGE; do
         IFS=: read -r model dtype side <<< "$spec"
         echo "== candela $model $dtype ${side}², VAE tiling" | tee -a "$log"
@@ -136,8 +151,10 @@ diffusers)
     for spec in $MODELS; do
         model=${spec%%:*} dtype=${spec##*:}
         echo "== diffusers $model $dtype" | tee -a "$log"
+        trace=()
+        [[ " $TRACE_MODELS " == *" $spec "* ]] && trace=(--kernel-trace "$OUT/kernel-table-$model-$dtype.json")
         timeout 90 "$PYTHON" tools/bench/bench_diffusers.py --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
-            --steps "$STEPS" --repeats "$REPEATS" $PROFILE --out "/tmp/$model.json" >> "$log" 2>&1 \
+            --steps "$STEPS" --repeats "$REPEATS" $PROFILE "${trace[@]}" --out "/tmp/$model.json" >> "$log" 2>&1 \
             && append_result "/tmp/$model.json" "$model-$dtype" \
             || echo "diffusers $model failed (exit $?)" | tee -a "$log"
     done
