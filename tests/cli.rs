@@ -348,16 +348,9 @@ fn kernel_trace_windows_cover_each_timed_part() {
     let out = candela_bench(tmp.path())
         .arg("--configs")
         .arg(root.join("tests/fixtures/models/sd1-tiny"))
-        .args([
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "1",
-            "--repeats",
-            "3",
-        ])
+        // SMALL_BENCH's size and steps, three timed forwards.
+        .args(&SMALL_BENCH[..6])
+        .args(["--repeats", "3"])
         .env("LD_PRELOAD", &tracer)
         .env("KERNEL_TRACE_OUT", &trace)
         .output()
