@@ -173,15 +173,17 @@ impl SimpleBackend for RandomWeights {
 }
 
 impl SafetensorsFile {
-    /// Bytes of the CPU's Winograd copies of this file's 3×3 convolution weights (16 values per
-    /// 9, f32) for the layers wide enough to use it (`cpu_winograd::worthwhile`).
-    pub fn winograd_bytes(&self) -> u64 {
+    /// Bytes the CPU's Winograd form adds to this file's f32 weights: the 3×3 convolution
+    /// weights of the layers wide enough to use it (`cpu_winograd::worthwhile`) are held as 16
+    /// values per 9 instead of the 9 loaded (transformed at load, the plain weight dropped), so
+    /// 7 more f32 values per 9.
+    pub fn winograd_extra_bytes(&self) -> u64 {
         self.tensors
             .tensors()
             .into_iter()
             .filter_map(|(_, view)| match view.shape() {
                 [co, ci, 3, 3] if *ci >= crate::engine::models::cpu_winograd::MIN_CHANNELS => {
-                    Some((co * ci * 16 * 4) as u64)
+                    Some((co * ci * (16 - 9) * 4) as u64)
                 }
                 _ => None,
             })
