@@ -131,18 +131,25 @@ def profile(models, run, sync, passes=1, whole="forward"):
 def kernel_windows(part, run, sync, runs):
     """Each of `runs` calls of `run` under torch.profiler: (part, wall ms, [(kernel, start, end) ns])."""
     from torch.profiler import ProfilerActivity
+    cuda = torch.cuda.is_available()
+    # On a CPU the table has walls only (no device kernels): a dry run of the script. On a GPU,
+    # device activity alone (no CPU op records to slow the host down) unless that yields no
+    # kernel events, then both.
+    activities = [[ProfilerActivity.CUDA], [ProfilerActivity.CPU, ProfilerActivity.CUDA]] if cuda \
+        else [[ProfilerActivity.CPU]]
     windows = []
     for _ in range(runs):
-        sync()
-        # On a CPU the table has walls only (no device kernels): a dry run of the script.
-        activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
-        with torch.profiler.profile(activities=[activity]) as prof:
-            start = time.perf_counter()
-            run()
+        for activity in activities:
             sync()
-            wall_ms = (time.perf_counter() - start) * 1000
-        kernels = [(e.name, int(e.time_range.start * 1000), int(e.time_range.end * 1000)) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA]
+            with torch.profiler.profile(activities=activity) as prof:
+                start = time.perf_counter()
+                run()
+                sync()
+                wall_ms = (time.perf_counter() - start) * 1000
+            kernels = [(e.name, int(e.time_range.start * 1000), int(e.time_range.end * 1000))
+                       for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            if kernels or not cuda:
+                break
         windows.append((part, wall_ms, kernels))
     return windows
 

@@ -1,7 +1,7 @@
 // A kernel tracer to preload into `candela-bench` on the GPU machine (which has CUPTI, in
 // PyTorch's CUDA libraries, but no Nsight): every kernel, copy and memset the process runs, with
 // its device start and end, plus the windows candela marks around its timed parts
-// (`engine::profile::kernel_trace_window`). tools/bench/gpu/kernel_table.py turns the file into
+// (`engine::profile::kernel_trace_window`). tools/bench/kernel_table.py turns the file into
 // a table per window kind — what one denoiser forward runs, kernel by kernel — to set beside
 // torch.profiler's table of diffusers' forward (tools/bench/bench_diffusers.py --kernel-trace).
 //
@@ -13,7 +13,7 @@
 //   S start end bytes       a memset
 //   B time label / E time label   a window begins / ends (host time; the device is idle at both)
 //   D count                 records CUPTI dropped (the table is incomplete when this appears)
-// Built by tools/bench/gpu/prepare.sh against CUPTI 13's headers. Without KERNEL_TRACE_OUT it
+// Built by tools/bench/gpu/prepare.sh against CUPTI 13.0's headers. Without KERNEL_TRACE_OUT it
 // does nothing.
 #include <cupti.h>
 #include <pthread.h>
