@@ -3,22 +3,24 @@
 //!
 //! SD 1.x/2.x working memory, per denoising step with `r` = batch rows (×2 with classifier-free
 //! guidance), `T` = latent tokens = (H/8)·(W/8), `s` = bytes per element:
-//! * attention without a fused kernel materialises the first block's scores and softmax:
-//!   `2 · r · heads · T² · s` — the dominant term (SD 1.5, 512², CFG, f16: 1.07 GB);
+//! * attention without a fused kernel materialises the first block's scores and softmax,
+//!   `2 · r · heads · T² · s` (SD 1.5, 512², CFG, f16: 1.07 GB), but a slice of queries at a time
+//!   past `attention::MAX_SCORE_BYTES`: at most three slices' worth (768 MiB) is counted;
 //! * feature maps kept for the skip connections and the ResNet temporaries, counted as
 //!   24 tensors of the first block's size: `24 · r · T · C₀ · s`.
 //!
 //! SD3 / diffusion transformers, with `T` = image tokens (H/16)·(W/16) + text tokens (77 CLIP +
-//! the T5 length, 256 by default) and `D` the transformer width: joint attention materialises
-//! `2 · r · heads · T² · s` (SD3.5 Large, 1024², CFG, f16: 6.0 GB — the reason fused attention
-//! matters on GPUs), plus `16 · r · T · D · s` for the block's live tensors (q, k, v, the 4·D MLP
-//! hidden state, residuals).
+//! the T5 length, 256 by default) and `D` the transformer width: joint attention's
+//! `2 · r · heads · T² · s` (SD3.5 Large, 1024², CFG, f16: 6.0 GB), bounded the same way, plus
+//! `16 · r · T · D · s` for the block's live tensors (q, k, v, the 4·D MLP hidden state,
+//! residuals).
 //!
-//! VAE decoding (one image at a time) needs `4 · C_max · H · W · s` for the full-resolution
-//! feature maps plus `2 · T² · s` for the single-head mid-block attention (computed in slices
-//! of queries past `attention::MAX_SCORE_BYTES`: at most three slices' worth). The job needs the
-//! larger of the two phases. These coefficients are an upper-bound model, to be calibrated
-//! against measured peak device memory on a GPU (`candela bench` reports both).
+//! VAE decoding (one image at a time, in the VAE's own dtype: f32 for SDXL's upcast VAE) needs
+//! `4 · C_max · H · W · s` for the full-resolution feature maps plus the single-head mid-block
+//! attention `2 · T² · s`, bounded as above. The job needs the larger of the two phases. These
+//! coefficients are an upper-bound model; lease 4 on an H200 measured (peak − weights, 1024²)
+//! SDXL 7.6 GiB (model: 8.8, its f32 VAE decode), SD3.5 Large 3.5 (4.8), FLUX-dev 3.1 (4.8),
+//! SD 1.5 at 512² 0.85 (1.1).
 
 use candle_core::DType;
 
@@ -68,6 +70,8 @@ pub struct Footprint {
     vae_channels: usize,
     latent_scale: usize,
     dtype_bytes: usize,
+    /// The VAE's element size: f32 for SDXL's `force_upcast` VAE under f16.
+    vae_dtype_bytes: usize,
     /// The VAE decodes in tiles of this many pixels a side (`LoadOptions::vae_tiling`).
     vae_tile: Option<usize>,
 }
@@ -82,6 +86,12 @@ impl Footprint {
         options: &LoadOptions,
     ) -> Result<Self> {
         let mut components = Vec::new();
+        // SDXL's pipelines run a force_upcast VAE in f32 under f16 (autoencoder.rs).
+        let vae_dtype = if dtype == DType::F16 && vae_upcast(dir)? {
+            DType::F32
+        } else {
+            dtype
+        };
         let is_transformer = dir.file("transformer/config.json").is_file();
         let denoiser_folder = if is_transformer {
             "transformer"
@@ -114,12 +124,7 @@ impl Footprint {
                 (Some(path), true) => SafetensorsFile::open(path)?,
                 _ => SafetensorsFile::open_component(dir, &stem)?,
             };
-            // SDXL's pipelines run a force_upcast VAE in f32 under f16 (autoencoder.rs).
-            let component_dtype = if folder == "vae" && dtype == DType::F16 && vae_upcast(dir)? {
-                DType::F32
-            } else {
-                dtype
-            };
+            let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
             let mut bytes = file.loaded_bytes(component_dtype);
             if folder == denoiser_folder {
                 // Quantized blocks: the format's bits per weight instead of the dtype's (the
@@ -185,6 +190,7 @@ impl Footprint {
             vae_channels: vae.block_out_channels.iter().copied().max().unwrap_or(512),
             latent_scale: vae.scale_factor(),
             dtype_bytes: dtype.size_in_bytes(),
+            vae_dtype_bytes: vae_dtype.size_in_bytes(),
             vae_tile: if options.vae_tiling {
                 vae.tile_pixels()
             } else {
@@ -210,7 +216,7 @@ impl Footprint {
         let r = (rows * if cfg { 2 } else { 1 }) as u64;
         let denoise = match self.denoiser {
             Denoiser::Unet { heads, channels } => {
-                2 * r * heads as u64 * latent_tokens * latent_tokens * s
+                attention_scores(2 * r * heads as u64 * latent_tokens * latent_tokens * s)
                     + 24 * r * latent_tokens * channels as u64 * s
             }
             Denoiser::Transformer {
@@ -220,7 +226,7 @@ impl Footprint {
                 text_tokens,
             } => {
                 let t = latent_tokens / (patch * patch).max(1) as u64 + text_tokens as u64;
-                2 * r * heads as u64 * t * t * s + 16 * r * t * width as u64 * s
+                attention_scores(2 * r * heads as u64 * t * t * s) + 16 * r * t * width as u64 * s
             }
         };
         denoise.max(self.vae_decode_bytes(width, height))
@@ -228,7 +234,7 @@ impl Footprint {
 
     /// Working memory of one image's VAE decode at `width`×`height`.
     pub fn vae_decode_bytes(&self, width: usize, height: usize) -> u64 {
-        let s = self.dtype_bytes as u64;
+        let s = self.vae_dtype_bytes as u64;
         let scale = self.latent_scale.max(1);
         // Tiled: one tile's activations, plus every decoded tile kept for blending (3 channels,
         // overlapping by a quarter: under 2× the image).
@@ -239,11 +245,18 @@ impl Footprint {
             _ => (width, height, 0),
         };
         let vae_tokens = ((vw / scale) * (vh / scale)) as u64;
-        // The mid block's scores and softmax, sliced past MAX_SCORE_BYTES (f32 at most).
-        let attention = (2 * vae_tokens * vae_tokens * s)
-            .min(3 * crate::engine::models::attention::MAX_SCORE_BYTES as u64);
+        // The mid block's single-head attention.
+        let attention = attention_scores(2 * vae_tokens * vae_tokens * s);
         4 * self.vae_channels as u64 * (vw * vh) as u64 * s + attention + kept
     }
+}
+
+/// What attention whose whole scores and softmax would take `bytes` holds at once: unfused, the
+/// queries go in slices past [`MAX_SCORE_BYTES`](crate::engine::models::attention::MAX_SCORE_BYTES)
+/// (scores, softmax and an f32 upcast at most); the fused kernels (CPU f32, CUDA f16/bf16) hold
+/// none of it.
+fn attention_scores(bytes: u64) -> u64 {
+    bytes.min(3 * crate::engine::models::attention::MAX_SCORE_BYTES as u64)
 }
 
 /// Peak memory while a stretch of work runs. CUDA: the device's used memory as the driver
@@ -408,9 +421,11 @@ mod tests {
                 .join(name),
             prefer_fp16_variant: false,
         };
+        let read = |name: &str, dtype: DType| {
+            Footprint::read(&fixture(name), &Device::Cpu, dtype, &LoadOptions::default()).unwrap()
+        };
         let vae_bytes = |name: &str, dtype: DType| {
-            Footprint::read(&fixture(name), &Device::Cpu, dtype, &LoadOptions::default())
-                .unwrap()
+            read(name, dtype)
                 .components
                 .into_iter()
                 .find(|(folder, _)| folder == "vae")
@@ -425,6 +440,30 @@ mod tests {
             2 * vae_bytes("sd1-tiny", DType::F16),
             vae_bytes("sd1-tiny", DType::F32)
         );
+        // So is its decode's working memory (lease 4: SDXL's peak at 1024² was the f32 decode).
+        let decode = |name: &str, dtype: DType| read(name, dtype).vae_decode_bytes(512, 512);
+        assert_eq!(
+            decode("sdxl-tiny", DType::F16),
+            decode("sdxl-tiny", DType::F32)
+        );
+        assert_eq!(
+            2 * decode("sd1-tiny", DType::F16),
+            decode("sd1-tiny", DType::F32)
+        );
+    }
+
+    #[test]
+    fn attention_counts_at_most_the_slices_it_holds() {
+        let dir = flux_dir();
+        let f = Footprint::read(&dir, &Device::Cpu, DType::F16, &LoadOptions::default()).unwrap();
+        // The tiny transformer's joint attention scores dominate past 1024²: whole, they would
+        // grow 16× from 2048² to 4096²; sliced, what is held grows with the image (4×).
+        let (at_2k, at_4k) = (
+            f.activation_bytes(1, 2048, 2048, false),
+            f.activation_bytes(1, 4096, 4096, false),
+        );
+        assert!(at_4k <= 4 * at_2k + 1, "{at_2k} → {at_4k}");
+        assert!(at_2k > 3 * crate::engine::models::attention::MAX_SCORE_BYTES as u64);
     }
 
     #[test]
