@@ -448,6 +448,35 @@ mod tests {
     }
 
     #[test]
+    fn sdxl_at_2048_with_vae_tiling_is_planned_within_a_24_gb_card() {
+        // SDXL's shape (benches/sdxl: 5 heads and 320 channels in the first block, a 512-channel
+        // VAE of 1024-pixel tiles, decoding in f32) and the weights lease 4 measured in f16.
+        let tiled = Footprint {
+            components: vec![("all".into(), (6.91 * (1u64 << 30) as f64) as u64)],
+            denoiser: Denoiser::Unet {
+                heads: 5,
+                channels: 320,
+            },
+            vae_channels: 512,
+            latent_scale: 8,
+            dtype_bytes: 2,
+            vae_dtype_bytes: 4,
+            vae_tile: Some(1024),
+        };
+        // Issue #9: 2048² on a 24 GB card (the default budget: 90 % of it). Counting the whole
+        // attention score matrix (172 GB at 2048² with CFG) refused it on any card.
+        let budget = 24_000_000_000 * 9 / 10;
+        let need = |f: &Footprint| f.weights_bytes() + f.activation_bytes(1, 2048, 2048, true);
+        assert!(need(&tiled) < budget, "{}", need(&tiled));
+        // Untiled, the f32 decode of the whole image alone is more than the card holds.
+        let whole = Footprint {
+            vae_tile: None,
+            ..tiled
+        };
+        assert!(need(&whole) > budget, "{}", need(&whole));
+    }
+
+    #[test]
     fn attention_counts_at_most_the_slices_it_holds() {
         let dir = flux_dir();
         let f = Footprint::read(&dir, &Device::Cpu, DType::F16, &LoadOptions::default()).unwrap();
