@@ -54,39 +54,27 @@ CUptiResult cuptiActivityGetNumDroppedRecords(CUcontext c, uint32_t s, size_t *d
     return CUPTI_SUCCESS;
 }
 
+static void put(uint8_t *buffer, size_t *used, const void *record, size_t size) {
+    memcpy(buffer + *used, record, size);
+    *used += size;
+}
+
 CUptiResult cuptiActivityFlushAll(uint32_t flag) {
     (void)flag;
     if (!kernels_on || !requested) return CUPTI_SUCCESS;
     uint8_t *buffer = NULL;
-    size_t size = 0, max_records = 0;
+    size_t size = 0, max_records = 0, used = 0;
     requested(&buffer, &size, &max_records);
-    size_t used = 0;
     uint64_t t = last_timestamp;
-    CUpti_ActivityKernel10 k;
-    memset(&k, 0, sizeof k);
-    k.kind = CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL;
-    k.start = t + 1000;
-    k.end = t + 3000;
-    k.name = "fake_kernel";
-    memcpy(buffer + used, &k, sizeof k);
-    used += sizeof k;
-    CUpti_ActivityMemcpy6 c;
-    memset(&c, 0, sizeof c);
-    c.kind = CUPTI_ACTIVITY_KIND_MEMCPY;
-    c.copyKind = 1;
-    c.bytes = 4096;
-    c.start = t + 3000;
-    c.end = t + 4000;
-    memcpy(buffer + used, &c, sizeof c);
-    used += sizeof c;
-    CUpti_ActivityMemset4 m;
-    memset(&m, 0, sizeof m);
-    m.kind = CUPTI_ACTIVITY_KIND_MEMSET;
-    m.bytes = 64;
-    m.start = t + 4000;
-    m.end = t + 4500;
-    memcpy(buffer + used, &m, sizeof m);
-    used += sizeof m;
+    CUpti_ActivityKernel10 k = {.kind = CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL,
+                                .start = t + 1000, .end = t + 3000, .name = "fake_kernel"};
+    CUpti_ActivityMemcpy6 c = {.kind = CUPTI_ACTIVITY_KIND_MEMCPY, .copyKind = 1, .bytes = 4096,
+                               .start = t + 3000, .end = t + 4000};
+    CUpti_ActivityMemset4 m = {.kind = CUPTI_ACTIVITY_KIND_MEMSET, .bytes = 64,
+                               .start = t + 4000, .end = t + 4500};
+    put(buffer, &used, &k, sizeof k);
+    put(buffer, &used, &c, sizeof c);
+    put(buffer, &used, &m, sizeof m);
     completed(NULL, 0, buffer, size, used);
     return CUPTI_SUCCESS;
 }
