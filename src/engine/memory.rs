@@ -16,11 +16,13 @@
 //! residuals).
 //!
 //! VAE decoding (one image at a time, in the VAE's own dtype: f32 for SDXL's upcast VAE) needs
-//! `4 · C_max · H · W · s` for the full-resolution feature maps plus the single-head mid-block
-//! attention `2 · T² · s`, bounded as above. The job needs the larger of the two phases. These
+//! `m · C_max · H · W · s` for the full-resolution feature maps (m = 4 on a GPU, 3 on the CPU:
+//! measured 3.8 and 2.0–2.1) plus the single-head mid-block attention `2 · T² · s`, bounded as
+//! above. The job needs the larger of the two phases. These
 //! coefficients are an upper-bound model; lease 4 on an H200 measured (peak − weights, 1024²)
 //! SDXL 7.6 GiB (model: 8.8, its f32 VAE decode), SD3.5 Large 3.5 (4.8), FLUX-dev 3.1 (4.8),
-//! SD 1.5 at 512² 0.85 (1.1).
+//! SD 1.5 at 512² 0.85 (1.1); on the CPU in f32 (session 9) SD 1.5 at 512² 1.1 (1.6) and at 1024²
+//! 4.1 (6.8), SDXL at 512² 1.1 (1.6).
 
 use candle_core::DType;
 
@@ -68,6 +70,8 @@ pub struct Footprint {
     pub components: Vec<(String, u64)>,
     denoiser: Denoiser,
     vae_channels: usize,
+    /// Full-size feature maps of `vae_channels` a decode holds at its peak (see the module docs).
+    vae_maps: u64,
     latent_scale: usize,
     dtype_bytes: usize,
     /// The VAE's element size: f32 for SDXL's `force_upcast` VAE under f16.
@@ -188,6 +192,11 @@ impl Footprint {
             components,
             denoiser,
             vae_channels: vae.block_out_channels.iter().copied().max().unwrap_or(512),
+            vae_maps: if device.is_cpu() {
+                CPU_VAE_MAPS
+            } else {
+                DEVICE_VAE_MAPS
+            },
             latent_scale: vae.scale_factor(),
             dtype_bytes: dtype.size_in_bytes(),
             vae_dtype_bytes: vae_dtype.size_in_bytes(),
@@ -247,9 +256,15 @@ impl Footprint {
         let vae_tokens = ((vw / scale) * (vh / scale)) as u64;
         // The mid block's single-head attention.
         let attention = attention_scores(2 * vae_tokens * vae_tokens * s);
-        4 * self.vae_channels as u64 * (vw * vh) as u64 * s + attention + kept
+        self.vae_maps * self.vae_channels as u64 * (vw * vh) as u64 * s + attention + kept
     }
 }
+
+/// A VAE decode's peak, in feature maps of its widest channel count at the full image size: on a
+/// GPU (cuDNN workspaces, the caching pool) SDXL's f32 decode at 1024² measured 3.8; on the CPU SD
+/// 1.5 at 512² and 1024² and SDXL at 512² measured 2.0–2.1 (docs/memory.md).
+const DEVICE_VAE_MAPS: u64 = 4;
+const CPU_VAE_MAPS: u64 = 3;
 
 /// What attention whose whole scores and softmax would take `bytes` holds at once: unfused, the
 /// queries go in slices past [`MAX_SCORE_BYTES`](crate::engine::models::attention::MAX_SCORE_BYTES)
@@ -458,6 +473,7 @@ mod tests {
                 channels: 320,
             },
             vae_channels: 512,
+            vae_maps: DEVICE_VAE_MAPS,
             latent_scale: 8,
             dtype_bytes: 2,
             vae_dtype_bytes: 4,
