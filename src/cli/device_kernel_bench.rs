@@ -107,6 +107,17 @@ pub fn run(
             Err(e) => println!("| {op} | {shape:?} | relative error | failed: {e} |"),
         }
     };
+    // A fused kernel against the same work done apart: both timed ("ours" second), then the
+    // fused result's error against the other's. (Only the CUDA build has fused kernels.)
+    #[cfg(feature = "cuda")]
+    macro_rules! fused_against {
+        ($op:expr, $shape:expr, $apart_label:expr, $apart:expr, $fused:expr, $against:expr) => {{
+            let (apart, fused) = ($apart, $fused);
+            record($op, &$shape, $apart_label, time_ms(device, repeats, apart));
+            record($op, &$shape, "ours", time_ms(device, repeats, fused));
+            check($op, &$shape, &fused()?, &apart()?, $against);
+        }};
+    }
     // 3×3 convolutions (batch, in, out, side): SD 1.5 UNet at 512² and SDXL's at 1024² (batch 2,
     // guidance), the VAE decoders at 512² and 1024².
     for shape in [
@@ -209,23 +220,13 @@ pub fn run(
                 &scale,
             )
         };
-        let t = time_ms(device, repeats, two_passes);
-        record(
+        fused_against!(
             "layer_norm_modulate",
-            &shape,
+            shape,
             "candle layer_norm + ours modulate",
-            t,
-        );
-        let t = time_ms(device, repeats, || {
-            layer_norm_modulate(&x, &shift, &scale, 1e-6)
-        });
-        record("layer_norm_modulate", &shape, "ours", t);
-        check(
-            "layer_norm_modulate",
-            &shape,
-            &layer_norm_modulate(&x, &shift, &scale, 1e-6)?,
-            &two_passes()?,
-            "candle layer_norm + modulate",
+            two_passes,
+            || layer_norm_modulate(&x, &shift, &scale, 1e-6),
+            "candle layer_norm + modulate"
         );
     }
     // A Linear's bias left to the kernel consuming its product (what the DiTs run on CUDA),
@@ -238,26 +239,13 @@ pub fn run(
         };
         let shape = [4608, 12288];
         let (h, bias) = (randn(&shape, 1.0)?, randn(&[shape[1]], 1.0)?);
-        let apart = || gelu_tanh(&bias_add(&h, &bias)?, None);
-        record(
+        fused_against!(
             "bias_gelu_tanh",
-            &shape,
+            shape,
             "bias pass + ours gelu",
-            time_ms(device, repeats, apart),
-        );
-        let fused = || gelu_tanh(&h, Some(&bias));
-        record(
-            "bias_gelu_tanh",
-            &shape,
-            "ours",
-            time_ms(device, repeats, fused),
-        );
-        check(
-            "bias_gelu_tanh",
-            &shape,
-            &fused()?,
-            &apart()?,
-            "bias pass + gelu",
+            || gelu_tanh(&bias_add(&h, &bias)?, None),
+            || gelu_tanh(&h, Some(&bias)),
+            "bias pass + gelu"
         );
 
         let shape = [1, 4608, 3072];
@@ -267,115 +255,62 @@ pub fn run(
             randn(&[1, 3072], 1.0)?,
         );
         let bias = randn(&[3072], 1.0)?;
-        let apart = || gated_add(&x, &gate, &bias_add(&h, &bias)?, None, None);
-        record(
+        fused_against!(
             "gated_add_bias",
-            &shape,
+            shape,
             "bias pass + ours gated add",
-            time_ms(device, repeats, apart),
-        );
-        let fused = || gated_add(&x, &gate, &h, None, Some(&bias));
-        record(
-            "gated_add_bias",
-            &shape,
-            "ours",
-            time_ms(device, repeats, fused),
-        );
-        check(
-            "gated_add_bias",
-            &shape,
-            &fused()?,
-            &apart()?,
-            "bias pass + gated add",
+            || gated_add(&x, &gate, &bias_add(&h, &bias)?, None, None),
+            || gated_add(&x, &gate, &h, None, Some(&bias)),
+            "bias pass + gated add"
         );
 
         // The UNet's transformer blocks (SDXL, 32² level, CFG batch): GEGLU with the
         // projection's bias, and the residual add with the output projection's.
         let shape = [2048, 10240];
         let (h, bias) = (randn(&shape, 1.0)?, randn(&[shape[1]], 1.0)?);
-        let apart = || elementwise::geglu(&bias_add(&h, &bias)?, None);
-        record(
+        fused_against!(
             "geglu_bias",
-            &shape,
+            shape,
             "bias pass + ours geglu",
-            time_ms(device, repeats, apart),
-        );
-        let fused = || elementwise::geglu(&h, Some(&bias));
-        record(
-            "geglu_bias",
-            &shape,
-            "ours",
-            time_ms(device, repeats, fused),
-        );
-        check(
-            "geglu_bias",
-            &shape,
-            &fused()?,
-            &apart()?,
-            "bias pass + geglu",
+            || elementwise::geglu(&bias_add(&h, &bias)?, None),
+            || elementwise::geglu(&h, Some(&bias)),
+            "bias pass + geglu"
         );
         let shape = [2, 1024, 1280];
         let (y, residual) = (randn(&shape, 1.0)?, randn(&shape, 1.0)?);
         let bias = randn(&[shape[2]], 1.0)?;
-        let apart = || bias_add(&y, &bias)? + &residual;
-        record(
+        fused_against!(
             "bias_residual_add",
-            &shape,
+            shape,
             "bias pass + candle add",
-            time_ms(device, repeats, apart),
-        );
-        let fused = || elementwise::add_to_product(&y, Some(&bias), Some(&residual));
-        record(
-            "bias_residual_add",
-            &shape,
-            "ours",
-            time_ms(device, repeats, fused),
-        );
-        check(
-            "bias_residual_add",
-            &shape,
-            &fused()?,
-            &apart()?,
-            "bias pass + add",
+            || bias_add(&y, &bias)? + &residual,
+            || elementwise::add_to_product(&y, Some(&bias), Some(&residual)),
+            "bias pass + add"
         );
 
         // SDXL's last UNet upsampling (CFG batch): candle's two index_selects against ours.
         let shape = [2, 640, 64, 64];
         let x = randn(&shape, 1.0)?;
-        let candle = || blocks::resize_nearest_by_index(&x, 128, 128);
-        record(
+        fused_against!(
             "upsample_nearest2x",
-            &shape,
+            shape,
             "candle index_select ×2",
-            time_ms(device, repeats, candle),
+            || blocks::resize_nearest_by_index(&x, 128, 128),
+            || elementwise::upsample_nearest2x(&x),
+            "candle"
         );
-        let ours = || elementwise::upsample_nearest2x(&x);
-        record(
-            "upsample_nearest2x",
-            &shape,
-            "ours",
-            time_ms(device, repeats, ours),
-        );
-        check("upsample_nearest2x", &shape, &ours()?, &candle()?, "candle");
 
         // The ResNet blocks' time embedding over SDXL's first level (CFG batch).
         let shape = [2, 320, 128, 128];
         let (x, t) = (randn(&shape, 1.0)?, randn(&[2, 320], 1.0)?);
-        let candle = || x.broadcast_add(&t.reshape((2, 320, 1, 1))?);
-        record(
+        fused_against!(
             "channel_add",
-            &shape,
+            shape,
             "candle broadcast_add",
-            time_ms(device, repeats, candle),
+            || x.broadcast_add(&t.reshape((2, 320, 1, 1))?),
+            || elementwise::channel_add(&x, &t),
+            "candle"
         );
-        let ours = || elementwise::channel_add(&x, &t);
-        record(
-            "channel_add",
-            &shape,
-            "ours",
-            time_ms(device, repeats, ours),
-        );
-        check("channel_add", &shape, &ours()?, &candle()?, "candle");
 
         // SD3.5 Large's values (CFG batch): each stream's bias, then the join, against both in
         // one pass per stream.
@@ -391,12 +326,6 @@ pub fn run(
                 1,
             )
         };
-        record(
-            "join_values",
-            &shape,
-            "bias passes + candle cat",
-            time_ms(device, repeats, apart),
-        );
         let streams = [
             elementwise::Stream {
                 x: &image,
@@ -409,19 +338,13 @@ pub fn run(
                 offset: 4096,
             },
         ];
-        let fused = || elementwise::join_values(&streams, 4429);
-        record(
+        fused_against!(
             "join_values",
-            &shape,
-            "ours",
-            time_ms(device, repeats, fused),
-        );
-        check(
-            "join_values",
-            &shape,
-            &fused()?,
-            &apart()?,
-            "bias passes + cat",
+            shape,
+            "bias passes + candle cat",
+            apart,
+            || elementwise::join_values(&streams, 4429),
+            "bias passes + cat"
         );
 
         let shape = [1, 4608, 24, 128];
@@ -441,30 +364,18 @@ pub fn run(
             )?;
             rope(&normed.transpose(1, 2)?, &cos, &sin)?.transpose(1, 2)
         };
-        record(
-            "qk_norm_rope",
-            &shape,
-            "bias pass + candle rms_norm + ours rope",
-            time_ms(device, repeats, apart),
-        );
         let stream = [elementwise::Stream {
             x: &q,
             with: Some(&params),
             offset: 0,
         }];
-        let fused = || qk_norm(&stream, Some(&table), tokens, 1e-6);
-        record(
+        fused_against!(
             "qk_norm_rope",
-            &shape,
-            "ours",
-            time_ms(device, repeats, fused),
-        );
-        check(
-            "qk_norm_rope",
-            &shape,
-            &fused()?,
-            &apart()?,
-            "bias + rms_norm + rope",
+            shape,
+            "bias pass + candle rms_norm + ours rope",
+            apart,
+            || qk_norm(&stream, Some(&table), tokens, 1e-6),
+            "bias + rms_norm + rope"
         );
     }
     for shape in [[8192, 2560], [4608, 12288]] {
