@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// Load as `serve --vae-tiling`.
     #[arg(long)]
     pub vae_tiling: bool,
+    /// Load as `serve --without-t5` (SD3: T5-XXL left out, its part of the prompt zeros): SD3.5
+    /// on a machine whose memory T5-XXL's 19 GB in f32 would not leave room for the transformer.
+    #[arg(long)]
+    pub without_t5: bool,
     /// The fused CUDA attention kernel the models run: `tiled` (the measured one), or a
     /// candidate (`pipelined`, `wide`, and on H100/H200 `hopper`, `hopper-128`) to time whole
     /// models with it.
@@ -337,6 +341,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         low_memory: args.low_memory,
         vae_tiling: args.vae_tiling,
+        without_t5: args.without_t5,
         transformer_format: super::weight_format(args.quantize.as_deref())?,
         ..Default::default()
     };

@@ -69,6 +69,11 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
         (16, 4096, 4096, 40),
         (16, 4096, 77, 40),
         (16, 1024, 1024, 80),
+        // SD3.5 Medium at 512² (CFG): joint attention over 1024 + 333 tokens, the image-only
+        // second attention; the VAE's single 512-wide head at 512².
+        (48, 1357, 1357, 64),
+        (48, 1024, 1024, 64),
+        (1, 4096, 4096, 512),
     ] {
         let q = Tensor::randn(0f32, 1., (1, bh, n, d), &dev)?;
         let k = Tensor::randn(0f32, 1., (1, bh, m, d), &dev)?;

@@ -29,8 +29,9 @@ GUIDANCE = {"StableDiffusionPipeline": 7.5, "StableDiffusionXLPipeline": 5.0,
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
-def build(root: Path, device, dtype):
-    """The pipeline of model_index.json with every model built from its config, random weights."""
+def build(root: Path, device, dtype, without_t5=False):
+    """The pipeline of model_index.json with every model built from its config, random weights
+    (SD3 `without_t5`: T5-XXL left out, as `text_encoder_3=None`)."""
     import diffusers
     import transformers
     index = json.loads((root / "model_index.json").read_text())
@@ -42,6 +43,8 @@ def build(root: Path, device, dtype):
         with torch.device(device):
             for name, spec in index.items():
                 if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+                    continue
+                if without_t5 and name in ("text_encoder_3", "tokenizer_3"):
                     continue
                 library, cls_name = spec
                 folder = root / name
@@ -168,6 +171,8 @@ def main():
     ap.add_argument("--kernel-trace", metavar="TABLE",
                     help="also write the kernels of each denoiser forward and a VAE decode (torch.profiler) "
                          "as kernel_table.py's JSON, to set beside candela's (tools/cuda/kernel_trace.c)")
+    ap.add_argument("--without-t5", action="store_true",
+                    help="SD3: leave T5-XXL out (text_encoder_3=None), as `candela bench --without-t5`")
     ap.add_argument("--out", default="diffusers.json")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -183,7 +188,7 @@ def main():
         return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
     before = used()
-    pipe, kind = build(Path(args.configs), device, dtype)
+    pipe, kind = build(Path(args.configs), device, dtype, args.without_t5)
     sync()
     if cuda:
         weights = used() - before
