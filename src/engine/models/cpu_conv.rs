@@ -6,25 +6,11 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::cpu_util::{gemm_f32, with_cpu_slice, Strided};
+use super::cpu_util::{gemm_f32, with_cpu_slice, SharedOut, Strided};
 use rayon::prelude::*;
 
 /// Output columns per parallel task.
 const TILE: usize = 256;
-
-/// The output buffer shared by the column-tile tasks, which write disjoint columns.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: only used for disjoint writes (see `conv3x3`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: callers pass offsets inside the buffer.
-        unsafe { self.0.add(offset) }
-    }
-}
 
 /// `xs` (B, Ci, H, W) ⊛ `weight` (Co, Ci, 3, 3) + `bias` (Co), padding 1, stride 1.
 pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {

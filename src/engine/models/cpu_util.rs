@@ -27,6 +27,20 @@ pub(crate) fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> cand
     Ok(f(&data[start..start + layout.shape().elem_count()]))
 }
 
+/// An output buffer that parallel tasks write through at disjoint places.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub *mut f32);
+// SAFETY: each kernel's tasks write disjoint elements (see the kernels).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 /// A strided f32 matrix operand: element (r, c) is at `ptr + r·row + c·col`.
 #[derive(Clone, Copy)]
 pub(crate) struct Strided {

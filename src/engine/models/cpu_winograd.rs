@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_util::{gemm_f32, with_cpu_slice, Strided};
+use super::cpu_util::{gemm_f32, with_cpu_slice, SharedOut, Strided};
 
 /// Tiles per parallel task: the transformed input and output of a chunk (16·(Ci + Co)·TILES
 /// floats) stay within a core's cache for SD's channel counts.
@@ -107,13 +107,6 @@ pub fn conv3x3(
     })?;
     Tensor::from_vec(out, (b, co, h, w), &Device::Cpu)
 }
-
-/// The output buffer shared by the tasks, which write disjoint tiles.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: only used for disjoint writes (see `convolve`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
 
 /// The sizes one convolution call works with.
 #[derive(Clone, Copy)]
