@@ -257,6 +257,60 @@ fn bench_times_each_family_and_compares_with_a_reference() {
 }
 
 #[test]
+fn threads_flag_sets_the_cpu_thread_count_and_changes_no_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    // The benchmark reports the count its figures were measured with, from the flag or the
+    // environment.
+    let (_, figures) = bench_figures(
+        tmp.path(),
+        &fixtures.join("sd1-tiny"),
+        &["--threads", "1"],
+        &tmp.path().join("flag.json"),
+    );
+    let label = figures["label"].as_str().unwrap();
+    assert!(label.ends_with(" threads=1"), "{label}");
+    let json = tmp.path().join("env.json");
+    let out = candela_bench(tmp.path())
+        .env("CANDELA_THREADS", "1")
+        .arg("--configs")
+        .arg(fixtures.join("sd1-tiny"))
+        .args(SMALL_BENCH)
+        .arg("--json-out")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert_succeeded(&out);
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(figures["label"].as_str().unwrap().ends_with(" threads=1"));
+    // A seed's latents do not depend on how many threads computed them.
+    let latents = |threads: &str| {
+        let path = tmp.path().join(format!("latents-{threads}.safetensors"));
+        let out = candela(tmp.path())
+            .args(["--threads", threads, "generate", "--model"])
+            .arg(fixtures.join("sdxl-tiny"))
+            .args(["--prompt", "a lighthouse", "--steps", "2", "--seed", "5"])
+            .arg("--out")
+            .arg(tmp.path().join(format!("img-{threads}.png")))
+            .arg("--latents-out")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_succeeded(&out);
+        std::fs::read(path).unwrap()
+    };
+    assert_eq!(latents("1"), latents("2"));
+    // Zero threads is refused, naming the flag.
+    let out = candela(tmp.path())
+        .args(["--threads", "0", "generate", "--prompt", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"));
+}
+
+#[test]
 fn device_parity_runs_every_family() {
     let tmp = tempfile::tempdir().unwrap();
     let out = candela_bench(tmp.path())

@@ -397,7 +397,18 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     let peak = meter.finish();
 
     let ours = BenchFigures {
-        label: format!("candela {} {} {}", args.device, args.dtype, label),
+        label: format!(
+            "candela {} {} {}{}",
+            args.device,
+            args.dtype,
+            label,
+            // As diffusers' label: what the CPU figures depend on.
+            if device.is_cpu() {
+                format!(" threads={}", rayon::current_num_threads())
+            } else {
+                String::new()
+            }
+        ),
         variant: card.variant.clone(),
         width,
         height,

@@ -48,6 +48,18 @@ pub struct CommonArgs {
     /// Token for gated/private repos.
     #[arg(long, env = "HF_TOKEN", global = true, hide_env_values = true)]
     pub hf_token: Option<String>,
+    /// CPU threads for inference (default: every core), as torch's `set_num_threads`: leaves
+    /// cores to the rest of a shared machine.
+    #[arg(long, env = "CANDELA_THREADS", global = true)]
+    pub threads: Option<std::num::NonZeroUsize>,
+}
+
+/// Sets the CPU thread count for the whole process. Must run before the first parallel
+/// operation: rayon's global pool (our kernels) and candle's CPU ops (which size their `gemm`
+/// calls by the same variable on every call) both read `RAYON_NUM_THREADS`, so one variable
+/// keeps them in step.
+fn set_cpu_threads(threads: std::num::NonZeroUsize) {
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
 }
 
 fn parse_flag(s: &str) -> Result<bool, String> {
@@ -108,6 +120,9 @@ pub struct BenchOnly {
 }
 
 pub fn run_bench_only(cli: BenchOnly) -> anyhow::Result<()> {
+    if let Some(threads) = cli.common.threads {
+        set_cpu_threads(threads);
+    }
     bench::run_engine(&cli.common, cli.bench)
 }
 
@@ -123,6 +138,10 @@ pub fn init_logging() {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // `serve` also takes `threads` from its config file, so it sets them itself.
+    if let (Some(threads), false) = (cli.common.threads, matches!(cli.command, Command::Serve(_))) {
+        set_cpu_threads(threads);
+    }
     match cli.command {
         Command::Generate(args) => generate::run(&cli.common, args),
         Command::Bench(args) => bench::run(&cli.common, args),

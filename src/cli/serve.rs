@@ -123,6 +123,7 @@ struct FileConfig {
     job_timeout_secs: Option<u64>,
     on_restart: Option<server::RestartPolicy>,
     shutdown_grace_secs: Option<u64>,
+    threads: Option<std::num::NonZeroUsize>,
 }
 
 pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
@@ -134,12 +135,21 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("parsing {}", path.display()))?,
         None => FileConfig::default(),
     };
+    if let Some(threads) = common.threads.or(file.threads) {
+        super::set_cpu_threads(threads);
+    }
     let device = engine::parse_device(
         args.device
             .as_deref()
             .or(file.device.as_deref())
             .unwrap_or("cpu"),
     )?;
+    if device.is_cpu() {
+        tracing::info!(
+            threads = rayon::current_num_threads(),
+            "inference on the CPU"
+        );
+    }
     let dtype = engine::parse_dtype(
         args.dtype
             .as_deref()

@@ -284,6 +284,21 @@ def test_a_model_that_fits_only_with_its_convolution_weights_as_loaded_loads_the
     assert r.status_code == 422 and r.json()["error"]["code"] == "exceeds_memory_budget", r.status_code
 
 
+def test_cpu_threads_from_the_config_file(start, tmp_path):
+    """`threads` in the config file (as `--threads` / CANDELA_THREADS) sizes the CPU's thread pool,
+    which the server logs at start."""
+    config = tmp_path / "candela.toml"
+    config.write_text("threads = 1\n")
+    s = start("--config", config, "--model", TINY)
+    deadline = time.time() + 10
+    while not any("inference on the CPU" in line for line in s.stderr_lines) and time.time() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in s.stderr_lines if "inference on the CPU" in line)
+    assert "threads=1" in line, line
+    r = http(s).post("/v1/images/generations", json=dict(prompt="a lighthouse", size="64x64", steps=2))
+    assert r.status_code == 200, r.text
+
+
 def test_full_queue_answers_429_with_retry_after(start):
     s = start("--queue-capacity", 1)
     admin, c = http(s, "root", "admin"), http(s)
