@@ -220,6 +220,7 @@ fn bench_times_each_family_and_compares_with_a_reference() {
             "text_encode_ms",
             "denoiser_step_ms",
             "vae_decode_ms",
+            "vae_encode_ms",
             "end_to_end_s",
             "peak_gib",
         ] {
@@ -433,9 +434,9 @@ fn kernel_trace_windows_cover_each_timed_part() {
         .unwrap();
     assert_succeeded(&out);
     let lines = std::fs::read_to_string(&trace).unwrap();
-    // One flush at the end of each of the 5 windows and one at exit.
+    // One flush at the end of each of the 6 windows and one at exit.
     let kernels = lines.lines().filter(|l| l.starts_with("K\t")).count();
-    assert_eq!(kernels, 6, "{lines}");
+    assert_eq!(kernels, 7, "{lines}");
     let table_path = tmp.path().join("table.json");
     let out = Command::new("python3")
         .arg(root.join("tools/bench/kernel_table.py"))
@@ -448,7 +449,12 @@ fn kernel_trace_windows_cover_each_timed_part() {
     let table: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&table_path).unwrap()).unwrap();
     let windows = table["windows"].as_object().unwrap();
-    for (part, count) in [("denoiser", 3), ("vae decode", 1), ("text encoding", 1)] {
+    for (part, count) in [
+        ("denoiser", 3),
+        ("vae decode", 1),
+        ("vae encode", 1),
+        ("text encoding", 1),
+    ] {
         let window = &windows[part];
         assert_eq!(window["count"], count, "{part}: {table}");
         let mut ran: Vec<(String, f64)> = window["kernels"]
@@ -474,7 +480,7 @@ fn kernel_trace_windows_cover_each_timed_part() {
         assert!((busy - 0.0035).abs() < 1e-9, "{window}");
         assert!(window["wall_ms"].as_f64().unwrap() > busy, "{window}");
     }
-    assert_eq!(windows.len(), 3, "{table}");
+    assert_eq!(windows.len(), 4, "{table}");
 }
 
 #[test]

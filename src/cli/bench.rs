@@ -140,6 +140,9 @@ pub struct BenchFigures {
     #[serde(alias = "unet_step_ms")]
     pub denoiser_step_ms: f64,
     pub vae_decode_ms: f64,
+    /// One picture's VAE encode (img2img, inpainting); absent from older figures.
+    #[serde(default)]
+    pub vae_encode_ms: Option<f64>,
     pub end_to_end_s: f64,
     /// Memory held once the model is built (weights), GiB.
     #[serde(default)]
@@ -417,6 +420,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         text_encode_ms: Some(parts.text_encode_ms),
         denoiser_step_ms: engine::pipelines::timing::median(parts.denoiser_ms),
         vae_decode_ms: parts.vae_decode_ms,
+        vae_encode_ms: Some(parts.vae_encode_ms),
         end_to_end_s: end_to_end,
         weights_gib: weights.map(|b| b as f64 / GIB),
         peak_gib: peak.map(|b| b as f64 / GIB),
@@ -515,6 +519,11 @@ fn print_table(ours: &BenchFigures, reference: Option<&BenchFigures>) {
             "VAE decode (ms)",
             Some(ours.vae_decode_ms),
             reference.map(|r| r.vae_decode_ms),
+        ),
+        (
+            "VAE encode (ms)",
+            ours.vae_encode_ms,
+            reference.and_then(|r| r.vae_encode_ms),
         ),
         (
             "end-to-end (s)",

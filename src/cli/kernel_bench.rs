@@ -57,6 +57,36 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
             "| conv 3×3 direct / winograd{picked} | {b}×{ci}→{co} @{s}² | {candle:.1} | {direct:.1} | {winograd:.1} |"
         );
     }
+    // Stride-2 downsampling: the UNet's (padding 1) and the VAE encoder's (bottom-right pad).
+    for (b, c, s, vae) in [
+        (2, 320, 64, false),
+        (2, 640, 32, false),
+        (2, 1280, 16, false),
+        (1, 128, 512, true),
+        (1, 256, 256, true),
+        (1, 512, 128, true),
+    ] {
+        let x = Tensor::randn(0f32, 1., (b, c, s, s), &dev)?;
+        let k = Tensor::randn(0f32, 0.05, (c, c, 3, 3), &dev)?;
+        let (pad, candle_pad) = if vae { ([0, 0, 1, 1], 0) } else { ([1; 4], 1) };
+        let candle = time_ms(repeats, || {
+            let x = if vae {
+                x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?
+            } else {
+                x.clone()
+            };
+            x.conv2d(&k, candle_pad, 2, 1, 1)?;
+            Ok(())
+        })?;
+        let ours = time_ms(repeats, || {
+            cpu_conv::conv3x3_strided(&x, &k, None, 2, pad)?;
+            Ok(())
+        })?;
+        println!(
+            "| conv 3×3 stride 2{} | {b}×{c} @{s}² | {candle:.1} | {ours:.1} | - |",
+            if vae { ", bottom-right pad" } else { "" }
+        );
+    }
     // The load-time weight transform of the widest UNet layer.
     let k = Tensor::randn(0f32, 0.05, (1280, 2560, 3, 3), &dev)?;
     let transform = time_ms(repeats, || {

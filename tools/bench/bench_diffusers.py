@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import PIL.Image
 import torch
 
 import kernel_table  # next to this file
@@ -255,6 +256,11 @@ def main():
             if i > 0:
                 times.append(ms)
         _, vae_ms = warm_timed(lambda: vae.decode(sample[:1]))
+        # One picture's encode, from 8-bit RGB as uploaded (candela times the same).
+        picture = PIL.Image.fromarray(((torch.arange(width * height * 3) * 7919) % 64 + 96)
+                                      .to(torch.uint8).reshape(height, width, 3).numpy())
+        _, vae_encode_ms = warm_timed(lambda: vae.encode(
+            pipe.image_processor.preprocess(picture).to(device=device, dtype=dtype)).latent_dist.mean)
         profiles = {}
         if args.profile:  # as candela: 3 forwards and one decode (PROFILED_FORWARDS in bench.rs)
             profiles["denoiser_profile"] = profile([denoiser], lambda: forward(sample), sync, passes=3)
@@ -288,6 +294,7 @@ def main():
         "text_encode_ms": text_ms,
         "denoiser_step_ms": statistics.median(times),
         "vae_decode_ms": vae_ms,
+        "vae_encode_ms": vae_encode_ms,
         "end_to_end_s": e2e_ms / 1000,
         "weights_gib": weights / 2**30,
         "peak_gib": peak / 2**30,

@@ -67,7 +67,8 @@ def sdxl(out):
                                            force_upcast=True), out / "vae")
 
 
-def sd35_large(out):
+def sd3(out, transformer):
+    """An SD3 pipeline folder; `transformer`: what sets the model apart from the shared SD3 layout."""
     shutil.copy(FIXTURES / "sd3-tiny" / "model_index.json", out / "model_index.json")
     copy_from("sd3-tiny", out, ["tokenizer", "tokenizer_2", "tokenizer_3"])
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_config(out / "scheduler")
@@ -75,27 +76,19 @@ def sd35_large(out):
     clip(out / "text_encoder_2", CLIP_G, True)
     t5(out / "text_encoder_3")
     write_model_config(SD3Transformer2DModel, dict(
-        sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
-        out / "transformer")
+        sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64, joint_attention_dim=4096,
+        pooled_projection_dim=2048, out_channels=16, qk_norm="rms_norm", **transformer), out / "transformer")
     write_model_config(AutoencoderKL, dict(VAE16, scaling_factor=1.5305, shift_factor=0.0609), out / "vae")
+
+
+def sd35_large(out):
+    sd3(out, dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192))
 
 
 def sd35_medium(out):
     """SD3.5 Medium (MMDiT-X: dual attention in the first 13 blocks), the SD3 a CPU runs."""
-    shutil.copy(FIXTURES / "sd3-tiny" / "model_index.json", out / "model_index.json")
-    copy_from("sd3-tiny", out, ["tokenizer", "tokenizer_2", "tokenizer_3"])
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_config(out / "scheduler")
-    clip(out / "text_encoder", CLIP_L, True)
-    clip(out / "text_encoder_2", CLIP_G, True)
-    t5(out / "text_encoder_3")
-    write_model_config(SD3Transformer2DModel, dict(
-        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
-        dual_attention_layers=tuple(range(13))), out / "transformer")
-    write_model_config(AutoencoderKL, dict(VAE16, scaling_factor=1.5305, shift_factor=0.0609), out / "vae")
+    sd3(out, dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+                  dual_attention_layers=tuple(range(13))))
 
 
 def flux_dev(out):

@@ -407,12 +407,13 @@ impl Module for GroupNorm {
 
 /// A 2-D convolution. On the CPU in f32, a 3×3 / stride-1 / padding-1 convolution with enough
 /// input channels keeps its weight only in Winograd's domain ([`super::cpu_winograd`], transformed
-/// once at load, so the model does not hold both copies); narrower ones run on
-/// [`super::cpu_conv`] (no im2col copy); everything else, and every other device, is candle's.
+/// once at load, so the model does not hold both copies); other 3×3 ones with stride 1 or 2 run
+/// on [`super::cpu_conv`] (no im2col copy); everything else, and every other device, is candle's.
 pub enum Conv2d {
     Candle {
         inner: candle_nn::Conv2d,
-        same_3x3: bool,
+        /// A 3×3 kernel with stride 1 or 2 (and no dilation or groups): the CPU kernel takes it.
+        direct_3x3: bool,
     },
     Winograd {
         weight: super::cpu_winograd::WinogradWeight,
@@ -426,9 +427,17 @@ impl Module for Conv2d {
             Self::Winograd { weight, bias } => {
                 super::cpu_winograd::conv3x3(xs, weight, bias.as_ref())
             }
-            Self::Candle { inner, same_3x3 } => {
-                if *same_3x3 && super::cpu_util::is_cpu_f32(xs) && !im2col_wins(xs) {
-                    return super::cpu_conv::conv3x3(xs, inner.weight(), inner.bias());
+            Self::Candle { inner, direct_3x3 } => {
+                let c = inner.config();
+                if *direct_3x3 && super::cpu_util::is_cpu_f32(xs) && !im2col_wins(xs, c.stride) {
+                    let p = c.padding;
+                    return super::cpu_conv::conv3x3_strided(
+                        xs,
+                        inner.weight(),
+                        inner.bias(),
+                        c.stride,
+                        [p; 4],
+                    );
                 }
                 #[cfg(feature = "cudnn")]
                 if let (true, Some(bias)) = (xs.device().is_cuda(), inner.bias()) {
@@ -449,12 +458,16 @@ impl Module for Conv2d {
     }
 }
 
-/// Whether candle's im2col + gemm beats the direct 3×3 kernel: wide layers at 16² and below
-/// (measured on 2 cores: 1280 channels at 16², 161 against 204 ms; at 8², 72 against 78). Only
-/// plain weights get here for wide layers (`--low-memory`); Winograd takes them otherwise.
-fn im2col_wins(xs: &Tensor) -> bool {
+/// Whether candle's im2col + gemm beats the direct 3×3 kernel: wide layers with outputs of 16²
+/// and below (measured on 2 cores: 1280 channels at 16², 161 against 204 ms; at 8², 72 against
+/// 78; stride 2 from 32² and 16², 41 against 57 and 91 against 119). Only plain weights get here
+/// for wide stride-1 layers (`--low-memory`); Winograd takes them otherwise.
+fn im2col_wins(xs: &Tensor, stride: usize) -> bool {
     match xs.dims4() {
-        Ok((_, c, h, w)) => c >= super::cpu_winograd::MIN_CHANNELS && h * w <= 16 * 16,
+        Ok((_, c, h, w)) => {
+            let output = h.div_ceil(stride) * w.div_ceil(stride);
+            c >= super::cpu_winograd::MIN_CHANNELS && output <= 16 * 16
+        }
         Err(_) => false,
     }
 }
@@ -469,9 +482,37 @@ impl Conv2d {
             ..Default::default()
         };
         Self::Candle {
-            same_3x3: (kh, kw, padding, stride) == (3, 3, 1, 1),
+            direct_3x3: (kh, kw) == (3, 3) && stride <= 2,
             inner: candle_nn::Conv2d::new(weight, bias, config),
         }
+    }
+
+    /// The convolution of `xs` zero-padded by `[top, left, bottom, right]` first (on top of the
+    /// layer's own padding): on the CPU kernel, without the padded copy.
+    pub fn forward_padded(&self, xs: &Tensor, pad: [usize; 4]) -> candle_core::Result<Tensor> {
+        if let Self::Candle {
+            inner,
+            direct_3x3: true,
+        } = self
+        {
+            let c = inner.config();
+            if super::cpu_util::is_cpu_f32(xs) && !im2col_wins(xs, c.stride) {
+                return crate::engine::profile::scope("Conv2d", xs, || {
+                    super::cpu_conv::conv3x3_strided(
+                        xs,
+                        inner.weight(),
+                        inner.bias(),
+                        c.stride,
+                        pad.map(|p| p + c.padding),
+                    )
+                });
+            }
+        }
+        let [top, left, bottom, right] = pad;
+        let xs = xs
+            .pad_with_zeros(3, left, right)?
+            .pad_with_zeros(2, top, bottom)?;
+        self.forward(&xs)
     }
 }
 
@@ -496,6 +537,7 @@ pub fn conv(
     padding: usize,
 ) -> candle_core::Result<Conv2d> {
     let same_3x3 = kernel == 3 && stride == 1 && padding == 1;
+    let direct_3x3 = kernel == 3 && stride <= 2;
     let cpu_f32 = vb.device().is_cpu() && vb.dtype() == candle_core::DType::F32;
     let inner = conv2d(
         cin,
@@ -515,7 +557,7 @@ pub fn conv(
             bias: inner.bias().cloned(),
         });
     }
-    Ok(Conv2d::Candle { inner, same_3x3 })
+    Ok(Conv2d::Candle { inner, direct_3x3 })
 }
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"`.
@@ -600,8 +642,8 @@ impl Downsample2D {
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         crate::engine::profile::scope("Downsample2D", xs, || {
             if self.pad_first {
-                let xs = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-                self.conv.forward(&xs)
+                // diffusers pads the bottom and right by one, then convolves unpadded.
+                self.conv.forward_padded(xs, [0, 0, 1, 1])
             } else {
                 self.conv.forward(xs)
             }

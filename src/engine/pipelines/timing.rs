@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use super::{flux, sd3, Pipeline};
+use super::{autoencoder::Autoencoder, flux, sd3, Pipeline};
 use crate::engine::error::Result;
 use crate::engine::profile::{self, ProfileRow};
 
@@ -46,6 +46,8 @@ pub struct PartTimings {
     /// Each timed denoiser forward (warm-up excluded).
     pub denoiser_ms: Vec<f64>,
     pub vae_decode_ms: f64,
+    /// One picture's encode at the benchmark's size (img2img, inpainting), from 8-bit RGB.
+    pub vae_encode_ms: f64,
     pub profiles: PartProfiles,
     /// The graph-replayed forward's median, or why it could not be captured.
     pub graph_forward_ms: Option<std::result::Result<f64, String>>,
@@ -193,6 +195,21 @@ fn time_decode(
     Ok((ms, rows))
 }
 
+/// One picture's encode (mid-grey noise, 8-bit RGB as uploaded), after a warm-up encode.
+fn time_encode(
+    shape: &BenchShape,
+    sync: &dyn Fn() -> Result<()>,
+    vae: &Autoencoder,
+) -> Result<f64> {
+    let rgb: Vec<u8> = (0..shape.width * shape.height * 3)
+        .map(|i| (96 + (i * 7919) % 64) as u8)
+        .collect();
+    Ok(timed_warm(c"vae encode", sync, || {
+        vae.encode_rgb(&rgb, shape.width, shape.height)
+    })?
+    .1)
+}
+
 /// The row of a whole profiled pass, which the module rows divide.
 fn whole_pass(label: &'static str, calls: usize, total_ms: f64) -> ProfileRow {
     ProfileRow {
@@ -243,10 +260,12 @@ impl Pipeline {
                 };
                 let (vae_decode_ms, vae_profile) =
                     time_decode(&shape, sync, &sample, |z| m.vae_decode(z))?;
+                let vae_encode_ms = time_encode(&shape, sync, &m.vae)?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
                     vae_decode_ms,
+                    vae_encode_ms,
                     profiles: PartProfiles {
                         denoiser: denoiser_profile,
                         vae_decode: vae_profile,
@@ -271,10 +290,12 @@ impl Pipeline {
                 )?;
                 let (vae_decode_ms, vae_profile) =
                     time_decode(&shape, sync, &sample, |z| m.vae().decode(z))?;
+                let vae_encode_ms = time_encode(&shape, sync, m.vae())?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
                     vae_decode_ms,
+                    vae_encode_ms,
                     profiles: PartProfiles {
                         denoiser: denoiser_profile,
                         vae_decode: vae_profile,
@@ -312,10 +333,12 @@ impl Pipeline {
                 )?;
                 let (vae_decode_ms, vae_profile) =
                     time_decode(&shape, sync, &latents, |z| m.vae().decode(z))?;
+                let vae_encode_ms = time_encode(&shape, sync, m.vae())?;
                 Ok(PartTimings {
                     text_encode_ms,
                     denoiser_ms,
                     vae_decode_ms,
+                    vae_encode_ms,
                     profiles: PartProfiles {
                         denoiser: denoiser_profile,
                         vae_decode: vae_profile,

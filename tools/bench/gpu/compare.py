@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 FIELDS = [("text_encode_ms", "text encoding ms"), ("denoiser_step_ms", "denoiser step ms"),
-          ("vae_decode_ms", "VAE decode ms"), ("end_to_end_s", "end-to-end s"),
+          ("vae_decode_ms", "VAE decode ms"), ("vae_encode_ms", "VAE encode ms"), ("end_to_end_s", "end-to-end s"),
           ("weights_gib", "weights GiB"), ("peak_gib", "peak GiB")]
 
 
