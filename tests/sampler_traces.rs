@@ -46,7 +46,7 @@ fn every_sampler_matches_diffusers_step_for_step() {
     let fx = common::fixtures().join("samplers");
     let index: Traces =
         serde_json::from_str(&std::fs::read_to_string(fx.join("traces.json")).unwrap()).unwrap();
-    let tensors = common::load_tensors("samplers/traces.safetensors");
+    let tensors = common::load_tensors("samplers/traces.safetensors.gz");
     let mut checked = 0;
     let mut worst = 0f32;
     for tr in &index.traces {

@@ -10,9 +10,21 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// A safetensors fixture; `*.safetensors.gz` ones are gzipped (the largest, to keep the tree
+/// small enough to travel to a GPU machine).
 pub fn load_tensors(relative: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(relative), &Device::Cpu)
-        .unwrap_or_else(|e| panic!("fixture {relative}: {e}"))
+    let path = fixtures().join(relative);
+    let loaded = if relative.ends_with(".gz") {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| flate2::read::GzDecoder::new(f).read_to_end(&mut bytes))
+            .unwrap_or_else(|e| panic!("fixture {relative}: {e}"));
+        candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+    } else {
+        candle_core::safetensors::load(&path, &Device::Cpu)
+    };
+    loaded.unwrap_or_else(|e| panic!("fixture {relative}: {e}"))
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
