@@ -70,6 +70,8 @@ pub fn conv3x3_strided(
     Tensor::from_vec(out, (b, co, g.ho, g.wo), &Device::Cpu)
 }
 
+/// One call's sizes: input (Ci, H, W), output (Co, Ho, Wo), stride, and the top/left padding
+/// (the bottom/right one only shows in Ho and Wo).
 #[derive(Clone, Copy)]
 struct Geometry {
     ci: usize,
