@@ -58,8 +58,10 @@ pub struct CommonArgs {
 /// operation: rayon's global pool (our kernels) and candle's CPU ops (which size their `gemm`
 /// calls by the same variable on every call) both read `RAYON_NUM_THREADS`, so one variable
 /// keeps them in step.
-fn set_cpu_threads(threads: std::num::NonZeroUsize) {
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+fn set_cpu_threads(threads: Option<std::num::NonZeroUsize>) {
+    if let Some(threads) = threads {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
 }
 
 fn parse_flag(s: &str) -> Result<bool, String> {
@@ -120,9 +122,7 @@ pub struct BenchOnly {
 }
 
 pub fn run_bench_only(cli: BenchOnly) -> anyhow::Result<()> {
-    if let Some(threads) = cli.common.threads {
-        set_cpu_threads(threads);
-    }
+    set_cpu_threads(cli.common.threads);
     bench::run_engine(&cli.common, cli.bench)
 }
 
@@ -138,10 +138,8 @@ pub fn init_logging() {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    // `serve` also takes `threads` from its config file, so it sets them itself.
-    if let (Some(threads), false) = (cli.common.threads, matches!(cli.command, Command::Serve(_))) {
-        set_cpu_threads(threads);
-    }
+    // `serve` falls back to its config file's `threads` when the flag is absent.
+    set_cpu_threads(cli.common.threads);
     match cli.command {
         Command::Generate(args) => generate::run(&cli.common, args),
         Command::Bench(args) => bench::run(&cli.common, args),

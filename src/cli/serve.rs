@@ -135,8 +135,8 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("parsing {}", path.display()))?,
         None => FileConfig::default(),
     };
-    if let Some(threads) = common.threads.or(file.threads) {
-        super::set_cpu_threads(threads);
+    if common.threads.is_none() {
+        super::set_cpu_threads(file.threads);
     }
     let device = engine::parse_device(
         args.device

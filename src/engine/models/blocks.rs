@@ -427,17 +427,9 @@ impl Module for Conv2d {
             Self::Winograd { weight, bias } => {
                 super::cpu_winograd::conv3x3(xs, weight, bias.as_ref())
             }
-            Self::Candle { inner, direct_3x3 } => {
-                let c = inner.config();
-                if *direct_3x3 && super::cpu_util::is_cpu_f32(xs) && !im2col_wins(xs, c.stride) {
-                    let p = c.padding;
-                    return super::cpu_conv::conv3x3_strided(
-                        xs,
-                        inner.weight(),
-                        inner.bias(),
-                        c.stride,
-                        [p; 4],
-                    );
+            Self::Candle { inner, .. } => {
+                if let Some(direct) = self.cpu_direct(xs, [0; 4]) {
+                    return direct();
                 }
                 #[cfg(feature = "cudnn")]
                 if let (true, Some(bias)) = (xs.device().is_cuda(), inner.bias()) {
@@ -482,31 +474,38 @@ impl Conv2d {
             ..Default::default()
         };
         Self::Candle {
-            direct_3x3: (kh, kw) == (3, 3) && stride <= 2,
+            direct_3x3: direct_3x3(kh, kw, stride),
             inner: candle_nn::Conv2d::new(weight, bias, config),
         }
+    }
+
+    /// The CPU direct kernel's run of this convolution over `xs` zero-padded by `extra`
+    /// (`[top, left, bottom, right]`, on top of the layer's own padding), when it takes it.
+    fn cpu_direct<'a>(
+        &'a self,
+        xs: &'a Tensor,
+        extra: [usize; 4],
+    ) -> Option<impl FnOnce() -> candle_core::Result<Tensor> + 'a> {
+        let Self::Candle {
+            inner,
+            direct_3x3: true,
+        } = self
+        else {
+            return None;
+        };
+        let c = inner.config();
+        let taken = super::cpu_util::is_cpu_f32(xs) && !im2col_wins(xs, c.stride);
+        taken.then_some(move || {
+            let pad = extra.map(|p| p + c.padding);
+            super::cpu_conv::conv3x3_strided(xs, inner.weight(), inner.bias(), c.stride, pad)
+        })
     }
 
     /// The convolution of `xs` zero-padded by `[top, left, bottom, right]` first (on top of the
     /// layer's own padding): on the CPU kernel, without the padded copy.
     pub fn forward_padded(&self, xs: &Tensor, pad: [usize; 4]) -> candle_core::Result<Tensor> {
-        if let Self::Candle {
-            inner,
-            direct_3x3: true,
-        } = self
-        {
-            let c = inner.config();
-            if super::cpu_util::is_cpu_f32(xs) && !im2col_wins(xs, c.stride) {
-                return crate::engine::profile::scope("Conv2d", xs, || {
-                    super::cpu_conv::conv3x3_strided(
-                        xs,
-                        inner.weight(),
-                        inner.bias(),
-                        c.stride,
-                        pad.map(|p| p + c.padding),
-                    )
-                });
-            }
+        if let Some(direct) = self.cpu_direct(xs, pad) {
+            return crate::engine::profile::scope("Conv2d", xs, direct);
         }
         let [top, left, bottom, right] = pad;
         let xs = xs
@@ -514,6 +513,11 @@ impl Conv2d {
             .pad_with_zeros(2, top, bottom)?;
         self.forward(&xs)
     }
+}
+
+/// Whether [`super::cpu_conv`] takes a convolution of this kernel and stride (on the CPU in f32).
+fn direct_3x3(kh: usize, kw: usize, stride: usize) -> bool {
+    (kh, kw) == (3, 3) && stride <= 2
 }
 
 thread_local! {
@@ -537,7 +541,6 @@ pub fn conv(
     padding: usize,
 ) -> candle_core::Result<Conv2d> {
     let same_3x3 = kernel == 3 && stride == 1 && padding == 1;
-    let direct_3x3 = kernel == 3 && stride <= 2;
     let cpu_f32 = vb.device().is_cpu() && vb.dtype() == candle_core::DType::F32;
     let inner = conv2d(
         cin,
@@ -557,7 +560,10 @@ pub fn conv(
             bias: inner.bias().cloned(),
         });
     }
-    Ok(Conv2d::Candle { inner, direct_3x3 })
+    Ok(Conv2d::Candle {
+        inner,
+        direct_3x3: direct_3x3(kernel, kernel, stride),
+    })
 }
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"`.
