@@ -431,6 +431,9 @@ impl Module for Conv2d {
                 if let Some(direct) = self.cpu_direct(xs, [0; 4]) {
                     return direct();
                 }
+                if let Some(pointwise) = self.cpu_pointwise(xs, None) {
+                    return pointwise();
+                }
                 #[cfg(feature = "cudnn")]
                 if let (true, Some(bias)) = (xs.device().is_cuda(), inner.bias()) {
                     let c = inner.config();
@@ -499,6 +502,48 @@ impl Conv2d {
             let pad = extra.map(|p| p + c.padding);
             super::cpu_conv::conv3x3_strided(xs, inner.weight(), inner.bias(), c.stride, pad)
         })
+    }
+
+    /// The weight (Co, Ci) and bias of a 1×1, stride-1, unpadded convolution: a per-position
+    /// product ([`super::cpu_pointwise`]).
+    pub fn as_pointwise(&self) -> Option<(Tensor, Option<&Tensor>)> {
+        let Self::Candle { inner, .. } = self else {
+            return None;
+        };
+        let c = inner.config();
+        let (co, ci, kh, kw) = inner.weight().dims4().ok()?;
+        let plain = (kh, kw) == (1, 1) && c.stride == 1 && c.padding == 0 && c.dilation == 1;
+        let weight = inner.weight().reshape((co, ci)).ok()?;
+        (plain && c.groups == 1).then(|| (weight, inner.bias()))
+    }
+
+    /// The CPU run of a 1×1 convolution over `xs`, plus `addend` (the output's shape) when given.
+    fn cpu_pointwise<'a>(
+        &'a self,
+        xs: &'a Tensor,
+        addend: Option<&'a Tensor>,
+    ) -> Option<impl FnOnce() -> candle_core::Result<Tensor> + 'a> {
+        use super::cpu_pointwise::{pointwise, Layout};
+        let (weight, bias) = self
+            .as_pointwise()
+            .filter(|_| super::cpu_util::is_cpu_f32(xs))?;
+        Some(move || {
+            let (b, _, h, w) = xs.dims4()?;
+            let flat = |t: &Tensor| t.flatten_from(2);
+            let addend = addend.map(flat).transpose()?;
+            let (xs, layout) = (flat(xs)?, Layout::ChannelsFirst);
+            let out = pointwise(&xs, layout, &weight, bias, addend.as_ref(), layout)?;
+            out.reshape((b, (), h, w))
+        })
+    }
+
+    /// `self(xs) + addend`: on the CPU a 1×1 convolution writes onto the addend (a ResNet
+    /// block's shortcut), saving the separate add.
+    pub fn forward_adding(&self, xs: &Tensor, addend: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(pointwise) = self.cpu_pointwise(xs, Some(addend)) {
+            return crate::engine::profile::scope("Conv2d", xs, pointwise);
+        }
+        Biased::done(self.forward(xs)?).add_to(addend)
     }
 
     /// The convolution of `xs` zero-padded by `[top, left, bottom, right]` first (on top of the
@@ -616,12 +661,11 @@ impl ResnetBlock2D {
                 h = add_per_channel(&h, &proj.forward(&temb.silu()?)?)?;
             }
             let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
-            let shortcut = match &self.conv_shortcut {
-                Some(c) => c.forward(xs)?,
-                None => xs.clone(),
-            };
             // On CUDA our add kernel (16-byte accesses): candle's ran 4–6× PyTorch's.
-            let out = Biased::done(h).add_to(&shortcut)?;
+            let out = match &self.conv_shortcut {
+                Some(c) => c.forward_adding(xs, &h)?,
+                None => Biased::done(h).add_to(xs)?,
+            };
             if self.output_scale_factor == 1.0 {
                 Ok(out)
             } else {

@@ -49,6 +49,7 @@ pub mod cpu_activation;
 pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_norm;
+pub mod cpu_pointwise;
 pub mod cpu_util;
 pub mod cpu_winograd;
 pub mod dit;

@@ -366,6 +366,16 @@ enum Projection {
     Linear(Linear),
 }
 
+impl Projection {
+    /// The weight (Co, Ci) and bias: both kinds are the same per-position product.
+    fn as_pointwise(&self) -> Option<(Tensor, Option<&Tensor>)> {
+        match self {
+            Self::Conv(c) => c.as_pointwise(),
+            Self::Linear(l) => Some((l.weight().clone(), l.bias())),
+        }
+    }
+}
+
 /// diffusers' `Transformer2DModel` on continuous (image) input.
 struct Transformer2D {
     norm: GroupNorm,
@@ -418,6 +428,9 @@ impl Transformer2D {
             let (b, ch, h, w) = xs.dims4()?;
             let residual = xs;
             let normed = self.norm.forward(xs)?;
+            if let Some(out) = self.forward_cpu(&normed, residual, context)? {
+                return Ok(out);
+            }
             let to_tokens = |t: Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch));
             let mut tokens = match &self.proj_in {
                 Projection::Conv(c) => to_tokens(c.forward(&normed)?)?,
@@ -437,6 +450,47 @@ impl Transformer2D {
             };
             Biased::done(out).add_to(residual)
         })
+    }
+}
+
+impl Transformer2D {
+    /// On the CPU in f32 the projections read the feature map as tokens and write the tokens
+    /// back as a feature map (onto the residual) through their products' strides: the two
+    /// layout copies around the blocks were single-threaded strided copies.
+    fn forward_cpu(
+        &self,
+        normed: &Tensor,
+        residual: &Tensor,
+        context: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        use super::cpu_pointwise::{pointwise, Layout};
+        let (Some((w_in, b_in)), Some((w_out, b_out))) =
+            (self.proj_in.as_pointwise(), self.proj_out.as_pointwise())
+        else {
+            return Ok(None);
+        };
+        if !super::cpu_util::is_cpu_f32(normed) {
+            return Ok(None);
+        }
+        let dims = residual.dims();
+        let (cf, tm) = (Layout::ChannelsFirst, Layout::TokenMajor);
+        // Profiled under the module diffusers has there.
+        let label = match self.proj_in {
+            Projection::Conv(_) => "Conv2d",
+            Projection::Linear(_) => "Linear",
+        };
+        let normed = normed.flatten_from(2)?;
+        let mut tokens = crate::engine::profile::scope(label, &normed, || {
+            pointwise(&normed, cf, &w_in, b_in, None, tm)
+        })?;
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let residual = residual.flatten_from(2)?;
+        let out = crate::engine::profile::scope(label, &tokens, || {
+            pointwise(&tokens, tm, &w_out, b_out, Some(&residual), cf)
+        })?;
+        out.reshape(dims).map(Some)
     }
 }
 
