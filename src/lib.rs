@@ -9,5 +9,9 @@ pub mod cli;
 pub mod db;
 pub mod engine;
 pub mod jobs;
+pub mod large_pages;
 pub mod server;
 pub mod storage;
+
+#[global_allocator]
+static ALLOCATOR: large_pages::LargePages = large_pages::LargePages;
