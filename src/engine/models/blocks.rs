@@ -513,8 +513,10 @@ impl Conv2d {
         let c = inner.config();
         let (co, ci, kh, kw) = inner.weight().dims4().ok()?;
         let plain = (kh, kw) == (1, 1) && c.stride == 1 && c.padding == 0 && c.dilation == 1;
-        let weight = inner.weight().reshape((co, ci)).ok()?;
-        (plain && c.groups == 1).then(|| (weight, inner.bias()))
+        if !plain || c.groups != 1 {
+            return None;
+        }
+        Some((inner.weight().reshape((co, ci)).ok()?, inner.bias()))
     }
 
     /// The CPU run of a 1×1 convolution over `xs`, plus `addend` (the output's shape) when given.
@@ -524,9 +526,10 @@ impl Conv2d {
         addend: Option<&'a Tensor>,
     ) -> Option<impl FnOnce() -> candle_core::Result<Tensor> + 'a> {
         use super::cpu_pointwise::{pointwise, Layout};
-        let (weight, bias) = self
-            .as_pointwise()
-            .filter(|_| super::cpu_util::is_cpu_f32(xs))?;
+        if !super::cpu_util::is_cpu_f32(xs) {
+            return None;
+        }
+        let (weight, bias) = self.as_pointwise()?;
         Some(move || {
             let (b, _, h, w) = xs.dims4()?;
             let flat = |t: &Tensor| t.flatten_from(2);

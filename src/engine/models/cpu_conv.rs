@@ -4,7 +4,7 @@
 //! offset, accumulating into an output two columns wider than the image (the extra columns are
 //! dropped). 1.6–2.7× faster than candle's CPU conv on SD shapes; exact up to summation order.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::cpu_util::{gemm_f32, with_cpu_slice, SharedOut, Strided};
 use rayon::prelude::*;
@@ -54,10 +54,7 @@ pub fn conv3x3_strided(
         ho: (hp - 3) / stride + 1,
         wo: (wp - 3) / stride + 1,
     };
-    let bias = match bias {
-        Some(b) => b.to_dtype(DType::F32)?.to_vec1()?,
-        None => vec![0.0; co],
-    };
+    let bias = super::cpu_util::bias_values(bias, co)?;
     // Read in place: the weight's own (Co, Ci, 3, 3) layout serves every tap through strides,
     // and the input is only read.
     let out = with_cpu_slice(&xs.contiguous()?, |x| {

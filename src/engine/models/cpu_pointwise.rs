@@ -9,8 +9,10 @@
 //! the output before the product accumulates onto them, and `gemm` splits the product over the
 //! threads.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
+
+use super::cpu_util::{bias_values, with_cpu_slice, with_cpu_strided};
 
 /// How a (B, C, N) activation lies in memory: channels-first (a feature map, (B, C, H·W)) or
 /// token-major ((B, N, C), as attention blocks take it).
@@ -70,16 +72,9 @@ pub fn pointwise(
         );
     }
     let out_shape = output.shape(b, co, n);
-    let bias = bias
-        .map(|t| t.to_dtype(DType::F32)?.to_vec1::<f32>())
-        .transpose()?;
-    if bias.as_ref().is_some_and(|v| v.len() != co) {
-        candle_core::bail!("pointwise: bias for {co} output channels has another length");
-    }
+    let bias = bias.map(|t| bias_values(Some(t), co)).transpose()?;
     let mut out = match addend {
-        Some(a) if a.dims3()? == out_shape => {
-            super::cpu_util::with_cpu_slice(&a.contiguous()?, parallel_copy)?
-        }
+        Some(a) if a.dims3()? == out_shape => with_cpu_slice(&a.contiguous()?, parallel_copy)?,
         Some(a) => candle_core::bail!("pointwise: addend {:?} for output {out_shape:?}", a.dims()),
         None => vec![0f32; b * co * n],
     };
@@ -88,15 +83,15 @@ pub fn pointwise(
         add_bias(&mut out, bias, output, n);
     }
     let xs = xs.contiguous()?;
-    super::cpu_util::with_cpu_slice(&xs, |x| {
-        with_strided(weight, |w, (w_out, w_in)| {
+    with_cpu_slice(&xs, |x| {
+        with_cpu_strided(weight, |w, (w_out, w_in)| {
             let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
             let (x_c, x_n) = input.strides(ci, n);
             let (d_c, d_n) = output.strides(co, n);
             for (bi, dst) in out.chunks_mut(co * n).enumerate() {
                 let x = &x[bi * ci * n..][..ci * n];
                 // SAFETY: `x` holds ci × n values at the strides its layout gives, `w` co × ci at
-                // its own (checked by `with_strided`), `dst` co × n at the output's.
+                // its own (checked by `with_cpu_strided`), `dst` co × n at the output's.
                 unsafe {
                     gemm::gemm(
                         co,
@@ -153,49 +148,13 @@ fn add_bias(out: &mut [f32], bias: &[f32], layout: Layout, positions: usize) {
     }
 }
 
-/// A 2-D CPU f32 tensor's data from its first element, with its (row, column) strides; the
-/// strided extent is checked to lie inside the buffer.
-fn with_strided<R>(
-    t: &Tensor,
-    f: impl FnOnce(&[f32], (isize, isize)) -> R,
-) -> candle_core::Result<R> {
-    let (rows, cols) = t.dims2()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("CPU kernel on a non-CPU tensor");
-    };
-    let data = &cpu.as_slice::<f32>()?[layout.start_offset()..];
-    let [rs, cs] = layout.stride() else {
-        candle_core::bail!("with_strided: a 2-D tensor has two strides");
-    };
-    let extent = rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs + 1;
-    if rows * cols > 0 && extent > data.len() {
-        candle_core::bail!("with_strided: a {rows}×{cols} view reaches past its buffer");
-    }
-    Ok(f(data, (*rs as isize, *cs as isize)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::models::max_abs_diff;
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let dev = Device::Cpu;
-        let n: usize = shape.iter().product();
-        // A fixed sequence (no global RNG state): sizes and values repeat between runs.
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &dev).unwrap()
+    fn random(shape: &[usize]) -> Tensor {
+        Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap()
     }
 
     /// Every layout pair, with and without bias and addend, against candle's conv2d / matmul.
@@ -203,10 +162,10 @@ mod tests {
     fn matches_candle_in_every_layout() {
         let (b, ci, co, h, w) = (2, 40, 24, 5, 7);
         let n = h * w;
-        let xs = random(&[b, ci, h, w], 1);
-        let weight = random(&[co, ci], 2);
-        let bias = random(&[co], 3);
-        let addend = random(&[b, co, h, w], 4);
+        let xs = random(&[b, ci, h, w]);
+        let weight = random(&[co, ci]);
+        let bias = random(&[co]);
+        let addend = random(&[b, co, h, w]);
         // Reference: candle's 1×1 convolution, channels-first.
         let reference = xs
             .conv2d(&weight.reshape((co, ci, 1, 1)).unwrap(), 0, 1, 1, 1)
@@ -261,8 +220,8 @@ mod tests {
 
     #[test]
     fn refuses_mismatched_shapes() {
-        let xs = random(&[1, 8, 4], 5);
-        let weight = random(&[3, 6], 6);
+        let xs = random(&[1, 8, 4]);
+        let weight = random(&[3, 6]);
         assert!(pointwise(
             &xs,
             Layout::ChannelsFirst,
@@ -272,8 +231,8 @@ mod tests {
             Layout::TokenMajor
         )
         .is_err());
-        let weight = random(&[3, 8], 6);
-        let wrong = random(&[1, 3, 5], 7);
+        let weight = random(&[3, 8]);
+        let wrong = random(&[1, 3, 5]);
         assert!(pointwise(
             &xs,
             Layout::ChannelsFirst,

@@ -16,15 +16,54 @@ pub fn is_cpu_f32(xs: &Tensor) -> bool {
     matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 && xs.elem_count() > 0
 }
 
-/// The f32 data of a contiguous CPU tensor, without copying.
-pub(crate) fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+/// The f32 data of a CPU tensor from its first element, with its layout, without copying.
+fn with_cpu_data<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32], &candle_core::Layout) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("CPU kernel on a non-CPU tensor");
     };
-    let data = cpu.as_slice::<f32>()?;
-    let start = layout.start_offset();
-    Ok(f(&data[start..start + layout.shape().elem_count()]))
+    f(&cpu.as_slice::<f32>()?[layout.start_offset()..], layout)
+}
+
+/// The f32 data of a contiguous CPU tensor, without copying.
+pub(crate) fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    with_cpu_data(t, |data, layout| {
+        Ok(f(&data[..layout.shape().elem_count()]))
+    })
+}
+
+/// A 2-D CPU f32 tensor's data from its first element with its (row, column) strides, without
+/// copying (a transposed view too); the strided extent is checked to lie inside the buffer.
+pub(crate) fn with_cpu_strided<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32], (isize, isize)) -> R,
+) -> candle_core::Result<R> {
+    let (rows, cols) = t.dims2()?;
+    with_cpu_data(t, |data, layout| {
+        let [rs, cs] = layout.stride() else {
+            candle_core::bail!("a 2-D tensor has two strides");
+        };
+        let extent = rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs + 1;
+        if rows * cols > 0 && extent > data.len() {
+            candle_core::bail!("a {rows}×{cols} view reaches past its buffer");
+        }
+        Ok(f(data, (*rs as isize, *cs as isize)))
+    })
+}
+
+/// A kernel's bias as f32 values, one per output channel (zeros without one).
+pub(crate) fn bias_values(bias: Option<&Tensor>, channels: usize) -> candle_core::Result<Vec<f32>> {
+    let Some(bias) = bias else {
+        return Ok(vec![0.0; channels]);
+    };
+    let values = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if values.len() != channels {
+        candle_core::bail!("a bias of {} values for {channels} channels", values.len());
+    }
+    Ok(values)
 }
 
 /// An output buffer that parallel tasks write through at disjoint places.

@@ -96,10 +96,7 @@ pub fn conv3x3(
         );
     }
     let co = weight.co;
-    let bias = match bias {
-        Some(b) => b.to_dtype(DType::F32)?.to_vec1()?,
-        None => vec![0.0; co],
-    };
+    let bias = super::cpu_util::bias_values(bias, co)?;
     let out = with_cpu_slice(&xs.contiguous()?, |x| {
         let mut out = vec![0f32; b * co * h * w];
         convolve(x, weight, &bias, &mut out, [b, h, w]);

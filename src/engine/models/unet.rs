@@ -374,6 +374,65 @@ impl Projection {
             Self::Linear(l) => Some((l.weight().clone(), l.bias())),
         }
     }
+
+    /// The module diffusers has here (profiled under its name).
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Conv(_) => "Conv2d",
+            Self::Linear(_) => "Linear",
+        }
+    }
+
+    /// The product of a feature map (B, C, H, W) as tokens (B, H·W, C'). On the CPU in f32 the
+    /// product reads the map as tokens through its strides; candle's permute before or after was
+    /// a single-threaded strided copy.
+    fn to_tokens(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        use super::cpu_pointwise::{pointwise, Layout};
+        if let Some((w, b)) = self.cpu_pointwise(xs) {
+            let xs = xs.flatten_from(2)?;
+            return crate::engine::profile::scope(self.label(), &xs, || {
+                pointwise(&xs, Layout::ChannelsFirst, &w, b, None, Layout::TokenMajor)
+            });
+        }
+        let (b, ch, h, w) = xs.dims4()?;
+        let tokens = |t: Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch));
+        match self {
+            Self::Conv(c) => tokens(c.forward(xs)?),
+            Self::Linear(l) => l.forward(&tokens(xs.clone())?),
+        }
+    }
+
+    /// `residual` (B, C, H, W) plus the product of `tokens` as a feature map: on the CPU written
+    /// onto the residual straight from the tokens.
+    fn to_image_onto(&self, tokens: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        use super::cpu_pointwise::{pointwise, Layout};
+        let (b, ch, h, w) = residual.dims4()?;
+        if let Some((wt, bias)) = self.cpu_pointwise(tokens) {
+            let residual = residual.flatten_from(2)?;
+            let out = crate::engine::profile::scope(self.label(), tokens, || {
+                let (tm, cf) = (Layout::TokenMajor, Layout::ChannelsFirst);
+                pointwise(tokens, tm, &wt, bias, Some(&residual), cf)
+            })?;
+            return out.reshape((b, ch, h, w));
+        }
+        let image = |t: &Tensor| {
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
+        };
+        let out = match self {
+            Self::Conv(c) => c.forward(&image(tokens)?)?,
+            Self::Linear(l) => image(&l.forward(tokens)?)?,
+        };
+        Biased::done(out).add_to(residual)
+    }
+
+    /// The weight and bias when the CPU product takes `xs`.
+    fn cpu_pointwise(&self, xs: &Tensor) -> Option<(Tensor, Option<&Tensor>)> {
+        super::cpu_util::is_cpu_f32(xs)
+            .then(|| self.as_pointwise())
+            .flatten()
+    }
 }
 
 /// diffusers' `Transformer2DModel` on continuous (image) input.
@@ -425,72 +484,12 @@ impl Transformer2D {
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         crate::engine::profile::scope("Transformer2DModel", xs, || {
-            let (b, ch, h, w) = xs.dims4()?;
-            let residual = xs;
-            let normed = self.norm.forward(xs)?;
-            if let Some(out) = self.forward_cpu(&normed, residual, context)? {
-                return Ok(out);
-            }
-            let to_tokens = |t: Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch));
-            let mut tokens = match &self.proj_in {
-                Projection::Conv(c) => to_tokens(c.forward(&normed)?)?,
-                Projection::Linear(l) => l.forward(&to_tokens(normed)?)?,
-            };
+            let mut tokens = self.proj_in.to_tokens(&self.norm.forward(xs)?)?;
             for block in &self.blocks {
                 tokens = block.forward(&tokens, context)?;
             }
-            let to_image = |t: Tensor| {
-                t.reshape((b, h, w, ch))?
-                    .permute((0, 3, 1, 2))?
-                    .contiguous()
-            };
-            let out = match &self.proj_out {
-                Projection::Conv(c) => c.forward(&to_image(tokens)?)?,
-                Projection::Linear(l) => to_image(l.forward(&tokens)?)?,
-            };
-            Biased::done(out).add_to(residual)
+            self.proj_out.to_image_onto(&tokens, xs)
         })
-    }
-}
-
-impl Transformer2D {
-    /// On the CPU in f32 the projections read the feature map as tokens and write the tokens
-    /// back as a feature map (onto the residual) through their products' strides: the two
-    /// layout copies around the blocks were single-threaded strided copies.
-    fn forward_cpu(
-        &self,
-        normed: &Tensor,
-        residual: &Tensor,
-        context: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        use super::cpu_pointwise::{pointwise, Layout};
-        let (Some((w_in, b_in)), Some((w_out, b_out))) =
-            (self.proj_in.as_pointwise(), self.proj_out.as_pointwise())
-        else {
-            return Ok(None);
-        };
-        if !super::cpu_util::is_cpu_f32(normed) {
-            return Ok(None);
-        }
-        let dims = residual.dims();
-        let (cf, tm) = (Layout::ChannelsFirst, Layout::TokenMajor);
-        // Profiled under the module diffusers has there.
-        let label = match self.proj_in {
-            Projection::Conv(_) => "Conv2d",
-            Projection::Linear(_) => "Linear",
-        };
-        let normed = normed.flatten_from(2)?;
-        let mut tokens = crate::engine::profile::scope(label, &normed, || {
-            pointwise(&normed, cf, &w_in, b_in, None, tm)
-        })?;
-        for block in &self.blocks {
-            tokens = block.forward(&tokens, context)?;
-        }
-        let residual = residual.flatten_from(2)?;
-        let out = crate::engine::profile::scope(label, &tokens, || {
-            pointwise(&tokens, tm, &w_out, b_out, Some(&residual), cf)
-        })?;
-        out.reshape(dims).map(Some)
     }
 }
 
