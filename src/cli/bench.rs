@@ -63,9 +63,6 @@ pub struct BenchArgs {
     /// cudarc's event tracking for this process, which graph capture cannot record).
     #[arg(long)]
     pub cuda_graph: bool,
-    /// Load as `serve --low-memory` (CPU f32: plain 3×3 convolution weights, no Winograd form).
-    #[arg(long)]
-    pub low_memory: bool,
     /// Load as `serve --quantize FMT` (SD3 / FLUX transformer blocks: fp8, q8_0, q4k, …).
     #[arg(long)]
     pub quantize: Option<String>,
@@ -342,7 +339,6 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     let baseline = meter.baseline();
     let load_start = Instant::now();
     let options = LoadOptions {
-        low_memory: args.low_memory,
         vae_tiling: args.vae_tiling,
         without_t5: args.without_t5,
         transformer_format: super::weight_format(args.quantize.as_deref())?,
@@ -382,7 +378,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         steps: args.steps,
         ..GenerateParams::with_defaults(&card, BENCH_PROMPT, width, height)
     };
-    // Counted from before the build: weights, kernels' caches (CPU Winograd weights) and the
+    // Counted from before the build: weights, kernels' caches (the CPU's Winograd buffer) and the
     // run's working memory.
     let meter = PeakMeter::start_from(&device, Some(baseline));
     let t = Instant::now();

@@ -69,9 +69,9 @@ pub struct GenerateArgs {
     /// diffusers' `vae.enable_tiling()`: VAE memory of one tile at any size.
     #[arg(long)]
     pub vae_tiling: bool,
-    /// CPU, f32: keep 3×3 convolution weights as loaded instead of in Winograd's form (16/9 the
-    /// size): less memory (SD 1.5 at 512²: 5.1 instead of 6.8 GiB peak), 1.5× slower UNet steps.
-    #[arg(long)]
+    /// Retired (accepted so existing command lines keep working; warns): the CPU's 3×3
+    /// convolution weights are always held at their own size now.
+    #[arg(long, hide = true)]
     pub low_memory: bool,
     /// Image width; the model's native size when omitted (512 for SD1.5, 768 for SD2.1).
     #[arg(long)]
@@ -190,13 +190,13 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
             .unwrap_or(card.default_sampler.name()),
     )?;
     let load_start = std::time::Instant::now();
+    super::warn_retired_low_memory(args.low_memory);
     let options = LoadOptions {
         without_t5: args.without_t5,
         transformer_file: args.transformer.clone(),
         text_encoders_on_cpu: args.text_encoders_on_cpu,
         transformer_format: super::weight_format(args.quantize.as_deref())?,
         vae_tiling: args.vae_tiling,
-        low_memory: args.low_memory,
     };
     let pipeline = Pipeline::load(&dir, &device, dtype, &options)?;
     tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");

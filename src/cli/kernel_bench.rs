@@ -87,13 +87,6 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
             if vae { ", bottom-right pad" } else { "" }
         );
     }
-    // The load-time weight transform of the widest UNet layer.
-    let k = Tensor::randn(0f32, 0.05, (1280, 2560, 3, 3), &dev)?;
-    let transform = time_ms(repeats, || {
-        cpu_winograd::WinogradWeight::from_tensor(&k)?;
-        Ok(())
-    })?;
-    println!("| Winograd weight transform (load) | 1280×2560×3×3 | - | {transform:.1} | - |");
     // Attention: (batch·heads, tokens, keys, head dim).
     for (bh, n, m, d) in [
         (16, 4096, 4096, 40),

@@ -99,6 +99,18 @@ pub enum Command {
 }
 
 /// `--quantize`: dense when absent.
+/// `--low-memory` (serve, generate) kept the CPU's 3×3 convolution weights out of Winograd's
+/// larger form; since they are always held at their own size it changes nothing. Accepted so
+/// that existing command lines and unit files keep working.
+fn warn_retired_low_memory(on: bool) {
+    if on {
+        tracing::warn!(
+            "--low-memory / CANDELA_LOW_MEMORY is retired and changes nothing: the CPU's 3×3 \
+             convolution weights are always held at their own size"
+        );
+    }
+}
+
 fn weight_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::dit::WeightFormat> {
     arg.map(str::parse)
         .transpose()

@@ -39,9 +39,9 @@ pub struct ServeArgs {
     /// on a 24 GB card); the budget counts it so.
     #[arg(long, env = "CANDELA_VAE_TILING")]
     pub vae_tiling: bool,
-    /// CPU, f32: keep 3×3 convolution weights as loaded instead of in Winograd's form (16/9 the
-    /// size): less memory (SD 1.5 at 512²: 5.1 instead of 6.8 GiB peak), 1.5× slower UNet steps.
-    #[arg(long, env = "CANDELA_LOW_MEMORY")]
+    /// Retired (accepted so existing command lines keep working; warns): the CPU's 3×3
+    /// convolution weights are always held at their own size now.
+    #[arg(long, env = "CANDELA_LOW_MEMORY", hide = true)]
     pub low_memory: bool,
     /// SD3 / FLUX: quantize the transformer blocks on load (fp8, q8_0, q6k, q5k, q4k, q4_0, …);
     /// FLUX-dev in q8_0 or fp8 needs ~12.7 / 12 GB instead of 23.8 GB in bf16.
@@ -161,13 +161,13 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
     } else {
         args.models.clone()
     };
+    super::warn_retired_low_memory(args.low_memory);
     let load_options = LoadOptions {
         without_t5: args.without_t5,
         transformer_file: None,
         text_encoders_on_cpu: args.text_encoders_on_cpu,
         transformer_format: super::weight_format(args.quantize.as_deref())?,
         vae_tiling: args.vae_tiling,
-        low_memory: args.low_memory,
     };
     let models = if model_specs.is_empty() {
         vec![ModelSpec {

@@ -81,8 +81,8 @@ pub struct Footprint {
 }
 
 impl Footprint {
-    /// `device` matters for the CPU, whose f32 convolutions hold the UNet's and VAE's wide 3×3
-    /// weights in Winograd's domain instead of as loaded (16 values per 9: 7/9 more).
+    /// `device` matters for the CPU, whose f32 convolutions transform the UNet's and VAE's wide
+    /// 3×3 weights into Winograd's domain at each call, into a buffer the model's thread keeps.
     pub fn read(
         dir: &ModelDir,
         device: &candle_core::Device,
@@ -90,6 +90,8 @@ impl Footprint {
         options: &LoadOptions,
     ) -> Result<Self> {
         let mut components = Vec::new();
+        // The widest 3×3 convolution's transform, which the model's thread keeps.
+        let mut winograd_buffer = 0;
         // SDXL's pipelines run a force_upcast VAE in f32 under f16 (autoencoder.rs).
         let vae_dtype = if dtype == DType::F16 && vae_upcast(dir)? {
             DType::F32
@@ -138,16 +140,12 @@ impl Footprint {
                 }
             }
             components.push((folder.to_string(), bytes));
-            if device.is_cpu()
-                && dtype == DType::F32
-                && !options.low_memory
-                && (folder == "unet" || folder == "vae")
-            {
-                components.push((
-                    format!("{folder} (Winograd extra)"),
-                    file.winograd_extra_bytes(),
-                ));
+            if device.is_cpu() && dtype == DType::F32 && (folder == "unet" || folder == "vae") {
+                winograd_buffer = winograd_buffer.max(file.winograd_buffer_bytes());
             }
+        }
+        if winograd_buffer > 0 {
+            components.push(("Winograd buffer".to_string(), winograd_buffer));
         }
         let class: serde_json::Value = if is_transformer {
             dir.read_json("transformer/config.json")?
@@ -386,7 +384,7 @@ mod tests {
                 "text_encoder_2",
                 "transformer",
                 "vae",
-                "vae (Winograd extra)"
+                "Winograd buffer"
             ]
         );
         let bytes = |f: &Footprint, folder: &str| {
@@ -507,7 +505,7 @@ mod tests {
     }
 
     #[test]
-    fn cpu_f32_counts_the_winograd_weights() {
+    fn cpu_f32_counts_the_winograd_buffer() {
         let dir = ModelDir {
             root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/models/sd1-tiny"),
@@ -516,53 +514,51 @@ mod tests {
         let options = LoadOptions::default();
         let f32_cpu = Footprint::read(&dir, &Device::Cpu, DType::F32, &options).unwrap();
         let f16_cpu = Footprint::read(&dir, &Device::Cpu, DType::F16, &options).unwrap();
-        let cache = |f: &Footprint| -> u64 {
+        let buffer = |f: &Footprint| -> Vec<u64> {
             f.components
                 .iter()
-                .filter(|(name, _)| name.ends_with("(Winograd extra)"))
-                .map(|(_, b)| b)
-                .sum()
+                .filter(|(name, _)| name.contains("Winograd"))
+                .map(|(_, b)| *b)
+                .collect()
         };
-        // Every 3×3 weight with ≥ 32 input channels, 16 values per 9.
-        let unet = crate::engine::loader::weights::SafetensorsFile::open_component(
-            &dir,
-            "unet/diffusion_pytorch_model",
-        )
-        .unwrap();
-        assert!(unet.winograd_extra_bytes() > 0);
-        assert!(cache(&f32_cpu) > unet.winograd_extra_bytes());
-        // What the convolutions hold instead of the loaded 3×3 weights (their own sizes): the
-        // estimate is the difference, not the Winograd form on top of the plain weights.
-        let tensors = candle_core::safetensors::load(
-            dir.file("unet/diffusion_pytorch_model.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let replaced: u64 = tensors
-            .values()
+        // One buffer, the size of the widest transform among the UNet's and the VAE's 3×3
+        // weights with enough input channels (the convolutions hold the weights at their own
+        // size, counted with their component).
+        let widest = ["unet", "vae"]
+            .iter()
+            .flat_map(|folder| {
+                candle_core::safetensors::load(
+                    dir.file(&format!("{folder}/diffusion_pytorch_model.safetensors")),
+                    &Device::Cpu,
+                )
+                .unwrap()
+                .into_values()
+            })
             .filter_map(|t| match t.dims() {
-                &[co, ci, 3, 3] if crate::engine::models::cpu_winograd::worthwhile(ci) => {
-                    let held = crate::engine::models::cpu_winograd::WinogradWeight::from_tensor(t)
-                        .unwrap()
-                        .bytes();
-                    Some((held - co * ci * 9 * 4) as u64)
-                }
+                &[co, ci, 3, 3] if crate::engine::models::cpu_winograd::worthwhile(ci) => Some(
+                    crate::engine::models::cpu_winograd::WinogradWeight::transformed_bytes(co, ci)
+                        as u64,
+                ),
                 _ => None,
             })
-            .sum();
-        assert_eq!(unet.winograd_extra_bytes(), replaced);
-        assert_eq!(cache(&f16_cpu), 0);
-        // --low-memory keeps the plain weights only.
-        let low = LoadOptions {
-            low_memory: true,
-            ..Default::default()
-        };
-        let plain = Footprint::read(&dir, &Device::Cpu, DType::F32, &low).unwrap();
-        assert_eq!(cache(&plain), 0);
-        assert_eq!(
-            plain.weights_bytes() + cache(&f32_cpu),
-            f32_cpu.weights_bytes()
-        );
+            .max()
+            .unwrap();
+        assert_eq!(buffer(&f32_cpu), [widest]);
+        assert_eq!(buffer(&f16_cpu), [] as [u64; 0]);
+        let loaded: u64 = [
+            "text_encoder/model",
+            "unet/diffusion_pytorch_model",
+            "vae/diffusion_pytorch_model",
+        ]
+        .iter()
+        .flat_map(|stem| {
+            candle_core::safetensors::load(dir.file(&format!("{stem}.safetensors")), &Device::Cpu)
+                .unwrap()
+                .into_values()
+        })
+        .map(|t| (t.elem_count() * 4) as u64)
+        .sum();
+        assert_eq!(f32_cpu.weights_bytes(), loaded + widest);
     }
 
     #[test]

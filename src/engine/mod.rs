@@ -12,23 +12,6 @@ pub mod models;
 pub mod pipelines;
 pub mod profile;
 
-/// Runs `f` with the thread-local `flag` set to `on`, restoring it afterwards (on unwinding too):
-/// a setting for everything built or run inside `f` without a parameter through every layer
-/// (plain convolution weights while a model loads, TF32 inside an upcast VAE).
-pub(crate) fn with_thread_flag<T>(
-    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
-    on: bool,
-    f: impl FnOnce() -> T,
-) -> T {
-    struct Restore(&'static std::thread::LocalKey<std::cell::Cell<bool>>, bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            self.0.with(|c| c.set(self.1));
-        }
-    }
-    let _restore = Restore(flag, flag.with(|c| c.replace(on)));
-    f()
-}
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;

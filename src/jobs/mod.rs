@@ -320,17 +320,11 @@ impl EngineHandle {
             };
             let footprint = Footprint::read(&dir, &config.device, config.dtype, &spec.options)?;
             let info = describe(&name, &dir, &footprint)?;
-            let (options, footprint, info) = fit_convolution_weights(
-                &dir,
-                &config,
-                budget,
-                (spec.options.clone(), footprint, info),
-            )?;
             catalog.push(Catalogued {
                 info,
                 dir,
                 footprint,
-                options,
+                options: spec.options,
             });
         }
         let metrics = Metrics::default();
@@ -609,40 +603,6 @@ fn device_label(device: &Device) -> String {
 }
 
 /// A model's capabilities from its configs (no weights loaded).
-/// On the CPU in f32 the wide 3×3 convolutions hold their weights in Winograd's domain: 7/9 more
-/// of those weights' memory for ~1.5× faster UNet steps. A model that would not fit the budget
-/// that way with one default-size job, but fits with its weights as loaded, loads them as loaded
-/// (as `--low-memory` would), with a warning, rather than refusing every job.
-fn fit_convolution_weights(
-    dir: &ModelDir,
-    config: &EngineConfig,
-    budget: u64,
-    (options, footprint, info): (LoadOptions, Footprint, ModelInfo),
-) -> Result<(LoadOptions, Footprint, ModelInfo), EngineError> {
-    let need = |i: &ModelInfo| i.weights_bytes.saturating_add(i.default_working_bytes);
-    if options.low_memory || need(&info) <= budget {
-        return Ok((options, footprint, info));
-    }
-    let plain_options = LoadOptions {
-        low_memory: true,
-        ..options.clone()
-    };
-    let plain = Footprint::read(dir, &config.device, config.dtype, &plain_options)?;
-    let plain_info = describe(&info.id, dir, &plain)?;
-    if plain_info.weights_bytes >= info.weights_bytes || need(&plain_info) > budget {
-        return Ok((options, footprint, info));
-    }
-    tracing::warn!(
-        model = %info.id,
-        needs = %budget::human_bytes(need(&info)),
-        plain = %budget::human_bytes(need(&plain_info)),
-        budget = %budget::human_bytes(budget),
-        "the Winograd form of the 3×3 convolution weights does not fit the memory budget: \
-         keeping the weights as loaded (as --low-memory: slower steps)"
-    );
-    Ok((plain_options, plain, plain_info))
-}
-
 fn describe(name: &str, dir: &ModelDir, footprint: &Footprint) -> Result<ModelInfo, EngineError> {
     let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
     scheduler.check()?;

@@ -253,37 +253,6 @@ def test_memory_budget_evicts_least_recently_used_and_refuses_too_large_jobs(sta
     assert job["status"] == "failed" and job["error_code"] == "exceeds_memory_budget"
 
 
-def test_a_model_that_fits_only_with_its_convolution_weights_as_loaded_loads_them(start):
-    """On the CPU the wide 3×3 convolutions keep their weights in Winograd's domain (more memory,
-    faster steps); under a budget that only the weights as loaded fit, the model is served with
-    those (as --low-memory) instead of refusing every job."""
-    def capabilities(*args):
-        s = start("--model", TINY, *args)
-        caps = http(s).get("/v1/models").json()["data"][0]["capabilities"]
-        s.stop()
-        return caps["weights_bytes"], caps["default_working_bytes"], f"{caps['default_width']}x{caps['default_height']}"
-
-    winograd, working, default_size = capabilities()
-    plain, plain_working, _ = capabilities("--low-memory")
-    assert plain < winograd and plain_working == working
-    s = start("--model", TINY, "--memory-budget", (plain + winograd) // 2 + working)
-    c = http(s)
-    model = c.get("/v1/models").json()["data"][0]
-    assert model["capabilities"]["weights_bytes"] == plain and model["loaded"]
-    assert any("does not fit the memory budget" in line for line in s.stderr_lines), s.stderr_lines[-20:]
-    body = dict(prompt="a lighthouse", size="64x64", steps=2, seed=7)
-    r = c.post("/v1/images/generations", json=body)
-    assert r.status_code == 200, r.text
-    # The same image as a server started with --low-memory.
-    low = start("--model", TINY, "--low-memory")
-    expected = http(low).post("/v1/images/generations", json=body).json()["data"][0]["b64_json"]
-    assert r.json()["data"][0]["b64_json"] == expected
-    # Where even those do not fit a default-size job, such jobs are refused as before.
-    tight = start("--model", TINY, "--memory-budget", plain + working // 2)
-    r = http(tight).post("/v1/images/generations", json=dict(body, size=default_size))
-    assert r.status_code == 422 and r.json()["error"]["code"] == "exceeds_memory_budget", r.status_code
-
-
 def test_cpu_threads_from_the_config_file(start, tmp_path):
     """`threads` in the config file (as `--threads` / CANDELA_THREADS) sizes the CPU's thread pool,
     which the server logs at start."""

@@ -34,7 +34,15 @@ thread_local! {
 /// half-precision model (SDXL's `force_upcast`), whose output is 8-bit pixels. Everything else in
 /// f32 stays exact f32.
 pub fn allow_tf32<T>(allow: bool, f: impl FnOnce() -> T) -> T {
-    crate::engine::with_thread_flag(&TF32, allow, f)
+    // Restored on unwinding too.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TF32.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(TF32.with(|c| c.replace(allow)));
+    f()
 }
 
 /// `conv2d(xs, weight) + bias` (NCHW, square padding and stride, no dilation or groups) through

@@ -173,21 +173,22 @@ impl SimpleBackend for RandomWeights {
 }
 
 impl SafetensorsFile {
-    /// Bytes the CPU's Winograd form adds to this file's f32 weights: the 3×3 convolution
-    /// weights of the layers wide enough to use it (`cpu_winograd::worthwhile`) are held as 16
-    /// values per 9 instead of the 9 loaded (transformed at load, the plain weight dropped), so
-    /// 7 more f32 values per 9.
-    pub fn winograd_extra_bytes(&self) -> u64 {
+    /// Bytes of the widest CPU Winograd transform among this file's 3×3 convolution weights
+    /// (the layers wide enough to take it, `cpu_winograd::worthwhile`): the buffer the model's
+    /// thread keeps for it. Read from the header only.
+    pub fn winograd_buffer_bytes(&self) -> u64 {
         self.tensors
             .tensors()
             .into_iter()
             .filter_map(|(_, view)| match view.shape() {
-                [co, ci, 3, 3] if *ci >= crate::engine::models::cpu_winograd::MIN_CHANNELS => {
-                    Some((co * ci * (16 - 9) * 4) as u64)
-                }
+                [co, ci, 3, 3] if crate::engine::models::cpu_winograd::worthwhile(*ci) => Some(
+                    crate::engine::models::cpu_winograd::WinogradWeight::transformed_bytes(*co, *ci)
+                        as u64,
+                ),
                 _ => None,
             })
-            .sum()
+            .max()
+            .unwrap_or(0)
     }
 
     /// Bytes the tensors take once loaded as `dtype` (floating tensors are converted; others keep

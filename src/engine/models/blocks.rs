@@ -406,9 +406,9 @@ impl Module for GroupNorm {
 }
 
 /// A 2-D convolution. On the CPU in f32, a 3×3 / stride-1 / padding-1 convolution with enough
-/// input channels keeps its weight only in Winograd's domain ([`super::cpu_winograd`], transformed
-/// once at load, so the model does not hold both copies); other 3×3 ones with stride 1 or 2 run
-/// on [`super::cpu_conv`] (no im2col copy); everything else, and every other device, is candle's.
+/// input channels runs as Winograd's ([`super::cpu_winograd`], its weight held tap-major at its
+/// own size); other 3×3 ones with stride 1 or 2 run on [`super::cpu_conv`] (no im2col copy);
+/// everything else, and every other device, is candle's.
 pub enum Conv2d {
     Candle {
         inner: candle_nn::Conv2d,
@@ -455,8 +455,8 @@ impl Module for Conv2d {
 
 /// Whether candle's im2col + gemm beats the direct 3×3 kernel: wide layers with outputs of 16²
 /// and below (measured on 2 cores: 1280 channels at 16², 161 against 204 ms; at 8², 72 against
-/// 78; stride 2 from 32² and 16², 41 against 57 and 91 against 119). Only plain weights get here
-/// for wide stride-1 layers (`--low-memory`); Winograd takes them otherwise.
+/// 78; stride 2 from 32² and 16², 41 against 57 and 91 against 119). Wide stride-1 layers of a
+/// model take Winograd's path instead; they get here only through [`Conv2d::from_parts`].
 fn im2col_wins(xs: &Tensor, stride: usize) -> bool {
     match xs.dims4() {
         Ok((_, c, h, w)) => {
@@ -568,18 +568,6 @@ fn direct_3x3(kh: usize, kw: usize, stride: usize) -> bool {
     (kh, kw) == (3, 3) && stride <= 2
 }
 
-thread_local! {
-    /// Set while a model is built by [`with_plain_convolutions`].
-    static PLAIN_CONVOLUTIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Build a model inside `f` keeping every CPU f32 3×3 convolution weight as it is (run by the
-/// direct kernel) instead of in Winograd's domain, whose 16 values per 9 are the extra memory of
-/// the faster kernel (SD 1.5: +1.9 GiB). `LoadOptions::low_memory`.
-pub fn with_plain_convolutions<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    crate::engine::with_thread_flag(&PLAIN_CONVOLUTIONS, on, f)
-}
-
 pub fn conv(
     vb: VarBuilder,
     cin: usize,
@@ -601,8 +589,7 @@ pub fn conv(
         },
         vb,
     )?;
-    let plain = PLAIN_CONVOLUTIONS.with(|p| p.get());
-    if same_3x3 && cpu_f32 && super::cpu_winograd::worthwhile(cin) && !plain {
+    if same_3x3 && cpu_f32 && super::cpu_winograd::worthwhile(cin) {
         return Ok(Conv2d::Winograd {
             weight: super::cpu_winograd::WinogradWeight::from_tensor(inner.weight())?,
             bias: inner.bias().cloned(),

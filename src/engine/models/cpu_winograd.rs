@@ -16,48 +16,48 @@ use super::cpu_util::{gemm_f32, with_cpu_slice, SharedOut, Strided};
 /// floats) stay within a core's cache for SD's channel counts.
 const TILES: usize = 96;
 
-/// A 3×3 weight (Co, Ci, 3, 3) in the transformed domain: 16 matrices (Co × Ci), `U = G g Gᵀ`.
+/// A 3×3 weight for Winograd's path, held at its own size, tap-major, and transformed at every
+/// call — inside the channel schedule's tasks where the call has few tiles, else into a buffer
+/// the calling thread keeps. Holding the transformed form instead (16 values per 9) cost SD 1.5
+/// 1.6 GiB for no step time this machine could measure (session 12, docs/performance.md).
 pub struct WinogradWeight {
-    data: Vec<f32>,
+    /// (Co, 9, Ci): the transform combines contiguous rows of Ci.
+    taps: Vec<f32>,
     co: usize,
     ci: usize,
 }
 
+thread_local! {
+    /// The tile schedule's transformed weight: grown to the widest layer this thread has run
+    /// and reused, so the calls neither allocate nor fault pages in.
+    static TRANSFORMED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl WinogradWeight {
+    /// From (Co, Ci, 3, 3) values.
     pub fn new(weight: &[f32], co: usize, ci: usize) -> Self {
-        let mut data = vec![0f32; 16 * co * ci];
-        for o in 0..co {
-            for i in 0..ci {
-                let g = &weight[(o * ci + i) * 9..][..9];
-                // t = G g (4 × 3), G = [[1,0,0],[½,½,½],[½,−½,½],[0,0,1]].
-                let mut t = [[0f32; 3]; 4];
-                for c in 0..3 {
-                    let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
-                    t[0][c] = g0;
-                    t[1][c] = 0.5 * (g0 + g1 + g2);
-                    t[2][c] = 0.5 * (g0 - g1 + g2);
-                    t[3][c] = g2;
-                }
-                // U = t Gᵀ (4 × 4).
-                for (r, row) in t.iter().enumerate() {
-                    let u = [
-                        row[0],
-                        0.5 * (row[0] + row[1] + row[2]),
-                        0.5 * (row[0] - row[1] + row[2]),
-                        row[2],
-                    ];
-                    for (c, value) in u.into_iter().enumerate() {
-                        data[((r * 4 + c) * co + o) * ci + i] = value;
+        let mut taps = vec![0f32; co * ci * 9];
+        taps.par_chunks_mut(9 * ci)
+            .zip(weight.par_chunks(9 * ci))
+            .for_each(|(taps, weight)| {
+                for (i, g) in weight.chunks_exact(9).enumerate() {
+                    for (tap, value) in g.iter().enumerate() {
+                        taps[tap * ci + i] = *value;
                     }
                 }
-            }
-        }
-        Self { data, co, ci }
+            });
+        Self { taps, co, ci }
     }
 
-    /// From a (Co, Ci, 3, 3) f32 CPU tensor.
+    /// From a (Co, Ci, 3, 3) CPU tensor.
     pub fn from_tensor(weight: &Tensor) -> candle_core::Result<Self> {
-        let (co, ci, _, _) = weight.dims4()?;
+        let (co, ci, kh, kw) = weight.dims4()?;
+        if (kh, kw) != (3, 3) || !weight.device().is_cpu() {
+            candle_core::bail!(
+                "winograd weight: a 3×3 CPU weight, got {:?}",
+                weight.shape()
+            );
+        }
         with_cpu_slice(&weight.to_dtype(DType::F32)?.contiguous()?, |w| {
             Self::new(w, co, ci)
         })
@@ -67,11 +67,97 @@ impl WinogradWeight {
         (self.co, self.ci)
     }
 
-    /// Bytes held (16/9 of the f32 weight).
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+    /// Bytes of the buffer a call transforms this weight into when it runs by tiles.
+    pub fn transformed_bytes(co: usize, ci: usize) -> usize {
+        16 * co * ci * 4
+    }
+
+    /// Runs `f` with the transformed matrices (Co, 16, Ci).
+    fn with_transformed<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        let len = 16 * self.co * self.ci;
+        TRANSFORMED.with(|buffer| match buffer.try_borrow_mut() {
+            Ok(mut buffer) => {
+                if buffer.len() < len {
+                    buffer.resize(len, 0.0);
+                }
+                transform_weight(&self.taps, self.ci, &mut buffer[..len]);
+                f(&buffer[..len])
+            }
+            // A convolution inside another on this thread (a rayon worker that took another
+            // task while waiting): a buffer of its own.
+            Err(_) => {
+                let mut own = vec![0f32; len];
+                transform_weight(&self.taps, self.ci, &mut own);
+                f(&own)
+            }
+        })
     }
 }
+
+/// `u` (Co, 16, Ci) = G g Gᵀ for each (Co, Ci) pair of `taps` (Co, 9, Ci), output channels in
+/// parallel.
+fn transform_weight(taps: &[f32], ci: usize, u: &mut [f32]) {
+    u.par_chunks_mut(16 * ci)
+        .zip(taps.par_chunks(9 * ci))
+        .for_each_init(
+            || vec![0f32; 6 * ci],
+            |t, (u, g)| transform_channel(g, u, t, ci),
+        );
+}
+
+/// One output channel: `g` (9, Ci) → `u` (16, Ci), whole rows at a time (each a combination of
+/// rows, which vectorises across Ci); `t` holds the middle rows of G g.
+#[inline(always)]
+fn transform_channel_impl(g: &[f32], u: &mut [f32], t: &mut [f32], ci: usize) {
+    // out = ½ (a ± b + c), element-wise.
+    fn half_sum(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32], minus: bool) {
+        let sign = if minus { -1.0 } else { 1.0 };
+        for (((out, a), b), c) in out.iter_mut().zip(a).zip(b).zip(c) {
+            *out = 0.5 * (a + sign * b + c);
+        }
+    }
+    let row = |tap: usize| &g[tap * ci..][..ci];
+    // G g (4 × 3 rows), G = [[1,0,0],[½,½,½],[½,−½,½],[0,0,1]]: rows 0 and 3 are g's first and
+    // last tap rows; rows 1 and 2 are computed into `t`.
+    for c in 0..3 {
+        let (sum, difference) = t.split_at_mut(3 * ci);
+        half_sum(
+            &mut sum[c * ci..][..ci],
+            row(c),
+            row(3 + c),
+            row(6 + c),
+            false,
+        );
+        half_sum(
+            &mut difference[c * ci..][..ci],
+            row(c),
+            row(3 + c),
+            row(6 + c),
+            true,
+        );
+    }
+    let t = &*t;
+    for r in 0..4 {
+        let at = |c: usize| match r {
+            0 => row(c),
+            1 => &t[c * ci..][..ci],
+            2 => &t[(3 + c) * ci..][..ci],
+            _ => row(6 + c),
+        };
+        let (a, b, c) = (at(0), at(1), at(2));
+        // (G g) Gᵀ: the same combination across the three columns.
+        let out = &mut u[4 * r * ci..][..4 * ci];
+        let (first, rest) = out.split_at_mut(ci);
+        let (sum, rest) = rest.split_at_mut(ci);
+        let (difference, last) = rest.split_at_mut(ci);
+        first.copy_from_slice(a);
+        half_sum(sum, a, b, c, false);
+        half_sum(difference, a, b, c, true);
+        last.copy_from_slice(c);
+    }
+}
+
+avx2_dispatch!(fn transform_channel(g: &[f32], u: &mut [f32], t: &mut [f32], ci: usize) = transform_channel_impl);
 
 /// Whether a layer with `ci` input channels takes Winograd's path: with fewer, the 16 products
 /// are too thin to beat the direct convolution (`candela bench --kernels`). Image size does not
@@ -99,7 +185,13 @@ pub fn conv3x3(
     let bias = super::cpu_util::bias_values(bias, co)?;
     let out = with_cpu_slice(&xs.contiguous()?, |x| {
         let mut out = vec![0f32; b * co * h * w];
-        convolve(x, weight, &bias, &mut out, [b, h, w]);
+        let (padded, g) = pad_input(x, [b, ci, co, h, w]);
+        if b * g.tiles_per_image <= CHANNEL_SCHEDULE_TILES {
+            let slice = (CHANNEL_SLICE_FLOATS / (16 * ci)).clamp(8, co.max(8));
+            by_channels(&padded, &weight.taps, &bias, &mut out, (g, b), slice)
+        } else {
+            weight.with_transformed(|u| by_tiles(&padded, u, &bias, &mut out, g, b))
+        }
         out
     })?;
     Tensor::from_vec(out, (b, co, h, w), &Device::Cpu)
@@ -122,17 +214,22 @@ struct Geometry {
     per_task: usize,
 }
 
-/// `out` (B, Co, H, W) = `x` (B, Ci, H, W) ⊛ weight + `bias`, padding 1.
-pub fn convolve(
-    x: &[f32],
-    weight: &WinogradWeight,
-    bias: &[f32],
-    out: &mut [f32],
-    [b, h, w]: [usize; 3],
-) {
-    let (co, ci) = (weight.co, weight.ci);
+/// At most this many tiles (batch × tiles per image), a call runs output channels in parallel
+/// rather than tiles: each task transforms a slice of the weight that stays in cache and runs
+/// every tile through it, so the transformed weight never goes through memory — at few tiles
+/// (the UNet's 1 280-wide layers at 8² and 16²) that round trip would cost as much as the
+/// products. With more tiles the transform is small beside them.
+const CHANNEL_SCHEDULE_TILES: usize = 256;
+
+/// Floats of a task's slice of the transformed weight in the channel schedule (16 × channels ×
+/// Ci, at least 8 channels): 1 MiB, a core's L2 here. Measured on 2 cores, 1 280 channels at 8²
+/// and 16²: 4 MiB slices 22.7 / 51.9 ms, 1 MiB 12.3–13.6 / 41.5–42.2, ½ MiB (8 channels)
+/// 15.4 / 41.2; the weight transformed at load 10.1–12.3 / 39.5–41.5.
+const CHANNEL_SLICE_FLOATS: usize = 1 << 18;
+
+/// The zero-padded input and the sizes of the call, for `[b, ci, co, h, w]`.
+fn pad_input(x: &[f32], [b, ci, co, h, w]: [usize; 5]) -> (Vec<f32>, Geometry) {
     debug_assert_eq!(x.len(), b * ci * h * w);
-    debug_assert_eq!(out.len(), b * co * h * w);
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     // The zero-padded input (one row/column before, enough after for the last, possibly half,
     // tile) with each row split into its even and odd padded columns, so that the transform
@@ -172,6 +269,54 @@ pub fn convolve(
         plane,
         per_task,
     };
+    (padded, g)
+}
+
+/// M[k] (rows × n) = U[k] (rows × Ci, rows `u_row` apart) · V[k] (Ci × n), for the 16 k; V and M
+/// have rows `per_task` apart, of which the first n columns are used.
+///
+/// SAFETY: `u` must hold the 16 matrices at `k · Ci` with rows `u_row` apart; `v` and `m` must
+/// hold 16 · Ci and 16 · rows rows of `per_task`.
+unsafe fn mix_channels(
+    u: &[f32],
+    u_row: usize,
+    v: &[f32],
+    m: &mut [f32],
+    rows: usize,
+    n: usize,
+    g: Geometry,
+) {
+    for k in 0..16 {
+        // SAFETY: as the function's contract.
+        unsafe {
+            gemm_f32(
+                [rows, n, g.ci],
+                m[k * rows * g.per_task..].as_mut_ptr(),
+                g.per_task as isize,
+                false,
+                Strided {
+                    ptr: u[k * g.ci..].as_ptr(),
+                    row: u_row as isize,
+                    col: 1,
+                },
+                Strided {
+                    ptr: v[k * g.ci * g.per_task..].as_ptr(),
+                    row: g.per_task as isize,
+                    col: 1,
+                },
+                1.0,
+            );
+        }
+    }
+}
+
+/// `out` (B, Co, H, W) = the padded input ⊛ weight + `bias` with the weight's transformed
+/// matrices `u` (Co, 16, Ci): chunks of tiles in parallel, each through the whole weight.
+fn by_tiles(padded: &[f32], u: &[f32], bias: &[f32], out: &mut [f32], g: Geometry, b: usize) {
+    let (co, ci, per_task) = (g.co, g.ci, g.per_task);
+    debug_assert_eq!(u.len(), 16 * co * ci);
+    debug_assert_eq!(out.len(), b * co * g.h * g.w);
+    let total = b * g.tiles_per_image;
     let out_ptr = SharedOut(out.as_mut_ptr());
     (0..total.div_ceil(per_task)).into_par_iter().for_each_init(
         || {
@@ -183,33 +328,62 @@ pub fn convolve(
         |(v, m), chunk| {
             let first = chunk * per_task;
             let n = per_task.min(total - first);
-            transform_input(&padded, v, first, n, g);
-            // Channel mixing: M[k] (Co × n) = U[k] (Co × Ci) · V[k] (Ci × n).
-            for k in 0..16 {
-                // SAFETY: U[k] is Co × Ci row-major, V[k] Ci × per_task and M[k] Co × per_task
-                // row-major, of which the first n columns are used.
-                unsafe {
-                    gemm_f32(
-                        [co, n, ci],
-                        m[k * co * per_task..].as_mut_ptr(),
-                        per_task as isize,
-                        false,
-                        Strided {
-                            ptr: weight.data[k * co * ci..].as_ptr(),
-                            row: ci as isize,
-                            col: 1,
-                        },
-                        Strided {
-                            ptr: v[k * ci * per_task..].as_ptr(),
-                            row: per_task as isize,
-                            col: 1,
-                        },
-                        1.0,
-                    );
-                }
-            }
+            transform_input(padded, v, first, n, g);
+            // SAFETY: U is (Co, 16, Ci); V and M are this task's, sized for per_task columns.
+            unsafe { mix_channels(u, 16 * ci, v, m, co, n, g) };
             // SAFETY: the chunk's tiles are this task's alone.
-            unsafe { transform_output(m, bias, out_ptr, first, n, g) };
+            unsafe { transform_output(m, bias, out_ptr, [0, co], first, n, g) };
+        },
+    );
+}
+
+/// `out` = the padded input ⊛ weight + `bias` with the weight held tap-major (Co, 9, Ci): every
+/// tile transformed first, then slices of `slice` output channels in parallel, each task
+/// transforming its slice of the weight and running all the tiles through it.
+fn by_channels(
+    padded: &[f32],
+    taps: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    (g, b): (Geometry, usize),
+    slice: usize,
+) {
+    let (co, ci, per_task) = (g.co, g.ci, g.per_task);
+    debug_assert_eq!(taps.len(), 9 * co * ci);
+    debug_assert_eq!(out.len(), b * co * g.h * g.w);
+    let total = b * g.tiles_per_image;
+    let chunks = total.div_ceil(per_task);
+    let mut v = vec![0f32; chunks * 16 * ci * per_task];
+    v.par_chunks_mut(16 * ci * per_task)
+        .enumerate()
+        .for_each(|(chunk, v)| {
+            let first = chunk * per_task;
+            transform_input(padded, v, first, per_task.min(total - first), g);
+        });
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..co.div_ceil(slice)).into_par_iter().for_each_init(
+        || {
+            (
+                vec![0f32; 16 * slice * ci],
+                vec![0f32; 16 * slice * per_task],
+                vec![0f32; 6 * ci],
+            )
+        },
+        |(u, m, t), s| {
+            let o0 = s * slice;
+            let rows = slice.min(co - o0);
+            for (o, u) in u.chunks_exact_mut(16 * ci).take(rows).enumerate() {
+                transform_channel(&taps[(o0 + o) * 9 * ci..][..9 * ci], u, t, ci);
+            }
+            for (chunk, v) in v.chunks_exact(16 * ci * per_task).enumerate() {
+                let first = chunk * per_task;
+                let n = per_task.min(total - first);
+                // SAFETY: U is this slice's (rows, 16, Ci); V is the chunk's and M this task's,
+                // sized for per_task columns.
+                unsafe { mix_channels(u, 16 * ci, v, m, rows, n, g) };
+                // SAFETY: these output channels are this task's alone.
+                unsafe { transform_output(m, bias, out_ptr, [o0, rows], first, n, g) };
+            }
         },
     );
 }
@@ -299,15 +473,17 @@ fn transform_input_impl(padded: &[f32], v: &mut [f32], first: usize, n: usize, g
     }
 }
 
-/// The output tiles Aᵀ M A + bias, Aᵀ = [[1,1,1,0],[0,1,−1,−1]], written into `out`.
+/// The output tiles Aᵀ M A + bias, Aᵀ = [[1,1,1,0],[0,1,−1,−1]], of the output channels
+/// `o0..o0 + rows` (M's rows), written into `out`.
 ///
-/// SAFETY: the tiles `[first, first + n)` must belong to the caller alone; `out` must hold
+/// SAFETY: those tiles of those channels must belong to the caller alone; `out` must hold
 /// (B, Co, H, W).
 #[inline(always)]
 unsafe fn transform_output_impl(
     m: &[f32],
     bias: &[f32],
     out: SharedOut,
+    [o0, channels]: [usize; 2],
     first: usize,
     n: usize,
     g: Geometry,
@@ -326,8 +502,9 @@ unsafe fn transform_output_impl(
         let rows = if y0 + 1 < g.h { 2 } else { 1 };
         let mut top = [0f32; 2 * TILES];
         let mut bottom = [0f32; 2 * TILES];
-        for o in 0..g.co {
-            let at = |k: usize| &m[(k * g.co + o) * g.per_task + p..][..len];
+        for row in 0..channels {
+            let o = o0 + row;
+            let at = |k: usize| &m[(k * channels + row) * g.per_task + p..][..len];
             let (m0, m1, m2, m3) = (at(0), at(1), at(2), at(3));
             let (m4, m5, m6, m7) = (at(4), at(5), at(6), at(7));
             let (m8, m9, m10, m11) = (at(8), at(9), at(10), at(11));
@@ -368,7 +545,7 @@ avx2_dispatch!(fn transform_input(padded: &[f32], v: &mut [f32], first: usize, n
 
 avx2_dispatch!(
     /// SAFETY: as [`transform_output_impl`].
-    unsafe fn transform_output(m: &[f32], bias: &[f32], out: SharedOut, first: usize, n: usize, g: Geometry) = transform_output_impl
+    unsafe fn transform_output(m: &[f32], bias: &[f32], out: SharedOut, channels: [usize; 2], first: usize, n: usize, g: Geometry) = transform_output_impl
 );
 
 #[cfg(test)]
@@ -379,26 +556,29 @@ mod tests {
     #[test]
     fn matches_direct_convolution() {
         let dev = Device::Cpu;
-        // Odd sizes (half tiles at the edges), single pixels, more tiles than one chunk.
+        // Odd sizes (half tiles at the edges), single pixels, more tiles than one chunk; the
+        // channel schedule (up to CHANNEL_SCHEDULE_TILES tiles, channels in slices of at least
+        // 8 with a short last one) and the tile schedule (the last two).
         for (b, ci, co, h, w) in [
-            (2, 5, 7, 9, 6),
+            (2usize, 5usize, 7usize, 9usize, 6usize),
             (1, 16, 33, 4, 11),
             (3, 4, 8, 1, 1),
             (2, 8, 3, 17, 23),
+            (1, 6, 5, 37, 30),
+            (2, 9, 12, 33, 17),
         ] {
+            assert_eq!(
+                b * h.div_ceil(2) * w.div_ceil(2) > CHANNEL_SCHEDULE_TILES,
+                ci == 6 || ci == 9
+            );
             let x = Tensor::randn(0f32, 1., (b, ci, h, w), &dev).unwrap();
             let k = Tensor::randn(0f32, 0.2, (co, ci, 3, 3), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1., co, &dev).unwrap();
-            let weight = WinogradWeight::new(&k.flatten_all().unwrap().to_vec1().unwrap(), co, ci);
-            let mut out = vec![0f32; b * co * h * w];
-            convolve(
-                &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                &weight,
-                &bias.to_vec1::<f32>().unwrap(),
-                &mut out,
-                [b, h, w],
-            );
-            let ours = Tensor::from_vec(out, (b, co, h, w), &dev).unwrap();
+            // Another weight of this shape first: its transform must not leak into this one's
+            // (the tile schedule's buffer is reused).
+            let other = Tensor::randn(0f32, 0.2, (co, ci, 3, 3), &dev).unwrap();
+            conv3x3(&x, &WinogradWeight::from_tensor(&other).unwrap(), None).unwrap();
+            let ours = conv3x3(&x, &WinogradWeight::from_tensor(&k).unwrap(), Some(&bias)).unwrap();
             let expected = x
                 .conv2d(&k, 1, 1, 1, 1)
                 .unwrap()
@@ -406,6 +586,39 @@ mod tests {
                 .unwrap();
             let diff = super::super::max_abs_diff(&ours, &expected);
             assert!(diff < 1e-5, "{b}x{ci}->{co} {h}x{w}: {diff}");
+        }
+    }
+
+    /// Both schedules on one input: channel slices of 8 with a short last one (33 channels), and
+    /// the tile schedule, which `conv3x3` would not pick for so few tiles.
+    #[test]
+    fn schedules_agree() {
+        let (b, ci, co, h, w) = (2, 16, 33, 7, 10);
+        let x = Tensor::randn(0f32, 1., (b, ci, h, w), &Device::Cpu).unwrap();
+        let k = Tensor::randn(0f32, 0.2, (co, ci, 3, 3), &Device::Cpu).unwrap();
+        let bias: Vec<f32> = (0..co).map(|o| o as f32 / 10.).collect();
+        let expected = conv3x3(&x, &WinogradWeight::from_tensor(&k).unwrap(), None)
+            .unwrap()
+            .broadcast_add(
+                &Tensor::new(bias.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .reshape((1, co, 1, 1))
+                    .unwrap(),
+            )
+            .unwrap();
+        let weight = WinogradWeight::from_tensor(&k).unwrap();
+        let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (padded, g) = pad_input(&x, [b, ci, co, h, w]);
+        let run = |schedule: &dyn Fn(&mut [f32])| {
+            let mut out = vec![0f32; b * co * h * w];
+            schedule(&mut out);
+            Tensor::from_vec(out, (b, co, h, w), &Device::Cpu).unwrap()
+        };
+        let sliced = run(&|out| by_channels(&padded, &weight.taps, &bias, out, (g, b), 8));
+        let tiled = run(&|out| weight.with_transformed(|u| by_tiles(&padded, u, &bias, out, g, b)));
+        for (name, ours) in [("channel slices", sliced), ("tiles", tiled)] {
+            let diff = super::super::max_abs_diff(&ours, &expected);
+            assert!(diff < 1e-5, "{name}: {diff}");
         }
     }
 }

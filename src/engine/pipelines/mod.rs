@@ -400,9 +400,6 @@ pub struct LoadOptions {
     /// `vae.enable_tiling()`: the VAE's memory stays that of one tile (SDXL at 2048² on a 24 GB
     /// card); seams are blended, the pixels differ slightly from a whole decode.
     pub vae_tiling: bool,
-    /// CPU, f32: keep the UNet's and VAE's 3×3 convolution weights as loaded (direct kernel)
-    /// rather than in Winograd's larger form: less memory, slower convolutions.
-    pub low_memory: bool,
 }
 
 /// A loaded model of any family. Each variant is `Send + Sync`, so the scheduler's worker can own
@@ -453,8 +450,7 @@ impl Pipeline {
                 (_, true) => Self::Sd(StableDiffusion::with_random_weights(dir, device, dtype)?),
             })
         };
-        let mut pipeline =
-            crate::engine::models::blocks::with_plain_convolutions(options.low_memory, build)?;
+        let mut pipeline = build()?;
         pipeline.vae_mut().set_tiling(options.vae_tiling);
         Ok(pipeline)
     }
