@@ -31,6 +31,7 @@ use crate::engine::loader::{weights::SafetensorsFile, ModelDir};
 use crate::engine::models::{
     flux::FluxTransformerConfig, mmdit::Sd3TransformerConfig, unet::UNetConfig, vae::VaeConfig,
 };
+use crate::engine::pipelines::params::Guidance;
 use crate::engine::pipelines::LoadOptions;
 
 /// Whether the pipeline keeps this model's VAE in f32 under f16 (SDXL with `force_upcast`).
@@ -78,6 +79,8 @@ pub struct Footprint {
     vae_dtype_bytes: usize,
     /// The VAE decodes in tiles of this many pixels a side (`LoadOptions::vae_tiling`).
     vae_tile: Option<usize>,
+    /// FLUX: `guidance_scale` is an input of the one row, not classifier-free guidance.
+    distilled_guidance: bool,
 }
 
 impl Footprint {
@@ -152,7 +155,8 @@ impl Footprint {
         } else {
             serde_json::Value::Null
         };
-        let denoiser = if class["_class_name"] == "FluxTransformer2DModel" {
+        let distilled_guidance = class["_class_name"] == "FluxTransformer2DModel";
+        let denoiser = if distilled_guidance {
             let c: FluxTransformerConfig = dir.read_json("transformer/config.json")?;
             Denoiser::Transformer {
                 heads: c.num_attention_heads,
@@ -203,6 +207,7 @@ impl Footprint {
             } else {
                 None
             },
+            distilled_guidance,
         })
     }
 
@@ -215,13 +220,32 @@ impl Footprint {
         self.components.iter().map(|(_, b)| b).sum()
     }
 
-    /// Working memory of one denoising run of `rows` images at `width`×`height`.
-    pub fn activation_bytes(&self, rows: usize, width: usize, height: usize, cfg: bool) -> u64 {
+    /// Working memory of one denoising run of `rows` images at `width`×`height`: the larger of
+    /// the denoiser's and the VAE decode's.
+    pub fn activation_bytes(
+        &self,
+        rows: usize,
+        width: usize,
+        height: usize,
+        guidance: Guidance,
+    ) -> u64 {
+        self.denoiser_bytes(rows, width, height, guidance)
+            .max(self.vae_decode_bytes(width, height))
+    }
+
+    fn denoiser_bytes(&self, rows: usize, width: usize, height: usize, guidance: Guidance) -> u64 {
         let s = self.dtype_bytes as u64;
         let scale = self.latent_scale.max(1);
         let latent_tokens = ((width / scale) * (height / scale)) as u64;
-        let r = (rows * if cfg { 2 } else { 1 }) as u64;
-        let denoise = match self.denoiser {
+        // Two rows per image under classifier-free guidance; FLUX's guidance scale is an input
+        // of one row, only its true CFG doubles them.
+        let doubled = if self.distilled_guidance {
+            guidance.true_cfg
+        } else {
+            guidance.scale
+        };
+        let r = (rows * if doubled { 2 } else { 1 }) as u64;
+        match self.denoiser {
             Denoiser::Unet { heads, channels } => {
                 attention_scores(2 * r * heads as u64 * latent_tokens * latent_tokens * s)
                     + 24 * r * latent_tokens * channels as u64 * s
@@ -235,8 +259,7 @@ impl Footprint {
                 let t = latent_tokens / (patch * patch).max(1) as u64 + text_tokens as u64;
                 attention_scores(2 * r * heads as u64 * t * t * s) + 16 * r * t * width as u64 * s
             }
-        };
-        denoise.max(self.vae_decode_bytes(width, height))
+        }
     }
 
     /// Working memory of one image's VAE decode at `width`×`height`.
@@ -363,6 +386,40 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    const UNGUIDED: Guidance = Guidance {
+        scale: false,
+        true_cfg: false,
+    };
+
+    /// Two rows per image where the model runs them: SD under its guidance scale, FLUX (whose
+    /// scale is an input of one row) only under true CFG.
+    #[test]
+    fn guidance_doubles_the_rows_the_model_doubles() {
+        let sd = ModelDir {
+            root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models/sd1-tiny"),
+            prefer_fp16_variant: false,
+        };
+        let true_cfg = Guidance {
+            scale: true,
+            true_cfg: true,
+        };
+        for (dir, doubled_by_default) in [(sd, true), (flux_dir(), false)] {
+            let f =
+                Footprint::read(&dir, &Device::Cpu, DType::F32, &LoadOptions::default()).unwrap();
+            let one_row = f.denoiser_bytes(1, 512, 512, UNGUIDED);
+            assert!(f.denoiser_bytes(2, 512, 512, UNGUIDED) > one_row);
+            let default = f.denoiser_bytes(1, 512, 512, Guidance::DEFAULT);
+            assert_eq!(default > one_row, doubled_by_default, "{:?}", dir.root);
+            assert_eq!(
+                f.denoiser_bytes(1, 512, 512, true_cfg),
+                f.denoiser_bytes(2, 512, 512, UNGUIDED),
+                "{:?}",
+                dir.root
+            );
+        }
+    }
+
     fn flux_dir() -> ModelDir {
         ModelDir {
             root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -421,8 +478,8 @@ mod tests {
             bytes(&q8, "transformer").unwrap() as f64 / bytes(&full, "transformer").unwrap() as f64;
         assert!((ratio - 8.5 / 32.0).abs() < 1e-3, "{ratio}");
         // A transformer's working memory grows with the square of the token count.
-        let small = full.activation_bytes(1, 512, 512, false);
-        let large = full.activation_bytes(1, 1024, 1024, false);
+        let small = full.activation_bytes(1, 512, 512, UNGUIDED);
+        let large = full.activation_bytes(1, 1024, 1024, UNGUIDED);
         assert!(large > 2 * small);
     }
 
@@ -476,11 +533,14 @@ mod tests {
             dtype_bytes: 2,
             vae_dtype_bytes: 4,
             vae_tile: Some(1024),
+            distilled_guidance: false,
         };
         // Issue #9: 2048² on a 24 GB card (the default budget: 90 % of it). Counting the whole
         // attention score matrix (172 GB at 2048² with CFG) refused it on any card.
         let budget = 24_000_000_000 * 9 / 10;
-        let need = |f: &Footprint| f.weights_bytes() + f.activation_bytes(1, 2048, 2048, true);
+        let need = |f: &Footprint| {
+            f.weights_bytes() + f.activation_bytes(1, 2048, 2048, Guidance::DEFAULT)
+        };
         assert!(need(&tiled) < budget, "{}", need(&tiled));
         // Untiled, the f32 decode of the whole image alone is more than the card holds.
         let whole = Footprint {
@@ -497,8 +557,8 @@ mod tests {
         // The tiny transformer's joint attention scores dominate past 1024²: whole, they would
         // grow 16× from 2048² to 4096²; sliced, what is held grows with the image (4×).
         let (at_2k, at_4k) = (
-            f.activation_bytes(1, 2048, 2048, false),
-            f.activation_bytes(1, 4096, 4096, false),
+            f.activation_bytes(1, 2048, 2048, UNGUIDED),
+            f.activation_bytes(1, 4096, 4096, UNGUIDED),
         );
         assert!(at_4k <= 4 * at_2k + 1, "{at_2k} → {at_4k}");
         assert!(at_2k > 3 * crate::engine::models::attention::MAX_SCORE_BYTES as u64);

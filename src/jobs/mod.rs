@@ -383,10 +383,9 @@ impl EngineHandle {
             .find(|m| m.info.id == req.model)
             .ok_or_else(|| SubmitError::Engine(EngineError::ModelNotFound(req.model.clone())))?;
         let p = &req.params;
-        let activation =
-            model
-                .footprint
-                .activation_bytes(p.n, p.width, p.height, p.guidance_scale > 1.0);
+        let activation = model
+            .footprint
+            .activation_bytes(p.n, p.width, p.height, p.guidance());
         // A two-stage job keeps its refiner resident next to the base.
         let refiner_bytes = match &p.refiner {
             Some(r) => self
@@ -638,6 +637,11 @@ fn describe(name: &str, dir: &ModelDir, footprint: &Footprint) -> Result<ModelIn
                 .unwrap_or_default()
         },
         weights_bytes: footprint.weights_bytes(),
-        default_working_bytes: footprint.activation_bytes(1, default_size, default_size, true),
+        default_working_bytes: footprint.activation_bytes(
+            1,
+            default_size,
+            default_size,
+            crate::engine::pipelines::params::Guidance::DEFAULT,
+        ),
     })
 }

@@ -59,10 +59,12 @@ impl Worker {
         let catalog = self.catalog.clone();
         for model in catalog.iter() {
             let info = &model.info;
-            let activation =
-                model
-                    .footprint
-                    .activation_bytes(1, info.default_width, info.default_height, true);
+            let activation = model.footprint.activation_bytes(
+                1,
+                info.default_width,
+                info.default_height,
+                crate::engine::pipelines::params::Guidance::DEFAULT,
+            );
             let fits = {
                 let state = self.shared.lock();
                 state
@@ -153,11 +155,11 @@ impl Worker {
                     let Some(model) = catalog.iter().find(|m| m.info.id == key.model) else {
                         return 1;
                     };
-                    let (w, h, cfg) = key.batch.geometry();
+                    let (w, h, guidance) = key.batch.geometry();
                     let weights = model.footprint.weights_bytes();
                     (1..=config.max_batch_rows.max(1))
                         .take_while(|&rows| {
-                            weights + model.footprint.activation_bytes(rows, w, h, cfg)
+                            weights + model.footprint.activation_bytes(rows, w, h, guidance)
                                 <= residency_budget
                         })
                         .last()
@@ -355,11 +357,11 @@ impl Worker {
             .cloned()
             .ok_or_else(|| EngineError::ModelNotFound(model_id.to_string()))?;
         let rows: usize = params.iter().map(|p| p.n).sum();
-        let (w, h, cfg) = params
+        let (w, h, guidance) = params
             .first()
-            .map(|p| (p.width, p.height, p.guidance_scale > 1.0))
-            .unwrap_or((0, 0, false));
-        let activation = model.footprint.activation_bytes(rows, w, h, cfg);
+            .map(|p| (p.width, p.height, p.guidance()))
+            .unwrap_or((0, 0, crate::engine::pipelines::params::Guidance::DEFAULT));
+        let activation = model.footprint.activation_bytes(rows, w, h, guidance);
         let plan = self.shared.lock().residency.plan(
             model_id,
             model.footprint.weights_bytes(),

@@ -101,6 +101,34 @@ pub struct InitImage {
     pub mask: Option<std::sync::Arc<Vec<u8>>>,
 }
 
+/// Which guidance a run asks for — what decides whether its denoiser runs two rows per image.
+/// Which of the two doubles the rows is the model's to say (`memory::Footprint`): classifier-free
+/// guidance for SD, SDXL and SD3; for FLUX, whose `guidance_scale` is a distilled input, only
+/// true CFG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guidance {
+    /// `guidance_scale` above 1.
+    pub scale: bool,
+    /// `true_cfg_scale` above 1 (FLUX; it also needs negative prompts, which the estimate does
+    /// not wait for).
+    pub true_cfg: bool,
+}
+
+impl Guidance {
+    /// A run at a model's defaults: guidance on, no true CFG.
+    pub const DEFAULT: Self = Self {
+        scale: true,
+        true_cfg: false,
+    };
+
+    fn from_scales(guidance_scale: f64, true_cfg_scale: Option<f64>) -> Self {
+        Self {
+            scale: guidance_scale > 1.0,
+            true_cfg: true_cfg_scale.is_some_and(|s| s > 1.0),
+        }
+    }
+}
+
 /// What requests must share to be denoised together in one batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchKey {
@@ -125,12 +153,15 @@ pub struct BatchKey {
 }
 
 impl BatchKey {
-    /// (width, height, classifier-free guidance on) — what working memory depends on.
-    pub fn geometry(&self) -> (usize, usize, bool) {
+    /// (width, height, guidance) — what working memory depends on.
+    pub fn geometry(&self) -> (usize, usize, Guidance) {
         (
             self.width,
             self.height,
-            f64::from_bits(self.guidance_bits) > 1.0,
+            Guidance::from_scales(
+                f64::from_bits(self.guidance_bits),
+                self.true_cfg_bits.map(f64::from_bits),
+            ),
         )
     }
 }
@@ -161,6 +192,11 @@ impl GenerateParams {
             stage: None,
             init: None,
         }
+    }
+
+    /// The guidance this request asks for.
+    pub fn guidance(&self) -> Guidance {
+        Guidance::from_scales(self.guidance_scale, self.transformer.true_cfg_scale)
     }
 
     pub fn batch_key(&self) -> BatchKey {
