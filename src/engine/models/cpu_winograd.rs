@@ -2,10 +2,10 @@
 //! sizes (Lavin & Gray, 2015): each 2×2 output tile comes from a 4×4 input tile through 16
 //! element-wise products in a transformed domain, so the channel mixing is 16 matrix products of
 //! (Co × Ci)·(Ci × tiles) instead of nine of (Co × Ci)·(Ci × 4·tiles) — 2.25× fewer
-//! multiplications. The weight transform is done once per weight (the caller keeps it); the input
-//! and output transforms run per chunk of tiles inside each parallel task, so the transformed
-//! tiles stay in cache. F(2,3) has only ±1 and ½ in its matrices: results match the direct
-//! convolution to ~1e-6 relative.
+//! multiplications. The weight is held at its own size and transformed at every call (see
+//! [`WinogradWeight`]); the input and output transforms run per chunk of tiles inside each
+//! parallel task, so the transformed tiles stay in cache. F(2,3) has only ±1 and ½ in its
+//! matrices: results match the direct convolution to ~1e-6 relative.
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -161,7 +161,7 @@ avx2_dispatch!(fn transform_channel(g: &[f32], u: &mut [f32], t: &mut [f32], ci:
 
 /// Whether a layer with `ci` input channels takes Winograd's path: with fewer, the 16 products
 /// are too thin to beat the direct convolution (`candela bench --kernels`). Image size does not
-/// enter: it wins from 8×8 up on SD's layers, and the layer keeps no other copy of its weight.
+/// enter: it wins from 8×8 up on SD's layers.
 pub fn worthwhile(ci: usize) -> bool {
     ci >= MIN_CHANNELS
 }
