@@ -98,7 +98,6 @@ pub enum Command {
     Openapi,
 }
 
-/// `--quantize`: dense when absent.
 /// `--low-memory` (serve, generate) kept the CPU's 3×3 convolution weights out of Winograd's
 /// larger form; since they are always held at their own size it changes nothing. Accepted so
 /// that existing command lines and unit files keep working.
@@ -111,6 +110,7 @@ fn warn_retired_low_memory(on: bool) {
     }
 }
 
+/// `--quantize`: dense when absent.
 fn weight_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::dit::WeightFormat> {
     arg.map(str::parse)
         .transpose()

@@ -395,11 +395,7 @@ mod tests {
     /// scale is an input of one row) only under true CFG.
     #[test]
     fn guidance_doubles_the_rows_the_model_doubles() {
-        let sd = ModelDir {
-            root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/models/sd1-tiny"),
-            prefer_fp16_variant: false,
-        };
+        let sd = sd1_dir();
         let true_cfg = Guidance {
             scale: true,
             true_cfg: true,
@@ -417,6 +413,14 @@ mod tests {
                 "{:?}",
                 dir.root
             );
+        }
+    }
+
+    fn sd1_dir() -> ModelDir {
+        ModelDir {
+            root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models/sd1-tiny"),
+            prefer_fp16_variant: false,
         }
     }
 
@@ -566,11 +570,7 @@ mod tests {
 
     #[test]
     fn cpu_f32_counts_the_winograd_buffer() {
-        let dir = ModelDir {
-            root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/models/sd1-tiny"),
-            prefer_fp16_variant: false,
-        };
+        let dir = sd1_dir();
         let options = LoadOptions::default();
         let f32_cpu = Footprint::read(&dir, &Device::Cpu, DType::F32, &options).unwrap();
         let f16_cpu = Footprint::read(&dir, &Device::Cpu, DType::F16, &options).unwrap();
@@ -623,11 +623,7 @@ mod tests {
 
     #[test]
     fn tiled_vae_decode_is_counted_at_one_tile() {
-        let dir = ModelDir {
-            root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/models/sd1-tiny"),
-            prefer_fp16_variant: false,
-        };
+        let dir = sd1_dir();
         let read = |vae_tiling| {
             let options = LoadOptions {
                 vae_tiling,

@@ -186,11 +186,11 @@ pub fn conv3x3(
     let out = with_cpu_slice(&xs.contiguous()?, |x| {
         let mut out = vec![0f32; b * co * h * w];
         let (padded, g) = pad_input(x, [b, ci, co, h, w]);
-        if b * g.tiles_per_image <= CHANNEL_SCHEDULE_TILES {
+        if g.total <= CHANNEL_SCHEDULE_TILES {
             let slice = (CHANNEL_SLICE_FLOATS / (16 * ci)).clamp(8, co.max(8));
-            by_channels(&padded, &weight.taps, &bias, &mut out, (g, b), slice)
+            by_channels(&padded, &weight.taps, &bias, &mut out, g, slice)
         } else {
-            weight.with_transformed(|u| by_tiles(&padded, u, &bias, &mut out, g, b))
+            weight.with_transformed(|u| by_tiles(&padded, u, &bias, &mut out, g))
         }
         out
     })?;
@@ -207,6 +207,8 @@ struct Geometry {
     /// Tiles per row, per image.
     tw: usize,
     tiles_per_image: usize,
+    /// Tiles of the whole batch.
+    total: usize,
     /// Row length and plane size of the padded, column-split input.
     pw: usize,
     plane: usize,
@@ -265,6 +267,7 @@ fn pad_input(x: &[f32], [b, ci, co, h, w]: [usize; 5]) -> (Vec<f32>, Geometry) {
         w,
         tw,
         tiles_per_image,
+        total,
         pw,
         plane,
         per_task,
@@ -272,20 +275,12 @@ fn pad_input(x: &[f32], [b, ci, co, h, w]: [usize; 5]) -> (Vec<f32>, Geometry) {
     (padded, g)
 }
 
-/// M[k] (rows × n) = U[k] (rows × Ci, rows `u_row` apart) · V[k] (Ci × n), for the 16 k; V and M
-/// have rows `per_task` apart, of which the first n columns are used.
+/// M[k] (rows × n) = U[k] (rows × Ci) · V[k] (Ci × n), for the 16 k, with U laid out (rows, 16,
+/// Ci); V and M have rows `per_task` apart, of which the first n columns are used.
 ///
-/// SAFETY: `u` must hold the 16 matrices at `k · Ci` with rows `u_row` apart; `v` and `m` must
-/// hold 16 · Ci and 16 · rows rows of `per_task`.
-unsafe fn mix_channels(
-    u: &[f32],
-    u_row: usize,
-    v: &[f32],
-    m: &mut [f32],
-    rows: usize,
-    n: usize,
-    g: Geometry,
-) {
+/// SAFETY: `u` must hold (rows, 16, Ci); `v` and `m` must hold 16 · Ci and 16 · rows rows of
+/// `per_task`.
+unsafe fn mix_channels(u: &[f32], v: &[f32], m: &mut [f32], rows: usize, n: usize, g: Geometry) {
     for k in 0..16 {
         // SAFETY: as the function's contract.
         unsafe {
@@ -296,7 +291,7 @@ unsafe fn mix_channels(
                 false,
                 Strided {
                     ptr: u[k * g.ci..].as_ptr(),
-                    row: u_row as isize,
+                    row: (16 * g.ci) as isize,
                     col: 1,
                 },
                 Strided {
@@ -312,11 +307,10 @@ unsafe fn mix_channels(
 
 /// `out` (B, Co, H, W) = the padded input ⊛ weight + `bias` with the weight's transformed
 /// matrices `u` (Co, 16, Ci): chunks of tiles in parallel, each through the whole weight.
-fn by_tiles(padded: &[f32], u: &[f32], bias: &[f32], out: &mut [f32], g: Geometry, b: usize) {
-    let (co, ci, per_task) = (g.co, g.ci, g.per_task);
+fn by_tiles(padded: &[f32], u: &[f32], bias: &[f32], out: &mut [f32], g: Geometry) {
+    let (co, ci, per_task, total) = (g.co, g.ci, g.per_task, g.total);
     debug_assert_eq!(u.len(), 16 * co * ci);
-    debug_assert_eq!(out.len(), b * co * g.h * g.w);
-    let total = b * g.tiles_per_image;
+    debug_assert_eq!(out.len(), total / g.tiles_per_image * co * g.h * g.w);
     let out_ptr = SharedOut(out.as_mut_ptr());
     (0..total.div_ceil(per_task)).into_par_iter().for_each_init(
         || {
@@ -330,7 +324,7 @@ fn by_tiles(padded: &[f32], u: &[f32], bias: &[f32], out: &mut [f32], g: Geometr
             let n = per_task.min(total - first);
             transform_input(padded, v, first, n, g);
             // SAFETY: U is (Co, 16, Ci); V and M are this task's, sized for per_task columns.
-            unsafe { mix_channels(u, 16 * ci, v, m, co, n, g) };
+            unsafe { mix_channels(u, v, m, co, n, g) };
             // SAFETY: the chunk's tiles are this task's alone.
             unsafe { transform_output(m, bias, out_ptr, [0, co], first, n, g) };
         },
@@ -345,13 +339,12 @@ fn by_channels(
     taps: &[f32],
     bias: &[f32],
     out: &mut [f32],
-    (g, b): (Geometry, usize),
+    g: Geometry,
     slice: usize,
 ) {
-    let (co, ci, per_task) = (g.co, g.ci, g.per_task);
+    let (co, ci, per_task, total) = (g.co, g.ci, g.per_task, g.total);
     debug_assert_eq!(taps.len(), 9 * co * ci);
-    debug_assert_eq!(out.len(), b * co * g.h * g.w);
-    let total = b * g.tiles_per_image;
+    debug_assert_eq!(out.len(), total / g.tiles_per_image * co * g.h * g.w);
     let chunks = total.div_ceil(per_task);
     let mut v = vec![0f32; chunks * 16 * ci * per_task];
     v.par_chunks_mut(16 * ci * per_task)
@@ -380,7 +373,7 @@ fn by_channels(
                 let n = per_task.min(total - first);
                 // SAFETY: U is this slice's (rows, 16, Ci); V is the chunk's and M this task's,
                 // sized for per_task columns.
-                unsafe { mix_channels(u, 16 * ci, v, m, rows, n, g) };
+                unsafe { mix_channels(u, v, m, rows, n, g) };
                 // SAFETY: these output channels are this task's alone.
                 unsafe { transform_output(m, bias, out_ptr, [o0, rows], first, n, g) };
             }
@@ -614,8 +607,8 @@ mod tests {
             schedule(&mut out);
             Tensor::from_vec(out, (b, co, h, w), &Device::Cpu).unwrap()
         };
-        let sliced = run(&|out| by_channels(&padded, &weight.taps, &bias, out, (g, b), 8));
-        let tiled = run(&|out| weight.with_transformed(|u| by_tiles(&padded, u, &bias, out, g, b)));
+        let sliced = run(&|out| by_channels(&padded, &weight.taps, &bias, out, g, 8));
+        let tiled = run(&|out| weight.with_transformed(|u| by_tiles(&padded, u, &bias, out, g)));
         for (name, ours) in [("channel slices", sliced), ("tiles", tiled)] {
             let diff = super::super::max_abs_diff(&ours, &expected);
             assert!(diff < 1e-5, "{name}: {diff}");

@@ -438,19 +438,16 @@ impl Pipeline {
         random: bool,
     ) -> Result<Self> {
         let card = read_card(dir, "")?;
-        let build = || -> Result<Self> {
-            Ok(match (card.family, random) {
-                (Family::Sd3, _) => Self::Sd3(StableDiffusion3::build(
-                    dir, device, dtype, options, random,
-                )?),
-                (Family::Flux, _) => {
-                    Self::Flux(flux::Flux::build(dir, device, dtype, options, random)?)
-                }
-                (_, false) => Self::Sd(StableDiffusion::load(dir, device, dtype)?),
-                (_, true) => Self::Sd(StableDiffusion::with_random_weights(dir, device, dtype)?),
-            })
+        let mut pipeline = match (card.family, random) {
+            (Family::Sd3, _) => Self::Sd3(StableDiffusion3::build(
+                dir, device, dtype, options, random,
+            )?),
+            (Family::Flux, _) => {
+                Self::Flux(flux::Flux::build(dir, device, dtype, options, random)?)
+            }
+            (_, false) => Self::Sd(StableDiffusion::load(dir, device, dtype)?),
+            (_, true) => Self::Sd(StableDiffusion::with_random_weights(dir, device, dtype)?),
         };
-        let mut pipeline = build()?;
         pipeline.vae_mut().set_tiling(options.vae_tiling);
         Ok(pipeline)
     }
