@@ -229,6 +229,12 @@ fn bench_times_each_family_and_compares_with_a_reference() {
                 "{model} {key}: {figures}"
             );
         }
+        // The process's peak holds the run's (counted from before the build) and more: the
+        // binary, the runtime.
+        assert!(
+            figures["process_peak_gib"].as_f64().unwrap() > figures["peak_gib"].as_f64().unwrap(),
+            "{model}: {figures}"
+        );
     }
     // A reference far slower than us reads 0.00x in the ratio column.
     let ours: serde_json::Value = serde_json::from_str(

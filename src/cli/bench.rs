@@ -14,7 +14,7 @@ use super::CommonArgs;
 use crate::engine::{
     self,
     loader::ModelDir,
-    memory::PeakMeter,
+    memory::{self, PeakMeter},
     pipelines::{
         read_card,
         sd::GenerateParams,
@@ -147,6 +147,10 @@ pub struct BenchFigures {
     /// Peak memory during the end-to-end run, weights included, GiB.
     #[serde(default)]
     pub peak_gib: Option<f64>,
+    /// The process's largest resident set (host memory) over the whole benchmark, runtime and
+    /// libraries included, GiB: what a machine needs to run it. The same on any device.
+    #[serde(default)]
+    pub process_peak_gib: Option<f64>,
     /// `--cuda-graph`: the denoiser forward replayed as one CUDA graph (ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub denoiser_step_graph_ms: Option<f64>,
@@ -420,6 +424,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         end_to_end_s: end_to_end,
         weights_gib: weights.map(|b| b as f64 / GIB),
         peak_gib: peak.map(|b| b as f64 / GIB),
+        process_peak_gib: memory::process_peak_resident().map(|b| b as f64 / GIB),
         denoiser_step_graph_ms: parts.graph_forward_ms.clone().and_then(|r| r.ok()),
         cuda_graph_error: parts.graph_forward_ms.clone().and_then(|r| r.err()),
         denoiser_profile: profile_entries(&parts.profiles.denoiser),
@@ -535,6 +540,11 @@ fn print_table(ours: &BenchFigures, reference: Option<&BenchFigures>) {
             "peak memory (GiB)",
             ours.peak_gib,
             reference.and_then(|r| r.peak_gib),
+        ),
+        (
+            "process peak resident (GiB)",
+            ours.process_peak_gib,
+            reference.and_then(|r| r.process_peak_gib),
         ),
     ];
     let show = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());

@@ -171,6 +171,10 @@ pub(crate) fn split_rows(
     latents: &candle_core::Tensor,
     decode: impl Fn(&GenerateParams, &candle_core::Tensor) -> Result<Vec<GeneratedImage>>,
 ) -> Result<Vec<Generated>> {
+    // The denoiser's convolution buffer is not the VAE's (CPU: it would sit through the decode,
+    // where a run peaks), and neither is needed once the run is over.
+    use crate::engine::models::cpu_winograd::release_thread_buffer;
+    release_thread_buffer();
     let mut results = Vec::with_capacity(requests.len());
     let mut row = 0;
     for p in requests {
@@ -182,6 +186,7 @@ pub(crate) fn split_rows(
             images,
         });
     }
+    release_thread_buffer();
     Ok(results)
 }
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 FIELDS = [("text_encode_ms", "text encoding ms"), ("denoiser_step_ms", "denoiser step ms"),
           ("vae_decode_ms", "VAE decode ms"), ("vae_encode_ms", "VAE encode ms"), ("end_to_end_s", "end-to-end s"),
-          ("weights_gib", "weights GiB"), ("peak_gib", "peak GiB")]
+          ("weights_gib", "weights GiB"), ("peak_gib", "peak GiB"),
+          ("process_peak_gib", "process peak resident GiB (host)")]
 
 
 def load(folder, name):
