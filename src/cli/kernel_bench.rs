@@ -113,6 +113,40 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
         })?;
         println!("| attention | {bh} heads × {n}×{m} × {d} | {candle:.1} | {ours:.1} | - |");
     }
+    // Linear layers (rows, in, out): the text encoders' at a CFG pair of prompts (CLIP-L,
+    // OpenCLIP-G), T5-XXL at 512 tokens, SDXL's and SD 1.5's transformer blocks, FLUX's MLP at
+    // 512². candle: the weight as stored, (out, in); candela: `blocks::Linear`'s CPU layout.
+    for (m, k, n) in [
+        (154, 768, 3072),
+        (154, 1280, 5120),
+        (154, 5120, 1280),
+        (512, 4096, 10240),
+        (512, 10240, 4096),
+        (512, 1280, 10240),
+        (2048, 640, 5120),
+        (8192, 320, 2560),
+        (1536, 3072, 12288),
+    ] {
+        let x = Tensor::randn(0f32, 1., (1, m, k), &dev)?;
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let bias = Tensor::randn(0f32, 1., n, &dev)?;
+        let stored = candle_nn::Linear::new(w.clone(), Some(bias.clone()));
+        let candle = time_ms(repeats, || {
+            candle_core::Module::forward(&stored, &x)?;
+            Ok(())
+        })?;
+        let ours = crate::engine::models::blocks::Linear::new(w, Some(bias));
+        let candela = time_ms(repeats, || {
+            candle_core::Module::forward(&ours, &x)?;
+            Ok(())
+        })?;
+        let rate = |ms: f64| 2.0 * (m * k * n) as f64 / ms / 1e6;
+        println!(
+            "| Linear (GFLOP/s: {:.0} / {:.0}) | {m}×{k}→{n} | {candle:.1} | {candela:.1} | - |",
+            rate(candle),
+            rate(candela)
+        );
+    }
     // GEGLU: (batch, tokens, 2 × width).
     for (b, n, f) in [(2, 4096, 1280), (2, 1024, 2560)] {
         let h = Tensor::randn(0f32, 1., (b, n, 2 * f), &dev)?;

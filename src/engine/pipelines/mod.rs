@@ -187,6 +187,7 @@ pub(crate) fn split_rows(
         });
     }
     release_thread_buffer();
+    crate::large_pages::release_cached();
     Ok(results)
 }
 
