@@ -162,13 +162,26 @@ fn full_runs_match_diffusers_latents_and_pngs() {
     }
 }
 
+/// A cancelled run stops at once, and gives back the CPU kernels' scratch as a finished one does.
 #[test]
 fn cancelling_from_progress_stops_the_run() {
+    use candela::engine::models::cpu_winograd::{conv3x3, thread_buffer_bytes, WinogradWeight};
     let dir = ModelDir {
         root: fixtures().join("models/sd1-tiny"),
         prefer_fp16_variant: false,
     };
-    let p = StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let p = candela::engine::pipelines::Pipeline::load(
+        &dir,
+        &Device::Cpu,
+        DType::F32,
+        &Default::default(),
+    )
+    .unwrap();
+    // A convolution with more tiles than the channel schedule takes leaves this thread a buffer.
+    let x = candle_core::Tensor::randn(0f32, 1., (1, 32, 64, 64), &Device::Cpu).unwrap();
+    let k = candle_core::Tensor::randn(0f32, 0.1, (32, 32, 3, 3), &Device::Cpu).unwrap();
+    conv3x3(&x, &WinogradWeight::from_tensor(&k).unwrap(), None).unwrap();
+    assert!(thread_buffer_bytes() > 0);
     let params = GenerateParams {
         transformer: Default::default(),
         prompt: "x".into(),
@@ -197,6 +210,7 @@ fn cancelling_from_progress_stops_the_run() {
         .expect("cancelled");
     assert!(matches!(err, candela::engine::EngineError::Cancelled));
     assert_eq!(calls, 2);
+    assert_eq!(thread_buffer_bytes(), 0);
 }
 
 /// Requests denoised together in one batch (one UNet call per step) give the images each would

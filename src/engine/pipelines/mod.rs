@@ -165,6 +165,18 @@ pub(crate) fn no_step_left(first: &GenerateParams) -> EngineError {
     )
 }
 
+/// Gives back, when a run ends however it ends (done, failed, cancelled), what the CPU kernels
+/// kept for its next step: this thread's Winograd buffer and the freed blocks kept for reuse —
+/// an idle server holds neither.
+struct ReleaseScratchAtEnd;
+
+impl Drop for ReleaseScratchAtEnd {
+    fn drop(&mut self) {
+        crate::engine::models::cpu_winograd::release_thread_buffer();
+        crate::large_pages::release_cached();
+    }
+}
+
 /// Split a batch's final latents back into each request's `n` rows and decode them.
 pub(crate) fn split_rows(
     requests: &[GenerateParams],
@@ -172,9 +184,8 @@ pub(crate) fn split_rows(
     decode: impl Fn(&GenerateParams, &candle_core::Tensor) -> Result<Vec<GeneratedImage>>,
 ) -> Result<Vec<Generated>> {
     // The denoiser's convolution buffer is not the VAE's (CPU: it would sit through the decode,
-    // where a run peaks), and neither is needed once the run is over.
-    use crate::engine::models::cpu_winograd::release_thread_buffer;
-    release_thread_buffer();
+    // where a run peaks).
+    crate::engine::models::cpu_winograd::release_thread_buffer();
     let mut results = Vec::with_capacity(requests.len());
     let mut row = 0;
     for p in requests {
@@ -186,8 +197,6 @@ pub(crate) fn split_rows(
             images,
         });
     }
-    release_thread_buffer();
-    crate::large_pages::release_cached();
     Ok(results)
 }
 
@@ -479,6 +488,7 @@ impl Pipeline {
         p: &GenerateParams,
         progress: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Generated> {
+        let _release = ReleaseScratchAtEnd;
         match self {
             Self::Sd(m) => m.generate(p, progress),
             Self::Sd3(m) => m.generate(p, progress),
@@ -491,6 +501,7 @@ impl Pipeline {
         requests: &[GenerateParams],
         progress: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<Generated>> {
+        let _release = ReleaseScratchAtEnd;
         match self {
             Self::Sd(m) => m.generate_batch(requests, progress),
             Self::Sd3(m) => m.generate_batch(requests, progress),
@@ -506,6 +517,7 @@ impl Pipeline {
         switch: f64,
         progress: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Generated> {
+        let _release = ReleaseScratchAtEnd;
         match (self, refiner) {
             (Self::Sd(base), Self::Sd(refiner)) => {
                 base.generate_with_refiner(refiner, p, switch, progress)
