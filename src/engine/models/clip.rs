@@ -61,9 +61,9 @@ impl Activation {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Self::GeluErf => xs.gelu_erf(),
-            Self::GeluTanh => xs.gelu(),
+            Self::QuickGelu => super::cpu_activation::quick_gelu(xs),
+            Self::GeluErf => super::cpu_activation::gelu_erf(xs),
+            Self::GeluTanh => super::cpu_activation::gelu_tanh(xs),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Activations for the CPU in one vectorised pass. GEGLU, `value · gelu(gate)` with the exact
 //! (erf) GELU, where candle narrows, copies, evaluates a scalar `erf` per element and multiplies
-//! in three passes (7× slower on SD 1.5's feed-forward layers); and the tanh GELU of the diffusion
-//! transformers' MLPs, where candle calls a scalar `tanh` per element.
+//! in three passes (7× slower on SD 1.5's feed-forward layers); the tanh GELU of the diffusion
+//! transformers' MLPs, where candle calls a scalar `tanh` per element; and the text encoders'
+//! exact GELU (scalar `erf` in candle) and `quick_gelu` (three passes in candle).
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -41,6 +42,45 @@ fn gelu_tanh_impl(x: &[f32], out: &mut [f32]) {
 
 avx2_dispatch!(fn gelu_tanh_slice(x: &[f32], out: &mut [f32]) = gelu_tanh_impl);
 
+/// The exact GELU, `x · ½(1 + erf(x/√2))`.
+#[inline(always)]
+fn gelu_erf_impl(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+avx2_dispatch!(fn gelu_erf_slice(x: &[f32], out: &mut [f32]) = gelu_erf_impl);
+
+/// CLIP's `quick_gelu`, `x · σ(1.702 x)`, σ from the exponential of −|z| (never overflows).
+#[inline(always)]
+fn quick_gelu_impl(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        let z = 1.702 * v;
+        let e = exp_nonpositive(-z.abs());
+        let sigmoid = if z >= 0.0 {
+            1.0 / (1.0 + e)
+        } else {
+            e / (1.0 + e)
+        };
+        *o = v * sigmoid;
+    }
+}
+
+avx2_dispatch!(fn quick_gelu_slice(x: &[f32], out: &mut [f32]) = quick_gelu_impl);
+
+/// `slice` over an f32 CPU tensor's values in parallel chunks, into a new tensor of its shape.
+fn map_cpu_f32(xs: &Tensor, slice: fn(&[f32], &mut [f32])) -> candle_core::Result<Tensor> {
+    let out = with_cpu_slice(&xs.contiguous()?, |x| {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(16_384)
+            .zip(x.par_chunks(16_384))
+            .for_each(|(o, x)| slice(x, o));
+        out
+    })?;
+    Tensor::from_vec(out, xs.shape(), &Device::Cpu)
+}
+
 /// candle's `gelu` (the tanh approximation) — vectorised for f32 on the CPU, one fused pass on
 /// CUDA.
 pub fn gelu_tanh(xs: &Tensor) -> candle_core::Result<Tensor> {
@@ -51,14 +91,25 @@ pub fn gelu_tanh(xs: &Tensor) -> candle_core::Result<Tensor> {
     if !is_cpu_f32(xs) {
         return xs.gelu();
     }
-    let out = with_cpu_slice(&xs.contiguous()?, |x| {
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16_384)
-            .zip(x.par_chunks(16_384))
-            .for_each(|(o, x)| gelu_tanh_slice(x, o));
-        out
-    })?;
-    Tensor::from_vec(out, xs.shape(), &Device::Cpu)
+    map_cpu_f32(xs, gelu_tanh_slice)
+}
+
+/// candle's `gelu_erf` (OpenCLIP-G's MLP), where candle calls a scalar `erf` per element:
+/// vectorised for f32 on the CPU.
+pub fn gelu_erf(xs: &Tensor) -> candle_core::Result<Tensor> {
+    if !is_cpu_f32(xs) {
+        return xs.gelu_erf();
+    }
+    map_cpu_f32(xs, gelu_erf_slice)
+}
+
+/// `x · sigmoid(1.702 x)` (CLIP-L's MLP), in one vectorised pass for f32 on the CPU where
+/// candle takes three.
+pub fn quick_gelu(xs: &Tensor) -> candle_core::Result<Tensor> {
+    if !is_cpu_f32(xs) {
+        return xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?;
+    }
+    map_cpu_f32(xs, quick_gelu_slice)
 }
 
 #[inline(always)]
@@ -108,6 +159,18 @@ mod tests {
         let x = (Tensor::randn(0f32, 1., (3, 1000), &dev).unwrap() * 6.0).unwrap();
         let diff = super::super::max_abs_diff(&gelu_tanh(&x).unwrap(), &x.gelu().unwrap());
         assert!(diff < 2e-6, "{diff}");
+    }
+
+    /// CLIP's two activations against candle's ops, across both tails.
+    #[test]
+    fn matches_candles_gelu_erf_and_quick_gelu() {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1., (3, 1000), &dev).unwrap() * 8.0).unwrap();
+        let diff = super::super::max_abs_diff(&gelu_erf(&x).unwrap(), &x.gelu_erf().unwrap());
+        assert!(diff < 2e-6, "gelu_erf: {diff}");
+        let expected = (&x * candle_nn::ops::sigmoid(&(&x * 1.702).unwrap()).unwrap()).unwrap();
+        let diff = super::super::max_abs_diff(&quick_gelu(&x).unwrap(), &expected);
+        assert!(diff < 2e-6, "quick_gelu: {diff}");
     }
 
     #[test]
