@@ -165,9 +165,9 @@ pub(crate) fn no_step_left(first: &GenerateParams) -> EngineError {
     )
 }
 
-/// Gives back, when a run ends however it ends (done, failed, cancelled), what the CPU kernels
-/// kept for its next step: this thread's Winograd buffer and the freed blocks kept for reuse —
-/// an idle server holds neither.
+/// Gives back, when a run or a model's load ends however it ends (done, failed, cancelled), what
+/// the CPU kernels kept for their next call: this thread's Winograd buffer and the freed blocks
+/// kept for reuse — an idle server holds neither.
 struct ReleaseScratchAtEnd;
 
 impl Drop for ReleaseScratchAtEnd {
@@ -452,6 +452,8 @@ impl Pipeline {
         options: &LoadOptions,
         random: bool,
     ) -> Result<Self> {
+        // Loading's temporaries (conversions, layouts) are not kept past it either.
+        let _release = ReleaseScratchAtEnd;
         let card = read_card(dir, "")?;
         let mut pipeline = match (card.family, random) {
             (Family::Sd3, _) => Self::Sd3(StableDiffusion3::build(
