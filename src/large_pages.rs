@@ -94,7 +94,7 @@ mod map {
 /// is first written: 14 % of the CPU time of T5's prompt encoding (`perf`, session 13). A miss
 /// unmaps at least its own size of kept blocks before mapping, so the resident set never exceeds
 /// the most that was live at once (kept blocks only fill room a run has already used, and the
-/// run's peak is unchanged); [`release_cached`] gives them all back at the end of a run.
+/// run's peak is unchanged); [`release_cached`] gives them all back at the end of a run or load.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 struct Kept {
     /// (address, mapped length) of each kept block, the first `count` slots.
@@ -167,7 +167,8 @@ fn unmap_kept(address: usize, len: usize) {
     unsafe { libc::munmap(address as *mut libc::c_void, len) };
 }
 
-/// Gives every kept block back to the system (the end of a run: an idle server holds none).
+/// Gives every kept block back to the system (at the end of a run or a load: an idle server holds
+/// none).
 pub fn release_cached() {
     #[cfg(target_os = "linux")]
     kept().drain(unmap_kept);
