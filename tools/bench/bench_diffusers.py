@@ -15,6 +15,7 @@ import importlib
 import json
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,6 @@ def high_water_mark():
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import sys
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 

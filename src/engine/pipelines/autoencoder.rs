@@ -68,8 +68,10 @@ impl Autoencoder {
         }
     }
 
-    /// One decoder pass, whole or tiled.
+    /// One decoder pass, whole or tiled. It starts without the denoiser's convolution buffer
+    /// (CPU: it would sit through the decode, where a run peaks).
     fn run_decoder(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        crate::engine::models::cpu_winograd::release_thread_buffer();
         if self.tiling {
             self.decoder.decode_tiled(z)
         } else {

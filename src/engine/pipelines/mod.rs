@@ -183,9 +183,6 @@ pub(crate) fn split_rows(
     latents: &candle_core::Tensor,
     decode: impl Fn(&GenerateParams, &candle_core::Tensor) -> Result<Vec<GeneratedImage>>,
 ) -> Result<Vec<Generated>> {
-    // The denoiser's convolution buffer is not the VAE's (CPU: it would sit through the decode,
-    // where a run peaks).
-    crate::engine::models::cpu_winograd::release_thread_buffer();
     let mut results = Vec::with_capacity(requests.len());
     let mut row = 0;
     for p in requests {

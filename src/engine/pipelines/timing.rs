@@ -186,8 +186,6 @@ fn time_decode(
     decode: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<(f64, Vec<ProfileRow>)> {
     let z = latents.narrow(0, 0, 1)?;
-    // As a run does (`split_rows`): the decode without the denoiser's convolution buffer.
-    crate::engine::models::cpu_winograd::release_thread_buffer();
     let ms = timed_warm(c"vae decode", sync, || decode(&z))?.1;
     if shape.profiled_forwards == 0 {
         return Ok((ms, Vec::new()));
