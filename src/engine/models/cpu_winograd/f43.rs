@@ -1,0 +1,307 @@
+//! Winograd F(4×4, 3×3) (Lavin & Gray, 2015; interpolation points 0, ±1, ±2, ∞): each 4×4 output
+//! tile from a 6×6 input tile through 36 element-wise products, 2.25 multiplications per output
+//! against F(2×2, 3×3)'s 4 and the direct convolution's 9. Its matrices hold 4, 5, 8 and ⅙, 1⁄24,
+//! so rounding grows with them: within ~1e-6 of the output's scale in f32 on SD's layers, against
+//! F(2×2)'s exact ±1 and ½ (the tests hold both to the direct convolution). Used where a call has
+//! enough tiles that the 2.25× larger transformed weight is small beside the products.
+
+use rayon::prelude::*;
+
+use super::{tile_runs, Geometry, Run};
+use crate::engine::models::cpu_util::SharedOut;
+
+/// Tiles per parallel task: V and M of a chunk (36·(Ci + Co)·TILES floats) about the size
+/// F(2×2)'s 96 tiles of 16 values take.
+const TILES: usize = 64;
+
+/// G (6 × 3): U = G g Gᵀ.
+const G: [[f32; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// `u` (Co, 36, Ci) = G g Gᵀ for each (Co, Ci) pair of `taps` (Co, 9, Ci), output channels in
+/// parallel.
+pub(super) fn transform_weight(taps: &[f32], ci: usize, u: &mut [f32]) {
+    u.par_chunks_mut(36 * ci)
+        .zip(taps.par_chunks(9 * ci))
+        .for_each_init(
+            || vec![0f32; 18 * ci],
+            |t, (u, g)| transform_channel(g, u, t, ci),
+        );
+}
+
+/// One output channel: `g` (9, Ci) → `u` (36, Ci), whole rows of Ci at a time; `t` holds G g
+/// (6 × 3 rows).
+#[inline(always)]
+fn transform_channel_impl(g: &[f32], u: &mut [f32], t: &mut [f32], ci: usize) {
+    // out = Σ coefficient · row, over three rows, element-wise.
+    fn combine(out: &mut [f32], coefficients: [f32; 3], rows: [&[f32]; 3]) {
+        let [a, b, c] = coefficients;
+        for (((out, x), y), z) in out.iter_mut().zip(rows[0]).zip(rows[1]).zip(rows[2]) {
+            *out = a * x + b * y + c * z;
+        }
+    }
+    for (r, coefficients) in G.iter().enumerate() {
+        for c in 0..3 {
+            let tap = |k: usize| &g[(3 * k + c) * ci..][..ci];
+            combine(
+                &mut t[(3 * r + c) * ci..][..ci],
+                *coefficients,
+                [tap(0), tap(1), tap(2)],
+            );
+        }
+    }
+    let t = &*t;
+    for r in 0..6 {
+        let row = |c: usize| &t[(3 * r + c) * ci..][..ci];
+        for (s, coefficients) in G.iter().enumerate() {
+            combine(
+                &mut u[(6 * r + s) * ci..][..ci],
+                *coefficients,
+                [row(0), row(1), row(2)],
+            );
+        }
+    }
+}
+
+avx2_dispatch!(fn transform_channel(g: &[f32], u: &mut [f32], t: &mut [f32], ci: usize) = transform_channel_impl);
+
+/// The zero-padded input (one row/column before, enough after for the last, possibly partial,
+/// tile) with each row split into its four column phases, so that the transform reads every
+/// tile's six columns as contiguous runs: row = [phase 0 | 1 | 2 | 3], each tw + 1 long, phase r
+/// holding padded columns r, r + 4, r + 8, …
+pub(super) fn pad_input(x: &[f32], [b, ci, co, h, w]: [usize; 5]) -> (Vec<f32>, Geometry) {
+    debug_assert_eq!(x.len(), b * ci * h * w);
+    let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+    let quarter = tw + 1;
+    let (ph, pw) = (4 * th + 2, 4 * quarter);
+    let plane = ph * pw;
+    let mut padded = vec![0f32; b * ci * plane];
+    padded
+        .par_chunks_mut(plane)
+        .zip(x.par_chunks(h * w))
+        .for_each(|(dst, src)| {
+            for y in 0..h {
+                let row = &src[y * w..][..w];
+                let dst = &mut dst[(y + 1) * pw..][..pw];
+                // Padded column q = x + 1 sits in phase q % 4 at q / 4: phase r takes the
+                // image's columns 4j + r − 1.
+                for (phase, skip) in [(0usize, 3usize), (1, 0), (2, 1), (3, 2)] {
+                    let first = usize::from(phase == 0);
+                    let dst = &mut dst[phase * quarter + first..][..quarter - first];
+                    for (d, value) in dst.iter_mut().zip(row.iter().skip(skip).step_by(4)) {
+                        *d = *value;
+                    }
+                }
+            }
+        });
+    let tiles_per_image = th * tw;
+    let total = b * tiles_per_image;
+    let per_task = total.div_ceil(rayon::current_num_threads()).clamp(1, TILES);
+    let g = Geometry {
+        points: 36,
+        ci,
+        co,
+        h,
+        w,
+        tw,
+        tiles_per_image,
+        total,
+        pw,
+        plane,
+        per_task,
+    };
+    (padded, g)
+}
+
+/// Tiles transformed side by side: the transforms below work on `[f32; LANES]` rows, which
+/// the compiler turns into vector operations (per-tile scalar code it would not vectorise).
+const LANES: usize = 8;
+type Lanes = [f32; LANES];
+
+/// Bᵀ x, lane by lane, for six values, Bᵀ = [[4,0,−5,0,1,0], [0,−4,−4,1,1,0], [0,4,−4,−1,1,0],
+/// [0,−2,−1,2,1,0], [0,2,−1,−2,1,0], [0,4,0,−5,0,1]].
+#[inline(always)]
+fn bt(d: [Lanes; 6]) -> [Lanes; 6] {
+    let mut out = [[0f32; LANES]; 6];
+    for l in 0..LANES {
+        let (a, b) = (d[4][l] - 4.0 * d[2][l], d[3][l] - 4.0 * d[1][l]);
+        let (c, e) = (d[4][l] - d[2][l], 2.0 * (d[3][l] - d[1][l]));
+        out[0][l] = 4.0 * d[0][l] - 5.0 * d[2][l] + d[4][l];
+        out[1][l] = a + b;
+        out[2][l] = a - b;
+        out[3][l] = c + e;
+        out[4][l] = c - e;
+        out[5][l] = 4.0 * d[1][l] - 5.0 * d[3][l] + d[5][l];
+    }
+    out
+}
+
+/// Aᵀ x, lane by lane, for six values, Aᵀ = [[1,1,1,1,1,0], [0,1,−1,2,−2,0], [0,1,1,4,4,0],
+/// [0,1,−1,8,−8,1]].
+#[inline(always)]
+fn at(m: [Lanes; 6]) -> [Lanes; 4] {
+    let mut out = [[0f32; LANES]; 4];
+    for l in 0..LANES {
+        let (sum12, diff12) = (m[1][l] + m[2][l], m[1][l] - m[2][l]);
+        let (sum34, diff34) = (m[3][l] + m[4][l], m[3][l] - m[4][l]);
+        out[0][l] = m[0][l] + sum12 + sum34;
+        out[1][l] = diff12 + 2.0 * diff34;
+        out[2][l] = sum12 + 4.0 * sum34;
+        out[3][l] = diff12 + 8.0 * diff34 + m[5][l];
+    }
+    out
+}
+
+/// `n` ≤ LANES values from `src` into lanes (the rest zero). Whole groups copy a fixed size, which
+/// compiles to vector moves rather than calls to `memcpy`.
+#[inline(always)]
+fn load(src: &[f32], n: usize) -> Lanes {
+    let mut lanes = [0f32; LANES];
+    if n == LANES {
+        lanes.copy_from_slice(&src[..LANES]);
+    } else {
+        for (lane, value) in lanes.iter_mut().zip(&src[..n]) {
+            *lane = *value;
+        }
+    }
+    lanes
+}
+
+/// The first `n` ≤ LANES lanes into `dst`.
+#[inline(always)]
+fn store(dst: &mut [f32], lanes: &Lanes, n: usize) {
+    if n == LANES {
+        dst[..LANES].copy_from_slice(lanes);
+    } else {
+        for (value, lane) in dst[..n].iter_mut().zip(lanes) {
+            *value = *lane;
+        }
+    }
+}
+
+/// V[k] (Ci × n) = Bᵀ d B for each tile's 6×6 patch d, LANES tiles of a row at a time.
+#[inline(always)]
+fn transform_input_impl(padded: &[f32], v: &mut [f32], first: usize, n: usize, g: Geometry) {
+    let quarter = g.pw / 4;
+    for Run {
+        b: bi,
+        ty,
+        tx0,
+        len,
+        p,
+    } in tile_runs(first, n, g)
+    {
+        for c in 0..g.ci {
+            let base = (bi * g.ci + c) * g.plane + 4 * ty * g.pw + tx0;
+            for i in (0..len).step_by(LANES) {
+                let lanes = LANES.min(len - i);
+                // Column `col` of the patches of tiles i.. (row r): phase col % 4, one tile
+                // further for columns 4 and 5.
+                let column = |r: usize, col: usize| {
+                    let at = base + r * g.pw + (col % 4) * quarter + i + col / 4;
+                    load(&padded[at..], lanes)
+                };
+                // Bᵀ d, column by column; then (Bᵀ d) B, the same along each row. (Loops
+                // rather than `array::from_fn`, whose closures were left as calls.)
+                let mut columns = [[[0f32; LANES]; 6]; 6];
+                for (col, transformed) in columns.iter_mut().enumerate() {
+                    let mut d = [[0f32; LANES]; 6];
+                    for (r, d) in d.iter_mut().enumerate() {
+                        *d = column(r, col);
+                    }
+                    *transformed = bt(d);
+                }
+                for j in 0..6 {
+                    let mut row = [[0f32; LANES]; 6];
+                    for (value, column) in row.iter_mut().zip(&columns) {
+                        *value = column[j];
+                    }
+                    for (k, values) in bt(row).iter().enumerate() {
+                        let at = ((6 * j + k) * g.ci + c) * g.per_task + p + i;
+                        store(&mut v[at..], values, lanes);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The output tiles Aᵀ M A + bias of the output channels `o0..o0 + rows` (M's rows), written
+/// into `out`.
+///
+/// SAFETY: those tiles of those channels must belong to the caller alone; `out` must hold
+/// (B, Co, H, W).
+#[inline(always)]
+unsafe fn transform_output_impl(
+    m: &[f32],
+    bias: &[f32],
+    out: SharedOut,
+    [o0, channels]: [usize; 2],
+    first: usize,
+    n: usize,
+    g: Geometry,
+) {
+    for Run {
+        b: bi,
+        ty,
+        tx0,
+        len,
+        p,
+    } in tile_runs(first, n, g)
+    {
+        let (y0, x0) = (4 * ty, 4 * tx0);
+        // Columns and rows of the run inside the image (the last tiles may be partly outside).
+        let cols = (4 * len).min(g.w - x0);
+        let rows = (g.h - y0).min(4);
+        let mut lines = [[0f32; 4 * TILES]; 4];
+        for row in 0..channels {
+            let o = o0 + row;
+            let add = bias[o];
+            for i in (0..len).step_by(LANES) {
+                let lanes = LANES.min(len - i);
+                let value = |k: usize| load(&m[(k * channels + row) * g.per_task + p + i..], lanes);
+                // s = Aᵀ M (4 × 6), column by column, then s A.
+                let mut columns = [[[0f32; LANES]; 4]; 6];
+                for (col, transformed) in columns.iter_mut().enumerate() {
+                    let mut m = [[0f32; LANES]; 6];
+                    for (r, m) in m.iter_mut().enumerate() {
+                        *m = value(6 * r + col);
+                    }
+                    *transformed = at(m);
+                }
+                for (r, line) in lines.iter_mut().enumerate() {
+                    let mut s = [[0f32; LANES]; 6];
+                    for (value, column) in s.iter_mut().zip(&columns) {
+                        *value = column[r];
+                    }
+                    let y = at(s);
+                    for l in 0..lanes {
+                        for (x, values) in y.iter().enumerate() {
+                            line[4 * (i + l) + x] = values[l] + add;
+                        }
+                    }
+                }
+            }
+            let at_out = ((bi * g.co + o) * g.h + y0) * g.w + x0;
+            for (r, line) in lines.iter().take(rows).enumerate() {
+                // SAFETY: rows y0..y0 + rows of these columns are this run's output, in bounds.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(line.as_ptr(), out.0.add(at_out + r * g.w), cols)
+                };
+            }
+        }
+    }
+}
+
+avx2_dispatch!(pub(super) fn transform_input(padded: &[f32], v: &mut [f32], first: usize, n: usize, g: Geometry) = transform_input_impl);
+
+avx2_dispatch!(
+    /// SAFETY: as [`transform_output_impl`].
+    pub(super) unsafe fn transform_output(m: &[f32], bias: &[f32], out: SharedOut, channels: [usize; 2], first: usize, n: usize, g: Geometry) = transform_output_impl
+);
