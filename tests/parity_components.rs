@@ -413,3 +413,29 @@ fn tiled_vae_encode_matches_diffusers() {
         "the tiles made no difference"
     );
 }
+
+/// The UNet and VAE decoder at sizes where the CPU's 3×3 convolutions run their tile schedule,
+/// F(4×4, 3×3) Winograd, whose rounding is larger than F(2×2)'s (the other stages' inputs are
+/// too small to reach it): held to the same limits as every stage.
+#[test]
+fn unet_and_vae_match_diffusers_on_the_winograd_tile_path() {
+    let p = load_pipeline("sd1-tiny");
+    let t = load_tensors("stages/sd1_tiles.safetensors");
+    let timestep = t["unet_timestep"].to_vec1::<f32>().unwrap()[0];
+    let out = p
+        .unet_forward(&t["unet_sample"], timestep, &t["text_embeddings"])
+        .unwrap();
+    let d = max_abs_diff(&out, &t["unet_out"]);
+    eprintln!("tiles unet: max diff {d} (max abs {})", max_abs(&t["unet_out"]));
+    assert!(
+        d <= 1e-4 * max_abs(&t["unet_out"]).max(1.0),
+        "UNet output differs by {d}"
+    );
+    let decoded = p.vae_decode(&t["vae_latents"]).unwrap();
+    let d = max_abs_diff(&decoded, &t["vae_decoded"]);
+    eprintln!("tiles vae: max diff {d} (max abs {})", max_abs(&t["vae_decoded"]));
+    assert!(
+        d <= 1e-4 * max_abs(&t["vae_decoded"]).max(1.0),
+        "VAE decode differs by {d}"
+    );
+}

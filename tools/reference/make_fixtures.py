@@ -14,6 +14,8 @@ Outputs (all small):
   randn.safetensors     torch.randn draws for several seeds/shapes (+ randn_cases.json)
   schedulers.json       timesteps/sigmas for every sampler/spacing/step count we support
   stages/<model>.safetensors  text embeddings, one UNet forward, one VAE decode
+  stages/sd1_tiles.safetensors  SD1-tiny's UNet and VAE decode at sizes that take the CPU's
+                              F(4×4) Winograd tile schedule (--tiles rewrites only it)
   runs/<name>.safetensors + runs/<name>-<i>.png + runs.json   whole pipeline runs
 """
 import argparse
@@ -871,6 +873,35 @@ def stage_fixtures(name: str, pipe, out_dir: Path):
     )
 
 
+def tile_stage_fixtures(pipe, out_dir: Path):
+    """SD1-tiny's UNet and VAE decoder on inputs large enough that candela's CPU convolutions run
+    their tile schedule, F(4×4, 3×3) Winograd (more than 256 2×2 tiles at a layer with ≥ 32 input
+    channels): the UNet's 32-channel level at 32×24 and its last up block at 64×48 (batch 2), the
+    VAE decoder from 24×20 latents through 48×40 … 192×160. The other stages' inputs are too small
+    for it."""
+    g = torch.Generator().manual_seed(12)
+    ids = pipe.tokenizer(["a red fox in the snow", ""], padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        emb = pipe.text_encoder(ids)[0]
+        sample = torch.randn((2, 4, 64, 48), generator=g)
+        t = torch.tensor([681.0, 681.0])
+        unet_out = pipe.unet(sample, t, encoder_hidden_states=emb).sample
+        latents = torch.randn((1, 4, 24, 20), generator=g)
+        decoded = pipe.vae.decode(latents).sample
+    save_file(
+        {
+            "text_embeddings": emb.contiguous(),
+            "unet_sample": sample.contiguous(),
+            "unet_timestep": t.contiguous(),
+            "unet_out": unet_out.contiguous(),
+            "vae_latents": latents.contiguous(),
+            "vae_decoded": decoded.contiguous(),
+        },
+        out_dir / "sd1_tiles.safetensors",
+    )
+
+
 RUNS = [
     # name, model, sampler, seed, width, height, steps, guidance, n, negative prompt
     ("sd1_euler_cfg", "sd1", "euler", 42, 64, 64, 5, 7.5, 1, "blurry, low quality"),
@@ -992,6 +1023,8 @@ def main():
                     help="(re)build the tiny SDXL refiner and write its image-to-image runs")
     ap.add_argument("--inpaint", action="store_true",
                     help="(re)build the tiny 9-channel inpainting model and write the inpainting runs")
+    ap.add_argument("--tiles", action="store_true",
+                    help="(re)write only stages/sd1_tiles.safetensors, from the committed SD1-tiny model")
     ap.add_argument("--img2img", action="store_true",
                     help="(re)write only the image-to-image runs, from the committed tiny models")
     ap.add_argument("--sdxl", action="store_true",
@@ -1023,6 +1056,11 @@ def main():
             build_inpaint_model(out / "models" / "sd1-inpaint-tiny", seed=4)
         inpaint_run_fixtures(out / "runs")
         print("inpainting fixtures written to", out)
+        return
+    if args.tiles:
+        pipe = StableDiffusionPipeline.from_pretrained(out / "models" / "sd1-tiny", safety_checker=None)
+        tile_stage_fixtures(pipe, out / "stages")
+        print("tile-schedule stage fixtures written to", out / "stages")
         return
     if args.img2img:
         img2img_run_fixtures(out / "runs")
@@ -1061,6 +1099,7 @@ def main():
     scheduler_fixtures(out)
     for name, pipe in pipes.items():
         stage_fixtures(name, pipe, out / "stages")
+    tile_stage_fixtures(pipes["sd1"], out / "stages")
     run_fixtures(pipes, out / "runs")
     (out / "VERSIONS.json").write_text(
         json.dumps(

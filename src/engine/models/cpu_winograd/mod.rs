@@ -1,11 +1,17 @@
-//! Winograd F(2×2, 3×3) for the CPU's 3×3 / stride-1 / padding-1 convolutions at larger image
-//! sizes (Lavin & Gray, 2015): each 2×2 output tile comes from a 4×4 input tile through 16
-//! element-wise products in a transformed domain, so the channel mixing is 16 matrix products of
-//! (Co × Ci)·(Ci × tiles) instead of nine of (Co × Ci)·(Ci × 4·tiles) — 2.25× fewer
-//! multiplications. The weight is held at its own size and transformed at every call (see
-//! [`WinogradWeight`]); the input and output transforms run per chunk of tiles inside each
-//! parallel task, so the transformed tiles stay in cache. F(2,3) has only ±1 and ½ in its
-//! matrices: results match the direct convolution to ~1e-6 relative.
+//! Winograd convolution for the CPU's 3×3 / stride-1 / padding-1 convolutions (Lavin & Gray,
+//! 2015): each output tile comes from a larger input tile through element-wise products in a
+//! transformed domain, so the channel mixing is a few matrix products of (Co × Ci)·(Ci × tiles)
+//! instead of nine of (Co × Ci)·(Ci × pixels). Two tile sizes, by schedule:
+//!
+//! * many tiles (the tile schedule, [`f43`]): F(4×4, 3×3), 36 products per 16 outputs — 4× fewer
+//!   multiplications than the direct convolution — with the whole weight transformed once per
+//!   call into a buffer the thread keeps; rounding within ~1e-5 of the output's scale;
+//! * few tiles (the channel schedule: the UNets' widest layers at 8² and 16²): F(2×2, 3×3), 16
+//!   products per 4 outputs (2.25× fewer), each task transforming a slice of the weight in cache;
+//!   only ±1 and ½ in its matrices, so results match the direct convolution to ~1e-6.
+//!
+//! The weight is held at its own size (see [`WinogradWeight`]); the input and output transforms
+//! run per chunk of tiles inside each parallel task, so the transformed tiles stay in cache.
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -14,7 +20,8 @@ use super::cpu_util::{gemm_f32, with_cpu_slice, SharedOut, Strided};
 
 mod f43;
 
-/// Tiles per parallel task: the transformed input and output of a chunk (16·(Ci + Co)·TILES
+/// Tiles per parallel task in the channel schedule: the transformed input and output of a chunk
+/// (16·(Ci + Co)·TILES
 /// floats) stay within a core's cache for SD's channel counts.
 const TILES: usize = 96;
 
@@ -31,12 +38,12 @@ pub struct WinogradWeight {
 
 thread_local! {
     /// The tile schedule's transformed weight: grown to the widest layer this thread has run
-    /// and reused, so the calls neither allocate nor fault pages in.
+    /// and reused, so most calls neither allocate nor fault pages in.
     static TRANSFORMED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Frees this thread's tile-schedule buffer (the widest transform it has run). Pipelines call
-/// it between a run's phases and at its end: the denoiser's buffer (SD 1.5: 105 MB) would
+/// it between a run's phases and at its end: the denoiser's buffer (SD 1.5 at 512²: 236 MB) would
 /// otherwise sit through the VAE decode, where the run peaks, and through an idle server's
 /// waits. Growing it again costs one allocation per run.
 pub fn release_thread_buffer() {
@@ -97,7 +104,11 @@ impl WinogradWeight {
         let len = 36 * self.co * self.ci;
         TRANSFORMED.with(|buffer| match buffer.try_borrow_mut() {
             Ok(mut buffer) => {
-                if buffer.len() < len {
+                // Grown to the widest layer, but not kept at more than 4× a layer's need: the
+                // VAE decoder's 512-wide transform (38 MB) would otherwise sit through its
+                // 128-wide layers at full size, where the run peaks.
+                if buffer.len() < len || buffer.len() > 4 * len {
+                    *buffer = Vec::new();
                     buffer.resize(len, 0.0);
                 }
                 f43::transform_weight(&self.taps, self.ci, &mut buffer[..len]);
