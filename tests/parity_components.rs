@@ -426,14 +426,20 @@ fn unet_and_vae_match_diffusers_on_the_winograd_tile_path() {
         .unet_forward(&t["unet_sample"], timestep, &t["text_embeddings"])
         .unwrap();
     let d = max_abs_diff(&out, &t["unet_out"]);
-    eprintln!("tiles unet: max diff {d} (max abs {})", max_abs(&t["unet_out"]));
+    eprintln!(
+        "tiles unet: max diff {d} (max abs {})",
+        max_abs(&t["unet_out"])
+    );
     assert!(
         d <= 1e-4 * max_abs(&t["unet_out"]).max(1.0),
         "UNet output differs by {d}"
     );
     let decoded = p.vae_decode(&t["vae_latents"]).unwrap();
     let d = max_abs_diff(&decoded, &t["vae_decoded"]);
-    eprintln!("tiles vae: max diff {d} (max abs {})", max_abs(&t["vae_decoded"]));
+    eprintln!(
+        "tiles vae: max diff {d} (max abs {})",
+        max_abs(&t["vae_decoded"])
+    );
     assert!(
         d <= 1e-4 * max_abs(&t["vae_decoded"]).max(1.0),
         "VAE decode differs by {d}"

@@ -21,8 +21,7 @@ use super::cpu_util::{gemm_f32, with_cpu_slice, SharedOut, Strided};
 mod f43;
 
 /// Tiles per parallel task in the channel schedule: the transformed input and output of a chunk
-/// (16·(Ci + Co)·TILES
-/// floats) stay within a core's cache for SD's channel counts.
+/// (16·(Ci + Co)·TILES floats) stay within a core's cache for SD's channel counts.
 const TILES: usize = 96;
 
 /// A 3×3 weight for Winograd's path, held at its own size, tap-major, and transformed at every
