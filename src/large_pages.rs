@@ -8,8 +8,8 @@
 //! 2-core CI machine SD 1.5's VAE decode went from 10.1–11.0 to 8.7–8.8 s (docs/performance.md).
 //! The same as glibc's `glibc.malloc.hugetlb=1` tunable, which a program cannot set for itself.
 //!
-//! Freed large blocks are kept for the next request of the same size (see [`Kept`]), within the
-//! room the run has already used, so that repeated shapes skip the kernel's zeroing of fresh pages.
+//! Freed large blocks are kept for later requests (see [`Kept`]), within the room the run has
+//! already used, so that their pages skip the kernel's zeroing of fresh ones.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
@@ -89,7 +89,7 @@ mod map {
     }
 }
 
-/// Freed large blocks kept for the next request of the same size. A forward pass allocates the
+/// Freed large blocks kept for later requests (see [`Kept::take`]). A forward pass allocates the
 /// same shapes over and over, and a fresh mapping is zeroed by the kernel page by page where it
 /// is first written: 14 % of the CPU time of T5's prompt encoding (`perf`, session 13). A miss
 /// unmaps at least its own size of kept blocks before mapping, so the resident set never exceeds
