@@ -71,6 +71,30 @@ mod map {
         unsafe { libc::munmap(ptr.cast(), rounded(size)) };
     }
 
+    /// A fresh mapping of `new` bytes on a huge-page boundary whose first `old` bytes are the
+    /// pages of the mapping at `ptr` (moved, not copied), or null (`ptr` untouched). Unlike
+    /// `mremap`'s own move, which puts the block wherever the kernel finds room (often off a
+    /// 2 MiB boundary, splitting its huge pages), the grown block stays aligned.
+    pub unsafe fn grow_aligned(ptr: *mut u8, old: usize, new: usize) -> *mut u8 {
+        // SAFETY: `target` is a fresh mapping of at least `old` bytes; MREMAP_FIXED replaces its
+        // first `old` bytes with `ptr`'s pages and unmaps `ptr`'s range.
+        unsafe {
+            let target = map(new);
+            if target.is_null() {
+                return target;
+            }
+            let old = rounded(old);
+            let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+            let moved = libc::mremap(ptr.cast(), old, old, flags, target.cast::<libc::c_void>());
+            if moved == libc::MAP_FAILED {
+                unmap(target, new);
+                return std::ptr::null_mut();
+            }
+            advise(target, rounded(new));
+            target
+        }
+    }
+
     /// The mapping grown or shrunk in place or moved by the kernel (no copy of the pages).
     pub unsafe fn remap(ptr: *mut u8, old: usize, new: usize) -> *mut u8 {
         let (old, new) = (rounded(old), rounded(new));
@@ -204,7 +228,7 @@ fn unmap_kept(address: usize, len: usize) {
 #[cfg(target_os = "linux")]
 fn grow_kept(address: usize, len: usize, new_len: usize) -> usize {
     // SAFETY: a whole mapping of `len` bytes that was freed and that nothing references.
-    unsafe { map::remap(address as *mut u8, len, new_len) as usize }
+    unsafe { map::grow_aligned(address as *mut u8, len, new_len) as usize }
 }
 
 /// Gives every kept block back to the system (at the end of a run or a load: an idle server holds
@@ -284,21 +308,39 @@ unsafe impl GlobalAlloc for LargePages {
             // SAFETY: forwarded.
             (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
             #[cfg(target_os = "linux")]
-            // SAFETY: made by `map` for `layout`.
-            (true, true) => unsafe { map::remap(ptr, layout.size(), new_size) },
-            // Crossing the threshold: a new block, the contents copied, the old one freed.
-            _ => {
-                // SAFETY: both blocks are live and at least `min` bytes long.
-                unsafe {
-                    let new = self.alloc(new_layout);
-                    if !new.is_null() {
-                        let min = layout.size().min(new_size);
-                        std::ptr::copy_nonoverlapping(ptr, new, min);
-                        self.dealloc(ptr, layout);
-                    }
-                    new
+            // SAFETY: made by `map` for `layout` (or grown from such a block, which may span two
+            // kernel mappings that `mremap` cannot move as one: then a copy, as across the
+            // threshold).
+            (true, true) => unsafe {
+                let moved = map::remap(ptr, layout.size(), new_size);
+                if moved.is_null() {
+                    self.copy_to_new(ptr, layout, new_layout)
+                } else {
+                    moved
                 }
+            },
+            // Crossing the threshold: a new block, the contents copied, the old one freed.
+            // SAFETY: forwarded.
+            _ => unsafe { self.copy_to_new(ptr, layout, new_layout) },
+        }
+    }
+}
+
+impl LargePages {
+    /// A new block for `new_layout` with the contents of `ptr`'s, which is freed; null (and
+    /// `ptr` untouched) when no memory is left.
+    ///
+    /// SAFETY: `ptr` is a live block of this allocator for `layout`.
+    unsafe fn copy_to_new(&self, ptr: *mut u8, layout: Layout, new_layout: Layout) -> *mut u8 {
+        // SAFETY: both blocks are live and at least `min` bytes long.
+        unsafe {
+            let new = self.alloc(new_layout);
+            if !new.is_null() {
+                let min = layout.size().min(new_layout.size());
+                std::ptr::copy_nonoverlapping(ptr, new, min);
+                self.dealloc(ptr, layout);
             }
+            new
         }
     }
 }
@@ -458,6 +500,36 @@ mod tests {
             assert!(kept.keep(0x4000_0000 + (i << 24), 4 << 20));
         }
         assert!(!kept.keep(0x9000_0000, 4 << 20));
+    }
+
+    /// A grown block starts on a huge-page boundary, holds the old pages' contents and zeros
+    /// after them, and grows again through `realloc` (by `mremap` or, where the kernel keeps it
+    /// as two mappings, by a copy) with its contents.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn grown_blocks_stay_aligned_and_keep_their_pages() {
+        let (old, new) = (LARGE + 5 * 4096 + 3, 5 * LARGE + 1);
+        unsafe {
+            let p = map::map(old);
+            for i in 0..old {
+                *p.add(i) = (i % 251) as u8;
+            }
+            let q = map::grow_aligned(p, old, new);
+            assert!(!q.is_null());
+            assert_eq!(q as usize % HUGE_PAGE, 0);
+            let grown = std::slice::from_raw_parts(q, new);
+            assert!(grown[..old]
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i % 251) as u8));
+            assert!(grown[map::rounded(old)..].iter().all(|&b| b == 0));
+            let layout = Layout::from_size_align(new, 64).unwrap();
+            let r = LargePages.realloc(q, layout, 3 * new);
+            assert!(!r.is_null());
+            let again = std::slice::from_raw_parts(r, old);
+            assert!(again.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+            LargePages.dealloc(r, Layout::from_size_align(3 * new, 64).unwrap());
+        }
     }
 
     /// A block freed dirty and handed out again as zeroed memory reads as zeros.
