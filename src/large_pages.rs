@@ -115,10 +115,11 @@ mod map {
 
 /// Freed large blocks kept for later requests (see [`Kept::take`]). A forward pass allocates the
 /// same shapes over and over, and a fresh mapping is zeroed by the kernel page by page where it
-/// is first written: 14 % of the CPU time of T5's prompt encoding (`perf`, session 13). A miss
-/// unmaps at least its own size of kept blocks before mapping, so the resident set never exceeds
-/// the most that was live at once (kept blocks only fill room a run has already used, and the
-/// run's peak is unchanged); [`release_cached`] gives them all back at the end of a run or load.
+/// is first written: 14 % of the CPU time of T5's prompt encoding (`perf`, session 13). A request
+/// never adds resident pages while kept ones are left (a grown block's growth unmaps at least as
+/// much of the others), so the resident set never exceeds the most that was live at once (kept
+/// blocks only fill room a run has already used, and the run's peak is unchanged);
+/// [`release_cached`] gives them all back at the end of a run or load.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 struct Kept {
     /// (address, mapped length) of each kept block, the first `count` slots.
