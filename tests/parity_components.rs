@@ -181,32 +181,41 @@ fn text_encoder_unet_and_vae_match_diffusers() {
             &t["text_embeddings_clip_skip1"],
         );
         assert!(d <= 1e-4, "{stage} clip_skip=1 embeddings differ by {d}");
-
-        let timestep = t["unet_timestep"].to_vec1::<f32>().unwrap()[0];
-        let out = p
-            .unet_forward(&t["unet_sample"], timestep, &t["text_embeddings"])
-            .unwrap();
-        let d = max_abs_diff(&out, &t["unet_out"]);
-        eprintln!(
-            "{stage} unet: max diff {d} (max abs {})",
-            max_abs(&t["unet_out"])
-        );
-        assert!(
-            d <= 1e-4 * max_abs(&t["unet_out"]).max(1.0),
-            "{stage} UNet output differs by {d}"
-        );
-
-        let decoded = p.vae_decode(&t["vae_latents"]).unwrap();
-        let d = max_abs_diff(&decoded, &t["vae_decoded"]);
-        eprintln!(
-            "{stage} vae: max diff {d} (max abs {})",
-            max_abs(&t["vae_decoded"])
-        );
-        assert!(
-            d <= 1e-4 * max_abs(&t["vae_decoded"]).max(1.0),
-            "{stage} VAE decode differs by {d}"
-        );
+        assert_unet_and_vae_match(stage, &p, &t);
     }
+}
+
+/// The stage's UNet forward and VAE decode against diffusers', within 1e-4 of each output's
+/// scale.
+fn assert_unet_and_vae_match(
+    stage: &str,
+    p: &StableDiffusion,
+    t: &std::collections::HashMap<String, Tensor>,
+) {
+    let timestep = t["unet_timestep"].to_vec1::<f32>().unwrap()[0];
+    let out = p
+        .unet_forward(&t["unet_sample"], timestep, &t["text_embeddings"])
+        .unwrap();
+    let d = max_abs_diff(&out, &t["unet_out"]);
+    eprintln!(
+        "{stage} unet: max diff {d} (max abs {})",
+        max_abs(&t["unet_out"])
+    );
+    assert!(
+        d <= 1e-4 * max_abs(&t["unet_out"]).max(1.0),
+        "{stage} UNet output differs by {d}"
+    );
+
+    let decoded = p.vae_decode(&t["vae_latents"]).unwrap();
+    let d = max_abs_diff(&decoded, &t["vae_decoded"]);
+    eprintln!(
+        "{stage} vae: max diff {d} (max abs {})",
+        max_abs(&t["vae_decoded"])
+    );
+    assert!(
+        d <= 1e-4 * max_abs(&t["vae_decoded"]).max(1.0),
+        "{stage} VAE decode differs by {d}"
+    );
 }
 
 /// SDXL's components: both encoders' penultimate states (and with clip_skip), the pooled
@@ -419,29 +428,6 @@ fn tiled_vae_encode_matches_diffusers() {
 /// too small to reach it): held to the same limits as every stage.
 #[test]
 fn unet_and_vae_match_diffusers_on_the_winograd_tile_path() {
-    let p = load_pipeline("sd1-tiny");
     let t = load_tensors("stages/sd1_tiles.safetensors");
-    let timestep = t["unet_timestep"].to_vec1::<f32>().unwrap()[0];
-    let out = p
-        .unet_forward(&t["unet_sample"], timestep, &t["text_embeddings"])
-        .unwrap();
-    let d = max_abs_diff(&out, &t["unet_out"]);
-    eprintln!(
-        "tiles unet: max diff {d} (max abs {})",
-        max_abs(&t["unet_out"])
-    );
-    assert!(
-        d <= 1e-4 * max_abs(&t["unet_out"]).max(1.0),
-        "UNet output differs by {d}"
-    );
-    let decoded = p.vae_decode(&t["vae_latents"]).unwrap();
-    let d = max_abs_diff(&decoded, &t["vae_decoded"]);
-    eprintln!(
-        "tiles vae: max diff {d} (max abs {})",
-        max_abs(&t["vae_decoded"])
-    );
-    assert!(
-        d <= 1e-4 * max_abs(&t["vae_decoded"]).max(1.0),
-        "VAE decode differs by {d}"
-    );
+    assert_unet_and_vae_match("sd1 tiles", &load_pipeline("sd1-tiny"), &t);
 }
