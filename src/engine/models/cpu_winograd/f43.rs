@@ -14,7 +14,7 @@ use crate::engine::models::cpu_util::SharedOut;
 /// Tiles per parallel task (V and M of a chunk: 36·(Ci + Co)·TILES floats). 64 splits SD 1.5's
 /// 32² layers at batch 2 (128 tiles) evenly over two threads: 1 280→1 280 there took 0.58× of
 /// F(2×2)'s time at 64 tiles a task against 0.68–0.72× at 48 (three tasks on two cores).
-const TILES: usize = 64;
+pub(super) const TILES: usize = 64;
 
 /// G (6 × 3): U = G g Gᵀ.
 const G: [[f32; 3]; 6] = [
@@ -72,54 +72,6 @@ fn transform_channel_impl(g: &[f32], u: &mut [f32], t: &mut [f32], ci: usize) {
 }
 
 avx2_dispatch!(fn transform_channel(g: &[f32], u: &mut [f32], t: &mut [f32], ci: usize) = transform_channel_impl);
-
-/// The zero-padded input (one row/column before, enough after for the last, possibly partial,
-/// tile) with each row split into its four column phases, so that the transform reads every
-/// tile's six columns as contiguous runs: row = [phase 0 | 1 | 2 | 3], each tw + 1 long, phase r
-/// holding padded columns r, r + 4, r + 8, …
-pub(super) fn pad_input(x: &[f32], [b, ci, co, h, w]: [usize; 5]) -> (Vec<f32>, Geometry) {
-    debug_assert_eq!(x.len(), b * ci * h * w);
-    let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
-    let quarter = tw + 1;
-    let (ph, pw) = (4 * th + 2, 4 * quarter);
-    let plane = ph * pw;
-    let mut padded = vec![0f32; b * ci * plane];
-    padded
-        .par_chunks_mut(plane)
-        .zip(x.par_chunks(h * w))
-        .for_each(|(dst, src)| {
-            for y in 0..h {
-                let row = &src[y * w..][..w];
-                let dst = &mut dst[(y + 1) * pw..][..pw];
-                // Padded column q = x + 1 sits in phase q % 4 at q / 4: phase r takes the
-                // image's columns 4j + r − 1.
-                for (phase, skip) in [(0usize, 3usize), (1, 0), (2, 1), (3, 2)] {
-                    let first = usize::from(phase == 0);
-                    let dst = &mut dst[phase * quarter + first..][..quarter - first];
-                    for (d, value) in dst.iter_mut().zip(row.iter().skip(skip).step_by(4)) {
-                        *d = *value;
-                    }
-                }
-            }
-        });
-    let tiles_per_image = th * tw;
-    let total = b * tiles_per_image;
-    let per_task = total.div_ceil(rayon::current_num_threads()).clamp(1, TILES);
-    let g = Geometry {
-        points: 36,
-        ci,
-        co,
-        h,
-        w,
-        tw,
-        tiles_per_image,
-        total,
-        pw,
-        plane,
-        per_task,
-    };
-    (padded, g)
-}
 
 /// Tiles transformed side by side: the transforms below work on `[f32; LANES]` rows, which
 /// the compiler turns into vector operations (per-tile scalar code it would not vectorise).
@@ -191,14 +143,14 @@ fn store(dst: &mut [f32], lanes: &Lanes, n: usize) {
 #[inline(always)]
 fn transform_input_impl(padded: &[f32], v: &mut [f32], first: usize, n: usize, g: Geometry) {
     let quarter = g.pw / 4;
-    for Run {
-        b: bi,
-        ty,
-        tx0,
-        len,
-        p,
-    } in tile_runs(first, n, g)
-    {
+    for run in tile_runs(first, n, g) {
+        let Run {
+            b: bi,
+            ty,
+            tx0,
+            len,
+            p,
+        } = run;
         for c in 0..g.ci {
             let base = (bi * g.ci + c) * g.plane + 4 * ty * g.pw + tx0;
             for i in (0..len).step_by(LANES) {
@@ -206,8 +158,8 @@ fn transform_input_impl(padded: &[f32], v: &mut [f32], first: usize, n: usize, g
                 // Column `col` of the patches of tiles i.. (row r): phase col % 4, one tile
                 // further for columns 4 and 5.
                 let column = |r: usize, col: usize| {
-                    let at = base + r * g.pw + (col % 4) * quarter + i + col / 4;
-                    load(&padded[at..], lanes)
+                    let start = base + r * g.pw + (col % 4) * quarter + i + col / 4;
+                    load(&padded[start..], lanes)
                 };
                 // Bᵀ d, column by column; then (Bᵀ d) B, the same along each row. (Loops
                 // rather than `array::from_fn`, whose closures were left as calls.)
@@ -225,8 +177,8 @@ fn transform_input_impl(padded: &[f32], v: &mut [f32], first: usize, n: usize, g
                         *value = column[j];
                     }
                     for (k, values) in bt(row).iter().enumerate() {
-                        let at = ((6 * j + k) * g.ci + c) * g.per_task + p + i;
-                        store(&mut v[at..], values, lanes);
+                        let start = ((6 * j + k) * g.ci + c) * g.per_task + p + i;
+                        store(&mut v[start..], values, lanes);
                     }
                 }
             }
@@ -249,14 +201,14 @@ unsafe fn transform_output_impl(
     n: usize,
     g: Geometry,
 ) {
-    for Run {
-        b: bi,
-        ty,
-        tx0,
-        len,
-        p,
-    } in tile_runs(first, n, g)
-    {
+    for run in tile_runs(first, n, g) {
+        let Run {
+            b: bi,
+            ty,
+            tx0,
+            len,
+            p,
+        } = run;
         let (y0, x0) = (4 * ty, 4 * tx0);
         // Columns and rows of the run inside the image (the last tiles may be partly outside).
         let cols = (4 * len).min(g.w - x0);
@@ -271,11 +223,11 @@ unsafe fn transform_output_impl(
                 // s = Aᵀ M (4 × 6), column by column, then s A.
                 let mut columns = [[[0f32; LANES]; 4]; 6];
                 for (col, transformed) in columns.iter_mut().enumerate() {
-                    let mut m = [[0f32; LANES]; 6];
-                    for (r, m) in m.iter_mut().enumerate() {
-                        *m = value(6 * r + col);
+                    let mut column = [[0f32; LANES]; 6];
+                    for (r, entry) in column.iter_mut().enumerate() {
+                        *entry = value(6 * r + col);
                     }
-                    *transformed = at(m);
+                    *transformed = at(column);
                 }
                 for (r, line) in lines.iter_mut().enumerate() {
                     let mut s = [[0f32; LANES]; 6];

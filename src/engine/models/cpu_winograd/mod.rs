@@ -206,10 +206,10 @@ pub fn conv3x3(
         let mut out = vec![0f32; b * co * h * w];
         let sizes = [b, ci, co, h, w];
         if b * h.div_ceil(2) * w.div_ceil(2) > CHANNEL_SCHEDULE_TILES {
-            let (padded, g) = f43::pad_input(x, sizes);
+            let (padded, g) = pad_input(x, sizes, 4, f43::TILES);
             weight.with_transformed(|u| by_tiles(&padded, u, &bias, &mut out, g));
         } else {
-            let (padded, g) = pad_input(x, sizes);
+            let (padded, g) = pad_input(x, sizes, 2, TILES);
             let slice = (CHANNEL_SLICE_FLOATS / (16 * ci)).clamp(8, co.max(8));
             by_channels(&padded, &weight.taps, &bias, &mut out, g, slice)
         }
@@ -252,15 +252,21 @@ const CHANNEL_SCHEDULE_TILES: usize = 256;
 /// 15.4 / 41.2; the weight transformed at load 10.1–12.3 / 39.5–41.5.
 const CHANNEL_SLICE_FLOATS: usize = 1 << 18;
 
-/// The zero-padded input and the sizes of the call, for `[b, ci, co, h, w]`.
-fn pad_input(x: &[f32], [b, ci, co, h, w]: [usize; 5]) -> (Vec<f32>, Geometry) {
+/// The zero-padded input and the sizes of the call, for `[b, ci, co, h, w]`, output tiles of
+/// `tile` × `tile` (2 or 4) and at most `max_per_task` tiles to a parallel task. One row and
+/// column of zeros before the image, enough after for the last, possibly partial, tile; each
+/// padded row split into its `tile` column phases (phase r holds padded columns r, r + tile, …,
+/// each tw + 1 long), so that the transforms read every tile's tile + 2 columns as contiguous runs.
+fn pad_input(
+    x: &[f32],
+    [b, ci, co, h, w]: [usize; 5],
+    tile: usize,
+    max_per_task: usize,
+) -> (Vec<f32>, Geometry) {
     debug_assert_eq!(x.len(), b * ci * h * w);
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    // The zero-padded input (one row/column before, enough after for the last, possibly half,
-    // tile) with each row split into its even and odd padded columns, so that the transform
-    // reads every tile's columns as contiguous runs: row = [even (tw + 1) | odd (tw + 1)].
-    let half = tw + 1;
-    let (ph, pw) = (2 * th + 2, 2 * half);
+    let (th, tw) = (h.div_ceil(tile), w.div_ceil(tile));
+    let phase_len = tw + 1;
+    let (ph, pw) = (tile * th + 2, tile * phase_len);
     let plane = ph * pw;
     let mut padded = vec![0f32; b * ci * plane];
     padded
@@ -269,22 +275,32 @@ fn pad_input(x: &[f32], [b, ci, co, h, w]: [usize; 5]) -> (Vec<f32>, Geometry) {
         .for_each(|(dst, src)| {
             for y in 0..h {
                 let row = &src[y * w..][..w];
-                let (even, odd) = dst[(y + 1) * pw..][..pw].split_at_mut(half);
-                // Padded column 2i holds x[2i − 1], column 2i + 1 holds x[2i].
-                for (i, value) in row.iter().skip(1).step_by(2).enumerate() {
-                    even[i + 1] = *value;
-                }
-                for (i, value) in row.iter().step_by(2).enumerate() {
-                    odd[i] = *value;
+                let dst = &mut dst[(y + 1) * pw..][..pw];
+                // Padded column q = x + 1 sits in phase q % tile at q / tile: phase r takes the
+                // image's columns tile·j + r − 1 (phase 0 from j = 1).
+                for (phase, dst) in dst.chunks_exact_mut(phase_len).enumerate() {
+                    let (first, skip) = if phase == 0 {
+                        (1, tile - 1)
+                    } else {
+                        (0, phase - 1)
+                    };
+                    for (d, value) in dst[first..]
+                        .iter_mut()
+                        .zip(row.iter().skip(skip).step_by(tile))
+                    {
+                        *d = *value;
+                    }
                 }
             }
         });
     let tiles_per_image = th * tw;
     let total = b * tiles_per_image;
     // Small images still spread over every thread.
-    let per_task = total.div_ceil(rayon::current_num_threads()).clamp(1, TILES);
+    let per_task = total
+        .div_ceil(rayon::current_num_threads())
+        .clamp(1, max_per_task);
     let g = Geometry {
-        points: 16,
+        points: (tile + 2) * (tile + 2),
         ci,
         co,
         h,
@@ -329,7 +345,7 @@ unsafe fn mix_channels(u: &[f32], v: &[f32], m: &mut [f32], rows: usize, n: usiz
     }
 }
 
-/// `out` (B, Co, H, W) = the padded input (laid out by [`f43::pad_input`]) ⊛ weight + `bias`
+/// `out` (B, Co, H, W) = the padded input (laid out by [`pad_input`] for 4×4 tiles) ⊛ weight + `bias`
 /// with the weight's F(4×4) matrices `u` (Co, 36, Ci): chunks of tiles in parallel, each through
 /// the whole weight.
 fn by_tiles(padded: &[f32], u: &[f32], bias: &[f32], out: &mut [f32], g: Geometry) {
@@ -440,14 +456,14 @@ fn tile_runs(first: usize, n: usize, g: Geometry) -> impl Iterator<Item = Run> {
 #[inline(always)]
 fn transform_input_impl(padded: &[f32], v: &mut [f32], first: usize, n: usize, g: Geometry) {
     let half = g.pw / 2;
-    for Run {
-        b: bi,
-        ty,
-        tx0,
-        len,
-        p,
-    } in tile_runs(first, n, g)
-    {
+    for run in tile_runs(first, n, g) {
+        let Run {
+            b: bi,
+            ty,
+            tx0,
+            len,
+            p,
+        } = run;
         for c in 0..g.ci {
             let base = (bi * g.ci + c) * g.plane + 2 * ty * g.pw + tx0;
             // Rows of the patch, even and odd columns: tile i reads even[i], odd[i],
@@ -506,14 +522,14 @@ unsafe fn transform_output_impl(
     n: usize,
     g: Geometry,
 ) {
-    for Run {
-        b: bi,
-        ty,
-        tx0,
-        len,
-        p,
-    } in tile_runs(first, n, g)
-    {
+    for run in tile_runs(first, n, g) {
+        let Run {
+            b: bi,
+            ty,
+            tx0,
+            len,
+            p,
+        } = run;
         let (y0, x0) = (2 * ty, 2 * tx0);
         // Columns of the run inside the image (the last tile of an odd width is half outside).
         let cols = (2 * len).min(g.w - x0);
@@ -669,11 +685,11 @@ mod tests {
             Tensor::from_vec(out, (b, co, h, w), &Device::Cpu).unwrap()
         };
         let sliced = run(&|out| {
-            let (padded, g) = pad_input(&x, [b, ci, co, h, w]);
+            let (padded, g) = pad_input(&x, [b, ci, co, h, w], 2, TILES);
             by_channels(&padded, &weight.taps, &bias, out, g, 8)
         });
         let tiled = run(&|out| {
-            let (padded, g) = f43::pad_input(&x, [b, ci, co, h, w]);
+            let (padded, g) = pad_input(&x, [b, ci, co, h, w], 4, f43::TILES);
             weight.with_transformed(|u| by_tiles(&padded, u, &bias, out, g))
         });
         let tiled_limit = F43_TOLERANCE * largest(&expected);
