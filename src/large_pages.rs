@@ -155,18 +155,12 @@ impl Kept {
         mut unmap: impl FnMut(usize, usize),
         grow: impl FnOnce(usize, usize, usize) -> usize,
     ) -> Option<(usize, usize)> {
-        if self.count == 0 {
-            return None;
-        }
         let kept = &self.blocks[..self.count];
         let fitting = (0..self.count)
             .filter(|&i| kept[i].1 >= len)
             .min_by_key(|&i| kept[i].1);
-        let i = fitting.unwrap_or_else(|| {
-            (0..self.count)
-                .max_by_key(|&i| kept[i].1)
-                .unwrap_or_default()
-        });
+        let largest = || (0..self.count).max_by_key(|&i| kept[i].1);
+        let i = fitting.or_else(largest)?;
         let (address, n) = self.blocks[i];
         self.count -= 1;
         self.blocks[i] = self.blocks[self.count];
@@ -176,13 +170,7 @@ impl Kept {
             }
             return Some((address, len));
         }
-        let mut freed = 0;
-        while freed < len - n && self.count > 0 {
-            self.count -= 1;
-            let (other, size) = self.blocks[self.count];
-            unmap(other, size);
-            freed += size;
-        }
+        self.unmap_at_least(len - n, &mut unmap);
         match grow(address, n, len) {
             0 => {
                 unmap(address, n);
@@ -203,10 +191,17 @@ impl Kept {
     }
 
     fn drain(&mut self, mut unmap: impl FnMut(usize, usize)) {
-        while self.count > 0 {
+        self.unmap_at_least(usize::MAX, &mut unmap);
+    }
+
+    /// Kept blocks, the last kept first, to `unmap` until `bytes` or all of them are gone.
+    fn unmap_at_least(&mut self, bytes: usize, unmap: &mut impl FnMut(usize, usize)) {
+        let mut freed = 0;
+        while freed < bytes && self.count > 0 {
             self.count -= 1;
             let (address, n) = self.blocks[self.count];
             unmap(address, n);
+            freed += n;
         }
     }
 }
@@ -222,8 +217,9 @@ fn kept() -> std::sync::MutexGuard<'static, Kept> {
 
 #[cfg(target_os = "linux")]
 fn unmap_kept(address: usize, len: usize) {
-    // SAFETY: a whole mapping of `len` bytes that was freed and that nothing references.
-    unsafe { libc::munmap(address as *mut libc::c_void, len) };
+    // SAFETY: a whole mapping (or a mapping's tail) of `len` bytes that was freed and that
+    // nothing references.
+    unsafe { map::unmap(address as *mut u8, len) };
 }
 
 #[cfg(target_os = "linux")]
