@@ -843,31 +843,44 @@ def scheduler_fixtures(out_dir: Path):
     (out_dir / "schedulers.json").write_text(json.dumps(out))
 
 
+def stage_prompt_ids(pipe):
+    """The stage fixtures' prompt pair (a prompt and the empty negative), padded to 77 tokens."""
+    return pipe.tokenizer(["a red fox in the snow", ""], padding="max_length", max_length=77, truncation=True,
+                          return_tensors="pt").input_ids
+
+
+def unet_and_vae_stage(pipe, emb, seed: int, sample_shape, latents_shape):
+    """One UNet forward on a random sample (timestep 681, `emb` as context) and one VAE decode of
+    random latents, both drawn from `seed` in that order, as the stage tensors the tests read."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sample = torch.randn(sample_shape, generator=g)
+        t = torch.tensor([681.0, 681.0])
+        unet_out = pipe.unet(sample, t, encoder_hidden_states=emb).sample
+        latents = torch.randn(latents_shape, generator=g)
+        decoded = pipe.vae.decode(latents).sample
+    return {
+        "unet_sample": sample.contiguous(),
+        "unet_timestep": t.contiguous(),
+        "unet_out": unet_out.contiguous(),
+        "vae_latents": latents.contiguous(),
+        "vae_decoded": decoded.contiguous(),
+    }
+
+
 def stage_fixtures(name: str, pipe, out_dir: Path):
-    g = torch.Generator().manual_seed(11)
-    tok = pipe.tokenizer
-    prompts = ["a red fox in the snow", ""]
-    ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = stage_prompt_ids(pipe)
     with torch.no_grad():
         emb = pipe.text_encoder(ids)[0]
         hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
         text_model = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)
         clip_skip1 = text_model.final_layer_norm(hidden[-2])
-        sample = torch.randn((2, 4, 9, 6), generator=g)
-        t = torch.tensor([681.0, 681.0])
-        unet_out = pipe.unet(sample, t, encoder_hidden_states=emb).sample
-        latents = torch.randn((1, 4, 7, 5), generator=g)
-        decoded = pipe.vae.decode(latents).sample
     save_file(
         {
             "input_ids": ids.to(torch.int64).contiguous(),
             "text_embeddings": emb.contiguous(),
             "text_embeddings_clip_skip1": clip_skip1.contiguous(),
-            "unet_sample": sample.contiguous(),
-            "unet_timestep": t.contiguous(),
-            "unet_out": unet_out.contiguous(),
-            "vae_latents": latents.contiguous(),
-            "vae_decoded": decoded.contiguous(),
+            **unet_and_vae_stage(pipe, emb, 11, (2, 4, 9, 6), (1, 4, 7, 5)),
         },
         out_dir / f"{name}.safetensors",
     )
@@ -879,25 +892,10 @@ def tile_stage_fixtures(pipe, out_dir: Path):
     channels): the UNet's 32-channel level at 32×24 and its last up block at 64×48 (batch 2), the
     VAE decoder from 24×20 latents through 48×40 … 192×160. The other stages' inputs are too small
     for it."""
-    g = torch.Generator().manual_seed(12)
-    ids = pipe.tokenizer(["a red fox in the snow", ""], padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids
     with torch.no_grad():
-        emb = pipe.text_encoder(ids)[0]
-        sample = torch.randn((2, 4, 64, 48), generator=g)
-        t = torch.tensor([681.0, 681.0])
-        unet_out = pipe.unet(sample, t, encoder_hidden_states=emb).sample
-        latents = torch.randn((1, 4, 24, 20), generator=g)
-        decoded = pipe.vae.decode(latents).sample
+        emb = pipe.text_encoder(stage_prompt_ids(pipe))[0]
     save_file(
-        {
-            "text_embeddings": emb.contiguous(),
-            "unet_sample": sample.contiguous(),
-            "unet_timestep": t.contiguous(),
-            "unet_out": unet_out.contiguous(),
-            "vae_latents": latents.contiguous(),
-            "vae_decoded": decoded.contiguous(),
-        },
+        {"text_embeddings": emb.contiguous(), **unet_and_vae_stage(pipe, emb, 12, (2, 4, 64, 48), (1, 4, 24, 20))},
         out_dir / "sd1_tiles.safetensors",
     )
 

@@ -239,7 +239,7 @@ struct Geometry {
     per_task: usize,
 }
 
-/// At most this many tiles (batch × tiles per image), a call runs output channels in parallel
+/// At most this many 2×2 tiles (batch × tiles per image), a call runs output channels in parallel
 /// rather than tiles: each task transforms a slice of the weight that stays in cache and runs
 /// every tile through it, so the transformed weight never goes through memory — at few tiles
 /// (the UNet's 1 280-wide layers at 8² and 16²) that round trip would cost as much as the
