@@ -92,6 +92,11 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
         (16, 4096, 4096, 40),
         (16, 4096, 77, 40),
         (16, 1024, 1024, 80),
+        // SDXL at 512² (CFG): self- and cross-attention at the 16² and 32² levels.
+        (40, 256, 256, 64),
+        (40, 256, 77, 64),
+        (20, 1024, 1024, 64),
+        (20, 1024, 77, 64),
         // SD3.5 Medium at 512² (CFG): joint attention over 1024 + 333 tokens, the image-only
         // second attention; the VAE's single 512-wide head at 512².
         (48, 1357, 1357, 64),

@@ -24,12 +24,12 @@ pub fn scaled_dot_product(
         if mask.is_none() && crate::engine::cuda::attention::supports(q, k, v) {
             return crate::engine::cuda::attention::attention(q, k, v, scale as f32);
         }
-        let [q, k, v] = [q, k, v].map(|t| t.contiguous());
-        let (q, k, v) = (q?, k?, v?);
-        if mask.is_none() && super::cpu_util::is_cpu_f32(&q) {
-            return super::cpu_attention::attention(&q, &k, &v, scale as f32);
+        // Fused on the CPU in f32, reading views with contiguous rows in place too.
+        if mask.is_none() && super::cpu_util::is_cpu_f32(q) {
+            return super::cpu_attention::attention(q, k, v, scale as f32);
         }
-        unfused(&q, &k, &v, mask, upcast)
+        let [q, k, v] = [q, k, v].map(|t| t.contiguous());
+        unfused(&q?, &k?, &v?, mask, upcast)
     })
 }
 
@@ -169,8 +169,8 @@ impl Attention {
             let v = self.to_v.forward(context)?;
             let inner = q.dim(2)?;
             let head_dim = inner / self.heads;
-            // Heads-first views of the projections (the fused CUDA kernel reads them in place;
-            // the other paths copy them).
+            // Heads-first views of the projections (the fused CUDA and CPU kernels read them in
+            // place; the unfused path copies them).
             let split = |t: Tensor| -> candle_core::Result<Tensor> {
                 let m = t.dim(1)?;
                 t.reshape((b, m, self.heads, head_dim))?.transpose(1, 2)

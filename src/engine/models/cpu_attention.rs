@@ -5,11 +5,24 @@
 
 use candle_core::{Device, Tensor};
 
-use super::cpu_util::{exp_nonpositive, gemm_f32, with_cpu_slice, Strided};
+use super::cpu_util::{exp_nonpositive, gemm_f32, with_cpu_rows, SharedOut, Strided};
 use rayon::prelude::*;
 
 /// Queries per block: 128 rows of scores (2 MiB at 4096 tokens) stay in the outer caches.
 const BLOCK: usize = 128;
+
+/// Queries per block for a head of `m` keys and values of widths `d` and `dv`. Every block
+/// re-reads (and the `gemm` crate re-packs) the head's k and v; past the caches (the VAE's
+/// 512-wide head: 16 MiB at 4096 tokens) that traffic costs as much as the products, so the
+/// blocks grow, up to 8 MiB of scores a thread (4× [`BLOCK`] there: 1.25× faster).
+fn block_rows(m: usize, d: usize, dv: usize) -> usize {
+    const KV_IN_CACHE: usize = 4 << 20;
+    const MAX_SCORES: usize = 8 << 20;
+    if m * (d + dv) * 4 <= KV_IN_CACHE {
+        return BLOCK;
+    }
+    (MAX_SCORES / (m * 4)).clamp(BLOCK, 4 * BLOCK)
+}
 
 /// Each row of `scores` (rows of `width`) becomes `exp(x − max)`; its sum goes to `sums`. Sums
 /// and maxima run in 16 lanes so the compiler can vectorise them.
@@ -47,76 +60,72 @@ fn softmax_rows_impl(scores: &mut [f32], width: usize, sums: &mut [f32]) {
 
 avx2_dispatch!(fn softmax_rows(scores: &mut [f32], width: usize, sums: &mut [f32]) = softmax_rows_impl);
 
-/// One head: `out` (n × dv) = softmax(q (n × d) · k (m × d)ᵀ · scale) · v (m × dv).
-fn attend_head(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape: [usize; 4], scale: f32) {
-    let [n, m, d, dv] = shape;
-    debug_assert_eq!(q.len(), n * d);
-    out.par_chunks_mut(BLOCK * dv)
-        .enumerate()
-        // Score buffers reused across a thread's blocks (no page faults per block).
-        .for_each_init(
-            || (vec![0f32; BLOCK * m], vec![0f32; BLOCK]),
-            |(scores, sums), (block, out_block)| {
-                let rows = out_block.len() / dv;
-                let q_block = &q[block * BLOCK * d..];
-                let scores = &mut scores[..rows * m];
-                let sums = &mut sums[..rows];
-                // SAFETY: every pointer/stride pair below stays inside its slice: scores is rows × m
-                // (row-major), q_block holds ≥ rows × d values, k is m × d (read transposed), v is
-                // m × dv and out_block rows × dv.
-                unsafe {
-                    gemm_f32(
-                        [rows, m, d],
-                        scores.as_mut_ptr(),
-                        m as isize,
-                        false,
-                        Strided {
-                            ptr: q_block.as_ptr(),
-                            row: d as isize,
-                            col: 1,
-                        },
-                        Strided {
-                            ptr: k.as_ptr(),
-                            row: 1,
-                            col: d as isize,
-                        },
-                        scale,
-                    );
-                }
-                softmax_rows(scores, m, sums);
-                unsafe {
-                    gemm_f32(
-                        [rows, dv, m],
-                        out_block.as_mut_ptr(),
-                        dv as isize,
-                        false,
-                        Strided {
-                            ptr: scores.as_ptr(),
-                            row: m as isize,
-                            col: 1,
-                        },
-                        Strided {
-                            ptr: v.as_ptr(),
-                            row: dv as isize,
-                            col: 1,
-                        },
-                        1.0,
-                    );
-                }
-                for (row, sum) in out_block.chunks_mut(dv).zip(sums.iter()) {
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                }
-            },
-        );
+/// Where an operand's rows are: element (batch, head, row, i) at
+/// `batch·strides[0] + head·strides[1] + row·strides[2] + i` of `data`.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    strides: [usize; 3],
 }
 
-/// softmax(q kᵀ · scale) v over (batch, heads, tokens, head_dim) f32 CPU tensors.
+impl Rows<'_> {
+    fn at(&self, batch: usize, head: usize, row: usize) -> *const f32 {
+        let [b, h, r] = self.strides;
+        self.data[batch * b + head * h + row * r..].as_ptr()
+    }
+}
+
+/// One block of queries of one head: `out` (rows × dv, `out_row` apart) =
+/// softmax(q (rows × d) · k (m × d)ᵀ · scale) · v (m × dv), with q, k and v rows `row` apart.
+///
+/// SAFETY: each operand's rows, at its stride, lie inside its buffer, and `scores`/`sums` hold
+/// rows × m and rows values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_block(
+    [q, k, v]: [Strided; 3],
+    out: *mut f32,
+    out_row: usize,
+    [rows, m, d, dv]: [usize; 4],
+    scale: f32,
+    scores: &mut [f32],
+    sums: &mut [f32],
+) {
+    // SAFETY: forwarded from the caller; scores is rows × m, row-major.
+    unsafe {
+        gemm_f32(
+            [rows, m, d],
+            scores.as_mut_ptr(),
+            m as isize,
+            false,
+            q,
+            k,
+            scale,
+        );
+        softmax_rows(scores, m, sums);
+        let probs = Strided {
+            ptr: scores.as_ptr(),
+            row: m as isize,
+            col: 1,
+        };
+        gemm_f32([rows, dv, m], out, out_row as isize, false, probs, v, 1.0);
+        for (r, sum) in sums.iter().enumerate() {
+            let inv = 1.0 / sum;
+            std::slice::from_raw_parts_mut(out.add(r * out_row), dv)
+                .iter_mut()
+                .for_each(|x| *x *= inv);
+        }
+    }
+}
+
+/// softmax(q kᵀ · scale) v over (batch, heads, tokens, head_dim) f32 CPU tensors. Views whose
+/// rows are contiguous (a projection's token-major output seen heads-first) are read in place;
+/// the output is written token-major and returned seen heads-first, so that merging the heads
+/// back into a width is free.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
     let (b, h, n, d) = q.dims4()?;
     let (_, _, m, dk) = k.dims4()?;
     let (_, _, mv, dv) = v.dims4()?;
-    if dk != d || mv != m || k.dim(0)? != b || v.dim(1)? != h {
+    if dk != d || mv != m || k.dims()[..2] != [b, h] || v.dims()[..2] != [b, h] {
         candle_core::bail!(
             "attention shapes do not match: q {:?}, k {:?}, v {:?}",
             q.dims(),
@@ -127,27 +136,77 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
     if m == 0 || dv == 0 {
         candle_core::bail!("attention over no keys or values");
     }
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let mut out = vec![0f32; b * h * n * dv];
-    with_cpu_slice(&q, |q| {
-        with_cpu_slice(&k, |k| {
-            with_cpu_slice(&v, |v| {
-                out.par_chunks_mut(n * dv)
-                    .enumerate()
-                    .for_each(|(head, out_head)| {
-                        attend_head(
-                            &q[head * n * d..(head + 1) * n * d],
-                            &k[head * m * d..(head + 1) * m * d],
-                            &v[head * m * dv..(head + 1) * m * dv],
-                            out_head,
-                            [n, m, d, dv],
-                            scale,
-                        )
-                    })
+    let rows_in_place = |t: &Tensor| match t.stride().last() {
+        Some(1) => Ok(t.clone()),
+        _ => t.contiguous(),
+    };
+    let (q, k, v) = (rows_in_place(q)?, rows_in_place(k)?, rows_in_place(v)?);
+    let mut out = vec![0f32; b * n * h * dv];
+    let out_at = SharedOut(out.as_mut_ptr());
+    let block_rows = block_rows(m, d, dv);
+    let blocks = n.div_ceil(block_rows);
+    with_cpu_rows(&q, |q_data, q_strides| {
+        with_cpu_rows(&k, |k_data, k_strides| {
+            with_cpu_rows(&v, |v_data, v_strides| {
+                let q = Rows {
+                    data: q_data,
+                    strides: q_strides,
+                };
+                let k = Rows {
+                    data: k_data,
+                    strides: k_strides,
+                };
+                let v = Rows {
+                    data: v_data,
+                    strides: v_strides,
+                };
+                // Blocks in head order, so that a thread's consecutive blocks share k and v.
+                (0..b * h * blocks).into_par_iter().for_each_init(
+                    // Score buffers reused across a thread's blocks (no page faults per block).
+                    || (vec![0f32; block_rows * m], vec![0f32; block_rows]),
+                    |(scores, sums), task| {
+                        let (batch, head, block) =
+                            (task / (h * blocks), task / blocks % h, task % blocks);
+                        let first = block * block_rows;
+                        let rows = block_rows.min(n - first);
+                        let operands = [
+                            Strided {
+                                ptr: q.at(batch, head, first),
+                                row: q.strides[2] as isize,
+                                col: 1,
+                            },
+                            // kᵀ: k's rows are its columns.
+                            Strided {
+                                ptr: k.at(batch, head, 0),
+                                row: 1,
+                                col: k.strides[2] as isize,
+                            },
+                            Strided {
+                                ptr: v.at(batch, head, 0),
+                                row: v.strides[2] as isize,
+                                col: 1,
+                            },
+                        ];
+                        // SAFETY: `with_cpu_rows` checked every operand's extent; the output
+                        // block (rows × dv at stride h·dv from its first element) lies inside
+                        // `out`, and no two tasks write the same (batch, token, head).
+                        unsafe {
+                            attend_block(
+                                operands,
+                                out_at.at(((batch * n + first) * h + head) * dv),
+                                h * dv,
+                                [rows, m, d, dv],
+                                scale,
+                                &mut scores[..rows * m],
+                                &mut sums[..rows],
+                            )
+                        }
+                    },
+                )
             })
         })
     })???;
-    Tensor::from_vec(out, (b, h, n, dv), &Device::Cpu)
+    Tensor::from_vec(out, (b, n, h, dv), &Device::Cpu)?.transpose(1, 2)
 }
 
 #[cfg(test)]
@@ -181,6 +240,42 @@ mod tests {
             let diff = super::super::max_abs_diff(&ours, &expected);
             assert!(diff < 2e-6, "{b}x{h}x{n}x{m}x{d}x{dv}: {diff}");
         }
+        // Projections' token-major outputs seen heads-first, read in place: batch 2 (the
+        // batch stride in play), a partial block, cross-attention keys and values of another
+        // width. The output is token-major, so merging its heads needs no copy.
+        let (b, h, n, m, d, dv) = (2, 3, 150, 77, 16, 24);
+        let heads_first = |t: usize, w: usize| {
+            Tensor::randn(0f32, 1., (b, t, h * w), &dev)
+                .and_then(|x| x.reshape((b, t, h, w))?.transpose(1, 2))
+                .unwrap()
+        };
+        let (q, k, v) = (heads_first(n, d), heads_first(m, d), heads_first(m, dv));
+        assert!(!q.is_contiguous());
+        let scale = 0.25;
+        let ours = attention(&q, &k, &v, scale as f32).unwrap();
+        let expected = reference(
+            &q.contiguous().unwrap(),
+            &k.contiguous().unwrap(),
+            &v.contiguous().unwrap(),
+            scale,
+        );
+        let diff = super::super::max_abs_diff(&ours, &expected);
+        assert!(diff < 2e-6, "views: {diff}");
+        assert!(ours.transpose(1, 2).unwrap().is_contiguous());
+        // A view whose rows are not contiguous (head_dim strided) is copied first.
+        let strided_rows = q
+            .transpose(2, 3)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        assert_ne!(strided_rows.stride()[3], 1);
+        let diff = super::super::max_abs_diff(
+            &attention(&strided_rows, &k, &v, scale as f32).unwrap(),
+            &expected,
+        );
+        assert!(diff < 2e-6, "strided rows: {diff}");
         // The exponential itself, across the softmax range.
         for i in 0..=8800 {
             let x = -(i as f32) * 0.01;

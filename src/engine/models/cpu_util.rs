@@ -54,6 +54,27 @@ pub(crate) fn with_cpu_strided<R>(
     })
 }
 
+/// A 4-D CPU f32 view whose last dimension is contiguous — (batch, heads, rows, width), say a
+/// projection's token-major output seen heads-first — from its first element, with the strides
+/// of its first three dimensions, without copying; the strided extent is checked to lie inside
+/// the buffer.
+pub(crate) fn with_cpu_rows<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32], [usize; 3]) -> R,
+) -> candle_core::Result<R> {
+    with_cpu_data(t, |data, layout| {
+        let (dims, stride) = (layout.dims(), layout.stride());
+        let ([d0, d1, d2, d3], [s0, s1, s2, 1]) = (dims, stride) else {
+            candle_core::bail!("a 4-D view with contiguous rows, not {dims:?} strided {stride:?}");
+        };
+        let extent = || (d0 - 1) * s0 + (d1 - 1) * s1 + (d2 - 1) * s2 + d3;
+        if t.elem_count() > 0 && extent() > data.len() {
+            candle_core::bail!("a {dims:?} view reaches past its buffer");
+        }
+        Ok(f(data, [*s0, *s1, *s2]))
+    })
+}
+
 /// A kernel's bias as f32 values, one per output channel (zeros without one).
 pub(crate) fn bias_values(bias: Option<&Tensor>, channels: usize) -> candle_core::Result<Vec<f32>> {
     let Some(bias) = bias else {
