@@ -73,6 +73,50 @@ impl Rows<'_> {
         let [b, h, r] = self.strides;
         self.data[batch * b + head * h + row * r..].as_ptr()
     }
+
+    /// Rows `first..first + count` (of `width` values) of one head as a row-major operand: in
+    /// place where they are adjacent, else copied into `staging` (unless it holds them already).
+    /// Rows far apart — a projection's token-major output seen heads-first, 12 KiB apart at
+    /// SD3.5's 24 heads × 2 — made the `gemm` crate's packing 1.4× slower over the whole
+    /// attention (cache sets and pages: each row its own).
+    fn operand(
+        &self,
+        [batch, head, first, count]: [usize; 4],
+        width: usize,
+        staging: &mut Staged,
+    ) -> Strided {
+        let row = self.strides[2];
+        if row == width || count == 1 {
+            return Strided {
+                ptr: self.at(batch, head, first),
+                row: row as isize,
+                col: 1,
+            };
+        }
+        let key = [batch, head, first, count];
+        if staging.holds != Some(key) {
+            staging.values.clear();
+            let start = batch * self.strides[0] + head * self.strides[1];
+            for r in first..first + count {
+                staging
+                    .values
+                    .extend_from_slice(&self.data[start + r * row..][..width]);
+            }
+            staging.holds = Some(key);
+        }
+        Strided {
+            ptr: staging.values.as_ptr(),
+            row: width as isize,
+            col: 1,
+        }
+    }
+}
+
+/// A thread's copy of some rows of one head (see [`Rows::operand`]).
+#[derive(Default)]
+struct Staged {
+    holds: Option<[usize; 4]>,
+    values: Vec<f32>,
 }
 
 /// One block of queries of one head: `out` (rows × dv, `out_row` apart) =
@@ -163,36 +207,30 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
                 // Blocks in head order, so that a thread's consecutive blocks share k and v.
                 (0..b * h * blocks).into_par_iter().for_each_init(
                     // Score buffers reused across a thread's blocks (no page faults per block).
-                    || (vec![0f32; block_rows * m], vec![0f32; block_rows]),
-                    |(scores, sums), task| {
+                    || {
+                        let staging = <[Staged; 3]>::default();
+                        (vec![0f32; block_rows * m], vec![0f32; block_rows], staging)
+                    },
+                    |(scores, sums, [q_staged, k_staged, v_staged]), task| {
                         let (batch, head, block) =
                             (task / (h * blocks), task / blocks % h, task % blocks);
                         let first = block * block_rows;
                         let rows = block_rows.min(n - first);
-                        let operands = [
-                            Strided {
-                                ptr: q.at(batch, head, first),
-                                row: q.strides[2] as isize,
-                                col: 1,
-                            },
-                            // kᵀ: k's rows are its columns.
-                            Strided {
-                                ptr: k.at(batch, head, 0),
-                                row: 1,
-                                col: k.strides[2] as isize,
-                            },
-                            Strided {
-                                ptr: v.at(batch, head, 0),
-                                row: v.strides[2] as isize,
-                                col: 1,
-                            },
-                        ];
+                        let q = q.operand([batch, head, first, rows], d, q_staged);
+                        let k = k.operand([batch, head, 0, m], d, k_staged);
+                        let v = v.operand([batch, head, 0, m], dv, v_staged);
+                        // kᵀ: k's rows are its columns.
+                        let k = Strided {
+                            ptr: k.ptr,
+                            row: 1,
+                            col: k.row,
+                        };
                         // SAFETY: `with_cpu_rows` checked every operand's extent; the output
                         // block (rows × dv at stride h·dv from its first element) lies inside
                         // `out`, and no two tasks write the same (batch, token, head).
                         unsafe {
                             attend_block(
-                                operands,
+                                [q, k, v],
                                 out_at.at(((batch * n + first) * h + head) * dv),
                                 h * dv,
                                 [rows, m, d, dv],
