@@ -40,7 +40,7 @@ fn gelu_tanh_impl(x: &[f32], out: &mut [f32]) {
     }
 }
 
-avx2_dispatch!(fn gelu_tanh_slice(x: &[f32], out: &mut [f32]) = gelu_tanh_impl);
+avx512_dispatch!(fn gelu_tanh_slice(x: &[f32], out: &mut [f32]) = gelu_tanh_impl);
 
 /// The exact GELU, `x · ½(1 + erf(x/√2))`.
 #[inline(always)]
@@ -50,7 +50,7 @@ fn gelu_erf_impl(x: &[f32], out: &mut [f32]) {
     }
 }
 
-avx2_dispatch!(fn gelu_erf_slice(x: &[f32], out: &mut [f32]) = gelu_erf_impl);
+avx512_dispatch!(fn gelu_erf_slice(x: &[f32], out: &mut [f32]) = gelu_erf_impl);
 
 /// CLIP's `quick_gelu`, `x · σ(1.702 x)`, σ from the exponential of −|z| (never overflows).
 #[inline(always)]
@@ -67,7 +67,7 @@ fn quick_gelu_impl(x: &[f32], out: &mut [f32]) {
     }
 }
 
-avx2_dispatch!(fn quick_gelu_slice(x: &[f32], out: &mut [f32]) = quick_gelu_impl);
+avx512_dispatch!(fn quick_gelu_slice(x: &[f32], out: &mut [f32]) = quick_gelu_impl);
 
 /// `slice` over an f32 CPU tensor's values in parallel chunks, into a new tensor of its shape.
 fn map_cpu_f32(xs: &Tensor, slice: fn(&[f32], &mut [f32])) -> candle_core::Result<Tensor> {
@@ -122,7 +122,7 @@ fn geglu_rows_impl(h: &[f32], out: &mut [f32], width: usize) {
     }
 }
 
-avx2_dispatch!(fn geglu_rows(h: &[f32], out: &mut [f32], width: usize) = geglu_rows_impl);
+avx512_dispatch!(fn geglu_rows(h: &[f32], out: &mut [f32], width: usize) = geglu_rows_impl);
 
 /// `h` (…, 2F) f32 on the CPU → `h[..., :F] · gelu_erf(h[..., F:])` (…, F).
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {

@@ -58,7 +58,7 @@ fn softmax_rows_impl(scores: &mut [f32], width: usize, sums: &mut [f32]) {
     }
 }
 
-avx2_dispatch!(fn softmax_rows(scores: &mut [f32], width: usize, sums: &mut [f32]) = softmax_rows_impl);
+avx512_dispatch!(fn softmax_rows(scores: &mut [f32], width: usize, sums: &mut [f32]) = softmax_rows_impl);
 
 /// Where an operand's rows are: element (batch, head, row, i) at
 /// `batch·strides[0] + head·strides[1] + row·strides[2] + i` of `data`.

@@ -75,7 +75,7 @@ fn normalise_group(
     }
 }
 
-avx2_dispatch!(fn normalise_group_fast(
+avx512_dispatch!(fn normalise_group_fast(
     x: &[f32],
     out: &mut [f32],
     weight: &[f32],

@@ -42,6 +42,31 @@ macro_rules! avx2_dispatch {
     };
 }
 
+/// `fn $name(args) = $imp`: calls `$imp` compiled with AVX-512 when the CPU has it (16 lanes:
+/// softmax's exponential 1.1× faster, GroupNorm+SiLU and the tanh GELU 1.3–2× on a Zen 4),
+/// else as [`avx2_dispatch`] does. Not for the Winograd transforms: their `[f32; 8]` lanes ran
+/// 5–30 % slower compiled so.
+macro_rules! avx512_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $imp:ident) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $imp($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+            }
+            avx2_dispatch!(fn avx2_or_plain($($arg: $ty),*) = $imp);
+            avx2_or_plain($($arg),*)
+        }
+    };
+}
+
 pub mod attention;
 pub mod blocks;
 pub mod clip;
