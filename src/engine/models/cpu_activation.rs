@@ -152,6 +152,32 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
 mod tests {
     use super::*;
 
+    /// The dispatched kernels (AVX-512 or AVX2 where the CPU has them) give the bits of the
+    /// same source compiled for the baseline: no tier may change a result.
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let x: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37 % 997) as f32 - 498.0) * 0.013)
+            .collect();
+        for (dispatched, baseline) in [
+            (
+                gelu_tanh_slice as fn(&[f32], &mut [f32]),
+                gelu_tanh_impl as fn(&[f32], &mut [f32]),
+            ),
+            (gelu_erf_slice, gelu_erf_impl),
+            (quick_gelu_slice, quick_gelu_impl),
+        ] {
+            let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            dispatched(&x, &mut a);
+            baseline(&x, &mut b);
+            assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        let (mut a, mut b) = (vec![0f32; 500], vec![0f32; 500]);
+        geglu_rows(&x, &mut a, 50);
+        geglu_rows_impl(&x, &mut b, 50);
+        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
     #[test]
     fn matches_candles_tanh_gelu() {
         let dev = Device::Cpu;
