@@ -1,5 +1,27 @@
 //! Network definitions. Each reads its sizes from the component's `config.json`.
 
+/// One instruction-set tier of the dispatch macros below, inside the dispatching function:
+/// `$imp` compiled with every `$feature`, called — and the function returned from — when the CPU
+/// has each of them (a hypervisor may hide any one, so each is checked).
+macro_rules! simd_tier {
+    ([$($feature:tt),+] $imp:ident($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        {
+            $(#[target_feature(enable = $feature)])+
+            #[allow(unused_unsafe)]
+            unsafe fn tier($($arg: $ty),*) {
+                // SAFETY: an `unsafe` `$imp`'s contract is kept by the dispatcher's caller.
+                unsafe { $imp($($arg),*) }
+            }
+            if $(is_x86_feature_detected!($feature))&&+ {
+                // SAFETY: the CPU has the features `tier` is compiled for; the contract is
+                // forwarded as above.
+                return unsafe { tier($($arg),*) };
+            }
+        }
+    };
+}
+
 /// `fn $name(args) = $imp`: calls `$imp` compiled with AVX2 and FMA when the CPU has them (its
 /// `#[inline(always)]` loops then vectorise 8 wide; a plain build targets SSE2), else as is.
 /// The `unsafe fn` form passes the callee's contract on to its callers.
@@ -7,35 +29,14 @@ macro_rules! avx2_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $imp:ident) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    $imp($($arg),*)
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features `avx2` is compiled for.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
+            simd_tier!(["avx2", "fma"] $imp($($arg: $ty),*));
             $imp($($arg),*)
         }
     };
     ($(#[$m:meta])* $vis:vis unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $imp:ident) => {
         $(#[$m])*
         $vis unsafe fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    // SAFETY: the caller keeps `$imp`'s contract.
-                    unsafe { $imp($($arg),*) }
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features; the caller keeps the contract.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
+            simd_tier!(["avx2", "fma"] $imp($($arg: $ty),*));
             // SAFETY: the caller keeps `$imp`'s contract.
             unsafe { $imp($($arg),*) }
         }
@@ -50,23 +51,9 @@ macro_rules! avx512_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $imp:ident) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn avx512($($arg: $ty),*) {
-                    $imp($($arg),*)
-                }
-                // A hypervisor may hide any of them: each one checked.
-                if is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has the features `avx512` is compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-            }
-            avx2_dispatch!(fn avx2_or_plain($($arg: $ty),*) = $imp);
-            avx2_or_plain($($arg),*)
+            simd_tier!(["avx512f", "avx2", "fma"] $imp($($arg: $ty),*));
+            simd_tier!(["avx2", "fma"] $imp($($arg: $ty),*));
+            $imp($($arg),*)
         }
     };
 }
