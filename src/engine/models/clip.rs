@@ -253,6 +253,20 @@ impl ClipTextModel {
         self.final_layer_norm.forward(last)
     }
 
+    /// The raw (un-normalised) `hidden_states[-(clip_skip + 2)]` alone: SDXL's first encoder,
+    /// whose pooled output is not used, so the layers after that state are not run.
+    pub fn penultimate(&self, input_ids: &Tensor, clip_skip: usize) -> candle_core::Result<Tensor> {
+        let used = self
+            .layers
+            .len()
+            .checked_sub(clip_skip + 1)
+            .ok_or_else(|| candle_core::Error::Msg("clip_skip exceeds the CLIP layers".into()))?;
+        let mut states = self.hidden_states(input_ids, used)?;
+        states
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("CLIP produced no hidden state".into()))
+    }
+
     /// SDXL's use of an encoder: the raw (un-normalised) `hidden_states[-(clip_skip + 2)]`, and
     /// the pooled output — the final-layer-normed state at the end-of-text token, through
     /// `text_projection` when the model has one.

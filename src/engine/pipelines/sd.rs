@@ -359,7 +359,7 @@ impl StableDiffusion {
                 let mut states = Vec::with_capacity(2);
                 if let Some((tokenizer, encoder)) = first {
                     let ids = super::clip_token_ids(tokenizer, prompt, &self.device)?;
-                    states.push(encoder.forward_penultimate(&ids, clip_skip)?.0);
+                    states.push(encoder.penultimate(&ids, clip_skip)?);
                 }
                 let ids_2 = super::clip_token_ids(&xl.tokenizer_2, prompt, &self.device)?;
                 let (h2, pooled) = xl.text_encoder_2.forward_penultimate(&ids_2, clip_skip)?;
