@@ -46,7 +46,8 @@ pub struct BenchArgs {
     /// Denoising steps of the end-to-end run.
     #[arg(long, default_value_t = 4)]
     pub steps: usize,
-    /// Timed denoiser forwards (after one warm-up); the median is reported.
+    /// Timed denoiser forwards and prompt encodings (after one warm-up); the medians are
+    /// reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     #[arg(long, default_value = "cpu")]

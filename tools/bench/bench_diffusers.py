@@ -5,7 +5,7 @@ inputs and the same measurements, written as the JSON `candela bench --reference
   python bench_diffusers.py --configs benches/sd15 [--device cuda --dtype f16] [--width 512 --height 512]
                             [--steps 4] [--repeats 10] [--compile] --out diffusers.json
 
-Measured (each after a warm-up call): one prompt's encoding, the denoiser forward at the batch a guided step runs (2 with
+Measured (each after a warm-up call): one prompt's encoding (median of --repeats), the denoiser forward at the batch a guided step runs (2 with
 classifier-free guidance, 1 for FLUX), one VAE decode (after a warm-up), an end-to-end run of --steps, the memory the
 weights take and the peak during the end-to-end run (CUDA: torch's reserved pool, which is what the
 driver sees; CPU: resident set). Works with torch's CPU build (all cores) and on CUDA.
@@ -239,18 +239,23 @@ def main():
         f()  # first-use costs stay out, as in candela
         return timed(f)
 
+    def warm_median(f):
+        """The median of --repeats timed calls after the warm-up (candela's prompt encoding too)."""
+        out, first = warm_timed(f)
+        return out, statistics.median([first] + [timed(f)[1] for _ in range(args.repeats - 1)])
+
     with torch.no_grad():
         # One prompt's encoding, without the negative side (as candela times it).
         if kind == "StableDiffusionPipeline":
-            (ctx, _), text_ms = warm_timed(lambda: pipe.encode_prompt(PROMPT, device, 1, False))
+            (ctx, _), text_ms = warm_median(lambda: pipe.encode_prompt(PROMPT, device, 1, False))
             forward = lambda x: denoiser(x, 500.0, encoder_hidden_states=ctx.repeat(batch, 1, 1))
         elif kind == "StableDiffusionXLPipeline":
-            (ctx, _, pooled, _), text_ms = warm_timed(lambda: pipe.encode_prompt(PROMPT, device=device, do_classifier_free_guidance=False))
+            (ctx, _, pooled, _), text_ms = warm_median(lambda: pipe.encode_prompt(PROMPT, device=device, do_classifier_free_guidance=False))
             ids = torch.tensor([[height, width, 0, 0, height, width]] * batch, device=device, dtype=dtype)
             cond = {"text_embeds": pooled.repeat(batch, 1), "time_ids": ids}
             forward = lambda x: denoiser(x, 500.0, encoder_hidden_states=ctx.repeat(batch, 1, 1), added_cond_kwargs=cond)
         elif kind == "StableDiffusion3Pipeline":
-            (ctx, _, pooled, _), text_ms = warm_timed(lambda: pipe.encode_prompt(PROMPT, PROMPT, PROMPT, device=device,
+            (ctx, _, pooled, _), text_ms = warm_median(lambda: pipe.encode_prompt(PROMPT, PROMPT, PROMPT, device=device,
                                                                               do_classifier_free_guidance=False,
                                                                               max_sequence_length=256))
             t = torch.full((batch,), 500.0, device=device)
@@ -258,7 +263,7 @@ def main():
                                          pooled_projections=pooled.repeat(batch, 1))
         elif kind == "FluxPipeline":
             tokens = 512 if denoiser.config.guidance_embeds else 256
-            (ctx, pooled, text_ids), text_ms = warm_timed(lambda: pipe.encode_prompt(PROMPT, PROMPT, device=device,
+            (ctx, pooled, text_ids), text_ms = warm_median(lambda: pipe.encode_prompt(PROMPT, PROMPT, device=device,
                                                                                   max_sequence_length=tokens))
             img_ids = pipe._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype)
             t = torch.full((batch,), 0.5, device=device, dtype=dtype)
