@@ -67,8 +67,9 @@ fn set_cpu_threads(threads: Option<std::num::NonZeroUsize>) {
 /// candle's element-wise CPU ops run on their own pool, whose workers spin 25 000 times after
 /// each op before they sleep. Ours also runs rayon's pool (matrix products, our kernels), so a
 /// spinning candle worker takes a core from the product that follows the op. Parking at once
-/// made SDXL's prompt encoding (77-token CLIPs: many small ops between products) 9–27 % faster
-/// on two cores, and left the UNet step unchanged. A value the user sets is kept. Like
+/// made SDXL's prompt encoding (77-token CLIPs: many small ops between products) 16 % faster on
+/// two cores (742–760 against 892–901 ms); the steps, whose ops are large, moved within noise
+/// (docs/performance.md, session 17). A value the user sets is kept. Like
 /// `set_cpu_threads`, it must run before the first CPU op (candle reads it once).
 fn park_idle_candle_workers() {
     const SPIN_LIMIT: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";

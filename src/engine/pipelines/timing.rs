@@ -248,7 +248,9 @@ impl Pipeline {
         match self {
             Self::Sd(m) => {
                 let (embeds, text_encode_ms) =
-                    timed_warm_median(c"text encoding", sync, shape.repeats, || m.embed(BENCH_PROMPT, 0))?;
+                    timed_warm_median(c"text encoding", sync, shape.repeats, || {
+                        m.embed(BENCH_PROMPT, 0)
+                    })?;
                 let scale = m.vae_scale();
                 let (h, w) = (shape.height / scale, shape.width / scale);
                 let sample = random(&[batch, m.latent_channels(), h, w], &embeds.context)?;
@@ -290,9 +292,10 @@ impl Pipeline {
                 })
             }
             Self::Sd3(m) => {
-                let (embeds, text_encode_ms) = timed_warm_median(c"text encoding", sync, shape.repeats, || {
-                    m.embed(BENCH_PROMPT, 0, sd3::DEFAULT_T5_TOKENS)
-                })?;
+                let (embeds, text_encode_ms) =
+                    timed_warm_median(c"text encoding", sync, shape.repeats, || {
+                        m.embed(BENCH_PROMPT, 0, sd3::DEFAULT_T5_TOKENS)
+                    })?;
                 let scale = m.vae_scale();
                 let (h, w) = (shape.height / scale, shape.width / scale);
                 let sample = random(&[batch, m.vae().latent_channels(), h, w], &embeds.context)?;
@@ -321,9 +324,10 @@ impl Pipeline {
             }
             Self::Flux(m) => {
                 let guidance = m.has_guidance_embeds();
-                let (embeds, text_encode_ms) = timed_warm_median(c"text encoding", sync, shape.repeats, || {
-                    m.embed(BENCH_PROMPT, flux::default_t5_tokens(guidance))
-                })?;
+                let (embeds, text_encode_ms) =
+                    timed_warm_median(c"text encoding", sync, shape.repeats, || {
+                        m.embed(BENCH_PROMPT, flux::default_t5_tokens(guidance))
+                    })?;
                 let scale = m.vae().scale();
                 let (h, w) = (shape.height / scale, shape.width / scale);
                 let latents = random(&[batch, m.vae().latent_channels(), h, w], &embeds.context)?;
