@@ -235,36 +235,34 @@ def main():
         sync()
         return out, (time.perf_counter() - t) * 1000
 
-    def warm_timed(f):
-        f()  # first-use costs stay out, as in candela
-        return timed(f)
-
-    def warm_median(f):
-        """The median of --repeats timed calls after the warm-up (candela's prompt encoding too)."""
-        out, first = warm_timed(f)
-        return out, statistics.median([first] + [timed(f)[1] for _ in range(args.repeats - 1)])
+    def warm_timed(f, repeats=1):
+        """The first output and the median of `repeats` timed calls, after a warm-up call (first-use
+        costs stay out, as in candela)."""
+        f()
+        out, first = timed(f)
+        return out, statistics.median([first] + [timed(f)[1] for _ in range(repeats - 1)])
 
     with torch.no_grad():
         # One prompt's encoding, without the negative side (as candela times it).
         if kind == "StableDiffusionPipeline":
-            (ctx, _), text_ms = warm_median(lambda: pipe.encode_prompt(PROMPT, device, 1, False))
+            (ctx, _), text_ms = warm_timed(lambda: pipe.encode_prompt(PROMPT, device, 1, False), args.repeats)
             forward = lambda x: denoiser(x, 500.0, encoder_hidden_states=ctx.repeat(batch, 1, 1))
         elif kind == "StableDiffusionXLPipeline":
-            (ctx, _, pooled, _), text_ms = warm_median(lambda: pipe.encode_prompt(PROMPT, device=device, do_classifier_free_guidance=False))
+            (ctx, _, pooled, _), text_ms = warm_timed(lambda: pipe.encode_prompt(PROMPT, device=device, do_classifier_free_guidance=False), args.repeats)
             ids = torch.tensor([[height, width, 0, 0, height, width]] * batch, device=device, dtype=dtype)
             cond = {"text_embeds": pooled.repeat(batch, 1), "time_ids": ids}
             forward = lambda x: denoiser(x, 500.0, encoder_hidden_states=ctx.repeat(batch, 1, 1), added_cond_kwargs=cond)
         elif kind == "StableDiffusion3Pipeline":
-            (ctx, _, pooled, _), text_ms = warm_median(lambda: pipe.encode_prompt(PROMPT, PROMPT, PROMPT, device=device,
+            (ctx, _, pooled, _), text_ms = warm_timed(lambda: pipe.encode_prompt(PROMPT, PROMPT, PROMPT, device=device,
                                                                               do_classifier_free_guidance=False,
-                                                                              max_sequence_length=256))
+                                                                              max_sequence_length=256), args.repeats)
             t = torch.full((batch,), 500.0, device=device)
             forward = lambda x: denoiser(hidden_states=x, timestep=t, encoder_hidden_states=ctx.repeat(batch, 1, 1),
                                          pooled_projections=pooled.repeat(batch, 1))
         elif kind == "FluxPipeline":
             tokens = 512 if denoiser.config.guidance_embeds else 256
-            (ctx, pooled, text_ids), text_ms = warm_median(lambda: pipe.encode_prompt(PROMPT, PROMPT, device=device,
-                                                                                  max_sequence_length=tokens))
+            (ctx, pooled, text_ids), text_ms = warm_timed(lambda: pipe.encode_prompt(PROMPT, PROMPT, device=device,
+                                                                                  max_sequence_length=tokens), args.repeats)
             img_ids = pipe._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype)
             t = torch.full((batch,), 0.5, device=device, dtype=dtype)
             g = torch.full((batch,), 3.5, device=device, dtype=torch.float32) if denoiser.config.guidance_embeds else None

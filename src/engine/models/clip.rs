@@ -242,15 +242,19 @@ impl ClipTextModel {
         Ok(states)
     }
 
+    /// The state after the first `layers` layers (`hidden_states[layers]`), running no more.
+    fn state_after(&self, input_ids: &Tensor, layers: usize) -> candle_core::Result<Tensor> {
+        self.hidden_states(input_ids, layers)?
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("CLIP produced no hidden state".into()))
+    }
+
     /// Hidden states after the final layer norm, skipping the last `clip_skip` layers
     /// (diffusers' `clip_skip`: `hidden_states[-(clip_skip + 1)]` then `final_layer_norm`).
     pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> candle_core::Result<Tensor> {
         let used = self.layers.len().saturating_sub(clip_skip);
-        let states = self.hidden_states(input_ids, used)?;
-        let last = states
-            .last()
-            .ok_or_else(|| candle_core::Error::Msg("CLIP produced no hidden state".into()))?;
-        self.final_layer_norm.forward(last)
+        self.final_layer_norm
+            .forward(&self.state_after(input_ids, used)?)
     }
 
     /// The raw (un-normalised) `hidden_states[-(clip_skip + 2)]` alone: SDXL's first encoder,
@@ -261,10 +265,7 @@ impl ClipTextModel {
             .len()
             .checked_sub(clip_skip + 1)
             .ok_or_else(|| candle_core::Error::Msg("clip_skip exceeds the CLIP layers".into()))?;
-        let mut states = self.hidden_states(input_ids, used)?;
-        states
-            .pop()
-            .ok_or_else(|| candle_core::Error::Msg("CLIP produced no hidden state".into()))
+        self.state_after(input_ids, used)
     }
 
     /// SDXL's use of an encoder: the raw (un-normalised) `hidden_states[-(clip_skip + 2)]`, and

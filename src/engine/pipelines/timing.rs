@@ -86,27 +86,19 @@ fn timed<T>(sync: &dyn Fn() -> Result<()>, f: impl FnOnce() -> Result<T>) -> Res
     Ok((out, start.elapsed().as_secs_f64() * 1000.0))
 }
 
-/// `f` timed after one untimed warm-up call (first-use costs — page faults, lazy buffers, on a GPU
-/// module loads and handle creation — stay out of the figure, on both sides of the comparison).
+/// `f` after one untimed warm-up call (first-use costs — page faults, lazy buffers, on a GPU
+/// module loads and handle creation — stay out of the figure, on both sides of the comparison):
+/// the median of `repeats` (at least one) timed calls, the first of them kernel-traced, and that
+/// call's output.
 fn timed_warm<T>(
-    label: &CStr,
-    sync: &dyn Fn() -> Result<()>,
-    f: impl Fn() -> Result<T>,
-) -> Result<(T, f64)> {
-    f()?;
-    sync()?;
-    profile::kernel_trace_window(label, || timed(sync, f))
-}
-
-/// As [`timed_warm`], the median of `repeats` timed calls (the first one kernel-traced): the
-/// prompt encoding, whose figure is near torch's and whose single samples spread ±10 % on a CPU.
-fn timed_warm_median<T>(
     label: &CStr,
     sync: &dyn Fn() -> Result<()>,
     repeats: usize,
     f: impl Fn() -> Result<T>,
 ) -> Result<(T, f64)> {
-    let (out, first) = timed_warm(label, sync, &f)?;
+    f()?;
+    sync()?;
+    let (out, first) = profile::kernel_trace_window(label, || timed(sync, &f))?;
     let mut times = vec![first];
     for _ in 1..repeats {
         times.push(timed(sync, &f)?.1);
@@ -202,7 +194,7 @@ fn time_decode(
     decode: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<(f64, Vec<ProfileRow>)> {
     let z = latents.narrow(0, 0, 1)?;
-    let ms = timed_warm(c"vae decode", sync, || decode(&z))?.1;
+    let ms = timed_warm(c"vae decode", sync, 1, || decode(&z))?.1;
     if shape.profiled_forwards == 0 {
         return Ok((ms, Vec::new()));
     }
@@ -220,7 +212,7 @@ fn time_encode(
     let rgb: Vec<u8> = (0..shape.width * shape.height * 3)
         .map(|i| (96 + (i * 7919) % 64) as u8)
         .collect();
-    Ok(timed_warm(c"vae encode", sync, || {
+    Ok(timed_warm(c"vae encode", sync, 1, || {
         vae.encode_rgb(&rgb, shape.width, shape.height)
     })?
     .1)
@@ -248,7 +240,7 @@ impl Pipeline {
         match self {
             Self::Sd(m) => {
                 let (embeds, text_encode_ms) =
-                    timed_warm_median(c"text encoding", sync, shape.repeats, || {
+                    timed_warm(c"text encoding", sync, shape.repeats, || {
                         m.embed(BENCH_PROMPT, 0)
                     })?;
                 let scale = m.vae_scale();
@@ -293,7 +285,7 @@ impl Pipeline {
             }
             Self::Sd3(m) => {
                 let (embeds, text_encode_ms) =
-                    timed_warm_median(c"text encoding", sync, shape.repeats, || {
+                    timed_warm(c"text encoding", sync, shape.repeats, || {
                         m.embed(BENCH_PROMPT, 0, sd3::DEFAULT_T5_TOKENS)
                     })?;
                 let scale = m.vae_scale();
@@ -325,7 +317,7 @@ impl Pipeline {
             Self::Flux(m) => {
                 let guidance = m.has_guidance_embeds();
                 let (embeds, text_encode_ms) =
-                    timed_warm_median(c"text encoding", sync, shape.repeats, || {
+                    timed_warm(c"text encoding", sync, shape.repeats, || {
                         m.embed(BENCH_PROMPT, flux::default_t5_tokens(guidance))
                     })?;
                 let scale = m.vae().scale();
