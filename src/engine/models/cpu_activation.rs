@@ -113,19 +113,42 @@ pub fn quick_gelu(xs: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 #[inline(always)]
-fn geglu_rows_impl(h: &[f32], out: &mut [f32], width: usize) {
+fn gated_rows(h: &[f32], out: &mut [f32], width: usize, gelu: impl Fn(f32) -> f32) {
     for (src, dst) in h.chunks_exact(2 * width).zip(out.chunks_exact_mut(width)) {
         let (value, gate) = src.split_at(width);
         for ((d, &v), &g) in dst.iter_mut().zip(value).zip(gate) {
-            *d = v * (0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2)));
+            *d = v * gelu(g);
         }
     }
 }
 
+#[inline(always)]
+fn geglu_rows_impl(h: &[f32], out: &mut [f32], width: usize) {
+    gated_rows(h, out, width, |g| {
+        0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2))
+    })
+}
+
+#[inline(always)]
+fn geglu_tanh_rows_impl(h: &[f32], out: &mut [f32], width: usize) {
+    gated_rows(h, out, width, gelu_tanh_value)
+}
+
 avx512_dispatch!(fn geglu_rows(h: &[f32], out: &mut [f32], width: usize) = geglu_rows_impl);
+avx512_dispatch!(fn geglu_tanh_rows(h: &[f32], out: &mut [f32], width: usize) = geglu_tanh_rows_impl);
 
 /// `h` (…, 2F) f32 on the CPU → `h[..., :F] · gelu_erf(h[..., F:])` (…, F).
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
+    gated(h, geglu_rows)
+}
+
+/// `h` (…, 2F) f32 on the CPU → `h[..., :F] · gelu_tanh(h[..., F:])` (…, F): T5's gated GELU
+/// (`gelu_new`) over its two input projections side by side.
+pub fn geglu_tanh(h: &Tensor) -> candle_core::Result<Tensor> {
+    gated(h, geglu_tanh_rows)
+}
+
+fn gated(h: &Tensor, rows_fn: fn(&[f32], &mut [f32], usize)) -> candle_core::Result<Tensor> {
     let mut dims = h.dims().to_vec();
     let Some(last) = dims.last_mut() else {
         candle_core::bail!("geglu on a scalar");
@@ -142,7 +165,7 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
         let rows_per_task = (16_384 / width.max(1)).max(1);
         out.par_chunks_mut(rows_per_task * width)
             .zip(h.par_chunks(rows_per_task * 2 * width))
-            .for_each(|(dst, src)| geglu_rows(src, dst, width));
+            .for_each(|(dst, src)| rows_fn(src, dst, width));
         out
     })?;
     Tensor::from_vec(out, dims, &Device::Cpu)
@@ -175,6 +198,9 @@ mod tests {
         let (mut a, mut b) = (vec![0f32; 500], vec![0f32; 500]);
         geglu_rows(&x, &mut a, 50);
         geglu_rows_impl(&x, &mut b, 50);
+        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+        geglu_tanh_rows(&x, &mut a, 50);
+        geglu_tanh_rows_impl(&x, &mut b, 50);
         assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
@@ -210,6 +236,11 @@ mod tests {
         let expected = (value * gate.gelu_erf().unwrap()).unwrap();
         let diff = super::super::max_abs_diff(&ours, &expected);
         assert!(diff < 1e-5, "{diff}");
+        // The tanh form (T5's gated `gelu_new`).
+        let tanh_form = geglu_tanh(&h).unwrap();
+        let expected = (h.narrow(2, 0, 37).unwrap() * h.narrow(2, 37, 37).unwrap().gelu()).unwrap();
+        let diff = super::super::max_abs_diff(&tanh_form, &expected);
+        assert!(diff < 1e-5, "tanh: {diff}");
         let xs: Vec<f32> = (-600..=600).map(|i| i as f32 * 0.01).collect();
         let exact: Vec<f32> = Tensor::new(xs.as_slice(), &dev)
             .unwrap()

@@ -5,7 +5,9 @@
 
 use candle_core::{Device, Tensor};
 
-use super::cpu_util::{exp_nonpositive, gemm_f32, with_cpu_rows, SharedOut, Strided};
+use super::cpu_util::{
+    exp_nonpositive, gemm_f32, is_cpu_f32, with_cpu_rows, with_cpu_slice, SharedOut, Strided,
+};
 use rayon::prelude::*;
 
 /// Queries per block: 128 rows of scores (2 MiB at 4096 tokens) stay in the outer caches.
@@ -118,10 +120,11 @@ struct Staged {
 }
 
 /// One block of queries of one head: `out` (rows × dv, `out_row` apart) =
-/// softmax(q (rows × d) · k (m × d)ᵀ · scale) · v (m × dv), each operand at its own strides.
+/// softmax(q (rows × d) · k (m × d)ᵀ · scale [+ bias (rows × m)]) · v (m × dv), each operand at
+/// its own strides.
 ///
-/// SAFETY: each operand's rows, at its stride, lie inside its buffer, and `scores`/`sums` hold
-/// rows × m and rows values.
+/// SAFETY: each operand's rows, at its stride, lie inside its buffer, and `scores`/`sums` (and
+/// `bias`, when given) hold rows × m and rows values.
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_block(
     [q, k, v]: [Strided; 3],
@@ -129,16 +132,21 @@ unsafe fn attend_block(
     out_row: usize,
     [rows, m, d, dv]: [usize; 4],
     scale: f32,
+    bias: Option<&[f32]>,
     scores: &mut [f32],
     sums: &mut [f32],
 ) {
+    // The bias goes in first and the product accumulates onto it (no pass of its own).
+    if let Some(bias) = bias {
+        scores.copy_from_slice(bias);
+    }
     // SAFETY: forwarded from the caller; scores is rows × m, row-major.
     unsafe {
         gemm_f32(
             [rows, m, d],
             scores.as_mut_ptr(),
             m as isize,
-            false,
+            bias.is_some(),
             q,
             k,
             scale,
@@ -164,6 +172,18 @@ unsafe fn attend_block(
 /// the output is written token-major and returned seen heads-first, so that merging the heads
 /// back into a width is free.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    attention_with_bias(q, k, v, scale, None)
+}
+
+/// [`attention`] with `bias` (heads, queries, keys) added to every batch's scores before the
+/// softmax: T5's relative position bias.
+pub fn attention_with_bias(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     let (b, h, n, d) = q.dims4()?;
     let (_, _, m, dk) = k.dims4()?;
     let (_, _, mv, dv) = v.dims4()?;
@@ -183,56 +203,74 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
         _ => t.contiguous(),
     };
     let (q, k, v) = (rows_in_place(q)?, rows_in_place(k)?, rows_in_place(v)?);
+    let bias = match bias {
+        Some(bias) if bias.dims() == [h, n, m] && is_cpu_f32(bias) => Some(bias.contiguous()?),
+        Some(bias) => candle_core::bail!(
+            "attention bias: f32 on the CPU of shape {:?} expected, got {:?} {:?}",
+            [h, n, m],
+            bias.dtype(),
+            bias.dims()
+        ),
+        None => None,
+    };
     let mut out = vec![0f32; b * n * h * dv];
     let out_at = SharedOut(out.as_mut_ptr());
     let block_rows = block_rows(m, d, dv);
     let blocks = n.div_ceil(block_rows);
-    with_cpu_rows(&q, |data, strides| {
-        let q = Rows { data, strides };
-        with_cpu_rows(&k, |data, strides| {
-            let k = Rows { data, strides };
-            with_cpu_rows(&v, |data, strides| {
-                let v = Rows { data, strides };
-                // Blocks in head order, so that a thread's consecutive blocks share k and v.
-                (0..b * h * blocks).into_par_iter().for_each_init(
-                    // Score buffers reused across a thread's blocks (no page faults per block).
-                    || {
-                        let staging = <[Staged; 3]>::default();
-                        (vec![0f32; block_rows * m], vec![0f32; block_rows], staging)
-                    },
-                    |(scores, sums, [q_staged, k_staged, v_staged]), task| {
-                        let (batch, head, block) =
-                            (task / (h * blocks), task / blocks % h, task % blocks);
-                        let first = block * block_rows;
-                        let rows = block_rows.min(n - first);
-                        let q = q.operand([batch, head, first, rows], d, q_staged);
-                        let k = k.operand([batch, head, 0, m], d, k_staged);
-                        let v = v.operand([batch, head, 0, m], dv, v_staged);
-                        // kᵀ: k's rows are its columns.
-                        let k = Strided {
-                            ptr: k.ptr,
-                            row: 1,
-                            col: k.row,
-                        };
-                        // SAFETY: `with_cpu_rows` checked every operand's extent; the output
-                        // block (rows × dv at stride h·dv from its first element) lies inside
-                        // `out`, and no two tasks write the same (batch, token, head).
-                        unsafe {
-                            attend_block(
-                                [q, k, v],
-                                out_at.at(((batch * n + first) * h + head) * dv),
-                                h * dv,
-                                [rows, m, d, dv],
-                                scale,
-                                &mut scores[..rows * m],
-                                &mut sums[..rows],
-                            )
-                        }
-                    },
-                )
+    let attend = |bias: Option<&[f32]>| -> candle_core::Result<()> {
+        with_cpu_rows(&q, |data, strides| {
+            let q = Rows { data, strides };
+            with_cpu_rows(&k, |data, strides| {
+                let k = Rows { data, strides };
+                with_cpu_rows(&v, |data, strides| {
+                    let v = Rows { data, strides };
+                    // Blocks in head order, so that a thread's consecutive blocks share k and v.
+                    (0..b * h * blocks).into_par_iter().for_each_init(
+                        // Score buffers reused across a thread's blocks (no page faults per block).
+                        || {
+                            let staging = <[Staged; 3]>::default();
+                            (vec![0f32; block_rows * m], vec![0f32; block_rows], staging)
+                        },
+                        |(scores, sums, [q_staged, k_staged, v_staged]), task| {
+                            let (batch, head, block) =
+                                (task / (h * blocks), task / blocks % h, task % blocks);
+                            let first = block * block_rows;
+                            let rows = block_rows.min(n - first);
+                            let q = q.operand([batch, head, first, rows], d, q_staged);
+                            let k = k.operand([batch, head, 0, m], d, k_staged);
+                            let v = v.operand([batch, head, 0, m], dv, v_staged);
+                            // kᵀ: k's rows are its columns.
+                            let k = Strided {
+                                ptr: k.ptr,
+                                row: 1,
+                                col: k.row,
+                            };
+                            // SAFETY: `with_cpu_rows` checked every operand's extent; the output
+                            // block (rows × dv at stride h·dv from its first element) lies inside
+                            // `out`, and no two tasks write the same (batch, token, head).
+                            unsafe {
+                                attend_block(
+                                    [q, k, v],
+                                    out_at.at(((batch * n + first) * h + head) * dv),
+                                    h * dv,
+                                    [rows, m, d, dv],
+                                    scale,
+                                    bias.map(|all| &all[(head * n + first) * m..][..rows * m]),
+                                    &mut scores[..rows * m],
+                                    &mut sums[..rows],
+                                )
+                            }
+                        },
+                    )
+                })
             })
-        })
-    })???;
+        })???;
+        Ok(())
+    };
+    match &bias {
+        Some(bias) => with_cpu_slice(bias, |values| attend(Some(values)))??,
+        None => attend(None)?,
+    }
     Tensor::from_vec(out, (b, n, h, dv), &Device::Cpu)?.transpose(1, 2)
 }
 
@@ -318,6 +356,29 @@ mod tests {
             &expected,
         );
         assert!(diff < 2e-6, "strided rows: {diff}");
+        // A bias per (head, query, key), the same for every batch (T5's relative positions):
+        // batch 2, a partial last block, cross-attention shapes; rejected at a wrong shape.
+        let (b, h, n, m, d) = (2, 3, 150, 77, 16);
+        let q = Tensor::randn(0f32, 1., (b, h, n, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (b, h, m, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (b, h, m, d), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 3., (h, n, m), &dev).unwrap();
+        let ours = attention_with_bias(&q, &k, &v, 1.0, Some(&bias)).unwrap();
+        let scores = q
+            .matmul(&k.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let expected = candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&v)
+            .unwrap();
+        let diff = super::super::max_abs_diff(&ours, &expected);
+        assert!(diff < 2e-6, "bias: {diff}");
+        let unbiased = super::super::max_abs_diff(&ours, &reference(&q, &k, &v, 1.0));
+        assert!(unbiased > 1e-2, "the bias changed nothing ({unbiased})");
+        let wrong = bias.narrow(1, 0, n - 1).unwrap();
+        assert!(attention_with_bias(&q, &k, &v, 1.0, Some(&wrong)).is_err());
         // The exponential itself, across the softmax range.
         for i in 0..=8800 {
             let x = -(i as f32) * 0.01;

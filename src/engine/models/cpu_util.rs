@@ -223,8 +223,8 @@ mod tests {
     #[test]
     fn gemm_layout_matches_candles_transposed_copy() -> candle_core::Result<()> {
         for (rows, cols) in [(1, 1), (3, 70), (77, 33), (64, 64), (100, 257)] {
-            let weight = Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)?
-                .reshape((rows, cols))?;
+            let weight =
+                Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)?.reshape((rows, cols))?;
             let ours = gemm_layout(&weight)?;
             let candles = weight.t()?.contiguous()?.t()?;
             assert_eq!(ours.dims(), candles.dims());
