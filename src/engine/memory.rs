@@ -134,7 +134,13 @@ impl Footprint {
                 _ => SafetensorsFile::open_component(dir, &stem)?,
             };
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
-            let mut bytes = file.loaded_bytes(component_dtype);
+            let mut bytes = if folder.starts_with("text_encoder") {
+                file.loaded_bytes_by(|name| {
+                    crate::engine::models::t5::weight_dtype(name, component_dtype)
+                })
+            } else {
+                file.loaded_bytes(component_dtype)
+            };
             if folder == denoiser_folder {
                 // Quantized blocks: the format's bits per weight instead of the dtype's (the
                 // small dense embedders are within the rounding of this estimate).

@@ -1,96 +1,437 @@
-//! T5 v1.1 encoder (SD3's `text_encoder_3`, FLUX's `text_encoder_2`: T5-XXL), built from the
-//! repo's transformers `config.json`. The layers are candle-transformers' T5 (checked against
-//! transformers here, `tests/parity_components.rs`); this wrapper loads the config, hides the
-//! model's `&mut` forward (it caches its relative position bias) behind a lock, and names errors.
+//! T5 encoder (SD3's `text_encoder_3`, FLUX's `text_encoder_2`: T5-XXL v1.1), transformers'
+//! `T5EncoderModel` built from the repo's `config.json`.
+//!
+//! Our own layers, for two reasons:
+//! * **f16 as transformers runs it.** T5 v1.1 overflows f16 in its feed-forward output
+//!   projection, so transformers keeps every `wo` in f32 when it loads the model in f16
+//!   (`_keep_in_fp32_modules`). The residual stream is then promoted to f32 by the first
+//!   feed-forward block and stays there; only the layer norms' outputs go back to f16. This
+//!   module does the same, where candle-transformers' T5 (used until session 18) ran `wo` in
+//!   f16: infinities, then NaN prompt states for SD3 served in f16.
+//! * **The CPU's fused kernels.** In f32 on the CPU the attention runs fused with the relative
+//!   position bias accumulated under its product ([`super::cpu_attention`]), the gated GELU's
+//!   two projections as one product gated in one pass, and every Linear weight in the layout the
+//!   `gemm` crate reads fastest ([`Linear`]).
 
-use std::sync::Mutex;
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::{var_builder::SimpleBackend, Init, VarBuilder};
-use candle_transformers::models::t5;
-
+use super::blocks::{linear_no_bias, Linear};
 use crate::engine::error::{EngineError, Result};
-use crate::engine::loader::weights::SafetensorsFile;
 
-pub struct T5Encoder {
-    model: Mutex<t5::T5EncoderModel>,
-    pub config: t5::Config,
+#[derive(Debug, Clone, Deserialize)]
+pub struct T5Config {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    #[serde(default = "default_buckets")]
+    pub relative_attention_num_buckets: usize,
+    #[serde(default = "default_max_distance")]
+    pub relative_attention_max_distance: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    /// `relu`, `gated-gelu` (T5 v1.1: the tanh GELU), `gated-silu`, …: transformers' parsing.
+    #[serde(default = "default_feed_forward")]
+    pub feed_forward_proj: String,
 }
 
-impl T5Encoder {
-    pub fn new(vb: VarBuilder, config_json: serde_json::Value) -> Result<Self> {
-        let mut config_json = config_json;
-        // Encoder-only checkpoints may omit the decoder fields candle's config requires.
-        if let Some(fields) = config_json.as_object_mut() {
-            fields
-                .entry("is_encoder_decoder")
-                .or_insert(serde_json::Value::Bool(true));
-            fields
-                .entry("initializer_factor")
-                .or_insert(serde_json::json!(1.0));
-            fields
-                .entry("dropout_rate")
-                .or_insert(serde_json::json!(0.0));
+fn default_buckets() -> usize {
+    32
+}
+fn default_max_distance() -> usize {
+    128
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_feed_forward() -> String {
+    "relu".into()
+}
+
+/// The dtype `name` is held in when the model runs in `dtype`: the feed-forward output
+/// projections stay f32 under f16, as transformers keeps them (see the module docs).
+pub fn weight_dtype(name: &str, dtype: DType) -> DType {
+    if dtype == DType::F16 && name.contains("DenseReluDense.wo.") {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Activation {
+    Relu,
+    GeluErf,
+    GeluTanh,
+    Silu,
+}
+
+impl Activation {
+    /// transformers' `T5Config`: `[gated-]ACT`, where `gated-gelu` means the tanh GELU.
+    fn parse(feed_forward_proj: &str) -> Option<(Self, bool)> {
+        let (gated, name) = match feed_forward_proj.split_once('-') {
+            Some(("gated", name)) => (true, name),
+            Some(_) => return None,
+            None => (false, feed_forward_proj),
+        };
+        let act = match name {
+            "relu" => Self::Relu,
+            "gelu" if gated => Self::GeluTanh,
+            "gelu" => Self::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
+            "silu" | "swish" => Self::Silu,
+            _ => return None,
+        };
+        Some((act, gated))
+    }
+
+    fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Relu => xs.relu(),
+            Self::GeluErf => super::cpu_activation::gelu_erf(xs),
+            Self::GeluTanh => super::cpu_activation::gelu_tanh(xs),
+            Self::Silu => xs.silu(),
         }
-        let config: t5::Config = serde_json::from_value(config_json)
-            .map_err(|e| EngineError::Unsupported(format!("T5 config: {e}")))?;
-        let model = t5::T5EncoderModel::load(vb, &config)?;
+    }
+}
+
+/// T5's RMS norm: statistics in f32, the output in the model's dtype.
+struct RmsNorm {
+    /// f32: candle's kernel scales in the input's dtype, and the input is f32 here.
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn new(width: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            model: Mutex::new(model),
-            config,
+            weight: vb.get(width, "weight")?.to_dtype(DType::F32)?,
+            eps: eps as f32,
         })
     }
 
-    /// The last hidden state, (B, tokens, d_model).
-    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let mut model = self
-            .model
-            .lock()
-            .map_err(|_| EngineError::Internal("the T5 encoder lock was poisoned".into()))?;
-        Ok(model.forward(input_ids)?)
+    /// transformers rounds the normalised value to f16/bf16 and then scales it there; this
+    /// scales in f32 and rounds once (within one rounding of it).
+    fn forward(&self, xs: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(&xs.to_dtype(DType::F32)?, &self.weight, self.eps)?
+            .to_dtype(dtype)
     }
 }
 
-/// The encoder's weights from `file`. candle-transformers' layers are not ours, so on the CPU
-/// the Linear weights come out of the file already in the layout the CPU's products read
-/// fastest (`cpu_util::gemm_layout`, as `blocks::Linear` keeps its own); the embeddings, read
-/// by row, stay as they are.
-pub fn var_builder(file: SafetensorsFile, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(CpuGemmLayout(file)), dtype, device.clone())
+struct SelfAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    head_dim: usize,
 }
 
-struct CpuGemmLayout(SafetensorsFile);
+impl SelfAttention {
+    fn new(vb: VarBuilder, c: &T5Config) -> candle_core::Result<Self> {
+        let inner = c.num_heads * c.d_kv;
+        Ok(Self {
+            q: linear_no_bias(c.d_model, inner, vb.pp("q"))?,
+            k: linear_no_bias(c.d_model, inner, vb.pp("k"))?,
+            v: linear_no_bias(c.d_model, inner, vb.pp("v"))?,
+            o: linear_no_bias(inner, c.d_model, vb.pp("o"))?,
+            heads: c.num_heads,
+            head_dim: c.d_kv,
+        })
+    }
 
-impl CpuGemmLayout {
-    fn arrange(name: &str, t: Tensor) -> candle_core::Result<Tensor> {
-        let by_row = ["shared", "embed_tokens", "relative_attention_bias"]
-            .iter()
-            .any(|k| name.contains(k));
-        if t.device().is_cpu() && t.rank() == 2 && name.ends_with(".weight") && !by_row {
-            super::cpu_util::gemm_layout(&t)
+    /// softmax(q kᵀ + bias) v — T5 does not scale the scores — with `bias` (heads, n, n).
+    fn forward(&self, xs: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, _) = xs.dims3()?;
+        let heads_first = |t: Tensor| {
+            t.reshape((b, n, self.heads, self.head_dim))?
+                .transpose(1, 2)
+        };
+        let q = heads_first(self.q.forward(xs)?)?;
+        let k = heads_first(self.k.forward(xs)?)?;
+        let v = heads_first(self.v.forward(xs)?)?;
+        let out = if super::cpu_util::is_cpu_f32(&q) {
+            super::cpu_attention::attention_with_bias(&q, &k, &v, 1.0, Some(bias))?
         } else {
-            Ok(t)
+            let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+            let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
+            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?
+        };
+        self.o
+            .forward(&out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?)
+    }
+}
+
+enum FeedForward {
+    /// `act(wi x)`.
+    Plain { wi: Linear },
+    /// `act(wi_0 x) · wi_1 x`, each projection on its own.
+    Gated { wi_0: Linear, wi_1: Linear },
+    /// The same with `[wi_1; wi_0]` as one projection, gated by one CPU kernel (f32, GELU).
+    GatedFused { wi: Linear },
+}
+
+struct FeedForwardBlock {
+    ff: FeedForward,
+    act: Activation,
+    /// f32 when the model runs in f16 ([`weight_dtype`]).
+    wo: Linear,
+}
+
+impl FeedForwardBlock {
+    fn new(vb: VarBuilder, c: &T5Config, act: Activation, gated: bool) -> Result<Self> {
+        let (d, f) = (c.d_model, c.d_ff);
+        let fused_kernel = vb.device().is_cpu()
+            && vb.dtype() == DType::F32
+            && matches!(act, Activation::GeluErf | Activation::GeluTanh);
+        let ff = match (gated, fused_kernel) {
+            (false, _) => FeedForward::Plain {
+                wi: linear_no_bias(d, f, vb.pp("wi"))?,
+            },
+            (true, false) => FeedForward::Gated {
+                wi_0: linear_no_bias(d, f, vb.pp("wi_0"))?,
+                wi_1: linear_no_bias(d, f, vb.pp("wi_1"))?,
+            },
+            (true, true) => {
+                let value = vb.pp("wi_1").get((f, d), "weight")?;
+                let gate = vb.pp("wi_0").get((f, d), "weight")?;
+                FeedForward::GatedFused {
+                    wi: Linear::new(Tensor::cat(&[value, gate], 0)?, None),
+                }
+            }
+        };
+        let wo_vb = vb.pp("wo");
+        let wo_dtype = weight_dtype("DenseReluDense.wo.weight", vb.dtype());
+        let wo = linear_no_bias(f, d, wo_vb.to_dtype(wo_dtype))?;
+        Ok(Self { ff, act, wo })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let h = match &self.ff {
+            FeedForward::Plain { wi } => self.act.forward(&wi.forward(xs)?)?,
+            FeedForward::Gated { wi_0, wi_1 } => {
+                (self.act.forward(&wi_0.forward(xs)?)? * wi_1.forward(xs)?)?
+            }
+            FeedForward::GatedFused { wi } => {
+                let h = wi.forward(xs)?;
+                match self.act {
+                    Activation::GeluTanh => super::cpu_activation::geglu_tanh(&h)?,
+                    _ => super::cpu_activation::geglu(&h)?,
+                }
+            }
+        };
+        self.wo.forward(&h.to_dtype(self.wo.weight().dtype())?)
+    }
+}
+
+struct Block {
+    attention_norm: RmsNorm,
+    attention: SelfAttention,
+    ff_norm: RmsNorm,
+    ff: FeedForwardBlock,
+}
+
+pub struct T5Encoder {
+    embedding: Tensor,
+    /// (buckets, heads): the first block's table, which every block uses.
+    relative_attention_bias: Tensor,
+    blocks: Vec<Block>,
+    final_norm: RmsNorm,
+    dtype: DType,
+    pub config: T5Config,
+}
+
+impl T5Encoder {
+    /// `vb` at the file root (`shared.weight`, `encoder.block.*`), in the model's dtype.
+    pub fn new(vb: VarBuilder, config_json: serde_json::Value) -> Result<Self> {
+        let c: T5Config = serde_json::from_value(config_json)
+            .map_err(|e| EngineError::Unsupported(format!("T5 config: {e}")))?;
+        let (act, gated) = Activation::parse(&c.feed_forward_proj).ok_or_else(|| {
+            EngineError::Unsupported(format!("T5 feed_forward_proj `{}`", c.feed_forward_proj))
+        })?;
+        if c.num_heads == 0 || c.d_kv == 0 || c.relative_attention_num_buckets < 4 {
+            return Err(EngineError::Unsupported(format!(
+                "T5 with {} heads of {} and {} position buckets",
+                c.num_heads, c.d_kv, c.relative_attention_num_buckets
+            )));
+        }
+        let embedding_vb = if vb.contains_tensor("shared.weight") {
+            vb.pp("shared")
+        } else {
+            vb.pp("encoder.embed_tokens")
+        };
+        let embedding = embedding_vb.get((c.vocab_size, c.d_model), "weight")?;
+        let encoder = vb.pp("encoder");
+        let relative_attention_bias = encoder
+            .pp("block.0.layer.0.SelfAttention.relative_attention_bias")
+            .get((c.relative_attention_num_buckets, c.num_heads), "weight")?;
+        let blocks = (0..c.num_layers)
+            .map(|i| {
+                let vb = encoder.pp(format!("block.{i}.layer"));
+                let eps = c.layer_norm_epsilon;
+                Ok(Block {
+                    attention_norm: RmsNorm::new(c.d_model, eps, vb.pp("0.layer_norm"))?,
+                    attention: SelfAttention::new(vb.pp("0.SelfAttention"), &c)?,
+                    ff_norm: RmsNorm::new(c.d_model, eps, vb.pp("1.layer_norm"))?,
+                    ff: FeedForwardBlock::new(vb.pp("1.DenseReluDense"), &c, act, gated)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = RmsNorm::new(
+            c.d_model,
+            c.layer_norm_epsilon,
+            encoder.pp("final_layer_norm"),
+        )?;
+        Ok(Self {
+            embedding,
+            relative_attention_bias,
+            blocks,
+            final_norm,
+            dtype: vb.dtype(),
+            config: c,
+        })
+    }
+
+    /// The last hidden state, (B, tokens, d_model), in the model's dtype.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, n) = input_ids.dims2()?;
+        let mut xs = self
+            .embedding
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, n, self.config.d_model))?;
+        let bias = self.position_bias(n, input_ids.device())?;
+        for block in &self.blocks {
+            let h = block
+                .attention
+                .forward(&block.attention_norm.forward(&xs, self.dtype)?, &bias)?;
+            xs = clamp_f16(residual(&xs, &h)?)?;
+            let h = block.ff.forward(&block.ff_norm.forward(&xs, self.dtype)?)?;
+            xs = clamp_f16(residual(&xs, &h)?)?;
+        }
+        Ok(self.final_norm.forward(&xs, self.dtype)?)
+    }
+
+    /// (heads, n, n): each head's learned bias for the bucket of every key's offset from every
+    /// query.
+    fn position_bias(&self, n: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let buckets: Vec<u32> = (0..n)
+            .flat_map(|query| {
+                (0..n).map(move |key| {
+                    relative_position_bucket(
+                        key as i64 - query as i64,
+                        c.relative_attention_num_buckets,
+                        c.relative_attention_max_distance,
+                    ) as u32
+                })
+            })
+            .collect();
+        let buckets = Tensor::from_vec(buckets, n * n, device)?;
+        self.relative_attention_bias
+            .t()?
+            .contiguous()?
+            .index_select(&buckets, 1)?
+            .reshape((c.num_heads, n, n))
+    }
+}
+
+/// transformers' bidirectional `_relative_position_bucket` for `key − query`: half the buckets
+/// for keys after the query; in each half, exact offsets below a quarter of the buckets, then
+/// logarithmic bins up to `max_distance`, computed in f32 as torch does (the bin edges fall on
+/// whole numbers, where another rounding could move a bucket).
+fn relative_position_bucket(relative: i64, buckets: usize, max_distance: usize) -> usize {
+    let half = buckets / 2;
+    let base = if relative > 0 { half } else { 0 };
+    let distance = relative.unsigned_abs() as usize;
+    let max_exact = half / 2;
+    if distance < max_exact {
+        return base + distance;
+    }
+    let log_ratio = (distance as f32 / max_exact as f32).ln()
+        / ((max_distance as f64 / max_exact as f64).ln() as f32)
+        * (half - max_exact) as f32;
+    base + (max_exact + log_ratio as usize).min(half - 1)
+}
+
+/// transformers' residual add: a half-precision stream meeting an f32 `wo` output becomes f32.
+fn residual(xs: &Tensor, h: &Tensor) -> candle_core::Result<Tensor> {
+    if xs.dtype() == h.dtype() {
+        xs + h
+    } else {
+        xs.to_dtype(DType::F32)? + h.to_dtype(DType::F32)?
+    }
+}
+
+/// transformers' guard for an f16 stream: infinities become ±(f16::MAX − 1000).
+fn clamp_f16(xs: Tensor) -> candle_core::Result<Tensor> {
+    if xs.dtype() != DType::F16 {
+        return Ok(xs);
+    }
+    let largest = xs
+        .abs()?
+        .flatten_all()?
+        .max(D::Minus1)?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    if largest.is_finite() {
+        return Ok(xs);
+    }
+    let limit = f64::from(half::f16::MAX) - 1000.0;
+    xs.clamp(-limit, limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Buckets of T5 v1.1's configuration (32 buckets, distance 128) at the offsets that
+    /// matter: exact ones, the first logarithmic bins (whose edges are whole numbers in f32),
+    /// the clamp past `max_distance`, and keys after the query in the upper half.
+    #[test]
+    fn relative_position_buckets_follow_transformers() {
+        let bucket = |r| relative_position_bucket(r, 32, 128);
+        // Values from transformers' `_relative_position_bucket` (torch 2.15).
+        for (relative, want) in [
+            (0, 0),
+            (-1, 1),
+            (-7, 7),
+            (-8, 8),
+            (-15, 9),
+            (-16, 10),
+            (-31, 11),
+            (-32, 12),
+            (-64, 14),
+            (-127, 15),
+            (-128, 15),
+            (-500, 15),
+            (1, 17),
+            (7, 23),
+            (8, 24),
+            (16, 26),
+            (32, 28),
+            (500, 31),
+        ] {
+            assert_eq!(bucket(relative), want, "offset {relative}");
         }
     }
-}
 
-impl SimpleBackend for CpuGemmLayout {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        Self::arrange(name, self.0.get(s, name, h, dtype, dev)?)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        Self::arrange(name, self.0.get_unchecked(name, dtype, dev)?)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains_tensor(name)
+    #[test]
+    fn feed_forward_names_parse_as_transformers_does() {
+        assert_eq!(
+            Activation::parse("gated-gelu"),
+            Some((Activation::GeluTanh, true))
+        );
+        assert_eq!(Activation::parse("relu"), Some((Activation::Relu, false)));
+        assert_eq!(Activation::parse("gelu"), Some((Activation::GeluErf, false)));
+        assert_eq!(
+            Activation::parse("gated-silu"),
+            Some((Activation::Silu, true))
+        );
+        assert_eq!(Activation::parse("fancy-gelu"), None);
+        assert_eq!(Activation::parse("gated-mish"), None);
     }
 }

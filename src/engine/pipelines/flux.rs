@@ -94,7 +94,7 @@ impl Flux {
         let t5 = (
             T5Tokenizer::load(dir, "tokenizer_2")?,
             T5Encoder::new(
-                source.t5("text_encoder_2/model", text_dtype, &text_device)?,
+                source.get("text_encoder_2/model", text_dtype, &text_device)?,
                 dir.read_json("text_encoder_2/config.json")?,
             )?,
         );

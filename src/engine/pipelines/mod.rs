@@ -40,22 +40,6 @@ impl WeightSource<'_> {
         }
     }
 
-    /// A T5 encoder's weights (`t5::var_builder`: candle-transformers' layers, their Linear
-    /// weights on the CPU in the layout the CPU's products read fastest).
-    pub(crate) fn t5(
-        &self,
-        stem: &str,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<candle_nn::VarBuilder<'static>> {
-        use crate::engine::loader::weights::SafetensorsFile;
-        if self.random {
-            return self.get(stem, dtype, device);
-        }
-        let file = SafetensorsFile::open_component(self.dir, stem)?;
-        Ok(crate::engine::models::t5::var_builder(file, dtype, device))
-    }
-
     /// The transformer's weights: `options.transformer_file` when given, else the folder's
     /// `transformer/` files; either may use the model makers' single-file `naming`.
     pub(crate) fn transformer(

@@ -109,7 +109,7 @@ impl StableDiffusion3 {
             Some((
                 tokenizer,
                 T5Encoder::new(
-                    source.t5("text_encoder_3/model", text_dtype, &text_device)?,
+                    source.get("text_encoder_3/model", text_dtype, &text_device)?,
                     config,
                 )?,
             ))
