@@ -319,6 +319,51 @@ fn t5_tokenizer_and_encoder_match_transformers() {
     }
 }
 
+/// T5 served in f16 (SD3 on a GPU with `--dtype f16`): a checkpoint whose feed-forward output
+/// overflows f16, as T5-XXL v1.1's does on real prompts. transformers keeps `wo` in f32 and the
+/// residual stream follows it there. With `wo` in f16 the states are 1.2 off here (infinities
+/// clamped as transformers clamps them), NaN without the clamp (candle-transformers' T5, used
+/// until session 18). Tolerance: 2⁻⁶ of the states' largest value. Each side is ~0.011 from the
+/// f32 result (a few f16 roundings, step 2⁻¹¹ of a value, through two layers), 0.021 apart;
+/// candle's f16 softmax (summing in f16) put ours 0.06 off.
+#[test]
+fn t5_in_f16_keeps_its_output_projection_in_f32_as_transformers_does() {
+    use candela::engine::models::t5::T5Encoder;
+    let dir = model_dir("t5-tiny-f16");
+    let config: serde_json::Value = dir.read_json("text_encoder/config.json").unwrap();
+    let file = candela::engine::loader::weights::SafetensorsFile::open(
+        &dir.file("text_encoder/model.safetensors"),
+    )
+    .unwrap();
+    let encoder = T5Encoder::new(file.into_var_builder(DType::F16, &Device::Cpu), config).unwrap();
+    let t = load_tensors("stages/t5_f16.safetensors");
+    let ids = t["input_ids"].to_dtype(DType::U32).unwrap();
+    let hidden = encoder.forward(&ids).unwrap();
+    assert_eq!(hidden.dtype(), DType::F16);
+    let expected = &t["hidden"];
+    let values = hidden.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let finite = values
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|x| x.is_finite());
+    assert!(finite, "T5 in f16 produced non-finite states");
+    let d = max_abs_diff(&hidden, expected);
+    let largest = expected
+        .to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    eprintln!("t5 f16 hidden: max diff {d} (largest value {largest})");
+    assert!(d <= largest / 64.0, "T5 f16 hidden states differ by {d}");
+}
+
 /// The SD3/FLUX-style autoencoder (16 latent channels, no quant convs): encoder distribution and
 /// decoder against diffusers (SD's 4-channel encoder is covered by the image-to-image runs).
 #[test]

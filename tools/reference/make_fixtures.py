@@ -722,6 +722,44 @@ def build_t5(root: Path, seed: int, d_model: int = 32, tokenizer_folder: str = "
             T5EncoderModel.from_pretrained(root / encoder_folder).eval())
 
 
+def t5_f16_fixtures(fixtures: Path, scale: float = 200.0):
+    """T5 served in f16, from the committed tiny T5: its feed-forward `wi_1` and `wo` scaled so
+    that `wo`'s output overflows f16 (as T5-XXL v1.1's does on real prompts) while every weight
+    and every input of `wo` stays within f16's range, saved in f16 as real fp16
+    checkpoints are, and run by transformers in f16 — which keeps `wo` in f32
+    (`_keep_in_fp32_modules`), so its output stays finite. The same model with every layer in
+    f16 must overflow, or the fixture would not test that."""
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    src = fixtures / "models" / "t5-tiny"
+    dst = fixtures / "models" / "t5-tiny-f16"
+    shutil.rmtree(dst, ignore_errors=True)
+    model = T5EncoderModel.from_pretrained(src / "text_encoder").eval()
+    with torch.no_grad():
+        for block in model.encoder.block:
+            block.layer[1].DenseReluDense.wi_1.weight.mul_(scale)
+            block.layer[1].DenseReluDense.wo.weight.mul_(scale)
+    model.half().save_pretrained(dst / "text_encoder", safe_serialization=True)
+    shutil.copytree(src / "tokenizer", dst / "tokenizer")
+    tokenizer = T5TokenizerFast.from_pretrained(dst / "tokenizer")
+    served = T5EncoderModel.from_pretrained(dst / "text_encoder", dtype=torch.float16).eval()
+    assert served.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    all_half = T5EncoderModel.from_pretrained(dst / "text_encoder", dtype=torch.float16).eval().half()
+    prompts = json.loads((fixtures / "stages" / "t5_prompts.json").read_text())
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                    add_special_tokens=True, return_tensors="pt").input_ids
+    overflowed = []
+    all_half.encoder.block[0].layer[1].DenseReluDense.wo.register_forward_hook(
+        lambda module, inputs, output: overflowed.append(not torch.isfinite(output).all()))
+    with torch.no_grad():
+        hidden = served(ids)[0]
+        all_half(ids)
+    assert hidden.dtype == torch.float16 and torch.isfinite(hidden).all()
+    assert overflowed == [True], "wo in f16 did not overflow: raise the scale"
+    save_file({"input_ids": ids.to(torch.int64).contiguous(), "hidden": hidden.contiguous()},
+              fixtures / "stages" / "t5_f16.safetensors")
+
+
 def build_vae16(root: Path, out_dir: Path, seed: int):
     """SD3/FLUX-style autoencoder: 16 latent channels, no quant convs, a shift factor."""
     gen = torch.Generator().manual_seed(seed)
@@ -1017,6 +1055,8 @@ def main():
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
     ap.add_argument("--vae16", action="store_true", help="(re)build the tiny 16-channel (SD3/FLUX) VAE")
     ap.add_argument("--t5", action="store_true", help="(re)build the tiny T5 encoder and its stage fixtures")
+    ap.add_argument("--t5-f16", action="store_true",
+                    help="(re)build the tiny T5 served in f16 (from the committed tiny T5) and its fixture")
     ap.add_argument("--refiner", action="store_true",
                     help="(re)build the tiny SDXL refiner and write its image-to-image runs")
     ap.add_argument("--inpaint", action="store_true",
@@ -1041,6 +1081,10 @@ def main():
         tokenizer, model = build_t5(out / "models" / "t5-tiny", seed=6)
         t5_stage_fixtures(tokenizer, model, out / "stages")
         print("T5 fixtures written to", out)
+        return
+    if args.t5_f16:
+        t5_f16_fixtures(out)
+        print("T5 f16 fixtures written to", out)
         return
     if args.refiner:
         shutil.rmtree(out / "models" / "sdxl-refiner-tiny", ignore_errors=True)

@@ -81,12 +81,30 @@ fn map_cpu_f32(xs: &Tensor, slice: fn(&[f32], &mut [f32])) -> candle_core::Resul
     Tensor::from_vec(out, xs.shape(), &Device::Cpu)
 }
 
+/// Half precision on the CPU: `f` over the values widened to f32, rounded back once, as
+/// PyTorch computes its CPU activations. candle evaluates them in f16/bf16 arithmetic there
+/// (twice one rounding's error, measured).
+fn via_f32_on_cpu(
+    xs: &Tensor,
+    f: fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> Option<candle_core::Result<Tensor>> {
+    let half = matches!(
+        xs.dtype(),
+        candle_core::DType::F16 | candle_core::DType::BF16
+    );
+    (half && xs.device().is_cpu())
+        .then(|| f(&xs.to_dtype(candle_core::DType::F32)?)?.to_dtype(xs.dtype()))
+}
+
 /// candle's `gelu` (the tanh approximation) — vectorised for f32 on the CPU, one fused pass on
 /// CUDA.
 pub fn gelu_tanh(xs: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if crate::engine::cuda::elementwise::supports(xs) {
         return crate::engine::cuda::elementwise::gelu_tanh(xs, None);
+    }
+    if let Some(upcast) = via_f32_on_cpu(xs, gelu_tanh) {
+        return upcast;
     }
     if !is_cpu_f32(xs) {
         return xs.gelu();
@@ -97,6 +115,9 @@ pub fn gelu_tanh(xs: &Tensor) -> candle_core::Result<Tensor> {
 /// candle's `gelu_erf` (OpenCLIP-G's MLP), where candle calls a scalar `erf` per element:
 /// vectorised for f32 on the CPU.
 pub fn gelu_erf(xs: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(upcast) = via_f32_on_cpu(xs, gelu_erf) {
+        return upcast;
+    }
     if !is_cpu_f32(xs) {
         return xs.gelu_erf();
     }

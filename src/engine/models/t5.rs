@@ -117,8 +117,7 @@ impl RmsNorm {
     /// transformers rounds the normalised value to f16/bf16 and then scales it there; this
     /// scales in f32 and rounds once (within one rounding of it).
     fn forward(&self, xs: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(&xs.to_dtype(DType::F32)?, &self.weight, self.eps)?
-            .to_dtype(dtype)
+        candle_nn::ops::rms_norm(&xs.to_dtype(DType::F32)?, &self.weight, self.eps)?.to_dtype(dtype)
     }
 }
 
@@ -159,10 +158,16 @@ impl SelfAttention {
         } else {
             let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
             let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?
+            // In f32 and rounded once, as PyTorch's softmax of half-precision scores (candle's
+            // CPU softmax sums in f16: 12× one rounding's error, measured).
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                .to_dtype(v.dtype())?
+                .matmul(&v)?
         };
-        self.o
-            .forward(&out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?)
+        self.o.forward(
+            &out.transpose(1, 2)?
+                .reshape((b, n, self.heads * self.head_dim))?,
+        )
     }
 }
 
@@ -426,7 +431,10 @@ mod tests {
             Some((Activation::GeluTanh, true))
         );
         assert_eq!(Activation::parse("relu"), Some((Activation::Relu, false)));
-        assert_eq!(Activation::parse("gelu"), Some((Activation::GeluErf, false)));
+        assert_eq!(
+            Activation::parse("gelu"),
+            Some((Activation::GeluErf, false))
+        );
         assert_eq!(
             Activation::parse("gated-silu"),
             Some((Activation::Silu, true))
