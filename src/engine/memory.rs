@@ -135,8 +135,8 @@ impl Footprint {
             };
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
             let mut bytes = if folder.starts_with("text_encoder") {
-                file.loaded_bytes_by(|name| {
-                    crate::engine::models::t5::weight_dtype(name, component_dtype)
+                file.loaded_bytes_by(|name, stored| {
+                    crate::engine::models::t5::weight_dtype(name, stored, component_dtype)
                 })
             } else {
                 file.loaded_bytes(component_dtype)

@@ -194,21 +194,22 @@ impl SafetensorsFile {
     /// Bytes the tensors take once loaded as `dtype` (floating tensors are converted; others keep
     /// their own width). Read from the header only.
     pub fn loaded_bytes(&self, dtype: DType) -> u64 {
-        self.loaded_bytes_by(|_| dtype)
+        self.loaded_bytes_by(|_, _| dtype)
     }
 
-    /// [`Self::loaded_bytes`] with each floating tensor's dtype chosen by its name (T5 holds
-    /// some layers in f32 under f16: `t5::weight_dtype`).
-    pub fn loaded_bytes_by(&self, dtype_of: impl Fn(&str) -> DType) -> u64 {
+    /// [`Self::loaded_bytes`] with each floating tensor's dtype chosen by its name and stored
+    /// dtype (T5 holds some layers in f32 under f16: `t5::weight_dtype`).
+    pub fn loaded_bytes_by(&self, dtype_of: impl Fn(&str, DType) -> DType) -> u64 {
         self.tensors
             .tensors()
             .into_iter()
             .map(|(name, view)| {
                 let numel: usize = view.shape().iter().product();
                 let width = match DType::try_from(view.dtype()) {
-                    Ok(d) if d.is_float() => dtype_of(&name).size_in_bytes(),
+                    Ok(d) if d.is_float() => dtype_of(&name, d).size_in_bytes(),
                     Ok(d) => d.size_in_bytes(),
-                    Err(_) => dtype_of(&name).size_in_bytes(),
+                    // A format candle cannot hold (fp8 codes, …) is converted on load.
+                    Err(_) => dtype_of(&name, DType::F32).size_in_bytes(),
                 };
                 (numel * width) as u64
             })

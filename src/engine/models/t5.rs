@@ -7,7 +7,9 @@
 //!   (`_keep_in_fp32_modules`). The residual stream is then promoted to f32 by the first
 //!   feed-forward block and stays there; only the layer norms' outputs go back to f16. This
 //!   module does the same, where candle-transformers' T5 (used until session 18) ran `wo` in
-//!   f16: infinities, then NaN prompt states for SD3 served in f16.
+//!   f16: infinities, then NaN prompt states for SD3 served in f16. A `wo` whose values f16
+//!   holds exactly (an fp16 checkpoint's: SD3's T5) stays in f16 and is widened for each
+//!   product — the same f32 product without T5-XXL's 2 GB of f32 weights.
 //! * **The CPU's fused kernels.** In f32 on the CPU the attention runs fused with the relative
 //!   position bias accumulated under its product ([`super::cpu_attention`]), the gated GELU's
 //!   two projections as one product gated in one pass, and every Linear weight in the layout the
@@ -52,10 +54,12 @@ fn default_feed_forward() -> String {
     "relu".into()
 }
 
-/// The dtype `name` is held in when the model runs in `dtype`: the feed-forward output
-/// projections stay f32 under f16, as transformers keeps them (see the module docs).
-pub fn weight_dtype(name: &str, dtype: DType) -> DType {
-    if dtype == DType::F16 && name.contains("DenseReluDense.wo.") {
+/// The most memory `name` (stored as `stored` in its file) is held in when the model runs in
+/// `dtype`: the feed-forward output projections under f16 take f32 unless the file holds them
+/// in f16 already (see the module docs). The loader may still find an f32 or bf16 file's
+/// values exact in f16 and hold them so: an upper bound, for the memory planner.
+pub fn weight_dtype(name: &str, stored: DType, dtype: DType) -> DType {
+    if dtype == DType::F16 && name.contains("DenseReluDense.wo.") && stored != DType::F16 {
         DType::F32
     } else {
         dtype
@@ -180,11 +184,49 @@ enum FeedForward {
     GatedFused { wi: Linear },
 }
 
+/// `wo`, whose product runs in f32 when the model runs in f16.
+enum OutputProjection {
+    /// In the model's dtype, or f32 under f16.
+    Held(Linear),
+    /// Under f16, values f16 holds exactly: kept in f16, widened for each product.
+    Widened(Tensor),
+}
+
+impl OutputProjection {
+    fn new(vb: VarBuilder, input: usize, output: usize) -> candle_core::Result<Self> {
+        if vb.dtype() != DType::F16 {
+            return Ok(Self::Held(linear_no_bias(input, output, vb)?));
+        }
+        let exact = vb.to_dtype(DType::F32).get((output, input), "weight")?;
+        let narrow = exact.to_dtype(DType::F16)?;
+        let round_trips = narrow
+            .to_dtype(DType::F32)?
+            .eq(&exact)?
+            .flatten_all()?
+            .min(0)?
+            .to_scalar::<u8>()?
+            == 1;
+        Ok(if round_trips {
+            Self::Widened(narrow)
+        } else {
+            Self::Held(Linear::new(exact, None))
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Held(wo) => wo.forward(&xs.to_dtype(wo.weight().dtype())?),
+            Self::Widened(weight) => {
+                Linear::new(weight.to_dtype(DType::F32)?, None).forward(&xs.to_dtype(DType::F32)?)
+            }
+        }
+    }
+}
+
 struct FeedForwardBlock {
     ff: FeedForward,
     act: Activation,
-    /// f32 when the model runs in f16 ([`weight_dtype`]).
-    wo: Linear,
+    wo: OutputProjection,
 }
 
 impl FeedForwardBlock {
@@ -209,9 +251,7 @@ impl FeedForwardBlock {
                 }
             }
         };
-        let wo_vb = vb.pp("wo");
-        let wo_dtype = weight_dtype("DenseReluDense.wo.weight", vb.dtype());
-        let wo = linear_no_bias(f, d, wo_vb.to_dtype(wo_dtype))?;
+        let wo = OutputProjection::new(vb.pp("wo"), f, d)?;
         Ok(Self { ff, act, wo })
     }
 
@@ -229,7 +269,7 @@ impl FeedForwardBlock {
                 }
             }
         };
-        self.wo.forward(&h.to_dtype(self.wo.weight().dtype())?)
+        self.wo.forward(&h)
     }
 }
 
@@ -422,6 +462,34 @@ mod tests {
         ] {
             assert_eq!(bucket(relative), want, "offset {relative}");
         }
+    }
+
+    /// Under f16, `wo` is held in f16 only when that loses nothing, and either way its product
+    /// is the f32 product of the file's values.
+    #[test]
+    fn output_projection_under_f16_computes_in_f32() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1., (2, 3, 8), &dev)?.to_dtype(DType::F16)?;
+        let exact_in_f16 = Tensor::randn(0f32, 1., (4, 8), &dev)?
+            .to_dtype(DType::F16)?
+            .to_dtype(DType::F32)?;
+        let not_exact = (&exact_in_f16 + 1e-4)?;
+        for (weight, widened) in [(exact_in_f16, true), (not_exact, false)] {
+            let tensors = std::collections::HashMap::from([("weight".to_string(), weight.clone())]);
+            let vb = VarBuilder::from_tensors(tensors, DType::F16, &dev);
+            let wo = OutputProjection::new(vb, 8, 4)?;
+            assert_eq!(matches!(wo, OutputProjection::Widened(_)), widened);
+            let ours = wo.forward(&xs)?;
+            assert_eq!(ours.dtype(), DType::F32);
+            let expected = xs.to_dtype(DType::F32)?.broadcast_matmul(&weight.t()?)?;
+            let diff = (ours - expected)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "widened {widened}: {diff}");
+        }
+        Ok(())
     }
 
     #[test]
