@@ -352,6 +352,10 @@ fn t5_in_f16_keeps_its_output_projection_in_f32_as_transformers_does() {
     let largest = max_abs(expected);
     eprintln!("t5 f16 hidden: max diff {d} (largest value {largest})");
     assert!(d <= largest / 64.0, "T5 f16 hidden states differ by {d}");
+    // One prompt alone (the pipelines' batch, which adds the position bias without broadcasting).
+    let one = encoder.forward(&ids.narrow(0, 2, 1).unwrap()).unwrap();
+    let d = max_abs_diff(&one, &expected.narrow(0, 2, 1).unwrap());
+    assert!(d <= largest / 64.0, "T5 f16, one prompt: {d}");
 }
 
 /// The SD3/FLUX-style autoencoder (16 latent channels, no quant convs): encoder distribution and

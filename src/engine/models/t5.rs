@@ -161,7 +161,13 @@ impl SelfAttention {
             super::cpu_attention::attention_with_bias(&q, &k, &v, 1.0, Some(bias))?
         } else {
             let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-            let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
+            let scores = q.matmul(&k.t()?)?;
+            // One prompt (the pipelines' case): a same-shape add, not a broadcasting one.
+            let scores = if b == 1 {
+                (scores + bias.unsqueeze(0)?)?
+            } else {
+                scores.broadcast_add(bias)?
+            };
             // In f32 and rounded once, as PyTorch's softmax of half-precision scores (candle's
             // CPU softmax sums in f16: 12× one rounding's error, measured).
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
@@ -364,16 +370,18 @@ impl T5Encoder {
     /// query.
     fn position_bias(&self, n: usize, device: &Device) -> candle_core::Result<Tensor> {
         let c = &self.config;
-        let buckets: Vec<u32> = (0..n)
-            .flat_map(|query| {
-                (0..n).map(move |key| {
-                    relative_position_bucket(
-                        key as i64 - query as i64,
-                        c.relative_attention_num_buckets,
-                        c.relative_attention_max_distance,
-                    ) as u32
-                })
+        // A bucket per offset (2n − 1 logarithms), then the n × n table by lookup.
+        let by_offset: Vec<u32> = (0..2 * n as i64 - 1)
+            .map(|i| {
+                relative_position_bucket(
+                    i - (n as i64 - 1),
+                    c.relative_attention_num_buckets,
+                    c.relative_attention_max_distance,
+                ) as u32
             })
+            .collect();
+        let buckets: Vec<u32> = (0..n)
+            .flat_map(|query| by_offset[n - 1 - query..][..n].iter().copied())
             .collect();
         let buckets = Tensor::from_vec(buckets, n * n, device)?;
         self.relative_attention_bias
