@@ -105,6 +105,17 @@ impl SingleOutput {
     }
 }
 
+/// diffusers' guard in f16, after each single block and each double block's text stream: FLUX's
+/// activations outgrow f16 there, and an infinity becomes f16's largest value instead of NaN
+/// in the next layer norm.
+fn clip_f16(xs: Tensor) -> candle_core::Result<Tensor> {
+    if xs.dtype() != candle_core::DType::F16 {
+        return Ok(xs);
+    }
+    let largest = f64::from(half::f16::MAX);
+    xs.clamp(-largest, largest)
+}
+
 impl SingleBlock {
     fn new(
         vb: VarBuilder,
@@ -281,19 +292,39 @@ impl FluxTransformer {
             let (next, next_context) =
                 block.forward(&xs, &context, &temb, ContextOrder::Before, Some(rope))?;
             xs = next;
-            context = next_context.ok_or_else(|| {
+            context = clip_f16(next_context.ok_or_else(|| {
                 candle_core::Error::Msg("a FLUX double block lost its text stream".into())
-            })?;
+            })?)?;
         }
         let text_tokens = context.dim(1)?;
         let mut joint = Tensor::cat(&[&context, &xs], 1)?;
         for block in &self.single_blocks {
-            joint = block.forward(&joint, &temb, rope)?;
+            joint = clip_f16(block.forward(&joint, &temb, rope)?)?;
         }
         let image_tokens = joint.dim(1)? - text_tokens;
         let xs = joint.narrow(1, text_tokens, image_tokens)?;
         let m = self.norm_out.forward(&temb)?;
         let xs = self.layer_norm.forward_modulated(&xs, &m[1], &m[0])?;
         self.proj_out.forward(&xs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// In f16 an infinity becomes ±f16::MAX and finite values stay; other dtypes pass as they are.
+    #[test]
+    fn f16_states_are_clipped_to_finite_values_as_diffusers_does() -> candle_core::Result<()> {
+        let values = [f32::INFINITY, -f32::INFINITY, 1.5, -65504.0];
+        let xs = Tensor::new(&values, &Device::Cpu)?;
+        let clipped = clip_f16(xs.to_dtype(DType::F16)?)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        assert_eq!(clipped, [65504.0, -65504.0, 1.5, -65504.0]);
+        let f32_values = clip_f16(xs)?.to_vec1::<f32>()?;
+        assert!(f32_values[0].is_infinite());
+        Ok(())
     }
 }
