@@ -106,8 +106,19 @@ fn unfused_whole(
     if let Some(mask) = mask {
         scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
     probs.matmul(v)
+}
+
+/// Softmax over the last dimension, rounded once as PyTorch's is: candle's CUDA kernel
+/// accumulates half-precision rows in f32, its CPU kernel in the rows' own dtype (12× one
+/// rounding's error in f16, measured), so half-precision rows on the CPU go through f32.
+pub fn softmax_last_dim(scores: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = scores.dtype();
+    if scores.device().is_cpu() && matches!(dtype, DType::F16 | DType::BF16) {
+        return candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype);
+    }
+    candle_nn::ops::softmax_last_dim(scores)
 }
 
 /// diffusers' `Attention` with the default processor: separate q/k/v projections, optional
@@ -186,6 +197,22 @@ impl Attention {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Half-precision softmax on the CPU is the f32 softmax rounded once: within half a unit in
+    /// the last place of f16 (2⁻¹² for probabilities up to 1), where candle's own kernel was
+    /// 12× that.
+    #[test]
+    fn half_precision_softmax_rounds_once() {
+        let scores = (Tensor::randn(0f32, 3., (77, 64), &Device::Cpu).unwrap())
+            .to_dtype(DType::F16)
+            .unwrap();
+        let exact =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32).unwrap()).unwrap();
+        let ours = softmax_last_dim(&scores).unwrap();
+        assert_eq!(ours.dtype(), DType::F16);
+        let diff = max_difference(&ours, &exact);
+        assert!(diff <= 1.0 / 4096.0, "{diff}");
+    }
 
     fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();

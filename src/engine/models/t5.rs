@@ -168,11 +168,7 @@ impl SelfAttention {
             } else {
                 scores.broadcast_add(bias)?
             };
-            // In f32 and rounded once, as PyTorch's softmax of half-precision scores (candle's
-            // CPU softmax sums in f16: 12× one rounding's error, measured).
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                .to_dtype(v.dtype())?
-                .matmul(&v)?
+            super::attention::softmax_last_dim(&scores)?.matmul(&v)?
         };
         self.o.forward(
             &out.transpose(1, 2)?
