@@ -4,6 +4,7 @@
 //! scheduler config asks for it: dev), the guidance scale fed to the model (dev's guidance
 //! distillation), and optional true classifier-free guidance with a negative prompt.
 
+use super::prompt_cache::PromptCache;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -39,6 +40,7 @@ pub fn default_t5_tokens(guidance_embeds: bool) -> usize {
 }
 
 /// One prompt's conditioning: T5 states (1, L, D) and CLIP's pooled output (1, P).
+#[derive(Clone)]
 pub struct FluxEmbeds {
     pub context: Tensor,
     pub pooled: Tensor,
@@ -54,6 +56,8 @@ pub struct Flux {
     /// Where the text encoders run (the CPU with `text_encoders_on_cpu`).
     text_device: Device,
     dtype: DType,
+    /// By (prompt, T5 tokens).
+    prompts: PromptCache<(String, usize), FluxEmbeds>,
 }
 
 impl Flux {
@@ -141,6 +145,7 @@ impl Flux {
             device: device.clone(),
             text_device,
             dtype,
+            prompts: PromptCache::default(),
         })
     }
 
@@ -225,6 +230,14 @@ impl Flux {
     /// One prompt's conditioning: CLIP's pooled output (the final-layer-normed end-of-text
     /// state) and T5's last hidden states over `t5_tokens` tokens.
     pub fn embed(&self, prompt: &str, t5_tokens: usize) -> Result<FluxEmbeds> {
+        self.prompts
+            .get_or_encode((prompt.to_string(), t5_tokens), || {
+                self.embed_uncached(prompt, t5_tokens)
+            })
+    }
+
+    /// [`Self::embed`] past the cache of recent prompts (benchmarks time this).
+    pub fn embed_uncached(&self, prompt: &str, t5_tokens: usize) -> Result<FluxEmbeds> {
         let (tokenizer, clip) = &self.clip;
         let ids = super::clip_token_ids(tokenizer, prompt, &self.text_device)?;
         let (_, pooled) = clip.forward_penultimate(&ids, 0)?;

@@ -3,6 +3,7 @@
 pub mod autoencoder;
 pub mod flux;
 pub mod params;
+pub mod prompt_cache;
 pub mod sd;
 pub mod sd3;
 pub mod timing;

@@ -1,5 +1,6 @@
 //! Stable Diffusion 1.x/2.x text-to-image, step for step as diffusers' `StableDiffusionPipeline`.
 
+use super::prompt_cache::PromptCache;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -114,6 +115,7 @@ struct XlParts {
 
 /// One prompt's conditioning: the cross-attention context (1, 77, D) and, for SDXL, the pooled
 /// embedding (1, P).
+#[derive(Clone)]
 pub struct PromptEmbeds {
     pub context: Tensor,
     pub pooled: Option<Tensor>,
@@ -131,6 +133,8 @@ pub struct StableDiffusion {
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
+    /// By (prompt, clip_skip).
+    prompts: PromptCache<(String, usize), PromptEmbeds>,
 }
 
 /// The largest image side accepted (pixels); beyond this the attention maps do not fit anywhere sensible.
@@ -247,6 +251,7 @@ impl StableDiffusion {
             scheduler,
             device: device.clone(),
             dtype,
+            prompts: PromptCache::default(),
         })
     }
 
@@ -344,6 +349,14 @@ impl StableDiffusion {
     /// end). SDXL: both encoders' raw `hidden_states[-(clip_skip + 2)]` concatenated, plus the
     /// second encoder's pooled projection.
     pub fn embed(&self, prompt: &str, clip_skip: usize) -> Result<PromptEmbeds> {
+        self.prompts
+            .get_or_encode((prompt.to_string(), clip_skip), || {
+                self.embed_uncached(prompt, clip_skip)
+            })
+    }
+
+    /// [`Self::embed`] past the cache of recent prompts (benchmarks time this).
+    pub fn embed_uncached(&self, prompt: &str, clip_skip: usize) -> Result<PromptEmbeds> {
         match (&self.xl, &self.text) {
             (None, Some((tokenizer, encoder))) => {
                 let ids = super::clip_token_ids(tokenizer, prompt, &self.device)?;

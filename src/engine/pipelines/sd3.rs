@@ -4,6 +4,7 @@
 //! states after them; the two pooled projections concatenated), the MMDiT, flow-matching Euler,
 //! classifier-free guidance and SD3.5's Skip Layer Guidance.
 
+use super::prompt_cache::PromptCache;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -45,6 +46,7 @@ pub const SD3_PIPELINES: &[&str] = &[
 
 /// One prompt's conditioning: the joint text states (1, 77 + T5 tokens, D) and the pooled
 /// projections (1, P).
+#[derive(Clone)]
 pub struct Sd3Embeds {
     pub context: Tensor,
     pub pooled: Tensor,
@@ -61,6 +63,8 @@ pub struct StableDiffusion3 {
     /// Where the text encoders run (the CPU with `text_encoders_on_cpu`).
     text_device: Device,
     dtype: DType,
+    /// By (prompt, clip_skip, T5 tokens).
+    prompts: PromptCache<(String, usize, usize), Sd3Embeds>,
 }
 
 impl StableDiffusion3 {
@@ -175,6 +179,7 @@ impl StableDiffusion3 {
             device: device.clone(),
             text_device,
             dtype,
+            prompts: PromptCache::default(),
         })
     }
 
@@ -299,6 +304,19 @@ impl StableDiffusion3 {
 
     /// One prompt's joint conditioning (diffusers' `encode_prompt` for one prompt).
     pub fn embed(&self, prompt: &str, clip_skip: usize, t5_tokens: usize) -> Result<Sd3Embeds> {
+        self.prompts
+            .get_or_encode((prompt.to_string(), clip_skip, t5_tokens), || {
+                self.embed_uncached(prompt, clip_skip, t5_tokens)
+            })
+    }
+
+    /// [`Self::embed`] past the cache of recent prompts (benchmarks time this).
+    pub fn embed_uncached(
+        &self,
+        prompt: &str,
+        clip_skip: usize,
+        t5_tokens: usize,
+    ) -> Result<Sd3Embeds> {
         let (l, pooled_l) = self.clip_embed(&self.clip_l, prompt, clip_skip)?;
         let (g, pooled_g) = self.clip_embed(&self.clip_g, prompt, clip_skip)?;
         let width = self.transformer.config.joint_attention_dim;

@@ -241,7 +241,7 @@ impl Pipeline {
             Self::Sd(m) => {
                 let (embeds, text_encode_ms) =
                     timed_warm(c"text encoding", sync, shape.repeats, || {
-                        m.embed(BENCH_PROMPT, 0)
+                        m.embed_uncached(BENCH_PROMPT, 0)
                     })?;
                 let scale = m.vae_scale();
                 let (h, w) = (shape.height / scale, shape.width / scale);
@@ -286,7 +286,7 @@ impl Pipeline {
             Self::Sd3(m) => {
                 let (embeds, text_encode_ms) =
                     timed_warm(c"text encoding", sync, shape.repeats, || {
-                        m.embed(BENCH_PROMPT, 0, sd3::DEFAULT_T5_TOKENS)
+                        m.embed_uncached(BENCH_PROMPT, 0, sd3::DEFAULT_T5_TOKENS)
                     })?;
                 let scale = m.vae_scale();
                 let (h, w) = (shape.height / scale, shape.width / scale);
@@ -318,7 +318,7 @@ impl Pipeline {
                 let guidance = m.has_guidance_embeds();
                 let (embeds, text_encode_ms) =
                     timed_warm(c"text encoding", sync, shape.repeats, || {
-                        m.embed(BENCH_PROMPT, flux::default_t5_tokens(guidance))
+                        m.embed_uncached(BENCH_PROMPT, flux::default_t5_tokens(guidance))
                     })?;
                 let scale = m.vae().scale();
                 let (h, w) = (shape.height / scale, shape.width / scale);
