@@ -6,7 +6,11 @@
 //! float32 tensor of at least 16 elements fills the tensor with 24-bit uniforms, then turns each
 //! block of 16 into normals with Box-Muller (first 8 = radius*cos, last 8 = radius*sin); a tail
 //! that is not a multiple of 16 redraws the last 16 slots. Smaller tensors take the scalar path:
-//! double-precision Box-Muller with one cached spare.
+//! double-precision Box-Muller with one cached spare. A float16/bfloat16 tensor (what diffusers
+//! draws when it serves in half precision) differs only there: torch fills just the whole
+//! blocks of 16 with uniforms before redrawing the tail ([`TorchGenerator::randn_in`]).
+
+use candle_core::DType;
 
 const N: usize = 624;
 const M: usize = 397;
@@ -98,10 +102,24 @@ impl TorchGenerator {
 
     /// `torch.randn(numel, dtype=float32)` in row-major order.
     pub fn randn(&mut self, numel: usize) -> Vec<f32> {
+        self.randn_in(numel, DType::F32)
+    }
+
+    /// `torch.randn(numel, dtype=dtype)` in row-major order, before the rounding to `dtype`.
+    /// For f16/bf16 torch (2.15, CPU) draws uniforms for the whole blocks of 16 only, not for
+    /// every element, before redrawing the tail: the tail's values, and every later draw, then
+    /// differ from the f32 stream's (measured against torch: a 100-value f16 draw differed in its
+    /// last 16 by up to 3).
+    pub fn randn_in(&mut self, numel: usize, dtype: DType) -> Vec<f32> {
         if numel < 16 {
             return (0..numel).map(|_| self.normal_f64() as f32).collect();
         }
-        let mut data: Vec<f32> = (0..numel).map(|_| self.uniform_f32()).collect();
+        let drawn = match dtype {
+            DType::F16 | DType::BF16 => numel / 16 * 16,
+            _ => numel,
+        };
+        let mut data: Vec<f32> = (0..drawn).map(|_| self.uniform_f32()).collect();
+        data.resize(numel, 0.0);
         let mut i = 0;
         while i + 16 <= numel {
             normal_fill_16(&mut data[i..i + 16]);
@@ -179,6 +197,11 @@ impl BatchNoise {
     /// Normal noise for a tensor whose first dimension is the batch (`numel` values in all):
     /// each request's rows from its own generator.
     pub fn randn(&mut self, numel: usize) -> Result<Vec<f32>, String> {
+        self.randn_in(numel, DType::F32)
+    }
+
+    /// [`Self::randn`] drawn as torch draws a `dtype` tensor ([`TorchGenerator::randn_in`]).
+    pub fn randn_in(&mut self, numel: usize, dtype: DType) -> Result<Vec<f32>, String> {
         let rows = self.rows();
         if rows == 0 || !numel.is_multiple_of(rows) {
             return Err(format!(
@@ -188,7 +211,7 @@ impl BatchNoise {
         let per_row = numel / rows;
         let mut out = Vec::with_capacity(numel);
         for (generator, r) in &mut self.streams {
-            out.extend(generator.randn(*r * per_row));
+            out.extend(generator.randn_in(*r * per_row, dtype));
         }
         Ok(out)
     }

@@ -760,6 +760,24 @@ def t5_f16_fixtures(fixtures: Path, scale: float = 200.0):
               fixtures / "stages" / "t5_f16.safetensors")
 
 
+def randn_half_cases(out_dir: Path):
+    """torch.randn in float16 / bfloat16 (what diffusers draws when serving in half precision):
+    its stream leaves the float32 one where the element count is not a multiple of 16. Two draws
+    per case, so the generator's state after the first is checked too; values stored as f32."""
+    cases = []
+    tensors = {}
+    for i, (seed, shape) in enumerate([(7, [17]), (3, [100]), (42, [2, 4, 12, 8]),
+                                       (1234567890123, [1, 4, 5, 9]), (5, [1, 4, 13, 9])]):
+        for dtype in ["float16", "bfloat16"]:
+            g = torch.Generator("cpu").manual_seed(seed)
+            name = f"case{i}_{dtype}"
+            for draw in ["first", "second"]:
+                tensors[f"{name}_{draw}"] = torch.randn(shape, generator=g, dtype=getattr(torch, dtype)).float()
+            cases.append({"name": name, "seed": seed, "shape": shape, "dtype": dtype})
+    save_file(tensors, out_dir / "randn_half.safetensors")
+    (out_dir / "randn_half_cases.json").write_text(json.dumps(cases, indent=1))
+
+
 def build_vae16(root: Path, out_dir: Path, seed: int):
     """SD3/FLUX-style autoencoder: 16 latent channels, no quant convs, a shift factor."""
     gen = torch.Generator().manual_seed(seed)
@@ -1057,6 +1075,8 @@ def main():
     ap.add_argument("--t5", action="store_true", help="(re)build the tiny T5 encoder and its stage fixtures")
     ap.add_argument("--t5-f16", action="store_true",
                     help="(re)build the tiny T5 served in f16 (from the committed tiny T5) and its fixture")
+    ap.add_argument("--randn-half", action="store_true",
+                    help="(re)write only randn_half.safetensors: torch.randn in float16 and bfloat16")
     ap.add_argument("--refiner", action="store_true",
                     help="(re)build the tiny SDXL refiner and write its image-to-image runs")
     ap.add_argument("--inpaint", action="store_true",
@@ -1081,6 +1101,10 @@ def main():
         tokenizer, model = build_t5(out / "models" / "t5-tiny", seed=6)
         t5_stage_fixtures(tokenizer, model, out / "stages")
         print("T5 fixtures written to", out)
+        return
+    if args.randn_half:
+        randn_half_cases(out)
+        print("half-precision randn fixtures written to", out)
         return
     if args.t5_f16:
         t5_f16_fixtures(out)

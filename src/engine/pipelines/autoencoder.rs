@@ -123,7 +123,7 @@ impl Autoencoder {
     /// as the denoiser sees latents: `(sample − shift) × scale`.
     pub fn sample_latents(&self, image: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
         let (mean, std) = self.upcast_scope(|| self.run_encoder(image))?;
-        let draw = generator.randn(mean.elem_count());
+        let draw = generator.randn_in(mean.elem_count(), mean.dtype());
         let noise = Tensor::from_vec(draw, mean.shape(), &self.device)?.to_dtype(mean.dtype())?;
         let mut sample = (mean + (std * noise)?)?;
         if let Some(shift) = self.config().shift_factor {
@@ -145,7 +145,7 @@ impl Autoencoder {
     ) -> Result<Tensor> {
         let shape = (p.n, self.latent_channels(), h, w);
         let noise = |generator: &mut TorchGenerator| -> Result<Tensor> {
-            let draw = generator.randn(shape.0 * shape.1 * h * w);
+            let draw = generator.randn_in(shape.0 * shape.1 * h * w, self.latent_dtype);
             Ok(Tensor::from_vec(draw, shape, &self.device)?.to_dtype(self.latent_dtype)?)
         };
         match &p.init {

@@ -708,7 +708,7 @@ impl StableDiffusion {
         let numel = shape.0 * shape.1 * shape.2 * shape.3;
         let randn = |generator: &mut crate::engine::rng::TorchGenerator| -> Result<Tensor> {
             Ok(
-                Tensor::from_vec(generator.randn(numel), shape, &self.device)?
+                Tensor::from_vec(generator.randn_in(numel, self.dtype), shape, &self.device)?
                     .to_dtype(self.dtype)?,
             )
         };

@@ -567,7 +567,7 @@ pub fn build_with(
 /// `like`'s dtype/device.
 pub fn randn_like(like: &Tensor, rng: &mut BatchNoise) -> candle_core::Result<Tensor> {
     let values = rng
-        .randn(like.elem_count())
+        .randn_in(like.elem_count(), like.dtype())
         .map_err(candle_core::Error::Msg)?;
     Tensor::from_vec(values, like.shape(), like.device())?.to_dtype(like.dtype())
 }
