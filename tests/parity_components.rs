@@ -25,16 +25,19 @@ struct RandnCase {
     name: String,
     seed: u64,
     shape: Vec<usize>,
+    /// torch's dtype name where it is not float32.
+    #[serde(default)]
+    dtype: Option<String>,
+}
+
+fn randn_cases(file: &str) -> Vec<RandnCase> {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(file)).unwrap()).unwrap()
 }
 
 #[test]
 fn randn_matches_torch_bit_for_bit_on_both_paths() {
-    let cases: Vec<RandnCase> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("randn_cases.json")).unwrap(),
-    )
-    .unwrap();
     let expected = load_tensors("randn.safetensors");
-    for case in cases {
+    for case in randn_cases("randn_cases.json") {
         let mut g = TorchGenerator::new(case.seed);
         let numel: usize = case.shape.iter().product();
         for draw in ["first", "second"] {
@@ -62,14 +65,6 @@ fn randn_matches_torch_bit_for_bit_on_both_paths() {
     }
 }
 
-#[derive(Deserialize)]
-struct RandnHalfCase {
-    name: String,
-    seed: u64,
-    shape: Vec<usize>,
-    dtype: String,
-}
-
 /// torch.randn in float16 / bfloat16, as diffusers draws latents and sampler noise when it
 /// serves in half precision: the stream leaves the float32 one where the element count is not a
 /// multiple of 16 (17, 100, 180 and 468 values here; 768 as a control), two draws per case so the
@@ -78,16 +73,12 @@ struct RandnHalfCase {
 /// by whole units).
 #[test]
 fn half_precision_randn_matches_torch() {
-    let cases: Vec<RandnHalfCase> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("randn_half_cases.json")).unwrap(),
-    )
-    .unwrap();
     let expected = load_tensors("randn_half.safetensors");
-    for case in cases {
-        let dtype = match case.dtype.as_str() {
-            "float16" => DType::F16,
-            "bfloat16" => DType::BF16,
-            other => panic!("dtype {other}"),
+    for case in randn_cases("randn_half_cases.json") {
+        let dtype = match case.dtype.as_deref() {
+            Some("float16") => DType::F16,
+            Some("bfloat16") => DType::BF16,
+            other => panic!("dtype {other:?}"),
         };
         let mantissa_bits = if dtype == DType::F16 { 10 } else { 7 };
         let mut g = TorchGenerator::new(case.seed);
