@@ -460,14 +460,41 @@ def flux_run_fixtures(models: Path, out_dir: Path):
     (out_dir / "flux_runs.json").write_text(json.dumps(records, indent=1))
 
 
+def half_run_fixtures(models: Path, out_dir: Path):
+    """A FLUX run above again with the pipeline loaded in float16, as a GPU may serve it
+    (`<name>_f16.safetensors`, latents as f32): what diffusers does in half precision (T5's `wo`
+    kept in f32, the transformer's clips, noise drawn in f16) for our f16 path to be held to,
+    beside how far diffusers' own f16 run lands from its f32 one (the committed f32 run).
+    diffusers' tiny SD3 does not run in f16 on the CPU (its patch embedding's bias stays f32)."""
+    from diffusers import FluxPipeline
+
+    for name in ["flux_dev_guidance"]:
+        _, model, seed, (w, h), steps, guidance, n, neg, extra = next(r for r in FLUX_RUNS if r[0] == name)
+        pipe = FluxPipeline.from_pretrained(models / f"{model}-tiny", torch_dtype=torch.float16)
+        with torch.no_grad():
+            packed = pipe(PROMPT, negative_prompt=neg, width=w, height=h, num_inference_steps=steps,
+                          guidance_scale=guidance, num_images_per_prompt=n,
+                          generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+                          **extra).images
+            latents = pipe._unpack_latents(packed, h, w, pipe.vae_scale_factor)
+        assert latents.dtype == torch.float16
+        save_file({"latents": latents.float().contiguous()}, out_dir / f"{name}_f16.safetensors")
+
+
 def main():
     ap = argparse.ArgumentParser()
     here = Path(__file__).resolve().parent
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
     ap.add_argument("--sd3", action="store_true", help="(re)build the tiny SD3 / SD3.5-medium pipelines")
     ap.add_argument("--flux", action="store_true", help="(re)build the tiny FLUX.1 dev / schnell pipelines")
+    ap.add_argument("--half", action="store_true",
+                    help="(re)write only the float16 FLUX run, from the committed tiny FLUX model")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.half:
+        half_run_fixtures(out / "models", out / "runs")
+        print("half-precision runs written to", out)
+        return
     if args.sd3:
         for variant, seed in [("sd3", 61), ("sd35m", 62)]:
             root = out / "models" / f"{variant}-tiny"
