@@ -112,6 +112,36 @@ struct Run {
     strength: Option<f64>,
 }
 
+/// A recorded diffusers run's request.
+fn params_of(run: &Run) -> GenerateParams {
+    GenerateParams {
+        prompt: run.prompt.clone(),
+        negative_prompt: run.negative_prompt.clone(),
+        width: run.width,
+        height: run.height,
+        steps: run.steps,
+        guidance_scale: run.guidance,
+        seed: run.seed,
+        n: run.n,
+        transformer: TransformerOptions {
+            max_sequence_length: run.max_sequence_length,
+            skip_layer_guidance: None,
+            true_cfg_scale: run.true_cfg_scale,
+        },
+        init: run.init_image.as_ref().map(|file| {
+            let img = image::open(fixtures().join("runs").join(file))
+                .unwrap()
+                .to_rgb8();
+            candela::engine::pipelines::params::InitImage {
+                rgb: std::sync::Arc::new(img.into_raw()),
+                strength: run.strength.unwrap(),
+                mask: None,
+            }
+        }),
+        ..base_params(SamplerKind::FlowEuler)
+    }
+}
+
 #[test]
 fn flux_runs_match_diffusers() {
     let runs: Vec<Run> = serde_json::from_str(
@@ -127,32 +157,7 @@ fn flux_runs_match_diffusers() {
         // diffusers' default T5 length is 512 for both; ours is 256 for schnell, so runs that
         // rely on the default are dev runs.
         assert!(run.max_sequence_length.is_some() || p.has_guidance_embeds());
-        let params = GenerateParams {
-            prompt: run.prompt.clone(),
-            negative_prompt: run.negative_prompt.clone(),
-            width: run.width,
-            height: run.height,
-            steps: run.steps,
-            guidance_scale: run.guidance,
-            seed: run.seed,
-            n: run.n,
-            transformer: TransformerOptions {
-                max_sequence_length: run.max_sequence_length,
-                skip_layer_guidance: None,
-                true_cfg_scale: run.true_cfg_scale,
-            },
-            init: run.init_image.as_ref().map(|file| {
-                let img = image::open(fixtures().join("runs").join(file))
-                    .unwrap()
-                    .to_rgb8();
-                candela::engine::pipelines::params::InitImage {
-                    rgb: std::sync::Arc::new(img.into_raw()),
-                    strength: run.strength.unwrap(),
-                    mask: None,
-                }
-            }),
-            ..base_params(SamplerKind::FlowEuler)
-        };
+        let params = params_of(&run);
         let mut reports = 0;
         let out = p
             .generate(&params, &mut |_| {
@@ -358,22 +363,7 @@ fn flux_in_f16_matches_diffusers_in_f16() {
     )
     .unwrap();
     let run = runs.iter().find(|r| r.name == "flux_dev_guidance").unwrap();
-    let params = GenerateParams {
-        prompt: run.prompt.clone(),
-        width: run.width,
-        height: run.height,
-        steps: run.steps,
-        guidance_scale: run.guidance,
-        seed: run.seed,
-        n: run.n,
-        transformer: TransformerOptions {
-            max_sequence_length: run.max_sequence_length,
-            skip_layer_guidance: None,
-            true_cfg_scale: None,
-        },
-        ..base_params(SamplerKind::FlowEuler)
-    };
-    let out = p.generate(&params, &mut |_| true).unwrap();
+    let out = p.generate(&params_of(run), &mut |_| true).unwrap();
     assert_eq!(out.latents.dtype(), DType::F16);
     let theirs_f16 = &load_tensors("runs/flux_dev_guidance_f16.safetensors")["latents"];
     let theirs_f32 = &load_tensors("runs/flux_dev_guidance.safetensors")["latents"];

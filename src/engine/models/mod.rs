@@ -78,7 +78,13 @@ pub mod vae;
 /// The largest absolute difference between two tensors of one shape (kernel tests).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
-        .expect("comparable tensors")
+    max_abs(&(a - b).expect("comparable tensors"))
+}
+
+/// The largest absolute value of an f32 tensor (kernel tests' limits).
+#[cfg(test)]
+pub(crate) fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .and_then(|a| a.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("an f32 tensor")
 }
