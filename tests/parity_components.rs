@@ -327,19 +327,25 @@ fn model_sources_resolve_local_folders() {
     );
 }
 
-/// T5 (the SD3/FLUX text encoder): tokenizer ids (with `</s>`, truncation keeping it, padding)
-/// and the encoder's last hidden state, against transformers.
-#[test]
-fn t5_tokenizer_and_encoder_match_transformers() {
-    use candela::engine::{models::t5::T5Encoder, tokenizer::T5Tokenizer};
-    let dir = model_dir("t5-tiny");
-    let tokenizer = T5Tokenizer::load(&dir, "tokenizer").unwrap();
+/// A tiny T5 fixture's encoder (`text_encoder/`) in `dtype` on the CPU.
+fn load_t5(dir: &ModelDir, dtype: DType) -> candela::engine::models::t5::T5Encoder {
     let config: serde_json::Value = dir.read_json("text_encoder/config.json").unwrap();
     let file = candela::engine::loader::weights::SafetensorsFile::open(
         &dir.file("text_encoder/model.safetensors"),
     )
     .unwrap();
-    let encoder = T5Encoder::new(file.into_var_builder(DType::F32, &Device::Cpu), config).unwrap();
+    candela::engine::models::t5::T5Encoder::new(file.into_var_builder(dtype, &Device::Cpu), config)
+        .unwrap()
+}
+
+/// T5 (the SD3/FLUX text encoder): tokenizer ids (with `</s>`, truncation keeping it, padding)
+/// and the encoder's last hidden state, against transformers.
+#[test]
+fn t5_tokenizer_and_encoder_match_transformers() {
+    use candela::engine::tokenizer::T5Tokenizer;
+    let dir = model_dir("t5-tiny");
+    let tokenizer = T5Tokenizer::load(&dir, "tokenizer").unwrap();
+    let encoder = load_t5(&dir, DType::F32);
     let prompts: Vec<String> = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("stages/t5_prompts.json")).unwrap(),
     )
@@ -371,14 +377,7 @@ fn t5_tokenizer_and_encoder_match_transformers() {
 /// candle's f16 softmax (summing in f16) put ours 0.06 off.
 #[test]
 fn t5_in_f16_keeps_its_output_projection_in_f32_as_transformers_does() {
-    use candela::engine::models::t5::T5Encoder;
-    let dir = model_dir("t5-tiny-f16");
-    let config: serde_json::Value = dir.read_json("text_encoder/config.json").unwrap();
-    let file = candela::engine::loader::weights::SafetensorsFile::open(
-        &dir.file("text_encoder/model.safetensors"),
-    )
-    .unwrap();
-    let encoder = T5Encoder::new(file.into_var_builder(DType::F16, &Device::Cpu), config).unwrap();
+    let encoder = load_t5(&model_dir("t5-tiny-f16"), DType::F16);
     let t = load_tensors("stages/t5_f16.safetensors");
     let ids = t["input_ids"].to_dtype(DType::U32).unwrap();
     let hidden = encoder.forward(&ids).unwrap();

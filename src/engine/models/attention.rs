@@ -111,14 +111,10 @@ fn unfused_whole(
 }
 
 /// Softmax over the last dimension, rounded once as PyTorch's is: candle's CUDA kernel
-/// accumulates half-precision rows in f32, its CPU kernel in the rows' own dtype (12× one
-/// rounding's error in f16, measured), so half-precision rows on the CPU go through f32.
+/// accumulates half-precision rows in f32; on the CPU they are widened first.
 pub fn softmax_last_dim(scores: &Tensor) -> candle_core::Result<Tensor> {
-    let dtype = scores.dtype();
-    if scores.device().is_cpu() && matches!(dtype, DType::F16 | DType::BF16) {
-        return candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype);
-    }
-    candle_nn::ops::softmax_last_dim(scores)
+    super::cpu_util::widened_on_cpu(scores, candle_nn::ops::softmax_last_dim)
+        .unwrap_or_else(|| candle_nn::ops::softmax_last_dim(scores))
 }
 
 /// diffusers' `Attention` with the default processor: separate q/k/v projections, optional

@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
 use super::blocks::{linear, Linear};
+use super::cpu_activation::Activation;
 use serde::Deserialize;
 
 use crate::engine::error::{EngineError, Result};
@@ -40,32 +41,6 @@ fn default_act() -> String {
 }
 fn default_eps() -> f64 {
     1e-5
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Activation {
-    QuickGelu,
-    GeluErf,
-    GeluTanh,
-}
-
-impl Activation {
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "quick_gelu" => Some(Self::QuickGelu),
-            "gelu" => Some(Self::GeluErf),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
-            _ => None,
-        }
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::QuickGelu => super::cpu_activation::quick_gelu(xs),
-            Self::GeluErf => super::cpu_activation::gelu_erf(xs),
-            Self::GeluTanh => super::cpu_activation::gelu_tanh(xs),
-        }
-    }
 }
 
 struct ClipAttention {
@@ -151,7 +126,7 @@ impl ClipTextModel {
     /// bare (transformers 5) key names load.
     pub fn new(vb_root: VarBuilder, config: ClipTextConfig) -> Result<Self> {
         let vb = vb_root.clone();
-        let act = Activation::parse(&config.hidden_act).ok_or_else(|| {
+        let act = Activation::from_name(&config.hidden_act).ok_or_else(|| {
             EngineError::Unsupported(format!("CLIP hidden_act `{}`", config.hidden_act))
         })?;
         if config.num_attention_heads == 0

@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_util::{exp_nonpositive, is_cpu_f32, with_cpu_slice};
+use super::cpu_util::{exp_nonpositive, is_cpu_f32, widened_on_cpu, with_cpu_slice};
 
 /// erf by Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7, the approximation PyTorch's
 /// vectorised CPU `erf` uses), written so that it vectorises.
@@ -69,6 +69,40 @@ fn quick_gelu_impl(x: &[f32], out: &mut [f32]) {
 
 avx512_dispatch!(fn quick_gelu_slice(x: &[f32], out: &mut [f32]) = quick_gelu_impl);
 
+/// A transformers activation by its `ACT2FN` name, as the text encoders' configs give it
+/// (CLIP's `hidden_act`, T5's `feed_forward_proj`), on the functions of this module.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Relu,
+    Silu,
+    QuickGelu,
+    GeluErf,
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "relu" => Some(Self::Relu),
+            "silu" | "swish" => Some(Self::Silu),
+            "quick_gelu" => Some(Self::QuickGelu),
+            "gelu" => Some(Self::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
+            _ => None,
+        }
+    }
+
+    pub fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Relu => xs.relu(),
+            Self::Silu => xs.silu(),
+            Self::QuickGelu => quick_gelu(xs),
+            Self::GeluErf => gelu_erf(xs),
+            Self::GeluTanh => gelu_tanh(xs),
+        }
+    }
+}
+
 /// `slice` over an f32 CPU tensor's values in parallel chunks, into a new tensor of its shape.
 fn map_cpu_f32(xs: &Tensor, slice: fn(&[f32], &mut [f32])) -> candle_core::Result<Tensor> {
     let out = with_cpu_slice(&xs.contiguous()?, |x| {
@@ -81,21 +115,6 @@ fn map_cpu_f32(xs: &Tensor, slice: fn(&[f32], &mut [f32])) -> candle_core::Resul
     Tensor::from_vec(out, xs.shape(), &Device::Cpu)
 }
 
-/// Half precision on the CPU: `f` over the values widened to f32, rounded back once, as
-/// PyTorch computes its CPU activations. candle evaluates them in f16/bf16 arithmetic there
-/// (twice one rounding's error, measured).
-fn via_f32_on_cpu(
-    xs: &Tensor,
-    f: fn(&Tensor) -> candle_core::Result<Tensor>,
-) -> Option<candle_core::Result<Tensor>> {
-    let half = matches!(
-        xs.dtype(),
-        candle_core::DType::F16 | candle_core::DType::BF16
-    );
-    (half && xs.device().is_cpu())
-        .then(|| f(&xs.to_dtype(candle_core::DType::F32)?)?.to_dtype(xs.dtype()))
-}
-
 /// candle's `gelu` (the tanh approximation) — vectorised for f32 on the CPU, one fused pass on
 /// CUDA.
 pub fn gelu_tanh(xs: &Tensor) -> candle_core::Result<Tensor> {
@@ -103,7 +122,7 @@ pub fn gelu_tanh(xs: &Tensor) -> candle_core::Result<Tensor> {
     if crate::engine::cuda::elementwise::supports(xs) {
         return crate::engine::cuda::elementwise::gelu_tanh(xs, None);
     }
-    if let Some(upcast) = via_f32_on_cpu(xs, gelu_tanh) {
+    if let Some(upcast) = widened_on_cpu(xs, gelu_tanh) {
         return upcast;
     }
     if !is_cpu_f32(xs) {
@@ -115,7 +134,7 @@ pub fn gelu_tanh(xs: &Tensor) -> candle_core::Result<Tensor> {
 /// candle's `gelu_erf` (OpenCLIP-G's MLP), where candle calls a scalar `erf` per element:
 /// vectorised for f32 on the CPU.
 pub fn gelu_erf(xs: &Tensor) -> candle_core::Result<Tensor> {
-    if let Some(upcast) = via_f32_on_cpu(xs, gelu_erf) {
+    if let Some(upcast) = widened_on_cpu(xs, gelu_erf) {
         return upcast;
     }
     if !is_cpu_f32(xs) {

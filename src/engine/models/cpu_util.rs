@@ -53,6 +53,17 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// For half-precision values on the CPU, `f` over them widened to f32 and rounded back once, as
+/// PyTorch computes its CPU softmax and activations (candle computes them in f16/bf16 there:
+/// its softmax 12×, its GELU 2× one rounding's error, measured); `None` for anything else.
+pub(crate) fn widened_on_cpu(
+    xs: &Tensor,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> Option<candle_core::Result<Tensor>> {
+    let half = matches!(xs.dtype(), DType::F16 | DType::BF16);
+    (half && xs.device().is_cpu()).then(|| f(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype()))
+}
+
 /// Whether the CPU kernels handle this tensor: non-empty f32 on the CPU.
 pub fn is_cpu_f32(xs: &Tensor) -> bool {
     matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 && xs.elem_count() > 0

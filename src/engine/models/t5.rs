@@ -20,6 +20,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::blocks::{linear_no_bias, Linear};
+use super::cpu_activation::Activation;
 use crate::engine::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,40 +67,14 @@ pub fn weight_dtype(name: &str, stored: DType, dtype: DType) -> DType {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Activation {
-    Relu,
-    GeluErf,
-    GeluTanh,
-    Silu,
-}
-
-impl Activation {
-    /// transformers' `T5Config`: `[gated-]ACT`, where `gated-gelu` means the tanh GELU.
-    fn parse(feed_forward_proj: &str) -> Option<(Self, bool)> {
-        let (gated, name) = match feed_forward_proj.split_once('-') {
-            Some(("gated", name)) => (true, name),
-            Some(_) => return None,
-            None => (false, feed_forward_proj),
-        };
-        let act = match name {
-            "relu" => Self::Relu,
-            "gelu" if gated => Self::GeluTanh,
-            "gelu" => Self::GeluErf,
-            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
-            "silu" | "swish" => Self::Silu,
-            _ => return None,
-        };
-        Some((act, gated))
-    }
-
-    fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Relu => xs.relu(),
-            Self::GeluErf => super::cpu_activation::gelu_erf(xs),
-            Self::GeluTanh => super::cpu_activation::gelu_tanh(xs),
-            Self::Silu => xs.silu(),
-        }
+/// transformers' `T5Config` parsing of `feed_forward_proj`, `[gated-]ACT`: the activation and
+/// whether it gates; `gated-gelu` (T5 v1.1) means the tanh GELU.
+fn parse_feed_forward(feed_forward_proj: &str) -> Option<(Activation, bool)> {
+    match feed_forward_proj.split_once('-') {
+        Some(("gated", "gelu")) => Some((Activation::GeluTanh, true)),
+        Some(("gated", name)) => Some((Activation::from_name(name)?, true)),
+        Some(_) => None,
+        None => Some((Activation::from_name(feed_forward_proj)?, false)),
     }
 }
 
@@ -218,9 +193,10 @@ impl OutputProjection {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Held(wo) => wo.forward(&xs.to_dtype(wo.weight().dtype())?),
-            Self::Widened(weight) => {
-                Linear::new(weight.to_dtype(DType::F32)?, None).forward(&xs.to_dtype(DType::F32)?)
-            }
+            // A plain product: `Linear::new` would lay the widened weight out again per call.
+            Self::Widened(weight) => xs
+                .to_dtype(DType::F32)?
+                .broadcast_matmul(&weight.to_dtype(DType::F32)?.t()?),
         }
     }
 }
@@ -284,7 +260,8 @@ struct Block {
 
 pub struct T5Encoder {
     embedding: Tensor,
-    /// (buckets, heads): the first block's table, which every block uses.
+    /// (heads, buckets): the first block's table (stored (buckets, heads)), which every block
+    /// uses, laid out so that a head's row gathers its bias in one `index_select`.
     relative_attention_bias: Tensor,
     blocks: Vec<Block>,
     final_norm: RmsNorm,
@@ -297,7 +274,7 @@ impl T5Encoder {
     pub fn new(vb: VarBuilder, config_json: serde_json::Value) -> Result<Self> {
         let c: T5Config = serde_json::from_value(config_json)
             .map_err(|e| EngineError::Unsupported(format!("T5 config: {e}")))?;
-        let (act, gated) = Activation::parse(&c.feed_forward_proj).ok_or_else(|| {
+        let (act, gated) = parse_feed_forward(&c.feed_forward_proj).ok_or_else(|| {
             EngineError::Unsupported(format!("T5 feed_forward_proj `{}`", c.feed_forward_proj))
         })?;
         if c.num_heads == 0 || c.d_kv == 0 || c.relative_attention_num_buckets < 4 {
@@ -315,7 +292,9 @@ impl T5Encoder {
         let encoder = vb.pp("encoder");
         let relative_attention_bias = encoder
             .pp("block.0.layer.0.SelfAttention.relative_attention_bias")
-            .get((c.relative_attention_num_buckets, c.num_heads), "weight")?;
+            .get((c.relative_attention_num_buckets, c.num_heads), "weight")?
+            .t()?
+            .contiguous()?;
         let blocks = (0..c.num_layers)
             .map(|i| {
                 let vb = encoder.pp(format!("block.{i}.layer"));
@@ -381,8 +360,6 @@ impl T5Encoder {
             .collect();
         let buckets = Tensor::from_vec(buckets, n * n, device)?;
         self.relative_attention_bias
-            .t()?
-            .contiguous()?
             .index_select(&buckets, 1)?
             .reshape((c.num_heads, n, n))
     }
@@ -499,19 +476,19 @@ mod tests {
     #[test]
     fn feed_forward_names_parse_as_transformers_does() {
         assert_eq!(
-            Activation::parse("gated-gelu"),
+            parse_feed_forward("gated-gelu"),
             Some((Activation::GeluTanh, true))
         );
-        assert_eq!(Activation::parse("relu"), Some((Activation::Relu, false)));
+        assert_eq!(parse_feed_forward("relu"), Some((Activation::Relu, false)));
         assert_eq!(
-            Activation::parse("gelu"),
+            parse_feed_forward("gelu"),
             Some((Activation::GeluErf, false))
         );
         assert_eq!(
-            Activation::parse("gated-silu"),
+            parse_feed_forward("gated-silu"),
             Some((Activation::Silu, true))
         );
-        assert_eq!(Activation::parse("fancy-gelu"), None);
-        assert_eq!(Activation::parse("gated-mish"), None);
+        assert_eq!(parse_feed_forward("fancy-gelu"), None);
+        assert_eq!(parse_feed_forward("gated-mish"), None);
     }
 }
