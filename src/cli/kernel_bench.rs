@@ -2,9 +2,11 @@
 //! one table (median of a few runs after a warm-up). Tells where a kernel pays and where the
 //! thresholds that pick it should sit.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-use crate::engine::models::{cpu_activation, cpu_attention, cpu_conv, cpu_norm, cpu_winograd};
+use crate::engine::models::{
+    cpu_activation, cpu_attention, cpu_conv, cpu_half_linear, cpu_norm, cpu_winograd,
+};
 
 fn time_ms(repeats: usize, f: impl FnMut() -> candle_core::Result<()>) -> anyhow::Result<f64> {
     Ok(crate::engine::pipelines::timing::median_ms(
@@ -168,6 +170,37 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
             "| Linear (GFLOP/s: {:.0} / {:.0}) | {m}×{k}→{n} | {candle:.1} | {candela:.1} | - |",
             rate(candle),
             rate(candela)
+        );
+    }
+    // T5-XXL's Linear layers held as its checkpoints store them (bf16, f16) against f32 in the
+    // gemm layout (the T5 of a CPU user): prompts of 77 and 512 tokens; q/k/v/o, the gated
+    // feed-forward's two projections as one, and `wo`.
+    for (m, k, n) in [
+        (77, 4096, 4096),
+        (77, 4096, 20480),
+        (77, 10240, 4096),
+        (512, 4096, 4096),
+        (512, 4096, 20480),
+        (512, 10240, 4096),
+    ] {
+        let x = Tensor::randn(0f32, 1., (1, m, k), &dev)?;
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let f32_layer = crate::engine::models::blocks::Linear::new(w.clone(), None);
+        let f32_ms = time_ms(repeats, || {
+            candle_core::Module::forward(&f32_layer, &x)?;
+            Ok(())
+        })?;
+        let mut half_ms = [0.0; 2];
+        for (ms, dtype) in half_ms.iter_mut().zip([DType::BF16, DType::F16]) {
+            let layer = cpu_half_linear::HalfLinear::new(&w.to_dtype(dtype)?)?;
+            *ms = time_ms(repeats, || {
+                layer.forward(&x)?;
+                Ok(())
+            })?;
+        }
+        println!(
+            "| Linear f32 / held bf16 / held f16 | {m}×{k}→{n} | {f32_ms:.1} | {:.1} | {:.1} |",
+            half_ms[0], half_ms[1]
         );
     }
     // GEGLU: (batch, tokens, 2 × width).

@@ -17,10 +17,10 @@ pub fn gemm_layout(weight: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// `data` (rows × cols, row-major) transposed, by square tiles over every core. At load time
-/// every Linear weight goes through here: candle's strided copy reads a column at a time, one
+/// every CPU Linear weight goes through here: candle's strided copy reads a column at a time, one
 /// cache line per element, and took 2.6–4.4 s for a T5-XL-sized encoder's 1.8 GB (its loading
 /// from the file: 0.3 s).
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn transpose<T: Copy + Send + Sync>(data: &[T], rows: usize, cols: usize) -> Vec<T> {
     use rayon::prelude::*;
     const TILE: usize = 32;
     // Every element is written below, so the block is not zeroed first: a large one is then

@@ -64,6 +64,7 @@ pub mod clip;
 pub mod cpu_activation;
 pub mod cpu_attention;
 pub mod cpu_conv;
+pub mod cpu_half_linear;
 pub mod cpu_norm;
 pub mod cpu_pointwise;
 pub mod cpu_util;
