@@ -334,8 +334,13 @@ fn load_t5(dir: &ModelDir, dtype: DType) -> candela::engine::models::t5::T5Encod
         &dir.file("text_encoder/model.safetensors"),
     )
     .unwrap();
-    candela::engine::models::t5::T5Encoder::new(file.into_var_builder(dtype, &Device::Cpu), config)
-        .unwrap()
+    let stored = file.stored_dtypes();
+    candela::engine::models::t5::T5Encoder::new(
+        file.into_var_builder(dtype, &Device::Cpu),
+        config,
+        &stored,
+    )
+    .unwrap()
 }
 
 /// T5 (the SD3/FLUX text encoder): tokenizer ids (with `</s>`, truncation keeping it, padding)
@@ -377,7 +382,17 @@ fn t5_tokenizer_and_encoder_match_transformers() {
 /// candle's f16 softmax (summing in f16) put ours 0.06 off.
 #[test]
 fn t5_in_f16_keeps_its_output_projection_in_f32_as_transformers_does() {
-    let encoder = load_t5(&model_dir("t5-tiny-f16"), DType::F16);
+    let dir = model_dir("t5-tiny-f16");
+    let encoder = load_t5(&dir, DType::F16);
+    // Held as the memory planner counts it: `wo` in f16 here, since the file stores it so.
+    let file = candela::engine::loader::weights::SafetensorsFile::open(
+        &dir.file("text_encoder/model.safetensors"),
+    )
+    .unwrap();
+    let planned = file.loaded_bytes_by(|tensor, stored| {
+        candela::engine::models::t5::weight_dtype(tensor, stored, DType::F16, true)
+    });
+    assert_eq!(encoder.weight_bytes() as u64, planned);
     let t = load_tensors("stages/t5_f16.safetensors");
     let ids = t["input_ids"].to_dtype(DType::U32).unwrap();
     let hidden = encoder.forward(&ids).unwrap();
@@ -398,6 +413,42 @@ fn t5_in_f16_keeps_its_output_projection_in_f32_as_transformers_does() {
     let one = encoder.forward(&ids.narrow(0, 2, 1).unwrap()).unwrap();
     let d = max_abs_diff(&one, &expected.narrow(0, 2, 1).unwrap());
     assert!(d <= largest / 64.0, "T5 f16, one prompt: {d}");
+}
+
+/// T5 stored in bf16 or f16 and run on the CPU in f32 (a CPU user's FLUX or SD3 T5) holds its
+/// weights as stored, half the f32 model's memory, as the memory planner counts them, and
+/// computes what transformers computes from the same file in f32.
+#[test]
+fn t5_stored_in_half_runs_in_f32_on_the_cpu_from_weights_held_as_stored() {
+    use candela::engine::loader::weights::SafetensorsFile;
+    use candela::engine::models::t5::weight_dtype;
+    let t = load_tensors("stages/t5_stored_half.safetensors");
+    let ids = t["input_ids"].to_dtype(DType::U32).unwrap();
+    let f32_model = load_t5(&model_dir("t5-tiny"), DType::F32).weight_bytes();
+    for name in ["bf16", "f16"] {
+        let dir = model_dir(&format!("t5-tiny-{name}"));
+        let encoder = load_t5(&dir, DType::F32);
+        let file = SafetensorsFile::open(&dir.file("text_encoder/model.safetensors")).unwrap();
+        let planned = file.loaded_bytes_by(|tensor, stored| {
+            weight_dtype(tensor, stored, DType::F32, true)
+        });
+        assert_eq!(encoder.weight_bytes() as u64, planned, "{name}: held vs planned");
+        // Everything but the norms' scales and the position-bias table (f32) at 2 bytes.
+        assert!(
+            encoder.weight_bytes() < f32_model * 52 / 100,
+            "{name}: {} bytes held, {f32_model} in f32",
+            encoder.weight_bytes()
+        );
+        let hidden = encoder.forward(&ids).unwrap();
+        assert_eq!(hidden.dtype(), DType::F32);
+        let expected = &t[&format!("hidden_{name}")];
+        let d = max_abs_diff(&hidden, expected);
+        eprintln!("t5 stored in {name}, run in f32: max diff {d}");
+        assert!(d <= 1e-4 * max_abs(expected).max(1.0), "{name}: differs by {d}");
+        let one = encoder.forward(&ids.narrow(0, 2, 1).unwrap()).unwrap();
+        let d = max_abs_diff(&one, &expected.narrow(0, 2, 1).unwrap());
+        assert!(d <= 1e-4 * max_abs(expected).max(1.0), "{name}, one prompt: {d}");
+    }
 }
 
 /// The SD3/FLUX-style autoencoder (16 latent channels, no quant convs): encoder distribution and

@@ -136,7 +136,12 @@ impl Footprint {
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
             let mut bytes = if folder.starts_with("text_encoder") {
                 file.loaded_bytes_by(|name, stored| {
-                    crate::engine::models::t5::weight_dtype(name, stored, component_dtype)
+                    crate::engine::models::t5::weight_dtype(
+                        name,
+                        stored,
+                        component_dtype,
+                        device.is_cpu(),
+                    )
                 })
             } else {
                 file.loaded_bytes(component_dtype)

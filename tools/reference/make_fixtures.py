@@ -760,6 +760,33 @@ def t5_f16_fixtures(fixtures: Path, scale: float = 200.0):
               fixtures / "stages" / "t5_f16.safetensors")
 
 
+def t5_stored_half_fixtures(fixtures: Path):
+    """T5 stored in half precision and run in f32 (a CPU user's T5: FLUX's checkpoint is bf16,
+    SD3's f16): the committed tiny T5 saved in bf16 (`t5-tiny-bf16`), and the f16 one of
+    `--t5-f16`, each loaded by transformers in f32 — the stored values widened exactly — and run
+    on the T5 stage prompts."""
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    src = fixtures / "models" / "t5-tiny"
+    bf16 = fixtures / "models" / "t5-tiny-bf16"
+    shutil.rmtree(bf16, ignore_errors=True)
+    T5EncoderModel.from_pretrained(src / "text_encoder").to(torch.bfloat16).save_pretrained(
+        bf16 / "text_encoder", safe_serialization=True)
+    shutil.copytree(src / "tokenizer", bf16 / "tokenizer")
+    tokenizer = T5TokenizerFast.from_pretrained(src / "tokenizer")
+    prompts = json.loads((fixtures / "stages" / "t5_prompts.json").read_text())
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                    add_special_tokens=True, return_tensors="pt").input_ids
+    tensors = {"input_ids": ids.to(torch.int64).contiguous()}
+    for name in ("bf16", "f16"):
+        model = T5EncoderModel.from_pretrained(fixtures / "models" / f"t5-tiny-{name}" / "text_encoder",
+                                               dtype=torch.float32).eval()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        with torch.no_grad():
+            tensors[f"hidden_{name}"] = model(ids)[0].contiguous()
+    save_file(tensors, fixtures / "stages" / "t5_stored_half.safetensors")
+
+
 def randn_half_cases(out_dir: Path):
     """torch.randn in float16 / bfloat16 (what diffusers draws when serving in half precision):
     its stream leaves the float32 one where the element count is not a multiple of 16. Two draws
@@ -1075,6 +1102,8 @@ def main():
     ap.add_argument("--t5", action="store_true", help="(re)build the tiny T5 encoder and its stage fixtures")
     ap.add_argument("--t5-f16", action="store_true",
                     help="(re)build the tiny T5 served in f16 (from the committed tiny T5) and its fixture")
+    ap.add_argument("--t5-stored-half", action="store_true",
+                    help="(re)build the tiny T5 stored in bf16 and the f32 runs of both half-stored T5s")
     ap.add_argument("--randn-half", action="store_true",
                     help="(re)write only randn_half.safetensors: torch.randn in float16 and bfloat16")
     ap.add_argument("--refiner", action="store_true",
@@ -1105,6 +1134,10 @@ def main():
     if args.randn_half:
         randn_half_cases(out)
         print("half-precision randn fixtures written to", out)
+        return
+    if args.t5_stored_half:
+        t5_stored_half_fixtures(out)
+        print("T5 stored-in-half fixtures written to", out)
         return
     if args.t5_f16:
         t5_f16_fixtures(out)

@@ -70,6 +70,17 @@ impl SafetensorsFile {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }
 
+    /// Each tensor's dtype in the file (read from the header).
+    pub fn stored_dtypes(&self) -> StoredDtypes {
+        StoredDtypes::ByName(
+            self.tensors
+                .tensors()
+                .into_iter()
+                .filter_map(|(name, view)| Some((name, DType::try_from(view.dtype()).ok()?)))
+                .collect(),
+        )
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.tensors
             .tensors()
@@ -135,6 +146,24 @@ impl SimpleBackend for SafetensorsFile {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.tensors.get(name).is_ok()
+    }
+}
+
+/// The dtype each tensor has in its file, for a model that holds some weights as stored (T5 on
+/// the CPU: [`crate::engine::models::t5`]).
+#[derive(Debug, Clone)]
+pub enum StoredDtypes {
+    ByName(std::collections::HashMap<String, DType>),
+    /// Every tensor (random weights standing in for a checkpoint stored in this dtype).
+    Every(DType),
+}
+
+impl StoredDtypes {
+    pub fn of(&self, name: &str) -> Option<DType> {
+        match self {
+            Self::ByName(dtypes) => dtypes.get(name).copied(),
+            Self::Every(dtype) => Some(*dtype),
+        }
     }
 }
 

@@ -75,6 +75,11 @@ impl HalfLinear {
         }
     }
 
+    /// Bytes the weight is held in.
+    pub fn bytes(&self) -> usize {
+        self.inputs * self.outputs * 2
+    }
+
     /// `xs` (…, in), f32 on the CPU, times the weight: (…, out) in f32.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims();

@@ -10,6 +10,9 @@
 //!   f16: infinities, then NaN prompt states for SD3 served in f16. A `wo` whose values f16
 //!   holds exactly (an fp16 checkpoint's: SD3's T5) stays in f16 and is widened for each
 //!   product — the same f32 product without T5-XXL's 2 GB of f32 weights.
+//! * **T5-XXL on the CPU at half its f32 size.** In f32 on the CPU, the weights a checkpoint
+//!   stores in bf16 or f16 (FLUX's and SD3's T5) are held as stored and widened in cache for
+//!   each product ([`HalfLinear`]): 9.5 GB where f32 took 19, the same products.
 //! * **The CPU's fused kernels.** In f32 on the CPU the attention runs fused with the relative
 //!   position bias accumulated under its product ([`super::cpu_attention`]), the gated GELU's
 //!   two projections as one product gated in one pass, and every Linear weight in the layout the
@@ -21,7 +24,9 @@ use serde::Deserialize;
 
 use super::blocks::{linear_no_bias, Linear};
 use super::cpu_activation::Activation;
+use super::cpu_half_linear::HalfLinear;
 use crate::engine::error::{EngineError, Result};
+use crate::engine::loader::weights::StoredDtypes;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct T5Config {
@@ -56,14 +61,82 @@ fn default_feed_forward() -> String {
 }
 
 /// The most memory `name` (stored as `stored` in its file) is held in when the model runs in
-/// `dtype`: the feed-forward output projections under f16 take f32 unless the file holds them
-/// in f16 already (see the module docs). The loader may still find an f32 or bf16 file's
-/// values exact in f16 and hold them so: an upper bound, for the memory planner.
-pub fn weight_dtype(name: &str, stored: DType, dtype: DType) -> DType {
-    if dtype == DType::F16 && name.contains("DenseReluDense.wo.") && stored != DType::F16 {
+/// `dtype`, on the CPU when `on_cpu`: the norms' scales take f32; the feed-forward output projections under f16 take f32
+/// unless the file holds them in f16 already (see the module docs); on the CPU in f32, weights
+/// stored in half precision stay so ([`holds_as_stored`]). The loader may still find an f32 or
+/// bf16 file's values exact in f16 and hold them so: an upper bound, for the memory planner.
+pub fn weight_dtype(name: &str, stored: DType, dtype: DType, on_cpu: bool) -> DType {
+    if name.contains("layer_norm") {
+        // RmsNorm's scale, read in f32.
         DType::F32
+    } else if dtype == DType::F16 && name.contains("DenseReluDense.wo.") && stored != DType::F16 {
+        DType::F32
+    } else if on_cpu && dtype == DType::F32 && is_half(stored) && holds_as_stored(name) {
+        stored
     } else {
         dtype
+    }
+}
+
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// Whether a CPU f32 T5 holds `name` as its file stores it, when that is half precision: the
+/// Linear weights and the token embedding — all but the norms' scales and the position-bias
+/// table, which are small and read in f32.
+fn holds_as_stored(name: &str) -> bool {
+    !(name.contains("layer_norm") || name.contains("relative_attention_bias"))
+}
+
+/// How the layers are held: on the CPU in f32, weights stored in half precision stay so.
+struct Holding<'a> {
+    stored: &'a StoredDtypes,
+    cpu_f32: bool,
+}
+
+impl Holding<'_> {
+    /// The half-precision dtype `vb`'s `weight` is held in, if it is held as stored.
+    fn as_stored(&self, vb: &VarBuilder) -> Option<DType> {
+        let name = format!("{}.weight", vb.prefix());
+        let stored = self.stored.of(&name)?;
+        (self.cpu_f32 && is_half(stored) && holds_as_stored(&name)).then_some(stored)
+    }
+
+    /// A bias-free Linear layer (`in` → `out`), held as stored where [`Self::as_stored`] says.
+    fn projection(&self, vb: VarBuilder, input: usize, output: usize) -> candle_core::Result<Projection> {
+        Ok(match self.as_stored(&vb) {
+            Some(stored) => Projection::Half(HalfLinear::new(
+                &vb.to_dtype(stored).get((output, input), "weight")?,
+            )?),
+            None => Projection::Full(linear_no_bias(input, output, vb)?),
+        })
+    }
+}
+
+/// A bias-free Linear layer in the model's dtype, or held in half precision on the CPU.
+enum Projection {
+    Full(Linear),
+    Half(HalfLinear),
+}
+
+fn bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+impl Projection {
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Full(layer) => bytes(layer.weight()),
+            Self::Half(layer) => layer.bytes(),
+        }
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Full(layer) => layer.forward(xs),
+            Self::Half(layer) => layer.forward(xs),
+        }
     }
 }
 
@@ -101,22 +174,22 @@ impl RmsNorm {
 }
 
 struct SelfAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
     heads: usize,
     head_dim: usize,
 }
 
 impl SelfAttention {
-    fn new(vb: VarBuilder, c: &T5Config) -> candle_core::Result<Self> {
+    fn new(vb: VarBuilder, c: &T5Config, holding: &Holding) -> candle_core::Result<Self> {
         let inner = c.num_heads * c.d_kv;
         Ok(Self {
-            q: linear_no_bias(c.d_model, inner, vb.pp("q"))?,
-            k: linear_no_bias(c.d_model, inner, vb.pp("k"))?,
-            v: linear_no_bias(c.d_model, inner, vb.pp("v"))?,
-            o: linear_no_bias(inner, c.d_model, vb.pp("o"))?,
+            q: holding.projection(vb.pp("q"), c.d_model, inner)?,
+            k: holding.projection(vb.pp("k"), c.d_model, inner)?,
+            v: holding.projection(vb.pp("v"), c.d_model, inner)?,
+            o: holding.projection(vb.pp("o"), inner, c.d_model)?,
             heads: c.num_heads,
             head_dim: c.d_kv,
         })
@@ -154,25 +227,30 @@ impl SelfAttention {
 
 enum FeedForward {
     /// `act(wi x)`.
-    Plain { wi: Linear },
+    Plain { wi: Projection },
     /// `act(wi_0 x) · wi_1 x`, each projection on its own.
-    Gated { wi_0: Linear, wi_1: Linear },
+    Gated { wi_0: Projection, wi_1: Projection },
     /// The same with `[wi_1; wi_0]` as one projection, gated by one CPU kernel (f32, GELU).
-    GatedFused { wi: Linear },
+    GatedFused { wi: Projection },
 }
 
 /// `wo`, whose product runs in f32 when the model runs in f16.
 enum OutputProjection {
-    /// In the model's dtype, or f32 under f16.
-    Held(Linear),
+    /// In the model's dtype (or as stored, on the CPU in f32), or f32 under f16.
+    Held(Projection),
     /// Under f16, values f16 holds exactly: kept in f16, widened for each product.
     Widened(Tensor),
 }
 
 impl OutputProjection {
-    fn new(vb: VarBuilder, input: usize, output: usize) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        input: usize,
+        output: usize,
+        holding: &Holding,
+    ) -> candle_core::Result<Self> {
         if vb.dtype() != DType::F16 {
-            return Ok(Self::Held(linear_no_bias(input, output, vb)?));
+            return Ok(Self::Held(holding.projection(vb, input, output)?));
         }
         let exact = vb.to_dtype(DType::F32).get((output, input), "weight")?;
         let narrow = exact.to_dtype(DType::F16)?;
@@ -186,13 +264,15 @@ impl OutputProjection {
         Ok(if round_trips {
             Self::Widened(narrow)
         } else {
-            Self::Held(Linear::new(exact, None))
+            Self::Held(Projection::Full(Linear::new(exact, None)))
         })
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Held(wo) => wo.forward(&xs.to_dtype(wo.weight().dtype())?),
+            // f32 under f16: the input widened to it.
+            Self::Held(Projection::Full(wo)) => wo.forward(&xs.to_dtype(wo.weight().dtype())?),
+            Self::Held(wo) => wo.forward(xs),
             // A plain product: `Linear::new` would lay the widened weight out again per call.
             Self::Widened(weight) => xs
                 .to_dtype(DType::F32)?
@@ -208,28 +288,45 @@ struct FeedForwardBlock {
 }
 
 impl FeedForwardBlock {
-    fn new(vb: VarBuilder, c: &T5Config, act: Activation, gated: bool) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        c: &T5Config,
+        act: Activation,
+        gated: bool,
+        holding: &Holding,
+    ) -> Result<Self> {
         let (d, f) = (c.d_model, c.d_ff);
         let fused_kernel = vb.device().is_cpu()
             && vb.dtype() == DType::F32
             && matches!(act, Activation::GeluErf | Activation::GeluTanh);
         let ff = match (gated, fused_kernel) {
             (false, _) => FeedForward::Plain {
-                wi: linear_no_bias(d, f, vb.pp("wi"))?,
+                wi: holding.projection(vb.pp("wi"), d, f)?,
             },
             (true, false) => FeedForward::Gated {
-                wi_0: linear_no_bias(d, f, vb.pp("wi_0"))?,
-                wi_1: linear_no_bias(d, f, vb.pp("wi_1"))?,
+                wi_0: holding.projection(vb.pp("wi_0"), d, f)?,
+                wi_1: holding.projection(vb.pp("wi_1"), d, f)?,
             },
             (true, true) => {
-                let value = vb.pp("wi_1").get((f, d), "weight")?;
-                let gate = vb.pp("wi_0").get((f, d), "weight")?;
-                FeedForward::GatedFused {
-                    wi: Linear::new(Tensor::cat(&[value, gate], 0)?, None),
-                }
+                let (value, gate) = (vb.pp("wi_1"), vb.pp("wi_0"));
+                // Both as stored when both are stored in the same half precision.
+                let wi = match (holding.as_stored(&value), holding.as_stored(&gate)) {
+                    (Some(a), Some(b)) if a == b => {
+                        let (value, gate) = (value.to_dtype(a), gate.to_dtype(a));
+                        Projection::Half(HalfLinear::new(&Tensor::cat(
+                            &[value.get((f, d), "weight")?, gate.get((f, d), "weight")?],
+                            0,
+                        )?)?)
+                    }
+                    _ => Projection::Full(Linear::new(
+                        Tensor::cat(&[value.get((f, d), "weight")?, gate.get((f, d), "weight")?], 0)?,
+                        None,
+                    )),
+                };
+                FeedForward::GatedFused { wi }
             }
         };
-        let wo = OutputProjection::new(vb.pp("wo"), f, d)?;
+        let wo = OutputProjection::new(vb.pp("wo"), f, d, holding)?;
         Ok(Self { ff, act, wo })
     }
 
@@ -270,8 +367,14 @@ pub struct T5Encoder {
 }
 
 impl T5Encoder {
-    /// `vb` at the file root (`shared.weight`, `encoder.block.*`), in the model's dtype.
-    pub fn new(vb: VarBuilder, config_json: serde_json::Value) -> Result<Self> {
+    /// `vb` at the file root (`shared.weight`, `encoder.block.*`), in the model's dtype, with the
+    /// dtype each tensor is stored in (on the CPU in f32, those stored in half precision are
+    /// held so).
+    pub fn new(
+        vb: VarBuilder,
+        config_json: serde_json::Value,
+        stored: &StoredDtypes,
+    ) -> Result<Self> {
         let c: T5Config = serde_json::from_value(config_json)
             .map_err(|e| EngineError::Unsupported(format!("T5 config: {e}")))?;
         let (act, gated) = parse_feed_forward(&c.feed_forward_proj).ok_or_else(|| {
@@ -288,7 +391,16 @@ impl T5Encoder {
         } else {
             vb.pp("encoder.embed_tokens")
         };
-        let embedding = embedding_vb.get((c.vocab_size, c.d_model), "weight")?;
+        let holding = Holding {
+            stored,
+            cpu_f32: vb.device().is_cpu() && vb.dtype() == DType::F32,
+        };
+        // Rows are looked up, then widened to the model's dtype ([`Self::forward`]).
+        let embedding = match holding.as_stored(&embedding_vb) {
+            Some(dtype) => embedding_vb.to_dtype(dtype),
+            None => embedding_vb,
+        }
+        .get((c.vocab_size, c.d_model), "weight")?;
         let encoder = vb.pp("encoder");
         let relative_attention_bias = encoder
             .pp("block.0.layer.0.SelfAttention.relative_attention_bias")
@@ -301,9 +413,15 @@ impl T5Encoder {
                 let eps = c.layer_norm_epsilon;
                 Ok(Block {
                     attention_norm: RmsNorm::new(c.d_model, eps, vb.pp("0.layer_norm"))?,
-                    attention: SelfAttention::new(vb.pp("0.SelfAttention"), &c)?,
+                    attention: SelfAttention::new(vb.pp("0.SelfAttention"), &c, &holding)?,
                     ff_norm: RmsNorm::new(c.d_model, eps, vb.pp("1.layer_norm"))?,
-                    ff: FeedForwardBlock::new(vb.pp("1.DenseReluDense"), &c, act, gated)?,
+                    ff: FeedForwardBlock::new(
+                        vb.pp("1.DenseReluDense"),
+                        &c,
+                        act,
+                        gated,
+                        &holding,
+                    )?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -322,12 +440,41 @@ impl T5Encoder {
         })
     }
 
+    /// Bytes the weights are held in (what the memory planner counts with [`weight_dtype`]).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .blocks
+            .iter()
+            .map(|block| {
+                let a = &block.attention;
+                let ff = match &block.ff.ff {
+                    FeedForward::Plain { wi } | FeedForward::GatedFused { wi } => wi.bytes(),
+                    FeedForward::Gated { wi_0, wi_1 } => wi_0.bytes() + wi_1.bytes(),
+                };
+                let wo = match &block.ff.wo {
+                    OutputProjection::Held(wo) => wo.bytes(),
+                    OutputProjection::Widened(weight) => bytes(weight),
+                };
+                [&a.q, &a.k, &a.v, &a.o].iter().map(|p| p.bytes()).sum::<usize>()
+                    + ff
+                    + wo
+                    + bytes(&block.attention_norm.weight)
+                    + bytes(&block.ff_norm.weight)
+            })
+            .sum();
+        bytes(&self.embedding)
+            + bytes(&self.relative_attention_bias)
+            + layers
+            + bytes(&self.final_norm.weight)
+    }
+
     /// The last hidden state, (B, tokens, d_model), in the model's dtype.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, n) = input_ids.dims2()?;
         let mut xs = self
             .embedding
             .index_select(&input_ids.flatten_all()?, 0)?
+            .to_dtype(self.dtype)?
             .reshape((b, n, self.config.d_model))?;
         let bias = self.position_bias(n, input_ids.device())?;
         for block in &self.blocks {
@@ -458,7 +605,12 @@ mod tests {
         for (weight, widened) in [(exact_in_f16, true), (not_exact, false)] {
             let tensors = std::collections::HashMap::from([("weight".to_string(), weight.clone())]);
             let vb = VarBuilder::from_tensors(tensors, DType::F16, &dev);
-            let wo = OutputProjection::new(vb, 8, 4)?;
+            let stored = StoredDtypes::Every(DType::F32);
+            let holding = Holding {
+                stored: &stored,
+                cpu_f32: false,
+            };
+            let wo = OutputProjection::new(vb, 8, 4, &holding)?;
             assert_eq!(matches!(wo, OutputProjection::Widened(_)), widened);
             let ours = wo.forward(&xs)?;
             assert_eq!(ours.dtype(), DType::F32);

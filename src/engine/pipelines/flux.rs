@@ -97,10 +97,11 @@ impl Flux {
         );
         let t5 = (
             T5Tokenizer::load(dir, "tokenizer_2")?,
-            T5Encoder::new(
-                source.get("text_encoder_2/model", text_dtype, &text_device)?,
-                dir.read_json("text_encoder_2/config.json")?,
-            )?,
+            {
+                let (vb, stored) =
+                    source.get_with_stored("text_encoder_2/model", text_dtype, &text_device)?;
+                T5Encoder::new(vb, dir.read_json("text_encoder_2/config.json")?, &stored)?
+            },
         );
         let config_path = dir.required("transformer/config.json")?;
         let config: FluxTransformerConfig = crate::engine::loader::read_json(&config_path)?;

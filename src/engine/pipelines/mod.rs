@@ -41,6 +41,26 @@ impl WeightSource<'_> {
         }
     }
 
+    /// [`Self::get`] with the dtype each tensor is stored in. Random weights stand in for a
+    /// checkpoint stored in bf16 (the T5 of FLUX's repos; SD3's is f16, which holds the same).
+    pub(crate) fn get_with_stored(
+        &self,
+        stem: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(
+        candle_nn::VarBuilder<'static>,
+        crate::engine::loader::weights::StoredDtypes,
+    )> {
+        use crate::engine::loader::weights::{SafetensorsFile, StoredDtypes};
+        if self.random {
+            return Ok((self.get(stem, dtype, device)?, StoredDtypes::Every(DType::BF16)));
+        }
+        let file = SafetensorsFile::open_component(self.dir, stem)?;
+        let stored = file.stored_dtypes();
+        Ok((file.into_var_builder(dtype, device), stored))
+    }
+
     /// The transformer's weights: `options.transformer_file` when given, else the folder's
     /// `transformer/` files; either may use the model makers' single-file `naming`.
     pub(crate) fn transformer(
@@ -189,7 +209,8 @@ pub(crate) fn text_encoder_placement(
     options: &LoadOptions,
 ) -> (Device, DType) {
     if options.text_encoders_on_cpu && !device.is_cpu() {
-        // f32: candle's CPU backend has no bf16 matmul, and T5 overflows in f16.
+        // f32: candle's CPU backend has no bf16 matmul, and T5 overflows in f16. T5 still holds
+        // its weights in the checkpoint's bf16/f16 there (`t5::weight_dtype`).
         (Device::Cpu, DType::F32)
     } else {
         (device.clone(), dtype)
@@ -385,9 +406,10 @@ pub struct LoadOptions {
     pub without_t5: bool,
     /// SD3 / FLUX: the transformer blocks' weights as loaded or quantized on load.
     pub transformer_format: crate::engine::models::dit::WeightFormat,
-    /// SD3 / FLUX: keep the text encoders (T5-XXL: 9.5 GB in bf16) in system memory and run
-    /// them on the CPU in f32, so device memory holds only the transformer and the VAE; each
-    /// prompt's states are then copied to the device. Costs prompt-encoding time, not quality.
+    /// SD3 / FLUX: keep the text encoders in system memory and run them on the CPU in f32 (T5-XXL
+    /// held as its checkpoint stores it, 9.5 GB in bf16 or f16, and widened per product), so
+    /// device memory holds only the transformer and the VAE; each prompt's states are then
+    /// copied to the device. Costs prompt-encoding time, not quality.
     pub text_encoders_on_cpu: bool,
     /// SD3 / FLUX: the transformer from this single file (diffusers' naming, Stability's
     /// `model.diffusion_model.*` as in `sd3.5_large.safetensors`, or Black Forest Labs' as in

@@ -112,10 +112,11 @@ impl StableDiffusion3 {
             let config = dir.read_json("text_encoder_3/config.json")?;
             Some((
                 tokenizer,
-                T5Encoder::new(
-                    source.get("text_encoder_3/model", text_dtype, &text_device)?,
-                    config,
-                )?,
+                {
+                    let (vb, stored) =
+                        source.get_with_stored("text_encoder_3/model", text_dtype, &text_device)?;
+                    T5Encoder::new(vb, config, &stored)?
+                },
             ))
         } else {
             None
