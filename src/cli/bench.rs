@@ -71,7 +71,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub vae_tiling: bool,
     /// Load as `serve --without-t5` (SD3: T5-XXL left out, its part of the prompt zeros): SD3.5
-    /// on a machine whose memory T5-XXL's 19 GB in f32 would not leave room for the transformer.
+    /// on a machine whose memory T5-XXL (9.5 GB as its checkpoints store it) would not leave
+    /// room for the transformer.
     #[arg(long)]
     pub without_t5: bool,
     /// The fused CUDA attention kernel the models run: `tiled` (the measured one), or a
