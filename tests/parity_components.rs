@@ -451,6 +451,53 @@ fn t5_stored_in_half_runs_in_f32_on_the_cpu_from_weights_held_as_stored() {
     }
 }
 
+/// CLIP stored in f16 and run on the CPU in f32 (SD3's and FLUX's CLIPs on a CPU) holds its
+/// Linear weights and embeddings as stored, as the memory planner counts them, and computes
+/// what transformers computes from the same file in f32: the penultimate state and the
+/// projected pooled output (biases and `text_projection` included).
+#[test]
+fn clip_stored_in_half_runs_in_f32_on_the_cpu_from_weights_held_as_stored() {
+    use candela::engine::loader::weights::SafetensorsFile;
+    use candela::engine::models::{clip::ClipTextModel, cpu_half_linear::held_dtype};
+    let load = |dir: &ModelDir, folder: &str| {
+        let file =
+            SafetensorsFile::open(&dir.file(&format!("{folder}/model.safetensors"))).unwrap();
+        let stored = file.stored_dtypes();
+        let planned = file.loaded_bytes_by(|tensor, stored| {
+            held_dtype(tensor, stored, DType::F32, true)
+        });
+        let config = dir.read_json(&format!("{folder}/config.json")).unwrap();
+        let model = ClipTextModel::new(
+            file.into_var_builder(DType::F32, &Device::Cpu),
+            config,
+            &stored,
+        )
+        .unwrap();
+        (model, planned)
+    };
+    let (f32_model, _) = load(&model_dir("sdxl-tiny"), "text_encoder_2");
+    let (encoder, planned) = load(&model_dir("clip-tiny-f16"), "text_encoder");
+    assert_eq!(encoder.weight_bytes() as u64, planned, "held vs planned");
+    assert!(
+        encoder.weight_bytes() < f32_model.weight_bytes() * 55 / 100,
+        "{} bytes held, {} in f32",
+        encoder.weight_bytes(),
+        f32_model.weight_bytes()
+    );
+    let t = load_tensors("stages/clip_stored_half.safetensors");
+    let ids = t["input_ids"].to_dtype(DType::U32).unwrap();
+    let (hidden, pooled) = encoder.forward_penultimate(&ids, 0).unwrap();
+    for (name, ours, expected) in [
+        ("penultimate", &hidden, &t["penultimate"]),
+        ("pooled", &pooled, &t["pooled"]),
+    ] {
+        assert_eq!(ours.dtype(), DType::F32);
+        let d = max_abs_diff(ours, expected);
+        eprintln!("CLIP stored in f16, run in f32, {name}: max diff {d}");
+        assert!(d <= 1e-4 * max_abs(expected).max(1.0), "{name}: differs by {d}");
+    }
+}
+
 /// The SD3/FLUX-style autoencoder (16 latent channels, no quant convs): encoder distribution and
 /// decoder against diffusers (SD's 4-channel encoder is covered by the image-to-image runs).
 #[test]

@@ -192,7 +192,7 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
         })?;
         let mut half_ms = [0.0; 2];
         for (ms, dtype) in half_ms.iter_mut().zip([DType::BF16, DType::F16]) {
-            let layer = cpu_half_linear::HalfLinear::new(&w.to_dtype(dtype)?)?;
+            let layer = cpu_half_linear::HalfLinear::new(&w.to_dtype(dtype)?, None)?;
             *ms = time_ms(repeats, || {
                 layer.forward(&x)?;
                 Ok(())

@@ -135,14 +135,22 @@ impl Footprint {
             };
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
             let mut bytes = if folder.starts_with("text_encoder") {
-                file.loaded_bytes_by(|name, stored| {
-                    crate::engine::models::t5::weight_dtype(
-                        name,
-                        stored,
-                        component_dtype,
-                        device.is_cpu(),
-                    )
-                })
+                let config: serde_json::Value = dir.read_json(&format!("{folder}/config.json"))?;
+                let on_cpu = device.is_cpu();
+                if config["model_type"] == "t5" {
+                    file.loaded_bytes_by(|name, stored| {
+                        crate::engine::models::t5::weight_dtype(name, stored, component_dtype, on_cpu)
+                    })
+                } else {
+                    file.loaded_bytes_by(|name, stored| {
+                        crate::engine::models::cpu_half_linear::held_dtype(
+                            name,
+                            stored,
+                            component_dtype,
+                            on_cpu,
+                        )
+                    })
+                }
             } else {
                 file.loaded_bytes(component_dtype)
             };

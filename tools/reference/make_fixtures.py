@@ -787,6 +787,37 @@ def t5_stored_half_fixtures(fixtures: Path):
     save_file(tensors, fixtures / "stages" / "t5_stored_half.safetensors")
 
 
+def clip_stored_half_fixtures(fixtures: Path):
+    """CLIP stored in f16 and run in f32 (a CPU user's SD3/FLUX CLIP, whose repos store them in
+    half precision): the tiny SDXL's OpenCLIP-style second encoder (with `text_projection`), its
+    tensors saved in f16 under the real repos' key names (`clip-tiny-f16`), loaded by
+    transformers in f32 — the stored values widened exactly — and run on the T5 stage prompts:
+    the penultimate hidden state (SDXL's and SD3's) and the projected pooled output."""
+    from transformers import CLIPTextModelWithProjection
+
+    src = fixtures / "models" / "sdxl-tiny"
+    dst = fixtures / "models" / "clip-tiny-f16"
+    shutil.rmtree(dst, ignore_errors=True)
+    (dst / "text_encoder").mkdir(parents=True)
+    shutil.copy(src / "text_encoder_2" / "config.json", dst / "text_encoder" / "config.json")
+    state = load_file(src / "text_encoder_2" / "model.safetensors")
+    save_file({k: v.half().contiguous() for k, v in state.items()},
+              dst / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(src / "tokenizer_2", dst / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(dst / "tokenizer")
+    prompts = json.loads((fixtures / "stages" / "t5_prompts.json").read_text())
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids
+    model = CLIPTextModelWithProjection.from_pretrained(dst / "text_encoder", dtype=torch.float32).eval()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    save_file({"input_ids": ids.to(torch.int64).contiguous(),
+               "penultimate": out.hidden_states[-2].contiguous(),
+               "pooled": out.text_embeds.contiguous()},
+              fixtures / "stages" / "clip_stored_half.safetensors")
+
+
 def randn_half_cases(out_dir: Path):
     """torch.randn in float16 / bfloat16 (what diffusers draws when serving in half precision):
     its stream leaves the float32 one where the element count is not a multiple of 16. Two draws
@@ -1104,6 +1135,8 @@ def main():
                     help="(re)build the tiny T5 served in f16 (from the committed tiny T5) and its fixture")
     ap.add_argument("--t5-stored-half", action="store_true",
                     help="(re)build the tiny T5 stored in bf16 and the f32 runs of both half-stored T5s")
+    ap.add_argument("--clip-stored-half", action="store_true",
+                    help="(re)build the tiny CLIP stored in f16 and its f32 run")
     ap.add_argument("--randn-half", action="store_true",
                     help="(re)write only randn_half.safetensors: torch.randn in float16 and bfloat16")
     ap.add_argument("--refiner", action="store_true",
@@ -1138,6 +1171,10 @@ def main():
     if args.t5_stored_half:
         t5_stored_half_fixtures(out)
         print("T5 stored-in-half fixtures written to", out)
+        return
+    if args.clip_stored_half:
+        clip_stored_half_fixtures(out)
+        print("CLIP stored-in-half fixtures written to", out)
         return
     if args.t5_f16:
         t5_f16_fixtures(out)

@@ -3,11 +3,12 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
-use super::blocks::{linear, Linear};
 use super::cpu_activation::Activation;
+use super::cpu_half_linear::{HeldLinear, Holding};
 use serde::Deserialize;
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::loader::weights::StoredDtypes;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipTextConfig {
@@ -44,22 +45,22 @@ fn default_eps() -> f64 {
 }
 
 struct ClipAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: HeldLinear,
+    k_proj: HeldLinear,
+    v_proj: HeldLinear,
+    out_proj: HeldLinear,
     heads: usize,
     head_dim: usize,
 }
 
 impl ClipAttention {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> candle_core::Result<Self> {
+    fn new(vb: VarBuilder, c: &ClipTextConfig, holding: &Holding) -> candle_core::Result<Self> {
         let d = c.hidden_size;
         Ok(Self {
-            q_proj: linear(d, d, vb.pp("q_proj"))?,
-            k_proj: linear(d, d, vb.pp("k_proj"))?,
-            v_proj: linear(d, d, vb.pp("v_proj"))?,
-            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            q_proj: holding.linear(vb.pp("q_proj"), d, d, true)?,
+            k_proj: holding.linear(vb.pp("k_proj"), d, d, true)?,
+            v_proj: holding.linear(vb.pp("v_proj"), d, d, true)?,
+            out_proj: holding.linear(vb.pp("out_proj"), d, d, true)?,
             heads: c.num_attention_heads,
             head_dim: d / c.num_attention_heads,
         })
@@ -91,8 +92,8 @@ struct ClipLayer {
     layer_norm1: LayerNorm,
     self_attn: ClipAttention,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: HeldLinear,
+    fc2: HeldLinear,
     act: Activation,
 }
 
@@ -117,14 +118,18 @@ pub struct ClipTextModel {
     layers: Vec<ClipLayer>,
     final_layer_norm: LayerNorm,
     /// `CLIPTextModelWithProjection`'s pooled-output projection (SDXL's second encoder).
-    text_projection: Option<Linear>,
+    text_projection: Option<HeldLinear>,
+    /// The model's dtype (embeddings held as stored are widened to it per looked-up row).
+    dtype: DType,
     pub config: ClipTextConfig,
 }
 
 impl ClipTextModel {
     /// `vb` points at the file root; both `text_model.*` (transformers 4, all real SD repos) and
-    /// bare (transformers 5) key names load.
-    pub fn new(vb_root: VarBuilder, config: ClipTextConfig) -> Result<Self> {
+    /// bare (transformers 5) key names load. On the CPU in f32, the weights `stored` in bf16/f16
+    /// are held so ([`Holding`]): SDXL's and SD3's OpenCLIP-G at 1.3 GB, not 2.6.
+    pub fn new(vb_root: VarBuilder, config: ClipTextConfig, stored: &StoredDtypes) -> Result<Self> {
+        let holding = Holding::new(stored, &vb_root);
         let vb = vb_root.clone();
         let act = Activation::from_name(&config.hidden_act).ok_or_else(|| {
             EngineError::Unsupported(format!("CLIP hidden_act `{}`", config.hidden_act))
@@ -146,21 +151,25 @@ impl ClipTextModel {
         };
         let c = &config;
         let emb = vb.pp("embeddings");
-        let token_embedding = embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?;
-        let position_embedding = embedding(
-            c.max_position_embeddings,
-            c.hidden_size,
-            emb.pp("position_embedding"),
-        )?;
+        let held_embedding = |vb: VarBuilder, rows: usize| {
+            let vb = match holding.as_stored(&vb) {
+                Some(dtype) => vb.to_dtype(dtype),
+                None => vb,
+            };
+            embedding(rows, c.hidden_size, vb)
+        };
+        let token_embedding = held_embedding(emb.pp("token_embedding"), c.vocab_size)?;
+        let position_embedding =
+            held_embedding(emb.pp("position_embedding"), c.max_position_embeddings)?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let vb = vb.pp(format!("encoder.layers.{i}"));
                 Ok(ClipLayer {
                     layer_norm1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-                    self_attn: ClipAttention::new(vb.pp("self_attn"), c)?,
+                    self_attn: ClipAttention::new(vb.pp("self_attn"), c, &holding)?,
                     layer_norm2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-                    fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?,
-                    fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?,
+                    fc1: holding.linear(vb.pp("mlp.fc1"), c.hidden_size, c.intermediate_size, true)?,
+                    fc2: holding.linear(vb.pp("mlp.fc2"), c.intermediate_size, c.hidden_size, true)?,
                     act,
                 })
             })
@@ -174,11 +183,7 @@ impl ClipTextModel {
                 .any(|a| a == "CLIPTextModelWithProjection");
         let text_projection = if with_projection {
             let dim = c.projection_dim.unwrap_or(c.hidden_size);
-            Some(super::blocks::linear_no_bias(
-                c.hidden_size,
-                dim,
-                vb_root.pp("text_projection"),
-            )?)
+            Some(holding.linear(vb_root.pp("text_projection"), c.hidden_size, dim, false)?)
         } else {
             None
         };
@@ -188,8 +193,34 @@ impl ClipTextModel {
             layers,
             final_layer_norm,
             text_projection,
+            dtype: vb_root.dtype(),
             config,
         })
+    }
+
+    /// Bytes the weights are held in (what the memory planner counts with
+    /// [`super::cpu_half_linear::held_dtype`]).
+    pub fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let norm = |n: &LayerNorm| bytes(n.weight()) + n.bias().map_or(0, bytes);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &l.fc1, &l.fc2]
+                    .iter()
+                    .map(|p| p.bytes())
+                    .sum::<usize>()
+                    + norm(&l.layer_norm1)
+                    + norm(&l.layer_norm2)
+            })
+            .sum();
+        bytes(self.token_embedding.embeddings())
+            + bytes(self.position_embedding.embeddings())
+            + layers
+            + norm(&self.final_layer_norm)
+            + self.text_projection.as_ref().map_or(0, HeldLinear::bytes)
     }
 
     fn causal_mask(n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
@@ -207,7 +238,8 @@ impl ClipTextModel {
         let mut xs = self
             .token_embedding
             .forward(input_ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+            .to_dtype(self.dtype)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?.to_dtype(self.dtype)?)?;
         let mask = Self::causal_mask(n, xs.dtype(), xs.device())?;
         let mut states = vec![xs.clone()];
         for layer in &self.layers[..layers.min(self.layers.len())] {

@@ -13,7 +13,11 @@ use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
+use candle_nn::VarBuilder;
+
+use super::blocks::Linear;
 use super::cpu_util::{self, SharedOut, Strided};
+use crate::engine::loader::weights::StoredDtypes;
 
 /// A weight's values as stored, (in, out) row-major: the layout the `gemm` crate reads fastest
 /// (see [`cpu_util::gemm_layout`]).
@@ -23,10 +27,12 @@ enum Values {
     F16(Vec<f16>),
 }
 
-/// A bias-free Linear layer whose weight is held in bf16 or f16, computing in f32.
+/// A Linear layer whose weight is held in bf16 or f16, computing in f32; its bias, if any, in
+/// f32 (as the model's norms and biases are read: they are small).
 #[derive(Debug, Clone)]
 pub struct HalfLinear {
     values: Values,
+    bias: Option<Vec<f32>>,
     inputs: usize,
     outputs: usize,
 }
@@ -40,8 +46,8 @@ const BLOCK: usize = 256;
 const DEPTH: usize = 512;
 
 impl HalfLinear {
-    /// From a CPU weight (out, in) in bf16 or f16.
-    pub fn new(weight: &Tensor) -> candle_core::Result<Self> {
+    /// From a CPU weight (out, in) in bf16 or f16, and a bias of `out` values.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
         let (outputs, inputs) = weight.dims2()?;
         if !weight.device().is_cpu() {
             candle_core::bail!("a half-precision CPU Linear from a weight on another device");
@@ -60,8 +66,12 @@ impl HalfLinear {
             )),
             other => candle_core::bail!("a half-precision CPU Linear from a {other:?} weight"),
         };
+        let bias = bias
+            .map(|b| cpu_util::bias_values(Some(b), outputs))
+            .transpose()?;
         Ok(Self {
             values,
+            bias,
             inputs,
             outputs,
         })
@@ -75,9 +85,9 @@ impl HalfLinear {
         }
     }
 
-    /// Bytes the weight is held in.
+    /// Bytes the weight and bias are held in.
     pub fn bytes(&self) -> usize {
-        self.inputs * self.outputs * 2
+        self.inputs * self.outputs * 2 + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
 
     /// `xs` (…, in), f32 on the CPU, times the weight: (…, out) in f32.
@@ -125,6 +135,19 @@ impl HalfLinear {
                             Values::F16(v) => v[at..][..width].convert_to_f32_slice(dst_row),
                         }
                     }
+                    if r0 == 0 {
+                        if let Some(bias) = &self.bias {
+                            // The product accumulates onto its bias.
+                            for row in 0..rows {
+                                // SAFETY: row < rows and c0 + width ≤ n: inside `out`, in this
+                                // task's columns.
+                                let dst_row = unsafe {
+                                    std::slice::from_raw_parts_mut(dst.at(row * n + c0), width)
+                                };
+                                dst_row.copy_from_slice(&bias[c0..c0 + width]);
+                            }
+                        }
+                    }
                     let lhs = Strided {
                         ptr: lhs[r0..].as_ptr(),
                         row: k as isize,
@@ -144,7 +167,7 @@ impl HalfLinear {
                             [rows, width, depth],
                             dst.at(c0),
                             n as isize,
-                            r0 > 0,
+                            r0 > 0 || self.bias.is_some(),
                             lhs,
                             rhs,
                             1.0,
@@ -154,6 +177,112 @@ impl HalfLinear {
             });
         });
         out
+    }
+}
+
+/// Which weights a model holds as its file stores them: on the CPU in f32, the Linear weights
+/// (and embeddings) stored in bf16 or f16. A model asks per layer; names the file does not
+/// know (a renamed single-file checkpoint's, say) are read in the model's dtype as before.
+pub struct Holding<'a> {
+    stored: Option<&'a StoredDtypes>,
+    cpu_f32: bool,
+}
+
+impl<'a> Holding<'a> {
+    /// For a model read through `vb` (its device and dtype decide) from a file storing `stored`.
+    pub fn new(stored: &'a StoredDtypes, vb: &VarBuilder) -> Self {
+        Self {
+            stored: Some(stored),
+            cpu_f32: vb.device().is_cpu() && vb.dtype() == DType::F32,
+        }
+    }
+
+    /// Every weight in the model's dtype.
+    pub fn none() -> Self {
+        Self {
+            stored: None,
+            cpu_f32: false,
+        }
+    }
+
+    /// The half-precision dtype `vb`'s `weight` is held in, if it is held as stored.
+    pub fn as_stored(&self, vb: &VarBuilder) -> Option<DType> {
+        let stored = self.stored?.of(&format!("{}.weight", vb.prefix()))?;
+        (self.cpu_f32 && is_half(stored)).then_some(stored)
+    }
+
+    /// A Linear layer (`input` → `output`, with or without its bias), held as stored where
+    /// [`Self::as_stored`] says.
+    pub fn linear(
+        &self,
+        vb: VarBuilder,
+        input: usize,
+        output: usize,
+        with_bias: bool,
+    ) -> candle_core::Result<HeldLinear> {
+        let bias = |vb: &VarBuilder| {
+            with_bias
+                .then(|| vb.to_dtype(DType::F32).get(output, "bias"))
+                .transpose()
+        };
+        Ok(match self.as_stored(&vb) {
+            Some(stored) => HeldLinear::Half(HalfLinear::new(
+                &vb.to_dtype(stored).get((output, input), "weight")?,
+                bias(&vb)?.as_ref(),
+            )?),
+            None => HeldLinear::Full(if with_bias {
+                super::blocks::linear(input, output, vb)?
+            } else {
+                super::blocks::linear_no_bias(input, output, vb)?
+            }),
+        })
+    }
+}
+
+/// The dtype a model loaded through [`Holding`] holds `name` (stored as `stored`) in when it
+/// runs in `dtype`, on the CPU when `on_cpu`: the Linear weights and embeddings (`*.weight`
+/// but the layer norms') as stored when that is half precision on the CPU in f32; biases and
+/// norms in the model's dtype. For the memory planner.
+pub fn held_dtype(name: &str, stored: DType, dtype: DType, on_cpu: bool) -> DType {
+    let held = name.ends_with(".weight") && !name.contains("layer_norm");
+    if on_cpu && dtype == DType::F32 && is_half(stored) && held {
+        stored
+    } else {
+        dtype
+    }
+}
+
+/// Whether a dtype is bf16 or f16.
+pub fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// A Linear layer in the model's dtype, or held in half precision on the CPU ([`Holding`]).
+#[derive(Debug, Clone)]
+pub enum HeldLinear {
+    Full(Linear),
+    Half(HalfLinear),
+}
+
+impl HeldLinear {
+    /// Bytes the weight and bias are held in.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Full(layer) => {
+                let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+                bytes(layer.weight()) + layer.bias().map_or(0, bytes)
+            }
+            Self::Half(layer) => layer.bytes(),
+        }
+    }
+}
+
+impl candle_core::Module for HeldLinear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Full(layer) => layer.forward(xs),
+            Self::Half(layer) => layer.forward(xs),
+        }
     }
 }
 
@@ -186,7 +315,7 @@ mod tests {
                 let mut x_dims = dims.clone();
                 x_dims.push(inputs);
                 let xs = Tensor::randn(0f32, 1., x_dims, &dev)?;
-                let ours = HalfLinear::new(&weight)?.forward(&xs)?;
+                let ours = HalfLinear::new(&weight, None)?.forward(&xs)?;
                 let exact = xs.broadcast_matmul(&weight.to_dtype(DType::F32)?.t()?)?;
                 assert_eq!(ours.dims(), exact.dims());
                 let diff = super::super::max_abs_diff(&ours, &exact);
@@ -201,12 +330,30 @@ mod tests {
         Ok(())
     }
 
+    /// With a bias, over a partial column block and more than one part of the inputs.
+    #[test]
+    fn half_held_product_adds_its_bias() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (inputs, outputs) = (DEPTH + 3, BLOCK + 5);
+        let weight = Tensor::randn(0f32, 1., (outputs, inputs), &dev)?.to_dtype(DType::F16)?;
+        let bias = Tensor::randn(0f32, 10., outputs, &dev)?;
+        let xs = Tensor::randn(0f32, 1., (2, 3, inputs), &dev)?;
+        let ours = HalfLinear::new(&weight, Some(&bias))?.forward(&xs)?;
+        let exact = xs
+            .broadcast_matmul(&weight.to_dtype(DType::F32)?.t()?)?
+            .broadcast_add(&bias)?;
+        let diff = super::super::max_abs_diff(&ours, &exact);
+        let scale = super::super::max_abs(&exact);
+        assert!(diff <= scale * 1e-6, "{diff} of {scale}");
+        Ok(())
+    }
+
     #[test]
     fn refuses_what_it_cannot_multiply() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let f32_weight = Tensor::zeros((4, 8), DType::F32, &dev)?;
-        assert!(HalfLinear::new(&f32_weight).is_err());
-        let layer = HalfLinear::new(&f32_weight.to_dtype(DType::BF16)?)?;
+        assert!(HalfLinear::new(&f32_weight, None).is_err());
+        let layer = HalfLinear::new(&f32_weight.to_dtype(DType::BF16)?, None)?;
         assert!(layer.forward(&Tensor::zeros((2, 7), DType::F32, &dev)?).is_err());
         assert!(layer
             .forward(&Tensor::zeros((2, 8), DType::F16, &dev)?)

@@ -22,9 +22,9 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::blocks::{linear_no_bias, Linear};
+use super::blocks::Linear;
 use super::cpu_activation::Activation;
-use super::cpu_half_linear::HalfLinear;
+use super::cpu_half_linear::{HalfLinear, HeldLinear, Holding};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::weights::StoredDtypes;
 
@@ -61,82 +61,21 @@ fn default_feed_forward() -> String {
 }
 
 /// The most memory `name` (stored as `stored` in its file) is held in when the model runs in
-/// `dtype`, on the CPU when `on_cpu`: the norms' scales take f32; the feed-forward output projections under f16 take f32
-/// unless the file holds them in f16 already (see the module docs); on the CPU in f32, weights
-/// stored in half precision stay so ([`holds_as_stored`]). The loader may still find an f32 or
-/// bf16 file's values exact in f16 and hold them so: an upper bound, for the memory planner.
+/// `dtype`, on the CPU when `on_cpu`: the norms' scales take f32; the feed-forward output
+/// projections under f16 take f32 unless the file holds them in f16 already (see the module
+/// docs); on the CPU in f32, weights stored in half precision but the position-bias table stay
+/// so ([`super::cpu_half_linear::held_dtype`]). The loader may still find an f32 or bf16 file's
+/// values exact in f16 and hold them so: an upper bound, for the memory planner.
 pub fn weight_dtype(name: &str, stored: DType, dtype: DType, on_cpu: bool) -> DType {
     if name.contains("layer_norm") {
         // RmsNorm's scale, read in f32.
         DType::F32
     } else if dtype == DType::F16 && name.contains("DenseReluDense.wo.") && stored != DType::F16 {
         DType::F32
-    } else if on_cpu && dtype == DType::F32 && is_half(stored) && holds_as_stored(name) {
-        stored
-    } else {
+    } else if name.contains("relative_attention_bias") {
         dtype
-    }
-}
-
-fn is_half(dtype: DType) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16)
-}
-
-/// Whether a CPU f32 T5 holds `name` as its file stores it, when that is half precision: the
-/// Linear weights and the token embedding — all but the norms' scales and the position-bias
-/// table, which are small and read in f32.
-fn holds_as_stored(name: &str) -> bool {
-    !(name.contains("layer_norm") || name.contains("relative_attention_bias"))
-}
-
-/// How the layers are held: on the CPU in f32, weights stored in half precision stay so.
-struct Holding<'a> {
-    stored: &'a StoredDtypes,
-    cpu_f32: bool,
-}
-
-impl Holding<'_> {
-    /// The half-precision dtype `vb`'s `weight` is held in, if it is held as stored.
-    fn as_stored(&self, vb: &VarBuilder) -> Option<DType> {
-        let name = format!("{}.weight", vb.prefix());
-        let stored = self.stored.of(&name)?;
-        (self.cpu_f32 && is_half(stored) && holds_as_stored(&name)).then_some(stored)
-    }
-
-    /// A bias-free Linear layer (`in` → `out`), held as stored where [`Self::as_stored`] says.
-    fn projection(&self, vb: VarBuilder, input: usize, output: usize) -> candle_core::Result<Projection> {
-        Ok(match self.as_stored(&vb) {
-            Some(stored) => Projection::Half(HalfLinear::new(
-                &vb.to_dtype(stored).get((output, input), "weight")?,
-            )?),
-            None => Projection::Full(linear_no_bias(input, output, vb)?),
-        })
-    }
-}
-
-/// A bias-free Linear layer in the model's dtype, or held in half precision on the CPU.
-enum Projection {
-    Full(Linear),
-    Half(HalfLinear),
-}
-
-fn bytes(t: &Tensor) -> usize {
-    t.elem_count() * t.dtype().size_in_bytes()
-}
-
-impl Projection {
-    fn bytes(&self) -> usize {
-        match self {
-            Self::Full(layer) => bytes(layer.weight()),
-            Self::Half(layer) => layer.bytes(),
-        }
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Full(layer) => layer.forward(xs),
-            Self::Half(layer) => layer.forward(xs),
-        }
+    } else {
+        super::cpu_half_linear::held_dtype(name, stored, dtype, on_cpu)
     }
 }
 
@@ -173,11 +112,15 @@ impl RmsNorm {
     }
 }
 
+fn bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
 struct SelfAttention {
-    q: Projection,
-    k: Projection,
-    v: Projection,
-    o: Projection,
+    q: HeldLinear,
+    k: HeldLinear,
+    v: HeldLinear,
+    o: HeldLinear,
     heads: usize,
     head_dim: usize,
 }
@@ -186,10 +129,10 @@ impl SelfAttention {
     fn new(vb: VarBuilder, c: &T5Config, holding: &Holding) -> candle_core::Result<Self> {
         let inner = c.num_heads * c.d_kv;
         Ok(Self {
-            q: holding.projection(vb.pp("q"), c.d_model, inner)?,
-            k: holding.projection(vb.pp("k"), c.d_model, inner)?,
-            v: holding.projection(vb.pp("v"), c.d_model, inner)?,
-            o: holding.projection(vb.pp("o"), inner, c.d_model)?,
+            q: holding.linear(vb.pp("q"), c.d_model, inner, false)?,
+            k: holding.linear(vb.pp("k"), c.d_model, inner, false)?,
+            v: holding.linear(vb.pp("v"), c.d_model, inner, false)?,
+            o: holding.linear(vb.pp("o"), inner, c.d_model, false)?,
             heads: c.num_heads,
             head_dim: c.d_kv,
         })
@@ -227,17 +170,17 @@ impl SelfAttention {
 
 enum FeedForward {
     /// `act(wi x)`.
-    Plain { wi: Projection },
+    Plain { wi: HeldLinear },
     /// `act(wi_0 x) · wi_1 x`, each projection on its own.
-    Gated { wi_0: Projection, wi_1: Projection },
+    Gated { wi_0: HeldLinear, wi_1: HeldLinear },
     /// The same with `[wi_1; wi_0]` as one projection, gated by one CPU kernel (f32, GELU).
-    GatedFused { wi: Projection },
+    GatedFused { wi: HeldLinear },
 }
 
 /// `wo`, whose product runs in f32 when the model runs in f16.
 enum OutputProjection {
     /// In the model's dtype (or as stored, on the CPU in f32), or f32 under f16.
-    Held(Projection),
+    Held(HeldLinear),
     /// Under f16, values f16 holds exactly: kept in f16, widened for each product.
     Widened(Tensor),
 }
@@ -250,7 +193,7 @@ impl OutputProjection {
         holding: &Holding,
     ) -> candle_core::Result<Self> {
         if vb.dtype() != DType::F16 {
-            return Ok(Self::Held(holding.projection(vb, input, output)?));
+            return Ok(Self::Held(holding.linear(vb, input, output, false)?));
         }
         let exact = vb.to_dtype(DType::F32).get((output, input), "weight")?;
         let narrow = exact.to_dtype(DType::F16)?;
@@ -264,14 +207,14 @@ impl OutputProjection {
         Ok(if round_trips {
             Self::Widened(narrow)
         } else {
-            Self::Held(Projection::Full(Linear::new(exact, None)))
+            Self::Held(HeldLinear::Full(Linear::new(exact, None)))
         })
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             // f32 under f16: the input widened to it.
-            Self::Held(Projection::Full(wo)) => wo.forward(&xs.to_dtype(wo.weight().dtype())?),
+            Self::Held(HeldLinear::Full(wo)) => wo.forward(&xs.to_dtype(wo.weight().dtype())?),
             Self::Held(wo) => wo.forward(xs),
             // A plain product: `Linear::new` would lay the widened weight out again per call.
             Self::Widened(weight) => xs
@@ -301,11 +244,11 @@ impl FeedForwardBlock {
             && matches!(act, Activation::GeluErf | Activation::GeluTanh);
         let ff = match (gated, fused_kernel) {
             (false, _) => FeedForward::Plain {
-                wi: holding.projection(vb.pp("wi"), d, f)?,
+                wi: holding.linear(vb.pp("wi"), d, f, false)?,
             },
             (true, false) => FeedForward::Gated {
-                wi_0: holding.projection(vb.pp("wi_0"), d, f)?,
-                wi_1: holding.projection(vb.pp("wi_1"), d, f)?,
+                wi_0: holding.linear(vb.pp("wi_0"), d, f, false)?,
+                wi_1: holding.linear(vb.pp("wi_1"), d, f, false)?,
             },
             (true, true) => {
                 let (value, gate) = (vb.pp("wi_1"), vb.pp("wi_0"));
@@ -313,12 +256,15 @@ impl FeedForwardBlock {
                 let wi = match (holding.as_stored(&value), holding.as_stored(&gate)) {
                     (Some(a), Some(b)) if a == b => {
                         let (value, gate) = (value.to_dtype(a), gate.to_dtype(a));
-                        Projection::Half(HalfLinear::new(&Tensor::cat(
-                            &[value.get((f, d), "weight")?, gate.get((f, d), "weight")?],
-                            0,
-                        )?)?)
+                        HeldLinear::Half(HalfLinear::new(
+                            &Tensor::cat(
+                                &[value.get((f, d), "weight")?, gate.get((f, d), "weight")?],
+                                0,
+                            )?,
+                            None,
+                        )?)
                     }
-                    _ => Projection::Full(Linear::new(
+                    _ => HeldLinear::Full(Linear::new(
                         Tensor::cat(&[value.get((f, d), "weight")?, gate.get((f, d), "weight")?], 0)?,
                         None,
                     )),
@@ -391,10 +337,7 @@ impl T5Encoder {
         } else {
             vb.pp("encoder.embed_tokens")
         };
-        let holding = Holding {
-            stored,
-            cpu_f32: vb.device().is_cpu() && vb.dtype() == DType::F32,
-        };
+        let holding = Holding::new(stored, &vb);
         // Rows are looked up, then widened to the model's dtype ([`Self::forward`]).
         let embedding = match holding.as_stored(&embedding_vb) {
             Some(dtype) => embedding_vb.to_dtype(dtype),
@@ -605,12 +548,7 @@ mod tests {
         for (weight, widened) in [(exact_in_f16, true), (not_exact, false)] {
             let tensors = std::collections::HashMap::from([("weight".to_string(), weight.clone())]);
             let vb = VarBuilder::from_tensors(tensors, DType::F16, &dev);
-            let stored = StoredDtypes::Every(DType::F32);
-            let holding = Holding {
-                stored: &stored,
-                cpu_f32: false,
-            };
-            let wo = OutputProjection::new(vb, 8, 4, &holding)?;
+            let wo = OutputProjection::new(vb, 8, 4, &Holding::none())?;
             assert_eq!(matches!(wo, OutputProjection::Widened(_)), widened);
             let ours = wo.forward(&xs)?;
             assert_eq!(ours.dtype(), DType::F32);

@@ -85,21 +85,22 @@ impl Flux {
         let source = super::WeightSource { dir, random };
         let weights = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let (text_device, text_dtype) = super::text_encoder_placement(device, dtype, options);
-        let text_weights = |stem: &str| source.get(stem, text_dtype, &text_device);
+        // Random weights stand in for the repo's bf16 text encoders.
+        let text_weights =
+            |stem: &str| source.get_with_stored(stem, text_dtype, &text_device, DType::BF16);
         super::pipeline_class(dir, FLUX_PIPELINES, "FLUX")?;
         let scheduler = super::read_scheduler(dir)?;
         let clip = (
             ClipTokenizer::load(dir, "tokenizer")?,
-            ClipTextModel::new(
-                text_weights("text_encoder/model")?,
-                dir.read_json("text_encoder/config.json")?,
-            )?,
+            {
+                let (vb, stored) = text_weights("text_encoder/model")?;
+                ClipTextModel::new(vb, dir.read_json("text_encoder/config.json")?, &stored)?
+            },
         );
         let t5 = (
             T5Tokenizer::load(dir, "tokenizer_2")?,
             {
-                let (vb, stored) =
-                    source.get_with_stored("text_encoder_2/model", text_dtype, &text_device)?;
+                let (vb, stored) = text_weights("text_encoder_2/model")?;
                 T5Encoder::new(vb, dir.read_json("text_encoder_2/config.json")?, &stored)?
             },
         );

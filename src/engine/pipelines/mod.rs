@@ -41,20 +41,22 @@ impl WeightSource<'_> {
         }
     }
 
-    /// [`Self::get`] with the dtype each tensor is stored in. Random weights stand in for a
-    /// checkpoint stored in bf16 (the T5 of FLUX's repos; SD3's is f16, which holds the same).
+    /// [`Self::get`] with the dtype each tensor is stored in; random weights stand in for a
+    /// checkpoint stored in `random_stored` (SD3's and FLUX's text encoders: half precision; SD's
+    /// and SDXL's main files: f32).
     pub(crate) fn get_with_stored(
         &self,
         stem: &str,
         dtype: DType,
         device: &Device,
+        random_stored: DType,
     ) -> Result<(
         candle_nn::VarBuilder<'static>,
         crate::engine::loader::weights::StoredDtypes,
     )> {
         use crate::engine::loader::weights::{SafetensorsFile, StoredDtypes};
         if self.random {
-            return Ok((self.get(stem, dtype, device)?, StoredDtypes::Every(DType::BF16)));
+            return Ok((self.get(stem, dtype, device)?, StoredDtypes::Every(random_stored)));
         }
         let file = SafetensorsFile::open_component(self.dir, stem)?;
         let stored = file.stored_dtypes();

@@ -156,6 +156,8 @@ impl StableDiffusion {
         let source = super::WeightSource { dir, random };
         let weights_as = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let weights = |_component: &str, stem: &str| weights_as(stem, dtype);
+        // Random weights stand in for the repos' main files, in f32.
+        let text_weights = |stem: &str| source.get_with_stored(stem, dtype, device, DType::F32);
         let index: ModelIndex = dir.read_json("model_index.json")?;
         let is_xl = SDXL_PIPELINES.contains(&index.class_name.as_str());
         if !is_xl && !SD_PIPELINES.contains(&index.class_name.as_str()) {
@@ -174,8 +176,8 @@ impl StableDiffusion {
         let text = if has_first_encoder {
             let tokenizer = ClipTokenizer::load(dir, "tokenizer")?;
             let te_config = dir.read_json("text_encoder/config.json")?;
-            let te_vb = weights("text_encoder", "text_encoder/model")?;
-            Some((tokenizer, ClipTextModel::new(te_vb, te_config)?))
+            let (te_vb, stored) = text_weights("text_encoder/model")?;
+            Some((tokenizer, ClipTextModel::new(te_vb, te_config, &stored)?))
         } else {
             None
         };
@@ -190,8 +192,8 @@ impl StableDiffusion {
         let xl = if is_xl {
             let tokenizer_2 = ClipTokenizer::load(dir, "tokenizer_2")?;
             let config = dir.read_json("text_encoder_2/config.json")?;
-            let text_encoder_2 =
-                ClipTextModel::new(weights("text_encoder_2", "text_encoder_2/model")?, config)?;
+            let (vb, stored) = text_weights("text_encoder_2/model")?;
+            let text_encoder_2 = ClipTextModel::new(vb, config, &stored)?;
             Some(XlParts {
                 tokenizer_2,
                 text_encoder_2,

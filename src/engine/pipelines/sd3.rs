@@ -90,15 +90,17 @@ impl StableDiffusion3 {
         let source = super::WeightSource { dir, random };
         let weights = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let (text_device, text_dtype) = super::text_encoder_placement(device, dtype, options);
-        let text_weights = |stem: &str| source.get(stem, text_dtype, &text_device);
+        // Random weights stand in for the repo's f16 text encoders.
+        let text_weights =
+            |stem: &str| source.get_with_stored(stem, text_dtype, &text_device, DType::F16);
         super::pipeline_class(dir, SD3_PIPELINES, "Stable Diffusion 3")?;
         let index: ModelIndex = dir.read_json("model_index.json")?;
         let scheduler = super::read_scheduler(dir)?;
         let clip = |n: &str| -> Result<(ClipTokenizer, ClipTextModel)> {
             let tokenizer = ClipTokenizer::load(dir, &format!("tokenizer{n}"))?;
             let config = dir.read_json(&format!("text_encoder{n}/config.json"))?;
-            let model =
-                ClipTextModel::new(text_weights(&format!("text_encoder{n}/model"))?, config)?;
+            let (vb, stored) = text_weights(&format!("text_encoder{n}/model"))?;
+            let model = ClipTextModel::new(vb, config, &stored)?;
             Ok((tokenizer, model))
         };
         let clip_l = clip("")?;
@@ -113,8 +115,7 @@ impl StableDiffusion3 {
             Some((
                 tokenizer,
                 {
-                    let (vb, stored) =
-                        source.get_with_stored("text_encoder_3/model", text_dtype, &text_device)?;
+                    let (vb, stored) = text_weights("text_encoder_3/model")?;
                     T5Encoder::new(vb, config, &stored)?
                 },
             ))
