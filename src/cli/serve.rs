@@ -31,7 +31,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CANDELA_WITHOUT_T5")]
     pub without_t5: bool,
     /// SD3 / FLUX: keep the text encoders in system memory and run them on the CPU (f32 products;
-    /// T5-XXL's weights held as its checkpoint stores them, 9.5 GB): the memory budget then
+    /// weights held as their checkpoints store them, T5-XXL 9.5 GB): the memory budget then
     /// counts only the transformer and the VAE (FLUX-dev: −9.5 GB).
     #[arg(long, env = "CANDELA_TEXT_ENCODERS_ON_CPU")]
     pub text_encoders_on_cpu: bool,

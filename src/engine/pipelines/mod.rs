@@ -408,8 +408,8 @@ pub struct LoadOptions {
     pub without_t5: bool,
     /// SD3 / FLUX: the transformer blocks' weights as loaded or quantized on load.
     pub transformer_format: crate::engine::models::dit::WeightFormat,
-    /// SD3 / FLUX: keep the text encoders in system memory and run them on the CPU in f32 (T5-XXL
-    /// held as its checkpoint stores it, 9.5 GB in bf16 or f16, and widened per product), so
+    /// SD3 / FLUX: keep the text encoders in system memory and run them on the CPU in f32 (held
+    /// as their checkpoints store them, T5-XXL 9.5 GB in bf16 or f16, and widened per product), so
     /// device memory holds only the transformer and the VAE; each prompt's states are then
     /// copied to the device. Costs prompt-encoding time, not quality.
     pub text_encoders_on_cpu: bool,
