@@ -429,10 +429,13 @@ fn t5_stored_in_half_runs_in_f32_on_the_cpu_from_weights_held_as_stored() {
         let dir = model_dir(&format!("t5-tiny-{name}"));
         let encoder = load_t5(&dir, DType::F32);
         let file = SafetensorsFile::open(&dir.file("text_encoder/model.safetensors")).unwrap();
-        let planned = file.loaded_bytes_by(|tensor, stored| {
-            weight_dtype(tensor, stored, DType::F32, true)
-        });
-        assert_eq!(encoder.weight_bytes() as u64, planned, "{name}: held vs planned");
+        let planned =
+            file.loaded_bytes_by(|tensor, stored| weight_dtype(tensor, stored, DType::F32, true));
+        assert_eq!(
+            encoder.weight_bytes() as u64,
+            planned,
+            "{name}: held vs planned"
+        );
         // Everything but the norms' scales and the position-bias table (f32) at 2 bytes.
         assert!(
             encoder.weight_bytes() < f32_model * 52 / 100,
@@ -444,10 +447,16 @@ fn t5_stored_in_half_runs_in_f32_on_the_cpu_from_weights_held_as_stored() {
         let expected = &t[&format!("hidden_{name}")];
         let d = max_abs_diff(&hidden, expected);
         eprintln!("t5 stored in {name}, run in f32: max diff {d}");
-        assert!(d <= 1e-4 * max_abs(expected).max(1.0), "{name}: differs by {d}");
+        assert!(
+            d <= 1e-4 * max_abs(expected).max(1.0),
+            "{name}: differs by {d}"
+        );
         let one = encoder.forward(&ids.narrow(0, 2, 1).unwrap()).unwrap();
         let d = max_abs_diff(&one, &expected.narrow(0, 2, 1).unwrap());
-        assert!(d <= 1e-4 * max_abs(expected).max(1.0), "{name}, one prompt: {d}");
+        assert!(
+            d <= 1e-4 * max_abs(expected).max(1.0),
+            "{name}, one prompt: {d}"
+        );
     }
 }
 
@@ -463,9 +472,8 @@ fn clip_stored_in_half_runs_in_f32_on_the_cpu_from_weights_held_as_stored() {
         let file =
             SafetensorsFile::open(&dir.file(&format!("{folder}/model.safetensors"))).unwrap();
         let stored = file.stored_dtypes();
-        let planned = file.loaded_bytes_by(|tensor, stored| {
-            held_dtype(tensor, stored, DType::F32, true)
-        });
+        let planned =
+            file.loaded_bytes_by(|tensor, stored| held_dtype(tensor, stored, DType::F32, true));
         let config = dir.read_json(&format!("{folder}/config.json")).unwrap();
         let model = ClipTextModel::new(
             file.into_var_builder(DType::F32, &Device::Cpu),
@@ -494,7 +502,10 @@ fn clip_stored_in_half_runs_in_f32_on_the_cpu_from_weights_held_as_stored() {
         assert_eq!(ours.dtype(), DType::F32);
         let d = max_abs_diff(ours, expected);
         eprintln!("CLIP stored in f16, run in f32, {name}: max diff {d}");
-        assert!(d <= 1e-4 * max_abs(expected).max(1.0), "{name}: differs by {d}");
+        assert!(
+            d <= 1e-4 * max_abs(expected).max(1.0),
+            "{name}: differs by {d}"
+        );
     }
 }
 

@@ -139,7 +139,12 @@ impl Footprint {
                 let on_cpu = device.is_cpu();
                 if config["model_type"] == "t5" {
                     file.loaded_bytes_by(|name, stored| {
-                        crate::engine::models::t5::weight_dtype(name, stored, component_dtype, on_cpu)
+                        crate::engine::models::t5::weight_dtype(
+                            name,
+                            stored,
+                            component_dtype,
+                            on_cpu,
+                        )
                     })
                 } else {
                     file.loaded_bytes_by(|name, stored| {

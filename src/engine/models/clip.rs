@@ -168,8 +168,18 @@ impl ClipTextModel {
                     layer_norm1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
                     self_attn: ClipAttention::new(vb.pp("self_attn"), c, &holding)?,
                     layer_norm2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-                    fc1: holding.linear(vb.pp("mlp.fc1"), c.hidden_size, c.intermediate_size, true)?,
-                    fc2: holding.linear(vb.pp("mlp.fc2"), c.intermediate_size, c.hidden_size, true)?,
+                    fc1: holding.linear(
+                        vb.pp("mlp.fc1"),
+                        c.hidden_size,
+                        c.intermediate_size,
+                        true,
+                    )?,
+                    fc2: holding.linear(
+                        vb.pp("mlp.fc2"),
+                        c.intermediate_size,
+                        c.hidden_size,
+                        true,
+                    )?,
                     act,
                 })
             })
@@ -201,7 +211,7 @@ impl ClipTextModel {
     /// Bytes the weights are held in (what the memory planner counts with
     /// [`super::cpu_half_linear::held_dtype`]).
     pub fn weight_bytes(&self) -> usize {
-        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        use super::tensor_bytes as bytes;
         let norm = |n: &LayerNorm| bytes(n.weight()) + n.bias().map_or(0, bytes);
         let layers: usize = self
             .layers
@@ -239,7 +249,12 @@ impl ClipTextModel {
             .token_embedding
             .forward(input_ids)?
             .to_dtype(self.dtype)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?.to_dtype(self.dtype)?)?;
+            .broadcast_add(
+                &self
+                    .position_embedding
+                    .forward(&positions)?
+                    .to_dtype(self.dtype)?,
+            )?;
         let mask = Self::causal_mask(n, xs.dtype(), xs.device())?;
         let mut states = vec![xs.clone()];
         for layer in &self.layers[..layers.min(self.layers.len())] {

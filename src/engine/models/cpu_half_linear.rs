@@ -12,10 +12,9 @@
 //! weights so through [`Holding`].
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
-
-use candle_nn::VarBuilder;
 
 use super::blocks::Linear;
 use super::cpu_util::{self, SharedOut, Strided};
@@ -97,8 +96,7 @@ impl HalfLinear {
     /// `xs` (…, in), f32 on the CPU, times the weight: (…, out) in f32.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims();
-        if xs.dtype() != DType::F32 || !xs.device().is_cpu() || dims.last() != Some(&self.inputs)
-        {
+        if xs.dtype() != DType::F32 || !xs.device().is_cpu() || dims.last() != Some(&self.inputs) {
             candle_core::bail!(
                 "a half-precision CPU Linear takes f32 CPU input of width {}, not {:?} {dims:?}",
                 self.inputs,
@@ -125,63 +123,67 @@ impl HalfLinear {
         }
         let dst = SharedOut(out.as_mut_ptr());
         let block_width = block_width(n, rayon::current_num_threads());
-        (0..n.div_ceil(block_width)).into_par_iter().for_each(|block| {
-            let c0 = block * block_width;
-            let width = block_width.min(n - c0);
-            WIDENED.with_borrow_mut(|widened| {
-                widened.resize(DEPTH.min(k) * width, 0.0);
-                for r0 in (0..k).step_by(DEPTH) {
-                    let depth = DEPTH.min(k - r0);
-                    // `depth` rows of `width` values, `n` apart, from (r0, c0).
-                    let (at, len) = (r0 * n + c0, (depth - 1) * n + width);
-                    let part = &mut widened[..depth * width];
-                    match &self.values {
-                        Values::Bf16(v) => {
-                            widen_bf16(v[at..][..len].reinterpret_cast(), n, width, part)
-                        }
-                        Values::F16(v) => widen_f16(v[at..][..len].reinterpret_cast(), n, width, part),
-                    }
-                    if r0 == 0 {
-                        if let Some(bias) = &self.bias {
-                            // The product accumulates onto its bias.
-                            for row in 0..rows {
-                                // SAFETY: row < rows and c0 + width ≤ n: inside `out`, in this
-                                // task's columns.
-                                let dst_row = unsafe {
-                                    std::slice::from_raw_parts_mut(dst.at(row * n + c0), width)
-                                };
-                                dst_row.copy_from_slice(&bias[c0..c0 + width]);
+        (0..n.div_ceil(block_width))
+            .into_par_iter()
+            .for_each(|block| {
+                let c0 = block * block_width;
+                let width = block_width.min(n - c0);
+                WIDENED.with_borrow_mut(|widened| {
+                    widened.resize(DEPTH.min(k) * width, 0.0);
+                    for r0 in (0..k).step_by(DEPTH) {
+                        let depth = DEPTH.min(k - r0);
+                        // `depth` rows of `width` values, `n` apart, from (r0, c0).
+                        let (at, len) = (r0 * n + c0, (depth - 1) * n + width);
+                        let part = &mut widened[..depth * width];
+                        match &self.values {
+                            Values::Bf16(v) => {
+                                widen_bf16(v[at..][..len].reinterpret_cast(), n, width, part)
+                            }
+                            Values::F16(v) => {
+                                widen_f16(v[at..][..len].reinterpret_cast(), n, width, part)
                             }
                         }
+                        if r0 == 0 {
+                            if let Some(bias) = &self.bias {
+                                // The product accumulates onto its bias.
+                                for row in 0..rows {
+                                    // SAFETY: row < rows and c0 + width ≤ n: inside `out`, in this
+                                    // task's columns.
+                                    let dst_row = unsafe {
+                                        std::slice::from_raw_parts_mut(dst.at(row * n + c0), width)
+                                    };
+                                    dst_row.copy_from_slice(&bias[c0..c0 + width]);
+                                }
+                            }
+                        }
+                        let lhs = Strided {
+                            ptr: lhs[r0..].as_ptr(),
+                            row: k as isize,
+                            col: 1,
+                        };
+                        let rhs = Strided {
+                            ptr: widened.as_ptr(),
+                            row: width as isize,
+                            col: 1,
+                        };
+                        // SAFETY: lhs is rows × depth from column r0 of a rows × k buffer, rhs
+                        // depth × width, and the destination block (rows × width at column c0, rows
+                        // n apart) lies inside `out`; blocks are disjoint columns, so tasks write
+                        // disjoint elements.
+                        unsafe {
+                            cpu_util::gemm_f32(
+                                [rows, width, depth],
+                                dst.at(c0),
+                                n as isize,
+                                r0 > 0 || self.bias.is_some(),
+                                lhs,
+                                rhs,
+                                1.0,
+                            )
+                        };
                     }
-                    let lhs = Strided {
-                        ptr: lhs[r0..].as_ptr(),
-                        row: k as isize,
-                        col: 1,
-                    };
-                    let rhs = Strided {
-                        ptr: widened.as_ptr(),
-                        row: width as isize,
-                        col: 1,
-                    };
-                    // SAFETY: lhs is rows × depth from column r0 of a rows × k buffer, rhs
-                    // depth × width, and the destination block (rows × width at column c0, rows
-                    // n apart) lies inside `out`; blocks are disjoint columns, so tasks write
-                    // disjoint elements.
-                    unsafe {
-                        cpu_util::gemm_f32(
-                            [rows, width, depth],
-                            dst.at(c0),
-                            n as isize,
-                            r0 > 0 || self.bias.is_some(),
-                            lhs,
-                            rhs,
-                            1.0,
-                        )
-                    };
-                }
+                });
             });
-        });
         out
     }
 }
@@ -204,6 +206,7 @@ impl<'a> Holding<'a> {
     }
 
     /// Every weight in the model's dtype.
+    #[cfg(test)]
     pub fn none() -> Self {
         Self {
             stored: None,
@@ -275,8 +278,7 @@ impl HeldLinear {
     pub fn bytes(&self) -> usize {
         match self {
             Self::Full(layer) => {
-                let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-                bytes(layer.weight()) + layer.bias().map_or(0, bytes)
+                super::tensor_bytes(layer.weight()) + layer.bias().map_or(0, super::tensor_bytes)
             }
             Self::Half(layer) => layer.bytes(),
         }
@@ -359,8 +361,7 @@ mod tests {
                 // Past one [`DEPTH`] of inputs: accumulated over a partial last part.
                 (vec![3], 2 * DEPTH + 76, 260),
             ] {
-                let weight =
-                    Tensor::randn(0f32, 1., (outputs, inputs), &dev)?.to_dtype(dtype)?;
+                let weight = Tensor::randn(0f32, 1., (outputs, inputs), &dev)?.to_dtype(dtype)?;
                 let mut x_dims = dims.clone();
                 x_dims.push(inputs);
                 let xs = Tensor::randn(0f32, 1., x_dims, &dev)?;
@@ -368,7 +369,10 @@ mod tests {
                 let exact = xs.broadcast_matmul(&weight.to_dtype(DType::F32)?.t()?)?;
                 assert_eq!(ours.dims(), exact.dims());
                 let excess = beyond_summation_error(&ours, &exact, &xs, &weight, None)?;
-                assert!(excess <= 0.0, "{dtype:?} {dims:?}×{inputs}→{outputs}: {excess}");
+                assert!(
+                    excess <= 0.0,
+                    "{dtype:?} {dims:?}×{inputs}→{outputs}: {excess}"
+                );
             }
         }
         Ok(())
@@ -404,7 +408,11 @@ mod tests {
     fn widening_is_exact_for_every_half_value() {
         let bits: Vec<u16> = (0..=u16::MAX).collect();
         for (name, widen, reference) in [
-            ("f16", widen_f16 as fn(&[u16], usize, usize, &mut [f32]), (|b| f16::from_bits(b).to_f32()) as fn(u16) -> f32),
+            (
+                "f16",
+                widen_f16 as fn(&[u16], usize, usize, &mut [f32]),
+                (|b| f16::from_bits(b).to_f32()) as fn(u16) -> f32,
+            ),
             ("bf16", widen_bf16, |b| bf16::from_bits(b).to_f32()),
         ] {
             // As 256 rows of 256 (stride 256) and as 128 rows of 200 values 512 apart.
@@ -449,11 +457,18 @@ mod tests {
         let f32_weight = Tensor::zeros((4, 8), DType::F32, &dev)?;
         assert!(HalfLinear::new(&f32_weight, None).is_err());
         let layer = HalfLinear::new(&f32_weight.to_dtype(DType::BF16)?, None)?;
-        assert!(layer.forward(&Tensor::zeros((2, 7), DType::F32, &dev)?).is_err());
+        assert!(layer
+            .forward(&Tensor::zeros((2, 7), DType::F32, &dev)?)
+            .is_err());
         assert!(layer
             .forward(&Tensor::zeros((2, 8), DType::F16, &dev)?)
             .is_err());
-        assert_eq!(layer.forward(&Tensor::zeros((2, 8), DType::F32, &dev)?)?.dims(), [2, 4]);
+        assert_eq!(
+            layer
+                .forward(&Tensor::zeros((2, 8), DType::F32, &dev)?)?
+                .dims(),
+            [2, 4]
+        );
         Ok(())
     }
 }

@@ -76,6 +76,11 @@ pub mod t5;
 pub mod unet;
 pub mod vae;
 
+/// Bytes a tensor's elements take.
+pub(crate) fn tensor_bytes(t: &candle_core::Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
 /// The largest absolute difference between two tensors of one shape (kernel tests).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {

@@ -25,6 +25,7 @@ use serde::Deserialize;
 use super::blocks::Linear;
 use super::cpu_activation::Activation;
 use super::cpu_half_linear::{HalfLinear, HeldLinear, Holding};
+use super::tensor_bytes;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::weights::StoredDtypes;
 
@@ -110,10 +111,6 @@ impl RmsNorm {
     fn forward(&self, xs: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
         candle_nn::ops::rms_norm(&xs.to_dtype(DType::F32)?, &self.weight, self.eps)?.to_dtype(dtype)
     }
-}
-
-fn bytes(t: &Tensor) -> usize {
-    t.elem_count() * t.dtype().size_in_bytes()
 }
 
 struct SelfAttention {
@@ -253,21 +250,21 @@ impl FeedForwardBlock {
             (true, true) => {
                 let (value, gate) = (vb.pp("wi_1"), vb.pp("wi_0"));
                 // Both as stored when both are stored in the same half precision.
-                let wi = match (holding.as_stored(&value), holding.as_stored(&gate)) {
-                    (Some(a), Some(b)) if a == b => {
-                        let (value, gate) = (value.to_dtype(a), gate.to_dtype(a));
-                        HeldLinear::Half(HalfLinear::new(
-                            &Tensor::cat(
-                                &[value.get((f, d), "weight")?, gate.get((f, d), "weight")?],
-                                0,
-                            )?,
-                            None,
-                        )?)
-                    }
-                    _ => HeldLinear::Full(Linear::new(
-                        Tensor::cat(&[value.get((f, d), "weight")?, gate.get((f, d), "weight")?], 0)?,
-                        None,
-                    )),
+                let held = match (holding.as_stored(&value), holding.as_stored(&gate)) {
+                    (Some(a), Some(b)) if a == b => Some(a),
+                    _ => None,
+                };
+                let (value, gate) = match held {
+                    Some(dtype) => (value.to_dtype(dtype), gate.to_dtype(dtype)),
+                    None => (value, gate),
+                };
+                let weight = Tensor::cat(
+                    &[value.get((f, d), "weight")?, gate.get((f, d), "weight")?],
+                    0,
+                )?;
+                let wi = match held {
+                    Some(_) => HeldLinear::Half(HalfLinear::new(&weight, None)?),
+                    None => HeldLinear::Full(Linear::new(weight, None)),
                 };
                 FeedForward::GatedFused { wi }
             }
@@ -358,13 +355,7 @@ impl T5Encoder {
                     attention_norm: RmsNorm::new(c.d_model, eps, vb.pp("0.layer_norm"))?,
                     attention: SelfAttention::new(vb.pp("0.SelfAttention"), &c, &holding)?,
                     ff_norm: RmsNorm::new(c.d_model, eps, vb.pp("1.layer_norm"))?,
-                    ff: FeedForwardBlock::new(
-                        vb.pp("1.DenseReluDense"),
-                        &c,
-                        act,
-                        gated,
-                        &holding,
-                    )?,
+                    ff: FeedForwardBlock::new(vb.pp("1.DenseReluDense"), &c, act, gated, &holding)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -396,19 +387,22 @@ impl T5Encoder {
                 };
                 let wo = match &block.ff.wo {
                     OutputProjection::Held(wo) => wo.bytes(),
-                    OutputProjection::Widened(weight) => bytes(weight),
+                    OutputProjection::Widened(weight) => tensor_bytes(weight),
                 };
-                [&a.q, &a.k, &a.v, &a.o].iter().map(|p| p.bytes()).sum::<usize>()
+                [&a.q, &a.k, &a.v, &a.o]
+                    .iter()
+                    .map(|p| p.bytes())
+                    .sum::<usize>()
                     + ff
                     + wo
-                    + bytes(&block.attention_norm.weight)
-                    + bytes(&block.ff_norm.weight)
+                    + tensor_bytes(&block.attention_norm.weight)
+                    + tensor_bytes(&block.ff_norm.weight)
             })
             .sum();
-        bytes(&self.embedding)
-            + bytes(&self.relative_attention_bias)
+        tensor_bytes(&self.embedding)
+            + tensor_bytes(&self.relative_attention_bias)
             + layers
-            + bytes(&self.final_norm.weight)
+            + tensor_bytes(&self.final_norm.weight)
     }
 
     /// The last hidden state, (B, tokens, d_model), in the model's dtype.

@@ -90,20 +90,14 @@ impl Flux {
             |stem: &str| source.get_with_stored(stem, text_dtype, &text_device, DType::BF16);
         super::pipeline_class(dir, FLUX_PIPELINES, "FLUX")?;
         let scheduler = super::read_scheduler(dir)?;
-        let clip = (
-            ClipTokenizer::load(dir, "tokenizer")?,
-            {
-                let (vb, stored) = text_weights("text_encoder/model")?;
-                ClipTextModel::new(vb, dir.read_json("text_encoder/config.json")?, &stored)?
-            },
-        );
-        let t5 = (
-            T5Tokenizer::load(dir, "tokenizer_2")?,
-            {
-                let (vb, stored) = text_weights("text_encoder_2/model")?;
-                T5Encoder::new(vb, dir.read_json("text_encoder_2/config.json")?, &stored)?
-            },
-        );
+        let clip = (ClipTokenizer::load(dir, "tokenizer")?, {
+            let (vb, stored) = text_weights("text_encoder/model")?;
+            ClipTextModel::new(vb, dir.read_json("text_encoder/config.json")?, &stored)?
+        });
+        let t5 = (T5Tokenizer::load(dir, "tokenizer_2")?, {
+            let (vb, stored) = text_weights("text_encoder_2/model")?;
+            T5Encoder::new(vb, dir.read_json("text_encoder_2/config.json")?, &stored)?
+        });
         let config_path = dir.required("transformer/config.json")?;
         let config: FluxTransformerConfig = crate::engine::loader::read_json(&config_path)?;
         let transformer_vb = source.transformer(options, Naming::Bfl, dtype, device)?;

@@ -56,7 +56,10 @@ impl WeightSource<'_> {
     )> {
         use crate::engine::loader::weights::{SafetensorsFile, StoredDtypes};
         if self.random {
-            return Ok((self.get(stem, dtype, device)?, StoredDtypes::Every(random_stored)));
+            return Ok((
+                self.get(stem, dtype, device)?,
+                StoredDtypes::Every(random_stored),
+            ));
         }
         let file = SafetensorsFile::open_component(self.dir, stem)?;
         let stored = file.stored_dtypes();

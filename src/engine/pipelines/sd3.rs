@@ -112,13 +112,10 @@ impl StableDiffusion3 {
         let t5 = if t5_in_folder && !options.without_t5 {
             let tokenizer = T5Tokenizer::load(dir, "tokenizer_3")?;
             let config = dir.read_json("text_encoder_3/config.json")?;
-            Some((
-                tokenizer,
-                {
-                    let (vb, stored) = text_weights("text_encoder_3/model")?;
-                    T5Encoder::new(vb, config, &stored)?
-                },
-            ))
+            Some((tokenizer, {
+                let (vb, stored) = text_weights("text_encoder_3/model")?;
+                T5Encoder::new(vb, config, &stored)?
+            }))
         } else {
             None
         };
