@@ -136,26 +136,16 @@ impl Footprint {
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
             let mut bytes = if folder.starts_with("text_encoder") {
                 let config: serde_json::Value = dir.read_json(&format!("{folder}/config.json"))?;
-                let on_cpu = device.is_cpu();
-                if config["model_type"] == "t5" {
-                    file.loaded_bytes_by(|name, stored| {
-                        crate::engine::models::t5::weight_dtype(
-                            name,
-                            stored,
-                            component_dtype,
-                            on_cpu,
-                        )
-                    })
+                // T5's rules, or the holding every text encoder on the CPU follows.
+                let held_dtype = if config["model_type"] == "t5" {
+                    crate::engine::models::t5::weight_dtype
                 } else {
-                    file.loaded_bytes_by(|name, stored| {
-                        crate::engine::models::cpu_half_linear::held_dtype(
-                            name,
-                            stored,
-                            component_dtype,
-                            on_cpu,
-                        )
-                    })
-                }
+                    crate::engine::models::cpu_half_linear::held_dtype
+                };
+                let on_cpu = device.is_cpu();
+                file.loaded_bytes_by(|name, stored| {
+                    held_dtype(name, stored, component_dtype, on_cpu)
+                })
             } else {
                 file.loaded_bytes(component_dtype)
             };
