@@ -1164,22 +1164,17 @@ def main():
         t5_stage_fixtures(tokenizer, model, out / "stages")
         print("T5 fixtures written to", out)
         return
-    if args.randn_half:
-        randn_half_cases(out)
-        print("half-precision randn fixtures written to", out)
-        return
-    if args.t5_stored_half:
-        t5_stored_half_fixtures(out)
-        print("T5 stored-in-half fixtures written to", out)
-        return
-    if args.clip_stored_half:
-        clip_stored_half_fixtures(out)
-        print("CLIP stored-in-half fixtures written to", out)
-        return
-    if args.t5_f16:
-        t5_f16_fixtures(out)
-        print("T5 f16 fixtures written to", out)
-        return
+    # Fixtures that one function writes from the committed models: (flag, writer, what).
+    for flag, write, what in [
+        (args.randn_half, randn_half_cases, "half-precision randn"),
+        (args.t5_stored_half, t5_stored_half_fixtures, "T5 stored-in-half"),
+        (args.clip_stored_half, clip_stored_half_fixtures, "CLIP stored-in-half"),
+        (args.t5_f16, t5_f16_fixtures, "T5 f16"),
+    ]:
+        if flag:
+            write(out)
+            print(what, "fixtures written to", out)
+            return
     if args.refiner:
         shutil.rmtree(out / "models" / "sdxl-refiner-tiny", ignore_errors=True)
         pipe = build_sdxl_refiner(out / "models" / "sdxl-refiner-tiny", seed=5)

@@ -151,13 +151,8 @@ impl ClipTextModel {
         };
         let c = &config;
         let emb = vb.pp("embeddings");
-        let held_embedding = |vb: VarBuilder, rows: usize| {
-            let vb = match holding.as_stored(&vb) {
-                Some(dtype) => vb.to_dtype(dtype),
-                None => vb,
-            };
-            embedding(rows, c.hidden_size, vb)
-        };
+        let held_embedding =
+            |vb: VarBuilder, rows: usize| embedding(rows, c.hidden_size, holding.reading(vb));
         let token_embedding = held_embedding(emb.pp("token_embedding"), c.vocab_size)?;
         let position_embedding =
             held_embedding(emb.pp("position_embedding"), c.max_position_embeddings)?;

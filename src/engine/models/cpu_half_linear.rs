@@ -80,14 +80,6 @@ impl HalfLinear {
         })
     }
 
-    /// The dtype the weight is held in.
-    pub fn dtype(&self) -> DType {
-        match self.values {
-            Values::Bf16(_) => DType::BF16,
-            Values::F16(_) => DType::F16,
-        }
-    }
-
     /// Bytes the weight and bias are held in.
     pub fn bytes(&self) -> usize {
         self.inputs * self.outputs * 2 + self.bias.as_ref().map_or(0, |b| b.len() * 4)
@@ -128,6 +120,16 @@ impl HalfLinear {
             .for_each(|block| {
                 let c0 = block * block_width;
                 let width = block_width.min(n - c0);
+                if let Some(bias) = &self.bias {
+                    // The product accumulates onto its bias.
+                    for row in 0..rows {
+                        // SAFETY: row < rows and c0 + width ≤ n: inside `out`, in this task's
+                        // columns.
+                        let dst_row =
+                            unsafe { std::slice::from_raw_parts_mut(dst.at(row * n + c0), width) };
+                        dst_row.copy_from_slice(&bias[c0..c0 + width]);
+                    }
+                }
                 WIDENED.with_borrow_mut(|widened| {
                     widened.resize(DEPTH.min(k) * width, 0.0);
                     for r0 in (0..k).step_by(DEPTH) {
@@ -141,19 +143,6 @@ impl HalfLinear {
                             }
                             Values::F16(v) => {
                                 widen_f16(v[at..][..len].reinterpret_cast(), n, width, part)
-                            }
-                        }
-                        if r0 == 0 {
-                            if let Some(bias) = &self.bias {
-                                // The product accumulates onto its bias.
-                                for row in 0..rows {
-                                    // SAFETY: row < rows and c0 + width ≤ n: inside `out`, in this
-                                    // task's columns.
-                                    let dst_row = unsafe {
-                                        std::slice::from_raw_parts_mut(dst.at(row * n + c0), width)
-                                    };
-                                    dst_row.copy_from_slice(&bias[c0..c0 + width]);
-                                }
                             }
                         }
                         let lhs = Strided {
@@ -220,6 +209,14 @@ impl<'a> Holding<'a> {
         (self.cpu_f32 && is_half(stored)).then_some(stored)
     }
 
+    /// `vb` reading its `weight` as it is held: as stored where [`Self::as_stored`] says.
+    pub fn reading(&self, vb: VarBuilder<'a>) -> VarBuilder<'a> {
+        match self.as_stored(&vb) {
+            Some(stored) => vb.to_dtype(stored),
+            None => vb,
+        }
+    }
+
     /// A Linear layer (`input` → `output`, with or without its bias), held as stored where
     /// [`Self::as_stored`] says.
     pub fn linear(
@@ -229,16 +226,16 @@ impl<'a> Holding<'a> {
         output: usize,
         with_bias: bool,
     ) -> candle_core::Result<HeldLinear> {
-        let bias = |vb: &VarBuilder| {
-            with_bias
-                .then(|| vb.to_dtype(DType::F32).get(output, "bias"))
-                .transpose()
-        };
         Ok(match self.as_stored(&vb) {
-            Some(stored) => HeldLinear::Half(HalfLinear::new(
-                &vb.to_dtype(stored).get((output, input), "weight")?,
-                bias(&vb)?.as_ref(),
-            )?),
+            Some(stored) => {
+                let bias = with_bias
+                    .then(|| vb.to_dtype(DType::F32).get(output, "bias"))
+                    .transpose()?;
+                HeldLinear::Half(HalfLinear::new(
+                    &vb.to_dtype(stored).get((output, input), "weight")?,
+                    bias.as_ref(),
+                )?)
+            }
             None => HeldLinear::Full(if with_bias {
                 super::blocks::linear(input, output, vb)?
             } else {

@@ -336,11 +336,9 @@ impl T5Encoder {
         };
         let holding = Holding::new(stored, &vb);
         // Rows are looked up, then widened to the model's dtype ([`Self::forward`]).
-        let embedding = match holding.as_stored(&embedding_vb) {
-            Some(dtype) => embedding_vb.to_dtype(dtype),
-            None => embedding_vb,
-        }
-        .get((c.vocab_size, c.d_model), "weight")?;
+        let embedding = holding
+            .reading(embedding_vb)
+            .get((c.vocab_size, c.d_model), "weight")?;
         let encoder = vb.pp("encoder");
         let relative_attention_bias = encoder
             .pp("block.0.layer.0.SelfAttention.relative_attention_bias")
