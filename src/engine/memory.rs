@@ -150,22 +150,11 @@ impl Footprint {
                 file.loaded_bytes(component_dtype)
             };
             if folder == denoiser_folder {
-                // Quantized blocks: the format's bits per weight instead of the dtype's (the
-                // small dense embedders are within the rounding of this estimate).
-                if let Some(bits) = options.transformer_format.bits_per_weight() {
+                // Quantized blocks: the format's resident bits per weight instead of the dtype's
+                // (the small dense embedders are within the rounding of this estimate).
+                let format = options.transformer_format;
+                if let Some(bits) = format.resident_bits_per_weight(device.is_cpu()) {
                     bytes = (bytes as f64 * bits / (8.0 * dtype.size_in_bytes() as f64)) as u64;
-                    // candle 0.11's CPU product of a GGML layer repacks its blocks into tiles
-                    // on first use and keeps them beside the blocks (`PackedCache`): held twice.
-                    // Measured: FLUX's blocks in q6k/q8_0 grew the resident set by 1.2× their
-                    // size in the first forward, and killed FLUX-dev on a 24 GiB machine.
-                    if device.is_cpu()
-                        && matches!(
-                            options.transformer_format,
-                            crate::engine::models::dit::WeightFormat::Quantized(_)
-                        )
-                    {
-                        bytes *= 2;
-                    }
                 }
             }
             components.push((folder.to_string(), bytes));

@@ -34,6 +34,19 @@ impl WeightFormat {
             Self::Fp8 => Some(8.0),
         }
     }
+
+    /// Bits each weight holds resident (`None` for dense) on the CPU when `on_cpu`: candle
+    /// 0.11's CPU product of a GGML layer repacks its blocks into tiles on first use and keeps
+    /// them beside the blocks (`quantized/repack.rs`, `PackedCache`), so there they are held
+    /// twice. Measured: FLUX's blocks in q6k / q8_0 grew the resident set by 1.2× their size in
+    /// the first forward, which killed FLUX-dev on a 24 GiB machine.
+    pub fn resident_bits_per_weight(self, on_cpu: bool) -> Option<f64> {
+        let bits = self.bits_per_weight()?;
+        Some(match self {
+            Self::Quantized(_) if on_cpu => 2.0 * bits,
+            _ => bits,
+        })
+    }
 }
 
 impl std::str::FromStr for WeightFormat {
