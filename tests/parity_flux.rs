@@ -235,7 +235,12 @@ fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
     let full = load("flux-dev").generate(&params, &mut |_| true).unwrap();
     // fp8 (e4m3: every weight within 2⁻⁴ of itself) sits between q8_0 (8 bits of a block's
     // maximum) and q4_0 (4 bits of it).
-    for (format, min_psnr) in [("q8_0", 40.0), ("fp8", 40.0), ("q4_0", 25.0)] {
+    for (format, min_psnr) in [
+        ("q8_0", 40.0),
+        ("q8_0-compact", 40.0),
+        ("fp8", 40.0),
+        ("q4_0", 25.0),
+    ] {
         let options = LoadOptions {
             transformer_format: format.parse::<WeightFormat>().unwrap(),
             ..Default::default()
@@ -304,6 +309,84 @@ fn fp8_checkpoint_loads_exactly_into_the_fp8_format() {
         .generate(&params, &mut |_| true)
         .unwrap();
     assert!(max_abs_diff(&original.latents, &dense.latents) > 0.0);
+}
+
+/// The blocks held once on the CPU (`-compact`) multiply the dequantized weights in f32, as
+/// diffusers' GGUF layers do: a q8_0 / q4_0 FLUX so held generates what the dense model of the
+/// same weights, quantized and dequantized into a file, generates — up to the order of f32 sums
+/// (the tiny model is 32 wide: k-quants' 256-value blocks do not fit it).
+#[test]
+fn compact_quantized_flux_generates_what_its_dequantized_weights_generate() {
+    use candela::engine::models::dit::WeightFormat;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::Tensor;
+    let bfl = fixtures().join("models/flux1-dev-tiny-bfl.safetensors");
+    let dir = ModelDir {
+        root: fixtures().join("models/flux-dev-tiny"),
+        prefer_fp16_variant: false,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let params = short_dev_run(48, 32, 7);
+    for (format, blocks) in [("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)] {
+        // Every block weight the format quantizes (rank 2, whole blocks of inputs), as its
+        // blocks' values.
+        let mut quantized = 0;
+        let tensors = candle_core::safetensors::load(&bfl, &Device::Cpu).unwrap();
+        let dequantized: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(name, t)| {
+                let block =
+                    name.starts_with("double_blocks.") || name.starts_with("single_blocks.");
+                if block
+                    && t.rank() == 2
+                    && name.ends_with(".weight")
+                    && t.dim(1).unwrap() % blocks.block_size() == 0
+                {
+                    quantized += 1;
+                    let q = QTensor::quantize(&t.to_dtype(DType::F32).unwrap(), blocks).unwrap();
+                    (
+                        name,
+                        q.dequantize(&Device::Cpu)
+                            .unwrap()
+                            .to_dtype(t.dtype())
+                            .unwrap(),
+                    )
+                } else {
+                    (name, t)
+                }
+            })
+            .collect();
+        assert!(
+            quantized > 0,
+            "{format}: no block weights of whole blocks in the fixture"
+        );
+        let file = tmp
+            .path()
+            .join(format!("flux1-dev-tiny-{format}.safetensors"));
+        candle_core::safetensors::save(&dequantized, &file).unwrap();
+        let load_with = |file: &std::path::Path, format: &str| {
+            let options = LoadOptions {
+                transformer_file: Some(file.to_path_buf()),
+                transformer_format: format.parse::<WeightFormat>().unwrap(),
+                ..Default::default()
+            };
+            Flux::load(&dir, &Device::Cpu, DType::F32, &options).unwrap()
+        };
+        let dense = load_with(&file, "dense")
+            .generate(&params, &mut |_| true)
+            .unwrap();
+        let compact = load_with(&bfl, &format!("{format}-compact"))
+            .generate(&params, &mut |_| true)
+            .unwrap();
+        let d = max_abs_diff(&dense.latents, &compact.latents);
+        eprintln!("{format}-compact: latents max diff {d} vs the dense dequantized model");
+        assert!(d < 1e-4, "{format}-compact: {d}");
+        // The dequantized file really differs from the original.
+        let original = load_with(&bfl, "dense")
+            .generate(&params, &mut |_| true)
+            .unwrap();
+        assert!(max_abs_diff(&original.latents, &dense.latents) > 1e-3);
+    }
 }
 
 #[test]

@@ -198,6 +198,11 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         transformer_format: super::weight_format(args.quantize.as_deref())?,
         vae_tiling: args.vae_tiling,
     };
+    // As `serve` holds it within its default budget (quantized blocks held once on the CPU
+    // where twice would not fit).
+    let budget = crate::jobs::DEFAULT_MEMORY_BUDGET.resolve(&device)?;
+    let (options, _) =
+        crate::engine::memory::Footprint::read_fitted(&dir, &device, dtype, &options, budget)?;
     let pipeline = Pipeline::load(&dir, &device, dtype, &options)?;
     tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");
     let init = match &args.init_image {

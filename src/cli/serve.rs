@@ -231,10 +231,10 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
         memory_budget: args
             .memory_budget
             .or(file.memory_budget)
-            .as_deref()
-            .unwrap_or("0.9")
-            .parse::<MemoryBudget>()
-            .map_err(anyhow::Error::msg)?,
+            .map(|b| b.parse::<MemoryBudget>())
+            .transpose()
+            .map_err(anyhow::Error::msg)?
+            .unwrap_or(crate::jobs::DEFAULT_MEMORY_BUDGET),
         job_timeout: args
             .job_timeout_secs
             .or(file.job_timeout_secs)

@@ -231,6 +231,43 @@ impl Footprint {
         self.latent_scale
     }
 
+    /// [`Self::read`] with `options` fitted to `budget` bytes of `device`: on the CPU a
+    /// transformer quantized to a format candle holds twice there (its tiles beside the blocks,
+    /// [`held_twice_on_cpu`](crate::engine::models::dit::WeightFormat::held_twice_on_cpu)) is held once ([`compact`](crate::engine::models::dit::WeightFormat::compact)) when twice
+    /// would not fit beside a default-size image's working memory. Trades speed for fitting:
+    /// candle's tiles run 0.6–0.85× the f32 layer's time, the blocks held once ~1.0–1.1×. The
+    /// options as fitted, with their footprint.
+    pub fn read_fitted(
+        dir: &ModelDir,
+        device: &candle_core::Device,
+        dtype: DType,
+        options: &LoadOptions,
+        budget: u64,
+    ) -> Result<(LoadOptions, Self)> {
+        let footprint = Self::read(dir, device, dtype, options)?;
+        if !device.is_cpu() || !options.transformer_format.held_twice_on_cpu() {
+            return Ok((options.clone(), footprint));
+        }
+        let size = crate::engine::pipelines::read_card(dir, "")?.default_size;
+        let need =
+            |f: &Self| f.weights_bytes() + f.activation_bytes(1, size, size, Guidance::DEFAULT);
+        if need(&footprint) <= budget {
+            return Ok((options.clone(), footprint));
+        }
+        let compact = LoadOptions {
+            transformer_format: options.transformer_format.compact(),
+            ..options.clone()
+        };
+        let held_once = Self::read(dir, device, dtype, &compact)?;
+        tracing::info!(
+            twice = need(&footprint),
+            once = need(&held_once),
+            budget,
+            "quantized blocks held once on the CPU: held twice (candle's faster tiles) they would not fit the memory budget"
+        );
+        Ok((compact, held_once))
+    }
+
     pub fn weights_bytes(&self) -> u64 {
         self.components.iter().map(|(_, b)| b).sum()
     }
@@ -413,6 +450,8 @@ fn process_status_kib(field: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::models::dit::WeightFormat;
+    use candle_core::quantized::GgmlDType;
     use candle_core::Device;
 
     const UNGUIDED: Guidance = Guidance {
@@ -512,21 +551,27 @@ mod tests {
         .unwrap();
         assert_eq!(bytes(&cpu_text, "text_encoder_2"), None);
         assert_eq!(bytes(&cpu_text, "transformer"), bytes(&full, "transformer"));
-        // Q8_0 keeps 8.5 of every 32 bits, held twice on the CPU (candle's repacked tiles
-        // beside the blocks).
-        let q8 = Footprint::read(
-            &dir,
-            &Device::Cpu,
-            DType::F32,
-            &LoadOptions {
-                transformer_format: "q8_0".parse().unwrap(),
+        // Q6_K keeps 6.5625 of every 32 bits: held twice on the CPU where candle repacks it
+        // into tiles kept beside the blocks, once when asked (`-compact`) or when candle has
+        // no tiles for the format (q5_0).
+        let read_as = |format: &str| {
+            let options = LoadOptions {
+                transformer_format: format.parse().unwrap(),
                 ..Default::default()
-            },
-        )
-        .unwrap();
-        let ratio =
-            bytes(&q8, "transformer").unwrap() as f64 / bytes(&full, "transformer").unwrap() as f64;
-        assert!((ratio - 2.0 * 8.5 / 32.0).abs() < 1e-3, "{ratio}");
+            };
+            Footprint::read(&dir, &Device::Cpu, DType::F32, &options).unwrap()
+        };
+        let ratio = |f: &Footprint| {
+            bytes(f, "transformer").unwrap() as f64 / bytes(&full, "transformer").unwrap() as f64
+        };
+        let twice = if crate::engine::models::dit::cpu_repacks(GgmlDType::Q6K) {
+            2.0
+        } else {
+            1.0
+        };
+        assert!((ratio(&read_as("q6k")) - twice * 6.5625 / 32.0).abs() < 1e-3);
+        assert!((ratio(&read_as("q6k-compact")) - 6.5625 / 32.0).abs() < 1e-3);
+        assert!((ratio(&read_as("q5_0")) - 5.5 / 32.0).abs() < 1e-3);
         // A transformer's working memory grows with the square of the token count.
         let small = full.activation_bytes(1, 512, 512, UNGUIDED);
         let large = full.activation_bytes(1, 1024, 1024, UNGUIDED);
@@ -598,6 +643,43 @@ mod tests {
             ..tiled
         };
         assert!(need(&whole) > budget, "{}", need(&whole));
+    }
+
+    /// On the CPU, blocks candle would hold twice are held once exactly when twice would not
+    /// fit the budget beside a default-size image; dense models and formats held once anyway
+    /// are left as asked.
+    #[test]
+    fn quantized_blocks_are_held_once_on_the_cpu_when_twice_would_not_fit() {
+        let dir = flux_dir();
+        let size = crate::engine::pipelines::read_card(&dir, "")
+            .unwrap()
+            .default_size;
+        let fitted = |format: &str, budget: u64| {
+            let options = LoadOptions {
+                transformer_format: format.parse().unwrap(),
+                ..Default::default()
+            };
+            let (options, f) =
+                Footprint::read_fitted(&dir, &Device::Cpu, DType::F32, &options, budget).unwrap();
+            let need = f.weights_bytes() + f.activation_bytes(1, size, size, Guidance::DEFAULT);
+            (options.transformer_format, need)
+        };
+        let (twice, need_twice) = fitted("q6k", u64::MAX);
+        if !twice.held_twice_on_cpu() {
+            // No tiles for q6k on this CPU (candle's repacking needs AVX2): nothing to fit.
+            return;
+        }
+        let (once, need_once) = fitted("q6k-compact", u64::MAX);
+        assert!(need_once < need_twice, "{need_once} {need_twice}");
+        // Room for twice: the faster tiles stay.
+        assert_eq!(fitted("q6k", need_twice), (twice, need_twice));
+        // One byte short of it: held once, and the footprint says so.
+        assert_eq!(fitted("q6k", need_twice - 1), (once, need_once));
+        // Not even once fits: still held once, the closest to fitting.
+        assert_eq!(fitted("q6k", need_once / 2), (once, need_once));
+        // A dense transformer has no second copy to drop.
+        let (dense, _) = fitted("dense", 1);
+        assert_eq!(dense, WeightFormat::Dense);
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct EngineConfig {
     pub job_timeout: Option<Duration>,
 }
 
+/// `serve`'s budget unless told otherwise, and `generate`'s: 90 % of the device's memory.
+pub const DEFAULT_MEMORY_BUDGET: MemoryBudget = MemoryBudget::Fraction(0.9);
+
 /// A device memory budget: bytes, or a fraction of the device's total memory.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum MemoryBudget {
@@ -318,13 +321,14 @@ impl EngineHandle {
                     .await
                     .map_err(|e| EngineError::Internal(format!("model resolution: {e}")))??
             };
-            let footprint = Footprint::read(&dir, &config.device, config.dtype, &spec.options)?;
+            let (options, footprint) =
+                Footprint::read_fitted(&dir, &config.device, config.dtype, &spec.options, budget)?;
             let info = describe(&name, &dir, &footprint)?;
             catalog.push(Catalogued {
                 info,
                 dir,
                 footprint,
-                options: spec.options,
+                options,
             });
         }
         let metrics = Metrics::default();

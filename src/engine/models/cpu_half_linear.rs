@@ -46,7 +46,7 @@ pub struct HalfLinear {
 /// 64-column blocks, and parts of 128 to 2048 rows, within noise of this. The vectorised
 /// widening below then took it to 0.8–1.0×.
 const BLOCK: usize = 256;
-const DEPTH: usize = 512;
+pub(crate) const DEPTH: usize = 512;
 
 impl HalfLinear {
     /// From a CPU weight (out, in) in bf16 or f16, and a bias of `out` values.
@@ -87,94 +87,141 @@ impl HalfLinear {
 
     /// `xs` (…, in), f32 on the CPU, times the weight: (…, out) in f32.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = xs.dims();
-        if xs.dtype() != DType::F32 || !xs.device().is_cpu() || dims.last() != Some(&self.inputs) {
-            candle_core::bail!(
-                "a half-precision CPU Linear takes f32 CPU input of width {}, not {:?} {dims:?}",
-                self.inputs,
-                xs.dtype()
-            );
-        }
-        let rows = xs.elem_count() / self.inputs.max(1);
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.outputs;
-        }
-        let xs = xs.contiguous()?;
-        let out = cpu_util::with_cpu_slice(&xs, |lhs| self.product(lhs, rows))?;
-        Tensor::from_vec(out, out_dims, &Device::Cpu)
-    }
-
-    /// `lhs` (rows × in) times the weight, by blocks of [`BLOCK`] output columns over every core,
-    /// each accumulated over [`DEPTH`] input rows at a time.
-    fn product(&self, lhs: &[f32], rows: usize) -> Vec<f32> {
         let (k, n) = (self.inputs, self.outputs);
-        let mut out = vec![0f32; rows * n];
-        if rows == 0 || n == 0 {
-            return out;
-        }
-        let dst = SharedOut(out.as_mut_ptr());
-        let block_width = block_width(n, rayon::current_num_threads());
-        (0..n.div_ceil(block_width))
-            .into_par_iter()
-            .for_each(|block| {
-                let c0 = block * block_width;
-                let width = block_width.min(n - c0);
-                if let Some(bias) = &self.bias {
-                    // The product accumulates onto its bias.
-                    for row in 0..rows {
-                        // SAFETY: row < rows and c0 + width ≤ n: inside `out`, in this task's
-                        // columns.
-                        let dst_row =
-                            unsafe { std::slice::from_raw_parts_mut(dst.at(row * n + c0), width) };
-                        dst_row.copy_from_slice(&bias[c0..c0 + width]);
-                    }
-                }
-                WIDENED.with_borrow_mut(|widened| {
-                    widened.resize(DEPTH.min(k) * width, 0.0);
-                    for r0 in (0..k).step_by(DEPTH) {
-                        let depth = DEPTH.min(k - r0);
-                        // `depth` rows of `width` values, `n` apart, from (r0, c0).
-                        let (at, len) = (r0 * n + c0, (depth - 1) * n + width);
-                        let part = &mut widened[..depth * width];
-                        match &self.values {
-                            Values::Bf16(v) => {
-                                widen_bf16(v[at..][..len].reinterpret_cast(), n, width, part)
-                            }
-                            Values::F16(v) => {
-                                widen_f16(v[at..][..len].reinterpret_cast(), n, width, part)
-                            }
+        forward_f32("a half-precision", xs, k, n, |lhs, rows| {
+            widened_product(
+                lhs,
+                rows,
+                [k, n],
+                self.bias.as_deref(),
+                PartLayout::InputsMajor,
+                |[r0, depth, c0, width], part| {
+                    // `depth` rows of `width` values, `n` apart, from (r0, c0).
+                    let (at, len) = (r0 * n + c0, (depth - 1) * n + width);
+                    match &self.values {
+                        Values::Bf16(v) => {
+                            widen_bf16(v[at..][..len].reinterpret_cast(), n, width, part)
                         }
-                        let lhs = Strided {
-                            ptr: lhs[r0..].as_ptr(),
-                            row: k as isize,
-                            col: 1,
-                        };
-                        let rhs = Strided {
+                        Values::F16(v) => {
+                            widen_f16(v[at..][..len].reinterpret_cast(), n, width, part)
+                        }
+                    }
+                },
+            )
+        })
+    }
+}
+
+/// `xs` (…, `inputs`), f32 on the CPU, through `product` (rows × inputs → rows × outputs, f32):
+/// (…, `outputs`). `what` names the layer kind in the error for any other input.
+pub(crate) fn forward_f32(
+    what: &str,
+    xs: &Tensor,
+    inputs: usize,
+    outputs: usize,
+    product: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> candle_core::Result<Tensor> {
+    let dims = xs.dims();
+    if xs.dtype() != DType::F32 || !xs.device().is_cpu() || dims.last() != Some(&inputs) {
+        candle_core::bail!(
+            "{what} CPU Linear takes f32 CPU input of width {inputs}, not {:?} {dims:?}",
+            xs.dtype()
+        );
+    }
+    let rows = xs.elem_count() / inputs.max(1);
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = outputs;
+    }
+    let xs = xs.contiguous()?;
+    let out = cpu_util::with_cpu_slice(&xs, |lhs| product(lhs, rows))?;
+    Tensor::from_vec(out, out_dims, &Device::Cpu)
+}
+
+/// How [`widened_product`]'s `widen` lays out a part of the weight: `depth` input rows of `width`
+/// output columns (a weight held (in, out)), or `width` output rows of `depth` inputs (one held
+/// (out, in), as GGML blocks run along a row's inputs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PartLayout {
+    InputsMajor,
+    OutputsMajor,
+}
+
+/// `lhs` (rows × inputs) times a weight (inputs → outputs) held in some compact form, by blocks
+/// of [`block_width`] output columns over every core, each accumulated over [`DEPTH`] inputs at a
+/// time from the f32 values `widen([r0, depth, c0, width], part)` writes into a per-thread part
+/// (inputs r0.. and columns c0.., in `layout`); the bias, if any, under the product. `r0` is a
+/// multiple of [`DEPTH`].
+pub(crate) fn widened_product(
+    lhs: &[f32],
+    rows: usize,
+    [k, n]: [usize; 2],
+    bias: Option<&[f32]>,
+    layout: PartLayout,
+    widen: impl Fn([usize; 4], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; rows * n];
+    if rows == 0 || n == 0 {
+        return out;
+    }
+    let dst = SharedOut(out.as_mut_ptr());
+    let block_width = block_width(n, rayon::current_num_threads());
+    (0..n.div_ceil(block_width))
+        .into_par_iter()
+        .for_each(|block| {
+            let c0 = block * block_width;
+            let width = block_width.min(n - c0);
+            if let Some(bias) = bias {
+                // The product accumulates onto its bias.
+                for row in 0..rows {
+                    // SAFETY: row < rows and c0 + width ≤ n: inside `out`, in this task's
+                    // columns.
+                    let dst_row =
+                        unsafe { std::slice::from_raw_parts_mut(dst.at(row * n + c0), width) };
+                    dst_row.copy_from_slice(&bias[c0..c0 + width]);
+                }
+            }
+            WIDENED.with_borrow_mut(|widened| {
+                widened.resize(DEPTH.min(k) * width, 0.0);
+                for r0 in (0..k).step_by(DEPTH) {
+                    let depth = DEPTH.min(k - r0);
+                    widen([r0, depth, c0, width], &mut widened[..depth * width]);
+                    let lhs = Strided {
+                        ptr: lhs[r0..].as_ptr(),
+                        row: k as isize,
+                        col: 1,
+                    };
+                    let rhs = match layout {
+                        PartLayout::InputsMajor => Strided {
                             ptr: widened.as_ptr(),
                             row: width as isize,
                             col: 1,
-                        };
-                        // SAFETY: lhs is rows × depth from column r0 of a rows × k buffer, rhs
-                        // depth × width, and the destination block (rows × width at column c0, rows
-                        // n apart) lies inside `out`; blocks are disjoint columns, so tasks write
-                        // disjoint elements.
-                        unsafe {
-                            cpu_util::gemm_f32(
-                                [rows, width, depth],
-                                dst.at(c0),
-                                n as isize,
-                                r0 > 0 || self.bias.is_some(),
-                                lhs,
-                                rhs,
-                                1.0,
-                            )
-                        };
-                    }
-                });
+                        },
+                        PartLayout::OutputsMajor => Strided {
+                            ptr: widened.as_ptr(),
+                            row: 1,
+                            col: depth as isize,
+                        },
+                    };
+                    // SAFETY: lhs is rows × depth from column r0 of a rows × k buffer, rhs
+                    // depth × width, and the destination block (rows × width at column c0, rows
+                    // n apart) lies inside `out`; blocks are disjoint columns, so tasks write
+                    // disjoint elements.
+                    unsafe {
+                        cpu_util::gemm_f32(
+                            [rows, width, depth],
+                            dst.at(c0),
+                            n as isize,
+                            r0 > 0 || bias.is_some(),
+                            lhs,
+                            rhs,
+                            1.0,
+                        )
+                    };
+                }
             });
-        out
-    }
+        });
+    out
 }
 
 /// Which weights a model holds as its file stores them: on the CPU in f32, the Linear weights

@@ -7,6 +7,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
 use super::blocks::{linear, Biased, Linear};
+use super::cpu_quantized_linear::QuantizedCpuLinear;
 
 use super::attention::scaled_dot_product;
 
@@ -18,11 +19,57 @@ use super::attention::scaled_dot_product;
 pub enum WeightFormat {
     #[default]
     Dense,
-    Quantized(GgmlDType),
+    /// GGML blocks, multiplied on the CPU as the second field says.
+    Quantized(GgmlDType, CpuQuantized),
     /// FP8 e4m3 codes with one power-of-two scale per output channel: half of bf16's memory, the
     /// format of the community "fp8_e4m3fn" checkpoints (their values load exactly). Each
     /// forward widens a layer's codes to the activations' dtype for the product.
     Fp8,
+}
+
+/// How a GGML-quantized layer multiplies on the CPU (a GPU runs candle's kernels either way).
+/// Measured at FLUX's shapes (1 536 tokens, 3 072 ↔ 12 288 wide, 2 Zen 4 cores): candle's tiles
+/// 0.6–0.85× the f32 layer's time; ours 1.0–1.1× for every format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuQuantized {
+    /// candle's int8 product where it has one for the format ([`cpu_repacks`]), from tiles it
+    /// repacks the blocks into on first use and keeps beside them: held twice. Formats it has no
+    /// tiles for are held once ([`QuantizedCpuLinear`]): candle's row-by-row product for them
+    /// took 3.5–11× the f32 layer's time.
+    #[default]
+    Fastest,
+    /// Held once ([`QuantizedCpuLinear`]): what fits a model the twice-held one would not
+    /// (`Footprint::read_fitted` chooses it so; `--quantize q6k-compact` asks for it).
+    Compact,
+}
+
+/// Whether candle 0.11's CPU product of a `format` layer repacks its blocks into tiles it keeps
+/// (`quantized/repack_x86.rs`'s `select`: q4k, q6k, and q8_0 on CPUs with VNNI; aarch64's
+/// `repack.rs`: the formats with dot-product kernels, where the CPU has them).
+pub fn cpu_repacks(format: GgmlDType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match format {
+            GgmlDType::Q4K | GgmlDType::Q6K => true,
+            GgmlDType::Q8_0 => {
+                std::arch::is_x86_feature_detected!("avx512vnni")
+                    || std::arch::is_x86_feature_detected!("avxvnni")
+            }
+            _ => false,
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        matches!(
+            format,
+            GgmlDType::Q4_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8_0
+        ) && std::arch::is_aarch64_feature_detected!("dotprod")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = format;
+        false
+    }
 }
 
 impl WeightFormat {
@@ -30,22 +77,37 @@ impl WeightFormat {
     pub fn bits_per_weight(self) -> Option<f64> {
         match self {
             Self::Dense => None,
-            Self::Quantized(t) => Some(t.type_size() as f64 * 8.0 / t.block_size() as f64),
+            Self::Quantized(t, _) => Some(t.type_size() as f64 * 8.0 / t.block_size() as f64),
             Self::Fp8 => Some(8.0),
         }
     }
 
     /// Bits each weight holds resident (`None` for dense) on the CPU when `on_cpu`: candle
-    /// 0.11's CPU product of a GGML layer repacks its blocks into tiles on first use and keeps
-    /// them beside the blocks (`quantized/repack.rs`, `PackedCache`), so there they are held
-    /// twice. Measured: FLUX's blocks in q6k / q8_0 grew the resident set by 1.2× their size in
-    /// the first forward, which killed FLUX-dev on a 24 GiB machine.
+    /// 0.11's CPU product of a GGML layer it has tiles for repacks the blocks into them on first
+    /// use and keeps them beside the blocks (`quantized/repack.rs`, `PackedCache`), so those
+    /// are held twice ([`CpuQuantized::Fastest`]). Measured: FLUX's blocks in q6k / q8_0 grew
+    /// the resident set by 1.2× their size in the first forward, which killed FLUX-dev on a
+    /// 24 GiB machine.
     pub fn resident_bits_per_weight(self, on_cpu: bool) -> Option<f64> {
         let bits = self.bits_per_weight()?;
-        Some(match self {
-            Self::Quantized(_) if on_cpu => 2.0 * bits,
-            _ => bits,
+        Some(if on_cpu && self.held_twice_on_cpu() {
+            2.0 * bits
+        } else {
+            bits
         })
+    }
+
+    /// Whether the CPU holds these blocks twice (candle's tiles beside them).
+    pub fn held_twice_on_cpu(self) -> bool {
+        matches!(self, Self::Quantized(t, CpuQuantized::Fastest) if cpu_repacks(t))
+    }
+
+    /// The same blocks held once on the CPU.
+    pub fn compact(self) -> Self {
+        match self {
+            Self::Quantized(t, _) => Self::Quantized(t, CpuQuantized::Compact),
+            other => other,
+        }
     }
 }
 
@@ -53,9 +115,14 @@ impl std::str::FromStr for WeightFormat {
     type Err = String;
 
     /// `dense`, `fp8`, or a GGML block format: `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q4k`,
-    /// `q5k`, `q6k`.
+    /// `q5k`, `q6k`, each optionally `-compact` (held once on the CPU, [`CpuQuantized`]).
     fn from_str(s: &str) -> Result<Self, String> {
-        let t = match s.to_ascii_lowercase().replace('_', "").as_str() {
+        let lower = s.to_ascii_lowercase().replace('_', "");
+        let (name, product) = match lower.strip_suffix("-compact") {
+            Some(name) => (name, CpuQuantized::Compact),
+            None => (lower.as_str(), CpuQuantized::Fastest),
+        };
+        let t = match name {
             "dense" | "none" => return Ok(Self::Dense),
             "fp8" | "fp8e4m3" | "fp8e4m3fn" | "f8e4m3" => return Ok(Self::Fp8),
             "q80" => GgmlDType::Q8_0,
@@ -68,11 +135,11 @@ impl std::str::FromStr for WeightFormat {
             "q6k" => GgmlDType::Q6K,
             _ => {
                 return Err(format!(
-                    "unknown weight format `{s}`; use dense, fp8, q8_0, q6k, q5k, q4k, q5_0, q5_1, q4_0 or q4_1"
+                    "unknown weight format `{s}`; use dense, fp8, q8_0, q6k, q5k, q4k, q5_0, q5_1, q4_0 or q4_1 (each with `-compact` to hold it once on the CPU)"
                 ))
             }
         };
-        Ok(Self::Quantized(t))
+        Ok(Self::Quantized(t, product))
     }
 }
 
@@ -113,6 +180,8 @@ pub enum BlockLinear {
         weight: QMatMul,
         bias: Tensor,
     },
+    /// GGML blocks on the CPU, held once (see [`CpuQuantized`]).
+    QuantizedCpu(QuantizedCpuLinear),
     /// y = (x · codesᵀ) · scale + bias: `codes` (out, in) in F8E4M3, `scale` (out) powers of two
     /// in the model's dtype (exact there, and |w / scale| ≤ 448, e4m3's largest value).
     Fp8 {
@@ -173,7 +242,18 @@ impl BlockLinear {
         let output = dense.weight().dim(0)?;
         match format {
             WeightFormat::Fp8 => Self::new_fp8(dense.weight().clone(), dense.bias()),
-            WeightFormat::Quantized(t) if input.is_multiple_of(t.block_size()) => {
+            WeightFormat::Quantized(t, _)
+                if input.is_multiple_of(t.block_size())
+                    && dense.weight().device().is_cpu()
+                    && !format.held_twice_on_cpu() =>
+            {
+                Ok(Self::QuantizedCpu(QuantizedCpuLinear::new(
+                    dense.weight(),
+                    dense.bias(),
+                    t,
+                )?))
+            }
+            WeightFormat::Quantized(t, _) if input.is_multiple_of(t.block_size()) => {
                 let bias = match dense.bias() {
                     Some(b) => b.to_dtype(DType::F32)?,
                     None => Tensor::zeros(output, DType::F32, dense.weight().device())?,
@@ -235,7 +315,10 @@ impl BlockLinear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self, Self::Quantized { .. } | Self::Fp8 { .. })
+        matches!(
+            self,
+            Self::Quantized { .. } | Self::QuantizedCpu(_) | Self::Fp8 { .. }
+        )
     }
 
     /// The product, its bias left to the fused kernel consuming it where one runs ([`Biased`]):
@@ -279,6 +362,10 @@ impl BlockLinear {
                         .forward(&xs.to_dtype(DType::F32)?)?
                         .broadcast_add(bias)?
                         .to_dtype(dtype)
+                }
+                Self::QuantizedCpu(layer) => {
+                    let dtype = xs.dtype();
+                    layer.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(dtype)
                 }
                 Self::Fp8 { .. } => {
                     // On FP8 tensor cores when the card has them; widened otherwise.
