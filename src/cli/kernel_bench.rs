@@ -2,10 +2,12 @@
 //! one table (median of a few runs after a warm-up). Tells where a kernel pays and where the
 //! thresholds that pick it should sit.
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::engine::models::{
-    cpu_activation, cpu_attention, cpu_conv, cpu_half_linear, cpu_norm, cpu_winograd,
+    cpu_activation, cpu_attention, cpu_conv, cpu_half_linear, cpu_norm,
+    cpu_quantized_linear::QuantizedCpuLinear, cpu_winograd,
 };
 
 fn time_ms(repeats: usize, f: impl FnMut() -> candle_core::Result<()>) -> anyhow::Result<f64> {
@@ -202,6 +204,33 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
             "| Linear f32 / held bf16 / held f16 | {m}×{k}→{n} | {f32_ms:.1} | {:.1} | {:.1} |",
             half_ms[0], half_ms[1]
         );
+    }
+    // FLUX's block layers at 512² (1 536 tokens) quantized: candle's `QMatMul` (tiles kept
+    // beside the blocks for q8_0 / q4k, a row-by-row product for q5k) against the blocks held
+    // once (`QuantizedCpuLinear`); the f32 layer for scale.
+    for (m, k, n) in [(1536, 3072, 12288), (1536, 12288, 3072)] {
+        let x = Tensor::randn(0f32, 1., (1, m, k), &dev)?;
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let f32_layer = crate::engine::models::blocks::Linear::new(w.clone(), None);
+        let f32_ms = time_ms(repeats, || {
+            candle_core::Module::forward(&f32_layer, &x)?;
+            Ok(())
+        })?;
+        for format in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K] {
+            let tiles = QMatMul::from_qtensor(QTensor::quantize(&w, format)?)?;
+            let candle = time_ms(repeats, || {
+                candle_core::Module::forward(&tiles, &x)?;
+                Ok(())
+            })?;
+            let once = QuantizedCpuLinear::new(&w, None, format)?;
+            let ours = time_ms(repeats, || {
+                once.forward(&x)?;
+                Ok(())
+            })?;
+            println!(
+                "| Linear {format:?}: candle / held once / f32 | {m}×{k}→{n} | {candle:.1} | {ours:.1} | {f32_ms:.1} |"
+            );
+        }
     }
     // GEGLU: (batch, tokens, 2 × width).
     for (b, n, f) in [(2, 4096, 1280), (2, 1024, 2560)] {
