@@ -2,7 +2,7 @@
 //! adaptive layer norms driven by the timestep embedding, the tanh-GELU feed-forward, and joint
 //! attention over image and text tokens.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
@@ -258,7 +258,10 @@ impl BlockLinear {
                     Some(b) => b.to_dtype(DType::F32)?,
                     None => Tensor::zeros(output, DType::F32, dense.weight().device())?,
                 };
-                let weight = QMatMul::from_qtensor(QTensor::quantize(dense.weight(), t)?)?;
+                let weight = QMatMul::from_qtensor(super::cpu_quantized_linear::quantize(
+                    dense.weight(),
+                    t,
+                )?)?;
                 Ok(Self::Quantized { weight, bias })
             }
             _ => Ok(Self::Dense(dense)),
