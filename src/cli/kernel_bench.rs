@@ -18,6 +18,20 @@ fn time_ms(repeats: usize, f: impl FnMut() -> candle_core::Result<()>) -> anyhow
     )?)
 }
 
+/// Random input (1, m, k) and weight (n, k), and the f32 Linear layer's time on them: the scale
+/// the held-weight rows are read against.
+fn f32_linear_case(repeats: usize, [m, k, n]: [usize; 3]) -> anyhow::Result<(Tensor, Tensor, f64)> {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1., (1, m, k), &dev)?;
+    let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+    let f32_layer = crate::engine::models::blocks::Linear::new(w.clone(), None);
+    let f32_ms = time_ms(repeats, || {
+        candle_core::Module::forward(&f32_layer, &x)?;
+        Ok(())
+    })?;
+    Ok((x, w, f32_ms))
+}
+
 pub fn run(repeats: usize) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     println!("| op | shape | candle ms | candela ms | candela (alt) ms |");
@@ -185,13 +199,7 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
         (512, 4096, 20480),
         (512, 10240, 4096),
     ] {
-        let x = Tensor::randn(0f32, 1., (1, m, k), &dev)?;
-        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
-        let f32_layer = crate::engine::models::blocks::Linear::new(w.clone(), None);
-        let f32_ms = time_ms(repeats, || {
-            candle_core::Module::forward(&f32_layer, &x)?;
-            Ok(())
-        })?;
+        let (x, w, f32_ms) = f32_linear_case(repeats, [m, k, n])?;
         let mut half_ms = [0.0; 2];
         for (ms, dtype) in half_ms.iter_mut().zip([DType::BF16, DType::F16]) {
             let layer = cpu_half_linear::HalfLinear::new(&w.to_dtype(dtype)?, None)?;
@@ -209,13 +217,7 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
     // beside the blocks for q8_0 / q4k, a row-by-row product for q5k) against the blocks held
     // once (`QuantizedCpuLinear`); the f32 layer for scale.
     for (m, k, n) in [(1536, 3072, 12288), (1536, 12288, 3072)] {
-        let x = Tensor::randn(0f32, 1., (1, m, k), &dev)?;
-        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
-        let f32_layer = crate::engine::models::blocks::Linear::new(w.clone(), None);
-        let f32_ms = time_ms(repeats, || {
-            candle_core::Module::forward(&f32_layer, &x)?;
-            Ok(())
-        })?;
+        let (x, w, f32_ms) = f32_linear_case(repeats, [m, k, n])?;
         for format in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K] {
             let tiles = QMatMul::from_qtensor(QTensor::quantize(&w, format)?)?;
             let candle = time_ms(repeats, || {

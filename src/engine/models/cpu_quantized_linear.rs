@@ -21,6 +21,18 @@ use rayon::prelude::*;
 
 use super::cpu_half_linear::{forward_f32, widened_product, PartLayout, DEPTH};
 
+/// The GGML block formats `--quantize` offers.
+pub const FORMATS: [GgmlDType; 8] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
 /// A Linear layer whose weight (out, in) is held as GGML blocks on the CPU; its bias in f32.
 #[derive(Debug)]
 pub struct QuantizedCpuLinear {
@@ -64,11 +76,7 @@ impl QuantizedCpuLinear {
 
     /// The formats this layer dequantizes: those `--quantize` offers.
     pub fn supports(format: GgmlDType) -> bool {
-        use GgmlDType as G;
-        matches!(
-            format,
-            G::Q8_0 | G::Q4_0 | G::Q4_1 | G::Q5_0 | G::Q5_1 | G::Q4K | G::Q5K | G::Q6K
-        )
+        FORMATS.contains(&format)
     }
 
     /// Bytes the blocks and bias are held in.
@@ -181,17 +189,7 @@ mod tests {
     #[test]
     fn product_is_the_f32_product_of_the_dequantized_blocks() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        use GgmlDType as G;
-        for format in [
-            G::Q8_0,
-            G::Q4_0,
-            G::Q4_1,
-            G::Q5_0,
-            G::Q5_1,
-            G::Q4K,
-            G::Q5K,
-            G::Q6K,
-        ] {
+        for format in FORMATS {
             for (dims, inputs, outputs, with_bias) in [
                 (vec![1], 256, 3, false),
                 (vec![2, 5], 2 * DEPTH + 256, 300, true),
@@ -240,17 +238,7 @@ mod tests {
     #[test]
     fn quantized_on_every_core_as_candle_quantizes() -> candle_core::Result<()> {
         let weight = Tensor::randn(0f32, 1., (37, 512), &Device::Cpu)?;
-        use GgmlDType as G;
-        for format in [
-            G::Q8_0,
-            G::Q4_0,
-            G::Q4_1,
-            G::Q5_0,
-            G::Q5_1,
-            G::Q4K,
-            G::Q5K,
-            G::Q6K,
-        ] {
+        for format in FORMATS {
             let ours = quantize(&weight, format)?;
             let candle = QTensor::quantize(&weight, format)?;
             assert_eq!(ours.shape(), candle.shape());
