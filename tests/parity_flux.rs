@@ -314,7 +314,7 @@ fn fp8_checkpoint_loads_exactly_into_the_fp8_format() {
 /// The blocks held once on the CPU (`-compact`) multiply the dequantized weights in f32, as
 /// diffusers' GGUF layers do: a q8_0 / q4_0 FLUX so held generates what the dense model of the
 /// same weights, quantized and dequantized into a file, generates — up to the order of f32 sums
-/// (the tiny model is 32 wide: k-quants' 256-value blocks do not fit it).
+/// (the tiny model is 32 wide: k-quants' 256-value blocks would fall back to these).
 #[test]
 fn compact_quantized_flux_generates_what_its_dequantized_weights_generate() {
     use candela::engine::models::dit::WeightFormat;

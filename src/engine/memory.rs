@@ -149,10 +149,14 @@ impl Footprint {
             } else {
                 file.loaded_bytes(component_dtype)
             };
-            if folder == denoiser_folder {
+            if folder == denoiser_folder && is_transformer {
                 // Quantized blocks: the format's resident bits per weight instead of the dtype's
-                // (the small dense embedders are within the rounding of this estimate).
-                let format = options.transformer_format;
+                // (the small dense embedders are within the rounding of this estimate), in the
+                // format the blocks' rows take (their inputs are the inner width, or a multiple).
+                let config: serde_json::Value = dir.read_json("transformer/config.json")?;
+                let inner = config["num_attention_heads"].as_u64().unwrap_or(0)
+                    * config["attention_head_dim"].as_u64().unwrap_or(0);
+                let format = options.transformer_format.for_inputs(inner as usize);
                 if let Some(bits) = format.resident_bits_per_weight(device.is_cpu()) {
                     bytes = (bytes as f64 * bits / (8.0 * dtype.size_in_bytes() as f64)) as u64;
                 }
@@ -245,7 +249,11 @@ impl Footprint {
         budget: u64,
     ) -> Result<(LoadOptions, Self)> {
         let footprint = Self::read(dir, device, dtype, options)?;
-        if !device.is_cpu() || !options.transformer_format.held_twice_on_cpu() {
+        let compact = LoadOptions {
+            transformer_format: options.transformer_format.compact(),
+            ..options.clone()
+        };
+        if !device.is_cpu() || compact.transformer_format == options.transformer_format {
             return Ok((options.clone(), footprint));
         }
         let size = crate::engine::pipelines::read_card(dir, "")?.default_size;
@@ -254,11 +262,11 @@ impl Footprint {
         if need(&footprint) <= budget {
             return Ok((options.clone(), footprint));
         }
-        let compact = LoadOptions {
-            transformer_format: options.transformer_format.compact(),
-            ..options.clone()
-        };
         let held_once = Self::read(dir, device, dtype, &compact)?;
+        if need(&held_once) >= need(&footprint) {
+            // Held once anyway (no tiles for the format, or its fallback, on this CPU).
+            return Ok((options.clone(), footprint));
+        }
         tracing::info!(
             twice = need(&footprint),
             once = need(&held_once),
@@ -551,9 +559,10 @@ mod tests {
         .unwrap();
         assert_eq!(bytes(&cpu_text, "text_encoder_2"), None);
         assert_eq!(bytes(&cpu_text, "transformer"), bytes(&full, "transformer"));
-        // Q6_K keeps 6.5625 of every 32 bits: held twice on the CPU where candle repacks it
-        // into tiles kept beside the blocks, once when asked (`-compact`) or when candle has
-        // no tiles for the format (q5_0).
+        // Q8_0 keeps 8.5 of every 32 bits: held twice on the CPU where candle repacks it into
+        // tiles kept beside the blocks, once when asked (`-compact`) or when candle has no
+        // tiles for the format (q5_0). The tiny transformer's rows are 32 wide, so q6k's and
+        // q4k's 256-value blocks fall back to q8_0's and q5_0's.
         let read_as = |format: &str| {
             let options = LoadOptions {
                 transformer_format: format.parse().unwrap(),
@@ -564,14 +573,22 @@ mod tests {
         let ratio = |f: &Footprint| {
             bytes(f, "transformer").unwrap() as f64 / bytes(&full, "transformer").unwrap() as f64
         };
-        let twice = if crate::engine::models::dit::cpu_repacks(GgmlDType::Q6K) {
+        let twice = if crate::engine::models::dit::cpu_repacks(GgmlDType::Q8_0) {
             2.0
         } else {
             1.0
         };
-        assert!((ratio(&read_as("q6k")) - twice * 6.5625 / 32.0).abs() < 1e-3);
-        assert!((ratio(&read_as("q6k-compact")) - 6.5625 / 32.0).abs() < 1e-3);
-        assert!((ratio(&read_as("q5_0")) - 5.5 / 32.0).abs() < 1e-3);
+        for (format, bits) in [
+            ("q8_0", twice * 8.5),
+            ("q8_0-compact", 8.5),
+            ("q6k", twice * 8.5),
+            ("q6k-compact", 8.5),
+            ("q5_0", 5.5),
+            ("q4k", 5.5),
+        ] {
+            let r = ratio(&read_as(format));
+            assert!((r - bits / 32.0).abs() < 1e-3, "{format}: {r}");
+        }
         // A transformer's working memory grows with the square of the token count.
         let small = full.activation_bytes(1, 512, 512, UNGUIDED);
         let large = full.activation_bytes(1, 1024, 1024, UNGUIDED);
@@ -664,22 +681,27 @@ mod tests {
             let need = f.weights_bytes() + f.activation_bytes(1, size, size, Guidance::DEFAULT);
             (options.transformer_format, need)
         };
-        let (twice, need_twice) = fitted("q6k", u64::MAX);
-        if !twice.held_twice_on_cpu() {
-            // No tiles for q6k on this CPU (candle's repacking needs AVX2): nothing to fit.
-            return;
-        }
-        let (once, need_once) = fitted("q6k-compact", u64::MAX);
-        assert!(need_once < need_twice, "{need_once} {need_twice}");
-        // Room for twice: the faster tiles stay.
-        assert_eq!(fitted("q6k", need_twice), (twice, need_twice));
-        // One byte short of it: held once, and the footprint says so.
-        assert_eq!(fitted("q6k", need_twice - 1), (once, need_once));
-        // Not even once fits: still held once, the closest to fitting.
-        assert_eq!(fitted("q6k", need_once / 2), (once, need_once));
+        // q5_0 has no tiles: held once as asked, whatever the budget.
+        let (no_tiles, _) = fitted("q5_0", 1);
+        assert_eq!(no_tiles, "q5_0".parse().unwrap());
         // A dense transformer has no second copy to drop.
         let (dense, _) = fitted("dense", 1);
         assert_eq!(dense, WeightFormat::Dense);
+        let (twice, need_twice) = fitted("q8_0", u64::MAX);
+        let (once, need_once) = fitted("q8_0-compact", u64::MAX);
+        if !crate::engine::models::dit::cpu_repacks(GgmlDType::Q8_0) {
+            // No q8_0 tiles on this CPU (candle's need VNNI): held once either way.
+            assert_eq!(need_once, need_twice);
+            assert_eq!(fitted("q8_0", 1), (twice, need_twice));
+            return;
+        }
+        assert!(need_once < need_twice, "{need_once} {need_twice}");
+        // Room for twice: the faster tiles stay.
+        assert_eq!(fitted("q8_0", need_twice), (twice, need_twice));
+        // One byte short of it: held once, and the footprint says so.
+        assert_eq!(fitted("q8_0", need_twice - 1), (once, need_once));
+        // Not even once fits: still held once, the closest to fitting.
+        assert_eq!(fitted("q8_0", need_once / 2), (once, need_once));
     }
 
     #[test]

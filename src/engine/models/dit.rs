@@ -102,6 +102,26 @@ impl WeightFormat {
         matches!(self, Self::Quantized(t, CpuQuantized::Fastest) if cpu_repacks(t))
     }
 
+    /// The format a layer of `inputs` inputs is held in: this one where its blocks divide the
+    /// row; for the k-quants (256-value blocks) on other rows, llama.cpp's fallback for them
+    /// (q4k → q5_0, q5k → q5_1, q6k → q8_0: 32-value blocks, a little more precise) — SD3.5
+    /// Large's rows are 2 432 wide, so under q4k most of its layers had stayed dense; else dense.
+    pub fn for_inputs(self, inputs: usize) -> Self {
+        let Self::Quantized(t, product) = self else {
+            return self;
+        };
+        if inputs.is_multiple_of(t.block_size()) {
+            return self;
+        }
+        let fallback = match t {
+            GgmlDType::Q4K => GgmlDType::Q5_0,
+            GgmlDType::Q5K => GgmlDType::Q5_1,
+            GgmlDType::Q6K => GgmlDType::Q8_0,
+            _ => return Self::Dense,
+        };
+        Self::Quantized(fallback, product).for_inputs(inputs)
+    }
+
     /// The same blocks held once on the CPU.
     pub fn compact(self) -> Self {
         match self {
@@ -236,16 +256,16 @@ impl BlockLinear {
         Self::from_dense(linear(input, output, vb)?, format)
     }
 
-    /// A dense layer held in `format`.
+    /// A dense layer held in `format` (or its fallback for the layer's rows,
+    /// [`WeightFormat::for_inputs`]).
     pub fn from_dense(dense: Linear, format: WeightFormat) -> candle_core::Result<Self> {
         let input = dense.weight().dim(1)?;
         let output = dense.weight().dim(0)?;
+        let format = format.for_inputs(input);
         match format {
             WeightFormat::Fp8 => Self::new_fp8(dense.weight().clone(), dense.bias()),
             WeightFormat::Quantized(t, _)
-                if input.is_multiple_of(t.block_size())
-                    && dense.weight().device().is_cpu()
-                    && !format.held_twice_on_cpu() =>
+                if dense.weight().device().is_cpu() && !format.held_twice_on_cpu() =>
             {
                 Ok(Self::QuantizedCpu(QuantizedCpuLinear::new(
                     dense.weight(),
@@ -253,7 +273,7 @@ impl BlockLinear {
                     t,
                 )?))
             }
-            WeightFormat::Quantized(t, _) if input.is_multiple_of(t.block_size()) => {
+            WeightFormat::Quantized(t, _) => {
                 let bias = match dense.bias() {
                     Some(b) => b.to_dtype(DType::F32)?,
                     None => Tensor::zeros(output, DType::F32, dense.weight().device())?,
@@ -1002,6 +1022,39 @@ impl Rope {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Rows the format's blocks do not divide take llama.cpp's fallback (k-quants → 32-value
+    /// blocks), or stay dense; the CPU product choice carries over; a layer so loaded holds the
+    /// fallback's blocks.
+    #[test]
+    fn rows_take_the_format_their_blocks_divide() -> candle_core::Result<()> {
+        let f = |s: &str| s.parse::<WeightFormat>().unwrap();
+        for (format, inputs, held) in [
+            ("q6k", 3072, "q6k"),
+            ("q6k", 2432, "q8_0"),
+            ("q4k", 2432, "q5_0"),
+            ("q5k-compact", 2432, "q5_1-compact"),
+            ("q4_0", 2432, "q4_0"),
+            ("q8_0", 48, "dense"),
+            ("q4k", 48, "dense"),
+            ("fp8", 48, "fp8"),
+            ("dense", 48, "dense"),
+        ] {
+            assert_eq!(
+                f(format).for_inputs(inputs),
+                f(held),
+                "{format} at {inputs}"
+            );
+        }
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1., (8, 2432), &dev)?;
+        let layer = BlockLinear::from_dense(Linear::new(weight, None), f("q4k-compact"))?;
+        let BlockLinear::QuantizedCpu(held) = &layer else {
+            panic!("q4k at 2432 inputs not held as blocks");
+        };
+        assert_eq!(held.bytes(), 8 * 2432 / 32 * GgmlDType::Q5_0.type_size());
+        Ok(())
+    }
 
     /// e4m3 keeps 3 bits of mantissa: each weight within half an ulp, 2⁻⁴ of itself (or of the
     /// row's smallest normal, 2⁻⁶ · scale, below it), so |y − y_fp8| ≤ 2⁻⁴ Σ|x||w| + 2⁻¹⁰·scale Σ|x|
