@@ -496,3 +496,38 @@ def test_sdxl_base_with_refiner_over_the_api(start, tmp_path):
     with pytest.raises(UnprocessableEntityError) as e:
         client.images.generate(model="sdxl-refiner-tiny", prompt="x", size="64x64", extra_body={"steps": 2})
     assert e.value.body["param"] == "image"
+
+
+def test_quantized_blocks_are_held_once_on_the_cpu_where_twice_would_not_fit(start):
+    """On the CPU candle keeps its q8_0 tiles beside the blocks (twice the memory, faster). The
+    server keeps them when the model so held fits its memory budget beside a default-size image,
+    and holds the blocks once otherwise: the model's reported weights say which, the log says
+    why, and the once-held model generates."""
+    flux = ROOT / "tests" / "fixtures" / "models" / "flux-dev-tiny"
+
+    def capabilities(*args):
+        s = start("--model", flux, *args)
+        caps = http(s).get("/v1/models").json()["data"][0]["capabilities"]
+        return s, caps
+
+    probe, twice = capabilities("--quantize", "q8_0")
+    probe.stop()
+    probe, once = capabilities("--quantize", "q8_0-compact")
+    probe.stop()
+    working = twice["default_working_bytes"]
+    assert once["weights_bytes"] <= twice["weights_bytes"]
+    # Room for the tiles: they stay.
+    s, caps = capabilities("--quantize", "q8_0", "--memory-budget", twice["weights_bytes"] + working)
+    assert caps["weights_bytes"] == twice["weights_bytes"]
+    s.stop()
+    # One byte short: held once (where this CPU has tiles at all), and the model still serves.
+    s, caps = capabilities("--quantize", "q8_0", "--memory-budget", twice["weights_bytes"] + working - 1)
+    assert caps["weights_bytes"] == once["weights_bytes"]
+    logged = lambda: any("quantized blocks held once" in line for line in s.stderr_lines)
+    deadline = time.time() + 5
+    while not logged() and time.time() < deadline:
+        time.sleep(0.05)
+    assert logged() == (once["weights_bytes"] < twice["weights_bytes"])
+    r = http(s).post("/v1/images/generations", json=dict(prompt="x", size="64x64", steps=2))
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (64, 64)
