@@ -515,7 +515,11 @@ def test_quantized_blocks_are_held_once_on_the_cpu_where_twice_would_not_fit(sta
     probe, once = capabilities("--quantize", "q8_0-compact")
     probe.stop()
     working = twice["default_working_bytes"]
-    assert once["weights_bytes"] <= twice["weights_bytes"]
+    # candle's q8_0 tiles need VNNI on x86, dot-product instructions on aarch64
+    # (`dit::cpu_repacks`); without them q8_0 is held once anyway.
+    flags = Path("/proc/cpuinfo").read_text().split()
+    tiles = any(f in flags for f in ("avx512_vnni", "avx_vnni", "asimddp"))
+    assert (once["weights_bytes"] < twice["weights_bytes"]) == tiles, (once, twice)
     # Room for the tiles: they stay.
     s, caps = capabilities("--quantize", "q8_0", "--memory-budget", twice["weights_bytes"] + working)
     assert caps["weights_bytes"] == twice["weights_bytes"]
