@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::engine::models::{
-    cpu_activation, cpu_attention, cpu_conv, cpu_half_linear, cpu_norm,
+    cpu_activation, cpu_attention, cpu_conv, cpu_half_linear, cpu_norm, cpu_q8_tiles::Q8TileLinear,
     cpu_quantized_linear::QuantizedCpuLinear, cpu_winograd,
 };
 
@@ -232,6 +232,14 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
             println!(
                 "| Linear {format:?}: candle / held once / f32 | {m}×{k}→{n} | {candle:.1} | {ours:.1} | {f32_ms:.1} |"
             );
+        }
+        if Q8TileLinear::available() {
+            let tiles = Q8TileLinear::new(&w, None)?;
+            let ours = time_ms(repeats, || {
+                tiles.forward(&x)?;
+                Ok(())
+            })?;
+            println!("| Linear Q8_0: int8 tiles held once / f32 | {m}×{k}→{n} | - | {ours:.1} | {f32_ms:.1} |");
         }
     }
     // GEGLU: (batch, tokens, 2 × width).

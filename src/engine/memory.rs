@@ -664,10 +664,22 @@ mod tests {
 
     /// On the CPU, blocks candle would hold twice are held once exactly when twice would not
     /// fit the budget beside a default-size image; dense models and formats held once anyway
-    /// are left as asked.
+    /// are left as asked. The tiny FLUX's rows are 32 wide, where every k-quant falls back to a
+    /// 32-value format; a copy whose config says 256 (the planner reads the rows' width there,
+    /// the bytes from the weights' headers) keeps q6k, which candle tiles on x86 with AVX2.
     #[test]
     fn quantized_blocks_are_held_once_on_the_cpu_when_twice_would_not_fit() {
-        let dir = flux_dir();
+        let tmp = tempfile::tempdir().unwrap();
+        copy_tree(&flux_dir().root, tmp.path());
+        let config_path = tmp.path().join("transformer/config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config["attention_head_dim"] = serde_json::json!(128);
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let dir = ModelDir {
+            root: tmp.path().to_path_buf(),
+            prefer_fp16_variant: false,
+        };
         let size = crate::engine::pipelines::read_card(&dir, "")
             .unwrap()
             .default_size;
@@ -687,21 +699,34 @@ mod tests {
         // A dense transformer has no second copy to drop.
         let (dense, _) = fitted("dense", 1);
         assert_eq!(dense, WeightFormat::Dense);
-        let (twice, need_twice) = fitted("q8_0", u64::MAX);
-        let (once, need_once) = fitted("q8_0-compact", u64::MAX);
-        if !crate::engine::models::dit::cpu_repacks(GgmlDType::Q8_0) {
-            // No q8_0 tiles on this CPU (candle's need VNNI): held once either way.
+        let (twice, need_twice) = fitted("q6k", u64::MAX);
+        let (once, need_once) = fitted("q6k-compact", u64::MAX);
+        if !crate::engine::models::dit::cpu_repacks(GgmlDType::Q6K) {
+            // No q6k tiles on this CPU: held once either way.
             assert_eq!(need_once, need_twice);
-            assert_eq!(fitted("q8_0", 1), (twice, need_twice));
+            assert_eq!(fitted("q6k", 1), (twice, need_twice));
             return;
         }
         assert!(need_once < need_twice, "{need_once} {need_twice}");
         // Room for twice: the faster tiles stay.
-        assert_eq!(fitted("q8_0", need_twice), (twice, need_twice));
+        assert_eq!(fitted("q6k", need_twice), (twice, need_twice));
         // One byte short of it: held once, and the footprint says so.
-        assert_eq!(fitted("q8_0", need_twice - 1), (once, need_once));
+        assert_eq!(fitted("q6k", need_twice - 1), (once, need_once));
         // Not even once fits: still held once, the closest to fitting.
-        assert_eq!(fitted("q8_0", need_once / 2), (once, need_once));
+        assert_eq!(fitted("q6k", need_once / 2), (once, need_once));
+    }
+
+    fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(&target).unwrap();
+                copy_tree(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
     }
 
     #[test]

@@ -67,6 +67,7 @@ pub mod cpu_conv;
 pub mod cpu_half_linear;
 pub mod cpu_norm;
 pub mod cpu_pointwise;
+pub mod cpu_q8_tiles;
 pub mod cpu_quantized_linear;
 pub mod cpu_util;
 pub mod cpu_winograd;
