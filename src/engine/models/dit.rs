@@ -387,22 +387,12 @@ impl BlockLinear {
         crate::engine::profile::scope("Linear", xs, || {
             match self {
                 Self::Dense(l) => l.forward(xs),
+                // The quantized products take and give f32.
                 Self::Quantized { weight, bias } => {
-                    // The quantized matmul takes f32 activations.
-                    let dtype = xs.dtype();
-                    weight
-                        .forward(&xs.to_dtype(DType::F32)?)?
-                        .broadcast_add(bias)?
-                        .to_dtype(dtype)
+                    in_f32(xs, |x| weight.forward(x)?.broadcast_add(bias))
                 }
-                Self::QuantizedCpu(layer) => {
-                    let dtype = xs.dtype();
-                    layer.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(dtype)
-                }
-                Self::Q8Tiles(layer) => {
-                    let dtype = xs.dtype();
-                    layer.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(dtype)
-                }
+                Self::QuantizedCpu(layer) => in_f32(xs, |x| layer.forward(x)),
+                Self::Q8Tiles(layer) => in_f32(xs, |x| layer.forward(x)),
                 Self::Fp8 { .. } => {
                     // On FP8 tensor cores when the card has them; widened otherwise.
                     #[cfg(feature = "cuda")]
@@ -425,6 +415,14 @@ impl BlockLinear {
             }
         })
     }
+}
+
+/// `f` (an f32 product) on `xs` in f32, its result in `xs`'s dtype.
+fn in_f32(
+    xs: &Tensor,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    f(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())
 }
 
 /// LayerNorm without learned parameters (`elementwise_affine=False`), as every DiT norm that the
