@@ -35,12 +35,31 @@ fn short_dev_run(width: usize, height: usize, seed: u64) -> GenerateParams {
     }
 }
 
-fn load(model: &str) -> Flux {
-    let dir = ModelDir {
+fn tiny_dir(model: &str) -> ModelDir {
+    ModelDir {
         root: fixtures().join("models").join(format!("{model}-tiny")),
         prefer_fp16_variant: false,
+    }
+}
+
+fn load(model: &str) -> Flux {
+    Flux::load(
+        &tiny_dir(model),
+        &Device::Cpu,
+        DType::F32,
+        &LoadOptions::default(),
+    )
+    .unwrap()
+}
+
+/// The tiny FLUX.1-dev with its transformer from `file`, its blocks held in `format`.
+fn load_dev_with(file: &std::path::Path, format: &str) -> Flux {
+    let options = LoadOptions {
+        transformer_file: Some(file.to_path_buf()),
+        transformer_format: format.parse().unwrap(),
+        ..Default::default()
     };
-    Flux::load(&dir, &Device::Cpu, DType::F32, &LoadOptions::default()).unwrap()
+    Flux::load(&tiny_dir("flux-dev"), &Device::Cpu, DType::F32, &options).unwrap()
 }
 
 #[test]
@@ -193,10 +212,7 @@ fn flux_from_black_forest_labs_single_file_equals_diffusers_layout() {
     // The tiny dev transformer written in BFL's naming (fused qkv, fused linear1, swapped final
     // modulation), verified by diffusers' own single-file converter when it was written.
     let bfl = fixtures().join("models/flux1-dev-tiny-bfl.safetensors");
-    let dir = ModelDir {
-        root: fixtures().join("models/flux-dev-tiny"),
-        prefer_fp16_variant: false,
-    };
+    let dir = tiny_dir("flux-dev");
     let options = LoadOptions {
         transformer_file: Some(bfl),
         ..Default::default()
@@ -213,10 +229,7 @@ fn flux_from_black_forest_labs_single_file_equals_diffusers_layout() {
 #[test]
 fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
     use candela::engine::models::dit::WeightFormat;
-    let dir = ModelDir {
-        root: fixtures().join("models/flux-dev-tiny"),
-        prefer_fp16_variant: false,
-    };
+    let dir = tiny_dir("flux-dev");
     let params = GenerateParams {
         prompt: "a lighthouse on a cliff at dusk, oil painting".into(),
         negative_prompt: None,
@@ -263,7 +276,6 @@ fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
 /// file generates bit for bit what its dense (widened) model does.
 #[test]
 fn fp8_checkpoint_loads_exactly_into_the_fp8_format() {
-    use candela::engine::models::dit::WeightFormat;
     use candle_core::Tensor;
     let bfl = fixtures().join("models/flux1-dev-tiny-bfl.safetensors");
     let tensors = candle_core::safetensors::load(&bfl, &Device::Cpu).unwrap();
@@ -284,28 +296,16 @@ fn fp8_checkpoint_loads_exactly_into_the_fp8_format() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("flux1-dev-tiny-fp8.safetensors");
     candle_core::safetensors::save(&fp8, &file).unwrap();
-    let dir = ModelDir {
-        root: fixtures().join("models/flux-dev-tiny"),
-        prefer_fp16_variant: false,
-    };
-    let load_with = |file: &std::path::Path, format: &str| {
-        let options = LoadOptions {
-            transformer_file: Some(file.to_path_buf()),
-            transformer_format: format.parse::<WeightFormat>().unwrap(),
-            ..Default::default()
-        };
-        Flux::load(&dir, &Device::Cpu, DType::F32, &options).unwrap()
-    };
     let params = short_dev_run(48, 32, 5);
-    let dense = load_with(&file, "dense")
+    let dense = load_dev_with(&file, "dense")
         .generate(&params, &mut |_| true)
         .unwrap();
-    let fp8 = load_with(&file, "fp8")
+    let fp8 = load_dev_with(&file, "fp8")
         .generate(&params, &mut |_| true)
         .unwrap();
     assert_eq!(max_abs_diff(&dense.latents, &fp8.latents), 0.0);
     // The file really holds other values than the f32 original.
-    let original = load_with(&bfl, "dense")
+    let original = load_dev_with(&bfl, "dense")
         .generate(&params, &mut |_| true)
         .unwrap();
     assert!(max_abs_diff(&original.latents, &dense.latents) > 0.0);
@@ -317,14 +317,9 @@ fn fp8_checkpoint_loads_exactly_into_the_fp8_format() {
 /// (the tiny model is 32 wide: k-quants' 256-value blocks would fall back to these).
 #[test]
 fn compact_quantized_flux_generates_what_its_dequantized_weights_generate() {
-    use candela::engine::models::dit::WeightFormat;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Tensor;
     let bfl = fixtures().join("models/flux1-dev-tiny-bfl.safetensors");
-    let dir = ModelDir {
-        root: fixtures().join("models/flux-dev-tiny"),
-        prefer_fp16_variant: false,
-    };
     let tmp = tempfile::tempdir().unwrap();
     let params = short_dev_run(48, 32, 7);
     for (format, blocks) in [("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)] {
@@ -364,25 +359,17 @@ fn compact_quantized_flux_generates_what_its_dequantized_weights_generate() {
             .path()
             .join(format!("flux1-dev-tiny-{format}.safetensors"));
         candle_core::safetensors::save(&dequantized, &file).unwrap();
-        let load_with = |file: &std::path::Path, format: &str| {
-            let options = LoadOptions {
-                transformer_file: Some(file.to_path_buf()),
-                transformer_format: format.parse::<WeightFormat>().unwrap(),
-                ..Default::default()
-            };
-            Flux::load(&dir, &Device::Cpu, DType::F32, &options).unwrap()
-        };
-        let dense = load_with(&file, "dense")
+        let dense = load_dev_with(&file, "dense")
             .generate(&params, &mut |_| true)
             .unwrap();
-        let compact = load_with(&bfl, &format!("{format}-compact"))
+        let compact = load_dev_with(&bfl, &format!("{format}-compact"))
             .generate(&params, &mut |_| true)
             .unwrap();
         let d = max_abs_diff(&dense.latents, &compact.latents);
         eprintln!("{format}-compact: latents max diff {d} vs the dense dequantized model");
         assert!(d < 1e-4, "{format}-compact: {d}");
         // The dequantized file really differs from the original.
-        let original = load_with(&bfl, "dense")
+        let original = load_dev_with(&bfl, "dense")
             .generate(&params, &mut |_| true)
             .unwrap();
         assert!(max_abs_diff(&original.latents, &dense.latents) > 1e-3);
