@@ -36,8 +36,9 @@ pub const FORMATS: [GgmlDType; 8] = [
 /// A Linear layer whose weight (out, in) is held as GGML blocks on the CPU; its bias in f32.
 #[derive(Debug)]
 pub struct QuantizedCpuLinear {
-    /// The blocks, each output row's one after another along its inputs.
-    blocks: QTensor,
+    /// The blocks, each output row's one after another along its inputs (boxed: a `QTensor`
+    /// holds candle's repack cache and, with CUDA, its device storage inline, ~270 bytes).
+    blocks: Box<QTensor>,
     bias: Option<Vec<f32>>,
     inputs: usize,
     outputs: usize,
@@ -62,7 +63,7 @@ impl QuantizedCpuLinear {
         if !Self::supports(format) || !inputs.is_multiple_of(format.block_size()) {
             candle_core::bail!("a quantized CPU Linear of {inputs} inputs in {format:?}");
         }
-        let blocks = quantize(weight, format)?;
+        let blocks = Box::new(quantize(weight, format)?);
         let bias = bias
             .map(|b| super::cpu_util::bias_values(Some(b), outputs))
             .transpose()?;

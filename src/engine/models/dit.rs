@@ -29,8 +29,9 @@ pub enum WeightFormat {
 }
 
 /// How a GGML-quantized layer multiplies on the CPU (a GPU runs candle's kernels either way).
-/// Measured at FLUX's shapes (1 536 tokens, 3 072 ↔ 12 288 wide, 2 Zen 4 cores): candle's tiles
-/// 0.6–0.85× the f32 layer's time; ours 1.0–1.1× for every format.
+/// Measured at FLUX's shapes (1 536 tokens, 3 072 ↔ 12 288 wide, 2 Zen 4 cores), against the f32
+/// layer's time: our q8_0 int8 tiles 0.37–0.46×, candle's tiles 0.6–0.85×, the blocks
+/// dequantized into f32 products 1.0–1.1× in every format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuQuantized {
     /// q8_0 on CPUs with AVX-512 VNNI: our int8 tiles, held once ([`Q8TileLinear`], 0.37–0.46×
@@ -40,8 +41,9 @@ pub enum CpuQuantized {
     /// candle's row-by-row product for them took 3.5–11× the f32 layer's time.
     #[default]
     Fastest,
-    /// Held once ([`QuantizedCpuLinear`]): what fits a model the twice-held one would not
-    /// (`Footprint::read_fitted` chooses it so; `--quantize q6k-compact` asks for it).
+    /// Held once and dequantized into f32 products ([`QuantizedCpuLinear`]: diffusers' GGUF
+    /// arithmetic, no rounding of the activations): what fits a model the twice-held one would
+    /// not (`Footprint::read_fitted` chooses it so; `--quantize q6k-compact` asks for it).
     Compact,
 }
 
