@@ -6,8 +6,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::engine::models::{
-    cpu_activation, cpu_attention, cpu_conv, cpu_half_linear, cpu_norm, cpu_q8_tiles::Q8TileLinear,
-    cpu_quantized_linear::QuantizedCpuLinear, cpu_winograd,
+    cpu_activation, cpu_attention, cpu_conv, cpu_half_linear, cpu_int8_tiles::Q8TileLinear,
+    cpu_norm, cpu_quantized_linear::QuantizedCpuLinear, cpu_winograd,
 };
 
 fn time_ms(repeats: usize, f: impl FnMut() -> candle_core::Result<()>) -> anyhow::Result<f64> {
@@ -233,7 +233,7 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
                 "| Linear {format:?}: candle / held once / f32 | {m}×{k}→{n} | {candle:.1} | {ours:.1} | {f32_ms:.1} |"
             );
         }
-        if Q8TileLinear::available() {
+        if crate::engine::models::cpu_int8_tiles::available() {
             let tiles = Q8TileLinear::new(&w, None)?;
             let ours = time_ms(repeats, || {
                 tiles.forward(&x)?;

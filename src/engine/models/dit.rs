@@ -7,7 +7,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
 use super::blocks::{linear, Biased, Linear};
-use super::cpu_q8_tiles::Q8TileLinear;
+use super::cpu_int8_tiles::{self as int8_tiles, Q4kTileLinear, Q8TileLinear};
 use super::cpu_quantized_linear::QuantizedCpuLinear;
 
 use super::attention::scaled_dot_product;
@@ -30,12 +30,12 @@ pub enum WeightFormat {
 
 /// How a GGML-quantized layer multiplies on the CPU (a GPU runs candle's kernels either way).
 /// Measured at FLUX's shapes (1 536 tokens, 3 072 ↔ 12 288 wide, 2 Zen 4 cores), against the f32
-/// layer's time: our q8_0 int8 tiles 0.37–0.46×, candle's tiles 0.6–0.85×, the blocks
+/// layer's time: our int8 tiles 0.37–0.5× (q8_0, q4k), candle's tiles 0.6–0.85×, the blocks
 /// dequantized into f32 products 1.0–1.1× in every format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuQuantized {
-    /// q8_0 on CPUs with AVX-512 VNNI: our int8 tiles, held once ([`Q8TileLinear`], 0.37–0.46×
-    /// the f32 layer's time). Otherwise candle's int8 product where it has one for the format
+    /// q8_0 and q4k on CPUs with AVX-512 VNNI: our int8 tiles, held once ([`Q8TileLinear`],
+    /// 0.37–0.46× the f32 layer's time; [`Q4kTileLinear`], 0.43–0.5×). Otherwise candle's int8 product where it has one for the format
     /// ([`cpu_repacks`]), from tiles it repacks the blocks into on first use and keeps beside
     /// them: held twice. Formats it has no tiles for are held once ([`QuantizedCpuLinear`]):
     /// candle's row-by-row product for them took 3.5–11× the f32 layer's time.
@@ -54,12 +54,13 @@ pub fn cpu_repacks(format: GgmlDType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         match format {
-            GgmlDType::Q4K | GgmlDType::Q6K => true,
-            // Where ours run (AVX-512 VNNI), q8_0 takes our tiles, held once.
+            GgmlDType::Q6K => true,
+            // Where ours run (AVX-512 VNNI), q8_0 and q4k take our tiles, held once.
+            GgmlDType::Q4K => !int8_tiles::available(),
             GgmlDType::Q8_0 => {
                 (std::arch::is_x86_feature_detected!("avx512vnni")
                     || std::arch::is_x86_feature_detected!("avxvnni"))
-                    && !Q8TileLinear::available()
+                    && !int8_tiles::available()
             }
             _ => false,
         }
@@ -96,10 +97,14 @@ impl WeightFormat {
     /// 24 GiB machine.
     pub fn resident_bits_per_weight(self, on_cpu: bool) -> Option<f64> {
         let bits = self.bits_per_weight()?;
-        Some(if on_cpu && self.held_twice_on_cpu() {
-            2.0 * bits
-        } else {
-            bits
+        Some(match self {
+            _ if !on_cpu => bits,
+            _ if self.held_twice_on_cpu() => 2.0 * bits,
+            // Our q4k tiles widen the super-blocks' d and dmin to f32.
+            Self::Quantized(GgmlDType::Q4K, CpuQuantized::Fastest) if int8_tiles::available() => {
+                Q4kTileLinear::BITS_PER_WEIGHT
+            }
+            _ => bits,
         })
     }
 
@@ -210,6 +215,8 @@ pub enum BlockLinear {
     QuantizedCpu(QuantizedCpuLinear),
     /// q8_0 as int8 tiles on the CPU, held once (see [`CpuQuantized`]).
     Q8Tiles(Q8TileLinear),
+    /// q4k as tiles on the CPU, held once (see [`CpuQuantized`]).
+    Q4kTiles(Q4kTileLinear),
     /// y = (x · codesᵀ) · scale + bias: `codes` (out, in) in F8E4M3, `scale` (out) powers of two
     /// in the model's dtype (exact there, and |w / scale| ≤ 448, e4m3's largest value).
     Fp8 {
@@ -274,9 +281,17 @@ impl BlockLinear {
         match format {
             WeightFormat::Fp8 => Self::new_fp8(dense.weight().clone(), dense.bias()),
             WeightFormat::Quantized(GgmlDType::Q8_0, CpuQuantized::Fastest)
-                if on_cpu && Q8TileLinear::available() && Q8TileLinear::fits(input, output) =>
+                if on_cpu && int8_tiles::available() && Q8TileLinear::fits(input, output) =>
             {
                 Ok(Self::Q8Tiles(Q8TileLinear::new(
+                    dense.weight(),
+                    dense.bias(),
+                )?))
+            }
+            WeightFormat::Quantized(GgmlDType::Q4K, CpuQuantized::Fastest)
+                if on_cpu && int8_tiles::available() && Q4kTileLinear::fits(input, output) =>
+            {
+                Ok(Self::Q4kTiles(Q4kTileLinear::new(
                     dense.weight(),
                     dense.bias(),
                 )?))
@@ -349,10 +364,7 @@ impl BlockLinear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(
-            self,
-            Self::Quantized { .. } | Self::QuantizedCpu(_) | Self::Q8Tiles(_) | Self::Fp8 { .. }
-        )
+        !matches!(self, Self::Dense(_))
     }
 
     /// The product, its bias left to the fused kernel consuming it where one runs ([`Biased`]):
@@ -395,6 +407,7 @@ impl BlockLinear {
                 }
                 Self::QuantizedCpu(layer) => in_f32(xs, |x| layer.forward(x)),
                 Self::Q8Tiles(layer) => in_f32(xs, |x| layer.forward(x)),
+                Self::Q4kTiles(layer) => in_f32(xs, |x| layer.forward(x)),
                 Self::Fp8 { .. } => {
                     // On FP8 tensor cores when the card has them; widened otherwise.
                     #[cfg(feature = "cuda")]
@@ -1066,6 +1079,17 @@ mod tests {
             panic!("q4k at 2432 inputs not held as blocks");
         };
         assert_eq!(held.bytes(), 8 * 2432 / 32 * GgmlDType::Q5_0.type_size());
+        // On CPUs with our int8 kernels, q8_0 and q4k take our tiles, held once (q4k with its
+        // super-blocks' scales in f32); the planner counts what they hold.
+        let weight = Tensor::randn(0f32, 1., (32, 256), &dev)?;
+        for (format, bits) in [("q8_0", 8.5), ("q4k", Q4kTileLinear::BITS_PER_WEIGHT)] {
+            let layer = BlockLinear::from_dense(Linear::new(weight.clone(), None), f(format))?;
+            let tiles = matches!(layer, BlockLinear::Q8Tiles(_) | BlockLinear::Q4kTiles(_));
+            assert_eq!(tiles, int8_tiles::available(), "{format}");
+            if tiles {
+                assert_eq!(f(format).resident_bits_per_weight(true), Some(bits));
+            }
+        }
         Ok(())
     }
 
