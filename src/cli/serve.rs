@@ -45,9 +45,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CANDELA_LOW_MEMORY", hide = true)]
     pub low_memory: bool,
     /// SD3 / FLUX: quantize the transformer blocks on load (fp8, q8_0, q6k, q5k, q4k, q4_0, …);
-    /// FLUX-dev in q8_0 or fp8 needs ~12.7 / 12 GB instead of 23.8 GB in bf16. On the CPU the
-    /// blocks are held once (slower than candle's twice-held tiles) where twice would not fit
-    /// the memory budget, or when asked: `q6k-compact`.
+    /// FLUX-dev in q8_0 or fp8 needs ~12.7 / 12 GB instead of 23.8 GB in bf16. On the CPU, q8_0
+    /// and q4k run as int8 tiles held once where AVX-512 VNNI exists; other blocks are held once
+    /// (slower than candle's twice-held tiles) where twice would not fit the memory budget, or
+    /// when asked: `q6k-compact`.
     #[arg(long, env = "CANDELA_QUANTIZE")]
     pub quantize: Option<String>,
     #[arg(long, env = "CANDELA_DEVICE")]
