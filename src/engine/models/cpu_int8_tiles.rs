@@ -248,6 +248,49 @@ fn q4k_tiles_of(
     Ok((tiles, supers))
 }
 
+/// The accumulators of rows r0..r0 + 4 of tiles g and g + 1: the bias (or zero) at the first
+/// block, else what `out` holds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn accumulators(
+    bias: Option<&[f32]>,
+    out: SharedOut,
+    [g, r0, b0]: [usize; 3],
+    n: usize,
+) -> [[std::arch::x86_64::__m512; 2]; ROWS] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+    for (r, acc) in acc.iter_mut().enumerate() {
+        for (c, acc) in acc.iter_mut().enumerate() {
+            *acc = match (b0, bias) {
+                (0, Some(bias)) => _mm512_loadu_ps(bias.as_ptr().add((g + c) * GROUP)),
+                (0, None) => _mm512_setzero_ps(),
+                _ => _mm512_loadu_ps(out.at((r0 + r) * n + (g + c) * GROUP)),
+            };
+        }
+    }
+    acc
+}
+
+/// [`accumulators`]' rows and tiles written back to `out`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store(
+    acc: &[[std::arch::x86_64::__m512; 2]; ROWS],
+    out: SharedOut,
+    [g, r0]: [usize; 2],
+    n: usize,
+) {
+    use std::arch::x86_64::*;
+    for (r, acc) in acc.iter().enumerate() {
+        for (c, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.at((r0 + r) * n + (g + c) * GROUP), *acc);
+        }
+    }
+}
+
 /// As [`q8_kernel`] for q4k: a weight is d·scale·code − dmin·min (codes 0..15, unsigned as
 /// `vpdpbusd` takes them), so a block adds d_x·(d·scale·Σ code·c − dmin·min·Σ c) for the
 /// activation codes c of scale d_x.
@@ -270,17 +313,7 @@ unsafe fn q4k_kernel(
             .as_ptr()
             .add((g * (k / QK_K) + b / per_super) * 2 * GROUP)
     };
-    let at = |r: usize, c: usize| out.at((r0 + r) * n + (g + c) * GROUP);
-    let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
-    for (r, acc) in acc.iter_mut().enumerate() {
-        for (c, acc) in acc.iter_mut().enumerate() {
-            *acc = match (b0, &layer.bias) {
-                (0, Some(bias)) => _mm512_loadu_ps(bias.as_ptr().add((g + c) * GROUP)),
-                (0, None) => _mm512_setzero_ps(),
-                _ => _mm512_loadu_ps(at(r, c)),
-            };
-        }
-    }
+    let mut acc = accumulators(layer.bias.as_deref(), out, [g, r0, b0], n);
     let low = _mm512_set1_epi8(0x0F);
     for b in b0..b1 {
         let w = [tile(g, b), tile(g + 1, b)];
@@ -326,11 +359,7 @@ unsafe fn q4k_kernel(
             }
         }
     }
-    for (r, acc) in acc.iter().enumerate() {
-        for (c, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(at(r, c), *acc);
-        }
-    }
+    store(&acc, out, [g, r0], n);
 }
 
 /// `lhs` (rows × k) quantized per 32 inputs, times a weight held in tiles of 16 output columns
@@ -450,17 +479,7 @@ unsafe fn q8_kernel(
     use std::arch::x86_64::*;
     let blocks = k / QK;
     let tile = |g: usize, b: usize| tiles.as_ptr().add((g * blocks + b) * TILE);
-    let at = |r: usize, c: usize| out.at((r0 + r) * n + (g + c) * GROUP);
-    let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
-    for (r, acc) in acc.iter_mut().enumerate() {
-        for (c, acc) in acc.iter_mut().enumerate() {
-            *acc = match (b0, bias) {
-                (0, Some(bias)) => _mm512_loadu_ps(bias.as_ptr().add((g + c) * GROUP)),
-                (0, None) => _mm512_setzero_ps(),
-                _ => _mm512_loadu_ps(at(r, c)),
-            };
-        }
-    }
+    let mut acc = accumulators(bias, out, [g, r0, b0], n);
     for b in b0..b1 {
         let (w0, w1) = (tile(g, b), tile(g + 1, b));
         let mut dots = [[_mm512_setzero_si512(); 2]; ROWS];
@@ -491,11 +510,7 @@ unsafe fn q8_kernel(
             }
         }
     }
-    for (r, acc) in acc.iter().enumerate() {
-        for (c, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(at(r, c), *acc);
-        }
-    }
+    store(&acc, out, [g, r0], n);
 }
 
 #[cfg(test)]
