@@ -1,10 +1,11 @@
-//! q8_0 Linear layers on x86 CPUs with AVX-512 VNNI: the weight's q8_0 codes held once, in tiles
-//! of 16 output columns laid out for `vpdpbusd`, multiplied in int8 against the activations
+//! q8_0 and q4k Linear layers on x86 CPUs with AVX-512 VNNI: the weight's codes held once, in
+//! tiles of 16 output columns laid out for `vpdpbusd`, multiplied in int8 against the activations
 //! quantized per 32 inputs (as ggml's and candle's quantized products quantize them).
 //!
-//! candle 0.11 keeps its own int8 tiles of a q8_0 layer beside the blocks (twice the memory,
-//! `dit::cpu_repacks`); at FLUX's shapes they ran 0.6–0.65× the f32 layer's time. These hold the
-//! same codes and f16 scales as the q8_0 blocks (8.5 bits a weight, once) and ran 0.37–0.46×
+//! candle 0.11 keeps its own int8 tiles of such a layer beside the blocks (twice the memory,
+//! `dit::cpu_repacks`); at FLUX's shapes they ran 0.52–0.66× the f32 layer's time. These hold the
+//! same codes and scales as the blocks, once — q8_0 at 8.5 bits a weight, q4k at 4.75 (its
+//! super-blocks' d and dmin widened to f32) — and ran 0.37–0.46× (q8_0) and 0.41–0.5× (q4k)
 //! (`bench --kernels`). Each 32-input block's integer dot product is exact; its scales and the sum
 //! over blocks are f32. Against the blocks dequantized into f32 products (`QuantizedCpuLinear`,
 //! `--quantize q8_0-compact`) the difference is the activations' rounding to 8 bits.
@@ -26,8 +27,8 @@ const GROUP: usize = 16;
 const TILE: usize = QK * GROUP + GROUP * 2;
 /// Output columns per task.
 const PANEL: usize = 128;
-/// Blocks per pass over a panel: 512 inputs, whose tiles (68 KiB) stay in L2 while every row
-/// passes.
+/// Blocks per pass over a panel: 512 inputs, whose tiles (q8_0 68 KiB, q4k 36) stay in L2 while
+/// every row passes.
 const PART: usize = 16;
 /// Activation rows per kernel call (4 rows × 2 tiles of accumulators fill 16 registers).
 const ROWS: usize = 4;
