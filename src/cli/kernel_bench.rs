@@ -6,8 +6,11 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::engine::models::{
-    cpu_activation, cpu_attention, cpu_conv, cpu_half_linear, cpu_int8_tiles::Q8TileLinear,
-    cpu_norm, cpu_quantized_linear::QuantizedCpuLinear, cpu_winograd,
+    cpu_activation, cpu_attention, cpu_conv, cpu_half_linear,
+    cpu_int8_tiles::{self, Q4kTileLinear, Q8TileLinear},
+    cpu_norm,
+    cpu_quantized_linear::QuantizedCpuLinear,
+    cpu_winograd,
 };
 
 fn time_ms(repeats: usize, f: impl FnMut() -> candle_core::Result<()>) -> anyhow::Result<f64> {
@@ -233,13 +236,20 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
                 "| Linear {format:?}: candle / held once / f32 | {m}×{k}→{n} | {candle:.1} | {ours:.1} | {f32_ms:.1} |"
             );
         }
-        if crate::engine::models::cpu_int8_tiles::available() {
-            let tiles = Q8TileLinear::new(&w, None)?;
-            let ours = time_ms(repeats, || {
-                tiles.forward(&x)?;
+        if cpu_int8_tiles::available() {
+            let q8 = Q8TileLinear::new(&w, None)?;
+            let q8_ms = time_ms(repeats, || {
+                q8.forward(&x)?;
                 Ok(())
             })?;
-            println!("| Linear Q8_0: int8 tiles held once / f32 | {m}×{k}→{n} | - | {ours:.1} | {f32_ms:.1} |");
+            let q4k = Q4kTileLinear::new(&w, None)?;
+            let q4k_ms = time_ms(repeats, || {
+                q4k.forward(&x)?;
+                Ok(())
+            })?;
+            println!(
+                "| Linear int8 tiles held once: Q8_0 / Q4K / f32 | {m}×{k}→{n} | {q8_ms:.1} | {q4k_ms:.1} | {f32_ms:.1} |"
+            );
         }
     }
     // GEGLU: (batch, tokens, 2 × width).
