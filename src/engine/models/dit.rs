@@ -30,12 +30,12 @@ pub enum WeightFormat {
 
 /// How a GGML-quantized layer multiplies on the CPU (a GPU runs candle's kernels either way).
 /// Measured at FLUX's shapes (1 536 tokens, 3 072 ↔ 12 288 wide, 2 Zen 4 cores), against the f32
-/// layer's time: our int8 tiles 0.37–0.5× (q8_0, q4k), candle's tiles 0.6–0.85×, the blocks
+/// layer's time: our int8 tiles 0.37–0.56× (q8_0, q4k), candle's tiles 0.49–0.85×, the blocks
 /// dequantized into f32 products 1.0–1.1× in every format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuQuantized {
     /// q8_0 and q4k on CPUs with AVX-512 VNNI: our int8 tiles, held once ([`Q8TileLinear`],
-    /// 0.37–0.46× the f32 layer's time; [`Q4kTileLinear`], 0.43–0.5×). Otherwise candle's int8 product where it has one for the format
+    /// 0.37–0.53× the f32 layer's time; [`Q4kTileLinear`], 0.40–0.56×). Otherwise candle's int8 product where it has one for the format
     /// ([`cpu_repacks`]), from tiles it repacks the blocks into on first use and keeps beside
     /// them: held twice. Formats it has no tiles for are held once ([`QuantizedCpuLinear`]):
     /// candle's row-by-row product for them took 3.5–11× the f32 layer's time.
