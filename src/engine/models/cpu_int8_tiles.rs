@@ -3,7 +3,7 @@
 //! quantized per 32 inputs (as ggml's and candle's quantized products quantize them).
 //!
 //! candle 0.11 keeps its own int8 tiles of such a layer beside the blocks (twice the memory,
-//! `dit::cpu_repacks`); at FLUX's shapes they ran 0.52–0.66× the f32 layer's time. These hold the
+//! `dit::cpu_repacks`); at FLUX's shapes they ran 0.49–0.85× the f32 layer's time. These hold the
 //! same codes and scales as the blocks, once — q8_0 at 8.5 bits a weight, q4k at 4.75 (its
 //! super-blocks' d and dmin widened to f32) — and ran 0.37–0.53× (q8_0) and 0.40–0.56× (q4k)
 //! (`bench --kernels`). Each 32-input block's integer dot product is exact; its scales and the sum
