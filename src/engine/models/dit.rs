@@ -35,10 +35,11 @@ pub enum WeightFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuQuantized {
     /// q8_0 and q4k on CPUs with AVX-512 VNNI: our int8 tiles, held once ([`Q8TileLinear`],
-    /// 0.37–0.53× the f32 layer's time; [`Q4kTileLinear`], 0.40–0.56×). Otherwise candle's int8 product where it has one for the format
-    /// ([`cpu_repacks`]), from tiles it repacks the blocks into on first use and keeps beside
-    /// them: held twice. Formats it has no tiles for are held once ([`QuantizedCpuLinear`]):
-    /// candle's row-by-row product for them took 3.5–11× the f32 layer's time.
+    /// 0.37–0.53× the f32 layer's time; [`Q4kTileLinear`], 0.40–0.56×). Otherwise candle's int8
+    /// product where it has one for the format ([`cpu_repacks`]), from tiles it repacks the
+    /// blocks into on first use and keeps beside them: held twice. Formats it has no tiles for
+    /// are held once ([`QuantizedCpuLinear`]): candle's row-by-row product for them took 3.5–11×
+    /// the f32 layer's time. [`WeightFormat::cpu_product`] decides.
     #[default]
     Fastest,
     /// Held once and dequantized into f32 products ([`QuantizedCpuLinear`]: diffusers' GGUF
@@ -47,20 +48,39 @@ pub enum CpuQuantized {
     Compact,
 }
 
+/// The product a quantized layer runs on the CPU: the one decision the loader
+/// ([`BlockLinear::from_dense`]) and the memory planner
+/// ([`WeightFormat::resident_bits_per_weight`]) both read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuProduct {
+    /// candle's `QMatMul`, its tiles beside the blocks: held twice.
+    CandleTiles,
+    /// [`Q8TileLinear`].
+    Q8Tiles,
+    /// [`Q4kTileLinear`].
+    Q4kTiles,
+    /// [`QuantizedCpuLinear`]: the blocks dequantized into f32 products.
+    Dequantized,
+}
+
+/// Whether candle's tiles of a `format` layer end up held on this CPU, beside the blocks: where
+/// candle repacks the format ([`candle_repacks`]) and ours do not take it.
+pub fn cpu_repacks(format: GgmlDType) -> bool {
+    WeightFormat::Quantized(format, CpuQuantized::Fastest).cpu_product()
+        == Some(CpuProduct::CandleTiles)
+}
+
 /// Whether candle 0.11's CPU product of a `format` layer repacks its blocks into tiles it keeps
 /// (`quantized/repack_x86.rs`'s `select`: q4k, q6k, and q8_0 on CPUs with VNNI; aarch64's
 /// `repack.rs`: the formats with dot-product kernels, where the CPU has them).
-pub fn cpu_repacks(format: GgmlDType) -> bool {
+fn candle_repacks(format: GgmlDType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         match format {
-            GgmlDType::Q6K => true,
-            // Where ours run (AVX-512 VNNI), q8_0 and q4k take our tiles, held once.
-            GgmlDType::Q4K => !int8_tiles::available(),
+            GgmlDType::Q4K | GgmlDType::Q6K => true,
             GgmlDType::Q8_0 => {
-                (std::arch::is_x86_feature_detected!("avx512vnni")
-                    || std::arch::is_x86_feature_detected!("avxvnni"))
-                    && !int8_tiles::available()
+                std::arch::is_x86_feature_detected!("avx512vnni")
+                    || std::arch::is_x86_feature_detected!("avxvnni")
             }
             _ => false,
         }
@@ -97,20 +117,32 @@ impl WeightFormat {
     /// 24 GiB machine.
     pub fn resident_bits_per_weight(self, on_cpu: bool) -> Option<f64> {
         let bits = self.bits_per_weight()?;
-        Some(match self {
+        Some(match self.cpu_product() {
             _ if !on_cpu => bits,
-            _ if self.held_twice_on_cpu() => 2.0 * bits,
+            Some(CpuProduct::CandleTiles) => 2.0 * bits,
             // Our q4k tiles widen the super-blocks' d and dmin to f32.
-            Self::Quantized(GgmlDType::Q4K, CpuQuantized::Fastest) if int8_tiles::available() => {
-                Q4kTileLinear::BITS_PER_WEIGHT
-            }
+            Some(CpuProduct::Q4kTiles) => Q4kTileLinear::BITS_PER_WEIGHT,
             _ => bits,
         })
     }
 
     /// Whether the CPU holds these blocks twice (candle's tiles beside them).
     pub fn held_twice_on_cpu(self) -> bool {
-        matches!(self, Self::Quantized(t, CpuQuantized::Fastest) if cpu_repacks(t))
+        self.cpu_product() == Some(CpuProduct::CandleTiles)
+    }
+
+    /// The product a layer in this format runs on this CPU (`None` when not GGML-quantized).
+    pub fn cpu_product(self) -> Option<CpuProduct> {
+        let Self::Quantized(t, choice) = self else {
+            return None;
+        };
+        Some(match (t, choice) {
+            (_, CpuQuantized::Compact) => CpuProduct::Dequantized,
+            (GgmlDType::Q8_0, _) if int8_tiles::available() => CpuProduct::Q8Tiles,
+            (GgmlDType::Q4K, _) if int8_tiles::available() => CpuProduct::Q4kTiles,
+            _ if candle_repacks(t) => CpuProduct::CandleTiles,
+            _ => CpuProduct::Dequantized,
+        })
     }
 
     /// The format a layer of `inputs` inputs is held in: this one where its blocks divide the
@@ -274,44 +306,45 @@ impl BlockLinear {
     /// A dense layer held in `format` (or its fallback for the layer's rows,
     /// [`WeightFormat::for_inputs`]).
     pub fn from_dense(dense: Linear, format: WeightFormat) -> candle_core::Result<Self> {
-        let input = dense.weight().dim(1)?;
-        let output = dense.weight().dim(0)?;
+        let (weight, bias) = (dense.weight(), dense.bias());
+        let (output, input) = weight.dims2()?;
         let format = format.for_inputs(input);
-        let on_cpu = dense.weight().device().is_cpu();
+        let cpu_product = format.cpu_product().filter(|_| weight.device().is_cpu());
         match format {
-            WeightFormat::Fp8 => Self::new_fp8(dense.weight().clone(), dense.bias()),
-            WeightFormat::Quantized(GgmlDType::Q8_0, CpuQuantized::Fastest)
-                if on_cpu && int8_tiles::available() && Q8TileLinear::fits(input, output) =>
-            {
-                Ok(Self::Q8Tiles(Q8TileLinear::new(
-                    dense.weight(),
-                    dense.bias(),
-                )?))
-            }
-            WeightFormat::Quantized(GgmlDType::Q4K, CpuQuantized::Fastest)
-                if on_cpu && int8_tiles::available() && Q4kTileLinear::fits(input, output) =>
-            {
-                Ok(Self::Q4kTiles(Q4kTileLinear::new(
-                    dense.weight(),
-                    dense.bias(),
-                )?))
-            }
-            WeightFormat::Quantized(t, _) if on_cpu && !format.held_twice_on_cpu() => Ok(
-                Self::QuantizedCpu(QuantizedCpuLinear::new(dense.weight(), dense.bias(), t)?),
-            ),
-            WeightFormat::Quantized(t, _) => {
-                let bias = match dense.bias() {
-                    Some(b) => b.to_dtype(DType::F32)?,
-                    None => Tensor::zeros(output, DType::F32, dense.weight().device())?,
-                };
-                let weight = QMatMul::from_qtensor(super::cpu_quantized_linear::quantize(
-                    dense.weight(),
-                    t,
-                )?)?;
-                Ok(Self::Quantized { weight, bias })
-            }
-            _ => Ok(Self::Dense(dense)),
+            WeightFormat::Fp8 => Self::new_fp8(weight.clone(), bias),
+            WeightFormat::Quantized(t, _) => match cpu_product {
+                Some(CpuProduct::Q8Tiles) if Q8TileLinear::fits(input, output) => {
+                    Ok(Self::Q8Tiles(Q8TileLinear::new(weight, bias)?))
+                }
+                Some(CpuProduct::Q4kTiles) if Q4kTileLinear::fits(input, output) => {
+                    Ok(Self::Q4kTiles(Q4kTileLinear::new(weight, bias)?))
+                }
+                // Also tiles the layer's widths do not fit: held once all the same.
+                Some(CpuProduct::Q8Tiles | CpuProduct::Q4kTiles | CpuProduct::Dequantized) => Ok(
+                    Self::QuantizedCpu(QuantizedCpuLinear::new(weight, bias, t)?),
+                ),
+                // candle's product: its tiles on the CPU, its kernels on a GPU.
+                Some(CpuProduct::CandleTiles) | None => Self::candle_quantized(weight, bias, t),
+            },
+            WeightFormat::Dense => Ok(Self::Dense(dense)),
         }
+    }
+
+    /// A layer on candle's quantized product (`QMatMul`), its bias in f32.
+    fn candle_quantized(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        format: GgmlDType,
+    ) -> candle_core::Result<Self> {
+        let bias = match bias {
+            Some(b) => b.to_dtype(DType::F32)?,
+            None => Tensor::zeros(weight.dim(0)?, DType::F32, weight.device())?,
+        };
+        let blocks = super::cpu_quantized_linear::quantize(weight, format)?;
+        Ok(Self::Quantized {
+            weight: QMatMul::from_qtensor(blocks)?,
+            bias,
+        })
     }
 
     /// An FP8 layer from a dense weight (out, in) and bias.
