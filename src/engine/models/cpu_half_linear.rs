@@ -69,9 +69,7 @@ impl HalfLinear {
             )),
             other => candle_core::bail!("a half-precision CPU Linear from a {other:?} weight"),
         };
-        let bias = bias
-            .map(|b| cpu_util::bias_values(Some(b), outputs))
-            .transpose()?;
+        let bias = cpu_util::optional_bias(bias, outputs)?;
         Ok(Self {
             values,
             bias,

@@ -73,9 +73,7 @@ impl Q8TileLinear {
         }
         let blocks = super::cpu_quantized_linear::quantize(weight, GgmlDType::Q8_0)?;
         let tiles = tiles_of(&blocks.data()?, inputs, outputs)?;
-        let bias = bias
-            .map(|b| cpu_util::bias_values(Some(b), outputs))
-            .transpose()?;
+        let bias = cpu_util::optional_bias(bias, outputs)?;
         Ok(Self {
             tiles,
             bias,
@@ -157,9 +155,7 @@ impl Q4kTileLinear {
         }
         let blocks = super::cpu_quantized_linear::quantize(weight, GgmlDType::Q4K)?;
         let (tiles, supers) = q4k_tiles_of(&blocks.data()?, inputs, outputs)?;
-        let bias = bias
-            .map(|b| cpu_util::bias_values(Some(b), outputs))
-            .transpose()?;
+        let bias = cpu_util::optional_bias(bias, outputs)?;
         Ok(Self {
             tiles,
             supers,

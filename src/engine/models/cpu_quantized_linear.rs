@@ -21,17 +21,38 @@ use rayon::prelude::*;
 
 use super::cpu_half_linear::{forward_f32, widened_product, PartLayout, DEPTH};
 
-/// The GGML block formats `--quantize` offers.
-pub const FORMATS: [GgmlDType; 8] = [
-    GgmlDType::Q8_0,
-    GgmlDType::Q4_0,
-    GgmlDType::Q4_1,
-    GgmlDType::Q5_0,
-    GgmlDType::Q5_1,
-    GgmlDType::Q4K,
-    GgmlDType::Q5K,
-    GgmlDType::Q6K,
-];
+/// A block format's two row operations, for its candle block type.
+#[derive(Debug, Clone, Copy)]
+struct BlockFns {
+    /// [`quantize_rows`].
+    quantize: fn(&[f32], usize) -> Box<dyn QuantizedType>,
+    /// [`dequantize_part`].
+    dequantize: fn(&[u8], [usize; 5], &mut [f32]),
+}
+
+impl BlockFns {
+    fn of<T: GgmlType + Send + Sync + 'static>() -> Self {
+        Self {
+            quantize: quantize_rows::<T>,
+            dequantize: dequantize_part::<T>,
+        }
+    }
+
+    /// The formats `--quantize` offers, by their candle block type: the one table of them.
+    fn for_format(format: GgmlDType) -> Option<Self> {
+        Some(match format {
+            GgmlDType::Q8_0 => Self::of::<BlockQ8_0>(),
+            GgmlDType::Q4_0 => Self::of::<BlockQ4_0>(),
+            GgmlDType::Q4_1 => Self::of::<BlockQ4_1>(),
+            GgmlDType::Q5_0 => Self::of::<BlockQ5_0>(),
+            GgmlDType::Q5_1 => Self::of::<BlockQ5_1>(),
+            GgmlDType::Q4K => Self::of::<BlockQ4K>(),
+            GgmlDType::Q5K => Self::of::<BlockQ5K>(),
+            GgmlDType::Q6K => Self::of::<BlockQ6K>(),
+            _ => return None,
+        })
+    }
+}
 
 /// A Linear layer whose weight (out, in) is held as GGML blocks on the CPU; its bias in f32.
 #[derive(Debug)]
@@ -39,6 +60,8 @@ pub struct QuantizedCpuLinear {
     /// The blocks, each output row's one after another along its inputs (boxed: a `QTensor`
     /// holds candle's repack cache and, with CUDA, its device storage inline, ~270 bytes).
     blocks: Box<QTensor>,
+    /// The blocks' dequantization, chosen once for their format.
+    dequantize: fn(&[u8], [usize; 5], &mut [f32]),
     bias: Option<Vec<f32>>,
     inputs: usize,
     outputs: usize,
@@ -60,24 +83,20 @@ impl QuantizedCpuLinear {
         if !weight.device().is_cpu() {
             candle_core::bail!("a quantized CPU Linear from a weight on another device");
         }
-        if !Self::supports(format) || !inputs.is_multiple_of(format.block_size()) {
+        let fns =
+            BlockFns::for_format(format).filter(|_| inputs.is_multiple_of(format.block_size()));
+        let Some(fns) = fns else {
             candle_core::bail!("a quantized CPU Linear of {inputs} inputs in {format:?}");
-        }
+        };
         let blocks = Box::new(quantize(weight, format)?);
-        let bias = bias
-            .map(|b| super::cpu_util::bias_values(Some(b), outputs))
-            .transpose()?;
+        let bias = super::cpu_util::optional_bias(bias, outputs)?;
         Ok(Self {
             blocks,
+            dequantize: fns.dequantize,
             bias,
             inputs,
             outputs,
         })
-    }
-
-    /// The formats this layer dequantizes: those `--quantize` offers.
-    pub fn supports(format: GgmlDType) -> bool {
-        FORMATS.contains(&format)
     }
 
     /// Bytes the blocks and bias are held in.
@@ -88,18 +107,7 @@ impl QuantizedCpuLinear {
     /// `xs` (…, in), f32 on the CPU, times the weight: (…, out) in f32.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (k, n) = (self.inputs, self.outputs);
-        let bytes = self.blocks.data()?;
-        let dequantize: fn(&[u8], [usize; 5], &mut [f32]) = match self.blocks.dtype() {
-            GgmlDType::Q8_0 => dequantize_part::<BlockQ8_0>,
-            GgmlDType::Q4_0 => dequantize_part::<BlockQ4_0>,
-            GgmlDType::Q4_1 => dequantize_part::<BlockQ4_1>,
-            GgmlDType::Q5_0 => dequantize_part::<BlockQ5_0>,
-            GgmlDType::Q5_1 => dequantize_part::<BlockQ5_1>,
-            GgmlDType::Q4K => dequantize_part::<BlockQ4K>,
-            GgmlDType::Q5K => dequantize_part::<BlockQ5K>,
-            GgmlDType::Q6K => dequantize_part::<BlockQ6K>,
-            other => candle_core::bail!("a quantized CPU Linear in {other:?}"),
-        };
+        let (bytes, dequantize) = (self.blocks.data()?, self.dequantize);
         forward_f32("a quantized", xs, k, n, |lhs, rows| {
             widened_product(
                 lhs,
@@ -123,16 +131,8 @@ pub fn quantize(weight: &Tensor, format: GgmlDType) -> candle_core::Result<QTens
     if !weight.device().is_cpu() || !inputs.is_multiple_of(format.block_size()) {
         return QTensor::quantize(&weight, format);
     }
-    let rows: fn(&[f32], usize) -> Box<dyn QuantizedType> = match format {
-        GgmlDType::Q8_0 => quantize_rows::<BlockQ8_0>,
-        GgmlDType::Q4_0 => quantize_rows::<BlockQ4_0>,
-        GgmlDType::Q4_1 => quantize_rows::<BlockQ4_1>,
-        GgmlDType::Q5_0 => quantize_rows::<BlockQ5_0>,
-        GgmlDType::Q5_1 => quantize_rows::<BlockQ5_1>,
-        GgmlDType::Q4K => quantize_rows::<BlockQ4K>,
-        GgmlDType::Q5K => quantize_rows::<BlockQ5K>,
-        GgmlDType::Q6K => quantize_rows::<BlockQ6K>,
-        _ => return QTensor::quantize(&weight, format),
+    let Some(BlockFns { quantize: rows, .. }) = BlockFns::for_format(format) else {
+        return QTensor::quantize(&weight, format);
     };
     let weight = weight.contiguous()?;
     let storage = super::cpu_util::with_cpu_slice(&weight, |values| rows(values, inputs))?;
@@ -181,6 +181,18 @@ fn dequantize_part<T: GgmlType>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The GGML block formats `--quantize` offers.
+    const FORMATS: [GgmlDType; 8] = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
     use candle_core::{Device, Module};
 
     /// Against candle's own dequantization of the same blocks multiplied in f32, within the

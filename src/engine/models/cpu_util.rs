@@ -128,6 +128,15 @@ pub(crate) fn with_cpu_rows<R>(
     })
 }
 
+/// A layer's bias, if it has one, as `channels` f32 values (the held-weight Linear layers
+/// write it under their product).
+pub(crate) fn optional_bias(
+    bias: Option<&Tensor>,
+    channels: usize,
+) -> candle_core::Result<Option<Vec<f32>>> {
+    bias.map(|b| bias_values(Some(b), channels)).transpose()
+}
+
 /// A kernel's bias as f32 values, one per output channel (zeros without one).
 pub(crate) fn bias_values(bias: Option<&Tensor>, channels: usize) -> candle_core::Result<Vec<f32>> {
     let Some(bias) = bias else {
