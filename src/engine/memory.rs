@@ -107,6 +107,11 @@ impl Footprint {
         } else {
             "unet"
         };
+        let class: serde_json::Value = if is_transformer {
+            dir.read_json("transformer/config.json")?
+        } else {
+            serde_json::Value::Null
+        };
         for (folder, stem) in [
             ("text_encoder", "text_encoder/model"),
             ("text_encoder_2", "text_encoder_2/model"),
@@ -153,9 +158,8 @@ impl Footprint {
                 // Quantized blocks: the format's resident bits per weight instead of the dtype's
                 // (the small dense embedders are within the rounding of this estimate), in the
                 // format the blocks' rows take (their inputs are the inner width, or a multiple).
-                let config: serde_json::Value = dir.read_json("transformer/config.json")?;
-                let inner = config["num_attention_heads"].as_u64().unwrap_or(0)
-                    * config["attention_head_dim"].as_u64().unwrap_or(0);
+                let inner = class["num_attention_heads"].as_u64().unwrap_or(0)
+                    * class["attention_head_dim"].as_u64().unwrap_or(0);
                 let format = options.transformer_format.for_inputs(inner as usize);
                 if let Some(bits) = format.resident_bits_per_weight(device.is_cpu()) {
                     bytes = (bytes as f64 * bits / (8.0 * dtype.size_in_bytes() as f64)) as u64;
@@ -169,11 +173,6 @@ impl Footprint {
         if winograd_buffer > 0 {
             components.push(("Winograd buffer".to_string(), winograd_buffer));
         }
-        let class: serde_json::Value = if is_transformer {
-            dir.read_json("transformer/config.json")?
-        } else {
-            serde_json::Value::Null
-        };
         let distilled_guidance = class["_class_name"] == "FluxTransformer2DModel";
         let denoiser = if distilled_guidance {
             let c: FluxTransformerConfig = dir.read_json("transformer/config.json")?;
