@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::engine::models::{
     cpu_activation, cpu_attention, cpu_conv, cpu_half_linear,
-    cpu_int8_tiles::{self, Q4kTileLinear, Q8TileLinear},
+    cpu_int8_tiles::{self, KQuantTileLinear, Q8TileLinear},
     cpu_norm,
     cpu_quantized_linear::QuantizedCpuLinear,
     cpu_winograd,
@@ -242,13 +242,16 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
                 q8.forward(&x)?;
                 Ok(())
             })?;
-            let q4k = Q4kTileLinear::new(&w, None)?;
-            let q4k_ms = time_ms(repeats, || {
-                q4k.forward(&x)?;
-                Ok(())
-            })?;
+            let k_quant_ms = |format| -> anyhow::Result<f64> {
+                let layer = KQuantTileLinear::new(&w, None, format)?;
+                time_ms(repeats, || {
+                    layer.forward(&x)?;
+                    Ok(())
+                })
+            };
+            let (q4k_ms, q6k_ms) = (k_quant_ms(GgmlDType::Q4K)?, k_quant_ms(GgmlDType::Q6K)?);
             println!(
-                "| Linear int8 tiles held once: Q8_0 / Q4K / f32 | {m}×{k}→{n} | {q8_ms:.1} | {q4k_ms:.1} | {f32_ms:.1} |"
+                "| Linear int8 tiles held once: Q8_0 / Q4K, Q6K / f32 | {m}×{k}→{n} | {q8_ms:.1} | {q4k_ms:.1}, {q6k_ms:.1} | {f32_ms:.1} |"
             );
         }
     }

@@ -36,6 +36,10 @@ const ROWS: usize = 4;
 /// Whether this CPU runs the tiles' kernels (AVX-512 F, BW and VNNI: Zen 4, Ice Lake and later
 /// server cores).
 pub fn available() -> bool {
+    #[cfg(test)]
+    if SIMULATED_ABSENT.get() {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -46,6 +50,22 @@ pub fn available() -> bool {
     {
         false
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    static SIMULATED_ABSENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `f` run on this thread as on a CPU without the tiles' kernels (AVX2-only and older cores),
+/// where candle's tiles or the blocks held once take their formats: so that a test of those
+/// paths runs on every CI machine.
+#[cfg(test)]
+pub(crate) fn as_if_absent<T>(f: impl FnOnce() -> T) -> T {
+    SIMULATED_ABSENT.set(true);
+    let result = f();
+    SIMULATED_ABSENT.set(false);
+    result
 }
 
 /// A Linear layer held as q8_0 tiles; its bias in f32.
@@ -113,30 +133,74 @@ impl Q8TileLinear {
     }
 }
 
-/// Inputs per q4k super-block (its d and dmin); 8 blocks of [`QK`] each with a 6-bit scale and
-/// minimum.
+/// Inputs per k-quant super-block (its f16 d, and q4k's dmin); q4k's 8 blocks of [`QK`] each have
+/// a 6-bit scale and minimum, q6k's 16 sub-blocks of 16 an 8-bit signed scale.
 const QK_K: usize = 256;
-/// A q4k tile of one block: 32 codes of 16 columns as nibbles (byte t of lane j in the h-th 64
-/// bytes: code 4h + t low, code 4(h + 4) + t high), then the columns' 6-bit scales and minimums.
-const Q4K_TILE: usize = QK * GROUP / 2 + 2 * GROUP;
+/// Codes of a tile (32 inputs of 16 columns) as nibbles: byte t of lane j in the h-th 64 bytes
+/// holds the low four bits of code 4h + t low, of code 4(h + 4) + t high.
+const NIBBLES: usize = QK * GROUP / 2;
+/// A q4k tile: the nibbles (q4k's whole codes), then the columns' 6-bit scales and minimums.
+const Q4K_TILE: usize = NIBBLES + 2 * GROUP;
+/// A q6k tile: the nibbles; the codes' two high bits, 64 bytes per 16 inputs (bits 2h..2h + 1 of
+/// byte t of lane j: code 4h + t of those 16); then the columns' scales of inputs 0..16, then of
+/// 16..32 (i8).
+const Q6K_TILE: usize = NIBBLES + QK * GROUP / 4 + 2 * GROUP;
 
-/// A Linear layer held as q4k tiles: the q4k codes, block scales and minimums as stored, the
-/// super-blocks' d and dmin widened to f32 (4.75 bits a weight, against q4k's 4.5 and candle's
-/// tiles beside its blocks, 9); its bias in f32.
+/// The k-quants held as tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KQuant {
+    /// A weight is d·scale·code − dmin·min, codes 0..15.
+    Q4k,
+    /// A weight is d·scale·(code − 32), codes 0..63.
+    Q6k,
+}
+
+impl KQuant {
+    fn of(format: GgmlDType) -> Option<Self> {
+        match format {
+            GgmlDType::Q4K => Some(Self::Q4k),
+            GgmlDType::Q6K => Some(Self::Q6k),
+            _ => None,
+        }
+    }
+
+    fn tile_bytes(self) -> usize {
+        match self {
+            Self::Q4k => Q4K_TILE,
+            Self::Q6k => Q6K_TILE,
+        }
+    }
+
+    /// f32 super-block scales per column: d (and q4k's dmin).
+    fn super_scales(self) -> usize {
+        match self {
+            Self::Q4k => 2,
+            Self::Q6k => 1,
+        }
+    }
+}
+
+/// A Linear layer held as q4k or q6k tiles: the codes and block scales as stored, the
+/// super-blocks' d (and dmin) widened to f32 — q4k 4.75 bits a weight (its blocks 4.5), q6k
+/// 6.625 (6.5625), against candle's tiles beside its blocks, twice that; its bias in f32.
 #[derive(Debug, Clone)]
-pub struct Q4kTileLinear {
+pub struct KQuantTileLinear {
+    kind: KQuant,
     tiles: Vec<u8>,
-    /// Per tile group and super-block: 16 columns' d, then their dmin.
+    /// Per tile group and super-block: 16 columns' d, then (q4k) their dmin.
     supers: Vec<f32>,
     bias: Option<Vec<f32>>,
     inputs: usize,
     outputs: usize,
 }
 
-impl Q4kTileLinear {
-    /// Bits each weight is held in.
-    pub const BITS_PER_WEIGHT: f64 =
-        (Q4K_TILE * 8 + 2 * GROUP * 4) as f64 * 8.0 / (QK_K * GROUP) as f64;
+impl KQuantTileLinear {
+    /// Bits each weight is held in, for the formats these tiles hold.
+    pub fn bits_per_weight(format: GgmlDType) -> Option<f64> {
+        let kind = KQuant::of(format)?;
+        let per_tile_group = kind.tile_bytes() * (QK_K / QK) + kind.super_scales() * GROUP * 4;
+        Some((per_tile_group * 8) as f64 / (QK_K * GROUP) as f64)
+    }
 
     /// Whether a layer of these widths fits the tiles: whole super-blocks of inputs, whole pairs
     /// of tiles of outputs.
@@ -147,16 +211,25 @@ impl Q4kTileLinear {
             && outputs.is_multiple_of(2 * GROUP)
     }
 
-    /// `weight` (out, in) quantized to q4k (candle's codes, block for block), with a bias.
-    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
+    /// `weight` (out, in) quantized to `format`, q4k or q6k (candle's codes, block for block),
+    /// with a bias.
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        format: GgmlDType,
+    ) -> candle_core::Result<Self> {
         let (outputs, inputs) = weight.dims2()?;
-        if !weight.device().is_cpu() || !available() || !Self::fits(inputs, outputs) {
-            candle_core::bail!("q4k tiles for a {outputs}×{inputs} weight on this CPU");
-        }
-        let blocks = super::cpu_quantized_linear::quantize(weight, GgmlDType::Q4K)?;
-        let (tiles, supers) = q4k_tiles_of(&blocks.data()?, inputs, outputs)?;
+        let kind = KQuant::of(format).filter(|_| {
+            weight.device().is_cpu() && available() && Self::fits(inputs, outputs)
+        });
+        let Some(kind) = kind else {
+            candle_core::bail!("{format:?} tiles for a {outputs}×{inputs} weight on this CPU");
+        };
+        let blocks = super::cpu_quantized_linear::quantize(weight, format)?;
+        let (tiles, supers) = super_block_tiles(kind, &blocks.data()?, inputs, outputs)?;
         let bias = cpu_util::optional_bias(bias, outputs)?;
         Ok(Self {
+            kind,
             tiles,
             supers,
             bias,
@@ -173,15 +246,46 @@ impl Q4kTileLinear {
     /// `xs` (…, in), f32 on the CPU, times the weight: (…, out) in f32.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (k, n) = (self.inputs, self.outputs);
-        forward_f32("a q4k-tile", xs, k, n, |lhs, rows| {
-            tiled_product(lhs, rows, [k, n], |x, at, dst| {
-                // SAFETY: as for q8_0's.
+        // SAFETY (the kernels): as for q8_0's; q6k's scratch is unpacked for the pass its
+        // kernel reads.
+        forward_f32("a k-quant-tile", xs, k, n, |lhs, rows| match self.kind {
+            KQuant::Q4k => tiled_product(lhs, rows, [k, n], |x, at, dst| {
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     q4k_kernel(self, x, at, dst)
                 }
-            })
+            }),
+            KQuant::Q6k => unpacked_product(
+                lhs,
+                rows,
+                [k, n],
+                |scratch, at| {
+                    scratch.resize(UNPACKED, 0);
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        q6k_unpack(self, scratch, at)
+                    }
+                },
+                |x, scratch, at, dst| {
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        q6k_kernel(self, x, scratch, at, dst)
+                    }
+                },
+            ),
         })
+    }
+
+    /// The first byte of tile group `g`'s tile of block `b`, and its super-block's f32 scales.
+    #[inline]
+    fn tile_at(&self, g: usize, b: usize) -> (*const u8, *const f32) {
+        let (blocks, supers) = (self.inputs / QK, self.inputs / QK_K);
+        let tile = (g * blocks + b) * self.kind.tile_bytes();
+        let scales = (g * supers + b / (QK_K / QK)) * self.kind.super_scales() * GROUP;
+        (
+            self.tiles[tile..].as_ptr(),
+            self.supers[scales..].as_ptr(),
+        )
     }
 }
 
@@ -197,46 +301,86 @@ fn q4k_scale_min(j: usize, scales: &[u8]) -> (u8, u8) {
     }
 }
 
-/// The tiles and super-block scales of q4k `blocks` (candle's layout: per output row, 144-byte
-/// super-blocks of f16 d and dmin, 12 bytes of packed 6-bit scales and minimums, then 128 bytes
-/// of codes: byte l of the c-th 32 holds input 64c + l low, 64c + 32 + l high).
-fn q4k_tiles_of(
+/// Code `i` (0..32) of column `j` written into a tile's nibbles: its low four bits.
+fn put_nibble(tile: &mut [u8], j: usize, i: usize, code: u8) {
+    let (quad, t) = (i / 4, i % 4);
+    let at = (quad % 4) * 4 * GROUP + j * 4 + t;
+    tile[at] |= if quad < 4 { code & 0xF } else { (code & 0xF) << 4 };
+}
+
+/// The tiles and f32 super-block scales of `kind` blocks in candle's layout (per output row, one
+/// super-block after another):
+/// - q4k, 144 bytes: f16 d and dmin, 12 bytes of packed 6-bit scales and minimums, 128 bytes of
+///   codes (byte l of the c-th 32 holds input 64c + l low, 64c + 32 + l high);
+/// - q6k, 210 bytes: 128 bytes of low nibbles (byte l of the c-th 32: input 128(c / 2) + 32(c %
+///   2) + l low, that + 64 high), 64 bytes of high bit pairs (byte l of the h-th 32: inputs
+///   128h + 32q + l at bits 2q), 16 i8 scales (one per 16 inputs), f16 d.
+fn super_block_tiles(
+    kind: KQuant,
     blocks: &[u8],
     inputs: usize,
     outputs: usize,
 ) -> candle_core::Result<(Vec<u8>, Vec<f32>)> {
-    const SUPER: usize = 4 + 12 + QK_K / 2;
+    let (format, size) = match kind {
+        KQuant::Q4k => (GgmlDType::Q4K, 4 + 12 + QK_K / 2),
+        KQuant::Q6k => (GgmlDType::Q6K, QK_K / 2 + QK_K / 4 + QK_K / 16 + 2),
+    };
     let per_row = inputs / QK_K;
-    if GgmlDType::Q4K.type_size() != SUPER || blocks.len() != outputs * per_row * SUPER {
-        candle_core::bail!("q4k blocks of an unexpected size");
+    if format.type_size() != size || blocks.len() != outputs * per_row * size {
+        candle_core::bail!("{format:?} blocks of an unexpected size");
     }
+    let (tile_bytes, scales) = (kind.tile_bytes(), kind.super_scales() * GROUP);
+    let per_super = QK_K / QK;
     let groups = outputs / GROUP;
-    let mut tiles = vec![0u8; groups * per_row * (QK_K / QK) * Q4K_TILE];
-    let mut supers = vec![0f32; groups * per_row * 2 * GROUP];
+    let mut tiles = vec![0u8; groups * per_row * per_super * tile_bytes];
+    let mut supers = vec![0f32; groups * per_row * scales];
     tiles
-        .par_chunks_mut(per_row * (QK_K / QK) * Q4K_TILE)
-        .zip(supers.par_chunks_mut(per_row * 2 * GROUP))
+        .par_chunks_mut(per_row * per_super * tile_bytes)
+        .zip(supers.par_chunks_mut(per_row * scales))
         .enumerate()
         .for_each(|(g, (tiles, supers))| {
             for j in 0..GROUP {
                 for sb in 0..per_row {
-                    let at = ((g * GROUP + j) * per_row + sb) * SUPER;
-                    let block = &blocks[at..at + SUPER];
+                    let at = ((g * GROUP + j) * per_row + sb) * size;
+                    let block = &blocks[at..at + size];
                     let half = |i: usize| f16::from_le_bytes([block[i], block[i + 1]]).to_f32();
-                    supers[sb * 2 * GROUP + j] = half(0);
-                    supers[sb * 2 * GROUP + GROUP + j] = half(2);
-                    let (scales, codes) = (&block[4..16], &block[16..]);
-                    for sub in 0..QK_K / QK {
-                        let tile = &mut tiles[(sb * (QK_K / QK) + sub) * Q4K_TILE..][..Q4K_TILE];
-                        let (scale, min) = q4k_scale_min(sub, scales);
-                        tile[QK * GROUP / 2 + j] = scale;
-                        tile[QK * GROUP / 2 + GROUP + j] = min;
-                        for i in 0..QK {
-                            let byte = codes[(sub / 2) * QK + i];
-                            let code = if sub % 2 == 0 { byte & 0xF } else { byte >> 4 };
-                            let (quad, t) = (i / 4, i % 4);
-                            let at = (quad % 4) * 4 * GROUP + j * 4 + t;
-                            tile[at] |= if quad < 4 { code } else { code << 4 };
+                    let supers = &mut supers[sb * scales..][..scales];
+                    let tiles = &mut tiles[sb * per_super * tile_bytes..][..per_super * tile_bytes];
+                    match kind {
+                        KQuant::Q4k => {
+                            supers[j] = half(0);
+                            supers[GROUP + j] = half(2);
+                            let (scales, codes) = (&block[4..16], &block[16..]);
+                            for (sub, tile) in tiles.chunks_exact_mut(tile_bytes).enumerate() {
+                                let (scale, min) = q4k_scale_min(sub, scales);
+                                tile[NIBBLES + j] = scale;
+                                tile[NIBBLES + GROUP + j] = min;
+                                for i in 0..QK {
+                                    let byte = codes[(sub / 2) * QK + i];
+                                    let code = if sub % 2 == 0 { byte } else { byte >> 4 };
+                                    put_nibble(tile, j, i, code);
+                                }
+                            }
+                        }
+                        KQuant::Q6k => {
+                            supers[j] = half(size - 2);
+                            let (low, high) = (&block[..QK_K / 2], &block[QK_K / 2..3 * QK_K / 4]);
+                            let scales = &block[3 * QK_K / 4..3 * QK_K / 4 + QK_K / 16];
+                            for (sub, tile) in tiles.chunks_exact_mut(tile_bytes).enumerate() {
+                                tile[NIBBLES + QK * GROUP / 4 + j] = scales[2 * sub];
+                                tile[NIBBLES + QK * GROUP / 4 + GROUP + j] = scales[2 * sub + 1];
+                                for i in 0..QK {
+                                    let input = sub * QK + i;
+                                    let (h, quarter, l) = (input / 128, input % 128 / 32, i);
+                                    let byte = low[64 * h + 32 * (quarter % 2) + l];
+                                    let nibble = if quarter < 2 { byte } else { byte >> 4 };
+                                    put_nibble(tile, j, i, nibble);
+                                    let bits = (high[32 * h + l] >> (2 * quarter)) & 3;
+                                    let (quad, t) = (i / 4, i % 4);
+                                    let at = NIBBLES + (quad / 4) * 4 * GROUP + j * 4 + t;
+                                    tile[at] |= bits << (2 * (quad % 4));
+                                }
+                            }
                         }
                     }
                 }
@@ -294,7 +438,7 @@ unsafe fn store(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn q4k_kernel(
-    layer: &Q4kTileLinear,
+    layer: &KQuantTileLinear,
     x: &QuantizedRows,
     [g, r0, b0, b1]: [usize; 4],
     out: SharedOut,
@@ -302,18 +446,11 @@ unsafe fn q4k_kernel(
     use std::arch::x86_64::*;
     let (k, n) = (layer.inputs, layer.outputs);
     let blocks = k / QK;
-    let per_super = QK_K / QK;
-    let tile = |g: usize, b: usize| layer.tiles.as_ptr().add((g * blocks + b) * Q4K_TILE);
-    let supers = |g: usize, b: usize| {
-        layer
-            .supers
-            .as_ptr()
-            .add((g * (k / QK_K) + b / per_super) * 2 * GROUP)
-    };
     let mut acc = accumulators(layer.bias.as_deref(), out, [g, r0, b0], n);
     let low = _mm512_set1_epi8(0x0F);
     for b in b0..b1 {
-        let w = [tile(g, b), tile(g + 1, b)];
+        let (w, ds) = (layer.tile_at(g, b), layer.tile_at(g + 1, b));
+        let (w, ds) = ([w.0, ds.0], [w.1, ds.1]);
         let mut dots = [[_mm512_setzero_si512(); 2]; ROWS];
         for h in 0..4 {
             let mut lo = [_mm512_setzero_si512(); 2];
@@ -337,8 +474,7 @@ unsafe fn q4k_kernel(
         let mut scale = [_mm512_setzero_ps(); 2];
         let mut min = [_mm512_setzero_ps(); 2];
         for c in 0..2 {
-            let ds = supers(g + c, b);
-            let bytes = w[c].add(QK * GROUP / 2);
+            let (ds, bytes) = (ds[c], w[c].add(NIBBLES));
             let widen =
                 |p: *const u8| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast())));
             scale[c] = _mm512_mul_ps(widen(bytes), _mm512_loadu_ps(ds));
@@ -359,6 +495,101 @@ unsafe fn q4k_kernel(
     store(&acc, out, [g, r0], n);
 }
 
+/// The offset in [`unpacked_product`]'s scratch of tile group `g`'s codes of block `b` in the
+/// pass from block `b0`.
+fn unpacked_at(g: usize, b: usize, b0: usize) -> usize {
+    ((g % (PANEL / GROUP)) * PART + (b - b0)) * QK * GROUP
+}
+
+/// q6k's codes of tile groups g0..g1, blocks b0..b1, put together (a nibble and two high bits,
+/// 0..63) into `scratch`'s q8_0 layout.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn q6k_unpack(layer: &KQuantTileLinear, scratch: &mut [u8], [g0, g1, b0, b1]: [usize; 4]) {
+    use std::arch::x86_64::*;
+    let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+    for g in g0..g1 {
+        for b in b0..b1 {
+            let (tile, _) = layer.tile_at(g, b);
+            let dst = scratch[unpacked_at(g, b, b0)..][..QK * GROUP].as_mut_ptr();
+            for sixteen in 0..2 {
+                let pairs = _mm512_loadu_si512(tile.add(NIBBLES + sixteen * 4 * GROUP).cast());
+                for h in 0..4 {
+                    let raw = _mm512_loadu_si512(tile.add(h * 4 * GROUP).cast());
+                    let nibble = if sixteen == 0 {
+                        raw
+                    } else {
+                        _mm512_srli_epi16(raw, 4)
+                    };
+                    // Bit pair h to bits 4 and 5 (16-bit shifts: what crosses a byte is masked).
+                    let bits = match h {
+                        0 => _mm512_slli_epi16(pairs, 4),
+                        1 => _mm512_slli_epi16(pairs, 2),
+                        2 => pairs,
+                        _ => _mm512_srli_epi16(pairs, 2),
+                    };
+                    let code =
+                        _mm512_or_si512(_mm512_and_si512(nibble, low), _mm512_and_si512(bits, high));
+                    _mm512_storeu_si512(dst.add((4 * sixteen + h) * 4 * GROUP).cast(), code);
+                }
+            }
+        }
+    }
+}
+
+/// As [`q8_kernel`] for q6k, its codes from [`q6k_unpack`]'s scratch: a weight is d·scale·(code −
+/// 32), codes 0..63 (unsigned as `vpdpbusd` takes them), a scale per 16 inputs, so each 16 add
+/// d_x·d·scale·(Σ code·c − 32 Σ c) for the activation codes c of scale d_x.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn q6k_kernel(
+    layer: &KQuantTileLinear,
+    x: &QuantizedRows,
+    scratch: &[u8],
+    [g, r0, b0, b1]: [usize; 4],
+    out: SharedOut,
+) {
+    use std::arch::x86_64::*;
+    let (k, n) = (layer.inputs, layer.outputs);
+    let blocks = k / QK;
+    let mut acc = accumulators(layer.bias.as_deref(), out, [g, r0, b0], n);
+    for b in b0..b1 {
+        let (w, ds) = (layer.tile_at(g, b), layer.tile_at(g + 1, b));
+        let (w, ds) = ([w.0, ds.0], [w.1, ds.1]);
+        let codes = [g, g + 1].map(|g| scratch[unpacked_at(g, b, b0)..].as_ptr());
+        for sixteen in 0..2 {
+            let mut dots = [[_mm512_setzero_si512(); 2]; ROWS];
+            for h in 0..4 {
+                let quad = 4 * sixteen + h;
+                let weights = codes.map(|c| _mm512_loadu_si512(c.add(quad * 4 * GROUP).cast()));
+                for (r, dots) in dots.iter_mut().enumerate() {
+                    let at = (r0 + r) * k + b * QK + quad * 4;
+                    let four = x.codes.as_ptr().add(at).cast::<i32>().read_unaligned();
+                    let four = _mm512_set1_epi32(four);
+                    for c in 0..2 {
+                        dots[c] = _mm512_dpbusd_epi32(dots[c], weights[c], four);
+                    }
+                }
+            }
+            let scale = [0, 1].map(|c| {
+                let bytes = w[c].add(NIBBLES + QK * GROUP / 4 + sixteen * GROUP);
+                let scale = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes.cast())));
+                _mm512_mul_ps(scale, _mm512_loadu_ps(ds[c]))
+            });
+            for (r, (acc, dots)) in acc.iter_mut().zip(&dots).enumerate() {
+                let row = (r0 + r) * blocks + b;
+                let dx = _mm512_set1_ps(*x.scales.get_unchecked(row));
+                let offset = _mm512_set1_epi32(32 * *x.half_sums.get_unchecked(2 * row + sixteen));
+                for c in 0..2 {
+                    let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(dots[c], offset));
+                    acc[c] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale[c], dx), acc[c]);
+                }
+            }
+        }
+    }
+    store(&acc, out, [g, r0], n);
+}
+
 /// `lhs` (rows × k) quantized per 32 inputs, times a weight held in tiles of 16 output columns
 /// (n of them, whole pairs of tiles): by panels of [`PANEL`] columns over every core, each
 /// passing [`PART`] blocks of inputs at a time over every [`ROWS`] rows, `kernel(x, [g, r0, b0,
@@ -370,22 +601,45 @@ fn tiled_product(
     [k, n]: [usize; 2],
     kernel: impl Fn(&QuantizedRows, [usize; 4], SharedOut) + Sync,
 ) -> Vec<f32> {
+    unpacked_product(lhs, rows, [k, n], |_, _| {}, |x, _, at, out| kernel(x, at, out))
+}
+
+/// Bytes of a panel's codes widened to one per input for one pass: [`PART`] blocks of
+/// [`PANEL`] columns, laid out as q8_0's tiles (code t of column j of a block at (t / 4)·64 + 4j +
+/// t % 4), tile group by tile group.
+const UNPACKED: usize = PANEL / GROUP * PART * QK * GROUP;
+
+/// As [`tiled_product`], with each pass over a panel first widening its codes into a
+/// per-task scratch of [`UNPACKED`] bytes that `kernel(x, scratch, [g, r0, b0, b1], out)` reads
+/// for every row (`unpack(scratch, [g0, g1, b0, b1])`: tile groups g0..g1, blocks b0..b1): where
+/// putting a code together takes more than a mask (q6k), that is done once per pass instead of
+/// once per four rows.
+fn unpacked_product(
+    lhs: &[f32],
+    rows: usize,
+    [k, n]: [usize; 2],
+    unpack: impl Fn(&mut Vec<u8>, [usize; 4]) + Sync,
+    kernel: impl Fn(&QuantizedRows, &[u8], [usize; 4], SharedOut) + Sync,
+) -> Vec<f32> {
     let padded = rows.next_multiple_of(ROWS);
     let x = QuantizedRows::new(lhs, rows, padded, k);
     let mut out = vec![0f32; padded * n];
     let dst = SharedOut(out.as_mut_ptr());
     let blocks = k / QK;
-    (0..n.div_ceil(PANEL)).into_par_iter().for_each(|panel| {
-        let groups = panel * PANEL / GROUP..((panel + 1) * PANEL).min(n) / GROUP;
-        for b0 in (0..blocks).step_by(PART) {
-            let b1 = (b0 + PART).min(blocks);
-            for r0 in (0..padded).step_by(ROWS) {
-                for g in groups.clone().step_by(2) {
-                    kernel(&x, [g, r0, b0, b1], dst);
+    (0..n.div_ceil(PANEL))
+        .into_par_iter()
+        .for_each_init(Vec::new, |scratch: &mut Vec<u8>, panel| {
+            let groups = panel * PANEL / GROUP..((panel + 1) * PANEL).min(n) / GROUP;
+            for b0 in (0..blocks).step_by(PART) {
+                let b1 = (b0 + PART).min(blocks);
+                unpack(scratch, [groups.start, groups.end, b0, b1]);
+                for r0 in (0..padded).step_by(ROWS) {
+                    for g in groups.clone().step_by(2) {
+                        kernel(&x, scratch, [g, r0, b0, b1], dst);
+                    }
                 }
             }
-        }
-    });
+        });
     out.truncate(rows * n);
     out
 }
@@ -425,6 +679,8 @@ struct QuantizedRows {
     codes: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<i32>,
+    /// The sums of each 16 codes (q6k's scales cover 16 inputs).
+    half_sums: Vec<i32>,
 }
 
 impl QuantizedRows {
@@ -433,30 +689,35 @@ impl QuantizedRows {
         let mut codes = vec![0i8; padded * k];
         let mut scales = vec![0f32; padded * blocks];
         let mut sums = vec![0i32; padded * blocks];
+        let mut half_sums = vec![0i32; padded * 2 * blocks];
         codes
             .par_chunks_mut(k)
             .zip(scales.par_chunks_mut(blocks))
             .zip(sums.par_chunks_mut(blocks))
+            .zip(half_sums.par_chunks_mut(2 * blocks))
             .zip(x.par_chunks(k).take(rows))
-            .for_each(|(((codes, scales), sums), x)| {
+            .for_each(|((((codes, scales), sums), half_sums), x)| {
                 for (b, values) in x.chunks_exact(QK).enumerate() {
                     let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
                     let d = max / 127.0;
                     let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
-                    let mut sum = 0i32;
-                    for (c, &v) in codes[b * QK..][..QK].iter_mut().zip(values) {
-                        let q = (v * inverse).round() as i32;
-                        *c = q as i8;
-                        sum += q;
+                    let codes = &mut codes[b * QK..][..QK];
+                    for (c, &v) in codes.iter_mut().zip(values) {
+                        *c = (v * inverse).round() as i32 as i8;
                     }
+                    let sum = |codes: &[i8]| codes.iter().map(|&c| i32::from(c)).sum::<i32>();
+                    let (first, second) = codes.split_at(QK / 2);
+                    half_sums[2 * b] = sum(first);
+                    half_sums[2 * b + 1] = sum(second);
                     scales[b] = d;
-                    sums[b] = sum;
+                    sums[b] = half_sums[2 * b] + half_sums[2 * b + 1];
                 }
             });
         Self {
             codes,
             scales,
             sums,
+            half_sums,
         }
     }
 }
@@ -544,34 +805,35 @@ mod tests {
         Ok(())
     }
 
-    /// q4k's tiles against [`check_against_codes`]: one super-block and one row; three
-    /// super-blocks (past one pass) over a partial panel with a bias; 77 rows.
+    /// q4k's and q6k's tiles against [`check_against_codes`]: one super-block and one row;
+    /// three super-blocks (past one pass) over a partial panel with a bias; 77 rows.
     #[test]
-    fn q4k_tiles_multiply_the_codes_exactly_per_block() -> candle_core::Result<()> {
-        for (rows, inputs, outputs, with_bias) in [
-            (1, QK_K, 32, false),
-            (5, 3 * QK_K, PANEL + 32, true),
-            (77, QK_K, 64, false),
-        ] {
-            let (weight, bias, xs) = case(rows, inputs, outputs, with_bias)?;
-            if !available() {
-                assert!(Q4kTileLinear::new(&weight, bias.as_ref()).is_err());
-                continue;
+    fn k_quant_tiles_multiply_the_codes_exactly_per_block() -> candle_core::Result<()> {
+        for format in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            for (rows, inputs, outputs, with_bias) in [
+                (1, QK_K, 32, false),
+                (5, 3 * QK_K, PANEL + 32, true),
+                (77, QK_K, 64, false),
+            ] {
+                let (weight, bias, xs) = case(rows, inputs, outputs, with_bias)?;
+                if !available() {
+                    assert!(KQuantTileLinear::new(&weight, bias.as_ref(), format).is_err());
+                    continue;
+                }
+                let layer = KQuantTileLinear::new(&weight, bias.as_ref(), format)?;
+                let bits = KQuantTileLinear::bits_per_weight(format).unwrap();
+                let held = (inputs * outputs) as f64 * bits / 8.0;
+                assert_eq!(
+                    layer.bytes(),
+                    held as usize + 4 * outputs * usize::from(with_bias)
+                );
+                check_against_codes(&layer.forward(&xs)?, format, &weight, bias.as_ref(), &xs)?;
             }
-            let layer = Q4kTileLinear::new(&weight, bias.as_ref())?;
-            let held = (inputs * outputs) as f64 * Q4kTileLinear::BITS_PER_WEIGHT / 8.0;
-            assert_eq!(
-                layer.bytes(),
-                held as usize + 4 * outputs * usize::from(with_bias)
-            );
-            check_against_codes(
-                &layer.forward(&xs)?,
-                GgmlDType::Q4K,
-                &weight,
-                bias.as_ref(),
-                &xs,
-            )?;
         }
+        // What they hold a weight in: the blocks' bits and their d (and dmin) widened to f32.
+        assert_eq!(KQuantTileLinear::bits_per_weight(GgmlDType::Q4K), Some(4.75));
+        assert_eq!(KQuantTileLinear::bits_per_weight(GgmlDType::Q6K), Some(6.625));
+        assert_eq!(KQuantTileLinear::bits_per_weight(GgmlDType::Q5K), None);
         Ok(())
     }
 
@@ -663,8 +925,10 @@ mod tests {
             for blk in 0..2 {
                 let d = q.scales[row * 2 + blk];
                 let codes = &q.codes[row * 64 + blk * QK..][..QK];
-                let sum: i32 = codes.iter().map(|&c| i32::from(c)).sum();
-                assert_eq!(q.sums[row * 2 + blk], sum);
+                let sum = |codes: &[i8]| codes.iter().map(|&c| i32::from(c)).sum::<i32>();
+                assert_eq!(q.sums[row * 2 + blk], sum(codes));
+                let halves = &q.half_sums[(row * 2 + blk) * 2..][..2];
+                assert_eq!(halves, [sum(&codes[..16]), sum(&codes[16..])]);
                 for (t, &c) in codes.iter().enumerate() {
                     assert!(c.unsigned_abs() <= 127);
                     if row == 3 {

@@ -7,7 +7,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
 use super::blocks::{linear, Biased, Linear};
-use super::cpu_int8_tiles::{self as int8_tiles, Q4kTileLinear, Q8TileLinear};
+use super::cpu_int8_tiles::{self as int8_tiles, KQuantTileLinear, Q8TileLinear};
 use super::cpu_quantized_linear::QuantizedCpuLinear;
 
 use super::attention::scaled_dot_product;
@@ -30,12 +30,12 @@ pub enum WeightFormat {
 
 /// How a GGML-quantized layer multiplies on the CPU (a GPU runs candle's kernels either way).
 /// Measured at FLUX's shapes (1 536 tokens, 3 072 ↔ 12 288 wide, 2 Zen 4 cores), against the f32
-/// layer's time: our int8 tiles 0.37–0.56× (q8_0, q4k), candle's tiles 0.49–0.85×, the blocks
+/// layer's time: our int8 tiles 0.37–0.56× (q8_0, q4k; q6k TBD), candle's tiles 0.49–0.85×, the blocks
 /// dequantized into f32 products 1.0–1.1× in every format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuQuantized {
-    /// q8_0 and q4k on CPUs with AVX-512 VNNI: our int8 tiles, held once ([`Q8TileLinear`],
-    /// 0.37–0.53× the f32 layer's time; [`Q4kTileLinear`], 0.40–0.56×). Otherwise candle's int8
+    /// q8_0, q4k and q6k on CPUs with AVX-512 VNNI: our int8 tiles, held once ([`Q8TileLinear`],
+    /// 0.37–0.53× the f32 layer's time; [`KQuantTileLinear`], q4k 0.40–0.56×, q6k TBD). Otherwise candle's int8
     /// product where it has one for the format ([`cpu_repacks`]), from tiles it repacks the
     /// blocks into on first use and keeps beside them: held twice. Formats it has no tiles for
     /// are held once ([`QuantizedCpuLinear`]): candle's row-by-row product for them took 3.5–11×
@@ -57,8 +57,8 @@ pub enum CpuProduct {
     CandleTiles,
     /// [`Q8TileLinear`].
     Q8Tiles,
-    /// [`Q4kTileLinear`].
-    Q4kTiles,
+    /// [`KQuantTileLinear`] (q4k, q6k).
+    KQuantTiles,
     /// [`QuantizedCpuLinear`]: the blocks dequantized into f32 products.
     Dequantized,
 }
@@ -117,11 +117,13 @@ impl WeightFormat {
     /// 24 GiB machine.
     pub fn resident_bits_per_weight(self, on_cpu: bool) -> Option<f64> {
         let bits = self.bits_per_weight()?;
-        Some(match self.cpu_product() {
+        Some(match (self, self.cpu_product()) {
             _ if !on_cpu => bits,
-            Some(CpuProduct::CandleTiles) => 2.0 * bits,
-            // Our q4k tiles widen the super-blocks' d and dmin to f32.
-            Some(CpuProduct::Q4kTiles) => Q4kTileLinear::BITS_PER_WEIGHT,
+            (_, Some(CpuProduct::CandleTiles)) => 2.0 * bits,
+            // Our k-quant tiles widen the super-blocks' d (and dmin) to f32.
+            (Self::Quantized(t, _), Some(CpuProduct::KQuantTiles)) => {
+                KQuantTileLinear::bits_per_weight(t).unwrap_or(bits)
+            }
             _ => bits,
         })
     }
@@ -139,7 +141,9 @@ impl WeightFormat {
         Some(match (t, choice) {
             (_, CpuQuantized::Compact) => CpuProduct::Dequantized,
             (GgmlDType::Q8_0, _) if int8_tiles::available() => CpuProduct::Q8Tiles,
-            (GgmlDType::Q4K, _) if int8_tiles::available() => CpuProduct::Q4kTiles,
+            (GgmlDType::Q4K | GgmlDType::Q6K, _) if int8_tiles::available() => {
+                CpuProduct::KQuantTiles
+            }
             _ if candle_repacks(t) => CpuProduct::CandleTiles,
             _ => CpuProduct::Dequantized,
         })
@@ -247,8 +251,8 @@ pub enum BlockLinear {
     QuantizedCpu(QuantizedCpuLinear),
     /// q8_0 as int8 tiles on the CPU, held once (see [`CpuQuantized`]).
     Q8Tiles(Q8TileLinear),
-    /// q4k as tiles on the CPU, held once (see [`CpuQuantized`]).
-    Q4kTiles(Q4kTileLinear),
+    /// q4k or q6k as tiles on the CPU, held once (see [`CpuQuantized`]).
+    KQuantTiles(KQuantTileLinear),
     /// y = (x · codesᵀ) · scale + bias: `codes` (out, in) in F8E4M3, `scale` (out) powers of two
     /// in the model's dtype (exact there, and |w / scale| ≤ 448, e4m3's largest value).
     Fp8 {
@@ -316,11 +320,11 @@ impl BlockLinear {
                 Some(CpuProduct::Q8Tiles) if Q8TileLinear::fits(input, output) => {
                     Ok(Self::Q8Tiles(Q8TileLinear::new(weight, bias)?))
                 }
-                Some(CpuProduct::Q4kTiles) if Q4kTileLinear::fits(input, output) => {
-                    Ok(Self::Q4kTiles(Q4kTileLinear::new(weight, bias)?))
+                Some(CpuProduct::KQuantTiles) if KQuantTileLinear::fits(input, output) => {
+                    Ok(Self::KQuantTiles(KQuantTileLinear::new(weight, bias, t)?))
                 }
                 // Also tiles the layer's widths do not fit: held once all the same.
-                Some(CpuProduct::Q8Tiles | CpuProduct::Q4kTiles | CpuProduct::Dequantized) => Ok(
+                Some(CpuProduct::Q8Tiles | CpuProduct::KQuantTiles | CpuProduct::Dequantized) => Ok(
                     Self::QuantizedCpu(QuantizedCpuLinear::new(weight, bias, t)?),
                 ),
                 // candle's product: its tiles on the CPU, its kernels on a GPU.
@@ -440,7 +444,7 @@ impl BlockLinear {
                 }
                 Self::QuantizedCpu(layer) => in_f32(xs, |x| layer.forward(x)),
                 Self::Q8Tiles(layer) => in_f32(xs, |x| layer.forward(x)),
-                Self::Q4kTiles(layer) => in_f32(xs, |x| layer.forward(x)),
+                Self::KQuantTiles(layer) => in_f32(xs, |x| layer.forward(x)),
                 Self::Fp8 { .. } => {
                     // On FP8 tensor cores when the card has them; widened otherwise.
                     #[cfg(feature = "cuda")]
@@ -1112,12 +1116,12 @@ mod tests {
             panic!("q4k at 2432 inputs not held as blocks");
         };
         assert_eq!(held.bytes(), 8 * 2432 / 32 * GgmlDType::Q5_0.type_size());
-        // On CPUs with our int8 kernels, q8_0 and q4k take our tiles, held once (q4k with its
-        // super-blocks' scales in f32); the planner counts what they hold.
+        // On CPUs with our int8 kernels, q8_0, q4k and q6k take our tiles, held once (the
+        // k-quants with their super-blocks' scales in f32); the planner counts what they hold.
         let weight = Tensor::randn(0f32, 1., (32, 256), &dev)?;
-        for (format, bits) in [("q8_0", 8.5), ("q4k", Q4kTileLinear::BITS_PER_WEIGHT)] {
+        for (format, bits) in [("q8_0", 8.5), ("q4k", 4.75), ("q6k", 6.625)] {
             let layer = BlockLinear::from_dense(Linear::new(weight.clone(), None), f(format))?;
-            let tiles = matches!(layer, BlockLinear::Q8Tiles(_) | BlockLinear::Q4kTiles(_));
+            let tiles = matches!(layer, BlockLinear::Q8Tiles(_) | BlockLinear::KQuantTiles(_));
             assert_eq!(tiles, int8_tiles::available(), "{format}");
             if tiles {
                 assert_eq!(f(format).resident_bits_per_weight(true), Some(bits));
