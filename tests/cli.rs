@@ -177,6 +177,14 @@ fn bad_arguments_fail_with_a_message_naming_the_parameter() {
         ),
         (vec!["--dtype", "f8"], "dtype"),
         (vec!["--dtype", "bf16"], "bf16 is not supported on CPU"),
+        (
+            vec!["--quantize", "q9"],
+            "--quantize: unknown weight format",
+        ),
+        (
+            vec!["--quantize-t5", "q9"],
+            "--quantize-t5: unknown weight format",
+        ),
     ] {
         let out = candela(tmp.path())
             .args(["generate", "--prompt", "x"])

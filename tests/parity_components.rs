@@ -2,6 +2,7 @@
 
 mod common;
 
+use candela::engine::models::dit::WeightFormat;
 use candela::engine::{
     loader::{ModelDir, ModelSource},
     pipelines::sd::StableDiffusion,
@@ -329,6 +330,15 @@ fn model_sources_resolve_local_folders() {
 
 /// A tiny T5 fixture's encoder (`text_encoder/`) in `dtype` on the CPU.
 fn load_t5(dir: &ModelDir, dtype: DType) -> candela::engine::models::t5::T5Encoder {
+    load_t5_as(dir, dtype, WeightFormat::Dense)
+}
+
+/// [`load_t5`] with its blocks' Linear layers in `format` (`--quantize-t5`).
+fn load_t5_as(
+    dir: &ModelDir,
+    dtype: DType,
+    format: WeightFormat,
+) -> candela::engine::models::t5::T5Encoder {
     let config: serde_json::Value = dir.read_json("text_encoder/config.json").unwrap();
     let file = candela::engine::loader::weights::SafetensorsFile::open(
         &dir.file("text_encoder/model.safetensors"),
@@ -339,8 +349,91 @@ fn load_t5(dir: &ModelDir, dtype: DType) -> candela::engine::models::t5::T5Encod
         file.into_var_builder(dtype, &Device::Cpu),
         config,
         &stored,
+        format,
     )
     .unwrap()
+}
+
+/// T5 quantized on load (`--quantize-t5`), on the CPU in f32: held as the memory planner counts
+/// it, in every format (the tiny T5's 32- and 64-wide rows take q8_0 and q5_0 where the
+/// k-quants' 256-value blocks do not divide them). Held once and multiplied in f32 (`-compact`)
+/// it computes what the dense T5 of the same weights quantized and dequantized computes: the
+/// same f32 products, 1e-5 of the states' largest value (the dequantized file differs from the
+/// original by more than 1e-3 of it). On the int8 tiles (q8_0 where AVX-512 VNNI runs them) the
+/// activations are rounded to 8 bits per 32 values too: within 2⁻⁶ of the largest value of
+/// the compact result (each of the 10 products rounds its inputs by up to half a step of 1/127
+/// of their block's largest value; measured 0.031 of 2.99, about what the weights' own rounding
+/// moved it).
+#[test]
+fn t5_quantized_on_load_is_held_as_planned_and_computes_its_dequantized_weights() {
+    use candela::engine::loader::weights::SafetensorsFile;
+    use candela::engine::models::t5::held_bytes;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dir = model_dir("t5-tiny");
+    let format = |f: &str| f.parse::<WeightFormat>().unwrap();
+    let file = SafetensorsFile::open(&dir.file("text_encoder/model.safetensors")).unwrap();
+    let dense = load_t5(&dir, DType::F32);
+    for name in ["q8_0", "q8_0-compact", "q6k", "q4k", "q4_0-compact"] {
+        let encoder = load_t5_as(&dir, DType::F32, format(name));
+        let planned = file.loaded_bytes_with(|tensor, stored, shape| {
+            held_bytes(tensor, stored, shape, (DType::F32, format(name)), true)
+        });
+        assert_eq!(
+            encoder.weight_bytes() as u64,
+            planned,
+            "{name}: held vs planned"
+        );
+        assert!(
+            encoder.weight_bytes() < dense.weight_bytes() * 45 / 100,
+            "{name}: {} of {}",
+            encoder.weight_bytes(),
+            dense.weight_bytes()
+        );
+    }
+    // The dense T5 of the q8_0 weights dequantized.
+    let mut tensors =
+        candle_core::safetensors::load(dir.file("text_encoder/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    for (name, tensor) in tensors.iter_mut() {
+        let layer = name.starts_with("encoder.block.")
+            && (name.contains(".SelfAttention.") || name.contains(".DenseReluDense."))
+            && !name.contains("relative_attention_bias");
+        if layer {
+            *tensor = QTensor::quantize(tensor, GgmlDType::Q8_0)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap();
+        }
+    }
+    let config = dir.read_json("text_encoder/config.json").unwrap();
+    let dequantized = candela::engine::models::t5::T5Encoder::new(
+        candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+        config,
+        &file.stored_dtypes(),
+        WeightFormat::Dense,
+    )
+    .unwrap();
+    let t = load_tensors("stages/t5.safetensors");
+    let ids = t["input_ids_77"].to_dtype(DType::U32).unwrap();
+    let expected = dequantized.forward(&ids).unwrap();
+    let largest = max_abs(&expected);
+    let moved = max_abs_diff(&expected, &dense.forward(&ids).unwrap());
+    assert!(
+        moved > 1e-3 * largest,
+        "the dequantized weights moved it by {moved}"
+    );
+    let compact = load_t5_as(&dir, DType::F32, format("q8_0-compact"))
+        .forward(&ids)
+        .unwrap();
+    let d = max_abs_diff(&compact, &expected);
+    eprintln!("t5 q8_0-compact vs its dequantized weights: {d} (largest {largest}, moved {moved})");
+    assert!(d <= 1e-5 * largest, "q8_0-compact: {d}");
+    let tiles = load_t5_as(&dir, DType::F32, format("q8_0"))
+        .forward(&ids)
+        .unwrap();
+    let d = max_abs_diff(&tiles, &compact);
+    eprintln!("t5 q8_0 vs q8_0-compact: {d} (largest {largest})");
+    assert!(d <= largest / 64.0, "q8_0: {d}");
 }
 
 /// T5 (the SD3/FLUX text encoder): tokenizer ids (with `</s>`, truncation keeping it, padding)

@@ -68,6 +68,9 @@ pub struct BenchArgs {
     /// CPU, `q8_0-compact` holds the blocks once, as serve does where twice would not fit).
     #[arg(long)]
     pub quantize: Option<String>,
+    /// Load as `serve --quantize-t5 FMT` (T5-XXL's Linear layers: q8_0, q6k, q4k, …).
+    #[arg(long)]
+    pub quantize_t5: Option<String>,
     /// Load as `serve --vae-tiling`.
     #[arg(long)]
     pub vae_tiling: bool,
@@ -349,6 +352,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         vae_tiling: args.vae_tiling,
         without_t5: args.without_t5,
         transformer_format: super::weight_format(args.quantize.as_deref())?,
+        t5_format: super::t5_format(args.quantize_t5.as_deref())?,
         ..Default::default()
     };
     let pipeline = if args.model.is_some() {

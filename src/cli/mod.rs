@@ -126,9 +126,21 @@ fn warn_retired_low_memory(on: bool) {
 
 /// `--quantize`: dense when absent.
 fn weight_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::dit::WeightFormat> {
+    parse_format("--quantize", arg)
+}
+
+/// `--quantize-t5`: dense when absent.
+fn t5_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::dit::WeightFormat> {
+    parse_format("--quantize-t5", arg)
+}
+
+fn parse_format(
+    flag: &str,
+    arg: Option<&str>,
+) -> anyhow::Result<crate::engine::models::dit::WeightFormat> {
     arg.map(str::parse)
         .transpose()
-        .map_err(|e: String| anyhow::anyhow!("--quantize: {e}"))
+        .map_err(|e: String| anyhow::anyhow!("{flag}: {e}"))
         .map(Option::unwrap_or_default)
 }
 

@@ -141,16 +141,23 @@ impl Footprint {
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
             let mut bytes = if folder.starts_with("text_encoder") {
                 let config: serde_json::Value = dir.read_json(&format!("{folder}/config.json"))?;
-                // T5's rules, or the holding every text encoder on the CPU follows.
-                let held_dtype = if config["model_type"] == "t5" {
-                    crate::engine::models::t5::weight_dtype
-                } else {
-                    crate::engine::models::cpu_half_linear::held_dtype
-                };
+                // T5's rules (and format), or the holding every text encoder on the CPU follows.
                 let on_cpu = device.is_cpu();
-                file.loaded_bytes_by(|name, stored| {
-                    held_dtype(name, stored, component_dtype, on_cpu)
-                })
+                if config["model_type"] == "t5" {
+                    file.loaded_bytes_with(|name, stored, shape| {
+                        let held = (component_dtype, options.t5_format);
+                        crate::engine::models::t5::held_bytes(name, stored, shape, held, on_cpu)
+                    })
+                } else {
+                    file.loaded_bytes_by(|name, stored| {
+                        crate::engine::models::cpu_half_linear::held_dtype(
+                            name,
+                            stored,
+                            component_dtype,
+                            on_cpu,
+                        )
+                    })
+                }
             } else {
                 file.loaded_bytes(component_dtype)
             };
@@ -254,9 +261,10 @@ impl Footprint {
         let footprint = Self::read(dir, device, dtype, options)?;
         let compact = LoadOptions {
             transformer_format: options.transformer_format.compact(),
+            t5_format: options.t5_format.compact(),
             ..options.clone()
         };
-        if !device.is_cpu() || compact.transformer_format == options.transformer_format {
+        if !device.is_cpu() || compact == *options {
             return Ok((options.clone(), footprint));
         }
         let size = crate::engine::pipelines::read_card(dir, "")?.default_size;

@@ -536,3 +536,20 @@ def test_quantized_blocks_are_held_once_on_the_cpu_where_twice_would_not_fit(sta
     r = http(s).post("/v1/images/generations", json=dict(prompt="x", size="64x64", steps=2))
     assert r.status_code == 200, r.text
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (64, 64)
+
+
+def test_t5_quantized_on_load_is_counted_and_generates(start):
+    """`--quantize-t5 q8_0`: T5's Linear layers held in q8_0 blocks (the tiny FLUX's 32- and
+    64-wide rows; its 48-wide ones stay dense, as q8_0's 32-value blocks do not divide them), so
+    the model's reported weights shrink by what they were over 8.5 bits a weight, and the model
+    generates."""
+    flux = ROOT / "tests" / "fixtures" / "models" / "flux-dev-tiny"
+    s = start("--model", flux)
+    dense = http(s).get("/v1/models").json()["data"][0]["capabilities"]
+    s.stop()
+    s = start("--model", flux, "--quantize-t5", "q8_0")
+    caps = http(s).get("/v1/models").json()["data"][0]["capabilities"]
+    assert caps["weights_bytes"] < dense["weights_bytes"], (caps, dense)
+    r = http(s).post("/v1/images/generations", json=dict(prompt="x", size="64x64", steps=2))
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (64, 64)

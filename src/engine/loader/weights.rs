@@ -229,18 +229,23 @@ impl SafetensorsFile {
     /// [`Self::loaded_bytes`] with each floating tensor's dtype chosen by its name and stored
     /// dtype (T5 holds some layers in f32 under f16: `t5::weight_dtype`).
     pub fn loaded_bytes_by(&self, dtype_of: impl Fn(&str, DType) -> DType) -> u64 {
+        self.loaded_bytes_with(|name, stored, shape| {
+            (shape.iter().product::<usize>() * dtype_of(name, stored).size_in_bytes()) as u64
+        })
+    }
+
+    /// The sum of `bytes_of(name, stored, shape)` over the floating tensors (a format candle
+    /// cannot hold, fp8 codes, …, as f32: converted on load), the others at their own size.
+    pub fn loaded_bytes_with(&self, bytes_of: impl Fn(&str, DType, &[usize]) -> u64) -> u64 {
         self.tensors
             .tensors()
             .into_iter()
-            .map(|(name, view)| {
-                let numel: usize = view.shape().iter().product();
-                let width = match DType::try_from(view.dtype()) {
-                    Ok(d) if d.is_float() => dtype_of(&name, d).size_in_bytes(),
-                    Ok(d) => d.size_in_bytes(),
-                    // A format candle cannot hold (fp8 codes, …) is converted on load.
-                    Err(_) => dtype_of(&name, DType::F32).size_in_bytes(),
-                };
-                (numel * width) as u64
+            .map(|(name, view)| match DType::try_from(view.dtype()) {
+                Ok(d) if !d.is_float() => {
+                    (view.shape().iter().product::<usize>() * d.size_in_bytes()) as u64
+                }
+                Ok(d) => bytes_of(&name, d, view.shape()),
+                Err(_) => bytes_of(&name, DType::F32, view.shape()),
             })
             .sum()
     }

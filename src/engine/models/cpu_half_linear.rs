@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use super::blocks::Linear;
 use super::cpu_util::{self, SharedOut, Strided};
+use super::dit::{BlockLinear, WeightFormat};
 use crate::engine::loader::weights::StoredDtypes;
 
 /// A weight's values as stored, (in, out) row-major: the layout the `gemm` crate reads fastest
@@ -228,6 +229,8 @@ pub(crate) fn widened_product(
 pub struct Holding<'a> {
     stored: Option<&'a StoredDtypes>,
     cpu_f32: bool,
+    /// The Linear layers quantized on load ([`Self::quantized`]); dense: as above.
+    format: WeightFormat,
 }
 
 impl<'a> Holding<'a> {
@@ -236,7 +239,14 @@ impl<'a> Holding<'a> {
         Self {
             stored: Some(stored),
             cpu_f32: vb.device().is_cpu() && vb.dtype() == DType::F32,
+            format: WeightFormat::Dense,
         }
+    }
+
+    /// The Linear layers read in the model's dtype and held in `format` ([`BlockLinear`]: a
+    /// quantized T5), where the format takes their rows ([`WeightFormat::for_inputs`]).
+    pub fn quantized(self, format: WeightFormat) -> Self {
+        Self { format, ..self }
     }
 
     /// Every weight in the model's dtype.
@@ -245,6 +255,7 @@ impl<'a> Holding<'a> {
         Self {
             stored: None,
             cpu_f32: false,
+            format: WeightFormat::Dense,
         }
     }
 
@@ -252,6 +263,12 @@ impl<'a> Holding<'a> {
     pub fn as_stored(&self, vb: &VarBuilder) -> Option<DType> {
         let stored = self.stored?.of(&format!("{}.weight", vb.prefix()))?;
         (self.cpu_f32 && is_half(stored)).then_some(stored)
+    }
+
+    /// Whether a layer of `input` inputs is quantized: then its weight is read in the model's
+    /// dtype (not as stored) and made into blocks.
+    pub fn quantizes(&self, input: usize) -> bool {
+        self.format.for_inputs(input) != WeightFormat::Dense
     }
 
     /// `vb` reading its `weight` as it is held: as stored where [`Self::as_stored`] says.
@@ -271,6 +288,11 @@ impl<'a> Holding<'a> {
         output: usize,
         with_bias: bool,
     ) -> candle_core::Result<HeldLinear> {
+        if self.quantizes(input) {
+            let weight = vb.get((output, input), "weight")?;
+            let bias = with_bias.then(|| vb.get(output, "bias")).transpose()?;
+            return self.hold(weight, bias);
+        }
         Ok(match self.as_stored(&vb) {
             Some(stored) => {
                 let bias = with_bias
@@ -286,6 +308,26 @@ impl<'a> Holding<'a> {
             } else {
                 super::blocks::linear_no_bias(input, output, vb)?
             }),
+        })
+    }
+}
+
+impl Holding<'_> {
+    /// A Linear layer of `weight` (out, in) and `bias` as this holding holds it: quantized, held
+    /// in half precision (a `weight` in bf16 or f16, [`Self::as_stored`]'s), or as it is.
+    pub fn hold(&self, weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<HeldLinear> {
+        if self.quantizes(weight.dim(1)?) {
+            let dense = Linear::new(weight, bias);
+            return Ok(HeldLinear::Quantized(Box::new(BlockLinear::from_dense(
+                dense,
+                self.format,
+            )?)));
+        }
+        Ok(if is_half(weight.dtype()) && self.cpu_f32 {
+            let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+            HeldLinear::Half(HalfLinear::new(&weight, bias.as_ref())?)
+        } else {
+            HeldLinear::Full(Linear::new(weight, bias))
         })
     }
 }
@@ -309,10 +351,12 @@ pub fn is_half(dtype: DType) -> bool {
 }
 
 /// A Linear layer in the model's dtype, or held in half precision on the CPU ([`Holding`]).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum HeldLinear {
     Full(Linear),
     Half(HalfLinear),
+    /// Quantized on load ([`Holding::quantized`]).
+    Quantized(Box<BlockLinear>),
 }
 
 impl HeldLinear {
@@ -323,6 +367,7 @@ impl HeldLinear {
                 super::tensor_bytes(layer.weight()) + layer.bias().map_or(0, super::tensor_bytes)
             }
             Self::Half(layer) => layer.bytes(),
+            Self::Quantized(layer) => layer.bytes(),
         }
     }
 }
@@ -332,6 +377,7 @@ impl candle_core::Module for HeldLinear {
         match self {
             Self::Full(layer) => layer.forward(xs),
             Self::Half(layer) => layer.forward(xs),
+            Self::Quantized(layer) => layer.forward(xs),
         }
     }
 }

@@ -1,14 +1,15 @@
-//! q8_0 and q4k Linear layers on x86 CPUs with AVX-512 VNNI: the weight's codes held once, in
-//! tiles of 16 output columns laid out for `vpdpbusd`, multiplied in int8 against the activations
-//! quantized per 32 inputs (as ggml's and candle's quantized products quantize them).
+//! q8_0, q4k and q6k Linear layers on x86 CPUs with AVX-512 VNNI: the weight's codes held once,
+//! in tiles of 16 output columns laid out for `vpdpbusd`, multiplied in int8 against the
+//! activations quantized per 32 inputs (as ggml's and candle's quantized products quantize them).
 //!
 //! candle 0.11 keeps its own int8 tiles of such a layer beside the blocks (twice the memory,
 //! `dit::cpu_repacks`); at FLUX's shapes they ran 0.49–0.85× the f32 layer's time. These hold the
-//! same codes and scales as the blocks, once — q8_0 at 8.5 bits a weight, q4k at 4.75 (its
-//! super-blocks' d and dmin widened to f32) — and ran 0.37–0.53× (q8_0) and 0.40–0.56× (q4k)
-//! (`bench --kernels`). Each 32-input block's integer dot product is exact; its scales and the sum
-//! over blocks are f32. Against the blocks dequantized into f32 products (`QuantizedCpuLinear`,
-//! `--quantize q8_0-compact`) the difference is the activations' rounding to 8 bits.
+//! same codes and scales as the blocks, once — q8_0 at 8.5 bits a weight, q4k at 4.75 and q6k at
+//! 6.625 (their super-blocks' d, and q4k's dmin, widened to f32) — and ran 0.37–0.53× (q8_0),
+//! 0.40–0.56× (q4k) and 0.46–0.55× (q6k) (`bench --kernels`). Each block's integer dot product is
+//! exact; its scales and the sum over blocks are f32. Against the blocks dequantized into f32
+//! products (`QuantizedCpuLinear`, `--quantize q8_0-compact`) the difference is the activations'
+//! rounding to 8 bits.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
@@ -219,9 +220,8 @@ impl KQuantTileLinear {
         format: GgmlDType,
     ) -> candle_core::Result<Self> {
         let (outputs, inputs) = weight.dims2()?;
-        let kind = KQuant::of(format).filter(|_| {
-            weight.device().is_cpu() && available() && Self::fits(inputs, outputs)
-        });
+        let kind = KQuant::of(format)
+            .filter(|_| weight.device().is_cpu() && available() && Self::fits(inputs, outputs));
         let Some(kind) = kind else {
             candle_core::bail!("{format:?} tiles for a {outputs}×{inputs} weight on this CPU");
         };
@@ -282,10 +282,7 @@ impl KQuantTileLinear {
         let (blocks, supers) = (self.inputs / QK, self.inputs / QK_K);
         let tile = (g * blocks + b) * self.kind.tile_bytes();
         let scales = (g * supers + b / (QK_K / QK)) * self.kind.super_scales() * GROUP;
-        (
-            self.tiles[tile..].as_ptr(),
-            self.supers[scales..].as_ptr(),
-        )
+        (self.tiles[tile..].as_ptr(), self.supers[scales..].as_ptr())
     }
 }
 
@@ -305,7 +302,11 @@ fn q4k_scale_min(j: usize, scales: &[u8]) -> (u8, u8) {
 fn put_nibble(tile: &mut [u8], j: usize, i: usize, code: u8) {
     let (quad, t) = (i / 4, i % 4);
     let at = (quad % 4) * 4 * GROUP + j * 4 + t;
-    tile[at] |= if quad < 4 { code & 0xF } else { (code & 0xF) << 4 };
+    tile[at] |= if quad < 4 {
+        code & 0xF
+    } else {
+        (code & 0xF) << 4
+    };
 }
 
 /// The tiles and f32 super-block scales of `kind` blocks in candle's layout (per output row, one
@@ -528,8 +529,10 @@ unsafe fn q6k_unpack(layer: &KQuantTileLinear, scratch: &mut [u8], [g0, g1, b0, 
                         2 => pairs,
                         _ => _mm512_srli_epi16(pairs, 2),
                     };
-                    let code =
-                        _mm512_or_si512(_mm512_and_si512(nibble, low), _mm512_and_si512(bits, high));
+                    let code = _mm512_or_si512(
+                        _mm512_and_si512(nibble, low),
+                        _mm512_and_si512(bits, high),
+                    );
                     _mm512_storeu_si512(dst.add((4 * sixteen + h) * 4 * GROUP).cast(), code);
                 }
             }
@@ -601,7 +604,13 @@ fn tiled_product(
     [k, n]: [usize; 2],
     kernel: impl Fn(&QuantizedRows, [usize; 4], SharedOut) + Sync,
 ) -> Vec<f32> {
-    unpacked_product(lhs, rows, [k, n], |_, _| {}, |x, _, at, out| kernel(x, at, out))
+    unpacked_product(
+        lhs,
+        rows,
+        [k, n],
+        |_, _| {},
+        |x, _, at, out| kernel(x, at, out),
+    )
 }
 
 /// Bytes of a panel's codes widened to one per input for one pass: [`PART`] blocks of
@@ -626,9 +635,9 @@ fn unpacked_product(
     let mut out = vec![0f32; padded * n];
     let dst = SharedOut(out.as_mut_ptr());
     let blocks = k / QK;
-    (0..n.div_ceil(PANEL))
-        .into_par_iter()
-        .for_each_init(Vec::new, |scratch: &mut Vec<u8>, panel| {
+    (0..n.div_ceil(PANEL)).into_par_iter().for_each_init(
+        Vec::new,
+        |scratch: &mut Vec<u8>, panel| {
             let groups = panel * PANEL / GROUP..((panel + 1) * PANEL).min(n) / GROUP;
             for b0 in (0..blocks).step_by(PART) {
                 let b1 = (b0 + PART).min(blocks);
@@ -639,7 +648,8 @@ fn unpacked_product(
                     }
                 }
             }
-        });
+        },
+    );
     out.truncate(rows * n);
     out
 }
@@ -831,8 +841,14 @@ mod tests {
             }
         }
         // What they hold a weight in: the blocks' bits and their d (and dmin) widened to f32.
-        assert_eq!(KQuantTileLinear::bits_per_weight(GgmlDType::Q4K), Some(4.75));
-        assert_eq!(KQuantTileLinear::bits_per_weight(GgmlDType::Q6K), Some(6.625));
+        assert_eq!(
+            KQuantTileLinear::bits_per_weight(GgmlDType::Q4K),
+            Some(4.75)
+        );
+        assert_eq!(
+            KQuantTileLinear::bits_per_weight(GgmlDType::Q6K),
+            Some(6.625)
+        );
         assert_eq!(KQuantTileLinear::bits_per_weight(GgmlDType::Q5K), None);
         Ok(())
     }

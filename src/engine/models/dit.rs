@@ -30,12 +30,13 @@ pub enum WeightFormat {
 
 /// How a GGML-quantized layer multiplies on the CPU (a GPU runs candle's kernels either way).
 /// Measured at FLUX's shapes (1 536 tokens, 3 072 ↔ 12 288 wide, 2 Zen 4 cores), against the f32
-/// layer's time: our int8 tiles 0.37–0.56× (q8_0, q4k; q6k TBD), candle's tiles 0.49–0.85×, the blocks
+/// layer's time: our int8 tiles 0.37–0.56× (q8_0, q4k, q6k), candle's tiles 0.49–0.85×, the blocks
 /// dequantized into f32 products 1.0–1.1× in every format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuQuantized {
     /// q8_0, q4k and q6k on CPUs with AVX-512 VNNI: our int8 tiles, held once ([`Q8TileLinear`],
-    /// 0.37–0.53× the f32 layer's time; [`KQuantTileLinear`], q4k 0.40–0.56×, q6k TBD). Otherwise candle's int8
+    /// 0.37–0.53× the f32 layer's time; [`KQuantTileLinear`], q4k 0.40–0.56×, q6k 0.46–0.55×).
+    /// Otherwise candle's int8
     /// product where it has one for the format ([`cpu_repacks`]), from tiles it repacks the
     /// blocks into on first use and keeps beside them: held twice. Formats it has no tiles for
     /// are held once ([`QuantizedCpuLinear`]): candle's row-by-row product for them took 3.5–11×
@@ -241,6 +242,7 @@ pub fn fp8_product_reference(
 
 /// A dense layer whose weight may be quantized ([`WeightFormat`]). Layers whose input width is
 /// not a multiple of the format's block stay dense.
+#[derive(Debug)]
 pub enum BlockLinear {
     Dense(Linear),
     Quantized {
@@ -324,9 +326,11 @@ impl BlockLinear {
                     Ok(Self::KQuantTiles(KQuantTileLinear::new(weight, bias, t)?))
                 }
                 // Also tiles the layer's widths do not fit: held once all the same.
-                Some(CpuProduct::Q8Tiles | CpuProduct::KQuantTiles | CpuProduct::Dequantized) => Ok(
-                    Self::QuantizedCpu(QuantizedCpuLinear::new(weight, bias, t)?),
-                ),
+                Some(CpuProduct::Q8Tiles | CpuProduct::KQuantTiles | CpuProduct::Dequantized) => {
+                    Ok(Self::QuantizedCpu(QuantizedCpuLinear::new(
+                        weight, bias, t,
+                    )?))
+                }
                 // candle's product: its tiles on the CPU, its kernels on a GPU.
                 Some(CpuProduct::CandleTiles) | None => Self::candle_quantized(weight, bias, t),
             },
@@ -402,6 +406,35 @@ impl BlockLinear {
 
     pub fn is_quantized(&self) -> bool {
         !matches!(self, Self::Dense(_))
+    }
+
+    /// Bytes the layer holds, as the memory planner counts them
+    /// ([`WeightFormat::resident_bits_per_weight`]): candle's quantized product on the CPU
+    /// twice, for the tiles it keeps beside the blocks from the first product on.
+    pub fn bytes(&self) -> usize {
+        let bias = |b: Option<&Tensor>| b.map_or(0, super::tensor_bytes);
+        match self {
+            Self::Dense(l) => super::tensor_bytes(l.weight()) + bias(l.bias()),
+            Self::Quantized { weight, bias: b } => {
+                let blocks = match weight {
+                    QMatMul::QTensor(q) => {
+                        let twice = q.device().is_cpu() && candle_repacks(q.dtype());
+                        q.storage_size_in_bytes() * if twice { 2 } else { 1 }
+                    }
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => super::tensor_bytes(t),
+                };
+                blocks + super::tensor_bytes(b)
+            }
+            Self::QuantizedCpu(layer) => layer.bytes(),
+            Self::Q8Tiles(layer) => layer.bytes(),
+            Self::KQuantTiles(layer) => layer.bytes(),
+            Self::Fp8 {
+                codes,
+                scale,
+                bias: b,
+                ..
+            } => super::tensor_bytes(codes) + super::tensor_bytes(scale) + bias(b.as_ref()),
+        }
     }
 
     /// The product, its bias left to the fused kernel consuming it where one runs ([`Biased`]):

@@ -24,7 +24,8 @@ use serde::Deserialize;
 
 use super::blocks::Linear;
 use super::cpu_activation::Activation;
-use super::cpu_half_linear::{HalfLinear, HeldLinear, Holding};
+use super::cpu_half_linear::{HeldLinear, Holding};
+use super::dit::WeightFormat;
 use super::tensor_bytes;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::weights::StoredDtypes;
@@ -78,6 +79,32 @@ pub fn weight_dtype(name: &str, stored: DType, dtype: DType, on_cpu: bool) -> DT
     } else {
         super::cpu_half_linear::held_dtype(name, stored, dtype, on_cpu)
     }
+}
+
+/// Bytes a model loaded in `dtype` (on the CPU when `on_cpu`) with its blocks' Linear layers in
+/// `format` holds tensor `name` of `shape` (stored as `stored`) in: [`weight_dtype`]'s, but a
+/// quantized layer's resident bits per weight in the format its rows take. For the memory
+/// planner.
+pub fn held_bytes(
+    name: &str,
+    stored: DType,
+    shape: &[usize],
+    (dtype, format): (DType, WeightFormat),
+    on_cpu: bool,
+) -> u64 {
+    let numel: usize = shape.iter().product();
+    let dense = (numel * weight_dtype(name, stored, dtype, on_cpu).size_in_bytes()) as u64;
+    let layer = name.contains("encoder.block.")
+        && name.ends_with(".weight")
+        && (name.contains(".SelfAttention.") || name.contains(".DenseReluDense."))
+        && !name.contains("relative_attention_bias")
+        // Under f16 the output projections keep the f16 rule (`OutputProjection`).
+        && !(dtype == DType::F16 && name.contains("DenseReluDense.wo."));
+    let bits = match shape {
+        [_, inputs] if layer => format.for_inputs(*inputs).resident_bits_per_weight(on_cpu),
+        _ => None,
+    };
+    bits.map_or(dense, |bits| (numel as f64 * bits / 8.0).round() as u64)
 }
 
 /// transformers' `T5Config` parsing of `feed_forward_proj`, `[gated-]ACT`: the activation and
@@ -249,8 +276,10 @@ impl FeedForwardBlock {
             },
             (true, true) => {
                 let (value, gate) = (vb.pp("wi_1"), vb.pp("wi_0"));
-                // Both as stored when both are stored in the same half precision.
+                // Both as stored when both are stored in the same half precision (and not
+                // quantized: then read in the model's dtype).
                 let held = match (holding.as_stored(&value), holding.as_stored(&gate)) {
+                    _ if holding.quantizes(d) => None,
                     (Some(a), Some(b)) if a == b => Some(a),
                     _ => None,
                 };
@@ -262,11 +291,9 @@ impl FeedForwardBlock {
                     &[value.get((f, d), "weight")?, gate.get((f, d), "weight")?],
                     0,
                 )?;
-                let wi = match held {
-                    Some(_) => HeldLinear::Half(HalfLinear::new(&weight, None)?),
-                    None => HeldLinear::Full(Linear::new(weight, None)),
-                };
-                FeedForward::GatedFused { wi }
+                FeedForward::GatedFused {
+                    wi: holding.hold(weight, None)?,
+                }
             }
         };
         let wo = OutputProjection::new(vb.pp("wo"), f, d, holding)?;
@@ -313,10 +340,13 @@ impl T5Encoder {
     /// `vb` at the file root (`shared.weight`, `encoder.block.*`), in the model's dtype, with the
     /// dtype each tensor is stored in (on the CPU in f32, those stored in half precision are
     /// held so).
+    /// `format`: the blocks' Linear layers quantized on load (`--quantize-t5`; dense: as held
+    /// above). Under f16 the feed-forward output projections stay as that rule holds them.
     pub fn new(
         vb: VarBuilder,
         config_json: serde_json::Value,
         stored: &StoredDtypes,
+        format: WeightFormat,
     ) -> Result<Self> {
         let c: T5Config = serde_json::from_value(config_json)
             .map_err(|e| EngineError::Unsupported(format!("T5 config: {e}")))?;
@@ -334,7 +364,7 @@ impl T5Encoder {
         } else {
             vb.pp("encoder.embed_tokens")
         };
-        let holding = Holding::new(stored, &vb);
+        let holding = Holding::new(stored, &vb).quantized(format);
         // Rows are looked up, then widened to the model's dtype ([`Self::forward`]).
         let embedding = holding
             .reading(embedding_vb)

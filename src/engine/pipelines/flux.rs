@@ -96,7 +96,8 @@ impl Flux {
         });
         let t5 = (T5Tokenizer::load(dir, "tokenizer_2")?, {
             let (vb, stored) = text_weights("text_encoder_2/model")?;
-            T5Encoder::new(vb, dir.read_json("text_encoder_2/config.json")?, &stored)?
+            let config = dir.read_json("text_encoder_2/config.json")?;
+            T5Encoder::new(vb, config, &stored, options.t5_format)?
         });
         let config_path = dir.required("transformer/config.json")?;
         let config: FluxTransformerConfig = crate::engine::loader::read_json(&config_path)?;

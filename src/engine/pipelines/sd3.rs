@@ -114,7 +114,7 @@ impl StableDiffusion3 {
             let config = dir.read_json("text_encoder_3/config.json")?;
             Some((tokenizer, {
                 let (vb, stored) = text_weights("text_encoder_3/model")?;
-                T5Encoder::new(vb, config, &stored)?
+                T5Encoder::new(vb, config, &stored, options.t5_format)?
             }))
         } else {
             None
