@@ -24,12 +24,17 @@
 //! SD 1.5 at 512² 0.85 (1.1); on the CPU in f32 (session 9) SD 1.5 at 512² 1.1 (1.6) and at 1024²
 //! 4.1 (6.8), SDXL at 512² 1.1 (1.6).
 
+use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 
 use crate::engine::error::Result;
 use crate::engine::loader::{weights::SafetensorsFile, ModelDir};
 use crate::engine::models::{
-    flux::FluxTransformerConfig, mmdit::Sd3TransformerConfig, unet::UNetConfig, vae::VaeConfig,
+    dit::{CpuQuantized, WeightFormat},
+    flux::FluxTransformerConfig,
+    mmdit::Sd3TransformerConfig,
+    unet::UNetConfig,
+    vae::VaeConfig,
 };
 use crate::engine::pipelines::params::Guidance;
 use crate::engine::pipelines::LoadOptions;
@@ -81,6 +86,76 @@ pub struct Footprint {
     vae_tile: Option<usize>,
     /// FLUX: `guidance_scale` is an input of the one row, not classifier-free guidance.
     distilled_guidance: bool,
+}
+
+/// A change to how a model is loaded that makes it hold less, for [`Footprint::shrink_to_fit`]:
+/// `serve`'s flags of the same names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shrink {
+    /// SD3 / FLUX on a GPU: the text encoders in system memory, run on the CPU (the same states).
+    TextEncodersOnCpu,
+    /// SD3 / FLUX: T5-XXL's Linear layers quantized (its states move by the format's rounding,
+    /// ~1 % in q8_0).
+    T5(WeightFormat),
+    /// SD3 / FLUX: the transformer blocks quantized.
+    Transformer(WeightFormat),
+}
+
+impl Shrink {
+    /// The steps that apply to a model loaded with `options`, from the least costly in quality:
+    /// the text encoders off the GPU, T5 in q8_0, the transformer in q8_0, then in q4k.
+    fn ladder(
+        dir: &ModelDir,
+        device: &candle_core::Device,
+        options: &LoadOptions,
+    ) -> Result<Vec<Self>> {
+        if !dir.file("transformer/config.json").is_file() {
+            return Ok(Vec::new());
+        }
+        let mut ladder = Vec::new();
+        if !device.is_cpu() && !options.text_encoders_on_cpu {
+            ladder.push(Self::TextEncodersOnCpu);
+        }
+        let mut has_t5 = false;
+        for folder in ["text_encoder_2", "text_encoder_3"] {
+            let config = dir.file(&format!("{folder}/config.json"));
+            if config.is_file() && !(folder == "text_encoder_3" && options.without_t5) {
+                let config: serde_json::Value = dir.read_json(&format!("{folder}/config.json"))?;
+                has_t5 |= config["model_type"] == "t5";
+            }
+        }
+        let q8_0 = WeightFormat::Quantized(GgmlDType::Q8_0, CpuQuantized::Fastest);
+        if has_t5 && options.t5_format == WeightFormat::Dense {
+            ladder.push(Self::T5(q8_0));
+        }
+        if options.transformer_format == WeightFormat::Dense {
+            ladder.push(Self::Transformer(q8_0));
+        }
+        let q4k = WeightFormat::Quantized(GgmlDType::Q4K, CpuQuantized::Fastest);
+        let bits = |f: WeightFormat| f.bits_per_weight().unwrap_or(f64::INFINITY);
+        if bits(options.transformer_format) > bits(q4k) {
+            ladder.push(Self::Transformer(q4k));
+        }
+        Ok(ladder)
+    }
+
+    fn apply(self, options: &mut LoadOptions) {
+        match self {
+            Self::TextEncodersOnCpu => options.text_encoders_on_cpu = true,
+            Self::T5(format) => options.t5_format = format,
+            Self::Transformer(format) => options.transformer_format = format,
+        }
+    }
+}
+
+impl std::fmt::Display for Shrink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TextEncodersOnCpu => write!(f, "--text-encoders-on-cpu"),
+            Self::T5(format) => write!(f, "--quantize-t5 {format}"),
+            Self::Transformer(format) => write!(f, "--quantize {format}"),
+        }
+    }
 }
 
 impl Footprint {
@@ -268,8 +343,7 @@ impl Footprint {
             return Ok((options.clone(), footprint));
         }
         let size = crate::engine::pipelines::read_card(dir, "")?.default_size;
-        let need =
-            |f: &Self| f.weights_bytes() + f.activation_bytes(1, size, size, Guidance::DEFAULT);
+        let need = |f: &Self| f.default_need(size);
         if need(&footprint) <= budget {
             return Ok((options.clone(), footprint));
         }
@@ -285,6 +359,38 @@ impl Footprint {
             "quantized blocks held once on the CPU: in the format's faster tiles they would not fit the memory budget"
         );
         Ok((compact, held_once))
+    }
+
+    /// The weights and the working memory of one image of `size`² with default guidance: what
+    /// must fit the budget for a model to serve its default request.
+    pub fn default_need(&self, size: usize) -> u64 {
+        self.weights_bytes() + self.activation_bytes(1, size, size, Guidance::DEFAULT)
+    }
+
+    /// For a model that does not fit `budget` with a default-size image as `options` load it:
+    /// the fewest [`Shrink`] steps, taken in order from the least costly in quality, that make
+    /// it fit (read as [`Self::read_fitted`] would then hold it), with what it then needs;
+    /// `None` when all of them together do not (or none applies: a UNet).
+    pub fn shrink_to_fit(
+        dir: &ModelDir,
+        device: &candle_core::Device,
+        dtype: DType,
+        options: &LoadOptions,
+        budget: u64,
+    ) -> Result<Option<(Vec<Shrink>, u64)>> {
+        let size = crate::engine::pipelines::read_card(dir, "")?.default_size;
+        let mut steps = Vec::new();
+        let mut shrunk = options.clone();
+        for step in Shrink::ladder(dir, device, options)? {
+            step.apply(&mut shrunk);
+            steps.push(step);
+            let (_, footprint) = Self::read_fitted(dir, device, dtype, &shrunk, budget)?;
+            let need = footprint.default_need(size);
+            if need <= budget {
+                return Ok(Some((steps, need)));
+            }
+        }
+        Ok(None)
     }
 
     pub fn weights_bytes(&self) -> u64 {
@@ -740,6 +846,80 @@ mod tests {
             // Not even once fits: still held once, the closest to fitting.
             assert_eq!(fitted("q6k", need_once / 2), (once, need_once));
         });
+    }
+
+    /// A FLUX that does not fit is told the fewest of the ladder's steps that make it fit, in
+    /// order (on the CPU: T5 in q8_0, then the transformer in q8_0, then in q4k), with what it
+    /// then needs; a budget none reach, or a UNet (nothing to quantize), gets none.
+    #[test]
+    fn a_model_that_does_not_fit_is_told_the_fewest_steps_that_would() {
+        let dir = flux_dir();
+        let size = crate::engine::pipelines::read_card(&dir, "")
+            .unwrap()
+            .default_size;
+        let need = |t5: &str, transformer: &str| {
+            let options = LoadOptions {
+                t5_format: t5.parse().unwrap(),
+                transformer_format: transformer.parse().unwrap(),
+                ..Default::default()
+            };
+            Footprint::read(&dir, &Device::Cpu, DType::F32, &options)
+                .unwrap()
+                .default_need(size)
+        };
+        let (dense, t5) = (need("dense", "dense"), need("q8_0", "dense"));
+        let (both, q4k) = (need("q8_0", "q8_0"), need("q8_0", "q4k"));
+        assert!(
+            dense > t5 && t5 > both && both > q4k,
+            "{dense} {t5} {both} {q4k}"
+        );
+        let advise = |budget: u64| {
+            Footprint::shrink_to_fit(&dir, &Device::Cpu, DType::F32, &Default::default(), budget)
+                .unwrap()
+        };
+        let f = |s: &str| s.parse::<WeightFormat>().unwrap();
+        assert_eq!(advise(t5), Some((vec![Shrink::T5(f("q8_0"))], t5)));
+        let two = vec![Shrink::T5(f("q8_0")), Shrink::Transformer(f("q8_0"))];
+        assert_eq!(advise(t5 - 1), Some((two.clone(), both)));
+        assert_eq!(advise(both), Some((two, both)));
+        let three = vec![
+            Shrink::T5(f("q8_0")),
+            Shrink::Transformer(f("q8_0")),
+            Shrink::Transformer(f("q4k")),
+        ];
+        assert_eq!(advise(both - 1), Some((three, q4k)));
+        assert_eq!(advise(q4k - 1), None);
+        // Already quantized: only the steps that still shrink it.
+        let asked = LoadOptions {
+            t5_format: f("q8_0"),
+            transformer_format: f("q6k"),
+            ..Default::default()
+        };
+        let advice = Footprint::shrink_to_fit(&dir, &Device::Cpu, DType::F32, &asked, q4k);
+        assert_eq!(
+            advice.unwrap(),
+            Some((vec![Shrink::Transformer(f("q4k"))], q4k))
+        );
+        let unet =
+            Footprint::shrink_to_fit(&sd1_dir(), &Device::Cpu, DType::F32, &Default::default(), 1);
+        assert_eq!(unet.unwrap(), None);
+        // Told as `serve`'s flags.
+        let flags: Vec<String> = [
+            Shrink::TextEncodersOnCpu,
+            Shrink::T5(f("q8_0")),
+            Shrink::Transformer(f("q4k-compact")),
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        assert_eq!(
+            flags,
+            [
+                "--text-encoders-on-cpu",
+                "--quantize-t5 q8_0",
+                "--quantize q4k-compact"
+            ]
+        );
     }
 
     fn copy_tree(from: &std::path::Path, to: &std::path::Path) {

@@ -28,7 +28,7 @@ use crate::engine::{
     schedulers::{SamplerKind, SchedulerConfig, SigmaSchedule},
     EngineError, GeneratedImage,
 };
-use budget::Residency;
+use budget::{human_bytes, Residency};
 use metrics::Metrics;
 use queue::FairQueue;
 
@@ -324,6 +324,10 @@ impl EngineHandle {
             let (options, footprint) =
                 Footprint::read_fitted(&dir, &config.device, config.dtype, &spec.options, budget)?;
             let info = describe(&name, &dir, &footprint)?;
+            let need = footprint.default_need(info.default_width);
+            if need > budget {
+                warn_does_not_fit(&name, &dir, &config, &spec.options, [need, budget])?;
+            }
             catalog.push(Catalogued {
                 info,
                 dir,
@@ -606,6 +610,38 @@ fn device_label(device: &Device) -> String {
 }
 
 /// A model's capabilities from its configs (no weights loaded).
+/// The operator's warning that a model as asked does not fit the memory budget with a
+/// default-size image (its jobs will be refused), with the least costly `serve` flags that would
+/// make it fit.
+fn warn_does_not_fit(
+    name: &str,
+    dir: &ModelDir,
+    config: &EngineConfig,
+    options: &crate::engine::pipelines::LoadOptions,
+    [need, budget]: [u64; 2],
+) -> Result<(), EngineError> {
+    let advice = match Footprint::shrink_to_fit(dir, &config.device, config.dtype, options, budget)?
+    {
+        Some((steps, fits)) => format!(
+            "serve it with {} to need {}",
+            steps
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+            human_bytes(fits)
+        ),
+        None => "no quantization makes it fit: raise --memory-budget or use a larger device".into(),
+    };
+    tracing::warn!(
+        model = %name,
+        need = %human_bytes(need),
+        budget = %human_bytes(budget),
+        "model does not fit the memory budget with a default-size image, so its jobs will be refused; {advice}"
+    );
+    Ok(())
+}
+
 fn describe(name: &str, dir: &ModelDir, footprint: &Footprint) -> Result<ModelInfo, EngineError> {
     let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
     scheduler.check()?;

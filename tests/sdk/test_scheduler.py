@@ -553,3 +553,30 @@ def test_t5_quantized_on_load_is_counted_and_generates(start):
     r = http(s).post("/v1/images/generations", json=dict(prompt="x", size="64x64", steps=2))
     assert r.status_code == 200, r.text
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (64, 64)
+
+
+def test_a_model_that_does_not_fit_is_served_with_the_flags_that_would(start):
+    """A real `candela serve` whose memory budget is one byte short of the tiny FLUX with a
+    default-size image: the server starts, warns that the model's jobs at that size will be
+    refused and names the least costly flags that make it fit (T5 in q8_0 first); such a request
+    is refused with an OpenAI-shaped 422, not run. Served with those flags under the same budget,
+    it generates at that size."""
+    flux = ROOT / "tests" / "fixtures" / "models" / "flux-dev-tiny"
+    s = start("--model", flux)
+    caps = http(s).get("/v1/models").json()["data"][0]["capabilities"]
+    s.stop()
+    budget = caps["weights_bytes"] + caps["default_working_bytes"] - 1
+    s = start("--model", flux, "--memory-budget", budget)
+    advice = lambda: [line for line in s.stderr_lines if "does not fit the memory budget" in line]
+    deadline = time.time() + 5
+    while not advice() and time.time() < deadline:
+        time.sleep(0.05)
+    assert advice() and "serve it with --quantize-t5 q8_0 to need" in advice()[0], s.stderr_lines[-5:]
+    size = f"{caps['default_width']}x{caps['default_height']}"
+    r = http(s).post("/v1/images/generations", json=dict(prompt="x", size=size, steps=2))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "exceeds_memory_budget", r.text
+    s.stop()
+    s = start("--model", flux, "--memory-budget", budget, "--quantize-t5", "q8_0")
+    assert not any("does not fit the memory budget" in line for line in s.stderr_lines)
+    r = http(s).post("/v1/images/generations", json=dict(prompt="x", size=size, steps=2))
+    assert r.status_code == 200, r.status_code

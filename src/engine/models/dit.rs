@@ -179,6 +179,34 @@ impl WeightFormat {
     }
 }
 
+/// The name [`WeightFormat`]'s `FromStr` reads (`--quantize`'s).
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (t, product) = match self {
+            Self::Dense => return write!(f, "dense"),
+            Self::Fp8 => return write!(f, "fp8"),
+            Self::Quantized(t, product) => (t, product),
+        };
+        let name = match t {
+            GgmlDType::Q8_0 => "q8_0",
+            GgmlDType::Q4_0 => "q4_0",
+            GgmlDType::Q4_1 => "q4_1",
+            GgmlDType::Q5_0 => "q5_0",
+            GgmlDType::Q5_1 => "q5_1",
+            GgmlDType::Q4K => "q4k",
+            GgmlDType::Q5K => "q5k",
+            GgmlDType::Q6K => "q6k",
+            other => return write!(f, "{other:?}"),
+        };
+        let compact = if *product == CpuQuantized::Compact {
+            "-compact"
+        } else {
+            ""
+        };
+        write!(f, "{name}{compact}")
+    }
+}
+
 impl std::str::FromStr for WeightFormat {
     type Err = String;
 
@@ -1161,6 +1189,28 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// Each format prints as the name `--quantize` reads back.
+    #[test]
+    fn formats_print_as_they_parse() {
+        for name in [
+            "dense",
+            "fp8",
+            "q8_0",
+            "q4_0",
+            "q4_1",
+            "q5_0",
+            "q5_1",
+            "q4k",
+            "q5k",
+            "q6k",
+            "q6k-compact",
+            "q8_0-compact",
+        ] {
+            let format: WeightFormat = name.parse().unwrap();
+            assert_eq!(format.to_string(), name);
+        }
     }
 
     /// e4m3 keeps 3 bits of mantissa: each weight within half an ulp, 2⁻⁴ of itself (or of the
