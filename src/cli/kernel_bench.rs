@@ -236,22 +236,28 @@ pub fn run(repeats: usize) -> anyhow::Result<()> {
                 "| Linear {format:?}: candle / held once / f32 | {m}×{k}→{n} | {candle:.1} | {ours:.1} | {f32_ms:.1} |"
             );
         }
-        if cpu_int8_tiles::available() {
-            let q8 = Q8TileLinear::new(&w, None)?;
-            let q8_ms = time_ms(repeats, || {
-                q8.forward(&x)?;
-                Ok(())
-            })?;
-            let k_quant_ms = |format| -> anyhow::Result<f64> {
-                let layer = KQuantTileLinear::new(&w, None, format)?;
+        // Our tiles with each set of kernels this CPU runs (AVX2 alone takes no q8_0).
+        for isa in cpu_int8_tiles::Isa::ALL
+            .into_iter()
+            .filter(|isa| isa.runs_here())
+        {
+            let timed = |layer: &dyn Fn() -> candle_core::Result<Tensor>| {
                 time_ms(repeats, || {
-                    layer.forward(&x)?;
+                    layer()?;
                     Ok(())
                 })
             };
+            let q8_ms = match Q8TileLinear::with_kernels(&w, None, Some(isa)) {
+                Ok(q8) => format!("{:.1}", timed(&|| q8.forward(&x))?),
+                Err(_) => "-".into(),
+            };
+            let k_quant_ms = |format| -> anyhow::Result<f64> {
+                let layer = KQuantTileLinear::with_kernels(&w, None, format, Some(isa))?;
+                timed(&|| layer.forward(&x))
+            };
             let (q4k_ms, q6k_ms) = (k_quant_ms(GgmlDType::Q4K)?, k_quant_ms(GgmlDType::Q6K)?);
             println!(
-                "| Linear int8 tiles held once: Q8_0 / Q4K, Q6K / f32 | {m}×{k}→{n} | {q8_ms:.1} | {q4k_ms:.1}, {q6k_ms:.1} | {f32_ms:.1} |"
+                "| Linear int8 tiles held once ({isa:?}): Q8_0 / Q4K, Q6K / f32 | {m}×{k}→{n} | {q8_ms} | {q4k_ms:.1}, {q6k_ms:.1} | {f32_ms:.1} |"
             );
         }
     }

@@ -821,7 +821,7 @@ mod tests {
         assert_eq!(dense, WeightFormat::Dense);
         let (asked, need_asked) = fitted("q6k", u64::MAX);
         let (once, need_once) = fitted("q6k-compact", u64::MAX);
-        let ours = int8_tiles::available();
+        let ours = int8_tiles::takes(GgmlDType::Q6K);
         if ours {
             // Our tiles hold q6k once, its d in f32: a little more than the blocks, so the same
             // boundary holds.

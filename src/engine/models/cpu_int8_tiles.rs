@@ -1,15 +1,17 @@
-//! q8_0, q4k and q6k Linear layers on x86 CPUs with AVX-512 VNNI: the weight's codes held once,
-//! in tiles of 16 output columns laid out for `vpdpbusd`, multiplied in int8 against the
-//! activations quantized per 32 inputs (as ggml's and candle's quantized products quantize them).
+//! q8_0, q4k and q6k Linear layers on x86 CPUs with VNNI (AVX-512 VNNI, or AVX-VNNI on 256-bit
+//! registers): the weight's codes held once, in tiles of 16 output columns laid out for
+//! `vpdpbusd`, multiplied in int8 against the activations quantized per 32 inputs (as ggml's and
+//! candle's quantized products quantize them).
 //!
 //! candle 0.11 keeps its own int8 tiles of such a layer beside the blocks (twice the memory,
 //! `dit::cpu_repacks`); at FLUX's shapes they ran 0.49–0.85× the f32 layer's time. These hold the
 //! same codes and scales as the blocks, once — q8_0 at 8.5 bits a weight, q4k at 4.75 and q6k at
 //! 6.625 (their super-blocks' d, and q4k's dmin, widened to f32) — and ran 0.37–0.53× (q8_0),
-//! 0.40–0.56× (q4k) and 0.46–0.55× (q6k) (`bench --kernels`). Each block's integer dot product is
-//! exact; its scales and the sum over blocks are f32. Against the blocks dequantized into f32
-//! products (`QuantizedCpuLinear`, `--quantize q8_0-compact`) the difference is the activations'
-//! rounding to 8 bits.
+//! 0.40–0.56× (q4k) and 0.46–0.55× (q6k) with AVX-512, 0.68–0.73× (q8_0) and 0.82–0.91× (the
+//! k-quants) on 256-bit registers, against the f32 layer on AVX-512 (`bench --kernels`). Each
+//! block's integer dot product is exact; its scales and the sum over blocks are f32. Against the
+//! blocks dequantized into f32 products (`QuantizedCpuLinear`, `--quantize q8_0-compact`) the
+//! difference is the activations' rounding to 8 bits.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
@@ -34,44 +36,81 @@ const PART: usize = 16;
 /// Activation rows per kernel call (4 rows × 2 tiles of accumulators fill 16 registers).
 const ROWS: usize = 4;
 
-/// Whether this CPU runs the tiles' kernels (AVX-512 F, BW and VNNI: Zen 4, Ice Lake and later
-/// server cores).
-pub fn available() -> bool {
+/// The kernels a CPU runs the tiles with (the tiles are the same for every one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 F, BW and VNNI: 16 columns a register, `vpdpbusd` (Zen 4 and 5, Ice Lake and later
+    /// server cores).
+    Avx512Vnni,
+    /// AVX2 with AVX-VNNI: 8 columns a register, `vpdpbusd` on 256 bits (Alder Lake and later
+    /// Intel client cores). AVX2 alone (`vpmaddubsw`, `vpmaddwd`) is left to candle's tiles: a
+    /// version on it ran the k-quants at 1.3–1.4× this CPU's f32 layer, slower than the blocks
+    /// held once in f32 products, which candle's tiles beat where they fit.
+    Avx2Vnni,
+}
+
+impl Isa {
+    pub const ALL: [Self; 2] = [Self::Avx512Vnni, Self::Avx2Vnni];
+
+    /// Whether this CPU has the instructions.
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Self::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+                Self::Avx2Vnni => has!("avx2") && has!("fma") && has!("f16c") && has!("avxvnni"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
+/// The widest of [`Isa`] this CPU runs.
+pub fn isa() -> Option<Isa> {
     #[cfg(test)]
-    if SIMULATED_ABSENT.get() {
-        return false;
+    if let Some(simulated) = SIMULATED.get() {
+        return simulated;
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static DETECTED: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| Isa::ALL.into_iter().find(|isa| isa.runs_here()))
+}
+
+/// Whether this CPU runs our tiles for `format` (q8_0, q4k and q6k, where it has VNNI).
+pub fn takes(format: GgmlDType) -> bool {
+    isa().is_some() && matches!(format, GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q6K)
 }
 
 #[cfg(test)]
 thread_local! {
-    static SIMULATED_ABSENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static SIMULATED: std::cell::Cell<Option<Option<Isa>>> = const { std::cell::Cell::new(None) };
 }
 
-/// `f` run on this thread as on a CPU without the tiles' kernels (AVX2-only and older cores),
-/// where candle's tiles or the blocks held once take their formats: so that a test of those
-/// paths runs on every CI machine.
+/// `f` run on this thread as on a CPU whose widest kernels are `isa` (`None`: without any, where
+/// candle's tiles or the blocks held once take the formats), so that every path is tested on
+/// a CI machine that runs the widest.
+#[cfg(test)]
+pub(crate) fn as_if<T>(isa: Option<Isa>, f: impl FnOnce() -> T) -> T {
+    SIMULATED.set(Some(isa));
+    let result = f();
+    SIMULATED.set(None);
+    result
+}
+
+/// [`as_if`] a CPU without our kernels.
 #[cfg(test)]
 pub(crate) fn as_if_absent<T>(f: impl FnOnce() -> T) -> T {
-    SIMULATED_ABSENT.set(true);
-    let result = f();
-    SIMULATED_ABSENT.set(false);
-    result
+    as_if(None, f)
 }
 
 /// A Linear layer held as q8_0 tiles; its bias in f32.
 #[derive(Debug, Clone)]
 pub struct Q8TileLinear {
+    /// The kernels [`Self::new`] found (`Avx512Vnni` or `Avx2Vnni`).
+    isa: Isa,
     tiles: Vec<u8>,
     bias: Option<Vec<f32>>,
     inputs: usize,
@@ -88,14 +127,28 @@ impl Q8TileLinear {
     /// `weight` (out, in) quantized to q8_0 (candle's codes and scales, block for block), with a
     /// bias of `out` values.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
+        Self::with_kernels(weight, bias, isa())
+    }
+
+    /// [`Self::new`] multiplied by `isa`'s kernels (`bench --kernels` and the tests run each one
+    /// this CPU has).
+    pub fn with_kernels(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        isa: Option<Isa>,
+    ) -> candle_core::Result<Self> {
         let (outputs, inputs) = weight.dims2()?;
-        if !weight.device().is_cpu() || !available() || !Self::fits(inputs, outputs) {
+        let isa = isa.filter(|isa| {
+            isa.runs_here() && weight.device().is_cpu() && Self::fits(inputs, outputs)
+        });
+        let Some(isa) = isa else {
             candle_core::bail!("q8_0 tiles for a {outputs}×{inputs} weight on this CPU");
-        }
+        };
         let blocks = super::cpu_quantized_linear::quantize(weight, GgmlDType::Q8_0)?;
         let tiles = tiles_of(&blocks.data()?, inputs, outputs)?;
         let bias = cpu_util::optional_bias(bias, outputs)?;
         Ok(Self {
+            isa,
             tiles,
             bias,
             inputs,
@@ -116,19 +169,17 @@ impl Q8TileLinear {
     }
 
     fn product(&self, lhs: &[f32], rows: usize) -> Vec<f32> {
-        tiled_product(lhs, rows, [self.inputs, self.outputs], |x, at, dst| {
+        let kn = [self.inputs, self.outputs];
+        tiled_product(lhs, rows, kn, |x, at, dst| {
             // SAFETY: `new` checked the CPU's features; `tiled_product` keeps `at` inside the
             // tiles, `x` and `dst`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                q8_kernel(
-                    &self.tiles,
-                    x,
-                    at,
-                    self.bias.as_deref(),
-                    dst,
-                    [self.inputs, self.outputs],
-                )
+                let bias = self.bias.as_deref();
+                match self.isa {
+                    Isa::Avx512Vnni => q8_kernel(&self.tiles, x, at, bias, dst, kn),
+                    Isa::Avx2Vnni => wide256::q8_kernel(&self.tiles, x, at, bias, dst, kn),
+                }
             }
         })
     }
@@ -187,6 +238,8 @@ impl KQuant {
 #[derive(Debug, Clone)]
 pub struct KQuantTileLinear {
     kind: KQuant,
+    /// The kernels [`Self::new`] found.
+    isa: Isa,
     tiles: Vec<u8>,
     /// Per tile group and super-block: 16 columns' d, then (q4k) their dmin.
     supers: Vec<f32>,
@@ -219,10 +272,21 @@ impl KQuantTileLinear {
         bias: Option<&Tensor>,
         format: GgmlDType,
     ) -> candle_core::Result<Self> {
+        Self::with_kernels(weight, bias, format, isa())
+    }
+
+    /// [`Self::new`] multiplied by `isa`'s kernels.
+    pub fn with_kernels(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        format: GgmlDType,
+        isa: Option<Isa>,
+    ) -> candle_core::Result<Self> {
         let (outputs, inputs) = weight.dims2()?;
-        let kind = KQuant::of(format)
-            .filter(|_| weight.device().is_cpu() && available() && Self::fits(inputs, outputs));
-        let Some(kind) = kind else {
+        let found = KQuant::of(format).zip(isa).filter(|(_, isa)| {
+            isa.runs_here() && weight.device().is_cpu() && Self::fits(inputs, outputs)
+        });
+        let Some((kind, isa)) = found else {
             candle_core::bail!("{format:?} tiles for a {outputs}×{inputs} weight on this CPU");
         };
         let blocks = super::cpu_quantized_linear::quantize(weight, format)?;
@@ -230,6 +294,7 @@ impl KQuantTileLinear {
         let bias = cpu_util::optional_bias(bias, outputs)?;
         Ok(Self {
             kind,
+            isa,
             tiles,
             supers,
             bias,
@@ -246,33 +311,39 @@ impl KQuantTileLinear {
     /// `xs` (…, in), f32 on the CPU, times the weight: (…, out) in f32.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (k, n) = (self.inputs, self.outputs);
-        // SAFETY (the kernels): as for q8_0's; q6k's scratch is unpacked for the pass its
-        // kernel reads.
-        forward_f32("a k-quant-tile", xs, k, n, |lhs, rows| match self.kind {
-            KQuant::Q4k => tiled_product(lhs, rows, [k, n], |x, at, dst| {
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    q4k_kernel(self, x, at, dst)
-                }
-            }),
-            KQuant::Q6k => unpacked_product(
-                lhs,
-                rows,
-                [k, n],
-                |scratch, at| {
-                    scratch.resize(UNPACKED, 0);
+        // SAFETY (the kernels): as for q8_0's; the scratch is unpacked for the pass its kernel
+        // reads.
+        forward_f32("a k-quant-tile", xs, k, n, |lhs, rows| {
+            match (self.isa, self.kind) {
+                // q4k's nibbles widen with a mask and a shift: in registers, for every four rows.
+                (Isa::Avx512Vnni, KQuant::Q4k) => tiled_product(lhs, rows, [k, n], |x, at, dst| {
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        q6k_unpack(self, scratch, at)
+                        q4k_kernel(self, x, at, dst)
                     }
-                },
-                |x, scratch, at, dst| {
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        q6k_kernel(self, x, scratch, at, dst)
-                    }
-                },
-            ),
+                }),
+                (isa, _) => unpacked_product(
+                    lhs,
+                    rows,
+                    [k, n],
+                    |scratch, at| {
+                        scratch.resize(UNPACKED, 0);
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            wide256::unpack(self, scratch, at)
+                        }
+                    },
+                    |x, scratch, at, dst| {
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            match isa {
+                                Isa::Avx512Vnni => q6k_kernel(self, x, scratch, at, dst),
+                                Isa::Avx2Vnni => wide256::k_quant_kernel(self, x, scratch, at, dst),
+                            }
+                        }
+                    },
+                ),
+            }
         })
     }
 
@@ -476,10 +547,11 @@ unsafe fn q4k_kernel(
         let mut min = [_mm512_setzero_ps(); 2];
         for c in 0..2 {
             let (ds, bytes) = (ds[c], w[c].add(NIBBLES));
-            let widen =
-                |p: *const u8| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast())));
-            scale[c] = _mm512_mul_ps(widen(bytes), _mm512_loadu_ps(ds));
-            min[c] = _mm512_mul_ps(widen(bytes.add(GROUP)), _mm512_loadu_ps(ds.add(GROUP)));
+            // (Not closures: those compile without the function's target features.)
+            let scales = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.cast()));
+            let mins = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.add(GROUP).cast()));
+            scale[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(scales), _mm512_loadu_ps(ds));
+            min[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(mins), _mm512_loadu_ps(ds.add(GROUP)));
         }
         for (r, (acc, dots)) in acc.iter_mut().zip(&dots).enumerate() {
             let row = (r0 + r) * blocks + b;
@@ -502,45 +574,7 @@ fn unpacked_at(g: usize, b: usize, b0: usize) -> usize {
     ((g % (PANEL / GROUP)) * PART + (b - b0)) * QK * GROUP
 }
 
-/// q6k's codes of tile groups g0..g1, blocks b0..b1, put together (a nibble and two high bits,
-/// 0..63) into `scratch`'s q8_0 layout.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn q6k_unpack(layer: &KQuantTileLinear, scratch: &mut [u8], [g0, g1, b0, b1]: [usize; 4]) {
-    use std::arch::x86_64::*;
-    let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
-    for g in g0..g1 {
-        for b in b0..b1 {
-            let (tile, _) = layer.tile_at(g, b);
-            let dst = scratch[unpacked_at(g, b, b0)..][..QK * GROUP].as_mut_ptr();
-            for sixteen in 0..2 {
-                let pairs = _mm512_loadu_si512(tile.add(NIBBLES + sixteen * 4 * GROUP).cast());
-                for h in 0..4 {
-                    let raw = _mm512_loadu_si512(tile.add(h * 4 * GROUP).cast());
-                    let nibble = if sixteen == 0 {
-                        raw
-                    } else {
-                        _mm512_srli_epi16(raw, 4)
-                    };
-                    // Bit pair h to bits 4 and 5 (16-bit shifts: what crosses a byte is masked).
-                    let bits = match h {
-                        0 => _mm512_slli_epi16(pairs, 4),
-                        1 => _mm512_slli_epi16(pairs, 2),
-                        2 => pairs,
-                        _ => _mm512_srli_epi16(pairs, 2),
-                    };
-                    let code = _mm512_or_si512(
-                        _mm512_and_si512(nibble, low),
-                        _mm512_and_si512(bits, high),
-                    );
-                    _mm512_storeu_si512(dst.add((4 * sixteen + h) * 4 * GROUP).cast(), code);
-                }
-            }
-        }
-    }
-}
-
-/// As [`q8_kernel`] for q6k, its codes from [`q6k_unpack`]'s scratch: a weight is d·scale·(code −
+/// As [`q8_kernel`] for q6k, its codes from [`wide256::unpack`]'s scratch: a weight is d·scale·(code −
 /// 32), codes 0..63 (unsigned as `vpdpbusd` takes them), a scale per 16 inputs, so each 16 add
 /// d_x·d·scale·(Σ code·c − 32 Σ c) for the activation codes c of scale d_x.
 #[cfg(target_arch = "x86_64")]
@@ -564,7 +598,11 @@ unsafe fn q6k_kernel(
             let mut dots = [[_mm512_setzero_si512(); 2]; ROWS];
             for h in 0..4 {
                 let quad = 4 * sixteen + h;
-                let weights = codes.map(|c| _mm512_loadu_si512(c.add(quad * 4 * GROUP).cast()));
+                // (Not closures: those compile without the function's target features.)
+                let weights = [
+                    _mm512_loadu_si512(codes[0].add(quad * 4 * GROUP).cast()),
+                    _mm512_loadu_si512(codes[1].add(quad * 4 * GROUP).cast()),
+                ];
                 for (r, dots) in dots.iter_mut().enumerate() {
                     let at = (r0 + r) * k + b * QK + quad * 4;
                     let four = x.codes.as_ptr().add(at).cast::<i32>().read_unaligned();
@@ -574,11 +612,12 @@ unsafe fn q6k_kernel(
                     }
                 }
             }
-            let scale = [0, 1].map(|c| {
+            let mut scale = [_mm512_setzero_ps(); 2];
+            for c in 0..2 {
                 let bytes = w[c].add(NIBBLES + QK * GROUP / 4 + sixteen * GROUP);
-                let scale = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes.cast())));
-                _mm512_mul_ps(scale, _mm512_loadu_ps(ds[c]))
-            });
+                let codes = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes.cast())));
+                scale[c] = _mm512_mul_ps(codes, _mm512_loadu_ps(ds[c]));
+            }
             for (r, (acc, dots)) in acc.iter_mut().zip(&dots).enumerate() {
                 let row = (r0 + r) * blocks + b;
                 let dx = _mm512_set1_ps(*x.scales.get_unchecked(row));
@@ -781,56 +820,315 @@ unsafe fn q8_kernel(
     store(&acc, out, [g, r0], n);
 }
 
+/// The kernels on 256-bit registers (CPUs without AVX-512): 8 columns a register, two rows at a
+/// time (16 registers), over the same tiles. The k-quants' codes are widened into
+/// [`unpacked_product`]'s scratch first, so one inner loop serves every format.
+#[cfg(target_arch = "x86_64")]
+mod wide256 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// The integer dot products of rows r and r + 1 with 16 columns (two registers of 8) over
+    /// quads `quads` of block b, from codes in q8_0's tile layout at `codes`.
+    #[inline(always)]
+    unsafe fn dots(
+        codes: *const u8,
+        x: &QuantizedRows,
+        [r, k, b]: [usize; 3],
+        quads: std::ops::Range<usize>,
+    ) -> [[__m256i; 2]; 2] {
+        let mut dots = [[_mm256_setzero_si256(); 2]; 2];
+        for q in quads {
+            let w = [
+                _mm256_loadu_si256(codes.add(q * 4 * GROUP).cast()),
+                _mm256_loadu_si256(codes.add(q * 4 * GROUP + 32).cast()),
+            ];
+            for (i, dots) in dots.iter_mut().enumerate() {
+                let at = (r + i) * k + b * QK + q * 4;
+                let four =
+                    _mm256_set1_epi32(x.codes.as_ptr().add(at).cast::<i32>().read_unaligned());
+                for h in 0..2 {
+                    dots[h] = _mm256_dpbusd_avx_epi32(dots[h], w[h], four);
+                }
+            }
+        }
+        dots
+    }
+
+    /// Rows r and r + 1 of columns c0..c0 + 16: the bias (or zero) at the first block, else what
+    /// `out` holds.
+    #[inline(always)]
+    unsafe fn load(
+        bias: Option<&[f32]>,
+        out: SharedOut,
+        [r, c0, b0, n]: [usize; 4],
+    ) -> [[__m256; 2]; 2] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 2];
+        for (i, acc) in acc.iter_mut().enumerate() {
+            for (h, acc) in acc.iter_mut().enumerate() {
+                *acc = match (b0, bias) {
+                    (0, Some(bias)) => _mm256_loadu_ps(bias.as_ptr().add(c0 + 8 * h)),
+                    (0, None) => _mm256_setzero_ps(),
+                    _ => _mm256_loadu_ps(out.at((r + i) * n + c0 + 8 * h)),
+                };
+            }
+        }
+        acc
+    }
+
+    #[inline(always)]
+    unsafe fn store(acc: &[[__m256; 2]; 2], out: SharedOut, [r, c0, n]: [usize; 3]) {
+        for (i, acc) in acc.iter().enumerate() {
+            for (h, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.at((r + i) * n + c0 + 8 * h), *acc);
+            }
+        }
+    }
+
+    /// Eight bytes (signed or not) widened to f32 lanes, times eight f32 at `by`.
+    #[inline(always)]
+    unsafe fn scaled<const SIGNED: bool>(bytes: *const u8, by: *const f32) -> __m256 {
+        let eight = _mm_loadl_epi64(bytes.cast());
+        let wide = if SIGNED {
+            _mm256_cvtepi8_epi32(eight)
+        } else {
+            _mm256_cvtepu8_epi32(eight)
+        };
+        _mm256_mul_ps(_mm256_cvtepi32_ps(wide), _mm256_loadu_ps(by))
+    }
+
+    /// As the AVX-512 `q8_kernel`: tiles g and g + 1, rows r0..r0 + 4, blocks b0..b1.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(super) unsafe fn q8_kernel(
+        tiles: &[u8],
+        x: &QuantizedRows,
+        [g0, r0, b0, b1]: [usize; 4],
+        bias: Option<&[f32]>,
+        out: SharedOut,
+        [k, n]: [usize; 2],
+    ) {
+        let blocks = k / QK;
+        for g in [g0, g0 + 1] {
+            for r in (r0..r0 + ROWS).step_by(2) {
+                let mut acc = load(bias, out, [r, g * GROUP, b0, n]);
+                for b in b0..b1 {
+                    let tile = tiles.as_ptr().add((g * blocks + b) * TILE);
+                    let dots = dots(tile, x, [r, k, b], 0..QK / 4);
+                    let d = [
+                        _mm256_cvtph_ps(_mm_loadu_si128(tile.add(QK * GROUP).cast())),
+                        _mm256_cvtph_ps(_mm_loadu_si128(tile.add(QK * GROUP + 16).cast())),
+                    ];
+                    for (i, (acc, dots)) in acc.iter_mut().zip(&dots).enumerate() {
+                        let row = (r + i) * blocks + b;
+                        let scale = _mm256_set1_ps(*x.scales.get_unchecked(row));
+                        let offset = _mm256_set1_epi32(128 * *x.sums.get_unchecked(row));
+                        for h in 0..2 {
+                            let dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(dots[h], offset));
+                            acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d[h], scale), acc[h]);
+                        }
+                    }
+                }
+                store(&acc, out, [r, g * GROUP, n]);
+            }
+        }
+    }
+
+    /// The k-quants from [`unpack`]'s scratch: q4k a block at a time (d·scale·Σ code·c −
+    /// dmin·min·Σ c), q6k sixteen inputs at a time (d·scale·(Σ code·c − 32 Σ c)).
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) unsafe fn k_quant_kernel(
+        layer: &KQuantTileLinear,
+        x: &QuantizedRows,
+        scratch: &[u8],
+        [g0, r0, b0, b1]: [usize; 4],
+        out: SharedOut,
+    ) {
+        let (k, n) = (layer.inputs, layer.outputs);
+        let blocks = k / QK;
+        for g in [g0, g0 + 1] {
+            for r in (r0..r0 + ROWS).step_by(2) {
+                let mut acc = load(layer.bias.as_deref(), out, [r, g * GROUP, b0, n]);
+                for b in b0..b1 {
+                    let (tile, ds) = layer.tile_at(g, b);
+                    let codes = scratch[unpacked_at(g, b, b0)..].as_ptr();
+                    match layer.kind {
+                        KQuant::Q4k => {
+                            let dots = dots(codes, x, [r, k, b], 0..QK / 4);
+                            let (bytes, g) = (tile.add(NIBBLES), GROUP);
+                            let scale = [
+                                scaled::<false>(bytes, ds),
+                                scaled::<false>(bytes.add(8), ds.add(8)),
+                            ];
+                            let min = [
+                                scaled::<false>(bytes.add(g), ds.add(g)),
+                                scaled::<false>(bytes.add(g + 8), ds.add(g + 8)),
+                            ];
+                            for (i, (acc, dots)) in acc.iter_mut().zip(&dots).enumerate() {
+                                let row = (r + i) * blocks + b;
+                                let dx = *x.scales.get_unchecked(row);
+                                let sum = _mm256_set1_ps(dx * *x.sums.get_unchecked(row) as f32);
+                                let dx = _mm256_set1_ps(dx);
+                                for h in 0..2 {
+                                    let dot = _mm256_cvtepi32_ps(dots[h]);
+                                    acc[h] =
+                                        _mm256_fmadd_ps(dot, _mm256_mul_ps(scale[h], dx), acc[h]);
+                                    acc[h] = _mm256_fnmadd_ps(min[h], sum, acc[h]);
+                                }
+                            }
+                        }
+                        KQuant::Q6k => {
+                            for sixteen in 0..2 {
+                                let quads = 4 * sixteen..4 * sixteen + 4;
+                                let dots = dots(codes, x, [r, k, b], quads);
+                                let at = NIBBLES + QK * GROUP / 4 + sixteen * GROUP;
+                                let scale = [
+                                    scaled::<true>(tile.add(at), ds),
+                                    scaled::<true>(tile.add(at + 8), ds.add(8)),
+                                ];
+                                for (i, (acc, dots)) in acc.iter_mut().zip(&dots).enumerate() {
+                                    let row = (r + i) * blocks + b;
+                                    let dx = _mm256_set1_ps(*x.scales.get_unchecked(row));
+                                    let sum = *x.half_sums.get_unchecked(2 * row + sixteen);
+                                    let offset = _mm256_set1_epi32(32 * sum);
+                                    for h in 0..2 {
+                                        let dot =
+                                            _mm256_cvtepi32_ps(_mm256_sub_epi32(dots[h], offset));
+                                        acc[h] = _mm256_fmadd_ps(
+                                            dot,
+                                            _mm256_mul_ps(scale[h], dx),
+                                            acc[h],
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                store(&acc, out, [r, g * GROUP, n]);
+            }
+        }
+    }
+
+    /// The codes of tile groups g0..g1, blocks b0..b1, widened to a byte each (q4k 0..15; q6k
+    /// 0..63, a nibble and a bit pair put together) into `scratch`'s q8_0 layout
+    /// ([`unpacked_at`]).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn unpack(
+        layer: &KQuantTileLinear,
+        scratch: &mut [u8],
+        [g0, g1, b0, b1]: [usize; 4],
+    ) {
+        let (low, high) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        for g in g0..g1 {
+            for b in b0..b1 {
+                let (tile, _) = layer.tile_at(g, b);
+                let dst = scratch[unpacked_at(g, b, b0)..][..QK * GROUP].as_mut_ptr();
+                // Each 64-byte row of a tile (a quad of 16 columns) as two halves of 8 columns.
+                for half in [0, 32] {
+                    for h in 0..4 {
+                        let raw = _mm256_loadu_si256(tile.add(h * 4 * GROUP + half).cast());
+                        let nibbles = [
+                            _mm256_and_si256(raw, low),
+                            _mm256_and_si256(_mm256_srli_epi16(raw, 4), low),
+                        ];
+                        for (upper, nibble) in nibbles.into_iter().enumerate() {
+                            let code = match layer.kind {
+                                KQuant::Q4k => nibble,
+                                KQuant::Q6k => {
+                                    let at = NIBBLES + upper * 4 * GROUP + half;
+                                    let pairs = _mm256_loadu_si256(tile.add(at).cast());
+                                    // Bit pair h to bits 4 and 5 (16-bit shifts: what crosses
+                                    // a byte is masked).
+                                    let bits = match h {
+                                        0 => _mm256_slli_epi16(pairs, 4),
+                                        1 => _mm256_slli_epi16(pairs, 2),
+                                        2 => pairs,
+                                        _ => _mm256_srli_epi16(pairs, 2),
+                                    };
+                                    _mm256_or_si256(nibble, _mm256_and_si256(bits, high))
+                                }
+                            };
+                            let quad = 4 * upper + h;
+                            _mm256_storeu_si256(dst.add(quad * 4 * GROUP + half).cast(), code);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::quantized::QTensor;
     use candle_core::Device;
 
-    /// q8_0's tiles against [`check_against_codes`]. Shapes: one row, a partial pass over the
-    /// inputs and a partial panel with a bias, rows not a multiple of four.
+    /// The kernels a test runs: each of [`Isa`] (`None`: refused), and whether this CPU runs it.
+    fn every_kernel() -> impl Iterator<Item = (Option<Isa>, bool)> {
+        Isa::ALL
+            .into_iter()
+            .map(|isa| (Some(isa), isa.runs_here()))
+            .chain([(None, false)])
+    }
+
+    /// q8_0's tiles against [`check_against_codes`], on every set of kernels this CPU runs.
+    /// Shapes: one row, a partial pass over the inputs and a partial panel
+    /// with a bias, rows not a multiple of four.
     #[test]
     fn q8_0_tiles_multiply_the_codes_exactly_per_block() -> candle_core::Result<()> {
-        for (rows, inputs, outputs, with_bias) in [
-            (1, 32, 32, false),
-            (5, QK * (PART + 1), PANEL + 32, true),
-            (77, 64, 64, false),
-        ] {
-            let (weight, bias, xs) = case(rows, inputs, outputs, with_bias)?;
-            if !available() {
-                assert!(Q8TileLinear::new(&weight, bias.as_ref()).is_err());
-                continue;
+        for (isa, runs) in every_kernel() {
+            for (rows, inputs, outputs, with_bias) in [
+                (1, 32, 32, false),
+                (5, QK * (PART + 1), PANEL + 32, true),
+                (77, 64, 64, false),
+            ] {
+                let (weight, bias, xs) = case(rows, inputs, outputs, with_bias)?;
+                let layer = Q8TileLinear::with_kernels(&weight, bias.as_ref(), isa);
+                if !runs {
+                    assert!(layer.is_err(), "{isa:?}");
+                    continue;
+                }
+                check_q8_0(layer?, [inputs, outputs], (&weight, bias.as_ref(), &xs))?;
             }
-            let layer = Q8TileLinear::new(&weight, bias.as_ref())?;
-            let expected = inputs * outputs * 17 / 16 + 4 * outputs * usize::from(with_bias);
-            assert_eq!(layer.bytes(), expected);
-            check_against_codes(
-                &layer.forward(&xs)?,
-                GgmlDType::Q8_0,
-                &weight,
-                bias.as_ref(),
-                &xs,
-            )?;
         }
         Ok(())
     }
 
-    /// q4k's and q6k's tiles against [`check_against_codes`]: one super-block and one row;
-    /// three super-blocks (past one pass) over a partial panel with a bias; 77 rows.
+    fn check_q8_0(
+        layer: Q8TileLinear,
+        [inputs, outputs]: [usize; 2],
+        (weight, bias, xs): (&Tensor, Option<&Tensor>, &Tensor),
+    ) -> candle_core::Result<()> {
+        let with_bias = bias.is_some();
+        {
+            let expected = inputs * outputs * 17 / 16 + 4 * outputs * usize::from(with_bias);
+            assert_eq!(layer.bytes(), expected);
+            check_against_codes(&layer.forward(xs)?, GgmlDType::Q8_0, weight, bias, xs)?;
+        }
+        Ok(())
+    }
+
+    /// q4k's and q6k's tiles against [`check_against_codes`], on every set of kernels this CPU
+    /// runs: one super-block and one row; three super-blocks (past one pass) over a partial
+    /// panel with a bias; 77 rows.
     #[test]
     fn k_quant_tiles_multiply_the_codes_exactly_per_block() -> candle_core::Result<()> {
-        for format in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for ((isa, runs), format) in
+            every_kernel().flat_map(|k| [(k, GgmlDType::Q4K), (k, GgmlDType::Q6K)])
+        {
             for (rows, inputs, outputs, with_bias) in [
                 (1, QK_K, 32, false),
                 (5, 3 * QK_K, PANEL + 32, true),
                 (77, QK_K, 64, false),
             ] {
                 let (weight, bias, xs) = case(rows, inputs, outputs, with_bias)?;
-                if !available() {
-                    assert!(KQuantTileLinear::new(&weight, bias.as_ref(), format).is_err());
+                let layer = KQuantTileLinear::with_kernels(&weight, bias.as_ref(), format, isa);
+                if !runs {
+                    assert!(layer.is_err(), "{isa:?}");
                     continue;
                 }
-                let layer = KQuantTileLinear::new(&weight, bias.as_ref(), format)?;
+                let layer = layer?;
                 let bits = KQuantTileLinear::bits_per_weight(format).unwrap();
                 let held = (inputs * outputs) as f64 * bits / 8.0;
                 assert_eq!(

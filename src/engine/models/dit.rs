@@ -34,8 +34,9 @@ pub enum WeightFormat {
 /// dequantized into f32 products 1.0–1.1× in every format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuQuantized {
-    /// q8_0, q4k and q6k on CPUs with AVX-512 VNNI: our int8 tiles, held once ([`Q8TileLinear`],
-    /// 0.37–0.53× the f32 layer's time; [`KQuantTileLinear`], q4k 0.40–0.56×, q6k 0.46–0.55×).
+    /// q8_0, q4k and q6k on CPUs with VNNI (AVX-512, or AVX-VNNI): our int8 tiles, held once
+    /// ([`Q8TileLinear`], 0.37–0.53× the f32 layer's time; [`KQuantTileLinear`], q4k
+    /// 0.40–0.56×, q6k 0.46–0.55×; on 256-bit registers 0.68–0.91×).
     /// Otherwise candle's int8
     /// product where it has one for the format ([`cpu_repacks`]), from tiles it repacks the
     /// blocks into on first use and keeps beside them: held twice. Formats it has no tiles for
@@ -141,10 +142,8 @@ impl WeightFormat {
         };
         Some(match (t, choice) {
             (_, CpuQuantized::Compact) => CpuProduct::Dequantized,
-            (GgmlDType::Q8_0, _) if int8_tiles::available() => CpuProduct::Q8Tiles,
-            (GgmlDType::Q4K | GgmlDType::Q6K, _) if int8_tiles::available() => {
-                CpuProduct::KQuantTiles
-            }
+            (GgmlDType::Q8_0, _) if int8_tiles::takes(t) => CpuProduct::Q8Tiles,
+            (GgmlDType::Q4K | GgmlDType::Q6K, _) if int8_tiles::takes(t) => CpuProduct::KQuantTiles,
             _ if candle_repacks(t) => CpuProduct::CandleTiles,
             _ => CpuProduct::Dequantized,
         })
@@ -1180,10 +1179,14 @@ mod tests {
         // On CPUs with our int8 kernels, q8_0, q4k and q6k take our tiles, held once (the
         // k-quants with their super-blocks' scales in f32); the planner counts what they hold.
         let weight = Tensor::randn(0f32, 1., (32, 256), &dev)?;
-        for (format, bits) in [("q8_0", 8.5), ("q4k", 4.75), ("q6k", 6.625)] {
+        for (format, t, bits) in [
+            ("q8_0", GgmlDType::Q8_0, 8.5),
+            ("q4k", GgmlDType::Q4K, 4.75),
+            ("q6k", GgmlDType::Q6K, 6.625),
+        ] {
             let layer = BlockLinear::from_dense(Linear::new(weight.clone(), None), f(format))?;
             let tiles = matches!(layer, BlockLinear::Q8Tiles(_) | BlockLinear::KQuantTiles(_));
-            assert_eq!(tiles, int8_tiles::available(), "{format}");
+            assert_eq!(tiles, int8_tiles::takes(t), "{format}");
             if tiles {
                 assert_eq!(f(format).resident_bits_per_weight(true), Some(bits));
             }
