@@ -55,15 +55,15 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub transformer: Option<PathBuf>,
     /// SD3 / FLUX: quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …) to
-    /// fit smaller cards; see the README for the measured quality cost. On the CPU, q8_0 and
-    /// q4k run as int8 tiles held once where AVX-512 VNNI exists; other blocks are held once
-    /// (slower than candle's twice-held tiles) where twice would not fit 90 % of the memory, or
-    /// when asked: `q6k-compact`.
+    /// fit smaller cards; see the README for the measured quality cost. On the CPU, q8_0, q6k and
+    /// q4k run as int8 tiles held once where VNNI exists (AVX-512 or AVX-VNNI); other blocks are
+    /// held once (slower than candle's twice-held tiles) where twice would not fit 90 % of the
+    /// memory, or when asked: `q6k-compact`.
     #[arg(long)]
     pub quantize: Option<String>,
     /// SD3 / FLUX: quantize T5-XXL's Linear layers on load (q8_0, q6k, q4k, …, as `--quantize`):
     /// q8_0 holds it in 5 GB where its checkpoints store 9.5, and runs it on the CPU's int8
-    /// tiles where AVX-512 VNNI exists. The prompt's states move by the format's rounding.
+    /// tiles where VNNI exists. The prompt's states move by the format's rounding.
     #[arg(long)]
     pub quantize_t5: Option<String>,
     /// SD3 / FLUX: run the text encoders on the CPU (f32) so the device holds only the

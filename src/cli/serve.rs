@@ -45,15 +45,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CANDELA_LOW_MEMORY", hide = true)]
     pub low_memory: bool,
     /// SD3 / FLUX: quantize the transformer blocks on load (fp8, q8_0, q6k, q5k, q4k, q4_0, …);
-    /// FLUX-dev in q8_0 or fp8 needs ~12.7 / 12 GB instead of 23.8 GB in bf16. On the CPU, q8_0
-    /// and q4k run as int8 tiles held once where AVX-512 VNNI exists; other blocks are held once
-    /// (slower than candle's twice-held tiles) where twice would not fit the memory budget, or
-    /// when asked: `q6k-compact`.
+    /// FLUX-dev in q8_0 or fp8 needs ~12.7 / 12 GB instead of 23.8 GB in bf16. On the CPU, q8_0,
+    /// q6k and q4k run as int8 tiles held once where VNNI exists (AVX-512 or AVX-VNNI); other
+    /// blocks are held once (slower than candle's twice-held tiles) where twice would not fit the
+    /// memory budget, or when asked: `q6k-compact`.
     #[arg(long, env = "CANDELA_QUANTIZE")]
     pub quantize: Option<String>,
     /// SD3 / FLUX: quantize T5-XXL's Linear layers on load (q8_0, q6k, q4k, …, as `--quantize`):
     /// q8_0 holds it in 5 GB where its checkpoints store 9.5, and runs it on the CPU's int8
-    /// tiles where AVX-512 VNNI exists. The prompt's states move by the format's rounding.
+    /// tiles where VNNI exists. The prompt's states move by the format's rounding.
     #[arg(long, env = "CANDELA_QUANTIZE_T5")]
     pub quantize_t5: Option<String>,
     #[arg(long, env = "CANDELA_DEVICE")]

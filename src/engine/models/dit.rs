@@ -36,7 +36,7 @@ pub enum WeightFormat {
 pub enum CpuQuantized {
     /// q8_0, q4k and q6k on CPUs with VNNI (AVX-512, or AVX-VNNI): our int8 tiles, held once
     /// ([`Q8TileLinear`], 0.37–0.53× the f32 layer's time; [`KQuantTileLinear`], q4k
-    /// 0.40–0.56×, q6k 0.46–0.55×; on 256-bit registers 0.68–0.91×).
+    /// 0.40–0.56×, q6k 0.46–0.55×; on 256-bit registers 0.63–1.02×).
     /// Otherwise candle's int8
     /// product where it has one for the format ([`cpu_repacks`]), from tiles it repacks the
     /// blocks into on first use and keeps beside them: held twice. Formats it has no tiles for
