@@ -333,6 +333,27 @@ impl Footprint {
         options: &LoadOptions,
         budget: u64,
     ) -> Result<(LoadOptions, Self)> {
+        let (fitted, footprint, traded) = Self::fit(dir, device, dtype, options, budget)?;
+        if let Some([fastest, once]) = traded {
+            tracing::info!(
+                fastest,
+                once,
+                budget,
+                "quantized blocks held once on the CPU: in the format's faster tiles they would not fit the memory budget"
+            );
+        }
+        Ok((fitted, footprint))
+    }
+
+    /// [`Self::read_fitted`] without its log: also what it traded, [what the fastest product
+    /// needs, what held once needs], when it did.
+    fn fit(
+        dir: &ModelDir,
+        device: &candle_core::Device,
+        dtype: DType,
+        options: &LoadOptions,
+        budget: u64,
+    ) -> Result<(LoadOptions, Self, Option<[u64; 2]>)> {
         let footprint = Self::read(dir, device, dtype, options)?;
         let compact = LoadOptions {
             transformer_format: options.transformer_format.compact(),
@@ -340,25 +361,20 @@ impl Footprint {
             ..options.clone()
         };
         if !device.is_cpu() || compact == *options {
-            return Ok((options.clone(), footprint));
+            return Ok((options.clone(), footprint, None));
         }
         let size = crate::engine::pipelines::read_card(dir, "")?.default_size;
         let need = |f: &Self| f.default_need(size);
         if need(&footprint) <= budget {
-            return Ok((options.clone(), footprint));
+            return Ok((options.clone(), footprint, None));
         }
         let held_once = Self::read(dir, device, dtype, &compact)?;
         if need(&held_once) >= need(&footprint) {
             // Held once anyway (no tiles for the format, or its fallback, on this CPU).
-            return Ok((options.clone(), footprint));
+            return Ok((options.clone(), footprint, None));
         }
-        tracing::info!(
-            fastest = need(&footprint),
-            once = need(&held_once),
-            budget,
-            "quantized blocks held once on the CPU: in the format's faster tiles they would not fit the memory budget"
-        );
-        Ok((compact, held_once))
+        let traded = [need(&footprint), need(&held_once)];
+        Ok((compact, held_once, Some(traded)))
     }
 
     /// The weights and the working memory of one image of `size`² with default guidance: what
@@ -384,7 +400,8 @@ impl Footprint {
         for step in Shrink::ladder(dir, device, options)? {
             step.apply(&mut shrunk);
             steps.push(step);
-            let (_, footprint) = Self::read_fitted(dir, device, dtype, &shrunk, budget)?;
+            // Quietly: these are what-ifs, not what loads.
+            let (_, footprint, _) = Self::fit(dir, device, dtype, &shrunk, budget)?;
             let need = footprint.default_need(size);
             if need <= budget {
                 return Ok(Some((steps, need)));

@@ -280,41 +280,26 @@ impl<'a> Holding<'a> {
     }
 
     /// A Linear layer (`input` → `output`, with or without its bias), held as stored where
-    /// [`Self::as_stored`] says.
+    /// [`Self::as_stored`] says, or quantized ([`Self::quantizes`]).
     pub fn linear(
         &self,
-        vb: VarBuilder,
+        vb: VarBuilder<'a>,
         input: usize,
         output: usize,
         with_bias: bool,
     ) -> candle_core::Result<HeldLinear> {
-        if self.quantizes(input) {
-            let weight = vb.get((output, input), "weight")?;
-            let bias = with_bias.then(|| vb.get(output, "bias")).transpose()?;
-            return self.hold(weight, bias);
-        }
-        Ok(match self.as_stored(&vb) {
-            Some(stored) => {
-                let bias = with_bias
-                    .then(|| vb.to_dtype(DType::F32).get(output, "bias"))
-                    .transpose()?;
-                HeldLinear::Half(HalfLinear::new(
-                    &vb.to_dtype(stored).get((output, input), "weight")?,
-                    bias.as_ref(),
-                )?)
-            }
-            None => HeldLinear::Full(if with_bias {
-                super::blocks::linear(input, output, vb)?
-            } else {
-                super::blocks::linear_no_bias(input, output, vb)?
-            }),
-        })
+        let weight = if self.quantizes(input) {
+            vb.get((output, input), "weight")?
+        } else {
+            self.reading(vb.clone()).get((output, input), "weight")?
+        };
+        let bias = with_bias.then(|| vb.get(output, "bias")).transpose()?;
+        self.hold(weight, bias)
     }
-}
 
-impl Holding<'_> {
     /// A Linear layer of `weight` (out, in) and `bias` as this holding holds it: quantized, held
-    /// in half precision (a `weight` in bf16 or f16, [`Self::as_stored`]'s), or as it is.
+    /// in half precision (a `weight` in bf16 or f16, [`Self::as_stored`]'s; its bias in f32), or
+    /// as it is.
     pub fn hold(&self, weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<HeldLinear> {
         if self.quantizes(weight.dim(1)?) {
             let dense = Linear::new(weight, bias);
