@@ -185,6 +185,7 @@ fn bad_arguments_fail_with_a_message_naming_the_parameter() {
             vec!["--quantize-t5", "q9"],
             "--quantize-t5: unknown weight format",
         ),
+        (vec!["--memory-budget", "lots"], "--memory-budget"),
     ] {
         let out = candela(tmp.path())
             .args(["generate", "--prompt", "x"])
@@ -196,6 +197,57 @@ fn bad_arguments_fail_with_a_message_naming_the_parameter() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     }
+}
+
+/// `generate` with a model that does not fit its memory budget with a default-size image (one
+/// byte short, read from the planner) warns, naming the flags that would make it fit, and still
+/// generates; with those flags it does not warn.
+#[test]
+fn generate_warns_when_the_model_does_not_fit_and_says_what_would() {
+    use candela::engine::{loader::ModelDir, memory::Footprint, pipelines::read_card};
+    let tmp = tempfile::tempdir().unwrap();
+    let flux = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/flux-dev-tiny");
+    let dir = ModelDir {
+        root: flux.clone(),
+        prefer_fp16_variant: false,
+    };
+    let size = read_card(&dir, "").unwrap().default_size;
+    let footprint = Footprint::read(
+        &dir,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+        &Default::default(),
+    )
+    .unwrap();
+    let budget = (footprint.default_need(size) - 1).to_string();
+    let run = |extra: &[&str]| {
+        let out = candela(tmp.path())
+            .args(["generate", "--model"])
+            .arg(&flux)
+            .args([
+                "--prompt", "x", "--steps", "1", "--width", "64", "--height", "64",
+            ])
+            .args(["--memory-budget", &budget])
+            .args(extra)
+            .arg("--out")
+            .arg(tmp.path().join("x.png"))
+            .output()
+            .unwrap();
+        assert_succeeded(&out);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run(&[]);
+    assert!(
+        stderr.contains("does not fit the memory budget")
+            && stderr.contains("load it with --quantize-t5 q8_0 to need"),
+        "{stderr}"
+    );
+    let stderr = run(&["--quantize-t5", "q8_0"]);
+    assert!(
+        !stderr.contains("does not fit the memory budget"),
+        "{stderr}"
+    );
 }
 
 /// `candela-bench` times every family's parts and writes the figures `compare.py` and

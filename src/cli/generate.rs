@@ -66,6 +66,11 @@ pub struct GenerateArgs {
     /// tiles where VNNI exists. The prompt's states move by the format's rounding.
     #[arg(long)]
     pub quantize_t5: Option<String>,
+    /// Memory budget the model is fitted to, as `serve`'s: a fraction of the device's memory
+    /// (0.9) or a size (12GiB, 500MB, bytes). Default 0.9. A model that does not fit it with a
+    /// default-size image is warned about, with the flags that would make it fit.
+    #[arg(long, env = "CANDELA_MEMORY_BUDGET")]
+    pub memory_budget: Option<String>,
     /// SD3 / FLUX: run the text encoders on the CPU (f32) so the device holds only the
     /// transformer and the VAE.
     #[arg(long)]
@@ -207,11 +212,26 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
         t5_format: super::t5_format(args.quantize_t5.as_deref())?,
         vae_tiling: args.vae_tiling,
     };
-    // As `serve` holds it within its default budget (quantized blocks held once on the CPU
-    // where twice would not fit).
-    let budget = crate::jobs::DEFAULT_MEMORY_BUDGET.resolve(&device)?;
-    let (options, _) =
+    // As `serve` holds it within its budget (quantized blocks held once on the CPU where twice
+    // would not fit).
+    let budget = match &args.memory_budget {
+        Some(b) => b
+            .parse::<crate::jobs::MemoryBudget>()
+            .map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?,
+        None => crate::jobs::DEFAULT_MEMORY_BUDGET,
+    }
+    .resolve(&device)?;
+    let (options, footprint) =
         crate::engine::memory::Footprint::read_fitted(&dir, &device, dtype, &options, budget)?;
+    let need = footprint.default_need(card.default_size);
+    if need > budget {
+        let advice = crate::jobs::fit_advice(&dir, &device, dtype, &options, budget)?;
+        tracing::warn!(
+            need = %crate::jobs::budget::human_bytes(need),
+            budget = %crate::jobs::budget::human_bytes(budget),
+            "the model does not fit the memory budget with a default-size image and may run out of memory; {advice}"
+        );
+    }
     let pipeline = Pipeline::load(&dir, &device, dtype, &options)?;
     tracing::info!(model = %dir.root.display(), seconds = load_start.elapsed().as_secs_f64(), "model loaded");
     let init = match &args.init_image {

@@ -609,10 +609,8 @@ fn device_label(device: &Device) -> String {
     }
 }
 
-/// A model's capabilities from its configs (no weights loaded).
 /// The operator's warning that a model as asked does not fit the memory budget with a
-/// default-size image (its jobs will be refused), with the least costly `serve` flags that would
-/// make it fit.
+/// default-size image (its jobs will be refused), with [`fit_advice`].
 fn warn_does_not_fit(
     name: &str,
     dir: &ModelDir,
@@ -620,28 +618,44 @@ fn warn_does_not_fit(
     options: &crate::engine::pipelines::LoadOptions,
     [need, budget]: [u64; 2],
 ) -> Result<(), EngineError> {
-    let advice = match Footprint::shrink_to_fit(dir, &config.device, config.dtype, options, budget)?
-    {
-        Some((steps, fits)) => format!(
-            "serve it with {} to need {}",
-            steps
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(" "),
-            human_bytes(fits)
-        ),
-        None => "no quantization makes it fit: raise --memory-budget or use a larger device".into(),
-    };
+    let advice = fit_advice(dir, &config.device, config.dtype, options, budget)?;
     tracing::warn!(
         model = %name,
         need = %human_bytes(need),
         budget = %human_bytes(budget),
-        "model does not fit the memory budget with a default-size image, so its jobs will be refused; {advice}"
+        "model does not fit the memory budget with a default-size image, so its jobs at that size will be refused; {advice}"
     );
     Ok(())
 }
 
+/// For a model that does not fit `budget` with a default-size image as `options` load it: the
+/// fewest load flags (`serve`'s and `generate`'s), least costly first, that make it fit, and
+/// what it would then need ([`Footprint::shrink_to_fit`]).
+pub fn fit_advice(
+    dir: &ModelDir,
+    device: &Device,
+    dtype: DType,
+    options: &crate::engine::pipelines::LoadOptions,
+    budget: u64,
+) -> Result<String, EngineError> {
+    Ok(
+        match Footprint::shrink_to_fit(dir, device, dtype, options, budget)? {
+            Some((steps, fits)) => format!(
+                "load it with {} to need {}",
+                steps
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                human_bytes(fits)
+            ),
+            None => "no quantization makes it fit: raise the memory budget or use a larger device"
+                .into(),
+        },
+    )
+}
+
+/// A model's capabilities from its configs (no weights loaded).
 fn describe(name: &str, dir: &ModelDir, footprint: &Footprint) -> Result<ModelInfo, EngineError> {
     let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
     scheduler.check()?;

@@ -573,7 +573,7 @@ def test_a_model_that_does_not_fit_is_served_with_the_flags_that_would(start):
     deadline = time.time() + 5
     while not advice() and time.time() < deadline:
         time.sleep(0.05)
-    assert advice() and "serve it with --quantize-t5 q8_0 to need" in advice()[0], s.stderr_lines[-5:]
+    assert advice() and "load it with --quantize-t5 q8_0 to need" in advice()[0], s.stderr_lines[-5:]
     size = f"{caps['default_width']}x{caps['default_height']}"
     r = http(s).post("/v1/images/generations", json=dict(prompt="x", size=size, steps=2))
     assert r.status_code == 422 and r.json()["error"]["code"] == "exceeds_memory_budget", r.text
