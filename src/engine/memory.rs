@@ -802,7 +802,7 @@ mod tests {
     /// are left as asked. The tiny FLUX's rows are 32 wide, where every k-quant falls back to a
     /// 32-value format; a copy whose config says 256 (the planner reads the rows' width there,
     /// the bytes from the weights' headers) keeps q6k, which candle tiles on x86 with AVX2 and
-    /// our tiles hold once on CPUs with AVX-512 VNNI. candle's boundary is tested as on a CPU
+    /// our tiles hold once on CPUs with VNNI. candle's boundary is tested as on a CPU
     /// without ours, so it runs on every x86 machine.
     #[test]
     fn quantized_blocks_are_held_once_on_the_cpu_when_twice_would_not_fit() {
