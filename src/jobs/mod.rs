@@ -408,19 +408,31 @@ impl EngineHandle {
         if state.stopping {
             return Err(SubmitError::Engine(EngineError::ShuttingDown));
         }
-        if let Err(e) = state
-            .residency
-            .admit(model.footprint.weights_bytes() + refiner_bytes, activation)
-        {
-            return Err(SubmitError::TooLarge {
-                param: if p.n > 1 { "n" } else { "size" },
-                message: format!(
-                    "a {}x{} image{} with model `{}` {e}; ask for a smaller size or fewer images",
-                    p.width,
-                    p.height,
-                    if p.n > 1 { "s" } else { "" },
-                    req.model
-                ),
+        let weights = model.footprint.weights_bytes() + refiner_bytes;
+        if let Err(e) = state.residency.admit(weights, activation) {
+            let budget = state.residency.budget();
+            // No size helps a model whose weights alone exceed the budget.
+            return Err(if weights > budget {
+                SubmitError::TooLarge {
+                    param: "model",
+                    message: format!(
+                        "model `{}` does not fit this server's memory budget at any size: its weights need {} of {}; it would have to be served quantized",
+                        req.model,
+                        human_bytes(weights),
+                        human_bytes(budget)
+                    ),
+                }
+            } else {
+                SubmitError::TooLarge {
+                    param: if p.n > 1 { "n" } else { "size" },
+                    message: format!(
+                        "a {}x{} image{} with model `{}` {e}; ask for a smaller size or fewer images",
+                        p.width,
+                        p.height,
+                        if p.n > 1 { "s" } else { "" },
+                        req.model
+                    ),
+                }
             });
         }
         let (events, events_rx) = broadcast::channel(256);

@@ -582,3 +582,10 @@ def test_a_model_that_does_not_fit_is_served_with_the_flags_that_would(start):
     assert not any("does not fit the memory budget" in line for line in s.stderr_lines)
     r = http(s).post("/v1/images/generations", json=dict(prompt="x", size=size, steps=2))
     assert r.status_code == 200, r.status_code
+    s.stop()
+    # Weights alone over the budget: no size helps, and the error says so, naming the model.
+    s = start("--model", flux, "--memory-budget", caps["weights_bytes"] - 1)
+    r = http(s).post("/v1/images/generations", json=dict(prompt="x", size="64x64", steps=2))
+    error = r.json()["error"]
+    assert r.status_code == 422 and error["code"] == "exceeds_memory_budget", r.text
+    assert error["param"] == "model" and "at any size" in error["message"], error
