@@ -660,8 +660,9 @@ const UNPACKED: usize = PANEL / GROUP * PART * QK * GROUP;
 /// As [`tiled_product`], with each pass over a panel first widening its codes into a
 /// per-task scratch of [`UNPACKED`] bytes that `kernel(x, scratch, [g, r0, b0, b1], out)` reads
 /// for every row (`unpack(scratch, [g0, g1, b0, b1])`: tile groups g0..g1, blocks b0..b1): where
-/// putting a code together takes more than a mask (q6k), that is done once per pass instead of
-/// once per four rows.
+/// putting a code together takes more than a mask (q6k), or registers are too few to widen them
+/// beside the accumulators (the k-quants on 256 bits), that is done once per pass instead of once
+/// per few rows.
 fn unpacked_product(
     lhs: &[f32],
     rows: usize,
