@@ -72,8 +72,8 @@ impl Isa {
 /// The widest of [`Isa`] this CPU runs.
 pub fn isa() -> Option<Isa> {
     #[cfg(test)]
-    if let Some(simulated) = SIMULATED.get() {
-        return simulated;
+    if SIMULATED_ABSENT.get() {
+        return None;
     }
     static DETECTED: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
     *DETECTED.get_or_init(|| Isa::ALL.into_iter().find(|isa| isa.runs_here()))
@@ -86,30 +86,24 @@ pub fn takes(format: GgmlDType) -> bool {
 
 #[cfg(test)]
 thread_local! {
-    static SIMULATED: std::cell::Cell<Option<Option<Isa>>> = const { std::cell::Cell::new(None) };
+    static SIMULATED_ABSENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// `f` run on this thread as on a CPU whose widest kernels are `isa` (`None`: without any, where
-/// candle's tiles or the blocks held once take the formats), so that every path is tested on
-/// a CI machine that runs the widest.
-#[cfg(test)]
-pub(crate) fn as_if<T>(isa: Option<Isa>, f: impl FnOnce() -> T) -> T {
-    SIMULATED.set(Some(isa));
-    let result = f();
-    SIMULATED.set(None);
-    result
-}
-
-/// [`as_if`] a CPU without our kernels.
+/// `f` run on this thread as on a CPU without our kernels, where candle's tiles or the blocks
+/// held once take the formats: so that a test of those paths runs on every CI machine. (Each
+/// kernel set is tested directly, through `with_kernels`.)
 #[cfg(test)]
 pub(crate) fn as_if_absent<T>(f: impl FnOnce() -> T) -> T {
-    as_if(None, f)
+    SIMULATED_ABSENT.set(true);
+    let result = f();
+    SIMULATED_ABSENT.set(false);
+    result
 }
 
 /// A Linear layer held as q8_0 tiles; its bias in f32.
 #[derive(Debug, Clone)]
 pub struct Q8TileLinear {
-    /// The kernels [`Self::new`] found (`Avx512Vnni` or `Avx2Vnni`).
+    /// The kernels [`Self::new`] found.
     isa: Isa,
     tiles: Vec<u8>,
     bias: Option<Vec<f32>>,
@@ -314,36 +308,27 @@ impl KQuantTileLinear {
         // SAFETY (the kernels): as for q8_0's; the scratch is unpacked for the pass its kernel
         // reads.
         forward_f32("a k-quant-tile", xs, k, n, |lhs, rows| {
-            match (self.isa, self.kind) {
-                // q4k's nibbles widen with a mask and a shift: in registers, for every four rows.
-                (Isa::Avx512Vnni, KQuant::Q4k) => tiled_product(lhs, rows, [k, n], |x, at, dst| {
+            unpacked_product(
+                lhs,
+                rows,
+                [k, n],
+                |scratch, at| {
+                    scratch.resize(UNPACKED, 0);
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        q4k_kernel(self, x, at, dst)
+                        unpack_k_quants(self, scratch, at)
                     }
-                }),
-                (isa, _) => unpacked_product(
-                    lhs,
-                    rows,
-                    [k, n],
-                    |scratch, at| {
-                        scratch.resize(UNPACKED, 0);
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            wide256::unpack(self, scratch, at)
+                },
+                |x, scratch, at, dst| {
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        match self.isa {
+                            Isa::Avx512Vnni => k_quant_kernel(self, x, scratch, at, dst),
+                            Isa::Avx2Vnni => wide256::k_quant_kernel(self, x, scratch, at, dst),
                         }
-                    },
-                    |x, scratch, at, dst| {
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            match isa {
-                                Isa::Avx512Vnni => q6k_kernel(self, x, scratch, at, dst),
-                                Isa::Avx2Vnni => wide256::k_quant_kernel(self, x, scratch, at, dst),
-                            }
-                        }
-                    },
-                ),
-            }
+                    }
+                },
+            )
         })
     }
 
@@ -504,82 +489,49 @@ unsafe fn store(
     }
 }
 
-/// As [`q8_kernel`] for q4k: a weight is d·scale·code − dmin·min (codes 0..15, unsigned as
-/// `vpdpbusd` takes them), so a block adds d_x·(d·scale·Σ code·c − dmin·min·Σ c) for the
-/// activation codes c of scale d_x.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn q4k_kernel(
-    layer: &KQuantTileLinear,
-    x: &QuantizedRows,
-    [g, r0, b0, b1]: [usize; 4],
-    out: SharedOut,
-) {
-    use std::arch::x86_64::*;
-    let (k, n) = (layer.inputs, layer.outputs);
-    let blocks = k / QK;
-    let mut acc = accumulators(layer.bias.as_deref(), out, [g, r0, b0], n);
-    let low = _mm512_set1_epi8(0x0F);
-    for b in b0..b1 {
-        let (w, ds) = (layer.tile_at(g, b), layer.tile_at(g + 1, b));
-        let (w, ds) = ([w.0, ds.0], [w.1, ds.1]);
-        let mut dots = [[_mm512_setzero_si512(); 2]; ROWS];
-        for h in 0..4 {
-            let mut lo = [_mm512_setzero_si512(); 2];
-            let mut hi = [_mm512_setzero_si512(); 2];
-            for c in 0..2 {
-                let raw = _mm512_loadu_si512(w[c].add(h * 4 * GROUP).cast());
-                lo[c] = _mm512_and_si512(raw, low);
-                hi[c] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
-            }
-            for (r, dots) in dots.iter_mut().enumerate() {
-                let codes = x.codes.as_ptr().add((r0 + r) * k + b * QK);
-                let first = _mm512_set1_epi32(codes.add(h * 4).cast::<i32>().read_unaligned());
-                let second =
-                    _mm512_set1_epi32(codes.add((h + 4) * 4).cast::<i32>().read_unaligned());
-                for c in 0..2 {
-                    dots[c] = _mm512_dpbusd_epi32(dots[c], lo[c], first);
-                    dots[c] = _mm512_dpbusd_epi32(dots[c], hi[c], second);
-                }
-            }
-        }
-        let mut scale = [_mm512_setzero_ps(); 2];
-        let mut min = [_mm512_setzero_ps(); 2];
-        for c in 0..2 {
-            let (ds, bytes) = (ds[c], w[c].add(NIBBLES));
-            // (Not closures: those compile without the function's target features.)
-            let scales = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.cast()));
-            let mins = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.add(GROUP).cast()));
-            scale[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(scales), _mm512_loadu_ps(ds));
-            min[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(mins), _mm512_loadu_ps(ds.add(GROUP)));
-        }
-        for (r, (acc, dots)) in acc.iter_mut().zip(&dots).enumerate() {
-            let row = (r0 + r) * blocks + b;
-            let dx = *x.scales.get_unchecked(row);
-            let sum = _mm512_set1_ps(dx * *x.sums.get_unchecked(row) as f32);
-            let dx = _mm512_set1_ps(dx);
-            for c in 0..2 {
-                let dot = _mm512_cvtepi32_ps(dots[c]);
-                acc[c] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale[c], dx), acc[c]);
-                acc[c] = _mm512_fnmadd_ps(min[c], sum, acc[c]);
-            }
-        }
-    }
-    store(&acc, out, [g, r0], n);
-}
-
 /// The offset in [`unpacked_product`]'s scratch of tile group `g`'s codes of block `b` in the
 /// pass from block `b0`.
 fn unpacked_at(g: usize, b: usize, b0: usize) -> usize {
     ((g % (PANEL / GROUP)) * PART + (b - b0)) * QK * GROUP
 }
 
-/// As [`q8_kernel`] for q6k, its codes from [`wide256::unpack`]'s scratch: a weight is d·scale·(code −
-/// 32), codes 0..63 (unsigned as `vpdpbusd` takes them), a scale per 16 inputs, so each 16 add
-/// d_x·d·scale·(Σ code·c − 32 Σ c) for the activation codes c of scale d_x.
+/// The integer dot products of rows r0..r0 + 4 with tile groups g and g + 1 (their codes at
+/// `codes`, q8_0's tile layout) over quads `quads` of block b.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dots(
+    codes: [*const u8; 2],
+    x: &QuantizedRows,
+    [r0, k, b]: [usize; 3],
+    quads: std::ops::Range<usize>,
+) -> [[std::arch::x86_64::__m512i; 2]; ROWS] {
+    use std::arch::x86_64::*;
+    let mut dots = [[_mm512_setzero_si512(); 2]; ROWS];
+    for quad in quads {
+        // (Not closures: those compile without the function's target features.)
+        let weights = [
+            _mm512_loadu_si512(codes[0].add(quad * 4 * GROUP).cast()),
+            _mm512_loadu_si512(codes[1].add(quad * 4 * GROUP).cast()),
+        ];
+        for (r, dots) in dots.iter_mut().enumerate() {
+            let at = (r0 + r) * k + b * QK + quad * 4;
+            let four = _mm512_set1_epi32(x.codes.as_ptr().add(at).cast::<i32>().read_unaligned());
+            for c in 0..2 {
+                dots[c] = _mm512_dpbusd_epi32(dots[c], weights[c], four);
+            }
+        }
+    }
+    dots
+}
+
+/// As [`q8_kernel`] for the k-quants, their codes (unsigned, as `vpdpbusd` takes them) from
+/// [`unpack_k_quants`]' scratch, for the activation codes c of scale d_x of each block: q4k a
+/// block at a time (a weight is d·scale·code − dmin·min, so a block adds d_x·(d·scale·Σ code·c −
+/// dmin·min·Σ c)), q6k sixteen inputs at a time (d·scale·(code − 32): each 16 add
+/// d_x·d·scale·(Σ code·c − 32 Σ c)).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn q6k_kernel(
+unsafe fn k_quant_kernel(
     layer: &KQuantTileLinear,
     x: &QuantizedRows,
     scratch: &[u8],
@@ -594,37 +546,51 @@ unsafe fn q6k_kernel(
         let (w, ds) = (layer.tile_at(g, b), layer.tile_at(g + 1, b));
         let (w, ds) = ([w.0, ds.0], [w.1, ds.1]);
         let codes = [g, g + 1].map(|g| scratch[unpacked_at(g, b, b0)..].as_ptr());
-        for sixteen in 0..2 {
-            let mut dots = [[_mm512_setzero_si512(); 2]; ROWS];
-            for h in 0..4 {
-                let quad = 4 * sixteen + h;
-                // (Not closures: those compile without the function's target features.)
-                let weights = [
-                    _mm512_loadu_si512(codes[0].add(quad * 4 * GROUP).cast()),
-                    _mm512_loadu_si512(codes[1].add(quad * 4 * GROUP).cast()),
-                ];
-                for (r, dots) in dots.iter_mut().enumerate() {
-                    let at = (r0 + r) * k + b * QK + quad * 4;
-                    let four = x.codes.as_ptr().add(at).cast::<i32>().read_unaligned();
-                    let four = _mm512_set1_epi32(four);
+        match layer.kind {
+            KQuant::Q4k => {
+                let dots = dots(codes, x, [r0, k, b], 0..QK / 4);
+                let mut scale = [_mm512_setzero_ps(); 2];
+                let mut min = [_mm512_setzero_ps(); 2];
+                for c in 0..2 {
+                    let (ds, bytes) = (ds[c], w[c].add(NIBBLES));
+                    let scales = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.cast()));
+                    let mins = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.add(GROUP).cast()));
+                    scale[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(scales), _mm512_loadu_ps(ds));
+                    min[c] =
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(mins), _mm512_loadu_ps(ds.add(GROUP)));
+                }
+                for (r, (acc, dots)) in acc.iter_mut().zip(&dots).enumerate() {
+                    let row = (r0 + r) * blocks + b;
+                    let dx = *x.scales.get_unchecked(row);
+                    let sum = _mm512_set1_ps(dx * *x.sums.get_unchecked(row) as f32);
+                    let dx = _mm512_set1_ps(dx);
                     for c in 0..2 {
-                        dots[c] = _mm512_dpbusd_epi32(dots[c], weights[c], four);
+                        let dot = _mm512_cvtepi32_ps(dots[c]);
+                        acc[c] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale[c], dx), acc[c]);
+                        acc[c] = _mm512_fnmadd_ps(min[c], sum, acc[c]);
                     }
                 }
             }
-            let mut scale = [_mm512_setzero_ps(); 2];
-            for c in 0..2 {
-                let bytes = w[c].add(NIBBLES + QK * GROUP / 4 + sixteen * GROUP);
-                let codes = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes.cast())));
-                scale[c] = _mm512_mul_ps(codes, _mm512_loadu_ps(ds[c]));
-            }
-            for (r, (acc, dots)) in acc.iter_mut().zip(&dots).enumerate() {
-                let row = (r0 + r) * blocks + b;
-                let dx = _mm512_set1_ps(*x.scales.get_unchecked(row));
-                let offset = _mm512_set1_epi32(32 * *x.half_sums.get_unchecked(2 * row + sixteen));
-                for c in 0..2 {
-                    let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(dots[c], offset));
-                    acc[c] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale[c], dx), acc[c]);
+            KQuant::Q6k => {
+                for sixteen in 0..2 {
+                    let dots = dots(codes, x, [r0, k, b], 4 * sixteen..4 * sixteen + 4);
+                    let mut scale = [_mm512_setzero_ps(); 2];
+                    for c in 0..2 {
+                        let bytes = w[c].add(NIBBLES + QK * GROUP / 4 + sixteen * GROUP);
+                        let scales = _mm512_cvtepi8_epi32(_mm_loadu_si128(bytes.cast()));
+                        scale[c] =
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(scales), _mm512_loadu_ps(ds[c]));
+                    }
+                    for (r, (acc, dots)) in acc.iter_mut().zip(&dots).enumerate() {
+                        let row = (r0 + r) * blocks + b;
+                        let dx = _mm512_set1_ps(*x.scales.get_unchecked(row));
+                        let sum = *x.half_sums.get_unchecked(2 * row + sixteen);
+                        let offset = _mm512_set1_epi32(32 * sum);
+                        for c in 0..2 {
+                            let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(dots[c], offset));
+                            acc[c] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale[c], dx), acc[c]);
+                        }
+                    }
                 }
             }
         }
@@ -821,6 +787,56 @@ unsafe fn q8_kernel(
     store(&acc, out, [g, r0], n);
 }
 
+/// The codes of tile groups g0..g1, blocks b0..b1, widened to a byte each (q4k 0..15; q6k
+/// 0..63, a nibble and a bit pair put together) into `scratch`'s q8_0 layout
+/// ([`unpacked_at`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_k_quants(
+    layer: &KQuantTileLinear,
+    scratch: &mut [u8],
+    [g0, g1, b0, b1]: [usize; 4],
+) {
+    use std::arch::x86_64::*;
+    let (low, high) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+    for g in g0..g1 {
+        for b in b0..b1 {
+            let (tile, _) = layer.tile_at(g, b);
+            let dst = scratch[unpacked_at(g, b, b0)..][..QK * GROUP].as_mut_ptr();
+            // Each 64-byte row of a tile (a quad of 16 columns) as two halves of 8 columns.
+            for half in [0, 32] {
+                for h in 0..4 {
+                    let raw = _mm256_loadu_si256(tile.add(h * 4 * GROUP + half).cast());
+                    let nibbles = [
+                        _mm256_and_si256(raw, low),
+                        _mm256_and_si256(_mm256_srli_epi16(raw, 4), low),
+                    ];
+                    for (upper, nibble) in nibbles.into_iter().enumerate() {
+                        let code = match layer.kind {
+                            KQuant::Q4k => nibble,
+                            KQuant::Q6k => {
+                                let at = NIBBLES + upper * 4 * GROUP + half;
+                                let pairs = _mm256_loadu_si256(tile.add(at).cast());
+                                // Bit pair h to bits 4 and 5 (16-bit shifts: what crosses
+                                // a byte is masked).
+                                let bits = match h {
+                                    0 => _mm256_slli_epi16(pairs, 4),
+                                    1 => _mm256_slli_epi16(pairs, 2),
+                                    2 => pairs,
+                                    _ => _mm256_srli_epi16(pairs, 2),
+                                };
+                                _mm256_or_si256(nibble, _mm256_and_si256(bits, high))
+                            }
+                        };
+                        let quad = 4 * upper + h;
+                        _mm256_storeu_si256(dst.add(quad * 4 * GROUP + half).cast(), code);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The kernels on 256-bit registers (CPUs without AVX-512): 8 columns a register, two rows at a
 /// time (16 registers), over the same tiles. The k-quants' codes are widened into
 /// [`unpacked_product`]'s scratch first, so one inner loop serves every format.
@@ -934,7 +950,7 @@ mod wide256 {
         }
     }
 
-    /// The k-quants from [`unpack`]'s scratch: q4k a block at a time (d·scale·Σ code·c −
+    /// The k-quants from [`unpack_k_quants`]' scratch: q4k a block at a time (d·scale·Σ code·c −
     /// dmin·min·Σ c), q6k sixteen inputs at a time (d·scale·(Σ code·c − 32 Σ c)).
     #[target_feature(enable = "avx2,fma,avxvnni")]
     pub(super) unsafe fn k_quant_kernel(
@@ -1006,54 +1022,6 @@ mod wide256 {
                     }
                 }
                 store(&acc, out, [r, g * GROUP, n]);
-            }
-        }
-    }
-
-    /// The codes of tile groups g0..g1, blocks b0..b1, widened to a byte each (q4k 0..15; q6k
-    /// 0..63, a nibble and a bit pair put together) into `scratch`'s q8_0 layout
-    /// ([`unpacked_at`]).
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn unpack(
-        layer: &KQuantTileLinear,
-        scratch: &mut [u8],
-        [g0, g1, b0, b1]: [usize; 4],
-    ) {
-        let (low, high) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
-        for g in g0..g1 {
-            for b in b0..b1 {
-                let (tile, _) = layer.tile_at(g, b);
-                let dst = scratch[unpacked_at(g, b, b0)..][..QK * GROUP].as_mut_ptr();
-                // Each 64-byte row of a tile (a quad of 16 columns) as two halves of 8 columns.
-                for half in [0, 32] {
-                    for h in 0..4 {
-                        let raw = _mm256_loadu_si256(tile.add(h * 4 * GROUP + half).cast());
-                        let nibbles = [
-                            _mm256_and_si256(raw, low),
-                            _mm256_and_si256(_mm256_srli_epi16(raw, 4), low),
-                        ];
-                        for (upper, nibble) in nibbles.into_iter().enumerate() {
-                            let code = match layer.kind {
-                                KQuant::Q4k => nibble,
-                                KQuant::Q6k => {
-                                    let at = NIBBLES + upper * 4 * GROUP + half;
-                                    let pairs = _mm256_loadu_si256(tile.add(at).cast());
-                                    // Bit pair h to bits 4 and 5 (16-bit shifts: what crosses
-                                    // a byte is masked).
-                                    let bits = match h {
-                                        0 => _mm256_slli_epi16(pairs, 4),
-                                        1 => _mm256_slli_epi16(pairs, 2),
-                                        2 => pairs,
-                                        _ => _mm256_srli_epi16(pairs, 2),
-                                    };
-                                    _mm256_or_si256(nibble, _mm256_and_si256(bits, high))
-                                }
-                            };
-                            let quad = 4 * upper + h;
-                            _mm256_storeu_si256(dst.add(quad * 4 * GROUP + half).cast(), code);
-                        }
-                    }
-                }
             }
         }
     }
