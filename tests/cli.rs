@@ -176,7 +176,6 @@ fn bad_arguments_fail_with_a_message_naming_the_parameter() {
             "neither an existing folder",
         ),
         (vec!["--dtype", "f8"], "dtype"),
-        (vec!["--dtype", "bf16"], "bf16 is not supported on CPU"),
         (
             vec!["--quantize", "q9"],
             "--quantize: unknown weight format",

@@ -339,3 +339,131 @@ fn sdxl_base_then_refiner_matches_diffusers() {
         assert_eq!(out.images.len(), run.n);
     }
 }
+
+/// On the CPU a model asked for in f16 or bf16 holds its products' weights so and computes in
+/// f32: it must compute what the f32 model of those weights, rounded, computes. Each family's tiny
+/// model, against a copy whose held weights are rounded to the dtype and stored in f32 (the text
+/// encoders, biases and norms stay as stored: the CPU reads those in f32). A layer that computed
+/// in half precision, or a weight read in the wrong dtype, moves the latents by far more.
+#[test]
+fn half_precision_on_the_cpu_computes_the_f32_model_of_its_rounded_weights() {
+    use candela::engine::pipelines::{params::TransformerOptions, Pipeline};
+    for (model, upcast_vae, sampler) in [
+        ("sd1-tiny", false, "euler"),
+        ("sdxl-tiny", true, "euler"),
+        ("sd3-tiny", false, "flow_euler"),
+        ("flux-schnell-tiny", false, "flow_euler"),
+    ] {
+        for dtype in [DType::F16, DType::BF16] {
+            let source = fixtures().join("models").join(model);
+            let rounded = tempfile::tempdir().unwrap();
+            copy_dir(&source, rounded.path());
+            for folder in ["unet", "transformer", "vae"] {
+                // SDXL's pipeline runs its force_upcast VAE in f32 under f16.
+                if folder == "vae" && upcast_vae && dtype == DType::F16 {
+                    continue;
+                }
+                let Ok(files) = std::fs::read_dir(rounded.path().join(folder)) else {
+                    continue;
+                };
+                // Single or sharded.
+                for file in files {
+                    let path = file.unwrap().path();
+                    if path.extension().is_some_and(|e| e == "safetensors") {
+                        round_held_weights(&path, dtype);
+                    }
+                }
+            }
+            let load = |root: &std::path::Path, dtype: DType| {
+                let dir = ModelDir {
+                    root: root.to_path_buf(),
+                    prefer_fp16_variant: false,
+                };
+                Pipeline::load(&dir, &Device::Cpu, dtype, &Default::default()).unwrap()
+            };
+            let params = GenerateParams {
+                transformer: TransformerOptions {
+                    max_sequence_length: Some(16),
+                    ..Default::default()
+                },
+                prompt: "a lighthouse at dusk".into(),
+                negative_prompt: None,
+                width: 64,
+                height: 64,
+                steps: 3,
+                guidance_scale: 4.0,
+                seed: 7,
+                sampler: sampler.parse().unwrap(),
+                schedule: SigmaSchedule::Default,
+                solver_order: None,
+                n: 1,
+                clip_skip: 0,
+                refiner: None,
+                stage: None,
+                init: None,
+            };
+            // Image-to-image too: the VAE's encoder.
+            let picture = InitImage {
+                rgb: std::sync::Arc::new((0..64 * 64 * 3).map(|i| (i * 7 % 251) as u8).collect()),
+                strength: 0.7,
+                mask: None,
+            };
+            for init in [None, Some(picture)] {
+                let params = GenerateParams {
+                    init: init.clone(),
+                    ..params.clone()
+                };
+                let half = load(&source, dtype)
+                    .generate(&params, &mut |_| true)
+                    .unwrap();
+                let f32 = load(rounded.path(), DType::F32)
+                    .generate(&params, &mut |_| true)
+                    .unwrap();
+                let d = max_abs_diff(&half.latents, &f32.latents);
+                let scale = max_abs(&f32.latents);
+                eprintln!(
+                    "{model} {dtype:?} img2img={}: {d} of {scale}",
+                    init.is_some()
+                );
+                // The same f32 arithmetic but for the products' summation order (the held
+                // weights are widened by blocks).
+                assert!(
+                    d <= 1e-4 * scale.max(1.0),
+                    "{model} {dtype:?}: the half-precision CPU model is {d} from the f32 model of its rounded weights"
+                );
+                assert_eq!(half.latents.dtype(), DType::F32);
+            }
+        }
+    }
+}
+
+/// The file's tensors a CPU model in `dtype` holds in it, rounded to it and stored in f32.
+fn round_held_weights(path: &std::path::Path, dtype: DType) {
+    use candela::engine::models::blocks::cpu_holds_in_model_dtype;
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let tensors: std::collections::HashMap<_, _> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if cpu_holds_in_model_dtype(&name, t.dims()) {
+                t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap()
+            } else {
+                t
+            };
+            (name, t)
+        })
+        .collect();
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}

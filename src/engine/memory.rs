@@ -29,6 +29,7 @@ use candle_core::DType;
 
 use crate::engine::error::Result;
 use crate::engine::loader::{weights::SafetensorsFile, ModelDir};
+use crate::engine::models::blocks::{compute_dtype, cpu_holds_in_model_dtype};
 use crate::engine::models::{
     dit::{CpuQuantized, WeightFormat},
     flux::FluxTransformerConfig,
@@ -215,6 +216,8 @@ impl Footprint {
             };
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
             let mut bytes = if folder.starts_with("text_encoder") {
+                // Text encoders compute in f32 on the CPU and hold as stored there.
+                let component_dtype = compute_dtype(device, component_dtype);
                 let config: serde_json::Value = dir.read_json(&format!("{folder}/config.json"))?;
                 // T5's rules (and format), or the holding every text encoder on the CPU follows.
                 let on_cpu = device.is_cpu();
@@ -233,6 +236,17 @@ impl Footprint {
                         )
                     })
                 }
+            } else if device.is_cpu() {
+                // The products' weights in the dtype, the rest in the f32 the CPU computes in
+                // (`blocks::compute_dtype`).
+                file.loaded_bytes_with(|name, _, shape| {
+                    let held = if cpu_holds_in_model_dtype(name, shape) {
+                        component_dtype
+                    } else {
+                        DType::F32
+                    };
+                    (shape.iter().product::<usize>() * held.size_in_bytes()) as u64
+                })
             } else {
                 file.loaded_bytes(component_dtype)
             };
@@ -248,7 +262,7 @@ impl Footprint {
                 }
             }
             components.push((folder.to_string(), bytes));
-            if device.is_cpu() && dtype == DType::F32 && (folder == "unet" || folder == "vae") {
+            if device.is_cpu() && (folder == "unet" || folder == "vae") {
                 winograd_buffer = winograd_buffer.max(file.winograd_buffer_bytes());
             }
         }
@@ -300,8 +314,9 @@ impl Footprint {
                 DEVICE_VAE_MAPS
             },
             latent_scale: vae.scale_factor(),
-            dtype_bytes: dtype.size_in_bytes(),
-            vae_dtype_bytes: vae_dtype.size_in_bytes(),
+            // Activations in the dtype the device computes in.
+            dtype_bytes: compute_dtype(device, dtype).size_in_bytes(),
+            vae_dtype_bytes: compute_dtype(device, vae_dtype).size_in_bytes(),
             vae_tile: if options.vae_tiling {
                 vae.tile_pixels()
             } else {

@@ -1,8 +1,10 @@
 //! Building blocks shared by the UNet and the VAE (diffusers' `resnet.py`, `upsampling.py`,
 //! `downsampling.py`), plus small config helpers.
 
-use candle_core::{Device, Module, Tensor};
-use candle_nn::{conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use super::cpu_half_linear::{is_half, HalfLinear};
 use serde::Deserialize;
 
 /// A config value that diffusers accepts either as one number for every block or as a per-block list.
@@ -60,13 +62,34 @@ pub fn timestep_features(
 /// flattened rows and the bias added by a fused kernel, where candle's runs a batched matmul and
 /// a broadcasting add whose per-element index arithmetic made the add cost as much as the matmul
 /// (H200: 2560-wide outputs of 8192 rows, 0.41 ms against PyTorch's 0.06).
+///
+/// On the CPU a weight in bf16 or f16 stays so and is widened block by block as it is
+/// multiplied in f32 ([`HalfLinear`]): the CPU computes in f32 whatever dtype the model was
+/// asked for ([`compute_dtype`]), so a half-precision model there holds its weights at half
+/// their f32 memory and computes what the f32 model of those weights computes.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    held: HeldWeight,
+}
+
+#[derive(Clone, Debug)]
+enum HeldWeight {
+    Candle(candle_nn::Linear),
+    CpuHalf {
+        layer: std::sync::Arc<HalfLinear>,
+        /// f32, also inside `layer` (which adds it under its product).
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        match Self::cpu_half(&weight, bias.as_ref()) {
+            Some(Ok(held)) => return Self { held },
+            // Not a layout HalfLinear takes: as any other weight (candle's error, if any, then
+            // comes from the product with its real operands).
+            Some(Err(_)) | None => {}
+        }
         // On the CPU the weight is kept in the layout the gemm crate reads fastest.
         let weight = match weight.device() {
             Device::Cpu if weight.rank() == 2 => {
@@ -75,42 +98,100 @@ impl Linear {
             _ => weight,
         };
         Self {
-            inner: candle_nn::Linear::new(weight, bias),
+            held: HeldWeight::Candle(candle_nn::Linear::new(weight, bias)),
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    /// A CPU weight in half precision, held so; its bias widened to f32.
+    fn cpu_half(weight: &Tensor, bias: Option<&Tensor>) -> Option<candle_core::Result<HeldWeight>> {
+        let half = weight.device().is_cpu() && is_half(weight.dtype()) && weight.rank() == 2;
+        half.then(|| {
+            let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+            Ok(HeldWeight::CpuHalf {
+                layer: std::sync::Arc::new(HalfLinear::new(weight, bias.as_ref())?),
+                bias,
+            })
+        })
+    }
+
+    /// The weight as candle holds it; `None` for one held in half precision on the CPU.
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.held {
+            HeldWeight::Candle(inner) => Some(inner.weight()),
+            HeldWeight::CpuHalf { .. } => None,
+        }
+    }
+
+    /// The weight (out, in) in the dtype it is multiplied in: widened to f32 where it is held in
+    /// half precision on the CPU (a copy: for quantizing it).
+    pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.held {
+            HeldWeight::Candle(inner) => Ok(inner.weight().clone()),
+            HeldWeight::CpuHalf { layer, .. } => layer.widened_weight(),
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
+        match &self.held {
+            HeldWeight::Candle(inner) => inner.bias(),
+            HeldWeight::CpuHalf { bias, .. } => bias.as_ref(),
+        }
+    }
+
+    /// The dtype the layer takes and gives.
+    pub fn input_dtype(&self) -> DType {
+        match &self.held {
+            HeldWeight::Candle(inner) => inner.weight().dtype(),
+            HeldWeight::CpuHalf { .. } => DType::F32,
+        }
+    }
+
+    /// (outputs, inputs).
+    pub fn shape(&self) -> (usize, usize) {
+        match &self.held {
+            HeldWeight::Candle(inner) => inner.weight().dims2().unwrap_or_default(),
+            HeldWeight::CpuHalf { layer, .. } => layer.shape(),
+        }
+    }
+
+    /// Bytes the weight and bias are held in.
+    pub fn bytes(&self) -> usize {
+        match &self.held {
+            HeldWeight::Candle(inner) => {
+                super::tensor_bytes(inner.weight()) + inner.bias().map_or(0, super::tensor_bytes)
+            }
+            HeldWeight::CpuHalf { layer, .. } => layer.bytes(),
+        }
     }
 
     /// The product without the bias ([`Self::bias`]); on CUDA one 2-D matmul over the flattened
     /// rows.
     pub fn forward_unbiased(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let inner = match &self.held {
+            HeldWeight::Candle(inner) => inner,
+            HeldWeight::CpuHalf { layer, .. } => return layer.forward_unbiased(xs),
+        };
         #[cfg(feature = "cuda")]
         if crate::engine::cuda::elementwise::supports(xs) {
-            let (out, inner) = self.inner.weight().dims2()?;
+            let (out, width) = inner.weight().dims2()?;
             let mut dims = xs.dims().to_vec();
-            let rows = xs.elem_count() / inner.max(1);
+            let rows = xs.elem_count() / width.max(1);
             let ys = xs
                 .contiguous()?
-                .reshape((rows, inner))?
-                .matmul(&self.inner.weight().t()?)?;
+                .reshape((rows, width))?
+                .matmul(&inner.weight().t()?)?;
             if let Some(last) = dims.last_mut() {
                 *last = out;
             }
             return ys.reshape(dims);
         }
-        candle_nn::Linear::new(self.inner.weight().clone(), None).forward(xs)
+        candle_nn::Linear::new(inner.weight().clone(), None).forward(xs)
     }
 
     /// The product with its bias left to the fused kernel that consumes it where one runs
     /// ([`Biased`]); added here otherwise.
     pub fn forward_deferring_bias(&self, xs: &Tensor) -> candle_core::Result<Biased> {
-        match self.inner.bias() {
+        match self.bias() {
             Some(bias) if defers_bias(xs, bias) => Ok(Biased {
                 product: self.forward_unbiased(xs)?,
                 bias: Some(bias.clone()),
@@ -242,8 +323,12 @@ impl Biased {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let inner = match &self.held {
+            HeldWeight::Candle(inner) => inner,
+            HeldWeight::CpuHalf { layer, .. } => return layer.forward(xs),
+        };
         #[cfg(feature = "cuda")]
-        if let Some(bias) = self.inner.bias() {
+        if let Some(bias) = inner.bias() {
             if crate::engine::cuda::elementwise::supports(xs) && xs.dtype() == bias.dtype() {
                 return Biased {
                     product: self.forward_unbiased(xs)?,
@@ -253,18 +338,64 @@ impl Module for Linear {
                 .resolve();
             }
         }
-        self.inner.forward(xs)
+        inner.forward(xs)
     }
 }
 
+/// The dtype a model computes in when its weights are read in `dtype` on `device`: f32 on the
+/// CPU, where a half-precision dtype only says how the products' weights are held ([`Linear`],
+/// [`Conv2d`]; candle's CPU backend has no bf16 product and rounds f16 products to f16, 2–6×
+/// slower than f32 on FLUX's blocks and the VAE); that dtype elsewhere.
+pub fn compute_dtype(device: &Device, dtype: DType) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// Whether a model on the CPU holds tensor `name` of `shape` in its own dtype: the products'
+/// weights ([`linear`], [`conv`]; SD3's small patch embedding is read in f32). Everything else
+/// it reads in f32 ([`computing`]). The memory planner counts by this.
+pub fn cpu_holds_in_model_dtype(name: &str, shape: &[usize]) -> bool {
+    name.ends_with(".weight") && shape.len() >= 2 && !name.ends_with("pos_embed.proj.weight")
+}
+
+/// `vb` reading in its model's [`compute_dtype`]: for everything but the products' weights
+/// (biases, norms, position tables).
+pub fn computing(vb: VarBuilder) -> VarBuilder {
+    let dtype = compute_dtype(vb.device(), vb.dtype());
+    vb.to_dtype(dtype)
+}
+
+/// A Linear layer's weight read as `vb` reads it, its bias in the [`compute_dtype`] (candle's
+/// initialisation for random weights).
 pub fn linear(input: usize, output: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    let layer = candle_nn::linear(input, output, vb)?;
-    Ok(Linear::new(layer.weight().clone(), layer.bias().cloned()))
+    let bound = 1. / (input as f64).sqrt();
+    let bias = computing(vb.clone()).get_with_hints(
+        output,
+        "bias",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    Ok(Linear::new(
+        product_weight(&vb, (output, input))?,
+        Some(bias),
+    ))
 }
 
 pub fn linear_no_bias(input: usize, output: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    let layer = candle_nn::linear_no_bias(input, output, vb)?;
-    Ok(Linear::new(layer.weight().clone(), None))
+    Ok(Linear::new(product_weight(&vb, (output, input))?, None))
+}
+
+/// A product's `weight` in `vb`'s dtype.
+fn product_weight(
+    vb: &VarBuilder,
+    shape: impl Into<candle_core::Shape>,
+) -> candle_core::Result<Tensor> {
+    vb.get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)
 }
 
 /// GroupNorm with learned per-channel scale and shift; on the CPU in f32 one fused pass
@@ -285,6 +416,7 @@ pub fn group_norm(
     eps: f64,
     vb: VarBuilder,
 ) -> candle_core::Result<GroupNorm> {
+    let vb = computing(vb);
     GroupNorm::from_parts(
         vb.get(channels, "weight")?,
         vb.get(channels, "bias")?,
@@ -434,6 +566,14 @@ impl Module for Conv2d {
                 if let Some(pointwise) = self.cpu_pointwise(xs, None) {
                     return pointwise();
                 }
+                if inner.weight().dtype() != xs.dtype() && xs.device().is_cpu() {
+                    // A weight held in half precision on the CPU, for a layer none of the CPU
+                    // kernels take (the models' 1×1 and 3×3 ones do).
+                    return widened(inner.weight()).and_then(|w| {
+                        candle_nn::Conv2d::new(w, inner.bias().cloned(), *inner.config())
+                            .forward(xs)
+                    });
+                }
                 #[cfg(feature = "cudnn")]
                 if let (true, Some(bias)) = (xs.device().is_cuda(), inner.bias()) {
                     let c = inner.config();
@@ -500,12 +640,13 @@ impl Conv2d {
         let taken = super::cpu_util::is_cpu_f32(xs) && !im2col_wins(xs, c.stride);
         taken.then_some(move || {
             let pad = extra.map(|p| p + c.padding);
-            super::cpu_conv::conv3x3_strided(xs, inner.weight(), inner.bias(), c.stride, pad)
+            let weight = widened(inner.weight())?;
+            super::cpu_conv::conv3x3_strided(xs, &weight, inner.bias(), c.stride, pad)
         })
     }
 
     /// The weight (Co, Ci) and bias of a 1×1, stride-1, unpadded convolution: a per-position
-    /// product ([`super::cpu_pointwise`]).
+    /// product ([`super::cpu_pointwise`]); on the CPU in f32.
     pub fn as_pointwise(&self) -> Option<(Tensor, Option<&Tensor>)> {
         let Self::Candle { inner, .. } = self else {
             return None;
@@ -516,7 +657,8 @@ impl Conv2d {
         if !plain || c.groups != 1 {
             return None;
         }
-        Some((inner.weight().reshape((co, ci)).ok()?, inner.bias()))
+        let weight = inner.weight().reshape((co, ci)).ok()?;
+        Some((widened(&weight).ok()?, inner.bias()))
     }
 
     /// The CPU run of a 1×1 convolution over `xs`, plus `addend` (the output's shape) when given.
@@ -563,6 +705,17 @@ impl Conv2d {
     }
 }
 
+/// A CPU weight held in half precision widened to f32 for the product (a copy per call: the
+/// layers that take this are the narrow ones, and those of 16² outputs and below); others as
+/// they are.
+fn widened(weight: &Tensor) -> candle_core::Result<Tensor> {
+    if weight.device().is_cpu() && is_half(weight.dtype()) {
+        weight.to_dtype(DType::F32)
+    } else {
+        Ok(weight.clone())
+    }
+}
+
 /// Whether [`super::cpu_conv`] takes a convolution of this kernel and stride (on the CPU in f32).
 fn direct_3x3(kh: usize, kw: usize, stride: usize) -> bool {
     (kh, kw) == (3, 3) && stride <= 2
@@ -577,19 +730,25 @@ pub fn conv(
     padding: usize,
 ) -> candle_core::Result<Conv2d> {
     let same_3x3 = kernel == 3 && stride == 1 && padding == 1;
-    let cpu_f32 = vb.device().is_cpu() && vb.dtype() == candle_core::DType::F32;
-    let inner = conv2d(
-        cin,
+    // The CPU computes in f32 whatever the weights' dtype ([`compute_dtype`]).
+    let on_cpu = vb.device().is_cpu();
+    let bound = 1. / (cin as f64).sqrt();
+    let bias = computing(vb.clone()).get_with_hints(
         cout,
-        kernel,
-        Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
+        "bias",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
         },
-        vb,
     )?;
-    if same_3x3 && cpu_f32 && super::cpu_winograd::worthwhile(cin) {
+    let config = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    let weight = product_weight(&vb, (cout, cin, kernel, kernel))?;
+    let inner = candle_nn::Conv2d::new(weight, Some(bias), config);
+    if same_3x3 && on_cpu && super::cpu_winograd::worthwhile(cin) {
         return Ok(Conv2d::Winograd {
             weight: super::cpu_winograd::WinogradWeight::from_tensor(inner.weight())?,
             bias: inner.bias().cloned(),
@@ -757,6 +916,102 @@ impl Upsample2D {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// On the CPU, layers read from a half-precision model hold their weights so (half the
+    /// bytes) and compute in f32 what the f32 layers of the rounded weights compute: Linear with
+    /// and without its bias, and every convolution path (Winograd's, the direct 3×3 at stride 1
+    /// and 2, 1×1, and candle's for the rest); their biases read in f32, unrounded.
+    #[test]
+    fn half_precision_layers_on_the_cpu_hold_half_and_compute_f32() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let values = |seed: f32, dims: &[usize]| {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+            Tensor::from_vec(v, dims, &dev)
+        };
+        let (ci, co) = (40, 24);
+        let mut tensors = std::collections::HashMap::new();
+        tensors.insert("fc.weight".to_string(), values(0.1, &[co, ci])?);
+        tensors.insert("fc.bias".to_string(), values(0.2, &[co])?);
+        for (name, k) in [("c3", 3), ("c1", 1), ("c2", 2)] {
+            tensors.insert(format!("{name}.weight"), values(0.3, &[co, ci, k, k])?);
+            tensors.insert(format!("{name}.bias"), values(0.4, &[co])?);
+        }
+        let xs = values(0.5, &[2, ci, 12, 10])?;
+        let tokens = values(0.6, &[2, 7, ci])?;
+        for dtype in [DType::F16, DType::BF16] {
+            let rounded: std::collections::HashMap<_, _> = tensors
+                .iter()
+                .map(|(name, t)| {
+                    let held = cpu_holds_in_model_dtype(name, t.dims());
+                    let t = if held {
+                        t.to_dtype(dtype)?.to_dtype(DType::F32)?
+                    } else {
+                        t.clone()
+                    };
+                    Ok((name.clone(), t))
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let half = VarBuilder::from_tensors(tensors.clone(), dtype, &dev);
+            let f32 = VarBuilder::from_tensors(rounded, DType::F32, &dev);
+            let check = |what: &str, ours: Tensor, expected: Tensor| -> candle_core::Result<()> {
+                assert_eq!(ours.dtype(), DType::F32, "{what}");
+                let d = (ours - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d <= 1e-5 * scale, "{what} {dtype:?}: {d} of {scale}");
+                Ok(())
+            };
+            let (ours, theirs) = (
+                linear(ci, co, half.pp("fc"))?,
+                linear(ci, co, f32.pp("fc"))?,
+            );
+            assert_eq!(ours.bytes(), co * ci * 2 + co * 4);
+            assert_eq!(ours.bias().map(|b| b.dtype()), Some(DType::F32));
+            check("linear", ours.forward(&tokens)?, theirs.forward(&tokens)?)?;
+            check(
+                "linear unbiased",
+                ours.forward_unbiased(&tokens)?,
+                theirs.forward_unbiased(&tokens)?,
+            )?;
+            check(
+                "dense weight",
+                ours.dense_weight()?,
+                f32.get((co, ci), "fc.weight")?,
+            )?;
+            for (name, k, stride, padding) in [
+                ("c3", 3, 1, 1), // Winograd's
+                ("c3", 3, 2, 1), // the direct kernel, stride 2
+                ("c1", 1, 1, 0), // 1×1
+                ("c2", 2, 2, 0), // candle's
+            ] {
+                let ours = conv(half.pp(name), ci, co, k, stride, padding)?;
+                let theirs = conv(f32.pp(name), ci, co, k, stride, padding)?;
+                if let Conv2d::Winograd { weight, .. } = &ours {
+                    assert_eq!(weight.bytes(), co * ci * 9 * 2, "{dtype:?}");
+                }
+                let what = format!("conv {k}×{k} stride {stride}");
+                check(&what, ours.forward(&xs)?, theirs.forward(&xs)?)?;
+                if k == 3 {
+                    check(
+                        &format!("{what} padded"),
+                        ours.forward_padded(&xs, [0, 1, 1, 0])?,
+                        theirs.forward_padded(&xs, [0, 1, 1, 0])?,
+                    )?;
+                }
+            }
+            // The direct 3×3 kernel at stride 1: too few input channels for Winograd's.
+            let narrow = values(0.7, &[2, 4, 9, 9])?;
+            let w = values(0.8, &[co, 4, 3, 3])?;
+            let ours = Conv2d::from_parts(w.to_dtype(dtype)?, None, 1, 1);
+            let theirs = Conv2d::from_parts(w.to_dtype(dtype)?.to_dtype(DType::F32)?, None, 1, 1);
+            check(
+                "direct 3×3",
+                ours.forward(&narrow)?,
+                theirs.forward(&narrow)?,
+            )?;
+        }
+        Ok(())
+    }
 
     /// A Linear's output with its bias still to add, summed with another part's (FLUX's split
     /// projection), resolves to the sum of both full outputs whichever of them carries a bias;

@@ -79,20 +79,46 @@ impl HalfLinear {
         })
     }
 
+    /// (outputs, inputs).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.outputs, self.inputs)
+    }
+
     /// Bytes the weight and bias are held in.
     pub fn bytes(&self) -> usize {
         self.inputs * self.outputs * 2 + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
 
-    /// `xs` (…, in), f32 on the CPU, times the weight: (…, out) in f32.
+    /// `xs` (…, in), f32 on the CPU, times the weight, plus the bias: (…, out) in f32.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.product(xs, true)
+    }
+
+    /// [`Self::forward`] without the bias.
+    pub fn forward_unbiased(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.product(xs, false)
+    }
+
+    /// The weight widened to f32, (out, in): for a layer quantized from it.
+    pub fn widened_weight(&self) -> candle_core::Result<Tensor> {
+        let (k, n) = (self.inputs, self.outputs);
+        let values: Vec<f32> = match &self.values {
+            Values::Bf16(v) => v.to_f32_vec(),
+            Values::F16(v) => v.to_f32_vec(),
+        };
+        Tensor::from_vec(values, (k, n), &Device::Cpu)?
+            .t()?
+            .contiguous()
+    }
+
+    fn product(&self, xs: &Tensor, with_bias: bool) -> candle_core::Result<Tensor> {
         let (k, n) = (self.inputs, self.outputs);
         forward_f32("a half-precision", xs, k, n, |lhs, rows| {
             widened_product(
                 lhs,
                 rows,
                 [k, n],
-                self.bias.as_deref(),
+                self.bias.as_deref().filter(|_| with_bias),
                 PartLayout::InputsMajor,
                 |[r0, depth, c0, width], part| {
                     // `depth` rows of `width` values, `n` apart, from (r0, c0).
@@ -348,9 +374,7 @@ impl HeldLinear {
     /// Bytes the weight and bias are held in.
     pub fn bytes(&self) -> usize {
         match self {
-            Self::Full(layer) => {
-                super::tensor_bytes(layer.weight()) + layer.bias().map_or(0, super::tensor_bytes)
-            }
+            Self::Full(layer) => layer.bytes(),
             Self::Half(layer) => layer.bytes(),
             Self::Quantized(layer) => layer.bytes(),
         }
@@ -402,6 +426,16 @@ fn widen_f16_impl(src: &[u16], stride: usize, width: usize, dst: &mut [f32]) {
 
 avx512_dispatch!(fn widen_bf16(src: &[u16], stride: usize, width: usize, dst: &mut [f32]) = widen_bf16_impl);
 avx512_dispatch!(fn widen_f16(src: &[u16], stride: usize, width: usize, dst: &mut [f32]) = widen_f16_impl);
+
+/// `dst` = `src` widened to f32, exactly.
+pub(crate) fn widen_bf16_slice(src: &[bf16], dst: &mut [f32]) {
+    widen_bf16(src.reinterpret_cast(), src.len(), src.len(), dst)
+}
+
+/// `dst` = `src` widened to f32, exactly.
+pub(crate) fn widen_f16_slice(src: &[f16], dst: &mut [f32]) {
+    widen_f16(src.reinterpret_cast(), src.len(), src.len(), dst)
+}
 
 /// Columns per task: [`BLOCK`], or fewer where that would leave under four tasks a thread (a
 /// 1280-wide layer in five blocks kept one of two cores idle a fifth of the time).

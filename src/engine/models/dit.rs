@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
-use super::blocks::{linear, Biased, Linear};
+use super::blocks::{compute_dtype, computing, linear, Biased, Linear};
 use super::cpu_int8_tiles::{self as int8_tiles, KQuantTileLinear, Q8TileLinear};
 use super::cpu_quantized_linear::QuantizedCpuLinear;
 
@@ -339,13 +339,18 @@ impl BlockLinear {
     /// A dense layer held in `format` (or its fallback for the layer's rows,
     /// [`WeightFormat::for_inputs`]).
     pub fn from_dense(dense: Linear, format: WeightFormat) -> candle_core::Result<Self> {
-        let (weight, bias) = (dense.weight(), dense.bias());
-        let (output, input) = weight.dims2()?;
+        let (output, input) = dense.shape();
         let format = format.for_inputs(input);
+        let ggml = match format {
+            WeightFormat::Dense => return Ok(Self::Dense(dense)),
+            WeightFormat::Fp8 => None,
+            WeightFormat::Quantized(t, _) => Some(t),
+        };
+        let (weight, bias) = (&dense.dense_weight()?, dense.bias());
         let cpu_product = format.cpu_product().filter(|_| weight.device().is_cpu());
-        match format {
-            WeightFormat::Fp8 => Self::new_fp8(weight.clone(), bias),
-            WeightFormat::Quantized(t, _) => match cpu_product {
+        match ggml {
+            None => Self::new_fp8(weight.clone(), bias),
+            Some(t) => match cpu_product {
                 Some(CpuProduct::Q8Tiles) if Q8TileLinear::fits(input, output) => {
                     Ok(Self::Q8Tiles(Q8TileLinear::new(weight, bias)?))
                 }
@@ -361,7 +366,6 @@ impl BlockLinear {
                 // candle's product: its tiles on the CPU, its kernels on a GPU.
                 Some(CpuProduct::CandleTiles) | None => Self::candle_quantized(weight, bias, t),
             },
-            WeightFormat::Dense => Ok(Self::Dense(dense)),
         }
     }
 
@@ -441,7 +445,7 @@ impl BlockLinear {
     pub fn bytes(&self) -> usize {
         let bias = |b: Option<&Tensor>| b.map_or(0, super::tensor_bytes);
         match self {
-            Self::Dense(l) => super::tensor_bytes(l.weight()) + bias(l.bias()),
+            Self::Dense(l) => l.bytes(),
             Self::Quantized { weight, bias: b } => {
                 let blocks = match weight {
                     QMatMul::QTensor(q) => {
@@ -547,7 +551,12 @@ pub struct PlainLayerNorm {
 
 impl PlainLayerNorm {
     pub fn new(dim: usize, eps: f64, vb: &VarBuilder) -> candle_core::Result<Self> {
-        Self::on(dim, eps, vb.dtype(), vb.device())
+        Self::on(
+            dim,
+            eps,
+            compute_dtype(vb.device(), vb.dtype()),
+            vb.device(),
+        )
     }
 
     pub fn on(
@@ -748,7 +757,7 @@ fn qk_norms(
     head_dim: usize,
 ) -> candle_core::Result<[(RmsNorm, Tensor); 2]> {
     let norm = |name: &str| -> candle_core::Result<(RmsNorm, Tensor)> {
-        let weight = vb.get(head_dim, &format!("{name}.weight"))?;
+        let weight = computing(vb.clone()).get(head_dim, &format!("{name}.weight"))?;
         Ok((RmsNorm::new(weight.clone(), QK_NORM_EPS), weight))
     };
     Ok([norm(names[0])?, norm(names[1])?])

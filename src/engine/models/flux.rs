@@ -6,7 +6,7 @@
 use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::blocks::{linear, Biased, Linear};
+use super::blocks::{computing, linear, Biased, Linear};
 use serde::Deserialize;
 
 use super::blocks::timestep_features;
@@ -94,7 +94,7 @@ impl SingleOutput {
         };
         Ok(Self {
             attn: part(0, dim, None)?,
-            mlp: part(dim, mlp, Some(vb.get(dim, "bias")?))?,
+            mlp: part(dim, mlp, Some(computing(vb).get(dim, "bias")?))?,
         })
     }
 

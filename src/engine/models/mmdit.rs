@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{Module, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 
-use super::blocks::{linear, Linear};
+use super::blocks::{computing, linear, Linear};
 use serde::Deserialize;
 
 use super::blocks::timestep_features;
@@ -273,9 +273,10 @@ impl Sd3Transformer {
                 stride: p,
                 ..Default::default()
             },
-            vb.pp("pos_embed.proj"),
+            // Small: read in the compute dtype (f32 on the CPU) whatever the blocks' dtype.
+            computing(vb.pp("pos_embed.proj")),
         )?;
-        let pos_embed = vb.get((1, max * max, dim), "pos_embed.pos_embed")?;
+        let pos_embed = computing(vb.clone()).get((1, max * max, dim), "pos_embed.pos_embed")?;
         let blocks = (0..c.num_layers)
             .map(|i| {
                 JointBlock::new(

@@ -238,7 +238,7 @@ impl OutputProjection {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             // f32 under f16: the input widened to it.
-            Self::Held(HeldLinear::Full(wo)) => wo.forward(&xs.to_dtype(wo.weight().dtype())?),
+            Self::Held(HeldLinear::Full(wo)) => wo.forward(&xs.to_dtype(wo.input_dtype())?),
             Self::Held(wo) => wo.forward(xs),
             // A plain product: `Linear::new` would lay the widened weight out again per call.
             Self::Widened(weight) => xs

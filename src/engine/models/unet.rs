@@ -5,7 +5,7 @@ use std::path::Path;
 use candle_core::{Module, Tensor, D};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use super::blocks::{linear, Biased, Linear};
+use super::blocks::{computing, linear, Biased, Linear};
 use serde::Deserialize;
 
 use super::attention::Attention;
@@ -325,9 +325,9 @@ impl BasicTransformerBlock {
         let head_dim = dim / heads;
         let inner_ff = dim * 4;
         Ok(Self {
-            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: layer_norm(dim, 1e-5, computing(vb.pp("norm1")))?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, false, upcast)?,
-            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: layer_norm(dim, 1e-5, computing(vb.pp("norm2")))?,
             attn2: Attention::new(
                 vb.pp("attn2"),
                 dim,
@@ -337,7 +337,7 @@ impl BasicTransformerBlock {
                 false,
                 upcast,
             )?,
-            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: layer_norm(dim, 1e-5, computing(vb.pp("norm3")))?,
             ff: FeedForward {
                 proj: linear(dim, inner_ff * 2, vb.pp("ff.net.0.proj"))?,
                 out: linear(inner_ff, dim, vb.pp("ff.net.2"))?,
@@ -371,7 +371,7 @@ impl Projection {
     fn as_pointwise(&self) -> Option<(Tensor, Option<&Tensor>)> {
         match self {
             Self::Conv(c) => c.as_pointwise(),
-            Self::Linear(l) => Some((l.weight().clone(), l.bias())),
+            Self::Linear(l) => Some((l.dense_weight().ok()?, l.bias())),
         }
     }
 

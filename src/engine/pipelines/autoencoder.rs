@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::ModelDir;
+use crate::engine::models::blocks::compute_dtype;
 use crate::engine::models::vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use crate::engine::rng::TorchGenerator;
 use crate::engine::{latents_to_images, GeneratedImage};
@@ -46,8 +47,9 @@ impl Autoencoder {
         Ok(Self {
             encoder: VaeEncoder::new(vb.clone(), config.clone(), &config_path)?,
             decoder: VaeDecoder::new(vb, config, &config_path)?,
-            dtype: vae_dtype,
-            latent_dtype: dtype,
+            // The CPU computes in f32 whatever the weights' dtype.
+            dtype: compute_dtype(device, vae_dtype),
+            latent_dtype: compute_dtype(device, dtype),
             device: device.clone(),
             tiling: false,
         })

@@ -81,7 +81,6 @@ impl Flux {
         options: &LoadOptions,
         random: bool,
     ) -> Result<Self> {
-        super::check_dtype(device, dtype)?;
         let source = super::WeightSource { dir, random };
         let weights = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let (text_device, text_dtype) = super::text_encoder_placement(device, dtype, options);
@@ -141,7 +140,8 @@ impl Flux {
             scheduler,
             device: device.clone(),
             text_device,
-            dtype,
+            // The CPU computes in f32 whatever the weights' dtype.
+            dtype: crate::engine::models::blocks::compute_dtype(device, dtype),
             prompts: PromptCache::default(),
         })
     }

@@ -10,6 +10,8 @@ pub mod timing;
 
 use candle_core::{DType, Device};
 
+use crate::engine::models::blocks::compute_dtype;
+
 use crate::engine::error::{EngineError, Result};
 use params::GenerateParams;
 
@@ -213,24 +215,15 @@ pub(crate) fn text_encoder_placement(
     dtype: DType,
     options: &LoadOptions,
 ) -> (Device, DType) {
-    if options.text_encoders_on_cpu && !device.is_cpu() {
-        // f32: candle's CPU backend has no bf16 matmul, and T5 overflows in f16. T5 still holds
-        // its weights in the checkpoint's bf16/f16 there (`t5::weight_dtype`).
-        (Device::Cpu, DType::F32)
+    // On the CPU in f32 whatever the model's dtype (`blocks::compute_dtype`): T5 overflows in
+    // f16; the text encoders still hold their weights in the checkpoint's bf16/f16 there
+    // (`cpu_half_linear::Holding`).
+    let device = if options.text_encoders_on_cpu {
+        &Device::Cpu
     } else {
-        (device.clone(), dtype)
-    }
-}
-
-/// candle's CPU backend has no bf16 matmul; fail before loading gigabytes.
-pub(crate) fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
-    if device.is_cpu() && dtype == DType::BF16 {
-        return Err(EngineError::invalid(
-            "dtype",
-            "bf16 is not supported on CPU; use f32 or f16",
-        ));
-    }
-    Ok(())
+        device
+    };
+    (device.clone(), compute_dtype(device, dtype))
 }
 
 /// The limits every pipeline applies: steps, images per request, guidance.

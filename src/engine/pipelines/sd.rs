@@ -152,12 +152,13 @@ impl StableDiffusion {
     }
 
     fn build(dir: &ModelDir, device: &Device, dtype: DType, random: bool) -> Result<Self> {
-        super::check_dtype(device, dtype)?;
         let source = super::WeightSource { dir, random };
         let weights_as = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let weights = |_component: &str, stem: &str| weights_as(stem, dtype);
+        // The CPU computes in f32 whatever the weights' dtype.
+        let compute = crate::engine::models::blocks::compute_dtype(device, dtype);
         // Random weights stand in for the repos' main files, in f32.
-        let text_weights = |stem: &str| source.get_with_stored(stem, dtype, device, DType::F32);
+        let text_weights = |stem: &str| source.get_with_stored(stem, compute, device, DType::F32);
         let index: ModelIndex = dir.read_json("model_index.json")?;
         let is_xl = SDXL_PIPELINES.contains(&index.class_name.as_str());
         if !is_xl && !SD_PIPELINES.contains(&index.class_name.as_str()) {
@@ -252,7 +253,7 @@ impl StableDiffusion {
             vae,
             scheduler,
             device: device.clone(),
-            dtype,
+            dtype: compute,
             prompts: PromptCache::default(),
         })
     }

@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::{tile_runs, Geometry, Run};
+use super::{tile_runs, Geometry, Run, Taps};
 use crate::engine::models::cpu_util::SharedOut;
 
 /// Tiles per parallel task (V and M of a chunk: 36·(Ci + Co)·TILES floats). 64 splits SD 1.5's
@@ -28,13 +28,11 @@ const G: [[f32; 3]; 6] = [
 
 /// `u` (Co, 36, Ci) = G g Gᵀ for each (Co, Ci) pair of `taps` (Co, 9, Ci), output channels in
 /// parallel.
-pub(super) fn transform_weight(taps: &[f32], ci: usize, u: &mut [f32]) {
-    u.par_chunks_mut(36 * ci)
-        .zip(taps.par_chunks(9 * ci))
-        .for_each_init(
-            || vec![0f32; 18 * ci],
-            |t, (u, g)| transform_channel(g, u, t, ci),
-        );
+pub(super) fn transform_weight(taps: &Taps, ci: usize, u: &mut [f32]) {
+    u.par_chunks_mut(36 * ci).enumerate().for_each_init(
+        || (vec![0f32; 18 * ci], Vec::new()),
+        |(t, widened), (o, u)| transform_channel(taps.channel(o, 9 * ci, widened), u, t, ci),
+    );
 }
 
 /// One output channel: `g` (9, Ci) → `u` (36, Ci), whole rows of Ci at a time; `t` holds G g

@@ -30,9 +30,59 @@ const TILES: usize = 96;
 /// 1.6 GiB for no step time this machine could measure (session 12, docs/performance.md).
 pub struct WinogradWeight {
     /// (Co, 9, Ci): the transform combines contiguous rows of Ci.
-    taps: Vec<f32>,
+    taps: Taps,
     co: usize,
     ci: usize,
+}
+
+/// The taps in the dtype the model holds its weights in: a half-precision model on the CPU
+/// holds them in bf16 / f16, widened exactly one output channel at a time as the per-call
+/// transform reads them.
+enum Taps {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl Taps {
+    /// Output channel `o`'s `len` (9 × Ci) taps in f32: the held ones, or widened into `scratch`.
+    fn channel<'a>(&'a self, o: usize, len: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        use super::cpu_half_linear::{widen_bf16_slice, widen_f16_slice};
+        let at = o * len..(o + 1) * len;
+        if let Self::F32(taps) = self {
+            return &taps[at];
+        }
+        scratch.resize(len, 0.0);
+        match self {
+            Self::Bf16(taps) => widen_bf16_slice(&taps[at], scratch),
+            Self::F16(taps) => widen_f16_slice(&taps[at], scratch),
+            Self::F32(_) => {}
+        }
+        scratch
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(t) => t.len(),
+            Self::Bf16(t) => t.len(),
+            Self::F16(t) => t.len(),
+        }
+    }
+}
+
+/// (Co, Ci, 3, 3) values → tap-major (Co, 9, Ci).
+fn tap_major<T: Copy + Default + Send + Sync>(weight: &[T], co: usize, ci: usize) -> Vec<T> {
+    let mut taps = vec![T::default(); co * ci * 9];
+    taps.par_chunks_mut(9 * ci)
+        .zip(weight.par_chunks(9 * ci))
+        .for_each(|(taps, weight)| {
+            for (i, g) in weight.chunks_exact(9).enumerate() {
+                for (tap, value) in g.iter().enumerate() {
+                    taps[tap * ci + i] = *value;
+                }
+            }
+        });
+    taps
 }
 
 thread_local! {
@@ -61,20 +111,15 @@ pub fn thread_buffer_bytes() -> usize {
 impl WinogradWeight {
     /// From (Co, Ci, 3, 3) values.
     pub fn new(weight: &[f32], co: usize, ci: usize) -> Self {
-        let mut taps = vec![0f32; co * ci * 9];
-        taps.par_chunks_mut(9 * ci)
-            .zip(weight.par_chunks(9 * ci))
-            .for_each(|(taps, weight)| {
-                for (i, g) in weight.chunks_exact(9).enumerate() {
-                    for (tap, value) in g.iter().enumerate() {
-                        taps[tap * ci + i] = *value;
-                    }
-                }
-            });
-        Self { taps, co, ci }
+        Self {
+            taps: Taps::F32(tap_major(weight, co, ci)),
+            co,
+            ci,
+        }
     }
 
-    /// From a (Co, Ci, 3, 3) CPU tensor.
+    /// From a (Co, Ci, 3, 3) CPU tensor, held in its dtype when that is bf16 or f16 (f32
+    /// otherwise).
     pub fn from_tensor(weight: &Tensor) -> candle_core::Result<Self> {
         let (co, ci, kh, kw) = weight.dims4()?;
         if (kh, kw) != (3, 3) || !weight.device().is_cpu() {
@@ -83,9 +128,22 @@ impl WinogradWeight {
                 weight.shape()
             );
         }
-        with_cpu_slice(&weight.to_dtype(DType::F32)?.contiguous()?, |w| {
-            Self::new(w, co, ci)
-        })
+        let flat = weight.contiguous()?.flatten_all()?;
+        let taps = match weight.dtype() {
+            DType::BF16 => Taps::Bf16(tap_major(&flat.to_vec1()?, co, ci)),
+            DType::F16 => Taps::F16(tap_major(&flat.to_vec1()?, co, ci)),
+            _ => return with_cpu_slice(&flat.to_dtype(DType::F32)?, |w| Self::new(w, co, ci)),
+        };
+        Ok(Self { taps, co, ci })
+    }
+
+    /// Bytes the weight is held in.
+    pub fn bytes(&self) -> usize {
+        let size = match self.taps {
+            Taps::F32(_) => 4,
+            Taps::Bf16(_) | Taps::F16(_) => 2,
+        };
+        self.taps.len() * size
     }
 
     pub fn shape(&self) -> (usize, usize) {
@@ -377,7 +435,7 @@ fn by_tiles(padded: &[f32], u: &[f32], bias: &[f32], out: &mut [f32], g: Geometr
 /// transforming its slice of the weight and running all the tiles through it.
 fn by_channels(
     padded: &[f32],
-    taps: &[f32],
+    taps: &Taps,
     bias: &[f32],
     out: &mut [f32],
     g: Geometry,
@@ -401,13 +459,14 @@ fn by_channels(
                 vec![0f32; 16 * slice * ci],
                 vec![0f32; 16 * slice * per_task],
                 vec![0f32; 6 * ci],
+                Vec::new(),
             )
         },
-        |(u, m, t), s| {
+        |(u, m, t, widened), s| {
             let o0 = s * slice;
             let rows = slice.min(co - o0);
             for (o, u) in u.chunks_exact_mut(16 * ci).take(rows).enumerate() {
-                transform_channel(&taps[(o0 + o) * 9 * ci..][..9 * ci], u, t, ci);
+                transform_channel(taps.channel(o0 + o, 9 * ci, widened), u, t, ci);
             }
             for (chunk, v) in v.chunks_exact(16 * ci * per_task).enumerate() {
                 let first = chunk * per_task;
