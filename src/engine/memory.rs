@@ -765,18 +765,20 @@ mod tests {
                 .unwrap()
         };
         // Its weights, and its decode's working memory (lease 4: SDXL's peak at 1024² was the
-        // f32 decode); SD 1.5's VAE follows the dtype.
+        // f32 decode); SD 1.5's VAE holds its products' weights in the dtype. The CPU decodes
+        // in f32 under either.
         let decode = |name: &str, dtype: DType| read(name, dtype).vae_decode_bytes(512, 512);
         for measure in [&vae_bytes as &dyn Fn(&str, DType) -> u64, &decode] {
             assert_eq!(
                 measure("sdxl-tiny", DType::F16),
                 measure("sdxl-tiny", DType::F32)
             );
-            assert_eq!(
-                2 * measure("sd1-tiny", DType::F16),
-                measure("sd1-tiny", DType::F32)
-            );
         }
+        assert!(10 * vae_bytes("sd1-tiny", DType::F16) < 6 * vae_bytes("sd1-tiny", DType::F32));
+        assert_eq!(
+            decode("sd1-tiny", DType::F16),
+            decode("sd1-tiny", DType::F32)
+        );
     }
 
     #[test]
@@ -982,7 +984,7 @@ mod tests {
     }
 
     #[test]
-    fn cpu_f32_counts_the_winograd_buffer() {
+    fn the_cpu_counts_the_winograd_buffer_and_its_half_precision_weights() {
         let dir = sd1_dir();
         let options = LoadOptions::default();
         let f32_cpu = Footprint::read(&dir, &Device::Cpu, DType::F32, &options).unwrap();
@@ -1016,22 +1018,34 @@ mod tests {
             })
             .max()
             .unwrap();
+        // The CPU computes in f32 under f16 too.
         assert_eq!(buffer(&f32_cpu), [widest]);
-        assert_eq!(buffer(&f16_cpu), [] as [u64; 0]);
-        let loaded: u64 = [
-            "text_encoder/model",
-            "unet/diffusion_pytorch_model",
-            "vae/diffusion_pytorch_model",
-        ]
-        .iter()
-        .flat_map(|stem| {
-            candle_core::safetensors::load(dir.file(&format!("{stem}.safetensors")), &Device::Cpu)
-                .unwrap()
-                .into_values()
-        })
-        .map(|t| (t.elem_count() * 4) as u64)
-        .sum();
-        assert_eq!(f32_cpu.weights_bytes(), loaded + widest);
+        assert_eq!(buffer(&f16_cpu), [widest]);
+        // Under f16 the UNet's and VAE's products' weights in f16, the rest (and the text
+        // encoder, stored in f32) in f32.
+        let loaded = |half: bool| -> u64 {
+            [
+                "text_encoder/model",
+                "unet/diffusion_pytorch_model",
+                "vae/diffusion_pytorch_model",
+            ]
+            .iter()
+            .flat_map(|stem| {
+                let file = dir.file(&format!("{stem}.safetensors"));
+                let text = stem.starts_with("text");
+                candle_core::safetensors::load(file, &Device::Cpu)
+                    .unwrap()
+                    .into_iter()
+                    .map(move |(name, t)| {
+                        let held = half && !text && cpu_holds_in_model_dtype(&name, t.dims());
+                        (t.elem_count() * if held { 2 } else { 4 }) as u64
+                    })
+            })
+            .sum()
+        };
+        assert_eq!(f32_cpu.weights_bytes(), loaded(false) + widest);
+        assert_eq!(f16_cpu.weights_bytes(), loaded(true) + widest);
+        assert!(loaded(true) * 10 < loaded(false) * 6);
     }
 
     #[test]
