@@ -414,7 +414,7 @@ fn batched_requests_equal_their_single_runs_for_sd3_and_flux() {
     }
 }
 
-/// FLUX served in f16 (`--dtype f16` on a GPU; here on the CPU) against diffusers in f16: the
+/// FLUX served in f16 (`--dtype f16` on a GPU; here on the CPU in f16 arithmetic) against diffusers in f16: the
 /// whole half-precision path (embeddings, T5, transformer, sampler) agrees with diffusers' as
 /// closely as diffusers' agrees with itself in f32. The tiny model overflows nowhere, so T5's
 /// f32 `wo` and the clips are tested on their own (parity_components, flux.rs). Limit: three
@@ -427,13 +427,16 @@ fn flux_in_f16_matches_diffusers_in_f16() {
         root: fixtures().join("models").join("flux-dev-tiny"),
         prefer_fp16_variant: false,
     };
-    let p = Flux::load(&dir, &Device::Cpu, DType::F16, &LoadOptions::default()).unwrap();
     let runs: Vec<Run> = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("runs/flux_runs.json")).unwrap(),
     )
     .unwrap();
     let run = runs.iter().find(|r| r.name == "flux_dev_guidance").unwrap();
-    let out = p.generate(&params_of(run), &mut |_| true).unwrap();
+    // In f16 arithmetic as on a GPU (the CPU's own f16 holds the weights and computes in f32).
+    let out = candela::engine::models::blocks::with_half_arithmetic_on_the_cpu(|| {
+        let p = Flux::load(&dir, &Device::Cpu, DType::F16, &LoadOptions::default()).unwrap();
+        p.generate(&params_of(run), &mut |_| true).unwrap()
+    });
     assert_eq!(out.latents.dtype(), DType::F16);
     let theirs_f16 = &load_tensors("runs/flux_dev_guidance_f16.safetensors")["latents"];
     let theirs_f32 = &load_tensors("runs/flux_dev_guidance.safetensors")["latents"];

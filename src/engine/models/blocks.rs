@@ -169,7 +169,7 @@ impl Linear {
     pub fn forward_unbiased(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let inner = match &self.held {
             HeldWeight::Candle(inner) => inner,
-            HeldWeight::CpuHalf { layer, .. } => return layer.forward_unbiased(xs),
+            HeldWeight::CpuHalf { layer, .. } => return in_f32(xs, |x| layer.forward_unbiased(x)),
         };
         #[cfg(feature = "cuda")]
         if crate::engine::cuda::elementwise::supports(xs) {
@@ -325,7 +325,9 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let inner = match &self.held {
             HeldWeight::Candle(inner) => inner,
-            HeldWeight::CpuHalf { layer, .. } => return layer.forward(xs),
+            // A half-precision input (a model run in f16 on the CPU: the tests of the GPU's
+            // path) widened, and the product narrowed back, as a GPU's f32 accumulation does.
+            HeldWeight::CpuHalf { layer, .. } => return in_f32(xs, |x| layer.forward(x)),
         };
         #[cfg(feature = "cuda")]
         if let Some(bias) = inner.bias() {
@@ -347,11 +349,34 @@ impl Module for Linear {
 /// [`Conv2d`]; candle's CPU backend has no bf16 product and rounds f16 products to f16, 2–6×
 /// slower than f32 on FLUX's blocks and the VAE); that dtype elsewhere.
 pub fn compute_dtype(device: &Device, dtype: DType) -> DType {
-    if device.is_cpu() {
+    if device.is_cpu() && !HALF_ARITHMETIC_ON_THE_CPU.get() {
         DType::F32
     } else {
         dtype
     }
+}
+
+thread_local! {
+    static HALF_ARITHMETIC_ON_THE_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `f` with models loaded and run on this thread computing in their own dtype on the CPU too,
+/// as on a GPU: the tests of the GPU's half-precision paths (FLUX's f16 clamps, T5's f32 `wo`)
+/// against diffusers' half-precision runs, where no GPU is.
+#[doc(hidden)]
+pub fn with_half_arithmetic_on_the_cpu<R>(f: impl FnOnce() -> R) -> R {
+    HALF_ARITHMETIC_ON_THE_CPU.set(true);
+    let result = f();
+    HALF_ARITHMETIC_ON_THE_CPU.set(false);
+    result
+}
+
+/// `f` (an f32 product) on `xs` in f32, its result in `xs`'s dtype.
+pub fn in_f32(
+    xs: &Tensor,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    f(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())
 }
 
 /// Whether a model on the CPU holds tensor `name` of `shape` in its own dtype: the products'
@@ -556,9 +581,9 @@ pub enum Conv2d {
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         crate::engine::profile::scope("Conv2d", xs, || match self {
-            Self::Winograd { weight, bias } => {
-                super::cpu_winograd::conv3x3(xs, weight, bias.as_ref())
-            }
+            Self::Winograd { weight, bias } => in_f32(xs, |x| {
+                super::cpu_winograd::conv3x3(x, weight, bias.as_ref())
+            }),
             Self::Candle { inner, .. } => {
                 if let Some(direct) = self.cpu_direct(xs, [0; 4]) {
                     return direct();

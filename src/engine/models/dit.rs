@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
-use super::blocks::{compute_dtype, computing, linear, Biased, Linear};
+use super::blocks::{compute_dtype, computing, in_f32, linear, Biased, Linear};
 use super::cpu_int8_tiles::{self as int8_tiles, KQuantTileLinear, Q8TileLinear};
 use super::cpu_quantized_linear::QuantizedCpuLinear;
 
@@ -531,14 +531,6 @@ impl BlockLinear {
             }
         })
     }
-}
-
-/// `f` (an f32 product) on `xs` in f32, its result in `xs`'s dtype.
-fn in_f32(
-    xs: &Tensor,
-    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
-) -> candle_core::Result<Tensor> {
-    f(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())
 }
 
 /// LayerNorm without learned parameters (`elementwise_affine=False`), as every DiT norm that the
