@@ -84,11 +84,10 @@ enum HeldWeight {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        match Self::cpu_half(&weight, bias.as_ref()) {
-            Some(Ok(held)) => return Self { held },
-            // Not a layout HalfLinear takes: as any other weight (candle's error, if any, then
-            // comes from the product with its real operands).
-            Some(Err(_)) | None => {}
+        // A layout HalfLinear does not take falls through to candle's, whose product then
+        // reports it.
+        if let Some(Ok(held)) = Self::cpu_half(&weight, bias.as_ref()) {
+            return Self { held };
         }
         // On the CPU the weight is kept in the layout the gemm crate reads fastest.
         let weight = match weight.device() {
