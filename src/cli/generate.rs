@@ -119,6 +119,8 @@ pub struct GenerateArgs {
     pub latents_out: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// f32, f16 or bf16. A GPU computes in it; the CPU holds the models' weights in it and
+    /// computes in f32 (f16/bf16: half the weights' memory, f32's speed and results).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }

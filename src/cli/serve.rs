@@ -58,6 +58,8 @@ pub struct ServeArgs {
     pub quantize_t5: Option<String>,
     #[arg(long, env = "CANDELA_DEVICE")]
     pub device: Option<String>,
+    /// f32, f16 or bf16. A GPU computes in it; the CPU holds the models' weights in it and
+    /// computes in f32 (f16/bf16: half the weights' memory, f32's speed and results).
     #[arg(long, env = "CANDELA_DTYPE")]
     pub dtype: Option<String>,
     /// HS256 secret file (default: <data-dir>/jwt_secret, created on first start).
