@@ -104,6 +104,55 @@ fn generate_on_demo_model_writes_requested_size_images_and_latents() {
         .is_file());
 }
 
+/// `--dtype bf16` / `f16` on the CPU (bf16 was refused before session 22): the picture of the f32
+/// run but for the weights' rounding — close to it, and not the same.
+#[test]
+fn generate_in_half_precision_on_the_cpu_gives_the_f32_picture_of_rounded_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |dtype: &str| {
+        let latents = tmp.path().join(format!("{dtype}.safetensors"));
+        let status = candela(tmp.path())
+            .args(["generate", "--prompt", "a lighthouse", "--width", "64"])
+            .args([
+                "--height", "64", "--steps", "3", "--seed", "5", "--dtype", dtype,
+            ])
+            .arg("--out")
+            .arg(tmp.path().join(format!("{dtype}.png")))
+            .arg("--latents-out")
+            .arg(&latents)
+            .output()
+            .unwrap();
+        assert_succeeded(&status);
+        let t = candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap();
+        t["latents"].clone()
+    };
+    let full = run("f32");
+    let largest = full
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    for dtype in ["bf16", "f16"] {
+        let half = run(dtype);
+        let d = (&half - &full)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        eprintln!("{dtype}: latents {d} from the f32 run (largest {largest})");
+        assert!(d > 0.0, "{dtype}: the weights were not rounded");
+        assert!(
+            d < 0.05 * largest,
+            "{dtype}: {d} from the f32 run ({largest})"
+        );
+    }
+}
+
 #[test]
 fn generate_default_size_is_the_models_native_size() {
     let tmp = tempfile::tempdir().unwrap();

@@ -345,7 +345,7 @@ impl Module for Linear {
 
 /// The dtype a model computes in when its weights are read in `dtype` on `device`: f32 on the
 /// CPU, where a half-precision dtype only says how the products' weights are held ([`Linear`],
-/// [`Conv2d`]; candle's CPU backend has no bf16 product and rounds f16 products to f16, 2–6×
+/// [`Conv2d`]; candle's CPU backend has no bf16 product and rounds f16 products to f16, 2.4–6.5×
 /// slower than f32 on FLUX's blocks and the VAE); that dtype elsewhere.
 pub fn compute_dtype(device: &Device, dtype: DType) -> DType {
     if device.is_cpu() && !HALF_ARITHMETIC_ON_THE_CPU.get() {
@@ -395,15 +395,7 @@ pub fn computing(vb: VarBuilder) -> VarBuilder {
 /// A Linear layer's weight read as `vb` reads it, its bias in the [`compute_dtype`] (candle's
 /// initialisation for random weights).
 pub fn linear(input: usize, output: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    let bound = 1. / (input as f64).sqrt();
-    let bias = computing(vb.clone()).get_with_hints(
-        output,
-        "bias",
-        candle_nn::Init::Uniform {
-            lo: -bound,
-            up: bound,
-        },
-    )?;
+    let bias = product_bias(&vb, output, input)?;
     Ok(Linear::new(
         product_weight(&vb, (output, input))?,
         Some(bias),
@@ -412,6 +404,20 @@ pub fn linear(input: usize, output: usize, vb: VarBuilder) -> candle_core::Resul
 
 pub fn linear_no_bias(input: usize, output: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     Ok(Linear::new(product_weight(&vb, (output, input))?, None))
+}
+
+/// A product's `bias` (`outputs` values) in the [`compute_dtype`]; random ones as candle draws
+/// them for `inputs` inputs.
+fn product_bias(vb: &VarBuilder, outputs: usize, inputs: usize) -> candle_core::Result<Tensor> {
+    let bound = 1. / (inputs as f64).sqrt();
+    computing(vb.clone()).get_with_hints(
+        outputs,
+        "bias",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )
 }
 
 /// A product's `weight` in `vb`'s dtype.
@@ -756,15 +762,7 @@ pub fn conv(
     let same_3x3 = kernel == 3 && stride == 1 && padding == 1;
     // The CPU computes in f32 whatever the weights' dtype ([`compute_dtype`]).
     let on_cpu = vb.device().is_cpu();
-    let bound = 1. / (cin as f64).sqrt();
-    let bias = computing(vb.clone()).get_with_hints(
-        cout,
-        "bias",
-        candle_nn::Init::Uniform {
-            lo: -bound,
-            up: bound,
-        },
-    )?;
+    let bias = product_bias(&vb, cout, cin)?;
     let config = Conv2dConfig {
         padding,
         stride,

@@ -323,9 +323,9 @@ impl<'a> Holding<'a> {
         self.hold(weight, bias)
     }
 
-    /// A Linear layer of `weight` (out, in) and `bias` as this holding holds it: quantized, held
-    /// in half precision (a `weight` in bf16 or f16, [`Self::as_stored`]'s; its bias in f32), or
-    /// as it is.
+    /// A Linear layer of `weight` (out, in) and `bias` as this holding holds it: quantized, or
+    /// as it is (a `weight` in bf16 or f16 on the CPU, [`Self::as_stored`]'s, [`Linear`] holds
+    /// so and multiplies in f32).
     pub fn hold(&self, weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<HeldLinear> {
         if self.quantizes(weight.dim(1)?) {
             let dense = Linear::new(weight, bias);
@@ -334,12 +334,7 @@ impl<'a> Holding<'a> {
                 self.format,
             )?)));
         }
-        Ok(if is_half(weight.dtype()) && self.cpu_f32 {
-            let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-            HeldLinear::Half(HalfLinear::new(&weight, bias.as_ref())?)
-        } else {
-            HeldLinear::Full(Linear::new(weight, bias))
-        })
+        Ok(HeldLinear::Full(Linear::new(weight, bias)))
     }
 }
 
@@ -361,11 +356,11 @@ pub fn is_half(dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F16)
 }
 
-/// A Linear layer in the model's dtype, or held in half precision on the CPU ([`Holding`]).
+/// A Linear layer as [`Holding`] holds it.
 #[derive(Debug)]
 pub enum HeldLinear {
+    /// In the model's dtype, or in half precision on the CPU ([`Linear`]).
     Full(Linear),
-    Half(HalfLinear),
     /// Quantized on load ([`Holding::quantized`]).
     Quantized(Box<BlockLinear>),
 }
@@ -375,7 +370,6 @@ impl HeldLinear {
     pub fn bytes(&self) -> usize {
         match self {
             Self::Full(layer) => layer.bytes(),
-            Self::Half(layer) => layer.bytes(),
             Self::Quantized(layer) => layer.bytes(),
         }
     }
@@ -385,7 +379,6 @@ impl candle_core::Module for HeldLinear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Full(layer) => layer.forward(xs),
-            Self::Half(layer) => layer.forward(xs),
             Self::Quantized(layer) => layer.forward(xs),
         }
     }
