@@ -345,8 +345,11 @@ fn sdxl_base_then_refiner_matches_diffusers() {
 /// model, against a copy whose held weights are rounded to the dtype and stored in f32 (the text
 /// encoders, biases and norms stay as stored: the CPU reads those in f32). A layer that computed
 /// in half precision, or a weight read in the wrong dtype, moves the latents by far more.
+/// A third copy stores those weights in the half dtype itself: asked for in f32, the CPU holds
+/// them as stored, computes the same, and the planner counts what the half-precision model holds.
 #[test]
 fn half_precision_on_the_cpu_computes_the_f32_model_of_its_rounded_weights() {
+    use candela::engine::memory::Footprint;
     use candela::engine::pipelines::{params::TransformerOptions, Pipeline};
     for (model, upcast_vae, sampler) in [
         ("sd1-tiny", false, "euler"),
@@ -356,8 +359,9 @@ fn half_precision_on_the_cpu_computes_the_f32_model_of_its_rounded_weights() {
     ] {
         for dtype in [DType::F16, DType::BF16] {
             let source = fixtures().join("models").join(model);
-            let rounded = tempfile::tempdir().unwrap();
+            let (rounded, stored) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
             copy_dir(&source, rounded.path());
+            copy_dir(&source, stored.path());
             for folder in ["unet", "transformer", "vae"] {
                 // SDXL's pipeline runs its force_upcast VAE in f32 under f16.
                 if folder == "vae" && upcast_vae && dtype == DType::F16 {
@@ -370,17 +374,27 @@ fn half_precision_on_the_cpu_computes_the_f32_model_of_its_rounded_weights() {
                 for file in files {
                     let path = file.unwrap().path();
                     if path.extension().is_some_and(|e| e == "safetensors") {
-                        round_held_weights(&path, dtype);
+                        round_held_weights(&path, dtype, DType::F32);
+                        let relative = path.strip_prefix(rounded.path()).unwrap();
+                        round_held_weights(&stored.path().join(relative), dtype, dtype);
                     }
                 }
             }
-            let load = |root: &std::path::Path, dtype: DType| {
-                let dir = ModelDir {
-                    root: root.to_path_buf(),
-                    prefer_fp16_variant: false,
-                };
-                Pipeline::load(&dir, &Device::Cpu, dtype, &Default::default()).unwrap()
+            let dir = |root: &std::path::Path| ModelDir {
+                root: root.to_path_buf(),
+                prefer_fp16_variant: false,
             };
+            let load = |root: &std::path::Path, dtype: DType| {
+                Pipeline::load(&dir(root), &Device::Cpu, dtype, &Default::default()).unwrap()
+            };
+            let planned = |root: &std::path::Path, dtype: DType| {
+                let options = Default::default();
+                Footprint::read(&dir(root), &Device::Cpu, dtype, &options)
+                    .unwrap()
+                    .weights_bytes()
+            };
+            assert_eq!(planned(stored.path(), DType::F32), planned(&source, dtype));
+            assert!(planned(stored.path(), DType::F32) < planned(rounded.path(), DType::F32));
             let params = GenerateParams {
                 transformer: TransformerOptions {
                     max_sequence_length: Some(16),
@@ -419,11 +433,19 @@ fn half_precision_on_the_cpu_computes_the_f32_model_of_its_rounded_weights() {
                 let f32 = load(rounded.path(), DType::F32)
                     .generate(&params, &mut |_| true)
                     .unwrap();
+                let as_stored = load(stored.path(), DType::F32)
+                    .generate(&params, &mut |_| true)
+                    .unwrap();
+                let d_stored = max_abs_diff(&as_stored.latents, &f32.latents);
                 let d = max_abs_diff(&half.latents, &f32.latents);
                 let scale = max_abs(&f32.latents);
                 eprintln!(
-                    "{model} {dtype:?} img2img={}: {d} of {scale}",
+                    "{model} {dtype:?} img2img={}: {d} (held as stored: {d_stored}) of {scale}",
                     init.is_some()
+                );
+                assert!(
+                    d_stored <= 1e-4 * scale.max(1.0),
+                    "{model} {dtype:?}: stored in half precision and run in f32, {d_stored} from the f32 model of the same values"
                 );
                 // The same f32 arithmetic but for the products' summation order (the held
                 // weights are widened by blocks).
@@ -437,15 +459,15 @@ fn half_precision_on_the_cpu_computes_the_f32_model_of_its_rounded_weights() {
     }
 }
 
-/// The file's tensors a CPU model in `dtype` holds in it, rounded to it and stored in f32.
-fn round_held_weights(path: &std::path::Path, dtype: DType) {
+/// The file's tensors a CPU model in `dtype` holds in it, rounded to it and stored in `stored`.
+fn round_held_weights(path: &std::path::Path, dtype: DType, stored: DType) {
     use candela::engine::models::blocks::cpu_holds_in_model_dtype;
     let tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
     let tensors: std::collections::HashMap<_, _> = tensors
         .into_iter()
         .map(|(name, t)| {
             let t = if cpu_holds_in_model_dtype(&name, t.dims()) {
-                t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap()
+                t.to_dtype(dtype).unwrap().to_dtype(stored).unwrap()
             } else {
                 t
             };

@@ -29,7 +29,7 @@ use candle_core::DType;
 
 use crate::engine::error::Result;
 use crate::engine::loader::{weights::SafetensorsFile, ModelDir};
-use crate::engine::models::blocks::{compute_dtype, cpu_holds_in_model_dtype};
+use crate::engine::models::blocks::{compute_dtype, cpu_holds_in_model_dtype, weights_dtype};
 use crate::engine::models::{
     dit::{CpuQuantized, WeightFormat},
     flux::FluxTransformerConfig,
@@ -215,6 +215,9 @@ impl Footprint {
                 _ => SafetensorsFile::open_component(dir, &stem)?,
             };
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
+            // A denoiser or VAE on the CPU in f32 holds the weights its file stores in half
+            // precision as stored (`blocks::weights_dtype`).
+            let held_dtype = weights_dtype(device, component_dtype, file.products_stored_in_half());
             let mut bytes = if folder.starts_with("text_encoder") {
                 // Text encoders compute in f32 on the CPU and hold as stored there.
                 let component_dtype = compute_dtype(device, component_dtype);
@@ -237,11 +240,11 @@ impl Footprint {
                     })
                 }
             } else if device.is_cpu() {
-                // The products' weights in the dtype, the rest in the f32 the CPU computes in
-                // (`blocks::compute_dtype`).
+                // The products' weights in their held dtype, the rest in the f32 the CPU
+                // computes in (`blocks::compute_dtype`).
                 file.loaded_bytes_with(|name, _, shape| {
                     let held = if cpu_holds_in_model_dtype(name, shape) {
-                        component_dtype
+                        held_dtype
                     } else {
                         DType::F32
                     };
@@ -258,7 +261,8 @@ impl Footprint {
                     * class["attention_head_dim"].as_u64().unwrap_or(0);
                 let format = options.transformer_format.for_inputs(inner as usize);
                 if let Some(bits) = format.resident_bits_per_weight(device.is_cpu()) {
-                    bytes = (bytes as f64 * bits / (8.0 * dtype.size_in_bytes() as f64)) as u64;
+                    let held_bits = 8.0 * held_dtype.size_in_bytes() as f64;
+                    bytes = (bytes as f64 * bits / held_bits) as u64;
                 }
             }
             components.push((folder.to_string(), bytes));

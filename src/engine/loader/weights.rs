@@ -70,6 +70,24 @@ impl SafetensorsFile {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }
 
+    /// The half-precision dtype every weight a CPU model holds in its own dtype
+    /// (`blocks::cpu_holds_in_model_dtype`) is stored in here, if they all share one (read from
+    /// the header).
+    pub fn products_stored_in_half(&self) -> Option<DType> {
+        let mut dtypes = self
+            .tensors
+            .tensors()
+            .into_iter()
+            .filter_map(|(name, view)| {
+                let product =
+                    crate::engine::models::blocks::cpu_holds_in_model_dtype(&name, view.shape());
+                product.then(|| DType::try_from(view.dtype()).ok())
+            });
+        let first = dtypes.next()??;
+        let uniform = dtypes.all(|d| d == Some(first));
+        (uniform && crate::engine::models::cpu_half_linear::is_half(first)).then_some(first)
+    }
+
     /// Each tensor's dtype in the file (read from the header).
     pub fn stored_dtypes(&self) -> StoredDtypes {
         StoredDtypes::ByName(

@@ -81,7 +81,11 @@ impl Flux {
         options: &LoadOptions,
         random: bool,
     ) -> Result<Self> {
-        let source = super::WeightSource { dir, random };
+        let source = super::WeightSource {
+            dir,
+            random,
+            random_stored: DType::BF16,
+        };
         let weights = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let (text_device, text_dtype) = super::text_encoder_placement(device, dtype, options);
         // Random weights stand in for the repo's bf16 text encoders.

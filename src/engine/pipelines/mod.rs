@@ -10,7 +10,7 @@ pub mod timing;
 
 use candle_core::{DType, Device};
 
-use crate::engine::models::blocks::compute_dtype;
+use crate::engine::models::blocks::{compute_dtype, weights_dtype};
 
 use crate::engine::error::{EngineError, Result};
 use params::GenerateParams;
@@ -20,9 +20,14 @@ use params::GenerateParams;
 pub(crate) struct WeightSource<'a> {
     pub dir: &'a ModelDir,
     pub random: bool,
+    /// What random weights stand in for: the repos' denoiser and VAE files, stored in this
+    /// dtype (SD's and SDXL's main files f32, SD3's f16, FLUX's bf16).
+    pub random_stored: DType,
 }
 
 impl WeightSource<'_> {
+    /// A denoiser's or VAE's weights, read in `dtype` — on the CPU in f32, as a file storing them
+    /// in half precision stores them ([`weights_dtype`]).
     pub(crate) fn get(
         &self,
         stem: &str,
@@ -30,17 +35,23 @@ impl WeightSource<'_> {
         device: &Device,
     ) -> Result<candle_nn::VarBuilder<'static>> {
         if self.random {
-            Ok(candle_nn::VarBuilder::from_backend(
-                Box::new(crate::engine::loader::weights::RandomWeights),
-                dtype,
-                device.clone(),
-            ))
+            Ok(self.random_weights(dtype, device))
         } else {
-            Ok(
-                crate::engine::loader::weights::SafetensorsFile::open_component(self.dir, stem)?
-                    .into_var_builder(dtype, device),
-            )
+            let file =
+                crate::engine::loader::weights::SafetensorsFile::open_component(self.dir, stem)?;
+            let dtype = weights_dtype(device, dtype, file.products_stored_in_half());
+            Ok(file.into_var_builder(dtype, device))
         }
+    }
+
+    fn random_weights(&self, dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
+        let stored = crate::engine::models::cpu_half_linear::is_half(self.random_stored)
+            .then_some(self.random_stored);
+        candle_nn::VarBuilder::from_backend(
+            Box::new(crate::engine::loader::weights::RandomWeights),
+            weights_dtype(device, dtype, stored),
+            device.clone(),
+        )
     }
 
     /// [`Self::get`] with the dtype each tensor is stored in; random weights stand in for a
@@ -80,12 +91,13 @@ impl WeightSource<'_> {
         use crate::engine::loader::{single_file::SingleFileWeights, weights::SafetensorsFile};
         const STEM: &str = "transformer/diffusion_pytorch_model";
         if self.random {
-            return self.get(STEM, dtype, device);
+            return Ok(self.random_weights(dtype, device));
         }
         let file = match &options.transformer_file {
             Some(path) => SafetensorsFile::open(path)?,
             None => SafetensorsFile::open_component(self.dir, STEM)?,
         };
+        let dtype = weights_dtype(device, dtype, file.products_stored_in_half());
         Ok(SingleFileWeights::var_builder(file, naming, dtype, device))
     }
 }

@@ -152,7 +152,11 @@ impl StableDiffusion {
     }
 
     fn build(dir: &ModelDir, device: &Device, dtype: DType, random: bool) -> Result<Self> {
-        let source = super::WeightSource { dir, random };
+        let source = super::WeightSource {
+            dir,
+            random,
+            random_stored: DType::F32,
+        };
         let weights_as = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let weights = |_component: &str, stem: &str| weights_as(stem, dtype);
         // The CPU computes in f32 whatever the weights' dtype.

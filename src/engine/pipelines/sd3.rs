@@ -86,7 +86,11 @@ impl StableDiffusion3 {
         options: &LoadOptions,
         random: bool,
     ) -> Result<Self> {
-        let source = super::WeightSource { dir, random };
+        let source = super::WeightSource {
+            dir,
+            random,
+            random_stored: DType::F16,
+        };
         let weights = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let (text_device, text_dtype) = super::text_encoder_placement(device, dtype, options);
         // Random weights stand in for the repo's f16 text encoders.
