@@ -67,12 +67,12 @@ impl WeightSource<'_> {
         candle_nn::VarBuilder<'static>,
         crate::engine::loader::weights::StoredDtypes,
     )> {
-        use crate::engine::loader::weights::{SafetensorsFile, StoredDtypes};
+        use crate::engine::loader::weights::{RandomWeights, SafetensorsFile, StoredDtypes};
+        use candle_nn::VarBuilder;
         if self.random {
-            return Ok((
-                self.get(stem, dtype, device)?,
-                StoredDtypes::Every(random_stored),
-            ));
+            // In `dtype`: the text encoders hold as stored through `StoredDtypes` themselves.
+            let weights = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
+            return Ok((weights, StoredDtypes::Every(random_stored)));
         }
         let file = SafetensorsFile::open_component(self.dir, stem)?;
         let stored = file.stored_dtypes();
