@@ -565,3 +565,42 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random weights standing in for a checkpoint stored in half precision: on the CPU in f32
+    /// the denoiser and VAE read as stored (as a real file's would be), the text encoders in
+    /// f32 with the stored dtypes beside (they hold as stored themselves and compute in f32 —
+    /// read in f16 they would compute in candle's f16 ops, twice as slow). On a GPU, the dtype.
+    #[test]
+    fn random_weights_read_as_the_checkpoints_they_stand_in_for() -> Result<()> {
+        let dir = ModelDir {
+            root: std::path::PathBuf::new(),
+            prefer_fp16_variant: false,
+        };
+        let source = WeightSource {
+            dir: &dir,
+            random: true,
+            random_stored: DType::BF16,
+        };
+        let cpu = Device::Cpu;
+        assert_eq!(source.get("unet", DType::F32, &cpu)?.dtype(), DType::BF16);
+        assert_eq!(source.get("unet", DType::F16, &cpu)?.dtype(), DType::F16);
+        let (text, stored) = source.get_with_stored("te", DType::F32, &cpu, DType::F16)?;
+        assert_eq!(
+            (text.dtype(), stored.of("any")),
+            (DType::F32, Some(DType::F16))
+        );
+        let f32_source = WeightSource {
+            random_stored: DType::F32,
+            ..source
+        };
+        assert_eq!(
+            f32_source.get("unet", DType::F32, &cpu)?.dtype(),
+            DType::F32
+        );
+        Ok(())
+    }
+}
