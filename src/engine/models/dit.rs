@@ -294,6 +294,20 @@ pub enum BlockLinear {
     },
 }
 
+/// `vb` as a layer of `inputs` inputs held in `format` reads its weight: a quantized one in the
+/// compute dtype (on the CPU a weight stored in half precision is widened once and quantized,
+/// not held in half first).
+pub(crate) fn vb_for<'a>(
+    vb: &VarBuilder<'a>,
+    inputs: usize,
+    format: WeightFormat,
+) -> VarBuilder<'a> {
+    match format.for_inputs(inputs) {
+        WeightFormat::Dense => vb.clone(),
+        _ => computing(vb.clone()),
+    }
+}
+
 /// Largest finite e4m3 value.
 const E4M3_MAX: f32 = 448.0;
 
@@ -333,7 +347,7 @@ impl BlockLinear {
         vb: VarBuilder,
         format: WeightFormat,
     ) -> candle_core::Result<Self> {
-        Self::from_dense(linear(input, output, vb)?, format)
+        Self::from_dense(linear(input, output, vb_for(&vb, input, format))?, format)
     }
 
     /// A dense layer held in `format` (or its fallback for the layer's rows,

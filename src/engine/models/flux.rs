@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::blocks::timestep_features;
 use super::dit::{
-    gated_add, gelu_tanh, BlockLinear, ContextOrder, JointAttention, JointAttentionConfig,
+    gated_add, gelu_tanh, vb_for, BlockLinear, ContextOrder, JointAttention, JointAttentionConfig,
     Modulation, PlainLayerNorm, Rope, SiluMlp, WeightFormat,
 };
 use super::mmdit::{JointBlock, JointBlockConfig};
@@ -87,7 +87,7 @@ impl SingleOutput {
         vb: VarBuilder,
         format: WeightFormat,
     ) -> candle_core::Result<Self> {
-        let weight = vb.get((dim, dim + mlp), "weight")?;
+        let weight = vb_for(&vb, dim, format).get((dim, dim + mlp), "weight")?;
         let part = |from, count, bias| -> candle_core::Result<BlockLinear> {
             let columns = weight.narrow(1, from, count)?.contiguous()?;
             BlockLinear::from_dense(Linear::new(columns, bias), format)
