@@ -127,23 +127,9 @@ fn generate_in_half_precision_on_the_cpu_gives_the_f32_picture_of_rounded_weight
         t["latents"].clone()
     };
     let full = run("f32");
-    let largest = full
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let largest = common::max_abs(&full);
     for dtype in ["bf16", "f16"] {
-        let half = run(dtype);
-        let d = (&half - &full)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(&run(dtype), &full);
         eprintln!("{dtype}: latents {d} from the f32 run (largest {largest})");
         assert!(d > 0.0, "{dtype}: the weights were not rounded");
         assert!(
