@@ -342,9 +342,10 @@ fn sdxl_base_then_refiner_matches_diffusers() {
 
 /// On the CPU a model asked for in f16 or bf16 holds its products' weights so and computes in
 /// f32: it must compute what the f32 model of those weights, rounded, computes. Each family's tiny
-/// model, against a copy whose held weights are rounded to the dtype and stored in f32 (the text
-/// encoders, biases and norms stay as stored: the CPU reads those in f32). A layer that computed
-/// in half precision, or a weight read in the wrong dtype, moves the latents by far more.
+/// model, against a copy whose held weights (the text encoders' too) are rounded to the dtype and
+/// stored in f32 (biases and norms stay as stored: the CPU reads those in f32). A layer that
+/// computed in half precision, or a weight read in the wrong dtype, moves the latents by far
+/// more.
 /// A third copy stores those weights in the half dtype itself: asked for in f32, the CPU holds
 /// them as stored, computes the same, and the planner counts what the half-precision model holds.
 #[test]
@@ -362,7 +363,9 @@ fn half_precision_on_the_cpu_computes_the_f32_model_of_its_rounded_weights() {
             let (rounded, stored) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
             copy_dir(&source, rounded.path());
             copy_dir(&source, stored.path());
-            for folder in ["unet", "transformer", "vae"] {
+            let folders = ["unet", "transformer", "vae"];
+            let text = ["text_encoder", "text_encoder_2", "text_encoder_3"];
+            for folder in folders.into_iter().chain(text) {
                 // SDXL's pipeline runs its force_upcast VAE in f32 under f16.
                 if folder == "vae" && upcast_vae && dtype == DType::F16 {
                     continue;
@@ -374,9 +377,10 @@ fn half_precision_on_the_cpu_computes_the_f32_model_of_its_rounded_weights() {
                 for file in files {
                     let path = file.unwrap().path();
                     if path.extension().is_some_and(|e| e == "safetensors") {
-                        round_held_weights(&path, dtype, DType::F32);
+                        let text = folder.starts_with("text");
+                        round_held_weights(&path, dtype, DType::F32, text);
                         let relative = path.strip_prefix(rounded.path()).unwrap();
-                        round_held_weights(&stored.path().join(relative), dtype, dtype);
+                        round_held_weights(&stored.path().join(relative), dtype, dtype, text);
                     }
                 }
             }
@@ -459,14 +463,20 @@ fn half_precision_on_the_cpu_computes_the_f32_model_of_its_rounded_weights() {
     }
 }
 
-/// The file's tensors a CPU model in `dtype` holds in it, rounded to it and stored in `stored`.
-fn round_held_weights(path: &std::path::Path, dtype: DType, stored: DType) {
-    use candela::engine::models::blocks::cpu_holds_in_model_dtype;
+/// The file's tensors a CPU model in `dtype` holds in it, rounded to it and stored in `stored`:
+/// a denoiser's or VAE's, or a `text_encoder`'s (held by T5's and CLIP's rule).
+fn round_held_weights(path: &std::path::Path, dtype: DType, stored: DType, text_encoder: bool) {
+    use candela::engine::models::{blocks::cpu_holds_in_model_dtype, t5::weight_dtype};
     let tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
     let tensors: std::collections::HashMap<_, _> = tensors
         .into_iter()
         .map(|(name, t)| {
-            let t = if cpu_holds_in_model_dtype(&name, t.dims()) {
+            let held = if text_encoder {
+                weight_dtype(&name, dtype, DType::F32, true) == dtype
+            } else {
+                cpu_holds_in_model_dtype(&name, t.dims())
+            };
+            let t = if held {
                 t.to_dtype(dtype).unwrap().to_dtype(stored).unwrap()
             } else {
                 t

@@ -28,8 +28,11 @@ use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 
 use crate::engine::error::Result;
+use crate::engine::loader::weights::narrowed;
 use crate::engine::loader::{weights::SafetensorsFile, ModelDir};
-use crate::engine::models::blocks::{compute_dtype, cpu_holds_in_model_dtype, weights_dtype};
+use crate::engine::models::blocks::{
+    compute_dtype, cpu_half_dtype, cpu_holds_in_model_dtype, weights_dtype,
+};
 use crate::engine::models::{
     dit::{CpuQuantized, WeightFormat},
     flux::FluxTransformerConfig,
@@ -219,7 +222,9 @@ impl Footprint {
             // precision as stored (`blocks::weights_dtype`).
             let held_dtype = weights_dtype(device, component_dtype, file.products_stored_in_half());
             let mut bytes = if folder.starts_with("text_encoder") {
-                // Text encoders compute in f32 on the CPU and hold as stored there.
+                // Text encoders compute in f32 on the CPU and hold as stored there, what is
+                // stored in f32 in the half precision asked for (`WeightSource::get_with_stored`).
+                let half = cpu_half_dtype(device, component_dtype);
                 let component_dtype = compute_dtype(device, component_dtype);
                 let config: serde_json::Value = dir.read_json(&format!("{folder}/config.json"))?;
                 // T5's rules (and format), or the holding every text encoder on the CPU follows.
@@ -227,13 +232,14 @@ impl Footprint {
                 if config["model_type"] == "t5" {
                     file.loaded_bytes_with(|name, stored, shape| {
                         let held = (component_dtype, options.t5_format);
+                        let stored = narrowed(stored, half);
                         crate::engine::models::t5::held_bytes(name, stored, shape, held, on_cpu)
                     })
                 } else {
                     file.loaded_bytes_by(|name, stored| {
                         crate::engine::models::cpu_half_linear::held_dtype(
                             name,
-                            stored,
+                            narrowed(stored, half),
                             component_dtype,
                             on_cpu,
                         )
@@ -611,6 +617,7 @@ fn process_status_kib(field: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::models::cpu_half_linear::held_dtype;
     use crate::engine::models::cpu_int8_tiles as int8_tiles;
     use crate::engine::models::dit::WeightFormat;
     use candle_core::quantized::GgmlDType;
@@ -1025,8 +1032,8 @@ mod tests {
         // The CPU computes in f32 under f16 too.
         assert_eq!(buffer(&f32_cpu), [widest]);
         assert_eq!(buffer(&f16_cpu), [widest]);
-        // Under f16 the UNet's and VAE's products' weights in f16, the rest (and the text
-        // encoder, stored in f32) in f32.
+        // Under f16 the UNet's and VAE's products' weights and the text encoder's Linear
+        // weights and embeddings in f16 (all stored in f32), the rest in f32.
         let loaded = |half: bool| -> u64 {
             [
                 "text_encoder/model",
@@ -1041,7 +1048,13 @@ mod tests {
                     .unwrap()
                     .into_iter()
                     .map(move |(name, t)| {
-                        let held = half && !text && cpu_holds_in_model_dtype(&name, t.dims());
+                        let held = half
+                            && if text {
+                                let held = held_dtype(&name, DType::F16, DType::F32, true);
+                                held == DType::F16
+                            } else {
+                                cpu_holds_in_model_dtype(&name, t.dims())
+                            };
                         (t.elem_count() * if held { 2 } else { 4 }) as u64
                     })
             })

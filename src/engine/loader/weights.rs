@@ -183,6 +183,31 @@ impl StoredDtypes {
             Self::Every(dtype) => Some(*dtype),
         }
     }
+
+    /// As stored, but what is stored in f32 as if stored in `half`: a CPU model asked for in
+    /// half precision holds its f32-stored text encoders' weights in it (`blocks::cpu_half_dtype`).
+    pub fn narrowed_to(self, half: Option<DType>) -> Self {
+        if half.is_none() {
+            return self;
+        }
+        match self {
+            Self::ByName(dtypes) => Self::ByName(
+                dtypes
+                    .into_iter()
+                    .map(|(name, stored)| (name, narrowed(stored, half)))
+                    .collect(),
+            ),
+            Self::Every(stored) => Self::Every(narrowed(stored, half)),
+        }
+    }
+}
+
+/// `stored`, or `half` in place of f32 ([`StoredDtypes::narrowed_to`]).
+pub fn narrowed(stored: DType, half: Option<DType>) -> DType {
+    match half {
+        Some(half) if stored == DType::F32 => half,
+        _ => stored,
+    }
 }
 
 /// Random weights (each layer's own init) as plain tensors, for benchmarks. Unlike candle's

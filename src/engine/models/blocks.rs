@@ -355,6 +355,12 @@ pub fn compute_dtype(device: &Device, dtype: DType) -> DType {
     }
 }
 
+/// The half precision a model asked for in `dtype` holds its weights in while computing in f32:
+/// bf16 or f16 on the CPU; `None` elsewhere, and for f32.
+pub fn cpu_half_dtype(device: &Device, dtype: DType) -> Option<DType> {
+    (is_half(dtype) && compute_dtype(device, dtype) == DType::F32).then_some(dtype)
+}
+
 thread_local! {
     static HALF_ARITHMETIC_ON_THE_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }

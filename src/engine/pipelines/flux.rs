@@ -87,10 +87,10 @@ impl Flux {
             random_stored: DType::BF16,
         };
         let weights = |stem: &str, dtype: DType| source.get(stem, dtype, device);
-        let (text_device, text_dtype) = super::text_encoder_placement(device, dtype, options);
+        let text_device = super::text_encoder_device(device, options);
         // Random weights stand in for the repo's bf16 text encoders.
         let text_weights =
-            |stem: &str| source.get_with_stored(stem, text_dtype, &text_device, DType::BF16);
+            |stem: &str| source.get_with_stored(stem, dtype, &text_device, DType::BF16);
         super::pipeline_class(dir, FLUX_PIPELINES, "FLUX")?;
         let scheduler = super::read_scheduler(dir)?;
         let clip = (ClipTokenizer::load(dir, "tokenizer")?, {

@@ -10,7 +10,7 @@ pub mod timing;
 
 use candle_core::{DType, Device};
 
-use crate::engine::models::blocks::{compute_dtype, weights_dtype};
+use crate::engine::models::blocks::{compute_dtype, cpu_half_dtype, weights_dtype};
 
 use crate::engine::error::{EngineError, Result};
 use params::GenerateParams;
@@ -54,9 +54,12 @@ impl WeightSource<'_> {
         )
     }
 
-    /// [`Self::get`] with the dtype each tensor is stored in; random weights stand in for a
-    /// checkpoint stored in `random_stored` (SD3's and FLUX's text encoders: half precision; SD's
-    /// and SDXL's main files: f32).
+    /// A text encoder's weights for a model asked for in `dtype`, read in the dtype `device`
+    /// computes in ([`compute_dtype`]), with the dtype each tensor is held in: as stored, and on
+    /// the CPU under f16/bf16 what is stored in f32 in that precision (the text encoders hold
+    /// their weights so through `cpu_half_linear::Holding`). Random weights stand in for a
+    /// checkpoint stored in `random_stored` (SD3's and FLUX's text encoders: half precision;
+    /// SD's and SDXL's main files: f32).
     pub(crate) fn get_with_stored(
         &self,
         stem: &str,
@@ -69,14 +72,18 @@ impl WeightSource<'_> {
     )> {
         use crate::engine::loader::weights::{RandomWeights, SafetensorsFile, StoredDtypes};
         use candle_nn::VarBuilder;
+        let (compute, half) = (compute_dtype(device, dtype), cpu_half_dtype(device, dtype));
         if self.random {
-            // In `dtype`: the text encoders hold as stored through `StoredDtypes` themselves.
-            let weights = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
-            return Ok((weights, StoredDtypes::Every(random_stored)));
+            let weights =
+                VarBuilder::from_backend(Box::new(RandomWeights), compute, device.clone());
+            return Ok((
+                weights,
+                StoredDtypes::Every(random_stored).narrowed_to(half),
+            ));
         }
         let file = SafetensorsFile::open_component(self.dir, stem)?;
-        let stored = file.stored_dtypes();
-        Ok((file.into_var_builder(dtype, device), stored))
+        let stored = file.stored_dtypes().narrowed_to(half);
+        Ok((file.into_var_builder(compute, device), stored))
     }
 
     /// The transformer's weights: `options.transformer_file` when given, else the folder's
@@ -221,21 +228,14 @@ pub(crate) fn split_rows(
     Ok(results)
 }
 
-/// Where (and in which dtype) the text encoders of SD3 / FLUX run.
-pub(crate) fn text_encoder_placement(
-    device: &Device,
-    dtype: DType,
-    options: &LoadOptions,
-) -> (Device, DType) {
-    // On the CPU in f32 whatever the model's dtype (`blocks::compute_dtype`): T5 overflows in
-    // f16; the text encoders still hold their weights in the checkpoint's bf16/f16 there
-    // (`cpu_half_linear::Holding`).
-    let device = if options.text_encoders_on_cpu {
-        &Device::Cpu
+/// Where the text encoders of SD3 / FLUX run: on the CPU (in f32 whatever the model's dtype,
+/// [`WeightSource::get_with_stored`]; T5 overflows in f16) with `--text-encoders-on-cpu`.
+pub(crate) fn text_encoder_device(device: &Device, options: &LoadOptions) -> Device {
+    if options.text_encoders_on_cpu {
+        Device::Cpu
     } else {
-        device
-    };
-    (device.clone(), compute_dtype(device, dtype))
+        device.clone()
+    }
 }
 
 /// The limits every pipeline applies: steps, images per request, guidance.
@@ -592,6 +592,12 @@ mod tests {
         assert_eq!(
             (text.dtype(), stored.of("any")),
             (DType::F32, Some(DType::F16))
+        );
+        // Under bf16 what is stored in f32 is held in bf16, computing in f32.
+        let (text, stored) = source.get_with_stored("te", DType::BF16, &cpu, DType::F32)?;
+        assert_eq!(
+            (text.dtype(), stored.of("any")),
+            (DType::F32, Some(DType::BF16))
         );
         let f32_source = WeightSource {
             random_stored: DType::F32,

@@ -162,7 +162,7 @@ impl StableDiffusion {
         // The CPU computes in f32 whatever the weights' dtype.
         let compute = crate::engine::models::blocks::compute_dtype(device, dtype);
         // Random weights stand in for the repos' main files, in f32.
-        let text_weights = |stem: &str| source.get_with_stored(stem, compute, device, DType::F32);
+        let text_weights = |stem: &str| source.get_with_stored(stem, dtype, device, DType::F32);
         let index: ModelIndex = dir.read_json("model_index.json")?;
         let is_xl = SDXL_PIPELINES.contains(&index.class_name.as_str());
         if !is_xl && !SD_PIPELINES.contains(&index.class_name.as_str()) {
