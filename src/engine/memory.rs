@@ -96,6 +96,10 @@ pub struct Footprint {
 /// `serve`'s flags of the same names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shrink {
+    /// SD / SDXL on the CPU in f32: the weights held in this half precision, the arithmetic still
+    /// f32 (`blocks::compute_dtype`; the result of the rounded weights). DiT repos store theirs
+    /// in half precision, which the CPU holds as stored already.
+    HalfWeights(DType),
     /// SD3 / FLUX on a GPU: the text encoders in system memory, run on the CPU (the same states).
     TextEncodersOnCpu,
     /// SD3 / FLUX: T5-XXL's Linear layers quantized (its states move by the format's rounding,
@@ -106,15 +110,21 @@ pub enum Shrink {
 }
 
 impl Shrink {
-    /// The steps that apply to a model loaded with `options`, from the least costly in quality:
-    /// the text encoders off the GPU, T5 in q8_0, the transformer in q8_0, then in q4k.
+    /// The steps that apply to a model loaded in `dtype` with `options`, from the least costly
+    /// in quality: a UNet's weights in f16 on the CPU; the text encoders off the GPU, T5 in
+    /// q8_0, the transformer in q8_0, then in q4k.
     fn ladder(
         dir: &ModelDir,
         device: &candle_core::Device,
+        dtype: DType,
         options: &LoadOptions,
     ) -> Result<Vec<Self>> {
         if !dir.file("transformer/config.json").is_file() {
-            return Ok(Vec::new());
+            let f32_on_cpu = device.is_cpu() && dtype == DType::F32;
+            return Ok(f32_on_cpu
+                .then_some(Self::HalfWeights(DType::F16))
+                .into_iter()
+                .collect());
         }
         let mut ladder = Vec::new();
         if !device.is_cpu() && !options.text_encoders_on_cpu {
@@ -143,8 +153,9 @@ impl Shrink {
         Ok(ladder)
     }
 
-    fn apply(self, options: &mut LoadOptions) {
+    fn apply(self, options: &mut LoadOptions, dtype: &mut DType) {
         match self {
+            Self::HalfWeights(half) => *dtype = half,
             Self::TextEncodersOnCpu => options.text_encoders_on_cpu = true,
             Self::T5(format) => options.t5_format = format,
             Self::Transformer(format) => options.transformer_format = format,
@@ -155,6 +166,7 @@ impl Shrink {
 impl std::fmt::Display for Shrink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::HalfWeights(dtype) => write!(f, "--dtype {}", dtype.as_str()),
             Self::TextEncodersOnCpu => write!(f, "--text-encoders-on-cpu"),
             Self::T5(format) => write!(f, "--quantize-t5 {format}"),
             Self::Transformer(format) => write!(f, "--quantize {format}"),
@@ -421,12 +433,12 @@ impl Footprint {
     ) -> Result<Option<(Vec<Shrink>, u64)>> {
         let size = crate::engine::pipelines::read_card(dir, "")?.default_size;
         let mut steps = Vec::new();
-        let mut shrunk = options.clone();
-        for step in Shrink::ladder(dir, device, options)? {
-            step.apply(&mut shrunk);
+        let (mut shrunk, mut shrunk_dtype) = (options.clone(), dtype);
+        for step in Shrink::ladder(dir, device, dtype, options)? {
+            step.apply(&mut shrunk, &mut shrunk_dtype);
             steps.push(step);
             // Quietly: these are what-ifs, not what loads.
-            let (_, footprint, _) = Self::fit(dir, device, dtype, &shrunk, budget)?;
+            let (_, footprint, _) = Self::fit(dir, device, shrunk_dtype, &shrunk, budget)?;
             let need = footprint.default_need(size);
             if need <= budget {
                 return Ok(Some((steps, need)));
@@ -945,11 +957,29 @@ mod tests {
             advice.unwrap(),
             Some((vec![Shrink::Transformer(f("q4k"))], q4k))
         );
-        let unet =
-            Footprint::shrink_to_fit(&sd1_dir(), &Device::Cpu, DType::F32, &Default::default(), 1);
-        assert_eq!(unet.unwrap(), None);
+        // A UNet on the CPU in f32: its weights in f16 (nothing to quantize), if that fits.
+        let unet = |dtype: DType, budget: u64| {
+            Footprint::shrink_to_fit(&sd1_dir(), &Device::Cpu, dtype, &Default::default(), budget)
+                .unwrap()
+        };
+        let sd1_size = crate::engine::pipelines::read_card(&sd1_dir(), "")
+            .unwrap()
+            .default_size;
+        let sd1_need = |dtype: DType| {
+            Footprint::read(&sd1_dir(), &Device::Cpu, dtype, &Default::default())
+                .unwrap()
+                .default_need(sd1_size)
+        };
+        let half = sd1_need(DType::F16);
+        assert!(half < sd1_need(DType::F32));
+        let f16 = vec![Shrink::HalfWeights(DType::F16)];
+        assert_eq!(unet(DType::F32, half), Some((f16, half)));
+        assert_eq!(unet(DType::F32, half - 1), None);
+        // Already in half precision: nothing left.
+        assert_eq!(unet(DType::F16, half - 1), None);
         // Told as `serve`'s flags.
         let flags: Vec<String> = [
+            Shrink::HalfWeights(DType::F16),
             Shrink::TextEncodersOnCpu,
             Shrink::T5(f("q8_0")),
             Shrink::Transformer(f("q4k-compact")),
@@ -960,6 +990,7 @@ mod tests {
         assert_eq!(
             flags,
             [
+                "--dtype f16",
                 "--text-encoders-on-cpu",
                 "--quantize-t5 q8_0",
                 "--quantize q4k-compact"

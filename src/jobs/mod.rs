@@ -661,7 +661,7 @@ pub fn fit_advice(
                     .join(" "),
                 human_bytes(fits)
             ),
-            None => "no quantization makes it fit: raise the memory budget or use a larger device"
+            None => "no quantization or half-precision weights make it fit: raise the memory budget or use a larger device"
                 .into(),
         },
     )
