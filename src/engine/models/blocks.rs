@@ -392,13 +392,15 @@ pub fn cpu_holds_in_model_dtype(name: &str, shape: &[usize]) -> bool {
 }
 
 /// The dtype a model asked for in `dtype` reads its products' weights in, when its file stores
-/// them all in `stored` half precision (`SafetensorsFile::products_stored_in_half`): on the CPU
-/// in f32, that one — as stored, widened exactly as they are multiplied, so the f32 model's
-/// result at half its weights' memory (FLUX's and SD3's checkpoints store bf16/f16: FLUX.1-dev's
-/// transformer 23.8 GB instead of 47.6); `dtype` otherwise.
+/// them all in `stored` half precision (`SafetensorsFile::products_stored_in_half`): on the CPU,
+/// which computes in f32 whatever the dtype, that one — as stored, widened exactly as they are
+/// multiplied. In f32 that is the f32 model's result at half its weights' memory (FLUX's and
+/// SD3's checkpoints store bf16/f16: FLUX.1-dev's transformer 23.8 GB instead of 47.6); under
+/// bf16 an fp16 file (the variant `--dtype` f16/bf16 downloads) keeps its own values. `dtype`
+/// otherwise.
 pub fn weights_dtype(device: &Device, dtype: DType, stored: Option<DType>) -> DType {
     match stored {
-        Some(half) if device.is_cpu() && dtype == DType::F32 => half,
+        Some(half) if compute_dtype(device, dtype) == DType::F32 && device.is_cpu() => half,
         _ => dtype,
     }
 }
