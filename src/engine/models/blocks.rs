@@ -113,14 +113,6 @@ impl Linear {
         })
     }
 
-    /// The weight as candle holds it; `None` for one held in half precision on the CPU.
-    pub fn weight(&self) -> Option<&Tensor> {
-        match &self.held {
-            HeldWeight::Candle(inner) => Some(inner.weight()),
-            HeldWeight::CpuHalf { .. } => None,
-        }
-    }
-
     /// The weight (out, in) in the dtype it is multiplied in: widened to f32 where it is held in
     /// half precision on the CPU (a copy: for quantizing it).
     pub fn dense_weight(&self) -> candle_core::Result<Tensor> {

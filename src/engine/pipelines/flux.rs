@@ -88,9 +88,7 @@ impl Flux {
         };
         let weights = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let text_device = super::text_encoder_device(device, options);
-        // Random weights stand in for the repo's bf16 text encoders.
-        let text_weights =
-            |stem: &str| source.get_with_stored(stem, dtype, &text_device, DType::BF16);
+        let text_weights = |stem: &str| source.get_with_stored(stem, dtype, &text_device);
         super::pipeline_class(dir, FLUX_PIPELINES, "FLUX")?;
         let scheduler = super::read_scheduler(dir)?;
         let clip = (ClipTokenizer::load(dir, "tokenizer")?, {

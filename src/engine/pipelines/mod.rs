@@ -20,8 +20,8 @@ use params::GenerateParams;
 pub(crate) struct WeightSource<'a> {
     pub dir: &'a ModelDir,
     pub random: bool,
-    /// What random weights stand in for: the repos' denoiser and VAE files, stored in this
-    /// dtype (SD's and SDXL's main files f32, SD3's f16, FLUX's bf16).
+    /// What random weights stand in for: the repos' files, stored in this dtype (SD's and
+    /// SDXL's main files f32, SD3's f16, FLUX's bf16).
     pub random_stored: DType,
 }
 
@@ -57,15 +57,12 @@ impl WeightSource<'_> {
     /// A text encoder's weights for a model asked for in `dtype`, read in the dtype `device`
     /// computes in ([`compute_dtype`]), with the dtype each tensor is held in: as stored, and on
     /// the CPU under f16/bf16 what is stored in f32 in that precision (the text encoders hold
-    /// their weights so through `cpu_half_linear::Holding`). Random weights stand in for a
-    /// checkpoint stored in `random_stored` (SD3's and FLUX's text encoders: half precision;
-    /// SD's and SDXL's main files: f32).
+    /// their weights so through `cpu_half_linear::Holding`).
     pub(crate) fn get_with_stored(
         &self,
         stem: &str,
         dtype: DType,
         device: &Device,
-        random_stored: DType,
     ) -> Result<(
         candle_nn::VarBuilder<'static>,
         crate::engine::loader::weights::StoredDtypes,
@@ -78,7 +75,7 @@ impl WeightSource<'_> {
                 VarBuilder::from_backend(Box::new(RandomWeights), compute, device.clone());
             return Ok((
                 weights,
-                StoredDtypes::Every(random_stored).narrowed_to(half),
+                StoredDtypes::Every(self.random_stored).narrowed_to(half),
             ));
         }
         let file = SafetensorsFile::open_component(self.dir, stem)?;
@@ -589,21 +586,25 @@ mod tests {
         assert_eq!(source.get("unet", DType::F32, &cpu)?.dtype(), DType::BF16);
         // f16 asked for, a checkpoint stored in bf16: held in its own values.
         assert_eq!(source.get("unet", DType::F16, &cpu)?.dtype(), DType::BF16);
-        let (text, stored) = source.get_with_stored("te", DType::F32, &cpu, DType::F16)?;
+        let f16_source = WeightSource {
+            random_stored: DType::F16,
+            ..source
+        };
+        let (text, stored) = f16_source.get_with_stored("te", DType::F32, &cpu)?;
         assert_eq!(
             (text.dtype(), stored.of("any")),
             (DType::F32, Some(DType::F16))
         );
         // Under bf16 what is stored in f32 is held in bf16, computing in f32.
-        let (text, stored) = source.get_with_stored("te", DType::BF16, &cpu, DType::F32)?;
-        assert_eq!(
-            (text.dtype(), stored.of("any")),
-            (DType::F32, Some(DType::BF16))
-        );
         let f32_source = WeightSource {
             random_stored: DType::F32,
             ..source
         };
+        let (text, stored) = f32_source.get_with_stored("te", DType::BF16, &cpu)?;
+        assert_eq!(
+            (text.dtype(), stored.of("any")),
+            (DType::F32, Some(DType::BF16))
+        );
         assert_eq!(
             f32_source.get("unet", DType::F32, &cpu)?.dtype(),
             DType::F32

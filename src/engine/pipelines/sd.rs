@@ -161,8 +161,7 @@ impl StableDiffusion {
         let weights = |_component: &str, stem: &str| weights_as(stem, dtype);
         // The CPU computes in f32 whatever the weights' dtype.
         let compute = crate::engine::models::blocks::compute_dtype(device, dtype);
-        // Random weights stand in for the repos' main files, in f32.
-        let text_weights = |stem: &str| source.get_with_stored(stem, dtype, device, DType::F32);
+        let text_weights = |stem: &str| source.get_with_stored(stem, dtype, device);
         let index: ModelIndex = dir.read_json("model_index.json")?;
         let is_xl = SDXL_PIPELINES.contains(&index.class_name.as_str());
         if !is_xl && !SD_PIPELINES.contains(&index.class_name.as_str()) {

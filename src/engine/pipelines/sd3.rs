@@ -93,9 +93,7 @@ impl StableDiffusion3 {
         };
         let weights = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         let text_device = super::text_encoder_device(device, options);
-        // Random weights stand in for the repo's f16 text encoders.
-        let text_weights =
-            |stem: &str| source.get_with_stored(stem, dtype, &text_device, DType::F16);
+        let text_weights = |stem: &str| source.get_with_stored(stem, dtype, &text_device);
         super::pipeline_class(dir, SD3_PIPELINES, "Stable Diffusion 3")?;
         let index: ModelIndex = dir.read_json("model_index.json")?;
         let scheduler = super::read_scheduler(dir)?;
