@@ -230,9 +230,10 @@ impl Footprint {
                 _ => SafetensorsFile::open_component(dir, &stem)?,
             };
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
-            // A denoiser or VAE on the CPU in f32 holds the weights its file stores in half
-            // precision as stored (`blocks::weights_dtype`).
-            let held_dtype = weights_dtype(device, component_dtype, file.products_stored_in_half());
+            // The dtype a denoiser's or VAE's products' weights are held in: on the CPU, as its
+            // file stores them when that is one half precision (`blocks::weights_dtype`).
+            let products_dtype =
+                weights_dtype(device, component_dtype, file.products_stored_in_half());
             let mut bytes = if folder.starts_with("text_encoder") {
                 // Text encoders compute in f32 on the CPU and hold as stored there, what is
                 // stored in f32 in the half precision asked for (`WeightSource::get_with_stored`).
@@ -262,7 +263,7 @@ impl Footprint {
                 // computes in (`blocks::compute_dtype`).
                 file.loaded_bytes_with(|name, _, shape| {
                     let held = if cpu_holds_in_model_dtype(name, shape) {
-                        held_dtype
+                        products_dtype
                     } else {
                         DType::F32
                     };
@@ -279,7 +280,7 @@ impl Footprint {
                     * class["attention_head_dim"].as_u64().unwrap_or(0);
                 let format = options.transformer_format.for_inputs(inner as usize);
                 if let Some(bits) = format.resident_bits_per_weight(device.is_cpu()) {
-                    let held_bits = 8.0 * held_dtype.size_in_bytes() as f64;
+                    let held_bits = 8.0 * products_dtype.size_in_bytes() as f64;
                     bytes = (bytes as f64 * bits / held_bits) as u64;
                 }
             }
