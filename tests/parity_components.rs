@@ -2,7 +2,7 @@
 
 mod common;
 
-use candela::engine::models::dit::WeightFormat;
+use candela::engine::models::quantized::WeightFormat;
 use candela::engine::{
     loader::{ModelDir, ModelSource},
     pipelines::sd::StableDiffusion,

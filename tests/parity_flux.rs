@@ -228,7 +228,7 @@ fn flux_from_black_forest_labs_single_file_equals_diffusers_layout() {
 
 #[test]
 fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
-    use candela::engine::models::dit::WeightFormat;
+    use candela::engine::models::quantized::WeightFormat;
     let dir = tiny_dir("flux-dev");
     let params = GenerateParams {
         prompt: "a lighthouse on a cliff at dusk, oil painting".into(),

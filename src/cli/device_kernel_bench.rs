@@ -425,7 +425,7 @@ pub fn run(
         let w = randn(&[o, i], 0.02)?;
         let bias = randn(&[o], 0.02)?;
         let ours = blocks::Linear::new(w.clone(), Some(bias.clone()));
-        let fp8 = crate::engine::models::dit::BlockLinear::new_fp8(w.clone(), Some(&bias))?;
+        let fp8 = crate::engine::models::quantized::BlockLinear::new_fp8(w.clone(), Some(&bias))?;
         let t = time_ms(device, repeats, || candle_core::Module::forward(&ours, &x));
         record("linear", &shape, "ours", t);
         let theirs = candle_nn::Linear::new(w, Some(bias.clone()));

@@ -125,19 +125,19 @@ fn warn_retired_low_memory(on: bool) {
 }
 
 /// `--quantize`: dense when absent.
-fn weight_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::dit::WeightFormat> {
+fn weight_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::quantized::WeightFormat> {
     parse_format("--quantize", arg)
 }
 
 /// `--quantize-t5`: dense when absent.
-fn t5_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::dit::WeightFormat> {
+fn t5_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::quantized::WeightFormat> {
     parse_format("--quantize-t5", arg)
 }
 
 fn parse_format(
     flag: &str,
     arg: Option<&str>,
-) -> anyhow::Result<crate::engine::models::dit::WeightFormat> {
+) -> anyhow::Result<crate::engine::models::quantized::WeightFormat> {
     arg.map(str::parse)
         .transpose()
         .map_err(|e: String| anyhow::anyhow!("{flag}: {e}"))

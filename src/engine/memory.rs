@@ -34,7 +34,7 @@ use crate::engine::models::blocks::{
     compute_dtype, cpu_half_dtype, cpu_holds_in_model_dtype, weights_dtype,
 };
 use crate::engine::models::{
-    dit::{CpuQuantized, WeightFormat},
+    quantized::{CpuQuantized, WeightFormat},
     flux::FluxTransformerConfig,
     mmdit::Sd3TransformerConfig,
     unet::UNetConfig,
@@ -357,10 +357,10 @@ impl Footprint {
     /// [`Self::read`] with `options` fitted to `budget` bytes of `device`: on the CPU a
     /// transformer quantized to a format whose fastest product there holds more than its blocks
     /// — candle's tiles beside them, twice
-    /// ([`held_twice_on_cpu`](crate::engine::models::dit::WeightFormat::held_twice_on_cpu)), or
+    /// ([`held_twice_on_cpu`](crate::engine::models::quantized::WeightFormat::held_twice_on_cpu)), or
     /// our k-quant tiles' super-block scales widened to f32 (q4k 4.75 bits a weight against 4.5,
     /// q6k 6.625 against 6.5625) — is held once as blocks
-    /// ([`compact`](crate::engine::models::dit::WeightFormat::compact)) when it would not fit
+    /// ([`compact`](crate::engine::models::quantized::WeightFormat::compact)) when it would not fit
     /// beside a default-size image's working memory. Trades speed for fitting: the tiles run
     /// 0.4–0.85× the f32 layer's time, the blocks held once ~1.0–1.1×. The options as fitted,
     /// with their footprint.
@@ -632,7 +632,7 @@ mod tests {
     use super::*;
     use crate::engine::models::cpu_half_linear::held_dtype;
     use crate::engine::models::cpu_int8_tiles as int8_tiles;
-    use crate::engine::models::dit::WeightFormat;
+    use crate::engine::models::quantized::WeightFormat;
     use candle_core::quantized::GgmlDType;
     use candle_core::Device;
 
@@ -747,7 +747,7 @@ mod tests {
         let ratio = |f: &Footprint| {
             bytes(f, "transformer").unwrap() as f64 / bytes(&full, "transformer").unwrap() as f64
         };
-        let twice = if crate::engine::models::dit::cpu_repacks(GgmlDType::Q8_0) {
+        let twice = if crate::engine::models::quantized::cpu_repacks(GgmlDType::Q8_0) {
             2.0
         } else {
             1.0
@@ -889,7 +889,7 @@ mod tests {
         }
         int8_tiles::as_if_absent(|| {
             let (twice, need_twice) = fitted("q6k", u64::MAX);
-            if !crate::engine::models::dit::cpu_repacks(GgmlDType::Q6K) {
+            if !crate::engine::models::quantized::cpu_repacks(GgmlDType::Q6K) {
                 // No q6k tiles on this CPU: held once either way.
                 assert_eq!(need_once, need_twice);
                 assert_eq!(fitted("q6k", 1), (twice, need_twice));

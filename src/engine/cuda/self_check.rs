@@ -359,7 +359,7 @@ fn upsample(device: &Device) -> candle_core::Result<f64> {
 /// (`fp8_product_reference`: the activations rounded to e4m3 the same way), where the card has
 /// them (compute capability ≥ 8.9).
 fn fp8_linear(device: &Device) -> candle_core::Result<f64> {
-    use crate::engine::models::dit::{fp8_product_reference, quantize_fp8};
+    use crate::engine::models::quantized::{fp8_product_reference, quantize_fp8};
     if !super::fp8::has_fp8_tensor_cores(device) {
         return Ok(0.0);
     }

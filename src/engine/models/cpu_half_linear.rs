@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::blocks::Linear;
 use super::cpu_util::{self, SharedOut, Strided};
-use super::dit::{BlockLinear, WeightFormat};
+use super::quantized::{BlockLinear, WeightFormat};
 use crate::engine::loader::weights::StoredDtypes;
 
 /// A weight's values as stored, (in, out) row-major: the layout the `gemm` crate reads fastest

@@ -4,7 +4,7 @@
 //! candle's quantized products quantize them).
 //!
 //! candle 0.11 keeps its own int8 tiles of such a layer beside the blocks (twice the memory,
-//! `dit::cpu_repacks`); at FLUX's shapes they ran 0.49–0.85× the f32 layer's time. These hold the
+//! `quantized::cpu_repacks`); at FLUX's shapes they ran 0.49–0.85× the f32 layer's time. These hold the
 //! same codes and scales as the blocks, once — q8_0 at 8.5 bits a weight, q4k at 4.75 and q6k at
 //! 6.625 (their super-blocks' d, and q4k's dmin, widened to f32) — and ran 0.37–0.53× (q8_0),
 //! 0.40–0.56× (q4k) and 0.46–0.55× (q6k) with AVX-512, 0.63–0.73× (q8_0) and 0.82–1.02× (the

@@ -11,9 +11,10 @@ use serde::Deserialize;
 
 use super::blocks::timestep_features;
 use super::dit::{
-    gated_add, gelu_tanh, vb_for, BlockLinear, ContextOrder, JointAttention, JointAttentionConfig,
-    Modulation, PlainLayerNorm, Rope, SiluMlp, WeightFormat,
+    gated_add, gelu_tanh, ContextOrder, JointAttention, JointAttentionConfig, Modulation,
+    PlainLayerNorm, Rope, SiluMlp,
 };
+use super::quantized::{vb_for, BlockLinear, WeightFormat};
 use super::mmdit::{JointBlock, JointBlockConfig};
 use crate::engine::error::{EngineError, Result};
 

@@ -14,8 +14,9 @@ use serde::Deserialize;
 use super::blocks::timestep_features;
 use super::dit::{
     gated_add, ContextOrder, FeedForward, JointAttention, JointAttentionConfig, Modulation,
-    PlainLayerNorm, Rope, SiluMlp, WeightFormat,
+    PlainLayerNorm, Rope, SiluMlp,
 };
+use super::quantized::WeightFormat;
 use crate::engine::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Deserialize)]

@@ -74,6 +74,7 @@ pub mod cpu_winograd;
 pub mod dit;
 pub mod flux;
 pub mod mmdit;
+pub mod quantized;
 pub mod t5;
 pub mod unet;
 pub mod vae;

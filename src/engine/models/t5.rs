@@ -25,7 +25,7 @@ use serde::Deserialize;
 use super::blocks::Linear;
 use super::cpu_activation::Activation;
 use super::cpu_half_linear::{HeldLinear, Holding};
-use super::dit::WeightFormat;
+use super::quantized::WeightFormat;
 use super::tensor_bytes;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::weights::StoredDtypes;

@@ -412,10 +412,10 @@ pub struct LoadOptions {
     /// does with `text_encoder_3=None`.
     pub without_t5: bool,
     /// SD3 / FLUX: the transformer blocks' weights as loaded or quantized on load.
-    pub transformer_format: crate::engine::models::dit::WeightFormat,
+    pub transformer_format: crate::engine::models::quantized::WeightFormat,
     /// SD3 / FLUX: T5-XXL's Linear layers as loaded or quantized on load (q8_0: 5 GB where its
     /// checkpoints store 9.5).
-    pub t5_format: crate::engine::models::dit::WeightFormat,
+    pub t5_format: crate::engine::models::quantized::WeightFormat,
     /// SD3 / FLUX: keep the text encoders in system memory and run them on the CPU in f32 (held
     /// as their checkpoints store them, T5-XXL 9.5 GB in bf16 or f16, and widened per product), so
     /// device memory holds only the transformer and the VAE; each prompt's states are then

@@ -1,0 +1,727 @@
+//! Linear layers whose weights may be quantized on load ([`WeightFormat`]: GGML blocks or FP8),
+//! and the product each format runs on the CPU or a GPU: the diffusion transformers' blocks,
+//! T5-XXL's layers and the UNet's transformer blocks hold theirs so (`--quantize`).
+
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use super::blocks::{computing, in_f32, linear, Biased, Linear};
+use super::cpu_int8_tiles::{self as int8_tiles, KQuantTileLinear, Q8TileLinear};
+use super::cpu_quantized_linear::QuantizedCpuLinear;
+
+/// How the transformer blocks' dense layers hold their weights: as loaded, quantized on load to
+/// a GGML block format (Q8_0, Q4_K, …), or as FP8 — to fit FLUX or SD3.5 Large on smaller cards.
+/// The embedders and the output projection stay dense, as in the community GGUF and FP8
+/// conversions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    #[default]
+    Dense,
+    /// GGML blocks, multiplied on the CPU as the second field says.
+    Quantized(GgmlDType, CpuQuantized),
+    /// FP8 e4m3 codes with one power-of-two scale per output channel: half of bf16's memory, the
+    /// format of the community "fp8_e4m3fn" checkpoints (their values load exactly). Each
+    /// forward widens a layer's codes to the activations' dtype for the product.
+    Fp8,
+}
+
+/// How a GGML-quantized layer multiplies on the CPU (a GPU runs candle's kernels either way).
+/// Measured at FLUX's shapes (1 536 tokens, 3 072 ↔ 12 288 wide, 2 Zen 4 cores), against the f32
+/// layer's time: our int8 tiles 0.37–0.56× (q8_0, q4k, q6k), candle's tiles 0.49–0.85×, the blocks
+/// dequantized into f32 products 1.0–1.1× in every format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuQuantized {
+    /// q8_0, q4k and q6k on CPUs with VNNI (AVX-512, or AVX-VNNI): our int8 tiles, held once
+    /// ([`Q8TileLinear`], 0.37–0.53× the f32 layer's time; [`KQuantTileLinear`], q4k
+    /// 0.40–0.56×, q6k 0.46–0.55×; on 256-bit registers 0.63–1.02×).
+    /// Otherwise candle's int8
+    /// product where it has one for the format ([`cpu_repacks`]), from tiles it repacks the
+    /// blocks into on first use and keeps beside them: held twice. Formats it has no tiles for
+    /// are held once ([`QuantizedCpuLinear`]): candle's row-by-row product for them took 3.5–11×
+    /// the f32 layer's time. [`WeightFormat::cpu_product`] decides.
+    #[default]
+    Fastest,
+    /// Held once and dequantized into f32 products ([`QuantizedCpuLinear`]: diffusers' GGUF
+    /// arithmetic, no rounding of the activations): what fits a model the twice-held one would
+    /// not (`Footprint::read_fitted` chooses it so; `--quantize q6k-compact` asks for it).
+    Compact,
+}
+
+/// The product a quantized layer runs on the CPU: the one decision the loader
+/// ([`BlockLinear::from_dense`]) and the memory planner
+/// ([`WeightFormat::resident_bits_per_weight`]) both read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuProduct {
+    /// candle's `QMatMul`, its tiles beside the blocks: held twice.
+    CandleTiles,
+    /// [`Q8TileLinear`].
+    Q8Tiles,
+    /// [`KQuantTileLinear`] (q4k, q6k).
+    KQuantTiles,
+    /// [`QuantizedCpuLinear`]: the blocks dequantized into f32 products.
+    Dequantized,
+}
+
+/// Whether candle's tiles of a `format` layer end up held on this CPU, beside the blocks: where
+/// candle repacks the format ([`candle_repacks`]) and ours do not take it.
+pub fn cpu_repacks(format: GgmlDType) -> bool {
+    WeightFormat::Quantized(format, CpuQuantized::Fastest).cpu_product()
+        == Some(CpuProduct::CandleTiles)
+}
+
+/// Whether candle 0.11's CPU product of a `format` layer repacks its blocks into tiles it keeps
+/// (`quantized/repack_x86.rs`'s `select`: q4k, q6k, and q8_0 on CPUs with VNNI; aarch64's
+/// `repack.rs`: the formats with dot-product kernels, where the CPU has them).
+fn candle_repacks(format: GgmlDType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match format {
+            GgmlDType::Q4K | GgmlDType::Q6K => true,
+            GgmlDType::Q8_0 => {
+                std::arch::is_x86_feature_detected!("avx512vnni")
+                    || std::arch::is_x86_feature_detected!("avxvnni")
+            }
+            _ => false,
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        matches!(
+            format,
+            GgmlDType::Q4_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8_0
+        ) && std::arch::is_aarch64_feature_detected!("dotprod")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = format;
+        false
+    }
+}
+
+impl WeightFormat {
+    /// Bits per weight of the blocks' layers (`None` for dense: the load dtype's width).
+    pub fn bits_per_weight(self) -> Option<f64> {
+        match self {
+            Self::Dense => None,
+            Self::Quantized(t, _) => Some(t.type_size() as f64 * 8.0 / t.block_size() as f64),
+            Self::Fp8 => Some(8.0),
+        }
+    }
+
+    /// Bits each weight holds resident (`None` for dense) on the CPU when `on_cpu`: candle
+    /// 0.11's CPU product of a GGML layer it has tiles for repacks the blocks into them on first
+    /// use and keeps them beside the blocks (`quantized/repack.rs`, `PackedCache`), so those
+    /// are held twice ([`CpuQuantized::Fastest`]). Measured: FLUX's blocks in q6k / q8_0 grew
+    /// the resident set by 1.2× their size in the first forward, which killed FLUX-dev on a
+    /// 24 GiB machine.
+    pub fn resident_bits_per_weight(self, on_cpu: bool) -> Option<f64> {
+        let bits = self.bits_per_weight()?;
+        Some(match (self, self.cpu_product()) {
+            _ if !on_cpu => bits,
+            (_, Some(CpuProduct::CandleTiles)) => 2.0 * bits,
+            // Our k-quant tiles widen the super-blocks' d (and dmin) to f32.
+            (Self::Quantized(t, _), Some(CpuProduct::KQuantTiles)) => {
+                KQuantTileLinear::bits_per_weight(t).unwrap_or(bits)
+            }
+            _ => bits,
+        })
+    }
+
+    /// Whether the CPU holds these blocks twice (candle's tiles beside them).
+    pub fn held_twice_on_cpu(self) -> bool {
+        self.cpu_product() == Some(CpuProduct::CandleTiles)
+    }
+
+    /// The product a layer in this format runs on this CPU (`None` when not GGML-quantized).
+    pub fn cpu_product(self) -> Option<CpuProduct> {
+        let Self::Quantized(t, choice) = self else {
+            return None;
+        };
+        Some(match (t, choice) {
+            (_, CpuQuantized::Compact) => CpuProduct::Dequantized,
+            (GgmlDType::Q8_0, _) if int8_tiles::takes(t) => CpuProduct::Q8Tiles,
+            (GgmlDType::Q4K | GgmlDType::Q6K, _) if int8_tiles::takes(t) => CpuProduct::KQuantTiles,
+            _ if candle_repacks(t) => CpuProduct::CandleTiles,
+            _ => CpuProduct::Dequantized,
+        })
+    }
+
+    /// The format a layer of `inputs` inputs is held in: this one where its blocks divide the
+    /// row; for the k-quants (256-value blocks) on other rows, llama.cpp's fallback for them
+    /// (q4k → q5_0, q5k → q5_1, q6k → q8_0: 32-value blocks, a little more precise) — SD3.5
+    /// Large's rows are 2 432 wide, so under q4k most of its layers had stayed dense; else dense.
+    pub fn for_inputs(self, inputs: usize) -> Self {
+        let Self::Quantized(t, product) = self else {
+            return self;
+        };
+        if inputs.is_multiple_of(t.block_size()) {
+            return self;
+        }
+        let fallback = match t {
+            GgmlDType::Q4K => GgmlDType::Q5_0,
+            GgmlDType::Q5K => GgmlDType::Q5_1,
+            GgmlDType::Q6K => GgmlDType::Q8_0,
+            _ => return Self::Dense,
+        };
+        Self::Quantized(fallback, product).for_inputs(inputs)
+    }
+
+    /// The same blocks held once on the CPU.
+    pub fn compact(self) -> Self {
+        match self {
+            Self::Quantized(t, _) => Self::Quantized(t, CpuQuantized::Compact),
+            other => other,
+        }
+    }
+}
+
+/// The name [`WeightFormat`]'s `FromStr` reads (`--quantize`'s).
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (t, product) = match self {
+            Self::Dense => return write!(f, "dense"),
+            Self::Fp8 => return write!(f, "fp8"),
+            Self::Quantized(t, product) => (t, product),
+        };
+        let name = match t {
+            GgmlDType::Q8_0 => "q8_0",
+            GgmlDType::Q4_0 => "q4_0",
+            GgmlDType::Q4_1 => "q4_1",
+            GgmlDType::Q5_0 => "q5_0",
+            GgmlDType::Q5_1 => "q5_1",
+            GgmlDType::Q4K => "q4k",
+            GgmlDType::Q5K => "q5k",
+            GgmlDType::Q6K => "q6k",
+            other => return write!(f, "{other:?}"),
+        };
+        let compact = if *product == CpuQuantized::Compact {
+            "-compact"
+        } else {
+            ""
+        };
+        write!(f, "{name}{compact}")
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+
+    /// `dense`, `fp8`, or a GGML block format: `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q4k`,
+    /// `q5k`, `q6k`, each optionally `-compact` (held once on the CPU, [`CpuQuantized`]).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let lower = s.to_ascii_lowercase().replace('_', "");
+        let (name, product) = match lower.strip_suffix("-compact") {
+            Some(name) => (name, CpuQuantized::Compact),
+            None => (lower.as_str(), CpuQuantized::Fastest),
+        };
+        let t = match name {
+            "dense" | "none" => return Ok(Self::Dense),
+            "fp8" | "fp8e4m3" | "fp8e4m3fn" | "f8e4m3" => return Ok(Self::Fp8),
+            "q80" => GgmlDType::Q8_0,
+            "q40" => GgmlDType::Q4_0,
+            "q41" => GgmlDType::Q4_1,
+            "q50" => GgmlDType::Q5_0,
+            "q51" => GgmlDType::Q5_1,
+            "q4k" => GgmlDType::Q4K,
+            "q5k" => GgmlDType::Q5K,
+            "q6k" => GgmlDType::Q6K,
+            _ => {
+                return Err(format!(
+                    "unknown weight format `{s}`; use dense, fp8, q8_0, q6k, q5k, q4k, q5_0, q5_1, q4_0 or q4_1 (each with `-compact` to hold it once on the CPU)"
+                ))
+            }
+        };
+        Ok(Self::Quantized(t, product))
+    }
+}
+
+/// The FP8 product as FP8 tensor cores compute it (engine/cuda/fp8.rs), in f32 tensor ops on any
+/// device: x rounded to e4m3 at one scale for the whole tensor (absmax / 448), times the e4m3
+/// codes, then the activation scale, the weight's per-channel scale and the bias. The reference
+/// the device self-check holds the CUDA path to (the same rounding of x, so only the order of the
+/// sums and the output's rounding differ).
+pub fn fp8_product_reference(
+    xs: &Tensor,
+    codes: &Tensor,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let x = xs.to_dtype(DType::F32)?;
+    let absmax = x.abs()?.max_all()?.to_scalar::<f32>()?;
+    let x_scale = if absmax > 0.0 { absmax / E4M3_MAX } else { 1.0 };
+    // A true division, as the CUDA kernel's (a product by the reciprocal rounds differently).
+    let x_codes = x
+        .broadcast_div(&Tensor::new(x_scale, xs.device())?)?
+        .to_dtype(DType::F8E4M3)?
+        .to_dtype(DType::F32)?;
+    let ys = x_codes
+        .broadcast_matmul(&codes.to_dtype(DType::F32)?.t()?)?
+        .affine(x_scale as f64, 0.0)?
+        .broadcast_mul(&scale.to_dtype(DType::F32)?)?;
+    match bias {
+        Some(b) => ys.broadcast_add(&b.to_dtype(DType::F32)?),
+        None => Ok(ys),
+    }
+}
+
+/// A dense layer whose weight may be quantized ([`WeightFormat`]). Layers whose input width is
+/// not a multiple of the format's block stay dense.
+#[derive(Debug)]
+pub enum BlockLinear {
+    Dense(Linear),
+    Quantized {
+        weight: QMatMul,
+        bias: Tensor,
+    },
+    /// GGML blocks on the CPU, held once (see [`CpuQuantized`]).
+    QuantizedCpu(QuantizedCpuLinear),
+    /// q8_0 as int8 tiles on the CPU, held once (see [`CpuQuantized`]).
+    Q8Tiles(Q8TileLinear),
+    /// q4k or q6k as tiles on the CPU, held once (see [`CpuQuantized`]).
+    KQuantTiles(KQuantTileLinear),
+    /// y = (x · codesᵀ) · scale + bias: `codes` (out, in) in F8E4M3, `scale` (out) powers of two
+    /// in the model's dtype (exact there, and |w / scale| ≤ 448, e4m3's largest value).
+    Fp8 {
+        codes: Tensor,
+        scale: Tensor,
+        bias: Option<Tensor>,
+        /// CUDA: scale and bias side by side, the FP8 product's operand (made once).
+        #[cfg(feature = "cuda")]
+        scale_bias: Option<Tensor>,
+    },
+}
+
+/// `vb` as a layer of `inputs` inputs held in `format` reads its weight: a quantized one in the
+/// compute dtype (on the CPU a weight stored in half precision is widened once and quantized,
+/// not held in half first).
+pub(crate) fn vb_for<'a>(
+    vb: &VarBuilder<'a>,
+    inputs: usize,
+    format: WeightFormat,
+) -> VarBuilder<'a> {
+    match format.for_inputs(inputs) {
+        WeightFormat::Dense => vb.clone(),
+        _ => computing(vb.clone()),
+    }
+}
+
+/// Largest finite e4m3 value.
+const E4M3_MAX: f32 = 448.0;
+
+/// e4m3 codes and per-row power-of-two scales of a (out, in) weight: scale = 2^⌈log₂(max|row| /
+/// 448)⌉, so the largest value of a row lands in [224, 448] and every value keeps e4m3's 3-bit
+/// relative precision (half an ulp: 2⁻⁴) down to its subnormals. Powers of two multiply exactly in
+/// any float format; the exponent stays within f16's range (2⁻²⁴ … 2¹⁵).
+pub fn quantize_fp8(weight: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let w = weight.to_dtype(DType::F32)?;
+    let row_max: Vec<f32> = w.abs()?.max(1)?.to_vec1()?;
+    let scales: Vec<f32> = row_max
+        .iter()
+        .map(|&m| {
+            let exponent = (m / E4M3_MAX).log2().ceil();
+            // An all-zero row (log2(0) = -inf) takes the smallest scale.
+            2f32.powi(
+                if exponent.is_finite() {
+                    exponent as i32
+                } else {
+                    -24
+                }
+                .clamp(-24, 15),
+            )
+        })
+        .collect();
+    let scale = Tensor::from_vec(scales, row_max.len(), weight.device())?;
+    let codes = w
+        .broadcast_div(&scale.unsqueeze(1)?)?
+        .to_dtype(DType::F8E4M3)?;
+    Ok((codes, scale.to_dtype(weight.dtype())?))
+}
+
+impl BlockLinear {
+    pub fn new(
+        input: usize,
+        output: usize,
+        vb: VarBuilder,
+        format: WeightFormat,
+    ) -> candle_core::Result<Self> {
+        Self::from_dense(linear(input, output, vb_for(&vb, input, format))?, format)
+    }
+
+    /// A dense layer held in `format` (or its fallback for the layer's rows,
+    /// [`WeightFormat::for_inputs`]).
+    pub fn from_dense(dense: Linear, format: WeightFormat) -> candle_core::Result<Self> {
+        let (output, input) = dense.shape();
+        let format = format.for_inputs(input);
+        let ggml = match format {
+            WeightFormat::Dense => return Ok(Self::Dense(dense)),
+            WeightFormat::Fp8 => None,
+            WeightFormat::Quantized(t, _) => Some(t),
+        };
+        let (weight, bias) = (&dense.dense_weight()?, dense.bias());
+        let cpu_product = format.cpu_product().filter(|_| weight.device().is_cpu());
+        match ggml {
+            None => Self::new_fp8(weight.clone(), bias),
+            Some(t) => match cpu_product {
+                Some(CpuProduct::Q8Tiles) if Q8TileLinear::fits(input, output) => {
+                    Ok(Self::Q8Tiles(Q8TileLinear::new(weight, bias)?))
+                }
+                Some(CpuProduct::KQuantTiles) if KQuantTileLinear::fits(input, output) => {
+                    Ok(Self::KQuantTiles(KQuantTileLinear::new(weight, bias, t)?))
+                }
+                // Also tiles the layer's widths do not fit: held once all the same.
+                Some(CpuProduct::Q8Tiles | CpuProduct::KQuantTiles | CpuProduct::Dequantized) => {
+                    Ok(Self::QuantizedCpu(QuantizedCpuLinear::new(
+                        weight, bias, t,
+                    )?))
+                }
+                // candle's product: its tiles on the CPU, its kernels on a GPU.
+                Some(CpuProduct::CandleTiles) | None => Self::candle_quantized(weight, bias, t),
+            },
+        }
+    }
+
+    /// A layer on candle's quantized product (`QMatMul`), its bias in f32.
+    fn candle_quantized(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        format: GgmlDType,
+    ) -> candle_core::Result<Self> {
+        let bias = match bias {
+            Some(b) => b.to_dtype(DType::F32)?,
+            None => Tensor::zeros(weight.dim(0)?, DType::F32, weight.device())?,
+        };
+        let blocks = super::cpu_quantized_linear::quantize(weight, format)?;
+        Ok(Self::Quantized {
+            weight: QMatMul::from_qtensor(blocks)?,
+            bias,
+        })
+    }
+
+    /// An FP8 layer from a dense weight (out, in) and bias.
+    pub fn new_fp8(weight: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
+        let (codes, scale) = quantize_fp8(&weight)?;
+        #[cfg(feature = "cuda")]
+        let scale_bias = if weight.device().is_cuda() {
+            Some(crate::engine::cuda::fp8::scale_bias(
+                &scale,
+                bias,
+                weight.dtype(),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self::Fp8 {
+            codes,
+            scale,
+            bias: bias.cloned(),
+            #[cfg(feature = "cuda")]
+            scale_bias,
+        })
+    }
+
+    /// The e4m3 codes and per-channel scale of an FP8 layer.
+    pub fn fp8_parts(&self) -> Option<(&Tensor, &Tensor)> {
+        match self {
+            Self::Fp8 { codes, scale, .. } => Some((codes, scale)),
+            _ => None,
+        }
+    }
+
+    /// An FP8 layer's product with its weight widened to the activations' dtype (every device;
+    /// the other formats' own forward).
+    pub fn forward_widened(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let Self::Fp8 {
+            codes, scale, bias, ..
+        } = self
+        else {
+            return self.forward(xs);
+        };
+        let weight = codes.to_dtype(xs.dtype())?;
+        let ys = Linear::new(weight, None)
+            .forward(xs)?
+            .broadcast_mul(scale)?;
+        match bias {
+            Some(bias) => ys.broadcast_add(bias),
+            None => Ok(ys),
+        }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self, Self::Dense(_))
+    }
+
+    /// Bytes the layer holds, as the memory planner counts them
+    /// ([`WeightFormat::resident_bits_per_weight`]): candle's quantized product on the CPU
+    /// twice, for the tiles it keeps beside the blocks from the first product on.
+    pub fn bytes(&self) -> usize {
+        let bias = |b: Option<&Tensor>| b.map_or(0, super::tensor_bytes);
+        match self {
+            Self::Dense(l) => l.bytes(),
+            Self::Quantized { weight, bias: b } => {
+                let blocks = match weight {
+                    QMatMul::QTensor(q) => {
+                        let twice = q.device().is_cpu() && candle_repacks(q.dtype());
+                        q.storage_size_in_bytes() * if twice { 2 } else { 1 }
+                    }
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => super::tensor_bytes(t),
+                };
+                blocks + super::tensor_bytes(b)
+            }
+            Self::QuantizedCpu(layer) => layer.bytes(),
+            Self::Q8Tiles(layer) => layer.bytes(),
+            Self::KQuantTiles(layer) => layer.bytes(),
+            Self::Fp8 {
+                codes,
+                scale,
+                bias: b,
+                ..
+            } => super::tensor_bytes(codes) + super::tensor_bytes(scale) + bias(b.as_ref()),
+        }
+    }
+
+    /// The product, its bias left to the fused kernel consuming it where one runs ([`Biased`]):
+    /// dense layers on CUDA (the other formats add theirs inside their own product).
+    pub fn forward_deferring_bias(&self, xs: &Tensor) -> candle_core::Result<Biased> {
+        match self {
+            Self::Dense(l) => {
+                crate::engine::profile::scope("Linear", xs, || l.forward_deferring_bias(xs))
+            }
+            _ => Ok(Biased::done(self.forward(xs)?)),
+        }
+    }
+
+    /// The product without the bias [`Self::unapplied_bias`] returns: dense layers leave theirs
+    /// out, the other formats add theirs (and return none).
+    pub fn forward_unbiased(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(l) => {
+                crate::engine::profile::scope("Linear", xs, || l.forward_unbiased(xs))
+            }
+            _ => self.forward(xs),
+        }
+    }
+
+    /// The bias [`Self::forward_unbiased`] leaves out.
+    pub fn unapplied_bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Dense(l) => l.bias(),
+            _ => None,
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        crate::engine::profile::scope("Linear", xs, || {
+            match self {
+                Self::Dense(l) => l.forward(xs),
+                // The quantized products take and give f32.
+                Self::Quantized { weight, bias } => {
+                    in_f32(xs, |x| weight.forward(x)?.broadcast_add(bias))
+                }
+                Self::QuantizedCpu(layer) => in_f32(xs, |x| layer.forward(x)),
+                Self::Q8Tiles(layer) => in_f32(xs, |x| layer.forward(x)),
+                Self::KQuantTiles(layer) => in_f32(xs, |x| layer.forward(x)),
+                Self::Fp8 { .. } => {
+                    // On FP8 tensor cores when the card has them; widened otherwise.
+                    #[cfg(feature = "cuda")]
+                    if let Self::Fp8 {
+                        codes,
+                        scale_bias: Some(scale_bias),
+                        ..
+                    } = self
+                    {
+                        use crate::engine::cuda::fp8;
+                        if fp8::supports(xs, codes) {
+                            match fp8::linear_with(xs, codes, scale_bias) {
+                                Ok(ys) => return Ok(ys),
+                                Err(e) => fp8::switch_off(&e),
+                            }
+                        }
+                    }
+                    self.forward_widened(xs)
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Rows the format's blocks do not divide take llama.cpp's fallback (k-quants → 32-value
+    /// blocks), or stay dense; the CPU product choice carries over; a layer so loaded holds the
+    /// fallback's blocks.
+    #[test]
+    fn rows_take_the_format_their_blocks_divide() -> candle_core::Result<()> {
+        let f = |s: &str| s.parse::<WeightFormat>().unwrap();
+        for (format, inputs, held) in [
+            ("q6k", 3072, "q6k"),
+            ("q6k", 2432, "q8_0"),
+            ("q4k", 2432, "q5_0"),
+            ("q5k-compact", 2432, "q5_1-compact"),
+            ("q4_0", 2432, "q4_0"),
+            ("q8_0", 48, "dense"),
+            ("q4k", 48, "dense"),
+            ("fp8", 48, "fp8"),
+            ("dense", 48, "dense"),
+        ] {
+            assert_eq!(
+                f(format).for_inputs(inputs),
+                f(held),
+                "{format} at {inputs}"
+            );
+        }
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1., (8, 2432), &dev)?;
+        let layer = BlockLinear::from_dense(Linear::new(weight, None), f("q4k-compact"))?;
+        let BlockLinear::QuantizedCpu(held) = &layer else {
+            panic!("q4k at 2432 inputs not held as blocks");
+        };
+        assert_eq!(held.bytes(), 8 * 2432 / 32 * GgmlDType::Q5_0.type_size());
+        // On CPUs with our int8 kernels, q8_0, q4k and q6k take our tiles, held once (the
+        // k-quants with their super-blocks' scales in f32); the planner counts what they hold.
+        let weight = Tensor::randn(0f32, 1., (32, 256), &dev)?;
+        for (format, t, bits) in [
+            ("q8_0", GgmlDType::Q8_0, 8.5),
+            ("q4k", GgmlDType::Q4K, 4.75),
+            ("q6k", GgmlDType::Q6K, 6.625),
+        ] {
+            let layer = BlockLinear::from_dense(Linear::new(weight.clone(), None), f(format))?;
+            let tiles = matches!(layer, BlockLinear::Q8Tiles(_) | BlockLinear::KQuantTiles(_));
+            assert_eq!(tiles, int8_tiles::takes(t), "{format}");
+            if tiles {
+                assert_eq!(f(format).resident_bits_per_weight(true), Some(bits));
+            }
+        }
+        Ok(())
+    }
+
+    /// Each format prints as the name `--quantize` reads back.
+    #[test]
+    fn formats_print_as_they_parse() {
+        for name in [
+            "dense",
+            "fp8",
+            "q8_0",
+            "q4_0",
+            "q4_1",
+            "q5_0",
+            "q5_1",
+            "q4k",
+            "q5k",
+            "q6k",
+            "q6k-compact",
+            "q8_0-compact",
+        ] {
+            let format: WeightFormat = name.parse().unwrap();
+            assert_eq!(format.to_string(), name);
+        }
+    }
+
+    /// e4m3 keeps 3 bits of mantissa: each weight within half an ulp, 2⁻⁴ of itself (or of the
+    /// row's smallest normal, 2⁻⁶ · scale, below it), so |y − y_fp8| ≤ 2⁻⁴ Σ|x||w| + 2⁻¹⁰·scale Σ|x|
+    /// row by row. A wrong scale, transposition or rounding breaks that by orders of magnitude.
+    #[test]
+    fn fp8_layer_stays_within_e4m3_rounding_of_the_dense_layer() {
+        let dev = Device::Cpu;
+        let (rows, input, output) = (5, 96, 40);
+        // Rows of very different magnitudes (the scale is per row), and one all zero.
+        let magnitudes: Vec<f32> = (0..output)
+            .map(|o| {
+                if o == 3 {
+                    0.0
+                } else {
+                    10f32.powi(o as i32 % 7 - 3)
+                }
+            })
+            .collect();
+        let w = (Tensor::randn(0f32, 1.0, (output, input), &dev)
+            .unwrap()
+            .broadcast_mul(
+                &Tensor::new(magnitudes.as_slice(), &dev)
+                    .unwrap()
+                    .unsqueeze(1)
+                    .unwrap(),
+            ))
+        .unwrap();
+        let bias = Tensor::randn(0f32, 1.0, output, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, rows, input), &dev).unwrap();
+        let dense = Linear::new(w.clone(), Some(bias.clone()));
+        let fp8 = BlockLinear::new_fp8(w.clone(), Some(&bias)).unwrap();
+        let (codes, scale) = fp8.fp8_parts().unwrap();
+        assert_eq!(codes.dtype(), DType::F8E4M3);
+        let scales: Vec<f32> = scale.to_vec1().unwrap();
+        for (s, m) in scales.iter().zip(&magnitudes) {
+            assert_eq!(s.log2().fract(), 0.0, "scale {s} not a power of two");
+            assert!(
+                *m == 0.0 || *s < m * 4.0,
+                "scale {s} too coarse for rows of ~{m}"
+            );
+        }
+        let exact = dense.forward(&x).unwrap();
+        let got = fp8.forward(&x).unwrap();
+        let error = (got - &exact).unwrap().abs().unwrap();
+        let bound = (x
+            .abs()
+            .unwrap()
+            .broadcast_matmul(&w.abs().unwrap().t().unwrap())
+            .unwrap()
+            / 16.0
+            + x.abs()
+                .unwrap()
+                .sum_keepdim(2)
+                .unwrap()
+                .broadcast_mul(&(Tensor::new(scales.as_slice(), &dev).unwrap() / 1024.0).unwrap())
+                .unwrap())
+        .unwrap();
+        let over: f32 = (error - &bound)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(over <= 1e-5, "fp8 error exceeds e4m3 rounding by {over}");
+        // And it is not the dense layer in disguise.
+        let rounded: f32 = (fp8.forward(&x).unwrap() - &exact)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(rounded > 0.0);
+        // The FP8-product reference (activations rounded to e4m3 too) stays within both
+        // operands' rounding: 2⁻⁴ of |x|, 2⁻⁴ of |w| (and the subnormal terms, doubled).
+        let (codes, scale) = fp8.fp8_parts().unwrap();
+        let product = fp8_product_reference(&x, codes, scale, Some(&bias)).unwrap();
+        let error = (product - &exact).unwrap().abs().unwrap();
+        let x_step = x
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / 448.0
+            / 1024.0;
+        let both = ((bound.clone() * (2.0 + 1.0 / 16.0)).unwrap()
+            + (w.abs().unwrap().sum_keepdim(1).unwrap().t().unwrap()
+                * (x_step * (1.0 + 1.0 / 16.0)) as f64)
+                .unwrap()
+                .broadcast_add(&Tensor::zeros((1, rows, output), DType::F32, &dev).unwrap())
+                .unwrap())
+        .unwrap();
+        let over: f32 = (error - both)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(over <= 1e-5, "fp8 product exceeds e4m3 rounding by {over}");
+        assert_eq!("fp8".parse::<WeightFormat>(), Ok(WeightFormat::Fp8));
+        assert_eq!(WeightFormat::Fp8.bits_per_weight(), Some(8.0));
+    }
+}
