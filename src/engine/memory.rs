@@ -37,7 +37,7 @@ use crate::engine::models::{
     quantized::{CpuQuantized, WeightFormat},
     flux::FluxTransformerConfig,
     mmdit::Sd3TransformerConfig,
-    unet::UNetConfig,
+    unet::{self, UNetConfig},
     vae::VaeConfig,
 };
 use crate::engine::pipelines::params::Guidance;
@@ -105,42 +105,43 @@ pub enum Shrink {
     /// SD3 / FLUX: T5-XXL's Linear layers quantized (its states move by the format's rounding,
     /// ~1 % in q8_0).
     T5(WeightFormat),
-    /// SD3 / FLUX: the transformer blocks quantized.
+    /// The transformer blocks quantized (SD3's and FLUX's; a UNet's attention and feed-forward
+    /// layers).
     Transformer(WeightFormat),
 }
 
 impl Shrink {
     /// The steps that apply to a model loaded in `dtype` with `options`, from the least costly
     /// in quality: a UNet's weights in f16 on the CPU; the text encoders off the GPU, T5 in
-    /// q8_0, the transformer in q8_0, then in q4k.
+    /// q8_0; then the transformer blocks in q8_0, then in q4k.
     fn ladder(
         dir: &ModelDir,
         device: &candle_core::Device,
         dtype: DType,
         options: &LoadOptions,
     ) -> Result<Vec<Self>> {
-        if !dir.file("transformer/config.json").is_file() {
-            let f32_on_cpu = device.is_cpu() && dtype == DType::F32;
-            return Ok(f32_on_cpu
-                .then_some(Self::HalfWeights(DType::F16))
-                .into_iter()
-                .collect());
-        }
         let mut ladder = Vec::new();
-        if !device.is_cpu() && !options.text_encoders_on_cpu {
-            ladder.push(Self::TextEncodersOnCpu);
-        }
-        let mut has_t5 = false;
-        for folder in ["text_encoder_2", "text_encoder_3"] {
-            let config = dir.file(&format!("{folder}/config.json"));
-            if config.is_file() && !(folder == "text_encoder_3" && options.without_t5) {
-                let config: serde_json::Value = dir.read_json(&format!("{folder}/config.json"))?;
-                has_t5 |= config["model_type"] == "t5";
-            }
-        }
         let q8_0 = WeightFormat::Quantized(GgmlDType::Q8_0, CpuQuantized::Fastest);
-        if has_t5 && options.t5_format == WeightFormat::Dense {
-            ladder.push(Self::T5(q8_0));
+        if !dir.file("transformer/config.json").is_file() {
+            if device.is_cpu() && dtype == DType::F32 {
+                ladder.push(Self::HalfWeights(DType::F16));
+            }
+        } else {
+            if !device.is_cpu() && !options.text_encoders_on_cpu {
+                ladder.push(Self::TextEncodersOnCpu);
+            }
+            let mut has_t5 = false;
+            for folder in ["text_encoder_2", "text_encoder_3"] {
+                let config = dir.file(&format!("{folder}/config.json"));
+                if config.is_file() && !(folder == "text_encoder_3" && options.without_t5) {
+                    let config: serde_json::Value =
+                        dir.read_json(&format!("{folder}/config.json"))?;
+                    has_t5 |= config["model_type"] == "t5";
+                }
+            }
+            if has_t5 && options.t5_format == WeightFormat::Dense {
+                ladder.push(Self::T5(q8_0));
+            }
         }
         if options.transformer_format == WeightFormat::Dense {
             ladder.push(Self::Transformer(q8_0));
@@ -258,19 +259,30 @@ impl Footprint {
                         )
                     })
                 }
-            } else if device.is_cpu() {
-                // The products' weights in their held dtype, the rest in the f32 the CPU
-                // computes in (`blocks::compute_dtype`).
-                file.loaded_bytes_with(|name, _, shape| {
-                    let held = if cpu_holds_in_model_dtype(name, shape) {
-                        products_dtype
-                    } else {
-                        DType::F32
-                    };
-                    (shape.iter().product::<usize>() * held.size_in_bytes()) as u64
-                })
             } else {
-                file.loaded_bytes(component_dtype)
+                // On the CPU the products' weights in their held dtype, the rest in the f32 the
+                // CPU computes in (`blocks::compute_dtype`); the UNet's transformer blocks'
+                // layers in `--quantize`'s resident bits, in the format their rows take.
+                let on_cpu = device.is_cpu();
+                file.loaded_bytes_with(|name, _, shape| {
+                    let numel = shape.iter().product::<usize>();
+                    let quantized = match shape {
+                        [_, inputs] if folder == "unet" && unet::quantizes(name) => options
+                            .transformer_format
+                            .for_inputs(*inputs)
+                            .resident_bits_per_weight(on_cpu),
+                        _ => None,
+                    };
+                    if let Some(bits) = quantized {
+                        return (numel as f64 * bits / 8.0).round() as u64;
+                    }
+                    let held = match on_cpu {
+                        false => component_dtype,
+                        true if cpu_holds_in_model_dtype(name, shape) => products_dtype,
+                        true => DType::F32,
+                    };
+                    (numel * held.size_in_bytes()) as u64
+                })
             };
             if folder == denoiser_folder && is_transformer {
                 // Quantized blocks: the format's resident bits per weight instead of the dtype's
@@ -424,7 +436,7 @@ impl Footprint {
     /// For a model that does not fit `budget` with a default-size image as `options` load it:
     /// the fewest [`Shrink`] steps, taken in order from the least costly in quality, that make
     /// it fit (read as [`Self::read_fitted`] would then hold it), with what it then needs;
-    /// `None` when all of them together do not (or none applies: a UNet).
+    /// `None` when all of them together do not (or none applies).
     pub fn shrink_to_fit(
         dir: &ModelDir,
         device: &candle_core::Device,
@@ -908,7 +920,8 @@ mod tests {
 
     /// A FLUX that does not fit is told the fewest of the ladder's steps that make it fit, in
     /// order (on the CPU: T5 in q8_0, then the transformer in q8_0, then in q4k), with what it
-    /// then needs; a budget none reach, or a UNet (nothing to quantize), gets none.
+    /// then needs (a UNet on the CPU: its weights in f16, then its transformer blocks
+    /// quantized); a budget none reach gets none.
     #[test]
     fn a_model_that_does_not_fit_is_told_the_fewest_steps_that_would() {
         let dir = flux_dir();
@@ -958,7 +971,8 @@ mod tests {
             advice.unwrap(),
             Some((vec![Shrink::Transformer(f("q4k"))], q4k))
         );
-        // A UNet on the CPU in f32: its weights in f16 (nothing to quantize), if that fits.
+        // A UNet on the CPU in f32: its weights in f16, then its transformer blocks in q8_0,
+        // then in q4k (the tiny model's rows take q5_0 for it).
         let unet = |dtype: DType, budget: u64| {
             Footprint::shrink_to_fit(&sd1_dir(), &Device::Cpu, dtype, &Default::default(), budget)
                 .unwrap()
@@ -966,18 +980,31 @@ mod tests {
         let sd1_size = crate::engine::pipelines::read_card(&sd1_dir(), "")
             .unwrap()
             .default_size;
-        let sd1_need = |dtype: DType| {
-            Footprint::read(&sd1_dir(), &Device::Cpu, dtype, &Default::default())
+        let sd1_need = |dtype: DType, transformer: &str| {
+            let options = LoadOptions {
+                transformer_format: f(transformer),
+                ..Default::default()
+            };
+            Footprint::read(&sd1_dir(), &Device::Cpu, dtype, &options)
                 .unwrap()
                 .default_need(sd1_size)
         };
-        let half = sd1_need(DType::F16);
-        assert!(half < sd1_need(DType::F32));
-        let f16 = vec![Shrink::HalfWeights(DType::F16)];
-        assert_eq!(unet(DType::F32, half), Some((f16, half)));
-        assert_eq!(unet(DType::F32, half - 1), None);
-        // Already in half precision: nothing left.
-        assert_eq!(unet(DType::F16, half - 1), None);
+        let half = sd1_need(DType::F16, "dense");
+        let (half_q8_0, half_q4k) = (sd1_need(DType::F16, "q8_0"), sd1_need(DType::F16, "q4k"));
+        assert!(
+            sd1_need(DType::F32, "dense") > half && half > half_q8_0 && half_q8_0 > half_q4k,
+            "{half} {half_q8_0} {half_q4k}"
+        );
+        let mut steps = vec![Shrink::HalfWeights(DType::F16)];
+        assert_eq!(unet(DType::F32, half), Some((steps.clone(), half)));
+        steps.push(Shrink::Transformer(f("q8_0")));
+        assert_eq!(unet(DType::F32, half - 1), Some((steps.clone(), half_q8_0)));
+        steps.push(Shrink::Transformer(f("q4k")));
+        assert_eq!(unet(DType::F32, half_q8_0 - 1), Some((steps, half_q4k)));
+        assert_eq!(unet(DType::F32, half_q4k - 1), None);
+        // Already in half precision: the quantization steps only.
+        let quantized = vec![Shrink::Transformer(f("q8_0"))];
+        assert_eq!(unet(DType::F16, half - 1), Some((quantized, half_q8_0)));
         // Told as `serve`'s flags.
         let flags: Vec<String> = [
             Shrink::HalfWeights(DType::F16),

@@ -1,9 +1,10 @@
 //! Attention shared by the CLIP encoder, the UNet's transformer blocks and the VAE mid block.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::blocks::{linear, linear_no_bias, Biased, Linear};
+use super::blocks::Biased;
+use super::quantized::{BlockLinear, WeightFormat};
 
 /// softmax(q kᵀ / sqrt(d) + mask) v over (batch, heads, tokens, head_dim) tensors.
 /// `upcast` computes scores and softmax in f32 (diffusers' `upcast_attention`/`upcast_softmax`),
@@ -117,13 +118,14 @@ pub fn softmax_last_dim(scores: &Tensor) -> candle_core::Result<Tensor> {
         .unwrap_or_else(|| candle_nn::ops::softmax_last_dim(scores))
 }
 
-/// diffusers' `Attention` with the default processor: separate q/k/v projections, optional
-/// cross-attention context, output projection `to_out.0`.
+/// diffusers' `Attention` with the default processor (the UNet's transformer blocks): separate
+/// q/k/v projections without bias, optional cross-attention context, output projection
+/// `to_out.0`; the projections held in `format` (`--quantize`).
 pub struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: BlockLinear,
+    to_k: BlockLinear,
+    to_v: BlockLinear,
+    to_out: BlockLinear,
     heads: usize,
     upcast: bool,
 }
@@ -131,29 +133,31 @@ pub struct Attention {
 impl Attention {
     pub fn new(
         vb: VarBuilder,
-        query_dim: usize,
-        context_dim: usize,
-        heads: usize,
-        head_dim: usize,
-        qkv_bias: bool,
+        (query_dim, context_dim): (usize, usize),
+        (heads, head_dim): (usize, usize),
         upcast: bool,
+        format: WeightFormat,
     ) -> candle_core::Result<Self> {
         let inner = heads * head_dim;
         let proj = |name: &str, input: usize| {
-            if qkv_bias {
-                linear(input, inner, vb.pp(name))
-            } else {
-                linear_no_bias(input, inner, vb.pp(name))
-            }
+            BlockLinear::unbiased(input, inner, vb.pp(name), format)
         };
         Ok(Self {
             to_q: proj("to_q", query_dim)?,
             to_k: proj("to_k", context_dim)?,
             to_v: proj("to_v", context_dim)?,
-            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_out: BlockLinear::new(inner, query_dim, vb.pp("to_out.0"), format)?,
             heads,
             upcast,
         })
+    }
+
+    /// Bytes the four projections hold.
+    pub fn layer_bytes(&self) -> usize {
+        [&self.to_q, &self.to_k, &self.to_v, &self.to_out]
+            .iter()
+            .map(|l| l.bytes())
+            .sum()
     }
 
     /// `xs`: (batch, tokens, query_dim); `context`: (batch, context_tokens, context_dim) or None for self-attention.

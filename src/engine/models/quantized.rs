@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::blocks::{computing, in_f32, linear, Biased, Linear};
+use super::blocks::{computing, in_f32, linear, linear_no_bias, Biased, Linear};
 use super::cpu_int8_tiles::{self as int8_tiles, KQuantTileLinear, Q8TileLinear};
 use super::cpu_quantized_linear::QuantizedCpuLinear;
 
@@ -346,6 +346,17 @@ impl BlockLinear {
         format: WeightFormat,
     ) -> candle_core::Result<Self> {
         Self::from_dense(linear(input, output, vb_for(&vb, input, format))?, format)
+    }
+
+    /// [`Self::new`] of a layer without bias.
+    pub fn unbiased(
+        input: usize,
+        output: usize,
+        vb: VarBuilder,
+        format: WeightFormat,
+    ) -> candle_core::Result<Self> {
+        let dense = linear_no_bias(input, output, vb_for(&vb, input, format))?;
+        Self::from_dense(dense, format)
     }
 
     /// A dense layer held in `format` (or its fallback for the layer's rows,

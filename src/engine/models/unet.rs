@@ -9,6 +9,7 @@ use super::blocks::{computing, linear, Biased, Linear};
 use serde::Deserialize;
 
 use super::attention::Attention;
+use super::quantized::{BlockLinear, WeightFormat};
 use super::blocks::{
     conv, group_norm, timestep_features, Conv2d, Downsample2D, GroupNorm, PerBlock, ResnetBlock2D,
     ResnetConfig, Upsample2D,
@@ -274,9 +275,19 @@ fn resolve(c: &UNetConfig, path: &Path) -> Result<Resolved> {
     Ok(r)
 }
 
+/// Whether tensor `name` of a UNet's file is the weight of one of its transformer blocks' Linear
+/// layers (attention and feed-forward): those `--quantize` holds in its format (the memory
+/// planner's rule; the model builds them with [`BlockLinear`]).
+pub fn quantizes(name: &str) -> bool {
+    const LAYERS: [&str; 4] = [".attn1.to_", ".attn2.to_", ".ff.net.0.proj.", ".ff.net.2."];
+    name.contains(".transformer_blocks.")
+        && name.ends_with(".weight")
+        && LAYERS.iter().any(|layer| name.contains(layer))
+}
+
 struct FeedForward {
-    proj: Linear,
-    out: Linear,
+    proj: BlockLinear,
+    out: BlockLinear,
 }
 
 impl FeedForward {
@@ -317,30 +328,30 @@ struct BasicTransformerBlock {
 impl BasicTransformerBlock {
     fn new(
         vb: VarBuilder,
-        dim: usize,
-        heads: usize,
-        context_dim: usize,
+        (dim, heads, context_dim): (usize, usize, usize),
         upcast: bool,
+        format: WeightFormat,
     ) -> candle_core::Result<Self> {
         let head_dim = dim / heads;
         let inner_ff = dim * 4;
+        let attention = |name: &str, context_dim: usize| {
+            Attention::new(
+                vb.pp(name),
+                (dim, context_dim),
+                (heads, head_dim),
+                upcast,
+                format,
+            )
+        };
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, computing(vb.pp("norm1")))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, false, upcast)?,
+            attn1: attention("attn1", dim)?,
             norm2: layer_norm(dim, 1e-5, computing(vb.pp("norm2")))?,
-            attn2: Attention::new(
-                vb.pp("attn2"),
-                dim,
-                context_dim,
-                heads,
-                head_dim,
-                false,
-                upcast,
-            )?,
+            attn2: attention("attn2", context_dim)?,
             norm3: layer_norm(dim, 1e-5, computing(vb.pp("norm3")))?,
             ff: FeedForward {
-                proj: linear(dim, inner_ff * 2, vb.pp("ff.net.0.proj"))?,
-                out: linear(inner_ff, dim, vb.pp("ff.net.2"))?,
+                proj: BlockLinear::new(dim, inner_ff * 2, vb.pp("ff.net.0.proj"), format)?,
+                out: BlockLinear::new(inner_ff, dim, vb.pp("ff.net.2"), format)?,
             },
         })
     }
@@ -444,13 +455,13 @@ struct Transformer2D {
 }
 
 impl Transformer2D {
+    /// `block`: the (heads, layers, context width) of its level.
     fn new(
         vb: VarBuilder,
         channels: usize,
-        heads: usize,
-        layers: usize,
-        context_dim: usize,
+        (heads, layers, context_dim): (usize, usize, usize),
         c: &UNetConfig,
+        format: WeightFormat,
     ) -> candle_core::Result<Self> {
         let (proj_in, proj_out) = if c.use_linear_projection {
             (
@@ -467,10 +478,9 @@ impl Transformer2D {
             .map(|i| {
                 BasicTransformerBlock::new(
                     vb.pp(format!("transformer_blocks.{i}")),
-                    channels,
-                    heads,
-                    context_dim,
+                    (channels, heads, context_dim),
                     c.upcast_attention,
+                    format,
                 )
             })
             .collect::<candle_core::Result<_>>()?;
@@ -526,10 +536,21 @@ pub struct UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
-    pub fn new(vb: VarBuilder, config: UNetConfig, config_path: &Path) -> Result<Self> {
+    /// The transformer blocks' Linear layers held in `format` (`--quantize`); the rest as read.
+    pub fn new(
+        vb: VarBuilder,
+        config: UNetConfig,
+        config_path: &Path,
+        format: WeightFormat,
+    ) -> Result<Self> {
         config.check(config_path)?;
         let r = resolve(&config, config_path)?;
         let c = &config;
+        // The transformer of level `i`'s blocks.
+        let transformer = |vb: VarBuilder, channels: usize, i: usize| {
+            let block = (r.heads[i], r.transformer_layers[i], r.cross_dims[i]);
+            Transformer2D::new(vb, channels, block, c, format)
+        };
         let n = c.block_out_channels.len();
         let ch0 = c.block_out_channels[0];
         let temb = ch0 * 4;
@@ -577,14 +598,7 @@ impl UNet2DConditionModel {
                     &block_resnet,
                 )?);
                 if cross {
-                    attentions.push(Transformer2D::new(
-                        vb.pp(format!("attentions.{j}")),
-                        out_ch,
-                        r.heads[i],
-                        r.transformer_layers[i],
-                        r.cross_dims[i],
-                        c,
-                    )?);
+                    attentions.push(transformer(vb.pp(format!("attentions.{j}")), out_ch, i)?);
                 }
             }
             let downsample = if i + 1 < n {
@@ -608,14 +622,7 @@ impl UNet2DConditionModel {
         let mid_resnet = resnet(Some(temb), c.mid_block_scale_factor);
         let mid = MidBlock {
             resnet_in: ResnetBlock2D::new(mid_vb.pp("resnets.0"), last, last, &mid_resnet)?,
-            attention: Transformer2D::new(
-                mid_vb.pp("attentions.0"),
-                last,
-                r.heads[n - 1],
-                r.transformer_layers[n - 1],
-                r.cross_dims[n - 1],
-                c,
-            )?,
+            attention: transformer(mid_vb.pp("attentions.0"), last, n - 1)?,
             resnet_out: ResnetBlock2D::new(mid_vb.pp("resnets.1"), last, last, &mid_resnet)?,
         };
 
@@ -642,14 +649,7 @@ impl UNet2DConditionModel {
                     &block_resnet,
                 )?);
                 if cross {
-                    attentions.push(Transformer2D::new(
-                        vb.pp(format!("attentions.{j}")),
-                        out_ch,
-                        r.heads[bi],
-                        r.transformer_layers[bi],
-                        r.cross_dims[bi],
-                        c,
-                    )?);
+                    attentions.push(transformer(vb.pp(format!("attentions.{j}")), out_ch, bi)?);
                 }
             }
             let upsample = if i + 1 < n {
@@ -683,6 +683,20 @@ impl UNet2DConditionModel {
             )?,
             config,
         })
+    }
+
+    /// Bytes the transformer blocks' Linear layers (those [`quantizes`] names) hold, biases
+    /// included.
+    pub fn transformer_layer_bytes(&self) -> usize {
+        let transformers = (self.down.iter().flat_map(|b| &b.attentions))
+            .chain(std::iter::once(&self.mid.attention))
+            .chain(self.up.iter().flat_map(|b| &b.attentions));
+        transformers
+            .flat_map(|t| &t.blocks)
+            .map(|b| {
+                b.attn1.layer_bytes() + b.attn2.layer_bytes() + b.ff.proj.bytes() + b.ff.out.bytes()
+            })
+            .sum()
     }
 
     /// `sample`: (B, C, H, W) latents; `timestep`: one value for the whole batch;
@@ -786,5 +800,63 @@ impl UNet2DConditionModel {
         }
         let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::loader::ModelDir;
+    use crate::engine::memory::Footprint;
+    use crate::engine::pipelines::LoadOptions;
+    use candle_core::{DType, Device};
+
+    /// `--quantize` on a UNet holds its transformer blocks' layers as the memory planner counts
+    /// them: what a format saves against the dense model is, byte for byte, what the planner's
+    /// figure drops by — a layer the model quantizes and [`quantizes`] does not name (or the
+    /// reverse) would show. The tiny models' rows take the fallbacks (q4k → q5_0, q6k → q8_0);
+    /// SDXL's cross-attention reads 48-wide rows, which stay dense.
+    #[test]
+    fn quantized_transformer_blocks_hold_what_the_planner_counts() {
+        for model in ["sd1-tiny", "sdxl-tiny"] {
+            let dir = ModelDir {
+                root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/models")
+                    .join(model),
+                prefer_fp16_variant: false,
+            };
+            let build = |format: &str| {
+                let config_path = dir.file("unet/config.json");
+                let config = crate::engine::loader::read_json(&config_path).unwrap();
+                let weights = dir.file("unet/diffusion_pytorch_model.safetensors");
+                let vb = unsafe {
+                    candle_nn::VarBuilder::from_mmaped_safetensors(
+                        &[weights],
+                        DType::F32,
+                        &Device::Cpu,
+                    )
+                }
+                .unwrap();
+                let format = format.parse().unwrap();
+                let unet = UNet2DConditionModel::new(vb, config, &config_path, format).unwrap();
+                let options = LoadOptions {
+                    transformer_format: format,
+                    ..Default::default()
+                };
+                let footprint = Footprint::read(&dir, &Device::Cpu, DType::F32, &options).unwrap();
+                let planned = footprint.components.iter().find(|(c, _)| c == "unet");
+                (unet.transformer_layer_bytes() as i64, planned.unwrap().1 as i64)
+            };
+            let (dense_held, dense_planned) = build("dense");
+            for format in ["q8_0", "q8_0-compact", "q4k", "q6k-compact"] {
+                let (held, planned) = build(format);
+                assert!(held < dense_held * 45 / 100, "{model} {format}: {held} of {dense_held}");
+                assert_eq!(
+                    dense_held - held,
+                    dense_planned - planned,
+                    "{model} {format}: saved as held vs as planned"
+                );
+            }
+        }
     }
 }

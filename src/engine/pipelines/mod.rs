@@ -411,7 +411,8 @@ pub struct LoadOptions {
     /// SD3: leave T5-XXL out (9 GB in f16): its part of the prompt becomes zeros, as diffusers
     /// does with `text_encoder_3=None`.
     pub without_t5: bool,
-    /// SD3 / FLUX: the transformer blocks' weights as loaded or quantized on load.
+    /// The transformer blocks' Linear layers (SD3's and FLUX's blocks; the UNet's attention and
+    /// feed-forward layers) as loaded or quantized on load.
     pub transformer_format: crate::engine::models::quantized::WeightFormat,
     /// SD3 / FLUX: T5-XXL's Linear layers as loaded or quantized on load (q8_0: 5 GB where its
     /// checkpoints store 9.5).
@@ -476,8 +477,7 @@ impl Pipeline {
             (Family::Flux, _) => {
                 Self::Flux(flux::Flux::build(dir, device, dtype, options, random)?)
             }
-            (_, false) => Self::Sd(StableDiffusion::load(dir, device, dtype)?),
-            (_, true) => Self::Sd(StableDiffusion::with_random_weights(dir, device, dtype)?),
+            _ => Self::Sd(StableDiffusion::build(dir, device, dtype, options, random)?),
         };
         pipeline.vae_mut().set_tiling(options.vae_tiling);
         Ok(pipeline)

@@ -1,5 +1,6 @@
 //! Stable Diffusion 1.x/2.x text-to-image, step for step as diffusers' `StableDiffusionPipeline`.
 
+use super::LoadOptions;
 use super::prompt_cache::PromptCache;
 use std::time::Instant;
 
@@ -141,17 +142,21 @@ pub struct StableDiffusion {
 pub const MAX_SIDE: usize = 4096;
 
 impl StableDiffusion {
+    /// The model as its files hold it (every layer dense).
     pub fn load(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(dir, device, dtype, false)
+        Self::build(dir, device, dtype, &LoadOptions::default(), false)
     }
 
-    /// The architecture of `dir`'s configs with random weights, for benchmarks: speed does not
-    /// depend on the weights' values, and no download is needed.
-    pub fn with_random_weights(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(dir, device, dtype, true)
-    }
-
-    fn build(dir: &ModelDir, device: &Device, dtype: DType, random: bool) -> Result<Self> {
+    /// `random`: the architecture of `dir`'s configs with random weights, for benchmarks (speed
+    /// does not depend on the weights' values, and no download is needed). Of `options`, the
+    /// UNet takes `transformer_format` for its transformer blocks.
+    pub fn build(
+        dir: &ModelDir,
+        device: &Device,
+        dtype: DType,
+        options: &LoadOptions,
+        random: bool,
+    ) -> Result<Self> {
         let source = super::WeightSource {
             dir,
             random,
@@ -189,7 +194,12 @@ impl StableDiffusion {
         let unet_config_path = dir.required("unet/config.json")?;
         let unet_config = crate::engine::loader::read_json(&unet_config_path)?;
         let unet_vb = weights("unet", "unet/diffusion_pytorch_model")?;
-        let unet = UNet2DConditionModel::new(unet_vb, unet_config, &unet_config_path)?;
+        let unet = UNet2DConditionModel::new(
+            unet_vb,
+            unet_config,
+            &unet_config_path,
+            options.transformer_format,
+        )?;
 
         let vae = Autoencoder::load(dir, dtype, device, &weights_as, is_xl)?;
 
