@@ -64,7 +64,7 @@ pub struct BenchArgs {
     /// cudarc's event tracking for this process, which graph capture cannot record).
     #[arg(long)]
     pub cuda_graph: bool,
-    /// Load as `serve --quantize FMT` (SD3 / FLUX transformer blocks: fp8, q8_0, q4k, …; on the
+    /// Load as `serve --quantize FMT` (transformer blocks: fp8, q8_0, q4k, …; on the
     /// CPU, `q8_0-compact` holds the blocks once, as serve does where twice would not fit).
     #[arg(long)]
     pub quantize: Option<String>,

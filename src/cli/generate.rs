@@ -54,8 +54,9 @@ pub struct GenerateArgs {
     /// from --model.
     #[arg(long)]
     pub transformer: Option<PathBuf>,
-    /// SD3 / FLUX: quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …) to
-    /// fit smaller cards; see the README for the measured quality cost. On the CPU, q8_0, q6k and
+    /// Quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …; SD3's and FLUX's,
+    /// a UNet's attention and feed-forward layers) to fit smaller cards or memory; see the
+    /// README for the measured quality cost. On the CPU, q8_0, q6k and
     /// q4k run as int8 tiles held once where VNNI exists (AVX-512 or AVX-VNNI); other blocks are
     /// held once (slower than candle's twice-held tiles) where twice would not fit 90 % of the
     /// memory, or when asked: `q6k-compact`.

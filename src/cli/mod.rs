@@ -125,7 +125,9 @@ fn warn_retired_low_memory(on: bool) {
 }
 
 /// `--quantize`: dense when absent.
-fn weight_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::quantized::WeightFormat> {
+fn weight_format(
+    arg: Option<&str>,
+) -> anyhow::Result<crate::engine::models::quantized::WeightFormat> {
     parse_format("--quantize", arg)
 }
 

@@ -44,8 +44,10 @@ pub struct ServeArgs {
     /// convolution weights are always held at their own size now.
     #[arg(long, env = "CANDELA_LOW_MEMORY", hide = true)]
     pub low_memory: bool,
-    /// SD3 / FLUX: quantize the transformer blocks on load (fp8, q8_0, q6k, q5k, q4k, q4_0, …);
-    /// FLUX-dev in q8_0 or fp8 needs ~12.7 / 12 GB instead of 23.8 GB in bf16. On the CPU, q8_0,
+    /// Quantize the transformer blocks on load (fp8, q8_0, q6k, q5k, q4k, q4_0, …): SD3's and
+    /// FLUX's, a UNet's attention and feed-forward layers (SDXL on the CPU in q8_0: 7.0 GiB and
+    /// 0.73× the f32 step); FLUX-dev in q8_0 or fp8 needs ~12.7 / 12 GB instead of 23.8 GB in
+    /// bf16. On the CPU, q8_0,
     /// q6k and q4k run as int8 tiles held once where VNNI exists (AVX-512 or AVX-VNNI); other
     /// blocks are held once (slower than candle's twice-held tiles) where twice would not fit the
     /// memory budget, or when asked: `q6k-compact`.

@@ -34,9 +34,9 @@ use crate::engine::models::blocks::{
     compute_dtype, cpu_half_dtype, cpu_holds_in_model_dtype, weights_dtype,
 };
 use crate::engine::models::{
-    quantized::{CpuQuantized, WeightFormat},
     flux::FluxTransformerConfig,
     mmdit::Sd3TransformerConfig,
+    quantized::{CpuQuantized, WeightFormat},
     unet::{self, UNetConfig},
     vae::VaeConfig,
 };

@@ -139,9 +139,8 @@ impl Attention {
         format: WeightFormat,
     ) -> candle_core::Result<Self> {
         let inner = heads * head_dim;
-        let proj = |name: &str, input: usize| {
-            BlockLinear::unbiased(input, inner, vb.pp(name), format)
-        };
+        let proj =
+            |name: &str, input: usize| BlockLinear::unbiased(input, inner, vb.pp(name), format);
         Ok(Self {
             to_q: proj("to_q", query_dim)?,
             to_k: proj("to_k", context_dim)?,

@@ -14,8 +14,8 @@ use super::dit::{
     gated_add, gelu_tanh, ContextOrder, JointAttention, JointAttentionConfig, Modulation,
     PlainLayerNorm, Rope, SiluMlp,
 };
-use super::quantized::{vb_for, BlockLinear, WeightFormat};
 use super::mmdit::{JointBlock, JointBlockConfig};
+use super::quantized::{vb_for, BlockLinear, WeightFormat};
 use crate::engine::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Deserialize)]

@@ -9,11 +9,11 @@ use super::blocks::{computing, linear, Biased, Linear};
 use serde::Deserialize;
 
 use super::attention::Attention;
-use super::quantized::{BlockLinear, WeightFormat};
 use super::blocks::{
     conv, group_norm, timestep_features, Conv2d, Downsample2D, GroupNorm, PerBlock, ResnetBlock2D,
     ResnetConfig, Upsample2D,
 };
+use super::quantized::{BlockLinear, WeightFormat};
 use crate::engine::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -845,12 +845,18 @@ mod tests {
                 };
                 let footprint = Footprint::read(&dir, &Device::Cpu, DType::F32, &options).unwrap();
                 let planned = footprint.components.iter().find(|(c, _)| c == "unet");
-                (unet.transformer_layer_bytes() as i64, planned.unwrap().1 as i64)
+                (
+                    unet.transformer_layer_bytes() as i64,
+                    planned.unwrap().1 as i64,
+                )
             };
             let (dense_held, dense_planned) = build("dense");
             for format in ["q8_0", "q8_0-compact", "q4k", "q6k-compact"] {
                 let (held, planned) = build(format);
-                assert!(held < dense_held * 45 / 100, "{model} {format}: {held} of {dense_held}");
+                assert!(
+                    held < dense_held * 45 / 100,
+                    "{model} {format}: {held} of {dense_held}"
+                );
                 assert_eq!(
                     dense_held - held,
                     dense_planned - planned,

@@ -1,7 +1,7 @@
 //! Stable Diffusion 1.x/2.x text-to-image, step for step as diffusers' `StableDiffusionPipeline`.
 
-use super::LoadOptions;
 use super::prompt_cache::PromptCache;
+use super::LoadOptions;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
