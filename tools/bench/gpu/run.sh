@@ -33,8 +33,9 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # --switch-off=deferred-bias,qk-norm,upsample: the default run without session 8's fusions
 # (biases folded into their consumers, our residual/per-channel adds, the q/k kernel and the
 # copy-free joins, the one-pass upsampling): what they bought, same machine.
-# --quantize=fp8: FP8 weight storage (memory, and the cost of widening each layer per forward).
-CANDIDATES=${CANDIDATES-"--attention-kernel=hopper@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample --quantize=fp8@sd35-large,flux-dev --conv-engine=graph --attention-kernel=wide"}
+# --quantize=fp8: FP8 weight storage (memory, and the products on FP8 tensor cores; SDXL's UNet
+# takes it for its transformer blocks since session 23).
+CANDIDATES=${CANDIDATES-"--attention-kernel=hopper@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample --quantize=fp8@$DIT_AND_SDXL --conv-engine=graph --attention-kernel=wide"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
