@@ -117,6 +117,13 @@ struct FileConfig {
     host: Option<String>,
     port: Option<u16>,
     models: Option<Vec<String>>,
+    /// `[[model]]` tables: models with load options of their own (instead of `models`).
+    model: Option<Vec<ModelTable>>,
+    quantize: Option<String>,
+    quantize_t5: Option<String>,
+    without_t5: Option<bool>,
+    text_encoders_on_cpu: Option<bool>,
+    vae_tiling: Option<bool>,
     device: Option<String>,
     dtype: Option<String>,
     jwt_secret_file: Option<PathBuf>,
@@ -137,6 +144,56 @@ struct FileConfig {
     on_restart: Option<server::RestartPolicy>,
     shutdown_grace_secs: Option<u64>,
     threads: Option<std::num::NonZeroUsize>,
+}
+
+/// One `[[model]]` table of the config file: a model (folder or repo id) and the load options
+/// it takes instead of the server-wide ones — FLUX quantized beside an SDXL that is not:
+///
+/// ```toml
+/// [[model]]
+/// source = "black-forest-labs/FLUX.1-dev"
+/// quantize = "q8_0"
+/// quantize_t5 = "q8_0"
+///
+/// [[model]]
+/// source = "stabilityai/stable-diffusion-xl-base-1.0"
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelTable {
+    source: String,
+    quantize: Option<String>,
+    quantize_t5: Option<String>,
+    without_t5: Option<bool>,
+    text_encoders_on_cpu: Option<bool>,
+    vae_tiling: Option<bool>,
+}
+
+impl ModelTable {
+    fn spec(&self, server_wide: &LoadOptions) -> anyhow::Result<ModelSpec> {
+        let context = || format!("model `{}` in the config file", self.source);
+        let format = |arg: &Option<String>, parse: fn(Option<&str>) -> anyhow::Result<_>, or| {
+            arg.as_deref()
+                .map_or(Ok(or), |f| parse(Some(f)))
+                .with_context(context)
+        };
+        Ok(ModelSpec {
+            source: ModelSource::parse(&self.source).with_context(context)?,
+            options: LoadOptions {
+                transformer_format: format(
+                    &self.quantize,
+                    super::weight_format,
+                    server_wide.transformer_format,
+                )?,
+                t5_format: format(&self.quantize_t5, super::t5_format, server_wide.t5_format)?,
+                without_t5: self.without_t5.unwrap_or(server_wide.without_t5),
+                text_encoders_on_cpu: (self.text_encoders_on_cpu)
+                    .unwrap_or(server_wide.text_encoders_on_cpu),
+                vae_tiling: self.vae_tiling.unwrap_or(server_wide.vae_tiling),
+                transformer_file: None,
+            },
+        })
+    }
 }
 
 pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
@@ -169,27 +226,21 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
             .or(file.dtype.as_deref())
             .unwrap_or("f32"),
     )?;
-    let model_specs = if args.models.is_empty() {
-        file.models.clone().unwrap_or_default()
-    } else {
-        args.models.clone()
-    };
     super::warn_retired_low_memory(args.low_memory);
+    // Flags and environment win over the file; a switch set in either is on.
     let load_options = LoadOptions {
-        without_t5: args.without_t5,
+        without_t5: args.without_t5 || file.without_t5.unwrap_or(false),
         transformer_file: None,
-        text_encoders_on_cpu: args.text_encoders_on_cpu,
-        transformer_format: super::weight_format(args.quantize.as_deref())?,
-        t5_format: super::t5_format(args.quantize_t5.as_deref())?,
-        vae_tiling: args.vae_tiling,
+        text_encoders_on_cpu: args.text_encoders_on_cpu
+            || file.text_encoders_on_cpu.unwrap_or(false),
+        transformer_format: super::weight_format(
+            args.quantize.as_deref().or(file.quantize.as_deref()),
+        )?,
+        t5_format: super::t5_format(args.quantize_t5.as_deref().or(file.quantize_t5.as_deref()))?,
+        vae_tiling: args.vae_tiling || file.vae_tiling.unwrap_or(false),
     };
-    let models = if model_specs.is_empty() {
-        vec![ModelSpec {
-            source: ModelSource::Local(demo::install(&common.data_dir.join("models"))?),
-            options: load_options.clone(),
-        }]
-    } else {
-        model_specs
+    let named = |sources: &[String]| {
+        sources
             .iter()
             .map(|s| {
                 Ok(ModelSpec {
@@ -197,7 +248,26 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
                     options: load_options.clone(),
                 })
             })
-            .collect::<anyhow::Result<_>>()?
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    let models = match (&file.models, &file.model) {
+        _ if !args.models.is_empty() => named(&args.models)?,
+        (Some(_), Some(_)) => anyhow::bail!(
+            "the config file lists models twice: use either `models = [...]` or `[[model]]` tables"
+        ),
+        (Some(sources), None) => named(sources)?,
+        (None, Some(tables)) => (tables.iter())
+            .map(|t| t.spec(&load_options))
+            .collect::<anyhow::Result<_>>()?,
+        (None, None) => Vec::new(),
+    };
+    let models = if models.is_empty() {
+        vec![ModelSpec {
+            source: ModelSource::Local(demo::install(&common.data_dir.join("models"))?),
+            options: load_options.clone(),
+        }]
+    } else {
+        models
     };
     let auth = AuthSettings {
         secret_file: args.jwt_secret_file.or(file.jwt_secret_file),

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import ROOT, Server
+from conftest import BIN, ROOT, Server
 
 TINY = ROOT / "tests" / "fixtures" / "models" / "sd1-tiny"
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -555,6 +556,43 @@ def test_t5_quantized_on_load_is_counted_and_generates(start):
     r = http(s).post("/v1/images/generations", json=dict(prompt="x", size="64x64", steps=2))
     assert r.status_code == 200, r.text
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (64, 64)
+
+
+def test_models_take_load_options_of_their_own_from_the_config_file(start, tmp_path):
+    """`[[model]]` tables in the config file: each model with the load options it names, the
+    server-wide ones (flags, or top-level keys of the file) for the rest. Two copies of the tiny
+    SD model, one with `quantize = "q8_0"` (its UNet's transformer blocks in q8_0 blocks): it
+    reports fewer weight bytes, and both generate; the server-wide `quantize` applies to a table
+    that names none, and a table's own `dense` wins over it. A misspelt key stops the server with
+    a message naming it."""
+    alpha, beta = model_copies(tmp_path, ["alpha", "beta"]).split(",")
+    config = tmp_path / "candela.toml"
+
+    def serve(text):
+        config.write_text(text)
+        s = start("--config", config)
+        caps = {m["id"]: m["capabilities"]["weights_bytes"] for m in http(s).get("/v1/models").json()["data"]}
+        return s, caps
+
+    s, caps = serve(f'[[model]]\nsource = "{alpha}"\n\n[[model]]\nsource = "{beta}"\nquantize = "q8_0"\n')
+    assert caps["beta"] < caps["alpha"], caps
+    for model in ("alpha", "beta"):
+        r = http(s).post("/v1/images/generations", json=dict(prompt="x", model=model, size="64x64", steps=2))
+        assert r.status_code == 200, r.text
+    s.stop()
+    s, swapped = serve(
+        f'quantize = "q8_0"\n\n[[model]]\nsource = "{alpha}"\n\n[[model]]\nsource = "{beta}"\nquantize = "dense"\n'
+    )
+    assert swapped == {"alpha": caps["beta"], "beta": caps["alpha"]}, (swapped, caps)
+    s.stop()
+    config.write_text(f'[[model]]\nsource = "{alpha}"\nquantise = "q8_0"\n')
+    out = subprocess.run(
+        [BIN, "--data-dir", str(tmp_path / "bad"), "serve", "--config", str(config), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and "quantise" in out.stderr, out.stderr
 
 
 def test_a_model_that_does_not_fit_is_served_with_the_flags_that_would(start):
