@@ -61,6 +61,15 @@ pub struct ModelInfo {
     /// Estimated working memory of one default-size image with guidance (bytes); see
     /// `engine::memory` for the model behind the estimate.
     pub default_working_bytes: u64,
+    /// How the transformer blocks' Linear layers are held (SD3's and FLUX's blocks, a UNet's
+    /// attention and feed-forward layers): `dense`, `fp8`, or a GGML block format (`q8_0`,
+    /// `q4k`, …; `-compact` where the CPU holds them once to fit), as `--quantize` or the
+    /// model's `[[model]]` table asked.
+    #[schema(example = "q8_0")]
+    pub transformer_format: String,
+    /// T5-XXL's Linear layers likewise (`--quantize-t5`; `dense` for models without T5).
+    #[schema(example = "dense")]
+    pub t5_format: String,
 }
 
 pub struct ModelSpec {
@@ -323,7 +332,7 @@ impl EngineHandle {
             };
             let (options, footprint) =
                 Footprint::read_fitted(&dir, &config.device, config.dtype, &spec.options, budget)?;
-            let info = describe(&name, &dir, &footprint)?;
+            let info = describe(&name, &dir, &footprint, &options)?;
             let need = footprint.default_need(info.default_width);
             if need > budget {
                 warn_does_not_fit(&name, &dir, &config, &spec.options, [need, budget])?;
@@ -668,7 +677,12 @@ pub fn fit_advice(
 }
 
 /// A model's capabilities from its configs (no weights loaded).
-fn describe(name: &str, dir: &ModelDir, footprint: &Footprint) -> Result<ModelInfo, EngineError> {
+fn describe(
+    name: &str,
+    dir: &ModelDir,
+    footprint: &Footprint,
+    options: &LoadOptions,
+) -> Result<ModelInfo, EngineError> {
     let scheduler: SchedulerConfig = dir.read_json("scheduler/scheduler_config.json")?;
     scheduler.check()?;
     let card = read_card(dir, name)?;
@@ -709,5 +723,7 @@ fn describe(name: &str, dir: &ModelDir, footprint: &Footprint) -> Result<ModelIn
             default_size,
             crate::engine::pipelines::params::Guidance::DEFAULT,
         ),
+        transformer_format: options.transformer_format.to_string(),
+        t5_format: options.t5_format.to_string(),
     })
 }

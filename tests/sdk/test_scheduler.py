@@ -562,7 +562,7 @@ def test_models_take_load_options_of_their_own_from_the_config_file(start, tmp_p
     """`[[model]]` tables in the config file: each model with the load options it names, the
     server-wide ones (flags, or top-level keys of the file) for the rest. Two copies of the tiny
     SD model, one with `quantize = "q8_0"` (its UNet's transformer blocks in q8_0 blocks): it
-    reports fewer weight bytes, and both generate; the server-wide `quantize` applies to a table
+    reports that format and fewer weight bytes, and both generate; the server-wide `quantize` applies to a table
     that names none, and a table's own `dense` wins over it. A misspelt key stops the server with
     a message naming it."""
     alpha, beta = model_copies(tmp_path, ["alpha", "beta"]).split(",")
@@ -571,18 +571,22 @@ def test_models_take_load_options_of_their_own_from_the_config_file(start, tmp_p
     def serve(text):
         config.write_text(text)
         s = start("--config", config)
-        caps = {m["id"]: m["capabilities"]["weights_bytes"] for m in http(s).get("/v1/models").json()["data"]}
-        return s, caps
+        models = {m["id"]: m["capabilities"] for m in http(s).get("/v1/models").json()["data"]}
+        assert all(m["t5_format"] == "dense" for m in models.values()), models
+        formats = {name: m["transformer_format"] for name, m in models.items()}
+        return s, {name: m["weights_bytes"] for name, m in models.items()}, formats
 
-    s, caps = serve(f'[[model]]\nsource = "{alpha}"\n\n[[model]]\nsource = "{beta}"\nquantize = "q8_0"\n')
+    s, caps, formats = serve(f'[[model]]\nsource = "{alpha}"\n\n[[model]]\nsource = "{beta}"\nquantize = "q8_0"\n')
+    assert formats == {"alpha": "dense", "beta": "q8_0"}, formats
     assert caps["beta"] < caps["alpha"], caps
     for model in ("alpha", "beta"):
         r = http(s).post("/v1/images/generations", json=dict(prompt="x", model=model, size="64x64", steps=2))
         assert r.status_code == 200, r.text
     s.stop()
-    s, swapped = serve(
+    s, swapped, formats = serve(
         f'quantize = "q8_0"\n\n[[model]]\nsource = "{alpha}"\n\n[[model]]\nsource = "{beta}"\nquantize = "dense"\n'
     )
+    assert formats == {"alpha": "q8_0", "beta": "dense"}, formats
     assert swapped == {"alpha": caps["beta"], "beta": caps["alpha"]}, (swapped, caps)
     s.stop()
     config.write_text(f'[[model]]\nsource = "{alpha}"\nquantise = "q8_0"\n')
