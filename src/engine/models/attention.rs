@@ -1,4 +1,5 @@
-//! Attention shared by the CLIP encoder, the UNet's transformer blocks and the VAE mid block.
+//! The scaled dot product the models' attention runs (CLIP, the UNet, the VAE's mid block, the
+//! DiTs; T5 its softmax), and the UNet's transformer blocks' attention module.
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
