@@ -183,6 +183,19 @@ pub struct ProfileEntry {
     pub ms: f64,
 }
 
+/// The layers a run held quantized, for its label (nothing when dense).
+fn quantized_label(options: &LoadOptions) -> String {
+    let dense = crate::engine::models::quantized::WeightFormat::Dense;
+    let mut label = String::new();
+    if options.transformer_format != dense {
+        label += &format!(" quantize={}", options.transformer_format);
+    }
+    if options.t5_format != dense {
+        label += &format!(" quantize-t5={}", options.t5_format);
+    }
+    label
+}
+
 fn profile_entries(rows: &[engine::profile::ProfileRow]) -> Vec<ProfileEntry> {
     rows.iter()
         .map(|r| ProfileEntry {
@@ -408,7 +421,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
 
     let ours = BenchFigures {
         label: format!(
-            "candela {} {} {}{}",
+            "candela {} {} {}{}{}",
             args.device,
             args.dtype,
             label,
@@ -417,7 +430,8 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
                 format!(" threads={}", rayon::current_num_threads())
             } else {
                 String::new()
-            }
+            },
+            quantized_label(&options),
         ),
         variant: card.variant.clone(),
         width,
