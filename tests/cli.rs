@@ -428,6 +428,9 @@ fn device_parity_runs_every_family() {
         "sd3-tiny",
         "sd35m-tiny",
         "flux-dev-tiny",
+        "sdxl-tiny fp8",
+        "sdxl-tiny q8_0",
+        "flux-dev-tiny fp8",
     ] {
         assert!(
             table

@@ -2,12 +2,17 @@
 //! the CPU (f32, the path the diffusers parity tests check) and on the given device and dtype,
 //! with the same seed — how far the device's kernels move the result. Exits with an error when an
 //! f32 run differs by more than the parity tests allow, or a half-precision image falls under
-//! 30 dB PSNR.
+//! 30 dB PSNR. Quantized runs (a UNet's and FLUX's blocks in fp8, the UNet's in q8_0: the
+//! device's quantized products) are held to that floor against the same CPU f32 reference, in any
+//! dtype.
 
 use std::path::Path;
 
 use candle_core::{DType, Device};
 
+use candle_core::quantized::GgmlDType;
+
+use crate::engine::models::quantized::{CpuQuantized, WeightFormat};
 use crate::engine::{
     loader::ModelDir,
     pipelines::{read_card, sd::GenerateParams, LoadOptions, Pipeline},
@@ -21,12 +26,15 @@ pub fn run(fixtures: &Path, device: &Device, dtype: DType, label: &str) -> anyho
     let mut failures = Vec::new();
     println!("| model | device dtype | max abs Δ latents | image PSNR (dB) | verdict |");
     println!("|---|---|---|---|---|");
-    for name in [
-        "sd1-tiny",
-        "sdxl-tiny",
-        "sd3-tiny",
-        "sd35m-tiny",
-        "flux-dev-tiny",
+    for (name, format) in [
+        ("sd1-tiny", WeightFormat::Dense),
+        ("sdxl-tiny", WeightFormat::Dense),
+        ("sd3-tiny", WeightFormat::Dense),
+        ("sd35m-tiny", WeightFormat::Dense),
+        ("flux-dev-tiny", WeightFormat::Dense),
+        ("sdxl-tiny", WeightFormat::Fp8),
+        ("sdxl-tiny", WeightFormat::Quantized(GgmlDType::Q8_0, CpuQuantized::Fastest)),
+        ("flux-dev-tiny", WeightFormat::Fp8),
     ] {
         let dir = ModelDir {
             root: fixtures.join(name),
@@ -38,12 +46,16 @@ pub fn run(fixtures: &Path, device: &Device, dtype: DType, label: &str) -> anyho
             seed: 7,
             ..GenerateParams::with_defaults(&card, "a red cube on a blue table", 64, 64)
         };
-        let run_on = |device: &Device, dtype: DType| -> anyhow::Result<_> {
-            let pipeline = Pipeline::load(&dir, device, dtype, &LoadOptions::default())?;
+        let run_on = |device: &Device, dtype: DType, format| -> anyhow::Result<_> {
+            let options = LoadOptions {
+                transformer_format: format,
+                ..Default::default()
+            };
+            let pipeline = Pipeline::load(&dir, device, dtype, &options)?;
             Ok(pipeline.generate(&params, &mut |_| true)?)
         };
-        let reference = run_on(&Device::Cpu, DType::F32)?;
-        let ours = run_on(device, dtype)?;
+        let reference = run_on(&Device::Cpu, DType::F32, WeightFormat::Dense)?;
+        let ours = run_on(device, dtype, format)?;
         let delta = (reference.latents.to_dtype(DType::F32)?
             - ours.latents.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?
         .abs()?
@@ -51,18 +63,22 @@ pub fn run(fixtures: &Path, device: &Device, dtype: DType, label: &str) -> anyho
         .max(0)?
         .to_scalar::<f32>()?;
         let image_psnr = reference.images[0].psnr(&ours.images[0]);
-        let ok = if dtype == DType::F32 {
+        let ok = if dtype == DType::F32 && format == WeightFormat::Dense {
             delta <= F32_LIMIT
         } else {
             image_psnr >= HALF_MIN_PSNR
         };
-        if !ok {
-            failures.push(name);
-        }
+        let row = match format {
+            WeightFormat::Dense => name.to_string(),
+            _ => format!("{name} {format}"),
+        };
         println!(
-            "| {name} | {label} | {delta:.2e} | {image_psnr:.1} | {} |",
+            "| {row} | {label} | {delta:.2e} | {image_psnr:.1} | {} |",
             if ok { "ok" } else { "FAIL" }
         );
+        if !ok {
+            failures.push(row);
+        }
     }
     if !failures.is_empty() {
         anyhow::bail!("{} differ beyond the limits: {failures:?}", failures.len());
