@@ -33,7 +33,10 @@ pub fn run(fixtures: &Path, device: &Device, dtype: DType, label: &str) -> anyho
         ("sd35m-tiny", WeightFormat::Dense),
         ("flux-dev-tiny", WeightFormat::Dense),
         ("sdxl-tiny", WeightFormat::Fp8),
-        ("sdxl-tiny", WeightFormat::Quantized(GgmlDType::Q8_0, CpuQuantized::Fastest)),
+        (
+            "sdxl-tiny",
+            WeightFormat::Quantized(GgmlDType::Q8_0, CpuQuantized::Fastest),
+        ),
         ("flux-dev-tiny", WeightFormat::Fp8),
     ] {
         let dir = ModelDir {
