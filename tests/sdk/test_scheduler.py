@@ -563,8 +563,8 @@ def test_models_take_load_options_of_their_own_from_the_config_file(start, tmp_p
     server-wide ones (flags, or top-level keys of the file) for the rest. Two copies of the tiny
     SD model, one with `quantize = "q8_0"` (its UNet's transformer blocks in q8_0 blocks): it
     reports that format and fewer weight bytes, and both generate; the server-wide `quantize` applies to a table
-    that names none, and a table's own `dense` wins over it. A misspelt key stops the server with
-    a message naming it."""
+    that names none, and a table's own `dense` wins over it. A misspelt key or an unknown format
+    stops the server with a message naming it."""
     alpha, beta = model_copies(tmp_path, ["alpha", "beta"]).split(",")
     config = tmp_path / "candela.toml"
 
@@ -589,14 +589,16 @@ def test_models_take_load_options_of_their_own_from_the_config_file(start, tmp_p
     assert formats == {"alpha": "q8_0", "beta": "dense"}, formats
     assert swapped == {"alpha": caps["beta"], "beta": caps["alpha"]}, (swapped, caps)
     s.stop()
-    config.write_text(f'[[model]]\nsource = "{alpha}"\nquantise = "q8_0"\n')
-    out = subprocess.run(
-        [BIN, "--data-dir", str(tmp_path / "bad"), "serve", "--config", str(config), "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode != 0 and "quantise" in out.stderr, out.stderr
+    # A misspelt key, and a format that does not exist (named with its model), stop the server.
+    for table, expected in [('quantise = "q8_0"', ["quantise"]), ('quantize = "q9"', ["q9", alpha])]:
+        config.write_text(f'[[model]]\nsource = "{alpha}"\n{table}\n')
+        out = subprocess.run(
+            [BIN, "--data-dir", str(tmp_path / "bad"), "serve", "--config", str(config), "--port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode != 0 and all(e in out.stderr for e in expected), out.stderr
 
 
 def test_a_model_that_does_not_fit_is_served_with_the_flags_that_would(start):
