@@ -150,7 +150,7 @@ impl StableDiffusion {
     /// `random`: the architecture of `dir`'s configs with random weights, for benchmarks (speed
     /// does not depend on the weights' values, and no download is needed). Of `options`, the
     /// UNet takes `transformer_format` for its transformer blocks.
-    pub fn build(
+    pub(crate) fn build(
         dir: &ModelDir,
         device: &Device,
         dtype: DType,
@@ -162,8 +162,7 @@ impl StableDiffusion {
             random,
             random_stored: DType::F32,
         };
-        let weights_as = |stem: &str, dtype: DType| source.get(stem, dtype, device);
-        let weights = |_component: &str, stem: &str| weights_as(stem, dtype);
+        let weights = |stem: &str, dtype: DType| source.get(stem, dtype, device);
         // The CPU computes in f32 whatever the weights' dtype.
         let compute = crate::engine::models::blocks::compute_dtype(device, dtype);
         let text_weights = |stem: &str| source.get_with_stored(stem, dtype, device);
@@ -193,7 +192,7 @@ impl StableDiffusion {
 
         let unet_config_path = dir.required("unet/config.json")?;
         let unet_config = crate::engine::loader::read_json(&unet_config_path)?;
-        let unet_vb = weights("unet", "unet/diffusion_pytorch_model")?;
+        let unet_vb = weights("unet/diffusion_pytorch_model", dtype)?;
         let unet = UNet2DConditionModel::new(
             unet_vb,
             unet_config,
@@ -201,7 +200,7 @@ impl StableDiffusion {
             options.transformer_format,
         )?;
 
-        let vae = Autoencoder::load(dir, dtype, device, &weights_as, is_xl)?;
+        let vae = Autoencoder::load(dir, dtype, device, &weights, is_xl)?;
 
         let xl = if is_xl {
             let tokenizer_2 = ClipTokenizer::load(dir, "tokenizer_2")?;
