@@ -401,6 +401,93 @@ def write_bfl_single_file(model_root: Path, out_file: Path):
     save_file({k: v.contiguous() for k, v in out.items()}, out_file)
 
 
+# The BFL file's tensors in a GGUF file as city96's FLUX conversions store them (BFL naming,
+# `general.architecture = flux`), in a mix of block formats so each cut the loader makes is met in
+# a quantized format: q/k/v rows out of a fused q8_0 / q5_0 tensor, q/k/v/MLP rows out of a q4_0
+# `linear1`, `linear2`'s columns split at the attention width in q5_1, the final modulation's
+# halves swapped in q8_0, a dense layer (`img_in`) stored quantized, bf16 and f16 weights.
+# (The tiny model is 32 wide: k-quants' 256-value blocks do not divide its rows.)
+GGUF_TYPES = {
+    "img_attn.qkv.weight": "Q8_0", "txt_attn.qkv.weight": "Q5_0", "img_attn.proj.weight": "Q8_0",
+    "txt_attn.proj.weight": "Q4_1", "img_mlp.0.weight": "Q4_1", "img_mlp.2.weight": "Q5_1",
+    "txt_mlp.0.weight": "Q8_0", "txt_mlp.2.weight": "Q4_0", "img_mod.lin.weight": "Q8_0",
+    "txt_mod.lin.weight": "Q5_0", "linear1.weight": "Q4_0", "linear2.weight": "Q5_1",
+    "modulation.lin.weight": "BF16", "img_in.weight": "Q8_0", "txt_in.weight": "F16",
+    "final_layer.adaLN_modulation.1.weight": "Q8_0",
+}
+
+
+def write_gguf_single_file(bfl_file: Path, out_file: Path):
+    """`bfl_file` as a GGUF file in the formats of GGUF_TYPES (everything else f32)."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    tensors = load_file(bfl_file)
+    writer = gguf.GGUFWriter(str(out_file), arch="flux")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name in sorted(tensors):
+        data = tensors[name].float().numpy()
+        kind = next((t for suffix, t in GGUF_TYPES.items() if name.endswith(suffix)), "F32")
+        qtype = gguf.GGMLQuantizationType[kind]
+        if kind == "F32":
+            writer.add_tensor(name, data)
+        elif kind == "F16":
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            blocks = gguf.quants.quantize(data, qtype)
+            writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def gguf_run_fixture(models: Path, gguf_file: Path, out_dir: Path):
+    """A FLUX-dev run with the transformer loaded by diffusers' own GGUF path
+    (`from_single_file` + `GGUFQuantizationConfig`: the blocks kept as stored and dequantized
+    into each product, in f32)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
+    import inspect
+
+    from diffusers.loaders import single_file_model, single_file_utils
+
+    root = models / "flux-dev-tiny"
+    inner = FluxTransformer2DModel.load_config(root / "transformer")
+    inner_dim = inner["num_attention_heads"] * inner["attention_head_dim"]
+    # diffusers' converter hard-codes FLUX's width (3072); run its code with the tiny width.
+    source = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
+    source = source.replace("inner_dim = 3072", f"inner_dim = {inner_dim}")
+    namespace = dict(vars(single_file_utils))
+    exec(source, namespace)
+    classes = single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
+    classes["checkpoint_mapping_fn"] = namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+    transformer = FluxTransformer2DModel.from_single_file(
+        str(gguf_file), config=str(root), subfolder="transformer",
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), torch_dtype=torch.float32,
+        low_cpu_mem_usage=True)
+    kinds = {type(m).__name__ for m in transformer.modules()}
+    assert "GGUFLinear" in kinds, kinds
+    pipe = FluxPipeline.from_pretrained(root, transformer=transformer)
+    name, seed, (w, h), steps, guidance = "flux_dev_gguf", 51, (48, 64), 4, 3.5
+    with torch.no_grad():
+        packed = pipe(PROMPT, width=w, height=h, num_inference_steps=steps, guidance_scale=guidance,
+                      max_sequence_length=16, generator=torch.Generator("cpu").manual_seed(seed),
+                      output_type="latent").images
+        latents = pipe._unpack_latents(packed, h, w, pipe.vae_scale_factor)
+        # The same run with the file's original f32 weights: how far the formats moved it.
+        dense = FluxPipeline.from_pretrained(root)(
+            PROMPT, width=w, height=h, num_inference_steps=steps, guidance_scale=guidance,
+            max_sequence_length=16, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+    moved = (pipe._unpack_latents(dense, h, w, pipe.vae_scale_factor) - latents).abs().max().item()
+    print(f"GGUF run: latents moved {moved:.3g} from the f32 weights' run")
+    assert moved > 1e-3, moved
+    save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+    (out_dir / f"{name}.json").write_text(json.dumps(dict(
+        name=name, model="flux-dev", seed=seed, width=w, height=h, steps=steps, guidance=guidance, n=1,
+        prompt=PROMPT, negative_prompt=None, max_sequence_length=16, transformer_file=gguf_file.name), indent=1))
+
+
 FLUX_RUNS = [
     # name, model, seed, (w, h), steps, guidance, n, negative prompt, extra
     ("flux_dev_guidance", "flux-dev", 41, (64, 64), 6, 3.5, 1, None, {"max_sequence_length": 32}),
@@ -487,10 +574,18 @@ def main():
     ap.add_argument("--out", default=str(here.parent.parent / "tests" / "fixtures"))
     ap.add_argument("--sd3", action="store_true", help="(re)build the tiny SD3 / SD3.5-medium pipelines")
     ap.add_argument("--flux", action="store_true", help="(re)build the tiny FLUX.1 dev / schnell pipelines")
+    ap.add_argument("--gguf", action="store_true",
+                    help="(re)write only the GGUF FLUX-dev transformer and its run, from the committed BFL file")
     ap.add_argument("--half", action="store_true",
                     help="(re)write only the float16 FLUX run, from the committed tiny FLUX model")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.gguf:
+        gguf_file = out / "models" / "flux1-dev-tiny-mixed.gguf"
+        write_gguf_single_file(out / "models" / "flux1-dev-tiny-bfl.safetensors", gguf_file)
+        gguf_run_fixture(out / "models", gguf_file, out / "runs")
+        print("GGUF fixtures written to", out)
+        return
     if args.half:
         half_run_fixtures(out / "models", out / "runs")
         print("half-precision runs written to", out)
