@@ -226,6 +226,77 @@ fn flux_from_black_forest_labs_single_file_equals_diffusers_layout() {
     assert_eq!(a.images, b.images);
 }
 
+/// A GGUF transformer as city96's FLUX conversions ship it (BFL naming, GGML blocks of several
+/// formats, some layers f16 / bf16 / f32), held once on the CPU (`gguf-compact`: each layer's
+/// blocks dequantized into its product), against diffusers with the file's tensors dequantized
+/// as GGML defines them (f32) — and against diffusers' own GGUF loader, whose CPU dequantization
+/// rounds every weight to f16 (its `dequantize_blocks_*` multiply in half precision): ours may
+/// differ from that run by no more than that rounding moves it. The fixture's fused q/k/v,
+/// `linear1` and `linear2` are stored in block formats, so each cut of the blocks (rows apart,
+/// columns apart, halves swapped) is on the path.
+#[test]
+fn flux_from_a_gguf_file_matches_diffusers_gguf_loader() {
+    let gguf = fixtures().join("models/flux1-dev-tiny-mixed.gguf");
+    let run: Run = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("runs/flux_dev_gguf.json")).unwrap(),
+    )
+    .unwrap();
+    let params = params_of(&run);
+    let runs = load_tensors("runs/flux_dev_gguf.safetensors");
+    let (expected, diffusers_gguf) = (&runs["latents_exact"], &runs["latents"]);
+    let compact = load_dev_with(&gguf, "gguf-compact")
+        .generate(&params, &mut |_| true)
+        .unwrap();
+    let d = max_abs_diff(&compact.latents, expected);
+    eprintln!("gguf-compact: latents max diff {d} vs diffusers with GGML's dequantization");
+    assert!(
+        d <= 1e-4,
+        "gguf-compact: latents differ from diffusers by {d}"
+    );
+    let rounding = max_abs_diff(expected, diffusers_gguf);
+    let d = max_abs_diff(&compact.latents, diffusers_gguf);
+    eprintln!(
+        "gguf-compact: {d} vs diffusers' GGUF loader, whose f16 rounding moves it {rounding}"
+    );
+    assert!(
+        d <= rounding + 1e-5,
+        "gguf-compact: {d} from diffusers' GGUF run"
+    );
+    // The file's formats moved the run: the f32 weights' run is elsewhere.
+    let bfl = fixtures().join("models/flux1-dev-tiny-bfl.safetensors");
+    let original = load_dev_with(&bfl, "dense")
+        .generate(&params, &mut |_| true)
+        .unwrap();
+    assert!(max_abs_diff(&original.latents, expected) > 1e-3);
+    // The default (no --quantize) holds the file's blocks too, in the fastest product this CPU
+    // has for each format (q8_0 on int8 tiles where it has VNNI: activations rounded as well).
+    let fastest = load_dev_with(&gguf, "dense")
+        .generate(&params, &mut |_| true)
+        .unwrap();
+    let p = fastest.images[0].psnr(&compact.images[0]);
+    eprintln!("gguf (fastest): image PSNR {p:.1} dB against gguf-compact");
+    assert!(p >= 40.0, "gguf: PSNR {p:.1} dB");
+    // A format to quantize to does not apply to a GGUF file's blocks, and `gguf` needs one.
+    let options = |file: &std::path::Path, format: &str| LoadOptions {
+        transformer_file: Some(file.to_path_buf()),
+        transformer_format: format.parse().unwrap(),
+        ..Default::default()
+    };
+    for (file, format, says) in [(&gguf, "q8_0", "GGUF"), (&bfl, "gguf", "GGUF")] {
+        let refused = Flux::load(
+            &tiny_dir("flux-dev"),
+            &Device::Cpu,
+            DType::F32,
+            &options(file, format),
+        );
+        let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.contains(says) && message.contains(format),
+            "{format}: {message}"
+        );
+    }
+}
+
 #[test]
 fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
     use candela::engine::models::quantized::WeightFormat;

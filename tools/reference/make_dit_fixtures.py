@@ -446,7 +446,13 @@ def write_gguf_single_file(bfl_file: Path, out_file: Path):
 def gguf_run_fixture(models: Path, gguf_file: Path, out_dir: Path):
     """A FLUX-dev run with the transformer loaded by diffusers' own GGUF path
     (`from_single_file` + `GGUFQuantizationConfig`: the blocks kept as stored and dequantized
-    into each product, in f32)."""
+    into each product), as `latents`; and as `latents_exact` the same run with every tensor
+    dequantized as GGML defines its formats (gguf-py's reference dequantization, in f32) into a
+    dense model. diffusers' CPU dequantization multiplies each block's f16 scale by its codes in
+    f16 (`dequantize_blocks_*`: `d.view(torch.float16).to(None) * x`), so its weights are those
+    values rounded to f16; llama.cpp and stable-diffusion.cpp compute them in f32, as we do."""
+    import gguf
+    import numpy as np
     from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
     import inspect
 
@@ -462,6 +468,12 @@ def gguf_run_fixture(models: Path, gguf_file: Path, out_dir: Path):
     exec(source, namespace)
     classes = single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
     classes["checkpoint_mapping_fn"] = namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+    reader = gguf.GGUFReader(str(gguf_file))
+    exact = {t.name: torch.from_numpy(np.ascontiguousarray(
+        gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])).astype(np.float32))
+        for t in reader.tensors}
+    exact_transformer = FluxTransformer2DModel.from_pretrained(root / "transformer")
+    exact_transformer.load_state_dict(classes["checkpoint_mapping_fn"](exact))
     transformer = FluxTransformer2DModel.from_single_file(
         str(gguf_file), config=str(root), subfolder="transformer",
         quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), torch_dtype=torch.float32,
@@ -475,14 +487,20 @@ def gguf_run_fixture(models: Path, gguf_file: Path, out_dir: Path):
                       max_sequence_length=16, generator=torch.Generator("cpu").manual_seed(seed),
                       output_type="latent").images
         latents = pipe._unpack_latents(packed, h, w, pipe.vae_scale_factor)
+        exact = FluxPipeline.from_pretrained(root, transformer=exact_transformer)(
+            PROMPT, width=w, height=h, num_inference_steps=steps, guidance_scale=guidance,
+            max_sequence_length=16, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+        exact = pipe._unpack_latents(exact, h, w, pipe.vae_scale_factor)
         # The same run with the file's original f32 weights: how far the formats moved it.
         dense = FluxPipeline.from_pretrained(root)(
             PROMPT, width=w, height=h, num_inference_steps=steps, guidance_scale=guidance,
             max_sequence_length=16, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
     moved = (pipe._unpack_latents(dense, h, w, pipe.vae_scale_factor) - latents).abs().max().item()
-    print(f"GGUF run: latents moved {moved:.3g} from the f32 weights' run")
+    rounding = (exact - latents).abs().max().item()
+    print(f"GGUF run: latents moved {moved:.3g} from the f32 weights' run; "
+          f"{rounding:.3g} between diffusers' f16-rounded dequantization and GGML's exact one")
     assert moved > 1e-3, moved
-    save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+    save_file({"latents": latents.contiguous(), "latents_exact": exact.contiguous()}, out_dir / f"{name}.safetensors")
     (out_dir / f"{name}.json").write_text(json.dumps(dict(
         name=name, model="flux-dev", seed=seed, width=w, height=h, steps=steps, guidance=guidance, n=1,
         prompt=PROMPT, negative_prompt=None, max_sequence_length=16, transformer_file=gguf_file.name), indent=1))

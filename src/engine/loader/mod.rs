@@ -1,6 +1,7 @@
 //! Finding a model's files: a local diffusers folder, or a Hugging Face repo id resolved through
 //! hf-hub's cache (same layout and `HF_HOME` as the Python tools, so downloads are shared).
 
+pub mod gguf;
 mod hub;
 pub mod single_file;
 pub mod weights;

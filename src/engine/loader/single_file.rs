@@ -5,13 +5,24 @@
 //! * SD3 / SD3.5 in Stability's naming (`sd3.5_large.safetensors`' `model.diffusion_model.*`):
 //!   `joint_blocks.N.{x_block, context_block}` with fused q/k/v.
 //!
+//! Either may come as safetensors or as a GGUF file (city96's quantized conversions), whose
+//! block-format tensors are cut into the same layers without touching their blocks.
+//!
 //! In both, (shift, scale) modulations (the final norm; SD3's last context norm) are swapped into
 //! diffusers' (scale, shift) order. ComfyUI's `model.diffusion_model.` prefix is accepted.
 
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{var_builder::SimpleBackend, Init};
 
+use super::gguf::{is_block_format, GgufFile};
 use super::weights::SafetensorsFile;
+use crate::engine::error::Result;
+use crate::engine::models::quantized::StoredBlocks;
 
 /// How a diffusers tensor is cut from a BFL one.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -196,10 +207,63 @@ fn bfl_source(name: &str) -> Option<(String, Take)> {
     None
 }
 
-/// A single-file checkpoint seen through diffusers' names.
+/// A single-file transformer: safetensors, or a GGUF file whose block-format tensors quantized
+/// layers keep as stored.
+pub enum TransformerFile {
+    Safetensors(SafetensorsFile),
+    Gguf(GgufFile),
+}
+
+impl TransformerFile {
+    /// `path` as what its first bytes say it is.
+    pub fn open(path: &Path) -> Result<Self> {
+        if GgufFile::is_gguf(path) {
+            return Ok(Self::Gguf(GgufFile::open(path)?));
+        }
+        Ok(Self::Safetensors(SafetensorsFile::open(path)?))
+    }
+
+    pub fn is_gguf(&self) -> bool {
+        matches!(self, Self::Gguf(_))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        match self {
+            Self::Safetensors(f) => f.contains_tensor(name),
+            Self::Gguf(f) => f.contains_tensor(name),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Safetensors(f) => f.path(),
+            Self::Gguf(f) => f.path(),
+        }
+    }
+}
+
+impl Take {
+    /// The rows (along the first dimension) of a tensor of `rows` rows this cut takes, in
+    /// order.
+    fn rows(self, rows: usize) -> Vec<Range<usize>> {
+        match self {
+            Self::All => vec![0..rows],
+            Self::Part { index, parts } => {
+                let unit = rows / parts.iter().sum::<usize>();
+                let start = parts[..index].iter().sum::<usize>() * unit;
+                vec![start..start + parts[index] * unit]
+            }
+            Self::SwapHalves => vec![rows / 2..rows, 0..rows / 2],
+        }
+    }
+}
+
+/// A single-file checkpoint seen through diffusers' names: renamed and cut when it uses the
+/// model makers' naming, as it is when it uses diffusers' own.
 pub struct SingleFileWeights {
-    file: SafetensorsFile,
-    naming: Naming,
+    file: TransformerFile,
+    /// `None`: the file already uses diffusers' names.
+    naming: Option<Naming>,
     /// `model.diffusion_model.` in Stability's and ComfyUI-style files, empty otherwise.
     prefix: &'static str,
 }
@@ -207,68 +271,93 @@ pub struct SingleFileWeights {
 impl SingleFileWeights {
     const PREFIX: &'static str = "model.diffusion_model.";
 
-    /// `Ok` when `file` uses `naming` (with or without the prefix); the file back otherwise.
-    pub fn detect(
-        file: SafetensorsFile,
-        naming: Naming,
-    ) -> std::result::Result<Self, SafetensorsFile> {
+    /// `file` read through `naming` when it uses it (with or without the prefix), as it is
+    /// otherwise.
+    pub fn new(file: TransformerFile, naming: Naming) -> Self {
         for prefix in ["", Self::PREFIX] {
             if file.contains_tensor(&format!("{prefix}{}", naming.probe())) {
-                return Ok(Self {
+                return Self {
                     file,
-                    naming,
+                    naming: Some(naming),
                     prefix,
-                });
+                };
             }
         }
-        Err(file)
+        Self {
+            file,
+            naming: None,
+            prefix: "",
+        }
     }
 
-    /// The file as a var builder: renamed when it uses `naming`, as it is otherwise (a
-    /// diffusers-named file).
-    pub fn var_builder(
-        file: SafetensorsFile,
-        naming: Naming,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_nn::VarBuilder<'static> {
-        match Self::detect(file, naming) {
-            Ok(renamed) => {
-                candle_nn::VarBuilder::from_backend(Box::new(renamed), dtype, device.clone())
-            }
-            Err(file) => file.into_var_builder(dtype, device),
-        }
+    pub fn file(&self) -> &TransformerFile {
+        &self.file
+    }
+
+    /// The file's tensor and cut for a diffusers name.
+    fn source(&self, name: &str) -> Option<(String, Take)> {
+        let (stored, take) = match self.naming {
+            Some(naming) => naming.source(name)?,
+            None => (name.to_string(), Take::All),
+        };
+        Some((format!("{}{stored}", self.prefix), take))
     }
 
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some((bfl, take)) = self.naming.source(name) else {
+        let Some((stored, take)) = self.source(name) else {
             candle_core::bail!(
                 "`{name}` has no counterpart in the {:?} single-file naming",
                 self.naming
             );
         };
-        let t = self
-            .file
-            .get_unchecked(&format!("{}{bfl}", self.prefix), dtype, dev)?;
-        match take {
-            Take::All => Ok(t),
-            Take::Part { index, parts } => {
-                let rows = t.dim(0)?;
-                let unit = rows / parts.iter().sum::<usize>();
-                let start: usize = parts[..index].iter().sum::<usize>() * unit;
-                t.narrow(0, start, parts[index] * unit)
+        match &self.file {
+            TransformerFile::Safetensors(file) => {
+                let t = file.get_unchecked(&stored, dtype, dev)?;
+                if take == Take::All {
+                    return Ok(t);
+                }
+                let parts = (take.rows(t.dim(0)?).into_iter())
+                    .map(|r| t.narrow(0, r.start, r.len()))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)
             }
-            Take::SwapHalves => swap_halves(&t),
+            TransformerFile::Gguf(file) => {
+                let rows = file.dims(&stored).and_then(|d| d.first().copied());
+                let ranges = take.rows(rows.unwrap_or(0));
+                file.dense_rows(&stored, &ranges, dtype, dev)
+            }
         }
+    }
+
+    /// A var builder over these weights; `self` stays shared with the model's constructor,
+    /// which takes stored blocks from it ([`StoredBlocks`]).
+    pub fn var_builder(
+        self: &Arc<Self>,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_nn::VarBuilder<'static> {
+        candle_nn::VarBuilder::from_backend(Box::new(Shared(self.clone())), dtype, device.clone())
     }
 }
 
-fn swap_halves(t: &Tensor) -> candle_core::Result<Tensor> {
-    let half = t.dim(0)? / 2;
-    Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)
+impl StoredBlocks for SingleFileWeights {
+    fn blocks(&self, name: &str) -> Option<candle_core::Result<QTensor>> {
+        let TransformerFile::Gguf(file) = &self.file else {
+            return None;
+        };
+        let (stored, take) = self.source(name)?;
+        if !is_block_format(file.format(&stored)?) {
+            return None;
+        }
+        let rows = file.dims(&stored)?.first().copied()?;
+        Some(file.rows(&stored, &take.rows(rows)))
+    }
 }
 
-impl SimpleBackend for SingleFileWeights {
+/// [`SingleFileWeights`] shared between a var builder and the model's constructor.
+struct Shared(Arc<SingleFileWeights>);
+
+impl SimpleBackend for Shared {
     fn get(
         &self,
         s: Shape,
@@ -277,18 +366,30 @@ impl SimpleBackend for SingleFileWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.file
-            .expect_shape(name, self.load(name, dtype, dev)?, &s)
+        let t = self.0.load(name, dtype, dev)?;
+        if t.shape() != &s {
+            let error = crate::engine::error::EngineError::Weights {
+                path: self.0.file.path().to_path_buf(),
+                tensor: name.to_string(),
+                reason: format!(
+                    "shape mismatch: the file has {:?}, the config implies {:?}",
+                    t.dims(),
+                    s.dims()
+                ),
+            };
+            return Err(candle_core::Error::Msg(error.to_string()));
+        }
+        Ok(t)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, dtype, dev)
+        self.0.load(name, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.naming
+        self.0
             .source(name)
-            .is_some_and(|(bfl, _)| self.file.contains_tensor(&format!("{}{bfl}", self.prefix)))
+            .is_some_and(|(stored, _)| self.0.file.contains_tensor(&stored))
     }
 }
 

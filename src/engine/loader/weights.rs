@@ -66,6 +66,10 @@ impl SafetensorsFile {
         Self::open_all(&dir.weight_files(stem)?)
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }

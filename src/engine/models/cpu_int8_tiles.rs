@@ -13,7 +13,7 @@
 //! blocks dequantized into f32 products (`QuantizedCpuLinear`, `--quantize q8_0-compact`) the
 //! difference is the activations' rounding to 8 bits.
 
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
 use half::f16;
 use rayon::prelude::*;
@@ -131,14 +131,33 @@ impl Q8TileLinear {
         bias: Option<&Tensor>,
         isa: Option<Isa>,
     ) -> candle_core::Result<Self> {
-        let (outputs, inputs) = weight.dims2()?;
+        if !weight.device().is_cpu() {
+            candle_core::bail!("q8_0 tiles from a weight on another device");
+        }
+        let blocks = super::cpu_quantized_linear::quantize(weight, GgmlDType::Q8_0)?;
+        Self::from_blocks_with(&blocks, bias, isa)
+    }
+
+    /// A layer of q8_0 `blocks` (out, in) as they are (a GGUF file's), multiplied by `isa`'s
+    /// kernels.
+    pub fn from_blocks_with(
+        blocks: &QTensor,
+        bias: Option<&Tensor>,
+        isa: Option<Isa>,
+    ) -> candle_core::Result<Self> {
+        let (outputs, inputs) = blocks.shape().dims2()?;
         let isa = isa.filter(|isa| {
-            isa.runs_here() && weight.device().is_cpu() && Self::fits(inputs, outputs)
+            isa.runs_here()
+                && blocks.device().is_cpu()
+                && blocks.dtype() == GgmlDType::Q8_0
+                && Self::fits(inputs, outputs)
         });
         let Some(isa) = isa else {
-            candle_core::bail!("q8_0 tiles for a {outputs}×{inputs} weight on this CPU");
+            candle_core::bail!(
+                "q8_0 tiles for {:?} blocks of a {outputs}×{inputs} weight on this CPU",
+                blocks.dtype()
+            );
         };
-        let blocks = super::cpu_quantized_linear::quantize(weight, GgmlDType::Q8_0)?;
         let tiles = tiles_of(&blocks.data()?, inputs, outputs)?;
         let bias = cpu_util::optional_bias(bias, outputs)?;
         Ok(Self {
@@ -276,14 +295,28 @@ impl KQuantTileLinear {
         format: GgmlDType,
         isa: Option<Isa>,
     ) -> candle_core::Result<Self> {
-        let (outputs, inputs) = weight.dims2()?;
+        if !weight.device().is_cpu() || KQuant::of(format).is_none() {
+            candle_core::bail!("{format:?} tiles from a weight on this device");
+        }
+        let blocks = super::cpu_quantized_linear::quantize(weight, format)?;
+        Self::from_blocks_with(&blocks, bias, isa)
+    }
+
+    /// A layer of q4k or q6k `blocks` (out, in) as they are (a GGUF file's), multiplied by
+    /// `isa`'s kernels.
+    pub fn from_blocks_with(
+        blocks: &QTensor,
+        bias: Option<&Tensor>,
+        isa: Option<Isa>,
+    ) -> candle_core::Result<Self> {
+        let (outputs, inputs) = blocks.shape().dims2()?;
+        let format = blocks.dtype();
         let found = KQuant::of(format).zip(isa).filter(|(_, isa)| {
-            isa.runs_here() && weight.device().is_cpu() && Self::fits(inputs, outputs)
+            isa.runs_here() && blocks.device().is_cpu() && Self::fits(inputs, outputs)
         });
         let Some((kind, isa)) = found else {
             candle_core::bail!("{format:?} tiles for a {outputs}×{inputs} weight on this CPU");
         };
-        let blocks = super::cpu_quantized_linear::quantize(weight, format)?;
         let (tiles, supers) = super_block_tiles(kind, &blocks.data()?, inputs, outputs)?;
         let bias = cpu_util::optional_bias(bias, outputs)?;
         Ok(Self {

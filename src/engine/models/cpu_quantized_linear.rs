@@ -13,7 +13,8 @@
 //! multiply); candle's tiles also round the activations to 8 bits.
 
 use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0,
 };
 use candle_core::quantized::{GgmlDType, GgmlType, QStorage, QTensor, QuantizedType};
 use candle_core::{DType, Tensor};
@@ -38,7 +39,8 @@ impl BlockFns {
         }
     }
 
-    /// The formats `--quantize` offers, by their candle block type: the one table of them.
+    /// The formats `--quantize` offers and GGUF files hold, by their candle block type: the one
+    /// table of them.
     fn for_format(format: GgmlDType) -> Option<Self> {
         Some(match format {
             GgmlDType::Q8_0 => Self::of::<BlockQ8_0>(),
@@ -49,6 +51,9 @@ impl BlockFns {
             GgmlDType::Q4K => Self::of::<BlockQ4K>(),
             GgmlDType::Q5K => Self::of::<BlockQ5K>(),
             GgmlDType::Q6K => Self::of::<BlockQ6K>(),
+            // Not offered by `--quantize`, but in GGUF files (q2_k, q3_k_s, …).
+            GgmlDType::Q2K => Self::of::<BlockQ2K>(),
+            GgmlDType::Q3K => Self::of::<BlockQ3K>(),
             _ => return None,
         })
     }
@@ -79,19 +84,36 @@ impl QuantizedCpuLinear {
         bias: Option<&Tensor>,
         format: GgmlDType,
     ) -> candle_core::Result<Self> {
-        let (outputs, inputs) = weight.dims2()?;
+        let inputs = weight.dim(1)?;
         if !weight.device().is_cpu() {
             candle_core::bail!("a quantized CPU Linear from a weight on another device");
         }
+        if !inputs.is_multiple_of(format.block_size()) {
+            candle_core::bail!("a quantized CPU Linear of {inputs} inputs in {format:?}");
+        }
+        Self::from_blocks(quantize(weight, format)?, bias)
+    }
+
+    /// Whether this product takes blocks of `format`.
+    pub fn takes(format: GgmlDType) -> bool {
+        BlockFns::for_format(format).is_some()
+    }
+
+    /// A layer of `blocks` (out, in) as they are (a GGUF file's), with a bias of `out` values.
+    pub fn from_blocks(blocks: QTensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
+        let (outputs, inputs) = blocks.shape().dims2()?;
+        let format = blocks.dtype();
         let fns =
             BlockFns::for_format(format).filter(|_| inputs.is_multiple_of(format.block_size()));
         let Some(fns) = fns else {
             candle_core::bail!("a quantized CPU Linear of {inputs} inputs in {format:?}");
         };
-        let blocks = Box::new(quantize(weight, format)?);
+        if !blocks.device().is_cpu() {
+            candle_core::bail!("a quantized CPU Linear from blocks on another device");
+        }
         let bias = super::cpu_util::optional_bias(bias, outputs)?;
         Ok(Self {
-            blocks,
+            blocks: Box::new(blocks),
             dequantize: fns.dequantize,
             bias,
             inputs,

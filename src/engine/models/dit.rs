@@ -6,7 +6,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
 use super::blocks::{compute_dtype, computing, linear, Biased, Linear};
-use super::quantized::{BlockLinear, WeightFormat};
+use super::quantized::{BlockLinear, LayerSource};
 
 use super::attention::scaled_dot_product;
 
@@ -142,10 +142,10 @@ impl Modulation {
         vb: VarBuilder,
         dim: usize,
         chunks: usize,
-        format: WeightFormat,
+        layers: LayerSource,
     ) -> candle_core::Result<Self> {
         Ok(Self {
-            linear: BlockLinear::new(dim, chunks * dim, vb, format)?,
+            linear: layers.linear(dim, chunks * dim, vb)?,
             chunks,
         })
     }
@@ -199,11 +199,11 @@ impl FeedForward {
         vb: VarBuilder,
         dim: usize,
         hidden: usize,
-        format: WeightFormat,
+        layers: LayerSource,
     ) -> candle_core::Result<Self> {
         Ok(Self {
-            proj: BlockLinear::new(dim, hidden, vb.pp("net.0.proj"), format)?,
-            out: BlockLinear::new(hidden, dim, vb.pp("net.2"), format)?,
+            proj: layers.linear(dim, hidden, vb.pp("net.0.proj"))?,
+            out: layers.linear(hidden, dim, vb.pp("net.2"))?,
         })
     }
 
@@ -262,9 +262,9 @@ impl Projections {
         norm_names: [&str; 2],
         c: &JointAttentionConfig,
     ) -> candle_core::Result<Self> {
-        let (dim, inner, head_dim, format) = (c.dim, c.heads * c.head_dim, c.head_dim, c.format);
-        let q = BlockLinear::new(dim, inner, vb.pp(names[0]), format)?;
-        let k = BlockLinear::new(dim, inner, vb.pp(names[1]), format)?;
+        let (dim, inner, head_dim, layers) = (c.dim, c.heads * c.head_dim, c.head_dim, c.layers);
+        let q = layers.linear(dim, inner, vb.pp(names[0]))?;
+        let k = layers.linear(dim, inner, vb.pp(names[1]))?;
         let norms = if c.qk_norm {
             Some(qk_norms(vb, norm_names, head_dim)?)
         } else {
@@ -286,7 +286,7 @@ impl Projections {
         Ok(Self {
             q,
             k,
-            v: BlockLinear::new(dim, inner, vb.pp(names[2]), format)?,
+            v: layers.linear(dim, inner, vb.pp(names[2]))?,
             norms: norms.map(|[(nq, _), (nk, _)]| [nq, nk]),
             fused_norm_params,
         })
@@ -379,7 +379,7 @@ pub enum ContextOrder {
     Before,
 }
 
-pub struct JointAttentionConfig {
+pub struct JointAttentionConfig<'a> {
     pub dim: usize,
     pub heads: usize,
     pub head_dim: usize,
@@ -390,7 +390,7 @@ pub struct JointAttentionConfig {
     pub context_out: bool,
     /// The image tokens' output projection (`to_out.0`); FLUX's single blocks have none.
     pub image_out: bool,
-    pub format: WeightFormat,
+    pub layers: LayerSource<'a>,
 }
 
 impl JointAttention {
@@ -411,17 +411,12 @@ impl JointAttention {
             image,
             context,
             to_out: if c.image_out {
-                Some(BlockLinear::new(inner, c.dim, vb.pp("to_out.0"), c.format)?)
+                Some(c.layers.linear(inner, c.dim, vb.pp("to_out.0"))?)
             } else {
                 None
             },
             to_add_out: if c.with_context && c.context_out {
-                Some(BlockLinear::new(
-                    inner,
-                    c.dim,
-                    vb.pp("to_add_out"),
-                    c.format,
-                )?)
+                Some(c.layers.linear(inner, c.dim, vb.pp("to_add_out"))?)
             } else {
                 None
             },

@@ -15,7 +15,7 @@ use super::dit::{
     PlainLayerNorm, Rope, SiluMlp,
 };
 use super::mmdit::{JointBlock, JointBlockConfig};
-use super::quantized::{vb_for, BlockLinear, WeightFormat};
+use super::quantized::{block_columns, vb_for, BlockLinear, LayerSource, WeightFormat};
 use crate::engine::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,8 +86,20 @@ impl SingleOutput {
         dim: usize,
         mlp: usize,
         vb: VarBuilder,
-        format: WeightFormat,
+        layers: LayerSource,
     ) -> candle_core::Result<Self> {
+        let bias = computing(vb.clone()).get(dim, "bias")?;
+        if let Some(blocks) = layers.stored_blocks(&vb, dim + mlp, dim)? {
+            let part = |from, count, bias| {
+                let columns = block_columns(&blocks, from, count)?;
+                BlockLinear::from_blocks(columns, bias, layers.format, vb.device())
+            };
+            return Ok(Self {
+                attn: part(0, dim, None)?,
+                mlp: part(dim, mlp, Some(&bias))?,
+            });
+        }
+        let format = layers.format;
         let weight = vb_for(&vb, dim, format).get((dim, dim + mlp), "weight")?;
         let part = |from, count, bias| -> candle_core::Result<BlockLinear> {
             let columns = weight.narrow(1, from, count)?.contiguous()?;
@@ -95,7 +107,7 @@ impl SingleOutput {
         };
         Ok(Self {
             attn: part(0, dim, None)?,
-            mlp: part(dim, mlp, Some(computing(vb).get(dim, "bias")?))?,
+            mlp: part(dim, mlp, Some(bias))?,
         })
     }
 
@@ -121,12 +133,12 @@ impl SingleBlock {
     fn new(
         vb: VarBuilder,
         c: &FluxTransformerConfig,
-        format: WeightFormat,
+        layers: LayerSource,
     ) -> candle_core::Result<Self> {
         let dim = c.inner_dim();
         let mlp = 4 * dim;
         Ok(Self {
-            norm: Modulation::new(vb.pp("norm.linear"), dim, 3, format)?,
+            norm: Modulation::new(vb.pp("norm.linear"), dim, 3, layers)?,
             attn: JointAttention::new(
                 vb.pp("attn"),
                 &JointAttentionConfig {
@@ -137,11 +149,11 @@ impl SingleBlock {
                     with_context: false,
                     context_out: false,
                     image_out: false,
-                    format,
+                    layers,
                 },
             )?,
-            proj_mlp: BlockLinear::new(dim, mlp, vb.pp("proj_mlp"), format)?,
-            proj_out: SingleOutput::new(dim, mlp, vb.pp("proj_out"), format)?,
+            proj_mlp: layers.linear(dim, mlp, vb.pp("proj_mlp"))?,
+            proj_out: SingleOutput::new(dim, mlp, vb.pp("proj_out"), layers)?,
             layer_norm: PlainLayerNorm::new(dim, EPS, &vb)?,
         })
     }
@@ -179,7 +191,7 @@ impl FluxTransformer {
         vb: VarBuilder,
         config: FluxTransformerConfig,
         config_path: &std::path::Path,
-        format: WeightFormat,
+        layers: LayerSource,
     ) -> Result<Self> {
         let c = &config;
         let dim = c.inner_dim();
@@ -206,13 +218,13 @@ impl FluxTransformer {
                         qk_norm: true,
                         context_pre_only: false,
                         dual: false,
-                        format,
+                        layers,
                     },
                 )
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let single_blocks = (0..c.num_single_layers)
-            .map(|i| SingleBlock::new(vb.pp(format!("single_transformer_blocks.{i}")), c, format))
+            .map(|i| SingleBlock::new(vb.pp(format!("single_transformer_blocks.{i}")), c, layers))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             x_embedder: linear(c.in_channels, dim, vb.pp("x_embedder"))?,
@@ -226,7 +238,12 @@ impl FluxTransformer {
             text_embedder: SiluMlp::new(te.pp("text_embedder"), c.pooled_projection_dim, dim)?,
             double_blocks,
             single_blocks,
-            norm_out: Modulation::new(vb.pp("norm_out.linear"), dim, 2, WeightFormat::Dense)?,
+            norm_out: Modulation::new(
+                vb.pp("norm_out.linear"),
+                dim,
+                2,
+                WeightFormat::Dense.into(),
+            )?,
             layer_norm: PlainLayerNorm::new(dim, EPS, &vb)?,
             proj_out: linear(
                 dim,

@@ -16,7 +16,7 @@ use super::dit::{
     gated_add, ContextOrder, FeedForward, JointAttention, JointAttentionConfig, Modulation,
     PlainLayerNorm, Rope, SiluMlp,
 };
-use super::quantized::WeightFormat;
+use super::quantized::{LayerSource, WeightFormat};
 use crate::engine::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,7 +92,7 @@ pub(crate) struct JointBlock {
 }
 
 /// A joint block's shape.
-pub(crate) struct JointBlockConfig {
+pub(crate) struct JointBlockConfig<'a> {
     pub dim: usize,
     pub heads: usize,
     pub head_dim: usize,
@@ -101,7 +101,7 @@ pub(crate) struct JointBlockConfig {
     pub context_pre_only: bool,
     /// MMDiT-X: a second, image-only attention.
     pub dual: bool,
-    pub format: WeightFormat,
+    pub layers: LayerSource<'a>,
 }
 
 impl JointBlock {
@@ -115,28 +115,28 @@ impl JointBlock {
             with_context,
             context_out: !context_pre_only,
             image_out: true,
-            format: c.format,
+            layers: c.layers,
         };
         Ok(Self {
             norm1: Modulation::new(
                 vb.pp("norm1.linear"),
                 dim,
                 if dual { 9 } else { 6 },
-                c.format,
+                c.layers,
             )?,
             norm1_context: if context_pre_only {
                 ContextNorm::Continuous(Modulation::new(
                     vb.pp("norm1_context.linear"),
                     dim,
                     2,
-                    c.format,
+                    c.layers,
                 )?)
             } else {
                 ContextNorm::Zero(Modulation::new(
                     vb.pp("norm1_context.linear"),
                     dim,
                     6,
-                    c.format,
+                    c.layers,
                 )?)
             },
             attn: JointAttention::new(vb.pp("attn"), &attention(true))?,
@@ -145,7 +145,7 @@ impl JointBlock {
             } else {
                 None
             },
-            ff: FeedForward::new(vb.pp("ff"), dim, 4 * dim, c.format)?,
+            ff: FeedForward::new(vb.pp("ff"), dim, 4 * dim, c.layers)?,
             ff_context: if context_pre_only {
                 None
             } else {
@@ -153,7 +153,7 @@ impl JointBlock {
                     vb.pp("ff_context"),
                     dim,
                     4 * dim,
-                    c.format,
+                    c.layers,
                 )?)
             },
             norm: PlainLayerNorm::new(dim, EPS, &vb)?,
@@ -229,7 +229,7 @@ impl Sd3Transformer {
         vb: VarBuilder,
         config: Sd3TransformerConfig,
         config_path: &Path,
-        format: WeightFormat,
+        layers: LayerSource,
     ) -> Result<Self> {
         let bad = |reason: String| EngineError::BadConfig {
             path: config_path.to_path_buf(),
@@ -289,7 +289,7 @@ impl Sd3Transformer {
                         qk_norm: c.qk_norm.is_some(),
                         context_pre_only: i + 1 == c.num_layers,
                         dual: c.dual_attention_layers.contains(&i),
-                        format,
+                        layers,
                     },
                 )
             })
@@ -309,7 +309,12 @@ impl Sd3Transformer {
                 vb.pp("context_embedder"),
             )?,
             blocks,
-            norm_out: Modulation::new(vb.pp("norm_out.linear"), dim, 2, WeightFormat::Dense)?,
+            norm_out: Modulation::new(
+                vb.pp("norm_out.linear"),
+                dim,
+                2,
+                WeightFormat::Dense.into(),
+            )?,
             norm: PlainLayerNorm::new(dim, EPS, &vb)?,
             proj_out: linear(dim, p * p * config.out_channels(), vb.pp("proj_out"))?,
             config,

@@ -2,7 +2,7 @@
 //! and the product each format runs on the CPU or a GPU: the diffusion transformers' blocks,
 //! T5-XXL's layers and the UNet's transformer blocks hold theirs so (`--quantize`).
 
-use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
@@ -25,6 +25,10 @@ pub enum WeightFormat {
     /// format of the community "fp8_e4m3fn" checkpoints (their values load exactly). Each
     /// forward widens a layer's codes to the activations' dtype for the product.
     Fp8,
+    /// The blocks as a GGUF transformer file stores them, each layer in its own GGML format
+    /// (city96's `flux1-dev-Q4_K_S.gguf` mixes q4k, q5k and f16), multiplied on the CPU as the
+    /// field says; layers the file stores as floats stay dense.
+    Stored(CpuQuantized),
 }
 
 /// How a GGML-quantized layer multiplies on the CPU (a GPU runs candle's kernels either way).
@@ -104,7 +108,8 @@ impl WeightFormat {
     /// Bits per weight of the blocks' layers (`None` for dense: the load dtype's width).
     pub fn bits_per_weight(self) -> Option<f64> {
         match self {
-            Self::Dense => None,
+            // Stored blocks: each layer's own format's (`GgufFile`), counted per tensor.
+            Self::Dense | Self::Stored(_) => None,
             Self::Quantized(t, _) => Some(t.type_size() as f64 * 8.0 / t.block_size() as f64),
             Self::Fp8 => Some(8.0),
         }
@@ -148,6 +153,15 @@ impl WeightFormat {
         })
     }
 
+    /// The format one stored layer of GGML `blocks` is held in under this one: its own format,
+    /// multiplied as a `Stored` format says (`None` for other formats).
+    pub fn stored_as(self, blocks: GgmlDType) -> Option<Self> {
+        match self {
+            Self::Stored(choice) => Some(Self::Quantized(blocks, choice)),
+            _ => None,
+        }
+    }
+
     /// The format a layer of `inputs` inputs is held in: this one where its blocks divide the
     /// row; for the k-quants (256-value blocks) on other rows, llama.cpp's fallback for them
     /// (q4k → q5_0, q5k → q5_1, q6k → q8_0: 32-value blocks, a little more precise) — SD3.5
@@ -172,6 +186,7 @@ impl WeightFormat {
     pub fn compact(self) -> Self {
         match self {
             Self::Quantized(t, _) => Self::Quantized(t, CpuQuantized::Compact),
+            Self::Stored(_) => Self::Stored(CpuQuantized::Compact),
             other => other,
         }
     }
@@ -183,6 +198,8 @@ impl std::fmt::Display for WeightFormat {
         let (t, product) = match self {
             Self::Dense => return write!(f, "dense"),
             Self::Fp8 => return write!(f, "fp8"),
+            Self::Stored(CpuQuantized::Fastest) => return write!(f, "gguf"),
+            Self::Stored(CpuQuantized::Compact) => return write!(f, "gguf-compact"),
             Self::Quantized(t, product) => (t, product),
         };
         let name = match t {
@@ -209,7 +226,8 @@ impl std::str::FromStr for WeightFormat {
     type Err = String;
 
     /// `dense`, `fp8`, or a GGML block format: `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q4k`,
-    /// `q5k`, `q6k`, each optionally `-compact` (held once on the CPU, [`CpuQuantized`]).
+    /// `q5k`, `q6k`, each optionally `-compact` (held once on the CPU, [`CpuQuantized`]); `gguf`
+    /// (`-compact`): as a GGUF transformer file stores them, what such a file loads as anyway.
     fn from_str(s: &str) -> Result<Self, String> {
         let lower = s.to_ascii_lowercase().replace('_', "");
         let (name, product) = match lower.strip_suffix("-compact") {
@@ -219,6 +237,7 @@ impl std::str::FromStr for WeightFormat {
         let t = match name {
             "dense" | "none" => return Ok(Self::Dense),
             "fp8" | "fp8e4m3" | "fp8e4m3fn" | "f8e4m3" => return Ok(Self::Fp8),
+            "gguf" => return Ok(Self::Stored(product)),
             "q80" => GgmlDType::Q8_0,
             "q40" => GgmlDType::Q4_0,
             "q41" => GgmlDType::Q4_1,
@@ -229,7 +248,7 @@ impl std::str::FromStr for WeightFormat {
             "q6k" => GgmlDType::Q6K,
             _ => {
                 return Err(format!(
-                    "unknown weight format `{s}`; use dense, fp8, q8_0, q6k, q5k, q4k, q5_0, q5_1, q4_0 or q4_1 (each with `-compact` to hold it once on the CPU)"
+                    "unknown weight format `{s}`; use dense, fp8, q8_0, q6k, q5k, q4k, q5_0, q5_1, q4_0 or q4_1 (each with `-compact` to hold it once on the CPU), or gguf for a GGUF transformer file's own formats"
                 ))
             }
         };
@@ -302,9 +321,114 @@ pub(crate) fn vb_for<'a>(
     format: WeightFormat,
 ) -> VarBuilder<'a> {
     match format.for_inputs(inputs) {
-        WeightFormat::Dense => vb.clone(),
+        WeightFormat::Dense | WeightFormat::Stored(_) => vb.clone(),
         _ => computing(vb.clone()),
     }
+}
+
+/// GGML blocks a transformer file stores (a GGUF file's), by the diffusers name of the weight
+/// they hold (`transformer_blocks.0.attn.to_q.weight`), cut to what that layer takes.
+pub trait StoredBlocks {
+    /// The layer's blocks (out, in) on the CPU; `None` when the file stores it as floats.
+    fn blocks(&self, name: &str) -> Option<candle_core::Result<QTensor>>;
+}
+
+/// Where a transformer block's Linear layers come from: read as loaded and held in `format`,
+/// or — under [`WeightFormat::Stored`] — the blocks `stored` holds, as they are.
+#[derive(Clone, Copy)]
+pub struct LayerSource<'a> {
+    pub format: WeightFormat,
+    pub stored: Option<&'a dyn StoredBlocks>,
+}
+
+impl From<WeightFormat> for LayerSource<'_> {
+    fn from(format: WeightFormat) -> Self {
+        Self {
+            format,
+            stored: None,
+        }
+    }
+}
+
+impl LayerSource<'_> {
+    /// The layer `vb` names (`input` → `output`, with its bias).
+    pub fn linear(
+        &self,
+        input: usize,
+        output: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<BlockLinear> {
+        match self.stored_blocks(&vb, input, output)? {
+            Some(blocks) => {
+                let bias = computing(vb.clone()).get(output, "bias")?;
+                BlockLinear::from_blocks(blocks, Some(&bias), self.format, vb.device())
+            }
+            None => BlockLinear::new(input, output, vb, self.format),
+        }
+    }
+
+    /// [`Self::linear`] of a layer without bias.
+    pub fn unbiased(
+        &self,
+        input: usize,
+        output: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<BlockLinear> {
+        match self.stored_blocks(&vb, input, output)? {
+            Some(blocks) => BlockLinear::from_blocks(blocks, None, self.format, vb.device()),
+            None => BlockLinear::unbiased(input, output, vb, self.format),
+        }
+    }
+
+    /// The blocks stored for `vb`'s weight, checked to be (`output`, `input`).
+    pub fn stored_blocks(
+        &self,
+        vb: &VarBuilder,
+        input: usize,
+        output: usize,
+    ) -> candle_core::Result<Option<QTensor>> {
+        let (WeightFormat::Stored(_), Some(stored)) = (self.format, self.stored) else {
+            return Ok(None);
+        };
+        let name = format!("{}.weight", vb.prefix());
+        let Some(blocks) = stored.blocks(&name).transpose()? else {
+            return Ok(None);
+        };
+        if blocks.shape().dims() != [output, input] {
+            candle_core::bail!(
+                "`{name}`: the file's blocks are {:?}, the config implies {:?}",
+                blocks.shape().dims(),
+                [output, input]
+            );
+        }
+        Ok(Some(blocks))
+    }
+}
+
+/// Columns `from..from + count` of `blocks` (out, in): whole blocks of each row, so the values
+/// are the same as the whole layer's. `from` and `count` must be multiples of the block size.
+pub fn block_columns(blocks: &QTensor, from: usize, count: usize) -> candle_core::Result<QTensor> {
+    let (outputs, inputs) = blocks.shape().dims2()?;
+    let format = blocks.dtype();
+    let size = format.block_size();
+    if !from.is_multiple_of(size) || !count.is_multiple_of(size) || from + count > inputs {
+        candle_core::bail!(
+            "columns {from}..{} of {inputs} do not fall on {format:?}'s {size}-value blocks",
+            from + count
+        );
+    }
+    let data = blocks.data()?;
+    let row = inputs / size * format.type_size();
+    let (start, width) = (
+        from / size * format.type_size(),
+        count / size * format.type_size(),
+    );
+    let mut columns = Vec::with_capacity(outputs * width);
+    for r in 0..outputs {
+        columns.extend_from_slice(&data[r * row + start..][..width]);
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(columns), &blocks.device(), format)?;
+    QTensor::new(storage, (outputs, count))
 }
 
 /// Largest finite e4m3 value.
@@ -366,7 +490,9 @@ impl BlockLinear {
         let (output, input) = dense.shape();
         let format = format.for_inputs(input);
         let ggml = match format {
-            WeightFormat::Dense => return Ok(Self::Dense(dense)),
+            // A stored layer is made from its blocks ([`LayerSource::linear`]); this one was
+            // stored as floats.
+            WeightFormat::Dense | WeightFormat::Stored(_) => return Ok(Self::Dense(dense)),
             WeightFormat::Fp8 => None,
             WeightFormat::Quantized(t, _) => Some(t),
         };
@@ -393,21 +519,65 @@ impl BlockLinear {
         }
     }
 
+    /// A layer of GGML `blocks` (out, in) on the CPU, as a file stores them, on `device`:
+    /// multiplied as `format` ([`WeightFormat::Stored`]) says for their format on the CPU,
+    /// candle's kernels on a GPU.
+    pub fn from_blocks(
+        blocks: QTensor,
+        bias: Option<&Tensor>,
+        format: WeightFormat,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        let (output, input) = blocks.shape().dims2()?;
+        let held = format
+            .stored_as(blocks.dtype())
+            .unwrap_or(WeightFormat::Quantized(
+                blocks.dtype(),
+                CpuQuantized::Fastest,
+            ));
+        if !device.is_cpu() {
+            let storage = QStorage::from_data(blocks.data()?, device, blocks.dtype())?;
+            let blocks = QTensor::new(storage, (output, input))?;
+            return Self::quantized_product(blocks, bias);
+        }
+        let isa = int8_tiles::isa();
+        match held.cpu_product() {
+            Some(CpuProduct::Q8Tiles) if Q8TileLinear::fits(input, output) => Ok(Self::Q8Tiles(
+                Q8TileLinear::from_blocks_with(&blocks, bias, isa)?,
+            )),
+            Some(CpuProduct::KQuantTiles) if KQuantTileLinear::fits(input, output) => Ok(
+                Self::KQuantTiles(KQuantTileLinear::from_blocks_with(&blocks, bias, isa)?),
+            ),
+            Some(CpuProduct::CandleTiles) => Self::quantized_product(blocks, bias),
+            // Formats our dequantizing product has no table for (q8_1, q8k) take candle's.
+            _ if QuantizedCpuLinear::takes(blocks.dtype()) => Ok(Self::QuantizedCpu(
+                QuantizedCpuLinear::from_blocks(blocks, bias)?,
+            )),
+            _ => Self::quantized_product(blocks, bias),
+        }
+    }
+
+    /// A layer on candle's quantized product of `blocks` (`QMatMul`), its bias in f32.
+    fn quantized_product(blocks: QTensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
+        let device = blocks.device();
+        let bias = match bias {
+            Some(b) => b.to_dtype(DType::F32)?.to_device(&device)?,
+            None => Tensor::zeros(blocks.shape().dims2()?.0, DType::F32, &device)?,
+        };
+        Ok(Self::Quantized {
+            weight: QMatMul::from_qtensor(blocks)?,
+            bias,
+        })
+    }
+
     /// A layer on candle's quantized product (`QMatMul`), its bias in f32.
     fn candle_quantized(
         weight: &Tensor,
         bias: Option<&Tensor>,
         format: GgmlDType,
     ) -> candle_core::Result<Self> {
-        let bias = match bias {
-            Some(b) => b.to_dtype(DType::F32)?,
-            None => Tensor::zeros(weight.dim(0)?, DType::F32, weight.device())?,
-        };
         let blocks = super::cpu_quantized_linear::quantize(weight, format)?;
-        Ok(Self::Quantized {
-            weight: QMatMul::from_qtensor(blocks)?,
-            bias,
-        })
+        Self::quantized_product(blocks, bias)
     }
 
     /// An FP8 layer from a dense weight (out, in) and bias.

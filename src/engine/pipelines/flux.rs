@@ -102,12 +102,12 @@ impl Flux {
         });
         let config_path = dir.required("transformer/config.json")?;
         let config: FluxTransformerConfig = crate::engine::loader::read_json(&config_path)?;
-        let transformer_vb = source.transformer(options, Naming::Bfl, dtype, device)?;
+        let transformer_weights = source.transformer(options, Naming::Bfl, dtype, device)?;
         let transformer = FluxTransformer::new(
-            transformer_vb,
+            transformer_weights.vb.clone(),
             config,
             &config_path,
-            options.transformer_format,
+            transformer_weights.layers(),
         )?;
         let vae = Autoencoder::load(dir, dtype, device, &weights, false)?;
         let c = &transformer.config;

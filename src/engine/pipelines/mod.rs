@@ -84,25 +84,60 @@ impl WeightSource<'_> {
     }
 
     /// The transformer's weights: `options.transformer_file` when given, else the folder's
-    /// `transformer/` files; either may use the model makers' single-file `naming`.
+    /// `transformer/` files; either may use the model makers' single-file `naming`, and a
+    /// GGUF file's block-format layers are held as it stores them.
     pub(crate) fn transformer(
         &self,
         options: &LoadOptions,
         naming: crate::engine::loader::single_file::Naming,
         dtype: DType,
         device: &Device,
-    ) -> Result<candle_nn::VarBuilder<'static>> {
-        use crate::engine::loader::{single_file::SingleFileWeights, weights::SafetensorsFile};
+    ) -> Result<TransformerWeights> {
+        use crate::engine::loader::single_file::{SingleFileWeights, TransformerFile};
+        use crate::engine::loader::weights::SafetensorsFile;
         const STEM: &str = "transformer/diffusion_pytorch_model";
+        let format = options.transformer_blocks_format()?;
         if self.random {
-            return Ok(self.random_weights(dtype, device));
+            return Ok(TransformerWeights {
+                vb: self.random_weights(dtype, device),
+                file: None,
+                format,
+            });
         }
         let file = match &options.transformer_file {
-            Some(path) => SafetensorsFile::open(path)?,
-            None => SafetensorsFile::open_component(self.dir, STEM)?,
+            Some(path) => TransformerFile::open(path)?,
+            None => TransformerFile::Safetensors(SafetensorsFile::open_component(self.dir, STEM)?),
         };
-        let dtype = weights_dtype(device, dtype, file.products_stored_in_half());
-        Ok(SingleFileWeights::var_builder(file, naming, dtype, device))
+        let half = match &file {
+            TransformerFile::Safetensors(f) => f.products_stored_in_half(),
+            // A GGUF file's float layers (embedders, norms) are held in the compute dtype.
+            TransformerFile::Gguf(_) => None,
+        };
+        let dtype = weights_dtype(device, dtype, half);
+        let file = std::sync::Arc::new(SingleFileWeights::new(file, naming));
+        Ok(TransformerWeights {
+            vb: file.var_builder(dtype, device),
+            file: Some(file),
+            format,
+        })
+    }
+}
+
+/// A transformer's weights as its model's constructor reads them.
+pub(crate) struct TransformerWeights {
+    pub vb: candle_nn::VarBuilder<'static>,
+    file: Option<std::sync::Arc<crate::engine::loader::single_file::SingleFileWeights>>,
+    format: crate::engine::models::quantized::WeightFormat,
+}
+
+impl TransformerWeights {
+    /// Where the blocks' Linear layers come from: the format, and a GGUF file's stored blocks.
+    pub fn layers(&self) -> crate::engine::models::quantized::LayerSource<'_> {
+        use crate::engine::models::quantized::StoredBlocks;
+        crate::engine::models::quantized::LayerSource {
+            format: self.format,
+            stored: self.file.as_deref().map(|f| f as &dyn StoredBlocks),
+        }
     }
 }
 
@@ -430,6 +465,38 @@ pub struct LoadOptions {
     /// `vae.enable_tiling()`: the VAE's memory stays that of one tile (SDXL at 2048² on a 24 GB
     /// card); seams are blended, the pixels differ slightly from a whole decode.
     pub vae_tiling: bool,
+}
+
+impl LoadOptions {
+    /// Whether the transformer comes from a GGUF file.
+    pub fn transformer_is_gguf(&self) -> bool {
+        (self.transformer_file.as_deref())
+            .is_some_and(crate::engine::loader::gguf::GgufFile::is_gguf)
+    }
+
+    /// The format the transformer blocks are held in: `transformer_format`, except that a GGUF
+    /// file's blocks are held as it stores them ([`WeightFormat::Stored`]: `dense`, the
+    /// default, reads as `gguf`). Another format for a GGUF file, or `gguf` for another file,
+    /// is refused.
+    ///
+    /// [`WeightFormat::Stored`]: crate::engine::models::quantized::WeightFormat::Stored
+    pub fn transformer_blocks_format(
+        &self,
+    ) -> Result<crate::engine::models::quantized::WeightFormat> {
+        use crate::engine::models::quantized::{CpuQuantized, WeightFormat};
+        let format = self.transformer_format;
+        match (self.transformer_is_gguf(), format) {
+            (true, WeightFormat::Dense) => Ok(WeightFormat::Stored(CpuQuantized::Fastest)),
+            (true, WeightFormat::Stored(_)) => Ok(format),
+            (true, _) => Err(EngineError::Unsupported(format!(
+                "the transformer file is GGUF: its layers are held in the formats it stores, so `--quantize {format}` does not apply (leave it out, or use `gguf-compact` to hold its blocks once on the CPU)"
+            ))),
+            (false, WeightFormat::Stored(_)) => Err(EngineError::Unsupported(format!(
+                "`--quantize {format}` holds a GGUF transformer file's blocks as stored: give one with `--transformer FILE.gguf`"
+            ))),
+            (false, _) => Ok(format),
+        }
+    }
 }
 
 /// A loaded model of any family. Each variant is `Send + Sync`, so the scheduler's worker can own

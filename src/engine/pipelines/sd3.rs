@@ -125,11 +125,12 @@ impl StableDiffusion3 {
         let naming = crate::engine::loader::single_file::Naming::Sai {
             blocks: config.num_layers,
         };
+        let transformer_weights = source.transformer(options, naming, dtype, device)?;
         let transformer = Sd3Transformer::new(
-            source.transformer(options, naming, dtype, device)?,
+            transformer_weights.vb.clone(),
             config,
             &config_path,
-            options.transformer_format,
+            transformer_weights.layers(),
         )?;
         let vae = Autoencoder::load(dir, dtype, device, &weights, false)?;
 

@@ -1,0 +1,178 @@
+//! GGUF files (llama.cpp's container, as the community's quantized FLUX and SD3.5 transformers
+//! ship: city96's `flux1-dev-Q4_K_S.gguf`, …): a header of named tensors, each in a GGML block
+//! format (q8_0, q4_k, …) or f32 / f16 / bf16. The file is mapped; a tensor's rows are copied out
+//! as blocks ([`GgufFile::rows`]) — a quantized layer keeps them as the file stores them — or
+//! widened into a dense tensor for everything else.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::engine::error::{EngineError, Result};
+
+/// GGUF's magic, the file's first four bytes.
+const MAGIC: &[u8; 4] = b"GGUF";
+
+pub struct GgufFile {
+    path: PathBuf,
+    tensors: std::collections::HashMap<String, gguf_file::TensorInfo>,
+    /// Where the tensor data starts (each tensor's offset is relative to it).
+    data_start: u64,
+    map: memmap2::Mmap,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GgufFile({})", self.path.display())
+    }
+}
+
+/// Whether a tensor format is GGML blocks (held as stored by a quantized layer) rather than
+/// plain floats.
+pub fn is_block_format(format: GgmlDType) -> bool {
+    !matches!(format, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+impl GgufFile {
+    /// Whether `path` is a GGUF file (by its magic; a missing or short file is not).
+    pub fn is_gguf(path: &Path) -> bool {
+        use std::io::Read;
+        let mut magic = [0u8; 4];
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok_and(|_| &magic == MAGIC)
+    }
+
+    pub fn open(path: &Path) -> Result<Self> {
+        let bad = |reason: String| EngineError::Weights {
+            path: path.to_path_buf(),
+            tensor: "<header>".into(),
+            reason,
+        };
+        let mut file = std::fs::File::open(path).map_err(|_| EngineError::MissingFile {
+            path: path.to_path_buf(),
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| bad(e.to_string()))?;
+        // SAFETY: mapped read-only; as with safetensors, we rely on nobody truncating a model
+        // file while it is loaded.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad(e.to_string()))?;
+        let gguf = Self {
+            path: path.to_path_buf(),
+            tensors: content.tensor_infos,
+            data_start: content.tensor_data_offset,
+            map,
+        };
+        // Every tensor within the file, so reads cannot go past its end.
+        for name in gguf.tensors.keys() {
+            gguf.bytes(name).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(gguf)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// A tensor's format in the file.
+    pub fn format(&self, name: &str) -> Option<GgmlDType> {
+        self.tensors.get(name).map(|t| t.ggml_dtype)
+    }
+
+    /// A tensor's shape, outermost first (rows, then inputs, as safetensors'; GGUF stores it
+    /// innermost first and candle's reader turns it).
+    pub fn dims(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.dims())
+    }
+
+    /// Bytes a tensor takes in the file.
+    pub fn stored_bytes(&self, name: &str) -> Option<usize> {
+        let t = self.tensors.get(name)?;
+        Some(t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size())
+    }
+
+    fn bytes(&self, name: &str) -> candle_core::Result<&[u8]> {
+        let (Some(info), Some(size)) = (self.tensors.get(name), self.stored_bytes(name)) else {
+            return Err(self.error(name, "missing from the file"));
+        };
+        if !info
+            .shape
+            .elem_count()
+            .is_multiple_of(info.ggml_dtype.block_size())
+        {
+            return Err(self.error(name, "not a whole number of blocks"));
+        }
+        let start = self.data_start.saturating_add(info.offset);
+        usize::try_from(start)
+            .ok()
+            .and_then(|start| self.map.get(start..start.checked_add(size)?))
+            .ok_or_else(|| self.error(name, "its data runs past the end of the file"))
+    }
+
+    /// Rows `ranges` of a tensor (along its first dimension), one after another, as a tensor of
+    /// the file's format on the CPU: cut fused projections apart (q, k, v) or reorder halves
+    /// without touching the blocks (each row is whole blocks).
+    pub fn rows(&self, name: &str, ranges: &[Range<usize>]) -> candle_core::Result<QTensor> {
+        let bytes = self.bytes(name)?;
+        let (format, dims) = match (self.format(name), self.dims(name)) {
+            (Some(f), Some(d)) => (f, d.to_vec()),
+            _ => return Err(self.error(name, "missing from the file")),
+        };
+        let rows = dims.first().copied().unwrap_or(1);
+        let row_bytes = bytes.len() / rows.max(1);
+        let whole = [0..rows];
+        let ranges = if ranges.is_empty() {
+            &whole[..]
+        } else {
+            ranges
+        };
+        let mut data =
+            Vec::with_capacity(ranges.iter().map(|r| r.len()).sum::<usize>() * row_bytes);
+        for r in ranges {
+            if r.start > r.end || r.end > rows {
+                return Err(self.error(name, format!("rows {r:?} of {rows}")));
+            }
+            data.extend_from_slice(&bytes[r.start * row_bytes..r.end * row_bytes]);
+        }
+        let mut shape = dims;
+        if let Some(first) = shape.first_mut() {
+            *first = ranges.iter().map(|r| r.len()).sum();
+        }
+        let storage = QStorage::from_data(std::borrow::Cow::Owned(data), &Device::Cpu, format)?;
+        QTensor::new(storage, shape)
+    }
+
+    /// Rows `ranges` of a tensor as a dense `dtype` tensor on `device` (blocks dequantized).
+    pub fn dense_rows(
+        &self,
+        name: &str,
+        ranges: &[Range<usize>],
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.rows(name, ranges)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.to_dtype(dtype)?.to_device(device))
+            .map_err(|e| self.error(name, e.to_string()))
+    }
+
+    fn error(&self, tensor: &str, reason: impl Into<String>) -> candle_core::Error {
+        candle_core::Error::Msg(
+            EngineError::Weights {
+                path: self.path.clone(),
+                tensor: tensor.to_string(),
+                reason: reason.into(),
+            }
+            .to_string(),
+        )
+    }
+}
