@@ -129,12 +129,6 @@ impl GgufFile {
         };
         let rows = dims.first().copied().unwrap_or(1);
         let row_bytes = bytes.len() / rows.max(1);
-        let whole = [0..rows];
-        let ranges = if ranges.is_empty() {
-            &whole[..]
-        } else {
-            ranges
-        };
         let mut data =
             Vec::with_capacity(ranges.iter().map(|r| r.len()).sum::<usize>() * row_bytes);
         for r in ranges {

@@ -207,6 +207,20 @@ fn bfl_source(name: &str) -> Option<(String, Take)> {
     None
 }
 
+/// Whether a single file's tensor `name` (any of the namings, with or without Stability's
+/// prefix) belongs to the transformer blocks, whose Linear layers may be held quantized.
+pub fn in_transformer_blocks(name: &str) -> bool {
+    const BLOCKS: [&str; 5] = [
+        "transformer_blocks.",
+        "single_transformer_blocks.",
+        "double_blocks.",
+        "single_blocks.",
+        "joint_blocks.",
+    ];
+    let name = name.strip_prefix(SingleFileWeights::PREFIX).unwrap_or(name);
+    BLOCKS.iter().any(|b| name.starts_with(b))
+}
+
 /// A single-file transformer: safetensors, or a GGUF file whose block-format tensors quantized
 /// layers keep as stored.
 pub enum TransformerFile {
@@ -247,11 +261,11 @@ impl Take {
     /// order.
     fn rows(self, rows: usize) -> Vec<Range<usize>> {
         match self {
-            Self::All => vec![0..rows],
+            Self::All => std::iter::once(0..rows).collect(),
             Self::Part { index, parts } => {
                 let unit = rows / parts.iter().sum::<usize>();
                 let start = parts[..index].iter().sum::<usize>() * unit;
-                vec![start..start + parts[index] * unit]
+                std::iter::once(start..start + parts[index] * unit).collect()
             }
             Self::SwapHalves => vec![rows / 2..rows, 0..rows / 2],
         }

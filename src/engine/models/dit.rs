@@ -150,6 +150,11 @@ impl Modulation {
         })
     }
 
+    /// Bytes its layer holds.
+    pub fn bytes(&self) -> usize {
+        self.linear.bytes()
+    }
+
     /// The `chunks` (B, D) vectors, each contiguous: for one sample the chunks of the output
     /// are; for more, one copy puts the output chunk-major, where each consumer (the fused
     /// modulation kernels take contiguous vectors) would otherwise copy its own (SD3.5 with
@@ -205,6 +210,11 @@ impl FeedForward {
             proj: layers.linear(dim, hidden, vb.pp("net.0.proj"))?,
             out: layers.linear(hidden, dim, vb.pp("net.2"))?,
         })
+    }
+
+    /// Bytes its layers hold.
+    pub fn bytes(&self) -> usize {
+        self.proj.bytes() + self.out.bytes()
     }
 
     /// The output, its last bias left to the gated residual that takes it ([`gated_add`]).
@@ -290,6 +300,10 @@ impl Projections {
             norms: norms.map(|[(nq, _), (nk, _)]| [nq, nk]),
             fused_norm_params,
         })
+    }
+
+    fn bytes(&self) -> usize {
+        self.q.bytes() + self.k.bytes() + self.v.bytes()
     }
 
     /// Token-major (B, N, heads, head_dim) queries, keys and values: the projections' own
@@ -394,6 +408,15 @@ pub struct JointAttentionConfig<'a> {
 }
 
 impl JointAttention {
+    /// Bytes its Linear layers hold.
+    pub fn bytes(&self) -> usize {
+        let optional = |l: &Option<BlockLinear>| l.as_ref().map_or(0, BlockLinear::bytes);
+        self.image.bytes()
+            + self.context.as_ref().map_or(0, Projections::bytes)
+            + optional(&self.to_out)
+            + optional(&self.to_add_out)
+    }
+
     pub fn new(vb: VarBuilder, c: &JointAttentionConfig) -> candle_core::Result<Self> {
         let inner = c.heads * c.head_dim;
         let image = Projections::new(&vb, ["to_q", "to_k", "to_v"], ["norm_q", "norm_k"], c)?;

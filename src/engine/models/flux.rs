@@ -111,6 +111,10 @@ impl SingleOutput {
         })
     }
 
+    fn bytes(&self) -> usize {
+        self.attn.bytes() + self.mlp.bytes()
+    }
+
     /// The projection of [attn | mlp], its bias (and the second part's product) left to the
     /// gated residual.
     fn forward(&self, attn: &Tensor, mlp: &Tensor) -> candle_core::Result<Biased> {
@@ -158,6 +162,10 @@ impl SingleBlock {
         })
     }
 
+    fn bytes(&self) -> usize {
+        self.norm.bytes() + self.attn.bytes() + self.proj_mlp.bytes() + self.proj_out.bytes()
+    }
+
     fn forward(&self, xs: &Tensor, temb: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
         crate::engine::profile::scope("FluxSingleTransformerBlock", xs, || {
             let m = self.norm.forward(temb)?;
@@ -187,6 +195,17 @@ pub struct FluxTransformer {
 }
 
 impl FluxTransformer {
+    /// Bytes the blocks' Linear layers hold (what `--quantize` and GGUF files change).
+    pub fn block_layer_bytes(&self) -> usize {
+        let double: usize = self.double_blocks.iter().map(JointBlock::bytes).sum();
+        double
+            + self
+                .single_blocks
+                .iter()
+                .map(SingleBlock::bytes)
+                .sum::<usize>()
+    }
+
     pub fn new(
         vb: VarBuilder,
         config: FluxTransformerConfig,

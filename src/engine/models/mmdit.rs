@@ -105,6 +105,17 @@ pub(crate) struct JointBlockConfig<'a> {
 }
 
 impl JointBlock {
+    /// Bytes its Linear layers hold (as the memory planner counts them).
+    pub(crate) fn bytes(&self) -> usize {
+        let (ContextNorm::Zero(norm) | ContextNorm::Continuous(norm)) = &self.norm1_context;
+        self.norm1.bytes()
+            + norm.bytes()
+            + self.attn.bytes()
+            + self.attn2.as_ref().map_or(0, JointAttention::bytes)
+            + self.ff.bytes()
+            + self.ff_context.as_ref().map_or(0, FeedForward::bytes)
+    }
+
     pub(crate) fn new(vb: VarBuilder, c: &JointBlockConfig) -> candle_core::Result<Self> {
         let (dim, qk_norm, context_pre_only, dual) = (c.dim, c.qk_norm, c.context_pre_only, c.dual);
         let attention = |with_context: bool| JointAttentionConfig {
@@ -225,6 +236,11 @@ pub struct Sd3Transformer {
 }
 
 impl Sd3Transformer {
+    /// Bytes the blocks' Linear layers hold (what `--quantize` and GGUF files change).
+    pub fn block_layer_bytes(&self) -> usize {
+        self.blocks.iter().map(JointBlock::bytes).sum()
+    }
+
     pub fn new(
         vb: VarBuilder,
         config: Sd3TransformerConfig,
