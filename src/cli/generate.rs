@@ -50,8 +50,9 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub skip_layer_guidance: bool,
     /// SD3 / FLUX: the transformer from this single file (diffusers', Stability's or Black Forest
-    /// Labs' naming: sd3.5_large.safetensors, flux1-dev.safetensors, fine-tunes); the rest comes
-    /// from --model.
+    /// Labs' naming: sd3.5_large.safetensors, flux1-dev.safetensors, fine-tunes), safetensors or
+    /// GGUF (city96's flux1-dev-Q4_K_S.gguf, …: its blocks held in the formats it stores); the
+    /// rest comes from --model.
     #[arg(long)]
     pub transformer: Option<PathBuf>,
     /// Quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …; SD3's and FLUX's,

@@ -193,6 +193,7 @@ pub fn run(common: &CommonArgs, settings: LoadSettings) -> anyhow::Result<()> {
             models: vec![ModelSpec {
                 source: ModelSource::Local(model_root.clone()),
                 options: Default::default(),
+                name: None,
             }],
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,

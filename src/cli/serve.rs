@@ -157,11 +157,21 @@ struct FileConfig {
 ///
 /// [[model]]
 /// source = "stabilityai/stable-diffusion-xl-base-1.0"
+///
+/// # FLUX.1-dev's transformer from a GGUF file, served beside the one above under its own id.
+/// [[model]]
+/// source = "black-forest-labs/FLUX.1-dev"
+/// transformer = "/models/flux1-dev-Q4_K_S.gguf"
+/// name = "flux1-dev-q4k"
 /// ```
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ModelTable {
     source: String,
+    /// SD3 / FLUX: the transformer from one file (safetensors in any of the namings, or GGUF).
+    transformer: Option<PathBuf>,
+    /// The id clients use (default: the source's name).
+    name: Option<String>,
     quantize: Option<String>,
     quantize_t5: Option<String>,
     without_t5: Option<bool>,
@@ -190,8 +200,9 @@ impl ModelTable {
                 text_encoders_on_cpu: (self.text_encoders_on_cpu)
                     .unwrap_or(server_wide.text_encoders_on_cpu),
                 vae_tiling: self.vae_tiling.unwrap_or(server_wide.vae_tiling),
-                transformer_file: None,
+                transformer_file: self.transformer.clone(),
             },
+            name: self.name.clone(),
         })
     }
 }
@@ -246,6 +257,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
                 Ok(ModelSpec {
                     source: ModelSource::parse(s)?,
                     options: load_options.clone(),
+                    name: None,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()
@@ -265,6 +277,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
         vec![ModelSpec {
             source: ModelSource::Local(demo::install(&common.data_dir.join("models"))?),
             options: load_options.clone(),
+            name: None,
         }]
     } else {
         models

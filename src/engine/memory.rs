@@ -233,7 +233,8 @@ impl Footprint {
                 stem.to_string()
             };
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
-            if let (Some(path), true) = (&options.transformer_file, folder == denoiser_folder) {
+            let transformer_file = options.transformer_file.as_ref().filter(|_| is_transformer);
+            if let (Some(path), true) = (transformer_file, folder == denoiser_folder) {
                 if GgufFile::is_gguf(path) {
                     let format = options.transformer_blocks_format()?;
                     let held =
@@ -242,7 +243,7 @@ impl Footprint {
                     continue;
                 }
             }
-            let file = match (&options.transformer_file, folder == denoiser_folder) {
+            let file = match (transformer_file, folder == denoiser_folder) {
                 (Some(path), true) => SafetensorsFile::open(path)?,
                 _ => SafetensorsFile::open_component(dir, &stem)?,
             };

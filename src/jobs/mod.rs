@@ -75,6 +75,9 @@ pub struct ModelInfo {
 pub struct ModelSpec {
     pub source: ModelSource,
     pub options: LoadOptions,
+    /// The id clients name it by; the source's name when `None` (a repo's last part, a
+    /// folder's name).
+    pub name: Option<String>,
 }
 
 /// How the engine runs: device, memory budget, queue and batching limits.
@@ -323,7 +326,12 @@ impl EngineHandle {
         let device_label = device_label(&config.device);
         let mut catalog = Vec::new();
         for spec in specs {
-            let name = loader::display_name(&spec.source);
+            let name = (spec.name.clone()).unwrap_or_else(|| loader::display_name(&spec.source));
+            if catalog.iter().any(|c: &Catalogued| c.info.id == name) {
+                return Err(EngineError::Unsupported(format!(
+                    "two models are named `{name}`: give one of them a `name` of its own in the config file"
+                )));
+            }
             let dir = {
                 let (source, dtype, hub) = (spec.source.clone(), config.dtype, config.hub.clone());
                 tokio::task::spawn_blocking(move || loader::resolve(&source, dtype, &hub))
@@ -723,7 +731,7 @@ fn describe(
             default_size,
             crate::engine::pipelines::params::Guidance::DEFAULT,
         ),
-        transformer_format: options.transformer_format.to_string(),
+        transformer_format: options.transformer_blocks_format()?.to_string(),
         t5_format: options.t5_format.to_string(),
     })
 }

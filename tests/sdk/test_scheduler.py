@@ -601,6 +601,49 @@ def test_models_take_load_options_of_their_own_from_the_config_file(start, tmp_p
         assert out.returncode != 0 and all(e in out.stderr for e in expected), out.stderr
 
 
+def test_a_gguf_transformer_is_served_under_a_name_of_its_own(start, tmp_path):
+    """A real `candela serve` with the tiny FLUX.1-dev twice, from one folder: as it is, and with
+    its transformer from a GGUF file (`transformer = ...`, under `name = ...`). The GGUF model
+    reports its format (`gguf`) and fewer weight bytes; both generate, and differently (the
+    file's blocks moved the weights). Two tables under one id stop the server with a message
+    naming it, as does a GGUF file with a format to quantize to."""
+    flux = ROOT / "tests" / "fixtures" / "models" / "flux-dev-tiny"
+    gguf = ROOT / "tests" / "fixtures" / "models" / "flux1-dev-tiny-mixed.gguf"
+    config = tmp_path / "candela.toml"
+    config.write_text(
+        f'[[model]]\nsource = "{flux}"\n\n'
+        f'[[model]]\nsource = "{flux}"\ntransformer = "{gguf}"\nname = "flux-gguf"\n'
+    )
+    s = start("--config", config)
+    models = {m["id"]: m["capabilities"] for m in http(s).get("/v1/models").json()["data"]}
+    assert set(models) == {"flux-dev-tiny", "flux-gguf"}, models
+    assert models["flux-gguf"]["transformer_format"] == "gguf", models["flux-gguf"]
+    assert models["flux-dev-tiny"]["transformer_format"] == "dense"
+    assert models["flux-gguf"]["weights_bytes"] < models["flux-dev-tiny"]["weights_bytes"], models
+    images = {}
+    for model in models:
+        r = http(s).post(
+            "/v1/images/generations",
+            json=dict(prompt="a lighthouse", model=model, size="64x64", steps=2, seed=3, response_format="b64_json"),
+        )
+        assert r.status_code == 200, r.text
+        images[model] = r.json()["data"][0]["b64_json"]
+    assert images["flux-gguf"] != images["flux-dev-tiny"]
+    s.stop()
+    for tables, expected in [
+        (f'[[model]]\nsource = "{flux}"\n\n[[model]]\nsource = "{flux}"\ntransformer = "{gguf}"\n', ["flux-dev-tiny", "name"]),
+        (f'[[model]]\nsource = "{flux}"\ntransformer = "{gguf}"\nquantize = "q8_0"\n', ["GGUF", "q8_0"]),
+    ]:
+        config.write_text(tables)
+        out = subprocess.run(
+            [BIN, "--data-dir", str(tmp_path / "bad"), "serve", "--config", str(config), "--port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode != 0 and all(e in out.stderr for e in expected), out.stderr
+
+
 def test_a_model_that_does_not_fit_is_served_with_the_flags_that_would(start):
     """A real `candela serve` whose memory budget is one byte short of the tiny FLUX with a
     default-size image: the server starts, warns that the model's jobs at that size will be

@@ -166,6 +166,12 @@ impl StableDiffusion {
         // The CPU computes in f32 whatever the weights' dtype.
         let compute = crate::engine::models::blocks::compute_dtype(device, dtype);
         let text_weights = |stem: &str| source.get_with_stored(stem, dtype, device);
+        if let Some(file) = &options.transformer_file {
+            return Err(EngineError::Unsupported(format!(
+                "a transformer file ({}) replaces an SD3 or FLUX transformer; this model has a UNet",
+                file.display()
+            )));
+        }
         let index: ModelIndex = dir.read_json("model_index.json")?;
         let is_xl = SDXL_PIPELINES.contains(&index.class_name.as_str());
         if !is_xl && !SD_PIPELINES.contains(&index.class_name.as_str()) {
