@@ -732,6 +732,65 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// A layer made from stored blocks (a GGUF file's) is the layer `--quantize` makes of the
+    /// same blocks: the same product on this CPU (int8 tiles, candle's tiles, or held once),
+    /// the same bytes, the same output bit for bit — in every format GGUF files hold, the
+    /// k-quants' 256-value blocks included; and columns cut from the blocks compute what the
+    /// whole layer's columns do.
+    #[test]
+    fn stored_blocks_make_the_layer_quantizing_makes() -> candle_core::Result<()> {
+        use candle_core::Device;
+        let (outputs, inputs) = (64, 512);
+        let weight = Tensor::randn(0f32, 0.05, (outputs, inputs), &Device::Cpu)?;
+        let bias = Tensor::randn(0f32, 0.1, outputs, &Device::Cpu)?;
+        let xs = Tensor::randn(0f32, 1.0, (3, inputs), &Device::Cpu)?;
+        for t in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q6K,
+            GgmlDType::Q5K,
+            GgmlDType::Q4K,
+            GgmlDType::Q3K,
+            GgmlDType::Q2K,
+            GgmlDType::Q5_1,
+            GgmlDType::Q4_0,
+        ] {
+            for choice in [CpuQuantized::Fastest, CpuQuantized::Compact] {
+                let blocks = super::super::cpu_quantized_linear::quantize(&weight, t)?;
+                let stored = BlockLinear::from_blocks(
+                    blocks,
+                    Some(&bias),
+                    WeightFormat::Stored(choice),
+                    &Device::Cpu,
+                )?;
+                let dense = Linear::new(weight.clone(), Some(bias.clone()));
+                let quantized = BlockLinear::from_dense(dense, WeightFormat::Quantized(t, choice))?;
+                assert_eq!(
+                    std::mem::discriminant(&stored),
+                    std::mem::discriminant(&quantized),
+                    "{t:?} {choice:?}: another product"
+                );
+                assert_eq!(stored.bytes(), quantized.bytes(), "{t:?} {choice:?}");
+                let (a, b) = (stored.forward(&xs)?, quantized.forward(&xs)?);
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert_eq!(d, 0.0, "{t:?} {choice:?}: outputs differ by {d}");
+            }
+        }
+        // Columns 256..512 of q4k blocks: the layer of the weight's same columns.
+        let blocks = super::super::cpu_quantized_linear::quantize(&weight, GgmlDType::Q4K)?;
+        let right = block_columns(&blocks, 256, 256)?;
+        let whole = blocks.dequantize(&Device::Cpu)?.narrow(1, 256, 256)?;
+        let d = (right.dequantize(&Device::Cpu)? - whole)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        assert!(
+            block_columns(&blocks, 128, 256).is_err(),
+            "cut inside a block"
+        );
+        Ok(())
+    }
+
     /// Rows the format's blocks do not divide take llama.cpp's fallback (k-quants → 32-value
     /// blocks), or stay dense; the CPU product choice carries over; a layer so loaded holds the
     /// fallback's blocks.
