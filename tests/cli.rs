@@ -198,6 +198,52 @@ fn cli_run_reproduces_diffusers_latents_for_a_seed() {
     assert!(d <= 1e-3, "CLI latents differ from diffusers by {d}");
 }
 
+/// `generate --transformer FILE.gguf`: FLUX with its transformer from a GGUF file, held once
+/// (`--quantize gguf-compact`), gives diffusers' latents of that file's weights (the fixture run
+/// flux_dev_gguf).
+#[test]
+fn cli_generates_with_a_gguf_transformer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let latents = tmp.path().join("l.safetensors");
+    let models = common::fixtures().join("models");
+    let status = candela(tmp.path())
+        .args([
+            "generate",
+            "--prompt",
+            "a lighthouse on a cliff at dusk, oil painting",
+            "--seed",
+            "51",
+            "--width",
+            "48",
+            "--height",
+            "64",
+            "--steps",
+            "4",
+            "--guidance",
+            "3.5",
+            "--max-sequence-length",
+            "16",
+            "--quantize",
+            "gguf-compact",
+        ])
+        .arg("--model")
+        .arg(models.join("flux-dev-tiny"))
+        .arg("--transformer")
+        .arg(models.join("flux1-dev-tiny-mixed.gguf"))
+        .arg("--out")
+        .arg(tmp.path().join("x.png"))
+        .arg("--latents-out")
+        .arg(&latents)
+        .output()
+        .unwrap();
+    assert_succeeded(&status);
+    let ours =
+        &candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap()["latents"];
+    let theirs = &common::load_tensors("runs/flux_dev_gguf.safetensors")["latents_exact"];
+    let d = common::max_abs_diff(ours, theirs);
+    assert!(d <= 1e-4, "CLI latents differ from diffusers by {d}");
+}
+
 #[test]
 fn bad_arguments_fail_with_a_message_naming_the_parameter() {
     let tmp = tempfile::tempdir().unwrap();
@@ -220,6 +266,11 @@ fn bad_arguments_fail_with_a_message_naming_the_parameter() {
             "--quantize-t5: unknown weight format",
         ),
         (vec!["--memory-budget", "lots"], "--memory-budget"),
+        (
+            vec!["--transformer", "nowhere/flux.gguf"],
+            "neither an existing file",
+        ),
+        (vec!["--quantize-t5", "gguf"], "--quantize-t5"),
     ] {
         let out = candela(tmp.path())
             .args(["generate", "--prompt", "x"])

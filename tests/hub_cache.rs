@@ -153,3 +153,61 @@ fn offline_resolution_follows_model_index_components_and_shards() {
     .to_string();
     assert!(msg.contains("text_encoder_3/config.json"), "{msg}");
 }
+
+/// `--transformer owner/name/file[@revision]`: one file of a hub repo, taken from the cache's
+/// snapshot offline (downloaded into it online); a path stays a path; anything else, or a file
+/// the cache lacks offline, is an error naming it.
+#[test]
+fn a_transformer_file_resolves_from_a_repo_in_the_cache() {
+    use loader::FileSource;
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--city96--FLUX.1-dev-gguf");
+    let snapshot = repo.join("snapshots/c0ffee");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    let gguf = common::fixtures().join("models/flux1-dev-tiny-mixed.gguf");
+    std::fs::copy(&gguf, snapshot.join("flux1-dev-Q4_K_S.gguf")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "c0ffee").unwrap();
+    let opts = HubOptions {
+        cache_dir: Some(cache.path().to_path_buf()),
+        offline: true,
+        token: None,
+        progress: false,
+    };
+    let spec = "city96/FLUX.1-dev-gguf/flux1-dev-Q4_K_S.gguf";
+    let source = FileSource::parse(spec).unwrap();
+    assert_eq!(
+        source,
+        FileSource::Hub {
+            repo: "city96/FLUX.1-dev-gguf".into(),
+            revision: "main".into(),
+            file: "flux1-dev-Q4_K_S.gguf".into()
+        }
+    );
+    let path = loader::resolve_file(&source, &opts).unwrap();
+    assert_eq!(path, snapshot.join("flux1-dev-Q4_K_S.gguf"));
+    assert!(
+        matches!(FileSource::parse(&format!("{spec}@c0ffee")).unwrap(),
+        FileSource::Hub { ref revision, .. } if revision == "c0ffee")
+    );
+    assert_eq!(
+        FileSource::parse(gguf.to_str().unwrap()).unwrap(),
+        FileSource::Local(gguf.clone())
+    );
+    let missing = FileSource::parse("city96/FLUX.1-dev-gguf/flux1-dev-Q8_0.gguf").unwrap();
+    let message = loader::resolve_file(&missing, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("city96/FLUX.1-dev-gguf") && message.contains("flux1-dev-Q8_0.gguf"),
+        "{message}"
+    );
+    for bad in [
+        "city96/FLUX.1-dev-gguf",
+        "city96/FLUX.1-dev-gguf/../x.gguf",
+        "no such file.gguf",
+    ] {
+        let message = FileSource::parse(bad).unwrap_err().to_string();
+        assert!(message.contains(bad), "{bad}: {message}");
+    }
+}

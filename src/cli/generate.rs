@@ -52,9 +52,10 @@ pub struct GenerateArgs {
     /// SD3 / FLUX: the transformer from this single file (diffusers', Stability's or Black Forest
     /// Labs' naming: sd3.5_large.safetensors, flux1-dev.safetensors, fine-tunes), safetensors or
     /// GGUF (city96's flux1-dev-Q4_K_S.gguf, …: its blocks held in the formats it stores); the
-    /// rest comes from --model.
+    /// rest comes from --model. A path, or a file of a hub repo: `owner/name/file[@revision]`
+    /// (city96/FLUX.1-dev-gguf/flux1-dev-Q4_K_S.gguf), downloaded into the hub cache.
     #[arg(long)]
-    pub transformer: Option<PathBuf>,
+    pub transformer: Option<String>,
     /// Quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …; SD3's and FLUX's,
     /// a UNet's attention and feed-forward layers) to fit smaller cards or memory; see the
     /// README for the measured quality cost. On the CPU, q8_0, q6k and
@@ -199,7 +200,12 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(name) = &args.sampler {
         crate::engine::schedulers::SamplerKind::parse_with_schedule(name)?;
     }
+    let transformer = args.transformer.as_deref().map(loader::FileSource::parse);
+    let transformer = transformer.transpose()?;
     let dir = resolve_model(common, args.model.as_deref(), dtype)?;
+    let transformer_file = transformer
+        .map(|t| loader::resolve_file(&t, &common.hub_options()))
+        .transpose()?;
     let card = read_card(&dir, args.model.as_deref().unwrap_or_default())?;
     let (sampler, named_schedule) = crate::engine::schedulers::SamplerKind::parse_with_schedule(
         args.sampler
@@ -210,7 +216,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     super::warn_retired_low_memory(args.low_memory);
     let options = LoadOptions {
         without_t5: args.without_t5,
-        transformer_file: args.transformer.clone(),
+        transformer_file,
         text_encoders_on_cpu: args.text_encoders_on_cpu,
         transformer_format: super::weight_format(args.quantize.as_deref())?,
         t5_format: super::t5_format(args.quantize_t5.as_deref())?,

@@ -194,6 +194,7 @@ pub fn run(common: &CommonArgs, settings: LoadSettings) -> anyhow::Result<()> {
                 source: ModelSource::Local(model_root.clone()),
                 options: Default::default(),
                 name: None,
+                transformer: None,
             }],
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,

@@ -9,7 +9,7 @@ use super::CommonArgs;
 use crate::api::Limits;
 use crate::auth::AuthSettings;
 use crate::engine::pipelines::LoadOptions;
-use crate::engine::{self, demo, loader::ModelSource};
+use crate::engine::{self, demo, loader, loader::ModelSource};
 use crate::jobs::{MemoryBudget, ModelSpec};
 use crate::server::{self, ServerConfig};
 
@@ -168,8 +168,9 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct ModelTable {
     source: String,
-    /// SD3 / FLUX: the transformer from one file (safetensors in any of the namings, or GGUF).
-    transformer: Option<PathBuf>,
+    /// SD3 / FLUX: the transformer from one file (safetensors in any of the namings, or GGUF):
+    /// a path, or `owner/name/file[@revision]` on the hub.
+    transformer: Option<String>,
     /// The id clients use (default: the source's name).
     name: Option<String>,
     quantize: Option<String>,
@@ -200,9 +201,13 @@ impl ModelTable {
                 text_encoders_on_cpu: (self.text_encoders_on_cpu)
                     .unwrap_or(server_wide.text_encoders_on_cpu),
                 vae_tiling: self.vae_tiling.unwrap_or(server_wide.vae_tiling),
-                transformer_file: self.transformer.clone(),
+                transformer_file: None,
             },
             name: self.name.clone(),
+            transformer: (self.transformer.as_deref())
+                .map(loader::FileSource::parse)
+                .transpose()
+                .with_context(context)?,
         })
     }
 }
@@ -258,6 +263,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
                     source: ModelSource::parse(s)?,
                     options: load_options.clone(),
                     name: None,
+                    transformer: None,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()
@@ -278,6 +284,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
             source: ModelSource::Local(demo::install(&common.data_dir.join("models"))?),
             options: load_options.clone(),
             name: None,
+            transformer: None,
         }]
     } else {
         models

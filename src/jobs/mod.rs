@@ -78,6 +78,9 @@ pub struct ModelSpec {
     /// The id clients name it by; the source's name when `None` (a repo's last part, a
     /// folder's name).
     pub name: Option<String>,
+    /// SD3 / FLUX: the transformer from this single file (resolved, downloaded if need be, with
+    /// the model; then `options.transformer_file`).
+    pub transformer: Option<loader::FileSource>,
 }
 
 /// How the engine runs: device, memory budget, queue and batching limits.
@@ -332,18 +335,28 @@ impl EngineHandle {
                     "two models are named `{name}`: give one of them a `name` of its own in the config file"
                 )));
             }
-            let dir = {
+            let (dir, transformer_file) = {
                 let (source, dtype, hub) = (spec.source.clone(), config.dtype, config.hub.clone());
-                tokio::task::spawn_blocking(move || loader::resolve(&source, dtype, &hub))
-                    .await
-                    .map_err(|e| EngineError::Internal(format!("model resolution: {e}")))??
+                let transformer = spec.transformer.clone();
+                tokio::task::spawn_blocking(move || {
+                    let file = transformer
+                        .map(|t| loader::resolve_file(&t, &hub))
+                        .transpose()?;
+                    Ok::<_, EngineError>((loader::resolve(&source, dtype, &hub)?, file))
+                })
+                .await
+                .map_err(|e| EngineError::Internal(format!("model resolution: {e}")))??
+            };
+            let spec_options = LoadOptions {
+                transformer_file: transformer_file.or(spec.options.transformer_file.clone()),
+                ..spec.options.clone()
             };
             let (options, footprint) =
-                Footprint::read_fitted(&dir, &config.device, config.dtype, &spec.options, budget)?;
+                Footprint::read_fitted(&dir, &config.device, config.dtype, &spec_options, budget)?;
             let info = describe(&name, &dir, &footprint, &options)?;
             let need = footprint.default_need(info.default_width);
             if need > budget {
-                warn_does_not_fit(&name, &dir, &config, &spec.options, [need, budget])?;
+                warn_does_not_fit(&name, &dir, &config, &spec_options, [need, budget])?;
             }
             catalog.push(Catalogued {
                 info,

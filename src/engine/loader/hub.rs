@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
-use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
+use hf_hub::{
+    api::sync::{Api, ApiBuilder},
+    Cache, Repo, RepoType,
+};
 
 use crate::engine::error::{EngineError, Result};
 
@@ -109,42 +112,71 @@ const SMALL_FILES: &[&str] = &[
 /// Fetch the files of a diffusers pipeline, following `model_index.json`: each listed
 /// component's configs, tokenizer files and weights (a single file or shards, the fp16 variant
 /// first when `prefer_fp16`). Returns the snapshot folder, which has the repo's layout.
+/// A repo at a revision: files downloaded into the cache (with hf-hub's progress bars), or
+/// offline taken from it.
+struct HubRepo<'a> {
+    opts: &'a HubOptions,
+    repo_id: &'a str,
+    repo: Repo,
+    /// `None` offline.
+    api: Option<Api>,
+}
+
+impl<'a> HubRepo<'a> {
+    fn open(opts: &'a HubOptions, repo_id: &'a str, revision: &str) -> Result<Self> {
+        let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+        let api = if opts.offline {
+            None
+        } else {
+            Some(
+                ApiBuilder::from_cache(opts.cache())
+                    .with_progress(opts.progress)
+                    .with_token(opts.token.clone())
+                    .build()
+                    .map_err(|e| download_error(repo_id, "(hub client)", e))?,
+            )
+        };
+        Ok(Self {
+            opts,
+            repo_id,
+            repo,
+            api,
+        })
+    }
+
+    /// `file`'s path in the cache, downloaded first unless offline.
+    fn fetch(&self, file: &str) -> Result<PathBuf> {
+        match &self.api {
+            None => (self.opts.cache().repo(self.repo.clone()).get(file)).ok_or_else(|| {
+                EngineError::Download {
+                    repo: self.repo_id.to_string(),
+                    file: file.to_string(),
+                    reason: "not in the local cache and offline mode is on".into(),
+                }
+            }),
+            Some(api) => api
+                .repo(self.repo.clone())
+                .get(file)
+                .map_err(|e| download_error(self.repo_id, file, e)),
+        }
+    }
+}
+
+/// One file of a repo (a single-file transformer: `flux1-dev-Q4_K_S.gguf`), downloaded into
+/// the cache unless offline; its path there.
+pub fn fetch_file(opts: &HubOptions, repo_id: &str, revision: &str, file: &str) -> Result<PathBuf> {
+    HubRepo::open(opts, repo_id, revision)?.fetch(file)
+}
+
 pub fn fetch_pipeline(
     opts: &HubOptions,
     repo_id: &str,
     revision: &str,
     prefer_fp16: bool,
 ) -> Result<PathBuf> {
-    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
-    let api = if opts.offline {
-        None
-    } else {
-        Some(
-            ApiBuilder::from_cache(opts.cache())
-                .with_progress(opts.progress)
-                .with_token(opts.token.clone())
-                .build()
-                .map_err(|e| download_error(repo_id, "model_index.json", e))?,
-        )
-    };
-    let fetch = |file: &str| -> Result<PathBuf> {
-        match &api {
-            None => {
-                opts.cache()
-                    .repo(repo.clone())
-                    .get(file)
-                    .ok_or_else(|| EngineError::Download {
-                        repo: repo_id.to_string(),
-                        file: file.to_string(),
-                        reason: "not in the local cache and offline mode is on".into(),
-                    })
-            }
-            Some(api) => api
-                .repo(repo.clone())
-                .get(file)
-                .map_err(|e| download_error(repo_id, file, e)),
-        }
-    };
+    let hub = HubRepo::open(opts, repo_id, revision)?;
+    let (api, repo) = (&hub.api, &hub.repo);
+    let fetch = |file: &str| hub.fetch(file);
     let model_index = fetch("model_index.json")?;
     let snapshot = model_index
         .parent()

@@ -53,6 +53,69 @@ impl ModelSource {
     }
 }
 
+/// Where a single file (a `--transformer`) comes from, as the user named it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileSource {
+    Local(PathBuf),
+    /// `owner/name/path/in/repo[@revision]`.
+    Hub {
+        repo: String,
+        revision: String,
+        file: String,
+    },
+}
+
+impl FileSource {
+    /// A path that exists is local; `owner/name/file[@revision]` (the file may be in a folder
+    /// of the repo) is a file of a hub repo; anything else is an error.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.exists() {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        let not_found = || {
+            EngineError::ModelNotFound(format!(
+                "`{spec}` is neither an existing file nor a file of a Hugging Face repo (owner/name/file)"
+            ))
+        };
+        let (rest, revision) = match spec.split_once('@') {
+            Some((r, rev)) => (r, rev.to_string()),
+            None => (spec, "main".to_string()),
+        };
+        let mut parts = rest.splitn(3, '/');
+        let (Some(owner), Some(name), Some(file)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(not_found());
+        };
+        let Ok(ModelSource::Hub { repo, .. }) = ModelSource::parse(&format!("{owner}/{name}"))
+        else {
+            return Err(not_found());
+        };
+        if file.is_empty() || file.split('/').any(|p| p.is_empty() || p == "..") {
+            return Err(not_found());
+        }
+        Ok(Self::Hub {
+            repo,
+            revision,
+            file: file.to_string(),
+        })
+    }
+}
+
+/// The local path of a single file, downloaded from the hub (into its cache, with a progress
+/// bar) when it names a repo's file.
+pub fn resolve_file(source: &FileSource, hub: &HubOptions) -> Result<PathBuf> {
+    match source {
+        FileSource::Local(path) if path.is_file() => Ok(path.clone()),
+        FileSource::Local(path) => Err(EngineError::MissingFile { path: path.clone() }),
+        FileSource::Hub {
+            repo,
+            revision,
+            file,
+        } => hub::fetch_file(hub, repo, revision, file),
+    }
+}
+
 /// A model folder on local disk with every file in place.
 #[derive(Debug, Clone)]
 pub struct ModelDir {
