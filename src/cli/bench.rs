@@ -68,6 +68,15 @@ pub struct BenchArgs {
     /// CPU, `q8_0-compact` holds the blocks once, as serve does where twice would not fit).
     #[arg(long)]
     pub quantize: Option<String>,
+    /// The transformer from this file (a path, or `owner/name/file` on the hub; GGUF or
+    /// safetensors), the other components random: what a community file's formats cost.
+    #[arg(long)]
+    pub transformer: Option<String>,
+    /// Instead: write the FLUX transformer of --configs with random weights to this GGUF file,
+    /// in BFL's naming, its blocks' layers in --quantize's format (q4k, q8_0, …), other
+    /// matrices f16 — a real-size GGUF file to bench with --transformer.
+    #[arg(long)]
+    pub write_random_gguf: Option<PathBuf>,
     /// Load as `serve --quantize-t5 FMT` (T5-XXL's Linear layers: q8_0, q6k, q4k, …).
     #[arg(long)]
     pub quantize_t5: Option<String>,
@@ -192,6 +201,9 @@ fn quantized_label(options: &LoadOptions) -> String {
     }
     if options.t5_format != dense {
         label += &format!(" quantize-t5={}", options.t5_format);
+    }
+    if let Some(name) = (options.transformer_file.as_deref()).and_then(|f| f.file_name()) {
+        label += &format!(" transformer={}", name.to_string_lossy());
     }
     label
 }
@@ -336,6 +348,18 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     if args.sampler_study {
         return sampler_study(&configs.read_json("scheduler/scheduler_config.json")?);
     }
+    if let Some(path) = &args.write_random_gguf {
+        let format = super::weight_format(args.quantize.as_deref())?;
+        super::random_gguf::write(&configs, format, path)?;
+        eprintln!("wrote {}", path.display());
+        return Ok(());
+    }
+    let transformer_file = (args.transformer.as_deref())
+        .map(|spec| {
+            let source = crate::engine::loader::FileSource::parse(spec)?;
+            crate::engine::loader::resolve_file(&source, &common.hub_options())
+        })
+        .transpose()?;
     let (dir, label) = match &args.model {
         Some(spec) => (
             super::generate::resolve_model(common, Some(spec), dtype)?,
@@ -366,6 +390,7 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         without_t5: args.without_t5,
         transformer_format: super::weight_format(args.quantize.as_deref())?,
         t5_format: super::t5_format(args.quantize_t5.as_deref())?,
+        transformer_file,
         ..Default::default()
     };
     let pipeline = if args.model.is_some() {

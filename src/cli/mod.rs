@@ -7,6 +7,7 @@ mod device_parity;
 mod generate;
 mod kernel_bench;
 mod load_bench;
+mod random_gguf;
 mod serve;
 mod token;
 

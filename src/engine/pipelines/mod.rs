@@ -97,7 +97,9 @@ impl WeightSource<'_> {
         use crate::engine::loader::weights::SafetensorsFile;
         const STEM: &str = "transformer/diffusion_pytorch_model";
         let format = options.transformer_blocks_format()?;
-        if self.random {
+        // Random weights stand in for what no file names (a benchmark of a transformer file
+        // takes the file's).
+        if self.random && options.transformer_file.is_none() {
             return Ok(TransformerWeights {
                 vb: self.random_weights(dtype, device),
                 file: None,
