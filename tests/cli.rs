@@ -482,6 +482,7 @@ fn device_parity_runs_every_family() {
         "sdxl-tiny fp8",
         "sdxl-tiny q8_0",
         "flux-dev-tiny fp8",
+        "flux-dev-tiny gguf",
     ] {
         assert!(
             table

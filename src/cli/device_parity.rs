@@ -4,7 +4,8 @@
 //! f32 run differs by more than the parity tests allow, or a half-precision image falls under
 //! 30 dB PSNR. Quantized runs (a UNet's and FLUX's blocks in fp8, the UNet's in q8_0: the
 //! device's quantized products) are held to that floor against the same CPU f32 reference, in any
-//! dtype.
+//! dtype; FLUX from the tiny GGUF file of mixed formats (candle's quantized kernels on the
+//! device, the blocks as the file stores them) against the CPU's f32 run of that file.
 
 use std::path::Path;
 
@@ -28,12 +29,18 @@ pub fn run(fixtures: &Path, device: &Device, dtype: DType, label: &str) -> anyho
     println!("|---|---|---|---|---|");
     let q8_0 = WeightFormat::Quantized(GgmlDType::Q8_0, CpuQuantized::Fastest);
     let dense = WeightFormat::Dense;
-    for (name, formats) in [
-        ("sd1-tiny", vec![dense]),
-        ("sdxl-tiny", vec![dense, WeightFormat::Fp8, q8_0]),
-        ("sd3-tiny", vec![dense]),
-        ("sd35m-tiny", vec![dense]),
-        ("flux-dev-tiny", vec![dense, WeightFormat::Fp8]),
+    let gguf = WeightFormat::Stored(CpuQuantized::Fastest);
+    for (name, formats, transformer_file) in [
+        ("sd1-tiny", vec![dense], None),
+        ("sdxl-tiny", vec![dense, WeightFormat::Fp8, q8_0], None),
+        ("sd3-tiny", vec![dense], None),
+        ("sd35m-tiny", vec![dense], None),
+        ("flux-dev-tiny", vec![dense, WeightFormat::Fp8], None),
+        (
+            "flux-dev-tiny",
+            vec![gguf],
+            Some(fixtures.join("flux1-dev-tiny-mixed.gguf")),
+        ),
     ] {
         let dir = ModelDir {
             root: fixtures.join(name),
@@ -48,13 +55,19 @@ pub fn run(fixtures: &Path, device: &Device, dtype: DType, label: &str) -> anyho
         let run_on = |device: &Device, dtype: DType, format| -> anyhow::Result<_> {
             let options = LoadOptions {
                 transformer_format: format,
+                transformer_file: transformer_file.clone(),
                 ..Default::default()
             };
             let pipeline = Pipeline::load(&dir, device, dtype, &options)?;
             Ok(pipeline.generate(&params, &mut |_| true)?)
         };
-        // One CPU f32 run of the model, the reference of each of its formats on the device.
-        let reference = run_on(&Device::Cpu, DType::F32, dense)?;
+        // One CPU f32 run of the model, the reference of each of its formats on the device (of a
+        // GGUF file, its blocks dequantized into f32 products).
+        let reference_format = match transformer_file {
+            Some(_) => gguf.compact(),
+            None => dense,
+        };
+        let reference = run_on(&Device::Cpu, DType::F32, reference_format)?;
         for format in formats {
             let ours = run_on(device, dtype, format)?;
             let delta = (reference.latents.to_dtype(DType::F32)?
