@@ -64,7 +64,8 @@ pub struct ModelInfo {
     /// How the transformer blocks' Linear layers are held (SD3's and FLUX's blocks, a UNet's
     /// attention and feed-forward layers): `dense`, `fp8`, or a GGML block format (`q8_0`,
     /// `q4k`, …; `-compact` where the CPU holds them once to fit), as `--quantize` or the
-    /// model's `[[model]]` table asked.
+    /// model's `[[model]]` table asked; `gguf` (`gguf-compact`) for a GGUF transformer file,
+    /// whose layers keep the formats it stores.
     #[schema(example = "q8_0")]
     pub transformer_format: String,
     /// T5-XXL's Linear layers likewise (`--quantize-t5`; `dense` for models without T5).
