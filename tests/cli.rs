@@ -154,13 +154,29 @@ fn generate_default_size_is_the_models_native_size() {
     assert_eq!((img.width(), img.height()), (256, 256));
 }
 
+/// What a `generate` command (its arguments given) writes with `--latents-out`, the run checked
+/// to have succeeded; its image goes to `dir` too.
+fn latents_of(mut command: Command, dir: &std::path::Path) -> candle_core::Tensor {
+    let latents = dir.join("l.safetensors");
+    let out = command
+        .arg("--out")
+        .arg(dir.join("x.png"))
+        .arg("--latents-out")
+        .arg(&latents)
+        .output()
+        .unwrap();
+    assert_succeeded(&out);
+    let mut saved = candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap();
+    saved.remove("latents").unwrap()
+}
+
 #[test]
 fn cli_run_reproduces_diffusers_latents_for_a_seed() {
     // Same parameters as the fixture run sd2_euler_a_vpred.
     let tmp = tempfile::tempdir().unwrap();
-    let latents = tmp.path().join("l.safetensors");
     let model = common::fixtures().join("models/sd2-tiny");
-    let status = candela(tmp.path())
+    let mut command = candela(tmp.path());
+    command
         .args([
             "generate",
             "--prompt",
@@ -183,16 +199,8 @@ fn cli_run_reproduces_diffusers_latents_for_a_seed() {
             "7.5",
         ])
         .arg("--model")
-        .arg(&model)
-        .arg("--out")
-        .arg(tmp.path().join("x.png"))
-        .arg("--latents-out")
-        .arg(&latents)
-        .output()
-        .unwrap();
-    assert_succeeded(&status);
-    let ours =
-        &candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap()["latents"];
+        .arg(&model);
+    let ours = &latents_of(command, tmp.path());
     let theirs = &common::load_tensors("runs/sd2_euler_a_vpred.safetensors")["latents"];
     let d = common::max_abs_diff(ours, theirs);
     assert!(d <= 1e-3, "CLI latents differ from diffusers by {d}");
@@ -204,9 +212,9 @@ fn cli_run_reproduces_diffusers_latents_for_a_seed() {
 #[test]
 fn cli_generates_with_a_gguf_transformer() {
     let tmp = tempfile::tempdir().unwrap();
-    let latents = tmp.path().join("l.safetensors");
     let models = common::fixtures().join("models");
-    let status = candela(tmp.path())
+    let mut command = candela(tmp.path());
+    command
         .args([
             "generate",
             "--prompt",
@@ -229,16 +237,8 @@ fn cli_generates_with_a_gguf_transformer() {
         .arg("--model")
         .arg(models.join("flux-dev-tiny"))
         .arg("--transformer")
-        .arg(models.join("flux1-dev-tiny-mixed.gguf"))
-        .arg("--out")
-        .arg(tmp.path().join("x.png"))
-        .arg("--latents-out")
-        .arg(&latents)
-        .output()
-        .unwrap();
-    assert_succeeded(&status);
-    let ours =
-        &candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap()["latents"];
+        .arg(models.join("flux1-dev-tiny-mixed.gguf"));
+    let ours = &latents_of(command, tmp.path());
     let theirs = &common::load_tensors("runs/flux_dev_gguf.safetensors")["latents_exact"];
     let d = common::max_abs_diff(ours, theirs);
     assert!(d <= 1e-4, "CLI latents differ from diffusers by {d}");

@@ -22,15 +22,20 @@ fn fake_cache(commit: &str) -> tempfile::TempDir {
     cache
 }
 
-#[test]
-fn offline_repo_id_resolves_to_the_cached_snapshot_and_loads() {
-    let cache = fake_cache("0123456789abcdef");
-    let opts = HubOptions {
+/// Hub options reading only `cache`.
+fn offline(cache: &tempfile::TempDir) -> HubOptions {
+    HubOptions {
         cache_dir: Some(cache.path().to_path_buf()),
         offline: true,
         token: None,
         progress: false,
-    };
+    }
+}
+
+#[test]
+fn offline_repo_id_resolves_to_the_cached_snapshot_and_loads() {
+    let cache = fake_cache("0123456789abcdef");
+    let opts = offline(&cache);
     let source = ModelSource::parse("acme/tiny-sd").unwrap();
     let dir = loader::resolve(&source, DType::F32, &opts).unwrap();
     assert!(
@@ -52,12 +57,7 @@ fn offline_missing_file_names_repo_and_file() {
             .join("models--acme--tiny-sd/snapshots/feedface/vae/config.json"),
     )
     .unwrap();
-    let opts = HubOptions {
-        cache_dir: Some(cache.path().to_path_buf()),
-        offline: true,
-        token: None,
-        progress: false,
-    };
+    let opts = offline(&cache);
     let err = loader::resolve(
         &ModelSource::parse("acme/tiny-sd").unwrap(),
         DType::F32,
@@ -75,12 +75,7 @@ fn offline_missing_file_names_repo_and_file() {
 #[test]
 fn offline_unknown_repo_is_a_clear_error() {
     let cache = tempfile::tempdir().unwrap();
-    let opts = HubOptions {
-        cache_dir: Some(cache.path().to_path_buf()),
-        offline: true,
-        token: None,
-        progress: false,
-    };
+    let opts = offline(&cache);
     let err = loader::resolve(
         &ModelSource::parse("nobody/nothing").unwrap(),
         DType::F32,
@@ -100,12 +95,7 @@ fn fake_cache_of(model: &str, name: &str) -> (tempfile::TempDir, HubOptions) {
     );
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "c0ffee").unwrap();
-    let opts = HubOptions {
-        cache_dir: Some(cache.path().to_path_buf()),
-        offline: true,
-        token: None,
-        progress: false,
-    };
+    let opts = offline(&cache);
     (cache, opts)
 }
 
@@ -168,12 +158,7 @@ fn a_transformer_file_resolves_from_a_repo_in_the_cache() {
     std::fs::copy(&gguf, snapshot.join("flux1-dev-Q4_K_S.gguf")).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "c0ffee").unwrap();
-    let opts = HubOptions {
-        cache_dir: Some(cache.path().to_path_buf()),
-        offline: true,
-        token: None,
-        progress: false,
-    };
+    let opts = offline(&cache);
     let spec = "city96/FLUX.1-dev-gguf/flux1-dev-Q4_K_S.gguf";
     let source = FileSource::parse(spec).unwrap();
     assert_eq!(

@@ -558,6 +558,17 @@ def test_t5_quantized_on_load_is_counted_and_generates(start):
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (64, 64)
 
 
+def assert_serve_refuses(config, tmp_path, expected):
+    """`candela serve --config config` stops with an error whose message names each of `expected`."""
+    out = subprocess.run(
+        [BIN, "--data-dir", str(tmp_path / "bad"), "serve", "--config", str(config), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and all(e in out.stderr for e in expected), out.stderr
+
+
 def test_models_take_load_options_of_their_own_from_the_config_file(start, tmp_path):
     """`[[model]]` tables in the config file: each model with the load options it names, the
     server-wide ones (flags, or top-level keys of the file) for the rest. Two copies of the tiny
@@ -592,13 +603,7 @@ def test_models_take_load_options_of_their_own_from_the_config_file(start, tmp_p
     # A misspelt key, and a format that does not exist (named with its model), stop the server.
     for table, expected in [('quantise = "q8_0"', ["quantise"]), ('quantize = "q9"', ["q9", alpha])]:
         config.write_text(f'[[model]]\nsource = "{alpha}"\n{table}\n')
-        out = subprocess.run(
-            [BIN, "--data-dir", str(tmp_path / "bad"), "serve", "--config", str(config), "--port", "0"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode != 0 and all(e in out.stderr for e in expected), out.stderr
+        assert_serve_refuses(config, tmp_path, expected)
 
 
 def test_a_gguf_transformer_is_served_under_a_name_of_its_own(start, tmp_path):
@@ -635,13 +640,7 @@ def test_a_gguf_transformer_is_served_under_a_name_of_its_own(start, tmp_path):
         (f'[[model]]\nsource = "{flux}"\ntransformer = "{gguf}"\nquantize = "q8_0"\n', ["GGUF", "q8_0"]),
     ]:
         config.write_text(tables)
-        out = subprocess.run(
-            [BIN, "--data-dir", str(tmp_path / "bad"), "serve", "--config", str(config), "--port", "0"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode != 0 and all(e in out.stderr for e in expected), out.stderr
+        assert_serve_refuses(config, tmp_path, expected)
 
 
 def test_a_model_that_does_not_fit_is_served_with_the_flags_that_would(start):

@@ -169,13 +169,6 @@ impl GgufFile {
     }
 
     fn error(&self, tensor: &str, reason: impl Into<String>) -> candle_core::Error {
-        candle_core::Error::Msg(
-            EngineError::Weights {
-                path: self.path.clone(),
-                tensor: tensor.to_string(),
-                reason: reason.into(),
-            }
-            .to_string(),
-        )
+        super::weights::weights_error(&self.path, tensor, reason)
     }
 }

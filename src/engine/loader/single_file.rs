@@ -381,19 +381,7 @@ impl SimpleBackend for Shared {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = self.0.load(name, dtype, dev)?;
-        if t.shape() != &s {
-            let error = crate::engine::error::EngineError::Weights {
-                path: self.0.file.path().to_path_buf(),
-                tensor: name.to_string(),
-                reason: format!(
-                    "shape mismatch: the file has {:?}, the config implies {:?}",
-                    t.dims(),
-                    s.dims()
-                ),
-            };
-            return Err(candle_core::Error::Msg(error.to_string()));
-        }
-        Ok(t)
+        super::weights::expect_shape(self.0.file.path(), name, t, &s)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

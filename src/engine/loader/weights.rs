@@ -119,28 +119,11 @@ impl SafetensorsFile {
         tensor: Tensor,
         expected: &Shape,
     ) -> candle_core::Result<Tensor> {
-        if tensor.shape() != expected {
-            return Err(self.error(
-                name,
-                format!(
-                    "shape mismatch: the file has {:?}, the config implies {:?}",
-                    tensor.dims(),
-                    expected.dims()
-                ),
-            ));
-        }
-        Ok(tensor)
+        expect_shape(&self.path, name, tensor, expected)
     }
 
     fn error(&self, tensor: &str, reason: impl Into<String>) -> candle_core::Error {
-        candle_core::Error::Msg(
-            EngineError::Weights {
-                path: self.path.clone(),
-                tensor: tensor.to_string(),
-                reason: reason.into(),
-            }
-            .to_string(),
-        )
+        weights_error(&self.path, tensor, reason)
     }
 }
 
@@ -169,6 +152,41 @@ impl SimpleBackend for SafetensorsFile {
     fn contains_tensor(&self, name: &str) -> bool {
         self.tensors.get(name).is_ok()
     }
+}
+
+/// `tensor` (read as `name` from the file at `path`) if it has the shape the config implies,
+/// else an error naming the file and the tensor.
+pub(crate) fn expect_shape(
+    path: &Path,
+    name: &str,
+    tensor: Tensor,
+    expected: &Shape,
+) -> candle_core::Result<Tensor> {
+    if tensor.shape() != expected {
+        let reason = format!(
+            "shape mismatch: the file has {:?}, the config implies {:?}",
+            tensor.dims(),
+            expected.dims()
+        );
+        return Err(weights_error(path, name, reason));
+    }
+    Ok(tensor)
+}
+
+/// A weight file's error as candle carries it, naming the file and the tensor.
+pub(crate) fn weights_error(
+    path: &Path,
+    tensor: &str,
+    reason: impl Into<String>,
+) -> candle_core::Error {
+    candle_core::Error::Msg(
+        EngineError::Weights {
+            path: path.to_path_buf(),
+            tensor: tensor.to_string(),
+            reason: reason.into(),
+        }
+        .to_string(),
+    )
 }
 
 /// The dtype each tensor has in its file, for a model that holds some weights as stored (T5 on

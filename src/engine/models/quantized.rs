@@ -367,19 +367,6 @@ impl LayerSource<'_> {
         }
     }
 
-    /// [`Self::linear`] of a layer without bias.
-    pub fn unbiased(
-        &self,
-        input: usize,
-        output: usize,
-        vb: VarBuilder,
-    ) -> candle_core::Result<BlockLinear> {
-        match self.stored_blocks(&vb, input, output)? {
-            Some(blocks) => BlockLinear::from_blocks(blocks, None, self.format, vb.device()),
-            None => BlockLinear::unbiased(input, output, vb, self.format),
-        }
-    }
-
     /// The blocks stored for `vb`'s weight, checked to be (`output`, `input`).
     pub fn stored_blocks(
         &self,
