@@ -30,7 +30,7 @@ use candle_core::DType;
 use crate::engine::error::Result;
 use crate::engine::loader::gguf::{is_block_format, GgufFile};
 use crate::engine::loader::weights::narrowed;
-use crate::engine::loader::{weights::SafetensorsFile, ModelDir};
+use crate::engine::loader::{single_file, weights::SafetensorsFile, ModelDir};
 use crate::engine::models::blocks::{
     compute_dtype, cpu_half_dtype, cpu_holds_in_model_dtype, weights_dtype,
 };
@@ -251,7 +251,7 @@ impl Footprint {
             // file stores them when that is one half precision (`blocks::weights_dtype`).
             let products_dtype =
                 weights_dtype(device, component_dtype, file.products_stored_in_half());
-            let mut bytes = if folder.starts_with("text_encoder") {
+            let bytes = if folder.starts_with("text_encoder") {
                 // Text encoders compute in f32 on the CPU and hold as stored there, what is
                 // stored in f32 in the half precision asked for (`WeightSource::get_with_stored`).
                 let half = cpu_half_dtype(device, component_dtype);
@@ -277,36 +277,38 @@ impl Footprint {
                 }
             } else {
                 // On the CPU the products' weights in their held dtype, the rest in the f32 the
-                // CPU computes in (`blocks::compute_dtype`); the UNet's transformer blocks'
-                // layers in `--quantize`'s resident bits, in the format their rows take.
-                let on_cpu = device.is_cpu();
-                file.loaded_bytes_with(|name, _, shape| {
-                    let numel = shape.iter().product::<usize>();
-                    let quantized = match shape {
-                        [_, inputs] if folder == "unet" && unet::quantizes(name) => options
-                            .transformer_format
-                            .for_inputs(*inputs)
-                            .resident_bits_per_weight(on_cpu),
-                        _ => None,
-                    };
-                    if let Some(bits) = quantized {
-                        return (numel as f64 * bits / 8.0).round() as u64;
+                // CPU computes in (`blocks::compute_dtype`); the layers `--quantize` holds in
+                // blocks (a DiT's block weights, a UNet's transformer blocks' projections) at
+                // the format's resident bits, in the format their rows take.
+                let compute = compute_dtype(device, component_dtype);
+                let quantizes = |name: &str| match folder {
+                    "unet" => unet::quantizes(name),
+                    _ => is_transformer && single_file::in_transformer_blocks(name),
+                };
+                file.loaded_bytes_with(|name, _, shape| match shape {
+                    [rows, inputs] if folder == denoiser_folder && quantizes(name) => {
+                        (held_columns(name, *rows, *inputs).into_iter())
+                            .map(|columns| {
+                                let format = options.transformer_format.for_inputs(columns);
+                                let part = [*rows, columns];
+                                // FP8 also holds a scale per row, in the compute dtype.
+                                let scales = match format {
+                                    WeightFormat::Fp8 => *rows * compute.size_in_bytes(),
+                                    _ => 0,
+                                } as u64;
+                                match format.resident_bits_per_weight(device.is_cpu()) {
+                                    Some(bits) => {
+                                        let numel = part.iter().product::<usize>() as f64;
+                                        (numel * bits / 8.0).round() as u64 + scales
+                                    }
+                                    None => dense_held_bytes(name, &part, device, products_dtype),
+                                }
+                            })
+                            .sum()
                     }
-                    dense_held_bytes(name, shape, device, products_dtype)
+                    _ => dense_held_bytes(name, shape, device, products_dtype),
                 })
             };
-            if folder == denoiser_folder && is_transformer {
-                // Quantized blocks: the format's resident bits per weight instead of the dtype's
-                // (the small dense embedders are within the rounding of this estimate), in the
-                // format the blocks' rows take (their inputs are the inner width, or a multiple).
-                let inner = class["num_attention_heads"].as_u64().unwrap_or(0)
-                    * class["attention_head_dim"].as_u64().unwrap_or(0);
-                let format = options.transformer_format.for_inputs(inner as usize);
-                if let Some(bits) = format.resident_bits_per_weight(device.is_cpu()) {
-                    let held_bits = 8.0 * products_dtype.size_in_bytes() as f64;
-                    bytes = (bytes as f64 * bits / held_bits) as u64;
-                }
-            }
             components.push((folder.to_string(), bytes));
             if device.is_cpu() && (folder == "unet" || folder == "vae") {
                 winograd_buffer = winograd_buffer.max(file.winograd_buffer_bytes());
@@ -546,6 +548,20 @@ const CPU_VAE_MAPS: u64 = 3;
 /// queries go in slices past [`MAX_SCORE_BYTES`](crate::engine::models::attention::MAX_SCORE_BYTES)
 /// (scores, softmax and an f32 upcast at most); the fused kernels (CPU f32, CUDA f16/bf16) hold
 /// none of it.
+/// The input widths of the parts a block weight of `rows` × `inputs` is held in: FLUX's
+/// single-block output projection as its attention and MLP columns (`SingleOutput`, `rows` of
+/// each and the rest), every other weight whole.
+fn held_columns(name: &str, rows: usize, inputs: usize) -> Vec<usize> {
+    let single_output = (name.contains("single_transformer_blocks.")
+        && name.ends_with(".proj_out.weight"))
+        || (name.contains("single_blocks.") && name.ends_with(".linear2.weight"));
+    if single_output && inputs > rows {
+        vec![rows, inputs - rows]
+    } else {
+        vec![inputs]
+    }
+}
+
 /// Bytes a dense denoiser or VAE tensor is held in: on a GPU in the model's dtype; on the CPU
 /// the products' weights in `products_dtype` (as stored where that is one half precision), the
 /// rest in the f32 it computes in (`blocks::compute_dtype`).
@@ -801,36 +817,28 @@ mod tests {
         .unwrap();
         assert_eq!(bytes(&cpu_text, "text_encoder_2"), None);
         assert_eq!(bytes(&cpu_text, "transformer"), bytes(&full, "transformer"));
-        // Q8_0 keeps 8.5 of every 32 bits: held twice on the CPU where candle repacks it into
-        // tiles kept beside the blocks, once when asked (`-compact`) or when candle has no
-        // tiles for the format (q5_0). The tiny transformer's rows are 32 wide, so q6k's and
-        // q4k's 256-value blocks fall back to q8_0's and q5_0's.
+        // The blocks' layers in the format (byte for byte as held:
+        // `quantized_dit_blocks_are_planned_as_they_are_held`): held twice on the CPU where
+        // candle repacks q8_0 into tiles kept beside the blocks, once when asked (`-compact`),
+        // where ours take it, or where candle has no tiles for the format (q5_0). The tiny
+        // transformer's rows are 32 wide, so q6k's and q4k's 256-value blocks fall back to
+        // q8_0's and q5_0's.
         let read_as = |format: &str| {
             let options = LoadOptions {
                 transformer_format: format.parse().unwrap(),
                 ..Default::default()
             };
-            Footprint::read(&dir, &Device::Cpu, DType::F32, &options).unwrap()
+            let f = Footprint::read(&dir, &Device::Cpu, DType::F32, &options).unwrap();
+            bytes(&f, "transformer").unwrap()
         };
-        let ratio = |f: &Footprint| {
-            bytes(f, "transformer").unwrap() as f64 / bytes(&full, "transformer").unwrap() as f64
-        };
-        let twice = if crate::engine::models::quantized::cpu_repacks(GgmlDType::Q8_0) {
-            2.0
-        } else {
-            1.0
-        };
-        for (format, bits) in [
-            ("q8_0", twice * 8.5),
-            ("q8_0-compact", 8.5),
-            ("q6k", twice * 8.5),
-            ("q6k-compact", 8.5),
-            ("q5_0", 5.5),
-            ("q4k", 5.5),
-        ] {
-            let r = ratio(&read_as(format));
-            assert!((r - bits / 32.0).abs() < 1e-3, "{format}: {r}");
-        }
+        let dense = bytes(&full, "transformer").unwrap();
+        assert_eq!(read_as("q6k"), read_as("q8_0"));
+        assert_eq!(read_as("q6k-compact"), read_as("q8_0-compact"));
+        assert_eq!(read_as("q4k"), read_as("q5_0"));
+        let twice = crate::engine::models::quantized::cpu_repacks(GgmlDType::Q8_0);
+        assert_eq!(read_as("q8_0") > read_as("q8_0-compact"), twice);
+        assert!(read_as("q5_0") < read_as("q8_0-compact"));
+        assert!(read_as("q8_0-compact") < dense / 2);
         // A transformer's working memory grows with the square of the token count.
         let small = full.activation_bytes(1, 512, 512, UNGUIDED);
         let large = full.activation_bytes(1, 1024, 1024, UNGUIDED);
@@ -909,9 +917,9 @@ mod tests {
     /// On the CPU, blocks candle would hold twice are held once exactly when twice would not
     /// fit the budget beside a default-size image; dense models and formats held once anyway
     /// are left as asked. The tiny FLUX's rows are 32 wide, where every k-quant falls back to a
-    /// 32-value format; a copy whose config says 256 (the planner reads the rows' width there,
-    /// the bytes from the weights' headers) keeps q6k, which candle tiles on x86 with AVX2 and
-    /// our tiles hold once on CPUs with VNNI. candle's boundary is tested as on a CPU
+    /// 32-value format; with heads of 128 (a transformer file of that width, zeros: the planner
+    /// reads only its header) its rows are 256 wide and keep q6k, which candle tiles on x86 with
+    /// AVX2 and our tiles hold once on CPUs with VNNI. candle's boundary is tested as on a CPU
     /// without ours, so it runs on every x86 machine.
     #[test]
     fn quantized_blocks_are_held_once_on_the_cpu_when_twice_would_not_fit() {
@@ -921,7 +929,20 @@ mod tests {
         let mut config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
         config["attention_head_dim"] = serde_json::json!(128);
+        config["axes_dims_rope"] = serde_json::json!([32, 48, 48]);
         std::fs::write(&config_path, config.to_string()).unwrap();
+        let wide: std::collections::HashMap<String, candle_core::Tensor> =
+            crate::engine::loader::single_file::bfl_tensors(
+                &serde_json::from_value(config).unwrap(),
+            )
+            .into_iter()
+            .map(|(name, shape)| {
+                let zeros = candle_core::Tensor::zeros(shape, DType::F32, &Device::Cpu);
+                (name, zeros.unwrap())
+            })
+            .collect();
+        let transformer = tmp.path().join("flux1-dev-wide-bfl.safetensors");
+        candle_core::safetensors::save(&wide, &transformer).unwrap();
         let dir = ModelDir {
             root: tmp.path().to_path_buf(),
             prefer_fp16_variant: false,
@@ -932,6 +953,7 @@ mod tests {
         let fitted = |format: &str, budget: u64| {
             let options = LoadOptions {
                 transformer_format: format.parse().unwrap(),
+                transformer_file: Some(transformer.clone()),
                 ..Default::default()
             };
             let (options, f) =
@@ -1080,6 +1102,90 @@ mod tests {
                 "--quantize q4k-compact"
             ]
         );
+    }
+
+    /// The bytes a DiT's transformer holds under `--quantize` / a GGUF file against the dense
+    /// model of `dense_file` (`None`: the folder's weights), as held and as planned.
+    fn dit_bytes(dir: &ModelDir, file: Option<&str>, format: &str) -> (i64, i64) {
+        use crate::engine::loader::single_file::Naming;
+        use crate::engine::models::{flux::FluxTransformer, mmdit::Sd3Transformer};
+        use crate::engine::pipelines::WeightSource;
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+        let options = LoadOptions {
+            transformer_file: file.map(|f| models.join(f)),
+            transformer_format: format.parse().unwrap(),
+            ..Default::default()
+        };
+        let source = WeightSource {
+            dir,
+            random: false,
+            random_stored: DType::BF16,
+        };
+        let config_path = dir.file("transformer/config.json");
+        let class: serde_json::Value = crate::engine::loader::read_json(&config_path).unwrap();
+        let held = if class["_class_name"] == "FluxTransformer2DModel" {
+            let weights = source
+                .transformer(&options, Naming::Bfl, DType::F32, &Device::Cpu)
+                .unwrap();
+            let config = serde_json::from_value(class).unwrap();
+            FluxTransformer::new(weights.vb.clone(), config, &config_path, weights.layers())
+                .unwrap()
+                .block_layer_bytes()
+        } else {
+            let config: crate::engine::models::mmdit::Sd3TransformerConfig =
+                serde_json::from_value(class).unwrap();
+            let naming = Naming::Sai {
+                blocks: config.num_layers,
+            };
+            let weights = source
+                .transformer(&options, naming, DType::F32, &Device::Cpu)
+                .unwrap();
+            Sd3Transformer::new(weights.vb.clone(), config, &config_path, weights.layers())
+                .unwrap()
+                .block_layer_bytes()
+        };
+        let footprint = Footprint::read(dir, &Device::Cpu, DType::F32, &options).unwrap();
+        let planned = footprint
+            .components
+            .iter()
+            .find(|(c, _)| c == "transformer");
+        (held as i64, planned.unwrap().1 as i64)
+    }
+
+    /// `--quantize` on a DiT is planned tensor by tensor as the model holds its blocks: what each
+    /// format saves in the built transformer equals, byte for byte, what the planner's figure
+    /// drops — FLUX and SD3.5 Medium from their folders (diffusers' names) and from single files
+    /// (BFL's fused q/k/v, `linear2` held as two column parts; Stability's `joint_blocks`). The
+    /// tiny models' rows take the fallbacks (q4k → q5_0, q6k → q8_0).
+    #[test]
+    fn quantized_dit_blocks_are_planned_as_they_are_held() {
+        let sd35 = ModelDir {
+            root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models/sd35m-tiny"),
+            prefer_fp16_variant: false,
+        };
+        let flux = flux_dir();
+        for (dir, file) in [
+            (&flux, None),
+            (&flux, Some("flux1-dev-tiny-bfl.safetensors")),
+            (&sd35, None),
+            (&sd35, Some("sd3.5-medium-tiny-sai.safetensors")),
+        ] {
+            let (dense_held, dense_planned) = dit_bytes(dir, file, "dense");
+            for format in ["q8_0", "q8_0-compact", "q4k", "q6k-compact", "fp8"] {
+                let (held, planned) = dit_bytes(dir, file, format);
+                let model = dir.root.display();
+                assert!(
+                    held < dense_held * 55 / 100,
+                    "{model} {file:?} {format}: {held} of {dense_held}"
+                );
+                assert_eq!(
+                    dense_held - held,
+                    dense_planned - planned,
+                    "{model} {file:?} {format}: saved as held vs as planned"
+                );
+            }
+        }
     }
 
     /// A GGUF transformer's blocks are planned as the model holds them: what the file's formats

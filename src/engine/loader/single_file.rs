@@ -22,6 +22,7 @@ use candle_nn::{var_builder::SimpleBackend, Init};
 use super::gguf::{is_block_format, GgufFile};
 use super::weights::SafetensorsFile;
 use crate::engine::error::Result;
+use crate::engine::models::flux::FluxTransformerConfig;
 use crate::engine::models::quantized::StoredBlocks;
 
 /// How a diffusers tensor is cut from a BFL one.
@@ -205,6 +206,61 @@ fn bfl_source(name: &str) -> Option<(String, Take)> {
         };
     }
     None
+}
+
+/// Every tensor of a FLUX transformer file in BFL's naming, with its shape (rows first), for
+/// `c` (`bench --write-random-gguf` writes them; the planner's tests read their headers).
+pub fn bfl_tensors(c: &FluxTransformerConfig) -> Vec<(String, Vec<usize>)> {
+    let d = c.num_attention_heads * c.attention_head_dim;
+    let (mlp, head) = (4 * d, c.attention_head_dim);
+    let mut tensors = Vec::new();
+    let mut linear = |name: String, outputs: usize, inputs: usize| {
+        tensors.push((format!("{name}.weight"), vec![outputs, inputs]));
+        tensors.push((format!("{name}.bias"), vec![outputs]));
+    };
+    linear("img_in".into(), d, c.in_channels);
+    linear("txt_in".into(), d, c.joint_attention_dim);
+    let mut embedders = vec![("time_in", 256), ("vector_in", c.pooled_projection_dim)];
+    if c.guidance_embeds {
+        embedders.push(("guidance_in", 256));
+    }
+    for (embedder, inputs) in embedders {
+        linear(format!("{embedder}.in_layer"), d, inputs);
+        linear(format!("{embedder}.out_layer"), d, d);
+    }
+    for i in 0..c.num_layers {
+        for stream in ["img", "txt"] {
+            let b = format!("double_blocks.{i}.{stream}");
+            linear(format!("{b}_mod.lin"), 6 * d, d);
+            linear(format!("{b}_attn.qkv"), 3 * d, d);
+            linear(format!("{b}_attn.proj"), d, d);
+            linear(format!("{b}_mlp.0"), mlp, d);
+            linear(format!("{b}_mlp.2"), d, mlp);
+        }
+    }
+    for i in 0..c.num_single_layers {
+        let b = format!("single_blocks.{i}");
+        linear(format!("{b}.modulation.lin"), 3 * d, d);
+        linear(format!("{b}.linear1"), 3 * d + mlp, d);
+        linear(format!("{b}.linear2"), d, d + mlp);
+    }
+    linear("final_layer.adaLN_modulation.1".into(), 2 * d, d);
+    let outputs = c.patch_size * c.patch_size * c.out_channels.unwrap_or(c.in_channels);
+    linear("final_layer.linear".into(), outputs, d);
+    for i in 0..c.num_layers {
+        for stream in ["img", "txt"] {
+            for norm in ["query_norm", "key_norm"] {
+                let name = format!("double_blocks.{i}.{stream}_attn.norm.{norm}.scale");
+                tensors.push((name, vec![head]));
+            }
+        }
+    }
+    for i in 0..c.num_single_layers {
+        for norm in ["query_norm", "key_norm"] {
+            tensors.push((format!("single_blocks.{i}.norm.{norm}.scale"), vec![head]));
+        }
+    }
+    tensors
 }
 
 /// Whether a single file's tensor `name` (any of the namings, with or without Stability's
@@ -443,5 +499,25 @@ mod tests {
                 }
             ))
         );
+    }
+
+    /// The names and shapes written are those of a real BFL file: the tiny fixture's, tensor for
+    /// tensor.
+    #[test]
+    fn bfl_tensors_are_those_of_a_bfl_file() {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+        let config: FluxTransformerConfig =
+            crate::engine::loader::read_json(&models.join("flux-dev-tiny/transformer/config.json"))
+                .unwrap();
+        let file = models.join("flux1-dev-tiny-bfl.safetensors");
+        let stored = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+        let mut expected: Vec<(String, Vec<usize>)> = stored
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect();
+        let mut ours = bfl_tensors(&config);
+        expected.sort();
+        ours.sort();
+        assert_eq!(ours, expected);
     }
 }
