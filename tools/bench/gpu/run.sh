@@ -35,7 +35,9 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # copy-free joins, the one-pass upsampling): what they bought, same machine.
 # --quantize=fp8: FP8 weight storage (memory, and the products on FP8 tensor cores; SDXL's UNet
 # takes it for its transformer blocks since session 23).
-CANDIDATES=${CANDIDATES-"--attention-kernel=hopper@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample --quantize=fp8@$DIT_AND_SDXL --conv-engine=graph --attention-kernel=wide"}
+# --quantize=q8_0 / q4k on FLUX-dev: GGML blocks on candle's CUDA kernels, the products a GGUF
+# transformer file's layers run (session 24; the blocks quantized on the host's cores, uploaded).
+CANDIDATES=${CANDIDATES-"--attention-kernel=hopper@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample --quantize=fp8@$DIT_AND_SDXL --conv-engine=graph --attention-kernel=wide --quantize=q8_0@flux-dev --quantize=q4k@flux-dev"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
