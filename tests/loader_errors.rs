@@ -244,3 +244,78 @@ fn fp16_variant_is_preferred_for_half_precision() {
     };
     StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
 }
+
+/// A broken GGUF transformer file (a download cut short in its header or in its data, a tensor
+/// of another shape than the config's, a FLUX file given to SD3.5) is an error naming the file,
+/// never a panic.
+#[test]
+fn broken_gguf_transformer_files_are_named() {
+    use candela::engine::pipelines::{flux::Flux, sd3::StableDiffusion3, LoadOptions};
+    let models = common::fixtures().join("models");
+    let gguf = std::fs::read(models.join("flux1-dev-tiny-mixed.gguf")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| ModelDir {
+        root: models.join(name),
+        prefer_fp16_variant: false,
+    };
+    let options = |file: &Path| LoadOptions {
+        transformer_file: Some(file.to_path_buf()),
+        ..Default::default()
+    };
+    let flux_error = |file: &Path| match Flux::load(
+        &dir("flux-dev-tiny"),
+        &Device::Cpu,
+        DType::F32,
+        &options(file),
+    ) {
+        Ok(_) => panic!("{} should not load", file.display()),
+        Err(e) => e.to_string(),
+    };
+    for (what, bytes) in [
+        ("header", &gguf[..200]),
+        ("data", &gguf[..gguf.len() - 1000]),
+    ] {
+        let file = tmp.path().join(format!("cut-in-its-{what}.gguf"));
+        std::fs::write(&file, bytes).unwrap();
+        let message = flux_error(&file);
+        assert!(
+            message.contains(&*file.to_string_lossy()),
+            "{what}: {message}"
+        );
+    }
+    // The tiny FLUX as a wider config reads its tensors: the mismatch names file and tensor.
+    let wide = tmp.path().join("flux-wide");
+    common::copy_dir(&models.join("flux-dev-tiny"), &wide);
+    let config = wide.join("transformer/config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["num_attention_heads"] = serde_json::json!(4);
+    std::fs::write(&config, c.to_string()).unwrap();
+    let file = models.join("flux1-dev-tiny-mixed.gguf");
+    let wide_dir = ModelDir {
+        root: wide.clone(),
+        prefer_fp16_variant: false,
+    };
+    let message = match Flux::load(&wide_dir, &Device::Cpu, DType::F32, &options(&file)) {
+        Ok(_) => panic!("a 64-wide FLUX should not load a 32-wide file"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        message.contains("flux1-dev-tiny-mixed.gguf") && message.contains("config implies"),
+        "{message}"
+    );
+    // A FLUX file for SD3.5: the file is named, and so is the naming it lacks.
+    let message = match StableDiffusion3::load(
+        &dir("sd35m-tiny"),
+        &Device::Cpu,
+        DType::F32,
+        &options(&file),
+    ) {
+        Ok(_) => panic!("SD3.5 should not load a FLUX file"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        message.contains("flux1-dev-tiny-mixed.gguf") && message.contains("not a transformer"),
+        "{message}"
+    );
+}

@@ -162,8 +162,8 @@ impl GgufFile {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.rows(name, ranges)
-            .and_then(|q| q.dequantize(&Device::Cpu))
+        let blocks = self.rows(name, ranges)?;
+        (blocks.dequantize(&Device::Cpu))
             .and_then(|t| t.to_dtype(dtype)?.to_device(device))
             .map_err(|e| self.error(name, e.to_string()))
     }

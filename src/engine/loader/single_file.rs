@@ -341,23 +341,36 @@ pub struct SingleFileWeights {
 impl SingleFileWeights {
     const PREFIX: &'static str = "model.diffusion_model.";
 
-    /// `file` read through `naming` when it uses it (with or without the prefix), as it is
-    /// otherwise.
-    pub fn new(file: TransformerFile, naming: Naming) -> Self {
+    /// A tensor every diffusers-named SD3 / FLUX transformer has.
+    const DIFFUSERS_PROBE: &'static str = "transformer_blocks.0.attn.to_q.weight";
+
+    /// `file` read through `naming` when it uses it (with or without the prefix), as it is when
+    /// it uses diffusers' names; a file in neither (another family's) is refused, named.
+    pub fn new(file: TransformerFile, naming: Naming) -> Result<Self> {
         for prefix in ["", Self::PREFIX] {
             if file.contains_tensor(&format!("{prefix}{}", naming.probe())) {
-                return Self {
+                return Ok(Self {
                     file,
                     naming: Some(naming),
                     prefix,
-                };
+                });
             }
         }
-        Self {
+        if !file.contains_tensor(Self::DIFFUSERS_PROBE) {
+            return Err(crate::engine::error::EngineError::Weights {
+                path: file.path().to_path_buf(),
+                tensor: naming.probe().to_string(),
+                reason: format!(
+                    "not a transformer of this model's family: the file has neither this tensor (the model makers' naming) nor `{}` (diffusers')",
+                    Self::DIFFUSERS_PROBE
+                ),
+            });
+        }
+        Ok(Self {
             file,
             naming: None,
             prefix: "",
-        }
+        })
     }
 
     pub fn file(&self) -> &TransformerFile {
@@ -421,6 +434,10 @@ impl StoredBlocks for SingleFileWeights {
         }
         let rows = file.dims(&stored)?.first().copied()?;
         Some(file.rows(&stored, &take.rows(rows)))
+    }
+
+    fn path(&self) -> &Path {
+        self.file.path()
     }
 }
 

@@ -331,6 +331,9 @@ pub(crate) fn vb_for<'a>(
 pub trait StoredBlocks {
     /// The layer's blocks (out, in) on the CPU; `None` when the file stores it as floats.
     fn blocks(&self, name: &str) -> Option<candle_core::Result<QTensor>>;
+
+    /// The file, for errors.
+    fn path(&self) -> &std::path::Path;
 }
 
 /// Where a transformer block's Linear layers come from: read as loaded and held in `format`,
@@ -382,11 +385,15 @@ impl LayerSource<'_> {
             return Ok(None);
         };
         if blocks.shape().dims() != [output, input] {
-            candle_core::bail!(
-                "`{name}`: the file's blocks are {:?}, the config implies {:?}",
+            let reason = format!(
+                "shape mismatch: the file's blocks are {:?}, the config implies {:?}",
                 blocks.shape().dims(),
                 [output, input]
             );
+            let path = stored.path();
+            return Err(crate::engine::loader::weights::weights_error(
+                path, &name, reason,
+            ));
         }
         Ok(Some(blocks))
     }

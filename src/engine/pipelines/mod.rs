@@ -116,7 +116,7 @@ impl WeightSource<'_> {
             TransformerFile::Gguf(_) => None,
         };
         let dtype = weights_dtype(device, dtype, half);
-        let file = std::sync::Arc::new(SingleFileWeights::new(file, naming));
+        let file = std::sync::Arc::new(SingleFileWeights::new(file, naming)?);
         Ok(TransformerWeights {
             vb: file.var_builder(dtype, device),
             file: Some(file),
