@@ -293,10 +293,6 @@ impl TransformerFile {
         Ok(Self::Safetensors(SafetensorsFile::open(path)?))
     }
 
-    pub fn is_gguf(&self) -> bool {
-        matches!(self, Self::Gguf(_))
-    }
-
     fn contains_tensor(&self, name: &str) -> bool {
         match self {
             Self::Safetensors(f) => f.contains_tensor(name),
@@ -371,10 +367,6 @@ impl SingleFileWeights {
             naming: None,
             prefix: "",
         })
-    }
-
-    pub fn file(&self) -> &TransformerFile {
-        &self.file
     }
 
     /// The file's tensor and cut for a diffusers name.
