@@ -315,7 +315,8 @@ fn broken_gguf_transformer_files_are_named() {
         Err(e) => e.to_string(),
     };
     assert!(
-        message.contains("flux1-dev-tiny-mixed.gguf") && message.contains("not a transformer"),
+        message.contains("flux1-dev-tiny-mixed.gguf")
+            && message.contains("not a file of this model"),
         "{message}"
     );
 }

@@ -350,6 +350,7 @@ fn load_t5_as(
         config,
         &stored,
         format,
+        None,
     )
     .unwrap()
 }
@@ -411,6 +412,7 @@ fn t5_quantized_on_load_is_held_as_planned_and_computes_its_dequantized_weights(
         config,
         &file.stored_dtypes(),
         WeightFormat::Dense,
+        None,
     )
     .unwrap();
     let t = load_tensors("stages/t5.safetensors");
@@ -713,4 +715,108 @@ fn tiled_vae_encode_matches_diffusers() {
 fn unet_and_vae_match_diffusers_on_the_winograd_tile_path() {
     let t = load_tensors("stages/sd1_tiles.safetensors");
     assert_unet_and_vae_match("sd1 tiles", &load_pipeline("sd1-tiny"), &t);
+}
+
+/// T5 from a GGUF file in llama.cpp's naming (city96's `t5-v1_1-xxl-encoder-Q8_0.gguf` and its
+/// kin: `enc.blk.N.attn_q`, `ffn_gate`, …, as gguf-py's tensor map names transformers' tensors),
+/// its layers in q8_0 / q4_0 blocks, its embedding in f16: held as stored and multiplied held
+/// once (`gguf-compact`) it computes what the dense T5 of the same values computes (the same f32
+/// products: 1e-5 of the states' largest value); in the fastest products (q8_0 on int8 tiles
+/// where the CPU has VNNI) within 2⁻⁶ of it, as `--quantize-t5`'s tiles are held.
+#[test]
+fn t5_from_a_gguf_file_computes_its_dequantized_weights() {
+    use candela::engine::loader::single_file::{Naming, SingleFileWeights, TransformerFile};
+    use candela::engine::loader::weights::StoredDtypes;
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let dir = model_dir("t5-tiny");
+    let llama_name = |name: &str| -> String {
+        if name == "shared.weight" {
+            return "token_embd.weight".into();
+        }
+        if name == "encoder.final_layer_norm.weight" {
+            return "enc.output_norm.weight".into();
+        }
+        let rest = name.strip_prefix("encoder.block.").unwrap();
+        let (i, inner) = rest.split_once('.').unwrap();
+        let tensor = match inner {
+            "layer.0.layer_norm.weight" => "attn_norm",
+            "layer.0.SelfAttention.q.weight" => "attn_q",
+            "layer.0.SelfAttention.k.weight" => "attn_k",
+            "layer.0.SelfAttention.v.weight" => "attn_v",
+            "layer.0.SelfAttention.o.weight" => "attn_o",
+            "layer.0.SelfAttention.relative_attention_bias.weight" => "attn_rel_b",
+            "layer.1.layer_norm.weight" => "ffn_norm",
+            "layer.1.DenseReluDense.wi_0.weight" => "ffn_gate",
+            "layer.1.DenseReluDense.wi_1.weight" => "ffn_up",
+            "layer.1.DenseReluDense.wo.weight" => "ffn_down",
+            other => panic!("unexpected T5 tensor {other}"),
+        };
+        format!("enc.blk.{i}.{tensor}.weight")
+    };
+    let tensors =
+        candle_core::safetensors::load(dir.file("text_encoder/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (mut stored, mut dequantized) = (Vec::new(), std::collections::HashMap::new());
+    for (i, name) in names.into_iter().enumerate() {
+        let t = tensors[name].to_dtype(DType::F32).unwrap();
+        let layer = name.starts_with("encoder.block.")
+            && (name.contains(".SelfAttention.") || name.contains(".DenseReluDense."))
+            && !name.contains("relative_attention_bias");
+        let format = match name.as_str() {
+            _ if layer => [GgmlDType::Q8_0, GgmlDType::Q4_0][i % 2],
+            "shared.weight" => GgmlDType::F16,
+            _ => GgmlDType::F32,
+        };
+        let q = QTensor::quantize(&t, format).unwrap();
+        dequantized.insert(name.clone(), q.dequantize(&Device::Cpu).unwrap());
+        stored.push((llama_name(name), q));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("t5-tiny-encoder-mixed.gguf");
+    let architecture = gguf_file::Value::String("t5encoder".into());
+    let refs: Vec<(&str, &QTensor)> = stored.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    let mut out = std::fs::File::create(&gguf).unwrap();
+    gguf_file::write(&mut out, &[("general.architecture", &architecture)], &refs).unwrap();
+    drop(out);
+    let config = || {
+        dir.read_json::<serde_json::Value>("text_encoder/config.json")
+            .unwrap()
+    };
+    let no_stored = StoredDtypes::ByName(Default::default());
+    let dense = candela::engine::models::t5::T5Encoder::new(
+        candle_nn::VarBuilder::from_tensors(dequantized, DType::F32, &Device::Cpu),
+        config(),
+        &no_stored,
+        WeightFormat::Dense,
+        None,
+    )
+    .unwrap();
+    let from_gguf = |format: &str| {
+        let file = TransformerFile::open(&gguf).unwrap();
+        let weights = std::sync::Arc::new(SingleFileWeights::new(file, Naming::T5).unwrap());
+        candela::engine::models::t5::T5Encoder::new(
+            weights.var_builder(DType::F32, &Device::Cpu),
+            config(),
+            &no_stored,
+            format.parse().unwrap(),
+            Some(&*weights),
+        )
+        .unwrap()
+    };
+    let t = load_tensors("stages/t5.safetensors");
+    let ids = t["input_ids_77"].to_dtype(DType::U32).unwrap();
+    let expected = dense.forward(&ids).unwrap();
+    let largest = max_abs(&expected);
+    let original = load_t5(&dir, DType::F32).forward(&ids).unwrap();
+    assert!(max_abs_diff(&original, &expected) > 1e-3 * largest);
+    let compact = from_gguf("gguf-compact").forward(&ids).unwrap();
+    let d = max_abs_diff(&compact, &expected);
+    eprintln!("t5 gguf-compact vs its dequantized weights: {d} (largest {largest})");
+    assert!(d <= 1e-5 * largest, "gguf-compact: {d}");
+    let fastest = from_gguf("gguf").forward(&ids).unwrap();
+    let d = max_abs_diff(&fastest, &compact);
+    eprintln!("t5 gguf (fastest) vs gguf-compact: {d}");
+    assert!(d <= largest / 64.0, "gguf: {d}");
 }

@@ -56,6 +56,11 @@ pub struct GenerateArgs {
     /// (city96/FLUX.1-dev-gguf/flux1-dev-Q4_K_S.gguf), downloaded into the hub cache.
     #[arg(long)]
     pub transformer: Option<String>,
+    /// SD3 / FLUX: T5 from this single file instead of the model's: transformers' naming, or
+    /// GGUF in llama.cpp's (city96/t5-v1_1-xxl-encoder-gguf/t5-v1_1-xxl-encoder-Q8_0.gguf: its
+    /// layers held in the formats it stores). A path or `owner/name/file[@revision]`.
+    #[arg(long)]
+    pub t5: Option<String>,
     /// Quantize the transformer blocks on load (q8_0, q6k, q5k, q4k, q4_0, …; SD3's and FLUX's,
     /// a UNet's attention and feed-forward layers) to fit smaller cards or memory; see the
     /// README for the measured quality cost. On the CPU, q8_0, q6k and
@@ -202,10 +207,16 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     }
     let transformer = args.transformer.as_deref().map(loader::FileSource::parse);
     let transformer = transformer.transpose()?;
+    let t5 = args
+        .t5
+        .as_deref()
+        .map(loader::FileSource::parse)
+        .transpose()?;
     let dir = resolve_model(common, args.model.as_deref(), dtype)?;
     let transformer_file = transformer
         .map(|t| loader::resolve_file(&t, &common.hub_options()))
         .transpose()?;
+    let t5_file = (t5.map(|t| loader::resolve_file(&t, &common.hub_options()))).transpose()?;
     let card = read_card(&dir, args.model.as_deref().unwrap_or_default())?;
     let (sampler, named_schedule) = crate::engine::schedulers::SamplerKind::parse_with_schedule(
         args.sampler
@@ -217,6 +228,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         without_t5: args.without_t5,
         transformer_file,
+        t5_file,
         text_encoders_on_cpu: args.text_encoders_on_cpu,
         transformer_format: super::weight_format(args.quantize.as_deref())?,
         t5_format: super::t5_format(args.quantize_t5.as_deref())?,

@@ -195,6 +195,7 @@ pub fn run(common: &CommonArgs, settings: LoadSettings) -> anyhow::Result<()> {
                 options: Default::default(),
                 name: None,
                 transformer: None,
+                t5: None,
             }],
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,

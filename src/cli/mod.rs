@@ -134,13 +134,7 @@ fn weight_format(
 
 /// `--quantize-t5`: dense when absent.
 fn t5_format(arg: Option<&str>) -> anyhow::Result<crate::engine::models::quantized::WeightFormat> {
-    use crate::engine::models::quantized::WeightFormat;
-    match parse_format("--quantize-t5", arg)? {
-        WeightFormat::Stored(_) => {
-            anyhow::bail!("--quantize-t5: `gguf` is a transformer file's own formats; name one to quantize T5 to (q8_0, q6k, …)")
-        }
-        format => Ok(format),
-    }
+    parse_format("--quantize-t5", arg)
 }
 
 fn parse_format(

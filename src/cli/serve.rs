@@ -171,6 +171,9 @@ struct ModelTable {
     /// SD3 / FLUX: the transformer from one file (safetensors in any of the namings, or GGUF):
     /// a path, or `owner/name/file[@revision]` on the hub.
     transformer: Option<String>,
+    /// SD3 / FLUX: T5 from one file (transformers' naming, or GGUF in llama.cpp's): a path, or
+    /// `owner/name/file[@revision]` on the hub.
+    t5: Option<String>,
     /// The id clients use (default: the source's name).
     name: Option<String>,
     quantize: Option<String>,
@@ -202,8 +205,13 @@ impl ModelTable {
                     .unwrap_or(server_wide.text_encoders_on_cpu),
                 vae_tiling: self.vae_tiling.unwrap_or(server_wide.vae_tiling),
                 transformer_file: None,
+                t5_file: None,
             },
             name: self.name.clone(),
+            t5: (self.t5.as_deref())
+                .map(loader::FileSource::parse)
+                .transpose()
+                .with_context(context)?,
             transformer: (self.transformer.as_deref())
                 .map(loader::FileSource::parse)
                 .transpose()
@@ -247,6 +255,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
     let load_options = LoadOptions {
         without_t5: args.without_t5 || file.without_t5.unwrap_or(false),
         transformer_file: None,
+        t5_file: None,
         text_encoders_on_cpu: args.text_encoders_on_cpu
             || file.text_encoders_on_cpu.unwrap_or(false),
         transformer_format: super::weight_format(
@@ -264,6 +273,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
                     options: load_options.clone(),
                     name: None,
                     transformer: None,
+                    t5: None,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()
@@ -285,6 +295,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
             options: load_options.clone(),
             name: None,
             transformer: None,
+            t5: None,
         }]
     } else {
         models

@@ -140,7 +140,8 @@ impl Shrink {
                     has_t5 |= config["model_type"] == "t5";
                 }
             }
-            if has_t5 && options.t5_format == WeightFormat::Dense {
+            // A GGUF T5 is held as stored (`t5_blocks_format` reads `Stored` for it).
+            if has_t5 && options.t5_blocks_format()? == WeightFormat::Dense {
                 ladder.push(Self::T5(q8_0));
             }
         }
@@ -233,19 +234,34 @@ impl Footprint {
                 stem.to_string()
             };
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
-            let transformer_file = options.transformer_file.as_ref().filter(|_| is_transformer);
-            if let (Some(path), true) = (transformer_file, folder == denoiser_folder) {
-                if GgufFile::is_gguf(path) {
+            let is_t5 = folder.starts_with("text_encoder")
+                && dir.read_json::<serde_json::Value>(&format!("{folder}/config.json"))?
+                    ["model_type"]
+                    == "t5";
+            // A single file in the folder's place: the transformer's, or T5's.
+            let single_file = match (&options.transformer_file, &options.t5_file) {
+                (Some(path), _) if is_transformer && folder == denoiser_folder => Some(path),
+                (_, Some(path)) if is_t5 => Some(path),
+                _ => None,
+            };
+            if let Some(path) = single_file.filter(|p| GgufFile::is_gguf(p)) {
+                let file = GgufFile::open(path)?;
+                let held = if is_t5 {
+                    let compute = compute_dtype(device, component_dtype);
+                    gguf_held_bytes(&file, device, compute, options.t5_blocks_format()?, |n| {
+                        n.starts_with("enc.blk.") && !n.contains(".attn_rel_b.")
+                    })
+                } else {
                     let format = options.transformer_blocks_format()?;
-                    let held =
-                        gguf_held_bytes(&GgufFile::open(path)?, device, component_dtype, format);
-                    components.push((folder.to_string(), held));
-                    continue;
-                }
+                    let blocks = single_file::in_transformer_blocks;
+                    gguf_held_bytes(&file, device, component_dtype, format, blocks)
+                };
+                components.push((folder.to_string(), held));
+                continue;
             }
-            let file = match (transformer_file, folder == denoiser_folder) {
-                (Some(path), true) => SafetensorsFile::open(path)?,
-                _ => SafetensorsFile::open_component(dir, &stem)?,
+            let file = match single_file {
+                Some(path) => SafetensorsFile::open(path)?,
+                None => SafetensorsFile::open_component(dir, &stem)?,
             };
             // The dtype a denoiser's or VAE's products' weights are held in: on the CPU, as its
             // file stores them when that is one half precision (`blocks::weights_dtype`).
@@ -260,8 +276,9 @@ impl Footprint {
                 // T5's rules (and format), or the holding every text encoder on the CPU follows.
                 let on_cpu = device.is_cpu();
                 if config["model_type"] == "t5" {
+                    let t5_format = options.t5_blocks_format()?;
                     file.loaded_bytes_with(|name, stored, shape| {
-                        let held = (component_dtype, options.t5_format);
+                        let held = (component_dtype, t5_format);
                         let stored = narrowed(stored, half);
                         crate::engine::models::t5::held_bytes(name, stored, shape, held, on_cpu)
                     })
@@ -420,7 +437,7 @@ impl Footprint {
         let footprint = Self::read(dir, device, dtype, options)?;
         let compact = LoadOptions {
             transformer_format: options.transformer_blocks_format()?.compact(),
-            t5_format: options.t5_format.compact(),
+            t5_format: options.t5_blocks_format()?.compact(),
             ..options.clone()
         };
         if !device.is_cpu() || compact == *options {
@@ -579,15 +596,16 @@ fn dense_held_bytes(
     (shape.iter().product::<usize>() * held.size_in_bytes()) as u64
 }
 
-/// Bytes a transformer from a GGUF `file` is held in under `format`
-/// ([`WeightFormat::Stored`]): the blocks' layers in their own format at the resident bits of
-/// the product they take; everything else (embedders, norms, the final layer — some files
-/// store those in block formats too) dense.
+/// Bytes a component from a GGUF `file` is held in under `format` ([`WeightFormat::Stored`]):
+/// the Linear layers `quantized_layer` names in their own format at the resident bits of the
+/// product they take; everything else (embedders, norms, a transformer's final layer — some
+/// files store those in block formats too) dense.
 fn gguf_held_bytes(
     file: &GgufFile,
     device: &candle_core::Device,
     dtype: DType,
     format: WeightFormat,
+    quantized_layer: impl Fn(&str) -> bool,
 ) -> u64 {
     file.names()
         .map(|name| {
@@ -595,7 +613,7 @@ fn gguf_held_bytes(
                 return 0;
             };
             let numel = dims.iter().product::<usize>();
-            let in_blocks = crate::engine::loader::single_file::in_transformer_blocks(name);
+            let in_blocks = quantized_layer(name);
             let bits = (format.stored_as(stored))
                 .filter(|_| in_blocks && dims.len() == 2 && is_block_format(stored))
                 .and_then(|held| held.resident_bits_per_weight(device.is_cpu()));
@@ -1185,6 +1203,77 @@ mod tests {
                     "{model} {file:?} {format}: saved as held vs as planned"
                 );
             }
+        }
+    }
+
+    /// A GGUF T5 (llama.cpp's naming; its layers in q8_0 and q4_0, its embedding in f16) is
+    /// planned byte for byte as the encoder holds it, in the fastest products and held once.
+    #[test]
+    fn a_gguf_t5_is_planned_as_it_is_held() {
+        use crate::engine::loader::single_file::{
+            t5_source, Naming, SingleFileWeights, TransformerFile,
+        };
+        use crate::engine::loader::weights::StoredDtypes;
+        use candle_core::quantized::{gguf_file, QTensor};
+        use candle_nn::var_builder::SimpleBackend;
+        let dir = flux_dir();
+        let file = SafetensorsFile::open_component(&dir, "text_encoder_2/model").unwrap();
+        let mut names = file.names();
+        names.sort();
+        let stored: Vec<(String, QTensor)> = (names.iter().enumerate())
+            .map(|(i, name)| {
+                let t = file.get_unchecked(name, DType::F32, &Device::Cpu).unwrap();
+                let llama = t5_source(name).unwrap();
+                let format = match llama.as_str() {
+                    "token_embd.weight" => GgmlDType::F16,
+                    n if n.starts_with("enc.blk.")
+                        && t.rank() == 2
+                        && t.dim(1).unwrap() % 32 == 0
+                        && !n.contains("attn_rel_b") =>
+                    {
+                        [GgmlDType::Q8_0, GgmlDType::Q4_0][i % 2]
+                    }
+                    _ => GgmlDType::F32,
+                };
+                (llama, QTensor::quantize(&t, format).unwrap())
+            })
+            .collect();
+        let blocks = stored.iter().filter(|(_, q)| q.dtype() != GgmlDType::F32);
+        assert!(blocks.count() > 2, "no layer in a block format");
+        let tmp = tempfile::tempdir().unwrap();
+        let gguf = tmp.path().join("t5-encoder.gguf");
+        let refs: Vec<(&str, &QTensor)> = stored.iter().map(|(n, q)| (n.as_str(), q)).collect();
+        let architecture = gguf_file::Value::String("t5encoder".into());
+        let mut out = std::fs::File::create(&gguf).unwrap();
+        gguf_file::write(&mut out, &[("general.architecture", &architecture)], &refs).unwrap();
+        drop(out);
+        for format in ["dense", "gguf-compact"] {
+            let options = LoadOptions {
+                t5_file: Some(gguf.clone()),
+                t5_format: format.parse().unwrap(),
+                ..Default::default()
+            };
+            let footprint = Footprint::read(&dir, &Device::Cpu, DType::F32, &options).unwrap();
+            let planned = footprint
+                .components
+                .iter()
+                .find(|(c, _)| c == "text_encoder_2");
+            let weights = std::sync::Arc::new(
+                SingleFileWeights::new(TransformerFile::open(&gguf).unwrap(), Naming::T5).unwrap(),
+            );
+            let encoder = crate::engine::models::t5::T5Encoder::new(
+                weights.var_builder(DType::F32, &Device::Cpu),
+                dir.read_json("text_encoder_2/config.json").unwrap(),
+                &StoredDtypes::ByName(Default::default()),
+                options.t5_blocks_format().unwrap(),
+                Some(&*weights),
+            )
+            .unwrap();
+            assert_eq!(
+                encoder.weight_bytes() as u64,
+                planned.unwrap().1,
+                "{format}: held vs planned"
+            );
         }
     }
 

@@ -82,6 +82,8 @@ pub struct ModelSpec {
     /// SD3 / FLUX: the transformer from this single file (resolved, downloaded if need be, with
     /// the model; then `options.transformer_file`).
     pub transformer: Option<loader::FileSource>,
+    /// SD3 / FLUX: T5 from this single file (resolved with the model; then `options.t5_file`).
+    pub t5: Option<loader::FileSource>,
 }
 
 /// How the engine runs: device, memory budget, queue and batching limits.
@@ -336,20 +338,22 @@ impl EngineHandle {
                     "two models are named `{name}`: give one of them a `name` of its own in the config file"
                 )));
             }
-            let (dir, transformer_file) = {
+            let (dir, transformer_file, t5_file) = {
                 let (source, dtype, hub) = (spec.source.clone(), config.dtype, config.hub.clone());
-                let transformer = spec.transformer.clone();
+                let (transformer, t5) = (spec.transformer.clone(), spec.t5.clone());
                 tokio::task::spawn_blocking(move || {
-                    let file = transformer
-                        .map(|t| loader::resolve_file(&t, &hub))
-                        .transpose()?;
-                    Ok::<_, EngineError>((loader::resolve(&source, dtype, &hub)?, file))
+                    let file = |f: Option<loader::FileSource>| {
+                        f.map(|f| loader::resolve_file(&f, &hub)).transpose()
+                    };
+                    let (transformer, t5) = (file(transformer)?, file(t5)?);
+                    Ok::<_, EngineError>((loader::resolve(&source, dtype, &hub)?, transformer, t5))
                 })
                 .await
                 .map_err(|e| EngineError::Internal(format!("model resolution: {e}")))??
             };
             let spec_options = LoadOptions {
                 transformer_file: transformer_file.or(spec.options.transformer_file.clone()),
+                t5_file: t5_file.or(spec.options.t5_file.clone()),
                 ..spec.options.clone()
             };
             let (options, footprint) =
@@ -746,6 +750,6 @@ fn describe(
             crate::engine::pipelines::params::Guidance::DEFAULT,
         ),
         transformer_format: options.transformer_blocks_format()?.to_string(),
-        t5_format: options.t5_format.to_string(),
+        t5_format: options.t5_blocks_format()?.to_string(),
     })
 }

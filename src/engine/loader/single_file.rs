@@ -49,6 +49,9 @@ pub enum Naming {
     /// Stability's SD3 / SD3.5 MMDiT with this many joint blocks (the config's `num_layers`:
     /// the last block's context modulation is stored differently).
     Sai { blocks: usize },
+    /// llama.cpp's T5 encoder (`enc.blk.N.attn_q`, …: the GGUF T5-XXL files), read as
+    /// transformers' `T5EncoderModel` names.
+    T5,
 }
 
 impl Naming {
@@ -56,6 +59,16 @@ impl Naming {
         match self {
             Self::Bfl => "double_blocks.0.img_attn.qkv.weight",
             Self::Sai { .. } => "joint_blocks.0.x_block.attn.qkv.weight",
+            Self::T5 => "enc.blk.0.attn_q.weight",
+        }
+    }
+
+    /// A tensor every file of this model in its library's own naming (diffusers',
+    /// transformers') has.
+    fn library_probe(self) -> &'static str {
+        match self {
+            Self::Bfl | Self::Sai { .. } => "transformer_blocks.0.attn.to_q.weight",
+            Self::T5 => "encoder.block.0.layer.0.SelfAttention.q.weight",
         }
     }
 
@@ -63,8 +76,34 @@ impl Naming {
         match self {
             Self::Bfl => bfl_source(name),
             Self::Sai { blocks } => sai_source(name, blocks),
+            Self::T5 => t5_source(name).map(|s| (s, Take::All)),
         }
     }
+}
+
+/// llama.cpp's name of a transformers T5 encoder tensor (gguf-py's `tensor_mapping.py`).
+pub fn t5_source(name: &str) -> Option<String> {
+    match name {
+        "shared.weight" | "encoder.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "encoder.final_layer_norm.weight" => return Some("enc.output_norm.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("encoder.block.")?;
+    let (i, inner) = rest.split_once('.')?;
+    let tensor = match inner {
+        "layer.0.layer_norm.weight" => "attn_norm",
+        "layer.0.SelfAttention.q.weight" => "attn_q",
+        "layer.0.SelfAttention.k.weight" => "attn_k",
+        "layer.0.SelfAttention.v.weight" => "attn_v",
+        "layer.0.SelfAttention.o.weight" => "attn_o",
+        "layer.0.SelfAttention.relative_attention_bias.weight" => "attn_rel_b",
+        "layer.1.layer_norm.weight" => "ffn_norm",
+        "layer.1.DenseReluDense.wi_0.weight" => "ffn_gate",
+        "layer.1.DenseReluDense.wi_1.weight" | "layer.1.DenseReluDense.wi.weight" => "ffn_up",
+        "layer.1.DenseReluDense.wo.weight" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("enc.blk.{i}.{tensor}.weight"))
 }
 
 /// The SAI tensor and cut for a diffusers `SD3Transformer2DModel` name.
@@ -337,9 +376,6 @@ pub struct SingleFileWeights {
 impl SingleFileWeights {
     const PREFIX: &'static str = "model.diffusion_model.";
 
-    /// A tensor every diffusers-named SD3 / FLUX transformer has.
-    const DIFFUSERS_PROBE: &'static str = "transformer_blocks.0.attn.to_q.weight";
-
     /// `file` read through `naming` when it uses it (with or without the prefix), as it is when
     /// it uses diffusers' names; a file in neither (another family's) is refused, named.
     pub fn new(file: TransformerFile, naming: Naming) -> Result<Self> {
@@ -352,13 +388,13 @@ impl SingleFileWeights {
                 });
             }
         }
-        if !file.contains_tensor(Self::DIFFUSERS_PROBE) {
+        if !file.contains_tensor(naming.library_probe()) {
             return Err(crate::engine::error::EngineError::Weights {
                 path: file.path().to_path_buf(),
                 tensor: naming.probe().to_string(),
                 reason: format!(
-                    "not a transformer of this model's family: the file has neither this tensor (the model makers' naming) nor `{}` (diffusers')",
-                    Self::DIFFUSERS_PROBE
+                    "not a file of this model's family: it has neither this tensor (the model makers' or llama.cpp's naming) nor `{}` (the library's)",
+                    naming.library_probe()
                 ),
             });
         }

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::blocks::Linear;
 use super::cpu_util::{self, SharedOut, Strided};
-use super::quantized::{BlockLinear, WeightFormat};
+use super::quantized::{BlockLinear, LayerSource, StoredBlocks, WeightFormat};
 use crate::engine::loader::weights::StoredDtypes;
 
 /// A weight's values as stored, (in, out) row-major: the layout the `gemm` crate reads fastest
@@ -257,6 +257,8 @@ pub struct Holding<'a> {
     cpu_f32: bool,
     /// The Linear layers quantized on load ([`Self::quantized`]); dense: as above.
     format: WeightFormat,
+    /// Under [`WeightFormat::Stored`]: the blocks a GGUF file holds, taken as they are.
+    blocks: Option<&'a dyn StoredBlocks>,
 }
 
 impl<'a> Holding<'a> {
@@ -266,6 +268,26 @@ impl<'a> Holding<'a> {
             stored: Some(stored),
             cpu_f32: vb.device().is_cpu() && vb.dtype() == DType::F32,
             format: WeightFormat::Dense,
+            blocks: None,
+        }
+    }
+
+    /// The Linear layers `blocks` stores taken as they are (a GGUF file's, under
+    /// [`WeightFormat::Stored`]).
+    pub fn stored_blocks(self, blocks: Option<&'a dyn StoredBlocks>) -> Self {
+        Self { blocks, ..self }
+    }
+
+    /// Whether layers are taken from stored blocks (a GGUF file's).
+    pub fn takes_stored_blocks(&self) -> bool {
+        matches!(self.format, WeightFormat::Stored(_)) && self.blocks.is_some()
+    }
+
+    /// Where a layer's stored blocks come from ([`LayerSource::stored_blocks`]).
+    pub fn layers(&self) -> LayerSource<'a> {
+        LayerSource {
+            format: self.format,
+            stored: self.blocks,
         }
     }
 
@@ -282,6 +304,7 @@ impl<'a> Holding<'a> {
             stored: None,
             cpu_f32: false,
             format: WeightFormat::Dense,
+            blocks: None,
         }
     }
 
@@ -294,7 +317,10 @@ impl<'a> Holding<'a> {
     /// Whether a layer of `input` inputs is quantized: then its weight is read in the model's
     /// dtype (not as stored) and made into blocks.
     pub fn quantizes(&self, input: usize) -> bool {
-        self.format.for_inputs(input) != WeightFormat::Dense
+        !matches!(
+            self.format.for_inputs(input),
+            WeightFormat::Dense | WeightFormat::Stored(_)
+        )
     }
 
     /// `vb` reading its `weight` as it is held: as stored where [`Self::as_stored`] says.
@@ -314,6 +340,11 @@ impl<'a> Holding<'a> {
         output: usize,
         with_bias: bool,
     ) -> candle_core::Result<HeldLinear> {
+        if let Some(blocks) = self.layers().stored_blocks(&vb, input, output)? {
+            let bias = with_bias.then(|| vb.get(output, "bias")).transpose()?;
+            let layer = BlockLinear::from_blocks(blocks, bias.as_ref(), self.format, vb.device())?;
+            return Ok(HeldLinear::Quantized(Box::new(layer)));
+        }
         let weight = if self.quantizes(input) {
             vb.get((output, input), "weight")?
         } else {

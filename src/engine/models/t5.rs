@@ -25,7 +25,7 @@ use serde::Deserialize;
 use super::blocks::Linear;
 use super::cpu_activation::Activation;
 use super::cpu_half_linear::{HeldLinear, Holding};
-use super::quantized::WeightFormat;
+use super::quantized::{StoredBlocks, WeightFormat};
 use super::tensor_bytes;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::weights::StoredDtypes;
@@ -216,7 +216,8 @@ impl OutputProjection {
         output: usize,
         holding: &Holding,
     ) -> candle_core::Result<Self> {
-        if vb.dtype() != DType::F16 {
+        // A GGUF file's blocks are multiplied in f32 already.
+        if vb.dtype() != DType::F16 || holding.takes_stored_blocks() {
             return Ok(Self::Held(holding.linear(vb, input, output, false)?));
         }
         let exact = vb.to_dtype(DType::F32).get((output, input), "weight")?;
@@ -263,9 +264,11 @@ impl FeedForwardBlock {
         holding: &Holding,
     ) -> Result<Self> {
         let (d, f) = (c.d_model, c.d_ff);
+        // A GGUF file's gate and value may be stored in different formats: kept apart.
         let fused_kernel = vb.device().is_cpu()
             && vb.dtype() == DType::F32
-            && matches!(act, Activation::GeluErf | Activation::GeluTanh);
+            && matches!(act, Activation::GeluErf | Activation::GeluTanh)
+            && !holding.takes_stored_blocks();
         let ff = match (gated, fused_kernel) {
             (false, _) => FeedForward::Plain {
                 wi: holding.linear(vb.pp("wi"), d, f, false)?,
@@ -342,11 +345,13 @@ impl T5Encoder {
     /// held so).
     /// `format`: the blocks' Linear layers quantized on load (`--quantize-t5`; dense: as held
     /// above). Under f16 the feed-forward output projections stay as that rule holds them.
+    /// `blocks`: under [`WeightFormat::Stored`], a GGUF file's blocks, taken as they are.
     pub fn new(
         vb: VarBuilder,
         config_json: serde_json::Value,
         stored: &StoredDtypes,
         format: WeightFormat,
+        blocks: Option<&dyn StoredBlocks>,
     ) -> Result<Self> {
         let c: T5Config = serde_json::from_value(config_json)
             .map_err(|e| EngineError::Unsupported(format!("T5 config: {e}")))?;
@@ -364,7 +369,9 @@ impl T5Encoder {
         } else {
             vb.pp("encoder.embed_tokens")
         };
-        let holding = Holding::new(stored, &vb).quantized(format);
+        let holding = Holding::new(stored, &vb)
+            .quantized(format)
+            .stored_blocks(blocks);
         // Rows are looked up, then widened to the model's dtype ([`Self::forward`]).
         let embedding = holding
             .reading(embedding_vb)

@@ -83,6 +83,43 @@ impl WeightSource<'_> {
         Ok((file.into_var_builder(compute, device), stored))
     }
 
+    /// T5's weights (`stem`: its folder's file) on `device`: `options.t5_file` when given, in
+    /// transformers' or llama.cpp's naming, a GGUF file's blocks held as it stores them.
+    pub(crate) fn t5(
+        &self,
+        options: &LoadOptions,
+        stem: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<T5Weights> {
+        use crate::engine::loader::single_file::{Naming, SingleFileWeights, TransformerFile};
+        use crate::engine::loader::weights::StoredDtypes;
+        let format = options.t5_blocks_format()?;
+        let Some(path) = &options.t5_file else {
+            let (vb, stored) = self.get_with_stored(stem, dtype, device)?;
+            return Ok(T5Weights {
+                vb,
+                stored,
+                format,
+                file: None,
+            });
+        };
+        let file = TransformerFile::open(path)?;
+        let stored = match &file {
+            TransformerFile::Safetensors(f) => f.stored_dtypes(),
+            // Its float tensors (norms, position biases) are read in the compute dtype.
+            TransformerFile::Gguf(_) => StoredDtypes::ByName(Default::default()),
+        }
+        .narrowed_to(cpu_half_dtype(device, dtype));
+        let file = std::sync::Arc::new(SingleFileWeights::new(file, Naming::T5)?);
+        Ok(T5Weights {
+            vb: file.var_builder(compute_dtype(device, dtype), device),
+            stored,
+            format,
+            file: Some(file),
+        })
+    }
+
     /// The transformer's weights: `options.transformer_file` when given, else the folder's
     /// `transformer/` files; either may use the model makers' single-file `naming`, and a
     /// GGUF file's block-format layers are held as it stores them.
@@ -122,6 +159,22 @@ impl WeightSource<'_> {
             file: Some(file),
             format,
         })
+    }
+}
+
+/// T5's weights as its constructor reads them.
+pub(crate) struct T5Weights {
+    pub vb: candle_nn::VarBuilder<'static>,
+    pub stored: crate::engine::loader::weights::StoredDtypes,
+    pub format: crate::engine::models::quantized::WeightFormat,
+    file: Option<std::sync::Arc<crate::engine::loader::single_file::SingleFileWeights>>,
+}
+
+impl T5Weights {
+    /// A GGUF file's stored blocks, if T5 comes from one.
+    pub fn blocks(&self) -> Option<&dyn crate::engine::models::quantized::StoredBlocks> {
+        use crate::engine::models::quantized::StoredBlocks;
+        self.file.as_deref().map(|f| f as &dyn StoredBlocks)
     }
 }
 
@@ -463,6 +516,9 @@ pub struct LoadOptions {
     /// `model.diffusion_model.*` as in `sd3.5_large.safetensors`, or Black Forest Labs' as in
     /// `flux1-dev.safetensors` and fine-tunes) instead of the folder's `transformer/` weights.
     pub transformer_file: Option<std::path::PathBuf>,
+    /// SD3 / FLUX: T5 from this single file (transformers' naming, or a GGUF file in llama.cpp's:
+    /// city96's `t5-v1_1-xxl-encoder-Q8_0.gguf`) instead of the folder's.
+    pub t5_file: Option<std::path::PathBuf>,
     /// Decode (and encode) images larger than the VAE's tile in tiles, as diffusers'
     /// `vae.enable_tiling()`: the VAE's memory stays that of one tile (SDXL at 2048² on a 24 GB
     /// card); seams are blended, the pixels differ slightly from a whole decode.
@@ -476,6 +532,14 @@ impl LoadOptions {
             .is_some_and(crate::engine::loader::gguf::GgufFile::is_gguf)
     }
 
+    /// The format T5's Linear layers are held in: `t5_format`, except that a GGUF file's are
+    /// held as it stores them ([`Self::transformer_blocks_format`]'s rule).
+    pub fn t5_blocks_format(&self) -> Result<crate::engine::models::quantized::WeightFormat> {
+        let gguf =
+            (self.t5_file.as_deref()).is_some_and(crate::engine::loader::gguf::GgufFile::is_gguf);
+        as_stored_in_gguf(gguf, self.t5_format, "T5", "--quantize-t5", "--t5")
+    }
+
     /// The format the transformer blocks are held in: `transformer_format`, except that a GGUF
     /// file's blocks are held as it stores them ([`WeightFormat::Stored`]: `dense`, the
     /// default, reads as `gguf`). Another format for a GGUF file, or `gguf` for another file,
@@ -485,19 +549,32 @@ impl LoadOptions {
     pub fn transformer_blocks_format(
         &self,
     ) -> Result<crate::engine::models::quantized::WeightFormat> {
-        use crate::engine::models::quantized::{CpuQuantized, WeightFormat};
-        let format = self.transformer_format;
-        match (self.transformer_is_gguf(), format) {
-            (true, WeightFormat::Dense) => Ok(WeightFormat::Stored(CpuQuantized::Fastest)),
-            (true, WeightFormat::Stored(_)) => Ok(format),
-            (true, _) => Err(EngineError::Unsupported(format!(
-                "the transformer file is GGUF: its layers are held in the formats it stores, so `--quantize {format}` does not apply (leave it out, or use `gguf-compact` to hold its blocks once on the CPU)"
-            ))),
-            (false, WeightFormat::Stored(_)) => Err(EngineError::Unsupported(format!(
-                "`--quantize {format}` holds a GGUF transformer file's blocks as stored: give one with `--transformer FILE.gguf`"
-            ))),
-            (false, _) => Ok(format),
-        }
+        let (gguf, format) = (self.transformer_is_gguf(), self.transformer_format);
+        as_stored_in_gguf(gguf, format, "transformer", "--quantize", "--transformer")
+    }
+}
+
+/// A component's format: as asked, or for a GGUF file (`gguf`) `Stored` (`dense`, the default,
+/// reads so); a format to quantize to for a GGUF file, or `gguf` without one, is refused naming
+/// `flag` and the `file_flag` that gives one.
+fn as_stored_in_gguf(
+    gguf: bool,
+    format: crate::engine::models::quantized::WeightFormat,
+    what: &str,
+    flag: &str,
+    file_flag: &str,
+) -> Result<crate::engine::models::quantized::WeightFormat> {
+    use crate::engine::models::quantized::{CpuQuantized, WeightFormat};
+    match (gguf, format) {
+        (true, WeightFormat::Dense) => Ok(WeightFormat::Stored(CpuQuantized::Fastest)),
+        (true, WeightFormat::Stored(_)) => Ok(format),
+        (true, _) => Err(EngineError::Unsupported(format!(
+            "the {what} file is GGUF: its layers are held in the formats it stores, so `{flag} {format}` does not apply (leave it out, or use `gguf-compact` to hold its blocks once on the CPU)"
+        ))),
+        (false, WeightFormat::Stored(_)) => Err(EngineError::Unsupported(format!(
+            "`{flag} {format}` holds a GGUF {what} file's blocks as stored: give one with `{file_flag} FILE.gguf`"
+        ))),
+        (false, _) => Ok(format),
     }
 }
 

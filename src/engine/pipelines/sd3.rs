@@ -114,8 +114,8 @@ impl StableDiffusion3 {
             let tokenizer = T5Tokenizer::load(dir, "tokenizer_3")?;
             let config = dir.read_json("text_encoder_3/config.json")?;
             Some((tokenizer, {
-                let (vb, stored) = text_weights("text_encoder_3/model")?;
-                T5Encoder::new(vb, config, &stored, options.t5_format)?
+                let w = source.t5(options, "text_encoder_3/model", dtype, &text_device)?;
+                T5Encoder::new(w.vb.clone(), config, &w.stored, w.format, w.blocks())?
             }))
         } else {
             None
