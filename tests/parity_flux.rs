@@ -297,6 +297,47 @@ fn flux_from_a_gguf_file_matches_diffusers_gguf_loader() {
     }
 }
 
+/// FLUX-dev with T5 from a GGUF file in llama.cpp's naming (`enc.blk.N.attn_q`, …; its layers
+/// in q8_0 / q4_1, its embedding in f16), held once (`--quantize-t5 gguf-compact`), against
+/// diffusers with that T5's tensors dequantized as GGML defines them; loaded as by default (the
+/// fastest products: the same here, the tiny T5's q8_0 layers have 48 outputs, which our int8
+/// tiles do not take) within 40 dB of it.
+#[test]
+fn flux_with_a_gguf_t5_matches_diffusers() {
+    let gguf = fixtures().join("models/t5-flux-tiny-encoder-mixed.gguf");
+    let run: Run = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("runs/flux_dev_gguf_t5.json")).unwrap(),
+    )
+    .unwrap();
+    let params = params_of(&run);
+    let expected = &load_tensors("runs/flux_dev_gguf_t5.safetensors")["latents"];
+    let with_t5 = |format: &str| {
+        let options = LoadOptions {
+            t5_file: Some(gguf.clone()),
+            t5_format: format.parse().unwrap(),
+            ..Default::default()
+        };
+        Flux::load(&tiny_dir("flux-dev"), &Device::Cpu, DType::F32, &options)
+            .unwrap()
+            .generate(&params, &mut |_| true)
+            .unwrap()
+    };
+    let compact = with_t5("gguf-compact");
+    let d = max_abs_diff(&compact.latents, expected);
+    eprintln!("gguf T5, held once: latents max diff {d} vs diffusers");
+    assert!(
+        d <= 1e-4,
+        "gguf-compact T5: latents differ from diffusers by {d}"
+    );
+    // The file's formats moved the run: the original T5's is elsewhere.
+    let original = load("flux-dev").generate(&params, &mut |_| true).unwrap();
+    assert!(max_abs_diff(&original.latents, expected) > 1e-3);
+    let fastest = with_t5("dense");
+    let p = fastest.images[0].psnr(&compact.images[0]);
+    eprintln!("gguf T5 (fastest): image PSNR {p:.1} dB against held once");
+    assert!(p >= 40.0, "gguf T5: PSNR {p:.1} dB");
+}
+
 #[test]
 fn quantized_flux_runs_and_its_distance_from_full_precision_is_bounded() {
     use candela::engine::models::quantized::WeightFormat;

@@ -608,21 +608,23 @@ def test_models_take_load_options_of_their_own_from_the_config_file(start, tmp_p
 
 def test_a_gguf_transformer_is_served_under_a_name_of_its_own(start, tmp_path):
     """A real `candela serve` with the tiny FLUX.1-dev twice, from one folder: as it is, and with
-    its transformer from a GGUF file (`transformer = ...`, under `name = ...`). The GGUF model
-    reports its format (`gguf`) and fewer weight bytes; both generate, and differently (the
+    its transformer and T5 from GGUF files (`transformer = ...`, `t5 = ...`, under `name = ...`).
+    The GGUF model reports their formats (`gguf`) and fewer weight bytes; both generate, and differently (the
     file's blocks moved the weights). Two tables under one id stop the server with a message
     naming it, as does a GGUF file with a format to quantize to."""
     flux = ROOT / "tests" / "fixtures" / "models" / "flux-dev-tiny"
     gguf = ROOT / "tests" / "fixtures" / "models" / "flux1-dev-tiny-mixed.gguf"
+    t5 = ROOT / "tests" / "fixtures" / "models" / "t5-flux-tiny-encoder-mixed.gguf"
     config = tmp_path / "candela.toml"
     config.write_text(
         f'[[model]]\nsource = "{flux}"\n\n'
-        f'[[model]]\nsource = "{flux}"\ntransformer = "{gguf}"\nname = "flux-gguf"\n'
+        f'[[model]]\nsource = "{flux}"\ntransformer = "{gguf}"\nt5 = "{t5}"\nname = "flux-gguf"\n'
     )
     s = start("--config", config)
     models = {m["id"]: m["capabilities"] for m in http(s).get("/v1/models").json()["data"]}
     assert set(models) == {"flux-dev-tiny", "flux-gguf"}, models
     assert models["flux-gguf"]["transformer_format"] == "gguf", models["flux-gguf"]
+    assert models["flux-gguf"]["t5_format"] == "gguf", models["flux-gguf"]
     assert models["flux-dev-tiny"]["transformer_format"] == "dense"
     assert models["flux-gguf"]["weights_bytes"] < models["flux-dev-tiny"]["weights_bytes"], models
     images = {}

@@ -506,6 +506,74 @@ def gguf_run_fixture(models: Path, gguf_file: Path, out_dir: Path):
         prompt=PROMPT, negative_prompt=None, max_sequence_length=16, transformer_file=gguf_file.name), indent=1))
 
 
+def t5_llama_name(name: str) -> str:
+    """llama.cpp's name of a transformers T5 encoder tensor (gguf-py's tensor_mapping.py)."""
+    fixed = {"shared.weight": "token_embd.weight", "encoder.final_layer_norm.weight": "enc.output_norm.weight"}
+    if name in fixed:
+        return fixed[name]
+    block, inner = name.removeprefix("encoder.block.").split(".", 1)
+    tensor = {"layer.0.layer_norm.weight": "attn_norm", "layer.0.SelfAttention.q.weight": "attn_q",
+              "layer.0.SelfAttention.k.weight": "attn_k", "layer.0.SelfAttention.v.weight": "attn_v",
+              "layer.0.SelfAttention.o.weight": "attn_o",
+              "layer.0.SelfAttention.relative_attention_bias.weight": "attn_rel_b",
+              "layer.1.layer_norm.weight": "ffn_norm", "layer.1.DenseReluDense.wi_0.weight": "ffn_gate",
+              "layer.1.DenseReluDense.wi_1.weight": "ffn_up", "layer.1.DenseReluDense.wo.weight": "ffn_down"}[inner]
+    return f"enc.blk.{block}.{tensor}.weight"
+
+
+def write_gguf_t5(models: Path, out_file: Path, out_dir: Path):
+    """The tiny FLUX-dev's T5 as a GGUF file in llama.cpp's naming (as city96's
+    t5-v1_1-xxl-encoder GGUFs): its Linear layers in q8_0 / q4_1 where their rows take 32-value
+    blocks, the embedding in f16, the rest f32; and diffusers' FLUX-dev run with that T5, its
+    tensors dequantized as GGML defines them (`flux_dev_gguf_t5`)."""
+    import gguf
+    import numpy as np
+    from diffusers import FluxPipeline
+    from transformers import T5EncoderModel
+
+    root = models / "flux-dev-tiny"
+    t5 = T5EncoderModel.from_pretrained(root / "text_encoder_2")
+    writer = gguf.GGUFWriter(str(out_file), arch="t5encoder")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    dequantized = {}
+    for i, (name, tensor) in enumerate(sorted(t5.state_dict().items())):
+        if name == "encoder.embed_tokens.weight":
+            continue  # tied to shared.weight
+        data = tensor.float().numpy()
+        layer = name.startswith("encoder.block.") and data.ndim == 2 and "relative_attention_bias" not in name
+        if layer and data.shape[1] % 32 == 0:
+            qtype = [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1][i % 2]
+            blocks = gguf.quants.quantize(data, qtype)
+            writer.add_tensor(t5_llama_name(name), blocks, raw_shape=blocks.shape, raw_dtype=qtype)
+            values = gguf.quants.dequantize(blocks, qtype)
+        elif name == "shared.weight":
+            values = data.astype(np.float16)
+            writer.add_tensor(t5_llama_name(name), values)
+        else:
+            values = data
+            writer.add_tensor(t5_llama_name(name), values)
+        dequantized[name] = torch.from_numpy(np.ascontiguousarray(values).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    dequantized["encoder.embed_tokens.weight"] = dequantized["shared.weight"]
+    moved = max((dequantized[k] - v.float()).abs().max().item() for k, v in t5.state_dict().items())
+    assert moved > 1e-3, moved
+    t5.load_state_dict(dequantized)
+    pipe = FluxPipeline.from_pretrained(root, text_encoder_2=t5)
+    name, seed, (w, h), steps, guidance = "flux_dev_gguf_t5", 52, (64, 48), 3, 3.5
+    with torch.no_grad():
+        packed = pipe(PROMPT, width=w, height=h, num_inference_steps=steps, guidance_scale=guidance,
+                      max_sequence_length=16, generator=torch.Generator("cpu").manual_seed(seed),
+                      output_type="latent").images
+        latents = pipe._unpack_latents(packed, h, w, pipe.vae_scale_factor)
+    save_file({"latents": latents.contiguous()}, out_dir / f"{name}.safetensors")
+    (out_dir / f"{name}.json").write_text(json.dumps(dict(
+        name=name, model="flux-dev", seed=seed, width=w, height=h, steps=steps, guidance=guidance, n=1,
+        prompt=PROMPT, negative_prompt=None, max_sequence_length=16, t5_file=out_file.name), indent=1))
+
+
 FLUX_RUNS = [
     # name, model, seed, (w, h), steps, guidance, n, negative prompt, extra
     ("flux_dev_guidance", "flux-dev", 41, (64, 64), 6, 3.5, 1, None, {"max_sequence_length": 32}),
@@ -602,6 +670,7 @@ def main():
         gguf_file = out / "models" / "flux1-dev-tiny-mixed.gguf"
         write_gguf_single_file(out / "models" / "flux1-dev-tiny-bfl.safetensors", gguf_file)
         gguf_run_fixture(out / "models", gguf_file, out / "runs")
+        write_gguf_t5(out / "models", out / "models" / "t5-flux-tiny-encoder-mixed.gguf", out / "runs")
         print("GGUF fixtures written to", out)
         return
     if args.half:
