@@ -271,6 +271,7 @@ fn bad_arguments_fail_with_a_message_naming_the_parameter() {
             "neither an existing file",
         ),
         (vec!["--quantize-t5", "gguf"], "--quantize-t5"),
+        (vec!["--t5", "nowhere/t5.gguf"], "neither an existing file"),
     ] {
         let out = candela(tmp.path())
             .args(["generate", "--prompt", "x"])
