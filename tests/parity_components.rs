@@ -718,41 +718,20 @@ fn unet_and_vae_match_diffusers_on_the_winograd_tile_path() {
 }
 
 /// T5 from a GGUF file in llama.cpp's naming (city96's `t5-v1_1-xxl-encoder-Q8_0.gguf` and its
-/// kin: `enc.blk.N.attn_q`, `ffn_gate`, …, as gguf-py's tensor map names transformers' tensors),
+/// kin: `enc.blk.N.attn_q`, `ffn_gate`, …; the naming itself is held to gguf-py's tensor map by
+/// `flux_with_a_gguf_t5_matches_diffusers`, whose file gguf-py named),
 /// its layers in q8_0 / q4_0 blocks, its embedding in f16: held as stored and multiplied held
 /// once (`gguf-compact`) it computes what the dense T5 of the same values computes (the same f32
 /// products: 1e-5 of the states' largest value); in the fastest products (q8_0 on int8 tiles
 /// where the CPU has VNNI) within 2⁻⁶ of it, as `--quantize-t5`'s tiles are held.
 #[test]
 fn t5_from_a_gguf_file_computes_its_dequantized_weights() {
-    use candela::engine::loader::single_file::{Naming, SingleFileWeights, TransformerFile};
-    use candela::engine::loader::weights::StoredDtypes;
-    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-    let dir = model_dir("t5-tiny");
-    let llama_name = |name: &str| -> String {
-        if name == "shared.weight" {
-            return "token_embd.weight".into();
-        }
-        if name == "encoder.final_layer_norm.weight" {
-            return "enc.output_norm.weight".into();
-        }
-        let rest = name.strip_prefix("encoder.block.").unwrap();
-        let (i, inner) = rest.split_once('.').unwrap();
-        let tensor = match inner {
-            "layer.0.layer_norm.weight" => "attn_norm",
-            "layer.0.SelfAttention.q.weight" => "attn_q",
-            "layer.0.SelfAttention.k.weight" => "attn_k",
-            "layer.0.SelfAttention.v.weight" => "attn_v",
-            "layer.0.SelfAttention.o.weight" => "attn_o",
-            "layer.0.SelfAttention.relative_attention_bias.weight" => "attn_rel_b",
-            "layer.1.layer_norm.weight" => "ffn_norm",
-            "layer.1.DenseReluDense.wi_0.weight" => "ffn_gate",
-            "layer.1.DenseReluDense.wi_1.weight" => "ffn_up",
-            "layer.1.DenseReluDense.wo.weight" => "ffn_down",
-            other => panic!("unexpected T5 tensor {other}"),
-        };
-        format!("enc.blk.{i}.{tensor}.weight")
+    use candela::engine::loader::single_file::{
+        t5_source, Naming, SingleFileWeights, TransformerFile,
     };
+    use candela::engine::loader::weights::StoredDtypes;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dir = model_dir("t5-tiny");
     let tensors =
         candle_core::safetensors::load(dir.file("text_encoder/model.safetensors"), &Device::Cpu)
             .unwrap();
@@ -771,15 +750,11 @@ fn t5_from_a_gguf_file_computes_its_dequantized_weights() {
         };
         let q = QTensor::quantize(&t, format).unwrap();
         dequantized.insert(name.clone(), q.dequantize(&Device::Cpu).unwrap());
-        stored.push((llama_name(name), q));
+        stored.push((t5_source(name).unwrap(), q));
     }
     let tmp = tempfile::tempdir().unwrap();
     let gguf = tmp.path().join("t5-tiny-encoder-mixed.gguf");
-    let architecture = gguf_file::Value::String("t5encoder".into());
-    let refs: Vec<(&str, &QTensor)> = stored.iter().map(|(n, q)| (n.as_str(), q)).collect();
-    let mut out = std::fs::File::create(&gguf).unwrap();
-    gguf_file::write(&mut out, &[("general.architecture", &architecture)], &refs).unwrap();
-    drop(out);
+    write_gguf(&gguf, "t5encoder", &stored);
     let config = || {
         dir.read_json::<serde_json::Value>("text_encoder/config.json")
             .unwrap()

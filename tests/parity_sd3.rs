@@ -264,7 +264,7 @@ fn sd35_from_stability_single_file_equals_diffusers_layout() {
 /// and the last block's context modulation with its halves swapped, all in block formats.
 #[test]
 fn sd35_from_a_gguf_file_computes_its_dequantized_weights() {
-    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::quantized::{GgmlDType, QTensor};
     let sai = fixtures().join("models/sd3.5-medium-tiny-sai.safetensors");
     let tensors = candle_core::safetensors::load(&sai, &Device::Cpu).unwrap();
     let mut names: Vec<&String> = tensors.keys().collect();
@@ -299,11 +299,7 @@ fn sd35_from_a_gguf_file_computes_its_dequantized_weights() {
     ));
     let tmp = tempfile::tempdir().unwrap();
     let gguf = tmp.path().join("sd3.5-medium-tiny-mixed.gguf");
-    let architecture = gguf_file::Value::String("sd3".into());
-    let refs: Vec<(&str, &QTensor)> = blocks.iter().map(|(n, q)| (n.as_str(), q)).collect();
-    let mut out = std::fs::File::create(&gguf).unwrap();
-    gguf_file::write(&mut out, &[("general.architecture", &architecture)], &refs).unwrap();
-    drop(out);
+    write_gguf(&gguf, "sd3", &blocks);
     let dense = tmp.path().join("sd3.5-medium-tiny-dequantized.safetensors");
     candle_core::safetensors::save(&dequantized, &dense).unwrap();
     let dir = model_dir(fixtures().join("models/sd35m-tiny"));

@@ -131,3 +131,17 @@ pub fn base_params(
         transformer: Default::default(),
     }
 }
+
+/// `tensors` (name, blocks) written to `path` as a GGUF file of `architecture` (the key the
+/// community's converters set).
+pub fn write_gguf(
+    path: &std::path::Path,
+    architecture: &str,
+    tensors: &[(String, candle_core::quantized::QTensor)],
+) {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let architecture = gguf_file::Value::String(architecture.into());
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    let mut out = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut out, &[("general.architecture", &architecture)], &refs).unwrap();
+}
