@@ -349,8 +349,7 @@ fn load_t5_as(
         file.into_var_builder(dtype, &Device::Cpu),
         config,
         &stored,
-        format,
-        None,
+        format.into(),
     )
     .unwrap()
 }
@@ -411,8 +410,7 @@ fn t5_quantized_on_load_is_held_as_planned_and_computes_its_dequantized_weights(
         candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
         config,
         &file.stored_dtypes(),
-        WeightFormat::Dense,
-        None,
+        WeightFormat::Dense.into(),
     )
     .unwrap();
     let t = load_tensors("stages/t5.safetensors");
@@ -764,8 +762,7 @@ fn t5_from_a_gguf_file_computes_its_dequantized_weights() {
         candle_nn::VarBuilder::from_tensors(dequantized, DType::F32, &Device::Cpu),
         config(),
         &no_stored,
-        WeightFormat::Dense,
-        None,
+        WeightFormat::Dense.into(),
     )
     .unwrap();
     let from_gguf = |format: &str| {
@@ -775,8 +772,10 @@ fn t5_from_a_gguf_file_computes_its_dequantized_weights() {
             weights.var_builder(DType::F32, &Device::Cpu),
             config(),
             &no_stored,
-            format.parse().unwrap(),
-            Some(&*weights),
+            candela::engine::models::quantized::LayerSource {
+                format: format.parse().unwrap(),
+                stored: Some(&*weights),
+            },
         )
         .unwrap()
     };

@@ -1265,8 +1265,10 @@ mod tests {
                 weights.var_builder(DType::F32, &Device::Cpu),
                 dir.read_json("text_encoder_2/config.json").unwrap(),
                 &StoredDtypes::ByName(Default::default()),
-                options.t5_blocks_format().unwrap(),
-                Some(&*weights),
+                crate::engine::models::quantized::LayerSource {
+                    format: options.t5_blocks_format().unwrap(),
+                    stored: Some(&*weights),
+                },
             )
             .unwrap();
             assert_eq!(

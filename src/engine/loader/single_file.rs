@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{var_builder::SimpleBackend, Init};
 
 use super::gguf::{is_block_format, GgufFile};
-use super::weights::SafetensorsFile;
+use super::weights::{SafetensorsFile, StoredDtypes};
 use crate::engine::error::Result;
 use crate::engine::models::flux::FluxTransformerConfig;
 use crate::engine::models::quantized::StoredBlocks;
@@ -343,6 +343,25 @@ impl TransformerFile {
         match self {
             Self::Safetensors(f) => f.path(),
             Self::Gguf(f) => f.path(),
+        }
+    }
+
+    /// The half precision the products' weights are all stored in, if one
+    /// ([`SafetensorsFile::products_stored_in_half`]); a GGUF file's float layers (embedders,
+    /// norms) are held in the compute dtype.
+    pub fn products_stored_in_half(&self) -> Option<DType> {
+        match self {
+            Self::Safetensors(f) => f.products_stored_in_half(),
+            Self::Gguf(_) => None,
+        }
+    }
+
+    /// The dtype each tensor is stored in, for a model that holds some as stored; a GGUF
+    /// file's float tensors are read in the compute dtype.
+    pub fn stored_dtypes(&self) -> StoredDtypes {
+        match self {
+            Self::Safetensors(f) => f.stored_dtypes(),
+            Self::Gguf(_) => StoredDtypes::ByName(Default::default()),
         }
     }
 }

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::blocks::Linear;
 use super::cpu_util::{self, SharedOut, Strided};
-use super::quantized::{BlockLinear, LayerSource, StoredBlocks, WeightFormat};
+use super::quantized::{BlockLinear, LayerSource, WeightFormat};
 use crate::engine::loader::weights::StoredDtypes;
 
 /// A weight's values as stored, (in, out) row-major: the layout the `gemm` crate reads fastest
@@ -255,10 +255,9 @@ pub(crate) fn widened_product(
 pub struct Holding<'a> {
     stored: Option<&'a StoredDtypes>,
     cpu_f32: bool,
-    /// The Linear layers quantized on load ([`Self::quantized`]); dense: as above.
-    format: WeightFormat,
-    /// Under [`WeightFormat::Stored`]: the blocks a GGUF file holds, taken as they are.
-    blocks: Option<&'a dyn StoredBlocks>,
+    /// The Linear layers quantized on load, or a GGUF file's blocks taken as they are
+    /// ([`Self::with_layers`]); dense: as above.
+    layers: LayerSource<'a>,
 }
 
 impl<'a> Holding<'a> {
@@ -267,34 +266,20 @@ impl<'a> Holding<'a> {
         Self {
             stored: Some(stored),
             cpu_f32: vb.device().is_cpu() && vb.dtype() == DType::F32,
-            format: WeightFormat::Dense,
-            blocks: None,
+            layers: WeightFormat::Dense.into(),
         }
     }
 
-    /// The Linear layers `blocks` stores taken as they are (a GGUF file's, under
-    /// [`WeightFormat::Stored`]).
-    pub fn stored_blocks(self, blocks: Option<&'a dyn StoredBlocks>) -> Self {
-        Self { blocks, ..self }
+    /// The Linear layers read in the model's dtype and held in `layers.format`
+    /// ([`BlockLinear`]: a quantized T5) where the format takes their rows
+    /// ([`WeightFormat::for_inputs`]), or taken as a GGUF file's blocks (`layers.stored`).
+    pub fn with_layers(self, layers: LayerSource<'a>) -> Self {
+        Self { layers, ..self }
     }
 
     /// Whether layers are taken from stored blocks (a GGUF file's).
     pub fn takes_stored_blocks(&self) -> bool {
-        matches!(self.format, WeightFormat::Stored(_)) && self.blocks.is_some()
-    }
-
-    /// Where a layer's stored blocks come from ([`LayerSource::stored_blocks`]).
-    pub fn layers(&self) -> LayerSource<'a> {
-        LayerSource {
-            format: self.format,
-            stored: self.blocks,
-        }
-    }
-
-    /// The Linear layers read in the model's dtype and held in `format` ([`BlockLinear`]: a
-    /// quantized T5), where the format takes their rows ([`WeightFormat::for_inputs`]).
-    pub fn quantized(self, format: WeightFormat) -> Self {
-        Self { format, ..self }
+        matches!(self.layers.format, WeightFormat::Stored(_)) && self.layers.stored.is_some()
     }
 
     /// Every weight in the model's dtype.
@@ -303,8 +288,7 @@ impl<'a> Holding<'a> {
         Self {
             stored: None,
             cpu_f32: false,
-            format: WeightFormat::Dense,
-            blocks: None,
+            layers: WeightFormat::Dense.into(),
         }
     }
 
@@ -318,7 +302,7 @@ impl<'a> Holding<'a> {
     /// dtype (not as stored) and made into blocks.
     pub fn quantizes(&self, input: usize) -> bool {
         !matches!(
-            self.format.for_inputs(input),
+            self.layers.format.for_inputs(input),
             WeightFormat::Dense | WeightFormat::Stored(_)
         )
     }
@@ -340,9 +324,10 @@ impl<'a> Holding<'a> {
         output: usize,
         with_bias: bool,
     ) -> candle_core::Result<HeldLinear> {
-        if let Some(blocks) = self.layers().stored_blocks(&vb, input, output)? {
+        if let Some(blocks) = self.layers.stored_blocks(&vb, input, output)? {
             let bias = with_bias.then(|| vb.get(output, "bias")).transpose()?;
-            let layer = BlockLinear::from_blocks(blocks, bias.as_ref(), self.format, vb.device())?;
+            let choice = self.layers.format.cpu_choice();
+            let layer = BlockLinear::from_blocks(blocks, bias.as_ref(), choice, vb.device())?;
             return Ok(HeldLinear::Quantized(Box::new(layer)));
         }
         let weight = if self.quantizes(input) {
@@ -362,7 +347,7 @@ impl<'a> Holding<'a> {
             let dense = Linear::new(weight, bias);
             return Ok(HeldLinear::Quantized(Box::new(BlockLinear::from_dense(
                 dense,
-                self.format,
+                self.layers.format,
             )?)));
         }
         Ok(HeldLinear::Full(Linear::new(weight, bias)))
@@ -392,7 +377,7 @@ pub fn is_half(dtype: DType) -> bool {
 pub enum HeldLinear {
     /// In the model's dtype, or in half precision on the CPU ([`Linear`]).
     Full(Linear),
-    /// Quantized on load ([`Holding::quantized`]).
+    /// Quantized on load ([`Holding::with_layers`]).
     Quantized(Box<BlockLinear>),
 }
 

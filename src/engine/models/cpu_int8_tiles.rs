@@ -103,7 +103,7 @@ pub(crate) fn as_if_absent<T>(f: impl FnOnce() -> T) -> T {
 /// A Linear layer held as q8_0 tiles; its bias in f32.
 #[derive(Debug, Clone)]
 pub struct Q8TileLinear {
-    /// The kernels [`Self::new`] found.
+    /// The kernels the constructor found.
     isa: Isa,
     tiles: Vec<u8>,
     bias: Option<Vec<f32>>,
@@ -119,13 +119,8 @@ impl Q8TileLinear {
     }
 
     /// `weight` (out, in) quantized to q8_0 (candle's codes and scales, block for block), with a
-    /// bias of `out` values.
-    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
-        Self::with_kernels(weight, bias, isa())
-    }
-
-    /// [`Self::new`] multiplied by `isa`'s kernels (`bench --kernels` and the tests run each one
-    /// this CPU has).
+    /// bias of `out` values, multiplied by `isa`'s kernels (`bench --kernels` and the tests run
+    /// each one this CPU has; models take [`Self::from_blocks_with`]).
     pub fn with_kernels(
         weight: &Tensor,
         bias: Option<&Tensor>,
@@ -251,7 +246,7 @@ impl KQuant {
 #[derive(Debug, Clone)]
 pub struct KQuantTileLinear {
     kind: KQuant,
-    /// The kernels [`Self::new`] found.
+    /// The kernels the constructor found.
     isa: Isa,
     tiles: Vec<u8>,
     /// Per tile group and super-block: 16 columns' d, then (q4k) their dmin.
@@ -279,16 +274,7 @@ impl KQuantTileLinear {
     }
 
     /// `weight` (out, in) quantized to `format`, q4k or q6k (candle's codes, block for block),
-    /// with a bias.
-    pub fn new(
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        format: GgmlDType,
-    ) -> candle_core::Result<Self> {
-        Self::with_kernels(weight, bias, format, isa())
-    }
-
-    /// [`Self::new`] multiplied by `isa`'s kernels.
+    /// with a bias, multiplied by `isa`'s kernels.
     pub fn with_kernels(
         weight: &Tensor,
         bias: Option<&Tensor>,

@@ -144,20 +144,13 @@ impl QuantizedCpuLinear {
 }
 
 /// `weight` (out, in) quantized to `format` as candle's `QTensor::quantize` does it, block for
-/// block, but on every core: candle quantizes a tensor on one thread, which took ~200 s of
-/// FLUX.1-dev's 352 s q6k build here — a GPU's weights too, which it copies to the CPU for that.
-/// Blocks are independent, so rows quantized apart give the same bytes. A GPU's weight is
-/// quantized so on the CPU and its blocks uploaded.
+/// block, but on every core for a CPU weight: candle quantizes a tensor on one thread (a GPU's
+/// too, copied to the CPU), which took ~200 s of FLUX.1-dev's 352 s q6k build here. Blocks are
+/// independent, so rows quantized apart give the same bytes.
 pub fn quantize(weight: &Tensor, format: GgmlDType) -> candle_core::Result<QTensor> {
-    let device = weight.device();
-    if !device.is_cpu() {
-        let blocks = quantize(&weight.to_device(&candle_core::Device::Cpu)?, format)?;
-        let storage = QStorage::from_data(blocks.data()?, device, format)?;
-        return QTensor::new(storage, weight.shape());
-    }
     let weight = weight.to_dtype(DType::F32)?;
     let (outputs, inputs) = weight.dims2()?;
-    if !inputs.is_multiple_of(format.block_size()) {
+    if !weight.device().is_cpu() || !inputs.is_multiple_of(format.block_size()) {
         return QTensor::quantize(&weight, format);
     }
     let Some(BlockFns { quantize: rows, .. }) = BlockFns::for_format(format) else {

@@ -92,7 +92,7 @@ impl SingleOutput {
         if let Some(blocks) = layers.stored_blocks(&vb, dim + mlp, dim)? {
             let part = |from, count, bias| {
                 let columns = block_columns(&blocks, from, count)?;
-                BlockLinear::from_blocks(columns, bias, layers.format, vb.device())
+                BlockLinear::from_blocks(columns, bias, layers.format.cpu_choice(), vb.device())
             };
             return Ok(Self {
                 attn: part(0, dim, None)?,

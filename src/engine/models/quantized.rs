@@ -162,6 +162,14 @@ impl WeightFormat {
         }
     }
 
+    /// How this format's blocks multiply on the CPU (the fastest product where it says none).
+    pub fn cpu_choice(self) -> CpuQuantized {
+        match self {
+            Self::Quantized(_, choice) | Self::Stored(choice) => choice,
+            Self::Dense | Self::Fp8 => CpuQuantized::Fastest,
+        }
+    }
+
     /// The format a layer of `inputs` inputs is held in: this one where its blocks divide the
     /// row; for the k-quants (256-value blocks) on other rows, llama.cpp's fallback for them
     /// (q4k → q5_0, q5k → q5_1, q6k → q8_0: 32-value blocks, a little more precise) — SD3.5
@@ -364,7 +372,8 @@ impl LayerSource<'_> {
         match self.stored_blocks(&vb, input, output)? {
             Some(blocks) => {
                 let bias = computing(vb.clone()).get(output, "bias")?;
-                BlockLinear::from_blocks(blocks, Some(&bias), self.format, vb.device())
+                let choice = self.format.cpu_choice();
+                BlockLinear::from_blocks(blocks, Some(&bias), choice, vb.device())
             }
             None => BlockLinear::new(input, output, vb, self.format),
         }
@@ -481,54 +490,36 @@ impl BlockLinear {
     /// A dense layer held in `format` (or its fallback for the layer's rows,
     /// [`WeightFormat::for_inputs`]).
     pub fn from_dense(dense: Linear, format: WeightFormat) -> candle_core::Result<Self> {
-        let (output, input) = dense.shape();
+        let input = dense.shape().1;
         let format = format.for_inputs(input);
-        let ggml = match format {
+        let (weight, bias) = (&dense.dense_weight()?, dense.bias());
+        match format {
             // A stored layer is made from its blocks ([`LayerSource::linear`]); this one was
             // stored as floats.
-            WeightFormat::Dense | WeightFormat::Stored(_) => return Ok(Self::Dense(dense)),
-            WeightFormat::Fp8 => None,
-            WeightFormat::Quantized(t, _) => Some(t),
-        };
-        let (weight, bias) = (&dense.dense_weight()?, dense.bias());
-        let cpu_product = format.cpu_product().filter(|_| weight.device().is_cpu());
-        match ggml {
-            None => Self::new_fp8(weight.clone(), bias),
-            Some(t) => match cpu_product {
-                Some(CpuProduct::Q8Tiles) if Q8TileLinear::fits(input, output) => {
-                    Ok(Self::Q8Tiles(Q8TileLinear::new(weight, bias)?))
-                }
-                Some(CpuProduct::KQuantTiles) if KQuantTileLinear::fits(input, output) => {
-                    Ok(Self::KQuantTiles(KQuantTileLinear::new(weight, bias, t)?))
-                }
-                // Also tiles the layer's widths do not fit: held once all the same.
-                Some(CpuProduct::Q8Tiles | CpuProduct::KQuantTiles | CpuProduct::Dequantized) => {
-                    Ok(Self::QuantizedCpu(QuantizedCpuLinear::new(
-                        weight, bias, t,
-                    )?))
-                }
-                // candle's product: its tiles on the CPU, its kernels on a GPU.
-                Some(CpuProduct::CandleTiles) | None => Self::candle_quantized(weight, bias, t),
-            },
+            WeightFormat::Dense | WeightFormat::Stored(_) => Ok(Self::Dense(dense)),
+            WeightFormat::Fp8 => Self::new_fp8(weight.clone(), bias),
+            // Quantized on every host core (candle quantizes a device tensor on one CPU
+            // thread), then held as a file's blocks are.
+            WeightFormat::Quantized(t, choice) => {
+                let cpu_weight = weight.to_device(&candle_core::Device::Cpu)?;
+                let blocks = super::cpu_quantized_linear::quantize(&cpu_weight, t)?;
+                Self::from_blocks(blocks, bias, choice, weight.device())
+            }
         }
     }
 
-    /// A layer of GGML `blocks` (out, in) on the CPU, as a file stores them, on `device`:
-    /// multiplied as `format` ([`WeightFormat::Stored`]) says for their format on the CPU,
-    /// candle's kernels on a GPU.
+    /// A layer of GGML `blocks` (out, in) on the CPU (a file's, or a weight's quantized on
+    /// load) on `device`: multiplied on the CPU as `choice` says for their format
+    /// ([`WeightFormat::cpu_product`]; also tiles the layer's widths do not fit are held once),
+    /// with candle's kernels on a GPU.
     pub fn from_blocks(
         blocks: QTensor,
         bias: Option<&Tensor>,
-        format: WeightFormat,
+        choice: CpuQuantized,
         device: &candle_core::Device,
     ) -> candle_core::Result<Self> {
         let (output, input) = blocks.shape().dims2()?;
-        let held = format
-            .stored_as(blocks.dtype())
-            .unwrap_or(WeightFormat::Quantized(
-                blocks.dtype(),
-                CpuQuantized::Fastest,
-            ));
+        let held = WeightFormat::Quantized(blocks.dtype(), choice);
         if !device.is_cpu() {
             let storage = QStorage::from_data(blocks.data()?, device, blocks.dtype())?;
             let blocks = QTensor::new(storage, (output, input))?;
@@ -562,16 +553,6 @@ impl BlockLinear {
             weight: QMatMul::from_qtensor(blocks)?,
             bias,
         })
-    }
-
-    /// A layer on candle's quantized product (`QMatMul`), its bias in f32.
-    fn candle_quantized(
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        format: GgmlDType,
-    ) -> candle_core::Result<Self> {
-        let blocks = super::cpu_quantized_linear::quantize(weight, format)?;
-        Self::quantized_product(blocks, bias)
     }
 
     /// An FP8 layer from a dense weight (out, in) and bias.
@@ -750,12 +731,7 @@ mod tests {
         ] {
             for choice in [CpuQuantized::Fastest, CpuQuantized::Compact] {
                 let blocks = super::super::cpu_quantized_linear::quantize(&weight, t)?;
-                let stored = BlockLinear::from_blocks(
-                    blocks,
-                    Some(&bias),
-                    WeightFormat::Stored(choice),
-                    &Device::Cpu,
-                )?;
+                let stored = BlockLinear::from_blocks(blocks, Some(&bias), choice, &Device::Cpu)?;
                 let dense = Linear::new(weight.clone(), Some(bias.clone()));
                 let quantized = BlockLinear::from_dense(dense, WeightFormat::Quantized(t, choice))?;
                 assert_eq!(

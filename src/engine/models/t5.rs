@@ -25,7 +25,7 @@ use serde::Deserialize;
 use super::blocks::Linear;
 use super::cpu_activation::Activation;
 use super::cpu_half_linear::{HeldLinear, Holding};
-use super::quantized::{StoredBlocks, WeightFormat};
+use super::quantized::{LayerSource, WeightFormat};
 use super::tensor_bytes;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loader::weights::StoredDtypes;
@@ -343,15 +343,14 @@ impl T5Encoder {
     /// `vb` at the file root (`shared.weight`, `encoder.block.*`), in the model's dtype, with the
     /// dtype each tensor is stored in (on the CPU in f32, those stored in half precision are
     /// held so).
-    /// `format`: the blocks' Linear layers quantized on load (`--quantize-t5`; dense: as held
-    /// above). Under f16 the feed-forward output projections stay as that rule holds them.
-    /// `blocks`: under [`WeightFormat::Stored`], a GGUF file's blocks, taken as they are.
+    /// `layers`: the blocks' Linear layers quantized on load (`--quantize-t5`; dense: as held
+    /// above), or a GGUF file's blocks taken as they are. Under f16 the feed-forward output
+    /// projections stay as that rule holds them.
     pub fn new(
         vb: VarBuilder,
         config_json: serde_json::Value,
         stored: &StoredDtypes,
-        format: WeightFormat,
-        blocks: Option<&dyn StoredBlocks>,
+        layers: LayerSource,
     ) -> Result<Self> {
         let c: T5Config = serde_json::from_value(config_json)
             .map_err(|e| EngineError::Unsupported(format!("T5 config: {e}")))?;
@@ -369,9 +368,7 @@ impl T5Encoder {
         } else {
             vb.pp("encoder.embed_tokens")
         };
-        let holding = Holding::new(stored, &vb)
-            .quantized(format)
-            .stored_blocks(blocks);
+        let holding = Holding::new(stored, &vb).with_layers(layers);
         // Rows are looked up, then widened to the model's dtype ([`Self::forward`]).
         let embedding = holding
             .reading(embedding_vb)

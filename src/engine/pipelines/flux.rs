@@ -96,9 +96,9 @@ impl Flux {
             ClipTextModel::new(vb, dir.read_json("text_encoder/config.json")?, &stored)?
         });
         let t5 = (T5Tokenizer::load(dir, "tokenizer_2")?, {
-            let w = source.t5(options, "text_encoder_2/model", dtype, &text_device)?;
+            let (w, stored) = source.t5(options, "text_encoder_2/model", dtype, &text_device)?;
             let config = dir.read_json("text_encoder_2/config.json")?;
-            T5Encoder::new(w.vb.clone(), config, &w.stored, w.format, w.blocks())?
+            T5Encoder::new(w.vb.clone(), config, &stored, w.layers())?
         });
         let config_path = dir.required("transformer/config.json")?;
         let config: FluxTransformerConfig = crate::engine::loader::read_json(&config_path)?;

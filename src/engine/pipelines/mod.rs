@@ -83,41 +83,34 @@ impl WeightSource<'_> {
         Ok((file.into_var_builder(compute, device), stored))
     }
 
-    /// T5's weights (`stem`: its folder's file) on `device`: `options.t5_file` when given, in
-    /// transformers' or llama.cpp's naming, a GGUF file's blocks held as it stores them.
+    /// T5's weights (`stem`: its folder's file) on `device`, with the dtype each tensor is
+    /// stored in: `options.t5_file` when given, in transformers' or llama.cpp's naming, a GGUF
+    /// file's blocks held as it stores them.
     pub(crate) fn t5(
         &self,
         options: &LoadOptions,
         stem: &str,
         dtype: DType,
         device: &Device,
-    ) -> Result<T5Weights> {
-        use crate::engine::loader::single_file::{Naming, SingleFileWeights, TransformerFile};
-        use crate::engine::loader::weights::StoredDtypes;
+    ) -> Result<(LayerWeights, crate::engine::loader::weights::StoredDtypes)> {
+        use crate::engine::loader::single_file::{Naming, TransformerFile};
         let format = options.t5_blocks_format()?;
         let Some(path) = &options.t5_file else {
             let (vb, stored) = self.get_with_stored(stem, dtype, device)?;
-            return Ok(T5Weights {
+            let weights = LayerWeights {
                 vb,
-                stored,
                 format,
                 file: None,
-            });
+            };
+            return Ok((weights, stored));
         };
         let file = TransformerFile::open(path)?;
-        let stored = match &file {
-            TransformerFile::Safetensors(f) => f.stored_dtypes(),
-            // Its float tensors (norms, position biases) are read in the compute dtype.
-            TransformerFile::Gguf(_) => StoredDtypes::ByName(Default::default()),
-        }
-        .narrowed_to(cpu_half_dtype(device, dtype));
-        let file = std::sync::Arc::new(SingleFileWeights::new(file, Naming::T5)?);
-        Ok(T5Weights {
-            vb: file.var_builder(compute_dtype(device, dtype), device),
-            stored,
-            format,
-            file: Some(file),
-        })
+        let stored = file
+            .stored_dtypes()
+            .narrowed_to(cpu_half_dtype(device, dtype));
+        let compute = compute_dtype(device, dtype);
+        let weights = LayerWeights::of(file, Naming::T5, format, compute, device)?;
+        Ok((weights, stored))
     }
 
     /// The transformer's weights: `options.transformer_file` when given, else the folder's
@@ -129,64 +122,57 @@ impl WeightSource<'_> {
         naming: crate::engine::loader::single_file::Naming,
         dtype: DType,
         device: &Device,
-    ) -> Result<TransformerWeights> {
-        use crate::engine::loader::single_file::{SingleFileWeights, TransformerFile};
+    ) -> Result<LayerWeights> {
+        use crate::engine::loader::single_file::TransformerFile;
         use crate::engine::loader::weights::SafetensorsFile;
         const STEM: &str = "transformer/diffusion_pytorch_model";
         let format = options.transformer_blocks_format()?;
         // Random weights stand in for what no file names (a benchmark of a transformer file
         // takes the file's).
         if self.random && options.transformer_file.is_none() {
-            return Ok(TransformerWeights {
+            return Ok(LayerWeights {
                 vb: self.random_weights(dtype, device),
-                file: None,
                 format,
+                file: None,
             });
         }
         let file = match &options.transformer_file {
             Some(path) => TransformerFile::open(path)?,
             None => TransformerFile::Safetensors(SafetensorsFile::open_component(self.dir, STEM)?),
         };
-        let half = match &file {
-            TransformerFile::Safetensors(f) => f.products_stored_in_half(),
-            // A GGUF file's float layers (embedders, norms) are held in the compute dtype.
-            TransformerFile::Gguf(_) => None,
-        };
-        let dtype = weights_dtype(device, dtype, half);
+        let dtype = weights_dtype(device, dtype, file.products_stored_in_half());
+        LayerWeights::of(file, naming, format, dtype, device)
+    }
+}
+
+/// A model's weights as its constructor reads them (the transformer's, T5's): a var builder,
+/// and the format its Linear layers are held in, from a GGUF file's stored blocks under
+/// `Stored`.
+pub(crate) struct LayerWeights {
+    pub vb: candle_nn::VarBuilder<'static>,
+    format: crate::engine::models::quantized::WeightFormat,
+    file: Option<std::sync::Arc<crate::engine::loader::single_file::SingleFileWeights>>,
+}
+
+impl LayerWeights {
+    /// `file` read through `naming` (or the library's own names) in `dtype` on `device`.
+    fn of(
+        file: crate::engine::loader::single_file::TransformerFile,
+        naming: crate::engine::loader::single_file::Naming,
+        format: crate::engine::models::quantized::WeightFormat,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        use crate::engine::loader::single_file::SingleFileWeights;
         let file = std::sync::Arc::new(SingleFileWeights::new(file, naming)?);
-        Ok(TransformerWeights {
+        Ok(Self {
             vb: file.var_builder(dtype, device),
-            file: Some(file),
             format,
+            file: Some(file),
         })
     }
-}
 
-/// T5's weights as its constructor reads them.
-pub(crate) struct T5Weights {
-    pub vb: candle_nn::VarBuilder<'static>,
-    pub stored: crate::engine::loader::weights::StoredDtypes,
-    pub format: crate::engine::models::quantized::WeightFormat,
-    file: Option<std::sync::Arc<crate::engine::loader::single_file::SingleFileWeights>>,
-}
-
-impl T5Weights {
-    /// A GGUF file's stored blocks, if T5 comes from one.
-    pub fn blocks(&self) -> Option<&dyn crate::engine::models::quantized::StoredBlocks> {
-        use crate::engine::models::quantized::StoredBlocks;
-        self.file.as_deref().map(|f| f as &dyn StoredBlocks)
-    }
-}
-
-/// A transformer's weights as its model's constructor reads them.
-pub(crate) struct TransformerWeights {
-    pub vb: candle_nn::VarBuilder<'static>,
-    file: Option<std::sync::Arc<crate::engine::loader::single_file::SingleFileWeights>>,
-    format: crate::engine::models::quantized::WeightFormat,
-}
-
-impl TransformerWeights {
-    /// Where the blocks' Linear layers come from: the format, and a GGUF file's stored blocks.
+    /// Where the Linear layers come from: the format, and a GGUF file's stored blocks.
     pub fn layers(&self) -> crate::engine::models::quantized::LayerSource<'_> {
         use crate::engine::models::quantized::StoredBlocks;
         crate::engine::models::quantized::LayerSource {

@@ -114,8 +114,9 @@ impl StableDiffusion3 {
             let tokenizer = T5Tokenizer::load(dir, "tokenizer_3")?;
             let config = dir.read_json("text_encoder_3/config.json")?;
             Some((tokenizer, {
-                let w = source.t5(options, "text_encoder_3/model", dtype, &text_device)?;
-                T5Encoder::new(w.vb.clone(), config, &w.stored, w.format, w.blocks())?
+                let (w, stored) =
+                    source.t5(options, "text_encoder_3/model", dtype, &text_device)?;
+                T5Encoder::new(w.vb.clone(), config, &stored, w.layers())?
             }))
         } else {
             None
