@@ -234,10 +234,12 @@ impl Footprint {
                 stem.to_string()
             };
             let component_dtype = if folder == "vae" { vae_dtype } else { dtype };
-            let is_t5 = folder.starts_with("text_encoder")
-                && dir.read_json::<serde_json::Value>(&format!("{folder}/config.json"))?
-                    ["model_type"]
-                    == "t5";
+            let text_config: serde_json::Value = if folder.starts_with("text_encoder") {
+                dir.read_json(&format!("{folder}/config.json"))?
+            } else {
+                serde_json::Value::Null
+            };
+            let is_t5 = text_config["model_type"] == "t5";
             // A single file in the folder's place: the transformer's, or T5's.
             let single_file = match (&options.transformer_file, &options.t5_file) {
                 (Some(path), _) if is_transformer && folder == denoiser_folder => Some(path),
@@ -272,10 +274,9 @@ impl Footprint {
                 // stored in f32 in the half precision asked for (`WeightSource::get_with_stored`).
                 let half = cpu_half_dtype(device, component_dtype);
                 let component_dtype = compute_dtype(device, component_dtype);
-                let config: serde_json::Value = dir.read_json(&format!("{folder}/config.json"))?;
                 // T5's rules (and format), or the holding every text encoder on the CPU follows.
                 let on_cpu = device.is_cpu();
-                if config["model_type"] == "t5" {
+                if is_t5 {
                     let t5_format = options.t5_blocks_format()?;
                     file.loaded_bytes_with(|name, stored, shape| {
                         let held = (component_dtype, t5_format);
@@ -308,18 +309,11 @@ impl Footprint {
                             .map(|columns| {
                                 let format = options.transformer_format.for_inputs(columns);
                                 let part = [*rows, columns];
-                                // FP8 also holds a scale per row, in the compute dtype.
-                                let scales = match format {
-                                    WeightFormat::Fp8 => *rows * compute.size_in_bytes(),
-                                    _ => 0,
-                                } as u64;
-                                match format.resident_bits_per_weight(device.is_cpu()) {
-                                    Some(bits) => {
-                                        let numel = part.iter().product::<usize>() as f64;
-                                        (numel * bits / 8.0).round() as u64 + scales
-                                    }
-                                    None => dense_held_bytes(name, &part, device, products_dtype),
-                                }
+                                format
+                                    .layer_bytes(part, device.is_cpu(), compute)
+                                    .unwrap_or_else(|| {
+                                        dense_held_bytes(name, &part, device, products_dtype)
+                                    })
                             })
                             .sum()
                     }
@@ -561,10 +555,6 @@ impl Footprint {
 const DEVICE_VAE_MAPS: u64 = 4;
 const CPU_VAE_MAPS: u64 = 3;
 
-/// What attention whose whole scores and softmax would take `bytes` holds at once: unfused, the
-/// queries go in slices past [`MAX_SCORE_BYTES`](crate::engine::models::attention::MAX_SCORE_BYTES)
-/// (scores, softmax and an f32 upcast at most); the fused kernels (CPU f32, CUDA f16/bf16) hold
-/// none of it.
 /// The input widths of the parts a block weight of `rows` × `inputs` is held in: FLUX's
 /// single-block output projection as its attention and MLP columns (`SingleOutput`, `rows` of
 /// each and the rest), every other weight whole.
@@ -612,19 +602,22 @@ fn gguf_held_bytes(
             let (Some(stored), Some(dims)) = (file.format(name), file.dims(name)) else {
                 return 0;
             };
-            let numel = dims.iter().product::<usize>();
-            let in_blocks = quantized_layer(name);
-            let bits = (format.stored_as(stored))
-                .filter(|_| in_blocks && dims.len() == 2 && is_block_format(stored))
-                .and_then(|held| held.resident_bits_per_weight(device.is_cpu()));
-            match bits {
-                Some(bits) => (numel as f64 * bits / 8.0).round() as u64,
-                None => dense_held_bytes(name, dims, device, dtype),
-            }
+            let held = match dims {
+                [rows, inputs] if quantized_layer(name) && is_block_format(stored) => {
+                    let held = format.stored_as(stored);
+                    held.and_then(|f| f.layer_bytes([*rows, *inputs], device.is_cpu(), dtype))
+                }
+                _ => None,
+            };
+            held.unwrap_or_else(|| dense_held_bytes(name, dims, device, dtype))
         })
         .sum()
 }
 
+/// What attention whose whole scores and softmax would take `bytes` holds at once: unfused, the
+/// queries go in slices past [`MAX_SCORE_BYTES`](crate::engine::models::attention::MAX_SCORE_BYTES)
+/// (scores, softmax and an f32 upcast at most); the fused kernels (CPU f32, CUDA f16/bf16) hold
+/// none of it.
 fn attention_scores(bytes: u64) -> u64 {
     bytes.min(3 * crate::engine::models::attention::MAX_SCORE_BYTES as u64)
 }

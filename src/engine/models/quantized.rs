@@ -134,6 +134,24 @@ impl WeightFormat {
         })
     }
 
+    /// Bytes a layer of `rows` × `inputs` weights holds in this format (`None` for dense): the
+    /// resident bits of each weight ([`Self::resident_bits_per_weight`]), and FP8's scale per
+    /// row in `compute` (the layer's compute dtype); as [`BlockLinear::bytes`] counts them, but
+    /// the bias.
+    pub fn layer_bytes(
+        self,
+        [rows, inputs]: [usize; 2],
+        on_cpu: bool,
+        compute: DType,
+    ) -> Option<u64> {
+        let bits = self.resident_bits_per_weight(on_cpu)?;
+        let scales = match self {
+            Self::Fp8 => rows * compute.size_in_bytes(),
+            _ => 0,
+        };
+        Some(((rows * inputs) as f64 * bits / 8.0).round() as u64 + scales as u64)
+    }
+
     /// Whether the CPU holds these blocks twice (candle's tiles beside them).
     pub fn held_twice_on_cpu(self) -> bool {
         self.cpu_product() == Some(CpuProduct::CandleTiles)
