@@ -165,8 +165,13 @@ fn elementwise_kernels_match_exact_results() {
         ("layer_norm_modulate", 6, 200, 2, 1),
         ("layer_norm_modulate", 4, 3000, 2, 1),
         ("layer_norm_modulate", 3, 203, 3, 0),
+        // group_norm: the "samples" field is the statistics' slices per group (3 and 5: a
+        // shorter last slice; 40 of 8 values over 148: empty ones at the end).
         ("group_norm", 6, 512, 1, 1),
+        ("group_norm", 6, 512, 3, 1),
         ("group_norm", 4, 148, 1, 0),
+        ("group_norm", 4, 148, 5, 0),
+        ("group_norm", 4, 148, 40, 0),
         ("modulate", 6, 40, 2, 1),
         ("modulate", 5, 36, 1, 0),
         ("gated_add", 6, 40, 2, 1),
@@ -212,6 +217,8 @@ fn elementwise_kernels_match_exact_results() {
         ("fp8_quantize", 5, 37, 1, 0),
         ("fp8_rescale", 70, 40, 1, 1),
         ("fp8_rescale", 5, 36, 1, 0),
+        // Weight casts to e4m3 and back (every dtype): any wrong code or value fails the case.
+        ("cast_e4m3", 33, 31, 1, 0),
     ];
     let mut failures = Vec::new();
     for (dtype, limit) in limits() {

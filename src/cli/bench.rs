@@ -88,17 +88,17 @@ pub struct BenchArgs {
     /// room for the transformer.
     #[arg(long)]
     pub without_t5: bool,
-    /// The fused CUDA attention kernel the models run: `tiled` (the measured one), or a
-    /// candidate (`pipelined`, `wide`, and on H100/H200 `hopper`, `hopper-128`) to time whole
-    /// models with it.
-    #[arg(long, default_value = "tiled")]
+    /// The fused CUDA attention kernel the models run: `hopper` (the default: on H100/H200 at
+    /// head sizes 64 and 128, `tiled` elsewhere), `tiled`, or a candidate (`pipelined`, `wide`,
+    /// `hopper-128`) to time whole models with it.
+    #[arg(long, default_value = "hopper")]
     pub attention_kernel: String,
-    /// The cuDNN API of the half-precision convolutions: `legacy` (the measured one) or the
-    /// `graph` candidate, to time whole models with it.
-    #[arg(long, default_value = "legacy")]
+    /// The cuDNN API of the half-precision convolutions: `graph` (the default; the legacy plan
+    /// for a shape it cannot run) or `legacy`, to time whole models with it.
+    #[arg(long, default_value = "graph")]
     pub conv_engine: String,
     /// Fused CUDA paths to switch off for this run, comma-separated (`deferred-bias`, `qk-norm`,
-    /// `upsample`, `layer-norm-modulate`, `token-major-rope`, `fp8-linear`, `attention`): a whole
+    /// `upsample`, `layer-norm-modulate`, `token-major-rope`, `fp8-linear`, `attention`, `group-norm`): a whole
     /// model timed without them, against the default run — what each one buys.
     #[arg(long, value_delimiter = ',')]
     pub switch_off: Vec<String>,
@@ -266,7 +266,8 @@ fn select_attention_kernel(name: &str) -> anyhow::Result<()> {
     }
     #[cfg(not(feature = "cuda"))]
     match name {
-        "tiled" => Ok(()),
+        // The default, and the kernel it falls back on: nothing to choose without CUDA.
+        "hopper" | "tiled" => Ok(()),
         other => anyhow::bail!("--attention-kernel {other} needs a build with the cuda feature"),
     }
 }
@@ -286,7 +287,8 @@ fn select_conv_engine(name: &str) -> anyhow::Result<()> {
     }
     #[cfg(not(feature = "cudnn"))]
     match name {
-        "legacy" => Ok(()),
+        // Without cuDNN no convolution goes through either API.
+        "graph" | "legacy" => Ok(()),
         other => anyhow::bail!("--conv-engine {other} needs a build with the cudnn feature"),
     }
 }

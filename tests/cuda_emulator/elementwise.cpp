@@ -4,8 +4,9 @@
 // prints "relative_l2 max_abs". OP:
 //   layer_norm_modulate  ROWS rows of D in BATCHES samples (shift and scale per sample), one
 //                        block of 256 threads per row as the engine launches it;
-//   group_norm           ROWS = batch · groups blocks over D = values per group (4 channels per
-//                        group · HW), then the apply kernel, with SiLU;
+//   group_norm           ROWS = batch · groups groups of D values (4 channels per group · HW),
+//                        their statistics in BATCHES slices per group then merged, then the
+//                        apply kernel, with SiLU;
 //   modulate, gated_add  ROWS tokens of D in BATCHES samples (per-sample vectors); gated_add_bias
 //                        adds a bias of D to the gated term, gated_add_sum also a second
 //                        product (ROWS × D);
@@ -27,6 +28,8 @@
 //                        (found by search over all 256 codes): prints "0 0", else the share of
 //                        wrong codes; then the relative L2 error of codes · scale against x;
 //   fp8_rescale          ROWS × D · a per-column scale + a bias.
+//   cast_e4m3            ROWS × D values → e4m3 codes, each the nearest-even code (saturating), and
+//                        every finite code → its value: prints the count of wrong ones (0 0).
 // The grid-stride kernels get the engine's grid: ⌈items / 256⌉ blocks.
 #include "emulate.h"
 
@@ -98,9 +101,14 @@ void layer_norm_modulate_case(size_t rows, size_t d, size_t batches, int vec, un
     e.print();
 }
 
+// A grid-stride kernel's launch as the engine makes it (`config` in elementwise.rs).
+unsigned grid_for(size_t items) {
+    return (unsigned)std::max<size_t>(1, std::min<size_t>((items + THREADS - 1) / THREADS, 1 << 16));
+}
+
 template <typename T>
-void group_norm_case(size_t blocks, size_t group_size, int vec, unsigned seed,
-                     void (*stats_kernel)(const T *, float *, size_t, float, int),
+void group_norm_case(size_t blocks, size_t group_size, size_t slices, int vec, unsigned seed,
+                     void (*partial_kernel)(const T *, float *, size_t, size_t, int),
                      void (*apply_kernel)(const T *, const float *, const T *, const T *, T *, size_t, size_t,
                                           size_t, size_t, int, int)) {
     // blocks = batch · groups; 4 channels per group, 2 samples.
@@ -113,7 +121,14 @@ void group_norm_case(size_t blocks, size_t group_size, int vec, unsigned seed,
     fill(scale, rng, 1.0f, 0.5f);
     fill(shift, rng, 0.0f, 1.0f);
     const float eps = 1e-5f;
-    launch(stats_kernel, (unsigned)blocks, 1, THREADS, 0, (const T *)x.data, stats.data, group_size, eps, vec);
+    // Slices as the engine cuts them: a multiple of 8 values (the last ones shorter or empty).
+    const size_t slice = (group_size + slices - 1) / slices;
+    const size_t rounded = (slice + 7) / 8 * 8;
+    Buffer<float> partial(3 * blocks * slices);
+    launch(partial_kernel, (unsigned)blocks, (unsigned)slices, THREADS, 0, (const T *)x.data, partial.data,
+           group_size, rounded, vec);
+    launch(group_norm_merge, grid_for(blocks), 1, THREADS, 0, (const float *)partial.data, stats.data, blocks,
+           slices, eps);
     const size_t items = vec ? n / Pack<T>::N : n;
     const unsigned grid = (unsigned)std::min<size_t>((items + THREADS - 1) / THREADS, 1 << 16);
     launch(apply_kernel, grid, 1, THREADS, 0, (const T *)x.data, (const float *)stats.data,
@@ -129,11 +144,6 @@ void group_norm_case(size_t blocks, size_t group_size, int vec, unsigned seed,
         }
     }
     e.print();
-}
-
-// A grid-stride kernel's launch as the engine makes it (`config` in elementwise.rs).
-unsigned grid_for(size_t items) {
-    return (unsigned)std::max<size_t>(1, std::min<size_t>((items + THREADS - 1) / THREADS, 1 << 16));
 }
 
 // The per-token kernels against f64: modulate, gated_add, bias_add, geglu, rope.
@@ -394,15 +404,44 @@ void fp8_case(const std::string &op, size_t rows, size_t d, int vec, unsigned se
     }
 }
 
+// Casts to e4m3 (a weight's values, saturating past ±448, a subnormal, ±0) must give the
+// nearest-even code of each value, and every finite code must decode to its exact value:
+// prints the number of wrong codes and values twice (any fails the case).
+template <typename T>
+void cast_e4m3_case(size_t rows, size_t d, unsigned seed) {
+    std::mt19937 rng(seed);
+    const size_t n = rows * d;
+    Buffer<T> x(n);
+    fill(x, rng, 0.0f, 150.0f);
+    const float special[] = {0.0f, -0.0f, 600.0f, -1000.0f, 0.0013f, -0.0009f, 448.0f, 232.0f};
+    for (size_t i = 0; i < std::size(special) && i < n; ++i)
+        x[i] = T(special[i]);
+    auto grid = [](size_t items) { return (unsigned)std::min<size_t>((items + THREADS - 1) / THREADS, 65536); };
+    Buffer<unsigned char> codes(n);
+    launch(fp8_encode<T>, grid(n), 1, THREADS, 0, (const T *)x.data, codes.data, n);
+    size_t wrong = 0;
+    for (size_t i = 0; i < n; ++i)
+        wrong += codes[i] != nearest_e4m3((float)f(x[i]));
+    Buffer<unsigned char> every(256);
+    Buffer<T> values(256);
+    for (unsigned c = 0; c < 256; ++c)
+        every[c] = (unsigned char)c;
+    launch(fp8_decode<T>, grid(256), 1, THREADS, 0, (const unsigned char *)every.data, values.data, (size_t)256);
+    for (unsigned c = 0; c < 256; ++c)
+        if ((c & 0x7f) != 0x7f)  // NaN
+            wrong += f(values[c]) != e4m3_value(c);
+    std::printf("%zu %zu\n", wrong, wrong);
+}
+
 template <typename T>
 int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, unsigned seed,
         void (*ln)(const T *, const T *, const T *, T *, size_t, size_t, float, int),
-        void (*gs)(const T *, float *, size_t, float, int),
+        void (*gs)(const T *, float *, size_t, size_t, int),
         void (*ga)(const T *, const float *, const T *, const T *, T *, size_t, size_t, size_t, size_t, int, int)) {
     if (op == "layer_norm_modulate")
         layer_norm_modulate_case<T>(rows, d, batches, vec, seed, ln);
     else if (op == "group_norm")
-        group_norm_case<T>(rows, d, vec, seed, gs, ga);
+        group_norm_case<T>(rows, d, batches, vec, seed, gs, ga);
     else if (op == "modulate" || op == "gated_add" || op == "gated_add_bias" || op == "gated_add_sum" ||
              op == "bias_add" ||
              op == "bias_add_residual" || op == "residual_add" || op == "geglu" || op == "geglu_bias" ||
@@ -413,6 +452,8 @@ int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, u
         qk_norm_case<T>(rows, d, batches, vec, seed);
     else if (op == "bias_join")
         bias_join_case<T>(rows, d, vec, seed);
+    else if (op == "cast_e4m3")
+        cast_e4m3_case<T>(rows, d, seed);
     else if (op == "fp8_quantize" || op == "fp8_rescale") {
         if constexpr (sizeof(T) == 2)  // the FP8 kernels take 16-bit activations
             fp8_case<T>(op, rows, d, vec, seed, fp8_absmax<T>, fp8_quantize<T>, fp8_rescale<T>);
@@ -433,7 +474,7 @@ int main(int argc, char **argv) {
     const size_t rows = std::atol(argv[3]), d = std::atol(argv[4]), batches = std::atol(argv[5]);
     const int vec = std::atoi(argv[6]);
     const unsigned seed = std::atoi(argv[7]);
-#define RUN(T, S) run<T>(op, rows, d, batches, vec, seed, layer_norm_modulate_##S, group_norm_stats_##S, group_norm_apply_##S)
+#define RUN(T, S) run<T>(op, rows, d, batches, vec, seed, layer_norm_modulate_##S, group_norm_partial_##S, group_norm_apply_##S)
     if (dtype == "f32")
         return RUN(float, f32);
     if (dtype == "f16")

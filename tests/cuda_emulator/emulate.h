@@ -110,6 +110,14 @@ inline unsigned char e4m3(float x) {
     const int mantissa = (int)std::lround((qf * 2.0f - 1.0f) * 8.0f);
     return sign | (unsigned char)(((qe - 1 + 7) << 3) | mantissa);
 }
+// The value of an e4m3 code: sign, 4 exponent bits (bias 7; 0: subnormals), 3 mantissa bits.
+inline float from_e4m3(unsigned char code) {
+    const int exponent = (code >> 3) & 15, mantissa = code & 7;
+    if ((code & 0x7f) == 0x7f)
+        return NAN;
+    const float v = exponent == 0 ? std::ldexp(mantissa / 8.0f, -6) : std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
+    return (code & 0x80) ? -v : v;
+}
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 namespace emu {

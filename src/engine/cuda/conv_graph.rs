@@ -28,10 +28,11 @@ use sys::cudnnBackendDescriptorType_t as DescriptorType;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ConvEngine {
-    /// The legacy API with an algorithm found by `cudnnFindConvolutionForwardAlgorithm`
-    /// (measured; the default).
+    /// The legacy API with an algorithm found by `cudnnFindConvolutionForwardAlgorithm`.
     Legacy = 0,
-    /// The graph API with the fastest of the heuristics' engine configurations (candidate).
+    /// The graph API with the fastest of the heuristics' engine configurations: the default
+    /// since session 25 (SD 1.5's UNet step 0.70× the legacy API's on an H200, the other
+    /// models' equal; the legacy plan for a shape the graph API cannot run).
     Graph = 1,
 }
 
@@ -46,7 +47,8 @@ impl ConvEngine {
     }
 }
 
-static ENGINE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static ENGINE: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(ConvEngine::Graph as u8);
 
 /// Makes the models' half-precision convolutions use `engine` from now on, in this process.
 pub fn set_engine(engine: ConvEngine) {
@@ -55,8 +57,8 @@ pub fn set_engine(engine: ConvEngine) {
 
 pub fn engine() -> ConvEngine {
     match ENGINE.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => ConvEngine::Graph,
-        _ => ConvEngine::Legacy,
+        0 => ConvEngine::Legacy,
+        _ => ConvEngine::Graph,
     }
 }
 

@@ -257,7 +257,7 @@ pub fn layer_norm_modulate(
     )
 }
 
-fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
+pub(crate) fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "f32",
         DType::F16 => "f16",
@@ -584,24 +584,33 @@ impl CustomOp3 for GroupNorm {
         let dev = &x.device;
         let dtype = x.dtype();
         let name = suffix(dtype)?;
-        let stats_fn =
-            dev.get_or_load_custom_func(&format!("group_norm_stats_{name}"), MODULE, PTX)?;
+        let partial_fn =
+            dev.get_or_load_custom_func(&format!("group_norm_partial_{name}"), MODULE, PTX)?;
+        let merge_fn = dev.get_or_load_custom_func("group_norm_merge_f32", MODULE, PTX)?;
         let apply_fn =
             dev.get_or_load_custom_func(&format!("group_norm_apply_{name}"), MODULE, PTX)?;
         let storage = by_dtype!(dtype, T => {
             let (xv, xa) = input::<T>(x, xl)?;
             let (sv, _) = input::<T>(scale, sl)?;
             let (hv, _) = input::<T>(shift, hl)?;
-            let mut stats = output::<f32>(dev, 2 * b * self.groups)?;
+            let groups = b * self.groups;
+            let slices = group_norm_slices(groups, group_size);
+            // A multiple of 8 values: every slice starts on a 16-byte pack.
+            let slice = group_size.div_ceil(slices).next_multiple_of(8);
+            let mut partial = output::<f32>(dev, 3 * groups * slices)?;
             let vec_stats = (xa && group_size.is_multiple_of(pack::<T>())) as i32;
-            let mut builder = stats_fn.builder();
-            builder.arg(&xv).arg(&mut stats).arg(&group_size).arg(&self.eps).arg(&vec_stats);
+            let mut builder = partial_fn.builder();
+            builder.arg(&xv).arg(&mut partial).arg(&group_size).arg(&slice).arg(&vec_stats);
             let launch = LaunchConfig {
-                grid_dim: ((b * self.groups) as u32, 1, 1),
+                grid_dim: (groups as u32, slices as u32, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             unsafe { builder.launch(launch) }.map_err(cuda_error)?;
+            let mut stats = output::<f32>(dev, 2 * groups)?;
+            let mut builder = merge_fn.builder();
+            builder.arg(&partial).arg(&mut stats).arg(&groups).arg(&slices).arg(&self.eps);
+            unsafe { builder.launch(config(groups)) }.map_err(cuda_error)?;
             let mut out = output::<T>(dev, n)?;
             let vec = (xa && hw.is_multiple_of(pack::<T>())) as i32;
             let silu = self.with_silu as i32;
@@ -624,6 +633,15 @@ impl CustomOp3 for GroupNorm {
         });
         Ok((storage, xl.shape().clone()))
     }
+}
+
+/// Blocks per group for a GroupNorm's statistics: about 1 024 blocks in all (every SM of a large
+/// GPU busy; one per group left a VAE decoder's 32 groups on 32 SMs), none under 4 096 values.
+fn group_norm_slices(groups: usize, group_size: usize) -> usize {
+    1024usize
+        .div_ceil(groups.max(1))
+        .min(group_size / 4096)
+        .max(1)
 }
 
 struct Rope;

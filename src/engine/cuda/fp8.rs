@@ -23,7 +23,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice};
-use candle_core::{CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::elementwise::{config, MODULE, PTX};
 use super::{cuda_error, input};
@@ -106,6 +106,72 @@ pub fn linear_with(
         *last = out;
     }
     ys.reshape(dims)
+}
+
+/// `t` (F8E4M3 codes, or f32/f16/bf16 values) cast to `dtype` (a float dtype, or F8E4M3: the
+/// nearest-even code, saturating at ±448) by our kernels: candle 0.11.1 looks its CUDA casts for
+/// F8E4M3 up under names its kernels do not define (`cast_f32_f8e4m3` for `cast_f32_f8_e4m3`),
+/// so `to_dtype` to or from F8E4M3 fails on every CUDA device.
+pub fn cast(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    if t.dtype() == dtype {
+        return Ok(t.clone());
+    }
+    t.contiguous()?.apply_op1_no_bwd(&Fp8Cast { to: dtype })
+}
+
+struct Fp8Cast {
+    to: DType,
+}
+
+impl CustomOp1 for Fp8Cast {
+    fn name(&self) -> &'static str {
+        "fp8-cast"
+    }
+
+    super::cpu_fwd_unsupported!(1);
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let n = xl.shape().elem_count();
+        let dev = &x.device;
+        let stream = dev.cuda_stream();
+        let storage = match (&x.slice, self.to) {
+            (CudaStorageSlice::F8E4M3(codes), to) => {
+                if !xl.is_contiguous() {
+                    candle_core::bail!("fp8 cast of a non-contiguous tensor");
+                }
+                let codes = codes.slice(xl.start_offset()..);
+                let func = dev.get_or_load_custom_func(
+                    &format!("fp8_decode_{}", super::elementwise::suffix(to)?),
+                    MODULE,
+                    PTX,
+                )?;
+                super::by_dtype!(to, T => {
+                    let mut out = unsafe { stream.alloc::<T>(n) }.map_err(cuda_error)?;
+                    let mut builder = func.builder();
+                    builder.arg(&codes).arg(&mut out).arg(&n);
+                    unsafe { builder.launch(config(n)) }.map_err(cuda_error)?;
+                    CudaStorage::wrap_cuda_slice(out, dev.clone())
+                })
+            }
+            (_, DType::F8E4M3) => {
+                let func = dev.get_or_load_custom_func(
+                    &format!("fp8_encode_{}", super::elementwise::suffix(x.dtype())?),
+                    MODULE,
+                    PTX,
+                )?;
+                super::by_dtype!(x.dtype(), T => {
+                    let (xv, _) = input::<T>(x, xl)?;
+                    let mut out = unsafe { stream.alloc::<float8::F8E4M3>(n) }.map_err(cuda_error)?;
+                    let mut builder = func.builder();
+                    builder.arg(&xv).arg(&mut out).arg(&n);
+                    unsafe { builder.launch(config(n)) }.map_err(cuda_error)?;
+                    CudaStorage::wrap_cuda_slice(out, dev.clone())
+                })
+            }
+            (_, to) => candle_core::bail!("an e4m3 cast from {:?} to {to:?}", x.dtype()),
+        };
+        Ok((storage, xl.shape().clone()))
+    }
 }
 
 struct Fp8Linear;

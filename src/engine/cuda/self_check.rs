@@ -30,10 +30,12 @@ pub enum Fused {
     QkNorm = 5,
     /// Nearest ×2 upsampling in one pass.
     Upsample = 6,
+    /// GroupNorm (+SiLU): statistics in slices of each group, merged, then one normalising pass.
+    GroupNorm = 7,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 7] = [
+    pub const ALL: [Fused; 8] = [
         Fused::Attention,
         Fused::LayerNormModulate,
         Fused::TokenMajorRope,
@@ -41,6 +43,7 @@ impl Fused {
         Fused::DeferredBias,
         Fused::QkNorm,
         Fused::Upsample,
+        Fused::GroupNorm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,11 +55,12 @@ impl Fused {
             Fused::DeferredBias => "deferred-bias",
             Fused::QkNorm => "qk-norm",
             Fused::Upsample => "upsample",
+            Fused::GroupNorm => "group-norm",
         }
     }
 }
 
-static SWITCHED_OFF: [AtomicBool; 7] = [const { AtomicBool::new(false) }; 7];
+static SWITCHED_OFF: [AtomicBool; 8] = [const { AtomicBool::new(false) }; 8];
 
 /// Whether `op` may run (not switched off by a failed check).
 pub fn passed(op: Fused) -> bool {
@@ -83,13 +87,14 @@ type Check = fn(&Device) -> candle_core::Result<f64>;
 
 /// Runs every check on `device` and switches off what fails.
 pub fn run(device: &Device) {
-    let checks: [(Fused, Check); 6] = [
+    let checks: [(Fused, Check); 7] = [
         (Fused::Attention, attention),
         (Fused::LayerNormModulate, layer_norm_modulate),
         (Fused::TokenMajorRope, token_major_rope),
         (Fused::DeferredBias, deferred_bias),
         (Fused::QkNorm, qk_norm),
         (Fused::Upsample, upsample),
+        (Fused::GroupNorm, group_norm),
     ];
     for (op, check) in checks {
         judge(op, check(device), LIMIT);
@@ -352,6 +357,30 @@ fn upsample(device: &Device) -> candle_core::Result<f64> {
     relative_error(
         &super::elementwise::upsample_nearest2x(&x)?,
         &resize_nearest_by_index(&x, 10, 16)?,
+    )
+}
+
+/// GroupNorm + SiLU against candle's layer_norm over each group, at groups of 16 384 values (their
+/// statistics in 4 slices: the merge is exercised).
+fn group_norm(device: &Device) -> candle_core::Result<f64> {
+    let (channels, groups) = (32, 8);
+    // An offset from zero: the variance must not come from a mean of zero.
+    let x = values(&[2, channels, 64, 64], 2.9, device)?
+        .affine(3.0, 1.0)?
+        .to_dtype(DType::F16)?;
+    let scale = values(&[channels], 3.1, device)?.to_dtype(DType::F16)?;
+    let shift = values(&[channels], 3.3, device)?.to_dtype(DType::F16)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    relative_error(
+        &super::elementwise::group_norm(&x, &scale, &shift, groups, 1e-6, true)?,
+        &crate::engine::models::blocks::group_norm_fused(
+            &f32(&x)?,
+            &f32(&scale)?,
+            &f32(&shift)?,
+            groups,
+            1e-6,
+            true,
+        )?,
     )
 }
 

@@ -145,7 +145,8 @@ impl SimpleBackend for SafetensorsFile {
         }
         self.tensors
             .load(name, dev)
-            .and_then(|t| t.to_dtype(dtype))
+            // An fp8 checkpoint's codes are widened on the device.
+            .and_then(|t| crate::engine::models::quantized::cast(&t, dtype))
             .map_err(|e| self.error(name, e.to_string()))
     }
 

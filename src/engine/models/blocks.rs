@@ -507,8 +507,10 @@ impl GroupNorm {
                 );
             }
             #[cfg(feature = "cuda")]
-            let fused = if crate::engine::cuda::elementwise::supports(xs)
-                && self.scale.dtype() == xs.dtype()
+            let fused = if crate::engine::cuda::self_check::runs_on(
+                crate::engine::cuda::self_check::Fused::GroupNorm,
+                xs,
+            ) && self.scale.dtype() == xs.dtype()
             {
                 crate::engine::cuda::elementwise::group_norm
             } else {
