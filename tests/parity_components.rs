@@ -355,7 +355,7 @@ fn load_t5_as(
 }
 
 /// T5 quantized on load (`--quantize-t5`), on the CPU in f32: held as the memory planner counts
-/// it, in every format (the tiny T5's 32- and 64-wide rows take q8_0 and q5_0 where the
+/// it, in every format, FP8 included (the tiny T5's 32- and 64-wide rows take q8_0 and q5_0 where the
 /// k-quants' 256-value blocks do not divide them). Held once and multiplied in f32 (`-compact`)
 /// it computes what the dense T5 of the same weights quantized and dequantized computes: the
 /// same f32 products, 1e-5 of the states' largest value (the dequantized file differs from the
@@ -373,7 +373,8 @@ fn t5_quantized_on_load_is_held_as_planned_and_computes_its_dequantized_weights(
     let format = |f: &str| f.parse::<WeightFormat>().unwrap();
     let file = SafetensorsFile::open(&dir.file("text_encoder/model.safetensors")).unwrap();
     let dense = load_t5(&dir, DType::F32);
-    for name in ["q8_0", "q8_0-compact", "q6k", "q4k", "q4_0-compact"] {
+    // fp8: e4m3 codes and a per-row scale in the layer's dtype (counted since session 25).
+    for name in ["q8_0", "q8_0-compact", "q6k", "q4k", "q4_0-compact", "fp8"] {
         let encoder = load_t5_as(&dir, DType::F32, format(name));
         let planned = file.loaded_bytes_with(|tensor, stored, shape| {
             held_bytes(tensor, stored, shape, (DType::F32, format(name)), true)

@@ -93,18 +93,24 @@ pub fn held_bytes(
     on_cpu: bool,
 ) -> u64 {
     let numel: usize = shape.iter().product();
-    let dense = (numel * weight_dtype(name, stored, dtype, on_cpu).size_in_bytes()) as u64;
+    let held = weight_dtype(name, stored, dtype, on_cpu);
+    let dense = (numel * held.size_in_bytes()) as u64;
     let layer = name.contains("encoder.block.")
         && name.ends_with(".weight")
         && (name.contains(".SelfAttention.") || name.contains(".DenseReluDense."))
         && !name.contains("relative_attention_bias")
         // Under f16 the output projections keep the f16 rule (`OutputProjection`).
         && !(dtype == DType::F16 && name.contains("DenseReluDense.wo."));
-    let bits = match shape {
-        [_, inputs] if layer => format.for_inputs(*inputs).resident_bits_per_weight(on_cpu),
+    // A quantized layer at its format's size (FP8's per-row scales in the layer's dtype too).
+    let quantized = match shape {
+        [rows, inputs] if layer => {
+            format
+                .for_inputs(*inputs)
+                .layer_bytes([*rows, *inputs], on_cpu, held)
+        }
         _ => None,
     };
-    bits.map_or(dense, |bits| (numel as f64 * bits / 8.0).round() as u64)
+    quantized.unwrap_or(dense)
 }
 
 /// transformers' `T5Config` parsing of `feed_forward_proj`, `[gated-]ACT`: the activation and
