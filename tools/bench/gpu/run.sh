@@ -5,10 +5,9 @@
 #   run(command="bash tools/bench/gpu/run.sh diffusers", carry=[".gpu/wheels"], timeout_s=300)
 #   run(command="bash tools/bench/gpu/run.sh candela",   carry=[".gpu/bin"],    timeout_s=≤540)
 # then here: python3 tools/bench/gpu/compare.py <files_at of the candela call> <of the diffusers call>
-# Measured on an H200 (session 5): a machine start ~35 s, the candela call ~90 s (device parity
-# f32/f16, the kernel tables in f16 and bf16 against PyTorch, four models with --profile, the
-# CUDA-graph experiment), the diffusers call ~80-100 s; the second call must follow at once (the
-# machine idles out after 30 s).
+# Measured on an H200 (session 25): a machine start ~33 s, the diffusers call 157 s, the candela
+# call 358 s (everything below, the candidates included); the second call must follow at once
+# (the machine idles out after 30 s). 15 device minutes hold both calls and one short third.
 # Under $OUT: candela.jsonl / diffusers.jsonl (one JSON object per model, the fields of
 # `candela bench --json-out`, profiles included), <side>.log, kernels-<dtype>.jsonl and
 # kernels-torch-<dtype>.jsonl, graphs.jsonl. Same models, shapes and dtypes on both sides:
@@ -27,17 +26,21 @@ PROFILE=${PROFILE---profile}
 MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
 # Candidates not yet the default, each run in the whole models too (candela side only;
 # CANDIDATES= to leave them out): one bench flag each, optionally @model,model (only those),
-# one step, labelled "<model> (<flag>)". The Hopper kernels take head sizes 64 and 128 only
-# (SD 1.5's are 40, 80 and 160).
+# one step, labelled "<model> (<flag>)", in order of importance (a call cut short keeps the
+# first ones). The Hopper kernels take head sizes 64 and 128 only (SD 1.5's are 40, 80 and 160).
 DIT_AND_SDXL=sdxl,sd35-large,flux-dev
-# --switch-off=deferred-bias,qk-norm,upsample: the default run without session 8's fusions
-# (biases folded into their consumers, our residual/per-channel adds, the q/k kernel and the
-# copy-free joins, the one-pass upsampling): what they bought, same machine.
 # --quantize=fp8: FP8 weight storage (memory, and the products on FP8 tensor cores; SDXL's UNet
-# takes it for its transformer blocks since session 23).
-# --quantize=q8_0 / q4k on FLUX-dev: GGML blocks on candle's CUDA kernels, the products a GGUF
-# transformer file's layers run (session 24; the blocks quantized on the host's cores, uploaded).
-CANDIDATES=${CANDIDATES-"--attention-kernel=hopper@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample --quantize=fp8@$DIT_AND_SDXL --conv-engine=graph --attention-kernel=wide --quantize=q8_0@flux-dev --quantize=q4k@flux-dev"}
+# takes it for its transformer blocks). Never timed: session 25's run found candle's F8E4M3
+# casts broken on CUDA (our kernels since).
+# --quantize=q8_0 / q4k on FLUX-dev: GGML blocks, the products a GGUF transformer file's layers
+# run — widened to the activations' dtype for one GEMM since session 25 (candle's quantized
+# kernels ran 3.3x / 3.5x the dense step).
+# --attention-kernel=tiled / --conv-engine=legacy: session 25's former defaults, against the new
+# ones (Hopper attention, the graph API) — what each bought, same machine.
+# --switch-off=deferred-bias,qk-norm,upsample,group-norm: the default run without the fusions
+# (biases folded into their consumers, the q/k kernel and copy-free joins, the one-pass
+# upsampling, the sliced GroupNorm statistics).
+CANDIDATES=${CANDIDATES-"--quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev --quantize=q4k@flux-dev --attention-kernel=tiled@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --conv-engine=legacy@sd15,sdxl --switch-off=deferred-bias,qk-norm,upsample,group-norm"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
