@@ -32,10 +32,14 @@ pub enum Fused {
     Upsample = 6,
     /// GroupNorm (+SiLU): statistics in slices of each group, merged, then one normalising pass.
     GroupNorm = 7,
+    /// A Linear over a narrowed (B, N, K) view with a gap between samples (a joint sequence's
+    /// image or text part under CFG) as one strided batched GEMM, where it was copied first.
+    /// Not a kernel of ours (cuBLAS, as candle calls it): nothing to check, a switch to time.
+    StridedGemm = 8,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 8] = [
+    pub const ALL: [Fused; 9] = [
         Fused::Attention,
         Fused::LayerNormModulate,
         Fused::TokenMajorRope,
@@ -44,6 +48,7 @@ impl Fused {
         Fused::QkNorm,
         Fused::Upsample,
         Fused::GroupNorm,
+        Fused::StridedGemm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,11 +61,12 @@ impl Fused {
             Fused::QkNorm => "qk-norm",
             Fused::Upsample => "upsample",
             Fused::GroupNorm => "group-norm",
+            Fused::StridedGemm => "strided-gemm",
         }
     }
 }
 
-static SWITCHED_OFF: [AtomicBool; 8] = [const { AtomicBool::new(false) }; 8];
+static SWITCHED_OFF: [AtomicBool; 9] = [const { AtomicBool::new(false) }; 9];
 
 /// Whether `op` may run (not switched off by a failed check).
 pub fn passed(op: Fused) -> bool {

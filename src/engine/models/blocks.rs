@@ -164,6 +164,18 @@ impl Linear {
         };
         #[cfg(feature = "cuda")]
         if crate::engine::cuda::elementwise::supports(xs) {
+            use crate::engine::cuda::self_check::{runs_on, switch_off, Fused};
+            if samples_strided(xs) && runs_on(Fused::StridedGemm, xs) {
+                // Each sample's rows contiguous, a gap between samples: cuBLAS reads the view
+                // in place (a batch stride, the weight's 0), where a copy took ~1.5 TB/s.
+                match xs.broadcast_matmul(&inner.weight().t()?) {
+                    Ok(ys) => return Ok(ys),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "strided GEMM refused; such views are copied first");
+                        switch_off(Fused::StridedGemm);
+                    }
+                }
+            }
             let (out, width) = inner.weight().dims2()?;
             let mut dims = xs.dims().to_vec();
             let rows = xs.elem_count() / width.max(1);
@@ -190,6 +202,16 @@ impl Linear {
             }),
             _ => Ok(Biased::done(self.forward(xs)?)),
         }
+    }
+}
+
+/// A (B, N, K) view whose rows lie contiguously within each sample but not from one sample to the
+/// next: the image or text part of a joint sequence narrowed out of a batch of several.
+#[cfg(feature = "cuda")]
+fn samples_strided(xs: &Tensor) -> bool {
+    match (xs.dims(), xs.stride()) {
+        (&[b, n, k], &[_, row, 1]) => b > 1 && n > 1 && row == k && !xs.is_contiguous(),
+        _ => false,
     }
 }
 
