@@ -190,6 +190,11 @@ fn elementwise_kernels_match_exact_results() {
         ("qk_norm", 2 * 7 * 3, 128, 3, 1),
         ("qk_norm", 2 * 5 * 2, 64, 2, 0),
         ("qk_norm", 2 * 9 * 4, 80, 4, 1),
+        // Rows per warp (4 at head size 64, 16 and 8 lanes a row) not dividing the rows; 32
+        // lanes a row at 256.
+        ("qk_norm", 2 * 3 * 3, 64, 3, 1),
+        ("qk_norm", 2 * 7 * 5, 16, 5, 1),
+        ("qk_norm", 2 * 5, 256, 1, 0),
         // bias_join: 2 samples' rows placed at token 3 of a longer joint sequence.
         ("bias_join", 2 * 7, 48, 1, 1),
         ("bias_join", 2 * 5, 36, 1, 0),

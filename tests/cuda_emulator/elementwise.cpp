@@ -294,15 +294,19 @@ void qk_norm_case(size_t rows, size_t d, size_t heads, int with_rope, unsigned s
         table[2 * i] = std::cos(t);
         table[2 * i + 1] = std::sin(t);
     }
-    for (size_t i = 0; i < y.count; ++i)
-        y[i] = T(NAN);
     const float eps = 1e-6f;
-    const unsigned grid = (unsigned)std::min<size_t>((rows + 7) / 8, 1 << 16);
-    launch(qk_norm<T>, grid, 1, THREADS, 0, (const T *)x.data, (const T *)params.data,
-           with_rope ? (const float *)table.data : nullptr, y.data, rows, d, heads, tokens, out_tokens, offset,
-           eps);
     Error e;
     std::vector<double> v(d);
+    // Each pair as one access and element by element: both must give the same result. The
+    // engine's grid (a block of 8 warps per 8 · rows-per-warp rows).
+    for (int paired = 0; paired < 2; ++paired) {
+    for (size_t i = 0; i < y.count; ++i)
+        y[i] = T(NAN);
+    const size_t per_block = 8 * (32 / qk_norm_lanes(d));
+    const unsigned grid = (unsigned)std::min<size_t>((rows + per_block - 1) / per_block, 1 << 16);
+    launch(qk_norm<T>, grid, 1, THREADS, 0, (const T *)x.data, (const T *)params.data,
+           with_rope ? (const float *)table.data : nullptr, y.data, rows, d, heads, tokens, out_tokens, offset,
+           eps, paired);
     for (size_t r = 0; r < rows; ++r) {
         double squares = 0;
         for (size_t c = 0; c < d; ++c) {
@@ -333,6 +337,7 @@ void qk_norm_case(size_t rows, size_t d, size_t heads, int with_rope, unsigned s
                 for (size_t i = 0; i < heads * d; ++i)
                     if (!std::isnan(f(y[(b * out_tokens + t) * heads * d + i])))
                         e.add(1.0, 0.0);
+    }
     e.print();
 }
 

@@ -437,44 +437,82 @@ __device__ void gated_add(const T *x, const T *gate, const T *h, const T *h2, co
 // angles); params = [bias (heads·d) | norm weight (d)]; table: (joint tokens, d/2) (cos, sin)
 // pairs in f32, or null (no rotation).
 //   v = x + bias;  v · rsqrt(mean(v²) + eps) · weight;  pairs (2i, 2i+1) rotated as in `rope`.
-// One warp per row, each lane holding the pairs i ≡ lane (mod 32) in registers: d ≤ 256.
+// A group of `qk_norm_lanes(d)` lanes per row (8, 16 or 32), each holding up to 4 pairs
+// i ≡ lane (mod group) in registers (d ≤ 256), so a warp takes 4, 2 or 1 rows at once: one
+// warp per row left SD3.5's 64-wide heads at one pair a lane, latency-bound (~1.5 TB/s on an
+// H200). `paired` (16-byte aligned operands, decided by the caller): each pair read and
+// written as one access.
+__host__ __device__ __forceinline__ unsigned qk_norm_lanes(size_t d) {
+    return d / 2 <= 8 * 4 ? 8 : d / 2 <= 16 * 4 ? 16 : 32;
+}
+
+template <typename T> struct alignas(2 * sizeof(T)) PairOf {
+    T a, b;
+};
+
 template <typename T>
 __device__ void qk_norm(const T *x, const T *params, const float *table, T *y, size_t rows, size_t d,
-                        size_t heads, size_t tokens, size_t out_tokens, size_t offset, float eps) {
+                        size_t heads, size_t tokens, size_t out_tokens, size_t offset, float eps, int paired) {
     constexpr int MAX_PAIRS = 4;
-    const size_t half = d / 2, warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    const size_t half = d / 2;
+    const unsigned group = qk_norm_lanes(d), per_warp = 32 / group;
+    const unsigned lane = threadIdx.x % 32, sub = lane % group, slot = lane / group;
+    const size_t warps = blockDim.x / 32, warp = (size_t)blockIdx.x * warps + threadIdx.x / 32;
     const T *weight = params + heads * d;
-    for (size_t row = (size_t)blockIdx.x * warps + threadIdx.x / 32; row < rows; row += (size_t)gridDim.x * warps) {
+    auto load = [&](const T *p, size_t i, float &u, float &v) {
+        if (paired) {
+            const PairOf<T> w = reinterpret_cast<const PairOf<T> *>(p)[i];
+            u = to_f(w.a);
+            v = to_f(w.b);
+        } else {
+            u = to_f(p[2 * i]);
+            v = to_f(p[2 * i + 1]);
+        }
+    };
+    // `first` is the same for every lane of the warp: all of them reach the shuffles.
+    for (size_t first = warp * per_warp; first < rows; first += (size_t)gridDim.x * warps * per_warp) {
+        const size_t row = first + slot;
+        const bool live = row < rows;
         const T *xr = x + row * d, *bias = params + (row % heads) * d;
         float a[MAX_PAIRS], b[MAX_PAIRS], squares = 0.0f;
 #pragma unroll
         for (int k = 0; k < MAX_PAIRS; ++k) {
-            const size_t i = lane + 32 * k;
+            const size_t i = sub + group * k;
             a[k] = b[k] = 0.0f;
-            if (i < half) {
-                a[k] = to_f(xr[2 * i]) + to_f(bias[2 * i]);
-                b[k] = to_f(xr[2 * i + 1]) + to_f(bias[2 * i + 1]);
+            if (live && i < half) {
+                float xa, xb, ba, bb;
+                load(xr, i, xa, xb);
+                load(bias, i, ba, bb);
+                a[k] = xa + ba;
+                b[k] = xb + bb;
                 squares += a[k] * a[k] + b[k] * b[k];
             }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, o);
+        // Within the row's group of lanes (aligned, so xor offsets below `group` stay in it).
+        for (unsigned o = group / 2; o > 0; o /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, o);
+        if (!live) continue;
         const float rstd = rsqrtf(squares / (float)d + eps);
         const size_t token = (row / heads) % tokens + offset;
         T *yr = y + ((row / heads / tokens * out_tokens + token) * heads + row % heads) * d;
 #pragma unroll
         for (int k = 0; k < MAX_PAIRS; ++k) {
-            const size_t i = lane + 32 * k;
+            const size_t i = sub + group * k;
             if (i >= half) continue;
-            float u = a[k] * rstd * to_f(weight[2 * i]), v = b[k] * rstd * to_f(weight[2 * i + 1]);
+            float wa, wb;
+            load(weight, i, wa, wb);
+            float u = a[k] * rstd * wa, v = b[k] * rstd * wb;
             if (table) {
                 const float c = table[2 * (token * half + i)], s = table[2 * (token * half + i) + 1];
                 const float ru = u * c - v * s, rv = v * c + u * s;
                 u = ru;
                 v = rv;
             }
-            yr[2 * i] = from_f<T>(u);
-            yr[2 * i + 1] = from_f<T>(v);
+            if (paired) {
+                reinterpret_cast<PairOf<T> *>(yr)[i] = PairOf<T>{from_f<T>(u), from_f<T>(v)};
+            } else {
+                yr[2 * i] = from_f<T>(u);
+                yr[2 * i + 1] = from_f<T>(v);
+            }
         }
     }
 }
@@ -623,8 +661,9 @@ template <typename T> __device__ void fp8_decode(const unsigned char *codes, T *
     }                                                                                              \
     extern "C" __global__ void qk_norm_##SUFFIX(const T *x, const T *params, const float *table, T *y, \
                                                 size_t rows, size_t d, size_t heads, size_t tokens, \
-                                                size_t out_tokens, size_t offset, float eps) {     \
-        qk_norm<T>(x, params, table, y, rows, d, heads, tokens, out_tokens, offset, eps);          \
+                                                size_t out_tokens, size_t offset, float eps,       \
+                                                int paired) {                                      \
+        qk_norm<T>(x, params, table, y, rows, d, heads, tokens, out_tokens, offset, eps, paired);  \
     }                                                                                              \
     extern "C" __global__ void layer_norm_modulate_##SUFFIX(const T *x, const T *shift, const T *scale, \
                                                             T *y, size_t d, size_t rows_per_batch, \

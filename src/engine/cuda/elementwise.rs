@@ -241,6 +241,16 @@ pub fn qk_norm_supports(head_dim: usize) -> bool {
     head_dim.is_multiple_of(2) && (2..=256).contains(&head_dim)
 }
 
+/// Lanes per row of the q/k norm kernel (`qk_norm_lanes` in elementwise.cu): the fewest of 8, 16
+/// and 32 holding the row's pairs at 4 a lane.
+fn qk_norm_lanes(head_dim: usize) -> usize {
+    match head_dim / 2 {
+        0..=32 => 8,
+        33..=64 => 16,
+        _ => 32,
+    }
+}
+
 /// LayerNorm over the last dimension without learned parameters (biased variance, `eps`), then
 /// `· (1 + scale) + shift` with per-sample (B, D) vectors, over (B, N, D) `xs`: one kernel, one
 /// rounding.
@@ -960,13 +970,16 @@ impl CustomOp1 for Joint {
                     }
                     JointKind::QkNorm { eps, .. } => {
                         let heads = width / head_dim;
-                        let (pv, _) = optional_input::<T>(with, (heads + 1) * head_dim)?;
+                        let (pv, pa) = optional_input::<T>(with, (heads + 1) * head_dim)?;
                         let Some(pv) = pv else {
                             candle_core::bail!("q/k norm without its parameters");
                         };
                         builder.arg(&pv);
                         push_optional(&mut builder, &tv);
                         let rows = rows * heads;
+                        // Each pair as one access where x and the parameters start 16-byte
+                        // aligned (the output is fresh; the table is read value by value).
+                        let paired = (xa && pa) as i32;
                         builder
                             .arg(&mut out)
                             .arg(&rows)
@@ -975,11 +988,13 @@ impl CustomOp1 for Joint {
                             .arg(&tokens)
                             .arg(&self.total)
                             .arg(&stream.offset)
-                            .arg(eps);
-                        // A warp per row, rows / 8 blocks of 256 threads (grid-stride beyond).
-                        let warps = THREADS as usize / 32;
+                            .arg(eps)
+                            .arg(&paired);
+                        // 32 / qk_norm_lanes(d) rows a warp, blocks of 8 warps (grid-stride
+                        // beyond).
+                        let rows_per_block = THREADS as usize / qk_norm_lanes(head_dim);
                         let launch = LaunchConfig {
-                            grid_dim: (rows.div_ceil(warps).clamp(1, 1 << 16) as u32, 1, 1),
+                            grid_dim: (rows.div_ceil(rows_per_block).clamp(1, 1 << 16) as u32, 1, 1),
                             block_dim: (THREADS, 1, 1),
                             shared_mem_bytes: 0,
                         };
