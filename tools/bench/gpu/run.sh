@@ -39,8 +39,8 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # ones (Hopper attention, the graph API) — what each bought, same machine.
 # --switch-off=deferred-bias,qk-norm,upsample,group-norm: the default run without the fusions
 # (biases folded into their consumers, the q/k kernel and copy-free joins, the one-pass
-# upsampling, the sliced GroupNorm statistics).
-CANDIDATES=${CANDIDATES-"--quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev --quantize=q4k@flux-dev --attention-kernel=tiled@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --conv-engine=legacy@sd15,sdxl --switch-off=deferred-bias,qk-norm,upsample,group-norm"}
+# upsampling, the sliced GroupNorm statistics, the strided GEMM over narrowed views).
+CANDIDATES=${CANDIDATES-"--quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev --quantize=q4k@flux-dev --attention-kernel=tiled@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --conv-engine=legacy@sd15,sdxl --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
