@@ -305,7 +305,11 @@ fn sdxl_encoders_and_unet_match_diffusers() {
             timestep,
             &t["unet_context"],
             &t["pooled_2"],
-            &t["unet_time_ids"],
+            &t["unet_time_ids"]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
         )
         .unwrap();
     let d = max_abs_diff(&out, &t["unet_out"]);

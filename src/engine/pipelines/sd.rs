@@ -432,19 +432,21 @@ impl StableDiffusion {
         Ok(self.unet.forward(sample, timestep, context)?)
     }
 
-    /// The UNet with SDXL's added conditioning `(text_embeds, time_ids)`.
+    /// The UNet with SDXL's added conditioning `(text_embeds, time_ids)`: `time_ids` on the
+    /// host, each row's six values after the other's (the pipeline builds them there; read back
+    /// from a device each forward would wait for the device, and cannot be captured in a CUDA
+    /// graph — session 25's H200 run).
     pub fn unet_forward_added(
         &self,
         sample: &Tensor,
         timestep: f32,
         context: &Tensor,
         text_embeds: &Tensor,
-        time_ids: &Tensor,
+        time_ids: &[f32],
     ) -> Result<Tensor> {
-        let time_ids: Vec<f32> = time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         Ok(self
             .unet
-            .forward_with(sample, timestep, context, Some((text_embeds, &time_ids)))?)
+            .forward_with(sample, timestep, context, Some((text_embeds, time_ids)))?)
     }
 
     /// SDXL's micro-conditioning of a positive row at diffusers' defaults (benchmarks).

@@ -256,10 +256,7 @@ impl Pipeline {
                     )?,
                     Some(pooled) => {
                         let pooled = pooled.repeat((batch, 1))?;
-                        let ids = m.positive_time_ids(shape.width, shape.height);
-                        let per_row = ids.len();
-                        let time_ids = Tensor::new(ids.repeat(batch), context.device())?
-                            .reshape((batch, per_row))?;
+                        let time_ids = m.positive_time_ids(shape.width, shape.height).repeat(batch);
                         time_forwards(
                             &shape,
                             sync,
