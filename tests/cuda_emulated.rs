@@ -111,8 +111,9 @@ fn attention_kernels_match_exact_attention() {
     // and key tiles, every padding of the head size (40 → 48, 72 → 80), head size 160 (the wide
     // kernel's 32-key tiles), more keys than one tile, fewer keys than one tile; q, k and v
     // heads-first copies or token-major projections read in place (the output is token-major).
-    // The Hopper kernel takes head sizes 64 (128-key tiles) and 128 (64-key tiles) only: full,
-    // partial and several tiles of each.
+    // The Hopper kernels take head sizes 64 and 128 only (16 KiB tiles: 128 keys at 64, 64 keys
+    // at 128; the `k128` candidates 128 keys at both): full, partial and several tiles of each,
+    // more tiles than the three-stage kernels' stages.
     let shapes = [
         ((2, 1, 130, 100, 64), "heads_first"),
         ((1, 2, 70, 150, 40), "tokens_first"),
@@ -122,6 +123,7 @@ fn attention_kernels_match_exact_attention() {
         ((1, 3, 30, 20, 64), "heads_first"),
         ((1, 2, 100, 150, 128), "tokens_first"),
         ((1, 2, 70, 300, 64), "tokens_first"),
+        ((1, 1, 70, 400, 128), "heads_first"),
     ];
     // Relative L2 limits of two unit roundoffs of the operand type (f16 2⁻¹¹, bf16 2⁻⁸): the
     // probabilities and the output are rounded to it once each. A wrong fragment, mask or

@@ -90,7 +90,8 @@ pub struct BenchArgs {
     pub without_t5: bool,
     /// The fused CUDA attention kernel the models run: `hopper` (the default: on H100/H200 at
     /// head sizes 64 and 128, `tiled` elsewhere), `tiled`, or a candidate (`pipelined`, `wide`,
-    /// `hopper-128`) to time whole models with it.
+    /// `hopper-128`, and the 128-key tiles `hopper-k128`, `hopper-128-k128`) to time whole
+    /// models with it.
     #[arg(long, default_value = "hopper")]
     pub attention_kernel: String,
     /// The cuDNN API of the half-precision convolutions: `graph` (the default; the legacy plan

@@ -37,15 +37,23 @@ pub enum AttentionKernel {
     /// k/v traffic from L2; one block per SM, registers) and FlashAttention-3's intra-warpgroup
     /// pipelining: each tile's softmax runs while the previous tile's p·v is in flight.
     Hopper128 = 4,
+    /// `Hopper` with 128-key tiles at both head sizes (at 128: 32 KiB of k and 32 of v, as
+    /// cuDNN's FLUX attention tiles; `Hopper` takes 64 there) and the softmax overlapping p·v,
+    /// three stages: one block per SM at head size 128. Candidate from session 25's traces.
+    HopperKeys128 = 5,
+    /// `Hopper128` (two warpgroups) with `HopperKeys128`'s tiles.
+    Hopper128Keys128 = 6,
 }
 
 impl AttentionKernel {
-    pub const ALL: [AttentionKernel; 5] = [
+    pub const ALL: [AttentionKernel; 7] = [
         Self::Tiled,
         Self::Pipelined,
         Self::Wide,
         Self::Hopper,
         Self::Hopper128,
+        Self::HopperKeys128,
+        Self::Hopper128Keys128,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,31 +63,41 @@ impl AttentionKernel {
             Self::Wide => "wide",
             Self::Hopper => "hopper",
             Self::Hopper128 => "hopper-128",
+            Self::HopperKeys128 => "hopper-k128",
+            Self::Hopper128Keys128 => "hopper-128-k128",
         }
     }
 
-    /// Threads per block: 4 warps, 8 for `Hopper128`.
+    /// Whether this is one of the Hopper (wgmma, compute_90a) kernels.
+    pub fn is_hopper(self) -> bool {
+        matches!(
+            self,
+            Self::Hopper | Self::Hopper128 | Self::HopperKeys128 | Self::Hopper128Keys128
+        )
+    }
+
+    /// Threads per block: 4 warps, 8 for the two-warpgroup Hopper kernels.
     pub fn threads(self) -> usize {
         match self {
-            Self::Hopper128 => 256,
+            Self::Hopper128 | Self::Hopper128Keys128 => 256,
             _ => 128,
         }
     }
 
     /// Whether the kernel is built for this (real) head size.
     pub fn handles(self, head_dim: usize) -> bool {
-        match self {
-            Self::Hopper | Self::Hopper128 => matches!(head_dim, 64 | 128),
-            _ => padded_head_dim(head_dim).is_some(),
+        match self.is_hopper() {
+            true => matches!(head_dim, 64 | 128),
+            false => padded_head_dim(head_dim).is_some(),
         }
     }
 
     /// Whether the kernel runs on a device of this compute capability (major, minor). The
     /// Hopper kernel is compute_90a code: architecture-specific, it loads on 9.0 only.
     pub fn runs_on(self, (major, minor): (i32, i32)) -> bool {
-        match self {
-            Self::Hopper | Self::Hopper128 => (major, minor) == (9, 0),
-            _ => major >= 8,
+        match self.is_hopper() {
+            true => (major, minor) == (9, 0),
+            false => major >= 8,
         }
     }
 
@@ -91,14 +109,16 @@ impl AttentionKernel {
             Self::Wide => "wide_",
             Self::Hopper => "hopper_",
             Self::Hopper128 => "hopper128_",
+            Self::HopperKeys128 => "hopperk_",
+            Self::Hopper128Keys128 => "hopper128k_",
         }
     }
 
     /// Queries per block: the grid is (⌈queries / this⌉, batch · heads).
     pub fn queries_per_block(self) -> usize {
         match self {
-            Self::Tiled | Self::Pipelined | Self::Hopper => 64,
-            Self::Wide | Self::Hopper128 => 128,
+            Self::Tiled | Self::Pipelined | Self::Hopper | Self::HopperKeys128 => 64,
+            Self::Wide | Self::Hopper128 | Self::Hopper128Keys128 => 128,
         }
     }
 
@@ -115,6 +135,10 @@ impl AttentionKernel {
             // p·v), plus 1 KiB to put them on 1024-byte boundaries (the swizzle's period).
             Self::Hopper => return 2 * 2 * 16 * 1024 + 1024,
             Self::Hopper128 => return 3 * 2 * 16 * 1024 + 1024,
+            // Three stages of 128-key k and v tiles.
+            Self::HopperKeys128 | Self::Hopper128Keys128 => {
+                return 3 * 2 * 128 * padded * element_bytes + 1024
+            }
         };
         elements * element_bytes
     }
@@ -233,7 +257,8 @@ mod tests {
 
     /// Every kernel launches within what a block may use on the cards it runs on: shared memory
     /// (Ampere A100 163 KiB, Hopper 227 KiB per block) and 1024 threads; the Hopper kernels'
-    /// stages hold 16 KiB tiles of k and v plus the 1 KiB that aligns them.
+    /// stages hold 16 KiB tiles of k and v (32 KiB for the `k128` candidates at head size 128)
+    /// plus the 1 KiB that aligns them.
     #[test]
     fn launches_fit_the_cards() {
         for kernel in AttentionKernel::ALL {
@@ -262,5 +287,12 @@ mod tests {
             ),
             (2, 3)
         );
+        // The 128-key candidates: three stages of 32 KiB k and v tiles at head size 128.
+        for kernel in [
+            AttentionKernel::HopperKeys128,
+            AttentionKernel::Hopper128Keys128,
+        ] {
+            assert_eq!((kernel.shared_bytes(128, 2) - 1024) / (2 * 32 * 1024), 3);
+        }
     }
 }

@@ -1,7 +1,7 @@
 // Runs one fused attention kernel of src/engine/cuda/attention.cu or attention_hopper.cu under the CPU emulation and
 // prints its error against an exact (f64) attention of the same rounded inputs:
 //   attention KERNEL DTYPE PADDED B H N M D LAYOUT GRID_X THREADS SHARED_BYTES SEED
-// prints "relative_l2 max_abs". KERNEL: tiled | pipelined | wide | hopper | hopper-128 (the names of
+// prints "relative_l2 max_abs". KERNEL: tiled | pipelined | wide | hopper | hopper-128 | hopper-k128 | hopper-128-k128 (the names of
 // engine::cuda_geometry::AttentionKernel, which also gives GRID_X, THREADS and SHARED_BYTES).
 // LAYOUT of q, k and v: heads_first (B, H, tokens, D) or tokens_first (B, tokens, H, D), read in
 // place through strides; the output is token-major (B, N, H, D), as the engine expects.
@@ -32,12 +32,19 @@ struct Entry {
 static const Entry<__half> F16[] = {ROWS("tiled", , f16), ROWS("pipelined", pipelined_, f16),
                                     ROWS("wide", wide_, f16), ROW("hopper", hopper_, f16, 64),
                                     ROW("hopper", hopper_, f16, 128), ROW("hopper-128", hopper128_, f16, 64),
-                                    ROW("hopper-128", hopper128_, f16, 128)};
+                                    ROW("hopper-128", hopper128_, f16, 128), ROW("hopper-k128", hopperk_, f16, 64),
+                                    ROW("hopper-k128", hopperk_, f16, 128),
+                                    ROW("hopper-128-k128", hopper128k_, f16, 64),
+                                    ROW("hopper-128-k128", hopper128k_, f16, 128)};
 static const Entry<__nv_bfloat16> BF16[] = {ROWS("tiled", , bf16), ROWS("pipelined", pipelined_, bf16),
                                             ROWS("wide", wide_, bf16), ROW("hopper", hopper_, bf16, 64),
                                             ROW("hopper", hopper_, bf16, 128),
                                             ROW("hopper-128", hopper128_, bf16, 64),
-                                            ROW("hopper-128", hopper128_, bf16, 128)};
+                                            ROW("hopper-128", hopper128_, bf16, 128),
+                                            ROW("hopper-k128", hopperk_, bf16, 64),
+                                            ROW("hopper-k128", hopperk_, bf16, 128),
+                                            ROW("hopper-128-k128", hopper128k_, bf16, 64),
+                                            ROW("hopper-128-k128", hopper128k_, bf16, 128)};
 
 // Strides of a (B, H, tokens, D) operand stored in `layout`.
 Strides strides_of(const std::string &layout, int heads, int tokens, int d) {

@@ -22,9 +22,9 @@ const PTX_HOPPER: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_hoppe
 
 /// Whether `kernel` is built for this head size and runs on `device`.
 pub fn available(kernel: Kernel, head_dim: usize, device: &candle_core::Device) -> bool {
-    let built = match kernel {
-        Kernel::Hopper | Kernel::Hopper128 => !PTX_HOPPER.is_empty(),
-        _ => !PTX.is_empty(),
+    let built = match kernel.is_hopper() {
+        true => !PTX_HOPPER.is_empty(),
+        false => !PTX.is_empty(),
     };
     built
         && kernel.handles(head_dim)
@@ -143,9 +143,9 @@ impl FlashAttention {
         (bh, n, m, d): (usize, usize, usize, usize),
         layouts: Layouts,
     ) -> candle_core::Result<CudaSlice<T>> {
-        let (module, ptx) = match self.kernel {
-            Kernel::Hopper | Kernel::Hopper128 => ("candela_attention_hopper", PTX_HOPPER),
-            _ => ("candela_attention", PTX),
+        let (module, ptx) = match self.kernel.is_hopper() {
+            true => ("candela_attention_hopper", PTX_HOPPER),
+            false => ("candela_attention", PTX),
         };
         let func = dev.get_or_load_custom_func(kernel, module, ptx)?;
         let padded = padded_head_dim(d).unwrap_or(d);

@@ -137,10 +137,9 @@ struct HopperTile {
 
 // Issues s = q kᵀ for one tile (k at shared address `k_tile`): one k16 step per 16 columns of
 // the head, 32 bytes further into the 128-byte rows, the next 64-column block after four.
-template <typename T, int D>
-__device__ __forceinline__ void issue_scores(float (&s)[HopperTile<D>::KEYS / 8][4],
-                                             const uint32_t (&qa)[D / 16][4], uint32_t k_tile) {
-    constexpr int KEYS = HopperTile<D>::KEYS;
+template <typename T, int D, int KEYS>
+__device__ __forceinline__ void issue_scores(float (&s)[KEYS / 8][4], const uint32_t (&qa)[D / 16][4],
+                                             uint32_t k_tile) {
 #pragma unroll
     for (int st = 0; st < D / 16; ++st) {
         const uint64_t b = descriptor(k_tile + (st / 4) * KEYS * 128 + (st % 4) * 32, 16, 1024);
@@ -150,11 +149,9 @@ __device__ __forceinline__ void issue_scores(float (&s)[HopperTile<D>::KEYS / 8]
 
 // Issues acc += p v for one tile (v at shared address `v_tile`): one k16 step per 16 keys (two
 // groups of 8 rows of 128 bytes); the head's 64-column blocks are the leading-dimension steps.
-template <typename T, int D>
-__device__ __forceinline__ void issue_values(float (&acc)[D / 8][4],
-                                             const uint32_t (&pa)[HopperTile<D>::KEYS / 16][4],
+template <typename T, int D, int KEYS>
+__device__ __forceinline__ void issue_values(float (&acc)[D / 8][4], const uint32_t (&pa)[KEYS / 16][4],
                                              uint32_t v_tile) {
-    constexpr int KEYS = HopperTile<D>::KEYS;
 #pragma unroll
     for (int st = 0; st < KEYS / 16; ++st)
         Wgmma<T>::template mma<D, 1>(acc, pa[st], descriptor(v_tile + st * 2048, KEYS * 128, 1024), 1);
@@ -178,11 +175,11 @@ __device__ __forceinline__ void pack_probabilities(uint32_t (&pa)[KEYS / 16][4],
 // p·v is in flight, and the output is rescaled once it lands; three stages of tiles then (v of
 // j − 1, k and v of j, and j + 1 arriving). Otherwise each product is waited for in turn, two
 // stages.
-template <typename T, int D, int GROUPS, bool OVERLAP>
+template <typename T, int D, int KEYS, int GROUPS, bool OVERLAP>
 __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restrict__ k,
                                        const T *__restrict__ v, T *__restrict__ o, int n, int m,
                                        int d, Layouts L, float scale_log2) {
-    constexpr int KEYS = HopperTile<D>::KEYS;
+    static_assert(KEYS == 64 || KEYS == 128, "wgmma n64 or n128 score tiles");
     constexpr int TILE_BYTES = KEYS * D * 2;
     constexpr int CHUNKS = D / 8;  // 16-byte pieces per row
     constexpr int STAGES = OVERLAP ? 3 : 2;
@@ -242,7 +239,7 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
         for (int tile = 0; tile < tiles_count; ++tile) {
             arrive(tile);
             wgmma_fence();
-            issue_scores<T, D>(s, qa, k_tile(tile));
+            issue_scores<T, D, KEYS>(s, qa, k_tile(tile));
             wgmma_commit();
             wgmma_wait<0>();
             pin_all(s);
@@ -250,7 +247,7 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
             pack_probabilities<T, KEYS>(pa, s);
             pin_all(acc);
             wgmma_fence();
-            issue_values<T, D>(acc, pa, v_tile(tile));
+            issue_values<T, D, KEYS>(acc, pa, v_tile(tile));
             wgmma_commit();
             wgmma_wait<0>();
             pin_all(acc);
@@ -260,7 +257,7 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
     } else {
         arrive(0);
         wgmma_fence();
-        issue_scores<T, D>(s, qa, k_tile(0));
+        issue_scores<T, D, KEYS>(s, qa, k_tile(0));
         wgmma_commit();
         wgmma_wait<0>();
         pin_all(s);
@@ -271,9 +268,9 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
             arrive(tile);
             pin_all(acc);
             wgmma_fence();
-            issue_scores<T, D>(s, qa, k_tile(tile));
+            issue_scores<T, D, KEYS>(s, qa, k_tile(tile));
             wgmma_commit();
-            issue_values<T, D>(acc, pa, v_tile(tile - 1));
+            issue_values<T, D, KEYS>(acc, pa, v_tile(tile - 1));
             wgmma_commit();
             wgmma_wait<1>();  // the scores; p·v of tile − 1 still in flight
             pin_all(s);
@@ -288,7 +285,7 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
         }
         pin_all(acc);
         wgmma_fence();
-        issue_values<T, D>(acc, pa, v_tile(tiles_count - 1));
+        issue_values<T, D, KEYS>(acc, pa, v_tile(tiles_count - 1));
         wgmma_commit();
         wgmma_wait<0>();
         pin_all(acc);
@@ -297,20 +294,35 @@ __device__ void flash_attention_hopper(const T *__restrict__ q, const T *__restr
     store_output<T, D>(o, acc, row_sum, row0, n, d, L.o.row, g, t);
 }
 
-#define FLASH_HOPPER(NAME, T, D, GROUPS, OVERLAP)                                              \
-    extern "C" __global__ void __launch_bounds__(128 * GROUPS, GROUPS == 1 && D == 64 ? 3 : 1)   \
+#define FLASH_HOPPER(NAME, T, D, KEYS, GROUPS, OVERLAP)                                        \
+    extern "C" __global__ void __launch_bounds__(128 * GROUPS, GROUPS == 1 && D == 64 && !OVERLAP ? 3 : 1) \
         NAME(const T *q, const T *k, const T *v, T *o, int n, int m, int d, Layouts L,           \
              float scale_log2) {                                                               \
-        flash_attention_hopper<T, D, GROUPS, OVERLAP>(q, k, v, o, n, m, d, L, scale_log2);     \
+        flash_attention_hopper<T, D, KEYS, GROUPS, OVERLAP>(q, k, v, o, n, m, d, L, scale_log2); \
     }
 
 // flash_attention_hopper_{f16,bf16}_{64,128}: one warpgroup per block, each product waited for;
 // flash_attention_hopper128_{f16,bf16}_{64,128}: two warpgroups, softmax overlapping p·v.
-FLASH_HOPPER(flash_attention_hopper_f16_64, __half, 64, 1, false)
-FLASH_HOPPER(flash_attention_hopper_f16_128, __half, 128, 1, false)
-FLASH_HOPPER(flash_attention_hopper_bf16_64, __nv_bfloat16, 64, 1, false)
-FLASH_HOPPER(flash_attention_hopper_bf16_128, __nv_bfloat16, 128, 1, false)
-FLASH_HOPPER(flash_attention_hopper128_f16_64, __half, 64, 2, true)
-FLASH_HOPPER(flash_attention_hopper128_f16_128, __half, 128, 2, true)
-FLASH_HOPPER(flash_attention_hopper128_bf16_64, __nv_bfloat16, 64, 2, true)
-FLASH_HOPPER(flash_attention_hopper128_bf16_128, __nv_bfloat16, 128, 2, true)
+// Both with 16 KiB tiles (128 keys at head size 64, 64 at 128).
+#define HOPPER_KEYS(D) HopperTile<D>::KEYS
+FLASH_HOPPER(flash_attention_hopper_f16_64, __half, 64, HOPPER_KEYS(64), 1, false)
+FLASH_HOPPER(flash_attention_hopper_f16_128, __half, 128, HOPPER_KEYS(128), 1, false)
+FLASH_HOPPER(flash_attention_hopper_bf16_64, __nv_bfloat16, 64, HOPPER_KEYS(64), 1, false)
+FLASH_HOPPER(flash_attention_hopper_bf16_128, __nv_bfloat16, 128, HOPPER_KEYS(128), 1, false)
+FLASH_HOPPER(flash_attention_hopper128_f16_64, __half, 64, HOPPER_KEYS(64), 2, true)
+FLASH_HOPPER(flash_attention_hopper128_f16_128, __half, 128, HOPPER_KEYS(128), 2, true)
+FLASH_HOPPER(flash_attention_hopper128_bf16_64, __nv_bfloat16, 64, HOPPER_KEYS(64), 2, true)
+FLASH_HOPPER(flash_attention_hopper128_bf16_128, __nv_bfloat16, 128, HOPPER_KEYS(128), 2, true)
+// Candidates after session 25's H200 traces (cuDNN's FLUX attention, 2.2× faster than `hopper`
+// at head size 128, runs 64 queries × 128 keys per warpgroup; ours 64 × 64 there): 128-key
+// tiles at both head sizes (32 KiB of k and 32 of v at 128), softmax overlapping p·v, three
+// stages (193 KiB at 128: one block per SM).
+// flash_attention_hopperk_*: one warpgroup per block; flash_attention_hopper128k_*: two.
+FLASH_HOPPER(flash_attention_hopperk_f16_64, __half, 64, 128, 1, true)
+FLASH_HOPPER(flash_attention_hopperk_f16_128, __half, 128, 128, 1, true)
+FLASH_HOPPER(flash_attention_hopperk_bf16_64, __nv_bfloat16, 64, 128, 1, true)
+FLASH_HOPPER(flash_attention_hopperk_bf16_128, __nv_bfloat16, 128, 128, 1, true)
+FLASH_HOPPER(flash_attention_hopper128k_f16_64, __half, 64, 128, 2, true)
+FLASH_HOPPER(flash_attention_hopper128k_f16_128, __half, 128, 128, 2, true)
+FLASH_HOPPER(flash_attention_hopper128k_bf16_64, __nv_bfloat16, 64, 128, 2, true)
+FLASH_HOPPER(flash_attention_hopper128k_bf16_128, __nv_bfloat16, 128, 128, 2, true)

@@ -35,12 +35,15 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # --quantize=q8_0 / q4k on FLUX-dev: GGML blocks, the products a GGUF transformer file's layers
 # run — widened to the activations' dtype for one GEMM since session 25 (candle's quantized
 # kernels ran 3.3x / 3.5x the dense step).
+# --attention-kernel=hopper-k128 / hopper-128-k128: 128-key tiles at head size 128 too (cuDNN's
+# FLUX attention tiles, 2.2x faster than `hopper` there in session 25's traces), the softmax
+# overlapping p.v, three stages.
 # --attention-kernel=tiled / --conv-engine=legacy: session 25's former defaults, against the new
 # ones (Hopper attention, the graph API) — what each bought, same machine.
 # --switch-off=deferred-bias,qk-norm,upsample,group-norm: the default run without the fusions
 # (biases folded into their consumers, the q/k kernel and copy-free joins, the one-pass
 # upsampling, the sliced GroupNorm statistics, the strided GEMM over narrowed views).
-CANDIDATES=${CANDIDATES-"--quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev --quantize=q4k@flux-dev --attention-kernel=tiled@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --conv-engine=legacy@sd15,sdxl --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm"}
+CANDIDATES=${CANDIDATES-"--quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --attention-kernel=tiled@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --conv-engine=legacy@sd15,sdxl --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
