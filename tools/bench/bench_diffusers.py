@@ -11,6 +11,7 @@ weights take and the peak during the end-to-end run (CUDA: torch's reserved pool
 driver sees; CPU: resident set). Works with torch's CPU build (all cores) and on CUDA.
 """
 import argparse
+import copy
 import importlib
 import json
 import resource
@@ -278,7 +279,13 @@ def main():
             print(f"denoiser forward {i}: {ms:.1f} ms{' (warm-up)' if i == 0 else ''}", flush=True)
             if i > 0:
                 times.append(ms)
-        _, vae_ms = warm_timed(lambda: vae.decode(sample[:1]))
+        # The decode as the pipeline runs it: StableDiffusionXLPipeline upcasts a half-precision
+        # VAE whose config says `force_upcast` (as candela does), the other pipelines do not.
+        decoder, latent = vae, sample[:1]
+        if kind == "StableDiffusionXLPipeline" and dtype == torch.float16 and vae.config.force_upcast:
+            decoder, latent = copy.deepcopy(vae).to(torch.float32), latent.float()
+        decode = lambda: decoder.decode(latent)
+        _, vae_ms = warm_timed(decode)
         # One picture's encode, from 8-bit RGB as uploaded (candela times the same).
         picture = PIL.Image.fromarray(((torch.arange(width * height * 3) * 7919) % 64 + 96)
                                       .to(torch.uint8).reshape(height, width, 3).numpy())
@@ -287,11 +294,11 @@ def main():
         profiles = {}
         if args.profile:  # as candela: 3 forwards and one decode (PROFILED_FORWARDS in bench.rs)
             profiles["denoiser_profile"] = profile([denoiser], lambda: forward(sample), sync, passes=3)
-            profiles["vae_profile"] = profile([vae], lambda: vae.decode(sample[:1]), sync, whole="decode")
+            profiles["vae_profile"] = profile([decoder], decode, sync, whole="decode")
         if args.kernel_trace:
             try:
                 windows = kernel_windows("denoiser", lambda: forward(sample), sync, args.repeats)
-                windows += kernel_windows("vae decode", lambda: vae.decode(sample[:1]), sync, 1)
+                windows += kernel_windows("vae decode", decode, sync, 1)
                 table = {"label": f"diffusers {args.dtype}", "windows": kernel_table.summarize(windows)}
                 Path(args.kernel_trace).write_text(json.dumps(table, indent=1))
             except Exception as e:  # a diagnostic: the timed figures above still count
