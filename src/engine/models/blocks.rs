@@ -207,7 +207,7 @@ impl Linear {
 
 /// A (B, N, K) view whose rows lie contiguously within each sample but not from one sample to the
 /// next: the image or text part of a joint sequence narrowed out of a batch of several.
-#[cfg(feature = "cuda")]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn samples_strided(xs: &Tensor) -> bool {
     match (xs.dims(), xs.stride()) {
         (&[b, n, k], &[_, row, 1]) => b > 1 && n > 1 && row == k && !xs.is_contiguous(),
@@ -1111,6 +1111,22 @@ mod tests {
             let expected = (expected + &residual).unwrap();
             assert!(super::super::max_abs_diff(&joined, &expected) < 1e-6);
         }
+    }
+
+    /// The views a Linear on CUDA reads in place with a strided batched GEMM: a joint sequence's
+    /// part narrowed out of several samples — not a contiguous tensor, one sample's part (whose
+    /// rows are contiguous anyway), or a view whose rows are not.
+    #[test]
+    fn strided_samples_are_the_narrowed_parts_of_several() {
+        let joint = Tensor::zeros((2, 15, 8), DType::F32, &Device::Cpu).unwrap();
+        assert!(samples_strided(&joint.narrow(1, 5, 10).unwrap()));
+        assert!(!samples_strided(&joint));
+        assert!(!samples_strided(
+            &joint.narrow(0, 0, 1).unwrap().narrow(1, 5, 10).unwrap()
+        ));
+        assert!(!samples_strided(&joint.narrow(2, 0, 4).unwrap()));
+        assert!(!samples_strided(&joint.transpose(1, 2).unwrap()));
+        assert!(!samples_strided(&joint.narrow(1, 5, 1).unwrap()));
     }
 
     #[test]
