@@ -94,9 +94,10 @@ pub struct BenchArgs {
     /// models with it.
     #[arg(long, default_value = "hopper")]
     pub attention_kernel: String,
-    /// The cuDNN API of the half-precision convolutions: `graph` (the default; the legacy plan
-    /// for a shape it cannot run) or `legacy`, to time whole models with it.
-    #[arg(long, default_value = "graph")]
+    /// The cuDNN API of the half-precision convolutions: `auto` (the default: the graph API on
+    /// H100/H200, where it was measured, with the legacy plan for a shape it cannot run; the
+    /// legacy API elsewhere), `graph` or `legacy`, to time whole models with it.
+    #[arg(long, default_value = "auto")]
     pub conv_engine: String,
     /// Fused CUDA paths to switch off for this run, comma-separated (`deferred-bias`, `qk-norm`,
     /// `upsample`, `layer-norm-modulate`, `token-major-rope`, `fp8-linear`, `attention`, `group-norm`, `strided-gemm`): a whole
@@ -275,6 +276,9 @@ fn select_attention_kernel(name: &str) -> anyhow::Result<()> {
 
 /// `--conv-engine`: the cuDNN API of the models' half-precision convolutions in this process.
 fn select_conv_engine(name: &str) -> anyhow::Result<()> {
+    if name == "auto" {
+        return Ok(());
+    }
     #[cfg(feature = "cudnn")]
     {
         use engine::cuda::conv_graph::{set_engine, ConvEngine};

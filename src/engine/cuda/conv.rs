@@ -47,7 +47,7 @@ pub fn allow_tf32<T>(allow: bool, f: impl FnOnce() -> T) -> T {
 
 /// `conv2d(xs, weight) + bias` (NCHW, square padding and stride, no dilation or groups) through
 /// a cached cuDNN plan. The CUDA path of [`crate::engine::models::blocks::Conv2d`]. Half
-/// precision goes through [`conv_graph::engine`]'s API; a shape the graph API cannot run falls
+/// precision goes through [`conv_graph::engine_for`]'s API; a shape the graph API cannot run falls
 /// back to the legacy one.
 pub fn conv2d(
     xs: &Tensor,
@@ -56,7 +56,7 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    let engine = conv_graph::engine();
+    let engine = conv_graph::engine_for(xs.device());
     CudnnConv2d::new(padding, stride, engine, false).apply(xs, weight, bias)
 }
 

@@ -30,9 +30,10 @@ use sys::cudnnBackendDescriptorType_t as DescriptorType;
 pub enum ConvEngine {
     /// The legacy API with an algorithm found by `cudnnFindConvolutionForwardAlgorithm`.
     Legacy = 0,
-    /// The graph API with the fastest of the heuristics' engine configurations: the default
-    /// since session 25 (SD 1.5's UNet step 0.70× the legacy API's on an H200, the other
-    /// models' equal; the legacy plan for a shape the graph API cannot run).
+    /// The graph API with the fastest of the heuristics' engine configurations: the default on
+    /// Hopper since session 25 (SD 1.5's UNet step 0.70× the legacy API's on an H200, the other
+    /// models' equal; the legacy plan for a shape the graph API cannot run). Other cards keep
+    /// the legacy API until one is measured.
     Graph = 1,
 }
 
@@ -47,18 +48,26 @@ impl ConvEngine {
     }
 }
 
-static ENGINE: std::sync::atomic::AtomicU8 =
-    std::sync::atomic::AtomicU8::new(ConvEngine::Graph as u8);
+/// The engine chosen for the process ([`set_engine`]), or [`UNCHOSEN`].
+static ENGINE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNCHOSEN);
+const UNCHOSEN: u8 = u8::MAX;
 
 /// Makes the models' half-precision convolutions use `engine` from now on, in this process.
 pub fn set_engine(engine: ConvEngine) {
     ENGINE.store(engine as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-pub fn engine() -> ConvEngine {
+/// The API the models' convolutions on `device` go through: the one chosen for the process, else
+/// the graph API on the cards it was measured on (compute capability 9.x) and the legacy one
+/// elsewhere.
+pub fn engine_for(device: &candle_core::Device) -> ConvEngine {
     match ENGINE.load(std::sync::atomic::Ordering::Relaxed) {
         0 => ConvEngine::Legacy,
-        _ => ConvEngine::Graph,
+        1 => ConvEngine::Graph,
+        _ if super::compute_capability(device).is_some_and(|(major, _)| major == 9) => {
+            ConvEngine::Graph
+        }
+        _ => ConvEngine::Legacy,
     }
 }
 
