@@ -132,6 +132,12 @@ struct Run {
 }
 
 /// A recorded diffusers run's request.
+/// The fixture `runs/NAME.json`: diffusers' run parameters (one run, or a list).
+fn read_run<T: serde::de::DeserializeOwned>(name: &str) -> T {
+    let path = fixtures().join(format!("runs/{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn params_of(run: &Run) -> GenerateParams {
     GenerateParams {
         prompt: run.prompt.clone(),
@@ -163,10 +169,7 @@ fn params_of(run: &Run) -> GenerateParams {
 
 #[test]
 fn flux_runs_match_diffusers() {
-    let runs: Vec<Run> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("runs/flux_runs.json")).unwrap(),
-    )
-    .unwrap();
+    let runs: Vec<Run> = read_run("flux_runs");
     assert!(runs.len() >= 8);
     let mut pipelines = std::collections::HashMap::new();
     for run in runs {
@@ -237,11 +240,7 @@ fn flux_from_black_forest_labs_single_file_equals_diffusers_layout() {
 #[test]
 fn flux_from_a_gguf_file_matches_diffusers_gguf_loader() {
     let gguf = fixtures().join("models/flux1-dev-tiny-mixed.gguf");
-    let run: Run = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("runs/flux_dev_gguf.json")).unwrap(),
-    )
-    .unwrap();
-    let params = params_of(&run);
+    let params = params_of(&read_run("flux_dev_gguf"));
     let runs = load_tensors("runs/flux_dev_gguf.safetensors");
     let (expected, diffusers_gguf) = (&runs["latents_exact"], &runs["latents"]);
     let compact = load_dev_with(&gguf, "gguf-compact")
@@ -305,11 +304,7 @@ fn flux_from_a_gguf_file_matches_diffusers_gguf_loader() {
 #[test]
 fn flux_with_a_gguf_t5_matches_diffusers() {
     let gguf = fixtures().join("models/t5-flux-tiny-encoder-mixed.gguf");
-    let run: Run = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("runs/flux_dev_gguf_t5.json")).unwrap(),
-    )
-    .unwrap();
-    let params = params_of(&run);
+    let params = params_of(&read_run("flux_dev_gguf_t5"));
     let expected = &load_tensors("runs/flux_dev_gguf_t5.safetensors")["latents"];
     let with_t5 = |format: &str| {
         let options = LoadOptions {
@@ -539,10 +534,7 @@ fn flux_in_f16_matches_diffusers_in_f16() {
         root: fixtures().join("models").join("flux-dev-tiny"),
         prefer_fp16_variant: false,
     };
-    let runs: Vec<Run> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("runs/flux_runs.json")).unwrap(),
-    )
-    .unwrap();
+    let runs: Vec<Run> = read_run("flux_runs");
     let run = runs.iter().find(|r| r.name == "flux_dev_guidance").unwrap();
     // In f16 arithmetic as on a GPU (the CPU's own f16 holds the weights and computes in f32).
     let out = candela::engine::models::blocks::with_half_arithmetic_on_the_cpu(|| {

@@ -134,12 +134,9 @@ impl CustomOp1 for Fp8Cast {
         let n = xl.shape().elem_count();
         let dev = &x.device;
         let stream = dev.cuda_stream();
-        let storage = match (&x.slice, self.to) {
-            (CudaStorageSlice::F8E4M3(codes), to) => {
-                if !xl.is_contiguous() {
-                    candle_core::bail!("fp8 cast of a non-contiguous tensor");
-                }
-                let codes = codes.slice(xl.start_offset()..);
+        let storage = match (x.dtype(), self.to) {
+            (DType::F8E4M3, to) => {
+                let (codes, _) = input::<float8::F8E4M3>(x, xl)?;
                 let func = dev.get_or_load_custom_func(
                     &format!("fp8_decode_{}", super::elementwise::suffix(to)?),
                     MODULE,

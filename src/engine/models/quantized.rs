@@ -520,16 +520,15 @@ fn stop_widening(e: &candle_core::Error) {
 
 /// x · Wᵀ + b with the blocks widened to f16 on the device for this product (one pass over the
 /// weight, candle's kernel), then the activations' dtype, and one dense GEMM: what diffusers' GGUF
-/// layers do on a GPU.
+/// layers do on a GPU. The bias goes through the dense Linear, whose fused kernel adds it on CUDA
+/// (candle's broadcasting add cost as much as the product: `blocks::Linear`).
 fn widened_product(weight: &QMatMul, bias: &Tensor, xs: &Tensor) -> candle_core::Result<Tensor> {
     let QMatMul::QTensor(blocks) = weight else {
         candle_core::bail!("widened product of a layer without blocks");
     };
     let dtype = xs.dtype();
     let w = blocks.dequantize_f16(xs.device())?.to_dtype(dtype)?;
-    Linear::new(w, None)
-        .forward(xs)?
-        .broadcast_add(&bias.to_dtype(dtype)?)
+    Linear::new(w, Some(bias.to_dtype(dtype)?)).forward(xs)
 }
 
 impl BlockLinear {
