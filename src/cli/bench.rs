@@ -91,7 +91,8 @@ pub struct BenchArgs {
     /// The fused CUDA attention kernel the models run: `hopper` (the default: on H100/H200 at
     /// head sizes 64 and 128, `tiled` elsewhere), `tiled`, or a candidate (`pipelined`, `wide`,
     /// `hopper-128`, and the 128-key tiles `hopper-k128`, `hopper-128-k128`) to time whole
-    /// models with it.
+    /// models with it, or `cudnn`: cuDNN's fused attention (graph API; the default kernel for a
+    /// shape it has no plan for).
     #[arg(long, default_value = "hopper")]
     pub attention_kernel: String,
     /// The cuDNN API of the half-precision convolutions: `auto` (the default: the graph API on
@@ -255,6 +256,12 @@ fn choice<T: Copy>(
 
 /// `--attention-kernel`: the fused attention kernel the models run in this process.
 fn select_attention_kernel(name: &str) -> anyhow::Result<()> {
+    // cuDNN's fused attention, with the default kernel for shapes it has no plan for.
+    #[cfg(feature = "cudnn")]
+    if name == "cudnn" {
+        engine::cuda::attention::set_cudnn(true);
+        return Ok(());
+    }
     #[cfg(feature = "cuda")]
     {
         use engine::cuda::attention::{set_model_kernel, Kernel};

@@ -518,6 +518,18 @@ pub fn run(
                     Err(e) => println!("| sdpa | {shape:?} | {variant} | failed: {e} |"),
                 }
             }
+            // cuDNN's fused attention (graph API), PyTorch's SDPA kernel on Hopper.
+            #[cfg(feature = "cudnn")]
+            {
+                use crate::engine::cuda::attention::attention_by_cudnn;
+                let variant = "cudnn fused";
+                let t = time_ms(device, repeats, || attention_by_cudnn(&q, &k, &v, scale));
+                record("sdpa", &shape, variant, t);
+                match attention_by_cudnn(&q, &k, &v, scale) {
+                    Ok(out) => check("sdpa", &shape, &out, &exact, &format!("f32 ({variant})")),
+                    Err(e) => println!("| sdpa | {shape:?} | {variant} | failed: {e} |"),
+                }
+            }
         }
         // ‖ours − f32‖ / ‖f32‖: f16 operands land near 1e-3.
         let ours = attention::scaled_dot_product(&q, &k, &v, None, upcast)?;

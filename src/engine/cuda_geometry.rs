@@ -147,7 +147,7 @@ impl AttentionKernel {
 /// Where an attention operand's rows are (`Strides` in attention.cu): the element offset of
 /// (batch, head, row) is batch·`batch` + head·`head` + row·`row`, its head_dim values contiguous.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Strides {
     pub batch: i64,
     pub head: i64,
@@ -206,10 +206,104 @@ pub fn token_major_view(layout: &candle_core::Layout) -> bool {
     }
 }
 
+/// A tensor of cuDNN's attention graph: its dimensions and element strides.
+pub type GraphTensor = ([i64; 4], [i64; 4]);
+
+/// The tensors of cuDNN's attention graph (engine/cuda/attention_graph.rs) over the operands'
+/// views: q (batch, heads, queries, d), k and v (batch, heads, keys, d), the output token-major
+/// like our kernels'. `dims` = [batch, heads, queries, keys, d].
+pub struct GraphTensors {
+    pub q: GraphTensor,
+    pub k: GraphTensor,
+    /// k seen as kᵀ (batch, heads, d, keys): the composite graph's first product takes it so.
+    pub k_transposed: GraphTensor,
+    pub v: GraphTensor,
+    pub o: GraphTensor,
+}
+
+impl GraphTensors {
+    pub fn new(dims: [usize; 5], q: Strides, k: Strides, v: Strides) -> Self {
+        let [b, h, n, m, d] = dims.map(|x| x as i64);
+        let rows = |s: Strides| [s.batch, s.head, s.row, 1];
+        let o = Strides::token_major(n as usize, h as usize, d as usize);
+        Self {
+            q: ([b, h, n, d], rows(q)),
+            k: ([b, h, m, d], rows(k)),
+            k_transposed: ([b, h, d, m], [k.batch, k.head, 1, k.row]),
+            v: ([b, h, m, d], rows(v)),
+            o: ([b, h, n, d], rows(o)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Tensor};
+
+    /// cuDNN's view of each operand reaches the element candle's view holds at the same index:
+    /// a token-major q, a heads-first copy of k (and k transposed), a narrowed v, and the output
+    /// written token-major.
+    #[test]
+    fn cudnn_graph_tensors_address_the_views_elements() {
+        let dev = Device::Cpu;
+        let (b, h, n, m, d) = (2, 3, 5, 7, 8);
+        // Each element's value is its offset in storage.
+        let numbered = |count: usize| {
+            Tensor::arange(0u32, count as u32, &dev)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let q = numbered(b * n * h * d)
+            .reshape((b, n, h, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let k = numbered(b * h * m * d).reshape((b, h, m, d)).unwrap();
+        let v = numbered(b * h * m * 2 * d)
+            .reshape((b, h, m, 2 * d))
+            .unwrap()
+            .narrow(3, d, d)
+            .unwrap();
+        let strides = |t: &Tensor| Strides::of_view(t.layout()).unwrap();
+        let graph = GraphTensors::new([b, h, n, m, d], strides(&q), strides(&k), strides(&v));
+        let offset = |(dims, s): GraphTensor, index: [usize; 4]| -> f32 {
+            for (i, dim) in index.iter().zip(dims) {
+                assert!((*i as i64) < dim);
+            }
+            index.iter().zip(s).map(|(&i, s)| i as i64 * s).sum::<i64>() as f32
+        };
+        let at = |t: &Tensor, [i, j, k, l]: [usize; 4]| -> f32 {
+            t.get(i)
+                .and_then(|t| t.get(j))
+                .and_then(|t| t.get(k))
+                .and_then(|t| t.get(l))
+                .and_then(|t| t.to_scalar::<f32>())
+                .unwrap()
+        };
+        for (bi, hi, ri, di) in [(0, 0, 0, 0), (1, 2, 4, 7), (1, 0, 3, 5), (0, 1, 2, 3)] {
+            assert_eq!(offset(graph.q, [bi, hi, ri, di]), at(&q, [bi, hi, ri, di]));
+            let key = (ri + 2).min(m - 1);
+            assert_eq!(
+                offset(graph.k, [bi, hi, key, di]),
+                at(&k, [bi, hi, key, di])
+            );
+            assert_eq!(
+                offset(graph.k_transposed, [bi, hi, di, key]),
+                at(&k, [bi, hi, key, di])
+            );
+            // The pointer handed to cuDNN starts at the view's offset.
+            let start = v.layout().start_offset() as f32;
+            assert_eq!(
+                start + offset(graph.v, [bi, hi, key, di]),
+                at(&v, [bi, hi, key, di])
+            );
+            // The output: (batch, queries, heads, d) contiguous, seen heads-first.
+            let written = ((bi * n + ri) * h + hi) * d + di;
+            assert_eq!(offset(graph.o, [bi, hi, ri, di]), written as f32);
+        }
+    }
 
     #[test]
     fn views_read_in_place_and_views_copied() {

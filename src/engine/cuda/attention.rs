@@ -66,6 +66,24 @@ pub fn set_model_kernel(kernel: Kernel) {
     MODEL_KERNEL.store(kernel as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether [`attention`] hands its work to cuDNN's fused attention (`attention_graph.rs`; our
+/// kernel where cuDNN has no plan for a shape). A candidate until a GPU run has measured it.
+static CUDNN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`attention`] go through cuDNN's fused attention (or not) from now on, in this process.
+/// Without the cudnn feature there is nothing to switch on.
+pub fn set_cudnn(on: bool) {
+    CUDNN.store(
+        on && cfg!(feature = "cudnn"),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// Whether [`attention`] goes through cuDNN's fused attention.
+pub fn cudnn_chosen() -> bool {
+    CUDNN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The kernel [`attention`] runs where it applies.
 pub fn model_kernel() -> Kernel {
     let stored = MODEL_KERNEL.load(std::sync::atomic::Ordering::Relaxed);
@@ -88,7 +106,30 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
     } else {
         Kernel::Tiled
     };
+    #[cfg(feature = "cudnn")]
+    if cudnn_chosen() {
+        let op = super::attention_graph::CudnnAttention {
+            scale,
+            fallback: Some(kernel),
+        };
+        return apply(q, k, v, &op);
+    }
     run(kernel, q, k, v, scale)
+}
+
+/// [`attention`] by cuDNN's fused attention alone: an error where it has no plan for the shape.
+#[cfg(feature = "cudnn")]
+pub fn attention_by_cudnn(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    let op = super::attention_graph::CudnnAttention {
+        scale,
+        fallback: None,
+    };
+    apply(q, k, v, &op)
 }
 
 /// [`attention`] by a given kernel.
@@ -116,19 +157,25 @@ fn run(
     v: &Tensor,
     scale: f32,
 ) -> candle_core::Result<Tensor> {
-    // A view the kernels cannot read in place is copied (a fresh copy always can be).
+    apply(q, k, v, &FlashAttention { scale, kernel })
+}
+
+/// Applies an attention op (token-major output) to heads-first operands, seen heads-first.
+fn apply(q: &Tensor, k: &Tensor, v: &Tensor, op: &impl CustomOp3) -> candle_core::Result<Tensor> {
+    // A view the ops cannot read in place is copied (a fresh copy always can be).
     let ready = |t: &Tensor| match Strides::of_view(t.layout()) {
         Some(_) => Ok(t.clone()),
         None => t.contiguous(),
     };
     ready(q)?
-        .apply_op3_no_bwd(&ready(k)?, &ready(v)?, &FlashAttention { scale, kernel })?
+        .apply_op3_no_bwd(&ready(k)?, &ready(v)?, op)?
         .transpose(1, 2)
 }
 
-struct FlashAttention {
-    scale: f32,
-    kernel: Kernel,
+/// Our kernels' op (also the fallback of cuDNN's where it has no plan for a shape).
+pub(super) struct FlashAttention {
+    pub scale: f32,
+    pub kernel: Kernel,
 }
 
 impl FlashAttention {

@@ -148,8 +148,6 @@ struct GraphEntry {
 
 #[derive(Default)]
 struct ThreadState {
-    /// One cuDNN handle per device, on the stream candle launches on from this thread.
-    handles: HashMap<DeviceId, sys::cudnnHandle_t>,
     plans: HashMap<PlanKey, Plan>,
     /// Graph-API plans, or why the graph API could not run the shape.
     graph_plans: HashMap<PlanKey, Result<GraphEntry, String>>,
@@ -166,18 +164,6 @@ fn data_type(dtype: DType) -> candle_core::Result<sys::cudnnDataType_t> {
         DType::F32 => sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
         other => candle_core::bail!("cuDNN convolution of {other:?} tensors"),
     })
-}
-
-fn handle(state: &mut ThreadState, dev: &CudaDevice) -> candle_core::Result<sys::cudnnHandle_t> {
-    if let Some(h) = state.handles.get(&dev.id()) {
-        return Ok(*h);
-    }
-    let stream = dev.cuda_stream();
-    stream.context().bind_to_thread().map_err(cuda_error)?;
-    let h = dnn::create_handle().map_err(cuda_error)?;
-    unsafe { dnn::set_stream(h, stream.cu_stream() as sys::cudaStream_t) }.map_err(cuda_error)?;
-    state.handles.insert(dev.id(), h);
-    Ok(h)
 }
 
 fn tensor_desc(
@@ -303,7 +289,7 @@ impl CudnnConv2d {
         let stream = dev.cuda_stream();
         STATE.with(|state| {
             let mut state = state.borrow_mut();
-            let handle = handle(&mut state, dev)?;
+            let handle = super::cudnn_graph::handle(dev)?;
             let mut y =
                 unsafe { stream.alloc::<T>(output.iter().product()) }.map_err(cuda_error)?;
             {
@@ -331,7 +317,7 @@ impl CudnnConv2d {
                             unsafe { stream.alloc::<u8>(entry.plan.workspace.max(1)) }
                                 .map_err(cuda_error)?;
                         let (sp, _s) = scratch.device_ptr_mut(&stream);
-                        entry.plan.execute(handle, pointers, sp)?;
+                        pointers.with_bindings(|b| entry.plan.execute(handle, b, sp))?;
                         (entry.y.0, entry.bias.0)
                     }
                     None => {

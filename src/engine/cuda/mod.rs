@@ -3,9 +3,13 @@
 
 pub mod attention;
 #[cfg(feature = "cudnn")]
+pub mod attention_graph;
+#[cfg(feature = "cudnn")]
 pub mod conv;
 #[cfg(feature = "cudnn")]
 pub mod conv_graph;
+#[cfg(feature = "cudnn")]
+pub mod cudnn_graph;
 pub mod elementwise;
 pub mod fp8;
 pub mod self_check;

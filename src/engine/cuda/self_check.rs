@@ -157,10 +157,25 @@ fn values(dims: &[usize], seed: f32, device: &Device) -> candle_core::Result<Ten
 /// kernel that fails is replaced by the tiled one (the one measured on GPUs), which is then
 /// checked in turn.
 fn attention(device: &Device) -> candle_core::Result<f64> {
-    use super::attention::{model_kernel, set_model_kernel, Kernel};
+    use super::attention::{cudnn_chosen, model_kernel, set_cudnn, set_model_kernel, Kernel};
     let worst = || -> candle_core::Result<f64> {
         Ok(attention_at(device, 64)?.max(attention_at(device, 128)?))
     };
+    // cuDNN's fused attention where chosen (its shapes without a plan run our kernel, checked
+    // below either way): switched off if it fails or disagrees.
+    if cudnn_chosen() {
+        match worst() {
+            Ok(error) if error <= LIMIT => {}
+            outcome => {
+                let why = match outcome {
+                    Ok(error) => format!("disagrees with candle's ops by {error:.2e}"),
+                    Err(e) => format!("failed: {e}"),
+                };
+                tracing::error!("cuDNN's fused attention {why} on this device; switched off");
+                set_cudnn(false);
+            }
+        }
+    }
     let kernel = model_kernel();
     if kernel == Kernel::Tiled {
         return worst();

@@ -29,6 +29,9 @@ MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
 # one step, labelled "<model> (<flag>)", in order of importance (a call cut short keeps the
 # first ones). The Hopper kernels take head sizes 64 and 128 only (SD 1.5's are 40, 80 and 160).
 DIT_AND_SDXL=sdxl,sd35-large,flux-dev
+# --attention-kernel=cudnn: cuDNN's fused attention through the graph API (session 26), the
+# kernel PyTorch's SDPA ran in session 25's traces at ~half our Hopper kernel's time; every
+# model (SD 1.5's head sizes 40/80/160 too, which our Hopper kernels do not take).
 # --quantize=fp8: FP8 weight storage (memory, and the products on FP8 tensor cores; SDXL's UNet
 # takes it for its transformer blocks). Never timed: session 25's run found candle's F8E4M3
 # casts broken on CUDA (our kernels since).
@@ -43,7 +46,7 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # --switch-off=deferred-bias,qk-norm,upsample,group-norm: the default run without the fusions
 # (biases folded into their consumers, the q/k kernel and copy-free joins, the one-pass
 # upsampling, the sliced GroupNorm statistics, the strided GEMM over narrowed views).
-CANDIDATES=${CANDIDATES-"--quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --attention-kernel=tiled@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --conv-engine=legacy@sd15,sdxl --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm"}
+CANDIDATES=${CANDIDATES-"--attention-kernel=cudnn --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --attention-kernel=tiled@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --conv-engine=legacy@sd15,sdxl --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
