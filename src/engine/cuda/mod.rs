@@ -158,7 +158,11 @@ pub fn time_graph_replays(
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .map_err(cuda_error)?;
     let captured = f();
-    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+    // The output is allocated inside the graph and outlives it: without auto-free a second
+    // launch fails (CUDA_ERROR_INVALID_VALUE, session 25's SD 1.5 capture) while the first
+    // launch's allocation is unfreed.
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
     // Keep the outputs alive until the graph is built: their memory is part of it.
     let _outputs = captured?;
     let graph = graph
