@@ -60,8 +60,10 @@ pub struct BenchArgs {
     /// Write our figures as JSON here too.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
-    /// Also replay the denoiser forward as one CUDA graph and time it (an experiment: turns off
-    /// cudarc's event tracking for this process, which graph capture cannot record).
+    /// Also replay the denoiser forward as one CUDA graph and time it, and run the end-to-end
+    /// generation again with its steps replayed as CUDA graphs (SD 1.x/2.x, SDXL), timed and
+    /// compared with the eager run's latents (an experiment: turns off cudarc's event tracking
+    /// for this process, which graph capture cannot record).
     #[arg(long)]
     pub cuda_graph: bool,
     /// Load as `serve --quantize FMT` (transformer blocks: fp8, q8_0, q4k, …; on the
@@ -175,6 +177,13 @@ pub struct BenchFigures {
     /// `--cuda-graph`: why the capture failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_graph_error: Option<String>,
+    /// `--cuda-graph`: the end-to-end run again with its steps replayed as CUDA graphs (s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_to_end_graph_s: Option<f64>,
+    /// `--cuda-graph`: the largest difference between that run's final latents and the eager
+    /// run's (the same kernels on the same inputs: 0 expected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph_latents_max_diff: Option<f64>,
     /// `--profile`: one denoiser forward and one VAE decode by module.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub denoiser_profile: Vec<ProfileEntry>,
@@ -444,19 +453,24 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     // Counted from before the build: weights, kernels' caches (the CPU's Winograd buffer) and the
     // run's working memory.
     let meter = PeakMeter::start_from(&device, Some(baseline));
-    let t = Instant::now();
-    pipeline.generate(&params, &mut |p| {
-        eprintln!(
-            "step {}/{}: {:.2} steps/s",
-            p.step,
-            p.total,
-            p.steps_per_second()
-        );
-        true
-    })?;
-    sync()?;
-    let end_to_end = t.elapsed().as_secs_f64();
+    let generate = || -> anyhow::Result<TimedGeneration> {
+        let t = Instant::now();
+        let generated = pipeline.generate(&params, &mut |p| {
+            eprintln!(
+                "step {}/{}: {:.2} steps/s",
+                p.step,
+                p.total,
+                p.steps_per_second()
+            );
+            true
+        })?;
+        sync()?;
+        Ok((generated, t.elapsed().as_secs_f64()))
+    };
+    let (eager, end_to_end) = generate()?;
     let peak = meter.finish();
+    let graph_run = graph_generation(args.cuda_graph, &device, &generate, &eager)?;
+    drop(eager);
 
     let ours = BenchFigures {
         label: format!(
@@ -487,6 +501,8 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         process_peak_gib: memory::process_peak_resident().map(|b| b as f64 / GIB),
         denoiser_step_graph_ms: parts.graph_forward_ms.clone().and_then(|r| r.ok()),
         cuda_graph_error: parts.graph_forward_ms.clone().and_then(|r| r.err()),
+        end_to_end_graph_s: graph_run.map(|(s, _)| s),
+        graph_latents_max_diff: graph_run.map(|(_, d)| d),
         denoiser_profile: profile_entries(&parts.profiles.denoiser),
         vae_profile: profile_entries(&parts.profiles.vae_decode),
     };
@@ -503,6 +519,12 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
     if let Some(error) = &ours.cuda_graph_error {
         println!("CUDA graph: {error}");
     }
+    if let (Some(s), Some(diff)) = (ours.end_to_end_graph_s, ours.graph_latents_max_diff) {
+        println!(
+            "end to end with CUDA-graph steps: {s:.3} s (eager {:.3} s), latents within {diff:.3e} of the eager run's",
+            ours.end_to_end_s
+        );
+    }
     for (name, ours, theirs) in [
         (
             "denoiser forward",
@@ -518,6 +540,43 @@ pub fn run_engine(common: &CommonArgs, args: BenchArgs) -> anyhow::Result<()> {
         print_profile(name, ours, theirs);
     }
     Ok(())
+}
+
+type TimedGeneration = (engine::pipelines::sd::Generated, f64);
+
+/// `--cuda-graph`: the same generation with its steps replayed as CUDA graphs, its time (s) and
+/// its latents' largest difference from the eager run's.
+#[cfg(feature = "cuda")]
+fn graph_generation(
+    asked: bool,
+    device: &candle_core::Device,
+    generate: &dyn Fn() -> anyhow::Result<TimedGeneration>,
+    eager: &engine::pipelines::sd::Generated,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    if !asked || !device.is_cuda() {
+        return Ok(None);
+    }
+    // SAFETY: event tracking was turned off when the device was opened, for `--cuda-graph`.
+    unsafe { engine::cuda::step_graph::set_enabled(true) };
+    let run = generate();
+    unsafe { engine::cuda::step_graph::set_enabled(false) };
+    let (graphed, seconds) = run?;
+    let f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32);
+    let diff = (f32(&graphed.latents)? - f32(&eager.latents)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    Ok(Some((seconds, diff as f64)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn graph_generation(
+    _asked: bool,
+    _device: &candle_core::Device,
+    _generate: &dyn Fn() -> anyhow::Result<TimedGeneration>,
+    _eager: &engine::pipelines::sd::Generated,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    Ok(None)
 }
 
 /// Per-module times side by side, rows in our order then the reference's own.

@@ -13,6 +13,7 @@ pub mod cudnn_graph;
 pub mod elementwise;
 pub mod fp8;
 pub mod self_check;
+pub mod step_graph;
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaView};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};

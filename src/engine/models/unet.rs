@@ -720,30 +720,53 @@ impl UNet2DConditionModel {
         context: &Tensor,
         added: Option<(&Tensor, &[f32])>,
     ) -> candle_core::Result<Tensor> {
+        let t = self.timestep_input(timestep, sample)?;
+        self.forward_from_timestep_input(sample, &t, context, added)
+    }
+
+    /// The timestep's sinusoidal features (B, first block's channels) for `sample`'s batch, the
+    /// time embedding's input. Made on the host: apart from the forward, so that a CUDA graph of
+    /// the forward takes them as an input instead of freezing one step's values.
+    pub fn timestep_input(&self, timestep: f32, sample: &Tensor) -> candle_core::Result<Tensor> {
+        self.sinusoid(
+            &vec![timestep; sample.dim(0)?],
+            self.config.block_out_channels[0],
+            sample,
+        )
+    }
+
+    fn sinusoid(&self, t: &[f32], dim: usize, sample: &Tensor) -> candle_core::Result<Tensor> {
+        timestep_features(
+            t,
+            dim,
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift as f32,
+            sample.dtype(),
+            sample.device(),
+        )
+    }
+
+    /// [`Self::forward_with`] from the timestep's features ([`Self::timestep_input`]).
+    pub fn forward_from_timestep_input(
+        &self,
+        sample: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        added: Option<(&Tensor, &[f32])>,
+    ) -> candle_core::Result<Tensor> {
         let b = sample.dim(0)?;
         let mut xs = if self.config.center_input_sample {
             ((sample * 2.0)? - 1.0)?
         } else {
             sample.clone()
         };
-        let sinusoid = |t: &[f32], dim: usize| {
-            timestep_features(
-                t,
-                dim,
-                self.config.flip_sin_to_cos,
-                self.config.freq_shift as f32,
-                sample.dtype(),
-                sample.device(),
-            )
-        };
-        let t = sinusoid(&vec![timestep; b], self.config.block_out_channels[0])?;
         let mut emb = self
             .time_linear_2
-            .forward(&self.time_linear_1.forward(&t)?.silu()?)?;
+            .forward(&self.time_linear_1.forward(t)?.silu()?)?;
         match (&self.add_embedding, added) {
             (Some((l1, l2)), Some((text_embeds, time_ids))) => {
                 let dim = self.config.addition_time_embed_dim.unwrap_or(256);
-                let time_embeds = sinusoid(time_ids, dim)?.reshape((b, ()))?;
+                let time_embeds = self.sinusoid(time_ids, dim, sample)?.reshape((b, ()))?;
                 let add = Tensor::cat(&[&text_embeds.to_dtype(sample.dtype())?, &time_embeds], 1)?;
                 emb = (emb + l2.forward(&l1.forward(&add)?.silu()?)?)?;
             }

@@ -332,6 +332,28 @@ pub(crate) fn check_common(p: &GenerateParams, train_steps: usize) -> Result<()>
     Ok(())
 }
 
+/// The denoiser forward of one loop, replayed as a CUDA graph where step graphs are enabled
+/// ([`crate::engine::cuda::step_graph`]); elsewhere each step runs `forward` as it is.
+#[derive(Default)]
+pub(crate) struct StepRunner {
+    #[cfg(feature = "cuda")]
+    replay: crate::engine::cuda::step_graph::StepReplay,
+}
+
+impl StepRunner {
+    /// `forward` on `inputs` (the inputs that change between steps; what stays fixed it holds).
+    pub fn run(
+        &mut self,
+        inputs: &[&candle_core::Tensor],
+        forward: &dyn Fn(&[candle_core::Tensor]) -> candle_core::Result<candle_core::Tensor>,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        #[cfg(feature = "cuda")]
+        return self.replay.run(inputs, forward);
+        #[cfg(not(feature = "cuda"))]
+        forward(&inputs.iter().map(|t| (*t).clone()).collect::<Vec<_>>())
+    }
+}
+
 use crate::engine::loader::ModelDir;
 use crate::engine::schedulers::SamplerKind;
 use crate::engine::{GeneratedImage, Progress};

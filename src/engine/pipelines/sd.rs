@@ -646,6 +646,8 @@ impl StableDiffusion {
         };
 
         let total = end.saturating_sub(begin);
+        let added = added.as_ref().map(|(pooled, ids)| (pooled, ids.as_slice()));
+        let mut steps = super::StepRunner::default();
         for (i, &t) in timesteps.iter().enumerate().take(end).skip(begin) {
             let input = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
@@ -656,12 +658,14 @@ impl StableDiffusion {
             if let Some(extra) = &extra_input {
                 input = Tensor::cat(&[&input, extra], 1)?;
             }
-            let out = self.unet.forward_with(
-                &input,
-                t,
-                &context,
-                added.as_ref().map(|(pooled, ids)| (pooled, ids.as_slice())),
-            )?;
+            // The latents and the timestep's features change between steps; the prompt does not.
+            let t_input = self.unet.timestep_input(t, &input)?;
+            let out = steps.run(&[&input, &t_input], &|inputs| match inputs {
+                [input, t_input] => self
+                    .unet
+                    .forward_from_timestep_input(input, t_input, &context, added),
+                _ => candle_core::bail!("the UNet step takes the latents and the timestep"),
+            })?;
             let guided = if cfg {
                 let uncond = out.narrow(0, 0, rows)?;
                 let text = out.narrow(0, rows, rows)?;

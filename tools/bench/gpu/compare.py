@@ -49,6 +49,7 @@ def main():
             ratio = f"{a / b:.2f}x" if a is not None and b else "-"
             print(f"| {model} | {shape} | {name} | {show(a)} | {show(b)} | {ratio} |")
     candidates(ours, theirs)
+    graphs(sys.argv[1])
     kernel_tables(sys.argv[1], sys.argv[2])
     # --profile: per-module inclusive times (device synchronised at each module), both sides.
     for model in ours:
@@ -107,6 +108,24 @@ def kernel_tables(our_dir, their_dir, top=12):
                 for k in table["kernels"][:top]:
                     name = k["name"] if len(k["name"]) <= 100 else k["name"][:97] + "..."
                     print(f"| `{name}` | {category(k['name'])} | {k['calls']:.0f} | {k['ms']:.3f} |")
+
+
+def graphs(our_dir):
+    """The CUDA-graph experiment (graphs.jsonl): the forward replayed, and a generation's steps."""
+    path = Path(our_dir) / "graphs.jsonl"
+    if not path.exists():
+        return
+    print("\nCUDA graphs (f16): denoiser forward eager / replayed, then a generation eager / with replayed steps")
+    print("| model | forward ms | replayed ms | steps | end-to-end s | with graph steps s | latents max diff | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        diff = r.get("graph_latents_max_diff")
+        print(f"| {r['model']} | {show(r.get('denoiser_step_ms'))} | {show(r.get('graph_ms'))} | {r.get('steps', '-')} | "
+              f"{show(r.get('end_to_end_s'))} | {show(r.get('end_to_end_graph_s'))} | "
+              f"{'-' if diff is None else f'{diff:.2e}'} | {r.get('error') or ''} |")
 
 
 def candidates(ours, theirs):

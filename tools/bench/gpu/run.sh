@@ -146,12 +146,14 @@ candela)
             && append_result /tmp/large.json "$model-$dtype (${side}², VAE tiling)" \
             || echo "candela $model ${side}² failed (exit $?)" | tee -a "$log"
     done
-    # Experiment: the denoiser forward replayed as one CUDA graph (launch overhead gone).
+    # Experiment: the denoiser forward replayed as one CUDA graph (launch overhead gone), then a
+    # generation of GRAPH_STEPS steps eager and again with its steps replayed as CUDA graphs
+    # (captured at the first step), with the two runs' latents compared (0 expected).
     for model in $GRAPH_MODELS; do
         echo "== candela $model f16, CUDA graph" | tee -a "$log"
-        timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype f16 --steps 1 \
+        timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype f16 --steps "${GRAPH_STEPS:-10}" \
             --repeats "$REPEATS" --cuda-graph --json-out "/tmp/graph-$model.json" >> "$log" 2>&1 \
-            && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({'model': sys.argv[2], 'denoiser_step_ms': d['denoiser_step_ms'], 'graph_ms': d.get('denoiser_step_graph_ms'), 'error': d.get('cuda_graph_error')}))" "/tmp/graph-$model.json" "$model" | tee -a "$OUT/graphs.jsonl" \
+            && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({'model': sys.argv[2], 'denoiser_step_ms': d['denoiser_step_ms'], 'graph_ms': d.get('denoiser_step_graph_ms'), 'error': d.get('cuda_graph_error'), 'steps': d['steps'], 'end_to_end_s': d['end_to_end_s'], 'end_to_end_graph_s': d.get('end_to_end_graph_s'), 'graph_latents_max_diff': d.get('graph_latents_max_diff')}))" "/tmp/graph-$model.json" "$model" | tee -a "$OUT/graphs.jsonl" \
             || echo "candela $model graph run failed (exit $?)" | tee -a "$log"
     done
     ;;
