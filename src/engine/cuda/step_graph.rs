@@ -80,6 +80,8 @@ impl StepGraph {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let eager = forward(&buffers)?;
         let output = eager.zeros_like()?;
+        // The copy the capture ends with, once outside it (its kernel's module loaded).
+        output.slice_set(&eager, 0, 0)?;
         let stream = dev.cuda_stream();
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
