@@ -192,14 +192,37 @@ pub fn run(
             "candle",
         );
     }
-    // LayerNorm over tokens (tokens, width) and the activations of the feed-forwards.
-    for shape in [[8192, 320], [4608, 3072], [8858, 2432]] {
+    // LayerNorm over tokens (tokens, width): SD 1.5's and SDXL's transformer blocks (guided
+    // batch), the DiTs' widths; candle's kernel and (CUDA) ours, which the UNets and CLIP run.
+    for shape in [
+        [8192, 320],
+        [8192, 640],
+        [2048, 1280],
+        [4608, 3072],
+        [8858, 2432],
+    ] {
         let x = randn(&shape, 1.0)?;
         let (w, b) = (randn(&[shape[1]], 1.0)?, randn(&[shape[1]], 1.0)?);
-        let t = time_ms(device, repeats, || {
-            candle_nn::ops::layer_norm(&x, &w, &b, 1e-5)
-        });
-        record("layer_norm", &shape, "candle", t);
+        let candle = || candle_nn::ops::layer_norm(&x, &w, &b, 1e-5);
+        #[cfg(feature = "cuda")]
+        if crate::engine::cuda::elementwise::supports(&x) {
+            use crate::engine::cuda::elementwise::layer_norm_affine;
+            fused_against!(
+                "layer_norm",
+                shape,
+                "candle",
+                candle,
+                || layer_norm_affine(&x, &w, &b, 1e-5),
+                "candle"
+            );
+            continue;
+        }
+        record(
+            "layer_norm",
+            &shape,
+            "candle",
+            time_ms(device, repeats, candle),
+        );
     }
     // A DiT's LayerNorm (no parameters) and modulation (batch, tokens, width): candle's layer norm
     // then our modulate kernel, against the fused kernel the DiTs run.

@@ -4,6 +4,7 @@
 // prints "relative_l2 max_abs". OP:
 //   layer_norm_modulate  ROWS rows of D in BATCHES samples (shift and scale per sample), one
 //                        block of 256 threads per row as the engine launches it;
+//   layer_norm_affine    the same with a LayerNorm's weight and bias (BATCHES = 1: one of each);
 //   group_norm           ROWS = batch · groups groups of D values (4 channels per group · HW),
 //                        their statistics in BATCHES slices per group then merged, then the
 //                        apply kernel, with SiLU;
@@ -75,9 +76,11 @@ std::pair<double, double> moments(const T *x, size_t n) {
     return {mean, var / n};
 }
 
+// AFFINE: the layer_norm_affine kernel (scale is the weight, not 1 + scale).
 template <typename T>
 void layer_norm_modulate_case(size_t rows, size_t d, size_t batches, int vec, unsigned seed,
-                              void (*kernel)(const T *, const T *, const T *, T *, size_t, size_t, float, int)) {
+                              void (*kernel)(const T *, const T *, const T *, T *, size_t, size_t, float, int),
+                              bool affine) {
     std::mt19937 rng(seed);
     Buffer<T> x(rows * d), shift(batches * d), scale(batches * d), y(rows * d);
     fill(x, rng, 0.5f, 2.0f);
@@ -95,7 +98,7 @@ void layer_norm_modulate_case(size_t rows, size_t d, size_t batches, int vec, un
         const size_t b = r / per_batch;
         for (size_t c = 0; c < d; ++c) {
             double norm = (f(x[r * d + c]) - mean) / std::sqrt(var + eps);
-            e.add(f(y[r * d + c]), norm * (1.0 + f(scale[b * d + c])) + f(shift[b * d + c]));
+            e.add(f(y[r * d + c]), norm * ((affine ? 0.0 : 1.0) + f(scale[b * d + c])) + f(shift[b * d + c]));
         }
     }
     e.print();
@@ -441,10 +444,13 @@ void cast_e4m3_case(size_t rows, size_t d, unsigned seed) {
 template <typename T>
 int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, unsigned seed,
         void (*ln)(const T *, const T *, const T *, T *, size_t, size_t, float, int),
+        void (*ln_affine)(const T *, const T *, const T *, T *, size_t, size_t, float, int),
         void (*gs)(const T *, float *, size_t, size_t, int),
         void (*ga)(const T *, const float *, const T *, const T *, T *, size_t, size_t, size_t, size_t, int, int)) {
     if (op == "layer_norm_modulate")
-        layer_norm_modulate_case<T>(rows, d, batches, vec, seed, ln);
+        layer_norm_modulate_case<T>(rows, d, batches, vec, seed, ln, false);
+    else if (op == "layer_norm_affine")
+        layer_norm_modulate_case<T>(rows, d, batches, vec, seed, ln_affine, true);
     else if (op == "group_norm")
         group_norm_case<T>(rows, d, batches, vec, seed, gs, ga);
     else if (op == "modulate" || op == "gated_add" || op == "gated_add_bias" || op == "gated_add_sum" ||
@@ -479,7 +485,9 @@ int main(int argc, char **argv) {
     const size_t rows = std::atol(argv[3]), d = std::atol(argv[4]), batches = std::atol(argv[5]);
     const int vec = std::atoi(argv[6]);
     const unsigned seed = std::atoi(argv[7]);
-#define RUN(T, S) run<T>(op, rows, d, batches, vec, seed, layer_norm_modulate_##S, group_norm_partial_##S, group_norm_apply_##S)
+#define RUN(T, S)                                                                                    \
+    run<T>(op, rows, d, batches, vec, seed, layer_norm_modulate_##S, layer_norm_affine_##S,          \
+           group_norm_partial_##S, group_norm_apply_##S)
     if (dtype == "f32")
         return RUN(float, f32);
     if (dtype == "f16")

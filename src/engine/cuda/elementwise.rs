@@ -263,8 +263,26 @@ pub fn layer_norm_modulate(
     xs.contiguous()?.apply_op3_no_bwd(
         &shift.contiguous()?,
         &scale.contiguous()?,
-        &LayerNormModulate { eps },
+        &LayerNormModulate { eps, affine: false },
     )
+}
+
+/// A LayerNorm over the last dimension with a learned `weight` and `bias` (D) shared by every
+/// row (biased variance, `eps`): `layer_norm_modulate`'s kernel, the weight in place of 1 + scale.
+pub fn layer_norm_affine(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let d = xs.dim(candle_core::D::Minus1)?;
+    let rows = xs.elem_count() / d.max(1);
+    let out = xs.contiguous()?.reshape((1, rows, d))?.apply_op3_no_bwd(
+        &bias.contiguous()?,
+        &weight.contiguous()?,
+        &LayerNormModulate { eps, affine: true },
+    )?;
+    out.reshape(xs.shape())
 }
 
 pub(crate) fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
@@ -796,6 +814,9 @@ impl CustomOp3 for PerSample {
 
 struct LayerNormModulate {
     eps: f32,
+    /// A LayerNorm's weight and bias (one of each, (D)) in place of per-sample 1 + scale and
+    /// shift ((B, D)).
+    affine: bool,
 }
 
 impl CustomOp3 for LayerNormModulate {
@@ -826,11 +847,12 @@ impl CustomOp3 for LayerNormModulate {
         let rows = batch * tokens;
         let dev = &x.device;
         let dtype = x.dtype();
-        let func = dev.get_or_load_custom_func(
-            &format!("layer_norm_modulate_{}", suffix(dtype)?),
-            MODULE,
-            PTX,
-        )?;
+        let kernel = match self.affine {
+            true => "layer_norm_affine",
+            false => "layer_norm_modulate",
+        };
+        let func =
+            dev.get_or_load_custom_func(&format!("{kernel}_{}", suffix(dtype)?), MODULE, PTX)?;
         let storage = by_dtype!(dtype, T => {
             let (xv, xa) = input::<T>(x, xl)?;
             let (sv, sa) = input::<T>(shift, sl)?;

@@ -36,10 +36,13 @@ pub enum Fused {
     /// image or text part under CFG) as one strided batched GEMM, where it was copied first.
     /// Not a kernel of ours (cuBLAS, as candle calls it): nothing to check, a switch to time.
     StridedGemm = 8,
+    /// A LayerNorm with learned weight and bias (the UNets' transformer blocks, CLIP) in one
+    /// pass, where candle's kernel ran.
+    LayerNorm = 9,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 9] = [
+    pub const ALL: [Fused; 10] = [
         Fused::Attention,
         Fused::LayerNormModulate,
         Fused::TokenMajorRope,
@@ -49,6 +52,7 @@ impl Fused {
         Fused::Upsample,
         Fused::GroupNorm,
         Fused::StridedGemm,
+        Fused::LayerNorm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,11 +66,12 @@ impl Fused {
             Fused::Upsample => "upsample",
             Fused::GroupNorm => "group-norm",
             Fused::StridedGemm => "strided-gemm",
+            Fused::LayerNorm => "layer-norm",
         }
     }
 }
 
-static SWITCHED_OFF: [AtomicBool; 9] = [const { AtomicBool::new(false) }; 9];
+static SWITCHED_OFF: [AtomicBool; 10] = [const { AtomicBool::new(false) }; 10];
 
 /// Whether `op` may run (not switched off by a failed check).
 pub fn passed(op: Fused) -> bool {
@@ -93,9 +98,10 @@ type Check = fn(&Device) -> candle_core::Result<f64>;
 
 /// Runs every check on `device` and switches off what fails.
 pub fn run(device: &Device) {
-    let checks: [(Fused, Check); 7] = [
+    let checks: [(Fused, Check); 8] = [
         (Fused::Attention, attention),
         (Fused::LayerNormModulate, layer_norm_modulate),
+        (Fused::LayerNorm, layer_norm),
         (Fused::TokenMajorRope, token_major_rope),
         (Fused::DeferredBias, deferred_bias),
         (Fused::QkNorm, qk_norm),
@@ -231,6 +237,20 @@ fn layer_norm_modulate(device: &Device) -> candle_core::Result<f64> {
         &f32(&shift)?,
         &f32(&scale)?,
     )?;
+    relative_error(&fused, &exact)
+}
+
+/// A LayerNorm with weight and bias over (2, 33, 320) f16 rows, against candle's in f32.
+fn layer_norm(device: &Device) -> candle_core::Result<f64> {
+    let (b, n, width, eps) = (2, 33, 320, 1e-5);
+    let x = (values(&[b, n, width], 0.9, device)? * 2.0)?;
+    let weight = (values(&[width], 1.0, device)? + 1.0)?;
+    let bias = values(&[width], 1.1, device)?;
+    let half = |t: &Tensor| t.to_dtype(DType::F16);
+    let f32 = |t: &Tensor| half(t)?.to_dtype(DType::F32);
+    let fused =
+        super::elementwise::layer_norm_affine(&half(&x)?, &half(&weight)?, &half(&bias)?, eps)?;
+    let exact = candle_nn::ops::layer_norm(&f32(&x)?, &f32(&weight)?, &f32(&bias)?, eps)?;
     relative_error(&fused, &exact)
 }
 

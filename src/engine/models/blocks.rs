@@ -58,6 +58,60 @@ pub fn timestep_features(
     Tensor::from_vec(data, (timesteps.len(), dim), device)?.to_dtype(dtype)
 }
 
+/// A LayerNorm with a learned weight and bias (the UNets' transformer blocks, CLIP): candle's,
+/// or on CUDA in half precision our one-pass kernel — candle's took twice PyTorch's time (SDXL's
+/// 210 a step: 3.8 against 1.9 ms on an H200).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    inner: candle_nn::LayerNorm,
+    /// candle's LayerNorm keeps its epsilon to itself; our kernel needs it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    eps: f64,
+}
+
+/// A LayerNorm of `size` with weight and bias from `vb`.
+pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    Ok(LayerNorm {
+        inner: candle_nn::layer_norm(size, eps, vb)?,
+        eps,
+    })
+}
+
+impl LayerNorm {
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(bias) = self.inner.bias() {
+            let weight = self.inner.weight();
+            if matches!(xs.dtype(), DType::F16 | DType::BF16)
+                && weight.dtype() == xs.dtype()
+                && bias.dtype() == xs.dtype()
+                && crate::engine::cuda::self_check::runs_on(
+                    crate::engine::cuda::self_check::Fused::LayerNorm,
+                    xs,
+                )
+            {
+                return crate::engine::cuda::elementwise::layer_norm_affine(
+                    xs,
+                    weight,
+                    bias,
+                    self.eps as f32,
+                );
+            }
+        }
+        self.inner.forward(xs)
+    }
+}
+
 /// A Linear layer with candle's weights and layout. On CUDA with a bias: one 2-D matmul over the
 /// flattened rows and the bias added by a fused kernel, where candle's runs a batched matmul and
 /// a broadcasting add whose per-element index arithmetic made the add cost as much as the matmul

@@ -1,8 +1,9 @@
 //! CLIP text encoder (transformers' `CLIPTextModel`), built from `text_encoder/config.json`.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 
+use super::blocks::{layer_norm, LayerNorm};
 use super::cpu_activation::Activation;
 use super::cpu_half_linear::{HeldLinear, Holding};
 use serde::Deserialize;

@@ -3,9 +3,9 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::blocks::{computing, linear, Biased, Linear};
+use super::blocks::{computing, layer_norm, linear, Biased, LayerNorm, Linear};
 use serde::Deserialize;
 
 use super::attention::Attention;

@@ -43,10 +43,11 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # overlapping p.v, three stages.
 # --attention-kernel=tiled / --conv-engine=legacy: session 25's former defaults, against the new
 # ones (Hopper attention, the graph API) — what each bought, same machine.
-# --switch-off=deferred-bias,qk-norm,upsample,group-norm: the default run without the fusions
-# (biases folded into their consumers, the q/k kernel and copy-free joins, the one-pass
-# upsampling, the sliced GroupNorm statistics, the strided GEMM over narrowed views).
-CANDIDATES=${CANDIDATES-"--attention-kernel=cudnn --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --attention-kernel=tiled@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --conv-engine=legacy@sd15,sdxl --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm"}
+# --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm: the default run
+# without the fusions (biases folded into their consumers, the q/k kernel and copy-free joins,
+# the one-pass upsampling, the sliced GroupNorm statistics, the strided GEMM over narrowed views,
+# our LayerNorm kernel in the UNets and CLIP).
+CANDIDATES=${CANDIDATES-"--attention-kernel=cudnn --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --attention-kernel=tiled@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --conv-engine=legacy@sd15,sdxl --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
@@ -56,7 +57,7 @@ LARGE=${LARGE-"sdxl:f16:2048"}
 # Kernel tables (TRACE_MODELS= to leave them out): what each timed part runs, kernel by kernel —
 # candela under the CUPTI tracer (tools/cuda/kernel_trace.c, in a run of its own), diffusers under
 # torch.profiler (after its timed forwards) — as $OUT/kernel-table-<model>-<dtype>.json per side.
-TRACE_MODELS=${TRACE_MODELS-"sdxl:f16 sd35-large:f16 flux-dev:bf16"}
+TRACE_MODELS=${TRACE_MODELS-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
 # The CUDA-graph experiment (candela side only; GRAPH_MODELS= to leave it out).
 GRAPH_MODELS=${GRAPH_MODELS-"sd15 sdxl"}
 # For a dry run on a CPU machine: DEVICE=cpu BIN=target/release/candela-bench
