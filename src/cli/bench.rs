@@ -61,7 +61,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json_out: Option<PathBuf>,
     /// Also replay the denoiser forward as one CUDA graph and time it, and run the end-to-end
-    /// generation again with its steps replayed as CUDA graphs (SD 1.x/2.x, SDXL), timed and
+    /// generation again with its steps replayed as CUDA graphs (every family), timed and
     /// compared with the eager run's latents (an experiment: turns off cudarc's event tracking
     /// for this process, which graph capture cannot record).
     #[arg(long)]

@@ -308,14 +308,41 @@ impl FluxTransformer {
         pooled: &Tensor,
         rope: &Rope,
     ) -> candle_core::Result<Tensor> {
+        let t = self.timestep_input(timestep, xs)?;
+        self.forward_from_timestep_input(xs, &t, guidance, context, pooled, rope)
+    }
+
+    /// The timestep's sinusoidal features (B, 256) for `xs`'s batch, made on the host apart from
+    /// the forward (a CUDA graph of the forward takes them as an input).
+    pub fn timestep_input(&self, timestep: f32, xs: &Tensor) -> candle_core::Result<Tensor> {
+        // The pipeline hands σ (t / 1000) over and the model scales it back, in f32.
+        let t = (timestep / 1000.0) * 1000.0;
+        timestep_features(
+            &vec![t; xs.dim(0)?],
+            256,
+            true,
+            0.0,
+            xs.dtype(),
+            xs.device(),
+        )
+    }
+
+    /// [`Self::forward`] from the timestep's features ([`Self::timestep_input`]).
+    pub fn forward_from_timestep_input(
+        &self,
+        xs: &Tensor,
+        t: &Tensor,
+        guidance: Option<f32>,
+        context: &Tensor,
+        pooled: &Tensor,
+        rope: &Rope,
+    ) -> candle_core::Result<Tensor> {
         let b = xs.dim(0)?;
         let dtype = xs.dtype();
         let device = xs.device();
         let mut xs = self.x_embedder.forward(xs)?;
-        // The pipeline hands σ (t / 1000) over and the model scales it back, in f32.
-        let t = (timestep / 1000.0) * 1000.0;
         let features = |v: f32| timestep_features(&vec![v; b], 256, true, 0.0, dtype, device);
-        let mut temb = self.timestep_embedder.forward(&features(t)?)?;
+        let mut temb = self.timestep_embedder.forward(t)?;
         match (&self.guidance_embedder, guidance) {
             (Some(embedder), Some(g)) => {
                 temb = (temb + embedder.forward(&features(g * 1000.0)?)?)?;

@@ -362,6 +362,32 @@ impl Sd3Transformer {
         pooled: &Tensor,
         skip_layers: &[usize],
     ) -> candle_core::Result<Tensor> {
+        let t = self.timestep_input(timestep, latents)?;
+        self.forward_from_timestep_input(latents, &t, context, pooled, skip_layers)
+    }
+
+    /// The timestep's sinusoidal features (B, 256) for `latents`' batch, made on the host apart
+    /// from the forward (a CUDA graph of the forward takes them as an input).
+    pub fn timestep_input(&self, timestep: f32, latents: &Tensor) -> candle_core::Result<Tensor> {
+        timestep_features(
+            &vec![timestep; latents.dim(0)?],
+            256,
+            true,
+            0.0,
+            latents.dtype(),
+            latents.device(),
+        )
+    }
+
+    /// [`Self::forward`] from the timestep's features ([`Self::timestep_input`]).
+    pub fn forward_from_timestep_input(
+        &self,
+        latents: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+        skip_layers: &[usize],
+    ) -> candle_core::Result<Tensor> {
         let (b, _, height, width) = latents.dims4()?;
         let p = self.config.patch_size;
         let (h, w) = (height / p, width / p);
@@ -374,8 +400,7 @@ impl Sd3Transformer {
         let mut xs = xs
             .broadcast_add(&self.cropped_pos_embed(h, w)?.to_dtype(dtype)?)?
             .contiguous()?;
-        let t = timestep_features(&vec![timestep; b], 256, true, 0.0, dtype, latents.device())?;
-        let temb = (self.timestep_embedder.forward(&t)?
+        let temb = (self.timestep_embedder.forward(t)?
             + self.text_embedder.forward(&pooled.to_dtype(dtype)?)?)?;
         let mut context = Some(self.context_embedder.forward(&context.to_dtype(dtype)?)?);
         for (i, block) in self.blocks.iter().enumerate() {

@@ -406,15 +406,22 @@ impl Flux {
             .then_some(first.guidance_scale as f32);
 
         let total = timesteps.len() - begin;
+        let mut steps = super::StepRunner::default();
         for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let input = if true_cfg.is_some() {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
             };
-            let out = self
-                .transformer
-                .forward(&input, t, guidance, &context, &pooled, &rope)?;
+            // The latents and the timestep's features change between steps; the guidance value,
+            // the prompt and the rotary tables do not.
+            let t_input = self.transformer.timestep_input(t, &input)?;
+            let out = steps.run(&[&input, &t_input], &|inputs| match inputs {
+                [input, t_input] => self.transformer.forward_from_timestep_input(
+                    input, t_input, guidance, &context, &pooled, &rope,
+                ),
+                _ => candle_core::bail!("the FLUX step takes the latents and the timestep"),
+            })?;
             let velocity = match true_cfg {
                 Some(s) => {
                     let negative = out.narrow(0, 0, rows)?;

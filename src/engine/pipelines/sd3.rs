@@ -458,15 +458,25 @@ impl StableDiffusion3 {
             .as_ref()
             .filter(|_| cfg);
         let total = timesteps.len() - begin;
+        // The guided forward of every step (the latents and the timestep's features change).
+        let mut steps = super::StepRunner::default();
         for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let input = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
             };
-            let out = self
-                .transformer
-                .forward(&input, t, &context, &pooled, &[])?;
+            let t_input = self.transformer.timestep_input(t, &input)?;
+            let out = steps.run(&[&input, &t_input], &|inputs| match inputs {
+                [input, t_input] => self.transformer.forward_from_timestep_input(
+                    input,
+                    t_input,
+                    &context,
+                    &pooled,
+                    &[],
+                ),
+                _ => candle_core::bail!("the MMDiT step takes the latents and the timestep"),
+            })?;
             let mut guided = if cfg {
                 let uncond = out.narrow(0, 0, rows)?;
                 let text = out.narrow(0, rows, rows)?;

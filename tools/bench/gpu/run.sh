@@ -58,8 +58,8 @@ LARGE=${LARGE-"sdxl:f16:2048"}
 # candela under the CUPTI tracer (tools/cuda/kernel_trace.c, in a run of its own), diffusers under
 # torch.profiler (after its timed forwards) — as $OUT/kernel-table-<model>-<dtype>.json per side.
 TRACE_MODELS=${TRACE_MODELS-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
-# The CUDA-graph experiment (candela side only; GRAPH_MODELS= to leave it out).
-GRAPH_MODELS=${GRAPH_MODELS-"sd15 sdxl"}
+# The CUDA-graph experiment (candela side only; GRAPH_MODELS= to leave it out): model:dtype:steps.
+GRAPH_MODELS=${GRAPH_MODELS-"sd15:f16:10 sdxl:f16:10 sd35-large:f16:6 flux-dev:bf16:6"}
 # For a dry run on a CPU machine: DEVICE=cpu BIN=target/release/candela-bench
 # BENCHES=tests/fixtures/models MODELS="sd1-tiny:f32" bash tools/bench/gpu/run.sh candela
 # (and PYTHON=tools/reference/.venv/bin/python for the diffusers side).
@@ -148,11 +148,12 @@ candela)
             || echo "candela $model ${side}² failed (exit $?)" | tee -a "$log"
     done
     # Experiment: the denoiser forward replayed as one CUDA graph (launch overhead gone), then a
-    # generation of GRAPH_STEPS steps eager and again with its steps replayed as CUDA graphs
+    # generation of the spec's steps eager and again with its steps replayed as CUDA graphs
     # (captured at the first step), with the two runs' latents compared (0 expected).
-    for model in $GRAPH_MODELS; do
-        echo "== candela $model f16, CUDA graph" | tee -a "$log"
-        timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype f16 --steps "${GRAPH_STEPS:-10}" \
+    for spec in $GRAPH_MODELS; do
+        IFS=: read -r model dtype steps <<< "$spec"
+        echo "== candela $model $dtype, CUDA graph, $steps steps" | tee -a "$log"
+        timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" --steps "$steps" \
             --repeats "$REPEATS" --cuda-graph --json-out "/tmp/graph-$model.json" >> "$log" 2>&1 \
             && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({'model': sys.argv[2], 'denoiser_step_ms': d['denoiser_step_ms'], 'graph_ms': d.get('denoiser_step_graph_ms'), 'error': d.get('cuda_graph_error'), 'steps': d['steps'], 'end_to_end_s': d['end_to_end_s'], 'end_to_end_graph_s': d.get('end_to_end_graph_s'), 'graph_latents_max_diff': d.get('graph_latents_max_diff')}))" "/tmp/graph-$model.json" "$model" | tee -a "$OUT/graphs.jsonl" \
             || echo "candela $model graph run failed (exit $?)" | tee -a "$log"
