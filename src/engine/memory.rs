@@ -91,6 +91,9 @@ pub struct Footprint {
     vae_tile: Option<usize>,
     /// FLUX: `guidance_scale` is an input of the one row, not classifier-free guidance.
     distilled_guidance: bool,
+    /// GGML blocks on a GPU: the largest layer widened for its product
+    /// (`quantized::widened_product`: an f16 copy and one in the activations' dtype, together).
+    widened_layer_bytes: u64,
 }
 
 /// A change to how a model is loaded that makes it hold less, for [`Footprint::shrink_to_fit`]:
@@ -179,6 +182,26 @@ impl std::fmt::Display for Shrink {
             Self::T5(format) => write!(f, "--quantize-t5 {format}"),
             Self::Transformer(format) => write!(f, "--quantize {format}"),
         }
+    }
+}
+
+/// What a forward holds besides its activations to multiply its largest layer (`widest_values`
+/// weights) held in `format`: on CUDA with half-precision activations, GGML blocks are widened to
+/// f16 and then to the activations' dtype for one GEMM (`quantized::widens_on_device`), both
+/// copies at once. Dense and FP8 weights, f32 activations and other devices multiply in place.
+fn widened_layer_bytes(
+    format: WeightFormat,
+    on_cuda: bool,
+    activations: DType,
+    widest_values: usize,
+) -> u64 {
+    let half = matches!(activations, DType::F16 | DType::BF16);
+    match format {
+        WeightFormat::Quantized(..) | WeightFormat::Stored(_) if on_cuda && half => {
+            let per_value = DType::F16.size_in_bytes() + activations.size_in_bytes();
+            (widest_values * per_value) as u64
+        }
+        _ => 0,
     }
 }
 
@@ -329,23 +352,30 @@ impl Footprint {
             components.push(("Winograd buffer".to_string(), winograd_buffer));
         }
         let distilled_guidance = class["_class_name"] == "FluxTransformer2DModel";
-        let denoiser = if distilled_guidance {
+        // With the widest product a forward runs over its tokens, in values (the adaLN
+        // modulations' one row a sample stays in blocks): FLUX's single blocks' output projection
+        // (5w → w), SD3's MLP (w → 4w), a UNet's GEGLU projection (c → 8c) at its widest block.
+        let (denoiser, widest_product_values) = if distilled_guidance {
             let c: FluxTransformerConfig = dir.read_json("transformer/config.json")?;
-            Denoiser::Transformer {
+            let width = c.inner_dim();
+            let denoiser = Denoiser::Transformer {
                 heads: c.num_attention_heads,
-                width: c.inner_dim(),
+                width,
                 // 2×2 latent packing: one token per four latents.
                 patch: 2,
                 text_tokens: crate::engine::pipelines::flux::default_t5_tokens(c.guidance_embeds),
-            }
+            };
+            (denoiser, 5 * width * width)
         } else if is_transformer {
             let c: Sd3TransformerConfig = dir.read_json("transformer/config.json")?;
-            Denoiser::Transformer {
+            let width = c.inner_dim();
+            let denoiser = Denoiser::Transformer {
                 heads: c.num_attention_heads,
-                width: c.inner_dim(),
+                width,
                 patch: c.patch_size,
                 text_tokens: 77 + crate::engine::pipelines::sd3::DEFAULT_T5_TOKENS,
-            }
+            };
+            (denoiser, 4 * width * width)
         } else {
             let unet: UNetConfig = dir.read_json("unet/config.json")?;
             // diffusers' quirk: `attention_head_dim` is the head count unless
@@ -357,13 +387,22 @@ impl Footprint {
                 .expand(unet.block_out_channels.len())
                 .and_then(|h| h.first().copied())
                 .unwrap_or(8);
-            Denoiser::Unet {
+            let widest = unet.block_out_channels.iter().copied().max().unwrap_or(320);
+            let denoiser = Denoiser::Unet {
                 heads,
                 channels: unet.block_out_channels.first().copied().unwrap_or(320),
-            }
+            };
+            (denoiser, 8 * widest * widest)
         };
+        let widened_layer_bytes = widened_layer_bytes(
+            options.transformer_blocks_format()?,
+            device.is_cuda(),
+            compute_dtype(device, dtype),
+            widest_product_values,
+        );
         let vae: VaeConfig = dir.read_json("vae/config.json")?;
         Ok(Self {
+            widened_layer_bytes,
             components,
             denoiser,
             vae_channels: vae.block_out_channels.iter().copied().max().unwrap_or(512),
@@ -513,21 +552,23 @@ impl Footprint {
             guidance.scale
         };
         let r = (rows * if doubled { 2 } else { 1 }) as u64;
-        match self.denoiser {
-            Denoiser::Unet { heads, channels } => {
-                attention_scores(2 * r * heads as u64 * latent_tokens * latent_tokens * s)
-                    + 24 * r * latent_tokens * channels as u64 * s
+        self.widened_layer_bytes
+            + match self.denoiser {
+                Denoiser::Unet { heads, channels } => {
+                    attention_scores(2 * r * heads as u64 * latent_tokens * latent_tokens * s)
+                        + 24 * r * latent_tokens * channels as u64 * s
+                }
+                Denoiser::Transformer {
+                    heads,
+                    width,
+                    patch,
+                    text_tokens,
+                } => {
+                    let t = latent_tokens / (patch * patch).max(1) as u64 + text_tokens as u64;
+                    attention_scores(2 * r * heads as u64 * t * t * s)
+                        + 16 * r * t * width as u64 * s
+                }
             }
-            Denoiser::Transformer {
-                heads,
-                width,
-                patch,
-                text_tokens,
-            } => {
-                let t = latent_tokens / (patch * patch).max(1) as u64 + text_tokens as u64;
-                attention_scores(2 * r * heads as u64 * t * t * s) + 16 * r * t * width as u64 * s
-            }
-        }
     }
 
     /// Working memory of one image's VAE decode at `width`×`height`.
@@ -892,6 +933,32 @@ mod tests {
         );
     }
 
+    /// FLUX-dev's widest product widened from q8_0 or a GGUF file's blocks on CUDA: 3 072 ×
+    /// 15 360 values in f16 and then bf16, ~180 MiB; nothing for dense or FP8 weights, f32
+    /// activations, or elsewhere.
+    #[test]
+    fn widened_ggml_layers_are_counted_on_cuda_only() {
+        let flux = 5 * 3072 * 3072;
+        let q8 = WeightFormat::Quantized(GgmlDType::Q8_0, CpuQuantized::default());
+        let gguf = WeightFormat::Stored(CpuQuantized::default());
+        assert_eq!(
+            widened_layer_bytes(q8, true, DType::BF16, flux),
+            4 * flux as u64
+        );
+        assert_eq!(
+            widened_layer_bytes(gguf, true, DType::F16, flux),
+            4 * flux as u64
+        );
+        for (format, on_cuda, activations) in [
+            (q8, false, DType::BF16),
+            (gguf, true, DType::F32),
+            (WeightFormat::Dense, true, DType::BF16),
+            (WeightFormat::Fp8, true, DType::BF16),
+        ] {
+            assert_eq!(widened_layer_bytes(format, on_cuda, activations, flux), 0);
+        }
+    }
+
     #[test]
     fn sdxl_at_2048_with_vae_tiling_is_planned_within_a_24_gb_card() {
         // SDXL's shape (benches/sdxl: 5 heads and 320 channels in the first block, a 512-channel
@@ -909,6 +976,7 @@ mod tests {
             vae_dtype_bytes: 4,
             vae_tile: Some(1024),
             distilled_guidance: false,
+            widened_layer_bytes: 0,
         };
         // Issue #9: 2048² on a 24 GB card (the default budget: 90 % of it). Counting the whole
         // attention score matrix (172 GB at 2048² with CFG) refused it on any card.
