@@ -87,6 +87,9 @@ candela)
     for dtype in f32 f16; do
         timeout 60 "$bin" --device-parity --device "$DEVICE" --dtype "$dtype" 2>&1 | tee -a "$log"
     done
+    # The same in f16 with cuDNN's fused attention (candidate): whole pipelines through it.
+    echo "== device parity f16, --attention-kernel cudnn" | tee -a "$log"
+    timeout 60 "$bin" --device-parity --device "$DEVICE" --dtype f16 --attention-kernel cudnn 2>&1 | tee -a "$log"
     # The step's ops at every family's shapes, candela then PyTorch on the same figures' shapes.
     for dtype in $KERNEL_DTYPES; do
         echo "== kernels $dtype" | tee -a "$log"
