@@ -167,8 +167,11 @@ fn elementwise_kernels_match_exact_results() {
         ("layer_norm_modulate", 6, 200, 2, 1),
         ("layer_norm_modulate", 4, 3000, 2, 1),
         ("layer_norm_modulate", 3, 203, 3, 0),
-        // A LayerNorm's weight and bias, shared by every row (SDXL's d = 640, and an odd one).
+        // A LayerNorm's weight and bias, shared by every row: SDXL's d = 640 (128 threads a
+        // row), SD 1.5's 320 (64), a short row (32 threads, some idle), an odd one (256).
         ("layer_norm_affine", 6, 640, 1, 1),
+        ("layer_norm_affine", 4, 320, 1, 1),
+        ("layer_norm_affine", 5, 136, 1, 1),
         ("layer_norm_affine", 3, 203, 1, 0),
         // group_norm: the "samples" field is the statistics' slices per group (3 and 5: a
         // shorter last slice; 40 of 8 values over 148: empty ones at the end).

@@ -206,6 +206,16 @@ pub fn token_major_view(layout: &candle_core::Layout) -> bool {
     }
 }
 
+/// Threads of a block that normalises one row of `d` values read `per_access` at a time
+/// (`layer_norm_modulate` and its affine form in elementwise.cu): one per access up to a power
+/// of two, 32 to 256. A UNet's 320- or 640-wide f16 rows (40 or 80 16-byte packs) left most of
+/// 256 threads idle, and fewer blocks fit on an SM. The CI emulation launches as this says.
+pub fn norm_row_threads(d: usize, per_access: usize) -> u32 {
+    d.div_ceil(per_access.max(1))
+        .next_power_of_two()
+        .clamp(32, 256) as u32
+}
+
 /// A tensor of cuDNN's attention graph: its dimensions and element strides.
 pub type GraphTensor = ([i64; 4], [i64; 4]);
 
@@ -240,6 +250,23 @@ impl GraphTensors {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn a_norm_row_block_has_a_thread_per_access_from_32_to_256() {
+        // SD 1.5's and SDXL's f16 rows, an odd row read value by value, a short one, the DiTs'.
+        assert_eq!(
+            [norm_row_threads(320, 8), norm_row_threads(640, 8)],
+            [64, 128]
+        );
+        assert_eq!(
+            [norm_row_threads(203, 1), norm_row_threads(16, 8)],
+            [256, 32]
+        );
+        assert_eq!(
+            [norm_row_threads(3072, 8), norm_row_threads(2432, 8)],
+            [256, 256]
+        );
+    }
 
     /// cuDNN's view of each operand reaches the element candle's view holds at the same index:
     /// a token-major q, a heads-first copy of k (and k transposed), a narrowed v, and the output

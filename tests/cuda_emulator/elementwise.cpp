@@ -3,7 +3,7 @@
 //   elementwise OP DTYPE ROWS D BATCHES VEC SEED
 // prints "relative_l2 max_abs". OP:
 //   layer_norm_modulate  ROWS rows of D in BATCHES samples (shift and scale per sample), one
-//                        block of 256 threads per row as the engine launches it;
+//                        block per row as the engine launches it (32 to 256 threads by D);
 //   layer_norm_affine    the same with a LayerNorm's weight and bias (BATCHES = 1: one of each);
 //   group_norm           ROWS = batch · groups groups of D values (4 channels per group · HW),
 //                        their statistics in BATCHES slices per group then merged, then the
@@ -90,7 +90,12 @@ void layer_norm_modulate_case(size_t rows, size_t d, size_t batches, int vec, un
         y[i] = T(NAN);
     const float eps = 1e-6f;
     const size_t per_batch = rows / batches;
-    launch(kernel, (unsigned)rows, 1, THREADS, 0, (const T *)x.data, (const T *)shift.data,
+    // The engine's block for the row (`norm_row_threads` in cuda_geometry.rs): a thread per
+    // access up to a power of two, 32 to 256.
+    const size_t accesses = vec ? (d + Pack<T>::N - 1) / Pack<T>::N : d;
+    size_t threads = 32;
+    while (threads < accesses && threads < THREADS) threads *= 2;
+    launch(kernel, (unsigned)rows, 1, (unsigned)threads, 0, (const T *)x.data, (const T *)shift.data,
            (const T *)scale.data, y.data, d, per_batch, eps, vec);
     Error e;
     for (size_t r = 0; r < rows; ++r) {

@@ -14,7 +14,7 @@ use candle_core::{
 };
 
 use super::{by_dtype, cuda_error, input};
-use crate::engine::cuda_geometry::token_major_view;
+use crate::engine::cuda_geometry::{norm_row_threads, token_major_view};
 
 pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 pub(crate) const MODULE: &str = "candela_elementwise";
@@ -861,10 +861,10 @@ impl CustomOp3 for LayerNormModulate {
             let vec = (xa && sa && ca && d.is_multiple_of(pack::<T>())) as i32;
             let mut builder = func.builder();
             builder.arg(&xv).arg(&sv).arg(&cv).arg(&mut out).arg(&d).arg(&tokens).arg(&self.eps).arg(&vec);
-            // One block per row.
+            // One block per row, sized to it.
             let launch = LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
+                block_dim: (norm_row_threads(d, if vec == 1 { pack::<T>() } else { 1 }), 1, 1),
                 shared_mem_bytes: 0,
             };
             unsafe { builder.launch(launch) }.map_err(cuda_error)?;
