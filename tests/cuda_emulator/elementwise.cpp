@@ -116,7 +116,7 @@ unsigned grid_for(size_t items) {
 
 template <typename T>
 void group_norm_case(size_t blocks, size_t group_size, size_t slices, int vec, unsigned seed,
-                     void (*partial_kernel)(const T *, float *, size_t, size_t, int),
+                     void (*partial_kernel)(const T *, float *, size_t, size_t, float, int),
                      void (*apply_kernel)(const T *, const float *, const T *, const T *, T *, size_t, size_t,
                                           size_t, size_t, int, int)) {
     // blocks = batch · groups; 4 channels per group, 2 samples.
@@ -134,12 +134,15 @@ void group_norm_case(size_t blocks, size_t group_size, size_t slices, int vec, u
     const size_t rounded = (slice + 7) / 8 * 8;
     Buffer<float> partial(3 * blocks * slices);
     launch(partial_kernel, (unsigned)blocks, (unsigned)slices, THREADS, 0, (const T *)x.data, partial.data,
-           group_size, rounded, vec);
-    launch(group_norm_merge, grid_for(blocks), 1, THREADS, 0, (const float *)partial.data, stats.data, blocks,
-           slices, eps);
+           group_size, rounded, eps, vec);
+    // As the engine: one slice a group leaves the statistics in `partial` itself, no merge.
+    if (slices > 1)
+        launch(group_norm_merge, grid_for(blocks), 1, THREADS, 0, (const float *)partial.data, stats.data, blocks,
+               slices, eps);
+    const float *final_stats = slices > 1 ? stats.data : partial.data;
     const size_t items = vec ? n / Pack<T>::N : n;
     const unsigned grid = (unsigned)std::min<size_t>((items + THREADS - 1) / THREADS, 1 << 16);
-    launch(apply_kernel, grid, 1, THREADS, 0, (const T *)x.data, (const float *)stats.data,
+    launch(apply_kernel, grid, 1, THREADS, 0, (const T *)x.data, final_stats,
            (const T *)scale.data, (const T *)shift.data, y.data, n, channels, hw, per_group, 1, vec);
     Error e;
     for (size_t g = 0; g < blocks; ++g) {
@@ -450,7 +453,7 @@ template <typename T>
 int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, unsigned seed,
         void (*ln)(const T *, const T *, const T *, T *, size_t, size_t, float, int),
         void (*ln_affine)(const T *, const T *, const T *, T *, size_t, size_t, float, int),
-        void (*gs)(const T *, float *, size_t, size_t, int),
+        void (*gs)(const T *, float *, size_t, size_t, float, int),
         void (*ga)(const T *, const float *, const T *, const T *, T *, size_t, size_t, size_t, size_t, int, int)) {
     if (op == "layer_norm_modulate")
         layer_norm_modulate_case<T>(rows, d, batches, vec, seed, ln, false);

@@ -256,14 +256,20 @@ __device__ __forceinline__ Moments block_moments(const T *x, size_t len, int vec
 // decoder's 32 groups of 4 M values at 1024² were 32 blocks, ~0.7 ms per norm on an H200). The
 // group's values are contiguous in NCHW; grid (batch · groups, slices): block (g, s) writes the
 // moments of slice s (`slice` values, multiple of the pack; the last ones shorter or empty) to
-// partial[3 · (g · slices + s) …] = n, mean, m2.
+// partial[3 · (g · slices + s) …] = n, mean, m2. With one slice a group (small groups) there is
+// nothing to merge: the block writes the statistics group_norm_merge would, stats[2g] = mean,
+// stats[2g + 1] = 1 / sqrt(var + eps), into `partial` — one launch less.
 template <typename T>
-__device__ void group_norm_partial(const T *x, float *partial, size_t group_size, size_t slice, int vec) {
+__device__ void group_norm_partial(const T *x, float *partial, size_t group_size, size_t slice, float eps,
+                                   int vec) {
     const size_t g = blockIdx.x, s = blockIdx.y, slices = gridDim.y, start = s * slice;
     const size_t left = start < group_size ? group_size - start : 0;
     const size_t len = left < slice ? left : slice;
     Moments m = block_moments(x + g * group_size + start, len, vec);
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && slices == 1) {
+        partial[2 * g] = m.mean;
+        partial[2 * g + 1] = rsqrtf(m.m2 / m.n + eps);
+    } else if (threadIdx.x == 0) {
         float *p = partial + 3 * (g * slices + s);
         p[0] = m.n;
         p[1] = m.mean;
@@ -643,8 +649,8 @@ template <typename T> __device__ void fp8_decode(const unsigned char *codes, T *
         gelu_tanh_map<T>(x, bias, y, n, cols, vec);                                                \
     }                                                                                              \
     extern "C" __global__ void group_norm_partial_##SUFFIX(const T *x, float *partial, size_t group_size, \
-                                                           size_t slice, int vec) {                \
-        group_norm_partial<T>(x, partial, group_size, slice, vec);                                 \
+                                                           size_t slice, float eps, int vec) {     \
+        group_norm_partial<T>(x, partial, group_size, slice, eps, vec);                            \
     }                                                                                              \
     extern "C" __global__ void group_norm_apply_##SUFFIX(const T *x, const float *stats, const T *scale, \
                                                          const T *shift, T *y, size_t n, size_t channels, \

@@ -614,7 +614,6 @@ impl CustomOp3 for GroupNorm {
         let name = suffix(dtype)?;
         let partial_fn =
             dev.get_or_load_custom_func(&format!("group_norm_partial_{name}"), MODULE, PTX)?;
-        let merge_fn = dev.get_or_load_custom_func("group_norm_merge_f32", MODULE, PTX)?;
         let apply_fn =
             dev.get_or_load_custom_func(&format!("group_norm_apply_{name}"), MODULE, PTX)?;
         let storage = by_dtype!(dtype, T => {
@@ -628,17 +627,30 @@ impl CustomOp3 for GroupNorm {
             let mut partial = output::<f32>(dev, 3 * groups * slices)?;
             let vec_stats = (xa && group_size.is_multiple_of(pack::<T>())) as i32;
             let mut builder = partial_fn.builder();
-            builder.arg(&xv).arg(&mut partial).arg(&group_size).arg(&slice).arg(&vec_stats);
+            builder
+                .arg(&xv)
+                .arg(&mut partial)
+                .arg(&group_size)
+                .arg(&slice)
+                .arg(&self.eps)
+                .arg(&vec_stats);
             let launch = LaunchConfig {
                 grid_dim: (groups as u32, slices as u32, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             unsafe { builder.launch(launch) }.map_err(cuda_error)?;
-            let mut stats = output::<f32>(dev, 2 * groups)?;
-            let mut builder = merge_fn.builder();
-            builder.arg(&partial).arg(&mut stats).arg(&groups).arg(&slices).arg(&self.eps);
-            unsafe { builder.launch(config(groups)) }.map_err(cuda_error)?;
+            // One slice a group: the statistics are in `partial` already.
+            let stats = if slices == 1 {
+                partial
+            } else {
+                let merge_fn = dev.get_or_load_custom_func("group_norm_merge_f32", MODULE, PTX)?;
+                let mut stats = output::<f32>(dev, 2 * groups)?;
+                let mut builder = merge_fn.builder();
+                builder.arg(&partial).arg(&mut stats).arg(&groups).arg(&slices).arg(&self.eps);
+                unsafe { builder.launch(config(groups)) }.map_err(cuda_error)?;
+                stats
+            };
             let mut out = output::<T>(dev, n)?;
             let vec = (xa && hw.is_multiple_of(pack::<T>())) as i32;
             let silu = self.with_silu as i32;
