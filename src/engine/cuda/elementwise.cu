@@ -49,13 +49,20 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x));
 #define GRID_STRIDE(i, n) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)blockDim.x * gridDim.x)
 
+// Index arithmetic divides in 32 bits: a 64-bit division or remainder is a ~70-instruction
+// subroutine, a 32-bit one ~20, and the memory-bound kernels below did up to four per 16-byte
+// pack. The launchers take no tensor of 2^32 values or more (`elementwise.rs`), so every index
+// and extent here fits.
+__device__ __forceinline__ size_t div32(size_t a, size_t b) { return (unsigned)a / (unsigned)b; }
+__device__ __forceinline__ size_t mod32(size_t a, size_t b) { return (unsigned)a % (unsigned)b; }
+
 // out[r', c] = y[r, c] + bias[c] + residual[r, c]   (y: rows × cols; bias or residual may be
 // null): a Linear's bias, and the residual its output joins (the UNet's transformer blocks), in
 // one pass and one rounding. Row r (sample r / tokens, token r % tokens) lands at row r' = sample ·
 // out_tokens + offset + token of `out`: a stream placed in a joint sequence (the DiTs' values);
 // out_tokens = tokens = rows and offset 0 keep it in place.
 __device__ __forceinline__ size_t placed_row(size_t r, size_t tokens, size_t out_tokens, size_t offset) {
-    return r / tokens * out_tokens + offset + r % tokens;
+    return div32(r, tokens) * out_tokens + offset + mod32(r, tokens);
 }
 
 template <typename T>
@@ -64,7 +71,7 @@ __device__ void bias_add(const T *y, const T *bias, const T *residual, T *out, s
     constexpr int N = Pack<T>::N;
     if (vec) {
         GRID_STRIDE(p, rows * cols / N) {
-            size_t c = (p * N) % cols, r = p * N / cols;
+            size_t c = mod32(p * N, cols), r = div32(p * N, cols);
             size_t q = (placed_row(r, tokens, out_tokens, offset) * cols + c) / N;
             Pack<T> a = reinterpret_cast<const Pack<T> *>(y)[p];
             float v[N];
@@ -87,9 +94,10 @@ __device__ void bias_add(const T *y, const T *bias, const T *residual, T *out, s
     } else {
         GRID_STRIDE(i, rows * cols) {
             float v = to_f(y[i]);
-            if (bias) v += to_f(bias[i % cols]);
+            const size_t c = mod32(i, cols);
+            if (bias) v += to_f(bias[c]);
             if (residual) v += to_f(residual[i]);
-            out[placed_row(i / cols, tokens, out_tokens, offset) * cols + i % cols] = from_f<T>(v);
+            out[placed_row(div32(i, cols), tokens, out_tokens, offset) * cols + c] = from_f<T>(v);
         }
     }
 }
@@ -102,8 +110,8 @@ __device__ void upsample_nearest2x(const T *x, T *out, size_t planes, size_t h, 
     const size_t ow = 2 * w, n = planes * 2 * h * ow;
     if (vec) {
         GRID_STRIDE(p, n / N) {
-            const size_t e = p * N, row = e / ow, col = e % ow;
-            const T *in = x + (row / (2 * h) * h + row % (2 * h) / 2) * w + col / 2;
+            const size_t e = p * N, row = div32(e, ow), col = mod32(e, ow);
+            const T *in = x + (div32(row, 2 * h) * h + mod32(row, 2 * h) / 2) * w + col / 2;
             Pack<T> a;
 #pragma unroll
             for (int j = 0; j < N; ++j) a.v[j] = in[j / 2];
@@ -111,8 +119,8 @@ __device__ void upsample_nearest2x(const T *x, T *out, size_t planes, size_t h, 
         }
     } else {
         GRID_STRIDE(i, n) {
-            const size_t row = i / ow, col = i % ow;
-            out[i] = x[(row / (2 * h) * h + row % (2 * h) / 2) * w + col / 2];
+            const size_t row = div32(i, ow), col = mod32(i, ow);
+            out[i] = x[(div32(row, 2 * h) * h + mod32(row, 2 * h) / 2) * w + col / 2];
         }
     }
 }
@@ -125,13 +133,13 @@ __device__ void channel_add(const T *x, const T *t, T *out, size_t n, size_t hw,
     if (vec) {
         GRID_STRIDE(p, n / N) {
             Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
-            const float add = to_f(t[p * N / hw]);
+            const float add = to_f(t[div32(p * N, hw)]);
 #pragma unroll
             for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) + add);
             reinterpret_cast<Pack<T> *>(out)[p] = a;
         }
     } else {
-        GRID_STRIDE(i, n) { out[i] = from_f<T>(to_f(x[i]) + to_f(t[i / hw])); }
+        GRID_STRIDE(i, n) { out[i] = from_f<T>(to_f(x[i]) + to_f(t[div32(i, hw)])); }
     }
 }
 
@@ -142,7 +150,7 @@ __device__ void geglu(const T *h, const T *bias, T *out, size_t rows, size_t f, 
     constexpr int N = Pack<T>::N;
     if (vec) {
         GRID_STRIDE(p, rows * f / N) {
-            size_t e = p * N, r = e / f, c = e % f;
+            size_t e = p * N, r = div32(e, f), c = mod32(e, f);
             Pack<T> a = *reinterpret_cast<const Pack<T> *>(h + r * 2 * f + c);
             Pack<T> g = *reinterpret_cast<const Pack<T> *>(h + r * 2 * f + f + c);
             float va[N], vg[N];
@@ -166,7 +174,7 @@ __device__ void geglu(const T *h, const T *bias, T *out, size_t rows, size_t f, 
         }
     } else {
         GRID_STRIDE(i, rows * f) {
-            size_t r = i / f, c = i % f;
+            size_t r = div32(i, f), c = mod32(i, f);
             float a = to_f(h[r * 2 * f + c]), g = to_f(h[r * 2 * f + f + c]);
             if (bias) {
                 a += to_f(bias[c]);
@@ -186,7 +194,7 @@ __device__ void gelu_tanh_map(const T *x, const T *bias, T *y, size_t n, size_t 
         GRID_STRIDE(p, n / N) {
             Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
             if (bias) {
-                Pack<T> b = *reinterpret_cast<const Pack<T> *>(bias + (p * N) % cols);
+                Pack<T> b = *reinterpret_cast<const Pack<T> *>(bias + mod32(p * N, cols));
 #pragma unroll
                 for (int j = 0; j < N; ++j) a.v[j] = from_f<T>(gelu_tanh(to_f(a.v[j]) + to_f(b.v[j])));
             } else {
@@ -196,7 +204,9 @@ __device__ void gelu_tanh_map(const T *x, const T *bias, T *y, size_t n, size_t 
             reinterpret_cast<Pack<T> *>(y)[p] = a;
         }
     } else {
-        GRID_STRIDE(i, n) { y[i] = from_f<T>(gelu_tanh(to_f(x[i]) + (bias ? to_f(bias[i % cols]) : 0.0f))); }
+        GRID_STRIDE(i, n) {
+            y[i] = from_f<T>(gelu_tanh(to_f(x[i]) + (bias ? to_f(bias[mod32(i, cols)]) : 0.0f)));
+        }
     }
 }
 
@@ -334,8 +344,8 @@ __device__ void group_norm_apply(const T *x, const float *stats, const T *scale,
                                  int vec) {
     constexpr int N = Pack<T>::N;
     auto one = [&](size_t e, float v) {
-        size_t c = (e / hw) % channels;
-        size_t bg = (e / (hw * channels)) * (channels / per_group) + c / per_group;
+        size_t c = mod32(div32(e, hw), channels);
+        size_t bg = div32(e, hw * channels) * div32(channels, per_group) + div32(c, per_group);
         float out = (v - stats[2 * bg]) * stats[2 * bg + 1] * to_f(scale[c]) + to_f(shift[c]);
         return with_silu ? silu(out) : out;
     };
@@ -344,8 +354,8 @@ __device__ void group_norm_apply(const T *x, const float *stats, const T *scale,
             Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
             size_t e = p * N;
             // A pack lies in one channel (hw is a multiple of N).
-            size_t c = (e / hw) % channels;
-            size_t bg = (e / (hw * channels)) * (channels / per_group) + c / per_group;
+            size_t c = mod32(div32(e, hw), channels);
+            size_t bg = div32(e, hw * channels) * div32(channels, per_group) + div32(c, per_group);
             float mul = stats[2 * bg + 1] * to_f(scale[c]);
             float add = to_f(shift[c]) - stats[2 * bg] * mul;
 #pragma unroll
@@ -368,7 +378,7 @@ template <typename T>
 __device__ void rope(const T *x, const float *cos, const float *sin, T *y, size_t pairs, size_t n,
                      size_t half, size_t heads_inner) {
     GRID_STRIDE(p, pairs) {
-        size_t i = p % half, row = (p / half / heads_inner) % n;
+        size_t i = mod32(p, half), row = mod32(div32(div32(p, half), heads_inner), n);
         float c = cos[row * half + i], s = sin[row * half + i];
         float a = to_f(x[2 * p]), b = to_f(x[2 * p + 1]);
         y[2 * p] = from_f<T>(a * c - b * s);
@@ -387,7 +397,7 @@ __device__ void modulate(const T *x, const T *shift, const T *scale, T *y, size_
     constexpr int N = Pack<T>::N;
     if (vec) {
         GRID_STRIDE(p, count / N) {
-            size_t e = p * N, c = e % d, b = e / per_batch;
+            size_t e = p * N, c = mod32(e, d), b = div32(e, per_batch);
             Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
             Pack<T> sh = *reinterpret_cast<const Pack<T> *>(shift + b * d + c);
             Pack<T> sc = *reinterpret_cast<const Pack<T> *>(scale + b * d + c);
@@ -398,7 +408,7 @@ __device__ void modulate(const T *x, const T *shift, const T *scale, T *y, size_
         }
     } else {
         GRID_STRIDE(i, count) {
-            size_t c = i % d, b = i / per_batch;
+            size_t c = mod32(i, d), b = div32(i, per_batch);
             y[i] = from_f<T>(to_f(x[i]) * (1.0f + to_f(scale[b * d + c])) + to_f(shift[b * d + c]));
         }
     }
@@ -410,7 +420,7 @@ __device__ void gated_add(const T *x, const T *gate, const T *h, const T *h2, co
     constexpr int N = Pack<T>::N;
     if (vec) {
         GRID_STRIDE(p, count / N) {
-            size_t e = p * N, c = e % d, b = e / per_batch;
+            size_t e = p * N, c = mod32(e, d), b = div32(e, per_batch);
             Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
             Pack<T> u = reinterpret_cast<const Pack<T> *>(h)[p];
             Pack<T> g = *reinterpret_cast<const Pack<T> *>(gate + b * d + c);
@@ -433,7 +443,7 @@ __device__ void gated_add(const T *x, const T *gate, const T *h, const T *h2, co
         }
     } else {
         GRID_STRIDE(i, count) {
-            size_t c = i % d, b = i / per_batch;
+            size_t c = mod32(i, d), b = div32(i, per_batch);
             float v = to_f(h[i]) + (h2 ? to_f(h2[i]) : 0.0f) + (bias ? to_f(bias[c]) : 0.0f);
             y[i] = from_f<T>(to_f(x[i]) + to_f(gate[b * d + c]) * v);
         }
@@ -484,7 +494,7 @@ __device__ void qk_norm(const T *x, const T *params, const float *table, T *y, s
     for (size_t first = warp * per_warp; first < rows; first += (size_t)gridDim.x * warps * per_warp) {
         const size_t row = first + slot;
         const bool live = row < rows;
-        const T *xr = x + row * d, *bias = params + (row % heads) * d;
+        const T *xr = x + row * d, *bias = params + mod32(row, heads) * d;
         float a[MAX_PAIRS], b[MAX_PAIRS], squares = 0.0f;
 #pragma unroll
         for (int k = 0; k < MAX_PAIRS; ++k) {
@@ -503,8 +513,8 @@ __device__ void qk_norm(const T *x, const T *params, const float *table, T *y, s
         for (unsigned o = group / 2; o > 0; o /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, o);
         if (!live) continue;
         const float rstd = rsqrtf(squares / (float)d + eps);
-        const size_t token = (row / heads) % tokens + offset;
-        T *yr = y + ((row / heads / tokens * out_tokens + token) * heads + row % heads) * d;
+        const size_t token = mod32(div32(row, heads), tokens) + offset;
+        T *yr = y + ((div32(div32(row, heads), tokens) * out_tokens + token) * heads + mod32(row, heads)) * d;
 #pragma unroll
         for (int k = 0; k < MAX_PAIRS; ++k) {
             const size_t i = sub + group * k;
@@ -579,7 +589,7 @@ __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec
     constexpr int N = Pack<T>::N;
     if (vec) {
         GRID_STRIDE(p, rows * cols / N) {
-            size_t c = (p * N) % cols;
+            size_t c = mod32(p * N, cols);
             Pack<T> a = reinterpret_cast<Pack<T> *>(y)[p];
             Pack<T> s = *reinterpret_cast<const Pack<T> *>(sb + c);
             Pack<T> b = *reinterpret_cast<const Pack<T> *>(sb + cols + c);
@@ -589,7 +599,7 @@ __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec
         }
     } else {
         GRID_STRIDE(i, rows * cols) {
-            size_t c = i % cols;
+            size_t c = mod32(i, cols);
             y[i] = from_f<T>(to_f(y[i]) * to_f(sb[c]) + to_f(sb[cols + c]));
         }
     }

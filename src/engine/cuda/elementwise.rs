@@ -22,7 +22,9 @@ const THREADS: u32 = 256;
 
 /// Whether these kernels take `t` (a CUDA tensor of a float type they are built for).
 pub fn supports(t: &Tensor) -> bool {
-    t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
+    t.device().is_cuda()
+        && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && super::fits_32_bit_indices(t.elem_count())
 }
 
 /// `y + bias` over the last dimension (a Linear's bias after its matmul).
@@ -311,6 +313,11 @@ fn output<T: DeviceRepr + ValidAsZeroBits>(
     dev: &CudaDevice,
     len: usize,
 ) -> candle_core::Result<CudaSlice<T>> {
+    // A stream placed in a longer joint sequence writes past its own extent: the output, too,
+    // must stay within the kernels' 32-bit index arithmetic.
+    if !super::fits_32_bit_indices(len) {
+        candle_core::bail!("fused CUDA kernel writing 2^32 values or more");
+    }
     unsafe { dev.cuda_stream().alloc::<T>(len) }.map_err(cuda_error)
 }
 

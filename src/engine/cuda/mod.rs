@@ -68,9 +68,18 @@ pub(crate) fn input<'a, T: CudaDType>(
     if !l.is_contiguous() {
         candle_core::bail!("fused CUDA kernel on a non-contiguous tensor");
     }
+    if !fits_32_bit_indices(l.shape().elem_count()) {
+        candle_core::bail!("fused CUDA kernel on 2^32 values or more");
+    }
     let offset = l.start_offset();
     let aligned = (offset * std::mem::size_of::<T>()).is_multiple_of(16);
     Ok((s.as_cuda_slice::<T>()?.slice(offset..), aligned))
+}
+
+/// Whether a tensor of `count` values can go to our element-wise kernels, whose index arithmetic
+/// divides in 32 bits (elementwise.cu's `div32`).
+pub fn fits_32_bit_indices(count: usize) -> bool {
+    count < 1 << 32
 }
 
 /// The compute capability (major, minor) of a CUDA device, asked of the driver once per device:
