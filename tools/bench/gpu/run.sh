@@ -8,6 +8,10 @@
 # Measured on an H200 (session 25): a machine start ~33 s, the diffusers call 157 s, the candela
 # call 358 s (everything below, the candidates included); the second call must follow at once
 # (the machine idles out after 30 s). 15 device minutes hold both calls and one short third.
+# Session 26 added runs (cuDNN attention on four models, FP8 and GGUF rows that session 25 never
+# reached, graph steps on four models, SD 1.5's trace) and left out three of session 25's
+# comparisons: the candela call is estimated at ~500 s, in order of importance (a call cut short
+# keeps what came first).
 # Under $OUT: candela.jsonl / diffusers.jsonl (one JSON object per model, the fields of
 # `candela bench --json-out`, profiles included), <side>.log, kernels-<dtype>.jsonl and
 # kernels-torch-<dtype>.jsonl, graphs.jsonl. Same models, shapes and dtypes on both sides:
@@ -41,13 +45,18 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # --attention-kernel=hopper-k128 / hopper-128-k128: 128-key tiles at head size 128 too (cuDNN's
 # FLUX attention tiles, 2.2x faster than `hopper` there in session 25's traces), the softmax
 # overlapping p.v, three stages.
-# --attention-kernel=tiled / --conv-engine=legacy: session 25's former defaults, against the new
-# ones (Hopper attention, the graph API) — what each bought, same machine.
+# Session 25's own comparisons (--attention-kernel=tiled / hopper-128, --conv-engine=legacy:
+# the former defaults and a measured candidate) are left out to keep the call within its limit;
+# add them to CANDIDATES_LATE to run them again.
 # --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm: the default run
 # without the fusions (biases folded into their consumers, the q/k kernel and copy-free joins,
 # the one-pass upsampling, the sliced GroupNorm statistics, the strided GEMM over narrowed views,
 # our LayerNorm kernel in the UNets and CLIP).
-CANDIDATES=${CANDIDATES-"--attention-kernel=cudnn --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --attention-kernel=tiled@$DIT_AND_SDXL --attention-kernel=hopper-128@$DIT_AND_SDXL --conv-engine=legacy@sd15,sdxl --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm"}
+# Two tiers: CANDIDATES right after the end-to-end runs, CANDIDATES_LATE after the CUDA-graph
+# experiment and the kernel traces (the call's order: parity, op tables, models, end to end,
+# CANDIDATES, graphs, traces, CANDIDATES_LATE, large images).
+CANDIDATES=${CANDIDATES-"--attention-kernel=cudnn --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev"}
+CANDIDATES_LATE=${CANDIDATES_LATE-"--quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
@@ -73,6 +82,23 @@ export LD_LIBRARY_PATH
 # Appends the JSON object of one run (file $1) to $results as model $2.
 append_result() {
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "$1" "$2" >> "$results"
+}
+# Runs each candidate of list $1 ("flag[@model,model]" …) on the models it names (all by default).
+run_candidates() {
+    for candidate in $1; do
+        flag=${candidate%%@*}
+        only=""
+        [[ $candidate == *@* ]] && only=",${candidate#*@},"
+        for spec in $MODELS; do
+            model=${spec%%:*} dtype=${spec##*:}
+            [ -n "$only" ] && [[ $only != *",$model,"* ]] && continue
+            echo "== candela $model $dtype, $flag" | tee -a "$log"
+            timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
+                --steps 1 --repeats "$REPEATS" "$flag" --json-out /tmp/candidate.json >> "$log" 2>&1 \
+                && append_result /tmp/candidate.json "$model-$dtype (${flag#--})" \
+                || echo "candela $model with $flag failed (exit $?)" | tee -a "$log"
+        done
+    done
 }
 log="$OUT/$side.log"
 results="$OUT/$side.jsonl"
@@ -116,19 +142,17 @@ candela)
             && append_result /tmp/e2e.json "$model-$dtype ($steps steps)" \
             || echo "candela $model $steps steps failed (exit $?)" | tee -a "$log"
     done
-    for candidate in $CANDIDATES; do
-        flag=${candidate%%@*}
-        only=""
-        [[ $candidate == *@* ]] && only=",${candidate#*@},"
-        for spec in $MODELS; do
-            model=${spec%%:*} dtype=${spec##*:}
-            [ -n "$only" ] && [[ $only != *",$model,"* ]] && continue
-            echo "== candela $model $dtype, $flag" | tee -a "$log"
-            timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
-                --steps 1 --repeats "$REPEATS" "$flag" --json-out /tmp/candidate.json >> "$log" 2>&1 \
-                && append_result /tmp/candidate.json "$model-$dtype (${flag#--})" \
-                || echo "candela $model with $flag failed (exit $?)" | tee -a "$log"
-        done
+    run_candidates "$CANDIDATES"
+    # Experiment: the denoiser forward replayed as one CUDA graph (launch overhead gone), then a
+    # generation of the spec's steps eager and again with its steps replayed as CUDA graphs
+    # (captured at the first step), with the two runs' latents compared (0 expected).
+    for spec in $GRAPH_MODELS; do
+        IFS=: read -r model dtype steps <<< "$spec"
+        echo "== candela $model $dtype, CUDA graph, $steps steps" | tee -a "$log"
+        timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" --steps "$steps" \
+            --repeats "$REPEATS" --cuda-graph --json-out "/tmp/graph-$model.json" >> "$log" 2>&1 \
+            && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({'model': sys.argv[2], 'denoiser_step_ms': d['denoiser_step_ms'], 'graph_ms': d.get('denoiser_step_graph_ms'), 'error': d.get('cuda_graph_error'), 'steps': d['steps'], 'end_to_end_s': d['end_to_end_s'], 'end_to_end_graph_s': d.get('end_to_end_graph_s'), 'graph_latents_max_diff': d.get('graph_latents_max_diff')}))" "/tmp/graph-$model.json" "$model" | tee -a "$OUT/graphs.jsonl" \
+            || echo "candela $model graph run failed (exit $?)" | tee -a "$log"
     done
     for spec in $TRACE_MODELS; do
         model=${spec%%:*} dtype=${spec##*:}
@@ -141,6 +165,7 @@ candela)
         [ -s /tmp/trace.tsv ] && python3 tools/bench/kernel_table.py /tmp/trace.tsv --label "candela $model-$dtype" \
             --out "$OUT/kernel-table-$model-$dtype.json" 2>&1 | tee -a "$log"
     done
+    run_candidates "$CANDIDATES_LATE"
     for spec in $LARGE; do
         IFS=: read -r model dtype side <<< "$spec"
         echo "== candela $model $dtype ${side}², VAE tiling" | tee -a "$log"
@@ -149,17 +174,6 @@ candela)
             --json-out /tmp/large.json >> "$log" 2>&1 \
             && append_result /tmp/large.json "$model-$dtype (${side}², VAE tiling)" \
             || echo "candela $model ${side}² failed (exit $?)" | tee -a "$log"
-    done
-    # Experiment: the denoiser forward replayed as one CUDA graph (launch overhead gone), then a
-    # generation of the spec's steps eager and again with its steps replayed as CUDA graphs
-    # (captured at the first step), with the two runs' latents compared (0 expected).
-    for spec in $GRAPH_MODELS; do
-        IFS=: read -r model dtype steps <<< "$spec"
-        echo "== candela $model $dtype, CUDA graph, $steps steps" | tee -a "$log"
-        timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" --steps "$steps" \
-            --repeats "$REPEATS" --cuda-graph --json-out "/tmp/graph-$model.json" >> "$log" 2>&1 \
-            && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({'model': sys.argv[2], 'denoiser_step_ms': d['denoiser_step_ms'], 'graph_ms': d.get('denoiser_step_graph_ms'), 'error': d.get('cuda_graph_error'), 'steps': d['steps'], 'end_to_end_s': d['end_to_end_s'], 'end_to_end_graph_s': d.get('end_to_end_graph_s'), 'graph_latents_max_diff': d.get('graph_latents_max_diff')}))" "/tmp/graph-$model.json" "$model" | tee -a "$OUT/graphs.jsonl" \
-            || echo "candela $model graph run failed (exit $?)" | tee -a "$log"
     done
     ;;
 diffusers)
