@@ -416,11 +416,9 @@ impl Flux {
             // The latents and the timestep's features change between steps; the guidance value,
             // the prompt and the rotary tables do not.
             let t_input = self.transformer.timestep_input(t, &input)?;
-            let out = steps.run(&[&input, &t_input], &|inputs| match inputs {
-                [input, t_input] => self.transformer.forward_from_timestep_input(
-                    input, t_input, guidance, &context, &pooled, &rope,
-                ),
-                _ => candle_core::bail!("the FLUX step takes the latents and the timestep"),
+            let out = steps.run([&input, &t_input], &|[input, t_input]| {
+                self.transformer
+                    .forward_from_timestep_input(input, t_input, guidance, &context, &pooled, &rope)
             })?;
             let velocity = match true_cfg {
                 Some(s) => {

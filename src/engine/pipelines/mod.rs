@@ -342,15 +342,18 @@ pub(crate) struct StepRunner {
 
 impl StepRunner {
     /// `forward` on `inputs` (the inputs that change between steps; what stays fixed it holds).
-    pub fn run(
+    pub fn run<const N: usize>(
         &mut self,
-        inputs: &[&candle_core::Tensor],
-        forward: &dyn Fn(&[candle_core::Tensor]) -> candle_core::Result<candle_core::Tensor>,
+        inputs: [&candle_core::Tensor; N],
+        forward: &dyn Fn(&[candle_core::Tensor; N]) -> candle_core::Result<candle_core::Tensor>,
     ) -> candle_core::Result<candle_core::Tensor> {
         #[cfg(feature = "cuda")]
-        return self.replay.run(inputs, forward);
+        return self.replay.run(&inputs, &|given| match given.try_into() {
+            Ok(given) => forward(given),
+            Err(_) => candle_core::bail!("a step of {N} inputs given {}", given.len()),
+        });
         #[cfg(not(feature = "cuda"))]
-        forward(&inputs.iter().map(|t| (*t).clone()).collect::<Vec<_>>())
+        forward(&inputs.map(candle_core::Tensor::clone))
     }
 }
 

@@ -660,11 +660,9 @@ impl StableDiffusion {
             }
             // The latents and the timestep's features change between steps; the prompt does not.
             let t_input = self.unet.timestep_input(t, &input)?;
-            let out = steps.run(&[&input, &t_input], &|inputs| match inputs {
-                [input, t_input] => self
-                    .unet
-                    .forward_from_timestep_input(input, t_input, &context, added),
-                _ => candle_core::bail!("the UNet step takes the latents and the timestep"),
+            let out = steps.run([&input, &t_input], &|[input, t_input]| {
+                self.unet
+                    .forward_from_timestep_input(input, t_input, &context, added)
             })?;
             let guided = if cfg {
                 let uncond = out.narrow(0, 0, rows)?;

@@ -467,15 +467,9 @@ impl StableDiffusion3 {
                 latents.clone()
             };
             let t_input = self.transformer.timestep_input(t, &input)?;
-            let out = steps.run(&[&input, &t_input], &|inputs| match inputs {
-                [input, t_input] => self.transformer.forward_from_timestep_input(
-                    input,
-                    t_input,
-                    &context,
-                    &pooled,
-                    &[],
-                ),
-                _ => candle_core::bail!("the MMDiT step takes the latents and the timestep"),
+            let out = steps.run([&input, &t_input], &|[input, t_input]| {
+                self.transformer
+                    .forward_from_timestep_input(input, t_input, &context, &pooled, &[])
             })?;
             let mut guided = if cfg {
                 let uncond = out.narrow(0, 0, rows)?;
