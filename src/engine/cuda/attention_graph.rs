@@ -71,6 +71,11 @@ enum Form {
     Composite,
 }
 
+/// Engine configurations finalised and timed per attention shape: cuDNN proposes one or two for
+/// these graphs, and each may be compiled at run time (PyTorch's first cuDNN attention call
+/// takes seconds), where SD 1.5 alone has eight shapes.
+const MAX_TIMED: usize = 3;
+
 /// The plan for `key`: the unified form where this cuDNN has it, else the composite one, each
 /// the fastest of the heuristics' engines on the call's own tensors.
 fn build_plan(
@@ -82,7 +87,7 @@ fn build_plan(
     let mut failures = Vec::new();
     for form in [Form::Unified, Form::Composite] {
         let plan = operation_graph(handle, key, form).and_then(|graph| {
-            cudnn_graph::fastest_plan(handle, stream, graph, bindings, "attention")
+            cudnn_graph::fastest_plan(handle, stream, graph, bindings, MAX_TIMED, "attention")
         });
         match plan {
             Ok(plan) => return Ok((plan, form)),

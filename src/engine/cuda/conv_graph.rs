@@ -169,6 +169,10 @@ fn operation_graph(handle: sys::cudnnHandle_t, shape: &ConvShape) -> candle_core
     Graph::new(handle, vec![op.finalize()?], vec![x, w, y, conv])
 }
 
+/// Engine configurations finalised and timed per convolution shape (cudnn.benchmark's choice
+/// among the heuristics' first ones).
+const MAX_TIMED: usize = 8;
+
 /// Builds the graph for `shape` and keeps the fastest of the heuristics' plans on the call's own
 /// tensors (the output is overwritten).
 pub fn build(
@@ -179,6 +183,6 @@ pub fn build(
 ) -> candle_core::Result<GraphPlan> {
     let graph = operation_graph(handle, shape)?;
     pointers.with_bindings(|bindings| {
-        cudnn_graph::fastest_plan(handle, stream, graph, bindings, "convolution")
+        cudnn_graph::fastest_plan(handle, stream, graph, bindings, MAX_TIMED, "convolution")
     })
 }

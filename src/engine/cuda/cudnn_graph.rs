@@ -342,17 +342,16 @@ impl Plan {
     }
 }
 
-/// Candidates timed per graph: the heuristics' first few are the ones worth a try.
-const MAX_TIMED: usize = 8;
-
-/// Finalises up to [`MAX_TIMED`] of the configurations the heuristics propose for `graph` (mode
-/// A, else the fallback list) and keeps the fastest on the call's own `bindings` (its outputs are
-/// overwritten). `what` names the graph in errors.
+/// Finalises up to `max_timed` of the configurations the heuristics propose for `graph` (mode A,
+/// else the fallback list: the first few are the ones worth a try; a runtime-compiled engine
+/// costs its compilation to finalise) and keeps the fastest on the call's own `bindings` (its
+/// outputs are overwritten). `what` names the graph in errors.
 pub fn fastest_plan(
     handle: sys::cudnnHandle_t,
     stream: &std::sync::Arc<CudaStream>,
     graph: Graph,
     bindings: Bindings,
+    max_timed: usize,
     what: &str,
 ) -> candle_core::Result<Plan> {
     let mut plans = Vec::new();
@@ -369,7 +368,7 @@ pub fn fastest_plan(
             }
         };
         for config in configs {
-            if plans.len() >= MAX_TIMED {
+            if plans.len() >= max_timed {
                 break;
             }
             match execution_plan(handle, &config) {
