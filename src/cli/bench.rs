@@ -90,12 +90,13 @@ pub struct BenchArgs {
     /// room for the transformer.
     #[arg(long)]
     pub without_t5: bool,
-    /// The fused CUDA attention kernel the models run: `hopper` (the default: on H100/H200 at
-    /// head sizes 64 and 128, `tiled` elsewhere), `tiled`, or a candidate (`pipelined`, `wide`,
-    /// `hopper-128`, and the 128-key tiles `hopper-k128`, `hopper-128-k128`) to time whole
-    /// models with it, or `cudnn`: cuDNN's fused attention (graph API; the default kernel for a
-    /// shape it has no plan for).
-    #[arg(long, default_value = "hopper")]
+    /// The fused CUDA attention kernel the models run: `auto` (the default: on H100/H200
+    /// `hopper-128` at head size 128 and `hopper` at 64, `tiled` elsewhere), one kernel for
+    /// every head size (`hopper`, `hopper-128`, `tiled`, or a candidate: `pipelined`, `wide`,
+    /// the 128-key tiles `hopper-k128`, `hopper-128-k128`) to time whole models with it, or
+    /// `cudnn`: cuDNN's fused attention (graph API; the default kernels for a shape it has no
+    /// plan for).
+    #[arg(long, default_value = "auto")]
     pub attention_kernel: String,
     /// The cuDNN API of the half-precision convolutions: `auto` (the default: the graph API on
     /// H100/H200, where it was measured, with the legacy plan for a shape it cannot run; the
@@ -265,7 +266,11 @@ fn choice<T: Copy>(
 
 /// `--attention-kernel`: the fused attention kernel the models run in this process.
 fn select_attention_kernel(name: &str) -> anyhow::Result<()> {
-    // cuDNN's fused attention, with the default kernel for shapes it has no plan for.
+    // The default: a Hopper kernel by head size (engine::cuda::attention::model_kernel).
+    if name == "auto" {
+        return Ok(());
+    }
+    // cuDNN's fused attention, with the default kernels for shapes it has no plan for.
     #[cfg(feature = "cudnn")]
     if name == "cudnn" {
         engine::cuda::attention::set_cudnn(true);
@@ -284,8 +289,9 @@ fn select_attention_kernel(name: &str) -> anyhow::Result<()> {
     }
     #[cfg(not(feature = "cuda"))]
     match name {
-        // The default, and the kernel it falls back on: nothing to choose without CUDA.
-        "hopper" | "tiled" => Ok(()),
+        // The kernels the default picks from, and the one it falls back on: nothing to choose
+        // without CUDA.
+        "hopper" | "hopper-128" | "tiled" => Ok(()),
         other => anyhow::bail!("--attention-kernel {other} needs a build with the cuda feature"),
     }
 }

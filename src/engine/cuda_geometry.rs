@@ -15,10 +15,10 @@ pub fn padded_head_dim(d: usize) -> Option<usize> {
         .find(|&p| d <= p && p - d < 16)
 }
 
-/// The fused attention kernels of attention.cu. The models run `Hopper` where it runs (9.0
-/// devices, head sizes 64 and 128) and `Tiled` elsewhere; the others are candidates, timed and
-/// checked against f32 by `candela bench --kernels` (and run by the models with `candela bench
-/// --attention-kernel`).
+/// The fused attention kernels of attention.cu. The models run `Hopper128` at head size 128 and
+/// `Hopper` at 64 where they run (9.0 devices) and `Tiled` elsewhere; the others are candidates,
+/// timed and checked against f32 by `candela bench --kernels` (and run by the models with
+/// `candela bench --attention-kernel`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum AttentionKernel {

@@ -54,12 +54,16 @@ fn starts_aligned(t: &Tensor) -> bool {
     !t.is_contiguous() || t.layout().start_offset().is_multiple_of(8)
 }
 
-/// The kernel the models run (process-wide: a benchmark's choice, not a per-request one).
-/// The Hopper kernel by default (where it runs: 9.0 devices, head sizes 64 and 128; the tiled
-/// one elsewhere): session 25's H200 run, denoiser steps 0.71× (FLUX-dev), 0.76× (SD3.5 Large)
-/// and 0.87× (SDXL) the tiled kernel's.
-static MODEL_KERNEL: std::sync::atomic::AtomicU8 =
-    std::sync::atomic::AtomicU8::new(Kernel::Hopper as u8);
+/// The kernel the models run (process-wide: a benchmark's choice, not a per-request one), or
+/// [`BY_HEAD_SIZE`], the default.
+static MODEL_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(BY_HEAD_SIZE);
+
+/// The default: a Hopper kernel chosen by head size where one runs (9.0 devices, head sizes 64
+/// and 128; the tiled one elsewhere). Session 25's H200 run, denoiser steps against the tiled
+/// kernel's: `Hopper` 0.71× (FLUX-dev), 0.76× (SD3.5 Large), 0.87× (SDXL); `Hopper128` 0.69×,
+/// 0.79×, 0.90× — the two-warpgroup kernel wins at FLUX's head size 128 (139.9 against 143.3 ms)
+/// and loses at the others' 64.
+const BY_HEAD_SIZE: u8 = u8::MAX;
 
 /// Makes [`attention`] run `kernel` from now on, in this process.
 pub fn set_model_kernel(kernel: Kernel) {
@@ -84,9 +88,16 @@ pub fn cudnn_chosen() -> bool {
     CUDNN.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The kernel [`attention`] runs where it applies.
-pub fn model_kernel() -> Kernel {
+/// The kernel [`attention`] runs at `head_dim` where it applies: the one chosen, or by default
+/// ([`BY_HEAD_SIZE`]) `Hopper128` at head size 128 and `Hopper` elsewhere.
+pub fn model_kernel(head_dim: usize) -> Kernel {
     let stored = MODEL_KERNEL.load(std::sync::atomic::Ordering::Relaxed);
+    if stored == BY_HEAD_SIZE {
+        return match head_dim {
+            128 => Kernel::Hopper128,
+            _ => Kernel::Hopper,
+        };
+    }
     Kernel::ALL
         .into_iter()
         .find(|k| *k as u8 == stored)
@@ -98,9 +109,9 @@ pub fn model_kernel() -> Kernel {
 /// output seen heads-first) are read in place; the result is a heads-first view of token-major
 /// data, so `transpose(1, 2)` and merging the heads cost nothing.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
-    // The chosen kernel where it applies (the Hopper one: head sizes 64 and 128 on a 9.0
+    // The chosen kernel where it applies (the Hopper ones: head sizes 64 and 128 on a 9.0
     // device), the tiled one elsewhere.
-    let chosen = model_kernel();
+    let chosen = model_kernel(q.dims()[3]);
     let kernel = if chosen == Kernel::Tiled || available(chosen, q.dims()[3], q.device()) {
         chosen
     } else {

@@ -182,8 +182,9 @@ fn attention(device: &Device) -> candle_core::Result<f64> {
             }
         }
     }
-    let kernel = model_kernel();
-    if kernel == Kernel::Tiled {
+    // The kernels the models run at the two head sizes checked.
+    let kernels = [model_kernel(64), model_kernel(128)];
+    if kernels == [Kernel::Tiled; 2] {
         return worst();
     }
     let why = match worst() {
@@ -192,8 +193,8 @@ fn attention(device: &Device) -> candle_core::Result<f64> {
         Err(e) => format!("failed: {e}"),
     };
     tracing::error!(
-        kernel = kernel.name(),
-        "the chosen attention kernel {why} on this device; the tiled kernel runs instead"
+        kernels = ?kernels.map(Kernel::name),
+        "the chosen attention kernels {why} on this device; the tiled kernel runs instead"
     );
     set_model_kernel(Kernel::Tiled);
     worst()

@@ -42,6 +42,8 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # --quantize=q8_0 / q4k on FLUX-dev: GGML blocks, the products a GGUF transformer file's layers
 # run — widened to the activations' dtype for one GEMM since session 25 (candle's quantized
 # kernels ran 3.3x / 3.5x the dense step).
+# --attention-kernel=hopper@flux-dev: session 25's default at FLUX's head size 128, where the
+# default is now hopper-128 (measured faster there: 139.9 against 143.3 ms) — what it bought.
 # --attention-kernel=hopper-k128 / hopper-128-k128: 128-key tiles at head size 128 too (cuDNN's
 # FLUX attention tiles, 2.2x faster than `hopper` there in session 25's traces), the softmax
 # overlapping p.v, three stages.
@@ -56,7 +58,7 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # experiment and the kernel traces (the call's order: parity, op tables, models, end to end,
 # CANDIDATES, graphs, traces, CANDIDATES_LATE, large images).
 CANDIDATES=${CANDIDATES-"--attention-kernel=cudnn --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev"}
-CANDIDATES_LATE=${CANDIDATES_LATE-"--quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm"}
+CANDIDATES_LATE=${CANDIDATES_LATE-"--attention-kernel=hopper@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
