@@ -552,7 +552,6 @@ type TimedGeneration = (engine::pipelines::sd::Generated, f64);
 
 /// `--cuda-graph`: the same generation with its steps replayed as CUDA graphs, its time (s) and
 /// its latents' largest difference from the eager run's.
-#[cfg(feature = "cuda")]
 fn graph_generation(
     asked: bool,
     device: &candle_core::Device,
@@ -563,9 +562,9 @@ fn graph_generation(
         return Ok(None);
     }
     // SAFETY: event tracking was turned off when the device was opened, for `--cuda-graph`.
-    unsafe { engine::cuda::step_graph::set_enabled(true) };
+    unsafe { engine::pipelines::set_step_graphs(true) };
     let run = generate();
-    unsafe { engine::cuda::step_graph::set_enabled(false) };
+    unsafe { engine::pipelines::set_step_graphs(false) };
     let (graphed, seconds) = run?;
     let f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32);
     let diff = (f32(&graphed.latents)? - f32(&eager.latents)?)?
@@ -573,16 +572,6 @@ fn graph_generation(
         .max_all()?
         .to_scalar::<f32>()?;
     Ok(Some((seconds, diff as f64)))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn graph_generation(
-    _asked: bool,
-    _device: &candle_core::Device,
-    _generate: &dyn Fn() -> anyhow::Result<TimedGeneration>,
-    _eager: &engine::pipelines::sd::Generated,
-) -> anyhow::Result<Option<(f64, f64)>> {
-    Ok(None)
 }
 
 /// Per-module times side by side, rows in our order then the reference's own.

@@ -183,6 +183,46 @@ fn apply(q: &Tensor, k: &Tensor, v: &Tensor, op: &impl CustomOp3) -> candle_core
         .transpose(1, 2)
 }
 
+/// What an attention op reads of its heads-first operands: (batch, heads, queries, keys, head
+/// size) and each operand's row strides — rows on 16-byte boundaries, q, k and v of one dtype.
+pub(super) struct Operands {
+    pub dims: [usize; 5],
+    pub q: Strides,
+    pub k: Strides,
+    pub v: Strides,
+}
+
+impl Operands {
+    pub fn read(
+        [(q, ql), (k, kl), (v, vl)]: [(&CudaStorage, &Layout); 3],
+    ) -> candle_core::Result<Self> {
+        let (b, h, n, d) = ql.shape().dims4()?;
+        let (_, _, m, _) = kl.shape().dims4()?;
+        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+            candle_core::bail!("fused attention needs q, k and v of one dtype");
+        }
+        // 16-byte loads: every row must start on a 16-byte boundary.
+        let strides = |layout: &Layout| {
+            Strides::of_view(layout).ok_or_else(|| {
+                candle_core::Error::Msg("fused attention of rows not 16-byte aligned".into())
+            })
+        };
+        Ok(Self {
+            dims: [b, h, n, m, d],
+            q: strides(ql)?,
+            k: strides(kl)?,
+            v: strides(vl)?,
+        })
+    }
+}
+
+/// An operand's data from its layout's start, read in place at its strides.
+pub(super) fn view_from<'a, T: CudaDType>(
+    (s, l): (&'a CudaStorage, &Layout),
+) -> candle_core::Result<CudaView<'a, T>> {
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
 /// Our kernels' op (also the fallback of cuDNN's where it has no plan for a shape).
 pub(super) struct FlashAttention {
     pub scale: f32,
@@ -262,22 +302,17 @@ impl CustomOp3 for FlashAttention {
         v: &CudaStorage,
         v_layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (b, h, n, d) = q_layout.shape().dims4()?;
-        let (_, _, m, _) = k_layout.shape().dims4()?;
+        let operands = [(q, q_layout), (k, k_layout), (v, v_layout)];
+        let read = Operands::read(operands)?;
+        let [b, h, n, m, d] = read.dims;
         let Some(padded) = padded_head_dim(d) else {
             candle_core::bail!("fused attention for head size {d}");
         };
-        // 16-byte loads: every row must start on a 16-byte boundary.
-        let strides = |layout: &Layout| {
-            Strides::of_view(layout).ok_or_else(|| {
-                candle_core::Error::Msg("fused attention of rows not 16-byte aligned".into())
-            })
-        };
         let layouts = Layouts {
             heads: h as i32,
-            q: strides(q_layout)?,
-            k: strides(k_layout)?,
-            v: strides(v_layout)?,
+            q: read.q,
+            k: read.k,
+            v: read.v,
             o: Strides::token_major(n, h, d),
         };
         let dims = (b * h, n, m, d);
@@ -290,26 +325,17 @@ impl CustomOp3 for FlashAttention {
             dims: (usize, usize, usize, usize),
             layouts: Layouts,
         ) -> candle_core::Result<CudaStorage> {
-            fn view<'a, T: CudaDType>(
-                (s, l): (&'a CudaStorage, &Layout),
-            ) -> candle_core::Result<CudaView<'a, T>> {
-                Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-            }
             let kernel = format!("flash_attention_{}{dtype}_{padded}", op.kernel.infix());
             let out = op.launch(
                 &q.0.device,
                 &kernel,
-                view::<T>(q)?,
-                view::<T>(k)?,
-                view::<T>(v)?,
+                view_from::<T>(q)?,
+                view_from::<T>(k)?,
+                view_from::<T>(v)?,
                 dims,
                 layouts,
             )?;
             Ok(CudaStorage::wrap_cuda_slice(out, q.0.device.clone()))
-        }
-        let operands = [(q, q_layout), (k, k_layout), (v, v_layout)];
-        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-            candle_core::bail!("fused attention needs q, k and v of one dtype");
         }
         let storage = match q.dtype() {
             DType::F16 => run::<half::f16>(self, "f16", padded, operands, dims, layouts)?,

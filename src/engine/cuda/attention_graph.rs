@@ -23,14 +23,15 @@ use std::ffi::c_void;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::sys;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::{CudaDType, CudaStorage, DeviceId};
 use candle_core::{CustomOp3, DType, Layout, Shape};
 
-use super::attention::{FlashAttention, Kernel};
+use super::attention::{view_from, FlashAttention, Kernel, Operands};
 use super::cuda_error;
 use super::cudnn_graph::{
-    self, packed_strides, Attr, Bindings, Descriptor, DescriptorType, Graph, Kind, Plan, Storage,
+    self, operation, packed_strides, Attr, Bindings, Descriptor, DescriptorType, Graph, Kind, Plan,
+    Storage,
 };
 use crate::engine::cuda_geometry::{GraphTensor, GraphTensors, Strides};
 
@@ -116,13 +117,17 @@ fn operation_graph(
     let scale = cudnn_graph::tensor(uid::SCALE, f32, &[1; 4], &[1; 4], Storage::ByValue)?;
     if let Form::Unified = form {
         let k = device(uid::K, layouts.k)?;
-        let op = Descriptor::new(DescriptorType::CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR)?;
-        op.set_descriptor(Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_QDESC, &q)?
-            .set_descriptor(Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_KDESC, &k)?
-            .set_descriptor(Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_VDESC, &v)?
-            .set_descriptor(Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_ODESC, &o)?
-            .set_descriptor(Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_SCALEDESC, &scale)?;
-        return Graph::new(handle, vec![op.finalize()?], vec![q, k, v, o, scale]);
+        let op = operation(
+            DescriptorType::CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR,
+            &[
+                (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_QDESC, &q),
+                (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_KDESC, &k),
+                (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_VDESC, &v),
+                (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_ODESC, &o),
+                (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_SCALEDESC, &scale),
+            ],
+        )?;
+        return Graph::new(handle, vec![op], vec![q, k, v, o, scale]);
     }
     // Kᵀ: the backend's first product takes (d × m) operands; the same memory, strides swapped.
     let k = device(uid::K, layouts.k_transposed)?;
@@ -208,13 +213,17 @@ fn matmul(
         sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
     )?;
     let desc = desc.finalize()?;
-    let op = Descriptor::new(DescriptorType::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR)?;
-    op.set_descriptor(Attr::CUDNN_ATTR_OPERATION_MATMUL_ADESC, a)?
-        .set_descriptor(Attr::CUDNN_ATTR_OPERATION_MATMUL_BDESC, b)?
-        .set_descriptor(Attr::CUDNN_ATTR_OPERATION_MATMUL_CDESC, c)?
-        .set_descriptor(Attr::CUDNN_ATTR_OPERATION_MATMUL_DESC, &desc)?;
+    let op = operation(
+        DescriptorType::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR,
+        &[
+            (Attr::CUDNN_ATTR_OPERATION_MATMUL_ADESC, a),
+            (Attr::CUDNN_ATTR_OPERATION_MATMUL_BDESC, b),
+            (Attr::CUDNN_ATTR_OPERATION_MATMUL_CDESC, c),
+            (Attr::CUDNN_ATTR_OPERATION_MATMUL_DESC, &desc),
+        ],
+    );
     parts.push(desc);
-    op.finalize()
+    op
 }
 
 /// y = x ∘ b (or f(x) for a unary mode), in f32.
@@ -236,15 +245,18 @@ fn pointwise(
         sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
     )?;
     let desc = desc.finalize()?;
-    let op = Descriptor::new(DescriptorType::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
-    op.set_descriptor(Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &desc)?
-        .set_descriptor(Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x)?
-        .set_descriptor(Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y)?;
-    if let Some(b) = b {
-        op.set_descriptor(Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b)?;
-    }
+    let mut links = vec![
+        (Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &desc),
+        (Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x),
+        (Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y),
+    ];
+    links.extend(b.map(|b| (Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b)));
+    let op = operation(
+        DescriptorType::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR,
+        &links,
+    );
     parts.push(desc);
-    op.finalize()
+    op
 }
 
 /// y = the reduction of x over the dimensions where y has extent 1, in f32.
@@ -265,12 +277,16 @@ fn reduction(
         sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
     )?;
     let desc = desc.finalize()?;
-    let op = Descriptor::new(DescriptorType::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR)?;
-    op.set_descriptor(Attr::CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x)?
-        .set_descriptor(Attr::CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y)?
-        .set_descriptor(Attr::CUDNN_ATTR_OPERATION_REDUCTION_DESC, &desc)?;
+    let op = operation(
+        DescriptorType::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR,
+        &[
+            (Attr::CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x),
+            (Attr::CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y),
+            (Attr::CUDNN_ATTR_OPERATION_REDUCTION_DESC, &desc),
+        ],
+    );
     parts.push(desc);
-    op.finalize()
+    op
 }
 
 thread_local! {
@@ -301,25 +317,17 @@ impl CustomOp3 for CudnnAttention {
         v: &CudaStorage,
         v_layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (b, h, n, d) = q_layout.shape().dims4()?;
-        let (_, _, m, _) = k_layout.shape().dims4()?;
-        let strides = |layout: &Layout| {
-            Strides::of_view(layout).ok_or_else(|| {
-                candle_core::Error::Msg("cuDNN attention of rows not 16-byte aligned".into())
-            })
-        };
-        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-            candle_core::bail!("cuDNN attention needs q, k and v of one dtype");
-        }
+        let operands = [(q, q_layout), (k, k_layout), (v, v_layout)];
+        let read = Operands::read(operands)?;
+        let [b, h, n, _, d] = read.dims;
         let key = Key {
             device: q.device.id(),
             dtype: q.dtype(),
-            dims: [b, h, n, m, d],
-            q: strides(q_layout)?,
-            k: strides(k_layout)?,
-            v: strides(v_layout)?,
+            dims: read.dims,
+            q: read.q,
+            k: read.k,
+            v: read.v,
         };
-        let operands = [(q, q_layout), (k, k_layout), (v, v_layout)];
         let out = match q.dtype() {
             DType::F16 => self.run::<half::f16>(&key, operands)?,
             DType::BF16 => self.run::<half::bf16>(&key, operands)?,
@@ -351,12 +359,7 @@ impl CudnnAttention {
         let stream = dev.cuda_stream();
         let handle = cudnn_graph::handle(dev)?;
         let [b, h, n, _, d] = key.dims;
-        fn view<'a, T: CudaDType>(
-            (s, l): (&'a CudaStorage, &Layout),
-        ) -> candle_core::Result<CudaView<'a, T>> {
-            Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-        }
-        let (qv, kv, vv) = (view::<T>(q)?, view::<T>(k)?, view::<T>(v)?);
+        let (qv, kv, vv) = (view_from::<T>(q)?, view_from::<T>(k)?, view_from::<T>(v)?);
         let mut out = unsafe { stream.alloc::<T>(b * n * h * d) }.map_err(cuda_error)?;
         let mut scale = self.scale;
         {

@@ -125,6 +125,19 @@ impl Descriptor {
     }
 }
 
+/// A finalised operation (or sub-)descriptor of `kind` with each of `links` set to its descriptor
+/// (its tensors, and the descriptor saying what it computes).
+pub fn operation(
+    kind: DescriptorType,
+    links: &[(Attr, &Descriptor)],
+) -> candle_core::Result<Descriptor> {
+    let op = Descriptor::new(kind)?;
+    for (attr, descriptor) in links {
+        op.set_descriptor(*attr, descriptor)?;
+    }
+    op.finalize()
+}
+
 /// How a graph tensor is held.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Storage {

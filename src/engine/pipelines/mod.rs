@@ -332,6 +332,19 @@ pub(crate) fn check_common(p: &GenerateParams, train_steps: usize) -> Result<()>
     Ok(())
 }
 
+/// Makes denoising loops replay their steps as CUDA graphs (or not) from now on; nothing to do
+/// without the cuda feature.
+///
+/// # Safety
+/// As [`crate::engine::cuda::step_graph::set_enabled`]: the process's CUDA tensors made with
+/// cudarc's event tracking off.
+pub unsafe fn set_step_graphs(on: bool) {
+    #[cfg(feature = "cuda")]
+    crate::engine::cuda::step_graph::set_enabled(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
 /// The denoiser forward of one loop, replayed as a CUDA graph where step graphs are enabled
 /// ([`crate::engine::cuda::step_graph`]); elsewhere each step runs `forward` as it is.
 #[derive(Default)]
