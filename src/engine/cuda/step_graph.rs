@@ -63,16 +63,17 @@ impl Drop for StepGraph {
 }
 
 impl StepGraph {
-    /// Runs `forward` on copies of `inputs` (the graph's input buffers), then captures it on
-    /// them: the eager run's output, and the graph that replays it. The eager run does the
-    /// first-use work (plans, module loads, kernel parameters uploaded into candle's capture
-    /// cache) that cannot happen inside a capture.
+    /// Runs `forward` on copies of `inputs` (the graph's input buffers) on `device`, then
+    /// captures it on them: the eager run's output, and the graph that replays it. The eager run
+    /// does the first-use work (plans, module loads, kernel parameters uploaded into candle's
+    /// capture cache) that cannot happen inside a capture.
     pub fn capture(
+        device: &Device,
         inputs: &[&Tensor],
         forward: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<(Self, Tensor)> {
-        let Some(Device::Cuda(dev)) = inputs.first().map(|t| t.device()) else {
-            candle_core::bail!("CUDA graphs need CUDA tensors");
+        let Device::Cuda(dev) = device else {
+            candle_core::bail!("CUDA graphs need a CUDA device");
         };
         let _cache = dev.enable_cuda_graph_htod_cache();
         let buffers = inputs
@@ -131,6 +132,25 @@ impl StepGraph {
     }
 }
 
+/// The forward `f` captured as a CUDA graph on `device` (after one eager run), then the median
+/// time of `repeats` replays in milliseconds, the output copied out of the graph each time as a
+/// loop's step does — what a denoiser step costs with launch overhead gone (`candela bench
+/// --cuda-graph`; the process needs event tracking off, as [`set_enabled`]). An error says why
+/// capture failed.
+pub fn time_graph_replays(
+    device: &Device,
+    repeats: usize,
+    f: impl Fn() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<f64> {
+    let (graph, _) = StepGraph::capture(device, &[], &|_| f())?;
+    // The first (untimed) replay is the warm-up.
+    crate::engine::pipelines::timing::median_ms(
+        repeats,
+        || device.synchronize(),
+        || graph.replay(&[]).map(drop),
+    )
+}
+
 /// The denoiser forward of one loop: eager, or with step graphs [`enabled`] on CUDA, captured
 /// at the first step and replayed from the second. A capture or replay that fails switches the
 /// loop back to eager forwards (logged), so a step graph can cost a loop its speed, not its
@@ -156,11 +176,13 @@ impl StepReplay {
     ) -> candle_core::Result<Tensor> {
         let eager =
             |inputs: &[&Tensor]| forward(&inputs.iter().map(|t| (*t).clone()).collect::<Vec<_>>());
-        let on_cuda = inputs.first().is_some_and(|t| t.device().is_cuda());
+        let device = match inputs.first() {
+            Some(t) if enabled() && t.device().is_cuda() => t.device(),
+            _ => return eager(inputs),
+        };
         match &self.state {
-            _ if !enabled() || !on_cuda => eager(inputs),
             ReplayState::Eager => eager(inputs),
-            ReplayState::Uncaptured => match StepGraph::capture(inputs, forward) {
+            ReplayState::Uncaptured => match StepGraph::capture(device, inputs, forward) {
                 Ok((graph, out)) => {
                     self.state = ReplayState::Replaying(graph);
                     Ok(out)

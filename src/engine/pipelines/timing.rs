@@ -28,7 +28,8 @@ pub struct BenchShape {
     /// ([`crate::engine::profile`]; the device waits at every module boundary, so these runs
     /// are not the timed ones).
     pub profiled_forwards: usize,
-    /// Also time the denoiser forward replayed as one CUDA graph ([`crate::engine::cuda::time_graph_replays`]).
+    /// Also time the denoiser forward replayed as one CUDA graph
+    /// ([`crate::engine::cuda::step_graph::time_graph_replays`]).
     pub cuda_graph: bool,
 }
 
@@ -169,7 +170,7 @@ fn graph_forward(
     log: &mut dyn FnMut(String),
 ) -> std::result::Result<f64, String> {
     #[cfg(feature = "cuda")]
-    let result = crate::engine::cuda::time_graph_replays(device, repeats, || {
+    let result = crate::engine::cuda::step_graph::time_graph_replays(device, repeats, || {
         forward().map_err(|e| candle_core::Error::Msg(e.to_string()))
     })
     .map_err(|e| e.to_string());
