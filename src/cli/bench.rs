@@ -95,7 +95,8 @@ pub struct BenchArgs {
     /// every head size (`hopper`, `hopper-128`, `tiled`, or a candidate: `pipelined`, `wide`,
     /// the 128-key tiles `hopper-k128`, `hopper-128-k128`) to time whole models with it, or
     /// `cudnn`: cuDNN's fused attention (graph API; the default kernels for a shape it has no
-    /// plan for).
+    /// plan for), or `fastest`: per shape, whichever of cuDNN's plan and the default kernel ran
+    /// it faster when first met (the times are logged).
     #[arg(long, default_value = "auto")]
     pub attention_kernel: String,
     /// The cuDNN API of the half-precision convolutions: `auto` (the default: the graph API on
@@ -270,11 +271,20 @@ fn select_attention_kernel(name: &str) -> anyhow::Result<()> {
     if name == "auto" {
         return Ok(());
     }
-    // cuDNN's fused attention, with the default kernels for shapes it has no plan for.
+    // cuDNN's fused attention, with the default kernels for shapes it has no plan for
+    // ("cudnn"), or for shapes they ran faster when first met ("fastest").
     #[cfg(feature = "cudnn")]
-    if name == "cudnn" {
-        engine::cuda::attention::set_cudnn(true);
-        return Ok(());
+    {
+        use engine::cuda::attention::{set_cudnn, CudnnUse};
+        let use_ = match name {
+            "cudnn" => Some(CudnnUse::Always),
+            "fastest" => Some(CudnnUse::WhereFaster),
+            _ => None,
+        };
+        if let Some(use_) = use_ {
+            set_cudnn(use_);
+            return Ok(());
+        }
     }
     #[cfg(feature = "cuda")]
     {

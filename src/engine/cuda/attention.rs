@@ -70,22 +70,41 @@ pub fn set_model_kernel(kernel: Kernel) {
     MODEL_KERNEL.store(kernel as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Whether [`attention`] hands its work to cuDNN's fused attention (`attention_graph.rs`; our
-/// kernel where cuDNN has no plan for a shape). A candidate until a GPU run has measured it.
-static CUDNN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes [`attention`] go through cuDNN's fused attention (or not) from now on, in this process.
-/// Without the cudnn feature there is nothing to switch on.
-pub fn set_cudnn(on: bool) {
-    CUDNN.store(
-        on && cfg!(feature = "cudnn"),
-        std::sync::atomic::Ordering::Relaxed,
-    );
+/// How [`attention`] uses cuDNN's fused attention (`attention_graph.rs`; our kernel where cuDNN
+/// has no plan for a shape). A candidate until a GPU run has measured it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CudnnUse {
+    /// Our kernels only (the default).
+    Never = 0,
+    /// cuDNN wherever it has a plan.
+    Always = 1,
+    /// Per shape, whichever of cuDNN's plan and our kernel ran it faster when the shape was
+    /// first met (both timed on that call's own tensors): no one choice wins at every head size
+    /// and sequence length on every card.
+    WhereFaster = 2,
 }
 
-/// Whether [`attention`] goes through cuDNN's fused attention.
-pub fn cudnn_chosen() -> bool {
-    CUDNN.load(std::sync::atomic::Ordering::Relaxed)
+static CUDNN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(CudnnUse::Never as u8);
+
+/// Makes [`attention`] use cuDNN's fused attention so from now on, in this process. Without the
+/// cudnn feature there is nothing to switch on.
+pub fn set_cudnn(use_: CudnnUse) {
+    let use_ = if cfg!(feature = "cudnn") {
+        use_
+    } else {
+        CudnnUse::Never
+    };
+    CUDNN.store(use_ as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How [`attention`] uses cuDNN's fused attention.
+pub fn cudnn_use() -> CudnnUse {
+    match CUDNN.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => CudnnUse::Always,
+        2 => CudnnUse::WhereFaster,
+        _ => CudnnUse::Never,
+    }
 }
 
 /// The kernel [`attention`] runs at `head_dim` where it applies: the one chosen, or by default
@@ -109,23 +128,53 @@ pub fn model_kernel(head_dim: usize) -> Kernel {
 /// output seen heads-first) are read in place; the result is a heads-first view of token-major
 /// data, so `transpose(1, 2)` and merging the heads cost nothing.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
-    // The chosen kernel where it applies (the Hopper ones: head sizes 64 and 128 on a 9.0
-    // device), the tiled one elsewhere.
+    let kernel = runnable_kernel(q);
+    #[cfg(feature = "cudnn")]
+    match cudnn_use() {
+        CudnnUse::Never => {}
+        use_ => {
+            let op = super::attention_graph::CudnnAttention {
+                scale,
+                fallback: Some(kernel),
+                race: use_ == CudnnUse::WhereFaster,
+            };
+            return apply(q, k, v, &op);
+        }
+    }
+    run(kernel, q, k, v, scale)
+}
+
+/// The chosen kernel where it applies (the Hopper ones: head sizes 64 and 128 on a 9.0 device),
+/// the tiled one elsewhere.
+fn runnable_kernel(q: &Tensor) -> Kernel {
     let chosen = model_kernel(q.dims()[3]);
-    let kernel = if chosen == Kernel::Tiled || available(chosen, q.dims()[3], q.device()) {
+    if chosen == Kernel::Tiled || available(chosen, q.dims()[3], q.device()) {
         chosen
     } else {
         Kernel::Tiled
-    };
+    }
+}
+
+/// [`attention`] through cuDNN wherever it has a plan, however [`cudnn_use`] is set, our kernel
+/// elsewhere: what the device check compares with candle's ops (a race at its small shapes
+/// might never run cuDNN).
+pub fn attention_cudnn_first(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cudnn")]
-    if cudnn_chosen() {
+    {
         let op = super::attention_graph::CudnnAttention {
             scale,
-            fallback: Some(kernel),
+            fallback: Some(runnable_kernel(q)),
+            race: false,
         };
-        return apply(q, k, v, &op);
+        apply(q, k, v, &op)
     }
-    run(kernel, q, k, v, scale)
+    #[cfg(not(feature = "cudnn"))]
+    attention(q, k, v, scale)
 }
 
 /// [`attention`] by cuDNN's fused attention alone: an error where it has no plan for the shape.
@@ -139,6 +188,7 @@ pub fn attention_by_cudnn(
     let op = super::attention_graph::CudnnAttention {
         scale,
         fallback: None,
+        race: false,
     };
     apply(q, k, v, &op)
 }

@@ -163,14 +163,19 @@ fn values(dims: &[usize], seed: f32, device: &Device) -> candle_core::Result<Ten
 /// kernel that fails is replaced by the tiled one (the one measured on GPUs), which is then
 /// checked in turn.
 fn attention(device: &Device) -> candle_core::Result<f64> {
-    use super::attention::{cudnn_chosen, model_kernel, set_cudnn, set_model_kernel, Kernel};
-    let worst = || -> candle_core::Result<f64> {
-        Ok(attention_at(device, 64)?.max(attention_at(device, 128)?))
+    use super::attention::{
+        attention_cudnn_first, cudnn_use, model_kernel, set_cudnn, set_model_kernel, CudnnUse,
+        Kernel,
     };
+    type Attention = fn(&Tensor, &Tensor, &Tensor, f32) -> candle_core::Result<Tensor>;
+    let worst_by = |attention: Attention| -> candle_core::Result<f64> {
+        Ok(attention_at(device, 64, attention)?.max(attention_at(device, 128, attention)?))
+    };
+    let worst = || worst_by(super::attention::attention);
     // cuDNN's fused attention where chosen (its shapes without a plan run our kernel, checked
     // below either way): switched off if it fails or disagrees.
-    if cudnn_chosen() {
-        match worst() {
+    if cudnn_use() != CudnnUse::Never {
+        match worst_by(attention_cudnn_first) {
             Ok(error) if error <= LIMIT => {}
             outcome => {
                 let why = match outcome {
@@ -178,7 +183,7 @@ fn attention(device: &Device) -> candle_core::Result<f64> {
                     Err(e) => format!("failed: {e}"),
                 };
                 tracing::error!("cuDNN's fused attention {why} on this device; switched off");
-                set_cudnn(false);
+                set_cudnn(CudnnUse::Never);
             }
         }
     }
@@ -201,7 +206,11 @@ fn attention(device: &Device) -> candle_core::Result<f64> {
 }
 
 /// Token-major (batch, tokens, heads, d) f16 operands seen heads-first, as the models pass them.
-fn attention_at(device: &Device, d: usize) -> candle_core::Result<f64> {
+fn attention_at(
+    device: &Device,
+    d: usize,
+    attention: fn(&Tensor, &Tensor, &Tensor, f32) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<f64> {
     let heads = 2;
     let operand = |tokens: usize, seed: f32| -> candle_core::Result<Tensor> {
         values(&[1, tokens, heads, d], seed, device)?
@@ -213,7 +222,7 @@ fn attention_at(device: &Device, d: usize) -> candle_core::Result<f64> {
         return Ok(0.0);
     }
     let scale = 1.0 / (d as f32).sqrt();
-    let fused = super::attention::attention(&q, &k, &v, scale)?;
+    let fused = attention(&q, &k, &v, scale)?;
     let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let exact =
         crate::engine::models::attention::unfused(&f32(&q)?, &f32(&k)?, &f32(&v)?, None, false)?;

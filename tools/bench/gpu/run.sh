@@ -57,7 +57,7 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # Two tiers: CANDIDATES right after the end-to-end runs, CANDIDATES_LATE after the CUDA-graph
 # experiment and the kernel traces (the call's order: parity, op tables, models, end to end,
 # CANDIDATES, graphs, traces, CANDIDATES_LATE, large images).
-CANDIDATES=${CANDIDATES-"--attention-kernel=cudnn --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev"}
+CANDIDATES=${CANDIDATES-"--attention-kernel=fastest --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev"}
 CANDIDATES_LATE=${CANDIDATES_LATE-"--attention-kernel=hopper@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
