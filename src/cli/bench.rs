@@ -100,8 +100,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     pub attention_kernel: String,
     /// The cuDNN API of the half-precision convolutions: `auto` (the default: the graph API on
-    /// H100/H200, where it was measured, with the legacy plan for a shape it cannot run; the
-    /// legacy API elsewhere), `graph` or `legacy`, to time whole models with it.
+    /// H100/H200, where it was measured, with the legacy plan for a shape it cannot run; on
+    /// other cards `fastest`: per shape, the API whose plan ran it faster when first met), or
+    /// `graph`, `legacy` or `fastest`, to time whole models with it.
     #[arg(long, default_value = "auto")]
     pub conv_engine: String,
     /// Fused CUDA paths to switch off for this run, comma-separated (`deferred-bias`, `qk-norm`,

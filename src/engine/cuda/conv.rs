@@ -151,6 +151,9 @@ struct ThreadState {
     plans: HashMap<PlanKey, Plan>,
     /// Graph-API plans, or why the graph API could not run the shape.
     graph_plans: HashMap<PlanKey, Result<GraphEntry, String>>,
+    /// Per shape raced (`ConvEngine::Fastest`): whether the graph API's plan ran it faster than
+    /// the legacy one.
+    graph_faster: HashMap<PlanKey, bool>,
 }
 
 thread_local! {
@@ -270,6 +273,95 @@ fn make_plan(
     Ok(plan)
 }
 
+impl Plan {
+    /// y = conv(x, w), without the bias (`workspace`: at least this plan's size).
+    fn forward(
+        &self,
+        handle: sys::cudnnHandle_t,
+        pointers: Pointers,
+        workspace: u64,
+    ) -> candle_core::Result<()> {
+        // Scaling factors are f32 for f16, bf16 and f32 data.
+        let (one, zero) = (1f32, 0f32);
+        unsafe {
+            dnn::convolution_forward(
+                handle,
+                (&one as *const f32).cast(),
+                self.x,
+                pointers.x as *const c_void,
+                self.w,
+                pointers.w as *const c_void,
+                self.conv,
+                self.algo,
+                workspace as *mut c_void,
+                self.workspace,
+                (&zero as *const f32).cast(),
+                self.y,
+                pointers.y as *mut c_void,
+            )
+        }
+        .map_err(cuda_error)
+    }
+}
+
+/// The legacy-API plan of `key`, made (and its algorithm timed) on the shape's first use.
+fn legacy_plan<'a>(
+    plans: &'a mut HashMap<PlanKey, Plan>,
+    handle: sys::cudnnHandle_t,
+    key: &PlanKey,
+    output: [usize; 4],
+) -> candle_core::Result<&'a Plan> {
+    // One lookup per call once the plan exists.
+    if !plans.contains_key(key) {
+        let plan = make_plan(handle, key, output)?;
+        plans.insert(key.clone(), plan);
+    }
+    plans
+        .get(key)
+        .ok_or_else(|| candle_core::Error::Msg("convolution plan cache".into()))
+}
+
+/// Whether the graph API's plan of `key` (built) runs it faster than the legacy API's: both
+/// timed on the call's tensors when the shape is first met, remembered after. A legacy plan
+/// that cannot be made leaves the graph API faster.
+fn graph_faster(
+    state: &mut ThreadState,
+    handle: sys::cudnnHandle_t,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    key: &PlanKey,
+    output: [usize; 4],
+    pointers: Pointers,
+) -> candle_core::Result<bool> {
+    if let Some(&known) = state.graph_faster.get(key) {
+        return Ok(known);
+    }
+    let Some(Ok(entry)) = state.graph_plans.get(key) else {
+        return Ok(false);
+    };
+    const RUNS: usize = 3;
+    let time = |workspace: usize, run: &dyn Fn(u64) -> candle_core::Result<()>| {
+        let mut scratch = unsafe { stream.alloc::<u8>(workspace.max(1)) }.map_err(cuda_error)?;
+        let (sp, _s) = scratch.device_ptr_mut(stream);
+        super::cudnn_graph::seconds_per_run(stream, RUNS, || run(sp))
+    };
+    let graph_s = time(entry.plan.workspace, &|sp| {
+        pointers.with_bindings(|b| entry.plan.execute(handle, b, sp))
+    })?;
+    let legacy_s = legacy_plan(&mut state.plans, handle, key, output)
+        .and_then(|plan| time(plan.workspace, &|sp| plan.forward(handle, pointers, sp)));
+    let faster = legacy_s.as_ref().map_or(true, |legacy_s| graph_s < *legacy_s);
+    tracing::debug!(
+        input = ?key.input,
+        weight = ?key.weight,
+        graph_ms = graph_s * 1e3,
+        legacy_ms = ?legacy_s.as_ref().map(|s| s * 1e3).map_err(ToString::to_string),
+        chosen = if faster { "graph" } else { "legacy" },
+        "convolution APIs raced"
+    );
+    state.graph_faster.insert(key.clone(), faster);
+    Ok(faster)
+}
+
 fn dims4(layout: &Layout) -> candle_core::Result<[usize; 4]> {
     let (a, b, c, d) = layout.shape().dims4()?;
     Ok([a, b, c, d])
@@ -303,13 +395,17 @@ impl CudnnConv2d {
                     y: yp,
                 };
                 // Scaling factors are f32 for f16, bf16 and f32 data.
-                let (one, zero) = (1f32, 0f32);
-                let one = (&one as *const f32).cast::<c_void>();
-                let by_graph = self.engine == ConvEngine::Graph && key.dtype != DType::F32;
-                let graph = if by_graph {
-                    self.graph_entry(&mut state, handle, &stream, &key, output, pointers)?
-                } else {
-                    None
+                let one = (&1f32 as *const f32).cast::<c_void>();
+                let by_graph = self.engine != ConvEngine::Legacy
+                    && key.dtype != DType::F32
+                    && self
+                        .graph_entry(&mut state, handle, &stream, &key, output, pointers)?
+                        .is_some()
+                    && (self.engine != ConvEngine::Fastest
+                        || graph_faster(&mut state, handle, &stream, &key, output, pointers)?);
+                let graph = match state.graph_plans.get(&key) {
+                    Some(Ok(entry)) if by_graph => Some(entry),
+                    _ => None,
                 };
                 let (y_desc, bias_desc) = match graph {
                     Some(entry) => {
@@ -321,35 +417,11 @@ impl CudnnConv2d {
                         (entry.y.0, entry.bias.0)
                     }
                     None => {
-                        // One lookup per call; the plan is made on a shape's first use.
-                        let plan = match state.plans.entry(key) {
-                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                            std::collections::hash_map::Entry::Vacant(e) => {
-                                let plan = make_plan(handle, e.key(), output)?;
-                                e.insert(plan)
-                            }
-                        };
+                        let plan = legacy_plan(&mut state.plans, handle, &key, output)?;
                         let mut workspace = unsafe { stream.alloc::<u8>(plan.workspace.max(1)) }
                             .map_err(cuda_error)?;
                         let (sp, _s) = workspace.device_ptr_mut(&stream);
-                        unsafe {
-                            dnn::convolution_forward(
-                                handle,
-                                one,
-                                plan.x,
-                                xp as *const c_void,
-                                plan.w,
-                                wp as *const c_void,
-                                plan.conv,
-                                plan.algo,
-                                sp as *mut c_void,
-                                plan.workspace,
-                                (&zero as *const f32).cast(),
-                                plan.y,
-                                yp as *mut c_void,
-                            )
-                            .map_err(cuda_error)?;
-                        }
+                        plan.forward(handle, pointers, sp)?;
                         (plan.y, plan.bias)
                     }
                 };

@@ -29,18 +29,22 @@ pub enum ConvEngine {
     Legacy = 0,
     /// The graph API with the fastest of the heuristics' engine configurations: the default on
     /// Hopper since session 25 (SD 1.5's UNet step 0.70× the legacy API's on an H200, the other
-    /// models' equal; the legacy plan for a shape the graph API cannot run). Other cards keep
-    /// the legacy API until one is measured.
+    /// models' equal; the legacy plan for a shape the graph API cannot run).
     Graph = 1,
+    /// Per shape, whichever API's plan ran it faster when first met (both timed on that call's
+    /// own tensors): the default on the cards where neither has been measured, so that the
+    /// choice is made on the card itself.
+    Fastest = 2,
 }
 
 impl ConvEngine {
-    pub const ALL: [ConvEngine; 2] = [ConvEngine::Legacy, ConvEngine::Graph];
+    pub const ALL: [ConvEngine; 3] = [ConvEngine::Legacy, ConvEngine::Graph, ConvEngine::Fastest];
 
     pub fn name(self) -> &'static str {
         match self {
             ConvEngine::Legacy => "legacy",
             ConvEngine::Graph => "graph",
+            ConvEngine::Fastest => "fastest",
         }
     }
 }
@@ -55,16 +59,17 @@ pub fn set_engine(engine: ConvEngine) {
 }
 
 /// The API the models' convolutions on `device` go through: the one chosen for the process, else
-/// the graph API on the cards it was measured on (compute capability 9.x) and the legacy one
-/// elsewhere.
+/// the graph API on the cards it was measured on (compute capability 9.x) and the faster of the
+/// two per shape elsewhere.
 pub fn engine_for(device: &candle_core::Device) -> ConvEngine {
     match ENGINE.load(std::sync::atomic::Ordering::Relaxed) {
         0 => ConvEngine::Legacy,
         1 => ConvEngine::Graph,
+        2 => ConvEngine::Fastest,
         _ if super::compute_capability(device).is_some_and(|(major, _)| major == 9) => {
             ConvEngine::Graph
         }
-        _ => ConvEngine::Legacy,
+        _ => ConvEngine::Fastest,
     }
 }
 

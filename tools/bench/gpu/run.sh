@@ -33,9 +33,10 @@ MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
 # one step, labelled "<model> (<flag>)", in order of importance (a call cut short keeps the
 # first ones). The Hopper kernels take head sizes 64 and 128 only (SD 1.5's are 40, 80 and 160).
 DIT_AND_SDXL=sdxl,sd35-large,flux-dev
-# --attention-kernel=cudnn: cuDNN's fused attention through the graph API (session 26), the
-# kernel PyTorch's SDPA ran in session 25's traces at ~half our Hopper kernel's time; every
-# model (SD 1.5's head sizes 40/80/160 too, which our Hopper kernels do not take).
+# --attention-kernel=fastest: cuDNN's fused attention through the graph API (session 26), the
+# kernel PyTorch's SDPA ran in session 25's traces at ~half our Hopper kernel's time, wherever it
+# beats our kernel per shape (session 27; the log's "attention raced" lines give both times);
+# every model (SD 1.5's head sizes 40/80/160 too, which our Hopper kernels do not take).
 # --quantize=fp8: FP8 weight storage (memory, and the products on FP8 tensor cores; SDXL's UNet
 # takes it for its transformer blocks). Never timed: session 25's run found candle's F8E4M3
 # casts broken on CUDA (our kernels since).
@@ -54,11 +55,14 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # without the fusions (biases folded into their consumers, the q/k kernel and copy-free joins,
 # the one-pass upsampling, the sliced GroupNorm statistics, the strided GEMM over narrowed views,
 # our LayerNorm kernel in the UNets and CLIP).
+# --conv-engine=fastest@sd15,sdxl: per convolution shape, the cuDNN API (graph or legacy) whose
+# plan ran it faster when first met — the default on cards other than 9.x since session 27; on
+# Hopper, whether a per-shape choice beats the graph API's default.
 # Two tiers: CANDIDATES right after the end-to-end runs, CANDIDATES_LATE after the CUDA-graph
 # experiment and the kernel traces (the call's order: parity, op tables, models, end to end,
 # CANDIDATES, graphs, traces, CANDIDATES_LATE, large images).
 CANDIDATES=${CANDIDATES-"--attention-kernel=fastest --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev"}
-CANDIDATES_LATE=${CANDIDATES_LATE-"--attention-kernel=hopper@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm"}
+CANDIDATES_LATE=${CANDIDATES_LATE-"--attention-kernel=hopper@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm --conv-engine=fastest@sd15,sdxl"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
