@@ -349,7 +349,9 @@ fn graph_faster(
     })?;
     let legacy_s = legacy_plan(&mut state.plans, handle, key, output)
         .and_then(|plan| time(plan.workspace, &|sp| plan.forward(handle, pointers, sp)));
-    let faster = legacy_s.as_ref().map_or(true, |legacy_s| graph_s < *legacy_s);
+    let faster = legacy_s
+        .as_ref()
+        .map_or(true, |legacy_s| graph_s < *legacy_s);
     tracing::debug!(
         input = ?key.input,
         weight = ?key.weight,

@@ -111,6 +111,44 @@ pub fn run(device: &Device) {
     for (op, check) in checks {
         judge(op, check(device), LIMIT);
     }
+    #[cfg(feature = "cudnn")]
+    graph_api_convolution(device);
+}
+
+/// The graph API's half-precision convolution where the models' convolutions go through it (by
+/// default on every card since the per-shape race, measured on Hopper only) against candle's
+/// f32 convolution: the legacy API for the process if it disagrees or fails.
+#[cfg(feature = "cudnn")]
+fn graph_api_convolution(device: &Device) {
+    use super::conv_graph::{engine_for, set_engine, ConvEngine};
+    if engine_for(device) == ConvEngine::Legacy {
+        return;
+    }
+    let error = || -> candle_core::Result<f64> {
+        let half = |t: Tensor| t.to_dtype(DType::F16);
+        let x = half(values(&[2, 16, 12, 12], 0.7, device)?)?;
+        let w = half((values(&[32, 16, 3, 3], 0.8, device)? * 0.2)?)?;
+        let b = half(values(&[32], 0.9, device)?)?;
+        let graph = super::conv::conv2d_by(ConvEngine::Graph, &x, &w, &b, 1, 1)?;
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let exact = f32(&x)?
+            .conv2d(&f32(&w)?, 1, 1, 1, 1)?
+            .broadcast_add(&f32(&b)?.reshape((1, 32, 1, 1))?)?;
+        relative_error(&graph, &exact)
+    };
+    if let Some(why) = failure(&error(), LIMIT) {
+        tracing::error!("graph-API convolution {why} on this device; the legacy API instead");
+        set_engine(ConvEngine::Legacy);
+    }
+}
+
+/// Why a check's outcome fails at `limit` (None: it passed).
+fn failure(outcome: &candle_core::Result<f64>, limit: f64) -> Option<String> {
+    match outcome {
+        Ok(error) if *error <= limit => None,
+        Ok(error) => Some(format!("disagrees with candle's ops by {error:.2e}")),
+        Err(e) => Some(format!("failed: {e}")),
+    }
 }
 
 /// The FP8 products' check, once per process when they are first wanted (it creates cuBLASLt's
@@ -124,21 +162,13 @@ pub fn fp8_products_pass(device: &Device) -> bool {
 
 /// Logs a check's outcome and switches `op` off if it failed; whether it passed.
 fn judge(op: Fused, outcome: candle_core::Result<f64>, limit: f64) -> bool {
-    match outcome {
-        Ok(error) if error <= limit => {
-            tracing::debug!(?op, error, "fused CUDA kernel checked against candle's ops");
-            true
-        }
-        outcome => {
-            let why = match outcome {
-                Ok(error) => format!("disagrees with candle's ops by {error:.2e}"),
-                Err(e) => format!("failed: {e}"),
-            };
-            tracing::error!(?op, "fused CUDA kernel {why} on this device; switched off");
-            SWITCHED_OFF[op as usize].store(true, Ordering::Relaxed);
-            false
-        }
-    }
+    let Some(why) = failure(&outcome, limit) else {
+        tracing::debug!(?op, error = ?outcome.ok(), "fused CUDA kernel checked against candle's ops");
+        return true;
+    };
+    tracing::error!(?op, "fused CUDA kernel {why} on this device; switched off");
+    SWITCHED_OFF[op as usize].store(true, Ordering::Relaxed);
+    false
 }
 
 /// ‖a − b‖ / ‖b‖ in f32.
@@ -175,16 +205,9 @@ fn attention(device: &Device) -> candle_core::Result<f64> {
     // cuDNN's fused attention where chosen (its shapes without a plan run our kernel, checked
     // below either way): switched off if it fails or disagrees.
     if cudnn_use() != CudnnUse::Never {
-        match worst_by(attention_cudnn_first) {
-            Ok(error) if error <= LIMIT => {}
-            outcome => {
-                let why = match outcome {
-                    Ok(error) => format!("disagrees with candle's ops by {error:.2e}"),
-                    Err(e) => format!("failed: {e}"),
-                };
-                tracing::error!("cuDNN's fused attention {why} on this device; switched off");
-                set_cudnn(CudnnUse::Never);
-            }
+        if let Some(why) = failure(&worst_by(attention_cudnn_first), LIMIT) {
+            tracing::error!("cuDNN's fused attention {why} on this device; switched off");
+            set_cudnn(CudnnUse::Never);
         }
     }
     // The kernels the models run at the two head sizes checked.
@@ -192,10 +215,9 @@ fn attention(device: &Device) -> candle_core::Result<f64> {
     if kernels == [Kernel::Tiled; 2] {
         return worst();
     }
-    let why = match worst() {
-        Ok(error) if error <= LIMIT => return Ok(error),
-        Ok(error) => format!("disagrees with candle's ops by {error:.2e}"),
-        Err(e) => format!("failed: {e}"),
+    let outcome = worst();
+    let Some(why) = failure(&outcome, LIMIT) else {
+        return outcome;
     };
     tracing::error!(
         kernels = ?kernels.map(Kernel::name),
