@@ -138,8 +138,10 @@ def candidates(ours, theirs):
         base_name, flag = model.split(" (", 1)
         base = ours.get(base_name, {})
         diffusers = theirs.get(base_name, {})
-        for key, name in [("denoiser_step_ms", "denoiser step ms"), ("vae_decode_ms", "VAE decode ms")]:
-            a, b, t = row.get(key), base.get(key), diffusers.get(key)
+        for key, name in [("denoiser_step_ms", "denoiser step ms"), ("denoiser_step_graph_ms", "replayed step ms"),
+                          ("vae_decode_ms", "VAE decode ms")]:
+            # A replayed step (--cuda-graph) against the default's eager step.
+            a, b, t = row.get(key), base.get(key.replace("_graph", "")), diffusers.get(key.replace("_graph", ""))
             if a is None or b is None:
                 continue
             rows.append(f"| {flag.rstrip(')')} | {base_name} | {name} | {b:.2f} | {a:.2f} | {a / b:.2f}x | "

@@ -58,10 +58,14 @@ DIT_AND_SDXL=sdxl,sd35-large,flux-dev
 # --conv-engine=fastest@sd15,sdxl: per convolution shape, the cuDNN API (graph or legacy) whose
 # plan ran it faster when first met — the default on cards other than 9.x since session 27; on
 # Hopper, whether a per-shape choice beats the graph API's default.
+# Combinations for #9's second goals (flags joined by +; --cuda-graph adds the forward replayed as
+# one CUDA graph, "replayed step ms" in compare.py): FLUX-dev <= 80 ms a step with FP8 (flux-fast's
+# level: FP8 products, the fastest attention, graphs), SD 1.5 <= 10 ms a CFG step (stable-fast's).
+GOAL_COMBINATIONS=${GOAL_COMBINATIONS-"--quantize=fp8+--attention-kernel=fastest+--cuda-graph@flux-dev --attention-kernel=fastest+--cuda-graph@sd15"}
 # Two tiers: CANDIDATES right after the end-to-end runs, CANDIDATES_LATE after the CUDA-graph
 # experiment and the kernel traces (the call's order: parity, op tables, models, end to end,
 # CANDIDATES, graphs, traces, CANDIDATES_LATE, large images).
-CANDIDATES=${CANDIDATES-"--attention-kernel=fastest --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev"}
+CANDIDATES=${CANDIDATES-"--attention-kernel=fastest --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev $GOAL_COMBINATIONS"}
 CANDIDATES_LATE=${CANDIDATES_LATE-"--attention-kernel=hopper@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm --conv-engine=fastest@sd15,sdxl"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
@@ -89,10 +93,12 @@ export LD_LIBRARY_PATH
 append_result() {
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['model']=sys.argv[2]; print(json.dumps(d))" "$1" "$2" >> "$results"
 }
-# Runs each candidate of list $1 ("flag[@model,model]" …) on the models it names (all by default).
+# Runs each candidate of list $1 ("flag[+flag…][@model,model]" …) on the models it names (all by
+# default).
 run_candidates() {
     for candidate in $1; do
         flag=${candidate%%@*}
+        IFS=+ read -r -a flags <<< "$flag"
         only=""
         [[ $candidate == *@* ]] && only=",${candidate#*@},"
         for spec in $MODELS; do
@@ -100,7 +106,7 @@ run_candidates() {
             [ -n "$only" ] && [[ $only != *",$model,"* ]] && continue
             echo "== candela $model $dtype, $flag" | tee -a "$log"
             timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
-                --steps 1 --repeats "$REPEATS" "$flag" --json-out /tmp/candidate.json >> "$log" 2>&1 \
+                --steps 1 --repeats "$REPEATS" "${flags[@]}" --json-out /tmp/candidate.json >> "$log" 2>&1 \
                 && append_result /tmp/candidate.json "$model-$dtype (${flag#--})" \
                 || echo "candela $model with $flag failed (exit $?)" | tee -a "$log"
         done
