@@ -272,6 +272,7 @@ fn bad_arguments_fail_with_a_message_naming_the_parameter() {
         ),
         (vec!["--quantize-t5", "gguf"], "--quantize-t5"),
         (vec!["--t5", "nowhere/t5.gguf"], "neither an existing file"),
+        (vec!["--cuda-graphs"], "CUDA graphs need a CUDA device"),
     ] {
         let out = candela(tmp.path())
             .args(["generate", "--prompt", "x"])

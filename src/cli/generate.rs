@@ -90,6 +90,10 @@ pub struct GenerateArgs {
     /// diffusers' `vae.enable_tiling()`: VAE memory of one tile at any size.
     #[arg(long)]
     pub vae_tiling: bool,
+    /// CUDA: replay each denoising step as a CUDA graph captured at the loop's first step (as
+    /// `serve --cuda-graphs`).
+    #[arg(long)]
+    pub cuda_graphs: bool,
     /// Retired (accepted so existing command lines keep working; warns): the CPU's 3×3
     /// convolution weights are always held at their own size now.
     #[arg(long, hide = true)]
@@ -200,6 +204,9 @@ pub fn save_image(img: &GeneratedImage, path: &Path) -> anyhow::Result<()> {
 
 pub fn run(common: &CommonArgs, args: GenerateArgs) -> anyhow::Result<()> {
     let device = engine::parse_device(&args.device)?;
+    if args.cuda_graphs {
+        engine::enable_step_graphs(&device)?;
+    }
     let dtype = engine::parse_dtype(&args.dtype)?;
     // Check cheap arguments before loading (or downloading) a model.
     if let Some(name) = &args.sampler {

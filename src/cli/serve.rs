@@ -40,6 +40,12 @@ pub struct ServeArgs {
     /// on a 24 GB card); the budget counts it so.
     #[arg(long, env = "CANDELA_VAE_TILING")]
     pub vae_tiling: bool,
+    /// CUDA: replay each denoising step as a CUDA graph captured at a loop's first step (one
+    /// launch a step in place of ~1 000-2 000; the same kernels on the same values, so the same
+    /// images). The graph's pool holds a second copy of the denoiser's activations while a loop
+    /// runs; the memory budget counts it. Not yet the default: not yet timed on a GPU.
+    #[arg(long, env = "CANDELA_CUDA_GRAPHS")]
+    pub cuda_graphs: bool,
     /// Retired (accepted so existing command lines keep working; warns): the CPU's 3×3
     /// convolution weights are always held at their own size now.
     #[arg(long, env = "CANDELA_LOW_MEMORY", hide = true)]
@@ -124,6 +130,7 @@ struct FileConfig {
     without_t5: Option<bool>,
     text_encoders_on_cpu: Option<bool>,
     vae_tiling: Option<bool>,
+    cuda_graphs: Option<bool>,
     device: Option<String>,
     dtype: Option<String>,
     jwt_secret_file: Option<PathBuf>,
@@ -238,6 +245,11 @@ pub fn run(common: &CommonArgs, args: ServeArgs) -> anyhow::Result<()> {
             .or(file.device.as_deref())
             .unwrap_or("cpu"),
     )?;
+    // Before any model is loaded: the weights are then made without cross-stream events.
+    if args.cuda_graphs || file.cuda_graphs.unwrap_or(false) {
+        engine::enable_step_graphs(&device)?;
+        tracing::info!("denoising steps replayed as CUDA graphs");
+    }
     if device.is_cpu() {
         tracing::info!(
             threads = rayon::current_num_threads(),

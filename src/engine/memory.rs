@@ -94,6 +94,9 @@ pub struct Footprint {
     /// GGML blocks on a GPU: the largest layer widened for its product
     /// (`quantized::widened_product`: an f16 copy and one in the activations' dtype, together).
     widened_layer_bytes: u64,
+    /// Denoising steps replayed as CUDA graphs (`engine::enable_step_graphs`): while a loop runs,
+    /// the graph's pool holds the forward's activations beside those the eager pool keeps.
+    graph_steps: bool,
 }
 
 /// A change to how a model is loaded that makes it hold less, for [`Footprint::shrink_to_fit`]:
@@ -421,6 +424,7 @@ impl Footprint {
                 None
             },
             distilled_guidance,
+            graph_steps: device.is_cuda() && crate::engine::pipelines::step_graphs_enabled(),
         })
     }
 
@@ -552,23 +556,25 @@ impl Footprint {
             guidance.scale
         };
         let r = (rows * if doubled { 2 } else { 1 }) as u64;
+        let pools = if self.graph_steps { 2 } else { 1 };
         self.widened_layer_bytes
-            + match self.denoiser {
-                Denoiser::Unet { heads, channels } => {
-                    attention_scores(2 * r * heads as u64 * latent_tokens * latent_tokens * s)
-                        + 24 * r * latent_tokens * channels as u64 * s
+            + pools
+                * match self.denoiser {
+                    Denoiser::Unet { heads, channels } => {
+                        attention_scores(2 * r * heads as u64 * latent_tokens * latent_tokens * s)
+                            + 24 * r * latent_tokens * channels as u64 * s
+                    }
+                    Denoiser::Transformer {
+                        heads,
+                        width,
+                        patch,
+                        text_tokens,
+                    } => {
+                        let t = latent_tokens / (patch * patch).max(1) as u64 + text_tokens as u64;
+                        attention_scores(2 * r * heads as u64 * t * t * s)
+                            + 16 * r * t * width as u64 * s
+                    }
                 }
-                Denoiser::Transformer {
-                    heads,
-                    width,
-                    patch,
-                    text_tokens,
-                } => {
-                    let t = latent_tokens / (patch * patch).max(1) as u64 + text_tokens as u64;
-                    attention_scores(2 * r * heads as u64 * t * t * s)
-                        + 16 * r * t * width as u64 * s
-                }
-            }
     }
 
     /// Working memory of one image's VAE decode at `width`×`height`.
@@ -977,6 +983,7 @@ mod tests {
             vae_tile: Some(1024),
             distilled_guidance: false,
             widened_layer_bytes: 0,
+            graph_steps: false,
         };
         // Issue #9: 2048² on a 24 GB card (the default budget: 90 % of it). Counting the whole
         // attention score matrix (172 GB at 2048² with CFG) refused it on any card.
@@ -991,6 +998,48 @@ mod tests {
             ..tiled
         };
         assert!(need(&whole) > budget, "{}", need(&whole));
+    }
+
+    #[test]
+    fn graph_steps_count_the_denoisers_activations_twice() {
+        // FLUX-dev's shape at 1024² (24 heads of 128, 512 text tokens). The VAE decode, which
+        // runs after the loop's graph is gone, is counted once either way.
+        let eager = Footprint {
+            components: vec![],
+            denoiser: Denoiser::Transformer {
+                heads: 24,
+                width: 3072,
+                patch: 2,
+                text_tokens: 512,
+            },
+            vae_channels: 512,
+            vae_maps: DEVICE_VAE_MAPS,
+            latent_scale: 8,
+            dtype_bytes: 2,
+            vae_dtype_bytes: 2,
+            vae_tile: None,
+            distilled_guidance: true,
+            widened_layer_bytes: 180 << 20,
+            graph_steps: false,
+        };
+        let graphs = Footprint {
+            graph_steps: true,
+            ..eager.clone()
+        };
+        let denoiser = |f: &Footprint| f.denoiser_bytes(1, 1024, 1024, Guidance::DEFAULT);
+        // The graph's pool copies the activations, not the widened layer (freed in the forward).
+        assert_eq!(
+            denoiser(&graphs) - eager.widened_layer_bytes,
+            2 * (denoiser(&eager) - eager.widened_layer_bytes)
+        );
+        assert_eq!(
+            graphs.vae_decode_bytes(1024, 1024),
+            eager.vae_decode_bytes(1024, 1024)
+        );
+        // Off the GPU there is no graph to replay.
+        let cpu = Footprint::read(&flux_dir(), &Device::Cpu, DType::F32, &LoadOptions::default())
+            .unwrap();
+        assert!(!cpu.graph_steps);
     }
 
     /// On the CPU, blocks candle would hold twice are held once exactly when twice would not

@@ -345,6 +345,14 @@ pub unsafe fn set_step_graphs(on: bool) {
     let _ = on;
 }
 
+/// Whether denoising loops replay their steps as CUDA graphs ([`set_step_graphs`]).
+pub fn step_graphs_enabled() -> bool {
+    #[cfg(feature = "cuda")]
+    return crate::engine::cuda::step_graph::enabled();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// The denoiser forward of one loop, replayed as a CUDA graph where step graphs are enabled
 /// ([`crate::engine::cuda::step_graph`]); elsewhere each step runs `forward` as it is.
 #[derive(Default)]
