@@ -228,6 +228,11 @@ fn elementwise_kernels_match_exact_results() {
         // FP8 (16-bit activations only): every e4m3 code exact, or the case fails.
         ("fp8_quantize", 70, 48, 1, 1),
         ("fp8_quantize", 5, 37, 1, 0),
+        // Row-wise: 48 and 3 000 values a row (one and several passes of the block), and an
+        // unaligned width.
+        ("fp8_quantize_rows", 9, 48, 1, 1),
+        ("fp8_quantize_rows", 4, 3000, 1, 1),
+        ("fp8_quantize_rows", 5, 37, 1, 0),
         ("fp8_rescale", 70, 40, 1, 1),
         ("fp8_rescale", 5, 36, 1, 0),
         // Weight casts to e4m3 and back (every dtype): any wrong code or value fails the case.

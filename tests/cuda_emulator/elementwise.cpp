@@ -28,6 +28,8 @@
 //                        be absmax / 448 and every code the nearest-even e4m3 value of x / scale
 //                        (found by search over all 256 codes): prints "0 0", else the share of
 //                        wrong codes; then the relative L2 error of codes · scale against x;
+//   fp8_quantize_rows    the same with a scale per row (one block a row, the engine's threads):
+//                        rows of different ranges and an all-zero one;
 //   fp8_rescale          ROWS × D · a per-column scale + a bias.
 //   cast_e4m3            ROWS × D values → e4m3 codes, each the nearest-even code (saturating), and
 //                        every finite code → its value: prints the count of wrong ones (0 0).
@@ -379,6 +381,7 @@ template <typename T>
 void fp8_case(const std::string &op, size_t rows, size_t d, int vec, unsigned seed,
               void (*absmax)(const T *, size_t, unsigned *, int),
               void (*quantize)(const T *, size_t, const unsigned *, unsigned char *, float *, int),
+              void (*quantize_rows)(const T *, size_t, unsigned char *, float *, int),
               void (*rescale)(T *, const T *, size_t, size_t, int)) {
     std::mt19937 rng(seed);
     const size_t n = rows * d;
@@ -386,7 +389,35 @@ void fp8_case(const std::string &op, size_t rows, size_t d, int vec, unsigned se
     fill(x, rng, 0.0f, 3.0f);
     x[n / 2] = T(0.0f);  // an exact zero
     auto grid = [](size_t items) { return (unsigned)std::min<size_t>((items + THREADS - 1) / THREADS, 65536); };
-    if (op == "fp8_quantize") {
+    if (op == "fp8_quantize_rows") {
+        // Rows of different ranges (a row's scale must be its own maximum), and an all-zero
+        // row (scale 1, zero codes).
+        for (size_t r = 0; r < rows; ++r)
+            for (size_t c = 0; c < d; ++c)
+                x[r * d + c] = T(f(x[r * d + c]) * (float)(1 + r % 7) * (r == 1 ? 0.0f : 1.0f));
+        Buffer<unsigned char> codes(n);
+        Buffer<float> scales(rows);
+        // The engine's block for the row (`norm_row_threads`), one row a block.
+        const size_t accesses = vec ? (d + Pack<T>::N - 1) / Pack<T>::N : d;
+        size_t threads = 32;
+        while (threads < accesses && threads < THREADS) threads *= 2;
+        launch(quantize_rows, (unsigned)rows, 1, (unsigned)threads, 0, (const T *)x.data, d, codes.data,
+               scales.data, vec);
+        size_t wrong = 0;
+        for (size_t r = 0; r < rows; ++r) {
+            double top = 0;
+            for (size_t c = 0; c < d; ++c)
+                top = std::max(top, std::fabs(f(x[r * d + c])));
+            const float scale = top > 0 ? (float)top / 448.0f : 1.0f;
+            if (scales[r] != scale) {
+                std::printf("1 1\n");  // a row's scale is not its absmax / 448
+                return;
+            }
+            for (size_t c = 0; c < d; ++c)
+                wrong += codes[r * d + c] != nearest_e4m3((float)f(x[r * d + c]) / scale);
+        }
+        std::printf("%.3e %.3e\n", (double)wrong / n, wrong ? 1.0 : 0.0);
+    } else if (op == "fp8_quantize") {
         Buffer<unsigned> amax(1);
         Buffer<unsigned char> codes(n);
         Buffer<float> scale(1);
@@ -473,9 +504,10 @@ int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, u
         bias_join_case<T>(rows, d, vec, seed);
     else if (op == "cast_e4m3")
         cast_e4m3_case<T>(rows, d, seed);
-    else if (op == "fp8_quantize" || op == "fp8_rescale") {
+    else if (op == "fp8_quantize" || op == "fp8_quantize_rows" || op == "fp8_rescale") {
         if constexpr (sizeof(T) == 2)  // the FP8 kernels take 16-bit activations
-            fp8_case<T>(op, rows, d, vec, seed, fp8_absmax<T>, fp8_quantize<T>, fp8_rescale<T>);
+            fp8_case<T>(op, rows, d, vec, seed, fp8_absmax<T>, fp8_quantize<T>, fp8_quantize_rows<T>,
+                        fp8_rescale<T>);
         else
             return 2;
     }

@@ -583,6 +583,56 @@ __device__ void fp8_quantize(const T *x, size_t n, const unsigned *amax_bits, un
     }
 }
 
+// Row-wise (per-token) activation scales for the FP8 products whose GEMM applies the scales
+// itself (cuBLASLt's outer-vector scaling): one block per row of `d` values, scales[r] =
+// max|x[r, :]| / 448 (1 for an all-zero row) and codes[r, :] = e4m3(x[r, :] / scales[r]). One
+// launch where the per-tensor scale takes three (a zeroed maximum, the maximum, the codes), and
+// a row's outlier no longer coarsens every other row's codes.
+template <typename T>
+__device__ void fp8_quantize_rows(const T *x, size_t d, unsigned char *codes, float *scales, int vec) {
+    constexpr int N = Pack<T>::N;
+    const T *xr = x + (size_t)blockIdx.x * d;
+    unsigned char *cr = codes + (size_t)blockIdx.x * d;
+    float m = 0.0f;
+    if (vec) {
+        for (size_t p = threadIdx.x; p < d / N; p += blockDim.x) {
+            Pack<T> a = reinterpret_cast<const Pack<T> *>(xr)[p];
+#pragma unroll
+            for (int j = 0; j < N; ++j) m = fmaxf(m, fabsf(to_f(a.v[j])));
+        }
+    } else {
+        for (size_t i = threadIdx.x; i < d; i += blockDim.x) m = fmaxf(m, fabsf(to_f(xr[i])));
+    }
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    __shared__ float warps[32];
+    __shared__ float row_scale;
+    if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float amax = warps[0];
+        for (int w = 1; w < (int)(blockDim.x / 32); ++w) amax = fmaxf(amax, warps[w]);
+        row_scale = amax > 0.0f ? amax / 448.0f : 1.0f;
+        scales[blockIdx.x] = row_scale;
+    }
+    __syncthreads();
+    const float scale = row_scale;
+    if (vec) {
+        static_assert(N == 8, "16-bit activations: eight codes per pack");
+        for (size_t p = threadIdx.x; p < d / N; p += blockDim.x) {
+            Pack<T> a = reinterpret_cast<const Pack<T> *>(xr)[p];
+            uint32_t lo = 0, hi = 0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                lo |= (uint32_t)e4m3(to_f(a.v[j]) / scale) << (8 * j);
+                hi |= (uint32_t)e4m3(to_f(a.v[j + 4]) / scale) << (8 * j);
+            }
+            reinterpret_cast<uint2 *>(cr)[p] = make_uint2(lo, hi);
+        }
+    } else {
+        for (size_t i = threadIdx.x; i < d; i += blockDim.x) cr[i] = e4m3(to_f(xr[i]) / scale);
+    }
+}
+
 // y[r, c] = y[r, c] · sb[c] + sb[cols + c]: the weight's per-channel scale, then the bias.
 template <typename T>
 __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec) {
@@ -630,6 +680,10 @@ template <typename T> __device__ void fp8_decode(const unsigned char *codes, T *
     extern "C" __global__ void fp8_quantize_##SUFFIX(const T *x, size_t n, const unsigned *amax,    \
                                                      unsigned char *codes, float *scale, int vec) { \
         fp8_quantize<T>(x, n, amax, codes, scale, vec);                                            \
+    }                                                                                              \
+    extern "C" __global__ void fp8_quantize_rows_##SUFFIX(const T *x, size_t d, unsigned char *codes, \
+                                                          float *scales, int vec) {                \
+        fp8_quantize_rows<T>(x, d, codes, scales, vec);                                            \
     }                                                                                              \
     extern "C" __global__ void fp8_rescale_##SUFFIX(T *y, const T *sb, size_t rows, size_t cols,   \
                                                     int vec) {                                     \
