@@ -479,14 +479,27 @@ pub fn run(
         if let Some((codes, scale)) = fp8.fp8_parts() {
             let t = time_ms(device, repeats, || fp8.forward_widened(&x));
             record("linear", &shape, "fp8 weights widened to bf16/f16", t);
-            if crate::engine::cuda::fp8::supports(&x, codes) {
-                let tensor_cores =
-                    || crate::engine::cuda::fp8::linear(&x, codes, scale, Some(&bias));
-                let t = time_ms(device, repeats, tensor_cores);
-                record("linear", &shape, "fp8 tensor cores (cuBLASLt)", t);
-                match tensor_cores() {
-                    Ok(out) => check("linear", &shape, &out, &exact, "dense (fp8 tensor cores)"),
-                    Err(e) => println!("| linear | {shape:?} | fp8 tensor cores | failed: {e} |"),
+            use crate::engine::cuda::fp8::{self, ActivationScale};
+            if fp8::supports(&x, codes) {
+                // The layer's operands, made once as at load.
+                let operands = fp8::Operands::new(scale, Some(&bias), x.dtype())?;
+                for (form, name) in [
+                    (
+                        ActivationScale::PerRow,
+                        "fp8 tensor cores, per-row scales (cuBLASLt)",
+                    ),
+                    (
+                        ActivationScale::PerTensor,
+                        "fp8 tensor cores, one scale (cuBLASLt)",
+                    ),
+                ] {
+                    let tensor_cores = || fp8::linear_by(form, &x, codes, &operands);
+                    let t = time_ms(device, repeats, tensor_cores);
+                    record("linear", &shape, name, t);
+                    match tensor_cores() {
+                        Ok(out) => check("linear", &shape, &out, &exact, name),
+                        Err(e) => println!("| linear | {shape:?} | {name} | failed: {e} |"),
+                    }
                 }
             }
         }

@@ -1037,8 +1037,13 @@ mod tests {
             eager.vae_decode_bytes(1024, 1024)
         );
         // Off the GPU there is no graph to replay.
-        let cpu = Footprint::read(&flux_dir(), &Device::Cpu, DType::F32, &LoadOptions::default())
-            .unwrap();
+        let cpu = Footprint::read(
+            &flux_dir(),
+            &Device::Cpu,
+            DType::F32,
+            &LoadOptions::default(),
+        )
+        .unwrap();
         assert!(!cpu.graph_steps);
     }
 

@@ -894,7 +894,7 @@ impl CustomOp3 for LayerNormModulate {
 }
 
 /// A locked operand's CUDA storage.
-fn locked_cuda<'g, 'a: 'g>(
+pub(super) fn locked_cuda<'g, 'a: 'g>(
     (storage, layout): &'g (StorageRef<'a>, &'a Layout),
 ) -> candle_core::Result<(&'g CudaStorage, &'g Layout)> {
     match &**storage {

@@ -1,12 +1,19 @@
 //! FP8 products for the DiT blocks' FP8 weights (`WeightFormat::Fp8`) on cards with FP8 tensor
-//! cores (compute capability 8.9 and 9.0: Ada, Hopper): y = x · (codes · scale)ᵀ + bias with
+//! cores (compute capability 8.9 and 9.0: Ada, Hopper): y = x · (codes · scale)ᵀ + bias, by one
+//! cuBLASLt FP8 GEMM (e4m3 × e4m3, f32 accumulation, f16/bf16 output) — "TN", both operands
+//! contiguous along the inner dimension, which is how a Linear's weight (out, in) and
+//! activations (rows, in) lie — in one of two ways ([`ActivationScale`]):
 //!
-//! 1. the activations quantized per tensor (`elementwise.cu`: absmax → scale = absmax / 448 →
-//!    e4m3 codes, all on the device, no host synchronisation);
-//! 2. one cuBLASLt FP8 GEMM (e4m3 × e4m3, f32 accumulation, the activations' scale as B's
-//!    scale, f16/bf16 output) — "TN", both operands contiguous along the inner dimension, which
-//!    is how a Linear's weight (out, in) and activations (rows, in) lie;
-//! 3. the weight's per-channel power-of-two scale and the bias in one pass.
+//! * per row (first choice): the activations quantized with a scale per token in one launch
+//!   (`fp8_quantize_rows`), and the GEMM applies both scale vectors (cuBLASLt's outer-vector
+//!   scaling, CUDA 12.9+) and adds the bias in its epilogue — torchao's row-wise float8, which
+//!   flux-fast runs; two launches a product;
+//! * per tensor (where cuBLASLt refuses the first): absmax → one scale → codes (`elementwise.cu`,
+//!   on the device, no host synchronisation), the GEMM with that scale, then the weight's
+//!   per-channel power-of-two scale and the bias in a pass of their own; five launches, and a
+//!   read and write of the output more.
+//!
+//! Both accumulate with cuBLASLt's fast FP8 accumulation (torchao's choice for inference).
 //!
 //! Widening the weight to bf16 each forward (the portable path, `BlockLinear`) moves three bytes
 //! per weight and runs a bf16 GEMM; this moves one and runs at FP8 rate (twice bf16's on Hopper).
@@ -14,24 +21,47 @@
 //! Any error switches FP8 products off for the process (logged once) and the weights are widened
 //! instead; the device self-check compares this path with the widened one when a device opens.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::elementwise::{config, MODULE, PTX};
 use super::{cuda_error, input};
+use crate::engine::cuda_geometry::norm_row_threads;
 
 /// cuBLASLt's workspace (NVIDIA's recommendation for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 static SWITCHED_OFF: AtomicBool = AtomicBool::new(false);
+
+/// How the activations are scaled for their e4m3 codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivationScale {
+    /// A scale per row (token), applied by the GEMM with the weight's.
+    PerRow,
+    /// One scale for the tensor, the weight's and the bias in a pass after the GEMM.
+    PerTensor,
+}
+
+/// Set when cuBLASLt refused the per-row form (older cuBLASLt, or a card without it) or the
+/// device check found it wrong: the per-tensor form from then on, in this process.
+static PER_ROW_OFF: AtomicBool = AtomicBool::new(false);
+
+/// After `e`: the per-row form is not tried again in this process.
+pub fn switch_off_per_row(e: &dyn std::fmt::Display) {
+    if !PER_ROW_OFF.swap(true, Ordering::Relaxed) {
+        tracing::warn!(error = %e, "row-wise FP8 products unavailable; one scale per tensor instead");
+    }
+}
 
 /// Whether [`linear`] takes this product: FP8 weights, 16-bit activations on a card with FP8
 /// tensor cores, sizes cuBLASLt's FP8 kernels take (multiples of 16), a matrix of activations
@@ -70,37 +100,76 @@ pub fn linear(
     scale: &Tensor,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    linear_with(xs, codes, &scale_bias(scale, bias, xs.dtype())?)
+    linear_with(xs, codes, &Operands::new(scale, bias, xs.dtype())?)
 }
 
-/// The weight's per-channel scale and the bias side by side (2 · out, in `dtype`): one operand
-/// of the product (a layer keeps it).
-pub fn scale_bias(
-    scale: &Tensor,
-    bias: Option<&Tensor>,
-    dtype: DType,
-) -> candle_core::Result<Tensor> {
-    let bias = match bias {
-        Some(b) => b.to_dtype(dtype)?,
-        None => scale.zeros_like()?.to_dtype(dtype)?,
-    };
-    Tensor::cat(&[&scale.to_dtype(dtype)?, &bias], 0)
+/// What an FP8 layer keeps for its products (made once, at load).
+#[derive(Debug)]
+pub struct Operands {
+    /// The per-channel scale and the bias side by side (2 · out, the model's dtype): the
+    /// per-tensor form's pass after the GEMM.
+    scale_bias: Tensor,
+    /// The per-channel scale in f32: the per-row form's GEMM scale of the weight.
+    scale_f32: Tensor,
+    bias: Option<Tensor>,
 }
 
-/// [`linear`] with the layer's [`scale_bias`].
+impl Operands {
+    pub fn new(scale: &Tensor, bias: Option<&Tensor>, dtype: DType) -> candle_core::Result<Self> {
+        // A buffer of its own: a view into a larger bias would start where cuBLASLt's
+        // alignment assumptions do not hold.
+        let bias = bias.map(|b| b.to_dtype(dtype)?.copy()).transpose()?;
+        let zeros = || scale.zeros_like()?.to_dtype(dtype);
+        let bias_or_zeros = match &bias {
+            Some(b) => b.clone(),
+            None => zeros()?,
+        };
+        Ok(Self {
+            scale_bias: Tensor::cat(&[&scale.to_dtype(dtype)?, &bias_or_zeros], 0)?,
+            scale_f32: scale.to_dtype(DType::F32)?,
+            bias,
+        })
+    }
+}
+
+/// [`linear`] with a layer's [`Operands`]: per row where cuBLASLt takes it, else per tensor.
 pub fn linear_with(
     xs: &Tensor,
     codes: &Tensor,
-    scale_bias: &Tensor,
+    operands: &Operands,
+) -> candle_core::Result<Tensor> {
+    if !PER_ROW_OFF.load(Ordering::Relaxed) {
+        match linear_by(ActivationScale::PerRow, xs, codes, operands) {
+            Ok(ys) => return Ok(ys),
+            Err(e) => switch_off_per_row(&e),
+        }
+    }
+    linear_by(ActivationScale::PerTensor, xs, codes, operands)
+}
+
+/// [`linear_with`] in the given form (the device check and the kernel tables time each).
+pub fn linear_by(
+    form: ActivationScale,
+    xs: &Tensor,
+    codes: &Tensor,
+    operands: &Operands,
 ) -> candle_core::Result<Tensor> {
     let (out, inner) = codes.dims2()?;
-    let scale_bias = scale_bias.to_dtype(xs.dtype())?;
     let rows = xs.elem_count() / inner.max(1);
-    let ys = xs.contiguous()?.reshape((rows, inner))?.apply_op3_no_bwd(
-        codes,
-        &scale_bias,
-        &Fp8Linear,
-    )?;
+    let xs2 = xs.contiguous()?.reshape((rows, inner))?;
+    let ys = match form {
+        ActivationScale::PerTensor => xs2.apply_op3_no_bwd(
+            codes,
+            &operands.scale_bias.to_dtype(xs.dtype())?,
+            &Fp8Linear,
+        )?,
+        ActivationScale::PerRow => {
+            let bias = (operands.bias.as_ref())
+                .map(|b| b.to_dtype(xs.dtype()))
+                .transpose()?;
+            xs2.apply_op3_no_bwd(codes, &operands.scale_f32, &Fp8LinearPerRow { bias })?
+        }
+    };
     let mut dims = xs.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = out;
@@ -208,6 +277,56 @@ impl CustomOp3 for Fp8Linear {
     }
 }
 
+/// The per-row form: x (rows, in) 16-bit, the weight's codes (out, in), its per-channel scale
+/// (out) in f32; the bias (out, x's dtype) read through its storage (an op takes three tensors).
+struct Fp8LinearPerRow {
+    bias: Option<Tensor>,
+}
+
+impl CustomOp3 for Fp8LinearPerRow {
+    fn name(&self) -> &'static str {
+        "fp8-linear-per-row"
+    }
+
+    super::cpu_fwd_unsupported!(3);
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        s: &CudaStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, inner) = xl.shape().dims2()?;
+        let (out, k) = wl.shape().dims2()?;
+        if k != inner || sl.shape().elem_count() != out || !wl.is_contiguous() {
+            candle_core::bail!("fp8 linear of {:?} by {:?}", xl.shape(), wl.shape());
+        }
+        let CudaStorageSlice::F8E4M3(codes) = &w.slice else {
+            candle_core::bail!("fp8 linear needs e4m3 weights, got {:?}", w.dtype());
+        };
+        let codes = codes.slice(wl.start_offset()..);
+        let (w_scale, _) = input::<f32>(s, sl)?;
+        let bias = self.bias.as_ref().map(Tensor::storage_and_layout);
+        let bias = bias
+            .as_ref()
+            .map(super::elementwise::locked_cuda)
+            .transpose()?;
+        if bias.is_some_and(|(_, l)| l.shape().elem_count() != out) {
+            candle_core::bail!("fp8 linear's bias is not {out} wide");
+        }
+        let sizes = Sizes { rows, inner, out };
+        let storage = match x.dtype() {
+            DType::F16 => run_per_row::<half::f16>(x, xl, &codes, &w_scale, bias, sizes, "f16")?,
+            DType::BF16 => run_per_row::<half::bf16>(x, xl, &codes, &w_scale, bias, sizes, "bf16")?,
+            other => candle_core::bail!("fp8 linear of {other:?} activations"),
+        };
+        Ok((storage, Shape::from((rows, out))))
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Sizes {
     rows: usize,
@@ -266,11 +385,12 @@ fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits + OutputType>(
         unsafe { builder.launch(config(items)) }.map_err(cuda_error)?;
     }
     let mut ys = unsafe { stream.alloc::<T>(rows * out) }.map_err(cuda_error)?;
+    let (b_scale, _b_scale) = x_scale.device_ptr(&stream);
     gemm::<T>(
         dev,
         codes,
         &quantized,
-        &x_scale,
+        Scaling::PerTensor { b_scale },
         &mut ys,
         (out, rows, inner),
     )?;
@@ -290,11 +410,92 @@ fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits + OutputType>(
     Ok(CudaStorage::wrap_cuda_slice(ys, dev.clone()))
 }
 
-/// A cuBLASLt handle and its workspace, one per device, kept for the process.
+/// One launch for the activations' codes and per-row scales, then the GEMM with both scale
+/// vectors and the bias.
+fn run_per_row<T: CudaDType + DeviceRepr + OutputType>(
+    x: &CudaStorage,
+    xl: &Layout,
+    codes: &CudaView<'_, impl DeviceRepr>,
+    w_scale: &CudaView<'_, f32>,
+    bias: Option<(&CudaStorage, &Layout)>,
+    Sizes { rows, inner, out }: Sizes,
+    suffix: &str,
+) -> candle_core::Result<CudaStorage> {
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let (xv, x_aligned) = input::<T>(x, xl)?;
+    let vec = (x_aligned && inner % 8 == 0) as i32;
+    let mut quantized = unsafe { stream.alloc::<u8>(rows * inner) }.map_err(cuda_error)?;
+    let mut x_scales = unsafe { stream.alloc::<f32>(rows) }.map_err(cuda_error)?;
+    {
+        let func =
+            dev.get_or_load_custom_func(&format!("fp8_quantize_rows_{suffix}"), MODULE, PTX)?;
+        let mut builder = func.builder();
+        builder
+            .arg(&xv)
+            .arg(&inner)
+            .arg(&mut quantized)
+            .arg(&mut x_scales)
+            .arg(&vec);
+        // One block per row, sized to it.
+        let per_access = if vec == 1 { 8 } else { 1 };
+        let launch = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (norm_row_threads(inner, per_access), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { builder.launch(launch) }.map_err(cuda_error)?;
+    }
+    let bias = bias.map(|(s, l)| input::<T>(s, l)).transpose()?;
+    let mut ys = unsafe { stream.alloc::<T>(rows * out) }.map_err(cuda_error)?;
+    let (a_scale, _a_scale) = w_scale.device_ptr(&stream);
+    let (b_scale, _b_scale) = x_scales.device_ptr(&stream);
+    let bias_pointer = bias.as_ref().map(|(b, _)| b.device_ptr(&stream));
+    gemm::<T>(
+        dev,
+        codes,
+        &quantized,
+        Scaling::PerRow {
+            a_scale,
+            b_scale,
+            bias: bias_pointer.as_ref().map(|(p, _)| *p),
+        },
+        &mut ys,
+        (out, rows, inner),
+    )?;
+    Ok(CudaStorage::wrap_cuda_slice(ys, dev.clone()))
+}
+
+/// What the GEMM scales by (device addresses of f32 values) and adds.
+#[derive(Clone, Copy)]
+enum Scaling {
+    /// B's (the activations') one scale; the weight's scale and the bias come after.
+    PerTensor { b_scale: u64 },
+    /// A's per-channel and B's per-token scale vectors (cuBLASLt's outer-vector scaling), and
+    /// the bias (in the output's type) in the epilogue.
+    PerRow {
+        a_scale: u64,
+        b_scale: u64,
+        bias: Option<u64>,
+    },
+}
+
+/// A cuBLASLt handle and its workspace, one per device, kept for the process, with the
+/// heuristics' algorithm per product.
 struct Handle {
     ordinal: usize,
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
+    algorithms: HashMap<AlgorithmKey, sys::cublasLtMatmulAlgo_t>,
+}
+
+/// What the heuristics' choice depends on: sizes, output type, form and epilogue.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct AlgorithmKey {
+    mnk: (usize, usize, usize),
+    output: u32,
+    per_row: bool,
+    bias: bool,
 }
 // The handle is used under the mutex only.
 unsafe impl Send for Handle {}
@@ -324,13 +525,14 @@ impl Drop for Descriptors {
     }
 }
 
-/// D (n columns of m, column-major: row-major (n, m)) = A(k × m)ᵀ · B(k × n) · b_scale, A and B
-/// e4m3 column-major with leading dimension k ("TN"), f32 accumulation.
+/// D (n columns of m, column-major: row-major (n, m)) = A(k × m)ᵀ · B(k × n), scaled as
+/// `scaling` says; A and B e4m3 column-major with leading dimension k ("TN"), f32 accumulation
+/// (fast).
 fn gemm<T: DeviceRepr + OutputType>(
     dev: &CudaDevice,
     a: &CudaView<'_, impl DeviceRepr>,
     b: &CudaSlice<u8>,
-    b_scale: &CudaSlice<f32>,
+    scaling: Scaling,
     d: &mut CudaSlice<T>,
     (m, n, k): (usize, usize, usize),
 ) -> candle_core::Result<()> {
@@ -347,9 +549,10 @@ fn gemm<T: DeviceRepr + OutputType>(
             ordinal,
             handle,
             workspace,
+            algorithms: HashMap::new(),
         });
     }
-    let Some(h) = handles.iter().find(|h| h.ordinal == ordinal) else {
+    let Some(h) = handles.iter_mut().find(|h| h.ordinal == ordinal) else {
         candle_core::bail!("no cuBLASLt handle for device {ordinal}");
     };
     let lt_error = |e: lt::CublasError| cuda_error(e);
@@ -363,34 +566,76 @@ fn gemm<T: DeviceRepr + OutputType>(
         sys::cudaDataType::CUDA_R_32F,
     )
     .map_err(lt_error)?;
-    // The scale attribute holds the device address (CUdeviceptr: a u64).
-    let (b_scale_address, _b_scale_record) = b_scale.device_ptr(&stream);
-    unsafe {
-        let set = |attribute, value: *const std::ffi::c_void, size| {
-            lt::set_matmul_desc_attribute(descriptors.desc, attribute, value, size)
-        };
-        // cublasOperation_t (a C enum): 1 = CUBLAS_OP_T, 0 = CUBLAS_OP_N.
-        let (transpose, keep) = (1i32, 0i32);
-        set(
-            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-            (&transpose as *const i32).cast(),
-            std::mem::size_of::<i32>(),
-        )
-        .map_err(lt_error)?;
-        set(
-            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-            (&keep as *const i32).cast(),
-            std::mem::size_of::<i32>(),
-        )
-        .map_err(lt_error)?;
-        // The scale attributes hold a device pointer.
-        set(
-            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-            (&b_scale_address as *const u64).cast(),
-            std::mem::size_of::<u64>(),
-        )
-        .map_err(lt_error)?;
+    use sys::cublasLtMatmulDescAttributes_t as Attribute;
+    let set = |attribute, value: *const std::ffi::c_void, size| unsafe {
+        lt::set_matmul_desc_attribute(descriptors.desc, attribute, value, size).map_err(lt_error)
+    };
+    fn bytes<V>(value: &V) -> (*const std::ffi::c_void, usize) {
+        ((value as *const V).cast(), std::mem::size_of::<V>())
     }
+    let set_value = |attribute, (value, size)| set(attribute, value, size);
+    // cublasOperation_t (a C enum): 1 = CUBLAS_OP_T, 0 = CUBLAS_OP_N.
+    let (transpose, keep) = (1i32, 0i32);
+    set_value(Attribute::CUBLASLT_MATMUL_DESC_TRANSA, bytes(&transpose))?;
+    set_value(Attribute::CUBLASLT_MATMUL_DESC_TRANSB, bytes(&keep))?;
+    // Sums not promoted to full f32 at intervals along k: faster on Hopper, what torchao's
+    // float8 inference (and so flux-fast) runs.
+    set_value(Attribute::CUBLASLT_MATMUL_DESC_FAST_ACCUM, bytes(&1i8))?;
+    // The scale attributes hold device addresses (CUdeviceptr: a u64).
+    let key = match scaling {
+        Scaling::PerTensor { b_scale } => {
+            set_value(
+                Attribute::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                bytes(&b_scale),
+            )?;
+            AlgorithmKey {
+                mnk: (m, n, k),
+                output: T::CUDA as u32,
+                per_row: false,
+                bias: false,
+            }
+        }
+        Scaling::PerRow {
+            a_scale,
+            b_scale,
+            bias,
+        } => {
+            let outer =
+                sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+            set_value(
+                Attribute::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                bytes(&(outer as u32)),
+            )?;
+            set_value(
+                Attribute::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+                bytes(&(outer as u32)),
+            )?;
+            set_value(
+                Attribute::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                bytes(&a_scale),
+            )?;
+            set_value(
+                Attribute::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                bytes(&b_scale),
+            )?;
+            if let Some(bias) = bias {
+                let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
+                set_value(Attribute::CUBLASLT_MATMUL_DESC_EPILOGUE, bytes(&epilogue))?;
+                set_value(Attribute::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bytes(&bias))?;
+                let bias_type = T::CUDA as u32;
+                set_value(
+                    Attribute::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    bytes(&bias_type),
+                )?;
+            }
+            AlgorithmKey {
+                mnk: (m, n, k),
+                output: T::CUDA as u32,
+                per_row: true,
+                bias: bias.is_some(),
+            }
+        }
+    };
     let layout = |dtype, rows: usize, cols: usize, ld: usize| {
         lt::create_matrix_layout(dtype, rows as u64, cols as u64, ld as i64)
     };
@@ -405,29 +650,37 @@ fn gemm<T: DeviceRepr + OutputType>(
         .layouts
         .push(layout(T::CUDA, m, n, m).map_err(lt_error)?);
     let [a_layout, b_layout, d_layout] = [0, 1, 2].map(|i| descriptors.layouts[i]);
-    descriptors.preference = lt::create_matmul_pref().map_err(lt_error)?;
-    let workspace_size = WORKSPACE_BYTES as u64;
-    unsafe {
-        lt::set_matmul_pref_attribute(
-            descriptors.preference,
-            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            (&workspace_size as *const u64).cast(),
-            std::mem::size_of::<u64>(),
-        )
-        .map_err(lt_error)?;
-    }
-    let heuristic = unsafe {
-        lt::get_matmul_algo_heuristic(
-            h.handle,
-            descriptors.desc,
-            a_layout,
-            b_layout,
-            d_layout,
-            d_layout,
-            descriptors.preference,
-        )
-    }
-    .map_err(lt_error)?;
+    // The heuristics' choice per shape and form, asked once (host time on every product else).
+    let algorithm = match h.algorithms.get(&key) {
+        Some(algorithm) => *algorithm,
+        None => {
+            descriptors.preference = lt::create_matmul_pref().map_err(lt_error)?;
+            let workspace_size = WORKSPACE_BYTES as u64;
+            unsafe {
+                lt::set_matmul_pref_attribute(
+                    descriptors.preference,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&workspace_size as *const u64).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+                .map_err(lt_error)?;
+            }
+            let heuristic = unsafe {
+                lt::get_matmul_algo_heuristic(
+                    h.handle,
+                    descriptors.desc,
+                    a_layout,
+                    b_layout,
+                    d_layout,
+                    d_layout,
+                    descriptors.preference,
+                )
+            }
+            .map_err(lt_error)?;
+            h.algorithms.insert(key, heuristic.algo);
+            heuristic.algo
+        }
+    };
     let (alpha, beta) = (1f32, 0f32);
     let (a_ptr, _a_record) = a.device_ptr(&stream);
     let (b_ptr, _b_record) = b.device_ptr(&stream);
@@ -447,7 +700,7 @@ fn gemm<T: DeviceRepr + OutputType>(
             d_layout,
             d_ptr as *mut _,
             d_layout,
-            &heuristic.algo,
+            &algorithm,
             w_ptr as *mut _,
             WORKSPACE_BYTES,
             stream.cu_stream() as *mut _,

@@ -459,18 +459,36 @@ fn group_norm(device: &Device) -> candle_core::Result<f64> {
 
 /// An FP8 layer's product on the FP8 tensor cores against the same product in f32 tensor ops
 /// (`fp8_product_reference`: the activations rounded to e4m3 the same way), where the card has
-/// them (compute capability ≥ 8.9).
+/// them (compute capability ≥ 8.9): the per-row form first (the per-tensor one for the process
+/// if it fails or disagrees), then the per-tensor form, which products fall back on.
 fn fp8_linear(device: &Device) -> candle_core::Result<f64> {
+    use super::fp8::{self, ActivationScale};
     use crate::engine::models::quantized::{fp8_product_reference, quantize_fp8};
-    if !super::fp8::has_fp8_tensor_cores(device) {
+    if !fp8::has_fp8_tensor_cores(device) {
         return Ok(0.0);
     }
     let (rows, inner, out) = (40, 256, 96);
     let weight = (values(&[out, inner], 0.9, device)? * 0.05)?;
     let (codes, scale) = quantize_fp8(&weight.to_dtype(DType::BF16)?)?;
     let bias = values(&[out], 1.0, device)?.to_dtype(DType::BF16)?;
-    let x = values(&[1, rows, inner], 1.1, device)?.to_dtype(DType::BF16)?;
-    let fused = super::fp8::linear(&x, &codes, &scale, Some(&bias))?;
-    let exact = fp8_product_reference(&x, &codes, &scale, Some(&bias))?;
-    relative_error(&fused, &exact)
+    // Rows of different ranges, as tokens are.
+    let ranges = Tensor::arange(1u32, rows as u32 + 1, device)?
+        .to_dtype(DType::F32)?
+        .reshape((1, rows, 1))?;
+    let x = values(&[1, rows, inner], 1.1, device)?
+        .broadcast_mul(&ranges)?
+        .to_dtype(DType::BF16)?;
+    let operands = fp8::Operands::new(&scale, Some(&bias), DType::BF16)?;
+    let error = |form: ActivationScale| -> candle_core::Result<f64> {
+        let fused = fp8::linear_by(form, &x, &codes, &operands)?;
+        let per_row = form == ActivationScale::PerRow;
+        relative_error(
+            &fused,
+            &fp8_product_reference(&x, &codes, &scale, Some(&bias), per_row)?,
+        )
+    };
+    if let Some(why) = failure(&error(ActivationScale::PerRow), LIMIT) {
+        fp8::switch_off_per_row(&why);
+    }
+    error(ActivationScale::PerTensor)
 }

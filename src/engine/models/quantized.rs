@@ -283,30 +283,34 @@ impl std::str::FromStr for WeightFormat {
 }
 
 /// The FP8 product as FP8 tensor cores compute it (engine/cuda/fp8.rs), in f32 tensor ops on any
-/// device: x rounded to e4m3 at one scale for the whole tensor (absmax / 448), times the e4m3
-/// codes, then the activation scale, the weight's per-channel scale and the bias. The reference
-/// the device self-check holds the CUDA path to (the same rounding of x, so only the order of the
-/// sums and the output's rounding differ).
+/// device: x rounded to e4m3 at a scale per row (`per_row`) or one for the whole tensor (absmax /
+/// 448), times the e4m3 codes, then the activation scales, the weight's per-channel scale and
+/// the bias. The reference the device self-check holds each CUDA form to (the same rounding of
+/// x, so only the order of the sums and the output's rounding differ).
 pub fn fp8_product_reference(
     xs: &Tensor,
     codes: &Tensor,
     scale: &Tensor,
     bias: Option<&Tensor>,
+    per_row: bool,
 ) -> candle_core::Result<Tensor> {
     let x = xs.to_dtype(DType::F32)?;
-    let absmax = x.abs()?.max_all()?.to_scalar::<f32>()?;
-    let x_scale = if absmax > 0.0 { absmax / E4M3_MAX } else { 1.0 };
-    // A true division, as the CUDA kernel's (a product by the reciprocal rounds differently).
+    let maxima = match per_row {
+        true => x.abs()?.max_keepdim(candle_core::D::Minus1)?,
+        false => x.abs()?.max_all()?.reshape(vec![1; x.rank()])?,
+    };
+    // A true division, as the CUDA kernels' (a product by the reciprocal rounds differently).
+    let x_scale: Vec<f32> = (maxima.flatten_all()?.to_vec1::<f32>()?.into_iter())
+        .map(|m| if m > 0.0 { m / E4M3_MAX } else { 1.0 })
+        .collect();
+    let x_scale = Tensor::from_vec(x_scale, maxima.shape(), xs.device())?;
     let x_codes = cast(
-        &cast(
-            &x.broadcast_div(&Tensor::new(x_scale, xs.device())?)?,
-            DType::F8E4M3,
-        )?,
+        &cast(&x.broadcast_div(&x_scale)?, DType::F8E4M3)?,
         DType::F32,
     )?;
     let ys = x_codes
         .broadcast_matmul(&cast(codes, DType::F32)?.t()?)?
-        .affine(x_scale as f64, 0.0)?
+        .broadcast_mul(&x_scale)?
         .broadcast_mul(&scale.to_dtype(DType::F32)?)?;
     match bias {
         Some(b) => ys.broadcast_add(&b.to_dtype(DType::F32)?),
@@ -335,9 +339,9 @@ pub enum BlockLinear {
         codes: Tensor,
         scale: Tensor,
         bias: Option<Tensor>,
-        /// CUDA: scale and bias side by side, the FP8 product's operand (made once).
+        /// CUDA: what the FP8 products take of the scale and bias (made once).
         #[cfg(feature = "cuda")]
-        scale_bias: Option<Tensor>,
+        operands: Option<crate::engine::cuda::fp8::Operands>,
     },
 }
 
@@ -624,8 +628,8 @@ impl BlockLinear {
     pub fn new_fp8(weight: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
         let (codes, scale) = quantize_fp8(&weight)?;
         #[cfg(feature = "cuda")]
-        let scale_bias = if weight.device().is_cuda() {
-            Some(crate::engine::cuda::fp8::scale_bias(
+        let operands = if weight.device().is_cuda() {
+            Some(crate::engine::cuda::fp8::Operands::new(
                 &scale,
                 bias,
                 weight.dtype(),
@@ -638,7 +642,7 @@ impl BlockLinear {
             scale,
             bias: bias.cloned(),
             #[cfg(feature = "cuda")]
-            scale_bias,
+            operands,
         })
     }
 
@@ -757,13 +761,13 @@ impl BlockLinear {
                     #[cfg(feature = "cuda")]
                     if let Self::Fp8 {
                         codes,
-                        scale_bias: Some(scale_bias),
+                        operands: Some(operands),
                         ..
                     } = self
                     {
                         use crate::engine::cuda::fp8;
                         if fp8::supports(xs, codes) {
-                            match fp8::linear_with(xs, codes, scale_bias) {
+                            match fp8::linear_with(xs, codes, operands) {
                                 Ok(ys) => return Ok(ys),
                                 Err(e) => fp8::switch_off(&e),
                             }
@@ -1009,31 +1013,46 @@ mod tests {
         // The FP8-product reference (activations rounded to e4m3 too) stays within both
         // operands' rounding: 2⁻⁴ of |x|, 2⁻⁴ of |w| (and the subnormal terms, doubled).
         let (codes, scale) = fp8.fp8_parts().unwrap();
-        let product = fp8_product_reference(&x, codes, scale, Some(&bias)).unwrap();
-        let error = (product - &exact).unwrap().abs().unwrap();
-        let x_step = x
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            / 448.0
-            / 1024.0;
-        let both = ((bound.clone() * (2.0 + 1.0 / 16.0)).unwrap()
-            + (w.abs().unwrap().sum_keepdim(1).unwrap().t().unwrap()
-                * (x_step * (1.0 + 1.0 / 16.0)) as f64)
+        // Per row, each row's step is at most the tensor's: the same bound holds.
+        for per_row in [false, true] {
+            let product = fp8_product_reference(&x, codes, scale, Some(&bias), per_row).unwrap();
+            let error = (product - &exact).unwrap().abs().unwrap();
+            let x_step = x
+                .abs()
                 .unwrap()
-                .broadcast_add(&Tensor::zeros((1, rows, output), DType::F32, &dev).unwrap())
-                .unwrap())
-        .unwrap();
-        let over: f32 = (error - both)
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                / 448.0
+                / 1024.0;
+            let both = ((bound.clone() * (2.0 + 1.0 / 16.0)).unwrap()
+                + (w.abs().unwrap().sum_keepdim(1).unwrap().t().unwrap()
+                    * (x_step * (1.0 + 1.0 / 16.0)) as f64)
+                    .unwrap()
+                    .broadcast_add(&Tensor::zeros((1, rows, output), DType::F32, &dev).unwrap())
+                    .unwrap())
+            .unwrap();
+            let over: f32 = (error - both)
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(over <= 1e-5, "fp8 product exceeds e4m3 rounding by {over}");
+        }
+        // Rows of normal values have maxima of their own: the forms round them differently.
+        let [tensor, row] = [false, true]
+            .map(|per_row| fp8_product_reference(&x, codes, scale, Some(&bias), per_row).unwrap());
+        let apart: f32 = (tensor - row)
+            .unwrap()
+            .abs()
             .unwrap()
             .max_all()
             .unwrap()
             .to_scalar()
             .unwrap();
-        assert!(over <= 1e-5, "fp8 product exceeds e4m3 rounding by {over}");
+        assert!(apart > 0.0, "the per-row reference used the tensor's scale");
         assert_eq!("fp8".parse::<WeightFormat>(), Ok(WeightFormat::Fp8));
         assert_eq!(WeightFormat::Fp8.bits_per_weight(), Some(8.0));
     }
