@@ -233,6 +233,11 @@ fn elementwise_kernels_match_exact_results() {
         ("fp8_quantize_rows", 9, 48, 1, 1),
         ("fp8_quantize_rows", 4, 3000, 1, 1),
         ("fp8_quantize_rows", 5, 37, 1, 0),
+        // fp8_gemv: outputs, inner width, rows of activations: outputs not filling the last
+        // block, lanes left idle, several steps a lane, one to four rows.
+        ("fp8_gemv", 37, 64, 2, 1),
+        ("fp8_gemv", 20, 1024, 4, 1),
+        ("fp8_gemv", 9, 48, 1, 1),
         ("fp8_rescale", 70, 40, 1, 1),
         ("fp8_rescale", 5, 36, 1, 0),
         // Weight casts to e4m3 and back (every dtype): any wrong code or value fails the case.

@@ -106,7 +106,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     pub conv_engine: String,
     /// Fused CUDA paths to switch off for this run, comma-separated (`deferred-bias`, `qk-norm`,
-    /// `upsample`, `layer-norm-modulate`, `token-major-rope`, `fp8-linear`, `attention`, `group-norm`, `strided-gemm`): a whole
+    /// `upsample`, `layer-norm-modulate`, `token-major-rope`, `fp8-linear`, `attention`, `group-norm`,
+    /// `strided-gemm`, `layer-norm`, `fp8-gemv`): a whole
     /// model timed without them, against the default run — what each one buys.
     #[arg(long, value_delimiter = ',')]
     pub switch_off: Vec<String>,

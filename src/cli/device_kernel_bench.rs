@@ -442,6 +442,8 @@ pub fn run(
         [4608, 3072, 3072],
         [4608, 3072, 12288],
         [8858, 2432, 2432],
+        // FLUX's double-block modulation: one row (FP8 weights: the matrix-vector kernel).
+        [1, 3072, 18432],
     ] {
         let [n, i, o] = shape;
         let x = randn(&[1, n, i], 1.0)?;

@@ -31,6 +31,8 @@
 //   fp8_quantize_rows    the same with a scale per row (one block a row, the engine's threads):
 //                        rows of different ranges and an all-zero one;
 //   fp8_rescale          ROWS × D · a per-column scale + a bias.
+//   fp8_gemv             ROWS outputs of D e4m3 codes times BATCHES rows of activations, scaled,
+//                        plus a bias;
 //   cast_e4m3            ROWS × D values → e4m3 codes, each the nearest-even code (saturating), and
 //                        every finite code → its value: prints the count of wrong ones (0 0).
 // The grid-stride kernels get the engine's grid: ⌈items / 256⌉ blocks.
@@ -451,6 +453,37 @@ void fp8_case(const std::string &op, size_t rows, size_t d, int vec, unsigned se
     }
 }
 
+// FP8 matrix-vector products: OUT outputs of INNER codes (every code but NaN's, cycled), BATCH
+// rows of activations, the weight's scale and the bias per output; one warp an output, eight a
+// block (the engine's launch). Relative L2 against f64 sums of the decoded codes.
+template <typename T>
+void fp8_gemv_case(size_t out, size_t inner, size_t batch, unsigned seed,
+                   void (*gemv)(const unsigned char *, const T *, const T *, T *, size_t, size_t, size_t)) {
+    std::mt19937 rng(seed);
+    Buffer<unsigned char> codes(out * inner);
+    for (size_t i = 0; i < codes.count; ++i) {
+        unsigned char c = (unsigned char)((i * 37 + seed) % 256);
+        codes[i] = (c & 0x7f) == 0x7f ? 0 : c;  // e4m3fn's NaNs left out
+    }
+    Buffer<T> x(batch * inner), sb(2 * out), y(batch * out);
+    fill(x, rng, 0.0f, 1.0f);
+    fill(sb, rng, 0.0f, 0.05f);
+    for (size_t i = 0; i < y.count; ++i)
+        y[i] = T(NAN);
+    const unsigned warps = THREADS / 32;
+    launch(gemv, (unsigned)((out + warps - 1) / warps), 1, THREADS, 0, (const unsigned char *)codes.data,
+           (const T *)x.data, (const T *)sb.data, y.data, out, inner, batch);
+    Error e;
+    for (size_t b = 0; b < batch; ++b)
+        for (size_t o = 0; o < out; ++o) {
+            double sum = 0;
+            for (size_t i = 0; i < inner; ++i)
+                sum += (double)from_e4m3(codes[o * inner + i]) * f(x[b * inner + i]);
+            e.add(f(y[b * out + o]), sum * f(sb[o]) + f(sb[out + o]));
+        }
+    e.print();
+}
+
 // Casts to e4m3 (a weight's values, saturating past ±448, a subnormal, ±0) must give the
 // nearest-even code of each value, and every finite code must decode to its exact value:
 // prints the number of wrong codes and values twice (any fails the case).
@@ -504,6 +537,12 @@ int run(const std::string &op, size_t rows, size_t d, size_t batches, int vec, u
         bias_join_case<T>(rows, d, vec, seed);
     else if (op == "cast_e4m3")
         cast_e4m3_case<T>(rows, d, seed);
+    else if (op == "fp8_gemv") {
+        if constexpr (sizeof(T) == 2)
+            fp8_gemv_case<T>(rows, d, batches, seed, fp8_gemv<T>);
+        else
+            return 2;
+    }
     else if (op == "fp8_quantize" || op == "fp8_quantize_rows" || op == "fp8_rescale") {
         if constexpr (sizeof(T) == 2)  // the FP8 kernels take 16-bit activations
             fp8_case<T>(op, rows, d, vec, seed, fp8_absmax<T>, fp8_quantize<T>, fp8_quantize_rows<T>,

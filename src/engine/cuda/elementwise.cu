@@ -633,6 +633,48 @@ __device__ void fp8_quantize_rows(const T *x, size_t d, unsigned char *codes, fl
     }
 }
 
+// FP8 weights' matrix-vector products (the DiTs' modulation: a row of activations per sample):
+// y[b, o] = (sum_i e4m3(codes[o, i]) x[b, i]) sb[o] + sb[out + o] for b < batch <= 4. Widening
+// the weight to the activations' type for a GEMV wrote it and read it back (five times the
+// codes' bytes; FLUX-dev's modulation weights are 3.2 G values a step). One warp per output,
+// sixteen codes a lane per step (inner a multiple of 16, codes and x 16-byte aligned), f32 sums.
+#define FP8_GEMV_ROWS 4
+template <typename T>
+__device__ void fp8_gemv(const unsigned char *codes, const T *x, const T *sb, T *y, size_t out,
+                         size_t inner, size_t batch) {
+    static_assert(Pack<T>::N == 8, "16-bit activations: eight values a pack");
+    const size_t warps = blockDim.x / 32;
+    const size_t o = (size_t)blockIdx.x * warps + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (o >= out) return;  // the whole warp: one output each
+    float acc[FP8_GEMV_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const unsigned char *row = codes + o * inner;
+    for (size_t i = (size_t)lane * 16; i < inner; i += 32 * 16) {
+        const uint4 packed = *reinterpret_cast<const uint4 *>(row + i);
+        const unsigned char *code = reinterpret_cast<const unsigned char *>(&packed);
+        float w[16];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) w[j] = from_e4m3(code[j]);
+#pragma unroll
+        for (int b = 0; b < FP8_GEMV_ROWS; ++b) {
+            if ((size_t)b >= batch) break;
+            const Pack<T> *xs = reinterpret_cast<const Pack<T> *>(x + b * inner + i);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const Pack<T> a = xs[h];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[b] += w[8 * h + j] * to_f(a.v[j]);
+            }
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < FP8_GEMV_ROWS; ++b)
+        for (int off = 16; off > 0; off >>= 1) acc[b] += __shfl_xor_sync(0xffffffff, acc[b], off);
+    if (lane == 0)
+        for (size_t b = 0; b < batch && b < FP8_GEMV_ROWS; ++b)
+            y[b * out + o] = from_f<T>(acc[b] * to_f(sb[o]) + to_f(sb[out + o]));
+}
+
 // y[r, c] = y[r, c] · sb[c] + sb[cols + c]: the weight's per-channel scale, then the bias.
 template <typename T>
 __device__ void fp8_rescale(T *y, const T *sb, size_t rows, size_t cols, int vec) {
@@ -684,6 +726,10 @@ template <typename T> __device__ void fp8_decode(const unsigned char *codes, T *
     extern "C" __global__ void fp8_quantize_rows_##SUFFIX(const T *x, size_t d, unsigned char *codes, \
                                                           float *scales, int vec) {                \
         fp8_quantize_rows<T>(x, d, codes, scales, vec);                                            \
+    }                                                                                              \
+    extern "C" __global__ void fp8_gemv_##SUFFIX(const unsigned char *codes, const T *x, const T *sb, \
+                                                 T *y, size_t out, size_t inner, size_t batch) {   \
+        fp8_gemv<T>(codes, x, sb, y, out, inner, batch);                                           \
     }                                                                                              \
     extern "C" __global__ void fp8_rescale_##SUFFIX(T *y, const T *sb, size_t rows, size_t cols,   \
                                                     int vec) {                                     \

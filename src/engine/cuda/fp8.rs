@@ -147,6 +147,121 @@ pub fn linear_with(
     linear_by(ActivationScale::PerTensor, xs, codes, operands)
 }
 
+/// The most rows of activations [`gemv`] takes (`FP8_GEMV_ROWS` in elementwise.cu).
+const GEMV_ROWS: usize = 4;
+
+/// Whether [`gemv`] takes this product: FP8 weights whose rows are a multiple of 16 codes,
+/// 1 to 4 rows of 16-bit activations (the DiTs' modulation: one per sample), on any CUDA card
+/// (our kernel decodes the codes), not switched off.
+pub fn gemv_supports(xs: &Tensor, codes: &Tensor) -> bool {
+    let inner = xs.dims().last().copied().unwrap_or(0);
+    let rows = xs.elem_count() / inner.max(1);
+    (1..=GEMV_ROWS).contains(&rows)
+        && inner % 16 == 0
+        && matches!(xs.dtype(), DType::F16 | DType::BF16)
+        && codes.dtype() == DType::F8E4M3
+        && codes.dims2().is_ok_and(|(_, k)| k == inner)
+        && codes.layout().start_offset().is_multiple_of(16)
+        && codes.is_contiguous()
+        && super::self_check::runs_on(super::self_check::Fused::Fp8Gemv, xs)
+}
+
+/// After `e`: FP8 matrix-vector products widen their weights from now on, in this process.
+pub fn switch_off_gemv(e: &candle_core::Error) {
+    use super::self_check::{passed, switch_off, Fused};
+    if passed(Fused::Fp8Gemv) {
+        tracing::warn!(error = %e, "FP8 matrix-vector kernel failed; FP8 weights are widened for it");
+        switch_off(Fused::Fp8Gemv);
+    }
+}
+
+/// x · (codes · scale)ᵀ + bias for a few rows of x (check [`gemv_supports`]): the codes decoded
+/// in registers by our kernel, read once, where widening them wrote and re-read the weight in
+/// the activations' dtype.
+pub fn gemv(xs: &Tensor, codes: &Tensor, operands: &Operands) -> candle_core::Result<Tensor> {
+    let (out, inner) = codes.dims2()?;
+    let rows = xs.elem_count() / inner.max(1);
+    let ys = xs.contiguous()?.reshape((rows, inner))?.apply_op3_no_bwd(
+        codes,
+        &operands.scale_bias.to_dtype(xs.dtype())?,
+        &Fp8Gemv,
+    )?;
+    let mut dims = xs.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    ys.reshape(dims)
+}
+
+struct Fp8Gemv;
+
+impl CustomOp3 for Fp8Gemv {
+    fn name(&self) -> &'static str {
+        "fp8-gemv"
+    }
+
+    super::cpu_fwd_unsupported!(3);
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        sb: &CudaStorage,
+        sbl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, inner) = xl.shape().dims2()?;
+        let (out, k) = wl.shape().dims2()?;
+        if k != inner
+            || sbl.shape().elem_count() != 2 * out
+            || !wl.is_contiguous()
+            || rows > GEMV_ROWS
+            || inner % 16 != 0
+        {
+            candle_core::bail!("fp8 gemv of {:?} by {:?}", xl.shape(), wl.shape());
+        }
+        let CudaStorageSlice::F8E4M3(codes) = &w.slice else {
+            candle_core::bail!("fp8 gemv needs e4m3 weights, got {:?}", w.dtype());
+        };
+        let codes = codes.slice(wl.start_offset()..);
+        if !matches!(x.dtype(), DType::F16 | DType::BF16) {
+            candle_core::bail!("fp8 gemv of {:?} activations", x.dtype());
+        }
+        let dev = &x.device;
+        let stream = dev.cuda_stream();
+        let suffix = super::elementwise::suffix(x.dtype())?;
+        let func = dev.get_or_load_custom_func(&format!("fp8_gemv_{suffix}"), MODULE, PTX)?;
+        // Eight warps a block, one output each.
+        const WARPS: usize = 8;
+        let launch = LaunchConfig {
+            grid_dim: (out.div_ceil(WARPS) as u32, 1, 1),
+            block_dim: (32 * WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let storage = super::by_dtype!(x.dtype(), T => {
+            let (xv, x_aligned) = input::<T>(x, xl)?;
+            if !x_aligned || !wl.start_offset().is_multiple_of(16) {
+                candle_core::bail!("fp8 gemv of operands not 16-byte aligned");
+            }
+            let (sbv, _) = input::<T>(sb, sbl)?;
+            let mut ys = unsafe { stream.alloc::<T>(rows * out) }.map_err(cuda_error)?;
+            let mut builder = func.builder();
+            builder
+                .arg(&codes)
+                .arg(&xv)
+                .arg(&sbv)
+                .arg(&mut ys)
+                .arg(&out)
+                .arg(&inner)
+                .arg(&rows);
+            unsafe { builder.launch(launch) }.map_err(cuda_error)?;
+            CudaStorage::wrap_cuda_slice(ys, dev.clone())
+        });
+        Ok((storage, Shape::from((rows, out))))
+    }
+}
+
 /// [`linear_with`] in the given form (the device check and the kernel tables time each).
 pub fn linear_by(
     form: ActivationScale,

@@ -39,10 +39,13 @@ pub enum Fused {
     /// A LayerNorm with learned weight and bias (the UNets' transformer blocks, CLIP) in one
     /// pass, where candle's kernel ran.
     LayerNorm = 9,
+    /// FP8 weights' matrix-vector products (the DiTs' modulation) decoding the codes in
+    /// registers, where the weight was widened for a GEMV.
+    Fp8Gemv = 10,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 10] = [
+    pub const ALL: [Fused; 11] = [
         Fused::Attention,
         Fused::LayerNormModulate,
         Fused::TokenMajorRope,
@@ -53,6 +56,7 @@ impl Fused {
         Fused::GroupNorm,
         Fused::StridedGemm,
         Fused::LayerNorm,
+        Fused::Fp8Gemv,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,11 +71,13 @@ impl Fused {
             Fused::GroupNorm => "group-norm",
             Fused::StridedGemm => "strided-gemm",
             Fused::LayerNorm => "layer-norm",
+            Fused::Fp8Gemv => "fp8-gemv",
         }
     }
 }
 
-static SWITCHED_OFF: [AtomicBool; 10] = [const { AtomicBool::new(false) }; 10];
+static SWITCHED_OFF: [AtomicBool; Fused::ALL.len()] =
+    [const { AtomicBool::new(false) }; Fused::ALL.len()];
 
 /// Whether `op` may run (not switched off by a failed check).
 pub fn passed(op: Fused) -> bool {
@@ -98,7 +104,7 @@ type Check = fn(&Device) -> candle_core::Result<f64>;
 
 /// Runs every check on `device` and switches off what fails.
 pub fn run(device: &Device) {
-    let checks: [(Fused, Check); 8] = [
+    let checks: [(Fused, Check); 9] = [
         (Fused::Attention, attention),
         (Fused::LayerNormModulate, layer_norm_modulate),
         (Fused::LayerNorm, layer_norm),
@@ -107,6 +113,7 @@ pub fn run(device: &Device) {
         (Fused::QkNorm, qk_norm),
         (Fused::Upsample, upsample),
         (Fused::GroupNorm, group_norm),
+        (Fused::Fp8Gemv, fp8_gemv),
     ];
     for (op, check) in checks {
         judge(op, check(device), LIMIT);
@@ -455,6 +462,25 @@ fn group_norm(device: &Device) -> candle_core::Result<f64> {
             true,
         )?,
     )
+}
+
+/// The FP8 matrix-vector product (two rows, as under guidance) against the widened weight's
+/// product in f32.
+fn fp8_gemv(device: &Device) -> candle_core::Result<f64> {
+    use crate::engine::models::quantized::{cast, quantize_fp8};
+    let (rows, inner, out) = (2, 256, 72);
+    let weight = (values(&[out, inner], 1.2, device)? * 0.05)?;
+    let (codes, scale) = quantize_fp8(&weight.to_dtype(DType::BF16)?)?;
+    let bias = values(&[out], 1.3, device)?.to_dtype(DType::BF16)?;
+    let x = values(&[rows, inner], 1.4, device)?.to_dtype(DType::BF16)?;
+    let operands = super::fp8::Operands::new(&scale, Some(&bias), DType::BF16)?;
+    let fused = super::fp8::gemv(&x, &codes, &operands)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let exact = f32(&x)?
+        .matmul(&cast(&codes, DType::F32)?.t()?)?
+        .broadcast_mul(&f32(&scale)?)?
+        .broadcast_add(&f32(&bias)?)?;
+    relative_error(&fused, &exact)
 }
 
 /// An FP8 layer's product on the FP8 tensor cores against the same product in f32 tensor ops

@@ -771,6 +771,11 @@ impl BlockLinear {
                                 Ok(ys) => return Ok(ys),
                                 Err(e) => fp8::switch_off(&e),
                             }
+                        } else if fp8::gemv_supports(xs, codes) {
+                            match fp8::gemv(xs, codes, operands) {
+                                Ok(ys) => return Ok(ys),
+                                Err(e) => fp8::switch_off_gemv(&e),
+                            }
                         }
                     }
                     self.forward_widened(xs)
