@@ -28,6 +28,9 @@ def show(v):
 
 def main():
     ours = load(sys.argv[1], "candela.jsonl")
+    # A third call's folder (run.sh late: the late candidates and the large image) adds its rows.
+    for more in sys.argv[3:]:
+        ours.update(load(more, "candela.jsonl"))
     theirs = load(sys.argv[2], "diffusers.jsonl")
     print("| model | shape | metric | candela | diffusers | candela / diffusers |")
     print("|---|---|---|---|---|---|")

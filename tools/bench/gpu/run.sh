@@ -4,14 +4,19 @@
 # with the device time left (its results are written as they come: a call cut short keeps them):
 #   run(command="bash tools/bench/gpu/run.sh diffusers", carry=[".gpu/wheels"], timeout_s=300)
 #   run(command="bash tools/bench/gpu/run.sh candela",   carry=[".gpu/bin"],    timeout_s=≤540)
-# then here: python3 tools/bench/gpu/compare.py <files_at of the candela call> <of the diffusers call>
+# and, where that call was cut short with device time left, at once a third for what it did not
+# reach (the late candidates and the large image):
+#   run(command="bash tools/bench/gpu/run.sh late",      carry=[".gpu/bin"],    timeout_s=the rest)
+# then here: python3 tools/bench/gpu/compare.py <files_at of the candela call> <of the diffusers
+# call> [<of the late call>]
 # Measured on an H200 (session 25): a machine start ~33 s, the diffusers call 157 s, the candela
 # call 358 s (everything below, the candidates included); the second call must follow at once
 # (the machine idles out after 30 s). 15 device minutes hold both calls and one short third.
 # Session 26 added runs (cuDNN attention on four models, FP8 and GGUF rows that session 25 never
 # reached, graph steps on four models, SD 1.5's trace) and left out three of session 25's
-# comparisons: the candela call is estimated at ~500 s, in order of importance (a call cut short
-# keeps what came first).
+# comparisons; session 27 the goal combinations and the convolution API per shape: the candela
+# call is estimated at ~650 s of work, in order of importance, so the late candidates and the
+# large image may be cut (a call cut short keeps what came first).
 # Under $OUT: candela.jsonl / diffusers.jsonl (one JSON object per model, the fields of
 # `candela bench --json-out`, profiles included), <side>.log, kernels-<dtype>.jsonl and
 # kernels-torch-<dtype>.jsonl, graphs.jsonl. Same models, shapes and dtypes on both sides:
@@ -66,7 +71,7 @@ GOAL_COMBINATIONS=${GOAL_COMBINATIONS-"--quantize=fp8+--attention-kernel=fastest
 # experiment and the kernel traces (the call's order: parity, op tables, models, end to end,
 # CANDIDATES, graphs, traces, CANDIDATES_LATE, large images).
 CANDIDATES=${CANDIDATES-"--attention-kernel=fastest --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev $GOAL_COMBINATIONS"}
-CANDIDATES_LATE=${CANDIDATES_LATE-"--attention-kernel=hopper@flux-dev --quantize=q4k@flux-dev --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm --conv-engine=fastest@sd15,sdxl"}
+CANDIDATES_LATE=${CANDIDATES_LATE-"--conv-engine=fastest@sd15,sdxl --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --attention-kernel=hopper@flux-dev --quantize=q4k@flux-dev --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
@@ -117,10 +122,35 @@ results="$OUT/$side.jsonl"
 : > "$results"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"; } | tee "$log"
 
-case "$side" in
-candela)
+# The candela binary from the kit (or $BIN).
+unpack_candela() {
     bin=${BIN:-/tmp/candela-bench}
     if [ -z "${BIN:-}" ]; then xz -dc .gpu/bin/candela-bench.xz > "$bin" && chmod +x "$bin" || exit 1; fi
+}
+# The last of the candela side: the late candidates, then large images.
+run_late() {
+    run_candidates "$CANDIDATES_LATE"
+    for spec in $LARGE; do
+        IFS=: read -r model dtype side <<< "$spec"
+        echo "== candela $model $dtype ${side}², VAE tiling" | tee -a "$log"
+        timeout 120 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
+            --width "$side" --height "$side" --vae-tiling --steps 1 --repeats 1 \
+            --json-out /tmp/large.json >> "$log" 2>&1 \
+            && append_result /tmp/large.json "$model-$dtype (${side}², VAE tiling)" \
+            || echo "candela $model ${side}² failed (exit $?)" | tee -a "$log"
+    done
+}
+
+case "$side" in
+late)
+    # A third call's results go under its own $OUT as candela.jsonl (compare.py's third folder).
+    results="$OUT/candela.jsonl"
+    : > "$results"
+    unpack_candela
+    run_late
+    ;;
+candela)
+    unpack_candela
     # Correctness first: the tiny models of every family on the GPU against the CPU path.
     for dtype in f32 f16; do
         timeout 60 "$bin" --device-parity --device "$DEVICE" --dtype "$dtype" 2>&1 | tee -a "$log"
@@ -177,16 +207,7 @@ candela)
         [ -s /tmp/trace.tsv ] && python3 tools/bench/kernel_table.py /tmp/trace.tsv --label "candela $model-$dtype" \
             --out "$OUT/kernel-table-$model-$dtype.json" 2>&1 | tee -a "$log"
     done
-    run_candidates "$CANDIDATES_LATE"
-    for spec in $LARGE; do
-        IFS=: read -r model dtype side <<< "$spec"
-        echo "== candela $model $dtype ${side}², VAE tiling" | tee -a "$log"
-        timeout 120 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
-            --width "$side" --height "$side" --vae-tiling --steps 1 --repeats 1 \
-            --json-out /tmp/large.json >> "$log" 2>&1 \
-            && append_result /tmp/large.json "$model-$dtype (${side}², VAE tiling)" \
-            || echo "candela $model ${side}² failed (exit $?)" | tee -a "$log"
-    done
+    run_late
     ;;
 diffusers)
     site=/tmp/site
@@ -213,7 +234,7 @@ diffusers)
     done
     ;;
 *)
-    echo "usage: run.sh candela|diffusers" >&2
+    echo "usage: run.sh candela|diffusers|late" >&2
     exit 2
     ;;
 esac
