@@ -279,13 +279,67 @@ pub fn linear_by(
             &Fp8Linear,
         )?,
         ActivationScale::PerRow => {
-            let bias = (operands.bias.as_ref())
-                .map(|b| b.to_dtype(xs.dtype()))
-                .transpose()?;
-            xs2.apply_op3_no_bwd(codes, &operands.scale_f32, &Fp8LinearPerRow { bias })?
+            return linear_quantized(&quantize_rows(xs)?, codes, operands);
         }
     };
     let mut dims = xs.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    ys.reshape(dims)
+}
+
+/// Whether products may take the per-row form (not refused or found wrong in this process).
+pub fn per_row_on() -> bool {
+    !PER_ROW_OFF.load(Ordering::Relaxed)
+}
+
+/// Activations quantized per row for [`linear_quantized`]: the e4m3 codes (rows × inner bytes)
+/// and then the rows' f32 scales, in one buffer; quantized once for every layer that reads the
+/// same input (q, k and v).
+pub struct QuantizedRows {
+    packed: Tensor,
+    /// The activations' dims and dtype (the products' output dtype).
+    dims: Vec<usize>,
+    dtype: DType,
+}
+
+/// `xs` (…, inner) f16/bf16 quantized per row (check [`supports`] first).
+pub fn quantize_rows(xs: &Tensor) -> candle_core::Result<QuantizedRows> {
+    let inner = xs.dims().last().copied().unwrap_or(0);
+    let rows = xs.elem_count() / inner.max(1);
+    let packed = xs
+        .contiguous()?
+        .reshape((rows, inner))?
+        .apply_op1_no_bwd(&QuantizeRows)?;
+    Ok(QuantizedRows {
+        packed,
+        dims: xs.dims().to_vec(),
+        dtype: xs.dtype(),
+    })
+}
+
+/// The per-row product of quantized activations: (…, out) in the activations' dtype.
+pub fn linear_quantized(
+    x: &QuantizedRows,
+    codes: &Tensor,
+    operands: &Operands,
+) -> candle_core::Result<Tensor> {
+    let (out, inner) = codes.dims2()?;
+    if x.dims.last() != Some(&inner) {
+        candle_core::bail!("fp8 linear of {:?} by {:?}", x.dims, codes.dims());
+    }
+    let rows = x.dims.iter().product::<usize>() / inner.max(1);
+    let bias = (operands.bias.as_ref())
+        .map(|b| b.to_dtype(x.dtype))
+        .transpose()?;
+    let op = Fp8LinearPerRow {
+        bias,
+        rows,
+        dtype: x.dtype,
+    };
+    let ys = x.packed.apply_op3_no_bwd(codes, &operands.scale_f32, &op)?;
+    let mut dims = x.dims.clone();
     if let Some(last) = dims.last_mut() {
         *last = out;
     }
@@ -392,10 +446,75 @@ impl CustomOp3 for Fp8Linear {
     }
 }
 
-/// The per-row form: x (rows, in) 16-bit, the weight's codes (out, in), its per-channel scale
-/// (out) in f32; the bias (out, x's dtype) read through its storage (an op takes three tensors).
+/// The per-row quantization: (rows, inner) f16/bf16 → codes then f32 scales, one U8 buffer.
+struct QuantizeRows;
+
+impl CustomOp1 for QuantizeRows {
+    fn name(&self) -> &'static str {
+        "fp8-quantize-rows"
+    }
+
+    super::cpu_fwd_unsupported!(1);
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, inner) = xl.shape().dims2()?;
+        if !matches!(x.dtype(), DType::F16 | DType::BF16) {
+            candle_core::bail!("fp8 quantization of {:?} activations", x.dtype());
+        }
+        let dev = &x.device;
+        let stream = dev.cuda_stream();
+        let suffix = super::elementwise::suffix(x.dtype())?;
+        let func =
+            dev.get_or_load_custom_func(&format!("fp8_quantize_rows_{suffix}"), MODULE, PTX)?;
+        let bytes = packed_bytes(rows, inner);
+        let mut packed = unsafe { stream.alloc::<u8>(bytes) }.map_err(cuda_error)?;
+        super::by_dtype!(x.dtype(), T => {
+            let (xv, x_aligned) = input::<T>(x, xl)?;
+            let vec = (x_aligned && inner % 8 == 0) as i32;
+            // The scales start 16-byte aligned (rows × inner is a multiple of 16 in every
+            // product this takes; checked).
+            if !(rows * inner).is_multiple_of(16) {
+                candle_core::bail!("fp8 quantization of rows {inner} wide");
+            }
+            let (mut codes, mut scales) = packed.split_at_mut(rows * inner);
+            let mut scales = unsafe { scales.transmute_mut::<f32>(rows) }
+                .ok_or_else(|| candle_core::Error::Msg("fp8 scales' buffer".into()))?;
+            let mut builder = func.builder();
+            builder
+                .arg(&xv)
+                .arg(&inner)
+                .arg(&mut codes)
+                .arg(&mut scales)
+                .arg(&vec);
+            // One block per row, sized to it.
+            let per_access = if vec == 1 { 8 } else { 1 };
+            let launch = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (norm_row_threads(inner, per_access), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { builder.launch(launch) }.map_err(cuda_error)?;
+        });
+        Ok((
+            CudaStorage::wrap_cuda_slice(packed, dev.clone()),
+            Shape::from(bytes),
+        ))
+    }
+}
+
+/// Bytes of [`QuantizedRows`]' buffer: the codes, then a f32 scale per row.
+fn packed_bytes(rows: usize, inner: usize) -> usize {
+    rows * inner + 4 * rows
+}
+
+/// The per-row product: the quantized activations' buffer ([`QuantizeRows`]), the weight's
+/// codes (out, in), its per-channel scale (out) in f32; the bias (out, the output's dtype) read
+/// through its storage (an op takes three tensors).
 struct Fp8LinearPerRow {
     bias: Option<Tensor>,
+    rows: usize,
+    /// The output's dtype (the activations').
+    dtype: DType,
 }
 
 impl CustomOp3 for Fp8LinearPerRow {
@@ -414,29 +533,37 @@ impl CustomOp3 for Fp8LinearPerRow {
         s: &CudaStorage,
         sl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (rows, inner) = xl.shape().dims2()?;
-        let (out, k) = wl.shape().dims2()?;
-        if k != inner || sl.shape().elem_count() != out || !wl.is_contiguous() {
-            candle_core::bail!("fp8 linear of {:?} by {:?}", xl.shape(), wl.shape());
+        let (out, inner) = wl.shape().dims2()?;
+        let rows = self.rows;
+        if xl.shape().elem_count() != packed_bytes(rows, inner)
+            || sl.shape().elem_count() != out
+            || !wl.is_contiguous()
+            || !xl.is_contiguous()
+        {
+            candle_core::bail!("fp8 linear of {rows} rows by {:?}", wl.shape());
         }
         let CudaStorageSlice::F8E4M3(codes) = &w.slice else {
             candle_core::bail!("fp8 linear needs e4m3 weights, got {:?}", w.dtype());
         };
         let codes = codes.slice(wl.start_offset()..);
+        let packed = x.as_cuda_slice::<u8>()?.slice(xl.start_offset()..);
         let (w_scale, _) = input::<f32>(s, sl)?;
         let bias = self.bias.as_ref().map(Tensor::storage_and_layout);
         let bias = bias
             .as_ref()
             .map(super::elementwise::locked_cuda)
             .transpose()?;
-        if bias.is_some_and(|(_, l)| l.shape().elem_count() != out) {
-            candle_core::bail!("fp8 linear's bias is not {out} wide");
+        if bias.is_some_and(|(b, l)| l.shape().elem_count() != out || b.dtype() != self.dtype) {
+            candle_core::bail!("fp8 linear's bias is not {out} {:?} values", self.dtype);
         }
         let sizes = Sizes { rows, inner, out };
-        let storage = match x.dtype() {
-            DType::F16 => run_per_row::<half::f16>(x, xl, &codes, &w_scale, bias, sizes, "f16")?,
-            DType::BF16 => run_per_row::<half::bf16>(x, xl, &codes, &w_scale, bias, sizes, "bf16")?,
-            other => candle_core::bail!("fp8 linear of {other:?} activations"),
+        let dev = &x.device;
+        let storage = match self.dtype {
+            DType::F16 => gemm_per_row::<half::f16>(dev, &packed, &codes, &w_scale, bias, sizes)?,
+            DType::BF16 => {
+                gemm_per_row::<half::bf16>(dev, &packed, &codes, &w_scale, bias, sizes)?
+            }
+            other => candle_core::bail!("fp8 linear into {other:?}"),
         };
         Ok((storage, Shape::from((rows, out))))
     }
@@ -504,7 +631,7 @@ fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits + OutputType>(
     gemm::<T>(
         dev,
         codes,
-        &quantized,
+        &quantized.slice(..),
         Scaling::PerTensor { b_scale },
         &mut ys,
         (out, rows, inner),
@@ -525,42 +652,19 @@ fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits + OutputType>(
     Ok(CudaStorage::wrap_cuda_slice(ys, dev.clone()))
 }
 
-/// One launch for the activations' codes and per-row scales, then the GEMM with both scale
-/// vectors and the bias.
-fn run_per_row<T: CudaDType + DeviceRepr + OutputType>(
-    x: &CudaStorage,
-    xl: &Layout,
+/// The GEMM of the quantized activations (`packed`: codes, then the rows' scales) with both
+/// scale vectors and the bias.
+fn gemm_per_row<T: CudaDType + DeviceRepr + OutputType>(
+    dev: &CudaDevice,
+    packed: &CudaView<'_, u8>,
     codes: &CudaView<'_, impl DeviceRepr>,
     w_scale: &CudaView<'_, f32>,
     bias: Option<(&CudaStorage, &Layout)>,
     Sizes { rows, inner, out }: Sizes,
-    suffix: &str,
 ) -> candle_core::Result<CudaStorage> {
-    let dev = &x.device;
     let stream = dev.cuda_stream();
-    let (xv, x_aligned) = input::<T>(x, xl)?;
-    let vec = (x_aligned && inner % 8 == 0) as i32;
-    let mut quantized = unsafe { stream.alloc::<u8>(rows * inner) }.map_err(cuda_error)?;
-    let mut x_scales = unsafe { stream.alloc::<f32>(rows) }.map_err(cuda_error)?;
-    {
-        let func =
-            dev.get_or_load_custom_func(&format!("fp8_quantize_rows_{suffix}"), MODULE, PTX)?;
-        let mut builder = func.builder();
-        builder
-            .arg(&xv)
-            .arg(&inner)
-            .arg(&mut quantized)
-            .arg(&mut x_scales)
-            .arg(&vec);
-        // One block per row, sized to it.
-        let per_access = if vec == 1 { 8 } else { 1 };
-        let launch = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (norm_row_threads(inner, per_access), 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { builder.launch(launch) }.map_err(cuda_error)?;
-    }
+    let quantized = packed.slice(..rows * inner);
+    let x_scales = packed.slice(rows * inner..);
     let bias = bias.map(|(s, l)| input::<T>(s, l)).transpose()?;
     let mut ys = unsafe { stream.alloc::<T>(rows * out) }.map_err(cuda_error)?;
     let (a_scale, _a_scale) = w_scale.device_ptr(&stream);
@@ -646,7 +750,7 @@ impl Drop for Descriptors {
 fn gemm<T: DeviceRepr + OutputType>(
     dev: &CudaDevice,
     a: &CudaView<'_, impl DeviceRepr>,
-    b: &CudaSlice<u8>,
+    b: &CudaView<'_, u8>,
     scaling: Scaling,
     d: &mut CudaSlice<T>,
     (m, n, k): (usize, usize, usize),

@@ -6,7 +6,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
 use super::blocks::{compute_dtype, computing, linear, Biased, Linear};
-use super::quantized::{BlockLinear, LayerSource};
+use super::quantized::{BlockLinear, LayerSource, SharedInput};
 
 use super::attention::scaled_dot_product;
 
@@ -311,9 +311,10 @@ impl Projections {
     fn forward(&self, xs: &Tensor, heads: usize) -> candle_core::Result<[Tensor; 3]> {
         let (b, n, _) = xs.dims3()?;
         let split = |t: Tensor| t.reshape((b, n, heads, ()));
-        let mut q = split(self.q.forward(xs)?)?;
-        let mut k = split(self.k.forward(xs)?)?;
-        let v = split(self.v.forward(xs)?)?;
+        let input = SharedInput::new(xs);
+        let mut q = split(self.q.forward_shared(&input)?)?;
+        let mut k = split(self.k.forward_shared(&input)?)?;
+        let v = split(self.v.forward_shared(&input)?)?;
         if let Some([nq, nk]) = &self.norms {
             q = nq.forward(&q)?;
             k = nk.forward(&k)?;
@@ -329,10 +330,11 @@ impl Projections {
         };
         let (b, n, _) = xs.dims3()?;
         let split = |t: Tensor| t.reshape((b, n, heads, ()));
+        let input = SharedInput::new(xs);
         Ok(Unbiased {
-            q: split(self.q.forward_unbiased(xs)?)?,
-            k: split(self.k.forward_unbiased(xs)?)?,
-            v: split(self.v.forward_unbiased(xs)?)?,
+            q: split(self.q.forward_unbiased_shared(&input)?)?,
+            k: split(self.k.forward_unbiased_shared(&input)?)?,
+            v: split(self.v.forward_unbiased_shared(&input)?)?,
             norm_params,
             v_bias: self.v.unapplied_bias(),
         })

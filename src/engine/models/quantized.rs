@@ -318,6 +318,24 @@ pub fn fp8_product_reference(
     }
 }
 
+/// One input several layers read (a stream's q, k and v projections): FP8 layers quantize it
+/// once, on the first product that wants it, where each quantized it for itself.
+pub struct SharedInput<'a> {
+    pub xs: &'a Tensor,
+    #[cfg(feature = "cuda")]
+    fp8_rows: std::cell::OnceCell<Option<crate::engine::cuda::fp8::QuantizedRows>>,
+}
+
+impl<'a> SharedInput<'a> {
+    pub fn new(xs: &'a Tensor) -> Self {
+        Self {
+            xs,
+            #[cfg(feature = "cuda")]
+            fp8_rows: std::cell::OnceCell::new(),
+        }
+    }
+}
+
 /// A dense layer whose weight may be quantized ([`WeightFormat`]). Layers whose input width is
 /// not a multiple of the format's block stay dense.
 #[derive(Debug)]
@@ -726,6 +744,59 @@ impl BlockLinear {
             }
             _ => self.forward(xs),
         }
+    }
+
+    /// [`Self::forward`] of a shared input.
+    pub fn forward_shared(&self, input: &SharedInput) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(ys) = self.fp8_shared(input)? {
+            return Ok(ys);
+        }
+        self.forward(input.xs)
+    }
+
+    /// [`Self::forward_unbiased`] of a shared input.
+    pub fn forward_unbiased_shared(&self, input: &SharedInput) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(ys) = self.fp8_shared(input)? {
+            return Ok(ys);
+        }
+        self.forward_unbiased(input.xs)
+    }
+
+    /// An FP8 layer's per-row product of the input quantized once (None: the layer's own
+    /// forward applies — another format, no FP8 tensor cores, the per-row form off).
+    #[cfg(feature = "cuda")]
+    fn fp8_shared(&self, input: &SharedInput) -> candle_core::Result<Option<Tensor>> {
+        use crate::engine::cuda::fp8;
+        let Self::Fp8 {
+            codes,
+            operands: Some(operands),
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        if !fp8::per_row_on() || !fp8::supports(input.xs, codes) {
+            return Ok(None);
+        }
+        let rows = input.fp8_rows.get_or_init(|| {
+            fp8::quantize_rows(input.xs)
+                .map_err(|e| fp8::switch_off_per_row(&e))
+                .ok()
+        });
+        let Some(rows) = rows else {
+            return Ok(None);
+        };
+        crate::engine::profile::scope("Linear", input.xs, || {
+            match fp8::linear_quantized(rows, codes, operands) {
+                Ok(ys) => Ok(Some(ys)),
+                Err(e) => {
+                    fp8::switch_off_per_row(&e);
+                    Ok(None)
+                }
+            }
+        })
     }
 
     /// The bias [`Self::forward_unbiased`] leaves out.
