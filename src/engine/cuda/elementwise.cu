@@ -557,6 +557,19 @@ __device__ void fp8_absmax(const T *x, size_t n, unsigned *amax_bits, int vec) {
     if ((threadIdx.x & 31) == 0) atomicMax(amax_bits, __float_as_uint(m));
 }
 
+// Eight 16-bit values as e4m3 codes of value / scale, in eight bytes.
+template <typename T>
+__device__ __forceinline__ uint2 e4m3_pack(const Pack<T> a, float scale) {
+    static_assert(Pack<T>::N == 8, "16-bit activations: eight codes per pack");
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        lo |= (uint32_t)e4m3(to_f(a.v[j]) / scale) << (8 * j);
+        hi |= (uint32_t)e4m3(to_f(a.v[j + 4]) / scale) << (8 * j);
+    }
+    return make_uint2(lo, hi);
+}
+
 // The activations as e4m3 codes at scale absmax / 448 (1 for an all-zero tensor): codes[i] =
 // e4m3(x[i] / scale); block 0 also writes the scale (the GEMM's B scale, read on the device).
 template <typename T>
@@ -567,16 +580,8 @@ __device__ void fp8_quantize(const T *x, size_t n, const unsigned *amax_bits, un
     const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
     if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
     if (vec) {
-        static_assert(N == 8, "16-bit activations: eight codes per pack");
         GRID_STRIDE(p, n / N) {
-            Pack<T> a = reinterpret_cast<const Pack<T> *>(x)[p];
-            uint32_t lo = 0, hi = 0;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                lo |= (uint32_t)e4m3(to_f(a.v[j]) / scale) << (8 * j);
-                hi |= (uint32_t)e4m3(to_f(a.v[j + 4]) / scale) << (8 * j);
-            }
-            reinterpret_cast<uint2 *>(codes)[p] = make_uint2(lo, hi);
+            reinterpret_cast<uint2 *>(codes)[p] = e4m3_pack(reinterpret_cast<const Pack<T> *>(x)[p], scale);
         }
     } else {
         GRID_STRIDE(i, n) { codes[i] = e4m3(to_f(x[i]) / scale); }
@@ -617,16 +622,8 @@ __device__ void fp8_quantize_rows(const T *x, size_t d, unsigned char *codes, fl
     __syncthreads();
     const float scale = row_scale;
     if (vec) {
-        static_assert(N == 8, "16-bit activations: eight codes per pack");
         for (size_t p = threadIdx.x; p < d / N; p += blockDim.x) {
-            Pack<T> a = reinterpret_cast<const Pack<T> *>(xr)[p];
-            uint32_t lo = 0, hi = 0;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                lo |= (uint32_t)e4m3(to_f(a.v[j]) / scale) << (8 * j);
-                hi |= (uint32_t)e4m3(to_f(a.v[j + 4]) / scale) << (8 * j);
-            }
-            reinterpret_cast<uint2 *>(cr)[p] = make_uint2(lo, hi);
+            reinterpret_cast<uint2 *>(cr)[p] = e4m3_pack(reinterpret_cast<const Pack<T> *>(xr)[p], scale);
         }
     } else {
         for (size_t i = threadIdx.x; i < d; i += blockDim.x) cr[i] = e4m3(to_f(xr[i]) / scale);

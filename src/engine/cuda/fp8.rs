@@ -186,11 +186,41 @@ pub fn gemv(xs: &Tensor, codes: &Tensor, operands: &Operands) -> candle_core::Re
         &operands.scale_bias.to_dtype(xs.dtype())?,
         &Fp8Gemv,
     )?;
-    let mut dims = xs.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = out;
+    ys.reshape(with_last(xs.dims(), out))
+}
+
+/// `dims` with the last one `last`: a product's output dims.
+fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
+    let mut dims = dims.to_vec();
+    if let Some(d) = dims.last_mut() {
+        *d = last;
     }
-    ys.reshape(dims)
+    dims
+}
+
+/// The weight's codes from its layout's start, and (out, inner), checked e4m3 and contiguous.
+fn weight_codes<'a>(
+    w: &'a CudaStorage,
+    wl: &Layout,
+) -> candle_core::Result<(CudaView<'a, float8::F8E4M3>, (usize, usize))> {
+    let CudaStorageSlice::F8E4M3(codes) = &w.slice else {
+        candle_core::bail!("an fp8 product needs e4m3 weights, got {:?}", w.dtype());
+    };
+    if !wl.is_contiguous() {
+        candle_core::bail!("an fp8 product of a strided weight");
+    }
+    Ok((codes.slice(wl.start_offset()..), wl.shape().dims2()?))
+}
+
+/// (rows, inner, out) of x (rows, inner) by a weight (out, inner) with its scale and bias side by
+/// side (2 · out).
+fn product_sizes(xl: &Layout, wl: &Layout, sbl: &Layout) -> candle_core::Result<Sizes> {
+    let (rows, inner) = xl.shape().dims2()?;
+    let (out, k) = wl.shape().dims2()?;
+    if k != inner || sbl.shape().elem_count() != 2 * out {
+        candle_core::bail!("an fp8 product of {:?} by {:?}", xl.shape(), wl.shape());
+    }
+    Ok(Sizes { rows, inner, out })
 }
 
 struct Fp8Gemv;
@@ -211,20 +241,11 @@ impl CustomOp3 for Fp8Gemv {
         sb: &CudaStorage,
         sbl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (rows, inner) = xl.shape().dims2()?;
-        let (out, k) = wl.shape().dims2()?;
-        if k != inner
-            || sbl.shape().elem_count() != 2 * out
-            || !wl.is_contiguous()
-            || rows > GEMV_ROWS
-            || inner % 16 != 0
-        {
-            candle_core::bail!("fp8 gemv of {:?} by {:?}", xl.shape(), wl.shape());
+        let Sizes { rows, inner, out } = product_sizes(xl, wl, sbl)?;
+        let (codes, _) = weight_codes(w, wl)?;
+        if rows > GEMV_ROWS || !inner.is_multiple_of(16) {
+            candle_core::bail!("fp8 gemv of {rows} rows of {inner}");
         }
-        let CudaStorageSlice::F8E4M3(codes) = &w.slice else {
-            candle_core::bail!("fp8 gemv needs e4m3 weights, got {:?}", w.dtype());
-        };
-        let codes = codes.slice(wl.start_offset()..);
         if !matches!(x.dtype(), DType::F16 | DType::BF16) {
             candle_core::bail!("fp8 gemv of {:?} activations", x.dtype());
         }
@@ -282,11 +303,7 @@ pub fn linear_by(
             return linear_quantized(&quantize_rows(xs)?, codes, operands);
         }
     };
-    let mut dims = xs.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = out;
-    }
-    ys.reshape(dims)
+    ys.reshape(with_last(xs.dims(), out))
 }
 
 /// Whether products may take the per-row form (not refused or found wrong in this process).
@@ -339,11 +356,7 @@ pub fn linear_quantized(
         dtype: x.dtype,
     };
     let ys = x.packed.apply_op3_no_bwd(codes, &operands.scale_f32, &op)?;
-    let mut dims = x.dims.clone();
-    if let Some(last) = dims.last_mut() {
-        *last = out;
-    }
-    ys.reshape(dims)
+    ys.reshape(with_last(&x.dims, out))
 }
 
 /// `t` (F8E4M3 codes, or f32/f16/bf16 values) cast to `dtype` (a float dtype, or F8E4M3: the
@@ -427,16 +440,9 @@ impl CustomOp3 for Fp8Linear {
         sb: &CudaStorage,
         sbl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (rows, inner) = xl.shape().dims2()?;
-        let (out, k) = wl.shape().dims2()?;
-        if k != inner || sbl.shape().elem_count() != 2 * out || !wl.is_contiguous() {
-            candle_core::bail!("fp8 linear of {:?} by {:?}", xl.shape(), wl.shape());
-        }
-        let CudaStorageSlice::F8E4M3(codes) = &w.slice else {
-            candle_core::bail!("fp8 linear needs e4m3 weights, got {:?}", w.dtype());
-        };
-        let codes = codes.slice(wl.start_offset()..);
-        let sizes = Sizes { rows, inner, out };
+        let sizes = product_sizes(xl, wl, sbl)?;
+        let (codes, _) = weight_codes(w, wl)?;
+        let Sizes { rows, out, .. } = sizes;
         let storage = match x.dtype() {
             DType::F16 => run::<half::f16>(x, xl, &codes, sb, sbl, sizes, "f16")?,
             DType::BF16 => run::<half::bf16>(x, xl, &codes, sb, sbl, sizes, "bf16")?,
@@ -533,19 +539,14 @@ impl CustomOp3 for Fp8LinearPerRow {
         s: &CudaStorage,
         sl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (out, inner) = wl.shape().dims2()?;
+        let (codes, (out, inner)) = weight_codes(w, wl)?;
         let rows = self.rows;
         if xl.shape().elem_count() != packed_bytes(rows, inner)
             || sl.shape().elem_count() != out
-            || !wl.is_contiguous()
             || !xl.is_contiguous()
         {
             candle_core::bail!("fp8 linear of {rows} rows by {:?}", wl.shape());
         }
-        let CudaStorageSlice::F8E4M3(codes) = &w.slice else {
-            candle_core::bail!("fp8 linear needs e4m3 weights, got {:?}", w.dtype());
-        };
-        let codes = codes.slice(wl.start_offset()..);
         let packed = x.as_cuda_slice::<u8>()?.slice(xl.start_offset()..);
         let (w_scale, _) = input::<f32>(s, sl)?;
         let bias = self.bias.as_ref().map(Tensor::storage_and_layout);
