@@ -110,6 +110,8 @@ run_candidates() {
             model=${spec%%:*} dtype=${spec##*:}
             [ -n "$only" ] && [[ $only != *",$model,"* ]] && continue
             echo "== candela $model $dtype, $flag" | tee -a "$log"
+            # The per-shape races' times in the log ("convolution APIs raced" is a debug line).
+            CANDELA_LOG=info,candela::engine::cuda::conv=debug \
             timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
                 --steps 1 --repeats "$REPEATS" "${flags[@]}" --json-out /tmp/candidate.json >> "$log" 2>&1 \
                 && append_result /tmp/candidate.json "$model-$dtype (${flag#--})" \
