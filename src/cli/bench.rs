@@ -95,8 +95,9 @@ pub struct BenchArgs {
     /// every head size (`hopper`, `hopper-128`, `tiled`, or a candidate: `pipelined`, `wide`,
     /// the 128-key tiles `hopper-k128`, `hopper-128-k128`) to time whole models with it, or
     /// `cudnn`: cuDNN's fused attention (graph API; the default kernels for a shape it has no
-    /// plan for), or `fastest`: per shape, whichever of cuDNN's plan and the default kernel ran
-    /// it faster when first met (the times are logged).
+    /// plan for), or `fastest`: per shape, the fastest of every kernel that runs it and cuDNN's
+    /// plan, each timed on the shape's first call and checked against the default kernel (every
+    /// entrant's time is logged).
     #[arg(long, default_value = "auto")]
     pub attention_kernel: String,
     /// The cuDNN API of the half-precision convolutions: `auto` (the default: the graph API on
@@ -273,20 +274,17 @@ fn select_attention_kernel(name: &str) -> anyhow::Result<()> {
     if name == "auto" {
         return Ok(());
     }
-    // cuDNN's fused attention, with the default kernels for shapes it has no plan for
-    // ("cudnn"), or for shapes they ran faster when first met ("fastest").
+    // cuDNN's fused attention, with the default kernels for shapes it has no plan for.
     #[cfg(feature = "cudnn")]
-    {
-        use engine::cuda::attention::{set_cudnn, CudnnUse};
-        let use_ = match name {
-            "cudnn" => Some(CudnnUse::Always),
-            "fastest" => Some(CudnnUse::WhereFaster),
-            _ => None,
-        };
-        if let Some(use_) = use_ {
-            set_cudnn(use_);
-            return Ok(());
-        }
+    if name == "cudnn" {
+        engine::cuda::attention::set_selection(engine::cuda::attention::Selection::Cudnn);
+        return Ok(());
+    }
+    // Per shape, the fastest of every kernel that runs it and cuDNN's plan.
+    #[cfg(feature = "cuda")]
+    if name == "fastest" {
+        engine::cuda::attention::set_selection(engine::cuda::attention::Selection::Fastest);
+        return Ok(());
     }
     #[cfg(feature = "cuda")]
     {

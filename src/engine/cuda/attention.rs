@@ -70,41 +70,55 @@ pub fn set_model_kernel(kernel: Kernel) {
     MODEL_KERNEL.store(kernel as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// How [`attention`] uses cuDNN's fused attention (`attention_graph.rs`; our kernel where cuDNN
-/// has no plan for a shape). A candidate until a GPU run has measured it.
+/// How [`attention`] picks what runs a shape. The last two are candidates until a GPU run has
+/// measured them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
-pub enum CudnnUse {
-    /// Our kernels only (the default).
-    Never = 0,
-    /// cuDNN wherever it has a plan.
-    Always = 1,
-    /// Per shape, whichever of cuDNN's plan and our kernel ran it faster when the shape was
-    /// first met (both timed on that call's own tensors): no one choice wins at every head size
-    /// and sequence length on every card.
-    WhereFaster = 2,
+pub enum Selection {
+    /// The models' kernel ([`model_kernel`]; the default).
+    ModelKernel = 0,
+    /// cuDNN's fused attention wherever it has a plan (`attention_graph.rs`), the models'
+    /// kernel elsewhere.
+    Cudnn = 1,
+    /// Per shape, the fastest of every kernel that runs it here and cuDNN's plan, each timed on
+    /// the first call's own tensors and checked against the models' kernel there: no one
+    /// choice wins at every head size and sequence length on every card, and the run's log
+    /// gives every entrant's time (`attention raced`).
+    Fastest = 2,
 }
 
-static CUDNN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(CudnnUse::Never as u8);
+static SELECTION: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(Selection::ModelKernel as u8);
 
-/// Makes [`attention`] use cuDNN's fused attention so from now on, in this process. Without the
-/// cudnn feature there is nothing to switch on.
-pub fn set_cudnn(use_: CudnnUse) {
-    let use_ = if cfg!(feature = "cudnn") {
-        use_
-    } else {
-        CudnnUse::Never
-    };
-    CUDNN.store(use_ as u8, std::sync::atomic::Ordering::Relaxed);
+/// Makes [`attention`] select so from now on, in this process (cuDNN's fused attention only with
+/// the cudnn feature: without it `Cudnn` is the models' kernel, and `Fastest` races ours).
+pub fn set_selection(selection: Selection) {
+    SELECTION.store(selection as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// How [`attention`] uses cuDNN's fused attention.
-pub fn cudnn_use() -> CudnnUse {
-    match CUDNN.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => CudnnUse::Always,
-        2 => CudnnUse::WhereFaster,
-        _ => CudnnUse::Never,
+/// How [`attention`] picks what runs a shape.
+pub fn selection() -> Selection {
+    match SELECTION.load(std::sync::atomic::Ordering::Relaxed) {
+        1 if cfg!(feature = "cudnn") => Selection::Cudnn,
+        2 => Selection::Fastest,
+        _ => Selection::ModelKernel,
     }
+}
+
+/// Set when the device check found cuDNN's fused attention wrong or failing on this device.
+static CUDNN_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether cuDNN's fused attention may run: the cudnn feature, a selection that uses it, not
+/// switched off.
+pub fn cudnn_selected() -> bool {
+    cfg!(feature = "cudnn")
+        && selection() != Selection::ModelKernel
+        && !CUDNN_OFF.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// cuDNN's fused attention out of every selection from now on, in this process.
+pub fn switch_off_cudnn() {
+    CUDNN_OFF.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The kernel [`attention`] runs at `head_dim` where it applies: the one chosen, or by default
@@ -128,20 +142,120 @@ pub fn model_kernel(head_dim: usize) -> Kernel {
 /// output seen heads-first) are read in place; the result is a heads-first view of token-major
 /// data, so `transpose(1, 2)` and merging the heads cost nothing.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
-    let kernel = runnable_kernel(q);
-    #[cfg(feature = "cudnn")]
-    match cudnn_use() {
-        CudnnUse::Never => {}
-        use_ => {
-            let op = super::attention_graph::CudnnAttention {
-                scale,
-                fallback: Some(kernel),
-                race: use_ == CudnnUse::WhereFaster,
-            };
-            return apply(q, k, v, &op);
+    match selection() {
+        Selection::ModelKernel => run(runnable_kernel(q), q, k, v, scale),
+        Selection::Cudnn if cudnn_selected() => attention_cudnn_first(q, k, v, scale),
+        Selection::Cudnn => run(runnable_kernel(q), q, k, v, scale),
+        Selection::Fastest => fastest(q, k, v, scale)?.run(q, k, v, scale),
+    }
+}
+
+/// What runs one attention shape under [`Selection::Fastest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Entrant {
+    Ours(Kernel),
+    /// cuDNN's plan (an error where it has none).
+    Cudnn,
+}
+
+impl Entrant {
+    fn run(self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Ours(kernel) => run(kernel, q, k, v, scale),
+            #[cfg(feature = "cudnn")]
+            Self::Cudnn => attention_by_cudnn(q, k, v, scale),
+            #[cfg(not(feature = "cudnn"))]
+            Self::Cudnn => candle_core::bail!("built without cuDNN"),
         }
     }
-    run(kernel, q, k, v, scale)
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ours(kernel) => kernel.name(),
+            Self::Cudnn => "cudnn",
+        }
+    }
+}
+
+/// One attention shape and layout, as a race remembers it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct RaceKey {
+    location: String,
+    dtype: DType,
+    dims: [Vec<usize>; 3],
+    strides: [Vec<usize>; 3],
+}
+
+thread_local! {
+    /// The winner of each shape raced on this thread.
+    static WINNERS: std::cell::RefCell<std::collections::HashMap<RaceKey, Entrant>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The fastest entrant for this shape: on its first call every kernel that runs it here and
+/// cuDNN's plan, each checked against the models' kernel on these tensors (an entrant that
+/// fails or disagrees is out) and timed (one untimed run, then five), remembered after. The
+/// first call synchronises the device: it happens in a loop's first, eager step, never inside
+/// a CUDA-graph capture (the capture replays shapes already met).
+fn fastest(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Entrant> {
+    let key = RaceKey {
+        location: format!("{:?}", q.device().location()),
+        dtype: q.dtype(),
+        dims: [q, k, v].map(|t| t.dims().to_vec()),
+        strides: [q, k, v].map(|t| t.stride().to_vec()),
+    };
+    if let Some(winner) = WINNERS.with(|w| w.borrow().get(&key).copied()) {
+        return Ok(winner);
+    }
+    const RUNS: usize = 5;
+    let device = q.device();
+    let head_dim = q.dims()[3];
+    let reference_kernel = runnable_kernel(q);
+    let reference = run(reference_kernel, q, k, v, scale)?;
+    let mut entrants: Vec<Entrant> = (Kernel::ALL.into_iter())
+        .filter(|kernel| available(*kernel, head_dim, device))
+        .map(Entrant::Ours)
+        .collect();
+    if cudnn_selected() {
+        entrants.push(Entrant::Cudnn);
+    }
+    let mut winner = (Entrant::Ours(reference_kernel), f64::INFINITY);
+    let mut report = Vec::new();
+    for entrant in entrants {
+        let timed = (|| -> candle_core::Result<f64> {
+            let error = super::self_check::relative_error(
+                &entrant.run(q, k, v, scale)?,
+                &reference,
+            )?;
+            if error > super::self_check::LIMIT {
+                candle_core::bail!("disagrees with {} by {error:.1e}", reference_kernel.name());
+            }
+            device.synchronize()?;
+            let start = std::time::Instant::now();
+            for _ in 0..RUNS {
+                entrant.run(q, k, v, scale)?;
+            }
+            device.synchronize()?;
+            Ok(start.elapsed().as_secs_f64() / RUNS as f64)
+        })();
+        match timed {
+            Ok(seconds) => {
+                report.push(format!("{} {:.3} ms", entrant.name(), seconds * 1e3));
+                if seconds < winner.1 {
+                    winner = (entrant, seconds);
+                }
+            }
+            Err(e) => report.push(format!("{}: {e}", entrant.name())),
+        }
+    }
+    tracing::info!(
+        shape = ?key.dims,
+        entrants = %report.join(", "),
+        chosen = winner.0.name(),
+        "attention raced"
+    );
+    WINNERS.with(|w| w.borrow_mut().insert(key, winner.0));
+    Ok(winner.0)
 }
 
 /// The chosen kernel where it applies (the Hopper ones: head sizes 64 and 128 on a 9.0 device),
@@ -155,9 +269,9 @@ fn runnable_kernel(q: &Tensor) -> Kernel {
     }
 }
 
-/// [`attention`] through cuDNN wherever it has a plan, however [`cudnn_use`] is set, our kernel
-/// elsewhere: what the device check compares with candle's ops (a race at its small shapes
-/// might never run cuDNN).
+/// [`attention`] through cuDNN wherever it has a plan, however [`selection`] is set, the models'
+/// kernel elsewhere: what the device check compares with candle's ops (a race at its small
+/// shapes might never run cuDNN).
 pub fn attention_cudnn_first(
     q: &Tensor,
     k: &Tensor,
@@ -169,7 +283,6 @@ pub fn attention_cudnn_first(
         let op = super::attention_graph::CudnnAttention {
             scale,
             fallback: Some(runnable_kernel(q)),
-            race: false,
         };
         apply(q, k, v, &op)
     }
@@ -188,7 +301,6 @@ pub fn attention_by_cudnn(
     let op = super::attention_graph::CudnnAttention {
         scale,
         fallback: None,
-        race: false,
     };
     apply(q, k, v, &op)
 }

@@ -292,18 +292,13 @@ fn reduction(
 thread_local! {
     /// Plans per shape on this thread, or why cuDNN could not run the shape.
     static PLANS: RefCell<HashMap<Key, Result<Plan, String>>> = RefCell::new(HashMap::new());
-    /// Per shape raced (`CudnnUse::WhereFaster`): whether cuDNN's plan ran it faster than our
-    /// kernel.
-    static CUDNN_FASTER: RefCell<HashMap<Key, bool>> = RefCell::new(HashMap::new());
 }
 
 /// softmax(q kᵀ · scale) v by cuDNN, the same inputs and token-major output as [`FlashAttention`].
-/// `fallback`: the kernel that runs a shape cuDNN has no plan for (None: that is an error);
-/// `race`: it also runs the shapes where it was faster than cuDNN's plan on first meeting them.
+/// `fallback`: the kernel that runs a shape cuDNN has no plan for (None: that is an error).
 pub(super) struct CudnnAttention {
     pub scale: f32,
     pub fallback: Option<Kernel>,
-    pub race: bool,
 }
 
 impl CustomOp3 for CudnnAttention {
@@ -402,11 +397,7 @@ impl CudnnAttention {
                         let mut scratch = unsafe { stream.alloc::<u8>(plan.workspace.max(1)) }
                             .map_err(cuda_error)?;
                         let (sp, _s) = scratch.device_ptr_mut(&stream);
-                        let execute = || plan.execute(handle, bindings, sp);
-                        if self.race && !self.cudnn_faster(key, &stream, execute, [q, k, v])? {
-                            return Ok(false);
-                        }
-                        execute()?;
+                        plan.execute(handle, bindings, sp)?;
                         Ok(true)
                     }
                     Some(Err(why)) if self.fallback.is_none() => {
@@ -420,43 +411,5 @@ impl CudnnAttention {
             }
         }
         Ok(Some(CudaStorage::wrap_cuda_slice(out, dev.clone())))
-    }
-
-    /// Whether cuDNN's plan (`cudnn`, one execution) runs `key` faster than the fallback
-    /// kernel: timed on these operands when the shape is first met (a few milliseconds once),
-    /// remembered after. A fallback that fails leaves cuDNN faster.
-    fn cudnn_faster(
-        &self,
-        key: &Key,
-        stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
-        cudnn: impl Fn() -> candle_core::Result<()>,
-        [q, k, v]: [(&CudaStorage, &Layout); 3],
-    ) -> candle_core::Result<bool> {
-        if let Some(known) = CUDNN_FASTER.with(|m| m.borrow().get(key).copied()) {
-            return Ok(known);
-        }
-        let Some(kernel) = self.fallback else {
-            return Ok(true);
-        };
-        const RUNS: usize = 5;
-        let ours = FlashAttention {
-            scale: self.scale,
-            kernel,
-        };
-        let ours_s = cudnn_graph::seconds_per_run(stream, RUNS, || {
-            ours.cuda_fwd(q.0, q.1, k.0, k.1, v.0, v.1).map(drop)
-        });
-        let cudnn_s = cudnn_graph::seconds_per_run(stream, RUNS, &cudnn)?;
-        let faster = ours_s.as_ref().map_or(true, |ours_s| cudnn_s < *ours_s);
-        tracing::info!(
-            ?key,
-            cudnn_ms = cudnn_s * 1e3,
-            ours_ms = ?ours_s.as_ref().map(|s| s * 1e3).map_err(ToString::to_string),
-            kernel = kernel.name(),
-            chosen = if faster { "cuDNN" } else { kernel.name() },
-            "attention raced"
-        );
-        CUDNN_FASTER.with(|m| m.borrow_mut().insert(key.clone(), faster));
-        Ok(faster)
     }
 }

@@ -97,7 +97,7 @@ pub fn switch_off(op: Fused) {
 
 /// Relative L2 error above which a kernel is wrong rather than rounded differently: the kernels
 /// measured 3e-4 (f16) on an H200; an indexing error is of order one.
-const LIMIT: f64 = 1e-2;
+pub(super) const LIMIT: f64 = 1e-2;
 
 /// One check: the fused op's relative error against candle's ops on the device.
 type Check = fn(&Device) -> candle_core::Result<f64>;
@@ -179,7 +179,7 @@ fn judge(op: Fused, outcome: candle_core::Result<f64>, limit: f64) -> bool {
 }
 
 /// ‖a − b‖ / ‖b‖ in f32.
-fn relative_error(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+pub(super) fn relative_error(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
     let norm = |t: &Tensor| -> candle_core::Result<f64> {
         Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
@@ -201,7 +201,7 @@ fn values(dims: &[usize], seed: f32, device: &Device) -> candle_core::Result<Ten
 /// checked in turn.
 fn attention(device: &Device) -> candle_core::Result<f64> {
     use super::attention::{
-        attention_cudnn_first, cudnn_use, model_kernel, set_cudnn, set_model_kernel, CudnnUse,
+        attention_cudnn_first, cudnn_selected, model_kernel, set_model_kernel, switch_off_cudnn,
         Kernel,
     };
     type Attention = fn(&Tensor, &Tensor, &Tensor, f32) -> candle_core::Result<Tensor>;
@@ -211,10 +211,10 @@ fn attention(device: &Device) -> candle_core::Result<f64> {
     let worst = || worst_by(super::attention::attention);
     // cuDNN's fused attention where chosen (its shapes without a plan run our kernel, checked
     // below either way): switched off if it fails or disagrees.
-    if cudnn_use() != CudnnUse::Never {
+    if cudnn_selected() {
         if let Some(why) = failure(&worst_by(attention_cudnn_first), LIMIT) {
             tracing::error!("cuDNN's fused attention {why} on this device; switched off");
-            set_cudnn(CudnnUse::Never);
+            switch_off_cudnn();
         }
     }
     // The kernels the models run at the two head sizes checked.

@@ -14,8 +14,9 @@
 # (the machine idles out after 30 s). 15 device minutes hold both calls and one short third.
 # Session 26 added runs (cuDNN attention on four models, FP8 and GGUF rows that session 25 never
 # reached, graph steps on four models, SD 1.5's trace) and left out three of session 25's
-# comparisons; session 27 the goal combinations and the convolution API per shape: the candela
-# call is estimated at ~650 s of work, in order of importance, so the late candidates and the
+# comparisons; session 27 the goal combinations and the convolution API per shape, and left the
+# attention kernels' whole-model runs to the race's log: the candela call is estimated at ~550 s
+# of work, in order of importance, so the late candidates and the
 # large image may be cut (a call cut short keeps what came first).
 # Under $OUT: candela.jsonl / diffusers.jsonl (one JSON object per model, the fields of
 # `candela bench --json-out`, profiles included), <side>.log, kernels-<dtype>.jsonl and
@@ -38,21 +39,21 @@ MODELS=${MODELS:-"sd15:f16 sdxl:f16 sd35-large:f16 flux-dev:bf16"}
 # one step, labelled "<model> (<flag>)", in order of importance (a call cut short keeps the
 # first ones). The Hopper kernels take head sizes 64 and 128 only (SD 1.5's are 40, 80 and 160).
 DIT_AND_SDXL=sdxl,sd35-large,flux-dev
-# --attention-kernel=fastest: cuDNN's fused attention through the graph API (session 26), the
-# kernel PyTorch's SDPA ran in session 25's traces at ~half our Hopper kernel's time, wherever it
-# beats our kernel per shape (session 27; the log's "attention raced" lines give both times);
-# every model (SD 1.5's head sizes 40/80/160 too, which our Hopper kernels do not take).
+# --attention-kernel=fastest: per attention shape, the fastest of every kernel that runs it and
+# cuDNN's fused attention through the graph API (session 26; the kernel PyTorch's SDPA ran in
+# session 25's traces at ~half our Hopper kernel's time), each checked against the default kernel
+# on the shape's first call (session 27); every model (SD 1.5's head sizes 40/80/160 too, which
+# our Hopper kernels do not take). The log's "attention raced" lines give every entrant's time
+# per shape: the 128-key Hopper kernels, `hopper` at FLUX's head size and cuDNN, which session 26
+# timed as whole-model candidates each, are among them.
 # --quantize=fp8: FP8 weight storage (memory, and the products on FP8 tensor cores; SDXL's UNet
 # takes it for its transformer blocks). Never timed: session 25's run found candle's F8E4M3
 # casts broken on CUDA (our kernels since).
 # --quantize=q8_0 / q4k on FLUX-dev: GGML blocks, the products a GGUF transformer file's layers
 # run — widened to the activations' dtype for one GEMM since session 25 (candle's quantized
 # kernels ran 3.3x / 3.5x the dense step).
-# --attention-kernel=hopper@flux-dev: session 25's default at FLUX's head size 128, where the
-# default is now hopper-128 (measured faster there: 139.9 against 143.3 ms) — what it bought.
-# --attention-kernel=hopper-k128 / hopper-128-k128: 128-key tiles at head size 128 too (cuDNN's
-# FLUX attention tiles, 2.2x faster than `hopper` there in session 25's traces), the softmax
-# overlapping p.v, three stages.
+# (--attention-kernel=hopper-k128 / hopper-128-k128 / hopper@flux-dev as whole-model candidates
+# are left to CANDIDATES_LATE by hand: the race times them per shape.)
 # Session 25's own comparisons (--attention-kernel=tiled / hopper-128, --conv-engine=legacy:
 # the former defaults and a measured candidate) are left out to keep the call within its limit;
 # add them to CANDIDATES_LATE to run them again.
@@ -71,7 +72,7 @@ GOAL_COMBINATIONS=${GOAL_COMBINATIONS-"--quantize=fp8+--attention-kernel=fastest
 # experiment and the kernel traces (the call's order: parity, op tables, models, end to end,
 # CANDIDATES, graphs, traces, CANDIDATES_LATE, large images).
 CANDIDATES=${CANDIDATES-"--attention-kernel=fastest --quantize=fp8@$DIT_AND_SDXL --quantize=q8_0@flux-dev $GOAL_COMBINATIONS"}
-CANDIDATES_LATE=${CANDIDATES_LATE-"--conv-engine=fastest@sd15,sdxl --attention-kernel=hopper-k128@$DIT_AND_SDXL --attention-kernel=hopper-128-k128@$DIT_AND_SDXL --attention-kernel=hopper@flux-dev --quantize=q4k@flux-dev --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm"}
+CANDIDATES_LATE=${CANDIDATES_LATE-"--conv-engine=fastest@sd15,sdxl --quantize=q4k@flux-dev --switch-off=deferred-bias,qk-norm,upsample,group-norm,strided-gemm,layer-norm"}
 # End to end at the step counts issue #9 names, both sides (E2E= to leave out): model:dtype:steps,
 # labelled "<model> (N steps)".
 E2E=${E2E-"sdxl:f16:30 flux-dev:bf16:28"}
