@@ -105,20 +105,18 @@ pub fn selection() -> Selection {
     }
 }
 
-/// Set when the device check found cuDNN's fused attention wrong or failing on this device.
-static CUDNN_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 /// Whether cuDNN's fused attention may run: the cudnn feature, a selection that uses it, not
-/// switched off.
+/// switched off (by the device check, or `--switch-off cudnn-attention`).
 pub fn cudnn_selected() -> bool {
+    use super::self_check::{passed, Fused};
     cfg!(feature = "cudnn")
         && selection() != Selection::ModelKernel
-        && !CUDNN_OFF.load(std::sync::atomic::Ordering::Relaxed)
+        && passed(Fused::CudnnAttention)
 }
 
 /// cuDNN's fused attention out of every selection from now on, in this process.
 pub fn switch_off_cudnn() {
-    CUDNN_OFF.store(true, std::sync::atomic::Ordering::Relaxed);
+    super::self_check::switch_off(super::self_check::Fused::CudnnAttention);
 }
 
 /// The kernel [`attention`] runs at `head_dim` where it applies: the one chosen, or by default

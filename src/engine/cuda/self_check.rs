@@ -42,10 +42,13 @@ pub enum Fused {
     /// FP8 weights' matrix-vector products (the DiTs' modulation) decoding the codes in
     /// registers, where the weight was widened for a GEMV.
     Fp8Gemv = 10,
+    /// cuDNN's fused attention (graph API) where a selection uses it (`--attention-kernel
+    /// cudnn|fastest`); checked with the attention kernels.
+    CudnnAttention = 11,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 11] = [
+    pub const ALL: [Fused; 12] = [
         Fused::Attention,
         Fused::LayerNormModulate,
         Fused::TokenMajorRope,
@@ -57,6 +60,7 @@ impl Fused {
         Fused::StridedGemm,
         Fused::LayerNorm,
         Fused::Fp8Gemv,
+        Fused::CudnnAttention,
     ];
 
     pub fn name(self) -> &'static str {
@@ -72,6 +76,7 @@ impl Fused {
             Fused::StridedGemm => "strided-gemm",
             Fused::LayerNorm => "layer-norm",
             Fused::Fp8Gemv => "fp8-gemv",
+            Fused::CudnnAttention => "cudnn-attention",
         }
     }
 }

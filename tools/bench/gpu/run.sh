@@ -114,12 +114,15 @@ run_candidates() {
             # The per-shape races' times in the log ("convolution APIs raced" is a debug line).
             CANDELA_LOG=info,candela::engine::cuda::conv=debug \
             timeout 90 "$bin" --configs "$BENCHES/$model" --device "$DEVICE" --dtype "$dtype" \
-                --steps 1 --repeats "$REPEATS" "${flags[@]}" --json-out /tmp/candidate.json >> "$log" 2>&1 \
+                --steps 1 --repeats "$REPEATS" "${flags[@]}" "${CANDIDATE_FLAGS[@]}" \
+                --json-out /tmp/candidate.json >> "$log" 2>&1 \
                 && append_result /tmp/candidate.json "$model-$dtype (${flag#--})" \
                 || echo "candela $model with $flag failed (exit $?)" | tee -a "$log"
         done
     done
 }
+# Flags every candidate run adds (set below where a check calls for them).
+CANDIDATE_FLAGS=()
 log="$OUT/$side.log"
 results="$OUT/$side.jsonl"
 : > "$results"
@@ -161,6 +164,12 @@ candela)
     # The same in f16 with cuDNN's fused attention (candidate): whole pipelines through it.
     echo "== device parity f16, --attention-kernel cudnn" | tee -a "$log"
     timeout 60 "$bin" --device-parity --device "$DEVICE" --dtype f16 --attention-kernel cudnn 2>&1 | tee -a "$log"
+    # A crash there (a signal, or the time limit) would take every run racing cuDNN's attention
+    # down with it: the candidates then race our kernels only.
+    if [ "${PIPESTATUS[0]}" -ge 124 ]; then
+        CANDIDATE_FLAGS=(--switch-off=cudnn-attention)
+        echo "cuDNN's attention crashed or hung: the candidates run with ${CANDIDATE_FLAGS[*]}" | tee -a "$log"
+    fi
     # The step's ops at every family's shapes, candela then PyTorch on the same figures' shapes.
     for dtype in $KERNEL_DTYPES; do
         echo "== kernels $dtype" | tee -a "$log"
