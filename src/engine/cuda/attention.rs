@@ -221,10 +221,8 @@ fn fastest(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Resul
     let mut report = Vec::new();
     for entrant in entrants {
         let timed = (|| -> candle_core::Result<f64> {
-            let error = super::self_check::relative_error(
-                &entrant.run(q, k, v, scale)?,
-                &reference,
-            )?;
+            let error =
+                super::self_check::relative_error(&entrant.run(q, k, v, scale)?, &reference)?;
             if error > super::self_check::LIMIT {
                 candle_core::bail!("disagrees with {} by {error:.1e}", reference_kernel.name());
             }

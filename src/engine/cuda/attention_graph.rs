@@ -30,8 +30,8 @@ use candle_core::{CustomOp3, DType, Layout, Shape};
 use super::attention::{view_from, FlashAttention, Kernel, Operands};
 use super::cuda_error;
 use super::cudnn_graph::{
-    self, operation, packed_strides, Attr, Bindings, Descriptor, DescriptorType, Graph, Kind, Plan,
-    Storage,
+    self, operation, packed_strides, pointwise, Attr, Bindings, Descriptor, DescriptorType, Graph,
+    Kind, Plan, Storage,
 };
 use crate::engine::cuda_geometry::{GraphTensor, GraphTensors, Strides};
 
@@ -221,39 +221,6 @@ fn matmul(
             (Attr::CUDNN_ATTR_OPERATION_MATMUL_CDESC, c),
             (Attr::CUDNN_ATTR_OPERATION_MATMUL_DESC, &desc),
         ],
-    );
-    parts.push(desc);
-    op
-}
-
-/// y = x ∘ b (or f(x) for a unary mode), in f32.
-fn pointwise(
-    mode: sys::cudnnPointwiseMode_t,
-    x: &Descriptor,
-    b: Option<&Descriptor>,
-    y: &Descriptor,
-    parts: &mut Vec<Descriptor>,
-) -> candle_core::Result<Descriptor> {
-    let desc = Descriptor::new(DescriptorType::CUDNN_BACKEND_POINTWISE_DESCRIPTOR)?;
-    desc.set(
-        Attr::CUDNN_ATTR_POINTWISE_MODE,
-        Kind::CUDNN_TYPE_POINTWISE_MODE,
-        &[mode],
-    )?
-    .set_data_type(
-        Attr::CUDNN_ATTR_POINTWISE_MATH_PREC,
-        sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
-    )?;
-    let desc = desc.finalize()?;
-    let mut links = vec![
-        (Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &desc),
-        (Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x),
-        (Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y),
-    ];
-    links.extend(b.map(|b| (Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b)));
-    let op = operation(
-        DescriptorType::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR,
-        &links,
     );
     parts.push(desc);
     op

@@ -142,8 +142,37 @@ impl Drop for TensorDescriptor {
 /// A graph-API plan with the descriptors of its bias addition.
 struct GraphEntry {
     plan: GraphPlan,
+    /// The plan adds the bias itself (cuDNN's conv-bias fusion); else a pass of its own does.
+    adds_bias: bool,
     y: TensorDescriptor,
     bias: TensorDescriptor,
+}
+
+/// y += bias per channel (the legacy API's pass, and the graph API's where it has no fused
+/// plan).
+fn add_bias(
+    handle: sys::cudnnHandle_t,
+    (bias_desc, y_desc): (sys::cudnnTensorDescriptor_t, sys::cudnnTensorDescriptor_t),
+    pointers: Pointers,
+) -> candle_core::Result<()> {
+    let Some(b) = pointers.b else {
+        return Ok(());
+    };
+    // Scaling factors are f32 for f16, bf16 and f32 data.
+    let one = (&1f32 as *const f32).cast::<c_void>();
+    unsafe {
+        sys::cudnnAddTensor(
+            handle,
+            one,
+            bias_desc,
+            b as *const c_void,
+            one,
+            y_desc,
+            pointers.y as *mut c_void,
+        )
+    }
+    .result()
+    .map_err(cuda_error)
 }
 
 #[derive(Default)]
@@ -273,6 +302,23 @@ fn make_plan(
     Ok(plan)
 }
 
+impl GraphEntry {
+    /// y = conv(x, w) + bias: in the plan where it adds the bias, else in a pass after it.
+    fn forward(
+        &self,
+        handle: sys::cudnnHandle_t,
+        pointers: Pointers,
+        workspace: u64,
+    ) -> candle_core::Result<()> {
+        if self.adds_bias {
+            return pointers.with_bindings(|b| self.plan.execute(handle, b, workspace));
+        }
+        let unbiased = pointers.without_bias();
+        unbiased.with_bindings(|b| self.plan.execute(handle, b, workspace))?;
+        add_bias(handle, (self.bias.0, self.y.0), pointers)
+    }
+}
+
 impl Plan {
     /// y = conv(x, w), without the bias (`workspace`: at least this plan's size).
     fn forward(
@@ -344,11 +390,16 @@ fn graph_faster(
         let (sp, _s) = scratch.device_ptr_mut(stream);
         super::cudnn_graph::seconds_per_run(stream, RUNS, || run(sp))
     };
+    // Each with its bias added, as the call runs it.
     let graph_s = time(entry.plan.workspace, &|sp| {
-        pointers.with_bindings(|b| entry.plan.execute(handle, b, sp))
+        entry.forward(handle, pointers, sp)
     })?;
-    let legacy_s = legacy_plan(&mut state.plans, handle, key, output)
-        .and_then(|plan| time(plan.workspace, &|sp| plan.forward(handle, pointers, sp)));
+    let legacy_s = legacy_plan(&mut state.plans, handle, key, output).and_then(|plan| {
+        time(plan.workspace, &|sp| {
+            plan.forward(handle, pointers, sp)?;
+            add_bias(handle, (plan.bias, plan.y), pointers)
+        })
+    });
     let faster = legacy_s
         .as_ref()
         .map_or(true, |legacy_s| graph_s < *legacy_s);
@@ -395,9 +446,8 @@ impl CudnnConv2d {
                     x: xp,
                     w: wp,
                     y: yp,
+                    b: Some(bp),
                 };
-                // Scaling factors are f32 for f16, bf16 and f32 data.
-                let one = (&1f32 as *const f32).cast::<c_void>();
                 let by_graph = self.engine != ConvEngine::Legacy
                     && key.dtype != DType::F32
                     && self
@@ -409,14 +459,13 @@ impl CudnnConv2d {
                     Some(Ok(entry)) if by_graph => Some(entry),
                     _ => None,
                 };
-                let (y_desc, bias_desc) = match graph {
+                match graph {
                     Some(entry) => {
                         let mut scratch =
                             unsafe { stream.alloc::<u8>(entry.plan.workspace.max(1)) }
                                 .map_err(cuda_error)?;
                         let (sp, _s) = scratch.device_ptr_mut(&stream);
-                        pointers.with_bindings(|b| entry.plan.execute(handle, b, sp))?;
-                        (entry.y.0, entry.bias.0)
+                        entry.forward(handle, pointers, sp)?;
                     }
                     None => {
                         let plan = legacy_plan(&mut state.plans, handle, &key, output)?;
@@ -424,21 +473,8 @@ impl CudnnConv2d {
                             .map_err(cuda_error)?;
                         let (sp, _s) = workspace.device_ptr_mut(&stream);
                         plan.forward(handle, pointers, sp)?;
-                        (plan.y, plan.bias)
+                        add_bias(handle, (plan.bias, plan.y), pointers)?;
                     }
-                };
-                unsafe {
-                    sys::cudnnAddTensor(
-                        handle,
-                        one,
-                        bias_desc,
-                        bp as *const c_void,
-                        one,
-                        y_desc,
-                        yp as *mut c_void,
-                    )
-                    .result()
-                    .map_err(cuda_error)?;
                 }
             }
             Ok(y)
@@ -477,15 +513,26 @@ impl CudnnConv2d {
             };
             let entry = (|| -> candle_core::Result<GraphEntry> {
                 let dtype = data_type(key.dtype)?;
+                // The bias in the plan where cuDNN fuses it, else in a pass of its own.
+                let (plan, adds_bias) = match conv_graph::build(handle, stream, &shape, pointers) {
+                    Ok(plan) => (plan, true),
+                    Err(fused) => {
+                        tracing::debug!(?shape, "no conv-bias fusion: {fused}");
+                        let unbiased = pointers.without_bias();
+                        (conv_graph::build(handle, stream, &shape, unbiased)?, false)
+                    }
+                };
                 Ok(GraphEntry {
                     y: TensorDescriptor(tensor_desc(dtype, output)?),
                     bias: TensorDescriptor(tensor_desc(dtype, [1, key.weight[0], 1, 1])?),
-                    plan: conv_graph::build(handle, stream, &shape, pointers)?,
+                    plan,
+                    adds_bias,
                 })
             })();
             match &entry {
                 Ok(e) => {
-                    tracing::debug!(?shape, chosen = %e.plan.chosen, "graph-API convolution plan")
+                    let adds_bias = e.adds_bias;
+                    tracing::debug!(?shape, adds_bias, chosen = %e.plan.chosen, "graph-API convolution plan")
                 }
                 Err(e) => tracing::warn!(
                     ?shape,

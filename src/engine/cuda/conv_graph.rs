@@ -19,7 +19,9 @@ use candle_core::cuda_backend::cudarc::cudnn::sys;
 use candle_core::cuda_backend::cudarc::driver::CudaStream;
 use candle_core::DType;
 
-use super::cudnn_graph::{self, Attr, Bindings, Descriptor, DescriptorType, Graph, Kind, Plan};
+use super::cudnn_graph::{
+    self, Attr, Bindings, Descriptor, DescriptorType, Graph, Kind, Plan, Storage,
+};
 
 /// Which cuDNN API the half-precision convolutions go through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,11 +79,15 @@ pub fn engine_for(device: &candle_core::Device) -> ConvEngine {
 const X: i64 = 1;
 const W: i64 = 2;
 const Y: i64 = 3;
+const B: i64 = 4;
+/// The convolution's f32 result before its bias, never written (the fused graph's).
+const PRODUCT: i64 = 10;
 
 fn tensor(
     uid: i64,
     data_type: sys::cudnnDataType_t,
     dims: [usize; 4],
+    storage: Storage,
 ) -> candle_core::Result<Descriptor> {
     let dims = dims.map(|d| d as i64);
     cudnn_graph::tensor(
@@ -89,7 +95,7 @@ fn tensor(
         data_type,
         &dims,
         &cudnn_graph::packed_strides(dims),
-        cudnn_graph::Storage::Device,
+        storage,
     )
 }
 
@@ -107,34 +113,71 @@ pub struct ConvShape {
     pub stride: usize,
 }
 
-/// Device pointers of one call: input, weight, output (16-byte aligned).
+/// Device pointers of one call: input, weight, output, and the bias where the graph adds it
+/// (16-byte aligned).
 #[derive(Clone, Copy)]
 pub struct Pointers {
     pub x: u64,
     pub w: u64,
     pub y: u64,
+    pub b: Option<u64>,
 }
 
 impl Pointers {
     pub fn aligned(&self) -> bool {
-        [self.x, self.w, self.y].iter().all(|p| p % 16 == 0)
+        [Some(self.x), Some(self.w), Some(self.y), self.b]
+            .iter()
+            .flatten()
+            .all(|p| p % 16 == 0)
+    }
+
+    /// These pointers without the bias (a graph that leaves it out).
+    pub fn without_bias(self) -> Self {
+        Self { b: None, ..self }
     }
 
     /// Calls `f` with these pointers bound to the graph's tensors.
     pub fn with_bindings<R>(&self, f: impl FnOnce(Bindings) -> R) -> R {
-        let pointers = [self.x, self.w, self.y].map(|p| p as *mut c_void);
-        f(Bindings {
-            uids: &[X, W, Y],
-            pointers: &pointers,
-        })
+        match self.b {
+            Some(b) => {
+                let pointers = [self.x, self.w, self.y, b].map(|p| p as *mut c_void);
+                f(Bindings {
+                    uids: &[X, W, Y, B],
+                    pointers: &pointers,
+                })
+            }
+            None => {
+                let pointers = [self.x, self.w, self.y].map(|p| p as *mut c_void);
+                f(Bindings {
+                    uids: &[X, W, Y],
+                    pointers: &pointers,
+                })
+            }
+        }
     }
 }
 
-fn operation_graph(handle: sys::cudnnHandle_t, shape: &ConvShape) -> candle_core::Result<Graph> {
+/// The graph of `shape`: y = conv(x, w), and with `with_bias` y = conv(x, w) + b in one kernel
+/// (the product an f32 intermediate never written, the bias added by the convolution's
+/// epilogue: cuDNN's conv-bias fusion), where a separate pass over y added it.
+fn operation_graph(
+    handle: sys::cudnnHandle_t,
+    shape: &ConvShape,
+    with_bias: bool,
+) -> candle_core::Result<Graph> {
     let data_type = cudnn_graph::half_type(shape.dtype, "convolution")?;
-    let x = tensor(X, data_type, shape.input)?;
-    let w = tensor(W, data_type, shape.weight)?;
-    let y = tensor(Y, data_type, shape.output)?;
+    let x = tensor(X, data_type, shape.input, Storage::Device)?;
+    let w = tensor(W, data_type, shape.weight, Storage::Device)?;
+    let y = tensor(Y, data_type, shape.output, Storage::Device)?;
+    // The convolution's own output: y itself, or the f32 product the bias is added to.
+    let (product, y) = match with_bias {
+        true => {
+            let f32 = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+            let product = tensor(PRODUCT, f32, shape.output, Storage::Virtual)?;
+            (product, Some(y))
+        }
+        false => (y, None),
+    };
     let (p, s) = (shape.padding as i64, shape.stride as i64);
     let conv = Descriptor::new(DescriptorType::CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)?;
     conv.set_data_type(
@@ -156,7 +199,7 @@ fn operation_graph(handle: sys::cudnnHandle_t, shape: &ConvShape) -> candle_core
         Descriptor::new(DescriptorType::CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)?;
     op.set_descriptor(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, &x)?
         .set_descriptor(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, &w)?
-        .set_descriptor(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, &y)?
+        .set_descriptor(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, &product)?
         .set_descriptor(
             Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
             &conv,
@@ -171,22 +214,36 @@ fn operation_graph(handle: sys::cudnnHandle_t, shape: &ConvShape) -> candle_core
             Kind::CUDNN_TYPE_FLOAT,
             &[0f32],
         )?;
-    Graph::new(handle, vec![op.finalize()?], vec![x, w, y, conv])
+    let mut operations = vec![op.finalize()?];
+    let mut parts = vec![x, w, conv];
+    if let Some(y) = y {
+        let bias = tensor(B, data_type, [1, shape.output[1], 1, 1], Storage::Device)?;
+        operations.push(cudnn_graph::pointwise(
+            sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_ADD,
+            &product,
+            Some(&bias),
+            &y,
+            &mut parts,
+        )?);
+        parts.extend([bias, y]);
+    }
+    parts.push(product);
+    Graph::new(handle, operations, parts)
 }
 
 /// Engine configurations finalised and timed per convolution shape (cudnn.benchmark's choice
 /// among the heuristics' first ones).
 const MAX_TIMED: usize = 8;
 
-/// Builds the graph for `shape` and keeps the fastest of the heuristics' plans on the call's own
-/// tensors (the output is overwritten).
+/// Builds the graph for `shape` — with the bias where `pointers` has one — and keeps the fastest
+/// of the heuristics' plans on the call's own tensors (the output is overwritten).
 pub fn build(
     handle: sys::cudnnHandle_t,
     stream: &std::sync::Arc<CudaStream>,
     shape: &ConvShape,
     pointers: Pointers,
 ) -> candle_core::Result<GraphPlan> {
-    let graph = operation_graph(handle, shape)?;
+    let graph = operation_graph(handle, shape, pointers.b.is_some())?;
     pointers.with_bindings(|bindings| {
         cudnn_graph::fastest_plan(handle, stream, graph, bindings, MAX_TIMED, "convolution")
     })

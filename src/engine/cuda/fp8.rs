@@ -561,9 +561,7 @@ impl CustomOp3 for Fp8LinearPerRow {
         let dev = &x.device;
         let storage = match self.dtype {
             DType::F16 => gemm_per_row::<half::f16>(dev, &packed, &codes, &w_scale, bias, sizes)?,
-            DType::BF16 => {
-                gemm_per_row::<half::bf16>(dev, &packed, &codes, &w_scale, bias, sizes)?
-            }
+            DType::BF16 => gemm_per_row::<half::bf16>(dev, &packed, &codes, &w_scale, bias, sizes)?,
             other => candle_core::bail!("fp8 linear into {other:?}"),
         };
         Ok((storage, Shape::from((rows, out))))
