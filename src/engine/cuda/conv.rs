@@ -513,18 +513,32 @@ impl CudnnConv2d {
             };
             let entry = (|| -> candle_core::Result<GraphEntry> {
                 let dtype = data_type(key.dtype)?;
-                // The bias in the plan where cuDNN fuses it, else in a pass of its own.
-                let (plan, adds_bias) = match conv_graph::build(handle, stream, &shape, pointers) {
-                    Ok(plan) => (plan, true),
-                    Err(fused) => {
-                        tracing::debug!(?shape, "no conv-bias fusion: {fused}");
-                        let unbiased = pointers.without_bias();
-                        (conv_graph::build(handle, stream, &shape, unbiased)?, false)
+                let y = TensorDescriptor(tensor_desc(dtype, output)?);
+                let bias = TensorDescriptor(tensor_desc(dtype, [1, key.weight[0], 1, 1])?);
+                // The bias in the plan where cuDNN fuses it and that is faster than the plain
+                // plan and a pass of its own (the fused engines may be slower on NCHW).
+                let fused = conv_graph::build(handle, stream, &shape, pointers);
+                let plain = conv_graph::build(handle, stream, &shape, pointers.without_bias());
+                let (plan, adds_bias) = match (fused, plain) {
+                    (Ok(fused), Ok(plain)) => {
+                        let pass = super::cudnn_graph::seconds_per_run(stream, 3, || {
+                            add_bias(handle, (bias.0, y.0), pointers)
+                        })?;
+                        match fused.seconds <= plain.seconds + pass {
+                            true => (fused, true),
+                            false => (plain, false),
+                        }
                     }
+                    (Ok(fused), Err(_)) => (fused, true),
+                    (Err(no_fusion), Ok(plain)) => {
+                        tracing::debug!(?shape, "no conv-bias fusion: {no_fusion}");
+                        (plain, false)
+                    }
+                    (Err(_), Err(e)) => return Err(e),
                 };
                 Ok(GraphEntry {
-                    y: TensorDescriptor(tensor_desc(dtype, output)?),
-                    bias: TensorDescriptor(tensor_desc(dtype, [1, key.weight[0], 1, 1])?),
+                    y,
+                    bias,
                     plan,
                     adds_bias,
                 })

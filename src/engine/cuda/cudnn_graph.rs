@@ -373,6 +373,8 @@ pub struct Plan {
     pub workspace: usize,
     /// Which of the heuristics' configurations won, and how many were timed (for the logs).
     pub chosen: String,
+    /// Its time per execution when it was chosen.
+    pub seconds: f64,
     _config: Descriptor,
     _graph: Graph,
 }
@@ -455,7 +457,7 @@ pub fn fastest_plan(
             Err(e) => rejected.push(e.to_string()),
         }
     }
-    let Some((_, index)) = best else {
+    let Some((seconds, index)) = best else {
         candle_core::bail!(
             "cuDNN graph API: no engine ran this {what} ({} rejected: {})",
             rejected.len(),
@@ -470,6 +472,7 @@ pub fn fastest_plan(
         plan,
         workspace,
         chosen: format!("configuration {} of {timed} timed", index + 1),
+        seconds,
         _config: config,
         _graph: graph,
     })
