@@ -72,7 +72,37 @@ pub fn conv2d_by(
     CudnnConv2d::new(padding, stride, engine, true).apply(xs, weight, bias)
 }
 
+/// [`conv2d`] by a graph-API plan that adds the bias itself, timed or not (for the device
+/// check: a fused plan that wins only at some shapes is checked at any); an error where cuDNN
+/// has no such plan for the shape.
+pub fn conv2d_bias_fused(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let op = CudnnConv2d {
+        fused_bias_only: true,
+        ..CudnnConv2d::new(padding, stride, ConvEngine::Graph, true)
+    };
+    op.apply(xs, weight, bias)
+}
+
+/// Set when the device check found the conv-bias fusion wrong on this device: plans add the
+/// bias in a pass of its own from then on, in this process.
+static BIAS_FUSION_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The conv-bias fusion off for the process (logged).
+pub fn switch_off_bias_fusion(why: &str) {
+    if !BIAS_FUSION_OFF.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::error!("the graph API's conv-bias fusion {why} on this device; switched off");
+    }
+}
+
 struct CudnnConv2d {
+    /// Only a graph-API plan that adds the bias itself (see [`conv2d_bias_fused`]).
+    fused_bias_only: bool,
     padding: usize,
     stride: usize,
     engine: ConvEngine,
@@ -83,6 +113,7 @@ struct CudnnConv2d {
 impl CudnnConv2d {
     fn new(padding: usize, stride: usize, engine: ConvEngine, strict: bool) -> Self {
         Self {
+            fused_bias_only: false,
             padding,
             stride,
             engine,
@@ -105,6 +136,8 @@ struct PlanKey {
     padding: usize,
     stride: usize,
     tf32: bool,
+    /// A plan made by [`conv2d_bias_fused`] (kept apart from the timed choice's).
+    fused_bias_only: bool,
 }
 
 /// The descriptors and algorithm of one convolution shape.
@@ -517,7 +550,19 @@ impl CudnnConv2d {
                 let bias = TensorDescriptor(tensor_desc(dtype, [1, key.weight[0], 1, 1])?);
                 // The bias in the plan where cuDNN fuses it and that is faster than the plain
                 // plan and a pass of its own (the fused engines may be slower on NCHW).
-                let fused = conv_graph::build(handle, stream, &shape, pointers);
+                let fused = match BIAS_FUSION_OFF.load(std::sync::atomic::Ordering::Relaxed) {
+                    false => conv_graph::build(handle, stream, &shape, pointers),
+                    true => Err(candle_core::Error::Msg("switched off".into())),
+                };
+                if self.fused_bias_only {
+                    let plan = fused?;
+                    return Ok(GraphEntry {
+                        y,
+                        bias,
+                        plan,
+                        adds_bias: true,
+                    });
+                }
                 let plain = conv_graph::build(handle, stream, &shape, pointers.without_bias());
                 let (plan, adds_bias) = match (fused, plain) {
                     (Ok(fused), Ok(plain)) => {
@@ -612,6 +657,7 @@ impl CustomOp3 for CudnnConv2d {
             padding: self.padding,
             stride: self.stride.max(1),
             tf32: dtype == DType::F32 && TF32.with(|t| t.get()),
+            fused_bias_only: self.fused_bias_only,
         };
         let dtype = x.dtype();
         if w.dtype() != dtype || b.dtype() != dtype {
