@@ -232,8 +232,10 @@ fn operation_graph(
 }
 
 /// Engine configurations finalised and timed per convolution shape (cudnn.benchmark's choice
-/// among the heuristics' first ones).
+/// among the heuristics' first ones), and per conv-bias fusion (a second plan per shape on its
+/// first call, and its engines may be compiled at run time: the heuristics' first few).
 const MAX_TIMED: usize = 8;
+const MAX_TIMED_FUSED: usize = 3;
 
 /// Builds the graph for `shape` — with the bias where `pointers` has one — and keeps the fastest
 /// of the heuristics' plans on the call's own tensors (the output is overwritten).
@@ -244,7 +246,11 @@ pub fn build(
     pointers: Pointers,
 ) -> candle_core::Result<GraphPlan> {
     let graph = operation_graph(handle, shape, pointers.b.is_some())?;
+    let timed = match pointers.b {
+        Some(_) => MAX_TIMED_FUSED,
+        None => MAX_TIMED,
+    };
     pointers.with_bindings(|bindings| {
-        cudnn_graph::fastest_plan(handle, stream, graph, bindings, MAX_TIMED, "convolution")
+        cudnn_graph::fastest_plan(handle, stream, graph, bindings, timed, "convolution")
     })
 }
