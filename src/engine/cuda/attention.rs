@@ -144,7 +144,24 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
         Selection::ModelKernel => run(runnable_kernel(q), q, k, v, scale),
         Selection::Cudnn if cudnn_selected() => attention_cudnn_first(q, k, v, scale),
         Selection::Cudnn => run(runnable_kernel(q), q, k, v, scale),
-        Selection::Fastest => fastest(q, k, v, scale)?.run(q, k, v, scale),
+        Selection::Fastest => {
+            let winner = fastest(q, k, v, scale)?;
+            let fallback = runnable_kernel(q);
+            match winner.run(q, k, v, scale) {
+                // A winner that fails later (it ran when it won): the models' kernel.
+                Err(e) if winner != Entrant::Ours(fallback) => {
+                    let demoted = Entrant::Ours(fallback);
+                    WINNERS.with(|w| w.borrow_mut().insert(RaceKey::of(q, k, v), demoted));
+                    tracing::warn!(
+                        winner = winner.name(),
+                        "attention failed, {} instead: {e}",
+                        fallback.name()
+                    );
+                    run(fallback, q, k, v, scale)
+                }
+                outcome => outcome,
+            }
+        }
     }
 }
 
@@ -184,6 +201,17 @@ struct RaceKey {
     strides: [Vec<usize>; 3],
 }
 
+impl RaceKey {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> Self {
+        Self {
+            location: format!("{:?}", q.device().location()),
+            dtype: q.dtype(),
+            dims: [q, k, v].map(|t| t.dims().to_vec()),
+            strides: [q, k, v].map(|t| t.stride().to_vec()),
+        }
+    }
+}
+
 thread_local! {
     /// The winner of each shape raced on this thread.
     static WINNERS: std::cell::RefCell<std::collections::HashMap<RaceKey, Entrant>> =
@@ -196,12 +224,7 @@ thread_local! {
 /// first call synchronises the device: it happens in a loop's first, eager step, never inside
 /// a CUDA-graph capture (the capture replays shapes already met).
 fn fastest(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Entrant> {
-    let key = RaceKey {
-        location: format!("{:?}", q.device().location()),
-        dtype: q.dtype(),
-        dims: [q, k, v].map(|t| t.dims().to_vec()),
-        strides: [q, k, v].map(|t| t.stride().to_vec()),
-    };
+    let key = RaceKey::of(q, k, v);
     if let Some(winner) = WINNERS.with(|w| w.borrow().get(&key).copied()) {
         return Ok(winner);
     }
