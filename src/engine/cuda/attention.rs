@@ -141,9 +141,8 @@ pub fn model_kernel(head_dim: usize) -> Kernel {
 /// data, so `transpose(1, 2)` and merging the heads cost nothing.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
     match selection() {
-        Selection::ModelKernel => run(runnable_kernel(q), q, k, v, scale),
         Selection::Cudnn if cudnn_selected() => attention_cudnn_first(q, k, v, scale),
-        Selection::Cudnn => run(runnable_kernel(q), q, k, v, scale),
+        Selection::ModelKernel | Selection::Cudnn => run(runnable_kernel(q), q, k, v, scale),
         Selection::Fastest => {
             let winner = fastest(q, k, v, scale)?;
             let fallback = runnable_kernel(q);
@@ -192,22 +191,24 @@ impl Entrant {
     }
 }
 
-/// One attention shape and layout, as a race remembers it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// One attention shape and layout, as a race remembers it (looked up on every call: no
+/// allocation; q, k and v are rank 4, [`supports`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct RaceKey {
-    location: String,
+    location: candle_core::DeviceLocation,
     dtype: DType,
-    dims: [Vec<usize>; 3],
-    strides: [Vec<usize>; 3],
+    dims: [[usize; 4]; 3],
+    strides: [[usize; 4]; 3],
 }
 
 impl RaceKey {
     fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> Self {
+        let four = |x: &[usize]| std::array::from_fn(|i| x.get(i).copied().unwrap_or(0));
         Self {
-            location: format!("{:?}", q.device().location()),
+            location: q.device().location(),
             dtype: q.dtype(),
-            dims: [q, k, v].map(|t| t.dims().to_vec()),
-            strides: [q, k, v].map(|t| t.stride().to_vec()),
+            dims: [q, k, v].map(|t| four(t.dims())),
+            strides: [q, k, v].map(|t| four(t.stride())),
         }
     }
 }
@@ -220,7 +221,7 @@ thread_local! {
 
 /// The fastest entrant for this shape: on its first call every kernel that runs it here and
 /// cuDNN's plan, each checked against the models' kernel on these tensors (an entrant that
-/// fails or disagrees is out) and timed (one untimed run, then five), remembered after. The
+/// fails or disagrees is out) and timed (one more untimed run, then five), remembered after. The
 /// first call synchronises the device: it happens in a loop's first, eager step, never inside
 /// a CUDA-graph capture (the capture replays shapes already met).
 fn fastest(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Entrant> {
@@ -230,6 +231,10 @@ fn fastest(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Resul
     }
     const RUNS: usize = 5;
     let device = q.device();
+    let candle_core::Device::Cuda(cuda) = device else {
+        candle_core::bail!("fused attention off a CUDA device");
+    };
+    let stream = cuda.cuda_stream();
     let head_dim = q.dims()[3];
     let reference_kernel = runnable_kernel(q);
     let reference = run(reference_kernel, q, k, v, scale)?;
@@ -249,13 +254,7 @@ fn fastest(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Resul
             if error > super::self_check::LIMIT {
                 candle_core::bail!("disagrees with {} by {error:.1e}", reference_kernel.name());
             }
-            device.synchronize()?;
-            let start = std::time::Instant::now();
-            for _ in 0..RUNS {
-                entrant.run(q, k, v, scale)?;
-            }
-            device.synchronize()?;
-            Ok(start.elapsed().as_secs_f64() / RUNS as f64)
+            super::seconds_per_run(&stream, RUNS, || entrant.run(q, k, v, scale).map(drop))
         })();
         match timed {
             Ok(seconds) => {

@@ -421,7 +421,7 @@ fn graph_faster(
     let time = |workspace: usize, run: &dyn Fn(u64) -> candle_core::Result<()>| {
         let mut scratch = unsafe { stream.alloc::<u8>(workspace.max(1)) }.map_err(cuda_error)?;
         let (sp, _s) = scratch.device_ptr_mut(stream);
-        super::cudnn_graph::seconds_per_run(stream, RUNS, || run(sp))
+        super::seconds_per_run(stream, RUNS, || run(sp))
     };
     // Each with its bias added, as the call runs it.
     let graph_s = time(entry.plan.workspace, &|sp| {
@@ -566,7 +566,7 @@ impl CudnnConv2d {
                 let plain = conv_graph::build(handle, stream, &shape, pointers.without_bias());
                 let (plan, adds_bias) = match (fused, plain) {
                     (Ok(fused), Ok(plain)) => {
-                        let pass = super::cudnn_graph::seconds_per_run(stream, 3, || {
+                        let pass = super::seconds_per_run(stream, 3, || {
                             add_bias(handle, (bias.0, y.0), pointers)
                         })?;
                         match fused.seconds <= plain.seconds + pass {

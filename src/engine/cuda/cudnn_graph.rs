@@ -6,7 +6,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::time::Instant;
 
 use candle_core::cuda_backend::cudarc::cudnn::{result as dnn, sys};
 use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtrMut};
@@ -390,24 +389,6 @@ impl Plan {
     }
 }
 
-/// The device time of one `run` on `stream`: one untimed run (first-use costs: module loads,
-/// runtime compilation), then the mean of `runs`, from the host between synchronisations.
-pub fn seconds_per_run(
-    stream: &CudaStream,
-    runs: usize,
-    mut run: impl FnMut() -> candle_core::Result<()>,
-) -> candle_core::Result<f64> {
-    let sync = || stream.synchronize().map_err(cuda_error);
-    run()?;
-    sync()?;
-    let start = Instant::now();
-    for _ in 0..runs {
-        run()?;
-    }
-    sync()?;
-    Ok(start.elapsed().as_secs_f64() / runs.max(1) as f64)
-}
-
 /// Finalises up to `max_timed` of the configurations the heuristics propose for `graph` (mode A,
 /// else the fallback list: the first few are the ones worth a try; a runtime-compiled engine
 /// costs its compilation to finalise) and keeps the fastest on the call's own `bindings` (its
@@ -451,7 +432,7 @@ pub fn fastest_plan(
     for (i, (plan, size, _)) in plans.iter().enumerate() {
         let mut buffer = unsafe { stream.alloc::<u8>((*size).max(1)) }.map_err(cuda_error)?;
         let (scratch, _guard) = buffer.device_ptr_mut(stream);
-        match seconds_per_run(stream, 3, || execute(handle, plan, bindings, scratch)) {
+        match super::seconds_per_run(stream, 3, || execute(handle, plan, bindings, scratch)) {
             Ok(seconds) if best.is_none_or(|(t, _)| seconds < t) => best = Some((seconds, i)),
             Ok(_) => {}
             Err(e) => rejected.push(e.to_string()),

@@ -142,3 +142,21 @@ pub fn configure(device: &Device) -> candle_core::Result<()> {
     CHECKED.call_once(|| self_check::run(device));
     Ok(())
 }
+
+/// The device time of one `run` on `stream`: one untimed run (first-use costs: module loads,
+/// runtime compilation), then the mean of `runs`, from the host between synchronisations.
+pub fn seconds_per_run(
+    stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+    runs: usize,
+    mut run: impl FnMut() -> candle_core::Result<()>,
+) -> candle_core::Result<f64> {
+    let sync = || stream.synchronize().map_err(cuda_error);
+    run()?;
+    sync()?;
+    let start = std::time::Instant::now();
+    for _ in 0..runs {
+        run()?;
+    }
+    sync()?;
+    Ok(start.elapsed().as_secs_f64() / runs.max(1) as f64)
+}
