@@ -138,7 +138,7 @@ pub fn linear_with(
     codes: &Tensor,
     operands: &Operands,
 ) -> candle_core::Result<Tensor> {
-    if !PER_ROW_OFF.load(Ordering::Relaxed) {
+    if per_row_on() {
         match linear_by(ActivationScale::PerRow, xs, codes, operands) {
             Ok(ys) => return Ok(ys),
             Err(e) => switch_off_per_row(&e),
@@ -290,19 +290,16 @@ pub fn linear_by(
     codes: &Tensor,
     operands: &Operands,
 ) -> candle_core::Result<Tensor> {
+    if form == ActivationScale::PerRow {
+        return linear_quantized(&quantize_rows(xs)?, codes, operands);
+    }
     let (out, inner) = codes.dims2()?;
     let rows = xs.elem_count() / inner.max(1);
-    let xs2 = xs.contiguous()?.reshape((rows, inner))?;
-    let ys = match form {
-        ActivationScale::PerTensor => xs2.apply_op3_no_bwd(
-            codes,
-            &operands.scale_bias.to_dtype(xs.dtype())?,
-            &Fp8Linear,
-        )?,
-        ActivationScale::PerRow => {
-            return linear_quantized(&quantize_rows(xs)?, codes, operands);
-        }
-    };
+    let ys = xs.contiguous()?.reshape((rows, inner))?.apply_op3_no_bwd(
+        codes,
+        &operands.scale_bias.to_dtype(xs.dtype())?,
+        &Fp8Linear,
+    )?;
     ys.reshape(with_last(xs.dims(), out))
 }
 
@@ -785,13 +782,12 @@ fn gemm<T: DeviceRepr + OutputType>(
     )
     .map_err(lt_error)?;
     use sys::cublasLtMatmulDescAttributes_t as Attribute;
-    let set = |attribute, value: *const std::ffi::c_void, size| unsafe {
-        lt::set_matmul_desc_attribute(descriptors.desc, attribute, value, size).map_err(lt_error)
-    };
     fn bytes<V>(value: &V) -> (*const std::ffi::c_void, usize) {
         ((value as *const V).cast(), std::mem::size_of::<V>())
     }
-    let set_value = |attribute, (value, size)| set(attribute, value, size);
+    let set_value = |attribute, (value, size)| unsafe {
+        lt::set_matmul_desc_attribute(descriptors.desc, attribute, value, size).map_err(lt_error)
+    };
     // cublasOperation_t (a C enum): 1 = CUBLAS_OP_T, 0 = CUBLAS_OP_N.
     let (transpose, keep) = (1i32, 0i32);
     set_value(Attribute::CUBLASLT_MATMUL_DESC_TRANSA, bytes(&transpose))?;
@@ -800,18 +796,12 @@ fn gemm<T: DeviceRepr + OutputType>(
     // float8 inference (and so flux-fast) runs.
     set_value(Attribute::CUBLASLT_MATMUL_DESC_FAST_ACCUM, bytes(&1i8))?;
     // The scale attributes hold device addresses (CUdeviceptr: a u64).
-    let key = match scaling {
+    match scaling {
         Scaling::PerTensor { b_scale } => {
             set_value(
                 Attribute::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
                 bytes(&b_scale),
             )?;
-            AlgorithmKey {
-                mnk: (m, n, k),
-                output: T::CUDA as u32,
-                per_row: false,
-                bias: false,
-            }
         }
         Scaling::PerRow {
             a_scale,
@@ -846,13 +836,13 @@ fn gemm<T: DeviceRepr + OutputType>(
                     bytes(&bias_type),
                 )?;
             }
-            AlgorithmKey {
-                mnk: (m, n, k),
-                output: T::CUDA as u32,
-                per_row: true,
-                bias: bias.is_some(),
-            }
         }
+    }
+    let key = AlgorithmKey {
+        mnk: (m, n, k),
+        output: T::CUDA as u32,
+        per_row: matches!(scaling, Scaling::PerRow { .. }),
+        bias: matches!(scaling, Scaling::PerRow { bias: Some(_), .. }),
     };
     let layout = |dtype, rows: usize, cols: usize, ld: usize| {
         lt::create_matrix_layout(dtype, rows as u64, cols as u64, ld as i64)

@@ -151,10 +151,9 @@ fn graph_api_convolution(device: &Device) {
     };
     // The conv-bias fusion on its own (where cuDNN has a fused plan for the shape; the timed
     // choice might not pick it here and pick it elsewhere).
-    if let Ok(fused) = error(super::conv::conv2d_bias_fused) {
-        if let Some(why) = failure(&Ok(fused), LIMIT) {
-            super::conv::switch_off_bias_fusion(&why);
-        }
+    let fused = error(super::conv::conv2d_bias_fused);
+    if let (true, Some(why)) = (fused.is_ok(), failure(&fused, LIMIT)) {
+        super::conv::switch_off_bias_fusion(&why);
     }
     let timed = |x: &Tensor, w: &Tensor, b: &Tensor, padding, stride| {
         super::conv::conv2d_by(ConvEngine::Graph, x, w, b, padding, stride)
